@@ -1,0 +1,1 @@
+"""gen: vLLM-backed generation stages (detect, guidelines, augment, respond)."""

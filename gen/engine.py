@@ -1,0 +1,150 @@
+"""The one vLLM engine that a worker uses for all its shards.
+
+``build_llm`` sets the vLLM CPU settings itself when no GPU is present (KV-cache
+size, thread binding, in-process engine), so users never need to know them.
+``generate`` hands a whole shard's prompts to vLLM at once (its scheduler does the
+batching) and never lets one bad prompt kill the batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 400
+    # Stop strings, in addition to the model's end-of-turn token.
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    # Local path, Hub id, or "embedded:smollm2-135m-instruct" (the default generator).
+    model: str = "embedded:smollm2-135m-instruct"
+    # "auto" (the checkpoint's dtype; bf16 for the embedded model), "float32", "bfloat16", "float16".
+    dtype: str = "auto"
+    # Context length the engine reserves per sequence: prompt + template + output must fit.
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.90
+    # Sequences the scheduler runs at once.
+    max_num_seqs: int = 128
+    # None: eager on the CPU (engine up in ~3 s instead of ~50 s), graphs on GPUs.
+    enforce_eager: bool | None = None
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    # CPU only: KV-cache size in GiB (vLLM otherwise asks for most of the RAM).
+    cpu_kvcache_gib: int = 1
+    # CPU only: cores the OpenMP threads are bound to, "auto" = all cores this process may use.
+    cpu_threads_bind: str = "auto"
+    # What to do with a prompt that does not fit max_model_len with its output budget:
+    # "truncate" (keep the end of the user text) or "skip" (record it, generate nothing).
+    overlong: str = "truncate"
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing
+        return False
+
+
+def apply_cpu_env(cfg: EngineConfig) -> None:
+    """vLLM CPU settings that worked on small machines; explicit env vars still win."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    bind = cfg.cpu_threads_bind
+    if bind == "auto":
+        cores = sorted(os.sched_getaffinity(0))
+        bind = f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) \
+            else ",".join(map(str, cores))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+
+
+def build_llm(cfg: EngineConfig):
+    """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)."""
+    from guidealign.models import resolve
+
+    cpu = not has_cuda()
+    if cpu:
+        apply_cpu_env(cfg)
+    from vllm import LLM
+
+    eager = cfg.enforce_eager if cfg.enforce_eager is not None else cpu
+    kwargs = dict(
+        model=resolve(cfg.model),
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=eager,
+        seed=cfg.seed,
+        max_num_seqs=cfg.max_num_seqs,
+        disable_log_stats=False,
+    )
+    if not cpu:
+        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
+                      gpu_memory_utilization=cfg.gpu_memory_utilization)
+    log.info("starting vLLM: %s", kwargs)
+    return LLM(**kwargs)
+
+
+def sampling_params(s: Sampling, seed: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                          stop=list(s.stop) or None, seed=seed)
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop", "length", or "error"
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+
+
+def _to_generation(out) -> Generation:
+    c = out.outputs[0]
+    return Generation(text=c.text, finish_reason=str(c.finish_reason),
+                      prompt_tokens=len(out.prompt_token_ids or []),
+                      output_tokens=len(c.token_ids))
+
+
+def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generation]:
+    """Generate for all prompts in one call; if vLLM raises, split the batch in halves
+    until the bad prompt(s) are isolated, which get finish_reason "error" and the message."""
+    if not prompts:
+        return []
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        return [_to_generation(o) for o in outs]
+    except Exception as e:  # noqa: BLE001 - any engine error is isolated per prompt
+        if len(prompts) == 1:
+            log.warning("prompt failed in vLLM: %s", e)
+            return [Generation(text="", finish_reason="error", error=f"{type(e).__name__}: {e}")]
+        mid = len(prompts) // 2
+        return generate(llm, prompts[:mid], params) + generate(llm, prompts[mid:], params)
+
+
+def prefix_cache_counters(llm) -> tuple[int, int]:
+    """(queries, hits) of vLLM's prefix cache so far, in tokens; (0, 0) when unavailable."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # noqa: BLE001
+        return 0, 0
+    q = h = 0
+    for m in metrics:
+        if m.name == "vllm:prefix_cache_queries":
+            q += int(getattr(m, "value", 0))
+        elif m.name == "vllm:prefix_cache_hits":
+            h += int(getattr(m, "value", 0))
+    return q, h

