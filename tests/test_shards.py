@@ -1,0 +1,152 @@
+"""The storage layer: atomic commits, resume, ranks, fingerprints, streaming reads."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from shards import (committed, fingerprint, is_done, iter_batches, map_shards, read_marker,
+                    read_table, resolve_rank, wait_complete, write_manifest, write_shard)
+from shards.layout import shard_path
+
+
+def _make_input(d: Path, n_shards: int = 6, rows: int = 5) -> None:
+    for i in range(n_shards):
+        write_shard(d, i, pa.table({"id": [f"{i}-{j}" for j in range(rows)],
+                                    "x": list(range(rows))}), "input")
+    write_manifest(d, stage="prompts", num_shards=n_shards, fingerprint="input")
+
+
+def test_marker_records_rows_bytes_checksum_and_fingerprint(tmp_path):
+    m = write_shard(tmp_path, 3, pa.table({"a": [1, 2, 3]}), "fp1", stats={"k": 1})
+    assert (m.rows, m.fingerprint, m.stats) == (3, "fp1", {"k": 1})
+    assert m.bytes == shard_path(tmp_path, 3).stat().st_size and len(m.sha256) == 64
+    assert read_marker(tmp_path, 3) == m
+    assert is_done(tmp_path, 3, "fp1") and not is_done(tmp_path, 3, "fp2")
+
+
+def test_shard_without_marker_or_with_torn_file_is_not_committed(tmp_path):
+    write_shard(tmp_path, 0, pa.table({"a": [1]}), "fp")
+    write_shard(tmp_path, 1, pa.table({"a": [2]}), "fp")
+    # a crash between the shard rename and the marker: the file exists, no marker
+    (tmp_path / "shard-00001.done.json").unlink()
+    # a shard whose file was truncated after commit
+    p = shard_path(tmp_path, 0)
+    p.write_bytes(p.read_bytes()[:10])
+    assert committed(tmp_path) == []
+
+
+def test_rewrite_removes_old_marker_first(tmp_path, monkeypatch):
+    write_shard(tmp_path, 0, pa.table({"a": [1]}), "old")
+    import shards.write as w
+
+    def boom(*a, **k):
+        raise RuntimeError("crash while writing")
+    monkeypatch.setattr(w, "_write_parquet_atomic", boom)
+    with pytest.raises(RuntimeError):
+        write_shard(tmp_path, 0, pa.table({"a": [9]}), "new")
+    assert read_marker(tmp_path, 0) is None  # never a stale marker next to a half-new state
+
+
+def test_map_stage_resume_and_fingerprints(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _make_input(src)
+    calls = []
+
+    def fn(table, i):
+        calls.append(i)
+        return table.append_column("y", pa.array([v * 2 for v in table["x"].to_pylist()]))
+
+    r1 = map_shards("double", src, dst, "cfg-a", fn=fn, progress=False)
+    assert (r1.processed, r1.skipped, r1.rows) == (6, 0, 30)
+    r2 = map_shards("double", src, dst, "cfg-a", fn=fn, progress=False)
+    assert (r2.processed, r2.skipped) == (0, 6) and len(calls) == 6
+    r3 = map_shards("double", src, dst, "cfg-b", fn=fn, progress=False)  # config changed
+    assert (r3.processed, r3.skipped) == (6, 0)
+    # an input shard that changes invalidates just the matching output shard
+    write_shard(src, 2, pa.table({"id": ["new"], "x": [7]}), "input")
+    r4 = map_shards("double", src, dst, "cfg-b", fn=fn, progress=False)
+    assert r4.processed == 1 and calls[-1] == 2
+    assert read_table(dst, 2)["y"].to_pylist() == [14]
+
+
+def test_make_fn_is_lazy(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _make_input(src, 2)
+    built = []
+
+    def make():
+        built.append(1)
+        return lambda t, i: t
+    map_shards("s", src, dst, "c", make_fn=make, progress=False)
+    map_shards("s", src, dst, "c", make_fn=make, progress=False)
+    assert built == [1]  # nothing to do on the rerun: no engine built
+
+
+_WORKER = textwrap.dedent("""
+    import os, sys, pyarrow as pa
+    from shards import map_shards
+    src, dst = sys.argv[1], sys.argv[2]
+    def fn(t, i):
+        return t.append_column("worker", pa.array([os.environ["RANK"]] * t.num_rows))
+    map_shards("s", src, dst, "cfg", fn=fn, rank=int(os.environ["RANK"]),
+               world_size=int(os.environ["WORLD_SIZE"]), progress=False)
+""")
+
+
+def test_two_workers_process_every_shard_exactly_once(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _make_input(src, n_shards=7)
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(src), str(dst)],
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"})
+             for r in (0, 1)]
+    assert [p.wait() for p in procs] == [0, 0]
+    assert committed(dst) == list(range(7))
+    for i in range(7):
+        t = read_table(dst, i)
+        assert set(t["worker"].to_pylist()) == {str(i % 2)}
+        assert t["id"].to_pylist() == [f"{i}-{j}" for j in range(5)]
+    ids = [v for b in iter_batches(dst, columns=["id"], batch_size=3) for v in b["id"].to_pylist()]
+    assert len(ids) == len(set(ids)) == 35
+    wait_complete(dst)
+
+
+def test_wait_complete_raises_when_shards_are_missing(tmp_path):
+    _make_input(tmp_path / "a", 3)
+    (tmp_path / "a" / "shard-00001.done.json").unlink()
+    with pytest.raises(RuntimeError, match="misses 1 shard"):
+        wait_complete(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="no manifest"):
+        wait_complete(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, (0, 1)),
+    ({"RANK": "3", "WORLD_SIZE": "4"}, (3, 4)),
+    ({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "4"}, (2, 4)),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}, (1, 4)),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (1, 2)),
+])
+def test_resolve_rank_from_env(env, expected):
+    assert resolve_rank(env=env) == expected
+
+
+def test_resolve_rank_explicit_wins_and_validates():
+    assert resolve_rank(1, 2, env={"RANK": "0", "WORLD_SIZE": "8"}) == (1, 2)
+    with pytest.raises(ValueError):
+        resolve_rank(2, 2, env={})
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        a: int = 1
+    assert fingerprint(C(), "x") == fingerprint(C(), "x")
+    assert fingerprint(C(a=2), "x") != fingerprint(C(), "x")
