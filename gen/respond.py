@@ -1,12 +1,253 @@
-"""The respond stage: answers guided by retrieved guidelines (placeholder for its config)."""
+"""The respond stage: each prompt answered by vLLM with its retrieved guidelines.
+
+Guided (the aligned dataset): the guidelines that retrieval picked for a prompt go into
+the system message, introduced as guidelines to follow; the model's own chat template
+builds the final prompt and decoding is greedy (as in the paper). Unguided
+(``--no-guidelines``): the same prompts answered without guidelines, the baseline that
+evaluation compares against.
+
+Input: ``WORKDIR/retrieve`` (id, prompt, guideline_ids, guideline_texts, scores) when
+guided, ``WORKDIR/prompts`` (id, prompt, ...) when unguided. Output shard i of
+``WORKDIR/respond`` (``respond-baseline`` when unguided) comes from input shard i:
+id, prompt, guideline_ids, guideline_texts, response, finish_reason, model, plus
+prompt_tokens, output_tokens and note (what was done to the prompt, e.g. truncation).
+
+Bad input never kills a shard: every prompt is tokenized and length-checked first;
+an overlong one is truncated (lowest-ranked guidelines dropped first, then the start of
+the user text) or skipped, per ``engine.overlong``; skipped and empty prompts go to the
+shard's quarantine table with their reason; an engine error on one prompt gives that row
+finish_reason "error" with the message in ``note``.
+
+The chat-prompt building below is local to this module (small helpers, no shared
+builder existed when it was written).
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
 
 from gen.engine import Sampling
+
+log = logging.getLogger(__name__)
+
+RESPOND_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()),
+    ("guideline_ids", pa.list_(pa.string())), ("guideline_texts", pa.list_(pa.string())),
+    ("response", pa.string()), ("finish_reason", pa.string()), ("model", pa.string()),
+    ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()), ("note", pa.string()),
+])
+QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
+                               ("reason", pa.string())])
+
+DEFAULT_GUIDED_SYSTEM = (
+    "You are a helpful, honest and harmless assistant. When you answer the user's question, "
+    "follow these guidelines:\n{guidelines}"
+)
 
 
 @dataclass
 class RespondConfig:
-    # The paper decodes greedily.
+    # Decoding; the paper decodes greedily (temperature 0) with up to 512 new tokens.
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=512))
+    # System message of a guided prompt; "{guidelines}" is replaced by the numbered guideline
+    # texts (one per line: "1. ..."). Default: the paper's "follow these guidelines" framing.
+    guided_system: str = DEFAULT_GUIDED_SYSTEM
+    # System message of an unguided prompt (baseline, or a prompt with no guideline);
+    # "" = none, so the model's chat template applies its own default system message.
+    unguided_system: str = ""
+    # Use at most this many retrieved guidelines, in retrieval order; 0 = all (retrieve.keep).
+    max_guidelines: int = 0
+    # Truncation keeps at least this many tokens of the user text; below that the prompt is
+    # skipped (recorded) instead.
+    min_user_tokens: int = 16
+
+
+def format_guidelines(texts: list[str]) -> str:
+    return "\n".join(f"{i}. {t.strip()}" for i, t in enumerate(texts, 1))
+
+
+def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> list[dict]:
+    """The chat a prompt is answered in: system message with the guidelines, then the user."""
+    msgs = []
+    if guidelines:
+        msgs.append({"role": "system",
+                     "content": cfg.guided_system.replace("{guidelines}", format_guidelines(guidelines))})
+    elif cfg.unguided_system:
+        msgs.append({"role": "system", "content": cfg.unguided_system})
+    msgs.append({"role": "user", "content": prompt})
+    return msgs
+
+
+def chat_ids(tok, messages: list[dict]) -> list[int]:
+    """Token ids of the chat with the assistant turn opened (the template adds any BOS)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class Prepared:
+    ids: list[int] | None  # None: skipped
+    guideline_ids: list[str]
+    guideline_texts: list[str]
+    note: str = ""
+
+
+def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts: list[str],
+                   budget: int, overlong: str) -> Prepared:
+    """Build and length-check one prompt: ids fit ``budget`` (max_model_len - max_tokens),
+    or are truncated / skipped per ``overlong`` with the reason in ``note``."""
+    ids = chat_ids(tok, build_messages(cfg, prompt, gtexts))
+    if len(ids) <= budget:
+        return Prepared(ids, gids, gtexts)
+    why = f"overlong: {len(ids)} prompt tokens > {budget} (max_model_len - max_tokens)"
+    if overlong != "truncate":
+        return Prepared(None, gids, gtexts, why)
+    notes = [why]
+    user_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    # Drop lowest-ranked guidelines while the rest of the chat leaves too little room for the user.
+    kept_ids, kept_texts = list(gids), list(gtexts)
+    overhead = len(ids) - len(user_ids)
+    while kept_texts and budget - overhead < cfg.min_user_tokens:
+        kept_ids.pop()
+        kept_texts.pop()
+        overhead = len(chat_ids(tok, build_messages(cfg, prompt, kept_texts))) - len(user_ids)
+    if len(kept_texts) < len(gtexts):
+        notes.append(f"dropped {len(gtexts) - len(kept_texts)} lowest-ranked guideline(s)")
+    keep = budget - overhead
+    if keep < cfg.min_user_tokens:
+        notes.append(f"only {keep} tokens left for the user text (< min_user_tokens)")
+        return Prepared(None, gids, gtexts, "; ".join(notes))
+    # Keep the end of the user text (the question is usually last); re-check after decoding.
+    for _ in range(8):
+        text = tok.decode(user_ids[-keep:], skip_special_tokens=False) if keep < len(user_ids) else prompt
+        ids = chat_ids(tok, build_messages(cfg, text, kept_texts))
+        if len(ids) <= budget:
+            if text != prompt:
+                notes.append(f"user text truncated to its last {keep} of {len(user_ids)} tokens")
+            return Prepared(ids, kept_ids, kept_texts, "; ".join(notes))
+        keep -= len(ids) - budget
+        if keep < cfg.min_user_tokens:
+            break
+    notes.append("could not truncate to fit")
+    return Prepared(None, gids, gtexts, "; ".join(notes))
+
+
+def _as_list(v) -> list[str]:
+    return [str(x) for x in v if x is not None] if v else []
+
+
+def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
+    """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
+    from gen.engine import generate, sampling_params
+
+    rcfg: RespondConfig = cfg.respond
+    ecfg = cfg.engine
+    tok = llm.get_tokenizer()
+    budget = ecfg.max_model_len - rcfg.sampling.max_tokens
+    if budget <= 0:
+        raise ValueError(f"respond.sampling.max_tokens ({rcfg.sampling.max_tokens}) leaves no room "
+                         f"for a prompt in engine.max_model_len ({ecfg.max_model_len})")
+    params = sampling_params(rcfg.sampling, seed=ecfg.seed)
+
+    def fn(table: pa.Table, index: int):
+        from vllm.inputs import TokensPrompt
+
+        rows = table.to_pylist()
+        out = {k: [] for k in RESPOND_SCHEMA.names}
+        quarantine = {k: [] for k in QUARANTINE_SCHEMA.names}
+        stats = {"truncated": 0, "skipped": 0, "errors": 0, "length": 0,
+                 "prompt_tokens": 0, "output_tokens": 0}
+        todo: list[tuple[dict, Prepared]] = []
+        for r in rows:
+            pid, prompt = r.get("id"), r.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                quarantine["id"].append(pid)
+                quarantine["prompt"].append(prompt if isinstance(prompt, str) else None)
+                quarantine["reason"].append("empty prompt" if isinstance(prompt, str) else "missing prompt")
+                stats["skipped"] += 1
+                continue
+            gids, gtexts = (_as_list(r.get("guideline_ids")), _as_list(r.get("guideline_texts"))) \
+                if guided else ([], [])
+            if len(gids) != len(gtexts):
+                gids = (gids + [""] * len(gtexts))[:len(gtexts)]
+            if rcfg.max_guidelines > 0:
+                gids, gtexts = gids[:rcfg.max_guidelines], gtexts[:rcfg.max_guidelines]
+            try:
+                p = prepare_prompt(tok, rcfg, prompt, gids, gtexts, budget, ecfg.overlong)
+            except Exception as e:  # noqa: BLE001 - a tokenizer/template error is this row's problem
+                p = Prepared(None, gids, gtexts, f"prompt building failed: {type(e).__name__}: {e}")
+            if p.ids is None:
+                quarantine["id"].append(pid)
+                quarantine["prompt"].append(prompt)
+                quarantine["reason"].append(p.note)
+                stats["skipped"] += 1
+                continue
+            if p.note:
+                stats["truncated"] += 1
+            todo.append((r, p))
+        gens = generate(llm, [TokensPrompt(prompt_token_ids=p.ids) for _, p in todo], params)
+        for (r, p), g in zip(todo, gens):
+            note = p.note
+            if g.error:
+                note = f"{note}; {g.error}" if note else g.error
+                stats["errors"] += 1
+            if g.finish_reason == "length":
+                stats["length"] += 1
+            stats["prompt_tokens"] += len(p.ids)
+            stats["output_tokens"] += g.output_tokens
+            out["id"].append(r["id"])
+            out["prompt"].append(r["prompt"])
+            out["guideline_ids"].append(p.guideline_ids)
+            out["guideline_texts"].append(p.guideline_texts)
+            out["response"].append(g.text)
+            out["finish_reason"].append(g.finish_reason)
+            out["model"].append(model_name)
+            out["prompt_tokens"].append(len(p.ids))
+            out["output_tokens"].append(g.output_tokens)
+            out["note"].append(note)
+        q = pa.Table.from_pydict(quarantine, schema=QUARANTINE_SCHEMA) if quarantine["id"] else None
+        return pa.Table.from_pydict(out, schema=RESPOND_SCHEMA), q, stats
+
+    return fn
+
+
+def respond_fingerprint(cfg, guided: bool) -> str:
+    from shards import fingerprint
+
+    e = cfg.engine
+    return fingerprint("respond/v1", cfg.respond, guided,
+                       {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
+                        "overlong": e.overlong, "seed": e.seed})
+
+
+def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, guided: bool = True,
+                src: str | None = None, dst: str | None = None, progress: bool = True):
+    """Answer every prompt of this rank's shards (skipping committed ones); returns a StageReport.
+
+    ``src`` defaults to "retrieve" (guided) or "prompts" (unguided); ``dst`` to "respond" or
+    "respond-baseline". Both are names under ``workdir`` or paths. ``llm`` is built lazily from
+    ``cfg.engine`` on the first shard that needs work.
+    """
+    from shards import map_shards
+
+    workdir = Path(workdir)
+    src = src or ("retrieve" if guided else "prompts")
+    dst = dst or ("respond" if guided else "respond-baseline")
+    src_path = workdir / src
+    dst_path = workdir / dst
+    columns = ["id", "prompt"] + (["guideline_ids", "guideline_texts"] if guided else [])
+
+    def make_fn():
+        nonlocal llm
+        if llm is None:
+            from gen.engine import build_llm
+
+            llm = build_llm(cfg.engine)
+        return make_respond_fn(cfg, llm, guided=guided, model_name=cfg.engine.model)
+
+    return map_shards("respond" if guided else "respond-baseline", src_path, dst_path,
+                      respond_fingerprint(cfg, guided), make_fn=make_fn, rank=rank,
+                      world_size=world_size, columns=columns, progress=progress)
