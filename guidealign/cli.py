@@ -28,12 +28,20 @@ def stage_options(f):
     @click.option("--rank", type=int, default=None, help="This worker's rank (default: from env).")
     @click.option("--world-size", type=int, default=None, help="Number of workers (default: from env).")
     @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+    @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+                  help="local: this rank's shards here; ray: one Ray task per shard (default: executor.kind).")
     @functools.wraps(f)
-    def wrapper(*args, config_path=None, overrides=(), **kwargs):
+    def wrapper(*args, config_path=None, overrides=(), executor=None, **kwargs):
         try:
             cfg = load_config(config_path, overrides)
         except (ConfigError, OSError) as e:
             raise click.UsageError(f"config: {e}") from e
+        cfg.executor.kind = executor or cfg.executor.kind
+        from guidealign.executors import dispatch_command  # --executor ray: run as Ray tasks
+
+        if dispatch_command(click.get_current_context(), cfg,
+                            dict(kwargs, config_path=config_path, overrides=overrides)):
+            return None
         return f(*args, cfg=cfg, **kwargs)
     return wrapper
 
@@ -120,6 +128,8 @@ def config_show(config_path, overrides):
 
 
 # --- stage commands defined next to their stages (one line each) ---------------------------
+from guidealign.scale_cli import export, launch  # noqa: E402
+cli.add_command(export); cli.add_command(launch)  # noqa: E702
 
 
 def main():

@@ -1,0 +1,125 @@
+"""``guidealign export``: write a stage's Parquet shards out as JSONL, shard by shard.
+
+Shard ``i`` of ``WORKDIR/<dataset>/`` becomes ``OUT/shard-0000i.jsonl`` (one JSON object
+per row, every column unless ``columns`` is given), committed like any shard: the file is
+written to a temp name, fsynced and renamed, then ``OUT/shard-0000i.done.json`` records
+its rows, bytes, sha256 and a fingerprint of the export settings plus the input shard's
+checksum. The worker of rank r exports the shards i with i % W == r, so the export of
+a large run spreads over a SLURM array or Ray tasks like any map stage, and a rerun only
+writes shards that are missing or whose input changed. ``cat OUT/shard-*.jsonl`` gives
+one file in shard order.
+
+An input shard that is not committed yet is left for a later run and reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shards import fingerprint, read_manifest, read_marker, read_table, write_json_atomic, write_manifest
+from shards.layout import marker_path
+from shards.marker import Marker
+from shards.ranks import my_shards
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("jsonl",)
+
+
+@dataclass
+class ExportReport:
+    dataset: str
+    out: str
+    rank: int = 0
+    world_size: int = 1
+    total: int = 0
+    mine: list[int] = field(default_factory=list)
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    rows: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        s = (f"export {self.dataset}: rank {self.rank}/{self.world_size}: shards {self.mine} of "
+             f"{self.total}; wrote {self.written} ({self.rows} rows), {len(self.skipped)} already "
+             f"done -> {self.out}")
+        if self.pending:
+            s += f"; input shards {self.pending} are not committed yet (rerun export later)"
+        return s
+
+
+def jsonl_path(out: str | Path, index: int) -> Path:
+    return Path(out) / f"shard-{index:05d}.jsonl"
+
+
+def _jsonl_done(out: Path, index: int, fp: str) -> bool:
+    m = read_marker(out, index)
+    p = jsonl_path(out, index)
+    return m is not None and m.fingerprint == fp and p.exists() and p.stat().st_size == m.bytes
+
+
+def _write_jsonl_atomic(rows: list[dict], path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for row in rows:
+            line = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+            h.update(line)
+            f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size, h.hexdigest()
+
+
+def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str | Path | None = None,
+               columns: list[str] | None = None, fmt: str = "jsonl", rank: int = 0,
+               world_size: int = 1, progress: bool = True) -> ExportReport:
+    """Export this rank's shards of ``WORKDIR/<dataset>`` to ``out`` (default WORKDIR/export/<dataset>)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    src = Path(workdir) / dataset
+    out = Path(out) if out is not None else Path(workdir) / "export" / dataset
+    man = read_manifest(src)
+    if man is None:
+        raise FileNotFoundError(f"{src} is not a sharded dataset (no _stage.json): "
+                                f"run the stage that writes it first")
+    n = int(man["num_shards"])
+    cfg_fp = fingerprint("export-v1", fmt, list(columns or []))
+    write_manifest(out, stage="export", num_shards=n, fingerprint=cfg_fp, input=str(src), format=fmt)
+    rep = ExportReport(dataset=dataset, out=str(out), rank=rank, world_size=world_size, total=n,
+                       mine=my_shards(n, rank, world_size))
+    from tqdm import tqdm
+
+    for i in tqdm(rep.mine, desc=f"export {dataset}", unit="shard", disable=not progress):
+        src_marker = read_marker(src, i)
+        if src_marker is None:
+            rep.pending.append(i)
+            continue
+        fp = fingerprint(cfg_fp, src_marker.sha256)
+        if _jsonl_done(out, i, fp):
+            rep.skipped.append(i)
+            continue
+        t0 = time.perf_counter()
+        table = read_table(src, i, columns)
+        path = jsonl_path(out, i)
+        marker_path(out, i).unlink(missing_ok=True)
+        nbytes, sha = _write_jsonl_atomic(table.to_pylist(), path)
+        dt = time.perf_counter() - t0
+        marker = Marker(index=i, rows=table.num_rows, bytes=nbytes, sha256=sha, fingerprint=fp,
+                        seconds=round(dt, 4), created=time.time(),
+                        stats={"rank": rank, "world_size": world_size, "pid": os.getpid(),
+                               "host": os.uname().nodename})
+        write_json_atomic(marker_path(out, i), marker.to_json())
+        rep.written.append(i)
+        rep.rows += table.num_rows
+        rep.seconds += dt
+        log.info("export %s shard %d: %d rows -> %s", dataset, i, table.num_rows, path)
+    return rep

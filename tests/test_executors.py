@@ -1,0 +1,199 @@
+"""The Ray executor on a real local Ray instance (2 CPUs, loopback, no dashboard).
+
+The stage under test is a real map stage built with ``shards.map_shards`` over real
+ingest output: it counts characters per prompt and records, in each shard's commit
+marker, the rank, pid and Ray resources of the task that wrote it, and appends one line
+per processed shard to a journal, so "exactly once" is checked on disk, not assumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from guidealign.config import Config  # noqa: E402
+from guidealign.executors import (ExecutorError, TaskResult, ray_task_options,  # noqa: E402
+                                  run_pipeline_ray, run_stage)
+from guidealign.ingest import IngestConfig, ingest  # noqa: E402
+from shards import map_shards, read_marker, read_table  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+N_PROMPTS, SHARD_ROWS = 40, 5  # -> 8 shards
+
+
+# --- the stage: module-level so Ray workers import it (tests/ is on their PYTHONPATH) ---------
+
+def run_charcount(cfg, workdir, *, rank=0, world_size=1, progress=True, crash_on=None):
+    """prompts -> charcount: adds ``chars``; a real map stage with the standard signature."""
+    workdir = Path(workdir)
+    journal = workdir / "charcount.journal"
+
+    def fn(table: pa.Table, index: int):
+        if crash_on is not None and index == crash_on["shard"]:
+            flag = workdir / f"crashed-{index}"
+            if not crash_on.get("once") or not flag.exists():
+                flag.touch()
+                os._exit(3)  # the worker process dies mid-shard, like an OOM kill
+        with open(journal, "a") as f:
+            f.write(f"{index} {rank} {os.getpid()}\n")
+        out = table.append_column("chars", pc.utf8_length(table["prompt"]))
+        assigned = ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
+        return out, None, {"rank": rank, "world_size": world_size, "pid": os.getpid(),
+                           "resources": assigned}
+
+    return map_shards("charcount", workdir / "prompts", workdir / "charcount", "charcount-v1",
+                      fn=fn, rank=rank, world_size=world_size, progress=progress)
+
+
+def journal(workdir: Path) -> list[tuple[int, int, int]]:
+    p = workdir / "charcount.journal"
+    if not p.exists():
+        return []
+    return [tuple(map(int, line.split())) for line in p.read_text().splitlines()]
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, resources={"slot": 2}, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    yield ray
+    ray.shutdown()
+
+
+def write_prompts(path: Path, n: int = N_PROMPTS) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Prompt number {i}: " + "x" * i}) + "\n")
+    return path
+
+
+@pytest.fixture
+def ingested(tmp_path) -> Path:
+    wd = tmp_path / "run"
+    rep = ingest([str(write_prompts(tmp_path / "p.jsonl"))], wd,
+                 IngestConfig(shard_rows=SHARD_ROWS), progress=False)
+    assert rep.shards == N_PROMPTS // SHARD_ROWS
+    return wd
+
+
+def ray_cfg(**resources) -> Config:
+    cfg = Config()
+    cfg.executor.kind = "ray"
+    cfg.executor.ray_resources = resources or {"num_cpus": 1}
+    return cfg
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+def test_ray_task_options_maps_config_resources():
+    assert ray_task_options({"num_gpus": 1}) == {"max_retries": 2, "num_gpus": 1}
+    assert ray_task_options({"num_cpus": 4, "memory": 10, "a100": 1, "resources": {"x": 2}},
+                            max_retries=0) == \
+        {"max_retries": 0, "num_cpus": 4, "memory": 10, "resources": {"x": 2, "a100": 1}}
+
+
+def test_one_ray_task_per_shard_each_shard_once(ray_local, ingested):
+    wd = ingested
+    cfg = ray_cfg(num_cpus=1, slot=1)
+    results = run_stage(run_charcount, cfg, wd, progress=False)
+    n = N_PROMPTS // SHARD_ROWS
+    assert [r.rank for r in results] == list(range(n))
+    assert all(isinstance(r, TaskResult) and r.world_size == n for r in results)
+    assert all(r.pid != os.getpid() for r in results)  # ran in Ray workers, not here
+    assert sum(r.report.processed for r in results) == n
+
+    # every shard: committed by the task whose rank is its index, with the configured resources
+    ids = []
+    for i in range(n):
+        m = read_marker(wd / "charcount", i)
+        assert m is not None, f"shard {i} has no marker"
+        assert m.stats["rank"] == i and m.stats["world_size"] == n
+        assert m.stats["resources"] == {"CPU": 1.0, "slot": 1.0}
+        t = read_table(wd / "charcount", i)
+        src = read_table(wd / "prompts", i)
+        assert t.num_rows == src.num_rows == m.rows
+        assert t["id"].to_pylist() == src["id"].to_pylist()
+        assert t["chars"].to_pylist() == [len(p) for p in src["prompt"].to_pylist()]
+        ids += t["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == N_PROMPTS
+    assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
+
+    # a rerun finds every marker and writes nothing
+    again = run_stage(run_charcount, cfg, wd, progress=False)
+    assert sum(r.report.processed for r in again) == 0
+    assert sum(r.report.skipped for r in again) == n
+    assert len(journal(wd)) == n
+
+
+def test_crashed_task_is_simply_rerun(ray_local, ingested):
+    wd = ingested
+    n = N_PROMPTS // SHARD_ROWS
+    cfg = ray_cfg(num_cpus=1)
+    # shard 3's worker dies every time, and Ray is told not to retry: the stage fails there
+    with pytest.raises(ExecutorError, match=r"ranks \[3\]"):
+        run_stage(run_charcount, cfg, wd, progress=False, max_retries=0, crash_on={"shard": 3})
+    assert read_marker(wd / "charcount", 3) is None
+    done_first = {i: read_marker(wd / "charcount", i).created for i in range(n) if i != 3}
+    assert len(done_first) == n - 1
+    # the same command again: only shard 3 is processed; the others keep their markers
+    results = run_stage(run_charcount, cfg, wd, progress=False)
+    assert [r.report.processed for r in results] == [1 if r == 3 else 0 for r in range(n)]
+    assert {i: read_marker(wd / "charcount", i).created for i in done_first} == done_first
+    assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
+
+
+def test_worker_death_is_retried_by_ray(ray_local, ingested):
+    wd = ingested
+    n = N_PROMPTS // SHARD_ROWS
+    # shard 5's worker dies once; Ray's task retry reruns it and the stage completes
+    results = run_stage(run_charcount, ray_cfg(num_cpus=1), wd, progress=False,
+                        crash_on={"shard": 5, "once": True})
+    assert (wd / "crashed-5").exists()
+    assert all(read_marker(wd / "charcount", i) is not None for i in range(n))
+    assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
+    assert sum(r.report.processed for r in results) == n
+
+
+def test_cli_executor_ray_runs_the_export_stage(ray_local, ingested):
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+
+    wd = ingested
+    n = N_PROMPTS // SHARD_ROWS
+    res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(wd), "--executor", "ray",
+                                   "--set", "executor.ray_resources={num_cpus: 1}"])
+    assert res.exit_code == 0, res.output
+    out = wd / "export" / "prompts"
+    rows = []
+    for i in range(n):
+        m = read_marker(out, i)
+        assert m is not None and m.stats["rank"] == i and m.stats["world_size"] == n
+        assert m.stats["pid"] != os.getpid()
+        lines = (out / f"shard-{i:05d}.jsonl").read_text().splitlines()
+        assert len(lines) == m.rows == SHARD_ROWS
+        rows += [json.loads(x) for x in lines]
+    assert len({r["id"] for r in rows}) == N_PROMPTS
+
+
+def test_pipeline_ray_ingest_as_one_task(ray_local, tmp_path):
+    cfg = ray_cfg(num_cpus=1)
+    cfg.inputs = [str(write_prompts(tmp_path / "p.jsonl"))]
+    cfg.ingest.shard_rows = SHARD_ROWS
+    lines = []
+    summary = run_pipeline_ray(cfg, tmp_path / "run", stages=["ingest"], progress=False,
+                               echo=lines.append)
+    assert summary["stages"] == ["ingest"]
+    assert all(read_marker(tmp_path / "run" / "prompts", i) for i in range(N_PROMPTS // SHARD_ROWS))
+    assert any("40 prompts in 8 shard(s)" in x for x in lines), lines
