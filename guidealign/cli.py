@@ -128,6 +128,7 @@ def config_show(config_path, overrides):
 
 
 # --- stage commands defined next to their stages (one line each) ---------------------------
+from eval.cli import eval_cmd; cli.add_command(eval_cmd)  # noqa: E402,E702
 from guidealign.scale_cli import export, launch  # noqa: E402
 cli.add_command(export); cli.add_command(launch)  # noqa: E702
 
