@@ -108,7 +108,7 @@ def check_prompt(rec: dict, cfg: IngestConfig) -> str | None:
 class _Seen:
     """Set of 64-bit prompt hashes: a sorted numpy array plus a small recent set."""
 
-    def __init__(self, merge_every: int = 200_000):
+    def __init__(self, merge_every: int = 50_000):
         self.sorted = np.empty(0, dtype=np.uint64)
         self.recent: set[int] = set()
         self.merge_every = merge_every
@@ -123,8 +123,12 @@ class _Seen:
                 return False
         self.recent.add(h)
         if len(self.recent) >= self.merge_every:
-            self.sorted = np.union1d(s, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
-            self.recent.clear()
+            # recent holds only hashes absent from sorted: concatenate and sort in place,
+            # so the peak is two arrays, not union1d's several temporaries
+            merged = np.concatenate([s, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))])
+            merged.sort()
+            self.sorted = merged
+            self.recent = set()
         return True
 
 
@@ -180,6 +184,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
             rep.written += 1
         rep.rows += len(rows["id"])
         rep.shards += 1
+        pa.default_memory_pool().release_unused()  # keep RSS flat across shards
         for v in rows.values():
             v.clear()
         for v in bad.values():
