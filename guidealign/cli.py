@@ -128,6 +128,12 @@ def config_show(config_path, overrides):
 
 
 # --- stage commands defined next to their stages (one line each) ---------------------------
+from retrieval.cli import library as _library, train_retriever as _train_retriever  # noqa: E402
+from retrieval.cli import index as _index, retrieve as _retrieve  # noqa: E402
+cli.add_command(_library)
+cli.add_command(_train_retriever)
+cli.add_command(_index)
+cli.add_command(_retrieve)
 from eval.cli import eval_cmd; cli.add_command(eval_cmd)  # noqa: E402,E702
 from guidealign.scale_cli import export, launch  # noqa: E402
 cli.add_command(export); cli.add_command(launch)  # noqa: E702

@@ -1,25 +1,102 @@
-"""Config sections of the retrieval stages (owned by the retrieval package)."""
+"""Config sections of the retrieval stages (owned by the retrieval package).
+
+Defaults marked "paper" come from Guide-Align (arXiv 2403.11838); the others are ours
+and say why they are what they are.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class LibraryConfig:
-    # Paper: guidelines whose fuzzy-match ratio is >= 0.75 are merged.
+    # Input stage (a directory under WORKDIR) holding the guideline shards. Ours.
+    src: str = "guidelines"
+    # Paper: guidelines whose fuzzy-match ratio (rapidfuzz fuzz.ratio / 100) is >= 0.75 are merged.
     fuzzy_threshold: float = 0.75
+    # Candidate space for near-duplicate search. "ngram": hashed character 3-gram vectors (cheap,
+    # and fuzz.ratio is itself a character-level measure, so it finds the pairs that ratio confirms);
+    # "model": sentence embeddings from `embed_model` (semantic neighbours; slower on CPU). Ours.
+    candidates: str = "ngram"
+    # Dimension of the hashed n-gram vectors (candidates="ngram"). Ours: 256 keeps 1M vectors at 1 GiB.
+    ngram_dim: int = 256
+    # Sentence-transformers model for candidates="model": path, Hub id or the embedded MiniLM.
+    embed_model: str = "embedded:all-minilm-l6-v2"
+    # Nearest neighbours fetched per guideline as merge candidates. Ours: near-duplicate groups are
+    # mostly small; a larger group is still joined by chains of union-find edges.
+    neighbors: int = 10
+    # Candidates whose cosine similarity is below this are not sent to rapidfuzz. Ours, a loose
+    # pre-filter: ratio >= 0.75 pairs sit far above it in both candidate spaces.
+    min_cosine: float = 0.5
+    # Up to this many unique guidelines the candidate search is exact (flat); above it, IVF. Ours.
+    exact_search_max: int = 50_000
+    # IVF lists probed per query in the approximate candidate search. Ours.
+    nprobe: int = 8
+    # Share of prompts whose pairs go to the held-out split (chosen by a hash of the prompt id). Ours.
+    heldout_fraction: float = 0.1
+    # Rows per library shard. Ours.
+    shard_rows: int = 50_000
+    # Guideline rows per embedding/featurizing batch (bounds memory). Ours.
+    batch_size: int = 256
+    # torch threads for candidates="model" (0: leave torch's default). Ours.
+    threads: int = 0
 
 
 @dataclass
 class RetrieverConfig:
-    # Base bi-encoder: path, Hub id, or the embedded MiniLM.
+    # Base bi-encoder: path, Hub id, or the embedded MiniLM (issue 4).
     base_model: str = "embedded:all-minilm-l6-v2"
+    # "mnrl": MultipleNegativesRankingLoss; "cached_mnrl": its cached (GradCache) variant, which
+    # allows large batches in little memory (issue 4).
+    loss: str = "mnrl"
+    # Mini-batch size of the cached loss (only for loss="cached_mnrl"). Ours.
+    mini_batch_size: int = 32
+    # Training pairs per batch; each batch's other positives are the in-batch negatives. Ours.
+    batch_size: int = 64
+    # Passes over the training pairs. Ours.
+    epochs: int = 1
+    # AdamW learning rate. Ours: the usual sentence-transformers fine-tuning rate.
+    learning_rate: float = 2e-5
+    # Share of steps with linear warm-up. Ours.
+    warmup_ratio: float = 0.1
+    # Longest input in tokens (prompts are truncated to it). Ours.
+    max_seq_length: int = 128
+    # Seed for shuffling and initialisation. Ours.
+    seed: int = 0
+    # Evaluate on at most this many held-out prompts (0: all). Ours: BM25 is slow on big corpora.
+    max_eval_queries: int = 5000
+    # Cut-offs of recall@k (issue 4).
+    recall_at: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
+    # Paper: the risk-identification rate counts risky prompts with a safety guideline in the top 3.
+    risk_top_k: int = 3
+    # Texts per encode batch during evaluation. Ours.
+    encode_batch_size: int = 128
+    # torch threads (0: leave torch's default). Ours.
+    threads: int = 0
 
 
 @dataclass
 class IndexConfig:
-    # "flat" (exact, default), "ivf" or "hnsw" for very large libraries.
+    # Encoder of the library: "retriever" (the model trained by `guidealign train-retriever`), or any
+    # sentence-transformers model (path, Hub id, embedded name). Ours.
+    model: str = "retriever"
+    # "flat" (exact, default: libraries hold tens of thousands of guidelines), "ivf" or "hnsw"
+    # for very large ones (issue 4).
     kind: str = "flat"
+    # IVF lists (kind="ivf"); 0 picks 4*sqrt(n). Ours, FAISS's usual rule of thumb.
+    nlist: int = 0
+    # IVF lists probed per query (kind="ivf"). Ours.
+    nprobe: int = 16
+    # HNSW links per node (kind="hnsw"). Ours.
+    hnsw_m: int = 32
+    # HNSW search depth (kind="hnsw"). Ours.
+    ef_search: int = 128
+    # Use the GPUs (sharded over all of them) when faiss.get_num_gpus() > 0 (issue 4).
+    use_gpu: bool = True
+    # Texts per encode batch. Ours.
+    batch_size: int = 256
+    # torch threads (0: leave torch's default). Ours.
+    threads: int = 0
 
 
 @dataclass
@@ -28,3 +105,7 @@ class RetrieveConfig:
     top_n: int = 20
     keep: int = 6
     dedup_ratio: float = 0.5
+    # Prompts per encode batch. Ours.
+    batch_size: int = 256
+    # torch threads (0: leave torch's default). Ours.
+    threads: int = 0

@@ -1,0 +1,84 @@
+"""Artifact stages (library, retriever, index): build in a temp dir, rename into place,
+then write ``_done.json`` last. A reader trusts an artifact only when ``_done.json`` exists;
+a rerun whose fingerprint matches the one in ``_done.json`` does nothing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from shards import write_json_atomic
+
+DONE = "_done.json"
+
+
+def read_done(d: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(d) / DONE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_current(d: str | Path, fp: str) -> bool:
+    done = read_done(d)
+    return done is not None and done.get("fingerprint") == fp
+
+
+def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0) -> dict:
+    """Block until the artifact at ``d`` is complete (``timeout=0``: check once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = read_done(d)
+        if done is not None:
+            return done
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{d} is not complete (no {DONE}): run the stage that builds it first")
+        time.sleep(poll)
+
+
+@contextmanager
+def build_dir(final: str | Path):
+    """Yield a fresh temp dir beside ``final``; on success it replaces ``final`` (no ``_done.json``
+    yet: the caller writes it with :func:`mark_done` after the rename)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            # the old artifact is invalid from here on: drop its marker first, then the files
+            (final / DONE).unlink(missing_ok=True)
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def mark_done(d: str | Path, *, fingerprint: str, rows: int, seconds: float, **extra) -> dict:
+    info = {"fingerprint": fingerprint, "rows": int(rows), "seconds": round(seconds, 3),
+            "created": time.time(), **extra}
+    write_json_atomic(Path(d) / DONE, info)
+    return info
+
+
+def set_threads(n: int) -> None:
+    if n and n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def input_wait(cfg, world_size: int) -> float:
+    """How long a reduce stage waits for its inputs: executor.wait_timeout_s when set, else
+    no wait on a single worker and a day when other ranks may still be writing."""
+    t = float(cfg.executor.wait_timeout_s or 0.0)
+    return t if t > 0 else (0.0 if world_size == 1 else 24 * 3600.0)

@@ -1,0 +1,228 @@
+"""``guidealign index``: embed the library (normalized) and build a FAISS inner-product index.
+
+Output ``WORKDIR/index/``: ``index.faiss`` (always saved as a CPU index), ``rows.parquet``
+(guideline_id, text, kind in index row order), ``meta.json`` (the library version it
+indexes, the encoder, kind, dimension), then ``_done.json`` last.
+
+Versioning: :func:`load_index` refuses an index whose library version differs from the
+library's current one, since its row numbers would point at other guidelines.
+On machines with GPUs (``faiss.get_num_gpus() > 0``) flat and IVF indexes are sharded
+over all of them for building and searching; HNSW stays on the CPU (FAISS has no GPU HNSW).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval.artifact import build_dir, input_wait, is_current, mark_done, read_done, set_threads, wait_done
+from shards import fingerprint, wait_complete, write_json_atomic
+
+log = logging.getLogger(__name__)
+STAGE = "index"
+INDEX_FILE = "index.faiss"
+ROWS_FILE = "rows.parquet"
+META_FILE = "meta.json"
+
+
+class IndexVersionError(RuntimeError):
+    """The index was built for another version of the library."""
+
+
+@dataclass
+class IndexReport:
+    rows: int = 0
+    kind: str = ""
+    dim: int = 0
+    gpus: int = 0
+    library_version: str = ""
+    seconds: dict = field(default_factory=dict)
+    skipped: bool = False
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"index: up to date ({self.rows} guidelines, library {self.library_version})"
+        return (f"index: {self.rows} guidelines, {self.kind}, dim {self.dim}, "
+                f"{'%d GPU(s)' % self.gpus if self.gpus else 'CPU'}, library {self.library_version}; "
+                f"{self.seconds}")
+
+
+def index_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / STAGE
+
+
+def num_gpus() -> int:
+    import faiss
+
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # faiss-cpu builds without the symbol
+        return 0
+
+
+def to_gpus(index, kind: str):
+    """Shard ``index`` over all GPUs (flat/IVF only); the index itself when there are none."""
+    import faiss
+
+    n = num_gpus()
+    if n == 0 or kind == "hnsw":
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
+
+
+def to_cpu(index):
+    import faiss
+
+    return faiss.index_gpu_to_cpu(index) if num_gpus() else index
+
+
+def build_faiss(vecs: np.ndarray, ic, *, use_gpu: bool) -> tuple[object, str]:
+    """An inner-product index over unit vectors ``vecs`` (CPU index returned)."""
+    import faiss
+
+    n, d = vecs.shape
+    if ic.kind == "flat":
+        index, name = faiss.IndexFlatIP(d), "flat"
+    elif ic.kind == "ivf":
+        nlist = ic.nlist or max(1, int(4 * math.sqrt(max(n, 1))))
+        nlist = min(nlist, max(1, n // 39))  # FAISS wants ~39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 1234
+        index.nprobe = ic.nprobe
+        name = f"ivf{nlist}"
+    elif ic.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, ic.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ic.ef_search
+        name = f"hnsw{ic.hnsw_m}"
+    else:
+        raise ValueError(f"index.kind must be flat, ivf or hnsw, not {ic.kind!r}")
+    work = to_gpus(index, ic.kind) if use_gpu else index
+    if not work.is_trained:
+        work.train(vecs)
+    work.add(vecs)
+    return (to_cpu(work) if work is not index else index), name
+
+
+def _encoder_ref(ic, workdir: Path) -> tuple[str, str]:
+    """(what to load, what identifies it for the fingerprint)."""
+    if ic.model == "retriever":
+        from retrieval.train import model_dir, retriever_dir
+
+        done = wait_done(retriever_dir(workdir))
+        return str(model_dir(workdir)), f"retriever:{done['fingerprint']}"
+    from guidealign.models import resolve
+
+    return resolve(ic.model), ic.model
+
+
+def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
+              progress: bool = True) -> IndexReport:
+    from retrieval.embed import doc_text, encode, load_encoder
+    from retrieval.library import library_dir, read_library
+
+    ic = cfg.index
+    workdir = Path(workdir)
+    dst = index_dir(workdir)
+    lib = library_dir(workdir)
+    if rank != 0:
+        wait_done(dst, timeout=max(input_wait(cfg, world_size), 3600))
+        return IndexReport(skipped=True)
+    wait_complete(lib, timeout=input_wait(cfg, world_size))
+    version = wait_done(lib, timeout=input_wait(cfg, world_size))["version"]
+    model_path, model_ref = _encoder_ref(ic, workdir)
+    fp = fingerprint("index-v1", ic, version, model_ref)
+    if is_current(dst, fp):
+        done = read_done(dst)
+        return IndexReport(rows=done["rows"], kind=done.get("kind", ""), dim=done.get("dim", 0),
+                           library_version=version, skipped=True)
+
+    t0 = time.perf_counter()
+    set_threads(ic.threads)
+    library, _ = read_library(workdir, ["guideline_id", "title", "text", "kind"])
+    docs = [doc_text(t, x) for t, x in zip(library.column("title").to_pylist(),
+                                           library.column("text").to_pylist())]
+    model = load_encoder(model_path)
+    t1 = time.perf_counter()
+    vecs = encode(model, docs, batch_size=ic.batch_size)
+    t2 = time.perf_counter()
+    gpus = num_gpus() if ic.use_gpu else 0
+    index, name = build_faiss(vecs, ic, use_gpu=bool(gpus))
+    t3 = time.perf_counter()
+    import faiss
+
+    with build_dir(dst) as tmp:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        pq.write_table(pa.table({"guideline_id": library.column("guideline_id"),
+                                 "text": pa.array(docs, pa.string()),
+                                 "kind": library.column("kind")}), tmp / ROWS_FILE)
+        meta = {"library_version": version, "model": model_path, "model_ref": model_ref,
+                "kind": ic.kind, "name": name, "dim": int(vecs.shape[1]), "rows": len(docs),
+                "nprobe": ic.nprobe, "ef_search": ic.ef_search}
+        write_json_atomic(tmp / META_FILE, json.dumps(meta, indent=1))
+    secs = {"load": round(t1 - t0, 3), "embed": round(t2 - t1, 3), "build": round(t3 - t2, 3),
+            "total": round(time.perf_counter() - t0, 3)}
+    mark_done(dst, fingerprint=fp, rows=len(docs), seconds=secs["total"], library_version=version,
+              kind=name, dim=int(vecs.shape[1]), gpus=gpus, metrics=secs)
+    rep = IndexReport(rows=len(docs), kind=name, dim=int(vecs.shape[1]), gpus=gpus,
+                      library_version=version, seconds=secs)
+    log.info(rep.summary())
+    return rep
+
+
+@dataclass
+class LoadedIndex:
+    index: object
+    ids: list[str]
+    texts: list[str]
+    kinds: list[str]
+    meta: dict
+    fingerprint: str
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self.ids)))
+
+
+def check_version(index_path: str | Path, library_path: str | Path) -> dict:
+    """The index's meta, after checking it indexes the library's current version."""
+    index_path, library_path = Path(index_path), Path(library_path)
+    done = wait_done(index_path)
+    meta = json.loads((index_path / META_FILE).read_text())
+    lib_done = read_done(library_path)
+    if lib_done is None:
+        raise IndexVersionError(f"no complete library at {library_path} to check {index_path} against")
+    if meta["library_version"] != lib_done.get("version"):
+        raise IndexVersionError(
+            f"the index at {index_path} was built for library version {meta['library_version']}, "
+            f"but {library_path} is version {lib_done.get('version')}: rebuild it (guidealign index)")
+    meta["fingerprint"] = done["fingerprint"]
+    return meta
+
+
+def load_index(index_path: str | Path, library_path: str | Path, *, use_gpu: bool = True) -> LoadedIndex:
+    """Load an index for searching; :class:`IndexVersionError` when it indexes another library."""
+    import faiss
+
+    index_path = Path(index_path)
+    meta = check_version(index_path, library_path)
+    index = faiss.read_index(str(index_path / INDEX_FILE))
+    rows = pq.read_table(index_path / ROWS_FILE)
+    if meta["kind"] == "ivf":
+        faiss.extract_index_ivf(index).nprobe = int(meta.get("nprobe", 16))
+    elif meta["kind"] == "hnsw":
+        index.hnsw.efSearch = int(meta.get("ef_search", 128))
+    if index.ntotal != rows.num_rows:
+        raise IndexVersionError(f"{index_path}: index holds {index.ntotal} vectors for {rows.num_rows} rows")
+    if use_gpu:
+        index = to_gpus(index, meta["kind"])
+    return LoadedIndex(index=index, ids=rows.column("guideline_id").to_pylist(),
+                       texts=rows.column("text").to_pylist(), kinds=rows.column("kind").to_pylist(),
+                       meta=meta, fingerprint=meta["fingerprint"])
