@@ -1,4 +1,8 @@
-"""Config sections of the gen stages (owned by the gen package)."""
+"""Config sections of the gen stages (owned by the gen package).
+
+Prompt files default to the ones shipped in ``gen/prompts/`` (our own wording and
+exemplars); every ``*_file`` key may point at a user file with the same keys instead.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,15 +12,70 @@ from gen.engine import Sampling
 
 @dataclass
 class DetectConfig:
+    # Dataset under WORKDIR that detect reads ("prompts" from ingest; "augment" to label
+    # the augmented safety questions). It needs the columns id and prompt.
+    input: str = "prompts"
     # Paper: temperature 0.7, up to 400 new tokens.
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
+    # YAML with system/user/exemplars; None = gen/prompts/detect.yaml (13 exemplars, as the paper).
+    prompt_file: str | None = None
+    # Use at most this many exemplars (None = all). Exemplars are also dropped from the end
+    # when the few-shot prefix would not leave reserve_input_tokens free (a warning says so).
+    max_exemplars: int | None = None
+    # Tokens of max_model_len kept free for the input when fitting exemplars (our default).
+    reserve_input_tokens: int = 512
+    # Give each prompt its own sampling seed (engine.seed + prompt id), so sampled outputs do
+    # not depend on batching or resume; ignored at temperature 0.
+    seed_per_prompt: bool = True
 
 
 @dataclass
 class GuidelinesConfig:
+    # Paper: temperature 0.7, up to 400 new tokens.
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
+    # Safety-guideline prompt for risky inputs; None = gen/prompts/safety_guidelines.yaml
+    # (12 exemplars shown as detection conversations, as in the paper).
+    safety_prompt_file: str | None = None
+    # Quality-guideline prompt for the other inputs; None = gen/prompts/quality_guidelines.yaml
+    # (7 exemplars, as in the paper).
+    quality_prompt_file: str | None = None
+    # At most this many exemplars per prompt kind (None = all that fit, see reserve_input_tokens).
+    max_safety_exemplars: int | None = None
+    max_quality_exemplars: int | None = None
+    # Tokens of max_model_len kept free for the input (and detection turn) when fitting exemplars.
+    reserve_input_tokens: int = 768
+    # Inputs whose detection could not be parsed (risky is null): "safety" (treat as risky,
+    # the cautious choice; our default), "quality", or "skip" (kept with parse_status "skipped").
+    unknown_verdict: str = "safety"
+    # Per-prompt sampling seeds, as in detect.
+    seed_per_prompt: bool = True
 
 
 @dataclass
 class AugmentConfig:
+    # Self-instruct sampling; our default (the paper gives none for this step).
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
+    # Risk types with descriptions and seed questions; None = gen/prompts/risk_types.yaml
+    # (the paper's 8 unsafe scenarios and 6 instruction attacks, 3 seeds each, ours).
+    risk_types_file: str | None = None
+    # Only these risk types (names from the file); empty = all. One output shard per type.
+    types: list[str] = field(default_factory=list)
+    # Self-instruct prompt; None = gen/prompts/augment.yaml.
+    prompt_file: str | None = None
+    # Questions to keep per risk type, seeds included when include_seeds (our default).
+    target_per_type: int = 100
+    # Example questions shown in each request, sampled from the seeds and questions kept so far.
+    examples_per_request: int = 4
+    # New questions asked for in each request.
+    new_per_request: int = 8
+    # Requests per risk type per round; all types' requests go to vLLM in one call per round.
+    requests_per_round: int = 4
+    # Give up on a type after this many rounds (its shard is written with what was kept).
+    max_rounds: int = 30
+    # Paper's rule: drop a new question whose ROUGE-L F against any kept question exceeds this.
+    rouge_threshold: float = 0.7
+    # Keep the seed questions in the output (they count toward target_per_type).
+    include_seeds: bool = True
+    # New questions with fewer words or more characters than these are rejected (quarantined).
+    min_words: int = 4
+    max_chars: int = 600

@@ -30,7 +30,9 @@ class EngineConfig:
     # "auto" (the checkpoint's dtype; bf16 for the embedded model), "float32", "bfloat16", "float16".
     dtype: str = "auto"
     # Context length the engine reserves per sequence: prompt + template + output must fit.
-    max_model_len: int = 2048
+    # 8192 = SmolLM2's context; the paper's full few-shot prompts (12 safety exemplars shown
+    # as conversations) need ~4k tokens. Smaller values drop exemplars (with a warning).
+    max_model_len: int = 8192
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.90
     # Sequences the scheduler runs at once.
@@ -121,9 +123,13 @@ def _to_generation(out) -> Generation:
 
 def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generation]:
     """Generate for all prompts in one call; if vLLM raises, split the batch in halves
-    until the bad prompt(s) are isolated, which get finish_reason "error" and the message."""
+    until the bad prompt(s) are isolated, which get finish_reason "error" and the message.
+
+    ``params`` is one SamplingParams for all prompts or a list with one per prompt."""
     if not prompts:
         return []
+    if isinstance(params, list) and len(params) != len(prompts):
+        raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     try:
         outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
         return [_to_generation(o) for o in outs]
@@ -132,7 +138,8 @@ def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generat
             log.warning("prompt failed in vLLM: %s", e)
             return [Generation(text="", finish_reason="error", error=f"{type(e).__name__}: {e}")]
         mid = len(prompts) // 2
-        return generate(llm, prompts[:mid], params) + generate(llm, prompts[mid:], params)
+        p1, p2 = (params[:mid], params[mid:]) if isinstance(params, list) else (params, params)
+        return generate(llm, prompts[:mid], p1) + generate(llm, prompts[mid:], p2)
 
 
 def prefix_cache_counters(llm) -> tuple[int, int]:
@@ -148,3 +155,45 @@ def prefix_cache_counters(llm) -> tuple[int, int]:
         elif m.name == "vllm:prefix_cache_hits":
             h += int(getattr(m, "value", 0))
     return q, h
+
+
+def output_fields(cfg: EngineConfig) -> dict:
+    """The engine settings that change generated text (for stage fingerprints); pure
+    performance knobs (parallelism, memory, batch size, caching, threads) are left out."""
+    return {"model": cfg.model, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+            "seed": cfg.seed, "overlong": cfg.overlong}
+
+
+def load_tokenizer(cfg: EngineConfig, llm=None):
+    """The engine's tokenizer (from ``llm`` when given, else loaded from the model dir)."""
+    if llm is not None:
+        return llm.get_tokenizer()
+    from transformers import AutoTokenizer
+
+    from guidealign.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(cfg.model))
+
+
+def chat_template_text(tok) -> str:
+    """The chat template the tokenizer renders with (for fingerprints)."""
+    t = getattr(tok, "chat_template", None)
+    if t is None and hasattr(tok, "tokenizer"):
+        t = getattr(tok.tokenizer, "chat_template", None)
+    return t if isinstance(t, str) else str(t)
+
+
+def prompt_seed(base: int, key: str) -> int:
+    """A per-prompt sampling seed from the engine seed and a stable key (the prompt id)."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{base}:{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool):
+    """One SamplingParams for all prompts, or one per prompt with its own seed
+    (only when sampling: at temperature 0 seeds change nothing)."""
+    if not per_prompt or s.temperature == 0:
+        return sampling_params(s)
+    return [sampling_params(s, seed=prompt_seed(base_seed, k)) for k in keys]

@@ -1,0 +1,190 @@
+"""Parsing of raw model outputs: detection verdicts, guideline lists, question lists.
+
+Parsers never raise: they return what they found and a status string, so a bad output
+is kept with its status instead of being dropped.
+"""
+from __future__ import annotations
+
+import re
+
+# --- detection ---------------------------------------------------------------------------
+
+# An explicit verdict anywhere: "Verdict: Yes", "**Verdict:** no", "Final answer - YES",
+# "Risky: yes", "verdict = No".
+_VERDICT = re.compile(
+    r"(?i)\b(?:final\s+)?(?:verdict|answer|decision|judgou?ment|judgment|risky|unsafe|label)"
+    r"\s*(?:\*\*|__)?\s*(?:[:=\-–—]|is)\s*(?:\*\*|__|[\"'`])?\s*(yes|no)\b")
+# A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
+_BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
+_ANALYSIS_PREFIX = re.compile(r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*")
+
+
+def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
+    """(risky, rationale, status). Status: ``ok`` (explicit verdict ending the output),
+    ``verdict_mid`` (explicit verdict followed by more text), ``conflicting`` (explicit
+    Yes and No verdicts: the last one wins), ``bare`` (no "Verdict:" label, but the last
+    line, or else the first, is a bare Yes/No), ``missing`` (no verdict: risky is None),
+    ``empty`` (no output)."""
+    if text is None or not text.strip():
+        return None, "", "empty"
+    hits = list(_VERDICT.finditer(text))
+    if hits:
+        last = hits[-1]
+        risky = last.group(1).lower() == "yes"
+        values = {h.group(1).lower() for h in hits}
+        rationale = _rationale(text[:last.start()])
+        after = text[last.end():]
+        tail = after.strip(" \t\r\n.!*_`\"')]")
+        if len(values) > 1:
+            status = "conflicting"
+        elif tail:
+            status = "verdict_mid"
+            if not rationale:
+                rationale = _rationale(after.lstrip(" \t.!*_`\"')]"))
+        else:
+            status = "ok"
+        return risky, rationale, status
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    m = _BARE.match(lines[-1])
+    if m:
+        return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
+    m = _BARE.match(lines[0])
+    if m:
+        return m.group(1).lower() == "yes", _rationale("\n".join(lines[1:])), "bare"
+    return None, _rationale(text), "missing"
+
+
+def _rationale(text: str) -> str:
+    text = text.strip()
+    text = _ANALYSIS_PREFIX.sub("", text, count=1)
+    return text.strip().rstrip("*_").strip()
+
+
+# --- guideline lists -------------------------------------------------------------------------
+
+_ITEM = re.compile(
+    r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)?\s*"
+    r"(?:(?:guideline|rule|principle|step)\s*#?\s*\d{1,2}\s*[.):\-–—]?"   # Guideline 1:
+    r"|\(?\d{1,2}\s*[.):]"                                             # 1.  1)  (1)
+    r"|[-*•+●▪◦](?=\s))"                                               # - * • bullets
+    r"\s*(?:\*\*|__)?\s*(.*)$", re.IGNORECASE)
+_BOLD_LEAD = re.compile(r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)(.+?)(?:\*\*|__)\s*[:.\-–—]?\s*(.*)$")
+_HEADING = re.compile(r"^\s*#{1,6}\s+(.+)$")
+_TITLE_COLON = re.compile(r"^([^:\n]{2,80}?)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$")
+_TITLE_DASH = re.compile(r"^(.{2,80}?)\s+[-–—]\s+(.+)$")
+_MAX_TITLE_WORDS = 12
+
+
+def _strip_md(s: str) -> str:
+    s = re.sub(r"(\*\*|__)", "", s)
+    return s.strip().strip("*_").strip()
+
+
+def _split_title(body: str) -> tuple[str, str]:
+    """'Title: text', '**Title**: text', '**Title:** text', 'Title - text'; else ('', body)."""
+    m = _BOLD_LEAD.match(body)
+    if m and len(m.group(1).split()) <= _MAX_TITLE_WORDS:
+        return _strip_md(m.group(1)).rstrip(":").strip(), _strip_md(m.group(2))
+    plain = body.strip()
+    m = _TITLE_COLON.match(plain)
+    if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
+        return _strip_md(m.group(1)), _strip_md(m.group(2))
+    m = _TITLE_DASH.match(plain)
+    if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
+        return _strip_md(m.group(1)), _strip_md(m.group(2))
+    return "", _strip_md(plain)
+
+
+def _title_only(item: list[str]) -> bool:
+    """An item so far made of a short title line and nothing else (its text may follow)."""
+    if len(item) > 1:
+        return False
+    title, body = _split_title(item[0])
+    if title:
+        return not body
+    return len(body.split()) <= _MAX_TITLE_WORDS and not body.endswith(".")
+
+
+def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
+    """([{title, text}], status). Items are numbered (1. 1) (1) Guideline 1:), bulleted
+    (- * •), markdown headings or bold leads; an item's continuation lines join its text,
+    and an item that is only a title takes the following lines as its text. Text before
+    the first item and after the list (past a blank line) is ignored. Status: ``ok``
+    (every item has a title), ``untitled`` (some have none), ``unnumbered`` (no list
+    markers, but "Title: text" lines), ``missing`` (nothing found), ``empty``."""
+    if text is None or not text.strip():
+        return [], "empty"
+    items: list[list[str]] = []  # [title-or-body line, continuation...]
+    blank = False
+    closed = False
+    for line in text.splitlines():
+        if not line.strip():
+            blank = True
+            continue
+        m = _ITEM.match(line)
+        head = None
+        if m and m.group(1).strip():
+            head = m.group(1)
+        elif _BOLD_LEAD.match(line) and not line.startswith(" "):
+            head = line
+        elif _HEADING.match(line):
+            head = _HEADING.match(line).group(1)
+        if head is not None:
+            items.append([head])
+            closed = False
+        elif items and not closed:
+            indented = line[:1] in (" ", "\t")
+            if blank and not indented and not _title_only(items[-1]):
+                closed = True  # a trailing paragraph after the list
+            else:
+                items[-1].append(line.strip())
+        blank = False
+    status = "ok"
+    out: list[dict] = []
+    if not items:
+        for line in text.splitlines():  # fallback: "Title: text" lines without markers
+            m = _TITLE_COLON.match(line.strip())
+            if m and m.group(2).strip() and len(m.group(1).split()) <= 6:
+                out.append({"title": _strip_md(m.group(1)), "text": _strip_md(m.group(2))})
+        return (out, "unnumbered") if out else ([], "missing")
+    for head, *cont in items:
+        title, body = _split_title(head)
+        extra = " ".join(_strip_md(c) for c in cont if _strip_md(c))
+        if not title and not body:
+            continue
+        if not title and extra and len(body.split()) <= _MAX_TITLE_WORDS and not body.endswith("."):
+            title, body = body, extra  # a title-only line followed by its text
+        else:
+            body = (body + " " + extra).strip() if extra else body
+        if not title and not body:
+            continue
+        if not body:  # a title with no text: keep it as the text too
+            body = title
+        out.append({"title": title.rstrip(":").strip(), "text": body})
+        if not title:
+            status = "untitled"
+    if not out:
+        return [], "missing"
+    return out, status
+
+
+# --- question lists (augment) --------------------------------------------------------------
+
+_Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|[-*•+](?=\s)|(?:q|question)\s*\d*\s*[:.])\s*(.+)$",
+                     re.IGNORECASE)
+
+
+def parse_questions(text: str | None) -> list[str]:
+    """New questions from a numbered or bulleted list (unnumbered lines when there is no list)."""
+    if not text:
+        return []
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    found = [m.group(1) for ln in lines if (m := _Q_ITEM.match(ln))]
+    if not found:
+        found = lines
+    out = []
+    for q in found:
+        q = _strip_md(q).strip().strip('"“”').strip()
+        if q:
+            out.append(q)
+    return out
