@@ -128,6 +128,10 @@ def config_show(config_path, overrides):
 
 
 # --- stage commands defined next to their stages (one line each) ---------------------------
+from sft.cli import push as _push, respond as _respond, sft as _sft  # noqa: E402
+cli.add_command(_respond)
+cli.add_command(_sft)
+cli.add_command(_push)
 from retrieval.cli import library as _library, train_retriever as _train_retriever  # noqa: E402
 from retrieval.cli import index as _index, retrieve as _retrieve  # noqa: E402
 cli.add_command(_library)

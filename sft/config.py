@@ -1,17 +1,101 @@
-"""Config sections of SFT and push (owned by the sft package)."""
+"""Config sections of SFT and push (owned by the sft package).
+
+Defaults of ``SFTConfig`` are the paper's Labrador recipe where the paper gives one
+(1 epoch, learning rate 5e-6, total batch size 1600); the rest are common SFT defaults.
+``configs/sft-labrador-13b.yaml`` and ``configs/sft-tiny-cpu.yaml`` set them explicitly.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class SFTConfig:
-    # Base model to fine-tune: path, Hub id, or the embedded SmolLM2.
+    # Base model to fine-tune: local path, Hub id, or the embedded SmolLM2 (default; tests).
     base_model: str = "embedded:smollm2-135m-instruct"
+    # Response datasets to train on: stage names under WORKDIR (or paths). Default: the guided
+    # responses of `guidealign respond`.
+    data: list[str] = field(default_factory=lambda: ["respond"])
+    # Keep only responses with these finish reasons ("length" = truncated, "error" = failed);
+    # the others are dropped and counted in the report and the model card.
+    keep_finish_reasons: list[str] = field(default_factory=lambda: ["stop"])
+    # Responses shorter than this many characters (after strip) count as empty and are dropped.
+    min_response_chars: int = 1
+    # Use at most this many training examples (in shard order); 0 = all. Smoke tests only.
+    max_examples: int = 0
+    # System message put before the user prompt in training conversations; "" = none, so the chat
+    # template's default applies (as it will at inference). Never the guidelines.
+    system_prompt: str = ""
+    # "full" fine-tuning or "lora" (peft adapters on `lora_target_modules`).
+    mode: str = "full"
+    # LoRA rank, alpha and dropout (mode: lora). Common defaults.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # Modules that get adapters: "all-linear" or a list of module names (mode: lora).
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Merge the adapter into the base weights in the output model (mode: lora); otherwise the
+    # output is the adapter plus tokenizer (vLLM then needs enable_lora and the base model).
+    merge_lora: bool = True
+    # Epochs over the training set. Paper: 1.
+    epochs: float = 1.0
+    # Stop after this many optimizer steps; -1 = run the epochs.
+    max_steps: int = -1
+    # Peak learning rate. Paper: 5e-6.
+    learning_rate: float = 5e-6
+    # "cosine", "linear", "constant", ... (transformers' scheduler names).
+    lr_scheduler: str = "cosine"
+    # Fraction of steps spent warming up the learning rate.
+    warmup_ratio: float = 0.03
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # Total examples per optimizer step over all processes. Paper: 1600. Gradient accumulation
+    # is derived: global_batch_size / (micro_batch_size * world size), which must divide exactly.
+    global_batch_size: int = 1600
+    # Examples per device per forward pass.
+    micro_batch_size: int = 4
+    # Sequence length cap in tokens (prompt + response); longer examples are cut at the end.
+    max_seq_length: int = 2048
+    # Training precision: "auto" (bf16 on GPUs that support it, else float32), "bf16", "fp16",
+    # "float32".
+    precision: str = "auto"
+    # Trade compute for memory on large models.
+    gradient_checkpointing: bool = False
+    # Log the training loss every this many optimizer steps.
+    logging_steps: int = 1
+    # Save a resumable checkpoint every this many steps under WORKDIR/sft/checkpoints (a rerun
+    # resumes from the last one); 0 = no intermediate checkpoints.
+    save_steps: int = 0
+    # Random seed for data order and initialization of adapters.
+    seed: int = 0
+    # CPU only: torch threads for training; 0 = torch's default. Set it when other heavy work
+    # shares the cores.
+    num_threads: int = 0
+    # Extra keyword arguments for TRL's SFTConfig (e.g. {"deepspeed": "ds.json",
+    # "fsdp": "full_shard"}); they win over the keys above.
+    trainer_args: dict = field(default_factory=dict)
 
 
 @dataclass
 class PushConfig:
-    # Hub repo id, e.g. "org/guide-align-responses"; empty disables push in `guidealign run`.
+    # Hub repo id, e.g. "org/guide-align-responses"; empty disables push in `guidealign run`
+    # (the `push` command can take it as an argument).
     repo_id: str = ""
+    # Create the repo private (True) or public; an existing repo keeps its visibility.
     private: bool = True
+    # Branch to push to.
+    revision: str = "main"
+    # Files per commit: each commit is a resume point; an interrupted push redoes at most one
+    # batch (and even then its LFS objects already on the Hub are not uploaded again).
+    files_per_commit: int = 20
+    # Retries of one request batch on rate limits (HTTP 429), server errors (5xx) and
+    # connection errors, with exponential backoff (Retry-After wins when the Hub sends it).
+    max_retries: int = 8
+    # First backoff delay in seconds; doubled per retry, capped at backoff_max_s.
+    backoff_s: float = 2.0
+    backoff_max_s: float = 120.0
+    # Directory of the Parquet shards inside a dataset repo.
+    data_dir: str = "data"
+    # Dataset card: a pretty name and license for the card's metadata ("" = left out).
+    pretty_name: str = ""
+    license: str = ""

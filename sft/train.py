@@ -1,0 +1,194 @@
+"""`guidealign sft`: TRL SFTTrainer on the guided responses -> WORKDIR/sft/model.
+
+One process, or several GPUs with the same config: `accelerate launch -m guidealign sft ...`
+or `torchrun --nproc-per-node N -m guidealign sft ...` (the Trainer reads the distributed
+environment; gradient accumulation is derived so that the *global* batch stays
+`sft.global_batch_size`). Rank 0 writes the model into a temp dir, renames it to
+WORKDIR/sft/model, then writes WORKDIR/sft/_done.json last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def distributed_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def accumulation_steps(scfg, world: int) -> int:
+    per_step = scfg.micro_batch_size * world
+    if scfg.global_batch_size < per_step or scfg.global_batch_size % per_step:
+        raise ValueError(f"sft.global_batch_size ({scfg.global_batch_size}) must be a multiple of "
+                         f"micro_batch_size ({scfg.micro_batch_size}) x processes ({world})")
+    return scfg.global_batch_size // per_step
+
+
+def precision_flags(scfg) -> dict:
+    import torch
+
+    p = scfg.precision
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if p not in ("bf16", "fp16", "float32"):
+        raise ValueError(f"sft.precision must be auto, bf16, fp16 or float32, not {p!r}")
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}, p
+
+
+def sft_fingerprint(cfg, report) -> str:
+    from shards import fingerprint
+
+    return fingerprint("sft/v1", cfg.sft, report.sources)
+
+
+def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
+    hp = {k: getattr(scfg, k) for k in (
+        "mode", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
+        "global_batch_size", "micro_batch_size", "max_seq_length", "seed")}
+    hp.update(processes=world, gradient_accumulation_steps=accum, precision=precision)
+    if scfg.mode == "lora":
+        hp.update(lora_r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
+                  lora_target_modules=scfg.lora_target_modules, merge_lora=scfg.merge_lora)
+    return hp
+
+
+def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True,
+            force: bool = False) -> dict:
+    """Train, save the model dir and _done.json; returns the _done.json dict. A finished run with
+    the same fingerprint (config + input shard checksums) is not redone unless ``force``."""
+    from guidealign.models import resolve
+    from sft.data import build_dataset
+    from shards import write_json_atomic
+
+    scfg = cfg.sft
+    workdir = Path(workdir)
+    out_dir = workdir / "sft"
+    model_dir = out_dir / "model"
+    done_path = out_dir / "_done.json"
+    t0 = time.perf_counter()
+
+    dataset, data_rep = build_dataset(scfg, workdir)
+    fp = sft_fingerprint(cfg, data_rep)
+    if not force and done_path.exists() and model_dir.exists():
+        done = json.loads(done_path.read_text())
+        if done.get("fingerprint") == fp:
+            log.info("sft already done with this fingerprint: %s", model_dir)
+            return {**done, "skipped": True}
+    if scfg.mode not in ("full", "lora"):
+        raise ValueError(f"sft.mode must be 'full' or 'lora', not {scfg.mode!r}")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    if scfg.num_threads > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(scfg.num_threads)
+    world = max(world_size, distributed_world_size())
+    accum = accumulation_steps(scfg, world)
+    flags, precision = precision_flags(scfg)
+    base_path = resolve(scfg.base_model)
+
+    tok = AutoTokenizer.from_pretrained(base_path)
+    if not tok.chat_template:
+        raise ValueError(f"{scfg.base_model} has no chat template; SFT needs one")
+    if not tok.model_max_length or tok.model_max_length > 1_000_000:
+        tok.model_max_length = scfg.max_seq_length
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+
+    peft_config = None
+    if scfg.mode == "lora":
+        from peft import LoraConfig
+
+        targets = scfg.lora_target_modules
+        peft_config = LoraConfig(
+            r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+            task_type="CAUSAL_LM")
+
+    ckpt_dir = out_dir / "checkpoints"
+    args = dict(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=scfg.epochs,
+        max_steps=scfg.max_steps,
+        learning_rate=scfg.learning_rate,
+        lr_scheduler_type=scfg.lr_scheduler,
+        warmup_steps=scfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=scfg.weight_decay,
+        per_device_train_batch_size=scfg.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        max_length=scfg.max_seq_length,
+        completion_only_loss=True,
+        gradient_checkpointing=scfg.gradient_checkpointing,
+        logging_steps=scfg.logging_steps,
+        save_strategy="steps" if scfg.save_steps > 0 else "no",
+        save_steps=scfg.save_steps if scfg.save_steps > 0 else 500,
+        seed=scfg.seed,
+        data_seed=scfg.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+        **flags,
+    )
+    args.update(scfg.trainer_args)
+    trainer = SFTTrainer(model=model, args=TRLConfig(**args), train_dataset=dataset,
+                         processing_class=tok, peft_config=peft_config)
+    resume = None
+    if scfg.save_steps > 0 and ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*")):
+        resume = True
+        log.info("resuming SFT from the last checkpoint in %s", ckpt_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "losses": losses,
+               "steps": trainer.state.global_step, "epochs": trainer.state.epoch}
+
+    tmp = out_dir / ".tmp-model"
+    is_main = trainer.is_world_process_zero()
+    merged = scfg.mode == "lora" and scfg.merge_lora
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    if merged:
+        if is_main:
+            m = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            m.save_pretrained(tmp, safe_serialization=True)
+    else:
+        trainer.save_model(str(tmp))  # all ranks: gathers sharded weights under FSDP/DeepSpeed
+    seconds = time.perf_counter() - t0
+    done = {"fingerprint": fp, "rows": data_rep.kept, "seconds": round(seconds, 2),
+            "base_model": scfg.base_model, "data": data_rep.sources, "read": data_rep.rows,
+            "dropped": data_rep.dropped, **metrics}
+    if is_main:
+        from sft.card import model_card
+
+        tok.save_pretrained(tmp)  # tokenizer + chat template
+        gen_cfg = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
+        if gen_cfg is not None and not (tmp / "generation_config.json").exists():
+            gen_cfg.save_pretrained(tmp)
+        data_info = {"datasets": list(data_rep.sources), "responses_read": data_rep.rows,
+                     "examples": data_rep.kept, "dropped": data_rep.dropped,
+                     "format": "prompt/completion conversations, no guidelines"}
+        (tmp / "README.md").write_text(model_card(
+            base_model=scfg.base_model, data=data_info,
+            hyperparameters=hyperparameters(scfg, world, accum, precision),
+            metrics={k: v for k, v in metrics.items() if k != "losses"},
+            mode=scfg.mode, merged=merged or scfg.mode == "full"))
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+        if scfg.save_steps > 0:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        write_json_atomic(done_path, done)
+    trainer.accelerator.wait_for_everyone()
+    return done

@@ -1,0 +1,208 @@
+"""`guidealign push` against a local stand-in of the Hub (tests/hubserver.py, loopback only):
+the round trip through datasets.load_dataset, rate-limit retries, the token never printed, a model
+push, and an interrupted push that resumes without re-uploading finished files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gen.respond import RESPOND_SCHEMA
+from hubserver import HubServer
+from shards import read_marker, write_json_atomic, write_manifest, write_shard
+from shards.layout import shard_path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "hf_TESTsecretTOKEN0123456789"
+
+
+def make_rows(shard: int, n: int) -> list[dict]:
+    return [dict(id=f"s{shard}-{i}", prompt=f"prompt {shard}/{i} " + "x" * (i * 37 % 200),
+                 guideline_ids=[f"g{i}"], guideline_texts=[f"guideline {i}"],
+                 response=f"response {shard}/{i}", finish_reason="stop", model="m",
+                 prompt_tokens=i, output_tokens=i + 1, note="")
+            for i in range(n)]
+
+
+def make_run(workdir: Path, shards: int, rows: int = 5) -> list[dict]:
+    d = workdir / "respond"
+    write_manifest(d, stage="respond", num_shards=shards, fingerprint="fp")
+    out = []
+    for s in range(shards):
+        r = make_rows(s, rows)
+        write_shard(d, s, pa.Table.from_pylist(r, schema=RESPOND_SCHEMA), "fp")
+        out += r
+    lib = workdir / "library"
+    write_manifest(lib, stage="library", num_shards=1, fingerprint="lfp", prompt_version="v3")
+    write_shard(lib, 0, pa.table({"guideline_id": ["a", "b", "c"]}), "lfp")
+    write_json_atomic(workdir / "retriever" / "_done.json",
+                      {"fingerprint": "r", "rows": 10, "seconds": 1.0,
+                       "metrics": {"recall@6": 0.8125, "mrr": 0.5}})
+    return out
+
+
+def hub_env(hub: HubServer, tmp: Path, token: str | None = TOKEN) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp / "hf-home"),
+               HF_DATASETS_CACHE=str(tmp / "ds-cache"), HF_HUB_DISABLE_TELEMETRY="1",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def push_cmd(workdir, *args) -> list[str]:
+    return [sys.executable, "-m", "guidealign", "-vv", "push", *args, "-w", str(workdir),
+            "--set", "push.backoff_s=0.05", "--no-progress"]
+
+
+def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+LOAD = """
+import json, sys
+from datasets import load_dataset
+ds = load_dataset(sys.argv[1], split="train")
+print("ROWS " + json.dumps(ds.to_list()))
+"""
+
+
+def test_push_round_trip_with_rate_limits(tmp_path, workdir):
+    rows = make_run(workdir, shards=2)
+    with HubServer(token=TOKEN) as hub:
+        hub.fail("POST", r"/commit/", 429, times=2, Retry_After="0")
+        hub.fail("POST", r"/api/repos/create", 503, times=1)
+        env = hub_env(hub, tmp_path)
+        p = run(push_cmd(workdir, "respond", "org/aligned", "--private",
+                         "--set", "push.files_per_commit=2"), env)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, out[-4000:]
+        assert TOKEN not in out  # never printed, even at -vv
+        assert "retry" in out and "429" in out
+        assert TOKEN in hub.state.seen_tokens  # ... but sent to the Hub
+        assert len(hub.requests("POST", r"/commit/")) == 2 + 2  # two 429s, then 2 commits
+        files = hub.files("org/aligned")
+        assert set(files) == {".gitattributes", "README.md", "data/shard-00000.parquet",
+                              "data/shard-00001.parquet"}
+        for i in range(2):  # pushed as they are: byte-identical, stored as LFS
+            local = shard_path(workdir / "respond", i)
+            assert hub.content("org/aligned", f"data/shard-{i:05d}.parquet") == local.read_bytes()
+            assert files[f"data/shard-{i:05d}.parquet"].sha256 == read_marker(workdir / "respond", i).sha256
+        card = hub.content("org/aligned", "README.md").decode()
+        assert "path: data/*.parquet" in card and "library_size: 3" in card
+        assert "recall@6: 0.8125" in card and "prompt_version" in card and "v3" in card
+        assert "rows: 10" in card and "generator: embedded:smollm2-135m-instruct" in card
+        assert hub.state.repos[("dataset", "org/aligned")].private is True
+        report = json.loads((workdir / "push" / "org__aligned.json").read_text())
+        assert report["uploaded"] == 3 and report["retries"] >= 3 and TOKEN not in json.dumps(report)
+
+        # Private: no token, no data.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{hub.endpoint}/api/datasets/org/aligned")
+        assert e.value.code == 401
+
+        # The round trip: datasets.load_dataset reads back exactly the rows written.
+        p = run([sys.executable, "-c", LOAD, "org/aligned"], env)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("ROWS ")]
+        assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-4000:]
+        got = sorted(json.loads(lines[-1][5:]), key=lambda r: r["id"])
+        assert got == sorted(rows, key=lambda r: r["id"])
+
+        # Pushing again changes nothing and uploads nothing.
+        n_puts = len(hub.state.lfs_uploads)
+        n_commits = len(hub.state.repos[("dataset", "org/aligned")].commits)
+        p = run(push_cmd(workdir, "respond", "org/aligned", "--set", "push.files_per_commit=2"), env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert len(hub.state.lfs_uploads) == n_puts
+        assert len(hub.state.repos[("dataset", "org/aligned")].commits) == n_commits
+        assert "3 already on the Hub" in p.stdout
+
+
+def test_push_needs_a_token_and_a_complete_stage(tmp_path, workdir):
+    make_run(workdir, shards=2)
+    with HubServer(token=TOKEN) as hub:
+        p = run(push_cmd(workdir, "respond", "org/x"), hub_env(hub, tmp_path, token=None))
+        assert p.returncode != 0 and ("401" in p.stderr or "credentials" in p.stderr.lower())
+        (workdir / "respond" / "shard-00001.done.json").unlink()
+        p = run(push_cmd(workdir, "respond", "org/x"), hub_env(hub, tmp_path))
+        assert p.returncode != 0 and "incomplete" in p.stderr
+        assert ("dataset", "org/x") not in hub.state.repos
+
+
+def test_push_model_public(tmp_path, workdir):
+    m = workdir / "sft" / "model"
+    m.mkdir(parents=True)
+    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (m / "model.safetensors").write_bytes(os.urandom(300_000))
+    (m / "tokenizer.json").write_text("{}")
+    (m / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Labrador\n")
+    with HubServer(token=TOKEN) as hub:
+        p = run(push_cmd(workdir, "model", "org/labrador", "--public"), hub_env(hub, tmp_path))
+        assert p.returncode == 0, p.stderr[-3000:]
+        repo = hub.state.repos[("model", "org/labrador")]
+        assert repo.private is False
+        files = hub.files("org/labrador", "model")
+        assert files["model.safetensors"].sha256 is not None  # LFS
+        assert hub.content("org/labrador", "model.safetensors", "model") == \
+            (m / "model.safetensors").read_bytes()
+        assert hub.content("org/labrador", "README.md", "model").startswith(b"---\nlibrary_name")
+        # Anyone may read a public repo.
+        with urllib.request.urlopen(f"{hub.endpoint}/org/labrador/resolve/main/config.json") as r:
+            assert json.loads(r.read()) == {"model_type": "llama"}
+
+
+def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
+    make_run(workdir, shards=5, rows=40)
+    shas = {read_marker(workdir / "respond", i).sha256 for i in range(5)}
+    assert len(shas) == 5
+    with HubServer(token=TOKEN) as hub:
+        env = hub_env(hub, tmp_path)
+        # Commits of 2 files; the 4th LFS upload (2nd file of the 2nd commit) never finishes.
+        hub.state.hang_after = 3
+        proc = subprocess.Popen(push_cmd(workdir, "respond", "org/big", "--set",
+                                         "push.files_per_commit=2"),
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240  # a guard against a hung test, not a speed check
+            while not (hub.state.hanging and len(hub.state.lfs_uploads) == 3):
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "the push never reached the hanging upload"
+                time.sleep(0.05)
+        finally:
+            proc.kill()  # the interruption: no chance to clean up
+            proc.wait()
+        hub.state.hang_after = None
+        hub.state.release.set()
+        first = list(hub.state.lfs_uploads)
+        committed = {p for p, e in hub.files("org/big").items() if e.sha256}
+        assert committed == {"data/shard-00000.parquet", "data/shard-00001.parquet"}
+        # One file of the 2nd batch was uploaded (not committed) before the kill.
+        assert len(first) == 3
+
+        p = run(push_cmd(workdir, "respond", "org/big", "--set", "push.files_per_commit=2"), env)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        second = hub.state.lfs_uploads[len(first):]
+        assert not set(second) & set(first)  # nothing finished before is uploaded again
+        assert set(first) | set(second) == shas
+        assert len(second) == 2
+        files = hub.files("org/big")
+        assert {e.sha256 for e in files.values() if e.sha256} == shas
+        for i in range(5):
+            assert hub.content("org/big", f"data/shard-{i:05d}.parquet") == \
+                shard_path(workdir / "respond", i).read_bytes()
+        report = json.loads((workdir / "push" / "org__big.json").read_text())
+        assert report["already_there"] == 2 and report["uploaded"] == 4  # 3 shards + card
+        # And the data are whole.
+        t = pa.concat_tables(pq.read_table(shard_path(workdir / "respond", i)) for i in range(5))
+        assert t.num_rows == 200
