@@ -128,6 +128,10 @@ def config_show(config_path, overrides):
 
 
 # --- stage commands defined next to their stages (one line each) ---------------------------
+from gen.cli import augment as _augment, detect as _detect, guidelines as _guidelines  # noqa: E402
+cli.add_command(_detect)
+cli.add_command(_guidelines)
+cli.add_command(_augment)
 from sft.cli import push as _push, respond as _respond, sft as _sft  # noqa: E402
 cli.add_command(_respond)
 cli.add_command(_sft)
