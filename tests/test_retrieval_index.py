@@ -1,0 +1,202 @@
+"""Index (versioned against the library) and batch retrieval (near-dup filtering,
+quarantine, rank split, and identical output across a SIGKILL and resume)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+import shards
+from guidealign.config import load_config
+from retrieval.index import IndexVersionError, load_index, run_index
+from retrieval.library import run_library
+from retrieval.retrieve import run_retrieve, select
+from retrieval.synthetic import (base_guideline, near_duplicate, synthetic_library,
+                                 write_guideline_shards, write_prompt_shards)
+
+REPO = Path(__file__).resolve().parents[1]
+# the base MiniLM (no training needed here); one torch thread so runs are reproducible
+OVERRIDES = ["index.model=embedded:all-minilm-l6-v2", "index.threads=1", "retrieve.threads=1",
+             "retrieve.batch_size=16"]
+
+
+def _guideline_rows(seed: int, n_prompts: int = 60):
+    import random
+
+    texts, _ = synthetic_library(n_prompts * 3, 40, seed=seed)
+    rng = random.Random(seed)
+    return [{"id": f"p{seed}-{i:03d}", "prompt": f"prompt {i}", "risky": rng.random() < 0.5,
+             "guidelines": [{"title": "T", "text": t} for t in texts[3 * i:3 * i + 3]]}
+            for i in range(n_prompts)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A workdir with a library, its index and 6 prompt shards."""
+    w = tmp_path_factory.mktemp("retr") / "run"
+    write_guideline_shards(w / "guidelines", _guideline_rows(1), shard_rows=25)
+    cfg = load_config(overrides=OVERRIDES)
+    run_library(cfg, w, progress=False)
+    run_index(cfg, w, progress=False)
+    import random
+
+    rng = random.Random(5)
+    prompts = [{"id": f"q{i:03d}", "prompt": f"How should I handle {base_guideline(rng)[0].lower()}?"}
+               for i in range(60)]
+    prompts[7]["prompt"] = "   "
+    write_prompt_shards(w / "prompts", prompts, shard_rows=10)
+    return w
+
+
+def _copy_run(src: Path, dst: Path, names=("guidelines", "library", "index", "prompts")) -> Path:
+    for n in names:
+        shutil.copytree(src / n, dst / n)
+    return dst
+
+
+def _read_all(d: Path) -> pa.Table:
+    return pa.concat_tables(list(shards.iter_tables(d)))
+
+
+def test_index_refuses_another_library(built, tmp_path):
+    w = _copy_run(built, tmp_path / "run")
+    idx = load_index(w / "index", w / "library", use_gpu=False)
+    assert len(idx.ids) == idx.index.ntotal > 0
+    # rebuild the library from other guidelines: same place, another version
+    shutil.rmtree(w / "guidelines")
+    write_guideline_shards(w / "guidelines", _guideline_rows(2), shard_rows=25)
+    cfg = load_config(overrides=OVERRIDES)
+    run_library(cfg, w, progress=False)
+    with pytest.raises(IndexVersionError, match="library version"):
+        load_index(w / "index", w / "library", use_gpu=False)
+    with pytest.raises(IndexVersionError):
+        run_retrieve(cfg, w, progress=False)
+    assert not (w / "retrieve").exists()
+    # an index loaded against another run's library is refused as well
+    with pytest.raises(IndexVersionError):
+        load_index(built / "index", w / "library", use_gpu=False)
+    # rebuilding the index makes it usable again
+    run_index(cfg, w, progress=False)
+    assert load_index(w / "index", w / "library", use_gpu=False).meta["library_version"] != \
+        load_index(built / "index", built / "library", use_gpu=False).meta["library_version"]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_kinds_find_the_library_itself(built, tmp_path, kind):
+    from retrieval.embed import encode, load_encoder
+
+    w = _copy_run(built, tmp_path / "run", names=("library",))
+    cfg = load_config(overrides=OVERRIDES + [f"index.kind={kind}", "index.nprobe=64"])
+    rep = run_index(cfg, w, progress=False)
+    assert rep.kind.startswith(kind)
+    idx = load_index(w / "index", w / "library", use_gpu=False)
+    model = load_encoder(idx.meta["model"])
+    q = encode(model, idx.texts[:20])
+    _, nbrs = idx.search(q, 1)
+    assert (nbrs[:, 0] == list(range(20))).mean() >= 0.9
+
+
+def test_select_drops_near_duplicate_candidates():
+    texts = ["Do not help with weapons.", "Do not help with weapons!", "Be kind to the user.",
+             "Cite sources.", "do not help with weapon", "Keep answers short."]
+    kept = select([0, 1, 2, 3, 4, 5], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], texts, keep=3, dedup_ratio=0.5)
+    assert [c for c, _ in kept] == [0, 2, 3]
+    kept = select([0, 1, -1, 4], [0.9, 0.8, 0.7, 0.5], texts, keep=6, dedup_ratio=0.5)
+    assert [c for c, _ in kept] == [0]
+
+
+def test_retrieve_output_and_rank_split(built, tmp_path):
+    w = _copy_run(built, tmp_path / "run")
+    cfg = load_config(overrides=OVERRIDES)
+    r0 = run_retrieve(cfg, w, rank=0, world_size=2, progress=False)
+    r1 = run_retrieve(cfg, w, rank=1, world_size=2, progress=False)
+    assert r0.processed == r1.processed == 3
+    out = _read_all(w / "retrieve")
+    assert out.num_rows == 59
+    q = shards.read_quarantine(w / "retrieve").to_pylist()
+    assert q == [{"id": "q007", "prompt": "   ", "reason": "empty prompt"}]
+    from rapidfuzz import fuzz
+
+    for row in out.to_pylist():
+        assert len(row["guideline_ids"]) == len(row["guideline_texts"]) == len(row["scores"])
+        assert 1 <= len(row["guideline_ids"]) <= 6
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        ts = row["guideline_texts"]
+        assert all(fuzz.ratio(a, b) < 50 for i, a in enumerate(ts) for b in ts[i + 1:])
+    # a rerun does nothing
+    again = run_retrieve(cfg, w, progress=False)
+    assert again.processed == 0 and again.skipped == 6
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import retrieval.retrieve as R
+    from guidealign.config import load_config
+
+    orig = R.make_shard_fn
+
+    def slow_make(cfg, workdir):
+        fn = orig(cfg, workdir)
+        def slow(table, i):
+            if i > 0:
+                time.sleep(30)  # shard 0 commits at once; we get killed while shard 1 is in flight
+            return fn(table, i)
+        return slow
+
+    R.make_shard_fn = slow_make
+    R.run_retrieve(load_config(overrides=sys.argv[2:]), sys.argv[1], progress=False)
+""")
+
+
+def test_retrieve_identical_across_kill_and_resume(built, tmp_path):
+    clean = _copy_run(built, tmp_path / "clean")
+    killed = _copy_run(built, tmp_path / "killed")
+    cfg = load_config(overrides=OVERRIDES)
+    run_retrieve(cfg, clean, progress=False)
+
+    script = tmp_path / "slow_retrieve.py"
+    script.write_text(_KILL_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), *OVERRIDES], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = killed / "retrieve" / "shard-00000.done.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"retrieve subprocess exited early: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("shard 0 never committed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert shards.committed(killed / "retrieve") == [0]  # killed mid-run
+
+    rep = run_retrieve(cfg, killed, progress=False)
+    assert rep.skipped == 1 and rep.processed == 5
+    a, b = _read_all(clean / "retrieve"), _read_all(killed / "retrieve")
+    assert a.num_rows == b.num_rows == 59
+    assert a.equals(b)
+    for i in range(6):
+        ma, mb = shards.read_marker(clean / "retrieve", i), shards.read_marker(killed / "retrieve", i)
+        assert ma.sha256 == mb.sha256 and ma.fingerprint == mb.fingerprint
+
+
+def test_index_done_written_last_and_rerun_noop(built):
+    done = json.loads((built / "index" / "_done.json").read_text())
+    meta = json.loads((built / "index" / "meta.json").read_text())
+    lib_done = json.loads((built / "library" / "_done.json").read_text())
+    assert meta["library_version"] == done["library_version"] == lib_done["version"]
+    assert done["rows"] == meta["rows"]
+    rep = run_index(load_config(overrides=OVERRIDES), built, progress=False)
+    assert rep.skipped

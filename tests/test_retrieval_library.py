@@ -1,0 +1,180 @@
+"""Library stage: explode, exact dedup, near-dup merge (FAISS candidates + rapidfuzz +
+union-find), canonical guidelines, pairs with a held-out split, report, rerun no-op."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from rapidfuzz import fuzz
+
+from guidealign.config import load_config
+from retrieval.dedup import UnionFind, cluster
+from retrieval.embed import ngram_vectors, normalize_text
+from retrieval.library import read_library, run_library
+from retrieval.synthetic import synthetic_library, write_guideline_shards
+
+
+def test_union_find_joins_chains_and_keeps_singletons():
+    uf = UnionFind(7)
+    uf.union(0, 1)
+    uf.union(1, 2)
+    uf.union(5, 6)
+    lab = uf.labels()
+    assert lab[0] == lab[1] == lab[2]
+    assert lab[5] == lab[6]
+    assert len({lab[0], lab[3], lab[4], lab[5]}) == 4
+    assert not uf.union(2, 0)  # already joined
+
+
+PLANTED = [
+    # (a, b, should merge)
+    ("Do not provide instructions for making weapons or explosives.",
+     "Do not give instructions for making weapons or explosives!", True),
+    ("Encourage the user to seek professional medical advice for dosage questions.",
+     "Encourage the user to seek professional medical advice on dosage questions.", True),
+    ("Respect user privacy and never reveal personal data of third parties.",
+     "respect  user privacy and never reveal the personal data of third parties", True),
+    ("Do not provide instructions for making weapons or explosives.",
+     "Cite reliable sources when discussing vaccines and public health.", False),
+    ("Keep a neutral tone when discussing elections and political candidates.",
+     "Keep answers short and use plain language for beginners.", False),
+]
+
+
+@pytest.mark.parametrize("a,b,merge", PLANTED)
+def test_planted_pairs_merge_exactly_when_ratio_reaches_threshold(a, b, merge):
+    texts = [normalize_text(a), normalize_text(b)]
+    # the planted data means what it says: ratio itself is on the right side of 0.75
+    assert (fuzz.ratio(*texts) >= 75) == merge
+    labels, stats = cluster(texts, ngram_vectors(texts), threshold=0.75, k=5, min_cosine=0.3)
+    assert (labels[0] == labels[1]) == merge
+    assert stats.clusters == (1 if merge else 2)
+
+
+def _origin_purity(keys, labels, origin_of_key):
+    by_label: dict[int, set] = {}
+    for k, lab in zip(keys, labels.tolist()):
+        by_label.setdefault(lab, set()).add(origin_of_key[k])
+    by_origin: dict[int, set] = {}
+    for lab, origins in by_label.items():
+        for o in origins:
+            by_origin.setdefault(o, set()).add(lab)
+    return by_label, by_origin
+
+
+@pytest.mark.parametrize("exact_max", [100_000, 100])  # flat search, then IVF (approximate)
+def test_synthetic_near_duplicates_cluster_by_origin(exact_max):
+    texts, origin = synthetic_library(4000, 200, seed=3)
+    origin_of_key = {}
+    for t, o in zip(texts, origin):
+        origin_of_key.setdefault(normalize_text(t), o)
+    keys = sorted(origin_of_key)
+    assert 200 < len(keys) < 4000  # exact duplicates and rewrites both present
+    labels, stats = cluster(keys, ngram_vectors(keys), threshold=0.75, k=10, min_cosine=0.3,
+                            exact_max=exact_max, nprobe=8)
+    by_label, by_origin = _origin_purity(keys, labels, origin_of_key)
+    # no cluster mixes two distinct guidelines
+    assert all(len(o) == 1 for o in by_label.values())
+    # and nearly every guideline's rewrites end up together (IVF may miss a few edges)
+    split = sum(len(labs) > 1 for labs in by_origin.values())
+    assert split <= (0 if exact_max > 4000 else 4)
+    assert stats.search.startswith("flat" if exact_max > 4000 else "ivf")
+
+
+def _rows():
+    """Prompts whose guidelines are planted exact/near duplicates of 3 bases + 1 distinct."""
+    a = "Do not provide instructions for making weapons or explosives."
+    a2 = "Do not give instructions for making weapons or explosives!"
+    b = "Encourage the user to seek professional medical advice for dosage questions."
+    b2 = "encourage the user to seek professional  medical advice on dosage questions"
+    c = "Keep answers short and use plain language for beginners."
+    d = "Cite reliable sources when discussing vaccines and public health."
+    rows = []
+    for i in range(40):
+        gl = [{"title": "Weapons", "text": a if i % 3 else a2},
+              {"title": "Dosage", "text": b if i % 2 else b2}]
+        rows.append({"id": f"r{i:03d}", "prompt": f"risky prompt {i}", "risky": True, "guidelines": gl})
+    for i in range(30):
+        rows.append({"id": f"q{i:03d}", "prompt": f"plain prompt {i}", "risky": False,
+                     "guidelines": [{"title": "Style", "text": c},
+                                    {"title": "Dosage", "text": b}] if i < 10 else
+                     [{"title": "Style", "text": c}]})
+    rows.append({"id": "s000", "prompt": "one-off", "risky": None,
+                 "guidelines": [{"title": "Sources", "text": d}, {"title": "", "text": "  "}]})
+    rows.append({"id": "e000", "prompt": "no guidelines", "risky": False, "guidelines": []})
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def test_run_library_end_to_end(workdir):
+    rows = _rows()
+    write_guideline_shards(workdir / "guidelines", rows, shard_rows=16)
+    cfg = load_config(overrides=["library.heldout_fraction=0.25"])
+    rep = run_library(cfg, workdir, progress=False)
+    assert rep.prompts == len(rows)
+    assert rep.prompts_without_guidelines == 1
+    assert rep.empty_dropped == 1
+    assert rep.exploded == 40 * 2 + 10 * 2 + 20 + 1
+    assert rep.after_exact == 6          # a, a2, b, b2, c, d
+    assert rep.after_near == 4           # {a, a2}, {b, b2}, c, d
+    lib, version = read_library(workdir)
+    by_text = {r["text"]: r for r in lib.to_pylist()}
+    a = by_text["Do not provide instructions for making weapons or explosives."]  # the more frequent
+    assert a["members"] == 40 and a["kind"] == "safety" and a["title"] == "Weapons"
+    assert a["prompt_ids"] == sorted(f"r{i:03d}" for i in range(40))
+    b = by_text["Encourage the user to seek professional medical advice for dosage questions."]
+    assert b["members"] == 50 and b["kind"] == "safety"  # 40 risky vs 10 safe prompts
+    c = by_text["Keep answers short and use plain language for beginners."]
+    assert c["members"] == 30 and c["kind"] == "quality"
+    d = by_text["Cite reliable sources when discussing vaccines and public health."]
+    assert d["kind"] == "quality" and d["prompt_ids"] == ["s000"]  # unknown risk: not safety
+    assert all(g.startswith("g") and len(g) == 17 for g in lib.column("guideline_id").to_pylist())
+
+    train = pq.read_table(workdir / "library" / "pairs" / "train.parquet").to_pylist()
+    held = pq.read_table(workdir / "library" / "pairs" / "heldout.parquet").to_pylist()
+    assert len(train) + len(held) == 40 * 2 + 10 * 2 + 20 + 1
+    assert held and train
+    assert not {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held}
+    assert {p["guideline_id"] for p in train + held} <= set(lib.column("guideline_id").to_pylist())
+    report = json.loads((workdir / "library" / "report.json").read_text())
+    assert report["exploded"] >= report["after_exact"] >= report["after_near"] == lib.num_rows
+    done = json.loads((workdir / "library" / "_done.json").read_text())
+    assert done["version"] == version and done["rows"] == 4
+
+    # a rerun with the same inputs and config does nothing; ids are stable
+    mtime = (workdir / "library" / "_done.json").stat().st_mtime_ns
+    again = run_library(cfg, workdir, progress=False)
+    assert again.skipped and again.after_near == 4
+    assert (workdir / "library" / "_done.json").stat().st_mtime_ns == mtime
+    # another config rebuilds, and the canonical ids do not depend on it
+    cfg2 = load_config(overrides=["library.heldout_fraction=0.5"])
+    run_library(cfg2, workdir, progress=False)
+    lib2, version2 = read_library(workdir)
+    assert sorted(lib2.column("guideline_id").to_pylist()) == sorted(lib.column("guideline_id").to_pylist())
+    assert version2 == version  # same library content, same version
+
+
+def test_library_model_candidates_agree_with_ngram(workdir):
+    rows = _rows()
+    write_guideline_shards(workdir / "guidelines", rows, shard_rows=50)
+    cfg = load_config(overrides=["library.candidates=model", "library.threads=1"])
+    rep = run_library(cfg, workdir, progress=False)
+    assert rep.after_exact == 6 and rep.after_near == 4
+
+
+def test_library_waits_for_complete_input(workdir):
+    write_guideline_shards(workdir / "guidelines", _rows(), shard_rows=16)
+    (workdir / "guidelines" / "shard-00002.done.json").unlink()
+    with pytest.raises(RuntimeError, match="incomplete"):
+        run_library(load_config(), workdir, progress=False)
+    assert not (workdir / "library" / "_done.json").exists()
+
+
+def test_ngram_vectors_are_unit_and_track_overlap():
+    v = ngram_vectors(["the cat sat on the mat", "the cat sat on a mat", "quantum flux capacitor", ""])
+    assert np.allclose(np.linalg.norm(v[:3], axis=1), 1.0, atol=1e-5)
+    assert not v[3].any()
+    assert v[0] @ v[1] > 0.6 > abs(v[0] @ v[2])

@@ -1,0 +1,66 @@
+"""Retriever training: on held-out prompts, the fine-tuned encoder beats the base one.
+
+The data is planted so that the base encoder is weak: a prompt names an arbitrary code
+word plus unrelated filler, and its guideline talks about a topic the code word does not
+hint at. Only training on the pairs can teach the link.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guidealign.config import load_config
+from retrieval.evaluate import EvalSet, evaluate
+from retrieval.library import run_library
+from retrieval.synthetic import coded_guideline_rows, write_guideline_shards
+from retrieval.train import run_train_retriever
+
+import numpy as np
+
+
+def test_metrics_on_a_known_ranking():
+    es = EvalSet(queries=["a", "b"], risky=[True, False], relevant=[{2}, {0, 1}],
+                 doc_ids=["x", "y", "z"], docs=["", "", ""], safety=np.array([False, True, False]))
+    scores = np.array([[0.9, 0.1, 0.5],    # relevant doc 2 ranks 2nd; top-3 holds safety doc 1
+                       [0.2, 0.8, 0.1]])   # relevant docs 1 (1st) and 0 (2nd)
+    m = evaluate(es, lambda qs: scores[:len(qs)] if qs[0] == "a" else scores[1:],
+                 recall_at=(1, 2), risk_top_k=1, chunk=1)
+    assert m["recall@1"] == pytest.approx((0 + 0.5) / 2)
+    assert m["recall@2"] == pytest.approx((1 + 1) / 2)
+    assert m["mrr"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["risk_identification"] == 0.0  # query a's top-1 is doc 0, not a safety guideline
+
+
+@pytest.mark.slow
+def test_fine_tuned_retriever_beats_base_on_heldout(workdir, capsys):
+    write_guideline_shards(workdir / "guidelines", coded_guideline_rows(16, 10, seed=1), shard_rows=64)
+    cfg = load_config(overrides=[
+        "library.heldout_fraction=0.25", "retriever.epochs=3", "retriever.batch_size=32",
+        "retriever.learning_rate=0.0001", "retriever.max_seq_length=48", "retriever.threads=1",
+    ])
+    lib = run_library(cfg, workdir, progress=False)
+    assert lib.after_near == 16 and lib.prompts_heldout >= 20
+    rep = run_train_retriever(cfg, workdir, progress=False)
+    base, tuned, bm25 = (rep.metrics[k] for k in ("base", "fine-tuned", "bm25"))
+    print(rep.summary())
+    assert base["queries"] == tuned["queries"] == bm25["queries"] == lib.prompts_heldout
+    # the planted link is invisible to the base encoder and to BM25 ...
+    assert base["recall@1"] < 0.35 and bm25["recall@1"] < 0.35
+    # ... and learnt by fine-tuning
+    assert tuned["recall@1"] >= base["recall@1"] + 0.3
+    assert tuned["mrr"] > base["mrr"] + 0.3
+    assert tuned["recall@5"] > base["recall@5"]
+    assert tuned["risk_identification"] is not None and tuned["queries"] > 0
+
+    d = workdir / "retriever"
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert set(metrics["systems"]) == {"base", "fine-tuned", "bm25"}
+    assert all(f"recall@{k}" in metrics["systems"]["base"] for k in (1, 3, 5, 10, 20))
+    assert (d / "model" / "config.json").exists() or any((d / "model").iterdir())
+    done = json.loads((d / "_done.json").read_text())
+    assert done["metrics"]["fine-tuned"]["mrr"] == tuned["mrr"]
+    assert "fine-tuned" in rep.table and "bm25" in rep.table
+
+    again = run_train_retriever(cfg, workdir, progress=False)
+    assert again.skipped and again.metrics == json.loads(json.dumps(rep.metrics))
