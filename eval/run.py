@@ -228,14 +228,16 @@ def _link_artifacts(src_workdir: Path, sub: Path) -> list[str]:
 
 
 def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int) -> Path:
+    from shards.manifest import is_complete
+
     try:
         from retrieval.retrieve import run_retrieve
-    except ImportError:
-        try:
-            from retrieval import run_retrieve
-        except ImportError as e:
-            raise EvalError("the retrieve stage is not available; give precomputed guided "
-                            "responses (--guided-responses DIR)") from e
+    except ImportError as e:
+        if is_complete(sub / "retrieve"):  # retrieved earlier (or placed there by hand)
+            log.warning("retrieval stage unavailable (%s); using the existing %s", e, sub / "retrieve")
+            return sub / "retrieve"
+        raise EvalError("the retrieve stage is not available; give precomputed guided "
+                        "responses (--guided-responses DIR)") from e
     base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
     _link_artifacts(base, sub)
     import inspect
