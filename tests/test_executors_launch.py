@@ -1,0 +1,129 @@
+"""``guidealign launch``: GPU detection, worker plans (per GPU / tensor-parallel / CPU), ranks
+from SLURM, and a real run of two workers over real shards with fake GPU ids."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guidealign.ingest import IngestConfig, ingest
+from guidealign.launch import detect_gpus
+from shards import read_marker
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_ENV = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES")}
+
+
+def launch(*args, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "guidealign.launch", *args],
+                       env={**BASE_ENV, **(env or {})}, capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def plan_lines(p) -> list[dict]:
+    """Parse dry-run lines: env assignments, then the command."""
+    out = []
+    for line in p.stdout.splitlines():
+        words = line.split()
+        env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-")
+                   and w.split("=", 1)[0].isupper())
+        argv = [w for w in words if not ("=" in w and w.split("=", 1)[0].isupper())]
+        out.append({"env": env, "argv": argv})
+    return out
+
+
+def test_detect_gpus_from_cuda_visible_devices_and_nvidia_smi(tmp_path):
+    assert detect_gpus({"CUDA_VISIBLE_DEVICES": "0,1,3"}) == ["0", "1", "3"]
+    assert detect_gpus({"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb"}) == ["GPU-aa", "GPU-bb"]
+    for none in ("", "-1", "NoDevFiles"):
+        assert detect_gpus({"CUDA_VISIBLE_DEVICES": none}) == []
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = -L ] || exit 9\n"
+                    "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n"
+                    "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)'\n"
+                    "echo '  MIG 1g.10gb Device 0: (UUID: MIG-3)'\n")
+    fake.chmod(0o755)
+    assert detect_gpus({"PATH": str(tmp_path)}) == ["0", "1"]
+    assert detect_gpus({"PATH": str(tmp_path / "nowhere")}) == []
+
+
+def test_one_worker_per_gpu():
+    p = launch("--dry-run", "detect", "-w", "runs/x", env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    plan = plan_lines(p)
+    assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0", "1", "2", "3"]
+    assert [(w["env"]["RANK"], w["env"]["WORLD_SIZE"]) for w in plan] == \
+        [("0", "4"), ("1", "4"), ("2", "4"), ("3", "4")]
+    for r, w in enumerate(plan):
+        assert w["argv"][-4:] == ["--rank", str(r), "--world-size", "4"]
+        assert w["argv"][1:6] == ["-m", "guidealign", "detect", "-w", "runs/x"]
+
+
+def test_tensor_parallel_from_config(tmp_path):
+    cfg = tmp_path / "tp.yaml"
+    cfg.write_text("engine:\n  tensor_parallel_size: 2\n")
+    p = launch("--dry-run", "respond", "-w", "r", "-c", str(cfg), env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    plan = plan_lines(p)
+    assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["4,5", "6,7"]
+    assert [w["env"]["RANK"] for w in plan] == ["0", "1"] and plan[0]["env"]["WORLD_SIZE"] == "2"
+    # one engine over the whole node
+    p = launch("--dry-run", "respond", "-w", "r", "--set", "engine.tensor_parallel_size=4",
+               env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    plan = plan_lines(p)
+    assert len(plan) == 1 and plan[0]["env"]["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    assert plan[0]["argv"][-4:] == ["--rank", "0", "--world-size", "1"]
+    # more tensor-parallel GPUs than the node has: a clear error
+    p = launch("--dry-run", "respond", "-w", "r", "--set", "engine.tensor_parallel_size=8",
+               env={"CUDA_VISIBLE_DEVICES": "0,1"}, check=False)
+    assert p.returncode != 0 and "needs 8 GPUs" in p.stderr
+
+
+def test_ranks_from_slurm_array_and_srun():
+    # array task 1 of 3 (submitted as --array=4-6) with 2 GPUs: global ranks 2, 3 of 6
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
+           "SLURM_ARRAY_TASK_MIN": "4"}
+    plan = plan_lines(launch("--dry-run", "retrieve", "-w", "r", env=env))
+    assert [(w["env"]["RANK"], w["env"]["WORLD_SIZE"], w["env"]["LOCAL_RANK"]) for w in plan] == \
+        [("2", "6", "0"), ("3", "6", "1")]
+    # srun -N 2 --ntasks-per-node=1: task 1 of 2, no GPU -> one CPU worker of rank 1
+    plan = plan_lines(launch("--dry-run", "retrieve", "-w", "r",
+                             env={"CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}))
+    assert len(plan) == 1 and "CUDA_VISIBLE_DEVICES" not in plan[0]["env"]
+    assert plan[0]["argv"][-4:] == ["--rank", "1", "--world-size", "2"]
+
+
+def test_single_process_stages_and_explicit_rank_refused():
+    plan = plan_lines(launch("--dry-run", "index", "-w", "r", env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"}))
+    assert len(plan) == 1 and plan[0]["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    p = launch("--dry-run", "detect", "-w", "r", "--rank", "0", env={"CUDA_VISIBLE_DEVICES": "0"},
+               check=False)
+    assert p.returncode != 0 and "launch sets --rank" in p.stderr
+
+
+def test_launch_runs_one_real_worker_per_fake_gpu(tmp_path):
+    """Two fake GPU ids: two real `guidealign export` processes split the shards by rank."""
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(20)))
+    wd = tmp_path / "run"
+    ingest([str(src)], wd, IngestConfig(shard_rows=4), progress=False)  # 5 shards
+    logs = tmp_path / "logs"
+    p = launch("--log-dir", str(logs), "export", "prompts", "-w", str(wd), "--no-progress",
+               env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert "2 worker(s)" in p.stderr
+    out = wd / "export" / "prompts"
+    for i in range(5):
+        m = read_marker(out, i)
+        assert m is not None and m.stats["rank"] == i % 2 and m.stats["world_size"] == 2
+    assert len({read_marker(out, i).stats["pid"] for i in range(5)}) == 2
+    assert "rank 0/2: shards [0, 2, 4]" in (logs / "rank00000.log").read_text()
+    assert "rank 1/2: shards [1, 3]" in (logs / "rank00001.log").read_text()
+    # a worker that fails makes launch fail, with its rank named
+    p = launch("export", "nosuch", "-w", str(wd), env={"CUDA_VISIBLE_DEVICES": "0,1"}, check=False)
+    assert p.returncode != 0 and "rank 1 exited with status" in p.stderr
