@@ -211,12 +211,12 @@ def run_push(cfg, workdir, what: str, *, repo_id: str | None = None, private: bo
     repo_id = repo_id or pcfg.repo_id
     if not repo_id:
         raise PushError("no repo id: give one (push.repo_id or the REPO_ID argument)")
-    if constants.HF_HUB_OFFLINE:
-        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
     private = pcfg.private if private is None else private
     t0 = time.perf_counter()
     wd = Path(workdir)
     repo_type, src = resolve_target(wd, what)
+    if constants.HF_HUB_OFFLINE:
+        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
     report = PushReport(repo_id=repo_id, repo_type=repo_type)
 
     if repo_type == "dataset":

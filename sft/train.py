@@ -142,6 +142,10 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
     args.update(scfg.trainer_args)
     trainer = SFTTrainer(model=model, args=TRLConfig(**args), train_dataset=dataset,
                          processing_class=tok, peft_config=peft_config)
+    n_train = len(trainer.train_dataset)
+    if n_train < data_rep.kept:  # TRL drops examples whose completion was cut off entirely
+        data_rep.dropped["no_response_tokens_within_max_seq_length"] = data_rep.kept - n_train
+        data_rep.kept = n_train
     resume = None
     if scfg.save_steps > 0 and ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*")):
         resume = True

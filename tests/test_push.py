@@ -102,6 +102,7 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         card = hub.content("org/aligned", "README.md").decode()
         assert "path: data/*.parquet" in card and "library_size: 3" in card
         assert "recall@6: 0.8125" in card and "prompt_version" in card and "v3" in card
+        assert "detect.yaml" in card  # hashes of the generation prompts
         assert "rows: 10" in card and "generator: embedded:smollm2-135m-instruct" in card
         assert hub.state.repos[("dataset", "org/aligned")].private is True
         report = json.loads((workdir / "push" / "org__aligned.json").read_text())
@@ -206,3 +207,22 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
         # And the data are whole.
         t = pa.concat_tables(pq.read_table(shard_path(workdir / "respond", i)) for i in range(5))
         assert t.num_rows == 200
+
+
+def test_push_cli_errors(workdir):
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+
+    make_run(workdir, shards=1)
+    r = CliRunner().invoke(cli, ["push", "respond", "-w", str(workdir)])
+    assert r.exit_code != 0 and "no repo id" in r.output
+    r = CliRunner().invoke(cli, ["push", "nothing", "org/x", "-w", str(workdir)])
+    assert r.exit_code != 0 and "neither a stage" in r.output
+    r = CliRunner().invoke(cli, ["push", "model", "org/x", "-w", str(workdir)])
+    assert r.exit_code != 0 and "guidealign sft" in r.output
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # the tests' own setting (conftest)
+        r = CliRunner().invoke(cli, ["push", "respond", "org/x", "-w", str(workdir)])
+        assert r.exit_code != 0 and "HF_HUB_OFFLINE" in r.output

@@ -74,6 +74,15 @@ def test_no_examples_is_a_clear_error(workdir):
         build_dataset(tiny_cfg("sft.data=[nothing]").sft, workdir)
 
 
+def test_sft_cli_without_responses_is_a_clear_error(workdir):
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+
+    r = CliRunner().invoke(cli, ["sft", "-w", str(workdir), "-c", str(TINY)])
+    assert r.exit_code != 0 and "guidealign respond" in r.output
+
+
 @pytest.mark.slow
 def test_loss_is_on_the_assistant_turn_only(workdir, generator_path):
     """TRL's tokenization of our examples: labels cover exactly the assistant response."""
