@@ -233,8 +233,9 @@ def _invoke_command(path: list[str], params: dict, cwd: str | None):
 
 def dispatch_command(ctx, cfg, params: dict) -> bool:
     """Called by every stage command: with ``executor.kind == "ray"`` (and no explicit
-    ``--rank``), run the command as Ray tasks and return True; else return False and let
-    the command run here.
+    ``--rank``, nor a world size above 1 from the environment: RANK/WORLD_SIZE, SLURM),
+    run the command as Ray tasks and return True; else return False and let the command
+    run here.
 
     Each task runs the same command with ``--rank i --world-size n --executor local``.
     """
@@ -245,6 +246,16 @@ def dispatch_command(ctx, cfg, params: dict) -> bool:
     if cfg.executor.kind != "ray" or params.get("rank") is not None:
         return False
     import click
+
+    from shards import resolve_rank
+
+    try:
+        _, env_world = resolve_rank(None, params.get("world_size"))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if env_world > 1:
+        # one of several workers already (RANK/WORLD_SIZE, a SLURM array, launch): run here
+        return False
 
     path = _command_path(ctx)
     stage = path[-1] if path else "stage"

@@ -197,3 +197,26 @@ def test_pipeline_ray_ingest_as_one_task(ray_local, tmp_path):
     assert summary["stages"] == ["ingest"]
     assert all(read_marker(tmp_path / "run" / "prompts", i) for i in range(N_PROMPTS // SHARD_ROWS))
     assert any("40 prompts in 8 shard(s)" in x for x in lines), lines
+
+
+def test_pipeline_ray_stages_follow_the_pipeline():
+    from guidealign.executors import PIPELINE_RAY, resolve_stage_fn
+    from guidealign.pipeline import STAGES
+
+    assert [name for name, _, _ in PIPELINE_RAY] == STAGES
+    for name, fn, _ in PIPELINE_RAY:  # every stage function exists under the name used
+        assert callable(resolve_stage_fn(fn)), name
+
+
+def test_ray_executor_under_a_multi_worker_env_runs_locally(ingested, monkeypatch):
+    """executor.kind=ray in a config used by a SLURM array task: the task runs its own rank."""
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(ingested), "--no-progress",
+                                   "--set", "executor.kind=ray"])
+    assert res.exit_code == 0, res.output
+    assert "rank 1/4: shards [1, 5] of 8; wrote [1, 5]" in res.output
