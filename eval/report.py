@@ -213,7 +213,18 @@ def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | No
     labels = (meta.get("label_guided", "guided"), meta.get("label_unguided", "unguided"))
     files = {}
     lines = [f"# Evaluation: {title}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("notes",)]
+    for k, v in meta.items():
+        if k == "notes":
+            continue
+        if isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()):
+            lines.append(f"- {k}:")
+            lines += [f"  - {kk}: " + ", ".join(f"{a}={b}" for a, b in vv.items()) for kk, vv in v.items()]
+        elif isinstance(v, dict):
+            lines.append(f"- {k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
+        elif isinstance(v, list):
+            lines.append(f"- {k}: " + ", ".join(map(str, v)))
+        else:
+            lines.append(f"- {k}: {v}")
     lines += [""] + [f"> {n}" for n in meta.get("notes", [])] + [""]
     if harm:
         files["harm_chart"] = str(harm_chart(harm, out / "harmless_by_category.png", labels, title))

@@ -2,6 +2,7 @@
 response loading, the report (Markdown + valid PNGs), settings and the CLI."""
 from __future__ import annotations
 
+from collections import Counter
 import json
 import struct
 import zlib
@@ -397,3 +398,133 @@ def test_shared_benchmarks_have_the_expected_fields():
                 assert r[st.category_field]
     cats = {json.loads(x)["subset"] for x in (BENCH / "hhh.jsonl").read_text().splitlines() if x.strip()}
     assert cats == {"harmless", "helpful", "honest", "other"}
+
+
+# --- the whole stage with a scripted judge (no vLLM): exact numbers, ranks, resume ----------
+
+class _Out:
+    def __init__(self, text):
+        from types import SimpleNamespace
+
+        self.outputs = [SimpleNamespace(text=text, finish_reason="stop", token_ids=[0])]
+        self.prompt_token_ids = [0]
+
+
+class ScriptedJudge:
+    """Stands in for a vLLM engine: the real SmolLM2 tokenizer (for the chat template and
+    answer cutting) and a scripted reply per judge prompt."""
+
+    def __init__(self, tokenizer, reply):
+        self.tok, self.reply, self.prompts = tokenizer, reply, []
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.prompts.extend(prompts)
+        return [_Out(self.reply(p)) for p in prompts]
+
+
+def _fair(p):
+    """Prefers the guided answer wherever it is; calls a refusal harmless."""
+    a = p.index("[Answer of Assistant A]") if "[Answer of Assistant A]" in p else -1
+    if a >= 0:
+        b = p.index("[Answer of Assistant B]")
+        g = p.index("GOODANSWER")
+        return "Reasoning.\nVerdict: A" if a < g < b else "Verdict: B"
+    return "Verdict: harmless" if "cannot" in p.split("[Assistant reply]")[1] else "Verdict: harmful"
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from transformers import AutoTokenizer
+
+    from guidealign.models import prepare_generator
+
+    return AutoTokenizer.from_pretrained(str(prepare_generator()))
+
+
+def _precomputed(d, rows, fn):
+    from shards import write_manifest, write_shard
+
+    write_manifest(d, stage="respond", num_shards=1, fingerprint="t")
+    write_shard(d, 0, pa.table({"id": [None] * len(rows), "prompt": [r["prompt"] for r in rows],
+                                "response": [fn(r) for r in rows],
+                                "finish_reason": ["stop"] * len(rows)}), "t")
+    return d
+
+
+ROWS = [{"id": i, "prompt": f"Question number {i}?", "subset": s}
+        for i, s in enumerate(["harmless"] * 3 + ["helpful"] * 2 + ["honest"] * 4)]
+
+
+def _scripted_cfg(tmp_path, **ev):
+    from guidealign.config import Config
+
+    cfg = Config()
+    g = _precomputed(tmp_path / "g", ROWS, lambda r: f"GOODANSWER: I cannot help with {r['id']}.")
+    u = _precomputed(tmp_path / "u", ROWS, lambda r: f"BASEANSWER: sure, {r['id']}.")
+    base = dict(judges=["harmfulness", "pairwise"], guided_responses=str(g), unguided_responses=str(u),
+                shard_rows=2)
+    base.update(ev)
+    for k, v in base.items():
+        setattr(cfg.eval, k, v)
+    return cfg
+
+
+def test_stage_with_a_fair_judge_across_two_ranks_and_resume(tmp_path, smol_tok):
+    from eval.run import ingest_benchmark, run_eval
+    from shards import iter_tables
+
+    bench = _write_bench(tmp_path / "hhh.jsonl", ROWS)
+    cfg = _scripted_cfg(tmp_path)
+    wd = tmp_path / "wd"
+    sub = wd / "eval" / "hhh"
+    ingest_benchmark(cfg, sub, bench, 0, 1, False)
+    j1 = ScriptedJudge(smol_tok, _fair)
+    assert run_eval(cfg, wd, bench, rank=1, world_size=2, judge_llm=j1, progress=False) is None
+    j0 = ScriptedJudge(smol_tok, _fair)
+    rep = run_eval(cfg, wd, bench, rank=0, world_size=2, judge_llm=j0, progress=False)
+    # 9 questions: pairwise 18 judgments in 5 shards of 2 questions, harm 18 in 9 shards of 2;
+    # rank 1 took the odd shards, rank 0 the even ones, nobody did a shard twice
+    assert len(j0.prompts) + len(j1.prompts) == 36
+    assert not set(j0.prompts) & set(j1.prompts)
+    pw = [r for t in iter_tables(sub / "judge_pairwise") for r in t.to_pylist()]
+    assert len(pw) == 18 and Counter((r["id"], r["order"]) for r in pw).most_common(1)[0][1] == 1
+    o = rep.pairwise["overall"]
+    assert (o["win"], o["tie"], o["lose"], o["unparsed"], o["net_win_rate"]) == (9, 0, 0, 0, 1.0)
+    assert {k: v["n"] for k, v in rep.pairwise["by_category"].items()} == {"harmless": 3, "helpful": 2, "honest": 4}
+    assert rep.pairwise["orders"]["guided_first"]["A"] == 9
+    assert rep.pairwise["orders"]["unguided_first"]["B"] == 9
+    assert rep.harm["guided"]["overall"]["pct_harmless"] == 100.0
+    assert rep.harm["unguided"]["overall"]["pct_harmless"] == 0.0
+    # rerun on one rank: everything committed, the judge is never asked
+    j2 = ScriptedJudge(smol_tok, _fair)
+    rep2 = run_eval(cfg, wd, bench, judge_llm=j2, progress=False)
+    assert j2.prompts == [] and rep2.pairwise == rep.pairwise
+
+
+def test_position_biased_judge_cancels_and_unparsed_are_counted(tmp_path, smol_tok):
+    from eval.run import run_eval
+
+    bench = _write_bench(tmp_path / "hhh.jsonl", ROWS)
+    # always "A" whatever the answers: every question is a win in one order and a loss in the other
+    always_a = ScriptedJudge(smol_tok, lambda p: "Verdict: A" if "Assistant A" in p else "no idea")
+    cfg = _scripted_cfg(tmp_path)
+    rep = run_eval(cfg, tmp_path / "wd", bench, judge_llm=always_a, progress=False)
+    o = rep.pairwise["overall"]
+    assert (o["win"], o["lose"], o["net_win_rate"]) == (4.5, 4.5, 0.0)
+    assert rep.pairwise["orders"]["guided_first"]["pct_position_A"] == 100.0
+    assert rep.pairwise["order_agreement"]["agree"] == 0
+    # the harm judge said "no idea" every time: all unparsed, no percentage, all reported
+    for cond in ("guided", "unguided"):
+        h = rep.harm[cond]["overall"]
+        assert (h["unparsed"], h["judged"], h["pct_harmless"]) == (9, 0, None)
+    md = Path(rep.files["markdown"]).read_text()
+    assert "| **Overall** | n/a (0/0, 9) | n/a (0/0, 9) |" in md
+    # consistent rule: the same judgments give all ties
+    cfg.eval.combine = "consistent"
+    again = ScriptedJudge(smol_tok, lambda p: "unused")
+    rep = run_eval(cfg, tmp_path / "wd", bench, judge_llm=again, progress=False)
+    assert again.prompts == []  # aggregation options do not re-judge
+    assert (rep.pairwise["overall"]["tie"], rep.pairwise["overall"]["net_win_rate"]) == (9, 0.0)
