@@ -528,3 +528,11 @@ def test_position_biased_judge_cancels_and_unparsed_are_counted(tmp_path, smol_t
     rep = run_eval(cfg, tmp_path / "wd", bench, judge_llm=again, progress=False)
     assert again.prompts == []  # aggregation options do not re-judge
     assert (rep.pairwise["overall"]["tie"], rep.pairwise["overall"]["net_win_rate"]) == (9, 0.0)
+
+
+def test_paper_config_loads():
+    from guidealign.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "eval-paper.yaml")
+    assert cfg.eval.harm_judge == "classifier" and cfg.eval.classifier_harmful_labels == ["LABEL_1"]
+    assert cfg.eval.combine == "half"
