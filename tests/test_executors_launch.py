@@ -94,9 +94,14 @@ def test_ranks_from_slurm_array_and_srun():
         [("2", "6", "0"), ("3", "6", "1")]
     # srun -N 2 --ntasks-per-node=1: task 1 of 2, no GPU -> one CPU worker of rank 1
     plan = plan_lines(launch("--dry-run", "retrieve", "-w", "r",
-                             env={"CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}))
+                             env={"CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+                                  "SLURM_STEP_ID": "0"}))
     assert len(plan) == 1 and "CUDA_VISIBLE_DEVICES" not in plan[0]["env"]
     assert plan[0]["argv"][-4:] == ["--rank", "1", "--world-size", "2"]
+    # the batch script of `sbatch -n 2` (PROCID 0 of 2, no step): refused, not half the shards
+    p = launch("--dry-run", "retrieve", "-w", "r", check=False,
+               env={"CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert p.returncode != 0 and "run the launcher under srun" in p.stderr
 
 
 def test_single_process_stages_and_explicit_rank_refused():
