@@ -231,6 +231,22 @@ def _invoke_command(path: list[str], params: dict, cwd: str | None):
         return ctx.invoke(cmd.callback, **params)
 
 
+def cli_num_tasks(stage: str, cfg, workdir: Path, params: dict) -> int:
+    """How many Ray tasks a stage command gets: one per shard it will write.
+
+    Per-prompt stages have as many shards as their input (``--src``, default the prompts);
+    ``export`` as its DATASET; ``augment`` one per risk type; the others are one task.
+    """
+    if stage in SINGLE_TASK_STAGES:
+        return 1
+    if stage == "augment":
+        from gen.augment import load_risk_types
+
+        return len(load_risk_types(cfg)[0])
+    src = params.get("dataset") if stage == "export" else params.get("src")
+    return num_shards(workdir / (src or "prompts"))
+
+
 def dispatch_command(ctx, cfg, params: dict) -> bool:
     """Called by every stage command: with ``executor.kind == "ray"`` (and no explicit
     ``--rank``, nor a world size above 1 from the environment: RANK/WORLD_SIZE, SLURM),
@@ -261,14 +277,10 @@ def dispatch_command(ctx, cfg, params: dict) -> bool:
     stage = path[-1] if path else "stage"
     if stage in SELF_SCHEDULING:
         return False
-    workdir = Path(params["workdir"])
-    if stage in SINGLE_TASK_STAGES:
-        n = 1
-    else:
-        try:
-            n = num_shards(workdir / "prompts")
-        except RuntimeError as e:
-            raise click.UsageError(f"--executor ray: {e} (run `guidealign ingest` first)") from e
+    try:
+        n = cli_num_tasks(stage, cfg, Path(params["workdir"]), params)
+    except RuntimeError as e:
+        raise click.UsageError(f"--executor ray: {e}") from e
     task_params = dict(params, rank=None, world_size=None)
     for k in _PATH_PARAMS:
         if task_params.get(k):

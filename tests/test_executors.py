@@ -186,6 +186,31 @@ def test_cli_executor_ray_runs_the_export_stage(ray_local, ingested):
         rows += [json.loads(x) for x in lines]
     assert len({r["id"] for r in rows}) == N_PROMPTS
 
+    # a dataset with its own shard count (3, not the prompts' 8): one task per shard of it
+    from shards import write_manifest, write_shard
+
+    small = wd / "small"
+    write_manifest(small, stage="small", num_shards=3, fingerprint="t")
+    for i in range(3):
+        write_shard(small, i, pa.table({"id": [f"s{i}a", f"s{i}b"]}), "t")
+    res = CliRunner().invoke(cli, ["export", "small", "-w", str(wd), "--executor", "ray"])
+    assert res.exit_code == 0, res.output
+    assert "3 Ray task(s)" in res.output
+    assert [read_marker(wd / "export" / "small", i).stats["world_size"] for i in range(3)] == [3, 3, 3]
+    assert read_marker(wd / "export" / "small", 3) is None
+
+
+def test_num_tasks_per_stage(tmp_path):
+    from guidealign.executors import cli_num_tasks
+    from gen.augment import load_risk_types
+
+    cfg = Config()
+    assert cli_num_tasks("library", cfg, tmp_path, {}) == 1
+    # augment: one task per risk type, whether or not prompts exist
+    assert cli_num_tasks("augment", cfg, tmp_path, {}) == len(load_risk_types(cfg)[0]) > 1
+    with pytest.raises(RuntimeError, match="no manifest"):
+        cli_num_tasks("detect", cfg, tmp_path, {})
+
 
 def test_pipeline_ray_ingest_as_one_task(ray_local, tmp_path):
     cfg = ray_cfg(num_cpus=1)
