@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from guidealign.ingest import IngestConfig, ingest
 from guidealign.launch import detect_gpus
