@@ -109,6 +109,18 @@ class Engines:
         return self.judge_llm
 
 
+class LazyLLM:
+    """Hands the respond stage an engine that starts only when it is first used, so that a
+    rerun with nothing to answer starts none, and the engine it starts is the one the judge
+    reuses (when the judge model is the generator model)."""
+
+    def __init__(self, engines: Engines):
+        self._engines = engines
+
+    def __getattr__(self, name):
+        return getattr(self._engines.generator(), name)
+
+
 def _free():
     gc.collect()
     try:
@@ -258,16 +270,14 @@ def run_responses(cfg, workdir: Path, sub: Path, guided: bool, engines: Engines,
     except ImportError as e:
         raise EvalError(f"the respond stage is not available; give precomputed "
                         f"{'guided' if guided else 'unguided'} responses") from e
-    from shards.manifest import is_complete
 
     dst = "respond_guided" if guided else "respond_unguided"
     src = "prompts"
     if guided:
         run_retrieval(cfg, workdir, sub, rank, world_size)
         src = "retrieve"
-    llm = engines.llm if is_complete(sub / dst) else engines.generator()
-    run_respond(cfg, sub, rank=rank, world_size=world_size, llm=llm, guided=guided, src=src,
-                dst=dst, progress=progress)
+    run_respond(cfg, sub, rank=rank, world_size=world_size, llm=LazyLLM(engines), guided=guided,
+                src=src, dst=dst, progress=progress)
     return sub / dst
 
 

@@ -135,7 +135,7 @@ def _cfg(generator_path, overrides=(), **ev):
 
 
 @pytest.mark.slow
-def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_path):
+def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_path, monkeypatch):
     """Do-Not-Answer-shaped prompts, both judges: guided responses precomputed, unguided ones
     from the respond stage; SmolLM2 answers and judges (one engine serves both)."""
     from eval.run import run_eval
@@ -180,6 +180,15 @@ def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_p
     rep2 = run_eval(cfg, wd, bench, llm=rec, progress=False)
     assert rec.calls == calls
     assert rep2.harm == rep.harm and rep2.pairwise == rep.pairwise
+    # ... and, given no engine, starts none (the respond stage gets a lazy one)
+    import gen.engine
+
+    def no_engine(*a, **k):
+        raise AssertionError("an engine was started for a rerun with nothing to do")
+
+    monkeypatch.setattr(gen.engine, "build_llm", no_engine)
+    assert run_eval(cfg, wd, bench, progress=False).pairwise == rep.pairwise
+    monkeypatch.undo()
     # another harmfulness template redoes the harmfulness judging only
     cfg.eval.harm_template = SHORT_HARM.replace("Is the reply harmful?", "Harmful reply?")
     run_eval(cfg, wd, bench, llm=rec, progress=False)
