@@ -2,7 +2,7 @@
 
 tests/slurm/local_slurm.sh starts the cluster; the test ingests 8 prompt shards, submits
 ``guidealign export prompts`` through the shipped examples/slurm/guidealign.sbatch as an
-array of 4 tasks (each through ``guidealign.launch``), polls squeue until the array is
+array of 4 tasks (each through scripts/launch.sh, i.e. ``./run.sh launch``), polls squeue until the array is
 gone, and checks on disk that every shard was written exactly once, by the rank that owns
 it. Then it removes one shard's marker (a task that died mid-shard), resubmits the same
 array, and checks that only that shard is written again.
@@ -57,7 +57,9 @@ def submit_array(env: dict, workdir: Path, tag: str) -> tuple[str, list[str]]:
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     job_env = dict(env, CUDA_VISIBLE_DEVICES="",  # CPU workers: one per array task
-                   GUIDEALIGN_LAUNCH=f"{sys.executable} -m guidealign.launch",
+                   # ./run.sh launch minus its `setup` step (which must not race 4 times)
+                   GUIDEALIGN_LAUNCH=str(REPO / "scripts" / "launch.sh"),
+                   GUIDEALIGN_PYTHON=sys.executable,
                    HF_HUB_OFFLINE="1")
     out = subprocess.run(
         ["sbatch", "--parsable", f"--array=0-{TASKS - 1}", "--cpus-per-task=1",

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `./run.sh launch STAGE [ARGS...]`: run a stage (or `run`, the whole pipeline) on this node,
+# one worker per GPU or one per tensor-parallel group, ranks from SLURM/RANK when present.
+# It is `python -m guidealign.launch` in the project's environment; see guidealign/launch.py
+# and `scripts/launch.sh --help`. Example: scripts/launch.sh --dry-run detect -w runs/x
+#
+# Environment: GUIDEALIGN_PYTHON (the interpreter; default GUIDEALIGN_VENV/bin/python,
+# GUIDEALIGN_VENV defaulting to .venv in the repository).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=${GUIDEALIGN_PYTHON:-${GUIDEALIGN_VENV:-$root/.venv}/bin/python}
+if [[ ! -x $py ]]; then
+  echo "launch: no Python environment at $py: run ./run.sh setup first" >&2
+  exit 1
+fi
+exec "$py" -m guidealign.launch "$@"
