@@ -57,9 +57,7 @@ def submit_array(env: dict, workdir: Path, tag: str) -> tuple[str, list[str]]:
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     job_env = dict(env, CUDA_VISIBLE_DEVICES="",  # CPU workers: one per array task
-                   # ./run.sh launch minus its `setup` step (which must not race 4 times)
-                   GUIDEALIGN_LAUNCH=str(REPO / "scripts" / "launch.sh"),
-                   GUIDEALIGN_PYTHON=sys.executable,
+                   GUIDEALIGN_PYTHON=sys.executable,  # the example's own launcher, this venv
                    HF_HUB_OFFLINE="1")
     out = subprocess.run(
         ["sbatch", "--parsable", f"--array=0-{TASKS - 1}", "--cpus-per-task=1",
