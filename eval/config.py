@@ -87,5 +87,9 @@ class EvalConfig:
     # (win - lose) / all pairs, as the paper's formula) or "exclude" (left out of the total).
     # Either way they are counted and shown in the report.
     unparsed: str = "tie"
+    # Ingest merges repeated prompts (Do-Not-Answer and HHH each repeat one question). True:
+    # a prompt that appears k times in the file counts k times, so totals match the benchmark's
+    # row counts (939, 103) as the paper counts them; False: each distinct prompt counts once.
+    count_duplicates: bool = True
     # Judgments per output shard (the unit of resume).
     shard_rows: int = 256

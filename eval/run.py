@@ -174,6 +174,21 @@ def load_benchmark(sub: Path, category_field: str) -> dict[str, dict]:
     return out
 
 
+def row_weights(bench_path, icfg) -> dict[str, int]:
+    """How many rows of the benchmark file share each prompt id (ingest keeps one of them)."""
+    from collections import Counter
+
+    from guidealign.ingest import check_prompt, prompt_hash
+    from guidealign.readers import READERS, check_readable, expand_inputs
+
+    counts: Counter = Counter()
+    for path in expand_inputs([str(bench_path)]):
+        for _, rec, err in READERS[check_readable(path)](path):
+            if err is None and check_prompt(rec, icfg) is None:
+                counts[prompt_hash(rec[icfg.prompt_field]).hex()] += 1
+    return dict(counts)
+
+
 def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: int) -> tuple[dict, dict]:
     """Responses of one system, keyed by benchmark id. Rows are matched by id, else by the
     hash of their prompt (ingest's id rule), so responses produced elsewhere line up.
@@ -449,11 +464,19 @@ def run_eval(cfg, workdir: str | Path, bench_path: str | Path, *, rank: int = 0,
     from eval.report import write_report
 
     rep = EvalReport(name=st.name, dir=str(sub), benchmark=st.benchmark, coverage=coverage)
+    weights = row_weights(bench_path, cfg.ingest) if ecfg.count_duplicates else {}
+
+    def weighted(rows):
+        for r in rows:
+            r["weight"] = weights.get(r["id"], 1)
+        return rows
+
     if "harm" in judged:
-        rep.harm = aggregate_harm(_read_judgments(sub / "judge_harm", cfg, world_size))
+        rep.harm = aggregate_harm(weighted(_read_judgments(sub / "judge_harm", cfg, world_size)))
     if "pairwise" in judged:
-        rep.pairwise = aggregate_pairwise(_read_judgments(sub / "judge_pairwise", cfg, world_size),
-                                          rule=ecfg.combine, unparsed=ecfg.unparsed)
+        rep.pairwise = aggregate_pairwise(
+            weighted(_read_judgments(sub / "judge_pairwise", cfg, world_size)),
+            rule=ecfg.combine, unparsed=ecfg.unparsed)
     models = {c: sorted({r["model"] for r in resp[c].values() if r.get("model")}) for c in resp}
     harm_judge = (f"classifier {ecfg.classifier_model} (harmful labels "
                   f"{list(ecfg.classifier_harmful_labels)})" if ecfg.harm_judge == "classifier"
@@ -470,12 +493,16 @@ def run_eval(cfg, workdir: str | Path, bench_path: str | Path, *, rank: int = 0,
                          f"{cv['errors']} failed response(s), {cv['unmatched']} response(s) matching no "
                          f"benchmark prompt; these are not judged.")
     if ingested.get("duplicates") or ingested.get("quarantined"):
-        notes.append(f"ingest: {ingested.get('duplicates')} duplicate prompt(s) merged, "
-                     f"{ingested.get('quarantined')} row(s) quarantined (see prompts/ quarantine).")
+        dup = (f"{ingested.get('duplicates')} repeated prompt(s) answered and judged once"
+               + (", counted once per benchmark row (eval.count_duplicates)" if ecfg.count_duplicates
+                  else ", counted once (eval.count_duplicates = false)"))
+        notes.append(f"ingest: {dup}; {ingested.get('quarantined')} row(s) quarantined "
+                     f"(see prompts/ quarantine).")
     meta = {
         "benchmark": st.benchmark, "file": str(bench_path),
         "category field": st.category_field or "(none)",
-        "prompts": ingested.get("prompts"),
+        "prompts": (f"{ingested.get('prompts')} distinct" + (
+            f" (from {ingested['rows_in']} rows)" if ingested.get("rows_in") is not None else "")),
         "label_guided": ecfg.label_guided, "label_unguided": ecfg.label_unguided,
         "responses": {c: {"dir": coverage[c]["dir"], "matched": coverage[c]["matched"],
                           "models": models[c]} for c in resp},

@@ -536,3 +536,35 @@ def test_paper_config_loads():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "eval-paper.yaml")
     assert cfg.eval.harm_judge == "classifier" and cfg.eval.classifier_harmful_labels == ["LABEL_1"]
     assert cfg.eval.combine == "half"
+
+
+def test_weights_multiply_a_question():
+    rows = _pair_rows([("a", "x", "win", "tie"), ("b", "x", "lose", "lose")])
+    for r in rows:
+        r["weight"] = 2 if r["id"] == "a" else 1
+    o = aggregate_pairwise(rows)["overall"]
+    assert (o["n"], o["win"], o["tie"], o["lose"]) == (3, 1.0, 1.0, 1.0)
+    assert o["net_win_rate"] == 0.0
+    h = aggregate_harm([{"condition": "g", "category": "c", "verdict": "harmful", "weight": 3},
+                        {"condition": "g", "category": "c", "verdict": "harmless"}])["g"]["overall"]
+    assert (h["n"], h["harmful"], h["pct_harmless"]) == (4, 3, 25.0)
+
+
+def test_repeated_prompts_count_per_benchmark_row(tmp_path, smol_tok):
+    from eval.run import run_eval
+
+    rows = ROWS + [dict(ROWS[0], id=99), dict(ROWS[3], id=100, prompt="  " + ROWS[3]["prompt"])]
+    bench = _write_bench(tmp_path / "hhh.jsonl", rows)
+    cfg = _scripted_cfg(tmp_path)
+    judge = ScriptedJudge(smol_tok, _fair)
+    rep = run_eval(cfg, tmp_path / "wd", bench, judge_llm=judge, progress=False)
+    assert len(judge.prompts) == 2 * 9 + 2 * 9  # each distinct prompt judged once per order/condition
+    assert rep.pairwise["overall"]["n"] == 11 and rep.pairwise["overall"]["win"] == 11
+    assert rep.pairwise["by_category"]["harmless"]["n"] == 4
+    assert rep.pairwise["by_category"]["helpful"]["n"] == 3
+    assert rep.harm["guided"]["overall"]["n"] == 11
+    md = Path(rep.files["markdown"]).read_text()
+    assert "9 distinct (from 11 rows)" in md and "counted once per benchmark row" in md
+    cfg.eval.count_duplicates = False
+    rep = run_eval(cfg, tmp_path / "wd", bench, judge_llm=judge, progress=False)
+    assert rep.pairwise["overall"]["n"] == 9 and len(judge.prompts) == 36  # nothing re-judged
