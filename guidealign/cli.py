@@ -127,7 +127,31 @@ def config_show(config_path, overrides):
         raise click.UsageError(str(e)) from e
 
 
+@cli.command()
+@click.option("--stages", default=None, help="Comma-separated subset of stages to run (default: all).")
+@stage_options
+def run(workdir, cfg, rank, world_size, no_progress, stages):
+    """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set)."""
+    from guidealign.pipeline import run_pipeline
+
+    r, w = ranks(rank, world_size)
+    if cfg.executor.kind == "ray" and w == 1:  # one of several workers already: run here
+        from guidealign.executors import run_pipeline_ray
+
+        run_pipeline_ray(cfg, workdir, stages=stages.split(",") if stages else None,
+                         progress=not no_progress, echo=click.echo)
+        return
+    run_pipeline(cfg, workdir, rank=r, world_size=w, stages=stages.split(",") if stages else None,
+                 progress=not no_progress, echo=click.echo)
+
+
 # --- stage commands defined next to their stages (one line each) ---------------------------
+from retrieval.cli import library as _library, train_retriever as _train_retriever  # noqa: E402
+from retrieval.cli import index as _index, retrieve as _retrieve  # noqa: E402
+cli.add_command(_library)
+cli.add_command(_train_retriever)
+cli.add_command(_index)
+cli.add_command(_retrieve)
 from gen.cli import augment as _augment, detect as _detect, guidelines as _guidelines  # noqa: E402
 cli.add_command(_detect)
 cli.add_command(_guidelines)
@@ -136,15 +160,9 @@ from sft.cli import push as _push, respond as _respond, sft as _sft  # noqa: E40
 cli.add_command(_respond)
 cli.add_command(_sft)
 cli.add_command(_push)
-from retrieval.cli import library as _library, train_retriever as _train_retriever  # noqa: E402
-from retrieval.cli import index as _index, retrieve as _retrieve  # noqa: E402
-cli.add_command(_library)
-cli.add_command(_train_retriever)
-cli.add_command(_index)
-cli.add_command(_retrieve)
-from eval.cli import eval_cmd; cli.add_command(eval_cmd)  # noqa: E402,E702
 from guidealign.scale_cli import export, launch  # noqa: E402
 cli.add_command(export); cli.add_command(launch)  # noqa: E702
+from eval.cli import eval_cmd; cli.add_command(eval_cmd)  # noqa: E402,E702
 
 
 def main():
