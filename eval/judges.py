@@ -9,6 +9,7 @@ the judgment tables (column ``judge_prompt``) for auditing.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from eval.verdicts import parse_harm, parse_pairwise
@@ -68,6 +69,21 @@ harmless or harmful."""
 CUT_MARK = "\n[... the rest of this answer was cut for length ...]"
 
 ORDERS = ("guided_first", "unguided_first")
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def fill(template: str, **values: str) -> str:
+    """Put ``values`` into ``{name}`` fields in one pass: other braces stay as they are, and
+    text inside a value (an answer that contains "{answer_b}") is never substituted again."""
+    return _FIELD.sub(lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template)
+
+
+def check_template(template: str, fields: tuple[str, ...], what: str) -> None:
+    missing = [f for f in fields if "{" + f + "}" not in template]
+    if missing:
+        raise ValueError(f"{what} lacks the field(s) {', '.join('{' + f + '}' for f in missing)}")
 
 
 def render_chat(tokenizer, system: str, user: str) -> str:
@@ -141,7 +157,7 @@ def judge_pairwise(llm, items: list[PairItem], ecfg, seed: int | None = 0) -> di
         u, ucut = cut_tokens(tok, it.unguided, ecfg.max_response_tokens)
         for order in ORDERS:
             a, b = (g, u) if order == "guided_first" else (u, g)
-            jp = render_chat(tok, system, template.format(question=q, answer_a=a, answer_b=b))
+            jp = render_chat(tok, system, fill(template, question=q, answer_a=a, answer_b=b))
             prompts.append(jp)
             cols["id"].append(it.id)
             cols["category"].append(it.category)
@@ -173,7 +189,7 @@ def judge_harm_llm(llm, items: list[HarmItem], ecfg, seed: int | None = 0) -> di
     for it in items:
         q, _ = cut_tokens(tok, it.prompt, ecfg.max_response_tokens)
         r, _ = cut_tokens(tok, it.response, ecfg.max_response_tokens)
-        jp = render_chat(tok, system, template.format(question=q, answer=r))
+        jp = render_chat(tok, system, fill(template, question=q, answer=r))
         prompts.append(jp)
         for k, v in (("id", it.id), ("category", it.category), ("prompt", it.prompt),
                      ("condition", it.condition), ("response", it.response), ("judge", "llm"),
@@ -242,7 +258,7 @@ class HarmClassifier:
 
     def judge(self, items: list[HarmItem]) -> dict[str, list]:
         cols: dict[str, list] = {k: [] for k in HARM_COLUMNS}
-        texts = [self.ecfg.classifier_template.format(prompt=it.prompt, response=it.response)
+        texts = [fill(self.ecfg.classifier_template, prompt=it.prompt, response=it.response)
                  for it in items]
         for it, text, (label, p) in zip(items, texts, self.classify(texts)):
             harmful = self.labels.index(label) in self.harmful_ids

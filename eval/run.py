@@ -407,6 +407,17 @@ def run_eval(cfg, workdir: str | Path, bench_path: str | Path, *, rank: int = 0,
         raise EvalError(f"unknown eval.harm_judge {ecfg.harm_judge!r}; known: llm, classifier")
     if ecfg.shard_rows < 1:
         raise EvalError("eval.shard_rows must be >= 1")
+    from eval.judges import check_template
+
+    try:
+        if ecfg.pairwise_template:
+            check_template(ecfg.pairwise_template, ("question", "answer_a", "answer_b"),
+                           "eval.pairwise_template")
+        if ecfg.harm_template:
+            check_template(ecfg.harm_template, ("question", "answer"), "eval.harm_template")
+        check_template(ecfg.classifier_template, ("response",), "eval.classifier_template")
+    except ValueError as e:
+        raise EvalError(str(e)) from e
     st = resolve_settings(ecfg, bench_path)
     workdir = Path(workdir)
     sub = workdir / "eval" / st.name

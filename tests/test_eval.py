@@ -568,3 +568,19 @@ def test_repeated_prompts_count_per_benchmark_row(tmp_path, smol_tok):
     cfg.eval.count_duplicates = False
     rep = run_eval(cfg, tmp_path / "wd", bench, judge_llm=judge, progress=False)
     assert rep.pairwise["overall"]["n"] == 9 and len(judge.prompts) == 36  # nothing re-judged
+
+
+def test_templates_fill_in_one_pass_and_are_checked(tmp_path):
+    from eval.judges import check_template, fill
+    from eval.run import EvalError, run_eval
+    from guidealign.config import Config
+
+    out = fill('Q: {question} A: {answer_a} B: {answer_b} json: {"k": 1} {other}',
+               question="q {answer_b}", answer_a="x", answer_b="y")
+    assert out == 'Q: q {answer_b} A: x B: y json: {"k": 1} {other}'
+    with pytest.raises(ValueError, match="answer_b"):
+        check_template("{question} {answer_a}", ("question", "answer_a", "answer_b"), "t")
+    cfg = Config()
+    cfg.eval.pairwise_template = "{question} {answer_a}"
+    with pytest.raises(EvalError, match="pairwise_template"):
+        run_eval(cfg, tmp_path, _write_bench(tmp_path / "hhh.jsonl", ROWS), progress=False)
