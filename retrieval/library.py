@@ -7,7 +7,9 @@ Steps (each one's size goes to the report):
 4. write training pairs (prompt_id, guideline_id), with a held-out split by prompt.
 
 Each cluster keeps one canonical guideline: its most frequent member (ties: the shorter,
-then the lexicographically first comparison form). The guideline id is a hash of that
+then the lexicographically first comparison form). Its kind is "safety" when at least half
+of the producing prompts with a known risky flag are risky, else "quality" (also when no
+producing prompt has a known flag). The guideline id is a hash of that
 canonical text, so it is stable across reruns and across unrelated library changes.
 
 Output ``WORKDIR/library/``: the library as a sharded table (``shard-*.parquet`` +
@@ -49,6 +51,7 @@ STAGE = "library"
 @dataclass
 class LibraryReport:
     prompts: int = 0
+    prompts_missing_id: int = 0
     prompts_without_guidelines: int = 0
     exploded: int = 0
     empty_dropped: int = 0
@@ -170,8 +173,8 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
         for pid, prompt, risky, gls in zip(*(batch.column(c).to_pylist()
                                              for c in ("id", "prompt", "risky", "guidelines"))):
             rep.prompts += 1
-            if pid is None:
-                rep.prompts_without_guidelines += 1
+            if pid is None:  # counted in the report; such rows cannot be paired or cited
+                rep.prompts_missing_id += 1
                 continue
             if not gls:
                 rep.prompts_without_guidelines += 1

@@ -200,3 +200,27 @@ def test_index_done_written_last_and_rerun_noop(built):
     assert done["rows"] == meta["rows"]
     rep = run_index(load_config(overrides=OVERRIDES), built, progress=False)
     assert rep.skipped
+
+
+def test_cli_library_index_retrieve(built, tmp_path):
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+
+    w = _copy_run(built, tmp_path / "run", names=("guidelines", "prompts"))
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    runner = CliRunner()
+    r = runner.invoke(cli, ["library", "-w", str(w), "--no-progress", *sets])
+    assert r.exit_code == 0, r.output
+    assert "after near-dup merge" in r.output
+    r = runner.invoke(cli, ["index", "-w", str(w), "--no-progress", *sets])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["retrieve", "-w", str(w), "--no-progress", "--dst", "retrieve_cli", *sets])
+    assert r.exit_code == 0, r.output
+    out = _read_all(w / "retrieve_cli")
+    assert out.num_rows == 59
+    # same library and index as `built`: the same retrieval as the API run
+    ref = tmp_path / "ref"
+    _copy_run(built, ref)
+    run_retrieve(load_config(overrides=OVERRIDES), ref, progress=False)
+    assert out.equals(_read_all(ref / "retrieve"))

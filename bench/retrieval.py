@@ -1,0 +1,195 @@
+"""Benchmarks of the retrieval package. Prints each figure; sizes are options.
+
+1. dedup:  the library stage (explode, exact dedup, near-dup merge, pairs) over N synthetic
+           guidelines with realistic near-duplicates (default 1,000,000 around 33,000 distinct
+           ones, as in the paper's 767k -> 33k). Run in a child process: its time and peak RSS.
+2. embed:  embedding throughput of our path (prompt shards -> arrow -> retrieval.embed.encode)
+           vs a raw SentenceTransformer.encode on the same texts; the ratio (goal >= 0.9).
+3. search: FAISS search QPS over a library of L random unit vectors (default 50,000, dim 384)
+           for Q query vectors (default 1,000,000), top 20; flat, and optionally ivf/hnsw.
+
+    .venv/bin/python bench/retrieval.py                       # everything, default sizes
+    .venv/bin/python bench/retrieval.py --only dedup --guidelines 200000
+    .venv/bin/python bench/retrieval.py --only search --queries 100000 --kinds flat,hnsw
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _dedup_child(workdir: str, threshold: float) -> None:
+    """Runs in a child process so that its peak RSS is the library stage's alone."""
+    from guidealign.config import load_config
+    from retrieval.library import run_library
+
+    cfg = load_config(overrides=[f"library.fuzzy_threshold={threshold}"])
+    t0 = time.perf_counter()
+    rep = run_library(cfg, workdir, progress=False)
+    dt = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(json.dumps({"seconds": dt, "peak_rss_mib": rss, "report": rep.__dict__}))
+
+
+def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float) -> dict:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from retrieval.embed import normalize_text
+    from retrieval.synthetic import synthetic_library, write_guideline_shards
+
+    t0 = time.perf_counter()
+    texts, origin = synthetic_library(n, n_base, seed=0)
+    rows = [{"id": f"p{i:08d}", "prompt": f"prompt {i}", "risky": i % 2 == 0,
+             "guidelines": [{"title": "", "text": t} for t in texts[s:s + per_prompt]]}
+            for i, s in enumerate(range(0, n, per_prompt))]
+    with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as d:
+        write_guideline_shards(Path(d) / "guidelines", rows, shard_rows=20_000)
+        del rows
+        gen_s = time.perf_counter() - t0
+        out = subprocess.run([sys.executable, __file__, "--dedup-child", d, "--threshold", str(threshold)],
+                             capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        # purity against the planted truth: does a cluster ever mix two distinct guidelines,
+        # and is a guideline's family ever split over clusters?
+        origin_of = {}
+        for t, o in zip(texts, origin):
+            origin_of.setdefault(normalize_text(t), o)
+        import pyarrow as pa
+        import shards
+
+        lib = pa.concat_tables(list(shards.iter_tables(Path(d) / "library", ["text", "members"])))
+        canon_origin = np.array([origin_of[normalize_text(t)] for t in lib.column("text").to_pylist()])
+        split = len(canon_origin) - len(np.unique(canon_origin))
+        held = pq.read_metadata(Path(d) / "library" / "pairs" / "heldout.parquet").num_rows
+    rep = res["report"]
+    print(f"[dedup] {n:,} guidelines ({n_base:,} distinct + rewrites/repeats; {per_prompt} per prompt):")
+    print(f"  sizes: exploded {rep['exploded']:,} -> exact {rep['after_exact']:,} -> "
+          f"near {rep['after_near']:,} (planted distinct: {n_base:,}; families split over >1 "
+          f"cluster: {split:,}); {rep['candidate_pairs']:,} candidate pairs, "
+          f"{rep['confirmed_pairs']:,} confirmed; search {rep['search']}; held-out pairs {held:,}")
+    print(f"  time: {res['seconds']:.1f} s  (steps: {rep['seconds']})")
+    print(f"  peak RSS: {res['peak_rss_mib']:.0f} MiB   (data generation, not timed: {gen_s:.0f} s)")
+    return {"n": n, "seconds": res["seconds"], "peak_rss_mib": res["peak_rss_mib"],
+            "after_exact": rep["after_exact"], "after_near": rep["after_near"], "split_families": split}
+
+
+def bench_embed(n: int, batch_size: int, repeats: int) -> dict:
+    import shards
+    from retrieval.embed import encode, load_encoder
+    from retrieval.synthetic import synthetic_library, write_prompt_shards
+
+    texts, _ = synthetic_library(n, max(1, n // 3), seed=1)
+    model = load_encoder("embedded:all-minilm-l6-v2", device="cpu")
+    model.encode(texts[:64], batch_size=batch_size)  # warm-up
+    with tempfile.TemporaryDirectory(prefix="bench-embed-") as d:
+        write_prompt_shards(Path(d) / "prompts", [{"id": str(i), "prompt": t} for i, t in enumerate(texts)],
+                            shard_rows=max(1, n // 4))
+
+        def ours():
+            for table in shards.iter_tables(Path(d) / "prompts", ["prompt"]):
+                encode(model, table.column("prompt").to_pylist(), batch_size=batch_size)
+
+        def raw():
+            model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                         convert_to_numpy=True, show_progress_bar=False)
+
+        best = {"raw": float("inf"), "ours": float("inf")}
+        for _ in range(repeats):  # interleaved, best of each: the machine is shared
+            for name, fn in (("raw", raw), ("ours", ours)):
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    raw_tps, ours_tps = n / best["raw"], n / best["ours"]
+    ratio = ours_tps / raw_tps
+    print(f"[embed] {n:,} texts, batch {batch_size}, best of {repeats}: raw encode {raw_tps:,.0f} texts/s, "
+          f"ours {ours_tps:,.0f} texts/s, ratio {ratio:.3f} (goal >= 0.9)")
+    return {"n": n, "raw_tps": raw_tps, "ours_tps": ours_tps, "ratio": ratio}
+
+
+def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> dict:
+    import numpy as np
+
+    from retrieval.config import IndexConfig
+    from retrieval.index import build_faiss
+
+    rng = np.random.default_rng(0)
+    lib = rng.standard_normal((n_lib, dim), dtype=np.float32)
+    lib /= np.linalg.norm(lib, axis=1, keepdims=True)
+    out = {}
+    for kind in kinds:
+        ic = IndexConfig(kind=kind)
+        t0 = time.perf_counter()
+        index, name = build_faiss(lib, ic, use_gpu=True)
+        build_s = time.perf_counter() - t0
+        done, t_search = 0, 0.0
+        chunk = 50_000
+        while done < n_q:
+            m = min(chunk, n_q - done)
+            q = rng.standard_normal((m, dim), dtype=np.float32)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            t0 = time.perf_counter()
+            index.search(q, k)
+            t_search += time.perf_counter() - t0
+            done += m
+        qps = n_q / t_search
+        print(f"[search] {name}: library {n_lib:,} x {dim}, {n_q:,} queries, top {k}: {qps:,.0f} QPS "
+              f"({t_search:.1f} s search, {build_s:.1f} s build); 1M queries would take {1e6 / qps:.0f} s")
+        out[kind] = {"qps": qps, "build_s": build_s, "queries": n_q}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["dedup", "embed", "search"], action="append")
+    ap.add_argument("--guidelines", type=int, default=1_000_000, help="dedup: guidelines in all")
+    ap.add_argument("--distinct", type=int, default=0, help="dedup: distinct ones (0: 3.3%% of them)")
+    ap.add_argument("--per-prompt", type=int, default=5, help="dedup: guidelines per prompt")
+    ap.add_argument("--threshold", type=float, default=0.75)
+    ap.add_argument("--embed-texts", type=int, default=2000)
+    ap.add_argument("--embed-batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--library", type=int, default=50_000, help="search: library vectors")
+    ap.add_argument("--queries", type=int, default=1_000_000, help="search: query vectors")
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--kinds", default="flat", help="search: comma-separated index kinds")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--dedup-child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.dedup_child:
+        _dedup_child(a.dedup_child, a.threshold)
+        return
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    parts = a.only or ["dedup", "embed", "search"]
+    res = {}
+    if "dedup" in parts:
+        res["dedup"] = bench_dedup(a.guidelines, a.distinct or max(1, round(a.guidelines * 0.033)),
+                                   a.per_prompt, a.threshold)
+    if "embed" in parts:
+        res["embed"] = bench_embed(a.embed_texts, a.embed_batch, a.repeats)
+    if "search" in parts:
+        res["search"] = bench_search(a.library, a.queries, a.dim, 20, a.kinds.split(","))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
