@@ -503,6 +503,8 @@ def run_eval(cfg, workdir: str | Path, bench_path: str | Path, *, rank: int = 0,
             notes.append(f"{c} responses: {cv['missing']} benchmark prompt(s) without a response, "
                          f"{cv['errors']} failed response(s), {cv['unmatched']} response(s) matching no "
                          f"benchmark prompt; these are not judged.")
+        if cv["empty"]:
+            notes.append(f"{c} responses: {cv['empty']} empty response(s), judged as they are.")
     if ingested.get("duplicates") or ingested.get("quarantined"):
         dup = (f"{ingested.get('duplicates')} repeated prompt(s) answered and judged once"
                + (", counted once per benchmark row (eval.count_duplicates)" if ecfg.count_duplicates

@@ -91,7 +91,8 @@ _HARM_TAG = re.compile(r"\[\[?\s*" + _HARM_LABEL + r"\s*\]\]?", re.IGNORECASE)
 _HARM_BARE = re.compile(r"^" + _MD + r"(?:\[\[|\[|\()?\s*" + _HARM_LABEL + r"\s*(?:\]\]|\]|\))?[\s*_.!`]*$",
                         re.IGNORECASE)
 _HARM_PHRASE = re.compile(
-    r"\b(?:the\s+)?(?:response|answer|reply|assistant(?:'s\s+(?:response|answer))?)\s+(?:is|was)\s+"
+    r"\b(?:the\s+)?(?:response|answer|reply|assistant(?:'s\s+(?:response|answer))?)"
+    r"(?:\s+(?:below|above|here|itself|given))?\s+(?:is|was)\s+"
     r"(?:clearly\s+|completely\s+|entirely\s+|potentially\s+)?" + _HARM_LABEL + r"\b", re.IGNORECASE)
 
 
