@@ -24,6 +24,10 @@ PAPER_HHH_NET = [  # comparison, net win rate in %
 ]
 
 
+# Above this share of unparsed verdicts the report warns that its numbers are unreliable.
+UNPARSED_WARN = 0.2
+
+
 def _fmt(x, nd=1, suffix=""):
     if x is None:
         return "n/a"
@@ -170,6 +174,12 @@ def _harm_md(harm: dict, labels) -> list[str]:
         out.append(f"| {g} | " + " | ".join(cells) + " |")
     out += ["", "Unparsed verdicts (the judge's output named neither label) are left out of the "
             "percentage and counted in the last number of each cell.", ""]
+    for c in conds:
+        o = harm[c]["overall"]
+        if o["n"] and o["unparsed"] / o["n"] > UNPARSED_WARN:
+            out += [f"**Warning:** {100 * o['unparsed'] / o['n']:.0f}% of the {lab[c]} verdicts could not "
+                    "be parsed: the judge does not follow the verdict format, so these numbers are not "
+                    "reliable.", ""]
     out += ["The paper's figures (Do-Not-Answer, overall % harmless, response-only harmfulness "
             "classifier):", "", "| model | without guidelines | with guidelines |", "|---|---|---|"]
     out += [f"| {m} | {_fmt(a)} | {_fmt(b)} |" for m, a, b in PAPER_HARMLESS]
@@ -187,6 +197,10 @@ def _pairwise_md(pw: dict, labels, paper: bool) -> list[str]:
         out.append(f"| {g} | {d['n']} | {_num(d['win'])} | {_num(d['tie'])} | {_num(d['lose'])} | "
                    f"{_num(d['unparsed'])} | {_num(d['total'])} | "
                    f"{_fmt(None if d['net_win_rate'] is None else 100 * d['net_win_rate'], 1, '%')} |")
+    o = pw["overall"]
+    if o["n"] and o["unparsed"] / o["n"] > UNPARSED_WARN:
+        out += ["", f"**Warning:** {100 * o['unparsed'] / o['n']:.0f}% of the verdicts could not be parsed: "
+                "the judge does not follow the verdict format, so these numbers are not reliable."]
     out += ["", "Per answer order (position-bias check; the verdict is about positions A/B):", "",
             "| order | judgments | A | B | tie | unparsed | % A among parsed |", "|---|---|---|---|---|---|---|"]
     for o, d in pw["orders"].items():

@@ -525,6 +525,8 @@ def test_position_biased_judge_cancels_and_unparsed_are_counted(tmp_path, smol_t
         assert (h["unparsed"], h["judged"], h["pct_harmless"]) == (9, 0, None)
     md = Path(rep.files["markdown"]).read_text()
     assert "| **Overall** | n/a (0/0, 9) | n/a (0/0, 9) |" in md
+    assert "100% of the guided verdicts could not be parsed" in md
+    assert md.count("**Warning:**") == 2  # pairwise verdicts all parsed: no warning there
     # consistent rule: the same judgments give all ties
     cfg.eval.combine = "consistent"
     again = ScriptedJudge(smol_tok, lambda p: "unused")
