@@ -13,7 +13,8 @@ import pytest
 from eval.config import EvalConfig
 from eval.judges import ORDERS, HarmItem, PairItem, judge_harm_llm, judge_pairwise
 from gen.engine import Sampling
-from shards import fingerprint, read_table, write_manifest, write_shard
+from shards import read_table, write_manifest, write_shard
+
 from conftest import BENCHMARKS, engine_config
 from test_eval import _check_png
 
