@@ -200,7 +200,8 @@ def run_stage(fn: Callable | str, cfg, workdir: str | Path, *, rank: int | None 
 
 # --- the CLI side: `guidealign <stage> --executor ray` ---------------------------------------
 
-_PATH_PARAMS = ("workdir", "config_path", "out")
+_PATH_PARAMS = ("workdir", "config_path", "out", "benchmark_file", "guided_responses",
+                "unguided_responses")
 
 
 def _command_path(ctx) -> list[str]:

@@ -44,17 +44,32 @@ def _stage_row(d: Path) -> dict | None:
     return row
 
 
+# stages that hold one sub-dataset per name (eval/<benchmark>/, export/<dataset>/)
+_NESTED = ("eval", "export")
+
+
 def collect(workdir: str | Path) -> list[dict]:
     dirs = [p for p in Path(workdir).iterdir() if p.is_dir()]
     dirs.sort(key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name))
-    return [r for r in (_stage_row(d) for d in dirs) if r is not None]
+    out = []
+    for d in dirs:
+        row = _stage_row(d)
+        if row is not None:
+            out.append(row)
+        if d.name in _NESTED:
+            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+                r = _stage_row(sub)
+                if r is not None:
+                    r["stage"] = f"{d.name}/{sub.name}"
+                    out.append(r)
+    return out
 
 
 def render(rows: list[dict]) -> str:
-    head = f"{'stage':<12} {'shards':>11} {'rows':>10} {'quarantined':>11} {'rows/s':>10}"
+    head = f"{'stage':<22} {'shards':>11} {'rows':>10} {'quarantined':>11} {'rows/s':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         rate = f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-"
-        lines.append(f"{r['stage']:<12} {r['shards_done']:>5}/{r['shards_total']:<5} "
+        lines.append(f"{r['stage']:<22} {r['shards_done']:>5}/{r['shards_total']:<5} "
                      f"{r['rows']:>10} {r['quarantined']:>11} {rate:>10}")
     return "\n".join(lines)
