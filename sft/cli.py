@@ -46,6 +46,8 @@ def sft(force, workdir, cfg, rank, world_size, no_progress):
         done = run_sft(cfg, workdir, rank=r, world_size=w, progress=not no_progress, force=force)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    if r != 0:
+        return
     if done.get("skipped"):
         click.echo(f"sft: already done ({workdir}/sft/model)")
     else:

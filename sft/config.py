@@ -81,6 +81,12 @@ class PushConfig:
     # Hub repo id, e.g. "org/guide-align-responses"; empty disables push in `guidealign run`
     # (the `push` command can take it as an argument).
     repo_id: str = ""
+    # What `guidealign run` (and run_push without `what`) pushes to repo_id: a stage under WORKDIR
+    # (its Parquet shards), or "model" for the SFT output.
+    what: str = "respond"
+    # Hub repo id for the trained model; when set, `guidealign run` also pushes WORKDIR/sft/model
+    # there after the dataset. Empty: the model is not pushed by `run`.
+    model_repo_id: str = ""
     # Create the repo private (True) or public; an existing repo keeps its visibility.
     private: bool = True
     # Branch to push to.

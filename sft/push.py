@@ -198,10 +198,27 @@ def is_same(f: LocalFile, remote: tuple | None) -> bool:
 
 # -- the push ------------------------------------------------------------------------------
 
-def run_push(cfg, workdir, what: str, *, repo_id: str | None = None, private: bool | None = None,
-             progress: bool = True) -> PushReport:
+def run_push(cfg, workdir, what: str | None = None, *, repo_id: str | None = None,
+             private: bool | None = None, progress: bool = True) -> PushReport:
     """Push WORKDIR/<what> (a stage's shards) or the trained model to the Hub; returns a report,
-    also written to WORKDIR/push/<repo>.json (no token in it)."""
+    also written to WORKDIR/push/<repo>.json (no token in it).
+
+    Without ``what`` (the pipeline's call): ``push.what`` to ``push.repo_id``, then, when
+    ``push.model_repo_id`` is set, the trained model there (the dataset's report is returned).
+    """
+    if what is None:
+        rep = push_one(cfg, workdir, cfg.push.what, repo_id=repo_id, private=private,
+                       progress=progress)
+        log.info(rep.summary())
+        if cfg.push.model_repo_id:
+            log.info(push_one(cfg, workdir, "model", repo_id=cfg.push.model_repo_id,
+                              private=private, progress=progress).summary())
+        return rep
+    return push_one(cfg, workdir, what, repo_id=repo_id, private=private, progress=progress)
+
+
+def push_one(cfg, workdir, what: str, *, repo_id: str | None = None, private: bool | None = None,
+             progress: bool = True) -> PushReport:
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     from shards import write_json_atomic

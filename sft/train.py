@@ -137,11 +137,16 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=not progress,
+        # On CPUs, transformers only sets up DDP (gloo) under torchrun/accelerate with use_cpu.
+        use_cpu=not torch.cuda.is_available(),
         **flags,
     )
     args.update(scfg.trainer_args)
     trainer = SFTTrainer(model=model, args=TRLConfig(**args), train_dataset=dataset,
                          processing_class=tok, peft_config=peft_config)
+    if trainer.args.world_size != world:
+        raise RuntimeError(f"{world} processes were launched but the trainer sees "
+                           f"{trainer.args.world_size}: the distributed setup failed")
     n_train = len(trainer.train_dataset)
     if n_train < data_rep.kept:  # TRL drops examples whose completion was cut off entirely
         data_rep.dropped["no_response_tokens_within_max_seq_length"] = data_rep.kept - n_train
@@ -191,8 +196,7 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
-        if scfg.save_steps > 0:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: resume points are not needed
         write_json_atomic(done_path, done)
     trainer.accelerator.wait_for_everyone()
     return done

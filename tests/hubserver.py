@@ -92,6 +92,7 @@ class HubState:
         self.lfs_uploads: list[str] = []      # oids whose PUT finished and was stored
         self.hang_after: int | None = None   # PUTs beyond this many hang until release
         self.hanging = 0                     # PUTs currently held
+        self.puts_started = 0
         self.release = threading.Event()
         self.seen_tokens: set[str] = set()
 
@@ -412,8 +413,9 @@ class Handler(BaseHTTPRequestHandler):
     def lfs_put(self, oid: str):
         st = self.state
         with st.lock:
-            n_started = len(st.lfs_uploads) + st.hanging
-            hang = st.hang_after is not None and n_started >= st.hang_after
+            # PUTs run in parallel: count them as they start, so that exactly hang_after go through.
+            hang = st.hang_after is not None and st.puts_started >= st.hang_after
+            st.puts_started += 1
             if hang:
                 st.hanging += 1
         if hang:
