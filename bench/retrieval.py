@@ -125,7 +125,7 @@ def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> di
     import numpy as np
 
     from retrieval.config import IndexConfig
-    from retrieval.index import build_faiss
+    from retrieval.index import build_faiss, num_gpus, to_gpus
 
     rng = np.random.default_rng(0)
     lib = rng.standard_normal((n_lib, dim), dtype=np.float32)
@@ -134,7 +134,9 @@ def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> di
     for kind in kinds:
         ic = IndexConfig(kind=kind)
         t0 = time.perf_counter()
-        index, name = build_faiss(lib, ic, use_gpu=True)
+        index, name = build_faiss(lib, ic)
+        index = to_gpus(index, kind)  # sharded over all GPUs when there are any
+        name += f" on {num_gpus()} GPU(s)" if num_gpus() and kind != "hnsw" else " on CPU"
         build_s = time.perf_counter() - t0
         done, t_search = 0, 0.0
         chunk = 50_000

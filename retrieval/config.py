@@ -33,6 +33,8 @@ class LibraryConfig:
     exact_search_max: int = 20_000
     # IVF lists probed per query in the approximate candidate search. Ours.
     nprobe: int = 8
+    # Search the candidates on the GPUs (sharded) when faiss.get_num_gpus() > 0. Ours.
+    use_gpu: bool = True
     # Share of prompts whose pairs go to the held-out split (chosen by a hash of the prompt id). Ours.
     heldout_fraction: float = 0.1
     # Rows per library shard. Ours.

@@ -86,12 +86,17 @@ def build_search_index(vecs: np.ndarray, *, exact_max: int, nprobe: int, seed: i
 
 
 def candidate_pairs(vecs: np.ndarray, *, k: int, min_cosine: float, exact_max: int = 50_000,
-                    nprobe: int = 8, chunk: int = 65_536) -> tuple[np.ndarray, str]:
+                    nprobe: int = 8, chunk: int = 65_536, use_gpu: bool = True) -> tuple[np.ndarray, str]:
     """Unique (i, j), i < j, pairs among each row's ``k`` nearest neighbours with cosine >= min_cosine."""
     n = len(vecs)
     if n < 2 or k < 1:
         return np.empty((0, 2), dtype=np.int64), "none"
     index, kind = build_search_index(vecs, exact_max=exact_max, nprobe=nprobe)
+    if use_gpu:
+        from retrieval.index import num_gpus, to_gpus
+
+        if num_gpus():
+            index, kind = to_gpus(index, "flat"), f"{kind},gpu{num_gpus()}"
     kk = min(k + 1, n)
     parts = []
     for s in range(0, n, chunk):
@@ -125,14 +130,14 @@ def confirm_pairs(texts: list[str], pairs: np.ndarray, threshold: float, chunk: 
 
 
 def cluster(texts: list[str], vecs: np.ndarray, *, threshold: float, k: int, min_cosine: float,
-            exact_max: int = 50_000, nprobe: int = 8) -> tuple[np.ndarray, DedupStats]:
+            exact_max: int = 50_000, nprobe: int = 8, use_gpu: bool = True) -> tuple[np.ndarray, DedupStats]:
     """Cluster labels (a root index per text) for near-duplicate ``texts`` with vectors ``vecs``."""
     import time
 
     stats = DedupStats(items=len(texts))
     t0 = time.perf_counter()
     pairs, stats.search = candidate_pairs(vecs, k=k, min_cosine=min_cosine, exact_max=exact_max,
-                                          nprobe=nprobe)
+                                          nprobe=nprobe, use_gpu=use_gpu)
     stats.candidate_pairs = len(pairs)
     t1 = time.perf_counter()
     ok = confirm_pairs(texts, pairs, threshold)

@@ -7,7 +7,9 @@ indexes, the encoder, kind, dimension), then ``_done.json`` last.
 Versioning: :func:`load_index` refuses an index whose library version differs from the
 library's current one, since its row numbers would point at other guidelines.
 On machines with GPUs (``faiss.get_num_gpus() > 0``) flat and IVF indexes are sharded
-over all of them for building and searching; HNSW stays on the CPU (FAISS has no GPU HNSW).
+over all of them for searching (retrieve, and the dedup candidate search); the index is
+built and saved on the CPU so that its file loads anywhere. HNSW stays on the CPU (FAISS
+has no GPU HNSW).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class IndexReport:
         if self.skipped:
             return f"index: up to date ({self.rows} guidelines, library {self.library_version})"
         return (f"index: {self.rows} guidelines, {self.kind}, dim {self.dim}, "
-                f"{'%d GPU(s)' % self.gpus if self.gpus else 'CPU'}, library {self.library_version}; "
+                f"searched on {'%d GPU(s)' % self.gpus if self.gpus else 'the CPU'}, library {self.library_version}; "
                 f"{self.seconds}")
 
 
@@ -79,13 +81,7 @@ def to_gpus(index, kind: str):
     return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
 
 
-def to_cpu(index):
-    import faiss
-
-    return faiss.index_gpu_to_cpu(index) if num_gpus() else index
-
-
-def build_faiss(vecs: np.ndarray, ic, *, use_gpu: bool) -> tuple[object, str]:
+def build_faiss(vecs: np.ndarray, ic) -> tuple[object, str]:
     """An inner-product index over unit vectors ``vecs`` (CPU index returned)."""
     import faiss
 
@@ -105,11 +101,12 @@ def build_faiss(vecs: np.ndarray, ic, *, use_gpu: bool) -> tuple[object, str]:
         name = f"hnsw{ic.hnsw_m}"
     else:
         raise ValueError(f"index.kind must be flat, ivf or hnsw, not {ic.kind!r}")
-    work = to_gpus(index, ic.kind) if use_gpu else index
-    if not work.is_trained:
-        work.train(vecs)
-    work.add(vecs)
-    return (to_cpu(work) if work is not index else index), name
+    # built (and saved) on the CPU: adding to flat/HNSW is cheap, and a CPU index file loads
+    # anywhere; the GPUs serve the searches (load_index(use_gpu=True), retrieve, dedup)
+    if not index.is_trained:
+        index.train(vecs)
+    index.add(vecs)
+    return index, name
 
 
 def _encoder_ref(ic, workdir: Path) -> tuple[str, str]:
@@ -155,7 +152,7 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     vecs = encode(model, docs, batch_size=ic.batch_size)
     t2 = time.perf_counter()
     gpus = num_gpus() if ic.use_gpu else 0
-    index, name = build_faiss(vecs, ic, use_gpu=bool(gpus))
+    index, name = build_faiss(vecs, ic)
     t3 = time.perf_counter()
     import faiss
 

@@ -220,7 +220,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     secs["vectors"] = time.perf_counter() - t0
     labels, dstats = cluster(u_keys, vecs, threshold=lc.fuzzy_threshold, k=lc.neighbors,
                              min_cosine=lc.min_cosine, exact_max=lc.exact_search_max,
-                             nprobe=lc.nprobe)
+                             nprobe=lc.nprobe, use_gpu=lc.use_gpu)
     del vecs
     for k, v in dstats.seconds.items():
         secs[k] = v
