@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _dedup_child(workdir: str, threshold: float) -> None:
+def _dedup_child(workdir: str, threshold: float, overrides: list[str]) -> None:
     """Runs in a child process so that its peak RSS is the library stage's alone."""
     from guidealign.config import load_config
     from retrieval.library import run_library
 
-    cfg = load_config(overrides=[f"library.fuzzy_threshold={threshold}"])
+    cfg = load_config(overrides=[f"library.fuzzy_threshold={threshold}", *overrides])
     t0 = time.perf_counter()
     rep = run_library(cfg, workdir, progress=False)
     dt = time.perf_counter() - t0
@@ -43,7 +43,7 @@ def _dedup_child(workdir: str, threshold: float) -> None:
     print(json.dumps({"seconds": dt, "peak_rss_mib": rss, "report": rep.__dict__}))
 
 
-def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float) -> dict:
+def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float, overrides=()) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -59,7 +59,9 @@ def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float) -> dict:
         write_guideline_shards(Path(d) / "guidelines", rows, shard_rows=20_000)
         del rows
         gen_s = time.perf_counter() - t0
-        out = subprocess.run([sys.executable, __file__, "--dedup-child", d, "--threshold", str(threshold)],
+        sets = [a for o in overrides for a in ("--set", o)]
+        out = subprocess.run([sys.executable, __file__, "--dedup-child", d, "--threshold", str(threshold),
+                              *sets],
                              capture_output=True, text=True, cwd=REPO)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
@@ -162,6 +164,8 @@ def main():
     ap.add_argument("--distinct", type=int, default=0, help="dedup: distinct ones (0: 3.3%% of them)")
     ap.add_argument("--per-prompt", type=int, default=5, help="dedup: guidelines per prompt")
     ap.add_argument("--threshold", type=float, default=0.75)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="dedup: config override for the library stage, e.g. library.ngram_dim=128")
     ap.add_argument("--embed-texts", type=int, default=2000)
     ap.add_argument("--embed-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
@@ -174,7 +178,7 @@ def main():
     ap.add_argument("--dedup-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.dedup_child:
-        _dedup_child(a.dedup_child, a.threshold)
+        _dedup_child(a.dedup_child, a.threshold, a.overrides)
         return
     if a.threads:
         import torch
@@ -184,7 +188,7 @@ def main():
     res = {}
     if "dedup" in parts:
         res["dedup"] = bench_dedup(a.guidelines, a.distinct or max(1, round(a.guidelines * 0.033)),
-                                   a.per_prompt, a.threshold)
+                                   a.per_prompt, a.threshold, a.overrides)
     if "embed" in parts:
         res["embed"] = bench_embed(a.embed_texts, a.embed_batch, a.repeats)
     if "search" in parts:
