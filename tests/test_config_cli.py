@@ -18,6 +18,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.engine.dtype == "float32" and cfg.engine.max_model_len == 512
     assert cfg.ingest.shard_rows == 7 and cfg.detect.sampling.temperature == 0.0
     assert load_config().ingest.shard_rows == 10_000  # documented default
+    assert load_config(None, ["retriever.learning_rate=1e-4"]).retriever.learning_rate == 1e-4
 
 
 def test_unknown_key_and_bad_type_are_errors(tmp_path):
