@@ -24,6 +24,7 @@ builder existed when it was written).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +82,34 @@ def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> li
     return msgs
 
 
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """Ids of content text: special-token strings in it (``<|im_end|>``...) stay plain text."""
+    return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 def chat_ids(tok, messages: list[dict]) -> list[int]:
-    """Token ids of the chat with the assistant turn opened (the template adds any BOS)."""
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    """Token ids of the chat with the assistant turn opened (the template adds any BOS).
+
+    The template renders sentinels in place of the contents, so no content passes through
+    the template engine; its markup is tokenized with control tokens, the contents without,
+    so a prompt cannot close its turn or open a system turn of its own.
+    """
+    masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
+    text = tok.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    pos = 0
+    for m in _SENTINEL_RE.finditer(text):
+        if m.start() > pos:
+            ids += tok(text[pos:m.start()], add_special_tokens=False)["input_ids"]
+        ids += text_ids(tok, messages[int(m.group(1))]["content"])
+        pos = m.end()
+    if pos < len(text):
+        ids += tok(text[pos:], add_special_tokens=False)["input_ids"]
+    return ids
 
 
 @dataclass
@@ -106,7 +131,7 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
     if overlong != "truncate":
         return Prepared(None, gids, gtexts, why)
     notes = [why]
-    user_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    user_ids = text_ids(tok, prompt)
     # Drop lowest-ranked guidelines while the rest of the chat leaves too little room for the user.
     kept_ids, kept_texts = list(gids), list(gtexts)
     overhead = len(ids) - len(user_ids)
