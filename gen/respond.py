@@ -171,10 +171,15 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     rcfg: RespondConfig = cfg.respond
     ecfg = cfg.engine
     tok = llm.get_tokenizer()
-    budget = ecfg.max_model_len - rcfg.sampling.max_tokens
+    max_len = ecfg.max_model_len
+    try:  # an injected engine may have been started with a shorter context
+        max_len = min(max_len, int(llm.llm_engine.model_config.max_model_len))
+    except (AttributeError, TypeError, ValueError):
+        pass
+    budget = max_len - rcfg.sampling.max_tokens
     if budget <= 0:
         raise ValueError(f"respond.sampling.max_tokens ({rcfg.sampling.max_tokens}) leaves no room "
-                         f"for a prompt in engine.max_model_len ({ecfg.max_model_len})")
+                         f"for a prompt in the engine's max_model_len ({max_len})")
     params = sampling_params(rcfg.sampling, seed=ecfg.seed)
 
     def fn(table: pa.Table, index: int):
