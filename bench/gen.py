@@ -75,6 +75,8 @@ def stage_run(cfg, wd: Path, llm) -> dict:
     dt = time.perf_counter() - t0
     return {"seconds": dt, "prompts": rep.rows, "output_tokens": rep.stats.get("output_tokens", 0),
             "prompts_per_s": rep.rows / dt, "tokens_per_s": rep.stats.get("output_tokens", 0) / dt,
+            "generate_seconds": rep.stats.get("generate_seconds"),
+            "overhead_seconds": dt - rep.stats.get("generate_seconds", 0.0),
             "prefix_cache_hit_rate": rep.stats.get("prefix_cache_hit_rate"),
             "unparsed": rep.stats.get("unparsed", 0), "risky": rep.stats.get("risky", 0)}
 
@@ -174,6 +176,8 @@ def main() -> None:
               f"({r['output_tokens']} tokens in {r['seconds']:.1f} s)")
     print(f"  ratio stage/raw: {res['ratio_prompts_per_s']:.3f} (prompts/s), "
           f"{res['ratio_tokens_per_s']:.3f} (tokens/s); goal >= 0.9")
+    print(f"  stage time outside LLM.generate (read, build, parse, write, fingerprint): "
+          f"{stage['overhead_seconds']:.2f} s of {stage['seconds']:.1f} s")
     print(f"  prefix-cache hit rate (stage): {stage['prefix_cache_hit_rate']}")
     off = res.get("stage_no_prefix_cache")
     if off and "error" not in off:

@@ -25,7 +25,8 @@ class DetectConfig:
     # Tokens of max_model_len kept free for the input when fitting exemplars (our default).
     reserve_input_tokens: int = 512
     # Give each prompt its own sampling seed (engine.seed + prompt id), so sampled outputs do
-    # not depend on batching or resume; ignored at temperature 0.
+    # not depend on batching or resume; ignored at temperature 0, and on the CPU (vLLM CPU
+    # crashes on seeded requests with chunked prefill; there they share the engine seed).
     seed_per_prompt: bool = True
 
 

@@ -145,6 +145,10 @@ def run_detect(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, pr
 
     src = Path(workdir) / cfg.detect.input
     dst = Path(workdir) / "detect"
+    from shards import read_manifest
+
+    if read_manifest(src) is None:
+        raise ValueError(f"{src} has no manifest: run ingest (or augment) on this workdir first")
     fp = config_fingerprint(cfg, load_tokenizer(cfg.engine, llm))
     holder = {"llm": llm}
 

@@ -133,13 +133,25 @@ def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generat
     try:
         outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
         return [_to_generation(o) for o in outs]
-    except Exception as e:  # noqa: BLE001 - any engine error is isolated per prompt
+    except Exception as e:  # noqa: BLE001 - request errors are isolated per prompt
+        if not is_request_error(e):
+            raise  # an engine fault: the shard is not committed, a rerun resumes it
         if len(prompts) == 1:
             log.warning("prompt failed in vLLM: %s", e)
             return [Generation(text="", finish_reason="error", error=f"{type(e).__name__}: {e}")]
         mid = len(prompts) // 2
         p1, p2 = (params[:mid], params[mid:]) if isinstance(params, list) else (params, params)
         return generate(llm, prompts[:mid], p1) + generate(llm, prompts[mid:], p2)
+
+
+def is_request_error(e: BaseException) -> bool:
+    """An error caused by one request (validation: too long, bad parameters), as opposed
+    to an engine fault, after which the engine cannot be trusted and the job must stop."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - older vLLM
+        VLLMClientError = ()  # noqa: N806
+    return isinstance(e, (ValueError, TypeError, VLLMClientError))
 
 
 def prefix_cache_counters(llm) -> tuple[int, int]:
@@ -191,9 +203,21 @@ def prompt_seed(base: int, key: str) -> int:
     return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
+_warned_cpu_seed = False
+
+
 def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool):
     """One SamplingParams for all prompts, or one per prompt with its own seed
     (only when sampling: at temperature 0 seeds change nothing)."""
     if not per_prompt or s.temperature == 0:
+        return sampling_params(s)
+    if not has_cuda():
+        # vLLM CPU (0.32) crashes on seeded requests whose prefill is chunked ("CPU Generator
+        # does not use offset"), so on the CPU prompts share the engine's seeded generator.
+        global _warned_cpu_seed
+        if not _warned_cpu_seed:
+            log.warning("per-prompt seeds are not supported by vLLM on the CPU; sampled outputs "
+                        "depend on batching there (greedy outputs do not)")
+            _warned_cpu_seed = True
         return sampling_params(s)
     return [sampling_params(s, seed=prompt_seed(base_seed, k)) for k in keys]

@@ -215,6 +215,10 @@ def run_guidelines(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None
 
     src = Path(workdir) / "detect"
     dst = Path(workdir) / "guidelines"
+    from shards import read_manifest
+
+    if read_manifest(src) is None:
+        raise ValueError(f"{src} has no manifest: run detect on this workdir first")
     fp = config_fingerprint(cfg, load_tokenizer(cfg.engine, llm))
     holder = {"llm": llm}
 

@@ -169,3 +169,22 @@ def test_bad_prompt_files_are_clear_errors(generator_path, tok, tmp_path):
     with pytest.raises(TemplateError, match="missing key"):
         f.write_text("system: x\n")
         DetectPrompts(make_cfg(generator_path, f"detect.prompt_file={f}"), tok)
+
+
+class _FaultyEngine:
+    """Stands in for an engine whose model runner fails (no real engine can be made to)."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def generate(self, prompts, params, use_tqdm=False):
+        raise self.exc
+
+
+def test_engine_faults_propagate_but_request_errors_are_isolated():
+    from gen.engine import generate
+
+    with pytest.raises(RuntimeError, match="runner"):
+        generate(_FaultyEngine(RuntimeError("model runner died")), [{"prompt_token_ids": [1]}] * 3, None)
+    out = generate(_FaultyEngine(ValueError("prompt too long")), [{"prompt_token_ids": [1]}] * 3, None)
+    assert [g.finish_reason for g in out] == ["error"] * 3 and "too long" in out[0].error
