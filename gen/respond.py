@@ -180,7 +180,9 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     if budget <= 0:
         raise ValueError(f"respond.sampling.max_tokens ({rcfg.sampling.max_tokens}) leaves no room "
                          f"for a prompt in the engine's max_model_len ({max_len})")
-    params = sampling_params(rcfg.sampling, seed=ecfg.seed)
+    # No per-request seed: greedy decoding needs none, and vLLM on the CPU crashes on seeded
+    # requests whose prefill is chunked; the engine itself is seeded (engine.seed).
+    params = sampling_params(rcfg.sampling)
 
     def fn(table: pa.Table, index: int):
         from vllm.inputs import TokensPrompt
