@@ -180,7 +180,7 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, stage, stage_args):
     """Run STAGE on this node: one worker per GPU or per tensor-parallel group, with ranks.
 
     Everything after STAGE goes to `guidealign STAGE`, e.g.
-    `guidealign launch detect -w runs/x -c configs/gpu.yaml`.
+    `guidealign launch detect -w runs/x -c configs/gpu-paper.yaml`.
     """
     from shards import resolve_rank
 
