@@ -144,7 +144,9 @@ def test_augment(llm, generator_path, workdir):
                   "augment.sampling.temperature=0.9")
     rep = run_augment(cfg, workdir, llm=llm, progress=False)
     assert rep.processed == 2
+    assert rep.stats["generated"] > 0 and rep.stats["rounds"] >= 2
     rows = all_rows(workdir / "augment")
+    assert any(json.loads(r["metadata"])["origin"] != "seed" for r in rows)  # new questions kept
     by_type = {}
     for r in rows:
         by_type.setdefault(r["risk_type"], []).append(r)
