@@ -216,7 +216,7 @@ def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool):
         # does not use offset"), so on the CPU prompts share the engine's seeded generator.
         global _warned_cpu_seed
         if not _warned_cpu_seed:
-            log.warning("per-prompt seeds are not supported by vLLM on the CPU; sampled outputs "
+            log.info("per-prompt seeds are not supported by vLLM on the CPU; sampled outputs "
                         "depend on batching there (greedy outputs do not)")
             _warned_cpu_seed = True
         return sampling_params(s)
