@@ -91,6 +91,7 @@ def child_off(args) -> None:
     llm = build_llm(cfg.engine)
     _warm(llm)
     print("RESULT " + json.dumps(stage_run(cfg, wd, llm)), flush=True)
+    shutil.rmtree(wd, ignore_errors=True)
 
 
 def _warm(llm) -> None:
@@ -165,6 +166,7 @@ def main() -> None:
            "ratio_prompts_per_s": stage["prompts_per_s"] / raw["prompts_per_s"],
            "ratio_tokens_per_s": stage["tokens_per_s"] / raw["tokens_per_s"]}
     del llm
+    shutil.rmtree(wd, ignore_errors=True)
     if not args.no_off:
         cmd = [sys.executable, __file__, "--child-off"] + [a for a in sys.argv[1:] if a != "--no-off"]
         out = subprocess.run(cmd, capture_output=True, text=True)
