@@ -94,6 +94,10 @@ def build_llm(cfg: EngineConfig):
     if not cpu:
         kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
                       gpu_memory_utilization=cfg.gpu_memory_utilization)
+        if cfg.tensor_parallel_size > 1:
+            # multiprocessing workers on the GPUs this process was given; inside a Ray task,
+            # vLLM's Ray backend would try to reserve GPUs the task already holds
+            kwargs["distributed_executor_backend"] = "mp"
     log.info("starting vLLM: %s", kwargs)
     return LLM(**kwargs)
 
