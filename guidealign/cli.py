@@ -96,6 +96,21 @@ def status(workdir, as_json):
     click.echo(json.dumps(rows, indent=1) if as_json else render(rows))
 
 
+@cli.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False))
+@click.option("-n", "count", default=3, show_default=True, help="How many examples.")
+@click.option("--shard", type=int, default=None, help="Which shard (default: the first committed).")
+@click.option("--stage", default="respond", show_default=True, help="Response stage to read.")
+def show(workdir, count, shard, stage):
+    """Print examples: prompt -> risk verdict -> retrieved guidelines -> response."""
+    from guidealign.show import examples, render
+
+    try:
+        click.echo(render(examples(workdir, count, shard, stage)))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from e
+
+
 @cli.group()
 def models():
     """The embedded default models."""

@@ -1,0 +1,141 @@
+"""End to end: the whole demo pipeline on 24 sample prompts with the embedded models, through
+the CLI, then checks of every stage's output and of the final model (loaded in vLLM)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shards import committed, iter_tables, read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _rows(d: Path) -> list[dict]:
+    return [r for t in iter_tables(d) for r in t.to_pylist()]
+
+
+def _cli(*args, timeout=1500):
+    return subprocess.run([sys.executable, "-m", "guidealign", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    src = tmp / "prompts.jsonl"
+    lines = (REPO / "data/samples/prompts.jsonl").read_text().splitlines()
+    src.write_text("\n".join(lines[:24]) + "\n")
+    w = tmp / "run"
+    r = _cli("run", "-c", "configs/demo.yaml", "-w", str(w), "--no-progress",
+             "--set", f"inputs=[{src}]", "--set", "respond.sampling.max_tokens=192")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return w, r.stdout
+
+
+def test_every_stage_has_its_outputs(demo_run):
+    w, out = demo_run
+    prompts = _rows(w / "prompts")
+    assert len(prompts) == 24 and read_manifest(w / "prompts")["num_shards"] == 3
+    ids = {p["id"] for p in prompts}
+
+    detect = _rows(w / "detect")
+    assert {r["id"] for r in detect} == ids
+    assert all(r["risky"] in (True, False, None) and r["raw"] for r in detect)
+    assert sum(r["risky"] is not None for r in detect) >= 12  # most verdicts parse
+
+    guides = _rows(w / "guidelines")
+    assert {r["id"] for r in guides} == ids
+    with_guidelines = [r for r in guides if r["guidelines"]]
+    assert len(with_guidelines) >= 12
+    assert all(g["text"] for r in with_guidelines for g in r["guidelines"])
+
+    library = _rows(w / "library")
+    report = json.loads((w / "library" / "report.json").read_text())
+    exploded = sum(len(r["guidelines"]) for r in guides)
+    assert 0 < len(library) <= exploded
+    assert len({g["guideline_id"] for g in library}) == len(library)
+    assert all(set(g["prompt_ids"]) <= ids and g["members"] >= 1 for g in library)
+    assert json.dumps(report)  # sizes before/after each step are reported
+
+    metrics = json.loads((w / "retriever" / "metrics.json").read_text())
+    for system in ("base", "fine-tuned", "bm25"):
+        assert 0.0 <= metrics["systems"][system]["recall@20"] <= 1.0
+    assert (w / "index" / "_done.json").exists()
+
+    # retrieved texts are "title: text" as the library holds them
+    lib_text = {g["guideline_id"]: f"{g['title']}: {g['text']}" if g["title"] else g["text"]
+                for g in library}
+    retrieved = {r["id"]: r for r in _rows(w / "retrieve")}
+    assert set(retrieved) == ids
+    for r in retrieved.values():
+        assert 1 <= len(r["guideline_ids"]) <= 6
+        assert r["scores"] == sorted(r["scores"], reverse=True)
+        assert [lib_text[g] for g in r["guideline_ids"]] == r["guideline_texts"]
+
+    responses = _rows(w / "respond")
+    assert {r["id"] for r in responses} == ids
+    for r in responses:
+        assert r["guideline_ids"] == retrieved[r["id"]]["guideline_ids"]
+        assert r["finish_reason"] in ("stop", "length")
+    assert sum(bool(r["response"].strip()) for r in responses) >= 20
+
+    done = json.loads((w / "sft" / "_done.json").read_text())
+    assert done["rows"] >= 1
+    model = w / "sft" / "model"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+        assert (model / f).exists(), f
+    card = (model / "README.md").read_text()
+    assert "smollm2" in card.lower()
+
+
+def test_rerun_does_nothing(demo_run):
+    w, _ = demo_run
+    before = {st: [m.stat().st_mtime for m in sorted((w / st).glob("shard-*.done.json"))]
+              for st in ("prompts", "detect", "guidelines", "retrieve", "respond")}
+    r = _cli("-v", "run", "-c", "configs/demo.yaml", "-w", str(w), "--no-progress",
+             "--set", f"inputs=[{w.parent / 'prompts.jsonl'}]", "--set", "respond.sampling.max_tokens=192")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 shard(s) written" in r.stdout
+    after = {st: [m.stat().st_mtime for m in sorted((w / st).glob("shard-*.done.json"))]
+             for st in before}
+    assert after == before
+    assert "INFO guidealign.ingest" in r.stderr  # -v logging is on ...
+    assert "starting vLLM" not in r.stderr  # ... and no engine started for a run with nothing to do
+
+
+def test_status_and_show(demo_run):
+    w, _ = demo_run
+    r = _cli("status", str(w), "--json")
+    rows = {s["stage"]: s for s in json.loads(r.stdout)}
+    for st in ("prompts", "detect", "guidelines", "retrieve", "respond"):
+        assert rows[st]["shards_done"] == rows[st]["shards_total"] == 3
+    r = _cli("show", str(w), "-n", "2")
+    assert r.returncode == 0 and r.stdout.count("### ") == 2 and "retrieved guidelines" in r.stdout
+
+
+_ANSWER = """
+import sys
+from gen.engine import EngineConfig, Sampling, build_llm, generate, sampling_params
+llm = build_llm(EngineConfig(model=sys.argv[1], dtype="float32", max_model_len=1024))
+tok = llm.get_tokenizer()
+p = tok.apply_chat_template([{"role": "user", "content": "Name a color of the sky."}],
+                            tokenize=False, add_generation_prompt=True)
+[g] = generate(llm, [p], sampling_params(Sampling(temperature=0.0, max_tokens=32)))
+print("ANSWER:", g.output_tokens, g.finish_reason, repr(g.text))
+"""
+
+
+def test_final_model_loads_in_vllm_and_answers(demo_run):
+    w, _ = demo_run
+    r = subprocess.run([sys.executable, "-c", _ANSWER, str(w / "sft" / "model")], capture_output=True,
+                       text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("ANSWER:"))
+    n_tokens = int(line.split()[1])
+    assert n_tokens > 0
