@@ -225,3 +225,27 @@ def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool):
             _warned_cpu_seed = True
         return sampling_params(s)
     return [sampling_params(s, seed=prompt_seed(base_seed, k)) for k in keys]
+
+
+def run_engine_stage(stage: str, cfg, src, dst, fp: str, make_shard_fn, *, llm=None,
+                     columns: list[str] | None = None, rank: int = 0, world_size: int = 1,
+                     progress: bool = True, missing_hint: str = ""):
+    """A generation stage over shards: the engine is built on the first shard that needs work
+    (or ``llm`` is used), ``make_shard_fn(cfg, llm)`` gives the per-shard function, and the
+    report carries the prefix-cache hit rate of the work done."""
+    from shards import map_shards, read_manifest
+
+    if read_manifest(src) is None:
+        raise ValueError(f"{src} has no manifest: {missing_hint or 'run the stage before first'}")
+    holder = {"llm": llm}
+
+    def make_fn():
+        if holder["llm"] is None:
+            holder["llm"] = build_llm(cfg.engine)
+        return make_shard_fn(cfg, holder["llm"])
+
+    rep = map_shards(stage, src, dst, fp, make_fn=make_fn, rank=rank, world_size=world_size,
+                     columns=columns, progress=progress)
+    q, h = rep.stats.get("prefix_cache_queries", 0), rep.stats.get("prefix_cache_hits", 0)
+    rep.stats["prefix_cache_hit_rate"] = round(h / q, 4) if q else None
+    return rep

@@ -210,25 +210,10 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
 def run_guidelines(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None,
                    progress: bool = True):
     """Run the guidelines stage over this rank's shards of WORKDIR/detect."""
-    from gen.engine import build_llm, load_tokenizer
-    from shards import map_shards
+    from gen.engine import load_tokenizer, run_engine_stage
 
-    src = Path(workdir) / "detect"
-    dst = Path(workdir) / "guidelines"
-    from shards import read_manifest
-
-    if read_manifest(src) is None:
-        raise ValueError(f"{src} has no manifest: run detect on this workdir first")
-    fp = config_fingerprint(cfg, load_tokenizer(cfg.engine, llm))
-    holder = {"llm": llm}
-
-    def make_fn():
-        if holder["llm"] is None:
-            holder["llm"] = build_llm(cfg.engine)
-        return make_shard_fn(cfg, holder["llm"])
-
-    rep = map_shards("guidelines", src, dst, fp, make_fn=make_fn, rank=rank, world_size=world_size,
-                     columns=["id", "prompt", "risky", "raw"], progress=progress)
-    q, h = rep.stats.get("prefix_cache_queries", 0), rep.stats.get("prefix_cache_hits", 0)
-    rep.stats["prefix_cache_hit_rate"] = round(h / q, 4) if q else None
-    return rep
+    return run_engine_stage(
+        "guidelines", cfg, Path(workdir) / "detect", Path(workdir) / "guidelines",
+        config_fingerprint(cfg, load_tokenizer(cfg.engine, llm)), make_shard_fn, llm=llm,
+        columns=["id", "prompt", "risky", "raw"], rank=rank, world_size=world_size,
+        progress=progress, missing_hint="run detect on this workdir first")

@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shards.write import file_sha256
+
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
@@ -63,14 +65,6 @@ class PushReport:
                 f"{self.seconds:.1f}s")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _git_oid(path: Path, size: int) -> str:
     h = hashlib.sha1(b"blob %d\0" % size)
     with open(path, "rb") as f:
@@ -81,7 +75,7 @@ def _git_oid(path: Path, size: int) -> str:
 
 def local_file(path_in_repo: str, local: Path, sha256: str | None = None) -> LocalFile:
     size = local.stat().st_size
-    return LocalFile(path_in_repo, local, size, sha256 or _sha256(local),
+    return LocalFile(path_in_repo, local, size, sha256 or file_sha256(local),
                      _git_oid(local, size) if size < REGULAR_MAX else None)
 
 

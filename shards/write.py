@@ -25,7 +25,7 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -88,7 +88,7 @@ def write_shard(
         index=index,
         rows=table.num_rows,
         bytes=spath.stat().st_size,
-        sha256=_sha256(spath),
+        sha256=file_sha256(spath),
         fingerprint=fingerprint,
         seconds=round(seconds, 4),
         quarantined=n_quarantined,
