@@ -113,7 +113,6 @@ class GuidelinePrompts:
 
 def _build_detection_first(builder: PromptBuilder, msgs: list[Message], max_tokens: int) -> Built:
     """Build with the detection turn as the first slot to cut (it is the less important)."""
-    det_slot = msgs[-2].content[0]
     inp_msg = msgs[-3]
     # PromptBuilder cuts slots in prompt order: put a non-truncatable copy of the input first
     # when the detection turn alone can absorb the excess.

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval.artifact import build_dir, input_wait, is_current, mark_done, read_done, set_threads, wait_done
-from shards import fingerprint, wait_complete, write_json_atomic
+from retrieval.artifact import build_dir, is_current, mark_done, read_done, set_threads, wait_done
+from shards import fingerprint, write_json_atomic
 
 log = logging.getLogger(__name__)
 STAGE = "index"
@@ -124,17 +124,14 @@ def _encoder_ref(ic, workdir: Path) -> tuple[str, str]:
 def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
               progress: bool = True) -> IndexReport:
     from retrieval.embed import doc_text, encode, load_encoder
-    from retrieval.library import library_dir, read_library
+    from retrieval.library import read_library, wait_library
 
     ic = cfg.index
     workdir = Path(workdir)
     dst = index_dir(workdir)
-    lib = library_dir(workdir)
-    if rank != 0:
-        wait_done(dst, timeout=max(input_wait(cfg, world_size), 3600))
+    version = wait_library(cfg, workdir, dst, rank, world_size)
+    if version is None:
         return IndexReport(skipped=True)
-    wait_complete(lib, timeout=input_wait(cfg, world_size))
-    version = wait_done(lib, timeout=input_wait(cfg, world_size))["version"]
     model_path, model_ref = _encoder_ref(ic, workdir)
     fp = fingerprint("index-v1", ic, version, model_ref)
     if is_current(dst, fp):

@@ -85,6 +85,18 @@ def library_dir(workdir: str | Path) -> Path:
     return Path(workdir) / STAGE
 
 
+def wait_library(cfg, workdir: str | Path, dst: str | Path, rank: int, world_size: int) -> str | None:
+    """For the stages built on the library (train-retriever, index): rank 0 waits for the
+    complete library and gets its version; the other ranks wait for ``dst``, which rank 0
+    writes, and get None."""
+    if rank != 0:
+        wait_done(dst, timeout=max(input_wait(cfg, world_size), 3600))
+        return None
+    lib = library_dir(workdir)
+    wait_complete(lib, timeout=input_wait(cfg, world_size))
+    return wait_done(lib, timeout=input_wait(cfg, world_size))["version"]
+
+
 def guideline_id(key: str) -> str:
     return "g" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 

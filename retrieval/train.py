@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from retrieval.artifact import build_dir, input_wait, is_current, mark_done, read_done, set_threads, wait_done
-from shards import fingerprint, wait_complete, write_json_atomic
+from retrieval.artifact import build_dir, is_current, mark_done, read_done, set_threads
+from shards import fingerprint, write_json_atomic
 
 log = logging.getLogger(__name__)
 STAGE = "retriever"
@@ -86,17 +86,15 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
                         progress: bool = True) -> RetrieverReport:
     from retrieval.embed import doc_text, load_encoder
     from retrieval.evaluate import bm25_scorer, build_eval_set, dense_scorer, evaluate, render_table
-    from retrieval.library import library_dir, read_library
+    from retrieval.library import library_dir, read_library, wait_library
 
     rc = cfg.retriever
     workdir = Path(workdir)
     dst = retriever_dir(workdir)
     lib = library_dir(workdir)
-    if rank != 0:
-        wait_done(dst, timeout=max(input_wait(cfg, world_size), 3600))
+    version = wait_library(cfg, workdir, dst, rank, world_size)
+    if version is None:
         return RetrieverReport(skipped=True)
-    wait_complete(lib, timeout=input_wait(cfg, world_size))
-    version = wait_done(lib, timeout=input_wait(cfg, world_size))["version"]
     fp = fingerprint("retriever-v1", rc, version)
     if is_current(dst, fp):
         done = read_done(dst)

@@ -17,7 +17,6 @@ never printed or logged here.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time

@@ -3,14 +3,13 @@ the CLI, then checks of every stage's output and of the final model (loaded in v
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from shards import committed, iter_tables, read_manifest
+from shards import iter_tables, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -201,7 +201,6 @@ run_detect(cfg_for({gen!r}), {wd!r}, progress=False)
 
 def test_kill_and_resume_gives_identical_output(llm, generator_path, tmp_path):
     from gen.detect import run_detect
-    from guidealign.models import prepare_generator  # noqa: F401
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

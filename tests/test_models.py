@@ -1,7 +1,6 @@
 """The embedded default models: offline, idempotent, atomic, and served by the real vLLM."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -20,7 +20,7 @@ from guidealign.config import load_config
 from retrieval.index import IndexVersionError, load_index, run_index
 from retrieval.library import run_library
 from retrieval.retrieve import run_retrieve, select
-from retrieval.synthetic import (base_guideline, near_duplicate, synthetic_library,
+from retrieval.synthetic import (base_guideline, synthetic_library,
                                  write_guideline_shards, write_prompt_shards)
 
 REPO = Path(__file__).resolve().parents[1]
