@@ -24,7 +24,7 @@ builder existed when it was written).
 from __future__ import annotations
 
 import logging
-import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,34 +82,20 @@ def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> li
     return msgs
 
 
-_SENTINEL = "\ue000{}\ue001"
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
-
-
 def text_ids(tok, text: str) -> list[int]:
     """Ids of content text: special-token strings in it (``<|im_end|>``...) stay plain text."""
     return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:
-    """Token ids of the chat with the assistant turn opened (the template adds any BOS).
+    """Token ids of the chat with the assistant turn opened, built by gen.build's
+    PromptBuilder: the template's markup is tokenized with control tokens, the contents
+    without, so a prompt cannot close its turn or open a system turn of its own."""
+    from gen.build import Message, PromptBuilder
 
-    The template renders sentinels in place of the contents, so no content passes through
-    the template engine; its markup is tokenized with control tokens, the contents without,
-    so a prompt cannot close its turn or open a system turn of its own.
-    """
-    masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
-    text = tok.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
-    ids: list[int] = []
-    pos = 0
-    for m in _SENTINEL_RE.finditer(text):
-        if m.start() > pos:
-            ids += tok(text[pos:m.start()], add_special_tokens=False)["input_ids"]
-        ids += text_ids(tok, messages[int(m.group(1))]["content"])
-        pos = m.end()
-    if pos < len(text):
-        ids += tok(text[pos:], add_special_tokens=False)["input_ids"]
-    return ids
+    built = PromptBuilder(tok, max_model_len=sys.maxsize).build(
+        [Message(m["role"], [m["content"]]) for m in messages], max_tokens=0)
+    return built.token_ids
 
 
 @dataclass
@@ -166,16 +152,13 @@ def _as_list(v) -> list[str]:
 
 def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
+    from gen.build import engine_max_len
     from gen.engine import generate, sampling_params
 
     rcfg: RespondConfig = cfg.respond
     ecfg = cfg.engine
     tok = llm.get_tokenizer()
-    max_len = ecfg.max_model_len
-    try:  # an injected engine may have been started with a shorter context
-        max_len = min(max_len, int(llm.llm_engine.model_config.max_model_len))
-    except (AttributeError, TypeError, ValueError):
-        pass
+    max_len = engine_max_len(llm, ecfg.max_model_len)  # an injected engine may be shorter
     budget = max_len - rcfg.sampling.max_tokens
     if budget <= 0:
         raise ValueError(f"respond.sampling.max_tokens ({rcfg.sampling.max_tokens}) leaves no room "
@@ -263,23 +246,15 @@ def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, g
     "respond-baseline". Both are names under ``workdir`` or paths. ``llm`` is built lazily from
     ``cfg.engine`` on the first shard that needs work.
     """
-    from shards import map_shards
+    from gen.engine import run_engine_stage
 
     workdir = Path(workdir)
     src = src or ("retrieve" if guided else "prompts")
     dst = dst or ("respond" if guided else "respond-baseline")
-    src_path = workdir / src
-    dst_path = workdir / dst
     columns = ["id", "prompt"] + (["guideline_ids", "guideline_texts"] if guided else [])
-
-    def make_fn():
-        nonlocal llm
-        if llm is None:
-            from gen.engine import build_llm
-
-            llm = build_llm(cfg.engine)
-        return make_respond_fn(cfg, llm, guided=guided, model_name=cfg.engine.model)
-
-    return map_shards("respond" if guided else "respond-baseline", src_path, dst_path,
-                      respond_fingerprint(cfg, guided), make_fn=make_fn, rank=rank,
-                      world_size=world_size, columns=columns, progress=progress)
+    return run_engine_stage(
+        "respond" if guided else "respond-baseline", cfg, workdir / src, workdir / dst,
+        respond_fingerprint(cfg, guided),
+        lambda c, engine: make_respond_fn(c, engine, guided=guided, model_name=c.engine.model),
+        llm=llm, columns=columns, rank=rank, world_size=world_size, progress=progress,
+        missing_hint="run retrieve on this workdir first" if guided else "run ingest first")

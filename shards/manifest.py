@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from shards.marker import is_done, read_marker
+from shards.marker import read_marker
 from shards.write import write_json_atomic
 
 MANIFEST = "_stage.json"
@@ -58,4 +58,4 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0) ->
         time.sleep(poll)
 
 
-__all__ = ["write_manifest", "read_manifest", "missing_shards", "wait_complete", "is_done"]
+__all__ = ["write_manifest", "read_manifest", "missing_shards", "is_complete", "wait_complete"]
