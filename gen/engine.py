@@ -1,14 +1,25 @@
 """The one vLLM engine that a worker uses for all its shards.
 
-``build_llm`` sets the vLLM CPU settings itself when no GPU is present (KV-cache
-size, thread binding, in-process engine), so users never need to know them.
+``build_llm`` runs vLLM's engine core in a process of its own (V1 multiprocessing, spawn),
+so nothing the engine does to its process reaches the caller: vLLM's CPU worker replaces
+``torch.set_num_threads`` with a no-op and binds OpenMP threads to cores, and vLLM writes
+``LD_PRELOAD`` and other variables into ``os.environ`` while it configures itself. The
+caller's environment is restored once the engine is up, so later subprocesses inherit
+nothing from it, and every later stage's thread setting holds. On a machine without a GPU
+it also sets the vLLM CPU settings (KV-cache size, thread binding of the engine process).
+
 ``generate`` hands a whole shard's prompts to vLLM at once (its scheduler does the
 batching) and never lets one bad prompt kill the batch.
+
+Scripts that build an engine need the ``if __name__ == "__main__":`` guard: the engine
+process is started with ``spawn``, which imports the main module again.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -21,6 +32,9 @@ class Sampling:
     max_tokens: int = 400
     # Stop strings, in addition to the model's end-of-turn token.
     stop: list[str] = field(default_factory=list)
+    # vLLM's repetition penalty (1.0 = off); > 1 discourages the loops that keep a small
+    # model writing until max_tokens.
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -30,7 +44,7 @@ class EngineConfig:
     # "auto" (the checkpoint's dtype; bf16 for the embedded model), "float32", "bfloat16", "float16".
     dtype: str = "auto"
     # Context length the engine reserves per sequence: prompt + template + output must fit.
-    # 8192 = SmolLM2's context; the paper's full few-shot prompts (12 safety exemplars shown
+    # 8192 = SmolLM2's context; the paper's full few-shot prompts (13 safety exemplars shown
     # as conversations) need ~4k tokens. Smaller values drop exemplars (with a warning).
     max_model_len: int = 8192
     tensor_parallel_size: int = 1
@@ -48,6 +62,9 @@ class EngineConfig:
     # What to do with a prompt that does not fit max_model_len with its output budget:
     # "truncate" (keep the end of the user text) or "skip" (record it, generate nothing).
     overlong: str = "truncate"
+    # Chat template: None = the tokenizer's own; a built-in name ("vicuna_v1.1", "llama-2",
+    # "chatml") or a .jinja path replaces it (needed for models that ship none; gen/templates.py).
+    chat_template: str | None = None
 
 
 def has_cuda() -> bool:
@@ -62,7 +79,6 @@ def has_cuda() -> bool:
 def apply_cpu_env(cfg: EngineConfig) -> None:
     """vLLM CPU settings that worked on small machines; explicit env vars still win."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     bind = cfg.cpu_threads_bind
     if bind == "auto":
         cores = sorted(os.sched_getaffinity(0))
@@ -71,42 +87,86 @@ def apply_cpu_env(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
 
 
+@contextmanager
+def engine_isolation():
+    """Build an engine without letting it change this process: the engine core runs in its
+    own (spawned) process, and on exit ``os.environ`` is put back exactly as it was and
+    ``torch.set_num_threads`` is the original function again."""
+    saved_env = dict(os.environ)
+    # Own process for the engine core (the in-process engine patches the caller); spawn,
+    # because a forked child inherits this process's OpenMP and CUDA state.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    try:
+        yield
+    finally:
+        for k in set(os.environ) - set(saved_env):
+            del os.environ[k]
+        for k, v in saved_env.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.set_num_threads is not torch._C.set_num_threads:
+            torch.set_num_threads = torch._C.set_num_threads
+
+
 def build_llm(cfg: EngineConfig):
-    """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)."""
+    """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)
+    with its engine core in a process of its own (see :func:`engine_isolation`)."""
+    from gen import reaper
     from guidealign.models import resolve
 
-    cpu = not has_cuda()
-    if cpu:
-        apply_cpu_env(cfg)
-    from vllm import LLM
+    before = reaper.child_pids()
+    with engine_isolation():
+        cpu = not has_cuda()
+        if cpu:
+            apply_cpu_env(cfg)
+        from vllm import LLM
 
-    eager = cfg.enforce_eager if cfg.enforce_eager is not None else cpu
-    kwargs = dict(
-        model=resolve(cfg.model),
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        enable_prefix_caching=cfg.enable_prefix_caching,
-        enforce_eager=eager,
-        seed=cfg.seed,
-        max_num_seqs=cfg.max_num_seqs,
-        disable_log_stats=False,
-    )
-    if not cpu:
-        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
-                      gpu_memory_utilization=cfg.gpu_memory_utilization)
-        if cfg.tensor_parallel_size > 1:
-            # multiprocessing workers on the GPUs this process was given; inside a Ray task,
-            # vLLM's Ray backend would try to reserve GPUs the task already holds
-            kwargs["distributed_executor_backend"] = "mp"
-    log.info("starting vLLM: %s", kwargs)
-    return LLM(**kwargs)
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else cpu
+        kwargs = dict(
+            model=resolve(cfg.model),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enforce_eager=eager,
+            seed=cfg.seed,
+            max_num_seqs=cfg.max_num_seqs,
+            disable_log_stats=False,
+        )
+        if not cpu:
+            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+            if cfg.tensor_parallel_size > 1:
+                # multiprocessing workers on the GPUs this process was given; inside a Ray task,
+                # vLLM's Ray backend would try to reserve GPUs the task already holds
+                kwargs["distributed_executor_backend"] = "mp"
+        log.info("starting vLLM: %s", kwargs)
+        llm = LLM(**kwargs)
+    # the engine's processes end with this one, even when it is SIGKILLed
+    llm._guidealign_watchdog = reaper.guard(reaper.child_pids() - before)
+    from gen.templates import apply_template  # the configured chat template, or the model's own
+
+    apply_template(llm.get_tokenizer(), cfg.chat_template, model=cfg.model)
+    return llm
+
+
+def close_llm(llm) -> None:
+    """Stop the engine's process now and free its memory (instead of at garbage collection)."""
+    from gen import reaper
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    reaper.release(getattr(llm, "_guidealign_watchdog", None))
 
 
 def sampling_params(s: Sampling, seed: int | None = None):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                          stop=list(s.stop) or None, seed=seed)
+                          stop=list(s.stop) or None, seed=seed,
+                          repetition_penalty=s.repetition_penalty)
 
 
 @dataclass
@@ -188,7 +248,10 @@ def load_tokenizer(cfg: EngineConfig, llm=None):
 
     from guidealign.models import resolve
 
-    return AutoTokenizer.from_pretrained(resolve(cfg.model))
+    from gen.templates import apply_template
+
+    return apply_template(AutoTokenizer.from_pretrained(resolve(cfg.model)), cfg.chat_template,
+                          model=cfg.model)
 
 
 def chat_template_text(tok) -> str:
@@ -248,4 +311,6 @@ def run_engine_stage(stage: str, cfg, src, dst, fp: str, make_shard_fn, *, llm=N
                      columns=columns, progress=progress)
     q, h = rep.stats.get("prefix_cache_queries", 0), rep.stats.get("prefix_cache_hits", 0)
     rep.stats["prefix_cache_hit_rate"] = round(h / q, 4) if q else None
-    return rep
+    from gen.yieldstats import with_yield
+
+    return with_yield(rep, dst)  # rows parsed, cut, share of tokens kept (gen/yieldstats.py)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shards import write_json_atomic
+from shards.write import torch_threads
 
 DONE = "_done.json"
 
@@ -29,15 +30,21 @@ def is_current(d: str | Path, fp: str) -> bool:
 
 
 def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0) -> dict:
-    """Block until the artifact at ``d`` is complete (``timeout=0``: check once)."""
+    """Block until the artifact at ``d`` is complete (``timeout=0``: check once). While it
+    waits it stops when a rank of the run failed or nothing moved (shards/failure.py)."""
+    from shards.failure import Watch, waiting
+
     deadline = time.monotonic() + timeout
-    while True:
-        done = read_done(d)
-        if done is not None:
-            return done
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"{d} is not complete (no {DONE}): run the stage that builds it first")
-        time.sleep(poll)
+    watch = Watch(Path(d).parent, str(Path(d) / DONE))
+    with waiting(str(d)):
+        while True:
+            done = read_done(d)
+            if done is not None:
+                return done
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{d} is not complete (no {DONE}): run the stage that builds it first")
+            watch.check(None, f"{d} has no {DONE} yet")
+            time.sleep(poll)
 
 
 @contextmanager
@@ -65,7 +72,7 @@ def build_dir(final: str | Path):
 
 def mark_done(d: str | Path, *, fingerprint: str, rows: int, seconds: float, **extra) -> dict:
     info = {"fingerprint": fingerprint, "rows": int(rows), "seconds": round(seconds, 3),
-            "created": time.time(), **extra}
+            "created": time.time(), "threads": torch_threads(), **extra}
     write_json_atomic(Path(d) / DONE, info)
     return info
 

@@ -46,6 +46,19 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
     return kept
 
 
+def encoder_path(meta: dict, workdir: Path) -> str:
+    """Where the index's encoder is now: the run's own retriever is found under this workdir
+    (the index records its fingerprint, not the path it had, so a moved run still works)."""
+    ref = meta.get("model_ref", "")
+    if ref.startswith("retriever:"):
+        from retrieval.train import model_dir
+
+        return str(model_dir(workdir))
+    from guidealign.models import resolve
+
+    return resolve(ref) if ref else meta["model"]
+
+
 def make_shard_fn(cfg, workdir: Path):
     """Load the encoder and index once; return the per-shard function."""
     from retrieval.embed import encode, load_encoder
@@ -55,7 +68,7 @@ def make_shard_fn(cfg, workdir: Path):
     rc = cfg.retrieve
     set_threads(rc.threads)
     idx = load_index(index_dir(workdir), library_dir(workdir), use_gpu=cfg.index.use_gpu)
-    model = load_encoder(idx.meta["model"])
+    model = load_encoder(encoder_path(idx.meta, workdir))
 
     def fn(table: pa.Table, i: int):
         ids = table.column("id").to_pylist()
@@ -87,8 +100,18 @@ def make_shard_fn(cfg, workdir: Path):
     return fn
 
 
-def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, src: str = "prompts",
+def prompt_set(cfg, configured: str = "") -> str:
+    """The prompt dataset a stage reads: ``configured`` when set, else the fine-tuning set
+    ("prompts-sft", ingested from ``inputs_sft``) when the config has one, else "prompts"
+    (the paper's layout: the library from one set, responses for another)."""
+    if configured:
+        return configured
+    return "prompts-sft" if getattr(cfg, "inputs_sft", None) else "prompts"
+
+
+def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, src: str | None = None,
                  dst: str = "retrieve", progress: bool = True) -> StageReport:
+    """Retrieve for every prompt of ``src`` (default: ``prompt_set(cfg, retrieve.prompts)``)."""
     from retrieval.index import check_version, index_dir
     from retrieval.library import library_dir
 
@@ -100,6 +123,7 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     # a stale index fails here, before any shard, and changes the fingerprint of every shard
     meta = check_version(index_dir(workdir), library_dir(workdir))
     fp = fingerprint("retrieve-v1", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"])
+    src = src or prompt_set(cfg, rc.prompts)
     return map_shards("retrieve", workdir / src, workdir / dst, fp,
                       make_fn=lambda: make_shard_fn(cfg, workdir), rank=rank, world_size=world_size,
                       columns=["id", "prompt"], progress=progress)

@@ -19,6 +19,10 @@ class Marker:
     quarantined: int = 0
     created: float = 0.0
     stats: dict = field(default_factory=dict)
+    # sha256 of the quarantine file ("" when the shard quarantined nothing); `guidealign verify`
+    quarantine_sha256: str = ""
+    # torch's intra-op threads when the shard was committed (0: torch was not loaded)
+    threads: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

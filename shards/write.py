@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +13,13 @@ import pyarrow.parquet as pq
 
 from shards.layout import marker_path, quarantine_path, shard_path
 from shards.marker import Marker
+
+
+def torch_threads() -> int:
+    """The intra-op threads torch computes with now (0 when this process never loaded torch),
+    recorded in markers so a resumed run shows which thread counts made its shards."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else 0
 
 
 def _fsync_dir(d: Path) -> None:
@@ -76,10 +84,11 @@ def write_shard(
     mpath = marker_path(dataset, index)
     mpath.unlink(missing_ok=True)
     qpath = quarantine_path(dataset, index)
-    n_quarantined = 0
+    n_quarantined, q_sha = 0, ""
     if quarantine is not None and quarantine.num_rows:
         _write_parquet_atomic(quarantine, qpath)
         n_quarantined = quarantine.num_rows
+        q_sha = file_sha256(qpath)
     else:
         qpath.unlink(missing_ok=True)
     spath = shard_path(dataset, index)
@@ -94,6 +103,8 @@ def write_shard(
         quarantined=n_quarantined,
         created=time.time(),
         stats=stats or {},
+        quarantine_sha256=q_sha,
+        threads=torch_threads(),
     )
     write_json_atomic(mpath, marker.to_json())
     return marker

@@ -38,13 +38,20 @@ def embedder_path() -> str:
     return str(embedder_dir())
 
 
+# os.environ as it was just before the session engine started (tests/test_engine_isolation.py)
+ENV_BEFORE_ENGINE: dict = {}
+
+
 @pytest.fixture(scope="session")
 def llm(generator_path):
     """The real vLLM engine on the embedded SmolLM2 (float32, eager, prefix caching on)."""
-    from gen.engine import build_llm
+    from gen.engine import build_llm, close_llm
 
+    ENV_BEFORE_ENGINE.update(os.environ)
+    ENV_BEFORE_ENGINE.pop("PYTEST_CURRENT_TEST", None)
     engine = build_llm(engine_config(model=generator_path))
     yield engine
+    close_llm(engine)
 
 
 @pytest.fixture
@@ -52,3 +59,28 @@ def workdir(tmp_path) -> Path:
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """GUIDEALIGN_TEST_ORDER=reverse | shuffle:SEED runs the suite in another order (modules
+    reordered, and the tests inside each module), to prove that no test depends on another
+    having run first. Unset: the order pytest collects."""
+    order = os.environ.get("GUIDEALIGN_TEST_ORDER", "")
+    if not order:
+        return
+    import random
+
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, []).append(item)
+    groups = list(modules.values())
+    if order == "reverse":
+        groups = [g[::-1] for g in groups[::-1]]
+    elif order.startswith("shuffle:"):
+        rng = random.Random(int(order.split(":", 1)[1]))
+        rng.shuffle(groups)
+        for g in groups:
+            rng.shuffle(g)
+    else:
+        raise pytest.UsageError(f"GUIDEALIGN_TEST_ORDER={order!r}: use reverse or shuffle:SEED")
+    items[:] = [i for g in groups for i in g]

@@ -3,6 +3,7 @@ the CLI, then checks of every stage's output and of the final model (loaded in v
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,17 @@ def demo_run(tmp_path_factory):
     lines = (REPO / "data/samples/prompts.jsonl").read_text().splitlines()
     src.write_text("\n".join(lines[:24]) + "\n")
     w = tmp / "run"
-    r = _cli("run", "-c", "configs/demo.yaml", "-w", str(w), "--no-progress",
-             "--set", f"inputs=[{src}]", "--set", "respond.sampling.max_tokens=192")
+    r = _cli("run", "-c", "configs/demo.yaml", "-w", str(w), "--no-progress", *_SETS(src))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return w, r.stdout
+
+
+def _SETS(src):  # noqa: N802 - the overrides every run of this module uses
+    # Greedy decoding (float32, so the output does not depend on batching or order), and SFT
+    # keeps answers cut at the cap too, so the training set is never empty whatever the model says.
+    return ["--set", f"inputs=[{src}]", "--set", "respond.sampling.max_tokens=192",
+            "--set", "detect.sampling.temperature=0", "--set", "guidelines.sampling.temperature=0",
+            "--set", "sft.keep_finish_reasons=[stop,length]"]
 
 
 def test_every_stage_has_its_outputs(demo_run):
@@ -46,13 +54,17 @@ def test_every_stage_has_its_outputs(demo_run):
     detect = _rows(w / "detect")
     assert {r["id"] for r in detect} == ids
     assert all(r["risky"] in (True, False, None) and r["raw"] for r in detect)
-    assert sum(r["risky"] is not None for r in detect) >= 12  # most verdicts parse
+    # every verdict that did not parse says so
+    no_verdict = {"missing", "empty", "skipped", "error"}
+    assert all((r["risky"] is None) == (r["parse_status"] in no_verdict) for r in detect)
 
     guides = _rows(w / "guidelines")
     assert {r["id"] for r in guides} == ids
     with_guidelines = [r for r in guides if r["guidelines"]]
-    assert len(with_guidelines) >= 12
+    assert with_guidelines
     assert all(g["text"] for r in with_guidelines for g in r["guidelines"])
+    # a prompt without guidelines carries the reason
+    assert all(r["parse_status"] != "ok" or r["skip_reason"] for r in guides if not r["guidelines"])
 
     library = _rows(w / "library")
     report = json.loads((w / "library" / "report.json").read_text())
@@ -60,7 +72,12 @@ def test_every_stage_has_its_outputs(demo_run):
     assert 0 < len(library) <= exploded
     assert len({g["guideline_id"] for g in library}) == len(library)
     assert all(set(g["prompt_ids"]) <= ids and g["members"] >= 1 for g in library)
-    assert json.dumps(report)  # sizes before/after each step are reported
+    # sizes before/after each step are reported, and they add up
+    assert report["prompts"] == 24
+    assert report["exploded"] == exploded
+    assert report["exploded"] - report["empty_dropped"] >= report["after_exact"] >= report["after_near"]
+    assert report["after_near"] == len(library)
+    assert report["safety"] + report["quality"] == len(library)
 
     metrics = json.loads((w / "retriever" / "metrics.json").read_text())
     for system in ("base", "fine-tuned", "bm25"):
@@ -82,10 +99,10 @@ def test_every_stage_has_its_outputs(demo_run):
     for r in responses:
         assert r["guideline_ids"] == retrieved[r["id"]]["guideline_ids"]
         assert r["finish_reason"] in ("stop", "length")
-    assert sum(bool(r["response"].strip()) for r in responses) >= 20
 
+    # SFT trains on every non-empty answer (both finish reasons are kept in this run)
     done = json.loads((w / "sft" / "_done.json").read_text())
-    assert done["rows"] >= 1
+    assert done["rows"] == sum(bool(r["response"].strip()) for r in responses) > 0
     model = w / "sft" / "model"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
         assert (model / f).exists(), f
@@ -93,17 +110,28 @@ def test_every_stage_has_its_outputs(demo_run):
     assert "smollm2" in card.lower()
 
 
-def test_rerun_does_nothing(demo_run):
+@pytest.mark.parametrize("where", ["same", "moved"])
+def test_rerun_does_nothing(demo_run, tmp_path, where):
+    """A rerun of a finished run, in place or after copying the run directory under another
+    name (another filesystem, another mount point), writes nothing and starts no engine:
+    fingerprints depend on content and config, never on paths."""
     w, _ = demo_run
+    if where == "moved":
+        w2 = tmp_path / "elsewhere" / "renamed-run"
+        shutil.copytree(w, w2, copy_function=shutil.copy2)
+        w = w2
+    artifacts = ("library", "retriever", "index", "sft")
     before = {st: [m.stat().st_mtime for m in sorted((w / st).glob("shard-*.done.json"))]
               for st in ("prompts", "detect", "guidelines", "retrieve", "respond")}
+    done_before = {a: (w / a / "_done.json").read_text() for a in artifacts}
     r = _cli("-v", "run", "-c", "configs/demo.yaml", "-w", str(w), "--no-progress",
-             "--set", f"inputs=[{w.parent / 'prompts.jsonl'}]", "--set", "respond.sampling.max_tokens=192")
+             *_SETS(demo_run[0].parent / "prompts.jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "0 shard(s) written" in r.stdout
     after = {st: [m.stat().st_mtime for m in sorted((w / st).glob("shard-*.done.json"))]
              for st in before}
     assert after == before
+    assert {a: (w / a / "_done.json").read_text() for a in artifacts} == done_before
     assert "INFO guidealign.ingest" in r.stderr  # -v logging is on ...
     assert "starting vLLM" not in r.stderr  # ... and no engine started for a run with nothing to do
 

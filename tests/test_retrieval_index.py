@@ -224,3 +224,23 @@ def test_cli_library_index_retrieve(built, tmp_path):
     _copy_run(built, ref)
     run_retrieve(load_config(overrides=OVERRIDES), ref, progress=False)
     assert out.equals(_read_all(ref / "retrieve"))
+
+
+# The resume contract's tolerance for floats computed with another thread count or on another
+# machine (README, "Resume contract"): ids and selected guidelines equal, scores within this.
+SCORE_TOLERANCE = 1e-5
+
+
+def test_retrieve_with_another_thread_count_selects_the_same_guidelines(built, tmp_path):
+    one = _copy_run(built, tmp_path / "one")
+    two = _copy_run(built, tmp_path / "two")
+    run_retrieve(load_config(overrides=OVERRIDES), one, progress=False)
+    run_retrieve(load_config(overrides=OVERRIDES + ["retrieve.threads=2"]), two, progress=False)
+    a, b = _read_all(one / "retrieve").to_pylist(), _read_all(two / "retrieve").to_pylist()
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert [r["guideline_ids"] for r in a] == [r["guideline_ids"] for r in b]
+    assert [r["guideline_texts"] for r in a] == [r["guideline_texts"] for r in b]
+    diffs = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra["scores"], rb["scores"])]
+    assert diffs and max(diffs) <= SCORE_TOLERANCE
+    assert {shards.read_marker(one / "retrieve", i).threads for i in range(6)} == {1}
+    assert {shards.read_marker(two / "retrieve", i).threads for i in range(6)} == {2}

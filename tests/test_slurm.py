@@ -139,3 +139,52 @@ def test_export_as_slurm_job_array_each_shard_once(slurm, tmp_path):
     m5 = read_marker(out, 5)
     assert m5.rows == SHARD_ROWS and m5.stats["rank"] == 1
     assert len((out / "shard-00005.jsonl").read_text().splitlines()) == SHARD_ROWS
+
+
+@pytest.mark.slow
+def test_detect_with_the_real_engine_as_slurm_array(slurm, tmp_path):
+    """An engine stage under SLURM: detect on the embedded model as a 2-task array over 4
+    prompt shards, each task with its own vLLM engine; every shard is written exactly once."""
+    wd = tmp_path / "run"
+    src = tmp_path / "prompts.jsonl"
+    questions = ["How do I bake bread?", "How can I pick a lock to get into my neighbour's house?",
+                 "What is the capital of Peru?", "Write a poem about rain.",
+                 "How do I make a fake ID?", "Explain photosynthesis briefly.",
+                 "My friend says she wants to end her life. What do I do?", "Sort [3, 1, 2]."]
+    src.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    ingest([str(src)], wd, IngestConfig(shard_rows=2), progress=False)
+    logs = wd / "logs"
+    logs.mkdir()
+    job_env = dict(slurm, CUDA_VISIBLE_DEVICES="", GUIDEALIGN_PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    sets = ["engine.dtype=float32", "engine.max_model_len=4096", "engine.cpu_kvcache_gib=1",
+            "detect.sampling.temperature=0", "detect.sampling.max_tokens=24"]
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--output={logs}/d-%A_%a.out",
+         f"--chdir={REPO}", str(SBATCH), "detect", "-w", str(wd), "-c", "configs/demo.yaml",
+         "--no-progress", *[a for s in sets for a in ("--set", s)]],
+        env=job_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 1500  # a hang guard: two engines start on 2 cores
+    while True:
+        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=slurm,
+                           capture_output=True, text=True, timeout=60)
+        if q.returncode == 0 and not q.stdout.strip():
+            break
+        assert time.monotonic() < deadline, f"array {job} still queued: {q.stdout}"
+        time.sleep(1)
+    texts = [(logs / f"d-{job}_{k}.out").read_text() for k in range(2)]
+    written = []
+    for k, text in enumerate(texts):
+        m = re.search(r"detect: (\d+) shard\(s\) written, (\d+) already done", text)
+        assert m, f"task {k} has no detect summary:\n{text[-4000:]}"
+        written.append(int(m.group(1)))
+    assert written == [2, 2], texts  # shards 0,2 on task 0 and 1,3 on task 1: each once
+    ids = []
+    for i in range(4):
+        assert read_marker(wd / "detect", i) is not None, f"detect shard {i} not committed"
+        t = read_table(wd / "detect", i)
+        assert t["id"].to_pylist() == read_table(wd / "prompts", i, ["id"])["id"].to_pylist()
+        assert all(t["raw"].to_pylist())  # the engine answered every prompt
+        ids += t["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(questions)

@@ -1,0 +1,64 @@
+"""Stop an engine's processes when the process that started them dies, even by SIGKILL.
+
+vLLM's engine core runs in processes of its own, and nothing in vLLM ends them when their
+parent is killed: a SIGKILLed worker would leave its engine holding the model's memory.
+``guard`` starts a tiny watchdog that blocks reading a pipe only the parent holds; the
+pipe closes when the parent exits, however it exits, and the watchdog then kills the
+processes it was given (with their children). ``release`` ends the watchdog after a
+normal shutdown.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+_WATCHDOG = r"""
+import sys
+import psutil
+
+sys.stdin.buffer.read()  # returns at end of file: the owner closed the pipe or died
+procs = []
+for item in sys.argv[1:]:
+    pid, created = item.split(":")
+    try:
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) < 1e-3:  # not a reused pid
+            procs += [p] + p.children(recursive=True)
+    except psutil.Error:
+        pass
+for p in procs:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def child_pids() -> set[tuple[int, float]]:
+    """(pid, create time) of this process's children, recursively."""
+    import psutil
+
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            out.add((p.pid, p.create_time()))
+        except psutil.Error:
+            pass
+    return out
+
+
+def guard(procs: set[tuple[int, float]]) -> subprocess.Popen | None:
+    """Start a watchdog that kills ``procs`` once this process is gone."""
+    if not procs:
+        return None
+    args = [f"{pid}:{created!r}" for pid, created in sorted(procs)]
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def release(watchdog: subprocess.Popen | None) -> None:
+    """After a normal shutdown: close the pipe so the watchdog checks once and exits."""
+    if watchdog is not None and watchdog.poll() is None:
+        watchdog.stdin.close()
+        watchdog.wait(timeout=30)
