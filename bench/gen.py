@@ -9,6 +9,13 @@ shards, build prompts, generate, parse, write shards). The prefix cache is reset
 each. It prints prompts/s and output tokens/s of both and their ratio (goal >= 0.9), the
 prefix-cache hit rate of the stage run, and (in a child process, a fresh engine with
 prefix caching off) the stage's throughput without caching.
+
+Structured outputs (``--structured``, on by default): on the same engine and prompts, the
+detect stage and then the guidelines stage with ``structured`` off and on: prompts/s, the
+share of rows cut at max_tokens, and the parse rate (rows with a verdict / with 5-7 titled
+guidelines) over all rows and over the rows that finished.
+
+    python bench/gen.py --short                # what ./run.sh bench runs
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ def make_prompts(n: int) -> list[str]:
     return [pool[i % len(pool)] + (f" (case {i})" if i >= len(pool) else "") for i in range(n)]
 
 
-def make_cfg(args, caching: bool):
+def make_cfg(args, caching: bool, structured: bool = False):
     from guidealign.config import load_config
 
     return load_config(None, [
@@ -55,6 +62,9 @@ def make_cfg(args, caching: bool):
         f"engine.cpu_kvcache_gib={args.kv_gib}",
         f"detect.sampling.temperature={args.temperature}", f"detect.sampling.max_tokens={args.max_tokens}",
         f"ingest.shard_rows={args.shard_rows or args.prompts}",
+        f"detect.structured={str(structured).lower()}", f"guidelines.structured={str(structured).lower()}",
+        f"guidelines.sampling.temperature={args.temperature}",
+        f"guidelines.sampling.max_tokens={args.guidelines_max_tokens}",
     ])
 
 
@@ -80,6 +90,49 @@ def stage_run(cfg, wd: Path, llm) -> dict:
             "overhead_seconds": dt - rep.stats.get("generate_seconds", 0.0),
             "prefix_cache_hit_rate": rep.stats.get("prefix_cache_hit_rate"),
             "unparsed": rep.stats.get("unparsed", 0), "risky": rep.stats.get("risky", 0)}
+
+
+def _parse_rates(rows: list[dict], ok) -> dict:
+    fin = [r for r in rows if r["finish_reason"] == "stop"]
+    return {"rows": len(rows), "finished": len(fin),
+            "cut": sum(r["finish_reason"] == "length" for r in rows),
+            "parsed": sum(ok(r) for r in rows),
+            "parse_rate": sum(ok(r) for r in rows) / max(len(rows), 1),
+            "parse_rate_finished": sum(ok(r) for r in fin) / len(fin) if fin else None}
+
+
+def structured_compare(args, llm, wd: Path) -> dict:
+    """Detect, then guidelines, with structured outputs off and on (same engine, same input)."""
+    from gen.detect import run_detect
+    from gen.guidelines import run_guidelines
+    from shards import iter_tables
+
+    def rows(name):
+        return [r for t in iter_tables(wd / name) for r in t.to_pylist()]
+
+    def verdict(r):
+        return r["risky"] is not None
+
+    def titled(r):
+        g = r["guidelines"] or []
+        return 5 <= len(g) <= 7 and all(x["title"] for x in g)
+
+    out = {}
+    for on in (False, True):
+        cfg = make_cfg(args, caching=True, structured=on)
+        res = {}
+        for stage, run, ok in (("detect", run_detect, verdict), ("guidelines", run_guidelines, titled)):
+            shutil.rmtree(wd / stage, ignore_errors=True)
+            llm.reset_prefix_cache()
+            t0 = time.perf_counter()
+            rep = run(cfg, wd, llm=llm, progress=False)
+            dt = time.perf_counter() - t0
+            res[stage] = {"seconds": dt, "prompts_per_s": rep.rows / dt, **_parse_rates(rows(stage), ok)}
+        out["on" if on else "off"] = res
+    for stage in ("detect", "guidelines"):
+        out[f"{stage}_speed_ratio_on_off"] = (out["on"][stage]["prompts_per_s"]
+                                              / out["off"][stage]["prompts_per_s"])
+    return out
 
 
 def child_off(args) -> None:
@@ -114,10 +167,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="alternate raw and stage runs this many times; report the fastest of each")
     ap.add_argument("--no-off", action="store_true", help="skip the prefix-caching-off run")
+    ap.add_argument("--guidelines-max-tokens", type=int, default=400)
+    ap.add_argument("--no-structured", action="store_true", help="skip the structured-outputs comparison")
+    ap.add_argument("--short", action="store_true",
+                    help="32 prompts, detect 160 / guidelines 320 tokens, no caching-off run (./run.sh bench)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child-off", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.short:
+        args.prompts, args.max_tokens, args.guidelines_max_tokens, args.no_off = 32, 160, 320, True
     if args.child_off:
         return child_off(args)
 
@@ -165,6 +224,8 @@ def main() -> None:
            "all_raw": raws, "all_stage": stages,
            "ratio_prompts_per_s": stage["prompts_per_s"] / raw["prompts_per_s"],
            "ratio_tokens_per_s": stage["tokens_per_s"] / raw["tokens_per_s"]}
+    if not args.no_structured:
+        res["structured"] = structured_compare(args, llm, wd)
     del llm
     shutil.rmtree(wd, ignore_errors=True)
     if not args.no_off:
@@ -198,6 +259,17 @@ def main() -> None:
               f"{off['tokens_per_s']:.1f} output tok/s -> caching speedup {res['prefix_cache_speedup']:.2f}x")
     elif off:
         print(f"  caching-off run failed: {off['error'][-500:]}")
+    st = res.get("structured")
+    if st:
+        print("  structured outputs (same engine and prompts; parse rate over all rows / finished rows):")
+        for stage in ("detect", "guidelines"):
+            for k in ("off", "on"):
+                r = st[k][stage]
+                fin = r["parse_rate_finished"]
+                print(f"    {stage:<10} {k:<3} {r['prompts_per_s']:7.2f} prompts/s  parsed {r['parsed']}/{r['rows']} "
+                      f"({r['parse_rate']:.3f}), finished {r['finished']} parsed "
+                      f"{'-' if fin is None else f'{fin:.3f}'}, cut at cap {r['cut']}")
+            print(f"    {stage:<10} speed on/off: {st[f'{stage}_speed_ratio_on_off']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -220,7 +220,7 @@ def _pairwise_md(pw: dict, labels, paper: bool) -> list[str]:
 
 
 def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | None,
-                 pairwise: dict | None, benchmark: str) -> dict:
+                 pairwise: dict | None, benchmark: str, risk_id: dict | None = None) -> dict:
     """Write report.md, results.json and the charts into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,11 +248,16 @@ def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | No
         files["pairwise_chart"] = str(pairwise_chart(pairwise, out / "net_win_rate.png", labels, title,
                                                      paper))
         lines += _pairwise_md(pairwise, labels, paper) + ["![net win rate per subset](net_win_rate.png)", ""]
+    if risk_id:
+        from eval.risk_id import risk_lines
+
+        lines += risk_lines(risk_id)
     md = out / "report.md"
     md.write_text("\n".join(lines))
     files["markdown"] = str(md)
     res = out / "results.json"
     res.write_text(json.dumps({"title": title, "meta": meta, "harmfulness": harm,
-                               "pairwise": pairwise}, indent=1, default=str))
+                               "pairwise": pairwise, "risk_identification": risk_id},
+                              indent=1, default=str))
     files["results"] = str(res)
     return files

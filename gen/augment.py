@@ -174,7 +174,9 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
         st = TypeState(name=name, info=types[name], index=i, pool=Pool(a.rouge_threshold),
                        target=a.target_per_type, include_seeds=a.include_seeds)
         for s in types[name]["seeds"]:
-            st.pool.offer(str(s), "seed")  # near-duplicate seeds are kept out too
+            why = st.pool.offer(str(s), "seed")  # near-duplicate seeds are kept out too
+            if why:
+                st.rejected.append((f"seed question: {why}", str(s)))
         st.n_seeds = len(st.pool.questions)
         states.append(st)
     bar = tqdm(total=len(states), desc="augment", unit="type", disable=not progress)
@@ -187,7 +189,9 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
         quarantine = pa.Table.from_pylist(
             [dict(source=f"augment:{st.name}", row=k, reason=r, raw=raw)
              for k, (r, raw) in enumerate(st.rejected)], schema=QUARANTINE_SCHEMA) if st.rejected else None
+        # generated == kept_generated + the quarantined rows that hold a question (raw != "")
         stats = {"rounds": st.rounds, "generated": st.generated, "kept": len(keep),
+                 "kept_generated": sum(1 for _, o in keep if o != "seed"),
                  "rejected": len(st.rejected), "short_of_target": max(0, st.target - len(keep))}
         if len(keep) < st.target:
             log.warning("augment %s: %d of %d questions after %d rounds", st.name, len(keep),
@@ -231,12 +235,14 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
                 continue
             qs = parse_questions(g.text)
             if g.finish_reason == "length" and qs:
+                st.generated += 1
                 st.rejected.append(("cut off at max_tokens", qs.pop()))
-            for q in qs:
+            for q in qs:  # every generated question is kept or quarantined with its reason
                 st.generated += 1
                 if st.done:
-                    break
-                if len(q.split()) < a.min_words:
+                    st.rejected.append(("not needed: the risk type already has its "
+                                        f"{st.target} questions", q))
+                elif len(q.split()) < a.min_words:
                     st.rejected.append((f"fewer than {a.min_words} words", q))
                 elif len(q) > a.max_chars:
                     st.rejected.append((f"longer than {a.max_chars} characters", q[:2000]))

@@ -1,5 +1,8 @@
 """Prompt building: chat template, few-shot prefix, length checks, template safety.
 
+The chat template is the tokenizer's own or a configured one (``chat_template``: a built-in
+name or a .jinja file, see gen/templates.py); a tokenizer with neither is a clear error.
+
 A prompt is a list of chat messages whose contents are lists of segments: fixed text
 (our template wording, the exemplars) and :class:`Slot` values (the input under review,
 a detection turn), which may be truncated. The model's own chat template renders the
@@ -122,9 +125,18 @@ class PromptBuilder:
     """Renders message lists with the tokenizer's chat template into token ids."""
 
     def __init__(self, tokenizer, max_model_len: int, overlong: str = "truncate",
-                 min_keep_tokens: int = 16):
+                 min_keep_tokens: int = 16, chat_template: str | None = None):
+        """``chat_template``: a built-in name or .jinja path set on ``tokenizer`` (in place);
+        None keeps the tokenizer's own, and a tokenizer without one is a TemplateError."""
+        from gen.templates import ChatTemplateError, apply_template
+
         if overlong not in ("truncate", "skip"):
             raise ValueError(f"engine.overlong must be 'truncate' or 'skip', not {overlong!r}")
+        try:
+            apply_template(tokenizer, chat_template,
+                           model=getattr(tokenizer, "name_or_path", None) or "the model")
+        except ChatTemplateError as e:
+            raise TemplateError(str(e)) from e
         self.tok = tokenizer
         self.max_model_len = int(max_model_len)
         self.overlong = overlong
@@ -154,8 +166,12 @@ class PromptBuilder:
         if hit is not None:
             return hit
         msgs = [{"role": r, "content": _SENTINEL.format(i)} for i, r in enumerate(roles)]
+        # The template is passed explicitly: vLLM's tokenizer renders with pooled copies that
+        # do not see a template set on it after it was built (gen/templates.py).
+        tpl = getattr(self.tok, "chat_template", None)
+        kw = {"chat_template": tpl} if isinstance(tpl, str) and tpl else {}
         try:
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
         except Exception as e:  # noqa: BLE001
             raise TemplateError(f"the chat template cannot render roles {roles}: {e}") from e
         parts = _SENTINEL_RE.split(text)

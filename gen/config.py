@@ -28,6 +28,18 @@ class DetectConfig:
     # not depend on batching or resume; ignored at temperature 0, and on the CPU (vLLM CPU
     # crashes on seeded requests with chunked prefill; there they share the engine seed).
     seed_per_prompt: bool = True
+    # "rationale" (the paper: the model writes its analysis, then "Verdict: Yes|No") or
+    # "score" (the same few-shot prompt with the answer begun by "Verdict:"; one forward
+    # pass reads P(Yes) vs P(No), no text is generated; rows get risk_score, no rationale).
+    mode: str = "rationale"
+    # score mode: risky when risk_score >= this (0.5 = the likelier verdict wins).
+    score_threshold: float = 0.5
+    # score mode: JSON file with a calibrated {"threshold": ...} that replaces score_threshold
+    # (bench/detect_modes.py --write-threshold writes it); None = use score_threshold.
+    threshold_file: str | None = None
+    # rationale mode: constrain the output with vLLM structured outputs to
+    # "<analysis>\nVerdict: Yes|No", so every finished output parses (off = the paper's free text).
+    structured: bool = False
 
 
 @dataclass
@@ -35,7 +47,7 @@ class GuidelinesConfig:
     # Paper: temperature 0.7, up to 400 new tokens.
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
     # Safety-guideline prompt for risky inputs; None = gen/prompts/safety_guidelines.yaml
-    # (12 exemplars shown as detection conversations, as in the paper).
+    # (13 exemplars shown as detection conversations, as in the paper).
     safety_prompt_file: str | None = None
     # Quality-guideline prompt for the other inputs; None = gen/prompts/quality_guidelines.yaml
     # (7 exemplars, as in the paper).
@@ -50,6 +62,9 @@ class GuidelinesConfig:
     unknown_verdict: str = "safety"
     # Per-prompt sampling seeds, as in detect.
     seed_per_prompt: bool = True
+    # Constrain the output with vLLM structured outputs to 5-7 numbered "N. Title: text"
+    # lines, so every finished output parses with titles (off = free text, as the paper).
+    structured: bool = False
 
 
 @dataclass

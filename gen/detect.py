@@ -3,10 +3,16 @@
 Reads ``WORKDIR/<detect.input>`` (``prompts`` by default), writes ``WORKDIR/detect``:
 id, prompt, risky (bool, null when the output has no verdict), rationale, raw,
 finish_reason ("stop", "length", "error", "skipped"), parse_status, truncated (output
-cut at max_tokens), input_truncated, skip_reason, prompt_tokens, output_tokens.
+cut at max_tokens), input_truncated, skip_reason, prompt_tokens, output_tokens, risk_score.
+
+``detect.mode``: "rationale" (the paper; the model writes an analysis and a verdict) or
+"score" (one forward pass: the few-shot prompt with the answer begun by "Verdict:", the
+verdict read from P(Yes) vs P(No); ``risk_score`` is P(Yes) / (P(Yes) + P(No)), the
+rationale is empty, raw is the verdict line, parse_status "scored"). See gen/scoring.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -25,7 +31,9 @@ SCHEMA = pa.schema([
     ("rationale", pa.string()), ("raw", pa.string()), ("finish_reason", pa.string()),
     ("parse_status", pa.string()), ("truncated", pa.bool_()), ("input_truncated", pa.bool_()),
     ("skip_reason", pa.string()), ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()),
+    ("risk_score", pa.float64()),
 ])
+MODES = ("rationale", "score")
 
 
 def detection_turn(analysis: str, verdict: str) -> str:
@@ -81,13 +89,22 @@ def config_fingerprint(cfg, tok) -> str:
     from shards import fingerprint
 
     _, spec_hash = load_prompt_file(cfg.detect.prompt_file, "detect.yaml", ("system", "user", "exemplars"))
-    return fingerprint(VERSION, output_fields(cfg.engine), cfg.detect, spec_hash, chat_template_hash(tok))
+    d = cfg.detect
+    # the threshold's value counts, not the path of the file that holds it
+    threshold = None
+    if d.mode == "score":
+        from gen.scoring import load_threshold
+
+        threshold = load_threshold(d.score_threshold, d.threshold_file)
+    d = dataclasses.replace(d, threshold_file=None)
+    return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok))
 
 
 def _row_for(pid, prompt, built: Built, gen) -> dict:
     row = dict(id=pid, prompt=prompt, risky=None, rationale="", raw="", finish_reason="skipped",
                parse_status="skipped", truncated=False, input_truncated=built.truncated,
-               skip_reason=built.skip_reason, prompt_tokens=built.n_tokens, output_tokens=0)
+               skip_reason=built.skip_reason, prompt_tokens=built.n_tokens, output_tokens=0,
+               risk_score=None)
     if gen is None:
         return row
     row.update(raw=gen.text, finish_reason=gen.finish_reason, output_tokens=gen.output_tokens,
@@ -100,25 +117,58 @@ def _row_for(pid, prompt, built: Built, gen) -> dict:
     return row
 
 
+def _score_row(pid, prompt, built: Built, scored, threshold: float) -> dict:
+    """A score-mode row: risky from risk_score >= threshold; raw is the verdict line."""
+    row = _row_for(pid, prompt, built, None)
+    if built.skipped:
+        return row
+    score, err = scored
+    if err is not None:
+        row.update(finish_reason="error", parse_status="error", skip_reason=f"engine error: {err}")
+        return row
+    risky = score >= threshold
+    row.update(risky=risky, risk_score=score, raw=f"Verdict: {_verdict(risky, 'score')}",
+               finish_reason="stop", parse_status="scored", output_tokens=1)
+    return row
+
+
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     """The per-shard function (shared by the stage and bench/gen.py)."""
+    from gen import scoring
     from gen.engine import params_for, prefix_cache_counters
+    from gen.yieldstats import counts, detect_usable
 
+    d = cfg.detect
+    if d.mode not in MODES:
+        raise ValueError(f"detect.mode must be one of {MODES}, not {d.mode!r}")
     tok = tok or llm.get_tokenizer()
     prompts = DetectPrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len))
-    s = cfg.detect.sampling
+    s = d.sampling
+    if d.mode == "score":
+        threshold = scoring.load_threshold(d.score_threshold, d.threshold_file)
+        yes, no = scoring.verdict_token_ids(tok)
+        verdict_prefix = scoring.prefix_ids(tok)
 
     def fn(table: pa.Table, index: int):
         ids = [str(x) for x in table.column("id").to_pylist()]
         texts = table.column("prompt").to_pylist()
         builts = [prompts.build(t) for t in texts]
-        params = params_for(s, cfg.engine.seed, ids, cfg.detect.seed_per_prompt)
         q0, h0 = prefix_cache_counters(llm)
         t0 = time.perf_counter()
-        gens = generate_built(llm, builts, params)
-        dt = time.perf_counter() - t0
+        if d.mode == "score":
+            scored = scoring.score_prompts(
+                llm, [None if b.skipped else list(b.token_ids) + verdict_prefix for b in builts],
+                yes, no)
+            dt = time.perf_counter() - t0
+            rows = [_score_row(i, p, b, sc, threshold) for i, p, b, sc in zip(ids, texts, builts, scored)]
+        else:
+            params = params_for(s, cfg.engine.seed, ids, d.seed_per_prompt)
+            if d.structured:
+                params = scoring.with_structured(params, scoring.detect_regex())
+            gens = generate_built(llm, builts, params)
+            dt = time.perf_counter() - t0
+            rows = [_row_for(i, p, b, g) for i, p, b, g in zip(ids, texts, builts, gens)]
         q1, h1 = prefix_cache_counters(llm)
-        rows = [_row_for(i, p, b, g) for i, p, b, g in zip(ids, texts, builts, gens)]
         out = pa.Table.from_pylist(rows, schema=SCHEMA)
         stats = {
             "generate_seconds": round(dt, 3),
@@ -131,6 +181,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             "output_truncated": sum(1 for r in rows if r["truncated"]),
             "input_truncated": sum(1 for r in rows if r["input_truncated"]),
             "prefix_cache_queries": q1 - q0, "prefix_cache_hits": h1 - h0,
+            **counts(rows, detect_usable),
         }
         return out, None, stats
 

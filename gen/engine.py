@@ -79,6 +79,10 @@ def has_cuda() -> bool:
 def apply_cpu_env(cfg: EngineConfig) -> None:
     """vLLM CPU settings that worked on small machines; explicit env vars still win."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
+    # A model step or the engine's start-up can take minutes on a few busy cores; vLLM's own
+    # limits (300 s, 600 s) then declare a healthy engine dead.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+    os.environ.setdefault("VLLM_ENGINE_READY_TIMEOUT_S", "1800")
     bind = cfg.cpu_threads_bind
     if bind == "auto":
         cores = sorted(os.sched_getaffinity(0))
@@ -117,6 +121,9 @@ def build_llm(cfg: EngineConfig):
     from guidealign.models import resolve
 
     before = reaper.child_pids()
+    from guidealign.gpu_check import require_usable_gpus
+
+    require_usable_gpus()  # GPUs visible but unusable by torch: stop, never fall back to the CPU
     with engine_isolation():
         cpu = not has_cuda()
         if cpu:

@@ -145,7 +145,9 @@ def kind_for(risky, unknown: str) -> str | None:
 
 
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
+    from gen import scoring
     from gen.engine import params_for, prefix_cache_counters
+    from gen.yieldstats import counts, guidelines_usable
 
     tok = tok or llm.get_tokenizer()
     prompts = GuidelinePrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len))
@@ -167,6 +169,8 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             else:
                 builts.append(prompts.build(t, k, raw))
         params = params_for(g.sampling, cfg.engine.seed, ids, g.seed_per_prompt)
+        if g.structured:
+            params = scoring.with_structured(params, scoring.guidelines_regex())
         q0, h0 = prefix_cache_counters(llm)
         t0 = time.perf_counter()
         gens = generate_built(llm, builts, params)
@@ -199,6 +203,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             "output_truncated": sum(1 for r in rows if r["truncated"]),
             "input_truncated": sum(1 for r in rows if r["input_truncated"]),
             "prefix_cache_queries": q1 - q0, "prefix_cache_hits": h1 - h0,
+            **counts(rows, guidelines_usable),
         }
         return pa.Table.from_pylist(rows, schema=SCHEMA), None, stats
 

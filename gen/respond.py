@@ -6,8 +6,14 @@ builds the final prompt and decoding is greedy (as in the paper). Unguided
 (``--no-guidelines``): the same prompts answered without guidelines, the baseline that
 evaluation compares against.
 
+The responder may be its own model (``respond.engine``: keys over ``engine``; the paper
+answers with Vicuna-13B, not the model that wrote the guidelines), and the prompt may show
+``respond.num_exemplars`` example conversations (gen/prompts/respond_exemplars.yaml; the
+paper: 2) as earlier turns, in guided and unguided prompts alike.
+
 Input: ``WORKDIR/retrieve`` (id, prompt, guideline_ids, guideline_texts, scores) when
-guided, ``WORKDIR/prompts`` (id, prompt, ...) when unguided. Output shard i of
+guided, the prompt set (``respond.prompts``; default ``prompts``, or ``prompts-sft`` when
+the config has ``inputs_sft``) when unguided. Output shard i of
 ``WORKDIR/respond`` (``respond-baseline`` when unguided) comes from input shard i:
 id, prompt, guideline_ids, guideline_texts, response, finish_reason, model, plus
 prompt_tokens, output_tokens and note (what was done to the prompt, e.g. truncation).
@@ -18,11 +24,12 @@ the user text) or skipped, per ``engine.overlong``; skipped and empty prompts go
 shard's quarantine table with their reason; an engine error on one prompt gives that row
 finish_reason "error" with the message in ``note``.
 
-The chat-prompt building below is local to this module (small helpers, no shared
-builder existed when it was written).
+Chats are rendered into token ids by gen.build's PromptBuilder (template markup with
+control tokens, contents as plain text).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -64,22 +71,83 @@ class RespondConfig:
     # Truncation keeps at least this many tokens of the user text; below that the prompt is
     # skipped (recorded) instead.
     min_user_tokens: int = 16
+    # The responder's engine: EngineConfig keys that replace `engine`'s for this stage (e.g.
+    # {model: lmsys/vicuna-13b-v1.5, chat_template: vicuna_v1.1, max_model_len: 4096});
+    # {} = answer with `engine` (the guideline writer). The paper: Vicuna-13B answers.
+    engine: dict = field(default_factory=dict)
+    # Example conversations shown before the prompt (first N of exemplars_file).
+    # 0 = none (our default, short prompts for small models); the paper: 2.
+    num_exemplars: int = 0
+    # YAML with `exemplars: [{prompt, answer}]`; None = gen/prompts/respond_exemplars.yaml.
+    exemplars_file: str | None = None
+    # Prompt set answered by the unguided baseline (a dataset under WORKDIR); "" = "prompts",
+    # or "prompts-sft" when the config has inputs_sft (the paper's fine-tuning set).
+    prompts: str = ""
 
 
 def format_guidelines(texts: list[str]) -> str:
     return "\n".join(f"{i}. {t.strip()}" for i, t in enumerate(texts, 1))
 
 
+@functools.lru_cache(maxsize=8)
+def _exemplars(path: str | None) -> tuple[tuple[tuple[tuple[str, str], ...], str]]:
+    from gen.build import TemplateError, load_prompt_file
+
+    data, h = load_prompt_file(path, "respond_exemplars.yaml", ("exemplars",))
+    out = []
+    for i, ex in enumerate(data["exemplars"] or []):
+        if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str) \
+                or not isinstance(ex.get("answer"), str):
+            raise TemplateError(f"respond exemplar {i}: needs string keys prompt and answer")
+        out.append((ex["prompt"].strip(), ex["answer"].strip()))
+    return tuple(out), h
+
+
+def load_exemplars(cfg: RespondConfig) -> tuple[list[tuple[str, str]], str]:
+    """The first ``num_exemplars`` (prompt, answer) pairs and the file's hash."""
+    from gen.build import TemplateError
+
+    exs, h = _exemplars(cfg.exemplars_file)
+    if cfg.num_exemplars < 0 or cfg.num_exemplars > len(exs):
+        raise TemplateError(f"respond.num_exemplars is {cfg.num_exemplars}; the exemplars file "
+                            f"has {len(exs)}")
+    return list(exs[:cfg.num_exemplars]), h
+
+
 def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> list[dict]:
-    """The chat a prompt is answered in: system message with the guidelines, then the user."""
+    """The chat a prompt is answered in: system message with the guidelines, the example
+    conversations (``num_exemplars``), then the user."""
     msgs = []
     if guidelines:
         msgs.append({"role": "system",
                      "content": cfg.guided_system.replace("{guidelines}", format_guidelines(guidelines))})
     elif cfg.unguided_system:
         msgs.append({"role": "system", "content": cfg.unguided_system})
+    if cfg.num_exemplars:
+        for q, a in load_exemplars(cfg)[0]:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     msgs.append({"role": "user", "content": prompt})
     return msgs
+
+
+def respond_engine(cfg):
+    """The responder's EngineConfig: ``engine`` with ``respond.engine``'s keys over it."""
+    import dataclasses
+
+    from guidealign.config import _build
+    from gen.engine import EngineConfig
+
+    if not cfg.respond.engine:
+        return cfg.engine
+    return _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine},
+                  "respond.engine")
+
+
+def with_respond_engine(cfg):
+    """``cfg`` with ``engine`` replaced by the responder's (a shallow copy)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, engine=respond_engine(cfg)) if cfg.respond.engine else cfg
 
 
 def text_ids(tok, text: str) -> list[int]:
@@ -157,7 +225,10 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
 
     rcfg: RespondConfig = cfg.respond
     ecfg = cfg.engine
-    tok = llm.get_tokenizer()
+    from gen.templates import apply_template
+
+    tok = apply_template(llm.get_tokenizer(), ecfg.chat_template, model=ecfg.model)
+    load_exemplars(rcfg)  # a bad exemplars file fails here, not once per row
     max_len = engine_max_len(llm, ecfg.max_model_len)  # an injected engine may be shorter
     budget = max_len - rcfg.sampling.max_tokens
     if budget <= 0:
@@ -232,29 +303,40 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
 def respond_fingerprint(cfg, guided: bool) -> str:
     from shards import fingerprint
 
-    e = cfg.engine
+    from gen.templates import template_hash
+
+    e = respond_engine(cfg)
+    extra = {}
+    if e.chat_template:
+        extra["chat_template"] = template_hash(e.chat_template)
+    if cfg.respond.num_exemplars:
+        extra["exemplars"] = load_exemplars(cfg.respond)[1]
     return fingerprint("respond/v1", cfg.respond, guided,
                        {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
-                        "overlong": e.overlong, "seed": e.seed})
+                        "overlong": e.overlong, "seed": e.seed, **extra})
 
 
 def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, guided: bool = True,
                 src: str | None = None, dst: str | None = None, progress: bool = True):
     """Answer every prompt of this rank's shards (skipping committed ones); returns a StageReport.
 
-    ``src`` defaults to "retrieve" (guided) or "prompts" (unguided); ``dst`` to "respond" or
-    "respond-baseline". Both are names under ``workdir`` or paths. ``llm`` is built lazily from
-    ``cfg.engine`` on the first shard that needs work.
+    ``src`` defaults to "retrieve" (guided) or the prompt set (unguided, ``respond.prompts``);
+    ``dst`` to "respond" or "respond-baseline". Both are names under ``workdir`` or paths.
+    ``llm`` is built lazily from the responder's engine (``respond.engine`` over ``engine``)
+    on the first shard that needs work.
     """
     from gen.engine import run_engine_stage
+    from retrieval.retrieve import prompt_set
 
     workdir = Path(workdir)
-    src = src or ("retrieve" if guided else "prompts")
+    fp = respond_fingerprint(cfg, guided)
+    cfg = with_respond_engine(cfg)
+    src = src or ("retrieve" if guided else prompt_set(cfg, cfg.respond.prompts))
     dst = dst or ("respond" if guided else "respond-baseline")
     columns = ["id", "prompt"] + (["guideline_ids", "guideline_texts"] if guided else [])
     return run_engine_stage(
         "respond" if guided else "respond-baseline", cfg, workdir / src, workdir / dst,
-        respond_fingerprint(cfg, guided),
+        fp,
         lambda c, engine: make_respond_fn(c, engine, guided=guided, model_name=c.engine.model),
         llm=llm, columns=columns, rank=rank, world_size=world_size, progress=progress,
         missing_hint="run retrieve on this workdir first" if guided else "run ingest first")

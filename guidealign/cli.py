@@ -42,7 +42,12 @@ def stage_options(f):
         if dispatch_command(click.get_current_context(), cfg,
                             dict(kwargs, config_path=config_path, overrides=overrides)):
             return None
-        return f(*args, cfg=cfg, **kwargs)
+        from shards.failure import guard, guard_rank  # a failing rank stops the others' waits
+
+        with guard(kwargs.get("workdir"), *guard_rank(kwargs.get("rank"), kwargs.get("world_size")),
+                   stage=click.get_current_context().info_name,
+                   stall_timeout_s=cfg.executor.stall_timeout_s):
+            return f(*args, cfg=cfg, **kwargs)
     return wrapper
 
 
@@ -66,9 +71,13 @@ def cli(verbose):
 
 @cli.command()
 @click.argument("inputs", nargs=-1)
+@click.option("--into", default="prompts", show_default=True,
+              help="Dataset under WORKDIR to write, e.g. prompts-sft for a second prompt set.")
+@click.option("--encoding", default=None,
+              help="Text encoding of the inputs (default ingest.encoding: auto), e.g. cp1252, utf-16.")
 @stage_options
-def ingest(inputs, workdir, cfg, rank, world_size, no_progress):
-    """Ingest JSONL/JSON/CSV/Parquet files, globs or saved datasets into prompt shards."""
+def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
+    """Ingest JSONL/JSON/CSV/Parquet files (also .gz/.bz2/.xz/.zst), globs or saved datasets into prompt shards."""
     from guidealign.ingest import ingest as run_ingest
     from guidealign.readers import IngestError
     from shards import wait_complete
@@ -76,10 +85,13 @@ def ingest(inputs, workdir, cfg, rank, world_size, no_progress):
     r, w = ranks(rank, world_size)
     if r != 0:
         click.echo(f"ingest runs on rank 0; rank {r} waits for it")
-        wait_complete(f"{workdir}/prompts", timeout=max(cfg.executor.wait_timeout_s, 3600))
+        wait_complete(f"{workdir}/{into}", timeout=max(cfg.executor.wait_timeout_s, 3600))
         return
+    if encoding:
+        cfg.ingest.encoding = encoding
     try:
-        rep = run_ingest(list(inputs) or cfg.inputs, workdir, cfg.ingest, progress=not no_progress)
+        rep = run_ingest(list(inputs) or cfg.inputs, workdir, cfg.ingest, progress=not no_progress,
+                         dataset=into)
     except IngestError as e:
         raise click.ClickException(str(e)) from e
     click.echo(rep.summary())
@@ -144,10 +156,17 @@ def config_show(config_path, overrides):
 
 @cli.command()
 @click.option("--stages", default=None, help="Comma-separated subset of stages to run (default: all).")
+@click.option("--no-check", is_flag=True, help="Skip the preflight (`guidealign check`) run first.")
 @stage_options
-def run(workdir, cfg, rank, world_size, no_progress, stages):
+def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
     """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set)."""
     from guidealign.pipeline import run_pipeline
+
+    if not no_check:
+        from guidealign.check_cli import preflight
+
+        if not preflight(cfg, workdir):
+            raise click.ClickException("the preflight failed (see the table); fix it or pass --no-check")
 
     r, w = ranks(rank, world_size)
     if cfg.executor.kind == "ray" and w == 1:  # one of several workers already: run here
@@ -178,6 +197,9 @@ cli.add_command(_push)
 from guidealign.scale_cli import export, launch  # noqa: E402
 cli.add_command(export); cli.add_command(launch)  # noqa: E702
 from eval.cli import eval_cmd; cli.add_command(eval_cmd)  # noqa: E402,E702
+from guidealign.check_cli import check as _check; cli.add_command(_check)  # noqa: E402,E702
+from guidealign.verify_cli import verify as _verify; cli.add_command(_verify)  # noqa: E402,E702
+from guidealign.models_cli import fetch as _fetch; models.add_command(_fetch)  # noqa: E402,E702
 
 
 def main():

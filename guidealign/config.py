@@ -30,10 +30,32 @@ class ExecutorConfig:
     kind: str = "local"
     # Resources per Ray task, e.g. {"num_gpus": 1, "num_cpus": 4}.
     ray_resources: dict = field(default_factory=lambda: {"num_cpus": 1})
+    # Per-stage Ray resources, e.g. {detect: {num_gpus: 4}, ingest: {num_cpus: 1}}; a stage
+    # not named here uses ray_resources. Empty = every stage uses ray_resources.
+    ray_resources_by_stage: dict = field(default_factory=dict)
+    # Ray workers (actors, one engine each) per sharded stage; 0 = as many as the cluster's
+    # resources hold, at most one per shard.
+    ray_workers: int = 0
+    # How often Ray restarts a worker (actor) that died, retrying its call (2 = Ray's usual).
+    ray_max_restarts: int = 2
+    # Which worker takes which shard: "static" (shard i -> rank i mod W: reproducible
+    # placement) or "dynamic" (workers claim free shards until none remain, and take over
+    # the shards of dead workers; see shards/claims.py).
+    assign: str = "static"
+    # dynamic: a claim whose owner has not heartbeated for this many seconds is taken over
+    # (120 s: heartbeats come every 30 s; a dead worker's shard restarts within ~2 min).
+    claim_ttl_s: float = 120.0
     # Address of a running Ray cluster ("auto"), or None to start a local one.
     ray_address: str | None = None
     # Reduce stages (library, retriever, index) wait this long for all input shards.
+    # 0 = no clock of its own: one rank waits not at all, several wait until the inputs are
+    # done, another rank fails, or progress stalls (stall_timeout_s).
     wait_timeout_s: float = 0.0
+    # A wait for other ranks ends with an error when for this long no shard was committed
+    # and no working rank sent a heartbeat (shards/failure.py). 1800 s: a shard of the
+    # paper's recipe commits well within it, while a dead or never-started rank idles the
+    # allocation for at most half an hour.
+    stall_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -54,6 +76,10 @@ class Config:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     # Input files for `guidealign run` (globs allowed); ingest takes them from the CLI too.
     inputs: list[str] = field(default_factory=list)
+    # The fine-tuning prompt set (the paper's ~28k prompts), ingested into WORKDIR/prompts-sft:
+    # retrieve and respond then answer these, while `inputs` build the library. Empty = the
+    # library's prompts are also answered (one set).
+    inputs_sft: list[str] = field(default_factory=list)
 
 
 class ConfigError(ValueError):

@@ -1,16 +1,18 @@
-"""Executors: run one sharded stage over all its shards, here or on a Ray cluster.
+"""Executors: run one stage over all its shards, here or on a Ray cluster.
 
 A stage is a function ``run_<stage>(cfg, workdir, *, rank, world_size, progress)``.
-The ``local`` executor calls it once with the rank and world size it is given. The
-``ray`` executor starts one Ray task per shard of the stage's input: task ``i`` calls
-the stage with ``rank=i, world_size=n_shards``, so it owns exactly shard ``i``
-(``shards.my_shards``). Each task asks for ``cfg.executor.ray_resources`` (e.g.
-``{"num_gpus": 1}``); ``cfg.executor.ray_address`` names the cluster to join, or None
-to start a local instance.
+The ``local`` executor calls it once with the rank and world size it is given, under the
+shard assignment ``cfg.executor.assign`` names (static ``i mod W``, or dynamic claiming,
+``shards.claims``). The ``ray`` executor runs a sharded stage on long-lived worker actors,
+one engine each, that pull shards (``guidealign.ray_workers``), and a stage that is not
+split by shard (ingest, library, ...) as one Ray task. Resources: per stage
+(``executor.ray_resources_by_stage``), else ``executor.ray_resources``;
+``executor.ray_address`` names the cluster to join, or None to start a local instance.
 
 Nothing here keeps state of its own: the stage's shard commit markers decide what is
-done. A task whose worker died is retried by Ray (``max_retries``); a task that raised
-is reported, and rerunning the same command redoes only the shards without a marker.
+done. A worker that died is restarted by Ray (``executor.ray_max_restarts``) and its call
+retried; a stage that raised is reported, and rerunning the same command redoes only the
+shards without a marker.
 
 Stages given as a callable must be importable on the Ray workers (a module-level
 function of an installed package), or be given as a ``"module:function"`` string.
@@ -55,6 +57,8 @@ class TaskResult:
     gpus: str | None
     seconds: float
     report: Any = None
+    builds: int = 0  # engine builds in the worker so far (ray workers)
+    worker: int | None = None  # which ray worker (actor) ran it
 
 
 def resolve_stage_fn(fn: Callable | str) -> Callable:
@@ -119,8 +123,10 @@ def _task_body(fn_ref, cfg, workdir: str, rank: int, world_size: int, cwd: str |
 
 def run_on_ray(fn: Callable | str, cfg, workdir: str | Path, *, n_tasks: int,
                progress: bool = True, max_retries: int = 2, init_kwargs: dict | None = None,
-               **stage_kwargs) -> list[TaskResult]:
-    """Run ``fn`` as ``n_tasks`` Ray tasks (task i: ``rank=i, world_size=n_tasks``).
+               stage: str | None = None, **stage_kwargs) -> list[TaskResult]:
+    """Run ``fn`` as ``n_tasks`` Ray tasks (task i: ``rank=i, world_size=n_tasks``) with the
+    resources of ``stage`` (default: the function's name). For stages not split by shard;
+    sharded stages run on ``WorkerPool`` workers (``run_stage``).
 
     Returns the tasks' results in rank order. Raises ``ExecutorError`` naming the failed
     ranks once every task has finished (the others' shards stay committed).
@@ -129,7 +135,9 @@ def run_on_ray(fn: Callable | str, cfg, workdir: str | Path, *, n_tasks: int,
         raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
     ex = cfg.executor
     ray = init_ray(ex.ray_address, **(init_kwargs or {}))
-    opts = ray_task_options(ex.ray_resources, max_retries=max_retries)
+    from guidealign.ray_workers import resources_for
+
+    opts = ray_task_options(resources_for(ex, stage or _stage_name(fn)), max_retries=max_retries)
     remote = ray.remote(_task_body).options(name=f"guidealign-{_fn_name(fn)}", **opts)
     workdir = str(Path(workdir).absolute())
     cwd = os.getcwd()
@@ -164,6 +172,19 @@ def _fn_name(fn) -> str:
     return fn if isinstance(fn, str) else getattr(fn, "__name__", "stage")
 
 
+def _stage_name(fn) -> str:
+    """``gen.detect:run_detect`` / ``run_train_retriever`` -> ``detect`` / ``train-retriever``."""
+    name = _fn_name(fn).rpartition(":")[2].rpartition(".")[2]
+    return name.removeprefix("run_").removesuffix("_stage").replace("_", "-")
+
+
+def claims_assignment(cfg):
+    """The ``with`` block in which map stages use ``cfg.executor.assign``."""
+    from shards import claims
+
+    return claims.assignment(cfg.executor.assign, cfg.executor.claim_ttl_s)
+
+
 def num_shards(dataset: str | Path) -> int:
     """Shards of a planned dataset (from its manifest)."""
     from shards import read_manifest
@@ -176,25 +197,33 @@ def num_shards(dataset: str | Path) -> int:
 
 def run_stage(fn: Callable | str, cfg, workdir: str | Path, *, rank: int | None = None,
               world_size: int | None = None, src: str | Path | None = None,
-              n_tasks: int | None = None, progress: bool = True, **stage_kwargs):
-    """Run a stage with the executor that ``cfg.executor.kind`` names.
+              stage: str | None = None, n_workers: int | None = None, engine: bool | None = None,
+              progress: bool = True, init_kwargs: dict | None = None, **stage_kwargs):
+    """Run a sharded stage with the executor that ``cfg.executor.kind`` names.
 
     ``local``: one call for this process's rank (explicit, else from RANK/WORLD_SIZE or
-    SLURM), returning the stage's report. ``ray``: one task per shard of ``src`` (the
-    stage's input dataset; default ``WORKDIR/prompts``, whose shard count every per-prompt
-    stage shares), or ``n_tasks`` tasks; returns the list of ``TaskResult``.
+    SLURM), returning the stage's report. ``ray``: one call per ``WorkerPool`` worker
+    (``n_workers``, else ``executor.ray_workers``, else what the cluster holds, at most one
+    per shard of ``src``, default ``WORKDIR/prompts``); returns their ``TaskResult`` list.
+    ``stage`` names the stage for its resources (default: from the function's name);
+    ``engine``: hand each worker's engine to the stage as ``llm=`` (default: engine stages).
     """
     kind = cfg.executor.kind
     if kind == "local":
         from shards import resolve_rank
 
         r, w = resolve_rank(rank, world_size)
-        return resolve_stage_fn(fn)(cfg, workdir, rank=r, world_size=w, progress=progress,
-                                    **stage_kwargs)
+        with claims_assignment(cfg):
+            return resolve_stage_fn(fn)(cfg, workdir, rank=r, world_size=w, progress=progress,
+                                        **stage_kwargs)
     if kind == "ray":
-        if n_tasks is None:
-            n_tasks = num_shards(src if src is not None else Path(workdir) / "prompts")
-        return run_on_ray(fn, cfg, workdir, n_tasks=n_tasks, progress=progress, **stage_kwargs)
+        from guidealign.ray_workers import WorkerPool
+
+        stage = stage or _stage_name(fn)
+        n_shards = num_shards(src if src is not None else Path(workdir) / "prompts")
+        with WorkerPool(cfg, stage, n_workers, n_shards=n_shards, engine=engine,
+                        init_kwargs=init_kwargs) as pool:
+            return pool.run(fn, workdir, progress=progress, **stage_kwargs)
     raise ValueError(f"executor.kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -248,22 +277,47 @@ def cli_num_tasks(stage: str, cfg, workdir: Path, params: dict) -> int:
     return num_shards(workdir / (src or "prompts"))
 
 
+def stage_call(stage: str, params: dict) -> tuple[str, dict] | None:
+    """The stage function (and its keyword arguments) that the CLI command ``stage`` runs,
+    for the sharded stages that Ray workers call directly; None for the others."""
+    if stage == "detect":
+        return "gen.detect:run_detect", {}
+    if stage == "guidelines":
+        return "gen.guidelines:run_guidelines", {}
+    if stage == "augment":
+        return "gen.augment:run_augment", {}
+    if stage == "retrieve":
+        return "retrieval.retrieve:run_retrieve", {"src": params.get("src") or "prompts",
+                                                   "dst": params.get("dst") or "retrieve"}
+    if stage == "respond":
+        return "gen.respond:run_respond", {"guided": not params.get("no_guidelines"),
+                                           "src": params.get("src"), "dst": params.get("dst")}
+    return None
+
+
 def dispatch_command(ctx, cfg, params: dict) -> bool:
-    """Called by every stage command: with ``executor.kind == "ray"`` (and no explicit
-    ``--rank``, nor a world size above 1 from the environment: RANK/WORLD_SIZE, SLURM),
-    run the command as Ray tasks and return True; else return False and let the command
-    run here.
+    """Called by every stage command. Sets the shard assignment of the command's map stages
+    from ``executor.assign``. With ``executor.kind == "ray"`` (and no explicit ``--rank``, nor a
+    world size above 1 from the environment: RANK/WORLD_SIZE, SLURM), runs the command on
+    Ray and returns True; else returns False and lets the command run here.
 
-    Each task runs the same command with ``--rank i --world-size n --executor local``.
+    On Ray, the sharded stages (``stage_call``) run on ``WorkerPool`` workers, each calling
+    the stage function with its own engine; ``export`` runs one task per shard and the other
+    commands one task, each running the command with ``--rank i --world-size n --executor
+    local``.
     """
-    if cfg.executor.kind not in KINDS:
-        import click
-
-        raise click.UsageError(f"executor.kind must be one of {KINDS}, got {cfg.executor.kind!r}")
-    if cfg.executor.kind != "ray" or params.get("rank") is not None:
-        return False
     import click
 
+    from shards import claims
+
+    if cfg.executor.kind not in KINDS:
+        raise click.UsageError(f"executor.kind must be one of {KINDS}, got {cfg.executor.kind!r}")
+    try:  # for as long as the command runs
+        ctx.with_resource(claims.assignment(cfg.executor.assign, cfg.executor.claim_ttl_s))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if cfg.executor.kind != "ray" or params.get("rank") is not None:
+        return False
     from shards import resolve_rank
 
     try:
@@ -278,10 +332,45 @@ def dispatch_command(ctx, cfg, params: dict) -> bool:
     stage = path[-1] if path else "stage"
     if stage in SELF_SCHEDULING:
         return False
+    workdir = Path(params["workdir"]).absolute()
     try:
-        n = cli_num_tasks(stage, cfg, Path(params["workdir"]), params)
+        n = cli_num_tasks(stage, cfg, workdir, params)
     except RuntimeError as e:
         raise click.UsageError(f"--executor ray: {e}") from e
+    call = stage_call(stage, params)
+    if call is not None:
+        _run_cli_stage_on_workers(stage, call, cfg, workdir, n, params)
+    else:
+        _run_cli_command_as_tasks(path, stage, cfg, n, params)
+    return True
+
+
+def _run_cli_stage_on_workers(stage: str, call: tuple[str, dict], cfg, workdir: Path, n_shards: int,
+                              params: dict) -> None:
+    import click
+
+    from guidealign.ray_workers import WorkerPool, describe
+
+    fn, kwargs = call
+    try:
+        with WorkerPool(cfg, stage, n_shards=n_shards) as pool:
+            click.echo(f"{stage}: {pool.n} Ray worker(s) ({cfg.executor.assign} assignment), "
+                       f"resources {pool.options}", err=True)
+            results = pool.run(fn, workdir, progress=not params.get("no_progress"), **kwargs)
+    except (ExecutorError, ValueError) as e:
+        raise click.ClickException(f"{stage}: {e}") from e
+    for r in results:
+        summary = getattr(r.report, "summary", None)
+        if callable(summary):
+            click.echo(summary())
+    click.echo(describe(results), err=True)
+
+
+def _run_cli_command_as_tasks(path: list[str], stage: str, cfg, n: int, params: dict) -> None:
+    import click
+
+    from guidealign.ray_workers import resources_for
+
     task_params = dict(params, rank=None, world_size=None)
     for k in _PATH_PARAMS:
         if task_params.get(k):
@@ -290,7 +379,7 @@ def dispatch_command(ctx, cfg, params: dict) -> bool:
     task_params["no_progress"] = True
 
     ray = init_ray(cfg.executor.ray_address)
-    opts = ray_task_options(cfg.executor.ray_resources)
+    opts = ray_task_options(resources_for(cfg.executor, stage))
     remote = ray.remote(_invoke_command).options(name=f"guidealign-{stage}", **opts)
     cwd = os.getcwd()
     click.echo(f"{stage}: {n} Ray task(s), resources {opts}", err=True)
@@ -311,64 +400,7 @@ def dispatch_command(ctx, cfg, params: dict) -> bool:
             f"committed shards are kept, rerun the command to redo the rest. "
             f"Rank {first}: {failed[first]}")
     click.echo(f"{stage}: {n} Ray task(s) done", err=True)
-    return True
 
 
-# --- `guidealign run --executor ray`: every stage, each as Ray tasks ------------------------
-
-# (stage, "module:function", split by shard?) in pipeline order (guidealign.pipeline.STAGES).
-PIPELINE_RAY = [
-    ("ingest", "guidealign.executors:ingest_stage", False),
-    ("detect", "gen.detect:run_detect", True),
-    ("guidelines", "gen.guidelines:run_guidelines", True),
-    ("library", "retrieval.library:run_library", False),
-    ("train-retriever", "retrieval.train:run_train_retriever", False),
-    ("index", "retrieval.index:run_index", False),
-    ("retrieve", "retrieval.retrieve:run_retrieve", True),
-    ("respond", "gen.respond:run_respond", True),
-    ("sft", "sft.train:run_sft", False),
-    ("push", "guidealign.executors:push_stage", False),
-]
-
-
-def ingest_stage(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True):
-    """Ingest with the stage signature (it always runs as one task)."""
-    from guidealign.ingest import ingest
-
-    return ingest(cfg.inputs, workdir, cfg.ingest, progress=progress)
-
-
-def push_stage(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True):
-    from sft.push import run_push
-
-    return run_push(cfg, workdir)
-
-
-def run_pipeline_ray(cfg, workdir: str | Path, *, stages: list[str] | None = None,
-                     progress: bool = True, echo=print, init_kwargs: dict | None = None) -> dict:
-    """``guidealign run --executor ray``: the stages in order; a per-prompt stage as one Ray
-    task per prompt shard, the others as one task. Every task skips committed shards, so a
-    rerun after a crash (of a task or of this driver) continues."""
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    known = [name for name, _, _ in PIPELINE_RAY]
-    stages = stages or [s for s in known if s != "push" or cfg.push.repo_id]
-    unknown = set(stages) - set(known)
-    if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {known}")
-    timings: dict[str, float] = {}
-    for name, fn, split in PIPELINE_RAY:
-        if name not in stages:
-            continue
-        echo(f"== {name} (ray)")
-        t0 = time.perf_counter()
-        n = num_shards(workdir / "prompts") if split else 1
-        results = run_on_ray(fn, cfg, workdir, n_tasks=n, progress=progress, init_kwargs=init_kwargs)
-        timings[name] = round(time.perf_counter() - t0, 2)
-        for res in results:
-            summary = getattr(res.report, "summary", None)
-            if callable(summary):
-                echo(summary())
-    summary = {"stages": stages, "seconds": timings, "executor": "ray"}
-    (workdir / "run.json").write_text(__import__("json").dumps(summary, indent=1))
-    return summary
+# `guidealign run --executor ray` lives in guidealign/ray_pipeline.py
+from guidealign.ray_pipeline import PIPELINE_RAY, run_pipeline_ray  # noqa: E402,F401

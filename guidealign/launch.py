@@ -8,17 +8,24 @@ It finds the GPUs this process may use (``CUDA_VISIBLE_DEVICES`` when set, else
   on the whole node when k equals the GPU count);
 - no GPU: one worker.
 
-Each worker runs ``guidealign STAGE ARGS --rank R --world-size W`` with RANK, WORLD_SIZE
-and LOCAL_RANK set. The node's own place comes from ``--node-rank/--nodes`` or, failing
-those, from RANK/WORLD_SIZE, a SLURM array (SLURM_ARRAY_TASK_ID/COUNT) or SLURM tasks
+Each worker runs ``guidealign STAGE ARGS --rank R --world-size W``: its rank comes through
+the command line only. RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and the other variables
+of torchrun/MPI launchers are removed from every worker's environment (``env -u`` in the
+dry run), since they would make accelerate set up a process group inside a stage that is
+one process. The node's own place comes from ``--node-rank/--nodes`` or, failing those,
+from RANK/WORLD_SIZE, a SLURM array (SLURM_ARRAY_TASK_ID/COUNT) or SLURM tasks
 (SLURM_PROCID/NTASKS), exactly as ``shards.resolve_rank`` reads them; then
 ``R = node_rank * workers_per_node + j`` and ``W = nodes * workers_per_node``.
 
 Stages that are not split by shard (ingest, library, train-retriever, index, sft, push,
-eval) run as one process per node, with all its GPUs and the node's rank.
+eval) run as one process per node with the node's rank; train-retriever sees only the
+node's first GPU (the retriever trains on one device), the others all of them.
 
-``--dry-run`` prints the worker commands instead of running them. The exit status is
-the first non-zero status of any worker; the other workers still finish their shards.
+``launch`` never installs anything (``./run.sh setup`` does, once, before the job).
+``--dry-run`` prints the worker commands instead of running them. When a worker fails,
+launch writes its failure marker (WORKDIR/_failed/, unless the worker wrote one) and stops
+the other workers (SIGTERM, then SIGKILL after ``--grace`` seconds), so that an
+allocation does not idle; the exit status is the failed worker's.
 """
 from __future__ import annotations
 
@@ -33,7 +40,11 @@ from pathlib import Path
 
 import click
 
+from guidealign.distenv import DIST_VARS
 from guidealign.executors import SINGLE_TASK_STAGES
+
+# Single-process stages that use one device whatever the node has.
+ONE_DEVICE_STAGES = {"train-retriever"}
 
 
 @dataclass
@@ -43,11 +54,19 @@ class Worker:
     local_rank: int
     gpus: list[str]
     argv: list[str]
-    env: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # set for this worker (on top of launch's own)
+    unset: list[str] = field(default_factory=list)  # removed from launch's own environment
 
     def shell(self) -> str:
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        return f"{env} {shlex.join(self.argv)}".strip()
+        parts = ["env", *(f"-u {k}" for k in self.unset)] if self.unset else []
+        parts += [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        return " ".join([*parts, shlex.join(self.argv)])
+
+    def environ(self, base: dict | None = None) -> dict:
+        base = dict(os.environ if base is None else base)
+        for k in self.unset:
+            base.pop(k, None)
+        return {**base, **self.env}
 
 
 def detect_gpus(env: dict | None = None, nvidia_smi: str | None = "nvidia-smi") -> list[str]:
@@ -97,15 +116,18 @@ def tensor_parallel_size(stage_args: list[str]) -> int:
 
 
 def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_rank: int,
-         nodes: int, python: str = sys.executable) -> list[Worker]:
-    """The workers to start on this node."""
+         nodes: int, python: str = sys.executable, env: dict | None = None) -> list[Worker]:
+    """The workers to start on this node (``env``: launch's own environment)."""
+    env = os.environ if env is None else env
+    unset = [k for k in DIST_VARS if k in env]
     if _opt_values(stage_args, "--rank") or _opt_values(stage_args, "--world-size"):
         raise click.UsageError("launch sets --rank/--world-size itself; use --node-rank/--nodes "
                                "(or SLURM / RANK / WORLD_SIZE) for this node's place")
     if tp < 1:
         raise click.UsageError(f"engine.tensor_parallel_size must be >= 1, got {tp}")
     if not gpus or stage in SINGLE_TASK_STAGES:
-        groups = [gpus]  # one process: the CPU, or a stage that is not split by shard
+        # one process: the CPU, or a stage that is not split by shard
+        groups = [gpus[:1] if stage in ONE_DEVICE_STAGES else gpus]
     else:
         if len(gpus) < tp:
             raise click.UsageError(f"engine.tensor_parallel_size={tp} needs {tp} GPUs; this node "
@@ -120,22 +142,53 @@ def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_ra
     workers = []
     for j, g in enumerate(groups):
         rank = node_rank * per_node + j
-        env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(j)}
-        if gpus:
-            env = {"CUDA_VISIBLE_DEVICES": ",".join(g), **env}
+        wenv = {"CUDA_VISIBLE_DEVICES": ",".join(g)} if gpus else {}
+        if gpus and stage == "run":
+            # SFT, run by rank 0 once the engines are done, trains on every GPU of the node
+            wenv["GUIDEALIGN_NODE_GPUS"] = ",".join(gpus)
         argv = [python, "-m", "guidealign", stage, *stage_args,
                 "--rank", str(rank), "--world-size", str(world)]
         workers.append(Worker(rank=rank, world_size=world, local_rank=j, gpus=list(g),
-                              argv=argv, env=env))
+                              argv=argv, env=wenv, unset=list(unset)))
     return workers
 
 
-def run_workers(workers: list[Worker], log_dir: str | None = None) -> int:
-    """Start all workers, forward SIGINT/SIGTERM to them, wait; first non-zero status wins."""
+def _stop(procs: list, grace: float) -> None:
+    """SIGTERM every running worker's process group, then SIGKILL what is left after ``grace``."""
+    import time
+
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in running:
+        if p.poll() is None:
+            _signal_group(p, signal.SIGKILL)
+        p.wait()
+
+
+def _signal_group(p, sig) -> None:
+    try:  # each worker leads its own process group: its engine's children go with it
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: str | None = None,
+                grace: float = 30.0, poll: float = 0.5) -> int:
+    """Start all workers and wait. When one fails, record it in ``workdir``'s failure markers
+    (for ranks on other nodes) and stop the others: their work depends on the failed rank's
+    shards. SIGINT/SIGTERM to launch are forwarded. Returns the first failed worker's status."""
+    import time
+
     procs = []
     logs = []
     for w in workers:
-        env = dict(os.environ, **w.env)
         out = None
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -143,25 +196,53 @@ def run_workers(workers: list[Worker], log_dir: str | None = None) -> int:
             logs.append(out)
         click.echo(f"launch: rank {w.rank}/{w.world_size} gpus "
                    f"{','.join(w.gpus) or '-'}: {shlex.join(w.argv[2:])}", err=True)
-        procs.append(subprocess.Popen(w.argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+        procs.append(subprocess.Popen(w.argv, env=w.environ(), stdout=out, start_new_session=True,
+                                      stderr=subprocess.STDOUT if out else None))
 
     def forward(signum, _frame):
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                _signal_group(p, signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed: list[tuple[int, int]] = []
     try:
-        codes = [p.wait() for p in procs]
+        while True:
+            codes = [p.poll() for p in procs]
+            for w, c in zip(workers, codes):
+                if c not in (None, 0) and all(r != w.rank for r, _ in failed):
+                    failed.append((w.rank, c))
+                    click.echo(f"launch: rank {w.rank} exited with status {c}", err=True)
+                    if workdir:
+                        _record_failure(workdir, w, c)
+            if all(c is not None for c in codes):
+                break
+            if failed:
+                left = [w.rank for w, c in zip(workers, codes) if c is None]
+                click.echo(f"launch: stopping rank(s) {left} after rank {failed[0][0]} failed",
+                           err=True)
+                _stop(procs, grace)
+                break
+            time.sleep(poll)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         for f in logs:
             f.close()
-    failed = [(w.rank, c) for w, c in zip(workers, codes) if c != 0]
-    for r, c in failed:
-        click.echo(f"launch: rank {r} exited with status {c}", err=True)
     return failed[0][1] if failed else 0
+
+
+def _record_failure(workdir: str, w: Worker, code: int) -> None:
+    """A failure marker for a worker that died without writing its own (killed, segfault)."""
+    from shards.failure import failure_path, mark_failed
+
+    try:
+        if not failure_path(workdir, w.rank).exists():
+            why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            mark_failed(workdir, w.rank, f"worker {why} (seen by launch on this node)",
+                        stage=w.argv[3] if len(w.argv) > 3 else "", world_size=w.world_size)
+    except OSError as e:
+        click.echo(f"launch: could not write the failure marker: {e}", err=True)
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -174,9 +255,11 @@ def run_workers(workers: list[Worker], log_dir: str | None = None) -> int:
 @click.option("--nodes", type=int, default=None, help="Number of nodes (default: from env/SLURM).")
 @click.option("--log-dir", type=click.Path(file_okay=False), default=None,
               help="Write each worker's output to LOG_DIR/rankNNNNN.log instead of this terminal.")
+@click.option("--grace", type=float, default=30.0, show_default=True,
+              help="When a worker fails: seconds between SIGTERM and SIGKILL for the others.")
 @click.argument("stage")
 @click.argument("stage_args", nargs=-1, type=click.UNPROCESSED)
-def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, stage, stage_args):
+def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_args):
     """Run STAGE on this node: one worker per GPU or per tensor-parallel group, with ranks.
 
     Everything after STAGE goes to `guidealign STAGE`, e.g.
@@ -213,7 +296,8 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, stage, stage_args):
         for w in workers:
             click.echo(w.shell())
         return
-    sys.exit(run_workers(workers, log_dir))
+    wd = _opt_values(stage_args, "--workdir", "-w")
+    sys.exit(run_workers(workers, log_dir, workdir=wd[-1] if wd else None, grace=grace))
 
 
 def main():

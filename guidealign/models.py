@@ -124,3 +124,102 @@ def resolve(name: str) -> str:
     if name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; known: {GENERATOR}, {EMBEDDER}")
     return name
+
+
+# --- Hub models of a recipe: fetched once, before the job (`guidealign models fetch`) ------
+
+# Files a model is served or trained from. Other formats in many repos (original/ PyTorch
+# checkpoints, GGUF, ONNX, TF/Flax) would double the download for nothing.
+_IGNORE = ["*.pth", "original/*", "*.gguf", "onnx/*", "*.onnx", "openvino/*", "*.msgpack", "*.h5",
+           "*.ot", "*.tflite", "coreml/*"]
+
+
+class FetchError(RuntimeError):
+    """A recipe's Hub model is not in the cache and cannot be downloaded."""
+
+
+def recipe_models(cfg) -> list[tuple[str, str]]:
+    """(config key, model name) for every model the recipe's stages load, in stage order."""
+    out = [("engine.model", cfg.engine.model)]
+    responder = (getattr(cfg.respond, "engine", None) or {}).get("model")
+    if responder:
+        out.append(("respond.engine.model", responder))
+    if cfg.library.candidates == "model":
+        out.append(("library.embed_model", cfg.library.embed_model))
+    out.append(("retriever.base_model", cfg.retriever.base_model))
+    if cfg.index.model != "retriever":
+        out.append(("index.model", cfg.index.model))
+    out.append(("sft.base_model", cfg.sft.base_model))
+    ev = getattr(cfg, "eval", None)
+    if ev is not None:
+        out.append(("eval.judge_model", ev.judge_model))
+        if getattr(ev, "harm_judge", "") == "classifier":
+            out.append(("eval.classifier_model", ev.classifier_model))
+    return out
+
+
+def model_kind(name: str) -> str:
+    """"embedded", "local" (an existing path) or "hub"."""
+    if name.startswith("embedded:"):
+        return "embedded"
+    if Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+        return "local"
+    return "hub"
+
+
+def hub_offline(env: dict | None = None) -> bool:
+    env = os.environ if env is None else env
+    return str(env.get("HF_HUB_OFFLINE", "")).strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_snapshot(repo_id: str, cache_dir: str | None = None) -> str | None:
+    """The local snapshot of ``repo_id`` in the Hugging Face cache, or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def fetch_models(cfg, *, dry_run: bool = False, cache_dir: str | None = None, echo=print) -> dict:
+    """Download every Hub model of the recipe once into the shared Hugging Face cache
+    (HF_HOME / HF_HUB_CACHE on a shared filesystem), so that workers can then run with
+    HF_HUB_OFFLINE=1. Embedded and local models are only reported. Raises
+    :class:`FetchError` naming every model that is missing while the Hub is offline."""
+    seen: dict[str, str] = {}
+    missing = []
+    for key, name in recipe_models(cfg):
+        if name in seen:
+            continue
+        kind = model_kind(name)
+        if kind == "embedded":
+            seen[name] = "embedded (ships with the package)"
+        elif kind == "local":
+            seen[name] = "local path" if Path(name).expanduser().exists() else "local path MISSING"
+            if not Path(name).expanduser().exists():
+                missing.append(f"{key}={name} (no such path)")
+        else:
+            hit = cached_snapshot(name, cache_dir)
+            if hit:
+                seen[name] = f"cached at {hit}"
+            elif dry_run:
+                seen[name] = "would download" + (" (but HF_HUB_OFFLINE=1)" if hub_offline() else "")
+            elif hub_offline():
+                seen[name] = "NOT CACHED"
+                missing.append(f"{key}={name}")
+            else:
+                from huggingface_hub import snapshot_download
+
+                echo(f"{key}: downloading {name} ...")
+                seen[name] = f"downloaded to {snapshot_download(name, cache_dir=cache_dir, ignore_patterns=_IGNORE)}"
+        echo(f"{key}: {name}: {seen[name]}")
+    if missing:
+        offline = hub_offline()
+        raise FetchError(
+            f"{len(missing)} model(s) of this recipe are not available"
+            + (" and HF_HUB_OFFLINE=1 forbids downloading them" if offline else "") + ": "
+            + "; ".join(missing) + ". Run `guidealign models fetch -c CONFIG` once where the Hub "
+            "is reachable, with HF_HOME on the filesystem the workers share, then start the job.")
+    return seen

@@ -22,12 +22,50 @@ STAGES = ["ingest", "detect", "guidelines", "library", "train-retriever", "index
 _ENGINE_STAGES = ("detect", "guidelines", "respond")
 
 
-def _wait_file(path: Path, timeout: float, poll: float = 5.0) -> None:
+def _wait_file(path: Path, timeout: float, poll: float = 5.0, *, accept=None,
+               workdir: Path | None = None) -> dict:
+    """Wait for rank 0's ``_done.json`` at ``path``, until ``accept(done)`` (default: any),
+    aborting when a rank of the run failed or nothing moved for executor.stall_timeout_s."""
+    from shards.failure import Watch, waiting
+
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"timed out waiting for {path} (written by rank 0)")
-        time.sleep(poll)
+    watch = Watch(workdir or path.parent.parent, str(path))
+    with waiting(str(path)):
+        while True:
+            try:
+                done = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                done = None
+            if done is not None and (accept is None or accept(done)):
+                return done
+            why = "not written yet" if done is None else (accept.__doc__ or "not accepted").strip()
+            what = f"{path} ({why})"
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"timed out waiting for {what} (written by rank 0)")
+            watch.check(None if done is None else done.get("fingerprint"), what)
+            time.sleep(poll)
+
+
+def _wait_index(cfg: Config, workdir: Path, timeout: float, poll: float = 5.0) -> dict:
+    """What a non-lead rank waits for before retrieve: rank 0's index, accepted only when it
+    was built from the library of the current guideline shards and library config (a rerun
+    with a changed config never retrieves from the previous run's index)."""
+    from retrieval.library import library_dir, library_fingerprint
+    from shards import wait_complete
+
+    src = workdir / cfg.library.src
+    wait_complete(src, timeout=timeout, poll=poll)  # current guideline shards only
+    want = library_fingerprint(cfg.library, src)
+
+    def current(done: dict) -> bool:
+        """built from another library version than the current one"""
+        try:
+            lib = json.loads((library_dir(workdir) / "_done.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return lib.get("fingerprint") == want and done.get("library_version") == lib.get("version")
+
+    return _wait_file(workdir / "index" / "_done.json", timeout, poll, accept=current, workdir=workdir)
 
 
 def _engine_needed(workdir: Path, stages: list[str]) -> bool:
@@ -39,6 +77,18 @@ def _engine_needed(workdir: Path, stages: list[str]) -> bool:
 def run_pipeline(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                  stages: list[str] | None = None, progress: bool = True,
                  echo=print) -> dict:
+    """Every stage in order on this rank. When it raises, it leaves a failure marker in
+    WORKDIR/_failed/ that makes the other ranks' waits stop at once (shards/failure.py)."""
+    from shards.failure import guard
+
+    with guard(workdir, rank, world_size, stage="run", stall_timeout_s=cfg.executor.stall_timeout_s):
+        return _run_stages(cfg, workdir, rank=rank, world_size=world_size, stages=stages,
+                           progress=progress, echo=echo)
+
+
+def _run_stages(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
+                stages: list[str] | None = None, progress: bool = True,
+                echo=print) -> dict:
     from gen.detect import run_detect
     from gen.guidelines import run_guidelines
     from gen.respond import run_respond
@@ -57,7 +107,8 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {STAGES}")
-    wait = max(cfg.executor.wait_timeout_s, 0.0) or (0.0 if world_size == 1 else 24 * 3600)
+    # several ranks: no clock of its own; a wait ends on a failed rank or stalled progress
+    wait = max(cfg.executor.wait_timeout_s, 0.0) or (0.0 if world_size == 1 else float("inf"))
     lead = rank == 0
     timings: dict[str, float] = {}
     reports: dict[str, object] = {}
@@ -76,7 +127,8 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size:
 
     def engine():
         nonlocal llm
-        if llm is None and _engine_needed(workdir, stages):
+        own = cfg.respond.engine  # respond.engine: the responder has its own engine
+        if llm is None and _engine_needed(workdir, [s for s in stages if not (own and s == "respond")]):
             from gen.engine import build_llm
 
             llm = build_llm(cfg.engine)
@@ -84,8 +136,14 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size:
 
     if lead:
         step("ingest", lambda: ingest(cfg.inputs, workdir, cfg.ingest, progress=progress))
+        if cfg.inputs_sft and "ingest" in stages:  # the paper's second set: fine-tuning prompts
+            reports["ingest-sft"] = ingest(cfg.inputs_sft, workdir, cfg.ingest, progress=progress,
+                                           dataset="prompts-sft")
+            echo(reports["ingest-sft"].summary())
     elif "ingest" in stages:
         wait_complete(workdir / "prompts", timeout=wait)
+        if cfg.inputs_sft:
+            wait_complete(workdir / "prompts-sft", timeout=wait)
     kw = dict(rank=rank, world_size=world_size, progress=progress)
     step("detect", lambda: run_detect(cfg, workdir, llm=engine(), **kw))
     step("guidelines", lambda: run_guidelines(cfg, workdir, llm=engine(), **kw))
@@ -94,9 +152,13 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size:
         step("train-retriever", lambda: run_train_retriever(cfg, workdir, **kw))
         step("index", lambda: run_index(cfg, workdir, **kw))
     elif "index" in stages:
-        _wait_file(workdir / "index" / "_done.json", wait)
+        _wait_index(cfg, workdir, wait)
     step("retrieve", lambda: run_retrieve(cfg, workdir, **kw))
-    step("respond", lambda: run_respond(cfg, workdir, llm=engine(), **kw))
+    if cfg.respond.engine and llm is not None and "respond" in stages:  # free it for the responder
+        del llm
+        llm = None
+        gc.collect()
+    step("respond", lambda: run_respond(cfg, workdir, llm=None if cfg.respond.engine else engine(), **kw))
     if llm is not None:  # free the engine's memory before training
         del llm
         llm = None

@@ -2,6 +2,8 @@
 
 Sharded stages have ``_stage.json`` (total shards) and one marker per committed shard.
 Artifact stages (a trained model, an index) have a ``_done.json`` completion marker.
+Generation stages (detect, guidelines, respond) also show their yield (gen/yieldstats.py):
+rows parsed, rows cut at the length cap, and the share of generated tokens kept.
 """
 from __future__ import annotations
 
@@ -38,6 +40,12 @@ def _stage_row(d: Path) -> dict | None:
             row["shards_done"] = row["shards_total"] = 1
             row["rows"] = int(info.get("rows", 0))
             row["seconds"] = float(info.get("seconds", 0.0))
+    if man is not None:
+        from gen.yieldstats import dataset_counts, kept_share
+
+        c = dataset_counts(d)
+        if c is not None:
+            row["yield"] = dict(c, tokens_kept_share=kept_share(c))
     if row["seconds"] > 0:
         row["rows_per_s"] = round(row["rows"] / row["seconds"], 2)
     row["seconds"] = round(row["seconds"], 2)
@@ -66,10 +74,20 @@ def collect(workdir: str | Path) -> list[dict]:
 
 
 def render(rows: list[dict]) -> str:
-    head = f"{'stage':<22} {'shards':>11} {'rows':>10} {'quarantined':>11} {'rows/s':>10}"
+    """The table; generation stages add parsed (rows with a usable output), cut (rows that
+    stopped at the length cap) and kept (share of generated tokens in usable rows)."""
+    head = (f"{'stage':<22} {'shards':>11} {'rows':>10} {'quarantined':>11} {'rows/s':>10} "
+            f"{'parsed':>8} {'cut':>6} {'kept':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         rate = f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-"
+        y = r.get("yield")
+        if y:
+            share = y.get("tokens_kept_share")
+            ys = (f" {y['yield_rows_parsed']:>8} {y['yield_rows_cut']:>6} "
+                  f"{(f'{100 * share:.1f}%' if share is not None else '-'):>7}")
+        else:
+            ys = f" {'-':>8} {'-':>6} {'-':>7}"
         lines.append(f"{r['stage']:<22} {r['shards_done']:>5}/{r['shards_total']:<5} "
-                     f"{r['rows']:>10} {r['quarantined']:>11} {rate:>10}")
+                     f"{r['rows']:>10} {r['quarantined']:>11} {rate:>10}" + ys)
     return "\n".join(lines)

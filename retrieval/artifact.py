@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shards import write_json_atomic
+from shards.artifact_files import file_checksums
 from shards.write import torch_threads
 
 DONE = "_done.json"
@@ -53,6 +54,9 @@ def build_dir(final: str | Path):
     yet: the caller writes it with :func:`mark_done` after the rename)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier build left (one builder per artifact: rank 0)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -72,7 +76,7 @@ def build_dir(final: str | Path):
 
 def mark_done(d: str | Path, *, fingerprint: str, rows: int, seconds: float, **extra) -> dict:
     info = {"fingerprint": fingerprint, "rows": int(rows), "seconds": round(seconds, 3),
-            "created": time.time(), "threads": torch_threads(), **extra}
+            "created": time.time(), "threads": torch_threads(), "files": file_checksums(d), **extra}
     write_json_atomic(Path(d) / DONE, info)
     return info
 

@@ -40,8 +40,9 @@ def index(workdir, cfg, rank, world_size, no_progress):
 
 
 @click.command("retrieve")
-@click.option("--src", default="prompts", show_default=True,
-              help="Input stage under WORKDIR whose shards hold id and prompt.")
+@click.option("--src", default=None,
+              help="Input stage under WORKDIR whose shards hold id and prompt (default: "
+                   "retrieve.prompts, else prompts-sft when inputs_sft is set, else prompts).")
 @click.option("--dst", default="retrieve", show_default=True, help="Output stage under WORKDIR.")
 @stage_options
 def retrieve(workdir, cfg, rank, world_size, no_progress, src, dst):

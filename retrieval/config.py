@@ -33,8 +33,10 @@ class LibraryConfig:
     exact_search_max: int = 20_000
     # IVF lists probed per query in the approximate candidate search. Ours.
     nprobe: int = 8
-    # Search the candidates on the GPUs (sharded) when faiss.get_num_gpus() > 0. Ours.
-    use_gpu: bool = True
+    # Search the candidates on the GPUs (sharded): "auto" when a probe search on them matches
+    # the CPU, else on the CPU with the reason logged; true: GPUs or an error; false: CPU
+    # (retrieval/index.py). Ours: FAISS GPU wheels lack kernels for some GPUs.
+    use_gpu: bool | str = "auto"
     # Share of prompts whose pairs go to the held-out split (chosen by a hash of the prompt id). Ours.
     heldout_fraction: float = 0.1
     # Rows per library shard. Ours.
@@ -94,8 +96,10 @@ class IndexConfig:
     hnsw_m: int = 32
     # HNSW search depth (kind="hnsw"). Ours.
     ef_search: int = 128
-    # Use the GPUs (sharded over all of them) when faiss.get_num_gpus() > 0 (issue 4).
-    use_gpu: bool = True
+    # Search on the GPUs (sharded over all of them): "auto" when a probe search on them matches
+    # the CPU, else on the CPU with the reason logged; true: GPUs or an error; false: CPU
+    # (issue 4; "auto" since issue 14: FAISS GPU wheels lack kernels for some GPUs).
+    use_gpu: bool | str = "auto"
     # Texts per encode batch. Ours.
     batch_size: int = 256
     # torch threads (0: leave torch's default). Ours.
@@ -108,6 +112,9 @@ class RetrieveConfig:
     top_n: int = 20
     keep: int = 6
     dedup_ratio: float = 0.5
+    # Prompt set to retrieve for (a dataset under WORKDIR); "" = "prompts-sft" when the config
+    # has inputs_sft (the paper: responses for a separate fine-tuning set), else "prompts".
+    prompts: str = ""
     # Prompts per encode batch. Ours.
     batch_size: int = 256
     # torch threads (0: leave torch's default). Ours.

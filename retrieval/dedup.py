@@ -86,7 +86,7 @@ def build_search_index(vecs: np.ndarray, *, exact_max: int, nprobe: int, seed: i
 
 
 def candidate_pairs(vecs: np.ndarray, *, k: int, min_cosine: float, exact_max: int = 50_000,
-                    nprobe: int = 8, chunk: int = 65_536, use_gpu: bool = True) -> tuple[np.ndarray, str]:
+                    nprobe: int = 8, chunk: int = 65_536, use_gpu: bool | str = "auto") -> tuple[np.ndarray, str]:
     """Unique (i, j), i < j, pairs among each row's ``k`` nearest neighbours with cosine >= min_cosine."""
     n = len(vecs)
     if n < 2 or k < 1:
@@ -95,8 +95,9 @@ def candidate_pairs(vecs: np.ndarray, *, k: int, min_cosine: float, exact_max: i
     if use_gpu:
         from retrieval.index import num_gpus, to_gpus
 
-        if num_gpus():
-            index, kind = to_gpus(index, "flat"), f"{kind},gpu{num_gpus()}"
+        gpu_index = to_gpus(index, "flat", use_gpu)  # the CPU index when the GPU probe failed
+        if gpu_index is not index:
+            index, kind = gpu_index, f"{kind},gpu{num_gpus(use_gpu)}"
     kk = min(k + 1, n)
     parts = []
     for s in range(0, n, chunk):
@@ -130,7 +131,7 @@ def confirm_pairs(texts: list[str], pairs: np.ndarray, threshold: float, chunk: 
 
 
 def cluster(texts: list[str], vecs: np.ndarray, *, threshold: float, k: int, min_cosine: float,
-            exact_max: int = 50_000, nprobe: int = 8, use_gpu: bool = True) -> tuple[np.ndarray, DedupStats]:
+            exact_max: int = 50_000, nprobe: int = 8, use_gpu: bool | str = "auto") -> tuple[np.ndarray, DedupStats]:
     """Cluster labels (a root index per text) for near-duplicate ``texts`` with vectors ``vecs``."""
     import time
 

@@ -117,6 +117,12 @@ def _input_fp(src: Path) -> list[str]:
     return out
 
 
+def library_fingerprint(lc, src: Path) -> str:
+    """The fingerprint of the library built from the guideline shards in ``src`` with ``lc``
+    (other ranks compute it to accept only a library, and an index, built from them)."""
+    return fingerprint("library-v1", lc, _input_fp(src))
+
+
 def library_version(d: str | Path) -> str | None:
     done = read_done(d)
     return done.get("version") if done else None
@@ -157,7 +163,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     if not 0 < lc.fuzzy_threshold <= 1:
         raise ValueError("library.fuzzy_threshold must be in (0, 1]")
     wait_complete(src, timeout=input_wait(cfg, world_size))
-    fp = fingerprint("library-v1", lc, _input_fp(src))
+    fp = library_fingerprint(lc, src)
     if is_current(dst, fp):
         done = read_done(dst)
         rep = LibraryReport(**{k: v for k, v in done.get("metrics", {}).items()

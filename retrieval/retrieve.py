@@ -49,14 +49,14 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
 def encoder_path(meta: dict, workdir: Path) -> str:
     """Where the index's encoder is now: the run's own retriever is found under this workdir
     (the index records its fingerprint, not the path it had, so a moved run still works)."""
-    ref = meta.get("model_ref", "")
+    ref = meta["model_ref"]
     if ref.startswith("retriever:"):
         from retrieval.train import model_dir
 
         return str(model_dir(workdir))
     from guidealign.models import resolve
 
-    return resolve(ref) if ref else meta["model"]
+    return resolve(ref)
 
 
 def make_shard_fn(cfg, workdir: Path):

@@ -55,6 +55,9 @@ def _train(model, train_ds, rc, out: Path, progress: bool) -> int:
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss)
 
+    from guidealign.distenv import one_device, single_process
+
+    single_process("train-retriever")  # torchrun-style variables would start a process group
     if rc.loss == "mnrl":
         loss = MultipleNegativesRankingLoss(model)
     elif rc.loss == "cached_mnrl":
@@ -77,6 +80,7 @@ def _train(model, train_ds, rc, out: Path, progress: bool) -> int:
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
+    one_device(args)  # no DataParallel over every visible GPU (guidealign/distenv.py)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss)
     result = trainer.train()
     return int(result.global_step)

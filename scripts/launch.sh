@@ -10,7 +10,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${GUIDEALIGN_PYTHON:-${GUIDEALIGN_VENV:-$root/.venv}/bin/python}
 if [[ ! -x $py ]]; then
-  echo "launch: no Python environment at $py: run ./run.sh setup first" >&2
+  echo "launch: no Python environment at $py: run ./run.sh setup first, once, before the job" \
+       "(GUIDEALIGN_EXTRA=gpu on GPU nodes); launch never installs" >&2
   exit 1
 fi
 exec "$py" -m guidealign.launch "$@"

@@ -71,6 +71,15 @@ class SFTConfig:
     # CPU only: torch threads for training; 0 = torch's default. Set it when other heavy work
     # shares the cores.
     num_threads: int = 0
+    # Chat template of the training conversations, saved with the model (vLLM answers with it):
+    # None = the base tokenizer's own; a built-in ("vicuna_v1.1", "llama-2", "chatml") or a
+    # .jinja path. A base model without one (Llama-2-13b-hf) needs it; the paper's Labrador
+    # answers in the Vicuna v1.1 format.
+    chat_template: str | None = None
+    # Training processes: "auto" = one per visible GPU (1 on the CPU), or a number (on the CPU,
+    # N gloo processes). More than one: run_sft starts them with torchrun (one per GPU, with
+    # trainer_args' FSDP settings) unless it already runs under torchrun/accelerate.
+    num_processes: int | str = "auto"
     # Extra keyword arguments for TRL's SFTConfig (e.g. {"deepspeed": "ds.json",
     # "fsdp": "full_shard"}); they win over the keys above.
     trainer_args: dict = field(default_factory=dict)

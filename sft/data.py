@@ -19,7 +19,9 @@ class DataReport:
     rows: int = 0           # response rows read
     kept: int = 0           # training examples
     dropped: dict = field(default_factory=dict)  # reason -> count
-    sources: dict = field(default_factory=dict)  # dataset -> {"shards", "rows", "sha256": [...]}
+    # dataset name (as configured in sft.data, never an absolute path of the run dir) ->
+    # {"shards", "sha256": [...]}: what the fingerprint depends on, so a moved run dir is reused
+    sources: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
@@ -32,6 +34,15 @@ def data_paths(cfg, workdir) -> list[Path]:
         p = Path(d)
         out.append(p if p.is_absolute() else Path(workdir) / d)
     return out
+
+
+def source_name(path: Path, workdir) -> str:
+    """A dataset's name for reports and fingerprints: relative to the run dir when inside it,
+    else its directory name (its contents are identified by the shard checksums)."""
+    try:
+        return path.resolve().relative_to(Path(workdir).resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 def drop_reason(cfg, row: dict) -> str | None:
@@ -61,7 +72,7 @@ def iter_examples(cfg, workdir, report: DataReport):
         if read_manifest(path) is None:
             raise FileNotFoundError(f"{path} holds no response shards: run `guidealign respond` first")
         idx = committed(path)
-        report.sources[str(path)] = {"shards": len(idx),
+        report.sources[source_name(path, workdir)] = {"shards": len(idx),
                                      "sha256": [read_marker(path, i).sha256 for i in idx]}
         for batch in iter_batches(path, columns=COLUMNS):
             for row in batch.to_pylist():

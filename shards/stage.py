@@ -1,10 +1,12 @@
 """The map-stage executor: shard i of the input becomes shard i of the output.
 
 It is what every per-prompt stage (detect, guidelines, retrieve, respond) runs:
-the worker of rank r handles the shards i with i % W == r, skips the ones whose
-commit marker already carries the current fingerprint, and commits each new one
-atomically. A crash therefore loses at most the shard in flight, and a rerun
-neither repeats nor skips work.
+with static assignment (the default) the worker of rank r handles the shards i with
+i % W == r; with dynamic assignment (``shards.claims``) every worker claims the next
+shard nobody holds, until all are committed, and takes over the shards of workers whose
+heartbeat stopped. Either way it skips the shards whose commit marker already carries
+the current fingerprint and commits each new one atomically. A crash therefore loses at
+most the shard in flight, and a rerun neither repeats nor skips work.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable
 import pyarrow as pa
 from tqdm import tqdm
 
+from shards import claims
 from shards.fingerprint import fingerprint as make_fp
 from shards.manifest import read_manifest, write_manifest
 from shards.marker import is_done, read_marker
@@ -85,17 +88,28 @@ def map_shards(
     world_size: int = 1,
     columns: list[str] | None = None,
     progress: bool = True,
+    assign: str | None = None,
+    claim_ttl_s: float | None = None,
 ) -> StageReport:
     """Run ``fn`` over this rank's input shards that are not done yet.
 
     ``make_fn`` builds ``fn`` lazily, on the first shard that needs work, so that an
     expensive engine is never started for a rerun that has nothing to do.
+    ``assign``: "static" (shards i with i % world_size == rank) or "dynamic" (claim
+    shards until every one is committed); None takes ``shards.claims.current_assignment()``.
     """
     if (fn is None) == (make_fn is None):
         raise ValueError("give exactly one of fn and make_fn")
     n = input_num_shards(src)
     write_manifest(dst, stage=stage, num_shards=n, fingerprint=config_fp, input=str(src))
     report = StageReport(stage=stage, total=n)
+    policy = claims.current_assignment()
+    if assign is not None or claim_ttl_s is not None:
+        policy = claims.Assignment(assign or policy.kind,
+                                   policy.ttl_s if claim_ttl_s is None else claim_ttl_s, policy.poll_s)
+    if policy.kind == "dynamic":
+        return _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, columns,
+                            progress, policy, report)
     todo = my_shards(n, rank, world_size)
     report.mine = len(todo)
     bar = tqdm(todo, desc=stage, unit="shard", disable=not progress)
@@ -106,16 +120,76 @@ def map_shards(
             continue
         if fn is None:
             fn = make_fn()
-        t0 = time.perf_counter()
-        table, quarantine, stats = _unpack(fn(read_table(src, i, columns), i))
-        dt = time.perf_counter() - t0
-        marker = write_shard(dst, i, table, fp, quarantine=quarantine, seconds=dt, stats=stats)
-        report.processed += 1
-        report.rows += marker.rows
-        report.quarantined += marker.quarantined
-        report.seconds += dt
-        for k, v in (stats or {}).items():
-            if isinstance(v, (int, float)):
-                report.stats[k] = report.stats.get(k, 0) + v
+        _process(fn, src, dst, i, fp, columns, report)
+    log.info(report.summary())
+    return report
+
+
+def _process(fn, src, dst, i: int, fp: str, columns, report: StageReport, claim=None) -> bool:
+    """Run ``fn`` on input shard ``i`` and commit the result; False when the claim was lost."""
+    t0 = time.perf_counter()
+    table, quarantine, stats = _unpack(fn(read_table(src, i, columns), i))
+    dt = time.perf_counter() - t0
+    if claim is not None and not claim.held():
+        log.warning("%s: shard %d was taken over while this worker processed it (its "
+                    "heartbeat stalled); dropping this result", report.stage, i)
+        return False
+    marker = write_shard(dst, i, table, fp, quarantine=quarantine, seconds=dt, stats=stats)
+    report.processed += 1
+    report.rows += marker.rows
+    report.quarantined += marker.quarantined
+    report.seconds += dt
+    for k, v in (stats or {}).items():
+        if isinstance(v, (int, float)):
+            report.stats[k] = report.stats.get(k, 0) + v
+    return True
+
+
+def _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, columns, progress,
+                 policy: claims.Assignment, report: StageReport) -> StageReport:
+    """Claim uncommitted shards one at a time until every shard is committed.
+
+    Shards held by live workers are waited for (polling), so that a worker that dies mid-shard
+    is replaced once its claim goes stale. ``report.skipped`` counts the shards committed
+    before this worker started; ``report.mine`` the shards it processed.
+    """
+    n = report.total
+    owner = claims.owner_record()["owner"]
+    start = (rank * n) // max(world_size, 1)  # workers start at different places
+    order = [(start + k) % n for k in range(n)]
+    fps = {}
+    first_pass = True
+    bar = tqdm(total=n, desc=f"{stage} (dynamic)", unit="shard", disable=not progress)
+    pending = list(order)
+    while pending:
+        left = []
+        for i in pending:
+            if i not in fps:
+                fps[i] = shard_fingerprint(config_fp, src, i)
+            if is_done(dst, i, fps[i]):
+                report.skipped += first_pass
+                bar.update(1)
+                continue
+            claim = claims.try_claim(dst, i, policy.ttl_s, owner)
+            if claim is None:
+                left.append(i)
+                continue
+            with claim:
+                if is_done(dst, i, fps[i]):  # committed by another worker since we looked
+                    bar.update(1)
+                    continue
+                if fn is None:
+                    fn = make_fn()
+                if _process(fn, src, dst, i, fps[i], columns, report, claim):
+                    bar.update(1)
+                else:
+                    left.append(i)  # the worker that took it over commits it; wait for that
+        first_pass = False
+        pending = left
+        if pending:
+            time.sleep(policy.poll)
+    bar.close()
+    report.mine = report.processed
+    claims.remove_claims_dir(dst)
     log.info(report.summary())
     return report

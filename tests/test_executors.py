@@ -2,8 +2,10 @@
 
 The stage under test is a real map stage built with ``shards.map_shards`` over real
 ingest output: it counts characters per prompt and records, in each shard's commit
-marker, the rank, pid and Ray resources of the task that wrote it, and appends one line
+marker, the rank, pid and Ray resources of the worker that wrote it, and appends one line
 per processed shard to a journal, so "exactly once" is checked on disk, not assumed.
+Sharded stages run on long-lived worker actors (``guidealign.ray_workers``); the engine
+stage on them is tested in tests/test_ray_engine.py.
 """
 from __future__ import annotations
 
@@ -103,22 +105,31 @@ def test_ray_task_options_maps_config_resources():
         {"max_retries": 0, "num_cpus": 4, "memory": 10, "resources": {"x": 2, "a100": 1}}
 
 
-def test_one_ray_task_per_shard_each_shard_once(ray_local, ingested):
+@pytest.mark.parametrize("assign", ["static", "dynamic"])
+def test_ray_workers_pull_every_shard_exactly_once(ray_local, ingested, assign):
     wd = ingested
-    cfg = ray_cfg(num_cpus=1, slot=1)
+    cfg = ray_cfg(num_cpus=1)
+    cfg.executor.ray_resources_by_stage = {"charcount": {"num_cpus": 1, "slot": 1},
+                                           "other": {"num_cpus": 2}}
+    cfg.executor.assign = assign
     results = run_stage(run_charcount, cfg, wd, progress=False)
     n = N_PROMPTS // SHARD_ROWS
-    assert [r.rank for r in results] == list(range(n))
-    assert all(isinstance(r, TaskResult) and r.world_size == n for r in results)
+    # the stage's own resources {CPU: 1, slot: 1}: the cluster holds two such workers, each
+    # called once
+    assert [r.worker for r in results] == [0, 1] and [r.rank for r in results] == [0, 1]
+    assert all(isinstance(r, TaskResult) and r.world_size == 2 for r in results)
     assert all(r.pid != os.getpid() for r in results)  # ran in Ray workers, not here
+    assert len({r.pid for r in results}) == 2
     assert sum(r.report.processed for r in results) == n
+    assert all(r.builds == 0 for r in results)  # not an engine stage: no engine built
 
-    # every shard: committed by the task whose rank is its index, with the configured resources
     ids = []
     for i in range(n):
         m = read_marker(wd / "charcount", i)
         assert m is not None, f"shard {i} has no marker"
-        assert m.stats["rank"] == i and m.stats["world_size"] == n
+        assert m.stats["world_size"] == 2
+        if assign == "static":
+            assert m.stats["rank"] == i % 2
         assert m.stats["resources"] == {"CPU": 1.0, "slot": 1.0}
         t = read_table(wd / "charcount", i)
         src = read_table(wd / "prompts", i)
@@ -128,41 +139,83 @@ def test_one_ray_task_per_shard_each_shard_once(ray_local, ingested):
         ids += t["id"].to_pylist()
     assert len(ids) == len(set(ids)) == N_PROMPTS
     assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
+    assert not (wd / "charcount" / "_claims").exists()
 
     # a rerun finds every marker and writes nothing
     again = run_stage(run_charcount, cfg, wd, progress=False)
     assert sum(r.report.processed for r in again) == 0
-    assert sum(r.report.skipped for r in again) == n
     assert len(journal(wd)) == n
 
 
-def test_crashed_task_is_simply_rerun(ray_local, ingested):
+def test_failed_worker_is_reported_and_a_rerun_redoes_only_missing_shards(ray_local, ingested):
     wd = ingested
     n = N_PROMPTS // SHARD_ROWS
     cfg = ray_cfg(num_cpus=1)
-    # shard 3's worker dies every time, and Ray is told not to retry: the stage fails there
-    with pytest.raises(ExecutorError, match=r"ranks \[3\]"):
-        run_stage(run_charcount, cfg, wd, progress=False, max_retries=0, crash_on={"shard": 3})
+    cfg.executor.ray_max_restarts = 0
+    # shard 3's worker (rank 1 of 2, static) dies every time and is not restarted
+    with pytest.raises(ExecutorError, match=r"workers \[1\]"):
+        run_stage(run_charcount, cfg, wd, progress=False, crash_on={"shard": 3})
     assert read_marker(wd / "charcount", 3) is None
-    done_first = {i: read_marker(wd / "charcount", i).created for i in range(n) if i != 3}
-    assert len(done_first) == n - 1
-    # the same command again: only shard 3 is processed; the others keep their markers
+    done_first = {i: read_marker(wd / "charcount", i).created for i in range(n)
+                  if read_marker(wd / "charcount", i) is not None}
+    assert set(range(0, n, 2)) | {1} == set(done_first)  # worker 0's shards, and 1 before 3
+    # the same command again: only the missing shards are processed; the others keep their markers
     results = run_stage(run_charcount, cfg, wd, progress=False)
-    assert [r.report.processed for r in results] == [1 if r == 3 else 0 for r in range(n)]
+    assert sum(r.report.processed for r in results) == n - len(done_first)
     assert {i: read_marker(wd / "charcount", i).created for i in done_first} == done_first
     assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
 
 
-def test_worker_death_is_retried_by_ray(ray_local, ingested):
+def test_dead_worker_is_restarted_and_its_claimed_shard_taken_over(ray_local, ingested):
     wd = ingested
     n = N_PROMPTS // SHARD_ROWS
-    # shard 5's worker dies once; Ray's task retry reruns it and the stage completes
-    results = run_stage(run_charcount, ray_cfg(num_cpus=1), wd, progress=False,
+    cfg = ray_cfg(num_cpus=1)
+    cfg.executor.assign = "dynamic"
+    cfg.executor.claim_ttl_s = 30
+    # shard 5's worker dies once, holding its claim; Ray restarts it and retries its call,
+    # and whichever worker gets there first takes the dead worker's claim over
+    results = run_stage(run_charcount, cfg, wd, progress=False,
                         crash_on={"shard": 5, "once": True})
     assert (wd / "crashed-5").exists()
     assert all(read_marker(wd / "charcount", i) is not None for i in range(n))
-    assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
-    assert sum(r.report.processed for r in results) == n
+    assert sorted(s for s, _, _ in journal(wd)) == list(range(n))  # each shard processed once
+    assert len(results) == 2  # both workers' calls returned (one after its restart)
+    assert not (wd / "charcount" / "_claims").exists()
+
+
+def test_stage_resources_and_the_tensor_parallel_check():
+    from guidealign.ray_workers import capacity, check_engine_resources, resources_for
+
+    cfg = Config()
+    cfg.executor.ray_resources = {"num_cpus": 2}
+    cfg.executor.ray_resources_by_stage = {"detect": {"num_gpus": 4, "num_cpus": 8}}
+    assert resources_for(cfg.executor, "detect") == {"num_gpus": 4, "num_cpus": 8}
+    assert resources_for(cfg.executor, "ingest") == {"num_cpus": 2}
+    check_engine_resources("detect", {"num_gpus": 4}, 4, cluster_gpus=16)
+    check_engine_resources("detect", {"num_cpus": 1}, 1, cluster_gpus=0)  # CPU cluster: fine
+    with pytest.raises(ValueError, match=r"detect: each Ray worker gets 2 GPU\(s\), but "
+                                         r"engine.tensor_parallel_size is 4"):
+        check_engine_resources("detect", {"num_gpus": 2}, 4, cluster_gpus=16)
+    with pytest.raises(ValueError, match="gets 0 GPU"):  # would silently run on the CPU
+        check_engine_resources("respond", {"num_cpus": 4}, 1, cluster_gpus=8)
+    assert capacity({"CPU": 64, "GPU": 16}, {"num_gpus": 4, "num_cpus": 8}) == 4
+    assert capacity({"CPU": 64, "GPU": 16}, {"num_cpus": 1}) == 64
+    assert capacity({"CPU": 2, "slot": 2}, {"num_cpus": 1, "resources": {"slot": 1}}) == 2
+    assert capacity({"CPU": 8}, {"num_gpus": 1}) == 0
+
+
+def test_engine_stage_asking_too_few_gpus_fails_before_any_worker_starts(ray_local, ingested):
+    from guidealign.ray_workers import WorkerPool
+
+    cfg = ray_cfg(num_cpus=1)
+    cfg.engine.tensor_parallel_size = 2
+    cfg.executor.ray_resources_by_stage = {"detect": {"num_gpus": 1}}
+    with pytest.raises(ValueError, match="tensor_parallel_size is 2"):
+        WorkerPool(cfg, "detect", n_shards=8)
+    cfg.executor.ray_resources_by_stage = {}
+    cfg.executor.assign = "round-robin"
+    with pytest.raises(ValueError, match="executor.assign"):
+        run_stage(run_charcount, cfg, ingested, progress=False)
 
 
 def test_cli_executor_ray_runs_the_export_stage(ray_local, ingested):
@@ -245,3 +298,34 @@ def test_ray_executor_under_a_multi_worker_env_runs_locally(ingested, monkeypatc
                                    "--set", "executor.kind=ray"])
     assert res.exit_code == 0, res.output
     assert "rank 1/4: shards [1, 5] of 8; wrote [1, 5]" in res.output
+
+
+def test_cli_sets_the_assignment_for_the_command_only(ingested):
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+    from shards import claims
+
+    res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(ingested), "--no-progress",
+                                   "--set", "executor.assign=round-robin"])
+    assert res.exit_code == 2 and "executor.assign must be one of" in res.output, res.output
+    res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(ingested), "--no-progress",
+                                   "--set", "executor.assign=dynamic"])
+    assert res.exit_code == 0, res.output
+
+    import click
+
+    from guidealign.cli import stage_options
+
+    @click.command("probe")
+    @stage_options
+    def probe(workdir, cfg, rank, world_size, no_progress):  # what a stage command's map stages see
+        a = claims.current_assignment()
+        click.echo(f"{a.kind} {a.ttl_s:g}")
+
+    res = CliRunner().invoke(probe, ["-w", str(ingested), "--set", "executor.assign=dynamic",
+                                     "--set", "executor.claim_ttl_s=45"])
+    assert res.exit_code == 0 and res.output.strip() == "dynamic 45", res.output
+    res = CliRunner().invoke(probe, ["-w", str(ingested)])
+    assert res.output.strip() == "static 120", res.output
+    assert claims.current_assignment().kind == "static"  # nothing leaks into this process

@@ -28,15 +28,29 @@ def launch(*args, env: dict | None = None, check: bool = True) -> subprocess.Com
 
 
 def plan_lines(p) -> list[dict]:
-    """Parse dry-run lines: env assignments, then the command."""
+    """Parse dry-run lines: ``env -u VAR ...`` (removed variables), assignments, the command."""
     out = []
     for line in p.stdout.splitlines():
         words = line.split()
+        unset = []
+        if words and words[0] == "env":
+            words = words[1:]
+            while words and words[0] == "-u":
+                unset.append(words[1])
+                words = words[2:]
         env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-")
                    and w.split("=", 1)[0].isupper())
         argv = [w for w in words if not ("=" in w and w.split("=", 1)[0].isupper())]
-        out.append({"env": env, "argv": argv})
+        out.append({"env": env, "argv": argv, "unset": unset})
     return out
+
+
+def argv_rank(w: dict) -> tuple[str, str]:
+    a = w["argv"]
+    return a[a.index("--rank") + 1], a[a.index("--world-size") + 1]
+
+
+DIST = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def test_detect_gpus_from_cuda_visible_devices_and_nvidia_smi(tmp_path):
@@ -58,8 +72,7 @@ def test_one_worker_per_gpu():
     p = launch("--dry-run", "detect", "-w", "runs/x", env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
     plan = plan_lines(p)
     assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0", "1", "2", "3"]
-    assert [(w["env"]["RANK"], w["env"]["WORLD_SIZE"]) for w in plan] == \
-        [("0", "4"), ("1", "4"), ("2", "4"), ("3", "4")]
+    assert all(set(w["env"]) == {"CUDA_VISIBLE_DEVICES"} for w in plan)  # rank: CLI only
     for r, w in enumerate(plan):
         assert w["argv"][-4:] == ["--rank", str(r), "--world-size", "4"]
         assert w["argv"][1:6] == ["-m", "guidealign", "detect", "-w", "runs/x"]
@@ -71,7 +84,7 @@ def test_tensor_parallel_from_config(tmp_path):
     p = launch("--dry-run", "respond", "-w", "r", "-c", str(cfg), env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     plan = plan_lines(p)
     assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["4,5", "6,7"]
-    assert [w["env"]["RANK"] for w in plan] == ["0", "1"] and plan[0]["env"]["WORLD_SIZE"] == "2"
+    assert [argv_rank(w) for w in plan] == [("0", "2"), ("1", "2")]
     # one engine over the whole node
     p = launch("--dry-run", "respond", "-w", "r", "--set", "engine.tensor_parallel_size=4",
                env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
@@ -89,8 +102,8 @@ def test_ranks_from_slurm_array_and_srun():
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
            "SLURM_ARRAY_TASK_MIN": "4"}
     plan = plan_lines(launch("--dry-run", "retrieve", "-w", "r", env=env))
-    assert [(w["env"]["RANK"], w["env"]["WORLD_SIZE"], w["env"]["LOCAL_RANK"]) for w in plan] == \
-        [("2", "6", "0"), ("3", "6", "1")]
+    assert [argv_rank(w) for w in plan] == [("2", "6"), ("3", "6")]
+    assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0", "1"]
     # srun -N 2 --ntasks-per-node=1: task 1 of 2, no GPU -> one CPU worker of rank 1
     plan = plan_lines(launch("--dry-run", "retrieve", "-w", "r",
                              env={"CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
@@ -106,6 +119,10 @@ def test_ranks_from_slurm_array_and_srun():
 def test_single_process_stages_and_explicit_rank_refused():
     plan = plan_lines(launch("--dry-run", "index", "-w", "r", env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"}))
     assert len(plan) == 1 and plan[0]["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    # the retriever trains on one device: the node's first GPU
+    plan = plan_lines(launch("--dry-run", "train-retriever", "-w", "r",
+                             env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"}))
+    assert len(plan) == 1 and plan[0]["env"]["CUDA_VISIBLE_DEVICES"] == "4"
     p = launch("--dry-run", "detect", "-w", "r", "--rank", "0", env={"CUDA_VISIBLE_DEVICES": "0"},
                check=False)
     assert p.returncode != 0 and "launch sets --rank" in p.stderr
@@ -128,6 +145,62 @@ def test_launch_runs_one_real_worker_per_fake_gpu(tmp_path):
     assert len({read_marker(out, i).stats["pid"] for i in range(5)}) == 2
     assert "rank 0/2: shards [0, 2, 4]" in (logs / "rank00000.log").read_text()
     assert "rank 1/2: shards [1, 3]" in (logs / "rank00001.log").read_text()
-    # a worker that fails makes launch fail, with its rank named
+    # a worker that fails makes launch fail, with its rank named (both fail here: whichever
+    # exits first is named, and the other is stopped if it is still running)
     p = launch("export", "nosuch", "-w", str(wd), env={"CUDA_VISIBLE_DEVICES": "0,1"}, check=False)
-    assert p.returncode != 0 and "rank 1 exited with status" in p.stderr
+    assert p.returncode != 0
+    assert "rank 0 exited with status 1" in p.stderr or "rank 1 exited with status 1" in p.stderr
+
+
+def test_dry_run_on_8_gpus_shows_no_distributed_variables():
+    """Node 1 of 2 (from RANK/WORLD_SIZE, as torchrun-style schedulers set them) with 8 GPUs:
+    no worker gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; they are removed (env -u)."""
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "RANK": "1", "WORLD_SIZE": "2",
+           "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    single = ("ingest", "library", "train-retriever", "index", "sft", "push", "eval")
+    for stage in single:
+        plan = plan_lines(launch("--dry-run", stage, "-w", "r", env=env))
+        assert len(plan) == 1, (stage, plan)
+        w = plan[0]
+        assert not set(DIST) & set(w["env"]), (stage, w)
+        assert set(w["unset"]) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+        assert argv_rank(w) == ("1", "2")
+        assert w["env"]["CUDA_VISIBLE_DEVICES"] == ("0" if stage == "train-retriever" else
+                                                    "0,1,2,3,4,5,6,7")
+    # sharded stages: 8 workers, ranks 8..15 of 16 through the CLI only
+    plan = plan_lines(launch("--dry-run", "detect", "-w", "r", env=env))
+    assert [argv_rank(w) for w in plan] == [(str(8 + j), "16") for j in range(8)]
+    assert all(not set(DIST) & set(w["env"]) and "RANK" in w["unset"] for w in plan)
+
+
+def test_workers_do_not_inherit_distributed_variables():
+    """What a real worker process sees: no RANK/LOCAL_RANK/WORLD_SIZE, its CUDA_VISIBLE_DEVICES."""
+    from guidealign.launch import plan as make_plan
+
+    launcher_env = dict(BASE_ENV, RANK="1", WORLD_SIZE="2", LOCAL_RANK="5", MASTER_PORT="1")
+    workers = make_plan("index", ["-w", "r"], gpus=["3", "4"], tp=1, node_rank=1, nodes=2,
+                        env=launcher_env)
+    assert len(workers) == 1
+    w = workers[0]
+    seen = w.environ(launcher_env)
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"} & set(seen)
+    assert seen["CUDA_VISIBLE_DEVICES"] == "3,4" and seen["PATH"] == launcher_env["PATH"]
+
+
+def test_launch_stops_sibling_workers_when_one_fails(tmp_path, monkeypatch):
+    """Real processes: rank 1 fails at once; rank 0 (a stand-in for a worker waiting on an
+    engine) would sleep for two minutes. launch stops it and records rank 1's failure."""
+    from guidealign.launch import Worker, run_workers
+
+    wd = tmp_path / "run"
+    finished = tmp_path / "rank0-finished"
+    hang = [sys.executable, "-c", f"import time; time.sleep(120); open({str(finished)!r}, 'w')"]
+    fail = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    workers = [Worker(rank=0, world_size=2, local_rank=0, gpus=[], argv=hang),
+               Worker(rank=1, world_size=2, local_rank=1, gpus=[], argv=fail)]
+    code = run_workers(workers, workdir=str(wd), grace=5)
+    assert code == 3
+    marker = json.loads((wd / "_failed" / "rank-00001.json").read_text())
+    assert "exited with status 3" in marker["error"]
+    assert not (wd / "_failed" / "rank-00000.json").exists()  # stopped, not failed
+    assert not finished.exists()  # rank 0 was stopped, not waited for

@@ -11,6 +11,7 @@ RISK_TYPES = {"insult", "unfairness_and_discrimination", "crimes_and_illegal_act
               "physical_harm", "mental_health", "privacy_and_property", "ethics_and_morality",
               "sensitive_topics", "goal_hijacking", "prompt_leaking", "role_play_instruction",
               "unsafe_instruction_topic", "inquiry_with_unsafe_opinion", "reverse_exposure"}
+CARE_TYPES = {"health", "finance", "law", "grief", "misinformation"}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,8 @@ def test_prompts_share_the_few_shot_prefix(generator_path, tok):
     p = DetectPrompts(make_cfg(generator_path), tok)
     a, b = p.build("How do I bake bread?").token_ids, p.build("Insult my friend").token_ids
     common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    assert common > 900  # system + 13 exemplars, identical token ids
+    assert p.n_exemplars >= 3
+    assert common > p.builder.count(p.messages("")) - 40  # system + every exemplar, identical ids
 
 
 def test_overlong_truncate_and_skip(generator_path, tok):
@@ -119,11 +121,11 @@ def test_empty_or_non_string_prompt_is_skipped_with_reason(generator_path, tok, 
 def test_exemplars_are_dropped_to_fit_max_model_len(generator_path, tok, caplog):
     from gen.guidelines import GuidelinePrompts
 
-    g = GuidelinePrompts(make_cfg(generator_path), tok)  # 2048 cannot hold 12 safety exemplars
-    assert 0 < g.n_safety < 12
+    g = GuidelinePrompts(make_cfg(generator_path), tok)  # 2048 cannot hold 13 safety exemplars
+    assert 0 < g.n_safety < 13
     assert any("exemplars" in r.message for r in caplog.records)
     g = GuidelinePrompts(make_cfg(generator_path, "engine.max_model_len=8192"), tok)
-    assert (g.n_safety, g.n_quality) == (12, 7)
+    assert (g.n_safety, g.n_quality) == (13, 7)
 
 
 def test_builtin_exemplars_cover_the_papers_counts_and_risk_types():
@@ -131,13 +133,34 @@ def test_builtin_exemplars_cover_the_papers_counts_and_risk_types():
     saf = yaml.safe_load(builtin_prompt_path("safety_guidelines.yaml").read_text())
     qua = yaml.safe_load(builtin_prompt_path("quality_guidelines.yaml").read_text())
     types = yaml.safe_load(builtin_prompt_path("risk_types.yaml").read_text())
-    assert (len(det["exemplars"]), len(saf["exemplars"]), len(qua["exemplars"])) == (13, 12, 7)
+    # the paper's counts: 13 detection exemplars, 13 safety and 7 quality guideline exemplars
+    assert (len(det["exemplars"]), len(saf["exemplars"]), len(qua["exemplars"])) == (13, 13, 7)
     assert set(types) == RISK_TYPES
     covered = {e["risk_type"] for e in det["exemplars"] + saf["exemplars"]} - {"none"}
-    assert covered == RISK_TYPES
-    assert {e["verdict"] for e in det["exemplars"]} == {"Yes", "No"}
+    # every augment risk type, and the paper's wider notion of risk: requests whose good
+    # answer needs care (health, money, law, grief, misinformation) are risky too
+    assert covered >= RISK_TYPES | CARE_TYPES
+    yes = [e for e in det["exemplars"] if e["verdict"] == "Yes"]
+    no = [e for e in det["exemplars"] if e["verdict"] == "No"]
+    assert len(yes) >= 10 and no  # mostly risky, as the paper's 12 of 13
+    assert all(e["risk_type"] == "none" for e in no)
+    assert CARE_TYPES & {e["risk_type"] for e in yes} >= {"health", "finance", "law", "grief"}
+    text = " ".join(e["input"].lower() for e in yes)
+    assert "vaccine" in text and "15" in text  # the vaccine and distressed-teen kinds are "Yes"
     for e in saf["exemplars"] + qua["exemplars"]:
         assert 5 <= len(e["guidelines"]) <= 7
+        for g in e["guidelines"]:
+            assert 2 <= len(g["title"].split()) <= 8 and len(g["text"].split()) >= 12  # specific
+    # the safety prompt shows the input in the detector's own user turn
+    assert saf["user"] == det["user"]
+    # every exemplar answer reads back as its own verdict, with no earlier "answer: yes"-like
+    # phrase that the parser would take for a verdict (status "ok", not "conflicting")
+    from gen.detect import detection_turn
+    from gen.parse import parse_detection
+
+    for e in det["exemplars"] + saf["exemplars"]:
+        risky, _, status = parse_detection(detection_turn(e["analysis"], e["verdict"]))
+        assert (risky, status) == (e["verdict"] == "Yes", "ok"), e["input"]
 
 
 def test_fingerprint_follows_exemplar_file_contents(generator_path, tok, tmp_path):

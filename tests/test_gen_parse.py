@@ -119,3 +119,136 @@ def test_questions():
     assert parse_questions("Here you go:\n1. \"Quoted question?\"\n2. **Bold question?**") == \
         ["Quoted question?", "Bold question?"]
     assert parse_questions("") == []
+
+
+# --- structured outputs: whatever the regex admits, the parser reads ----------------------
+
+@pytest.mark.parametrize("text", [
+    "The input asks for a weapon.\nVerdict: Yes",
+    "1. Unsafe content: no.\n2. Harm from a careless answer: no.\nIn summary, ordinary.\nVerdict: No",
+    "No, nothing unsafe: Verdict: No would be wrong here\nVerdict: Yes",
+    "Yes\nVerdict: No",
+    "- a bullet\n* another\nVerdict: Yes",
+])
+def test_every_detect_regex_match_parses_to_its_verdict(text):
+    import re
+
+    from gen.scoring import detect_regex
+
+    m = re.fullmatch(detect_regex(), text)
+    assert m, text
+    risky, _, status = parse_detection(text)
+    assert risky is (m.group(2) == "Yes") and status != "missing"
+
+
+@pytest.mark.parametrize("n", [5, 6, 7])
+def test_every_guidelines_regex_match_parses_with_titles(n):
+    import re
+
+    from gen.scoring import guidelines_regex
+
+    titles = ["Be kind", "Check facts", "Protect privacy now", "Stay calm", "Offer help",
+              "Respect the law in every case", "Cite"]
+    bodies = ["Answer gently - even when asked rudely.", "Say what is known (and what is not).",
+              "Never share addresses: not even public ones.", "1. keep a steady tone.",
+              "Point to hotlines; **always**.", "x", "Give sources."]
+    text = "\n".join(f"{k}. {t}: {b}" for k, (t, b) in enumerate(zip(titles[:n], bodies), 1))
+    assert re.fullmatch(guidelines_regex(), text)
+    items, status = parse_guidelines(text)
+    assert status == "ok" and [i["title"] for i in items] == titles[:n]
+
+
+def test_guidelines_regex_rejects_fewer_than_five_or_untitled():
+    import re
+
+    from gen.scoring import guidelines_regex
+
+    four = "\n".join(f"{k}. Title {k}: text {k}." for k in range(1, 5))
+    assert not re.fullmatch(guidelines_regex(), four)
+    assert not re.fullmatch(guidelines_regex(), four + "\n5. no title here")
+
+
+# --- verdict scores -------------------------------------------------------------------------
+
+class _LP:
+    def __init__(self, logprob):
+        self.logprob = logprob
+
+
+def test_score_from_logprobs_sums_spellings_and_normalizes():
+    import math
+
+    from gen.scoring import score_from_logprobs
+
+    step = {1: _LP(math.log(0.3)), 2: _LP(math.log(0.1)), 3: _LP(math.log(0.2)), 9: _LP(-0.1)}
+    assert score_from_logprobs(step, [1, 2], [3]) == pytest.approx(0.4 / 0.6)
+    assert score_from_logprobs(step, [1], [3, 4]) == pytest.approx(0.3 / 0.5)
+    assert score_from_logprobs(step, [7], [3]) is None  # a verdict token missing: no score
+    assert score_from_logprobs({1: _LP(float("-inf")), 3: _LP(-1.0)}, [1], [3]) is None
+
+
+def test_threshold_file(tmp_path):
+    import json
+
+    from gen.scoring import load_threshold
+
+    assert load_threshold(0.5, None) == 0.5
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"threshold": 0.27}))
+    assert load_threshold(0.5, str(f)) == 0.27
+    f.write_text(json.dumps({"threshold": 3}))
+    with pytest.raises(ValueError, match="threshold"):
+        load_threshold(0.5, str(f))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_threshold(0.5, str(tmp_path / "missing.json"))
+
+
+# --- yield counts -----------------------------------------------------------------------------
+
+def test_yield_counts_rows_and_tokens():
+    from gen.yieldstats import counts, describe, detect_usable, kept_share, respond_usable
+
+    rows = [dict(risky=True, finish_reason="stop", output_tokens=10),
+            dict(risky=None, finish_reason="length", output_tokens=40),
+            dict(risky=False, finish_reason="length", output_tokens=40),
+            dict(risky=None, finish_reason="skipped", output_tokens=0)]
+    c = counts(rows, detect_usable)
+    assert c == {"yield_rows_in": 4, "yield_rows_parsed": 2, "yield_rows_cut": 2,
+                 "yield_tokens_generated": 90, "yield_tokens_kept": 50}
+    assert kept_share(c) == pytest.approx(50 / 90, abs=1e-4)
+    assert "2 parsed" in describe(c) and "2 cut" in describe(c)
+    resp = [dict(response="Hi.", finish_reason="stop", output_tokens=3),
+            dict(response="   ", finish_reason="stop", output_tokens=2),
+            dict(response="long...", finish_reason="length", output_tokens=9)]
+    assert counts(resp, respond_usable)["yield_tokens_kept"] == 3
+
+
+def test_yield_from_markers_or_columns(tmp_path):
+    import pyarrow as pa
+
+    from gen.yieldstats import dataset_counts
+    from shards import fingerprint, write_manifest, write_shard
+
+    # detect: counts from the marker stats (what the stage writes)
+    d = tmp_path / "detect"
+    write_manifest(d, stage="detect", num_shards=2, fingerprint="t")
+    t = pa.table({"id": ["a"], "risky": [True], "finish_reason": ["stop"], "output_tokens": [5]})
+    st = {"yield_rows_in": 3, "yield_rows_parsed": 2, "yield_rows_cut": 1,
+          "yield_tokens_generated": 30, "yield_tokens_kept": 20}
+    write_shard(d, 0, t, fingerprint("t"), stats=st)
+    write_shard(d, 1, t, fingerprint("t"), stats=st)
+    assert dataset_counts(d)["yield_tokens_kept"] == 40
+    # respond: no yield stats in its markers, so counted from its columns
+    r = tmp_path / "respond"
+    write_manifest(r, stage="respond", num_shards=1, fingerprint="t")
+    write_shard(r, 0, pa.table({"response": ["ok", "cut"], "finish_reason": ["stop", "length"],
+                                "output_tokens": [4, 12]}), fingerprint("t"), stats={"length": 1})
+    c = dataset_counts(r)
+    assert (c["yield_rows_in"], c["yield_rows_parsed"], c["yield_rows_cut"]) == (2, 1, 1)
+    assert (c["yield_tokens_generated"], c["yield_tokens_kept"]) == (16, 4)
+    # and status shows it
+    from guidealign.status import collect, render
+
+    rows = {x["stage"]: x for x in collect(tmp_path)}
+    assert rows["respond"]["yield"]["tokens_kept_share"] == 0.25
+    assert "25.0%" in render(list(rows.values()))

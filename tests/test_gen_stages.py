@@ -159,9 +159,16 @@ def test_augment(llm, generator_path, workdir):
         for i in range(len(toks)):
             for j in range(i):
                 assert rouge_l(toks[i], toks[j]) <= 0.7
+    # exact accounting: every generated question is kept or has a quarantine row with a reason
     q = read_quarantine(workdir / "augment")
-    total = rep.stats["generated"]
-    assert rep.stats["kept"] + (q.num_rows if q is not None else 0) >= total - 0  # all accounted
+    qrows = q.to_pylist() if q is not None else []
+    assert all(r["reason"] for r in qrows)
+    # (skipped/failed prompts hold no question; near-duplicate seeds are not generated ones)
+    q_questions = [r for r in qrows if r["raw"] and not r["reason"].startswith("seed question")]
+    kept_new = [r for r in rows if json.loads(r["metadata"])["origin"] != "seed"]
+    assert rep.stats["kept_generated"] == len(kept_new)
+    assert len(kept_new) + len(q_questions) == rep.stats["generated"]
+    assert rep.quarantined == len(qrows) == rep.stats["rejected"]
     # resumable: a rerun does nothing
     assert run_augment(cfg, workdir, llm=None, progress=False).skipped == 2
     # the output works as a run's prompts
@@ -183,6 +190,18 @@ def test_rouge_l_rule():
     assert p.offer("What is the best poison for rats in a garden shed?", "g") is None
 
 
+# Greedy float32 output is compared between runs whose engines are in the same state: prefix
+# caching off, so a shard's output does not depend on what the engine computed before it.
+NOCACHE = "engine.enable_prefix_caching=false"
+
+
+@pytest.fixture(scope="module")
+def llm_nocache(generator_path):
+    from gen.engine import build_llm
+
+    return build_llm(cfg_for(generator_path, NOCACHE).engine)
+
+
 _CHILD = r"""
 import sys, time
 import shards.stage as stage
@@ -195,11 +214,11 @@ stage.write_shard = slow_write
 sys.path.insert(0, {tests!r})
 from test_gen_stages import cfg_for
 from gen.detect import run_detect
-run_detect(cfg_for({gen!r}), {wd!r}, progress=False)
+run_detect(cfg_for({gen!r}, "engine.enable_prefix_caching=false"), {wd!r}, progress=False)
 """
 
 
-def test_kill_and_resume_gives_identical_output(llm, generator_path, tmp_path):
+def test_kill_and_resume_gives_identical_output(llm_nocache, generator_path, tmp_path):
     from gen.detect import run_detect
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -219,9 +238,73 @@ def test_kill_and_resume_gives_identical_output(llm, generator_path, tmp_path):
     assert marker.exists(), err[-3000:]
     assert not (a / "detect" / "shard-00001.done.json").exists()
 
-    rep = run_detect(cfg_for(generator_path), a, llm=llm, progress=False)
+    cfg = cfg_for(generator_path, NOCACHE)
+    rep = run_detect(cfg, a, llm=llm_nocache, progress=False)
     assert rep.skipped == 1 and rep.processed == 2
-    run_detect(cfg_for(generator_path), b, llm=llm, progress=False)
+    run_detect(cfg, b, llm=llm_nocache, progress=False)
     for i in range(3):
         ta, tb = read_table(a / "detect", i).to_pylist(), read_table(b / "detect", i).to_pylist()
         assert ta == tb
+
+
+def test_structured_outputs_always_parse(llm, generator_path, workdir):
+    """With detect.structured and guidelines.structured on, every output that finished
+    (not cut at max_tokens) parses: a verdict, and 5-7 guidelines that all have titles."""
+    from gen.detect import run_detect
+    from gen.guidelines import run_guidelines
+
+    ingest_prompts(workdir, PROMPTS[:4], shard_rows=2)
+    cfg = cfg_for(generator_path, "detect.structured=true", "guidelines.structured=true",
+                  "detect.sampling.max_tokens=160", "guidelines.sampling.max_tokens=300")
+    rep = run_detect(cfg, workdir, llm=llm, progress=False)
+    rows = all_rows(workdir / "detect")
+    finished = [r for r in rows if r["finish_reason"] == "stop"]
+    assert finished  # the check below has something to check
+    for r in finished:
+        assert r["risky"] is not None and r["parse_status"] in ("ok", "conflicting"), r["raw"]
+        assert r["raw"].rstrip().endswith(("Verdict: Yes", "Verdict: No"))
+    y = rep.stats["yield"]
+    assert y["yield_rows_in"] == len(rows) and y["yield_rows_parsed"] >= len(finished)
+    assert y["yield_rows_cut"] == sum(r["finish_reason"] == "length" for r in rows)
+
+    run_guidelines(cfg, workdir, llm=llm, progress=False)
+    g = all_rows(workdir / "guidelines")
+    done = [r for r in g if r["finish_reason"] == "stop"]
+    assert done
+    for r in done:
+        assert r["parse_status"] == "ok", r["raw"]
+        assert 5 <= len(r["guidelines"]) <= 7
+        assert all(item["title"] and item["text"] for item in r["guidelines"])
+
+
+def test_detect_score_mode(llm, generator_path, workdir, tmp_path):
+    """Score mode: one forward pass per prompt, risk_score in [0, 1], risky from the
+    threshold (read from a threshold file), no rationale; the yield counts one token a row."""
+    from gen.detect import run_detect
+
+    ingest_prompts(workdir, PROMPTS, shard_rows=3)
+    tfile = tmp_path / "threshold.json"
+    tfile.write_text(json.dumps({"threshold": 0.5}))
+    cfg = cfg_for(generator_path, "detect.mode=score", f"detect.threshold_file={tfile}")
+    rep = run_detect(cfg, workdir, llm=llm, progress=False)
+    rows = all_rows(workdir / "detect")
+    assert len(rows) == len(PROMPTS) and rep.stats["unparsed"] == 0
+    scores = [r["risk_score"] for r in rows]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    for r in rows:
+        assert r["risky"] == (r["risk_score"] >= 0.5)
+        assert r["rationale"] == "" and r["parse_status"] == "scored" and r["output_tokens"] == 1
+        assert r["raw"] == ("Verdict: Yes" if r["risky"] else "Verdict: No")
+    assert rep.stats["yield"]["yield_tokens_kept"] == len(PROMPTS)
+
+    # another threshold (file content, not path) is another config: the stage reruns and the
+    # verdicts follow the new threshold, with the same scores
+    cut = sorted(scores)[len(scores) // 2]
+    tfile.write_text(json.dumps({"threshold": cut}))
+    again = run_detect(cfg, workdir, llm=llm, progress=False)
+    assert again.processed == 2
+    rows2 = {r["id"]: r for r in all_rows(workdir / "detect")}
+    for r in rows:
+        r2 = rows2[r["id"]]
+        assert r2["risk_score"] == pytest.approx(r["risk_score"], abs=1e-4)
+        assert r2["risky"] == (r2["risk_score"] >= cut)

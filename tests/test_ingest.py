@@ -1,19 +1,25 @@
 """Ingest: formats, stable ids, duplicates, quarantine, crash-resume, config changes."""
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import hashlib
 import json
+import lzma
+import os
+import re
 import signal
+import unicodedata
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guidealign.ingest import IngestConfig, ingest, prompt_hash
+from guidealign.ingest import KILL_AFTER_ENV, HashSet, IngestConfig, ingest, prompt_hash
 from guidealign.readers import IngestError
 from shards import committed, iter_tables, read_manifest, read_marker, read_quarantine
 
@@ -67,10 +73,10 @@ def test_exact_duplicates_dropped_and_counted(tmp_path):
 
 def test_every_bad_row_kind_is_quarantined_and_good_rows_arrive(tmp_path):
     f = tmp_path / "bad.jsonl"
-    good = [f"good prompt {i}" for i in range(5)]
+    good = ["good prompt 0 (naïve)"] + [f"good prompt {i}" for i in range(1, 5)]  # real UTF-8: the file is UTF-8
     with open(f, "wb") as fh:
-        fh.write(json.dumps({"prompt": good[0]}).encode() + b"\n")
-        fh.write(b'{"text": "no prompt field"}\n')                       # missing
+        fh.write(json.dumps({"prompt": good[0]}, ensure_ascii=False).encode() + b"\n")
+        fh.write(b'{"body": "no prompt field"}\n')                       # missing
         fh.write(b'{"prompt": null}\n')                                   # null
         fh.write(b'{"prompt": 42}\n')                                     # non-string
         fh.write(json.dumps({"prompt": good[1]}).encode() + b"\n")
@@ -93,8 +99,9 @@ def test_every_bad_row_kind_is_quarantined_and_good_rows_arrive(tmp_path):
     assert by_row[3] == "null prompt"
     assert "not a string" in by_row[4]
     assert by_row[6] == by_row[7] == "empty prompt"
-    assert "invalid UTF-8" in by_row[8]
-    assert "not JSON" in by_row[9]
+    assert by_row[8].startswith("line 8 is not valid UTF-8 at byte 15; re-save the file as UTF-8 or pass "
+                                "--encoding cp1252")
+    assert "line 9 is not JSON" in by_row[9]
     assert "too long" in by_row[11]
     assert "not an object" in by_row[12]
     assert by_row[15].startswith("truncated last line")
@@ -106,16 +113,17 @@ def test_every_bad_row_kind_is_quarantined_and_good_rows_arrive(tmp_path):
 
 def test_bad_rows_in_csv_parquet_and_json(tmp_path):
     cs = tmp_path / "x.csv"
-    cs.write_bytes(b"prompt,other\nfine one,1\n,2\nbad \xff byte,3\nfine two,4\n")
+    cs.write_bytes("prompt,other\nfine one ü,1\n,2\n".encode() + b"bad \xff byte,3\nfine two,4\n")
     pqf = tmp_path / "y.parquet"
     pq.write_table(pa.table({"prompt": ["ok parquet", None, "  "]}), pqf)
     js = tmp_path / "z.json"
     js.write_text(json.dumps([{"prompt": "ok json"}, {"prompt": 1.5}, "str"]))
     rep = ingest([str(cs), str(pqf), str(js)], tmp_path / "w", progress=False)
-    assert [r["prompt"] for r in _all_rows(tmp_path / "w")] == ["fine one", "fine two", "ok parquet", "ok json"]
+    assert [r["prompt"] for r in _all_rows(tmp_path / "w")] == ["fine one ü", "fine two", "ok parquet", "ok json"]
     reasons = sorted(r["reason"].split(" (")[0] for r in read_quarantine(tmp_path / "w" / "prompts").to_pylist())
-    assert reasons == ["array item is a JSON str, not an object", "empty prompt", "empty prompt",
-                       "invalid UTF-8 in column 'prompt'", "null prompt", "prompt is not a string"]
+    assert reasons == ["array item 3 is a JSON str, not an object", "empty prompt", "empty prompt",
+                       "line 4 is not valid UTF-8 at byte 4; re-save the file as UTF-8 or pass --encoding cp1252",
+                       "null prompt", "prompt is not a string"]
     assert rep.quarantined == 6
 
 
@@ -149,39 +157,45 @@ def _big_input(path: Path, n: int) -> None:
                 f.write('{"prompt": ""}\n')
 
 
-def _run_cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "guidealign", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, **kw)
+def _run_cli(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "guidealign", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, **kw)
 
 
 def test_sigkill_mid_run_then_resume_gives_exactly_the_uninterrupted_rows(tmp_path):
+    """Deterministic: the ingest process SIGKILLs itself right after committing its 3rd shard
+    (KILL_AFTER_ENV), so the kill always lands mid-run, whatever the machine's speed."""
     src = tmp_path / "in.jsonl"
-    _big_input(src, 120_000)
-    args = ["ingest", str(src), "--set", "ingest.shard_rows=2000", "--no-progress"]
+    _big_input(src, 30_000)
+    args = ["ingest", str(src), "--set", "ingest.shard_rows=2000", "--set", "ingest.block_bytes=300000",
+            "--no-progress"]
     clean = tmp_path / "clean"
-    assert _run_cli([*args, "-w", str(clean)]).wait() == 0
+    p = _run_cli([*args, "-w", str(clean)])
+    assert p.wait() == 0, p.stderr.read()
+    n_total = read_manifest(clean / "prompts")["num_shards"]
+    assert n_total == 15
 
     crashed = tmp_path / "crashed"
-    proc = _run_cli([*args, "-w", str(crashed)])
-    deadline = time.time() + 120
-    while len(committed(crashed / "prompts")) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = committed(crashed / "prompts")
-    n_total = read_manifest(clean / "prompts")["num_shards"]
-    assert 3 <= len(done_before) < n_total, "the kill must land mid-run"
-    created = {i: read_marker(crashed / "prompts", i).created for i in done_before}
+    proc = _run_cli([*args, "-w", str(crashed)], env={KILL_AFTER_ENV: "3"})
+    assert proc.wait() == -signal.SIGKILL
+    assert committed(crashed / "prompts") == [0, 1, 2]
+    assert read_manifest(crashed / "prompts") is None  # the manifest is written last
+    created = {i: read_marker(crashed / "prompts", i).created for i in (0, 1, 2)}
+    # what a kill in the middle of a write leaves behind: a temp file (the resume removes it)
+    (crashed / "prompts" / ".shard-00003.parquet.99999.tmp").write_bytes(b"partial")
 
     p = _run_cli([*args, "-w", str(crashed)])
-    assert p.wait() == 0, p.stderr.read()
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert f"({n_total - 3} written, 3 already done)" in out
     a, b = _all_rows(clean), _all_rows(crashed)
     assert [r["id"] for r in a] == [r["id"] for r in b]
-    assert len({r["id"] for r in b}) == len(b) == 120_000
+    assert [(r["prompt"], r["source"]) for r in a] == [(r["prompt"], r["source"]) for r in b]
+    assert len({r["id"] for r in b}) == len(b) == 30_000
     # shards committed before the crash were not written again
     assert all(read_marker(crashed / "prompts", i).created == c for i, c in created.items())
-    assert read_quarantine(crashed / "prompts").num_rows == read_quarantine(clean / "prompts").num_rows
-    # no temp files left behind
+    assert read_quarantine(crashed / "prompts").to_pylist() == read_quarantine(clean / "prompts").to_pylist()
     assert not [f for f in (crashed / "prompts").rglob("*.tmp")]
 
 
@@ -196,3 +210,341 @@ def test_rerun_same_config_does_nothing_changed_config_redoes(tmp_path):
     assert (r3.written, r3.skipped) == (2, 0)
     assert committed(tmp_path / "w" / "prompts") == [0, 1]  # stale shards 2..4 retired
     assert len(_all_rows(tmp_path / "w")) == 500
+
+
+# --- files as people produce them ---------------------------------------------------------------
+
+PROMPTS = ["Café au lait, s'il vous plaît?", "naïve question: what is 5 € in $?", "plain ascii prompt",
+           "quote \"inside\" and; semicolon | pipe\ttab"]
+
+
+def _ingested(inputs, workdir, **cfg) -> tuple[list[dict], list[dict], object]:
+    rep = ingest([str(p) for p in inputs], workdir, IngestConfig(**cfg), progress=False)
+    q = read_quarantine(Path(workdir) / "prompts")
+    return _all_rows(workdir), (q.to_pylist() if q is not None else []), rep
+
+
+def _csv_text(delim: str, header: str = "prompt", newline: str = "\n") -> str:
+    buf = []
+    w = csv.writer(_Collect(buf), delimiter=delim, lineterminator=newline)
+    w.writerow([header, "topic"])
+    for i, p in enumerate(PROMPTS):
+        w.writerow([p, f"t{i}"])
+    return "".join(buf)
+
+
+class _Collect:
+    def __init__(self, buf):
+        self.buf = buf
+
+    def write(self, s):
+        self.buf.append(s)
+
+
+@pytest.mark.parametrize("name,data", [
+    ("excel-utf8-bom-crlf.csv", lambda: b"\xef\xbb\xbf" + _csv_text(",", newline="\r\n").encode()),
+    ("excel-unicode-text.tsv", lambda: b"\xff\xfe" + _csv_text("\t", newline="\r\n").encode("utf-16-le")),
+    ("utf16-be-bom.csv", lambda: b"\xfe\xff" + _csv_text(";").encode("utf-16-be")),
+    ("utf16-le-no-bom.csv", lambda: _csv_text(",").encode("utf-16-le")),
+    ("windows-cp1252-semicolon.csv", lambda: _csv_text(";", newline="\r\n").encode("cp1252")),
+    ("old-mac-lone-cr-pipe.csv", lambda: _csv_text("|", newline="\r").encode()),
+    ("notepad-bom.jsonl", lambda: b"\xef\xbb\xbf" + "".join(
+        json.dumps({"prompt": p, "topic": f"t{i}"}, ensure_ascii=False) + "\r\n" for i, p in enumerate(PROMPTS)
+    ).encode()),
+    ("utf16-le-bom.jsonl", lambda: b"\xff\xfe" + "".join(
+        json.dumps({"prompt": p, "topic": f"t{i}"}, ensure_ascii=False) + "\n" for i, p in enumerate(PROMPTS)
+    ).encode("utf-16-le")),
+    ("lone-cr.jsonl", lambda: "".join(
+        json.dumps({"prompt": p, "topic": f"t{i}"}) + "\r" for i, p in enumerate(PROMPTS)).encode()),
+    ("cp1252.jsonl", lambda: "".join(
+        json.dumps({"prompt": p, "topic": f"t{i}"}, ensure_ascii=False) + "\n" for i, p in enumerate(PROMPTS)
+    ).encode("cp1252")),
+    ("utf8-bom.json", lambda: b"\xef\xbb\xbf" + json.dumps(
+        [{"prompt": p, "topic": f"t{i}"} for i, p in enumerate(PROMPTS)], ensure_ascii=False).encode()),
+])
+def test_exports_in_every_encoding_and_line_ending_arrive_whole(tmp_path, name, data):
+    f = tmp_path / name
+    f.write_bytes(data())
+    rows, q, rep = _ingested([f], tmp_path / "w")
+    assert q == []
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [json.loads(r["metadata"]) for r in rows] == [{"topic": f"t{i}"} for i in range(len(PROMPTS))]
+    assert [r["id"] for r in rows] == [prompt_hash(p).hex() for p in PROMPTS]
+
+
+@pytest.mark.parametrize("header", ["Prompt", " prompt ", "PROMPT", "question", "Instruction", " text"])
+def test_header_spellings(tmp_path, header):
+    f = tmp_path / "h.csv"
+    f.write_text(_csv_text(",", header=header))
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    assert q == [] and [r["prompt"] for r in rows] == PROMPTS
+    g = tmp_path / "h.jsonl"
+    g.write_text("".join(json.dumps({header: p}) + "\n" for p in PROMPTS))
+    rows, q, _ = _ingested([g], tmp_path / "w2")
+    assert q == [] and [r["prompt"] for r in rows] == PROMPTS
+
+
+def test_configured_field_wins_over_aliases_and_missing_field_is_named(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "the alias", "Prompt": "the field"}\n{"body": "neither"}\n')
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    assert [r["prompt"] for r in rows] == ["the field"]
+    assert json.loads(rows[0]["metadata"]) == {"text": "the alias"}
+    assert q[0]["row"] == 2 and q[0]["reason"] == "missing prompt field 'prompt'"
+
+
+def _write_compressed(path: Path, data: bytes) -> None:
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data))
+    elif path.suffix == ".bz2":
+        path.write_bytes(bz2.compress(data))
+    elif path.suffix == ".xz":
+        path.write_bytes(lzma.compress(data))
+    else:
+        with pa.output_stream(str(path), compression="zstd") as out:
+            out.write(data)
+
+
+@pytest.mark.parametrize("name", ["p.jsonl.gz", "p.csv.bz2", "p.json.xz", "p.jsonl.zst", "p.csv.zst"])
+def test_compressed_inputs_with_bad_rows(tmp_path, name):
+    if ".jsonl" in name:
+        data = ("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]) + "not json\n"
+                + "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[2:])).encode()
+        bad_row, why = 3, "line 3 is not JSON"
+    elif ".csv" in name:
+        data = (_csv_text(",").replace("plain ascii prompt", "")).encode()
+        bad_row, why = 4, "empty prompt"
+    else:
+        data = json.dumps([{"prompt": p} for p in PROMPTS[:2]] + [{"prompt": 7}]
+                          + [{"prompt": p} for p in PROMPTS[2:]]).encode()
+        bad_row, why = 3, "prompt is not a string"
+    f = tmp_path / name
+    _write_compressed(f, data)
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    expect = [p for p in PROMPTS if not (".csv" in name and p == "plain ascii prompt")]
+    assert [r["prompt"] for r in rows] == expect
+    assert [(r["row"], r["reason"].split(":")[0].split(" (")[0]) for r in q] == [(bad_row, why)]
+
+
+def test_non_utf8_rows_in_a_utf8_file_are_quarantined_with_the_fix(tmp_path):
+    f = tmp_path / "mixed.csv"
+    f.write_bytes("prompt\nfirst ünïcode row\n".encode() + b"caf\xe9 in cp1252\n" + b"last row\n")
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    assert [r["prompt"] for r in rows] == ["first ünïcode row", "last row"]
+    assert q[0]["row"] == 3
+    assert q[0]["reason"].startswith("line 3 is not valid UTF-8 at byte 3; re-save the file as UTF-8 or pass "
+                                     "--encoding cp1252")
+    # the user's fix: say how the file was saved (here every row then decodes as cp1252)
+    rows, q, _ = _ingested([f], tmp_path / "w2", encoding="cp1252")
+    assert q == [] and [r["prompt"] for r in rows][1] == "café in cp1252"
+
+
+def test_unknown_encoding_or_contradicting_bom_fails_before_any_work(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"prompt": "x"}\n')
+    with pytest.raises(IngestError, match="unknown encoding 'klingon'"):
+        ingest([str(f)], tmp_path / "w", IngestConfig(encoding="klingon"), progress=False)
+    g = tmp_path / "b.jsonl"
+    g.write_bytes(b"\xff\xfe" + '{"prompt": "x"}\n'.encode("utf-16-le"))
+    with pytest.raises(IngestError, match="utf-16-le byte-order mark"):
+        ingest([str(g)], tmp_path / "w", IngestConfig(encoding="cp1252"), progress=False)
+    assert not (tmp_path / "w" / "prompts").exists()
+
+
+# --- the columnar path keeps the row-by-row semantics -----------------------------------------
+
+TRICKY = ["ﬁnancial ﬂow", "Ｆｕｌｌｗｉｄｔｈ　ｓｐａｃｅ", "nbsp\u00a0here", "line\u2028sep", "nel\x85x", "e\u0301 vs é",
+          "\x1cfile sep\x1f", "vt\x0bff\x0c", "tabs\t\tand\r\nnewlines", "  lead and trail  ", "zero\u200bwidth",
+          "mongol\u180esep", "emoji 👍🏽 family 👨‍👩‍👧", "한국어 ᄒᆞᆫ", "שלום עולם", "ﾊﾝｶｸ ｶﾀｶﾅ", "x\u3000\u3000y",
+          "²³ ½ ℌ", "\u2002en\u2003em\u2009thin", "a \\u escape", "Ａ  b", "A b", "ǅ dz", "\u212b", "\u00c5", "e\u0301",
+          "\u00e9"]
+
+
+def _reference_id(p: str) -> str:
+    """The id rule as it was before the columnar path, written out independently."""
+    n = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", p)).strip()
+    return hashlib.blake2b(n.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _reference_ingest(path: Path, cfg: IngestConfig) -> tuple[list[tuple], list[tuple]]:
+    """Row by row with the readers and the reference checks: (id, prompt, source, metadata), (row, reason)."""
+    from guidealign.ingest import check_prompt, prompt_of
+    from guidealign.ingest_batch import meta_json
+    from guidealign.readers import READERS, check_readable, find_prompt_key
+
+    rows, bad, seen = [], [], set()
+    for row_no, rec, err in READERS[check_readable(path)](path):
+        err = err or check_prompt(rec, cfg)
+        if err:
+            bad.append((row_no, err))
+            continue
+        p = prompt_of(rec, cfg)
+        if _reference_id(p) in seen:
+            continue
+        seen.add(_reference_id(p))
+        key = find_prompt_key(tuple(rec), cfg.prompt_field, cfg.prompt_aliases)
+        rows.append((_reference_id(p), p, f"{path}:{row_no}", meta_json(rec, key)))
+    return rows, bad
+
+
+def test_columnar_ids_equal_the_reference_rule_on_tricky_unicode(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=bool(i % 2)) + "\n" for i, p in enumerate(TRICKY)))
+    rows, q, rep = _ingested([f], tmp_path / "w")
+    ref = {_reference_id(p): p for p in reversed(TRICKY)}  # first occurrence wins
+    assert q == []
+    assert {r["id"]: r["prompt"] for r in rows} == ref
+    assert rep.duplicates == len(TRICKY) - len(ref) == 3  # "Ａ  b"/"A b", Angstrom/Å, e+accent/é fold
+    assert all(r["id"] == prompt_hash(r["prompt"]).hex() for r in rows)
+
+
+def test_columnar_path_equals_row_by_row_reference(tmp_path):
+    """Blocks that parse (columnar), blocks that do not (a type change, a bad line), nulls that the
+    row reader settles, metadata of every JSON type: same rows, ids, sources, metadata, reasons."""
+    f = tmp_path / "mix.jsonl"
+    lines = []
+    for i in range(3000):
+        p = TRICKY[i % len(TRICKY)] + f" #{i % 2500}"
+        rec = {"prompt": p, "n": i, "ok": i % 3 == 0, "score": i / 7, "tag": None if i % 5 else f"t\"{i}\"\n",
+               "when": "2024-01-02T03:04:05", "nested": {"a": [i, "x"]}}
+        if i % 401 == 0:
+            rec = {"Prompt": p, "n": i}                     # another spelling, in a block with "prompt"
+        if i % 333 == 0:
+            rec = {"prompt": None, "question": p}          # null prompt, alias present
+        if i == 1700:
+            rec = {"prompt": p, "n": "a string now"}        # type change: this block goes row by row
+        lines.append(json.dumps(rec, ensure_ascii=bool(i % 2)))
+        if i % 777 == 0:
+            lines.append("")                                # blank line
+        if i % 999 == 0:
+            lines.append("{broken")
+    f.write_text("\n".join(lines) + "\n")
+    cfg = IngestConfig(shard_rows=250, block_bytes=40_000)
+    ingest([str(f)], tmp_path / "w", cfg, progress=False)
+    got = [(r["id"], r["prompt"], r["source"], r["metadata"]) for r in _all_rows(tmp_path / "w")]
+    ref_rows, ref_bad = _reference_ingest(f, cfg)
+    assert [g[:3] for g in got] == [r[:3] for r in ref_rows]
+    assert [json.loads(g[3]) for g in got] == [json.loads(r[3]) for r in ref_rows]
+    q = read_quarantine(tmp_path / "w" / "prompts").to_pylist()
+    assert [(r["row"], r["reason"]) for r in q] == ref_bad
+
+
+def test_quarantine_rows_land_beside_the_shard_being_filled(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}" if i % 4 else ""}) + "\n" for i in range(1, 21)))
+    ingest([str(f)], tmp_path / "w", IngestConfig(shard_rows=5), progress=False)
+    from shards.layout import quarantine_path
+    by_shard = {i: pq.read_table(quarantine_path(tmp_path / "w" / "prompts", i)).column("row").to_pylist()
+                for i in committed(tmp_path / "w" / "prompts")
+                if quarantine_path(tmp_path / "w" / "prompts", i).exists()}
+    # shard 0 holds rows 1,2,3,5,6 (and bad row 4); row 8 is read while shard 1 (7,9,...) fills;
+    # row 20 comes after row 19 completed shard 2, so it opens shard 3 (no rows, one quarantined)
+    assert by_shard == {0: [4], 1: [8, 12], 2: [16], 3: [20]}
+
+
+def test_hash_set_matches_a_python_set():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    s, ref = HashSet(max_run=2000), set()
+    for _ in range(200):
+        h = rng.integers(0, 5000, size=int(rng.integers(0, 300)), dtype=np.uint64)
+        new = s.add_new(h)
+        expect = []
+        for x in h.tolist():
+            expect.append(x not in ref)
+            ref.add(x)
+        assert new.tolist() == expect
+    assert len(s) == len(ref) and len(s.runs) < 20 and max(r.size for r in s.runs) < 4000
+    assert all((r[1:] > r[:-1]).all() for r in s.runs)  # each run sorted, no repeats
+
+
+# --- a second prompt set -------------------------------------------------------------------------
+
+def test_ingest_into_another_dataset(tmp_path):
+    f = tmp_path / "sft.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    g = tmp_path / "main.jsonl"
+    g.write_text('{"prompt": "c"}\n')
+    ingest([str(g)], tmp_path / "w", progress=False)
+    rep = ingest([str(f)], tmp_path / "w", IngestConfig(), progress=False, dataset="prompts-sft")
+    assert rep.rows == 2
+    assert [r["prompt"] for t in iter_tables(tmp_path / "w" / "prompts-sft") for r in t.to_pylist()] == ["a", "b"]
+    assert [r["prompt"] for r in _all_rows(tmp_path / "w")] == ["c"]  # the main set is untouched
+    p = _run_cli(["ingest", str(f), "-w", str(tmp_path / "w2"), "--into", "prompts-sft", "--no-progress"])
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert read_manifest(tmp_path / "w2" / "prompts-sft")["rows"] == 2
+    assert not (tmp_path / "w2" / "prompts").exists()
+    with pytest.raises(IngestError, match="dataset name"):
+        ingest([str(f)], tmp_path / "w", dataset="../escape", progress=False)
+
+
+@pytest.mark.slow
+def test_compiled_blake2b_equals_hashlib(tmp_path):
+    """The numba kernel (hash_kernel=numba) gives hashlib's digests, on every length around the
+    128-byte block edges, and ingest with it gives the same shards as with hashlib."""
+    pytest.importorskip("numba")
+    import numpy as np
+
+    from guidealign.blake2_numba import blake2b64
+
+    msgs = [os.urandom(n) for n in list(range(0, 300)) + [383, 384, 385, 1000, 5000]]
+    offsets = np.cumsum([0] + [len(m) for m in msgs])
+    got = blake2b64(offsets, np.frombuffer(b"".join(msgs), np.uint8))
+    assert got.tolist() == [int.from_bytes(hashlib.blake2b(m, digest_size=8).digest(), "little") for m in msgs]
+    f = tmp_path / "a.jsonl"
+    _big_input(f, 3000)
+    a = ingest([str(f)], tmp_path / "a", IngestConfig(hash_kernel="numba", shard_rows=700), progress=False)
+    b = ingest([str(f)], tmp_path / "b", IngestConfig(hash_kernel="hashlib", shard_rows=700), progress=False)
+    assert a.rows == b.rows == 3000
+    assert _all_rows(tmp_path / "a") == _all_rows(tmp_path / "b")
+
+
+def test_csv_quoted_newlines_and_ragged_rows(tmp_path):
+    f = tmp_path / "r.csv"
+    f.write_bytes(b'Prompt;Note\r\n"first line\r\nsecond line";a\r\n"say ""hi""";b;extra\r\nlast;\r\n')
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    assert q == []
+    assert [r["prompt"] for r in rows] == ["first line\r\nsecond line", 'say "hi"', "last"]
+    assert json.loads(rows[1]["metadata"]) == {"Note": "b", "_extra_fields": ["extra"]}
+    assert [r["source"].rsplit(":", 1)[1] for r in rows] == ["3", "4", "5"]
+
+
+@pytest.mark.parametrize("name", ["cut.jsonl.gz", "cut.csv.gz", "cut.json.xz", "cut.jsonl.bz2"])
+def test_truncated_compressed_file_keeps_the_rows_before_and_says_so(tmp_path, name):
+    n = 60_000 if name.endswith(".bz2") else 3000  # bz2 decodes in 900 kB blocks
+    if ".jsonl" in name:
+        data = "".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n" for i in range(n)).encode()
+    elif ".csv" in name:
+        data = ("prompt\n" + "".join(f"prompt number {i}\n" for i in range(n))).encode()
+    else:
+        data = json.dumps([{"prompt": f"prompt number {i}"} for i in range(n)]).encode()
+    f = tmp_path / name
+    _write_compressed(f, data)
+    whole = f.read_bytes()
+    f.write_bytes(whole[: len(whole) * 2 // 3])
+    rows, q, rep = _ingested([f], tmp_path / "w")
+    assert 0 < len(rows) < n
+    assert [r["prompt"] for r in rows] == [f"prompt number {i}" for i in range(len(rows))]
+    assert [r["row"] for r in q][-1] == 0 and "truncated or corrupt" in q[-1]["reason"]
+    # the row cut in two is quarantined too, never kept half (JSONL: not JSON; CSV: held back)
+    assert len(q) == 2 if ".json." not in name else len(q) == 1
+    assert "re-download or re-compress" in q[-1]["reason"]
+
+
+@pytest.mark.parametrize("extra", ["", '{"prompt": "raw\ttab inside"}\n', '{"prompt": "esc\\\\u0041pe"}\n'])
+def test_ascii_blocks_without_escapes_keep_the_id_rule(tmp_path, extra):
+    """The cheapest path (ASCII block, no escapes, maybe no whitespace runs) against the reference."""
+    f = tmp_path / "a.jsonl"
+    prompts = ["one space each", " lead", "trail ", "double  space", "  both  ", "x"]
+    f.write_text("".join('{"prompt": "%s"}\n' % p for p in prompts) + extra)
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    # a raw tab inside a JSON string is not JSON (Python's json and pyarrow.json agree)
+    assert [r["reason"].split(":")[0] for r in q] == (["line 7 is not JSON"] if "\t" in extra else [])
+    assert [r["id"] for r in rows] == [_reference_id(r["prompt"]) for r in rows]
+    assert [r["prompt"] for r in rows][:len(prompts)] == prompts
+    g = tmp_path / "b.jsonl"
+    g.write_text("".join('{"prompt": "%s"}\n' % p for p in prompts if "  " not in p) + extra)
+    rows, q, _ = _ingested([g], tmp_path / "w2")
+    assert [r["id"] for r in rows] == [_reference_id(r["prompt"]) for r in rows]

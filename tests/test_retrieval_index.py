@@ -19,7 +19,7 @@ import shards
 from guidealign.config import load_config
 from retrieval.index import IndexVersionError, load_index, run_index
 from retrieval.library import run_library
-from retrieval.retrieve import run_retrieve, select
+from retrieval.retrieve import encoder_path, run_retrieve, select
 from retrieval.synthetic import (base_guideline, synthetic_library,
                                  write_guideline_shards, write_prompt_shards)
 
@@ -99,7 +99,7 @@ def test_approximate_index_kinds_find_the_library_itself(built, tmp_path, kind):
     rep = run_index(cfg, w, progress=False)
     assert rep.kind.startswith(kind)
     idx = load_index(w / "index", w / "library", use_gpu=False)
-    model = load_encoder(idx.meta["model"])
+    model = load_encoder(encoder_path(idx.meta, w))
     q = encode(model, idx.texts[:20])
     _, nbrs = idx.search(q, 1)
     assert (nbrs[:, 0] == list(range(20))).mean() >= 0.9

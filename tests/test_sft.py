@@ -83,28 +83,130 @@ def test_sft_cli_without_responses_is_a_clear_error(workdir):
     assert r.exit_code != 0 and "guidealign respond" in r.output
 
 
+@pytest.fixture(scope="module")
+def bare_model(generator_path, tmp_path_factory):
+    from standins import model_without_template
+
+    return str(model_without_template(generator_path, tmp_path_factory.mktemp("m") / "no-template"))
+
+
 @pytest.mark.slow
-def test_loss_is_on_the_assistant_turn_only(workdir, generator_path):
-    """TRL's tokenization of our examples: labels cover exactly the assistant response."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+def test_loss_is_on_the_assistant_turn_only(workdir, bare_model):
+    """sft/train.py's own trainer (a base model without template + the configured Vicuna
+    format): in the batches the trainer trains on, only the answer and its end-of-turn token
+    carry labels; every prompt token is masked."""
+    from transformers import AutoTokenizer
 
     from sft.data import build_dataset
+    from sft.train import build_trainer
 
     good, _ = respond_rows(2)
     write_respond(workdir, [good])
-    ds, _ = build_dataset(tiny_cfg().sft, workdir)
-    tok = AutoTokenizer.from_pretrained(generator_path)
-    model = AutoModelForCausalLM.from_pretrained(generator_path)
-    tr = SFTTrainer(model=model, processing_class=tok, train_dataset=ds,
-                    args=SFTConfig(output_dir=str(workdir / "o"), max_length=256, report_to="none",
-                                   completion_only_loss=True, bf16=False))
-    batch = tr.data_collator([tr.train_dataset[0]])
-    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    trained = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
-    assert trained.strip() == ANSWER + "<|im_end|>"
-    full = tok.decode(ids)
-    assert "<|im_start|>user\nQuestion number 0" in full and GUIDELINE not in full
+    cfg = tiny_cfg(f"sft.base_model={bare_model}", "sft.chat_template=vicuna_v1.1")
+    ds, _ = build_dataset(cfg.sft, workdir)
+    trainer, tok, _, _ = build_trainer(cfg, workdir, ds, world=1, progress=False)
+    assert "ASSISTANT:" in tok.chat_template and not AutoTokenizer.from_pretrained(bare_model).chat_template
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        n_masked = next(i for i, lab in enumerate(labels) if lab != -100)
+        assert all(lab == -100 for lab in labels[:n_masked])
+        prompt = tok.decode(ids[:n_masked])
+        assert prompt.startswith(tok.bos_token + "A chat between") and prompt.rstrip().endswith("ASSISTANT:")
+        assert "USER: Question number" in prompt and GUIDELINE not in tok.decode(ids)
+        trained = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+        assert trained.strip() == ANSWER + tok.eos_token
+
+
+def test_fingerprint_does_not_depend_on_the_run_dir(tmp_path):
+    from sft.data import build_dataset
+    from sft.train import sft_fingerprint
+
+    good, _ = respond_rows(3)
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "elsewhere"
+    for d in (a, b):
+        write_respond(d, [good])
+    cfg = tiny_cfg()
+    fa, fb = (sft_fingerprint(cfg, build_dataset(cfg.sft, d)[1]) for d in (a, b))
+    assert fa == fb
+    assert all(str(tmp_path) not in k for k in build_dataset(cfg.sft, a)[1].sources)
+    assert sft_fingerprint(tiny_cfg("sft.chat_template=vicuna_v1.1"), build_dataset(cfg.sft, a)[1]) != fa
+    assert sft_fingerprint(tiny_cfg("sft.num_processes=2"), build_dataset(cfg.sft, a)[1]) == fa
+
+
+def test_process_count(monkeypatch):
+    from sft.launcher import resolve_num_processes, under_launcher
+
+    s = tiny_cfg().sft
+    assert resolve_num_processes(s, gpus=0) == 1 and resolve_num_processes(s, gpus=8) == 8
+    s.num_processes = 2
+    assert resolve_num_processes(s, gpus=0) == 2
+    with pytest.raises(ValueError, match="only 1 GPU"):
+        resolve_num_processes(s, gpus=1)
+    assert not under_launcher({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert under_launcher({"TORCHELASTIC_RUN_ID": "x"})
+    # `launch run` gave this worker GPUs 0-3 of 8: SFT (after every engine is done) takes all 8
+    from sft.launcher import LAUNCHED_ENV, child_env, torchrun_argv
+
+    for k, v in {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "GUIDEALIGN_NODE_GPUS": "0,1,2,3,4,5,6,7",
+                 "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    s.num_processes = "auto"
+    assert resolve_num_processes(s) == 8
+    env = child_env(8, 8)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and env[LAUNCHED_ENV] == "1"
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(env)
+    argv = torchrun_argv(8, Path("c.yaml"), Path("w"), force=False, progress=True)
+    assert argv[1:] == ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                        "--nproc-per-node", "8", "-m", "guidealign", "sft", "-w", "w", "-c", "c.yaml"]
+
+
+PIPELINE_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.9.9.9",
+                "MASTER_PORT": "1"}
+
+
+@pytest.mark.slow
+def test_pipeline_ranks_do_not_leak_into_training(workdir, monkeypatch):
+    """A 2-worker `guidealign run` calls SFT on rank 0 with world_size 2 and RANK/WORLD_SIZE in
+    the environment: one process trains (num_processes 1), and rank 1 does not train."""
+    from sft.train import run_sft
+
+    for k, v in PIPELINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    good, _ = respond_rows(4)
+    write_respond(workdir, [good])
+    cfg = tiny_cfg("sft.max_steps=1", "sft.num_threads=2", "sft.num_processes=1")
+    assert run_sft(cfg, workdir, rank=1, world_size=2, progress=False).get("skipped")
+    assert not (workdir / "sft" / "model").exists()
+    done = run_sft(cfg, workdir, rank=0, world_size=2, progress=False)
+    assert done["processes"] == 1 and done["steps"] == 1
+    import os
+
+    assert os.environ["WORLD_SIZE"] == "2"  # restored for the pipeline
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_through_the_launcher(workdir, monkeypatch, bare_model):
+    """sft.num_processes 2 on the CPU: run_sft starts torchrun with 2 gloo processes (the path
+    one-process-per-GPU takes), from inside a pipeline worker's environment, and a base model
+    without template trains in the configured format."""
+    from sft.train import run_sft
+
+    for k, v in PIPELINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    good, _ = respond_rows(8)
+    write_respond(workdir, [good])
+    cfg = tiny_cfg("sft.max_steps=2", "sft.num_processes=2", "sft.global_batch_size=4",
+                   "sft.micro_batch_size=1", f"sft.base_model={bare_model}",
+                   "sft.chat_template=vicuna_v1.1", "sft.max_seq_length=128")
+    done = run_sft(cfg, workdir, rank=0, world_size=2, progress=False)
+    assert done["processes"] == 2 and done["steps"] == 2 and len(done["losses"]) == 2
+    card = (workdir / "sft" / "model" / "README.md").read_text()
+    assert "processes: 2" in card and "gradient_accumulation_steps: 2" in card
+    saved = (workdir / "sft" / "model" / "chat_template.jinja")
+    tcfg = json.loads((workdir / "sft" / "model" / "tokenizer_config.json").read_text())
+    assert "ASSISTANT:" in (saved.read_text() if saved.exists() else tcfg.get("chat_template", ""))
+    # the same config again: nothing is launched
+    assert run_sft(cfg, workdir, rank=0, world_size=2, progress=False).get("skipped") is True
 
 
 @pytest.mark.slow
@@ -129,8 +231,13 @@ def test_sft_steps_loss_falls_and_vllm_answers(workdir):
     assert "embedded:smollm2-135m-instruct" in card and "learning_rate: 5.0e-05" in card
     assert "respond" in card and "truncated: 1" in card
     assert not (workdir / "sft" / ".tmp-model").exists()
-    # A rerun with the same config and data is a no-op.
+    # A rerun with the same config and data is a no-op, also after the run dir moved.
     assert run_sft(cfg, workdir, progress=False).get("skipped") is True
+    moved = workdir.parent / "moved-run"
+    workdir.rename(moved)
+    assert run_sft(cfg, moved, progress=False).get("skipped") is True
+    workdir = moved
+    model = workdir / "sft" / "model"
 
     # The checkpoint loads in vLLM (own process: the session engine may be alive here) and answers.
     script = textwrap.dedent(f"""

@@ -18,16 +18,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm, wait_gone  # noqa: F401 - slurm is a fixture
 
 from guidealign.ingest import IngestConfig, ingest
 from shards import read_marker, read_table
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "slurm" / "local_slurm.sh"
 SBATCH = REPO / "examples" / "slurm" / "guidealign.sbatch"
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "munged", "mungekey")
 TASKS, SHARDS, SHARD_ROWS = 4, 8, 6
@@ -38,18 +37,6 @@ pytestmark = [
                        "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"),
     pytest.mark.skipif(os.geteuid() != 0, reason="a local slurmd must run as root"),
 ]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=180)
-    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
-    try:
-        assert start.returncode == 0, f"local SLURM did not start:\n{start.stdout}\n{start.stderr}"
-        yield env
-    finally:
-        subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, text=True, timeout=120)
 
 
 def submit_array(env: dict, workdir: Path, tag: str) -> tuple[str, list[str]]:
@@ -66,15 +53,7 @@ def submit_array(env: dict, workdir: Path, tag: str) -> tuple[str, list[str]]:
         env=job_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
-    # poll squeue until no task of the array is left (a hang guard, not a timing check)
-    deadline = time.monotonic() + 600
-    while True:
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=env,
-                           capture_output=True, text=True, timeout=60)
-        if q.returncode == 0 and not q.stdout.strip():
-            break
-        assert time.monotonic() < deadline, f"array {job} still queued: {q.stdout}{q.stderr}"
-        time.sleep(0.5)
+    wait_gone(env, job)
     texts = []
     for k in range(TASKS):
         p = logs / f"{tag}-{job}_{k}.out"
@@ -165,14 +144,7 @@ def test_detect_with_the_real_engine_as_slurm_array(slurm, tmp_path):
         env=job_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 1500  # a hang guard: two engines start on 2 cores
-    while True:
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=slurm,
-                           capture_output=True, text=True, timeout=60)
-        if q.returncode == 0 and not q.stdout.strip():
-            break
-        assert time.monotonic() < deadline, f"array {job} still queued: {q.stdout}"
-        time.sleep(1)
+    wait_gone(slurm, job, limit_s=1500, poll=1)  # two engines start on 2 cores
     texts = [(logs / f"d-{job}_{k}.out").read_text() for k in range(2)]
     written = []
     for k, text in enumerate(texts):

@@ -1,0 +1,200 @@
+"""Detect's two modes side by side: rationale (the paper) and score (one forward pass).
+
+    python bench/detect_modes.py                       # 64 held-out prompts per class
+    python bench/detect_modes.py --short               # 16 per class (./run.sh bench)
+    python bench/detect_modes.py --write-threshold configs/detect-threshold.json
+
+Labelled prompts from ../shared/benchmarks (skipped cleanly when absent): Do-Not-Answer as
+risky; Vicuna-Bench and the HHH prompts as not risky, except HHH's "harmless" subset, whose
+prompts are harmful requests. Each class is shuffled with --seed and split: the first
+--calib prompts calibrate the score threshold (the one that maximizes recall - FPR), the
+next --per-class are held out. On the held-out prompts, in one process on one engine:
+score mode, then rationale mode (same few-shot prompt, same engine; before each, the
+prefix cache is reset and the few-shot prefix put back in it by one untimed warm-up
+prompt). It prints prompts/s of both and their ratio (issue 13: >= 10), and recall on
+risky and false-positive rate on benign for each (a rationale without a verdict counts as
+risky, as guidelines.unknown_verdict does by default), plus the score mode's recall at the
+rationale mode's false-positive rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+
+
+def load_labelled(root: Path) -> tuple[list[str], list[str]]:
+    def rows(name):
+        with open(root / name, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    risky = [r["prompt"] for r in rows("do_not_answer.jsonl")]
+    benign = [r["prompt"] for r in rows("vicuna.jsonl")]
+    benign += [r["prompt"] for r in rows("hhh.jsonl") if r.get("subset") != "harmless"]
+    return risky, benign
+
+
+def split(items: list[str], seed: int, calib: int, held: int) -> tuple[list[str], list[str]]:
+    items = sorted(set(items))
+    random.Random(seed).shuffle(items)
+    if calib + held > len(items):
+        held = max(0, len(items) - calib)
+    return items[:calib], items[calib:calib + held]
+
+
+def calibrate(scores_risky: list[float], scores_benign: list[float]) -> float:
+    """The threshold that maximizes recall - FPR (ties: the one nearest 0.5)."""
+    cands = sorted(set(scores_risky) | set(scores_benign) | {0.5})
+    best = None
+    for t in cands:
+        tpr = sum(s >= t for s in scores_risky) / max(len(scores_risky), 1)
+        fpr = sum(s >= t for s in scores_benign) / max(len(scores_benign), 1)
+        key = (tpr - fpr, -abs(t - 0.5))
+        if best is None or key > best[0]:
+            best = (key, t)
+    return float(best[1])
+
+
+def rates(pred_risky: list[bool], pred_benign: list[bool]) -> dict:
+    return {"recall": sum(pred_risky) / max(len(pred_risky), 1),
+            "fpr": sum(pred_benign) / max(len(pred_benign), 1)}
+
+
+def recall_at_fpr(scores_risky, scores_benign, fpr: float) -> tuple[float, float]:
+    """Score mode's best recall with a false-positive rate at most ``fpr`` (and that FPR)."""
+    best = (0.0, 0.0)
+    for t in sorted(set(scores_risky) | set(scores_benign)):
+        f = sum(s >= t for s in scores_benign) / max(len(scores_benign), 1)
+        if f <= fpr + 1e-12:
+            r = sum(s >= t for s in scores_risky) / max(len(scores_risky), 1)
+            best = max(best, (r, f))
+    return best
+
+
+def make_cfg(args, mode: str):
+    from guidealign.config import load_config
+
+    return load_config(args.config, [
+        f"engine.model={args.model}", f"engine.dtype={args.dtype}",
+        f"engine.max_model_len={args.max_model_len}", f"engine.max_num_seqs={args.max_num_seqs}",
+        f"engine.cpu_kvcache_gib={args.kv_gib}",
+        f"detect.mode={mode}", f"detect.sampling.temperature={args.temperature}",
+        f"detect.sampling.max_tokens={args.max_tokens}",
+    ] + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else []))
+
+
+def run_mode(cfg, llm, prompts: list[str]) -> tuple[list[dict], float]:
+    import pyarrow as pa
+
+    from gen.detect import make_shard_fn
+
+    fn = make_shard_fn(cfg, llm)
+    table = pa.table({"id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts})
+    # the few-shot prefix is computed once per engine in a run: put it in the cache first
+    # (one untimed pass on another prompt), so both modes are timed on the per-prompt work
+    llm.reset_prefix_cache()
+    fn(pa.table({"id": ["warm"], "prompt": ["Warm-up input."]}), 0)
+    t0 = time.perf_counter()
+    out, _, _ = fn(table, 0)
+    return out.to_pylist(), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmarks", type=Path, default=BENCHMARKS)
+    ap.add_argument("--per-class", type=int, default=64, help="held-out prompts per class")
+    ap.add_argument("--calib", type=int, default=64, help="calibration prompts per class")
+    ap.add_argument("--short", action="store_true", help="16 held-out and 32 calibration prompts per class")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=None, help="base config (default: built-in defaults)")
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-exemplars", type=int, default=None)
+    ap.add_argument("--kv-gib", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0, help="rationale mode (0: greedy)")
+    ap.add_argument("--max-tokens", type=int, default=160, help="rationale mode (demo recipe: 160)")
+    ap.add_argument("--write-threshold", help="write the calibrated threshold here (detect.threshold_file)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    if args.short:
+        args.per_class, args.calib = 16, 32
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not (args.benchmarks / "do_not_answer.jsonl").exists():
+        print(f"detect modes: SKIPPED ({args.benchmarks} has no benchmark prompts)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"skipped": f"no benchmarks at {args.benchmarks}"}))
+        return
+
+    risky, benign = load_labelled(args.benchmarks)
+    r_cal, r_held = split(risky, args.seed, args.calib, args.per_class)
+    b_cal, b_held = split(benign, args.seed + 1, args.calib, args.per_class)
+
+    from gen.engine import build_llm
+
+    score_cfg, rat_cfg = make_cfg(args, "score"), make_cfg(args, "rationale")
+    llm = build_llm(score_cfg.engine)
+
+    # 1. calibrate the threshold on the calibration split (score mode)
+    cal_rows, _ = run_mode(score_cfg, llm, r_cal + b_cal)
+    cal_scores = [r["risk_score"] for r in cal_rows]
+    threshold = calibrate([s for s in cal_scores[:len(r_cal)] if s is not None],
+                          [s for s in cal_scores[len(r_cal):] if s is not None])
+    if args.write_threshold:
+        Path(args.write_threshold).write_text(json.dumps({
+            "threshold": threshold, "seed": args.seed, "calibration_prompts":
+            {"risky": len(r_cal), "benign": len(b_cal)}, "model": args.model, "dtype": args.dtype,
+            "rule": "maximizes recall - false-positive rate on the calibration split"}, indent=1) + "\n")
+
+    # 2. both modes on the held-out prompts
+    held = r_held + b_held
+    n_r = len(r_held)
+    s_rows, s_sec = run_mode(score_cfg, llm, held)
+    r_rows, r_sec = run_mode(rat_cfg, llm, held)
+    scores = [r["risk_score"] for r in s_rows]
+    s_pred = [s is not None and s >= threshold for s in scores]
+    r_pred = [r["risky"] is not False for r in r_rows]  # no verdict -> safety (the default)
+    res = {
+        "prompts": len(held), "risky": n_r, "benign": len(held) - n_r, "seed": args.seed,
+        "threshold": threshold, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "dtype": args.dtype,
+        "score": {"seconds": s_sec, "prompts_per_s": len(held) / s_sec,
+                  **rates(s_pred[:n_r], s_pred[n_r:])},
+        "rationale": {"seconds": r_sec, "prompts_per_s": len(held) / r_sec,
+                      "output_tokens": sum(r["output_tokens"] for r in r_rows),
+                      "unparsed": sum(r["risky"] is None for r in r_rows),
+                      **rates(r_pred[:n_r], r_pred[n_r:])},
+    }
+    res["speedup"] = res["score"]["prompts_per_s"] / res["rationale"]["prompts_per_s"]
+    sr = [s for s in scores[:n_r] if s is not None]
+    sb = [s for s in scores[n_r:] if s is not None]
+    rec, fpr = recall_at_fpr(sr, sb, res["rationale"]["fpr"])
+    res["score_at_rationale_fpr"] = {"recall": rec, "fpr": fpr}
+
+    print(f"detect modes: {len(held)} held-out prompts ({n_r} Do-Not-Answer risky, {len(held) - n_r} "
+          f"Vicuna/HHH benign), seed {args.seed}, dtype {args.dtype}; rationale T={args.temperature} "
+          f"max_tokens={args.max_tokens}")
+    print(f"  threshold (calibrated on {len(r_cal)}+{len(b_cal)} other prompts): {threshold:.4f}")
+    for m in ("score", "rationale"):
+        r = res[m]
+        extra = f", {r['unparsed']} without a verdict" if m == "rationale" else ""
+        print(f"  {m:<9} {r['prompts_per_s']:8.2f} prompts/s  recall {r['recall']:.3f}  "
+              f"FPR {r['fpr']:.3f}  ({r['seconds']:.1f} s{extra})")
+    print(f"  speedup score/rationale: {res['speedup']:.1f}x (goal >= 10)")
+    print(f"  score mode at the rationale mode's FPR ({res['rationale']['fpr']:.3f}): recall {rec:.3f} "
+          f"(FPR {fpr:.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""``guidealign check -c CONFIG``: a preflight that loads no weights, run before GPU hours.
+
+One row per check (OK / WARN / FAIL / INFO), printed as one table; any FAIL gives a non-zero
+exit. Checked: every model of every role resolves (local path, embedded, local Hub cache, or
+"would download" with its size when online); every chat model's tokenizer has a chat template
+or one is configured; ``max_model_len`` fits the longest prompt the stages build (counted with
+the tokenizer when it is local, else about 4 characters a token) and the model's context;
+``tensor_parallel_size`` fits the visible GPUs; SFT's batch arithmetic adds up; GPU memory per
+engine and for SFT (parameters x bytes, + gradients and Adam state for full fine-tuning);
+disk for the run directory; the Hub token when push is configured (never printed); executor
+settings. ``guidealign run`` runs it first (``--no-check`` skips it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from guidealign.check_models import ModelInfo, gib, load_local_tokenizer, locate
+
+OK, WARN, FAIL, INFO = "OK", "WARN", "FAIL", "INFO"
+GUIDELINE_TOKENS = 80  # our estimate of one library guideline's length in tokens
+USER_TOKENS = 512      # room assumed for a user prompt when sizing the respond prompt
+
+
+@dataclass
+class Row:
+    check: str
+    item: str
+    status: str
+    detail: str
+
+
+@dataclass
+class Role:
+    name: str          # "guideline writer", "responder", ...
+    model: str
+    template_key: str | None  # config key of its chat template; None: no chat (encoder, classifier)
+    template: str | None = None
+    engine: object = None     # its EngineConfig when it runs in vLLM
+
+
+def roles(cfg) -> list[Role]:
+    from gen.respond import respond_engine
+
+    out = [Role("guideline writer", cfg.engine.model, "engine.chat_template",
+                cfg.engine.chat_template, cfg.engine)]
+    if cfg.respond.engine:
+        e = respond_engine(cfg)
+        out.append(Role("responder", e.model, "respond.engine.chat_template", e.chat_template, e))
+    out.append(Role("SFT base", cfg.sft.base_model, "sft.chat_template", cfg.sft.chat_template))
+    judge_tpl = getattr(cfg.eval, "judge_chat_template", None)
+    if "pairwise" in (cfg.eval.judges or ["pairwise"]) or cfg.eval.harm_judge == "llm":
+        je = dataclasses.replace(cfg.engine, model=cfg.eval.judge_model,
+                                 chat_template=judge_tpl if judge_tpl is not None else
+                                 (cfg.engine.chat_template if cfg.eval.judge_model == cfg.engine.model else None))
+        out.append(Role("eval judge", cfg.eval.judge_model, "eval.judge_chat_template", je.chat_template, je))
+    if cfg.eval.harm_judge == "classifier":
+        out.append(Role("eval classifier", cfg.eval.classifier_model, None))
+    out.append(Role("retriever base", cfg.retriever.base_model, None))
+    if cfg.library.candidates == "model":
+        out.append(Role("library candidates", cfg.library.embed_model, None))
+    return out
+
+
+def _tokens(tok, text: str) -> tuple[int, bool]:
+    """(tokens, exact): counted with the tokenizer, else ~4 characters a token."""
+    if tok is not None:
+        return len(tok(text, add_special_tokens=False)["input_ids"]), True
+    return len(text) // 4 + 1, False
+
+
+def _prompt_text(path: str | None, default: str) -> tuple[str, str]:
+    """(whole file text, system + user text) of a prompt YAML."""
+    import yaml
+
+    from gen.build import builtin_prompt_path
+
+    p = Path(path) if path else builtin_prompt_path(default)
+    raw = p.read_text()
+    data = yaml.safe_load(raw) or {}
+    fixed = "\n".join(str(data.get(k, "")) for k in ("system", "user", "user_template"))
+    return raw, fixed
+
+
+def _fit_row(stage: str, tok, whole: str, fixed: str, extra: int, max_tokens: int,
+             max_len: int, overflow: str) -> Row:
+    n_all, exact = _tokens(tok, whole)
+    n_fixed, _ = _tokens(tok, fixed)
+    total, least = n_all + extra + max_tokens, n_fixed + extra + max_tokens
+    how = "" if exact else " (estimated at 4 chars/token: tokenizer not local)"
+    detail = (f"longest prompt ~{n_all + extra} + max_tokens {max_tokens} = {total} "
+              f"vs max_model_len {max_len}{how}")
+    if total <= max_len:
+        return Row("max_model_len", stage, OK, detail)
+    if least <= max_len:
+        return Row("max_model_len", stage, WARN, f"{detail}: {overflow}")
+    return Row("max_model_len", stage, FAIL, f"{detail}: does not fit even without exemplars")
+
+
+def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
+    from gen.respond import format_guidelines, load_exemplars
+
+    e = role.engine
+    rows = []
+    if info.max_positions and e.max_model_len > info.max_positions:
+        rows.append(Row("max_model_len", role.name, FAIL,
+                        f"max_model_len {e.max_model_len} > the model's context {info.max_positions}"))
+    if role.name == "guideline writer":
+        w, f = _prompt_text(cfg.detect.prompt_file, "detect.yaml")
+        rows.append(_fit_row("detect", tok, w, f, cfg.detect.reserve_input_tokens,
+                             cfg.detect.sampling.max_tokens, e.max_model_len,
+                             "some exemplars will be dropped (a warning says so)"))
+        for kind, path, name in (("safety", cfg.guidelines.safety_prompt_file, "safety_guidelines.yaml"),
+                                 ("quality", cfg.guidelines.quality_prompt_file, "quality_guidelines.yaml")):
+            w, f = _prompt_text(path, name)
+            rows.append(_fit_row(f"guidelines ({kind})", tok, w, f, cfg.guidelines.reserve_input_tokens,
+                                 cfg.guidelines.sampling.max_tokens, e.max_model_len,
+                                 "some exemplars will be dropped (a warning says so)"))
+    if role.name in ("responder",) or (role.name == "guideline writer" and not cfg.respond.engine):
+        rc = cfg.respond
+        k = rc.max_guidelines or cfg.retrieve.keep
+        system = rc.guided_system.replace("{guidelines}", format_guidelines(["x" * 4 * GUIDELINE_TOKENS] * k))
+        exs = "\n".join(q + "\n" + a for q, a in load_exemplars(rc)[0])
+        rows.append(_fit_row("respond", tok, system + "\n" + exs, "", USER_TOKENS + 16,
+                             rc.sampling.max_tokens, e.max_model_len,
+                             "long prompts will be truncated (lowest-ranked guidelines first)"))
+    if role.name == "eval judge":
+        rows.append(_fit_row("eval judge", tok, "", "", 2 * cfg.eval.max_response_tokens + USER_TOKENS,
+                             cfg.eval.judge_sampling.max_tokens, e.max_model_len,
+                             "long answers will be cut further"))
+    return rows
+
+
+def model_rows(cfg, role: Role, info: ModelInfo) -> list[Row]:
+    from gen.templates import ChatTemplateError, resolve_template
+
+    where = {"local": f"local: {info.path}", "embedded": f"embedded: {info.path}",
+             "hub cache": f"in the local Hub cache: {info.path}"}.get(info.where, "")
+    status = OK if info.local else (FAIL if info.where == "missing" else WARN)
+    size = f"; {info.params / 1e9:.2f}B params ({info.params_source})" if info.params else ""
+    rows = [Row("model", f"{role.name}: {role.model}", status,
+                (where or "; ".join(info.notes)) + size)]
+    if role.template_key is None:
+        return rows
+    item = f"{role.name} chat template"
+    if role.template:
+        try:
+            resolve_template(role.template)
+            rows.append(Row("chat template", item, OK, f"{role.template_key} = {role.template}"))
+        except ChatTemplateError as e:
+            rows.append(Row("chat template", item, FAIL, str(e)))
+    elif info.template:
+        rows.append(Row("chat template", item, OK, "the tokenizer's own"))
+    elif info.template is False:
+        rows.append(Row("chat template", item, FAIL,
+                        f"{role.model} has no chat template and none is configured: set "
+                        f"{role.template_key} (vicuna_v1.1, llama-2, chatml or a .jinja file)"))
+    else:
+        rows.append(Row("chat template", item, WARN,
+                        "cannot tell until the model is downloaded; set "
+                        f"{role.template_key} to be sure"))
+    return rows
+
+
+def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: list[str],
+             gpu_mem: int | None) -> list[Row]:
+    from sft.launcher import resolve_num_processes
+    from sft.train import accumulation_steps
+
+    rows = []
+    for role, info in engines:
+        e = role.engine
+        tp = e.tensor_parallel_size
+        if not gpus:
+            rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", INFO,
+                            f"{tp}; no GPU visible here (the CPU engine ignores it): run nodes need "
+                            f"{tp} GPU(s) per engine"))
+        elif tp > len(gpus):
+            rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", FAIL,
+                            f"{tp} > {len(gpus)} visible GPU(s)"))
+        else:
+            idle = len(gpus) % tp
+            rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", WARN if idle else OK,
+                            f"{tp}: {len(gpus) // tp} engine(s) on {len(gpus)} GPU(s)"
+                            + (f", {idle} idle" if idle else "")))
+        if info.params:
+            nb = 4 if e.dtype == "float32" else 2
+            need = info.params * nb / tp
+            cap = gpu_mem * e.gpu_memory_utilization if gpu_mem else None
+            st = INFO if cap is None else (OK if need < 0.9 * cap else FAIL)
+            rows.append(Row("GPU memory", f"{role.name} engine", st,
+                            f"weights ~{gib(need)} per GPU ({info.params / 1e9:.1f}B x {nb} B / tp {tp})"
+                            + (f" of {gib(cap)} vLLM may use" if cap else "; the rest of "
+                               f"gpu_memory_utilization {e.gpu_memory_utilization} is KV cache")))
+    s = cfg.sft
+    try:
+        world = resolve_num_processes(s, gpus=len(gpus))
+        accum = accumulation_steps(s, world)
+        rows.append(Row("SFT batch", "global batch", OK,
+                        f"micro {s.micro_batch_size} x accumulation {accum} x {world} process(es) "
+                        f"= {s.global_batch_size}"))
+        if not gpus and str(s.num_processes).lower() == "auto":
+            for n in (8, 4):
+                try:
+                    a = accumulation_steps(s, n)
+                    rows.append(Row("SFT batch", f"on {n} GPUs", OK,
+                                    f"micro {s.micro_batch_size} x accumulation {a} x {n} = {s.global_batch_size}"))
+                except ValueError as e:
+                    rows.append(Row("SFT batch", f"on {n} GPUs", INFO, str(e)))
+    except ValueError as e:
+        world = 1
+        rows.append(Row("SFT batch", "global batch", FAIL, str(e)))
+    if sft.params:
+        if not gpus and str(s.num_processes).lower() == "auto":
+            world = 8  # sized for a typical 8-GPU node when no GPU is visible here
+        full = s.mode == "full"
+        per = sft.params * (16 if full else 2)
+        sharded = full and "full_shard" in str(s.trainer_args.get("fsdp", "")) \
+            or "deepspeed" in s.trainer_args
+        need = per / (world if sharded else 1)
+        what = ("bf16 weights + grads + fp32 Adam state, 16 B/param" if full
+                else "frozen bf16 weights, 2 B/param, + adapters")
+        st = INFO if not gpu_mem else (OK if need < 0.85 * gpu_mem else FAIL)
+        rows.append(Row("GPU memory", "SFT", st,
+                        f"~{gib(need)} per GPU before activations ({what}"
+                        + (f", sharded over {world} GPUs" if sharded else "") + ")"
+                        + ("" if gpus else "; no GPU visible here")
+                        + (f" of {gib(gpu_mem)}" if gpu_mem else "")))
+    return rows
+
+
+def disk_row(cfg, workdir: str | None, sft: ModelInfo) -> Row:
+    files = [f for pat in list(cfg.inputs) + list(cfg.inputs_sft) for f in glob.glob(pat)]
+    inputs = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    model = (sft.params or 0) * (2 if cfg.sft.precision != "float32" else 4)
+    ckpt = (sft.params or 0) * 16 if cfg.sft.save_steps > 0 and cfg.sft.mode == "full" else 0
+    need = inputs * 12 + model + ckpt + 2**28  # every stage keeps the prompts + guidelines/answers
+    d = Path(workdir or ".").resolve()
+    while not d.exists():
+        d = d.parent
+    free = shutil.disk_usage(d).free
+    detail = (f"~{gib(need)} needed (inputs {gib(inputs)} x 12, SFT model {gib(model)}, checkpoint "
+              f"{gib(ckpt)}), {gib(free)} free at {d}")
+    return Row("disk", "run directory", OK if need < free else FAIL, detail)
+
+
+def other_rows(cfg) -> list[Row]:
+    rows = []
+    if not cfg.inputs:
+        rows.append(Row("inputs", "inputs", WARN, "none configured (give them to ingest)"))
+    for key in ("inputs", "inputs_sft"):
+        for pat in getattr(cfg, key):
+            n = len(glob.glob(pat))
+            rows.append(Row("inputs", f"{key}: {pat}", OK if n else WARN,
+                            f"{n} file(s)" if n else "matches no file here"))
+    if cfg.push.repo_id or cfg.push.model_repo_id:
+        from huggingface_hub import get_token
+
+        ok = bool(get_token())
+        rows.append(Row("Hub token", "push", OK if ok else FAIL,
+                        "present" if ok else "none: set HF_TOKEN or run `hf auth login`"))
+    ex = cfg.executor
+    if ex.kind not in ("local", "ray"):
+        rows.append(Row("executor", "kind", FAIL, f"{ex.kind!r} is not local or ray"))
+    elif ex.kind == "ray":
+        has = importlib.util.find_spec("ray") is not None
+        rows.append(Row("executor", "ray", OK if has else FAIL,
+                        f"address {ex.ray_address or 'local'}, task resources {ex.ray_resources}"
+                        if has else "ray is not installed (GUIDEALIGN_EXTRA=ray ./run.sh setup)"))
+        gpus = (ex.ray_resources or {}).get("num_gpus", 0)
+        if gpus and gpus < cfg.engine.tensor_parallel_size:
+            rows.append(Row("executor", "ray_resources", FAIL,
+                            f"num_gpus {gpus} < engine.tensor_parallel_size {cfg.engine.tensor_parallel_size}"))
+    else:
+        rows.append(Row("executor", "local", OK, "this rank's shards in this process"))
+    rows.append(Row("executor", "wait_timeout_s", FAIL if ex.wait_timeout_s < 0 else OK,
+                    f"{ex.wait_timeout_s:g} s" + (" (0: 1 day for several workers)" if not ex.wait_timeout_s else "")))
+    return rows
+
+
+def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None) -> list[Row]:
+    from guidealign.launch import detect_gpus
+
+    gpus = detect_gpus() if gpus is None else gpus
+    gpu_mem = None
+    if gpus:
+        try:
+            import torch
+
+            gpu_mem = torch.cuda.get_device_properties(0).total_memory
+        except Exception:  # noqa: BLE001
+            gpu_mem = None
+    rows: list[Row] = []
+    infos: dict[str, ModelInfo] = {}
+    engines, sft_info = [], None
+    for role in roles(cfg):
+        info = infos.get(role.model) or locate(role.model)
+        infos[role.model] = info
+        rows += model_rows(cfg, role, info)
+        if role.name == "SFT base":
+            sft_info = info
+        if role.engine is not None:
+            engines.append((role, info))
+            if info.template is False and not role.template:
+                continue  # cannot build prompts: already a FAIL
+            rows += length_rows(cfg, role, load_local_tokenizer(info), info)
+    rows += gpu_rows(cfg, engines, sft_info, gpus, gpu_mem)
+    rows.append(disk_row(cfg, workdir, sft_info))
+    rows += other_rows(cfg)
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        w = [max(len(getattr(r, k)) for r in rows) for k in ("check", "item", "status")]
+        return "\n".join(f"{r.check:<{w[0]}}  {r.item:<{w[1]}}  {r.status:<{w[2]}}  {r.detail}" for r in rows)
+    t = Table(title="guidealign check", show_lines=False)
+    for c in ("check", "item", "status", "detail"):
+        t.add_column(c, overflow="fold")
+    color = {OK: "green", WARN: "yellow", FAIL: "bold red", INFO: "cyan"}
+    for r in rows:
+        t.add_row(r.check, r.item, f"[{color[r.status]}]{r.status}[/]", r.detail)
+    console = Console(width=max(100, shutil.get_terminal_size((160, 20)).columns), record=True,
+                      file=open(os.devnull, "w"))
+    console.print(t)
+    return console.export_text()
+
+
+def failures(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.status == FAIL]

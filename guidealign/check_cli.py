@@ -1,0 +1,47 @@
+"""``guidealign check``: the preflight's command (registered in guidealign/cli.py)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def preflight(cfg, workdir, echo=click.echo) -> bool:
+    """Run the checks, print the table; True when nothing failed (``run`` calls this first)."""
+    from guidealign.check import failures, render, run_checks
+
+    rows = run_checks(cfg, workdir)
+    echo(render(rows))
+    bad = failures(rows)
+    if bad:
+        echo(f"check: {len(bad)} failure(s): " + "; ".join(f"{r.item}: {r.detail}" for r in bad))
+    return not bad
+
+
+@click.command("check")
+@click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML config file (see configs/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--workdir", "-w", default=None, type=click.Path(file_okay=False),
+              help="Run directory (for the disk check; default: the current directory).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable rows.")
+def check(config_path, overrides, workdir, as_json):
+    """Preflight without loading weights: models, chat templates, lengths, GPUs, SFT batch,
+    memory, disk, Hub token, executor. Exits non-zero on any failure."""
+    from dataclasses import asdict
+
+    from guidealign.check import failures, run_checks
+    from guidealign.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path, overrides)
+    except (ConfigError, OSError) as e:
+        raise click.UsageError(f"config: {e}") from e
+    if as_json:
+        rows = run_checks(cfg, workdir)
+        click.echo(json.dumps([asdict(r) for r in rows], indent=1))
+        ok = not failures(rows)
+    else:
+        ok = preflight(cfg, workdir)
+    sys.exit(0 if ok else 1)

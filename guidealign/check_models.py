@@ -1,0 +1,170 @@
+"""Where a configured model is, how big it is, and whether its tokenizer has a chat template,
+without loading weights (for ``guidealign check``).
+
+A model is a local dir, an ``embedded:`` name, a Hub id in the local Hub cache, or a Hub id
+that would be downloaded (its size from the Hub when online; offline, "size unknown").
+Parameter counts come from the safetensors metadata (local index or Hub), else the weight
+files' bytes, else the size in the name ("13b", "70B").
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Hub ids whose tokenizer is known to ship no chat template (checked when not downloaded yet).
+KNOWN_WITHOUT_TEMPLATE = (
+    re.compile(r"^meta-llama/Llama-2-\d+b-hf$", re.I),
+    re.compile(r"^meta-llama/Llama-2-\d+b$", re.I),
+    re.compile(r"^lmsys/vicuna-\d+b-v1\.[35](-16k)?$", re.I),
+    re.compile(r"^huggyllama/llama-\d+b$", re.I),
+)
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "int8": 1}
+_net_failed = False  # after one failed Hub lookup, the others are not tried (offline)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    where: str                  # "local", "embedded", "hub cache", "would download", "missing"
+    path: str | None = None     # local dir when there is one
+    download_bytes: int | None = None
+    params: int | None = None
+    params_source: str = ""
+    template: bool | None = None  # the tokenizer ships a chat template (None: unknown)
+    max_positions: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None
+
+
+def _offline() -> bool:
+    return _net_failed or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def locate(name: str) -> ModelInfo:
+    from guidealign.models import resolve
+
+    if name.startswith("embedded:"):
+        try:
+            return _describe_local(ModelInfo(name, "embedded", path=resolve(name)))
+        except Exception as e:  # noqa: BLE001
+            return ModelInfo(name, "missing", notes=[f"embedded model unavailable: {e}"])
+    p = Path(name).expanduser()
+    if p.exists():
+        return _describe_local(ModelInfo(name, "local", path=str(p)))
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return ModelInfo(name, "missing", notes=["no such local path, and not a Hub id (org/name)"])
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(name, local_files_only=True)
+        return _describe_local(ModelInfo(name, "hub cache", path=path))
+    except Exception:  # noqa: BLE001 - not in the cache
+        pass
+    info = ModelInfo(name, "would download")
+    _hub_lookup(info)
+    _params_from_name(info)
+    if info.template is None and any(r.match(name) for r in KNOWN_WITHOUT_TEMPLATE):
+        info.template = False
+        info.notes.append("its tokenizer is known to ship no chat template")
+    return info
+
+
+def _hub_lookup(info: ModelInfo) -> None:
+    global _net_failed
+    if _offline():
+        info.notes.append("not in local cache; would download (offline: size unknown)")
+        return
+    try:
+        from huggingface_hub import HfApi
+
+        mi = HfApi().model_info(info.name, files_metadata=True, timeout=8)
+    except Exception as e:  # noqa: BLE001
+        _net_failed = True
+        info.notes.append(f"not in local cache; would download (size unknown: {type(e).__name__})")
+        return
+    sizes = [s.size or 0 for s in (mi.siblings or [])]
+    info.download_bytes = sum(sizes)
+    st = getattr(mi, "safetensors", None)
+    if st is not None and getattr(st, "total", None):
+        info.params, info.params_source = int(st.total), "hub safetensors metadata"
+    info.notes.append(f"not in local cache; would download {gib(info.download_bytes)}")
+
+
+def _describe_local(info: ModelInfo) -> ModelInfo:
+    from gen.templates import local_template_state
+
+    d = Path(info.path)
+    info.template = local_template_state(d)
+    cfg = {}
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    mp = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    info.max_positions = int(mp) if mp else None
+    idx = d / "model.safetensors.index.json"
+    if idx.is_file():
+        try:
+            meta = json.loads(idx.read_text()).get("metadata", {})
+            if meta.get("total_parameters"):
+                info.params, info.params_source = int(meta["total_parameters"]), "safetensors index"
+            elif meta.get("total_size"):
+                nb = _DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), 2)
+                info.params, info.params_source = int(meta["total_size"]) // nb, "safetensors index bytes"
+        except (OSError, json.JSONDecodeError):
+            pass
+    if info.params is None:
+        files = [f for f in d.glob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()]
+        total = sum(f.stat().st_size for f in files)
+        if total:
+            nb = _DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), 4)
+            info.params, info.params_source = total // nb, "weight files"
+    _params_from_name(info)
+    return info
+
+
+def _params_from_name(info: ModelInfo) -> None:
+    if info.params is not None:
+        return
+    m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])", info.name.split("/")[-1])
+    if m:
+        info.params = int(float(m.group(1)) * (1e9 if m.group(2) in "bB" else 1e6))
+        info.params_source = "size in the name"
+
+
+class _FastTokenizer:
+    """Counts tokens with the ``tokenizers`` library (imports in well under a second, where
+    transformers takes tens of seconds on a busy machine)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.tok.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def load_local_tokenizer(info: ModelInfo):
+    """A token counter for a local model (``tok(text)["input_ids"]``), or None."""
+    if not info.local:
+        return None
+    fast = Path(info.path) / "tokenizer.json"
+    try:
+        if fast.is_file():
+            return _FastTokenizer(fast)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(info.path)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def gib(n: float | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.1f} GiB"

@@ -1,0 +1,208 @@
+"""Byte-level input handling for ingest: decompression, byte-order marks, encodings, line endings.
+
+Every text input (JSONL, JSON, CSV) is read through ``open_utf8``, which returns a binary
+stream of UTF-8 bytes with ``\\n`` line ends, whatever the file was saved as:
+
+- compressed by suffix or magic bytes: ``.gz``, ``.bz2``, ``.xz`` (Python's codecs), ``.zst``
+  (pyarrow's zstd codec);
+- a UTF-8 byte-order mark is dropped; UTF-16/UTF-32 (with a BOM, or UTF-16 without one, told
+  apart by its zero bytes) are transcoded to UTF-8;
+- ``encoding="auto"`` (the default) reads UTF-8, unless the start of the file has bytes that
+  are not UTF-8 and no multi-byte UTF-8 sequence at all: then it is a legacy 8-bit export
+  and read as cp1252 (Windows' Western code page, a superset of latin-1's printable range);
+- any other ``encoding`` is a Python codec name used for the whole file;
+- files whose lines end in a lone CR (old Mac/Excel exports) get ``\\n`` line ends.
+
+Bytes that do not decode stay in the stream as they were (lone-surrogate escapes re-encoded),
+so the row readers quarantine exactly those rows with a reason that says how to fix the file.
+"""
+from __future__ import annotations
+
+import bz2
+import codecs
+import gzip
+import io
+import lzma
+import re
+import zlib
+from pathlib import Path
+
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd",
+                ".zstd": "zstd"}
+_MAGIC = [(b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")]
+_BOMS = [(codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+         (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")]
+_MULTIBYTE_UTF8 = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
+SNIFF_BYTES = 1 << 16
+CHUNK = 1 << 22
+
+
+class EncodingError(Exception):
+    """The file cannot be opened as text at all (bad codec name, missing decompressor)."""
+
+
+def compression_of(path: Path) -> str | None:
+    """Compression named by the suffix, else by the magic bytes, else None."""
+    comp = COMPRESSIONS.get(path.suffix.lower())
+    if comp:
+        return comp
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None
+    return next((c for magic, c in _MAGIC if head.startswith(magic)), None)
+
+
+def inner_suffix(path: Path) -> str:
+    """The format suffix under any compression suffix: ``a.jsonl.gz`` -> ``.jsonl``."""
+    if path.suffix.lower() in COMPRESSIONS:
+        return Path(path.stem).suffix.lower()
+    return path.suffix.lower()
+
+
+def open_raw(path: Path):
+    """The file's bytes, decompressed."""
+    comp = compression_of(path)
+    if comp == "gzip":
+        return gzip.open(path, "rb")
+    if comp == "bz2":
+        return bz2.open(path, "rb")
+    if comp == "xz":
+        return lzma.open(path, "rb")
+    if comp == "zstd":  # pyarrow (a dependency already) carries a zstd codec
+        import pyarrow as pa
+
+        return pa.input_stream(str(path), compression="zstd")
+    return open(path, "rb")
+
+
+def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
+    """(codec, BOM length) for a file that starts with ``head``."""
+    for bom, enc in _BOMS:
+        if head.startswith(bom):
+            if requested not in ("auto", "utf-8-sig") and codecs.lookup(requested).name != codecs.lookup(enc).name:
+                # an explicit codec wins, but a BOM that contradicts it is a mistake worth naming
+                raise EncodingError(f"the file starts with a {enc} byte-order mark but --encoding "
+                                    f"{requested} was given; drop --encoding or re-save the file")
+            return enc, len(bom)
+    if requested != "auto":
+        try:
+            return codecs.lookup(requested).name, 0
+        except LookupError as e:
+            raise EncodingError(f"unknown encoding {requested!r} (try utf-8, cp1252, latin-1, utf-16)") from e
+    sample = head[:4096]
+    if len(sample) >= 4:
+        even, odd = sample[0::2], sample[1::2]
+        if odd.count(0) > 0.3 * len(odd) and even.count(0) < 0.05 * len(even):
+            return "utf-16-le", 0
+        if even.count(0) > 0.3 * len(even) and odd.count(0) < 0.05 * len(odd):
+            return "utf-16-be", 0
+    try:
+        head.decode("utf-8")
+        return "utf-8", 0
+    except UnicodeDecodeError as e:
+        if e.start >= len(head) - 3 and e.reason == "unexpected end of data":
+            return "utf-8", 0  # the sample cut a character in two
+    if _MULTIBYTE_UTF8.search(head):
+        return "utf-8", 0  # UTF-8 text with some bad rows: those rows are quarantined
+    return "cp1252", 0
+
+
+class _Transcoded(io.RawIOBase):
+    """A binary stream of UTF-8 bytes decoded from ``raw`` with ``encoding``."""
+
+    def __init__(self, raw, encoding: str, skip: int, lone_cr: bool, head: bytes):
+        self.raw = raw
+        self.dec = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)("surrogateescape")
+        self.pending = head[skip:]
+        self.lone_cr = lone_cr
+        self.buf = b""
+        self.eof = False
+        self.error: str | None = None  # why reading stopped early, if it did
+
+    def readable(self):
+        return True
+
+    def _fill(self) -> bool:
+        data = self.pending
+        self.pending = b""
+        if not data and self.error is None:
+            try:
+                data = self.raw.read(CHUNK)
+            except (EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as e:
+                self.fail(e)
+        final = not data
+        if self.dec is not None:
+            data = self.dec.decode(data, final).encode("utf-8", "surrogateescape")
+        if self.lone_cr:
+            data = data.replace(b"\r", b"\n")
+        self.buf += data
+        return not final
+
+    def fail(self, e: Exception) -> None:
+        """A truncated or damaged compressed file: what came before is kept, the rest reported."""
+        self.error = (f"the file is truncated or corrupt after the rows above ({type(e).__name__}: {e}); "
+                      "they were kept; re-download or re-compress the file to get the rest")
+
+    def readinto(self, b):
+        while not self.buf and not self.eof:
+            self.eof = not self._fill()
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, str]:
+    """(binary stream of UTF-8 bytes with \\n line ends, the encoding the file was read as)."""
+    raw = open_raw(path)
+    head, early = b"", None
+    try:
+        while len(head) < SNIFF_BYTES:  # in small reads, so that a damaged file keeps its start
+            try:
+                piece = raw.read(4096)
+            except (EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as e:
+                early = e
+                break
+            if not piece:
+                break
+            head += piece
+        enc, skip = sniff_encoding(head, encoding)
+    except Exception:
+        raw.close()
+        raise
+    enc = codecs.lookup(enc).name if enc != "utf-8" else enc
+    if enc == "utf-8":
+        probe = head[skip:]
+    else:
+        probe = codecs.decode(head[skip:skip + 4096 - (4096 % 4)], enc, "replace").encode("utf-8", "replace")
+    lone_cr = b"\r" in probe and b"\n" not in probe
+    tr = _Transcoded(raw, enc, skip, lone_cr, head)
+    if early is not None:
+        tr.fail(early)
+    stream = io.BufferedReader(tr, buffer_size=CHUNK)
+    return stream, enc
+
+
+def read_error(stream) -> str | None:
+    """Why ``stream`` (from ``open_utf8``) ended early, or None."""
+    return getattr(getattr(stream, "raw", None), "error", None)
+
+
+def utf8_error_reason(line_no: int, raw: bytes, encoding: str) -> str:
+    """Why a line is not text, and how to fix it."""
+    try:
+        raw.decode("utf-8")
+        return f"line {line_no} is not valid text"
+    except UnicodeDecodeError as e:
+        at = e.start
+    if encoding == "utf-8":
+        return (f"line {line_no} is not valid UTF-8 at byte {at}; re-save the file as UTF-8 "
+                "or pass --encoding cp1252 (or the encoding it was saved in)")
+    return (f"line {line_no} has bytes that are not valid {encoding} at byte {at}; re-save the file "
+            "as UTF-8 or pass the --encoding it was saved in")

@@ -1,0 +1,20 @@
+"""The prompt id rule: NFKC, whitespace runs -> one space, stripped; blake2b-64 of the UTF-8 bytes.
+
+Ids are the 16 hex chars of ``prompt_hash``; they must never change for the same text, so this
+row-by-row function is the reference every faster path is tested against.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+_WS = re.compile(r"\s+")
+
+
+def normalize(prompt: str) -> str:
+    return _WS.sub(" ", unicodedata.normalize("NFKC", prompt)).strip()
+
+
+def prompt_hash(prompt: str) -> bytes:
+    return hashlib.blake2b(normalize(prompt).encode("utf-8", "surrogatepass"), digest_size=8).digest()

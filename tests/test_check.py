@@ -1,0 +1,100 @@
+"""`guidealign check`: the preflight's table and exit status on the shipped recipe and on
+local models with and without a chat template (no weights are loaded)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from guidealign.cli import cli
+from guidealign.config import load_config
+from standins import model_without_template
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = str(REPO / "configs" / "gpu-paper.yaml")
+
+
+@pytest.fixture(scope="module")
+def bare_model(generator_path, tmp_path_factory):
+    return str(model_without_template(generator_path, tmp_path_factory.mktemp("m") / "no-template"))
+
+
+def check(*args, env=None):
+    r = CliRunner().invoke(cli, ["check", *args], env=env, catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+def status_of(out: str, item: str) -> str:
+    """The status column of the first row whose item starts with ``item``."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line)]
+        if len(cells) > 3 and cells[2].startswith(item):
+            return cells[3]
+    raise AssertionError(f"no row {item!r} in\n{out}")
+
+
+def test_paper_recipe_passes_with_models_to_download():
+    code, out = check("-c", PAPER)
+    assert code == 0, out
+    assert "would download" in out and "meta-llama/Llama-2-13b-hf" in out
+    assert status_of(out, "SFT base chat template") == "OK" and "vicuna_v1.1" in out
+    assert status_of(out, "responder chat template") == "OK"
+    assert "micro 4 x accumulation 50 x 8 = 1600" in out
+
+
+def test_paper_recipe_without_the_template_fails():
+    code, out = check("-c", PAPER, "--set", "sft.chat_template=null")
+    assert code == 1
+    assert status_of(out, "SFT base chat template") == "FAIL" and "set sft.chat_template" in out
+    code, out = check("-c", PAPER, "--set", "respond.engine.chat_template=null")
+    assert code == 1 and status_of(out, "responder chat template") == "FAIL"
+
+
+def test_local_model_without_template_fails_until_configured(bare_model):
+    base = ["-c", PAPER, "--set", f"sft.base_model={bare_model}", "--set", f"engine.model={bare_model}"]
+    code, out = check(*base, "--set", "sft.chat_template=null")
+    assert code == 1
+    assert status_of(out, "guideline writer chat template") == "FAIL"
+    assert status_of(out, "SFT base chat template") == "FAIL"
+    code, out = check(*base, "--set", "engine.chat_template=chatml")
+    assert code == 0, out
+    assert status_of(out, "guideline writer chat template") == "OK"
+    # the tokenizer is local, so prompt lengths are counted, not estimated
+    assert status_of(out, "detect") == "OK" and "chars/token" not in out.split("detect", 1)[1].split("\n")[0]
+
+
+def test_failures_are_reported_and_exit_nonzero(bare_model):
+    code, out = check("-c", PAPER, "--set", "sft.global_batch_size=10")
+    assert code == 1 and status_of(out, "global batch") == "FAIL"
+    code, out = check("-c", PAPER, "--set", "engine.model=embedded:smollm2-135m-instruct",
+                      "--set", "engine.max_model_len=300")
+    assert code == 1 and status_of(out, "detect") == "FAIL"
+    code, out = check("-c", PAPER, "--set", "sft.chat_template=no-such-template")
+    assert code == 1 and "neither a built-in" in out
+    code, out = check("-c", PAPER, "--set", f"engine.model={bare_model}", "--set",
+                      "engine.max_model_len=100000")
+    assert code == 1 and "the model's context 8192" in out
+
+
+def test_hub_token_checked_and_never_printed():
+    code, out = check("-c", PAPER, "--set", "push.repo_id=org/x", env={"HF_TOKEN": ""})
+    if status_of(out, "push") == "OK":
+        pytest.skip("a stored Hub login exists on this machine")
+    assert code == 1 and status_of(out, "push") == "FAIL"
+    code, out = check("-c", PAPER, "--set", "push.repo_id=org/x", env={"HF_TOKEN": "hf_sekrit1234"})
+    assert code == 0 and status_of(out, "push") == "OK" and "hf_sekrit1234" not in out
+
+
+def test_tensor_parallel_size_against_visible_gpus():
+    from guidealign.check import FAIL, OK, run_checks
+
+    cfg = load_config(PAPER)
+    rows = {r.item: r for r in run_checks(cfg, gpus=["0", "1"])}
+    assert rows["guideline writer tensor_parallel_size"].status == FAIL
+    cfg.engine.tensor_parallel_size = 2
+    cfg.respond.engine["tensor_parallel_size"] = 2
+    rows = {r.item: r for r in run_checks(cfg, gpus=["0", "1"])}
+    assert rows["guideline writer tensor_parallel_size"].status == OK
+    assert rows["responder tensor_parallel_size"].status == OK

@@ -1,0 +1,244 @@
+"""The GPU path's safety rails, checked on the CPU with real components:
+
+- a worker that inherited torchrun-style variables (LOCAL_RANK, RANK, WORLD_SIZE) trains the
+  retriever as one process (real sentence-transformers training on the embedded MiniLM);
+- the FAISS GPU probe falls back to CPU FAISS with a reason (here: no GPU build, a cloner
+  that raises "no kernel image", one that returns wrong neighbours), and ``use_gpu: true``
+  refuses to fall back silently;
+- GPUs visible but unusable by torch is a loud error;
+- ``models fetch`` lists a recipe's Hub models, skips local ones, and says clearly what is
+  missing when the Hub is offline;
+- ``run.sh setup`` refuses to install one extra over the other, and ``run.sh launch`` never
+  installs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLEAN_ENV = {k: v for k, v in os.environ.items()
+             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                          "CUDA_VISIBLE_DEVICES")}
+
+
+def guidealign(*args, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "guidealign", *args], cwd=REPO,
+                          env={**CLEAN_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)  # a hang guard, not a timing check
+
+
+# --- the retriever trains in one process whatever the environment says -------------------
+
+@pytest.mark.slow
+def test_retriever_trains_in_one_process_with_torchrun_variables_set(workdir):
+    from guidealign.config import load_config
+    from retrieval.library import run_library
+    from retrieval.synthetic import coded_guideline_rows, write_guideline_shards
+
+    write_guideline_shards(workdir / "guidelines", coded_guideline_rows(6, 4, seed=3), shard_rows=32)
+    sets = ["library.heldout_fraction=0.25", "retriever.epochs=1", "retriever.batch_size=8",
+            "retriever.max_seq_length=32", "retriever.threads=1", "retriever.max_eval_queries=8"]
+    run_library(load_config(overrides=sets), workdir, progress=False)
+    # what a worker of a 4-process torchrun (or an old `launch`) would carry; rank 2 of 4 with
+    # a rendezvous nobody else joins: accelerate would wait for it or fail
+    env = {"LOCAL_RANK": "2", "RANK": "2", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29591", "HF_HUB_OFFLINE": "1"}
+    args = ["-v", "train-retriever", "-w", str(workdir), "--rank", "0", "--world-size", "1",
+            "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    p = guidealign(*args, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    done = json.loads((workdir / "retriever" / "_done.json").read_text())
+    assert done["steps"] > 0 and done["train_pairs"] > 0
+    assert "removed RANK, WORLD_SIZE, LOCAL_RANK" in p.stderr
+
+
+# --- FAISS on the GPU only where a probe search works -------------------------------------
+
+def _flat(n=64, d=16, seed=1):
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(d)
+    index.add(x)
+    return index, x
+
+
+def test_faiss_probe_on_this_machine_falls_back_to_cpu_with_a_reason(monkeypatch, caplog):
+    import retrieval.index as ri
+
+    monkeypatch.setattr(ri, "_PROBE", None)
+    index, x = _flat()
+    with caplog.at_level(logging.WARNING, logger="retrieval.index"):
+        assert ri.to_gpus(index, "flat", "auto") is index  # searched on the CPU
+    res = ri.probe_gpus()
+    assert not res.ok and "FAISS sees no GPU" in res.reason
+    assert "FAISS GPU probe: FAISS sees no GPU" in caplog.text
+    assert ri.num_gpus("auto") == 0 and ri.num_gpus(False) == 0
+    with pytest.raises(RuntimeError, match="use_gpu is true but FAISS cannot search on the GPUs"):
+        ri.to_gpus(index, "flat", True)
+    with pytest.raises(ValueError, match="use_gpu must be"):
+        ri.num_gpus("sometimes")
+
+
+def test_faiss_probe_compares_gpu_answers_with_the_cpu(monkeypatch):
+    import faiss
+
+    import retrieval.index as ri
+
+    def no_kernel(index, n):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    def wrong(index, n):  # a "GPU" index that answers for other vectors
+        other, _ = _flat(n=index.ntotal, d=index.d, seed=99)
+        return other
+
+    res = ri.probe_gpus(clone=no_kernel, n=2)
+    assert not res.ok and "no kernel image" in res.reason and res.gpus == 2
+    res = ri.probe_gpus(clone=wrong, n=1)
+    assert not res.ok and "other neighbours" in res.reason
+    res = ri.probe_gpus(clone=lambda index, n: faiss.clone_index(index), n=1)
+    assert res.ok and res.gpus == 1
+    # only a passed probe sends an index to the cloner
+    index, x = _flat()
+    monkeypatch.setattr(ri, "_PROBE", ri.GpuProbe(False, 2, "no kernel image"))
+    assert ri.to_gpus(index, "flat", "auto", clone=lambda i, n: pytest.fail("cloned")) is index
+    monkeypatch.setattr(ri, "_PROBE", ri.GpuProbe(True, 2, "matched"))
+    seen = []
+    assert ri.to_gpus(index, "flat", "auto", clone=lambda i, n: seen.append(n) or i) is index
+    assert seen == [2]
+    assert ri.to_gpus(index, "hnsw", "auto", clone=lambda i, n: pytest.fail("hnsw cloned")) is index
+
+
+def test_gpu_recipe_leaves_faiss_gpu_to_the_probe():
+    from guidealign.config import load_config
+
+    cfg = load_config(REPO / "configs" / "gpu-paper.yaml")
+    assert cfg.library.use_gpu == "auto" and cfg.index.use_gpu == "auto"
+    assert cfg.executor.wait_timeout_s == 0 and 0 < cfg.executor.stall_timeout_s <= 3600
+
+
+# --- visible GPUs that torch cannot use ---------------------------------------------------
+
+def test_visible_but_unusable_gpus_fail_loudly(tmp_path):
+    from guidealign.gpu_check import GpuUnusable, require_usable_gpus
+
+    # this machine's torch has no CUDA: GPUs "visible" through CUDA_VISIBLE_DEVICES
+    with pytest.raises(GpuUnusable, match=r"GPUs are visible \(0,1\) but torch .* cannot use them"):
+        require_usable_gpus({"CUDA_VISIBLE_DEVICES": "0,1", "PATH": str(tmp_path)})
+    # ... or listed by nvidia-smi
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = -L ]; then echo 'GPU 0: NVIDIA H200 (UUID: GPU-1)';"
+                    " else echo '535.104.05, NVIDIA H200'; fi\n")
+    fake.chmod(0o755)
+    with pytest.raises(GpuUnusable, match="driver: 535.104.05, NVIDIA H200"):
+        require_usable_gpus({"PATH": str(tmp_path)})
+    # no GPU visible, or GPUs hidden on purpose: the CPU is fine
+    assert require_usable_gpus({"PATH": str(tmp_path / "none")}) == 0
+    assert require_usable_gpus({"CUDA_VISIBLE_DEVICES": "", "PATH": str(tmp_path)}) == 0
+    # a torch that can use them
+    assert require_usable_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}, cuda_available=lambda: True) == 2
+
+
+# --- models fetch: every Hub model of a recipe, once, into the shared cache ---------------
+
+def _fake_cached_repo(cache: Path, repo_id: str) -> Path:
+    """A model in the Hugging Face cache layout (what snapshot_download leaves behind)."""
+    d = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = d / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (d / "refs").mkdir()
+    (d / "refs" / "main").write_text("0123abcd")
+    return snap
+
+
+def test_models_fetch_offline_names_what_is_missing_and_accepts_the_cache(tmp_path):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("engine: {model: example-org/chat-model-7b}\n"
+                   "retriever: {base_model: example-org/encoder}\n"
+                   f"sft: {{base_model: {tmp_path}}}\n")  # a local path: nothing to fetch
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    p = guidealign("models", "fetch", "-c", str(cfg), env=env, timeout=300)
+    assert p.returncode != 0
+    assert "HF_HUB_OFFLINE=1 forbids downloading them" in p.stderr
+    assert "engine.model=example-org/chat-model-7b" in p.stderr
+    assert "retriever.base_model=example-org/encoder" in p.stderr
+    assert f"sft.base_model: {tmp_path}: local path" in p.stdout
+    # the dry run only says what it would do
+    p = guidealign("models", "fetch", "--dry-run", "-c", str(cfg), env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "example-org/chat-model-7b: would download (but HF_HUB_OFFLINE=1)" in p.stdout
+    # once both are in the shared cache, an offline node accepts the recipe
+    _fake_cached_repo(tmp_path / "hf" / "hub", "example-org/chat-model-7b")
+    snap = _fake_cached_repo(tmp_path / "hf" / "hub", "example-org/encoder")
+    p = guidealign("models", "fetch", "-c", str(cfg), env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"retriever.base_model: example-org/encoder: cached at {snap}" in p.stdout
+
+
+def test_models_fetch_of_the_embedded_recipe_downloads_nothing():
+    p = guidealign("models", "fetch", env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "engine.model: embedded:smollm2-135m-instruct: embedded" in p.stdout
+    assert "download" not in p.stdout
+
+
+# --- run.sh: one extra per environment; launch never installs -----------------------------
+
+def _fake_venv(tmp_path: Path, extra: str | None) -> Path:
+    """An environment whose python is this one (so nothing is ever installed into it)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    py = venv / "bin" / "python"
+    py.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    py.chmod(0o755)
+    if extra:
+        (venv / ".guidealign-extra").write_text(extra + "\n")
+    return venv
+
+
+def run_sh(*args, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "run.sh"), *args], cwd=REPO, env={**CLEAN_ENV, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_setup_refuses_to_install_the_other_extra(tmp_path):
+    venv = _fake_venv(tmp_path, "cpu")
+    p = run_sh("setup", env={"GUIDEALIGN_VENV": str(venv), "GUIDEALIGN_EXTRA": "gpu"})
+    assert p.returncode == 1
+    assert "holds the 'cpu' set; refusing to install the 'gpu' set over it" in p.stderr
+    assert "installing" not in p.stdout
+    # an older environment, known by its stamp's name, is refused the same way
+    (venv / ".guidealign-extra").unlink()
+    (venv / ".guidealign-gpu").write_text("0123")
+    p = run_sh("setup", env={"GUIDEALIGN_VENV": str(venv)})  # GUIDEALIGN_EXTRA defaults to cpu
+    assert p.returncode == 1 and "holds the 'gpu' set" in p.stderr
+    p = run_sh("setup", env={"GUIDEALIGN_VENV": str(venv), "GUIDEALIGN_EXTRA": "cuda"})
+    assert p.returncode == 2 and "must be cpu or gpu" in p.stderr
+
+
+def test_run_sh_launch_never_installs(tmp_path):
+    # an environment whose stamp would make setup reinstall: launch must not even look
+    venv = _fake_venv(tmp_path, "gpu")
+    p = run_sh("launch", "--dry-run", "index", "-w", str(tmp_path / "w"),
+               env={"GUIDEALIGN_VENV": str(venv), "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert p.returncode == 0, p.stderr
+    assert "== installing" not in p.stdout + p.stderr and "up to date" not in p.stdout
+    assert "-m guidealign index -w" in p.stdout
+    # no environment at all: a clear message, not an install
+    p = run_sh("launch", "--dry-run", "index", "-w", "x",
+               env={"GUIDEALIGN_VENV": str(tmp_path / "none")})
+    assert p.returncode == 1 and "launch never installs" in p.stderr
