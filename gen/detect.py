@@ -169,6 +169,10 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             dt = time.perf_counter() - t0
             rows = [_row_for(i, p, b, g) for i, p, b, g in zip(ids, texts, builts, gens)]
         q1, h1 = prefix_cache_counters(llm)
+        if d.mode != "score":  # per request: right whatever other engines this process holds
+            done = [g for g in gens if g is not None]
+            q0, h0 = 0, 0
+            q1, h1 = sum(g.prompt_tokens for g in done), sum(g.cached_tokens for g in done)
         out = pa.Table.from_pylist(rows, schema=SCHEMA)
         stats = {
             "generate_seconds": round(dt, 3),

@@ -183,13 +183,17 @@ class Generation:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+    # prompt tokens found in vLLM's prefix cache (per request, unlike the process-wide metrics
+    # registry, which follows only the newest engine of a process)
+    cached_tokens: int = 0
 
 
 def _to_generation(out) -> Generation:
     c = out.outputs[0]
     return Generation(text=c.text, finish_reason=str(c.finish_reason),
                       prompt_tokens=len(out.prompt_token_ids or []),
-                      output_tokens=len(c.token_ids))
+                      output_tokens=len(c.token_ids),
+                      cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0))
 
 
 def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generation]:

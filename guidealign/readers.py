@@ -296,20 +296,20 @@ def iter_hf_tables(path: Path, batch_rows: int = 65536):
         yield from split.data.to_batches(max_chunksize=batch_rows)
 
 
-def read_parquet(path: Path, encoding: str = "auto") -> Iterator[Row]:
+def _rows_of(batches) -> Iterator[Row]:
     n = 0
-    for batch in iter_parquet_tables(path):
+    for batch in batches:
         for rec in batch.to_pylist():
             n += 1
             yield n, decode_bytes(rec), None
+
+
+def read_parquet(path: Path, encoding: str = "auto") -> Iterator[Row]:
+    return _rows_of(iter_parquet_tables(path))
 
 
 def read_hf_dataset(path: Path, encoding: str = "auto") -> Iterator[Row]:
-    n = 0
-    for batch in iter_hf_tables(path):
-        for rec in batch.to_pylist():
-            n += 1
-            yield n, decode_bytes(rec), None
+    return _rows_of(iter_hf_tables(path))
 
 
 # row-by-row readers by format (ingest itself reads JSONL, Parquet and datasets in columnar batches)

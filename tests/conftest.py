@@ -38,8 +38,9 @@ def embedder_path() -> str:
     return str(embedder_dir())
 
 
-# os.environ as it was just before the session engine started (tests/test_engine_isolation.py)
+# os.environ just before and just after the session engine started (tests/test_engine_isolation.py)
 ENV_BEFORE_ENGINE: dict = {}
+ENV_AFTER_ENGINE: dict = {}
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +51,8 @@ def llm(generator_path):
     ENV_BEFORE_ENGINE.update(os.environ)
     ENV_BEFORE_ENGINE.pop("PYTEST_CURRENT_TEST", None)
     engine = build_llm(engine_config(model=generator_path))
+    ENV_AFTER_ENGINE.update(os.environ)
+    ENV_AFTER_ENGINE.pop("PYTEST_CURRENT_TEST", None)
     yield engine
     close_llm(engine)
 
