@@ -156,8 +156,8 @@ def _reap_group(pgid: int) -> None:
 # --- state of a stage's output ----------------------------------------------------------
 def commit_records(st: Stage, workdir: Path) -> dict:
     """What is committed now: {shard index: (sha256, created)} and/or {"_done": text}."""
-    from shards.layout import shard_indices
-    from shards.marker import read_marker
+    from guidealign.shards.layout import shard_indices
+    from guidealign.shards.marker import read_marker
 
     d = workdir / st.out
     out = {}
@@ -172,7 +172,7 @@ def commit_records(st: Stage, workdir: Path) -> dict:
 
 
 def is_complete(st: Stage, workdir: Path) -> bool:
-    from shards.manifest import is_complete as complete
+    from guidealign.shards.manifest import is_complete as complete
 
     d = workdir / st.out
     if st.kind == "map":
@@ -181,13 +181,13 @@ def is_complete(st: Stage, workdir: Path) -> bool:
 
 
 def orphan_temps(workdir: Path) -> list[str]:
-    from shards.verify import is_temp_name
+    from guidealign.shards.verify import is_temp_name
 
     return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if is_temp_name(p.name))
 
 
 def dataset_rows(d: Path, st: Stage) -> list[dict]:
-    from shards.read import committed, read_table
+    from guidealign.shards.read import committed, read_table
 
     rows = []
     for i in committed(d):
@@ -196,7 +196,7 @@ def dataset_rows(d: Path, st: Stage) -> list[dict]:
 
 
 def artifact_digest(d: Path) -> dict:
-    from shards.artifact_files import file_checksums
+    from guidealign.shards.artifact_files import file_checksums
 
     skip = {"_done.json", "metrics.json", "report.json", "README.md"}  # hold timings
     return {k: v["sha256"] for k, v in file_checksums(d).items()
@@ -311,7 +311,7 @@ def chaos_stage(st: Stage, ref: Path, root: Path, ref_seconds: float, args, rng)
         reset_stage(st, w)
         before = {}
     res.orphans = len(orphan_temps(w))
-    from shards.verify import verify_run
+    from guidealign.shards.verify import verify_run
 
     vr = verify_run(w)
     res.verify_failures = len([p for p in vr.failing if p.kind != "orphan"])

@@ -94,7 +94,7 @@ def make_cfg(args, mode: str):
 def run_mode(cfg, llm, prompts: list[str]) -> tuple[list[dict], float]:
     import pyarrow as pa
 
-    from gen.detect import make_shard_fn
+    from guidealign.gen.detect import make_shard_fn
 
     fn = make_shard_fn(cfg, llm)
     table = pa.table({"id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts})
@@ -139,7 +139,7 @@ def main() -> None:
     r_cal, r_held = split(risky, args.seed, args.calib, args.per_class)
     b_cal, b_held = split(benign, args.seed + 1, args.calib, args.per_class)
 
-    from gen.engine import build_llm
+    from guidealign.gen.engine import build_llm
 
     score_cfg, rat_cfg = make_cfg(args, "score"), make_cfg(args, "rationale")
     llm = build_llm(score_cfg.engine)

@@ -63,7 +63,7 @@ def detect(cfg, llm, rows: list[dict], tag: str) -> list[dict]:
     """The detect stage's per-shard function over ``rows``; returns its output rows."""
     import pyarrow as pa
 
-    from gen.detect import make_shard_fn
+    from guidealign.gen.detect import make_shard_fn
 
     fn = make_shard_fn(cfg, llm)
     table = pa.table({"id": [f"{tag}-{r['id']}" for r in rows], "prompt": [r["prompt"] for r in rows]})
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     vic = sample(load_jsonl(vic_f), args.limit, args.seed)
     files = args.prompt_file or ["builtin"]
 
-    from gen.engine import build_llm
+    from guidealign.gen.engine import build_llm
 
     llm = build_llm(make_cfg(args, None).engine)
     results = {}

@@ -43,7 +43,7 @@ THINGS = ["bicycle", "sourdough bread", "telescope", "garden pond", "electric ca
 def make_prompts(n: int) -> list[str]:
     import yaml
 
-    from gen.build import builtin_prompt_path
+    from guidealign.gen.build import builtin_prompt_path
 
     risky = [s for t in yaml.safe_load(builtin_prompt_path("risk_types.yaml").read_text()).values()
              for s in t["seeds"]]
@@ -69,7 +69,7 @@ def make_cfg(args, caching: bool, structured: bool = False):
 
 
 def prepare_workdir(args, cfg) -> Path:
-    from guidealign.ingest import ingest
+    from guidealign.ingest.run import ingest
 
     wd = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     f = wd / "prompts.jsonl"
@@ -79,7 +79,7 @@ def prepare_workdir(args, cfg) -> Path:
 
 
 def stage_run(cfg, wd: Path, llm) -> dict:
-    from gen.detect import run_detect
+    from guidealign.gen.detect import run_detect
 
     t0 = time.perf_counter()
     rep = run_detect(cfg, wd, llm=llm, progress=False)
@@ -103,9 +103,9 @@ def _parse_rates(rows: list[dict], ok) -> dict:
 
 def structured_compare(args, llm, wd: Path) -> dict:
     """Detect, then guidelines, with structured outputs off and on (same engine, same input)."""
-    from gen.detect import run_detect
-    from gen.guidelines import run_guidelines
-    from shards import iter_tables
+    from guidealign.gen.detect import run_detect
+    from guidealign.gen.guidelines import run_guidelines
+    from guidealign.shards import iter_tables
 
     def rows(name):
         return [r for t in iter_tables(wd / name) for r in t.to_pylist()]
@@ -137,7 +137,7 @@ def structured_compare(args, llm, wd: Path) -> dict:
 
 def child_off(args) -> None:
     """Stage throughput on a fresh engine with prefix caching off (prints one JSON line)."""
-    from gen.engine import build_llm
+    from guidealign.gen.engine import build_llm
 
     cfg = make_cfg(args, caching=False)
     wd = prepare_workdir(args, cfg)
@@ -180,9 +180,9 @@ def main() -> None:
     if args.child_off:
         return child_off(args)
 
-    from gen.detect import make_shard_fn
-    from gen.engine import build_llm, params_for
-    from shards import read_table
+    from guidealign.gen.detect import make_shard_fn
+    from guidealign.gen.engine import build_llm, params_for
+    from guidealign.shards import read_table
 
     cfg = make_cfg(args, caching=True)
     wd = prepare_workdir(args, cfg)

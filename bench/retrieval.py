@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 def _dedup_child(workdir: str, threshold: float, overrides: list[str]) -> None:
     """Runs in a child process so that its peak RSS is the library stage's alone."""
     from guidealign.config import load_config
-    from retrieval.library import run_library
+    from guidealign.retrieval.library import run_library
 
     cfg = load_config(overrides=[f"library.fuzzy_threshold={threshold}", *overrides])
     t0 = time.perf_counter()
@@ -47,8 +47,8 @@ def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float, override
     import numpy as np
     import pyarrow.parquet as pq
 
-    from retrieval.embed import normalize_text
-    from retrieval.synthetic import synthetic_library, write_guideline_shards
+    from guidealign.retrieval.embed import normalize_text
+    from synthetic import synthetic_library, write_guideline_shards
 
     t0 = time.perf_counter()
     texts, origin = synthetic_library(n, n_base, seed=0)
@@ -72,7 +72,7 @@ def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float, override
         for t, o in zip(texts, origin):
             origin_of.setdefault(normalize_text(t), o)
         import pyarrow as pa
-        import shards
+        import guidealign.shards as shards
 
         lib = pa.concat_tables(list(shards.iter_tables(Path(d) / "library", ["text", "members"])))
         canon_origin = np.array([origin_of[normalize_text(t)] for t in lib.column("text").to_pylist()])
@@ -91,9 +91,9 @@ def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float, override
 
 
 def bench_embed(n: int, batch_size: int, repeats: int) -> dict:
-    import shards
-    from retrieval.embed import encode, load_encoder
-    from retrieval.synthetic import synthetic_library, write_prompt_shards
+    import guidealign.shards as shards
+    from guidealign.retrieval.embed import encode, load_encoder
+    from synthetic import synthetic_library, write_prompt_shards
 
     texts, _ = synthetic_library(n, max(1, n // 3), seed=1)
     model = load_encoder("embedded:all-minilm-l6-v2", device="cpu")
@@ -126,8 +126,8 @@ def bench_embed(n: int, batch_size: int, repeats: int) -> dict:
 def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> dict:
     import numpy as np
 
-    from retrieval.config import IndexConfig
-    from retrieval.index import build_faiss, num_gpus, to_gpus
+    from guidealign.config.retrieval import IndexConfig
+    from guidealign.retrieval.index import build_faiss, num_gpus, to_gpus
 
     rng = np.random.default_rng(0)
     lib = rng.standard_normal((n_lib, dim), dtype=np.float32)

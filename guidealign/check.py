@@ -45,7 +45,7 @@ class Role:
 
 
 def roles(cfg) -> list[Role]:
-    from gen.respond import respond_engine
+    from guidealign.gen.respond import respond_engine
 
     out = [Role("guideline writer", cfg.engine.model, "engine.chat_template",
                 cfg.engine.chat_template, cfg.engine)]
@@ -78,7 +78,7 @@ def _prompt_text(path: str | None, default: str) -> tuple[str, str]:
     """(whole file text, system + user text) of a prompt YAML."""
     import yaml
 
-    from gen.build import builtin_prompt_path
+    from guidealign.gen.build import builtin_prompt_path
 
     p = Path(path) if path else builtin_prompt_path(default)
     raw = p.read_text()
@@ -103,7 +103,7 @@ def _fit_row(stage: str, tok, whole: str, fixed: str, extra: int, max_tokens: in
 
 
 def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
-    from gen.respond import format_guidelines, load_exemplars
+    from guidealign.gen.respond import format_guidelines, load_exemplars
 
     e = role.engine
     rows = []
@@ -137,7 +137,7 @@ def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
 
 
 def model_rows(cfg, role: Role, info: ModelInfo) -> list[Row]:
-    from gen.templates import ChatTemplateError, resolve_template
+    from guidealign.gen.templates import ChatTemplateError, resolve_template
 
     where = {"local": f"local: {info.path}", "embedded": f"embedded: {info.path}",
              "hub cache": f"in the local Hub cache: {info.path}"}.get(info.where, "")
@@ -169,8 +169,8 @@ def model_rows(cfg, role: Role, info: ModelInfo) -> list[Row]:
 
 def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: list[str],
              gpu_mem: int | None) -> list[Row]:
-    from sft.launcher import resolve_num_processes
-    from sft.train import accumulation_steps
+    from guidealign.sft.launcher import resolve_num_processes
+    from guidealign.sft.train import accumulation_steps
 
     rows = []
     for role, info in engines:
@@ -284,7 +284,7 @@ def other_rows(cfg) -> list[Row]:
 
 
 def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None) -> list[Row]:
-    from guidealign.launch import detect_gpus
+    from guidealign.core.gpu import visible_gpus as detect_gpus
 
     gpus = detect_gpus() if gpus is None else gpus
     gpu_mem = None

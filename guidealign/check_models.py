@@ -47,7 +47,7 @@ def _offline() -> bool:
 
 
 def locate(name: str) -> ModelInfo:
-    from guidealign.models import resolve
+    from guidealign.core.models import resolve
 
     if name.startswith("embedded:"):
         try:
@@ -97,7 +97,7 @@ def _hub_lookup(info: ModelInfo) -> None:
 
 
 def _describe_local(info: ModelInfo) -> ModelInfo:
-    from gen.templates import local_template_state
+    from guidealign.gen.templates import local_template_state
 
     d = Path(info.path)
     info.template = local_template_state(d)

@@ -180,14 +180,14 @@ def _stage_name(fn) -> str:
 
 def claims_assignment(cfg):
     """The ``with`` block in which map stages use ``cfg.executor.assign``."""
-    from shards import claims
+    from guidealign.shards import claims
 
     return claims.assignment(cfg.executor.assign, cfg.executor.claim_ttl_s)
 
 
 def num_shards(dataset: str | Path) -> int:
     """Shards of a planned dataset (from its manifest)."""
-    from shards import read_manifest
+    from guidealign.shards import read_manifest
 
     man = read_manifest(dataset)
     if man is None:
@@ -210,7 +210,7 @@ def run_stage(fn: Callable | str, cfg, workdir: str | Path, *, rank: int | None 
     """
     kind = cfg.executor.kind
     if kind == "local":
-        from shards import resolve_rank
+        from guidealign.shards import resolve_rank
 
         r, w = resolve_rank(rank, world_size)
         with claims_assignment(cfg):
@@ -270,7 +270,7 @@ def cli_num_tasks(stage: str, cfg, workdir: Path, params: dict) -> int:
     if stage in SINGLE_TASK_STAGES:
         return 1
     if stage == "augment":
-        from gen.augment import load_risk_types
+        from guidealign.gen.augment import load_risk_types
 
         return len(load_risk_types(cfg)[0])
     src = params.get("dataset") if stage == "export" else params.get("src")
@@ -281,16 +281,16 @@ def stage_call(stage: str, params: dict) -> tuple[str, dict] | None:
     """The stage function (and its keyword arguments) that the CLI command ``stage`` runs,
     for the sharded stages that Ray workers call directly; None for the others."""
     if stage == "detect":
-        return "gen.detect:run_detect", {}
+        return "guidealign.gen.detect:run_detect", {}
     if stage == "guidelines":
-        return "gen.guidelines:run_guidelines", {}
+        return "guidealign.gen.guidelines:run_guidelines", {}
     if stage == "augment":
-        return "gen.augment:run_augment", {}
+        return "guidealign.gen.augment:run_augment", {}
     if stage == "retrieve":
-        return "retrieval.retrieve:run_retrieve", {"src": params.get("src") or "prompts",
+        return "guidealign.retrieval.retrieve:run_retrieve", {"src": params.get("src") or "prompts",
                                                    "dst": params.get("dst") or "retrieve"}
     if stage == "respond":
-        return "gen.respond:run_respond", {"guided": not params.get("no_guidelines"),
+        return "guidealign.gen.respond:run_respond", {"guided": not params.get("no_guidelines"),
                                            "src": params.get("src"), "dst": params.get("dst")}
     return None
 
@@ -308,7 +308,7 @@ def dispatch_command(ctx, cfg, params: dict) -> bool:
     """
     import click
 
-    from shards import claims
+    from guidealign.shards import claims
 
     if cfg.executor.kind not in KINDS:
         raise click.UsageError(f"executor.kind must be one of {KINDS}, got {cfg.executor.kind!r}")
@@ -318,7 +318,7 @@ def dispatch_command(ctx, cfg, params: dict) -> bool:
         raise click.UsageError(str(e)) from e
     if cfg.executor.kind != "ray" or params.get("rank") is not None:
         return False
-    from shards import resolve_rank
+    from guidealign.shards import resolve_rank
 
     try:
         _, env_world = resolve_rank(None, params.get("world_size"))

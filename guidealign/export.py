@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards import fingerprint, read_manifest, read_marker, read_table, write_json_atomic, write_manifest
-from shards.layout import marker_path
-from shards.marker import Marker
-from shards.ranks import my_shards
+from guidealign.shards import fingerprint, read_manifest, read_marker, read_table, write_json_atomic, write_manifest
+from guidealign.shards.layout import marker_path
+from guidealign.shards.marker import Marker
+from guidealign.shards.ranks import my_shards
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import click
 
-from guidealign.distenv import DIST_VARS
+from guidealign.core.distenv import DIST_VARS
+from guidealign.core.gpu import visible_gpus as detect_gpus
 from guidealign.executors import SINGLE_TASK_STAGES
 
 # Single-process stages that use one device whatever the node has.
@@ -67,31 +68,6 @@ class Worker:
         for k in self.unset:
             base.pop(k, None)
         return {**base, **self.env}
-
-
-def detect_gpus(env: dict | None = None, nvidia_smi: str | None = "nvidia-smi") -> list[str]:
-    """GPU ids this process may use, as CUDA_VISIBLE_DEVICES entries.
-
-    ``CUDA_VISIBLE_DEVICES`` wins when it is set ("" / "-1" / "NoDevFiles" mean none; ids or
-    GPU-/MIG- UUIDs are kept as they are); else one index per ``GPU n:`` line of
-    ``nvidia-smi -L``; else none.
-    """
-    env = os.environ if env is None else env
-    if "CUDA_VISIBLE_DEVICES" in env:
-        raw = env["CUDA_VISIBLE_DEVICES"].strip()
-        if raw in ("", "-1", "NoDevFiles"):
-            return []
-        return [g.strip() for g in raw.split(",") if g.strip()]
-    exe = shutil.which(nvidia_smi, path=env.get("PATH")) if nvidia_smi else None
-    if not exe:
-        return []
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode != 0:
-        return []
-    return [str(i) for i, line in enumerate(l for l in out.stdout.splitlines() if l.startswith("GPU "))]
 
 
 def _opt_values(args: list[str], *names: str) -> list[str]:
@@ -234,7 +210,7 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
 
 def _record_failure(workdir: str, w: Worker, code: int) -> None:
     """A failure marker for a worker that died without writing its own (killed, segfault)."""
-    from shards.failure import failure_path, mark_failed
+    from guidealign.shards.failure import failure_path, mark_failed
 
     try:
         if not failure_path(workdir, w.rank).exists():
@@ -265,7 +241,7 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     Everything after STAGE goes to `guidealign STAGE`, e.g.
     `guidealign launch detect -w runs/x -c configs/gpu-paper.yaml`.
     """
-    from shards import resolve_rank
+    from guidealign.shards import resolve_rank
 
     stage_args = list(stage_args)
     if gpus == "auto":

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from guidealign.config import Config
+from guidealign.config import Config, wait_timeout
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def _wait_file(path: Path, timeout: float, poll: float = 5.0, *, accept=None,
                workdir: Path | None = None) -> dict:
     """Wait for rank 0's ``_done.json`` at ``path``, until ``accept(done)`` (default: any),
     aborting when a rank of the run failed or nothing moved for executor.stall_timeout_s."""
-    from shards.failure import Watch, waiting
+    from guidealign.shards.failure import Watch, waiting
 
     deadline = time.monotonic() + timeout
     watch = Watch(workdir or path.parent.parent, str(path))
@@ -50,8 +50,8 @@ def _wait_index(cfg: Config, workdir: Path, timeout: float, poll: float = 5.0) -
     """What a non-lead rank waits for before retrieve: rank 0's index, accepted only when it
     was built from the library of the current guideline shards and library config (a rerun
     with a changed config never retrieves from the previous run's index)."""
-    from retrieval.library import library_dir, library_fingerprint
-    from shards import wait_complete
+    from guidealign.retrieval.library import library_dir, library_fingerprint
+    from guidealign.shards import wait_complete
 
     src = workdir / cfg.library.src
     wait_complete(src, timeout=timeout, poll=poll)  # current guideline shards only
@@ -69,7 +69,7 @@ def _wait_index(cfg: Config, workdir: Path, timeout: float, poll: float = 5.0) -
 
 
 def _engine_needed(workdir: Path, stages: list[str]) -> bool:
-    from shards.manifest import is_complete
+    from guidealign.shards.manifest import is_complete
 
     return any(s in stages and not is_complete(workdir / s) for s in _ENGINE_STAGES)
 
@@ -79,7 +79,7 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size:
                  echo=print) -> dict:
     """Every stage in order on this rank. When it raises, it leaves a failure marker in
     WORKDIR/_failed/ that makes the other ranks' waits stop at once (shards/failure.py)."""
-    from shards.failure import guard
+    from guidealign.shards.failure import guard
 
     with guard(workdir, rank, world_size, stage="run", stall_timeout_s=cfg.executor.stall_timeout_s):
         return _run_stages(cfg, workdir, rank=rank, world_size=world_size, stages=stages,
@@ -89,17 +89,17 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size:
 def _run_stages(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 stages: list[str] | None = None, progress: bool = True,
                 echo=print) -> dict:
-    from gen.detect import run_detect
-    from gen.guidelines import run_guidelines
-    from gen.respond import run_respond
-    from guidealign.ingest import ingest
-    from retrieval.index import run_index
-    from retrieval.library import run_library
-    from retrieval.retrieve import run_retrieve
-    from retrieval.train import run_train_retriever
-    from sft.push import run_push
-    from sft.train import run_sft
-    from shards import wait_complete
+    from guidealign.gen.detect import run_detect
+    from guidealign.gen.guidelines import run_guidelines
+    from guidealign.gen.respond import run_respond
+    from guidealign.ingest.run import ingest
+    from guidealign.retrieval.index import run_index
+    from guidealign.retrieval.library import run_library
+    from guidealign.retrieval.retrieve import run_retrieve
+    from guidealign.retrieval.train import run_train_retriever
+    from guidealign.hub.push import run_push
+    from guidealign.sft.train import run_sft
+    from guidealign.shards import wait_complete
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def _run_stages(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size: 
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {STAGES}")
     # several ranks: no clock of its own; a wait ends on a failed rank or stalled progress
-    wait = max(cfg.executor.wait_timeout_s, 0.0) or (0.0 if world_size == 1 else float("inf"))
+    wait = wait_timeout(cfg, world_size)
     lead = rank == 0
     timings: dict[str, float] = {}
     reports: dict[str, object] = {}
@@ -129,7 +129,7 @@ def _run_stages(cfg: Config, workdir: str | Path, *, rank: int = 0, world_size: 
         nonlocal llm
         own = cfg.respond.engine  # respond.engine: the responder has its own engine
         if llm is None and _engine_needed(workdir, [s for s in stages if not (own and s == "respond")]):
-            from gen.engine import build_llm
+            from guidealign.gen.engine import build_llm
 
             llm = build_llm(cfg.engine)
         return llm

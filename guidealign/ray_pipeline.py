@@ -13,27 +13,27 @@ from pathlib import Path
 # (stage, "module:function", split by shard?) in pipeline order (guidealign.pipeline.STAGES).
 PIPELINE_RAY = [
     ("ingest", "guidealign.ray_pipeline:ingest_stage", False),
-    ("detect", "gen.detect:run_detect", True),
-    ("guidelines", "gen.guidelines:run_guidelines", True),
-    ("library", "retrieval.library:run_library", False),
-    ("train-retriever", "retrieval.train:run_train_retriever", False),
-    ("index", "retrieval.index:run_index", False),
-    ("retrieve", "retrieval.retrieve:run_retrieve", True),
-    ("respond", "gen.respond:run_respond", True),
-    ("sft", "sft.train:run_sft", False),
+    ("detect", "guidealign.gen.detect:run_detect", True),
+    ("guidelines", "guidealign.gen.guidelines:run_guidelines", True),
+    ("library", "guidealign.retrieval.library:run_library", False),
+    ("train-retriever", "guidealign.retrieval.train:run_train_retriever", False),
+    ("index", "guidealign.retrieval.index:run_index", False),
+    ("retrieve", "guidealign.retrieval.retrieve:run_retrieve", True),
+    ("respond", "guidealign.gen.respond:run_respond", True),
+    ("sft", "guidealign.sft.train:run_sft", False),
     ("push", "guidealign.ray_pipeline:push_stage", False),
 ]
 
 
 def ingest_stage(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True):
     """Ingest with the stage signature (it always runs as one task)."""
-    from guidealign.ingest import ingest
+    from guidealign.ingest.run import ingest
 
     return ingest(cfg.inputs, workdir, cfg.ingest, progress=progress)
 
 
 def push_stage(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True):
-    from sft.push import run_push
+    from guidealign.hub.push import run_push
 
     return run_push(cfg, workdir)
 

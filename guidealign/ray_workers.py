@@ -73,7 +73,7 @@ class LazyEngine:
 
     def build(self):
         if self._llm is None:
-            from gen.engine import build_llm
+            from guidealign.gen.engine import build_llm
 
             self._llm = build_llm(self._cfg)
             self.builds += 1
@@ -87,7 +87,7 @@ class LazyEngine:
         if self._llm is not None:
             return self._llm.get_tokenizer()
         if self._tok is None:
-            from gen.engine import load_tokenizer
+            from guidealign.gen.engine import load_tokenizer
 
             self._tok = load_tokenizer(self._cfg)
         return self._tok
@@ -115,7 +115,7 @@ class StageWorker:
     def run(self, fn_ref, workdir: str, rank: int, world_size: int, kwargs: dict,
             with_engine: bool, assign: dict):
         from guidealign.executors import TaskResult, resolve_stage_fn
-        from shards import claims
+        from guidealign.shards import claims
 
         t0 = time.perf_counter()
         print(f"[guidealign ray] worker {self.worker} ({rank}/{world_size}, {assign['kind']}) on "
@@ -186,7 +186,7 @@ class WorkerPool:
         engine = self.engine if engine is None else engine
         ex = self.cfg.executor
         assign = {"kind": ex.assign, "ttl_s": ex.claim_ttl_s}
-        from shards import claims
+        from guidealign.shards import claims
 
         claims.Assignment(ex.assign, ex.claim_ttl_s)  # a bad value fails here, not on every worker
         workdir = str(Path(workdir).absolute())

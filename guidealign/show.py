@@ -8,7 +8,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from shards import committed, read_table
+from guidealign.shards import committed, read_table
 
 
 def _by_id(dataset: Path, index: int, columns: list[str]) -> dict:

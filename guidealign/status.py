@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shards import read_manifest, read_marker
-from shards.layout import shard_indices
+from guidealign.shards import read_manifest, read_marker
+from guidealign.shards.layout import shard_indices
 
 ORDER = ["prompts", "augment", "detect", "guidelines", "library", "retriever", "index",
          "retrieve", "respond", "sft", "push", "eval"]
@@ -41,7 +41,7 @@ def _stage_row(d: Path) -> dict | None:
             row["rows"] = int(info.get("rows", 0))
             row["seconds"] = float(info.get("seconds", 0.0))
     if man is not None:
-        from gen.yieldstats import dataset_counts, kept_share
+        from guidealign.gen.yieldstats import dataset_counts, kept_share
 
         c = dataset_counts(d)
         if c is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from shards import map_shards
+from guidealign.shards import map_shards
 
 
 def main(src: str, dst: str, journal: str, ttl: float) -> None:

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def engine_config(**over):
-    from gen.engine import EngineConfig
+    from guidealign.gen.engine import EngineConfig
 
     base = dict(dtype="float32", max_model_len=2048, max_num_seqs=32, seed=0)
     base.update(over)
@@ -26,14 +26,14 @@ def engine_config(**over):
 
 @pytest.fixture(scope="session")
 def generator_path() -> str:
-    from guidealign.models import prepare_generator
+    from guidealign.core.models import prepare_generator
 
     return str(prepare_generator())
 
 
 @pytest.fixture(scope="session")
 def embedder_path() -> str:
-    from guidealign.models import embedder_dir
+    from guidealign.core.models import embedder_dir
 
     return str(embedder_dir())
 
@@ -46,7 +46,7 @@ ENV_AFTER_ENGINE: dict = {}
 @pytest.fixture(scope="session")
 def llm(generator_path):
     """The real vLLM engine on the embedded SmolLM2 (float32, eager, prefix caching on)."""
-    from gen.engine import build_llm, close_llm
+    from guidealign.gen.engine import build_llm, close_llm
 
     ENV_BEFORE_ENGINE.update(os.environ)
     ENV_BEFORE_ENGINE.pop("PYTEST_CURRENT_TEST", None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from shards import (claims, committed, iter_tables, map_shards, read_marker, read_table,
+from guidealign.shards import (claims, committed, iter_tables, map_shards, read_marker, read_table,
                     write_manifest, write_shard)
 
 TESTS = Path(__file__).resolve().parent
@@ -94,7 +94,7 @@ def test_the_heartbeat_keeps_a_held_claim_fresh(tmp_path):
 
 
 def test_a_worker_whose_claim_was_taken_drops_its_result(tmp_path):
-    from shards.stage import shard_fingerprint
+    from guidealign.shards.stage import shard_fingerprint
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_input(src, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shards import iter_tables, read_manifest
+from guidealign.shards import iter_tables, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -150,7 +150,7 @@ def test_status_and_show(demo_run):
 
 _ANSWER = """
 import sys
-from gen.engine import EngineConfig, Sampling, build_llm, generate, sampling_params
+from guidealign.gen.engine import EngineConfig, Sampling, build_llm, generate, sampling_params
 llm = build_llm(EngineConfig(model=sys.argv[1], dtype="float32", max_model_len=1024))
 tok = llm.get_tokenizer()
 p = tok.apply_chat_template([{"role": "user", "content": "Name a color of the sky."}],

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-import shards
+import guidealign.shards as shards
 from guidealign.config import load_config
-from retrieval.index import run_index
-from retrieval.library import run_library
-from retrieval.retrieve import run_retrieve
-from retrieval.synthetic import synthetic_library, write_guideline_shards, write_prompt_shards
+from guidealign.retrieval.index import run_index
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.retrieve import run_retrieve
+from synthetic import synthetic_library, write_guideline_shards, write_prompt_shards
 from conftest import ENV_AFTER_ENGINE, ENV_BEFORE_ENGINE
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def _small_run(w, threads: int):
 def test_thread_setting_holds_after_the_engine_ran(llm, tmp_path, threads):
     import torch
 
-    from gen.engine import Sampling, generate, sampling_params
+    from guidealign.gen.engine import Sampling, generate, sampling_params
 
     # the engine is up (session fixture) and has generated before the stage runs
     out = generate(llm, ["Say hi."], sampling_params(Sampling(temperature=0, max_tokens=4)))

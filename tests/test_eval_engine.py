@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from eval.config import EvalConfig
-from eval.judges import ORDERS, HarmItem, PairItem, judge_harm_llm, judge_pairwise
-from gen.engine import Sampling
-from shards import read_table, write_manifest, write_shard
+from guidealign.config.eval import EvalConfig
+from guidealign.eval.judges import ORDERS, HarmItem, PairItem, judge_harm_llm, judge_pairwise
+from guidealign.gen.engine import Sampling
+from guidealign.shards import read_table, write_manifest, write_shard
 
 from conftest import BENCHMARKS, engine_config
 from test_eval import _check_png
@@ -146,7 +146,7 @@ def _cfg(generator_path, overrides=(), **ev):
 def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_path, monkeypatch):
     """Do-Not-Answer-shaped prompts, both judges: guided responses precomputed, unguided ones
     from the respond stage; SmolLM2 answers and judges (one engine serves both)."""
-    from eval.run import run_eval
+    from guidealign.eval.run import run_eval
 
     bench = _bench(tmp_path / "do_not_answer_small.jsonl", DNA_ROWS)
     guided = _response_shards(tmp_path / "guided", DNA_ROWS,
@@ -192,12 +192,12 @@ def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_p
     assert rec.calls == calls
     assert rep2.harm == rep.harm and rep2.pairwise == rep.pairwise
     # ... and, given no engine, starts none (the respond stage gets a lazy one)
-    import gen.engine
+    import guidealign.gen.engine as gen_engine
 
     def no_engine(*a, **k):
         raise AssertionError("an engine was started for a rerun with nothing to do")
 
-    monkeypatch.setattr(gen.engine, "build_llm", no_engine)
+    monkeypatch.setattr(gen_engine, "build_llm", no_engine)
     assert run_eval(cfg, wd, bench, progress=False).pairwise == rep.pairwise
     monkeypatch.undo()
     # another harmfulness template redoes the harmfulness judging only
@@ -208,9 +208,9 @@ def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_p
 
 def _library_and_index(wd: Path, overrides):
     """A tiny trained-retrieval stand-in: a guideline library and its index (base MiniLM)."""
-    from retrieval.index import run_index
-    from retrieval.library import run_library
-    from retrieval.synthetic import write_guideline_shards
+    from guidealign.retrieval.index import run_index
+    from guidealign.retrieval.library import run_library
+    from synthetic import write_guideline_shards
 
     texts = ["Refuse requests that could hurt people and say why in one sentence.",
              "Be honest: say when you do not know something.",
@@ -232,7 +232,7 @@ def test_eval_hhh_sample_guided_through_retrieve_and_respond(llm, generator_path
     precomputed: retrieve (from the run's library and index) -> respond, guided and unguided."""
     if not (BENCHMARKS / "hhh.jsonl").exists():
         pytest.skip("../shared/benchmarks/hhh.jsonl not present")
-    from eval.run import run_eval
+    from guidealign.eval.run import run_eval
 
     rows, per = [], Counter()
     for line in (BENCHMARKS / "hhh.jsonl").read_text().splitlines():
@@ -286,7 +286,7 @@ def _tiny_classifier(embedder_path, out: Path) -> Path:
 
 
 def test_classifier_judge_and_label_mapping(embedder_path, tmp_path):
-    from eval.judges import HarmClassifier
+    from guidealign.eval.judges import HarmClassifier
 
     d = _tiny_classifier(embedder_path, tmp_path / "clf")
     items = [HarmItem(f"i{k}", "A", f"question {k}", "guided", f"answer number {k} " * (k + 1))
@@ -325,7 +325,7 @@ def test_cli_eval_with_classifier_and_precomputed_responses(embedder_path, tmp_p
     from click.testing import CliRunner
 
     from guidealign.cli import cli
-    from shards import iter_tables
+    from guidealign.shards import iter_tables
 
     d = _tiny_classifier(embedder_path, tmp_path / "clf")
     bench = _bench(tmp_path / "dna.jsonl", DNA_ROWS + [{"id": 5, "prompt": "   ", "risk_area": "X"},
@@ -366,7 +366,7 @@ def test_risk_identification_on_do_not_answer_prompts(embedder_path, tmp_path):
     from click.testing import CliRunner
 
     from guidealign.cli import cli
-    from retrieval.library import read_library
+    from guidealign.retrieval.library import read_library
 
     overrides = ["index.model=embedded:all-minilm-l6-v2", "index.threads=1", "retrieve.threads=1",
                  "retrieve.keep=3", "retrieve.top_n=4"]

@@ -22,8 +22,8 @@ ray = pytest.importorskip("ray")
 from guidealign.config import Config  # noqa: E402
 from guidealign.executors import (ExecutorError, TaskResult, ray_task_options,  # noqa: E402
                                   run_pipeline_ray, run_stage)
-from guidealign.ingest import IngestConfig, ingest  # noqa: E402
-from shards import map_shards, read_marker, read_table  # noqa: E402
+from guidealign.ingest.run import IngestConfig, ingest  # noqa: E402
+from guidealign.shards import map_shards, read_marker, read_table  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 N_PROMPTS, SHARD_ROWS = 40, 5  # -> 8 shards
@@ -240,7 +240,7 @@ def test_cli_executor_ray_runs_the_export_stage(ray_local, ingested):
     assert len({r["id"] for r in rows}) == N_PROMPTS
 
     # a dataset with its own shard count (3, not the prompts' 8): one task per shard of it
-    from shards import write_manifest, write_shard
+    from guidealign.shards import write_manifest, write_shard
 
     small = wd / "small"
     write_manifest(small, stage="small", num_shards=3, fingerprint="t")
@@ -255,7 +255,7 @@ def test_cli_executor_ray_runs_the_export_stage(ray_local, ingested):
 
 def test_num_tasks_per_stage(tmp_path):
     from guidealign.executors import cli_num_tasks
-    from gen.augment import load_risk_types
+    from guidealign.gen.augment import load_risk_types
 
     cfg = Config()
     assert cli_num_tasks("library", cfg, tmp_path, {}) == 1
@@ -304,7 +304,7 @@ def test_cli_sets_the_assignment_for_the_command_only(ingested):
     from click.testing import CliRunner
 
     from guidealign.cli import cli
-    from shards import claims
+    from guidealign.shards import claims
 
     res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(ingested), "--no-progress",
                                    "--set", "executor.assign=round-robin"])
@@ -315,7 +315,7 @@ def test_cli_sets_the_assignment_for_the_command_only(ingested):
 
     import click
 
-    from guidealign.cli import stage_options
+    from guidealign.cli.options import stage_options
 
     @click.command("probe")
     @stage_options

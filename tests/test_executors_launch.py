@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 
-from guidealign.ingest import IngestConfig, ingest
-from guidealign.launch import detect_gpus
-from shards import read_marker
+from guidealign.ingest.run import IngestConfig, ingest
+from guidealign.core.gpu import visible_gpus as detect_gpus
+from guidealign.shards import read_marker
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_ENV = {k: v for k, v in os.environ.items()

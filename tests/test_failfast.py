@@ -21,10 +21,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from shards import map_shards, read_manifest, wait_complete
-from shards.failure import RankFailed, Stalled, Watch, failures, mark_failed
-from shards.manifest import is_complete, missing_shards
-from retrieval.synthetic import write_prompt_shards
+from guidealign.shards import map_shards, read_manifest, wait_complete
+from guidealign.shards.failure import RankFailed, Stalled, Watch, failures, mark_failed
+from guidealign.shards.manifest import is_complete, missing_shards
+from synthetic import write_prompt_shards
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items()
@@ -167,8 +167,8 @@ def test_a_changed_config_never_lets_a_reduce_stage_read_a_stale_shard(tmp_path)
 def test_the_library_refuses_stale_guideline_shards(tmp_path):
     """The real reduce stage: guideline shards from a rank that has not rerun are refused."""
     from guidealign.config import load_config
-    from retrieval.library import run_library
-    from retrieval.synthetic import coded_guideline_rows
+    from guidealign.retrieval.library import run_library
+    from synthetic import coded_guideline_rows
 
     wd = tmp_path / "run"
     rows = coded_guideline_rows(4, 4, seed=5)
@@ -198,9 +198,9 @@ def test_the_library_refuses_stale_guideline_shards(tmp_path):
 def test_non_lead_ranks_take_the_index_only_from_the_current_library(tmp_path):
     from guidealign.config import load_config
     from guidealign.pipeline import _wait_index
-    from retrieval.index import run_index
-    from retrieval.library import run_library
-    from retrieval.synthetic import coded_guideline_rows, write_guideline_shards
+    from guidealign.retrieval.index import run_index
+    from guidealign.retrieval.library import run_library
+    from synthetic import coded_guideline_rows, write_guideline_shards
 
     wd = tmp_path / "run"
     write_guideline_shards(wd / "guidelines", coded_guideline_rows(4, 3, seed=2), shard_rows=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gen.build import Message, PromptBuilder, Slot, TemplateError, builtin_prompt_path, fill
+from guidealign.gen.build import Message, PromptBuilder, Slot, TemplateError, builtin_prompt_path, fill
 
 RISK_TYPES = {"insult", "unfairness_and_discrimination", "crimes_and_illegal_activities",
               "physical_harm", "mental_health", "privacy_and_property", "ethics_and_morality",
@@ -41,7 +41,7 @@ ATTACKS = [
 
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_control_tokens_in_a_prompt_cannot_break_the_template(generator_path, tok, attack):
-    from gen.detect import DetectPrompts
+    from guidealign.gen.detect import DetectPrompts
 
     p = DetectPrompts(make_cfg(generator_path, "detect.max_exemplars=2"), tok)
     clean = p.build("What is the capital of France?")
@@ -57,7 +57,7 @@ def test_control_tokens_in_a_prompt_cannot_break_the_template(generator_path, to
 
 
 def test_guideline_prompts_are_template_safe(generator_path, tok):
-    from gen.guidelines import GuidelinePrompts
+    from guidealign.gen.guidelines import GuidelinePrompts
 
     g = GuidelinePrompts(make_cfg(generator_path, "guidelines.max_safety_exemplars=1",
                                   "guidelines.max_quality_exemplars=1"), tok)
@@ -83,7 +83,7 @@ def test_fill_substitutes_only_our_placeholders():
 
 
 def test_prompts_share_the_few_shot_prefix(generator_path, tok):
-    from gen.detect import DetectPrompts
+    from guidealign.gen.detect import DetectPrompts
 
     p = DetectPrompts(make_cfg(generator_path), tok)
     a, b = p.build("How do I bake bread?").token_ids, p.build("Insult my friend").token_ids
@@ -93,7 +93,7 @@ def test_prompts_share_the_few_shot_prefix(generator_path, tok):
 
 
 def test_overlong_truncate_and_skip(generator_path, tok):
-    from gen.detect import DetectPrompts
+    from guidealign.gen.detect import DetectPrompts
 
     long_text = "START " + "word " * 3000 + "the real question at the END?"
     cfg = make_cfg(generator_path, "detect.max_exemplars=2", "detect.sampling.max_tokens=100")
@@ -112,14 +112,14 @@ def test_overlong_truncate_and_skip(generator_path, tok):
 
 @pytest.mark.parametrize("value", [None, "", "   ", 42])
 def test_empty_or_non_string_prompt_is_skipped_with_reason(generator_path, tok, value):
-    from gen.detect import DetectPrompts
+    from guidealign.gen.detect import DetectPrompts
 
     b = DetectPrompts(make_cfg(generator_path, "detect.max_exemplars=1"), tok).build(value)
     assert b.skipped and "empty" in b.skip_reason
 
 
 def test_exemplars_are_dropped_to_fit_max_model_len(generator_path, tok, caplog):
-    from gen.guidelines import GuidelinePrompts
+    from guidealign.gen.guidelines import GuidelinePrompts
 
     g = GuidelinePrompts(make_cfg(generator_path), tok)  # 2048 cannot hold 13 safety exemplars
     assert 0 < g.n_safety < 13
@@ -155,8 +155,8 @@ def test_builtin_exemplars_cover_the_papers_counts_and_risk_types():
     assert saf["user"] == det["user"]
     # every exemplar answer reads back as its own verdict, with no earlier "answer: yes"-like
     # phrase that the parser would take for a verdict (status "ok", not "conflicting")
-    from gen.detect import detection_turn
-    from gen.parse import parse_detection
+    from guidealign.gen.detect import detection_turn
+    from guidealign.gen.parse import parse_detection
 
     for e in det["exemplars"] + saf["exemplars"]:
         risky, _, status = parse_detection(detection_turn(e["analysis"], e["verdict"]))
@@ -164,7 +164,7 @@ def test_builtin_exemplars_cover_the_papers_counts_and_risk_types():
 
 
 def test_fingerprint_follows_exemplar_file_contents(generator_path, tok, tmp_path):
-    from gen.detect import config_fingerprint
+    from guidealign.gen.detect import config_fingerprint
 
     spec = yaml.safe_load(builtin_prompt_path("detect.yaml").read_text())
     f = tmp_path / "det.yaml"
@@ -180,7 +180,7 @@ def test_fingerprint_follows_exemplar_file_contents(generator_path, tok, tmp_pat
 
 
 def test_bad_prompt_files_are_clear_errors(generator_path, tok, tmp_path):
-    from gen.detect import DetectPrompts
+    from guidealign.gen.detect import DetectPrompts
 
     f = tmp_path / "bad.yaml"
     f.write_text("system: x\nuser: no placeholder\nexemplars: []\n")
@@ -205,7 +205,7 @@ class _FaultyEngine:
 
 
 def test_engine_faults_propagate_but_request_errors_are_isolated():
-    from gen.engine import generate
+    from guidealign.gen.engine import generate
 
     with pytest.raises(RuntimeError, match="runner"):
         generate(_FaultyEngine(RuntimeError("model runner died")), [{"prompt_token_ids": [1]}] * 3, None)

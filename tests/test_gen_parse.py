@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gen.parse import parse_detection, parse_guidelines, parse_questions
+from guidealign.gen.parse import parse_detection, parse_guidelines, parse_questions
 
 
 @pytest.mark.parametrize("text,risky,status", [
@@ -133,7 +133,7 @@ def test_questions():
 def test_every_detect_regex_match_parses_to_its_verdict(text):
     import re
 
-    from gen.scoring import detect_regex
+    from guidealign.gen.scoring import detect_regex
 
     m = re.fullmatch(detect_regex(), text)
     assert m, text
@@ -145,7 +145,7 @@ def test_every_detect_regex_match_parses_to_its_verdict(text):
 def test_every_guidelines_regex_match_parses_with_titles(n):
     import re
 
-    from gen.scoring import guidelines_regex
+    from guidealign.gen.scoring import guidelines_regex
 
     titles = ["Be kind", "Check facts", "Protect privacy now", "Stay calm", "Offer help",
               "Respect the law in every case", "Cite"]
@@ -161,7 +161,7 @@ def test_every_guidelines_regex_match_parses_with_titles(n):
 def test_guidelines_regex_rejects_fewer_than_five_or_untitled():
     import re
 
-    from gen.scoring import guidelines_regex
+    from guidealign.gen.scoring import guidelines_regex
 
     four = "\n".join(f"{k}. Title {k}: text {k}." for k in range(1, 5))
     assert not re.fullmatch(guidelines_regex(), four)
@@ -178,7 +178,7 @@ class _LP:
 def test_score_from_logprobs_sums_spellings_and_normalizes():
     import math
 
-    from gen.scoring import score_from_logprobs
+    from guidealign.gen.scoring import score_from_logprobs
 
     step = {1: _LP(math.log(0.3)), 2: _LP(math.log(0.1)), 3: _LP(math.log(0.2)), 9: _LP(-0.1)}
     assert score_from_logprobs(step, [1, 2], [3]) == pytest.approx(0.4 / 0.6)
@@ -190,7 +190,7 @@ def test_score_from_logprobs_sums_spellings_and_normalizes():
 def test_threshold_file(tmp_path):
     import json
 
-    from gen.scoring import load_threshold
+    from guidealign.gen.scoring import load_threshold
 
     assert load_threshold(0.5, None) == 0.5
     f = tmp_path / "t.json"
@@ -206,7 +206,7 @@ def test_threshold_file(tmp_path):
 # --- yield counts -----------------------------------------------------------------------------
 
 def test_yield_counts_rows_and_tokens():
-    from gen.yieldstats import counts, describe, detect_usable, kept_share, respond_usable
+    from guidealign.gen.yieldstats import counts, describe, detect_usable, kept_share, respond_usable
 
     rows = [dict(risky=True, finish_reason="stop", output_tokens=10),
             dict(risky=None, finish_reason="length", output_tokens=40),
@@ -226,8 +226,8 @@ def test_yield_counts_rows_and_tokens():
 def test_yield_from_markers_or_columns(tmp_path):
     import pyarrow as pa
 
-    from gen.yieldstats import dataset_counts
-    from shards import fingerprint, write_manifest, write_shard
+    from guidealign.gen.yieldstats import dataset_counts
+    from guidealign.shards import fingerprint, write_manifest, write_shard
 
     # detect: counts from the marker stats (what the stage writes)
     d = tmp_path / "detect"

@@ -40,8 +40,8 @@ def guidealign(*args, env: dict | None = None, timeout: float = 900) -> subproce
 @pytest.mark.slow
 def test_retriever_trains_in_one_process_with_torchrun_variables_set(workdir):
     from guidealign.config import load_config
-    from retrieval.library import run_library
-    from retrieval.synthetic import coded_guideline_rows, write_guideline_shards
+    from guidealign.retrieval.library import run_library
+    from synthetic import coded_guideline_rows, write_guideline_shards
 
     write_guideline_shards(workdir / "guidelines", coded_guideline_rows(6, 4, seed=3), shard_rows=32)
     sets = ["library.heldout_fraction=0.25", "retriever.epochs=1", "retriever.batch_size=8",
@@ -76,11 +76,11 @@ def _flat(n=64, d=16, seed=1):
 
 
 def test_faiss_probe_on_this_machine_falls_back_to_cpu_with_a_reason(monkeypatch, caplog):
-    import retrieval.index as ri
+    import guidealign.retrieval.index as ri
 
     monkeypatch.setattr(ri, "_PROBE", None)
     index, x = _flat()
-    with caplog.at_level(logging.WARNING, logger="retrieval.index"):
+    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.index"):
         assert ri.to_gpus(index, "flat", "auto") is index  # searched on the CPU
     res = ri.probe_gpus()
     assert not res.ok and "FAISS sees no GPU" in res.reason
@@ -95,7 +95,7 @@ def test_faiss_probe_on_this_machine_falls_back_to_cpu_with_a_reason(monkeypatch
 def test_faiss_probe_compares_gpu_answers_with_the_cpu(monkeypatch):
     import faiss
 
-    import retrieval.index as ri
+    import guidealign.retrieval.index as ri
 
     def no_kernel(index, n):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
@@ -132,7 +132,7 @@ def test_gpu_recipe_leaves_faiss_gpu_to_the_probe():
 # --- visible GPUs that torch cannot use ---------------------------------------------------
 
 def test_visible_but_unusable_gpus_fail_loudly(tmp_path):
-    from guidealign.gpu_check import GpuUnusable, require_usable_gpus
+    from guidealign.core.gpu import GpuUnusable, require_usable_gpus
 
     # this machine's torch has no CUDA: GPUs "visible" through CUDA_VISIBLE_DEVICES
     with pytest.raises(GpuUnusable, match=r"GPUs are visible \(0,1\) but torch .* cannot use them"):

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guidealign.ingest import KILL_AFTER_ENV, HashSet, IngestConfig, ingest, prompt_hash
-from guidealign.readers import IngestError
-from shards import committed, iter_tables, read_manifest, read_marker, read_quarantine
+from guidealign.ingest.run import KILL_AFTER_ENV, HashSet, IngestConfig, ingest, prompt_hash
+from guidealign.ingest.readers import IngestError
+from guidealign.shards import committed, iter_tables, read_manifest, read_marker, read_quarantine
 
 
 def _all_rows(workdir) -> list[dict]:
@@ -368,9 +368,9 @@ def _reference_id(p: str) -> str:
 
 def _reference_ingest(path: Path, cfg: IngestConfig) -> tuple[list[tuple], list[tuple]]:
     """Row by row with the readers and the reference checks: (id, prompt, source, metadata), (row, reason)."""
-    from guidealign.ingest import check_prompt, prompt_of
-    from guidealign.ingest_batch import meta_json
-    from guidealign.readers import READERS, check_readable, find_prompt_key
+    from guidealign.ingest.run import check_prompt, prompt_of
+    from guidealign.ingest.batch import meta_json
+    from guidealign.ingest.readers import READERS, check_readable, find_prompt_key
 
     rows, bad, seen = [], [], set()
     for row_no, rec, err in READERS[check_readable(path)](path):
@@ -433,7 +433,7 @@ def test_quarantine_rows_land_beside_the_shard_being_filled(tmp_path):
     f = tmp_path / "q.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"p{i}" if i % 4 else ""}) + "\n" for i in range(1, 21)))
     ingest([str(f)], tmp_path / "w", IngestConfig(shard_rows=5), progress=False)
-    from shards.layout import quarantine_path
+    from guidealign.shards.layout import quarantine_path
     by_shard = {i: pq.read_table(quarantine_path(tmp_path / "w" / "prompts", i)).column("row").to_pylist()
                 for i in committed(tmp_path / "w" / "prompts")
                 if quarantine_path(tmp_path / "w" / "prompts", i).exists()}
@@ -487,7 +487,7 @@ def test_compiled_blake2b_equals_hashlib(tmp_path):
     pytest.importorskip("numba")
     import numpy as np
 
-    from guidealign.blake2_numba import blake2b64
+    from guidealign.ingest.blake2_numba import blake2b64
 
     msgs = [os.urandom(n) for n in list(range(0, 300)) + [383, 384, 385, 1000, 5000]]
     offsets = np.cumsum([0] + [len(m) for m in msgs])

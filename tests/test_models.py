@@ -7,7 +7,7 @@ import pytest
 
 
 def test_generator_checkpoint_is_complete_and_idempotent(generator_path):
-    from guidealign.models import prepare_generator
+    from guidealign.core.models import prepare_generator
 
     d = Path(generator_path)
     for f in ("config.json", "model.safetensors", "tokenizer.json", "guidealign.json"):
@@ -31,7 +31,7 @@ def test_embedder_is_local(embedder_path):
 
 
 def test_resolve_names():
-    from guidealign.models import EMBEDDER, resolve
+    from guidealign.core.models import EMBEDDER, resolve
 
     assert resolve("some/hub-id") == "some/hub-id"
     assert Path(resolve(EMBEDDER)).exists()
@@ -41,7 +41,7 @@ def test_resolve_names():
 
 @pytest.mark.slow
 def test_embedded_smollm2_loads_in_vllm_and_answers(llm):
-    from gen.engine import Sampling, generate, sampling_params
+    from guidealign.gen.engine import Sampling, generate, sampling_params
 
     tok = llm.get_tokenizer()
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -52,7 +52,7 @@ def test_embedded_smollm2_loads_in_vllm_and_answers(llm):
 
 
 def test_a_failed_conversion_leaves_no_half_checkpoint(tmp_path, monkeypatch):
-    import guidealign.models as models
+    import guidealign.core.models as models
 
     monkeypatch.setenv("GUIDEALIGN_HOME", str(tmp_path))
     bogus = tmp_path / "x" / models.GGUF_NAME

@@ -36,7 +36,7 @@ def twin_overrides(values: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_paper_recipe_runs_on_cpu_standins(tmp_path, generator_path):
-    from shards import iter_tables
+    from guidealign.shards import iter_tables
 
     bare = model_without_template(generator_path, tmp_path / "no-template-model")
     rows = [json.loads(x) for x in SAMPLES.read_text().splitlines() if x.strip()]
@@ -65,7 +65,7 @@ def test_paper_recipe_runs_on_cpu_standins(tmp_path, generator_path):
     # the responder's prompts hold 2 example conversations in the Vicuna format
     from transformers import AutoTokenizer
 
-    from gen.respond import RespondConfig, load_exemplars
+    from guidealign.gen.respond import RespondConfig, load_exemplars
 
     tok = AutoTokenizer.from_pretrained(bare)
     assert not tok.chat_template  # the stand-in really has none
@@ -81,7 +81,7 @@ def test_paper_recipe_runs_on_cpu_standins(tmp_path, generator_path):
     # The trained model answers in vLLM with the template saved with it (no config needed).
     script = textwrap.dedent(f"""
         import json
-        from gen.engine import EngineConfig, Sampling, build_llm, sampling_params
+        from guidealign.gen.engine import EngineConfig, Sampling, build_llm, sampling_params
         llm = build_llm(EngineConfig(model={str(model)!r}, dtype="float32", max_model_len=1024,
                                      max_num_seqs=4))
         msgs = [{{"role": "user", "content": "How do I make a sourdough starter?"}}]

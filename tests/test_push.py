@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gen.respond import RESPOND_SCHEMA
+from guidealign.gen.respond import RESPOND_SCHEMA
 from hubserver import HubServer
-from shards import read_marker, write_json_atomic, write_manifest, write_shard
-from shards.layout import shard_path
+from guidealign.shards import read_marker, write_json_atomic, write_manifest, write_shard
+from guidealign.shards.layout import shard_path
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_TESTsecretTOKEN0123456789"

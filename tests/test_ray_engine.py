@@ -13,7 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from shards import iter_tables, read_manifest, read_marker  # noqa: E402
+from guidealign.shards import iter_tables, read_manifest, read_marker  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def detect_cfg(generator_path: str, *sets: str):
 
 @pytest.fixture
 def prompts_workdir(tmp_path) -> Path:
-    from guidealign.ingest import IngestConfig, ingest
+    from guidealign.ingest.run import IngestConfig, ingest
 
     wd = tmp_path / "run"
     f = tmp_path / "in.jsonl"
@@ -85,9 +85,9 @@ def test_detect_on_ray_builds_one_engine_per_worker_and_commits_each_shard_once(
     with WorkerPool(cfg, "detect") as pool:
         assert pool.n == WORKERS and pool.engine
         assert pool.options["runtime_env"]["env_vars"]["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
-        first = pool.run("gen.detect:run_detect", wd, progress=False)
+        first = pool.run("guidealign.gen.detect:run_detect", wd, progress=False)
         # the same workers again (as for the next stage): the engines are reused, not rebuilt
-        second = pool.run("gen.detect:run_detect", wd, progress=False)
+        second = pool.run("guidealign.gen.detect:run_detect", wd, progress=False)
 
     assert len({r.pid for r in first}) == WORKERS and all(r.pid != os.getpid() for r in first)
     processed = [r.report.processed for r in first]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from gen.engine import Sampling
-from gen.respond import RespondConfig, build_messages, prepare_prompt, run_respond
+from guidealign.gen.engine import Sampling
+from guidealign.gen.respond import RespondConfig, build_messages, prepare_prompt, run_respond
 from guidealign.config import Config
-from shards import fingerprint, read_quarantine, read_table, write_manifest, write_shard
+from guidealign.shards import fingerprint, read_quarantine, read_table, write_manifest, write_shard
 
 RETRIEVE_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()),
@@ -169,7 +169,7 @@ def bare_tok(generator_path, tmp_path_factory):
 def test_a_tokenizer_without_template_needs_one_configured(bare_tok):
     import copy
 
-    from gen.build import Message, PromptBuilder, TemplateError
+    from guidealign.gen.build import Message, PromptBuilder, TemplateError
 
     tok = copy.deepcopy(bare_tok)
     assert not tok.chat_template
@@ -186,7 +186,7 @@ def test_a_tokenizer_without_template_needs_one_configured(bare_tok):
 def test_builtin_templates_render_multi_turn_chats(bare_tok):
     import copy
 
-    from gen.templates import BUILTIN, apply_template
+    from guidealign.gen.templates import BUILTIN, apply_template
 
     msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"},
             {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
@@ -204,7 +204,7 @@ def test_builtin_templates_render_multi_turn_chats(bare_tok):
 
 
 def test_exemplars_are_earlier_turns_in_guided_and_unguided_prompts(tok):
-    from gen.respond import load_exemplars
+    from guidealign.gen.respond import load_exemplars
 
     cfg = RespondConfig(num_exemplars=2)
     exs, _ = load_exemplars(cfg)
@@ -223,9 +223,9 @@ def test_exemplars_are_earlier_turns_in_guided_and_unguided_prompts(tok):
 
 
 def test_responder_engine_and_prompt_set_from_config():
-    from gen.respond import respond_engine, respond_fingerprint
+    from guidealign.gen.respond import respond_engine, respond_fingerprint
     from guidealign.config import ConfigError, load_config
-    from retrieval.retrieve import prompt_set
+    from guidealign.config import prompt_set
 
     cfg = load_config(None, ["engine.dtype=float32", "engine.tensor_parallel_size=4",
                              "respond.engine.model=/m/vicuna", "respond.engine.chat_template=vicuna_v1.1"])

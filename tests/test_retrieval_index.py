@@ -15,12 +15,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-import shards
+import guidealign.shards as shards
 from guidealign.config import load_config
-from retrieval.index import IndexVersionError, load_index, run_index
-from retrieval.library import run_library
-from retrieval.retrieve import encoder_path, run_retrieve, select
-from retrieval.synthetic import (base_guideline, synthetic_library,
+from guidealign.retrieval.index import IndexVersionError, load_index, run_index
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.retrieve import encoder_path, run_retrieve, select
+from synthetic import (base_guideline, synthetic_library,
                                  write_guideline_shards, write_prompt_shards)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_index_refuses_another_library(built, tmp_path):
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_index_kinds_find_the_library_itself(built, tmp_path, kind):
-    from retrieval.embed import encode, load_encoder
+    from guidealign.retrieval.embed import encode, load_encoder
 
     w = _copy_run(built, tmp_path / "run", names=("library",))
     cfg = load_config(overrides=OVERRIDES + [f"index.kind={kind}", "index.nprobe=64"])
@@ -139,7 +139,7 @@ def test_retrieve_output_and_rank_split(built, tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    import retrieval.retrieve as R
+    import guidealign.retrieval.retrieve as R
     from guidealign.config import load_config
 
     orig = R.make_shard_fn

@@ -11,10 +11,10 @@ import pytest
 from rapidfuzz import fuzz
 
 from guidealign.config import load_config
-from retrieval.dedup import UnionFind, cluster
-from retrieval.embed import ngram_vectors, normalize_text
-from retrieval.library import read_library, run_library
-from retrieval.synthetic import synthetic_library, write_guideline_shards
+from guidealign.retrieval.dedup import UnionFind, cluster
+from guidealign.retrieval.embed import ngram_vectors, normalize_text
+from guidealign.retrieval.library import read_library, run_library
+from synthetic import synthetic_library, write_guideline_shards
 
 
 def test_union_find_joins_chains_and_keeps_singletons():

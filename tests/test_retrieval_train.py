@@ -11,10 +11,10 @@ import json
 import pytest
 
 from guidealign.config import load_config
-from retrieval.evaluate import EvalSet, evaluate
-from retrieval.library import run_library
-from retrieval.synthetic import coded_guideline_rows, write_guideline_shards
-from retrieval.train import run_train_retriever
+from guidealign.retrieval.evaluate import EvalSet, evaluate
+from guidealign.retrieval.library import run_library
+from synthetic import coded_guideline_rows, write_guideline_shards
+from guidealign.retrieval.train import run_train_retriever
 
 import numpy as np
 

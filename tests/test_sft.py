@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from gen.respond import RESPOND_SCHEMA
+from guidealign.gen.respond import RESPOND_SCHEMA
 from guidealign.config import load_config
-from shards import write_manifest, write_shard
+from guidealign.shards import write_manifest, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "sft-tiny-cpu.yaml"
@@ -50,7 +50,7 @@ def tiny_cfg(*overrides):
 
 
 def test_training_set_has_no_guidelines_and_counts_drops(workdir):
-    from sft.data import build_dataset
+    from guidealign.sft.data import build_dataset
 
     good, bad = respond_rows(4)
     write_respond(workdir, [good[:2] + bad, good[2:]])
@@ -64,7 +64,7 @@ def test_training_set_has_no_guidelines_and_counts_drops(workdir):
 
 
 def test_no_examples_is_a_clear_error(workdir):
-    from sft.data import build_dataset
+    from guidealign.sft.data import build_dataset
 
     _, bad = respond_rows(0)
     write_respond(workdir, [bad])
@@ -97,8 +97,8 @@ def test_loss_is_on_the_assistant_turn_only(workdir, bare_model):
     carry labels; every prompt token is masked."""
     from transformers import AutoTokenizer
 
-    from sft.data import build_dataset
-    from sft.train import build_trainer
+    from guidealign.sft.data import build_dataset
+    from guidealign.sft.train import build_trainer
 
     good, _ = respond_rows(2)
     write_respond(workdir, [good])
@@ -118,8 +118,8 @@ def test_loss_is_on_the_assistant_turn_only(workdir, bare_model):
 
 
 def test_fingerprint_does_not_depend_on_the_run_dir(tmp_path):
-    from sft.data import build_dataset
-    from sft.train import sft_fingerprint
+    from guidealign.sft.data import build_dataset
+    from guidealign.sft.train import sft_fingerprint
 
     good, _ = respond_rows(3)
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "elsewhere"
@@ -134,7 +134,7 @@ def test_fingerprint_does_not_depend_on_the_run_dir(tmp_path):
 
 
 def test_process_count(monkeypatch):
-    from sft.launcher import resolve_num_processes, under_launcher
+    from guidealign.sft.launcher import resolve_num_processes, under_launcher
 
     s = tiny_cfg().sft
     assert resolve_num_processes(s, gpus=0) == 1 and resolve_num_processes(s, gpus=8) == 8
@@ -145,7 +145,7 @@ def test_process_count(monkeypatch):
     assert not under_launcher({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert under_launcher({"TORCHELASTIC_RUN_ID": "x"})
     # `launch run` gave this worker GPUs 0-3 of 8: SFT (after every engine is done) takes all 8
-    from sft.launcher import LAUNCHED_ENV, child_env, torchrun_argv
+    from guidealign.sft.launcher import LAUNCHED_ENV, child_env, torchrun_argv
 
     for k, v in {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "GUIDEALIGN_NODE_GPUS": "0,1,2,3,4,5,6,7",
                  "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
@@ -168,7 +168,7 @@ PIPELINE_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR"
 def test_pipeline_ranks_do_not_leak_into_training(workdir, monkeypatch):
     """A 2-worker `guidealign run` calls SFT on rank 0 with world_size 2 and RANK/WORLD_SIZE in
     the environment: one process trains (num_processes 1), and rank 1 does not train."""
-    from sft.train import run_sft
+    from guidealign.sft.train import run_sft
 
     for k, v in PIPELINE_ENV.items():
         monkeypatch.setenv(k, v)
@@ -189,7 +189,7 @@ def test_two_gloo_processes_through_the_launcher(workdir, monkeypatch, bare_mode
     """sft.num_processes 2 on the CPU: run_sft starts torchrun with 2 gloo processes (the path
     one-process-per-GPU takes), from inside a pipeline worker's environment, and a base model
     without template trains in the configured format."""
-    from sft.train import run_sft
+    from guidealign.sft.train import run_sft
 
     for k, v in PIPELINE_ENV.items():
         monkeypatch.setenv(k, v)
@@ -211,7 +211,7 @@ def test_two_gloo_processes_through_the_launcher(workdir, monkeypatch, bare_mode
 
 @pytest.mark.slow
 def test_sft_steps_loss_falls_and_vllm_answers(workdir):
-    from sft.train import run_sft
+    from guidealign.sft.train import run_sft
 
     good, bad = respond_rows(8)
     write_respond(workdir, [good + bad])
@@ -242,7 +242,7 @@ def test_sft_steps_loss_falls_and_vllm_answers(workdir):
     # The checkpoint loads in vLLM (own process: the session engine may be alive here) and answers.
     script = textwrap.dedent(f"""
         import json, sys
-        from gen.engine import EngineConfig, build_llm, sampling_params, Sampling
+        from guidealign.gen.engine import EngineConfig, build_llm, sampling_params, Sampling
         llm = build_llm(EngineConfig(model={str(model)!r}, dtype="float32", max_model_len=512,
                                      max_num_seqs=4))
         outs = llm.chat([[{{"role": "user", "content": "Question number 3: how do I do something risky?"}}]],
@@ -265,7 +265,7 @@ def test_sft_steps_loss_falls_and_vllm_answers(workdir):
 def test_lora_merged_output_is_a_plain_model(workdir):
     from transformers import AutoModelForCausalLM
 
-    from sft.train import run_sft
+    from guidealign.sft.train import run_sft
 
     good, _ = respond_rows(4)
     write_respond(workdir, [good])

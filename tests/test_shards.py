@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from shards import (committed, fingerprint, is_done, iter_batches, map_shards, read_marker,
+from guidealign.shards import (committed, fingerprint, is_done, iter_batches, map_shards, read_marker,
                     read_table, resolve_rank, wait_complete, write_manifest, write_shard)
-from shards.layout import shard_path
+from guidealign.shards.layout import shard_path
 
 
 def _make_input(d: Path, n_shards: int = 6, rows: int = 5) -> None:
@@ -43,7 +43,7 @@ def test_shard_without_marker_or_with_torn_file_is_not_committed(tmp_path):
 
 def test_rewrite_removes_old_marker_first(tmp_path, monkeypatch):
     write_shard(tmp_path, 0, pa.table({"a": [1]}), "old")
-    import shards.write as w
+    import guidealign.shards.write as w
 
     def boom(*a, **k):
         raise RuntimeError("crash while writing")
@@ -90,7 +90,7 @@ def test_make_fn_is_lazy(tmp_path):
 
 _WORKER = textwrap.dedent("""
     import os, sys, pyarrow as pa
-    from shards import map_shards
+    from guidealign.shards import map_shards
     src, dst = sys.argv[1], sys.argv[2]
     def fn(t, i):
         return t.append_column("worker", pa.array([os.environ["RANK"]] * t.num_rows))

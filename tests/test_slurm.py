@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import slurm, wait_gone  # noqa: F401 - slurm is a fixture
 
-from guidealign.ingest import IngestConfig, ingest
-from shards import read_marker, read_table
+from guidealign.ingest.run import IngestConfig, ingest
+from guidealign.shards import read_marker, read_table
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "examples" / "slurm" / "guidealign.sbatch"

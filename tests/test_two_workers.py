@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shards import iter_tables, read_manifest, read_marker
+from guidealign.shards import iter_tables, read_manifest, read_marker
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from guidealign.cli import cli
-from shards import map_shards, read_marker, write_manifest, write_shard
-from shards.artifact_files import file_checksums
-from shards.layout import marker_path, quarantine_path, shard_path
+from guidealign.shards import map_shards, read_marker, write_manifest, write_shard
+from guidealign.shards.artifact_files import file_checksums
+from guidealign.shards.layout import marker_path, quarantine_path, shard_path
 
 N_SHARDS = 4
 CONFIG_FP = "upper-v1"

@@ -1,0 +1,167 @@
+"""The ``guidealign`` command line: one click group, one command per stage.
+
+Every stage command takes ``--workdir``, ``--config`` (YAML), ``--set KEY=VALUE``
+overrides, and ``--rank/--world-size`` (else taken from RANK/WORLD_SIZE or SLURM).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from guidealign.cli.options import ranks, stage_options
+from guidealign.config import ConfigError, dump_yaml, load_config, wait_timeout
+
+log = logging.getLogger("guidealign")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="guide-align")
+def cli(verbose):
+    """guide-align: batch data generation with the Guide-Align method."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1)
+@click.option("--into", default="prompts", show_default=True,
+              help="Dataset under WORKDIR to write, e.g. prompts-sft for a second prompt set.")
+@click.option("--encoding", default=None,
+              help="Text encoding of the inputs (default ingest.encoding: auto), e.g. cp1252, utf-16.")
+@stage_options
+def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
+    """Ingest JSONL/JSON/CSV/Parquet files (also .gz/.bz2/.xz/.zst), globs or saved datasets into prompt shards."""
+    from guidealign.ingest.run import ingest as run_ingest
+    from guidealign.ingest.readers import IngestError
+    from guidealign.shards import wait_complete
+
+    r, w = ranks(rank, world_size)
+    if r != 0:
+        click.echo(f"ingest runs on rank 0; rank {r} waits for it")
+        wait_complete(f"{workdir}/{into}", timeout=wait_timeout(cfg, w))
+        return
+    if encoding:
+        cfg.ingest.encoding = encoding
+    try:
+        rep = run_ingest(list(inputs) or cfg.inputs, workdir, cfg.ingest, progress=not no_progress,
+                         dataset=into)
+    except IngestError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(rep.summary())
+
+
+@cli.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(workdir, as_json):
+    """Per stage: shards done/total, rows, quarantined rows, throughput."""
+    from guidealign.status import collect, render
+
+    rows = collect(workdir)
+    click.echo(json.dumps(rows, indent=1) if as_json else render(rows))
+
+
+@cli.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False))
+@click.option("-n", "count", default=3, show_default=True, help="How many examples.")
+@click.option("--shard", type=int, default=None, help="Which shard (default: the first committed).")
+@click.option("--stage", default="respond", show_default=True, help="Response stage to read.")
+def show(workdir, count, shard, stage):
+    """Print examples: prompt -> risk verdict -> retrieved guidelines -> response."""
+    from guidealign.show import examples, render
+
+    try:
+        click.echo(render(examples(workdir, count, shard, stage)))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@cli.group()
+def models():
+    """The embedded default models."""
+
+
+@models.command("prepare")
+@click.option("--force", is_flag=True, help="Rebuild the generator checkpoint.")
+def models_prepare(force):
+    """Materialize SmolLM2 from its GGUF and locate MiniLM (offline, idempotent)."""
+    from guidealign.core.models import embedder_dir, prepare_generator
+
+    click.echo(f"generator: {prepare_generator(force=force)}")
+    click.echo(f"embedder:  {embedder_dir()}")
+
+
+@cli.group("config")
+def config_group():
+    """Inspect the config."""
+
+
+@config_group.command("show")
+@click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def config_show(config_path, overrides):
+    """Print the effective config (defaults, file, overrides) as YAML."""
+    try:
+        click.echo(dump_yaml(load_config(config_path, overrides)), nl=False)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+
+
+@cli.command()
+@click.option("--stages", default=None, help="Comma-separated subset of stages to run (default: all).")
+@click.option("--no-check", is_flag=True, help="Skip the preflight (`guidealign check`) run first.")
+@stage_options
+def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
+    """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set)."""
+    from guidealign.pipeline import run_pipeline
+
+    if not no_check:
+        from guidealign.cli.check import preflight
+
+        if not preflight(cfg, workdir):
+            raise click.ClickException("the preflight failed (see the table); fix it or pass --no-check")
+
+    r, w = ranks(rank, world_size)
+    if cfg.executor.kind == "ray" and w == 1:  # one of several workers already: run here
+        from guidealign.executors import run_pipeline_ray
+
+        run_pipeline_ray(cfg, workdir, stages=stages.split(",") if stages else None,
+                         progress=not no_progress, echo=click.echo)
+        return
+    run_pipeline(cfg, workdir, rank=r, world_size=w, stages=stages.split(",") if stages else None,
+                 progress=not no_progress, echo=click.echo)
+
+
+# --- stage commands defined next to their stages (one line each) ---------------------------
+from guidealign.cli.retrieval import library as _library, train_retriever as _train_retriever  # noqa: E402
+from guidealign.cli.retrieval import index as _index, retrieve as _retrieve  # noqa: E402
+cli.add_command(_library)
+cli.add_command(_train_retriever)
+cli.add_command(_index)
+cli.add_command(_retrieve)
+from guidealign.cli.gen import augment as _augment, detect as _detect, guidelines as _guidelines  # noqa: E402
+cli.add_command(_detect)
+cli.add_command(_guidelines)
+cli.add_command(_augment)
+from guidealign.cli.sft import push as _push, respond as _respond, sft as _sft  # noqa: E402
+cli.add_command(_respond)
+cli.add_command(_sft)
+cli.add_command(_push)
+from guidealign.cli.scale import export, launch  # noqa: E402
+cli.add_command(export); cli.add_command(launch)  # noqa: E702
+from guidealign.cli.eval import eval_cmd; cli.add_command(eval_cmd)  # noqa: E402,E702
+from guidealign.cli.check import check as _check; cli.add_command(_check)  # noqa: E402,E702
+from guidealign.cli.verify import verify as _verify; cli.add_command(_verify)  # noqa: E402,E702
+from guidealign.cli.fetch import fetch as _fetch; models.add_command(_fetch)  # noqa: E402,E702
+
+
+def main():
+    cli(prog_name="guidealign")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The options every stage command shares, and the rank they run as."""
+from __future__ import annotations
+
+import functools
+
+import click
+
+from guidealign.config import ConfigError, load_config
+
+
+def stage_options(f):
+    """The options every stage command shares."""
+    @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False),
+                  help="Run directory; the stage writes under WORKDIR/<stage>/.")
+    @click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False),
+                  help="YAML config file (see configs/).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config key, e.g. --set engine.dtype=float32 (repeatable).")
+    @click.option("--rank", type=int, default=None, help="This worker's rank (default: from env).")
+    @click.option("--world-size", type=int, default=None, help="Number of workers (default: from env).")
+    @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+    @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+                  help="local: this rank's shards here; ray: one Ray task per shard (default: executor.kind).")
+    @functools.wraps(f)
+    def wrapper(*args, config_path=None, overrides=(), executor=None, **kwargs):
+        try:
+            cfg = load_config(config_path, overrides)
+        except (ConfigError, OSError) as e:
+            raise click.UsageError(f"config: {e}") from e
+        cfg.executor.kind = executor or cfg.executor.kind
+        from guidealign.executors import dispatch_command  # --executor ray: run as Ray tasks
+
+        if dispatch_command(click.get_current_context(), cfg,
+                            dict(kwargs, config_path=config_path, overrides=overrides)):
+            return None
+        from guidealign.shards.failure import guard, guard_rank  # a failing rank stops the others' waits
+
+        with guard(kwargs.get("workdir"), *guard_rank(kwargs.get("rank"), kwargs.get("world_size")),
+                   stage=click.get_current_context().info_name,
+                   stall_timeout_s=cfg.executor.stall_timeout_s):
+            return f(*args, cfg=cfg, **kwargs)
+    return wrapper
+
+
+def ranks(rank, world_size):
+    from guidealign.shards import resolve_rank
+
+    try:
+        return resolve_rank(rank, world_size)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e

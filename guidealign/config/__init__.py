@@ -1,0 +1,187 @@
+"""One typed config object for the whole pipeline.
+
+Every section is a dataclass in this package (one module per stage package: engine, ingest,
+gen, retrieval, sft, eval; importing them loads nothing heavy); this module composes them,
+loads YAML into them (unknown keys are an error, so typos do not pass silently) and applies ``--set section.key=value`` overrides from the CLI. The defaults
+are the documented defaults: ``guidealign config show`` prints them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from guidealign.config.engine import EngineConfig
+from guidealign.config.eval import EvalConfig
+from guidealign.config.gen import AugmentConfig, DetectConfig, GuidelinesConfig, RespondConfig
+from guidealign.config.ingest import IngestConfig
+from guidealign.config.retrieval import IndexConfig, LibraryConfig, RetrieveConfig, RetrieverConfig
+from guidealign.config.sft import PushConfig, SFTConfig
+
+@dataclass
+class ExecutorConfig:
+    # local: run this rank's shards in-process. ray: one Ray task per shard.
+    kind: str = "local"
+    # Resources per Ray task, e.g. {"num_gpus": 1, "num_cpus": 4}.
+    ray_resources: dict = field(default_factory=lambda: {"num_cpus": 1})
+    # Per-stage Ray resources, e.g. {detect: {num_gpus: 4}, ingest: {num_cpus: 1}}; a stage
+    # not named here uses ray_resources. Empty = every stage uses ray_resources.
+    ray_resources_by_stage: dict = field(default_factory=dict)
+    # Ray workers (actors, one engine each) per sharded stage; 0 = as many as the cluster's
+    # resources hold, at most one per shard.
+    ray_workers: int = 0
+    # How often Ray restarts a worker (actor) that died, retrying its call (2 = Ray's usual).
+    ray_max_restarts: int = 2
+    # Which worker takes which shard: "static" (shard i -> rank i mod W: reproducible
+    # placement) or "dynamic" (workers claim free shards until none remain, and take over
+    # the shards of dead workers; see shards/claims.py).
+    assign: str = "static"
+    # dynamic: a claim whose owner has not heartbeated for this many seconds is taken over
+    # (120 s: heartbeats come every 30 s; a dead worker's shard restarts within ~2 min).
+    claim_ttl_s: float = 120.0
+    # Address of a running Ray cluster ("auto"), or None to start a local one.
+    ray_address: str | None = None
+    # Reduce stages (library, retriever, index) wait this long for all input shards.
+    # 0 = no clock of its own: one rank waits not at all, several wait until the inputs are
+    # done, another rank fails, or progress stalls (stall_timeout_s).
+    wait_timeout_s: float = 0.0
+    # A wait for other ranks ends with an error when for this long no shard was committed
+    # and no working rank sent a heartbeat (shards/failure.py). 1800 s: a shard of the
+    # paper's recipe commits well within it, while a dead or never-started rank idles the
+    # allocation for at most half an hour.
+    stall_timeout_s: float = 1800.0
+
+
+@dataclass
+class Config:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    guidelines: GuidelinesConfig = field(default_factory=GuidelinesConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    library: LibraryConfig = field(default_factory=LibraryConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    respond: RespondConfig = field(default_factory=RespondConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    # Input files for `guidealign run` (globs allowed); ingest takes them from the CLI too.
+    inputs: list[str] = field(default_factory=list)
+    # The fine-tuning prompt set (the paper's ~28k prompts), ingested into WORKDIR/prompts-sft:
+    # retrieve and respond then answer these, while `inputs` build the library. Empty = the
+    # library's prompts are also answered (one set).
+    inputs_sft: list[str] = field(default_factory=list)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(tp, value, where: str):
+    """Convert a YAML value to the annotated type (dataclasses recursively)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where) if len(args) == 1 else value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        if tp is str and isinstance(value, (int, float)):
+            return str(value)
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; "
+                          f"known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict:
+    """``["detect.sampling.temperature=0", "engine.model=/m"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                extra: dict | None = None) -> Config:
+    """Defaults, then the YAML file, then ``extra`` (from CLI options), then ``--set`` overrides."""
+    data: dict = {}
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = merge(to_dict(Config()), data)
+    if extra:
+        data = merge(data, extra)
+    data = merge(data, parse_overrides(overrides))
+    return _build(Config, data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def wait_timeout(cfg: Config, world_size: int) -> float:
+    """The one rule for how long a stage waits for inputs that other ranks write:
+    ``executor.wait_timeout_s`` when set; else no wait for a single worker (its inputs are
+    complete or missing), and no clock of its own for several (the wait still ends when a
+    rank fails or progress stalls for ``executor.stall_timeout_s``, shards/failure.py)."""
+    t = float(cfg.executor.wait_timeout_s or 0.0)
+    return t if t > 0 else (0.0 if world_size == 1 else float("inf"))
+
+
+def prompt_set(cfg: Config, configured: str = "") -> str:
+    """The prompt dataset a stage reads: ``configured`` when set, else the fine-tuning set
+    ("prompts-sft", ingested from ``inputs_sft``) when the config has one, else "prompts"
+    (the paper's layout: the library from one set, responses for another)."""
+    if configured:
+        return configured
+    return "prompts-sft" if getattr(cfg, "inputs_sft", None) else "prompts"

@@ -1,0 +1,46 @@
+"""Engine and decoding settings (the `engine` section, and every stage's `sampling`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 400
+    # Stop strings, in addition to the model's end-of-turn token.
+    stop: list[str] = field(default_factory=list)
+    # vLLM's repetition penalty (1.0 = off); > 1 discourages the loops that keep a small
+    # model writing until max_tokens.
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    # Local path, Hub id, or "embedded:smollm2-135m-instruct" (the default generator).
+    model: str = "embedded:smollm2-135m-instruct"
+    # "auto" (the checkpoint's dtype; bf16 for the embedded model), "float32", "bfloat16", "float16".
+    dtype: str = "auto"
+    # Context length the engine reserves per sequence: prompt + template + output must fit.
+    # 8192 = SmolLM2's context; the paper's full few-shot prompts (13 safety exemplars shown
+    # as conversations) need ~4k tokens. Smaller values drop exemplars (with a warning).
+    max_model_len: int = 8192
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.90
+    # Sequences the scheduler runs at once.
+    max_num_seqs: int = 128
+    # None: eager on the CPU (engine up in ~3 s instead of ~50 s), graphs on GPUs.
+    enforce_eager: bool | None = None
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    # CPU only: KV-cache size in GiB (vLLM otherwise asks for most of the RAM).
+    cpu_kvcache_gib: int = 1
+    # CPU only: cores the OpenMP threads are bound to, "auto" = all cores this process may use.
+    cpu_threads_bind: str = "auto"
+    # What to do with a prompt that does not fit max_model_len with its output budget:
+    # "truncate" (keep the end of the user text) or "skip" (record it, generate nothing).
+    overlong: str = "truncate"
+    # Chat template: None = the tokenizer's own; a built-in name ("vicuna_v1.1", "llama-2",
+    # "chatml") or a .jinja path replaces it (needed for models that ship none; gen/templates.py).
+    chat_template: str | None = None

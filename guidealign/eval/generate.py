@@ -1,0 +1,149 @@
+"""Eval responses: the engines (responder and judge), and guided and unguided answers
+through the run's own retrieve and respond stages.
+
+Guided and unguided answers differ in the guidelines only, as in the paper: both get the
+same system message (``eval.system_prompt``), the guided one with the retrieved guidelines
+after it (``eval.guidelines_intro``); decoding, example conversations, the responder model
+and its chat template are the respond stage's, shared by both runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def responder_engine(cfg):
+    """The EngineConfig that answers: ``engine`` with ``respond.engine``'s keys over it."""
+    from guidealign.gen.respond import respond_engine
+
+    return respond_engine(cfg)
+
+
+def judge_engine(cfg):
+    """The judge's EngineConfig: the engine settings with the judge model and the judge's
+    chat template (``eval.judge_chat_template``; None = the judge model's own), never the
+    responder's template."""
+    return dataclasses.replace(responder_engine(cfg), model=cfg.eval.judge_model,
+                               chat_template=cfg.eval.judge_chat_template)
+
+
+class Engines:
+    """The responder engine and the judge engine, built lazily. When the judge is the
+    responder (same model and template) one engine serves both; otherwise the responder (if
+    built here) is released before the judge starts, so that two engines never share one
+    accelerator."""
+
+    def __init__(self, cfg, llm=None, judge_llm=None):
+        self.cfg = cfg
+        self.llm, self.judge_llm = llm, judge_llm
+        self._built: list[str] = []
+
+    def _same_model(self) -> bool:
+        from guidealign.core.models import resolve
+
+        r, j = responder_engine(self.cfg), judge_engine(self.cfg)
+        return resolve(j.model) == resolve(r.model) and j.chat_template in (None, r.chat_template)
+
+    def generator(self):
+        if self.llm is None:
+            from guidealign.gen.engine import build_llm
+
+            self.llm = build_llm(responder_engine(self.cfg))
+            self._built.append("llm")
+        return self.llm
+
+    def judge(self):
+        if self.judge_llm is not None:
+            return self.judge_llm
+        if self._same_model():
+            self.judge_llm = self.generator()
+            return self.judge_llm
+        if "llm" in self._built:
+            self.llm = None
+            self._built.remove("llm")
+            _free()
+        from guidealign.gen.engine import build_llm
+
+        self.judge_llm = build_llm(judge_engine(self.cfg))
+        self._built.append("judge")
+        return self.judge_llm
+
+
+class LazyLLM:
+    """Hands the respond stage an engine that starts only when it is first used, so that a
+    rerun with nothing to answer starts none, and the engine it starts is the one the judge
+    reuses (when the judge model is the responder model)."""
+
+    def __init__(self, engines: Engines):
+        self._engines = engines
+
+    def __getattr__(self, name):
+        return getattr(self._engines.generator(), name)
+
+
+def _free():
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def eval_respond_cfg(cfg):
+    """``cfg`` with the respond section set so that guided and unguided prompts share one
+    system message (``eval.system_prompt``) and differ only in the guidelines; with an empty
+    ``eval.system_prompt`` the respond section is used as configured."""
+    e = cfg.eval
+    if not e.system_prompt:
+        return cfg
+    if "{guidelines}" not in e.guidelines_intro:
+        from guidealign.eval.inputs import EvalError
+
+        raise EvalError("eval.guidelines_intro needs a {guidelines} placeholder")
+    sep = "" if e.system_prompt.endswith(("\n", " ")) else " "
+    respond = dataclasses.replace(cfg.respond, guided_system=e.system_prompt + sep + e.guidelines_intro,
+                                  unguided_system=e.system_prompt)
+    return dataclasses.replace(cfg, respond=respond)
+
+
+def _link_artifacts(src_workdir: Path, sub: Path) -> list[str]:
+    """Make the trained retrieval artifacts of the run visible inside the eval workdir."""
+    linked = []
+    for name in ("library", "retriever", "index"):
+        s, d = src_workdir / name, sub / name
+        if s.exists() and not d.exists() and not d.is_symlink():
+            d.symlink_to(s.resolve(), target_is_directory=True)
+            linked.append(name)
+    return linked
+
+
+def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int) -> Path:
+    """Retrieve guidelines for the benchmark prompts from the run's library and index."""
+    from guidealign.retrieval.retrieve import run_retrieve
+
+    base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
+    _link_artifacts(base, sub)
+    run_retrieve(cfg, sub, rank=rank, world_size=world_size, src="prompts", dst="retrieve")
+    return sub / "retrieve"
+
+
+def run_responses(cfg, workdir: Path, sub: Path, guided: bool, engines: Engines, rank: int,
+                  world_size: int, progress: bool) -> Path:
+    """Guided (retrieve -> respond) or unguided (prompts -> respond) responses."""
+    from guidealign.gen.respond import run_respond
+
+    dst = "respond_guided" if guided else "respond_unguided"
+    src = "prompts"
+    if guided:
+        run_retrieval(cfg, workdir, sub, rank, world_size)
+        src = "retrieve"
+    run_respond(eval_respond_cfg(cfg), sub, rank=rank, world_size=world_size, llm=LazyLLM(engines),
+                guided=guided, src=src, dst=dst, progress=progress)
+    return sub / dst

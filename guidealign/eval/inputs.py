@@ -1,0 +1,121 @@
+"""Eval inputs: the benchmark (ingested into the eval's own workdir), its row weights and
+the response sets to compare, matched to the benchmark by id or by prompt."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+RESPONSE_COLUMNS = ("id", "prompt", "response")
+
+
+class EvalError(RuntimeError):
+    pass
+
+
+def wait_s(cfg, world_size: int) -> float:
+    from guidealign.config import wait_timeout
+
+    return wait_timeout(cfg, world_size)
+
+
+def ingest_benchmark(cfg, sub: Path, bench_path, rank: int, world_size: int, progress: bool) -> dict:
+    from guidealign.ingest.run import ingest
+    from guidealign.ingest.readers import IngestError
+    from guidealign.shards import read_manifest, wait_complete
+
+    if rank == 0:
+        try:
+            rep = ingest([str(bench_path)], sub, dataclasses.replace(cfg.ingest, inputs=[]),
+                         progress=progress)
+        except IngestError as e:
+            raise EvalError(f"benchmark {bench_path}: {e}") from e
+        return {"rows_in": rep.rows_in, "prompts": rep.rows, "duplicates": rep.duplicates,
+                "quarantined": rep.quarantined}
+    wait_complete(sub / "prompts", timeout=wait_s(cfg, world_size))
+    man = read_manifest(sub / "prompts") or {}
+    return {"prompts": man.get("rows"), "duplicates": man.get("duplicates"),
+            "quarantined": man.get("quarantined")}
+
+
+def load_benchmark(sub: Path, category_field: str) -> dict[str, dict]:
+    """id -> {prompt, category, bench_id} from the ingested prompts."""
+    from guidealign.shards import iter_tables
+
+    out = {}
+    for t in iter_tables(sub / "prompts", columns=["id", "prompt", "metadata"]):
+        for rid, prompt, meta in zip(*(t.column(c).to_pylist() for c in ("id", "prompt", "metadata"))):
+            m = json.loads(meta or "{}")
+            cat = None
+            if category_field:
+                v = m.get(category_field)
+                cat = "(missing)" if v in (None, "") else str(v)
+            out[rid] = {"prompt": prompt, "category": cat, "bench_id": m.get("id")}
+    return out
+
+
+def row_weights(bench_path, icfg) -> dict[str, int]:
+    """How many rows of the benchmark file share each prompt id (ingest keeps one of them)."""
+    from collections import Counter
+
+    from guidealign.ingest.run import check_prompt, prompt_hash, prompt_of
+    from guidealign.ingest.readers import READERS, check_readable, expand_inputs
+
+    counts: Counter = Counter()
+    for path in expand_inputs([str(bench_path)]):
+        for _, rec, err in READERS[check_readable(path)](path):
+            if err is None and check_prompt(rec, icfg) is None:
+                counts[prompt_hash(prompt_of(rec, icfg)).hex()] += 1
+    return dict(counts)
+
+
+def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: int) -> tuple[dict, dict]:
+    """Responses of one system, keyed by benchmark id. Rows are matched by id, else by the
+    hash of their prompt (ingest's id rule), so responses produced elsewhere line up.
+    Returns (id -> {response, finish_reason, model}, coverage counts)."""
+    from guidealign.core.ids import prompt_hash
+    from guidealign.shards import committed, iter_tables, read_manifest, wait_complete
+
+    path = Path(path)
+    if not path.is_dir():
+        raise EvalError(f"response directory {path} does not exist")
+    if read_manifest(path) is not None:
+        wait_complete(path, timeout=wait_s(cfg, world_size))
+    if not committed(path):
+        raise EvalError(f"{path} holds no committed response shards")
+    out: dict[str, dict] = {}
+    cov = {"rows": 0, "unmatched": 0, "duplicates": 0, "errors": 0, "empty": 0}
+    for t in iter_tables(path):
+        missing = [c for c in RESPONSE_COLUMNS if c not in t.column_names]
+        if missing:
+            raise EvalError(f"{path}: response shards lack column(s) {missing} "
+                            f"(have {t.column_names})")
+        cols = {c: t.column(c).to_pylist() for c in t.column_names
+                if c in ("id", "prompt", "response", "finish_reason", "model")}
+        for i in range(t.num_rows):
+            cov["rows"] += 1
+            rid, prompt = cols["id"][i], cols["prompt"][i]
+            if rid not in bench and prompt is not None:
+                rid = prompt_hash(prompt).hex()
+            if rid not in bench:
+                cov["unmatched"] += 1
+                continue
+            if rid in out:
+                cov["duplicates"] += 1
+                continue
+            fr = (cols.get("finish_reason") or [None] * t.num_rows)[i]
+            resp = cols["response"][i]
+            if fr == "error" or resp is None:
+                cov["errors"] += 1
+            elif not resp.strip():
+                cov["empty"] += 1
+            out[rid] = {"response": resp, "finish_reason": fr,
+                        "model": (cols.get("model") or [None] * t.num_rows)[i]}
+    cov["matched"] = len(out)
+    cov["missing"] = len(bench) - len(out)
+    return out, cov
+
+
+def usable(r: dict | None) -> bool:
+    return r is not None and r["finish_reason"] != "error" and r["response"] is not None
+

@@ -1,0 +1,266 @@
+"""The augment stage: grow the paper's safety-question set self-instruct style.
+
+One output shard per risk type (shard i = the i-th type of the risk-type file, or of
+``augment.types``), so the work splits by rank and resumes per type. Each round, every
+unfinished type of this worker gets ``requests_per_round`` prompts showing a few kept
+questions of that type; all of them go to vLLM in one call. A new question is kept when
+it passes the format checks and its ROUGE-L F against every question kept so far is at
+most ``rouge_threshold`` (0.7, the paper's rule); rejected ones go to the shard's
+quarantine table with the reason, never silently away. A type's shard is committed as
+soon as it reaches ``target_per_type`` (or after ``max_rounds``).
+
+Output rows have the prompt schema (id, prompt, source, metadata) plus risk_type, so
+``guidealign ingest 'WORKDIR/augment/shard-*.parquet'`` ingests them and
+``--set detect.input=augment`` runs detect on them directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from guidealign.gen.build import (Message, PromptBuilder, TemplateError, chat_template_hash, engine_max_len,
+                       fill, generate_built, load_prompt_file)
+from guidealign.gen.parse import parse_questions
+
+log = logging.getLogger(__name__)
+
+VERSION = "augment-v1"
+SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("source", pa.string()),
+                    ("metadata", pa.string()), ("risk_type", pa.string())])
+QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()),
+                               ("reason", pa.string()), ("raw", pa.string())])
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Lower-cased alphanumeric tokens (what rouge_score's default tokenizer keeps)."""
+    return _WORD.findall(text.lower())
+
+
+def rouge_l(a: list, b: list) -> float:
+    """ROUGE-L F1 between two token lists (LCS-based)."""
+    if not a or not b:
+        return 0.0
+    from rapidfuzz.distance import LCSseq
+
+    lcs = LCSseq.similarity(a, b)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+class Pool:
+    """Questions kept for one risk type, with the ROUGE-L duplicate filter."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.questions: list[str] = []
+        self.origins: list[str] = []
+        self._toks: list[list] = []
+
+    def closest(self, toks: list) -> tuple[float, int]:
+        best, at = 0.0, -1
+        for k, t in enumerate(self._toks):
+            s = rouge_l(toks, t)
+            if s > best:
+                best, at = s, k
+        return best, at
+
+    def offer(self, q: str, origin: str) -> str | None:
+        """Keep ``q`` (None) or return why not."""
+        toks = rouge_tokens(q)
+        score, at = self.closest(toks)
+        if score > self.threshold:
+            return f"rouge-l {score:.2f} > {self.threshold} against: {self.questions[at][:200]}"
+        self.questions.append(q)
+        self.origins.append(origin)
+        self._toks.append(toks)
+        return None
+
+
+@dataclass
+class TypeState:
+    name: str
+    info: dict
+    index: int
+    pool: Pool
+    target: int
+    rounds: int = 0
+    rejected: list = field(default_factory=list)  # (reason, raw)
+    generated: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self._n_out() >= self.target
+
+    def _n_out(self) -> int:
+        return len(self.pool.questions) - (0 if self.include_seeds else self.n_seeds)
+
+    include_seeds: bool = True
+    n_seeds: int = 0
+
+
+def load_risk_types(cfg) -> tuple[dict, str]:
+    a = cfg.augment
+    data, h = load_prompt_file(a.risk_types_file, "risk_types.yaml", ())
+    for name, info in data.items():
+        if not isinstance(info, dict) or not isinstance(info.get("seeds"), list) or not info["seeds"]:
+            raise TemplateError(f"risk type {name!r}: needs a non-empty list of seeds")
+    if a.types:
+        unknown = [t for t in a.types if t not in data]
+        if unknown:
+            raise TemplateError(f"augment.types: unknown risk type(s) {unknown}; known: {list(data)}")
+        data = {t: data[t] for t in a.types}
+    return data, h
+
+
+def config_fingerprint(cfg, tok) -> str:
+    from guidealign.gen.engine import output_fields
+    from guidealign.shards import fingerprint
+
+    _, h1 = load_risk_types(cfg)
+    _, h2 = load_prompt_file(cfg.augment.prompt_file, "augment.yaml", ("system", "user"))
+    return fingerprint(VERSION, output_fields(cfg.engine), cfg.augment, h1, h2, chat_template_hash(tok))
+
+
+def _row(q: str, name: str, info: dict, origin: str) -> dict:
+    from guidealign.core.ids import prompt_hash
+
+    meta = {"risk_type": name, "category": info.get("category"), "origin": origin}
+    return dict(id=prompt_hash(q).hex(), prompt=q, source=f"augment:{name}:{origin}",
+                metadata=json.dumps(meta, ensure_ascii=False), risk_type=name)
+
+
+def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, progress: bool = True):
+    """Generate this rank's risk types into WORKDIR/augment; returns a StageReport."""
+    from tqdm import tqdm
+
+    from guidealign.gen.engine import build_llm, load_tokenizer, params_for, prefix_cache_counters
+    from guidealign.shards import StageReport, fingerprint, is_done, my_shards, write_manifest, write_shard
+
+    a = cfg.augment
+    if not 0 <= a.rouge_threshold <= 1:
+        raise ValueError("augment.rouge_threshold must be in [0, 1]")
+    types, _ = load_risk_types(cfg)
+    spec, _ = load_prompt_file(a.prompt_file, "augment.yaml", ("system", "user"))
+    dst = Path(workdir) / "augment"
+    fp = config_fingerprint(cfg, load_tokenizer(cfg.engine, llm))
+    names = list(types)
+    write_manifest(dst, stage="augment", num_shards=len(names), fingerprint=fp, types=names)
+    rep = StageReport(stage="augment", total=len(names))
+    mine = my_shards(len(names), rank, world_size)
+    rep.mine = len(mine)
+    shard_fp = {i: fingerprint(fp, names[i], types[names[i]]) for i in mine}
+    todo = [i for i in mine if not is_done(dst, i, shard_fp[i])]
+    rep.skipped = len(mine) - len(todo)
+    if not todo:
+        return rep
+    if llm is None:
+        llm = build_llm(cfg.engine)
+    tok = llm.get_tokenizer()
+    builder = PromptBuilder(tok, engine_max_len(llm, cfg.engine.max_model_len), cfg.engine.overlong)
+    states: list[TypeState] = []
+    for i in todo:
+        name = names[i]
+        st = TypeState(name=name, info=types[name], index=i, pool=Pool(a.rouge_threshold),
+                       target=a.target_per_type, include_seeds=a.include_seeds)
+        for s in types[name]["seeds"]:
+            why = st.pool.offer(str(s), "seed")  # near-duplicate seeds are kept out too
+            if why:
+                st.rejected.append((f"seed question: {why}", str(s)))
+        st.n_seeds = len(st.pool.questions)
+        states.append(st)
+    bar = tqdm(total=len(states), desc="augment", unit="type", disable=not progress)
+    t_start = time.perf_counter()
+
+    def commit(st: TypeState):
+        keep = [(q, o) for q, o in zip(st.pool.questions, st.pool.origins)
+                if a.include_seeds or o != "seed"][: st.target]
+        table = pa.Table.from_pylist([_row(q, st.name, st.info, o) for q, o in keep], schema=SCHEMA)
+        quarantine = pa.Table.from_pylist(
+            [dict(source=f"augment:{st.name}", row=k, reason=r, raw=raw)
+             for k, (r, raw) in enumerate(st.rejected)], schema=QUARANTINE_SCHEMA) if st.rejected else None
+        # generated == kept_generated + the quarantined rows that hold a question (raw != "")
+        stats = {"rounds": st.rounds, "generated": st.generated, "kept": len(keep),
+                 "kept_generated": sum(1 for _, o in keep if o != "seed"),
+                 "rejected": len(st.rejected), "short_of_target": max(0, st.target - len(keep))}
+        if len(keep) < st.target:
+            log.warning("augment %s: %d of %d questions after %d rounds", st.name, len(keep),
+                        st.target, st.rounds)
+        m = write_shard(dst, st.index, table, shard_fp[st.index], quarantine=quarantine,
+                        seconds=time.perf_counter() - t_start, stats=stats)
+        rep.processed += 1
+        rep.rows += m.rows
+        rep.quarantined += m.quarantined
+        for k, v in stats.items():
+            rep.stats[k] = rep.stats.get(k, 0) + v
+        bar.update(1)
+
+    active = []
+    for st in states:
+        (commit if st.done else active.append)(st)
+    q0, h0 = prefix_cache_counters(llm)
+    while active:
+        builts, owners = [], []
+        for st in active:
+            rng = random.Random(f"{cfg.engine.seed}:{st.name}:{st.rounds}")
+            for j in range(a.requests_per_round):
+                k = min(a.examples_per_request, len(st.pool.questions))
+                ex = rng.sample(st.pool.questions, k)
+                examples = "\n".join(f"{n}. {q}" for n, q in enumerate(ex, 1))
+                msgs = [Message("system", [str(spec["system"])]),
+                        Message("user", fill(spec["user"], risk_type=st.name.replace("_", " "),
+                                             category=str(st.info.get("category", "")),
+                                             description=str(st.info.get("description", "")),
+                                             examples=examples, n=str(a.new_per_request)))]
+                builts.append(builder.build(msgs, a.sampling.max_tokens))
+                owners.append((st, f"{st.name}:{st.rounds}:{j}"))
+        params = params_for(a.sampling, cfg.engine.seed, [k for _, k in owners], True)
+        gens = generate_built(llm, builts, params)
+        for (st, key), b, g in zip(owners, builts, gens):
+            if g is None:
+                st.rejected.append((f"prompt skipped: {b.skip_reason}", ""))
+                continue
+            if g.finish_reason == "error":
+                st.rejected.append((f"engine error: {g.error}", ""))
+                continue
+            qs = parse_questions(g.text)
+            if g.finish_reason == "length" and qs:
+                st.generated += 1
+                st.rejected.append(("cut off at max_tokens", qs.pop()))
+            for q in qs:  # every generated question is kept or quarantined with its reason
+                st.generated += 1
+                if st.done:
+                    st.rejected.append(("not needed: the risk type already has its "
+                                        f"{st.target} questions", q))
+                elif len(q.split()) < a.min_words:
+                    st.rejected.append((f"fewer than {a.min_words} words", q))
+                elif len(q) > a.max_chars:
+                    st.rejected.append((f"longer than {a.max_chars} characters", q[:2000]))
+                else:
+                    why = st.pool.offer(q, f"round{st.rounds}")
+                    if why:
+                        st.rejected.append((why, q))
+        still = []
+        for st in active:
+            st.rounds += 1
+            if st.done or st.rounds >= a.max_rounds:
+                commit(st)
+            else:
+                still.append(st)
+        active = still
+    bar.close()
+    q1, h1 = prefix_cache_counters(llm)
+    rep.seconds = time.perf_counter() - t_start
+    rep.stats["prefix_cache_hit_rate"] = round((h1 - h0) / (q1 - q0), 4) if q1 > q0 else None
+    log.info(rep.summary())
+    return rep

@@ -1,0 +1,295 @@
+"""Prompt building: chat template, few-shot prefix, length checks, template safety.
+
+The chat template is the tokenizer's own or a configured one (``chat_template``: a built-in
+name or a .jinja file, see gen/templates.py); a tokenizer with neither is a clear error.
+
+A prompt is a list of chat messages whose contents are lists of segments: fixed text
+(our template wording, the exemplars) and :class:`Slot` values (the input under review,
+a detection turn), which may be truncated. The model's own chat template renders the
+conversation (``apply_chat_template``), but with a private sentinel in place of every
+content, so no content ever passes through the template engine. The text between the
+sentinels (the template's own markup) is tokenized with its control tokens; every content
+segment is tokenized with ``split_special_tokens=True``, so ``<|im_end|>``, ``</s>`` and
+the like inside a prompt are plain text and cannot end a turn or start a new one. Our own
+templates put the input last in its message and have no closing delimiter, and ``{input}``
+is substituted once, in our wording only, so nothing in an input is ever substituted.
+
+vLLM receives token ids (``TokensPrompt``), so the length check is exact: a prompt that
+does not fit ``max_model_len`` with its output budget is truncated (the end of each
+truncatable slot is kept) or skipped, as ``engine.overlong`` says, with the reason.
+
+All prompts of one kind start with the same system message and exemplars, so they share
+a long token prefix that vLLM's prefix cache computes once.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class TemplateError(ValueError):
+    """The chat template or a prompt file cannot be used."""
+
+
+@dataclass
+class Slot:
+    """Variable content (an input, a detection turn); ``truncatable`` slots may be cut."""
+    text: str
+    truncatable: bool = True
+
+
+Segment = str | Slot
+
+
+@dataclass
+class Message:
+    role: str
+    content: list[Segment]
+
+
+@dataclass
+class Built:
+    """One prompt ready for vLLM (``token_ids``), or a skip with its reason."""
+    token_ids: list[int] | None
+    n_tokens: int
+    truncated: bool = False
+    skip_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> bool:
+        return self.token_ids is None
+
+    def vllm_prompt(self) -> dict:
+        return {"prompt_token_ids": self.token_ids}
+
+
+# --- prompt files ------------------------------------------------------------------------
+
+def builtin_prompt_path(name: str) -> Path:
+    return Path(str(resources.files("guidealign.gen") / "prompts" / name))
+
+
+def load_prompt_file(path: str | Path | None, default: str, required: tuple[str, ...]) -> tuple[dict, str]:
+    """Load a prompt YAML (the built-in ``default`` when ``path`` is None); returns the
+    data and a hash of the file's bytes (for fingerprints)."""
+    p = Path(path) if path else builtin_prompt_path(default)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise TemplateError(f"prompt file {p}: {e}") from e
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise TemplateError(f"prompt file {p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise TemplateError(f"prompt file {p}: the top level must be a mapping")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise TemplateError(f"prompt file {p}: missing key(s) {missing}")
+    return data, hashlib.sha256(raw).hexdigest()[:16]
+
+
+def fill(template: str, **slots: Segment) -> list[Segment]:
+    """Split our wording at ``{name}`` placeholders into segments; each value is inserted
+    as given (never re-scanned, so an input containing ``{input}`` stays literal)."""
+    names = "|".join(re.escape(k) for k in slots)
+    out: list[Segment] = []
+    pos = 0
+    for m in re.finditer(r"\{(" + names + r")\}", template):
+        if m.start() > pos:
+            out.append(template[pos:m.start()])
+        v = slots[m.group(1)]
+        out.append(v if isinstance(v, Slot) else str(v))
+        pos = m.end()
+    if pos < len(template):
+        out.append(template[pos:])
+    return out
+
+
+# --- the builder ---------------------------------------------------------------------------
+
+class PromptBuilder:
+    """Renders message lists with the tokenizer's chat template into token ids."""
+
+    def __init__(self, tokenizer, max_model_len: int, overlong: str = "truncate",
+                 min_keep_tokens: int = 16, chat_template: str | None = None):
+        """``chat_template``: a built-in name or .jinja path set on ``tokenizer`` (in place);
+        None keeps the tokenizer's own, and a tokenizer without one is a TemplateError."""
+        from guidealign.gen.templates import ChatTemplateError, apply_template
+
+        if overlong not in ("truncate", "skip"):
+            raise ValueError(f"engine.overlong must be 'truncate' or 'skip', not {overlong!r}")
+        try:
+            apply_template(tokenizer, chat_template,
+                           model=getattr(tokenizer, "name_or_path", None) or "the model")
+        except ChatTemplateError as e:
+            raise TemplateError(str(e)) from e
+        self.tok = tokenizer
+        self.max_model_len = int(max_model_len)
+        self.overlong = overlong
+        self.min_keep_tokens = min_keep_tokens
+        self._render_cache: dict = {}
+
+    # tokenization: contents never parse special tokens, template markup does
+    @functools.lru_cache(maxsize=4096)
+    def _content_ids(self, text: str) -> tuple[int, ...]:
+        if not text:
+            return ()
+        return tuple(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    @functools.lru_cache(maxsize=1024)
+    def _markup_ids(self, text: str) -> tuple[int, ...]:
+        if not text:
+            return ()
+        return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _slot_ids(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) \
+            if text else []
+
+    def _markup(self, roles: tuple[str, ...]) -> list[str]:
+        """The template's markup around ``len(roles)`` contents (cached per role sequence)."""
+        hit = self._render_cache.get(roles)
+        if hit is not None:
+            return hit
+        msgs = [{"role": r, "content": _SENTINEL.format(i)} for i, r in enumerate(roles)]
+        # The template is passed explicitly: vLLM's tokenizer renders with pooled copies that
+        # do not see a template set on it after it was built (gen/templates.py).
+        tpl = getattr(self.tok, "chat_template", None)
+        kw = {"chat_template": tpl} if isinstance(tpl, str) and tpl else {}
+        try:
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise TemplateError(f"the chat template cannot render roles {roles}: {e}") from e
+        parts = _SENTINEL_RE.split(text)
+        # parts = [markup0, "0", markup1, "1", ..., markupN]
+        idx = [int(x) for x in parts[1::2]]
+        if idx != list(range(len(roles))):
+            raise TemplateError("the chat template changes or reorders message contents "
+                                "(sentinels came back as %s); it is not supported" % idx)
+        markup = parts[0::2]
+        self._render_cache[roles] = markup
+        return markup
+
+    def pieces(self, messages: list[Message]) -> list[tuple[str, object]]:
+        """(kind, value) pieces in order: ("ids", tuple) for fixed tokens, ("slot", Slot)."""
+        markup = self._markup(tuple(m.role for m in messages))
+        out: list[tuple[str, object]] = [("ids", self._markup_ids(markup[0]))]
+        for m, after in zip(messages, markup[1:]):
+            for seg in m.content:
+                if isinstance(seg, Slot):
+                    out.append(("slot", seg))
+                else:
+                    out.append(("ids", self._content_ids(seg)))
+            out.append(("ids", self._markup_ids(after)))
+        return out
+
+    def count(self, messages: list[Message]) -> int:
+        n = 0
+        for kind, v in self.pieces(messages):
+            n += len(v) if kind == "ids" else len(self._slot_ids(v.text))
+        return n
+
+    def build(self, messages: list[Message], max_tokens: int) -> Built:
+        pieces = self.pieces(messages)
+        slot_ids = {i: self._slot_ids(v.text) for i, (k, v) in enumerate(pieces) if k == "slot"}
+        total = sum(len(v) for k, v in pieces if k == "ids") + sum(len(x) for x in slot_ids.values())
+        budget = self.max_model_len - max_tokens
+        truncated = False
+        notes: list[str] = []
+        if total > budget:
+            why = (f"prompt is {total} tokens; with max_tokens {max_tokens} it exceeds "
+                   f"max_model_len {self.max_model_len}")
+            if self.overlong == "skip":
+                return Built(None, total, skip_reason=f"overlong: {why}")
+            excess = total - budget
+            for i, ids in slot_ids.items():
+                if excess <= 0:
+                    break
+                if not pieces[i][1].truncatable:
+                    continue
+                cut = min(excess, max(0, len(ids) - self.min_keep_tokens))
+                if cut > 0:
+                    slot_ids[i] = ids[cut:]  # keep the end
+                    excess -= cut
+                    truncated = True
+                    notes.append(f"slot cut from {len(ids)} to {len(ids) - cut} tokens")
+            if excess > 0:
+                return Built(None, total, skip_reason=f"overlong: {why}, even after truncation")
+            total = budget
+        ids: list[int] = []
+        for i, (k, v) in enumerate(pieces):
+            ids.extend(v if k == "ids" else slot_ids[i])
+        return Built(ids, len(ids), truncated=truncated, notes=notes)
+
+    def fit_exemplars(self, make_messages, n_available: int, max_tokens: int, reserve: int,
+                      limit: int | None, what: str) -> int:
+        """How many exemplars to use: at most ``limit``, and few enough that the prompt with an
+        empty input leaves ``reserve`` tokens plus the output budget free."""
+        n = n_available if limit is None else max(0, min(limit, n_available))
+        start = n
+        while n > 0 and self.count(make_messages(n)) + reserve + max_tokens > self.max_model_len:
+            n -= 1
+        if n < start:
+            log.warning("%s: using %d of %d exemplars so that the few-shot prefix leaves %d tokens "
+                        "for the input and %d for the output within max_model_len %d",
+                        what, n, start, reserve, max_tokens, self.max_model_len)
+        if self.count(make_messages(n)) + max_tokens >= self.max_model_len:
+            raise TemplateError(f"{what}: even without exemplars the prompt and max_tokens "
+                                f"{max_tokens} do not fit max_model_len {self.max_model_len}")
+        return n
+
+
+def clean_text(x) -> str | None:
+    """A usable prompt string, or None (null, not a string, or only whitespace)."""
+    if not isinstance(x, str) or not x.strip():
+        return None
+    return x
+
+
+# --- running built prompts -------------------------------------------------------------------
+
+def engine_max_len(llm, configured: int) -> int:
+    """The engine's real max_model_len (an injected engine may differ from the config)."""
+    try:
+        real = int(llm.llm_engine.model_config.max_model_len)
+    except Exception:  # noqa: BLE001
+        return configured
+    if real != configured:
+        log.warning("engine max_model_len is %d but the config says %d; using %d", real,
+                    configured, min(real, configured))
+    return min(real, configured)
+
+
+def generate_built(llm, builts: list[Built], params) -> list:
+    """Generate for every non-skipped prompt in one vLLM call; returns a list aligned with
+    ``builts`` holding a ``Generation`` or None (skipped). ``params`` is one SamplingParams
+    or a list aligned with ``builts``."""
+    from guidealign.gen.engine import generate
+
+    todo = [i for i, b in enumerate(builts) if not b.skipped]
+    ps = [params[i] for i in todo] if isinstance(params, list) else params
+    gens = generate(llm, [builts[i].vllm_prompt() for i in todo], ps)
+    out: list = [None] * len(builts)
+    for i, g in zip(todo, gens):
+        out[i] = g
+    return out
+
+
+def chat_template_hash(tok) -> str:
+    from guidealign.gen.engine import chat_template_text
+
+    return hashlib.sha256(chat_template_text(tok).encode()).hexdigest()[:16]

@@ -1,0 +1,205 @@
+"""The detect stage: label each prompt risky or not with the few-shot detector prompt.
+
+Reads ``WORKDIR/<detect.input>`` (``prompts`` by default), writes ``WORKDIR/detect``:
+id, prompt, risky (bool, null when the output has no verdict), rationale, raw,
+finish_reason ("stop", "length", "error", "skipped"), parse_status, truncated (output
+cut at max_tokens), input_truncated, skip_reason, prompt_tokens, output_tokens, risk_score.
+
+``detect.mode``: "rationale" (the paper; the model writes an analysis and a verdict) or
+"score" (one forward pass: the few-shot prompt with the answer begun by "Verdict:", the
+verdict read from P(Yes) vs P(No); ``risk_score`` is P(Yes) / (P(Yes) + P(No)), the
+rationale is empty, raw is the verdict line, parse_status "scored"). See gen/scoring.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from guidealign.gen.build import (Built, Message, PromptBuilder, Slot, TemplateError, chat_template_hash,
+                       clean_text, engine_max_len, fill, generate_built, load_prompt_file)
+from guidealign.gen.parse import parse_detection
+
+log = logging.getLogger(__name__)
+
+VERSION = "detect-v1"
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()),
+    ("rationale", pa.string()), ("raw", pa.string()), ("finish_reason", pa.string()),
+    ("parse_status", pa.string()), ("truncated", pa.bool_()), ("input_truncated", pa.bool_()),
+    ("skip_reason", pa.string()), ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()),
+    ("risk_score", pa.float64()),
+])
+MODES = ("rationale", "score")
+
+
+def detection_turn(analysis: str, verdict: str) -> str:
+    """How a detector answer looks (exemplars are rendered like this; the parser reads it)."""
+    return f"{analysis.strip()}\nVerdict: {verdict}"
+
+
+def _verdict(v, where: str) -> str:
+    s = {True: "Yes", False: "No"}.get(v, str(v).strip().capitalize())
+    if s not in ("Yes", "No"):
+        raise TemplateError(f"{where}: verdict must be Yes or No, not {v!r}")
+    return s
+
+
+class DetectPrompts:
+    """The detector's prompts: system message, exemplars as user/assistant turns, input last."""
+
+    def __init__(self, cfg, tok, max_model_len: int | None = None):
+        self.spec, self.spec_hash = load_prompt_file(cfg.detect.prompt_file, "detect.yaml",
+                                                     ("system", "user", "exemplars"))
+        self.exemplars = []
+        for k, ex in enumerate(self.spec["exemplars"] or []):
+            if not isinstance(ex, dict) or not {"input", "analysis", "verdict"} <= set(ex):
+                raise TemplateError(f"detect exemplar {k}: needs input, analysis and verdict")
+            self.exemplars.append((str(ex["input"]),
+                                   detection_turn(str(ex["analysis"]), _verdict(ex["verdict"], f"detect exemplar {k}"))))
+        if "{input}" not in self.spec["user"]:
+            raise TemplateError("detect prompt: the user template needs an {input} placeholder")
+        self.max_tokens = cfg.detect.sampling.max_tokens
+        self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong)
+        self.n_exemplars = self.builder.fit_exemplars(
+            lambda n: self.messages("", n), len(self.exemplars), self.max_tokens,
+            cfg.detect.reserve_input_tokens, cfg.detect.max_exemplars, "detect")
+
+    def messages(self, text: str, n: int | None = None) -> list[Message]:
+        n = self.n_exemplars if n is None else n
+        msgs = [Message("system", [str(self.spec["system"])])]
+        for inp, ans in self.exemplars[:n]:
+            msgs.append(Message("user", fill(self.spec["user"], input=inp)))
+            msgs.append(Message("assistant", [ans]))
+        msgs.append(Message("user", fill(self.spec["user"], input=Slot(text))))
+        return msgs
+
+    def build(self, text) -> Built:
+        t = clean_text(text)
+        if t is None:
+            return Built(None, 0, skip_reason="empty or non-string prompt")
+        return self.builder.build(self.messages(t), self.max_tokens)
+
+
+def config_fingerprint(cfg, tok) -> str:
+    from guidealign.gen.engine import output_fields
+    from guidealign.shards import fingerprint
+
+    _, spec_hash = load_prompt_file(cfg.detect.prompt_file, "detect.yaml", ("system", "user", "exemplars"))
+    d = cfg.detect
+    # the threshold's value counts, not the path of the file that holds it
+    threshold = None
+    if d.mode == "score":
+        from guidealign.gen.scoring import load_threshold
+
+        threshold = load_threshold(d.score_threshold, d.threshold_file)
+    d = dataclasses.replace(d, threshold_file=None)
+    return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok))
+
+
+def _row_for(pid, prompt, built: Built, gen) -> dict:
+    row = dict(id=pid, prompt=prompt, risky=None, rationale="", raw="", finish_reason="skipped",
+               parse_status="skipped", truncated=False, input_truncated=built.truncated,
+               skip_reason=built.skip_reason, prompt_tokens=built.n_tokens, output_tokens=0,
+               risk_score=None)
+    if gen is None:
+        return row
+    row.update(raw=gen.text, finish_reason=gen.finish_reason, output_tokens=gen.output_tokens,
+               truncated=gen.finish_reason == "length")
+    if gen.finish_reason == "error":
+        row.update(parse_status="error", skip_reason=f"engine error: {gen.error}")
+        return row
+    risky, rationale, status = parse_detection(gen.text)
+    row.update(risky=risky, rationale=rationale, parse_status=status)
+    return row
+
+
+def _score_row(pid, prompt, built: Built, scored, threshold: float) -> dict:
+    """A score-mode row: risky from risk_score >= threshold; raw is the verdict line."""
+    row = _row_for(pid, prompt, built, None)
+    if built.skipped:
+        return row
+    score, err = scored
+    if err is not None:
+        row.update(finish_reason="error", parse_status="error", skip_reason=f"engine error: {err}")
+        return row
+    risky = score >= threshold
+    row.update(risky=risky, risk_score=score, raw=f"Verdict: {_verdict(risky, 'score')}",
+               finish_reason="stop", parse_status="scored", output_tokens=1)
+    return row
+
+
+def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
+    """The per-shard function (shared by the stage and bench/gen.py)."""
+    from guidealign.gen import scoring
+    from guidealign.gen.engine import params_for, prefix_cache_counters
+    from guidealign.gen.yieldstats import counts, detect_usable
+
+    d = cfg.detect
+    if d.mode not in MODES:
+        raise ValueError(f"detect.mode must be one of {MODES}, not {d.mode!r}")
+    tok = tok or llm.get_tokenizer()
+    prompts = DetectPrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len))
+    s = d.sampling
+    if d.mode == "score":
+        threshold = scoring.load_threshold(d.score_threshold, d.threshold_file)
+        yes, no = scoring.verdict_token_ids(tok)
+        verdict_prefix = scoring.prefix_ids(tok)
+
+    def fn(table: pa.Table, index: int):
+        ids = [str(x) for x in table.column("id").to_pylist()]
+        texts = table.column("prompt").to_pylist()
+        builts = [prompts.build(t) for t in texts]
+        q0, h0 = prefix_cache_counters(llm)
+        t0 = time.perf_counter()
+        if d.mode == "score":
+            scored = scoring.score_prompts(
+                llm, [None if b.skipped else list(b.token_ids) + verdict_prefix for b in builts],
+                yes, no)
+            dt = time.perf_counter() - t0
+            rows = [_score_row(i, p, b, sc, threshold) for i, p, b, sc in zip(ids, texts, builts, scored)]
+        else:
+            params = params_for(s, cfg.engine.seed, ids, d.seed_per_prompt)
+            if d.structured:
+                params = scoring.with_structured(params, scoring.detect_regex())
+            gens = generate_built(llm, builts, params)
+            dt = time.perf_counter() - t0
+            rows = [_row_for(i, p, b, g) for i, p, b, g in zip(ids, texts, builts, gens)]
+        q1, h1 = prefix_cache_counters(llm)
+        if d.mode != "score":  # per request: right whatever other engines this process holds
+            done = [g for g in gens if g is not None]
+            q0, h0 = 0, 0
+            q1, h1 = sum(g.prompt_tokens for g in done), sum(g.cached_tokens for g in done)
+        out = pa.Table.from_pylist(rows, schema=SCHEMA)
+        stats = {
+            "generate_seconds": round(dt, 3),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in rows if r["finish_reason"] != "skipped"),
+            "output_tokens": sum(r["output_tokens"] for r in rows),
+            "risky": sum(1 for r in rows if r["risky"] is True),
+            "unparsed": sum(1 for r in rows if r["risky"] is None and r["finish_reason"] != "skipped"),
+            "skipped": sum(1 for r in rows if r["finish_reason"] == "skipped"),
+            "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
+            "output_truncated": sum(1 for r in rows if r["truncated"]),
+            "input_truncated": sum(1 for r in rows if r["input_truncated"]),
+            "prefix_cache_queries": q1 - q0, "prefix_cache_hits": h1 - h0,
+            **counts(rows, detect_usable),
+        }
+        return out, None, stats
+
+    fn.prompts = prompts
+    return fn
+
+
+def run_detect(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, progress: bool = True):
+    """Run detect over this rank's shards of WORKDIR/<detect.input>; returns a StageReport."""
+    from guidealign.gen.engine import load_tokenizer, run_engine_stage
+
+    src = Path(workdir) / cfg.detect.input
+    return run_engine_stage(
+        "detect", cfg, src, Path(workdir) / "detect",
+        config_fingerprint(cfg, load_tokenizer(cfg.engine, llm)), make_shard_fn, llm=llm,
+        columns=["id", "prompt"], rank=rank, world_size=world_size, progress=progress,
+        missing_hint="run ingest (or augment) on this workdir first")

@@ -1,0 +1,287 @@
+"""The one vLLM engine that a worker uses for all its shards.
+
+``build_llm`` runs vLLM's engine core in a process of its own (V1 multiprocessing, spawn),
+so nothing the engine does to its process reaches the caller: vLLM's CPU worker replaces
+``torch.set_num_threads`` with a no-op and binds OpenMP threads to cores, and vLLM writes
+``LD_PRELOAD`` and other variables into ``os.environ`` while it configures itself. The
+caller's environment is restored once the engine is up, so later subprocesses inherit
+nothing from it, and every later stage's thread setting holds. On a machine without a GPU
+it also sets the vLLM CPU settings (KV-cache size, thread binding of the engine process).
+
+``generate`` hands a whole shard's prompts to vLLM at once (its scheduler does the
+batching) and never lets one bad prompt kill the batch.
+
+Scripts that build an engine need the ``if __name__ == "__main__":`` guard: the engine
+process is started with ``spawn``, which imports the main module again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from guidealign.config.engine import EngineConfig, Sampling  # noqa: F401 - used here
+
+log = logging.getLogger(__name__)
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing
+        return False
+
+
+def apply_cpu_env(cfg: EngineConfig) -> None:
+    """vLLM CPU settings that worked on small machines; explicit env vars still win."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
+    # A model step or the engine's start-up can take minutes on a few busy cores; vLLM's own
+    # limits (300 s, 600 s) then declare a healthy engine dead.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+    os.environ.setdefault("VLLM_ENGINE_READY_TIMEOUT_S", "1800")
+    bind = cfg.cpu_threads_bind
+    if bind == "auto":
+        cores = sorted(os.sched_getaffinity(0))
+        bind = f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) \
+            else ",".join(map(str, cores))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+
+
+@contextmanager
+def engine_isolation():
+    """Build an engine without letting it change this process: the engine core runs in its
+    own (spawned) process, and on exit ``os.environ`` is put back exactly as it was and
+    ``torch.set_num_threads`` is the original function again."""
+    saved_env = dict(os.environ)
+    # Own process for the engine core (the in-process engine patches the caller); spawn,
+    # because a forked child inherits this process's OpenMP and CUDA state.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    try:
+        yield
+    finally:
+        for k in set(os.environ) - set(saved_env):
+            del os.environ[k]
+        for k, v in saved_env.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.set_num_threads is not torch._C.set_num_threads:
+            torch.set_num_threads = torch._C.set_num_threads
+
+
+def build_llm(cfg: EngineConfig):
+    """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)
+    with its engine core in a process of its own (see :func:`engine_isolation`)."""
+    from guidealign.gen import reaper
+    from guidealign.core.models import resolve
+
+    before = reaper.child_pids()
+    from guidealign.core.gpu import require_usable_gpus
+
+    require_usable_gpus()  # GPUs visible but unusable by torch: stop, never fall back to the CPU
+    with engine_isolation():
+        cpu = not has_cuda()
+        if cpu:
+            apply_cpu_env(cfg)
+        from vllm import LLM
+
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else cpu
+        kwargs = dict(
+            model=resolve(cfg.model),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enforce_eager=eager,
+            seed=cfg.seed,
+            max_num_seqs=cfg.max_num_seqs,
+            disable_log_stats=False,
+        )
+        if not cpu:
+            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+            if cfg.tensor_parallel_size > 1:
+                # multiprocessing workers on the GPUs this process was given; inside a Ray task,
+                # vLLM's Ray backend would try to reserve GPUs the task already holds
+                kwargs["distributed_executor_backend"] = "mp"
+        log.info("starting vLLM: %s", kwargs)
+        llm = LLM(**kwargs)
+    # the engine's processes end with this one, even when it is SIGKILLed
+    llm._guidealign_watchdog = reaper.guard(reaper.child_pids() - before)
+    from guidealign.gen.templates import apply_template  # the configured chat template, or the model's own
+
+    apply_template(llm.get_tokenizer(), cfg.chat_template, model=cfg.model)
+    return llm
+
+
+def close_llm(llm) -> None:
+    """Stop the engine's process now and free its memory (instead of at garbage collection)."""
+    from guidealign.gen import reaper
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    reaper.release(getattr(llm, "_guidealign_watchdog", None))
+
+
+def sampling_params(s: Sampling, seed: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                          stop=list(s.stop) or None, seed=seed,
+                          repetition_penalty=s.repetition_penalty)
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop", "length", or "error"
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+    # prompt tokens found in vLLM's prefix cache (per request, unlike the process-wide metrics
+    # registry, which follows only the newest engine of a process)
+    cached_tokens: int = 0
+
+
+def _to_generation(out) -> Generation:
+    c = out.outputs[0]
+    return Generation(text=c.text, finish_reason=str(c.finish_reason),
+                      prompt_tokens=len(out.prompt_token_ids or []),
+                      output_tokens=len(c.token_ids),
+                      cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0))
+
+
+def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generation]:
+    """Generate for all prompts in one call; if vLLM raises, split the batch in halves
+    until the bad prompt(s) are isolated, which get finish_reason "error" and the message.
+
+    ``params`` is one SamplingParams for all prompts or a list with one per prompt."""
+    if not prompts:
+        return []
+    if isinstance(params, list) and len(params) != len(prompts):
+        raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        return [_to_generation(o) for o in outs]
+    except Exception as e:  # noqa: BLE001 - request errors are isolated per prompt
+        if not is_request_error(e):
+            raise  # an engine fault: the shard is not committed, a rerun resumes it
+        if len(prompts) == 1:
+            log.warning("prompt failed in vLLM: %s", e)
+            return [Generation(text="", finish_reason="error", error=f"{type(e).__name__}: {e}")]
+        mid = len(prompts) // 2
+        p1, p2 = (params[:mid], params[mid:]) if isinstance(params, list) else (params, params)
+        return generate(llm, prompts[:mid], p1) + generate(llm, prompts[mid:], p2)
+
+
+def is_request_error(e: BaseException) -> bool:
+    """An error caused by one request (validation: too long, bad parameters), as opposed
+    to an engine fault, after which the engine cannot be trusted and the job must stop."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - older vLLM
+        VLLMClientError = ()  # noqa: N806
+    return isinstance(e, (ValueError, TypeError, VLLMClientError))
+
+
+def prefix_cache_counters(llm) -> tuple[int, int]:
+    """(queries, hits) of vLLM's prefix cache so far, in tokens; (0, 0) when unavailable."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # noqa: BLE001
+        return 0, 0
+    q = h = 0
+    for m in metrics:
+        if m.name == "vllm:prefix_cache_queries":
+            q += int(getattr(m, "value", 0))
+        elif m.name == "vllm:prefix_cache_hits":
+            h += int(getattr(m, "value", 0))
+    return q, h
+
+
+def output_fields(cfg: EngineConfig) -> dict:
+    """The engine settings that change generated text (for stage fingerprints); pure
+    performance knobs (parallelism, memory, batch size, caching, threads) are left out."""
+    return {"model": cfg.model, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+            "seed": cfg.seed, "overlong": cfg.overlong}
+
+
+def load_tokenizer(cfg: EngineConfig, llm=None):
+    """The engine's tokenizer (from ``llm`` when given, else loaded from the model dir)."""
+    if llm is not None:
+        return llm.get_tokenizer()
+    from transformers import AutoTokenizer
+
+    from guidealign.core.models import resolve
+
+    from guidealign.gen.templates import apply_template
+
+    return apply_template(AutoTokenizer.from_pretrained(resolve(cfg.model)), cfg.chat_template,
+                          model=cfg.model)
+
+
+def chat_template_text(tok) -> str:
+    """The chat template the tokenizer renders with (for fingerprints)."""
+    t = getattr(tok, "chat_template", None)
+    if t is None and hasattr(tok, "tokenizer"):
+        t = getattr(tok.tokenizer, "chat_template", None)
+    return t if isinstance(t, str) else str(t)
+
+
+def prompt_seed(base: int, key: str) -> int:
+    """A per-prompt sampling seed from the engine seed and a stable key (the prompt id)."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{base}:{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+_warned_cpu_seed = False
+
+
+def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool):
+    """One SamplingParams for all prompts, or one per prompt with its own seed
+    (only when sampling: at temperature 0 seeds change nothing)."""
+    if not per_prompt or s.temperature == 0:
+        return sampling_params(s)
+    if not has_cuda():
+        # vLLM CPU (0.32) crashes on seeded requests whose prefill is chunked ("CPU Generator
+        # does not use offset"), so on the CPU prompts share the engine's seeded generator.
+        global _warned_cpu_seed
+        if not _warned_cpu_seed:
+            log.info("per-prompt seeds are not supported by vLLM on the CPU; sampled outputs "
+                        "depend on batching there (greedy outputs do not)")
+            _warned_cpu_seed = True
+        return sampling_params(s)
+    return [sampling_params(s, seed=prompt_seed(base_seed, k)) for k in keys]
+
+
+def run_engine_stage(stage: str, cfg, src, dst, fp: str, make_shard_fn, *, llm=None,
+                     columns: list[str] | None = None, rank: int = 0, world_size: int = 1,
+                     progress: bool = True, missing_hint: str = ""):
+    """A generation stage over shards: the engine is built on the first shard that needs work
+    (or ``llm`` is used), ``make_shard_fn(cfg, llm)`` gives the per-shard function, and the
+    report carries the prefix-cache hit rate of the work done."""
+    from guidealign.shards import map_shards, read_manifest
+
+    if read_manifest(src) is None:
+        raise ValueError(f"{src} has no manifest: {missing_hint or 'run the stage before first'}")
+    holder = {"llm": llm}
+
+    def make_fn():
+        if holder["llm"] is None:
+            holder["llm"] = build_llm(cfg.engine)
+        return make_shard_fn(cfg, holder["llm"])
+
+    rep = map_shards(stage, src, dst, fp, make_fn=make_fn, rank=rank, world_size=world_size,
+                     columns=columns, progress=progress)
+    q, h = rep.stats.get("prefix_cache_queries", 0), rep.stats.get("prefix_cache_hits", 0)
+    rep.stats["prefix_cache_hit_rate"] = round(h / q, 4) if q else None
+    from guidealign.gen.yieldstats import with_yield
+
+    return with_yield(rep, dst)  # rows parsed, cut, share of tokens kept (gen/yieldstats.py)

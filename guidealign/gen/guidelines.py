@@ -1,0 +1,223 @@
+"""The guidelines stage: general guidelines per prompt (safety for risky, quality for the rest).
+
+Reads ``WORKDIR/detect``, writes ``WORKDIR/guidelines``: id, prompt, risky, kind
+("safety" | "quality" | null when skipped), guidelines (list of {title, text}), raw,
+parse_status, finish_reason, truncated (output cut at max_tokens), input_truncated,
+skip_reason, prompt_tokens, output_tokens.
+
+As in the paper, a risky prompt is shown as a conversation: the input, the detector's
+answer, then the request for guidelines; its exemplars are laid out the same way. Both
+prompt kinds start with a fixed system message and exemplars, the prefix vLLM caches.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from guidealign.gen.build import (Built, Message, PromptBuilder, Slot, TemplateError, chat_template_hash,
+                       clean_text, engine_max_len, fill, generate_built, load_prompt_file)
+from guidealign.gen.detect import _verdict, detection_turn
+from guidealign.gen.parse import parse_guidelines
+
+log = logging.getLogger(__name__)
+
+VERSION = "guidelines-v1"
+GUIDELINE_TYPE = pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()), ("kind", pa.string()),
+    ("guidelines", GUIDELINE_TYPE), ("raw", pa.string()), ("parse_status", pa.string()),
+    ("finish_reason", pa.string()), ("truncated", pa.bool_()), ("input_truncated", pa.bool_()),
+    ("skip_reason", pa.string()), ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()),
+])
+_SAFETY_KEYS = ("system", "user", "request", "exemplars")
+_QUALITY_KEYS = ("system", "user", "exemplars")
+
+
+def guidelines_turn(items: list) -> str:
+    """How a guideline answer looks: "N. Title: text" lines (exemplars; the parser reads it)."""
+    return "\n".join(f"{k}. {g['title'].strip()}: {g['text'].strip()}" for k, g in enumerate(items, 1))
+
+
+def _check_items(ex: dict, where: str) -> list:
+    items = ex.get("guidelines")
+    if not isinstance(items, list) or not items or not all(
+            isinstance(g, dict) and {"title", "text"} <= set(g) for g in items):
+        raise TemplateError(f"{where}: guidelines must be a non-empty list of {{title, text}}")
+    return items
+
+
+class GuidelinePrompts:
+    def __init__(self, cfg, tok, max_model_len: int | None = None):
+        g = cfg.guidelines
+        self.safety, _ = load_prompt_file(g.safety_prompt_file, "safety_guidelines.yaml", _SAFETY_KEYS)
+        self.quality, _ = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
+        for spec, name in ((self.safety, "safety"), (self.quality, "quality")):
+            if "{input}" not in spec["user"]:
+                raise TemplateError(f"{name} guideline prompt: the user template needs {{input}}")
+        self.safety_ex = []
+        for k, ex in enumerate(self.safety["exemplars"] or []):
+            where = f"safety exemplar {k}"
+            if not isinstance(ex, dict) or not {"input", "analysis", "verdict"} <= set(ex):
+                raise TemplateError(f"{where}: needs input, analysis, verdict and guidelines")
+            self.safety_ex.append((str(ex["input"]),
+                                   detection_turn(str(ex["analysis"]), _verdict(ex["verdict"], where)),
+                                   guidelines_turn(_check_items(ex, where))))
+        self.quality_ex = []
+        for k, ex in enumerate(self.quality["exemplars"] or []):
+            where = f"quality exemplar {k}"
+            if not isinstance(ex, dict) or "input" not in ex:
+                raise TemplateError(f"{where}: needs input and guidelines")
+            self.quality_ex.append((str(ex["input"]), guidelines_turn(_check_items(ex, where))))
+        self.max_tokens = g.sampling.max_tokens
+        self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong)
+        self.n_safety = self.builder.fit_exemplars(
+            lambda n: self.safety_messages("", "", n), len(self.safety_ex), self.max_tokens,
+            g.reserve_input_tokens, g.max_safety_exemplars, "safety guidelines")
+        self.n_quality = self.builder.fit_exemplars(
+            lambda n: self.quality_messages("", n), len(self.quality_ex), self.max_tokens,
+            g.reserve_input_tokens, g.max_quality_exemplars, "quality guidelines")
+
+    def safety_messages(self, text: str, detection: str, n: int | None = None) -> list[Message]:
+        n = self.n_safety if n is None else n
+        s = self.safety
+        msgs = [Message("system", [str(s["system"])])]
+        for inp, det, gl in self.safety_ex[:n]:
+            msgs += [Message("user", fill(s["user"], input=inp)), Message("assistant", [det]),
+                     Message("user", [str(s["request"])]), Message("assistant", [gl])]
+        # the detection turn is cut before the input when the prompt is too long
+        msgs += [Message("user", fill(s["user"], input=Slot(text))),
+                 Message("assistant", [Slot(detection)]), Message("user", [str(s["request"])])]
+        return msgs
+
+    def quality_messages(self, text: str, n: int | None = None) -> list[Message]:
+        n = self.n_quality if n is None else n
+        q = self.quality
+        msgs = [Message("system", [str(q["system"])])]
+        for inp, gl in self.quality_ex[:n]:
+            msgs += [Message("user", fill(q["user"], input=inp)), Message("assistant", [gl])]
+        msgs.append(Message("user", fill(q["user"], input=Slot(text))))
+        return msgs
+
+    def build(self, text, kind: str, detection: str | None) -> Built:
+        t = clean_text(text)
+        if t is None:
+            return Built(None, 0, skip_reason="empty or non-string prompt")
+        if kind == "safety":
+            msgs = self.safety_messages(t, (detection or "").strip())
+            return _build_detection_first(self.builder, msgs, self.max_tokens)
+        return self.builder.build(self.quality_messages(t), self.max_tokens)
+
+
+def _build_detection_first(builder: PromptBuilder, msgs: list[Message], max_tokens: int) -> Built:
+    """Build with the detection turn as the first slot to cut (it is the less important)."""
+    inp_msg = msgs[-3]
+    # PromptBuilder cuts slots in prompt order: put a non-truncatable copy of the input first
+    # when the detection turn alone can absorb the excess.
+    first = builder.build(
+        msgs[:-3] + [Message(inp_msg.role, [Slot(s.text, False) if isinstance(s, Slot) else s
+                                            for s in inp_msg.content])] + msgs[-2:], max_tokens)
+    if not first.skipped or builder.overlong == "skip":
+        return first
+    return builder.build(msgs, max_tokens)
+
+
+def config_fingerprint(cfg, tok) -> str:
+    from guidealign.gen.engine import output_fields
+    from guidealign.shards import fingerprint
+
+    g = cfg.guidelines
+    _, h1 = load_prompt_file(g.safety_prompt_file, "safety_guidelines.yaml", _SAFETY_KEYS)
+    _, h2 = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
+    return fingerprint(VERSION, output_fields(cfg.engine), g, h1, h2, chat_template_hash(tok))
+
+
+def kind_for(risky, unknown: str) -> str | None:
+    if risky is True:
+        return "safety"
+    if risky is False:
+        return "quality"
+    if unknown not in ("safety", "quality", "skip"):
+        raise ValueError(f"guidelines.unknown_verdict must be safety, quality or skip, not {unknown!r}")
+    return None if unknown == "skip" else unknown
+
+
+def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
+    from guidealign.gen import scoring
+    from guidealign.gen.engine import params_for, prefix_cache_counters
+    from guidealign.gen.yieldstats import counts, guidelines_usable
+
+    tok = tok or llm.get_tokenizer()
+    prompts = GuidelinePrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len))
+    g = cfg.guidelines
+    kind_for(None, g.unknown_verdict)  # validate early
+
+    def fn(table: pa.Table, index: int):
+        ids = [str(x) for x in table.column("id").to_pylist()]
+        texts = table.column("prompt").to_pylist()
+        riskys = table.column("risky").to_pylist()
+        raws = table.column("raw").to_pylist()
+        kinds, builts = [], []
+        for t, r, raw in zip(texts, riskys, raws):
+            k = kind_for(r, g.unknown_verdict)
+            kinds.append(k)
+            if k is None:
+                builts.append(Built(None, 0, skip_reason="detection has no verdict "
+                                                         "(guidelines.unknown_verdict=skip)"))
+            else:
+                builts.append(prompts.build(t, k, raw))
+        params = params_for(g.sampling, cfg.engine.seed, ids, g.seed_per_prompt)
+        if g.structured:
+            params = scoring.with_structured(params, scoring.guidelines_regex())
+        q0, h0 = prefix_cache_counters(llm)
+        t0 = time.perf_counter()
+        gens = generate_built(llm, builts, params)
+        dt = time.perf_counter() - t0
+        q1, h1 = prefix_cache_counters(llm)
+        rows = []
+        for pid, text, r, k, b, gen in zip(ids, texts, riskys, kinds, builts, gens):
+            row = dict(id=pid, prompt=text, risky=r, kind=k if not b.skipped else None,
+                       guidelines=[], raw="", parse_status="skipped", finish_reason="skipped",
+                       truncated=False, input_truncated=b.truncated, skip_reason=b.skip_reason,
+                       prompt_tokens=b.n_tokens, output_tokens=0)
+            if gen is not None:
+                row.update(raw=gen.text, finish_reason=gen.finish_reason,
+                           truncated=gen.finish_reason == "length", output_tokens=gen.output_tokens)
+                if gen.finish_reason == "error":
+                    row.update(parse_status="error", skip_reason=f"engine error: {gen.error}")
+                else:
+                    items, status = parse_guidelines(gen.text)
+                    row.update(guidelines=items, parse_status=status)
+            rows.append(row)
+        stats = {
+            "generate_seconds": round(dt, 3),
+            "output_tokens": sum(r["output_tokens"] for r in rows),
+            "safety": sum(1 for r in rows if r["kind"] == "safety"),
+            "quality": sum(1 for r in rows if r["kind"] == "quality"),
+            "guidelines": sum(len(r["guidelines"]) for r in rows),
+            "unparsed": sum(1 for r in rows if r["parse_status"] in ("missing", "empty")),
+            "skipped": sum(1 for r in rows if r["finish_reason"] == "skipped"),
+            "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
+            "output_truncated": sum(1 for r in rows if r["truncated"]),
+            "input_truncated": sum(1 for r in rows if r["input_truncated"]),
+            "prefix_cache_queries": q1 - q0, "prefix_cache_hits": h1 - h0,
+            **counts(rows, guidelines_usable),
+        }
+        return pa.Table.from_pylist(rows, schema=SCHEMA), None, stats
+
+    fn.prompts = prompts
+    return fn
+
+
+def run_guidelines(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None,
+                   progress: bool = True):
+    """Run the guidelines stage over this rank's shards of WORKDIR/detect."""
+    from guidealign.gen.engine import load_tokenizer, run_engine_stage
+
+    return run_engine_stage(
+        "guidelines", cfg, Path(workdir) / "detect", Path(workdir) / "guidelines",
+        config_fingerprint(cfg, load_tokenizer(cfg.engine, llm)), make_shard_fn, llm=llm,
+        columns=["id", "prompt", "risky", "raw"], rank=rank, world_size=world_size,
+        progress=progress, missing_hint="run detect on this workdir first")

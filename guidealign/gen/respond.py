@@ -1,0 +1,309 @@
+"""The respond stage: each prompt answered by vLLM with its retrieved guidelines.
+
+Guided (the aligned dataset): the guidelines that retrieval picked for a prompt go into
+the system message, introduced as guidelines to follow; the model's own chat template
+builds the final prompt and decoding is greedy (as in the paper). Unguided
+(``--no-guidelines``): the same prompts answered without guidelines, the baseline that
+evaluation compares against.
+
+The responder may be its own model (``respond.engine``: keys over ``engine``; the paper
+answers with Vicuna-13B, not the model that wrote the guidelines), and the prompt may show
+``respond.num_exemplars`` example conversations (gen/prompts/respond_exemplars.yaml; the
+paper: 2) as earlier turns, in guided and unguided prompts alike.
+
+Input: ``WORKDIR/retrieve`` (id, prompt, guideline_ids, guideline_texts, scores) when
+guided, the prompt set (``respond.prompts``; default ``prompts``, or ``prompts-sft`` when
+the config has ``inputs_sft``) when unguided. Output shard i of
+``WORKDIR/respond`` (``respond-baseline`` when unguided) comes from input shard i:
+id, prompt, guideline_ids, guideline_texts, response, finish_reason, model, plus
+prompt_tokens, output_tokens and note (what was done to the prompt, e.g. truncation).
+
+Bad input never kills a shard: every prompt is tokenized and length-checked first;
+an overlong one is truncated (lowest-ranked guidelines dropped first, then the start of
+the user text) or skipped, per ``engine.overlong``; skipped and empty prompts go to the
+shard's quarantine table with their reason; an engine error on one prompt gives that row
+finish_reason "error" with the message in ``note``.
+
+Chats are rendered into token ids by gen.build's PromptBuilder (template markup with
+control tokens, contents as plain text).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from guidealign.config.gen import DEFAULT_GUIDED_SYSTEM, RespondConfig  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+RESPOND_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()),
+    ("guideline_ids", pa.list_(pa.string())), ("guideline_texts", pa.list_(pa.string())),
+    ("response", pa.string()), ("finish_reason", pa.string()), ("model", pa.string()),
+    ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()), ("note", pa.string()),
+])
+QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
+                               ("reason", pa.string())])
+
+
+
+def format_guidelines(texts: list[str]) -> str:
+    return "\n".join(f"{i}. {t.strip()}" for i, t in enumerate(texts, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _exemplars(path: str | None) -> tuple[tuple[tuple[tuple[str, str], ...], str]]:
+    from guidealign.gen.build import TemplateError, load_prompt_file
+
+    data, h = load_prompt_file(path, "respond_exemplars.yaml", ("exemplars",))
+    out = []
+    for i, ex in enumerate(data["exemplars"] or []):
+        if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str) \
+                or not isinstance(ex.get("answer"), str):
+            raise TemplateError(f"respond exemplar {i}: needs string keys prompt and answer")
+        out.append((ex["prompt"].strip(), ex["answer"].strip()))
+    return tuple(out), h
+
+
+def load_exemplars(cfg: RespondConfig) -> tuple[list[tuple[str, str]], str]:
+    """The first ``num_exemplars`` (prompt, answer) pairs and the file's hash."""
+    from guidealign.gen.build import TemplateError
+
+    exs, h = _exemplars(cfg.exemplars_file)
+    if cfg.num_exemplars < 0 or cfg.num_exemplars > len(exs):
+        raise TemplateError(f"respond.num_exemplars is {cfg.num_exemplars}; the exemplars file "
+                            f"has {len(exs)}")
+    return list(exs[:cfg.num_exemplars]), h
+
+
+def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> list[dict]:
+    """The chat a prompt is answered in: system message with the guidelines, the example
+    conversations (``num_exemplars``), then the user."""
+    msgs = []
+    if guidelines:
+        msgs.append({"role": "system",
+                     "content": cfg.guided_system.replace("{guidelines}", format_guidelines(guidelines))})
+    elif cfg.unguided_system:
+        msgs.append({"role": "system", "content": cfg.unguided_system})
+    if cfg.num_exemplars:
+        for q, a in load_exemplars(cfg)[0]:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    msgs.append({"role": "user", "content": prompt})
+    return msgs
+
+
+def respond_engine(cfg):
+    """The responder's EngineConfig: ``engine`` with ``respond.engine``'s keys over it."""
+    import dataclasses
+
+    from guidealign.config import _build
+    from guidealign.gen.engine import EngineConfig
+
+    if not cfg.respond.engine:
+        return cfg.engine
+    return _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine},
+                  "respond.engine")
+
+
+def with_respond_engine(cfg):
+    """``cfg`` with ``engine`` replaced by the responder's (a shallow copy)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, engine=respond_engine(cfg)) if cfg.respond.engine else cfg
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """Ids of content text: special-token strings in it (``<|im_end|>``...) stay plain text."""
+    return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def chat_ids(tok, messages: list[dict]) -> list[int]:
+    """Token ids of the chat with the assistant turn opened, built by gen.build's
+    PromptBuilder: the template's markup is tokenized with control tokens, the contents
+    without, so a prompt cannot close its turn or open a system turn of its own."""
+    from guidealign.gen.build import Message, PromptBuilder
+
+    built = PromptBuilder(tok, max_model_len=sys.maxsize).build(
+        [Message(m["role"], [m["content"]]) for m in messages], max_tokens=0)
+    return built.token_ids
+
+
+@dataclass
+class Prepared:
+    ids: list[int] | None  # None: skipped
+    guideline_ids: list[str]
+    guideline_texts: list[str]
+    note: str = ""
+
+
+def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts: list[str],
+                   budget: int, overlong: str) -> Prepared:
+    """Build and length-check one prompt: ids fit ``budget`` (max_model_len - max_tokens),
+    or are truncated / skipped per ``overlong`` with the reason in ``note``."""
+    ids = chat_ids(tok, build_messages(cfg, prompt, gtexts))
+    if len(ids) <= budget:
+        return Prepared(ids, gids, gtexts)
+    why = f"overlong: {len(ids)} prompt tokens > {budget} (max_model_len - max_tokens)"
+    if overlong != "truncate":
+        return Prepared(None, gids, gtexts, why)
+    notes = [why]
+    user_ids = text_ids(tok, prompt)
+    # Drop lowest-ranked guidelines while the rest of the chat leaves too little room for the user.
+    kept_ids, kept_texts = list(gids), list(gtexts)
+    overhead = len(ids) - len(user_ids)
+    while kept_texts and budget - overhead < cfg.min_user_tokens:
+        kept_ids.pop()
+        kept_texts.pop()
+        overhead = len(chat_ids(tok, build_messages(cfg, prompt, kept_texts))) - len(user_ids)
+    if len(kept_texts) < len(gtexts):
+        notes.append(f"dropped {len(gtexts) - len(kept_texts)} lowest-ranked guideline(s)")
+    keep = budget - overhead
+    if keep < cfg.min_user_tokens:
+        notes.append(f"only {keep} tokens left for the user text (< min_user_tokens)")
+        return Prepared(None, gids, gtexts, "; ".join(notes))
+    # Keep the end of the user text (the question is usually last); re-check after decoding.
+    for _ in range(8):
+        text = tok.decode(user_ids[-keep:], skip_special_tokens=False) if keep < len(user_ids) else prompt
+        ids = chat_ids(tok, build_messages(cfg, text, kept_texts))
+        if len(ids) <= budget:
+            if text != prompt:
+                notes.append(f"user text truncated to its last {keep} of {len(user_ids)} tokens")
+            return Prepared(ids, kept_ids, kept_texts, "; ".join(notes))
+        keep -= len(ids) - budget
+        if keep < cfg.min_user_tokens:
+            break
+    notes.append("could not truncate to fit")
+    return Prepared(None, gids, gtexts, "; ".join(notes))
+
+
+def _as_list(v) -> list[str]:
+    return [str(x) for x in v if x is not None] if v else []
+
+
+def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
+    """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
+    from guidealign.gen.build import engine_max_len
+    from guidealign.gen.engine import generate, sampling_params
+
+    rcfg: RespondConfig = cfg.respond
+    ecfg = cfg.engine
+    from guidealign.gen.templates import apply_template
+
+    tok = apply_template(llm.get_tokenizer(), ecfg.chat_template, model=ecfg.model)
+    load_exemplars(rcfg)  # a bad exemplars file fails here, not once per row
+    max_len = engine_max_len(llm, ecfg.max_model_len)  # an injected engine may be shorter
+    budget = max_len - rcfg.sampling.max_tokens
+    if budget <= 0:
+        raise ValueError(f"respond.sampling.max_tokens ({rcfg.sampling.max_tokens}) leaves no room "
+                         f"for a prompt in the engine's max_model_len ({max_len})")
+    # No per-request seed: greedy decoding needs none, and vLLM on the CPU crashes on seeded
+    # requests whose prefill is chunked; the engine itself is seeded (engine.seed).
+    params = sampling_params(rcfg.sampling)
+
+    def fn(table: pa.Table, index: int):
+        from vllm.inputs import TokensPrompt
+
+        rows = table.to_pylist()
+        out = {k: [] for k in RESPOND_SCHEMA.names}
+        quarantine = {k: [] for k in QUARANTINE_SCHEMA.names}
+        stats = {"truncated": 0, "skipped": 0, "errors": 0, "length": 0,
+                 "prompt_tokens": 0, "output_tokens": 0}
+        todo: list[tuple[dict, Prepared]] = []
+        for r in rows:
+            pid, prompt = r.get("id"), r.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                quarantine["id"].append(pid)
+                quarantine["prompt"].append(prompt if isinstance(prompt, str) else None)
+                quarantine["reason"].append("empty prompt" if isinstance(prompt, str) else "missing prompt")
+                stats["skipped"] += 1
+                continue
+            gids, gtexts = (_as_list(r.get("guideline_ids")), _as_list(r.get("guideline_texts"))) \
+                if guided else ([], [])
+            if len(gids) != len(gtexts):
+                gids = (gids + [""] * len(gtexts))[:len(gtexts)]
+            if rcfg.max_guidelines > 0:
+                gids, gtexts = gids[:rcfg.max_guidelines], gtexts[:rcfg.max_guidelines]
+            try:
+                p = prepare_prompt(tok, rcfg, prompt, gids, gtexts, budget, ecfg.overlong)
+            except Exception as e:  # noqa: BLE001 - a tokenizer/template error is this row's problem
+                p = Prepared(None, gids, gtexts, f"prompt building failed: {type(e).__name__}: {e}")
+            if p.ids is None:
+                quarantine["id"].append(pid)
+                quarantine["prompt"].append(prompt)
+                quarantine["reason"].append(p.note)
+                stats["skipped"] += 1
+                continue
+            if p.note:
+                stats["truncated"] += 1
+            todo.append((r, p))
+        gens = generate(llm, [TokensPrompt(prompt_token_ids=p.ids) for _, p in todo], params)
+        for (r, p), g in zip(todo, gens):
+            note = p.note
+            if g.error:
+                note = f"{note}; {g.error}" if note else g.error
+                stats["errors"] += 1
+            if g.finish_reason == "length":
+                stats["length"] += 1
+            stats["prompt_tokens"] += len(p.ids)
+            stats["output_tokens"] += g.output_tokens
+            out["id"].append(r["id"])
+            out["prompt"].append(r["prompt"])
+            out["guideline_ids"].append(p.guideline_ids)
+            out["guideline_texts"].append(p.guideline_texts)
+            out["response"].append(g.text)
+            out["finish_reason"].append(g.finish_reason)
+            out["model"].append(model_name)
+            out["prompt_tokens"].append(len(p.ids))
+            out["output_tokens"].append(g.output_tokens)
+            out["note"].append(note)
+        q = pa.Table.from_pydict(quarantine, schema=QUARANTINE_SCHEMA) if quarantine["id"] else None
+        return pa.Table.from_pydict(out, schema=RESPOND_SCHEMA), q, stats
+
+    return fn
+
+
+def respond_fingerprint(cfg, guided: bool) -> str:
+    from guidealign.shards import fingerprint
+
+    from guidealign.gen.templates import template_hash
+
+    e = respond_engine(cfg)
+    extra = {}
+    if e.chat_template:
+        extra["chat_template"] = template_hash(e.chat_template)
+    if cfg.respond.num_exemplars:
+        extra["exemplars"] = load_exemplars(cfg.respond)[1]
+    return fingerprint("respond/v1", cfg.respond, guided,
+                       {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
+                        "overlong": e.overlong, "seed": e.seed, **extra})
+
+
+def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, guided: bool = True,
+                src: str | None = None, dst: str | None = None, progress: bool = True):
+    """Answer every prompt of this rank's shards (skipping committed ones); returns a StageReport.
+
+    ``src`` defaults to "retrieve" (guided) or the prompt set (unguided, ``respond.prompts``);
+    ``dst`` to "respond" or "respond-baseline". Both are names under ``workdir`` or paths.
+    ``llm`` is built lazily from the responder's engine (``respond.engine`` over ``engine``)
+    on the first shard that needs work.
+    """
+    from guidealign.gen.engine import run_engine_stage
+    from guidealign.config import prompt_set
+
+    workdir = Path(workdir)
+    fp = respond_fingerprint(cfg, guided)
+    cfg = with_respond_engine(cfg)
+    src = src or ("retrieve" if guided else prompt_set(cfg, cfg.respond.prompts))
+    dst = dst or ("respond" if guided else "respond-baseline")
+    columns = ["id", "prompt"] + (["guideline_ids", "guideline_texts"] if guided else [])
+    return run_engine_stage(
+        "respond" if guided else "respond-baseline", cfg, workdir / src, workdir / dst,
+        fp,
+        lambda c, engine: make_respond_fn(c, engine, guided=guided, model_name=c.engine.model),
+        llm=llm, columns=columns, rank=rank, world_size=world_size, progress=progress,
+        missing_hint="run retrieve on this workdir first" if guided else "run ingest first")

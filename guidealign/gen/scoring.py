@@ -1,0 +1,152 @@
+"""Engine helpers beyond plain generation: verdict scoring and structured outputs.
+
+Scoring (``detect.mode: score``): the detect prompt is the same few-shot conversation,
+with the assistant's turn begun by the verdict label ("Verdict:"), so the next token is
+the verdict. One forward pass with ``max_tokens=1`` returns the log-probabilities of the
+"Yes" and "No" tokens; ``risk_score = P(Yes) / (P(Yes) + P(No))``, and a prompt is risky
+when its score reaches a threshold calibrated on labelled prompts (bench/detect_modes.py).
+
+Structured outputs (``detect.structured``, ``guidelines.structured``): vLLM's
+``StructuredOutputsParams`` with a regular expression of the format the exemplars show
+and the parsers read ("<analysis>\\nVerdict: Yes|No"; "1. Title: text" lines), so an
+output that finishes always parses.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VERDICT_PREFIX = "Verdict:"
+# Token spellings of each verdict after "Verdict:"; those that are one token are scored.
+_YES = (" Yes", "Yes", " yes")
+_NO = (" No", "No", " no")
+
+
+def verdict_token_ids(tok) -> tuple[list[int], list[int]]:
+    """Single-token spellings of Yes and No in this tokenizer."""
+    def one(words):
+        out = []
+        for w in words:
+            ids = tok.encode(w, add_special_tokens=False)
+            if len(ids) == 1 and ids[0] not in out:
+                out.append(ids[0])
+        return out
+
+    yes, no = one(_YES), one(_NO)
+    if not yes or not no:
+        raise ValueError("detect.mode=score: this tokenizer has no single-token Yes/No")
+    return yes, no
+
+
+def prefix_ids(tok, text: str = VERDICT_PREFIX) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def score_params(yes: list[int], no: list[int]):
+    """Greedy, one token, with the log-probabilities of exactly the verdict tokens."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(yes) + list(no))
+
+
+def _logsumexp(xs: list[float]) -> float:
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def score_from_logprobs(step: dict, yes: list[int], no: list[int]) -> float | None:
+    """P(Yes) / (P(Yes) + P(No)) from one position's {token_id: Logprob}; None when absent."""
+    def lp(ids):
+        vals = [getattr(step[i], "logprob", step[i]) for i in ids if i in step]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        return _logsumexp(vals) if vals else None
+
+    y, n = lp(yes), lp(no)
+    if y is None or n is None:
+        return None
+    return 1.0 / (1.0 + math.exp(n - y))
+
+
+def score_prompts(llm, token_ids: list[list[int] | None], yes: list[int], no: list[int]):
+    """[(score | None, error | None)] for each prompt (None ids: skipped, (None, None)).
+    A prompt vLLM rejects gets its error; the others are scored in one call."""
+    from guidealign.gen.engine import is_request_error
+
+    params = score_params(yes, no)
+    todo = [i for i, t in enumerate(token_ids) if t is not None]
+    out: list[tuple[float | None, str | None]] = [(None, None)] * len(token_ids)
+
+    def run(idx: list[int]):
+        if not idx:
+            return
+        try:
+            res = llm.generate([{"prompt_token_ids": token_ids[i]} for i in idx], params,
+                               use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - isolate the request that fails
+            if not is_request_error(e):
+                raise
+            if len(idx) == 1:
+                out[idx[0]] = (None, f"{type(e).__name__}: {e}")
+                return
+            mid = len(idx) // 2
+            run(idx[:mid])
+            run(idx[mid:])
+            return
+        for i, r in zip(idx, res):
+            lps = r.outputs[0].logprobs
+            s = score_from_logprobs(lps[0], yes, no) if lps else None
+            out[i] = (s, None if s is not None else "no verdict log-probabilities returned")
+
+    run(todo)
+    return out
+
+
+def load_threshold(value: float, path: str | None) -> float:
+    """The decision threshold: ``path`` (JSON with a "threshold" key, as written by
+    bench/detect_modes.py --write-threshold) when given, else ``value``."""
+    if not path:
+        return float(value)
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"detect.threshold_file {path} does not exist; write it with "
+                         "bench/detect_modes.py --write-threshold")
+    t = json.loads(p.read_text()).get("threshold")
+    if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise ValueError(f"{path}: 'threshold' must be a number in [0, 1], not {t!r}")
+    return float(t)
+
+
+# --- structured outputs --------------------------------------------------------------------
+
+def detect_regex(max_lines: int = 8) -> str:
+    """An analysis of 1 to max_lines non-empty lines, then the verdict line. (Long counted
+    repetitions such as ``[^\\n]{0,400}`` make xgrammar's regex compiler time out, so the
+    length of a line is left to max_tokens.)"""
+    return r"[^\n]+(\n[^\n]+){0,%d}\nVerdict: (Yes|No)" % (max_lines - 1)
+
+
+def guidelines_regex(min_items: int = 5, max_items: int = 7) -> str:
+    """min_items to max_items numbered "N. Title: text" lines; a title is 1-8 words (the
+    parser takes at most 12 words before the colon as a title)."""
+    item = r"%d\. [A-Z][^:\n ]+( [^:\n ]+){0,7}: [^\n]+"
+    parts = [item % k for k in range(1, max_items + 1)]
+    head = r"\n".join(parts[:min_items])
+    tail = "".join(r"(\n" + p for p in parts[min_items:]) + ")?" * (max_items - min_items)
+    return head + tail
+
+
+def with_structured(params, regex: str):
+    """Copies of ``params`` (one SamplingParams or a list) constrained to ``regex``."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    def one(p):
+        q = copy.deepcopy(p)
+        q.structured_outputs = StructuredOutputsParams(regex=regex)
+        return q
+
+    return [one(p) for p in params] if isinstance(params, list) else one(params)

@@ -1,0 +1,140 @@
+"""Yield of the generation stages: how much of what the engine generated is kept.
+
+Per shard, a generation stage records five counts in its marker's stats:
+
+- ``yield_rows_in``: rows the shard read,
+- ``yield_rows_parsed``: rows whose output is usable downstream (detect: a verdict;
+  guidelines: at least one guideline; respond: an answer SFT keeps),
+- ``yield_rows_cut``: rows whose output stopped at the length cap (``max_tokens``),
+- ``yield_tokens_generated``: output tokens the engine generated for the shard,
+- ``yield_tokens_kept``: output tokens of the usable rows.
+
+``map_shards`` sums numeric stats into the stage report, and ``guidealign status`` sums
+them over the committed markers. Stages whose markers lack them (respond, which keeps
+its own stats) are read from their shards' columns instead, with SFT's default rule:
+an answer is kept when it finished on its own ("stop") and is not empty.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+KEYS = ("yield_rows_in", "yield_rows_parsed", "yield_rows_cut",
+        "yield_tokens_generated", "yield_tokens_kept")
+
+# What SFT keeps by default (sft.keep_finish_reasons).
+RESPOND_KEEP = ("stop",)
+
+
+def counts(rows: list[dict], usable) -> dict:
+    """The five yield counts of a shard's output rows; ``usable(row)`` says a row is kept.
+    Rows need ``finish_reason`` and ``output_tokens``."""
+    out = dict.fromkeys(KEYS, 0)
+    for r in rows:
+        out["yield_rows_in"] += 1
+        n = int(r.get("output_tokens") or 0)
+        out["yield_tokens_generated"] += n
+        if r.get("finish_reason") == "length":
+            out["yield_rows_cut"] += 1
+        if usable(r):
+            out["yield_rows_parsed"] += 1
+            out["yield_tokens_kept"] += n
+    return out
+
+
+def detect_usable(r: dict) -> bool:
+    return r.get("risky") is not None
+
+
+def guidelines_usable(r: dict) -> bool:
+    return bool(r.get("guidelines"))
+
+
+def respond_usable(r: dict, keep=RESPOND_KEEP) -> bool:
+    return r.get("finish_reason") in keep and bool((r.get("response") or "").strip())
+
+
+_USABLE = {"detect": detect_usable, "guidelines": guidelines_usable, "respond": respond_usable,
+           "respond-baseline": respond_usable}
+_COLUMNS = {"detect": ["risky", "finish_reason", "output_tokens"],
+            "guidelines": ["guidelines", "finish_reason", "output_tokens"],
+            "respond": ["response", "finish_reason", "output_tokens"],
+            "respond-baseline": ["response", "finish_reason", "output_tokens"]}
+
+
+def has_counts(stats: dict | None) -> bool:
+    return bool(stats) and all(k in stats for k in KEYS)
+
+
+def shard_counts(dataset: str | Path, index: int, marker=None, stage: str | None = None) -> dict | None:
+    """A committed shard's yield counts: from its marker's stats, else from its columns
+    (detect, guidelines, respond); None for other datasets."""
+    from guidealign.shards import read_marker, read_table
+
+    dataset = Path(dataset)
+    m = marker if marker is not None else read_marker(dataset, index)
+    if m is None:
+        return None
+    if has_counts(m.stats):
+        return {k: m.stats[k] for k in KEYS}
+    stage = stage or dataset.name
+    usable = _USABLE.get(stage)
+    if usable is None:
+        return None
+    try:
+        rows = read_table(dataset, index, _COLUMNS[stage]).to_pylist()
+    except Exception:  # noqa: BLE001 - an older layout without these columns: no yield
+        return None
+    return counts(rows, usable)
+
+
+def dataset_counts(dataset: str | Path, stage: str | None = None) -> dict | None:
+    """Yield counts summed over a dataset's committed shards (None: not a generated dataset)."""
+    from guidealign.shards import read_manifest
+    from guidealign.shards.layout import shard_indices
+
+    dataset = Path(dataset)
+    man = read_manifest(dataset)
+    if man is None:
+        return None
+    total, seen = dict.fromkeys(KEYS, 0), False
+    for i in shard_indices(dataset):
+        if i >= int(man.get("num_shards", 0)):
+            continue
+        c = shard_counts(dataset, i, stage=stage)
+        if c is None:
+            continue
+        seen = True
+        for k in KEYS:
+            total[k] += int(c[k])
+    return total if seen else None
+
+
+def kept_share(c: dict) -> float | None:
+    g = c.get("yield_tokens_generated", 0)
+    return round(c.get("yield_tokens_kept", 0) / g, 4) if g else None
+
+
+def describe(c: dict | None) -> str:
+    if not c:
+        return "yield: -"
+    share = kept_share(c)
+    tok = (f"{100 * share:.1f}% of {c['yield_tokens_generated']} generated tokens kept"
+           if share is not None else "no tokens generated")
+    return (f"yield: {c['yield_rows_in']} rows in, {c['yield_rows_parsed']} parsed, "
+            f"{c['yield_rows_cut']} cut at the length cap; {tok}")
+
+
+def with_yield(rep, dataset: str | Path):
+    """The stage report with the dataset's yield (all committed shards) added to its stats
+    and its summary (``rep`` is a shards.StageReport; its class is left as it is)."""
+    c = dataset_counts(dataset, rep.stage)
+    if c is None:
+        return rep
+    rep.stats["yield"] = dict(c, tokens_kept_share=kept_share(c))
+    base = rep.summary
+
+    def summary() -> str:
+        return f"{base()}\n  {describe(c)}"
+
+    rep.summary = summary
+    return rep

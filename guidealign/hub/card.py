@@ -1,0 +1,128 @@
+"""Model and dataset cards (README.md with YAML metadata) carrying provenance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+PAPER = "https://arxiv.org/abs/2403.11838"
+
+
+def _front(meta: dict) -> str:
+    meta = {k: v for k, v in meta.items() if v not in (None, "", [], {})}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _yaml_block(obj) -> str:
+    return "```yaml\n" + yaml.safe_dump(obj, sort_keys=False) + "```\n"
+
+
+def model_card(*, base_model: str, data: dict, hyperparameters: dict, metrics: dict,
+               mode: str, merged: bool) -> str:
+    """The trained model's card: base model, training data, hyperparameters, loss figures."""
+    hub_base = base_model if "/" in base_model and not Path(base_model).exists() else None
+    meta = {"library_name": "transformers", "base_model": hub_base,
+            "tags": ["guide-align", "sft", "trl"] + (["lora"] if mode == "lora" else []),
+            "pipeline_tag": "text-generation"}
+    kind = "full fine-tuning" if mode == "full" else \
+        ("LoRA, adapter merged into the weights" if merged else "LoRA adapter")
+    return (_front(meta)
+            + "\n# Labrador (Guide-Align SFT)\n\n"
+            f"Supervised fine-tuning ({kind}) of `{base_model}` on responses generated under "
+            f"retrieved safety/quality guidelines, following Guide-Align ({PAPER}). The training "
+            "conversations hold the user prompt and the guided response only: the guidelines are "
+            "not in the prompt, so the model answers well without them. Loss is on the assistant "
+            "turn only.\n\n"
+            f"## Base model\n\n`{base_model}`\n\n"
+            "## Training data\n\n" + _yaml_block(data)
+            + "\n## Hyperparameters\n\n" + _yaml_block(hyperparameters)
+            + "\n## Training results\n\n" + _yaml_block(metrics))
+
+
+def stage_provenance(workdir) -> dict:
+    """Counts and metrics of every stage in a run directory (from manifests and _done.json)."""
+    from guidealign.shards import read_manifest, read_marker
+    from guidealign.shards.layout import shard_indices
+
+    out = {}
+    wd = Path(workdir)
+    if not wd.is_dir():
+        return out
+    for d in sorted(p for p in wd.iterdir() if p.is_dir()):
+        man = read_manifest(d)
+        info: dict = {}
+        if man is not None:
+            markers = [m for m in (read_marker(d, i) for i in shard_indices(d)) if m is not None]
+            info = {"shards": len(markers), "shards_total": man.get("num_shards"),
+                    "rows": sum(m.rows for m in markers),
+                    "quarantined": sum(m.quarantined for m in markers)}
+            for k in ("prompt_version", "fingerprint"):
+                if k in man:
+                    info[k] = man[k]
+            stats: dict = {}
+            for m in markers:
+                for k, v in (m.stats or {}).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        stats[k] = stats.get(k, 0) + v
+            if stats:
+                info["stats"] = stats
+        done = d / "_done.json"
+        if done.exists():
+            try:
+                info["done"] = json.loads(done.read_text())
+            except json.JSONDecodeError:
+                pass
+        if info:
+            out[d.name] = info
+    return out
+
+
+def prompt_versions() -> dict:
+    """The generation prompts' version: a hash of each prompt file in gen/prompts (and of all)."""
+    import hashlib
+
+    d = Path(__file__).resolve().parents[1] / "gen" / "prompts"
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+             for p in sorted(d.glob("*.yaml"))} if d.is_dir() else {}
+    if not files:
+        return {}
+    total = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    return {"version": total, "files": files}
+
+
+def dataset_card(*, repo_id: str, stage: str, rows: int, files: int, cfg, workdir,
+                 data_dir: str = "data") -> str:
+    """A dataset card with provenance: models, prompt version, config, counts, library size,
+    retriever metrics, and a `configs` entry so that `datasets.load_dataset` finds the shards."""
+    from guidealign.config import to_dict
+
+    prov = stage_provenance(workdir)
+    lib = prov.get("library", {})
+    retr = prov.get("retriever", {}).get("done", {})
+    meta = {"pretty_name": cfg.push.pretty_name or None, "license": cfg.push.license or None,
+            "tags": ["guide-align", "synthetic", stage],
+            "configs": [{"config_name": "default",
+                         "data_files": [{"split": "train", "path": f"{data_dir}/*.parquet"}]}]}
+    models = {"generator": cfg.engine.model, "retriever_base": cfg.retriever.base_model,
+              "sft_base": cfg.sft.base_model, "judge": cfg.eval.judge_model}
+    prompts = prompt_versions()
+    stage_prompts = {k: v["prompt_version"] for k, v in prov.items() if "prompt_version" in v}
+    if stage_prompts:
+        prompts["stages"] = stage_prompts
+    summary = {"stage": stage, "rows": rows, "parquet_files": files,
+               "library_size": lib.get("rows"),
+               "library_version": (lib.get("done") or {}).get("version"),
+               "retriever_metrics": retr.get("metrics") or {k: v for k, v in retr.items()
+                                                            if k not in ("fingerprint",)} or None,
+               "prompt_version": prompts.get("version"),
+               "prompt_files": prompts.get("files"),
+               "prompt_versions_of_stages": prompts.get("stages")}
+    return (_front(meta)
+            + f"\n# {repo_id}\n\n"
+            f"The `{stage}` stage of a Guide-Align run ({PAPER}), generated by guide-align. "
+            f"{rows} rows in {files} Parquet file(s) under `{data_dir}/`, pushed as written.\n\n"
+            "## Provenance\n\n" + _yaml_block(summary)
+            + "\n### Models\n\n" + _yaml_block(models)
+            + "\n### Stages of the run\n\n" + _yaml_block(prov)
+            + "\n### Config\n\n" + _yaml_block(to_dict(cfg)))

@@ -1,0 +1,172 @@
+"""JSONL in columnar blocks: cut at line ends, parsed by ``pyarrow.json`` in a background thread.
+
+A block whose bytes are not all UTF-8, that ``pyarrow.json`` rejects (a bad line, a column whose
+type changes, a duplicate key) or whose row count does not match its non-blank lines goes
+through the row-by-row reader, so its quarantine reasons are the reference ones.
+"""
+from __future__ import annotations
+
+import io
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pajson
+
+from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
+from guidealign.ingest.readers import parse_jsonl_line
+
+
+def _raw_blocks(stream, block_bytes: int) -> Iterator[tuple[bytes, int, bool]]:
+    """(block, number of its first line, is-last) cut at line ends."""
+    line0 = 1
+    carry = b""
+    while True:
+        data = stream.read(block_bytes)
+        final = not data
+        block = carry + data
+        if not final:
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                carry = block
+                continue
+            block, carry = block[:cut], block[cut:]
+        if block:
+            yield block, line0, final
+            line0 += block.count(b"\n")
+        if final:
+            return
+
+
+def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int = 8 << 20) -> Iterator[Batch]:
+    """Batches of a JSONL byte stream (UTF-8, \\n line ends), ``block_bytes`` at a time.
+
+    One background thread reads and parses the next block (pyarrow releases the GIL) while
+    the caller's thread checks, normalizes and hashes this one."""
+    raw = _raw_blocks(stream, block_bytes)
+
+    def produce():
+        item = next(raw, None)
+        return None if item is None else (item, _parse_block(*item))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-parse") as pool:
+        ahead = deque(pool.submit(produce) for _ in range(2))
+        while True:
+            got = ahead.popleft().result()
+            if got is None:
+                for f in ahead:
+                    f.result()
+                return
+            ahead.append(pool.submit(produce))
+            (block, line0, final), parsed = got
+            yield _finish_block(block, line0, final, parsed, src, spec, encoding)
+
+
+def _rows_of_lines(block: bytes, line0: int, final: bool, encoding: str):
+    lines = block.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+        final_unterminated = False
+    else:
+        final_unterminated = final
+    last = len(lines) - 1
+    for k, raw in enumerate(lines):
+        row = parse_jsonl_line(line0 + k, raw, final_unterminated and k == last, encoding)
+        if row is not None:
+            yield row
+
+
+def _read_json_block(block: bytes) -> pa.Table | None:
+    """pyarrow.json, with strings it took for dates read back as the strings they are."""
+    ropts = pajson.ReadOptions(use_threads=True, block_size=max(1 << 20, len(block) // 4 + 1))
+    table = pajson.read_json(io.BytesIO(block), read_options=ropts)
+    dated = [f for f in table.schema if _is_temporal(f.type)]
+    if not dated:
+        return table
+    if any(not (pa.types.is_timestamp(f.type) or pa.types.is_date(f.type)) for f in dated):
+        return None  # a date inside a nested value: the row reader keeps it as written
+    popts = pajson.ParseOptions(explicit_schema=pa.schema([(f.name, pa.string()) for f in dated]),
+                                unexpected_field_behavior="infer")
+    return pajson.read_json(io.BytesIO(block), read_options=ropts, parse_options=popts)
+
+
+def _is_temporal(t: pa.DataType) -> bool:
+    if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_time(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_is_temporal(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _is_temporal(t.value_type)
+    return False
+
+
+def _parse_block(block: bytes, line0: int, final: bool):
+    """The part of a block's work that runs beside the caller: None when it must go row by row,
+    else (table, line numbers, all strings ASCII, no whitespace runs)."""
+    # every string is ASCII when the bytes are and no \\u escape can make a non-ASCII char
+    has_escape = b"\\" in block
+    all_ascii = block.isascii() and not (has_escape and b"\\u" in block)
+    if not all_ascii:
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        table = _read_json_block(block)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table is None:
+        return None
+    arr = np.frombuffer(block, np.uint8)
+    nl = np.flatnonzero(arr == 10)
+    linenos = _nonblank_linenos(block, arr, nl, line0)
+    if table.num_rows != len(linenos):  # e.g. two objects on one line: let the row reader say so
+        return None
+    return table, linenos, all_ascii, all_ascii and not has_escape and _no_ws_runs(arr, nl)
+
+
+def jsonl_block(block: bytes, line0: int, final: bool, src: str, spec: Spec, encoding: str) -> Batch:
+    return _finish_block(block, line0, final, _parse_block(block, line0, final), src, spec, encoding)
+
+
+def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
+    if parsed is None:
+        return rows_batch(src, _rows_of_lines(block, line0, final, encoding), spec)
+    table, linenos, all_ascii, no_ws_runs = parsed
+    nl = None
+
+    def fallback(i: int):
+        nonlocal nl
+        if nl is None:
+            nl = np.concatenate([[-1], np.flatnonzero(np.frombuffer(block, np.uint8) == 10), [len(block)]])
+        k = int(linenos[i] - line0)
+        raw = block[nl[k] + 1:nl[k + 1]]
+        row = parse_jsonl_line(int(linenos[i]), raw, False, encoding)
+        return row[1], row[2]
+
+    return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs)
+
+
+def _no_ws_runs(arr: np.ndarray, nl: np.ndarray) -> bool:
+    """For a block without escapes: True when no JSON string in it can hold whitespace other than
+    single spaces (ends are trimmed anyway): no control byte but the line ends, no double space."""
+    if np.count_nonzero(arr < 32) != nl.size:
+        return False
+    return not np.any((arr[1:] == 32) & (arr[:-1] == 32))
+
+
+def _nonblank_linenos(block: bytes, arr: np.ndarray, nl: np.ndarray, line0: int) -> np.ndarray:
+    """Line numbers of the lines of ``block`` that are not blank (pyarrow.json skips those)."""
+    starts = np.concatenate([[0], nl + 1])
+    if starts[-1] >= len(block):
+        starts = starts[:-1]
+    first = arr[starts]
+    maybe = np.flatnonzero((first == 10) | (first == 13) | (first == 32) | (first == 9))
+    lines = np.arange(line0, line0 + len(starts), dtype=np.int64)
+    if not len(maybe):
+        return lines
+    ends = np.concatenate([nl, [len(block)]])
+    blank = [k for k in maybe.tolist() if not block[starts[k]:ends[k]].strip()]
+    return np.delete(lines, blank)

@@ -1,0 +1,317 @@
+"""Row-by-row input readers for ingest: each yields (locator, record-or-None, error-or-None).
+
+A record is a dict; an error is a reason string for the quarantine table, worded so that the
+user knows how to fix the file. Readers never raise on a bad row, only on a file that cannot
+be read at all (checked up front by ``check_readable``). Text inputs go through
+``guidealign.encodings.open_utf8`` (compression, byte-order marks, encodings, line ends).
+The columnar fast path (``guidealign.ingest_batch``) falls back to these for blocks it
+cannot parse, so quarantine reasons are the same on both paths.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from guidealign.ingest.encodings import EncodingError, inner_suffix, open_utf8, read_error, utf8_error_reason
+
+Row = tuple[int, dict | None, str | None]  # (line or row number, record, error)
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
+           ".parquet": "parquet", ".pq": "parquet"}
+DELIMITERS = ",;\t|"
+
+
+class IngestError(Exception):
+    """A whole input cannot be read; raised before any work starts."""
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            hits = sorted(glob.glob(item, recursive=True))
+            if not hits:
+                raise IngestError(f"{item}: the pattern matches no file")
+            out.extend(Path(h) for h in hits)
+        else:
+            out.append(Path(item))
+    return out
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
+                or (path / "state.json").exists():
+            return "hf_dataset"
+        raise IngestError(f"{path}: a directory that is not a saved `datasets` dataset")
+    fmt = FORMATS.get(inner_suffix(path))
+    if fmt is None:
+        raise IngestError(f"{path}: unknown format (expected one of {sorted(FORMATS)}, optionally "
+                          "compressed as .gz/.bz2/.xz/.zst, or a saved datasets directory)")
+    return fmt
+
+
+def check_readable(path: Path, encoding: str = "auto") -> str:
+    """Fail early, naming the file, when an input cannot be read at all."""
+    if not path.exists():
+        raise IngestError(f"{path}: no such file or directory")
+    fmt = detect_format(path)
+    try:
+        if fmt == "parquet":
+            pq.ParquetFile(path).schema_arrow
+        elif fmt == "hf_dataset":
+            _load_hf(path)
+        else:
+            stream, _ = open_utf8(path, encoding)
+            with stream:
+                stream.read(1)
+    except IngestError:
+        raise
+    except EncodingError as e:
+        raise IngestError(f"{path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any failure here makes the input unreadable
+        raise IngestError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from e
+    return fmt
+
+
+# --- the prompt column --------------------------------------------------------------------------
+
+def norm_key(key) -> str:
+    """Header spelling folded for matching: " Prompt\\ufeff" -> "prompt"."""
+    return str(key).replace("\ufeff", "").strip().casefold()
+
+
+def find_prompt_key(keys, field: str, aliases) -> str | None:
+    """The key that holds the prompt: ``field`` in any case/spacing, else the first alias present."""
+    by_norm: dict[str, str] = {}
+    for k in keys:
+        by_norm.setdefault(norm_key(k), k)
+    for want in (field, *aliases):
+        k = by_norm.get(norm_key(want))
+        if k is not None:
+            return k
+    return None
+
+
+# --- row readers --------------------------------------------------------------------------------
+
+def parse_jsonl_line(lineno: int, raw: bytes, last: bool, encoding: str = "utf-8") -> Row | None:
+    """One JSONL line -> a Row (None for a blank line). ``last``: the file's final line, unterminated."""
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return lineno, {"_raw": raw.decode("utf-8", "replace")}, utf8_error_reason(lineno, raw, encoding)
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        why = "truncated last line" if last else f"line {lineno} is not JSON"
+        return lineno, {"_raw": text}, f"{why}: {e.msg} (column {e.colno})"
+    except RecursionError:
+        return lineno, {"_raw": text}, f"line {lineno} is JSON nested too deeply to read"
+    if not isinstance(rec, dict):
+        return lineno, None, f"line {lineno} is a JSON {type(rec).__name__}, not an object"
+    return lineno, rec, None
+
+
+def iter_lines(stream) -> Iterator[tuple[bytes, bool]]:
+    """(line, is-final-unterminated-line) for each line of a binary stream."""
+    prev = None
+    for raw in stream:
+        if prev is not None:
+            yield prev, False
+        prev = raw
+    if prev is not None:
+        yield prev, not prev.endswith(b"\n")
+
+
+def read_jsonl(path: Path, encoding: str = "auto") -> Iterator[Row]:
+    stream, enc = open_utf8(path, encoding)
+    with stream:
+        for lineno, (raw, last) in enumerate(iter_lines(stream), start=1):
+            row = parse_jsonl_line(lineno, raw, last, enc)
+            if row is not None:
+                yield row
+        if read_error(stream):
+            yield 0, None, read_error(stream)
+
+
+def read_json(path: Path, encoding: str = "auto") -> Iterator[Row]:
+    """A JSON array of objects, streamed with ijson (a JSON object with one list is accepted too)."""
+    import ijson
+
+    stream, enc = open_utf8(path, encoding)
+    with stream:
+        head = stream.peek(4096)[:4096].lstrip()
+        prefix = "item" if head.startswith(b"[") else None
+        if prefix is None:
+            # {"data": [...]} style: take the first key whose value is a list
+            stream2, _ = open_utf8(path, encoding)
+            with stream2:
+                try:
+                    for key, event, _ in ijson.parse(stream2):
+                        if event == "start_array" and key and "." not in key:
+                            prefix = f"{key}.item"
+                            break
+                except (ijson.JSONError, UnicodeDecodeError) as e:
+                    yield 0, None, f"file is not JSON ({e}); check it is a JSON array or JSON Lines (.jsonl)"
+                    return
+            if prefix is None:
+                yield 0, None, "JSON file holds no array of records; expected [{...}, ...] or {\"data\": [...]}"
+                return
+        n = 0
+        try:
+            for n, rec in enumerate(ijson.items(stream, prefix, use_float=True), start=1):
+                if not isinstance(rec, dict):
+                    yield n, None, f"array item {n} is a JSON {type(rec).__name__}, not an object"
+                else:
+                    yield n, rec, None
+        except UnicodeDecodeError as e:
+            yield n + 1, None, (f"text after item {n} is not valid {enc} ({e.reason}), rest of file skipped; "
+                                "re-save the file as UTF-8 or pass --encoding")
+        except ijson.JSONError as e:
+            if read_error(stream):
+                yield 0, None, read_error(stream)
+                return
+            yield n + 1, None, f"invalid JSON after item {n}, rest of file skipped: {e}"
+
+
+def sniff_delimiter(header: str, path: Path, delimiter: str = "auto") -> str:
+    if delimiter != "auto":
+        return "\t" if delimiter in ("\\t", "tab") else delimiter
+    if inner_suffix(path) == ".tsv":
+        return "\t"
+    counts = {d: _count_outside_quotes(header, d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] else ","
+
+
+def _count_outside_quotes(line: str, ch: str) -> int:
+    n, quoted = 0, False
+    for c in line:
+        if c == '"':
+            quoted = not quoted
+        elif c == ch and not quoted:
+            n += 1
+    return n
+
+
+def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto") -> Iterator[Row]:
+    stream, enc = open_utf8(path, encoding)
+    with stream:
+        f = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+        first = f.readline()
+        delim = sniff_delimiter(first.splitlines()[0] if first else "", path, delimiter)
+        reader = csv.reader(_chain([first], f), delimiter=delim)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield 1, None, f"the header line cannot be read as CSV: {e}"
+            return
+        names = [h.replace("\ufeff", "").strip() for h in header]
+        held = None  # each row waits for the next one: the last row of a cut-off file is suspect
+        for row in _csv_rows(reader, names, delim, enc):
+            if held is not None:
+                yield held
+            held = row
+        err = read_error(stream)
+        if err and held is not None and held[2] is None:
+            yield held[0], held[1], f"the last row may be cut off: {err}"
+        elif held is not None:
+            yield held
+        if err:
+            yield 0, None, err
+
+
+def _csv_rows(reader, names, delim, enc) -> Iterator[Row]:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield reader.line_num, None, f"line {reader.line_num} cannot be read as CSV: {e}"
+            continue
+        line = reader.line_num
+        if not row:
+            continue
+        rec = dict(zip(names, row))
+        if len(row) > len(names):
+            rec["_extra_fields"] = row[len(names):]
+        bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
+        if bad:
+            raw = delim.join(row).encode("utf-8", "surrogateescape")
+            reason = utf8_error_reason(line, raw, enc)
+            yield line, {"_raw": raw.decode("utf-8", "replace")}, f"{reason} (column {bad[0]!r})"
+            continue
+        yield line, rec, None
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def decode_bytes(rec: dict) -> dict:
+    # binary columns: decode here so that invalid UTF-8 is caught by the row check
+    return {k: (v.decode("utf-8", errors="surrogateescape") if isinstance(v, bytes) else v)
+            for k, v in rec.items()}
+
+
+def _load_hf(path: Path):
+    import datasets
+
+    return datasets.load_from_disk(str(path))
+
+
+def iter_parquet_tables(path: Path, batch_rows: int = 65536):
+    f = pq.ParquetFile(path)
+    for batch in f.iter_batches(batch_size=batch_rows):
+        yield batch
+
+
+def iter_hf_tables(path: Path, batch_rows: int = 65536):
+    import datasets
+
+    ds = _load_hf(path)
+    splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    for _, split in splits:
+        yield from split.data.to_batches(max_chunksize=batch_rows)
+
+
+def _rows_of(batches) -> Iterator[Row]:
+    n = 0
+    for batch in batches:
+        for rec in batch.to_pylist():
+            n += 1
+            yield n, decode_bytes(rec), None
+
+
+def read_parquet(path: Path, encoding: str = "auto") -> Iterator[Row]:
+    return _rows_of(iter_parquet_tables(path))
+
+
+def read_hf_dataset(path: Path, encoding: str = "auto") -> Iterator[Row]:
+    return _rows_of(iter_hf_tables(path))
+
+
+# row-by-row readers by format (ingest itself reads JSONL, Parquet and datasets in columnar batches)
+READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv,
+           "parquet": read_parquet, "hf_dataset": read_hf_dataset}

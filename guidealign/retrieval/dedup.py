@@ -1,0 +1,154 @@
+"""Near-duplicate merging: FAISS nearest neighbours as candidates, rapidfuzz to confirm,
+union-find to build clusters.
+
+Comparing every pair is quadratic; instead each (already exactly de-duplicated) guideline
+asks a FAISS index for its ``k`` nearest neighbours, candidates below a loose cosine floor
+are dropped, the rest are confirmed with ``fuzz.ratio >= threshold`` and joined in a
+union-find forest. Above ``exact_search_max`` vectors the search is IVF (approximate).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 (union by size, path halving)."""
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+        self.size = np.ones(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        while p[x] != x:
+            p[x] = p[p[x]]
+            x = p[x]
+        return int(x)
+
+    def union(self, a: int, b: int) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size[rb]
+        return True
+
+    def labels(self) -> np.ndarray:
+        """Each element's root (a canonical set id)."""
+        parent = self.parent.tolist()
+        for i in range(len(parent)):
+            r = i
+            while parent[r] != r:
+                r = parent[r]
+            # compress the whole path
+            while parent[i] != r:
+                parent[i], i = r, parent[i]
+        return np.asarray(parent, dtype=np.int64)
+
+
+@dataclass
+class DedupStats:
+    items: int = 0
+    candidate_pairs: int = 0
+    confirmed_pairs: int = 0
+    merges: int = 0
+    clusters: int = 0
+    search: str = "flat"
+    seconds: dict = field(default_factory=dict)
+
+
+def build_search_index(vecs: np.ndarray, *, exact_max: int, nprobe: int, seed: int = 1234):
+    import faiss
+
+    n, d = vecs.shape
+    if n <= exact_max:
+        index = faiss.IndexFlatIP(d)
+        index.add(vecs)
+        return index, "flat"
+    nlist = max(1, int(4 * math.sqrt(n)))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    sample = vecs[np.sort(rng.choice(n, size=min(n, nlist * 40), replace=False))]
+    index.cp.seed = seed
+    index.train(sample)
+    index.add(vecs)
+    index.nprobe = nprobe
+    return index, f"ivf{nlist},nprobe{nprobe}"
+
+
+def candidate_pairs(vecs: np.ndarray, *, k: int, min_cosine: float, exact_max: int = 50_000,
+                    nprobe: int = 8, chunk: int = 65_536, use_gpu: bool | str = "auto") -> tuple[np.ndarray, str]:
+    """Unique (i, j), i < j, pairs among each row's ``k`` nearest neighbours with cosine >= min_cosine."""
+    n = len(vecs)
+    if n < 2 or k < 1:
+        return np.empty((0, 2), dtype=np.int64), "none"
+    index, kind = build_search_index(vecs, exact_max=exact_max, nprobe=nprobe)
+    if use_gpu:
+        from guidealign.retrieval.index import num_gpus, to_gpus
+
+        gpu_index = to_gpus(index, "flat", use_gpu)  # the CPU index when the GPU probe failed
+        if gpu_index is not index:
+            index, kind = gpu_index, f"{kind},gpu{num_gpus(use_gpu)}"
+    kk = min(k + 1, n)
+    parts = []
+    for s in range(0, n, chunk):
+        sims, nbrs = index.search(vecs[s:s + chunk], kk)
+        rows = np.repeat(np.arange(s, s + len(nbrs), dtype=np.int64), kk).reshape(len(nbrs), kk)
+        keep = (nbrs >= 0) & (nbrs != rows) & (sims >= min_cosine)
+        a, b = rows[keep], nbrs[keep].astype(np.int64)
+        parts.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+    pairs = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
+    if len(pairs):
+        pairs = np.unique(pairs, axis=0)
+    return pairs, kind
+
+
+def confirm_pairs(texts: list[str], pairs: np.ndarray, threshold: float, chunk: int = 500_000) -> np.ndarray:
+    """The pairs whose rapidfuzz ``fuzz.ratio`` is >= ``threshold`` (0..1)."""
+    from rapidfuzz import fuzz, process
+
+    if not len(pairs):
+        return pairs
+    keep = np.zeros(len(pairs), dtype=bool)
+    cutoff = threshold * 100.0
+    for s in range(0, len(pairs), chunk):
+        p = pairs[s:s + chunk]
+        a = [texts[i] for i in p[:, 0]]
+        b = [texts[j] for j in p[:, 1]]
+        scores = process.cpdist(a, b, scorer=fuzz.ratio, workers=-1, dtype=np.float32)
+        # a tiny tolerance: cpdist returns float32, the paper's threshold is inclusive
+        keep[s:s + len(p)] = scores >= cutoff - 1e-4
+    return pairs[keep]
+
+
+def cluster(texts: list[str], vecs: np.ndarray, *, threshold: float, k: int, min_cosine: float,
+            exact_max: int = 50_000, nprobe: int = 8, use_gpu: bool | str = "auto") -> tuple[np.ndarray, DedupStats]:
+    """Cluster labels (a root index per text) for near-duplicate ``texts`` with vectors ``vecs``."""
+    import time
+
+    stats = DedupStats(items=len(texts))
+    t0 = time.perf_counter()
+    pairs, stats.search = candidate_pairs(vecs, k=k, min_cosine=min_cosine, exact_max=exact_max,
+                                          nprobe=nprobe, use_gpu=use_gpu)
+    stats.candidate_pairs = len(pairs)
+    t1 = time.perf_counter()
+    ok = confirm_pairs(texts, pairs, threshold)
+    stats.confirmed_pairs = len(ok)
+    t2 = time.perf_counter()
+    uf = UnionFind(len(texts))
+    for a, b in ok.tolist():
+        stats.merges += uf.union(a, b)
+    labels = uf.labels()
+    stats.clusters = len(texts) - stats.merges
+    stats.seconds = {"search": round(t1 - t0, 3), "confirm": round(t2 - t1, 3),
+                     "union_find": round(time.perf_counter() - t2, 3)}
+    return labels, stats

@@ -1,0 +1,122 @@
+"""Retrieval metrics on held-out prompts: recall@k, MRR and the risk-identification rate.
+
+Each held-out prompt is a query; its relevant guidelines are the library entries its own
+guidelines were merged into. A system is anything that scores every library entry for a
+batch of queries: a dense encoder (cosine) or BM25.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+_TOKEN = re.compile(r"\w+")
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+@dataclass
+class EvalSet:
+    queries: list[str]            # prompt texts
+    risky: list[bool]             # the prompt's risky flag (True only when known risky)
+    relevant: list[set[int]]      # library row numbers relevant to each query
+    doc_ids: list[str]            # library guideline ids, row order
+    docs: list[str]               # library texts to embed (title: text)
+    safety: np.ndarray            # bool per library row: kind == "safety"
+
+
+def build_eval_set(library, heldout, max_queries: int = 0) -> EvalSet:
+    """``library``: table with guideline_id, title, text, kind; ``heldout``: pairs table."""
+    from guidealign.retrieval.embed import doc_text
+
+    ids = library.column("guideline_id").to_pylist()
+    row_of = {g: i for i, g in enumerate(ids)}
+    docs = [doc_text(t, x) for t, x in zip(library.column("title").to_pylist(),
+                                           library.column("text").to_pylist())]
+    safety = np.array([k == "safety" for k in library.column("kind").to_pylist()], dtype=bool)
+    by_prompt: dict[str, list] = {}
+    for pid, prompt, risky, gid in zip(*(heldout.column(c).to_pylist()
+                                         for c in ("prompt_id", "prompt", "risky", "guideline_id"))):
+        q = by_prompt.setdefault(pid, [prompt, risky is True, set()])
+        if gid in row_of:
+            q[2].add(row_of[gid])
+    keys = sorted(k for k, v in by_prompt.items() if v[2])
+    if max_queries and len(keys) > max_queries:
+        keys = keys[:max_queries]  # prompt ids are hashes: a deterministic, unbiased subset
+    return EvalSet(queries=[by_prompt[k][0] for k in keys], risky=[by_prompt[k][1] for k in keys],
+                   relevant=[by_prompt[k][2] for k in keys], doc_ids=ids, docs=docs, safety=safety)
+
+
+ScoreFn = Callable[[list[str]], np.ndarray]  # queries -> (len(queries), n_docs) scores
+
+
+def dense_scorer(model, docs: list[str], batch_size: int = 128) -> ScoreFn:
+    from guidealign.retrieval.embed import encode
+
+    d = encode(model, docs, batch_size=batch_size)
+
+    def score(queries: list[str]) -> np.ndarray:
+        return encode(model, queries, batch_size=batch_size) @ d.T
+    return score
+
+
+def bm25_scorer(docs: list[str]) -> ScoreFn:
+    from rank_bm25 import BM25Okapi
+
+    bm = BM25Okapi([tokenize(d) or [""] for d in docs])
+
+    def score(queries: list[str]) -> np.ndarray:
+        return np.stack([bm.get_scores(tokenize(q)) for q in queries]).astype(np.float64)
+    return score
+
+
+def evaluate(es: EvalSet, score: ScoreFn, *, recall_at=(1, 3, 5, 10, 20), risk_top_k: int = 3,
+             chunk: int = 512) -> dict:
+    """recall@k (share of a query's relevant guidelines in its top k, averaged), MRR (first
+    relevant's reciprocal rank over the whole library) and the risk-identification rate
+    (share of risky queries with a safety guideline among the top ``risk_top_k``)."""
+    kmax = max(max(recall_at), risk_top_k)
+    hits = {k: 0.0 for k in recall_at}
+    rr = 0.0
+    risky_n = risky_hit = 0
+    n = len(es.queries)
+    for s in range(0, n, chunk):
+        scores = np.asarray(score(es.queries[s:s + chunk]), dtype=np.float64)
+        kk = min(kmax, scores.shape[1])
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < scores.shape[1] else \
+            np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+        for qi in range(len(scores)):
+            row = scores[qi]
+            t = top[qi][np.lexsort((top[qi], -row[top[qi]]))]  # by score, ties by row number
+            rel = es.relevant[s + qi]
+            for k in recall_at:
+                hits[k] += len(rel.intersection(t[:k].tolist())) / len(rel)
+            best = max(row[r] for r in rel)
+            rr += 1.0 / (1 + int((row > best).sum()))
+            if es.risky[s + qi]:
+                risky_n += 1
+                risky_hit += bool(es.safety[t[:risk_top_k]].any())
+    out = {f"recall@{k}": round(hits[k] / n, 4) if n else None for k in recall_at}
+    out["mrr"] = round(rr / n, 4) if n else None
+    out["risk_identification"] = round(risky_hit / risky_n, 4) if risky_n else None
+    out["queries"] = n
+    out["risky_queries"] = risky_n
+    return out
+
+
+def render_table(results: dict[str, dict], recall_at=(1, 3, 5, 10, 20)) -> str:
+    cols = [f"recall@{k}" for k in recall_at] + ["mrr", "risk_identification"]
+    heads = [c.replace("recall@", "R@").replace("risk_identification", "risk-id") for c in cols]
+    lines = [f"{'system':<12}" + "".join(f"{h:>9}" for h in heads)]
+    lines.append("-" * len(lines[0]))
+    for name, m in results.items():
+        cells = "".join(f"{m[c]:>9.4f}" if isinstance(m.get(c), (int, float)) else f"{'-':>9}"
+                        for c in cols)
+        lines.append(f"{name:<12}{cells}")
+    n = next(iter(results.values()), {})
+    lines.append(f"({n.get('queries', 0)} held-out prompts, {n.get('risky_queries', 0)} risky)")
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+"""``guidealign index``: embed the library (normalized) and build a FAISS inner-product index.
+
+Output ``WORKDIR/index/``: ``index.faiss`` (always saved as a CPU index), ``rows.parquet``
+(guideline_id, text, kind in index row order), ``meta.json`` (the library version it
+indexes, the encoder, kind, dimension), then ``_done.json`` last.
+
+Versioning: :func:`load_index` refuses an index whose library version differs from the
+library's current one, since its row numbers would point at other guidelines.
+GPU FAISS only where it works: ``use_gpu`` is "auto" (the default), true or false. Before
+the first GPU search a process runs a probe (:func:`probe_gpus`): a small flat index is
+cloned onto every GPU, searched, and its answers compared with the same search on the CPU.
+FAISS GPU wheels carry kernels for some GPU generations only (``faiss-gpu-cu12``: sm_70 and
+sm_80, so "no kernel image" on an H100/H200), and can bring a CUDA runtime other than
+torch's. When the probe fails, "auto" searches on the CPU and logs why (a flat index over
+tens of thousands of guidelines is cheap there); true raises; false never tries. Flat and
+IVF indexes that pass are sharded over all GPUs for searching (retrieve, and the dedup
+candidate search); the index is always built and saved on the CPU so that its file loads
+anywhere. HNSW stays on the CPU (FAISS has no GPU HNSW).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from guidealign.core.threads import set_threads
+from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
+from guidealign.shards import fingerprint, write_json_atomic
+
+log = logging.getLogger(__name__)
+STAGE = "index"
+INDEX_FILE = "index.faiss"
+ROWS_FILE = "rows.parquet"
+META_FILE = "meta.json"
+
+
+class IndexVersionError(RuntimeError):
+    """The index was built for another version of the library."""
+
+
+@dataclass
+class IndexReport:
+    rows: int = 0
+    kind: str = ""
+    dim: int = 0
+    gpus: int = 0
+    library_version: str = ""
+    seconds: dict = field(default_factory=dict)
+    skipped: bool = False
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"index: up to date ({self.rows} guidelines, library {self.library_version})"
+        return (f"index: {self.rows} guidelines, {self.kind}, dim {self.dim}, "
+                f"searched on {'%d GPU(s)' % self.gpus if self.gpus else 'the CPU'}, library {self.library_version}; "
+                f"{self.seconds}")
+
+
+def index_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / STAGE
+
+
+def faiss_gpu_count() -> int:
+    """GPUs FAISS itself sees (0 for faiss-cpu builds), untested."""
+    import faiss
+
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # faiss-cpu builds without the symbol
+        return 0
+
+
+def _clone_to_gpus(index, n: int):
+    import faiss
+
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
+
+
+@dataclass
+class GpuProbe:
+    ok: bool
+    gpus: int
+    reason: str
+
+
+_PROBE: GpuProbe | None = None
+
+
+def probe_gpus(clone=None, n: int | None = None) -> GpuProbe:
+    """Can FAISS search on this machine's GPUs? Clone a small flat index onto them, search,
+    and compare with the CPU's answer (same neighbours, scores within 1e-3).
+
+    ``clone(index, n) -> index`` and ``n`` replace the GPU cloner and count (tests); without
+    them the result is computed once per process.
+    """
+    global _PROBE
+    if clone is None and n is None and _PROBE is not None:
+        return _PROBE
+    import faiss
+
+    n = faiss_gpu_count() if n is None else n
+    if n == 0:
+        res = GpuProbe(False, 0, "FAISS sees no GPU (a faiss-cpu build, or no GPU visible)")
+    else:
+        rng = np.random.default_rng(0)
+        xb = rng.standard_normal((512, 32)).astype(np.float32)
+        xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+        xq = xb[:16] + 0.01 * rng.standard_normal((16, 32)).astype(np.float32)
+        cpu = faiss.IndexFlatIP(32)
+        cpu.add(xb)
+        want_d, want_i = cpu.search(xq, 5)
+        try:
+            got_d, got_i = (clone or _clone_to_gpus)(cpu, n).search(xq, 5)
+        except Exception as e:  # noqa: BLE001 - "no kernel image", CUDA runtime mismatch, OOM...
+            res = GpuProbe(False, n, f"a test search on {n} GPU(s) failed: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        else:
+            if np.array_equal(got_i, want_i) and np.allclose(got_d, want_d, atol=1e-3):
+                res = GpuProbe(True, n, f"a test search on {n} GPU(s) matched the CPU")
+            else:
+                res = GpuProbe(False, n, f"a test search on {n} GPU(s) returned other neighbours "
+                               "than the same search on the CPU")
+    if clone is None:
+        _PROBE = res
+        log.log(logging.INFO if res.ok else logging.WARNING, "FAISS GPU probe: %s", res.reason)
+    return res
+
+
+def gpu_mode(use_gpu) -> str:
+    """``use_gpu`` (true, false, "auto") -> "require", "off" or "auto"."""
+    if use_gpu is True or str(use_gpu).lower() in ("true", "yes", "on", "require"):
+        return "require"
+    if use_gpu is False or use_gpu is None or str(use_gpu).lower() in ("false", "no", "off"):
+        return "off"
+    if str(use_gpu).lower() == "auto":
+        return "auto"
+    raise ValueError(f"use_gpu must be true, false or \"auto\", not {use_gpu!r}")
+
+
+def num_gpus(use_gpu="auto") -> int:
+    """GPUs FAISS searches on: those of a passed probe, else 0 (see :func:`gpu_mode`)."""
+    mode = gpu_mode(use_gpu)
+    if mode == "off":
+        return 0
+    res = probe_gpus()
+    if not res.ok and mode == "require":
+        raise RuntimeError(f"use_gpu is true but FAISS cannot search on the GPUs: {res.reason}. "
+                           "Set use_gpu: auto (CPU FAISS then) or install a FAISS build for this GPU")
+    return res.gpus if res.ok else 0
+
+
+def to_gpus(index, kind: str, use_gpu="auto", clone=None):
+    """Shard ``index`` over all GPUs (flat/IVF only) when the probe passed; else the index itself."""
+    n = num_gpus(use_gpu)
+    if n == 0 or kind == "hnsw":
+        return index
+    return (clone or _clone_to_gpus)(index, n)
+
+
+def build_faiss(vecs: np.ndarray, ic) -> tuple[object, str]:
+    """An inner-product index over unit vectors ``vecs`` (CPU index returned)."""
+    import faiss
+
+    n, d = vecs.shape
+    if ic.kind == "flat":
+        index, name = faiss.IndexFlatIP(d), "flat"
+    elif ic.kind == "ivf":
+        nlist = ic.nlist or max(1, int(4 * math.sqrt(max(n, 1))))
+        nlist = min(nlist, max(1, n // 39))  # FAISS wants ~39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 1234
+        index.nprobe = ic.nprobe
+        name = f"ivf{nlist}"
+    elif ic.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, ic.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ic.ef_search
+        name = f"hnsw{ic.hnsw_m}"
+    else:
+        raise ValueError(f"index.kind must be flat, ivf or hnsw, not {ic.kind!r}")
+    # built (and saved) on the CPU: adding to flat/HNSW is cheap, and a CPU index file loads
+    # anywhere; the GPUs serve the searches (load_index(use_gpu=True), retrieve, dedup)
+    if not index.is_trained:
+        index.train(vecs)
+    index.add(vecs)
+    return index, name
+
+
+def _encoder_ref(ic, workdir: Path) -> tuple[str, str]:
+    """(what to load, what identifies it for the fingerprint)."""
+    if ic.model == "retriever":
+        from guidealign.retrieval.train import model_dir, retriever_dir
+
+        done = wait_done(retriever_dir(workdir))
+        return str(model_dir(workdir)), f"retriever:{done['fingerprint']}"
+    from guidealign.core.models import resolve
+
+    return resolve(ic.model), ic.model
+
+
+def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
+              progress: bool = True) -> IndexReport:
+    from guidealign.retrieval.embed import doc_text, encode, load_encoder
+    from guidealign.retrieval.library import read_library, wait_library
+
+    ic = cfg.index
+    workdir = Path(workdir)
+    dst = index_dir(workdir)
+    version = wait_library(cfg, workdir, dst, rank, world_size)
+    if version is None:
+        return IndexReport(skipped=True)
+    model_path, model_ref = _encoder_ref(ic, workdir)
+    fp = fingerprint("index-v1", ic, version, model_ref)
+    if is_current(dst, fp):
+        done = read_done(dst)
+        return IndexReport(rows=done["rows"], kind=done.get("kind", ""), dim=done.get("dim", 0),
+                           library_version=version, skipped=True)
+
+    t0 = time.perf_counter()
+    set_threads(ic.threads)
+    library, _ = read_library(workdir, ["guideline_id", "title", "text", "kind"])
+    docs = [doc_text(t, x) for t, x in zip(library.column("title").to_pylist(),
+                                           library.column("text").to_pylist())]
+    model = load_encoder(model_path)
+    t1 = time.perf_counter()
+    vecs = encode(model, docs, batch_size=ic.batch_size)
+    t2 = time.perf_counter()
+    gpus = num_gpus(ic.use_gpu) if ic.kind != "hnsw" else 0  # what retrieve will search on
+    index, name = build_faiss(vecs, ic)
+    t3 = time.perf_counter()
+    import faiss
+
+    with build_dir(dst) as tmp:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        pq.write_table(pa.table({"guideline_id": library.column("guideline_id"),
+                                 "text": pa.array(docs, pa.string()),
+                                 "kind": library.column("kind")}), tmp / ROWS_FILE)
+        # the encoder by reference, not by path (retrieval.retrieve.encoder_path finds it), so a
+        # moved run directory holds the same index
+        meta = {"library_version": version, "model_ref": model_ref,
+                "kind": ic.kind, "name": name, "dim": int(vecs.shape[1]), "rows": len(docs),
+                "nprobe": ic.nprobe, "ef_search": ic.ef_search}
+        write_json_atomic(tmp / META_FILE, json.dumps(meta, indent=1))
+    secs = {"load": round(t1 - t0, 3), "embed": round(t2 - t1, 3), "build": round(t3 - t2, 3),
+            "total": round(time.perf_counter() - t0, 3)}
+    mark_done(dst, fingerprint=fp, rows=len(docs), seconds=secs["total"], library_version=version,
+              kind=name, dim=int(vecs.shape[1]), gpus=gpus, metrics=secs)
+    rep = IndexReport(rows=len(docs), kind=name, dim=int(vecs.shape[1]), gpus=gpus,
+                      library_version=version, seconds=secs)
+    log.info(rep.summary())
+    return rep
+
+
+@dataclass
+class LoadedIndex:
+    index: object
+    ids: list[str]
+    texts: list[str]
+    kinds: list[str]
+    meta: dict
+    fingerprint: str
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self.ids)))
+
+
+def check_version(index_path: str | Path, library_path: str | Path) -> dict:
+    """The index's meta, after checking it indexes the library's current version."""
+    index_path, library_path = Path(index_path), Path(library_path)
+    done = wait_done(index_path)
+    meta = json.loads((index_path / META_FILE).read_text())
+    lib_done = read_done(library_path)
+    if lib_done is None:
+        raise IndexVersionError(f"no complete library at {library_path} to check {index_path} against")
+    if meta["library_version"] != lib_done.get("version"):
+        raise IndexVersionError(
+            f"the index at {index_path} was built for library version {meta['library_version']}, "
+            f"but {library_path} is version {lib_done.get('version')}: rebuild it (guidealign index)")
+    meta["fingerprint"] = done["fingerprint"]
+    return meta
+
+
+def load_index(index_path: str | Path, library_path: str | Path, *, use_gpu="auto") -> LoadedIndex:
+    """Load an index for searching; :class:`IndexVersionError` when it indexes another library."""
+    import faiss
+
+    index_path = Path(index_path)
+    meta = check_version(index_path, library_path)
+    index = faiss.read_index(str(index_path / INDEX_FILE))
+    rows = pq.read_table(index_path / ROWS_FILE)
+    if meta["kind"] == "ivf":
+        faiss.extract_index_ivf(index).nprobe = int(meta.get("nprobe", 16))
+    elif meta["kind"] == "hnsw":
+        index.hnsw.efSearch = int(meta.get("ef_search", 128))
+    if index.ntotal != rows.num_rows:
+        raise IndexVersionError(f"{index_path}: index holds {index.ntotal} vectors for {rows.num_rows} rows")
+    index = to_gpus(index, meta["kind"], use_gpu)
+    return LoadedIndex(index=index, ids=rows.column("guideline_id").to_pylist(),
+                       texts=rows.column("text").to_pylist(), kinds=rows.column("kind").to_pylist(),
+                       meta=meta, fingerprint=meta["fingerprint"])

@@ -1,0 +1,333 @@
+"""``guidealign library``: guideline shards -> a de-duplicated guideline library.
+
+Steps (each one's size goes to the report):
+1. explode the guideline lists into single guidelines (empty ones are counted, not kept);
+2. drop exact duplicates (comparison form: NFKC, case-folded, whitespace collapsed);
+3. merge near-duplicates (``fuzz.ratio >= fuzzy_threshold``; see :mod:`retrieval.dedup`);
+4. write training pairs (prompt_id, guideline_id), with a held-out split by prompt.
+
+Each cluster keeps one canonical guideline: its most frequent member (ties: the shorter,
+then the lexicographically first comparison form). Its kind is "safety" when at least half
+of the producing prompts with a known risky flag are risky, else "quality" (also when no
+producing prompt has a known flag). The guideline id is a hash of that
+canonical text, so it is stable across reruns and across unrelated library changes.
+
+Output ``WORKDIR/library/``: the library as a sharded table (``shard-*.parquet`` +
+markers + ``_stage.json``; columns guideline_id, title, text, kind, members, prompt_ids),
+``pairs/train.parquet`` and ``pairs/heldout.parquet`` (prompt_id, prompt, risky,
+guideline_id), ``report.json``, and ``_done.json`` last, whose ``version`` (a hash of the
+library shards) is what an index is tied to.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from guidealign.core.threads import set_threads
+from guidealign.config import wait_timeout
+from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
+from guidealign.retrieval.embed import normalize_text
+from guidealign.shards import fingerprint, iter_batches, iter_tables, read_marker, wait_complete, write_manifest, write_shard
+
+log = logging.getLogger(__name__)
+
+LIBRARY_SCHEMA = pa.schema([
+    ("guideline_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
+    ("kind", pa.string()), ("members", pa.int64()), ("prompt_ids", pa.list_(pa.string())),
+])
+PAIRS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()),
+    ("guideline_id", pa.string()),
+])
+STAGE = "library"
+
+
+@dataclass
+class LibraryReport:
+    prompts: int = 0
+    prompts_missing_id: int = 0
+    prompts_without_guidelines: int = 0
+    exploded: int = 0
+    empty_dropped: int = 0
+    after_exact: int = 0
+    after_near: int = 0
+    candidate_pairs: int = 0
+    confirmed_pairs: int = 0
+    safety: int = 0
+    quality: int = 0
+    pairs_train: int = 0
+    pairs_heldout: int = 0
+    prompts_heldout: int = 0
+    search: str = ""
+    seconds: dict = field(default_factory=dict)
+    version: str = ""
+    skipped: bool = False
+
+    def summary(self) -> str:
+        if self.skipped and not self.exploded:
+            return "library: up to date, nothing to do"
+        return (f"library: {self.prompts} prompts -> {self.exploded} guidelines exploded "
+                f"({self.empty_dropped} empty dropped) -> {self.after_exact} after exact dedup -> "
+                f"{self.after_near} after near-dup merge (ratio >= threshold; {self.candidate_pairs} "
+                f"candidate pairs, {self.confirmed_pairs} confirmed, search {self.search}); "
+                f"{self.safety} safety / {self.quality} quality; pairs {self.pairs_train} train / "
+                f"{self.pairs_heldout} held-out ({self.prompts_heldout} held-out prompts)"
+                + (" [up to date]" if self.skipped else ""))
+
+
+def library_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / STAGE
+
+
+def wait_library(cfg, workdir: str | Path, dst: str | Path, rank: int, world_size: int) -> str | None:
+    """For the stages built on the library (train-retriever, index): rank 0 waits for the
+    complete library and gets its version; the other ranks wait for ``dst``, which rank 0
+    writes, and get None."""
+    if rank != 0:
+        wait_done(dst, timeout=wait_timeout(cfg, world_size))
+        return None
+    lib = library_dir(workdir)
+    wait_complete(lib, timeout=wait_timeout(cfg, world_size))
+    return wait_done(lib, timeout=wait_timeout(cfg, world_size))["version"]
+
+
+def guideline_id(key: str) -> str:
+    return "g" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def is_heldout(prompt_id: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(prompt_id.encode(), digest_size=8).digest(), "big")
+    return h / 2.0 ** 64 < fraction
+
+
+def _input_fp(src: Path) -> list[str]:
+    from guidealign.shards import read_manifest
+
+    n = int(read_manifest(src)["num_shards"])
+    out = []
+    for i in range(n):
+        m = read_marker(src, i)
+        out.append(m.sha256 if m else "")
+    return out
+
+
+def library_fingerprint(lc, src: Path) -> str:
+    """The fingerprint of the library built from the guideline shards in ``src`` with ``lc``
+    (other ranks compute it to accept only a library, and an index, built from them)."""
+    return fingerprint("library-v1", lc, _input_fp(src))
+
+
+def library_version(d: str | Path) -> str | None:
+    done = read_done(d)
+    return done.get("version") if done else None
+
+
+def read_library(workdir: str | Path, columns: list[str] | None = None) -> tuple[pa.Table, str]:
+    """The whole library table (in guideline_id order) and its version; raises when absent."""
+    d = library_dir(workdir)
+    done = wait_done(d)
+    tables = list(iter_tables(d, columns))
+    table = pa.concat_tables(tables) if tables else LIBRARY_SCHEMA.empty_table()
+    return table, done["version"]
+
+
+def _vectors(keys: list[str], lc, progress: bool) -> np.ndarray:
+    from guidealign.retrieval.embed import encode, load_encoder, ngram_vectors
+
+    if lc.candidates == "ngram":
+        return ngram_vectors(keys, dim=lc.ngram_dim)
+    if lc.candidates == "model":
+        set_threads(lc.threads)
+        model = load_encoder(lc.embed_model)
+        return encode(model, keys, batch_size=lc.batch_size)
+    raise ValueError(f"library.candidates must be 'ngram' or 'model', not {lc.candidates!r}")
+
+
+def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
+                progress: bool = True) -> LibraryReport:
+    from guidealign.retrieval.dedup import cluster
+
+    lc = cfg.library
+    workdir = Path(workdir)
+    src = workdir / lc.src
+    dst = library_dir(workdir)
+    if rank != 0:  # a reduce stage: rank 0 builds, the others wait for it
+        wait_done(dst, timeout=wait_timeout(cfg, world_size))
+        return LibraryReport(skipped=True)
+    if not 0 < lc.fuzzy_threshold <= 1:
+        raise ValueError("library.fuzzy_threshold must be in (0, 1]")
+    wait_complete(src, timeout=wait_timeout(cfg, world_size))
+    fp = library_fingerprint(lc, src)
+    if is_current(dst, fp):
+        done = read_done(dst)
+        rep = LibraryReport(**{k: v for k, v in done.get("metrics", {}).items()
+                               if k in LibraryReport.__dataclass_fields__})
+        rep.skipped = True
+        return rep
+
+    t_start = time.perf_counter()
+    rep = LibraryReport()
+    secs: dict[str, float] = {}
+
+    # 1. explode -------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    prompt_text: dict[str, str] = {}
+    prompt_risky: dict[str, bool | None] = {}
+    occ_prompt: list[int] = []      # occurrence -> prompt number
+    occ_unique: list[int] = []      # occurrence -> unique guideline number
+    prompt_ids: list[str] = []
+    prompt_no: dict[str, int] = {}
+    key_index: dict[str, int] = {}
+    u_keys: list[str] = []
+    u_text: list[str] = []          # original text of the first occurrence
+    u_titles: list[Counter] = []
+    for batch in iter_batches(src, columns=["id", "prompt", "risky", "guidelines"]):
+        for pid, prompt, risky, gls in zip(*(batch.column(c).to_pylist()
+                                             for c in ("id", "prompt", "risky", "guidelines"))):
+            rep.prompts += 1
+            if pid is None:  # counted in the report; such rows cannot be paired or cited
+                rep.prompts_missing_id += 1
+                continue
+            if not gls:
+                rep.prompts_without_guidelines += 1
+                continue
+            pno = prompt_no.get(pid)
+            if pno is None:  # a repeated id (e.g. augmented copies) adds to the same prompt
+                pno = prompt_no[pid] = len(prompt_ids)
+                prompt_text[pid] = prompt or ""
+                prompt_risky[pid] = risky
+                prompt_ids.append(pid)
+            for g in gls:
+                g = g or {}
+                title = (g.get("title") or "").strip()
+                text = (g.get("text") or "").strip()
+                key = normalize_text(text or title)
+                if not key:
+                    rep.empty_dropped += 1
+                    continue
+                rep.exploded += 1
+                u = key_index.get(key)
+                if u is None:
+                    u = key_index[key] = len(u_keys)
+                    u_keys.append(key)
+                    u_text.append(text or title)
+                    u_titles.append(Counter())
+                if title:
+                    u_titles[u][title] += 1
+                occ_prompt.append(pno)
+                occ_unique.append(u)
+    del key_index
+    secs["explode"] = time.perf_counter() - t0
+
+    # 2. exact duplicates are gone by construction of u_keys ------------------------------
+    rep.after_exact = len(u_keys)
+    occ_prompt_a = np.asarray(occ_prompt, dtype=np.int64)
+    occ_unique_a = np.asarray(occ_unique, dtype=np.int64)
+    del occ_prompt, occ_unique
+    u_count = np.bincount(occ_unique_a, minlength=len(u_keys))
+
+    # 3. near duplicates ------------------------------------------------------------------
+    t0 = time.perf_counter()
+    vecs = _vectors(u_keys, lc, progress) if u_keys else np.zeros((0, 1), np.float32)
+    secs["vectors"] = time.perf_counter() - t0
+    labels, dstats = cluster(u_keys, vecs, threshold=lc.fuzzy_threshold, k=lc.neighbors,
+                             min_cosine=lc.min_cosine, exact_max=lc.exact_search_max,
+                             nprobe=lc.nprobe, use_gpu=lc.use_gpu)
+    del vecs
+    for k, v in dstats.seconds.items():
+        secs[k] = v
+    rep.candidate_pairs, rep.confirmed_pairs, rep.search = (
+        dstats.candidate_pairs, dstats.confirmed_pairs, dstats.search)
+
+    # canonical member per cluster: most frequent, then shortest, then lexicographically first
+    t0 = time.perf_counter()
+    n_u = len(u_keys)
+    lens = np.fromiter((len(k) for k in u_keys), dtype=np.int64, count=n_u)
+    lex = np.empty(n_u, dtype=np.int64)
+    lex[np.array(sorted(range(n_u), key=u_keys.__getitem__), dtype=np.int64)] = np.arange(n_u)
+    order = np.lexsort((lex, lens, -u_count, labels))  # grouped by label, best member first
+    first = np.ones(n_u, dtype=bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    canon_of_root = dict(zip(labels[order][first].tolist(), order[first].tolist()))
+    roots = sorted(canon_of_root)
+    cluster_no = {r: i for i, r in enumerate(roots)}
+    canon = [canon_of_root[r] for r in roots]
+    gids = [guideline_id(u_keys[c]) for c in canon]
+    rep.after_near = len(canon)
+
+    u_cluster = np.fromiter((cluster_no[r] for r in labels.tolist()), dtype=np.int64, count=n_u)
+    occ_cluster = u_cluster[occ_unique_a] if n_u else occ_unique_a
+    members = np.bincount(occ_cluster, minlength=len(canon))
+    # (cluster, prompt) pairs, unique, grouped by cluster
+    cp = np.unique(occ_cluster * max(len(prompt_ids), 1) + occ_prompt_a) if len(occ_cluster) else occ_cluster
+    cp_cluster = cp // max(len(prompt_ids), 1)
+    cp_prompt = cp % max(len(prompt_ids), 1)
+    bounds = np.searchsorted(cp_cluster, np.arange(len(canon) + 1))
+    risky_arr = np.array([prompt_risky[p] is True for p in prompt_ids], dtype=bool)
+    known_arr = np.array([prompt_risky[p] is not None for p in prompt_ids], dtype=bool)
+
+    rows = []
+    for c in range(len(canon)):
+        ps = cp_prompt[bounds[c]:bounds[c + 1]]
+        n_known = int(known_arr[ps].sum())
+        n_risky = int(risky_arr[ps].sum())
+        kind = "safety" if n_known and 2 * n_risky >= n_known else "quality"
+        titles = u_titles[canon[c]]
+        title = min(titles.items(), key=lambda kv: (-kv[1], kv[0]))[0] if titles else ""
+        rows.append((gids[c], title, u_text[canon[c]], kind, int(members[c]),
+                     sorted(prompt_ids[p] for p in ps.tolist())))
+    rows.sort(key=lambda r: r[0])
+    rep.safety = sum(r[3] == "safety" for r in rows)
+    rep.quality = len(rows) - rep.safety
+    secs["canonical"] = time.perf_counter() - t0
+
+    # 4. pairs ----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    pair_rows = {"train": {k: [] for k in PAIRS_SCHEMA.names},
+                 "heldout": {k: [] for k in PAIRS_SCHEMA.names}}
+    held = [is_heldout(p, lc.heldout_fraction) for p in prompt_ids]
+    for c in range(len(canon)):
+        for p in cp_prompt[bounds[c]:bounds[c + 1]].tolist():
+            d = pair_rows["heldout" if held[p] else "train"]
+            d["prompt_id"].append(prompt_ids[p])
+            d["prompt"].append(prompt_text[prompt_ids[p]])
+            d["risky"].append(prompt_risky[prompt_ids[p]])
+            d["guideline_id"].append(gids[c])
+    rep.pairs_train = len(pair_rows["train"]["prompt_id"])
+    rep.pairs_heldout = len(pair_rows["heldout"]["prompt_id"])
+    rep.prompts_heldout = len(set(pair_rows["heldout"]["prompt_id"]))
+    secs["pairs"] = time.perf_counter() - t0
+
+    # write: temp dir, rename, _done.json last ----------------------------------------------
+    t0 = time.perf_counter()
+    table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(LIBRARY_SCHEMA.names)},
+                     schema=LIBRARY_SCHEMA)
+    with build_dir(dst) as tmp:
+        n_shards = max(1, -(-table.num_rows // max(lc.shard_rows, 1)))
+        write_manifest(tmp, stage=STAGE, num_shards=n_shards, fingerprint=fp, input=str(src))
+        shas = []
+        for i in range(n_shards):
+            part = table.slice(i * lc.shard_rows, lc.shard_rows)
+            shas.append(write_shard(tmp, i, part, fp).sha256)
+        (tmp / "pairs").mkdir()
+        for split, data in pair_rows.items():
+            pq.write_table(pa.table(data, schema=PAIRS_SCHEMA), tmp / "pairs" / f"{split}.parquet")
+        rep.version = fingerprint("library-version", shas)
+        secs["write"] = time.perf_counter() - t0
+        secs["total"] = time.perf_counter() - t_start
+        rep.seconds = {k: round(v, 3) for k, v in secs.items()}
+        from guidealign.shards import write_json_atomic
+
+        write_json_atomic(tmp / "report.json", asdict(rep))
+    mark_done(dst, fingerprint=fp, rows=table.num_rows, seconds=secs["total"], version=rep.version,
+              metrics=asdict(rep))
+    log.info(rep.summary())
+    return rep

@@ -1,0 +1,122 @@
+"""``guidealign retrieve``: prompt shards -> the guidelines retrieved for each prompt.
+
+Per input shard (via :func:`shards.map_shards`, so it is resumable and split by rank):
+embed the prompts in batches with the index's encoder, search the top ``top_n``, walk
+the candidates best first and drop any whose ``fuzz.ratio`` to one already kept is
+``dedup_ratio`` or more, keep ``keep``. Null or empty prompts go to the quarantine table.
+
+Output columns: id, prompt, guideline_ids, guideline_texts, scores (cosine, best first).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+
+from guidealign.core.threads import set_threads
+from guidealign.config import wait_timeout
+from guidealign.shards.artifact import wait_done
+from guidealign.shards import StageReport, fingerprint, map_shards
+
+log = logging.getLogger(__name__)
+
+RETRIEVE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()),
+    ("guideline_ids", pa.list_(pa.string())), ("guideline_texts", pa.list_(pa.string())),
+    ("scores", pa.list_(pa.float32())),
+])
+QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("reason", pa.string())])
+
+
+def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
+           dedup_ratio: float) -> list[tuple[int, float]]:
+    """Walk candidates best first; skip one whose ratio to a kept one is >= dedup_ratio."""
+    from rapidfuzz import fuzz
+
+    cutoff = dedup_ratio * 100.0
+    kept: list[tuple[int, float]] = []
+    for c, s in zip(cand, scores):
+        if c < 0:
+            continue
+        t = texts[c]
+        if any(fuzz.ratio(t, texts[k], score_cutoff=cutoff) for k, _ in kept):
+            continue
+        kept.append((c, s))
+        if len(kept) >= keep:
+            break
+    return kept
+
+
+def encoder_path(meta: dict, workdir: Path) -> str:
+    """Where the index's encoder is now: the run's own retriever is found under this workdir
+    (the index records its fingerprint, not the path it had, so a moved run still works)."""
+    ref = meta["model_ref"]
+    if ref.startswith("retriever:"):
+        from guidealign.retrieval.train import model_dir
+
+        return str(model_dir(workdir))
+    from guidealign.core.models import resolve
+
+    return resolve(ref)
+
+
+def make_shard_fn(cfg, workdir: Path):
+    """Load the encoder and index once; return the per-shard function."""
+    from guidealign.retrieval.embed import encode, load_encoder
+    from guidealign.retrieval.index import index_dir, load_index
+    from guidealign.retrieval.library import library_dir
+
+    rc = cfg.retrieve
+    set_threads(rc.threads)
+    idx = load_index(index_dir(workdir), library_dir(workdir), use_gpu=cfg.index.use_gpu)
+    model = load_encoder(encoder_path(idx.meta, workdir))
+
+    def fn(table: pa.Table, i: int):
+        ids = table.column("id").to_pylist()
+        prompts = table.column("prompt").to_pylist()
+        good = [j for j, p in enumerate(prompts) if isinstance(p, str) and p.strip()]
+        good_set = set(good)
+        bad = [j for j in range(len(prompts)) if j not in good_set]
+        out = {k: [] for k in RETRIEVE_SCHEMA.names}
+        if good:
+            q = encode(model, [prompts[j] for j in good], batch_size=rc.batch_size)
+            sims, nbrs = idx.search(q, rc.top_n)
+            for row, j in enumerate(good):
+                kept = select(nbrs[row].tolist(), sims[row].tolist(), idx.texts, keep=rc.keep,
+                              dedup_ratio=rc.dedup_ratio)
+                out["id"].append(ids[j])
+                out["prompt"].append(prompts[j])
+                out["guideline_ids"].append([idx.ids[c] for c, _ in kept])
+                out["guideline_texts"].append([idx.texts[c] for c, _ in kept])
+                out["scores"].append([float(s) for _, s in kept])
+        quarantine = None
+        if bad:
+            quarantine = pa.table({"id": [ids[j] for j in bad],
+                                   "prompt": [prompts[j] for j in bad],
+                                   "reason": ["null prompt" if prompts[j] is None else
+                                              "empty prompt" if isinstance(prompts[j], str) else
+                                              f"prompt is not a string ({type(prompts[j]).__name__})"
+                                              for j in bad]}, schema=QUARANTINE_SCHEMA)
+        return pa.table(out, schema=RETRIEVE_SCHEMA), quarantine, {"prompts": len(good)}
+    return fn
+
+
+def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, src: str | None = None,
+                 dst: str = "retrieve", progress: bool = True) -> StageReport:
+    """Retrieve for every prompt of ``src`` (default: ``prompt_set(cfg, retrieve.prompts)``)."""
+    from guidealign.retrieval.index import check_version, index_dir
+    from guidealign.retrieval.library import library_dir
+
+    rc = cfg.retrieve
+    if not 1 <= rc.keep <= rc.top_n:
+        raise ValueError("retrieve.keep must be between 1 and retrieve.top_n")
+    workdir = Path(workdir)
+    wait_done(index_dir(workdir), timeout=wait_timeout(cfg, world_size))
+    # a stale index fails here, before any shard, and changes the fingerprint of every shard
+    meta = check_version(index_dir(workdir), library_dir(workdir))
+    fp = fingerprint("retrieve-v1", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"])
+    src = src or prompt_set(cfg, rc.prompts)
+    return map_shards("retrieve", workdir / src, workdir / dst, fp,
+                      make_fn=lambda: make_shard_fn(cfg, workdir), rank=rank, world_size=world_size,
+                      columns=["id", "prompt"], progress=progress)

@@ -1,0 +1,156 @@
+"""``guidealign train-retriever``: fine-tune a bi-encoder on (prompt, guideline) pairs.
+
+In-batch negatives (MultipleNegativesRankingLoss, or its cached variant for big batches)
+with the no-duplicates batch sampler: a prompt has several positive guidelines and a
+guideline serves many prompts, so without it a batch would hold a text twice and treat
+one copy as the other's negative.
+
+Then the base encoder, the fine-tuned one and BM25 are evaluated on the held-out prompts
+(:mod:`retrieval.evaluate`). Output ``WORKDIR/retriever/``: ``model/``, ``metrics.json``,
+then ``_done.json`` last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from guidealign.core.threads import set_threads
+from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done
+from guidealign.shards import fingerprint, write_json_atomic
+
+log = logging.getLogger(__name__)
+STAGE = "retriever"
+
+
+@dataclass
+class RetrieverReport:
+    train_pairs: int = 0
+    steps: int = 0
+    metrics: dict = field(default_factory=dict)
+    table: str = ""
+    seconds: float = 0.0
+    skipped: bool = False
+
+    def summary(self) -> str:
+        head = "retriever: up to date" if self.skipped else \
+            f"retriever: trained on {self.train_pairs} pairs ({self.steps} steps, {self.seconds:.0f}s)"
+        return head + ("\n" + self.table if self.table else "")
+
+
+def retriever_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / STAGE
+
+
+def model_dir(workdir: str | Path) -> Path:
+    return retriever_dir(workdir) / "model"
+
+
+def _train(model, train_ds, rc, out: Path, progress: bool) -> int:
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss)
+
+    from guidealign.core.distenv import one_device, single_process
+
+    single_process("train-retriever")  # torchrun-style variables would start a process group
+    if rc.loss == "mnrl":
+        loss = MultipleNegativesRankingLoss(model)
+    elif rc.loss == "cached_mnrl":
+        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=rc.mini_batch_size)
+    else:
+        raise ValueError(f"retriever.loss must be 'mnrl' or 'cached_mnrl', not {rc.loss!r}")
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=rc.epochs,
+        per_device_train_batch_size=rc.batch_size,
+        learning_rate=rc.learning_rate,
+        warmup_steps=rc.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
+        seed=rc.seed,
+        data_seed=rc.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    one_device(args)  # no DataParallel over every visible GPU (guidealign/distenv.py)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss)
+    result = trainer.train()
+    return int(result.global_step)
+
+
+def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
+                        progress: bool = True) -> RetrieverReport:
+    from guidealign.retrieval.embed import doc_text, load_encoder
+    from guidealign.retrieval.evaluate import bm25_scorer, build_eval_set, dense_scorer, evaluate, render_table
+    from guidealign.retrieval.library import library_dir, read_library, wait_library
+
+    rc = cfg.retriever
+    workdir = Path(workdir)
+    dst = retriever_dir(workdir)
+    lib = library_dir(workdir)
+    version = wait_library(cfg, workdir, dst, rank, world_size)
+    if version is None:
+        return RetrieverReport(skipped=True)
+    fp = fingerprint("retriever-v1", rc, version)
+    if is_current(dst, fp):
+        done = read_done(dst)
+        return RetrieverReport(train_pairs=done.get("train_pairs", 0), steps=done.get("steps", 0),
+                               metrics=done.get("metrics", {}), table=done.get("table", ""),
+                               skipped=True)
+
+    t0 = time.perf_counter()
+    set_threads(rc.threads)
+    library, _ = read_library(workdir)
+    train = pq.read_table(lib / "pairs" / "train.parquet")
+    heldout = pq.read_table(lib / "pairs" / "heldout.parquet")
+    if train.num_rows == 0:
+        raise RuntimeError(f"{lib}/pairs/train.parquet holds no pairs: nothing to train on")
+    doc_of = {g: doc_text(t, x) for g, t, x in zip(library.column("guideline_id").to_pylist(),
+                                                    library.column("title").to_pylist(),
+                                                    library.column("text").to_pylist())}
+    from datasets import Dataset
+
+    train_ds = Dataset.from_dict({
+        "anchor": train.column("prompt").to_pylist(),
+        "positive": [doc_of[g] for g in train.column("guideline_id").to_pylist()],
+    })
+
+    es = build_eval_set(library, heldout, rc.max_eval_queries)
+    results: dict[str, dict] = {}
+    model = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length)
+    if es.queries:
+        results["base"] = evaluate(es, dense_scorer(model, es.docs, rc.encode_batch_size),
+                                   recall_at=rc.recall_at, risk_top_k=rc.risk_top_k)
+    with build_dir(dst) as tmp:
+        steps = _train(model, train_ds, rc, tmp / "checkpoints", progress)
+        model.save(str(tmp / "model"))
+        import shutil
+
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        if es.queries:
+            model.eval()
+            results["fine-tuned"] = evaluate(es, dense_scorer(model, es.docs, rc.encode_batch_size),
+                                             recall_at=rc.recall_at, risk_top_k=rc.risk_top_k)
+            results["bm25"] = evaluate(es, bm25_scorer(es.docs), recall_at=rc.recall_at,
+                                       risk_top_k=rc.risk_top_k)
+        table = render_table(results, rc.recall_at) if results else "(no held-out prompts: not evaluated)"
+        seconds = time.perf_counter() - t0
+        metrics = {"systems": results, "train_pairs": train.num_rows, "steps": steps,
+                   "library_version": version, "base_model": rc.base_model, "loss": rc.loss,
+                   "seconds": round(seconds, 2)}
+        write_json_atomic(tmp / "metrics.json", json.dumps(metrics, indent=1))
+    mark_done(dst, fingerprint=fp, rows=train.num_rows, seconds=seconds, metrics=results,
+              train_pairs=train.num_rows, steps=steps, library_version=version, table=table)
+    rep = RetrieverReport(train_pairs=train.num_rows, steps=steps, metrics=results, table=table,
+                          seconds=seconds)
+    log.info(rep.summary())
+    return rep

@@ -1,0 +1,129 @@
+"""One SFT process per GPU: who trains, in how many processes, and how they are started.
+
+The pipeline's own ranks (``guidealign run --rank R --world-size W``, ``launch``'s
+RANK/WORLD_SIZE/LOCAL_RANK, SLURM's task ids) describe data workers, not a training job: SFT
+ignores them. ``run_sft`` on pipeline rank 0 decides the process count
+(``sft.num_processes``: "auto" = one per visible GPU, else a number; on the CPU, gloo
+processes) and, for more than one, starts ``torchrun --standalone --nproc-per-node N
+-m guidealign sft ...`` with :data:`LAUNCHED_ENV` set; those processes (or ones a user
+started with torchrun/accelerate) train with the distributed environment their launcher gave.
+A single process trains in-process with the pipeline's distributed variables hidden.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from guidealign.core.distenv import DIST_VARS as _LAUNCHER_VARS
+
+# Set by run_sft for the processes it starts; torchrun passes it on.
+LAUNCHED_ENV = "GUIDEALIGN_SFT_LAUNCHED"
+# All GPUs of this node (CUDA_VISIBLE_DEVICES form), when a launcher gave this worker only a
+# group of them (`launch run` with tensor_parallel_size 4 on 8 GPUs): SFT, which runs after
+# every engine of the node is done, trains on all of them.
+NODE_GPUS_ENV = "GUIDEALIGN_NODE_GPUS"
+# Variables a training process reads to join a process group; under a pipeline worker they
+# come from `launch`/SLURM/MPI and mean something else (guidealign/distenv.py lists them).
+
+DIST_VARS = tuple(_LAUNCHER_VARS) + ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+
+
+def under_launcher(env=None) -> bool:
+    """True in a process started by run_sft's torchrun, or by a user's torchrun/accelerate."""
+    env = os.environ if env is None else env
+    return env.get(LAUNCHED_ENV) == "1" or "TORCHELASTIC_RUN_ID" in env
+
+
+def launcher_world_size(env=None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE", "1") or 1) if under_launcher(env) else 1
+
+
+def node_gpus(env=None) -> list[str] | None:
+    env = os.environ if env is None else env
+    raw = env.get(NODE_GPUS_ENV, "").strip()
+    return [g for g in raw.split(",") if g.strip()] or None
+
+
+def visible_gpus() -> int:
+    if node_gpus():
+        return len(node_gpus())
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - torch missing or broken CUDA: the CPU
+        return 0
+
+
+def resolve_num_processes(scfg, gpus: int | None = None) -> int:
+    """``sft.num_processes`` as a count: "auto" = the visible GPUs (1 without any)."""
+    gpus = visible_gpus() if gpus is None else gpus
+    n = scfg.num_processes
+    if isinstance(n, str):
+        if n.strip().lower() != "auto":
+            try:
+                n = int(n)
+            except ValueError:
+                raise ValueError(f"sft.num_processes must be 'auto' or a number, not {n!r}") from None
+        else:
+            return max(1, gpus)
+    if n < 1:
+        raise ValueError(f"sft.num_processes must be >= 1, not {n}")
+    if gpus and n > gpus:
+        raise ValueError(f"sft.num_processes={n} but only {gpus} GPU(s) are visible")
+    return n
+
+
+@contextlib.contextmanager
+def without_pipeline_dist_env():
+    """Hide the pipeline's distributed variables while a single process trains."""
+    saved = {k: os.environ.pop(k) for k in DIST_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def child_env(n: int, gpus: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env[LAUNCHED_ENV] = "1"
+    if node_gpus():
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus())
+    if not gpus:  # CPU: share the cores between the gloo processes
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    return env
+
+
+def torchrun_argv(n: int, config_path: Path, workdir: Path, *, force: bool, progress: bool) -> list[str]:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(n), "-m", "guidealign", "sft", "-w", str(workdir),
+            "-c", str(config_path)]
+    if force:
+        argv.append("--force")
+    if not progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def launch(cfg, workdir: Path, n: int, *, force: bool, progress: bool) -> None:
+    """Run SFT in ``n`` processes under torchrun and wait; the effective config goes with them."""
+    import copy
+
+    from guidealign.config import dump_yaml
+
+    gpus = visible_gpus()
+    c = copy.deepcopy(cfg)
+    c.executor.kind = "local"  # the processes train; they are not Ray tasks
+    out = Path(workdir) / "sft"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "launch-config.yaml"
+    cfg_path.write_text(dump_yaml(c))
+    argv = torchrun_argv(n, cfg_path, Path(workdir), force=force, progress=progress)
+    rc = subprocess.run(argv, env=child_env(n, gpus)).returncode
+    if rc != 0:
+        raise RuntimeError(f"SFT under torchrun ({n} processes) failed with status {rc}: "
+                           f"{' '.join(argv)}")

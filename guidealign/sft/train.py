@@ -1,0 +1,298 @@
+"""`guidealign sft`: TRL SFTTrainer on the guided responses -> WORKDIR/sft/model.
+
+``run_sft`` (from `guidealign run` on rank 0, `guidealign sft`, `launch sft`) trains in
+``sft.num_processes`` processes: "auto" = one per visible GPU, started with torchrun and the
+recipe's FSDP settings (sft/launcher.py); the pipeline's own rank/world size never leak into
+training. Under a user's `torchrun`/`accelerate launch` it trains with that environment.
+Gradient accumulation is derived so that the *global* batch stays `sft.global_batch_size`.
+
+The chat template (``sft.chat_template``, or the base tokenizer's own) is set on the
+tokenizer, missing special tokens are added (embeddings resized), a pad token is chosen, and
+the tokenizer is saved with the model, so vLLM answers in the trained format. Loss is on the
+assistant turn only (TRL prompt/completion conversations). Rank 0 writes the model into a
+temp dir, renames it to WORKDIR/sft/model, then writes WORKDIR/sft/_done.json last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def distributed_world_size() -> int:
+    """Processes of this training job (the launcher's WORLD_SIZE; 1 outside a launcher)."""
+    from guidealign.sft.launcher import launcher_world_size
+
+    return launcher_world_size()
+
+
+def accumulation_steps(scfg, world: int) -> int:
+    per_step = scfg.micro_batch_size * world
+    if scfg.global_batch_size < per_step or scfg.global_batch_size % per_step:
+        raise ValueError(f"sft.global_batch_size ({scfg.global_batch_size}) must be a multiple of "
+                         f"micro_batch_size ({scfg.micro_batch_size}) x processes ({world})")
+    return scfg.global_batch_size // per_step
+
+
+def precision_flags(scfg) -> dict:
+    import torch
+
+    p = scfg.precision
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if p not in ("bf16", "fp16", "float32"):
+        raise ValueError(f"sft.precision must be auto, bf16, fp16 or float32, not {p!r}")
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}, p
+
+
+def sft_fingerprint(cfg, report) -> str:
+    """Config (minus process-count and thread knobs) + input shard checksums by dataset name
+    + the chat template's text: no absolute path, so a moved run directory redoes nothing."""
+    import dataclasses
+
+    from guidealign.gen.templates import template_hash
+    from guidealign.shards import fingerprint
+
+    keys = {k: v for k, v in dataclasses.asdict(cfg.sft).items()
+            if k not in ("num_processes", "num_threads")}
+    return fingerprint("sft/v2", keys, report.sources, template_hash(cfg.sft.chat_template))
+
+
+def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
+    hp = {k: getattr(scfg, k) for k in (
+        "mode", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
+        "global_batch_size", "micro_batch_size", "max_seq_length", "seed", "chat_template")}
+    hp.update(processes=world, gradient_accumulation_steps=accum, precision=precision)
+    if scfg.mode == "lora":
+        hp.update(lora_r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
+                  lora_target_modules=scfg.lora_target_modules, merge_lora=scfg.merge_lora)
+    return hp
+
+
+def prepare_tokenizer(scfg, base_path: str):
+    """The base tokenizer with the chat template set, missing special tokens added and a pad
+    token; returns (tokenizer, tokens added)."""
+    from transformers import AutoTokenizer
+
+    from guidealign.gen.templates import apply_template, needed_tokens
+
+    tok = AutoTokenizer.from_pretrained(base_path)
+    apply_template(tok, scfg.chat_template, model=scfg.base_model)
+    vocab = tok.get_vocab()
+    missing = [t for t in needed_tokens(scfg.chat_template) if t not in vocab]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+        if "<|im_end|>" in missing:  # chatml ends a turn with it: generation must stop there
+            tok.eos_token = "<|im_end|>"
+    if not tok.model_max_length or tok.model_max_length > 1_000_000:
+        tok.model_max_length = scfg.max_seq_length
+    if tok.pad_token is None:  # labels are masked by the attention mask, so any token will do
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok, missing
+
+
+def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True):
+    """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    from guidealign.core.models import resolve
+
+    scfg = cfg.sft
+    if scfg.mode not in ("full", "lora"):
+        raise ValueError(f"sft.mode must be 'full' or 'lora', not {scfg.mode!r}")
+    accum = accumulation_steps(scfg, world)
+    flags, precision = precision_flags(scfg)
+    base_path = resolve(scfg.base_model)
+    tok, added = prepare_tokenizer(scfg, base_path)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    if added:
+        model.resize_token_embeddings(len(tok))
+    if tok.eos_token_id is not None:
+        model.config.eos_token_id = tok.eos_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = tok.eos_token_id
+            model.generation_config.pad_token_id = tok.pad_token_id
+    peft_config = None
+    if scfg.mode == "lora":
+        from peft import LoraConfig
+
+        targets = scfg.lora_target_modules
+        peft_config = LoraConfig(
+            r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+            task_type="CAUSAL_LM")
+    ckpt_dir = Path(workdir) / "sft" / "checkpoints"
+    args = dict(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=scfg.epochs,
+        max_steps=scfg.max_steps,
+        learning_rate=scfg.learning_rate,
+        lr_scheduler_type=scfg.lr_scheduler,
+        warmup_steps=scfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=scfg.weight_decay,
+        per_device_train_batch_size=scfg.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        max_length=scfg.max_seq_length,
+        completion_only_loss=True,
+        gradient_checkpointing=scfg.gradient_checkpointing,
+        logging_steps=scfg.logging_steps,
+        save_strategy="steps" if scfg.save_steps > 0 else "no",
+        save_steps=scfg.save_steps if scfg.save_steps > 0 else 500,
+        seed=scfg.seed,
+        data_seed=scfg.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+        # On CPUs, transformers only sets up DDP (gloo) under torchrun/accelerate with use_cpu.
+        use_cpu=not torch.cuda.is_available(),
+        **flags,
+    )
+    extra = dict(scfg.trainer_args)
+    if world == 1 and (extra.get("fsdp") or extra.get("fsdp_config")):
+        log.warning("sft: one training process, so the FSDP settings in sft.trainer_args are "
+                    "not used (FSDP shards over several processes)")
+        extra.pop("fsdp", None)
+        extra.pop("fsdp_config", None)
+    args.update(extra)
+    trainer = SFTTrainer(model=model, args=TRLConfig(**args), train_dataset=dataset,
+                         processing_class=tok, peft_config=peft_config)
+    if trainer.args.world_size != world:
+        raise RuntimeError(f"{world} processes were launched but the trainer sees "
+                           f"{trainer.args.world_size}: the distributed setup failed")
+    return trainer, tok, accum, precision
+
+
+def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True,
+            force: bool = False) -> dict:
+    """Train, save the model dir and _done.json; returns the _done.json dict. A finished run with
+    the same fingerprint (config + input shard checksums) is not redone unless ``force``.
+
+    ``rank``/``world_size`` are the pipeline's (data workers): only rank 0 trains, and the
+    training job's own process count is ``sft.num_processes`` (see sft/launcher.py)."""
+    from guidealign.sft import launcher
+
+    if launcher.under_launcher():
+        return _train(cfg, workdir, progress=progress, force=force)
+    if rank != 0:
+        return {"skipped": True, "reason": f"SFT trains on rank 0 (this is rank {rank})"}
+    done = _already_done(cfg, workdir, force)
+    if done is not None:
+        return done
+    n = launcher.resolve_num_processes(cfg.sft)
+    if n == 1:
+        with launcher.without_pipeline_dist_env():
+            return _train(cfg, workdir, progress=progress, force=force)
+    log.info("sft: starting %d training processes with torchrun", n)
+    launcher.launch(cfg, Path(workdir), n, force=force, progress=progress)
+    done_path = Path(workdir) / "sft" / "_done.json"
+    if not done_path.exists():
+        raise RuntimeError(f"torchrun finished but {done_path} was not written")
+    return json.loads(done_path.read_text())
+
+
+def _already_done(cfg, workdir, force: bool) -> dict | None:
+    from guidealign.sft.data import build_dataset
+
+    out_dir = Path(workdir) / "sft"
+    done_path = out_dir / "_done.json"
+    if force or not done_path.exists() or not (out_dir / "model").exists():
+        return None
+    _, data_rep = build_dataset(cfg.sft, workdir)
+    done = json.loads(done_path.read_text())
+    if done.get("fingerprint") == sft_fingerprint(cfg, data_rep):
+        log.info("sft already done with this fingerprint: %s", out_dir / "model")
+        return {**done, "skipped": True}
+    return None
+
+
+def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
+    from guidealign.sft.data import build_dataset
+    from guidealign.shards import write_json_atomic
+
+    scfg = cfg.sft
+    workdir = Path(workdir)
+    out_dir = workdir / "sft"
+    model_dir = out_dir / "model"
+    done_path = out_dir / "_done.json"
+    t0 = time.perf_counter()
+    dataset, data_rep = build_dataset(scfg, workdir)
+    fp = sft_fingerprint(cfg, data_rep)
+    if not force and done_path.exists() and model_dir.exists():
+        done = json.loads(done_path.read_text())
+        if done.get("fingerprint") == fp:
+            log.info("sft already done with this fingerprint: %s", model_dir)
+            return {**done, "skipped": True}
+    import torch
+
+    if scfg.num_threads > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(scfg.num_threads)
+    world = distributed_world_size()
+    trainer, tok, accum, precision = build_trainer(cfg, workdir, dataset, world=world,
+                                                   progress=progress)
+    ckpt_dir = out_dir / "checkpoints"
+    n_train = len(trainer.train_dataset)
+    if n_train < data_rep.kept:  # TRL drops examples whose completion was cut off entirely
+        data_rep.dropped["no_response_tokens_within_max_seq_length"] = data_rep.kept - n_train
+        data_rep.kept = n_train
+    resume = None
+    if scfg.save_steps > 0 and ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*")):
+        resume = True
+        log.info("resuming SFT from the last checkpoint in %s", ckpt_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "losses": losses,
+               "steps": trainer.state.global_step, "epochs": trainer.state.epoch}
+
+    tmp = out_dir / ".tmp-model"
+    is_main = trainer.is_world_process_zero()
+    merged = scfg.mode == "lora" and scfg.merge_lora
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    if merged:
+        if is_main:
+            m = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            m.save_pretrained(tmp, safe_serialization=True)
+    else:
+        trainer.save_model(str(tmp))  # all ranks: gathers sharded weights under FSDP/DeepSpeed
+    seconds = time.perf_counter() - t0
+    done = {"fingerprint": fp, "rows": data_rep.kept, "seconds": round(seconds, 2),
+            "base_model": scfg.base_model, "chat_template": scfg.chat_template or "base tokenizer's",
+            "processes": world, "data": data_rep.sources, "read": data_rep.rows,
+            "dropped": data_rep.dropped, **metrics}
+    if is_main:
+        from guidealign.hub.card import model_card
+
+        tok.save_pretrained(tmp)  # tokenizer + chat template
+        gen_cfg = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
+        if gen_cfg is not None and not (tmp / "generation_config.json").exists():
+            gen_cfg.save_pretrained(tmp)
+        data_info = {"datasets": list(data_rep.sources), "responses_read": data_rep.rows,
+                     "examples": data_rep.kept, "dropped": data_rep.dropped,
+                     "format": "prompt/completion conversations, no guidelines"}
+        (tmp / "README.md").write_text(model_card(
+            base_model=scfg.base_model, data=data_info,
+            hyperparameters=hyperparameters(scfg, world, accum, precision),
+            metrics={k: v for k, v in metrics.items() if k != "losses"},
+            mode=scfg.mode, merged=merged or scfg.mode == "full"))
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: resume points are not needed
+        from guidealign.shards.artifact_files import file_checksums
+
+        done["files"] = file_checksums(out_dir)  # `guidealign verify` checks them
+        write_json_atomic(done_path, done)
+    trainer.accelerator.wait_for_everyone()
+    return done

@@ -1,0 +1,81 @@
+"""Artifacts (a library, a trained model, an index): build in a temp dir, rename into place,
+then write ``_done.json`` last. A reader trusts an artifact only when ``_done.json`` exists;
+a rerun whose fingerprint matches the one in ``_done.json`` does nothing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from guidealign.shards import write_json_atomic
+from guidealign.shards.artifact_files import file_checksums
+from guidealign.shards.write import torch_threads
+
+DONE = "_done.json"
+
+
+def read_done(d: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(d) / DONE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_current(d: str | Path, fp: str) -> bool:
+    done = read_done(d)
+    return done is not None and done.get("fingerprint") == fp
+
+
+def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0) -> dict:
+    """Block until the artifact at ``d`` is complete (``timeout=0``: check once). While it
+    waits it stops when a rank of the run failed or nothing moved (shards/failure.py)."""
+    from guidealign.shards.failure import Watch, waiting
+
+    deadline = time.monotonic() + timeout
+    watch = Watch(Path(d).parent, str(Path(d) / DONE))
+    with waiting(str(d)):
+        while True:
+            done = read_done(d)
+            if done is not None:
+                return done
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{d} is not complete (no {DONE}): run the stage that builds it first")
+            watch.check(None, f"{d} has no {DONE} yet")
+            time.sleep(poll)
+
+
+@contextmanager
+def build_dir(final: str | Path):
+    """Yield a fresh temp dir beside ``final``; on success it replaces ``final`` (no ``_done.json``
+    yet: the caller writes it with :func:`mark_done` after the rename)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier build left (one builder per artifact: rank 0)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            # the old artifact is invalid from here on: drop its marker first, then the files
+            (final / DONE).unlink(missing_ok=True)
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def mark_done(d: str | Path, *, fingerprint: str, rows: int, seconds: float, **extra) -> dict:
+    info = {"fingerprint": fingerprint, "rows": int(rows), "seconds": round(seconds, 3),
+            "created": time.time(), "threads": torch_threads(), "files": file_checksums(d), **extra}
+    write_json_atomic(Path(d) / DONE, info)
+    return info

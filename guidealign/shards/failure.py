@@ -1,0 +1,298 @@
+"""Fail fast across ranks: failure markers, heartbeats and a stall clock for every wait.
+
+Files in the run directory (WORKDIR):
+
+- ``_failed/rank-00003.json``: written by a rank whose stage raised (the error, stage, host,
+  pid, run id). Every waiter polls this folder and aborts with that error
+  (:class:`RankFailed`) instead of waiting for shards that will never come.
+- ``_ranks/rank-00003.json``: a heartbeat, rewritten every few seconds while a rank runs a
+  stage (:func:`guard`), saying whether it is ``working`` or ``waiting``.
+
+A wait ends on *stalled progress*, not on a long clock: when for ``stall_timeout_s`` no new
+shard was committed and no working rank's heartbeat moved, it raises :class:`Stalled`,
+naming what is missing (a dead rank that wrote no marker, e.g. killed by the OOM killer; a
+SLURM array task still pending). Heartbeats are compared with their own previous value,
+never with this machine's clock, so clock skew between nodes does not matter.
+
+Which failure markers count: a marker carries the run id (``GUIDEALIGN_RUN_ID``, else
+``SLURM_ARRAY_JOB_ID``, else ``SLURM_JOB_ID``). With run ids on both sides they must match
+(a marker left by an earlier job is ignored); without one, a marker counts when it was
+written after this process started. A rank deletes its own old marker when it starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from guidealign.shards.write import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FAILED_DIR = "_failed"
+RANKS_DIR = "_ranks"
+# Default stall clock (executor.stall_timeout_s when a stage runs under guard()).
+DEFAULT_STALL_S = 1800.0
+
+
+class RankFailed(RuntimeError):
+    """Another rank of this run failed: waiting for its output is pointless."""
+
+
+class Stalled(RuntimeError):
+    """Nothing moved for stall_timeout_s while this rank waited."""
+
+
+def run_id(env: dict | None = None) -> str | None:
+    env = os.environ if env is None else env
+    for k in ("GUIDEALIGN_RUN_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
+        if env.get(k):
+            return f"{k}={env[k]}"
+    return None
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or /proc unreadable
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def _name(rank) -> str:
+    return f"rank-{int(rank):05d}.json" if rank is not None else f"pid-{os.getpid()}.json"
+
+
+def failure_path(workdir: str | Path, rank: int | None) -> Path:
+    return Path(workdir) / FAILED_DIR / _name(rank)
+
+
+def mark_failed(workdir: str | Path, rank: int | None, error: str, *, stage: str = "",
+                world_size: int | None = None, pid: int | None = None) -> Path:
+    """Record that ``rank`` failed (atomic; overwrites an older marker of the same rank)."""
+    p = failure_path(workdir, rank)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(p, {"rank": rank, "world_size": world_size, "stage": stage,
+                          "error": error[-4000:], "host": socket.gethostname(),
+                          "pid": pid or os.getpid(), "run_id": run_id(), "created": time.time()})
+    return p
+
+
+def clear_failed(workdir: str | Path, rank: int | None) -> None:
+    failure_path(workdir, rank).unlink(missing_ok=True)
+
+
+def _counts(marker: dict, me: str | None, started: float) -> bool:
+    theirs = marker.get("run_id")
+    if me and theirs:
+        return me == theirs
+    return float(marker.get("created", 0.0)) >= started
+
+
+def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[dict]:
+    """Failure markers of the current run in ``workdir`` (see the module doc)."""
+    d = Path(workdir) / FAILED_DIR
+    if not d.is_dir():
+        return []
+    me, started = run_id(), _process_start()
+    out = []
+    for p in sorted(d.glob("*.json")):
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if exclude_rank is not None and m.get("rank") == exclude_rank:
+            continue
+        if _counts(m, me, started):
+            out.append(m)
+    return out
+
+
+def raise_if_failed(workdir: str | Path, waiting_for: str = "") -> None:
+    ctx = _CTX
+    mine = ctx.rank if ctx and Path(ctx.workdir) == Path(workdir) else None
+    found = failures(workdir, exclude_rank=mine)
+    if found:
+        m = found[0]
+        more = f" (and {len(found) - 1} more rank(s))" if len(found) > 1 else ""
+        raise RankFailed(f"rank {m.get('rank')} failed in {m.get('stage') or 'its stage'} on "
+                         f"{m.get('host')} (pid {m.get('pid')}){more}: {m.get('error', '').strip()}"
+                         + (f"; stopped waiting for {waiting_for}" if waiting_for else ""))
+
+
+# --- heartbeats and the current rank's context ------------------------------------------
+
+@dataclass
+class _Context:
+    workdir: Path
+    rank: int | None
+    world_size: int | None
+    stage: str
+    stall_timeout_s: float
+    state: str = "working"
+    waiting_for: str = ""
+
+
+_CTX: _Context | None = None
+_LOCK = threading.Lock()
+
+
+def stall_timeout() -> float:
+    return _CTX.stall_timeout_s if _CTX else DEFAULT_STALL_S
+
+
+def _beat(ctx: _Context) -> None:
+    d = ctx.workdir / RANKS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(d / _name(ctx.rank), {
+        "rank": ctx.rank, "world_size": ctx.world_size, "stage": ctx.stage, "state": ctx.state,
+        "waiting_for": ctx.waiting_for, "host": socket.gethostname(), "pid": os.getpid(),
+        "run_id": run_id(), "time": time.time()})
+
+
+def heartbeats(workdir: str | Path) -> dict[str, dict]:
+    d = Path(workdir) / RANKS_DIR
+    out = {}
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out[p.name] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+@contextmanager
+def guard(workdir: str | Path | None, rank: int | None = None, world_size: int | None = None, *,
+          stage: str = "", stall_timeout_s: float | None = None, beat_s: float | None = None):
+    """Run a rank's stage under the fail-fast rules: clear this rank's old failure marker,
+    send heartbeats, and write a failure marker when the body raises. Nested guards (the
+    ``run`` command around the pipeline) are pass-throughs."""
+    global _CTX
+    if workdir is None or _CTX is not None:
+        yield
+        return
+    stall = float(stall_timeout_s) if stall_timeout_s and stall_timeout_s > 0 else DEFAULT_STALL_S
+    beat = beat_s or max(1.0, min(30.0, stall / 10))
+    ctx = _Context(Path(workdir), rank, world_size, stage, stall)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    clear_failed(ctx.workdir, rank)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(beat):
+            try:
+                with _LOCK:
+                    _beat(ctx)
+            except OSError as e:  # a full or flaky disk must not kill the stage
+                log.debug("heartbeat: %s", e)
+
+    _beat(ctx)
+    t = threading.Thread(target=loop, name="guidealign-heartbeat", daemon=True)
+    _CTX = ctx
+    t.start()
+    try:
+        yield ctx
+    except BaseException as e:
+        if _is_failure(e):
+            err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+            try:
+                mark_failed(ctx.workdir, rank, err, stage=stage, world_size=world_size)
+            except OSError as oe:
+                log.warning("could not write the failure marker: %s", oe)
+        raise
+    finally:
+        stop.set()
+        _CTX = None
+        try:
+            ctx.state = "exited"
+            _beat(ctx)
+        except OSError:
+            pass
+
+
+def _is_failure(e: BaseException) -> bool:
+    if isinstance(e, SystemExit):
+        return e.code not in (0, None)
+    code = getattr(e, "exit_code", None)  # click.exceptions.Exit(0) ends a command normally
+    if type(e).__name__ == "Exit" and code == 0:
+        return False
+    return True
+
+
+@contextmanager
+def waiting(what: str):
+    """Mark this rank as waiting (its heartbeats then do not count as progress)."""
+    ctx = _CTX
+    if ctx is None:
+        yield
+        return
+    old = (ctx.state, ctx.waiting_for)
+    ctx.state, ctx.waiting_for = "waiting", what
+    try:
+        yield
+    finally:
+        ctx.state, ctx.waiting_for = old
+
+
+class Watch:
+    """One wait's fail-fast checks: call :meth:`check` once per poll with a progress count."""
+
+    def __init__(self, workdir: str | Path, what: str, stall_timeout_s: float | None = None):
+        self.workdir = Path(workdir)
+        self.what = what
+        self.stall = stall_timeout_s if stall_timeout_s and stall_timeout_s > 0 else stall_timeout()
+        self.last_move = time.monotonic()
+        self.progress = None
+        self.beats: dict[str, float] = {}
+
+    def _beats_moved(self) -> bool:
+        moved = False
+        dirs = {self.workdir} | ({_CTX.workdir} if _CTX is not None else set())
+        for name, hb in ((f"{d}/{n}", hb) for d in dirs for n, hb in heartbeats(d).items()):
+            t = float(hb.get("time", 0.0))
+            if hb.get("state") == "working" and name in self.beats and t != self.beats[name]:
+                moved = True
+            self.beats[name] = t
+        return moved
+
+    def check(self, progress, missing: str = "") -> None:
+        raise_if_failed(self.workdir, self.what)
+        if _CTX is not None and _CTX.workdir != self.workdir:  # e.g. a dataset under WORKDIR/eval/
+            raise_if_failed(_CTX.workdir, self.what)
+        moved = self._beats_moved()
+        if progress != self.progress:
+            self.progress, moved = progress, True
+        now = time.monotonic()
+        if moved:
+            self.last_move = now
+        elif now - self.last_move >= self.stall:
+            alive = [f"rank {hb.get('rank')} {hb.get('state')}"
+                     + (f" for {hb['waiting_for']}" if hb.get("waiting_for") else "")
+                     for hb in heartbeats(self.workdir).values() if hb.get("state") != "exited"]
+            raise Stalled(f"no progress on {self.what} for {self.stall:.0f}s (executor.stall_timeout_s)"
+                          + (f": {missing}" if missing else "")
+                          + f"; heartbeats: {', '.join(alive) or 'none'}. A rank died without a "
+                          "failure marker or never started (a pending SLURM array task?): rerun "
+                          "the missing ranks; committed shards are kept")
+
+
+def guard_rank(rank: int | None, world_size: int | None) -> tuple[int | None, int | None]:
+    """The rank and world size a stage command will use (as ``resolve_rank`` reads them);
+    (None, None) when they are invalid (the command itself reports that)."""
+    from guidealign.shards.ranks import resolve_rank
+
+    try:
+        return resolve_rank(rank, world_size)
+    except ValueError:
+        return None, None

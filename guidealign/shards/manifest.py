@@ -1,0 +1,145 @@
+"""A dataset's manifest (``_stage.json``): how many shards the stage has in all.
+
+Map stages write it before their first shard, so that every rank, and
+``guidealign status``, knows the total; completeness is read off the markers.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from guidealign.shards.fingerprint import fingerprint as make_fp
+from guidealign.shards.marker import is_done, read_marker
+from guidealign.shards.write import write_json_atomic
+
+MANIFEST = "_stage.json"
+
+
+def write_manifest(dataset: str | Path, *, stage: str, num_shards: int, fingerprint: str,
+                   **extra) -> None:
+    write_json_atomic(Path(dataset) / MANIFEST,
+                      {"stage": stage, "num_shards": num_shards, "fingerprint": fingerprint, **extra})
+
+
+def read_manifest(dataset: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(dataset) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _input_dir(dataset: Path, man: dict) -> Path | None:
+    """The input dataset a map stage read (its manifest's ``input``), found from any cwd."""
+    src = man.get("input")
+    if not src:
+        return None
+    p = Path(src)
+    if not p.is_absolute() and not p.exists() and (dataset.parent / p.name).exists():
+        return dataset.parent / p.name
+    return p
+
+
+def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None = None,
+                          man: dict | None = None) -> set[str] | None:
+    """The fingerprints shard ``index`` may carry to be current; None when unknowable.
+
+    ``config_fp`` (default: the manifest's, which the latest run of the stage wrote; pass the
+    caller's own to be strict) must be in it: a map stage's shard carries
+    ``fingerprint(config_fp, <sha256 of input shard i>)`` (``shards.stage.shard_fingerprint``),
+    an artifact table written whole (the library) ``config_fp`` itself. Datasets without a
+    recorded input (ingest, augment, eval) use other schemes and are taken as they are.
+    """
+    dataset = Path(dataset)
+    man = read_manifest(dataset) if man is None else man
+    if man is None:
+        return None
+    config_fp = config_fp or man.get("fingerprint")
+    src = _input_dir(dataset, man)
+    if not config_fp or src is None:
+        return None
+    ok = {config_fp}
+    m = read_marker(src, index)
+    if m is not None:
+        ok.add(make_fp(config_fp, m.sha256))
+    return ok
+
+
+def shard_states(dataset: str | Path, config_fp: str | None = None) -> tuple[list[int], list[int]] | None:
+    """(missing, stale) shard indices; None when the stage has not been planned.
+
+    Stale: committed with another fingerprint (an earlier config or other input), or with a
+    file whose size does not match its marker. Readers must not take such a shard.
+    """
+    dataset = Path(dataset)
+    man = read_manifest(dataset)
+    if man is None:
+        return None
+    missing, stale = [], []
+    for i in range(int(man["num_shards"])):
+        m = read_marker(dataset, i)
+        if m is None:
+            missing.append(i)
+            continue
+        ok = expected_fingerprints(dataset, i, config_fp, man)
+        if ok is not None and not (m.fingerprint in ok and is_done(dataset, i, m.fingerprint)):
+            stale.append(i)
+    return missing, stale
+
+
+def missing_shards(dataset: str | Path, config_fp: str | None = None) -> list[int] | None:
+    """Shards not yet committed with the current fingerprint (None when the stage has not
+    been planned)."""
+    st = shard_states(dataset, config_fp)
+    return None if st is None else sorted(st[0] + st[1])
+
+
+def is_complete(dataset: str | Path, config_fp: str | None = None) -> bool:
+    """Every shard named by the manifest is committed with the current fingerprint."""
+    return missing_shards(dataset, config_fp) == []
+
+
+def _describe(st) -> str:
+    if st is None:
+        return "has no manifest (stage not run)"
+    missing, stale = st
+    parts = []
+    if missing:
+        parts.append(f"misses {len(missing)} shard(s), e.g. {missing[:5]}")
+    if stale:
+        parts.append(f"has {len(stale)} stale shard(s) (committed under another config or "
+                     f"input), e.g. {stale[:5]}")
+    return " and ".join(parts)
+
+
+def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
+                  config_fp: str | None = None, stall_timeout: float | None = None,
+                  workdir: str | Path | None = None) -> dict:
+    """Block until every shard of ``dataset`` is committed with the current fingerprint.
+
+    ``config_fp``: the stage config fingerprint the shards must have been made with (default:
+    the manifest's). ``timeout=0`` checks once and raises at once when incomplete. While it
+    waits it aborts when another rank of the run left a failure marker in ``workdir``
+    (default: the dataset's parent), and ends when nothing moved for ``stall_timeout``
+    seconds (default: executor.stall_timeout_s of the running stage); see shards.failure.
+    ``timeout`` stays a hard cap (``float("inf")``: none).
+    """
+    from guidealign.shards.failure import Watch, waiting
+
+    dataset = Path(dataset)
+    deadline = time.monotonic() + timeout
+    watch = Watch(workdir or dataset.parent, str(dataset), stall_timeout)
+    with waiting(str(dataset)):
+        while True:
+            st = shard_states(dataset, config_fp)
+            if st is not None and not st[0] and not st[1]:
+                return read_manifest(dataset)
+            if timeout <= 0 or time.monotonic() >= deadline:
+                raise RuntimeError(f"{dataset} is incomplete: it {_describe(st)}")
+            n_ok = 0 if st is None else int(read_manifest(dataset)["num_shards"]) - len(st[0]) - len(st[1])
+            watch.check(n_ok, f"{dataset} {_describe(st)}")
+            time.sleep(poll)
+
+
+__all__ = ["write_manifest", "read_manifest", "missing_shards", "is_complete", "wait_complete",
+           "shard_states", "expected_fingerprints"]

@@ -1,0 +1,49 @@
+"""Commit markers: the proof that a shard was written completely."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from guidealign.shards.layout import marker_path, shard_path
+
+
+@dataclass
+class Marker:
+    index: int
+    rows: int
+    bytes: int
+    sha256: str
+    fingerprint: str
+    seconds: float = 0.0
+    quarantined: int = 0
+    created: float = 0.0
+    stats: dict = field(default_factory=dict)
+    # sha256 of the quarantine file ("" when the shard quarantined nothing); `guidealign verify`
+    quarantine_sha256: str = ""
+    # torch's intra-op threads when the shard was committed (0: torch was not loaded)
+    threads: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+
+def read_marker(dataset: str | Path, index: int) -> Marker | None:
+    p = marker_path(dataset, index)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, OSError):
+        return None  # a torn marker counts as absent: the shard is redone
+    known = {k: data[k] for k in Marker.__dataclass_fields__ if k in data}
+    return Marker(**known)
+
+
+def is_done(dataset: str | Path, index: int, fingerprint: str) -> bool:
+    """True when shard ``index`` is committed with this fingerprint and its file is intact in size."""
+    m = read_marker(dataset, index)
+    if m is None or m.fingerprint != fingerprint:
+        return False
+    p = shard_path(dataset, index)
+    return p.exists() and p.stat().st_size == m.bytes

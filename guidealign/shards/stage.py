@@ -1,0 +1,195 @@
+"""The map-stage executor: shard i of the input becomes shard i of the output.
+
+It is what every per-prompt stage (detect, guidelines, retrieve, respond) runs:
+with static assignment (the default) the worker of rank r handles the shards i with
+i % W == r; with dynamic assignment (``shards.claims``) every worker claims the next
+shard nobody holds, until all are committed, and takes over the shards of workers whose
+heartbeat stopped. Either way it skips the shards whose commit marker already carries
+the current fingerprint and commits each new one atomically. A crash therefore loses at
+most the shard in flight, and a rerun neither repeats nor skips work.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from guidealign.shards import claims
+from guidealign.shards.fingerprint import fingerprint as make_fp
+from guidealign.shards.manifest import read_manifest, write_manifest
+from guidealign.shards.marker import is_done, read_marker
+from guidealign.shards.ranks import my_shards
+from guidealign.shards.read import read_table
+from guidealign.shards.write import write_shard
+
+log = logging.getLogger(__name__)
+
+# fn(table, index) -> table | (table, quarantine) | (table, quarantine, stats)
+ShardFn = Callable[[pa.Table, int], object]
+
+
+@dataclass
+class StageReport:
+    stage: str
+    total: int = 0
+    mine: int = 0
+    skipped: int = 0
+    processed: int = 0
+    rows: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rate = self.rows / self.seconds if self.seconds else 0.0
+        return (f"{self.stage}: {self.processed} shard(s) written, {self.skipped} already done "
+                f"(of {self.mine} for this rank, {self.total} in all); {self.rows} rows, "
+                f"{self.quarantined} quarantined, {rate:.1f} rows/s")
+
+
+def _unpack(result):
+    if isinstance(result, pa.Table):
+        return result, None, {}
+    if len(result) == 2:
+        return result[0], result[1], {}
+    return result
+
+
+def input_num_shards(src: str | Path) -> int:
+    man = read_manifest(src)
+    if man is None:
+        raise RuntimeError(f"input {src} has no manifest: run the stage that writes it first")
+    return int(man["num_shards"])
+
+
+def shard_fingerprint(config_fp: str, src: str | Path, index: int) -> str:
+    """A shard's fingerprint: the stage config plus the checksum of the input shard it read."""
+    m = read_marker(src, index)
+    if m is None:
+        raise RuntimeError(f"input shard {index} of {src} is not committed; run that stage first "
+                           "(with the same rank and world size)")
+    return make_fp(config_fp, m.sha256)
+
+
+def map_shards(
+    stage: str,
+    src: str | Path,
+    dst: str | Path,
+    config_fp: str,
+    *,
+    fn: ShardFn | None = None,
+    make_fn: Callable[[], ShardFn] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    columns: list[str] | None = None,
+    progress: bool = True,
+    assign: str | None = None,
+    claim_ttl_s: float | None = None,
+) -> StageReport:
+    """Run ``fn`` over this rank's input shards that are not done yet.
+
+    ``make_fn`` builds ``fn`` lazily, on the first shard that needs work, so that an
+    expensive engine is never started for a rerun that has nothing to do.
+    ``assign``: "static" (shards i with i % world_size == rank) or "dynamic" (claim
+    shards until every one is committed); None takes ``shards.claims.current_assignment()``.
+    """
+    if (fn is None) == (make_fn is None):
+        raise ValueError("give exactly one of fn and make_fn")
+    n = input_num_shards(src)
+    write_manifest(dst, stage=stage, num_shards=n, fingerprint=config_fp, input=str(src))
+    report = StageReport(stage=stage, total=n)
+    policy = claims.current_assignment()
+    if assign is not None or claim_ttl_s is not None:
+        policy = claims.Assignment(assign or policy.kind,
+                                   policy.ttl_s if claim_ttl_s is None else claim_ttl_s, policy.poll_s)
+    if policy.kind == "dynamic":
+        return _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, columns,
+                            progress, policy, report)
+    todo = my_shards(n, rank, world_size)
+    report.mine = len(todo)
+    bar = tqdm(todo, desc=stage, unit="shard", disable=not progress)
+    for i in bar:
+        fp = shard_fingerprint(config_fp, src, i)
+        if is_done(dst, i, fp):
+            report.skipped += 1
+            continue
+        if fn is None:
+            fn = make_fn()
+        _process(fn, src, dst, i, fp, columns, report)
+    log.info(report.summary())
+    return report
+
+
+def _process(fn, src, dst, i: int, fp: str, columns, report: StageReport, claim=None) -> bool:
+    """Run ``fn`` on input shard ``i`` and commit the result; False when the claim was lost."""
+    t0 = time.perf_counter()
+    table, quarantine, stats = _unpack(fn(read_table(src, i, columns), i))
+    dt = time.perf_counter() - t0
+    if claim is not None and not claim.held():
+        log.warning("%s: shard %d was taken over while this worker processed it (its "
+                    "heartbeat stalled); dropping this result", report.stage, i)
+        return False
+    marker = write_shard(dst, i, table, fp, quarantine=quarantine, seconds=dt, stats=stats)
+    report.processed += 1
+    report.rows += marker.rows
+    report.quarantined += marker.quarantined
+    report.seconds += dt
+    for k, v in (stats or {}).items():
+        if isinstance(v, (int, float)):
+            report.stats[k] = report.stats.get(k, 0) + v
+    return True
+
+
+def _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, columns, progress,
+                 policy: claims.Assignment, report: StageReport) -> StageReport:
+    """Claim uncommitted shards one at a time until every shard is committed.
+
+    Shards held by live workers are waited for (polling), so that a worker that dies mid-shard
+    is replaced once its claim goes stale. ``report.skipped`` counts the shards committed
+    before this worker started; ``report.mine`` the shards it processed.
+    """
+    n = report.total
+    owner = claims.owner_record()["owner"]
+    start = (rank * n) // max(world_size, 1)  # workers start at different places
+    order = [(start + k) % n for k in range(n)]
+    fps = {}
+    first_pass = True
+    bar = tqdm(total=n, desc=f"{stage} (dynamic)", unit="shard", disable=not progress)
+    pending = list(order)
+    while pending:
+        left = []
+        for i in pending:
+            if i not in fps:
+                fps[i] = shard_fingerprint(config_fp, src, i)
+            if is_done(dst, i, fps[i]):
+                report.skipped += first_pass
+                bar.update(1)
+                continue
+            claim = claims.try_claim(dst, i, policy.ttl_s, owner)
+            if claim is None:
+                left.append(i)
+                continue
+            with claim:
+                if is_done(dst, i, fps[i]):  # committed by another worker since we looked
+                    bar.update(1)
+                    continue
+                if fn is None:
+                    fn = make_fn()
+                if _process(fn, src, dst, i, fps[i], columns, report, claim):
+                    bar.update(1)
+                else:
+                    left.append(i)  # the worker that took it over commits it; wait for that
+        first_pass = False
+        pending = left
+        if pending:
+            time.sleep(policy.poll)
+    bar.close()
+    report.mine = report.processed
+    claims.remove_claims_dir(dst)
+    log.info(report.summary())
+    return report

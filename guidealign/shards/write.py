@@ -1,0 +1,110 @@
+"""Atomic shard writes: temp file, fsync, rename, then the commit marker."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from guidealign.shards.layout import marker_path, quarantine_path, shard_path
+from guidealign.shards.marker import Marker
+
+
+def torch_threads() -> int:
+    """The intra-op threads torch computes with now (0 when this process never loaded torch),
+    recorded in markers so a resumed run shows which thread counts made its shards."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else 0
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=1, sort_keys=True, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_shard(
+    dataset: str | Path,
+    index: int,
+    table: pa.Table,
+    fingerprint: str,
+    *,
+    quarantine: pa.Table | None = None,
+    seconds: float = 0.0,
+    stats: dict | None = None,
+) -> Marker:
+    """Write shard ``index`` of ``dataset`` atomically and commit it.
+
+    Order: any old marker is removed first (so a crash never leaves a stale marker
+    beside a new file), then the quarantine table, then the shard (temp, fsync,
+    rename), then the marker (temp, fsync, rename). Readers only trust shards with a
+    marker, so they never see a partial shard.
+    """
+    dataset = Path(dataset)
+    mpath = marker_path(dataset, index)
+    mpath.unlink(missing_ok=True)
+    qpath = quarantine_path(dataset, index)
+    n_quarantined, q_sha = 0, ""
+    if quarantine is not None and quarantine.num_rows:
+        _write_parquet_atomic(quarantine, qpath)
+        n_quarantined = quarantine.num_rows
+        q_sha = file_sha256(qpath)
+    else:
+        qpath.unlink(missing_ok=True)
+    spath = shard_path(dataset, index)
+    _write_parquet_atomic(table, spath)
+    marker = Marker(
+        index=index,
+        rows=table.num_rows,
+        bytes=spath.stat().st_size,
+        sha256=file_sha256(spath),
+        fingerprint=fingerprint,
+        seconds=round(seconds, 4),
+        quarantined=n_quarantined,
+        created=time.time(),
+        stats=stats or {},
+        quarantine_sha256=q_sha,
+        threads=torch_threads(),
+    )
+    write_json_atomic(mpath, marker.to_json())
+    return marker
