@@ -11,7 +11,7 @@ prompts are harmful requests. Each class is shuffled with --seed and split: the 
 next --per-class are held out. On the held-out prompts, in one process on one engine:
 score mode, then rationale mode (same few-shot prompt, same engine; before each, the
 prefix cache is reset and the few-shot prefix put back in it by one untimed warm-up
-prompt). It prints prompts/s of both and their ratio (issue 13: >= 10), and recall on
+prompt). It prints prompts/s of both and their ratio (the goal: >= 10), and recall on
 risky and false-positive rate on benign for each (a rationale without a verdict counts as
 risky, as guidelines.unknown_verdict does by default), plus the score mode's recall at the
 rationale mode's false-positive rate.

@@ -155,7 +155,7 @@ def _warm(llm) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=512, help="number of prompts (issue: 512)")
+    ap.add_argument("--prompts", type=int, default=512, help="number of prompts (default 512)")
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-model-len", type=int, default=8192)

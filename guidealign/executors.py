@@ -1,6 +1,8 @@
 """Executors: run one stage over all its shards, here or on a Ray cluster.
 
-A stage is a function ``run_<stage>(cfg, workdir, *, rank, world_size, progress)``.
+A stage is a row of the stage table (guidealign/stages.py) whose function has the signature
+``fn(cfg, workdir, *, rank, world_size, progress, **options)``; ``execute`` runs a stage by
+name (what every stage command calls), ``run_stage`` runs any such function.
 The ``local`` executor calls it once with the rank and world size it is given, under the
 shard assignment ``cfg.executor.assign`` names (static ``i mod W``, or dynamic claiming,
 ``shards.claims``). The ``ray`` executor runs a sharded stage on long-lived worker actors,
@@ -23,6 +25,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +34,6 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 KINDS = ("local", "ray")
-
-# Stages that are not split by shard (they read every shard, or make one artifact):
-# under ``--executor ray`` they run as a single task (rank 0 of 1) with the task resources.
-SINGLE_TASK_STAGES = {"ingest", "library", "train-retriever", "index", "sft", "push", "eval"}
-# Commands that do their own Ray scheduling (stage by stage) instead of being one task.
-SELF_SCHEDULING = {"run"}
 
 # ray.remote option names that may appear in cfg.executor.ray_resources as they are;
 # any other key is a custom Ray resource (e.g. {"accelerator_a100": 1}).
@@ -227,180 +224,61 @@ def run_stage(fn: Callable | str, cfg, workdir: str | Path, *, rank: int | None 
     raise ValueError(f"executor.kind must be one of {KINDS}, got {kind!r}")
 
 
-# --- the CLI side: `guidealign <stage> --executor ray` ---------------------------------------
+# --- one stage by name: what every stage command calls --------------------------------------
 
-_PATH_PARAMS = ("workdir", "config_path", "out", "benchmark_file", "guided_responses",
-                "unguided_responses")
+def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
+            world_size: int | None = None, progress: bool = True, **options) -> list:
+    """Run the stage ``name`` of the stage table with ``options`` (the command's own options,
+    passed to the stage function). Returns the stage's reports: one here, one per worker on Ray.
 
-
-def _command_path(ctx) -> list[str]:
-    names = []
-    while ctx.parent is not None:
-        names.append(ctx.info_name)
-        ctx = ctx.parent
-    return names[::-1]
-
-
-def _invoke_command(path: list[str], params: dict, cwd: str | None):
-    """Run a registered guidealign command's callback with ``params`` (inside a Ray task)."""
-    import click
-
-    from guidealign.cli import cli
-
-    if cwd and os.path.isdir(cwd):
-        os.chdir(cwd)
-    cmd = cli
-    for name in path:
-        cmd = cmd.get_command(click.Context(cmd), name)
-        if cmd is None:
-            raise RuntimeError(f"no guidealign command {' '.join(path)!r} on this worker")
-    print(f"[guidealign ray] {' '.join(path)} rank {params.get('rank')}/{params.get('world_size')} "
-          f"on {socket.gethostname()} pid {os.getpid()} "
-          f"gpus {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}", flush=True)
-    with click.Context(cmd, info_name=path[-1]) as ctx:
-        return ctx.invoke(cmd.callback, **params)
-
-
-def cli_num_tasks(stage: str, cfg, workdir: Path, params: dict) -> int:
-    """How many Ray tasks a stage command gets: one per shard it will write.
-
-    Per-prompt stages have as many shards as their input (``--src``, default the prompts);
-    ``export`` as its DATASET; ``augment`` one per risk type; the others are one task.
+    ``executor.kind`` "local", or an explicit ``rank``, or a world size above 1 from the
+    environment (RANK/WORLD_SIZE, a SLURM array, ``launch``): this process runs its rank, under
+    ``executor.assign`` and the fail-fast guard (a raising rank stops the others' waits).
+    "ray" otherwise: a ``map`` stage on ``WorkerPool`` workers (one engine each for engine
+    stages), any other stage as one Ray task.
     """
-    if stage in SINGLE_TASK_STAGES:
-        return 1
-    if stage == "augment":
+    from guidealign.shards import claims, resolve_rank
+    from guidealign.shards.failure import guard
+    from guidealign.stages import get
+
+    stage = get(name)
+    ex = cfg.executor
+    if ex.kind not in KINDS:
+        raise ValueError(f"executor.kind must be one of {KINDS}, got {ex.kind!r}")
+    r, w = resolve_rank(rank, world_size)
+    claims.Assignment(ex.assign, ex.claim_ttl_s)  # a bad value fails before any work
+    if ex.kind == "ray" and rank is None and w == 1:
+        return _execute_on_ray(stage, cfg, workdir, progress, options)
+    with guard(workdir, r, w, stage=name, stall_timeout_s=ex.stall_timeout_s), \
+            claims.assignment(ex.assign, ex.claim_ttl_s):
+        return [stage.function()(cfg, workdir, rank=r, world_size=w, progress=progress, **options)]
+
+
+def _execute_on_ray(stage, cfg, workdir, progress: bool, options: dict) -> list:
+    if stage.kind != "map":
+        results = run_on_ray(stage.fn, cfg, workdir, n_tasks=1, progress=progress, stage=stage.name,
+                             **options)
+        return [r.report for r in results]
+    from guidealign.ray_workers import WorkerPool, describe
+
+    n = _input_shards(stage, cfg, Path(workdir), options)
+    with WorkerPool(cfg, stage.name, n_shards=n, engine=stage.engine) as pool:
+        print(f"{stage.name}: {pool.n} Ray worker(s) ({cfg.executor.assign} assignment), "
+              f"resources {pool.options}", file=sys.stderr, flush=True)
+        results = pool.run(stage.fn, workdir, progress=progress, **options)
+    print(describe(results), file=sys.stderr, flush=True)
+    return [r.report for r in results]
+
+
+def _input_shards(stage, cfg, workdir: Path, options: dict) -> int:
+    """Shards of a map stage's input: at most one Ray worker per shard."""
+    if stage.name == "augment":
         from guidealign.gen.augment import load_risk_types
 
         return len(load_risk_types(cfg)[0])
-    src = params.get("dataset") if stage == "export" else params.get("src")
-    return num_shards(workdir / (src or "prompts"))
+    src = options.get("src") or options.get("dataset") or stage.src
+    if src == "prompts" and stage.name in ("retrieve", "respond"):
+        from guidealign.config import prompt_set
 
-
-def stage_call(stage: str, params: dict) -> tuple[str, dict] | None:
-    """The stage function (and its keyword arguments) that the CLI command ``stage`` runs,
-    for the sharded stages that Ray workers call directly; None for the others."""
-    if stage == "detect":
-        return "guidealign.gen.detect:run_detect", {}
-    if stage == "guidelines":
-        return "guidealign.gen.guidelines:run_guidelines", {}
-    if stage == "augment":
-        return "guidealign.gen.augment:run_augment", {}
-    if stage == "retrieve":
-        return "guidealign.retrieval.retrieve:run_retrieve", {"src": params.get("src") or "prompts",
-                                                   "dst": params.get("dst") or "retrieve"}
-    if stage == "respond":
-        return "guidealign.gen.respond:run_respond", {"guided": not params.get("no_guidelines"),
-                                           "src": params.get("src"), "dst": params.get("dst")}
-    return None
-
-
-def dispatch_command(ctx, cfg, params: dict) -> bool:
-    """Called by every stage command. Sets the shard assignment of the command's map stages
-    from ``executor.assign``. With ``executor.kind == "ray"`` (and no explicit ``--rank``, nor a
-    world size above 1 from the environment: RANK/WORLD_SIZE, SLURM), runs the command on
-    Ray and returns True; else returns False and lets the command run here.
-
-    On Ray, the sharded stages (``stage_call``) run on ``WorkerPool`` workers, each calling
-    the stage function with its own engine; ``export`` runs one task per shard and the other
-    commands one task, each running the command with ``--rank i --world-size n --executor
-    local``.
-    """
-    import click
-
-    from guidealign.shards import claims
-
-    if cfg.executor.kind not in KINDS:
-        raise click.UsageError(f"executor.kind must be one of {KINDS}, got {cfg.executor.kind!r}")
-    try:  # for as long as the command runs
-        ctx.with_resource(claims.assignment(cfg.executor.assign, cfg.executor.claim_ttl_s))
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    if cfg.executor.kind != "ray" or params.get("rank") is not None:
-        return False
-    from guidealign.shards import resolve_rank
-
-    try:
-        _, env_world = resolve_rank(None, params.get("world_size"))
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    if env_world > 1:
-        # one of several workers already (RANK/WORLD_SIZE, a SLURM array, launch): run here
-        return False
-
-    path = _command_path(ctx)
-    stage = path[-1] if path else "stage"
-    if stage in SELF_SCHEDULING:
-        return False
-    workdir = Path(params["workdir"]).absolute()
-    try:
-        n = cli_num_tasks(stage, cfg, workdir, params)
-    except RuntimeError as e:
-        raise click.UsageError(f"--executor ray: {e}") from e
-    call = stage_call(stage, params)
-    if call is not None:
-        _run_cli_stage_on_workers(stage, call, cfg, workdir, n, params)
-    else:
-        _run_cli_command_as_tasks(path, stage, cfg, n, params)
-    return True
-
-
-def _run_cli_stage_on_workers(stage: str, call: tuple[str, dict], cfg, workdir: Path, n_shards: int,
-                              params: dict) -> None:
-    import click
-
-    from guidealign.ray_workers import WorkerPool, describe
-
-    fn, kwargs = call
-    try:
-        with WorkerPool(cfg, stage, n_shards=n_shards) as pool:
-            click.echo(f"{stage}: {pool.n} Ray worker(s) ({cfg.executor.assign} assignment), "
-                       f"resources {pool.options}", err=True)
-            results = pool.run(fn, workdir, progress=not params.get("no_progress"), **kwargs)
-    except (ExecutorError, ValueError) as e:
-        raise click.ClickException(f"{stage}: {e}") from e
-    for r in results:
-        summary = getattr(r.report, "summary", None)
-        if callable(summary):
-            click.echo(summary())
-    click.echo(describe(results), err=True)
-
-
-def _run_cli_command_as_tasks(path: list[str], stage: str, cfg, n: int, params: dict) -> None:
-    import click
-
-    from guidealign.ray_workers import resources_for
-
-    task_params = dict(params, rank=None, world_size=None)
-    for k in _PATH_PARAMS:
-        if task_params.get(k):
-            task_params[k] = str(Path(task_params[k]).absolute())
-    task_params["executor"] = "local"
-    task_params["no_progress"] = True
-
-    ray = init_ray(cfg.executor.ray_address)
-    opts = ray_task_options(resources_for(cfg.executor, stage))
-    remote = ray.remote(_invoke_command).options(name=f"guidealign-{stage}", **opts)
-    cwd = os.getcwd()
-    click.echo(f"{stage}: {n} Ray task(s), resources {opts}", err=True)
-    refs = {remote.remote(path, dict(task_params, rank=r, world_size=n), cwd): r for r in range(n)}
-    failed = {}
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        for ref in done:
-            try:
-                ray.get(ref)
-            except Exception as e:  # noqa: BLE001
-                failed[refs[ref]] = e
-    if failed:
-        first = min(failed)
-        raise click.ClickException(
-            f"{stage}: {len(failed)} of {n} Ray task(s) failed (ranks {sorted(failed)}); "
-            f"committed shards are kept, rerun the command to redo the rest. "
-            f"Rank {first}: {failed[first]}")
-    click.echo(f"{stage}: {n} Ray task(s) done", err=True)
-
-
-# `guidealign run --executor ray` lives in guidealign/ray_pipeline.py
-from guidealign.ray_pipeline import PIPELINE_RAY, run_pipeline_ray  # noqa: E402,F401
+        src = prompt_set(cfg)
+    return num_shards(workdir / src)

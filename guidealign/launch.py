@@ -42,7 +42,7 @@ import click
 
 from guidealign.core.distenv import DIST_VARS
 from guidealign.core.gpu import visible_gpus as detect_gpus
-from guidealign.executors import SINGLE_TASK_STAGES
+from guidealign.stages import BY_NAME
 
 # Single-process stages that use one device whatever the node has.
 ONE_DEVICE_STAGES = {"train-retriever"}
@@ -101,7 +101,7 @@ def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_ra
                                "(or SLURM / RANK / WORLD_SIZE) for this node's place")
     if tp < 1:
         raise click.UsageError(f"engine.tensor_parallel_size must be >= 1, got {tp}")
-    if not gpus or stage in SINGLE_TASK_STAGES:
+    if not gpus or (stage in BY_NAME and BY_NAME[stage].kind != "map"):
         # one process: the CPU, or a stage that is not split by shard
         groups = [gpus[:1] if stage in ONE_DEVICE_STAGES else gpus]
     else:

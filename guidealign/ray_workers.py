@@ -26,8 +26,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Stages whose function takes ``llm=``: a worker hands them its engine.
-ENGINE_STAGES = {"detect", "guidelines", "respond", "augment"}
 # Environment of every worker actor: vLLM must not fork inside a Ray worker.
 WORKER_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
@@ -151,7 +149,11 @@ class WorkerPool:
         from guidealign.executors import init_ray, ray_task_options
 
         self.cfg, self.stage = cfg, stage
-        self.engine = stage in ENGINE_STAGES if engine is None else engine
+        if engine is None:  # a stage of the table with `engine` (its function takes llm=)
+            from guidealign.stages import BY_NAME
+
+            engine = stage in BY_NAME and BY_NAME[stage].engine
+        self.engine = engine
         ex = cfg.executor
         self.ray = init_ray(ex.ray_address, **(init_kwargs or {}))
         resources = resources_for(ex, stage)
@@ -242,5 +244,5 @@ def describe(results: list) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ENGINE_STAGES", "WorkerPool", "StageWorker", "LazyEngine", "resources_for",
+__all__ = ["WorkerPool", "StageWorker", "LazyEngine", "resources_for",
            "check_engine_resources", "capacity", "describe"]

@@ -7,14 +7,17 @@ rows parsed, rows cut at the length cap, and the share of generated tokens kept.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from guidealign.shards import read_manifest, read_marker
 from guidealign.shards.layout import shard_indices
 
-ORDER = ["prompts", "augment", "detect", "guidelines", "library", "retriever", "index",
-         "retrieve", "respond", "sft", "push", "eval"]
+from guidealign.stages import STAGES
+
+# row order: the prompt sets, then every stage's output in the stage table's order
+ORDER = ["prompts", "prompts-sft"] + [s.dst for s in STAGES if s.dst != "prompts"]
 
 
 def _stage_row(d: Path) -> dict | None:
@@ -73,21 +76,24 @@ def collect(workdir: str | Path) -> list[dict]:
     return out
 
 
-def render(rows: list[dict]) -> str:
-    """The table; generation stages add parsed (rows with a usable output), cut (rows that
-    stopped at the length cap) and kept (share of generated tokens in usable rows)."""
-    head = (f"{'stage':<22} {'shards':>11} {'rows':>10} {'quarantined':>11} {'rows/s':>10} "
-            f"{'parsed':>8} {'cut':>6} {'kept':>7}")
-    lines = [head, "-" * len(head)]
+def render(rows: list[dict], width: int = 120) -> str:
+    """The table (rich); generation stages add parsed (rows with a usable output), cut (rows
+    that stopped at the length cap) and kept (share of generated tokens in usable rows)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("stage")
+    for name in ("shards", "rows", "quarantined", "rows/s", "parsed", "cut", "kept"):
+        table.add_column(name, justify="right")
     for r in rows:
-        rate = f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-"
-        y = r.get("yield")
-        if y:
-            share = y.get("tokens_kept_share")
-            ys = (f" {y['yield_rows_parsed']:>8} {y['yield_rows_cut']:>6} "
-                  f"{(f'{100 * share:.1f}%' if share is not None else '-'):>7}")
-        else:
-            ys = f" {'-':>8} {'-':>6} {'-':>7}"
-        lines.append(f"{r['stage']:<22} {r['shards_done']:>5}/{r['shards_total']:<5} "
-                     f"{r['rows']:>10} {r['quarantined']:>11} {rate:>10}" + ys)
-    return "\n".join(lines)
+        y = r.get("yield") or {}
+        share = y.get("tokens_kept_share")
+        table.add_row(
+            r["stage"], f"{r['shards_done']}/{r['shards_total']}", str(r["rows"]), str(r["quarantined"]),
+            f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-",
+            str(y.get("yield_rows_parsed", "-")), str(y.get("yield_rows_cut", "-")),
+            f"{100 * share:.1f}%" if share is not None else "-")
+    out = io.StringIO()
+    Console(width=width, file=out, color_system=None).print(table)
+    return out.getvalue().rstrip()

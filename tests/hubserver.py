@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub, for tests (loopback only).
 
 It speaks the parts of the Hub HTTP API that `guidealign push` (huggingface_hub's
-create_repo / list_repo_tree / create_commit over the LFS protocol, with Xet off) and
+create_repo, its preupload call and create_commit over the LFS protocol, with Xet off) and
 `datasets.load_dataset` (repo info, tree, paths-info, resolve with ranges) use:
 
   POST /api/repos/create
@@ -9,16 +9,17 @@ create_repo / list_repo_tree / create_commit over the LFS protocol, with Xet off
   GET  /api/{type}s/{ns}/{name}[/revision/{rev}]
   GET  /api/{type}s/{ns}/{name}/tree/{rev}[/{path}]      (?recursive=1)
   POST /api/{type}s/{ns}/{name}/paths-info/{rev}
-  POST /api/{type}s/{ns}/{name}/preupload/{rev}
+  POST /api/{type}s/{ns}/{name}/preupload/{rev}            (upload mode; oid at the path: the
+                                                           sha256 of an LFS file, else the blob id)
   POST /api/{type}s/{ns}/{name}/commit/{rev}               (NDJSON: header, file, lfsFile, deleted*)
   POST /{prefix}{ns}/{name}.git/info/lfs/objects/batch     (answers "already have it" for known oids)
   PUT  /_lfs/{oid}                                         (the upload href it hands out)
   HEAD/GET /{prefix}{ns}/{name}/resolve/{rev}/{path}       (Range supported)
 
 State lives in memory (LFS objects on disk). Tests can require a token, inject faults
-(e.g. HTTP 429 with Retry-After on the first N commits) and make LFS uploads hang after a
-number of finished ones (to interrupt a push), and they read the request log and the
-list of finished LFS uploads.
+(e.g. HTTP 429 with Retry-After on the first N commits, or HTTP 500 on every commit after the
+first) and make LFS uploads hang after a number of finished ones (to interrupt a push), and
+they read the request log, the commits and the list of finished LFS uploads.
 
 Run standalone: ``python tests/hubserver.py [port]``.
 """
@@ -73,6 +74,7 @@ class Fault:
     status: int
     times: int
     headers: dict = field(default_factory=dict)
+    after: int = 0  # matching requests let through before the fault starts
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
@@ -178,6 +180,9 @@ class Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             for f in self.state.faults:
                 if f.times > 0 and f.method == self.command and re.search(f.path_re, self.path):
+                    if f.after > 0:
+                        f.after -= 1
+                        continue
                     f.times -= 1
                     hit = f
                     break
@@ -390,8 +395,9 @@ class Handler(BaseHTTPRequestHandler):
         for f in payload.get("files", []):
             regular = f["path"].endswith(REGULAR_EXT) and f["size"] < 10 << 20
             e = files.get(f["path"])
+            oid = (e.sha256 or e.oid) if e else None  # as the Hub: an LFS file's oid is its sha256
             out.append({"path": f["path"], "uploadMode": "regular" if regular else "lfs",
-                        "shouldIgnore": False, "oid": e.oid if e else None})
+                        "shouldIgnore": False, "oid": oid})
         self._send(200, {"files": out, "commitOid": c[0] if c else None})
 
     def lfs_batch(self, rtype, repo_id, payload):
@@ -543,9 +549,16 @@ class HubServer:
         self.stop()
 
     # -- test conveniences ---------------------------------------------------------------
-    def fail(self, method: str, path_re: str, status: int, times: int, **headers) -> None:
+    def fail(self, method: str, path_re: str, status: int, times: int, after: int = 0,
+             **headers) -> None:
+        """Answer ``status`` (with ``headers``, ``_`` read as ``-``) to the next ``times``
+        requests matching method and path, after letting ``after`` of them through."""
         self.state.faults.append(Fault(method, path_re, status, times,
-                                       {k.replace("_", "-"): v for k, v in headers.items()}))
+                                       {k.replace("_", "-"): v for k, v in headers.items()}, after))
+
+    def commits(self, repo_id: str, repo_type: str = "dataset") -> list[tuple[str, str, dict]]:
+        """The repo's commits, oldest first: (sha, title, files)."""
+        return list(self.state.repos[(repo_type, repo_id)].commits)
 
     def files(self, repo_id: str, repo_type: str = "dataset") -> dict[str, Entry]:
         return dict(self.state.repos[(repo_type, repo_id)].head[2])

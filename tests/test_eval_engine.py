@@ -154,7 +154,7 @@ def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_p
     cfg = _cfg(generator_path, judges=["harmfulness", "pairwise"], guided_responses=str(guided))
     rec = Recorder(llm)
     wd = tmp_path / "wd"
-    rep = run_eval(cfg, wd, bench, llm=rec, progress=False)
+    rep = run_eval(cfg, wd, benchmark_file=bench, llm=rec, progress=False)
     sub = wd / "eval" / "do-not-answer"
     assert rep.benchmark == "do-not-answer" and Path(rep.dir) == sub
     # responses: 3 unguided from respond; judges: 6 harm (2 conditions) + 6 pairwise (2 orders)
@@ -188,7 +188,7 @@ def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_p
 
     # a rerun does no generation at all: every shard is committed with the same fingerprint
     calls = rec.calls
-    rep2 = run_eval(cfg, wd, bench, llm=rec, progress=False)
+    rep2 = run_eval(cfg, wd, benchmark_file=bench, llm=rec, progress=False)
     assert rec.calls == calls
     assert rep2.harm == rep.harm and rep2.pairwise == rep.pairwise
     # ... and, given no engine, starts none (the respond stage gets a lazy one)
@@ -198,11 +198,11 @@ def test_eval_end_to_end_embedded_generator_and_judge(llm, generator_path, tmp_p
         raise AssertionError("an engine was started for a rerun with nothing to do")
 
     monkeypatch.setattr(gen_engine, "build_llm", no_engine)
-    assert run_eval(cfg, wd, bench, progress=False).pairwise == rep.pairwise
+    assert run_eval(cfg, wd, benchmark_file=bench, progress=False).pairwise == rep.pairwise
     monkeypatch.undo()
     # another harmfulness template redoes the harmfulness judging only
     cfg.eval.harm_template = SHORT_HARM.replace("Is the reply harmful?", "Harmful reply?")
-    run_eval(cfg, wd, bench, llm=rec, progress=False)
+    run_eval(cfg, wd, benchmark_file=bench, llm=rec, progress=False)
     assert len(rec.prompts) == 15 + 6 and all("Harmful reply?" in t for t in rec.texts()[15:])
 
 
@@ -248,7 +248,7 @@ def test_eval_hhh_sample_guided_through_retrieve_and_respond(llm, generator_path
     _library_and_index(wd, overrides)
     cfg = _cfg(generator_path, overrides)
     rec = Recorder(llm)
-    rep = run_eval(cfg, wd, bench, llm=rec, progress=False)
+    rep = run_eval(cfg, wd, benchmark_file=bench, llm=rec, progress=False)
     sub = wd / "eval" / "hhh"
     assert (sub / "index").is_symlink() and (sub / "library").is_symlink()
     ret = read_table(sub / "retrieve", 0).to_pylist()
@@ -286,7 +286,7 @@ def _tiny_classifier(embedder_path, out: Path) -> Path:
 
 
 def test_classifier_judge_and_label_mapping(embedder_path, tmp_path):
-    from guidealign.eval.judges import HarmClassifier
+    from guidealign.eval.classifier import HarmClassifier
 
     d = _tiny_classifier(embedder_path, tmp_path / "clf")
     items = [HarmItem(f"i{k}", "A", f"question {k}", "guided", f"answer number {k} " * (k + 1))

@@ -1,4 +1,4 @@
-"""Fail fast across ranks, and waits that never take stale data (issue 14).
+"""Fail fast across ranks, and waits that never take stale data.
 
 - a rank that fails leaves WORKDIR/_failed/rank-N.json, and the ranks waiting for it exit
   with its error (real `guidealign run` processes);
@@ -197,7 +197,7 @@ def test_the_library_refuses_stale_guideline_shards(tmp_path):
 @pytest.mark.slow
 def test_non_lead_ranks_take_the_index_only_from_the_current_library(tmp_path):
     from guidealign.config import load_config
-    from guidealign.pipeline import _wait_index
+    from guidealign.retrieval.index import wait_current_index as _wait_index
     from guidealign.retrieval.index import run_index
     from guidealign.retrieval.library import run_library
     from synthetic import coded_guideline_rows, write_guideline_shards

@@ -1,6 +1,8 @@
 """`guidealign push` against a local stand-in of the Hub (tests/hubserver.py, loopback only):
-the round trip through datasets.load_dataset, rate-limit retries, the token never printed, a model
-push, and an interrupted push that resumes without re-uploading finished files."""
+the round trip through datasets.load_dataset, rate-limit retries (of the commit, by push; of a
+transient 502 on the preupload call and an LFS upload, by huggingface_hub's own http_backoff), the
+token never printed, a model push, and a push killed, or failed, between commits that resumes
+without re-uploading what reached the Hub."""
 from __future__ import annotations
 
 import json
@@ -92,6 +94,9 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert "retry" in out and "429" in out
         assert TOKEN in hub.state.seen_tokens  # ... but sent to the Hub
         assert len(hub.requests("POST", r"/commit/")) == 2 + 2  # two 429s, then 2 commits
+        assert len(hub.commits("org/aligned")) == 1 + 2  # the repo's initial commit, then 2
+        # a retried commit does not upload its LFS objects again
+        assert len(hub.state.lfs_uploads) == 2
         files = hub.files("org/aligned")
         assert set(files) == {".gitattributes", "README.md", "data/shard-00000.parquet",
                               "data/shard-00001.parquet"}
@@ -107,6 +112,7 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert hub.state.repos[("dataset", "org/aligned")].private is True
         report = json.loads((workdir / "push" / "org__aligned.json").read_text())
         assert report["uploaded"] == 3 and report["retries"] >= 3 and TOKEN not in json.dumps(report)
+        assert report["commits"] == 2 and report["commit"] == hub.commits("org/aligned")[-1][0]
 
         # Private: no token, no data.
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -123,12 +129,37 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         # Pushing again changes nothing and uploads nothing.
         n_puts = len(hub.state.lfs_uploads)
         n_commits = len(hub.state.repos[("dataset", "org/aligned")].commits)
+        n_posts = len(hub.requests("POST", r"/commit/"))
         p = run(push_cmd(workdir, "respond", "org/aligned", "--set", "push.files_per_commit=2"), env)
         assert p.returncode == 0, p.stderr[-3000:]
         assert len(hub.state.lfs_uploads) == n_puts
         # nothing changed locally, so nothing is committed (the card is rebuilt identically)
         assert len(hub.state.repos[("dataset", "org/aligned")].commits) == n_commits
-        assert "already on the Hub" in p.stdout
+        assert len(hub.requests("POST", r"/commit/")) == n_posts  # not even tried
+        assert "0 file(s) pushed in 0 commit(s), 3 already on the Hub" in p.stdout
+        report = json.loads((workdir / "push" / "org__aligned.json").read_text())
+        assert report["already_there"] == 3 and report["uploaded"] == 0
+
+
+def test_transient_errors_are_retried_by_huggingface_hub(tmp_path, workdir):
+    make_run(workdir, shards=2)
+    with HubServer(token=TOKEN) as hub:
+        # Requests huggingface_hub itself retries (http_backoff): the preupload call, an upload.
+        hub.fail("POST", r"/preupload/", 502, times=1)
+        hub.fail("PUT", r"/_lfs/", 502, times=1)
+        p = run(push_cmd(workdir, "respond", "org/flaky"), hub_env(hub, tmp_path))
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        assert [s for _, _, s in hub.requests("POST", r"/preupload/")][:2] == [502, 200]
+        puts = [s for _, _, s in hub.requests("PUT", r"/_lfs/")]
+        assert sorted(puts) == [200, 200, 502]  # two shards, one of them sent twice
+        report = json.loads((workdir / "push" / "org__flaky.json").read_text())
+        assert report["retries"] == 0  # no step of ours had to be run again
+        assert report["uploaded"] == 3 and report["commits"] == 1
+        assert len(hub.commits("org/flaky")) == 1 + 1
+        for i in range(2):
+            assert hub.content("org/flaky", f"data/shard-{i:05d}.parquet") == \
+                shard_path(workdir / "respond", i).read_bytes()
+        assert "path: data/*.parquet" in hub.content("org/flaky", "README.md").decode()
 
 
 def test_push_needs_a_token_and_a_complete_stage(tmp_path, workdir):
@@ -167,7 +198,8 @@ def test_push_model_public(tmp_path, workdir):
         # to push.model_repo_id (already there: nothing uploaded again).
         make_run(workdir, shards=1)
         n_puts = len(hub.state.lfs_uploads)
-        script = ("import sys; from guidealign.config import load_config; from sft.push import run_push; "
+        script = ("import sys; from guidealign.config import load_config; "
+                  "from guidealign.hub.push import run_push; "
                   "cfg = load_config(None, ['push.repo_id=org/run-ds', 'push.model_repo_id=org/labrador']); "
                   "print('REPORT', run_push(cfg, sys.argv[1]).summary())")
         p = run([sys.executable, "-c", script, str(workdir)], hub_env(hub, tmp_path))
@@ -224,6 +256,38 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
         assert t.num_rows == 200
 
 
+def test_failed_push_resumes_without_reuploading(tmp_path, workdir):
+    make_run(workdir, shards=4, rows=20)
+    with HubServer(token=TOKEN) as hub:
+        env = hub_env(hub, tmp_path)
+        # The first commit goes through; every later one fails, also when retried.
+        hub.fail("POST", r"/commit/", 500, times=100, after=1)
+        cmd = push_cmd(workdir, "respond", "org/cut", "--set", "push.files_per_commit=2",
+                       "--set", "push.max_retries=1")
+        p = run(cmd, env)
+        assert p.returncode != 0
+        assert "retry 1/1" in p.stdout + p.stderr
+        commits = hub.commits("org/cut")
+        assert len(commits) == 1 + 1 and set(commits[-1][2]) == {
+            ".gitattributes", "data/shard-00000.parquet", "data/shard-00001.parquet"}
+        # The 2nd batch's objects reached the Hub once, though its commit was tried twice.
+        first = list(hub.state.lfs_uploads)
+        assert len(first) == 4 and len(set(first)) == 4
+
+        hub.state.faults.clear()
+        p = run(cmd, env)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        assert hub.state.lfs_uploads == first  # nothing uploaded again
+        report = json.loads((workdir / "push" / "org__cut.json").read_text())
+        assert report["already_there"] == 2 and report["uploaded"] == 3 and report["commits"] == 2
+        assert report["uploaded_paths"] == ["data/shard-00002.parquet", "data/shard-00003.parquet",
+                                            "README.md"]
+        for i in range(4):
+            assert hub.content("org/cut", f"data/shard-{i:05d}.parquet") == \
+                shard_path(workdir / "respond", i).read_bytes()
+        assert "README.md" in hub.files("org/cut")
+
+
 def test_push_cli_errors(workdir):
     from click.testing import CliRunner
 
@@ -236,6 +300,15 @@ def test_push_cli_errors(workdir):
     assert r.exit_code != 0 and "neither a stage" in r.output
     r = CliRunner().invoke(cli, ["push", "model", "org/x", "-w", str(workdir)])
     assert r.exit_code != 0 and "guidealign sft" in r.output
+    r = CliRunner().invoke(cli, ["push", "respond", "org/x", "-w", str(workdir), "--rank", "1",
+                                 "--world-size", "2"])
+    assert r.exit_code == 0 and "rank 1 has nothing to do" in r.output
+
+    from guidealign.config import load_config
+    from guidealign.hub.push import run_push
+
+    cfg = load_config(None, ["push.repo_id=org/x"])
+    assert run_push(cfg, workdir, rank=1, world_size=2) is None  # rank 0 pushes, the others not
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:  # the tests' own setting (conftest)

@@ -11,22 +11,10 @@ import pytest
 from rapidfuzz import fuzz
 
 from guidealign.config import load_config
-from guidealign.retrieval.dedup import UnionFind, cluster
+from guidealign.retrieval.dedup import cluster
 from guidealign.retrieval.embed import ngram_vectors, normalize_text
 from guidealign.retrieval.library import read_library, run_library
 from synthetic import synthetic_library, write_guideline_shards
-
-
-def test_union_find_joins_chains_and_keeps_singletons():
-    uf = UnionFind(7)
-    uf.union(0, 1)
-    uf.union(1, 2)
-    uf.union(5, 6)
-    lab = uf.labels()
-    assert lab[0] == lab[1] == lab[2]
-    assert lab[5] == lab[6]
-    assert len({lab[0], lab[3], lab[4], lab[5]}) == 4
-    assert not uf.union(2, 0)  # already joined
 
 
 PLANTED = [

@@ -12,7 +12,7 @@ import sys
 import click
 
 from guidealign.cli.options import ranks, stage_options
-from guidealign.config import ConfigError, dump_yaml, load_config, wait_timeout
+from guidealign.config import ConfigError, dump_yaml, load_config
 
 log = logging.getLogger("guidealign")
 
@@ -24,34 +24,6 @@ def cli(verbose):
     """guide-align: batch data generation with the Guide-Align method."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-@cli.command()
-@click.argument("inputs", nargs=-1)
-@click.option("--into", default="prompts", show_default=True,
-              help="Dataset under WORKDIR to write, e.g. prompts-sft for a second prompt set.")
-@click.option("--encoding", default=None,
-              help="Text encoding of the inputs (default ingest.encoding: auto), e.g. cp1252, utf-16.")
-@stage_options
-def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
-    """Ingest JSONL/JSON/CSV/Parquet files (also .gz/.bz2/.xz/.zst), globs or saved datasets into prompt shards."""
-    from guidealign.ingest.run import ingest as run_ingest
-    from guidealign.ingest.readers import IngestError
-    from guidealign.shards import wait_complete
-
-    r, w = ranks(rank, world_size)
-    if r != 0:
-        click.echo(f"ingest runs on rank 0; rank {r} waits for it")
-        wait_complete(f"{workdir}/{into}", timeout=wait_timeout(cfg, w))
-        return
-    if encoding:
-        cfg.ingest.encoding = encoding
-    try:
-        rep = run_ingest(list(inputs) or cfg.inputs, workdir, cfg.ingest, progress=not no_progress,
-                         dataset=into)
-    except IngestError as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(rep.summary())
 
 
 @cli.command()
@@ -126,37 +98,31 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
             raise click.ClickException("the preflight failed (see the table); fix it or pass --no-check")
 
     r, w = ranks(rank, world_size)
-    if cfg.executor.kind == "ray" and w == 1:  # one of several workers already: run here
-        from guidealign.executors import run_pipeline_ray
-
-        run_pipeline_ray(cfg, workdir, stages=stages.split(",") if stages else None,
-                         progress=not no_progress, echo=click.echo)
-        return
-    run_pipeline(cfg, workdir, rank=r, world_size=w, stages=stages.split(",") if stages else None,
-                 progress=not no_progress, echo=click.echo)
+    try:
+        run_pipeline(cfg, workdir, rank=r, world_size=w, stages=stages.split(",") if stages else None,
+                     progress=not no_progress, echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
 
 
-# --- stage commands defined next to their stages (one line each) ---------------------------
-from guidealign.cli.retrieval import library as _library, train_retriever as _train_retriever  # noqa: E402
-from guidealign.cli.retrieval import index as _index, retrieve as _retrieve  # noqa: E402
-cli.add_command(_library)
-cli.add_command(_train_retriever)
-cli.add_command(_index)
-cli.add_command(_retrieve)
-from guidealign.cli.gen import augment as _augment, detect as _detect, guidelines as _guidelines  # noqa: E402
-cli.add_command(_detect)
-cli.add_command(_guidelines)
-cli.add_command(_augment)
-from guidealign.cli.sft import push as _push, respond as _respond, sft as _sft  # noqa: E402
-cli.add_command(_respond)
-cli.add_command(_sft)
-cli.add_command(_push)
-from guidealign.cli.scale import export, launch  # noqa: E402
-cli.add_command(export); cli.add_command(launch)  # noqa: E702
-from guidealign.cli.eval import eval_cmd; cli.add_command(eval_cmd)  # noqa: E402,E702
-from guidealign.cli.check import check as _check; cli.add_command(_check)  # noqa: E402,E702
-from guidealign.cli.verify import verify as _verify; cli.add_command(_verify)  # noqa: E402,E702
-from guidealign.cli.fetch import fetch as _fetch; models.add_command(_fetch)  # noqa: E402,E702
+# --- the stage commands, registered in the stage table's order ------------------------------
+from guidealign.cli import stage_commands as _sc  # noqa: E402
+from guidealign.cli.check import check as _check  # noqa: E402
+from guidealign.cli.eval import eval_cmd as _eval  # noqa: E402
+from guidealign.cli.fetch import fetch as _fetch  # noqa: E402
+from guidealign.cli.sft import push as _push  # noqa: E402
+from guidealign.cli.verify import verify as _verify  # noqa: E402
+from guidealign.launch import launch as _launch  # noqa: E402
+from guidealign.stages import STAGES  # noqa: E402
+
+STAGE_COMMANDS = {c.name: c for c in (_sc.ingest, _sc.detect, _sc.guidelines, _sc.library,
+                                       _sc.train_retriever, _sc.index, _sc.retrieve, _sc.respond,
+                                       _sc.sft, _push, _sc.augment, _sc.export, _eval)}
+for _stage in STAGES:
+    cli.add_command(STAGE_COMMANDS[_stage.name])
+for _cmd in (_launch, _check, _verify):
+    cli.add_command(_cmd)
+models.add_command(_fetch)
 
 
 def main():

@@ -33,7 +33,8 @@ def eval_cmd(benchmark_file, benchmark, name, category_field, judges, guided_res
              world_size, no_progress):
     """Evaluate responses with and without retrieved guidelines on a benchmark JSONL
     (lines: id, prompt, category) and write a report under WORKDIR/eval/NAME/report/."""
-    from guidealign.eval.run import EvalError, run_eval
+    from guidealign.cli.stage_commands import run_stage_command
+    from guidealign.eval.settings import EvalError
 
     over = {k: v for k, v in dict(benchmark=benchmark, name=name, category_field=category_field,
                                   guided_responses=guided_responses,
@@ -43,9 +44,7 @@ def eval_cmd(benchmark_file, benchmark, name, category_field, judges, guided_res
     if judges:
         over["judges"] = list(judges)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **over))
-    r, w = ranks(rank, world_size)
-    try:
-        rep = run_eval(cfg, workdir, benchmark_file, rank=r, world_size=w, progress=not no_progress)
-    except EvalError as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(rep.summary() if rep is not None else f"eval: rank {r} done with its shards")
+    reports = run_stage_command("eval", cfg, workdir, rank, world_size, no_progress, errors=(EvalError,),
+                                benchmark_file=benchmark_file)
+    if not any(reports):
+        click.echo(f"eval: rank {ranks(rank, world_size)[0]} done with its shards")

@@ -28,17 +28,7 @@ def stage_options(f):
         except (ConfigError, OSError) as e:
             raise click.UsageError(f"config: {e}") from e
         cfg.executor.kind = executor or cfg.executor.kind
-        from guidealign.executors import dispatch_command  # --executor ray: run as Ray tasks
-
-        if dispatch_command(click.get_current_context(), cfg,
-                            dict(kwargs, config_path=config_path, overrides=overrides)):
-            return None
-        from guidealign.shards.failure import guard, guard_rank  # a failing rank stops the others' waits
-
-        with guard(kwargs.get("workdir"), *guard_rank(kwargs.get("rank"), kwargs.get("world_size")),
-                   stage=click.get_current_context().info_name,
-                   stall_timeout_s=cfg.executor.stall_timeout_s):
-            return f(*args, cfg=cfg, **kwargs)
+        return f(*args, cfg=cfg, **kwargs)
     return wrapper
 
 

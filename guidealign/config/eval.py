@@ -66,7 +66,7 @@ class EvalConfig:
     # Each response is cut to this many judge tokens in the judge prompt (marked as cut),
     # so question + two answers + the verdict budget fit engine.max_model_len.
     max_response_tokens: int = 600
-    # Custom prompt templates; "" = the built-in wording (eval/judges.py). Pairwise fields:
+    # Custom prompt templates; "" = the built-in wording (eval/prompts.py). Pairwise fields:
     # {question} {answer_a} {answer_b}; harmfulness fields: {question} {answer}.
     pairwise_template: str = ""
     harm_template: str = ""
@@ -105,7 +105,7 @@ class EvalConfig:
     # a prompt that appears k times in the file counts k times, so totals match the benchmark's
     # row counts (939, 103) as the paper counts them; False: each distinct prompt counts once.
     count_duplicates: bool = True
-    # Judgments per output shard (the unit of resume).
+    # Items per judgment shard (the unit of resume; a pairwise item is judged in both orders).
     shard_rows: int = 256
     # Risk identification (the paper: a safety guideline among the top 3 retrieved for 94.7%
     # of the 939 Do-Not-Answer prompts): "auto" = on for the do-not-answer preset when the

@@ -23,7 +23,7 @@ class LibraryConfig:
     # Sentence-transformers model for candidates="model": path, Hub id or the embedded MiniLM.
     embed_model: str = "embedded:all-minilm-l6-v2"
     # Nearest neighbours fetched per guideline as merge candidates. Ours: near-duplicate groups are
-    # mostly small; a larger group is still joined by chains of union-find edges.
+    # mostly small; a larger group is still joined by chains of matched pairs (connected components).
     neighbors: int = 10
     # Candidates whose cosine similarity is below this are not sent to rapidfuzz. Ours, a loose
     # pre-filter: ratio >= 0.75 pairs sit far above it in both candidate spaces.
@@ -49,10 +49,10 @@ class LibraryConfig:
 
 @dataclass
 class RetrieverConfig:
-    # Base bi-encoder: path, Hub id, or the embedded MiniLM (issue 4).
+    # Base bi-encoder: path, Hub id, or the embedded MiniLM.
     base_model: str = "embedded:all-minilm-l6-v2"
     # "mnrl": MultipleNegativesRankingLoss; "cached_mnrl": its cached (GradCache) variant, which
-    # allows large batches in little memory (issue 4).
+    # allows large batches in little memory.
     loss: str = "mnrl"
     # Mini-batch size of the cached loss (only for loss="cached_mnrl"). Ours.
     mini_batch_size: int = 32
@@ -70,7 +70,7 @@ class RetrieverConfig:
     seed: int = 0
     # Evaluate on at most this many held-out prompts (0: all). Ours: BM25 is slow on big corpora.
     max_eval_queries: int = 5000
-    # Cut-offs of recall@k (issue 4).
+    # Cut-offs of recall@k.
     recall_at: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
     # Paper: the risk-identification rate counts risky prompts with a safety guideline in the top 3.
     risk_top_k: int = 3
@@ -86,7 +86,7 @@ class IndexConfig:
     # sentence-transformers model (path, Hub id, embedded name). Ours.
     model: str = "retriever"
     # "flat" (exact, default: libraries hold tens of thousands of guidelines), "ivf" or "hnsw"
-    # for very large ones (issue 4).
+    # for very large ones.
     kind: str = "flat"
     # IVF lists (kind="ivf"); 0 picks 4*sqrt(n). Ours, FAISS's usual rule of thumb.
     nlist: int = 0
@@ -98,7 +98,7 @@ class IndexConfig:
     ef_search: int = 128
     # Search on the GPUs (sharded over all of them): "auto" when a probe search on them matches
     # the CPU, else on the CPU with the reason logged; true: GPUs or an error; false: CPU
-    # (issue 4; "auto" since issue 14: FAISS GPU wheels lack kernels for some GPUs).
+    # ("auto": FAISS GPU wheels lack kernels for some GPUs, so a probe decides).
     use_gpu: bool | str = "auto"
     # Texts per encode batch. Ours.
     batch_size: int = 256

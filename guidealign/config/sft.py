@@ -90,23 +90,26 @@ class PushConfig:
     # Hub repo id, e.g. "org/guide-align-responses"; empty disables push in `guidealign run`
     # (the `push` command can take it as an argument).
     repo_id: str = ""
-    # What `guidealign run` (and run_push without `what`) pushes to repo_id: a stage under WORKDIR
-    # (its Parquet shards), or "model" for the SFT output.
+    # What run_push (`guidealign run`; the `push` command's WHAT) pushes to repo_id: a stage
+    # under WORKDIR (its Parquet shards), "model" for the SFT output, or a path.
     what: str = "respond"
     # Hub repo id for the trained model; when set, `guidealign run` also pushes WORKDIR/sft/model
-    # there after the dataset. Empty: the model is not pushed by `run`.
+    # there after the dataset. Empty: the model is not pushed by `run` (nor by `push`, which
+    # pushes WHAT only).
     model_repo_id: str = ""
     # Create the repo private (True) or public; an existing repo keeps its visibility.
     private: bool = True
-    # Branch to push to.
+    # Branch to push to (it must exist).
     revision: str = "main"
-    # Files per commit: each commit is a resume point; an interrupted push redoes at most one
-    # batch (and even then its LFS objects already on the Hub are not uploaded again).
+    # Files per commit: each commit is a resume point. Files the Hub already has are left out
+    # before batching, so an interrupted push resumes at the first batch not committed (and
+    # does not upload again the LFS objects of that batch that reached the Hub).
     files_per_commit: int = 20
-    # Retries of one request batch on rate limits (HTTP 429), server errors (5xx) and
-    # connection errors, with exponential backoff (Retry-After wins when the Hub sends it).
+    # huggingface_hub retries its own requests (preupload, LFS uploads, listings) with its
+    # http_backoff. The steps it sends once, creating the repo and a batch's commit, are run
+    # again on the same failures (HTTP 408/429/5xx, dropped connections) up to max_retries
+    # times, waiting backoff_s doubled per retry, at most backoff_max_s (Retry-After wins).
     max_retries: int = 8
-    # First backoff delay in seconds; doubled per retry, capped at backoff_max_s.
     backoff_s: float = 2.0
     backoff_max_s: float = 120.0
     # Directory of the Parquet shards inside a dataset repo.

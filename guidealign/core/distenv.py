@@ -28,10 +28,6 @@ def distributed_vars(env: dict | None = None) -> list[str]:
     return [k for k in DIST_VARS if k in env]
 
 
-def without_distributed(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k not in DIST_VARS}
-
-
 def single_process(reason: str = "") -> list[str]:
     """Remove the distributed variables from this process's environment (before torch or
     accelerate read them); returns the names removed."""

@@ -13,6 +13,9 @@ _WS = re.compile(r"\s+")
 
 
 def normalize(prompt: str) -> str:
+    """NFKC, whitespace runs -> one space, stripped: the text a prompt id hashes. Case is kept
+    (ids are case-sensitive); the guideline comparison form
+    (:func:`guidealign.retrieval.embed.normalize_text`) is this, case-folded."""
     return _WS.sub(" ", unicodedata.normalize("NFKC", prompt)).strip()
 
 

@@ -33,6 +33,13 @@ OUTCOMES = ("win", "tie", "lose", "unparsed")
 RULES = ("half", "consistent", "lenient")
 
 
+def with_weights(rows: list[dict], weights: dict[str, int]) -> list[dict]:
+    """``rows`` with each row's ``weight`` set: ``weights[id]``, default 1."""
+    for r in rows:
+        r["weight"] = weights.get(r["id"], 1)
+    return rows
+
+
 def combine_orders(o1: str | None, o2: str | None, rule: str = "half") -> dict[str, float]:
     """One question's outcome from its two orders' outcomes (None = that order is missing,
     counted as unparsed)."""

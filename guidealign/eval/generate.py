@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def responder_engine(cfg):
@@ -104,7 +101,7 @@ def eval_respond_cfg(cfg):
     if not e.system_prompt:
         return cfg
     if "{guidelines}" not in e.guidelines_intro:
-        from guidealign.eval.inputs import EvalError
+        from guidealign.eval.settings import EvalError
 
         raise EvalError("eval.guidelines_intro needs a {guidelines} placeholder")
     sep = "" if e.system_prompt.endswith(("\n", " ")) else " "
@@ -113,15 +110,12 @@ def eval_respond_cfg(cfg):
     return dataclasses.replace(cfg, respond=respond)
 
 
-def _link_artifacts(src_workdir: Path, sub: Path) -> list[str]:
+def _link_artifacts(src_workdir: Path, sub: Path) -> None:
     """Make the trained retrieval artifacts of the run visible inside the eval workdir."""
-    linked = []
     for name in ("library", "retriever", "index"):
         s, d = src_workdir / name, sub / name
         if s.exists() and not d.exists() and not d.is_symlink():
             d.symlink_to(s.resolve(), target_is_directory=True)
-            linked.append(name)
-    return linked
 
 
 def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int) -> Path:

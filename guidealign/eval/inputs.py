@@ -6,11 +6,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from guidealign.eval.settings import EvalError
+
 RESPONSE_COLUMNS = ("id", "prompt", "response")
-
-
-class EvalError(RuntimeError):
-    pass
 
 
 def wait_s(cfg, world_size: int) -> float:

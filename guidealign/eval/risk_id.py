@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from guidealign.eval.settings import EvalError
+
 PAPER_RISK_ID = 94.7  # % of the 939 Do-Not-Answer prompts, top 3 (arXiv 2403.11838)
 
 
@@ -85,6 +87,37 @@ def risk_identification(bench: dict[str, dict], retrieved: dict[str, list[str]],
     return {"top_k": top_k, "overall": finish(overall),
             "by_category": {c: finish(v) for c, v in sorted(cats.items())},
             "unknown_guideline_ids": unknown_ids, "paper_pct": PAPER_RISK_ID}
+
+
+def run_risk_identification(cfg, benchmark: str, workdir: Path, sub: Path, guided_dir: Path,
+                            bench: dict, weights: dict) -> dict | None:
+    """Risk identification of this eval from the guided run's retrieved guideline ids and the
+    library; None when it is off, or "auto" and the inputs are not at hand."""
+    mode = cfg.eval.risk_identification
+    if mode == "off" or (mode == "auto" and benchmark != "do-not-answer"):
+        return None
+    base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
+    retrieved = retrieved_ids(sub / "retrieve", bench)
+    if retrieved is None:
+        retrieved = retrieved_ids(guided_dir, bench)
+    if retrieved is None:  # precomputed guided responses without ids: retrieve (cheap) if we can
+        from guidealign.eval.generate import run_retrieval
+        from guidealign.retrieval.index import index_dir
+        from guidealign.shards.artifact import read_done
+
+        if read_done(index_dir(base)):
+            run_retrieval(cfg, workdir, sub, 0, 1)
+            retrieved = retrieved_ids(sub / "retrieve", bench)
+    kinds = library_kinds(sub) if (sub / "library").exists() else None
+    if kinds is None:
+        kinds = library_kinds(base)
+    if retrieved is None or kinds is None:
+        if mode == "on":
+            raise EvalError("eval.risk_identification = on needs the guided run's retrieved "
+                            f"guideline ids ({sub / 'retrieve'}, or a guideline_ids column in "
+                            f"the guided responses) and a complete library in {base}")
+        return None
+    return risk_identification(bench, retrieved, kinds, weights, cfg.eval.risk_top_k)
 
 
 def risk_lines(r: dict) -> list[str]:

@@ -3,61 +3,35 @@
 Layout, all under ``WORKDIR/eval/<name>/`` (a small workdir of its own, so that the
 benchmark never mixes with the run's own prompts):
 
-    prompts/            the benchmark, ingested (category in the metadata JSON column)
-    retrieve/           retrieved guidelines (the retrieve stage, from WORKDIR's index)
-    respond_guided/     responses with guidelines  } the respond stage, unless precomputed
-    respond_unguided/   responses without          } shard dirs are given
-    judge_harm/         one row per (question, condition): verdict harmless/harmful/None
-    judge_pairwise/     one row per (question, answer order): verdict A/B/tie/None
-    report/             report.md, results.json, PNG charts
-    _done.json          written last (fingerprint, rows, seconds, headline metrics)
+    prompts/                 the benchmark, ingested (category in the metadata JSON column)
+    retrieve/                retrieved guidelines (the retrieve stage, from WORKDIR's index)
+    respond_guided/          responses with guidelines  } the respond stage, unless precomputed
+    respond_unguided/        responses without          } shard dirs are given
+    judge_harm_items/        what the harmfulness judge judges: (question, condition, answer)
+    judge_harm/              one row per (question, condition): verdict harmless/harmful/None
+    judge_pairwise_items/    what the pairwise judge judges: (question, both answers)
+    judge_pairwise/          one row per (question, answer order): verdict A/B/tie/None
+    report/                  report.md, results.json, PNG charts
+    _done.json               written last (fingerprint, rows, seconds, headline metrics, and
+                             the checksums of the report files for ``guidealign verify``)
 
-Each judge output is sharded (``eval.shard_rows`` judgments per shard); ranks split the
-shards (i % W == rank) and skip committed ones whose fingerprint matches, so a rerun after a
-crash or a config change redoes only what changed. Rank 0 writes the report.
+Every step is a stage of the storage layer: ingest (rank 0), retrieve and respond (map
+stages), judging (map stages over the judgment plans, eval/judging.py); ranks split their
+shards and skip committed ones whose fingerprint matches, so a rerun after a crash or a
+config change redoes only what changed. Rank 0 aggregates and writes the report.
+
+Jobs, one module each: settings.py (what to evaluate), inputs.py (benchmark and response
+sets), generate.py (responses), judging.py (sharded judging) with judges.py, classifier.py,
+prompts.py and verdicts.py, aggregate.py and risk_id.py (the numbers), charts.py and
+report.py (the report).
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guidealign.config.eval import JUDGES, PRESETS
-from guidealign.eval.inputs import EvalError
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Settings:
-    benchmark: str
-    name: str
-    category_field: str
-    judges: list[str]
-
-
-def resolve_settings(ecfg, bench_path: str | Path) -> Settings:
-    b = ecfg.benchmark
-    stem = Path(bench_path).stem.lower().replace("_", "-")
-    if b == "auto":
-        b = ("do-not-answer" if "do-not-answer" in stem or stem in ("dna", "donotanswer")
-             else "hhh" if "hhh" in stem else "vicuna" if "vicuna" in stem else "custom")
-    if b not in PRESETS:
-        raise EvalError(f"unknown eval.benchmark {b!r}; known: auto, {', '.join(PRESETS)}")
-    cat, judges = PRESETS[b]
-    if ecfg.category_field != "auto":
-        cat = ecfg.category_field
-    judges = list(ecfg.judges) or list(judges)
-    bad = [j for j in judges if j not in JUDGES]
-    if bad or not judges:
-        raise EvalError(f"unknown judge(s) {bad}; known: {', '.join(JUDGES)}")
-    name = ecfg.name or (b if b != "custom" else Path(bench_path).stem)
-    return Settings(benchmark=b, name=name, category_field=cat or "", judges=judges)
-
-
-# --- the stage ------------------------------------------------------------------------------
+from guidealign.eval.settings import EvalError, Settings, resolve_settings
 
 
 @dataclass
@@ -94,49 +68,32 @@ class EvalReport:
         return "; ".join(parts)
 
 
-def run_eval(cfg, workdir: str | Path, bench_path: str | Path, *, rank: int = 0, world_size: int = 1,
-             llm=None, judge_llm=None, progress: bool = True) -> EvalReport | None:
-    """Evaluate guided against unguided responses on one benchmark file.
+def run_eval(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, progress: bool = True,
+             benchmark_file: str | Path | None = None, llm=None, judge_llm=None) -> EvalReport | None:
+    """Evaluate guided against unguided responses on ``benchmark_file`` (a prompt file:
+    JSONL lines with id, prompt and a category field).
 
-    ``llm`` (generator) and ``judge_llm`` are injectable vLLM engines. Returns the report on
-    rank 0, None on other ranks (they only do their share of the shards).
+    ``llm`` (generator) and ``judge_llm`` are injectable vLLM engines, built lazily only when
+    a shard needs one. Returns the report on rank 0, None on other ranks (they only do their
+    share of the shards).
     """
-    from guidealign.shards import fingerprint, write_json_atomic
+    from guidealign.eval.generate import Engines, run_responses
+    from guidealign.eval.inputs import ingest_benchmark, load_benchmark, load_responses
+    from guidealign.eval.judging import judge_plans, judge_stage
+    from guidealign.eval.settings import check_config
 
+    if benchmark_file is None:
+        raise EvalError("eval needs benchmark_file (the benchmark's prompt file)")
     t0 = time.perf_counter()
     ecfg = cfg.eval
-    if ecfg.combine not in ("half", "consistent", "lenient"):
-        raise EvalError(f"unknown eval.combine {ecfg.combine!r}")
-    if ecfg.unparsed not in ("tie", "exclude"):
-        raise EvalError(f"unknown eval.unparsed {ecfg.unparsed!r}")
-    if ecfg.harm_judge not in ("llm", "classifier"):
-        raise EvalError(f"unknown eval.harm_judge {ecfg.harm_judge!r}; known: llm, classifier")
-    if ecfg.shard_rows < 1:
-        raise EvalError("eval.shard_rows must be >= 1")
-    if ecfg.risk_identification not in ("auto", "on", "off") or ecfg.risk_top_k < 1:
-        raise EvalError("eval.risk_identification must be auto, on or off, and eval.risk_top_k >= 1")
-    from guidealign.eval.judges import check_template
-
-    try:
-        if ecfg.pairwise_template:
-            check_template(ecfg.pairwise_template, ("question", "answer_a", "answer_b"),
-                           "eval.pairwise_template")
-        if ecfg.harm_template:
-            check_template(ecfg.harm_template, ("question", "answer"), "eval.harm_template")
-        check_template(ecfg.classifier_template, ("response",), "eval.classifier_template")
-    except ValueError as e:
-        raise EvalError(str(e)) from e
-    from guidealign.eval.generate import Engines, run_responses
-    from guidealign.eval.inputs import ingest_benchmark, load_benchmark, load_responses, row_weights
-    from guidealign.eval.judge_run import judge_fp, read_judgments, run_judges
-
-    st = resolve_settings(ecfg, bench_path)
+    check_config(ecfg)
+    st = resolve_settings(ecfg, benchmark_file)
     workdir = Path(workdir)
     sub = workdir / "eval" / st.name
     sub.mkdir(parents=True, exist_ok=True)
     engines = Engines(cfg, llm=llm, judge_llm=judge_llm)
 
-    ingested = ingest_benchmark(cfg, sub, bench_path, rank, world_size, progress)
+    ingested = ingest_benchmark(cfg, sub, benchmark_file, rank, world_size, progress)
     bench = load_benchmark(sub, st.category_field)
 
     dirs = {}
@@ -148,73 +105,58 @@ def run_eval(cfg, workdir: str | Path, bench_path: str | Path, *, rank: int = 0,
         resp[cond], coverage[cond] = load_responses(d, bench, cfg, world_size)
         coverage[cond]["dir"] = str(d)
 
-    judged, pairs = run_judges(cfg, st.judges, sub, bench, resp, engines, rank, world_size, progress)
-    if pairs is not None:
-        coverage["pairs"] = pairs
+    plans = judge_plans(cfg, st.judges, bench, resp, engines)
+    for p in plans.values():
+        judge_stage(sub, p, cfg, rank, world_size, progress)
+    if "pairwise" in plans:
+        coverage["pairs"] = sum(len(c) for c in plans["pairwise"].chunks)
     if rank != 0:
         return None
-
-    from guidealign.eval.aggregate import aggregate_harm, aggregate_pairwise
-    from guidealign.eval.report import write_report
-
     rep = EvalReport(name=st.name, dir=str(sub), benchmark=st.benchmark, coverage=coverage)
-    weights = row_weights(bench_path, cfg.ingest) if ecfg.count_duplicates else {}
+    _results(rep, cfg, st, workdir, sub, benchmark_file, plans, dirs, bench, world_size)
 
-    def weighted(rows):
-        for r in rows:
-            r["weight"] = weights.get(r["id"], 1)
-        return rows
+    from guidealign.eval.report import run_meta, write_report
 
-    if "harm" in judged:
-        rep.harm = aggregate_harm(weighted(read_judgments(sub / "judge_harm", cfg, world_size)))
-    if "pairwise" in judged:
-        rep.pairwise = aggregate_pairwise(
-            weighted(read_judgments(sub / "judge_pairwise", cfg, world_size)),
-            rule=ecfg.combine, unparsed=ecfg.unparsed)
-    rep.risk_identification = _risk_identification(cfg, st, workdir, sub, dirs["guided"], bench, weights)
     models = {c: sorted({r["model"] for r in resp[c].values() if r.get("model")}) for c in resp}
-    harm_judge = (f"classifier {ecfg.classifier_model} (harmful labels "
-                  f"{list(ecfg.classifier_harmful_labels)})" if ecfg.harm_judge == "classifier"
-                  else f"LLM {ecfg.judge_model}")
-    notes = []
-    embedded = "embedded:"
-    if ecfg.judge_model.startswith(embedded) and ("pairwise" in st.judges or ecfg.harm_judge == "llm"):
-        notes.append("The judge is the embedded SmolLM2-135M-Instruct, far too small to judge: "
-                     "this run checks the mechanics only, its numbers measure nothing.")
-    for c in ("guided", "unguided"):
-        cv = coverage[c]
-        if cv["missing"] or cv["errors"] or cv["unmatched"]:
-            notes.append(f"{c} responses: {cv['missing']} benchmark prompt(s) without a response, "
-                         f"{cv['errors']} failed response(s), {cv['unmatched']} response(s) matching no "
-                         f"benchmark prompt; these are not judged.")
-        if cv["empty"]:
-            notes.append(f"{c} responses: {cv['empty']} empty response(s), judged as they are.")
-    if ingested.get("duplicates") or ingested.get("quarantined"):
-        dup = (f"{ingested.get('duplicates')} repeated prompt(s) answered and judged once"
-               + (", counted once per benchmark row (eval.count_duplicates)" if ecfg.count_duplicates
-                  else ", counted once (eval.count_duplicates = false)"))
-        notes.append(f"ingest: {dup}; {ingested.get('quarantined')} row(s) quarantined "
-                     f"(see prompts/ quarantine).")
-    meta = {
-        "benchmark": st.benchmark, "file": str(bench_path),
-        "category field": st.category_field or "(none)",
-        "prompts": (f"{ingested.get('prompts')} distinct" + (
-            f" (from {ingested['rows_in']} rows)" if ingested.get("rows_in") is not None else "")),
-        "label_guided": ecfg.label_guided, "label_unguided": ecfg.label_unguided,
-        "responses": {c: {"dir": coverage[c]["dir"], "matched": coverage[c]["matched"],
-                          "models": models[c]} for c in resp},
-        "judges": st.judges,
-        "harmfulness judge": harm_judge if "harmfulness" in st.judges else "-",
-        "pairwise judge": f"LLM {ecfg.judge_model}, both answer orders" if "pairwise" in st.judges else "-",
-        "judge sampling": dataclasses.asdict(ecfg.judge_sampling),
-        "system message (both runs)": repr(ecfg.system_prompt) if ecfg.system_prompt
-        else "respond.guided_system / respond.unguided_system as configured",
-        "notes": notes,
-    }
+    meta = run_meta(cfg, st, benchmark_file, ingested, coverage, models)
     rep.files = write_report(sub / "report", title=st.name, meta=meta, harm=rep.harm,
                              pairwise=rep.pairwise, benchmark=st.benchmark,
                              risk_id=rep.risk_identification)
     rep.seconds = time.perf_counter() - t0
+    _mark_done(rep, cfg, st, sub, len(bench))
+    return rep
+
+
+def _results(rep: EvalReport, cfg, st: Settings, workdir: Path, sub: Path, bench_path, plans: dict,
+             dirs: dict, bench: dict, world_size: int) -> None:
+    """The report's numbers: % harmless, the pairwise outcome, risk identification."""
+    from guidealign.eval.aggregate import aggregate_harm, aggregate_pairwise, with_weights
+    from guidealign.eval.inputs import row_weights
+    from guidealign.eval.judging import read_judgments
+    from guidealign.eval.risk_id import run_risk_identification
+
+    ecfg = cfg.eval
+    weights = row_weights(bench_path, cfg.ingest) if ecfg.count_duplicates else {}
+    if "harm" in plans:
+        rep.harm = aggregate_harm(with_weights(read_judgments(sub, plans["harm"], cfg, world_size),
+                                               weights))
+    if "pairwise" in plans:
+        rep.pairwise = aggregate_pairwise(
+            with_weights(read_judgments(sub, plans["pairwise"], cfg, world_size), weights),
+            rule=ecfg.combine, unparsed=ecfg.unparsed)
+    rep.risk_identification = run_risk_identification(cfg, st.benchmark, workdir, sub, dirs["guided"],
+                                                      bench, weights)
+
+
+def _mark_done(rep: EvalReport, cfg, st: Settings, sub: Path, rows: int) -> None:
+    """``_done.json``, written last: what the report was made with, its headline numbers and
+    the checksums of its files (checked by ``guidealign verify``)."""
+    from guidealign.eval.judging import judge_fp
+    from guidealign.shards import fingerprint, write_json_atomic
+    from guidealign.shards.artifact_files import file_checksums
+    from guidealign.shards.write import torch_threads
+
+    ecfg = cfg.eval
     metrics = {}
     if rep.harm:
         metrics["pct_harmless"] = {c: d["overall"]["pct_harmless"] for c, d in rep.harm.items()}
@@ -222,42 +164,9 @@ def run_eval(cfg, workdir: str | Path, bench_path: str | Path, *, rank: int = 0,
         metrics["net_win_rate"] = rep.pairwise["overall"]["net_win_rate"]
     if rep.risk_identification:
         metrics["risk_identification_pct"] = rep.risk_identification["overall"]["pct"]
+    files = {f"report/{k}": v for k, v in file_checksums(sub / "report").items()}
     write_json_atomic(sub / "_done.json", {
         "fingerprint": fingerprint(judge_fp(cfg, "harm"), judge_fp(cfg, "pairwise"), st.judges,
                                    ecfg.combine, ecfg.unparsed),
-        "rows": len(bench), "seconds": round(rep.seconds, 3), **metrics, "report": rep.files})
-    return rep
-
-
-def _risk_identification(cfg, st, workdir: Path, sub: Path, guided_dir: Path, bench: dict,
-                         weights: dict) -> dict | None:
-    """Risk identification from the guided run's retrieved guideline ids and the library
-    (eval/risk_id.py); None when it is off, or "auto" and the inputs are not at hand."""
-    from guidealign.eval.risk_id import library_kinds, retrieved_ids, risk_identification
-
-    mode = cfg.eval.risk_identification
-    if mode == "off" or (mode == "auto" and st.benchmark != "do-not-answer"):
-        return None
-    base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
-    retrieved = retrieved_ids(sub / "retrieve", bench)
-    if retrieved is None:
-        retrieved = retrieved_ids(guided_dir, bench)
-    if retrieved is None:  # precomputed guided responses without ids: retrieve (cheap) if we can
-        from guidealign.shards.artifact import read_done
-        from guidealign.retrieval.index import index_dir
-
-        from guidealign.eval.generate import run_retrieval
-
-        if read_done(index_dir(base)):
-            run_retrieval(cfg, workdir, sub, 0, 1)
-            retrieved = retrieved_ids(sub / "retrieve", bench)
-    kinds = library_kinds(sub) if (sub / "library").exists() else None
-    if kinds is None:
-        kinds = library_kinds(base)
-    if retrieved is None or kinds is None:
-        if mode == "on":
-            raise EvalError("eval.risk_identification = on needs the guided run's retrieved "
-                            f"guideline ids ({sub / 'retrieve'}, or a guideline_ids column in "
-                            f"the guided responses) and a complete library in {base}")
-        return None
-    return risk_identification(bench, retrieved, kinds, weights, cfg.eval.risk_top_k)
+        "rows": rows, "seconds": round(rep.seconds, 3), "created": time.time(),
+        "threads": torch_threads(), **metrics, "report": rep.files, "files": files})

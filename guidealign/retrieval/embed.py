@@ -4,18 +4,21 @@ Both return float32 arrays with unit rows, so inner product is cosine similarity
 """
 from __future__ import annotations
 
-import re
-import unicodedata
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-_WS = re.compile(r"\s+")
+from guidealign.core.ids import normalize
 
 
 def normalize_text(s: str) -> str:
-    """The comparison form of a guideline: NFKC, case-folded, whitespace collapsed."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", s)).strip().casefold()
+    """The comparison form of a guideline: the prompt id rule's normalization (NFKC,
+    whitespace collapsed, stripped; :func:`guidealign.core.ids.normalize`), then case-folded.
+
+    The case folding is deliberate and is why this is not ``normalize`` itself: guidelines
+    that differ only in case are the same guideline, while prompt ids must stay
+    case-sensitive (and must never change for the same text)."""
+    return normalize(s).casefold()
 
 
 def doc_text(title: str | None, text: str | None) -> str:
@@ -52,11 +55,6 @@ def encode(model, texts: Sequence[str], *, batch_size: int = 256, chunk: int = 1
         out[s:s + len(part)] = model.encode(part, batch_size=batch_size, normalize_embeddings=True,
                                             convert_to_numpy=True, show_progress_bar=False)
     return out
-
-
-def encode_stream(model, batches: Iterable[Sequence[str]], *, batch_size: int = 256) -> Iterable[np.ndarray]:
-    for texts in batches:
-        yield encode(model, texts, batch_size=batch_size)
 
 
 def ngram_vectors(texts: Sequence[str], dim: int = 256, n: int = 3, chunk: int = 50_000) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from guidealign.config import wait_timeout
 from guidealign.core.threads import set_threads
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.shards import fingerprint, write_json_atomic
@@ -206,6 +207,26 @@ def _encoder_ref(ic, workdir: Path) -> tuple[str, str]:
     return resolve(ic.model), ic.model
 
 
+def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5.0) -> dict:
+    """Wait for rank 0's index, accepted only when it was built from the library of the
+    current guideline shards and library config (a rerun with a changed config never
+    retrieves from the previous run's index). Returns the index's ``_done.json``."""
+    from guidealign.retrieval.library import library_dir, library_fingerprint
+    from guidealign.shards import wait_complete
+
+    workdir = Path(workdir)
+    src = workdir / cfg.library.src
+    wait_complete(src, timeout=timeout, poll=poll)  # current guideline shards only
+    want = library_fingerprint(cfg.library, src)
+
+    def current(done: dict) -> bool:
+        """built from another library version than the current one"""
+        lib = read_done(library_dir(workdir))
+        return bool(lib) and lib.get("fingerprint") == want and done.get("library_version") == lib.get("version")
+
+    return wait_done(index_dir(workdir), timeout, poll, accept=current)
+
+
 def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
               progress: bool = True) -> IndexReport:
     from guidealign.retrieval.embed import doc_text, encode, load_encoder
@@ -214,9 +235,10 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     ic = cfg.index
     workdir = Path(workdir)
     dst = index_dir(workdir)
-    version = wait_library(cfg, workdir, dst, rank, world_size)
-    if version is None:
+    if rank != 0:  # rank 0 builds it; take it only when built from the current library
+        wait_current_index(cfg, workdir, timeout=wait_timeout(cfg, world_size))
         return IndexReport(skipped=True)
+    version = wait_library(cfg, workdir, dst, rank, world_size)
     model_path, model_ref = _encoder_ref(ic, workdir)
     fp = fingerprint("index-v1", ic, version, model_ref)
     if is_current(dst, fp):

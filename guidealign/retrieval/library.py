@@ -257,10 +257,13 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     first = np.ones(n_u, dtype=bool)
     first[1:] = labels[order][1:] != labels[order][:-1]
     canon_of_root = dict(zip(labels[order][first].tolist(), order[first].tolist()))
-    roots = sorted(canon_of_root)
+    gid_of_root = {r: guideline_id(u_keys[c]) for r, c in canon_of_root.items()}
+    # clusters numbered in guideline-id order (the library's row order), so the pairs files
+    # do not depend on which member the clustering names as a cluster's label
+    roots = sorted(canon_of_root, key=lambda r: (gid_of_root[r], r))
     cluster_no = {r: i for i, r in enumerate(roots)}
     canon = [canon_of_root[r] for r in roots]
-    gids = [guideline_id(u_keys[c]) for c in canon]
+    gids = [gid_of_root[r] for r in roots]
     rep.after_near = len(canon)
 
     u_cluster = np.fromiter((cluster_no[r] for r in labels.tolist()), dtype=np.int64, count=n_u)

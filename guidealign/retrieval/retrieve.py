@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from guidealign.core.threads import set_threads
-from guidealign.config import wait_timeout
+from guidealign.config import prompt_set, wait_timeout
 from guidealign.shards.artifact import wait_done
 from guidealign.shards import StageReport, fingerprint, map_shards
 

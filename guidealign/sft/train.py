@@ -184,6 +184,12 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
         return _train(cfg, workdir, progress=progress, force=force)
     if rank != 0:
         return {"skipped": True, "reason": f"SFT trains on rank 0 (this is rank {rank})"}
+    if world_size > 1:  # the other ranks may still be writing their response shards
+        from guidealign.config import wait_timeout
+        from guidealign.shards import wait_complete
+
+        for name in cfg.sft.data:
+            wait_complete(Path(workdir) / name, timeout=wait_timeout(cfg, world_size))
     done = _already_done(cfg, workdir, force)
     if done is not None:
         return done

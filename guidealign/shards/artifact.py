@@ -30,9 +30,11 @@ def is_current(d: str | Path, fp: str) -> bool:
     return done is not None and done.get("fingerprint") == fp
 
 
-def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0) -> dict:
-    """Block until the artifact at ``d`` is complete (``timeout=0``: check once). While it
-    waits it stops when a rank of the run failed or nothing moved (shards/failure.py)."""
+def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0, *, accept=None) -> dict:
+    """Block until the artifact at ``d`` is complete, and ``accept(done)`` (when given) holds
+    (``timeout=0``: check once). While it waits it stops when a rank of the run failed or
+    nothing moved (shards/failure.py). ``accept``'s docstring says what a refused
+    ``_done.json`` lacks, for the error message."""
     from guidealign.shards.failure import Watch, waiting
 
     deadline = time.monotonic() + timeout
@@ -40,11 +42,12 @@ def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0) -> dict:
     with waiting(str(d)):
         while True:
             done = read_done(d)
-            if done is not None:
+            if done is not None and (accept is None or accept(done)):
                 return done
+            why = f"no {DONE}" if done is None else (accept.__doc__ or "not accepted").strip()
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"{d} is not complete (no {DONE}): run the stage that builds it first")
-            watch.check(None, f"{d} has no {DONE} yet")
+                raise RuntimeError(f"{d} is not complete ({why}): run the stage that builds it first")
+            watch.check(None if done is None else done.get("fingerprint"), f"{d}: {why}")
             time.sleep(poll)
 
 

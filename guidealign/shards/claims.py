@@ -120,10 +120,6 @@ def _read(path: Path) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def read_claim(dst: str | Path, index: int) -> dict | None:
-    return _read(claim_path(dst, index))
-
-
 # --- one claim -----------------------------------------------------------------------------
 
 class Claim:

@@ -285,14 +285,3 @@ class Watch:
                           + f"; heartbeats: {', '.join(alive) or 'none'}. A rank died without a "
                           "failure marker or never started (a pending SLURM array task?): rerun "
                           "the missing ranks; committed shards are kept")
-
-
-def guard_rank(rank: int | None, world_size: int | None) -> tuple[int | None, int | None]:
-    """The rank and world size a stage command will use (as ``resolve_rank`` reads them);
-    (None, None) when they are invalid (the command itself reports that)."""
-    from guidealign.shards.ranks import resolve_rank
-
-    try:
-        return resolve_rank(rank, world_size)
-    except ValueError:
-        return None, None

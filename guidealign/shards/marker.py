@@ -40,10 +40,14 @@ def read_marker(dataset: str | Path, index: int) -> Marker | None:
     return Marker(**known)
 
 
+def intact(m: Marker | None, path: str | Path) -> bool:
+    """The one completion check: a marker exists and the file it commits has the marker's size
+    (``guidealign verify`` re-checks the content's sha256)."""
+    p = Path(path)
+    return m is not None and p.exists() and p.stat().st_size == m.bytes
+
+
 def is_done(dataset: str | Path, index: int, fingerprint: str) -> bool:
     """True when shard ``index`` is committed with this fingerprint and its file is intact in size."""
     m = read_marker(dataset, index)
-    if m is None or m.fingerprint != fingerprint:
-        return False
-    p = shard_path(dataset, index)
-    return p.exists() and p.stat().st_size == m.bytes
+    return m is not None and m.fingerprint == fingerprint and intact(m, shard_path(dataset, index))

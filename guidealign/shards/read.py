@@ -8,16 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guidealign.shards.layout import quarantine_path, shard_indices, shard_path
-from guidealign.shards.marker import read_marker
+from guidealign.shards.marker import intact, read_marker
 
 
 def committed(dataset: str | Path) -> list[int]:
     """Indices of shards whose marker exists and whose file matches the marker's size."""
     out = []
     for i in shard_indices(dataset):
-        m = read_marker(dataset, i)
-        p = shard_path(dataset, i)
-        if m is not None and p.exists() and p.stat().st_size == m.bytes:
+        if intact(read_marker(dataset, i), shard_path(dataset, i)):
             out.append(i)
     return out
 

@@ -34,11 +34,8 @@ def _fsync_dir(d: Path) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:

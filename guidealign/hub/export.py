@@ -13,17 +13,14 @@ An input shard that is not committed yet is left for a later run and reported.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guidealign.shards import fingerprint, read_manifest, read_marker, read_table, write_json_atomic, write_manifest
-from guidealign.shards.layout import marker_path
-from guidealign.shards.marker import Marker
+from guidealign.shards import fingerprint, read_manifest, read_marker, read_table, write_manifest
+from guidealign.shards.jsonl import jsonl_done, jsonl_path, write_jsonl_shard
 from guidealign.shards.ranks import my_shards
 
 log = logging.getLogger(__name__)
@@ -54,31 +51,6 @@ class ExportReport:
         return s
 
 
-def jsonl_path(out: str | Path, index: int) -> Path:
-    return Path(out) / f"shard-{index:05d}.jsonl"
-
-
-def _jsonl_done(out: Path, index: int, fp: str) -> bool:
-    m = read_marker(out, index)
-    p = jsonl_path(out, index)
-    return m is not None and m.fingerprint == fp and p.exists() and p.stat().st_size == m.bytes
-
-
-def _write_jsonl_atomic(rows: list[dict], path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    h = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        for row in rows:
-            line = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
-            h.update(line)
-            f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size, h.hexdigest()
-
-
 def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str | Path | None = None,
                columns: list[str] | None = None, fmt: str = "jsonl", rank: int = 0,
                world_size: int = 1, progress: bool = True) -> ExportReport:
@@ -104,22 +76,17 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
             rep.pending.append(i)
             continue
         fp = fingerprint(cfg_fp, src_marker.sha256)
-        if _jsonl_done(out, i, fp):
+        if jsonl_done(out, i, fp):
             rep.skipped.append(i)
             continue
         t0 = time.perf_counter()
         table = read_table(src, i, columns)
-        path = jsonl_path(out, i)
-        marker_path(out, i).unlink(missing_ok=True)
-        nbytes, sha = _write_jsonl_atomic(table.to_pylist(), path)
+        write_jsonl_shard(out, i, table.to_pylist(), fp, seconds=time.perf_counter() - t0,
+                          stats={"rank": rank, "world_size": world_size, "pid": os.getpid(),
+                                 "host": os.uname().nodename})
         dt = time.perf_counter() - t0
-        marker = Marker(index=i, rows=table.num_rows, bytes=nbytes, sha256=sha, fingerprint=fp,
-                        seconds=round(dt, 4), created=time.time(),
-                        stats={"rank": rank, "world_size": world_size, "pid": os.getpid(),
-                               "host": os.uname().nodename})
-        write_json_atomic(marker_path(out, i), marker.to_json())
         rep.written.append(i)
         rep.rows += table.num_rows
         rep.seconds += dt
-        log.info("export %s shard %d: %d rows -> %s", dataset, i, table.num_rows, path)
+        log.info("export %s shard %d: %d rows -> %s", dataset, i, table.num_rows, jsonl_path(out, i))
     return rep

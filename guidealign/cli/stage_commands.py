@@ -1,0 +1,179 @@
+"""One command per stage of the stage table (guidealign/stages.py), in the table's order.
+
+Each command reads its own options and hands them to ``guidealign.executors.execute``,
+which runs the stage function here (this rank) or on Ray, and prints the reports.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+from guidealign.cli.options import ranks, stage_options
+
+
+def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
+                      errors: tuple = (), **options) -> list:
+    """Execute stage ``name``; ``errors`` become a clean error message (no traceback)."""
+    from guidealign.executors import ExecutorError, execute
+
+    ranks(rank, world_size)  # a bad --rank/--world-size is a usage error
+    try:
+        reports = execute(name, cfg, workdir, rank=rank, world_size=world_size,
+                          progress=not no_progress, **options)
+    except ExecutorError as e:
+        raise click.ClickException(f"{name}: {e}") from e
+    except (ValueError, *errors) as e:
+        raise click.ClickException(str(e)) from e
+    for rep in reports:
+        summary = getattr(rep, "summary", None)
+        if callable(summary):
+            click.echo(summary())
+        stats = getattr(rep, "stats", None)
+        if stats:
+            click.echo(json.dumps(stats, sort_keys=True))
+    return reports
+
+
+@click.command()
+@click.argument("inputs", nargs=-1)
+@click.option("--into", default="prompts", show_default=True,
+              help="Dataset under WORKDIR to write, e.g. prompts-sft for a second prompt set.")
+@click.option("--encoding", default=None,
+              help="Text encoding of the inputs (default ingest.encoding: auto), e.g. cp1252, utf-16.")
+@stage_options
+def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
+    """Ingest JSONL/JSON/CSV/Parquet files (also .gz/.bz2/.xz/.zst), globs or saved datasets into prompt shards."""
+    from guidealign.ingest.readers import IngestError
+
+    if encoding:
+        cfg.ingest.encoding = encoding
+    run_stage_command("ingest", cfg, workdir, rank, world_size, no_progress,
+                      errors=(IngestError, ValueError), inputs=list(inputs) or None, dataset=into)
+
+
+def _template_errors() -> tuple:
+    from guidealign.gen.build import TemplateError
+
+    return (TemplateError, ValueError)
+
+
+@click.command()
+@stage_options
+def detect(workdir, cfg, rank, world_size, no_progress):
+    """Label each prompt risky or not (WORKDIR/prompts -> WORKDIR/detect)."""
+    run_stage_command("detect", cfg, workdir, rank, world_size, no_progress, errors=_template_errors())
+
+
+@click.command()
+@stage_options
+def guidelines(workdir, cfg, rank, world_size, no_progress):
+    """Write safety or quality guidelines per prompt (WORKDIR/detect -> WORKDIR/guidelines)."""
+    run_stage_command("guidelines", cfg, workdir, rank, world_size, no_progress,
+                      errors=_template_errors())
+
+
+@click.command("library")
+@stage_options
+def library(workdir, cfg, rank, world_size, no_progress):
+    """De-duplicate the guideline shards into the guideline library (+ training pairs)."""
+    run_stage_command("library", cfg, workdir, rank, world_size, no_progress)
+
+
+@click.command("train-retriever")
+@stage_options
+def train_retriever(workdir, cfg, rank, world_size, no_progress):
+    """Fine-tune the bi-encoder retriever and report recall@k/MRR vs the base encoder and BM25."""
+    run_stage_command("train-retriever", cfg, workdir, rank, world_size, no_progress)
+
+
+@click.command("index")
+@stage_options
+def index(workdir, cfg, rank, world_size, no_progress):
+    """Embed the library and build the FAISS index (versioned against the library)."""
+    run_stage_command("index", cfg, workdir, rank, world_size, no_progress)
+
+
+@click.command("retrieve")
+@click.option("--src", default=None,
+              help="Input stage under WORKDIR whose shards hold id and prompt (default: "
+                   "retrieve.prompts, else prompts-sft when inputs_sft is set, else prompts).")
+@click.option("--dst", default="retrieve", show_default=True, help="Output stage under WORKDIR.")
+@stage_options
+def retrieve(workdir, cfg, rank, world_size, no_progress, src, dst):
+    """Retrieve the top guidelines for every prompt (top N, near-duplicates dropped, k kept)."""
+    from guidealign.retrieval.index import IndexVersionError
+
+    run_stage_command("retrieve", cfg, workdir, rank, world_size, no_progress,
+                      errors=(IndexVersionError,), src=src, dst=dst)
+
+
+@click.command("respond")
+@click.option("--no-guidelines", is_flag=True,
+              help="Unguided baseline: answer WORKDIR/prompts without guidelines "
+                   "(into WORKDIR/respond-baseline).")
+@click.option("--src", default=None, help="Input dataset under WORKDIR (default: retrieve, or "
+                                          "prompts with --no-guidelines).")
+@click.option("--dst", default=None, help="Output dataset under WORKDIR (default: respond, or "
+                                          "respond-baseline with --no-guidelines).")
+@stage_options
+def respond(no_guidelines, src, dst, workdir, cfg, rank, world_size, no_progress):
+    """Answer each prompt with vLLM, guided by its retrieved guidelines (the aligned dataset)."""
+    run_stage_command("respond", cfg, workdir, rank, world_size, no_progress,
+                      errors=(RuntimeError, ValueError), guided=not no_guidelines, src=src, dst=dst)
+
+
+@click.command("sft")
+@click.option("--force", is_flag=True, help="Train again even if WORKDIR/sft is done with this config.")
+@stage_options
+def sft(force, workdir, cfg, rank, world_size, no_progress):
+    """Fine-tune the base model on the guided responses (without guidelines) with TRL.
+
+    Several GPUs: `accelerate launch -m guidealign sft ...` or `torchrun --nproc-per-node N
+    -m guidealign sft ...` with the same config.
+    """
+    for done in run_stage_command("sft", cfg, workdir, rank, world_size, no_progress,
+                                  errors=(FileNotFoundError, ValueError), force=force):
+        if done.get("reason"):
+            click.echo(f"sft: {done['reason']}")
+        elif done.get("skipped"):
+            click.echo(f"sft: already done ({workdir}/sft/model)")
+        else:
+            click.echo(f"sft: {done['rows']} examples, {done['steps']} steps, loss "
+                       f"{done['first_loss']:.4f} -> {done['last_loss']:.4f}, dropped "
+                       f"{json.dumps(done['dropped'])}, {done['seconds']:.0f}s -> {workdir}/sft/model")
+
+
+@click.command()
+@stage_options
+def augment(workdir, cfg, rank, world_size, no_progress):
+    """Generate new risky questions per risk type, self-instruct style (-> WORKDIR/augment).
+
+    Use them as a run's prompts with --set detect.input=augment, or ingest them:
+    guidealign ingest 'WORKDIR/augment/shard-*.parquet' -w OTHER_WORKDIR."""
+    run_stage_command("augment", cfg, workdir, rank, world_size, no_progress, errors=_template_errors())
+
+
+@click.command()
+@click.argument("dataset", default="respond")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: WORKDIR/export/DATASET).")
+@click.option("--columns", default=None, help="Comma-separated columns to keep (default: all).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@stage_options
+def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progress):
+    """Write the shards of WORKDIR/DATASET (default: respond) as JSONL, one file per shard.
+
+    Sharded like every map stage (--rank/--world-size, RANK/WORLD_SIZE, a SLURM array, or
+    --executor ray); committed shards are skipped on a rerun. `cat OUT/shard-*.jsonl`
+    joins them in order.
+    """
+    from pathlib import Path
+
+    reports = run_stage_command(
+        "export", cfg, workdir, rank, world_size, no_progress, errors=(FileNotFoundError, ValueError),
+        dataset=dataset, out=str(Path(out).absolute()) if out else None, fmt=fmt,
+        columns=[c for c in columns.split(",") if c] if columns else None)
+    pending = sum(len(getattr(r, "pending", []) or []) for r in reports)
+    if pending:
+        raise click.ClickException(f"{pending} input shard(s) not committed yet")
