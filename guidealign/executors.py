@@ -249,8 +249,7 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
     claims.Assignment(ex.assign, ex.claim_ttl_s)  # a bad value fails before any work
     if ex.kind == "ray" and rank is None and w == 1:
         return _execute_on_ray(stage, cfg, workdir, progress, options)
-    with guard(workdir, r, w, stage=name, stall_timeout_s=ex.stall_timeout_s), \
-            claims.assignment(ex.assign, ex.claim_ttl_s):
+    with guard(workdir, r, w, stage=name, stall_timeout_s=ex.stall_timeout_s), claims_assignment(cfg):
         return [stage.function()(cfg, workdir, rank=r, world_size=w, progress=progress, **options)]
 
 

@@ -76,13 +76,13 @@ def _engine_needed(workdir: Path, stages: list[Stage]) -> bool:
 
 def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_size: int,
               progress: bool, echo) -> dict:
-    from guidealign.shards import claims
+    from guidealign.executors import claims_assignment
 
     timings: dict[str, float] = {}
     llm = None
     own = bool(cfg.respond.engine)  # the responder has an engine of its own (respond.engine)
     shared = [s for s in chosen if s.engine and not (own and s.name == "respond")]
-    with claims.assignment(cfg.executor.assign, cfg.executor.claim_ttl_s):
+    with claims_assignment(cfg):
         for i, stage in enumerate(chosen):
             kw = {}
             if stage in shared:
