@@ -48,8 +48,11 @@ def _f(x, fmt=".2f", default="-"):
 def rows_ingest(res, out) -> list[tuple[str, str]]:
     ratio = re.findall(r"ratio ingest / pyarrow: ([\d.]+)x", out)
     mem = re.findall(r"peak RSS ([\d,]+) / ([\d,]+) rows: ([\d.]+)x", out)
+    csv = re.findall(r"ratio ingest / pyarrow \(CSV[^)]*\): ([\d.]+)x", out)
     rows = [("ingest vs pyarrow read_json + write_parquet, same file (goal >= 0.5)",
-             f"{ratio[-1]}x" if ratio else "-")]
+             f"{ratio[-1]}x" if ratio else "-"),
+            ("ingest vs pyarrow read_csv + write_parquet, same rows as CSV",
+             f"{csv[-1]}x" if csv else "-")]
     if mem:
         big, small, r = mem[-1]
         rows.append((f"ingest peak RSS, {big} vs {small} rows (flat = 1.0)", f"{r}x"))

@@ -1,14 +1,23 @@
-"""Ingest throughput against pyarrow's own read-JSON-and-write-Parquet, and peak memory at two sizes.
+"""Ingest throughput against pyarrow's own read-and-write-Parquet, and peak memory at two sizes.
 
-    .venv/bin/python bench/ingest.py                 # 1M rows (ratio) and 10M rows (memory)
-    .venv/bin/python bench/ingest.py --short         # 200k and 1M rows, a couple of minutes
-    .venv/bin/python bench/ingest.py --rows 1000000 --mem-rows 10000000 --shard-rows 10000
+    .venv/bin/python bench/ingest.py                 # 1M rows (JSONL and CSV ratios), 10M rows (memory)
+    .venv/bin/python bench/ingest.py --short         # 1M rows, 3M rows for memory: about a minute
+    .venv/bin/python bench/ingest.py --rows 1000000 --mem-rows 4000000 --shard-rows 10000 --repeats 3
 
 For the first size it times, in one run and on the same file, (a) pyarrow: ``pyarrow.json.read_json``
-then ``pyarrow.parquet.write_table`` and (b) ``guidealign ingest`` (the CLI, default config unless
-``--shard-rows``; the same ``ingest.hash_kernel`` at both sizes, numba when installed), each in its own subprocess so that each peak RSS (VmHWM) is its own, and prints
-both rates and their ratio. The second size is ingested too, to show peak RSS is flat in the row
-count. Prompts are ~190 characters of ASCII text, with 1% exact duplicates and 0.5% bad rows.
+(``pyarrow.csv.read_csv`` for the CSV copy) then ``pyarrow.parquet.write_table`` and (b)
+``guidealign ingest`` (the CLI, default config unless ``--shard-rows``/``--hash-kernel``), each in
+its own subprocess, so that each peak RSS (VmHWM) is its own, and prints both rates and their ratio
+(ours / pyarrow; after one untimed run of each, the two alternate ``--repeats`` times and the
+median ratio is printed; on a shared machine the figures swing, the ratio within one run less);
+then each runs twice back to back and the ratio of the second runs is printed too ("back to
+back": memory just freed by the same tool is cheap to touch again, which favours pyarrow), and
+the ratio of CPU seconds (pyarrow's / ingest's, whole ingest process; steadier than wall time
+when other work shares the cores, but blind to how well each uses them). The pyarrow time excludes its
+interpreter start and imports, ingest's includes them (the "inside the process" figure does not).
+The second size is ingested too (JSONL), to show peak RSS is flat in the row count but for the
+de-duplication set (8 bytes a distinct prompt). Prompts are ~190 characters of ASCII text, with
+1% exact duplicates and 0.5% bad (empty) rows.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -26,18 +36,29 @@ WORDS = ("alpha beta gamma delta model data prompt safety guideline answer quest
          "assistant careful helpful honest harmless review policy example detail context").split()
 
 
-def make_input(path: Path, n: int, seed: int = 0) -> None:
+def _rows(n: int, seed: int = 0):
+    """(prompt or "" for a bad row, n or None) for each row."""
     rng = random.Random(seed)
+    for i in range(n):
+        r = rng.random()
+        if r < 0.005:
+            yield "", None
+        else:
+            k = rng.randrange(i) if (r < 0.015 and i) else i
+            words = " ".join(WORDS[(k * 7 + j * 13 + k // 19) % len(WORDS)] for j in range(28))
+            yield f"#{k} {words}"[:190], i
+
+
+def make_input(path: Path, n: int, seed: int = 0) -> None:
+    """JSONL (``.jsonl``) or CSV (``.csv``, columns prompt,n) with the same rows."""
+    csv_ = path.suffix == ".csv"
     with open(path, "w") as f:
-        buf = []
-        for i in range(n):
-            r = rng.random()
-            if r < 0.005:
-                buf.append('{"prompt": ""}\n')
+        buf = ["prompt,n\n"] if csv_ else []
+        for p, i in _rows(n, seed):  # plain words: no character needs quoting or escaping
+            if csv_:
+                buf.append(f"{p},{'' if i is None else i}\n")
             else:
-                k = rng.randrange(i) if (r < 0.015 and i) else i
-                words = " ".join(WORDS[(k * 7 + j * 13 + k // 19) % len(WORDS)] for j in range(28))
-                buf.append(json.dumps({"prompt": f"#{k} {words}"[:190], "n": i}) + "\n")
+                buf.append('{"prompt": ""}\n' if i is None else f'{{"prompt": "{p}", "n": {i}}}\n')
             if len(buf) >= 100_000:
                 f.writelines(buf)
                 buf = []
@@ -45,14 +66,17 @@ def make_input(path: Path, n: int, seed: int = 0) -> None:
 
 
 PYARROW = """
-import sys, time, json
-import pyarrow.json as pj, pyarrow.parquet as pq
-t = time.perf_counter()
-table = pj.read_json(sys.argv[1])
+import sys, time, json, resource
+import pyarrow.json as pj, pyarrow.csv as pc, pyarrow.parquet as pq
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+t, c = time.perf_counter(), cpu()
+table = (pc.read_csv if sys.argv[1].endswith(".csv") else pj.read_json)(sys.argv[1])
 pq.write_table(table, sys.argv[2], compression="zstd")
-dt = time.perf_counter() - t
+dt, dc = time.perf_counter() - t, cpu() - c
 hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
-print(json.dumps({"rows_in": table.num_rows, "seconds": dt, "peak_rss_mib": int(hwm) / 1024}))
+print(json.dumps({"rows_in": table.num_rows, "seconds": dt, "cpu": dc, "peak_rss_mib": int(hwm) / 1024}))
 """
 
 INGEST = """
@@ -63,8 +87,9 @@ p = subprocess.run([sys.executable, "-m", "guidealign", "ingest", sys.argv[1], "
 dt = time.perf_counter() - t
 if p.returncode:
     sys.exit(p.stderr)
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"summary": p.stdout.strip().splitlines()[-1], "seconds": dt, "peak_rss_mib": peak}))
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"summary": p.stdout.strip().splitlines()[-1], "seconds": dt, "cpu": r.ru_utime + r.ru_stime,
+                  "peak_rss_mib": r.ru_maxrss / 1024}))
 """
 
 
@@ -74,10 +99,8 @@ def run_child(code: str, *args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ingest_once(src: Path, work: Path, shard_rows: int | None, kernel: str) -> dict:
+def ingest_once(src: Path, work: Path, extra: list[str]) -> dict:
     shutil.rmtree(work, ignore_errors=True)
-    extra = ["--set", f"ingest.hash_kernel={kernel}"]
-    extra += ["--set", f"ingest.shard_rows={shard_rows}"] if shard_rows else []
     r = run_child(INGEST, src, work, *extra)
     m = re.search(r"(\d+) rows read -> (\d+) prompts.*?(\d+) duplicates dropped, (\d+) quarantined", r["summary"])
     r.update(rows_in=int(m[1]), rows=int(m[2]), dups=int(m[3]), quarantined=int(m[4]),
@@ -86,24 +109,60 @@ def ingest_once(src: Path, work: Path, shard_rows: int | None, kernel: str) -> d
     return r
 
 
+def compare(src: Path, base: Path, extra: list[str], repeats: int, label: str) -> dict:
+    """pyarrow and ingest on ``src``, alternating ``repeats`` times; prints each and the median."""
+    ratios, inner, cpu, runs = [], [], [], []
+    # one untimed run of each first: the first process to touch this much memory after the
+    # input was written pays for it (on a VM, seconds), and that is neither tool's speed
+    run_child(PYARROW, src, base / "pyarrow.parquet")
+    ingest_once(src, base / "w", extra)
+    for _ in range(repeats):
+        pa_r = run_child(PYARROW, src, base / "pyarrow.parquet")
+        (base / "pyarrow.parquet").unlink()
+        ing = ingest_once(src, base / "w", extra)
+        pa_rate, ing_rate = pa_r["rows_in"] / pa_r["seconds"], ing["rows_in"] / ing["seconds"]
+        ratios.append(ing_rate / pa_rate)
+        cpu.append(pa_r["cpu"] / ing["cpu"])
+        inner.append(ing["inner_rate"] / pa_rate)
+        runs.append((pa_r, ing))
+        n = ing["rows_in"]
+        print(f"  {label}: pyarrow {pa_rate:>10,.0f} rows/s ({pa_r['seconds']:.2f}s, peak RSS "
+              f"{pa_r['peak_rss_mib']:.0f} MiB) | guidealign ingest (CLI) {ing_rate:>10,.0f} rows/s "
+              f"({ing['seconds']:.2f}s incl. interpreter start, peak RSS {ing['peak_rss_mib']:.0f} MiB; "
+              f"{ing['rows']:,} kept, {ing['dups']:,} duplicates, {ing['quarantined']:,} quarantined of {n:,}); "
+              f"CPU seconds: pyarrow {pa_r['cpu']:.2f}, ingest {ing['cpu']:.2f}", flush=True)
+    # and each tool twice in a row: the second run reuses the memory the first just freed, which
+    # on a VM is much cheaper to touch (pyarrow, holding the whole file, gains the most)
+    pa_warm = [run_child(PYARROW, src, base / "pyarrow.parquet") for _ in range(2)][-1]
+    (base / "pyarrow.parquet").unlink()
+    ing_warm = [ingest_once(src, base / "w", extra) for _ in range(2)][-1]
+    warm = (ing_warm["rows_in"] / ing_warm["seconds"]) / (pa_warm["rows_in"] / pa_warm["seconds"])
+    print(f"  {label}: back to back, second runs: pyarrow {pa_warm['seconds']:.2f}s, ingest "
+          f"{ing_warm['seconds']:.2f}s (inside the process {ing_warm['rows_in'] / ing_warm['inner_rate']:.2f}s)",
+          flush=True)
+    return {"ratio": statistics.median(ratios), "inner": statistics.median(inner), "warm": warm,
+            "cpu": statistics.median(cpu),
+            "warm_inner": (ing_warm["inner_rate"] * pa_warm["seconds"]) / pa_warm["rows_in"],
+            "rss": max(i["peak_rss_mib"] for _, i in runs), "rows": runs[-1][1]["rows"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1_000_000, help="size for the speed ratio (and memory)")
+    ap.add_argument("--rows", type=int, default=1_000_000, help="size for the speed ratios (and memory)")
     ap.add_argument("--mem-rows", type=int, default=10_000_000, help="second size, for memory (0: skip)")
-    ap.add_argument("--short", action="store_true", help="--rows 200000 --mem-rows 1000000")
+    ap.add_argument("--short", action="store_true", help="--mem-rows 3000000 --repeats 1 (about a minute)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating pyarrow/ingest runs per format")
     ap.add_argument("--shard-rows", type=int, default=None, help="ingest.shard_rows (default: the config's)")
-    ap.add_argument("--hash-kernel", default=None, choices=["numba", "hashlib"],
-                    help="ingest.hash_kernel for every size (default: numba when installed), so that "
-                         "the sizes compare like with like")
+    ap.add_argument("--hash-kernel", default=None, choices=["auto", "llvm", "hashlib"],
+                    help="ingest.hash_kernel for every run (default: the config's, auto)")
+    ap.add_argument("--no-csv", action="store_true", help="skip the CSV comparison")
     ap.add_argument("--dir", default="/tmp/ga-bench-ingest")
     a = ap.parse_args()
-    if a.hash_kernel is None:
-        from importlib.util import find_spec
-
-        a.hash_kernel = "numba" if find_spec("numba") else "hashlib"
-    print(f"ingest.hash_kernel={a.hash_kernel}", flush=True)
     if a.short:
-        a.rows, a.mem_rows = 200_000, 1_000_000
+        a.mem_rows, a.repeats = min(a.mem_rows, 3_000_000), 1
+    extra = ["--set", f"ingest.hash_kernel={a.hash_kernel}"] if a.hash_kernel else []
+    extra += ["--set", f"ingest.shard_rows={a.shard_rows}"] if a.shard_rows else []
+    print(f"ingest settings: {' '.join(extra[1::2]) or 'the defaults'}", flush=True)
     base = Path(a.dir)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
@@ -111,33 +170,36 @@ def main() -> None:
         src = base / f"in-{a.rows}.jsonl"
         t = time.perf_counter()
         make_input(src, a.rows)
-        mib = src.stat().st_size / 2**20
-        print(f"generated {a.rows:,} rows ({mib:.0f} MiB) in {time.perf_counter() - t:.1f}s", flush=True)
-        pa_r = run_child(PYARROW, src, base / "pyarrow.parquet")
-        (base / "pyarrow.parquet").unlink()
-        ing = ingest_once(src, base / "w", a.shard_rows, a.hash_kernel)
-        pa_rate, ing_rate = pa_r["rows_in"] / pa_r["seconds"], ing["rows_in"] / ing["seconds"]
-        print(f"pyarrow read_json + write_parquet {a.rows:>11,} rows: {pa_rate:>10,.0f} rows/s "
-              f"({pa_r['seconds']:.2f}s, peak RSS {pa_r['peak_rss_mib']:.0f} MiB)")
-        print(f"guidealign ingest (CLI)           {a.rows:>11,} rows: {ing_rate:>10,.0f} rows/s "
-              f"({ing['seconds']:.2f}s incl. interpreter start, peak RSS {ing['peak_rss_mib']:.0f} MiB; "
-              f"{ing['rows']:,} kept, {ing['dups']:,} duplicates, {ing['quarantined']:,} quarantined)")
-        print(f"ratio ingest / pyarrow: {ing_rate / pa_rate:.2f}x (target >= 0.5x); inside the process "
-              f"(without interpreter start and imports) {ing['inner_rate']:,.0f} rows/s, "
-              f"{ing['inner_rate'] / pa_rate:.2f}x", flush=True)
+        print(f"generated {a.rows:,} rows ({src.stat().st_size / 2**20:.0f} MiB JSONL) in "
+              f"{time.perf_counter() - t:.1f}s", flush=True)
+        js = compare(src, base, extra, a.repeats, "JSONL")
+        src.unlink()
+        if not a.no_csv:
+            csv_src = base / f"in-{a.rows}.csv"
+            make_input(csv_src, a.rows)
+            cs = compare(csv_src, base, extra, a.repeats, "CSV  ")
+            csv_src.unlink()
+            print(f"ratio ingest / pyarrow (CSV: read_csv + write_parquet): {cs['ratio']:.2f}x "
+                  f"(target >= 0.5x); inside the process {cs['inner']:.2f}x; back to back "
+                  f"{cs['warm']:.2f}x, inside the process {cs['warm_inner']:.2f}x; CPU seconds "
+                  f"{cs['cpu']:.2f}x", flush=True)
+        print(f"ratio ingest / pyarrow: {js['ratio']:.2f}x (JSONL: read_json + write_parquet, "
+              f"target >= 0.5x); inside the process (without interpreter start and imports) "
+              f"{js['inner']:.2f}x; back to back {js['warm']:.2f}x, inside the process "
+              f"{js['warm_inner']:.2f}x; CPU seconds {js['cpu']:.2f}x", flush=True)
         if a.mem_rows:
-            src.unlink()
             big = base / f"in-{a.mem_rows}.jsonl"
             t = time.perf_counter()
             make_input(big, a.mem_rows)
             print(f"generated {a.mem_rows:,} rows ({big.stat().st_size / 2**20:.0f} MiB) in "
                   f"{time.perf_counter() - t:.1f}s", flush=True)
-            ing2 = ingest_once(big, base / "w2", a.shard_rows, a.hash_kernel)
+            ing2 = ingest_once(big, base / "w2", extra)
             print(f"guidealign ingest (CLI)           {a.mem_rows:>11,} rows: "
                   f"{ing2['rows_in'] / ing2['seconds']:>10,.0f} rows/s ({ing2['seconds']:.1f}s, "
                   f"peak RSS {ing2['peak_rss_mib']:.0f} MiB)")
-            print(f"peak RSS {a.mem_rows:,} / {a.rows:,} rows: {ing2['peak_rss_mib'] / ing['peak_rss_mib']:.2f}x "
-                  f"(+{ing2['peak_rss_mib'] - ing['peak_rss_mib']:.0f} MiB; de-dup set: 8 bytes a distinct prompt)")
+            print(f"peak RSS {a.mem_rows:,} / {a.rows:,} rows: {ing2['peak_rss_mib'] / js['rss']:.2f}x "
+                  f"(+{ing2['peak_rss_mib'] - js['rss']:.0f} MiB; the de-duplication set alone is "
+                  f"{8 * (ing2['rows'] - js['rows']) / 2**20:.0f} MiB more: 8 bytes a distinct prompt)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -480,27 +480,6 @@ def test_ingest_into_another_dataset(tmp_path):
         ingest([str(f)], tmp_path / "w", dataset="../escape", progress=False)
 
 
-@pytest.mark.slow
-def test_compiled_blake2b_equals_hashlib(tmp_path):
-    """The numba kernel (hash_kernel=numba) gives hashlib's digests, on every length around the
-    128-byte block edges, and ingest with it gives the same shards as with hashlib."""
-    pytest.importorskip("numba")
-    import numpy as np
-
-    from guidealign.ingest.blake2_numba import blake2b64
-
-    msgs = [os.urandom(n) for n in list(range(0, 300)) + [383, 384, 385, 1000, 5000]]
-    offsets = np.cumsum([0] + [len(m) for m in msgs])
-    got = blake2b64(offsets, np.frombuffer(b"".join(msgs), np.uint8))
-    assert got.tolist() == [int.from_bytes(hashlib.blake2b(m, digest_size=8).digest(), "little") for m in msgs]
-    f = tmp_path / "a.jsonl"
-    _big_input(f, 3000)
-    a = ingest([str(f)], tmp_path / "a", IngestConfig(hash_kernel="numba", shard_rows=700), progress=False)
-    b = ingest([str(f)], tmp_path / "b", IngestConfig(hash_kernel="hashlib", shard_rows=700), progress=False)
-    assert a.rows == b.rows == 3000
-    assert _all_rows(tmp_path / "a") == _all_rows(tmp_path / "b")
-
-
 def test_csv_quoted_newlines_and_ragged_rows(tmp_path):
     f = tmp_path / "r.csv"
     f.write_bytes(b'Prompt;Note\r\n"first line\r\nsecond line";a\r\n"say ""hi""";b;extra\r\nlast;\r\n')
@@ -548,3 +527,251 @@ def test_ascii_blocks_without_escapes_keep_the_id_rule(tmp_path, extra):
     g.write_text("".join('{"prompt": "%s"}\n' % p for p in prompts if "  " not in p) + extra)
     rows, q, _ = _ingested([g], tmp_path / "w2")
     assert [r["id"] for r in rows] == [_reference_id(r["prompt"]) for r in rows]
+
+
+# --- the compiled hash, the CSV columnar path, the shard writer ---------------------------------
+
+def test_llvm_blake2b_equals_hashlib(tmp_path):
+    """The llvmlite kernel (hash_kernel=llvm, what auto picks for big inputs) gives hashlib's
+    digests on every length around the 128-byte block edges, and the same shards."""
+    pytest.importorskip("llvmlite")
+    import numpy as np
+
+    from guidealign.ingest.blake2_llvm import blake2b64
+
+    msgs = [os.urandom(n) for n in list(range(0, 300)) + [383, 384, 385, 1000, 5000]]
+    offsets = np.cumsum([0] + [len(m) for m in msgs])
+    got = blake2b64(offsets, np.frombuffer(b"".join(msgs), np.uint8))
+    assert got.tolist() == [int.from_bytes(hashlib.blake2b(m, digest_size=8).digest(), "little") for m in msgs]
+    assert blake2b64(np.zeros(3, np.int64), np.zeros(0, np.uint8)).tolist() == \
+        [int.from_bytes(hashlib.blake2b(b"", digest_size=8).digest(), "little")] * 2
+    f = tmp_path / "a.jsonl"
+    _big_input(f, 3000)
+    a = ingest([str(f)], tmp_path / "a", IngestConfig(hash_kernel="llvm", shard_rows=700), progress=False)
+    b = ingest([str(f)], tmp_path / "b", IngestConfig(hash_kernel="hashlib", shard_rows=700), progress=False)
+    assert a.rows == b.rows == 3000
+    assert _all_rows(tmp_path / "a") == _all_rows(tmp_path / "b")
+
+
+def test_pyarrow_json_rejects_raw_control_bytes_in_strings():
+    """The columnar JSONL path skips the whitespace-collapsing pass for ASCII blocks without
+    escapes or double spaces: sound only because a raw control byte inside a JSON string is a
+    parse error (the block then goes row by row), as it is for Python's json."""
+    import pyarrow.json as pajson
+
+    for c in [*range(0, 32)]:
+        line = b'{"prompt": "a' + bytes([c]) + b'b"}\n'
+        with pytest.raises(pa.ArrowInvalid):
+            pajson.read_json(pa.BufferReader(line))
+        with pytest.raises(ValueError):
+            json.loads(line)
+
+
+def _messy_csv(path: Path, seed: int) -> None:
+    """A CSV with what real exports carry: quoting styles, quoted delimiters and line ends,
+    CRLF, blank and ragged rows, non-UTF-8 bytes, stray quotes, lone CRs, NULs, duplicates."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "naïve", "café", "", " ", "  two  spaces ", "tab\there", "semi;colon",
+             "com,ma", 'quo"te', "new\nline", "cr\r\nlf", "pipe|", "ü€", "long " * 30]
+    delim, nl = rng.choice([",", ";", "\t", "|"]), rng.choice(["\n", "\r\n"])
+    quoting = rng.choice([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])
+    ncol = rng.randint(1, 4)
+    scale = rng.choice([1, 3, 30, 1000])  # how often the rarer faults appear
+
+    def line(row):
+        buf = []
+        csv.writer(_Collect(buf), delimiter=delim, lineterminator=nl, quoting=quoting).writerow(row)
+        return "".join(buf).encode()
+
+    out = [line([rng.choice(["prompt", "Prompt", " question ", "text"])] + [f"c{i}" for i in range(1, ncol)])]
+    for i in range(rng.randint(0, 300)):
+        row = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 4))) + f" {i % 120}"]
+        row += [rng.choice(words) for _ in range(ncol - 1)]
+        r = rng.random()
+        if r < 0.03:
+            row = row[:-1] or [""]
+        elif r < 0.06:
+            row = row + ["extra"]
+        elif r < 0.08:
+            row[0] = ""
+        raw, r = line(row), rng.random() * scale
+        if r < 0.01:
+            raw = b"bad \xff byte" + raw
+        elif r < 0.02:
+            raw = nl.encode()
+        elif r < 0.025:
+            raw = b'5" screen' + delim.encode() + raw
+        elif r < 0.03:
+            raw = b"lone\rcr" + raw
+        elif r < 0.035:
+            raw = b"nul\0byte " + raw
+        elif r < 0.04:
+            raw = b"   " + nl.encode()
+        out.append(raw)
+    data = b"".join(out)
+    if rng.random() < 0.3 and data.endswith(nl.encode()):
+        data = data[:-len(nl)]
+    path.write_bytes(data)
+
+
+def test_csv_columnar_path_equals_row_by_row_reference(tmp_path, monkeypatch):
+    """CSV blocks go through pyarrow.csv where both parsers read them alike and row by row
+    elsewhere: on messy files cut into blocks of every size, the same rows, ids, sources,
+    metadata, quarantine rows and reasons as Python's csv module alone."""
+    from guidealign.ingest import csvcol
+
+    used = {"columnar": 0, "rows": 0}
+    parse = csvcol._parse
+
+    def counting(*a, **k):
+        out = parse(*a, **k)
+        used["columnar" if out is not None else "rows"] += 1
+        return out
+
+    monkeypatch.setattr(csvcol, "_parse", counting)
+    for seed in range(40):
+        f = tmp_path / f"m{seed}.csv"
+        _messy_csv(f, seed)
+        cfg = IngestConfig(shard_rows=[7, 50, 1000][seed % 3], block_bytes=[64, 300, 2000, 1 << 20][seed % 4],
+                           max_chars=200)
+        w = tmp_path / f"w{seed}"
+        ingest([str(f)], w, cfg, progress=False)
+        got = [(r["id"], r["prompt"], r["source"], json.loads(r["metadata"])) for r in _all_rows(w)]
+        ref_rows, ref_bad = _reference_ingest(f, cfg)
+        assert got == [(i, p, s, json.loads(m)) for i, p, s, m in ref_rows], seed
+        q = read_quarantine(w / "prompts")
+        assert [(r["row"], r["reason"]) for r in (q.to_pylist() if q is not None else [])] == ref_bad, seed
+    assert used["columnar"] > 100 and used["rows"] > 10  # both paths were taken
+
+
+def test_csv_stray_quote_hands_the_rest_of_the_file_to_the_row_reader(tmp_path):
+    f = tmp_path / "q.csv"
+    rows = [f"prompt {i},t{i}\n" for i in range(200)]
+    rows[50] = 'a 5" screen,x\n'                                  # a quote that opens nothing
+    rows[120] = '"multi\nline ""quoted""",y\n'                     # then a quoted line end
+    f.write_text("prompt,topic\n" + "".join(rows))
+    cfg = IngestConfig(block_bytes=256, shard_rows=64)
+    rows_got, q, rep = _ingested([f], tmp_path / "w", block_bytes=256, shard_rows=64)
+    ref_rows, ref_bad = _reference_ingest(f, cfg)
+    assert [(r["id"], r["prompt"], r["source"]) for r in rows_got] == [r[:3] for r in ref_rows]
+    assert q == [] == ref_bad and rep.rows == 200
+    assert rows_got[50]["prompt"] == 'a 5" screen' and rows_got[120]["prompt"] == 'multi\nline "quoted"'
+    assert rows_got[120]["source"].endswith(":123")  # the row reader's line: where the record ends
+
+
+def test_output_does_not_depend_on_block_size(tmp_path):
+    """Blocks are how the input is read, never what comes out: shards, quarantine, ids."""
+    jl, cs = tmp_path / "a.jsonl", tmp_path / "a.csv"
+    _big_input(jl, 2000)
+    with open(cs, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "n"])
+        for i in range(2000):
+            w.writerow([f"p {i % 1700}" if i % 97 else "", i])
+    out = []
+    for bb in (97, 4096, 1 << 20):
+        w = tmp_path / f"w{bb}"
+        ingest([str(jl), str(cs)], w, IngestConfig(block_bytes=bb, shard_rows=333), progress=False)
+        qs = {i: pq.read_table(p).to_pylist() for i in committed(w / "prompts")
+              if (p := w / "prompts" / "quarantine" / f"shard-{i:05d}.parquet").exists()}
+        out.append(([t.to_pylist() for t in iter_tables(w / "prompts")], qs))
+    assert out[0] == out[1] == out[2]
+
+
+def test_shard_writer_groups_queued_shards_and_commits_them_verifiably(tmp_path):
+    """Shards that queue up while the writer is busy are committed as one group; every file's
+    marker checksum is the file's (what `guidealign verify` checks), markers come in order."""
+    import threading
+
+    from guidealign.ingest.commit import Pending, ShardWriter
+    from guidealign.shards.verify import verify_run
+
+    gate = threading.Event()
+    dst = tmp_path / "run" / "prompts"
+    writer = ShardWriter(dst, max_pending=8, max_group=8)
+    groups = []
+    commit = writer._commit
+    writer._commit = lambda group: (groups.append(len(group)), commit(group))
+
+    def build(i):
+        def make():
+            gate.wait(10)
+            t = pa.table({"id": [f"{i:016x}"], "prompt": [f"p{i}"], "source": ["s"], "metadata": ["{}"]})
+            bad = pa.table({"source": ["s"], "row": [i], "reason": ["empty prompt"], "raw": [None]},
+                           schema=pa.schema([("source", pa.string()), ("row", pa.int64()),
+                                             ("reason", pa.string()), ("raw", pa.string())]))
+            return t, (bad if i % 2 else None)
+        return make
+
+    for i in range(6):
+        writer.submit(Pending(i, f"fp{i}", build(i), 0.0, {"duplicates": 0}))
+    gate.set()
+    writer.close()
+    assert committed(dst) == list(range(6))
+    markers = [read_marker(dst, i) for i in range(6)]
+    assert [m.fingerprint for m in markers] == [f"fp{i}" for i in range(6)]
+    assert all(m.sha256 == hashlib.sha256((dst / f"shard-{i:05d}.parquet").read_bytes()).hexdigest()
+               for i, m in enumerate(markers))
+    assert [m.quarantined for m in markers] == [0, 1] * 3
+    assert [r["row"] for r in read_quarantine(dst).to_pylist()] == [1, 3, 5]
+    assert verify_run(tmp_path / "run").ok
+    assert not list(dst.rglob("*.tmp"))
+    # the first shard held the writer (the gate): the ones queued meanwhile came as one group
+    assert sum(groups) == 6 and len(groups) <= 2
+
+
+def test_shard_writer_error_reaches_the_caller(tmp_path):
+    from guidealign.ingest.commit import Pending, ShardWriter
+
+    def boom():
+        raise OSError("disk full")
+
+    writer = ShardWriter(tmp_path / "d")
+    writer.submit(Pending(0, "fp", boom, 0.0, {}))
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert committed(tmp_path / "d") == []
+
+
+def test_block_scan_counts_match_bytes_methods():
+    """The one-pass block scan (line ends, control bytes, CR/CRLF, double spaces) in any step
+    size, against Python's own byte counting."""
+    import random
+
+    import numpy as np
+
+    from guidealign.ingest.jsonl import scan
+
+    rng = random.Random(0)
+    for _ in range(300):
+        b = bytes(rng.choice(b"ab \r\n\t") for _ in range(rng.randint(0, 300)))
+        sc = scan(np.frombuffer(b, np.uint8), rng.choice([1, 2, 3, 7, 64]), count_ctrl=True, count_cr=True)
+        assert (sc.n_nl, sc.n_cr, sc.n_crlf) == (b.count(b"\n"), b.count(b"\r"), b.count(b"\r\n"))
+        assert sc.n_ctrl == sum(c < 32 for c in b) and sc.double_space == (b"  " in b)
+        if any(not ln.strip() for ln in b.split(b"\n")[:-1]):  # a blank line: never missed
+            assert sc.maybe_blank
+
+
+def test_metadata_column_equals_meta_json():
+    """The columnar metadata JSON (one string join in the usual cases) is meta_json's, byte for
+    byte: key order, nulls left out, every JSON type, one column or several."""
+    import random
+
+    from guidealign.ingest.batch import meta_json, metadata_column
+
+    rng = random.Random(1)
+    kinds = {"int": lambda: rng.randint(-5, 5), "str": lambda: rng.choice(["a", 'q"uote', "ü", "new\nline", ""]),
+             "nullable_str": lambda: rng.choice(["a", None, "b\\c"]), "bool": lambda: rng.random() < 0.5,
+             "float": lambda: rng.random(), "nullable_int": lambda: rng.choice([None, 3]),
+             "all_null": lambda: None, "list": lambda: rng.choice([[1, 2], None, []])}
+    for _ in range(300):
+        cols = {"prompt": [f"p{i}" for i in range(6)]}
+        for c in range(rng.randint(0, 3)):
+            make = kinds[rng.choice(sorted(kinds))]
+            cols[f"c{c} k"] = [make() for _ in range(6)]
+        order = list(cols)
+        rng.shuffle(order)
+        got = metadata_column(pa.table({k: cols[k] for k in order}), "prompt").to_pylist()
+        assert got == [meta_json({k: cols[k][i] for k in order}, "prompt") for i in range(6)]

@@ -3,22 +3,26 @@
 A ``Batch`` is one block of input rows in input order: the candidate rows (prompt, line
 number, metadata JSON, 64-bit hash) and the rejected ones with their reasons. Three ways in:
 
-- ``ingest_jsonl.jsonl_blocks``: a JSONL stream cut into blocks at line ends and parsed by
-  ``pyarrow.json``; a block that does not parse as a whole (a bad line, a column whose type
-  changes) goes through the row-by-row reader instead, so its quarantine reasons are exact;
-- ``table_batch``: an Arrow table (a JSONL block, a Parquet/`datasets` batch);
-- ``rows_batch``: records from a row-by-row reader (CSV, JSON arrays, fallbacks).
+- ``jsonl.jsonl_blocks`` / ``csvcol.csv_batches``: a JSONL or CSV stream cut into blocks at
+  line (record) ends and parsed by ``pyarrow.json`` / ``pyarrow.csv``; a block that does not
+  parse as a whole (a bad line, a column whose type changes, a ragged row, quoting the two CSV
+  parsers may read differently) goes through the row-by-row reader instead, so its quarantine
+  reasons are exact;
+- ``table_batch``: an Arrow table (a JSONL or CSV block, a Parquet/`datasets` batch);
+- ``rows_batch``: records from a row-by-row reader (JSON arrays, fallbacks).
 
 The id is exactly ``ingest.prompt_hash``: blake2b-64 of NFKC + whitespace-collapsed text. For
 pure-ASCII prompts NFKC is the identity, so the columnar path only collapses whitespace (the
-same ASCII characters Python's ``\\s`` matches) with one RE2 pass and hashes the bytes; prompts
-with any non-ASCII character are normalized by Python's own ``unicodedata``, so ids never
-depend on which path a row took.
+same ASCII characters Python's ``\\s`` matches) with one RE2 pass (none when the block cannot
+hold a whitespace run) and hashes the bytes (``blake2_llvm``: compiled, without the GIL);
+prompts with any non-ASCII character are normalized by Python's own ``unicodedata``, so ids
+never depend on which path a row took.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -35,7 +39,11 @@ from guidealign.ingest.readers import find_prompt_key, norm_key
 _WS = r"[\t\n\x0b\x0c\r\x1c-\x1f ]"
 ASCII_WS_RE2 = r"[\t\n\x0b\x0c\r\x1c-\x1f]" + _WS + "*| " + _WS + "+"
 _JSON_ESCAPE_RE2 = r'[\x00-\x1f\\"]'
-_HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
+# the two hex digits of each byte value, as one uint16 (memory order = text order)
+_HEX16 = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), dtype=np.uint16)
+# Python's \s in ASCII: where a trimmed prompt may start or end
+_ASCII_WS = np.zeros(256, dtype=bool)
+_ASCII_WS[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 
 
 @dataclass
@@ -65,7 +73,8 @@ class Spec:
     field: str
     aliases: tuple
     max_chars: int
-    compiled_hash: bool = False  # use the numba blake2b kernel for ASCII prompts
+    # how ASCII prompts are hashed: "hashlib" (a Python loop), or "llvm" (blake2_llvm)
+    hash_kernel: str = "hashlib"
 
 
 # --- per-row checks (the reference semantics) --------------------------------------------------
@@ -140,15 +149,25 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
 
 # --- columnar ----------------------------------------------------------------------------------
 
-def hash_ascii(arr: pa.Array, compiled: bool = False) -> np.ndarray:
-    """blake2b-64 of each string's bytes: hashlib in a loop (no str objects), or with
-    ``compiled`` the numba kernel (same digests, all cores, no GIL) when numba is installed."""
-    arr = arr.cast(pa.string()) if arr.type != pa.string() else arr
+def string_buffers(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
+    """(offsets as int64 numpy, data buffer) of a string/large_string array."""
     _, offs, data = arr.buffers()
-    o = np.frombuffer(offs, dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
-    if compiled and _numba_kernel() is not None:
-        buf = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
-        return _numba_kernel()(o, buf)
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    o = np.frombuffer(offs, dtype=width)[arr.offset:arr.offset + len(arr) + 1] if len(arr) else np.zeros(1, width)
+    return o.astype(np.int64), data
+
+
+def hash_ascii(arr: pa.Array, kernel: str = "hashlib") -> np.ndarray:
+    """blake2b-64 of each string's bytes: hashlib in a loop (no str objects), or a compiled
+    kernel (``llvm``: blake2_llvm; the same digests, without the GIL)."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.cast(pa.string())
+    o, data = string_buffers(arr)
+    if kernel == "llvm" and _llvm_kernel() is not None:
+        from guidealign.ingest.blake2_llvm import blake2b64_buffers
+
+        keep = data if data is not None and data.size else _EMPTY  # noqa: F841 - alive during the call
+        return blake2b64_buffers(o, keep.address)
     o = o.tolist()
     mv = memoryview(data) if data is not None else memoryview(b"")
     b2 = hashlib.blake2b
@@ -156,24 +175,29 @@ def hash_ascii(arr: pa.Array, compiled: bool = False) -> np.ndarray:
     return np.frombuffer(out, dtype="<u8").astype(np.uint64)
 
 
-_KERNEL: list = []
+_EMPTY = pa.py_buffer(b"\0")
+_LLVM: list = []
 
 
-def _numba_kernel():
-    if not _KERNEL:
+def _llvm_kernel():
+    if not _LLVM:
         try:
-            from guidealign.ingest.blake2_numba import blake2b64
-        except ImportError:
-            blake2b64 = None
-        _KERNEL.append(blake2b64)
-    return _KERNEL[0]
+            from guidealign.ingest.blake2_llvm import kernel
+
+            fn = kernel()
+        except Exception as e:  # noqa: BLE001 - no code generation here: hashlib (the same ids)
+            logging.getLogger(__name__).warning("ingest: the compiled blake2b kernel is not available "
+                                                "(%s: %s); hashing with hashlib", type(e).__name__, e)
+            fn = None
+        _LLVM.append(fn)
+    return _LLVM[0]
 
 
 def hex_ids(h: np.ndarray) -> pa.Array:
     """16-char hex of each hash's little-endian bytes (== ``prompt_hash(p).hex()``)."""
     n = len(h)
-    digits = _HEX[h.astype("<u8").view(np.uint8)].tobytes()
-    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * 16).tobytes())
+    digits = _HEX16[np.ascontiguousarray(h, dtype="<u8").view(np.uint8)]
+    offsets = pa.py_buffer(np.arange(0, 16 * n + 1, 16, dtype=np.int32))
     return pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(digits)])
 
 
@@ -194,17 +218,32 @@ def _json_values(arr: pa.Array) -> pa.Array:
 
 
 def metadata_column(table: pa.Table, skip: str) -> pa.Array:
-    """The other columns as a JSON object per row, null values left out (as ``meta_json``)."""
-    frags = []
-    for name in table.column_names:
-        if name == skip:
-            continue
-        col = table.column(name).combine_chunks()
-        head = ", " + json.dumps(name, ensure_ascii=False) + ": "
-        frags.append(pc.fill_null(pc.binary_join_element_wise(head, _json_values(col), ""), ""))
-    if not frags:
+    """The other columns as a JSON object per row, null values left out (as ``meta_json``).
+
+    One string join for the usual case (no nulls in the first column): '{"k": ' v1 ', "k2": ' v2 '}'."""
+    pieces: list = []
+    opened = False  # the first piece starts every row's object (its column has no nulls)
+    names = [c for c in table.column_names if c != skip]
+    if len(names) == 1:  # one other column, with nulls: '{"k": v}' or '{}'
+        vals = _json_values(table.column(names[0]).combine_chunks())
+        if vals.null_count:
+            key = json.dumps(names[0], ensure_ascii=False) + ": "
+            return pc.fill_null(pc.binary_join_element_wise("{" + key, vals, "}", ""), "{}")
+    for name in names:
+        vals = _json_values(table.column(name).combine_chunks())
+        key = json.dumps(name, ensure_ascii=False) + ": "
+        if not pieces and vals.null_count == 0:
+            pieces += ["{" + key, vals]
+            opened = True
+        elif vals.null_count == 0:
+            pieces += [", " + key, vals]
+        else:
+            pieces.append(pc.fill_null(pc.binary_join_element_wise(", " + key, vals, ""), ""))
+    if not pieces:
         return pa.array(["{}"] * table.num_rows, type=pa.string()) if table.num_rows else pa.array([], pa.string())
-    joined = frags[0] if len(frags) == 1 else pc.binary_join_element_wise(*frags, "")
+    if opened:
+        return pc.binary_join_element_wise(*pieces, "}", "")
+    joined = pieces[0] if len(pieces) == 1 else pc.binary_join_element_wise(*pieces, "")
     return pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(joined, 2), "}", "")
 
 
@@ -235,16 +274,16 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     idx = np.flatnonzero(ascii_np)
     if len(idx):
         a = col if len(idx) == n else col.filter(ascii_)
-        normed = pc.utf8_trim(a if no_ws_runs else pc.replace_substring_regex(a, ASCII_WS_RE2, " "), " ")
-        nlen = pc.binary_length(normed).to_numpy(zero_copy_only=False)
-        alen = pc.binary_length(a).to_numpy(zero_copy_only=False)
+        normed = _trim_ascii(a if no_ws_runs else pc.replace_substring_regex(a, ASCII_WS_RE2, " "))
+        nlen = np.diff(string_buffers(normed)[0])
+        alen = np.diff(string_buffers(a)[0])
         ok = (nlen > 0) & (alen <= spec.max_chars)
-        for j in np.flatnonzero(~ok):
-            bad[int(idx[j])] = ("empty prompt" if nlen[j] == 0 else
-                                f"prompt too long ({int(alen[j])} > {spec.max_chars} chars)", None)
+        if not ok.all():
+            for j in np.flatnonzero(~ok):
+                bad[int(idx[j])] = ("empty prompt" if nlen[j] == 0 else
+                                    f"prompt too long ({int(alen[j])} > {spec.max_chars} chars)", None)
         good[idx[ok]] = True
-        hashes[idx[ok]] = hash_ascii(normed if ok.all() else normed.filter(pa.array(ok)),
-                                      spec.compiled_hash)
+        hashes[idx[ok]] = hash_ascii(normed if ok.all() else normed.filter(pa.array(ok)), spec.hash_kernel)
 
     # other strings: Python's own NFKC, per row
     idx = np.flatnonzero(valid_np & ~ascii_np)
@@ -282,11 +321,27 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         for i, (p, m) in override.items():
             pl[i], ml[i] = p, m
         b.prompt, b.metadata = pa.array(pl, pa.string()), pa.array(ml, pa.string())
+    need = [i for i in sorted(bad) if bad[i][1] is None]  # rows to show as the table has them
+    recs = dict(zip(need, table.take(pa.array(need, pa.int64())).to_pylist())) if need else {}
     for i in sorted(bad):
         reason, rec = bad[i]
-        raw = raw_repr(rec) if rec is not None else raw_repr(_row_dict(table, i))
-        b.reject(i, int(linenos[i]), reason, raw)
+        b.reject(i, int(linenos[i]), reason, raw_repr(rec if rec is not None else recs[i]))
     return b
+
+
+def _trim_ascii(a: pa.Array) -> pa.Array:
+    """``a`` without leading/trailing spaces (whitespace runs are single spaces by now); ``a``
+    itself when no string starts or ends with whitespace (the common case: no copy)."""
+    o, data = string_buffers(a)
+    lens = np.diff(o)
+    nz = lens > 0
+    if data is None or not nz.any():
+        return a
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.concatenate([o[:-1][nz], o[1:][nz] - 1])
+    if not _ASCII_WS[buf[ends]].any():
+        return a
+    return pc.utf8_trim(a, " ")
 
 
 def _row_dict(table: pa.Table, i: int) -> dict:

@@ -6,7 +6,6 @@ through the row-by-row reader, so its quarantine reasons are the reference ones.
 """
 from __future__ import annotations
 
-import io
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -19,49 +18,57 @@ from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.readers import parse_jsonl_line
 
 
-def _raw_blocks(stream, block_bytes: int) -> Iterator[tuple[bytes, int, bool]]:
-    """(block, number of its first line, is-last) cut at line ends."""
-    line0 = 1
+def _raw_blocks(stream, block_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """(block, is-last) cut at line ends."""
     carry = b""
     while True:
         data = stream.read(block_bytes)
         final = not data
-        block = carry + data
+        block = carry + data if carry else data
         if not final:
             cut = block.rfind(b"\n") + 1
             if cut == 0:
                 carry = block
                 continue
-            block, carry = block[:cut], block[cut:]
+            block, carry = (block[:cut], block[cut:]) if cut < len(block) else (block, b"")
         if block:
-            yield block, line0, final
-            line0 += block.count(b"\n")
+            yield block, final
         if final:
             return
 
 
-def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int = 8 << 20) -> Iterator[Batch]:
+_END = object()
+
+
+def prefetch(items: Iterator, depth: int = 2, name: str = "ingest-parse") -> Iterator:
+    """The items of ``items``, each made by one background thread up to ``depth`` ahead (reading
+    and parsing release the GIL, so they overlap the caller's work on the previous item)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
+        ahead = deque(pool.submit(next, items, _END) for _ in range(depth))
+        while True:
+            item = ahead.popleft().result()
+            if item is _END:
+                for f in ahead:
+                    f.result()
+                return
+            ahead.append(pool.submit(next, items, _END))
+            yield item
+
+
+def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int = 4 << 20) -> Iterator[Batch]:
     """Batches of a JSONL byte stream (UTF-8, \\n line ends), ``block_bytes`` at a time.
 
     One background thread reads and parses the next block (pyarrow releases the GIL) while
     the caller's thread checks, normalizes and hashes this one."""
-    raw = _raw_blocks(stream, block_bytes)
+    def parsed():
+        line0 = 1
+        for block, final in _raw_blocks(stream, block_bytes):
+            p = _parse_block(block, line0, final)
+            yield block, line0, final, p
+            line0 += p[4] if p is not None else block.count(b"\n")
 
-    def produce():
-        item = next(raw, None)
-        return None if item is None else (item, _parse_block(*item))
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-parse") as pool:
-        ahead = deque(pool.submit(produce) for _ in range(2))
-        while True:
-            got = ahead.popleft().result()
-            if got is None:
-                for f in ahead:
-                    f.result()
-                return
-            ahead.append(pool.submit(produce))
-            (block, line0, final), parsed = got
-            yield _finish_block(block, line0, final, parsed, src, spec, encoding)
+    for block, line0, final, p in prefetch(parsed()):
+        yield _finish_block(block, line0, final, p, src, spec, encoding)
 
 
 def _rows_of_lines(block: bytes, line0: int, final: bool, encoding: str):
@@ -81,7 +88,7 @@ def _rows_of_lines(block: bytes, line0: int, final: bool, encoding: str):
 def _read_json_block(block: bytes) -> pa.Table | None:
     """pyarrow.json, with strings it took for dates read back as the strings they are."""
     ropts = pajson.ReadOptions(use_threads=True, block_size=max(1 << 20, len(block) // 4 + 1))
-    table = pajson.read_json(io.BytesIO(block), read_options=ropts)
+    table = pajson.read_json(pa.BufferReader(block), read_options=ropts)
     dated = [f for f in table.schema if _is_temporal(f.type)]
     if not dated:
         return table
@@ -89,7 +96,7 @@ def _read_json_block(block: bytes) -> pa.Table | None:
         return None  # a date inside a nested value: the row reader keeps it as written
     popts = pajson.ParseOptions(explicit_schema=pa.schema([(f.name, pa.string()) for f in dated]),
                                 unexpected_field_behavior="infer")
-    return pajson.read_json(io.BytesIO(block), read_options=ropts, parse_options=popts)
+    return pajson.read_json(pa.BufferReader(block), read_options=ropts, parse_options=popts)
 
 
 def _is_temporal(t: pa.DataType) -> bool:
@@ -104,7 +111,7 @@ def _is_temporal(t: pa.DataType) -> bool:
 
 def _parse_block(block: bytes, line0: int, final: bool):
     """The part of a block's work that runs beside the caller: None when it must go row by row,
-    else (table, line numbers, all strings ASCII, no whitespace runs)."""
+    else (table, line numbers, all strings ASCII, no whitespace runs, line ends)."""
     # every string is ASCII when the bytes are and no \\u escape can make a non-ASCII char
     has_escape = b"\\" in block
     all_ascii = block.isascii() and not (has_escape and b"\\u" in block)
@@ -120,11 +127,53 @@ def _parse_block(block: bytes, line0: int, final: bool):
     if table is None:
         return None
     arr = np.frombuffer(block, np.uint8)
-    nl = np.flatnonzero(arr == 10)
-    linenos = _nonblank_linenos(block, arr, nl, line0)
+    sc = scan(arr)
+    n_nl, double_space = sc.n_nl, sc.double_space
+    linenos = _nonblank_linenos(block, arr, n_nl, sc.maybe_blank, line0)
     if table.num_rows != len(linenos):  # e.g. two objects on one line: let the row reader say so
         return None
-    return table, linenos, all_ascii, all_ascii and not has_escape and _no_ws_runs(arr, nl)
+    # A raw control byte inside a JSON string is an error for pyarrow.json (as for Python's
+    # json; the tests pin it), so in a block without escapes the only whitespace a string can
+    # hold is spaces, and only two in a row (looked for anywhere: a safe superset) need the
+    # collapsing pass.
+    return table, linenos, all_ascii, all_ascii and not has_escape and not double_space, n_nl
+
+
+class Scan:
+    """What one pass over a block's bytes tells: line ends, whether some line may be blank (one
+    starts with a byte <= 32), two spaces in a row somewhere, control bytes, CRs and CRLFs, and
+    whether some ``step`` bytes in a row hold no line end (a line may be longer than ``step``)."""
+    __slots__ = ("n_nl", "maybe_blank", "double_space", "n_ctrl", "n_cr", "n_crlf", "long_line")
+
+
+def scan(arr: np.ndarray, step: int = 1 << 16, count_ctrl: bool = False, count_cr: bool = False) -> Scan:
+    """One pass in cache-sized steps (temporaries of the whole block cost more in page faults
+    than the work); ``n_ctrl`` is counted only with ``count_ctrl``, ``n_cr`` and ``n_crlf``
+    only with ``count_cr``."""
+    out = Scan()
+    n_nl = n_ctrl = n_cr = n_crlf = 0
+    blank, double, long_line = bool(arr.size) and bool(arr[0] <= 32), False, False
+    for i in range(0, arr.size, step):
+        a = arr[i:i + step + 1]  # one byte of overlap for the pairs
+        nl = a == 10
+        k = int(np.count_nonzero(nl[:step]))
+        n_nl += k
+        long_line |= k == 0 and a.size > step
+        low = a <= 32
+        if not blank:
+            blank = bool(np.logical_and(nl[:-1], low[1:]).any())
+        sp = a == 32
+        if count_ctrl:
+            n_ctrl += int(np.count_nonzero(low[:step])) - int(np.count_nonzero(sp[:step]))
+        if count_cr:
+            cr = a[:step] == 13
+            n_cr += int(np.count_nonzero(cr))
+            n_crlf += int(np.count_nonzero(np.logical_and(cr[:a.size - 1], nl[1:])))
+        if not double:
+            double = bool(np.logical_and(sp[1:], sp[:-1]).any())
+    out.n_nl, out.maybe_blank, out.double_space, out.long_line = n_nl, blank, double, long_line
+    out.n_ctrl, out.n_cr, out.n_crlf = n_ctrl, n_cr, n_crlf
+    return out
 
 
 def jsonl_block(block: bytes, line0: int, final: bool, src: str, spec: Spec, encoding: str) -> Batch:
@@ -134,7 +183,7 @@ def jsonl_block(block: bytes, line0: int, final: bool, src: str, spec: Spec, enc
 def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
     if parsed is None:
         return rows_batch(src, _rows_of_lines(block, line0, final, encoding), spec)
-    table, linenos, all_ascii, no_ws_runs = parsed
+    table, linenos, all_ascii, no_ws_runs, _ = parsed
     nl = None
 
     def fallback(i: int):
@@ -149,24 +198,17 @@ def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
     return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs)
 
 
-def _no_ws_runs(arr: np.ndarray, nl: np.ndarray) -> bool:
-    """For a block without escapes: True when no JSON string in it can hold whitespace other than
-    single spaces (ends are trimmed anyway): no control byte but the line ends, no double space."""
-    if np.count_nonzero(arr < 32) != nl.size:
-        return False
-    return not np.any((arr[1:] == 32) & (arr[:-1] == 32))
-
-
-def _nonblank_linenos(block: bytes, arr: np.ndarray, nl: np.ndarray, line0: int) -> np.ndarray:
+def _nonblank_linenos(block: bytes, arr: np.ndarray, n_nl: int, maybe_blank: bool, line0: int) -> np.ndarray:
     """Line numbers of the lines of ``block`` that are not blank (pyarrow.json skips those)."""
+    n_lines = n_nl + (1 if len(block) and block[-1:] != b"\n" else 0)
+    lines = np.arange(line0, line0 + n_lines, dtype=np.int64)
+    if not maybe_blank:  # no line starts with a byte <= 32: none is blank
+        return lines
+    nl = np.flatnonzero(arr == 10)
     starts = np.concatenate([[0], nl + 1])
     if starts[-1] >= len(block):
         starts = starts[:-1]
-    first = arr[starts]
-    maybe = np.flatnonzero((first == 10) | (first == 13) | (first == 32) | (first == 9))
-    lines = np.arange(line0, line0 + len(starts), dtype=np.int64)
-    if not len(maybe):
-        return lines
+    maybe = np.flatnonzero(arr[starts] <= 32)
     ends = np.concatenate([nl, [len(block)]])
     blank = [k for k in maybe.tolist() if not block[starts[k]:ends[k]].strip()]
     return np.delete(lines, blank)

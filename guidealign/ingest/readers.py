@@ -4,7 +4,7 @@ A record is a dict; an error is a reason string for the quarantine table, worded
 user knows how to fix the file. Readers never raise on a bad row, only on a file that cannot
 be read at all (checked up front by ``check_readable``). Text inputs go through
 ``guidealign.encodings.open_utf8`` (compression, byte-order marks, encodings, line ends).
-The columnar fast path (``guidealign.ingest_batch``) falls back to these for blocks it
+The columnar fast path (``guidealign.ingest.batch``) falls back to these for blocks it
 cannot parse, so quarantine reasons are the same on both paths.
 """
 from __future__ import annotations
@@ -217,31 +217,42 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto") -> Ite
         except csv.Error as e:
             yield 1, None, f"the header line cannot be read as CSV: {e}"
             return
-        names = [h.replace("\ufeff", "").strip() for h in header]
-        held = None  # each row waits for the next one: the last row of a cut-off file is suspect
-        for row in _csv_rows(reader, names, delim, enc):
-            if held is not None:
-                yield held
-            held = row
-        err = read_error(stream)
-        if err and held is not None and held[2] is None:
-            yield held[0], held[1], f"the last row may be cut off: {err}"
-        elif held is not None:
+        yield from csv_body(reader, csv_names(header), delim, enc, stream)
+
+
+def csv_names(header: list[str]) -> list[str]:
+    return [h.replace("\ufeff", "").strip() for h in header]
+
+
+def csv_body(reader, names, delim, enc, stream, offset: int = 0) -> Iterator[Row]:
+    """The rows of ``reader`` up to the end of ``stream`` (``offset``: lines before the reader's
+    first line). The last row of a file cut off (``read_error``) is suspect, so it is held back
+    and quarantined with the reason."""
+    held = None  # each row waits for the next one: the last row of a cut-off file is suspect
+    for row in _csv_rows(reader, names, delim, enc, offset):
+        if held is not None:
             yield held
-        if err:
-            yield 0, None, err
+        held = row
+    err = read_error(stream)
+    if err and held is not None and held[2] is None:
+        yield held[0], held[1], f"the last row may be cut off: {err}"
+    elif held is not None:
+        yield held
+    if err:
+        yield 0, None, err
 
 
-def _csv_rows(reader, names, delim, enc) -> Iterator[Row]:
+def _csv_rows(reader, names, delim, enc, offset: int = 0) -> Iterator[Row]:
     while True:
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            yield reader.line_num, None, f"line {reader.line_num} cannot be read as CSV: {e}"
+            line = offset + reader.line_num
+            yield line, None, f"line {line} cannot be read as CSV: {e}"
             continue
-        line = reader.line_num
+        line = offset + reader.line_num
         if not row:
             continue
         rec = dict(zip(names, row))
@@ -312,6 +323,7 @@ def read_hf_dataset(path: Path, encoding: str = "auto") -> Iterator[Row]:
     return _rows_of(iter_hf_tables(path))
 
 
-# row-by-row readers by format (ingest itself reads JSONL, Parquet and datasets in columnar batches)
+# row-by-row readers by format (ingest itself reads JSONL, CSV, Parquet and datasets in columnar
+# batches, with these as the reference and the fallback)
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv,
            "parquet": read_parquet, "hf_dataset": read_hf_dataset}

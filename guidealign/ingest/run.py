@@ -5,23 +5,25 @@ Output columns: ``id`` (16 hex chars of a hash of the normalized prompt), ``prom
 Exact duplicates (same normalized prompt) are dropped and counted. Bad rows go to the
 quarantine table beside the shard they would have landed in, with file, row and reason.
 
-Rows are read, checked, normalized and hashed in columnar blocks (``ingest_batch``); a block
-that does not parse as a whole goes row by row, so quarantine reasons stay exact.
+Rows are read, checked, normalized and hashed in columnar blocks (``batch``: JSONL via
+``jsonl``, CSV via ``csvcol``, Parquet and `datasets` as they come); a block that does not parse
+as a whole goes row by row (``readers``), so quarantine reasons stay exact. Three threads share
+the work, each mostly in code that releases the GIL: one reads and parses the next blocks
+(pyarrow), the caller's checks, hashes (``blake2_llvm``) and de-duplicates this one, one builds
+and commits the finished shards (``commit``: Parquet, checksums, fsyncs, markers).
 
-Ingest is deterministic: the same inputs and config give the same shards, so after a
-crash it streams the inputs again and only writes the shards that are not committed.
-Memory stays flat: one block and one shard of rows, plus 8 bytes per distinct prompt for
-de-duplication (sorted uint64 runs).
+Ingest is deterministic: the same inputs and config give the same shards (whatever the block
+size, thread timing or hash kernel), so after a crash it streams the inputs again and only
+writes the shards that are not committed. Memory stays flat: a few blocks and shards of rows in
+flight, plus 8 bytes per distinct prompt for de-duplication (sorted uint64 runs).
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-import signal
+import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +34,13 @@ from tqdm import tqdm
 
 from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
 from guidealign.ingest.batch import Batch, Spec, arrow_batches, check_value, hex_ids, rows_batch
+from guidealign.ingest.commit import Pending, ShardWriter
+from guidealign.ingest.csvcol import csv_batches
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
 from guidealign.ingest.readers import (READERS, IngestError, check_readable, expand_inputs, find_prompt_key,
                                 iter_hf_tables, iter_parquet_tables)
-from guidealign.shards import fingerprint, is_done, write_manifest, write_shard
+from guidealign.shards import fingerprint, is_done, write_manifest
 from guidealign.config.ingest import IngestConfig
 from guidealign.shards.layout import marker_path, quarantine_path, shard_indices, shard_path
 
@@ -91,24 +95,35 @@ def prompt_of(rec: dict, cfg: IngestConfig) -> str | None:
     return rec.get(key) if key is not None else None
 
 
-def _spec(cfg: IngestConfig, compiled_hash: bool = False) -> Spec:
-    return Spec(cfg.prompt_field, tuple(cfg.prompt_aliases), cfg.max_chars, compiled_hash)
+def _spec(cfg: IngestConfig, hash_kernel: str = "hashlib") -> Spec:
+    return Spec(cfg.prompt_field, tuple(cfg.prompt_aliases), cfg.max_chars, hash_kernel)
 
 
-def _use_compiled_hash(cfg: IngestConfig, files: list[Path]) -> bool:
-    if cfg.hash_kernel not in ("auto", "numba", "hashlib"):
-        raise IngestError(f"ingest.hash_kernel must be auto, numba or hashlib, got {cfg.hash_kernel!r}")
-    if cfg.hash_kernel == "hashlib":
-        return False
-    if cfg.hash_kernel == "auto" and sum(p.stat().st_size for p in files if p.is_file()) < 64 << 20:
-        return False
-    from guidealign.ingest.batch import _numba_kernel
+# inputs smaller than this are hashed with hashlib under hash_kernel=auto: loading the
+# compiled kernel (~0.1 s, the first run on a machine ~0.5 s) costs more than it saves
+AUTO_KERNEL_BYTES = 16 << 20
 
-    if _numba_kernel() is None:
-        if cfg.hash_kernel == "numba":
-            raise IngestError("ingest.hash_kernel=numba needs numba installed (pip install numba)")
-        return False
-    return True
+
+def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
+    """The hash kernel this run uses: "hashlib" or "llvm" (both give the same ids)."""
+    want = cfg.hash_kernel
+    if want not in ("auto", "llvm", "hashlib"):
+        raise IngestError(f"ingest.hash_kernel must be auto, llvm or hashlib, got {want!r}")
+    if want == "hashlib":
+        return "hashlib"
+    if want == "auto" and sum(p.stat().st_size for p in files if p.is_file()) < AUTO_KERNEL_BYTES:
+        return "hashlib"
+    from guidealign.ingest.blake2_llvm import available
+
+    if not available():
+        if want == "llvm":
+            raise IngestError("ingest.hash_kernel=llvm needs llvmlite installed (pip install llvmlite)")
+        return "hashlib"
+    # load (or the first time on this machine, compile) the kernel while the first block is read
+    from guidealign.ingest.batch import _llvm_kernel
+
+    threading.Thread(target=_llvm_kernel, name="ingest-kernel", daemon=True).start()
+    return "llvm"
 
 
 class HashSet:
@@ -137,13 +152,20 @@ class HashSet:
     def add_new(self, h: np.ndarray) -> np.ndarray:
         """Mask of the hashes in ``h`` (in order) that were not in the set (first occurrence
         within ``h`` counts as new); adds them."""
-        new = np.zeros(h.size, dtype=bool)
         if not h.size:
-            return new
-        uniq, first = np.unique(h, return_index=True)
-        fresh = ~self.contains(uniq) if self.runs else np.ones(uniq.size, dtype=bool)
-        new[first[fresh]] = True
-        run = uniq[fresh]  # np.unique output is sorted
+            return np.zeros(0, dtype=bool)
+        s = np.sort(h)  # no argsort: positions only for the few values seen before or repeated
+        rep = s[1:] == s[:-1]
+        run = s[np.concatenate([[True], ~rep])] if rep.any() else s
+        seen = self.contains(run) if self.runs else np.zeros(run.size, dtype=bool)
+        new = ~_isin_sorted(h, run[seen])
+        if rep.any():  # repeats within h: the first occurrence is new, the others are not
+            cand = np.flatnonzero(_isin_sorted(h, np.unique(s[1:][rep])) & new)
+            first = np.unique(h[cand], return_index=True)[1]
+            later = np.ones(cand.size, dtype=bool)
+            later[first] = False
+            new[cand[later]] = False
+        run = run[~seen]
         if run.size:
             self.runs.append(run)
             while (len(self.runs) > 1 and self.runs[-1].size * 2 >= self.runs[-2].size
@@ -156,28 +178,50 @@ class HashSet:
         return new
 
 
+def _isin_sorted(h: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mask of the entries of ``h`` that are in the sorted array ``values`` (few, usually).
+
+    The hashes are uniform, so a table of their top bits rules out most of ``h`` in one cheap
+    gather; only the rest is binary-searched."""
+    if not values.size:
+        return np.zeros(h.size, dtype=bool)
+    bits = min(20, max(12, int(values.size).bit_length() + 4))
+    shift = np.uint64(64 - bits)
+    table = np.zeros(1 << bits, dtype=bool)
+    table[values >> shift] = True
+    out = table[h >> shift]
+    cand = np.flatnonzero(out)
+    if cand.size:
+        hc = h[cand]
+        j = np.searchsorted(values, hc)
+        j[j == values.size] = 0
+        out[cand] = values[j] == hc
+    return out
+
+
 class _Shards:
-    """Cuts the stream of kept rows into shards of ``shard_rows`` and commits them in order."""
+    """Cuts the stream of kept rows into shards of ``shard_rows`` and commits them in order.
+
+    A shard's rows stay as references into their blocks (``parts``) until the writer thread
+    builds the table (ids, sources, the kept prompts) and commits it (``commit.ShardWriter``)."""
 
     def __init__(self, dst: Path, run_fp: str, cfg: IngestConfig, rep: IngestReport):
         self.dst, self.run_fp, self.size, self.rep = dst, run_fp, cfg.shard_rows, rep
         self.kept = 0              # rows kept so far (all shards)
-        self.parts: list[pa.Table] = []
+        self.parts: list[tuple] = []
         self.n_rows = 0
         self.bad: list[pa.Table] = []
         self.dups = 0
         self.t0 = time.perf_counter()
         self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-        # shards are written by one background thread (Parquet encoding, fsync and checksums
-        # release the GIL), in order, while the next block is parsed; at most 2 wait
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-write")
-        self.pending: deque = deque()
+        self.writer: ShardWriter | None = None  # started with the first shard to write
 
     def add(self, b: Batch, seen: HashSet) -> None:
         rep = self.rep
         rep.rows_in += b.n_in
         new = seen.add_new(b.hashes)
-        kept_pos = b.pos[new]
+        all_new = bool(new.all())
+        kept_pos = b.pos if all_new else b.pos[new]
         dup_pos = b.pos[~new]
         rep.duplicates += int(dup_pos.size)
         if b.bad_reason:
@@ -187,35 +231,30 @@ class _Shards:
                 rep.reasons[k] = rep.reasons.get(k, 0) + 1
         # the shard a dropped row belongs to: the one being filled when it was read
         dup_shard = (self.kept + np.searchsorted(kept_pos, dup_pos)) // self.size
-        bad_pos = np.asarray(b.bad_pos, dtype=np.int64)
-        bad_shard = (self.kept + np.searchsorted(kept_pos, bad_pos)) // self.size
-        bad_tab = pa.table({"source": pa.array([b.src] * len(bad_pos), pa.string()),
-                            "row": pa.array(b.bad_row, pa.int64()),
-                            "reason": pa.array(b.bad_reason, pa.string()),
-                            "raw": pa.array(b.bad_raw, pa.string())}, schema=QUARANTINE_SCHEMA)
-        rows = None
-        if kept_pos.size:
-            at = b.at[new]
-            if at.size == len(b.prompt) and at[0] == 0 and at[-1] == at.size - 1:
-                prompt, meta = b.prompt, b.metadata  # every row kept: no copy
-            else:
-                sel = pa.array(at)
-                prompt, meta = b.prompt.take(sel), b.metadata.take(sel)
-            src = pa.scalar(f"{b.src}:", pa.string())
-            rows = pa.table({"id": hex_ids(b.hashes[new]), "prompt": prompt,
-                             "source": pc.binary_join_element_wise(
-                                 src, pa.array(b.lineno[new]).cast(pa.string()), ""),
-                             "metadata": meta}, schema=PROMPT_SCHEMA)
+        bad_tab = bad_shard = None
+        if b.bad_pos:
+            bad_pos = np.asarray(b.bad_pos, dtype=np.int64)
+            bad_shard = (self.kept + np.searchsorted(kept_pos, bad_pos)) // self.size
+            bad_tab = pa.table({"source": pa.array([b.src] * len(bad_pos), pa.string()),
+                                "row": pa.array(b.bad_row, pa.int64()),
+                                "reason": pa.array(b.bad_reason, pa.string()),
+                                "raw": pa.array(b.bad_raw, pa.string())}, schema=QUARANTINE_SCHEMA)
+        at = b.at if all_new else b.at[new]
+        hashes = b.hashes if all_new else b.hashes[new]
+        lineno = b.lineno if all_new else b.lineno[new]
         start = 0
         while True:
             cur = self.kept // self.size
-            self.dups += int(np.count_nonzero(dup_shard == cur))
-            m = bad_shard == cur
-            if m.any():
-                self.bad.append(bad_tab.filter(pa.array(m)))
+            if dup_shard.size:
+                self.dups += int(np.count_nonzero(dup_shard == cur))
+            if bad_shard is not None:
+                m = bad_shard == cur
+                if m.any():
+                    self.bad.append(bad_tab.filter(pa.array(m)))
             take = min(self.size - self.n_rows, kept_pos.size - start)
             if take > 0:
-                self.parts.append(rows.slice(start, take))
+                sl = slice(start, start + take)
+                self.parts.append((b.src, b.prompt, b.metadata, at[sl], hashes[sl], lineno[sl]))
                 self.n_rows += take
                 self.kept += take
                 start += take
@@ -230,13 +269,16 @@ class _Shards:
         if is_done(self.dst, i, fp):
             rep.skipped += 1
         else:
-            table = pa.concat_tables(self.parts) if self.parts else PROMPT_SCHEMA.empty_table()
-            quarantine = pa.concat_tables(self.bad) if self.bad else None
             rep.written += 1
-            while len(self.pending) >= 2:
-                self.pending.popleft().result()
-            self.pending.append(self.pool.submit(self._write, i, table, fp, quarantine, self.t0,
-                                                 self.dups, rep.written))
+            if self.writer is None:
+                # shards queue up (and are then committed as one group) only while the writer is
+                # behind, e.g. on a file system with slow fsyncs; at most ~100k rows wait
+                pending = max(2, min(8, 100_000 // self.size))
+                self.writer = ShardWriter(self.dst, max_pending=pending, max_group=pending + 1,
+                                          kill_after=self.kill_after)
+            parts, bad = self.parts, self.bad
+            self.writer.submit(Pending(i, fp, lambda: (_shard_table(parts), _concat(bad)),
+                                       time.perf_counter() - self.t0, {"duplicates": self.dups}))
         rep.rows += self.n_rows
         rep.shards += 1
         self.parts, self.bad, self.n_rows, self.dups = [], [], 0, 0
@@ -246,23 +288,35 @@ class _Shards:
             # between times the pool reuses them, so RSS stays flat either way
             pa.default_memory_pool().release_unused()
 
-    def _write(self, i, table, fp, quarantine, t0, dups, n_written) -> None:
-        write_shard(self.dst, i, table, fp, quarantine=quarantine,
-                    seconds=time.perf_counter() - t0, stats={"duplicates": dups})
-        if self.kill_after and n_written >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def finish(self) -> None:
         if self.n_rows or self.bad or self.rep.shards == 0:
             self.flush()
         self.close()
 
     def close(self) -> None:
-        try:
-            while self.pending:
-                self.pending.popleft().result()
-        finally:
-            self.pool.shutdown(wait=True)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table | None:
+    return pa.concat_tables(tables) if tables else None
+
+
+def _shard_table(parts: list[tuple]) -> pa.Table:
+    """The shard's rows from its parts (src, block prompts, block metadata, rows kept, hashes,
+    line numbers); runs in the writer thread."""
+    tables = []
+    for src, prompt, meta, at, hashes, lineno in parts:
+        if at.size and at[-1] - at[0] == at.size - 1:  # consecutive rows: no copy
+            prompt, meta = prompt.slice(int(at[0]), at.size), meta.slice(int(at[0]), at.size)
+        else:
+            sel = pa.array(at)
+            prompt, meta = prompt.take(sel), meta.take(sel)
+        source = pc.binary_join_element_wise(pa.scalar(f"{src}:", pa.string()),
+                                             pa.array(lineno).cast(pa.string()), "")
+        tables.append(pa.table({"id": hex_ids(hashes), "prompt": prompt, "source": source,
+                                "metadata": meta}, schema=PROMPT_SCHEMA))
+    return pa.concat_tables(tables) if tables else PROMPT_SCHEMA.empty_table()
 
 
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
@@ -285,9 +339,10 @@ def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: S
         yield from arrow_batches(src, iter_parquet_tables(path), spec)
     elif fmt == "hf_dataset":
         yield from arrow_batches(src, iter_hf_tables(path), spec)
+    elif fmt == "csv":
+        yield from csv_batches(path, src, spec, cfg.encoding, cfg.delimiter, cfg.block_bytes)
     else:
-        kw = {"delimiter": cfg.delimiter} if fmt == "csv" else {}
-        rows = READERS[fmt](path, cfg.encoding, **kw)
+        rows = READERS[fmt](path, cfg.encoding)
         while True:
             chunk = [r for _, r in zip(range(65536), rows)]
             if not chunk:
@@ -322,7 +377,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     t0 = time.perf_counter()
     seen = HashSet()
     out = _Shards(dst, run_fp, cfg, rep)
-    spec = _spec(cfg, _use_compiled_hash(cfg, files))
+    spec = _spec(cfg, _hash_kernel(cfg, files))
     bar = tqdm(unit="rows", desc="ingest", disable=not progress, mininterval=1.0)
     try:
         for path, fmt in zip(files, formats):

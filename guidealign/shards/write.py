@@ -22,7 +22,7 @@ def torch_threads() -> int:
     return int(torch.get_num_threads()) if torch is not None else 0
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
@@ -45,7 +45,7 @@ def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -57,7 +57,7 @@ def write_json_atomic(path: str | Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_shard(
