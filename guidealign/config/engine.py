@@ -34,6 +34,12 @@ class EngineConfig:
     enforce_eager: bool | None = None
     seed: int = 0
     enable_prefix_caching: bool = True
+    # KV-cache block size in tokens; None = 32 on the CPU (the smallest vLLM's CPU attention
+    # takes; its own default is 128), vLLM's default on GPUs (16). Prefix caching reuses whole
+    # blocks only, so the part of a shared few-shot prefix past its last full block is computed
+    # again for every prompt. Measured on the CPU (32 held-out prompts, detect few-shot prefix
+    # of ~2.3k tokens): 32 instead of 128 made score mode 1.8x and rationale mode 1.5x faster.
+    block_size: int | None = None
     # CPU only: KV-cache size in GiB (vLLM otherwise asks for most of the RAM).
     cpu_kvcache_gib: int = 1
     # CPU only: cores the OpenMP threads are bound to, "auto" = all cores this process may use.

@@ -74,6 +74,10 @@ def engine_isolation():
             torch.set_num_threads = torch._C.set_num_threads
 
 
+# the smallest KV block vLLM's CPU attention accepts (its default, 128, wastes prefix-cache hits)
+CPU_BLOCK_SIZE = 32
+
+
 def build_llm(cfg: EngineConfig):
     """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)
     with its engine core in a process of its own (see :func:`engine_isolation`)."""
@@ -101,6 +105,9 @@ def build_llm(cfg: EngineConfig):
             max_num_seqs=cfg.max_num_seqs,
             disable_log_stats=False,
         )
+        block = cfg.block_size or (CPU_BLOCK_SIZE if cpu else None)
+        if block:
+            kwargs["block_size"] = block
         if not cpu:
             kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization)
