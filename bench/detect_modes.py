@@ -3,6 +3,7 @@
     python bench/detect_modes.py                       # 64 held-out prompts per class
     python bench/detect_modes.py --short               # 16 per class (./run.sh bench)
     python bench/detect_modes.py --write-threshold configs/detect-threshold.json
+    python bench/detect_modes.py --short --block-size 128   # vLLM's own CPU block size
 
 Labelled prompts from ../shared/benchmarks (skipped cleanly when absent): Do-Not-Answer as
 risky; Vicuna-Bench and the HHH prompts as not risky, except HHH's "harmless" subset, whose
@@ -88,7 +89,15 @@ def make_cfg(args, mode: str):
         f"engine.cpu_kvcache_gib={args.kv_gib}",
         f"detect.mode={mode}", f"detect.sampling.temperature={args.temperature}",
         f"detect.sampling.max_tokens={args.max_tokens}",
-    ] + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else []))
+    ] + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else [])
+      + ([f"engine.block_size={args.block_size}"] if args.block_size else []))
+
+
+def llm_block(llm) -> str:
+    try:
+        return str(llm.llm_engine.vllm_config.cache_config.block_size)
+    except AttributeError:
+        return "?"
 
 
 def run_mode(cfg, llm, prompts: list[str]) -> tuple[list[dict], float]:
@@ -121,6 +130,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-exemplars", type=int, default=None)
     ap.add_argument("--kv-gib", type=int, default=2)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV block size (engine.block_size; default: the engine's, 32 on the CPU)")
     ap.add_argument("--temperature", type=float, default=0.0, help="rationale mode (0: greedy)")
     ap.add_argument("--max-tokens", type=int, default=160, help="rationale mode (demo recipe: 160)")
     ap.add_argument("--write-threshold", help="write the calibrated threshold here (detect.threshold_file)")
@@ -182,7 +193,7 @@ def main() -> None:
 
     print(f"detect modes: {len(held)} held-out prompts ({n_r} Do-Not-Answer risky, {len(held) - n_r} "
           f"Vicuna/HHH benign), seed {args.seed}, dtype {args.dtype}; rationale T={args.temperature} "
-          f"max_tokens={args.max_tokens}")
+          f"max_tokens={args.max_tokens}; KV block {llm_block(llm)}")
     print(f"  threshold (calibrated on {len(r_cal)}+{len(b_cal)} other prompts): {threshold:.4f}")
     for m in ("score", "rationale"):
         r = res[m]

@@ -37,8 +37,8 @@ class EngineConfig:
     # KV-cache block size in tokens; None = 32 on the CPU (the smallest vLLM's CPU attention
     # takes; its own default is 128), vLLM's default on GPUs (16). Prefix caching reuses whole
     # blocks only, so the part of a shared few-shot prefix past its last full block is computed
-    # again for every prompt. Measured on the CPU (32 held-out prompts, detect few-shot prefix
-    # of ~2.3k tokens): 32 instead of 128 made score mode 1.8x and rationale mode 1.5x faster.
+    # again for every prompt. On the CPU, detect's score mode ran ~3x faster with 32 than with
+    # 128 (bench/detect_modes.py --short, with and without --block-size 128; README figures).
     block_size: int | None = None
     # CPU only: KV-cache size in GiB (vLLM otherwise asks for most of the RAM).
     cpu_kvcache_gib: int = 1
