@@ -130,12 +130,13 @@ class ShardWriter:
                     stop = True
                     break
                 group.append(nxt)
+            # after an error, later items are taken and dropped, so a caller blocked in
+            # submit() wakes up and sees the error
             if self.error is None:
                 try:
                     self._commit(group)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     self.error = e
-        # drain (the caller may still be blocked in put after an error)
 
     def _commit(self, group: list[Pending]) -> None:
         dst = self.dst
