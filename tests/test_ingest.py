@@ -8,6 +8,7 @@ import hashlib
 import json
 import lzma
 import os
+import random
 import re
 import signal
 import unicodedata
@@ -540,9 +541,13 @@ def test_llvm_blake2b_equals_hashlib(tmp_path):
     from guidealign.ingest.blake2_llvm import blake2b64
 
     msgs = [os.urandom(n) for n in list(range(0, 300)) + [383, 384, 385, 1000, 5000]]
-    offsets = np.cumsum([0] + [len(m) for m in msgs])
-    got = blake2b64(offsets, np.frombuffer(b"".join(msgs), np.uint8))
-    assert got.tolist() == [int.from_bytes(hashlib.blake2b(m, digest_size=8).digest(), "little") for m in msgs]
+    # in order (neighbours of similar length share a 4-lane group) and shuffled (a 5000-byte
+    # message beside empty ones); 305 messages: the last group has spare lanes
+    for order in (msgs, random.Random(0).sample(msgs, len(msgs))):
+        offsets = np.cumsum([0] + [len(m) for m in order])
+        got = blake2b64(offsets, np.frombuffer(b"".join(order), np.uint8))
+        assert got.tolist() == [int.from_bytes(hashlib.blake2b(m, digest_size=8).digest(), "little")
+                                for m in order]
     assert blake2b64(np.zeros(3, np.int64), np.zeros(0, np.uint8)).tolist() == \
         [int.from_bytes(hashlib.blake2b(b"", digest_size=8).digest(), "little")] * 2
     f = tmp_path / "a.jsonl"
@@ -742,7 +747,7 @@ def test_block_scan_counts_match_bytes_methods():
 
     import numpy as np
 
-    from guidealign.ingest.jsonl import scan
+    from guidealign.ingest.blocks import scan
 
     rng = random.Random(0)
     for _ in range(300):
@@ -775,3 +780,52 @@ def test_metadata_column_equals_meta_json():
         rng.shuffle(order)
         got = metadata_column(pa.table({k: cols[k] for k in order}), "prompt").to_pylist()
         assert got == [meta_json({k: cols[k][i] for k in order}, "prompt") for i in range(6)]
+
+
+# --- Arrow arrays built without pyarrow's pandas shim -------------------------------------------
+
+def test_arrow_helpers_equal_pyarrow_conversions():
+    """str_arrow/int_arrow/bool_arrow/bool_numpy give what pa.array / to_numpy give."""
+    import numpy as np
+    import pyarrow as pa
+
+    from guidealign.ingest.arrays import bool_arrow, bool_numpy, int_arrow, lit, str_arrow
+
+    for vals in ([], ["a"], ["", None, "héllo wörld", "日本", "x" * 1000], [None, None]):
+        got = str_arrow(vals)
+        assert got.equals(pa.array(vals, pa.string())) and got.to_pylist() == vals
+    assert int_arrow(np.array([3, -1, 2**40])).to_pylist() == [3, -1, 2**40]
+    assert int_arrow([]).to_pylist() == []
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 100):
+        mask = rng.random(n + 11) < 0.5
+        assert bool_arrow(mask).to_pylist() == mask.tolist()
+        for off in (0, 1, 3, 9):  # a slice starts inside a byte of the bitmap
+            sliced = pa.array(mask.tolist()).slice(off, n)
+            assert bool_numpy(sliced).tolist() == mask[off:off + n].tolist()
+    with pytest.raises(ValueError):
+        bool_numpy(pa.array([True, None]))
+    assert lit("x").as_py() == "x" and lit(False).as_py() is False
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate: pyarrow's own error
+        str_arrow(["\ud800"])
+
+
+def test_ingest_cli_never_imports_pandas(tmp_path):
+    """pandas costs ~0.35 s of every ingest run and ingest needs none of it: the columnar paths
+    (JSONL, CSV, bad rows, non-ASCII prompts, a prompt under another key, quarantine) run
+    without pyarrow's pandas shim pulling it in."""
+    pytest.importorskip("pandas")  # else the check below could not fail
+    j = tmp_path / "a.jsonl"
+    j.write_text('{"prompt": "héllo  wörld", "x": null}\n{"prompt": null, "question": "q?"}\n'
+                 'not json\n{"prompt": "a\\u00e9  b", "k": [1, 2]}\n{"prompt": "", "y": true}\n'
+                 + "".join(f'{{"prompt": "row {i} text", "n": {i}}}\n' for i in range(50)))
+    c = tmp_path / "b.csv"
+    c.write_text("prompt,n\n" + "".join(f"csv row {i},{i}\n" for i in range(50)) + ",7\n")
+    code = ("import sys\nfrom guidealign.cli import main\n"
+            f"sys.argv = ['guidealign', 'ingest', {str(j)!r}, {str(c)!r}, '-w', {str(tmp_path / 'w')!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('PANDAS', 'pandas' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "quarantined" in out.stdout + out.stderr
+    assert "PANDAS False" in out.stdout, out.stdout[-500:]

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guidealign.core.ids import normalize, prompt_hash
+from guidealign.ingest.arrays import affix, bool_numpy, int_arrow, lit, str_arrow
 from guidealign.ingest.readers import find_prompt_key, norm_key
 
 # a run of Python's \s restricted to ASCII, matched only where it is not already one space
@@ -41,9 +42,6 @@ ASCII_WS_RE2 = r"[\t\n\x0b\x0c\r\x1c-\x1f]" + _WS + "*| " + _WS + "+"
 _JSON_ESCAPE_RE2 = r'[\x00-\x1f\\"]'
 # the two hex digits of each byte value, as one uint16 (memory order = text order)
 _HEX16 = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), dtype=np.uint16)
-# Python's \s in ASCII: where a trimmed prompt may start or end
-_ASCII_WS = np.zeros(256, dtype=bool)
-_ASCII_WS[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 
 
 @dataclass
@@ -137,9 +135,9 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
         metas.append(meta_json(rec, key))
         hashes.append(prompt_hash(p))
         pos.append(i)
-    b.prompt = pa.array(prompts, type=pa.string())
+    b.prompt = str_arrow(prompts)
     b.lineno = np.array(linenos, dtype=np.int64)
-    b.metadata = pa.array(metas, type=pa.string())
+    b.metadata = str_arrow(metas)
     b.hashes = np.frombuffer(b"".join(hashes), dtype="<u8").astype(np.uint64) if hashes \
         else np.empty(0, np.uint64)
     b.pos = np.array(pos, dtype=np.int64)
@@ -157,22 +155,36 @@ def string_buffers(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
     return o.astype(np.int64), data
 
 
-def hash_ascii(arr: pa.Array, kernel: str = "hashlib") -> np.ndarray:
-    """blake2b-64 of each string's bytes: hashlib in a loop (no str objects), or a compiled
-    kernel (``llvm``: blake2_llvm; the same digests, without the GIL)."""
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = arr.cast(pa.string())
-    o, data = string_buffers(arr)
+def hash_spans(starts: np.ndarray, ends: np.ndarray, data: pa.Buffer | None, kernel: str = "hashlib") -> np.ndarray:
+    """blake2b-64 of each byte span ``data[starts[i]:ends[i]]``: hashlib in a loop (no str
+    objects), or a compiled kernel (``llvm``: blake2_llvm; the same digests, without the GIL)."""
     if kernel == "llvm" and _llvm_kernel() is not None:
-        from guidealign.ingest.blake2_llvm import blake2b64_buffers
+        from guidealign.ingest.blake2_llvm import blake2b64_spans
 
-        keep = data if data is not None and data.size else _EMPTY  # noqa: F841 - alive during the call
-        return blake2b64_buffers(o, keep.address)
-    o = o.tolist()
+        keep = data if data is not None and data.size else _EMPTY  # alive during the call
+        return blake2b64_spans(starts, ends, keep.address)
     mv = memoryview(data) if data is not None else memoryview(b"")
     b2 = hashlib.blake2b
-    out = b"".join([b2(mv[o[i]:o[i + 1]], digest_size=8).digest() for i in range(len(arr))])
+    out = b"".join([b2(mv[i:j], digest_size=8).digest() for i, j in zip(starts.tolist(), ends.tolist())])
     return np.frombuffer(out, dtype="<u8").astype(np.uint64)
+
+
+def trimmed_spans(a: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Buffer | None]:
+    """(starts, ends, data) of the strings of ``a`` without a leading and a trailing space, for
+    strings whose only whitespace is single spaces (after the collapsing pass, or where the
+    block has no other): the normalized prompt's bytes, without copying any."""
+    o, data = string_buffers(a)
+    starts, ends = o[:-1].copy(), o[1:].copy()
+    if data is None or not len(a):
+        return starts, ends, data
+    buf = np.frombuffer(data, dtype=np.uint8)
+    nz = np.flatnonzero(ends > starts)
+    lead = nz[buf[starts[nz]] == 32]
+    starts[lead] += 1
+    nz = np.flatnonzero(ends > starts)
+    trail = nz[buf[ends[nz] - 1] == 32]
+    ends[trail] -= 1
+    return starts, ends, data
 
 
 _EMPTY = pa.py_buffer(b"\0")
@@ -206,45 +218,35 @@ def _json_values(arr: pa.Array) -> pa.Array:
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         if not pc.any(pc.match_substring_regex(arr, _JSON_ESCAPE_RE2)).as_py():
-            return pc.binary_join_element_wise('"', arr.cast(pa.string()), '"', "")
+            return affix(arr.cast(pa.string()), '"', '"')
     elif pa.types.is_integer(t):
         return arr.cast(pa.string())
     elif pa.types.is_boolean(t):
-        return pc.if_else(arr, "true", "false")
+        return pc.if_else(arr, lit("true"), lit("false"))
     elif pa.types.is_null(t):
         return pa.nulls(len(arr), pa.string())
     vals = [None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in arr.to_pylist()]
-    return pa.array(vals, type=pa.string())
+    return str_arrow(vals)
 
 
 def metadata_column(table: pa.Table, skip: str) -> pa.Array:
     """The other columns as a JSON object per row, null values left out (as ``meta_json``).
 
-    One string join for the usual case (no nulls in the first column): '{"k": ' v1 ', "k2": ' v2 '}'."""
-    pieces: list = []
-    opened = False  # the first piece starts every row's object (its column has no nulls)
+    One column (the usual case): '{"k": ' v '}', or '{}' where v is null. More: each column's
+    ', "k": v' (or '' where null), joined, the first ', ' replaced by '{', then '}'."""
     names = [c for c in table.column_names if c != skip]
-    if len(names) == 1:  # one other column, with nulls: '{"k": v}' or '{}'
-        vals = _json_values(table.column(names[0]).combine_chunks())
-        if vals.null_count:
-            key = json.dumps(names[0], ensure_ascii=False) + ": "
-            return pc.fill_null(pc.binary_join_element_wise("{" + key, vals, "}", ""), "{}")
-    for name in names:
-        vals = _json_values(table.column(name).combine_chunks())
-        key = json.dumps(name, ensure_ascii=False) + ": "
-        if not pieces and vals.null_count == 0:
-            pieces += ["{" + key, vals]
-            opened = True
-        elif vals.null_count == 0:
-            pieces += [", " + key, vals]
-        else:
-            pieces.append(pc.fill_null(pc.binary_join_element_wise(", " + key, vals, ""), ""))
-    if not pieces:
-        return pa.array(["{}"] * table.num_rows, type=pa.string()) if table.num_rows else pa.array([], pa.string())
-    if opened:
-        return pc.binary_join_element_wise(*pieces, "}", "")
-    joined = pieces[0] if len(pieces) == 1 else pc.binary_join_element_wise(*pieces, "")
-    return pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(joined, 2), "}", "")
+    if not names:
+        return str_arrow(["{}"] * table.num_rows)
+    cols = [(json.dumps(name, ensure_ascii=False) + ": ", _json_values(table.column(name).combine_chunks()))
+            for name in names]
+    if len(cols) == 1:
+        key, vals = cols[0]
+        out = affix(vals, "{" + key, "}")
+        return pc.fill_null(out, lit("{}")) if vals.null_count else out
+    pieces = [affix(vals, ", " + key) for key, vals in cols]
+    pieces = [pc.fill_null(p, lit("")) if p.null_count else p for p in pieces]
+    joined = pc.binary_join_element_wise(*pieces, lit(""))
+    return affix(pc.utf8_slice_codeunits(joined, 2), "{", "}")
 
 
 def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
@@ -266,16 +268,15 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     override: dict[int, tuple[str, str]] = {}  # fallback rows that are good: (prompt, metadata)
 
     valid = col.is_valid()
-    ascii_ = valid if all_ascii else pc.and_(valid, pc.fill_null(pc.string_is_ascii(col), False))
-    ascii_np = ascii_.to_numpy(zero_copy_only=False)
-    valid_np = valid.to_numpy(zero_copy_only=False)
+    ascii_ = valid if all_ascii else pc.and_(valid, pc.fill_null(pc.string_is_ascii(col), lit(False)))
+    ascii_np, valid_np = bool_numpy(ascii_), bool_numpy(valid)
 
     # pure ASCII: NFKC is the identity; collapse whitespace, strip, check, hash
     idx = np.flatnonzero(ascii_np)
     if len(idx):
         a = col if len(idx) == n else col.filter(ascii_)
-        normed = _trim_ascii(a if no_ws_runs else pc.replace_substring_regex(a, ASCII_WS_RE2, " "))
-        nlen = np.diff(string_buffers(normed)[0])
+        starts, ends, data = trimmed_spans(a if no_ws_runs else pc.replace_substring_regex(a, ASCII_WS_RE2, " "))
+        nlen = ends - starts
         alen = np.diff(string_buffers(a)[0])
         ok = (nlen > 0) & (alen <= spec.max_chars)
         if not ok.all():
@@ -283,12 +284,14 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
                 bad[int(idx[j])] = ("empty prompt" if nlen[j] == 0 else
                                     f"prompt too long ({int(alen[j])} > {spec.max_chars} chars)", None)
         good[idx[ok]] = True
-        hashes[idx[ok]] = hash_ascii(normed if ok.all() else normed.filter(pa.array(ok)), spec.hash_kernel)
+        if not ok.all():
+            starts, ends = starts[ok], ends[ok]
+        hashes[idx[ok]] = hash_spans(starts, ends, data, spec.hash_kernel)
 
     # other strings: Python's own NFKC, per row
     idx = np.flatnonzero(valid_np & ~ascii_np)
     if len(idx):
-        for i, p in zip(idx.tolist(), col.take(pa.array(idx)).to_pylist()):
+        for i, p in zip(idx.tolist(), col.take(int_arrow(idx)).to_pylist()):
             err = check_value(p, key, spec)
             if err is None:
                 good[i] = True
@@ -320,28 +323,13 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         pl, ml = b.prompt.to_pylist(), b.metadata.to_pylist()
         for i, (p, m) in override.items():
             pl[i], ml[i] = p, m
-        b.prompt, b.metadata = pa.array(pl, pa.string()), pa.array(ml, pa.string())
+        b.prompt, b.metadata = str_arrow(pl), str_arrow(ml)
     need = [i for i in sorted(bad) if bad[i][1] is None]  # rows to show as the table has them
-    recs = dict(zip(need, table.take(pa.array(need, pa.int64())).to_pylist())) if need else {}
+    recs = dict(zip(need, table.take(int_arrow(need)).to_pylist())) if need else {}
     for i in sorted(bad):
         reason, rec = bad[i]
         b.reject(i, int(linenos[i]), reason, raw_repr(rec if rec is not None else recs[i]))
     return b
-
-
-def _trim_ascii(a: pa.Array) -> pa.Array:
-    """``a`` without leading/trailing spaces (whitespace runs are single spaces by now); ``a``
-    itself when no string starts or ends with whitespace (the common case: no copy)."""
-    o, data = string_buffers(a)
-    lens = np.diff(o)
-    nz = lens > 0
-    if data is None or not nz.any():
-        return a
-    buf = np.frombuffer(data, dtype=np.uint8)
-    ends = np.concatenate([o[:-1][nz], o[1:][nz] - 1])
-    if not _ASCII_WS[buf[ends]].any():
-        return a
-    return pc.utf8_trim(a, " ")
 
 
 def _row_dict(table: pa.Table, i: int) -> dict:
@@ -365,5 +353,5 @@ def arrow_batches(src: str, batches: Iterable, spec: Spec) -> Iterator[Batch]:
         start += n
 
 
-__all__ = ["Batch", "Spec", "rows_batch", "table_batch", "arrow_batches", "hex_ids", "hash_ascii",
+__all__ = ["Batch", "Spec", "rows_batch", "table_batch", "arrow_batches", "hex_ids", "hash_spans",
            "normalize"]

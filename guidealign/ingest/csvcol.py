@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
-from guidealign.ingest.jsonl import prefetch, scan
+from guidealign.ingest.blocks import cut_blocks, prefetch, scan
 from guidealign.ingest.readers import _csv_rows, csv_body, csv_names, read_csv, sniff_delimiter
 
 QUOTE, NL, CR = 34, 10, 13
@@ -74,7 +74,7 @@ def _parsed(stream, names: list[str], delim: str, block_bytes: int):
     is last), ("rest", bytes read, offset) (and then nothing more is read), or ("error", why)."""
     offset = 1  # lines before the block (Python's count: \n, \r\n or a lone \r ends a line)
     saw_final = False
-    for block, final, rest in _blocks(stream, block_bytes):
+    for block, final, rest in cut_blocks(stream, block_bytes, _last_record_end):
         saw_final = final
         info = _structure(block, delim)
         if info is None:  # quotes the parsers may read differently: rows from here on
@@ -146,32 +146,6 @@ def _header(head: bytes, path: Path, delimiter: str):
     if len(set(names)) != len(names) or not names:
         return None
     return names, delim
-
-
-def _blocks(stream, block_bytes: int):
-    """(block, is last, rest) cut at record ends (a line end after an even number of quotes);
-    ``rest()`` gives the bytes read past the block (for a row reader taking over). One read
-    ahead, so that the last block is known as such (a cut-off file's last row is suspect)."""
-    carry, data = b"", stream.read(block_bytes)
-    while True:
-        if not data:
-            if carry:
-                yield carry, True, lambda: b""
-            return
-        buf = carry + data if carry else data
-        nxt = stream.read(block_bytes)
-        cut = _last_record_end(buf) + 1
-        if cut == 0 and nxt:
-            carry, data = buf, nxt  # one record longer than a block: read more
-            continue
-        if cut == 0:
-            cut = len(buf)
-        block, carry = buf[:cut], buf[cut:]
-        final = not nxt and not carry
-        yield block, final, (lambda carry=carry, nxt=nxt: carry + nxt)
-        if final:
-            return
-        data = nxt
 
 
 def _last_record_end(buf: bytes) -> int:
@@ -289,7 +263,8 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     # but the record ends (CRLF included) and no two spaces in a row
     no_ws_runs = (all_ascii and not info.quoted_nl and sc.n_ctrl == sc.n_nl + info.crlf
                   and not sc.double_space)
-    return table.rename_columns(names), linenos, all_ascii, no_ws_runs
+    # one chunk per column, made here in the parsing thread (see jsonl._parse_block)
+    return table.rename_columns(names).combine_chunks(), linenos, all_ascii, no_ws_runs
 
 
 def _table_batch(block, offset, parsed, names, delim, enc, src, spec) -> Batch:

@@ -6,8 +6,6 @@ through the row-by-row reader, so its quarantine reasons are the reference ones.
 """
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -15,44 +13,8 @@ import pyarrow as pa
 import pyarrow.json as pajson
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
+from guidealign.ingest.blocks import cut_blocks, prefetch, scan
 from guidealign.ingest.readers import parse_jsonl_line
-
-
-def _raw_blocks(stream, block_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """(block, is-last) cut at line ends."""
-    carry = b""
-    while True:
-        data = stream.read(block_bytes)
-        final = not data
-        block = carry + data if carry else data
-        if not final:
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:
-                carry = block
-                continue
-            block, carry = (block[:cut], block[cut:]) if cut < len(block) else (block, b"")
-        if block:
-            yield block, final
-        if final:
-            return
-
-
-_END = object()
-
-
-def prefetch(items: Iterator, depth: int = 2, name: str = "ingest-parse") -> Iterator:
-    """The items of ``items``, each made by one background thread up to ``depth`` ahead (reading
-    and parsing release the GIL, so they overlap the caller's work on the previous item)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
-        ahead = deque(pool.submit(next, items, _END) for _ in range(depth))
-        while True:
-            item = ahead.popleft().result()
-            if item is _END:
-                for f in ahead:
-                    f.result()
-                return
-            ahead.append(pool.submit(next, items, _END))
-            yield item
 
 
 def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int = 4 << 20) -> Iterator[Batch]:
@@ -62,7 +24,7 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
     the caller's thread checks, normalizes and hashes this one."""
     def parsed():
         line0 = 1
-        for block, final in _raw_blocks(stream, block_bytes):
+        for block, final, _ in cut_blocks(stream, block_bytes):
             p = _parse_block(block, line0, final)
             yield block, line0, final, p
             line0 += p[4] if p is not None else block.count(b"\n")
@@ -135,45 +97,10 @@ def _parse_block(block: bytes, line0: int, final: bool):
     # A raw control byte inside a JSON string is an error for pyarrow.json (as for Python's
     # json; the tests pin it), so in a block without escapes the only whitespace a string can
     # hold is spaces, and only two in a row (looked for anywhere: a safe superset) need the
-    # collapsing pass.
-    return table, linenos, all_ascii, all_ascii and not has_escape and not double_space, n_nl
-
-
-class Scan:
-    """What one pass over a block's bytes tells: line ends, whether some line may be blank (one
-    starts with a byte <= 32), two spaces in a row somewhere, control bytes, CRs and CRLFs, and
-    whether some ``step`` bytes in a row hold no line end (a line may be longer than ``step``)."""
-    __slots__ = ("n_nl", "maybe_blank", "double_space", "n_ctrl", "n_cr", "n_crlf", "long_line")
-
-
-def scan(arr: np.ndarray, step: int = 1 << 16, count_ctrl: bool = False, count_cr: bool = False) -> Scan:
-    """One pass in cache-sized steps (temporaries of the whole block cost more in page faults
-    than the work); ``n_ctrl`` is counted only with ``count_ctrl``, ``n_cr`` and ``n_crlf``
-    only with ``count_cr``."""
-    out = Scan()
-    n_nl = n_ctrl = n_cr = n_crlf = 0
-    blank, double, long_line = bool(arr.size) and bool(arr[0] <= 32), False, False
-    for i in range(0, arr.size, step):
-        a = arr[i:i + step + 1]  # one byte of overlap for the pairs
-        nl = a == 10
-        k = int(np.count_nonzero(nl[:step]))
-        n_nl += k
-        long_line |= k == 0 and a.size > step
-        low = a <= 32
-        if not blank:
-            blank = bool(np.logical_and(nl[:-1], low[1:]).any())
-        sp = a == 32
-        if count_ctrl:
-            n_ctrl += int(np.count_nonzero(low[:step])) - int(np.count_nonzero(sp[:step]))
-        if count_cr:
-            cr = a[:step] == 13
-            n_cr += int(np.count_nonzero(cr))
-            n_crlf += int(np.count_nonzero(np.logical_and(cr[:a.size - 1], nl[1:])))
-        if not double:
-            double = bool(np.logical_and(sp[1:], sp[:-1]).any())
-    out.n_nl, out.maybe_blank, out.double_space, out.long_line = n_nl, blank, double, long_line
-    out.n_ctrl, out.n_cr, out.n_crlf = n_ctrl, n_cr, n_crlf
-    return out
+    # collapsing pass. One chunk per column, made here beside the caller's work (pyarrow
+    # parses the block in several chunks, and the caller's checks need whole columns).
+    return (table.combine_chunks(), linenos, all_ascii, all_ascii and not has_escape and not double_space,
+            n_nl)
 
 
 def jsonl_block(block: bytes, line0: int, final: bool, src: str, spec: Spec, encoding: str) -> Batch:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from tqdm import tqdm
 
+from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
 from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
 from guidealign.ingest.batch import Batch, Spec, arrow_batches, check_value, hex_ids, rows_batch
 from guidealign.ingest.commit import Pending, ShardWriter
@@ -235,10 +235,10 @@ class _Shards:
         if b.bad_pos:
             bad_pos = np.asarray(b.bad_pos, dtype=np.int64)
             bad_shard = (self.kept + np.searchsorted(kept_pos, bad_pos)) // self.size
-            bad_tab = pa.table({"source": pa.array([b.src] * len(bad_pos), pa.string()),
-                                "row": pa.array(b.bad_row, pa.int64()),
-                                "reason": pa.array(b.bad_reason, pa.string()),
-                                "raw": pa.array(b.bad_raw, pa.string())}, schema=QUARANTINE_SCHEMA)
+            bad_tab = pa.table({"source": str_arrow([b.src] * len(bad_pos)),
+                                "row": int_arrow(b.bad_row),
+                                "reason": str_arrow(b.bad_reason),
+                                "raw": str_arrow(b.bad_raw)}, schema=QUARANTINE_SCHEMA)
         at = b.at if all_new else b.at[new]
         hashes = b.hashes if all_new else b.hashes[new]
         lineno = b.lineno if all_new else b.lineno[new]
@@ -250,7 +250,7 @@ class _Shards:
             if bad_shard is not None:
                 m = bad_shard == cur
                 if m.any():
-                    self.bad.append(bad_tab.filter(pa.array(m)))
+                    self.bad.append(bad_tab.filter(bool_arrow(m)))
             take = min(self.size - self.n_rows, kept_pos.size - start)
             if take > 0:
                 sl = slice(start, start + take)
@@ -310,10 +310,9 @@ def _shard_table(parts: list[tuple]) -> pa.Table:
         if at.size and at[-1] - at[0] == at.size - 1:  # consecutive rows: no copy
             prompt, meta = prompt.slice(int(at[0]), at.size), meta.slice(int(at[0]), at.size)
         else:
-            sel = pa.array(at)
+            sel = int_arrow(at)
             prompt, meta = prompt.take(sel), meta.take(sel)
-        source = pc.binary_join_element_wise(pa.scalar(f"{src}:", pa.string()),
-                                             pa.array(lineno).cast(pa.string()), "")
+        source = affix(int_arrow(lineno).cast(pa.string()), f"{src}:")
         tables.append(pa.table({"id": hex_ids(hashes), "prompt": prompt, "source": source,
                                 "metadata": meta}, schema=PROMPT_SCHEMA))
     return pa.concat_tables(tables) if tables else PROMPT_SCHEMA.empty_table()

@@ -1,0 +1,98 @@
+"""Byte blocks for the columnar readers (JSONL, CSV): cut at record ends, scanned in one pass,
+parsed one ahead in a background thread."""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+def last_line_end(buf: bytes) -> int:
+    """Position of the last line end (the record end of JSONL), or -1."""
+    return buf.rfind(b"\n")
+
+
+def cut_blocks(stream, block_bytes: int, last_end: Callable[[bytes], int] = last_line_end
+               ) -> Iterator[tuple[bytes, bool, Callable[[], bytes]]]:
+    """(block, is last, rest) of a byte stream, each block ending at a record end
+    (``last_end(buf)``: the position of the last one, or -1); ``rest()`` gives the bytes read
+    past the block (for a row reader taking over). It reads one ahead, so that the last block
+    is known as such (a cut-off file's last record is suspect); a record longer than a block
+    makes the block longer."""
+    carry, data = b"", stream.read(block_bytes)
+    while True:
+        if not data:
+            if carry:
+                yield carry, True, lambda: b""
+            return
+        buf = carry + data if carry else data
+        nxt = stream.read(block_bytes)
+        cut = last_end(buf) + 1
+        if cut == 0 and nxt:
+            carry, data = buf, nxt  # one record longer than a block: read more
+            continue
+        if cut == 0:
+            cut = len(buf)
+        block, carry = buf[:cut], buf[cut:]
+        final = not nxt and not carry
+        yield block, final, (lambda carry=carry, nxt=nxt: carry + nxt)
+        if final:
+            return
+        data = nxt
+
+
+_END = object()
+
+
+def prefetch(items: Iterator, depth: int = 2, name: str = "ingest-parse") -> Iterator:
+    """The items of ``items``, each made by one background thread up to ``depth`` ahead (reading
+    and parsing release the GIL, so they overlap the caller's work on the previous item)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
+        ahead = deque(pool.submit(next, items, _END) for _ in range(depth))
+        while True:
+            item = ahead.popleft().result()
+            if item is _END:
+                for f in ahead:
+                    f.result()
+                return
+            ahead.append(pool.submit(next, items, _END))
+            yield item
+
+
+class Scan:
+    """What one pass over a block's bytes tells: line ends, whether some line may be blank (one
+    starts with a byte <= 32), two spaces in a row somewhere, control bytes, CRs and CRLFs, and
+    whether some ``step`` bytes in a row hold no line end (a line may be longer than ``step``)."""
+    __slots__ = ("n_nl", "maybe_blank", "double_space", "n_ctrl", "n_cr", "n_crlf", "long_line")
+
+
+def scan(arr: np.ndarray, step: int = 1 << 16, count_ctrl: bool = False, count_cr: bool = False) -> Scan:
+    """One pass in cache-sized steps (temporaries of the whole block cost more in page faults
+    than the work); ``n_ctrl`` is counted only with ``count_ctrl``, ``n_cr`` and ``n_crlf``
+    only with ``count_cr``."""
+    out = Scan()
+    n_nl = n_ctrl = n_cr = n_crlf = 0
+    blank, double, long_line = bool(arr.size) and bool(arr[0] <= 32), False, False
+    for i in range(0, arr.size, step):
+        a = arr[i:i + step + 1]  # one byte of overlap for the pairs
+        nl = a == 10
+        k = int(np.count_nonzero(nl[:step]))
+        n_nl += k
+        long_line |= k == 0 and a.size > step
+        low = a <= 32
+        if not blank:
+            blank = bool(np.logical_and(nl[:-1], low[1:]).any())
+        sp = a == 32
+        if count_ctrl:
+            n_ctrl += int(np.count_nonzero(low[:step])) - int(np.count_nonzero(sp[:step]))
+        if count_cr:
+            cr = a[:step] == 13
+            n_cr += int(np.count_nonzero(cr))
+            n_crlf += int(np.count_nonzero(np.logical_and(cr[:a.size - 1], nl[1:])))
+        if not double:
+            double = bool(np.logical_and(sp[1:], sp[:-1]).any())
+    out.n_nl, out.maybe_blank, out.double_space, out.long_line = n_nl, blank, double, long_line
+    out.n_ctrl, out.n_cr, out.n_crlf = n_ctrl, n_cr, n_crlf
+    return out
