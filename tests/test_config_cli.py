@@ -61,3 +61,16 @@ def test_cli_unreadable_input_is_a_clear_error(tmp_path):
 def test_cli_bad_override_is_a_usage_error(tmp_path):
     r = CliRunner().invoke(cli, ["ingest", "x", "-w", str(tmp_path), "--set", "nosuch.key=1"])
     assert r.exit_code == 2 and "unknown key" in r.output
+
+
+def test_penalties_reach_vllm_sampling_params():
+    """respond.sampling's repetition and frequency penalties (the demo recipe's loop breakers)
+    are what the engine gets; off (1.0 / 0.0) by default."""
+    pytest.importorskip("vllm")
+    from guidealign.gen.engine import sampling_params
+
+    cfg = load_config("configs/demo.yaml", ["respond.sampling.frequency_penalty=0.25"])
+    p = sampling_params(cfg.respond.sampling)
+    assert (p.repetition_penalty, p.frequency_penalty, p.temperature, p.max_tokens) == (1.1, 0.25, 0.0, 768)
+    d = sampling_params(Config().respond.sampling)
+    assert (d.repetition_penalty, d.frequency_penalty) == (1.0, 0.0)

@@ -14,6 +14,9 @@ class Sampling:
     # vLLM's repetition penalty (1.0 = off); > 1 discourages the loops that keep a small
     # model writing until max_tokens.
     repetition_penalty: float = 1.0
+    # vLLM's frequency penalty (0 = off): subtracts this times a token's count so far from its
+    # logit, so a loop grows costlier each time round while the end-of-turn token is untouched.
+    frequency_penalty: float = 0.0
 
 
 @dataclass

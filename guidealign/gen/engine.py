@@ -140,7 +140,8 @@ def sampling_params(s: Sampling, seed: int | None = None):
 
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                           stop=list(s.stop) or None, seed=seed,
-                          repetition_penalty=s.repetition_penalty)
+                          repetition_penalty=s.repetition_penalty,
+                          frequency_penalty=s.frequency_penalty)
 
 
 @dataclass

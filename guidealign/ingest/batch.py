@@ -14,7 +14,8 @@ number, metadata JSON, 64-bit hash) and the rejected ones with their reasons. Th
 The id is exactly ``ingest.prompt_hash``: blake2b-64 of NFKC + whitespace-collapsed text. For
 pure-ASCII prompts NFKC is the identity, so the columnar path only collapses whitespace (the
 same ASCII characters Python's ``\\s`` matches) with one RE2 pass (none when the block cannot
-hold a whitespace run) and hashes the bytes (``blake2_llvm``: compiled, without the GIL);
+hold a whitespace run) and hashes the bytes between the first and last non-space (byte spans
+into the Arrow buffer, no copy; ``blake2_llvm``: compiled, without the GIL);
 prompts with any non-ASCII character are normalized by Python's own ``unicodedata``, so ids
 never depend on which path a row took.
 """
