@@ -49,8 +49,13 @@ def rows_ingest(res, out) -> list[tuple[str, str]]:
     ratio = re.findall(r"ratio ingest / pyarrow: ([\d.]+)x", out)
     mem = re.findall(r"peak RSS ([\d,]+) / ([\d,]+) rows: ([\d.]+)x", out)
     csv = re.findall(r"ratio ingest / pyarrow \(CSV[^)]*\): ([\d.]+)x", out)
+    proc = re.findall(r"JSONL.*both as whole processes \(each with its interpreter start and imports\) ([\d.]+)x", out)
+    inner = re.findall(r"JSONL.*inside the process \(without interpreter start and imports\) ([\d.]+)x", out)
     rows = [("ingest vs pyarrow read_json + write_parquet, same file (goal >= 0.5)",
              f"{ratio[-1]}x" if ratio else "-"),
+            ("  same, both as whole processes (interpreter start and imports in both)",
+             f"{proc[-1]}x" if proc else "-"),
+            ("  same, both inside their process (no start, no imports)", f"{inner[-1]}x" if inner else "-"),
             ("ingest vs pyarrow read_csv + write_parquet, same rows as CSV",
              f"{csv[-1]}x" if csv else "-")]
     if mem:
