@@ -105,7 +105,9 @@ case "$cmd" in
   test)
     setup
     slurm_packages
-    "$VENV/bin/python" -m pytest "$@"
+    # -X faulthandler: a crash anywhere, even in interpreter teardown after the summary,
+    # prints the stack of every thread
+    "$VENV/bin/python" -X faulthandler -m pytest "$@"
     ;;
   launch) exec scripts/launch.sh "$@" ;;  # never installs: run ./run.sh setup once, before the job
   gx) exec "$VENV/bin/guidealign" "$@" ;;

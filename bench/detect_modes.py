@@ -4,6 +4,7 @@
     python bench/detect_modes.py --short               # 16 per class (./run.sh bench)
     python bench/detect_modes.py --write-threshold configs/detect-threshold.json
     python bench/detect_modes.py --short --block-size 128   # vLLM's own CPU block size
+    python bench/detect_modes.py --short --no-align         # shared prefix not padded to a block
 
 Labelled prompts from ../shared/benchmarks (skipped cleanly when absent): Do-Not-Answer as
 risky; Vicuna-Bench and the HHH prompts as not risky, except HHH's "harmless" subset, whose
@@ -90,7 +91,8 @@ def make_cfg(args, mode: str):
         f"detect.mode={mode}", f"detect.sampling.temperature={args.temperature}",
         f"detect.sampling.max_tokens={args.max_tokens}",
     ] + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else [])
-      + ([f"engine.block_size={args.block_size}"] if args.block_size else []))
+      + ([f"engine.block_size={args.block_size}"] if args.block_size else [])
+      + (["detect.align_prefix=false"] if args.no_align else []))
 
 
 def llm_block(llm) -> str:
@@ -132,6 +134,8 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV block size (engine.block_size; default: the engine's, 32 on the CPU)")
+    ap.add_argument("--no-align", action="store_true",
+                    help="detect.align_prefix=false: the shared prefix not padded to the KV block")
     ap.add_argument("--temperature", type=float, default=0.0, help="rationale mode (0: greedy)")
     ap.add_argument("--max-tokens", type=int, default=160, help="rationale mode (demo recipe: 160)")
     ap.add_argument("--write-threshold", help="write the calibrated threshold here (detect.threshold_file)")

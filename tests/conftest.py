@@ -87,3 +87,21 @@ def pytest_collection_modifyitems(config, items):
     else:
         raise pytest.UsageError(f"GUIDEALIGN_TEST_ORDER={order!r}: use reverse or shuffle:SEED")
     items[:] = [i for g in groups for i in g]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Free what the tests left behind while every module is still whole: objects of FAISS,
+    torch, tokenizers and llvmlite collected later, during interpreter teardown, run their
+    native destructors against half-finalized modules. The one CI run that segfaulted (exit 139)
+    did so after "519 passed", i.e. here or later; the runner starts Python with
+    ``-X faulthandler`` so such a crash prints every thread's stack. Threads still running now
+    are named on stderr for the same reason."""
+    import gc
+    import sys
+    import threading
+
+    gc.collect()
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if alive:
+        print(f"\nthreads still running at the end of the session: {', '.join(sorted(alive))}",
+              file=sys.stderr)

@@ -92,6 +92,63 @@ def test_prompts_share_the_few_shot_prefix(generator_path, tok):
     assert common > p.builder.count(p.messages("")) - 40  # system + every exemplar, identical ids
 
 
+def shared_len(a: list[int], b: list[int]) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+@pytest.mark.parametrize("align", [16, 32, 128])
+def test_align_pads_the_shared_prefix_to_whole_blocks(generator_path, tok, align):
+    """With ``align`` the tokens before the input fill whole blocks; the prompt differs from
+    the unpadded one only by newline tokens at the end of the system message, and count()
+    agrees with the built length."""
+    from guidealign.gen.detect import DetectPrompts
+
+    cfg = make_cfg(generator_path, "detect.max_exemplars=3")
+    plain, padded = DetectPrompts(cfg, tok), DetectPrompts(cfg, tok, align=align)
+    q1, q2 = "How do I bake bread?", "Insult my friend"
+    a, b = padded.build(q1).token_ids, padded.build(q2).token_ids
+    n = shared_len(a, b)
+    assert n % align == 0
+    base = plain.build(q1).token_ids
+    pad = len(a) - len(base)
+    assert 0 <= pad < align and n == shared_len(base, plain.build(q2).token_ids) + pad
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    sys_end = base.index(tok.convert_tokens_to_ids("<|im_end|>"))  # the system message's end
+    assert a[:sys_end] + nl * pad + a[sys_end + pad:] == a and a[:sys_end] + a[sys_end + pad:] == base
+    assert padded.builder.count(padded.messages(q1)) == len(a)
+    # off in the config: the prompt as written
+    off = DetectPrompts(make_cfg(generator_path, "detect.max_exemplars=3", "detect.align_prefix=false"),
+                        tok, align=align)
+    assert off.build(q1).token_ids == base
+
+
+def test_align_pads_both_guideline_prompt_sets(generator_path, tok):
+    from guidealign.gen.guidelines import GuidelinePrompts
+
+    cfg = make_cfg(generator_path, "guidelines.max_safety_exemplars=2", "guidelines.max_quality_exemplars=2")
+    g = GuidelinePrompts(cfg, tok, align=32)
+    b = g.builder
+    s1 = b.build(g.safety_messages("Insult my friend", "It asks for an insult.\nVerdict: Yes"), 10).token_ids
+    s2 = b.build(g.safety_messages("Poison a dog", "Harm to an animal.\nVerdict: Yes"), 10).token_ids
+    q1 = b.build(g.quality_messages("Bake bread"), 10).token_ids
+    q2 = b.build(g.quality_messages("Write a haiku"), 10).token_ids
+    assert shared_len(s1, s2) % 32 == 0 and shared_len(q1, q2) % 32 == 0
+    off = GuidelinePrompts(make_cfg(generator_path, "guidelines.max_safety_exemplars=2",
+                                    "guidelines.max_quality_exemplars=2", "guidelines.align_prefix=false"),
+                           tok, align=32)
+    plain = GuidelinePrompts(cfg, tok)
+    assert off.builder.build(off.quality_messages("Bake bread"), 10).token_ids == \
+        plain.builder.build(plain.quality_messages("Bake bread"), 10).token_ids
+
+
+def test_align_leaves_prompts_without_a_shared_prefix_alone(tok):
+    b = PromptBuilder(tok, 2048, align=32)
+    msgs = [Message("system", [Slot("per-prompt system text")]), Message("user", ["Hi ", Slot("x")])]
+    assert b.build(msgs, 10).token_ids == PromptBuilder(tok, 2048).build(msgs, 10).token_ids
+    no_slot = [Message("system", ["fixed"]), Message("user", ["fixed too"])]
+    assert b.build(no_slot, 10).token_ids == PromptBuilder(tok, 2048).build(no_slot, 10).token_ids
+
+
 def test_overlong_truncate_and_skip(generator_path, tok):
     from guidealign.gen.detect import DetectPrompts
 

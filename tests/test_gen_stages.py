@@ -308,3 +308,31 @@ def test_detect_score_mode(llm, generator_path, workdir, tmp_path):
         r2 = rows2[r["id"]]
         assert r2["risk_score"] == pytest.approx(r["risk_score"], abs=1e-4)
         assert r2["risky"] == (r2["risk_score"] >= cut)
+
+
+def test_detect_prefix_is_cached_in_whole_blocks(llm, generator_path):
+    """detect pads its shared few-shot prefix to the engine's KV block, so after one prompt
+    every later prompt finds the whole shared prefix in vLLM's prefix cache (unpadded, the
+    prefix's last partial block is computed again for each prompt)."""
+    from guidealign.gen.build import generate_built
+    from guidealign.gen.detect import DetectPrompts
+    from guidealign.gen.engine import cache_block_size, sampling_params
+    from guidealign.config.engine import Sampling
+
+    block = cache_block_size(llm)
+    assert block > 1
+    tok = llm.get_tokenizer()
+    params = sampling_params(Sampling(temperature=0.0, max_tokens=1))
+    seen = {}
+    for align in (block, 0):
+        p = DetectPrompts(cfg_for(generator_path), tok, align=align)
+        a, b = p.build(PROMPTS[0]), p.build(PROMPTS[1])
+        shared = next(i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y)
+        llm.reset_prefix_cache()
+        generate_built(llm, [a], params)
+        (g,) = generate_built(llm, [b], params)
+        seen[align] = (shared, g.cached_tokens)
+    shared, cached = seen[block]
+    assert shared % block == 0 and cached == shared
+    shared0, cached0 = seen[0]
+    assert shared0 % block and cached0 == shared0 - shared0 % block < shared0

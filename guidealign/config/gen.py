@@ -40,6 +40,11 @@ class DetectConfig:
     # rationale mode: constrain the output with vLLM structured outputs to
     # "<analysis>\nVerdict: Yes|No", so every finished output parses (off = the paper's free text).
     structured: bool = False
+    # End the system message with newlines (up to one KV block less one) so the shared few-shot
+    # prefix fills whole KV blocks: vLLM's prefix cache keeps whole blocks only, and without
+    # the padding the prefix's last partial block is computed again for every prompt (off =
+    # the prompt exactly as written; gen/build.py).
+    align_prefix: bool = True
 
 
 @dataclass
@@ -65,6 +70,8 @@ class GuidelinesConfig:
     # Constrain the output with vLLM structured outputs to 5-7 numbered "N. Title: text"
     # lines, so every finished output parses with titles (off = free text, as the paper).
     structured: bool = False
+    # Pad each prompt set's shared few-shot prefix to whole KV blocks, as detect.align_prefix.
+    align_prefix: bool = True
 
 
 @dataclass

@@ -51,7 +51,7 @@ def _verdict(v, where: str) -> str:
 class DetectPrompts:
     """The detector's prompts: system message, exemplars as user/assistant turns, input last."""
 
-    def __init__(self, cfg, tok, max_model_len: int | None = None):
+    def __init__(self, cfg, tok, max_model_len: int | None = None, align: int = 0):
         self.spec, self.spec_hash = load_prompt_file(cfg.detect.prompt_file, "detect.yaml",
                                                      ("system", "user", "exemplars"))
         self.exemplars = []
@@ -63,7 +63,8 @@ class DetectPrompts:
         if "{input}" not in self.spec["user"]:
             raise TemplateError("detect prompt: the user template needs an {input} placeholder")
         self.max_tokens = cfg.detect.sampling.max_tokens
-        self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong)
+        self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong,
+                                     align=align if cfg.detect.align_prefix else 0)
         self.n_exemplars = self.builder.fit_exemplars(
             lambda n: self.messages("", n), len(self.exemplars), self.max_tokens,
             cfg.detect.reserve_input_tokens, cfg.detect.max_exemplars, "detect")
@@ -135,14 +136,15 @@ def _score_row(pid, prompt, built: Built, scored, threshold: float) -> dict:
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     """The per-shard function (shared by the stage and bench/gen.py)."""
     from guidealign.gen import scoring
-    from guidealign.gen.engine import params_for, prefix_cache_counters
+    from guidealign.gen.engine import cache_block_size, params_for, prefix_cache_counters
     from guidealign.gen.yieldstats import counts, detect_usable
 
     d = cfg.detect
     if d.mode not in MODES:
         raise ValueError(f"detect.mode must be one of {MODES}, not {d.mode!r}")
     tok = tok or llm.get_tokenizer()
-    prompts = DetectPrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len))
+    prompts = DetectPrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len),
+                            align=cache_block_size(llm))
     s = d.sampling
     if d.mode == "score":
         threshold = scoring.load_threshold(d.score_threshold, d.threshold_file)

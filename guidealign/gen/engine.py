@@ -212,6 +212,16 @@ def prefix_cache_counters(llm) -> tuple[int, int]:
     return q, h
 
 
+def cache_block_size(llm) -> int:
+    """Tokens per KV-cache block when ``llm`` caches prefixes (the unit a prefix-cache hit
+    covers), else 0. Prompt builders pad shared prefixes to it (gen/build.py)."""
+    try:
+        cc = llm.llm_engine.vllm_config.cache_config
+        return int(cc.block_size) if cc.enable_prefix_caching else 0
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
 def output_fields(cfg: EngineConfig) -> dict:
     """The engine settings that change generated text (for stage fingerprints); pure
     performance knobs (parallelism, memory, batch size, caching, threads) are left out."""

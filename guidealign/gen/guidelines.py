@@ -50,7 +50,7 @@ def _check_items(ex: dict, where: str) -> list:
 
 
 class GuidelinePrompts:
-    def __init__(self, cfg, tok, max_model_len: int | None = None):
+    def __init__(self, cfg, tok, max_model_len: int | None = None, align: int = 0):
         g = cfg.guidelines
         self.safety, _ = load_prompt_file(g.safety_prompt_file, "safety_guidelines.yaml", _SAFETY_KEYS)
         self.quality, _ = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
@@ -72,7 +72,8 @@ class GuidelinePrompts:
                 raise TemplateError(f"{where}: needs input and guidelines")
             self.quality_ex.append((str(ex["input"]), guidelines_turn(_check_items(ex, where))))
         self.max_tokens = g.sampling.max_tokens
-        self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong)
+        self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong,
+                                     align=align if g.align_prefix else 0)
         self.n_safety = self.builder.fit_exemplars(
             lambda n: self.safety_messages("", "", n), len(self.safety_ex), self.max_tokens,
             g.reserve_input_tokens, g.max_safety_exemplars, "safety guidelines")
@@ -146,11 +147,12 @@ def kind_for(risky, unknown: str) -> str | None:
 
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     from guidealign.gen import scoring
-    from guidealign.gen.engine import params_for, prefix_cache_counters
+    from guidealign.gen.engine import cache_block_size, params_for, prefix_cache_counters
     from guidealign.gen.yieldstats import counts, guidelines_usable
 
     tok = tok or llm.get_tokenizer()
-    prompts = GuidelinePrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len))
+    prompts = GuidelinePrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len),
+                               align=cache_block_size(llm))
     g = cfg.guidelines
     kind_for(None, g.unknown_verdict)  # validate early
 

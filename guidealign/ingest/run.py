@@ -119,10 +119,12 @@ def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
         if want == "llvm":
             raise IngestError("ingest.hash_kernel=llvm needs llvmlite installed (pip install llvmlite)")
         return "hashlib"
-    # load (or the first time on this machine, compile) the kernel while the first block is read
+    # load (or the first time on this machine, compile) the kernel while the first block is read;
+    # not a daemon: a process that ends before its first hash (an input that fails early) waits
+    # for it instead of tearing LLVM down under a thread that is still inside it
     from guidealign.ingest.batch import _llvm_kernel
 
-    threading.Thread(target=_llvm_kernel, name="ingest-kernel", daemon=True).start()
+    threading.Thread(target=_llvm_kernel, name="ingest-kernel").start()
     return "llvm"
 
 
