@@ -48,7 +48,9 @@ def test_a_claim_is_exclusive_until_released(tmp_path):
     assert a is not None and a.held()
     assert json.loads(claims.claim_path(tmp_path, 3).read_text())["owner"] == "a"
     assert claims.try_claim(tmp_path, 3, ttl_s=60, owner="b") is None
-    assert claims.try_claim(tmp_path, 4, ttl_s=60, owner="b") is not None  # other shards are free
+    other = claims.try_claim(tmp_path, 4, ttl_s=60, owner="b")
+    assert other is not None  # other shards are free
+    other.release()
     a.release()
     assert not claims.claim_path(tmp_path, 3).exists()
     b = claims.try_claim(tmp_path, 3, ttl_s=60, owner="b")
