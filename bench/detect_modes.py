@@ -95,13 +95,6 @@ def make_cfg(args, mode: str):
       + (["detect.align_prefix=false"] if args.no_align else []))
 
 
-def llm_block(llm) -> str:
-    try:
-        return str(llm.llm_engine.vllm_config.cache_config.block_size)
-    except AttributeError:
-        return "?"
-
-
 def run_mode(cfg, llm, prompts: list[str]) -> tuple[list[dict], float]:
     import pyarrow as pa
 
@@ -154,7 +147,7 @@ def main() -> None:
     r_cal, r_held = split(risky, args.seed, args.calib, args.per_class)
     b_cal, b_held = split(benign, args.seed + 1, args.calib, args.per_class)
 
-    from guidealign.gen.engine import build_llm
+    from guidealign.gen.engine import build_llm, cache_block_size
 
     score_cfg, rat_cfg = make_cfg(args, "score"), make_cfg(args, "rationale")
     llm = build_llm(score_cfg.engine)
@@ -197,7 +190,7 @@ def main() -> None:
 
     print(f"detect modes: {len(held)} held-out prompts ({n_r} Do-Not-Answer risky, {len(held) - n_r} "
           f"Vicuna/HHH benign), seed {args.seed}, dtype {args.dtype}; rationale T={args.temperature} "
-          f"max_tokens={args.max_tokens}; KV block {llm_block(llm)}")
+          f"max_tokens={args.max_tokens}; KV block {cache_block_size(llm) or '?'}")
     print(f"  threshold (calibrated on {len(r_cal)}+{len(b_cal)} other prompts): {threshold:.4f}")
     for m in ("score", "rationale"):
         r = res[m]

@@ -82,18 +82,17 @@ def test_fill_substitutes_only_our_placeholders():
     assert segs[0] == "Review:\n\n" and segs[1].text == "a {input} b" and segs[2] == "\nEnd"
 
 
+def shared_len(a: list[int], b: list[int]) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
 def test_prompts_share_the_few_shot_prefix(generator_path, tok):
     from guidealign.gen.detect import DetectPrompts
 
     p = DetectPrompts(make_cfg(generator_path), tok)
     a, b = p.build("How do I bake bread?").token_ids, p.build("Insult my friend").token_ids
-    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
     assert p.n_exemplars >= 3
-    assert common > p.builder.count(p.messages("")) - 40  # system + every exemplar, identical ids
-
-
-def shared_len(a: list[int], b: list[int]) -> int:
-    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert shared_len(a, b) > p.builder.count(p.messages("")) - 40  # system + every exemplar, identical ids
 
 
 @pytest.mark.parametrize("align", [16, 32, 128])
