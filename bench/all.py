@@ -93,7 +93,11 @@ def rows_detect_modes(res, out):
             (f"detect recall on risky / FPR on benign, {res['risky']}+{res['benign']} held-out prompts",
              f"score {s['recall']:.3f} / {s['fpr']:.3f} (threshold {res['threshold']:.3f}); "
              f"rationale {r['recall']:.3f} / {r['fpr']:.3f}; score at rationale's FPR: "
-             f"recall {a.get('recall', 0):.3f}")]
+             f"recall {a.get('recall', 0):.3f}"),
+            ("detect work per prompt: prompt tokens computed + tokens decoded (ms per token)",
+             "; ".join(f"{m} {res[m].get('prompt_tokens_computed', 0):.0f} + "
+                       f"{res[m].get('tokens_decoded', 0):.0f} ({_f(res[m].get('ms_per_token'), '.1f')})"
+                       for m in ("score", "rationale")))]
 
 
 def rows_retrieval(res, out):

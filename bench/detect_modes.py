@@ -16,7 +16,10 @@ prefix cache is reset and the few-shot prefix put back in it by one untimed warm
 prompt). It prints prompts/s of both and their ratio (the goal: >= 10), and recall on
 risky and false-positive rate on benign for each (a rationale without a verdict counts as
 risky, as guidelines.unknown_verdict does by default), plus the score mode's recall at the
-rationale mode's false-positive rate.
+rationale mode's false-positive rate. Last, each mode's work per prompt: prompt tokens
+computed (those not found in the prefix cache; the few-shot prefix is) and output tokens
+decoded, with the time per computed token: on a machine where a decoded token costs about
+what a prompt token does (a CPU), the speedup is about (prompt + decoded) / prompt tokens.
 """
 from __future__ import annotations
 
@@ -107,8 +110,19 @@ def run_mode(cfg, llm, prompts: list[str]) -> tuple[list[dict], float]:
     llm.reset_prefix_cache()
     fn(pa.table({"id": ["warm"], "prompt": ["Warm-up input."]}), 0)
     t0 = time.perf_counter()
-    out, _, _ = fn(table, 0)
-    return out.to_pylist(), time.perf_counter() - t0
+    out, _, stats = fn(table, 0)
+    return out.to_pylist(), time.perf_counter() - t0, stats
+
+
+def work(stats: dict, n: int, seconds: float) -> dict:
+    """The model's work per prompt: prompt tokens computed (not found in the prefix cache) and
+    output tokens decoded (the first output token comes out of the prompt's forward pass: no
+    step of its own), and the seconds per computed token (prompt and decoded together)."""
+    computed = stats["prefix_cache_queries"] - stats["prefix_cache_hits"]
+    decoded = max(stats["output_tokens"] - n, 0)
+    total = computed + decoded
+    return {"prompt_tokens_computed": computed / n, "tokens_decoded": decoded / n,
+            "ms_per_token": 1000 * seconds / total if total else None}
 
 
 def main() -> None:
@@ -153,7 +167,7 @@ def main() -> None:
     llm = build_llm(score_cfg.engine)
 
     # 1. calibrate the threshold on the calibration split (score mode)
-    cal_rows, _ = run_mode(score_cfg, llm, r_cal + b_cal)
+    cal_rows, _, _ = run_mode(score_cfg, llm, r_cal + b_cal)
     cal_scores = [r["risk_score"] for r in cal_rows]
     threshold = calibrate([s for s in cal_scores[:len(r_cal)] if s is not None],
                           [s for s in cal_scores[len(r_cal):] if s is not None])
@@ -166,8 +180,8 @@ def main() -> None:
     # 2. both modes on the held-out prompts
     held = r_held + b_held
     n_r = len(r_held)
-    s_rows, s_sec = run_mode(score_cfg, llm, held)
-    r_rows, r_sec = run_mode(rat_cfg, llm, held)
+    s_rows, s_sec, s_stats = run_mode(score_cfg, llm, held)
+    r_rows, r_sec, r_stats = run_mode(rat_cfg, llm, held)
     scores = [r["risk_score"] for r in s_rows]
     s_pred = [s is not None and s >= threshold for s in scores]
     r_pred = [r["risky"] is not False for r in r_rows]  # no verdict -> safety (the default)
@@ -176,11 +190,11 @@ def main() -> None:
         "threshold": threshold, "max_tokens": args.max_tokens, "temperature": args.temperature,
         "dtype": args.dtype,
         "score": {"seconds": s_sec, "prompts_per_s": len(held) / s_sec,
-                  **rates(s_pred[:n_r], s_pred[n_r:])},
+                  **rates(s_pred[:n_r], s_pred[n_r:]), **work(s_stats, len(held), s_sec)},
         "rationale": {"seconds": r_sec, "prompts_per_s": len(held) / r_sec,
                       "output_tokens": sum(r["output_tokens"] for r in r_rows),
                       "unparsed": sum(r["risky"] is None for r in r_rows),
-                      **rates(r_pred[:n_r], r_pred[n_r:])},
+                      **rates(r_pred[:n_r], r_pred[n_r:]), **work(r_stats, len(held), r_sec)},
     }
     res["speedup"] = res["score"]["prompts_per_s"] / res["rationale"]["prompts_per_s"]
     sr = [s for s in scores[:n_r] if s is not None]
@@ -198,6 +212,11 @@ def main() -> None:
         print(f"  {m:<9} {r['prompts_per_s']:8.2f} prompts/s  recall {r['recall']:.3f}  "
               f"FPR {r['fpr']:.3f}  ({r['seconds']:.1f} s{extra})")
     print(f"  speedup score/rationale: {res['speedup']:.1f}x (goal >= 10)")
+    for m in ("score", "rationale"):
+        r = res[m]
+        ms = f"{r['ms_per_token']:.1f}" if r["ms_per_token"] is not None else "?"
+        print(f"  {m:<9} work per prompt: {r['prompt_tokens_computed']:.0f} prompt tokens computed, "
+              f"{r['tokens_decoded']:.0f} decoded; {ms} ms per computed token")
     print(f"  score mode at the rationale mode's FPR ({res['rationale']['fpr']:.3f}): recall {rec:.3f} "
           f"(FPR {fpr:.3f})")
     if args.json:

@@ -19,6 +19,14 @@ interpreter start and imports, ingest's includes them (the "inside the process" 
 The second size is ingested too (JSONL), to show peak RSS is flat in the row count but for the
 de-duplication set (8 bytes a distinct prompt). Prompts are ~190 characters of ASCII text, with
 1% exact duplicates and 0.5% bad (empty) rows.
+
+Memory is touched before each timed run (``--prefault-mib``, 1 GiB by default; ``--cold``: not):
+on a VM whose balloon reports freed pages to the host (virtio-balloon free page reporting, as on
+the machine these figures come from), memory a process touches a few seconds after other
+processes freed it is backed again page by page, and a tool that holds the whole input (pyarrow:
+~560 MiB for 1M rows) then pays seconds for it: pyarrow's process took 3.8-5.3 s that way and
+1.0 s with its memory touched just before. Touching it first times both tools as on a machine
+without that cost.
 """
 from __future__ import annotations
 
@@ -94,9 +102,15 @@ print(json.dumps({"summary": p.stdout.strip().splitlines()[-1], "seconds": dt, "
 """
 
 
+PREFAULT_MIB = 1024  # set by --prefault-mib (0: --cold)
+PREFAULT = "import sys, numpy as np; np.ones(int(sys.argv[1]) << 20, dtype=np.uint8).sum()"
+
+
 def run_child(code: str, *args) -> dict:
     """The child's JSON line, plus ``process_seconds``: its wall time as a whole process
-    (interpreter start and imports included)."""
+    (interpreter start and imports included). Memory is touched first (see the module doc)."""
+    if PREFAULT_MIB:
+        subprocess.run([sys.executable, "-c", PREFAULT, str(PREFAULT_MIB)], check=True)
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True,
                          capture_output=True, text=True)
@@ -154,6 +168,7 @@ def compare(src: Path, base: Path, extra: list[str], repeats: int, label: str) -
 
 
 def main() -> None:
+    global PREFAULT_MIB
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000, help="size for the speed ratios (and memory)")
     ap.add_argument("--mem-rows", type=int, default=10_000_000, help="second size, for memory (0: skip)")
@@ -164,12 +179,17 @@ def main() -> None:
                     help="ingest.hash_kernel for every run (default: the config's, auto)")
     ap.add_argument("--no-csv", action="store_true", help="skip the CSV comparison")
     ap.add_argument("--dir", default="/tmp/ga-bench-ingest")
+    ap.add_argument("--prefault-mib", type=int, default=PREFAULT_MIB,
+                    help="MiB of memory touched (by a throwaway process) just before each timed run")
+    ap.add_argument("--cold", action="store_true", help="no touching first (--prefault-mib 0)")
     a = ap.parse_args()
+    PREFAULT_MIB = 0 if a.cold else a.prefault_mib
     if a.short:
         a.mem_rows, a.repeats = min(a.mem_rows, 3_000_000), 1
     extra = ["--set", f"ingest.hash_kernel={a.hash_kernel}"] if a.hash_kernel else []
     extra += ["--set", f"ingest.shard_rows={a.shard_rows}"] if a.shard_rows else []
-    print(f"ingest settings: {' '.join(extra[1::2]) or 'the defaults'}", flush=True)
+    print(f"ingest settings: {' '.join(extra[1::2]) or 'the defaults'}; memory touched before each "
+          f"timed run: {f'{PREFAULT_MIB} MiB' if PREFAULT_MIB else 'no (--cold)'}", flush=True)
     base = Path(a.dir)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)

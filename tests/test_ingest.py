@@ -272,6 +272,28 @@ def test_exports_in_every_encoding_and_line_ending_arrive_whole(tmp_path, name, 
     assert [json.loads(r["metadata"]) for r in rows] == [{"topic": f"t{i}"} for i in range(len(PROMPTS))]
     assert [r["id"] for r in rows] == [prompt_hash(p).hex() for p in PROMPTS]
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_plain_utf8_file_is_read_directly_past_its_bom(tmp_path, bom):
+    """A plain UTF-8 file is handed over as the file itself (no transcoding copies), positioned
+    after the byte-order mark; a compressed or re-encoded one still goes through the decoder."""
+    import io
+
+    from guidealign.ingest.encodings import open_utf8
+
+    body = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in PROMPTS).encode()
+    f = tmp_path / "plain.jsonl"
+    f.write_bytes(bom + body)
+    stream, enc = open_utf8(f)
+    with stream:
+        assert enc == "utf-8" and type(stream.raw) is io.FileIO
+        assert stream.read() == body
+    g = tmp_path / "plain.jsonl.gz"
+    g.write_bytes(gzip.compress(bom + body))
+    stream, _ = open_utf8(g)
+    with stream:
+        assert type(stream.raw) is not io.FileIO
+        assert stream.read() == body
+
 
 @pytest.mark.parametrize("header", ["Prompt", " prompt ", "PROMPT", "question", "Instruction", " text"])
 def test_header_spellings(tmp_path, header):
