@@ -182,9 +182,11 @@ def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, st
     else:
         probe = codecs.decode(head[skip:skip + 4096 - (4096 % 4)], enc, "replace").encode("utf-8", "replace")
     lone_cr = b"\r" in probe and b"\n" not in probe
-    if enc == "utf-8" and not lone_cr and early is None and isinstance(raw, io.BufferedReader):
+    if enc == "utf-8" and not lone_cr and early is None and isinstance(raw, io.BufferedReader) \
+            and raw.seekable():
         # a plain UTF-8 file needs no transcoding: read it directly (no copies through
-        # _Transcoded's buffers); past the byte-order mark, if any
+        # _Transcoded's buffers), past the byte-order mark, if any (seeking back over the
+        # sniffed head, so only a file that can seek)
         raw.seek(skip)
         return raw, enc
     tr = _Transcoded(raw, enc, skip, lone_cr, head)
