@@ -82,25 +82,40 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
     llm = None
     own = bool(cfg.respond.engine)  # the responder has an engine of its own (respond.engine)
     shared = [s for s in chosen if s.engine and not (own and s.name == "respond")]
-    with claims_assignment(cfg):
-        for i, stage in enumerate(chosen):
-            kw = {}
-            if stage in shared:
-                if llm is None and _engine_needed(workdir, shared[shared.index(stage):]):
-                    from guidealign.gen.engine import build_llm
+    try:
+        with claims_assignment(cfg):
+            for i, stage in enumerate(chosen):
+                kw = {}
+                if stage in shared:
+                    if llm is None and _engine_needed(workdir, shared[shared.index(stage):]):
+                        from guidealign.gen.engine import build_llm
 
-                    llm = build_llm(cfg.engine)
-                kw["llm"] = llm
-            elif llm is not None and (stage.engine or not any(s in shared for s in chosen[i:])):
-                llm = None  # free the engine (its memory, its GPUs) for what comes next
-                gc.collect()
-            echo(f"== {stage.name}")
-            t = time.perf_counter()
-            rep = stage.function()(cfg, workdir, rank=rank, world_size=world_size,
-                                   progress=progress, **kw)
-            timings[stage.name] = round(time.perf_counter() - t, 2)
-            _echo_reports(echo, [rep])
+                        llm = build_llm(cfg.engine)
+                    kw["llm"] = llm
+                elif llm is not None and (stage.engine or not any(s in shared for s in chosen[i:])):
+                    # free the engine (its memory, its GPUs) for what comes next
+                    _stop_engine(llm, echo, f"before {stage.name}")
+                    llm = None
+                echo(f"== {stage.name}")
+                t = time.perf_counter()
+                rep = stage.function()(cfg, workdir, rank=rank, world_size=world_size,
+                                       progress=progress, **kw)
+                timings[stage.name] = round(time.perf_counter() - t, 2)
+                _echo_reports(echo, [rep])
+    finally:
+        if llm is not None:
+            _stop_engine(llm, echo, "at the end of the run")
     return timings
+
+
+def _stop_engine(llm, echo, when: str) -> None:
+    """Stop the engine's processes (dropping the ``LLM`` would leave them running) and say so."""
+    from guidealign.gen.engine import close_llm
+
+    left = close_llm(llm)
+    echo(f"engine stopped {when}: " + (f"{left} of its processes still alive after 60 s, killed"
+                                       if left else "its processes have exited"))
+    gc.collect()
 
 
 def _run_on_ray(cfg: Config, workdir: Path, chosen: list[Stage], progress: bool, echo,

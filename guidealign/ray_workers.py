@@ -91,6 +91,10 @@ class LazyEngine:
         return self._tok
 
     def close(self) -> None:
+        if self._llm is not None:
+            from guidealign.gen.engine import close_llm
+
+            close_llm(self._llm)  # dropping it would leave the engine's processes running
         self._llm = None
         gc.collect()
 

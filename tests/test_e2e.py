@@ -110,6 +110,16 @@ def test_every_stage_has_its_outputs(demo_run):
     assert "smollm2" in card.lower()
 
 
+def test_engine_processes_end_before_sft_trains(demo_run):
+    # the run stops its vLLM engine (dropping the LLM object would leave its processes
+    # holding their memory, or a GPU's, while SFT trains) and checks that they exited
+    _, out = demo_run
+    lines = out.splitlines()
+    stopped = lines.index("engine stopped before sft: its processes have exited")
+    assert lines[stopped + 1] == "== sft"
+    assert sum(ln.startswith("engine stopped") for ln in lines) == 1
+
+
 @pytest.mark.parametrize("where", ["same", "moved"])
 def test_rerun_does_nothing(demo_run, tmp_path, where):
     """A rerun of a finished run, in place or after copying the run directory under another

@@ -60,14 +60,30 @@ class Engines:
             self.judge_llm = self.generator()
             return self.judge_llm
         if "llm" in self._built:
-            self.llm = None
-            self._built.remove("llm")
-            _free()
+            self._close("llm")
         from guidealign.gen.engine import build_llm
 
         self.judge_llm = build_llm(judge_engine(self.cfg))
         self._built.append("judge")
         return self.judge_llm
+
+    def _close(self, name: str) -> None:
+        """Stop an engine built here (dropping it would leave its processes running)."""
+        from guidealign.gen.engine import close_llm
+
+        attr = {"llm": "llm", "judge": "judge_llm"}[name]
+        llm = getattr(self, attr)
+        if self.judge_llm is llm:  # the judge was the responder's engine
+            self.judge_llm = None
+        close_llm(llm)
+        setattr(self, attr, None)
+        self._built.remove(name)
+        _free()
+
+    def close(self) -> None:
+        """Stop the engines built here; engines handed in stay up."""
+        for name in list(self._built):
+            self._close(name)
 
 
 class LazyLLM:

@@ -77,9 +77,7 @@ def run_eval(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, pr
     a shard needs one. Returns the report on rank 0, None on other ranks (they only do their
     share of the shards).
     """
-    from guidealign.eval.generate import Engines, run_responses
-    from guidealign.eval.inputs import ingest_benchmark, load_benchmark, load_responses
-    from guidealign.eval.judging import judge_plans, judge_stage
+    from guidealign.eval.generate import Engines
     from guidealign.eval.settings import check_config
 
     if benchmark_file is None:
@@ -92,6 +90,18 @@ def run_eval(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, pr
     sub = workdir / "eval" / st.name
     sub.mkdir(parents=True, exist_ok=True)
     engines = Engines(cfg, llm=llm, judge_llm=judge_llm)
+    try:
+        return _run_eval(cfg, workdir, sub, st, ecfg, engines, benchmark_file, rank, world_size,
+                         progress, t0)
+    finally:
+        engines.close()
+
+
+def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchmark_file, rank: int,
+              world_size: int, progress: bool, t0: float) -> EvalReport | None:
+    from guidealign.eval.generate import run_responses
+    from guidealign.eval.inputs import ingest_benchmark, load_benchmark, load_responses
+    from guidealign.eval.judging import judge_plans, judge_stage
 
     ingested = ingest_benchmark(cfg, sub, benchmark_file, rank, world_size, progress)
     bench = load_benchmark(sub, st.category_field)

@@ -118,21 +118,43 @@ def build_llm(cfg: EngineConfig):
         log.info("starting vLLM: %s", kwargs)
         llm = LLM(**kwargs)
     # the engine's processes end with this one, even when it is SIGKILLed
-    llm._guidealign_watchdog = reaper.guard(reaper.child_pids() - before)
+    llm._guidealign_procs = reaper.child_pids() - before
+    llm._guidealign_watchdog = reaper.guard(llm._guidealign_procs)
     from guidealign.gen.templates import apply_template  # the configured chat template, or the model's own
 
     apply_template(llm.get_tokenizer(), cfg.chat_template, model=cfg.model)
     return llm
 
 
-def close_llm(llm) -> None:
-    """Stop the engine's process now and free its memory (instead of at garbage collection)."""
+def close_llm(llm, timeout: float = 60.0) -> int:
+    """Stop the engine's processes now and free their memory (CPU RAM, GPU memory); returns
+    how many of them are still alive ``timeout`` seconds later (0 after a normal shutdown).
+
+    Dropping the last reference to the ``LLM`` is not enough: vLLM's client threads keep
+    the engine and its processes alive until this process exits, so a stage after it (SFT,
+    a judge on another model) would share the accelerator with an idle engine."""
+    import psutil
+
     from guidealign.gen import reaper
 
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+    procs = []
+    for pid, created in getattr(llm, "_guidealign_procs", ()):
+        try:
+            p = psutil.Process(pid)
+            # not a reused pid, nor multiprocessing's resource tracker (started with the
+            # engine's first spawn, it stays until this process exits)
+            if abs(p.create_time() - created) < 1e-3 and \
+                    not any("resource_tracker" in a for a in p.cmdline()):
+                procs.append(p)
+        except psutil.Error:
+            pass
+    alive = psutil.wait_procs(procs, timeout=timeout)[1] if procs else []
     reaper.release(getattr(llm, "_guidealign_watchdog", None))
+    llm._guidealign_procs = set()
+    return len(alive)
 
 
 def sampling_params(s: Sampling, seed: int | None = None):
