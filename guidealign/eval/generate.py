@@ -64,26 +64,25 @@ class Engines:
         from guidealign.gen.engine import build_llm
 
         self.judge_llm = build_llm(judge_engine(self.cfg))
-        self._built.append("judge")
+        self._built.append("judge_llm")
         return self.judge_llm
 
-    def _close(self, name: str) -> None:
-        """Stop an engine built here (dropping it would leave its processes running)."""
+    def _close(self, attr: str) -> None:
+        """Stop the engine built here as ``attr`` (dropping it would leave its processes running)."""
         from guidealign.gen.engine import close_llm
 
-        attr = {"llm": "llm", "judge": "judge_llm"}[name]
         llm = getattr(self, attr)
         if self.judge_llm is llm:  # the judge was the responder's engine
             self.judge_llm = None
         close_llm(llm)
         setattr(self, attr, None)
-        self._built.remove(name)
+        self._built.remove(attr)
         _free()
 
     def close(self) -> None:
         """Stop the engines built here; engines handed in stay up."""
-        for name in list(self._built):
-            self._close(name)
+        for attr in list(self._built):
+            self._close(attr)
 
 
 class LazyLLM:

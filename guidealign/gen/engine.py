@@ -133,28 +133,15 @@ def close_llm(llm, timeout: float = 60.0) -> int:
     Dropping the last reference to the ``LLM`` is not enough: vLLM's client threads keep
     the engine and its processes alive until this process exits, so a stage after it (SFT,
     a judge on another model) would share the accelerator with an idle engine."""
-    import psutil
-
     from guidealign.gen import reaper
 
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
-    procs = []
-    for pid, created in getattr(llm, "_guidealign_procs", ()):
-        try:
-            p = psutil.Process(pid)
-            # not a reused pid, nor multiprocessing's resource tracker (started with the
-            # engine's first spawn, it stays until this process exits)
-            if abs(p.create_time() - created) < 1e-3 and \
-                    not any("resource_tracker" in a for a in p.cmdline()):
-                procs.append(p)
-        except psutil.Error:
-            pass
-    alive = psutil.wait_procs(procs, timeout=timeout)[1] if procs else []
-    reaper.release(getattr(llm, "_guidealign_watchdog", None))
+    alive = reaper.wait_exit(getattr(llm, "_guidealign_procs", set()), timeout)
+    reaper.release(getattr(llm, "_guidealign_watchdog", None))  # it kills any still alive
     llm._guidealign_procs = set()
-    return len(alive)
+    return alive
 
 
 def sampling_params(s: Sampling, seed: int | None = None):

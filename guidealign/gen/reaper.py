@@ -47,6 +47,24 @@ def child_pids() -> set[tuple[int, float]]:
     return out
 
 
+def wait_exit(procs: set[tuple[int, float]], timeout: float) -> int:
+    """Wait up to ``timeout`` seconds for ``procs`` (pid, create time) to exit; how many are
+    still alive then. multiprocessing's resource tracker (started with a first spawn, it stays
+    until this process exits) is not waited for."""
+    import psutil
+
+    live = []
+    for pid, created in procs:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 1e-3 and \
+                    not any("resource_tracker" in a for a in p.cmdline()):  # not a reused pid
+                live.append(p)
+        except psutil.Error:
+            pass
+    return len(psutil.wait_procs(live, timeout=timeout)[1]) if live else 0
+
+
 def guard(procs: set[tuple[int, float]]) -> subprocess.Popen | None:
     """Start a watchdog that kills ``procs`` once this process is gone."""
     if not procs:
