@@ -9,13 +9,15 @@ First an uninterrupted reference run of the whole pipeline (ingest ... sft) on t
 temperature 0 (so every output is reproducible), each stage a ``guidealign <stage>``
 subprocess whose wall time is measured. Then, per chaos stage, in a fresh run directory that
 holds copies of the reference's upstream outputs: start the stage, SIGKILL its process group
-after a seeded random delay within the measured uninterrupted time, and repeat until ``--kills``
-kills have landed (a run that finishes before its kill ends an episode: it is compared with
+(the first time right after the stage commits its first shard or artifact, mid-stage, the case
+resume must get right; then after seeded random delays within the measured uninterrupted time),
+and repeat until ``--kills`` kills have landed (a run that finishes before its kill ends an episode: it is compared with
 the reference and the stage output is removed for the next episode). The last episode is run
 to completion, rerun once more (a finished stage must do nothing), compared with the
 reference and checked with ``guidealign verify``'s checker.
 
-Printed per stage: kills (``partial``: kills that left the stage incomplete), rows lost, rows
+Printed per stage: kills (``partial``: kills that left the stage incomplete; ``mid``: of those,
+kills after some but not all of its shards were committed), rows lost, rows
 duplicated, rows whose text/ids differ from the reference, orphan temp files left at the end,
 shards (or artifacts) rewritten after they were committed, verify failures. Exit status 1 when
 any row is lost, duplicated or differs, or a committed shard is rewritten.
@@ -69,6 +71,7 @@ class Result:
     stage: str
     kills: int = 0
     partial: int = 0              # kills after which the stage was left incomplete
+    mid: int = 0                  # ... with some of its shards committed (a map stage)
     episodes: int = 0             # runs that reached completion and were compared
     lost: int = 0
     duplicated: int = 0
@@ -118,15 +121,25 @@ def env() -> dict:
     return e
 
 
-def run_stage(st: Stage, workdir: Path, args, log: Path, kill_after: float | None = None):
-    """Run the stage; SIGKILL its process group after ``kill_after`` s. Returns (killed, rc, s)."""
+def run_stage(st: Stage, workdir: Path, args, log: Path, kill_after: float | str | None = None):
+    """Run the stage; SIGKILL its process group after ``kill_after`` s, or with
+    ``kill_after="commit"`` as soon as it has committed something new. Returns (killed, rc, s)."""
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n=== {' '.join(stage_cmd(st, workdir, args))} (kill after {kill_after})\n")
         f.flush()
+        before = commit_records(st, workdir) if kill_after == "commit" else None
         p = subprocess.Popen(stage_cmd(st, workdir, args), cwd=REPO, env=env(), stdout=f,
                              stderr=subprocess.STDOUT, start_new_session=True)
         try:
+            if kill_after == "commit":
+                while commit_records(st, workdir) == before:
+                    try:
+                        rc = p.wait(timeout=0.02)
+                        return False, rc, time.perf_counter() - t0
+                    except subprocess.TimeoutExpired:
+                        pass
+                raise subprocess.TimeoutExpired(p.args, 0)
             rc = p.wait(timeout=kill_after)
             return False, rc, time.perf_counter() - t0
         except subprocess.TimeoutExpired:
@@ -287,14 +300,16 @@ def chaos_stage(st: Stage, ref: Path, root: Path, ref_seconds: float, args, rng)
     before = commit_records(st, w)
     while True:
         finishing = res.kills >= args.kills
-        delay = None if finishing else rng.uniform(0.0, ref_seconds)
+        delay = None if finishing else "commit" if res.kills == 0 else rng.uniform(0.0, ref_seconds)
         killed, rc, _ = run_stage(st, w, args, log, kill_after=delay)
         after = commit_records(st, w)
         check_rewrites(before, after, res)
         before = after
         if killed:
             res.kills += 1
-            res.partial += not is_complete(st, w)
+            if not is_complete(st, w):
+                res.partial += 1
+                res.mid += any(k != "_done" for k in after)
             continue
         if rc != 0:
             res.notes.append(f"run exited {rc}; see {log}")
@@ -345,9 +360,9 @@ def build_reference(root: Path, args, upto: list[Stage]) -> dict[str, float]:
 
 
 def render(results: list[Result]) -> str:
-    head = ("stage", "kills", "partial", "episodes", "lost", "dup", "extra", "differ", "orphans",
+    head = ("stage", "kills", "partial", "mid", "episodes", "lost", "dup", "extra", "differ", "orphans",
             "rewritten", "verify", "artifact same", "ref s", "chaos s")
-    rows = [head] + [(r.stage, r.kills, r.partial, r.episodes, r.lost, r.duplicated, r.extra,
+    rows = [head] + [(r.stage, r.kills, r.partial, r.mid, r.episodes, r.lost, r.duplicated, r.extra,
                       r.differ, r.orphans, r.rewritten, r.verify_failures,
                       "-" if r.artifact_identical is None else ("yes" if r.artifact_identical else "no"),
                       r.ref_seconds, r.seconds) for r in results]

@@ -1,5 +1,9 @@
-"""End to end: the whole demo pipeline on 24 sample prompts with the embedded models, through
-the CLI, then checks of every stage's output and of the final model (loaded in vLLM)."""
+"""End to end: the whole demo pipeline on 16 sample prompts with the embedded models, through
+the CLI, as two workers of one run (rank 0 and rank 1 of 2, as two GPUs or two SLURM tasks would
+start them: each runs its half of the per-prompt stages with its own engine, rank 0 runs the
+reduce stages and SFT), then checks of every stage's output. (That an SFT checkpoint loads in
+vLLM and answers is tested once, in tests/test_sft.py, and with a saved chat template in
+tests/test_paper_twin.py.)"""
 from __future__ import annotations
 
 import json
@@ -10,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from guidealign.shards import iter_tables, read_manifest
+from guidealign.shards import iter_tables, read_manifest, read_marker
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+
+PROMPTS, SHARDS = 16, 4
 
 
 def _rows(d: Path) -> list[dict]:
@@ -27,28 +33,41 @@ def _cli(*args, timeout=1500):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """(run dir, rank 0's stdout, rank 1's stdout) of one finished two-worker demo run."""
     tmp = tmp_path_factory.mktemp("e2e")
     src = tmp / "prompts.jsonl"
     lines = (REPO / "data/samples/prompts.jsonl").read_text().splitlines()
-    src.write_text("\n".join(lines[:24]) + "\n")
+    src.write_text("\n".join(lines[:PROMPTS]) + "\n")
     w = tmp / "run"
-    r = _cli("run", "-c", "configs/demo.yaml", "-w", str(w), "--no-progress", *_SETS(src))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return w, r.stdout
+    # one core each for the two engines' threads (both binding both cores would run 4 threads
+    # on 2 cores); threads are a performance setting, outside every fingerprint
+    procs = [subprocess.Popen([sys.executable, "-m", "guidealign", "run", "-c", "configs/demo.yaml",
+                               "-w", str(w), "--no-progress", "--rank", str(r), "--world-size", "2",
+                               *_SETS(src), "--set", f"engine.cpu_threads_bind={r}",
+                               "--set", "executor.stall_timeout_s=1200"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=2400) for p in procs]  # a hang guard, not a timing check
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r}:\n{out[-3000:]}\n{err[-5000:]}"
+    return w, outs[0][0], outs[1][0]
 
 
 def _SETS(src):  # noqa: N802 - the overrides every run of this module uses
-    # Greedy decoding (float32, so the output does not depend on batching or order), and SFT
-    # keeps answers cut at the cap too, so the training set is never empty whatever the model says.
-    return ["--set", f"inputs=[{src}]", "--set", "respond.sampling.max_tokens=192",
-            "--set", "detect.sampling.temperature=0", "--set", "guidelines.sampling.temperature=0",
-            "--set", "sft.keep_finish_reasons=[stop,length]"]
+    # Greedy decoding (float32, so the output does not depend on batching or order), short
+    # outputs, 2 SFT steps; SFT keeps answers cut at the cap too, so the training set is never
+    # empty whatever the model says.
+    sets = [f"inputs=[{src}]", f"ingest.shard_rows={PROMPTS // SHARDS}", "engine.cpu_kvcache_gib=1",
+            "detect.sampling.temperature=0", "detect.sampling.max_tokens=64",
+            "guidelines.sampling.temperature=0", "guidelines.sampling.max_tokens=128",
+            "respond.sampling.max_tokens=96", "sft.max_steps=2", "sft.keep_finish_reasons=[stop,length]"]
+    return [a for s in sets for a in ("--set", s)]
 
 
 def test_every_stage_has_its_outputs(demo_run):
-    w, out = demo_run
+    w, _, _ = demo_run
     prompts = _rows(w / "prompts")
-    assert len(prompts) == 24 and read_manifest(w / "prompts")["num_shards"] == 3
+    assert len(prompts) == PROMPTS and read_manifest(w / "prompts")["num_shards"] == SHARDS
     ids = {p["id"] for p in prompts}
 
     detect = _rows(w / "detect")
@@ -73,7 +92,7 @@ def test_every_stage_has_its_outputs(demo_run):
     assert len({g["guideline_id"] for g in library}) == len(library)
     assert all(set(g["prompt_ids"]) <= ids and g["members"] >= 1 for g in library)
     # sizes before/after each step are reported, and they add up
-    assert report["prompts"] == 24
+    assert report["prompts"] == PROMPTS
     assert report["exploded"] == exploded
     assert report["exploded"] - report["empty_dropped"] >= report["after_exact"] >= report["after_near"]
     assert report["after_near"] == len(library)
@@ -110,10 +129,23 @@ def test_every_stage_has_its_outputs(demo_run):
     assert "smollm2" in card.lower()
 
 
+def test_two_ranks_split_every_per_prompt_stage(demo_run):
+    w, out0, out1 = demo_run
+    # each per-prompt stage: every shard committed, half by each rank, every prompt exactly once
+    for stage in ("detect", "guidelines", "retrieve", "respond"):
+        assert all(read_marker(w / stage, i) is not None for i in range(SHARDS)), stage
+        ids = [i for t in iter_tables(w / stage) for i in t.column("id").to_pylist()]
+        assert len(ids) == len(set(ids)) == PROMPTS, stage
+    for r, out in enumerate((out0, out1)):
+        assert out.count(f"respond: {SHARDS // 2} shard(s) written") == 1, f"rank {r}:\n{out[-3000:]}"
+    # every rank runs every stage function; only rank 0 trains (TRL logs its train_loss)
+    assert "'train_loss'" in out0 and "'train_loss'" not in out1
+
+
 def test_engine_processes_end_before_sft_trains(demo_run):
     # the run stops its vLLM engine (dropping the LLM object would leave its processes
     # holding their memory, or a GPU's, while SFT trains) and checks that they exited
-    _, out = demo_run
+    _, out, _ = demo_run
     lines = out.splitlines()
     stopped = lines.index("engine stopped before sft: its processes have exited")
     assert lines[stopped + 1] == "== sft"
@@ -125,7 +157,7 @@ def test_rerun_does_nothing(demo_run, tmp_path, where):
     """A rerun of a finished run, in place or after copying the run directory under another
     name (another filesystem, another mount point), writes nothing and starts no engine:
     fingerprints depend on content and config, never on paths."""
-    w, _ = demo_run
+    w = demo_run[0]
     if where == "moved":
         w2 = tmp_path / "elsewhere" / "renamed-run"
         shutil.copytree(w, w2, copy_function=shutil.copy2)
@@ -147,34 +179,12 @@ def test_rerun_does_nothing(demo_run, tmp_path, where):
 
 
 def test_status_and_show(demo_run):
-    w, _ = demo_run
+    w = demo_run[0]
     r = _cli("status", str(w), "--json")
     rows = {s["stage"]: s for s in json.loads(r.stdout)}
     for st in ("prompts", "detect", "guidelines", "retrieve", "respond"):
-        assert rows[st]["shards_done"] == rows[st]["shards_total"] == 3
+        assert rows[st]["shards_done"] == rows[st]["shards_total"] == SHARDS
     r = _cli("show", str(w), "-n", "2")
     # one heading line per prompt shown (generated answers, indented, may contain "###" too)
     headings = [ln for ln in r.stdout.splitlines() if ln.startswith("### ")]
     assert r.returncode == 0 and len(headings) == 2 and "retrieved guidelines" in r.stdout
-
-
-_ANSWER = """
-import sys
-from guidealign.gen.engine import EngineConfig, Sampling, build_llm, generate, sampling_params
-llm = build_llm(EngineConfig(model=sys.argv[1], dtype="float32", max_model_len=1024))
-tok = llm.get_tokenizer()
-p = tok.apply_chat_template([{"role": "user", "content": "Name a color of the sky."}],
-                            tokenize=False, add_generation_prompt=True)
-[g] = generate(llm, [p], sampling_params(Sampling(temperature=0.0, max_tokens=32)))
-print("ANSWER:", g.output_tokens, g.finish_reason, repr(g.text))
-"""
-
-
-def test_final_model_loads_in_vllm_and_answers(demo_run):
-    w, _ = demo_run
-    r = subprocess.run([sys.executable, "-c", _ANSWER, str(w / "sft" / "model")], capture_output=True,
-                       text=True, timeout=600, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("ANSWER:"))
-    n_tokens = int(line.split()[1])
-    assert n_tokens > 0

@@ -95,7 +95,9 @@ SlurmUser=root
 SlurmdUser=root
 $authconf
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# each task bound to the CPUs it was allocated (as task/affinity or task/cgroup do on clusters),
+# so two engines of one array on this node do not both spread threads over every core
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
