@@ -9,15 +9,15 @@ First an uninterrupted reference run of the whole pipeline (ingest ... sft) on t
 temperature 0 (so every output is reproducible), each stage a ``guidealign <stage>``
 subprocess whose wall time is measured. Then, per chaos stage, in a fresh run directory that
 holds copies of the reference's upstream outputs: start the stage, SIGKILL its process group
-(the first time right after the stage commits its first shard or artifact, mid-stage, the case
-resume must get right; then after seeded random delays within the measured uninterrupted time),
+(the first time right after the stage writes its first shard marker, mid-stage, the case resume
+must get right; then after seeded random delays within the measured uninterrupted time),
 and repeat until ``--kills`` kills have landed (a run that finishes before its kill ends an episode: it is compared with
 the reference and the stage output is removed for the next episode). The last episode is run
 to completion, rerun once more (a finished stage must do nothing), compared with the
 reference and checked with ``guidealign verify``'s checker.
 
 Printed per stage: kills (``partial``: kills that left the stage incomplete; ``mid``: of those,
-kills after some but not all of its shards were committed), rows lost, rows
+kills after some of its shards were written), rows lost, rows
 duplicated, rows whose text/ids differ from the reference, orphan temp files left at the end,
 shards (or artifacts) rewritten after they were committed, verify failures. Exit status 1 when
 any row is lost, duplicated or differs, or a committed shard is rewritten.
@@ -71,7 +71,7 @@ class Result:
     stage: str
     kills: int = 0
     partial: int = 0              # kills after which the stage was left incomplete
-    mid: int = 0                  # ... with some of its shards committed (a map stage)
+    mid: int = 0                  # ... with some of its shards written
     episodes: int = 0             # runs that reached completion and were compared
     lost: int = 0
     duplicated: int = 0
@@ -123,17 +123,18 @@ def env() -> dict:
 
 def run_stage(st: Stage, workdir: Path, args, log: Path, kill_after: float | str | None = None):
     """Run the stage; SIGKILL its process group after ``kill_after`` s, or with
-    ``kill_after="commit"`` as soon as it has committed something new. Returns (killed, rc, s)."""
+    ``kill_after="commit"`` as soon as a new shard marker or ``_done.json`` appears (for a
+    reduce stage: its shards moved into place, not yet committed). Returns (killed, rc, s)."""
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n=== {' '.join(stage_cmd(st, workdir, args))} (kill after {kill_after})\n")
         f.flush()
-        before = commit_records(st, workdir) if kill_after == "commit" else None
+        before = written_records(st, workdir) if kill_after == "commit" else None
         p = subprocess.Popen(stage_cmd(st, workdir, args), cwd=REPO, env=env(), stdout=f,
                              stderr=subprocess.STDOUT, start_new_session=True)
         try:
             if kill_after == "commit":
-                while commit_records(st, workdir) == before:
+                while written_records(st, workdir) == before:
                     try:
                         rc = p.wait(timeout=0.02)
                         return False, rc, time.perf_counter() - t0
@@ -168,7 +169,16 @@ def _reap_group(pgid: int) -> None:
 
 # --- state of a stage's output ----------------------------------------------------------
 def commit_records(st: Stage, workdir: Path) -> dict:
-    """What is committed now: {shard index: (sha256, created)} and/or {"_done": text}."""
+    """What is committed now: {shard index: (sha256, created)} and/or {"_done": text}. A map
+    stage commits shard by shard; a reduce stage or an artifact is built in a temp dir, moved
+    into place and committed by its ``_done.json`` (until then it is rebuilt on resume, and
+    nothing waits for it), so before that nothing of it counts as committed."""
+    out = written_records(st, workdir)
+    return out if st.kind == "map" or "_done" in out else {}
+
+
+def written_records(st: Stage, workdir: Path) -> dict:
+    """The shard markers and ``_done.json`` present now, committed or not."""
     from guidealign.shards.layout import shard_indices
     from guidealign.shards.marker import read_marker
 
@@ -309,7 +319,7 @@ def chaos_stage(st: Stage, ref: Path, root: Path, ref_seconds: float, args, rng)
             res.kills += 1
             if not is_complete(st, w):
                 res.partial += 1
-                res.mid += any(k != "_done" for k in after)
+                res.mid += any(k != "_done" for k in written_records(st, w))
             continue
         if rc != 0:
             res.notes.append(f"run exited {rc}; see {log}")
