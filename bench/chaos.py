@@ -132,25 +132,27 @@ def run_stage(st: Stage, workdir: Path, args, log: Path, kill_after: float | str
         before = written_records(st, workdir) if kill_after == "commit" else None
         p = subprocess.Popen(stage_cmd(st, workdir, args), cwd=REPO, env=env(), stdout=f,
                              stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            if kill_after == "commit":
-                while written_records(st, workdir) == before:
-                    try:
-                        rc = p.wait(timeout=0.02)
-                        return False, rc, time.perf_counter() - t0
-                    except subprocess.TimeoutExpired:
-                        pass
-                raise subprocess.TimeoutExpired(p.args, 0)
-            rc = p.wait(timeout=kill_after)
+        rc = _wait(p, kill_after, lambda: written_records(st, workdir) != before)
+        if rc is not None:
             return False, rc, time.perf_counter() - t0
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+        _reap_group(p.pid)
+        return True, -9, time.perf_counter() - t0
+
+
+def _wait(p: subprocess.Popen, kill_after, wrote) -> int | None:
+    """``p``'s exit status, or None when it is to be killed: after ``kill_after`` s, or with
+    ``kill_after="commit"`` once ``wrote()`` (polled every 20 ms) is true."""
+    while True:
+        try:
+            return p.wait(timeout=0.02 if kill_after == "commit" else kill_after)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-            _reap_group(p.pid)
-            return True, -9, time.perf_counter() - t0
+            if kill_after != "commit" or wrote():
+                return None
 
 
 def _reap_group(pgid: int) -> None:

@@ -1,6 +1,7 @@
-"""A short `bench/chaos.py`: SIGKILL ingest, detect and the library (first right after a stage's
-first commit, then at seeded random moments), resume, and compare with an uninterrupted run
-(real CLI subprocesses, the embedded model; the engine's processes die with the stage's)."""
+"""A short `bench/chaos.py`: SIGKILL ingest, detect and the library (first right after a stage
+writes its first shard marker, then at seeded random moments), resume, and compare with an
+uninterrupted run (real CLI subprocesses, the embedded model; the engine's processes die with
+the stage's)."""
 from __future__ import annotations
 
 import json

@@ -185,8 +185,6 @@ def test_rouge_l_rule():
     assert p.offer("What is the best poison for rats in a garden shed?", "g") is None
 
 
-# Greedy float32 output is compared between runs whose engines are in the same state: prefix
-# caching off, so a shard's output does not depend on what the engine computed before it.
 def test_structured_outputs_always_parse(llm, generator_path, workdir):
     """With detect.structured and guidelines.structured on, every output that finished
     (not cut at max_tokens) parses: a verdict, and 5-7 guidelines that all have titles."""
