@@ -109,8 +109,8 @@ case "$cmd" in
     setup
     slurm_packages
     # -X faulthandler: a crash anywhere, even in interpreter teardown after the summary,
-    # prints the stack of every thread
-    "$VENV/bin/python" -X faulthandler -m pytest "$@"
+    # prints the stack of every thread (PYTHONFAULTHANDLER: the same in pytest-xdist workers)
+    PYTHONFAULTHANDLER=1 "$VENV/bin/python" -X faulthandler -m pytest "$@"
     ;;
   launch) exec scripts/launch.sh "$@" ;;  # never installs: run ./run.sh setup once, before the job
   gx) exec "$VENV/bin/guidealign" "$@" ;;

@@ -9,19 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from exclusive import machine_lock
+
 SCRIPT = Path(__file__).resolve().parent / "slurm" / "local_slurm.sh"
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=180)
-    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
-    try:
-        assert start.returncode == 0, f"local SLURM did not start:\n{start.stdout}\n{start.stderr}"
-        yield env
-    finally:
-        subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, text=True, timeout=120)
+    with machine_lock("slurm"):  # its daemons listen on fixed ports
+        start = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=180)
+        env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
+        try:
+            assert start.returncode == 0, f"local SLURM did not start:\n{start.stdout}\n{start.stderr}"
+            yield env
+        finally:
+            subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, text=True, timeout=120)
 
 
 def wait_gone(env: dict, job: str, limit_s: float = 600, poll: float = 0.5) -> None:

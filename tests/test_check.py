@@ -22,6 +22,8 @@ def bare_model(generator_path, tmp_path_factory):
 
 
 def check(*args, env=None):
+    # a fixed width: the table's rows must not wrap whatever terminal (or none) the suite has
+    env = {"COLUMNS": "200", **(env or {})}
     r = CliRunner().invoke(cli, ["check", *args], env=env, catch_exceptions=False)
     return r.exit_code, r.output
 

@@ -23,6 +23,7 @@ from guidealign.config import Config  # noqa: E402
 from guidealign.executors import ExecutorError, TaskResult, ray_task_options, run_stage  # noqa: E402
 from guidealign.ingest.run import IngestConfig, ingest  # noqa: E402
 from guidealign.shards import map_shards, read_marker, read_table  # noqa: E402
+from exclusive import machine_lock  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 N_PROMPTS, SHARD_ROWS = 40, 5  # -> 8 shards
@@ -63,13 +64,14 @@ def journal(workdir: Path) -> list[tuple[int, int, int]]:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    if ray.is_initialized():
+    with machine_lock("ray"):
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=2, resources={"slot": 2}, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+        yield ray
         ray.shutdown()
-    ray.init(num_cpus=2, resources={"slot": 2}, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
-    yield ray
-    ray.shutdown()
 
 
 def write_prompts(path: Path, n: int = N_PROMPTS) -> Path:

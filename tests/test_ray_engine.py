@@ -14,6 +14,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from guidealign.shards import iter_tables, read_manifest, read_marker  # noqa: E402
+from exclusive import machine_lock  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +38,16 @@ WORKERS = 1
 
 @pytest.fixture(scope="module")
 def ray_two_cpus():
-    if ray.is_initialized():
+    with machine_lock("ray"):
+        if ray.is_initialized():
+            ray.shutdown()
+        # Ray's memory monitor kills workers when the whole machine is short of memory, whoever
+        # uses it; a killed worker restarts and rebuilds its engine, which is not what is tested
+        # here
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, _system_config={"memory_monitor_refresh_ms": 0})
+        yield ray
         ray.shutdown()
-    # Ray's memory monitor kills workers when the whole machine is short of memory, whoever
-    # uses it; a killed worker restarts and rebuilds its engine, which is not what is tested here
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, _system_config={"memory_monitor_refresh_ms": 0})
-    yield ray
-    ray.shutdown()
 
 
 def detect_cfg(generator_path: str, *sets: str):

@@ -10,6 +10,7 @@ Any model in the config is a local path, a Hub id, or one of the names below.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -72,11 +73,20 @@ def prepare_generator(force: bool = False) -> Path:
     out = generator_dir()
     if (out / "guidealign.json").exists() and not force:
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one process converts; others on this machine (ranks, test workers) wait for it, then reuse
+    with open(out.parent / ".generator.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "guidealign.json").exists() and not force:
+            return out
+        return _convert_generator(out)
+
+
+def _convert_generator(out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = find_gguf()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
         log.info("converting %s -> %s", gguf, out)
