@@ -23,6 +23,9 @@ def test_chaos_short_run_loses_and_repeats_nothing(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "chaos.py"), "--kills", str(KILLS),
            "--stages", ",".join(STAGES), "--prompts", "6", "--shard-rows", "2",
            "--detect-tokens", "8", "--guidelines-tokens", "64", "--seed", "1",
+           # one few-shot exemplar each: shorter prompts, the same crash-and-resume paths
+           "--set", "detect.max_exemplars=1", "--set", "guidelines.max_safety_exemplars=1",
+           "--set", "guidelines.max_quality_exemplars=1",
            "--workdir", str(tmp_path / "w"), "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
