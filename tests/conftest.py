@@ -16,6 +16,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# each pytest-xdist worker computes on its own core(s): tests/cores.py
+from cores import pin_xdist_worker  # noqa: E402
+
+pin_xdist_worker()
+
+
 def engine_config(**over):
     from guidealign.gen.engine import EngineConfig
 

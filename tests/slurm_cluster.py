@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cores import whole_machine
 from exclusive import machine_lock
 
 SCRIPT = Path(__file__).resolve().parent / "slurm" / "local_slurm.sh"
@@ -18,7 +19,8 @@ SCRIPT = Path(__file__).resolve().parent / "slurm" / "local_slurm.sh"
 def slurm(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
     with machine_lock("slurm"):  # its daemons listen on fixed ports
-        start = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=180)
+        start = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=180,
+                               preexec_fn=whole_machine)  # a node of every core
         env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
         try:
             assert start.returncode == 0, f"local SLURM did not start:\n{start.stdout}\n{start.stderr}"
