@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import os
 
-# the cores this process was given before any pinning (children of a pinned worker inherit its
-# pin, so the first process to import this module records them for all: an env variable)
-ALL = tuple(int(c) for c in os.environ.setdefault(
-    "GUIDEALIGN_TEST_ALL_CORES", ",".join(map(str, sorted(os.sched_getaffinity(0))))).split(","))
+# the cores this process was given: read on import, which conftest does before it pins
+ALL = tuple(sorted(os.sched_getaffinity(0)))
 
 
 def pin_xdist_worker() -> None:
