@@ -749,6 +749,44 @@ def test_shard_writer_groups_queued_shards_and_commits_them_verifiably(tmp_path)
     assert sum(groups) == 6 and len(groups) <= 2
 
 
+def test_shard_writer_syncs_every_file_before_renaming_it(tmp_path, monkeypatch):
+    """Durability with the batched syncs: every shard, quarantine and marker file is fdatasynced
+    before the rename that makes it visible, and each marker only after its shard's files."""
+    import os
+
+    from guidealign.ingest import commit as commit_mod
+    from guidealign.ingest.commit import Pending, ShardWriter
+
+    events = []
+    sync, replace = commit_mod._sync, os.replace
+    monkeypatch.setattr(commit_mod, "_sync",
+                        lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))), sync(fd)))
+    monkeypatch.setattr(commit_mod.os, "replace",
+                        lambda a, b: (events.append(("rename", str(a), str(b))), replace(a, b)))
+
+    def build(i):
+        t = pa.table({"id": [f"{i:016x}"], "prompt": [f"p{i}"], "source": ["s"], "metadata": ["{}"]})
+        bad = pa.table({"source": ["s"], "row": [i], "reason": ["empty prompt"], "raw": [None]},
+                       schema=pa.schema([("source", pa.string()), ("row", pa.int64()),
+                                         ("reason", pa.string()), ("raw", pa.string())]))
+        return lambda: (t, bad if i % 2 else None)
+
+    dst = tmp_path / "d"
+    writer = ShardWriter(dst, max_pending=8, max_group=8)
+    for i in range(5):
+        writer.submit(Pending(i, f"fp{i}", build(i), 0.0, {}))
+    writer.close()
+    assert committed(dst) == list(range(5))
+    renames = [e for e in events if e[0] == "rename"]
+    assert len(renames) == 5 + 2 + 5  # shards, quarantine files (odd shards), markers
+    for k, (_, tmp, final) in enumerate(renames):
+        at = events.index(("rename", tmp, final))
+        assert ("sync", tmp) in events[:at], f"{final} renamed before its file was synced"
+        if final.endswith(".done.json"):
+            shard = final.replace(".done.json", ".parquet")
+            assert any(e[0] == "rename" and e[2] == shard for e in events[:at]), final
+
+
 def test_shard_writer_error_reaches_the_caller(tmp_path):
     from guidealign.ingest.commit import Pending, ShardWriter
 
@@ -759,6 +797,25 @@ def test_shard_writer_error_reaches_the_caller(tmp_path):
     writer.submit(Pending(0, "fp", boom, 0.0, {}))
     with pytest.raises(OSError, match="disk full"):
         writer.close()
+    assert committed(tmp_path / "d") == []
+
+
+def test_shard_writer_sync_error_reaches_the_caller(tmp_path):
+    """An error in the sync thread (fsync failing: EIO, a full quota) reaches the caller and no
+    marker is written after it."""
+    from guidealign.ingest.commit import Pending, ShardWriter
+
+    def fail(w):
+        raise OSError("fsync: input/output error")
+
+    writer = ShardWriter(tmp_path / "d", max_pending=2, max_group=1)
+    writer._make_durable = fail
+    t = pa.table({"id": ["0" * 16], "prompt": ["p"], "source": ["s"], "metadata": ["{}"]})
+    with pytest.raises(OSError, match="input/output error"):
+        for i in range(6):
+            writer.submit(Pending(i, "fp", lambda: (t, None), 0.0, {}))
+        writer.close()
+    writer.close()  # raised once; after it nothing more is committed
     assert committed(tmp_path / "d") == []
 
 
