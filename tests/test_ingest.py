@@ -763,6 +763,8 @@ def test_shard_writer_syncs_every_file_before_renaming_it(tmp_path, monkeypatch)
                         lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))), sync(fd)))
     monkeypatch.setattr(commit_mod.os, "replace",
                         lambda a, b: (events.append(("rename", str(a), str(b))), replace(a, b)))
+    fsync_dir = commit_mod.fsync_dir
+    monkeypatch.setattr(commit_mod, "fsync_dir", lambda d: (events.append(("dirsync", str(d))), fsync_dir(d)))
 
     def build(i):
         t = pa.table({"id": [f"{i:016x}"], "prompt": [f"p{i}"], "source": ["s"], "metadata": ["{}"]})
@@ -782,9 +784,15 @@ def test_shard_writer_syncs_every_file_before_renaming_it(tmp_path, monkeypatch)
     for k, (_, tmp, final) in enumerate(renames):
         at = events.index(("rename", tmp, final))
         assert ("sync", tmp) in events[:at], f"{final} renamed before its file was synced"
-        if final.endswith(".done.json"):
-            shard = final.replace(".done.json", ".parquet")
-            assert any(e[0] == "rename" and e[2] == shard for e in events[:at]), final
+        if final.endswith(".done.json"):  # a marker: after its files' renames and a sync of their dirs
+            i = int(final.rsplit("-", 1)[1].split(".")[0])
+            files = [str(dst / f"shard-{i:05d}.parquet")]
+            if i % 2:
+                files.append(str(dst / "quarantine" / f"shard-{i:05d}.parquet"))
+            for f in files:
+                moved = [k for k, e in enumerate(events[:at]) if e[0] == "rename" and e[2] == f]
+                assert moved, f"marker {final} before {f}"
+                assert ("dirsync", str(Path(f).parent)) in events[moved[0]:at], f"{f}'s dir not synced"
 
 
 def test_shard_writer_error_reaches_the_caller(tmp_path):
@@ -800,23 +808,34 @@ def test_shard_writer_error_reaches_the_caller(tmp_path):
     assert committed(tmp_path / "d") == []
 
 
-def test_shard_writer_sync_error_reaches_the_caller(tmp_path):
-    """An error in the sync thread (fsync failing: EIO, a full quota) reaches the caller and no
-    marker is written after it."""
+def test_shard_writer_sync_error_reaches_the_caller(tmp_path, monkeypatch):
+    """An error in the sync thread (fsync failing: EIO, a full quota) reaches the caller once,
+    nothing is committed after it, and no file descriptor is left open."""
+    import os
+
+    from guidealign.ingest import commit as commit_mod
     from guidealign.ingest.commit import Pending, ShardWriter
 
-    def fail(w):
-        raise OSError("fsync: input/output error")
+    sync, calls = commit_mod._sync, []
 
+    def failing_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError("fsync: input/output error")
+        sync(fd)
+
+    monkeypatch.setattr(commit_mod, "_sync", failing_once)
+    open_fds = len(os.listdir("/proc/self/fd"))
     writer = ShardWriter(tmp_path / "d", max_pending=2, max_group=1)
-    writer._make_durable = fail
     t = pa.table({"id": ["0" * 16], "prompt": ["p"], "source": ["s"], "metadata": ["{}"]})
     with pytest.raises(OSError, match="input/output error"):
         for i in range(6):
             writer.submit(Pending(i, "fp", lambda: (t, None), 0.0, {}))
         writer.close()
-    writer.close()  # raised once; after it nothing more is committed
-    assert committed(tmp_path / "d") == []
+    writer.close()  # raised once: closing again neither raises nor commits anything more
+    assert calls  # the failing sync ran
+    assert committed(tmp_path / "d") == []  # the later groups (fsync fine) were not committed
+    assert len(os.listdir("/proc/self/fd")) == open_fds
 
 
 def test_block_scan_counts_match_bytes_methods():

@@ -74,9 +74,16 @@ class _Files:
             self.close()
 
     def close(self) -> None:
+        """Close every file (all of them, even when one close fails); raise the first error."""
         fds, self.fds = self.fds, []
+        err = None
         for fd in fds:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as e:  # e.g. EIO or a quota reported only at close on NFS
+                err = err or e
+        if err is not None:
+            raise err
 
 
 def _tmp(path: Path) -> Path:
@@ -120,7 +127,10 @@ class ShardWriter:
         self.kill_after = kill_after
         self.committed = 0
         self.error: BaseException | None = None  # raised once, to the caller
-        self.failed = False  # after any error nothing more is committed
+        # after any error nothing more is committed (not even groups already written before
+        # it): a rerun redoes them, and their temp files are removed by the next ingest
+        self.failed = False
+        self.lock = threading.Lock()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="ingest-write", daemon=True)
         self.sync_thread = threading.Thread(target=self._run_sync, name="ingest-sync", daemon=True)
@@ -147,13 +157,15 @@ class ShardWriter:
         self._raise()
 
     def _raise(self) -> None:
-        if self.error is not None:
+        with self.lock:
             err, self.error = self.error, None
+        if err is not None:
             raise err
 
     def _fail(self, e: BaseException) -> None:
-        if not self.failed:  # the first error is the one the caller sees
-            self.failed, self.error = True, e
+        with self.lock:  # both threads may fail at once: the first error is the one raised
+            if not self.failed:
+                self.failed, self.error = True, e
 
     # --- write thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -189,7 +201,10 @@ class ShardWriter:
         try:
             markers, renames, touched_q = self._write_group(group, files)
         except BaseException:
-            files.close()
+            try:
+                files.close()
+            except OSError:
+                pass  # the write error is the one to report
             raise
         self.synced.put(_Written([p.index for p in group], files, markers, renames, touched_q))
 
@@ -236,15 +251,20 @@ class ShardWriter:
                     self._make_durable(w)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 self._fail(e)
-            finally:
-                w.files.close()
+            try:
+                w.files.close()  # a group skipped after an error still has its files open
+            except OSError as e:
+                self._fail(e)
 
     def _make_durable(self, w: _Written) -> None:
         """Old markers gone, files synced (all, then renamed), directories synced, then the
         markers written, synced and renamed in order."""
         dst = self.dst
-        for i in w.indices:
-            marker_path(dst, i).unlink(missing_ok=True)
+        old = [marker_path(dst, i) for i in w.indices if marker_path(dst, i).exists()]
+        for m in old:
+            m.unlink(missing_ok=True)
+        if old:  # a rerun over committed shards: their markers durably gone before any rename
+            fsync_dir(dst)
         w.files.sync()  # every file of the group written first, then all synced
         for tmp, path in w.renames:
             if tmp is None:
