@@ -471,14 +471,18 @@ def test_hash_set_matches_a_python_set():
     rng = np.random.default_rng(0)
     s, ref = HashSet(max_run=2000), set()
     for _ in range(200):
-        h = rng.integers(0, 5000, size=int(rng.integers(0, 300)), dtype=np.uint64)
+        # few distinct values (repeats within and across batches), spread over all 64 bits
+        # (and so over the set's parts) by a multiplication that wraps
+        h = rng.integers(0, 5000, size=int(rng.integers(0, 300)), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         new = s.add_new(h)
         expect = []
         for x in h.tolist():
             expect.append(x not in ref)
             ref.add(x)
         assert new.tolist() == expect
-    assert len(s) == len(ref) and len(s.runs) < 20 and max(r.size for r in s.runs) < 4000
+    assert len(s) == len(ref) and all(len(p.runs) < 20 for p in s.parts)
+    assert len({int(r[0]) >> (64 - s.PART_BITS) for r in s.runs}) == s.PARTS  # every part in use
+    assert max(r.size for r in s.runs) < 2 * 2000 // s.PARTS
     assert all((r[1:] > r[:-1]).all() for r in s.runs)  # each run sorted, no repeats
 
 

@@ -129,15 +129,52 @@ def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
 
 
 class HashSet:
-    """Set of 64-bit prompt hashes as sorted uint64 runs of halving sizes (8 bytes a prompt).
+    """Set of 64-bit prompt hashes, 8 bytes a prompt: 4 parts by the top 2 bits of the hash
+    (uniform), each a list of sorted uint64 runs (``_Runs``).
 
-    Adding a batch appends a sorted run and merges runs while the newest is at least half the
-    size of the one before, so there are O(log n) runs and each hash is merged O(log n) times
-    (plus one run per 4M hashes once runs reach ``max_run``)."""
+    The parts keep the moment two runs merge small: the largest merge is 1/4 of the set's, so at
+    10M prompts the peak beside the set is ~17 MiB instead of ~42 (a 10M-hash test); more parts
+    cut it further but cost more per block (16 parts: 6 MiB, +0.06 s per 1M hashes; 4: +0.02 s)."""
+
+    PART_BITS = 2
+    PARTS = 1 << PART_BITS
 
     def __init__(self, max_run: int = 1 << 22):
+        # a part's runs stop merging at max_run / PARTS hashes (4M / 4: 8 MiB)
+        self.parts = [_Runs(max(1, max_run // self.PARTS)) for _ in range(self.PARTS)]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @property
+    def runs(self) -> list[np.ndarray]:
+        return [r for p in self.parts for r in p.runs]
+
+    def add_new(self, h: np.ndarray) -> np.ndarray:
+        """Mask of the hashes in ``h`` (in order) that were not in the set (first occurrence
+        within ``h`` counts as new); adds them."""
+        if not h.size:
+            return np.zeros(0, dtype=bool)
+        part = (h >> np.uint64(64 - self.PART_BITS)).astype(np.uint8)  # 8-bit keys: radix sort
+        order = np.argsort(part, kind="stable")  # each part's hashes, in their order in h
+        ends = np.cumsum(np.bincount(part, minlength=self.PARTS))
+        new = np.empty(h.size, dtype=bool)
+        start = 0
+        for p, end in zip(self.parts, ends.tolist()):
+            if end > start:
+                idx = order[start:end]
+                new[idx] = p.add_new(h[idx])
+                start = end
+        return new
+
+
+class _Runs:
+    """Sorted uint64 runs of halving sizes: adding a batch appends a sorted run and merges runs
+    while the newest is at least half the size of the one before, so there are O(log n) runs
+    and each hash is merged O(log n) times (plus one run per ``max_run`` hashes after that)."""
+
+    def __init__(self, max_run: int):
         self.runs: list[np.ndarray] = []
-        # runs stop merging at 4M hashes (32 MiB), so a merge never needs more than 64 MiB extra
         self.max_run = max_run
 
     def __len__(self) -> int:
@@ -152,10 +189,6 @@ class HashSet:
         return found
 
     def add_new(self, h: np.ndarray) -> np.ndarray:
-        """Mask of the hashes in ``h`` (in order) that were not in the set (first occurrence
-        within ``h`` counts as new); adds them."""
-        if not h.size:
-            return np.zeros(0, dtype=bool)
         s = np.sort(h)  # no argsort: positions only for the few values seen before or repeated
         rep = s[1:] == s[:-1]
         run = s[np.concatenate([[True], ~rep])] if rep.any() else s
