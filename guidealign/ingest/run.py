@@ -216,15 +216,15 @@ class _Runs:
 def _isin_sorted(h: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Mask of the entries of ``h`` that are in the sorted array ``values`` (few, usually).
 
-    The hashes are uniform, so a table of their top bits rules out most of ``h`` in one cheap
+    The hashes are uniform, so a table of their low bits rules out most of ``h`` in one cheap
     gather; only the rest is binary-searched."""
     if not values.size:
         return np.zeros(h.size, dtype=bool)
     bits = min(20, max(12, int(values.size).bit_length() + 4))
-    shift = np.uint64(64 - bits)
+    low = np.uint64((1 << bits) - 1)  # the low bits: the top ones are one HashSet part's
     table = np.zeros(1 << bits, dtype=bool)
-    table[values >> shift] = True
-    out = table[h >> shift]
+    table[values & low] = True
+    out = table[h & low]
     cand = np.flatnonzero(out)
     if cand.size:
         hc = h[cand]
