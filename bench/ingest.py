@@ -16,8 +16,9 @@ the ratio of CPU seconds (pyarrow's / ingest's, whole ingest process; steadier t
 when other work shares the cores, but blind to how well each uses them). The pyarrow time excludes its
 interpreter start and imports, ingest's includes them (the "inside the process" figure does not;
 "both as whole processes" times pyarrow's process from the outside too, start and imports included).
-The second size is ingested too (JSONL), to show peak RSS is flat in the row count but for the
-de-duplication set (8 bytes a distinct prompt). Prompts are ~190 characters of ASCII text, with
+The second size is ingested too (JSONL), to show peak RSS is flat in the row count: the
+de-duplication set keeps at most ``ingest.dedup_memory_mib`` of hashes in memory (older ones in
+temp files) and a bit filter of 1-3 bytes a distinct prompt. Prompts are ~190 characters of ASCII text, with
 1% exact duplicates and 0.5% bad (empty) rows.
 
 Memory is touched before each timed run (``--prefault-mib``, 1 GiB by default; ``--cold``: not):
@@ -122,7 +123,9 @@ def ingest_once(src: Path, work: Path, extra: list[str]) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     r = run_child(INGEST, src, work, *extra)
     m = re.search(r"(\d+) rows read -> (\d+) prompts.*?(\d+) duplicates dropped, (\d+) quarantined", r["summary"])
+    d = re.search(r"de-dup set ([\d.]+) MiB in memory, ([\d.]+) MiB on disk", r["summary"])
     r.update(rows_in=int(m[1]), rows=int(m[2]), dups=int(m[3]), quarantined=int(m[4]),
+             dedup_mib=float(d[1]), dedup_disk_mib=float(d[2]),
              inner_rate=float(re.search(r"([\d,]+) rows/s", r["summary"])[1].replace(",", "")))
     shutil.rmtree(work, ignore_errors=True)
     return r
@@ -164,7 +167,8 @@ def compare(src: Path, base: Path, extra: list[str], repeats: int, label: str) -
     return {"ratio": statistics.median(ratios), "inner": statistics.median(inner), "warm": warm,
             "cpu": statistics.median(cpu), "process": statistics.median(procs),
             "warm_inner": (ing_warm["inner_rate"] * pa_warm["seconds"]) / pa_warm["rows_in"],
-            "rss": max(i["peak_rss_mib"] for _, i in runs), "rows": runs[-1][1]["rows"]}
+            "rss": max(i["peak_rss_mib"] for _, i in runs), "rows": runs[-1][1]["rows"],
+            "dedup_mib": runs[-1][1]["dedup_mib"]}
 
 
 def main() -> None:
@@ -227,8 +231,10 @@ def main() -> None:
                   f"{ing2['rows_in'] / ing2['seconds']:>10,.0f} rows/s ({ing2['seconds']:.1f}s, "
                   f"peak RSS {ing2['peak_rss_mib']:.0f} MiB)")
             print(f"peak RSS {a.mem_rows:,} / {a.rows:,} rows: {ing2['peak_rss_mib'] / js['rss']:.2f}x "
-                  f"(+{ing2['peak_rss_mib'] - js['rss']:.0f} MiB; the de-duplication set alone is "
-                  f"{8 * (ing2['rows'] - js['rows']) / 2**20:.0f} MiB more: 8 bytes a distinct prompt)")
+                  f"(+{ing2['peak_rss_mib'] - js['rss']:.0f} MiB; the de-duplication set in memory: "
+                  f"{ing2['dedup_mib']:.1f} vs {js['dedup_mib']:.1f} MiB, and "
+                  f"{ing2['dedup_disk_mib']:.0f} MiB in temp files; all in memory it would be "
+                  f"{8 * ing2['rows'] / 2**20:.0f} MiB)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guidealign.ingest.run import KILL_AFTER_ENV, HashSet, IngestConfig, ingest, prompt_hash
+from guidealign.ingest.dedup import HashSet
+from guidealign.ingest.run import KILL_AFTER_ENV, IngestConfig, ingest, prompt_hash
 from guidealign.ingest.readers import IngestError
 from guidealign.shards import committed, iter_tables, read_manifest, read_marker, read_quarantine
 
@@ -465,25 +466,79 @@ def test_quarantine_rows_land_beside_the_shard_being_filled(tmp_path):
     assert by_shard == {0: [4], 1: [8, 12], 2: [16], 3: [20]}
 
 
-def test_hash_set_matches_a_python_set():
+@pytest.mark.parametrize("memory_hashes", [1 << 20, 40_000, 700])
+def test_hash_set_matches_a_python_set(tmp_path, monkeypatch, memory_hashes):
+    """In memory, and with a budget so small that most hashes move to temp files and the files
+    merge (the bit filter rebuilds as the set grows past its capacity); small file chunks so
+    that merges cross chunk boundaries."""
     import numpy as np
+    from guidealign.ingest import dedup
 
+    monkeypatch.setattr(dedup, "MERGE_CHUNK", 50)
     rng = np.random.default_rng(0)
-    s, ref = HashSet(max_run=2000), set()
-    for _ in range(200):
-        # few distinct values (repeats within and across batches), spread over all 64 bits
-        # (and so over the set's parts) by a multiplication that wraps
-        h = rng.integers(0, 5000, size=int(rng.integers(0, 300)), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    s, ref = HashSet(memory_hashes=memory_hashes, spill_dir=tmp_path), set()
+    biggest = 0
+    for k in range(300):
+        # repeats within and across batches, spread over all 64 bits by a multiplication that
+        # wraps; later batches reach further, so the set keeps growing
+        h = rng.integers(0, 3000 + 2000 * k, size=int(rng.integers(0, 2000)),
+                         dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         new = s.add_new(h)
         expect = []
         for x in h.tolist():
             expect.append(x not in ref)
             ref.add(x)
         assert new.tolist() == expect
-    assert len(s) == len(ref) and all(len(p.runs) < 20 for p in s.parts)
-    assert len({int(r[0]) >> (64 - s.PART_BITS) for r in s.runs}) == s.PARTS  # every part in use
-    assert max(r.size for r in s.runs) < 2 * 2000 // s.PARTS
-    assert all((r[1:] > r[:-1]).all() for r in s.runs)  # each run sorted, no repeats
+        biggest = max([biggest] + [r.size for r in s.runs])
+    assert len(s) == len(ref) > 150_000  # past the filter's first capacity (131,072)
+    assert sum(r.size for r in s.runs) < memory_hashes
+    assert biggest < 2 * s.max_run + 2000  # merges in memory stop at max_run (a batch: < 2000)
+    assert all((r[1:] > r[:-1]).all() for r in s.runs)  # each memory run sorted, no repeats
+    on_disk = [np.concatenate(list(d.chunks())) for d in s.disk]
+    if memory_hashes < len(ref):
+        assert 1 < len(s.disk) < 20 and all(d.n == c.size for d, c in zip(s.disk, on_disk))
+        assert all((c[1:] > c[:-1]).all() for c in on_disk)  # merged files sorted, no repeats
+        assert all((d.fences == c[::dedup.FENCE]).all() for d, c in zip(s.disk, on_disk))
+        assert sum(c.size for c in on_disk) > len(ref) // 2
+    else:
+        assert not s.disk
+    every = np.concatenate(on_disk + s.runs)
+    assert np.unique(every).size == every.size == len(ref)
+    s.close()
+    assert not list(tmp_path.iterdir())  # the temp files have no name
+    assert len(s) == 0 and s.add_new(every[:5]).all()  # closed: empty, usable again
+    with pytest.raises(TypeError):
+        s.add_new(every[:5].astype(np.int64))
+
+
+def test_ingest_with_the_dedup_set_on_disk_gives_the_same_shards(tmp_path, monkeypatch):
+    """300k rows, 1 MiB for hashes (131,072): most of the set moves to temp files, and the shards,
+    counts and quarantine are the same as with the whole set in memory."""
+    from guidealign.ingest import dedup
+
+    spills = []
+    real_write = dedup._DiskRun.write
+    monkeypatch.setattr(dedup._DiskRun, "write", classmethod(
+        lambda cls, run, spill_dir: spills.append(run.size) or real_write(run, spill_dir)))
+    f = tmp_path / "in.jsonl"
+    rng = random.Random(0)
+    with open(f, "w") as out:
+        for i in range(300_000):
+            k = rng.randrange(i) if i and rng.random() < 0.2 else i  # 20% repeat an earlier row
+            out.write(json.dumps({"prompt": f"p {k}" if i % 5000 else ""}) + "\n")
+    reps, rows, spilled = [], [], []
+    for mib in (1, 64):
+        cfg = IngestConfig(shard_rows=50_000, dedup_memory_mib=mib)
+        reps.append(ingest([str(f)], tmp_path / f"w{mib}", cfg, progress=False))
+        rows.append(_all_rows(tmp_path / f"w{mib}"))
+        spilled.append(sum(spills))
+        spills.clear()
+    assert spilled[0] > 150_000 and spilled[1] == 0  # the small budget spilled most of the set
+    a, b = reps
+    assert (a.rows, a.duplicates, a.quarantined) == (b.rows, b.duplicates, b.quarantined)
+    assert a.duplicates > 50_000 and a.rows + a.duplicates + a.quarantined == 300_000
+    assert rows[0] == rows[1]
+    assert not [p for p in (tmp_path / "w1").rglob("*") if "dedup" in p.name]
 
 
 # --- a second prompt set -------------------------------------------------------------------------
@@ -785,7 +840,7 @@ def test_shard_writer_syncs_every_file_before_renaming_it(tmp_path, monkeypatch)
     assert committed(dst) == list(range(5))
     renames = [e for e in events if e[0] == "rename"]
     assert len(renames) == 5 + 2 + 5  # shards, quarantine files (odd shards), markers
-    for k, (_, tmp, final) in enumerate(renames):
+    for _, tmp, final in renames:
         at = events.index(("rename", tmp, final))
         assert ("sync", tmp) in events[:at], f"{final} renamed before its file was synced"
         if final.endswith(".done.json"):  # a marker: after its files' renames and a sync of their dirs

@@ -6,6 +6,7 @@ which runs the stage function here (this rank) or on Ray, and prints the reports
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -44,6 +45,9 @@ def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
 @stage_options
 def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
     """Ingest JSONL/JSON/CSV/Parquet files (also .gz/.bz2/.xz/.zst), globs or saved datasets into prompt shards."""
+    # ingest makes no BLAS call: without this, numpy's import starts a BLAS thread per core that
+    # spins ~0.1 s of CPU each, beside the ingest threads (set before numpy is first imported)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from guidealign.ingest.readers import IngestError
 
     if encoding:

@@ -103,7 +103,6 @@ class Pending:
 @dataclass
 class _Written:
     """A group whose files are written (not yet synced): what the sync thread finishes."""
-    indices: list[int]
     files: _Files
     markers: list[Marker]
     renames: list[tuple[Path | None, Path]]  # (None, path): remove path
@@ -206,7 +205,7 @@ class ShardWriter:
             except OSError:
                 pass  # the write error is the one to report
             raise
-        self.synced.put(_Written([p.index for p in group], files, markers, renames, touched_q))
+        self.synced.put(_Written(files, markers, renames, touched_q))
 
     def _write_group(self, group: list[Pending], files: _Files) -> tuple[list, list, bool]:
         """Build, encode and write (unsynced) each shard's files; their markers, the renames
@@ -260,9 +259,9 @@ class ShardWriter:
         """Old markers gone, files synced (all, then renamed), directories synced, then the
         markers written, synced and renamed in order."""
         dst = self.dst
-        old = [marker_path(dst, i) for i in w.indices if marker_path(dst, i).exists()]
-        for m in old:
-            m.unlink(missing_ok=True)
+        old = [p for p in (marker_path(dst, m.index) for m in w.markers) if p.exists()]
+        for p in old:
+            p.unlink(missing_ok=True)
         if old:  # a rerun over committed shards: their markers durably gone before any rename
             fsync_dir(dst)
         w.files.sync()  # every file of the group written first, then all synced

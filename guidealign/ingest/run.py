@@ -15,7 +15,8 @@ and commits the finished shards (``commit``: Parquet, checksums, fsyncs, markers
 Ingest is deterministic: the same inputs and config give the same shards (whatever the block
 size, thread timing or hash kernel), so after a crash it streams the inputs again and only
 writes the shards that are not committed. Memory stays flat: a few blocks and shards of rows in
-flight, plus 8 bytes per distinct prompt for de-duplication (sorted uint64 runs).
+flight, plus the de-duplication set (``dedup``): a bit filter of 1-3 bytes a distinct prompt and
+at most ``ingest.dedup_memory_mib`` of hashes, the older ones in temp files.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
 from guidealign.ingest.batch import Batch, Spec, arrow_batches, check_value, hex_ids, rows_batch
 from guidealign.ingest.commit import Pending, ShardWriter
 from guidealign.ingest.csvcol import csv_batches
+from guidealign.ingest.dedup import HashSet
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
 from guidealign.ingest.readers import (READERS, IngestError, check_readable, expand_inputs, find_prompt_key,
@@ -69,6 +71,8 @@ class IngestReport:
     reasons: dict = field(default_factory=dict)
     encodings: dict = field(default_factory=dict)
     dataset: str = "prompts"
+    dedup_memory_mib: float = 0.0  # the de-dup set at the end: in memory, and in temp files
+    dedup_disk_mib: float = 0.0
 
     def summary(self) -> str:
         rate = self.rows_in / self.seconds if self.seconds else 0.0
@@ -76,7 +80,8 @@ class IngestReport:
         return (f"ingest: {self.files} file(s), {self.rows_in} rows read -> {self.rows} prompts in "
                 f"{self.shards} shard(s) of {self.dataset} ({self.written} written, {self.skipped} already "
                 f"done); {self.duplicates} duplicates dropped, {self.quarantined} quarantined"
-                + (f" ({why})" if why else "") + f"; {rate:,.0f} rows/s")
+                + (f" ({why})" if why else "") + f"; {rate:,.0f} rows/s; de-dup set "
+                f"{self.dedup_memory_mib:.1f} MiB in memory, {self.dedup_disk_mib:.1f} MiB on disk")
 
 
 def _reason_kind(reason: str) -> str:
@@ -126,112 +131,6 @@ def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
 
     threading.Thread(target=_llvm_kernel, name="ingest-kernel").start()
     return "llvm"
-
-
-class HashSet:
-    """Set of 64-bit prompt hashes, 8 bytes a prompt: 4 parts by the top 2 bits of the hash
-    (uniform), each a list of sorted uint64 runs (``_Runs``).
-
-    The parts keep the moment two runs merge small: the largest merge is 1/4 of the set's, so at
-    10M prompts the peak beside the set is ~17 MiB instead of ~42 (a 10M-hash test); more parts
-    cut it further but cost more per block (16 parts: 6 MiB, +0.06 s per 1M hashes; 4: +0.02 s)."""
-
-    PART_BITS = 2
-    PARTS = 1 << PART_BITS
-
-    def __init__(self, max_run: int = 1 << 22):
-        # a part's runs stop merging at max_run / PARTS hashes (4M / 4: 8 MiB)
-        self.parts = [_Runs(max(1, max_run // self.PARTS)) for _ in range(self.PARTS)]
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    @property
-    def runs(self) -> list[np.ndarray]:
-        return [r for p in self.parts for r in p.runs]
-
-    def add_new(self, h: np.ndarray) -> np.ndarray:
-        """Mask of the hashes in ``h`` (in order) that were not in the set (first occurrence
-        within ``h`` counts as new); adds them."""
-        if not h.size:
-            return np.zeros(0, dtype=bool)
-        part = (h >> np.uint64(64 - self.PART_BITS)).astype(np.uint8)  # 8-bit keys: radix sort
-        order = np.argsort(part, kind="stable")  # each part's hashes, in their order in h
-        ends = np.cumsum(np.bincount(part, minlength=self.PARTS))
-        new = np.empty(h.size, dtype=bool)
-        start = 0
-        for p, end in zip(self.parts, ends.tolist()):
-            if end > start:
-                idx = order[start:end]
-                new[idx] = p.add_new(h[idx])
-                start = end
-        return new
-
-
-class _Runs:
-    """Sorted uint64 runs of halving sizes: adding a batch appends a sorted run and merges runs
-    while the newest is at least half the size of the one before, so there are O(log n) runs
-    and each hash is merged O(log n) times (plus one run per ``max_run`` hashes after that)."""
-
-    def __init__(self, max_run: int):
-        self.runs: list[np.ndarray] = []
-        self.max_run = max_run
-
-    def __len__(self) -> int:
-        return sum(r.size for r in self.runs)
-
-    def contains(self, h: np.ndarray) -> np.ndarray:
-        found = np.zeros(h.size, dtype=bool)
-        for r in self.runs:
-            j = np.searchsorted(r, h)
-            j[j == r.size] = 0
-            found |= r[j] == h
-        return found
-
-    def add_new(self, h: np.ndarray) -> np.ndarray:
-        s = np.sort(h)  # no argsort: positions only for the few values seen before or repeated
-        rep = s[1:] == s[:-1]
-        run = s[np.concatenate([[True], ~rep])] if rep.any() else s
-        seen = self.contains(run) if self.runs else np.zeros(run.size, dtype=bool)
-        new = ~_isin_sorted(h, run[seen])
-        if rep.any():  # repeats within h: the first occurrence is new, the others are not
-            cand = np.flatnonzero(_isin_sorted(h, np.unique(s[1:][rep])) & new)
-            first = np.unique(h[cand], return_index=True)[1]
-            later = np.ones(cand.size, dtype=bool)
-            later[first] = False
-            new[cand[later]] = False
-        run = run[~seen]
-        if run.size:
-            self.runs.append(run)
-            while (len(self.runs) > 1 and self.runs[-1].size * 2 >= self.runs[-2].size
-                   and self.runs[-2].size < self.max_run):
-                b, a = self.runs.pop(), self.runs.pop()
-                merged = np.concatenate([a, b])
-                del a, b
-                merged.sort(kind="stable")  # two sorted runs: timsort merges them in one pass
-                self.runs.append(merged)
-        return new
-
-
-def _isin_sorted(h: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mask of the entries of ``h`` that are in the sorted array ``values`` (few, usually).
-
-    The hashes are uniform, so a table of their low bits rules out most of ``h`` in one cheap
-    gather; only the rest is binary-searched."""
-    if not values.size:
-        return np.zeros(h.size, dtype=bool)
-    bits = min(20, max(12, int(values.size).bit_length() + 4))
-    low = np.uint64((1 << bits) - 1)  # the low bits: the top ones are one HashSet part's
-    table = np.zeros(1 << bits, dtype=bool)
-    table[values & low] = True
-    out = table[h & low]
-    cand = np.flatnonzero(out)
-    if cand.size:
-        hc = h[cand]
-        j = np.searchsorted(values, hc)
-        j[j == values.size] = 0
-        out[cand] = values[j] == hc
-    return out
 
 
 class _Shards:
@@ -409,7 +308,8 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     run_fp = _fingerprint(files, cfg)
     rep = IngestReport(files=len(files), dataset=dataset)
     t0 = time.perf_counter()
-    seen = HashSet()
+    # the de-dup set's older hashes go to temp files beside the shards (gone with the process)
+    seen = HashSet(memory_hashes=max(1, cfg.dedup_memory_mib) << 17, spill_dir=Path(workdir))
     out = _Shards(dst, run_fp, cfg, rep)
     spec = _spec(cfg, _hash_kernel(cfg, files))
     bar = tqdm(unit="rows", desc="ingest", disable=not progress, mininterval=1.0)
@@ -423,7 +323,9 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
                 raise IngestError(f"{path}: {e}") from e
         out.finish()
     finally:
+        rep.dedup_memory_mib, rep.dedup_disk_mib = seen.memory_bytes() / 2**20, seen.disk_bytes() / 2**20
         out.close()
+        seen.close()
         bar.close()
     # a previous run with other inputs may have left more shards: retire them
     for i in shard_indices(dst):
