@@ -249,7 +249,7 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     try:
         table = pacsv.read_csv(
             pa.BufferReader(block),
-            read_options=pacsv.ReadOptions(column_names=col_names, block_size=max(1 << 20, len(block) // 4 + 1)),
+            read_options=pacsv.ReadOptions(column_names=col_names, use_threads=False, block_size=len(block) + 1),
             parse_options=pacsv.ParseOptions(delimiter=delim, quote_char='"', double_quote=True, escape_char=False,
                                              newlines_in_values=info.quoted_nl, ignore_empty_lines=True),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in col_names},
@@ -263,7 +263,7 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     # but the record ends (CRLF included) and no two spaces in a row
     no_ws_runs = (all_ascii and not info.quoted_nl and sc.n_ctrl == sc.n_nl + info.crlf
                   and not sc.double_space)
-    # one chunk per column, made here in the parsing thread (see jsonl._parse_block)
+    # one chunk per column: the block is parsed as one piece in this thread (see jsonl._read_json_block)
     return table.rename_columns(names).combine_chunks(), linenos, all_ascii, no_ws_runs
 
 
