@@ -31,6 +31,7 @@ REPO = BENCH.parent
 # name -> short arguments (a JSON path is appended as --json PATH when "json" is True)
 SHORT = {
     "ingest": {"args": ["--short"], "json": False},
+    "dedup": {"args": ["--hashes", "3000000"], "json": False},
     "gen": {"args": ["--short"], "json": True},
     "detect_modes": {"args": ["--short"], "json": True},
     "retrieval": {"args": ["--guidelines", "100000", "--embed-texts", "500", "--repeats", "1",
@@ -38,7 +39,7 @@ SHORT = {
     "chaos": {"args": ["--kills", "2", "--prompts", "8", "--shard-rows", "2"], "json": True},
     "detect_quality": {"args": ["--limit", "24", "--max-tokens", "160"], "json": True},
 }
-ORDER = ["ingest", "gen", "detect_modes", "retrieval", "detect_quality", "chaos"]
+ORDER = ["ingest", "dedup", "gen", "detect_modes", "retrieval", "detect_quality", "chaos"]
 
 
 def _f(x, fmt=".2f", default="-"):
@@ -62,6 +63,12 @@ def rows_ingest(res, out) -> list[tuple[str, str]]:
         big, small, r = mem[-1]
         rows.append((f"ingest peak RSS, {big} vs {small} rows (flat = 1.0)", f"{r}x"))
     return rows
+
+
+def rows_dedup(res, out):
+    m = re.search(r"time, default budget / all in memory: ([\d.]+)x; memory held: ([\d.]+)x", out)
+    return [("ingest de-dup set, default memory budget vs every hash in memory: time; memory held",
+             f"{m[1]}x; {m[2]}x" if m else "-")]
 
 
 def rows_gen(res, out):
@@ -133,7 +140,7 @@ def rows_generic(name):
     return rows
 
 
-EXTRACT = {"ingest": rows_ingest, "gen": rows_gen, "detect_modes": rows_detect_modes,
+EXTRACT = {"ingest": rows_ingest, "dedup": rows_dedup, "gen": rows_gen, "detect_modes": rows_detect_modes,
            "retrieval": rows_retrieval, "chaos": rows_chaos}
 
 
