@@ -466,15 +466,24 @@ def test_quarantine_rows_land_beside_the_shard_being_filled(tmp_path):
     assert by_shard == {0: [4], 1: [8, 12], 2: [16], 3: [20]}
 
 
-@pytest.mark.parametrize("memory_hashes", [1 << 20, 40_000, 700])
-def test_hash_set_matches_a_python_set(tmp_path, monkeypatch, memory_hashes):
+@pytest.mark.parametrize("memory_hashes,lookup", [(1 << 20, "auto"), (40_000, "auto"), (700, "windows"),
+                                                  (700, "scan"), (40_000, "short reads")])
+def test_hash_set_matches_a_python_set(tmp_path, monkeypatch, memory_hashes, lookup):
     """In memory, and with a budget so small that most hashes move to temp files and the files
     merge (the bit filter rebuilds as the set grows past its capacity); small file chunks so
-    that merges cross chunk boundaries."""
+    that merges and scans cross chunk boundaries; files looked up window by window, read
+    through, or either as the set chooses; reads that return less than asked."""
+    import os
     import numpy as np
     from guidealign.ingest import dedup
 
     monkeypatch.setattr(dedup, "MERGE_CHUNK", 50)
+    monkeypatch.setattr(dedup, "LOOKUP_CHUNK", 7)
+    if lookup != "auto":
+        monkeypatch.setattr(dedup, "SCAN_EVERY", {"windows": 0, "scan": 10**9}.get(lookup, dedup.SCAN_EVERY))
+    if lookup == "short reads":
+        real = os.preadv  # at most 24 bytes a call
+        monkeypatch.setattr(dedup.os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:24]], off))
     rng = np.random.default_rng(0)
     s, ref = HashSet(memory_hashes=memory_hashes, spill_dir=tmp_path), set()
     biggest = 0
@@ -504,6 +513,15 @@ def test_hash_set_matches_a_python_set(tmp_path, monkeypatch, memory_hashes):
         assert not s.disk
     every = np.concatenate(on_disk + s.runs)
     assert np.unique(every).size == every.size == len(ref)
+    before = s.add_new(every[:50].copy())  # all seen: nothing new; a failed rebuild changes nothing
+    monkeypatch.setattr(s.filter, "capacity", 0)
+    monkeypatch.setattr(dedup._BitFilter, "add", lambda self, h: (_ for _ in ()).throw(MemoryError()))
+    fresh = np.arange(1, 4, dtype=np.uint64) << np.uint64(40)
+    with pytest.raises(MemoryError):
+        s.add_new(fresh)
+    monkeypatch.undo()
+    assert not before.any() and len(s) == len(ref)
+    assert not s.add_new(every[:50].copy()).any() and s.add_new(fresh).all()  # still whole
     s.close()
     assert not list(tmp_path.iterdir())  # the temp files have no name
     assert len(s) == 0 and s.add_new(every[:5]).all()  # closed: empty, usable again
@@ -539,6 +557,8 @@ def test_ingest_with_the_dedup_set_on_disk_gives_the_same_shards(tmp_path, monke
     assert a.duplicates > 50_000 and a.rows + a.duplicates + a.quarantined == 300_000
     assert rows[0] == rows[1]
     assert not [p for p in (tmp_path / "w1").rglob("*") if "dedup" in p.name]
+    with pytest.raises(ValueError, match="dedup_memory_mib"):
+        ingest([str(f)], tmp_path / "w0", IngestConfig(dedup_memory_mib=0), progress=False)
 
 
 # --- a second prompt set -------------------------------------------------------------------------

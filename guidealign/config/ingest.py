@@ -32,10 +32,11 @@ class IngestConfig:
     # caches it), or
     # "auto" = llvm when llvmlite is installed and the inputs total >= 16 MiB, else hashlib.
     hash_kernel: str = "auto"
-    # Memory for the newest distinct prompts' 8-byte hashes (exact de-duplication); older ones move
-    # to sorted runs in anonymous temp files in the run directory (8 bytes a prompt on disk), so
-    # memory stays flat but for a bit filter of 1-3 bytes a distinct prompt. 8 MiB: 1M prompts
-    # stay in memory; 10M prompts then take ~26 MiB instead of 80.
+    # MiB (>= 1) for the newest distinct prompts' 8-byte hashes (exact de-duplication); older ones
+    # move to sorted runs in anonymous temp files in the run directory (8 bytes a prompt on disk,
+    # 16 while two runs merge), so memory stays flat but for a bit filter of 1-3 bytes a distinct
+    # prompt. 8 MiB: 1M prompts stay in memory; 10M prompts then hold ~20 MiB in memory instead
+    # of 76 (`bench/dedup.py`).
     dedup_memory_mib: int = 8
     # Input files for `guidealign ingest` when none are given on the command line.
     inputs: list[str] = field(default_factory=list)

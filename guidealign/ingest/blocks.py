@@ -9,6 +9,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 
+# pyarrow's json/csv block_size is a C int: a block larger than this (a line of 2 GiB, or a huge
+# ingest.block_bytes) is parsed in pieces of this size
+MAX_PARSE_BLOCK = (1 << 31) - 1
+
+
 def last_line_end(buf: bytes) -> int:
     """Position of the last line end (the record end of JSONL), or -1."""
     return buf.rfind(b"\n")

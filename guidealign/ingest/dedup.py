@@ -27,7 +27,9 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 FENCE = 64                 # values per window of a run on disk; its first one stays in memory
-MERGE_CHUNK = 1 << 18      # values read from each file per step of a streaming merge (2 MiB)
+MERGE_CHUNK = 1 << 18      # values read from a file per step of a merge or a scan (2 MiB)
+LOOKUP_CHUNK = 4096        # windows read per buffer (2 MiB)
+SCAN_EVERY = 16            # a file is read through when candidates are >= 1/16 of its windows
 _U64 = np.dtype(np.uint64)
 
 
@@ -64,9 +66,15 @@ class HashSet:
     def close(self) -> None:
         """Free the temp files; the set is empty after (and can be used again)."""
         disk, self.disk = self.disk, []
-        for d in disk:
-            d.file.close()
         self.runs, self.n, self.filter = [], 0, _BitFilter(0)
+        err = None
+        for d in disk:
+            try:
+                d.file.close()
+            except OSError as e:
+                err = err or e
+        if err is not None:
+            raise err
 
     def add_new(self, h: np.ndarray) -> np.ndarray:
         """Mask of the uint64 hashes in ``h`` (in order) that were not in the set (the first
@@ -113,21 +121,22 @@ class HashSet:
         return seen
 
     def _add_run(self, run: np.ndarray) -> None:
-        self.n += run.size
-        if self.n > self.filter.capacity:
-            self.filter = None  # not needed to build the next one: free it first
-            self.filter = _BitFilter(self.n)
+        n = self.n + run.size
+        if n > self.filter.capacity:
+            # built beside the old one, which stays if this fails (a MemoryError, a read error):
+            # every step below leaves the set whole, with or without this run
+            new = _BitFilter(n)
             for chunk in self._chunks():
-                self.filter.add(chunk)
+                new.add(chunk)
+            self.filter = new
         self.filter.add(run)
         runs = self.runs
         runs.append(run)
+        self.n = n
         while len(runs) > 1 and runs[-1].size * 2 >= runs[-2].size and runs[-2].size < self.max_run:
-            b, a = runs.pop(), runs.pop()
-            merged = np.concatenate([a, b])
-            del a, b
+            merged = np.concatenate(runs[-2:])
             merged.sort(kind="stable")  # two sorted runs: timsort merges them in one pass
-            runs.append(merged)
+            runs[-2:] = [merged]
         if sum(r.size for r in runs) >= self.memory_hashes:
             self._spill()
 
@@ -239,26 +248,44 @@ class _DiskRun:
             yield np.frombuffer(buf, dtype=_U64)
 
     def contains(self, x: np.ndarray) -> np.ndarray:
-        """Which of ``x`` are in this run: each compared with the one window it can be in, read
-        with ``preadv`` (a mapping would put whole cached folios, up to 2 MiB a touched window,
-        in this process's resident set)."""
+        """Which of the sorted ``x`` are in this run.
+
+        Few candidates: each is compared with the one window (``FENCE`` values) it can be in,
+        read with ``preadv`` (a mapping would put whole cached folios, up to 2 MiB a touched
+        window, in this process's resident set). Many (1/``SCAN_EVERY`` of the windows or more):
+        the file is read through a chunk at a time instead, a read per 2 MiB, not a call per window."""
+        out = np.zeros(x.size, dtype=bool)
         w = np.searchsorted(self.fences, x, "right").astype(np.intp) - 1  # -1: below the first
         ok = np.flatnonzero(w >= 0)
-        out = np.zeros(x.size, dtype=bool)
         if not ok.size:
             return out
+        if ok.size * SCAN_EVERY >= self.fences.size:
+            for chunk in self.chunks():
+                lo, hi = np.searchsorted(x, chunk[0]), np.searchsorted(x, chunk[-1], "right")
+                if hi > lo:
+                    out[lo:hi] = _in_sorted(chunk, x[lo:hi])
+            return out
+        for start in range(0, ok.size, LOOKUP_CHUNK):
+            sel = ok[start:start + LOOKUP_CHUNK]
+            out[sel] = self._in_windows(w[sel], x[sel])
+        return out
+
+    def _in_windows(self, wins: np.ndarray, xs: np.ndarray) -> np.ndarray:
         size = FENCE * 8
-        buf = np.empty((ok.size, FENCE), dtype=_U64)
+        buf = np.empty((wins.size, FENCE), dtype=_U64)
         view = memoryview(buf).cast("B")
         fd = self.file.fileno()
-        for k, win in enumerate(w[ok].tolist()):
-            got = os.preadv(fd, [view[k * size:(k + 1) * size]], win * size)
-            if got < size:  # the last window, partial: pad with a value of it (it is in the run)
-                if got < 8:
-                    raise OSError(f"de-dup spill file: read {got} bytes at window {win}")
-                buf[k, got // 8:] = buf[k, 0]
-        out[ok] = (buf == x[ok, None]).any(axis=1)
-        return out
+        for k, win in enumerate(wins.tolist()):
+            want = min(size, 8 * self.n - win * size)  # the last window may be partial
+            got = 0
+            while got < want:  # a short read is not the end of the file (NFS, FUSE may do it)
+                r = os.preadv(fd, [view[k * size + got:k * size + want]], win * size + got)
+                if r <= 0:
+                    raise OSError(f"de-dup spill file: read {got} of {want} bytes at window {win}")
+                got += r
+            if want < size:  # pad with a value of the window (it is in the run)
+                buf[k, want // 8:] = buf[k, 0]
+        return (buf == xs[:, None]).any(axis=1)
 
 
 class _RunWriter:
@@ -282,7 +309,7 @@ class _RunWriter:
         self.n += chunk.size
 
     def finish(self) -> _DiskRun:
-        self.file.flush()  # the mapping reads the file, not Python's buffer
+        self.file.flush()  # lookups read the file itself, not Python's buffer
         fences = np.concatenate(self.fences) if self.fences else np.zeros(0, dtype=_U64)
         return _DiskRun(self.file, self.n, fences)
 

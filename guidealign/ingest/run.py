@@ -296,6 +296,8 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     cfg = cfg or IngestConfig()
     if cfg.shard_rows < 1:
         raise ValueError("ingest.shard_rows must be >= 1")
+    if not isinstance(cfg.dedup_memory_mib, int) or cfg.dedup_memory_mib < 1:
+        raise ValueError(f"ingest.dedup_memory_mib must be a whole number of MiB >= 1, got {cfg.dedup_memory_mib!r}")
     if not _DATASET_RE.match(dataset or ""):
         raise IngestError(f"dataset name {dataset!r}: use letters, digits, '.', '_' or '-' "
                           "(it is a directory under the run directory)")
@@ -309,7 +311,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     rep = IngestReport(files=len(files), dataset=dataset)
     t0 = time.perf_counter()
     # the de-dup set's older hashes go to temp files beside the shards (gone with the process)
-    seen = HashSet(memory_hashes=max(1, cfg.dedup_memory_mib) << 17, spill_dir=Path(workdir))
+    seen = HashSet(memory_hashes=cfg.dedup_memory_mib << 17, spill_dir=Path(workdir))
     out = _Shards(dst, run_fp, cfg, rep)
     spec = _spec(cfg, _hash_kernel(cfg, files))
     bar = tqdm(unit="rows", desc="ingest", disable=not progress, mininterval=1.0)
