@@ -9,9 +9,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 
-# pyarrow's json/csv block_size is a C int: a block larger than this (a line of 2 GiB, or a huge
-# ingest.block_bytes) is parsed in pieces of this size
-MAX_PARSE_BLOCK = (1 << 31) - 1
+def one_piece(block: bytes) -> int:
+    """pyarrow json/csv ``block_size`` that parses ``block`` as one piece; it is a C int, so a
+    block past 2 GiB (a line that long, or a huge ingest.block_bytes) is parsed in pieces."""
+    return min(len(block) + 1, (1 << 31) - 1)
 
 
 def last_line_end(buf: bytes) -> int:
@@ -37,20 +38,15 @@ def cut_blocks(stream, block_bytes: int, last_end: Callable[[bytes], int] = last
             # JSONL: the cut is in the new bytes, so the block is made with one copy, not two
             # (carry + data, then its head): 1M rows, ~2% less CPU
             block, carry = b"".join((carry, memoryview(data)[:k + 1])), data[k + 1:]
-            final = not nxt and not carry
-            yield block, final, (lambda carry=carry, nxt=nxt: carry + nxt)
-            if final:
-                return
-            data = nxt
-            continue
-        buf = carry + data if carry else data
-        cut = last_end(buf) + 1
-        if cut == 0 and nxt:
-            carry, data = buf, nxt  # one record longer than a block: read more
-            continue
-        if cut == 0:
-            cut = len(buf)
-        block, carry = buf[:cut], buf[cut:]
+        else:
+            buf = carry + data if carry else data
+            cut = last_end(buf) + 1
+            if cut == 0 and nxt:
+                carry, data = buf, nxt  # one record longer than a block: read more
+                continue
+            if cut == 0:
+                cut = len(buf)
+            block, carry = buf[:cut], buf[cut:]
         final = not nxt and not carry
         yield block, final, (lambda carry=carry, nxt=nxt: carry + nxt)
         if final:

@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
-from guidealign.ingest.blocks import MAX_PARSE_BLOCK, cut_blocks, prefetch, scan
+from guidealign.ingest.blocks import cut_blocks, one_piece, prefetch, scan
 from guidealign.ingest.readers import _csv_rows, csv_body, csv_names, read_csv, sniff_delimiter
 
 QUOTE, NL, CR = 34, 10, 13
@@ -250,7 +250,7 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
         table = pacsv.read_csv(
             pa.BufferReader(block),
             read_options=pacsv.ReadOptions(column_names=col_names, use_threads=False,
-                                           block_size=min(len(block) + 1, MAX_PARSE_BLOCK)),
+                                           block_size=one_piece(block)),
             parse_options=pacsv.ParseOptions(delimiter=delim, quote_char='"', double_quote=True, escape_char=False,
                                              newlines_in_values=info.quoted_nl, ignore_empty_lines=True),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in col_names},
