@@ -52,11 +52,12 @@ def run(n: int, budget: int, spill: str) -> dict:
 
 def main() -> None:
     from guidealign.config.ingest import IngestConfig
+    from guidealign.ingest.dedup import hashes_in_mib
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hashes", type=int, default=10_000_000)
     a = ap.parse_args()
-    budget = IngestConfig().dedup_memory_mib << 17  # 8-byte hashes in that many MiB
+    budget = hashes_in_mib(IngestConfig().dedup_memory_mib)
     with tempfile.TemporaryDirectory() as spill:
         spilled = run(a.hashes, budget, spill)
         whole = run(a.hashes, a.hashes + 1, spill)

@@ -479,8 +479,10 @@ def test_hash_set_matches_a_python_set(tmp_path, monkeypatch, memory_hashes, loo
 
     monkeypatch.setattr(dedup, "MERGE_CHUNK", 50)
     monkeypatch.setattr(dedup, "LOOKUP_CHUNK", 7)
-    if lookup != "auto":
-        monkeypatch.setattr(dedup, "SCAN_EVERY", {"windows": 0, "scan": 10**9}.get(lookup, dedup.SCAN_EVERY))
+    if lookup == "windows":  # never read a file through
+        monkeypatch.setattr(dedup, "SCAN_EVERY", 0)
+    elif lookup == "scan":  # always read a file through
+        monkeypatch.setattr(dedup, "SCAN_EVERY", 10**9)
     if lookup == "short reads":
         real = os.preadv  # at most 24 bytes a call
         monkeypatch.setattr(dedup.os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:24]], off))

@@ -33,6 +33,11 @@ SCAN_EVERY = 16            # a file is read through when candidates are >= 1/16 
 _U64 = np.dtype(np.uint64)
 
 
+def hashes_in_mib(mib: int) -> int:
+    """How many 8-byte hashes ``mib`` MiB holds (``ingest.dedup_memory_mib`` -> ``memory_hashes``)."""
+    return mib << 17
+
+
 class HashSet:
     """Set of 64-bit hashes (uniform: blake2b of the normalized prompt); see the module doc."""
 

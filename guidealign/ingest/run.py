@@ -37,7 +37,7 @@ from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
 from guidealign.ingest.batch import Batch, Spec, arrow_batches, check_value, hex_ids, rows_batch
 from guidealign.ingest.commit import Pending, ShardWriter
 from guidealign.ingest.csvcol import csv_batches
-from guidealign.ingest.dedup import HashSet
+from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
 from guidealign.ingest.readers import (READERS, IngestError, check_readable, expand_inputs, find_prompt_key,
@@ -311,7 +311,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     rep = IngestReport(files=len(files), dataset=dataset)
     t0 = time.perf_counter()
     # the de-dup set's older hashes go to temp files beside the shards (gone with the process)
-    seen = HashSet(memory_hashes=cfg.dedup_memory_mib << 17, spill_dir=Path(workdir))
+    seen = HashSet(memory_hashes=hashes_in_mib(cfg.dedup_memory_mib), spill_dir=Path(workdir))
     out = _Shards(dst, run_fp, cfg, rep)
     spec = _spec(cfg, _hash_kernel(cfg, files))
     bar = tqdm(unit="rows", desc="ingest", disable=not progress, mininterval=1.0)
