@@ -17,7 +17,7 @@ import pytest
 
 import guidealign.shards as shards
 from guidealign.config import load_config
-from guidealign.retrieval.index import IndexVersionError, load_index, run_index
+from guidealign.retrieval.index import EmptyLibraryError, IndexVersionError, load_index, run_index
 from guidealign.retrieval.library import run_library
 from guidealign.retrieval.retrieve import encoder_path, run_retrieve, select
 from synthetic import (base_guideline, synthetic_library,
@@ -244,3 +244,14 @@ def test_retrieve_with_another_thread_count_selects_the_same_guidelines(built, t
     assert diffs and max(diffs) <= SCORE_TOLERANCE
     assert {shards.read_marker(one / "retrieve", i).threads for i in range(6)} == {1}
     assert {shards.read_marker(two / "retrieve", i).threads for i in range(6)} == {2}
+
+
+def test_index_of_an_empty_library_says_so(tmp_path):
+    """Guidelines that were all empty make a library of 0 rows; indexing it is an error that
+    names the cause (not FAISS's bare assertion at the first search)."""
+    rows = [{"id": "p1", "prompt": "x", "risky": False, "guidelines": [{"title": "", "text": "  "}]}]
+    write_guideline_shards(tmp_path / "guidelines", rows, shard_rows=1)
+    cfg = load_config(overrides=OVERRIDES)
+    assert run_library(cfg, tmp_path, progress=False).after_near == 0
+    with pytest.raises(EmptyLibraryError, match="no guidelines to index"):
+        run_index(cfg, tmp_path, progress=False)

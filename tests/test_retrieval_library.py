@@ -166,3 +166,34 @@ def test_ngram_vectors_are_unit_and_track_overlap():
     assert np.allclose(np.linalg.norm(v[:3], axis=1), 1.0, atol=1e-5)
     assert not v[3].any()
     assert v[0] @ v[1] > 0.6 > abs(v[0] @ v[2])
+
+
+def test_guideline_is_written_as_most_occurrences_write_it_in_any_input_order(workdir):
+    """Occurrences that differ in case or spacing are one guideline; its title and text are the
+    most frequent spellings, whichever occurrence is read first."""
+    def row(pid, title, text):
+        return {"id": pid, "prompt": pid, "risky": False, "guidelines": [{"title": title, "text": text}]}
+
+    rows = [row("p1", "KINDNESS", "Be Kind  to everyone."),
+            row("p2", "Kindness", "be kind to everyone."),
+            row("p3", "Kindness", "be kind to everyone."),
+            row("p4", "", "be kind to everyone.")]
+    libs = []
+    for order in (rows, rows[::-1], rows[1:] + rows[:1]):
+        d = workdir / f"w{len(libs)}"
+        write_guideline_shards(d / "guidelines", order, shard_rows=1)
+        run_library(load_config(), d, progress=False)
+        libs.append(read_library(d))
+    first, version = libs[0]
+    assert [(r["title"], r["text"], r["members"]) for r in first.to_pylist()] == [
+        ("Kindness", "be kind to everyone.", 4)]
+    assert all(lib.equals(first) and v == version for lib, v in libs[1:])
+
+
+def test_title_only_guideline_is_embedded_once():
+    from guidealign.retrieval.embed import doc_text
+
+    assert doc_text("Refuse weapon help", "Refuse weapon help") == "Refuse weapon help"
+    assert doc_text("Refuse weapon help", "") == "Refuse weapon help"
+    assert doc_text("", "Be kind.") == "Be kind."
+    assert doc_text("Kindness", "Be kind.") == "Kindness: Be kind."

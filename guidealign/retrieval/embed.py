@@ -22,10 +22,11 @@ def normalize_text(s: str) -> str:
 
 
 def doc_text(title: str | None, text: str | None) -> str:
-    """What the retriever embeds for a guideline: its title and text."""
+    """What the retriever embeds for a guideline: its title and text (once, when a guideline
+    written as a title alone has that title as its text in the library)."""
     title = (title or "").strip()
     text = (text or "").strip()
-    if title and text:
+    if title and text and title != text:
         return f"{title}: {text}"
     return title or text
 

@@ -46,6 +46,10 @@ class IndexVersionError(RuntimeError):
     """The index was built for another version of the library."""
 
 
+class EmptyLibraryError(RuntimeError):
+    """The library has no guideline to index (every generated guideline was empty)."""
+
+
 @dataclass
 class IndexReport:
     rows: int = 0
@@ -230,7 +234,7 @@ def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5
 def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
               progress: bool = True) -> IndexReport:
     from guidealign.retrieval.embed import doc_text, encode, load_encoder
-    from guidealign.retrieval.library import read_library, wait_library
+    from guidealign.retrieval.library import library_dir, read_library, wait_library
 
     ic = cfg.index
     workdir = Path(workdir)
@@ -249,6 +253,9 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     t0 = time.perf_counter()
     set_threads(ic.threads)
     library, _ = read_library(workdir, ["guideline_id", "title", "text", "kind"])
+    if not library.num_rows:
+        raise EmptyLibraryError(f"the library in {library_dir(workdir)} has no guidelines to index: "
+                                "see its report.json (every generated guideline was empty?)")
     docs = [doc_text(t, x) for t, x in zip(library.column("title").to_pylist(),
                                            library.column("text").to_pylist())]
     model = load_encoder(model_path)

@@ -10,7 +10,9 @@ Each cluster keeps one canonical guideline: its most frequent member (ties: the 
 then the lexicographically first comparison form). Its kind is "safety" when at least half
 of the producing prompts with a known risky flag are risky, else "quality" (also when no
 producing prompt has a known flag). The guideline id is a hash of that
-canonical text, so it is stable across reruns and across unrelated library changes.
+canonical text, so it is stable across reruns and across unrelated library changes; its title
+and text are written as most of that member's occurrences wrote them (they may differ in case
+or spacing), so they do not depend on the order the guideline shards are read in either.
 
 Output ``WORKDIR/library/``: the library as a sharded table (``shard-*.parquet`` +
 markers + ``_stage.json``; columns guideline_id, title, text, kind, members, prompt_ids),
@@ -81,6 +83,23 @@ class LibraryReport:
                 f"{self.safety} safety / {self.quality} quality; pairs {self.pairs_train} train / "
                 f"{self.pairs_heldout} held-out ({self.prompts_heldout} held-out prompts)"
                 + (" [up to date]" if self.skipped else ""))
+
+
+def _written_forms(forms: Counter) -> tuple[str, str]:
+    """The title and the text a guideline is written with, from the ways its occurrences wrote
+    them (``(title, text) -> count``; they differ in case or spacing only): each the most frequent,
+    ties to the lexicographically first; the title among the non-empty ones ("" when none is).
+    Counting makes the choice independent of the order the guidelines were read in."""
+    titles, texts = Counter(), Counter()
+    for (title, text), n in forms.items():
+        if title:
+            titles[title] += n
+        texts[text] += n
+
+    def most(c: Counter) -> str:
+        return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] if c else ""
+
+    return most(titles), most(texts)
 
 
 def library_dir(workdir: str | Path) -> Path:
@@ -187,8 +206,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     prompt_no: dict[str, int] = {}
     key_index: dict[str, int] = {}
     u_keys: list[str] = []
-    u_text: list[str] = []          # original text of the first occurrence
-    u_titles: list[Counter] = []
+    u_forms: list[Counter] = []     # (title, text) as written -> occurrences, per unique key
     for batch in iter_batches(src, columns=["id", "prompt", "risky", "guidelines"]):
         for pid, prompt, risky, gls in zip(*(batch.column(c).to_pylist()
                                              for c in ("id", "prompt", "risky", "guidelines"))):
@@ -218,10 +236,8 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 if u is None:
                     u = key_index[key] = len(u_keys)
                     u_keys.append(key)
-                    u_text.append(text or title)
-                    u_titles.append(Counter())
-                if title:
-                    u_titles[u][title] += 1
+                    u_forms.append(Counter())
+                u_forms[u][(title, text or title)] += 1
                 occ_prompt.append(pno)
                 occ_unique.append(u)
     del key_index
@@ -283,9 +299,8 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
         n_known = int(known_arr[ps].sum())
         n_risky = int(risky_arr[ps].sum())
         kind = "safety" if n_known and 2 * n_risky >= n_known else "quality"
-        titles = u_titles[canon[c]]
-        title = min(titles.items(), key=lambda kv: (-kv[1], kv[0]))[0] if titles else ""
-        rows.append((gids[c], title, u_text[canon[c]], kind, int(members[c]),
+        title, text = _written_forms(u_forms[canon[c]])
+        rows.append((gids[c], title, text, kind, int(members[c]),
                      sorted(prompt_ids[p] for p in ps.tolist())))
     rows.sort(key=lambda r: r[0])
     rep.safety = sum(r[3] == "safety" for r in rows)
