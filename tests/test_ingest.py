@@ -424,13 +424,23 @@ def test_columnar_ids_equal_the_reference_rule_on_tricky_unicode(tmp_path):
 
 def test_columnar_path_equals_row_by_row_reference(tmp_path):
     """Blocks that parse (columnar), blocks that do not (a type change, a bad line), nulls that the
-    row reader settles, metadata of every JSON type: same rows, ids, sources, metadata, reasons."""
+    row reader settles, metadata of every JSON type: same rows, ids, sources, reasons, and
+    metadata byte for byte (keys in any order, integers in a float column, keys a row leaves
+    out of a nested object), whatever the block size."""
+    import random
+
+    rng = random.Random(3)
     f = tmp_path / "mix.jsonl"
     lines = []
     for i in range(3000):
         p = TRICKY[i % len(TRICKY)] + f" #{i % 2500}"
-        rec = {"prompt": p, "n": i, "ok": i % 3 == 0, "score": i / 7, "tag": None if i % 5 else f"t\"{i}\"\n",
-               "when": "2024-01-02T03:04:05", "nested": {"a": [i, "x"]}}
+        rec = {"prompt": p, "n": i, "ok": i % 3 == 0, "score": i if i % 4 == 0 else i / 7,
+               "tag": None if i % 5 else f"t\"{i}\"\n", "when": "2024-01-02T03:04:05",
+               "nested": {"a": [i, 1]} if i % 6 else {"b": i, "a": []}}
+        if i < 1000:  # columns that give their values back exactly: no float, no struct
+            rec = {k: rec[k] for k in ("prompt", "n", "ok", "tag", "when")}
+        if i % 3 == 0:
+            rec = dict(rng.sample(sorted(rec.items()), len(rec)))  # keys in another order
         if i % 401 == 0:
             rec = {"Prompt": p, "n": i}                     # another spelling, in a block with "prompt"
         if i % 333 == 0:
@@ -442,15 +452,18 @@ def test_columnar_path_equals_row_by_row_reference(tmp_path):
             lines.append("")                                # blank line
         if i % 999 == 0:
             lines.append("{broken")
+        if i == 1234:
+            lines.append('{"prompt": "an unterminated string')
     f.write_text("\n".join(lines) + "\n")
-    cfg = IngestConfig(shard_rows=250, block_bytes=40_000)
-    ingest([str(f)], tmp_path / "w", cfg, progress=False)
-    got = [(r["id"], r["prompt"], r["source"], r["metadata"]) for r in _all_rows(tmp_path / "w")]
-    ref_rows, ref_bad = _reference_ingest(f, cfg)
-    assert [g[:3] for g in got] == [r[:3] for r in ref_rows]
-    assert [json.loads(g[3]) for g in got] == [json.loads(r[3]) for r in ref_rows]
-    q = read_quarantine(tmp_path / "w" / "prompts").to_pylist()
-    assert [(r["row"], r["reason"]) for r in q] == ref_bad
+    ref_rows, ref_bad = _reference_ingest(f, IngestConfig())
+    for block_bytes in (40_000, 300, 4 << 20):
+        cfg = IngestConfig(shard_rows=250, block_bytes=block_bytes)
+        w = tmp_path / f"w{block_bytes}"
+        ingest([str(f)], w, cfg, progress=False)
+        got = [(r["id"], r["prompt"], r["source"], r["metadata"]) for r in _all_rows(w)]
+        assert got == ref_rows, block_bytes
+        q = read_quarantine(w / "prompts").to_pylist()
+        assert [(r["row"], r["reason"]) for r in q] == ref_bad
 
 
 def test_quarantine_rows_land_beside_the_shard_being_filled(tmp_path):
@@ -1008,3 +1021,74 @@ def test_ingest_cli_never_imports_pandas(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "quarantined" in out.stdout + out.stderr
     assert "PANDAS False" in out.stdout, out.stdout[-500:]
+
+
+# one case per way the columnar path once differed from the row reader, or a row killed the job
+ROW_READER_CASES = {
+    "key order": ['{"prompt": "a", "x": 1, "y": 2, "s": {"q": 1, "p": 2}}', '{"y": 3, "prompt": "b", "x": 4}',
+                  '{"s": {"p": 3, "q": 4}, "prompt": "c"}'],
+    "ints in a float column": ['{"prompt": "a", "n": 1, "l": [1, null]}', '{"prompt": "b", "n": 2.5, "l": [0.5]}'],
+    "keys a nested object leaves out": ['{"prompt": "a", "m": {"x": 1, "y": 2}}', '{"prompt": "b", "m": {"x": 3}}'],
+    "bad row beside other columns": ['{"prompt": "", "n": 1}', '{"prompt": "b"}', '{"prompt": "c", "m": "z"}'],
+    "lone surrogate in metadata": ['{"prompt": "a", "m": "\\ud800"}', '{"prompt": "b", "\\udc01": 1}', '{"prompt": "c"}'],
+    "deep metadata": ['{"prompt": "a", "m": ' + "[" * 990 + "]" * 990 + "}", '{"prompt": "b"}',
+                      '{"prompt": "c", "m": ' + "[" * 1200 + "]" * 1200 + "}"],
+    "unterminated string": ['{"prompt": "broken', '{"prompt": "b"}'],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROW_READER_CASES))
+def test_jsonl_rows_come_out_as_the_row_reader_reads_them(tmp_path, case):
+    """Whatever the block size (one line a block, or the whole file): the same rows, metadata byte
+    for byte, quarantine rows, reasons and raw records as the row-by-row reference, and no row
+    stops the job."""
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(ROW_READER_CASES[case]) + "\n")
+    ref_rows, ref_bad = _reference_ingest(f, IngestConfig())
+    runs = []
+    for block_bytes in (1, 4 << 20):
+        w = tmp_path / f"w{block_bytes}"
+        ingest([str(f)], w, IngestConfig(block_bytes=block_bytes), progress=False)
+        got = [(r["id"], r["prompt"], r["source"], r["metadata"]) for r in _all_rows(w)]
+        assert got == ref_rows, block_bytes
+        q = read_quarantine(w / "prompts")
+        q = q.to_pylist() if q is not None else []
+        assert [(r["row"], r["reason"]) for r in q] == ref_bad
+        runs.append([r["raw"] for r in q])
+    assert runs[0] == runs[1]
+    assert [json.loads(m) for *_, m in ref_rows]  # every metadata string is JSON
+
+
+def test_row_too_deep_to_write_is_quarantined_not_fatal():
+    """A record the reader could build but JSON cannot write back (nested past the recursion
+    limit) is a quarantine row with its reason; the rows around it are kept."""
+    from guidealign.ingest.batch import Spec, rows_batch
+
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    b = rows_batch("s", [(1, {"prompt": "a"}, None), (2, {"prompt": "b", "m": deep}, None),
+                         (3, {"prompt": "c"}, None)], Spec("prompt", (), 100_000, "hashlib"))
+    assert b.prompt.to_pylist() == ["a", "c"]
+    assert b.bad_row == [2] and "nested too deeply to write as JSON" in b.bad_reason[0]
+    assert "nested too deeply to show" in b.bad_raw[0]
+
+
+@pytest.mark.parametrize("prompt_type", [pa.string(), pa.binary()])
+def test_parquet_binary_metadata_comes_out_as_the_row_reader_reads_it(tmp_path, prompt_type):
+    """Binary columns beside the prompt are decoded as the row reader decodes them (not written
+    as Python's b'...'), an undecodable byte included; a string prompt goes columnar, a binary
+    one row by row: the same metadata either way."""
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "b.parquet"
+    prompts = ["a", "b", "c"] if prompt_type == pa.string() else [b"a", b"b", b"c"]
+    pq.write_table(pa.table({"prompt": pa.array(prompts, prompt_type),
+                             "blob": pa.array([b"x", b"\xff", None], pa.binary()),
+                             "fixed": pa.array([b"ab", b"cd", b"ef"], pa.binary(2))}), f)
+    ref_rows, ref_bad = _reference_ingest(f, IngestConfig())
+    ingest([str(f)], tmp_path / "w", IngestConfig(), progress=False)
+    got = [(r["id"], r["prompt"], r["source"], r["metadata"]) for r in _all_rows(tmp_path / "w")]
+    assert got == ref_rows and ref_bad == []
+    assert [json.loads(m) for *_, m in got] == [{"blob": "x", "fixed": "ab"}, {"blob": "\udcff", "fixed": "cd"},
+                                               {"fixed": "ef"}]

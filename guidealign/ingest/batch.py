@@ -96,9 +96,23 @@ def check_value(p, key, spec: Spec) -> str | None:
     return None
 
 
+def dumps(v) -> str:
+    """``v`` as JSON: keys sorted at every level (so a row's key order does not matter), text as
+    is; \\u escapes only where UTF-8 cannot hold a character (a lone surrogate, e.g. from a
+    \\ud800 escape or an undecodable byte in a binary column)."""
+    s = json.dumps(v, ensure_ascii=False, default=str, sort_keys=True)
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            s = json.dumps(v, default=str, sort_keys=True)
+    return s
+
+
 def meta_json(rec: dict, key) -> str:
+    """The row's other non-null fields as a JSON object (``dumps``)."""
     meta = {k: v for k, v in rec.items() if k != key and v is not None}
-    return json.dumps(meta, ensure_ascii=False, default=str) if meta else "{}"
+    return dumps(meta) if meta else "{}"
 
 
 def raw_repr(rec) -> str | None:
@@ -108,8 +122,11 @@ def raw_repr(rec) -> str | None:
         return rec["_raw"][:2000]
     try:
         s = json.dumps(rec, ensure_ascii=False, default=str)
-    except Exception:  # noqa: BLE001
-        s = repr(rec)
+    except Exception:  # noqa: BLE001 - e.g. nested past the recursion limit
+        try:
+            s = repr(rec)
+        except RecursionError:
+            s = f"<a {type(rec).__name__} nested too deeply to show>"
     return s[:2000].encode("utf-8", "replace").decode("utf-8")
 
 
@@ -130,10 +147,15 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
         if err is not None:
             b.reject(i, row_no, err, raw_repr(rec))
             continue
+        try:
+            meta = meta_json(rec, key)
+        except RecursionError:  # json.loads read it with the stack to spare, dumps needs more
+            b.reject(i, row_no, f"row {row_no} has a value nested too deeply to write as JSON", raw_repr(rec))
+            continue
         p = rec[key]
         prompts.append(p)
         linenos.append(row_no)
-        metas.append(meta_json(rec, key))
+        metas.append(meta)
         hashes.append(prompt_hash(p))
         pos.append(i)
     b.prompt = str_arrow(prompts)
@@ -215,7 +237,7 @@ def hex_ids(h: np.ndarray) -> pa.Array:
 
 
 def _json_values(arr: pa.Array) -> pa.Array:
-    """Each value as json.dumps(v, ensure_ascii=False) would write it; null stays null."""
+    """Each value as ``dumps`` writes it (binary as the row reader decodes it); null stays null."""
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         if not pc.any(pc.match_substring_regex(arr, _JSON_ESCAPE_RE2)).as_py():
@@ -226,16 +248,30 @@ def _json_values(arr: pa.Array) -> pa.Array:
         return pc.if_else(arr, lit("true"), lit("false"))
     elif pa.types.is_null(t):
         return pa.nulls(len(arr), pa.string())
-    vals = [None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in arr.to_pylist()]
-    return str_arrow(vals)
+    vals = arr.to_pylist()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        vals = [None if v is None else v.decode("utf-8", errors="surrogateescape") for v in vals]
+    return str_arrow([None if v is None else dumps(v) for v in vals])
+
+
+def writes_as_read(t: pa.DataType) -> bool:
+    """Whether a column whose type was inferred from JSON (``pyarrow.json``) gives each value
+    back as the row reader read it: strings, integers, booleans, nulls and lists of them do. A
+    float column may hold numbers written as integers (1 read back as 1.0), and a struct column
+    fills in as null the keys a row left out."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return writes_as_read(t.value_type)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+            or pa.types.is_boolean(t) or pa.types.is_null(t))
 
 
 def metadata_column(table: pa.Table, skip: str) -> pa.Array:
-    """The other columns as a JSON object per row, null values left out (as ``meta_json``).
+    """The other columns as a JSON object per row, null values left out, keys sorted (as
+    ``meta_json``).
 
     One column (the usual case): '{"k": ' v '}', or '{}' where v is null. More: each column's
     ', "k": v' (or '' where null), joined, the first ', ' replaced by '{', then '}'."""
-    names = [c for c in table.column_names if c != skip]
+    names = sorted(c for c in table.column_names if c != skip)
     if not names:
         return str_arrow(["{}"] * table.num_rows)
     cols = [(json.dumps(name, ensure_ascii=False) + ": ", _json_values(table.column(name).combine_chunks()))
@@ -252,9 +288,12 @@ def metadata_column(table: pa.Table, skip: str) -> pa.Array:
 
 def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
                 fallback: Callable[[int], tuple[dict | None, str | None]], all_ascii: bool = False,
-                no_ws_runs: bool = False) -> Batch:
+                no_ws_runs: bool = False, inferred_types: bool = False) -> Batch:
     """Columnar checks/normalize/hash of ``table``; rows it cannot settle go through ``fallback(i)``
-    (the row-by-row reading of row i), so their reasons and values are the reference ones."""
+    (the row-by-row reading of row i), so their reasons and values are the reference ones, as
+    are the records shown for rejected rows. ``inferred_types``: the column types were inferred
+    from JSON, so metadata is written from the columns only when ``writes_as_read`` says each
+    value comes back as the row reader read it, and row by row otherwise."""
     n = table.num_rows
     names = table.column_names
     key = find_prompt_key(names, spec.field, spec.aliases)
@@ -319,17 +358,23 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     b.pos = b.at = pos.astype(np.int64)
     b.hashes = hashes[pos]
     b.lineno = np.asarray(linenos, dtype=np.int64)[pos]
-    b.prompt, b.metadata = col.cast(pa.string()), metadata_column(table, key)
+    b.prompt = col.cast(pa.string())
+    if inferred_types and not all(writes_as_read(f.type) for f in table.schema if f.name != key):
+        ml: list = [None] * n
+        for i in pos.tolist():
+            if i not in override:
+                ml[i] = meta_json(fallback(i)[0], key)
+        b.metadata = str_arrow(ml)
+    else:
+        b.metadata = metadata_column(table, key)
     if override:  # rare: rows whose prompt came from the row reader
         pl, ml = b.prompt.to_pylist(), b.metadata.to_pylist()
         for i, (p, m) in override.items():
             pl[i], ml[i] = p, m
         b.prompt, b.metadata = str_arrow(pl), str_arrow(ml)
-    need = [i for i in sorted(bad) if bad[i][1] is None]  # rows to show as the table has them
-    recs = dict(zip(need, table.take(int_arrow(need)).to_pylist())) if need else {}
-    for i in sorted(bad):
+    for i in sorted(bad):  # shown as the row reader reads them (not with the block's other columns)
         reason, rec = bad[i]
-        b.reject(i, int(linenos[i]), reason, raw_repr(rec if rec is not None else recs[i]))
+        b.reject(i, int(linenos[i]), reason, raw_repr(rec if rec is not None else fallback(i)[0]))
     return b
 
 

@@ -87,7 +87,7 @@ def _parse_block(block: bytes, line0: int, final: bool):
             return None
     try:
         table = _read_json_block(block)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, RecursionError):  # the last: a deep value
         return None
     if table is None:
         return None
@@ -125,7 +125,7 @@ def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
         row = parse_jsonl_line(int(linenos[i]), raw, False, encoding)
         return row[1], row[2]
 
-    return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs)
+    return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs, inferred_types=True)
 
 
 def _nonblank_linenos(block: bytes, arr: np.ndarray, n_nl: int, maybe_blank: bool, line0: int) -> np.ndarray:

@@ -136,7 +136,8 @@ def read_jsonl(path: Path, encoding: str = "auto") -> Iterator[Row]:
     stream, enc = open_utf8(path, encoding)
     with stream:
         for lineno, (raw, last) in enumerate(iter_lines(stream), start=1):
-            row = parse_jsonl_line(lineno, raw, last, enc)
+            # the line without its end, as ingest's blocks cut it (a reason's column, the raw text)
+            row = parse_jsonl_line(lineno, raw[:-1] if raw.endswith(b"\n") else raw, last, enc)
             if row is not None:
                 yield row
         if read_error(stream):

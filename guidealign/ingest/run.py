@@ -1,7 +1,7 @@
 """Ingest: input files -> prompt shards with stable ids, under ``WORKDIR/<dataset>/`` ("prompts").
 
 Output columns: ``id`` (16 hex chars of a hash of the normalized prompt), ``prompt``,
-``source`` (file and line/row), ``metadata`` (the input's other non-null columns, as JSON).
+``source`` (file and line/row), ``metadata`` (the input's other non-null columns, as JSON with its keys sorted).
 Exact duplicates (same normalized prompt) are dropped and counted. Bad rows go to the
 quarantine table beside the shard they would have landed in, with file, row and reason.
 
@@ -255,7 +255,7 @@ def _shard_table(parts: list[tuple]) -> pa.Table:
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0,
               int(p.stat().st_mtime)) for p in files]
-    return fingerprint("ingest-v2", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
+    return fingerprint("ingest-v3", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
 
 
