@@ -265,6 +265,22 @@ def writes_as_read(t: pa.DataType) -> bool:
             or pa.types.is_boolean(t) or pa.types.is_null(t))
 
 
+def rows_to_write_by_row(table: pa.Table, skip: str) -> np.ndarray:
+    """Rows whose metadata the columns of a JSON-inferred ``table`` may not give back as the row
+    reader read it: every row when a column is neither ``writes_as_read`` nor a float, else the
+    rows where a float column holds a whole number (written as 1 or as 1.0: only the row knows)."""
+    n = table.num_rows
+    mask = np.zeros(n, dtype=bool)
+    for f in table.schema:
+        if f.name == skip or writes_as_read(f.type):
+            continue
+        if not pa.types.is_floating(f.type):
+            return np.ones(n, dtype=bool)
+        col = table.column(f.name).combine_chunks()
+        mask |= bool_numpy(pc.fill_null(pc.equal(col, pc.floor(col)), lit(False)))
+    return mask
+
+
 def metadata_column(table: pa.Table, skip: str) -> pa.Array:
     """The other columns as a JSON object per row, null values left out, keys sorted (as
     ``meta_json``).
@@ -359,11 +375,14 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     b.hashes = hashes[pos]
     b.lineno = np.asarray(linenos, dtype=np.int64)[pos]
     b.prompt = col.cast(pa.string())
-    if inferred_types and not all(writes_as_read(f.type) for f in table.schema if f.name != key):
-        ml: list = [None] * n
-        for i in pos.tolist():
-            if i not in override:
-                ml[i] = meta_json(fallback(i)[0], key)
+    # JSON-inferred columns: the rows whose metadata only the row reader can write exactly
+    by_row = rows_to_write_by_row(table, key) & good if inferred_types else np.zeros(n, dtype=bool)
+    if override:
+        by_row[list(override)] = False
+    if by_row.any():
+        ml = [None] * n if by_row.sum() == good.sum() else metadata_column(table, key).to_pylist()
+        for i in np.flatnonzero(by_row).tolist():
+            ml[i] = meta_json(fallback(i)[0], key)
         b.metadata = str_arrow(ml)
     else:
         b.metadata = metadata_column(table, key)
