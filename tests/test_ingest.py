@@ -393,7 +393,7 @@ def _reference_id(p: str) -> str:
 def _reference_ingest(path: Path, cfg: IngestConfig) -> tuple[list[tuple], list[tuple]]:
     """Row by row with the readers and the reference checks: (id, prompt, source, metadata), (row, reason)."""
     from guidealign.ingest.run import check_prompt, prompt_of
-    from guidealign.ingest.batch import meta_json
+    from guidealign.ingest.metadata import meta_json
     from guidealign.ingest.readers import READERS, check_readable, find_prompt_key
 
     rows, bad, seen = [], [], set()
@@ -956,7 +956,7 @@ def test_metadata_column_equals_meta_json():
     byte: key order, nulls left out, every JSON type, one column or several."""
     import random
 
-    from guidealign.ingest.batch import meta_json, metadata_column
+    from guidealign.ingest.metadata import meta_json, metadata_column
 
     rng = random.Random(1)
     kinds = {"int": lambda: rng.randint(-5, 5), "str": lambda: rng.choice(["a", 'q"uote', "ü", "new\nline", ""]),

@@ -1,0 +1,119 @@
+"""Metadata JSON for ingest: a row's other fields as one JSON string, written the same way by
+the row-by-row path (``meta_json``) and the columnar one (``metadata_column``), and a rejected
+row's record for its quarantine row (``raw_repr``).
+
+Keys are sorted at every level, so a row's key order does not matter. Columns whose type
+``pyarrow.json`` inferred give their values back only when ``writes_as_read`` says so; for the
+other rows (``rows_to_write_by_row``) the caller writes metadata from the row reader's record.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from guidealign.ingest.arrays import affix, bool_numpy, lit, str_arrow
+
+_JSON_ESCAPE_RE2 = r'[\x00-\x1f\\"]'
+
+
+def dumps(v) -> str:
+    """``v`` as JSON: keys sorted at every level (so a row's key order does not matter), text as
+    is; \\u escapes only where UTF-8 cannot hold a character (a lone surrogate, e.g. from a
+    \\ud800 escape or an undecodable byte in a binary column)."""
+    s = json.dumps(v, ensure_ascii=False, default=str, sort_keys=True)
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            s = json.dumps(v, default=str, sort_keys=True)
+    return s
+
+
+def meta_json(rec: dict, key) -> str:
+    """The row's other non-null fields as a JSON object (``dumps``)."""
+    meta = {k: v for k, v in rec.items() if k != key and v is not None}
+    return dumps(meta) if meta else "{}"
+
+
+def raw_repr(rec) -> str | None:
+    if rec is None:
+        return None
+    if isinstance(rec, dict) and set(rec) == {"_raw"}:
+        return rec["_raw"][:2000]
+    try:
+        s = json.dumps(rec, ensure_ascii=False, default=str)
+    except Exception:  # noqa: BLE001 - e.g. nested past the recursion limit
+        try:
+            s = repr(rec)
+        except RecursionError:
+            s = f"<a {type(rec).__name__} nested too deeply to show>"
+    return s[:2000].encode("utf-8", "replace").decode("utf-8")
+
+
+def _json_values(arr: pa.Array) -> pa.Array:
+    """Each value as ``dumps`` writes it (binary as the row reader decodes it); null stays null."""
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        if not pc.any(pc.match_substring_regex(arr, _JSON_ESCAPE_RE2)).as_py():
+            return affix(arr.cast(pa.string()), '"', '"')
+    elif pa.types.is_integer(t):
+        return arr.cast(pa.string())
+    elif pa.types.is_boolean(t):
+        return pc.if_else(arr, lit("true"), lit("false"))
+    elif pa.types.is_null(t):
+        return pa.nulls(len(arr), pa.string())
+    vals = arr.to_pylist()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        vals = [None if v is None else v.decode("utf-8", errors="surrogateescape") for v in vals]
+    return str_arrow([None if v is None else dumps(v) for v in vals])
+
+
+def writes_as_read(t: pa.DataType) -> bool:
+    """Whether a column whose type was inferred from JSON (``pyarrow.json``) gives each value
+    back as the row reader read it: strings, integers, booleans, nulls and lists of them do. A
+    float column may hold numbers written as integers (1 read back as 1.0), and a struct column
+    fills in as null the keys a row left out."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return writes_as_read(t.value_type)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+            or pa.types.is_boolean(t) or pa.types.is_null(t))
+
+
+def rows_to_write_by_row(table: pa.Table, skip: str) -> np.ndarray:
+    """Rows whose metadata the columns of a JSON-inferred ``table`` may not give back as the row
+    reader read it: every row when a column is neither ``writes_as_read`` nor a float, else the
+    rows where a float column holds a whole number (written as 1 or as 1.0: only the row knows)."""
+    n = table.num_rows
+    mask = np.zeros(n, dtype=bool)
+    for f in table.schema:
+        if f.name == skip or writes_as_read(f.type):
+            continue
+        if not pa.types.is_floating(f.type):
+            return np.ones(n, dtype=bool)
+        col = table.column(f.name).combine_chunks()
+        mask |= bool_numpy(pc.fill_null(pc.equal(col, pc.floor(col)), lit(False)))
+    return mask
+
+
+def metadata_column(table: pa.Table, skip: str) -> pa.Array:
+    """The other columns as a JSON object per row, null values left out, keys sorted (as
+    ``meta_json``).
+
+    One column (the usual case): '{"k": ' v '}', or '{}' where v is null. More: each column's
+    ', "k": v' (or '' where null), joined, the first ', ' replaced by '{', then '}'."""
+    names = sorted(c for c in table.column_names if c != skip)
+    if not names:
+        return str_arrow(["{}"] * table.num_rows)
+    cols = [(json.dumps(name, ensure_ascii=False) + ": ", _json_values(table.column(name).combine_chunks()))
+            for name in names]
+    if len(cols) == 1:
+        key, vals = cols[0]
+        out = affix(vals, "{" + key, "}")
+        return pc.fill_null(out, lit("{}")) if vals.null_count else out
+    pieces = [affix(vals, ", " + key) for key, vals in cols]
+    pieces = [pc.fill_null(p, lit("")) if p.null_count else p for p in pieces]
+    joined = pc.binary_join_element_wise(*pieces, lit(""))
+    return affix(pc.utf8_slice_codeunits(joined, 2), "{", "}")
