@@ -173,6 +173,45 @@ def test_push_needs_a_token_and_a_complete_stage(tmp_path, workdir):
         assert ("dataset", "org/x") not in hub.state.repos
 
 
+def test_push_of_a_smaller_stage_deletes_the_stale_shards(tmp_path, workdir):
+    """A stage pushed with 3 shards, rebuilt with 2 and pushed again: the third shard is
+    deleted from the Hub (one commit), so the repo holds exactly the stage's rows."""
+    import shutil
+
+    make_run(workdir, shards=3)
+    with HubServer(token=TOKEN) as hub:
+        env = hub_env(hub, tmp_path)
+        assert run(push_cmd(workdir, "respond", "org/s"), env).returncode == 0
+        shutil.rmtree(workdir / "respond")
+        make_run(workdir, shards=2)
+        p = run(push_cmd(workdir, "respond", "org/s"), env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "1 stale file(s) deleted" in p.stdout + p.stderr
+        assert sorted(f for f in hub.files("org/s") if f.startswith("data/")) == [
+            "data/shard-00000.parquet", "data/shard-00001.parquet"]
+        n = len(hub.commits("org/s"))
+        assert run(push_cmd(workdir, "respond", "org/s"), env).returncode == 0
+        assert len(hub.commits("org/s")) == n  # nothing new, nothing stale: no commit
+
+
+def test_push_refuses_shards_committed_under_another_config(tmp_path, workdir):
+    """Every shard has a marker, but one was committed with another fingerprint (a config
+    changed and only some ranks reran): the stage is not finished, and nothing is pushed."""
+    from guidealign.shards import map_shards
+
+    src = workdir / "retrieve"
+    for i in range(2):
+        write_shard(src, i, pa.Table.from_pylist(make_rows(i, 5), schema=RESPOND_SCHEMA), "in")
+    write_manifest(src, stage="retrieve", num_shards=2, fingerprint="in")
+    map_shards("respond", src, workdir / "respond", "config-a", fn=lambda t, i: t, progress=False)
+    map_shards("respond", src, workdir / "respond", "config-b", fn=lambda t, i: t, progress=False,
+               rank=0, world_size=2, assign="static")  # shard 1 still has config-a's
+    with HubServer(token=TOKEN) as hub:
+        p = run(push_cmd(workdir, "respond", "org/x"), hub_env(hub, tmp_path))
+        assert p.returncode != 0 and "another config" in p.stderr
+        assert ("dataset", "org/x") not in hub.state.repos
+
+
 def test_push_model_public(tmp_path, workdir):
     m = workdir / "sft" / "model"
     m.mkdir(parents=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from guidealign.shards import (committed, fingerprint, is_done, iter_batches, map_shards, read_marker,
+from guidealign.shards import (committed, fingerprint, is_done, iter_batches, iter_tables, map_shards, read_marker,
                     read_table, resolve_rank, wait_complete, write_manifest, write_shard)
 from guidealign.shards.layout import shard_path
 
@@ -39,6 +39,25 @@ def test_shard_without_marker_or_with_torn_file_is_not_committed(tmp_path):
     p = shard_path(tmp_path, 0)
     p.write_bytes(p.read_bytes()[:10])
     assert committed(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["field renamed", "wrong type", "not an object", "not UTF-8"])
+def test_marker_that_parses_but_is_damaged_counts_as_absent(tmp_path, damage):
+    """A flipped bit can leave a marker valid JSON ("rows" -> "rowr"): the shard is then not
+    committed (resume redoes it), rather than a TypeError for every reader."""
+    import json
+
+    write_shard(tmp_path, 0, pa.table({"a": [1]}), "fp")
+    mp = tmp_path / "shard-00000.done.json"
+    data = json.loads(mp.read_text())
+    if damage == "field renamed":
+        data["rowr"] = data.pop("rows")
+    elif damage == "wrong type":
+        data["bytes"] = str(data["bytes"])
+    elif damage == "not an object":
+        data = [data]
+    mp.write_bytes(b"\xff\xfe" if damage == "not UTF-8" else json.dumps(data).encode())
+    assert read_marker(tmp_path, 0) is None and not is_done(tmp_path, 0, "fp") and committed(tmp_path) == []
 
 
 def test_rewrite_removes_old_marker_first(tmp_path, monkeypatch):
@@ -73,6 +92,24 @@ def test_map_stage_resume_and_fingerprints(tmp_path):
     r4 = map_shards("double", src, dst, "cfg-b", fn=fn, progress=False)
     assert r4.processed == 1 and calls[-1] == 2
     assert read_table(dst, 2)["y"].to_pylist() == [14]
+
+
+@pytest.mark.parametrize("assign", ["static", "dynamic"])
+def test_map_stage_over_a_smaller_input_retires_the_extra_shards(tmp_path, assign):
+    """The input shrank (re-ingested with fewer prompts): the output shards past its end, from
+    the earlier run, are removed, so readers (which take every committed shard) get only the
+    new run's rows."""
+    import shutil
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _make_input(src, 4)
+    map_shards("s", src, dst, "c", fn=lambda t, i: t, progress=False, assign=assign)
+    shutil.rmtree(src)
+    _make_input(src, 2, rows=3)
+    map_shards("s", src, dst, "c", fn=lambda t, i: t, progress=False, assign=assign)
+    assert committed(dst) == [0, 1]
+    assert [r["id"] for t in iter_tables(dst) for r in t.to_pylist()] == [f"{i}-{j}" for i in range(2) for j in range(3)]
+    assert sorted(p.name for p in dst.glob("shard-*")) == [f"shard-0000{i}.{e}" for i in range(2) for e in ("done.json", "parquet")]
 
 
 def test_make_fn_is_lazy(tmp_path):

@@ -8,7 +8,9 @@ Resumable, on huggingface_hub's commit API (guidealign/hub/commits.py): the Hub'
 answer leaves out the files it already has, the rest goes in commits of
 `push.files_per_commit` files by `create_commit`, which does not upload LFS objects the Hub
 already holds. A push stopped between commits therefore resumes where it stopped, and a push
-with nothing new makes no commit. huggingface_hub retries its own requests (http_backoff); the
+with nothing new makes no commit. Shards under the data folder that the Hub has and the stage
+no longer has (an earlier push of a larger stage) are deleted by one last commit, so
+`load_dataset` reads exactly the stage's rows. huggingface_hub retries its own requests (http_backoff); the
 steps it sends once (creating the repo, a commit) are retried here as a whole.
 
 The token comes from HF_TOKEN or the stored login (huggingface_hub resolves it); it is
@@ -46,11 +48,13 @@ class PushReport:
     seconds: float = 0.0
     commit: str = ""         # the head of the revision after the push
     uploaded_paths: list = field(default_factory=list)
+    deleted_paths: list = field(default_factory=list)  # stale shards removed from the Hub
 
     def summary(self) -> str:
         """One line for the console."""
+        gone = f", {len(self.deleted_paths)} stale file(s) deleted" if self.deleted_paths else ""
         return (f"push {self.repo_type} {self.repo_id}: {self.uploaded} file(s) pushed in {self.commits} "
-                f"commit(s), {self.already_there} already on the Hub, {self.retries} retries, "
+                f"commit(s), {self.already_there} already on the Hub{gone}, {self.retries} retries, "
                 f"{self.seconds:.1f}s")
 
     def count_retry(self) -> None:
@@ -114,6 +118,8 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
                                  revision=pcfg.revision)
     report.already_there = len(there)
     commit_all(api, new, report, pcfg, title=f"guide-align: push {src.name}", progress=progress)
+    if repo_type == "dataset":
+        delete_stale(api, files, report, pcfg, data_dir=pcfg.data_dir.strip("/"), title=f"guide-align: push {src.name}")
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
     return report
@@ -158,6 +164,28 @@ def commit_all(api, files: list[LocalFile], report: PushReport, pcfg, *, title: 
             report.uploaded_paths += [f.path_in_repo for f in changed]
         if progress:
             log.info("pushed commit %d/%d to %s", k, len(todo), report.repo_id)
+
+
+def delete_stale(api, files: list[LocalFile], report: PushReport, pcfg, *, data_dir: str, title: str) -> None:
+    """Delete, in one commit (retried), the files under ``data_dir/`` on the Hub that this push
+    does not have: shards of an earlier push of a larger stage, which ``load_dataset`` would
+    read too."""
+    from huggingface_hub import CommitOperationDelete
+
+    keep = {f.path_in_repo for f in files}
+    remote = retry_step(lambda: api.list_repo_files(report.repo_id, repo_type=report.repo_type,
+                                                     revision=pcfg.revision),
+                        pcfg, "list repo files", report.count_retry)
+    stale = sorted(p for p in remote if p.startswith(data_dir + "/") and p not in keep)
+    if not stale:
+        return
+    info = retry_step(lambda: api.create_commit(
+        report.repo_id, operations=[CommitOperationDelete(path_in_repo=p) for p in stale],
+        commit_message=f"{title}: delete {len(stale)} stale file(s)", repo_type=report.repo_type,
+        revision=pcfg.revision), pcfg, "delete stale files", report.count_retry)
+    report.commit = getattr(info, "oid", "") or report.commit
+    report.commits += 1
+    report.deleted_paths = stale
 
 
 def write_report(wd: Path, report: PushReport, src: Path, pcfg, endpoint: str) -> Path:

@@ -52,8 +52,13 @@ def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
     number of rows they hold; PushError when a shard is not committed."""
     from guidealign.shards import read_manifest, read_marker
     from guidealign.shards.layout import shard_path
+    from guidealign.shards.manifest import shard_states
 
     man = read_manifest(d)
+    st = shard_states(d)
+    if st is not None and st[1]:
+        raise PushError(f"{d} is incomplete: shard(s) {st[1][:5]} were committed under another config "
+                        "or input (finish the stage first)")
     out, rows = [], 0
     for i in range(int(man["num_shards"])):
         m = read_marker(d, i)

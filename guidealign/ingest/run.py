@@ -44,7 +44,7 @@ from guidealign.ingest.readers import (READERS, IngestError, check_readable, exp
                                 iter_hf_tables, iter_parquet_tables)
 from guidealign.shards import fingerprint, is_done, write_manifest
 from guidealign.config.ingest import IngestConfig
-from guidealign.shards.layout import marker_path, quarantine_path, shard_indices, shard_path
+from guidealign.shards.write import retire_shards_from
 
 log = logging.getLogger(__name__)
 
@@ -329,11 +329,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
         out.close()
         seen.close()
         bar.close()
-    # a previous run with other inputs may have left more shards: retire them
-    for i in shard_indices(dst):
-        if i >= rep.shards:
-            for p in (marker_path(dst, i), shard_path(dst, i), quarantine_path(dst, i)):
-                p.unlink(missing_ok=True)
+    retire_shards_from(dst, rep.shards)  # what a previous run with more input left
     rep.seconds = time.perf_counter() - t0
     write_manifest(dst, stage=dataset, num_shards=rep.shards, fingerprint=run_fp,
                    rows=rep.rows, duplicates=rep.duplicates, quarantined=rep.quarantined,

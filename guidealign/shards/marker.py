@@ -34,10 +34,21 @@ def read_marker(dataset: str | Path, index: int) -> Marker | None:
         data = json.loads(p.read_text())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None  # a torn marker counts as absent: the shard is redone
+    if not isinstance(data, dict):
+        return None
     known = {k: data[k] for k in Marker.__dataclass_fields__ if k in data}
-    return Marker(**known)
+    # so does one that parses but lacks a field or holds a wrong type (a flipped bit)
+    if any(not isinstance(known.get(k), t) or isinstance(known.get(k), bool) for k, t in _REQUIRED.items()):
+        return None
+    try:
+        return Marker(**known)
+    except TypeError:
+        return None
+
+
+_REQUIRED = {"index": int, "rows": int, "bytes": int, "sha256": str, "fingerprint": str}
 
 
 def intact(m: Marker | None, path: str | Path) -> bool:

@@ -25,7 +25,7 @@ from guidealign.shards.manifest import read_manifest, write_manifest
 from guidealign.shards.marker import is_done, read_marker
 from guidealign.shards.ranks import my_shards
 from guidealign.shards.read import read_table
-from guidealign.shards.write import write_shard
+from guidealign.shards.write import retire_shards_from, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def map_shards(
         raise ValueError("give exactly one of fn and make_fn")
     n = input_num_shards(src)
     write_manifest(dst, stage=stage, num_shards=n, fingerprint=config_fp, input=str(src))
+    retire_shards_from(dst, n)  # an earlier run over a larger input left them; readers take every shard
     report = StageReport(stage=stage, total=n)
     policy = claims.current_assignment()
     if assign is not None or claim_ttl_s is not None:

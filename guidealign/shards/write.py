@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from guidealign.shards.layout import marker_path, quarantine_path, shard_path
+from guidealign.shards.layout import marker_path, quarantine_path, shard_indices, shard_path
 from guidealign.shards.marker import Marker
 
 
@@ -105,3 +105,14 @@ def write_shard(
     )
     write_json_atomic(mpath, marker.to_json())
     return marker
+
+
+def retire_shards_from(dataset: str | Path, n: int) -> list[int]:
+    """Remove the shards numbered ``n`` and up (marker first, so none is ever taken half
+    removed): what an earlier run over a larger input left. Returns their indices."""
+    dataset = Path(dataset)
+    gone = [i for i in shard_indices(dataset) if i >= n]
+    for i in gone:
+        for p in (marker_path(dataset, i), shard_path(dataset, i), quarantine_path(dataset, i)):
+            p.unlink(missing_ok=True)
+    return gone
