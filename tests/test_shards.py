@@ -187,3 +187,21 @@ def test_fingerprint_is_stable_and_sensitive():
         a: int = 1
     assert fingerprint(C(), "x") == fingerprint(C(), "x")
     assert fingerprint(C(a=2), "x") != fingerprint(C(), "x")
+
+
+def test_verify_checks_an_exports_jsonl_shards(tmp_path):
+    """An export's JSONL shards (committed with markers like Parquet ones) verify clean; a
+    changed byte in one is corrupt, a JSONL shard without a marker an orphan."""
+    from guidealign.hub.export import run_export
+    from guidealign.shards.verify import verify_run
+
+    _make_input(tmp_path / "respond", 2)
+    run_export(None, tmp_path, dataset="respond", progress=False)
+    out = tmp_path / "export" / "respond"
+    assert sorted(p.name for p in out.glob("shard-*.jsonl")) == ["shard-00000.jsonl", "shard-00001.jsonl"]
+    assert verify_run(tmp_path).ok
+    p = out / "shard-00001.jsonl"
+    p.write_bytes(p.read_bytes().replace(b'"x": 4', b'"x": 5'))
+    (out / "shard-00007.jsonl").write_text('{"id": "stray"}\n')
+    got = {(q.kind, q.path) for q in verify_run(tmp_path).failing}
+    assert got == {("corrupt", "export/respond/shard-00001.jsonl"), ("orphan", "export/respond/shard-00007.jsonl")}

@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from guidealign.shards.artifact_files import DONE, check_files
+from guidealign.shards.jsonl import jsonl_path
 from guidealign.shards.layout import marker_path, quarantine_path, shard_path
 from guidealign.shards.manifest import MANIFEST, read_manifest
 from guidealign.shards.marker import read_marker
@@ -33,6 +34,7 @@ from guidealign.shards.write import file_sha256
 FAILING = ("corrupt", "missing", "orphan")
 _MARKER_RE = re.compile(r"^shard-(\d{5,})\.done\.json$")
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+_JSONL_RE = re.compile(r"^shard-(\d{5,})\.jsonl$")  # an export's shards (shards.jsonl)
 _PID_TMP_RE = re.compile(r"\.(\d+)\.tmp$|\.old-(\d+)$")
 
 
@@ -104,9 +106,28 @@ def _parquet_rows(path: Path) -> int:
     return pq.read_table(path).num_rows
 
 
+def _file_rows(path: Path) -> int:
+    """Rows of a shard file: a Parquet one, or a JSONL one (every line parsed)."""
+    if path.suffix != ".jsonl":
+        return _parquet_rows(path)
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            json.loads(line)  # a line that does not parse is corruption
+            n += 1
+    return n
+
+
+def _shard_file(d: Path, i: int) -> Path:
+    """The file shard ``i``'s marker commits: its Parquet file, or the JSONL one of an export."""
+    p = shard_path(d, i)
+    j = jsonl_path(d, i)
+    return j if not p.exists() and j.exists() else p
+
+
 def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSummary) -> None:
     rel = lambda p: Path(p).relative_to(root).as_posix()  # noqa: E731
-    mpath, spath, qpath = marker_path(d, i), shard_path(d, i), quarantine_path(d, i)
+    mpath, spath, qpath = marker_path(d, i), _shard_file(d, i), quarantine_path(d, i)
     m = read_marker(d, i)
     bad: list[tuple[str, str, str]] = []
     if m is None:
@@ -128,7 +149,7 @@ def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSum
             bad.append(("corrupt", rel(spath), "sha256 differs from the marker"))
         else:
             try:
-                rows = _parquet_rows(spath)
+                rows = _file_rows(spath)
             except Exception as e:  # noqa: BLE001 - any read error means corrupt
                 bad.append(("corrupt", rel(spath), f"unreadable: {e}"))
             else:
@@ -165,18 +186,19 @@ def _check_dataset(root: Path, d: Path, rep: VerifyReport, summary: DirSummary) 
         rep.problems.append(Problem("corrupt", rel(d / MANIFEST), "manifest is not valid JSON",
                                     remove=[rel(d / MANIFEST)]))
     summary.shards_total = int(man["num_shards"]) if man else None
-    markers, shards = set(), set()
+    markers, shards = set(), {}
     for p in d.iterdir():
         if (m := _MARKER_RE.match(p.name)):
             markers.add(int(m.group(1)))
-        elif (m := _SHARD_RE.match(p.name)):
-            shards.add(int(m.group(1)))
+        elif (m := _SHARD_RE.match(p.name) or _JSONL_RE.match(p.name)):
+            shards[p] = int(m.group(1))
     for i in sorted(markers):
         _check_shard(root, d, i, rep, summary)
-    for i in sorted(shards - markers):
-        rep.problems.append(Problem("orphan", rel(shard_path(d, i)),
-                                    "shard file without a commit marker (crash before commit)",
-                                    remove=[rel(shard_path(d, i)), rel(quarantine_path(d, i))]))
+    for p, i in sorted(shards.items()):
+        if i not in markers:
+            rep.problems.append(Problem("orphan", rel(p),
+                                        "shard file without a commit marker (crash before commit)",
+                                        remove=[rel(p), rel(quarantine_path(d, i))]))
     qdir = d / "quarantine"
     if qdir.is_dir():
         for p in sorted(qdir.iterdir()):
