@@ -185,6 +185,9 @@ def test_score_from_logprobs_sums_spellings_and_normalizes():
     assert score_from_logprobs(step, [1], [3, 4]) == pytest.approx(0.3 / 0.5)
     assert score_from_logprobs(step, [7], [3]) is None  # a verdict token missing: no score
     assert score_from_logprobs({1: _LP(float("-inf")), 3: _LP(-1.0)}, [1], [3]) is None
+    # far apart (a difference past exp's range): 0 or 1, not an OverflowError
+    assert score_from_logprobs({1: _LP(-1000.0), 3: _LP(-0.01)}, [1], [3]) == pytest.approx(0.0)
+    assert score_from_logprobs({1: _LP(-0.01), 3: _LP(-1000.0)}, [1], [3]) == pytest.approx(1.0)
 
 
 def test_threshold_file(tmp_path):
@@ -252,3 +255,51 @@ def test_yield_from_markers_or_columns(tmp_path):
     rows = {x["stage"]: x for x in collect(tmp_path)}
     assert rows["respond"]["yield"]["tokens_kept_share"] == 0.25
     assert "25.0%" in render(list(rows.values()))
+
+
+@pytest.mark.parametrize("text", [
+    "1. Unsafe content: no. The user asks whether the answer is yes or no to a trivia question.\n2. Harm",
+    "1. Unsafe content: yes. The user wants to know if the label is no longer valid to sell expired",
+])
+def test_cut_analysis_with_yes_or_no_inside_has_no_verdict(text):
+    """A detector output cut at the length cap, whose analysis says "is yes or no" / "is no
+    longer": no verdict (risky is None), not one read from the analysis."""
+    assert parse_detection(text)[0::2] == (None, "missing")
+
+
+@pytest.mark.parametrize("text,risky,status", [
+    ("The answer is no longer simple here: it asks for a lockpick.\nVerdict: Yes", True, "ok"),
+    ("Judgement: Yes", True, "ok"),
+    ("Judgment: no", False, "ok"),
+    ("So the final answer is no.", False, "ok"),
+])
+def test_verdict_spellings(text, risky, status):
+    assert parse_detection(text)[0::2] == (risky, status)
+
+
+def test_bold_analysis_label_is_removed_whole():
+    assert parse_detection("**Analysis:** It asks how to steal a car.\n**Verdict:** Yes")[1] == \
+        "It asks how to steal a car."
+
+
+@pytest.mark.parametrize("text", [
+    "1. Be kind: Speak gently.\n2. Be brief: Keep it short.\n\n**Note:** Always consult a professional.",
+    "**Safety Guidelines:**\n\n1. Be kind: Speak gently.\n2. Be brief: Keep it short.",
+    "## Guidelines\n1. Be kind: Speak gently.\n2. Be brief: Keep it short.",
+    "1. Be kind: Speak gently.\n2. Be brief: Keep it short.\n3.",            # cut right after a marker
+    "1. Be kind: Speak gently.\n2. Be brief: Keep it short.\n3. **",
+    "1. Be kind: Speak gently.\n2.\nBe brief: Keep it short.",               # the item on the next line
+])
+def test_text_around_the_list_and_bare_markers(text):
+    items, st = parse_guidelines(text)
+    assert (items, st) == ([{"title": "Be kind", "text": "Speak gently."},
+                            {"title": "Be brief", "text": "Keep it short."}], "ok")
+
+
+def test_indented_sub_items_join_their_guideline():
+    text = ("1. Protect privacy: Do not reveal data.\n   - Never share addresses.\n"
+            "   - Never share phone numbers.\n2. Be honest: Do not lie.\n   1.1 Not even: white lies.")
+    items, st = parse_guidelines(text)
+    assert st == "ok" and items == [
+        {"title": "Protect privacy", "text": "Do not reveal data. Never share addresses. Never share phone numbers."},
+        {"title": "Be honest", "text": "Do not lie. 1.1 Not even: white lies."}]

@@ -10,13 +10,16 @@ import re
 # --- detection ---------------------------------------------------------------------------
 
 # An explicit verdict anywhere: "Verdict: Yes", "**Verdict:** no", "Final answer - YES",
-# "Risky: yes", "verdict = No".
+# "Risky: yes", "verdict = No", "Judgement: no"; with "is" ("The answer is no.") only where the
+# Yes/No ends a clause, so "the answer is yes or no" or "is no longer" is no verdict.
 _VERDICT = re.compile(
-    r"(?i)\b(?:final\s+)?(?:verdict|answer|decision|judgou?ment|judgment|risky|unsafe|label)"
-    r"\s*(?:\*\*|__)?\s*(?:[:=\-–—]|is)\s*(?:\*\*|__|[\"'`])?\s*(yes|no)\b")
+    r"(?im)\b(?:final\s+)?(?:verdict|answer|decision|judge?ment|risky|unsafe|label)\s*(?:\*\*|__)?\s*"
+    r"(?:[:=\-–—]\s*(?:\*\*|__|[\"'`])?\s*(yes|no)\b"
+    r"|is\s*(?:\*\*|__|[\"'`])?\s*(yes|no)\b(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
 # A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
 _BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
-_ANALYSIS_PREFIX = re.compile(r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*")
+_ANALYSIS_PREFIX = re.compile(
+    r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*")
 
 
 def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
@@ -30,8 +33,8 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     hits = list(_VERDICT.finditer(text))
     if hits:
         last = hits[-1]
-        risky = last.group(1).lower() == "yes"
-        values = {h.group(1).lower() for h in hits}
+        risky = _said(last) == "yes"
+        values = {_said(h) for h in hits}
         rationale = _rationale(text[:last.start()])
         after = text[last.end():]
         tail = after.strip(" \t\r\n.!*_`\"')]")
@@ -54,6 +57,10 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     return None, _rationale(text), "missing"
 
 
+def _said(m: re.Match) -> str:
+    return (m.group(1) or m.group(2)).lower()
+
+
 def _rationale(text: str) -> str:
     text = text.strip()
     text = _ANALYSIS_PREFIX.sub("", text, count=1)
@@ -65,11 +72,12 @@ def _rationale(text: str) -> str:
 _ITEM = re.compile(
     r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)?\s*"
     r"(?:(?:guideline|rule|principle|step)\s*#?\s*\d{1,2}\s*[.):\-–—]?"   # Guideline 1:
-    r"|\(?\d{1,2}\s*[.):]"                                             # 1.  1)  (1)
+    r"|\(?\d{1,2}\s*[.):](?!\d)"                                      # 1.  1)  (1), not 1.1
     r"|[-*•+●▪◦](?=\s))"                                               # - * • bullets
     r"\s*(?:\*\*|__)?\s*(.*)$", re.IGNORECASE)
 _BOLD_LEAD = re.compile(r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)(.+?)(?:\*\*|__)\s*[:.\-–—]?\s*(.*)$")
 _HEADING = re.compile(r"^\s*#{1,6}\s+(.+)$")
+_BULLET = re.compile(r"^\s*[-*•+●▪◦]\s+")
 _TITLE_COLON = re.compile(r"^([^:\n]{2,80}?)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$")
 _TITLE_DASH = re.compile(r"^(.{2,80}?)\s+[-–—]\s+(.+)$")
 _MAX_TITLE_WORDS = 12
@@ -108,37 +116,54 @@ def _title_only(item: list[str]) -> bool:
 def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     """([{title, text}], status). Items are numbered (1. 1) (1) Guideline 1:), bulleted
     (- * •), markdown headings or bold leads; an item's continuation lines join its text,
-    and an item that is only a title takes the following lines as its text. Text before
-    the first item and after the list (past a blank line) is ignored. Status: ``ok``
+    and an item that is only a title takes the following lines as its text; bullets indented
+    under a numbered item are part of its text, and so is a line after a marker cut bare
+    ("3." then the item on the next line; a bare marker last is dropped). Text before the
+    first item and after the list (past a blank line) is ignored, a heading or bold line that
+    introduces a numbered or bulleted list included. Status: ``ok``
     (every item has a title), ``untitled`` (some have none), ``unnumbered`` (no list
     markers, but "Title: text" lines), ``missing`` (nothing found), ``empty``."""
     if text is None or not text.strip():
         return [], "empty"
-    items: list[list[str]] = []  # [title-or-body line, continuation...]
+    items: list[list[str]] = []  # [title-or-body line, continuation...]; [] after a bare marker
+    marked: list[bool] = []      # the item began with a list marker (not a heading or bold lead)
     blank = False
     closed = False
+    numbered_at = -1             # indentation of the current item when it is numbered
     for line in text.splitlines():
         if not line.strip():
             blank = True
             continue
+        indent = len(line) - len(line.lstrip())
         m = _ITEM.match(line)
+        if m and _BULLET.match(line) and 0 <= numbered_at < indent and items and not closed:
+            m = None  # a bullet under a numbered item: part of its text
         head = None
-        if m and m.group(1).strip():
+        if m:
             head = m.group(1)
         elif _BOLD_LEAD.match(line) and not line.startswith(" "):
             head = line
         elif _HEADING.match(line):
             head = _HEADING.match(line).group(1)
-        if head is not None:
-            items.append([head])
+        if head is not None and not m and blank and any(marked):
+            closed = True  # a heading or bold note after a list: the list is over
+        elif head is not None:
+            items.append([head] if _strip_md(head) else [])
+            marked.append(m is not None)
+            numbered_at = indent if m and not _BULLET.match(line) else -1
             closed = False
         elif items and not closed:
             indented = line[:1] in (" ", "\t")
-            if blank and not indented and not _title_only(items[-1]):
+            if not items[-1]:
+                items[-1].append(line.strip())  # the item of a bare marker
+            elif blank and not indented and not _title_only(items[-1]):
                 closed = True  # a trailing paragraph after the list
             else:
                 items[-1].append(line.strip())
         blank = False
+    if any(marked):  # a heading or bold line that only introduces the list is not an item
+        items = [it for it, mk in zip(items, marked) if mk or len(it) > 1 or not _title_only(it)]
+    items = [it for it in items if it]
     status = "ok"
     out: list[dict] = []
     if not items:
@@ -149,7 +174,7 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
         return (out, "unnumbered") if out else ([], "missing")
     for head, *cont in items:
         title, body = _split_title(head)
-        extra = " ".join(_strip_md(c) for c in cont if _strip_md(c))
+        extra = " ".join(_strip_md(_BULLET.sub("", c)) for c in cont if _strip_md(_BULLET.sub("", c)))
         if not title and not body:
             continue
         if not title and extra and len(body.split()) <= _MAX_TITLE_WORDS and not body.endswith("."):

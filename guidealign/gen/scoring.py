@@ -69,7 +69,8 @@ def score_from_logprobs(step: dict, yes: list[int], no: list[int]) -> float | No
     y, n = lp(yes), lp(no)
     if y is None or n is None:
         return None
-    return 1.0 / (1.0 + math.exp(n - y))
+    d = n - y  # the logistic of y - n, without overflow when the two are far apart
+    return 1.0 / (1.0 + math.exp(d)) if d <= 0 else math.exp(-d) / (1.0 + math.exp(-d))
 
 
 def score_prompts(llm, token_ids: list[list[int] | None], yes: list[int], no: list[int]):
