@@ -241,13 +241,15 @@ def test_yield_from_markers_or_columns(tmp_path):
     write_shard(d, 0, t, fingerprint("t"), stats=st)
     write_shard(d, 1, t, fingerprint("t"), stats=st)
     assert dataset_counts(d)["yield_tokens_kept"] == 40
-    # respond: no yield stats in its markers, so counted from its columns
+    # respond written before it recorded yield stats: counted from its columns, and the rows
+    # it quarantined before generating were read too
     r = tmp_path / "respond"
     write_manifest(r, stage="respond", num_shards=1, fingerprint="t")
     write_shard(r, 0, pa.table({"response": ["ok", "cut"], "finish_reason": ["stop", "length"],
-                                "output_tokens": [4, 12]}), fingerprint("t"), stats={"length": 1})
+                                "output_tokens": [4, 12]}), fingerprint("t"), stats={"length": 1},
+                quarantine=pa.table({"id": ["q"], "reason": ["empty prompt"]}))
     c = dataset_counts(r)
-    assert (c["yield_rows_in"], c["yield_rows_parsed"], c["yield_rows_cut"]) == (2, 1, 1)
+    assert (c["yield_rows_in"], c["yield_rows_parsed"], c["yield_rows_cut"]) == (3, 1, 1)
     assert (c["yield_tokens_generated"], c["yield_tokens_kept"]) == (16, 4)
     # and status shows it
     from guidealign.status import collect, render

@@ -124,6 +124,13 @@ def test_guided_and_baseline_shards(llm, generator_path, workdir):
     q = read_quarantine(workdir / "respond").to_pylist()
     assert [(r["id"], r["reason"]) for r in q] == [("b", "empty prompt")]
     assert rep.stats["truncated"] == 1 and rep.stats["skipped"] == 1
+    # yield: 4 rows read (one set aside before generation); usable: the answers SFT keeps
+    out = t.to_pylist() + read_table(workdir / "respond", 1).to_pylist()
+    keep = set(cfg.sft.keep_finish_reasons)
+    y = rep.stats["yield"]
+    assert (y["yield_rows_in"], y["yield_rows_parsed"]) == (
+        4, sum(r["finish_reason"] in keep and bool(r["response"].strip()) for r in out))
+    assert y["yield_tokens_generated"] == sum(r["output_tokens"] for r in out)
 
     # A rerun is a no-op.
     again = run_respond(cfg, workdir, llm=llm, progress=False)

@@ -189,6 +189,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
     from guidealign.gen.build import engine_max_len
     from guidealign.gen.engine import generate, sampling_params
+    from guidealign.gen.yieldstats import counts, respond_usable
 
     rcfg: RespondConfig = cfg.respond
     ecfg = cfg.engine
@@ -262,6 +263,13 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
             out["output_tokens"].append(g.output_tokens)
             out["note"].append(note)
         q = pa.Table.from_pydict(quarantine, schema=QUARANTINE_SCHEMA) if quarantine["id"] else None
+        # yield (gen/yieldstats.py): usable = what this run's SFT keeps; the rows quarantined
+        # before generation were read too
+        keep = tuple(cfg.sft.keep_finish_reasons)
+        stats.update(counts([{"finish_reason": f, "output_tokens": n, "response": t} for f, n, t in
+                             zip(out["finish_reason"], out["output_tokens"], out["response"])],
+                            lambda r: respond_usable(r, keep)))
+        stats["yield_rows_in"] += stats["skipped"]
         return pa.Table.from_pydict(out, schema=RESPOND_SCHEMA), q, stats
 
     return fn

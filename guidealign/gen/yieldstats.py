@@ -10,9 +10,11 @@ Per shard, a generation stage records five counts in its marker's stats:
 - ``yield_tokens_kept``: output tokens of the usable rows.
 
 ``map_shards`` sums numeric stats into the stage report, and ``guidealign status`` sums
-them over the committed markers. Stages whose markers lack them (respond, which keeps
-its own stats) are read from their shards' columns instead, with SFT's default rule:
-an answer is kept when it finished on its own ("stop") and is not empty.
+them over the committed markers. Respond counts an answer as usable when the run's SFT
+keeps it (``sft.keep_finish_reasons``, and not empty). Markers written before a stage
+recorded these counts are read from their shards' columns instead (rows in: the output
+rows and the quarantined ones), with SFT's default rule: an answer is kept when it
+finished on its own ("stop") and is not empty.
 """
 from __future__ import annotations
 
@@ -84,7 +86,9 @@ def shard_counts(dataset: str | Path, index: int, marker=None, stage: str | None
         rows = read_table(dataset, index, _COLUMNS[stage]).to_pylist()
     except Exception:  # noqa: BLE001 - an older layout without these columns: no yield
         return None
-    return counts(rows, usable)
+    out = counts(rows, usable)
+    out["yield_rows_in"] += m.quarantined  # read, and set aside before generation
+    return out
 
 
 def dataset_counts(dataset: str | Path, stage: str | None = None) -> dict | None:
