@@ -68,13 +68,51 @@ def test_guideline_prompts_are_template_safe(generator_path, tok):
         assert [t for t in bad.token_ids if t in sp] == [t for t in clean.token_ids if t in sp]
 
 
-def test_clean_prompt_matches_plain_chat_template_rendering(tok):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
-            {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Tell me a joke"}]
-    want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Tell me a joke"}]
+
+
+def _joint_and_built(tok, template):
+    """The rendered chat tokenized at once, and the builder's ids for the same chat (its last
+    message made of our wording around a slot, as detect's prompts are)."""
+    b = PromptBuilder(tok, 4096, chat_template=template)
+    msgs = [Message(m["role"], [m["content"]]) for m in CHAT[:-1]]
+    msgs.append(Message("user", fill("Input: {input}  end", input=Slot("Tell me  a joke"))))
+    chat = CHAT[:-1] + [{"role": "user", "content": "Input: Tell me  a joke  end"}]
+    want = tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
                add_special_tokens=False)["input_ids"]
-    b = PromptBuilder(tok, 2048).build([Message(m["role"], [m["content"]]) for m in msgs], 10)
-    assert b.token_ids == want
+    return want, b.build(msgs, 10).token_ids, b.count(msgs)
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "vicuna_v1.1", "llama-2"])
+def test_clean_prompt_matches_plain_chat_template_rendering(generator_path, template):
+    """The ids are those of the rendered chat tokenized at once (what the model was trained
+    on), for the model's own template and the paper's models' (no token split at a piece's
+    edge: "Input: " then "Tell" is "Input", ":", "ĠTell", not "Input", ":", "Ġ", "Tell")."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(generator_path)  # its own: a template is set in place
+    want, got, n = _joint_and_built(tok, template)
+    assert got == want and n == len(want)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "llama-2"])
+def test_sentencepiece_style_tokenizer_gets_no_space_at_each_piece(template):
+    """Llama-2 / Vicuna v1.5 normalize text by prepending "▁" to each run between control
+    tokens; a piece tokenized on its own would get one more "▁" at every edge."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "<s>", "</s>", "▁", "\n"] + list(string.ascii_letters + string.digits + string.punctuation)
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.decoder = decoders.Replace("▁", " ")
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    want, got, n = _joint_and_built(tok, template)
+    assert got == want and n == len(want)
 
 
 def test_fill_substitutes_only_our_placeholders():

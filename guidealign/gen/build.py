@@ -10,7 +10,13 @@ conversation (``apply_chat_template``), but with a private sentinel in place of 
 content, so no content ever passes through the template engine. The text between the
 sentinels (the template's own markup) is tokenized with its control tokens; every content
 segment is tokenized with ``split_special_tokens=True``, so ``<|im_end|>``, ``</s>`` and
-the like inside a prompt are plain text and cannot end a turn or start a new one. Our own
+the like inside a prompt are plain text and cannot end a turn or start a new one.
+
+The pieces are tokenized apart, yet give the ids of the whole rendered text tokenized at
+once (what the model saw in training): whitespace ending a piece moves to the start of the
+next (a space belongs to the word after it, as "ĠHow" or "▁How"), and a piece that continues
+the text before it (no control token in between) is tokenized after a one-character anchor
+whose ids are then dropped, so no tokenizer adds its start-of-text space ("▁") to it. Our own
 templates put the input last in its message and have no closing delimiter, and ``{input}``
 is substituted once, in our wording only, so nothing in an input is ever substituted.
 
@@ -40,6 +46,9 @@ import yaml
 
 log = logging.getLogger(__name__)
 
+# How pieces become ids; part of every generation stage's fingerprint (shards built the
+# earlier way are redone, not mixed with these)
+TOKENIZATION = "joint-v2"
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
@@ -151,21 +160,40 @@ class PromptBuilder:
         self._render_cache: dict = {}
 
     # tokenization: contents never parse special tokens, template markup does
+    def _ids(self, text: str, markup: bool, cont: bool) -> list[int]:
+        """Ids of ``text``; ``cont``: as it continues the text before it (see the module doc)."""
+        if not text:
+            return []
+        kw = {} if markup else {"split_special_tokens": True}
+        if cont:
+            # an anchor of another kind than the text's first character, so the two do not merge
+            first = ("a", "\n") if text[0].isspace() else ("\n", "a")
+            for anchor in first:
+                a = self._anchor_ids(anchor)
+                ids = self.tok(anchor + text, add_special_tokens=False, **kw)["input_ids"]
+                if ids[:len(a)] == a:
+                    return list(ids[len(a):])
+        return list(self.tok(text, add_special_tokens=False, **kw)["input_ids"])
+
+    @functools.lru_cache(maxsize=8)
+    def _anchor_ids(self, anchor: str) -> list[int]:
+        return list(self.tok(anchor, add_special_tokens=False)["input_ids"])
+
     @functools.lru_cache(maxsize=4096)
-    def _content_ids(self, text: str) -> tuple[int, ...]:
-        if not text:
-            return ()
-        return tuple(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    def _fixed_ids(self, text: str, markup: bool, cont: bool) -> tuple[int, ...]:
+        return tuple(self._ids(text, markup, cont))
 
-    @functools.lru_cache(maxsize=1024)
-    def _markup_ids(self, text: str) -> tuple[int, ...]:
-        if not text:
-            return ()
-        return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
+    def _slot_ids(self, slot: tuple) -> list[int]:
+        text, cont = slot[0].text, slot[1]
+        return self._ids(text, False, cont)
 
-    def _slot_ids(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) \
-            if text else []
+    @functools.cached_property
+    def _specials(self) -> tuple[str, ...]:
+        """The tokenizer's control-token strings (added special tokens)."""
+        added = getattr(self.tok, "added_tokens_decoder", {}) or {}
+        out = {t.content for t in added.values() if getattr(t, "special", False)}
+        out.update(getattr(self.tok, "all_special_tokens", []) or [])
+        return tuple(sorted(out, key=len, reverse=True))
 
     def _markup(self, roles: tuple[str, ...]) -> list[str]:
         """The template's markup around ``len(roles)`` contents (cached per role sequence)."""
@@ -192,16 +220,29 @@ class PromptBuilder:
         return markup
 
     def pieces(self, messages: list[Message]) -> list[tuple[str, object]]:
-        """(kind, value) pieces in order: ("ids", tuple) for fixed tokens, ("slot", Slot)."""
+        """(kind, value) pieces in order: ("ids", tuple) for fixed tokens, ("slot", (Slot,
+        continues)) for a slot, tokenized by ``_slot_ids``."""
         markup = self._markup(tuple(m.role for m in messages))
-        out: list[tuple[str, object]] = [("ids", self._markup_ids(markup[0]))]
+        raw: list[list] = [[markup[0], True, None]]  # [text, is markup, the Slot or None]
         for m, after in zip(messages, markup[1:]):
             for seg in m.content:
-                if isinstance(seg, Slot):
-                    out.append(("slot", seg))
-                else:
-                    out.append(("ids", self._content_ids(seg)))
-            out.append(("ids", self._markup_ids(after)))
+                raw.append([seg.text, False, seg] if isinstance(seg, Slot) else [seg, False, None])
+            raw.append([after, True, None])
+        # whitespace ending a piece goes to the next one, unless that starts with a control token
+        for cur, nxt in zip(raw, raw[1:]):
+            ws = len(cur[0]) - len(cur[0].rstrip())
+            if ws and not nxt[0].startswith(self._specials):
+                cur[0], nxt[0] = cur[0][:len(cur[0]) - ws], cur[0][len(cur[0]) - ws:] + nxt[0]
+        out: list[tuple[str, object]] = []
+        prev = ""  # the text before this piece (it ends with a control token: a new segment)
+        for text, is_markup, slot in raw:
+            cont = bool(prev) and not (prev.endswith(self._specials) if self._specials else False)
+            if slot is not None:
+                out.append(("slot", (Slot(text, slot.truncatable), cont)))
+            else:
+                out.append(("ids", self._fixed_ids(text, is_markup, cont)))
+            if text:
+                prev = text
         return self._aligned(out, len(messages[0].content) if messages else 0)
 
     def _aligned(self, pieces: list, first_len: int) -> list:
@@ -216,7 +257,7 @@ class PromptBuilder:
             return pieces
         shared = sum(len(v) for k, v in pieces[:kinds.index("slot")])
         pad = (-shared) % self.align
-        nl = self._content_ids("\n")
+        nl = self._fixed_ids("\n", False, False)
         if not pad or len(nl) != 1:
             return pieces
         return pieces[:first_len + 1] + [("ids", nl * pad)] + pieces[first_len + 1:]
@@ -224,12 +265,12 @@ class PromptBuilder:
     def count(self, messages: list[Message]) -> int:
         n = 0
         for kind, v in self.pieces(messages):
-            n += len(v) if kind == "ids" else len(self._slot_ids(v.text))
+            n += len(v) if kind == "ids" else len(self._slot_ids(v))
         return n
 
     def build(self, messages: list[Message], max_tokens: int) -> Built:
         pieces = self.pieces(messages)
-        slot_ids = {i: self._slot_ids(v.text) for i, (k, v) in enumerate(pieces) if k == "slot"}
+        slot_ids = {i: self._slot_ids(v) for i, (k, v) in enumerate(pieces) if k == "slot"}
         total = sum(len(v) for k, v in pieces if k == "ids") + sum(len(x) for x in slot_ids.values())
         budget = self.max_model_len - max_tokens
         truncated = False
@@ -243,7 +284,7 @@ class PromptBuilder:
             for i, ids in slot_ids.items():
                 if excess <= 0:
                     break
-                if not pieces[i][1].truncatable:
+                if not pieces[i][1][0].truncatable:
                     continue
                 cut = min(excess, max(0, len(ids) - self.min_keep_tokens))
                 if cut > 0:
@@ -316,4 +357,4 @@ def generate_built(llm, builts: list[Built], params) -> list:
 def chat_template_hash(tok) -> str:
     from guidealign.gen.engine import chat_template_text
 
-    return hashlib.sha256(chat_template_text(tok).encode()).hexdigest()[:16]
+    return hashlib.sha256((TOKENIZATION + chat_template_text(tok)).encode()).hexdigest()[:16]

@@ -286,7 +286,9 @@ def respond_fingerprint(cfg, guided: bool) -> str:
         extra["chat_template"] = template_hash(e.chat_template)
     if cfg.respond.num_exemplars:
         extra["exemplars"] = load_exemplars(cfg.respond)[1]
-    return fingerprint("respond/v1", cfg.respond, guided,
+    from guidealign.gen.build import TOKENIZATION
+
+    return fingerprint("respond/v1", TOKENIZATION, cfg.respond, guided,
                        {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
                         "overlong": e.overlong, "seed": e.seed, **extra})
 
