@@ -305,3 +305,27 @@ def test_engine_faults_propagate_but_request_errors_are_isolated():
         generate(_FaultyEngine(RuntimeError("model runner died")), [{"prompt_token_ids": [1]}] * 3, None)
     out = generate(_FaultyEngine(ValueError("prompt too long")), [{"prompt_token_ids": [1]}] * 3, None)
     assert [g.finish_reason for g in out] == ["error"] * 3 and "too long" in out[0].error
+
+
+def test_safety_prompt_cuts_the_detection_turn_before_the_input(generator_path, tok):
+    """Too long: the detection turn is cut first, down to min_keep_tokens; only what that cannot
+    absorb is cut from the input (whose end is kept)."""
+    from guidealign.gen.guidelines import GuidelinePrompts
+
+    inp = " ".join(f"word{i}" for i in range(300)) + " FINAL"
+    det = " ".join(f"det{i}" for i in range(40)) + "\nVerdict: Yes"
+    sets = ["guidelines.max_safety_exemplars=1", "guidelines.max_quality_exemplars=1",
+            "guidelines.reserve_input_tokens=0"]
+    g0 = GuidelinePrompts(make_cfg(generator_path, *sets), tok, max_model_len=8192)
+    full = g0.build(inp, "safety", det)
+    assert not full.truncated
+    det_n = len(tok(det, add_special_tokens=False)["input_ids"])
+    for excess, input_cut in ((det_n - 30, False), (det_n + 40, True)):
+        g = GuidelinePrompts(make_cfg(generator_path, *sets), tok, max_model_len=full.n_tokens + g0.max_tokens - excess)
+        assert g.n_safety == g0.n_safety
+        b = g.build(inp, "safety", det)
+        assert b.truncated and b.n_tokens == full.n_tokens - excess
+        assert b.notes[0].startswith("slot cut from") and len(b.notes) == 1 + input_cut
+        text = tok.decode(b.token_ids)
+        assert "Verdict: Yes" in text and "FINAL" in text  # each slot keeps its end
+        assert ("word0 " in text) is not input_cut

@@ -59,9 +59,11 @@ class TemplateError(ValueError):
 
 @dataclass
 class Slot:
-    """Variable content (an input, a detection turn); ``truncatable`` slots may be cut."""
+    """Variable content (an input, a detection turn); ``truncatable`` slots may be cut, in
+    ascending ``cut_order`` (ties: in prompt order), each down to ``min_keep_tokens``."""
     text: str
     truncatable: bool = True
+    cut_order: int = 0
 
 
 Segment = str | Slot
@@ -238,7 +240,7 @@ class PromptBuilder:
         for text, is_markup, slot in raw:
             cont = bool(prev) and not (prev.endswith(self._specials) if self._specials else False)
             if slot is not None:
-                out.append(("slot", (Slot(text, slot.truncatable), cont)))
+                out.append(("slot", (Slot(text, slot.truncatable, slot.cut_order), cont)))
             else:
                 out.append(("ids", self._fixed_ids(text, is_markup, cont)))
             if text:
@@ -281,7 +283,8 @@ class PromptBuilder:
             if self.overlong == "skip":
                 return Built(None, total, skip_reason=f"overlong: {why}")
             excess = total - budget
-            for i, ids in slot_ids.items():
+            for i in sorted(slot_ids, key=lambda i: (pieces[i][1][0].cut_order, i)):
+                ids = slot_ids[i]
                 if excess <= 0:
                     break
                 if not pieces[i][1][0].truncatable:

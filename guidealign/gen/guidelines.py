@@ -90,7 +90,7 @@ class GuidelinePrompts:
                      Message("user", [str(s["request"])]), Message("assistant", [gl])]
         # the detection turn is cut before the input when the prompt is too long
         msgs += [Message("user", fill(s["user"], input=Slot(text))),
-                 Message("assistant", [Slot(detection)]), Message("user", [str(s["request"])])]
+                 Message("assistant", [Slot(detection, cut_order=-1)]), Message("user", [str(s["request"])])]
         return msgs
 
     def quality_messages(self, text: str, n: int | None = None) -> list[Message]:
@@ -107,22 +107,8 @@ class GuidelinePrompts:
         if t is None:
             return Built(None, 0, skip_reason="empty or non-string prompt")
         if kind == "safety":
-            msgs = self.safety_messages(t, (detection or "").strip())
-            return _build_detection_first(self.builder, msgs, self.max_tokens)
+            return self.builder.build(self.safety_messages(t, (detection or "").strip()), self.max_tokens)
         return self.builder.build(self.quality_messages(t), self.max_tokens)
-
-
-def _build_detection_first(builder: PromptBuilder, msgs: list[Message], max_tokens: int) -> Built:
-    """Build with the detection turn as the first slot to cut (it is the less important)."""
-    inp_msg = msgs[-3]
-    # PromptBuilder cuts slots in prompt order: put a non-truncatable copy of the input first
-    # when the detection turn alone can absorb the excess.
-    first = builder.build(
-        msgs[:-3] + [Message(inp_msg.role, [Slot(s.text, False) if isinstance(s, Slot) else s
-                                            for s in inp_msg.content])] + msgs[-2:], max_tokens)
-    if not first.skipped or builder.overlong == "skip":
-        return first
-    return builder.build(msgs, max_tokens)
 
 
 def config_fingerprint(cfg, tok) -> str:
