@@ -236,15 +236,16 @@ class PromptBuilder:
             if ws and not nxt[0].startswith(self._specials):
                 cur[0], nxt[0] = cur[0][:len(cur[0]) - ws], cur[0][len(cur[0]) - ws:] + nxt[0]
         out: list[tuple[str, object]] = []
-        prev = ""  # the text before this piece (it ends with a control token: a new segment)
+        prev, prev_markup = "", False  # the last non-empty piece before this one
         for text, is_markup, slot in raw:
-            cont = bool(prev) and not (prev.endswith(self._specials) if self._specials else False)
+            # a piece after markup ending in a control token starts a new run of text
+            cont = bool(prev) and not (prev_markup and bool(self._specials) and prev.endswith(self._specials))
             if slot is not None:
                 out.append(("slot", (Slot(text, slot.truncatable, slot.cut_order), cont)))
             else:
                 out.append(("ids", self._fixed_ids(text, is_markup, cont)))
             if text:
-                prev = text
+                prev, prev_markup = text, is_markup
         return self._aligned(out, len(messages[0].content) if messages else 0)
 
     def _aligned(self, pieces: list, first_len: int) -> list:
