@@ -197,3 +197,12 @@ def test_title_only_guideline_is_embedded_once():
     assert doc_text("Refuse weapon help", "") == "Refuse weapon help"
     assert doc_text("", "Be kind.") == "Be kind."
     assert doc_text("Kindness", "Be kind.") == "Kindness: Be kind."
+
+
+def test_keys_too_short_for_an_ngram_still_merge_by_ratio():
+    """A key under 3 bytes has no character trigram (an all-zero vector, found by no search):
+    it is compared with every key short enough to reach the ratio ("no" ~ "no.": 80)."""
+    keys = [normalize_text(x) for x in ["No", "No.", "be", "bee", "yes", "ok", "Be polite."]]
+    labels, stats = cluster(keys, ngram_vectors(keys), threshold=0.75, k=8, min_cosine=0.5, use_gpu=False)
+    assert labels.tolist() == [0, 0, 2, 2, 4, 5, 6]
+    assert fuzz.ratio("no", "no.") >= 75 > fuzz.ratio("no", "ok")

@@ -110,6 +110,21 @@ def confirm_pairs(texts: list[str], pairs: np.ndarray, threshold: float, chunk: 
     return pairs[keep]
 
 
+def short_pairs(texts: list[str], vecs: np.ndarray, threshold: float) -> np.ndarray:
+    """Candidate pairs the vectors cannot give: a text with an all-zero vector (too short for
+    one n-gram, e.g. "No") against every text short enough for ``fuzz.ratio`` to reach
+    ``threshold`` with it (ratio = 2 * matches / total length, so at most len * (2 / t - 1))."""
+    zero = np.flatnonzero(~vecs.any(axis=1)) if len(vecs) else np.empty(0, dtype=np.int64)
+    if not zero.size or threshold <= 0:
+        return np.empty((0, 2), dtype=np.int64)
+    lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    near = np.flatnonzero(lens <= int(lens[zero].max() * (2.0 / threshold - 1.0)))
+    i, j = np.repeat(zero, near.size), np.tile(near, zero.size)
+    keep = i != j
+    pairs = np.stack([np.minimum(i, j)[keep], np.maximum(i, j)[keep]], axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
+
+
 def cluster(texts: list[str], vecs: np.ndarray, *, threshold: float, k: int, min_cosine: float,
             exact_max: int = 50_000, nprobe: int = 8, use_gpu: bool | str = "auto") -> tuple[np.ndarray, DedupStats]:
     """Cluster labels for near-duplicate ``texts`` with vectors ``vecs``: per text, the smallest
@@ -120,6 +135,7 @@ def cluster(texts: list[str], vecs: np.ndarray, *, threshold: float, k: int, min
     t0 = time.perf_counter()
     pairs, stats.search = candidate_pairs(vecs, k=k, min_cosine=min_cosine, exact_max=exact_max,
                                           nprobe=nprobe, use_gpu=use_gpu)
+    pairs = np.concatenate([pairs.reshape(-1, 2), short_pairs(texts, vecs, threshold)]).astype(np.int64)
     stats.candidate_pairs = len(pairs)
     t1 = time.perf_counter()
     ok = confirm_pairs(texts, pairs, threshold)
