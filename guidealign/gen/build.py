@@ -232,14 +232,14 @@ class PromptBuilder:
             raw.append([after, True, None])
         # whitespace ending a piece goes to the next one, unless that starts with a control token
         for cur, nxt in zip(raw, raw[1:]):
-            ws = len(cur[0]) - len(cur[0].rstrip())
-            if ws and not nxt[0].startswith(self._specials):
-                cur[0], nxt[0] = cur[0][:len(cur[0]) - ws], cur[0][len(cur[0]) - ws:] + nxt[0]
+            kept = cur[0].rstrip()
+            if len(kept) < len(cur[0]) and not nxt[0].startswith(self._specials):
+                cur[0], nxt[0] = kept, cur[0][len(kept):] + nxt[0]
         out: list[tuple[str, object]] = []
         prev, prev_markup = "", False  # the last non-empty piece before this one
         for text, is_markup, slot in raw:
             # a piece after markup ending in a control token starts a new run of text
-            cont = bool(prev) and not (prev_markup and bool(self._specials) and prev.endswith(self._specials))
+            cont = bool(prev) and not (prev_markup and prev.endswith(self._specials))
             if slot is not None:
                 out.append(("slot", (Slot(text, slot.truncatable, slot.cut_order), cont)))
             else:

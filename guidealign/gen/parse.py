@@ -135,8 +135,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             blank = True
             continue
         indent = len(line) - len(line.lstrip())
-        m = _ITEM.match(line)
-        if m and _BULLET.match(line) and 0 <= numbered_at < indent and items and not closed:
+        m, bullet = _ITEM.match(line), _BULLET.match(line)
+        if m and bullet and 0 <= numbered_at < indent and items and not closed:
             m = None  # a bullet under a numbered item: part of its text
         head = None
         if m:
@@ -150,7 +150,7 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
         elif head is not None:
             items.append([head] if _strip_md(head) else [])
             marked.append(m is not None)
-            numbered_at = indent if m and not _BULLET.match(line) else -1
+            numbered_at = indent if m and not bullet else -1
             closed = False
         elif items and not closed:
             indented = line[:1] in (" ", "\t")
@@ -174,7 +174,7 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
         return (out, "unnumbered") if out else ([], "missing")
     for head, *cont in items:
         title, body = _split_title(head)
-        extra = " ".join(_strip_md(_BULLET.sub("", c)) for c in cont if _strip_md(_BULLET.sub("", c)))
+        extra = " ".join(x for x in (_strip_md(_BULLET.sub("", c)) for c in cont) if x)
         if not title and not body:
             continue
         if not title and extra and len(body.split()) <= _MAX_TITLE_WORDS and not body.endswith("."):

@@ -275,22 +275,27 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     b.hashes = hashes[pos]
     b.lineno = np.asarray(linenos, dtype=np.int64)[pos]
     b.prompt = col.cast(pa.string())
-    # JSON-inferred columns: the rows whose metadata only the row reader can write exactly
-    by_row = rows_to_write_by_row(table, key) & good if inferred_types else np.zeros(n, dtype=bool)
-    if override:
-        by_row[list(override)] = False
-    if by_row.any():
-        ml = [None] * n if by_row.sum() == good.sum() else metadata_column(table, key).to_pylist()
-        for i in np.flatnonzero(by_row).tolist():
-            ml[i] = meta_json(fallback(i)[0], key)
-        b.metadata = str_arrow(ml)
+    # metadata only the row reader writes exactly: rows whose prompt came from it, and (columns
+    # whose types were inferred from JSON) rows the columns may not give back as read
+    meta = {i: m for i, (_, m) in override.items()}
+    if inferred_types:
+        for i in np.flatnonzero(rows_to_write_by_row(table, key) & good).tolist():
+            if i not in meta:
+                meta[i] = meta_json(fallback(i)[0], key)
+    if len(meta) == len(pos):  # every kept row: the columns are not needed at all
+        b.metadata = str_arrow([meta.get(i) for i in range(n)])
     else:
         b.metadata = metadata_column(table, key)
+        if meta:
+            ml = b.metadata.to_pylist()
+            for i, m in meta.items():
+                ml[i] = m
+            b.metadata = str_arrow(ml)
     if override:  # rare: rows whose prompt came from the row reader
-        pl, ml = b.prompt.to_pylist(), b.metadata.to_pylist()
-        for i, (p, m) in override.items():
-            pl[i], ml[i] = p, m
-        b.prompt, b.metadata = str_arrow(pl), str_arrow(ml)
+        pl = b.prompt.to_pylist()
+        for i, (p, _) in override.items():
+            pl[i] = p
+        b.prompt = str_arrow(pl)
     for i in sorted(bad):  # shown as the row reader reads them (not with the block's other columns)
         reason, rec = bad[i]
         b.reject(i, int(linenos[i]), reason, raw_repr(rec if rec is not None else fallback(i)[0]))

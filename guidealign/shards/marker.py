@@ -42,13 +42,10 @@ def read_marker(dataset: str | Path, index: int) -> Marker | None:
     # so does one that parses but lacks a field or holds a wrong type (a flipped bit)
     if any(not isinstance(known.get(k), t) or isinstance(known.get(k), bool) for k, t in _REQUIRED.items()):
         return None
-    try:
-        return Marker(**known)
-    except TypeError:
-        return None
+    return Marker(**known)
 
 
-_REQUIRED = {"index": int, "rows": int, "bytes": int, "sha256": str, "fingerprint": str}
+_REQUIRED = {"index": int, "rows": int, "bytes": int, "sha256": str, "fingerprint": str}  # no default
 
 
 def intact(m: Marker | None, path: str | Path) -> bool:
