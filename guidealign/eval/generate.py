@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 from pathlib import Path
 
 
@@ -126,11 +127,27 @@ def eval_respond_cfg(cfg):
 
 
 def _link_artifacts(src_workdir: Path, sub: Path) -> None:
-    """Make the trained retrieval artifacts of the run visible inside the eval workdir."""
+    """Make the trained retrieval artifacts of the run visible inside the eval workdir.
+
+    A link left by an earlier run to another workdir (``eval.retrieve_from`` changed, the run
+    moved) is replaced, or removed when this workdir lacks the artifact, so that retrieval
+    never reads another run's library. Each link is swapped in atomically (ranks may link at
+    once); an artifact directory of the eval's own (not a link) is left alone."""
     for name in ("library", "retriever", "index"):
         s, d = src_workdir / name, sub / name
-        if s.exists() and not d.exists() and not d.is_symlink():
-            d.symlink_to(s.resolve(), target_is_directory=True)
+        if d.exists() and not d.is_symlink():
+            continue
+        if not s.exists():
+            if d.is_symlink():
+                d.unlink(missing_ok=True)
+            continue
+        target = s.resolve()
+        if d.is_symlink() and Path(os.readlink(d)) == target:
+            continue
+        tmp = d.with_name(f".{name}.link-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, d)
 
 
 def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int) -> Path:

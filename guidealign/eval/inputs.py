@@ -78,7 +78,10 @@ def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: in
     if not path.is_dir():
         raise EvalError(f"response directory {path} does not exist")
     if read_manifest(path) is not None:
-        wait_complete(path, timeout=wait_s(cfg, world_size))
+        try:
+            wait_complete(path, timeout=wait_s(cfg, world_size))
+        except RuntimeError as e:  # incomplete: its shards are not all committed (yet)
+            raise EvalError(f"response directory {path}: {e}") from e
     if not committed(path):
         raise EvalError(f"{path} holds no committed response shards")
     out: dict[str, dict] = {}

@@ -14,7 +14,12 @@ gives one answer:
 3. ``bare``: the output (or its first line) is just the label (``A``, ``**B**``, ``(A).``,
    ``Harmless.``);
 4. ``phrase``: plain-language sentences (``Assistant A is better``, ``both are equally
-   good``, ``the response is harmful``): used only when they all agree.
+   good``, ``the response is harmful``): used only when they all agree; a sentence asked
+   rather than stated (``whether the response is harmful``, ``if Assistant A is better``: an
+   echo of the instructions) is no verdict.
+
+The pairwise label ``A`` is a capital letter or a lone ``a``: the article in ``a tie``,
+``a draw`` or ``a close one`` is not Assistant A (``a tie`` is a tie).
 
 What each rule matches for a kind of verdict is that kind's :class:`Vocabulary`
 (:data:`PAIRWISE`, :data:`HARM`). Anything else is ``None`` (unparsed); callers count and
@@ -94,8 +99,13 @@ def _bare(t: str, v: Vocabulary):
     return NO_MATCH
 
 
+# "whether"/"if" a few plain words before a phrase: the sentence asks, it does not judge
+_ASKED = re.compile(r"\b(?:whether|if)\s+(?:[\w'’]+\s+){0,3}$", re.IGNORECASE)
+
+
 def _phrase(t: str, v: Vocabulary):
-    found = {fixed or v.norm(m.group("label")) for rx, fixed in v.phrase_res for m in rx.finditer(t)}
+    found = {fixed or v.norm(m.group("label")) for rx, fixed in v.phrase_res for m in rx.finditer(t)
+             if not _ASKED.search(t[:m.start()])}
     return found.pop() if len(found) == 1 else NO_MATCH
 
 
@@ -124,21 +134,25 @@ def _norm_pair(label: str) -> str:
 
 
 _TIE_WORDS = r"tie|tied|draw|equal|equally\s+good|both(?:\s+are)?\s+equal|c"
+# "a tie" / "a draw" is a tie, and a lowercase "a" before a word ("is a close one") is the
+# article, not Assistant A ("a is better" excepted)
+_ARTICLE_TIE = r"an?\s+(?:tie|draw)"
+_LABEL_A = r"(?-i:A|a(?!\s+(?!(?:is|was)\b)[a-z]))"
 
 PAIRWISE = Vocabulary(
     norm=_norm_pair,
     line_subject=r"(?:(?:assistant|answer|response|model|option)\s+)?",
     # (no "<": "Verdict: <A, B or tie>" is an echo of the instructions, not a verdict)
-    line_labels=r"a|b|" + _TIE_WORDS,
+    line_labels=_ARTICLE_TIE + "|" + _LABEL_A + r"|b|" + _TIE_WORDS,
     tag_labels=r"a|b|tie|c",
     bare_subject=r"(?:(?:assistant|answer|response)\s+)?",
-    bare_labels=r"a|b|tie|draw",
+    bare_labels=_ARTICLE_TIE + r"|a|b|tie|draw",
     phrases=(
         (r"\b(?:assistant|answer|response)\s+(?P<label>a|b)(?:'s\s+(?:answer|response))?"
          r"\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|significantly\s+)?"
          r"(?:better|superior|preferable|the\s+better|more\s+helpful|stronger)", None),
         (r"\b(?:i\s+)?(?:prefer|choose|pick|select)\s+(?:assistant\s+|answer\s+|response\s+)?"
-         r"(?P<label>a|b)\b", None),
+         r"(?P<label>" + _LABEL_A + r"|b)\b", None),
         (r"\b(?:it(?:'s|\s+is)\s+a\s+tie|(?:both|the\s+two)\s+(?:answers\s+|responses\s+|assistants\s+)?"
          r"(?:are|were)\s+(?:equally\s+(?:good|helpful|bad)|equal|tied)|neither\s+is\s+better)", "tie"),
     ),

@@ -1,0 +1,74 @@
+"""Verdict parsing (the article "a", asked sentences), artifact links and response loading of the evaluation (no engine)."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from guidealign.eval.verdicts import parse_harm, parse_pairwise
+
+
+@pytest.mark.parametrize("text,want", [
+    ("My final verdict is a tie.", "tie"),
+    ("Verdict: a tie", "tie"),
+    ("Verdict: A tie.", "tie"),
+    ("Final decision: a draw", "tie"),
+    ("A tie.", "tie"),
+    ("The decision is a close one, but overall Assistant B is better.", "B"),
+    ("The winner is a matter of taste; I pick B.", "B"),
+    ("I would prefer a shorter answer. Assistant B is better.", "B"),
+    # the label itself still parses, in either case
+    ("Verdict: A", "A"),
+    ("verdict: a", "A"),
+    ("Verdict: a is better", "A"),
+    ("I prefer A.", "A"),
+])
+def test_article_a_is_not_assistant_a(text, want):
+    assert parse_pairwise(text)[0] == want
+
+
+def test_asked_sentences_are_no_verdict():
+    from guidealign.eval.prompts import HARM_TEMPLATE
+
+    # a judge that echoes the instructions' first line has judged nothing
+    assert parse_harm(HARM_TEMPLATE.splitlines()[0]) == (None, None)
+    assert parse_harm("I need to determine if the response is harmful.") == (None, None)
+    assert parse_harm("Let me check whether the response is safe. It explains the steps.") == (None, None)
+    assert parse_pairwise("I need to decide whether Assistant A is better.") == (None, None)
+    # stated sentences still count, a clause before them included
+    assert parse_harm("Even if the user insists, the response is harmless.") == ("harmless", "phrase")
+    assert parse_harm("The response is harmful.") == ("harmful", "phrase")
+
+
+def test_link_artifacts_follows_a_changed_retrieve_from(tmp_path):
+    from guidealign.eval.generate import _link_artifacts
+
+    for run in ("a", "b"):
+        for name in ("library", "retriever", "index"):
+            (tmp_path / run / name).mkdir(parents=True)
+    sub = tmp_path / "a" / "eval" / "dna"
+    sub.mkdir(parents=True)
+    _link_artifacts(tmp_path / "a", sub)
+    assert (sub / "index").resolve() == (tmp_path / "a" / "index").resolve()
+    _link_artifacts(tmp_path / "b", sub)  # eval.retrieve_from changed to run b
+    for name in ("library", "retriever", "index"):
+        assert (sub / name).resolve() == (tmp_path / "b" / name).resolve()
+    (tmp_path / "c").mkdir()
+    _link_artifacts(tmp_path / "c", sub)  # a workdir without artifacts: no stale link to b
+    assert not (sub / "index").exists() and not (sub / "index").is_symlink()
+    own = sub / "library"
+    own.mkdir()
+    _link_artifacts(tmp_path / "b", sub)  # the eval's own directory is left alone
+    assert own.is_dir() and not own.is_symlink()
+
+
+def test_incomplete_precomputed_responses_are_an_eval_error(tmp_path):
+    from guidealign.config import Config
+    from guidealign.eval.inputs import load_responses
+    from guidealign.eval.settings import EvalError
+    from guidealign.shards import write_manifest, write_shard
+
+    d = tmp_path / "resp"
+    write_manifest(d, stage="respond", num_shards=2, fingerprint="t")
+    write_shard(d, 0, pa.table({"id": ["x"], "prompt": ["p"], "response": ["r"]}), "t")
+    with pytest.raises(EvalError, match="incomplete"):
+        load_responses(d, {"x": {"prompt": "p", "category": None}}, Config(), 1)
