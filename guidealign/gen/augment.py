@@ -32,18 +32,53 @@ from guidealign.gen.parse import parse_questions
 
 log = logging.getLogger(__name__)
 
-VERSION = "augment-v1"
+VERSION = "augment-v2"  # v2: questions cleaned of list markers; Unicode ROUGE tokens
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("source", pa.string()),
                     ("metadata", pa.string()), ("risk_type", pa.string())])
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()),
                                ("reason", pa.string()), ("raw", pa.string())])
 
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[^\W_]+")
+# Scripts written without spaces between words: each character is a token of its own.
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff])")
 
 
 def rouge_tokens(text: str) -> list[str]:
-    """Lower-cased alphanumeric tokens (what rouge_score's default tokenizer keeps)."""
-    return _WORD.findall(text.lower())
+    """Lower-cased alphanumeric tokens. For ASCII text exactly what rouge_score's default
+    tokenizer keeps ([a-z0-9]+); letters and digits of other scripts are kept too (rouge_score
+    drops them, so a Cyrillic or Chinese question had no tokens, scored 0.0 against everything
+    and was kept even as an exact duplicate), and each CJK character is one token."""
+    return _WORD.findall(_CJK.sub(r" \1 ", text.lower()))
+
+
+# A list marker or label left in front of a parsed question ("**1.** ..." parses to "1. ...",
+# "- 1. ...", "1. Question 3: ...", "### 2. ...", "#4 ..."). A number counts as a marker only
+# with whitespace (or nothing) after it, so "3.5 million ..." keeps its number.
+_MARKER = re.compile(r"^(?:#{1,6}\s+|#\d{1,3}[.):]?(?=\s|$)|\(?\d{1,3}\s*[.):](?=\s|$)|[-*•+](?=\s|$)"
+                     r"|(?:q|question)\s*\d*\s*[:.](?=\s|$))", re.IGNORECASE)
+
+
+def clean_question(q: str) -> str:
+    """``q`` without the list markers, labels and quotes left around it."""
+    prev = None
+    while q != prev:
+        prev = q
+        q = _MARKER.sub("", q.strip(), count=1).strip().strip('"“”').strip()
+    return q
+
+
+def check_question(raw: str, *, min_words: int, max_chars: int) -> tuple[str, str | None]:
+    """(the cleaned question, None) when ``raw`` passes the format checks, else (.., reason).
+    Words are counted when they hold a letter, so numbering alone ("2. 3. 4. 5.") is no question."""
+    q = clean_question(raw)
+    if not q:
+        return q, "no question: only list markers"
+    words = sum(1 for w in q.split() if any(c.isalpha() for c in w))
+    if words < min_words:
+        return q, f"fewer than {min_words} words"
+    if len(q) > max_chars:
+        return q, f"longer than {max_chars} characters"
+    return q, None
 
 
 def rouge_l(a: list, b: list) -> float:
@@ -109,6 +144,16 @@ class TypeState:
 
     include_seeds: bool = True
     n_seeds: int = 0
+
+
+def output_questions(st: TypeState, include_seeds: bool) -> list[tuple[str, str]]:
+    """The (question, origin) pairs a type's shard holds: the first ``target`` (seeds only when
+    ``include_seeds``). Seeds past the target (more seeds than ``target_per_type``) go to
+    ``st.rejected`` with the reason, as every question left out does."""
+    out = [(q, o) for q, o in zip(st.pool.questions, st.pool.origins) if include_seeds or o != "seed"]
+    for q, _ in out[st.target:]:  # only seeds: generated ones stop at the target
+        st.rejected.append((f"seed question: not kept, the risk type's target is {st.target}", q))
+    return out[:st.target]
 
 
 def load_risk_types(cfg) -> tuple[dict, str]:
@@ -185,8 +230,7 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
     t_start = time.perf_counter()
 
     def commit(st: TypeState):
-        keep = [(q, o) for q, o in zip(st.pool.questions, st.pool.origins)
-                if a.include_seeds or o != "seed"][: st.target]
+        keep = output_questions(st, a.include_seeds)
         table = pa.Table.from_pylist([_row(q, st.name, st.info, o) for q, o in keep], schema=SCHEMA)
         quarantine = pa.Table.from_pylist(
             [dict(source=f"augment:{st.name}", row=k, reason=r, raw=raw)
@@ -239,19 +283,17 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
             if g.finish_reason == "length" and qs:
                 st.generated += 1
                 st.rejected.append(("cut off at max_tokens", qs.pop()))
-            for q in qs:  # every generated question is kept or quarantined with its reason
+            for raw in qs:  # every generated question is kept or quarantined with its reason
                 st.generated += 1
                 if st.done:
                     st.rejected.append(("not needed: the risk type already has its "
-                                        f"{st.target} questions", q))
-                elif len(q.split()) < a.min_words:
-                    st.rejected.append((f"fewer than {a.min_words} words", q))
-                elif len(q) > a.max_chars:
-                    st.rejected.append((f"longer than {a.max_chars} characters", q[:2000]))
-                else:
+                                        f"{st.target} questions", raw))
+                    continue
+                q, why = check_question(raw, min_words=a.min_words, max_chars=a.max_chars)
+                if why is None:
                     why = st.pool.offer(q, f"round{st.rounds}")
-                    if why:
-                        st.rejected.append((why, q))
+                if why:
+                    st.rejected.append((why, raw[:2000]))
         still = []
         for st in active:
             st.rounds += 1

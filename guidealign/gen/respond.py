@@ -181,8 +181,16 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
     return Prepared(None, gids, gtexts, "; ".join(notes))
 
 
-def _as_list(v) -> list[str]:
-    return [str(x) for x in v if x is not None] if v else []
+def row_guidelines(ids, texts, max_guidelines: int = 0) -> tuple[list[str], list[str]]:
+    """A retrieve row's (guideline ids, guideline texts), kept in pairs: a guideline whose text
+    is null or blank is dropped with its id (a null id becomes ""), a text without an id gets
+    "" and an id without a text is dropped; then the first ``max_guidelines`` (0 = all)."""
+    ids, texts = list(ids or []), list(texts or [])
+    pairs = [("" if k >= len(ids) or ids[k] is None else str(ids[k]), str(t))
+             for k, t in enumerate(texts) if t is not None and str(t).strip()]
+    if max_guidelines > 0:
+        pairs = pairs[:max_guidelines]
+    return [g for g, _ in pairs], [t for _, t in pairs]
 
 
 def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
@@ -223,12 +231,8 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
                 quarantine["reason"].append("empty prompt" if isinstance(prompt, str) else "missing prompt")
                 stats["skipped"] += 1
                 continue
-            gids, gtexts = (_as_list(r.get("guideline_ids")), _as_list(r.get("guideline_texts"))) \
-                if guided else ([], [])
-            if len(gids) != len(gtexts):
-                gids = (gids + [""] * len(gtexts))[:len(gtexts)]
-            if rcfg.max_guidelines > 0:
-                gids, gtexts = gids[:rcfg.max_guidelines], gtexts[:rcfg.max_guidelines]
+            gids, gtexts = row_guidelines(r.get("guideline_ids"), r.get("guideline_texts"),
+                                          rcfg.max_guidelines) if guided else ([], [])
             try:
                 p = prepare_prompt(tok, rcfg, prompt, gids, gtexts, budget, ecfg.overlong)
             except Exception as e:  # noqa: BLE001 - a tokenizer/template error is this row's problem

@@ -92,17 +92,21 @@ def shard_counts(dataset: str | Path, index: int, marker=None, stage: str | None
 
 
 def dataset_counts(dataset: str | Path, stage: str | None = None) -> dict | None:
-    """Yield counts summed over a dataset's committed shards (None: not a generated dataset)."""
+    """Yield counts summed over a dataset's current shards (None: not a generated dataset).
+    Stale shards (committed under an earlier config or input, or torn; the next run redoes
+    them) are left out, as readers leave them out."""
     from guidealign.shards import read_manifest
     from guidealign.shards.layout import shard_indices
+    from guidealign.shards.manifest import shard_states
 
     dataset = Path(dataset)
     man = read_manifest(dataset)
     if man is None:
         return None
+    stale = set((shard_states(dataset) or ([], []))[1])
     total, seen = dict.fromkeys(KEYS, 0), False
     for i in shard_indices(dataset):
-        if i >= int(man.get("num_shards", 0)):
+        if i >= int(man.get("num_shards", 0)) or i in stale:
             continue
         c = shard_counts(dataset, i, stage=stage)
         if c is None:

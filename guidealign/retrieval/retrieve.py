@@ -40,7 +40,8 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
         if c < 0:
             continue
         t = texts[c]
-        if any(fuzz.ratio(t, texts[k], score_cutoff=cutoff) for k, _ in kept):
+        # fuzz.ratio returns 0.0 below the cutoff; compare, so a ratio of 0 counts at dedup_ratio 0
+        if any(fuzz.ratio(t, texts[k], score_cutoff=cutoff) >= cutoff for k, _ in kept):
             continue
         kept.append((c, s))
         if len(kept) >= keep:
@@ -111,6 +112,8 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     rc = cfg.retrieve
     if not 1 <= rc.keep <= rc.top_n:
         raise ValueError("retrieve.keep must be between 1 and retrieve.top_n")
+    if not 0 <= rc.dedup_ratio <= 1:
+        raise ValueError(f"retrieve.dedup_ratio must be in [0, 1] (a fuzz.ratio / 100), not {rc.dedup_ratio}")
     workdir = Path(workdir)
     wait_done(index_dir(workdir), timeout=wait_timeout(cfg, world_size))
     # a stale index fails here, before any shard, and changes the fingerprint of every shard
