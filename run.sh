@@ -16,9 +16,13 @@
 # ~/.cache/guide-align), GUIDEALIGN_EXTRA=gpu to install the CUDA set on a GPU node (an
 # environment holds one set: setup refuses to install the other over it).
 set -euo pipefail
+# gx and launch run in the caller's directory: their relative paths (-w, -c, inputs) are the
+# caller's; everything else runs in the repository
+CALLER=$PWD
 cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=${GUIDEALIGN_VENV:-$ROOT/.venv}
+case "$VENV" in /*) ;; *) VENV=$ROOT/$VENV ;; esac  # a relative GUIDEALIGN_VENV: in the repository
 EXTRA=${GUIDEALIGN_EXTRA:-cpu}
 PY=$VENV/bin/python
 
@@ -112,8 +116,10 @@ case "$cmd" in
     # prints the stack of every thread (PYTHONFAULTHANDLER: the same in pytest-xdist workers)
     PYTHONFAULTHANDLER=1 "$VENV/bin/python" -X faulthandler -m pytest "$@"
     ;;
-  launch) exec scripts/launch.sh "$@" ;;  # never installs: run ./run.sh setup once, before the job
-  gx) exec "$VENV/bin/guidealign" "$@" ;;
+  launch)  # never installs: run ./run.sh setup once, before the job
+    cd "$CALLER"
+    GUIDEALIGN_VENV=$VENV exec "$ROOT/scripts/launch.sh" "$@" ;;
+  gx) cd "$CALLER"; exec "$VENV/bin/guidealign" "$@" ;;
   bench) setup; exec "$VENV/bin/python" bench/all.py "$@" ;;
   *) echo "usage: ./run.sh [demo|test|setup|launch|gx|bench] [args...]" >&2; exit 2 ;;
 esac

@@ -278,6 +278,13 @@ def other_rows(cfg) -> list[Row]:
                             f"num_gpus {gpus} < engine.tensor_parallel_size {cfg.engine.tensor_parallel_size}"))
     else:
         rows.append(Row("executor", "local", OK, "this rank's shards in this process"))
+    from guidealign.stages import BY_NAME
+
+    for stage in ex.ray_resources_by_stage:  # a misspelt stage would silently get ray_resources
+        if stage not in BY_NAME:
+            rows.append(Row("executor", f"ray_resources_by_stage.{stage}", WARN,
+                            f"names no stage of the pipeline ({', '.join(sorted(BY_NAME))}): "
+                            "its resources apply only to a custom stage of that name"))
     rows.append(Row("executor", "wait_timeout_s", FAIL if ex.wait_timeout_s < 0 else OK,
                     f"{ex.wait_timeout_s:g} s" + (" (0: 1 day for several workers)" if not ex.wait_timeout_s else "")))
     return rows

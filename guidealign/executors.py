@@ -275,9 +275,20 @@ def _input_shards(stage, cfg, workdir: Path, options: dict) -> int:
         from guidealign.gen.augment import load_risk_types
 
         return len(load_risk_types(cfg)[0])
-    src = options.get("src") or options.get("dataset") or stage.src
-    if src == "prompts" and stage.name in ("retrieve", "respond"):
-        from guidealign.config import prompt_set
+    return num_shards(workdir / stage_input(stage, cfg, options))
 
-        src = prompt_set(cfg)
-    return num_shards(workdir / src)
+
+def stage_input(stage, cfg, options: dict) -> str:
+    """The dataset under WORKDIR that a map stage reads, as its stage function picks it."""
+    from guidealign.config import prompt_set
+
+    src = options.get("src") or options.get("dataset")
+    if src:
+        return src
+    if stage.name == "detect":
+        return cfg.detect.input
+    if stage.name == "retrieve":
+        return prompt_set(cfg, cfg.retrieve.prompts)
+    if stage.name == "respond" and options.get("guided", True) is False:
+        return prompt_set(cfg, cfg.respond.prompts)  # the unguided baseline reads prompts
+    return stage.src

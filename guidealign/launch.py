@@ -82,13 +82,20 @@ def _opt_values(args: list[str], *names: str) -> list[str]:
     return vals
 
 
-def tensor_parallel_size(stage_args: list[str]) -> int:
-    """engine.tensor_parallel_size of the config the stage will load (--config, --set)."""
+def tensor_parallel_size(stage_args: list[str], stage: str = "") -> int:
+    """The tensor_parallel_size of the engine(s) ``stage`` runs, from the config it will load
+    (--config, --set): respond's own engine (``respond.engine`` over ``engine``) for respond,
+    the larger of the two for ``run`` (its workers run both), else ``engine``'s."""
     from guidealign.config import load_config
+    from guidealign.ray_workers import engine_config
 
     paths = _opt_values(stage_args, "--config", "-c")
     cfg = load_config(paths[-1] if paths else None, _opt_values(stage_args, "--set"))
-    return int(cfg.engine.tensor_parallel_size)
+    writer = int(cfg.engine.tensor_parallel_size)
+    responder = int(engine_config(cfg, "respond").tensor_parallel_size)
+    if stage == "respond":
+        return responder
+    return max(writer, responder) if stage == "run" else writer
 
 
 def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_rank: int,
@@ -249,7 +256,7 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     elif gpus == "none":
         gpu_list = []
     else:
-        gpu_list = [g for g in gpus.split(",") if g]
+        gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
     env = os.environ
     if (node_rank is None and nodes is None and "RANK" not in env and "SLURM_ARRAY_TASK_ID" not in env
             and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
@@ -263,8 +270,14 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
         node_rank, nodes = resolve_rank(node_rank, nodes)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    if tp is None:
-        tp = tensor_parallel_size(stage_args) if gpu_list else 1
+    if tp is None and gpu_list:
+        from guidealign.config import ConfigError
+
+        try:
+            tp = tensor_parallel_size(stage_args, stage)
+        except (ConfigError, OSError) as e:
+            raise click.UsageError(f"config: {e}") from e
+    tp = 1 if tp is None else tp
     workers = plan(stage, stage_args, gpus=gpu_list, tp=tp, node_rank=node_rank, nodes=nodes)
     click.echo(f"launch: {stage} on node {node_rank}/{nodes}: {len(gpu_list)} GPU(s), "
                f"tensor_parallel_size {tp}, {len(workers)} worker(s)", err=True)

@@ -11,6 +11,7 @@ task. A rerun after any crash continues where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -118,14 +119,24 @@ def _stop_engine(llm, echo, when: str) -> None:
     gc.collect()
 
 
+def _pool_key(cfg: Config, stage: Stage) -> tuple:
+    """Workers are kept for the next stage only when it asks for the same resources and the
+    same engine (the responder's engine may be another model: respond.engine)."""
+    from guidealign.ray_workers import engine_config, resources_for
+
+    engine = (json.dumps(dataclasses.asdict(engine_config(cfg, stage.name)), sort_keys=True)
+              if stage.engine else None)
+    return json.dumps(resources_for(cfg.executor, stage.name), sort_keys=True), engine
+
+
 def _run_on_ray(cfg: Config, workdir: Path, chosen: list[Stage], progress: bool, echo,
                 init_kwargs: dict | None) -> dict:
     """A ``map`` stage on ``WorkerPool`` workers (one engine each, kept from one stage to the
     next while the stages' resources are the same: detect -> guidelines), the others as one
     task. Every worker skips committed shards, so a rerun after a crash (of a worker or of
     this driver) continues."""
-    from guidealign.executors import num_shards, run_on_ray
-    from guidealign.ray_workers import WorkerPool, resources_for
+    from guidealign.executors import _input_shards, run_on_ray
+    from guidealign.ray_workers import WorkerPool
 
     timings: dict[str, float] = {}
     pool, pool_key = None, None
@@ -134,12 +145,12 @@ def _run_on_ray(cfg: Config, workdir: Path, chosen: list[Stage], progress: bool,
             echo(f"== {stage.name} (ray)")
             t0 = time.perf_counter()
             if stage.kind == "map":
-                key = (json.dumps(resources_for(cfg.executor, stage.name), sort_keys=True), stage.engine)
+                key = _pool_key(cfg, stage)
                 if pool is None or key != pool_key:
                     if pool is not None:
                         pool.close()
                     pool, pool_key = None, None
-                    pool = WorkerPool(cfg, stage.name, n_shards=num_shards(workdir / "prompts"),
+                    pool = WorkerPool(cfg, stage.name, n_shards=_input_shards(stage, cfg, workdir, {}),
                                       engine=stage.engine, init_kwargs=init_kwargs)
                     pool_key = key
                 results = pool.run(stage.fn, workdir, stage=stage.name, progress=progress)

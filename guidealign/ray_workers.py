@@ -37,6 +37,16 @@ def resources_for(ex, stage: str) -> dict:
     return dict(res or {})
 
 
+def engine_config(cfg, stage: str | None):
+    """The engine a worker of ``stage`` builds: for respond the responder's (``respond.engine``
+    over ``engine``, as the local path uses), for the other engine stages ``engine``."""
+    if stage == "respond" and cfg.respond.engine:
+        from guidealign.gen.respond import respond_engine
+
+        return respond_engine(cfg)
+    return cfg.engine
+
+
 def check_engine_resources(stage: str, resources: dict, tensor_parallel_size: int,
                            cluster_gpus: float) -> None:
     """An engine stage on a cluster with GPUs (or asking for any) needs >= TP GPUs per worker."""
@@ -107,12 +117,12 @@ class LazyEngine:
 class StageWorker:
     """The Ray actor (wrapped with ``ray.remote`` at run time): one engine, many stage calls."""
 
-    def __init__(self, cfg, cwd: str | None, worker: int):
+    def __init__(self, cfg, cwd: str | None, worker: int, stage: str | None = None):
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)
         self.cfg = cfg
         self.worker = worker
-        self.engine = LazyEngine(cfg.engine)
+        self.engine = LazyEngine(engine_config(cfg, stage))
 
     def run(self, fn_ref, workdir: str, rank: int, world_size: int, kwargs: dict,
             with_engine: bool, assign: dict):
@@ -162,7 +172,7 @@ class WorkerPool:
         self.ray = init_ray(ex.ray_address, **(init_kwargs or {}))
         resources = resources_for(ex, stage)
         if self.engine:
-            check_engine_resources(stage, resources, cfg.engine.tensor_parallel_size,
+            check_engine_resources(stage, resources, engine_config(cfg, stage).tensor_parallel_size,
                                    self.ray.cluster_resources().get("GPU", 0))
         opts = ray_task_options(resources)
         opts.pop("max_retries")
@@ -177,7 +187,7 @@ class WorkerPool:
                             runtime_env={"env_vars": dict(WORKER_ENV)})
         actor = self.ray.remote(StageWorker)
         cwd = os.getcwd()
-        self.actors = [actor.options(name=None, **self.options).remote(cfg, cwd, k)
+        self.actors = [actor.options(name=None, **self.options).remote(cfg, cwd, k, stage)
                        for k in range(self.n)]
         log.info("%s: %d Ray worker(s) with %s", stage, self.n, self.options)
 
@@ -248,5 +258,5 @@ def describe(results: list) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["WorkerPool", "StageWorker", "LazyEngine", "resources_for",
+__all__ = ["WorkerPool", "StageWorker", "LazyEngine", "resources_for", "engine_config",
            "check_engine_resources", "capacity", "describe"]

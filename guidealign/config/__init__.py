@@ -30,7 +30,7 @@ class ExecutorConfig:
     ray_resources: dict = field(default_factory=lambda: {"num_cpus": 1})
     # Per-stage Ray resources, e.g. {detect: {num_gpus: 4}, ingest: {num_cpus: 1}}; a stage
     # not named here uses ray_resources. Empty = every stage uses ray_resources.
-    ray_resources_by_stage: dict = field(default_factory=dict)
+    ray_resources_by_stage: dict[str, dict] = field(default_factory=dict)
     # Ray workers (actors, one engine each) per sharded stage; 0 = as many as the cluster's
     # resources hold, at most one per shard.
     ray_workers: int = 0
@@ -84,31 +84,72 @@ class ConfigError(ValueError):
     pass
 
 
+_SCALARS = (bool, int, float, str)
+
+
+def _is(value, tp) -> bool:
+    """``isinstance`` where a bool is not an int (YAML's ``true`` is not a count)."""
+    if tp is int or tp is float:
+        return isinstance(value, tp) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
 def _coerce(tp, value, where: str):
-    """Convert a YAML value to the annotated type (dataclasses recursively)."""
+    """Convert a YAML value to the annotated type (dataclasses recursively); a value of
+    another type is an error, never passed on (a bool is not an int, a string not a list)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        all_args = typing.get_args(tp)
+        args = [a for a in all_args if a is not type(None)]
         if value is None:
-            return None
-        return _coerce(args[0], value, where) if len(args) == 1 else value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            if len(args) < len(all_args):
+                return None
+            raise ConfigError(f"{where}: expected {' or '.join(map(_type_name, args))}, got None")
+        if len(args) == 1:
+            return _coerce(args[0], value, where)
+        for a in args:  # the member the value already is (bool | str: true, "auto")
+            if typing.get_origin(a) is None and a in _SCALARS and _is(value, a):
+                return value
+        for a in args:  # else a conversion into a member other than text (int | str: 4.0 -> 4)
+            if a is str:
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {' or '.join(map(_type_name, args))}, got {value!r}")
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list (YAML [a, b]), got {value!r}")
+        (item,) = typing.get_args(tp) or (None,)
+        return value if item is None else [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp) or (None, None)
+        return value if item is None else {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and _is(value, int):
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" as a string
             return float(value)
         except ValueError:
             pass
-    if tp is int and isinstance(value, float) and value.is_integer():
+    if tp is int and _is(value, float) and value.is_integer():
         return int(value)
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        if tp is str and isinstance(value, (int, float)):
-            return str(value)
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is str and _is(value, int):
+        return str(value)
+    if tp in _SCALARS and not _is(value, tp):
+        hint = " (quote it to mean the text)" if tp is str else ""
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}{hint}")
     return value
 
 
@@ -130,8 +171,61 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def parse_overrides(items: typing.Iterable[str]) -> dict:
-    """``["detect.sampling.temperature=0", "engine.model=/m"]`` -> nested dict (values parsed as YAML)."""
+def _leaf_type(schema, parts: list[str]):
+    """The annotated type of the dotted key ``parts`` in dataclass ``schema``; None when the
+    key is unknown or leads into a free-form mapping (its values stay YAML)."""
+    tp = schema
+    for p in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if p not in hints:
+            return None
+        tp = hints[p]
+    return tp
+
+
+def _wants_text(tp) -> bool:
+    """A ``str`` or ``str | None`` field (not a union with bool/int: there YAML decides)."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)] == [str]
+    return False
+
+
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _override_value(raw: str, tp, item: str):
+    """An override's value: YAML, but a text field takes the text as written (YAML would read
+    ``|`` as "", ``a #b`` as "a", ``1.10`` as 1.1, ``no`` as False, ``0123`` as 83); quoted text
+    is unquoted, and ``null`` in an optional text field is None."""
+    text = raw.strip()
+    if _wants_text(tp):
+        if text in _NULLS and tp is not str:
+            return None
+        if text[:1] in ("'", '"'):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = None
+            if isinstance(value, str):
+                return value
+        return text
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                          f"({str(e).splitlines()[0]}); quote it") from None
+
+
+def parse_overrides(items: typing.Iterable[str], schema=None) -> dict:
+    """``["detect.sampling.temperature=0", "engine.model=/m"]`` -> nested dict (values parsed as
+    YAML, but a text field of ``schema`` (default: ``Config``) keeps the text as written)."""
+    schema = Config if schema is None else schema
     out: dict = {}
     for item in items:
         if "=" not in item:
@@ -139,9 +233,14 @@ def parse_overrides(items: typing.Iterable[str]) -> dict:
         key, raw = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty part in key {key.strip()!r}")
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} was set to a "
+                                  "value by an earlier --set, it has no keys")
+        node[parts[-1]] = _override_value(raw, _leaf_type(schema, parts), item)
     return out
 
 

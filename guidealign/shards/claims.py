@@ -172,6 +172,17 @@ def _create(path: Path, record: dict) -> bool:
     return True
 
 
+def _create_claim(path: Path, record: dict) -> bool:
+    """``_create`` in ``path``'s folder, making the folder again when a worker that saw every
+    shard committed removed it (``remove_claims_dir``) between our mkdir and our create."""
+    for _ in range(5):
+        try:
+            return _create(path, record)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    return _create(path, record)
+
+
 def is_stale(path: Path, ttl_s: float, st: os.stat_result | None = None,
              rec: dict | None = None) -> bool:
     """The claim at ``path`` has no live owner: heartbeat older than ``ttl_s``, or a dead local pid."""
@@ -204,7 +215,7 @@ def _steal(path: Path, st: os.stat_result, seen: dict | None, record: dict) -> b
         return False
     aside.unlink(missing_ok=True)
     log.warning("took over stale claim %s", path)
-    return _create(path, record)
+    return _create_claim(path, record)
 
 
 def try_claim(dst: str | Path, index: int, ttl_s: float, owner: str | None = None) -> Claim | None:
@@ -212,12 +223,12 @@ def try_claim(dst: str | Path, index: int, ttl_s: float, owner: str | None = Non
     path = claim_path(dst, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = owner_record(owner)
-    if _create(path, record):
+    if _create_claim(path, record):
         return Claim(path, record, ttl_s)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return Claim(path, record, ttl_s) if _create(path, record) else None
+        return Claim(path, record, ttl_s) if _create_claim(path, record) else None
     seen = _read(path)
     if is_stale(path, ttl_s, st, seen) and _steal(path, st, seen, record):
         return Claim(path, record, ttl_s)

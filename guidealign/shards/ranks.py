@@ -14,8 +14,9 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
                  env: dict | None = None) -> tuple[int, int]:
     """Explicit values win; then RANK/WORLD_SIZE, SLURM array, SLURM tasks; else (0, 1).
 
-    A SLURM array may start at an offset (``--array=5-8``): SLURM_ARRAY_TASK_MIN is
-    subtracted so ranks always run 0..W-1.
+    A SLURM array may start at an offset (``--array=5-8``) and step (``--array=0-14:2``):
+    rank = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP, so ranks
+    always run 0..W-1 (:func:`slurm_array_rank`).
     """
     env = os.environ if env is None else env
     if rank is None or world_size is None:
@@ -23,7 +24,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
             if rk in env and wk in env:
                 r, w = int(env[rk]), int(env[wk])
                 if rk == "SLURM_ARRAY_TASK_ID":
-                    r -= int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+                    r = slurm_array_rank(env)
                 rank = r if rank is None else rank
                 world_size = w if world_size is None else world_size
                 break
@@ -32,6 +33,24 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     return rank, world_size
+
+
+def slurm_array_rank(env: dict) -> int:
+    """This array task's rank 0..COUNT-1 from SLURM_ARRAY_TASK_ID/MIN/MAX/STEP. An array of
+    task ids that is not one evenly stepped range (``--array=0,3,4``) has no such numbering:
+    an error, instead of ranks that skip some shards and repeat others."""
+    tid = int(env["SLURM_ARRAY_TASK_ID"])
+    count = int(env["SLURM_ARRAY_TASK_COUNT"])
+    lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+    hi = int(env.get("SLURM_ARRAY_TASK_MAX", lo + step * (count - 1)))
+    if step < 1 or (tid - lo) % step or (hi - lo) != step * (count - 1):
+        raise ValueError(
+            f"SLURM array task {tid} (min {lo}, max {hi}, step {step}, count {count}): the "
+            "array is not one evenly stepped range of ids, so its tasks cannot be numbered "
+            "0..COUNT-1; submit --array=0-N (optionally :STEP or %LIMIT), or pass --rank and "
+            "--world-size")
+    return (tid - lo) // step
 
 
 def my_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
