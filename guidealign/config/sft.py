@@ -63,8 +63,9 @@ class SFTConfig:
     gradient_checkpointing: bool = False
     # Log the training loss every this many optimizer steps.
     logging_steps: int = 1
-    # Save a resumable checkpoint every this many steps under WORKDIR/sft/checkpoints (a rerun
-    # resumes from the last one); 0 = no intermediate checkpoints.
+    # Save a resumable checkpoint every this many steps under WORKDIR/sft/checkpoints/<fingerprint>
+    # (a rerun with the same config and data resumes from the last one; checkpoints of another
+    # config or data are deleted, never resumed); 0 = no intermediate checkpoints.
     save_steps: int = 0
     # Random seed for data order and initialization of adapters.
     seed: int = 0

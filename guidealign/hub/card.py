@@ -20,9 +20,11 @@ def _yaml_block(obj) -> str:
 
 def model_card(*, base_model: str, data: dict, hyperparameters: dict, metrics: dict,
                mode: str, merged: bool) -> str:
-    """The trained model's card: base model, training data, hyperparameters, loss figures."""
+    """The trained model's card: base model, training data, hyperparameters, loss figures.
+    An unmerged LoRA adapter is a PEFT repo (library_name: peft), as peft's own cards say."""
     hub_base = base_model if "/" in base_model and not Path(base_model).exists() else None
-    meta = {"library_name": "transformers", "base_model": hub_base,
+    adapter = mode == "lora" and not merged
+    meta = {"library_name": "peft" if adapter else "transformers", "base_model": hub_base,
             "tags": ["guide-align", "sft", "trl"] + (["lora"] if mode == "lora" else []),
             "pipeline_tag": "text-generation"}
     kind = "full fine-tuning" if mode == "full" else \

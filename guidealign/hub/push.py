@@ -10,8 +10,11 @@ answer leaves out the files it already has, the rest goes in commits of
 already holds. A push stopped between commits therefore resumes where it stopped, and a push
 with nothing new makes no commit. Shards under the data folder that the Hub has and the stage
 no longer has (an earlier push of a larger stage) are deleted by one last commit, so
-`load_dataset` reads exactly the stage's rows. huggingface_hub retries its own requests (http_backoff); the
-steps it sends once (creating the repo, a commit) are retried here as a whole.
+`load_dataset` reads exactly the stage's rows; so are the model files (weights, adapter,
+tokenizer, configs: targets.is_model_file) of a model repo that the pushed model does not have,
+so a download does not mix two models. Other files (a user's) are kept. huggingface_hub
+retries its own requests (http_backoff); the steps it sends once (creating the repo, a commit)
+are retried here as a whole.
 
 The token comes from HF_TOKEN or the stored login (huggingface_hub resolves it); it is
 never printed or logged here.
@@ -25,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from guidealign.hub.commits import batches, commit_batch, retry_step, split_unchanged
-from guidealign.hub.targets import (LocalFile, PushError, dataset_files, local_file, model_files,
-                                    resolve_target)
+from guidealign.hub.targets import (LocalFile, PushError, dataset_files, is_model_file, local_file,
+                                    model_files, resolve_target)
 
 __all__ = ["PushError", "PushReport", "run_push", "push_one"]
 
@@ -48,7 +51,7 @@ class PushReport:
     seconds: float = 0.0
     commit: str = ""         # the head of the revision after the push
     uploaded_paths: list = field(default_factory=list)
-    deleted_paths: list = field(default_factory=list)  # stale shards removed from the Hub
+    deleted_paths: list = field(default_factory=list)  # stale shards / model files removed
 
     def summary(self) -> str:
         """One line for the console."""
@@ -107,7 +110,8 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     repo_type, src = resolve_target(wd, what)
     if constants.HF_HUB_OFFLINE:
         raise PushError("HF_HUB_OFFLINE is set: unset it to push")
-    files = files_to_push(cfg, wd, repo_type, src, repo_id)
+    data_dir = pcfg.data_dir.strip("/")
+    files = files_to_push(cfg, wd, repo_type, src, repo_id, data_dir)
     report = PushReport(repo_id=repo_id, repo_type=repo_type, files=len(files))
 
     api = HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub
@@ -118,16 +122,17 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
                                  revision=pcfg.revision)
     report.already_there = len(there)
     commit_all(api, new, report, pcfg, title=f"guide-align: push {src.name}", progress=progress)
-    if repo_type == "dataset":
-        delete_stale(api, files, report, pcfg, data_dir=pcfg.data_dir.strip("/"), title=f"guide-align: push {src.name}")
+    delete_stale(api, files, report, pcfg, owned=owned_by_push(repo_type, data_dir),
+                 title=f"guide-align: push {src.name}")
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
     return report
 
 
-def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str) -> list[LocalFile]:
-    """The files of a push: a model dir's files, or a stage's shards and its dataset card
-    (written to WORKDIR/push/README-<stage>.md)."""
+def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str,
+                  data_dir: str) -> list[LocalFile]:
+    """The files of a push: a model dir's files, or a stage's shards (under ``data_dir``, no
+    slashes around it) and its dataset card (written to WORKDIR/push/README-<stage>.md)."""
     from guidealign.hub.card import dataset_card
 
     if repo_type == "model":
@@ -135,7 +140,6 @@ def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str) -> lis
         if not any(f.path_in_repo == "README.md" for f in files):
             log.warning("%s has no model card (README.md)", src)
         return files
-    data_dir = cfg.push.data_dir.strip("/")
     files, rows = dataset_files(src, data_dir)
     card = dataset_card(repo_id=repo_id, stage=src.name, rows=rows, files=len(files), cfg=cfg,
                         workdir=wd, data_dir=data_dir)
@@ -166,17 +170,27 @@ def commit_all(api, files: list[LocalFile], report: PushReport, pcfg, *, title: 
             log.info("pushed commit %d/%d to %s", k, len(todo), report.repo_id)
 
 
-def delete_stale(api, files: list[LocalFile], report: PushReport, pcfg, *, data_dir: str, title: str) -> None:
-    """Delete, in one commit (retried), the files under ``data_dir/`` on the Hub that this push
-    does not have: shards of an earlier push of a larger stage, which ``load_dataset`` would
-    read too."""
+def owned_by_push(repo_type: str, data_dir: str):
+    """The paths on the Hub a push of ``repo_type`` answers for: a dataset's files under
+    ``data_dir/`` (its shards), a model's model files (``is_model_file``). The others (a card's
+    images, files a user added) are left alone."""
+    if repo_type == "model":
+        return is_model_file
+    return lambda path: path.startswith(data_dir + "/")
+
+
+def delete_stale(api, files: list[LocalFile], report: PushReport, pcfg, *, owned, title: str) -> None:
+    """Delete, in one commit (retried), the files on the Hub that ``owned(path)`` claims for this
+    push and that it does not have: shards of an earlier push of a larger stage, which
+    ``load_dataset`` would read too; weights, an adapter or tokenizer files of an earlier model,
+    which a download would mix with this one's."""
     from huggingface_hub import CommitOperationDelete
 
     keep = {f.path_in_repo for f in files}
     remote = retry_step(lambda: api.list_repo_files(report.repo_id, repo_type=report.repo_type,
                                                      revision=pcfg.revision),
                         pcfg, "list repo files", report.count_retry)
-    stale = sorted(p for p in remote if p.startswith(data_dir + "/") and p not in keep)
+    stale = sorted(p for p in remote if owned(p) and p not in keep)
     if not stale:
         return
     info = retry_step(lambda: api.create_commit(

@@ -42,31 +42,38 @@ def resolve_target(workdir, what: str) -> tuple[str, Path]:
     d = Path(what) if (os.sep in what or Path(what).is_absolute()) else wd / what
     if read_manifest(d) is not None:
         return "dataset", d
-    if (d / "config.json").exists():
+    if (d / "config.json").exists() or (d / "adapter_config.json").exists():
         return "model", d
     raise PushError(f"{d} is neither a stage's shard directory (no _stage.json) nor a model dir")
 
 
 def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
     """The committed shards of a complete stage (with the sha256 of their markers) and the
-    number of rows they hold; PushError when a shard is not committed."""
+    number of rows they hold; PushError when a shard is not committed, or was committed under
+    another config or input. Each marker is read once, so the files and their checksums agree."""
     from guidealign.shards import read_manifest, read_marker
     from guidealign.shards.layout import shard_path
-    from guidealign.shards.manifest import shard_states
+    from guidealign.shards.manifest import expected_fingerprints
 
     man = read_manifest(d)
-    st = shard_states(d)
-    if st is not None and st[1]:
-        raise PushError(f"{d} is incomplete: shard(s) {st[1][:5]} were committed under another config "
-                        "or input (finish the stage first)")
-    out, rows = [], 0
+    out, rows, missing, stale = [], 0, [], []
     for i in range(int(man["num_shards"])):
         m = read_marker(d, i)
         p = shard_path(d, i)
         if m is None or not p.exists() or p.stat().st_size != m.bytes:
-            raise PushError(f"{d} is incomplete: shard {i} is not committed (finish the stage first)")
+            missing.append(i)
+            continue
+        ok = expected_fingerprints(d, i, None, man)
+        if ok is not None and m.fingerprint not in ok:
+            stale.append(i)
+            continue
         rows += m.rows
         out.append(local_file(f"{data_dir}/{p.name}", p, sha256=m.sha256))
+    if stale:
+        raise PushError(f"{d} is incomplete: shard(s) {stale[:5]} were committed under another config "
+                        "or input (finish the stage first)")
+    if missing:
+        raise PushError(f"{d} is incomplete: shard {missing[0]} is not committed (finish the stage first)")
     return out, rows
 
 
@@ -80,3 +87,25 @@ def model_files(d: Path) -> list[LocalFile]:
             out.append(local_file(rel, p))
     out.sort(key=lambda f: f.path_in_repo == "README.md")
     return out
+
+
+# Files a model directory is made of (what save_pretrained of a model, a PEFT adapter, a
+# tokenizer or a trainer writes), matched on the file name at any depth. A model push deletes
+# those on the Hub that it does not have (an adapter, shards, a tokenizer of an earlier push)
+# and keeps the rest, as a dataset push keeps what is outside its data folder: exports a user
+# added beside the model (GGUF, ONNX) stay.
+MODEL_FILE_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack",
+    "*.index.json", "config.json", "generation_config.json", "adapter_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json")
+
+
+def is_model_file(path_in_repo: str) -> bool:
+    """Whether a path in a model repo is part of a model (see MODEL_FILE_PATTERNS)."""
+    from fnmatch import fnmatchcase
+
+    name = path_in_repo.rsplit("/", 1)[-1]
+    return any(fnmatchcase(name, pat) for pat in MODEL_FILE_PATTERNS)

@@ -64,18 +64,75 @@ def to_example(cfg, row: dict) -> dict:
             "completion": [{"role": "assistant", "content": row["response"].strip()}]}
 
 
+def complete_shards(path: Path) -> list[int]:
+    """The shards of a finished response stage (all of them); a clear error when there are none,
+    or when some are not committed yet, or were committed under another config or input (SFT
+    would otherwise train on part of the responses, or a mix of two runs)."""
+    from guidealign.shards import read_manifest
+    from guidealign.shards.manifest import shard_states
+
+    man = read_manifest(path)
+    if man is None:
+        raise FileNotFoundError(f"{path} holds no response shards: run `guidealign respond` first")
+    missing, stale = shard_states(path)
+    if missing or stale:
+        what = ", ".join(x for x in (f"{len(missing)} not committed (e.g. {missing[:5]})" if missing else "",
+                                      f"{len(stale)} committed under another config or input "
+                                      f"(e.g. {stale[:5]})" if stale else "") if x)
+        raise ValueError(f"{path} is incomplete: of its {man['num_shards']} shard(s), {what}; "
+                         f"finish the stage that writes it (`guidealign respond`) first")
+    return list(range(int(man["num_shards"])))
+
+
+def open_shard(path: Path, index: int):
+    """The Parquet file of shard ``index``, checked for the columns SFT reads; a clear error
+    naming the file when it cannot be read or lacks one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from guidealign.shards.layout import shard_path
+
+    f = shard_path(path, index)
+    try:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{f} cannot be read ({type(e).__name__}: {e}): check it with "
+                         "`guidealign verify` and rerun the stage that writes it") from e
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{f} has no column(s) {missing}: sft.data must name response stages "
+                         f"(columns {COLUMNS}), e.g. respond")
+    return pf
+
+
+def iter_rows(path: Path, index: int, batch_size: int = 8192):
+    """The rows of one shard, a record batch at a time; a read error names the file."""
+    import pyarrow as pa
+
+    from guidealign.shards.layout import shard_path
+
+    pf = open_shard(path, index)
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=COLUMNS):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{shard_path(path, index)} cannot be read "
+                         f"({type(e).__name__}: {e}): check it with `guidealign verify` and "
+                         "rerun the stage that writes it") from e
+
+
 def iter_examples(cfg, workdir, report: DataReport):
-    """Stream the examples of all committed response shards (one record batch in memory)."""
-    from guidealign.shards import committed, iter_batches, read_manifest, read_marker
+    """Stream the examples of all shards of the (complete) response stages, one record batch
+    in memory; the shards read are the ones whose checksums go into ``report.sources``."""
+    from guidealign.shards import read_marker
 
     for path in data_paths(cfg, workdir):
-        if read_manifest(path) is None:
-            raise FileNotFoundError(f"{path} holds no response shards: run `guidealign respond` first")
-        idx = committed(path)
+        idx = complete_shards(path)
         report.sources[source_name(path, workdir)] = {"shards": len(idx),
                                      "sha256": [read_marker(path, i).sha256 for i in idx]}
-        for batch in iter_batches(path, columns=COLUMNS):
-            for row in batch.to_pylist():
+        for i in idx:
+            for row in iter_rows(path, i):
                 report.rows += 1
                 why = drop_reason(cfg, row)
                 if why:

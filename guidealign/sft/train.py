@@ -96,8 +96,53 @@ def prepare_tokenizer(scfg, base_path: str):
     return tok, missing
 
 
-def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True):
-    """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision)."""
+def checkpoint_dir(workdir, fp: str) -> Path:
+    """WORKDIR/sft/checkpoints/<fingerprint>: the resume points of one config and data."""
+    return Path(workdir) / "sft" / "checkpoints" / fp
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the training job (before its process group exists: the launcher's RANK)."""
+    from guidealign.sft.launcher import under_launcher
+
+    return not under_launcher() or int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> bool | None:
+    """True when ``ckpt_dir`` holds a checkpoint to resume from (sft.save_steps > 0), else
+    None. A run resumes only from its own fingerprint's checkpoints: those of an earlier config
+    or other data (another folder under checkpoints/) are never resumed, and the main process
+    deletes them."""
+    root = ckpt_dir.parent
+    if main and root.is_dir():
+        for old in root.iterdir():
+            if old.name != ckpt_dir.name:
+                log.info("sft: removing checkpoints of another config or data: %s", old)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+    if scfg.save_steps > 0 and any(ckpt_dir.glob("checkpoint-*")):
+        return True
+    return None
+
+
+def whole_run_loss(log_history: list[dict]) -> float | None:
+    """The mean training loss over all logged steps, also those before a resume (the trainer's
+    ``training_loss`` covers only the steps of its own call): each logged loss is the mean of
+    the steps since the previous log, so it weighs by their number. None when none was logged."""
+    total, last = 0.0, 0
+    for h in log_history:
+        if "loss" in h and "step" in h and h["step"] > last:
+            total += h["loss"] * (h["step"] - last)
+            last = h["step"]
+    return total / last if last else None
+
+
+def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
+                  ckpt_dir: Path | None = None):
+    """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision);
+    its checkpoints go to ``ckpt_dir`` (default WORKDIR/sft/checkpoints)."""
     import torch
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig as TRLConfig
@@ -130,7 +175,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True):
             r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
             target_modules="all-linear" if targets == ["all-linear"] else list(targets),
             task_type="CAUSAL_LM")
-    ckpt_dir = Path(workdir) / "sft" / "checkpoints"
+    ckpt_dir = Path(workdir) / "sft" / "checkpoints" if ckpt_dir is None else Path(ckpt_dir)
     args = dict(
         output_dir=str(ckpt_dir),
         num_train_epochs=scfg.epochs,
@@ -242,21 +287,23 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
     if scfg.num_threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(scfg.num_threads)
     world = distributed_world_size()
+    ckpt_dir = checkpoint_dir(workdir, fp)
+    resume = resume_point(ckpt_dir, scfg, main=is_main_process())
     trainer, tok, accum, precision = build_trainer(cfg, workdir, dataset, world=world,
-                                                   progress=progress)
-    ckpt_dir = out_dir / "checkpoints"
+                                                   progress=progress, ckpt_dir=ckpt_dir)
     n_train = len(trainer.train_dataset)
     if n_train < data_rep.kept:  # TRL drops examples whose completion was cut off entirely
         data_rep.dropped["no_response_tokens_within_max_seq_length"] = data_rep.kept - n_train
         data_rep.kept = n_train
-    resume = None
-    if scfg.save_steps > 0 and ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*")):
-        resume = True
+    if resume:
         log.info("resuming SFT from the last checkpoint in %s", ckpt_dir)
     result = trainer.train(resume_from_checkpoint=resume)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    metrics = {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+    # a resumed run's training_loss covers only the steps after the checkpoint
+    train_loss = whole_run_loss(trainer.state.log_history) if resume else None
+    metrics = {"train_loss": result.training_loss if train_loss is None else train_loss,
+               "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None, "losses": losses,
                "steps": trainer.state.global_step, "epochs": trainer.state.epoch}
 
@@ -295,7 +342,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: resume points are not needed
+        shutil.rmtree(ckpt_dir.parent, ignore_errors=True)  # finished: resume points are not needed
         from guidealign.shards.artifact_files import file_checksums
 
         done["files"] = file_checksums(out_dir)  # `guidealign verify` checks them
