@@ -25,13 +25,19 @@ def _stage_row(d: Path) -> dict | None:
     done_file = d / "_done.json"
     if man is None and not done_file.exists():
         return None
-    row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "rows": 0,
+    row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0, "rows": 0,
            "quarantined": 0, "seconds": 0.0, "rows_per_s": None}
     if man is not None:
+        from guidealign.shards.manifest import shard_states
+
         row["shards_total"] = int(man.get("num_shards", 0))
+        # a shard committed under an earlier config or input (or torn) is not done: the next
+        # run redoes it and readers skip it, so its rows are not counted either
+        stale = set((shard_states(d) or ([], []))[1])
+        row["shards_stale"] = len(stale)
         for i in shard_indices(d):
             m = read_marker(d, i)
-            if m is None or i >= row["shards_total"]:
+            if m is None or i >= row["shards_total"] or i in stale:
                 continue
             row["shards_done"] += 1
             row["rows"] += m.rows
@@ -77,7 +83,8 @@ def collect(workdir: str | Path) -> list[dict]:
 
 
 def render(rows: list[dict], width: int = 120) -> str:
-    """The table (rich); generation stages add parsed (rows with a usable output), cut (rows
+    """The table (rich); "stale": shards committed under an earlier config or input, which
+    the next run redoes (not counted as done, nor their rows); generation stages add parsed (rows with a usable output), cut (rows
     that stopped at the length cap) and kept (share of generated tokens in usable rows)."""
     from rich.console import Console
     from rich.table import Table
@@ -90,7 +97,9 @@ def render(rows: list[dict], width: int = 120) -> str:
         y = r.get("yield") or {}
         share = y.get("tokens_kept_share")
         table.add_row(
-            r["stage"], f"{r['shards_done']}/{r['shards_total']}", str(r["rows"]), str(r["quarantined"]),
+            r["stage"], f"{r['shards_done']}/{r['shards_total']}"
+            + (f" ({r['shards_stale']} stale)" if r.get("shards_stale") else ""),
+            str(r["rows"]), str(r["quarantined"]),
             f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-",
             str(y.get("yield_rows_parsed", "-")), str(y.get("yield_rows_cut", "-")),
             f"{100 * share:.1f}%" if share is not None else "-")

@@ -72,3 +72,38 @@ def test_incomplete_precomputed_responses_are_an_eval_error(tmp_path):
     write_shard(d, 0, pa.table({"id": ["x"], "prompt": ["p"], "response": ["r"]}), "t")
     with pytest.raises(EvalError, match="incomplete"):
         load_responses(d, {"x": {"prompt": "p", "category": None}}, Config(), 1)
+
+
+def test_judge_fingerprint_follows_the_judge_engines_settings():
+    from guidealign.config import load_config
+    from guidealign.eval.judging import judge_fp
+
+    base = load_config(None, ["eval.harm_judge=llm"])
+    same = load_config(None, ["eval.harm_judge=llm", "respond.engine.max_model_len=" + str(base.engine.max_model_len)])
+    longer = load_config(None, ["eval.harm_judge=llm", "respond.engine.max_model_len=" + str(2 * base.engine.max_model_len)])
+    other_dtype = load_config(None, ["eval.harm_judge=llm", "respond.engine.dtype=bfloat16",
+                                     "engine.dtype=float32"])
+    for kind in ("harm", "pairwise"):
+        assert judge_fp(base, kind) == judge_fp(same, kind)
+        # the judge runs with respond.engine's settings over engine's: a change there re-judges
+        assert judge_fp(base, kind) != judge_fp(longer, kind)
+        assert judge_fp(other_dtype, kind) != judge_fp(load_config(None, ["eval.harm_judge=llm",
+                                                                         "engine.dtype=float32"]), kind)
+
+
+def test_a_good_answer_after_an_error_row_for_the_same_id_is_judged(tmp_path):
+    from guidealign.config import Config
+    from guidealign.eval.inputs import load_responses
+    from guidealign.shards import write_shard
+
+    bench = {k: {"prompt": f"p{k}", "category": None} for k in ("x", "y", "z")}
+    write_shard(tmp_path / "resp", 0, pa.table({
+        "id": ["x", "y", "x", "y", "z", "z"], "prompt": ["px", "py", "px", "py", "pz", "pz"],
+        "response": [None, "first", "retried", "second", "", None],
+        "finish_reason": ["error", "stop", "stop", "stop", "stop", "error"]}), "fp")
+    got, cov = load_responses(tmp_path / "resp", bench, Config(), 1)
+    assert got["x"]["response"] == "retried"   # the error row gives way to the retry
+    assert got["y"]["response"] == "first"     # two good answers: the first is kept
+    assert got["z"]["response"] == ""          # an empty answer is not replaced by an error
+    assert cov == {"rows": 6, "unmatched": 0, "duplicates": 3, "errors": 0, "empty": 1,
+                   "matched": 3, "missing": 0}

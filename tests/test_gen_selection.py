@@ -120,3 +120,35 @@ def test_seeds_past_the_target_are_quarantined_not_lost():
     assert [q for q, _ in keep] == seeds[:2]
     assert [raw for _, raw in st.rejected] == seeds[2:]
     assert all(r.startswith("seed question") for r, _ in st.rejected)
+
+
+def test_status_counts_a_stale_shard_apart(tmp_path):
+    from guidealign.shards import write_manifest, write_shard
+    from guidealign.shards.stage import shard_fingerprint
+    from guidealign.status import collect, render
+
+    src, dst = tmp_path / "retrieve", tmp_path / "respond"
+    write_manifest(src, stage="retrieve", num_shards=2, fingerprint="r")
+    for i in range(2):
+        write_shard(src, i, pa.table({"id": [f"p{i}"]}), f"r{i}")
+    write_manifest(dst, stage="respond", num_shards=2, fingerprint="NEW", input=str(src))
+    write_shard(dst, 0, pa.table({"id": ["p0"]}), shard_fingerprint("NEW", src, 0), stats=_stats(1))
+    write_shard(dst, 1, pa.table({"id": ["p1", "p2"]}), shard_fingerprint("OLD", src, 1), stats=_stats(2))
+    row = next(r for r in collect(tmp_path) if r["stage"] == "respond")
+    assert (row["shards_done"], row["shards_stale"], row["shards_total"], row["rows"]) == (1, 1, 2, 1)
+    assert "1/2 (1 stale)" in render([row])
+
+
+def test_respond_usable_is_what_sft_keeps():
+    from guidealign.config import Config
+    from guidealign.gen.yieldstats import respond_usable
+    from guidealign.sft.data import drop_reason
+
+    cfg = Config()
+    cfg.sft.min_response_chars, cfg.sft.keep_finish_reasons = 12, ["stop", "abort"]
+    rows = [{"prompt": "q", "response": r, "finish_reason": f}
+            for r in ("", "   ", "short", "  exactly 12 ch ", "a long enough answer", None)
+            for f in ("stop", "length", "abort", None)]
+    for r in rows:
+        assert respond_usable(r, tuple(cfg.sft.keep_finish_reasons), cfg.sft.min_response_chars) \
+            == (drop_reason(cfg.sft, r) is None), r

@@ -101,17 +101,21 @@ def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: in
             if rid not in bench:
                 cov["unmatched"] += 1
                 continue
+            row = {"response": cols["response"][i],
+                   "finish_reason": (cols.get("finish_reason") or [None] * t.num_rows)[i],
+                   "model": (cols.get("model") or [None] * t.num_rows)[i]}
             if rid in out:
                 cov["duplicates"] += 1
-                continue
-            fr = (cols.get("finish_reason") or [None] * t.num_rows)[i]
-            resp = cols["response"][i]
-            if fr == "error" or resp is None:
-                cov["errors"] += 1
-            elif not resp.strip():
-                cov["empty"] += 1
-            out[rid] = {"response": resp, "finish_reason": fr,
-                        "model": (cols.get("model") or [None] * t.num_rows)[i]}
+                # the first answer for an id is taken, unless it failed and this one did not
+                # (a directory joining several runs: a retry's answer after the error row)
+                if usable(out[rid]) or not usable(row):
+                    continue
+            out[rid] = row
+    for r in out.values():
+        if not usable(r):
+            cov["errors"] += 1
+        elif not r["response"].strip():
+            cov["empty"] += 1
     cov["matched"] = len(out)
     cov["missing"] = len(bench) - len(out)
     return out, cov

@@ -55,9 +55,13 @@ def judge_fp(cfg, kind: str) -> str:
     # the wording actually sent (a change of the built-in wording re-judges too)
     template = (e.pairwise_template or PAIRWISE_TEMPLATE) if kind == "pairwise" \
         else (e.harm_template or HARM_TEMPLATE)
+    from guidealign.eval.generate import judge_engine
+
+    # the settings of the engine that judges (respond.engine's keys over engine's)
+    je = judge_engine(cfg)
     return fingerprint(f"eval-{kind}-llm-v2", e.judge_model, e.judge_chat_template, e.judge_sampling,
                        e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
-                       cfg.engine.seed, cfg.engine.max_model_len, cfg.engine.dtype)
+                       je.seed, je.max_model_len, je.dtype)
 
 
 @dataclass

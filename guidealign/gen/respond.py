@@ -269,10 +269,10 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
         q = pa.Table.from_pydict(quarantine, schema=QUARANTINE_SCHEMA) if quarantine["id"] else None
         # yield (gen/yieldstats.py): usable = what this run's SFT keeps; the rows quarantined
         # before generation were read too
-        keep = tuple(cfg.sft.keep_finish_reasons)
+        keep, min_chars = tuple(cfg.sft.keep_finish_reasons), cfg.sft.min_response_chars
         stats.update(counts([{"finish_reason": f, "output_tokens": n, "response": t} for f, n, t in
                              zip(out["finish_reason"], out["output_tokens"], out["response"])],
-                            lambda r: respond_usable(r, keep)))
+                            lambda r: respond_usable(r, keep, min_chars)))
         stats["yield_rows_in"] += stats["skipped"]
         return pa.Table.from_pydict(out, schema=RESPOND_SCHEMA), q, stats
 

@@ -11,7 +11,7 @@ Per shard, a generation stage records five counts in its marker's stats:
 
 ``map_shards`` sums numeric stats into the stage report, and ``guidealign status`` sums
 them over the committed markers. Respond counts an answer as usable when the run's SFT
-keeps it (``sft.keep_finish_reasons``, and not empty). Markers written before a stage
+keeps it (``sft.keep_finish_reasons``, at least ``sft.min_response_chars`` long). Markers written before a stage
 recorded these counts are read from their shards' columns instead (rows in: the output
 rows and the quarantined ones), with SFT's default rule: an answer is kept when it
 finished on its own ("stop") and is not empty.
@@ -51,8 +51,10 @@ def guidelines_usable(r: dict) -> bool:
     return bool(r.get("guidelines"))
 
 
-def respond_usable(r: dict, keep=RESPOND_KEEP) -> bool:
-    return r.get("finish_reason") in keep and bool((r.get("response") or "").strip())
+def respond_usable(r: dict, keep=RESPOND_KEEP, min_chars: int = 1) -> bool:
+    """Whether SFT keeps this answer: a kept finish reason and at least ``min_chars``
+    characters after strip (``sft.keep_finish_reasons``, ``sft.min_response_chars``)."""
+    return r.get("finish_reason") in keep and len((r.get("response") or "").strip()) >= max(min_chars, 1)
 
 
 _USABLE = {"detect": detect_usable, "guidelines": guidelines_usable, "respond": respond_usable,
