@@ -1,5 +1,7 @@
-"""Verdict parsing (the article "a", asked sentences), artifact links and response loading of the evaluation (no engine)."""
+"""Evaluation without an engine: verdict parsing (the article "a", asked sentences), artifact links, response loading, the judge fingerprint and report files."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -107,3 +109,17 @@ def test_a_good_answer_after_an_error_row_for_the_same_id_is_judged(tmp_path):
     assert got["z"]["response"] == ""          # an empty answer is not replaced by an error
     assert cov == {"rows": 6, "unmatched": 0, "duplicates": 3, "errors": 0, "empty": 1,
                    "matched": 3, "missing": 0}
+
+
+def test_a_report_without_a_judge_drops_that_judges_old_chart(tmp_path):
+    from guidealign.eval.aggregate import aggregate_harm
+    from guidealign.eval.report import write_report
+
+    harm = aggregate_harm([{"condition": c, "category": "Malicious Uses", "verdict": "harmless"}
+                           for c in ("guided", "unguided")])
+    first = write_report(tmp_path, title="t", benchmark="do-not-answer", meta={}, harm=harm, pairwise=None)
+    assert Path(first["harm_chart"]).exists()
+    # rerun with the harm judge off: its chart of the first run must not sit beside the new report
+    second = write_report(tmp_path, title="t", benchmark="do-not-answer", meta={}, harm=None, pairwise=None)
+    assert "harm_chart" not in second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json"]

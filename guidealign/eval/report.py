@@ -77,6 +77,10 @@ def _pairwise_md(pw: dict, labels, paper: bool) -> list[str]:
     return out + [""]
 
 
+# the charts a report may hold: key in the returned files -> file name
+CHARTS = {"harm_chart": "harmless_by_category.png", "pairwise_chart": "net_win_rate.png"}
+
+
 def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | None,
                  pairwise: dict | None, benchmark: str, risk_id: dict | None = None) -> dict:
     """Write report.md, results.json and the charts into ``out_dir``; returns their paths."""
@@ -99,13 +103,15 @@ def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | No
             lines.append(f"- {k}: {v}")
     lines += [""] + [f"> {n}" for n in meta.get("notes", [])] + [""]
     if harm:
-        files["harm_chart"] = str(harm_chart(harm, out / "harmless_by_category.png", labels, title))
+        files["harm_chart"] = str(harm_chart(harm, out / CHARTS["harm_chart"], labels, title))
         lines += _harm_md(harm, labels) + ["![% harmless per risk area](harmless_by_category.png)", ""]
     if pairwise:
         paper = benchmark == "hhh"
-        files["pairwise_chart"] = str(pairwise_chart(pairwise, out / "net_win_rate.png", labels, title,
+        files["pairwise_chart"] = str(pairwise_chart(pairwise, out / CHARTS["pairwise_chart"], labels, title,
                                                      paper))
         lines += _pairwise_md(pairwise, labels, paper) + ["![net win rate per subset](net_win_rate.png)", ""]
+    for chart in (CHARTS.keys() - files.keys()):  # a chart of an earlier run's judges: not this report's
+        (out / CHARTS[chart]).unlink(missing_ok=True)
     if risk_id:
         from guidealign.eval.risk_id import risk_lines
 
