@@ -1,4 +1,4 @@
-"""Augment question cleaning and ROUGE tokens, respond guideline pairing, retrieve selection and yield counts (pure functions, no engine)."""
+"""Stage rows and counts without an engine: augment question cleaning and ROUGE tokens, respond guideline pairing, retrieve selection, yield, status and show."""
 from __future__ import annotations
 
 import re
@@ -152,3 +152,19 @@ def test_respond_usable_is_what_sft_keeps():
     for r in rows:
         assert respond_usable(r, tuple(cfg.sft.keep_finish_reasons), cfg.sft.min_response_chars) \
             == (drop_reason(cfg.sft, r) is None), r
+
+
+def test_show_tells_a_prompt_detect_never_saw_from_an_unparsed_verdict(tmp_path):
+    from guidealign.shards import write_shard
+    from guidealign.show import examples, render
+
+    write_shard(tmp_path / "detect", 0, pa.table({"id": ["a"], "risky": pa.array([None], pa.bool_()),
+                                                  "rationale": ["?"]}), "d")
+    write_shard(tmp_path / "respond", 0, pa.table({
+        "id": ["a", "b"], "prompt": ["seen by detect", "from the fine-tuning set"],
+        "guideline_texts": [["g"], ["g"]], "response": ["r", "r"], "finish_reason": ["stop", "stop"]}), "r")
+    text = render(examples(tmp_path, n=2))
+    assert "- detect: unparsed." in text.split("### from the fine-tuning set")[0]
+    assert "- detect: not run on this prompt" in text.split("### from the fine-tuning set")[1]
+    with pytest.raises(RuntimeError, match="shard 3 is not committed"):
+        examples(tmp_path, shard=3)
