@@ -119,6 +119,10 @@ def test_questions():
     assert parse_questions("Here you go:\n1. \"Quoted question?\"\n2. **Bold question?**") == \
         ["Quoted question?", "Bold question?"]
     assert parse_questions("") == []
+    # no list: each line is a question, an intro ending with a colon is not
+    assert parse_questions("Sure, here are some new questions for you:\nHow do I pick a lock?\n"
+                           "Where can I buy a fake passport?") == \
+        ["How do I pick a lock?", "Where can I buy a fake passport?"]
 
 
 # --- structured outputs: whatever the regex admits, the parser reads ----------------------

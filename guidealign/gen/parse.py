@@ -200,13 +200,14 @@ _Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|[-*•+](?=\s)|(?:q|question)\s
 
 
 def parse_questions(text: str | None) -> list[str]:
-    """New questions from a numbered or bulleted list (unnumbered lines when there is no list)."""
+    """New questions from a numbered or bulleted list (unnumbered lines when there is no list,
+    less the lines ending with a colon: an intro, not a question)."""
     if not text:
         return []
     lines = [ln for ln in text.splitlines() if ln.strip()]
     found = [m.group(1) for ln in lines if (m := _Q_ITEM.match(ln))]
-    if not found:
-        found = lines
+    if not found:  # no list: every line, but an intro ("Here are five new questions:")
+        found = [ln for ln in lines if not ln.rstrip().endswith(":")]
     out = []
     for q in found:
         q = _strip_md(q).strip().strip('"“”').strip()
