@@ -8,6 +8,7 @@ would quietly take its CPU branch on a GPU node: a 70B model on the CPU, for day
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -20,8 +21,8 @@ def visible_gpus(env: dict | None = None, nvidia_smi: str | None = "nvidia-smi")
     """GPU ids this process may use, as CUDA_VISIBLE_DEVICES entries.
 
     ``CUDA_VISIBLE_DEVICES`` wins when it is set ("" / "-1" / "NoDevFiles" mean none; ids or
-    GPU-/MIG- UUIDs are kept as they are); else one index per ``GPU n:`` line of
-    ``nvidia-smi -L``; else none.
+    GPU-/MIG- UUIDs are kept as they are); else what ``nvidia-smi -L`` lists (see
+    :func:`parse_nvidia_smi_list`); else none.
     """
     env = os.environ if env is None else env
     if "CUDA_VISIBLE_DEVICES" in env:
@@ -38,7 +39,63 @@ def visible_gpus(env: dict | None = None, nvidia_smi: str | None = "nvidia-smi")
         return []
     if out.returncode != 0:
         return []
-    return [str(i) for i, line in enumerate(l for l in out.stdout.splitlines() if l.startswith("GPU "))]
+    return parse_nvidia_smi_list(out.stdout)
+
+
+_MIG_UUID = re.compile(r"UUID:\s*(MIG-[^)\s]+)")
+
+
+def parse_nvidia_smi_list(text: str) -> list[str]:
+    """CUDA_VISIBLE_DEVICES entries for the devices ``nvidia-smi -L`` lists: a GPU's index, or,
+    for a GPU in MIG mode, the UUIDs of its MIG devices (the ``  MIG ...`` lines under it). A
+    process sees one MIG device only, so each MIG device must be a worker of its own; the
+    parent GPU's index would give its worker just the first one, and leave the others idle."""
+    out: list[str] = []
+    gpu, migs = None, []
+    for line in text.splitlines():
+        if line.startswith("GPU "):
+            if gpu is not None:
+                out += migs or [gpu]
+            gpu, migs = line.split(":", 1)[0].split()[1], []
+        elif gpu is not None and line.strip().startswith("MIG "):
+            m = _MIG_UUID.search(line)
+            if m:
+                migs.append(m.group(1))
+    if gpu is not None:
+        out += migs or [gpu]
+    return out
+
+
+def is_mig(gpu: str) -> bool:
+    """A MIG device id (``MIG-<uuid>`` or the older ``MIG-GPU-<uuid>/gi/ci``)."""
+    return gpu.strip().upper().startswith("MIG-")
+
+
+def devices_per_process(gpus: list[str]) -> int:
+    """How many CUDA devices one process given ``gpus`` (as CUDA_VISIBLE_DEVICES) can use:
+    all of them, except that CUDA enumerates a single MIG device per process."""
+    if any(is_mig(g) for g in gpus):
+        return 1
+    return len(gpus)
+
+
+def check_tensor_parallel(tp: int, gpus: list[str]) -> None:
+    """Raise a clear error when an engine of ``tp`` GPUs cannot run on ``gpus`` (its
+    CUDA_VISIBLE_DEVICES entries). vLLM checks this only when it picks its executor itself;
+    with ``distributed_executor_backend="mp"`` (set by gen.engine) the workers past the last
+    device fail with "invalid device ordinal" instead."""
+    n = devices_per_process(gpus)
+    if tp <= n:
+        return
+    if any(is_mig(g) for g in gpus):
+        raise ValueError(
+            f"engine.tensor_parallel_size={tp} needs {tp} GPUs in one process, but the GPUs given "
+            f"({','.join(gpus)}) are MIG devices and a process can use only one of them: set "
+            "engine.tensor_parallel_size: 1 (one worker per MIG device), or run on whole GPUs")
+    raise ValueError(
+        f"engine.tensor_parallel_size={tp} needs {tp} GPUs, but this process may use {n} "
+        f"({','.join(gpus) or 'none'}, from CUDA_VISIBLE_DEVICES or nvidia-smi): start it with "
+        f"`guidealign launch` (which gives each engine {tp} GPUs) or lower tensor_parallel_size")
 
 
 def _driver(nvidia_smi: str | None, env: dict) -> str:

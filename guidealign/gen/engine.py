@@ -85,9 +85,16 @@ def build_llm(cfg: EngineConfig):
     from guidealign.core.models import resolve
 
     before = reaper.child_pids()
-    from guidealign.core.gpu import require_usable_gpus
+    from guidealign.core.gpu import check_tensor_parallel, require_usable_gpus, visible_gpus
 
     require_usable_gpus()  # GPUs visible but unusable by torch: stop, never fall back to the CPU
+    if has_cuda():
+        # before any engine process starts: with the "mp" backend set below, vLLM itself does
+        # not compare tensor_parallel_size with the GPUs this process has (MIG: one per process)
+        import torch
+
+        gpus = visible_gpus() or [str(i) for i in range(torch.cuda.device_count())]  # no nvidia-smi
+        check_tensor_parallel(cfg.tensor_parallel_size, gpus)
     with engine_isolation():
         cpu = not has_cuda()
         if cpu:
@@ -305,8 +312,15 @@ def run_engine_stage(stage: str, cfg, src, dst, fp: str, make_shard_fn, *, llm=N
             holder["llm"] = build_llm(cfg.engine)
         return make_shard_fn(cfg, holder["llm"])
 
-    rep = map_shards(stage, src, dst, fp, make_fn=make_fn, rank=rank, world_size=world_size,
-                     columns=columns, progress=progress)
+    try:
+        rep = map_shards(stage, src, dst, fp, make_fn=make_fn, rank=rank, world_size=world_size,
+                         columns=columns, progress=progress)
+    finally:
+        if llm is None and holder["llm"] is not None:
+            # built here, so nobody else will stop it: an engine left running holds
+            # gpu_memory_utilization of its GPUs through the later stages (SFT on the node's GPUs)
+            close_llm(holder["llm"])
+            holder["llm"] = None
     q, h = rep.stats.get("prefix_cache_queries", 0), rep.stats.get("prefix_cache_hits", 0)
     rep.stats["prefix_cache_hit_rate"] = round(h / q, 4) if q else None
     from guidealign.gen.yieldstats import with_yield

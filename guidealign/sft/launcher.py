@@ -49,8 +49,13 @@ def node_gpus(env=None) -> list[str] | None:
 
 
 def visible_gpus() -> int:
+    """GPUs SFT can train on, one process each. A process sees one MIG device only, and
+    torchrun gives all its processes the same CUDA_VISIBLE_DEVICES, so MIG devices count as
+    one (more would fail with "invalid device ordinal" on LOCAL_RANK 1)."""
+    from guidealign.core.gpu import devices_per_process
+
     if node_gpus():
-        return len(node_gpus())
+        return devices_per_process(node_gpus())
     try:
         import torch
 

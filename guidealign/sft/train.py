@@ -39,14 +39,31 @@ def accumulation_steps(scfg, world: int) -> int:
     return scfg.global_batch_size // per_step
 
 
+def choose_precision(requested: str, *, cuda: bool, native_bf16: bool, gpu: str = "") -> str:
+    """``sft.precision`` settled for this machine: "auto" = bf16 on GPUs with bf16 units
+    (compute capability 8.0+), else float32. An explicit bf16 on a GPU without them is an
+    error: it would train in emulated bf16, many times slower, with no warning."""
+    p = requested
+    if p == "auto":
+        p = "bf16" if cuda and native_bf16 else "float32"
+    if p not in ("bf16", "fp16", "float32"):
+        raise ValueError(f"sft.precision must be auto, bf16, fp16 or float32, not {p!r}")
+    if p == "bf16" and cuda and not native_bf16:
+        raise ValueError(f"sft.precision is bf16 but this GPU ({gpu or 'compute capability < 8.0'}) "
+                         "has no bf16 support (needs compute capability 8.0+, e.g. A100/H100): "
+                         "set sft.precision to fp16, float32 or auto")
+    return p
+
+
 def precision_flags(scfg) -> dict:
     import torch
 
-    p = scfg.precision
-    if p == "auto":
-        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    if p not in ("bf16", "fp16", "float32"):
-        raise ValueError(f"sft.precision must be auto, bf16, fp16 or float32, not {p!r}")
+    cuda = torch.cuda.is_available()
+    # including_emulation=False: torch's default also says True on pre-Ampere GPUs (V100, T4),
+    # where bf16 only runs emulated
+    native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    gpu = torch.cuda.get_device_name() if cuda and not native else ""
+    p = choose_precision(scfg.precision, cuda=cuda, native_bf16=native, gpu=gpu)
     return {"bf16": p == "bf16", "fp16": p == "fp16"}, p
 
 
