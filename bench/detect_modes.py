@@ -56,13 +56,16 @@ def split(items: list[str], seed: int, calib: int, held: int) -> tuple[list[str]
 
 
 def calibrate(scores_risky: list[float], scores_benign: list[float]) -> float:
-    """The threshold that maximizes recall - FPR (ties: the one nearest 0.5)."""
+    """The threshold that maximizes recall - FPR (ties: the one nearest 0.5). recall - FPR
+    is compared exactly, as tp * n_benign - fp * n_risky: in floats two equal values can
+    differ in the last bit and decide the tie instead of the distance to 0.5."""
     cands = sorted(set(scores_risky) | set(scores_benign) | {0.5})
+    nr, nb = max(len(scores_risky), 1), max(len(scores_benign), 1)
     best = None
     for t in cands:
-        tpr = sum(s >= t for s in scores_risky) / max(len(scores_risky), 1)
-        fpr = sum(s >= t for s in scores_benign) / max(len(scores_benign), 1)
-        key = (tpr - fpr, -abs(t - 0.5))
+        tp = sum(s >= t for s in scores_risky)
+        fp = sum(s >= t for s in scores_benign)
+        key = (tp * nb - fp * nr, -abs(t - 0.5))
         if best is None or key > best[0]:
             best = (key, t)
     return float(best[1])

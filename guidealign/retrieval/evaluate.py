@@ -74,11 +74,36 @@ def bm25_scorer(docs: list[str]) -> ScoreFn:
     return score
 
 
+def top_rows(row: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best rows of one query's scores, best first; ties by row number (lower
+    first), also at the k-th place (``argpartition`` picks tied rows there arbitrarily)."""
+    n = row.shape[0]
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if k >= n:
+        return np.lexsort((np.arange(n), -row))
+    kth = np.partition(row, n - k)[n - k]  # the k-th largest score
+    above = np.flatnonzero(row > kth)
+    t = np.concatenate([above, np.flatnonzero(row == kth)[:k - len(above)]])
+    return t[np.lexsort((t, -row[t]))]
+
+
+def first_relevant_rank(row: np.ndarray, relevant: set[int]) -> int:
+    """1-based rank of the best-placed relevant row in the order ``top_rows`` uses (score,
+    then row number): a relevant row tied with others ranks after the lower-numbered ones."""
+    return 1 + min(int((row > row[r]).sum()) + int((row[:r] == row[r]).sum()) for r in relevant)
+
+
 def evaluate(es: EvalSet, score: ScoreFn, *, recall_at=(1, 3, 5, 10, 20), risk_top_k: int = 3,
              chunk: int = 512) -> dict:
     """recall@k (share of a query's relevant guidelines in its top k, averaged), MRR (first
     relevant's reciprocal rank over the whole library) and the risk-identification rate
-    (share of risky queries with a safety guideline among the top ``risk_top_k``)."""
+    (share of risky queries with a safety guideline among the top ``risk_top_k``). All three
+    rank by score, ties by row number, so a query whose scores all tie (BM25 with no shared
+    word) gets no credit it would not get from that order."""
+    if not recall_at or min(recall_at) < 1 or risk_top_k < 1:
+        raise ValueError("retrieval evaluation: the recall@k cut-offs and risk_top_k must be "
+                         f">= 1, not recall_at={list(recall_at)}, risk_top_k={risk_top_k}")
     kmax = max(max(recall_at), risk_top_k)
     hits = {k: 0.0 for k in recall_at}
     rr = 0.0
@@ -86,17 +111,15 @@ def evaluate(es: EvalSet, score: ScoreFn, *, recall_at=(1, 3, 5, 10, 20), risk_t
     n = len(es.queries)
     for s in range(0, n, chunk):
         scores = np.asarray(score(es.queries[s:s + chunk]), dtype=np.float64)
-        kk = min(kmax, scores.shape[1])
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < scores.shape[1] else \
-            np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+        if np.isnan(scores).any():
+            raise ValueError("retrieval evaluation: the scorer returned NaN scores")
         for qi in range(len(scores)):
             row = scores[qi]
-            t = top[qi][np.lexsort((top[qi], -row[top[qi]]))]  # by score, ties by row number
+            t = top_rows(row, kmax)  # by score, ties by row number
             rel = es.relevant[s + qi]
             for k in recall_at:
                 hits[k] += len(rel.intersection(t[:k].tolist())) / len(rel)
-            best = max(row[r] for r in rel)
-            rr += 1.0 / (1 + int((row > best).sum()))
+            rr += 1.0 / first_relevant_rank(row, rel)  # the same order as the top k
             if es.risky[s + qi]:
                 risky_n += 1
                 risky_hit += bool(es.safety[t[:risk_top_k]].any())
