@@ -41,6 +41,32 @@ class EncodingError(Exception):
     """The file cannot be opened as text at all (bad codec name, missing decompressor)."""
 
 
+# what a decompressor raises on a truncated or damaged file (pyarrow's errors are ValueError/OSError)
+_READ_ERRORS = (EOFError, OSError, ValueError, lzma.LZMAError, zlib.error)
+_PIECE = 1 << 16
+
+
+def read_upto(raw, n: int) -> tuple[bytes, Exception | None]:
+    """Up to ``n`` bytes of ``raw`` and the error that stopped the reading early, if any.
+
+    Read in pieces (``read1`` where there is one): a buffered decompressor's ``read(n)`` loops
+    until it has ``n`` bytes and, when the file is cut off, raises and drops every byte it
+    decompressed in that call; piece by piece, the bytes before the damage are kept."""
+    read1 = getattr(raw, "read1", None)
+    parts, got = [], 0
+    while got < n:
+        want = min(n - got, _PIECE)
+        try:
+            piece = read1(want) if read1 is not None else raw.read(want)
+        except _READ_ERRORS as e:
+            return b"".join(parts), e
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts), None
+
+
 def compression_of(path: Path) -> str | None:
     """Compression named by the suffix, else by the magic bytes, else None."""
     comp = COMPRESSIONS.get(path.suffix.lower())
@@ -128,10 +154,9 @@ class _Transcoded(io.RawIOBase):
         data = self.pending
         self.pending = b""
         if not data and self.error is None:
-            try:
-                data = self.raw.read(CHUNK)
-            except (EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as e:
-                self.fail(e)
+            data, err = read_upto(self.raw, CHUNK)
+            if err is not None:
+                self.fail(err)
         final = not data
         if self.dec is not None:
             data = self.dec.decode(data, final).encode("utf-8", "surrogateescape")
@@ -161,17 +186,8 @@ class _Transcoded(io.RawIOBase):
 def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, str]:
     """(binary stream of UTF-8 bytes with \\n line ends, the encoding the file was read as)."""
     raw = open_raw(path)
-    head, early = b"", None
     try:
-        while len(head) < SNIFF_BYTES:  # in small reads, so that a damaged file keeps its start
-            try:
-                piece = raw.read(4096)
-            except (EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as e:
-                early = e
-                break
-            if not piece:
-                break
-            head += piece
+        head, early = read_upto(raw, SNIFF_BYTES)  # in pieces, so that a damaged file keeps its start
         enc, skip = sniff_encoding(head, encoding)
     except Exception:
         raw.close()
