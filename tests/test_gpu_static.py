@@ -162,3 +162,21 @@ def test_engine_built_by_a_failing_stage_is_closed_too(monkeypatch, tmp_path):
         engine.run_engine_stage("respond", SimpleNamespace(engine="e"), tmp_path / "a",
                                 tmp_path / "b", "fp", lambda c, llm: (lambda rows: rows))
     assert closed == ["engine1"]
+
+
+def test_sft_waits_for_the_node_gpus_an_engine_still_holds():
+    from guidealign.core.gpu import parse_memory_query, wait_gpus_free
+
+    smi = ("0, GPU-aaa, 127000, 143771\n1, GPU-bbb, 3, 143771\n2, GPU-ccc, [N/A], [N/A]\n")
+    mem = parse_memory_query(smi)
+    assert mem["0"] == mem["GPU-aaa"] == (127000.0, 143771.0) and "2" not in mem
+    # GPU 0's engine stops after two polls; GPU 2 (not reported: MIG) is not waited for
+    reports = [smi, smi, smi.replace("127000", "5")]
+    slept = []
+    busy = wait_gpus_free(["0", "1", "2"], memory=lambda: parse_memory_query(reports.pop(0)),
+                          sleep=slept.append, clock=lambda: 0.0)
+    assert busy == [] and len(slept) == 2
+    # a GPU that stays busy: the wait ends at the timeout and names it
+    t = iter(range(0, 1000, 5))
+    assert wait_gpus_free(["GPU-aaa", "1"], memory=lambda: mem, sleep=lambda s: None,
+                          clock=lambda: float(next(t)), timeout_s=20) == ["GPU-aaa"]

@@ -131,3 +131,51 @@ def require_usable_gpus(env: dict | None = None, nvidia_smi: str | None = "nvidi
         "Refusing to run the engine on the CPU. Install the gpu extra into a fresh environment "
         "(GUIDEALIGN_EXTRA=gpu ./run.sh setup) with a torch whose CUDA version this driver supports, "
         "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU on purpose.")
+
+
+def parse_memory_query(text: str) -> dict[str, tuple[float, float]]:
+    """``nvidia-smi --query-gpu=index,uuid,memory.used,memory.total --format=csv,noheader,nounits``
+    -> {index or uuid: (MiB used, MiB total)}; lines that do not read (``[N/A]``) are left out."""
+    out: dict[str, tuple[float, float]] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            used, total = float(parts[2]), float(parts[3])
+        except ValueError:
+            continue
+        out[parts[0]] = out[parts[1]] = (used, total)
+    return out
+
+
+def gpu_memory(nvidia_smi: str = "nvidia-smi") -> dict[str, tuple[float, float]]:
+    """Memory in use per GPU, by index and by UUID ({} when nvidia-smi cannot tell)."""
+    exe = shutil.which(nvidia_smi)
+    if exe is None:
+        return {}
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,uuid,memory.used,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return parse_memory_query(out.stdout) if out.returncode == 0 else {}
+
+
+def wait_gpus_free(gpus: list[str], *, max_used: float = 0.2, timeout_s: float = 300.0,
+                   poll_s: float = 5.0, memory=gpu_memory, sleep=None, clock=None) -> list[str]:
+    """Wait until each GPU of ``gpus`` uses at most ``max_used`` of its memory, or ``timeout_s``
+    passed; returns the GPUs still busy (the caller warns). For SFT after the node's engines:
+    another worker's engine that just committed its last shard may still hold its memory
+    (gpu_memory_utilization) for a few seconds while it stops. GPUs nvidia-smi does not report
+    (MIG devices) are not waited for."""
+    import time
+
+    sleep, clock = sleep or time.sleep, clock or time.monotonic
+    end = clock() + timeout_s
+    while True:
+        mem = memory()
+        busy = [g for g in gpus if g in mem and mem[g][1] > 0 and mem[g][0] / mem[g][1] > max_used]
+        if not busy or clock() >= end:
+            return busy
+        sleep(poll_s)

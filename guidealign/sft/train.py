@@ -255,6 +255,7 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
     done = _already_done(cfg, workdir, force)
     if done is not None:
         return done
+    _wait_for_the_node_gpus(world_size)
     n = launcher.resolve_num_processes(cfg.sft)
     if n == 1:
         with launcher.without_pipeline_dist_env():
@@ -265,6 +266,25 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
     if not done_path.exists():
         raise RuntimeError(f"torchrun finished but {done_path} was not written")
     return json.loads(done_path.read_text())
+
+
+def _wait_for_the_node_gpus(world_size: int) -> None:
+    """With other pipeline workers on this node, their engines may still be stopping when
+    their last shard is committed: wait (at most 5 minutes) until the GPUs SFT trains on are
+    free, so that it does not start beside an engine's gpu_memory_utilization."""
+    import torch
+
+    from guidealign.core.gpu import visible_gpus as gpu_ids
+    from guidealign.core.gpu import wait_gpus_free
+    from guidealign.sft import launcher
+
+    if world_size <= 1 or not torch.cuda.is_available():
+        return
+    gpus = launcher.node_gpus() or gpu_ids()
+    busy = wait_gpus_free(gpus)
+    if busy:
+        log.warning("sft: GPU(s) %s still have most of their memory in use after 5 minutes "
+                    "(another process?); training starts anyway", ",".join(busy))
 
 
 def _already_done(cfg, workdir, force: bool) -> dict | None:
