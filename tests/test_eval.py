@@ -273,11 +273,11 @@ def test_aggregate_pairwise_half_rule_arithmetic():
 
 
 def test_aggregate_pairwise_consistent_and_lenient():
-    c = aggregate_pairwise(_pair_rows(SPEC), rule="consistent")["overall"]
+    c = aggregate_pairwise(_pair_rows(SPEC), rule="consistent", unparsed="tie")["overall"]
     # q1 win, q2 tie, q3 lose, q4 tie, q5 tie, q6 unparsed, q7 unparsed, q8 win
     assert (c["win"], c["tie"], c["lose"], c["unparsed"]) == (2, 3, 1, 2)
     assert c["net_win_rate"] == pytest.approx(1 / 8)
-    le = aggregate_pairwise(_pair_rows(SPEC), rule="lenient")["overall"]
+    le = aggregate_pairwise(_pair_rows(SPEC), rule="lenient", unparsed="tie")["overall"]
     # q2 becomes a win
     assert (le["win"], le["tie"], le["lose"], le["unparsed"]) == (3, 2, 1, 2)
     assert le["net_win_rate"] == pytest.approx(2 / 8)
@@ -358,7 +358,7 @@ def test_report_files_and_charts(tmp_path):
                  for c in ("guided", "unguided") for cat in ("Information Hazards", "Malicious Uses")
                  for v in (["harmless", "harmless", "harmful"] if c == "unguided" else ["harmless"] * 3)]
     harm = aggregate_harm(harm_rows)
-    pw = aggregate_pairwise(_pair_rows(SPEC))
+    pw = aggregate_pairwise(_pair_rows(SPEC), unparsed="tie")
     files = write_report(tmp_path / "r", title="test", benchmark="hhh",
                          meta={"benchmark": "hhh", "notes": ["mechanics only"]}, harm=harm, pairwise=pw)
     for k in ("harm_chart", "pairwise_chart"):

@@ -97,10 +97,10 @@ class EvalConfig:
     # "consistent": the FastChat rule, a win or loss only if both orders agree, else a tie;
     # "lenient": win+win or win+tie = win, lose+lose or lose+tie = lose, otherwise tie.
     combine: str = "half"
-    # Unparseable pairwise verdicts: "tie" (kept in the total, so net win rate =
-    # (win - lose) / all pairs, as the paper's formula) or "exclude" (left out of the total).
-    # Either way they are counted and shown in the report.
-    unparsed: str = "tie"
+    # Unparseable pairwise verdicts: "exclude" (left out of the total, as the paper's judging
+    # script counts them nowhere: net win rate = (win - lose) / (win + tie + lose)) or "tie"
+    # (kept in the total, pulling the rate towards 0). Either way they are counted and shown.
+    unparsed: str = "exclude"
     # Ingest merges repeated prompts (Do-Not-Answer and HHH each repeat one question). True:
     # a prompt that appears k times in the file counts k times, so totals match the benchmark's
     # row counts (939, 103) as the paper counts them; False: each distinct prompt counts once.

@@ -10,8 +10,10 @@ Each judge is two datasets under ``WORKDIR/eval/<name>/``:
 so resume, fingerprints, commit markers, quarantine, dynamic claims (``executor.assign``) and
 ``guidealign verify`` are those of every map stage. A judgment shard's fingerprint is the
 judge's (:func:`judge_fp`) plus the checksum of its plan shard, and a plan shard is rewritten
-only when its items change: a rerun redoes nothing, a changed response redoes the shards that
-hold it, a changed judge config redoes that judge, and an aggregation option redoes none.
+only when its items change: shards are cut along the benchmark's questions (not along the
+items judged), so a rerun redoes nothing, a changed, newly failed or newly usable response
+redoes the shards that hold its question, a changed judge config redoes that judge, and an
+aggregation option redoes none.
 
 Each rank writes the plan shards that static assignment gives it (i % W == rank). Under
 dynamic assignment every rank waits for the whole plan before it claims shards; the reader
@@ -82,9 +84,24 @@ class JudgePlan:
 
 
 def make_plan(kind: str, items: list, item_type: type, key, shard_rows: int, config_fp: str,
-         judge: Callable[[list], dict]) -> JudgePlan:
+         judge: Callable[[list], dict], slots: list | None = None) -> JudgePlan:
+    """``items`` in shards of ``shard_rows``. ``slots``: every key an item may have (each
+    benchmark question, or question and condition); the shards are cut along the sorted slots
+    and each holds the items of its slots, so that an item that comes or goes (a response
+    that failed, then was fixed) changes its own shard only, not every shard after it.
+    Without ``slots``, along the items themselves."""
     items = sorted(items, key=key)
-    chunks = [items[i:i + shard_rows] for i in range(0, len(items), shard_rows)] or [[]]
+    if slots is None:
+        chunks = [items[i:i + shard_rows] for i in range(0, len(items), shard_rows)] or [[]]
+        return JudgePlan(kind, item_type, chunks, config_fp, judge)
+    slots = sorted(set(slots))
+    where = {s: i // shard_rows for i, s in enumerate(slots)}
+    chunks = [[] for _ in range(max(1, -(-len(slots) // shard_rows)))]
+    for it in items:
+        k = key(it)
+        if k not in where:
+            raise ValueError(f"judgment item {k!r} is in none of the plan's slots")
+        chunks[where[k]].append(it)
     return JudgePlan(kind, item_type, chunks, config_fp, judge)
 
 
@@ -202,7 +219,8 @@ def judge_plans(cfg, judges: list[str], bench: dict, resp: dict, engines) -> dic
             def judge(chunk):
                 return judge_harm_llm(engines.judge(), chunk, ecfg, seed=cfg.engine.seed)
         plans["harm"] = make_plan("harm", items, HarmItem, lambda it: (it.id, it.condition),
-                                  ecfg.shard_rows, judge_fp(cfg, "harm"), judge)
+                                  ecfg.shard_rows, judge_fp(cfg, "harm"), judge,
+                                  slots=[(i, c) for i in bench for c in ("guided", "unguided")])
     if "pairwise" in judges:
         items = [PairItem(id=i, category=b["category"], prompt=b["prompt"],
                           guided=resp["guided"][i]["response"], unguided=resp["unguided"][i]["response"])
@@ -210,5 +228,6 @@ def judge_plans(cfg, judges: list[str], bench: dict, resp: dict, engines) -> dic
                  if usable(resp["guided"].get(i)) and usable(resp["unguided"].get(i))]
         plans["pairwise"] = make_plan(
             "pairwise", items, PairItem, lambda it: it.id, ecfg.shard_rows, judge_fp(cfg, "pairwise"),
-            lambda chunk: judge_pairwise(engines.judge(), chunk, ecfg, seed=cfg.engine.seed))
+            lambda chunk: judge_pairwise(engines.judge(), chunk, ecfg, seed=cfg.engine.seed),
+            slots=list(bench))
     return plans

@@ -89,6 +89,31 @@ def risk_identification(bench: dict[str, dict], retrieved: dict[str, list[str]],
             "unknown_guideline_ids": unknown_ids, "paper_pct": PAPER_RISK_ID}
 
 
+def guided_retrieval(cfg, workdir: Path, sub: Path, guided_dir: Path, bench: dict) -> dict | None:
+    """The guideline ids the evaluated guided responses were given, or None.
+
+    Generated here: ``retrieve/``, which the guided respond stage read. Precomputed
+    (``eval.guided_responses``): their own ``guideline_ids`` column first, never a
+    ``retrieve/`` that an earlier eval run left in this directory (another library or index,
+    or none of these responses' ids); without that column, a retrieval from the current index
+    (the retrieve stage redoes stale shards), or None when there is no index."""
+    if not cfg.eval.guided_responses:
+        retrieved = retrieved_ids(sub / "retrieve", bench)
+        return retrieved if retrieved is not None else retrieved_ids(guided_dir, bench)
+    retrieved = retrieved_ids(guided_dir, bench)
+    if retrieved is not None:
+        return retrieved
+    from guidealign.eval.generate import run_retrieval
+    from guidealign.retrieval.index import index_dir
+    from guidealign.shards.artifact import read_done
+
+    base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
+    if not read_done(index_dir(base)):
+        return None
+    run_retrieval(cfg, workdir, sub, 0, 1)
+    return retrieved_ids(sub / "retrieve", bench)
+
+
 def run_risk_identification(cfg, benchmark: str, workdir: Path, sub: Path, guided_dir: Path,
                             bench: dict, weights: dict) -> dict | None:
     """Risk identification of this eval from the guided run's retrieved guideline ids and the
@@ -97,17 +122,7 @@ def run_risk_identification(cfg, benchmark: str, workdir: Path, sub: Path, guide
     if mode == "off" or (mode == "auto" and benchmark != "do-not-answer"):
         return None
     base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
-    retrieved = retrieved_ids(sub / "retrieve", bench)
-    if retrieved is None:
-        retrieved = retrieved_ids(guided_dir, bench)
-    if retrieved is None:  # precomputed guided responses without ids: retrieve (cheap) if we can
-        from guidealign.eval.generate import run_retrieval
-        from guidealign.retrieval.index import index_dir
-        from guidealign.shards.artifact import read_done
-
-        if read_done(index_dir(base)):
-            run_retrieval(cfg, workdir, sub, 0, 1)
-            retrieved = retrieved_ids(sub / "retrieve", bench)
+    retrieved = guided_retrieval(cfg, workdir, sub, guided_dir, bench)
     kinds = library_kinds(sub) if (sub / "library").exists() else None
     if kinds is None:
         kinds = library_kinds(base)
