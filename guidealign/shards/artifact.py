@@ -57,9 +57,11 @@ def build_dir(final: str | Path):
     yet: the caller writes it with :func:`mark_done` after the rename)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # what a killed earlier build left (one builder per artifact: rank 0)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # what a killed earlier build left (one builder per artifact: rank 0): its temp dir, and
+    # the old artifact it had moved aside (killed between the two renames, or in the rmtree)
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for stale in final.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp

@@ -216,7 +216,8 @@ def guard(workdir: str | Path | None, rank: int | None = None, world_size: int |
         _CTX = None
         try:
             ctx.state = "exited"
-            _beat(ctx)
+            with _LOCK:  # after a beat the thread has in flight, so "exited" is the last word
+                _beat(ctx)
         except OSError:
             pass
 

@@ -12,7 +12,15 @@ def _plain(obj):
     return obj
 
 
+def _default(obj):
+    """JSON for what json cannot write: a set as its sorted items (its iteration order, and
+    so str(), changes with PYTHONHASHSEED from one process to the next), the rest as str()."""
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=lambda x: json.dumps(x, sort_keys=True, default=_default))
+    return str(obj)
+
+
 def fingerprint(*parts) -> str:
     """Hash any JSON-able parts (dataclasses are converted) into a short hex digest."""
-    blob = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+    blob = json.dumps([_plain(p) for p in parts], sort_keys=True, default=_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

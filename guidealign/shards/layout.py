@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.done\.json$")
+_FILE_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 
 
 def shard_path(dataset: str | Path, index: int) -> Path:
@@ -30,4 +31,14 @@ def shard_indices(dataset: str | Path) -> list[int]:
         m = _SHARD_RE.match(p.name)
         if m:
             out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def file_indices(dataset: str | Path) -> list[int]:
+    """Indices of the shard and quarantine files present, with a marker or not, sorted."""
+    d = Path(dataset)
+    out = set()
+    for sub in (d, d / "quarantine"):
+        if sub.is_dir():
+            out.update(int(m.group(1)) for p in sub.iterdir() if (m := _FILE_RE.match(p.name)))
     return sorted(out)

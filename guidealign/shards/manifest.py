@@ -82,7 +82,8 @@ def shard_states(dataset: str | Path, config_fp: str | None = None) -> tuple[lis
             missing.append(i)
             continue
         ok = expected_fingerprints(dataset, i, config_fp, man)
-        if ok is not None and not (m.fingerprint in ok and is_done(dataset, i, m.fingerprint)):
+        # with no fingerprint to compare (ingest, augment, eval) the file must still be intact
+        if not (ok is None or m.fingerprint in ok) or not is_done(dataset, i, m.fingerprint):
             stale.append(i)
     return missing, stale
 

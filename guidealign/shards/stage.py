@@ -101,8 +101,11 @@ def map_shards(
     if (fn is None) == (make_fn is None):
         raise ValueError("give exactly one of fn and make_fn")
     n = input_num_shards(src)
+    # an earlier run over a larger input left shards n and up; readers take every shard. They
+    # go before the manifest says n: a crash between the two must leave a dataset that is
+    # incomplete under its old manifest, never one complete under the new with extras beside.
+    retire_shards_from(dst, n)
     write_manifest(dst, stage=stage, num_shards=n, fingerprint=config_fp, input=str(src))
-    retire_shards_from(dst, n)  # an earlier run over a larger input left them; readers take every shard
     report = StageReport(stage=stage, total=n)
     policy = claims.current_assignment()
     if assign is not None or claim_ttl_s is not None:

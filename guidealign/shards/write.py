@@ -6,12 +6,14 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from guidealign.shards.layout import marker_path, quarantine_path, shard_indices, shard_path
+from guidealign.shards.layout import (file_indices, marker_path, quarantine_path, shard_indices,
+                                      shard_path)
 from guidealign.shards.marker import Marker
 
 
@@ -38,26 +40,44 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+def temp_path(path: Path) -> Path:
+    """A temp name beside ``path`` that no other writer uses: ranks on other hosts (or in other
+    containers) can have this process's pid, and a heartbeat thread writes beside the main
+    one. The pid stays last (``.NAME.TOKEN.PID.tmp``), where ``guidealign verify`` reads it."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{os.getpid()}.tmp")
+
+
+def remove_temps(path: Path) -> None:
+    """Remove the temp files an interrupted write of ``path`` left (a SIGKILL between the temp
+    write and the rename). Only for paths with one writer at a time (a shard: its rank or the
+    holder of its claim), never for files several ranks write at once (the manifest)."""
+    if path.parent.is_dir():
+        for p in path.parent.glob(f".{path.name}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def _replace_from_temp(path: Path, write) -> None:
+    """``write(tmp)``, fsync, rename onto ``path``; the temp file is removed when that raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    _replace_from_temp(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=1, sort_keys=True, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, sort_keys=True, default=str)
+    _replace_from_temp(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def write_shard(
@@ -81,6 +101,9 @@ def write_shard(
     mpath = marker_path(dataset, index)
     mpath.unlink(missing_ok=True)
     qpath = quarantine_path(dataset, index)
+    spath = shard_path(dataset, index)
+    for p in (mpath, qpath, spath):  # what a killed earlier write of this shard left
+        remove_temps(p)
     n_quarantined, q_sha = 0, ""
     if quarantine is not None and quarantine.num_rows:
         _write_parquet_atomic(quarantine, qpath)
@@ -88,7 +111,6 @@ def write_shard(
         q_sha = file_sha256(qpath)
     else:
         qpath.unlink(missing_ok=True)
-    spath = shard_path(dataset, index)
     _write_parquet_atomic(table, spath)
     marker = Marker(
         index=index,
@@ -109,10 +131,14 @@ def write_shard(
 
 def retire_shards_from(dataset: str | Path, n: int) -> list[int]:
     """Remove the shards numbered ``n`` and up (marker first, so none is ever taken half
-    removed): what an earlier run over a larger input left. Returns their indices."""
+    removed): what an earlier run over a larger input left. Returns their indices.
+
+    Shard and quarantine files without a marker count too: a retire killed between a marker
+    and its files left them, and nothing else would ever remove them."""
     dataset = Path(dataset)
-    gone = [i for i in shard_indices(dataset) if i >= n]
+    gone = sorted({i for i in shard_indices(dataset) + file_indices(dataset) if i >= n})
     for i in gone:
         for p in (marker_path(dataset, i), shard_path(dataset, i), quarantine_path(dataset, i)):
             p.unlink(missing_ok=True)
+            remove_temps(p)
     return gone
