@@ -53,18 +53,59 @@ def roles(cfg) -> list[Role]:
         e = respond_engine(cfg)
         out.append(Role("responder", e.model, "respond.engine.chat_template", e.chat_template, e))
     out.append(Role("SFT base", cfg.sft.base_model, "sft.chat_template", cfg.sft.chat_template))
-    judge_tpl = getattr(cfg.eval, "judge_chat_template", None)
     if "pairwise" in (cfg.eval.judges or ["pairwise"]) or cfg.eval.harm_judge == "llm":
-        je = dataclasses.replace(cfg.engine, model=cfg.eval.judge_model,
-                                 chat_template=judge_tpl if judge_tpl is not None else
-                                 (cfg.engine.chat_template if cfg.eval.judge_model == cfg.engine.model else None))
-        out.append(Role("eval judge", cfg.eval.judge_model, "eval.judge_chat_template", je.chat_template, je))
+        out.append(Role("eval judge", cfg.eval.judge_model, "eval.judge_chat_template",
+                        *_judge_template_and_engine(cfg)))
     if cfg.eval.harm_judge == "classifier":
         out.append(Role("eval classifier", cfg.eval.classifier_model, None))
     out.append(Role("retriever base", cfg.retriever.base_model, None))
     if cfg.library.candidates == "model":
         out.append(Role("library candidates", cfg.library.embed_model, None))
     return out
+
+
+def _judge_template_and_engine(cfg):
+    """(chat template, EngineConfig) the eval judge runs with, as eval builds it
+    (eval/generate.py): the responder's engine settings with the judge model and
+    ``eval.judge_chat_template``; when the judge is the responder's model and no judge template
+    is set, the responder's own engine (and chat template) judges."""
+    from guidealign.core.models import resolve
+    from guidealign.eval.generate import judge_engine, responder_engine
+
+    r, j = responder_engine(cfg), judge_engine(cfg)
+
+    def same(a: str, b: str) -> bool:
+        try:
+            return resolve(a) == resolve(b)
+        except Exception:  # noqa: BLE001 - an unknown embedded name: its model row FAILs
+            return a == b
+
+    if j.chat_template in (None, r.chat_template) and same(j.model, r.model):
+        j = dataclasses.replace(r, model=cfg.eval.judge_model)
+    return j.chat_template, j
+
+
+def _judge_prompt_rows(cfg, tok, max_len: int) -> list[Row]:
+    """The longest judge prompt: the judge's system message and wording (built-in or
+    configured, counted), a question of up to USER_TOKENS and each answer cut to
+    ``max_response_tokens`` (each with the cut mark)."""
+    from guidealign.eval.prompts import CUT_MARK, HARM_TEMPLATE, JUDGE_SYSTEM, PAIRWISE_TEMPLATE, fill
+
+    ec = cfg.eval
+    system = ec.judge_system or JUDGE_SYSTEM
+    kinds = []  # (the wording without its fields, answers in it)
+    if "pairwise" in (ec.judges or ["pairwise"]):
+        kinds.append((fill(ec.pairwise_template or PAIRWISE_TEMPLATE, question="", answer_a="",
+                           answer_b=""), 2))
+    if ec.harm_judge == "llm":
+        kinds.append((fill(ec.harm_template or HARM_TEMPLATE, question="", answer=""), 1))
+    cut, _ = _tokens(tok, CUT_MARK)
+    per_answer = ec.max_response_tokens + cut
+    question = min(ec.max_response_tokens, USER_TOKENS) + cut
+    text, n = max(((system + "\n" + w, n) for w, n in kinds),
+                  key=lambda k: _tokens(tok, k[0])[0] + k[1] * per_answer)
+    return [_fit_row("eval judge", tok, text, text, question + n * per_answer,
+                     ec.judge_sampling.max_tokens, max_len, "long answers will be cut further")]
 
 
 def _tokens(tok, text: str) -> tuple[int, bool]:
@@ -102,14 +143,20 @@ def _fit_row(stage: str, tok, whole: str, fixed: str, extra: int, max_tokens: in
     return Row("max_model_len", stage, FAIL, f"{detail}: does not fit even without exemplars")
 
 
+def context_rows(role: Role, info: ModelInfo) -> list[Row]:
+    """max_model_len against the model's context (needs no chat template)."""
+    e = role.engine
+    if info.max_positions and e.max_model_len > info.max_positions:
+        return [Row("max_model_len", role.name, FAIL,
+                    f"max_model_len {e.max_model_len} > the model's context {info.max_positions}")]
+    return []
+
+
 def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
     from guidealign.gen.respond import format_guidelines, load_exemplars
 
     e = role.engine
-    rows = []
-    if info.max_positions and e.max_model_len > info.max_positions:
-        rows.append(Row("max_model_len", role.name, FAIL,
-                        f"max_model_len {e.max_model_len} > the model's context {info.max_positions}"))
+    rows = context_rows(role, info)
     if role.name == "guideline writer":
         w, f = _prompt_text(cfg.detect.prompt_file, "detect.yaml")
         rows.append(_fit_row("detect", tok, w, f, cfg.detect.reserve_input_tokens,
@@ -130,9 +177,7 @@ def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
                              rc.sampling.max_tokens, e.max_model_len,
                              "long prompts will be truncated (lowest-ranked guidelines first)"))
     if role.name == "eval judge":
-        rows.append(_fit_row("eval judge", tok, "", "", 2 * cfg.eval.max_response_tokens + USER_TOKENS,
-                             cfg.eval.judge_sampling.max_tokens, e.max_model_len,
-                             "long answers will be cut further"))
+        rows += _judge_prompt_rows(cfg, tok, e.max_model_len)
     return rows
 
 
@@ -314,6 +359,7 @@ def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None) -
         if role.engine is not None:
             engines.append((role, info))
             if info.template is False and not role.template:
+                rows += context_rows(role, info)
                 continue  # cannot build prompts: already a FAIL
             rows += length_rows(cfg, role, load_local_tokenizer(info), info)
     rows += gpu_rows(cfg, engines, sft_info, gpus, gpu_mem)

@@ -202,7 +202,7 @@ def test_builtin_templates_render_multi_turn_chats(bare_tok):
         tok = apply_template(copy.deepcopy(bare_tok), name)
         out[name] = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     eos, bos = bare_tok.eos_token, bare_tok.bos_token
-    assert out["vicuna_v1.1"] == f"{bos}SYS USER: Q1 ASSISTANT: A1{eos} USER: Q2 ASSISTANT:"
+    assert out["vicuna_v1.1"] == f"{bos}SYS USER: Q1 ASSISTANT: A1{eos}USER: Q2 ASSISTANT:"
     assert out["llama-2"] == f"{bos}[INST] <<SYS>>\nSYS\n<</SYS>>\n\nQ1 [/INST] A1 {eos}{bos}[INST] Q2 [/INST]"
     assert out["chatml"].endswith("<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n")
     # no system message: vicuna's default system line

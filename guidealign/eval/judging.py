@@ -61,7 +61,8 @@ def judge_fp(cfg, kind: str) -> str:
 
     # the settings of the engine that judges (respond.engine's keys over engine's)
     je = judge_engine(cfg)
-    return fingerprint(f"eval-{kind}-llm-v2", e.judge_model, e.judge_chat_template, e.judge_sampling,
+    # v3: the vicuna_v1.1 template renders turns as FastChat does (no space after </s>)
+    return fingerprint(f"eval-{kind}-llm-v3", e.judge_model, e.judge_chat_template, e.judge_sampling,
                        e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
                        je.seed, je.max_model_len, je.dtype)
 

@@ -21,6 +21,10 @@ BUILTIN = {
     "llama-2": [],
     "chatml": ["<|im_start|>", "<|im_end|>"],
 }
+# name -> the token that ends an assistant turn when it is not the tokenizer's eos_token:
+# a model trained or prompted in this format stops there (Qwen-style tokenizers have
+# <|im_end|> but eos_token <|endoftext|>). vicuna_v1.1 and llama-2 end turns with eos_token.
+TURN_END = {"chatml": "<|im_end|>"}
 
 
 class ChatTemplateError(ValueError):
@@ -45,6 +49,11 @@ def resolve_template(spec: str) -> str:
 def needed_tokens(spec: str | None) -> list[str]:
     """Special tokens the template's markup uses that a tokenizer may lack (built-ins only)."""
     return list(BUILTIN.get(spec or "", []))
+
+
+def turn_end_token(spec: str | None) -> str | None:
+    """The token a built-in template ends assistant turns with, when it is not eos_token."""
+    return TURN_END.get(spec or "")
 
 
 def template_hash(spec: str | None) -> str | None:

@@ -77,7 +77,8 @@ def sft_fingerprint(cfg, report) -> str:
 
     keys = {k: v for k, v in dataclasses.asdict(cfg.sft).items()
             if k not in ("num_processes", "num_threads")}
-    return fingerprint("sft/v2", keys, report.sources, template_hash(cfg.sft.chat_template))
+    # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already
+    return fingerprint("sft/v3", keys, report.sources, template_hash(cfg.sft.chat_template))
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
@@ -96,7 +97,7 @@ def prepare_tokenizer(scfg, base_path: str):
     token; returns (tokenizer, tokens added)."""
     from transformers import AutoTokenizer
 
-    from guidealign.gen.templates import apply_template, needed_tokens
+    from guidealign.gen.templates import apply_template, needed_tokens, turn_end_token
 
     tok = AutoTokenizer.from_pretrained(base_path)
     apply_template(tok, scfg.chat_template, model=scfg.base_model)
@@ -104,8 +105,12 @@ def prepare_tokenizer(scfg, base_path: str):
     missing = [t for t in needed_tokens(scfg.chat_template) if t not in vocab]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
-        if "<|im_end|>" in missing:  # chatml ends a turn with it: generation must stop there
-            tok.eos_token = "<|im_end|>"
+    # The template ends an assistant turn with this token (chatml: <|im_end|>), so the model
+    # learns to emit it and generation must stop there, whether it was just added or the
+    # tokenizer already had it with another eos_token (Qwen-style: <|endoftext|>).
+    end = turn_end_token(scfg.chat_template)
+    if end and tok.eos_token != end:
+        tok.eos_token = end
     if not tok.model_max_length or tok.model_max_length > 1_000_000:
         tok.model_max_length = scfg.max_seq_length
     if tok.pad_token is None:  # labels are masked by the attention mask, so any token will do
