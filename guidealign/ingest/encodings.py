@@ -229,3 +229,12 @@ def utf8_error_reason(line_no: int, raw: bytes, encoding: str) -> str:
                 "or pass --encoding cp1252 (or the encoding it was saved in)")
     return (f"line {line_no} has bytes that are not valid {encoding} at byte {at}; re-save the file "
             "as UTF-8 or pass the --encoding it was saved in")
+
+
+def has_surrogates(s: str) -> bool:
+    """Whether ``s`` holds lone surrogates (bytes that were not UTF-8, read with surrogateescape)."""
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True

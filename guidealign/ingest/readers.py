@@ -1,6 +1,6 @@
 """Row-by-row input readers for ingest: each yields (locator, record-or-None, error-or-None).
 
-A record is a dict; an error is a reason string for the quarantine table, worded so that the
+JSON arrays and objects are read by ``guidealign.ingest.jsonarray``. A record is a dict; an error is a reason string for the quarantine table, worded so that the
 user knows how to fix the file. Readers never raise on a bad row, only on a file that cannot
 be read at all (checked up front by ``check_readable``). Text inputs go through
 ``guidealign.encodings.open_utf8`` (compression, byte-order marks, encodings, line ends).
@@ -9,19 +9,19 @@ cannot parse, so quarantine reasons are the same on both paths.
 """
 from __future__ import annotations
 
-import codecs
 import csv
 import glob
 import io
 import json
-import re
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from guidealign.ingest.encodings import EncodingError, inner_suffix, open_utf8, read_error, utf8_error_reason
+from guidealign.ingest.encodings import (EncodingError, has_surrogates, inner_suffix, open_utf8, read_error,
+                                        utf8_error_reason)
+from guidealign.ingest.jsonarray import read_json
 
 Row = tuple[int, dict | None, str | None]  # (line or row number, record, error)
 
@@ -147,270 +147,6 @@ def read_jsonl(path: Path, encoding: str = "auto") -> Iterator[Row]:
             yield 0, None, read_error(stream)
 
 
-def read_json(path: Path, encoding: str = "auto") -> Iterator[Row]:
-    """A JSON array of objects, streamed item by item; or a JSON object: its arrays of objects
-    (``{"data": [...]}``, ``{"train": [...], "test": [...]}``) item by item, or, holding none,
-    the object itself as one record.
-
-    Each item is cut out by its brackets and read with ``json.loads``, as a JSONL line is (big
-    integers, NaN/Infinity and all), so a bad item is quarantined alone, with its text, and
-    the items after it are read."""
-    stream, enc = open_utf8(path, encoding)
-    with stream:
-        yield from _JsonItems(stream, enc).rows()
-
-
-_JSON_NON_WS = re.compile(r"[^ \t\r\n]")
-_JSON_SYNTAX = re.compile(r'["\[\]{},]')
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_JSON_CHUNK = 1 << 22
-_JSON_DECODER = json.JSONDecoder()
-
-
-class _JsonItems:
-    """The records of a JSON file, cut out of its text by brackets, without parsing what lies
-    between; each item is read with ``json.JSONDecoder.raw_decode`` in place, and only one that
-    does not read (a bad item, or one the buffer cuts) is cut out by scanning its brackets.
-    Bytes that are not UTF-8 are kept as lone surrogates, so that only their item is quarantined."""
-
-    def __init__(self, stream, enc: str):
-        self.stream, self.enc = stream, enc
-        self.dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-        self.buf, self.pos, self.keep, self.eof = "", 0, None, False
-        self.dirty = False  # the buffer holds bytes that are not UTF-8
-        self.reported = False  # a damaged compressed file's error is said
-        self.n = 0  # items read
-
-    def _more(self) -> bool:
-        """Append the next chunk of the file (positions into the buffer stay valid)."""
-        if self.eof:
-            return False
-        data = self.stream.read(_JSON_CHUNK)
-        text = self.dec.decode(data, not data)
-        if text:
-            self.dirty = self.dirty or (not text.isascii() and _has_surrogates(text))
-            self.buf += text
-        if not data:
-            self.eof = True
-        return bool(text) or not self.eof
-
-    def _compact(self) -> None:
-        """Drop what is done with (between items, outside a record kept whole)."""
-        if self.keep is None and self.pos > _JSON_CHUNK:
-            self.buf, self.pos = self.buf[self.pos:], 0
-
-    def _next(self) -> int | None:
-        """The next byte that is not whitespace (``pos`` moved to it), None at the end of the file."""
-        while True:
-            m = _JSON_NON_WS.search(self.buf, self.pos)
-            if m:
-                self.pos = m.start()
-                return self.buf[self.pos]
-            self.pos = len(self.buf)
-            if not self._more():
-                return None
-
-    def _string_end(self, at: int) -> int | None:
-        """End of the JSON string that starts at ``at``, None when the file ends inside it."""
-        while True:
-            m = _JSON_STRING.match(self.buf, at)
-            if m:
-                return m.end()
-            if not self._more():
-                return None
-
-    def _value_end(self, closers: bytes) -> int | None:
-        """End of the value at ``pos``: the first byte of ``closers`` outside strings and brackets
-        (its position), None when the file ends first."""
-        depth, i = 0, self.pos
-        while True:
-            m = _JSON_SYNTAX.search(self.buf, i)
-            if m is None:
-                i = len(self.buf)
-                if not self._more():
-                    return None
-                continue
-            j = m.start()
-            c = self.buf[j]
-            if c == '"':  # a string: jump over it
-                i = self._string_end(j)
-                if i is None:
-                    return None
-                continue
-            if depth == 0 and c in closers:
-                return j
-            if c in "[{":
-                depth += 1
-            elif c != "," and depth:  # ] or }
-                depth -= 1
-            i = j + 1
-
-    def _truncated(self, row: int, what: str) -> tuple[int, str]:
-        """(row, reason) for the file ending inside the JSON: a damaged compressed file's error
-        (row 0, as for every format, said once), else a cut-off plain file."""
-        err = read_error(self.stream)
-        if err:
-            self.reported = True
-            return 0, f"{err} ({what})"
-        return row, f"{what}: the file ends before the JSON does (truncated?)"
-
-    def _item(self, text: str) -> Row:
-        self.n += 1
-        n = self.n
-        if not text:
-            return n, None, f"array item {n} is empty (two commas in a row, or a comma before ']')"
-        if self.dirty and _has_surrogates(text):
-            raw = text.encode("utf-8", "surrogateescape")
-            reason = utf8_error_reason(n, raw, self.enc).replace(f"line {n}", f"array item {n}", 1)
-            return n, {"_raw": raw.decode("utf-8", "replace")}, reason
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            return n, {"_raw": text}, f"array item {n} is not JSON: {e.msg} (line {e.lineno} column {e.colno} of the item)"
-        except RecursionError:
-            return n, {"_raw": text}, f"array item {n} is JSON nested too deeply to read"
-        if not isinstance(rec, dict):
-            return n, None, f"array item {n} is a JSON {type(rec).__name__}, not an object"
-        return n, rec, None
-
-    def _array(self) -> Iterator[Row]:
-        """The items of the array whose '[' is at ``pos``; ``pos`` ends past its ']'."""
-        self.pos += 1
-        if self._next() == "]":  # []
-            self.pos += 1
-            return
-        while True:
-            if self._next() is None:
-                row, why = self._truncated(self.n + 1, f"the file ends after array item {self.n}")
-                yield row, None, why
-                return
-            row = self._fast_item()
-            if row is not None:
-                end, row = row
-            else:
-                end = self._value_end(",]")
-                if end is None:
-                    raw = self.buf[self.pos:].encode("utf-8", "surrogateescape")
-                    self.n += 1
-                    row, why = self._truncated(self.n, f"array item {self.n} is cut off")
-                    yield row, {"_raw": raw.decode("utf-8", "replace")[:2000]}, why
-                    self.pos = len(self.buf)
-                    return
-                row = self._item(self.buf[self.pos:end].rstrip(" \t\r\n"))
-            closer = self.buf[end]
-            self.pos = end + 1
-            self._compact()
-            yield row
-            if closer == "]":
-                return
-
-    def _fast_item(self) -> tuple[int, Row] | None:
-        """(position of the ',' or ']' after it, row) for an object item that reads in place, else
-        None (the slow way then cuts it out and says why it does not read)."""
-        if self.buf[self.pos] != "{" or self.dirty:
-            return None
-        try:
-            rec, end = _JSON_DECODER.raw_decode(self.buf, self.pos)
-        except (json.JSONDecodeError, RecursionError):
-            return None
-        m = _JSON_NON_WS.search(self.buf, end)
-        if m is None or m.group() not in ",]":  # the buffer ends here, or the item is bad
-            return None
-        self.n += 1
-        return m.start(), (self.n, rec, None)
-
-    def _tail(self) -> Iterator[Row]:
-        """After the top-level value: whitespace only, else say that the rest was not read."""
-        c = self._next()
-        if c is not None:
-            yield 0, None, (f"more text after the JSON value ends (after item {self.n}), not read: "
-                            f"{self.buf[self.pos:self.pos + 40]!r}; a file of one record per line "
-                            "is JSON Lines (.jsonl)")
-        elif read_error(self.stream) and not self.reported:
-            yield 0, None, read_error(self.stream)
-
-    def rows(self) -> Iterator[Row]:
-        c = self._next()
-        if c is None:
-            yield 0, None, (read_error(self.stream) or
-                            "the file is empty; expected a JSON array [{...}, ...] or an object")
-            return
-        if c == "[":
-            yield from self._array()
-            yield from self._tail()
-            return
-        if c != "{":
-            yield 0, None, (f"file is not a JSON array or object (it starts with "
-                            f"{self.buf[self.pos:self.pos + 20]!r}); check it is JSON, or JSON Lines (.jsonl)")
-            return
-        yield from self._object()
-
-    def _object(self) -> Iterator[Row]:
-        self.keep = start = self.pos  # the whole object is one record if it holds no array of records
-        self.pos += 1
-        found, notes = False, []
-        c = self._next()
-        while c != "}":
-            if c != '"':
-                yield from self._broken("expected a key")
-                return
-            end = self._string_end(self.pos)
-            if end is None:
-                yield from self._broken("cut off in a key")
-                return
-            key = self.buf[self.pos:end].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            self.pos = end
-            if self._next() != ":":
-                yield from self._broken(f"expected ':' after the key {key}")
-                return
-            self.pos += 1
-            c = self._next()
-            if c == "[":
-                bracket = self.pos
-                self.pos += 1
-                first = self._next()
-                self.pos = bracket
-                if first in ("{", "]"):  # an array of objects (or an empty one): records
-                    if not found:
-                        found, self.keep = True, None
-                    yield from self._array()
-                    c = self._next()
-                else:
-                    notes.append(key)
-                    c = None
-            if c is None or c not in ",}":
-                end = self._value_end(",}")
-                if end is None:
-                    yield from self._broken("cut off")
-                    return
-                self.pos = end
-                c = self.buf[end]
-            if c == ",":
-                self.pos += 1
-                c = self._next()
-                if c is None:
-                    yield from self._broken("cut off")
-                    return
-        self.pos += 1
-        if not found:  # one record: the object itself
-            self.keep = None
-            yield self._item(self.buf[start:self.pos])
-        else:
-            for key in notes:
-                yield 0, None, (f"the value of key {key} is an array that does not hold objects: not "
-                                "read (records are JSON objects)")
-        yield from self._tail()
-
-    def _broken(self, what: str) -> Iterator[Row]:
-        self.keep = None
-        if self.eof or read_error(self.stream):
-            row, why = self._truncated(self.n + 1, f"the JSON object is {what} after item {self.n}")
-            yield row, None, why
-        else:
-            yield self.n + 1, None, (f"the JSON object is not valid JSON ({what}) after item {self.n}: "
-                                     f"{self.buf[self.pos:self.pos + 40]!r}; the rest of the file was not read")
-
-
 def sniff_delimiter(header: str, path: Path, delimiter: str = "auto") -> str:
     if delimiter != "auto":
         return "\t" if delimiter in ("\\t", "tab") else delimiter
@@ -507,7 +243,7 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0) -> Iterator[Row]:
         rec = dict(zip(names, row))
         if len(row) > len(names):
             rec["_extra_fields"] = row[len(names):]
-        bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
+        bad = [k for k, v in rec.items() if isinstance(v, str) and has_surrogates(v)]
         if bad:
             raw = delim.join(row).encode("utf-8", "surrogateescape")
             reason = utf8_error_reason(line, raw, enc)
@@ -519,14 +255,6 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0) -> Iterator[Row]:
 def _chain(first, rest):
     yield from first
     yield from rest
-
-
-def _has_surrogates(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def decode_bytes(rec: dict) -> dict:
@@ -583,5 +311,6 @@ def read_hf_dataset(path: Path, encoding: str = "auto") -> Iterator[Row]:
 
 # row-by-row readers by format (ingest itself reads JSONL, CSV, Parquet and datasets in columnar
 # batches, with these as the reference and the fallback)
+
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv,
            "parquet": read_parquet, "hf_dataset": read_hf_dataset}
