@@ -90,8 +90,9 @@ def _stats(n: int) -> dict:
             "yield_tokens_generated": 10 * n, "yield_tokens_kept": 10 * n}
 
 
-def test_yield_leaves_out_stale_shards(tmp_path):
-    from guidealign.gen.yieldstats import dataset_counts
+def _respond_with_a_stale_shard(tmp_path, stale_rows: int) -> tuple:
+    """respond/ over a 2-shard retrieve/: shard 0 current (1 row), shard 1 committed by a run
+    with an earlier config (``stale_rows`` rows), which the next run redoes."""
     from guidealign.shards import write_manifest, write_shard
     from guidealign.shards.stage import shard_fingerprint
 
@@ -101,8 +102,17 @@ def test_yield_leaves_out_stale_shards(tmp_path):
         write_shard(src, i, pa.table({"id": [f"p{i}"]}), f"r{i}")
     write_manifest(dst, stage="respond", num_shards=2, fingerprint="NEW", input=str(src))
     write_shard(dst, 0, pa.table({"id": ["p0"]}), shard_fingerprint("NEW", src, 0), stats=_stats(1))
-    # committed by a run with an earlier config: the next run redoes it
-    write_shard(dst, 1, pa.table({"id": ["p1"]}), shard_fingerprint("OLD", src, 1), stats=_stats(1000))
+    write_shard(dst, 1, pa.table({"id": [f"old{k}" for k in range(stale_rows)]}),
+                shard_fingerprint("OLD", src, 1), stats=_stats(stale_rows))
+    return src, dst
+
+
+def test_yield_leaves_out_stale_shards(tmp_path):
+    from guidealign.gen.yieldstats import dataset_counts
+    from guidealign.shards import write_shard
+    from guidealign.shards.stage import shard_fingerprint
+
+    src, dst = _respond_with_a_stale_shard(tmp_path, 1000)
     assert dataset_counts(dst) == _stats(1)
     write_shard(dst, 1, pa.table({"id": ["p1"]}), shard_fingerprint("NEW", src, 1), stats=_stats(2))
     assert dataset_counts(dst) == _stats(3)
@@ -123,17 +133,9 @@ def test_seeds_past_the_target_are_quarantined_not_lost():
 
 
 def test_status_counts_a_stale_shard_apart(tmp_path):
-    from guidealign.shards import write_manifest, write_shard
-    from guidealign.shards.stage import shard_fingerprint
     from guidealign.status import collect, render
 
-    src, dst = tmp_path / "retrieve", tmp_path / "respond"
-    write_manifest(src, stage="retrieve", num_shards=2, fingerprint="r")
-    for i in range(2):
-        write_shard(src, i, pa.table({"id": [f"p{i}"]}), f"r{i}")
-    write_manifest(dst, stage="respond", num_shards=2, fingerprint="NEW", input=str(src))
-    write_shard(dst, 0, pa.table({"id": ["p0"]}), shard_fingerprint("NEW", src, 0), stats=_stats(1))
-    write_shard(dst, 1, pa.table({"id": ["p1", "p2"]}), shard_fingerprint("OLD", src, 1), stats=_stats(2))
+    _respond_with_a_stale_shard(tmp_path, 2)
     row = next(r for r in collect(tmp_path) if r["stage"] == "respond")
     assert (row["shards_done"], row["shards_stale"], row["shards_total"], row["rows"]) == (1, 1, 2, 1)
     assert "1/2 (1 stale)" in render([row])
