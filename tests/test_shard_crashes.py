@@ -193,3 +193,23 @@ def test_the_last_heartbeat_says_exited_even_with_a_beat_in_flight(tmp_path, mon
         if t.name == "guidealign-heartbeat":
             t.join(5)
     assert heartbeats(tmp_path)["rank-00000.json"]["state"] == "exited"
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", '{"num_shards": "3x"}', '{"stage": "x"}', "\udcff"])
+def test_a_manifest_or_done_record_that_is_not_one_reads_as_absent(tmp_path, damage):
+    from guidealign.shards import read_manifest
+    from guidealign.shards.artifact import read_done
+    from guidealign.shards.stage import map_shards
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "_stage.json").write_text(damage, errors="surrogateescape")
+    (tmp_path / "d" / "_done.json").write_text("[1]" if damage.startswith("{") else damage,
+                                               errors="surrogateescape")
+    assert read_manifest(tmp_path / "d") is None and read_done(tmp_path / "d") is None
+    # a stage over it writes a good manifest instead of failing on the damaged one
+    from guidealign.shards import write_manifest, write_shard
+
+    write_manifest(tmp_path / "src", stage="s", num_shards=1, fingerprint="f")
+    write_shard(tmp_path / "src", 0, pa.table({"id": ["a"]}), "f")
+    map_shards("t", tmp_path / "src", tmp_path / "d", "fp", fn=lambda t, i: t, progress=False)
+    assert read_manifest(tmp_path / "d")["num_shards"] == 1

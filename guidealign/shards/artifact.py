@@ -19,10 +19,12 @@ DONE = "_done.json"
 
 
 def read_done(d: str | Path) -> dict | None:
+    """The artifact's completion record; None when absent or not one (damaged: not an object)."""
     try:
-        return json.loads((Path(d) / DONE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        done = json.loads((Path(d) / DONE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return done if isinstance(done, dict) else None
 
 
 def is_current(d: str | Path, fp: str) -> bool:

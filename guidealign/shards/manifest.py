@@ -23,10 +23,14 @@ def write_manifest(dataset: str | Path, *, stage: str, num_shards: int, fingerpr
 
 
 def read_manifest(dataset: str | Path) -> dict | None:
+    """The stage's manifest; None when it is absent or not a manifest (damaged JSON, or JSON
+    without a shard count: the stage writes it again, ``guidealign verify`` reports it)."""
     try:
-        return json.loads((Path(dataset) / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        man = json.loads((Path(dataset) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    n = man.get("num_shards") if isinstance(man, dict) else None
+    return man if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def _input_dir(dataset: Path, man: dict) -> Path | None:

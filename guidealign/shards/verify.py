@@ -183,18 +183,10 @@ def _check_dataset(root: Path, d: Path, rep: VerifyReport, summary: DirSummary) 
     rel = lambda p: Path(p).relative_to(root).as_posix()  # noqa: E731
     man = read_manifest(d)
     if (d / MANIFEST).exists() and man is None:
-        rep.problems.append(Problem("corrupt", rel(d / MANIFEST), "manifest is not valid JSON",
+        # damaged JSON, or JSON that is not what a stage writes (a flipped bit, a hand edit)
+        rep.problems.append(Problem("corrupt", rel(d / MANIFEST),
+                                    "manifest is not valid JSON or holds no shard count",
                                     remove=[rel(d / MANIFEST)]))
-    elif man is not None:
-        total = man.get("num_shards") if isinstance(man, dict) else None
-        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-            # parses, but is not what a stage writes (a flipped bit, a hand edit): report it
-            what = (f"a JSON {type(man).__name__}" if not isinstance(man, dict) else
-                    "no num_shards" if "num_shards" not in man else f"num_shards is {total!r}")
-            rep.problems.append(Problem("corrupt", rel(d / MANIFEST),
-                                        f"manifest is not a stage manifest ({what}, not a shard count)",
-                                        remove=[rel(d / MANIFEST)]))
-            man = None
     summary.shards_total = int(man["num_shards"]) if man else None
     markers, shards = set(), {}
     for p in d.iterdir():
