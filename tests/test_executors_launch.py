@@ -64,7 +64,9 @@ def test_detect_gpus_from_cuda_visible_devices_and_nvidia_smi(tmp_path):
                     "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)'\n"
                     "echo '  MIG 1g.10gb Device 0: (UUID: MIG-3)'\n")
     fake.chmod(0o755)
-    assert detect_gpus({"PATH": str(tmp_path)}) == ["0", "1"]
+    # GPU 1 is in MIG mode: a process sees one MIG device, so each is a worker of its own,
+    # named by its UUID (the parent's index would give its worker only the first one)
+    assert detect_gpus({"PATH": str(tmp_path)}) == ["0", "MIG-3"]
     assert detect_gpus({"PATH": str(tmp_path / "nowhere")}) == []
 
 
