@@ -15,7 +15,7 @@ import pytest
 
 from guidealign.ingest.readers import read_csv, read_json
 from guidealign.ingest.run import IngestConfig, ingest
-from guidealign.shards import iter_tables, read_quarantine
+from guidealign.shards import iter_tables, read_quarantine, read_table
 
 
 def _rows(workdir) -> list[dict]:
@@ -211,3 +211,21 @@ def test_verify_reports_a_damaged_manifest_instead_of_raising(tmp_path, damage):
     rep = verify_run(tmp_path / "run")
     assert not rep.ok
     assert [(p.kind, p.path) for p in rep.failing] == [("corrupt", "prompts/_stage.json")]
+
+
+@pytest.mark.parametrize("block_bytes", [64, 4 << 20])
+def test_csv_blank_lines_before_the_header(tmp_path, block_bytes):
+    f = tmp_path / "lead.csv"
+    f.write_text("\n  \nprompt,topic\nfirst question,a\n\nsecond question,b\n")
+    rep = ingest([str(f)], tmp_path / "run", IngestConfig(shard_rows=10, block_bytes=block_bytes),
+                 progress=False)
+    rows = read_table(tmp_path / "run" / "prompts", 0).to_pylist()
+    assert [(r["prompt"], json.loads(r["metadata"])) for r in rows] == \
+        [("first question", {"topic": "a"}), ("second question", {"topic": "b"})]
+    assert rep.quarantined == 0
+    # row numbers are the file's lines: a bad row after the blank lead-in is named by its line
+    g = tmp_path / "bad.csv"
+    g.write_text("\nprompt,topic\n,a\n")
+    ingest([str(g)], tmp_path / "run2", IngestConfig(shard_rows=10, block_bytes=block_bytes), progress=False)
+    q = read_quarantine(tmp_path / "run2" / "prompts").to_pylist()
+    assert [r["row"] for r in q] == [3]

@@ -171,7 +171,9 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto") -> Ite
     stream, enc = open_utf8(path, encoding)
     with stream:
         f = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
-        first = f.readline()
+        first, skipped = f.readline(), 0
+        while first and not first.strip():  # blank lines before the header: the header is next
+            first, skipped = f.readline(), skipped + 1
         delim = sniff_delimiter(first.splitlines()[0] if first else "", path, delimiter)
         reader = csv.reader(_chain([first], f), delimiter=delim)
         try:
@@ -179,9 +181,9 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto") -> Ite
         except StopIteration:
             return
         except csv.Error as e:
-            yield 1, None, f"the header line cannot be read as CSV: {e}"
+            yield skipped + 1, None, f"the header line cannot be read as CSV: {e}"
             return
-        yield from csv_body(reader, csv_names(header), delim, enc, stream)
+        yield from csv_body(reader, csv_names(header), delim, enc, stream, offset=skipped)
 
 
 def csv_names(header: list[str]) -> list[str]:
