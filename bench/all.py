@@ -52,7 +52,8 @@ def rows_ingest(res, out) -> list[tuple[str, str]]:
     csv = re.findall(r"ratio ingest / pyarrow \(CSV[^)]*\): ([\d.]+)x", out)
     proc = re.findall(r"JSONL.*both as whole processes \(each with its interpreter start and imports\) ([\d.]+)x", out)
     inner = re.findall(r"JSONL.*inside the process \(without interpreter start and imports\) ([\d.]+)x", out)
-    rows = [("ingest vs pyarrow read_json + write_parquet, same file (goal >= 0.5)",
+    rows = [("ingest vs pyarrow read_json + write_parquet, same file: ingest's whole CLI process "
+             "(start and imports in) vs pyarrow's read and write alone (goal >= 0.5)",
              f"{ratio[-1]}x" if ratio else "-"),
             ("  same, both as whole processes (interpreter start and imports in both)",
              f"{proc[-1]}x" if proc else "-"),
@@ -123,10 +124,28 @@ def rows_retrieval(res, out):
     return rows
 
 
+def rows_detect_quality(res, out):
+    """One row per prompt file: recall on Do-Not-Answer and FP rate on Vicuna-Bench (its JSON);
+    the script's last line when it wrote none (skipped: no benchmarks)."""
+    results = res.get("results") if isinstance(res, dict) else None
+    if not results:
+        return rows_generic("detect_quality")(res, out)
+    rows = []
+    for f, r in results.items():
+        s = r["summary"]
+        name = "builtin detect.yaml" if f == "builtin" else Path(f).name
+        rows.append((f"detect quality ({name}), {s['dna_n']} Do-Not-Answer + {s['vicuna_n']} Vicuna-Bench "
+                     "prompts: recall / FP rate (unparsed)",
+                     f"{100 * s['recall']:.1f}% / {100 * s['fp_rate']:.1f}% "
+                     f"({s['dna_unparsed'] + s['vicuna_unparsed']})"))
+    return rows
+
+
 def rows_chaos(res, out):
     if not isinstance(res, list):
         return [("chaos", "no results")]
-    bad = [r for r in res if r.get("lost") or r.get("duplicated") or r.get("differ")]
+    bad = [r for r in res if r.get("lost") or r.get("duplicated") or r.get("extra") or r.get("differ")
+           or r.get("rewritten")]  # chaos.py's Result.bad
     kills = sum(r.get("kills", 0) for r in res)
     return [(f"chaos: {len(res)} stages, {kills} SIGKILLs in all",
              f"{sum(r.get('lost', 0) for r in res)} rows lost, "
@@ -141,7 +160,7 @@ def rows_generic(name):
 
 
 EXTRACT = {"ingest": rows_ingest, "dedup": rows_dedup, "gen": rows_gen, "detect_modes": rows_detect_modes,
-           "retrieval": rows_retrieval, "chaos": rows_chaos}
+           "retrieval": rows_retrieval, "chaos": rows_chaos, "detect_quality": rows_detect_quality}
 
 
 def has_short(script: Path) -> bool:

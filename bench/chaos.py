@@ -329,8 +329,11 @@ def chaos_stage(st: Stage, ref: Path, root: Path, ref_seconds: float, args, rng)
             break
         res.episodes += 1
         if finishing:
-            # a finished stage must do nothing when rerun
+            # a finished stage must do nothing when rerun (and must not fail)
             killed, rc, _ = run_stage(st, w, args, log)
+            if rc != 0:
+                res.notes.append(f"rerun of the finished stage exited {rc}; see {log}")
+                res.differ += 1
             check_rewrites(before, commit_records(st, w), res)
             compare(st, ref, w, args, res)
             break

@@ -13,7 +13,8 @@ prefix caching off) the stage's throughput without caching.
 Structured outputs (``--structured``, on by default): on the same engine and prompts, the
 detect stage and then the guidelines stage with ``structured`` off and on: prompts/s, the
 share of rows cut at max_tokens, and the parse rate (rows with a verdict / with 5-7 titled
-guidelines) over all rows and over the rows that finished.
+guidelines) over all rows and over the rows that finished. Both guidelines runs read the same
+detect output (the run with ``structured`` off), so their inputs are the same.
 
     python bench/gen.py --short                # what ./run.sh bench runs
 """
@@ -102,7 +103,8 @@ def _parse_rates(rows: list[dict], ok) -> dict:
 
 
 def structured_compare(args, llm, wd: Path) -> dict:
-    """Detect, then guidelines, with structured outputs off and on (same engine, same input)."""
+    """Detect, then guidelines, with structured outputs off and on (same engine, same input:
+    both guidelines runs read the unstructured detect run's output)."""
     from guidealign.gen.detect import run_detect
     from guidealign.gen.guidelines import run_guidelines
     from guidealign.shards import iter_tables
@@ -117,18 +119,30 @@ def structured_compare(args, llm, wd: Path) -> dict:
         g = r["guidelines"] or []
         return 5 <= len(g) <= 7 and all(x["title"] for x in g)
 
-    out = {}
-    for on in (False, True):
+    def timed(stage, run, ok, on):
         cfg = make_cfg(args, caching=True, structured=on)
-        res = {}
-        for stage, run, ok in (("detect", run_detect, verdict), ("guidelines", run_guidelines, titled)):
-            shutil.rmtree(wd / stage, ignore_errors=True)
-            llm.reset_prefix_cache()
-            t0 = time.perf_counter()
-            rep = run(cfg, wd, llm=llm, progress=False)
-            dt = time.perf_counter() - t0
-            res[stage] = {"seconds": dt, "prompts_per_s": rep.rows / dt, **_parse_rates(rows(stage), ok)}
-        out["on" if on else "off"] = res
+        shutil.rmtree(wd / stage, ignore_errors=True)
+        llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        rep = run(cfg, wd, llm=llm, progress=False)
+        dt = time.perf_counter() - t0
+        return {"seconds": dt, "prompts_per_s": rep.rows / dt, **_parse_rates(rows(stage), ok)}
+
+    out = {"off": {}, "on": {}}
+    # detect off and on read the same prompts; the guidelines stage reads detect's output (its
+    # verdicts pick the prompt kind, its raw answer is part of a risky prompt), so both guidelines
+    # runs read the same detect output, the unstructured run's: the same input on both sides
+    detect_off = wd / "detect.off"
+    shutil.rmtree(detect_off, ignore_errors=True)
+    for on in (False, True):
+        out["on" if on else "off"]["detect"] = timed("detect", run_detect, verdict, on)
+        if not on:
+            shutil.copytree(wd / "detect", detect_off)
+    for on in (False, True):
+        shutil.rmtree(wd / "detect", ignore_errors=True)
+        shutil.copytree(detect_off, wd / "detect")
+        out["on" if on else "off"]["guidelines"] = timed("guidelines", run_guidelines, titled, on)
+    shutil.rmtree(detect_off, ignore_errors=True)
     for stage in ("detect", "guidelines"):
         out[f"{stage}_speed_ratio_on_off"] = (out["on"][stage]["prompts_per_s"]
                                               / out["off"][stage]["prompts_per_s"])

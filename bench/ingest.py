@@ -11,9 +11,10 @@ its own subprocess, so that each peak RSS (VmHWM) is its own, and prints both ra
 (ours / pyarrow; after one untimed run of each, the two alternate ``--repeats`` times and the
 median ratio is printed; on a shared machine the figures swing, the ratio within one run less);
 then each runs twice back to back and the ratio of the second runs is printed too ("back to
-back": memory just freed by the same tool is cheap to touch again, which favours pyarrow), and
-the ratio of CPU seconds (pyarrow's / ingest's, whole ingest process; steadier than wall time
-when other work shares the cores, but blind to how well each uses them). The pyarrow time excludes its
+back": memory just freed by the same tool is cheap to touch again, which favours pyarrow; no
+memory is touched between the two runs of a pair), and the ratio of CPU seconds (pyarrow's /
+ingest's, both whole processes, interpreter start and imports included in both; steadier than
+wall time when other work shares the cores, but blind to how well each uses them). The pyarrow time excludes its
 interpreter start and imports, ingest's includes them (the "inside the process" figure does not;
 "both as whole processes" times pyarrow's process from the outside too, start and imports included).
 The second size is ingested too (JSONL), to show peak RSS is flat in the row count: the
@@ -86,7 +87,10 @@ table = (pc.read_csv if sys.argv[1].endswith(".csv") else pj.read_json)(sys.argv
 pq.write_table(table, sys.argv[2], compression="zstd")
 dt, dc = time.perf_counter() - t, cpu() - c
 hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
-print(json.dumps({"rows_in": table.num_rows, "seconds": dt, "cpu": dc, "peak_rss_mib": int(hwm) / 1024}))
+# cpu: the read and write alone; cpu_process: the whole process (interpreter start and imports
+# included), what ingest's figure (RUSAGE_CHILDREN of the whole CLI process) counts
+print(json.dumps({"rows_in": table.num_rows, "seconds": dt, "cpu": dc, "cpu_process": cpu(),
+                  "peak_rss_mib": int(hwm) / 1024}))
 """
 
 INGEST = """
@@ -107,10 +111,11 @@ PREFAULT_MIB = 1024  # set by --prefault-mib (0: --cold)
 PREFAULT = "import sys, numpy as np; np.ones(int(sys.argv[1]) << 20, dtype=np.uint8).sum()"
 
 
-def run_child(code: str, *args) -> dict:
+def run_child(code: str, *args, prefault: bool = True) -> dict:
     """The child's JSON line, plus ``process_seconds``: its wall time as a whole process
-    (interpreter start and imports included). Memory is touched first (see the module doc)."""
-    if PREFAULT_MIB:
+    (interpreter start and imports included). Memory is touched first (see the module doc)
+    unless ``prefault`` is false."""
+    if PREFAULT_MIB and prefault:
         subprocess.run([sys.executable, "-c", PREFAULT, str(PREFAULT_MIB)], check=True)
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True,
@@ -119,9 +124,9 @@ def run_child(code: str, *args) -> dict:
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "process_seconds": dt}
 
 
-def ingest_once(src: Path, work: Path, extra: list[str]) -> dict:
+def ingest_once(src: Path, work: Path, extra: list[str], prefault: bool = True) -> dict:
     shutil.rmtree(work, ignore_errors=True)
-    r = run_child(INGEST, src, work, *extra)
+    r = run_child(INGEST, src, work, *extra, prefault=prefault)
     m = re.search(r"(\d+) rows read -> (\d+) prompts.*?(\d+) duplicates dropped, (\d+) quarantined", r["summary"])
     d = re.search(r"de-dup set ([\d.]+) MiB in memory, ([\d.]+) MiB on disk", r["summary"])
     r.update(rows_in=int(m[1]), rows=int(m[2]), dups=int(m[3]), quarantined=int(m[4]),
@@ -129,6 +134,20 @@ def ingest_once(src: Path, work: Path, extra: list[str]) -> dict:
              inner_rate=float(re.search(r"([\d,]+) rows/s", r["summary"])[1].replace(",", "")))
     shutil.rmtree(work, ignore_errors=True)
     return r
+
+
+def pair_ratios(pa_r: dict, ing: dict) -> dict:
+    """Ingest / pyarrow for one pyarrow run and one ingest run (rates: higher is ingest faster).
+
+    ratio:   ingest's whole CLI process (start and imports included) vs pyarrow's read + write alone
+    inner:   both without interpreter start and imports (ingest's own rows/s)
+    process: both as whole processes
+    cpu:     CPU seconds, both whole processes (pyarrow's ``cpu_process``, ingest's RUSAGE_CHILDREN)
+    """
+    pa_rate, ing_rate = pa_r["rows_in"] / pa_r["seconds"], ing["rows_in"] / ing["seconds"]
+    return {"ratio": ing_rate / pa_rate, "inner": ing["inner_rate"] / pa_rate,
+            "process": (pa_r["process_seconds"] / pa_r["rows_in"]) / (ing["seconds"] / ing["rows_in"]),
+            "cpu": (pa_r["cpu_process"] / pa_r["rows_in"]) / (ing["cpu"] / ing["rows_in"])}
 
 
 def compare(src: Path, base: Path, extra: list[str], repeats: int, label: str) -> dict:
@@ -143,10 +162,11 @@ def compare(src: Path, base: Path, extra: list[str], repeats: int, label: str) -
         (base / "pyarrow.parquet").unlink()
         ing = ingest_once(src, base / "w", extra)
         pa_rate, ing_rate = pa_r["rows_in"] / pa_r["seconds"], ing["rows_in"] / ing["seconds"]
-        ratios.append(ing_rate / pa_rate)
-        cpu.append(pa_r["cpu"] / ing["cpu"])
-        procs.append(pa_r["process_seconds"] / ing["seconds"])
-        inner.append(ing["inner_rate"] / pa_rate)
+        r = pair_ratios(pa_r, ing)
+        ratios.append(r["ratio"])
+        cpu.append(r["cpu"])
+        procs.append(r["process"])
+        inner.append(r["inner"])
         runs.append((pa_r, ing))
         n = ing["rows_in"]
         print(f"  {label}: pyarrow {pa_rate:>10,.0f} rows/s ({pa_r['seconds']:.2f}s, peak RSS "
@@ -154,12 +174,14 @@ def compare(src: Path, base: Path, extra: list[str], repeats: int, label: str) -
               f"({ing['seconds']:.2f}s incl. interpreter start, peak RSS {ing['peak_rss_mib']:.0f} MiB; "
               f"{ing['rows']:,} kept, {ing['dups']:,} duplicates, {ing['quarantined']:,} quarantined of {n:,}); "
               f"pyarrow as a whole process {pa_r['process_seconds']:.2f}s; "
-              f"CPU seconds: pyarrow {pa_r['cpu']:.2f}, ingest {ing['cpu']:.2f}", flush=True)
+              f"CPU seconds (whole processes): pyarrow {pa_r['cpu_process']:.2f} ({pa_r['cpu']:.2f} in its "
+              f"read + write), ingest {ing['cpu']:.2f}", flush=True)
     # and each tool twice in a row: the second run reuses the memory the first just freed, which
-    # on a VM is much cheaper to touch (pyarrow, holding the whole file, gains the most)
-    pa_warm = [run_child(PYARROW, src, base / "pyarrow.parquet") for _ in range(2)][-1]
+    # on a VM is much cheaper to touch (pyarrow, holding the whole file, gains the most); no
+    # throwaway process touches memory between the two, or the second run would not be "back to back"
+    pa_warm = [run_child(PYARROW, src, base / "pyarrow.parquet", prefault=k == 0) for k in range(2)][-1]
     (base / "pyarrow.parquet").unlink()
-    ing_warm = [ingest_once(src, base / "w", extra) for _ in range(2)][-1]
+    ing_warm = [ingest_once(src, base / "w", extra, prefault=k == 0) for k in range(2)][-1]
     warm = (ing_warm["rows_in"] / ing_warm["seconds"]) / (pa_warm["rows_in"] / pa_warm["seconds"])
     print(f"  {label}: back to back, second runs: pyarrow {pa_warm['seconds']:.2f}s, ingest "
           f"{ing_warm['seconds']:.2f}s (inside the process {ing_warm['rows_in'] / ing_warm['inner_rate']:.2f}s)",
@@ -214,12 +236,12 @@ def main() -> None:
                   f"(target >= 0.5x); inside the process {cs['inner']:.2f}x; both as whole processes "
                   f"{cs['process']:.2f}x; back to back "
                   f"{cs['warm']:.2f}x, inside the process {cs['warm_inner']:.2f}x; CPU seconds "
-                  f"{cs['cpu']:.2f}x", flush=True)
+                  f"(both whole processes) {cs['cpu']:.2f}x", flush=True)
         print(f"ratio ingest / pyarrow: {js['ratio']:.2f}x (JSONL: read_json + write_parquet, "
               f"target >= 0.5x); inside the process (without interpreter start and imports) "
               f"{js['inner']:.2f}x; both as whole processes (each with its interpreter start and "
               f"imports) {js['process']:.2f}x; back to back {js['warm']:.2f}x, inside the process "
-              f"{js['warm_inner']:.2f}x; CPU seconds {js['cpu']:.2f}x", flush=True)
+              f"{js['warm_inner']:.2f}x; CPU seconds (both whole processes) {js['cpu']:.2f}x", flush=True)
         if a.mem_rows:
             big = base / f"in-{a.mem_rows}.jsonl"
             t = time.perf_counter()
