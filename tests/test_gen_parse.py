@@ -309,3 +309,9 @@ def test_indented_sub_items_join_their_guideline():
     assert st == "ok" and items == [
         {"title": "Protect privacy", "text": "Do not reveal data. Never share addresses. Never share phone numbers."},
         {"title": "Be honest", "text": "Do not lie. 1.1 Not even: white lies."}]
+
+
+def test_a_bare_heading_cut_off_at_the_end_does_not_crash_the_parser():
+    # an output cut at max_tokens right after a heading's markup: the items before it stand
+    items, status = parse_guidelines("1. Be kind: Speak gently.\n2. Be brief: Keep it short.\n### **")
+    assert [i["title"] for i in items] == ["Be kind", "Be brief"] and status == "ok"

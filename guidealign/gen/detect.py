@@ -136,7 +136,8 @@ def _score_row(pid, prompt, built: Built, scored, threshold: float) -> dict:
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     """The per-shard function (shared by the stage and bench/gen.py)."""
     from guidealign.gen import scoring
-    from guidealign.gen.engine import cache_block_size, params_for, prefix_cache_counters
+    from guidealign.gen.engine import (cache_block_size, check_not_all_failed, params_for,
+                                       prefix_cache_counters)
     from guidealign.gen.yieldstats import counts, detect_usable
 
     d = cfg.detect
@@ -162,6 +163,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                 llm, [None if b.skipped else list(b.token_ids) + verdict_prefix for b in builts],
                 yes, no)
             dt = time.perf_counter() - t0
+            check_not_all_failed("detect", [err for b, (_, err) in zip(builts, scored) if not b.skipped])
             rows = [_score_row(i, p, b, sc, threshold) for i, p, b, sc in zip(ids, texts, builts, scored)]
         else:
             params = params_for(s, cfg.engine.seed, ids, d.seed_per_prompt)
@@ -169,6 +171,8 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                 params = scoring.with_structured(params, scoring.detect_regex())
             gens = generate_built(llm, builts, params)
             dt = time.perf_counter() - t0
+            check_not_all_failed("detect", [g.error if g.finish_reason == "error" else None
+                                            for g in gens if g is not None])
             rows = [_row_for(i, p, b, g) for i, p, b, g in zip(ids, texts, builts, gens)]
         q1, h1 = prefix_cache_counters(llm)
         if d.mode != "score":  # per request: right whatever other engines this process holds

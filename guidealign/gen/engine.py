@@ -203,6 +203,22 @@ def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generat
         return generate(llm, prompts[:mid], p1) + generate(llm, prompts[mid:], p2)
 
 
+class AllPromptsFailed(RuntimeError):
+    """Every prompt of a shard failed in vLLM: a fault of the run (its settings, the engine,
+    a missing structured-outputs backend), not of the prompts, so the shard is not committed."""
+
+
+def check_not_all_failed(stage: str, errors: list) -> None:
+    """Raise :class:`AllPromptsFailed` when at least two prompts were sent and every one came
+    back with a request error (``errors``: one entry per prompt sent, None when it did not
+    fail). ``generate`` isolates one bad prompt so that it never kills its shard; when all of
+    them fail, committing the shard would record the fault as every prompt's result (detect:
+    no verdict, so guidelines treats them as unknown), and a rerun would keep that."""
+    if len(errors) >= 2 and all(e is not None for e in errors):
+        raise AllPromptsFailed(f"{stage}: all {len(errors)} prompts of the shard failed in vLLM "
+                               f"(first error: {errors[0]}); the shard is not committed")
+
+
 def is_request_error(e: BaseException) -> bool:
     """An error caused by one request (validation: too long, bad parameters), as opposed
     to an engine fault, after which the engine cannot be trusted and the job must stop."""

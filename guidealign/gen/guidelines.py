@@ -118,7 +118,23 @@ def config_fingerprint(cfg, tok) -> str:
     g = cfg.guidelines
     _, h1 = load_prompt_file(g.safety_prompt_file, "safety_guidelines.yaml", _SAFETY_KEYS)
     _, h2 = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
-    return fingerprint(VERSION, output_fields(cfg.engine), g, h1, h2, chat_template_hash(tok))
+    parts = [VERSION, output_fields(cfg.engine), g, h1, h2, chat_template_hash(tok)]
+    if g.structured:  # the grammar the outputs were constrained to (unstructured runs: unchanged)
+        from guidealign.gen.scoring import guidelines_regex
+
+        parts.append(guidelines_regex())
+    return fingerprint(*parts)
+
+
+def _parse(text: str) -> tuple[list, str, str | None]:
+    """parse_guidelines, but an output the parser fails on is that row's status
+    ("parse_error", with the exception as skip_reason), never the end of its shard."""
+    try:
+        items, status = parse_guidelines(text)
+        return items, status, None
+    except Exception as e:  # noqa: BLE001 - one odd output must not kill the shard
+        log.warning("guideline parser failed on an output: %s: %s", type(e).__name__, e)
+        return [], "parse_error", f"parser failed: {type(e).__name__}: {e}"
 
 
 def kind_for(risky, unknown: str) -> str | None:
@@ -133,7 +149,8 @@ def kind_for(risky, unknown: str) -> str | None:
 
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     from guidealign.gen import scoring
-    from guidealign.gen.engine import cache_block_size, params_for, prefix_cache_counters
+    from guidealign.gen.engine import (cache_block_size, check_not_all_failed, params_for,
+                                       prefix_cache_counters)
     from guidealign.gen.yieldstats import counts, guidelines_usable
 
     tok = tok or llm.get_tokenizer()
@@ -163,6 +180,8 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
         t0 = time.perf_counter()
         gens = generate_built(llm, builts, params)
         dt = time.perf_counter() - t0
+        check_not_all_failed("guidelines", [g.error if g.finish_reason == "error" else None
+                                            for g in gens if g is not None])
         q1, h1 = prefix_cache_counters(llm)
         rows = []
         for pid, text, r, k, b, gen in zip(ids, texts, riskys, kinds, builts, gens):
@@ -176,8 +195,10 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                 if gen.finish_reason == "error":
                     row.update(parse_status="error", skip_reason=f"engine error: {gen.error}")
                 else:
-                    items, status = parse_guidelines(gen.text)
+                    items, status, err = _parse(gen.text)
                     row.update(guidelines=items, parse_status=status)
+                    if err:
+                        row.update(skip_reason=err)
             rows.append(row)
         stats = {
             "generate_seconds": round(dt, 3),
@@ -185,7 +206,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             "safety": sum(1 for r in rows if r["kind"] == "safety"),
             "quality": sum(1 for r in rows if r["kind"] == "quality"),
             "guidelines": sum(len(r["guidelines"]) for r in rows),
-            "unparsed": sum(1 for r in rows if r["parse_status"] in ("missing", "empty")),
+            "unparsed": sum(1 for r in rows if r["parse_status"] in ("missing", "empty", "parse_error")),
             "skipped": sum(1 for r in rows if r["finish_reason"] == "skipped"),
             "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
             "output_truncated": sum(1 for r in rows if r["truncated"]),

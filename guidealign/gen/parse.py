@@ -162,7 +162,7 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
                 items[-1].append(line.strip())
         blank = False
     if any(marked):  # a heading or bold line that only introduces the list is not an item
-        items = [it for it, mk in zip(items, marked) if mk or len(it) > 1 or not _title_only(it)]
+        items = [it for it, mk in zip(items, marked) if it and (mk or len(it) > 1 or not _title_only(it))]
     items = [it for it in items if it]
     status = "ok"
     out: list[dict] = []

@@ -131,10 +131,35 @@ def detect_regex(max_lines: int = 8) -> str:
     return r"[^\n]+(\n[^\n]+){0,%d}\nVerdict: (Yes|No)" % (max_lines - 1)
 
 
-def guidelines_regex(min_items: int = 5, max_items: int = 7) -> str:
-    """min_items to max_items numbered "N. Title: text" lines; a title is 1-8 words (the
-    parser takes at most 12 words before the colon as a title)."""
-    item = r"%d\. [A-Z][^:\n ]+( [^:\n ]+){0,7}: [^\n]+"
+# What the guideline parser (gen/parse.py) reads as a title: at most 80 characters before the
+# colon and at most 12 whitespace-separated words; lines are what str.splitlines() splits on.
+_TITLE_CHARS = 80
+_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _class_chars(chars: str) -> str:
+    """``chars`` written for a regex character class (\\uXXXX outside printable ASCII)."""
+    return "".join(f"\\u{ord(c):04x}" if not 0x20 <= ord(c) <= 0x7e else ("\\" + c if c in "\\]^-" else c)
+                   for c in chars)
+
+
+def guidelines_regex(min_items: int = 5, max_items: int = 7, max_title_words: int = 8) -> str:
+    """min_items to max_items numbered "N. Title: text" lines that the parser reads with
+    titles: a title is 1 to max_title_words words (no whitespace but single spaces between
+    them) of at most 80 characters in all (the parser's limit; a longer one came back
+    untitled), and no item holds a character that splits lines. The length bound is written
+    per word count (n words of at most (80 - n + 1) // n characters each), as short counted
+    repetitions: a long one such as ``{0,400}`` makes xgrammar's regex compiler time out."""
+    word = "[^:%s]" % _class_chars(_SPACE)
+    shapes = []
+    for n in range(1, max_title_words + 1):
+        most = (_TITLE_CHARS - (n - 1)) // n
+        first = "[A-Z]%s{%d,%d}" % (word, 1 if n == 1 else 0, most - 1)
+        shapes.append(first + (" (%s{1,%d} ){%d}%s{1,%d}" % (word, most, n - 2, word, most) if n > 2
+                               else " %s{1,%d}" % (word, most) if n == 2 else ""))
+    item = r"%d\. (" + "|".join(shapes).replace("%", "%%") + ")" \
+        + ": [^%s]+" % _class_chars(_LINE_BREAKS).replace("%", "%%")
     parts = [item % k for k in range(1, max_items + 1)]
     head = r"\n".join(parts[:min_items])
     tail = "".join(r"(\n" + p for p in parts[min_items:]) + ")?" * (max_items - min_items)

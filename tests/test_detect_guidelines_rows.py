@@ -1,0 +1,211 @@
+"""Row handling of the detect and guidelines stages, with a stand-in for vLLM (no engine):
+structured guideline outputs that always parse with titles, a parser failure kept as one
+row's status, and a shard whose prompts all fail left uncommitted."""
+from __future__ import annotations
+
+import random
+import re
+import types
+
+import pyarrow as pa
+import pytest
+
+from guidealign.gen.parse import parse_guidelines
+
+
+@pytest.fixture(scope="module")
+def tok(generator_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(generator_path)
+
+
+def make_cfg(generator_path, *sets):
+    from guidealign.config import load_config
+
+    return load_config(None, [f"engine.model={generator_path}", "engine.max_model_len=2048",
+                              "detect.max_exemplars=1", "guidelines.max_safety_exemplars=1",
+                              "guidelines.max_quality_exemplars=1", *sets])
+
+
+class FakeLLM:
+    """What the stage functions call on vLLM's LLM: get_tokenizer and generate. ``answer``
+    maps the decoded prompt to (text, finish_reason), or raises as vLLM does on a bad request."""
+
+    def __init__(self, tok, answer):
+        self.tok, self.answer = tok, answer
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def generate(self, prompts, params, use_tqdm=False):
+        outs = []
+        for p in prompts:
+            ids = p["prompt_token_ids"]
+            text, fr = self.answer(self.tok.decode(ids))
+            outs.append(types.SimpleNamespace(
+                prompt_token_ids=ids, num_cached_tokens=0,
+                outputs=[types.SimpleNamespace(text=text, finish_reason=fr, token_ids=[0, 0],
+                                               logprobs=None)]))
+        return outs
+
+
+def last_input(prompt: str) -> str:
+    return prompt[prompt.rfind("<|im_start|>user"):]
+
+
+# --- structured guidelines: what the regex admits, the parser reads with titles ----------
+
+def test_structured_regex_rejects_titles_the_parser_cannot_read():
+    """A title of at most 8 words but over 80 characters was admitted by the regex and came
+    back from the parser untitled."""
+    from guidealign.gen.scoring import guidelines_regex
+
+    long_title = ("Acknowledge Overwhelming Emotional Vulnerability Compassionately Throughout "
+                  "Bereavement-related Conversations")
+    assert len(long_title.split()) == 8 and len(long_title) > 80
+    text = "\n".join(f"{k}. {long_title if k == 1 else 'Be kind'}: Do it well." for k in range(1, 6))
+    assert parse_guidelines(text)[1] == "untitled"
+    assert not re.fullmatch(guidelines_regex(), text)
+    # a line break the parser splits on (str.splitlines) inside an item
+    assert not re.fullmatch(guidelines_regex(),
+                            "\n".join(f"{k}. Be kind: x\u2028{k + 1}. y" for k in range(1, 6)))
+    # ordinary titles (up to 8 words, up to 80 characters, a 1-letter first word) still pass
+    ok = ["A clear structure", "Respect privacy and confidentiality always",
+          "Do not predict prices or give personal picks", "Cite"]
+    text = "\n".join(f"{k}. {ok[k % len(ok)]}: Text {k}." for k in range(1, 8))
+    assert re.fullmatch(guidelines_regex(), text)
+
+
+def test_every_structured_guidelines_match_parses_with_titles():
+    from guidealign.gen.scoring import guidelines_regex
+
+    rx = re.compile(guidelines_regex())
+    chars = list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789*_-—–#().,;!?\"'`/\\|+=~<>[]{}éß")
+    rare = ["**", "__", "\u00a0", "\t", "\u2028", "\r", ":"]
+    rnd = random.Random(7)
+
+    def ch():
+        return rnd.choice(rare) if rnd.random() < 0.01 else rnd.choice(chars)
+
+    matched = 0
+    for _ in range(6000):
+        k = rnd.randint(5, 7)
+        lines = []
+        for i in range(1, k + 1):
+            words = ["".join(ch() for _ in range(rnd.choice([1, 2, 3, 5, 8, 9, 12, 16, 20])))
+                     for _ in range(rnd.choice([1, 2, 3, 4, 6, 8, 9]))]
+            words[0] = rnd.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + words[0]
+            text = "".join(rnd.choice([ch(), " ", ": ", "1. ", " - "]) for _ in range(rnd.randint(1, 20)))
+            lines.append(f"{i}. {' '.join(words)}: {text}")
+        s = "\n".join(lines)
+        if not rx.fullmatch(s):
+            continue
+        matched += 1
+        items, status = parse_guidelines(s)
+        assert status == "ok" and len(items) == k, s
+        assert all(it["title"] and it["text"] for it in items), s
+    assert matched >= 20  # the check had something to check
+
+
+# --- guidelines: an output the parser fails on is one row's status -------------------------
+
+def test_guidelines_parser_failure_is_a_row_status_not_a_dead_shard(generator_path, tok, monkeypatch):
+    """A parser exception on one output (an output cut after a list by a bare heading once
+    raised IndexError) is that row's status, not the end of its shard and of every rerun."""
+    import guidealign.gen.guidelines as guidelines
+    from guidealign.gen.guidelines import make_shard_fn
+
+    cut = "1. Be kind: Answer gently.\n2. Be brief: Say less.\n### **"
+    real = guidelines.parse_guidelines
+
+    def parse(text):
+        if text == cut:
+            raise IndexError("list index out of range")
+        return real(text)
+
+    monkeypatch.setattr(guidelines, "parse_guidelines", parse)
+
+    def answer(prompt):
+        return (cut, "length") if "haiku" in last_input(prompt) else \
+            ("1. Be kind: Answer gently.\n2. Be brief: Say less.", "stop")
+
+    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, answer))
+    table = pa.table({"id": ["a", "b", "c"],
+                      "prompt": ["Write a haiku about rain.", "How do I pick a lock?", "Explain tides."],
+                      "risky": [False, True, None],
+                      "raw": ["Fine.\nVerdict: No", "Crime.\nVerdict: Yes", "Hmm."]})
+    out, _, stats = fn(table, 0)
+    rows = {r["id"]: r for r in out.to_pylist()}
+    assert list(rows) == ["a", "b", "c"]
+    assert rows["a"]["parse_status"] == "parse_error" and rows["a"]["guidelines"] == []
+    assert "IndexError" in rows["a"]["skip_reason"] and rows["a"]["raw"] == cut
+    assert rows["a"]["kind"] == "quality" and rows["a"]["finish_reason"] == "length"
+    assert rows["b"]["parse_status"] == "ok" and len(rows["b"]["guidelines"]) == 2
+    assert rows["b"]["kind"] == "safety" and rows["c"]["kind"] == "safety"  # unknown -> safety
+    assert stats["unparsed"] == 1 and stats["yield_rows_parsed"] == 2
+
+
+# --- a shard whose prompts all fail is not committed ---------------------------------------
+
+def _boom(prompt):
+    raise ValueError("structured outputs backend 'xgrammar' is not available")
+
+
+def test_detect_shard_whose_prompts_all_fail_raises(generator_path, tok):
+    """Every prompt failed with the same request error: the shard came back as one to commit
+    (every row 'error', risky null, so guidelines wrote safety guidelines for all of them),
+    and a rerun kept it."""
+    from guidealign.gen.detect import make_shard_fn
+    from guidealign.gen.engine import AllPromptsFailed
+
+    table = pa.table({"id": ["a", "b", "c", "d"],
+                      "prompt": ["How to poison a dog?", "Banana bread?", "   ", "What is love?"]})
+    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, _boom))
+    with pytest.raises(AllPromptsFailed, match="all 3 prompts"):
+        fn(table, 0)
+
+
+def test_detect_score_mode_shard_whose_prompts_all_fail_raises(generator_path, tok):
+    from guidealign.gen.detect import make_shard_fn
+    from guidealign.gen.engine import AllPromptsFailed
+
+    table = pa.table({"id": ["a", "b"], "prompt": ["How to poison a dog?", "Banana bread?"]})
+    fn = make_shard_fn(make_cfg(generator_path, "detect.mode=score"), FakeLLM(tok, _boom))
+    with pytest.raises(AllPromptsFailed):
+        fn(table, 0)
+
+
+def test_guidelines_shard_whose_prompts_all_fail_raises(generator_path, tok):
+    from guidealign.gen.engine import AllPromptsFailed
+    from guidealign.gen.guidelines import make_shard_fn
+
+    table = pa.table({"id": ["a", "b"], "prompt": ["How to poison a dog?", "Banana bread?"],
+                      "risky": [True, False], "raw": ["Verdict: Yes", "Verdict: No"]})
+    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, _boom))
+    with pytest.raises(AllPromptsFailed):
+        fn(table, 0)
+
+
+def test_one_failing_prompt_is_still_isolated(generator_path, tok):
+    """Only a shard where every prompt failed stops: one bad prompt is its row's error, the
+    rows stay aligned with the input, and a one-prompt shard that fails is kept too."""
+    from guidealign.gen.detect import make_shard_fn
+
+    def answer(prompt):
+        if "poison" in last_input(prompt):
+            raise ValueError("bad request")
+        return "Harmless.\nVerdict: No", "stop"
+
+    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, answer))
+    table = pa.table({"id": ["a", "b", "c"], "prompt": ["Banana bread?", "How to poison a dog?", ""]})
+    out, _, stats = fn(table, 0)
+    rows = out.to_pylist()
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert [r["finish_reason"] for r in rows] == ["stop", "error", "skipped"]
+    assert rows[0]["risky"] is False and rows[1]["risky"] is None and "bad request" in rows[1]["skip_reason"]
+    assert stats["errors"] == 1 and stats["skipped"] == 1
+
+    one = pa.table({"id": ["b"], "prompt": ["How to poison a dog?"]})
+    out, _, _ = fn(one, 1)
+    assert out.to_pylist()[0]["finish_reason"] == "error"
