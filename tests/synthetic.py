@@ -131,6 +131,8 @@ def write_guideline_shards(dst: str | Path, rows: list[dict], shard_rows: int = 
             "parse_status": ["ok" if r.get("guidelines") else "empty" for r in part],
             "finish_reason": ["stop"] * len(part),
         }, schema=GUIDELINE_SCHEMA)
+        if any("kind" in r for r in rows):  # the prompt set the guidelines were written with
+            table = table.append_column("kind", pa.array([r.get("kind") for r in part], pa.string()))
         write_shard(dst, i, table, fingerprint(fp, i))
 
 

@@ -97,6 +97,19 @@ def _rows():
     return rows
 
 
+def test_guideline_kind_is_the_prompt_set_it_was_written_with(workdir):
+    # a prompt without a verdict gets safety guidelines (guidelines.unknown_verdict: safety);
+    # its guidelines are safety ones in the library too, not "quality" for want of a verdict
+    rows = [dict(r, kind="safety" if r["risky"] in (True, None) else "quality") for r in _rows()]
+    write_guideline_shards(workdir / "guidelines", rows, shard_rows=16)
+    run_library(load_config(), workdir, progress=False)
+    lib, _ = read_library(workdir)
+    kinds = {r["text"]: r["kind"] for r in lib.to_pylist()}
+    assert kinds["Cite reliable sources when discussing vaccines and public health."] == "safety"
+    assert kinds["Keep answers short and use plain language for beginners."] == "quality"
+    assert kinds["Do not provide instructions for making weapons or explosives."] == "safety"
+
+
 def test_run_library_end_to_end(workdir):
     rows = _rows()
     write_guideline_shards(workdir / "guidelines", rows, shard_rows=16)

@@ -8,8 +8,9 @@ Steps (each one's size goes to the report):
 
 Each cluster keeps one canonical guideline: its most frequent member (ties: the shorter,
 then the lexicographically first comparison form). Its kind is "safety" when at least half
-of the producing prompts with a known risky flag are risky, else "quality" (also when no
-producing prompt has a known flag). The guideline id is a hash of that
+of the producing prompts were given safety guidelines (their ``kind``: for a prompt without a
+verdict, what ``guidelines.unknown_verdict`` chose; shards without the column: their risky
+flag), else "quality" (also when no producing prompt's kind is known). The guideline id is a hash of that
 canonical text, so it is stable across reruns and across unrelated library changes; its title
 and text are written as most of that member's occurrences wrote them (they may differ in case
 or spacing), so they do not depend on the order the guideline shards are read in either.
@@ -138,10 +139,29 @@ def _input_fp(src: Path) -> list[str]:
     return out
 
 
+def _has_column(src: Path, name: str) -> bool:
+    """Whether the committed shards of ``src`` have column ``name`` (the first one tells)."""
+    import pyarrow.parquet as pq
+
+    from guidealign.shards import committed
+    from guidealign.shards.layout import shard_path
+
+    done = committed(src)
+    return bool(done) and name in pq.read_schema(shard_path(src, done[0])).names
+
+
+def _kind(kind, risky) -> str | None:
+    """The prompt set a prompt's guidelines were written with: its ``kind``, else its verdict."""
+    if kind in ("safety", "quality"):
+        return kind
+    return None if risky is None else ("safety" if risky else "quality")
+
+
 def library_fingerprint(lc, src: Path) -> str:
     """The fingerprint of the library built from the guideline shards in ``src`` with ``lc``
     (other ranks compute it to accept only a library, and an index, built from them)."""
-    return fingerprint("library-v1", lc, _input_fp(src))
+    # v2: a guideline's kind is voted by the prompt sets its guidelines were written with
+    return fingerprint("library-v2", lc, _input_fp(src))
 
 
 def library_version(d: str | Path) -> str | None:
@@ -200,6 +220,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     t0 = time.perf_counter()
     prompt_text: dict[str, str] = {}
     prompt_risky: dict[str, bool | None] = {}
+    prompt_kind: dict[str, str | None] = {}   # the prompt set its guidelines were written with
     occ_prompt: list[int] = []      # occurrence -> prompt number
     occ_unique: list[int] = []      # occurrence -> unique guideline number
     prompt_ids: list[str] = []
@@ -207,9 +228,11 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     key_index: dict[str, int] = {}
     u_keys: list[str] = []
     u_forms: list[Counter] = []     # (title, text) as written -> occurrences, per unique key
-    for batch in iter_batches(src, columns=["id", "prompt", "risky", "guidelines"]):
-        for pid, prompt, risky, gls in zip(*(batch.column(c).to_pylist()
-                                             for c in ("id", "prompt", "risky", "guidelines"))):
+    cols = ["id", "prompt", "risky", "guidelines"]
+    has_kind = _has_column(src, "kind")
+    for batch in iter_batches(src, columns=cols + ["kind"] if has_kind else cols):
+        kinds = batch.column("kind").to_pylist() if has_kind else [None] * batch.num_rows
+        for (pid, prompt, risky, gls), kind in zip(zip(*(batch.column(c).to_pylist() for c in cols)), kinds):
             rep.prompts += 1
             if pid is None:  # counted in the report; such rows cannot be paired or cited
                 rep.prompts_missing_id += 1
@@ -222,6 +245,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 pno = prompt_no[pid] = len(prompt_ids)
                 prompt_text[pid] = prompt or ""
                 prompt_risky[pid] = risky
+                prompt_kind[pid] = _kind(kind, risky)
                 prompt_ids.append(pid)
             for g in gls:
                 g = g or {}
@@ -290,15 +314,15 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     cp_cluster = cp // max(len(prompt_ids), 1)
     cp_prompt = cp % max(len(prompt_ids), 1)
     bounds = np.searchsorted(cp_cluster, np.arange(len(canon) + 1))
-    risky_arr = np.array([prompt_risky[p] is True for p in prompt_ids], dtype=bool)
-    known_arr = np.array([prompt_risky[p] is not None for p in prompt_ids], dtype=bool)
+    safety_arr = np.array([prompt_kind[p] == "safety" for p in prompt_ids], dtype=bool)
+    known_arr = np.array([prompt_kind[p] is not None for p in prompt_ids], dtype=bool)
 
     rows = []
     for c in range(len(canon)):
         ps = cp_prompt[bounds[c]:bounds[c + 1]]
         n_known = int(known_arr[ps].sum())
-        n_risky = int(risky_arr[ps].sum())
-        kind = "safety" if n_known and 2 * n_risky >= n_known else "quality"
+        n_safety = int(safety_arr[ps].sum())
+        kind = "safety" if n_known and 2 * n_safety >= n_known else "quality"
         title, text = _written_forms(u_forms[canon[c]])
         rows.append((gids[c], title, text, kind, int(members[c]),
                      sorted(prompt_ids[p] for p in ps.tolist())))
