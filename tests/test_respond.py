@@ -242,9 +242,10 @@ def test_responder_engine_and_prompt_set_from_config():
     fp = respond_fingerprint(cfg, True)
     cfg.respond.num_exemplars = 2
     assert respond_fingerprint(cfg, True) != fp
-    bad = load_config(None, ["respond.engine.modle=/m"])
-    with pytest.raises(ConfigError, match="modle"):
-        respond_engine(bad)
+    with pytest.raises(ConfigError, match="modle"):  # a misspelt key fails when the config loads
+        load_config(None, ["respond.engine.modle=/m"])
+    with pytest.raises(ConfigError, match="max_model_len"):
+        load_config(None, ["respond.engine.max_model_len=long"])
     assert prompt_set(cfg) == "prompts"
     cfg.inputs_sft = ["sft.jsonl"]
     assert prompt_set(cfg) == "prompts-sft" and prompt_set(cfg, "mine") == "mine"

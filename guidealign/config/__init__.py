@@ -261,7 +261,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     if extra:
         data = merge(data, extra)
     data = merge(data, parse_overrides(overrides))
-    return _build(Config, data)
+    cfg = _build(Config, data)
+    if cfg.respond.engine:  # the responder's engine keys: checked now, not when respond starts
+        _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine}, "respond.engine")
+    return cfg
 
 
 def dump_yaml(cfg: Config) -> str:
