@@ -229,3 +229,19 @@ def test_csv_blank_lines_before_the_header(tmp_path, block_bytes):
     ingest([str(g)], tmp_path / "run2", IngestConfig(shard_rows=10, block_bytes=block_bytes), progress=False)
     q = read_quarantine(tmp_path / "run2" / "prompts").to_pylist()
     assert [r["row"] for r in q] == [3]
+
+
+def test_a_saved_dataset_dict_names_the_split_of_each_row(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"prompt": ["t1", "t2", ""]}),
+        "test": datasets.Dataset.from_dict({"prompt": ["s1"]}),
+    }).save_to_disk(str(tmp_path / "hf"))
+    ingest([str(tmp_path / "hf")], tmp_path / "run", IngestConfig(shard_rows=10), progress=False)
+    rows = read_table(tmp_path / "run" / "prompts", 0).to_pylist()
+    hf = str(tmp_path / "hf")
+    assert sorted((r["prompt"], r["source"]) for r in rows) == \
+        [("s1", f"{hf}/test:1"), ("t1", f"{hf}/train:1"), ("t2", f"{hf}/train:2")]
+    q = read_quarantine(tmp_path / "run" / "prompts").to_pylist()
+    assert [(r["source"], r["row"]) for r in q] == [(f"{hf}/train", 3)]

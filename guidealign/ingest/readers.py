@@ -285,14 +285,22 @@ def iter_parquet_tables(path: Path, batch_rows: int = 65536):
         yield _unique_columns(batch)
 
 
-def iter_hf_tables(path: Path, batch_rows: int = 65536):
+def hf_splits(path: Path, batch_rows: int = 65536) -> list:
+    """[(split name or None, its record batches)] of a saved ``datasets`` dataset: a
+    ``DatasetDict``'s splits in its order, each numbered from row 1 and named in ``source``
+    (``DIR/train:12``), so that a row says which split it came from."""
     import datasets
 
     ds = _load_hf(path)
-    splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
-    for _, split in splits:
-        for batch in split.data.to_batches(max_chunksize=batch_rows):
-            yield _unique_columns(batch)
+    splits = list(ds.items()) if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    return [(name, (_unique_columns(b) for b in split.data.to_batches(max_chunksize=batch_rows)))
+            for name, split in splits]
+
+
+def iter_hf_tables(path: Path, batch_rows: int = 65536):
+    """Every split's record batches, one after the other."""
+    for _, batches in hf_splits(path, batch_rows):
+        yield from batches
 
 
 def _rows_of(batches) -> Iterator[Row]:

@@ -41,7 +41,7 @@ from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
 from guidealign.ingest.readers import (READERS, IngestError, check_readable, expand_inputs, find_prompt_key,
-                                iter_hf_tables, iter_parquet_tables)
+                                hf_splits, iter_parquet_tables)
 from guidealign.shards import fingerprint, is_done, write_manifest
 from guidealign.config.ingest import IngestConfig
 from guidealign.shards.write import retire_shards_from
@@ -271,7 +271,8 @@ def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: S
     elif fmt == "parquet":
         yield from arrow_batches(src, iter_parquet_tables(path), spec)
     elif fmt == "hf_dataset":
-        yield from arrow_batches(src, iter_hf_tables(path), spec)
+        for split, batches in hf_splits(path):
+            yield from arrow_batches(f"{src}/{split}" if split else src, batches, spec)
     elif fmt == "csv":
         yield from csv_batches(path, src, spec, cfg.encoding, cfg.delimiter, cfg.block_bytes)
     else:
