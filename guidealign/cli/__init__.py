@@ -12,7 +12,7 @@ import sys
 import click
 
 from guidealign.cli.options import ranks, stage_options
-from guidealign.config import ConfigError, dump_yaml, load_config
+from guidealign.config import dump_yaml
 
 log = logging.getLogger("guidealign")
 
@@ -39,7 +39,8 @@ def status(workdir, as_json):
 
 @cli.command()
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False))
-@click.option("-n", "count", default=3, show_default=True, help="How many examples.")
+@click.option("-n", "count", default=3, show_default=True, type=click.IntRange(min=0),
+              help="How many examples.")
 @click.option("--shard", type=int, default=None, help="Which shard (default: the first committed).")
 @click.option("--stage", default="respond", show_default=True, help="Response stage to read.")
 def show(workdir, count, shard, stage):
@@ -77,10 +78,9 @@ def config_group():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def config_show(config_path, overrides):
     """Print the effective config (defaults, file, overrides) as YAML."""
-    try:
-        click.echo(dump_yaml(load_config(config_path, overrides)), nl=False)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
+    from guidealign.cli.options import load_cli_config
+
+    click.echo(dump_yaml(load_cli_config(config_path, overrides)), nl=False)
 
 
 @cli.command()
@@ -101,7 +101,8 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
     try:
         run_pipeline(cfg, workdir, rank=r, world_size=w, stages=stages.split(",") if stages else None,
                      progress=not no_progress, echo=click.echo)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # e.g. a stage whose input is not there yet
+        log.debug("run failed", exc_info=True)
         raise click.ClickException(str(e)) from e
 
 

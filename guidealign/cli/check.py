@@ -32,12 +32,9 @@ def check(config_path, overrides, workdir, as_json):
     from dataclasses import asdict
 
     from guidealign.check import failures, run_checks
-    from guidealign.config import ConfigError, load_config
+    from guidealign.cli.options import load_cli_config
 
-    try:
-        cfg = load_config(config_path, overrides)
-    except (ConfigError, OSError) as e:
-        raise click.UsageError(f"config: {e}") from e
+    cfg = load_cli_config(config_path, overrides)
     if as_json:
         rows = run_checks(cfg, workdir)
         click.echo(json.dumps([asdict(r) for r in rows], indent=1))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from guidealign.config import ConfigError, load_config
+from guidealign.cli.options import load_cli_config
 
 
 @click.command("fetch")
@@ -19,10 +19,7 @@ def fetch(config_path, overrides, dry_run, cache_dir):
     the workers then run with HF_HUB_OFFLINE=1 and never download at once)."""
     from guidealign.core.models import FetchError, fetch_models
 
-    try:
-        cfg = load_config(config_path, overrides)
-    except (ConfigError, OSError) as e:
-        raise click.UsageError(f"config: {e}") from e
+    cfg = load_cli_config(config_path, overrides)
     try:
         fetch_models(cfg, dry_run=dry_run, cache_dir=cache_dir, echo=click.echo)
     except FetchError as e:

@@ -8,6 +8,32 @@ import click
 from guidealign.config import ConfigError, load_config
 
 
+def config_error(e: Exception) -> str:
+    """One line for a config that does not load: a YAML syntax error says where (its message
+    spans several lines, with the offending line and a caret), text that is not UTF-8 says so."""
+    import yaml
+
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        m = e.problem_mark
+        return (f"the file is not valid YAML: {e.problem or e.context or 'syntax error'} "
+                f"(line {m.line + 1}, column {m.column + 1})")
+    if isinstance(e, UnicodeDecodeError):
+        return f"the file is not UTF-8 text ({e.reason} at byte {e.start})"
+    return str(e)
+
+
+def load_cli_config(config_path, overrides):
+    """``load_config`` for a command: a bad file or --set is a usage error (one line, exit 2),
+    never a traceback."""
+    import yaml
+
+    try:
+        return load_config(config_path, overrides)
+    except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        where = f"{config_path}: " if config_path and not isinstance(e, ConfigError) else ""
+        raise click.UsageError(f"config: {where}{config_error(e)}") from e
+
+
 def stage_options(f):
     """The options every stage command shares."""
     @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False),
@@ -23,10 +49,7 @@ def stage_options(f):
                   help="local: this rank's shards here; ray: one Ray task per shard (default: executor.kind).")
     @functools.wraps(f)
     def wrapper(*args, config_path=None, overrides=(), executor=None, **kwargs):
-        try:
-            cfg = load_config(config_path, overrides)
-        except (ConfigError, OSError) as e:
-            raise click.UsageError(f"config: {e}") from e
+        cfg = load_cli_config(config_path, overrides)
         cfg.executor.kind = executor or cfg.executor.kind
         return f(*args, cfg=cfg, **kwargs)
     return wrapper

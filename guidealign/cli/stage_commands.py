@@ -6,16 +6,22 @@ which runs the stage function here (this rank) or on Ray, and prints the reports
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import click
 
 from guidealign.cli.options import ranks, stage_options
 
+log = logging.getLogger("guidealign")
+
 
 def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
                       errors: tuple = (), **options) -> list:
-    """Execute stage ``name``; ``errors`` become a clean error message (no traceback)."""
+    """Execute stage ``name``; ``errors`` become a clean error message (no traceback), and so
+    does a RuntimeError: the stage's input is not there yet (``wait_complete``/``wait_done``:
+    "run the stage that builds it first"), another rank failed, nothing moved (the traceback
+    is logged at debug level, -vv)."""
     from guidealign.executors import ExecutorError, execute
 
     ranks(rank, world_size)  # a bad --rank/--world-size is a usage error
@@ -24,7 +30,8 @@ def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
                           progress=not no_progress, **options)
     except ExecutorError as e:
         raise click.ClickException(f"{name}: {e}") from e
-    except (ValueError, *errors) as e:
+    except (ValueError, RuntimeError, *errors) as e:
+        log.debug("%s failed", name, exc_info=True)
         raise click.ClickException(str(e)) from e
     for rep in reports:
         summary = getattr(rep, "summary", None)

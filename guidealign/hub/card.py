@@ -9,6 +9,42 @@ import yaml
 PAPER = "https://arxiv.org/abs/2403.11838"
 
 
+# License identifiers the Hub accepts in a card's `license:` (lower case, as the Hub lists them,
+# https://huggingface.co/docs/hub/repositories-licenses); the common ones, to recognize
+# "Apache 2.0", "MIT" or "CC-BY-4.0" as written by a person.
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
+bigcode-openrail-m afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear
+c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0
+cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0
+cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0 cdla-permissive-2.0 wtfpl
+ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
+lgpl-2.1 lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1
+ncsa unlicense zlib pddl lgpl-lr llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other
+""".split())
+
+
+def license_meta(value: str) -> dict:
+    """The card metadata for push.license. The Hub refuses a card (and with it the commit that
+    carries it) whose `license` is not one of its identifiers: a known license however it is
+    written ("Apache 2.0", "MIT") becomes its identifier, a value already written as an
+    identifier (lower case, no spaces) is kept, anything else is `license: other` with the text
+    as `license_name` (a lower-case slug, as the Hub asks of it)."""
+    import re
+
+    text = (value or "").strip()
+    if not text:
+        return {}
+    ident = re.sub(r"[\s_]+", "-", text.lower())
+    for cand in (ident, ident.removesuffix("-license")):
+        if cand in HUB_LICENSES:
+            return {"license": cand}
+    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text):
+        return {"license": text}
+    slug = re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "custom"
+    return {"license": "other", "license_name": slug}
+
+
 def _front(meta: dict) -> str:
     meta = {k: v for k, v in meta.items() if v not in (None, "", [], {})}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
@@ -102,7 +138,7 @@ def dataset_card(*, repo_id: str, stage: str, rows: int, files: int, cfg, workdi
     prov = stage_provenance(workdir)
     lib = prov.get("library", {})
     retr = prov.get("retriever", {}).get("done", {})
-    meta = {"pretty_name": cfg.push.pretty_name or None, "license": cfg.push.license or None,
+    meta = {"pretty_name": cfg.push.pretty_name or None, **license_meta(cfg.push.license),
             "tags": ["guide-align", "synthetic", stage],
             "configs": [{"config_name": "default",
                          "data_files": [{"split": "train", "path": f"{data_dir}/*.parquet"}]}]}

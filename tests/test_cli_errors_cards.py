@@ -1,0 +1,77 @@
+"""CLI user errors are one-line errors with a non-zero exit (no traceback), and dataset cards
+carry a license the Hub accepts. Fast: no engine, no model, no Hub."""
+from __future__ import annotations
+
+import yaml
+from click.testing import CliRunner
+
+import pytest
+
+from guidealign.cli import cli
+
+
+def _invoke(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=True)
+
+
+def _clean_error(r, code):
+    """Exited through click with ``code``: a SystemExit, not an escaped exception."""
+    assert r.exit_code == code, r.output
+    assert isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args, says", [
+    (["library"], "guidelines is incomplete"),
+    (["index"], "library is incomplete"),
+    (["retrieve"], "index is not complete"),
+    (["run", "--no-check", "--stages", "library"], "guidelines is incomplete"),
+])
+def test_stage_before_its_input_is_a_one_line_error(tmp_path, args, says):
+    r = _invoke([*args, "-w", str(tmp_path / "wd"), "--no-progress"])
+    _clean_error(r, 1)
+    assert "Error:" in r.output and says in r.output
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"engine: [a\n", "not valid YAML"),
+    (b"\xff\xfe\x00engine: {}\n", "not UTF-8"),
+])
+@pytest.mark.parametrize("cmd", [
+    ["config", "show"],
+    ["detect", "-w", "WD"],
+    ["check"],
+    ["models", "fetch", "--dry-run"],
+])
+def test_unreadable_config_file_is_a_usage_error(tmp_path, content, says, cmd):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_bytes(content)
+    r = _invoke([c.replace("WD", str(tmp_path / "wd")) for c in cmd] + ["-c", str(cfg)])
+    _clean_error(r, 2)
+    assert says in r.output and "bad.yaml" in r.output
+
+
+def test_show_refuses_a_negative_count(tmp_path):
+    r = _invoke(["show", "-n", "-1", str(tmp_path)])
+    _clean_error(r, 2)
+    assert "-n" in r.output
+
+
+@pytest.mark.parametrize("value, meta", [
+    ("Apache 2.0", {"license": "apache-2.0"}),
+    ("MIT", {"license": "mit"}),
+    ("CC-BY-NC-4.0", {"license": "cc-by-nc-4.0"}),
+    ("apache-2.0", {"license": "apache-2.0"}),
+    ("Proprietary (ACME)", {"license": "other", "license_name": "proprietary-acme"}),
+    ("", {}),
+])
+def test_dataset_card_license_is_a_hub_identifier(tmp_path, value, meta):
+    from guidealign.config import load_config
+    from guidealign.hub.card import dataset_card
+
+    cfg = load_config(None, [f"push.license={value}"] if value else [])
+    card = dataset_card(repo_id="org/x", stage="respond", rows=3, files=1, cfg=cfg,
+                        workdir=tmp_path, data_dir="data")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert {k: front[k] for k in ("license", "license_name") if k in front} == meta
+    assert front["configs"][0]["data_files"][0]["path"] == "data/*.parquet"
