@@ -254,3 +254,16 @@ def test_the_loss_of_a_resumed_run_covers_the_whole_run():
     history = [{"loss": 3.0, "step": 2}, {"loss": 1.0, "step": 3}, {"train_runtime": 1.0, "step": 3}]
     assert whole_run_loss(history) == pytest.approx((3.0 * 2 + 1.0) / 3)
     assert whole_run_loss([{"train_runtime": 1.0}]) is None
+
+
+def test_a_dataset_push_with_an_empty_data_dir_is_refused(workdir, monkeypatch):
+    from huggingface_hub import constants
+
+    from guidealign.hub.push import PushError, push_one
+
+    write_respond(workdir, 1, 1)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cfg = load_config(None, ["push.data_dir=/"])
+    # "" would name the shards "/shard-00000.parquet" and the card's glob "/*.parquet"
+    with pytest.raises(PushError, match="data_dir is empty"):
+        push_one(cfg, workdir, "respond", "user/ds", progress=False)

@@ -111,6 +111,10 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     if constants.HF_HUB_OFFLINE:
         raise PushError("HF_HUB_OFFLINE is set: unset it to push")
     data_dir = pcfg.data_dir.strip("/")
+    if repo_type == "dataset" and not data_dir:
+        # the shards need a folder of their own: stale ones are found (and deleted) there, and
+        # the card's data_files glob names it
+        raise PushError("push.data_dir is empty: name the folder the shards go to (default: data)")
     files = files_to_push(cfg, wd, repo_type, src, repo_id, data_dir)
     report = PushReport(repo_id=repo_id, repo_type=repo_type, files=len(files))
 
