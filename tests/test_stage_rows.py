@@ -170,3 +170,17 @@ def test_show_tells_a_prompt_detect_never_saw_from_an_unparsed_verdict(tmp_path)
     assert "- detect: not run on this prompt" in text.split("### from the fine-tuning set")[1]
     with pytest.raises(RuntimeError, match="shard 3 is not committed"):
         examples(tmp_path, shard=3)
+
+
+def test_status_of_an_export_counts_its_jsonl_shards_done(tmp_path):
+    from guidealign.config import Config
+    from guidealign.hub.export import run_export
+    from guidealign.shards import write_manifest, write_shard
+    from guidealign.status import collect
+
+    write_manifest(tmp_path / "respond", stage="respond", num_shards=2, fingerprint="r")
+    for i in range(2):
+        write_shard(tmp_path / "respond", i, pa.table({"id": [f"p{i}"], "response": ["r"]}), f"r{i}")
+    run_export(Config(), tmp_path, dataset="respond", out=tmp_path / "exp2", progress=False)
+    row = next(r for r in collect(tmp_path) if r["stage"] == "exp2")
+    assert (row["shards_done"], row["shards_stale"], row["shards_total"], row["rows"]) == (2, 0, 2, 2)

@@ -79,6 +79,10 @@ def shard_states(dataset: str | Path, config_fp: str | None = None) -> tuple[lis
     man = read_manifest(dataset)
     if man is None:
         return None
+    from guidealign.shards.jsonl import jsonl_done
+
+    # an export's shards are JSONL files, every other dataset's Parquet
+    done = jsonl_done if man.get("format") == "jsonl" else is_done
     missing, stale = [], []
     for i in range(int(man["num_shards"])):
         m = read_marker(dataset, i)
@@ -87,7 +91,7 @@ def shard_states(dataset: str | Path, config_fp: str | None = None) -> tuple[lis
             continue
         ok = expected_fingerprints(dataset, i, config_fp, man)
         # with no fingerprint to compare (ingest, augment, eval) the file must still be intact
-        if not (ok is None or m.fingerprint in ok) or not is_done(dataset, i, m.fingerprint):
+        if not (ok is None or m.fingerprint in ok) or not done(dataset, i, m.fingerprint):
             stale.append(i)
     return missing, stale
 
