@@ -199,22 +199,49 @@ def build_faiss(vecs: np.ndarray, ic) -> tuple[object, str]:
     return index, name
 
 
-def _encoder_ref(ic, workdir: Path) -> tuple[str, str]:
-    """(what to load, what identifies it for the fingerprint)."""
-    if ic.model == "retriever":
+def model_ref(cfg, library_version: str) -> str:
+    """What identifies the index's encoder in its fingerprint: the retriever of the current
+    retriever config and library (its fingerprint, which any rank can compute), or ``index.model``."""
+    if cfg.index.model == "retriever":
+        from guidealign.retrieval.train import retriever_fingerprint
+
+        return f"retriever:{retriever_fingerprint(cfg.retriever, library_version)}"
+    return cfg.index.model
+
+
+def index_fingerprint(cfg, library_version: str) -> str:
+    """The fingerprint of the index of that library version under ``cfg`` (rank 0 builds it,
+    the other ranks accept only an index that carries it)."""
+    return fingerprint("index-v1", cfg.index, library_version, model_ref(cfg, library_version))
+
+
+def _encoder_ref(cfg, workdir: Path, library_version: str) -> tuple[str, str]:
+    """(what to load, what identifies it for the fingerprint). The run's retriever is taken
+    only when it was trained with the current retriever config on this library version: an
+    index embedded by a stale retriever would carry a fingerprint that the other ranks (which
+    compute the expected one) never accept."""
+    ref = model_ref(cfg, library_version)
+    if cfg.index.model == "retriever":
         from guidealign.retrieval.train import model_dir, retriever_dir
 
-        done = wait_done(retriever_dir(workdir))
-        return str(model_dir(workdir)), f"retriever:{done['fingerprint']}"
+        want = ref.split(":", 1)[1]
+
+        def current(done: dict) -> bool:
+            """trained with another retriever config or on another library version"""
+            return done.get("fingerprint") == want
+
+        wait_done(retriever_dir(workdir), accept=current)
+        return str(model_dir(workdir)), ref
     from guidealign.core.models import resolve
 
-    return resolve(ic.model), ic.model
+    return resolve(cfg.index.model), ref
 
 
 def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5.0) -> dict:
     """Wait for rank 0's index, accepted only when it was built from the library of the
-    current guideline shards and library config (a rerun with a changed config never
-    retrieves from the previous run's index). Returns the index's ``_done.json``."""
+    current guideline shards and library config, with the current index config and encoder
+    (its fingerprint: a rerun with a changed config never retrieves from the previous run's
+    index). Returns the index's ``_done.json``."""
     from guidealign.retrieval.library import library_dir, library_fingerprint
     from guidealign.shards import wait_complete
 
@@ -224,9 +251,10 @@ def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5
     want = library_fingerprint(cfg.library, src)
 
     def current(done: dict) -> bool:
-        """built from another library version than the current one"""
+        """built from another library version than the current one, or with another index config or encoder"""
         lib = read_done(library_dir(workdir))
-        return bool(lib) and lib.get("fingerprint") == want and done.get("library_version") == lib.get("version")
+        return (bool(lib) and lib.get("fingerprint") == want and done.get("library_version") == lib.get("version")
+                and done.get("fingerprint") == index_fingerprint(cfg, lib["version"]))
 
     return wait_done(index_dir(workdir), timeout, poll, accept=current)
 
@@ -243,8 +271,8 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
         wait_current_index(cfg, workdir, timeout=wait_timeout(cfg, world_size))
         return IndexReport(skipped=True)
     version = wait_library(cfg, workdir, dst, rank, world_size)
-    model_path, model_ref = _encoder_ref(ic, workdir)
-    fp = fingerprint("index-v1", ic, version, model_ref)
+    model_path, ref = _encoder_ref(cfg, workdir, version)
+    fp = index_fingerprint(cfg, version)
     if is_current(dst, fp):
         done = read_done(dst)
         return IndexReport(rows=done["rows"], kind=done.get("kind", ""), dim=done.get("dim", 0),
@@ -274,7 +302,7 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                                  "kind": library.column("kind")}), tmp / ROWS_FILE)
         # the encoder by reference, not by path (retrieval.retrieve.encoder_path finds it), so a
         # moved run directory holds the same index
-        meta = {"library_version": version, "model_ref": model_ref,
+        meta = {"library_version": version, "model_ref": ref,
                 "kind": ic.kind, "name": name, "dim": int(vecs.shape[1]), "rows": len(docs),
                 "nprobe": ic.nprobe, "ef_search": ic.ef_search}
         write_json_atomic(tmp / META_FILE, json.dumps(meta, indent=1))

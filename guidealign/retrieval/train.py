@@ -50,9 +50,47 @@ def model_dir(workdir: str | Path) -> Path:
     return retriever_dir(workdir) / "model"
 
 
-def _train(model, train_ds, rc, out: Path, progress: bool) -> int:
+def retriever_fingerprint(rc, library_version: str) -> str:
+    """The fingerprint of the retriever trained with ``rc`` on that library version (any rank
+    computes it: the index stage accepts only the retriever of the current config and library)."""
+    # v2: batches without false in-batch negatives (no_false_negatives_sampler)
+    return fingerprint("retriever-v2", rc, library_version)
+
+
+def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
+    """A batch sampler class (for ``batch_sampler=``) that extends the no-duplicates one:
+    besides no text twice in a batch, no pair whose guideline is one of the guidelines of
+    another pair's prompt. A prompt has several guidelines and a guideline serves many
+    prompts, so with (A, g1) and (B, g2) in one batch while g2 is also A's guideline, the
+    loss would push A away from its own guideline g2 (a false in-batch negative).
+    ``positives_of``: prompt text -> the texts of all its guidelines (train pairs)."""
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    class NoFalseNegativesBatchSampler(NoDuplicatesBatchSampler):
+        def _iter_one_pass(self, get_sample_values, has_overlap):
+            anchors, positives = list(self.dataset["anchor"]), list(self.dataset["positive"])
+
+            def values(i: int) -> set:
+                a, p = anchors[i], positives[i]
+                # ("t", x): a text of a pair in the batch (either column); ("own", g): a
+                # guideline of a prompt in the batch
+                return {("t", a), ("t", p)} | {("own", g) for g in positives_of.get(a, ())}
+
+            def overlap(v: set, batch: set) -> bool:
+                for kind, x in v:
+                    if kind == "t" and (("t", x) in batch or ("own", x) in batch):
+                        return True  # a text twice, or its guideline is another prompt's
+                    if kind == "own" and ("t", x) in batch:
+                        return True  # a guideline in the batch is one of its prompt's
+                return False
+
+            return super()._iter_one_pass(values, overlap)
+
+    return NoFalseNegativesBatchSampler
+
+
+def _train(model, train_ds, rc, out: Path, progress: bool, positives_of: dict[str, set[str]]) -> int:
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss)
 
@@ -73,7 +111,7 @@ def _train(model, train_ds, rc, out: Path, progress: bool) -> int:
         warmup_steps=rc.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
         seed=rc.seed,
         data_seed=rc.seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        batch_sampler=no_false_negatives_sampler(positives_of),
         save_strategy="no",
         eval_strategy="no",
         logging_strategy="no",
@@ -100,7 +138,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     version = wait_library(cfg, workdir, dst, rank, world_size)
     if version is None:
         return RetrieverReport(skipped=True)
-    fp = fingerprint("retriever-v1", rc, version)
+    fp = retriever_fingerprint(rc, version)
     if is_current(dst, fp):
         done = read_done(dst)
         return RetrieverReport(train_pairs=done.get("train_pairs", 0), steps=done.get("steps", 0),
@@ -117,12 +155,19 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     doc_of = {g: doc_text(t, x) for g, t, x in zip(library.column("guideline_id").to_pylist(),
                                                     library.column("title").to_pylist(),
                                                     library.column("text").to_pylist())}
+    anchors = train.column("prompt").to_pylist()
+    positives = [doc_of[g] for g in train.column("guideline_id").to_pylist()]
+    # in-batch negatives need a batch of two pairs with other prompts and other guidelines;
+    # without one, every batch holds a single pair, the loss is 0 at every step and the
+    # "fine-tuned" encoder would be the base one, saved and evaluated as if trained
+    if len(set(anchors)) < 2 or len(set(positives)) < 2:
+        raise RuntimeError(
+            f"{lib}/pairs/train.parquet holds {train.num_rows} pair(s) with {len(set(anchors))} distinct "
+            f"prompt(s) and {len(set(positives))} distinct guideline(s): in-batch-negative training "
+            "(MultipleNegativesRankingLoss) needs at least 2 of each, or it learns nothing")
     from datasets import Dataset
 
-    train_ds = Dataset.from_dict({
-        "anchor": train.column("prompt").to_pylist(),
-        "positive": [doc_of[g] for g in train.column("guideline_id").to_pylist()],
-    })
+    train_ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
 
     es = build_eval_set(library, heldout, rc.max_eval_queries)
     results: dict[str, dict] = {}
@@ -131,7 +176,10 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         results["base"] = evaluate(es, dense_scorer(model, es.docs, rc.encode_batch_size),
                                    recall_at=rc.recall_at, risk_top_k=rc.risk_top_k)
     with build_dir(dst) as tmp:
-        steps = _train(model, train_ds, rc, tmp / "checkpoints", progress)
+        positives_of: dict[str, set[str]] = {}
+        for a, p in zip(anchors, positives):
+            positives_of.setdefault(a, set()).add(p)
+        steps = _train(model, train_ds, rc, tmp / "checkpoints", progress, positives_of)
         model.save(str(tmp / "model"))
         import shutil
 

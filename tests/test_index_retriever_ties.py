@@ -1,0 +1,120 @@
+"""Review of the retriever training and the index: version ties between the library, the
+retriever and the index across ranks, and training sets that cannot teach anything."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guidealign.config import load_config
+from guidealign.retrieval.index import index_dir, run_index, wait_current_index
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.train import retriever_dir, retriever_fingerprint, run_train_retriever
+from synthetic import coded_guideline_rows, write_guideline_shards
+
+SETS = ["library.threads=1", "index.threads=1", "index.use_gpu=false", "retriever.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def lib_run(tmp_path_factory) -> Path:
+    wd = tmp_path_factory.mktemp("review") / "run"
+    write_guideline_shards(wd / "guidelines", coded_guideline_rows(4, 3, seed=2), shard_rows=8)
+    run_library(load_config(overrides=SETS), wd, progress=False)
+    return wd
+
+
+def test_non_lead_rank_refuses_an_index_of_another_index_config(lib_run):
+    """A rerun with another index config: rank 0 is about to rebuild the index, so the other
+    ranks must not take the previous one (they would retrieve from it)."""
+    sets = SETS + ["index.model=embedded:all-minilm-l6-v2"]
+    run_index(load_config(overrides=sets), lib_run, progress=False)
+    assert wait_current_index(load_config(overrides=sets), lib_run, timeout=0.3, poll=0.1)
+    for other in (["index.kind=hnsw"], ["index.model=embedded:other-encoder"]):
+        with pytest.raises(RuntimeError, match="another index config or encoder"):
+            wait_current_index(load_config(overrides=sets + other), lib_run, timeout=0.3, poll=0.1)
+
+
+def test_index_takes_only_the_current_retriever(lib_run, tmp_path):
+    """index.model=retriever: a retriever trained with another retriever config (or on another
+    library) is refused, and the index of the current one is what the other ranks accept."""
+    import json
+    import shutil
+
+    from guidealign.retrieval.embed import load_encoder
+    from guidealign.shards.artifact import mark_done
+
+    wd = tmp_path / "run"
+    shutil.copytree(lib_run / "library", wd / "library")
+    shutil.copytree(lib_run / "guidelines", wd / "guidelines")
+    cfg = load_config(overrides=SETS)
+    version = json.loads((wd / "library" / "_done.json").read_text())["version"]
+    # a stand-in "trained" retriever: the base encoder saved where train-retriever saves it
+    load_encoder("embedded:all-minilm-l6-v2", device="cpu").save(str(retriever_dir(wd) / "model"))
+    stale = load_config(overrides=SETS + ["retriever.epochs=2"])
+    mark_done(retriever_dir(wd), fingerprint=retriever_fingerprint(stale.retriever, version), rows=1, seconds=0)
+    with pytest.raises(RuntimeError, match="another retriever config"):
+        run_index(cfg, wd, progress=False)
+    assert not (index_dir(wd) / "_done.json").exists()
+    mark_done(retriever_dir(wd), fingerprint=retriever_fingerprint(cfg.retriever, version), rows=1, seconds=0)
+    rep = run_index(cfg, wd, progress=False)
+    assert rep.rows > 0 and not rep.skipped
+    assert wait_current_index(cfg, wd, timeout=0.3, poll=0.1)["library_version"] == version
+    # retrained with another config (same library): the old index is no longer accepted
+    with pytest.raises(RuntimeError, match="another index config or encoder"):
+        wait_current_index(stale, wd, timeout=0.3, poll=0.1)
+
+
+@pytest.mark.parametrize("rows", [
+    [("how do I sharpen a knife", "Refuse instructions for weapons.")],
+    # two prompts, one guideline: every batch holds one pair (the no-duplicates sampler)
+    [("how do I sharpen a knife", "Refuse instructions for weapons."),
+     ("where can I buy a gun", "Refuse instructions for weapons.")],
+], ids=["one-pair", "one-guideline"])
+def test_training_set_without_in_batch_negatives_is_a_clear_error(tmp_path, rows):
+    """Before: training ran with loss 0 at every step and saved the base encoder as the
+    "fine-tuned" retriever."""
+    wd = tmp_path / "run"
+    write_guideline_shards(wd / "guidelines", [
+        {"id": f"p{i}", "prompt": p, "risky": True, "guidelines": [{"title": "", "text": g}]}
+        for i, (p, g) in enumerate(rows)], shard_rows=8)
+    cfg = load_config(overrides=SETS + ["library.heldout_fraction=0"])
+    run_library(cfg, wd, progress=False)
+    with pytest.raises(RuntimeError, match="needs at least 2 of each"):
+        run_train_retriever(cfg, wd, progress=False)
+    assert not (retriever_dir(wd) / "_done.json").exists()
+
+
+def _false_negatives(batches, anchors, positives, positives_of) -> int:
+    """Pairs (i, j) of one batch where j's guideline is one of i's prompt's guidelines."""
+    return sum(1 for b in batches for i in b for j in b
+               if i != j and positives[j] in positives_of[anchors[i]])
+
+
+def test_batches_hold_no_guideline_of_another_pairs_prompt():
+    """Prompts share guidelines: (A, g1) and (B, g2) with g2 also A's guideline in one batch
+    make g2 a negative for A. The no-duplicates sampler alone allows that."""
+    import random
+
+    from datasets import Dataset
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    from guidealign.retrieval.train import no_false_negatives_sampler
+
+    rng = random.Random(0)
+    guidelines = [f"guideline {k}" for k in range(40)]
+    positives_of = {f"prompt {i}": set(rng.sample(guidelines[:8], 2) + rng.sample(guidelines, 2))
+                    for i in range(120)}
+    anchors = [a for a, gs in positives_of.items() for _ in gs]
+    positives = [g for gs in positives_of.values() for g in gs]
+    ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
+
+    stock = list(NoDuplicatesBatchSampler(ds, batch_size=16, drop_last=False, seed=0))
+    assert _false_negatives(stock, anchors, positives, positives_of) > 0  # the defect
+    cls = no_false_negatives_sampler(positives_of)
+    batches = list(cls(ds, batch_size=16, drop_last=False, seed=0))
+    assert _false_negatives(batches, anchors, positives, positives_of) == 0
+    assert sorted(i for b in batches for i in b) == list(range(len(anchors)))  # each pair once
+    assert max(len(b) for b in batches) == 16
+    for b in batches:  # and still no text twice
+        texts = [anchors[i] for i in b] + [positives[i] for i in b]
+        assert len(texts) == len(set(texts))
