@@ -1,4 +1,4 @@
-"""Review of the retriever training and the index: version ties between the library, the
+"""The retriever training and the index: version ties between the library, the
 retriever and the index across ranks, and training sets that cannot teach anything."""
 from __future__ import annotations
 
