@@ -103,7 +103,9 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
                      progress=not no_progress, echo=click.echo)
     except (ValueError, RuntimeError) as e:  # e.g. a stage whose input is not there yet
         log.debug("run failed", exc_info=True)
-        raise click.ClickException(str(e)) from e
+        from guidealign.cli.options import error_line
+
+        raise click.ClickException(error_line(e)) from e
 
 
 # --- the stage commands, registered in the stage table's order ------------------------------

@@ -22,6 +22,13 @@ def config_error(e: Exception) -> str:
     return str(e)
 
 
+def error_line(e: Exception) -> str:
+    """A stage's error as one line: its message, named by its kind when that says more than
+    the message (RankFailed, Stalled, AllPromptsFailed...; not a plain ValueError/RuntimeError)."""
+    kind = type(e).__name__
+    return str(e) if kind in ("ValueError", "RuntimeError") else f"{kind}: {e}"
+
+
 def load_cli_config(config_path, overrides):
     """``load_config`` for a command: a bad file or --set is a usage error (one line, exit 2),
     never a traceback."""

@@ -11,7 +11,7 @@ import os
 
 import click
 
-from guidealign.cli.options import ranks, stage_options
+from guidealign.cli.options import error_line, ranks, stage_options
 
 log = logging.getLogger("guidealign")
 
@@ -32,7 +32,7 @@ def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
         raise click.ClickException(f"{name}: {e}") from e
     except (ValueError, RuntimeError, *errors) as e:
         log.debug("%s failed", name, exc_info=True)
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(error_line(e)) from e
     for rep in reports:
         summary = getattr(rep, "summary", None)
         if callable(summary):
