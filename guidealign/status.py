@@ -52,7 +52,7 @@ def _stage_row(d: Path) -> dict | None:
     if man is not None:
         from guidealign.gen.yieldstats import dataset_counts, kept_share
 
-        c = dataset_counts(d)
+        c = dataset_counts(d, stale=stale)
         if c is not None:
             row["yield"] = dict(c, tokens_kept_share=kept_share(c))
     if row["seconds"] > 0:

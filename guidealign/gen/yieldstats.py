@@ -93,10 +93,11 @@ def shard_counts(dataset: str | Path, index: int, marker=None, stage: str | None
     return out
 
 
-def dataset_counts(dataset: str | Path, stage: str | None = None) -> dict | None:
+def dataset_counts(dataset: str | Path, stage: str | None = None, stale: set[int] | None = None) -> dict | None:
     """Yield counts summed over a dataset's current shards (None: not a generated dataset).
     Stale shards (committed under an earlier config or input, or torn; the next run redoes
-    them) are left out, as readers leave them out."""
+    them) are left out, as readers leave them out; ``stale``: those indices when the caller
+    already has them (``shard_states``), so the markers are not read for them again."""
     from guidealign.shards import read_manifest
     from guidealign.shards.layout import shard_indices
     from guidealign.shards.manifest import shard_states
@@ -105,7 +106,8 @@ def dataset_counts(dataset: str | Path, stage: str | None = None) -> dict | None
     man = read_manifest(dataset)
     if man is None:
         return None
-    stale = set((shard_states(dataset) or ([], []))[1])
+    if stale is None:
+        stale = set((shard_states(dataset) or ([], []))[1])
     total, seen = dict.fromkeys(KEYS, 0), False
     for i in shard_indices(dataset):
         if i >= int(man.get("num_shards", 0)) or i in stale:
