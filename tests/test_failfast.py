@@ -3,7 +3,7 @@
 - a rank that fails leaves WORKDIR/_failed/rank-N.json, and the ranks waiting for it exit
   with its error (real `guidealign run` processes);
 - a wait with nobody working ends on the stall clock, not a two-day timeout;
-- failure markers of an earlier run are ignored;
+- failure markers of an earlier run, or of an earlier attempt of a requeued SLURM job, are ignored;
 - a changed config never lets a reduce stage read a stale shard, and non-lead ranks take
   the index only when it was built from the current library.
 
@@ -117,6 +117,33 @@ def test_failure_markers_of_an_earlier_run_are_ignored(tmp_path, monkeypatch):
     assert failures(wd) == []
     mark_failed(wd, 4, "boom now")
     with pytest.raises(RankFailed, match="rank 4 failed .*boom now"):
+        Watch(wd, "x").check(0)
+
+
+def test_a_requeued_slurm_job_is_not_stopped_by_its_earlier_attempt(tmp_path, monkeypatch):
+    """``scontrol requeue`` keeps SLURM_JOB_ID: a marker of attempt 0 written before this rank
+    started must not stop attempt 1; one written after it started (a rank that was requeued on
+    its own and failed again, or one still on attempt 0) does."""
+    wd = tmp_path / "run"
+    monkeypatch.delenv("GUIDEALIGN_RUN_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    old = mark_failed(wd, 3, "node lost in attempt 0")
+    data = json.loads(old.read_text())
+    assert data["attempt"] == 0
+    data["created"] = 0.0  # written before this process started
+    old.write_text(json.dumps(data))
+    assert [m["rank"] for m in failures(wd)] == [3]  # attempt 0 itself: same run, it counts
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert failures(wd) == []
+    Watch(wd, "x").check(0)  # no RankFailed
+    data["created"] = time.time() + 1  # the same attempt-0 marker, written after this rank started
+    old.write_text(json.dumps(data))
+    assert [m["rank"] for m in failures(wd)] == [3]
+    mark_failed(wd, 4, "boom in attempt 1")
+    assert json.loads((wd / "_failed" / "rank-00004.json").read_text())["attempt"] == 1
+    with pytest.raises(RankFailed, match="rank 3 failed"):
         Watch(wd, "x").check(0)
 
 

@@ -18,6 +18,13 @@ Which failure markers count: a marker carries the run id (``GUIDEALIGN_RUN_ID``,
 ``SLURM_ARRAY_JOB_ID``, else ``SLURM_JOB_ID``). With run ids on both sides they must match
 (a marker left by an earlier job is ignored); without one, a marker counts when it was
 written after this process started. A rank deletes its own old marker when it starts.
+
+A requeued SLURM job keeps its job id, so a marker also carries its attempt
+(``SLURM_RESTART_COUNT``, 0 when unset): a marker of another attempt of the same run counts only
+when it was written after this process started. So after ``scontrol requeue`` (every rank on its
+next attempt) a rank that starts before the failed rank has restarted and cleared its marker is
+not stopped by the earlier attempt's failure, while a rank still on attempt 0 is stopped by the
+failure of a rank that was requeued on its own and failed again.
 """
 from __future__ import annotations
 
@@ -58,6 +65,15 @@ def run_id(env: dict | None = None) -> str | None:
     return None
 
 
+def attempt(env: dict | None = None) -> int:
+    """Which attempt of a requeued SLURM job this is (``SLURM_RESTART_COUNT``; 0 if unset)."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
 def _process_start() -> float:
     try:
         import psutil
@@ -85,7 +101,8 @@ def mark_failed(workdir: str | Path, rank: int | None, error: str, *, stage: str
     p.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(p, {"rank": rank, "world_size": world_size, "stage": stage,
                           "error": error[-4000:], "host": socket.gethostname(),
-                          "pid": pid or os.getpid(), "run_id": run_id(), "created": time.time()})
+                          "pid": pid or os.getpid(), "run_id": run_id(), "attempt": attempt(),
+                          "created": time.time()})
     return p
 
 
@@ -93,11 +110,12 @@ def clear_failed(workdir: str | Path, rank: int | None) -> None:
     failure_path(workdir, rank).unlink(missing_ok=True)
 
 
-def _counts(marker: dict, me: str | None, started: float) -> bool:
+def _counts(marker: dict, me: str | None, started: float, my_attempt: int = 0) -> bool:
     theirs = marker.get("run_id")
+    after_start = float(marker.get("created", 0.0)) >= started
     if me and theirs:
-        return me == theirs
-    return float(marker.get("created", 0.0)) >= started
+        return me == theirs and (marker.get("attempt", 0) == my_attempt or after_start)
+    return after_start
 
 
 def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[dict]:
@@ -105,7 +123,7 @@ def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[di
     d = Path(workdir) / FAILED_DIR
     if not d.is_dir():
         return []
-    me, started = run_id(), _process_start()
+    me, started, mine = run_id(), _process_start(), attempt()
     out = []
     for p in sorted(d.glob("*.json")):
         try:
@@ -114,7 +132,7 @@ def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[di
             continue
         if exclude_rank is not None and m.get("rank") == exclude_rank:
             continue
-        if _counts(m, me, started):
+        if _counts(m, me, started, mine):
             out.append(m)
     return out
 
