@@ -118,3 +118,54 @@ def test_batches_hold_no_guideline_of_another_pairs_prompt():
     for b in batches:  # and still no text twice
         texts = [anchors[i] for i in b] + [positives[i] for i in b]
         assert len(texts) == len(set(texts))
+
+
+def test_the_sampler_length_is_the_batches_an_epoch_yields_and_every_pair_is_in_one():
+    """The trainer takes exactly len(sampler) batches an epoch; a pass that defers conflicting
+    pairs yields more than ceil(pairs / batch size), and the pairs of the batches past that
+    length were never trained on. Here each of 6 prompts has 5 guidelines (30 pairs, batch 8:
+    ceil = 4 batches, but a prompt's 5 pairs need 5 batches)."""
+    from datasets import Dataset
+
+    from guidealign.retrieval.train import no_false_negatives_sampler
+
+    positives_of = {f"prompt {i}": {f"g{i}-{k}" for k in range(5)} for i in range(6)}
+    anchors = [a for a, gs in positives_of.items() for _ in sorted(gs)]
+    positives = [g for gs in positives_of.values() for g in sorted(gs)]
+    ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    sampler = no_false_negatives_sampler(positives_of)(ds, batch_size=8, drop_last=False, seed=3)
+    assert len(sampler) >= 5
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        taken = batches[:len(sampler)]  # what the trainer takes
+        assert sorted(i for b in taken for i in b) == list(range(len(anchors))), epoch
+        for b in batches:
+            assert len({anchors[i] for i in b}) == len(b)  # no prompt twice in a batch
+
+
+def test_a_later_epoch_with_a_longer_pass_folds_its_surplus_into_earlier_batches():
+    from datasets import Dataset
+
+    from guidealign.retrieval.train import no_false_negatives_sampler
+
+    rng = __import__("random").Random(1)
+    guidelines = [f"guideline {k}" for k in range(30)]
+    positives_of = {f"prompt {i}": set(rng.sample(guidelines, 4)) for i in range(40)}
+    anchors = [a for a, gs in positives_of.items() for _ in sorted(gs)]
+    positives = [g for gs in positives_of.values() for g in sorted(gs)]
+    ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    sampler = no_false_negatives_sampler(positives_of)(ds, batch_size=8, drop_last=False, seed=0)
+    n = len(sampler)
+    longer = 0
+    for epoch in range(12):
+        sampler.set_epoch(epoch)
+        longer += len(sampler._pass(epoch)) > n
+        batches = list(sampler)
+        assert sorted(i for b in batches[:n] for i in b) == list(range(len(anchors))), epoch
+        assert len(batches) <= n  # a shorter pass: the trainer ends that epoch early
+        for b in batches:
+            texts = [anchors[i] for i in b] + [positives[i] for i in b]
+            assert len(texts) == len(set(texts))
+            assert not any(positives[j] in positives_of[anchors[i]] for i in b for j in b if i != j)
+    assert longer  # the case this test is about happened

@@ -53,8 +53,9 @@ def model_dir(workdir: str | Path) -> Path:
 def retriever_fingerprint(rc, library_version: str) -> str:
     """The fingerprint of the retriever trained with ``rc`` on that library version (any rank
     computes it: the index stage accepts only the retriever of the current config and library)."""
-    # v2: batches without false in-batch negatives (no_false_negatives_sampler)
-    return fingerprint("retriever-v2", rc, library_version)
+    # v2: batches without false in-batch negatives (no_false_negatives_sampler); v3: every
+    # pair trained on each epoch (the sampler's length is its real number of batches)
+    return fingerprint("retriever-v3", rc, library_version)
 
 
 def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
@@ -63,11 +64,19 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
     another pair's prompt. A prompt has several guidelines and a guideline serves many
     prompts, so with (A, g1) and (B, g2) in one batch while g2 is also A's guideline, the
     loss would push A away from its own guideline g2 (a false in-batch negative).
-    ``positives_of``: prompt text -> the texts of all its guidelines (train pairs)."""
+    ``positives_of``: prompt text -> the texts of all its guidelines (train pairs).
+
+    Every pair is in exactly one batch of each epoch, and ``len()`` is the number of batches an
+    epoch yields: the trainer takes exactly ``len()`` batches an epoch, and the stock sampler
+    advertises ceil(pairs / batch size) while a pass that defers conflicting pairs yields more
+    (the pairs of the last ones were never trained on). The length is that of epoch 0's pass; a
+    later epoch whose pass comes out longer folds the pairs of its surplus batches into earlier
+    batches they do not conflict with (a batch may then hold a pair or two more)."""
+    import torch
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
     class NoFalseNegativesBatchSampler(NoDuplicatesBatchSampler):
-        def _iter_one_pass(self, get_sample_values, has_overlap):
+        def _values(self):
             anchors, positives = list(self.dataset["anchor"]), list(self.dataset["positive"])
 
             def values(i: int) -> set:
@@ -75,16 +84,77 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
                 # ("t", x): a text of a pair in the batch (either column); ("own", g): a
                 # guideline of a prompt in the batch
                 return {("t", a), ("t", p)} | {("own", g) for g in positives_of.get(a, ())}
+            return values
 
-            def overlap(v: set, batch: set) -> bool:
-                for kind, x in v:
-                    if kind == "t" and (("t", x) in batch or ("own", x) in batch):
-                        return True  # a text twice, or its guideline is another prompt's
-                    if kind == "own" and ("t", x) in batch:
-                        return True  # a guideline in the batch is one of its prompt's
-                return False
+        @staticmethod
+        def _overlap(v: set, batch: set) -> bool:
+            for kind, x in v:
+                if kind == "t" and (("t", x) in batch or ("own", x) in batch):
+                    return True  # a text twice, or its guideline is another prompt's
+                if kind == "own" and ("t", x) in batch:
+                    return True  # a guideline in the batch is one of its prompt's
+            return False
 
-            return super()._iter_one_pass(values, overlap)
+        def _pass(self, epoch: int) -> list[list[int]]:
+            """The batches of one pass over the pairs, shuffled for ``epoch`` (the last one is
+            kept: the trainer asks the length before epoch 0 and then iterates it)."""
+            cache = self.__dict__.setdefault("_passes", {})
+            if epoch not in cache:
+                if self.generator is None:
+                    self.generator = torch.Generator()
+                if self.seed is not None:
+                    self.generator.manual_seed(self.seed + epoch)
+                cache.clear()
+                cache[epoch] = [list(b) for b in self._iter_one_pass(self._values(), self._overlap)]
+            return cache[epoch]
+
+        def __len__(self) -> int:
+            if "_len" not in self.__dict__:
+                self._len = len(self._pass(0))
+            return self._len
+
+        def __iter__(self):
+            n = len(self)
+            batches = self._pass(self.epoch)
+            if len(batches) > n:
+                batches = self._fold(batches, n)
+            yield from batches
+
+        def _fold(self, batches: list[list[int]], n: int) -> list[list[int]]:
+            values = self._values()
+            keep = [list(b) for b in batches[:n]]
+            seen = [set().union(*(values(i) for i in b)) for b in keep]
+            def fits(v: set, skip: int = -1) -> list[int]:
+                return [k for k in range(len(keep)) if k != skip and not self._overlap(v, seen[k])]
+
+            def put(i: int, k: int) -> None:
+                keep[k].append(i)
+                seen[k] = set().union(*(values(j) for j in keep[k]))
+
+            left = 0
+            for i in (i for b in batches[n:] for i in b):
+                v = values(i)
+                ks = fits(v)
+                if ks:
+                    put(i, min(ks, key=lambda k: len(keep[k])))
+                    continue
+                # one swap: a batch where i conflicts with a single pair that fits elsewhere
+                for k in range(n):
+                    clash = [j for j in keep[k] if self._overlap(v, values(j)) or self._overlap(values(j), v)]
+                    if len(clash) == 1 and (to := fits(values(clash[0]), skip=k)):
+                        keep[k].remove(clash[0])
+                        put(clash[0], min(to, key=lambda t: len(keep[t])))
+                        put(i, k)
+                        break
+                else:  # a batch of its own, past the n the trainer takes
+                    keep.append([])
+                    seen.append(set())
+                    put(i, len(keep) - 1)
+                    left += 1
+            if left:
+                log.warning("retriever: %d pair(s) conflict with every batch of epoch %d and sit it out",
+                            left, self.epoch)
+            return keep
 
     return NoFalseNegativesBatchSampler
 
