@@ -69,18 +69,10 @@ def _judge_template_and_engine(cfg):
     (eval/generate.py): the responder's engine settings with the judge model and
     ``eval.judge_chat_template``; when the judge is the responder's model and no judge template
     is set, the responder's own engine (and chat template) judges."""
-    from guidealign.core.models import resolve
-    from guidealign.eval.generate import judge_engine, responder_engine
+    from guidealign.eval.generate import judge_engine, judge_is_responder, responder_engine
 
     r, j = responder_engine(cfg), judge_engine(cfg)
-
-    def same(a: str, b: str) -> bool:
-        try:
-            return resolve(a) == resolve(b)
-        except Exception:  # noqa: BLE001 - an unknown embedded name: its model row FAILs
-            return a == b
-
-    if j.chat_template in (None, r.chat_template) and same(j.model, r.model):
+    if judge_is_responder(cfg):
         j = dataclasses.replace(r, model=cfg.eval.judge_model)
     return j.chat_template, j
 

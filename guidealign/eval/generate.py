@@ -29,6 +29,20 @@ def judge_engine(cfg):
                                chat_template=cfg.eval.judge_chat_template)
 
 
+def judge_is_responder(cfg) -> bool:
+    """Whether the responder's engine judges too: the same model (after resolving names) and
+    no other chat template (``eval.judge_chat_template`` None or the responder's)."""
+    from guidealign.core.models import resolve
+
+    r, j = responder_engine(cfg), judge_engine(cfg)
+    if j.chat_template not in (None, r.chat_template):
+        return False
+    try:
+        return resolve(j.model) == resolve(r.model)
+    except Exception:  # noqa: BLE001 - an unknown embedded name: building its engine says so
+        return j.model == r.model
+
+
 class Engines:
     """The responder engine and the judge engine, built lazily. When the judge is the
     responder (same model and template) one engine serves both; otherwise the responder (if
@@ -39,12 +53,6 @@ class Engines:
         self.cfg = cfg
         self.llm, self.judge_llm = llm, judge_llm
         self._built: list[str] = []
-
-    def _same_model(self) -> bool:
-        from guidealign.core.models import resolve
-
-        r, j = responder_engine(self.cfg), judge_engine(self.cfg)
-        return resolve(j.model) == resolve(r.model) and j.chat_template in (None, r.chat_template)
 
     def generator(self):
         if self.llm is None:
@@ -57,7 +65,7 @@ class Engines:
     def judge(self):
         if self.judge_llm is not None:
             return self.judge_llm
-        if self._same_model():
+        if judge_is_responder(self.cfg):
             self.judge_llm = self.generator()
             return self.judge_llm
         if "llm" in self._built:

@@ -47,7 +47,7 @@ class HarmItem:
 def _generate(llm, prompts: list[dict], sampling, seed):
     from guidealign.gen.engine import generate, sampling_params
 
-    return generate(llm, prompts, sampling_params(sampling, seed=seed))
+    return generate(llm, prompts, sampling_params(sampling, seed=seed, llm=llm))
 
 
 def judge_pairwise(llm, items: list[PairItem], ecfg, seed: int | None = 0) -> dict[str, list]:

@@ -270,7 +270,7 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
                                              examples=examples, n=str(a.new_per_request)))]
                 builts.append(builder.build(msgs, a.sampling.max_tokens))
                 owners.append((st, f"{st.name}:{st.rounds}:{j}"))
-        params = params_for(a.sampling, cfg.engine.seed, [k for _, k in owners], True)
+        params = params_for(a.sampling, cfg.engine.seed, [k for _, k in owners], True, llm)
         gens = generate_built(llm, builts, params)
         for (st, key), b, g in zip(owners, builts, gens):
             if g is None:

@@ -166,7 +166,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             check_not_all_failed("detect", [err for b, (_, err) in zip(builts, scored) if not b.skipped])
             rows = [_score_row(i, p, b, sc, threshold) for i, p, b, sc in zip(ids, texts, builts, scored)]
         else:
-            params = params_for(s, cfg.engine.seed, ids, d.seed_per_prompt)
+            params = params_for(s, cfg.engine.seed, ids, d.seed_per_prompt, llm)
             if d.structured:
                 params = scoring.with_structured(params, scoring.detect_regex())
             gens = generate_built(llm, builts, params)

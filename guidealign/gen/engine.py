@@ -127,10 +127,18 @@ def build_llm(cfg: EngineConfig):
     # the engine's processes end with this one, even when it is SIGKILLed
     llm._guidealign_procs = reaper.child_pids() - before
     llm._guidealign_watchdog = reaper.guard(llm._guidealign_procs)
-    from guidealign.gen.templates import apply_template  # the configured chat template, or the model's own
-
-    apply_template(llm.get_tokenizer(), cfg.chat_template, model=cfg.model)
+    use_template(llm, cfg.chat_template, model=cfg.model)  # the configured one, or the model's own
     return llm
+
+
+def use_template(llm, spec: str | None, *, model: str):
+    """Set the chat template ``spec`` on the engine's tokenizer (returned), and remember where
+    that template's assistant turns end (:func:`sampling_params` stops there)."""
+    from guidealign.gen.templates import apply_template, turn_end_stop
+
+    tok = apply_template(llm.get_tokenizer(), spec, model=model)
+    llm._guidealign_stop = turn_end_stop(tok, spec)
+    return tok
 
 
 def close_llm(llm, timeout: float = 60.0) -> int:
@@ -151,11 +159,15 @@ def close_llm(llm, timeout: float = 60.0) -> int:
     return alive
 
 
-def sampling_params(s: Sampling, seed: int | None = None):
+def sampling_params(s: Sampling, seed: int | None = None, llm=None):
+    """vLLM's SamplingParams for ``s``; with ``llm``, generation also stops where the engine's
+    chat template ends an assistant turn (:func:`use_template`)."""
     from vllm import SamplingParams
 
+    stop_ids, stop_texts = getattr(llm, "_guidealign_stop", ([], []))
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                          stop=list(s.stop) or None, seed=seed,
+                          stop=list(s.stop) + [t for t in stop_texts if t not in s.stop] or None,
+                          stop_token_ids=list(stop_ids) or None, seed=seed,
                           repetition_penalty=s.repetition_penalty,
                           frequency_penalty=s.frequency_penalty)
 
@@ -294,11 +306,11 @@ def prompt_seed(base: int, key: str) -> int:
 _warned_cpu_seed = False
 
 
-def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool):
+def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool, llm=None):
     """One SamplingParams for all prompts, or one per prompt with its own seed
     (only when sampling: at temperature 0 seeds change nothing)."""
     if not per_prompt or s.temperature == 0:
-        return sampling_params(s)
+        return sampling_params(s, llm=llm)
     if not has_cuda():
         # vLLM CPU (0.32) crashes on seeded requests whose prefill is chunked ("CPU Generator
         # does not use offset"), so on the CPU prompts share the engine's seeded generator.
@@ -307,8 +319,8 @@ def params_for(s: Sampling, base_seed: int, keys: list[str], per_prompt: bool):
             log.info("per-prompt seeds are not supported by vLLM on the CPU; sampled outputs "
                         "depend on batching there (greedy outputs do not)")
             _warned_cpu_seed = True
-        return sampling_params(s)
-    return [sampling_params(s, seed=prompt_seed(base_seed, k)) for k in keys]
+        return sampling_params(s, llm=llm)
+    return [sampling_params(s, seed=prompt_seed(base_seed, k), llm=llm) for k in keys]
 
 
 def run_engine_stage(stage: str, cfg, src, dst, fp: str, make_shard_fn, *, llm=None,

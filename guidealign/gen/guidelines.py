@@ -173,7 +173,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                                                          "(guidelines.unknown_verdict=skip)"))
             else:
                 builts.append(prompts.build(t, k, raw))
-        params = params_for(g.sampling, cfg.engine.seed, ids, g.seed_per_prompt)
+        params = params_for(g.sampling, cfg.engine.seed, ids, g.seed_per_prompt, llm)
         if g.structured:
             params = scoring.with_structured(params, scoring.guidelines_regex())
         q0, h0 = prefix_cache_counters(llm)

@@ -196,14 +196,12 @@ def row_guidelines(ids, texts, max_guidelines: int = 0) -> tuple[list[str], list
 def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
     from guidealign.gen.build import engine_max_len
-    from guidealign.gen.engine import generate, sampling_params
+    from guidealign.gen.engine import generate, sampling_params, use_template
     from guidealign.gen.yieldstats import counts, respond_usable
 
     rcfg: RespondConfig = cfg.respond
     ecfg = cfg.engine
-    from guidealign.gen.templates import apply_template
-
-    tok = apply_template(llm.get_tokenizer(), ecfg.chat_template, model=ecfg.model)
+    tok = use_template(llm, ecfg.chat_template, model=ecfg.model)
     load_exemplars(rcfg)  # a bad exemplars file fails here, not once per row
     max_len = engine_max_len(llm, ecfg.max_model_len)  # an injected engine may be shorter
     budget = max_len - rcfg.sampling.max_tokens
@@ -212,7 +210,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
                          f"for a prompt in the engine's max_model_len ({max_len})")
     # No per-request seed: greedy decoding needs none, and vLLM on the CPU crashes on seeded
     # requests whose prefill is chunked; the engine itself is seeded (engine.seed).
-    params = sampling_params(rcfg.sampling)
+    params = sampling_params(rcfg.sampling, llm=llm)
 
     def fn(table: pa.Table, index: int):
         from vllm.inputs import TokensPrompt

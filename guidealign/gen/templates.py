@@ -56,6 +56,21 @@ def turn_end_token(spec: str | None) -> str | None:
     return TURN_END.get(spec or "")
 
 
+def turn_end_stop(tok, spec: str | None) -> tuple[list[int], list[str]]:
+    """(stop token ids, stop strings) that end generation at the end of an assistant turn of
+    a built-in template whose turn end is not ``tok``'s eos_token (chatml on a Qwen-style
+    tokenizer, whose eos is ``<|endoftext|>``): the engine stops at eos only, so the model
+    would run on past its turn into made-up next turns until the length cap. A tokenizer
+    without the token as one piece gets it as a stop string."""
+    end = turn_end_token(spec)
+    if not end or end == getattr(tok, "eos_token", None):
+        return [], []
+    vocab = tok.get_vocab()
+    if end in vocab:
+        return [int(vocab[end])], []
+    return [], [end]
+
+
 def template_hash(spec: str | None) -> str | None:
     """A hash of the configured template's text (for fingerprints); None = the model's own."""
     if not spec:
