@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from guidealign.shards import fingerprint, read_manifest, read_marker, read_table, write_manifest
-from guidealign.shards.layout import marker_path, shard_indices, shard_path
+from guidealign.shards.layout import shard_path
 from guidealign.shards.jsonl import jsonl_done, jsonl_path, write_jsonl_shard
+from guidealign.shards.write import retire_shards_from
 from guidealign.shards.ranks import my_shards
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl",)
-_JSONL_NAME = re.compile(r"^shard-(\d{5,})\.jsonl$")
 
 
 @dataclass
@@ -54,21 +53,6 @@ class ExportReport:
         if self.pending:
             s += f"; input shards {self.pending} are not committed yet (rerun export later)"
         return s
-
-
-def _retire_from(out: Path, n: int) -> list[int]:
-    """Remove the export shards numbered ``n`` and up (marker first): what an export of a larger
-    dataset left, which ``cat OUT/shard-*.jsonl`` would otherwise join to this one's rows."""
-    gone = [i for i in shard_indices(out) if i >= n]
-    for i in gone:
-        marker_path(out, i).unlink(missing_ok=True)
-    if out.is_dir():
-        for p in out.glob("shard-*.jsonl"):
-            m = _JSONL_NAME.match(p.name)
-            if m and int(m.group(1)) >= n:
-                p.unlink(missing_ok=True)
-                gone.append(int(m.group(1)))
-    return sorted(set(gone))
 
 
 def _check_columns(src: Path, n: int, columns: list[str]) -> None:
@@ -99,7 +83,8 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
     if columns:
         _check_columns(src, n, columns)
     write_manifest(out, stage="export", num_shards=n, fingerprint=cfg_fp, input=str(src), format=fmt)
-    _retire_from(out, n)
+    # what an export of a larger dataset left, which `cat OUT/shard-*.jsonl` would join to these rows
+    retire_shards_from(out, n, ".jsonl")
     rep = ExportReport(dataset=dataset, out=str(out), rank=rank, world_size=world_size, total=n,
                        mine=my_shards(n, rank, world_size))
     from tqdm import tqdm

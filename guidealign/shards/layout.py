@@ -5,11 +5,11 @@ import re
 from pathlib import Path
 
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.done\.json$")
-_FILE_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 
 
-def shard_path(dataset: str | Path, index: int) -> Path:
-    return Path(dataset) / f"shard-{index:05d}.parquet"
+def shard_path(dataset: str | Path, index: int, suffix: str = ".parquet") -> Path:
+    """Shard ``index``'s data file (``suffix`` ".jsonl" for an export's)."""
+    return Path(dataset) / f"shard-{index:05d}{suffix}"
 
 
 def marker_path(dataset: str | Path, index: int) -> Path:
@@ -34,11 +34,12 @@ def shard_indices(dataset: str | Path) -> list[int]:
     return sorted(out)
 
 
-def file_indices(dataset: str | Path) -> list[int]:
+def file_indices(dataset: str | Path, suffix: str = ".parquet") -> list[int]:
     """Indices of the shard and quarantine files present, with a marker or not, sorted."""
     d = Path(dataset)
+    name = re.compile(r"^shard-(\d{5,})" + re.escape(suffix) + "$")
     out = set()
     for sub in (d, d / "quarantine"):
         if sub.is_dir():
-            out.update(int(m.group(1)) for p in sub.iterdir() if (m := _FILE_RE.match(p.name)))
+            out.update(int(m.group(1)) for p in sub.iterdir() if (m := name.match(p.name)))
     return sorted(out)

@@ -129,16 +129,17 @@ def write_shard(
     return marker
 
 
-def retire_shards_from(dataset: str | Path, n: int) -> list[int]:
+def retire_shards_from(dataset: str | Path, n: int, suffix: str = ".parquet") -> list[int]:
     """Remove the shards numbered ``n`` and up (marker first, so none is ever taken half
     removed): what an earlier run over a larger input left. Returns their indices.
+    ``suffix``: the data files' (".jsonl" for an export's).
 
     Shard and quarantine files without a marker count too: a retire killed between a marker
     and its files left them, and nothing else would ever remove them."""
     dataset = Path(dataset)
-    gone = sorted({i for i in shard_indices(dataset) + file_indices(dataset) if i >= n})
+    gone = sorted({i for i in shard_indices(dataset) + file_indices(dataset, suffix) if i >= n})
     for i in gone:
-        for p in (marker_path(dataset, i), shard_path(dataset, i), quarantine_path(dataset, i)):
+        for p in (marker_path(dataset, i), shard_path(dataset, i, suffix), quarantine_path(dataset, i)):
             p.unlink(missing_ok=True)
             remove_temps(p)
     return gone
