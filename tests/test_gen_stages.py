@@ -4,6 +4,7 @@ tests/test_chaos.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

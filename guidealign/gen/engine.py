@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from guidealign.config.engine import EngineConfig, Sampling  # noqa: F401 - used here
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
