@@ -16,6 +16,8 @@ def _by_id(dataset: Path, index: int, columns: list[str]) -> dict:
     if index not in committed(dataset):
         return {}
     t = read_table(dataset, index)
+    if "id" not in t.schema.names:
+        return {}
     cols = [c for c in columns if c in t.schema.names]
     return {r["id"]: r for r in t.select(["id", *cols]).to_pylist()}
 
@@ -31,33 +33,54 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
         shown = ", ".join(map(str, done[:10])) + (" ..." if len(done) > 10 else "")
         raise RuntimeError(f"{w / stage}: shard {i} is not committed (committed: {shown})")
     resp = read_table(w / stage, i).to_pylist()
-    det = _by_id(w / "detect", i, ["risky", "rationale"])
+    det = _by_id(w / "detect", i, ["risky", "rationale", "parse_status", "finish_reason", "skip_reason"])
     out = []
     for r in resp[:n]:
-        d = det.get(r["id"])
-        out.append({"id": r["id"], "prompt": r["prompt"], "detected": d is not None,
+        d = det.get(r.get("id"))
+        out.append({"id": r.get("id"), "prompt": r.get("prompt"), "detected": d is not None,
                     "risky": (d or {}).get("risky"), "rationale": (d or {}).get("rationale"),
-                    "guidelines": r.get("guideline_texts") or [],
-                    "response": r.get("response"), "finish_reason": r.get("finish_reason")})
+                    # why a detect row has no verdict: skipped, an engine error, or unparsed
+                    "detect_status": (d or {}).get("parse_status"),
+                    "detect_finish": (d or {}).get("finish_reason"),
+                    "detect_reason": (d or {}).get("skip_reason"),
+                    "guidelines": [g for g in (r.get("guideline_texts") or []) if g is not None],
+                    "response": r.get("response"), "finish_reason": r.get("finish_reason"),
+                    "note": r.get("note")})
     return out
 
 
+def _verdict_line(r: dict, clip) -> str:
+    """The detect line: the verdict and rationale, or why there is none (a skipped prompt and
+    an engine error are not an unparsed output)."""
+    if r.get("risky") is not None:
+        return f"- detect: {'risky' if r['risky'] else 'not risky'}. {clip(r.get('rationale'), 300)}"
+    status, finish = r.get("detect_status"), r.get("detect_finish")
+    reason = (r.get("detect_reason") or "").strip()
+    if "skipped" in (status, finish):
+        return f"- detect: skipped ({reason or 'no reason recorded'})"
+    if "error" in (status, finish):
+        return f"- detect: failed ({reason or 'engine error'})"
+    return f"- detect: unparsed. {clip(r.get('rationale'), 300)}"
+
+
 def render(rows: list[dict], width: int = 100, max_chars: int = 600) -> str:
-    def clip(s):
+    def clip(s, limit=max_chars):
         s = (s or "").strip().replace("\n", " ")
-        return s if len(s) <= max_chars else s[:max_chars] + " [...]"
+        return s if len(s) <= limit else s[:limit] + " [...]"
 
     parts = []
     for r in rows:
         if r.get("detected", True):
-            verdict = {True: "risky", False: "not risky", None: "unparsed"}[r["risky"]]
-            det = f"- detect: {verdict}. {clip(r['rationale'])[:300]}"
+            det = _verdict_line(r, clip)
         else:  # responses for another prompt set than detect's (inputs_sft), or detect not run
             det = "- detect: not run on this prompt (detect/ does not hold it)"
-        lines = [f"### {r['prompt']}", det,
+        lines = [f"### {r.get('prompt')}", det,
                  "- retrieved guidelines:"]
-        lines += [f"  {k}. {g}" for k, g in enumerate(r["guidelines"], 1)] or ["  (none)"]
-        lines.append(f"- response ({r['finish_reason']}):")
-        lines += ["  " + ln for ln in textwrap.wrap(clip(r["response"]), width)]
+        lines += [f"  {k}. {g}" for k, g in enumerate(r.get("guidelines") or [], 1)] or ["  (none)"]
+        lines.append(f"- response ({r.get('finish_reason') or 'no finish reason'}):")
+        if r.get("note"):  # an engine error, or what was done to the prompt (truncation)
+            lines.append(f"  note: {clip(r['note'])}")
+        body = textwrap.wrap(clip(r.get("response")), width)
+        lines += ["  " + ln for ln in body] or ["  (empty)"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)

@@ -25,7 +25,8 @@ from guidealign.gen.parse import parse_detection
 
 log = logging.getLogger(__name__)
 
-VERSION = "detect-v1"
+# v2: verdict labels ("Verdict:") outrank words an analysis also uses ("answer: no"); bold verdicts
+VERSION = "detect-v2"
 SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()),
     ("rationale", pa.string()), ("raw", pa.string()), ("finish_reason", pa.string()),

@@ -24,7 +24,9 @@ from guidealign.gen.parse import parse_guidelines
 
 log = logging.getLogger(__name__)
 
-VERSION = "guidelines-v1"
+# v2: bold titles with their separator inside the bold, bullets under a title-only numbered
+# item, an intro line before a numbered list (gen/parse.py)
+VERSION = "guidelines-v2"
 GUIDELINE_TYPE = pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))
 SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()), ("kind", pa.string()),

@@ -9,13 +9,23 @@ import re
 
 # --- detection ---------------------------------------------------------------------------
 
-# An explicit verdict anywhere: "Verdict: Yes", "**Verdict:** no", "Final answer - YES",
-# "Risky: yes", "verdict = No", "Judgement: no"; with "is" ("The answer is no.") only where the
-# Yes/No ends a clause, so "the answer is yes or no" or "is no longer" is no verdict.
+# An explicit verdict anywhere: "Verdict: Yes", "**Verdict:** no", "**Verdict:** **Yes**",
+# "Final answer - YES", "Risky: yes", "verdict = No", "Judgement: no"; with "is" ("The answer
+# is no.") only where the Yes/No ends a clause, so "the answer is yes or no" or "is no longer"
+# is no verdict; after a separator, "no matter", "no doubt", "no one"... is none either.
+_MARKUP = r"(?:\s*(?:\*\*|__|[\"'`]))*\s*"
 _VERDICT = re.compile(
-    r"(?im)\b(?:final\s+)?(?:verdict|answer|decision|judge?ment|risky|unsafe|label)\s*(?:\*\*|__)?\s*"
-    r"(?:[:=\-–—]\s*(?:\*\*|__|[\"'`])?\s*(yes|no)\b"
-    r"|is\s*(?:\*\*|__|[\"'`])?\s*(yes|no)\b(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
+    r"(?im)(?<![^\W_])(?P<final>final\s+)?(?P<key>verdict|answer|decision|judge?ment|risky|unsafe|label)"
+    r"\s*(?:\*\*|__)?\s*"
+    r"(?:(?P<sep>[:=\-–—])" + _MARKUP + r"(?P<said>yes|no)(?![^\W_])"
+    r"(?!\s+(?:matter|doubt|longer|one|more|less|way|need)\b)"
+    r"|is" + _MARKUP + r"(?P<said_is>yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
+# Keywords that name the verdict itself. The others ("answer", "risky", "unsafe", "label")
+# also name things an analysis talks about ("2. Harm from a careless answer: no."), so they
+# count only when no verdict label does, and after a separator only where they begin a line
+# ("Answer: yes", "**Risky:** no").
+_STRONG = ("verdict", "decision", "judgement", "judgment")
+_LINE_LEAD = re.compile(r"^[\s>*_#`\"'-]*$")
 # A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
 _BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
 _ANALYSIS_PREFIX = re.compile(
@@ -27,10 +37,16 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     ``verdict_mid`` (explicit verdict followed by more text), ``conflicting`` (explicit
     Yes and No verdicts: the last one wins), ``bare`` (no "Verdict:" label, but the last
     line, or else the first, is a bare Yes/No), ``missing`` (no verdict: risky is None),
-    ``empty`` (no output)."""
+    ``empty`` (no output). A "Verdict:"-like label outranks the weaker keywords
+    ("Answer:", "Risky:"), and a bare last line outranks weak keywords before it."""
     if text is None or not text.strip():
         return None, "", "empty"
-    hits = list(_VERDICT.finditer(text))
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    hits = _verdict_hits(text)
+    if hits and not _strong(hits[-1]):
+        m = _BARE.match(lines[-1])
+        if m and hits[-1].start() < len(text.rstrip()) - len(lines[-1].strip()):
+            return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
     if hits:
         last = hits[-1]
         risky = _said(last) == "yes"
@@ -43,11 +59,10 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
         elif tail:
             status = "verdict_mid"
             if not rationale:
-                rationale = _rationale(after.lstrip(" \t.!*_`\"')]"))
+                rationale = _rationale(after.lstrip(" \t.,;:!*_`\"')]-–—"))
         else:
             status = "ok"
         return risky, rationale, status
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     m = _BARE.match(lines[-1])
     if m:
         return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
@@ -58,7 +73,22 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
 
 
 def _said(m: re.Match) -> str:
-    return (m.group(1) or m.group(2)).lower()
+    return (m.group("said") or m.group("said_is")).lower()
+
+
+def _strong(m: re.Match) -> bool:
+    return bool(m.group("final")) or m.group("key").lower() in _STRONG
+
+
+def _verdict_hits(text: str) -> list[re.Match]:
+    """The verdict matches that count: a verdict label's ("Verdict:", "Final answer") when
+    there is one, else the weaker keywords', a separator form only at the start of a line."""
+    hits = list(_VERDICT.finditer(text))
+    strong = [h for h in hits if _strong(h)]
+    if strong:
+        return strong
+    return [h for h in hits if not h.group("sep")
+            or _LINE_LEAD.match(text[text.rfind("\n", 0, h.start()) + 1:h.start()])]
 
 
 def _rationale(text: str) -> str:
@@ -74,8 +104,9 @@ _ITEM = re.compile(
     r"(?:(?:guideline|rule|principle|step)\s*#?\s*\d{1,2}\s*[.):\-–—]?"   # Guideline 1:
     r"|\(?\d{1,2}\s*[.):](?!\d)"                                      # 1.  1)  (1), not 1.1
     r"|[-*•+●▪◦](?=\s))"                                               # - * • bullets
-    r"\s*(?:\*\*|__)?\s*(.*)$", re.IGNORECASE)
-_BOLD_LEAD = re.compile(r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)(.+?)(?:\*\*|__)\s*[:.\-–—]?\s*(.*)$")
+    r"\s*(?P<bold>\*\*|__)?\s*(.*)$", re.IGNORECASE)
+# "**Title**: text", "**Title.** text", "**Title -** text", "**Title** Text"; group 2: a separator
+_BOLD_LEAD = re.compile(r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)(.+?)(?:\*\*|__)\s*([:.\-–—]?)\s*(.*)$")
 _HEADING = re.compile(r"^\s*#{1,6}\s+(.+)$")
 _BULLET = re.compile(r"^\s*[-*•+●▪◦]\s+")
 _TITLE_COLON = re.compile(r"^([^:\n]{2,80}?)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$")
@@ -91,8 +122,8 @@ def _strip_md(s: str) -> str:
 def _split_title(body: str) -> tuple[str, str]:
     """'Title: text', '**Title**: text', '**Title:** text', 'Title - text'; else ('', body)."""
     m = _BOLD_LEAD.match(body)
-    if m and len(m.group(1).split()) <= _MAX_TITLE_WORDS:
-        return _strip_md(m.group(1)).rstrip(":").strip(), _strip_md(m.group(2))
+    if m and len(m.group(1).split()) <= _MAX_TITLE_WORDS and _bold_title(m):
+        return _strip_md(m.group(1)).rstrip(":.-–— ").strip(), _strip_md(m.group(3))
     plain = body.strip()
     m = _TITLE_COLON.match(plain)
     if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
@@ -101,6 +132,21 @@ def _split_title(body: str) -> tuple[str, str]:
     if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
         return _strip_md(m.group(1)), _strip_md(m.group(2))
     return "", _strip_md(plain)
+
+
+def _bold_title(m: re.Match) -> bool:
+    """A bold lead is a title when a separator ends it (inside the bold or after it), nothing
+    follows it, or the text after it starts a sentence; not "**Never** share addresses."."""
+    rest = m.group(3).strip().lstrip("*_")
+    return bool(m.group(2)) or m.group(1).rstrip()[-1:] in (":", ".", "-", "–", "—") \
+        or not rest or rest[:1].isupper()
+
+
+def _item_head(m: re.Match) -> str:
+    """The text of a list item after its marker, with a bold opener right after the marker
+    kept when the bold closes later ("1. **Title.** text"; for _split_title)."""
+    head = m.group(2)
+    return m.group("bold") + head if m.group("bold") and m.group("bold") in head else head
 
 
 def _title_only(item: list[str]) -> bool:
@@ -130,6 +176,7 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     blank = False
     closed = False
     numbered_at = -1             # indentation of the current item when it is numbered
+    sub_bullets = False          # bullets at its indentation are the numbered item's text
     for line in text.splitlines():
         if not line.strip():
             blank = True
@@ -138,9 +185,16 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
         m, bullet = _ITEM.match(line), _BULLET.match(line)
         if m and bullet and 0 <= numbered_at < indent and items and not closed:
             m = None  # a bullet under a numbered item: part of its text
+        elif (m and bullet and 0 <= numbered_at == indent and items and items[-1] and not closed
+              and (sub_bullets or _title_only(items[-1])) and not _split_title(_item_head(m))[0]):
+            # "1. Protect privacy" then "- Never share addresses." at the same indentation:
+            # the numbered title's text, not items of their own (a titled bullet still is one)
+            items[-1].append(line.strip())
+            sub_bullets, blank = True, False
+            continue
         head = None
         if m:
-            head = m.group(1)
+            head = _item_head(m)
         elif _BOLD_LEAD.match(line) and not line.startswith(" "):
             head = line
         elif _HEADING.match(line):
@@ -151,7 +205,7 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             items.append([head] if _strip_md(head) else [])
             marked.append(m is not None)
             numbered_at = indent if m and not bullet else -1
-            closed = False
+            sub_bullets = closed = False
         elif items and not closed:
             indented = line[:1] in (" ", "\t")
             if not items[-1]:
@@ -162,6 +216,11 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
                 items[-1].append(line.strip())
         blank = False
     if any(marked):  # a heading or bold line that only introduces the list is not an item
+        first = marked.index(True)
+        if sum(marked) >= 2 and not any(not mk and it for it, mk in zip(items[first:], marked[first:])):
+            # all items are list items, and a heading or bold note before them ("## Guidelines"
+            # then a sentence, "**Note:** ...") only introduces the list
+            items, marked = items[first:], marked[first:]
         items = [it for it, mk in zip(items, marked) if it and (mk or len(it) > 1 or not _title_only(it))]
     items = [it for it in items if it]
     status = "ok"

@@ -52,9 +52,12 @@ def guidelines_usable(r: dict) -> bool:
 
 
 def respond_usable(r: dict, keep=RESPOND_KEEP, min_chars: int = 1) -> bool:
-    """Whether SFT keeps this answer: a kept finish reason and at least ``min_chars``
-    characters after strip (``sft.keep_finish_reasons``, ``sft.min_response_chars``)."""
-    return r.get("finish_reason") in keep and len((r.get("response") or "").strip()) >= max(min_chars, 1)
+    """Whether SFT keeps this answer (sft/data.py ``drop_reason``): a kept finish reason and
+    a string response of at least ``min_chars`` characters after strip
+    (``sft.keep_finish_reasons``, ``sft.min_response_chars``; 0 keeps empty answers too)."""
+    resp = r.get("response")
+    return (r.get("finish_reason") in keep and isinstance(resp, str)
+            and len(resp.strip()) >= min_chars)
 
 
 _USABLE = {"detect": detect_usable, "guidelines": guidelines_usable, "respond": respond_usable,

@@ -31,12 +31,16 @@ QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("r
 
 def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
            dedup_ratio: float) -> list[tuple[int, float]]:
-    """Walk candidates best first; skip one whose ratio to a kept one is >= dedup_ratio."""
+    """Walk candidates best first; skip one whose ratio to a kept one is >= dedup_ratio.
+
+    Best first by score, ties by index row (lower first, as the evaluation ranks): FAISS lists
+    tied rows in an order of its own (its CPU search: higher row first, while it keeps the lower
+    rows at the top_n cut), so of two tied near-duplicates the survivor would depend on it."""
     from rapidfuzz import fuzz
 
     cutoff = dedup_ratio * 100.0
     kept: list[tuple[int, float]] = []
-    for c, s in zip(cand, scores):
+    for c, s in sorted(zip(cand, scores), key=lambda cs: (-cs[1], cs[0])):
         if c < 0:
             continue
         t = texts[c]
@@ -51,11 +55,24 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
 
 def encoder_path(meta: dict, workdir: Path) -> str:
     """Where the index's encoder is now: the run's own retriever is found under this workdir
-    (the index records its fingerprint, not the path it had, so a moved run still works)."""
+    (the index records its fingerprint, not the path it had, so a moved run still works).
+    That retriever must be the one that embedded the index: one retrained since (another
+    retriever config) sits in the same place, and its query vectors would be searched against
+    the old one's library vectors."""
     ref = meta["model_ref"]
     if ref.startswith("retriever:"):
-        from guidealign.retrieval.train import model_dir
+        from guidealign.retrieval.index import IndexVersionError
+        from guidealign.retrieval.train import model_dir, retriever_dir
+        from guidealign.shards.artifact import read_done
 
+        want = ref.split(":", 1)[1]
+        done = read_done(retriever_dir(workdir))
+        have = done.get("fingerprint") if done else None
+        if have != want:
+            raise IndexVersionError(
+                f"the index was embedded by the retriever {want}, but {retriever_dir(workdir)} holds "
+                f"{'the retriever ' + str(have) if have else 'no complete retriever'}: rebuild the index "
+                "(guidealign index) with the current retriever")
         return str(model_dir(workdir))
     from guidealign.core.models import resolve
 

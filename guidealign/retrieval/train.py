@@ -66,12 +66,17 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
     loss would push A away from its own guideline g2 (a false in-batch negative).
     ``positives_of``: prompt text -> the texts of all its guidelines (train pairs).
 
-    Every pair is in exactly one batch of each epoch, and ``len()`` is the number of batches an
-    epoch yields: the trainer takes exactly ``len()`` batches an epoch, and the stock sampler
-    advertises ceil(pairs / batch size) while a pass that defers conflicting pairs yields more
-    (the pairs of the last ones were never trained on). The length is that of epoch 0's pass; a
-    later epoch whose pass comes out longer folds the pairs of its surplus batches into earlier
-    batches they do not conflict with (a batch may then hold a pair or two more)."""
+    Every pair is in exactly one batch of each epoch (with ``drop_last=False``, what the trainer
+    here uses), and ``len()`` is the number of batches an epoch yields at most: the trainer takes
+    exactly ``len()`` batches an epoch, and the stock sampler advertises ceil(pairs / batch size)
+    while a pass that defers conflicting pairs yields more (the pairs of the last ones were never
+    trained on). The length is that of epoch 0's pass; a later epoch whose pass comes out longer
+    folds the pairs of its surplus batches into the first ``len()`` batches where they do not
+    conflict (a batch may then hold a pair or two more; a pair that fits none, even after one
+    swap, sits that epoch out, logged). ``drop_last=True`` drops every incomplete batch of a pass
+    (not only the last one: a batch ends incomplete wherever the remaining pairs all conflict
+    with it), folds only into batches with room (none: they are full) and is an error when no
+    full batch can be made at all."""
     import torch
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
@@ -110,7 +115,14 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
 
         def __len__(self) -> int:
             if "_len" not in self.__dict__:
-                self._len = len(self._pass(0))
+                n = len(self._pass(0))
+                if n == 0 and len(self.dataset):
+                    # the trainer reads a length of 0 as "no length" and asks for max_steps
+                    raise ValueError(
+                        f"no batch of {self.batch_size} pairs without a text twice or a false in-batch "
+                        f"negative can be made from these {len(self.dataset)} pairs, and drop_last drops "
+                        "every smaller one: lower the batch size or set drop_last=False")
+                self._len = n
             return self._len
 
         def __iter__(self):
@@ -121,15 +133,27 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
             yield from batches
 
         def _fold(self, batches: list[list[int]], n: int) -> list[list[int]]:
+            """The first ``n`` batches with the pairs of the others folded into them: into a
+            batch they do not conflict with (the shortest), else after moving the one pair they
+            conflict with there to another batch. Only the ``n`` batches the trainer takes are
+            filled (a pair put past them would never be trained on), and with ``drop_last`` a
+            batch stays at ``batch_size``; a pair that fits none sits this epoch out."""
             values = self._values()
             keep = [list(b) for b in batches[:n]]
-            seen = [set().union(*(values(i) for i in b)) for b in keep]
+
+            def union(b: list[int]) -> set:
+                return set().union(*(values(j) for j in b))
+
+            seen = [union(b) for b in keep]
+            cap = self.batch_size if self.drop_last else None
+
             def fits(v: set, skip: int = -1) -> list[int]:
-                return [k for k in range(len(keep)) if k != skip and not self._overlap(v, seen[k])]
+                return [k for k in range(n) if k != skip and (cap is None or len(keep[k]) < cap)
+                        and not self._overlap(v, seen[k])]
 
             def put(i: int, k: int) -> None:
                 keep[k].append(i)
-                seen[k] = set().union(*(values(j) for j in keep[k]))
+                seen[k] |= values(i)
 
             left = 0
             for i in (i for b in batches[n:] for i in b):
@@ -140,16 +164,14 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
                     continue
                 # one swap: a batch where i conflicts with a single pair that fits elsewhere
                 for k in range(n):
-                    clash = [j for j in keep[k] if self._overlap(v, values(j)) or self._overlap(values(j), v)]
+                    clash = [j for j in keep[k] if self._overlap(v, values(j))]
                     if len(clash) == 1 and (to := fits(values(clash[0]), skip=k)):
                         keep[k].remove(clash[0])
+                        seen[k] = union(keep[k])
                         put(clash[0], min(to, key=lambda t: len(keep[t])))
                         put(i, k)
                         break
-                else:  # a batch of its own, past the n the trainer takes
-                    keep.append([])
-                    seen.append(set())
-                    put(i, len(keep) - 1)
+                else:  # not trained on this epoch (the trainer takes n batches)
                     left += 1
             if left:
                 log.warning("retriever: %d pair(s) conflict with every batch of epoch %d and sit it out",
@@ -238,6 +260,21 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     from datasets import Dataset
 
     train_ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    positives_of: dict[str, set[str]] = {}
+    for a, p in zip(anchors, positives):
+        positives_of.setdefault(a, set()).add(p)
+    # the same check for the batches themselves: two prompts that share all their guidelines
+    # pass the one above, yet no two of their pairs may share a batch (each pair's guideline
+    # is the other prompt's too), so every batch would again hold a single pair
+    probe = no_false_negatives_sampler(positives_of)(train_ds, batch_size=rc.batch_size,
+                                                     drop_last=False, seed=rc.seed)
+    if max((len(b) for b in probe._pass(0)), default=0) < 2:
+        raise RuntimeError(
+            f"{lib}/pairs/train.parquet: no two training pairs can share a batch (retriever.batch_size="
+            f"{rc.batch_size}; a pair's guideline may not be a guideline of another prompt in its batch), so "
+            "every batch holds one pair and in-batch-negative training (MultipleNegativesRankingLoss) "
+            "learns nothing")
+    del probe
 
     es = build_eval_set(library, heldout, rc.max_eval_queries)
     results: dict[str, dict] = {}
@@ -246,9 +283,6 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         results["base"] = evaluate(es, dense_scorer(model, es.docs, rc.encode_batch_size),
                                    recall_at=rc.recall_at, risk_top_k=rc.risk_top_k)
     with build_dir(dst) as tmp:
-        positives_of: dict[str, set[str]] = {}
-        for a, p in zip(anchors, positives):
-            positives_of.setdefault(a, set()).add(p)
         steps = _train(model, train_ds, rc, tmp / "checkpoints", progress, positives_of)
         model.save(str(tmp / "model"))
         import shutil

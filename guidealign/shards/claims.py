@@ -4,7 +4,9 @@ A claim is the file ``DST/_claims/shard-NNNNN.claim``, created with ``O_CREAT|O_
 exactly one worker creates it) and holding its owner's id, host, pid and pid namespace. Its
 mtime is the owner's heartbeat: a thread touches it every ``ttl/4`` seconds while the shard
 is processed. A claim is stale when its heartbeat is older than ``ttl`` seconds, or when its
-owner ran on this host (same pid namespace) and that pid no longer exists. A worker steals a
+owner ran on this host (same host name, boot id and pid namespace: machines or containers can
+share a host name, and the initial pid namespace has the same inode on every Linux machine)
+and that pid no longer exists. A worker steals a
 stale claim by renaming it to a name of its own (``os.rename`` moves a given file once, so of
 two stealers only one gets it), checking that the file it moved is the stale one it looked at
 (same inode and mtime; otherwise it puts the file back), and then claiming the shard afresh
@@ -83,16 +85,26 @@ def _pid_namespace() -> str:
         return ""
 
 
+def _boot_id() -> str:
+    """This machine's boot id (one per machine and boot; "" where the kernel has none)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def owner_record(owner: str | None = None) -> dict:
     """Who holds a claim; ``nonce`` tells this claim apart from any other (inodes get reused)."""
     return {"owner": owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
             "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
-            "claimed_at": time.time(), "nonce": uuid.uuid4().hex}
+            "boot": _boot_id(), "claimed_at": time.time(), "nonce": uuid.uuid4().hex}
 
 
 def _owner_is_dead(rec: dict) -> bool:
     """True only when the owner ran in this host's pid namespace and its pid is gone."""
     if rec.get("host") != socket.gethostname() or rec.get("pidns") != _pid_namespace():
+        return False
+    if rec.get("boot", "") != _boot_id():  # another machine (or boot) with this host's name
         return False
     pid = rec.get("pid")
     if not isinstance(pid, int) or pid <= 0:

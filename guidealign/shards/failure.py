@@ -20,11 +20,15 @@ Which failure markers count: a marker carries the run id (``GUIDEALIGN_RUN_ID``,
 written after this process started. A rank deletes its own old marker when it starts.
 
 A requeued SLURM job keeps its job id, so a marker also carries its attempt
-(``SLURM_RESTART_COUNT``, 0 when unset): a marker of another attempt of the same run counts only
-when it was written after this process started. So after ``scontrol requeue`` (every rank on its
-next attempt) a rank that starts before the failed rank has restarted and cleared its marker is
-not stopped by the earlier attempt's failure, while a rank still on attempt 0 is stopped by the
-failure of a rank that was requeued on its own and failed again.
+(``SLURM_RESTART_COUNT``, 0 when unset) and its job (``SLURM_JOB_ID``): a marker of another attempt
+of the same run counts only when it was written after this process started. So after ``scontrol
+requeue`` (every rank on its next attempt) a rank that starts before the failed rank has restarted
+and cleared its marker is not stopped by the earlier attempt's failure, while a rank still on
+attempt 0 is stopped by the failure of a rank that was requeued on its own and failed again.
+Attempt numbers compare only within one SLURM job (its tasks share one restart count): every
+task of an array is a job of its own with its own count, so for a marker of another array task
+"the same attempt" means only that neither was ever requeued (both on attempt 0); otherwise
+the marker counts when written after this process started.
 """
 from __future__ import annotations
 
@@ -74,6 +78,22 @@ def attempt(env: dict | None = None) -> int:
         return 0
 
 
+def job(env: dict | None = None) -> str | None:
+    """The SLURM job whose restart count ``attempt`` reads (an array task's own job id)."""
+    env = os.environ if env is None else env
+    return env.get("SLURM_JOB_ID") or None
+
+
+def _marker_job(marker: dict) -> str | None:
+    """The job of a marker; one written before markers named it: its run id's SLURM_JOB_ID."""
+    if marker.get("job"):
+        return str(marker["job"])
+    rid = str(marker.get("run_id") or "")
+    if rid.startswith("SLURM_JOB_ID="):
+        return rid.partition("=")[2] or None
+    return None
+
+
 def _process_start() -> float:
     try:
         import psutil
@@ -102,7 +122,7 @@ def mark_failed(workdir: str | Path, rank: int | None, error: str, *, stage: str
     write_json_atomic(p, {"rank": rank, "world_size": world_size, "stage": stage,
                           "error": error[-4000:], "host": socket.gethostname(),
                           "pid": pid or os.getpid(), "run_id": run_id(), "attempt": attempt(),
-                          "created": time.time()})
+                          "job": job(), "created": time.time()})
     return p
 
 
@@ -110,11 +130,19 @@ def clear_failed(workdir: str | Path, rank: int | None) -> None:
     failure_path(workdir, rank).unlink(missing_ok=True)
 
 
-def _counts(marker: dict, me: str | None, started: float, my_attempt: int = 0) -> bool:
+def _counts(marker: dict, me: str | None, started: float, my_attempt: int = 0,
+            my_job: str | None = None) -> bool:
     theirs = marker.get("run_id")
     after_start = float(marker.get("created", 0.0)) >= started
     if me and theirs:
-        return me == theirs and (marker.get("attempt", 0) == my_attempt or after_start)
+        if me != theirs:
+            return False
+        their_attempt = marker.get("attempt", 0)
+        if _marker_job(marker) == my_job:  # one restart count: attempts compare
+            same = their_attempt == my_attempt
+        else:  # array tasks count their attempts apart: equal only when none was requeued
+            same = their_attempt == my_attempt == 0
+        return same or after_start
     return after_start
 
 
@@ -123,16 +151,18 @@ def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[di
     d = Path(workdir) / FAILED_DIR
     if not d.is_dir():
         return []
-    me, started, mine = run_id(), _process_start(), attempt()
+    me, started, mine, my_job = run_id(), _process_start(), attempt(), job()
     out = []
     for p in sorted(d.glob("*.json")):
         try:
             m = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if not isinstance(m, dict):
+            continue
         if exclude_rank is not None and m.get("rank") == exclude_rank:
             continue
-        if _counts(m, me, started, mine):
+        if _counts(m, me, started, mine, my_job):
             out.append(m)
     return out
 

@@ -16,7 +16,8 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
 
     A SLURM array may start at an offset (``--array=5-8``) and step (``--array=0-14:2``):
     rank = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP, so ranks
-    always run 0..W-1 (:func:`slurm_array_rank`).
+    always run 0..W-1 (:func:`slurm_array_rank`). An array task's step of several tasks
+    (srun) numbers its tasks within the task's rank (:func:`_array_step_tasks`).
     """
     env = os.environ if env is None else env
     if rank is None or world_size is None:
@@ -25,6 +26,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
                 r, w = int(env[rk]), int(env[wk])
                 if rk == "SLURM_ARRAY_TASK_ID":
                     r = slurm_array_rank(env)
+                    r, w = _array_step_tasks(env, r, w)
                 rank = r if rank is None else rank
                 world_size = w if world_size is None else world_size
                 break
@@ -33,6 +35,19 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     return rank, world_size
+
+
+def _array_step_tasks(env: dict, r: int, w: int) -> tuple[int, int]:
+    """An array task that runs a step of several tasks (``sbatch --array=0-3 --ntasks=2`` +
+    ``srun``): each is one rank, ``array rank * NTASKS + PROCID`` of ``COUNT * NTASKS``; the
+    array's numbering alone gives every task of the step the same rank. The batch script
+    itself (no SLURM_STEP_ID) stays the array task's one rank."""
+    if not env.get("SLURM_STEP_ID") or "SLURM_PROCID" not in env:
+        return r, w
+    n = int(env.get("SLURM_NTASKS") or 1)
+    if n <= 1:
+        return r, w
+    return r * n + int(env["SLURM_PROCID"]), w * n
 
 
 def slurm_array_rank(env: dict) -> int:

@@ -100,6 +100,10 @@ def map_shards(
     """
     if (fn is None) == (make_fn is None):
         raise ValueError("give exactly one of fn and make_fn")
+    # a rank outside 0..W-1 would process no shard (static) and report success
+    if isinstance(rank, bool) or isinstance(world_size, bool) or world_size < 1 \
+            or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world size {world_size}")
     n = input_num_shards(src)
     # an earlier run over a larger input left shards n and up; readers take every shard. They
     # go before the manifest says n: a crash between the two must leave a dataset that is
