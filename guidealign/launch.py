@@ -170,6 +170,7 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
 
     procs = []
     logs = []
+    started = time.time()  # the workers' markers are written on this node: one clock
     for w in workers:
         out = None
         if log_dir:
@@ -196,7 +197,7 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
                     failed.append((w.rank, c))
                     click.echo(f"launch: rank {w.rank} exited with status {c}", err=True)
                     if workdir:
-                        _record_failure(workdir, w, c)
+                        _record_failure(workdir, w, c, started)
             if all(c is not None for c in codes):
                 break
             if failed:
@@ -214,12 +215,22 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
     return failed[0][1] if failed else 0
 
 
-def _record_failure(workdir: str, w: Worker, code: int) -> None:
-    """A failure marker for a worker that died without writing its own (killed, segfault)."""
+def _record_failure(workdir: str, w: Worker, code: int, started: float = 0.0) -> None:
+    """A failure marker for a worker that died without writing its own (killed, segfault).
+    A marker of that rank written before ``started`` (when launch started the workers) is an
+    earlier attempt's that the worker died before clearing (a requeued job): it is replaced,
+    since the other ranks of this attempt ignore it and would wait for the stall clock."""
+    import json
+
     from guidealign.shards.failure import failure_path, mark_failed
 
     try:
-        if not failure_path(workdir, w.rank).exists():
+        p = failure_path(workdir, w.rank)
+        try:
+            mine = float(json.loads(p.read_text()).get("created", 0.0)) >= started
+        except (OSError, ValueError, AttributeError, TypeError):  # none, or unreadable
+            mine = False
+        if not mine:
             why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             mark_failed(workdir, w.rank, f"worker {why} (seen by launch on this node)",
                         stage=w.argv[3] if len(w.argv) > 3 else "", world_size=w.world_size)

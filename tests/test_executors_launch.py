@@ -206,3 +206,28 @@ def test_launch_stops_sibling_workers_when_one_fails(tmp_path, monkeypatch):
     assert "exited with status 3" in marker["error"]
     assert not (wd / "_failed" / "rank-00000.json").exists()  # stopped, not failed
     assert not finished.exists()  # rank 0 was stopped, not waited for
+
+
+def test_a_dead_worker_replaces_its_rank_s_failure_marker_of_an_earlier_attempt(tmp_path):
+    """A requeued job's worker that dies before clearing its earlier attempt's marker (a crash
+    at import) left only that old marker, which this attempt's ranks ignore (written before
+    they started): they waited for the stall clock instead of failing fast."""
+    import time
+
+    from guidealign.launch import Worker, _record_failure
+    from guidealign.shards.failure import failure_path, mark_failed
+
+    wd = tmp_path / "run"
+    w = Worker(rank=2, world_size=4, local_rank=0, gpus=[], argv=["python", "-m", "detect", "detect"])
+    old = mark_failed(wd, 2, "attempt 0: out of memory")
+    data = json.loads(old.read_text())
+    data["created"] = 0.0
+    old.write_text(json.dumps(data))
+    started = time.time()
+    _record_failure(str(wd), w, -9, started)
+    now = json.loads(failure_path(wd, 2).read_text())
+    assert "killed by signal 9" in now["error"] and now["created"] >= started
+    # a marker the worker wrote itself in this attempt (its own error) is kept
+    mark_failed(wd, 2, "ValueError: this attempt's own error")
+    _record_failure(str(wd), w, 1, started)
+    assert "this attempt's own error" in json.loads(failure_path(wd, 2).read_text())["error"]
