@@ -74,3 +74,15 @@ def test_penalties_reach_vllm_sampling_params():
     assert (p.repetition_penalty, p.frequency_penalty, p.temperature, p.max_tokens) == (1.1, 0.25, 0.0, 768)
     d = sampling_params(Config().respond.sampling)
     assert (d.repetition_penalty, d.frequency_penalty) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("key", ["retriever.warmup_ratio", "sft.warmup_ratio"])
+def test_a_warmup_ratio_of_one_or_more_is_refused(key):
+    """Trainers get the ratio as warmup_steps, and transformers reads a value >= 1 as a number
+    of steps: a ratio of 1.0 meant one warmup step."""
+    from guidealign.config import ConfigError, load_config
+
+    assert load_config(None, [f"{key}=0.5"]) is not None
+    for bad in ("1.0", "2", "-0.1"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}={bad}"])

@@ -264,6 +264,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     cfg = _build(Config, data)
     if cfg.respond.engine:  # the responder's engine keys: checked now, not when respond starts
         _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine}, "respond.engine")
+    for key, ratio in (("retriever.warmup_ratio", cfg.retriever.warmup_ratio),
+                       ("sft.warmup_ratio", cfg.sft.warmup_ratio)):
+        # passed as transformers' warmup_steps, which reads a value >= 1 as a number of steps
+        if not 0 <= ratio < 1:
+            raise ConfigError(f"{key}: a share of the training steps, 0 <= ratio < 1; got {ratio!r}")
     return cfg
 
 
