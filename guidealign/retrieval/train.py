@@ -80,6 +80,10 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
     import torch
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
+    # the latest pass, shared by the class's instances: run_train_retriever's check and the
+    # trainer's own sampler (same pairs, seed and batch size) shuffle and batch epoch 0 once
+    passes: dict[tuple, list[list[int]]] = {}
+
     class NoFalseNegativesBatchSampler(NoDuplicatesBatchSampler):
         def _values(self):
             anchors, positives = list(self.dataset["anchor"]), list(self.dataset["positive"])
@@ -103,15 +107,17 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
         def _pass(self, epoch: int) -> list[list[int]]:
             """The batches of one pass over the pairs, shuffled for ``epoch`` (the last one is
             kept: the trainer asks the length before epoch 0 and then iterates it)."""
-            cache = self.__dict__.setdefault("_passes", {})
-            if epoch not in cache:
+            # unseeded, a shuffle is this instance's own
+            seed = self.seed if self.seed is not None else ("unseeded", id(self))
+            key = (len(self.dataset), self.batch_size, self.drop_last, seed, epoch)
+            if key not in passes:
                 if self.generator is None:
                     self.generator = torch.Generator()
                 if self.seed is not None:
                     self.generator.manual_seed(self.seed + epoch)
-                cache.clear()
-                cache[epoch] = [list(b) for b in self._iter_one_pass(self._values(), self._overlap)]
-            return cache[epoch]
+                passes.clear()
+                passes[key] = [list(b) for b in self._iter_one_pass(self._values(), self._overlap)]
+            return passes[key]
 
         def __len__(self) -> int:
             if "_len" not in self.__dict__:
@@ -181,7 +187,7 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
     return NoFalseNegativesBatchSampler
 
 
-def _train(model, train_ds, rc, out: Path, progress: bool, positives_of: dict[str, set[str]]) -> int:
+def _train(model, train_ds, rc, out: Path, progress: bool, sampler) -> int:
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss)
@@ -203,7 +209,7 @@ def _train(model, train_ds, rc, out: Path, progress: bool, positives_of: dict[st
         warmup_steps=rc.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
         seed=rc.seed,
         data_seed=rc.seed,
-        batch_sampler=no_false_negatives_sampler(positives_of),
+        batch_sampler=sampler,
         save_strategy="no",
         eval_strategy="no",
         logging_strategy="no",
@@ -266,8 +272,8 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     # the same check for the batches themselves: two prompts that share all their guidelines
     # pass the one above, yet no two of their pairs may share a batch (each pair's guideline
     # is the other prompt's too), so every batch would again hold a single pair
-    probe = no_false_negatives_sampler(positives_of)(train_ds, batch_size=rc.batch_size,
-                                                     drop_last=False, seed=rc.seed)
+    sampler = no_false_negatives_sampler(positives_of)
+    probe = sampler(train_ds, batch_size=rc.batch_size, drop_last=False, seed=rc.seed)
     if max((len(b) for b in probe._pass(0)), default=0) < 2:
         raise RuntimeError(
             f"{lib}/pairs/train.parquet: no two training pairs can share a batch (retriever.batch_size="
@@ -283,7 +289,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         results["base"] = evaluate(es, dense_scorer(model, es.docs, rc.encode_batch_size),
                                    recall_at=rc.recall_at, risk_top_k=rc.risk_top_k)
     with build_dir(dst) as tmp:
-        steps = _train(model, train_ds, rc, tmp / "checkpoints", progress, positives_of)
+        steps = _train(model, train_ds, rc, tmp / "checkpoints", progress, sampler)
         model.save(str(tmp / "model"))
         import shutil
 
