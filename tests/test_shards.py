@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -205,3 +206,31 @@ def test_verify_checks_an_exports_jsonl_shards(tmp_path):
     (out / "shard-00007.jsonl").write_text('{"id": "stray"}\n')
     got = {(q.kind, q.path) for q in verify_run(tmp_path).failing}
     assert got == {("corrupt", "export/respond/shard-00001.jsonl"), ("orphan", "export/respond/shard-00007.jsonl")}
+
+
+def test_jsonl_shard_write_clears_a_killed_writes_temp_and_syncs_the_directory(tmp_path, monkeypatch):
+    """An export's JSONL shard is committed like a Parquet shard: the temp file a killed write
+    left (any host's, any pid) is removed, the new temp name is one no other writer uses, and
+    the directory is synced after the rename, before the marker is written."""
+    import guidealign.shards.write as w
+    from guidealign.shards.jsonl import jsonl_done, jsonl_path, write_jsonl_shard
+
+    out = tmp_path / "export"
+    out.mkdir()
+    stale = out / ".shard-00000.jsonl.0123456789ab.4242.tmp"  # a killed writer on another host
+    stale.write_text("half a row")
+    events = []
+    real_fsync_dir = w.fsync_dir
+    monkeypatch.setattr(w, "fsync_dir", lambda d: (events.append(("fsync_dir", Path(d))), real_fsync_dir(d)))
+    real_replace = os.replace
+    monkeypatch.setattr(w.os, "replace", lambda a, b: (events.append(("replace", Path(a).name, Path(b).name)),
+                                                       real_replace(a, b)))
+    write_jsonl_shard(out, 0, [{"id": "a", "prompt": "p"}], "fp")
+    assert not stale.exists()
+    assert jsonl_done(out, 0, "fp") and jsonl_path(out, 0) == shard_path(out, 0, ".jsonl")
+    data = [e for e in events if e[0] == "replace" and e[2] == "shard-00000.jsonl"]
+    assert len(data) == 1 and re.fullmatch(rf"\.shard-00000\.jsonl\.[0-9a-f]{{12}}\.{os.getpid()}\.tmp", data[0][1])
+    marker = [e for e in events if e[0] == "replace" and e[2] == "shard-00000.done.json"]
+    between = events[events.index(data[0]) + 1:events.index(marker[0])]
+    assert ("fsync_dir", out) in between  # the rename is durable before the marker
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.done.json", "shard-00000.jsonl"]

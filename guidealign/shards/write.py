@@ -56,7 +56,7 @@ def remove_temps(path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _replace_from_temp(path: Path, write) -> None:
+def replace_from_temp(path: Path, write) -> None:
     """``write(tmp)``, fsync, rename onto ``path``; the temp file is removed when that raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -72,12 +72,12 @@ def _replace_from_temp(path: Path, write) -> None:
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    _replace_from_temp(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    replace_from_temp(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
     text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, sort_keys=True, default=str)
-    _replace_from_temp(Path(path), lambda tmp: tmp.write_text(text))
+    replace_from_temp(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def write_shard(
