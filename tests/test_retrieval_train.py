@@ -64,3 +64,38 @@ def test_fine_tuned_retriever_beats_base_on_heldout(workdir, capsys):
 
     again = run_train_retriever(cfg, workdir, progress=False)
     assert again.skipped and again.metrics == json.loads(json.dumps(rep.metrics))
+
+
+def test_changing_an_evaluation_setting_re_evaluates_without_retraining(workdir):
+    """recall_at, max_eval_queries, risk_top_k and encode_batch_size only change the held-out
+    evaluation: changing one used to change the retriever's fingerprint, so the retriever was
+    trained again (and the index and every retrieved shard built on it redone). Now the same
+    model files stay, with the same fingerprint, and only the metrics are computed again."""
+    from guidealign.retrieval.train import model_dir, retriever_dir
+    from guidealign.shards.artifact import read_done
+
+    write_guideline_shards(workdir / "guidelines", coded_guideline_rows(8, 6, seed=2), shard_rows=64)
+    base = ["library.heldout_fraction=0.25", "retriever.epochs=1", "retriever.batch_size=16",
+            "retriever.max_seq_length=32", "retriever.threads=1"]
+    cfg = load_config(overrides=base)
+    run_library(cfg, workdir, progress=False)
+    first = run_train_retriever(cfg, workdir, progress=False)
+    assert not first.skipped and "recall@2" not in first.metrics["fine-tuned"]
+    done = read_done(retriever_dir(workdir))
+    model_files = {k: v for k, v in done["files"].items() if k.startswith("model/")}
+    assert model_files
+
+    cfg2 = load_config(overrides=base + ["retriever.recall_at=[1,2]", "retriever.max_eval_queries=3"])
+    again = run_train_retriever(cfg2, workdir, progress=False)
+    assert again.skipped and again.steps == first.steps
+    assert set(again.metrics["fine-tuned"]) >= {"recall@1", "recall@2"}
+    assert "recall@3" not in again.metrics["base"] and again.metrics["base"]["queries"] == 3
+    done2 = read_done(retriever_dir(workdir))
+    assert done2["fingerprint"] == done["fingerprint"]
+    assert {k: v for k, v in done2["files"].items() if k.startswith("model/")} == model_files
+    metrics = json.loads((retriever_dir(workdir) / "metrics.json").read_text())
+    assert metrics["systems"] == json.loads(json.dumps(again.metrics)) and metrics["steps"] == first.steps
+    assert done2["files"]["metrics.json"] != done["files"]["metrics.json"]  # checksums kept true
+    assert (model_dir(workdir)).is_dir()
+    # and the same settings once more: nothing to do at all
+    assert run_train_retriever(cfg2, workdir, progress=False).metrics == again.metrics

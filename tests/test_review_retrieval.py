@@ -117,3 +117,21 @@ def test_select_breaks_score_ties_by_index_row():
     kept = select(nbrs[0].tolist(), sims[0].tolist(), texts, keep=3, dedup_ratio=0.5)
     assert kept[0][0] == 2 and 9 not in [c for c, _ in kept]
     assert [s for _, s in kept] == sorted((s for _, s in kept), reverse=True)
+
+
+def test_select_compares_guidelines_in_the_librarys_comparison_form():
+    """The library merges near-duplicates on NFKC, whitespace-collapsed, case-folded text; the
+    retrieval-time filter compared the texts as written, so two library guidelines the library
+    would call near-duplicates at the retrieval ratio (here 0.6 apart once case-folded, but not
+    as written) were both kept for one prompt."""
+    from rapidfuzz import fuzz
+
+    from guidealign.retrieval.embed import normalize_text
+    from guidealign.retrieval.retrieve import select
+
+    a = "NEVER SHARE  SOMEONE'S HOME ADDRESS."
+    b = "never share someone's home address or phone number without consent"
+    assert fuzz.ratio(a, b) < 50 <= fuzz.ratio(normalize_text(a), normalize_text(b))
+    texts = [a, b, "Cite reliable sources for medical claims."]
+    kept = select([0, 1, 2], [0.9, 0.8, 0.7], texts, keep=3, dedup_ratio=0.5)
+    assert [c for c, _ in kept] == [0, 2]

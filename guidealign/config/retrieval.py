@@ -68,6 +68,8 @@ class RetrieverConfig:
     max_seq_length: int = 128
     # Seed for shuffling and initialisation. Ours.
     seed: int = 0
+    # The next four only shape the held-out evaluation: changing one re-evaluates the trained
+    # retriever without retraining it (the index and retrieved shards stay current).
     # Evaluate on at most this many held-out prompts (0: all). Ours: BM25 is slow on big corpora.
     max_eval_queries: int = 5000
     # Cut-offs of recall@k.

@@ -3,7 +3,7 @@
 Per input shard (via :func:`shards.map_shards`, so it is resumable and split by rank):
 embed the prompts in batches with the index's encoder, search the top ``top_n``, walk
 the candidates best first and drop any whose ``fuzz.ratio`` to one already kept is
-``dedup_ratio`` or more, keep ``keep``. Null or empty prompts go to the quarantine table.
+``dedup_ratio`` or more (in the library's comparison form), keep ``keep``. Null or empty prompts go to the quarantine table.
 
 Output columns: id, prompt, guideline_ids, guideline_texts, scores (cosine, best first).
 """
@@ -33,21 +33,29 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
            dedup_ratio: float) -> list[tuple[int, float]]:
     """Walk candidates best first; skip one whose ratio to a kept one is >= dedup_ratio.
 
+    Texts are compared in the library's comparison form (``embed.normalize_text``: NFKC,
+    whitespace collapsed, case-folded), as the library compared them when it merged its
+    near-duplicates: "AVOID harm." and "avoid harm" are one guideline to both.
+
     Best first by score, ties by index row (lower first, as the evaluation ranks): FAISS lists
     tied rows in an order of its own (its CPU search: higher row first, while it keeps the lower
     rows at the top_n cut), so of two tied near-duplicates the survivor would depend on it."""
     from rapidfuzz import fuzz
 
+    from guidealign.retrieval.embed import normalize_text
+
     cutoff = dedup_ratio * 100.0
     kept: list[tuple[int, float]] = []
+    kept_forms: list[str] = []
     for c, s in sorted(zip(cand, scores), key=lambda cs: (-cs[1], cs[0])):
         if c < 0:
             continue
-        t = texts[c]
+        t = normalize_text(texts[c] or "")
         # fuzz.ratio returns 0.0 below the cutoff; compare, so a ratio of 0 counts at dedup_ratio 0
-        if any(fuzz.ratio(t, texts[k], score_cutoff=cutoff) >= cutoff for k, _ in kept):
+        if any(fuzz.ratio(t, k, score_cutoff=cutoff) >= cutoff for k in kept_forms):
             continue
         kept.append((c, s))
+        kept_forms.append(t)
         if len(kept) >= keep:
             break
     return kept
@@ -135,7 +143,7 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     wait_done(index_dir(workdir), timeout=wait_timeout(cfg, world_size))
     # a stale index fails here, before any shard, and changes the fingerprint of every shard
     meta = check_version(index_dir(workdir), library_dir(workdir))
-    fp = fingerprint("retrieve-v1", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"])
+    fp = fingerprint("retrieve-v2", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"])
     src = src or prompt_set(cfg, rc.prompts)
     return map_shards("retrieve", workdir / src, workdir / dst, fp,
                       make_fn=lambda: make_shard_fn(cfg, workdir), rank=rank, world_size=world_size,

@@ -7,10 +7,14 @@ one copy as the other's negative.
 
 Then the base encoder, the fine-tuned one and BM25 are evaluated on the held-out prompts
 (:mod:`retrieval.evaluate`). Output ``WORKDIR/retriever/``: ``model/``, ``metrics.json``,
-then ``_done.json`` last.
+then ``_done.json`` last. The evaluation-only settings (``EVAL_KEYS``) are not part of the
+retriever's fingerprint: changing one re-evaluates the trained retriever (``metrics.json`` and
+``_done.json`` rewritten) without retraining it, so the index and the retrieved guidelines built
+on it stay current.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -50,12 +54,24 @@ def model_dir(workdir: str | Path) -> Path:
     return retriever_dir(workdir) / "model"
 
 
+# retriever settings that only change the evaluation, not the trained model
+EVAL_KEYS = ("max_eval_queries", "recall_at", "risk_top_k", "encode_batch_size")
+
+
 def retriever_fingerprint(rc, library_version: str) -> str:
     """The fingerprint of the retriever trained with ``rc`` on that library version (any rank
-    computes it: the index stage accepts only the retriever of the current config and library)."""
+    computes it: the index stage accepts only the retriever of the current config and library).
+    The evaluation-only settings are left out (``eval_fingerprint``)."""
     # v2: batches without false in-batch negatives (no_false_negatives_sampler); v3: every
-    # pair trained on each epoch (the sampler's length is its real number of batches)
-    return fingerprint("retriever-v3", rc, library_version)
+    # pair trained on each epoch (the sampler's length is its real number of batches); v4:
+    # without the evaluation-only settings
+    train = {k: v for k, v in dataclasses.asdict(rc).items() if k not in EVAL_KEYS}
+    return fingerprint("retriever-v4", train, library_version)
+
+
+def eval_fingerprint(rc) -> str:
+    """The fingerprint of the evaluation settings the metrics were computed with."""
+    return fingerprint("retriever-eval-v1", {k: getattr(rc, k) for k in EVAL_KEYS})
 
 
 def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
@@ -226,7 +242,7 @@ def _train(model, train_ds, rc, out: Path, progress: bool, sampler) -> int:
 def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                         progress: bool = True) -> RetrieverReport:
     from guidealign.retrieval.embed import doc_text, load_encoder
-    from guidealign.retrieval.evaluate import bm25_scorer, build_eval_set, dense_scorer, evaluate, render_table
+    from guidealign.retrieval.evaluate import build_eval_set
     from guidealign.retrieval.library import library_dir, read_library, wait_library
 
     rc = cfg.retriever
@@ -236,9 +252,11 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     version = wait_library(cfg, workdir, dst, rank, world_size)
     if version is None:
         return RetrieverReport(skipped=True)
-    fp = retriever_fingerprint(rc, version)
+    fp, efp = retriever_fingerprint(rc, version), eval_fingerprint(rc)
     if is_current(dst, fp):
         done = read_done(dst)
+        if done.get("eval_fingerprint") != efp:  # evaluation settings changed: the model stands
+            done = _reevaluate(rc, workdir, done, efp)
         return RetrieverReport(train_pairs=done.get("train_pairs", 0), steps=done.get("steps", 0),
                                metrics=done.get("metrics", {}), table=done.get("table", ""),
                                skipped=True)
@@ -282,33 +300,79 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
             "learns nothing")
     del probe
 
-    es = build_eval_set(library, heldout, rc.max_eval_queries)
-    results: dict[str, dict] = {}
     model = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length)
-    if es.queries:
-        results["base"] = evaluate(es, dense_scorer(model, es.docs, rc.encode_batch_size),
-                                   recall_at=rc.recall_at, risk_top_k=rc.risk_top_k)
+    es = build_eval_set(library, heldout, rc.max_eval_queries)
+    base = _evaluate(rc, es, base=model)  # before training changes the model
     with build_dir(dst) as tmp:
         steps = _train(model, train_ds, rc, tmp / "checkpoints", progress, sampler)
         model.save(str(tmp / "model"))
         import shutil
 
         shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
-        if es.queries:
-            model.eval()
-            results["fine-tuned"] = evaluate(es, dense_scorer(model, es.docs, rc.encode_batch_size),
-                                             recall_at=rc.recall_at, risk_top_k=rc.risk_top_k)
-            results["bm25"] = evaluate(es, bm25_scorer(es.docs), recall_at=rc.recall_at,
-                                       risk_top_k=rc.risk_top_k)
-        table = render_table(results, rc.recall_at) if results else "(no held-out prompts: not evaluated)"
+        model.eval()
+        results = {**base, **_evaluate(rc, es, tuned=model)}
+        table = _table(results, rc)
         seconds = time.perf_counter() - t0
         metrics = {"systems": results, "train_pairs": train.num_rows, "steps": steps,
                    "library_version": version, "base_model": rc.base_model, "loss": rc.loss,
                    "seconds": round(seconds, 2)}
         write_json_atomic(tmp / "metrics.json", json.dumps(metrics, indent=1))
     mark_done(dst, fingerprint=fp, rows=train.num_rows, seconds=seconds, metrics=results,
-              train_pairs=train.num_rows, steps=steps, library_version=version, table=table)
+              train_pairs=train.num_rows, steps=steps, library_version=version, table=table,
+              eval_fingerprint=efp)
     rep = RetrieverReport(train_pairs=train.num_rows, steps=steps, metrics=results, table=table,
                           seconds=seconds)
     log.info(rep.summary())
     return rep
+
+
+def _evaluate(rc, es, *, base=None, tuned=None) -> dict[str, dict]:
+    """Held-out metrics (on the eval set ``es``) of the base encoder (``base``), or of the
+    fine-tuned one and BM25 (``tuned``); {} when there are no held-out prompts."""
+    from guidealign.retrieval.evaluate import bm25_scorer, dense_scorer, evaluate
+
+    if not es.queries:
+        return {}
+    kw = {"recall_at": rc.recall_at, "risk_top_k": rc.risk_top_k}
+    if base is not None:
+        return {"base": evaluate(es, dense_scorer(base, es.docs, rc.encode_batch_size), **kw)}
+    return {"fine-tuned": evaluate(es, dense_scorer(tuned, es.docs, rc.encode_batch_size), **kw),
+            "bm25": evaluate(es, bm25_scorer(es.docs), **kw)}
+
+
+def _table(results: dict, rc) -> str:
+    from guidealign.retrieval.evaluate import render_table
+
+    return render_table(results, rc.recall_at) if results else "(no held-out prompts: not evaluated)"
+
+
+def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
+    """Evaluate the trained retriever again with the current evaluation settings: its files
+    stay as they are, ``metrics.json`` and ``_done.json`` (same fingerprint) get the new figures."""
+    from guidealign.retrieval.embed import load_encoder
+    from guidealign.retrieval.evaluate import build_eval_set
+    from guidealign.retrieval.library import library_dir, read_library
+
+    t0 = time.perf_counter()
+    set_threads(rc.threads)
+    library, _ = read_library(workdir)
+    heldout = pq.read_table(library_dir(workdir) / "pairs" / "heldout.parquet")
+    base = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length)
+    tuned = load_encoder(str(model_dir(workdir)), max_seq_length=rc.max_seq_length)
+    es = build_eval_set(library, heldout, rc.max_eval_queries)
+    results = {**_evaluate(rc, es, base=base), **_evaluate(rc, es, tuned=tuned)}
+    dst = retriever_dir(workdir)
+    metrics_path = dst / "metrics.json"
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        metrics = {}
+    metrics["systems"] = results
+    write_json_atomic(metrics_path, json.dumps(metrics, indent=1))
+    extra = {k: v for k, v in done.items() if k not in ("fingerprint", "rows", "seconds", "created",
+                                                       "threads", "files")}
+    extra.update(metrics=results, table=_table(results, rc), eval_fingerprint=efp)
+    log.info("retriever: re-evaluated with the new evaluation settings in %.0fs (not retrained)",
+             time.perf_counter() - t0)
+    return mark_done(dst, fingerprint=done["fingerprint"], rows=done.get("rows", 0),
+                     seconds=done.get("seconds", 0.0), **extra)
