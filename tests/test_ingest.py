@@ -782,6 +782,39 @@ def test_csv_stray_quote_hands_the_rest_of_the_file_to_the_row_reader(tmp_path):
     assert rows_got[120]["source"].endswith(":123")  # the row reader's line: where the record ends
 
 
+def test_csv_stray_quote_does_not_hold_the_rest_of_the_file_in_memory(tmp_path, monkeypatch):
+    """After a quote that opens nothing ('a 5" screen'), no later line end has an even number
+    of quotes before it, so the block cutter read on to the end of the file looking for a record
+    end, the whole rest of the file in one buffer (and scanned again at every read). Past
+    csvcol.MAX_RECORD_BYTES the row reader takes over, streaming; the rows are the same."""
+    from guidealign.ingest import blocks, csvcol
+
+    monkeypatch.setattr(csvcol, "MAX_RECORD_BYTES", 2048, raising=False)
+    held = []
+    real = blocks.cut_blocks
+
+    def recording(*a, **k):
+        try:
+            for item in real(*a, **k):
+                held.append(len(item[0]))
+                yield item
+        except blocks.RecordTooLong as e:
+            held.append(len(e.data))
+            raise
+
+    monkeypatch.setattr(csvcol, "cut_blocks", recording)
+    f = tmp_path / "q.csv"
+    rows = [f"prompt number {i},t{i}\n" for i in range(3000)]
+    rows[50] = 'a 5" screen,x\n'
+    f.write_text("prompt,topic\n" + "".join(rows))
+    cfg = IngestConfig(block_bytes=256, shard_rows=500)
+    got, q, rep = _ingested([f], tmp_path / "w", block_bytes=256, shard_rows=500)
+    ref_rows, ref_bad = _reference_ingest(f, cfg)
+    assert [(r["id"], r["prompt"], r["source"]) for r in got] == [r[:3] for r in ref_rows]
+    assert q == [] == ref_bad and rep.rows == 3000
+    assert f.stat().st_size > 50_000 and max(held) <= 2048 + 2 * 256
+
+
 def test_output_does_not_depend_on_block_size(tmp_path):
     """Blocks are how the input is read, never what comes out: shards, quarantine, ids."""
     jl, cs = tmp_path / "a.jsonl", tmp_path / "a.csv"
@@ -1095,3 +1128,23 @@ def test_parquet_binary_metadata_comes_out_as_the_row_reader_reads_it(tmp_path, 
     assert got == ref_rows and ref_bad == []
     assert [json.loads(m) for *_, m in got] == [{"blob": "x", "fixed": "ab"}, {"blob": "\udcff", "fixed": "cd"},
                                                {"fixed": "ef"}]
+
+
+@pytest.mark.parametrize("bad", ["comma", ",,", "", '"', "\n"])
+def test_a_delimiter_no_csv_parser_takes_is_refused_before_any_work(tmp_path, bad):
+    """``ingest.delimiter=comma`` used to get through to csv.reader, which raised a TypeError
+    mid-run; now it is refused up front, naming the setting."""
+    src = tmp_path / "in.csv"
+    src.write_text("prompt\nhello\n")
+    with pytest.raises(IngestError, match="ingest.delimiter"):
+        ingest([str(src)], tmp_path / "run", IngestConfig(delimiter=bad), progress=False)
+    assert not (tmp_path / "run" / "prompts").exists()
+
+
+@pytest.mark.parametrize("ok, text", [(";", "prompt;n\nhello;1\n"), ("tab", "prompt\tn\nhello\t1\n"),
+                                      ("\\t", "prompt\tn\nhello\t1\n"), ("|", "prompt|n\nhello|1\n")])
+def test_a_one_character_or_tab_delimiter_is_taken(tmp_path, ok, text):
+    src = tmp_path / "in.csv"
+    src.write_text(text)
+    rep = ingest([str(src)], tmp_path / "run", IngestConfig(delimiter=ok), progress=False)
+    assert rep.rows == 1 and rep.quarantined == 0

@@ -245,3 +245,35 @@ def test_a_saved_dataset_dict_names_the_split_of_each_row(tmp_path):
         [("s1", f"{hf}/test:1"), ("t1", f"{hf}/train:1"), ("t2", f"{hf}/train:2")]
     q = read_quarantine(tmp_path / "run" / "prompts").to_pylist()
     assert [(r["source"], r["row"]) for r in q] == [(f"{hf}/train", 3)]
+
+
+@pytest.mark.parametrize("opener", [open, gzip.open])
+def test_json_lines_saved_as_json_are_read_line_by_line(tmp_path, opener):
+    """A .json file holding one object per line (JSON Lines under the wrong name) gave its
+    first record and one quarantine row for all the rest; it is read as JSON Lines now, every
+    row with its line number, a bad line quarantined alone."""
+    name = "mislabelled.json" + (".gz" if opener is gzip.open else "")
+    f = tmp_path / name
+    with opener(f, "wt", encoding="utf-8") as fh:
+        fh.write('{"prompt": "first"}\n{"prompt": "second", "n": 2}\n\n{"prompt": \n{"prompt": "fourth"}\n')
+    rep = ingest([str(f)], tmp_path / "run", IngestConfig(), progress=False)
+    assert (rep.rows, rep.quarantined) == (3, 1)
+    t = read_table(tmp_path / "run" / "prompts", 0)
+    assert t.column("prompt").to_pylist() == ["first", "second", "fourth"]
+    assert t.column("source").to_pylist() == [f"{f}:1", f"{f}:2", f"{f}:5"]
+    q = read_quarantine(tmp_path / "run" / "prompts")
+    assert q.column("row").to_pylist() == [4] and "not JSON" in q.column("reason")[0].as_py()
+
+
+@pytest.mark.parametrize("text, prompts", [
+    ('{\n  "prompt": "pretty printed"\n}\n', ["pretty printed"]),
+    ('{"prompt": "one line"}\n', ["one line"]),
+    ('[{"prompt": "a"},\n{"prompt": "b"}]\n', ["a", "b"]),
+    ('{"data": [{"prompt": "a"}]}\n', ["a"]),
+])
+def test_a_json_value_is_still_read_as_json(tmp_path, text, prompts):
+    f = tmp_path / "ok.json"
+    f.write_text(text)
+    rep = ingest([str(f)], tmp_path / "run", IngestConfig(), progress=False)
+    assert rep.quarantined == 0
+    assert read_table(tmp_path / "run" / "prompts", 0).column("prompt").to_pylist() == prompts

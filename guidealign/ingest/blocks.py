@@ -20,13 +20,23 @@ def last_line_end(buf: bytes) -> int:
     return buf.rfind(b"\n")
 
 
-def cut_blocks(stream, block_bytes: int, last_end: Callable[[bytes], int] = last_line_end
-               ) -> Iterator[tuple[bytes, bool, Callable[[], bytes]]]:
+class RecordTooLong(Exception):
+    """No record end in ``max_record`` bytes (e.g. a CSV quote that is never closed): ``data``
+    holds the bytes read and not yet given out; the stream goes on after them."""
+
+    def __init__(self, data: bytes):
+        super().__init__(f"no record end in {len(data)} bytes")
+        self.data = data
+
+
+def cut_blocks(stream, block_bytes: int, last_end: Callable[[bytes], int] = last_line_end,
+               max_record: int | None = None) -> Iterator[tuple[bytes, bool, Callable[[], bytes]]]:
     """(block, is last, rest) of a byte stream, each block ending at a record end
     (``last_end(buf)``: the position of the last one, or -1); ``rest()`` gives the bytes read
     past the block (for a row reader taking over). It reads one ahead, so that the last block
     is known as such (a cut-off file's last record is suspect); a record longer than a block
-    makes the block longer."""
+    makes the block longer, up to ``max_record`` bytes: past that it raises
+    :class:`RecordTooLong` rather than hold the rest of the file."""
     carry, data = b"", stream.read(block_bytes)
     while True:
         if not data:
@@ -42,6 +52,8 @@ def cut_blocks(stream, block_bytes: int, last_end: Callable[[bytes], int] = last
             buf = carry + data if carry else data
             cut = last_end(buf) + 1
             if cut == 0 and nxt:
+                if max_record is not None and len(buf) >= max_record:
+                    raise RecordTooLong(buf + nxt)
                 carry, data = buf, nxt  # one record longer than a block: read more
                 continue
             if cut == 0:

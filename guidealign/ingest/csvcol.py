@@ -31,11 +31,14 @@ import pyarrow.csv as pacsv
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
-from guidealign.ingest.blocks import cut_blocks, one_piece, prefetch, scan
-from guidealign.ingest.readers import _csv_rows, csv_body, csv_names, read_csv, sniff_delimiter
+from guidealign.ingest.blocks import RecordTooLong, cut_blocks, one_piece, prefetch, scan
+from guidealign.ingest.readers import CSV_FIELD_LIMIT, _csv_rows, csv_body, csv_names, read_csv, sniff_delimiter
 
 QUOTE, NL, CR = 34, 10, 13
 SCAN_STEP = 1 << 16
+# bytes a record may take before the row reader takes over for the rest of the file (a record
+# longer than a block makes a longer block, up to this); the row reader's field limit is as big
+MAX_RECORD_BYTES = CSV_FIELD_LIMIT
 
 
 def csv_batches(path: Path, src: str, spec: Spec, encoding: str = "auto", delimiter: str = "auto",
@@ -74,15 +77,22 @@ def _parsed(stream, names: list[str], delim: str, block_bytes: int):
     is last), ("rest", bytes read, offset) (and then nothing more is read), or ("error", why)."""
     offset = 1  # lines before the block (Python's count: \n, \r\n or a lone \r ends a line)
     saw_final = False
-    for block, final, rest in cut_blocks(stream, block_bytes, _last_record_end):
-        saw_final = final
-        info = _structure(block, delim)
-        if info is None:  # quotes the parsers may read differently: rows from here on
-            yield "rest", block + rest(), offset
-            return
-        parsed = None if final and read_error(stream) else _parse(block, info, names, delim, offset)
-        yield ("rows", block, offset, final) if parsed is None else ("table", block, offset, parsed)
-        offset += info.lines
+    try:
+        for block, final, rest in cut_blocks(stream, block_bytes, _last_record_end,
+                                             max_record=max(MAX_RECORD_BYTES, 2 * block_bytes)):
+            saw_final = final
+            info = _structure(block, delim)
+            if info is None:  # quotes the parsers may read differently: rows from here on
+                yield "rest", block + rest(), offset
+                return
+            parsed = None if final and read_error(stream) else _parse(block, info, names, delim, offset)
+            yield ("rows", block, offset, final) if parsed is None else ("table", block, offset, parsed)
+            offset += info.lines
+    except RecordTooLong as e:
+        # a quote never closed (or a record past the limit): the row reader reads on from here,
+        # streaming, instead of this thread holding the rest of the file to find a record end
+        yield "rest", e.data, offset
+        return
     if not saw_final and read_error(stream):
         yield "error", read_error(stream)
 

@@ -105,25 +105,29 @@ def open_raw(path: Path):
 
 def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
     """(codec, BOM length) for a file that starts with ``head``."""
-    for bom, enc in _BOMS:
-        if head.startswith(bom):
-            if requested not in ("auto", "utf-8-sig") and codecs.lookup(requested).name != codecs.lookup(enc).name:
-                # an explicit codec wins, but a BOM that contradicts it is a mistake worth naming
-                raise EncodingError(f"the file starts with a {enc} byte-order mark but --encoding "
-                                    f"{requested} was given; drop --encoding or re-save the file")
-            return enc, len(bom)
+    req = None
     if requested != "auto":
         try:
-            return codecs.lookup(requested).name, 0
+            req = codecs.lookup(requested).name
         except LookupError as e:
             raise EncodingError(f"unknown encoding {requested!r} (try utf-8, cp1252, latin-1, utf-16)") from e
-    sample = head[:4096]
-    if len(sample) >= 4:
-        even, odd = sample[0::2], sample[1::2]
-        if odd.count(0) > 0.3 * len(odd) and even.count(0) < 0.05 * len(even):
-            return "utf-16-le", 0
-        if even.count(0) > 0.3 * len(even) and odd.count(0) < 0.05 * len(odd):
-            return "utf-16-be", 0
+    boms = [(bom, enc) for bom, enc in _BOMS if head.startswith(bom)]  # FF FE 00 00: UTF-32 or UTF-16
+    for bom, enc in boms:
+        if req in (None, "utf-8-sig") or _bom_fits(req, enc):
+            return enc, len(bom)
+    if boms:
+        # an explicit codec wins, but a BOM that contradicts it is a mistake worth naming
+        raise EncodingError(f"the file starts with a {boms[0][1]} byte-order mark but --encoding "
+                            f"{requested} was given; drop --encoding or re-save the file")
+    if req in ("utf-16", "utf-32"):
+        # no BOM to say the byte order (Python's codec would refuse the file): guess it as below
+        # from where the zero bytes are, little-endian (what Windows writes) when they do not tell
+        return req + ("-be" if _zero_bytes_order(head, 4 if req == "utf-32" else 2) == "be" else "-le"), 0
+    if req is not None:
+        return req, 0
+    order = _zero_bytes_order(head, 2)
+    if order is not None:
+        return f"utf-16-{order}", 0
     try:
         head.decode("utf-8")
         return "utf-8", 0
@@ -133,6 +137,28 @@ def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
     if _MULTIBYTE_UTF8.search(head):
         return "utf-8", 0  # UTF-8 text with some bad rows: those rows are quarantined
     return "cp1252", 0
+
+
+def _bom_fits(codec: str, bom_enc: str) -> bool:
+    """Whether a file with ``bom_enc``'s byte-order mark is what the codec ``codec`` (a
+    ``codecs.lookup`` name) reads: the same codec, or its byte-order-less form ("utf-16" for
+    either UTF-16 mark)."""
+    bom_enc = codecs.lookup(bom_enc).name
+    return codec == bom_enc or (codec in ("utf-16", "utf-32") and bom_enc.startswith(codec + "-"))
+
+
+def _zero_bytes_order(head: bytes, width: int) -> str | None:
+    """"le"/"be" when the zero bytes of ``head`` say text of ``width``-byte code units (mostly
+    ASCII) is little- or big-endian, else None."""
+    sample = head[:4096]
+    if len(sample) < 2 * width:
+        return None
+    first, last = sample[0::width], sample[width - 1::width]
+    if last.count(0) > 0.3 * len(last) and first.count(0) < 0.05 * len(first):
+        return "le"
+    if first.count(0) > 0.3 * len(first) and last.count(0) < 0.05 * len(last):
+        return "be"
+    return None
 
 
 class _Transcoded(io.RawIOBase):

@@ -221,6 +221,7 @@ class _JsonItems:
         self.keep = start = self.pos  # the whole object is one record if it holds no array of records
         self.pos += 1
         found, notes = False, []
+        keys, empty_only = 0, True  # every value so far is an empty array: no sign of a record
         c = self._next()
         while c != "}":
             if c != '"':
@@ -231,6 +232,7 @@ class _JsonItems:
                 yield from self._broken("cut off in a key")
                 return
             key = self.buf[self.pos:end].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            keys += 1
             self.pos = end
             if self._next() != ":":
                 yield from self._broken(f"expected ':' after the key {key}")
@@ -242,15 +244,19 @@ class _JsonItems:
                 self.pos += 1
                 first = self._next()
                 self.pos = bracket
-                if first in ("{", "]"):  # an array of objects (or an empty one): records
+                if first == "{":  # an array of objects: records
                     if not found:
                         found, self.keep = True, None
+                    yield from self._array()
+                    c = self._next()
+                elif first == "]":  # an empty array: records if the object holds only arrays
                     yield from self._array()
                     c = self._next()
                 else:
                     notes.append(key)
                     c = None
             if c is None or c not in ",}":
+                empty_only = False
                 end = self._value_end(",}")
                 if end is None:
                     yield from self._broken("cut off")
@@ -264,7 +270,9 @@ class _JsonItems:
                     yield from self._broken("cut off")
                     return
         self.pos += 1
-        if not found:  # one record: the object itself
+        if not found and not (empty_only and keys):
+            # one record: the object itself (an empty array beside other values is a field of
+            # it, {"prompt": ..., "tags": []}; only {"train": [], ...} holds no record)
             self.keep = None
             yield self._item(self.buf[start:self.pos])
         else:

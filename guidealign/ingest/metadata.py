@@ -22,13 +22,17 @@ _JSON_ESCAPE_RE2 = r'[\x00-\x1f\\"]'
 def dumps(v) -> str:
     """``v`` as JSON: keys sorted at every level (so a row's key order does not matter), text as
     is; \\u escapes only where UTF-8 cannot hold a character (a lone surrogate, e.g. from a
-    \\ud800 escape or an undecodable byte in a binary column)."""
+    \\ud800 escape or an undecodable byte in a binary column). Only those characters are escaped
+    (not the rest of the row's text), so a row's JSON is its values' JSON joined, whether
+    written whole (``meta_json``) or value by value (``metadata_column``)."""
     s = json.dumps(v, ensure_ascii=False, default=str, sort_keys=True)
     if not s.isascii():
         try:
             s.encode("utf-8")
         except UnicodeEncodeError:
-            s = json.dumps(v, default=str, sort_keys=True)
+            # a surrogate is only ever inside a JSON string here: "\\udcff" is its JSON escape,
+            # exactly as ensure_ascii writes it
+            s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s
 
 

@@ -13,6 +13,7 @@ import csv
 import glob
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -23,11 +24,19 @@ from guidealign.ingest.encodings import (EncodingError, has_surrogates, inner_su
                                         utf8_error_reason)
 from guidealign.ingest.jsonarray import read_json
 
+log = logging.getLogger(__name__)
+
 Row = tuple[int, dict | None, str | None]  # (line or row number, record, error)
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
            ".parquet": "parquet", ".pq": "parquet"}
 DELIMITERS = ",;\t|"
+# Python's csv module refuses a field over 131072 chars by default and then goes on mid-field, so
+# the rest of a long (quoted, multi-line) document column and the rows after it came out as
+# made-up records. A field this long is data (pandas has no limit); past it, a runaway quote.
+CSV_FIELD_LIMIT = 1 << 26
+if csv.field_size_limit() < CSV_FIELD_LIMIT:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
 
 
 class IngestError(Exception):
@@ -73,7 +82,11 @@ def check_readable(path: Path, encoding: str = "auto") -> str:
         else:
             stream, _ = open_utf8(path, encoding)
             with stream:
-                stream.read(1)
+                head = stream.read(JSON_LINES_SNIFF if fmt == "json" else 1)
+            if fmt == "json" and is_json_lines(head):
+                log.warning("%s: one JSON object per line (JSON Lines, not one JSON value): read as "
+                            ".jsonl", path)
+                fmt = "jsonl"
     except IngestError:
         raise
     except EncodingError as e:
@@ -81,6 +94,24 @@ def check_readable(path: Path, encoding: str = "auto") -> str:
     except Exception as e:  # noqa: BLE001 - any failure here makes the input unreadable
         raise IngestError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from e
     return fmt
+
+
+# bytes of a .json file looked at to tell JSON Lines saved as .json (a common mislabel)
+JSON_LINES_SNIFF = 1 << 20
+
+
+def is_json_lines(head: bytes) -> bool:
+    """The file starting with ``head`` is JSON Lines: its first line is a whole JSON object and
+    more text follows. As one JSON value it would be invalid (text after the value ends); read as
+    one, only its first record came through and the rest was quarantined as one row."""
+    lines = [ln for ln in head.split(b"\n") if ln.strip()]
+    if len(lines) < 2 or not lines[0].lstrip().startswith(b"{"):
+        return False
+    try:
+        first = json.loads(lines[0])
+    except (ValueError, RecursionError):  # a pretty-printed object's "{" line, or cut by the sniff
+        return False
+    return isinstance(first, dict)
 
 
 # --- the prompt column --------------------------------------------------------------------------

@@ -252,10 +252,18 @@ def _shard_table(parts: list[tuple]) -> pa.Table:
     return pa.concat_tables(tables) if tables else PROMPT_SCHEMA.empty_table()
 
 
+def _delimiter_ok(d) -> bool:
+    """What ``readers.sniff_delimiter`` and both CSV parsers take: "auto", "tab"/"\\t", or one
+    character that cannot be part of a quoted field's syntax or a line end."""
+    if d in ("auto", "tab", "\\t"):
+        return True
+    return isinstance(d, str) and len(d) == 1 and d not in '"\r\n\0'
+
+
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0,
               int(p.stat().st_mtime)) for p in files]
-    return fingerprint("ingest-v3", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
+    return fingerprint("ingest-v4", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
 
 
@@ -299,6 +307,9 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
         raise ValueError("ingest.shard_rows must be >= 1")
     if not isinstance(cfg.dedup_memory_mib, int) or cfg.dedup_memory_mib < 1:
         raise ValueError(f"ingest.dedup_memory_mib must be a whole number of MiB >= 1, got {cfg.dedup_memory_mib!r}")
+    if not _delimiter_ok(cfg.delimiter):
+        raise IngestError(f"ingest.delimiter must be auto, tab (or \\t) or one character other than a quote "
+                          f"or a line break, not {cfg.delimiter!r}")
     if not _DATASET_RE.match(dataset or ""):
         raise IngestError(f"dataset name {dataset!r}: use letters, digits, '.', '_' or '-' "
                           "(it is a directory under the run directory)")
