@@ -57,12 +57,20 @@ def judge_fp(cfg, kind: str) -> str:
     # the wording actually sent (a change of the built-in wording re-judges too)
     template = (e.pairwise_template or PAIRWISE_TEMPLATE) if kind == "pairwise" \
         else (e.harm_template or HARM_TEMPLATE)
-    from guidealign.eval.generate import judge_engine
+    from guidealign.eval.generate import judge_engine, judge_is_responder, responder_engine
 
     # the settings of the engine that judges (respond.engine's keys over engine's)
     je = judge_engine(cfg)
-    # v3: the vicuna_v1.1 template renders turns as FastChat does (no space after </s>)
-    return fingerprint(f"eval-{kind}-llm-v3", e.judge_model, e.judge_chat_template, e.judge_sampling,
+    # the chat template the judge renders with: a judge that reuses the responder's engine
+    # (same model, no template of its own configured) renders with the responder's template
+    template_name = e.judge_chat_template
+    if template_name is None and responder_engine(cfg).chat_template and judge_is_responder(cfg):
+        template_name = responder_engine(cfg).chat_template
+    # v3: the vicuna_v1.1 template renders turns as FastChat does (no space after </s>); the
+    # template by its text (a hash), so editing a template file re-judges (None: the model's own)
+    from guidealign.gen.templates import template_hash
+
+    return fingerprint(f"eval-{kind}-llm-v3", e.judge_model, template_hash(template_name), e.judge_sampling,
                        e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
                        je.seed, je.max_model_len, je.dtype)
 

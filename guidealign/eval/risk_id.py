@@ -123,7 +123,10 @@ def run_risk_identification(cfg, benchmark: str, workdir: Path, sub: Path, guide
         return None
     base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
     retrieved = guided_retrieval(cfg, workdir, sub, guided_dir, bench)
-    kinds = library_kinds(sub) if (sub / "library").exists() else None
+    # the eval's own library directory, else ``base``'s: a link in ``sub`` is one an earlier
+    # retrieval made, and may point to the library of another run (eval.retrieve_from changed)
+    own = sub / "library"
+    kinds = library_kinds(sub) if own.exists() and not own.is_symlink() else None
     if kinds is None:
         kinds = library_kinds(base)
     if retrieved is None or kinds is None:

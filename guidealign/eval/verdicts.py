@@ -7,8 +7,9 @@ gives one answer:
 
 1. ``verdict_line``: an explicit verdict line (``verdict``/``final verdict``/``decision``/
    ``winner`` ... followed by the label, markdown and brackets allowed); the last one wins;
-   a label followed by another (``Verdict: A, B or tie``, ``harmless/harmful``) lists the
-   options and is no verdict;
+   a label followed by another (``Verdict: A, B or tie``, ``harmless/harmful``; pairwise also
+   ``A and B``, ``A = B``) lists the options and is no verdict, while ``Verdict: A and B are
+   equally good`` is a tie;
 2. ``tag``: bracketed labels (``[[A]]``, ``[B]``, ``[[harmful]]``): used only when they all
    agree; labels that disagree (an echo of the instructions' options) end the search unparsed;
 3. ``bare``: the output (or its first line) is just the label (``A``, ``**B**``, ``(A).``,
@@ -53,6 +54,8 @@ class Vocabulary:
     bare_subject: str      # optional words before a bare label
     bare_labels: str       # labels that may make up the whole output
     phrases: tuple[tuple[str, str | None], ...]  # (pattern, fixed verdict or None: its label)
+    # what joins two labels that are no verdict together ("A, B or tie", "harmless/harmful")
+    list_words: str = r",|/|\bor\b"
     # compiled from the above
     line: re.Pattern = field(init=False)
     tag: re.Pattern = field(init=False)
@@ -63,7 +66,7 @@ class Vocabulary:
         flags = re.IGNORECASE
         label = _OPEN + r"\s*" + self.line_subject + r"(?:" + self.line_labels + r")(?![\w])"
         # a label followed by another ("A, B or tie", "harmless/harmful") lists the options
-        not_a_list = r"(?!\s*(?:,|/|\bor\b)\s*" + label + r")"
+        not_a_list = r"(?!\s*(?:" + self.list_words + r")\s*" + label + r")"
         self.line = re.compile(r"\b" + _KEYWORDS + r"\s*(?:is|:)?" + _MD + _OPEN + r"\s*"
                                + self.line_subject + r"(?P<label>" + self.line_labels + r")\s*"
                                + _CLOSE + r"(?![\w])" + not_a_list, flags)
@@ -138,15 +141,20 @@ _TIE_WORDS = r"tie|tied|draw|equal|equally\s+good|both(?:\s+are)?\s+equal|c"
 # article, not Assistant A ("a is better" excepted)
 _ARTICLE_TIE = r"an?\s+(?:tie|draw)"
 _LABEL_A = r"(?-i:A|a(?!\s+(?!(?:is|was)\b)[a-z]))"
+# "A and B are equally good" on a verdict line is a tie, not Assistant A
+_BOTH_EQUAL = (r"(?:assistant\s+)?a\s+and\s+(?:assistant\s+)?b\s+(?:are|were)\s+"
+               r"(?:(?:about|roughly|essentially)\s+)?(?:equally\s+\w+|equal|tied)")
 
 PAIRWISE = Vocabulary(
     norm=_norm_pair,
     line_subject=r"(?:(?:assistant|answer|response|model|option)\s+)?",
     # (no "<": "Verdict: <A, B or tie>" is an echo of the instructions, not a verdict)
-    line_labels=_ARTICLE_TIE + "|" + _LABEL_A + r"|b|" + _TIE_WORDS,
+    line_labels=_BOTH_EQUAL + "|" + _ARTICLE_TIE + "|" + _LABEL_A + r"|b|" + _TIE_WORDS,
     tag_labels=r"a|b|tie|c",
     bare_subject=r"(?:(?:assistant|answer|response)\s+)?",
     bare_labels=_ARTICLE_TIE + r"|a|b|tie|draw",
+    # "A and B", "A = B" name both sides, not A ("A and B are equally good": _BOTH_EQUAL)
+    list_words=r",|/|\bor\b|\band\b|&|=",
     phrases=(
         (r"\b(?:assistant|answer|response)\s+(?P<label>a|b)(?:'s\s+(?:answer|response))?"
          r"\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|significantly\s+)?"
