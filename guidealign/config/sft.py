@@ -57,7 +57,9 @@ class SFTConfig:
     # Sequence length cap in tokens (prompt + response); longer examples are cut at the end.
     max_seq_length: int = 2048
     # Training precision: "auto" (bf16 on GPUs that support it, else float32), "bf16", "fp16",
-    # "float32".
+    # "float32". bf16/fp16 compute in half precision over float32 master weights (full
+    # fine-tuning: 16 bytes a parameter with AdamW before activations, so a 13B model needs FSDP
+    # over several GPUs; FSDP/DeepSpeed and LoRA load the base in half precision).
     precision: str = "auto"
     # Trade compute for memory on large models.
     gradient_checkpointing: bool = False

@@ -191,16 +191,35 @@ def delete_stale(api, files: list[LocalFile], report: PushReport, pcfg, *, owned
     from huggingface_hub import CommitOperationDelete
 
     keep = {f.path_in_repo for f in files}
-    remote = retry_step(lambda: api.list_repo_files(report.repo_id, repo_type=report.repo_type,
-                                                     revision=pcfg.revision),
-                        pcfg, "list repo files", report.count_retry)
-    stale = sorted(p for p in remote if owned(p) and p not in keep)
+
+    def stale_now() -> list:
+        remote = retry_step(lambda: api.list_repo_files(report.repo_id, repo_type=report.repo_type,
+                                                         revision=pcfg.revision),
+                            pcfg, "list repo files", report.count_retry)
+        return sorted(p for p in remote if owned(p) and p not in keep)
+
+    stale = stale_now()
     if not stale:
         return
-    info = retry_step(lambda: api.create_commit(
-        report.repo_id, operations=[CommitOperationDelete(path_in_repo=p) for p in stale],
-        commit_message=f"{title}: delete {len(stale)} stale file(s)", repo_type=report.repo_type,
-        revision=pcfg.revision), pcfg, "delete stale files", report.count_retry)
+    todo = [stale]
+
+    def delete():
+        # a retry lists the repo again: a commit that landed before its answer was lost left
+        # nothing to delete, and deleting a path that is not there is an error on the Hub
+        if todo[0] is None:
+            todo[0] = stale_now()
+        if not todo[0]:
+            return None
+        return api.create_commit(
+            report.repo_id, operations=[CommitOperationDelete(path_in_repo=p) for p in todo[0]],
+            commit_message=f"{title}: delete {len(todo[0])} stale file(s)",
+            repo_type=report.repo_type, revision=pcfg.revision)
+
+    def on_retry():
+        report.count_retry()
+        todo[0] = None
+
+    info = retry_step(delete, pcfg, "delete stale files", on_retry)
     report.commit = getattr(info, "oid", "") or report.commit
     report.commits += 1
     report.deleted_paths = stale

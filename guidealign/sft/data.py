@@ -129,8 +129,14 @@ def iter_examples(cfg, workdir, report: DataReport):
 
     for path in data_paths(cfg, workdir):
         idx = complete_shards(path)
-        report.sources[source_name(path, workdir)] = {"shards": len(idx),
-                                     "sha256": [read_marker(path, i).sha256 for i in idx]}
+        name = source_name(path, workdir)
+        if name in report.sources:  # another dataset of this directory name (/a/respond, /b/respond)
+            name = path.as_posix()
+            k = 2
+            while name in report.sources:  # the same path listed twice
+                name, k = f"{path.as_posix()}#{k}", k + 1
+        report.sources[name] = {"shards": len(idx),
+                                "sha256": [read_marker(path, i).sha256 for i in idx]}
         for i in idx:
             for row in iter_rows(path, i):
                 report.rows += 1

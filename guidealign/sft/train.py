@@ -77,8 +77,9 @@ def sft_fingerprint(cfg, report) -> str:
 
     keys = {k: v for k, v in dataclasses.asdict(cfg.sft).items()
             if k not in ("num_processes", "num_threads")}
-    # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already
-    return fingerprint("sft/v3", keys, report.sources, template_hash(cfg.sft.chat_template))
+    # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already;
+    # v4: full fine-tuning in bf16/fp16 keeps float32 master weights (load_dtype)
+    return fingerprint("sft/v4", keys, report.sources, template_hash(cfg.sft.chat_template))
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
@@ -130,11 +131,16 @@ def is_main_process() -> bool:
     return not under_launcher() or int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> bool | None:
-    """True when ``ckpt_dir`` holds a checkpoint to resume from (sft.save_steps > 0), else
-    None. A run resumes only from its own fingerprint's checkpoints: those of an earlier config
-    or other data (another folder under checkpoints/) are never resumed, and the main process
-    deletes them."""
+# transformers' Trainer writes a checkpoint's trainer state last: a checkpoint without it was
+# cut off while being saved (Trainer.train cannot resume from it).
+TRAINER_STATE = "trainer_state.json"
+
+
+def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
+    """The newest complete checkpoint in ``ckpt_dir`` to resume from (sft.save_steps > 0),
+    else None; one cut off while being saved (no trainer state) is passed over. A run resumes
+    only from its own fingerprint's checkpoints: those of an earlier config or other data
+    (another folder under checkpoints/) are never resumed, and the main process deletes them."""
     root = ckpt_dir.parent
     if main and root.is_dir():
         for old in root.iterdir():
@@ -144,9 +150,14 @@ def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> bool | None:
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     old.unlink(missing_ok=True)
-    if scfg.save_steps > 0 and any(ckpt_dir.glob("checkpoint-*")):
-        return True
-    return None
+    if scfg.save_steps <= 0 or not ckpt_dir.is_dir():
+        return None
+    steps = {}
+    for d in ckpt_dir.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and d.is_dir() and (d / TRAINER_STATE).is_file():
+            steps[int(step)] = d
+    return str(steps[max(steps)]) if steps else None
 
 
 def whole_run_loss(log_history: list[dict]) -> float | None:
@@ -159,6 +170,24 @@ def whole_run_loss(log_history: list[dict]) -> float | None:
             total += h["loss"] * (h["step"] - last)
             last = h["step"]
     return total / last if last else None
+
+
+def load_dtype(mode: str, dtype, trainer_args: dict):
+    """The dtype the base model is loaded in for training with ``dtype`` (``precision``'s).
+
+    Full fine-tuning keeps float32 master weights: the trainer's bf16/fp16 flags compute in half
+    precision (autocast) while AdamW updates the float32 weights. Weights held in bf16 lose every
+    update under about 1/256 of their size (most of them at SFT learning rates: 2e-5 moves a
+    weight of 0.02 by 1/1000), and fp16 weights make the gradient scaler fail. Under FSDP or
+    DeepSpeed (``trainer_args``) the model is loaded in half precision (each process holds a whole
+    copy until it is sharded) and they keep float32 copies of their shards themselves; LoRA trains
+    float32 adapters over a frozen base, which stays in half precision."""
+    import torch
+
+    if mode == "lora" or trainer_args.get("fsdp") or trainer_args.get("fsdp_config") \
+            or trainer_args.get("deepspeed"):
+        return dtype
+    return torch.float32
 
 
 def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
@@ -180,7 +209,13 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     base_path = resolve(scfg.base_model)
     tok, added = prepare_tokenizer(scfg, base_path)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    extra = dict(scfg.trainer_args)
+    if world == 1 and (extra.get("fsdp") or extra.get("fsdp_config")):
+        log.warning("sft: one training process, so the FSDP settings in sft.trainer_args are "
+                    "not used (FSDP shards over several processes)")
+        extra.pop("fsdp", None)
+        extra.pop("fsdp_config", None)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load_dtype(scfg.mode, dtype, extra))
     if added:
         model.resize_token_embeddings(len(tok))
     if tok.eos_token_id is not None:
@@ -223,12 +258,6 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         use_cpu=not torch.cuda.is_available(),
         **flags,
     )
-    extra = dict(scfg.trainer_args)
-    if world == 1 and (extra.get("fsdp") or extra.get("fsdp_config")):
-        log.warning("sft: one training process, so the FSDP settings in sft.trainer_args are "
-                    "not used (FSDP shards over several processes)")
-        extra.pop("fsdp", None)
-        extra.pop("fsdp_config", None)
     args.update(extra)
     trainer = SFTTrainer(model=model, args=TRLConfig(**args), train_dataset=dataset,
                          processing_class=tok, peft_config=peft_config)
@@ -323,6 +352,8 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         done = json.loads(done_path.read_text())
         if done.get("fingerprint") == fp:
             log.info("sft already done with this fingerprint: %s", model_dir)
+            if is_main_process():  # a run killed after its commit left its resume points
+                shutil.rmtree(checkpoint_dir(workdir, fp).parent, ignore_errors=True)
             return {**done, "skipped": True}
     import torch
 
@@ -338,7 +369,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         data_rep.dropped["no_response_tokens_within_max_seq_length"] = data_rep.kept - n_train
         data_rep.kept = n_train
     if resume:
-        log.info("resuming SFT from the last checkpoint in %s", ckpt_dir)
+        log.info("resuming SFT from the last complete checkpoint: %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -384,10 +415,12 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
-        shutil.rmtree(ckpt_dir.parent, ignore_errors=True)  # finished: resume points are not needed
-        from guidealign.shards.artifact_files import file_checksums
+        from guidealign.shards.artifact_files import DONE, file_checksums
 
-        done["files"] = file_checksums(out_dir)  # `guidealign verify` checks them
+        # checksummed (minutes for a 13B model) and committed before the resume points go: a run
+        # killed in between resumes from its last checkpoint instead of training from the start
+        done["files"] = file_checksums(out_dir, exclude=(DONE, ckpt_dir.parent.name))
         write_json_atomic(done_path, done)
+        shutil.rmtree(ckpt_dir.parent, ignore_errors=True)  # finished: resume points are not needed
     trainer.accelerator.wait_for_everyone()
     return done

@@ -22,12 +22,13 @@ def _is_hidden(rel: Path) -> bool:
 
 
 def file_checksums(root: str | Path, *, exclude: tuple[str, ...] = (DONE,)) -> dict:
-    """sha256 and size of every regular file under ``root`` (hidden temp entries and
-    ``exclude`` names skipped), keyed by the path relative to ``root`` (POSIX separators)."""
+    """sha256 and size of every regular file under ``root`` (hidden temp entries and files or
+    directories named in ``exclude`` skipped), keyed by the path relative to ``root`` (POSIX
+    separators)."""
     root = Path(root)
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in exclude)
         for name in sorted(filenames):
             p = Path(dirpath) / name
             rel = p.relative_to(root)

@@ -1,0 +1,265 @@
+"""Review of sft/ and hub/: resuming after a crash while a checkpoint was being saved, two
+response datasets with the same directory name, and a retried delete commit."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+
+from guidealign.config import load_config
+from guidealign.gen.respond import RESPOND_SCHEMA
+from guidealign.shards import write_manifest, write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "sft-tiny-cpu.yaml"
+
+
+def _rows(tag: str, n: int = 2) -> list[dict]:
+    return [dict(id=f"{tag}-{i}", prompt=f"question {tag} {i}", guideline_ids=["g"],
+                 guideline_texts=["GUIDELINE"], response=f"answer {tag} {i}", finish_reason="stop",
+                 model="m", prompt_tokens=1, output_tokens=1, note="") for i in range(n)]
+
+
+def _write_stage(d: Path, rows: list[dict]) -> Path:
+    write_manifest(d, stage="respond", num_shards=1, fingerprint="t")
+    write_shard(d, 0, pa.Table.from_pylist(rows, schema=RESPOND_SCHEMA), "fp0")
+    return d
+
+
+# -- SFT resume: a checkpoint cut off while it was being written --------------------------------
+
+def _what_the_trainer_resumes(ckpt_dir: Path, resume):
+    """The checkpoint transformers' Trainer.train(resume_from_checkpoint=resume) loads."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is None or resume is False:
+        return None
+    return get_last_checkpoint(str(ckpt_dir)) if resume is True else resume
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_being_saved(workdir):
+    """A run killed while saving checkpoint-4 (weights written, no trainer_state.json yet,
+    which transformers writes last): every rerun resumed from checkpoint-4 and crashed on the
+    missing trainer state; it must resume from the last complete one, checkpoint-2."""
+    from guidealign.sft.train import checkpoint_dir, resume_point
+
+    scfg = load_config(TINY, ["sft.save_steps=2"]).sft
+    ck = checkpoint_dir(workdir, "fp")
+    for step in (2, 4):
+        (ck / f"checkpoint-{step}").mkdir(parents=True)
+        (ck / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+    (ck / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    chosen = _what_the_trainer_resumes(ck, resume_point(ck, scfg, main=True))
+    assert chosen is not None and Path(chosen).name == "checkpoint-2"
+    assert (Path(chosen) / "trainer_state.json").is_file()
+
+
+def test_no_complete_checkpoint_starts_over(workdir):
+    """Only a cut-off checkpoint: start from the base model (Trainer raised on it)."""
+    from guidealign.sft.train import checkpoint_dir, resume_point
+
+    scfg = load_config(TINY, ["sft.save_steps=2"]).sft
+    ck = checkpoint_dir(workdir, "fp")
+    (ck / "checkpoint-2").mkdir(parents=True)
+    (ck / "checkpoint-2" / "model.safetensors").write_bytes(b"half")
+    assert _what_the_trainer_resumes(ck, resume_point(ck, scfg, main=True)) is None
+
+
+@pytest.mark.slow
+def test_a_real_run_killed_while_saving_resumes_and_finishes(workdir, monkeypatch):
+    """Real TRL steps: a run dies right after its step-2 checkpoint started (its trainer state
+    never written); the rerun resumes from checkpoint-1 and finishes all 3 steps."""
+    import guidealign.sft.train as train
+    from transformers import TrainerCallback
+
+    _write_stage(workdir / "respond", _rows("q", 4))
+    cfg = load_config(TINY, ["sft.max_steps=3", "sft.save_steps=1", "sft.num_threads=1",
+                             "sft.max_seq_length=64"])
+
+    class Killed(Exception):
+        pass
+
+    class KillWhileSaving(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                ck = Path(args.output_dir) / "checkpoint-2"
+                (ck / "trainer_state.json").unlink()  # as if killed before it was written
+                raise Killed
+
+    real = train.build_trainer
+    kill = [True]
+
+    def build(*a, **k):
+        out = real(*a, **k)
+        if kill[0]:
+            out[0].add_callback(KillWhileSaving())
+        return out
+
+    monkeypatch.setattr(train, "build_trainer", build)
+    with pytest.raises(Killed):
+        train.run_sft(cfg, workdir, progress=False)
+    kill[0] = False
+    done = train.run_sft(cfg, workdir, progress=False)
+    assert done["steps"] == 3 and len(done["losses"]) == 3
+
+
+# -- SFT data: two response datasets with the same directory name ------------------------------
+
+def test_two_datasets_with_one_directory_name_both_count(tmp_path, workdir):
+    """sft.data: [/runs/a/respond, /runs/b/respond] (responses of two runs): both were keyed
+    "respond" in the report, so one's checksums overwrote the other's: a change in run a's
+    responses left the fingerprint as it was (a stale model reused), and the card listed one
+    dataset."""
+    from guidealign.sft.data import build_dataset
+    from guidealign.sft.train import sft_fingerprint
+
+    a = _write_stage(tmp_path / "a" / "respond", _rows("a"))
+    b = _write_stage(tmp_path / "b" / "respond", _rows("b"))
+    cfg = load_config(TINY, [f"sft.data=[{a},{b}]"])
+    ds, rep = build_dataset(cfg.sft, workdir)
+    assert len(ds) == 4 and len(rep.sources) == 2
+    before = sft_fingerprint(cfg, rep)
+    _write_stage(a, _rows("a-changed"))  # run a's responses change
+    _, rep2 = build_dataset(cfg.sft, workdir)
+    assert sft_fingerprint(cfg, rep2) != before
+
+
+# -- push: a delete commit retried after it landed ---------------------------------------------
+
+def _http_error(status: int):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    req = httpx2.Request("POST", "http://hub.invalid/api/models/org/m/commit/main")
+    return HfHubHTTPError(f"HTTP {status}", response=httpx2.Response(status, request=req))
+
+
+class _LostAnswerHub:
+    """Applies the first commit, then loses its answer (HTTP 502); deleting a path that is not
+    there is a 404, as on the Hub ("A file with this name doesn't exist")."""
+
+    def __init__(self, files):
+        self.files = set(files)
+        self.commits = 0
+
+    def list_repo_files(self, repo_id, repo_type=None, revision=None):
+        return sorted(self.files)
+
+    def create_commit(self, repo_id, operations, commit_message, repo_type=None, revision=None):
+        gone = [op.path_in_repo for op in operations]
+        if any(p not in self.files for p in gone):
+            raise _http_error(404)
+        self.files -= set(gone)
+        self.commits += 1
+        if self.commits == 1:
+            raise _http_error(502)
+        return SimpleNamespace(oid=f"c{self.commits}")
+
+
+def test_a_retried_delete_commit_that_had_landed_does_not_fail_the_push():
+    from guidealign.hub.push import PushReport, delete_stale, owned_by_push
+    from guidealign.hub.targets import LocalFile
+
+    hub = _LostAnswerHub({"README.md", "data/shard-00000.parquet", "data/shard-00001.parquet"})
+    pcfg = load_config(None, ["push.backoff_s=0", "push.backoff_max_s=0"]).push
+    report = PushReport(repo_id="org/ds", repo_type="dataset")
+    keep = [LocalFile("data/shard-00000.parquet", Path("x"), 1), LocalFile("README.md", Path("y"), 1)]
+    delete_stale(hub, keep, report, pcfg, owned=owned_by_push("dataset", "data"), title="t")
+    assert hub.files == {"README.md", "data/shard-00000.parquet"}
+    assert report.retries == 1
+
+
+# -- SFT precision: float32 master weights under bf16 compute ------------------------------------
+
+def test_full_fine_tuning_in_bf16_keeps_float32_master_weights_so_small_updates_land(workdir):
+    """With sft.precision=bf16 the model was loaded in bf16 and AdamW updated the bf16 weights:
+    an update under ~1/256 of a weight rounds away, so at an SFT learning rate one step left
+    nearly every weight as it was. Loaded in float32 (the trainer's bf16 flag computes in bf16),
+    the step moves them."""
+    import torch
+
+    from guidealign.sft.data import build_dataset
+    from guidealign.sft.train import build_trainer
+
+    _write_stage(workdir / "respond", _rows("q", 4))
+    cfg = load_config(TINY, ["sft.precision=bf16", "sft.max_steps=1", "sft.learning_rate=5e-6",
+                             "sft.max_seq_length=64", "sft.num_threads=1"])
+    torch.set_num_threads(1)
+    ds, _ = build_dataset(cfg.sft, workdir)
+    trainer, *_ = build_trainer(cfg, workdir, ds, world=1, progress=False)
+    assert trainer.args.bf16
+    w = trainer.model.model.layers[0].mlp.down_proj.weight
+    assert w.dtype == torch.float32
+    before = w.detach().clone()
+    trainer.train()
+    moved = (w.detach() != before).float().mean().item()
+    assert moved > 0.5, f"only {moved:.1%} of the weights moved in one step"
+
+
+# -- SFT commit: the resume points go only after the model is committed -------------------------
+
+def test_a_kill_while_the_finished_model_is_checksummed_keeps_the_checkpoints(workdir, monkeypatch):
+    """The checkpoints were deleted before the finished model was checksummed (minutes for a 13B
+    model) and _done.json written: a run killed in that window had neither, and trained again
+    from the first step. Now the checkpoints go last, and a rerun after a kill resumes."""
+    import guidealign.shards.artifact_files as files
+    import guidealign.sft.train as train
+
+    _write_stage(workdir / "respond", _rows("q", 2))
+    cfg = load_config(TINY, ["sft.save_steps=1"])
+
+    class Killed(BaseException):
+        pass
+
+    resumed = []
+
+    def fake_build_trainer(cfg, wd, ds, *, world, progress, ckpt_dir=None):
+        out = Path(ckpt_dir)
+
+        class Accel:
+            def wait_for_everyone(self):
+                pass
+
+            def unwrap_model(self, m):
+                return m
+
+        class Trainer:
+            train_dataset = [None, None]
+            accelerator = Accel()
+            model = SimpleNamespace(generation_config=None)
+            state = SimpleNamespace(log_history=[{"loss": 1.0, "step": 1}], global_step=1, epoch=1.0)
+
+            def train(self, resume_from_checkpoint=None):
+                resumed.append(resume_from_checkpoint)
+                (out / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+                (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+                return SimpleNamespace(training_loss=1.0)
+
+            def is_world_process_zero(self):
+                return True
+
+            def save_model(self, path):
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (Path(path) / "model.safetensors").write_bytes(b"weights")
+
+        tok = SimpleNamespace(save_pretrained=lambda p: (Path(p) / "tokenizer.json").write_text("{}"))
+        return Trainer(), tok, 1, "float32"
+
+    monkeypatch.setattr(train, "build_trainer", fake_build_trainer)
+    real = files.file_checksums
+
+    def killed_while_checksumming(*a, **k):
+        raise Killed
+
+    monkeypatch.setattr(files, "file_checksums", killed_while_checksumming)
+    with pytest.raises(Killed):
+        train._train(cfg, workdir, progress=False, force=False)
+    ckpts = workdir / "sft" / "checkpoints"
+    assert any(ckpts.rglob("checkpoint-1/trainer_state.json")), "the resume point was deleted"
+    monkeypatch.setattr(files, "file_checksums", real)
+    done = train._train(cfg, workdir, progress=False, force=False)
+    assert resumed[0] is None and Path(resumed[1]).name == "checkpoint-1"
+    assert not ckpts.exists() and "model/model.safetensors" in done["files"]
+    assert not any(k.startswith("checkpoints/") for k in done["files"])
