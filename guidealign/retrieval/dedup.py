@@ -83,7 +83,9 @@ def candidate_pairs(vecs: np.ndarray, *, k: int, min_cosine: float, exact_max: i
     for s in range(0, n, chunk):
         sims, nbrs = index.search(vecs[s:s + chunk], kk)
         rows = np.repeat(np.arange(s, s + len(nbrs), dtype=np.int64), kk).reshape(len(nbrs), kk)
-        keep = (nbrs >= 0) & (nbrs != rows) & (sims >= min_cosine)
+        # a tiny tolerance: the search computes float32 cosines, and min_cosine is inclusive
+        # ("yes." vs "yes!": one trigram of two shared, cosine 0.5 computed as 0.49999997)
+        keep = (nbrs >= 0) & (nbrs != rows) & (sims >= min_cosine - 1e-5)
         a, b = rows[keep], nbrs[keep].astype(np.int64)
         parts.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
     pairs = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)

@@ -19,7 +19,8 @@ Output ``WORKDIR/library/``: the library as a sharded table (``shard-*.parquet``
 markers + ``_stage.json``; columns guideline_id, title, text, kind, members, prompt_ids),
 ``pairs/train.parquet`` and ``pairs/heldout.parquet`` (prompt_id, prompt, risky,
 guideline_id), ``report.json``, and ``_done.json`` last, whose ``version`` (a hash of the
-library shards) is what an index is tied to.
+library shards and the pairs files) is what a retriever and an index are tied to. Guidelines and
+prompts are numbered in sorted order, so nothing depends on the order the shards were read in.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from guidealign.config import wait_timeout
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.retrieval.embed import normalize_text
 from guidealign.shards import fingerprint, iter_batches, iter_tables, read_marker, wait_complete, write_manifest, write_shard
+from guidealign.shards.write import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,10 @@ def _kind(kind, risky) -> str | None:
 def library_fingerprint(lc, src: Path) -> str:
     """The fingerprint of the library built from the guideline shards in ``src`` with ``lc``
     (other ranks compute it to accept only a library, and an index, built from them)."""
-    # v2: a guideline's kind is voted by the prompt sets its guidelines were written with
-    return fingerprint("library-v2", lc, _input_fp(src))
+    # v2: a guideline's kind is voted by the prompt sets its guidelines were written with;
+    # v3: guidelines and prompts numbered in sorted order (the IVF search and the pairs files
+    # do not depend on the read order), the version covers the pairs files
+    return fingerprint("library-v3", lc, _input_fp(src))
 
 
 def library_version(d: str | Path) -> str | None:
@@ -265,13 +269,25 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 occ_prompt.append(pno)
                 occ_unique.append(u)
     del key_index
+    # guidelines numbered in comparison-form order and prompts in id order, not in the order
+    # they were read: the approximate (IVF) candidate search trains on, and the pairs files
+    # list, rows in this order, so the library must not depend on the shards' order
+    occ_prompt_a = np.asarray(occ_prompt, dtype=np.int64)
+    occ_unique_a = np.asarray(occ_unique, dtype=np.int64)
+    del occ_prompt, occ_unique
+    by_key = sorted(range(len(u_keys)), key=u_keys.__getitem__)
+    by_id = sorted(range(len(prompt_ids)), key=prompt_ids.__getitem__)
+    if len(occ_unique_a):
+        occ_unique_a = np.argsort(np.asarray(by_key, dtype=np.int64))[occ_unique_a]
+        occ_prompt_a = np.argsort(np.asarray(by_id, dtype=np.int64))[occ_prompt_a]
+    u_keys = [u_keys[i] for i in by_key]
+    u_forms = [u_forms[i] for i in by_key]
+    prompt_ids = [prompt_ids[i] for i in by_id]
+    del by_key, by_id
     secs["explode"] = time.perf_counter() - t0
 
     # 2. exact duplicates are gone by construction of u_keys ------------------------------
     rep.after_exact = len(u_keys)
-    occ_prompt_a = np.asarray(occ_prompt, dtype=np.int64)
-    occ_unique_a = np.asarray(occ_unique, dtype=np.int64)
-    del occ_prompt, occ_unique
     u_count = np.bincount(occ_unique_a, minlength=len(u_keys))
 
     # 3. near duplicates ------------------------------------------------------------------
@@ -362,6 +378,9 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
         (tmp / "pairs").mkdir()
         for split, data in pair_rows.items():
             pq.write_table(pa.table(data, schema=PAIRS_SCHEMA), tmp / "pairs" / f"{split}.parquet")
+            shas.append(file_sha256(tmp / "pairs" / f"{split}.parquet"))
+        # the pairs too: the retriever is trained (and evaluated) on them, and it (and so the
+        # index) is current only for the version it was trained on
         rep.version = fingerprint("library-version", shas)
         secs["write"] = time.perf_counter() - t0
         secs["total"] = time.perf_counter() - t_start
