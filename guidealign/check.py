@@ -309,10 +309,18 @@ def other_rows(cfg) -> list[Row]:
         rows.append(Row("executor", "ray", OK if has else FAIL,
                         f"address {ex.ray_address or 'local'}, task resources {ex.ray_resources}"
                         if has else "ray is not installed (GUIDEALIGN_EXTRA=ray ./run.sh setup)"))
-        gpus = (ex.ray_resources or {}).get("num_gpus", 0)
-        if gpus and gpus < cfg.engine.tensor_parallel_size:
-            rows.append(Row("executor", "ray_resources", FAIL,
-                            f"num_gpus {gpus} < engine.tensor_parallel_size {cfg.engine.tensor_parallel_size}"))
+        from guidealign.ray_workers import engine_config, resources_for
+        from guidealign.stages import STAGES
+
+        for stage in (s.name for s in STAGES if s.engine and s.in_run):
+            # what a worker of the stage gets (its ray_resources_by_stage entry, else
+            # ray_resources) against its engine (respond: the responder's), as ray_workers checks
+            res = resources_for(ex, stage)
+            gpus, tp = res.get("num_gpus", 0), engine_config(cfg, stage).tensor_parallel_size
+            if gpus and gpus < tp:
+                key = "ray_resources_by_stage" if stage in (ex.ray_resources_by_stage or {}) else "ray_resources"
+                rows.append(Row("executor", f"{key} ({stage})", FAIL,
+                                f"num_gpus {gpus} < the {stage} engine's tensor_parallel_size {tp}"))
     else:
         rows.append(Row("executor", "local", OK, "this rank's shards in this process"))
     from guidealign.stages import BY_NAME
@@ -323,7 +331,9 @@ def other_rows(cfg) -> list[Row]:
                             f"names no stage of the pipeline ({', '.join(sorted(BY_NAME))}): "
                             "its resources apply only to a custom stage of that name"))
     rows.append(Row("executor", "wait_timeout_s", FAIL if ex.wait_timeout_s < 0 else OK,
-                    f"{ex.wait_timeout_s:g} s" + (" (0: 1 day for several workers)" if not ex.wait_timeout_s else "")))
+                    f"{ex.wait_timeout_s:g} s" + (" (0: no clock of its own; waits end on a failed rank or after "
+                                                  f"stall_timeout_s {ex.stall_timeout_s:g} s without progress)"
+                                                  if not ex.wait_timeout_s else "")))
     return rows
 
 

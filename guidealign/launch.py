@@ -281,12 +281,15 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if tp is None and gpu_list:
+        import yaml
+
+        from guidealign.cli.options import config_error
         from guidealign.config import ConfigError
 
         try:
             tp = tensor_parallel_size(stage_args, stage)
-        except (ConfigError, OSError) as e:
-            raise click.UsageError(f"config: {e}") from e
+        except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            raise click.UsageError(f"config: {config_error(e)}") from e
     tp = 1 if tp is None else tp
     workers = plan(stage, stage_args, gpus=gpu_list, tp=tp, node_rank=node_rank, nodes=nodes)
     click.echo(f"launch: {stage} on node {node_rank}/{nodes}: {len(gpu_list)} GPU(s), "

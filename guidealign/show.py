@@ -12,8 +12,17 @@ from pathlib import Path
 from guidealign.shards import committed, read_table
 
 
+def _current(dataset: Path) -> list[int]:
+    """Committed shards, less those committed under an earlier config or input (stale:
+    ``guidealign status`` does not count them, the next run redoes them)."""
+    from guidealign.shards.manifest import shard_states
+
+    stale = set((shard_states(dataset) or ([], []))[1])
+    return [i for i in committed(dataset) if i not in stale]
+
+
 def _by_id(dataset: Path, index: int, columns: list[str]) -> dict:
-    if index not in committed(dataset):
+    if index not in _current(dataset):
         return {}
     t = read_table(dataset, index)
     if "id" not in t.schema.names:
@@ -25,13 +34,14 @@ def _by_id(dataset: Path, index: int, columns: list[str]) -> dict:
 def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
              stage: str = "respond") -> list[dict]:
     w = Path(workdir)
-    done = committed(w / stage)
+    done = _current(w / stage)
     if not done:
-        raise RuntimeError(f"{w / stage} has no committed shard yet")
+        raise RuntimeError(f"{w / stage} has no committed shard of its current config yet")
     i = done[0] if shard is None else shard
     if i not in done:
         shown = ", ".join(map(str, done[:10])) + (" ..." if len(done) > 10 else "")
-        raise RuntimeError(f"{w / stage}: shard {i} is not committed (committed: {shown})")
+        raise RuntimeError(f"{w / stage}: shard {i} is not committed under the current config "
+                           f"(committed: {shown})")
     resp = read_table(w / stage, i).to_pylist()
     det = _by_id(w / "detect", i, ["risky", "rationale", "parse_status", "finish_reason", "skip_reason"])
     out = []

@@ -8,7 +8,6 @@ rows parsed, rows cut at the length cap, and the share of generated tokens kept.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 from guidealign.shards import read_manifest, read_marker
@@ -21,8 +20,10 @@ ORDER = ["prompts", "prompts-sft"] + [s.dst for s in STAGES if s.dst != "prompts
 
 
 def _stage_row(d: Path) -> dict | None:
+    from guidealign.shards.artifact import DONE, read_done
+
     man = read_manifest(d)
-    done_file = d / "_done.json"
+    done_file = d / DONE
     if man is None and not done_file.exists():
         return None
     row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0, "rows": 0,
@@ -43,10 +44,13 @@ def _stage_row(d: Path) -> dict | None:
             row["rows"] += m.rows
             row["quarantined"] += m.quarantined
             row["seconds"] += m.seconds
-    if done_file.exists():
-        info = json.loads(done_file.read_text())
-        if man is None:
-            row["shards_done"] = row["shards_total"] = 1
+    if man is None:
+        # an artifact: done when its completion record reads (a damaged one is none: the
+        # stage builds the artifact again)
+        info = read_done(d)
+        row["shards_total"] = 1
+        if info is not None:
+            row["shards_done"] = 1
             row["rows"] = int(info.get("rows", 0))
             row["seconds"] = float(info.get("seconds", 0.0))
     if man is not None:
@@ -66,7 +70,9 @@ _NESTED = ("eval", "export")
 
 
 def collect(workdir: str | Path) -> list[dict]:
-    dirs = [p for p in Path(workdir).iterdir() if p.is_dir()]
+    # not the hidden folders: an artifact being built, or left by a killed build
+    # (.library.tmp-*, .index.old-*: shards.artifact.build_dir), is no stage
+    dirs = [p for p in Path(workdir).iterdir() if p.is_dir() and not p.name.startswith(".")]
     dirs.sort(key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name))
     out = []
     for d in dirs:
@@ -74,7 +80,7 @@ def collect(workdir: str | Path) -> list[dict]:
         if row is not None:
             out.append(row)
         if d.name in _NESTED:
-            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+            for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 r = _stage_row(sub)
                 if r is not None:
                     r["stage"] = f"{d.name}/{sub.name}"

@@ -97,11 +97,15 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
         if not preflight(cfg, workdir):
             raise click.ClickException("the preflight failed (see the table); fix it or pass --no-check")
 
+    from guidealign.ingest.readers import IngestError
+
     r, w = ranks(rank, world_size)
+    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else None  # "a, b" too
     try:
-        run_pipeline(cfg, workdir, rank=r, world_size=w, stages=stages.split(",") if stages else None,
-                     progress=not no_progress, echo=click.echo)
-    except (ValueError, RuntimeError) as e:  # e.g. a stage whose input is not there yet
+        run_pipeline(cfg, workdir, rank=r, world_size=w, stages=names, progress=not no_progress, echo=click.echo)
+    # e.g. a stage whose input is not there yet; and the errors the stage commands also print
+    # as one line (an input file ingest cannot read, sft with no response shards)
+    except (ValueError, RuntimeError, IngestError, FileNotFoundError) as e:
         log.debug("run failed", exc_info=True)
         from guidealign.cli.options import error_line
 

@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import yaml
@@ -25,7 +26,7 @@ from guidealign.config.sft import PushConfig, SFTConfig
 @dataclass
 class ExecutorConfig:
     # local: run this rank's shards in-process. ray: one Ray task per shard.
-    kind: str = "local"
+    kind: Literal["local", "ray"] = "local"
     # Resources per Ray task, e.g. {"num_gpus": 1, "num_cpus": 4}.
     ray_resources: dict = field(default_factory=lambda: {"num_cpus": 1})
     # Per-stage Ray resources, e.g. {detect: {num_gpus: 4}, ingest: {num_cpus: 1}}; a stage
@@ -39,7 +40,7 @@ class ExecutorConfig:
     # Which worker takes which shard: "static" (shard i -> rank i mod W: reproducible
     # placement) or "dynamic" (workers claim free shards until none remain, and take over
     # the shards of dead workers; see shards/claims.py).
-    assign: str = "static"
+    assign: Literal["static", "dynamic"] = "static"
     # dynamic: a claim whose owner has not heartbeated for this many seconds is taken over
     # (120 s: heartbeats come every 30 s; a dead worker's shard restarts within ~2 min).
     claim_ttl_s: float = 120.0
@@ -102,7 +103,14 @@ def _coerce(tp, value, where: str):
     """Convert a YAML value to the annotated type (dataclasses recursively); a value of
     another type is an error, never passed on (a bool is not an int, a string not a list)."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:  # a key with a fixed set of values: another is refused at load
+        allowed = typing.get_args(tp)
+        if not any(_is(value, type(a)) and value == a for a in allowed):
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section with every key commented out: its defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
@@ -186,9 +194,12 @@ def _leaf_type(schema, parts: list[str]):
 
 
 def _wants_text(tp) -> bool:
-    """A ``str`` or ``str | None`` field (not a union with bool/int: there YAML decides)."""
+    """A ``str`` or ``str | None`` field, or one of fixed text values (not a union with
+    bool/int: there YAML decides)."""
     if tp is str:
         return True
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return [a for a in typing.get_args(tp) if a is not type(None)] == [str]
     return False

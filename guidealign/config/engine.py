@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -49,7 +50,7 @@ class EngineConfig:
     cpu_threads_bind: str = "auto"
     # What to do with a prompt that does not fit max_model_len with its output budget:
     # "truncate" (keep the end of the user text) or "skip" (record it, generate nothing).
-    overlong: str = "truncate"
+    overlong: Literal["truncate", "skip"] = "truncate"
     # Chat template: None = the tokenizer's own; a built-in name ("vicuna_v1.1", "llama-2",
     # "chatml") or a .jinja path replaces it (needed for models that ship none; gen/templates.py).
     chat_template: str | None = None

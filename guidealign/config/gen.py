@@ -6,6 +6,7 @@ exemplars); every ``*_file`` key may point at a user file with the same keys ins
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from guidealign.config.engine import Sampling
 
@@ -31,7 +32,7 @@ class DetectConfig:
     # "rationale" (the paper: the model writes its analysis, then "Verdict: Yes|No") or
     # "score" (the same few-shot prompt with the answer begun by "Verdict:"; one forward
     # pass reads P(Yes) vs P(No), no text is generated; rows get risk_score, no rationale).
-    mode: str = "rationale"
+    mode: Literal["rationale", "score"] = "rationale"
     # score mode: risky when risk_score >= this (0.5 = the likelier verdict wins).
     score_threshold: float = 0.5
     # score mode: JSON file with a calibrated {"threshold": ...} that replaces score_threshold
@@ -64,7 +65,7 @@ class GuidelinesConfig:
     reserve_input_tokens: int = 768
     # Inputs whose detection could not be parsed (risky is null): "safety" (treat as risky,
     # the cautious choice; our default), "quality", or "skip" (kept with parse_status "skipped").
-    unknown_verdict: str = "safety"
+    unknown_verdict: Literal["safety", "quality", "skip"] = "safety"
     # Per-prompt sampling seeds, as in detect.
     seed_per_prompt: bool = True
     # Constrain the output with vLLM structured outputs to 5-7 numbered "N. Title: text"

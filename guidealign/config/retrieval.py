@@ -6,6 +6,7 @@ and say why they are what they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -17,7 +18,7 @@ class LibraryConfig:
     # Candidate space for near-duplicate search. "ngram": hashed character 3-gram vectors (cheap,
     # and fuzz.ratio is itself a character-level measure, so it finds the pairs that ratio confirms);
     # "model": sentence embeddings from `embed_model` (semantic neighbours; slower on CPU). Ours.
-    candidates: str = "ngram"
+    candidates: Literal["ngram", "model"] = "ngram"
     # Dimension of the hashed n-gram vectors (candidates="ngram"). Ours: 256 keeps 1M vectors at 1 GiB.
     ngram_dim: int = 256
     # Sentence-transformers model for candidates="model": path, Hub id or the embedded MiniLM.
@@ -53,7 +54,7 @@ class RetrieverConfig:
     base_model: str = "embedded:all-minilm-l6-v2"
     # "mnrl": MultipleNegativesRankingLoss; "cached_mnrl": its cached (GradCache) variant, which
     # allows large batches in little memory.
-    loss: str = "mnrl"
+    loss: Literal["mnrl", "cached_mnrl"] = "mnrl"
     # Mini-batch size of the cached loss (only for loss="cached_mnrl"). Ours.
     mini_batch_size: int = 32
     # Training pairs per batch; each batch's other positives are the in-batch negatives. Ours.
@@ -89,7 +90,7 @@ class IndexConfig:
     model: str = "retriever"
     # "flat" (exact, default: libraries hold tens of thousands of guidelines), "ivf" or "hnsw"
     # for very large ones.
-    kind: str = "flat"
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
     # IVF lists (kind="ivf"); 0 picks 4*sqrt(n). Ours, FAISS's usual rule of thumb.
     nlist: int = 0
     # IVF lists probed per query (kind="ivf"). Ours.
