@@ -200,3 +200,12 @@ def test_run_stages_list_may_have_spaces_after_commas(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["run", "-w", str(tmp_path), "--no-check", "--stages", "detect, guidelines"])
     assert r.exit_code == 0, r.output
     assert seen["stages"] == ["detect", "guidelines"]
+
+
+def test_config_refuses_a_guided_system_without_the_guidelines_placeholder():
+    """Refused at load (so `guidealign run` fails before detect, not when respond starts)."""
+    from guidealign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"respond.guided_system: no \{guidelines\} placeholder"):
+        load_config(None, ["respond.guided_system=Answer carefully."])
+    assert "{guidelines}" in load_config(None, ["respond.guided_system=Follow: {guidelines}"]).respond.guided_system

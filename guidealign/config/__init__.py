@@ -275,6 +275,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     cfg = _build(Config, data)
     if cfg.respond.engine:  # the responder's engine keys: checked now, not when respond starts
         _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine}, "respond.engine")
+    if "{guidelines}" not in cfg.respond.guided_system:  # else every guided answer is unguided
+        raise ConfigError("respond.guided_system: no {guidelines} placeholder, so no guided prompt would "
+                          "show its guidelines; put {guidelines} where they go")
     for key, ratio in (("retriever.warmup_ratio", cfg.retriever.warmup_ratio),
                        ("sft.warmup_ratio", cfg.sft.warmup_ratio)):
         # passed as transformers' warmup_steps, which reads a value >= 1 as a number of steps

@@ -15,6 +15,7 @@ Output rows have the prompt schema (id, prompt, source, metadata) plus risk_type
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -32,7 +33,7 @@ from guidealign.gen.parse import parse_questions
 
 log = logging.getLogger(__name__)
 
-VERSION = "augment-v2"  # v2: questions cleaned of list markers; Unicode ROUGE tokens
+VERSION = "augment-v3"  # v2: questions cleaned of list markers; Unicode ROUGE tokens; v3: CJK word count
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("source", pa.string()),
                     ("metadata", pa.string()), ("risk_type", pa.string())])
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()),
@@ -69,11 +70,12 @@ def clean_question(q: str) -> str:
 
 def check_question(raw: str, *, min_words: int, max_chars: int) -> tuple[str, str | None]:
     """(the cleaned question, None) when ``raw`` passes the format checks, else (.., reason).
-    Words are counted when they hold a letter, so numbering alone ("2. 3. 4. 5.") is no question."""
+    Words are counted when they hold a letter, so numbering alone ("2. 3. 4. 5.") is no question;
+    in scripts written without spaces each CJK character is a word, as in :func:`rouge_tokens`."""
     q = clean_question(raw)
     if not q:
         return q, "no question: only list markers"
-    words = sum(1 for w in q.split() if any(c.isalpha() for c in w))
+    words = sum(1 for w in _CJK.sub(r" \1 ", q).split() if any(c.isalpha() for c in w))
     if words < min_words:
         return q, f"fewer than {min_words} words"
     if len(q) > max_chars:
@@ -171,12 +173,17 @@ def load_risk_types(cfg) -> tuple[dict, str]:
 
 
 def config_fingerprint(cfg, tok) -> str:
+    """The part of every type's shard fingerprint that all types share. Which types are
+    selected (augment.types) and what the risk-type file says about the others are left out:
+    shard i's own fingerprint adds its type's name and entry (run_augment), so adding a type
+    or editing another one does not redo the types already done."""
     from guidealign.gen.engine import output_fields
     from guidealign.shards import fingerprint
 
-    _, h1 = load_risk_types(cfg)
+    load_risk_types(cfg)  # a bad file or an unknown type fails here
     _, h2 = load_prompt_file(cfg.augment.prompt_file, "augment.yaml", ("system", "user"))
-    return fingerprint(VERSION, output_fields(cfg.engine), cfg.augment, h1, h2, chat_template_hash(tok))
+    a = dataclasses.replace(cfg.augment, types=[], risk_types_file=None)
+    return fingerprint(VERSION, output_fields(cfg.engine), a, h2, chat_template_hash(tok))
 
 
 def _row(q: str, name: str, info: dict, origin: str) -> dict:

@@ -87,7 +87,7 @@ class DetectPrompts:
 
 
 def config_fingerprint(cfg, tok) -> str:
-    from guidealign.gen.engine import output_fields
+    from guidealign.gen.engine import output_fields, prefix_align
     from guidealign.shards import fingerprint
 
     _, spec_hash = load_prompt_file(cfg.detect.prompt_file, "detect.yaml", ("system", "user", "exemplars"))
@@ -98,8 +98,11 @@ def config_fingerprint(cfg, tok) -> str:
         from guidealign.gen.scoring import load_threshold
 
         threshold = load_threshold(d.score_threshold, d.threshold_file)
+    # the KV block the shared prefix is padded to is part of every prompt
+    align = prefix_align(cfg.engine) if d.align_prefix else 0
     d = dataclasses.replace(d, threshold_file=None)
-    return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok))
+    return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok),
+                       {"align": align})
 
 
 def _row_for(pid, prompt, built: Built, gen) -> dict:

@@ -266,6 +266,16 @@ def cache_block_size(llm) -> int:
         return 0
 
 
+def prefix_align(cfg: EngineConfig):
+    """What :func:`cache_block_size` of the engine :func:`build_llm` starts for ``cfg`` will be,
+    for the fingerprints of stages that pad their shared prefix to it (``align_prefix``): the
+    padding is part of every prompt. 0 without prefix caching; None for vLLM's own default
+    block size (on GPUs, when ``block_size`` is not set)."""
+    if not cfg.enable_prefix_caching:
+        return 0
+    return cfg.block_size or (None if has_cuda() else CPU_BLOCK_SIZE)
+
+
 def output_fields(cfg: EngineConfig) -> dict:
     """The engine settings that change generated text (for stage fingerprints); pure
     performance knobs (parallelism, memory, batch size, caching, threads) are left out."""

@@ -114,13 +114,15 @@ class GuidelinePrompts:
 
 
 def config_fingerprint(cfg, tok) -> str:
-    from guidealign.gen.engine import output_fields
+    from guidealign.gen.engine import output_fields, prefix_align
     from guidealign.shards import fingerprint
 
     g = cfg.guidelines
     _, h1 = load_prompt_file(g.safety_prompt_file, "safety_guidelines.yaml", _SAFETY_KEYS)
     _, h2 = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
-    parts = [VERSION, output_fields(cfg.engine), g, h1, h2, chat_template_hash(tok)]
+    # the KV block the shared prefixes are padded to is part of every prompt
+    align = prefix_align(cfg.engine) if g.align_prefix else 0
+    parts = [VERSION, output_fields(cfg.engine), g, h1, h2, chat_template_hash(tok), {"align": align}]
     if g.structured:  # the grammar the outputs were constrained to (unstructured runs: unchanged)
         from guidealign.gen.scoring import guidelines_regex
 

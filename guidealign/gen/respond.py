@@ -29,6 +29,7 @@ control tokens, contents as plain text).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -95,6 +96,14 @@ def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> li
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     msgs.append({"role": "user", "content": prompt})
     return msgs
+
+
+def check_guided_system(rcfg: RespondConfig) -> None:
+    """A guided prompt shows its guidelines where ``guided_system`` says "{guidelines}"; one
+    without the placeholder would answer every prompt unguided (while its row lists them)."""
+    if "{guidelines}" not in rcfg.guided_system:
+        raise ValueError("respond.guided_system has no {guidelines} placeholder, so no guided prompt "
+                         "would show its guidelines; put {guidelines} where they go")
 
 
 def respond_engine(cfg):
@@ -196,11 +205,13 @@ def row_guidelines(ids, texts, max_guidelines: int = 0) -> tuple[list[str], list
 def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
     from guidealign.gen.build import engine_max_len
-    from guidealign.gen.engine import generate, sampling_params, use_template
+    from guidealign.gen.engine import check_not_all_failed, generate, sampling_params, use_template
     from guidealign.gen.yieldstats import counts, respond_usable
 
     rcfg: RespondConfig = cfg.respond
     ecfg = cfg.engine
+    if guided:
+        check_guided_system(rcfg)
     tok = use_template(llm, ecfg.chat_template, model=ecfg.model)
     load_exemplars(rcfg)  # a bad exemplars file fails here, not once per row
     max_len = engine_max_len(llm, ecfg.max_model_len)  # an injected engine may be shorter
@@ -245,6 +256,8 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
                 stats["truncated"] += 1
             todo.append((r, p))
         gens = generate(llm, [TokensPrompt(prompt_token_ids=p.ids) for _, p in todo], params)
+        # every prompt failing is a fault of the run, not of the prompts: not committed
+        check_not_all_failed("respond", [g.error for g in gens])
         for (r, p), g in zip(todo, gens):
             note = p.note
             if g.error:
@@ -290,7 +303,14 @@ def respond_fingerprint(cfg, guided: bool) -> str:
         extra["exemplars"] = load_exemplars(cfg.respond)[1]
     from guidealign.gen.build import TOKENIZATION
 
-    return fingerprint("respond/v1", TOKENIZATION, cfg.respond, guided,
+    # Only what this mode reads: the responder's engine counts by the settings that change
+    # an answer (below), not by its memory, parallelism or batch knobs (respond.engine); the
+    # baseline reads neither guided_system nor max_guidelines, the guided stage not the
+    # baseline's prompt set.
+    r = dataclasses.replace(cfg.respond, engine={})
+    r = dataclasses.replace(r, prompts="") if guided else \
+        dataclasses.replace(r, guided_system=DEFAULT_GUIDED_SYSTEM, max_guidelines=0)
+    return fingerprint("respond/v1", TOKENIZATION, r, guided,
                        {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
                         "overlong": e.overlong, "seed": e.seed, **extra})
 
@@ -308,6 +328,8 @@ def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, g
     from guidealign.config import prompt_set
 
     workdir = Path(workdir)
+    if guided:
+        check_guided_system(cfg.respond)  # before any engine starts
     fp = respond_fingerprint(cfg, guided)
     cfg = with_respond_engine(cfg)
     src = src or ("retrieve" if guided else prompt_set(cfg, cfg.respond.prompts))
