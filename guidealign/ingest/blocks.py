@@ -8,6 +8,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+# a UTF-8 byte-order mark: pyarrow's JSON and CSV readers skip one at the start of the bytes they
+# parse (so at a block start, not elsewhere); Python's readers keep it, so such a block goes row by row
+BOM = b"\xef\xbb\xbf"
+
 
 def one_piece(block: bytes) -> int:
     """pyarrow json/csv ``block_size`` that parses ``block`` as one piece; it is a C int, so a

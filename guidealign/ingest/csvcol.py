@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
-from guidealign.ingest.blocks import RecordTooLong, cut_blocks, one_piece, prefetch, scan
+from guidealign.ingest.blocks import BOM, RecordTooLong, cut_blocks, one_piece, prefetch, scan
 from guidealign.ingest.readers import CSV_FIELD_LIMIT, _csv_rows, csv_body, csv_names, read_csv, sniff_delimiter
 
 QUOTE, NL, CR = 34, 10, 13
@@ -142,6 +142,8 @@ def _header(head: bytes, path: Path, delimiter: str):
         first = head.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    if not first.strip():  # a blank line (spaces too): the row reader skips it, the header is after
+        return None
     delim = sniff_delimiter(first.splitlines()[0] if first else "", path, delimiter)
     if len(delim) != 1 or delim in '"\r\n':
         return None
@@ -230,8 +232,8 @@ def _quotes_ok(arr: np.ndarray, q: np.ndarray, delim: int) -> bool:
 def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int):
     """(table, line numbers, all ASCII, no whitespace runs) of the block through pyarrow.csv,
     or None when the row reader must read it."""
-    if info.lone_cr or b"\0" in block:
-        return None
+    if info.lone_cr or b"\0" in block or block.startswith(BOM):
+        return None  # BOM: pyarrow.csv drops one at the start of what it parses, Python's csv keeps it
     all_ascii = block.isascii()
     if not all_ascii:
         try:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.json as pajson
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
-from guidealign.ingest.blocks import cut_blocks, one_piece, prefetch, scan
+from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch, scan
 from guidealign.ingest.readers import parse_jsonl_line
 
 
@@ -77,6 +77,8 @@ def _is_temporal(t: pa.DataType) -> bool:
 def _parse_block(block: bytes, line0: int, final: bool):
     """The part of a block's work that runs beside the caller: None when it must go row by row,
     else (table, line numbers, all strings ASCII, no whitespace runs, line ends)."""
+    if block.startswith(BOM):  # pyarrow.json skips a BOM at the start of what it parses; Python's
+        return None            # json does not (a line of files concatenated): the row reader says so
     # every string is ASCII when the bytes are and no \\u escape can make a non-ASCII char
     has_escape = b"\\" in block
     all_ascii = block.isascii() and not (has_escape and b"\\u" in block)

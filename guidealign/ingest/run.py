@@ -263,7 +263,7 @@ def _delimiter_ok(d) -> bool:
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0,
               int(p.stat().st_mtime)) for p in files]
-    return fingerprint("ingest-v4", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
+    return fingerprint("ingest-v5", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
 
 

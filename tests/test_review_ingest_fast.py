@@ -1,0 +1,56 @@
+"""Review of ingest's columnar fast path and commit path: each test is a defect found by running
+the same input through the columnar blocks (of several sizes) and the row-by-row reference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guidealign.ingest.run import IngestConfig, ingest
+from guidealign.shards import iter_tables, read_quarantine
+
+
+def _ingest(path: Path, workdir: Path, **cfg) -> tuple[list[tuple], list[tuple]]:
+    """(id, prompt, source line, metadata) of the kept rows, (row, reason) of the quarantined."""
+    ingest([str(path)], workdir, IngestConfig(**cfg), progress=False)
+    rows = [(r["id"], r["prompt"], r["source"].rsplit(":", 1)[1], r["metadata"])
+            for t in iter_tables(workdir / "prompts") for r in t.to_pylist()]
+    q = read_quarantine(workdir / "prompts")
+    return rows, [(r["row"], r["reason"]) for r in (q.to_pylist() if q is not None else [])]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name,data", [
+    # `cat a.jsonl b.jsonl` where b.jsonl was saved with a byte-order mark
+    ("cat.jsonl", b'{"prompt": "first"}\n' + BOM + b'{"prompt": "second"}\n{"prompt": "third"}\n'),
+    # `cat a.csv b.csv` (b's header line comes through as a row), b saved by Excel with a BOM
+    ("cat.csv", b"prompt,n\nfirst,1\n" + BOM + b"prompt,n\n" + BOM + b"second,2\nthird,3\n"),
+])
+def test_a_line_starting_with_a_bom_reads_the_same_at_a_block_start(tmp_path, name, data):
+    """pyarrow's JSON and CSV readers skip a UTF-8 byte-order mark at the start of what they
+    parse, i.e. at the start of each block, and nowhere else; Python's readers keep it. So a
+    line starting with one (files concatenated) was kept or quarantined (JSONL), or came out
+    with another prompt, id or metadata (CSV), depending only on where the blocks were cut."""
+    f = tmp_path / name
+    f.write_bytes(data)
+    whole = _ingest(f, tmp_path / "whole")                  # one block: the reference reading
+    for bb in (1, 16):                                       # the BOM line starts a block
+        assert _ingest(f, tmp_path / f"w{bb}", block_bytes=bb) == whole, bb
+
+
+@pytest.mark.parametrize("first", [b"   \n", b"\t\r\n", b"\xc2\xa0\n"])
+def test_csv_whitespace_line_before_the_header_is_skipped_as_the_row_reader_skips_it(tmp_path, first):
+    """The row reader skips blank lines before the header (a line of spaces is blank); the
+    columnar CSV reader took such a line as the header (one unnamed column), so every row of
+    the file was quarantined as "missing prompt field 'prompt'" and the header line with them."""
+    from guidealign.ingest.readers import read_csv
+
+    f = tmp_path / "lead.csv"
+    f.write_bytes(first + b"prompt,topic\nfirst,a\nsecond,b\n")
+    assert [r[1] for r in read_csv(f)] == [{"prompt": "first", "topic": "a"}, {"prompt": "second", "topic": "b"}]
+    rows, bad = _ingest(f, tmp_path / "w")
+    assert bad == []
+    assert [(p, line, m) for _, p, line, m in rows] == [("first", "3", '{"topic": "a"}'),
+                                                        ("second", "4", '{"topic": "b"}')]
