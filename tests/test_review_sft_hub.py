@@ -263,3 +263,39 @@ def test_a_kill_while_the_finished_model_is_checksummed_keeps_the_checkpoints(wo
     assert resumed[0] is None and Path(resumed[1]).name == "checkpoint-1"
     assert not ckpts.exists() and "model/model.safetensors" in done["files"]
     assert not any(k.startswith("checkpoints/") for k in done["files"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_trains_the_rows_of_tokens_the_chat_template_added(tied):
+    """A base model without the template's tokens (chatml on Llama-2) gets fresh embedding rows;
+    LoRA alone never trains them, so the merged model could not read <|im_start|> or emit
+    <|im_end|>. With the config sft builds, the new rows of the input embeddings and of the
+    output head (untied, as Llama-2's) are trained and the old rows left as they were."""
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from guidealign.config import load_config
+    from guidealign.sft.train import lora_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         tie_word_embeddings=tied))
+    model.resize_token_embeddings(102, mean_resizing=False)
+    new = [100, 101]
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    head0 = model.get_output_embeddings().weight.detach().clone()
+    pm = get_peft_model(model, lora_config(load_config(None, ["sft.mode=lora"]).sft, model, new))
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1.0)
+    x = torch.tensor([[1, 100, 5, 101, 7]])
+    for _ in range(3):
+        pm(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    merged = pm.merge_and_unload()
+    emb, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    assert not torch.equal(emb[new], emb0[new]), "the added tokens' input embeddings were not trained"
+    assert not torch.equal(head[new], head0[new]), "the added tokens' output rows were not trained"
+    assert torch.equal(emb[:100], emb0[:100]) and torch.equal(head[:100], head0[:100])
+    assert (emb.data_ptr() == head.data_ptr()) == tied

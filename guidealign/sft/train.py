@@ -79,7 +79,8 @@ def sft_fingerprint(cfg, report) -> str:
             if k not in ("num_processes", "num_threads")}
     # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already;
     # v4: full fine-tuning in bf16/fp16 keeps float32 master weights (load_dtype)
-    return fingerprint("sft/v4", keys, report.sources, template_hash(cfg.sft.chat_template))
+    # v5: LoRA trains the embedding (and untied head) rows of tokens the template added
+    return fingerprint("sft/v5", keys, report.sources, template_hash(cfg.sft.chat_template))
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
@@ -117,6 +118,27 @@ def prepare_tokenizer(scfg, base_path: str):
     if tok.pad_token is None:  # labels are masked by the attention mask, so any token will do
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok, missing
+
+
+def lora_config(scfg, model, new_token_ids: list[int]):
+    """LoRA on ``sft.lora_target_modules``. The rows of tokens the chat template added (e.g.
+    chatml's on Llama-2) start untrained, and LoRA does not touch embeddings: they are trained
+    too (peft's trainable tokens), in the input embeddings and, where it is not tied to them,
+    the output head, which must learn to emit the turn's end token."""
+    from peft import LoraConfig
+
+    tokens = None
+    if new_token_ids:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+        tokens = {names[id(emb)]: list(new_token_ids)}
+        if head is not None and head.weight is not emb.weight:
+            tokens[names[id(head)]] = list(new_token_ids)
+    targets = scfg.lora_target_modules
+    return LoraConfig(
+        r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        trainable_token_indices=tokens, task_type="CAUSAL_LM")
 
 
 def checkpoint_dir(workdir, fp: str) -> Path:
@@ -225,13 +247,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
             model.generation_config.pad_token_id = tok.pad_token_id
     peft_config = None
     if scfg.mode == "lora":
-        from peft import LoraConfig
-
-        targets = scfg.lora_target_modules
-        peft_config = LoraConfig(
-            r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
-            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-            task_type="CAUSAL_LM")
+        peft_config = lora_config(scfg, model, tok.convert_tokens_to_ids(added) if added else [])
     ckpt_dir = Path(workdir) / "sft" / "checkpoints" if ckpt_dir is None else Path(ckpt_dir)
     args = dict(
         output_dir=str(ckpt_dir),
