@@ -54,3 +54,17 @@ def test_csv_whitespace_line_before_the_header_is_skipped_as_the_row_reader_skip
     assert bad == []
     assert [(p, line, m) for _, p, line, m in rows] == [("first", "3", '{"topic": "a"}'),
                                                         ("second", "4", '{"topic": "b"}')]
+
+
+def test_the_manifest_names_the_encoding_a_csv_was_read_with(tmp_path):
+    """The stage manifest lists each text file's encoding (a cp1252 export read as such is
+    worth seeing); CSV files were missing from it, JSONL files were not."""
+    from guidealign.shards import read_manifest
+
+    (tmp_path / "excel.csv").write_bytes("prompt,n\nCaf\u00e9 au lait?,1\n".encode("cp1252"))
+    (tmp_path / "a.jsonl").write_bytes('{"prompt": "Caf\u00e9?"}\n'.encode("utf-8"))
+    ingest([str(tmp_path / "excel.csv"), str(tmp_path / "a.jsonl")], tmp_path / "w",
+           IngestConfig(encoding="auto"), progress=False)
+    enc = read_manifest(tmp_path / "w" / "prompts")["encodings"]
+    assert enc.get(str(tmp_path / "excel.csv")) == "cp1252", enc
+    assert enc.get(str(tmp_path / "a.jsonl")) == "utf-8", enc

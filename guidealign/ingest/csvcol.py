@@ -42,10 +42,14 @@ MAX_RECORD_BYTES = CSV_FIELD_LIMIT
 
 
 def csv_batches(path: Path, src: str, spec: Spec, encoding: str = "auto", delimiter: str = "auto",
-                block_bytes: int = 4 << 20, rows_per_batch: int = 65536) -> Iterator[Batch]:
+                block_bytes: int = 4 << 20, rows_per_batch: int = 65536,
+                encodings: dict | None = None) -> Iterator[Batch]:
     """Batches of a CSV/TSV file: columnar blocks where they read as the row reader reads them,
-    row by row elsewhere. One background thread reads, cuts and parses the next blocks."""
+    row by row elsewhere. One background thread reads, cuts and parses the next blocks.
+    ``encodings``: the encoding the file is read with is recorded there under ``src``."""
     stream, enc = open_utf8(path, encoding)
+    if encodings is not None:
+        encodings[src] = enc
     with stream:
         setup = _header(stream.readline(), path, delimiter)
         if setup is None:  # not a plain header: the row reader reads the whole file

@@ -282,7 +282,7 @@ def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: S
         for split, batches in hf_splits(path):
             yield from arrow_batches(f"{src}/{split}" if split else src, batches, spec)
     elif fmt == "csv":
-        yield from csv_batches(path, src, spec, cfg.encoding, cfg.delimiter, cfg.block_bytes)
+        yield from csv_batches(path, src, spec, cfg.encoding, cfg.delimiter, cfg.block_bytes, encodings=rep.encodings)
     else:
         rows = READERS[fmt](path, cfg.encoding)
         while True:
