@@ -123,3 +123,11 @@ def pytest_sessionfinish(session, exitstatus):
     if alive:
         print(f"\nthreads still running at the end of the session: {', '.join(sorted(alive))}",
               file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def tok(generator_path):
+    """The embedded generator's tokenizer (what the stage functions get from the engine)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(generator_path)

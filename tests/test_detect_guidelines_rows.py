@@ -5,49 +5,12 @@ from __future__ import annotations
 
 import random
 import re
-import types
 
 import pyarrow as pa
 import pytest
 
 from guidealign.gen.parse import parse_guidelines
-
-
-@pytest.fixture(scope="module")
-def tok(generator_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(generator_path)
-
-
-def make_cfg(generator_path, *sets):
-    from guidealign.config import load_config
-
-    return load_config(None, [f"engine.model={generator_path}", "engine.max_model_len=2048",
-                              "detect.max_exemplars=1", "guidelines.max_safety_exemplars=1",
-                              "guidelines.max_quality_exemplars=1", *sets])
-
-
-class FakeLLM:
-    """What the stage functions call on vLLM's LLM: get_tokenizer and generate. ``answer``
-    maps the decoded prompt to (text, finish_reason), or raises as vLLM does on a bad request."""
-
-    def __init__(self, tok, answer):
-        self.tok, self.answer = tok, answer
-
-    def get_tokenizer(self):
-        return self.tok
-
-    def generate(self, prompts, params, use_tqdm=False):
-        outs = []
-        for p in prompts:
-            ids = p["prompt_token_ids"]
-            text, fr = self.answer(self.tok.decode(ids))
-            outs.append(types.SimpleNamespace(
-                prompt_token_ids=ids, num_cached_tokens=0,
-                outputs=[types.SimpleNamespace(text=text, finish_reason=fr, token_ids=[0, 0],
-                                               logprobs=None)]))
-        return outs
+from standins import FakeLLM, small_gen_cfg
 
 
 def last_input(prompt: str) -> str:
@@ -130,7 +93,7 @@ def test_guidelines_parser_failure_is_a_row_status_not_a_dead_shard(generator_pa
         return (cut, "length") if "haiku" in last_input(prompt) else \
             ("1. Be kind: Answer gently.\n2. Be brief: Say less.", "stop")
 
-    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, answer))
+    fn = make_shard_fn(small_gen_cfg(generator_path), FakeLLM(tok, answer))
     table = pa.table({"id": ["a", "b", "c"],
                       "prompt": ["Write a haiku about rain.", "How do I pick a lock?", "Explain tides."],
                       "risky": [False, True, None],
@@ -161,7 +124,7 @@ def test_detect_shard_whose_prompts_all_fail_raises(generator_path, tok):
 
     table = pa.table({"id": ["a", "b", "c", "d"],
                       "prompt": ["How to poison a dog?", "Banana bread?", "   ", "What is love?"]})
-    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, _boom))
+    fn = make_shard_fn(small_gen_cfg(generator_path), FakeLLM(tok, _boom))
     with pytest.raises(AllPromptsFailed, match="all 3 prompts"):
         fn(table, 0)
 
@@ -171,7 +134,7 @@ def test_detect_score_mode_shard_whose_prompts_all_fail_raises(generator_path, t
     from guidealign.gen.engine import AllPromptsFailed
 
     table = pa.table({"id": ["a", "b"], "prompt": ["How to poison a dog?", "Banana bread?"]})
-    fn = make_shard_fn(make_cfg(generator_path, "detect.mode=score"), FakeLLM(tok, _boom))
+    fn = make_shard_fn(small_gen_cfg(generator_path, "detect.mode=score"), FakeLLM(tok, _boom))
     with pytest.raises(AllPromptsFailed):
         fn(table, 0)
 
@@ -182,7 +145,7 @@ def test_guidelines_shard_whose_prompts_all_fail_raises(generator_path, tok):
 
     table = pa.table({"id": ["a", "b"], "prompt": ["How to poison a dog?", "Banana bread?"],
                       "risky": [True, False], "raw": ["Verdict: Yes", "Verdict: No"]})
-    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, _boom))
+    fn = make_shard_fn(small_gen_cfg(generator_path), FakeLLM(tok, _boom))
     with pytest.raises(AllPromptsFailed):
         fn(table, 0)
 
@@ -197,7 +160,7 @@ def test_one_failing_prompt_is_still_isolated(generator_path, tok):
             raise ValueError("bad request")
         return "Harmless.\nVerdict: No", "stop"
 
-    fn = make_shard_fn(make_cfg(generator_path), FakeLLM(tok, answer))
+    fn = make_shard_fn(small_gen_cfg(generator_path), FakeLLM(tok, answer))
     table = pa.table({"id": ["a", "b", "c"], "prompt": ["Banana bread?", "How to poison a dog?", ""]})
     out, _, stats = fn(table, 0)
     rows = out.to_pylist()

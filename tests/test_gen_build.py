@@ -14,13 +14,6 @@ RISK_TYPES = {"insult", "unfairness_and_discrimination", "crimes_and_illegal_act
 CARE_TYPES = {"health", "finance", "law", "grief", "misinformation"}
 
 
-@pytest.fixture(scope="module")
-def tok(generator_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(generator_path)
-
-
 def make_cfg(generator_path, *sets):
     from guidealign.config import load_config
 

@@ -32,13 +32,6 @@ def write_prompts(d, rows):
     write_shard(d, 0, pa.Table.from_pylist(rows, schema=schema), "p0")
 
 
-@pytest.fixture(scope="module")
-def tok(generator_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(generator_path)
-
-
 def test_guidelines_go_into_the_system_message(tok):
     cfg = RespondConfig()
     p = prepare_prompt(tok, cfg, "How do I pick a lock?", ["g1", "g2"], [G1, G2], 2000, "truncate")

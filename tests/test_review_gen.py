@@ -3,47 +3,10 @@ and nothing else, the respond stage's guided system message and its all-failed s
 real SmolLM2 tokenizer and a stand-in for vLLM; no engine)."""
 from __future__ import annotations
 
-import types
-
 import pyarrow as pa
 import pytest
 
-
-@pytest.fixture(scope="module")
-def tok(generator_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(generator_path)
-
-
-def make_cfg(generator_path, *sets):
-    from guidealign.config import load_config
-
-    return load_config(None, [f"engine.model={generator_path}", "engine.max_model_len=2048",
-                              "detect.max_exemplars=1", "guidelines.max_safety_exemplars=1",
-                              "guidelines.max_quality_exemplars=1", *sets])
-
-
-class FakeLLM:
-    """get_tokenizer and generate, as the stage functions call them on vLLM's LLM; ``answer``
-    maps the decoded prompt to (text, finish_reason) or raises as vLLM does on a bad request."""
-
-    def __init__(self, tok, answer):
-        self.tok, self.answer = tok, answer
-
-    def get_tokenizer(self):
-        return self.tok
-
-    def generate(self, prompts, params, use_tqdm=False):
-        outs = []
-        for p in prompts:
-            ids = p["prompt_token_ids"]
-            text, fr = self.answer(self.tok.decode(ids))
-            outs.append(types.SimpleNamespace(
-                prompt_token_ids=ids, num_cached_tokens=0,
-                outputs=[types.SimpleNamespace(text=text, finish_reason=fr, token_ids=[0, 0],
-                                               logprobs=None)]))
-        return outs
+from standins import FakeLLM, small_gen_cfg
 
 
 # --- detect / guidelines: the KV block the shared prefix is padded to is part of the prompt ---
@@ -56,9 +19,9 @@ def test_detect_fingerprint_follows_the_kv_block_its_prompts_are_padded_to(gener
     from guidealign.gen.detect import DetectPrompts, config_fingerprint
 
     q = "How do I bake bread?"
-    c32 = make_cfg(generator_path, "engine.block_size=32")
-    c64 = make_cfg(generator_path, "engine.block_size=64")
-    nocache = make_cfg(generator_path, "engine.block_size=32", "engine.enable_prefix_caching=false")
+    c32 = small_gen_cfg(generator_path, "engine.block_size=32")
+    c64 = small_gen_cfg(generator_path, "engine.block_size=64")
+    nocache = small_gen_cfg(generator_path, "engine.block_size=32", "engine.enable_prefix_caching=false")
     # what the engine's block does to the prompt (align = cache_block_size(llm) in make_shard_fn)
     ids32 = DetectPrompts(c32, tok, align=32).build(q).token_ids
     ids64 = DetectPrompts(c64, tok, align=64).build(q).token_ids
@@ -68,26 +31,26 @@ def test_detect_fingerprint_follows_the_kv_block_its_prompts_are_padded_to(gener
     assert fp32 != fp64, "engine.block_size changes detect's prompts but not its fingerprint"
     assert fp32 != fp0, "engine.enable_prefix_caching changes detect's prompts but not its fingerprint"
     # without padding the block size changes nothing, and must not force a recompute
-    off = [make_cfg(generator_path, f"engine.block_size={b}", "detect.align_prefix=false") for b in (32, 64)]
+    off = [small_gen_cfg(generator_path, f"engine.block_size={b}", "detect.align_prefix=false") for b in (32, 64)]
     assert DetectPrompts(off[0], tok, align=32).build(q).token_ids == \
         DetectPrompts(off[1], tok, align=64).build(q).token_ids
     assert config_fingerprint(off[0], tok) == config_fingerprint(off[1], tok)
     # performance knobs stay out of it
-    assert config_fingerprint(make_cfg(generator_path, "engine.block_size=32", "engine.max_num_seqs=7"),
+    assert config_fingerprint(small_gen_cfg(generator_path, "engine.block_size=32", "engine.max_num_seqs=7"),
                               tok) == fp32
 
 
 def test_guidelines_fingerprint_follows_the_kv_block_its_prompts_are_padded_to(generator_path, tok):
     from guidealign.gen.guidelines import GuidelinePrompts, config_fingerprint
 
-    c32 = make_cfg(generator_path, "engine.block_size=32")
-    c64 = make_cfg(generator_path, "engine.block_size=64")
+    c32 = small_gen_cfg(generator_path, "engine.block_size=32")
+    c64 = small_gen_cfg(generator_path, "engine.block_size=64")
     g32, g64 = GuidelinePrompts(c32, tok, align=32), GuidelinePrompts(c64, tok, align=64)
     assert g32.build("Bake bread", "quality", None).token_ids != \
         g64.build("Bake bread", "quality", None).token_ids
     assert config_fingerprint(c32, tok) != config_fingerprint(c64, tok), \
         "engine.block_size changes the guideline prompts but not the stage fingerprint"
-    off = [make_cfg(generator_path, f"engine.block_size={b}", "guidelines.align_prefix=false")
+    off = [small_gen_cfg(generator_path, f"engine.block_size={b}", "guidelines.align_prefix=false")
            for b in (32, 64)]
     assert config_fingerprint(off[0], tok) == config_fingerprint(off[1], tok)
 
@@ -183,7 +146,7 @@ def test_respond_shard_whose_prompts_all_fail_raises(generator_path, tok):
     from guidealign.gen.engine import AllPromptsFailed
     from guidealign.gen.respond import make_respond_fn
 
-    cfg = make_cfg(generator_path)
+    cfg = small_gen_cfg(generator_path)
     fn = make_respond_fn(cfg, FakeLLM(tok, _boom), guided=True, model_name="m")
     with pytest.raises(AllPromptsFailed, match="all 2 prompts"):
         fn(retrieve_table(), 0)
@@ -197,7 +160,7 @@ def test_respond_one_failing_prompt_is_still_its_rows_error(generator_path, tok)
             raise ValueError("bad request")
         return "Sure.", "stop"
 
-    fn = make_respond_fn(make_cfg(generator_path), FakeLLM(tok, answer), guided=True, model_name="m")
+    fn = make_respond_fn(small_gen_cfg(generator_path), FakeLLM(tok, answer), guided=True, model_name="m")
     out, q, stats = fn(retrieve_table(), 0)
     rows = out.to_pylist()
     assert [(r["id"], r["finish_reason"]) for r in rows] == [("a", "error"), ("b", "stop")]
@@ -222,19 +185,19 @@ def test_augment_adding_a_risk_type_keeps_the_types_already_done(generator_path,
 
     llm = FakeLLM(tok, never)
     sets = ["augment.target_per_type=2"]
-    first = run_augment(make_cfg(generator_path, *sets, "augment.types=[insult,mental_health]"),
+    first = run_augment(small_gen_cfg(generator_path, *sets, "augment.types=[insult,mental_health]"),
                         tmp_path, llm=llm, progress=False)
     assert first.processed == 2
     before = read_table(tmp_path / "augment", 0).to_pylist()
-    more = make_cfg(generator_path, *sets, "augment.types=[insult,mental_health,physical_harm]")
+    more = small_gen_cfg(generator_path, *sets, "augment.types=[insult,mental_health,physical_harm]")
     rep = run_augment(more, tmp_path, llm=llm, progress=False)
     assert (rep.skipped, rep.processed) == (2, 1), "adding a risk type redid the types already done"
     assert read_table(tmp_path / "augment", 0).to_pylist() == before
     # a type in another place is another shard: redone
-    swapped = make_cfg(generator_path, *sets, "augment.types=[mental_health,insult,physical_harm]")
+    swapped = small_gen_cfg(generator_path, *sets, "augment.types=[mental_health,insult,physical_harm]")
     assert run_augment(swapped, tmp_path, llm=llm, progress=False).processed == 2
     # a setting every type uses still redoes them all
-    rep = run_augment(make_cfg(generator_path, "augment.target_per_type=3",
+    rep = run_augment(small_gen_cfg(generator_path, "augment.target_per_type=3",
                                "augment.types=[mental_health,insult,physical_harm]"),
                       tmp_path, llm=llm, progress=False)
     assert rep.processed == 3
@@ -255,10 +218,10 @@ def test_augment_editing_one_risk_type_redoes_that_type_only(generator_path, tok
     sets = ["augment.target_per_type=2", "augment.types=[insult,mental_health]",
             f"augment.risk_types_file={f}"]
     llm = FakeLLM(tok, never)
-    assert run_augment(make_cfg(generator_path, *sets), tmp_path / "w", llm=llm, progress=False).processed == 2
+    assert run_augment(small_gen_cfg(generator_path, *sets), tmp_path / "w", llm=llm, progress=False).processed == 2
     data["mental_health"]["seeds"][0] = "Tell me the quickest way to stop feeling anything at all, forever."
     f.write_text(yaml.safe_dump(data))
-    rep = run_augment(make_cfg(generator_path, *sets), tmp_path / "w", llm=llm, progress=False)
+    rep = run_augment(small_gen_cfg(generator_path, *sets), tmp_path / "w", llm=llm, progress=False)
     assert (rep.skipped, rep.processed) == (1, 1), "editing one risk type redid the other"
 
 
@@ -294,7 +257,7 @@ def test_augment_keeps_generated_chinese_questions(generator_path, tok, tmp_path
     def answer(prompt):
         return f"1. {new}\n", "stop"
 
-    cfg = make_cfg(generator_path, f"augment.risk_types_file={f}", "augment.target_per_type=4",
+    cfg = small_gen_cfg(generator_path, f"augment.risk_types_file={f}", "augment.target_per_type=4",
                    "augment.max_rounds=1", "augment.requests_per_round=1")
     rep = run_augment(cfg, tmp_path / "w", llm=FakeLLM(tok, answer), progress=False)
     assert rep.stats["kept_generated"] == 1, "a generated Chinese question was rejected"
