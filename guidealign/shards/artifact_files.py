@@ -9,10 +9,11 @@ relative to the directory holding ``_done.json`` to ``{"sha256": ..., "bytes": .
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-from guidealign.shards.write import file_sha256
+from guidealign.shards.write import file_sha256, fsync_dir
 
 DONE = "_done.json"
 
@@ -21,10 +22,22 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+def _checksum_synced(p: Path) -> dict:
+    """sha256 and size of ``p``, after its data is on disk (fsync)."""
+    with open(p, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+        os.fsync(f.fileno())
+        return {"sha256": sha, "bytes": os.fstat(f.fileno()).st_size}
+
+
 def file_checksums(root: str | Path, *, exclude: tuple[str, ...] = (DONE,)) -> dict:
     """sha256 and size of every regular file under ``root`` (hidden temp entries and files or
     directories named in ``exclude`` skipped), keyed by the path relative to ``root`` (POSIX
-    separators)."""
+    separators).
+
+    Each file, and each directory holding one, is fsynced on the way: the artifact's writers
+    (faiss, torch, pyarrow) do not, and the ``_done.json`` written with these checksums is;
+    after a power loss it must never commit files whose data was still in the page cache."""
     root = Path(root)
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -34,7 +47,8 @@ def file_checksums(root: str | Path, *, exclude: tuple[str, ...] = (DONE,)) -> d
             rel = p.relative_to(root)
             if name in exclude or _is_hidden(rel) or not p.is_file():
                 continue
-            out[rel.as_posix()] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            out[rel.as_posix()] = _checksum_synced(p)
+        fsync_dir(Path(dirpath))
     return out
 
 

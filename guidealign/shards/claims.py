@@ -3,7 +3,8 @@
 A claim is the file ``DST/_claims/shard-NNNNN.claim``, created with ``O_CREAT|O_EXCL`` (so
 exactly one worker creates it) and holding its owner's id, host, pid and pid namespace. Its
 mtime is the owner's heartbeat: a thread touches it every ``ttl/4`` seconds while the shard
-is processed. A claim is stale when its heartbeat is older than ``ttl`` seconds, or when its
+is processed. A claim is stale when its heartbeat is older than ``ttl`` seconds (by the file
+system's clock, which stamps it, never by this machine's: nodes' clocks differ), or when its
 owner ran on this host (same host name, boot id and pid namespace: machines or containers can
 share a host name, and the initial pid namespace has the same inode on every Linux machine)
 and that pid no longer exists. A worker steals a
@@ -195,14 +196,28 @@ def _create_claim(path: Path, record: dict) -> bool:
     return _create(path, record)
 
 
+def _fs_now(d: Path) -> float:
+    """Now by the clock that stamps the claims' mtimes: the file system's (an NFS server
+    stamps the times of a create and of ``os.utime(path)``, not the owner's machine). Read off
+    ``d`` touched now; this machine's clock where that fails. Comparing heartbeats with this
+    machine's clock instead let a node whose clock runs ahead by more than the TTL take every
+    live claim (and two such nodes take each other's, forever)."""
+    try:
+        os.utime(d)
+        return os.stat(d).st_mtime
+    except OSError:
+        return time.time()
+
+
 def is_stale(path: Path, ttl_s: float, st: os.stat_result | None = None,
              rec: dict | None = None) -> bool:
-    """The claim at ``path`` has no live owner: heartbeat older than ``ttl_s``, or a dead local pid."""
+    """The claim at ``path`` has no live owner: heartbeat older than ``ttl_s`` (by the file
+    system's clock, :func:`_fs_now`), or a dead local pid."""
     try:
         st = st or os.stat(path)
     except FileNotFoundError:
         return False
-    if time.time() - st.st_mtime > ttl_s:
+    if _fs_now(path.parent) - st.st_mtime > ttl_s:
         return True  # (a torn, unreadable claim ages out this way too)
     rec = rec if rec is not None else _read(path)
     return rec is not None and _owner_is_dead(rec)
