@@ -65,3 +65,76 @@ def test_an_artifacts_files_are_on_disk_before_its_done_record(tmp_path, monkeyp
     before = set(synced[:first_done])
     assert final / "model" / "weights.bin" in before, f"synced before {artifact.DONE}: {sorted(before)}"
     assert final / "model" in before  # the file's directory entry
+
+
+def test_other_ranks_wait_for_the_ingest_of_this_runs_inputs_not_an_earlier_one(tmp_path):
+    """Rank 0 ingests; the others waited only for a complete prompts/ manifest, so on a rerun
+    over other inputs in the same run directory they took the previous run's prompts at once
+    (and turned them into detect shards) while rank 0 was still re-ingesting."""
+    import pytest
+
+    from guidealign.config import load_config
+    from guidealign.ingest.run import run_fingerprint
+    from guidealign.ingest.stage import run_ingest
+    from guidealign.shards import wait_complete
+
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text('{"prompt": "an earlier question"}\n')
+    new.write_text('{"prompt": "this run\'s question"}\n')
+    wd = tmp_path / "run"
+    run_ingest(load_config(None, [f"inputs=[{old}]"]), wd, progress=False)  # the earlier run
+    cfg = load_config(None, [f"inputs=[{new}]", "executor.wait_timeout_s=0.2"])
+    with pytest.raises(RuntimeError, match="no manifest of this run's inputs"):
+        run_ingest(cfg, wd, rank=1, world_size=2, progress=False)
+    # the earlier run's manifest still satisfies a wait for the earlier inputs
+    wait_complete(wd / "prompts", manifest_fp=run_fingerprint([str(old)], cfg.ingest))
+    run_ingest(cfg, wd, rank=0, world_size=2, progress=False)             # rank 0 re-ingests
+    assert run_ingest(cfg, wd, rank=1, world_size=2, progress=False) is None  # now it goes on
+
+
+def test_export_killed_while_retiring_a_larger_exports_shards_is_not_complete(tmp_path, monkeypatch):
+    """run_export wrote the new (smaller) manifest before removing the shards of a larger earlier
+    export: killed in between, the export read as complete with the old extra shards beside it
+    (which `cat OUT/shard-*.jsonl` joins). map_shards retires first; so does export now."""
+    import pytest
+
+    import guidealign.hub.export as export
+    from guidealign.ingest.run import IngestConfig, ingest
+    from guidealign.shards.manifest import is_complete
+
+    f = tmp_path / "a.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(3)))
+    ingest([str(f)], tmp_path, IngestConfig(shard_rows=1), progress=False)
+    export.run_export(None, tmp_path, dataset="prompts", progress=False)
+    f.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(2)))  # the first two stay
+    os.utime(f, (1, 1))
+    ingest([str(f)], tmp_path, IngestConfig(shard_rows=1), progress=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(export, "retire_shards_from", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.run_export(None, tmp_path, dataset="prompts", progress=False)
+    out = tmp_path / "export" / "prompts"
+    assert (out / "shard-00002.jsonl").exists()
+    assert not is_complete(out), "an export with an old extra shard beside it reads as complete"
+
+
+def test_rewriting_a_shard_syncs_the_old_markers_removal_before_writing_files(tmp_path, monkeypatch):
+    """The old marker's unlink was not synced before the new quarantine file was written and
+    its directory synced: a power loss there could keep the old marker beside the new files."""
+    import pyarrow as pa
+
+    from guidealign.shards import write
+
+    t = pa.table({"x": [1]})
+    write.write_shard(tmp_path, 0, t, "fp-old")
+    events = []
+    real_sync, real_write = write.fsync_dir, write._write_parquet_atomic
+    monkeypatch.setattr(write, "fsync_dir", lambda d: (events.append(("sync", Path(d))), real_sync(d))[1])
+    monkeypatch.setattr(write, "_write_parquet_atomic",
+                        lambda table, p: (events.append(("write", Path(p).name)), real_write(table, p))[1])
+    write.write_shard(tmp_path, 0, t, "fp-new", quarantine=pa.table({"reason": ["bad"]}))
+    first_write = next(i for i, e in enumerate(events) if e[0] == "write")
+    assert ("sync", tmp_path) in events[:first_write], events

@@ -82,9 +82,11 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
     cfg_fp = fingerprint("export-v1", fmt, list(columns or []))
     if columns:
         _check_columns(src, n, columns)
-    write_manifest(out, stage="export", num_shards=n, fingerprint=cfg_fp, input=str(src), format=fmt)
-    # what an export of a larger dataset left, which `cat OUT/shard-*.jsonl` would join to these rows
+    # what an export of a larger dataset left, which `cat OUT/shard-*.jsonl` would join to these
+    # rows: gone before the manifest says n (as map_shards), so a crash between the two never
+    # leaves an export complete under the new manifest with extra shards beside it
     retire_shards_from(out, n, ".jsonl")
+    write_manifest(out, stage="export", num_shards=n, fingerprint=cfg_fp, input=str(src), format=fmt)
     rep = ExportReport(dataset=dataset, out=str(out), rank=rank, world_size=world_size, total=n,
                        mine=my_shards(n, rank, world_size))
     from tqdm import tqdm

@@ -260,6 +260,12 @@ def _delimiter_ok(d) -> bool:
     return isinstance(d, str) and len(d) == 1 and d not in '"\r\n\0'
 
 
+def run_fingerprint(inputs: list[str], cfg: IngestConfig) -> str:
+    """What an ingest of ``inputs`` with ``cfg`` writes in its manifest: the other ranks wait for
+    it (an earlier run's complete prompts, over other files, are not this run's)."""
+    return _fingerprint(expand_inputs(list(inputs) or list(cfg.inputs)), cfg)
+
+
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0,
               int(p.stat().st_mtime)) for p in files]

@@ -21,7 +21,7 @@ def run_ingest(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, 
     Default: ``cfg.inputs`` -> WORKDIR/prompts, and ``cfg.inputs_sft`` (when set) ->
     WORKDIR/prompts-sft. ``inputs``/``dataset`` ingest other files into one dataset."""
     from guidealign.config import wait_timeout
-    from guidealign.ingest.run import ingest
+    from guidealign.ingest.run import ingest, run_fingerprint
     from guidealign.shards import wait_complete
 
     if inputs is not None or dataset is not None:
@@ -30,9 +30,10 @@ def run_ingest(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, 
         sets = [(cfg.inputs or cfg.ingest.inputs, "prompts")]
         if cfg.inputs_sft:
             sets.append((cfg.inputs_sft, "prompts-sft"))
-    if rank != 0:
-        for _, name in sets:
-            wait_complete(Path(workdir) / name, timeout=wait_timeout(cfg, world_size))
+    if rank != 0:  # until rank 0's manifest for these very inputs and settings is there
+        for files, name in sets:
+            wait_complete(Path(workdir) / name, timeout=wait_timeout(cfg, world_size),
+                          manifest_fp=run_fingerprint(files, cfg.ingest))
         return None
     return IngestReports([ingest(files, workdir, cfg.ingest, progress=progress, dataset=name)
                           for files, name in sets])

@@ -123,11 +123,13 @@ def _describe(st) -> str:
 
 def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
                   config_fp: str | None = None, stall_timeout: float | None = None,
-                  workdir: str | Path | None = None) -> dict:
+                  workdir: str | Path | None = None, manifest_fp: str | None = None) -> dict:
     """Block until every shard of ``dataset`` is committed with the current fingerprint.
 
     ``config_fp``: the stage config fingerprint the shards must have been made with (default:
-    the manifest's). ``timeout=0`` checks once and raises at once when incomplete. While it
+    the manifest's). ``manifest_fp``: the fingerprint the manifest must carry, for datasets whose
+    shards cannot be checked against an input (ingest: a complete manifest of an earlier run over
+    other files is not the one to wait for). ``timeout=0`` checks once and raises at once when incomplete. While it
     waits it aborts when another rank of the run left a failure marker in ``workdir``
     (default: the dataset's parent), and ends when nothing moved for ``stall_timeout``
     seconds (default: executor.stall_timeout_s of the running stage); see shards.failure.
@@ -141,12 +143,16 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
     with waiting(str(dataset)):
         while True:
             st = shard_states(dataset, config_fp)
+            if st is not None and manifest_fp and (read_manifest(dataset) or {}).get("fingerprint") != manifest_fp:
+                st = None  # another run's manifest: this one has not finished planning
             if st is not None and not st[0] and not st[1]:
                 return read_manifest(dataset)
+            why = _describe(st) if st is not None or not manifest_fp else \
+                "has no manifest of this run's inputs and settings yet (none, or an earlier run's)"
             if timeout <= 0 or time.monotonic() >= deadline:
-                raise RuntimeError(f"{dataset} is incomplete: it {_describe(st)}")
+                raise RuntimeError(f"{dataset} is incomplete: it {why}")
             n_ok = 0 if st is None else int(read_manifest(dataset)["num_shards"]) - len(st[0]) - len(st[1])
-            watch.check(n_ok, f"{dataset} {_describe(st)}")
+            watch.check(n_ok, f"{dataset} {why}")
             time.sleep(poll)
 
 

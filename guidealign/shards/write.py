@@ -99,7 +99,11 @@ def write_shard(
     """
     dataset = Path(dataset)
     mpath = marker_path(dataset, index)
-    mpath.unlink(missing_ok=True)
+    try:
+        mpath.unlink()
+        fsync_dir(dataset)  # the old marker durably gone before any new file lands beside it
+    except FileNotFoundError:
+        pass
     qpath = quarantine_path(dataset, index)
     spath = shard_path(dataset, index)
     for p in (mpath, qpath, spath):  # what a killed earlier write of this shard left
