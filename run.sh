@@ -85,7 +85,7 @@ setup() {
   if [ "$EXTRA" = gpu ]; then
     # GPUs visible but unusable by this torch (driver too old for its CUDA): say so now, not
     # after the engine quietly took the CPU branch on a GPU node
-    "$PY" -c "from guidealign.gpu_check import require_usable_gpus as r; print(f'== torch uses {r()} GPU(s)')"
+    "$PY" -c "from guidealign.core.gpu import require_usable_gpus as r; print(f'== torch uses {r()} GPU(s)')"
   fi
   "$VENV/bin/guidealign" models prepare
 }

@@ -59,13 +59,14 @@ def locate(name: str) -> ModelInfo:
         return _describe_local(ModelInfo(name, "local", path=str(p)))
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         return ModelInfo(name, "missing", notes=["no such local path, and not a Hub id (org/name)"])
-    try:
-        from huggingface_hub import snapshot_download
+    from guidealign.core.models import cached_snapshot
 
-        path = snapshot_download(name, local_files_only=True)
-        return _describe_local(ModelInfo(name, "hub cache", path=path))
+    try:
+        path = cached_snapshot(name)  # complete as `guidealign models fetch` downloads it
     except Exception:  # noqa: BLE001 - not in the cache
-        pass
+        path = None
+    if path:
+        return _describe_local(ModelInfo(name, "hub cache", path=path))
     info = ModelInfo(name, "would download")
     _hub_lookup(info)
     _params_from_name(info)
@@ -120,13 +121,42 @@ def _describe_local(info: ModelInfo) -> ModelInfo:
         except (OSError, json.JSONDecodeError):
             pass
     if info.params is None:
-        files = [f for f in d.glob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()]
+        # one format only: many repos ship the same weights as .safetensors and .bin
+        files = [f for f in d.glob("*.safetensors") if f.is_file()] or \
+            [f for f in d.glob("*.bin") if f.is_file()]
+        counted = _safetensors_params(files) if files and files[0].suffix == ".safetensors" else None
         total = sum(f.stat().st_size for f in files)
-        if total:
+        if counted:
+            info.params, info.params_source = counted, "safetensors headers"
+        elif total:
             nb = _DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), 4)
             info.params, info.params_source = total // nb, "weight files"
     _params_from_name(info)
     return info
+
+
+def _safetensors_params(files: list[Path]) -> int | None:
+    """The parameters the safetensors files hold, from their headers (tensor shapes, whatever
+    their dtype); None when a header does not read."""
+    import struct
+
+    total = 0
+    try:
+        for f in files:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 2**28:
+                    return None
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    size = 1
+                    for s in v["shape"]:
+                        size *= int(s)
+                    total += size
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return None
+    return total
 
 
 def _params_from_name(info: ModelInfo) -> None:

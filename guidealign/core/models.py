@@ -186,7 +186,17 @@ def resolve(name: str) -> str:
         return str(embedder_dir())
     if name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; known: {GENERATOR}, {EMBEDDER}")
+    if name.startswith(_PATH_PREFIXES):
+        # the loaders expand no "~" and read a missing path as a (malformed) Hub repo id
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model {name!r}: no such local model directory ({path})")
+        return str(path) if name.startswith("~") else name
     return name
+
+
+# how a local path starts (anything else that does not exist is a Hub id)
+_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 # --- Hub models of a recipe: fetched once, before the job (`guidealign models fetch`) ------
@@ -225,7 +235,7 @@ def model_kind(name: str) -> str:
     """"embedded", "local" (an existing path) or "hub"."""
     if name.startswith("embedded:"):
         return "embedded"
-    if Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+    if Path(name).expanduser().exists() or name.startswith(_PATH_PREFIXES):
         return "local"
     return "hub"
 
@@ -236,12 +246,15 @@ def hub_offline(env: dict | None = None) -> bool:
 
 
 def cached_snapshot(repo_id: str, cache_dir: str | None = None) -> str | None:
-    """The local snapshot of ``repo_id`` in the Hugging Face cache, or None."""
+    """The local snapshot of ``repo_id`` in the Hugging Face cache, or None. Complete means
+    complete as :func:`fetch_models` downloads it: huggingface_hub compares the snapshot with
+    its cached listing of the whole repo, which names the files fetched without (``_IGNORE``)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True)
+        return snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
+                                 ignore_patterns=_IGNORE)
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None
 

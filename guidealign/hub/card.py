@@ -54,11 +54,20 @@ def _yaml_block(obj) -> str:
     return "```yaml\n" + yaml.safe_dump(obj, sort_keys=False) + "```\n"
 
 
+def _hub_id(name: str) -> bool:
+    """``name`` is a Hub model id (``org/name``), not a local path (the Hub refuses a card whose
+    ``base_model`` is not a model id, and with it the commit that carries it)."""
+    import re
+
+    return (re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name or "") is not None
+            and not name.startswith((".", "-")) and not Path(name).exists())
+
+
 def model_card(*, base_model: str, data: dict, hyperparameters: dict, metrics: dict,
                mode: str, merged: bool) -> str:
     """The trained model's card: base model, training data, hyperparameters, loss figures.
     An unmerged LoRA adapter is a PEFT repo (library_name: peft), as peft's own cards say."""
-    hub_base = base_model if "/" in base_model and not Path(base_model).exists() else None
+    hub_base = base_model if _hub_id(base_model) else None
     adapter = mode == "lora" and not merged
     meta = {"library_name": "peft" if adapter else "transformers", "base_model": hub_base,
             "tags": ["guide-align", "sft", "trl"] + (["lora"] if mode == "lora" else []),
@@ -142,7 +151,9 @@ def dataset_card(*, repo_id: str, stage: str, rows: int, files: int, cfg, workdi
             "tags": ["guide-align", "synthetic", stage],
             "configs": [{"config_name": "default",
                          "data_files": [{"split": "train", "path": f"{data_dir}/*.parquet"}]}]}
-    models = {"generator": cfg.engine.model, "retriever_base": cfg.retriever.base_model,
+    models = {"generator": cfg.engine.model,
+              "responder": (cfg.respond.engine or {}).get("model") or cfg.engine.model,
+              "retriever_base": cfg.retriever.base_model,
               "sft_base": cfg.sft.base_model, "judge": cfg.eval.judge_model}
     prompts = prompt_versions()
     stage_prompts = {k: v["prompt_version"] for k, v in prov.items() if "prompt_version" in v}

@@ -373,8 +373,10 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             return {**done, "skipped": True}
     import torch
 
-    if scfg.num_threads > 0 and not torch.cuda.is_available():
-        torch.set_num_threads(scfg.num_threads)
+    if not torch.cuda.is_available():  # 0: torch's default, also after a stage that set another
+        from guidealign.core.threads import set_threads
+
+        set_threads(scfg.num_threads)
     world = distributed_world_size()
     ckpt_dir = checkpoint_dir(workdir, fp)
     resume = resume_point(ckpt_dir, scfg, main=is_main_process())
