@@ -303,7 +303,7 @@ def test_cli_sets_the_assignment_for_the_command_only(ingested, monkeypatch):
 
     res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(ingested), "--no-progress",
                                    "--set", "executor.assign=round-robin"])
-    assert res.exit_code != 0 and "executor.assign must be one of" in res.output, res.output
+    assert res.exit_code != 0 and "executor.assign: expected one of static, dynamic" in res.output, res.output
     res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(ingested), "--no-progress",
                                    "--set", "executor.assign=dynamic"])
     assert res.exit_code == 0, res.output

@@ -286,11 +286,32 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
 
 def _table_batch(block, offset, parsed, names, delim, enc, src, spec) -> Batch:
     table, linenos, all_ascii, no_ws_runs = parsed
-    rows: list = []
+    spans: list = []
 
-    def fallback(i: int):  # the row reader's reading of record i
-        if not rows:
-            rows.extend(_csv_rows(_reader(io.BytesIO(block), delim), names, delim, enc, offset))
-        return rows[i][1], rows[i][2]
+    def fallback(i: int):  # the row reader's reading of record i (its bytes alone)
+        if not spans:
+            spans.append(_record_spans(block))
+        starts, ends = spans[0]
+        rec = block[starts[i]:ends[i] + 1]  # with its line end
+        (_, row, err), = _csv_rows(_reader(io.BytesIO(rec), delim), names, delim, enc)
+        return row, err
 
     return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs)
+
+
+def _record_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) offsets of the block's non-blank records, as pyarrow.csv reads them (a
+    parsed block: its quotes are plain, no lone CR): a record ends at a line end outside quotes.
+    One row of a block read this way, not the whole block, when a row needs the row reader
+    (0.5% of rows bad made CSV ingest 3x slower)."""
+    arr = np.frombuffer(block, np.uint8)
+    term = np.flatnonzero(arr == NL)
+    if b'"' in block:
+        term = term[np.searchsorted(np.flatnonzero(arr == QUOTE), term) % 2 == 0]
+    ends = np.concatenate([term, [len(block)]]) if len(block) and block[-1] != NL else term
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    lens = ends - starts
+    blank = lens == 0
+    one = np.flatnonzero(lens == 1)
+    blank[one] = arr[starts[one]] == CR
+    return starts[~blank], ends[~blank]
