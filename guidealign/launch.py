@@ -283,8 +283,7 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     if tp is None and gpu_list:
         import yaml
 
-        from guidealign.cli.options import config_error
-        from guidealign.config import ConfigError
+        from guidealign.config import ConfigError, config_error
 
         try:
             tp = tensor_parallel_size(stage_args, stage)

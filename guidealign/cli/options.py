@@ -5,21 +5,7 @@ import functools
 
 import click
 
-from guidealign.config import ConfigError, load_config
-
-
-def config_error(e: Exception) -> str:
-    """One line for a config that does not load: a YAML syntax error says where (its message
-    spans several lines, with the offending line and a caret), text that is not UTF-8 says so."""
-    import yaml
-
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
-        m = e.problem_mark
-        return (f"the file is not valid YAML: {e.problem or e.context or 'syntax error'} "
-                f"(line {m.line + 1}, column {m.column + 1})")
-    if isinstance(e, UnicodeDecodeError):
-        return f"the file is not UTF-8 text ({e.reason} at byte {e.start})"
-    return str(e)
+from guidealign.config import ConfigError, config_error, load_config
 
 
 def error_line(e: Exception) -> str:
