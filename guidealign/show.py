@@ -15,9 +15,9 @@ from guidealign.shards import committed, read_table
 def _current(dataset: Path) -> list[int]:
     """Committed shards, less those committed under an earlier config or input (stale:
     ``guidealign status`` does not count them, the next run redoes them)."""
-    from guidealign.shards.manifest import shard_states
+    from guidealign.shards.manifest import stale_shards
 
-    stale = set((shard_states(dataset) or ([], []))[1])
+    stale = stale_shards(dataset)
     return [i for i in committed(dataset) if i not in stale]
 
 

@@ -29,12 +29,12 @@ def _stage_row(d: Path) -> dict | None:
     row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0, "rows": 0,
            "quarantined": 0, "seconds": 0.0, "rows_per_s": None}
     if man is not None:
-        from guidealign.shards.manifest import shard_states
+        from guidealign.shards.manifest import stale_shards
 
         row["shards_total"] = int(man.get("num_shards", 0))
         # a shard committed under an earlier config or input (or torn) is not done: the next
         # run redoes it and readers skip it, so its rows are not counted either
-        stale = set((shard_states(d) or ([], []))[1])
+        stale = stale_shards(d)
         row["shards_stale"] = len(stale)
         for i in shard_indices(d):
             m = read_marker(d, i)

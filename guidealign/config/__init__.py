@@ -275,9 +275,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     cfg = _build(Config, data)
     if cfg.respond.engine:  # the responder's engine keys: checked now, not when respond starts
         _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine}, "respond.engine")
-    if "{guidelines}" not in cfg.respond.guided_system:  # else every guided answer is unguided
-        raise ConfigError("respond.guided_system: no {guidelines} placeholder, so no guided prompt would "
-                          "show its guidelines; put {guidelines} where they go")
+    check_guided_system(cfg.respond)
     for key, ratio in (("retriever.warmup_ratio", cfg.retriever.warmup_ratio),
                        ("sft.warmup_ratio", cfg.sft.warmup_ratio)):
         # passed as transformers' warmup_steps, which reads a value >= 1 as a number of steps
@@ -298,6 +296,14 @@ def config_error(e: Exception) -> str:
     if isinstance(e, UnicodeDecodeError):
         return f"the file is not UTF-8 text ({e.reason} at byte {e.start})"
     return str(e)
+
+
+def check_guided_system(rcfg) -> None:
+    """A guided prompt shows its guidelines where ``respond.guided_system`` says "{guidelines}";
+    one without the placeholder would answer every prompt unguided (while its row lists them)."""
+    if "{guidelines}" not in rcfg.guided_system:
+        raise ConfigError("respond.guided_system: no {guidelines} placeholder, so no guided prompt would "
+                          "show its guidelines; put {guidelines} where they go")
 
 
 def dump_yaml(cfg: Config) -> str:

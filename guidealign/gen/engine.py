@@ -112,7 +112,7 @@ def build_llm(cfg: EngineConfig):
             max_num_seqs=cfg.max_num_seqs,
             disable_log_stats=False,
         )
-        block = cfg.block_size or (CPU_BLOCK_SIZE if cpu else None)
+        block = _block_size(cfg, cpu)
         if block:
             kwargs["block_size"] = block
         if not cpu:
@@ -273,7 +273,13 @@ def prefix_align(cfg: EngineConfig):
     block size (on GPUs, when ``block_size`` is not set)."""
     if not cfg.enable_prefix_caching:
         return 0
-    return cfg.block_size or (None if has_cuda() else CPU_BLOCK_SIZE)
+    return _block_size(cfg, cpu=not has_cuda())
+
+
+def _block_size(cfg: EngineConfig, cpu: bool) -> int | None:
+    """The KV block size build_llm asks vLLM for: the configured one, else ours on the CPU,
+    else (None) vLLM's own default."""
+    return cfg.block_size or (CPU_BLOCK_SIZE if cpu else None)
 
 
 def output_fields(cfg: EngineConfig) -> dict:

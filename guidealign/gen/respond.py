@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from guidealign.config import check_guided_system
 from guidealign.config.gen import DEFAULT_GUIDED_SYSTEM, RespondConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,6 @@ def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> li
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     msgs.append({"role": "user", "content": prompt})
     return msgs
-
-
-def check_guided_system(rcfg: RespondConfig) -> None:
-    """A guided prompt shows its guidelines where ``guided_system`` says "{guidelines}"; one
-    without the placeholder would answer every prompt unguided (while its row lists them)."""
-    if "{guidelines}" not in rcfg.guided_system:
-        raise ValueError("respond.guided_system has no {guidelines} placeholder, so no guided prompt "
-                         "would show its guidelines; put {guidelines} where they go")
 
 
 def respond_engine(cfg):

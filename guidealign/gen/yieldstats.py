@@ -103,14 +103,14 @@ def dataset_counts(dataset: str | Path, stage: str | None = None, stale: set[int
     already has them (``shard_states``), so the markers are not read for them again."""
     from guidealign.shards import read_manifest
     from guidealign.shards.layout import shard_indices
-    from guidealign.shards.manifest import shard_states
+    from guidealign.shards.manifest import stale_shards
 
     dataset = Path(dataset)
     man = read_manifest(dataset)
     if man is None:
         return None
     if stale is None:
-        stale = set((shard_states(dataset) or ([], []))[1])
+        stale = stale_shards(dataset)
     total, seen = dict.fromkeys(KEYS, 0), False
     for i in shard_indices(dataset):
         if i >= int(man.get("num_shards", 0)) or i in stale:

@@ -254,13 +254,8 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     else:
         if info.nl is None:
             info.nl = info.term = np.flatnonzero(arr == NL)
-        ends = np.concatenate([info.term, [len(block)]]) if tail else info.term
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        lens = ends - starts
-        blank = lens == 0
-        one = np.flatnonzero(lens == 1)
-        blank[one] = arr[starts[one]] == CR
-        linenos = (np.searchsorted(info.nl, ends[~blank]) + 1 + offset).astype(np.int64)
+        _, ends = _records(arr, info.term)
+        linenos = (np.searchsorted(info.nl, ends) + 1 + offset).astype(np.int64)
     col_names = [f"c{i}" for i in range(len(names))]
     try:
         table = pacsv.read_csv(
@@ -308,7 +303,15 @@ def _record_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
     term = np.flatnonzero(arr == NL)
     if b'"' in block:
         term = term[np.searchsorted(np.flatnonzero(arr == QUOTE), term) % 2 == 0]
-    ends = np.concatenate([term, [len(block)]]) if len(block) and block[-1] != NL else term
+    return _records(arr, term)
+
+
+def _records(arr: np.ndarray, term: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) offsets of the records ending at ``term`` (the record ends: line ends
+    outside quotes) and at the block's end when its last line has none, less the blank ones
+    (empty, or a lone CR before the line end: both parsers skip those)."""
+    tail = bool(arr.size) and arr[-1] != NL  # a last line without a line end (end of file)
+    ends = np.concatenate([term, [arr.size]]) if tail else term
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
     lens = ends - starts
     blank = lens == 0

@@ -96,6 +96,12 @@ def shard_states(dataset: str | Path, config_fp: str | None = None) -> tuple[lis
     return missing, stale
 
 
+def stale_shards(dataset: str | Path) -> set[int]:
+    """Committed shards readers must not take (see :func:`shard_states`); none when unplanned."""
+    st = shard_states(dataset)
+    return set(st[1]) if st is not None else set()
+
+
 def missing_shards(dataset: str | Path, config_fp: str | None = None) -> list[int] | None:
     """Shards not yet committed with the current fingerprint (None when the stage has not
     been planned)."""
@@ -157,4 +163,4 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
 
 
 __all__ = ["write_manifest", "read_manifest", "missing_shards", "is_complete", "wait_complete",
-           "shard_states", "expected_fingerprints"]
+           "shard_states", "stale_shards", "expected_fingerprints"]
