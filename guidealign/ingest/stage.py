@@ -31,9 +31,14 @@ def run_ingest(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, 
         if cfg.inputs_sft:
             sets.append((cfg.inputs_sft, "prompts-sft"))
     if rank != 0:  # until rank 0's manifest for these very inputs and settings is there
+        from guidealign.ingest.readers import IngestError
+
         for files, name in sets:
-            wait_complete(Path(workdir) / name, timeout=wait_timeout(cfg, world_size),
-                          manifest_fp=run_fingerprint(files, cfg.ingest))
+            try:
+                want = run_fingerprint(files, cfg.ingest)
+            except (IngestError, OSError):  # rank 0 reports the unreadable input and fails: the
+                want = "unreadable inputs"  # wait ends on its failure, not on this rank's own
+            wait_complete(Path(workdir) / name, timeout=wait_timeout(cfg, world_size), manifest_fp=want)
         return None
     return IngestReports([ingest(files, workdir, cfg.ingest, progress=progress, dataset=name)
                           for files, name in sets])
