@@ -234,3 +234,47 @@ def test_jsonl_shard_write_clears_a_killed_writes_temp_and_syncs_the_directory(t
     between = events[events.index(data[0]) + 1:events.index(marker[0])]
     assert ("fsync_dir", out) in between  # the rename is durable before the marker
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000.done.json", "shard-00000.jsonl"]
+
+
+def test_exported_jsonl_is_strict_json_one_line_per_row_for_every_line_splitter(tmp_path):
+    """A prompt holding U+2028 / U+2029 / U+0085 (text pasted from a web page) and a float column
+    with NaN and infinity: each exported row is one line for ``str.splitlines`` too, each line
+    parses as strict JSON (no NaN/Infinity literals), and the strings read back unchanged."""
+    import json
+
+    from guidealign.hub.export import run_export
+
+    texts = ["first\u2028second", "a\u2029b\x85c", "plain\nnewline"]
+    write_shard(tmp_path / "respond", 0, pa.table({"prompt": texts, "score": [float("nan"), float("inf"), 0.5]}),
+                "input")
+    write_manifest(tmp_path / "respond", stage="respond", num_shards=1, fingerprint="input")
+    run_export(None, tmp_path, dataset="respond", progress=False)
+    text = (tmp_path / "export" / "respond" / "shard-00000.jsonl").read_text(encoding="utf-8")
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    lines = text.splitlines()
+    assert len(lines) == 3
+    rows = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [r["prompt"] for r in rows] == texts
+    assert [r["score"] for r in rows] == [None, None, 0.5]
+
+
+def test_wait_complete_returns_the_manifest_version_it_checked(tmp_path, monkeypatch):
+    """Another run replacing the manifest while a rank finds the dataset complete: what it
+    returns is the manifest it checked the shards against, not the newer one."""
+    import guidealign.shards.manifest as manifest
+
+    _make_input(tmp_path, 2)
+    real = manifest.read_manifest
+    calls = []
+
+    def read(d):
+        calls.append(d)
+        man = real(d)
+        return man if len(calls) == 1 else {**man, "fingerprint": "a later run", "num_shards": 9}
+
+    monkeypatch.setattr(manifest, "read_manifest", read)
+    got = manifest.wait_complete(tmp_path, timeout=0)
+    assert got["fingerprint"] == "input" and got["num_shards"] == 2

@@ -79,7 +79,7 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
         raise FileNotFoundError(f"{src} is not a sharded dataset (no _stage.json): "
                                 f"run the stage that writes it first")
     n = int(man["num_shards"])
-    cfg_fp = fingerprint("export-v1", fmt, list(columns or []))
+    cfg_fp = fingerprint("export-v2", fmt, list(columns or []))
     if columns:
         _check_columns(src, n, columns)
     # what an export of a larger dataset left, which `cat OUT/shard-*.jsonl` would join to these

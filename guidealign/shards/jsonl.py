@@ -1,9 +1,18 @@
 """JSONL shards: one JSON object per row, committed like a Parquet shard (temp file, fsync,
-rename, directory fsync, then a marker with rows, bytes and sha256)."""
+rename, directory fsync, then a marker with rows, bytes and sha256).
+
+Each line is strict JSON that every line splitter reads as one line: a float that is NaN or
+infinite (JSON has no such number; Python's json would write ``NaN``, which most readers
+refuse) is written as null, and the characters other than ``\\n`` that some readers split
+lines on (U+0085, U+2028, U+2029: ``str.splitlines``, older JavaScript) are written as
+``\\u`` escapes; the control characters are escaped by ``json`` itself. The values read
+back are the same strings.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -36,7 +45,7 @@ def write_jsonl_shard(out: str | Path, index: int, rows: list[dict], fingerprint
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             for row in rows:
-                line = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+                line = (json_line(row) + "\n").encode("utf-8")
                 h.update(line)
                 f.write(line)
 
@@ -46,3 +55,28 @@ def write_jsonl_shard(out: str | Path, index: int, rows: list[dict], fingerprint
                     stats=stats or {})
     write_json_atomic(mpath, marker.to_json())
     return marker
+
+
+# characters outside ASCII that str.splitlines() (and JavaScript before ES2019) take as line
+# breaks; json.dumps(ensure_ascii=False) writes them as they are
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def json_line(row: dict) -> str:
+    """``row`` as one line of strict JSON (non-finite floats as null, no character that any
+    reader splits lines on)."""
+    try:
+        text = json.dumps(row, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:  # a NaN or infinite float somewhere in the row
+        text = json.dumps(_finite(row), ensure_ascii=False, default=str, allow_nan=False)
+    return text if text.isascii() else text.translate(_LINE_BREAKS)
+
+
+def _finite(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v

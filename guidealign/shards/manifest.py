@@ -69,14 +69,16 @@ def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None
     return ok
 
 
-def shard_states(dataset: str | Path, config_fp: str | None = None) -> tuple[list[int], list[int]] | None:
+def shard_states(dataset: str | Path, config_fp: str | None = None,
+                 man: dict | None = None) -> tuple[list[int], list[int]] | None:
     """(missing, stale) shard indices; None when the stage has not been planned.
 
     Stale: committed with another fingerprint (an earlier config or other input), or with a
     file whose size does not match its marker. Readers must not take such a shard.
+    ``man``: the manifest, when the caller has read it (else it is read here).
     """
     dataset = Path(dataset)
-    man = read_manifest(dataset)
+    man = man if man is not None else read_manifest(dataset)
     if man is None:
         return None
     from guidealign.shards.jsonl import jsonl_done
@@ -148,16 +150,19 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
     watch = Watch(workdir or dataset.parent, str(dataset), stall_timeout)
     with waiting(str(dataset)):
         while True:
-            st = shard_states(dataset, config_fp)
-            if st is not None and manifest_fp and (read_manifest(dataset) or {}).get("fingerprint") != manifest_fp:
+            # the manifest is read once a poll: what is checked, counted and returned is one
+            # version of it, even while another run replaces it
+            man = read_manifest(dataset)
+            st = shard_states(dataset, config_fp, man) if man is not None else None
+            if st is not None and manifest_fp and man.get("fingerprint") != manifest_fp:
                 st = None  # another run's manifest: this one has not finished planning
             if st is not None and not st[0] and not st[1]:
-                return read_manifest(dataset)
+                return man
             why = _describe(st) if st is not None or not manifest_fp else \
                 "has no manifest of this run's inputs and settings yet (none, or an earlier run's)"
             if timeout <= 0 or time.monotonic() >= deadline:
                 raise RuntimeError(f"{dataset} is incomplete: it {why}")
-            n_ok = 0 if st is None else int(read_manifest(dataset)["num_shards"]) - len(st[0]) - len(st[1])
+            n_ok = 0 if st is None else int(man["num_shards"]) - len(st[0]) - len(st[1])
             watch.check(n_ok, f"{dataset} {why}")
             time.sleep(poll)
 
