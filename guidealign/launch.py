@@ -267,15 +267,6 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
         gpu_list = []
     else:
         gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
-    env = os.environ
-    if (node_rank is None and nodes is None and "RANK" not in env and "SLURM_ARRAY_TASK_ID" not in env
-            and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
-            and "SLURM_STEP_ID" not in env):
-        # the batch script of an `sbatch --ntasks=N` job runs once, yet says PROCID 0 of N:
-        # taking that would leave (N-1)/N of the shards undone
-        raise click.UsageError(
-            f"this is the batch script of a {env['SLURM_NTASKS']}-task job, not one of its tasks: "
-            "run the launcher under srun (`srun ./run.sh launch ...`), or submit a job array")
     try:
         node_rank, nodes = resolve_rank(node_rank, nodes)
     except ValueError as e:

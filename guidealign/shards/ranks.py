@@ -17,7 +17,9 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
     A SLURM array may start at an offset (``--array=5-8``) and step (``--array=0-14:2``):
     rank = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP, so ranks
     always run 0..W-1 (:func:`slurm_array_rank`). An array task's step of several tasks
-    (srun) numbers its tasks within the task's rank (:func:`_array_step_tasks`).
+    (srun) numbers its tasks within the task's rank (:func:`_array_step_tasks`). The batch
+    script of a job of several tasks (``sbatch --ntasks=N``, run once, outside any step) says
+    PROCID 0 of N: taking that would leave (N-1)/N of the shards undone, so it is refused.
     """
     env = os.environ if env is None else env
     if rank is None or world_size is None:
@@ -27,6 +29,11 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
                 if rk == "SLURM_ARRAY_TASK_ID":
                     r = slurm_array_rank(env)
                     r, w = _array_step_tasks(env, r, w)
+                elif rk == "SLURM_PROCID" and w > 1 and not env.get("SLURM_STEP_ID"):
+                    raise ValueError(
+                        f"this is the batch script of a {w}-task job, not one of its tasks: run the "
+                        "command under srun (`srun guidealign ...`, or `srun ./run.sh launch ...`), "
+                        "submit a job array, or give --rank and --world-size")
                 rank = r if rank is None else rank
                 world_size = w if world_size is None else world_size
                 break
