@@ -119,6 +119,31 @@ def test_a_worker_whose_claim_was_taken_drops_its_result(tmp_path):
     assert json.loads(claims.claim_path(dst, 0).read_text())["owner"] == "other"  # not removed
 
 
+def test_a_worker_that_took_a_claim_over_drops_its_result_when_the_old_owner_committed(tmp_path):
+    """The other side of a takeover: this worker took over a stale claim (the old owner's
+    heartbeat had stalled, not its work), and the old owner commits the shard while this worker
+    still processes it. This worker's result is dropped: the committed shard is not written
+    a second time (same marker, the old owner's rows)."""
+    from guidealign.shards.stage import shard_fingerprint
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_input(src, 1)
+    fp = shard_fingerprint("c", src, 0)
+    foreign_claim(dst, 0, age_s=600)  # stale: taken over at once
+    committed_by_old = []
+
+    def fn(t, i):
+        # the old owner wakes up and commits its result while this worker works
+        committed_by_old.append(write_shard(dst, i, t.append_column("by", pa.array(["old"] * t.num_rows)), fp,
+                                            stats={"by": "old"}))
+        return t.append_column("by", pa.array(["me"] * t.num_rows))
+
+    rep = map_shards("s", src, dst, "c", fn=fn, progress=False, assign="dynamic", claim_ttl_s=60)
+    assert rep.processed == 0
+    assert read_marker(dst, 0) == committed_by_old[0]
+    assert set(read_table(dst, 0)["by"].to_pylist()) == {"old"}
+
+
 def _steal_worker(dst: str, n: int, barrier, out) -> None:
     barrier.wait()
     held = []

@@ -142,6 +142,12 @@ def _process(fn, src, dst, i: int, fp: str, columns, report: StageReport, claim=
         log.warning("%s: shard %d was taken over while this worker processed it (its "
                     "heartbeat stalled); dropping this result", report.stage, i)
         return False
+    if claim is not None and is_done(dst, i, fp):
+        # the worker this claim was taken over from finished it after all (its heartbeat had
+        # stalled, not its work): its commit stands, this result is dropped, not written twice
+        log.warning("%s: shard %d was committed by the worker whose stale claim this one took "
+                    "over; dropping this result", report.stage, i)
+        return True
     marker = write_shard(dst, i, table, fp, quarantine=quarantine, seconds=dt, stats=stats)
     report.processed += 1
     report.rows += marker.rows
