@@ -29,11 +29,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
+
+from guidealign.config import ExecutorKind
 
 log = logging.getLogger(__name__)
 
-KINDS = ("local", "ray")
+KINDS = get_args(ExecutorKind)
 
 # ray.remote option names that may appear in cfg.executor.ray_resources as they are;
 # any other key is a custom Ray resource (e.g. {"accelerator_a100": 1}).

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import functools
+from typing import get_args
 
 import click
 
-from guidealign.config import ConfigError, config_error, load_config
+from guidealign.config import ConfigError, ExecutorKind, config_error, load_config
 
 
 def error_line(e: Exception) -> str:
@@ -38,7 +39,7 @@ def stage_options(f):
     @click.option("--rank", type=int, default=None, help="This worker's rank (default: from env).")
     @click.option("--world-size", type=int, default=None, help="Number of workers (default: from env).")
     @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-    @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+    @click.option("--executor", type=click.Choice(get_args(ExecutorKind)), default=None,
                   help="local: this rank's shards here; ray: one Ray task per shard (default: executor.kind).")
     @functools.wraps(f)
     def wrapper(*args, config_path=None, overrides=(), executor=None, **kwargs):

@@ -23,10 +23,17 @@ from guidealign.config.ingest import IngestConfig
 from guidealign.config.retrieval import IndexConfig, LibraryConfig, RetrieveConfig, RetrieverConfig
 from guidealign.config.sft import PushConfig, SFTConfig
 
+# Keys with a fixed set of values (see config/gen.py). shards/claims.py:ASSIGNMENTS spells
+# ShardAssign's values again (storage is a layer below config and cannot import it);
+# tests/test_choice_lists.py checks that the two agree.
+ExecutorKind = Literal["local", "ray"]
+ShardAssign = Literal["static", "dynamic"]
+
+
 @dataclass
 class ExecutorConfig:
     # local: run this rank's shards in-process. ray: one Ray task per shard.
-    kind: Literal["local", "ray"] = "local"
+    kind: ExecutorKind = "local"
     # Resources per Ray task, e.g. {"num_gpus": 1, "num_cpus": 4}.
     ray_resources: dict = field(default_factory=lambda: {"num_cpus": 1})
     # Per-stage Ray resources, e.g. {detect: {num_gpus: 4}, ingest: {num_cpus: 1}}; a stage
@@ -40,7 +47,7 @@ class ExecutorConfig:
     # Which worker takes which shard: "static" (shard i -> rank i mod W: reproducible
     # placement) or "dynamic" (workers claim free shards until none remain, and take over
     # the shards of dead workers; see shards/claims.py).
-    assign: Literal["static", "dynamic"] = "static"
+    assign: ShardAssign = "static"
     # dynamic: a claim whose owner has not heartbeated for this many seconds is taken over
     # (120 s: heartbeats come every 30 s; a dead worker's shard restarts within ~2 min).
     claim_ttl_s: float = 120.0

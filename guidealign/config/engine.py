@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Keys with a fixed set of values: the stage code takes its allowed values from these
+# (typing.get_args), so the loader and the stage check one list.
+Overlong = Literal["truncate", "skip"]
+
 
 @dataclass
 class Sampling:
@@ -50,7 +54,7 @@ class EngineConfig:
     cpu_threads_bind: str = "auto"
     # What to do with a prompt that does not fit max_model_len with its output budget:
     # "truncate" (keep the end of the user text) or "skip" (record it, generate nothing).
-    overlong: Literal["truncate", "skip"] = "truncate"
+    overlong: Overlong = "truncate"
     # Chat template: None = the tokenizer's own; a built-in name ("vicuna_v1.1", "llama-2",
     # "chatml") or a .jinja path replaces it (needed for models that ship none; gen/templates.py).
     chat_template: str | None = None

@@ -10,6 +10,11 @@ from typing import Literal
 
 from guidealign.config.engine import Sampling
 
+# Keys with a fixed set of values: the stage code takes its allowed values from these
+# (typing.get_args), so the loader and the stage check one list.
+DetectMode = Literal["rationale", "score"]
+UnknownVerdict = Literal["safety", "quality", "skip"]
+
 
 @dataclass
 class DetectConfig:
@@ -32,7 +37,7 @@ class DetectConfig:
     # "rationale" (the paper: the model writes its analysis, then "Verdict: Yes|No") or
     # "score" (the same few-shot prompt with the answer begun by "Verdict:"; one forward
     # pass reads P(Yes) vs P(No), no text is generated; rows get risk_score, no rationale).
-    mode: Literal["rationale", "score"] = "rationale"
+    mode: DetectMode = "rationale"
     # score mode: risky when risk_score >= this (0.5 = the likelier verdict wins).
     score_threshold: float = 0.5
     # score mode: JSON file with a calibrated {"threshold": ...} that replaces score_threshold
@@ -65,7 +70,7 @@ class GuidelinesConfig:
     reserve_input_tokens: int = 768
     # Inputs whose detection could not be parsed (risky is null): "safety" (treat as risky,
     # the cautious choice; our default), "quality", or "skip" (kept with parse_status "skipped").
-    unknown_verdict: Literal["safety", "quality", "skip"] = "safety"
+    unknown_verdict: UnknownVerdict = "safety"
     # Per-prompt sampling seeds, as in detect.
     seed_per_prompt: bool = True
     # Constrain the output with vLLM structured outputs to 5-7 numbered "N. Title: text"

@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Keys with a fixed set of values: the stage code takes its allowed values from these
+# (typing.get_args), so the loader and the stage check one list.
+HashKernel = Literal["auto", "llvm", "hashlib"]
+
 
 @dataclass
 class IngestConfig:
@@ -32,7 +36,7 @@ class IngestConfig:
     # other threads; ~0.1 s to load, the first run on a machine compiles it in ~0.2 s and
     # caches it), or
     # "auto" = llvm when llvmlite is installed and the inputs total >= 16 MiB, else hashlib.
-    hash_kernel: Literal["auto", "llvm", "hashlib"] = "auto"
+    hash_kernel: HashKernel = "auto"
     # MiB (>= 1) for the newest distinct prompts' 8-byte hashes (exact de-duplication); older ones
     # move to sorted runs in anonymous temp files in the run directory (8 bytes a prompt on disk,
     # 16 while two runs merge), so memory stays flat but for a bit filter of 1-3 bytes a distinct

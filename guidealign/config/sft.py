@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Keys with a fixed set of values: the stage code takes its allowed values from these
+# (typing.get_args), so the loader and the stage check one list.
+SFTMode = Literal["full", "lora"]
+SFTPrecision = Literal["auto", "bf16", "fp16", "float32"]
+
 
 @dataclass
 class SFTConfig:
@@ -28,7 +33,7 @@ class SFTConfig:
     # template's default applies (as it will at inference). Never the guidelines.
     system_prompt: str = ""
     # "full" fine-tuning or "lora" (peft adapters on `lora_target_modules`).
-    mode: Literal["full", "lora"] = "full"
+    mode: SFTMode = "full"
     # LoRA rank, alpha and dropout (mode: lora). Common defaults.
     lora_r: int = 16
     lora_alpha: int = 32
@@ -61,7 +66,7 @@ class SFTConfig:
     # "float32". bf16/fp16 compute in half precision over float32 master weights (full
     # fine-tuning: 16 bytes a parameter with AdamW before activations, so a 13B model needs FSDP
     # over several GPUs; FSDP/DeepSpeed and LoRA load the base in half precision).
-    precision: Literal["auto", "bf16", "fp16", "float32"] = "auto"
+    precision: SFTPrecision = "auto"
     # Trade compute for memory on large models.
     gradient_checkpointing: bool = False
     # Log the training loss every this many optimizer steps.

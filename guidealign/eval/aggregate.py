@@ -29,10 +29,12 @@ verdict cannot be called either, so it is left out of the percentage and reporte
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, get_args
+
+from guidealign.config.eval import CombineRule
 
 OUTCOMES = ("win", "tie", "lose", "unparsed")
-RULES = ("half", "consistent", "lenient")
+RULES = get_args(CombineRule)
 MISSING = "(missing)"  # the category of a question without one, when others have one
 
 

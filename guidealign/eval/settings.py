@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
-from guidealign.config.eval import JUDGES, PRESETS
+from guidealign.config.eval import (JUDGES, PRESETS, CombineRule, HarmJudge, RiskIdentification,
+                                    UnparsedPolicy)
 
 
 class EvalError(RuntimeError):
@@ -44,15 +46,15 @@ def check_config(ecfg) -> None:
     """Raise EvalError for an eval section that cannot run (before anything is written)."""
     from guidealign.eval.prompts import check_template
 
-    if ecfg.combine not in ("half", "consistent", "lenient"):
+    if ecfg.combine not in get_args(CombineRule):
         raise EvalError(f"unknown eval.combine {ecfg.combine!r}")
-    if ecfg.unparsed not in ("tie", "exclude"):
+    if ecfg.unparsed not in get_args(UnparsedPolicy):
         raise EvalError(f"unknown eval.unparsed {ecfg.unparsed!r}")
-    if ecfg.harm_judge not in ("llm", "classifier"):
+    if ecfg.harm_judge not in get_args(HarmJudge):
         raise EvalError(f"unknown eval.harm_judge {ecfg.harm_judge!r}; known: llm, classifier")
     if ecfg.shard_rows < 1:
         raise EvalError("eval.shard_rows must be >= 1")
-    if ecfg.risk_identification not in ("auto", "on", "off") or ecfg.risk_top_k < 1:
+    if ecfg.risk_identification not in get_args(RiskIdentification) or ecfg.risk_top_k < 1:
         raise EvalError("eval.risk_identification must be auto, on or off, and eval.risk_top_k >= 1")
     try:
         if ecfg.pairwise_template:

@@ -41,8 +41,11 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import get_args
 
 import yaml
+
+from guidealign.config.engine import Overlong
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ class PromptBuilder:
         ``align``: pad the shared prefix to a multiple of this many tokens (0: never)."""
         from guidealign.gen.templates import ChatTemplateError, apply_template
 
-        if overlong not in ("truncate", "skip"):
+        if overlong not in get_args(Overlong):
             raise ValueError(f"engine.overlong must be 'truncate' or 'skip', not {overlong!r}")
         try:
             apply_template(tokenizer, chat_template,

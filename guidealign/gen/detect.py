@@ -16,9 +16,11 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import get_args
 
 import pyarrow as pa
 
+from guidealign.config.gen import DetectMode
 from guidealign.gen.build import (Built, Message, PromptBuilder, Slot, TemplateError, chat_template_hash,
                        clean_text, engine_max_len, fill, generate_built, load_prompt_file)
 from guidealign.gen.parse import parse_detection
@@ -34,7 +36,7 @@ SCHEMA = pa.schema([
     ("skip_reason", pa.string()), ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()),
     ("risk_score", pa.float64()),
 ])
-MODES = ("rationale", "score")
+MODES = get_args(DetectMode)
 
 
 def detection_turn(analysis: str, verdict: str) -> str:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import get_args
 
 import pyarrow as pa
 
+from guidealign.config.gen import UnknownVerdict
 from guidealign.gen.build import (Built, Message, PromptBuilder, Slot, TemplateError, chat_template_hash,
                        clean_text, engine_max_len, fill, generate_built, load_prompt_file)
 from guidealign.gen.detect import _verdict, detection_turn
@@ -146,7 +148,7 @@ def kind_for(risky, unknown: str) -> str | None:
         return "safety"
     if risky is False:
         return "quality"
-    if unknown not in ("safety", "quality", "skip"):
+    if unknown not in get_args(UnknownVerdict):
         raise ValueError(f"guidelines.unknown_verdict must be safety, quality or skip, not {unknown!r}")
     return None if unknown == "skip" else unknown
 

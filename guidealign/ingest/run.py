@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,7 @@ from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id ru
 from guidealign.ingest.readers import (READERS, IngestError, check_readable, expand_inputs, find_prompt_key,
                                 hf_splits, iter_parquet_tables)
 from guidealign.shards import fingerprint, is_done, write_manifest
-from guidealign.config.ingest import IngestConfig
+from guidealign.config.ingest import HashKernel, IngestConfig
 from guidealign.shards.write import retire_shards_from
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ AUTO_KERNEL_BYTES = 16 << 20
 def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
     """The hash kernel this run uses: "hashlib" or "llvm" (both give the same ids)."""
     want = cfg.hash_kernel
-    if want not in ("auto", "llvm", "hashlib"):
+    if want not in get_args(HashKernel):
         raise IngestError(f"ingest.hash_kernel must be auto, llvm or hashlib, got {want!r}")
     if want == "hashlib":
         return "hashlib"

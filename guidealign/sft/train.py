@@ -20,6 +20,9 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import get_args
+
+from guidealign.config.sft import SFTMode, SFTPrecision
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def choose_precision(requested: str, *, cuda: bool, native_bf16: bool, gpu: str 
     p = requested
     if p == "auto":
         p = "bf16" if cuda and native_bf16 else "float32"
-    if p not in ("bf16", "fp16", "float32"):
+    if p not in get_args(SFTPrecision):  # "auto" was settled above
         raise ValueError(f"sft.precision must be auto, bf16, fp16 or float32, not {p!r}")
     if p == "bf16" and cuda and not native_bf16:
         raise ValueError(f"sft.precision is bf16 but this GPU ({gpu or 'compute capability < 8.0'}) "
@@ -224,7 +227,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     from guidealign.core.models import resolve
 
     scfg = cfg.sft
-    if scfg.mode not in ("full", "lora"):
+    if scfg.mode not in get_args(SFTMode):
         raise ValueError(f"sft.mode must be 'full' or 'lora', not {scfg.mode!r}")
     accum = accumulation_steps(scfg, world)
     flags, precision = precision_flags(scfg)
