@@ -19,8 +19,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from guidealign.check_models import ModelInfo, gib, load_local_tokenizer, locate
+from guidealign.config import ExecutorKind
 
 OK, WARN, FAIL, INFO = "OK", "WARN", "FAIL", "INFO"
 GUIDELINE_TOKENS = 80  # our estimate of one library guideline's length in tokens
@@ -302,7 +304,7 @@ def other_rows(cfg) -> list[Row]:
         rows.append(Row("Hub token", "push", OK if ok else FAIL,
                         "present" if ok else "none: set HF_TOKEN or run `hf auth login`"))
     ex = cfg.executor
-    if ex.kind not in ("local", "ray"):
+    if ex.kind not in get_args(ExecutorKind):
         rows.append(Row("executor", "kind", FAIL, f"{ex.kind!r} is not local or ray"))
     elif ex.kind == "ray":
         has = importlib.util.find_spec("ray") is not None

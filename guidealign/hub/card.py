@@ -55,12 +55,12 @@ def _yaml_block(obj) -> str:
 
 
 def _hub_id(name: str) -> bool:
-    """``name`` is a Hub model id (``org/name``), not a local path (the Hub refuses a card whose
-    ``base_model`` is not a model id, and with it the commit that carries it)."""
-    import re
+    """``name`` is a Hub model id (``gpt2``, ``org/name``), not a local path or malformed, by
+    :func:`guidealign.core.models.model_ref` (the Hub refuses a card whose ``base_model`` is not
+    a model id, and with it the commit that carries it)."""
+    from guidealign.core.models import is_hub_id
 
-    return (re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name or "") is not None
-            and not name.startswith((".", "-")) and not Path(name).exists())
+    return bool(name) and is_hub_id(name)
 
 
 def model_card(*, base_model: str, data: dict, hyperparameters: dict, metrics: dict,
