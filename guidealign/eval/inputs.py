@@ -57,11 +57,11 @@ def row_weights(bench_path, icfg) -> dict[str, int]:
     from collections import Counter
 
     from guidealign.ingest.run import check_prompt, prompt_hash, prompt_of
-    from guidealign.ingest.readers import READERS, check_readable, expand_inputs
+    from guidealign.ingest.readers import check_readable, expand_inputs, read_rows
 
     counts: Counter = Counter()
     for path in expand_inputs([str(bench_path)]):
-        for _, rec, err in READERS[check_readable(path)](path):
+        for _, rec, err in read_rows(path, check_readable(path, icfg.encoding), icfg):
             if err is None and check_prompt(rec, icfg) is None:
                 counts[prompt_hash(prompt_of(rec, icfg)).hex()] += 1
     return dict(counts)

@@ -5,6 +5,18 @@ Each item is cut out of the text by its brackets and strings (nothing between is
 read with ``json.loads``, as a JSONL line is, so a JSON file and the same records as JSONL give
 the same rows (big integers, NaN/Infinity and all), and a bad item is quarantined alone, with
 its text, while the items after it are still read.
+
+A top-level object is one record when its prompt field holds something other than an array:
+then its arrays of objects (``{"prompt": ..., "turns": [{...}]}``) are fields of it, whatever the
+key order. The prompt field is found among the object's top-level keys as ingest finds it in a
+row (``readers.find_prompt_key``) with ``read_json``'s ``field`` and ``aliases``: the caller's
+``ingest.prompt_field``/``prompt_aliases``, by default IngestConfig's ("prompt", then "question",
+"instruction", "text"). Otherwise its arrays of objects are records, streamed item by item. When
+an array of objects comes before the prompt field, what follows it is read ahead (its items
+decoded and dropped one at a time, other values passed over by their brackets) to find the
+prompt field, but only up to ``LOOKAHEAD`` characters (16 Mi) past the array's '[', all held in
+memory meanwhile: an object that goes on past that (a multi-GiB ``{"data": [...]}``) is read as a
+container, without knowing what follows.
 """
 from __future__ import annotations
 
@@ -14,22 +26,30 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
 
 Row = tuple[int, dict | None, str | None]  # (item number, record, error), as readers.Row
 
 
-def read_json(path: Path, encoding: str = "auto") -> Iterator[Row]:
-    """A JSON array of objects, streamed item by item; or a JSON object: its arrays of objects
-    (``{"data": [...]}``, ``{"train": [...], "test": [...]}``) item by item, or, holding none,
-    the object itself as one record.
+_DEFAULTS = IngestConfig()
+# characters past the '[' of an object's first array of objects read ahead to find its prompt field
+LOOKAHEAD = 16 << 20
+
+
+def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_field,
+              aliases=tuple(_DEFAULTS.prompt_aliases)) -> Iterator[Row]:
+    """A JSON array of objects, streamed item by item; or a JSON object: one record when its
+    prompt field (``field``, else the first of ``aliases`` present) holds no array, else its
+    arrays of objects (``{"data": [...]}``, ``{"train": [...], "test": [...]}``) item by item,
+    or, holding none, the object itself as one record.
 
     Each item is cut out by its brackets and read with ``json.loads``, as a JSONL line is (big
     integers, NaN/Infinity and all), so a bad item is quarantined alone, with its text, and
     the items after it are read."""
     stream, enc = open_utf8(path, encoding)
     with stream:
-        yield from _JsonItems(stream, enc).rows()
+        yield from _JsonItems(stream, enc, field, aliases).rows()
 
 
 _JSON_NON_WS = re.compile(r"[^ \t\r\n]")
@@ -45,8 +65,10 @@ class _JsonItems:
     does not read (a bad item, or one the buffer cuts) is cut out by scanning its brackets.
     Bytes that are not UTF-8 are kept as lone surrogates, so that only their item is quarantined."""
 
-    def __init__(self, stream, enc: str):
+    def __init__(self, stream, enc: str, field: str = _DEFAULTS.prompt_field,
+                 aliases=tuple(_DEFAULTS.prompt_aliases)):
         self.stream, self.enc = stream, enc
+        self.field, self.aliases = field, tuple(aliases)
         self.dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         self.buf, self.pos, self.keep, self.eof = "", 0, None, False
         self.dirty = False  # the buffer holds bytes that are not UTF-8
@@ -91,18 +113,20 @@ class _JsonItems:
             if not self._more():
                 return None
 
-    def _value_end(self, closers: bytes) -> int | None:
+    def _value_end(self, closers: str, stop: float = float("inf")) -> int | None:
         """End of the value at ``pos``: the first byte of ``closers`` outside strings and brackets
-        (its position), None when the file ends first."""
+        (its position), None when the file ends first (or the value runs past position ``stop``)."""
         depth, i = 0, self.pos
         while True:
             m = _JSON_SYNTAX.search(self.buf, i)
             if m is None:
                 i = len(self.buf)
-                if not self._more():
+                if i > stop or not self._more():
                     return None
                 continue
             j = m.start()
+            if j > stop:
+                return None
             c = self.buf[j]
             if c == '"':  # a string: jump over it
                 i = self._string_end(j)
@@ -220,7 +244,8 @@ class _JsonItems:
     def _object(self) -> Iterator[Row]:
         self.keep = start = self.pos  # the whole object is one record if it holds no array of records
         self.pos += 1
-        found, notes = False, []
+        found, record, notes = False, False, []
+        kinds: dict[str, bool] = {}  # the keys read so far: whether the value is an array
         keys, empty_only = 0, True  # every value so far is an empty array: no sign of a record
         c = self._next()
         while c != "}":
@@ -239,12 +264,15 @@ class _JsonItems:
                 return
             self.pos += 1
             c = self._next()
-            if c == "[":
+            kinds[_key_name(key)] = c == "["
+            if c == "[" and not record:
                 bracket = self.pos
                 self.pos += 1
                 first = self._next()
                 self.pos = bracket
-                if first == "{":  # an array of objects: records
+                if first == "{" and not found and self._one_record(kinds):
+                    record, c = True, None  # its arrays are fields of it: values, passed over below
+                elif first == "{":  # an array of objects: records
                     if not found:
                         found, self.keep = True, None
                     yield from self._array()
@@ -281,6 +309,79 @@ class _JsonItems:
                                 "read (records are JSON objects)")
         yield from self._tail()
 
+    def _one_record(self, kinds: dict[str, bool]) -> bool:
+        """At the first array of objects (at ``pos``) of the object being read, with ``kinds`` its
+        keys so far: whether the object is one record, its prompt field holding no array."""
+        from guidealign.ingest.readers import find_prompt_key, norm_key  # readers imports this module
+
+        if not any(norm_key(k) == norm_key(self.field) for k in kinds):  # it may come later
+            rest = self._keys_after(self.pos + LOOKAHEAD, norm_key)
+            if rest is None:
+                return False
+            kinds = {**kinds, **rest}
+        key = find_prompt_key(kinds, self.field, self.aliases)
+        return key is not None and not kinds[key]
+
+    def _keys_after(self, stop: int, norm_key) -> dict[str, bool] | None:
+        """The keys after the value at ``pos`` up to the prompt field or the object's end (key:
+        whether its value is an array), values passed over unparsed but for arrays' items; None
+        when the object is not read through by position ``stop``, or is not valid JSON. ``pos`` is
+        left where it was."""
+        at, kinds = self.pos, {}
+        try:
+            while True:
+                if self.buf[self.pos] == "[":
+                    if not self._pass_array(stop):
+                        return None
+                    c = self._next()
+                else:
+                    end = self._value_end(",}", stop)
+                    if end is None:
+                        return None
+                    self.pos, c = end, self.buf[end]
+                if c != ",":
+                    return kinds if c == "}" else None
+                self.pos += 1
+                if self._next() != '"' or (end := self._string_end(self.pos)) is None:
+                    return None
+                key = _key_name(self.buf[self.pos:end])
+                self.pos = end
+                if self._next() != ":":
+                    return None
+                self.pos += 1
+                c = self._next()
+                if c is None:
+                    return None
+                kinds[key] = c == "["
+                if norm_key(key) == norm_key(self.field):
+                    return kinds
+        finally:
+            self.pos = at
+
+    def _pass_array(self, stop: int) -> bool:
+        """Move ``pos`` past the array at ``pos``, its items each read by ``raw_decode`` (ten times
+        as fast as scanning brackets); False when one does not read by position ``stop``."""
+        self.pos += 1
+        if self._next() == "]":
+            self.pos += 1
+            return True
+        while self.pos <= stop:
+            try:
+                _, end = _JSON_DECODER.raw_decode(self.buf, self.pos)
+                m = _JSON_NON_WS.search(self.buf, end)
+            except (json.JSONDecodeError, RecursionError):
+                m = None
+            if m is None:  # cut by the end of the buffer (or bad: then read on to ``stop``)
+                if len(self.buf) > stop or not self._more():
+                    return False
+                continue
+            self.pos = m.end()
+            if m.group() == "]":
+                return True
+            if m.group() != "," or self._next() is None:
+                return False
+        return False
+
     def _broken(self, what: str) -> Iterator[Row]:
         self.keep = None
         if self.eof or read_error(self.stream):
@@ -289,3 +390,11 @@ class _JsonItems:
         else:
             yield self.n + 1, None, (f"the JSON object is not valid JSON ({what}) after item {self.n}: "
                                      f"{self.buf[self.pos:self.pos + 40]!r}; the rest of the file was not read")
+
+
+def _key_name(token: str) -> str:
+    """The key that the JSON string ``token`` (quotes and all) reads as."""
+    try:
+        return json.loads(token)
+    except ValueError:
+        return token[1:-1]

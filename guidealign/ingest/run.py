@@ -41,8 +41,8 @@ from guidealign.ingest.csvcol import csv_batches
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
-from guidealign.ingest.readers import (READERS, IngestError, check_readable, expand_inputs, find_prompt_key,
-                                hf_splits, iter_parquet_tables)
+from guidealign.ingest.readers import (IngestError, check_readable, expand_inputs, find_prompt_key,
+                                hf_splits, iter_parquet_tables, read_rows)
 from guidealign.shards import fingerprint, is_done, write_manifest
 from guidealign.config.ingest import HashKernel, IngestConfig
 from guidealign.shards.write import retire_shards_from
@@ -270,7 +270,7 @@ def run_fingerprint(inputs: list[str], cfg: IngestConfig) -> str:
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0,
               int(p.stat().st_mtime)) for p in files]
-    return fingerprint("ingest-v5", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
+    return fingerprint("ingest-v6", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
 
 
@@ -291,7 +291,7 @@ def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: S
     elif fmt == "csv":
         yield from csv_batches(path, src, spec, cfg.encoding, cfg.delimiter, cfg.block_bytes, encodings=rep.encodings)
     else:
-        rows = READERS[fmt](path, cfg.encoding)
+        rows = read_rows(path, fmt, cfg)
         while True:
             chunk = [r for _, r in zip(range(65536), rows)]
             if not chunk:
