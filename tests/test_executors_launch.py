@@ -116,6 +116,10 @@ def test_ranks_from_slurm_array_and_srun():
     p = launch("--dry-run", "retrieve", "-w", "r", check=False,
                env={"CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
     assert p.returncode != 0 and "not one of its tasks" in p.stderr and "srun" in p.stderr
+    # ... unless the node's place is given: one node of one
+    p = launch("--dry-run", "--nodes", "1", "retrieve", "-w", "r", check=False,
+               env={"CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert p.returncode == 0, p.stderr
 
 
 def test_single_process_stages_and_explicit_rank_refused():

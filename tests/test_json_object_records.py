@@ -39,11 +39,16 @@ def test_prompt_between_two_arrays_is_one_record(tmp_path):
     assert list(read_json(_write(tmp_path, text))) == [(1, json.loads(text), None)]
 
 
-def test_an_alias_or_the_configured_field_marks_the_record(tmp_path):
-    rep, prompts, quarantined = _ingest(tmp_path, json.dumps({"turns": TURNS, "Question": "Why?"}))
+def test_the_configured_field_marks_the_record_an_alias_does_not(tmp_path):
+    """The configured field (any case) makes the object one record; an alias at the top level
+    does not: a container describing itself under "text" beside its records keeps them."""
+    rep, prompts, quarantined = _ingest(tmp_path, json.dumps({"turns": TURNS, "Prompt": "Why?"}))
     assert (prompts, quarantined) == (["Why?"], [])
     f = _write(tmp_path, json.dumps({"turns": TURNS, "query": "q"}))
-    assert list(read_json(f, "auto", "query", ())) == [(1, {"turns": TURNS, "query": "q"}, None)]
+    assert list(read_json(f, "auto", "query")) == [(1, {"turns": TURNS, "query": "q"}, None)]
+    records = [{"prompt": f"p{k}"} for k in range(5)]
+    rep, prompts, quarantined = _ingest(tmp_path, json.dumps({"text": "Safety benchmark v1", "data": records}))
+    assert (sorted(prompts), quarantined, rep.rows_in) == ([f"p{k}" for k in range(5)], [], 5)
 
 
 def test_an_object_of_arrays_of_records_is_still_streamed(tmp_path):

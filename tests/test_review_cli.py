@@ -211,19 +211,26 @@ def test_config_refuses_a_guided_system_without_the_guidelines_placeholder():
     assert "{guidelines}" in load_config(None, ["respond.guided_system=Follow: {guidelines}"]).respond.guided_system
 
 
-def test_a_stage_command_in_the_batch_script_of_a_multi_task_job_is_refused(tmp_path, monkeypatch):
-    """`sbatch --ntasks=3` runs its batch script once, with PROCID 0 of 3 and no step: a stage
-    command there would take rank 0 of 3 and leave 2/3 of the shards undone. It is refused in
-    one line before any work; under srun (a step) or with explicit ranks it runs."""
+def test_a_map_stage_in_the_batch_script_of_a_multi_task_job_is_refused(tmp_path, monkeypatch):
+    """`sbatch --ntasks=3` runs its batch script once, with PROCID 0 of 3 and no step: a map
+    stage there would take rank 0 of 3 and leave 2/3 of its shards undone, so it is refused in
+    one line before any work (`run` too). A stage rank 0 does alone (ingest) still runs there,
+    and so does a map stage given --world-size (1: this process alone, or the Ray executor)."""
     for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_STEP_ID"):
         monkeypatch.delenv(k, raising=False)
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "3"}
     src = tmp_path / "p.jsonl"
-    src.write_text('{"prompt": "hello"}\n')
-    args = ["ingest", str(src), "-w", str(tmp_path / "w"), "--no-progress"]
-    r = CliRunner().invoke(cli, args, env={"SLURM_PROCID": "0", "SLURM_NTASKS": "3"})
-    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "not one of its tasks" in r.output and "srun" in r.output
-    assert not (tmp_path / "w" / "prompts").exists()
-    r = CliRunner().invoke(cli, args + ["--rank", "0", "--world-size", "1"],
-                           env={"SLURM_PROCID": "0", "SLURM_NTASKS": "3"})
+    src.write_text('{"prompt": "hello"}\n{"prompt": "world"}\n')
+    w = str(tmp_path / "w")
+    r = CliRunner().invoke(cli, ["ingest", str(src), "-w", w, "--no-progress"], env=env)
     assert r.exit_code == 0, r.output
+    export = ["export", "prompts", "-w", w, "--no-progress"]
+    r = CliRunner().invoke(cli, export, env=env)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "not one of its tasks" in r.output and "srun" in r.output
+    assert not (tmp_path / "w" / "export").exists()
+    r = CliRunner().invoke(cli, ["run", "-w", w, "--no-check", "--stages", "detect", "--no-progress"], env=env)
+    assert r.exit_code == 2 and "not one of its tasks" in r.output
+    r = CliRunner().invoke(cli, export + ["--world-size", "1"], env=env)
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "w" / "export" / "prompts").glob("shard-*.jsonl"))) == 1

@@ -6,16 +6,16 @@ read with ``json.loads``, as a JSONL line is, so a JSON file and the same record
 the same rows (big integers, NaN/Infinity and all), and a bad item is quarantined alone, with
 its text, while the items after it are still read.
 
-A top-level object is one record when its prompt field holds something other than an array:
-then its arrays of objects (``{"prompt": ..., "turns": [{...}]}``) are fields of it, whatever the
-key order. The prompt field is found among the object's top-level keys as ingest finds it in a
-row (``readers.find_prompt_key``) with ``read_json``'s ``field`` and ``aliases``: the caller's
-``ingest.prompt_field``/``prompt_aliases``, by default IngestConfig's ("prompt", then "question",
-"instruction", "text"). Otherwise its arrays of objects are records, streamed item by item. When
-an array of objects comes before the prompt field, what follows it is read ahead (its items
+A top-level object is one record when it has the prompt field (``read_json``'s ``field``: the
+caller's ``ingest.prompt_field``, "prompt" by default, in any case and spacing, as ingest finds it
+in a row) at its top level holding something other than an array: then its arrays of objects
+(``{"prompt": ..., "turns": [{...}]}``) are fields of it, whatever the key order. Otherwise its
+arrays of objects are records, streamed item by item. The prompt aliases do not decide it: a
+container may well describe itself under "text" or "question" beside its records. When an
+array of objects comes before the prompt field, what follows it is read ahead (its items
 decoded and dropped one at a time, other values passed over by their brackets) to find the
-prompt field, but only up to ``LOOKAHEAD`` characters (16 Mi) past the array's '[', all held in
-memory meanwhile: an object that goes on past that (a multi-GiB ``{"data": [...]}``) is read as a
+field, but only up to ``LOOKAHEAD`` characters (16 Mi) past the array's '[', all held in memory
+meanwhile: an object that goes on past that (a multi-GiB ``{"data": [...]}``) is read as a
 container, without knowing what follows.
 """
 from __future__ import annotations
@@ -37,10 +37,9 @@ _DEFAULTS = IngestConfig()
 LOOKAHEAD = 16 << 20
 
 
-def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_field,
-              aliases=tuple(_DEFAULTS.prompt_aliases)) -> Iterator[Row]:
+def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_field) -> Iterator[Row]:
     """A JSON array of objects, streamed item by item; or a JSON object: one record when its
-    prompt field (``field``, else the first of ``aliases`` present) holds no array, else its
+    prompt field ``field`` is there and holds no array, else its
     arrays of objects (``{"data": [...]}``, ``{"train": [...], "test": [...]}``) item by item,
     or, holding none, the object itself as one record.
 
@@ -49,7 +48,7 @@ def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_
     the items after it are read."""
     stream, enc = open_utf8(path, encoding)
     with stream:
-        yield from _JsonItems(stream, enc, field, aliases).rows()
+        yield from _JsonItems(stream, enc, field).rows()
 
 
 _JSON_NON_WS = re.compile(r"[^ \t\r\n]")
@@ -65,10 +64,9 @@ class _JsonItems:
     does not read (a bad item, or one the buffer cuts) is cut out by scanning its brackets.
     Bytes that are not UTF-8 are kept as lone surrogates, so that only their item is quarantined."""
 
-    def __init__(self, stream, enc: str, field: str = _DEFAULTS.prompt_field,
-                 aliases=tuple(_DEFAULTS.prompt_aliases)):
+    def __init__(self, stream, enc: str, field: str = _DEFAULTS.prompt_field):
         self.stream, self.enc = stream, enc
-        self.field, self.aliases = field, tuple(aliases)
+        self.field = field
         self.dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         self.buf, self.pos, self.keep, self.eof = "", 0, None, False
         self.dirty = False  # the buffer holds bytes that are not UTF-8
@@ -319,7 +317,7 @@ class _JsonItems:
             if rest is None:
                 return False
             kinds = {**kinds, **rest}
-        key = find_prompt_key(kinds, self.field, self.aliases)
+        key = find_prompt_key(kinds, self.field, ())
         return key is not None and not kinds[key]
 
     def _keys_after(self, stop: int, norm_key) -> dict[str, bool] | None:

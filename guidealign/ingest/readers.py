@@ -360,9 +360,9 @@ READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv,
 def read_rows(path: Path, fmt: str, cfg) -> Iterator[Row]:
     """The rows of ``path`` (format ``fmt``) read row by row as ingest with ``cfg`` (an
     IngestConfig) reads them: its encoding and CSV delimiter, and, for a JSON object, its prompt
-    field and aliases (which decide whether the object is one record or holds records)."""
+    field (which decides whether the object is one record or holds records)."""
     if fmt == "json":
-        return read_json(path, cfg.encoding, cfg.prompt_field, tuple(cfg.prompt_aliases))
+        return read_json(path, cfg.encoding, cfg.prompt_field)
     if fmt == "csv":
         return read_csv(path, cfg.encoding, cfg.delimiter)
     return READERS[fmt](path, cfg.encoding)

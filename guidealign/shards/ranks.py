@@ -17,9 +17,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
     A SLURM array may start at an offset (``--array=5-8``) and step (``--array=0-14:2``):
     rank = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP, so ranks
     always run 0..W-1 (:func:`slurm_array_rank`). An array task's step of several tasks
-    (srun) numbers its tasks within the task's rank (:func:`_array_step_tasks`). The batch
-    script of a job of several tasks (``sbatch --ntasks=N``, run once, outside any step) says
-    PROCID 0 of N: taking that would leave (N-1)/N of the shards undone, so it is refused.
+    (srun) numbers its tasks within the task's rank (:func:`_array_step_tasks`).
     """
     env = os.environ if env is None else env
     if rank is None or world_size is None:
@@ -29,11 +27,6 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
                 if rk == "SLURM_ARRAY_TASK_ID":
                     r = slurm_array_rank(env)
                     r, w = _array_step_tasks(env, r, w)
-                elif rk == "SLURM_PROCID" and w > 1 and not env.get("SLURM_STEP_ID"):
-                    raise ValueError(
-                        f"this is the batch script of a {w}-task job, not one of its tasks: run the "
-                        "command under srun (`srun guidealign ...`, or `srun ./run.sh launch ...`), "
-                        "submit a job array, or give --rank and --world-size")
                 rank = r if rank is None else rank
                 world_size = w if world_size is None else world_size
                 break
@@ -42,6 +35,26 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     return rank, world_size
+
+
+def batch_script_tasks(env: dict | None = None) -> int:
+    """N when this process is the batch script of an N-task SLURM job (``sbatch --ntasks=N``,
+    N > 1), else 0. That script runs once, outside any step, yet its environment says PROCID 0
+    of N: a map stage run there as rank 0 of N would leave (N-1)/N of its shards undone. Under
+    ``srun`` (a step), in an array task, or with RANK/WORLD_SIZE set by a launcher, it is 0."""
+    env = os.environ if env is None else env
+    if (("RANK" in env and "WORLD_SIZE" in env) or "SLURM_ARRAY_TASK_ID" in env
+            or env.get("SLURM_STEP_ID") or "SLURM_PROCID" not in env):
+        return 0
+    n = int(env.get("SLURM_NTASKS") or 1)
+    return n if n > 1 else 0
+
+
+def batch_script_error(n: int, what: str = "the command",
+                       ranks: str = "--rank/--world-size (--world-size 1: this process alone, or the Ray executor)") -> str:
+    """The error for :func:`batch_script_tasks`: what to do instead."""
+    return (f"this is the batch script of a {n}-task job, not one of its tasks: run {what} under "
+            f"srun (`srun guidealign ...`, `srun ./run.sh launch ...`), submit a job array, or give {ranks}")
 
 
 def _array_step_tasks(env: dict, r: int, w: int) -> tuple[int, int]:
