@@ -2,28 +2,30 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
 import click
 
 from guidealign.cli.options import ranks, stage_options
+from guidealign.config.eval import JUDGES, PRESETS, HarmJudge
 
 
 @click.command("eval")
 @click.argument("benchmark_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--benchmark", type=click.Choice(["auto", "do-not-answer", "hhh", "vicuna", "custom"]),
+@click.option("--benchmark", type=click.Choice(["auto", *PRESETS]),
               default=None, help="Preset: category field and judges (default: eval.benchmark, "
                                  "auto = from the file name).")
 @click.option("--name", default=None, help="Evaluation name: WORKDIR/eval/NAME/ (default: the benchmark).")
 @click.option("--category-field", default=None,
               help='JSONL field holding the category ("" for none; default: the preset\'s).')
-@click.option("--judge", "judges", multiple=True, type=click.Choice(["harmfulness", "pairwise"]),
+@click.option("--judge", "judges", multiple=True, type=click.Choice(JUDGES),
               help="Judge(s) to run (repeatable; default: the preset's).")
 @click.option("--guided-responses", type=click.Path(exists=True, file_okay=False), default=None,
               help="Precomputed guided response shards (else: retrieve + respond).")
 @click.option("--unguided-responses", type=click.Path(exists=True, file_okay=False), default=None,
               help="Precomputed unguided response shards (else: respond without guidelines).")
 @click.option("--judge-model", default=None, help="LLM judge: local path or Hub id.")
-@click.option("--harm-judge", type=click.Choice(["llm", "classifier"]), default=None,
+@click.option("--harm-judge", type=click.Choice(get_args(HarmJudge)), default=None,
               help="Harmfulness judge kind (default: eval.harm_judge).")
 @click.option("--classifier-model", default=None,
               help="Sequence classifier for harmfulness (path or id, e.g. LibrAI/longformer-harmful-ro).")
