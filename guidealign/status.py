@@ -34,7 +34,7 @@ def _stage_row(d: Path) -> dict | None:
         row["shards_total"] = int(man.get("num_shards", 0))
         # a shard committed under an earlier config or input (or torn) is not done: the next
         # run redoes it and readers skip it, so its rows are not counted either
-        stale = stale_shards(d)
+        stale = stale_shards(d, man)
         row["shards_stale"] = len(stale)
         for i in shard_indices(d):
             m = read_marker(d, i)

@@ -110,7 +110,7 @@ def dataset_counts(dataset: str | Path, stage: str | None = None, stale: set[int
     if man is None:
         return None
     if stale is None:
-        stale = stale_shards(dataset)
+        stale = stale_shards(dataset, man)
     total, seen = dict.fromkeys(KEYS, 0), False
     for i in shard_indices(dataset):
         if i >= int(man.get("num_shards", 0)) or i in stale:

@@ -312,12 +312,13 @@ class _JsonItems:
         keys so far: whether the object is one record, its prompt field holding no array."""
         from guidealign.ingest.readers import find_prompt_key, norm_key  # readers imports this module
 
-        if not any(norm_key(k) == norm_key(self.field) for k in kinds):  # it may come later
+        key = find_prompt_key(kinds, self.field, ())
+        if key is None:  # it may come later
             rest = self._keys_after(self.pos + LOOKAHEAD, norm_key)
             if rest is None:
                 return False
             kinds = {**kinds, **rest}
-        key = find_prompt_key(kinds, self.field, ())
+            key = find_prompt_key(kinds, self.field, ())
         return key is not None and not kinds[key]
 
     def _keys_after(self, stop: int, norm_key) -> dict[str, bool] | None:

@@ -98,9 +98,10 @@ def shard_states(dataset: str | Path, config_fp: str | None = None,
     return missing, stale
 
 
-def stale_shards(dataset: str | Path) -> set[int]:
-    """Committed shards readers must not take (see :func:`shard_states`); none when unplanned."""
-    st = shard_states(dataset)
+def stale_shards(dataset: str | Path, man: dict | None = None) -> set[int]:
+    """Committed shards readers must not take (see :func:`shard_states`); none when unplanned.
+    ``man``: the manifest, when the caller has read it."""
+    st = shard_states(dataset, man=man)
     return set(st[1]) if st is not None else set()
 
 
