@@ -241,15 +241,15 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
     """
     from guidealign.shards import claims, resolve_rank
     from guidealign.shards.failure import guard
-    from guidealign.shards.ranks import batch_script_error, batch_script_tasks
+    from guidealign.shards.ranks import batch_script_refusal
     from guidealign.stages import get
 
     stage = get(name)
     ex = cfg.executor
     if ex.kind not in KINDS:
         raise ValueError(f"executor.kind must be one of {KINDS}, got {ex.kind!r}")
-    if stage.kind == "map" and rank is None and world_size is None and (n := batch_script_tasks()):
-        raise ValueError(batch_script_error(n))  # rank 0 of n alone would do 1/n of the shards
+    if stage.splits_across_ranks and (why := batch_script_refusal(rank is not None or world_size is not None)):
+        raise ValueError(why)  # rank 0 of n alone would do 1/n of the work
     r, w = resolve_rank(rank, world_size)
     claims.Assignment(ex.assign, ex.claim_ttl_s)  # a bad value fails before any work
     if ex.kind == "ray" and rank is None and w == 1:

@@ -259,7 +259,7 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     `guidealign launch detect -w runs/x -c configs/gpu-paper.yaml`.
     """
     from guidealign.shards import resolve_rank
-    from guidealign.shards.ranks import batch_script_error, batch_script_tasks
+    from guidealign.shards.ranks import batch_script_refusal
 
     stage_args = list(stage_args)
     if gpus == "auto":
@@ -268,8 +268,9 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
         gpu_list = []
     else:
         gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
-    if node_rank is None and nodes is None and (n := batch_script_tasks()):
-        raise click.UsageError(batch_script_error(n, "the launcher", "--node-rank/--nodes"))
+    if why := batch_script_refusal(node_rank is not None or nodes is not None, "the launcher",
+                                   "--node-rank/--nodes"):
+        raise click.UsageError(why)
     try:
         node_rank, nodes = resolve_rank(node_rank, nodes)
     except ValueError as e:

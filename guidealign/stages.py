@@ -34,6 +34,15 @@ class Stage:
     engine: bool     # takes llm= (a vLLM engine)
     in_run: bool     # one of `guidealign run`'s stages
     config: str      # its config section
+    # an artifact stage that still splits its own work across ranks (eval: its generation
+    # and judging), so, like a map stage, it needs every rank to run
+    split_inside: bool = False
+
+    @property
+    def splits_across_ranks(self) -> bool:
+        """Every rank does part of the work: one rank alone leaves the rest undone (or waits
+        for it forever)."""
+        return self.kind == "map" or self.split_inside
 
     def function(self) -> Callable:
         mod, _, attr = self.fn.partition(":")
@@ -58,7 +67,8 @@ STAGES: tuple[Stage, ...] = (
     # not part of `run`
     Stage("augment", "guidealign.gen.augment:run_augment", "risk types", "augment", "map", True, False, "augment"),
     Stage("export", "guidealign.hub.export:run_export", "respond", "export", "map", False, False, "push"),
-    Stage("eval", "guidealign.eval.run:run_eval", "respond", "eval", "artifact", False, False, "eval"),
+    Stage("eval", "guidealign.eval.run:run_eval", "respond", "eval", "artifact", False, False, "eval",
+          split_inside=True),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

@@ -234,3 +234,28 @@ def test_a_map_stage_in_the_batch_script_of_a_multi_task_job_is_refused(tmp_path
     r = CliRunner().invoke(cli, export + ["--world-size", "1"], env=env)
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "w" / "export" / "prompts").glob("shard-*.jsonl"))) == 1
+
+
+def test_eval_in_the_batch_script_of_a_multi_task_job_is_refused_like_a_map_stage(tmp_path, monkeypatch):
+    """eval is an artifact stage whose generation and judging are split across ranks: as rank 0
+    of 3 in the batch script it would do a third of them and then wait for the other two ranks
+    until its timeout. It is refused there before any work, as a map stage is; a stage rank 0
+    does alone (library, sft) is not, and eval given --rank/--world-size is not."""
+    from guidealign import executors
+    from guidealign.shards.ranks import batch_script_refusal
+    from guidealign.stages import STAGES, get
+
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    with pytest.raises(ValueError, match="not one of its tasks"):
+        executors.execute("eval", load_config(None), tmp_path / "w", progress=False)
+    assert not (tmp_path / "w").exists()
+    assert get("eval").splits_across_ranks
+    assert {s.name for s in STAGES if s.splits_across_ranks} == \
+        {s.name for s in STAGES if s.kind == "map"} | {"eval"}
+    assert batch_script_refusal(explicit_ranks=True) is None
+    assert "3-task job" in batch_script_refusal(explicit_ranks=False)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # under srun: a task of the step, not the script
+    assert batch_script_refusal(explicit_ranks=False) is None

@@ -90,10 +90,10 @@ def config_show(config_path, overrides):
 def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
     """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set)."""
     from guidealign.pipeline import run_pipeline
-    from guidealign.shards.ranks import batch_script_error, batch_script_tasks
+    from guidealign.shards.ranks import batch_script_refusal
 
-    if rank is None and world_size is None and (n := batch_script_tasks()):
-        raise click.UsageError(batch_script_error(n))  # rank 0 of n alone: 1/n of each map stage
+    if why := batch_script_refusal(rank is not None or world_size is not None):
+        raise click.UsageError(why)  # rank 0 of n alone: 1/n of each map stage
     if not no_check:
         from guidealign.cli.check import preflight
 

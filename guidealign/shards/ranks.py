@@ -50,9 +50,15 @@ def batch_script_tasks(env: dict | None = None) -> int:
     return n if n > 1 else 0
 
 
-def batch_script_error(n: int, what: str = "the command",
-                       ranks: str = "--rank/--world-size (--world-size 1: this process alone, or the Ray executor)") -> str:
-    """The error for :func:`batch_script_tasks`: what to do instead."""
+def batch_script_refusal(explicit_ranks: bool, what: str = "the command",
+                         ranks: str = "--rank/--world-size (--world-size 1: this process alone, "
+                                      "or the Ray executor)", env: dict | None = None) -> str | None:
+    """Why work that every rank shares must not start here, or None when it may: this is the
+    batch script of a multi-task job (:func:`batch_script_tasks`) and the command was given no
+    rank of its own (``explicit_ranks``: --rank/--world-size, --node-rank/--nodes)."""
+    n = 0 if explicit_ranks else batch_script_tasks(env)
+    if not n:
+        return None
     return (f"this is the batch script of a {n}-task job, not one of its tasks: run {what} under "
             f"srun (`srun guidealign ...`, `srun ./run.sh launch ...`), submit a job array, or give {ranks}")
 
