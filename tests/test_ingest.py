@@ -394,7 +394,8 @@ def _reference_ingest(path: Path, cfg: IngestConfig) -> tuple[list[tuple], list[
     """Row by row with the readers and the reference checks: (id, prompt, source, metadata), (row, reason)."""
     from guidealign.ingest.run import check_prompt, prompt_of
     from guidealign.ingest.metadata import meta_json
-    from guidealign.ingest.readers import READERS, check_readable, find_prompt_key
+    from guidealign.ingest.keys import find_prompt_key
+    from guidealign.ingest.readers import READERS, check_readable
 
     rows, bad, seen = [], [], set()
     for row_no, rec, err in READERS[check_readable(path)](path):

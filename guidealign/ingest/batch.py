@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, str_arrow
 from guidealign.ingest.metadata import meta_json, metadata_column, raw_repr, rows_to_write_by_row
-from guidealign.ingest.readers import find_prompt_key, norm_key
+from guidealign.ingest.keys import find_prompt_key, norm_key
 
 # a run of Python's \s restricted to ASCII, matched only where it is not already one space
 # (a run starting with another whitespace char, or a space followed by more): one RE2 pass that

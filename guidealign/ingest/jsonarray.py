@@ -28,6 +28,7 @@ from typing import Iterator
 
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
+from guidealign.ingest.keys import find_prompt_key, norm_key
 
 Row = tuple[int, dict | None, str | None]  # (item number, record, error), as readers.Row
 
@@ -310,18 +311,16 @@ class _JsonItems:
     def _one_record(self, kinds: dict[str, bool]) -> bool:
         """At the first array of objects (at ``pos``) of the object being read, with ``kinds`` its
         keys so far: whether the object is one record, its prompt field holding no array."""
-        from guidealign.ingest.readers import find_prompt_key, norm_key  # readers imports this module
-
         key = find_prompt_key(kinds, self.field, ())
         if key is None:  # it may come later
-            rest = self._keys_after(self.pos + LOOKAHEAD, norm_key)
+            rest = self._keys_after(self.pos + LOOKAHEAD)
             if rest is None:
                 return False
             kinds = {**kinds, **rest}
             key = find_prompt_key(kinds, self.field, ())
         return key is not None and not kinds[key]
 
-    def _keys_after(self, stop: int, norm_key) -> dict[str, bool] | None:
+    def _keys_after(self, stop: int) -> dict[str, bool] | None:
         """The keys after the value at ``pos`` up to the prompt field or the object's end (key:
         whether its value is an array), values passed over unparsed but for arrays' items; None
         when the object is not read through by position ``stop``, or is not valid JSON. ``pos`` is

@@ -114,25 +114,6 @@ def is_json_lines(head: bytes) -> bool:
     return isinstance(first, dict)
 
 
-# --- the prompt column --------------------------------------------------------------------------
-
-def norm_key(key) -> str:
-    """Header spelling folded for matching: " Prompt\\ufeff" -> "prompt"."""
-    return str(key).replace("\ufeff", "").strip().casefold()
-
-
-def find_prompt_key(keys, field: str, aliases) -> str | None:
-    """The key that holds the prompt: ``field`` in any case/spacing, else the first alias present."""
-    by_norm: dict[str, str] = {}
-    for k in keys:
-        by_norm.setdefault(norm_key(k), k)
-    for want in (field, *aliases):
-        k = by_norm.get(norm_key(want))
-        if k is not None:
-            return k
-    return None
-
-
 # --- row readers --------------------------------------------------------------------------------
 
 def parse_jsonl_line(lineno: int, raw: bytes, last: bool, encoding: str = "utf-8") -> Row | None:

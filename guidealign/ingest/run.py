@@ -41,8 +41,9 @@ from guidealign.ingest.csvcol import csv_batches
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
-from guidealign.ingest.readers import (IngestError, check_readable, expand_inputs, find_prompt_key,
-                                hf_splits, iter_parquet_tables, read_rows)
+from guidealign.ingest.keys import find_prompt_key
+from guidealign.ingest.readers import (IngestError, check_readable, expand_inputs, hf_splits,
+                                       iter_parquet_tables, read_rows)
 from guidealign.shards import fingerprint, is_done, write_manifest
 from guidealign.config.ingest import HashKernel, IngestConfig
 from guidealign.shards.write import retire_shards_from
