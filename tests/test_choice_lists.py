@@ -233,6 +233,15 @@ def test_public_lists_are_the_config_values():
     assert ASSIGNMENTS == typing.get_args(ShardAssign)
 
 
+def test_export_format_choices_are_the_formats_export_writes():
+    from guidealign.cli import cli
+    from guidealign.config.sft import ExportFormat
+    from guidealign.hub.export import FORMATS
+
+    choice = next(p.type for p in cli.commands["export"].params if p.name == "fmt")
+    assert tuple(choice.choices) == FORMATS == typing.get_args(ExportFormat)
+
+
 @pytest.mark.parametrize("key, i", [(k, i) for k in sorted(CHECKS) for i in range(len(CHECKS[k]))])
 def test_stage_check_accepts_exactly_the_config_values(key, i, request, monkeypatch):
     check, error, message = CHECKS[key][i]

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import get_args
 
 import click
 
 from guidealign.cli.options import error_line, ranks, stage_options
+from guidealign.config.sft import ExportFormat
 
 log = logging.getLogger("guidealign")
 
@@ -170,7 +172,7 @@ def augment(workdir, cfg, rank, world_size, no_progress):
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: WORKDIR/export/DATASET).")
 @click.option("--columns", default=None, help="Comma-separated columns to keep (default: all).")
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(get_args(ExportFormat)), default="jsonl", show_default=True)
 @stage_options
 def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progress):
     """Write the shards of WORKDIR/DATASET (default: respond) as JSONL, one file per shard.

@@ -94,6 +94,10 @@ class SFTConfig:
     trainer_args: dict = field(default_factory=dict)
 
 
+# The formats `guidealign export --format` writes (export reads its settings from this section).
+ExportFormat = Literal["jsonl"]
+
+
 @dataclass
 class PushConfig:
     # Hub repo id, e.g. "org/guide-align-responses"; empty disables push in `guidealign run`

@@ -18,9 +18,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import pyarrow.parquet as pq
 
+from guidealign.config.sft import ExportFormat
 from guidealign.shards import fingerprint, read_manifest, read_marker, read_table, write_manifest
 from guidealign.shards.layout import shard_path
 from guidealign.shards.jsonl import jsonl_done, jsonl_path, write_jsonl_shard
@@ -29,7 +31,7 @@ from guidealign.shards.ranks import my_shards
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl",)
+FORMATS = get_args(ExportFormat)
 
 
 @dataclass
