@@ -255,3 +255,38 @@ def test_index_of_an_empty_library_says_so(tmp_path):
     assert run_library(cfg, tmp_path, progress=False).after_near == 0
     with pytest.raises(EmptyLibraryError, match="no guidelines to index"):
         run_index(cfg, tmp_path, progress=False)
+
+
+def test_tuning_performance_settings_rebuilds_nothing_downstream(built, tmp_path):
+    """library/index batch size, threads and GPU use change speed, not output: a rerun with
+    other values keeps the library, the index and every retrieve shard (the index's
+    fingerprint is in each retrieve shard's, so before, a new index.batch_size redid retrieve
+    and with it respond). A setting that changes the output (index.kind) still rebuilds."""
+    from guidealign.retrieval.index import index_fingerprint
+    from guidealign.retrieval.library import library_fingerprint
+    from guidealign.retrieval.train import retriever_fingerprint
+
+    w = _copy_run(built, tmp_path / "w")
+    base = load_config(overrides=OVERRIDES)
+    run_retrieve(base, w, progress=False)
+    before = {i: shards.read_marker(w / "retrieve", i).created for i in range(6)}
+    tuned = load_config(overrides=OVERRIDES + [
+        "library.batch_size=7", "library.threads=1", "library.use_gpu=false",
+        "index.batch_size=5", "index.threads=2", "index.use_gpu=false", "retrieve.batch_size=3"])
+    assert run_library(tuned, w, progress=False).skipped
+    assert run_index(tuned, w, progress=False).skipped
+    rep = run_retrieve(tuned, w, progress=False)
+    assert rep.processed == 0 and rep.skipped == 6
+    assert {i: shards.read_marker(w / "retrieve", i).created for i in range(6)} == before
+
+    lv = "v"
+    assert index_fingerprint(tuned, lv) == index_fingerprint(base, lv)
+    assert library_fingerprint(tuned.library, w / "guidelines") == library_fingerprint(base.library, w / "guidelines")
+    perf = load_config(overrides=["retriever.threads=3", "retriever.mini_batch_size=4"])
+    assert retriever_fingerprint(perf.retriever, lv) == retriever_fingerprint(load_config().retriever, lv)
+    # what changes the output still changes the fingerprints
+    assert index_fingerprint(load_config(overrides=OVERRIDES + ["index.kind=hnsw"]), lv) != index_fingerprint(base, lv)
+    assert library_fingerprint(load_config(overrides=["library.fuzzy_threshold=0.8"]).library, w / "guidelines") \
+        != library_fingerprint(base.library, w / "guidelines")
+    assert retriever_fingerprint(load_config(overrides=["retriever.batch_size=8"]).retriever, lv) \
+        != retriever_fingerprint(load_config().retriever, lv)

@@ -31,9 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guidealign.config import wait_timeout
+from guidealign.config.retrieval import INDEX_PERFORMANCE
 from guidealign.core.threads import set_threads
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.shards import fingerprint, write_json_atomic
+from guidealign.shards.fingerprint import without
 
 log = logging.getLogger(__name__)
 STAGE = "index"
@@ -212,7 +214,9 @@ def model_ref(cfg, library_version: str) -> str:
 def index_fingerprint(cfg, library_version: str) -> str:
     """The fingerprint of the index of that library version under ``cfg`` (rank 0 builds it,
     the other ranks accept only an index that carries it)."""
-    return fingerprint("index-v1", cfg.index, library_version, model_ref(cfg, library_version))
+    # v2: without the performance settings (INDEX_PERFORMANCE)
+    return fingerprint("index-v2", without(cfg.index, INDEX_PERFORMANCE), library_version,
+                       model_ref(cfg, library_version))
 
 
 def _encoder_ref(cfg, workdir: Path, library_version: str) -> tuple[str, str]:

@@ -24,3 +24,8 @@ def fingerprint(*parts) -> str:
     """Hash any JSON-able parts (dataclasses are converted) into a short hex digest."""
     blob = json.dumps([_plain(p) for p in parts], sort_keys=True, default=_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def without(section, keys) -> dict:
+    """A config section (dataclass) as a dict without ``keys`` (its performance settings)."""
+    return {k: v for k, v in dataclasses.asdict(section).items() if k not in keys}
