@@ -266,6 +266,24 @@ def test_fingerprint_follows_exemplar_file_contents(generator_path, tok, tmp_pat
     assert config_fingerprint(make_cfg(generator_path, "engine.max_num_seqs=7"), tok) == base
 
 
+def test_detect_fingerprint_ignores_the_keys_its_mode_does_not_read(generator_path, tok):
+    """Rationale mode reads no threshold and score mode no sampling: changing those redoes no
+    detect shard; what the mode reads still counts."""
+    from guidealign.gen.detect import config_fingerprint
+
+    def fp(*o):
+        return config_fingerprint(make_cfg(generator_path, *o), tok)
+
+    base = fp()
+    assert fp("detect.score_threshold=0.3") == base
+    assert fp("detect.sampling.max_tokens=9") != base
+    score = fp("detect.mode=score")
+    assert score != base
+    assert fp("detect.mode=score", "detect.sampling.temperature=0", "detect.structured=true",
+              "detect.seed_per_prompt=false") == score
+    assert fp("detect.mode=score", "detect.score_threshold=0.3") != score
+
+
 def test_bad_prompt_files_are_clear_errors(generator_path, tok, tmp_path):
     from guidealign.gen.detect import DetectPrompts
 

@@ -102,7 +102,11 @@ def config_fingerprint(cfg, tok) -> str:
         threshold = load_threshold(d.score_threshold, d.threshold_file)
     # the KV block the shared prefix is padded to is part of every prompt
     align = prefix_align(cfg.engine) if d.align_prefix else 0
-    d = dataclasses.replace(d, threshold_file=None)
+    # a key the mode does not read counts at its default: changing it redoes no shard, and a run
+    # with the defaults keeps the fingerprint it had when every key counted
+    blank = type(d)()
+    unread = ("sampling", "structured", "seed_per_prompt") if d.mode == "score" else ("score_threshold",)
+    d = dataclasses.replace(d, threshold_file=None, **{k: getattr(blank, k) for k in unread})
     return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok),
                        {"align": align})
 
