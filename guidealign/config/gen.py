@@ -120,6 +120,10 @@ DEFAULT_GUIDED_SYSTEM = (
 class RespondConfig:
     # Decoding; the paper decodes greedily (temperature 0) with up to 512 new tokens.
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=512))
+    # When sampling (temperature > 0): each prompt its own seed (the responder engine's seed +
+    # prompt id), so a response does not depend on batching or resume; as detect.seed_per_prompt
+    # (not on the CPU, where vLLM 0.32 crashes on seeded requests with chunked prefill).
+    seed_per_prompt: bool = True
     # System message of a guided prompt; "{guidelines}" is replaced by the numbered guideline
     # texts (one per line: "1. ..."). Default: the paper's "follow these guidelines" framing.
     guided_system: str = DEFAULT_GUIDED_SYSTEM

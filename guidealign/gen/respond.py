@@ -198,7 +198,7 @@ def row_guidelines(ids, texts, max_guidelines: int = 0) -> tuple[list[str], list
 def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
     from guidealign.gen.build import engine_max_len
-    from guidealign.gen.engine import check_not_all_failed, generate, sampling_params, use_template
+    from guidealign.gen.engine import check_not_all_failed, generate, params_for, use_template
     from guidealign.gen.yieldstats import counts, respond_usable
 
     rcfg: RespondConfig = cfg.respond
@@ -212,9 +212,6 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     if budget <= 0:
         raise ValueError(f"respond.sampling.max_tokens ({rcfg.sampling.max_tokens}) leaves no room "
                          f"for a prompt in the engine's max_model_len ({max_len})")
-    # No per-request seed: greedy decoding needs none, and vLLM on the CPU crashes on seeded
-    # requests whose prefill is chunked; the engine itself is seeded (engine.seed).
-    params = sampling_params(rcfg.sampling, llm=llm)
 
     def fn(table: pa.Table, index: int):
         from vllm.inputs import TokensPrompt
@@ -248,6 +245,9 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
             if p.note:
                 stats["truncated"] += 1
             todo.append((r, p))
+        # sampled: one seed per prompt (on GPUs; greedy needs none, and vLLM on the CPU crashes
+        # on seeded requests whose prefill is chunked: there the engine's seed is shared)
+        params = params_for(rcfg.sampling, ecfg.seed, [r["id"] for r, _ in todo], rcfg.seed_per_prompt, llm)
         gens = generate(llm, [TokensPrompt(prompt_token_ids=p.ids) for _, p in todo], params)
         # every prompt failing is a fault of the run, not of the prompts: not committed
         check_not_all_failed("respond", [g.error for g in gens])
@@ -303,6 +303,9 @@ def respond_fingerprint(cfg, guided: bool) -> str:
     r = dataclasses.replace(cfg.respond, engine={})
     r = dataclasses.replace(r, prompts="") if guided else \
         dataclasses.replace(r, guided_system=DEFAULT_GUIDED_SYSTEM, max_guidelines=0)
+    r = dataclasses.asdict(r)
+    if cfg.respond.sampling.temperature == 0:  # greedy: seeds change nothing (and a greedy run
+        del r["seed_per_prompt"]               # keeps the fingerprint it had before the key)
     return fingerprint("respond/v1", TOKENIZATION, r, guided,
                        {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
                         "overlong": e.overlong, "seed": e.seed, **extra})
