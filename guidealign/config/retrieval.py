@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
-# Keys of each section that change only speed and memory, not what the stage writes: left out
-# of its fingerprint (as the engine's performance settings are for the generation stages), so
-# tuning them on a GPU node rebuilds nothing (the index's fingerprint is in every retrieve
-# shard's: before, a new index.batch_size redid retrieve and respond). Their last-bit effects
-# on embeddings are those of threads (see "The resume contract" in the README).
+# Keys of each section that change only speed and memory, not what the stage writes: its
+# fingerprint counts them at their defaults (the generation stages leave the engine's
+# performance settings out too), so tuning them on a GPU node rebuilds nothing (the index's
+# fingerprint is in every retrieve shard's: before, a new index.batch_size redid retrieve and
+# respond). Their last-bit effects on embeddings are those of threads (see "The resume
+# contract" in the README).
 LIBRARY_PERFORMANCE = ("use_gpu", "batch_size", "threads")
 RETRIEVER_PERFORMANCE = ("threads", "mini_batch_size")  # mini_batch_size: the cached loss's memory
 INDEX_PERFORMANCE = ("use_gpu", "batch_size", "threads")

@@ -35,7 +35,7 @@ from guidealign.config.retrieval import INDEX_PERFORMANCE
 from guidealign.core.threads import set_threads
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.shards import fingerprint, write_json_atomic
-from guidealign.shards.fingerprint import without
+from guidealign.shards.fingerprint import at_defaults
 
 log = logging.getLogger(__name__)
 STAGE = "index"
@@ -214,8 +214,8 @@ def model_ref(cfg, library_version: str) -> str:
 def index_fingerprint(cfg, library_version: str) -> str:
     """The fingerprint of the index of that library version under ``cfg`` (rank 0 builds it,
     the other ranks accept only an index that carries it)."""
-    # v2: without the performance settings (INDEX_PERFORMANCE)
-    return fingerprint("index-v2", without(cfg.index, INDEX_PERFORMANCE), library_version,
+    # the performance settings count at their defaults (INDEX_PERFORMANCE)
+    return fingerprint("index-v1", at_defaults(cfg.index, INDEX_PERFORMANCE), library_version,
                        model_ref(cfg, library_version))
 
 

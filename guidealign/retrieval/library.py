@@ -41,7 +41,7 @@ from guidealign.config.retrieval import LIBRARY_PERFORMANCE
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.retrieval.embed import normalize_text
 from guidealign.shards import fingerprint, iter_batches, iter_tables, read_marker, wait_complete, write_manifest, write_shard
-from guidealign.shards.fingerprint import without
+from guidealign.shards.fingerprint import at_defaults
 from guidealign.shards.write import file_sha256
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,9 @@ def library_fingerprint(lc, src: Path) -> str:
     (other ranks compute it to accept only a library, and an index, built from them)."""
     # v2: a guideline's kind is voted by the prompt sets its guidelines were written with;
     # v3: guidelines and prompts numbered in sorted order (the IVF search and the pairs files
-    # do not depend on the read order), the version covers the pairs files; v4: without the
-    # performance settings (LIBRARY_PERFORMANCE)
-    return fingerprint("library-v4", without(lc, LIBRARY_PERFORMANCE), _input_fp(src))
+    # do not depend on the read order), the version covers the pairs files; the performance
+    # settings count at their defaults (LIBRARY_PERFORMANCE)
+    return fingerprint("library-v3", at_defaults(lc, LIBRARY_PERFORMANCE), _input_fp(src))
 
 
 def library_version(d: str | Path) -> str | None:

@@ -26,7 +26,7 @@ from guidealign.config.retrieval import RETRIEVER_PERFORMANCE
 from guidealign.core.threads import set_threads
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done
 from guidealign.shards import fingerprint, write_json_atomic
-from guidealign.shards.fingerprint import without
+from guidealign.shards.fingerprint import at_defaults
 
 log = logging.getLogger(__name__)
 STAGE = "retriever"
@@ -65,9 +65,10 @@ def retriever_fingerprint(rc, library_version: str) -> str:
     The evaluation-only settings are left out (``eval_fingerprint``)."""
     # v2: batches without false in-batch negatives (no_false_negatives_sampler); v3: every
     # pair trained on each epoch (the sampler's length is its real number of batches); v4:
-    # without the evaluation-only settings; v5: nor the performance ones (RETRIEVER_PERFORMANCE)
-    train = without(rc, EVAL_KEYS + RETRIEVER_PERFORMANCE)
-    return fingerprint("retriever-v5", train, library_version)
+    # without the evaluation-only settings; the performance ones count at their defaults
+    # (RETRIEVER_PERFORMANCE)
+    train = {k: v for k, v in at_defaults(rc, RETRIEVER_PERFORMANCE).items() if k not in EVAL_KEYS}
+    return fingerprint("retriever-v4", train, library_version)
 
 
 def eval_fingerprint(rc) -> str:

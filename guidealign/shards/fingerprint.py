@@ -26,6 +26,9 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def without(section, keys) -> dict:
-    """A config section (dataclass) as a dict without ``keys`` (its performance settings)."""
-    return {k: v for k, v in dataclasses.asdict(section).items() if k not in keys}
+def at_defaults(section, keys) -> dict:
+    """A config section (dataclass) as a dict with ``keys`` (settings that do not change the
+    output) at their defaults: changing them changes no fingerprint, and a run with the
+    defaults keeps the fingerprint it had when they counted (no rebuild after an upgrade)."""
+    blank = type(section)()
+    return {k: (getattr(blank, k) if k in keys else v) for k, v in dataclasses.asdict(section).items()}
