@@ -5,6 +5,7 @@
     python bench/detect_modes.py --write-threshold configs/detect-threshold.json
     python bench/detect_modes.py --short --block-size 128   # vLLM's own CPU block size
     python bench/detect_modes.py --short --no-align         # shared prefix not padded to a block
+    python bench/detect_modes.py --score-only 3 --set engine.max_num_batched_tokens=1024  # engine knobs
 
 Labelled prompts from ../shared/benchmarks (skipped cleanly when absent): Do-Not-Answer as
 risky; Vicuna-Bench and the HHH prompts as not risky, except HHH's "harmless" subset, whose
@@ -98,7 +99,7 @@ def make_cfg(args, mode: str):
         f"detect.sampling.max_tokens={args.max_tokens}",
     ] + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else [])
       + ([f"engine.block_size={args.block_size}"] if args.block_size else [])
-      + (["detect.align_prefix=false"] if args.no_align else []))
+      + (["detect.align_prefix=false"] if args.no_align else []) + list(args.set))
 
 
 def run_mode(cfg, llm, prompts: list[str]) -> tuple[list[dict], float]:
@@ -148,6 +149,10 @@ def main() -> None:
                     help="detect.align_prefix=false: the shared prefix not padded to the KV block")
     ap.add_argument("--temperature", type=float, default=0.0, help="rationale mode (0: greedy)")
     ap.add_argument("--max-tokens", type=int, default=160, help="rationale mode (demo recipe: 160)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for both modes, e.g. engine.max_num_batched_tokens=1024 (repeatable)")
+    ap.add_argument("--score-only", type=int, default=0, metavar="N",
+                    help="time score mode alone, N passes over the held-out prompts (no calibration, no rationale mode)")
     ap.add_argument("--write-threshold", help="write the calibrated threshold here (detect.threshold_file)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -168,6 +173,18 @@ def main() -> None:
 
     score_cfg, rat_cfg = make_cfg(args, "score"), make_cfg(args, "rationale")
     llm = build_llm(score_cfg.engine)
+    if args.score_only:
+        held = r_held + b_held
+        rates_ = []
+        for _ in range(args.score_only):
+            _, sec, stats = run_mode(score_cfg, llm, held)
+            rates_.append(len(held) / sec)
+        w = work(stats, len(held), sec)
+        print(f"detect score mode alone: {len(held)} held-out prompts, dtype {args.dtype}, "
+              f"overrides {args.set or 'none'}: " + " ".join(f"{r:.2f}" for r in rates_) +
+              f" prompts/s in {args.score_only} passes; {w['prompt_tokens_computed']:.0f} prompt tokens "
+              f"computed a prompt, {w['ms_per_token']:.1f} ms each (last pass)")
+        return
 
     # 1. calibrate the threshold on the calibration split (score mode)
     cal_rows, _, _ = run_mode(score_cfg, llm, r_cal + b_cal)

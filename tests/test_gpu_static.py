@@ -70,6 +70,30 @@ def test_build_llm_refuses_tensor_parallel_beyond_its_gpus_before_starting_vllm(
         engine.build_llm(engine.EngineConfig(model="m", tensor_parallel_size=4))
 
 
+def test_build_llm_passes_max_num_batched_tokens_only_when_set(monkeypatch):
+    """engine.max_num_batched_tokens reaches vLLM's LLM; unset, vLLM keeps its own default."""
+    import guidealign.core.models as models
+    from guidealign.gen import engine
+
+    class Started(Exception):
+        pass
+
+    def capture(**kw):
+        raise Started(kw)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=capture))
+    monkeypatch.setattr(models, "resolve", lambda name: name)
+    monkeypatch.setattr(engine, "has_cuda", lambda: False)
+    for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(Started) as e:
+        engine.build_llm(engine.EngineConfig(model="m", max_num_batched_tokens=1024))
+    assert e.value.args[0]["max_num_batched_tokens"] == 1024
+    with pytest.raises(Started) as e:
+        engine.build_llm(engine.EngineConfig(model="m"))
+    assert "max_num_batched_tokens" not in e.value.args[0]
+
+
 def test_sft_counts_mig_node_gpus_as_one_training_process(monkeypatch):
     from guidealign.sft import launcher
 

@@ -115,6 +115,8 @@ def build_llm(cfg: EngineConfig):
         block = _block_size(cfg, cpu)
         if block:
             kwargs["block_size"] = block
+        if cfg.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if not cpu:
             kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization)
