@@ -267,8 +267,8 @@ def test_fingerprint_follows_exemplar_file_contents(generator_path, tok, tmp_pat
 
 
 def test_detect_fingerprint_ignores_the_keys_its_mode_does_not_read(generator_path, tok):
-    """Rationale mode reads no threshold and score mode no sampling: changing those redoes no
-    detect shard; what the mode reads still counts."""
+    """Rationale mode reads no threshold and score mode no sampling but max_tokens: changing
+    those redoes no detect shard; what the mode reads still counts."""
     from guidealign.gen.detect import config_fingerprint
 
     def fp(*o):
@@ -282,6 +282,8 @@ def test_detect_fingerprint_ignores_the_keys_its_mode_does_not_read(generator_pa
     assert fp("detect.mode=score", "detect.sampling.temperature=0", "detect.structured=true",
               "detect.seed_per_prompt=false") == score
     assert fp("detect.mode=score", "detect.score_threshold=0.3") != score
+    # score mode reads max_tokens: the room a prompt leaves (exemplars that fit, where an input is cut)
+    assert fp("detect.mode=score", "detect.sampling.max_tokens=9") != score
 
 
 def test_bad_prompt_files_are_clear_errors(generator_path, tok, tmp_path):

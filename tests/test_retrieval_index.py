@@ -261,7 +261,8 @@ def test_tuning_performance_settings_rebuilds_nothing_downstream(built, tmp_path
     """library/index batch size, threads and GPU use change speed, not output: a rerun with
     other values keeps the library, the index and every retrieve shard (the index's
     fingerprint is in each retrieve shard's, so before, a new index.batch_size redid retrieve
-    and with it respond). A setting that changes the output (index.kind) still rebuilds."""
+    and with it respond). A setting that changes the output (index.kind) still changes the
+    fingerprint."""
     from guidealign.retrieval.index import index_fingerprint
     from guidealign.retrieval.library import library_fingerprint
     from guidealign.retrieval.train import retriever_fingerprint
@@ -284,6 +285,12 @@ def test_tuning_performance_settings_rebuilds_nothing_downstream(built, tmp_path
     assert library_fingerprint(tuned.library, w / "guidelines") == library_fingerprint(base.library, w / "guidelines")
     perf = load_config(overrides=["retriever.threads=3", "retriever.mini_batch_size=4"])
     assert retriever_fingerprint(perf.retriever, lv) == retriever_fingerprint(load_config().retriever, lv)
+    # the cached loss runs each mini-batch as its own forward pass (own dropout masks): it counts there
+    cached = ["retriever.loss=cached_mnrl"]
+    assert retriever_fingerprint(load_config(overrides=cached + ["retriever.mini_batch_size=4"]).retriever, lv) \
+        != retriever_fingerprint(load_config(overrides=cached).retriever, lv)
+    assert retriever_fingerprint(load_config(overrides=cached + ["retriever.threads=3"]).retriever, lv) \
+        == retriever_fingerprint(load_config(overrides=cached).retriever, lv)
     # what changes the output still changes the fingerprints
     assert index_fingerprint(load_config(overrides=OVERRIDES + ["index.kind=hnsw"]), lv) != index_fingerprint(base, lv)
     assert library_fingerprint(load_config(overrides=["library.fuzzy_threshold=0.8"]).library, w / "guidelines") \

@@ -16,7 +16,9 @@ from typing import Literal
 # respond). Their last-bit effects on embeddings are those of threads (see "The resume
 # contract" in the README).
 LIBRARY_PERFORMANCE = ("use_gpu", "batch_size", "threads")
-RETRIEVER_PERFORMANCE = ("threads", "mini_batch_size")  # mini_batch_size: the cached loss's memory
+# mini_batch_size only with loss="mnrl", which never reads it: the cached loss runs each
+# mini-batch as its own forward pass, with its own dropout masks, so there it changes the model
+RETRIEVER_PERFORMANCE = ("threads", "mini_batch_size")
 INDEX_PERFORMANCE = ("use_gpu", "batch_size", "threads")
 
 

@@ -104,9 +104,15 @@ def config_fingerprint(cfg, tok) -> str:
     align = prefix_align(cfg.engine) if d.align_prefix else 0
     # a key the mode does not read counts at its default: changing it redoes no shard, and a run
     # with the defaults keeps the fingerprint it had when every key counted
+    # (score mode reads sampling.max_tokens: the room each prompt leaves, and so how many
+    # exemplars fit and where a long input is cut)
     blank = type(d)()
-    unread = ("sampling", "structured", "seed_per_prompt") if d.mode == "score" else ("score_threshold",)
-    d = dataclasses.replace(d, threshold_file=None, **{k: getattr(blank, k) for k in unread})
+    if d.mode == "score":
+        d = dataclasses.replace(d, structured=blank.structured, seed_per_prompt=blank.seed_per_prompt,
+                                sampling=dataclasses.replace(blank.sampling, max_tokens=d.sampling.max_tokens))
+    else:
+        d = dataclasses.replace(d, score_threshold=blank.score_threshold)
+    d = dataclasses.replace(d, threshold_file=None)
     return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok),
                        {"align": align})
 

@@ -67,7 +67,9 @@ def retriever_fingerprint(rc, library_version: str) -> str:
     # pair trained on each epoch (the sampler's length is its real number of batches); v4:
     # without the evaluation-only settings; the performance ones count at their defaults
     # (RETRIEVER_PERFORMANCE)
-    train = {k: v for k, v in at_defaults(rc, RETRIEVER_PERFORMANCE).items() if k not in EVAL_KEYS}
+    perf = RETRIEVER_PERFORMANCE if rc.loss == "mnrl" else tuple(k for k in RETRIEVER_PERFORMANCE
+                                                                  if k != "mini_batch_size")
+    train = {k: v for k, v in at_defaults(rc, perf).items() if k not in EVAL_KEYS}
     return fingerprint("retriever-v4", train, library_version)
 
 
