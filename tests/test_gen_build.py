@@ -284,6 +284,21 @@ def test_detect_fingerprint_ignores_the_keys_its_mode_does_not_read(generator_pa
     assert fp("detect.mode=score", "detect.score_threshold=0.3") != score
     # score mode reads max_tokens: the room a prompt leaves (exemplars that fit, where an input is cut)
     assert fp("detect.mode=score", "detect.sampling.max_tokens=9") != score
+    # greedy: per-prompt seeds change nothing; sampled, they count
+    greedy = fp("detect.sampling.temperature=0")
+    assert fp("detect.sampling.temperature=0", "detect.seed_per_prompt=false") == greedy
+    assert fp("detect.seed_per_prompt=false") != base
+
+
+def test_guidelines_fingerprint_ignores_seeds_when_greedy(generator_path, tok):
+    from guidealign.gen.guidelines import config_fingerprint
+
+    def fp(*o):
+        return config_fingerprint(make_cfg(generator_path, *o), tok)
+
+    greedy = fp("guidelines.sampling.temperature=0")
+    assert fp("guidelines.sampling.temperature=0", "guidelines.seed_per_prompt=false") == greedy
+    assert fp("guidelines.seed_per_prompt=false") != fp()
 
 
 def test_bad_prompt_files_are_clear_errors(generator_path, tok, tmp_path):

@@ -112,6 +112,8 @@ def config_fingerprint(cfg, tok) -> str:
                                 sampling=dataclasses.replace(blank.sampling, max_tokens=d.sampling.max_tokens))
     else:
         d = dataclasses.replace(d, score_threshold=blank.score_threshold)
+        if d.sampling.temperature == 0:  # greedy: seeds change nothing
+            d = dataclasses.replace(d, seed_per_prompt=blank.seed_per_prompt)
     d = dataclasses.replace(d, threshold_file=None)
     return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok),
                        {"align": align})

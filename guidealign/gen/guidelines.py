@@ -11,6 +11,7 @@ prompt kinds start with a fixed system message and exemplars, the prefix vLLM ca
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -124,6 +125,8 @@ def config_fingerprint(cfg, tok) -> str:
     _, h2 = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
     # the KV block the shared prefixes are padded to is part of every prompt
     align = prefix_align(cfg.engine) if g.align_prefix else 0
+    if g.sampling.temperature == 0:  # greedy: seeds change nothing (counted at the default)
+        g = dataclasses.replace(g, seed_per_prompt=type(g)().seed_per_prompt)
     parts = [VERSION, output_fields(cfg.engine), g, h1, h2, chat_template_hash(tok), {"align": align}]
     if g.structured:  # the grammar the outputs were constrained to (unstructured runs: unchanged)
         from guidealign.gen.scoring import guidelines_regex
