@@ -278,3 +278,26 @@ def test_wait_complete_returns_the_manifest_version_it_checked(tmp_path, monkeyp
     monkeypatch.setattr(manifest, "read_manifest", read)
     got = manifest.wait_complete(tmp_path, timeout=0)
     assert got["fingerprint"] == "input" and got["num_shards"] == 2
+
+
+def test_a_moved_run_directory_keeps_its_map_stage_shards_current(tmp_path):
+    """A stage's manifest records its input as an absolute path; after the run directory was
+    moved (mv, rsync to another machine) that path is gone, and every shard of the stage was
+    judged stale: status showed 0 done, push refused "committed under another config", and
+    a wait for the stage never ended. The input is now found beside the dataset."""
+    from guidealign.shards.manifest import shard_states, stale_shards
+
+    run = tmp_path / "run"
+    src, dst = run / "prompts", run / "double"
+    _make_input(src)
+    map_shards("double", src.resolve(), dst, "cfg", fn=lambda t, i: t, progress=False)
+    assert shard_states(dst) == ([], [])
+    moved = tmp_path / "elsewhere" / "run2"
+    moved.parent.mkdir()
+    run.rename(moved)
+    assert shard_states(moved / "double") == ([], [])
+    assert not stale_shards(moved / "double")
+    wait_complete(moved / "double")
+    # an input shard changed after the move still makes its output shard stale
+    write_shard(moved / "prompts", 2, pa.table({"id": ["new"], "x": [7]}), "input")
+    assert shard_states(moved / "double") == ([], [2])

@@ -39,9 +39,14 @@ def _input_dir(dataset: Path, man: dict) -> Path | None:
     if not src:
         return None
     p = Path(src)
-    if not p.is_absolute() and not p.exists() and (dataset.parent / p.name).exists():
+    if p.exists():
+        return p
+    # the run directory was moved (stages record absolute paths) or the path is relative to
+    # another cwd: the input beside the dataset; None (cannot tell) when there is none, so the
+    # shards are not all judged stale for a path that is gone
+    if (dataset.parent / p.name).exists():
         return dataset.parent / p.name
-    return p
+    return None
 
 
 def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None = None,
