@@ -138,3 +138,27 @@ def test_rewriting_a_shard_syncs_the_old_markers_removal_before_writing_files(tm
     write.write_shard(tmp_path, 0, t, "fp-new", quarantine=pa.table({"reason": ["bad"]}))
     first_write = next(i for i, e in enumerate(events) if e[0] == "write")
     assert ("sync", tmp_path) in events[:first_write], events
+
+
+def test_export_takes_only_current_intact_input_shards(tmp_path):
+    """export checked only that an input marker existed: a shard committed under an earlier
+    config was written out (and, its export fingerprint built from that marker, counted as
+    done), and a marker whose Parquet file was gone stopped the export with FileNotFoundError.
+    Both are pending now, as an uncommitted shard is."""
+    import pyarrow as pa
+
+    import guidealign.hub.export as export
+    from guidealign.shards import map_shards, write_manifest, write_shard
+    from guidealign.shards.layout import shard_path
+
+    src, dst = tmp_path / "prompts", tmp_path / "respond"
+    for i in range(3):
+        write_shard(src, i, pa.table({"id": [f"p{i}"]}), "input")
+    write_manifest(src, stage="prompts", num_shards=3, fingerprint="input")
+    map_shards("respond", src, dst, "cfg-new", fn=lambda t, i: t, progress=False)
+    write_shard(dst, 1, pa.table({"id": ["OLD-CONFIG-ROW"]}), "cfg-old")  # an earlier config's
+    shard_path(dst, 2).unlink()  # committed, then its file lost
+    rep = export.run_export(None, tmp_path, dataset="respond", progress=False)
+    assert rep.written == [0] and sorted(rep.pending) == [1, 2]
+    out = tmp_path / "export" / "respond"
+    assert not (out / "shard-00001.jsonl").exists() and not (out / "shard-00002.jsonl").exists()

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from guidealign.config.sft import ExportFormat
 from guidealign.shards import fingerprint, read_manifest, read_marker, read_table, write_manifest
 from guidealign.shards.layout import shard_path
+from guidealign.shards.manifest import current_marker
 from guidealign.shards.jsonl import jsonl_done, jsonl_path, write_jsonl_shard
 from guidealign.shards.write import retire_shards_from
 from guidealign.shards.ranks import my_shards
@@ -93,8 +94,11 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
                        mine=my_shards(n, rank, world_size))
     from tqdm import tqdm
 
+    src_man = read_manifest(src)
     for i in tqdm(rep.mine, desc=f"export {dataset}", unit="shard", disable=not progress):
-        src_marker = read_marker(src, i)
+        # only a shard readers may take: not one committed under another config (or input), nor
+        # one whose file is gone or cut short (pending, as an uncommitted one)
+        src_marker = current_marker(src, i, src_man)
         if src_marker is None:
             rep.pending.append(i)
             continue

@@ -74,6 +74,17 @@ def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None
     return ok
 
 
+def current_marker(dataset: str | Path, index: int, man: dict | None = None):
+    """Shard ``index``'s marker when a reader may take the shard (committed, intact, with a
+    current fingerprint: see :func:`shard_states`), else None."""
+    dataset = Path(dataset)
+    m = read_marker(dataset, index)
+    if m is None:
+        return None
+    ok = expected_fingerprints(dataset, index, None, man)
+    return m if (ok is None or m.fingerprint in ok) and is_done(dataset, index, m.fingerprint) else None
+
+
 def shard_states(dataset: str | Path, config_fp: str | None = None,
                  man: dict | None = None) -> tuple[list[int], list[int]] | None:
     """(missing, stale) shard indices; None when the stage has not been planned.
@@ -174,4 +185,4 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
 
 
 __all__ = ["write_manifest", "read_manifest", "missing_shards", "is_complete", "wait_complete",
-           "shard_states", "stale_shards", "expected_fingerprints"]
+           "shard_states", "stale_shards", "expected_fingerprints", "current_marker"]
