@@ -121,3 +121,31 @@ def test_risk_identification_ignores_a_library_link_left_for_another_run(tmp_pat
     r = rid.run_risk_identification(cfg, "do-not-answer", tmp_path / "wd", sub, guided,
                                     {"q1": {"category": "c"}}, {})
     assert r["overall"]["hits"] == 1 and r["unknown_guideline_ids"] == 0
+
+
+def test_a_second_rank_waits_for_the_ingest_of_this_benchmark_file_not_an_earlier_one(tmp_path):
+    """A rank other than 0 waited for any complete ingest under eval's folder: after the
+    benchmark file was rewritten, it took the earlier file's prompts at once, answered and
+    planned those, and rank 0's plan never matched. It now waits for the manifest of this very
+    file and settings."""
+    import json
+    import os
+
+    import pytest
+
+    from guidealign.config import load_config
+    from guidealign.eval.inputs import ingest_benchmark, load_benchmark
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": f"Old question {i}?"}) + "\n" for i in range(3)))
+    sub = tmp_path / "sub"
+    cfg = load_config(None, ["executor.wait_timeout_s=0.3"])
+    ingest_benchmark(cfg, sub, bench, rank=0, world_size=2, progress=False)
+    assert ingest_benchmark(cfg, sub, bench, rank=1, world_size=2, progress=False)["prompts"] == 3
+    bench.write_text("".join(json.dumps({"prompt": f"New question {i}?"}) + "\n" for i in range(3)))
+    os.utime(bench, (1, 1))  # another file to ingest (ingest tells files by size and mtime in seconds)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        ingest_benchmark(cfg, sub, bench, rank=1, world_size=2, progress=False)
+    ingest_benchmark(cfg, sub, bench, rank=0, world_size=2, progress=False)
+    ingest_benchmark(cfg, sub, bench, rank=1, world_size=2, progress=False)
+    assert sorted(r["prompt"] for r in load_benchmark(sub, "category").values())[0].startswith("New")

@@ -18,7 +18,7 @@ def wait_s(cfg, world_size: int) -> float:
 
 
 def ingest_benchmark(cfg, sub: Path, bench_path, rank: int, world_size: int, progress: bool) -> dict:
-    from guidealign.ingest.run import ingest
+    from guidealign.ingest.run import ingest, run_fingerprint
     from guidealign.ingest.readers import IngestError
     from guidealign.shards import read_manifest, wait_complete
 
@@ -30,7 +30,14 @@ def ingest_benchmark(cfg, sub: Path, bench_path, rank: int, world_size: int, pro
             raise EvalError(f"benchmark {bench_path}: {e}") from e
         return {"rows_in": rep.rows_in, "prompts": rep.rows, "duplicates": rep.duplicates,
                 "quarantined": rep.quarantined}
-    wait_complete(sub / "prompts", timeout=wait_s(cfg, world_size))
+    # rank 0's manifest for this very file and settings, not a finished ingest of an earlier
+    # benchmark file under the same name (this rank would answer and plan the old prompts)
+    icfg = dataclasses.replace(cfg.ingest, inputs=[])
+    try:
+        want = run_fingerprint([str(bench_path)], icfg)
+    except (IngestError, OSError):  # rank 0 reports the unreadable file and fails: the wait
+        want = "unreadable inputs"  # ends on its failure marker
+    wait_complete(sub / "prompts", timeout=wait_s(cfg, world_size), manifest_fp=want)
     man = read_manifest(sub / "prompts") or {}
     return {"prompts": man.get("rows"), "duplicates": man.get("duplicates"),
             "quarantined": man.get("quarantined")}
