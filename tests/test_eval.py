@@ -603,6 +603,31 @@ def test_stage_with_a_fair_judge_across_two_ranks_and_resume(tmp_path, smol_tok)
     assert j2.prompts == [] and rep2.pairwise == rep.pairwise
 
 
+def test_a_judge_whose_every_request_fails_commits_nothing_and_a_rerun_judges_again(tmp_path, smol_tok):
+    """A judge engine that failed every request still committed its shard: every judgment
+    "error"/unparsed, and a rerun (after the engine was fixed) kept them, since the judge's
+    fingerprint does not see the fault. As in the generation stages, such a shard is refused."""
+    from guidealign.eval.run import run_eval
+    from guidealign.gen.engine import AllPromptsFailed
+    from guidealign.shards import iter_tables
+
+    def broken(p):
+        raise ValueError("engine fault")
+
+    bench = _write_bench(tmp_path / "hhh.jsonl", ROWS)
+    cfg = _scripted_cfg(tmp_path)
+    with pytest.raises(AllPromptsFailed, match="judge: all"):
+        run_eval(cfg, tmp_path / "wd", benchmark_file=bench, judge_llm=ScriptedJudge(smol_tok, broken),
+                 progress=False)
+    fixed = ScriptedJudge(smol_tok, _fair)
+    rep = run_eval(cfg, tmp_path / "wd", benchmark_file=bench, judge_llm=fixed, progress=False)
+    assert fixed.prompts  # judged again, not the failed judgments kept
+    sub = next((tmp_path / "wd" / "eval").glob("*/judge_pairwise")).parent
+    rows = [r for t in iter_tables(sub / "judge_pairwise") for r in t.to_pylist()]
+    assert rows and all(r["finish_reason"] != "error" for r in rows)
+    assert rep.pairwise["overall"]["unparsed"] == 0
+
+
 def test_position_biased_judge_cancels_and_unparsed_are_counted(tmp_path, smol_tok):
     from guidealign.eval.run import run_eval
 

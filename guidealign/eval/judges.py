@@ -45,9 +45,13 @@ class HarmItem:
 
 
 def _generate(llm, prompts: list[dict], sampling, seed):
-    from guidealign.gen.engine import generate, sampling_params
+    from guidealign.gen.engine import check_not_all_failed, generate, sampling_params
 
-    return generate(llm, prompts, sampling_params(sampling, seed=seed, llm=llm))
+    gens = generate(llm, prompts, sampling_params(sampling, seed=seed, llm=llm))
+    # every judgment failing is the run's fault (the judge engine), not the answers': its shard
+    # is not committed, as in the generation stages, so a rerun judges again
+    check_not_all_failed("judge", [g.error if g.finish_reason == "error" else None for g in gens])
+    return gens
 
 
 def judge_pairwise(llm, items: list[PairItem], ecfg, seed: int | None = 0) -> dict[str, list]:
