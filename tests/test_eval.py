@@ -628,6 +628,35 @@ def test_a_judge_whose_every_request_fails_commits_nothing_and_a_rerun_judges_ag
     assert rep.pairwise["overall"]["unparsed"] == 0
 
 
+def test_a_rerun_killed_while_writing_the_report_leaves_no_done_marker_and_whole_files(tmp_path, smol_tok, monkeypatch):
+    """The report's files were written in place and the earlier run's _done.json stayed while
+    a rerun rewrote them: killed in between, _done.json vouched for a mix of old and new
+    files (or a cut results.json). Now _done.json goes first and each file lands whole."""
+    import json
+
+    import guidealign.eval.report as report
+    from guidealign.eval.run import run_eval
+
+    bench = _write_bench(tmp_path / "hhh.jsonl", ROWS)
+    cfg = _scripted_cfg(tmp_path)
+    run_eval(cfg, tmp_path / "wd", benchmark_file=bench, judge_llm=ScriptedJudge(smol_tok, _fair), progress=False)
+    sub = next((tmp_path / "wd" / "eval").glob("*/report")).parent
+    assert (sub / "_done.json").exists()
+    old = (sub / "report" / "results.json").read_text()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed while writing the report")
+
+    monkeypatch.setattr(report, "pairwise_chart", killed)
+    cfg.eval.combine = "consistent"  # another report from the same judgments
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg, tmp_path / "wd", benchmark_file=bench, judge_llm=ScriptedJudge(smol_tok, _fair),
+                 progress=False)
+    assert not (sub / "_done.json").exists()
+    assert json.loads((sub / "report" / "results.json").read_text()) == json.loads(old)
+    assert not list((sub / "report").glob(".*.tmp"))
+
+
 def test_position_biased_judge_cancels_and_unparsed_are_counted(tmp_path, smol_tok):
     from guidealign.eval.run import run_eval
 

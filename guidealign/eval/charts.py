@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from guidealign.shards.write import replace_from_temp
+
 # The paper's figures (arXiv 2403.11838), as listed in shared/benchmarks/README.md.
 PAPER_HARMLESS = [  # model, % harmless without guidelines, with guidelines (None: not reported)
     ("Vicuna-13B", 94.4, 97.9),
@@ -75,7 +77,7 @@ def harm_chart(harm: dict, path: Path, labels: tuple[str, str], title: str) -> P
     axp.set_title("Paper (Do-Not-Answer, overall % harmless)", fontsize=10)
     axp.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_from_temp(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -144,6 +146,6 @@ def pairwise_chart(pw: dict, path: Path, labels: tuple[str, str], title: str,
         axp.set_ylim(0, 65)
         axp.set_title("Paper (HHH, overall net win rate, %)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_from_temp(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from guidealign.shards.write import write_json_atomic
 from guidealign.eval.charts import PAPER_HARMLESS, PAPER_HHH_NET, fmt, harm_chart, pairwise_chart
 
 # Above this share of unparsed verdicts the report warns that its numbers are unreliable.
@@ -117,12 +118,12 @@ def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | No
 
         lines += risk_lines(risk_id)
     md = out / "report.md"
-    md.write_text("\n".join(lines))
+    write_json_atomic(md, "\n".join(lines))  # (text as it is; temp file, fsync, rename)
     files["markdown"] = str(md)
     res = out / "results.json"
-    res.write_text(json.dumps({"title": title, "meta": meta, "harmfulness": harm,
-                               "pairwise": pairwise, "risk_identification": risk_id},
-                              indent=1, default=str))
+    write_json_atomic(res, json.dumps({"title": title, "meta": meta, "harmfulness": harm,
+                                       "pairwise": pairwise, "risk_identification": risk_id},
+                                      indent=1, default=str))
     files["results"] = str(res)
     return files
 

@@ -129,6 +129,9 @@ def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchm
 
     models = {c: sorted({r["model"] for r in resp[c].values() if r.get("model")}) for c in resp}
     meta = run_meta(cfg, st, benchmark_file, ingested, coverage, models)
+    # the old report's _done.json goes first: a rerun killed while writing the report never
+    # leaves it vouching for a mix of old and new files
+    (sub / "_done.json").unlink(missing_ok=True)
     rep.files = write_report(sub / "report", title=st.name, meta=meta, harm=rep.harm,
                              pairwise=rep.pairwise, benchmark=st.benchmark,
                              risk_id=rep.risk_identification)
