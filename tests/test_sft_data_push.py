@@ -103,6 +103,24 @@ def test_is_model_file():
         assert not is_model_file(p), p
 
 
+def test_a_model_push_owns_model_files_at_the_top_and_in_its_own_folders_only():
+    """A model push deleted every Hub file whose name looks like a model file at any depth:
+    a user's ONNX or GGUF export in its own folder (onnx/config.json, onnx/tokenizer.json,
+    gguf/ggml-model-q4_0.bin) went with the next push. Only the top level and the folders the
+    pushed model has are its own now."""
+    from guidealign.hub.push import owned_by_push
+    from guidealign.hub.targets import LocalFile
+
+    files = [LocalFile(path_in_repo=p, local=Path("x"), size=1) for p in
+             ("config.json", "model.safetensors", "tokenizer.json", "checkpoint-best/model.safetensors")]
+    owned = owned_by_push("model", "data", files)
+    for p in ("adapter_config.json", "pytorch_model.bin", "checkpoint-best/adapter_model.bin"):
+        assert owned(p), p
+    for p in ("onnx/config.json", "onnx/tokenizer.json", "gguf/ggml-model-q4_0.bin", "README.md",
+              "model-q4_k_m.gguf"):
+        assert not owned(p), p
+
+
 def test_a_lora_adapter_dir_can_be_pushed_by_its_path(workdir):
     from guidealign.hub.targets import resolve_target
 

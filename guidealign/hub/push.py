@@ -126,7 +126,7 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
                                  revision=pcfg.revision)
     report.already_there = len(there)
     commit_all(api, new, report, pcfg, title=f"guide-align: push {src.name}", progress=progress)
-    delete_stale(api, files, report, pcfg, owned=owned_by_push(repo_type, data_dir),
+    delete_stale(api, files, report, pcfg, owned=owned_by_push(repo_type, data_dir, files),
                  title=f"guide-align: push {src.name}")
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
@@ -174,12 +174,14 @@ def commit_all(api, files: list[LocalFile], report: PushReport, pcfg, *, title: 
             log.info("pushed commit %d/%d to %s", k, len(todo), report.repo_id)
 
 
-def owned_by_push(repo_type: str, data_dir: str):
+def owned_by_push(repo_type: str, data_dir: str, files: list[LocalFile] = ()):
     """The paths on the Hub a push of ``repo_type`` answers for: a dataset's files under
-    ``data_dir/`` (its shards), a model's model files (``is_model_file``). The others (a card's
-    images, files a user added) are left alone."""
+    ``data_dir/`` (its shards), a model's model files (``is_model_file``) at the top level or in
+    a folder the pushed model (``files``) has too. The others (a card's images, files a user
+    added, an export in its own folder such as ``onnx/config.json``) are left alone."""
     if repo_type == "model":
-        return is_model_file
+        folders = {f.path_in_repo.rsplit("/", 1)[0] for f in files if "/" in f.path_in_repo}
+        return lambda path: is_model_file(path) and ("/" not in path or path.rsplit("/", 1)[0] in folders)
     return lambda path: path.startswith(data_dir + "/")
 
 

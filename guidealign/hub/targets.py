@@ -90,10 +90,11 @@ def model_files(d: Path) -> list[LocalFile]:
 
 
 # Files a model directory is made of (what save_pretrained of a model, a PEFT adapter, a
-# tokenizer or a trainer writes), matched on the file name at any depth. A model push deletes
-# those on the Hub that it does not have (an adapter, shards, a tokenizer of an earlier push)
-# and keeps the rest, as a dataset push keeps what is outside its data folder: exports a user
-# added beside the model (GGUF, ONNX) stay.
+# tokenizer or a trainer writes), matched on the file name. A model push deletes those on the
+# Hub that it does not have (an adapter, shards, a tokenizer of an earlier push) at the top
+# level or in a folder the pushed model has (push.owned_by_push), and keeps the rest, as a
+# dataset push keeps what is outside its data folder: exports a user added beside the model
+# (GGUF, ONNX, also in their own folders such as onnx/) stay.
 MODEL_FILE_PATTERNS = (
     "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack",
     "*.index.json", "config.json", "generation_config.json", "adapter_config.json",
