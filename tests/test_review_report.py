@@ -243,3 +243,28 @@ def test_models_fetch_offline_accepts_a_model_it_fetched_itself(tmp_path, monkey
 
     with pytest.raises(FetchError, match="example-org/chat-model-7b"):
         fetch_models(cfg, cache_dir=str(cache), echo=lambda *_: None)
+
+
+def test_a_stage_pushed_by_its_path_gets_the_provenance_of_its_own_run(tmp_path, monkeypatch):
+    """`guidealign push /runs/b/respond org/x -w runs/a` wrote the card's stage table, library
+    size and retriever metrics from runs/a while the data came from runs/b."""
+    import pyarrow as pa
+
+    import guidealign.hub.card as card
+    from guidealign.config import load_config
+    from guidealign.hub.push import files_to_push
+    from guidealign.shards import write_manifest, write_shard
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    write_shard(b / "respond", 0, pa.table({"id": ["x"], "prompt": ["p"], "response": ["r"]}), "fp")
+    write_manifest(b / "respond", stage="respond", num_shards=1, fingerprint="fp")
+    seen = {}
+
+    def capture(**k):
+        seen.update(k)
+        return "card"
+
+    monkeypatch.setattr(card, "dataset_card", capture)
+    files_to_push(load_config(None), a, "dataset", b / "respond", "org/x", "data")
+    assert Path(seen["workdir"]) == b

@@ -145,8 +145,10 @@ def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str,
             log.warning("%s has no model card (README.md)", src)
         return files
     files, rows = dataset_files(src, data_dir)
+    # the provenance of the run the data comes from: a stage pushed by its path may belong to
+    # another run directory than WORKDIR
     card = dataset_card(repo_id=repo_id, stage=src.name, rows=rows, files=len(files), cfg=cfg,
-                        workdir=wd, data_dir=data_dir)
+                        workdir=src.parent, data_dir=data_dir)
     path = wd / "push" / f"README-{src.name}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(card)
