@@ -66,7 +66,9 @@ def _render(rep) -> None:
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False))
 @click.option("--repair", is_flag=True,
               help="Remove the commit markers of corrupt/missing shards (and the _done.json of bad "
-                   "artifacts) and delete orphan files, so rerunning the stages redoes exactly those.")
+                   "artifacts) and delete orphan files, so rerunning the stages redoes exactly those. "
+                   "Only while no stage writes in WORKDIR: a live writer's temp files on another host, "
+                   "and build folders (.index.tmp-*, sft/.tmp-model), count as orphans.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(workdir, repair, as_json):
     """Re-checksum every committed shard and artifact of a run directory against its marker.
