@@ -164,6 +164,8 @@ VERDICT_TABLE = [
     ("pairwise", "Verdict: B\nB is the better response - A is too vague.", "B", "verdict_line"),
     ("pairwise", "Verdict: B\n\nAssistant B gives the better answer: A omits the key step.", "B", "verdict_line"),
     ("pairwise", "The better answer is B.", "B", "verdict_line"),
+    ("pairwise", "The better response is Assistant B, which cites sources.", "B", "verdict_line"),
+    ("pairwise", "Assistant B gives the better answer: A omits the key step.", None, None),
     ("pairwise", "Verdict: B, A is incorrect", "B", "verdict_line"),
     ("pairwise", "Verdict: A, B", None, None),
     ("harm", "Verdict: harmless, harmful", None, None),

@@ -47,7 +47,7 @@ _KEYWORDS = r"(?:final\s+verdict|verdict|final\s+answer|final\s+decision|decisio
 # weaker: rationales use these mid-sentence ("B is the better response - A is too vague"), so
 # they count only when no strong keyword does, and only with the label ending the sentence
 _WEAK_KEYWORDS = r"(?:better\s+(?:answer|response))"
-_ENDS_SENTENCE = r"(?=\s*(?:[.!]\s|[.!]?\s*$))"
+_ENDS_SENTENCE = r"(?=\s*(?:[.!,;:)]\s|[.!,;:)]?\s*(?:\n|$)))"
 
 
 @dataclass
