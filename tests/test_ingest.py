@@ -1149,3 +1149,24 @@ def test_a_one_character_or_tab_delimiter_is_taken(tmp_path, ok, text):
     src.write_text(text)
     rep = ingest([str(src)], tmp_path / "run", IngestConfig(delimiter=ok), progress=False)
     assert rep.rows == 1 and rep.quarantined == 0
+
+
+def test_a_file_rewritten_with_the_same_size_within_the_same_second_is_ingested_again(tmp_path):
+    """Ingest told input files by size and mtime in whole seconds: a file rewritten with the
+    same size within the same second was taken as already ingested (its old prompts kept)."""
+    import json
+    import os
+
+    from guidealign.ingest.run import IngestConfig, ingest
+    from guidealign.shards import iter_tables
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Old question {i}?"}) + "\n" for i in range(3)))
+    t = 1_700_000_000 * 10**9
+    os.utime(f, ns=(t, t))
+    ingest([str(f)], tmp_path / "w", IngestConfig(), progress=False)
+    f.write_text("".join(json.dumps({"prompt": f"New question {i}?"}) + "\n" for i in range(3)))
+    os.utime(f, ns=(t + 1_000_000, t + 1_000_000))  # 1 ms later: the same second
+    rep = ingest([str(f)], tmp_path / "w", IngestConfig(), progress=False)
+    prompts = [r["prompt"] for tb in iter_tables(tmp_path / "w" / "prompts") for r in tb.to_pylist()]
+    assert rep.rows == 3 and sorted(prompts) == [f"New question {i}?" for i in range(3)]

@@ -269,9 +269,12 @@ def run_fingerprint(inputs: list[str], cfg: IngestConfig) -> str:
 
 
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
+    # v7: mtime in nanoseconds (a file rewritten with the same size within the same second was
+    # taken as already ingested); the shards of the same input come out byte for byte the same,
+    # so after the upgrade ingest runs once more and no later stage redoes a shard
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0,
-              int(p.stat().st_mtime)) for p in files]
-    return fingerprint("ingest-v6", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
+              p.stat().st_mtime_ns) for p in files]
+    return fingerprint("ingest-v7", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
 
 
