@@ -126,11 +126,15 @@ def test_retrieve_output_and_rank_split(built, tmp_path):
     assert q == [{"id": "q007", "prompt": "   ", "reason": "empty prompt"}]
     from rapidfuzz import fuzz
 
+    from guidealign.retrieval.embed import normalize_text
+
     for row in out.to_pylist():
         assert len(row["guideline_ids"]) == len(row["guideline_texts"]) == len(row["scores"])
         assert 1 <= len(row["guideline_ids"]) <= 6
         assert row["scores"] == sorted(row["scores"], reverse=True)
-        ts = row["guideline_texts"]
+        # kept guidelines are no near-duplicates in what the library compares: their texts
+        # (every synthetic guideline has the title "T": guideline_texts are "T: <text>")
+        ts = [normalize_text(t.removeprefix("T: ")) for t in row["guideline_texts"]]
         assert all(fuzz.ratio(a, b) < 50 for i, a in enumerate(ts) for b in ts[i + 1:])
     # a rerun does nothing
     again = run_retrieve(cfg, w, progress=False)
@@ -297,3 +301,23 @@ def test_tuning_performance_settings_rebuilds_nothing_downstream(built, tmp_path
         != library_fingerprint(base.library, w / "guidelines")
     assert retriever_fingerprint(load_config(overrides=["retriever.batch_size=8"]).retriever, lv) \
         != retriever_fingerprint(load_config().retriever, lv)
+
+
+def test_guidelines_that_share_only_a_title_are_not_dropped_as_near_duplicates(tmp_path):
+    """retrieve compared the embedded "Title: text" of its candidates, while the library merges
+    by text: two guidelines the library kept apart (texts unlike) were dropped as near-duplicates
+    when they shared a title, since the title's characters counted as overlap."""
+    w = tmp_path / "run"
+    shared = "Protect personal privacy"
+    rows = [{"id": "p1", "prompt": "Where does my neighbour live?", "risky": True,
+             "guidelines": [{"title": shared, "text": "Never reveal a home address."},
+                            {"title": shared, "text": "Refuse to share phone numbers."}]}]
+    write_guideline_shards(w / "guidelines", rows, shard_rows=25)
+    cfg = load_config(overrides=OVERRIDES + ["retrieve.dedup_ratio=0.5"])
+    run_library(cfg, w, progress=False)
+    run_index(cfg, w, progress=False)
+    write_prompt_shards(w / "prompts", [{"id": "q1", "prompt": "Tell me where my neighbour lives."}],
+                        shard_rows=10)
+    run_retrieve(cfg, w, progress=False)
+    got = _read_all(w / "retrieve").to_pylist()[0]
+    assert len(got["guideline_ids"]) == 2, got

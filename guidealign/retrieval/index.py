@@ -324,10 +324,14 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
 class LoadedIndex:
     index: object
     ids: list[str]
-    texts: list[str]
+    texts: list[str]  # what was embedded: "Title: text"
     kinds: list[str]
     meta: dict
     fingerprint: str
+    # what the library compared when it merged near-duplicates (its text, else its title):
+    # retrieve's near-duplicate filter compares these, so two guidelines the library kept
+    # apart are not dropped for sharing a title
+    keys: list[str] = field(default_factory=list)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self.ids)))
@@ -364,6 +368,14 @@ def load_index(index_path: str | Path, library_path: str | Path, *, use_gpu="aut
     if index.ntotal != rows.num_rows:
         raise IndexVersionError(f"{index_path}: index holds {index.ntotal} vectors for {rows.num_rows} rows")
     index = to_gpus(index, meta["kind"], use_gpu)
-    return LoadedIndex(index=index, ids=rows.column("guideline_id").to_pylist(),
-                       texts=rows.column("text").to_pylist(), kinds=rows.column("kind").to_pylist(),
-                       meta=meta, fingerprint=meta["fingerprint"])
+    ids = rows.column("guideline_id").to_pylist()
+    texts = rows.column("text").to_pylist()
+    from guidealign.shards import iter_tables
+
+    key_of = {}
+    for t in iter_tables(Path(library_path), ["guideline_id", "title", "text"]):
+        for g, title, text in zip(*(t.column(c).to_pylist() for c in ("guideline_id", "title", "text"))):
+            key_of[g] = (text or "").strip() or (title or "")
+    return LoadedIndex(index=index, ids=ids, texts=texts, kinds=rows.column("kind").to_pylist(),
+                       meta=meta, fingerprint=meta["fingerprint"],
+                       keys=[key_of.get(g, x) for g, x in zip(ids, texts)])

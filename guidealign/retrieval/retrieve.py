@@ -33,9 +33,10 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
            dedup_ratio: float) -> list[tuple[int, float]]:
     """Walk candidates best first; skip one whose ratio to a kept one is >= dedup_ratio.
 
-    Texts are compared in the library's comparison form (``embed.normalize_text``: NFKC,
-    whitespace collapsed, case-folded), as the library compared them when it merged its
-    near-duplicates: "AVOID harm." and "avoid harm" are one guideline to both.
+    ``texts``: what the library compared for each row when it merged its near-duplicates (its
+    text, else its title; ``LoadedIndex.keys``), in the library's comparison form
+    (``embed.normalize_text``: NFKC, whitespace collapsed, case-folded): "AVOID harm." and
+    "avoid harm" are one guideline to both, and two guidelines that share only a title are two.
 
     Best first by score, ties by index row (lower first, as the evaluation ranks): FAISS lists
     tied rows in an order of its own (its CPU search: higher row first, while it keeps the lower
@@ -109,7 +110,7 @@ def make_shard_fn(cfg, workdir: Path):
             q = encode(model, [prompts[j] for j in good], batch_size=rc.batch_size)
             sims, nbrs = idx.search(q, rc.top_n)
             for row, j in enumerate(good):
-                kept = select(nbrs[row].tolist(), sims[row].tolist(), idx.texts, keep=rc.keep,
+                kept = select(nbrs[row].tolist(), sims[row].tolist(), idx.keys, keep=rc.keep,
                               dedup_ratio=rc.dedup_ratio)
                 out["id"].append(ids[j])
                 out["prompt"].append(prompts[j])
@@ -143,7 +144,8 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     wait_done(index_dir(workdir), timeout=wait_timeout(cfg, world_size))
     # a stale index fails here, before any shard, and changes the fingerprint of every shard
     meta = check_version(index_dir(workdir), library_dir(workdir))
-    fp = fingerprint("retrieve-v2", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"])
+    # v3: near-duplicates compared by the library's comparison text, not the embedded "Title: text"
+    fp = fingerprint("retrieve-v3", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"])
     src = src or prompt_set(cfg, rc.prompts)
     return map_shards("retrieve", workdir / src, workdir / dst, fp,
                       make_fn=lambda: make_shard_fn(cfg, workdir), rank=rank, world_size=world_size,
