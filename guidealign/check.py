@@ -276,14 +276,18 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
 def disk_row(cfg, workdir: str | None, sft: ModelInfo) -> Row:
     files = [f for pat in list(cfg.inputs) + list(cfg.inputs_sft) for f in glob.glob(pat)]
     inputs = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
-    model = (sft.params or 0) * (2 if cfg.sft.precision != "float32" else 4)
-    ckpt = (sft.params or 0) * 16 if cfg.sft.save_steps > 0 and cfg.sft.mode == "full" else 0
+    # full fine-tuning keeps (and saves) float32 weights whatever the compute precision; a
+    # merged LoRA model is saved in the base's half precision
+    full = cfg.sft.mode == "full" or cfg.sft.precision == "float32"
+    model = (sft.params or 0) * (4 if full else 2)
+    # one checkpoint is kept (weights + Adam state, ~16 B/param), two while the next is written
+    ckpt = (sft.params or 0) * 32 if cfg.sft.save_steps > 0 and cfg.sft.mode == "full" else 0
     need = inputs * 12 + model + ckpt + 2**28  # every stage keeps the prompts + guidelines/answers
     d = Path(workdir or ".").resolve()
     while not d.exists():
         d = d.parent
     free = shutil.disk_usage(d).free
-    detail = (f"~{gib(need)} needed (inputs {gib(inputs)} x 12, SFT model {gib(model)}, checkpoint "
+    detail = (f"~{gib(need)} needed (inputs {gib(inputs)} x 12, SFT model {gib(model)}, checkpoints "
               f"{gib(ckpt)}), {gib(free)} free at {d}")
     return Row("disk", "run directory", OK if need < free else FAIL, detail)
 

@@ -299,3 +299,47 @@ def test_lora_trains_the_rows_of_tokens_the_chat_template_added(tied):
     assert not torch.equal(head[new], head0[new]), "the added tokens' output rows were not trained"
     assert torch.equal(emb[:100], emb0[:100]) and torch.equal(head[:100], head0[:100])
     assert (emb.data_ptr() == head.data_ptr()) == tied
+
+
+def test_sft_fingerprint_ignores_speed_memory_and_logging_settings():
+    """Every sft key counted: turning on gradient checkpointing or a smaller micro-batch after
+    running out of memory (the global batch stays), or another save/logging interval, deleted
+    the run's checkpoints and trained from step 0, and retrained a finished model."""
+    from types import SimpleNamespace
+
+    from guidealign.config import load_config
+    from guidealign.sft.train import sft_fingerprint
+
+    rep = SimpleNamespace(sources={"respond": ["sha"]})
+    base = sft_fingerprint(load_config(None), rep)
+    for k, v in (("gradient_checkpointing", "true"), ("micro_batch_size", "1"), ("logging_steps", "7"),
+                 ("save_steps", "9")):
+        assert sft_fingerprint(load_config(None, [f"sft.{k}={v}"]), rep) == base, k
+    for k, v in (("learning_rate", "3e-5"), ("global_batch_size", "8"), ("epochs", "2")):
+        assert sft_fingerprint(load_config(None, [f"sft.{k}={v}"]), rep) != base, k
+
+
+def test_a_lora_merge_under_fsdp_or_deepspeed_is_refused_before_training(monkeypatch):
+    """The merge ran on one process over weights still sharded: a hang, or broken weights, at
+    the end of the whole training run. Refused up front; the accelerate config's environment
+    counts as sharded too (and loads the model in half precision, not float32 per process)."""
+    import pytest
+    import torch
+
+    from guidealign.config import load_config
+    from guidealign.sft.train import check_lora_merge, load_dtype
+
+    for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(k, raising=False)
+    lora = ["sft.mode=lora", "sft.merge_lora=true"]
+    check_lora_merge(load_config(None, lora).sft)  # no sharding: fine
+    with pytest.raises(ValueError, match="merge_lora with FSDP/DeepSpeed"):
+        check_lora_merge(load_config(None, lora + ['sft.trainer_args={"fsdp": "full_shard auto_wrap"}']).sft)
+    check_lora_merge(load_config(None, ["sft.mode=lora", "sft.merge_lora=false",
+                                        'sft.trainer_args={"fsdp": "full_shard"}']).sft)
+    check_lora_merge(load_config(None, ['sft.trainer_args={"fsdp": "full_shard"}']).sft)  # full mode
+    assert load_dtype("full", torch.bfloat16, {}) == torch.float32
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="merge_lora with FSDP/DeepSpeed"):
+        check_lora_merge(load_config(None, lora).sft)
+    assert load_dtype("full", torch.bfloat16, {}) == torch.bfloat16

@@ -12,6 +12,9 @@ from typing import Literal
 # Keys with a fixed set of values: the stage code takes its allowed values from these
 # (typing.get_args), so the loader and the stage check one list.
 SFTMode = Literal["full", "lora"]
+# sft keys that change speed, memory or logging only (the global batch is fixed, accumulation
+# follows the micro-batch): they count at their defaults in the SFT fingerprint
+SFT_PERFORMANCE = ("micro_batch_size", "gradient_checkpointing", "logging_steps", "save_steps")
 SFTPrecision = Literal["auto", "bf16", "fp16", "float32"]
 
 

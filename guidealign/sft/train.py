@@ -73,12 +73,16 @@ def precision_flags(scfg) -> dict:
 def sft_fingerprint(cfg, report) -> str:
     """Config (minus process-count and thread knobs) + input shard checksums by dataset name
     + the chat template's text: no absolute path, so a moved run directory redoes nothing."""
-    import dataclasses
-
+    from guidealign.config.sft import SFT_PERFORMANCE
     from guidealign.gen.templates import template_hash
     from guidealign.shards import fingerprint
+    from guidealign.shards.fingerprint import at_defaults
 
-    keys = {k: v for k, v in dataclasses.asdict(cfg.sft).items()
+    # settings that change speed, memory or logging, not the model, count at their defaults:
+    # changing one (gradient checkpointing or a smaller micro-batch after running out of
+    # memory: the global batch stays, accumulation follows) keeps the checkpoints and a
+    # finished model; runs with the defaults keep their fingerprint
+    keys = {k: v for k, v in at_defaults(cfg.sft, SFT_PERFORMANCE).items()
             if k not in ("num_processes", "num_threads")}
     # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already;
     # v4: full fine-tuning in bf16/fp16 keeps float32 master weights (load_dtype)
@@ -209,10 +213,18 @@ def load_dtype(mode: str, dtype, trainer_args: dict):
     float32 adapters over a frozen base, which stays in half precision."""
     import torch
 
-    if mode == "lora" or trainer_args.get("fsdp") or trainer_args.get("fsdp_config") \
-            or trainer_args.get("deepspeed"):
+    if mode == "lora" or sharded_training(trainer_args):
         return dtype
     return torch.float32
+
+
+def sharded_training(trainer_args: dict) -> bool:
+    """FSDP or DeepSpeed: from sft.trainer_args, or from an accelerate config the launcher
+    passed on (``accelerate launch --config_file``: it sets ACCELERATE_USE_FSDP/DEEPSPEED)."""
+    env = any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+              for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return env or bool(trainer_args.get("fsdp") or trainer_args.get("fsdp_config")
+                       or trainer_args.get("deepspeed"))
 
 
 def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
@@ -268,6 +280,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         logging_steps=scfg.logging_steps,
         save_strategy="steps" if scfg.save_steps > 0 else "no",
         save_steps=scfg.save_steps if scfg.save_steps > 0 else 500,
+        save_total_limit=1,  # the last resume point is all a rerun needs (each is ~12 B/param)
         seed=scfg.seed,
         data_seed=scfg.seed,
         report_to="none",
@@ -286,6 +299,17 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     return trainer, tok, accum, precision
 
 
+def check_lora_merge(scfg) -> None:
+    """Refuse, before any training, to merge a LoRA adapter under FSDP or DeepSpeed: the merge
+    runs on one process over the unwrapped model, whose weights stay sharded there (the other
+    processes never join the gathers it needs), so it would hang or write broken weights
+    after the whole training run."""
+    if scfg.mode == "lora" and scfg.merge_lora and sharded_training(scfg.trainer_args):
+        raise ValueError("sft.merge_lora with FSDP/DeepSpeed (sft.trainer_args or the accelerate "
+                         "config) is not supported: set sft.merge_lora: false (the adapter is saved; "
+                         "merge it afterwards on one process) or train without sharding")
+
+
 def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True,
             force: bool = False) -> dict:
     """Train, save the model dir and _done.json; returns the _done.json dict. A finished run with
@@ -295,6 +319,7 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
     training job's own process count is ``sft.num_processes`` (see sft/launcher.py)."""
     from guidealign.sft import launcher
 
+    check_lora_merge(cfg.sft)
     if launcher.under_launcher():
         return _train(cfg, workdir, progress=progress, force=force)
     if rank != 0:
@@ -433,6 +458,9 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             hyperparameters=hyperparameters(scfg, world, accum, precision),
             metrics={k: v for k, v in metrics.items() if k != "losses"},
             mode=scfg.mode, merged=merged or scfg.mode == "full"))
+        # the earlier model's _done.json goes first: killed before the new one is written, a
+        # rerun must not take the new files for the earlier config's finished model
+        done_path.unlink(missing_ok=True)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
