@@ -40,7 +40,10 @@ class LibraryConfig:
     # mostly small; a larger group is still joined by chains of matched pairs (connected components).
     neighbors: int = 10
     # Candidates whose cosine similarity is below this are not sent to rapidfuzz. Ours, a loose
-    # pre-filter: ratio >= 0.75 pairs sit far above it in both candidate spaces.
+    # pre-filter: sentence-length pairs at ratio >= 0.75 sat at cosine 0.55-0.78 and above; very
+    # short texts can fall below it (hashed 3-grams of "no lies" and "no ties", ratio 0.86,
+    # share too few n-grams), so for them the merge is best-effort (texts too short for one
+    # n-gram are compared with every short text).
     min_cosine: float = 0.5
     # Up to this many unique guidelines the candidate search is exact (flat, quadratic); above it,
     # IVF with 4*sqrt(n) lists. Ours: flat over 40k vectors already takes ~10 s on 2 cores.
