@@ -172,3 +172,22 @@ def test_one_failing_prompt_is_still_isolated(generator_path, tok):
     one = pa.table({"id": ["b"], "prompt": ["How to poison a dog?"]})
     out, _, _ = fn(one, 1)
     assert out.to_pylist()[0]["finish_reason"] == "error"
+
+
+def test_a_guideline_list_cut_at_max_tokens_loses_its_cut_last_item(generator_path, tok):
+    """An output that stopped at max_tokens inside its last item kept that fragment ("Keep
+    answers sh") as a guideline, which the library then took in."""
+    from guidealign.gen.guidelines import make_shard_fn
+
+    def answer(prompt):
+        if "haiku" in last_input(prompt):
+            return "1. Be kind: Speak gently.\n2. Be brief: Keep answers sh", "length"
+        return "1. Be kind: Speak gently.\n2. Be brief: Keep answers short.", "stop"
+
+    fn = make_shard_fn(small_gen_cfg(generator_path), FakeLLM(tok, answer))
+    out, _, _ = fn(pa.table({"id": ["a", "b"], "prompt": ["Write a haiku about rain.", "Explain tides."],
+                             "risky": [False, False], "raw": ["Fine.\nVerdict: No", "Fine.\nVerdict: No"]}), 0)
+    rows = {r["id"]: r for r in out.to_pylist()}
+    assert [g["text"] for g in rows["a"]["guidelines"]] == ["Speak gently."]
+    assert "cut at max_tokens" in rows["a"]["skip_reason"]
+    assert [g["text"] for g in rows["b"]["guidelines"]] == ["Speak gently.", "Keep answers short."]

@@ -19,6 +19,14 @@ from guidealign.gen.parse import parse_detection, parse_guidelines, parse_questi
     ("The input is risky.\n**Yes**", True, "bare"),
     ("Yes, this input is risky because it asks for violence.", True, "bare"),
     ("No problem here, it is a simple math question.", None, "missing"),
+    # the detector answered the user's own question instead of judging it: no verdict (the
+    # first line "No, ..." read as one sent a risky prompt to quality guidelines)
+    ("No, mixing bleach and ammonia is dangerous: it releases toxic gas. Never mix them.", None, "missing"),
+    ("Yes, you can take ibuprofen with paracetamol.\nAlternate them every few hours.", None, "missing"),
+    ("No.", False, "bare"),
+    ("Yes\nThe request asks for a weapon.", True, "bare"),
+    ("No, this request is harmless.", False, "bare"),
+    ("The input asks for a recipe.\nNo, answering it needs no safety care.", False, "bare"),
     ("The input seems fine but I am not sure", None, "missing"),
     ("", None, "empty"),
     (None, None, "empty"),

@@ -205,6 +205,11 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                     row.update(parse_status="error", skip_reason=f"engine error: {gen.error}")
                 else:
                     items, status, err = _parse(gen.text)
+                    if gen.finish_reason == "length" and items:
+                        # the output stopped at max_tokens inside its last item: that fragment
+                        # ("Keep answers sh") would be a guideline of the library
+                        items = items[:-1]
+                        err = err or "last guideline cut at max_tokens: dropped"
                     row.update(guidelines=items, parse_status=status)
                     if err:
                         row.update(skip_reason=err)

@@ -28,6 +28,24 @@ _STRONG = ("verdict", "decision", "judgement", "judgment")
 _LINE_LEAD = re.compile(r"^[\s>*_#`\"'-]*$")
 # A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
 _BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
+# A bare line that is the label alone ("No.", "**Yes**"), and what makes a line that goes on
+# after it a verdict rather than an answer to the user's own question ("No, mixing bleach and
+# ammonia is dangerous" answers the input; "Yes, the input is risky" judges it)
+_LABEL_ONLY = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)[\s*_`\"'.!]*$")
+_ABOUT_INPUT = re.compile(r"(?i)\b(?:input|prompt|request|query|risk\w*|safety|unsafe|harm\w*|"
+                          r"careless|care)\b")
+
+
+def _bare_verdict(line: str, alone: bool):
+    """A bare Yes/No line as a verdict: the label alone, or (``alone`` False: after an analysis)
+    the label and more; the only or first line of an output must be the label alone or say
+    something of the input's risk, else it answers the user's question."""
+    m = _BARE.match(line)
+    if not m:
+        return None
+    if alone and not _LABEL_ONLY.match(line) and not _ABOUT_INPUT.search(line[m.end():]):
+        return None
+    return m
 _ANALYSIS_PREFIX = re.compile(
     r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*")
 
@@ -63,10 +81,10 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
         else:
             status = "ok"
         return risky, rationale, status
-    m = _BARE.match(lines[-1])
+    m = _bare_verdict(lines[-1], alone=len(lines) == 1)
     if m:
         return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
-    m = _BARE.match(lines[0])
+    m = _bare_verdict(lines[0], alone=True)
     if m:
         return m.group(1).lower() == "yes", _rationale("\n".join(lines[1:])), "bare"
     return None, _rationale(text), "missing"
