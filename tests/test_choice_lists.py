@@ -94,7 +94,7 @@ def sft_mode(v, request, monkeypatch):
 
 
 def sft_precision(v, request, monkeypatch):
-    from guidealign.sft.train import choose_precision
+    from guidealign.sft.precision import choose_precision
 
     assert choose_precision(v, cuda=False, native_bf16=False) == ("float32" if v == "auto" else v)
 

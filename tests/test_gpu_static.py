@@ -118,7 +118,7 @@ def _fake_gpu(monkeypatch, *, cc_major: int):
 
 
 def test_auto_precision_is_not_emulated_bf16_on_a_v100(monkeypatch):
-    from guidealign.sft.train import precision_flags
+    from guidealign.sft.precision import precision_flags
 
     _fake_gpu(monkeypatch, cc_major=7)
     flags, p = precision_flags(SimpleNamespace(precision="auto"))
@@ -131,7 +131,7 @@ def test_auto_precision_is_not_emulated_bf16_on_a_v100(monkeypatch):
 
 
 def test_choose_precision_on_the_cpu():
-    from guidealign.sft.train import choose_precision
+    from guidealign.sft.precision import choose_precision
 
     assert choose_precision("auto", cuda=False, native_bf16=False) == "float32"
     assert choose_precision("bf16", cuda=False, native_bf16=False) == "bf16"  # CPU bf16: allowed

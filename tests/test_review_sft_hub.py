@@ -327,7 +327,7 @@ def test_a_lora_merge_under_fsdp_or_deepspeed_is_refused_before_training(monkeyp
     import torch
 
     from guidealign.config import load_config
-    from guidealign.sft.train import check_lora_merge, load_dtype
+    from guidealign.sft.precision import check_lora_merge, load_dtype
 
     for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(k, raising=False)

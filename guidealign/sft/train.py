@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from guidealign.config.sft import SFTMode, SFTPrecision
+from guidealign.config.sft import SFTMode
+from guidealign.sft.precision import check_lora_merge, load_dtype, precision_flags
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +41,6 @@ def accumulation_steps(scfg, world: int) -> int:
         raise ValueError(f"sft.global_batch_size ({scfg.global_batch_size}) must be a multiple of "
                          f"micro_batch_size ({scfg.micro_batch_size}) x processes ({world})")
     return scfg.global_batch_size // per_step
-
-
-def choose_precision(requested: str, *, cuda: bool, native_bf16: bool, gpu: str = "") -> str:
-    """``sft.precision`` settled for this machine: "auto" = bf16 on GPUs with bf16 units
-    (compute capability 8.0+), else float32. An explicit bf16 on a GPU without them is an
-    error: it would train in emulated bf16, many times slower, with no warning."""
-    p = requested
-    if p == "auto":
-        p = "bf16" if cuda and native_bf16 else "float32"
-    if p not in get_args(SFTPrecision):  # "auto" was settled above
-        raise ValueError(f"sft.precision must be auto, bf16, fp16 or float32, not {p!r}")
-    if p == "bf16" and cuda and not native_bf16:
-        raise ValueError(f"sft.precision is bf16 but this GPU ({gpu or 'compute capability < 8.0'}) "
-                         "has no bf16 support (needs compute capability 8.0+, e.g. A100/H100): "
-                         "set sft.precision to fp16, float32 or auto")
-    return p
-
-
-def precision_flags(scfg) -> dict:
-    import torch
-
-    cuda = torch.cuda.is_available()
-    # including_emulation=False: torch's default also says True on pre-Ampere GPUs (V100, T4),
-    # where bf16 only runs emulated
-    native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    gpu = torch.cuda.get_device_name() if cuda and not native else ""
-    p = choose_precision(scfg.precision, cuda=cuda, native_bf16=native, gpu=gpu)
-    return {"bf16": p == "bf16", "fp16": p == "fp16"}, p
 
 
 def sft_fingerprint(cfg, report) -> str:
@@ -201,32 +174,6 @@ def whole_run_loss(log_history: list[dict]) -> float | None:
     return total / last if last else None
 
 
-def load_dtype(mode: str, dtype, trainer_args: dict):
-    """The dtype the base model is loaded in for training with ``dtype`` (``precision``'s).
-
-    Full fine-tuning keeps float32 master weights: the trainer's bf16/fp16 flags compute in half
-    precision (autocast) while AdamW updates the float32 weights. Weights held in bf16 lose every
-    update under about 1/256 of their size (most of them at SFT learning rates: 2e-5 moves a
-    weight of 0.02 by 1/1000), and fp16 weights make the gradient scaler fail. Under FSDP or
-    DeepSpeed (``trainer_args``) the model is loaded in half precision (each process holds a whole
-    copy until it is sharded) and they keep float32 copies of their shards themselves; LoRA trains
-    float32 adapters over a frozen base, which stays in half precision."""
-    import torch
-
-    if mode == "lora" or sharded_training(trainer_args):
-        return dtype
-    return torch.float32
-
-
-def sharded_training(trainer_args: dict) -> bool:
-    """FSDP or DeepSpeed: from sft.trainer_args, or from an accelerate config the launcher
-    passed on (``accelerate launch --config_file``: it sets ACCELERATE_USE_FSDP/DEEPSPEED)."""
-    env = any(os.environ.get(k, "").lower() in ("1", "true", "yes")
-              for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-    return env or bool(trainer_args.get("fsdp") or trainer_args.get("fsdp_config")
-                       or trainer_args.get("deepspeed"))
-
-
 def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
                   ckpt_dir: Path | None = None):
     """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision);
@@ -297,17 +244,6 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         raise RuntimeError(f"{world} processes were launched but the trainer sees "
                            f"{trainer.args.world_size}: the distributed setup failed")
     return trainer, tok, accum, precision
-
-
-def check_lora_merge(scfg) -> None:
-    """Refuse, before any training, to merge a LoRA adapter under FSDP or DeepSpeed: the merge
-    runs on one process over the unwrapped model, whose weights stay sharded there (the other
-    processes never join the gathers it needs), so it would hang or write broken weights
-    after the whole training run."""
-    if scfg.mode == "lora" and scfg.merge_lora and sharded_training(scfg.trainer_args):
-        raise ValueError("sft.merge_lora with FSDP/DeepSpeed (sft.trainer_args or the accelerate "
-                         "config) is not supported: set sft.merge_lora: false (the adapter is saved; "
-                         "merge it afterwards on one process) or train without sharding")
 
 
 def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True,
