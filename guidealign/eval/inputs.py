@@ -18,27 +18,20 @@ def wait_s(cfg, world_size: int) -> float:
 
 
 def ingest_benchmark(cfg, sub: Path, bench_path, rank: int, world_size: int, progress: bool) -> dict:
-    from guidealign.ingest.run import ingest, run_fingerprint
+    from guidealign.ingest.run import ingest, wait_ingested
     from guidealign.ingest.readers import IngestError
-    from guidealign.shards import read_manifest, wait_complete
 
+    icfg = dataclasses.replace(cfg.ingest, inputs=[])
     if rank == 0:
         try:
-            rep = ingest([str(bench_path)], sub, dataclasses.replace(cfg.ingest, inputs=[]),
-                         progress=progress)
+            rep = ingest([str(bench_path)], sub, icfg, progress=progress)
         except IngestError as e:
             raise EvalError(f"benchmark {bench_path}: {e}") from e
         return {"rows_in": rep.rows_in, "prompts": rep.rows, "duplicates": rep.duplicates,
                 "quarantined": rep.quarantined}
-    # rank 0's manifest for this very file and settings, not a finished ingest of an earlier
+    # rank 0's ingest of this very file and settings, not a finished ingest of an earlier
     # benchmark file under the same name (this rank would answer and plan the old prompts)
-    icfg = dataclasses.replace(cfg.ingest, inputs=[])
-    try:
-        want = run_fingerprint([str(bench_path)], icfg)
-    except (IngestError, OSError):  # rank 0 reports the unreadable file and fails: the wait
-        want = "unreadable inputs"  # ends on its failure marker
-    wait_complete(sub / "prompts", timeout=wait_s(cfg, world_size), manifest_fp=want)
-    man = read_manifest(sub / "prompts") or {}
+    man = wait_ingested(sub / "prompts", [str(bench_path)], icfg, wait_s(cfg, world_size))
     return {"prompts": man.get("rows"), "duplicates": man.get("duplicates"),
             "quarantined": man.get("quarantined")}
 

@@ -44,7 +44,7 @@ from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id ru
 from guidealign.ingest.keys import find_prompt_key
 from guidealign.ingest.readers import (IngestError, check_readable, expand_inputs, hf_splits,
                                        iter_parquet_tables, read_rows)
-from guidealign.shards import fingerprint, is_done, write_manifest
+from guidealign.shards import fingerprint, is_done, wait_complete, write_manifest
 from guidealign.config.ingest import HashKernel, IngestConfig
 from guidealign.shards.write import retire_shards_from
 
@@ -266,6 +266,17 @@ def run_fingerprint(inputs: list[str], cfg: IngestConfig) -> str:
     """What an ingest of ``inputs`` with ``cfg`` writes in its manifest: the other ranks wait for
     it (an earlier run's complete prompts, over other files, are not this run's)."""
     return _fingerprint(expand_inputs(list(inputs) or list(cfg.inputs)), cfg)
+
+
+def wait_ingested(dataset: str | Path, inputs: list[str], cfg: IngestConfig, timeout: float) -> dict:
+    """On a rank other than 0: wait until rank 0's ingest of these very ``inputs`` with ``cfg``
+    is complete in ``dataset`` (its manifest fingerprint, :func:`run_fingerprint`), not a finished
+    ingest of other files under the same name; returns that manifest."""
+    try:
+        want = run_fingerprint(inputs, cfg)
+    except (IngestError, OSError):  # rank 0 reports the unreadable input and fails: the wait
+        want = "unreadable inputs"  # ends on its failure, not on this rank's own
+    return wait_complete(dataset, timeout=timeout, manifest_fp=want)
 
 
 def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:

@@ -21,8 +21,7 @@ def run_ingest(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, 
     Default: ``cfg.inputs`` -> WORKDIR/prompts, and ``cfg.inputs_sft`` (when set) ->
     WORKDIR/prompts-sft. ``inputs``/``dataset`` ingest other files into one dataset."""
     from guidealign.config import wait_timeout
-    from guidealign.ingest.run import ingest, run_fingerprint
-    from guidealign.shards import wait_complete
+    from guidealign.ingest.run import ingest, wait_ingested
 
     if inputs is not None or dataset is not None:
         sets = [(list(inputs) if inputs else (cfg.inputs or cfg.ingest.inputs), dataset or "prompts")]
@@ -31,14 +30,8 @@ def run_ingest(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, 
         if cfg.inputs_sft:
             sets.append((cfg.inputs_sft, "prompts-sft"))
     if rank != 0:  # until rank 0's manifest for these very inputs and settings is there
-        from guidealign.ingest.readers import IngestError
-
         for files, name in sets:
-            try:
-                want = run_fingerprint(files, cfg.ingest)
-            except (IngestError, OSError):  # rank 0 reports the unreadable input and fails: the
-                want = "unreadable inputs"  # wait ends on its failure, not on this rank's own
-            wait_complete(Path(workdir) / name, timeout=wait_timeout(cfg, world_size), manifest_fp=want)
+            wait_ingested(Path(workdir) / name, files, cfg.ingest, wait_timeout(cfg, world_size))
         return None
     return IngestReports([ingest(files, workdir, cfg.ingest, progress=progress, dataset=name)
                           for files, name in sets])
