@@ -74,15 +74,24 @@ def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None
     return ok
 
 
+def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | None) -> bool:
+    """Whether shard ``index``, committed by marker ``m``, is one readers may take: its
+    fingerprint current (with none to compare, as for ingest, augment and eval, taken as it is)
+    and its file intact (an export's shards are JSONL files, every other dataset's Parquet)."""
+    from guidealign.shards.jsonl import jsonl_done
+
+    ok = expected_fingerprints(dataset, index, config_fp, man)
+    done = jsonl_done if man is not None and man.get("format") == "jsonl" else is_done
+    return (ok is None or m.fingerprint in ok) and done(dataset, index, m.fingerprint)
+
+
 def current_marker(dataset: str | Path, index: int, man: dict | None = None):
     """Shard ``index``'s marker when a reader may take the shard (committed, intact, with a
     current fingerprint: see :func:`shard_states`), else None."""
     dataset = Path(dataset)
+    man = man if man is not None else read_manifest(dataset)
     m = read_marker(dataset, index)
-    if m is None:
-        return None
-    ok = expected_fingerprints(dataset, index, None, man)
-    return m if (ok is None or m.fingerprint in ok) and is_done(dataset, index, m.fingerprint) else None
+    return m if m is not None and _current(dataset, index, m, None, man) else None
 
 
 def shard_states(dataset: str | Path, config_fp: str | None = None,
@@ -97,19 +106,12 @@ def shard_states(dataset: str | Path, config_fp: str | None = None,
     man = man if man is not None else read_manifest(dataset)
     if man is None:
         return None
-    from guidealign.shards.jsonl import jsonl_done
-
-    # an export's shards are JSONL files, every other dataset's Parquet
-    done = jsonl_done if man.get("format") == "jsonl" else is_done
     missing, stale = [], []
     for i in range(int(man["num_shards"])):
         m = read_marker(dataset, i)
         if m is None:
             missing.append(i)
-            continue
-        ok = expected_fingerprints(dataset, i, config_fp, man)
-        # with no fingerprint to compare (ingest, augment, eval) the file must still be intact
-        if not (ok is None or m.fingerprint in ok) or not done(dataset, i, m.fingerprint):
+        elif not _current(dataset, i, m, config_fp, man):
             stale.append(i)
     return missing, stale
 
