@@ -12,7 +12,6 @@ rationale is empty, raw is the verdict line, parse_status "scored"). See gen/sco
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -91,6 +90,7 @@ class DetectPrompts:
 def config_fingerprint(cfg, tok) -> str:
     from guidealign.gen.engine import output_fields, prefix_align
     from guidealign.shards import fingerprint
+    from guidealign.shards.fingerprint import at_defaults
 
     _, spec_hash = load_prompt_file(cfg.detect.prompt_file, "detect.yaml", ("system", "user", "exemplars"))
     d = cfg.detect
@@ -103,19 +103,16 @@ def config_fingerprint(cfg, tok) -> str:
     # the KV block the shared prefix is padded to is part of every prompt
     align = prefix_align(cfg.engine) if d.align_prefix else 0
     # a key the mode does not read counts at its default: changing it redoes no shard, and a run
-    # with the defaults keeps the fingerprint it had when every key counted
-    # (score mode reads sampling.max_tokens: the room each prompt leaves, and so how many
-    # exemplars fit and where a long input is cut)
-    blank = type(d)()
+    # with the defaults keeps the fingerprint it had when every key counted (greedy: seeds
+    # change nothing)
     if d.mode == "score":
-        d = dataclasses.replace(d, structured=blank.structured, seed_per_prompt=blank.seed_per_prompt,
-                                sampling=dataclasses.replace(blank.sampling, max_tokens=d.sampling.max_tokens))
+        unread = ("structured", "seed_per_prompt", "sampling")
     else:
-        d = dataclasses.replace(d, score_threshold=blank.score_threshold)
-        if d.sampling.temperature == 0:  # greedy: seeds change nothing
-            d = dataclasses.replace(d, seed_per_prompt=blank.seed_per_prompt)
-    d = dataclasses.replace(d, threshold_file=None)
-    return fingerprint(VERSION, output_fields(cfg.engine), d, threshold, spec_hash, chat_template_hash(tok),
+        unread = ("score_threshold",) + (("seed_per_prompt",) if d.sampling.temperature == 0 else ())
+    fields = at_defaults(d, unread + ("threshold_file",))
+    if d.mode == "score":  # but it reads sampling.max_tokens: the room each prompt leaves, and
+        fields["sampling"]["max_tokens"] = d.sampling.max_tokens  # so the exemplars that fit
+    return fingerprint(VERSION, output_fields(cfg.engine), fields, threshold, spec_hash, chat_template_hash(tok),
                        {"align": align})
 
 

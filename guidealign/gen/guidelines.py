@@ -11,7 +11,6 @@ prompt kinds start with a fixed system message and exemplars, the prefix vLLM ca
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -119,15 +118,16 @@ class GuidelinePrompts:
 def config_fingerprint(cfg, tok) -> str:
     from guidealign.gen.engine import output_fields, prefix_align
     from guidealign.shards import fingerprint
+    from guidealign.shards.fingerprint import at_defaults
 
     g = cfg.guidelines
     _, h1 = load_prompt_file(g.safety_prompt_file, "safety_guidelines.yaml", _SAFETY_KEYS)
     _, h2 = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
     # the KV block the shared prefixes are padded to is part of every prompt
     align = prefix_align(cfg.engine) if g.align_prefix else 0
-    if g.sampling.temperature == 0:  # greedy: seeds change nothing (counted at the default)
-        g = dataclasses.replace(g, seed_per_prompt=type(g)().seed_per_prompt)
-    parts = [VERSION, output_fields(cfg.engine), g, h1, h2, chat_template_hash(tok), {"align": align}]
+    # greedy: seeds change nothing (counted at the default)
+    fields = at_defaults(g, ("seed_per_prompt",) if g.sampling.temperature == 0 else ())
+    parts = [VERSION, output_fields(cfg.engine), fields, h1, h2, chat_template_hash(tok), {"align": align}]
     if g.structured:  # the grammar the outputs were constrained to (unstructured runs: unchanged)
         from guidealign.gen.scoring import guidelines_regex
 

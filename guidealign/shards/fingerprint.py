@@ -30,5 +30,5 @@ def at_defaults(section, keys) -> dict:
     """A config section (dataclass) as a dict with ``keys`` (settings that do not change the
     output) at their defaults: changing them changes no fingerprint, and a run with the
     defaults keeps the fingerprint it had when they counted (no rebuild after an upgrade)."""
-    blank = type(section)()
-    return {k: (getattr(blank, k) if k in keys else v) for k, v in dataclasses.asdict(section).items()}
+    blank = dataclasses.asdict(type(section)())  # nested sections as dicts, as asdict gives them
+    return {k: (blank[k] if k in keys else v) for k, v in dataclasses.asdict(section).items()}
