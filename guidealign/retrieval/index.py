@@ -372,10 +372,10 @@ def load_index(index_path: str | Path, library_path: str | Path, *, use_gpu="aut
     texts = rows.column("text").to_pylist()
     from guidealign.shards import iter_tables
 
+    # the library's text of a guideline is what it compared (its text, else its title)
     key_of = {}
-    for t in iter_tables(Path(library_path), ["guideline_id", "title", "text"]):
-        for g, title, text in zip(*(t.column(c).to_pylist() for c in ("guideline_id", "title", "text"))):
-            key_of[g] = (text or "").strip() or (title or "")
+    for t in iter_tables(Path(library_path), ["guideline_id", "text"]):
+        key_of.update(zip(t.column("guideline_id").to_pylist(), t.column("text").to_pylist()))
     return LoadedIndex(index=index, ids=ids, texts=texts, kinds=rows.column("kind").to_pylist(),
                        meta=meta, fingerprint=meta["fingerprint"],
                        keys=[key_of.get(g, x) for g, x in zip(ids, texts)])
