@@ -21,6 +21,24 @@ def bare_model(generator_path, tmp_path_factory):
     return str(model_without_template(generator_path, tmp_path_factory.mktemp("m") / "no-template"))
 
 
+TIB = 2**40
+
+
+@pytest.fixture(autouse=True)
+def free_disk(monkeypatch):
+    """The free space ``check`` sees, fixed (default 1 TiB): the paper recipe's ~49 GiB must not
+    pass on one machine and fail on a CI machine with less free disk. Set ``.free`` to change it."""
+    import shutil
+
+    class Free:
+        free = TIB
+
+    real = shutil.disk_usage
+    monkeypatch.setattr("guidealign.check.shutil.disk_usage",
+                        lambda d: real(d)._replace(free=Free.free))
+    return Free
+
+
 def check(*args, env=None):
     # a fixed width: the table's rows must not wrap whatever terminal (or none) the suite has
     env = {"COLUMNS": "200", **(env or {})}
@@ -44,6 +62,17 @@ def test_paper_recipe_passes_with_models_to_download():
     assert status_of(out, "SFT base chat template") == "OK" and "vicuna_v1.1" in out
     assert status_of(out, "responder chat template") == "OK"
     assert "micro 4 x accumulation 50 x 8 = 1600" in out
+
+
+def test_disk_row_fails_when_the_sft_model_does_not_fit(free_disk, tmp_path):
+    """The paper recipe saves a 13B model trained in full (float32 weights, ~48 GiB)."""
+    free_disk.free = 30 * 2**30
+    code, out = check("-c", PAPER, "-w", str(tmp_path))
+    assert code == 1 and status_of(out, "run directory") == "FAIL", out
+    assert re.search(r"SFT model 4\d\.\d GiB", out) and "30.0 GiB free" in out
+    free_disk.free = 60 * 2**30
+    code, out = check("-c", PAPER, "-w", str(tmp_path))
+    assert code == 0 and status_of(out, "run directory") == "OK", out
 
 
 def test_paper_recipe_without_the_template_fails():
