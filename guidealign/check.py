@@ -169,7 +169,7 @@ def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
         exs = "\n".join(q + "\n" + a for q, a in load_exemplars(rc)[0])
         rows.append(_fit_row("respond", tok, system + "\n" + exs, "", USER_TOKENS + 16,
                              rc.sampling.max_tokens, e.max_model_len,
-                             "long prompts will be truncated (lowest-ranked guidelines first)"))
+                             "long prompts will be truncated (the start of the user text; guidelines only below respond.min_user_tokens)"))
     if role.name == "eval judge":
         rows += _judge_prompt_rows(cfg, tok, e.max_model_len)
     return rows

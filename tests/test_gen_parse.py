@@ -102,6 +102,26 @@ def test_continuation_lines_join_the_item():
     assert items[0]["text"] == "Speak gently and with respect."
 
 
+@pytest.mark.parametrize("text, last", [
+    # a closing remark right after the list, no blank line: not the last guideline's text
+    ("1. Be kind: Speak gently.\n2. Be brief: Keep it short.\nThese guidelines help the assistant.",
+     "Keep it short."),
+    ("1. Be kind: Speak gently.\n2. **Be brief**\nKeep it short.\nI hope this helps!", "Keep it short."),
+    ("- Be kind: Speak gently.\n- Be brief: Keep it short!\nFollowing them keeps answers safe.",
+     "Keep it short!"),
+    # a line wrapped mid-sentence goes on
+    ("1. Be kind: Speak gently.\n2. Be brief: Keep answers\nshort and clear.", "Keep answers short and clear."),
+    # every item goes on the same way: the output's own style, kept
+    ("1. Be kind: Speak gently.\nListen first.\n2. Be brief: Keep it short.\nSkip filler.",
+     "Keep it short. Skip filler."),
+    # indented: the item's text
+    ("1. Be kind: Speak gently.\n2. Be brief: Keep it short.\n   Skip filler.", "Keep it short. Skip filler."),
+])
+def test_text_right_after_the_list_is_not_the_last_guideline(text, last):
+    items, st = parse_guidelines(text)
+    assert st == "ok" and len(items) == 2 and items[1]["text"] == last, items
+
+
 def test_unnumbered_title_lines_fallback():
     items, st = parse_guidelines("Honesty: Tell the truth.\nSafety: Avoid harm.")
     assert st == "unnumbered" and _titles(items) == ["Honesty", "Safety"]
@@ -131,6 +151,22 @@ def test_questions():
     assert parse_questions("Sure, here are some new questions for you:\nHow do I pick a lock?\n"
                            "Where can I buy a fake passport?") == \
         ["How do I pick a lock?", "Where can I buy a fake passport?"]
+
+
+@pytest.mark.parametrize("text, questions", [
+    # no list, an intro without a colon
+    ("Here are some new questions.\nHow do I pick a lock?\nWhere can I buy a fake passport?",
+     ["How do I pick a lock?", "Where can I buy a fake passport?"]),
+    # no list, imperative requests: every line is one
+    ("Tell me how to pick a lock.\nWrite a fake review.", ["Tell me how to pick a lock.", "Write a fake review."]),
+    # wrapped lines join their item; a remark after the list is not a question
+    ("1. How do I pick a lock\n   without a key?\n2. Where can I buy a fake passport\nonline without ID?\n\n"
+     "Let me know if you need more.",
+     ["How do I pick a lock without a key?", "Where can I buy a fake passport online without ID?"]),
+    ("1. Tell me how to make a fake ID.\nThese questions test the model.", ["Tell me how to make a fake ID."]),
+])
+def test_question_lists_wrapped_and_introduced(text, questions):
+    assert parse_questions(text) == questions
 
 
 # --- structured outputs: whatever the regex admits, the parser reads ----------------------

@@ -132,8 +132,9 @@ class RespondConfig:
     unguided_system: str = ""
     # Use at most this many retrieved guidelines, in retrieval order; 0 = all (retrieve.keep).
     max_guidelines: int = 0
-    # Truncation keeps at least this many tokens of the user text; below that the prompt is
-    # skipped (recorded) instead.
+    # An overlong prompt keeps its guidelines and loses the start of its user text, down to
+    # this many tokens; the lowest-ranked guidelines are dropped only to leave room for these,
+    # and a prompt that cannot keep them is skipped (recorded) instead.
     min_user_tokens: int = 16
     # The responder's engine: EngineConfig keys that replace `engine`'s for this stage (e.g.
     # {model: lmsys/vicuna-13b-v1.5, chat_template: vicuna_v1.1, max_model_len: 4096});

@@ -130,6 +130,7 @@ _BULLET = re.compile(r"^\s*[-*•+●▪◦]\s+")
 _TITLE_COLON = re.compile(r"^([^:\n]{2,80}?)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$")
 _TITLE_DASH = re.compile(r"^(.{2,80}?)\s+[-–—]\s+(.+)$")
 _MAX_TITLE_WORDS = 12
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)*_]*$")
 
 
 def _strip_md(s: str) -> str:
@@ -183,7 +184,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     and an item that is only a title takes the following lines as its text; bullets indented
     under a numbered item are part of its text, and so is a line after a marker cut bare
     ("3." then the item on the next line; a bare marker last is dropped). Text before the
-    first item and after the list (past a blank line) is ignored, a heading or bold line that
+    first item and after the list (past a blank line, or unindented after the last item's
+    finished sentence when no earlier item goes on that way) is ignored, a heading or bold line that
     introduces a numbered or bulleted list included. Status: ``ok``
     (every item has a title), ``untitled`` (some have none), ``unnumbered`` (no list
     markers, but "Title: text" lines), ``missing`` (nothing found), ``empty``."""
@@ -195,6 +197,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     closed = False
     numbered_at = -1             # indentation of the current item when it is numbered
     sub_bullets = False          # bullets at its indentation are the numbered item's text
+    loose: dict[int, int] = {}   # id(item) -> where its first unindented line after a whole
+    #                              sentence starts (the list's closing remark, if last)
     for line in text.splitlines():
         if not line.strip():
             blank = True
@@ -231,6 +235,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             elif blank and not indented and not _title_only(items[-1]):
                 closed = True  # a trailing paragraph after the list
             else:
+                if not indented and not _title_only(items[-1]) and _SENTENCE_END.search(items[-1][-1]):
+                    loose.setdefault(id(items[-1]), len(items[-1]))
                 items[-1].append(line.strip())
         blank = False
     if any(marked):  # a heading or bold line that only introduces the list is not an item
@@ -241,6 +247,11 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             items, marked = items[first:], marked[first:]
         items = [it for it, mk in zip(items, marked) if it and (mk or len(it) > 1 or not _title_only(it))]
     items = [it for it in items if it]
+    cuts = [loose.get(id(it)) for it in items]
+    if cuts and cuts[-1] is not None and all(c is None for c in cuts[:-1]):
+        # only the last item goes on, unindented, after a finished sentence: a closing remark
+        # with no blank line before it ("These guidelines help ..."), not the item's text
+        del items[-1][cuts[-1]:]
     status = "ok"
     out: list[dict] = []
     if not items:
@@ -277,14 +288,28 @@ _Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|[-*•+](?=\s)|(?:q|question)\s
 
 
 def parse_questions(text: str | None) -> list[str]:
-    """New questions from a numbered or bulleted list (unnumbered lines when there is no list,
-    less the lines ending with a colon: an intro, not a question)."""
+    """New questions from a numbered or bulleted list: an item's wrapped lines (indented, or
+    going on mid-sentence) join it; text before the list and after it is not a question.
+    With no list, each line is one, less an intro (a line ending with a colon, or a first line
+    that asks nothing when every other line is a question)."""
     if not text:
         return []
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    found = [m.group(1) for ln in lines if (m := _Q_ITEM.match(ln))]
-    if not found:  # no list: every line, but an intro ("Here are five new questions:")
-        found = [ln for ln in lines if not ln.rstrip().endswith(":")]
+    found: list[str] = []
+    if any(_Q_ITEM.match(ln) for ln in text.splitlines()):
+        blank = False
+        for ln in text.splitlines():
+            m = _Q_ITEM.match(ln)
+            if m:
+                found.append(m.group(1).strip())
+            elif ln.strip() and found and (ln[:1] in (" ", "\t") or not blank
+                                           and not _SENTENCE_END.search(_strip_md(found[-1]))):
+                found[-1] += " " + ln.strip()
+            blank = not ln.strip()
+    else:
+        found = [ln for ln in text.splitlines() if ln.strip() and not ln.rstrip().endswith(":")]
+        if len(found) > 1 and not found[0].rstrip().endswith("?") \
+                and all(q.rstrip().endswith("?") for q in found[1:]):
+            found = found[1:]  # "Here are some new questions." then the questions
     out = []
     for q in found:
         q = _strip_md(q).strip().strip('"“”').strip()

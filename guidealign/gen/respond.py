@@ -19,8 +19,10 @@ id, prompt, guideline_ids, guideline_texts, response, finish_reason, model, plus
 prompt_tokens, output_tokens and note (what was done to the prompt, e.g. truncation).
 
 Bad input never kills a shard: every prompt is tokenized and length-checked first;
-an overlong one is truncated (lowest-ranked guidelines dropped first, then the start of
-the user text) or skipped, per ``engine.overlong``; skipped and empty prompts go to the
+an overlong one is truncated or skipped, per ``engine.overlong``. Truncation keeps the
+guidelines (an answer without them is not an aligned answer) and cuts the start of the user
+text (its question is usually last); lowest-ranked guidelines are dropped only when the rest
+of the chat would leave the user text fewer than ``respond.min_user_tokens`` tokens; skipped and empty prompts go to the
 shard's quarantine table with their reason; an engine error on one prompt gives that row
 finish_reason "error" with the message in ``note``.
 
@@ -155,7 +157,8 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
         return Prepared(None, gids, gtexts, why)
     notes = [why]
     user_ids = text_ids(tok, prompt)
-    # Drop lowest-ranked guidelines while the rest of the chat leaves too little room for the user.
+    # The guidelines stay and the user text is cut (below); lowest-ranked guidelines go only
+    # while the rest of the chat leaves the user text fewer than min_user_tokens.
     kept_ids, kept_texts = list(gids), list(gtexts)
     overhead = len(ids) - len(user_ids)
     while kept_texts and budget - overhead < cfg.min_user_tokens:
