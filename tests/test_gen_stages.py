@@ -57,6 +57,8 @@ def test_detect_then_guidelines(llm, generator_path, workdir):
     cfg = cfg_for(generator_path)
     rep = run_detect(cfg, workdir, llm=llm, progress=False)
     assert rep.processed == 3 and rep.rows == len(PROMPTS)
+    from guidealign.shards import read_manifest
+    assert read_manifest(workdir / "detect")["model"] == generator_path  # for the dataset card
     rows = all_rows(workdir / "detect")
     assert len(rows) == len(PROMPTS)
     assert {r["prompt"] for r in rows} == set(PROMPTS)

@@ -102,6 +102,8 @@ def test_guided_and_baseline_shards(llm, generator_path, workdir):
 
     rep = run_respond(cfg, workdir, llm=llm, progress=False)
     assert rep.processed == 2 and rep.rows == 3 and rep.quarantined == 1
+    from guidealign.shards import read_manifest
+    assert read_manifest(workdir / "respond")["model"] == cfg.engine.model  # for the dataset card
     t = read_table(workdir / "respond", 0)
     assert t.column_names[:7] == ["id", "prompt", "guideline_ids", "guideline_texts", "response",
                                   "finish_reason", "model"]

@@ -164,6 +164,37 @@ def test_dataset_card_names_the_responder_model_of_the_pushed_responses(tmp_path
     assert yaml.safe_load(body)["responder"] == "org/writer-70b"
 
 
+def test_dataset_card_names_the_models_the_run_recorded_not_pushs_config(tmp_path):
+    """The card named the models of the config given to `push`: pushing a run made with other
+    models (or with the default config) credited the data to models that never wrote it. The
+    generation stages record their model in their manifest (through map_shards), the retriever
+    and SFT their base in _done.json; the config fills in only what no stage recorded."""
+    import pyarrow as pa
+
+    from guidealign.config import load_config
+    from guidealign.hub.card import dataset_card
+    from guidealign.shards import map_shards, write_manifest, write_shard
+    from guidealign.shards.artifact import mark_done
+
+    src = tmp_path / "prompts"
+    write_manifest(src, stage="ingest", num_shards=1, fingerprint="p")
+    write_shard(src, 0, pa.table({"id": ["a"], "prompt": ["hi"]}), "p0")
+    same = lambda t, i: (t, None, {})  # noqa: E731
+    map_shards("guidelines", src, tmp_path / "guidelines", "fg", fn=same, progress=False,
+               record={"model": "org/writer-that-ran"})
+    map_shards("respond", src, tmp_path / "respond", "fr", fn=same, progress=False,
+               record={"model": "org/responder-that-ran"})
+    (tmp_path / "retriever").mkdir()
+    mark_done(tmp_path / "retriever", fingerprint="r", rows=1, seconds=0, base_model="org/encoder-that-ran")
+
+    cfg = load_config(None, ["engine.model=org/configured", "sft.base_model=org/configured-base"])
+    card = dataset_card(repo_id="org/x", stage="respond", rows=1, files=1, cfg=cfg, workdir=tmp_path)
+    models = yaml.safe_load(card.split("### Models\n\n```yaml\n", 1)[1].split("```", 1)[0])
+    assert models == {"generator": "org/writer-that-ran", "responder": "org/responder-that-ran",
+                      "retriever_base": "org/encoder-that-ran", "sft_base": "org/configured-base",
+                      "from_config": ["sft_base"]}, models
+
+
 # --- 6. the shell entry points import modules that exist ---------------------------------------
 
 def test_shell_scripts_import_only_existing_guidealign_modules():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guidealign.shards.write import write_json_atomic
+from guidealign.shards.write import write_json_atomic, write_text_atomic
 from guidealign.eval.charts import PAPER_HARMLESS, PAPER_HHH_NET, fmt, harm_chart, pairwise_chart
 
 # Above this share of unparsed verdicts the report warns that its numbers are unreliable.
@@ -118,7 +118,7 @@ def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | No
 
         lines += risk_lines(risk_id)
     md = out / "report.md"
-    write_json_atomic(md, "\n".join(lines))  # (text as it is; temp file, fsync, rename)
+    write_text_atomic(md, "\n".join(lines))
     files["markdown"] = str(md)
     res = out / "results.json"
     write_json_atomic(res, json.dumps({"title": title, "meta": meta, "harmfulness": harm,

@@ -360,7 +360,7 @@ def run_engine_stage(stage: str, cfg, src, dst, fp: str, make_shard_fn, *, llm=N
 
     try:
         rep = map_shards(stage, src, dst, fp, make_fn=make_fn, rank=rank, world_size=world_size,
-                         columns=columns, progress=progress)
+                         columns=columns, progress=progress, record={"model": cfg.engine.model})
     finally:
         if llm is None and holder["llm"] is not None:
             # built here, so nobody else will stop it: an engine left running holds

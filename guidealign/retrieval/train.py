@@ -323,7 +323,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         write_json_atomic(tmp / "metrics.json", json.dumps(metrics, indent=1))
     mark_done(dst, fingerprint=fp, rows=train.num_rows, seconds=seconds, metrics=results,
               train_pairs=train.num_rows, steps=steps, library_version=version, table=table,
-              eval_fingerprint=efp)
+              eval_fingerprint=efp, base_model=rc.base_model)
     rep = RetrieverReport(train_pairs=train.num_rows, steps=steps, metrics=results, table=table,
                           seconds=seconds)
     log.info(rep.summary())

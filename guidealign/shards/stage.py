@@ -90,6 +90,7 @@ def map_shards(
     progress: bool = True,
     assign: str | None = None,
     claim_ttl_s: float | None = None,
+    record: dict | None = None,
 ) -> StageReport:
     """Run ``fn`` over this rank's input shards that are not done yet.
 
@@ -97,6 +98,8 @@ def map_shards(
     expensive engine is never started for a rerun that has nothing to do.
     ``assign``: "static" (shards i with i % world_size == rank) or "dynamic" (claim
     shards until every one is committed); None takes ``shards.claims.current_assignment()``.
+    ``record``: facts about the run kept in the manifest (e.g. the model that generates), for
+    provenance only: they decide nothing (the fingerprint does).
     """
     if (fn is None) == (make_fn is None):
         raise ValueError("give exactly one of fn and make_fn")
@@ -109,7 +112,7 @@ def map_shards(
     # go before the manifest says n: a crash between the two must leave a dataset that is
     # incomplete under its old manifest, never one complete under the new with extras beside.
     retire_shards_from(dst, n)
-    write_manifest(dst, stage=stage, num_shards=n, fingerprint=config_fp, input=str(src))
+    write_manifest(dst, stage=stage, num_shards=n, fingerprint=config_fp, input=str(src), **(record or {}))
     report = StageReport(stage=stage, total=n)
     policy = claims.current_assignment()
     if assign is not None or claim_ttl_s is not None:

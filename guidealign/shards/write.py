@@ -75,9 +75,15 @@ def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
     replace_from_temp(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, sort_keys=True, default=str)
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` lands whole at ``path`` (temp file, fsync, rename) or not at all."""
     replace_from_temp(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """``obj`` as indented JSON (a str is taken as JSON already written), atomically."""
+    write_text_atomic(path, obj if isinstance(obj, str)
+                      else json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
 def write_shard(
