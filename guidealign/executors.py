@@ -114,7 +114,11 @@ def _task_body(fn_ref, cfg, workdir: str, rank: int, world_size: int, cwd: str |
     print(f"[guidealign ray] rank {rank}/{world_size} on {socket.gethostname()} "
           f"pid {os.getpid()} gpus {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}", flush=True)
     fn = resolve_stage_fn(fn_ref)
-    report = fn(cfg, workdir, rank=rank, world_size=world_size, progress=False, **kwargs)
+    from guidealign.shards.failure import guard
+
+    with guard(workdir, rank, world_size, stage=_stage_name(fn_ref),
+               stall_timeout_s=cfg.executor.stall_timeout_s):
+        report = fn(cfg, workdir, rank=rank, world_size=world_size, progress=False, **kwargs)
     return TaskResult(rank=rank, world_size=world_size, node=socket.gethostname(),
                       pid=os.getpid(), gpus=os.environ.get("CUDA_VISIBLE_DEVICES"),
                       seconds=time.perf_counter() - t0, report=report)

@@ -126,8 +126,9 @@ class StageWorker:
 
     def run(self, fn_ref, workdir: str, rank: int, world_size: int, kwargs: dict,
             with_engine: bool, assign: dict):
-        from guidealign.executors import TaskResult, resolve_stage_fn
+        from guidealign.executors import TaskResult, _stage_name, resolve_stage_fn
         from guidealign.shards import claims
+        from guidealign.shards.failure import guard
 
         t0 = time.perf_counter()
         print(f"[guidealign ray] worker {self.worker} ({rank}/{world_size}, {assign['kind']}) on "
@@ -136,7 +137,11 @@ class StageWorker:
         fn = resolve_stage_fn(fn_ref)
         if with_engine:
             kwargs = dict(kwargs, llm=self.engine)
-        with claims.assignment(assign["kind"], assign["ttl_s"]):
+        # the fail-fast guard as on any rank: heartbeats, a failure marker that stops the other
+        # workers' waits, and executor.stall_timeout_s for every wait (not the 30-min default)
+        with guard(workdir, rank, world_size, stage=_stage_name(fn_ref),
+                   stall_timeout_s=self.cfg.executor.stall_timeout_s), \
+                claims.assignment(assign["kind"], assign["ttl_s"]):
             report = fn(self.cfg, workdir, rank=rank, world_size=world_size, progress=False, **kwargs)
         return TaskResult(rank=rank, world_size=world_size, node=socket.gethostname(),
                           pid=os.getpid(), gpus=os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -129,3 +129,26 @@ def test_tensor_parallel_size_against_visible_gpus():
     rows = {r.item: r for r in run_checks(cfg, gpus=["0", "1"])}
     assert rows["guideline writer tensor_parallel_size"].status == OK
     assert rows["responder tensor_parallel_size"].status == OK
+
+
+def test_a_rank_whose_preflight_fails_leaves_a_failure_marker_for_the_others(tmp_path):
+    """`run --rank 1 --world-size 2` whose preflight failed exited 1 and wrote nothing: under a
+    plain `srun` (no --kill-on-bad-exit) the other ranks waited for its shards until the stall
+    clock (30 min by default) ran out."""
+    import json
+
+    from guidealign.shards.failure import failures
+
+    wd = tmp_path / "wd"
+    r = CliRunner().invoke(cli, ["run", "-c", PAPER, "--set", "sft.global_batch_size=10", "-w", str(wd),
+                                 "--rank", "1", "--world-size", "2", "--no-progress"],
+                           env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert r.exit_code == 1 and "preflight failed" in r.output
+    marker = json.loads((wd / "_failed" / "rank-00001.json").read_text())
+    assert marker["stage"] == "preflight" and marker["world_size"] == 2
+    assert [m["rank"] for m in failures(wd)] == [1]  # what the other ranks' waits poll
+    # one rank alone: nothing to tell
+    r = CliRunner().invoke(cli, ["run", "-c", PAPER, "--set", "sft.global_batch_size=10", "-w",
+                                 str(tmp_path / "one"), "--no-progress"], env={"COLUMNS": "200"},
+                           catch_exceptions=False)
+    assert r.exit_code == 1 and not (tmp_path / "one" / "_failed").exists()

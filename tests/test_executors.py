@@ -167,6 +167,19 @@ def test_failed_worker_is_reported_and_a_rerun_redoes_only_missing_shards(ray_lo
     assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
 
 
+@pytest.mark.timeout(900)  # the old code waited 1800 s: fail instead of hanging the suite
+def test_a_ray_workers_wait_ends_on_the_configured_stall_clock(ray_local, ingested):
+    """Ray workers ran their stage outside the fail-fast guard: `retrieve` on a run with no
+    index waited on the built-in 30-minute stall clock whatever executor.stall_timeout_s said."""
+    from guidealign.retrieval.retrieve import run_retrieve
+
+    cfg = ray_cfg(num_cpus=1)
+    cfg.executor.stall_timeout_s = 3
+    cfg.executor.ray_max_restarts = 0
+    with pytest.raises(ExecutorError, match=r"Stalled: no progress on .* for 3s \(executor.stall_timeout_s\)"):
+        run_stage(run_retrieve, cfg, ingested, n_workers=2, progress=False)
+
+
 def test_dead_worker_is_restarted_and_its_claimed_shard_taken_over(ray_local, ingested):
     wd = ingested
     n = N_PROMPTS // SHARD_ROWS

@@ -94,15 +94,20 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
 
     if why := batch_script_refusal(rank is not None or world_size is not None):
         raise click.UsageError(why)  # rank 0 of n alone: 1/n of each map stage
+    r, w = ranks(rank, world_size)
     if not no_check:
         from guidealign.cli.check import preflight
 
         if not preflight(cfg, workdir):
-            raise click.ClickException("the preflight failed (see the table); fix it or pass --no-check")
+            why = "the preflight failed (see the table); fix it or pass --no-check"
+            if w > 1:  # the other ranks stop at once instead of waiting for this one's shards
+                from guidealign.shards.failure import mark_failed
+
+                mark_failed(workdir, r, why, stage="preflight", world_size=w)
+            raise click.ClickException(why)
 
     from guidealign.ingest.readers import IngestError
 
-    r, w = ranks(rank, world_size)
     names = [s.strip() for s in stages.split(",") if s.strip()] if stages else None  # "a, b" too
     try:
         run_pipeline(cfg, workdir, rank=r, world_size=w, stages=names, progress=not no_progress, echo=click.echo)
