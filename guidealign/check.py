@@ -208,7 +208,8 @@ def model_rows(cfg, role: Role, info: ModelInfo) -> list[Row]:
 
 def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: list[str],
              gpu_mem: int | None) -> list[Row]:
-    from guidealign.sft.launcher import resolve_num_processes
+    from guidealign.core.gpu import devices_per_process
+    from guidealign.sft.launcher import node_gpus, resolve_num_processes
     from guidealign.sft.train import accumulation_steps
 
     rows = []
@@ -237,13 +238,17 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
                             + (f" of {gib(cap)} vLLM may use" if cap else "; the rest of "
                                f"gpu_memory_utilization {e.gpu_memory_utilization} is KV cache")))
     s = cfg.sft
+    # SFT trains on the whole node (launch's GUIDEALIGN_NODE_GPUS), while a worker of `launch
+    # run` sees only its engine's GPUs
+    node = node_gpus()
+    sft_gpus = devices_per_process(node) if node else len(gpus)
     try:
-        world = resolve_num_processes(s, gpus=len(gpus))
+        world = resolve_num_processes(s, gpus=sft_gpus)
         accum = accumulation_steps(s, world)
         rows.append(Row("SFT batch", "global batch", OK,
                         f"micro {s.micro_batch_size} x accumulation {accum} x {world} process(es) "
                         f"= {s.global_batch_size}"))
-        if not gpus and str(s.num_processes).lower() == "auto":
+        if not sft_gpus and str(s.num_processes).lower() == "auto":
             for n in (8, 4):
                 try:
                     a = accumulation_steps(s, n)
@@ -255,7 +260,7 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
         world = 1
         rows.append(Row("SFT batch", "global batch", FAIL, str(e)))
     if sft.params:
-        if not gpus and str(s.num_processes).lower() == "auto":
+        if not sft_gpus and str(s.num_processes).lower() == "auto":
             world = 8  # sized for a typical 8-GPU node when no GPU is visible here
         full = s.mode == "full"
         per = sft.params * (16 if full else 2)

@@ -152,3 +152,19 @@ def test_a_rank_whose_preflight_fails_leaves_a_failure_marker_for_the_others(tmp
                                  str(tmp_path / "one"), "--no-progress"], env={"COLUMNS": "200"},
                            catch_exceptions=False)
     assert r.exit_code == 1 and not (tmp_path / "one" / "_failed").exists()
+
+
+def test_a_launch_worker_checks_sft_against_the_nodes_gpus_not_its_own(monkeypatch):
+    """A `launch run` worker sees its engine's GPU (CUDA_VISIBLE_DEVICES=0) while SFT trains on
+    the node's 8 (GUIDEALIGN_NODE_GPUS): the preflight sized the paper's SFT for 1 process
+    (~194 GiB per GPU, FAIL: every worker refused to start) and passed a global batch that
+    SFT then refused on 8 processes after all the generation had run."""
+    from guidealign.check import FAIL, run_checks
+    from guidealign.sft.launcher import NODE_GPUS_ENV
+
+    monkeypatch.setenv(NODE_GPUS_ENV, ",".join(map(str, range(8))))
+    rows = {r.item: r for r in run_checks(load_config(PAPER), gpus=["0"])}
+    assert "x 8 process(es) = 1600" in rows["global batch"].detail, rows["global batch"]
+    assert "sharded over 8 GPUs" in rows["SFT"].detail
+    cfg = load_config(PAPER, ["sft.global_batch_size=100"])  # 100 / (4 x 8) is no whole number
+    assert {r.item: r for r in run_checks(cfg, gpus=["0"])}["global batch"].status == FAIL
