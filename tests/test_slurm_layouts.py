@@ -82,3 +82,33 @@ def test_stage_chain_is_arrays_and_single_jobs_each_after_the_last(tmp_path):
         deps = [w for w in words if w.startswith("--dependency=")]
         assert deps == ([] if n == 0 else [f"--dependency=afterok:JOB{n}"])
         assert words[words.index(str(SBATCH)) + 1] == kind_stage.split()[1]
+
+
+def test_the_chain_runs_the_batch_script_from_any_submit_directory(tmp_path):
+    """The batch script ran `scripts/launch.sh` relative to the submit directory: every job of a
+    chain submitted from outside the repository failed with exit 127 (and the chain was
+    cancelled). submit-stages.sh now passes the launcher's path (GUIDEALIGN_LAUNCH), and a batch
+    script that cannot find one says so. No SLURM needed: a stand-in `sbatch` runs the script
+    in the submit directory as SLURM would, with the launcher's --dry-run."""
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/bash\n"
+                    'while [[ $1 == --* ]]; do shift; done\n'  # sbatch's own options
+                    'script=$1; shift\n'
+                    'SLURM_SUBMIT_DIR=$PWD bash "$script" --dry-run "$@" >> "$LOG" 2>&1 || echo "rc=$?" >> "$LOG"\n'
+                    "echo 1\n")
+    fake.chmod(0o755)
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("GUIDEALIGN_LAUNCH", "GUIDEALIGN_REPO")}
+    env.update(SUBMIT=str(fake), LOG=str(tmp_path / "log"), GUIDEALIGN_PYTHON=sys.executable,
+               CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([str(CHAIN), "2", "-w", "runs/x"], cwd=away, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    log = (tmp_path / "log").read_text()
+    assert "rc=" not in log and "No such file" not in log, log
+    assert log.count("launch: ") == 9 and "-m guidealign respond -w runs/x" in log, log  # every job planned
+    # the batch script alone, from outside the repository, without a launcher: a clear error
+    p = subprocess.run(["bash", str(SBATCH), "detect"], cwd=away, env=dict(env, SLURM_SUBMIT_DIR=str(away)),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "GUIDEALIGN_LAUNCH" in p.stderr, p.stderr

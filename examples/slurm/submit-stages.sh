@@ -18,6 +18,9 @@ fi
 nodes=$1; shift
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 script=$here/guidealign.sbatch
+# SLURM runs a spooled copy of the batch script in the submit directory (relative -c/-w paths
+# resolve there): tell it where the launcher is, whatever directory this is called from
+export GUIDEALIGN_LAUNCH=${GUIDEALIGN_LAUNCH:-$(cd "$here/../.." && pwd)/scripts/launch.sh}
 submit=${SUBMIT:-sbatch}
 read -r -a extra <<< "${SBATCH_ARGS:-}"
 dep=()
