@@ -165,7 +165,8 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
                 grace: float = 30.0, poll: float = 0.5) -> int:
     """Start all workers and wait. When one fails, record it in ``workdir``'s failure markers
     (for ranks on other nodes) and stop the others: their work depends on the failed rank's
-    shards. SIGINT/SIGTERM to launch are forwarded. Returns the first failed worker's status."""
+    shards. SIGINT/SIGTERM to launch are forwarded. Returns the first failed worker's status
+    (128 + N for one killed by signal N, as a shell reports it: sys.exit(-15) would be 241)."""
     import time
 
     procs = []
@@ -212,7 +213,10 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
             signal.signal(s, h)
         for f in logs:
             f.close()
-    return failed[0][1] if failed else 0
+    if not failed:
+        return 0
+    code = failed[0][1]
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N (not -N)
 
 
 def _record_failure(workdir: str, w: Worker, code: int, started: float = 0.0) -> None:

@@ -212,6 +212,19 @@ def test_launch_stops_sibling_workers_when_one_fails(tmp_path, monkeypatch):
     assert not finished.exists()  # rank 0 was stopped, not waited for
 
 
+def test_a_worker_killed_by_a_signal_gives_the_shells_exit_status(tmp_path):
+    """A worker killed by SIGTERM (SLURM preemption forwarded) made launch exit with -15 & 255 =
+    241, a status no scheduler or shell reads as "terminated"; now 128 + 15 = 143."""
+    from guidealign.launch import Worker, run_workers
+
+    term = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
+    code = run_workers([Worker(rank=0, world_size=1, local_rank=0, gpus=[], argv=term)],
+                       workdir=str(tmp_path / "run"), grace=5)
+    assert code == 143
+    marker = json.loads((tmp_path / "run" / "_failed" / "rank-00000.json").read_text())
+    assert "killed by signal 15" in marker["error"]
+
+
 def test_a_dead_worker_replaces_its_rank_s_failure_marker_of_an_earlier_attempt(tmp_path):
     """A requeued job's worker that dies before clearing its earlier attempt's marker (a crash
     at import) left only that old marker, which this attempt's ranks ignore (written before
