@@ -276,7 +276,7 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
                                    "--node-rank/--nodes"):
         raise click.UsageError(why)
     try:
-        node_rank, nodes = resolve_rank(node_rank, nodes)
+        node_rank, nodes = resolve_rank(node_rank, nodes, names=("--node-rank", "--nodes"))
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if tp is None and gpu_list:

@@ -37,14 +37,14 @@ def make_rows(shard: int, n: int) -> list[dict]:
 
 def make_run(workdir: Path, shards: int, rows: int = 5) -> list[dict]:
     d = workdir / "respond"
-    write_manifest(d, stage="respond", num_shards=shards, fingerprint="fp")
+    write_manifest(d, stage="respond", num_shards=shards, fingerprint="fp", model="org/responder-that-ran")
     out = []
     for s in range(shards):
         r = make_rows(s, rows)
         write_shard(d, s, pa.Table.from_pylist(r, schema=RESPOND_SCHEMA), "fp")
         out += r
     lib = workdir / "library"
-    write_manifest(lib, stage="library", num_shards=1, fingerprint="lfp", prompt_version="v3")
+    write_manifest(lib, stage="library", num_shards=1, fingerprint="lfp")
     write_shard(lib, 0, pa.table({"guideline_id": ["a", "b", "c"]}), "lfp")
     write_json_atomic(workdir / "retriever" / "_done.json",
                       {"fingerprint": "r", "rows": 10, "seconds": 1.0,
@@ -106,7 +106,8 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
             assert files[f"data/shard-{i:05d}.parquet"].sha256 == read_marker(workdir / "respond", i).sha256
         card = hub.content("org/aligned", "README.md").decode()
         assert "path: data/*.parquet" in card and "library_size: 3" in card
-        assert "recall@6: 0.8125" in card and "prompt_version" in card and "v3" in card
+        assert "recall@6: 0.8125" in card and "prompt_version" in card
+        assert "responder: org/responder-that-ran" in card  # the model the run recorded
         assert "detect.yaml" in card  # hashes of the generation prompts
         assert "rows: 10" in card and "generator: embedded:smollm2-135m-instruct" in card
         assert hub.state.repos[("dataset", "org/aligned")].private is True

@@ -180,6 +180,21 @@ def test_resolve_rank_explicit_wins_and_validates():
         resolve_rank(2, 2, env={})
 
 
+def test_a_world_size_without_its_rank_is_refused_unless_the_environment_matches():
+    """`--world-size 8` alone ran as rank 0 of 8 (no environment) or took a 4-task array's rank
+    (0..3 of 8): ranks 4..7 never ran and their shards stayed undone, every task exiting 0."""
+    array4 = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
+    with pytest.raises(ValueError, match="--world-size 8 without --rank: the environment's rank belongs to a world of 4"):
+        resolve_rank(None, 8, env=array4)
+    with pytest.raises(ValueError, match="rank is unknown"):
+        resolve_rank(None, 2, env={})
+    with pytest.raises(ValueError, match="--nodes 2 without --node-rank"):
+        resolve_rank(None, 2, env={}, names=("--node-rank", "--nodes"))
+    assert resolve_rank(None, 4, env=array4) == (1, 4)  # the environment's own size: fine
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    assert resolve_rank(None, 1, env=batch) == (0, 1)  # one process does it all (the batch script's escape)
+
+
 def test_fingerprint_is_stable_and_sensitive():
     from dataclasses import dataclass
 

@@ -11,16 +11,21 @@ _ENV_PAIRS = (
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None,
-                 env: dict | None = None) -> tuple[int, int]:
+                 env: dict | None = None, names: tuple[str, str] = ("--rank", "--world-size")
+                 ) -> tuple[int, int]:
     """Explicit values win; then RANK/WORLD_SIZE, SLURM array, SLURM tasks; else (0, 1).
 
     A SLURM array may start at an offset (``--array=5-8``) and step (``--array=0-14:2``):
     rank = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP, so ranks
     always run 0..W-1 (:func:`slurm_array_rank`). An array task's step of several tasks
     (srun) numbers its tasks within the task's rank (:func:`_array_step_tasks`).
+    A world size above 1 given without the rank is refused unless the environment's rank
+    belongs to a world of that size (``names``: the two options, for the message).
     """
     env = os.environ if env is None else env
     if rank is None or world_size is None:
+        given_world = world_size
+        env_world = None
         for rk, wk in _ENV_PAIRS:
             if rk in env and wk in env:
                 r, w = int(env[rk]), int(env[wk])
@@ -29,7 +34,15 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
                     r, w = _array_step_tasks(env, r, w)
                 rank = r if rank is None else rank
                 world_size = w if world_size is None else world_size
+                env_world = w
                 break
+        if given_world is not None and int(given_world) > 1 and env_world != int(given_world):
+            # a world size of N with this process's rank from nowhere (rank 0) or from an
+            # environment of another size: some ranks of N would never run, their shards undone
+            raise ValueError(f"{names[1]} {given_world} without {names[0]}: "
+                             + (f"the environment's rank belongs to a world of {env_world}"
+                                if env_world is not None else "this process's rank is unknown")
+                             + f"; give both {names[0]} and {names[1]} (or neither)")
     rank = 0 if rank is None else int(rank)
     world_size = 1 if world_size is None else int(world_size)
     if world_size < 1 or not 0 <= rank < world_size:
