@@ -138,10 +138,11 @@ def run_on_ray(fn: Callable | str, cfg, workdir: str | Path, *, n_tasks: int,
         raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
     ex = cfg.executor
     ray = init_ray(ex.ray_address, **(init_kwargs or {}))
-    from guidealign.ray_workers import resources_for
+    from guidealign.ray_workers import resources_for, worker_env
 
     opts = ray_task_options(resources_for(ex, stage or _stage_name(fn)), max_retries=max_retries)
-    remote = ray.remote(_task_body).options(name=f"guidealign-{_fn_name(fn)}", **opts)
+    remote = ray.remote(_task_body).options(name=f"guidealign-{_fn_name(fn)}", **opts,
+                                            runtime_env={"env_vars": worker_env()})
     workdir = str(Path(workdir).absolute())
     cwd = os.getcwd()
     log.info("ray: %d task(s) of %s with %s", n_tasks, _fn_name(fn), opts)

@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 # Environment of every worker actor: vLLM must not fork inside a Ray worker.
 WORKER_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+# The driver's settings that decide where models come from and which run this is: a worker of
+# a running cluster has the environment of its raylet (`ray start` on that node), not the driver's
+FORWARDED_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                 "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "GUIDEALIGN_HOME", "GUIDEALIGN_RUN_ID")
+
+
+def worker_env(env: dict | None = None) -> dict:
+    """The environment variables set on every Ray worker: WORKER_ENV and the driver's
+    FORWARDED_ENV (those set)."""
+    env = os.environ if env is None else env
+    return {**{k: env[k] for k in FORWARDED_ENV if k in env}, **WORKER_ENV}
 
 
 def resources_for(ex, stage: str) -> dict:
@@ -189,7 +200,7 @@ class WorkerPool:
         self.n = min(n, n_shards) if n_shards else n
         restarts = max(ex.ray_max_restarts, 0)
         self.options = dict(opts, max_restarts=restarts, max_task_retries=restarts,
-                            runtime_env={"env_vars": dict(WORKER_ENV)})
+                            runtime_env={"env_vars": worker_env()})
         actor = self.ray.remote(StageWorker)
         cwd = os.getcwd()
         self.actors = [actor.options(name=None, **self.options).remote(cfg, cwd, k, stage)

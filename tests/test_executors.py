@@ -47,7 +47,7 @@ def run_charcount(cfg, workdir, *, rank=0, world_size=1, progress=True, crash_on
         out = table.append_column("chars", pc.utf8_length(table["prompt"]))
         assigned = ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
         return out, None, {"rank": rank, "world_size": world_size, "pid": os.getpid(),
-                           "resources": assigned}
+                           "resources": assigned, "run_id": os.environ.get("GUIDEALIGN_RUN_ID")}
 
     return map_shards("charcount", workdir / "prompts", workdir / "charcount", "charcount-v1",
                       fn=fn, rank=rank, world_size=world_size, progress=progress)
@@ -146,6 +146,23 @@ def test_ray_workers_pull_every_shard_exactly_once(ray_local, ingested, assign):
     again = run_stage(run_charcount, cfg, wd, progress=False)
     assert sum(r.report.processed for r in again) == 0
     assert len(journal(wd)) == n
+
+
+def test_ray_workers_and_tasks_get_the_drivers_model_and_run_settings(ray_local, ingested, monkeypatch):
+    """A worker of a running cluster has its raylet's environment, not the driver's: HF_HOME,
+    HF_HUB_OFFLINE, GUIDEALIGN_HOME or GUIDEALIGN_RUN_ID set for the run never reached it (models
+    looked up in another cache, downloads tried offline, failure markers of another run id)."""
+    from guidealign.executors import run_on_ray
+
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "forwarded-42")  # set after the cluster started
+    run_stage(run_charcount, ray_cfg(num_cpus=1), ingested, progress=False)
+    n = N_PROMPTS // SHARD_ROWS
+    assert {read_marker(ingested / "charcount", i).stats["run_id"] for i in range(n)} == {"forwarded-42"}
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "forwarded-43")
+    import shutil
+    shutil.rmtree(ingested / "charcount")
+    run_on_ray(run_charcount, ray_cfg(num_cpus=1), ingested, n_tasks=1, progress=False)
+    assert {read_marker(ingested / "charcount", i).stats["run_id"] for i in range(n)} == {"forwarded-43"}
 
 
 def test_failed_worker_is_reported_and_a_rerun_redoes_only_missing_shards(ray_local, ingested):
