@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guidealign.ingest.readers import read_csv, read_json
+from guidealign.ingest.csvrows import read_csv
+from guidealign.ingest.jsonarray import read_json
 from guidealign.ingest.run import IngestConfig, ingest
 from guidealign.shards import iter_tables, read_quarantine, read_table
 
@@ -137,7 +138,7 @@ def test_json_item_with_bytes_that_are_not_utf8_is_quarantined_alone(tmp_path):
 # --- repeated column names ---------------------------------------------------------------------
 
 def test_unique_names():
-    from guidealign.ingest.readers import unique_names
+    from guidealign.ingest.keys import unique_names
 
     assert unique_names(["a", "b"]) == ["a", "b"]
     assert unique_names(["a", "a", "a"]) == ["a", "a.1", "a.2"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from guidealign.ingest import jsonarray
-from guidealign.ingest.readers import read_json
+from guidealign.ingest.jsonarray import read_json
 from guidealign.ingest.run import IngestConfig, ingest
 from guidealign.shards import iter_tables, read_quarantine
 

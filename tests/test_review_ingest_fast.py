@@ -45,7 +45,7 @@ def test_csv_whitespace_line_before_the_header_is_skipped_as_the_row_reader_skip
     """The row reader skips blank lines before the header (a line of spaces is blank); the
     columnar CSV reader took such a line as the header (one unnamed column), so every row of
     the file was quarantined as "missing prompt field 'prompt'" and the header line with them."""
-    from guidealign.ingest.readers import read_csv
+    from guidealign.ingest.csvrows import read_csv
 
     f = tmp_path / "lead.csv"
     f.write_bytes(first + b"prompt,topic\nfirst,a\nsecond,b\n")
@@ -106,7 +106,7 @@ def test_a_bad_csv_row_reads_only_its_own_record_row_by_row(tmp_path, monkeypatc
     monkeypatch.setattr(csvcol, "_csv_rows", real)
     for bb in (64, 1000):  # other block cuts give the same rows and reasons
         assert _ingest(f, tmp_path / f"w{bb}", block_bytes=bb) == whole, bb
-    from guidealign.ingest.readers import read_csv
+    from guidealign.ingest.csvrows import read_csv
 
     ref_bad = [(row, "empty prompt") for row, rec, err in read_csv(f) if err is None and not rec["prompt"]]
     assert whole[1] == ref_bad

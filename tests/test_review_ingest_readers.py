@@ -14,7 +14,8 @@ import pytest
 
 from guidealign.core.ids import prompt_hash
 from guidealign.ingest.metadata import meta_json, metadata_column
-from guidealign.ingest.readers import read_csv, read_json
+from guidealign.ingest.csvrows import read_csv
+from guidealign.ingest.jsonarray import read_json
 from guidealign.ingest.run import IngestConfig, ingest
 from guidealign.shards import iter_tables, read_quarantine
 

@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 
 from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, str_arrow
-from guidealign.ingest.metadata import meta_json, metadata_column, raw_repr, rows_to_write_by_row
+from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, raw_repr, rows_to_write_by_row,
+                                        too_deep, type_depth)
 from guidealign.ingest.keys import find_prompt_key, norm_key
 
 # a run of Python's \s restricted to ASCII, matched only where it is not already one space
@@ -116,8 +117,17 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
         try:
             meta = meta_json(rec, key)
         except RecursionError:  # json.loads read it with the stack to spare, dumps needs more
-            b.reject(i, row_no, f"row {row_no} has a value nested too deeply to write as JSON", raw_repr(rec))
-            continue
+            meta = None
+        # deeper than MAX_DEPTH: quarantined whatever the stack (a JSON text has at least as many
+        # brackets as levels, so most rows are cleared by a count)
+        if meta is None or meta.count("[") + meta.count("{") > MAX_DEPTH:
+            if any(too_deep(v) for k, v in rec.items() if k != key):
+                b.reject(i, row_no, f"row {row_no} has a value nested too deeply to write as JSON "
+                                    f"(deeper than {MAX_DEPTH} levels)", raw_repr(rec))
+                continue
+            if meta is None:
+                b.reject(i, row_no, f"row {row_no} has a value nested too deeply to write as JSON", raw_repr(rec))
+                continue
         p = rec[key]
         prompts.append(p)
         linenos.append(row_no)
@@ -215,7 +225,10 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     key = find_prompt_key(names, spec.field, spec.aliases)
     same = [c for c in names if key is not None and norm_key(c) == norm_key(key)]
     col = table.column(key).combine_chunks() if key is not None else None
-    if col is None or len(same) > 1 or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+    if col is None or len(same) > 1 or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
+            or any(type_depth(t) > MAX_DEPTH for t in table.schema.types):
+        # (a column that may be nested deeper than rows are written: each row checked by the
+        # row reader's rules, without recursing over the type or the values on this stack)
         return rows_batch(src, ((int(linenos[i]),) + fallback(i) for i in range(n)), spec)
 
     good = np.zeros(n, dtype=bool)
@@ -308,10 +321,16 @@ def _row_dict(table: pa.Table, i: int) -> dict:
 
 def arrow_batches(src: str, batches: Iterable, spec: Spec) -> Iterator[Batch]:
     """Parquet / `datasets` record batches -> Batches (row numbers from 1)."""
-    from guidealign.ingest.readers import decode_bytes
+    from guidealign.ingest.arrowfiles import UnreadRows, decode_bytes
 
     start = 1
     for rb in batches:
+        if isinstance(rb, UnreadRows):  # rows that cannot be decoded: one quarantine entry for them
+            b = rows_batch(src, [(rb.first, None, rb.reason)], spec)
+            b.n_in = max(rb.n, 1)  # input rows, read or not (one entry when none is lost)
+            yield b
+            start += rb.n
+            continue
         table = pa.Table.from_batches([rb]) if isinstance(rb, pa.RecordBatch) else rb
         n = table.num_rows
         linenos = np.arange(start, start + n, dtype=np.int64)

@@ -1,6 +1,6 @@
 """CSV in columnar blocks: cut at record ends, parsed by ``pyarrow.csv``, checked like JSONL blocks.
 
-The row-by-row reader (``readers.read_csv``: Python's ``csv`` module) is the reference. A block
+The row-by-row reader (``csvrows.read_csv``: Python's ``csv`` module) is the reference. A block
 goes through ``pyarrow.csv`` only where both must read it the same way:
 
 - its quotes are the plain RFC 4180 kind: a quote opens a field (right after a delimiter, a
@@ -16,7 +16,9 @@ at record ends, so the row reader reads it as it would read it within the whole 
 fails the quoting check makes the row reader take over for the rest of the file (past a quote
 the two do not agree on, record ends cannot be known without it). So quarantine reasons and line
 numbers are the row reader's. A header line that is not plain (quotes across lines, a lone CR,
-duplicate names, bytes that are not UTF-8) sends the whole file to the row reader.
+duplicate names, bytes that are not UTF-8) sends the whole file to the row reader. A file with
+a one-column header has no delimiter (``csvrows.ONE_COLUMN``): a line is one field, commas and
+all; ``pyarrow.csv`` is given a control byte the block does not hold as its delimiter.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import pyarrow.csv as pacsv
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
 from guidealign.ingest.blocks import BOM, RecordTooLong, cut_blocks, one_piece, prefetch, scan
-from guidealign.ingest.readers import CSV_FIELD_LIMIT, _csv_rows, csv_body, csv_names, read_csv, sniff_delimiter
+from guidealign.ingest.csvrows import (CSV_FIELD_LIMIT, ONE_COLUMN, CsvReader, _csv_rows, csv_body, csv_names,
+                                      read_csv, sniff_delimiter)
 
 QUOTE, NL, CR = 34, 10, 13
 SCAN_STEP = 1 << 16
@@ -47,6 +50,7 @@ def csv_batches(path: Path, src: str, spec: Spec, encoding: str = "auto", delimi
     """Batches of a CSV/TSV file: columnar blocks where they read as the row reader reads them,
     row by row elsewhere. One background thread reads, cuts and parses the next blocks.
     ``encodings``: the encoding the file is read with is recorded there under ``src``."""
+    prompt = (spec.field, spec.aliases)
     stream, enc = open_utf8(path, encoding)
     if encodings is not None:
         encodings[src] = enc
@@ -54,7 +58,7 @@ def csv_batches(path: Path, src: str, spec: Spec, encoding: str = "auto", delimi
         setup = _header(stream.readline(), path, delimiter)
         if setup is None:  # not a plain header: the row reader reads the whole file
             stream.close()
-            yield from _row_batches(src, read_csv(path, encoding, delimiter), spec, rows_per_batch)
+            yield from _row_batches(src, read_csv(path, encoding, delimiter, prompt), spec, rows_per_batch)
             return
         names, delim = setup
         for item in prefetch(_parsed(stream, names, delim, block_bytes)):
@@ -65,12 +69,13 @@ def csv_batches(path: Path, src: str, spec: Spec, encoding: str = "auto", delimi
             elif kind == "rows":  # one block alone, row by row (with the cut-off check when last)
                 _, block, offset, final = item
                 rdr = _reader(io.BytesIO(block), delim)
-                rows = csv_body(rdr, names, delim, enc, stream, offset) if final \
-                    else _csv_rows(rdr, names, delim, enc, offset)
+                rows = csv_body(rdr, names, delim, enc, stream, offset, prompt) if final \
+                    else _csv_rows(rdr, names, delim, enc, offset, prompt)
                 yield from _row_batches(src, rows, spec, rows_per_batch)
             elif kind == "rest":  # the row reader from here to the end (the producer has stopped)
                 _, prefix, offset = item
-                rows = csv_body(_reader(_Prefixed(prefix, stream), delim), names, delim, enc, stream, offset)
+                rows = csv_body(_reader(_Prefixed(prefix, stream), delim), names, delim, enc, stream, offset,
+                                prompt)
                 yield from _row_batches(src, rows, spec, rows_per_batch)
             else:
                 yield rows_batch(src, [(0, None, item[1])], spec)
@@ -112,7 +117,7 @@ def _row_batches(src, rows, spec, n) -> Iterator[Batch]:
 def _reader(raw, delim):
     f = io.TextIOWrapper(raw if isinstance(raw, io.BufferedIOBase) else io.BufferedReader(raw),
                          encoding="utf-8", errors="surrogateescape", newline="")
-    return csv.reader(f, delimiter=delim)
+    return CsvReader(f, delim)
 
 
 class _Prefixed(io.RawIOBase):
@@ -161,6 +166,8 @@ def _header(head: bytes, path: Path, delimiter: str):
     names = csv_names(header)
     if len(set(names)) != len(names) or not names:
         return None
+    if len(names) == 1:  # one column: a line is one field, delimiters and all (as the row reader reads it)
+        delim = ONE_COLUMN
     return names, delim
 
 
@@ -257,12 +264,17 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
         _, ends = _records(arr, info.term)
         linenos = (np.searchsorted(info.nl, ends) + 1 + offset).astype(np.int64)
     col_names = [f"c{i}" for i in range(len(names))]
+    sep = delim
+    if delim == ONE_COLUMN:  # no delimiter: pyarrow.csv gets a control byte the block does not hold
+        sep = next((c for c in "\x1f\x1e\x01\x02\x03" if c.encode() not in block), None)
+        if sep is None:
+            return None
     try:
         table = pacsv.read_csv(
             pa.BufferReader(block),
             read_options=pacsv.ReadOptions(column_names=col_names, use_threads=False,
                                            block_size=one_piece(block)),
-            parse_options=pacsv.ParseOptions(delimiter=delim, quote_char='"', double_quote=True, escape_char=False,
+            parse_options=pacsv.ParseOptions(delimiter=sep, quote_char='"', double_quote=True, escape_char=False,
                                              newlines_in_values=info.quoted_nl, ignore_empty_lines=True),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in col_names},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False,
@@ -288,7 +300,8 @@ def _table_batch(block, offset, parsed, names, delim, enc, src, spec) -> Batch:
             spans.append(_record_spans(block))
         starts, ends = spans[0]
         rec = block[starts[i]:ends[i] + 1]  # with its line end
-        (_, row, err), = _csv_rows(_reader(io.BytesIO(rec), delim), names, delim, enc)
+        (_, row, err), = _csv_rows(_reader(io.BytesIO(rec), delim), names, delim, enc, 0,
+                                   (spec.field, spec.aliases))
         return row, err
 
     return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs)

@@ -3,10 +3,11 @@
 Every text input (JSONL, JSON, CSV) is read through ``open_utf8``, which returns a binary
 stream of UTF-8 bytes with ``\\n`` line ends, whatever the file was saved as:
 
-- compressed by suffix or magic bytes: ``.gz``, ``.bz2``, ``.xz`` (Python's codecs), ``.zst``
-  (pyarrow's zstd codec);
+- compressed, as its magic bytes say (a suffix they contradict is logged, and a file damaged
+  from its first byte is refused up front): ``.gz``, ``.bz2``, ``.xz`` (Python's codecs),
+  ``.zst`` (pyarrow's zstd codec);
 - a UTF-8 byte-order mark is dropped; UTF-16/UTF-32 (with a BOM, or UTF-16 without one, told
-  apart by its zero bytes) are transcoded to UTF-8;
+  apart by its zero bytes and line ends) are transcoded to UTF-8;
 - ``encoding="auto"`` (the default) reads UTF-8, unless the start of the file has bytes that
   are not UTF-8 and no multi-byte UTF-8 sequence at all: then it is a legacy 8-bit export
   and read as cp1252 (Windows' Western code page, a superset of latin-1's printable range);
@@ -24,6 +25,7 @@ import gzip
 import io
 import lzma
 import re
+import logging
 import zlib
 from pathlib import Path
 
@@ -35,6 +37,7 @@ _BOMS = [(codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
 _MULTIBYTE_UTF8 = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
 SNIFF_BYTES = 1 << 16
 CHUNK = 1 << 22
+log = logging.getLogger(__name__)
 
 
 class EncodingError(Exception):
@@ -68,15 +71,35 @@ def read_upto(raw, n: int) -> tuple[bytes, Exception | None]:
 
 
 def compression_of(path: Path) -> str | None:
-    """Compression named by the suffix, else by the magic bytes, else None."""
-    comp = COMPRESSIONS.get(path.suffix.lower())
-    if comp:
-        return comp
+    """Compression of the file by its magic bytes, else None (plain).
+
+    The magic bytes win over the suffix: a download that the browser decompressed keeps its
+    ``.gz`` name, and read as gzip it gave no rows and a "truncated or corrupt" note; a file
+    whose start matches no compression is plain. A suffix that the bytes contradict is logged."""
+    named = COMPRESSIONS.get(path.suffix.lower())
     try:
         with open(path, "rb") as f:
             head = f.read(6)
     except OSError:
-        return None
+        return named  # opening it fails again, with the reason, where it is read
+    comp = _magic_compression(head)
+    if named == "xz" and comp is None and head[:3] == b"\x5d\x00\x00":
+        comp = "xz"  # the legacy .lzma format (no magic bytes), which lzma.open reads too
+    if named and comp != named and head and (str(path), comp) not in _WARNED:
+        _WARNED.add((str(path), comp))
+        log.warning("%s: named %s but its first bytes say it is %s: read as %s", path, path.suffix,
+                    f"{comp}-compressed" if comp else "not compressed", comp or "plain text")
+    return comp
+
+
+_WARNED: set = set()  # (file, compression) said once: a file is opened more than once
+
+
+def _magic_compression(head: bytes) -> str | None:
+    if head.startswith(b"BZh") and not (head[3:4] and head[3:4] in b"123456789"):
+        return None  # bzip2's magic is "BZh" and the block size, 1-9
+    if len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18":
+        return "zstd"  # a zstd skippable frame
     return next((c for magic, c in _MAGIC if head.startswith(magic)), None)
 
 
@@ -122,10 +145,11 @@ def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
     if req in ("utf-16", "utf-32"):
         # no BOM to say the byte order (Python's codec would refuse the file): guess it as below
         # from where the zero bytes are, little-endian (what Windows writes) when they do not tell
-        return req + ("-be" if _zero_bytes_order(head, 4 if req == "utf-32" else 2) == "be" else "-le"), 0
+        order = _zero_bytes_order(head, 4) if req == "utf-32" else _utf16_order(head)
+        return req + ("-be" if order == "be" else "-le"), 0
     if req is not None:
         return req, 0
-    order = _zero_bytes_order(head, 2)
+    order = _utf16_order(head)
     if order is not None:
         return f"utf-16-{order}", 0
     try:
@@ -136,6 +160,10 @@ def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
             return "utf-8", 0  # the sample cut a character in two
     if _MULTIBYTE_UTF8.search(head):
         return "utf-8", 0  # UTF-8 text with some bad rows: those rows are quarantined
+    if b"\x00" in head:
+        # no 8-bit text has zero bytes: UTF-16 that does not read (or damage); its bad rows are
+        # quarantined with the fix (--encoding utf-16), not read as cp1252 gibberish
+        return "utf-8", 0
     return "cp1252", 0
 
 
@@ -161,6 +189,46 @@ def _zero_bytes_order(head: bytes, width: int) -> str | None:
     return None
 
 
+def _utf16_order(head: bytes) -> str | None:
+    """"le"/"be" when ``head`` (no byte-order mark) is UTF-16 text of that byte order, else None.
+
+    Mostly-ASCII text says it by its zero bytes (``_zero_bytes_order``). Text mostly in other
+    scripts (Chinese, Cyrillic...) has too few of them for that; it is UTF-16 when it has zero
+    bytes, its line ends ("\\n\\0" little-endian, "\\0\\n" big-endian) all sit at code-unit
+    boundaries, it decodes as that UTF-16 without an error or a control character, and read as
+    UTF-8 it is not text (invalid, or full of control bytes: Cyrillic's 0x04, Greek's 0x03...)."""
+    order = _zero_bytes_order(head, 2)
+    if order is not None or b"\x00" not in head:
+        return order
+    fits = [o for o, nl in (("le", b"\n\x00"), ("be", b"\x00\n")) if _utf16_fits(head, o, nl)]
+    if len(fits) != 1:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not (e.start >= len(head) - 3 and e.reason == "unexpected end of data"):
+            return fits[0]  # not UTF-8 (a character cut at the end of the sample aside)
+        text = head[:e.start].decode("utf-8")
+    controls = len(_CONTROLS.findall(text))
+    return fits[0] if controls > max(2, len(text) // 100) else None
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f]")
+
+
+def _utf16_fits(head: bytes, order: str, nl: bytes) -> bool:
+    """Whether ``head`` reads as UTF-16 text of byte order ``order`` (line end ``nl``): lines ended
+    at code-unit boundaries only, no decoding error, no control character."""
+    at = [m.start() % 2 for m in re.finditer(re.escape(nl), head)]
+    if not at or any(at):
+        return False  # no line end, or one across two code units
+    try:
+        text = codecs.getincrementaldecoder(f"utf-16-{order}")("strict").decode(head, False)
+    except UnicodeDecodeError:
+        return False
+    return not _CONTROLS.search(text)
+
+
 class _Transcoded(io.RawIOBase):
     """A binary stream of UTF-8 bytes decoded from ``raw`` with ``encoding``."""
 
@@ -171,7 +239,8 @@ class _Transcoded(io.RawIOBase):
         self.lone_cr = lone_cr
         self.buf = b""
         self.eof = False
-        self.error: str | None = None  # why reading stopped early, if it did
+        self.cause: Exception | None = None  # what stopped the reading early, if anything did
+        self.lines = False  # a whole line (a line end) was handed on before that
 
     def readable(self):
         return True
@@ -179,7 +248,7 @@ class _Transcoded(io.RawIOBase):
     def _fill(self) -> bool:
         data = self.pending
         self.pending = b""
-        if not data and self.error is None:
+        if not data and self.cause is None:
             data, err = read_upto(self.raw, CHUNK)
             if err is not None:
                 self.fail(err)
@@ -188,13 +257,19 @@ class _Transcoded(io.RawIOBase):
             data = self.dec.decode(data, final).encode("utf-8", "surrogateescape")
         if self.lone_cr:
             data = data.replace(b"\r", b"\n")
+        self.lines = self.lines or b"\n" in data
         self.buf += data
         return not final
 
     def fail(self, e: Exception) -> None:
         """A truncated or damaged compressed file: what came before is kept, the rest reported."""
-        self.error = (f"the file is truncated or corrupt after the rows above ({type(e).__name__}: {e}); "
-                      "they were kept; re-download or re-compress the file to get the rest")
+        self.cause = e
+
+    @property
+    def error(self) -> str | None:
+        """Why the reading stopped early (None when it did not), worded by ``self.lines``: whether
+        a whole line came before (the rows above were kept) or not."""
+        return None if self.cause is None else damage_reason(self.cause, self.lines)
 
     def readinto(self, b):
         while not self.buf and not self.eof:
@@ -214,6 +289,12 @@ def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, st
     raw = open_raw(path)
     try:
         head, early = read_upto(raw, SNIFF_BYTES)  # in pieces, so that a damaged file keeps its start
+        if early is not None and not head:
+            # damaged from its first byte (or not compressed as its first bytes say): nothing to
+            # keep, and no rows "above" to speak of; the file cannot be read at all
+            raise EncodingError(f"cannot be decompressed from its first byte ({type(early).__name__}: "
+                                f"{early}): it is damaged or not {compression_of(path)} data; re-download "
+                                "or re-compress the file")
         enc, skip = sniff_encoding(head, encoding)
     except Exception:
         raw.close()
@@ -238,9 +319,24 @@ def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, st
     return stream, enc
 
 
-def read_error(stream) -> str | None:
-    """Why ``stream`` (from ``open_utf8``) ended early, or None."""
-    return getattr(getattr(stream, "raw", None), "error", None)
+def read_error(stream, rows: int | None = None) -> str | None:
+    """Why ``stream`` (from ``open_utf8``) ended early, or None. ``rows``: how many rows the
+    caller read before the end (the wording says whether rows were kept); by default, whether a
+    whole line came before it."""
+    tr = getattr(stream, "raw", None)
+    if rows is not None and getattr(tr, "cause", None) is not None:
+        return damage_reason(tr.cause, rows > 0)
+    return getattr(tr, "error", None)
+
+
+def damage_reason(e: Exception, kept: bool) -> str:
+    """The quarantine reason for a compressed file that ends early with ``e``; ``kept``: rows
+    were read before it (never said when none were)."""
+    if kept:
+        return (f"the file is truncated or corrupt after the rows above ({type(e).__name__}: {e}); "
+                "they were kept; re-download or re-compress the file to get the rest")
+    return (f"the file is truncated or corrupt before its first whole row ({type(e).__name__}: {e}); "
+            "no row could be read from it; re-download or re-compress the file")
 
 
 def utf8_error_reason(line_no: int, raw: bytes, encoding: str) -> str:
@@ -250,6 +346,9 @@ def utf8_error_reason(line_no: int, raw: bytes, encoding: str) -> str:
         return f"line {line_no} is not valid text"
     except UnicodeDecodeError as e:
         at = e.start
+    if encoding == "utf-8" and b"\x00" in raw:
+        return (f"line {line_no} is not valid UTF-8 at byte {at} and has zero bytes, as UTF-16 text "
+                "has; pass --encoding utf-16 (or the encoding it was saved in) or re-save the file as UTF-8")
     if encoding == "utf-8":
         return (f"line {line_no} is not valid UTF-8 at byte {at}; re-save the file as UTF-8 "
                 "or pass --encoding cp1252 (or the encoding it was saved in)")

@@ -12,11 +12,10 @@ in a row) at its top level holding something other than an array: then its array
 (``{"prompt": ..., "turns": [{...}]}``) are fields of it, whatever the key order. Otherwise its
 arrays of objects are records, streamed item by item. The prompt aliases do not decide it: a
 container may well describe itself under "text" or "question" beside its records. When an
-array of objects comes before the prompt field, what follows it is read ahead (its items
-decoded and dropped one at a time, other values passed over by their brackets) to find the
-field, but only up to ``LOOKAHEAD`` characters (16 Mi) past the array's '[', all held in memory
-meanwhile: an object that goes on past that (a multi-GiB ``{"data": [...]}``) is read as a
-container, without knowing what follows.
+array of objects comes before the prompt field, what follows is read ahead to find the field
+(items decoded and dropped, other values passed over by their brackets), up to ``LOOKAHEAD``
+(16 Mi characters, held meanwhile): an object that goes on past that (a multi-GiB
+``{"data": [...]}``) is read as a container. JSON Lines saved as .json is read line by line.
 """
 from __future__ import annotations
 
@@ -28,9 +27,9 @@ from typing import Iterator
 
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
+from guidealign.ingest.jsonrows import json_object_line, parse_jsonl_line
 from guidealign.ingest.keys import find_prompt_key, norm_key
-
-Row = tuple[int, dict | None, str | None]  # (item number, record, error), as readers.Row
+from guidealign.ingest.rows import Row
 
 
 _DEFAULTS = IngestConfig()
@@ -143,7 +142,7 @@ class _JsonItems:
     def _truncated(self, row: int, what: str) -> tuple[int, str]:
         """(row, reason) for the file ending inside the JSON: a damaged compressed file's error
         (row 0, as for every format, said once), else a cut-off plain file."""
-        err = read_error(self.stream)
+        err = read_error(self.stream, self.n)
         if err:
             self.reported = True
             return 0, f"{err} ({what})"
@@ -214,20 +213,72 @@ class _JsonItems:
         self.n += 1
         return m.start(), (self.n, rec, None)
 
-    def _tail(self) -> Iterator[Row]:
-        """After the top-level value: whitespace only, else say that the rest was not read."""
+    def _tail(self, record: bool = False) -> Iterator[Row]:
+        """After the top-level value: whitespace only, else say that the rest was not read. When
+        the value was one record ending its line and a next line is another whole object, the
+        file is JSON Lines (``jsonrows.is_json_lines`` could not tell): read the rest as such."""
+        end = self.pos
         c = self._next()
-        if c is not None:
+        if c == "{" and record and "\n" in self.buf[end:self.pos] and self._object_lines_follow():
+            yield from self._json_lines()
+        elif c is not None:
             yield 0, None, (f"more text after the JSON value ends (after item {self.n}), not read: "
                             f"{self.buf[self.pos:self.pos + 40]!r}; a file of one record per line "
                             "is JSON Lines (.jsonl)")
         elif read_error(self.stream) and not self.reported:
-            yield 0, None, read_error(self.stream)
+            yield 0, None, read_error(self.stream, self.n)
+
+    def _object_lines_follow(self, lines: int = 3) -> bool:
+        """Whether one of the next ``lines`` lines that are not blank, from ``pos`` on, is one
+        whole JSON object (not the pieces of pretty-printed values one after another)."""
+        at = scan = self.pos
+        while lines:
+            nl = self.buf.find("\n", scan)
+            if nl < 0:
+                scan = len(self.buf)
+                if self._more():
+                    continue
+            line = self.buf[at:nl if nl >= 0 else len(self.buf)]
+            if line.strip():
+                if json_object_line(line.encode("utf-8", "surrogateescape")):
+                    return True
+                lines -= 1
+            if nl < 0:
+                return False
+            at = scan = nl + 1
+        return False
+
+    def _json_lines(self) -> Iterator[Row]:
+        """The lines from the one at ``pos`` on, read as JSON Lines (row: the line number)."""
+        self.pos = self.buf.rfind("\n", 0, self.pos) + 1
+        lineno = self.buf.count("\n", 0, self.pos) + 1
+        rows, scan = self.n, self.pos
+        while True:
+            nl = self.buf.find("\n", scan)
+            if nl < 0:
+                scan = len(self.buf)
+                if self._more():
+                    continue
+                last, line, self.pos = True, self.buf[self.pos:], len(self.buf)
+            else:
+                last, line, self.pos = False, self.buf[self.pos:nl], nl + 1
+            row = parse_jsonl_line(lineno, line.encode("utf-8", "surrogateescape"), last, self.enc)
+            if row is not None:
+                rows += 1
+                yield row
+            if last:
+                break
+            lineno += 1
+            if self.pos > _JSON_CHUNK:
+                self.buf, self.pos = self.buf[self.pos:], 0
+            scan = self.pos
+        if read_error(self.stream):
+            yield 0, None, read_error(self.stream, rows)
 
     def rows(self) -> Iterator[Row]:
         c = self._next()
         if c is None:
-            yield 0, None, (read_error(self.stream) or
+            yield 0, None, (read_error(self.stream, 0) or
                             "the file is empty; expected a JSON array [{...}, ...] or an object")
             return
         if c == "[":
@@ -297,7 +348,8 @@ class _JsonItems:
                     yield from self._broken("cut off")
                     return
         self.pos += 1
-        if not found and not (empty_only and keys):
+        one = not found and not (empty_only and keys)
+        if one:
             # one record: the object itself (an empty array beside other values is a field of
             # it, {"prompt": ..., "tags": []}; only {"train": [], ...} holds no record)
             self.keep = None
@@ -306,7 +358,7 @@ class _JsonItems:
             for key in notes:
                 yield 0, None, (f"the value of key {key} is an array that does not hold objects: not "
                                 "read (records are JSON objects)")
-        yield from self._tail()
+        yield from self._tail(record=one)  # kept whole from the file's start: nothing dropped
 
     def _one_record(self, kinds: dict[str, bool]) -> bool:
         """At the first array of objects (at ``pos``) of the object being read, with ``kinds`` its

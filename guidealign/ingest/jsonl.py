@@ -14,7 +14,7 @@ import pyarrow.json as pajson
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch, scan
-from guidealign.ingest.readers import parse_jsonl_line
+from guidealign.ingest.jsonrows import parse_jsonl_line
 
 
 def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int = 4 << 20) -> Iterator[Batch]:

@@ -1,5 +1,6 @@
-"""The prompt column's name: header spellings folded for matching, the configured field before
-its aliases. Shared by every reader (the JSON object reader too), so it sits below them."""
+"""Field names: the prompt column's (header spellings folded for matching, the configured field
+before its aliases) and repeated column names made unique. Shared by every reader (the JSON
+object reader too), so it sits below them."""
 from __future__ import annotations
 
 
@@ -18,3 +19,24 @@ def find_prompt_key(keys, field: str, aliases) -> str | None:
         if k is not None:
             return k
     return None
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Column names with each repeat renamed ``name.1``, ``name.2``, ... (as pandas reads
+    them): a record is a dict, so a repeated name would keep only its last column's value. The
+    first column of a name keeps it (so it is the prompt column when the name is the prompt's)."""
+    if len(set(names)) == len(names):
+        return list(names)
+    taken = set(names)
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        new, k = name, 0
+        while new in seen:
+            k += 1
+            new = f"{name}.{k}"
+            if new in taken:
+                new = name  # another column's own name: try the next number
+        seen.add(new)
+        out.append(new)
+    return out

@@ -18,6 +18,51 @@ from guidealign.ingest.arrays import affix, bool_numpy, lit, str_arrow
 
 _JSON_ESCAPE_RE2 = r'[\x00-\x1f\\"]'
 
+# Values nested deeper than this are not written: ``json`` (and ``dumps``, ``repr``) recurse once a
+# level on the caller's stack, so how deep a row could go depended on the stack it was read on
+# (a row ~980 levels deep killed the job from one path and was quarantined from another). A row
+# with a deeper value is quarantined (``too_deep``), on every path. JSON can nest this deep; a
+# Parquet file or a saved dataset cannot (their readers stop at ~100 schema levels and at 64),
+# an Arrow table in memory can (``batch.table_batch`` sends such a block row by row).
+MAX_DEPTH = 500
+
+
+def too_deep(v, limit: int = MAX_DEPTH) -> bool:
+    """``v`` (a record's value: dicts, lists and tuples of scalars) holds containers nested more
+    than ``limit`` levels (``[]`` is one level). Iterative: no recursion, whatever the depth."""
+    stack = [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict):
+            x = x.values()
+        elif not isinstance(x, (list, tuple)):
+            continue
+        if d > limit:
+            return True
+        stack.extend((c, d + 1) for c in x if isinstance(c, (dict, list, tuple)))
+    return False
+
+
+def type_depth(t: pa.DataType) -> int:
+    """How many levels of containers a value of Arrow type ``t`` can hold, as Python values
+    (``to_pylist``) count them for ``too_deep``: a list or a struct one level, a map two (a list of
+    pairs). Iterative: no recursion, whatever the depth."""
+    best, stack = 0, [(t, 0)]
+    while stack:
+        t, d = stack.pop()
+        best = max(best, d)
+        if pa.types.is_map(t):
+            stack += [(t.key_type, d + 2), (t.item_type, d + 2)]
+        elif pa.types.is_struct(t) or pa.types.is_union(t):
+            stack += [(t.field(i).type, d + 1) for i in range(t.num_fields)]
+        elif pa.types.is_dictionary(t):
+            stack.append((t.value_type, d))
+        elif isinstance(t, pa.ExtensionType):
+            stack.append((t.storage_type, d))
+        elif hasattr(t, "value_type"):  # list, large list, fixed-size list, list view
+            stack.append((t.value_type, d + 1))
+    return best
+
 
 def dumps(v) -> str:
     """``v`` as JSON: keys sorted at every level (so a row's key order does not matter), text as
@@ -47,6 +92,8 @@ def raw_repr(rec) -> str | None:
         return None
     if isinstance(rec, dict) and set(rec) == {"_raw"}:
         return rec["_raw"][:2000]
+    if too_deep(rec, MAX_DEPTH + 1):  # the record is one level: its values as deep as they may be
+        return f"<a {type(rec).__name__} nested too deeply to show (deeper than {MAX_DEPTH} levels)>"
     try:
         s = json.dumps(rec, ensure_ascii=False, default=str)
     except Exception:  # noqa: BLE001 - e.g. nested past the recursion limit
@@ -80,8 +127,8 @@ def writes_as_read(t: pa.DataType) -> bool:
     back as the row reader read it: strings, integers, booleans, nulls and lists of them do. A
     float column may hold numbers written as integers (1 read back as 1.0), and a struct column
     fills in as null the keys a row left out."""
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return writes_as_read(t.value_type)
+    while pa.types.is_list(t) or pa.types.is_large_list(t):  # a loop: a list may be nested deeply
+        t = t.value_type
     return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
             or pa.types.is_boolean(t) or pa.types.is_null(t))
 

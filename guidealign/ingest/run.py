@@ -42,8 +42,8 @@ from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
 from guidealign.ingest.keys import find_prompt_key
-from guidealign.ingest.readers import (IngestError, check_readable, expand_inputs, hf_splits,
-                                       iter_parquet_tables, read_rows)
+from guidealign.ingest.arrowfiles import hf_splits, iter_parquet_tables
+from guidealign.ingest.readers import IngestError, check_readable, expand_inputs, read_rows
 from guidealign.shards import fingerprint, is_done, wait_complete, write_manifest
 from guidealign.config.ingest import HashKernel, IngestConfig
 from guidealign.shards.write import retire_shards_from
@@ -262,10 +262,11 @@ def _delimiter_ok(d) -> bool:
     return isinstance(d, str) and len(d) == 1 and d not in '"\r\n\0'
 
 
-def run_fingerprint(inputs: list[str], cfg: IngestConfig) -> str:
-    """What an ingest of ``inputs`` with ``cfg`` writes in its manifest: the other ranks wait for
-    it (an earlier run's complete prompts, over other files, are not this run's)."""
-    return _fingerprint(expand_inputs(list(inputs) or list(cfg.inputs)), cfg)
+def run_fingerprint(inputs: list[str], cfg: IngestConfig, dataset: str | Path | None = None) -> str:
+    """What an ingest of ``inputs`` with ``cfg`` (into ``dataset``, WORKDIR/<name>: the files its
+    patterns match there are skipped, as ``ingest`` skips them) writes in its manifest: the other
+    ranks wait for it (an earlier run's complete prompts, over other files, are not this run's)."""
+    return _fingerprint(expand_inputs(list(inputs) or list(cfg.inputs), dataset), cfg)
 
 
 def wait_ingested(dataset: str | Path, inputs: list[str], cfg: IngestConfig, timeout: float) -> dict:
@@ -273,7 +274,7 @@ def wait_ingested(dataset: str | Path, inputs: list[str], cfg: IngestConfig, tim
     is complete in ``dataset`` (its manifest fingerprint, :func:`run_fingerprint`), not a finished
     ingest of other files under the same name; returns that manifest."""
     try:
-        want = run_fingerprint(inputs, cfg)
+        want = run_fingerprint(inputs, cfg, dataset)
     except (IngestError, OSError):  # rank 0 reports the unreadable input and fails: the wait
         want = "unreadable inputs"  # ends on its failure, not on this rank's own
     return wait_complete(dataset, timeout=timeout, manifest_fp=want)
@@ -283,8 +284,12 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # v7: mtime in nanoseconds (a file rewritten with the same size within the same second was
     # taken as already ingested); the shards of the same input come out byte for byte the same,
     # so after the upgrade ingest runs once more and no later stage redoes a shard
-    stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0,
-              p.stat().st_mtime_ns) for p in files]
+    # The resolved path says which file it is (the same relative path from another directory is
+    # another file); the path as written is what ``source`` says, so another spelling of the
+    # same file is another run (its shards rewritten, not mixed with the earlier spelling's). A
+    # path written as it resolves adds nothing: that run keeps the fingerprint it had.
+    stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+             + (() if str(p) == str(p.resolve()) else (str(p),)) for p in files]
     return fingerprint("ingest-v7", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
 
@@ -335,11 +340,12 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     if not _DATASET_RE.match(dataset or ""):
         raise IngestError(f"dataset name {dataset!r}: use letters, digits, '.', '_' or '-' "
                           "(it is a directory under the run directory)")
-    files = expand_inputs(list(inputs) or list(cfg.inputs))
+    dst = Path(workdir) / dataset
+    # (a pattern skips the run directory's datasets: this one, written now, and the others)
+    files = expand_inputs(list(inputs) or list(cfg.inputs), dst)
     if not files:
         raise IngestError("no input given")
     formats = [check_readable(p, cfg.encoding) for p in files]  # every file checked before any work
-    dst = Path(workdir) / dataset
     _remove_orphan_temp_files(dst)  # ingest is one task: a .tmp here is from a killed run
     run_fp = _fingerprint(files, cfg)
     rep = IngestReport(files=len(files), dataset=dataset)

@@ -1,0 +1,264 @@
+"""CSV/TSV, row by row (Python's ``csv``): the reference the columnar CSV path
+(``guidealign.ingest.csvcol``) matches and falls back to. Delimiters are sniffed, a header's
+spelling is free, a quote never closed is quarantined and the lines after it read again, a row
+with more fields than the header (not just trailing delimiters) is quarantined, and a one-column
+file is read a line a prompt."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Iterator
+
+from guidealign.ingest.encodings import has_surrogates, inner_suffix, open_utf8, read_error, utf8_error_reason
+from guidealign.ingest.keys import unique_names
+from guidealign.ingest.rows import Row
+
+DELIMITERS = ",;\t|"
+# Python's csv module refuses a field over 131072 chars by default and then goes on mid-field, so
+# the rest of a long (quoted, multi-line) document column and the rows after it came out as
+# made-up records. A field this long is data (pandas has no limit); past it, a runaway quote.
+CSV_FIELD_LIMIT = 1 << 26
+if csv.field_size_limit() < CSV_FIELD_LIMIT:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
+def sniff_delimiter(header: str, path: Path, delimiter: str = "auto") -> str:
+    if delimiter != "auto":
+        return "\t" if delimiter in ("\\t", "tab") else delimiter
+    if inner_suffix(path) == ".tsv":
+        return "\t"
+    counts = {d: _count_outside_quotes(header, d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] else ","
+
+
+def _count_outside_quotes(line: str, ch: str) -> int:
+    n, quoted = 0, False
+    for c in line:
+        if c == '"':
+            quoted = not quoted
+        elif c == ch and not quoted:
+            n += 1
+    return n
+
+
+def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto",
+             prompt: tuple | None = None) -> Iterator[Row]:
+    """``prompt``: (prompt field, aliases), for the reason a short row has no prompt (default:
+    IngestConfig's)."""
+    stream, enc = open_utf8(path, encoding)
+    with stream:
+        f = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+        first, skipped = f.readline(), 0
+        while first and not first.strip():  # blank lines before the header: the header is next
+            first, skipped = f.readline(), skipped + 1
+        delim = sniff_delimiter(first.splitlines()[0] if first else "", path, delimiter)
+        reader = CsvReader(_chain([first], f), delim)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield skipped + 1, None, f"the header line cannot be read as CSV: {e}"
+            return
+        if reader.ran_out and len(reader.held) > 1:  # the header's quote took in the whole file
+            yield skipped + 1, None, (f"the header line cannot be read as CSV: a quote opened on line "
+                                      f"{skipped + 1} is never closed (the whole file was read as the "
+                                      f"header); close the quote or double it (\"\")")
+            return
+        names = csv_names(header)
+        if len(names) == 1:  # one column: a line is one field, delimiters and all
+            delim = ONE_COLUMN
+            reader = CsvReader(f, delim, reader.line_num)
+        yield from csv_body(reader, names, delim, enc, stream, offset=skipped, prompt=prompt)
+
+
+def csv_names(header: list[str]) -> list[str]:
+    return unique_names([h.replace("\ufeff", "").strip() for h in header])
+
+
+def csv_body(reader, names, delim, enc, stream, offset: int = 0, prompt: tuple | None = None) -> Iterator[Row]:
+    """The rows of ``reader`` (a ``CsvReader``) up to the end of ``stream`` (``offset``: lines
+    before the reader's first line). The last row of a file cut off (``read_error``) is suspect,
+    so it is held back and quarantined with the reason."""
+    held = None  # each row waits for the next one: the last row of a cut-off file is suspect
+    for row in _csv_rows(reader, names, delim, enc, offset, prompt):
+        if held is not None:
+            yield held
+        held = row
+    err = read_error(stream)
+    if err and held is not None and held[2] is None:
+        yield held[0], held[1], f"the last row may be cut off: {err}"
+    elif held is not None:
+        yield held
+    if err:
+        yield 0, None, err
+
+
+def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None = None) -> Iterator[Row]:
+    """The rows of ``reader`` (a ``CsvReader``): a record with more fields than the header
+    (but for empty ones: trailing delimiters) is quarantined, not cut at a delimiter; a quote
+    never closed is quarantined with the lines up to it, and the lines after it read again."""
+    from guidealign.ingest.keys import find_prompt_key
+
+    field, aliases = prompt if prompt is not None else _default_prompt()
+    n = len(names)
+    pkey = find_prompt_key(names, field, aliases)
+    pat = names.index(pkey) if pkey is not None else n  # the prompt column
+    held, rdr = reader.held, reader.rdr
+    while True:
+        held.clear()
+        try:
+            row = next(rdr)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over the limit: maybe a quote that is never closed
+            lost = _runaway_quote(reader, offset, e) if "field limit" in str(e) else None
+            if lost is None:
+                line = offset + reader.line_num
+                lost = line, None, f"line {line} cannot be read as CSV: {e}"
+            rdr = reader.rdr
+            yield lost
+            continue
+        if reader.ran_out and held:  # the input ran out inside this record: a quote never closed
+            lost = _runaway_quote(reader, offset)
+            rdr = reader.rdr
+            yield lost
+            continue
+        line = offset + reader.base + rdr.line_num
+        if not row:
+            continue
+        rec = dict(zip(names, row))
+        if len(row) > n:
+            rec["_extra_fields"] = row[n:]
+        bad = [k for k, v in rec.items() if isinstance(v, str) and has_surrogates(v)]
+        if bad:
+            raw = delim.join(row).encode("utf-8", "surrogateescape")
+            reason = utf8_error_reason(line, raw, enc)
+            yield line, {"_raw": raw.decode("utf-8", "replace")}, f"{reason} (column {bad[0]!r})"
+            continue
+        if len(row) > n and any(x.strip() for x in row[n:]):
+            yield line, {"_raw": delim.join(row)}, (
+                f"line {line} has {len(row)} fields, the header {n}: quote the fields that contain "
+                f"the delimiter {delim!r}")
+            continue
+        if len(row) <= pat < n and find_prompt_key(names[:len(row)], field, aliases) is None:
+            yield line, rec, (f"missing prompt field {pkey!r}: line {line} has {_fields(len(row))}, the "
+                              f"header {n}, and the prompt column is past the row's end; add the missing "
+                              f"fields (or quote fields that hold line breaks)")
+            continue
+        yield line, rec, None
+
+
+# the delimiter of a one-column CSV: a character no text read here holds (bytes that are not
+# UTF-8 come through as U+DC80..U+DCFF), so a line is one field, commas and all (a field that
+# starts with a quote may still hold line ends)
+ONE_COLUMN = "\ud800"
+
+
+class CsvReader:
+    """``csv.reader`` over ``lines`` (``line_num`` counted from ``base``) that keeps the lines
+    of the record being read (``held``; the caller clears it) and whether the input ran out
+    inside it: Python's csv (non-strict) hands out a quoted field still open at the end of the
+    input as a field, so a quote never closed took in the rest of the file as one field."""
+
+    def __init__(self, lines, delim: str, base: int = 0):
+        self.delim = delim
+        self.held: list[str] = []
+        self._start(iter(lines), base)
+
+    def _start(self, src, base: int) -> None:
+        self.src, self.base, self.ran_out = src, base, False
+        self.rdr = csv.reader(self._feed(src), delimiter=self.delim)
+
+    def _feed(self, src):
+        held = self.held
+        for line in src:
+            held.append(line)
+            yield line
+        self.ran_out = True
+
+    def restart(self, lines: list[str], base: int) -> None:
+        """Read ``lines`` (held ones) again, then what the input has left, with a new reader."""
+        self._start(iter(lines) if self.ran_out else _chain(lines, self.src), base)
+
+    @property
+    def line_num(self) -> int:
+        return self.base + self.rdr.line_num
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.rdr)
+
+
+def _default_prompt() -> tuple:
+    from guidealign.config.ingest import IngestConfig
+
+    cfg = IngestConfig()
+    return cfg.prompt_field, tuple(cfg.prompt_aliases)
+
+
+def _fields(k: int) -> str:
+    return f"{k} field" + ("" if k == 1 else "s")
+
+
+def _runaway_quote(reader: CsvReader, offset: int, err: csv.Error | None = None) -> Row | None:
+    """The record just read (``reader.held``) ends in a quoted field
+    still open when the input ran out (``err`` None) or when the field passed the size limit
+    (``err``): the lines up to the one with that quote as a quarantine row, and ``reader``
+    restarted on the lines after it. With ``err``, None when no quote is left open."""
+    held = reader.held
+    start = reader.line_num - len(held)  # lines before the record
+    at = _open_quote_line(held, reader.delim)
+    if at is None:
+        if err is not None:
+            return None
+        at = 0  # cannot happen (csv ran out inside a quote): re-read all but the first line
+    line = offset + start + at + 1
+    raw = "".join(held[:at + 1])
+    raw = raw[:-2] if raw.endswith("\r\n") else raw[:-1] if raw.endswith(("\n", "\r")) else raw
+    if err is None:
+        why = "is never closed (it took in the rest of the file as one field"
+    else:
+        why = f"is not closed within {csv.field_size_limit():,} characters (the field size limit"
+    reader.restart(held[at + 1:], start + at + 1)
+    return line, {"_raw": raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")}, (
+        f"a quote opened on line {line} {why}; the lines after it are read again as rows): close "
+        f"the quote, or double a quote inside a field (\"\")")
+
+
+def _open_quote_line(lines: list[str], delim: str) -> int | None:
+    """Index of the line holding the quote that opens the last field of the record ``lines``
+    when that quote is never closed (as Python's csv reads quotes: one opens a field only at
+    its start, ``""`` inside is a quote), else None."""
+    text = "".join(lines)
+    pos, end = 0, len(text)
+    while pos < end:  # at a field's start
+        if text[pos] == '"':
+            k = pos + 1
+            while True:
+                k = text.find('"', k)
+                if k < 0:  # never closed: the line that holds text[pos]
+                    for i, ln in enumerate(lines):
+                        if pos < len(ln):
+                            return i
+                        pos -= len(ln)
+                    return None
+                if text.startswith('"', k + 1):
+                    k += 2
+                    continue
+                break
+            pos = k + 1
+        d = text.find(delim, pos)  # the rest of the field (a quote here is one)
+        if d < 0:
+            return None
+        pos = d + 1
+    return None
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest

@@ -1,0 +1,89 @@
+"""JSON Lines, row by row: telling JSON Lines saved as .json from JSON, one line as a row, a
+file's lines. The columnar JSONL path (``guidealign.ingest.jsonl``) falls back to these."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from guidealign.ingest.encodings import open_utf8, read_error, utf8_error_reason
+from guidealign.ingest.rows import Row
+
+# bytes of a .json file looked at to tell JSON Lines saved as .json (a common mislabel)
+JSON_LINES_SNIFF = 1 << 20
+
+
+def is_json_lines(head: bytes) -> bool:
+    """The file starting with ``head`` is JSON Lines: it starts with "{" and either its first line
+    is a whole JSON object and more text follows, or two or more of the lines in ``head`` are
+    whole JSON objects, at least half of them (a broken first line: the rest are records; a
+    pretty-printed JSON value has mostly lines that are pieces, '{', '"key": 1,', '],'). As one
+    JSON value it would be invalid (text after the value ends, or a value never closed); read as
+    one, only its first record came through (or none) and the rest was one quarantine row. A
+    first line longer than ``head`` is told from JSON by ``jsonarray`` (``_JsonItems._tail``)."""
+    if not head.lstrip().startswith(b"{"):
+        return False
+    lines = [ln for ln in head.split(b"\n") if ln.strip()]
+    if len(lines) < 2:
+        return False
+    if json_object_line(lines[0]):
+        return True
+    if not head.endswith(b"\n"):
+        lines.pop()  # maybe cut by the sniff
+    whole = sum(1 for ln in lines if json_object_line(ln))
+    return whole >= 2 and 2 * whole >= len(lines)
+
+
+def json_object_line(line: bytes) -> bool:
+    """Whether ``line`` is one whole JSON object (and nothing else)."""
+    if not line.lstrip().startswith(b"{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):  # a pretty-printed object's "{" line, or cut by the sniff
+        return False
+
+
+# --- row readers --------------------------------------------------------------------------------
+
+def parse_jsonl_line(lineno: int, raw: bytes, last: bool, encoding: str = "utf-8") -> Row | None:
+    """One JSONL line -> a Row (None for a blank line). ``last``: the file's final line, unterminated."""
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return lineno, {"_raw": raw.decode("utf-8", "replace")}, utf8_error_reason(lineno, raw, encoding)
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        why = "truncated last line" if last else f"line {lineno} is not JSON"
+        return lineno, {"_raw": text}, f"{why}: {e.msg} (column {e.colno})"
+    except RecursionError:
+        return lineno, {"_raw": text}, f"line {lineno} is JSON nested too deeply to read"
+    if not isinstance(rec, dict):
+        return lineno, None, f"line {lineno} is a JSON {type(rec).__name__}, not an object"
+    return lineno, rec, None
+
+
+def iter_lines(stream) -> Iterator[tuple[bytes, bool]]:
+    """(line, is-final-unterminated-line) for each line of a binary stream."""
+    prev = None
+    for raw in stream:
+        if prev is not None:
+            yield prev, False
+        prev = raw
+    if prev is not None:
+        yield prev, not prev.endswith(b"\n")
+
+
+def read_jsonl(path: Path, encoding: str = "auto") -> Iterator[Row]:
+    stream, enc = open_utf8(path, encoding)
+    with stream:
+        for lineno, (raw, last) in enumerate(iter_lines(stream), start=1):
+            # the line without its end, as ingest's blocks cut it (a reason's column, the raw text)
+            row = parse_jsonl_line(lineno, raw[:-1] if raw.endswith(b"\n") else raw, last, enc)
+            if row is not None:
+                yield row
+        if read_error(stream):
+            yield 0, None, read_error(stream)
