@@ -744,17 +744,7 @@ def test_csv_columnar_path_equals_row_by_row_reference(tmp_path, monkeypatch):
     """CSV blocks go through pyarrow.csv where both parsers read them alike and row by row
     elsewhere: on messy files cut into blocks of every size, the same rows, ids, sources,
     metadata, quarantine rows and reasons as Python's csv module alone."""
-    from guidealign.ingest import csvcol
-
-    used = {"columnar": 0, "rows": 0}
-    parse = csvcol._parse
-
-    def counting(*a, **k):
-        out = parse(*a, **k)
-        used["columnar" if out is not None else "rows"] += 1
-        return out
-
-    monkeypatch.setattr(csvcol, "_parse", counting)
+    used = count_csv_paths(monkeypatch)
     for seed in range(40):
         f = tmp_path / f"m{seed}.csv"
         _messy_csv(f, seed)
@@ -790,22 +780,10 @@ def test_csv_stray_quote_does_not_hold_the_rest_of_the_file_in_memory(tmp_path, 
     of quotes before it, so the block cutter read on to the end of the file looking for a record
     end, the whole rest of the file in one buffer (and scanned again at every read). Past
     csvcol.MAX_RECORD_BYTES the row reader takes over, streaming; the rows are the same."""
-    from guidealign.ingest import blocks, csvcol
+    from guidealign.ingest import csvcol
 
     monkeypatch.setattr(csvcol, "MAX_RECORD_BYTES", 2048, raising=False)
-    held = []
-    real = blocks.cut_blocks
-
-    def recording(*a, **k):
-        try:
-            for item in real(*a, **k):
-                held.append(len(item[0]))
-                yield item
-        except blocks.RecordTooLong as e:
-            held.append(len(e.data))
-            raise
-
-    monkeypatch.setattr(csvcol, "cut_blocks", recording)
+    held = record_block_sizes(monkeypatch)
     f = tmp_path / "q.csv"
     rows = [f"prompt number {i},t{i}\n" for i in range(3000)]
     rows[50] = 'a 5" screen,x\n'
@@ -1172,3 +1150,39 @@ def test_a_file_rewritten_with_the_same_size_within_the_same_second_is_ingested_
     rep = ingest([str(f)], tmp_path / "w", IngestConfig(), progress=False)
     prompts = [r["prompt"] for tb in iter_tables(tmp_path / "w" / "prompts") for r in tb.to_pylist()]
     assert rep.rows == 3 and sorted(prompts) == [f"New question {i}?" for i in range(3)]
+
+
+def record_block_sizes(monkeypatch) -> list[int]:
+    """The size of every block the CSV path cuts (and of what it held when a record ran too long)."""
+    from guidealign.ingest import blocks, csvcol
+
+    held: list[int] = []
+    real = blocks.cut_blocks
+
+    def recording(*a, **k):
+        try:
+            for item in real(*a, **k):
+                held.append(len(item[0]))
+                yield item
+        except blocks.RecordTooLong as e:
+            held.append(len(e.data))
+            raise
+
+    monkeypatch.setattr(csvcol, "cut_blocks", recording)
+    return held
+
+
+def count_csv_paths(monkeypatch) -> dict:
+    """How many CSV blocks went the columnar way and how many row by row (counted as they go)."""
+    from guidealign.ingest import csvcol
+
+    used = {"columnar": 0, "rows": 0}
+    parse = csvcol._parse
+
+    def counting(*a, **k):
+        out = parse(*a, **k)
+        used["columnar" if out is not None else "rows"] += 1
+        return out
+
+    monkeypatch.setattr(csvcol, "_parse", counting)
+    return used

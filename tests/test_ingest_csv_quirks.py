@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_ingest import count_csv_paths, record_block_sizes
 
 from guidealign.ingest.readers import read_rows
 from guidealign.ingest.run import IngestConfig, check_prompt, ingest, prompt_of
@@ -82,22 +83,10 @@ def test_a_quote_never_closed_is_quarantined_and_the_lines_after_it_read(tmp_pat
 def test_a_quote_never_closed_in_a_large_file_is_read_on_streaming(tmp_path, monkeypatch):
     """Past csvcol.MAX_RECORD_BYTES the row reader takes over, streaming (no block holds the
     rest of the file); it then quarantines the line with the quote and reads the lines after."""
-    from guidealign.ingest import blocks, csvcol
+    from guidealign.ingest import csvcol
 
     monkeypatch.setattr(csvcol, "MAX_RECORD_BYTES", 2048)
-    held = []
-    real = blocks.cut_blocks
-
-    def recording(*a, **k):
-        try:
-            for item in real(*a, **k):
-                held.append(len(item[0]))
-                yield item
-        except blocks.RecordTooLong as e:
-            held.append(len(e.data))
-            raise
-
-    monkeypatch.setattr(csvcol, "cut_blocks", recording)
+    held = record_block_sizes(monkeypatch)
     f = tmp_path / "big.csv"
     lines = [f"prompt number {i},t{i}\n" for i in range(3000)]
     lines[50] = '"a quote never closed,x\n'
@@ -178,17 +167,7 @@ def test_a_one_column_file_reads_a_line_as_one_prompt(tmp_path, monkeypatch, nam
 
 def test_a_one_column_file_goes_through_the_columnar_path(tmp_path, monkeypatch):
     """Prompts with commas in a one-column file still parse in columnar blocks (the same rows)."""
-    from guidealign.ingest import csvcol
-
-    used = {"columnar": 0, "rows": 0}
-    parse = csvcol._parse
-
-    def counting(*a, **k):
-        out = parse(*a, **k)
-        used["columnar" if out is not None else "rows"] += 1
-        return out
-
-    monkeypatch.setattr(csvcol, "_parse", counting)
+    used = count_csv_paths(monkeypatch)
     f = tmp_path / "one.csv"
     with open(f, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
