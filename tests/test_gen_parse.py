@@ -106,7 +106,8 @@ def test_continuation_lines_join_the_item():
     # a closing remark right after the list, no blank line: not the last guideline's text
     ("1. Be kind: Speak gently.\n2. Be brief: Keep it short.\nThese guidelines help the assistant.",
      "Keep it short."),
-    ("1. Be kind: Speak gently.\n2. **Be brief**\nKeep it short.\nI hope this helps!", "Keep it short."),
+    # a title on its own line: every text line after it is the guideline's (none is lost)
+    ("1. Honesty\nBe honest.\n2. Be brief\nKeep it short.\nSkip filler.", "Keep it short. Skip filler."),
     ("- Be kind: Speak gently.\n- Be brief: Keep it short!\nFollowing them keeps answers safe.",
      "Keep it short!"),
     # a line wrapped mid-sentence goes on

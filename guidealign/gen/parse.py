@@ -184,8 +184,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     and an item that is only a title takes the following lines as its text; bullets indented
     under a numbered item are part of its text, and so is a line after a marker cut bare
     ("3." then the item on the next line; a bare marker last is dropped). Text before the
-    first item and after the list (past a blank line, or unindented after the last item's
-    finished sentence when no earlier item goes on that way) is ignored, a heading or bold line that
+    first item and after the list (past a blank line, or unindented right after the last
+    item's own finished sentence when no earlier item goes on that way) is ignored, a heading or bold line that
     introduces a numbered or bulleted list included. Status: ``ok``
     (every item has a title), ``untitled`` (some have none), ``unnumbered`` (no list
     markers, but "Title: text" lines), ``missing`` (nothing found), ``empty``."""
@@ -197,8 +197,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     closed = False
     numbered_at = -1             # indentation of the current item when it is numbered
     sub_bullets = False          # bullets at its indentation are the numbered item's text
-    loose: dict[int, int] = {}   # id(item) -> where its first unindented line after a whole
-    #                              sentence starts (the list's closing remark, if last)
+    loose: dict[int, int] = {}   # id(item) -> 1 when an unindented line follows its marker
+    #                              line's own finished sentence (a closing remark, if last)
     for line in text.splitlines():
         if not line.strip():
             blank = True
@@ -235,8 +235,9 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             elif blank and not indented and not _title_only(items[-1]):
                 closed = True  # a trailing paragraph after the list
             else:
-                if not indented and not _title_only(items[-1]) and _SENTENCE_END.search(items[-1][-1]):
-                    loose.setdefault(id(items[-1]), len(items[-1]))
+                if not indented and len(items[-1]) == 1 and not _title_only(items[-1]) \
+                        and _SENTENCE_END.search(items[-1][0]):
+                    loose.setdefault(id(items[-1]), 1)
                 items[-1].append(line.strip())
         blank = False
     if any(marked):  # a heading or bold line that only introduces the list is not an item
@@ -249,8 +250,9 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     items = [it for it in items if it]
     cuts = [loose.get(id(it)) for it in items]
     if cuts and cuts[-1] is not None and all(c is None for c in cuts[:-1]):
-        # only the last item goes on, unindented, after a finished sentence: a closing remark
-        # with no blank line before it ("These guidelines help ..."), not the item's text
+        # only the last item goes on, unindented, after its marker line's finished sentence: a
+        # closing remark with no blank line before it ("These guidelines help ..."), not its text
+        # (a title-only marker line's text lines are all kept: "2. Safety" then two sentences)
         del items[-1][cuts[-1]:]
     status = "ok"
     out: list[dict] = []
