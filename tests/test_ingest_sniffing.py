@@ -119,6 +119,38 @@ def test_zero_bytes_that_do_not_read_as_utf16_are_quarantined_with_the_utf16_hin
     assert [r["row"] for r in q] == [2]
 
 
+@pytest.mark.parametrize("extra", [b"", b"x"], ids=["even-length", "odd-length"])
+def test_cp1252_with_a_stray_zero_byte_after_a_line_end_stays_cp1252(tmp_path, extra):
+    """One "\n\x00" in 8-bit text made it UTF-16 (found in review): every row mojibake (one
+    quarantine row for the file) or, at an odd length, a crash mid-ingest. Before this round's
+    sniffing, such a file read as cp1252, and it still does; only the line with the zero byte
+    has it."""
+    prompts = ["Café au lait?", "Crème brûlée, how?", "Naïve question", "Über alles"]
+    data = ("prompt\n" + "".join(p + "\n" for p in prompts)).encode("cp1252")
+    cut = data.index(b"\n", data.index(b"\n") + 1) + 1  # after the first row's line end
+    data = data[:cut] + b"\x00" + data[cut:] + extra
+    if len(data[:cut]) % 2:  # keep the zero byte at an even offset (a UTF-16-LE code unit)
+        data = b" " + data
+    f = tmp_path / "cp.csv"
+    f.write_bytes(data)
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    assert q == []
+    assert [r["prompt"] for r in rows] == [prompts[0], "\x00" + prompts[1], *prompts[2:]] + (["x"] if extra else [])
+
+
+def test_utf16_cut_inside_its_last_code_unit_is_damage_not_a_crash(tmp_path):
+    """A UTF-16 file with a BOM whose last byte is missing raised UnicodeDecodeError mid-ingest
+    (the job died); now its rows are kept and the cut is one quarantine row."""
+    data = ("prompt\n" + "".join(p + "\n" for p in ZH)).encode("utf-16")
+    f = tmp_path / "cut.csv"
+    f.write_bytes(data[:-1])
+    rows, q, _ = _ingested([f], tmp_path / "w")
+    assert [r["prompt"] for r in rows] == ZH[:-1]
+    # the last row lost its line end with the cut: quarantined as maybe cut off, with the cause
+    assert [r["row"] for r in q] == [len(ZH) + 1, 0] and "may be cut off" in q[0]["reason"]
+    assert all("ends inside a character" in r["reason"] for r in q), q
+
+
 # --- JSON Lines saved as .json ---------------------------------------------------------------
 
 def test_json_lines_with_a_first_line_longer_than_the_sniff_are_read_line_by_line(tmp_path):

@@ -160,9 +160,10 @@ def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
             return "utf-8", 0  # the sample cut a character in two
     if _MULTIBYTE_UTF8.search(head):
         return "utf-8", 0  # UTF-8 text with some bad rows: those rows are quarantined
-    if b"\x00" in head:
-        # no 8-bit text has zero bytes: UTF-16 that does not read (or damage); its bad rows are
-        # quarantined with the fix (--encoding utf-16), not read as cp1252 gibberish
+    if head.count(0) >= max(4, len(head) // 200):
+        # 8-bit text has no zero bytes to speak of: UTF-16 that does not read (or damage); its
+        # bad rows are quarantined with the fix (--encoding utf-16), not read as cp1252
+        # gibberish. A stray zero byte or two in cp1252 text leaves it cp1252.
         return "utf-8", 0
     return "cp1252", 0
 
@@ -220,8 +221,10 @@ def _utf16_fits(head: bytes, order: str, nl: bytes) -> bool:
     """Whether ``head`` reads as UTF-16 text of byte order ``order`` (line end ``nl``): lines ended
     at code-unit boundaries only, no decoding error, no control character."""
     at = [m.start() % 2 for m in re.finditer(re.escape(nl), head)]
-    if not at or any(at):
-        return False  # no line end, or one across two code units
+    if len(at) < 2 or any(at) or 2 * len(at) < head.count(b"\n"):
+        # fewer than two line ends, one across two code units, or most "\n" bytes not line
+        # ends of this UTF-16 (8-bit text with a stray zero byte after one of its line ends)
+        return False
     try:
         text = codecs.getincrementaldecoder(f"utf-16-{order}")("strict").decode(head, False)
     except UnicodeDecodeError:
@@ -254,7 +257,11 @@ class _Transcoded(io.RawIOBase):
                 self.fail(err)
         final = not data
         if self.dec is not None:
-            data = self.dec.decode(data, final).encode("utf-8", "surrogateescape")
+            try:
+                data = self.dec.decode(data, final).encode("utf-8", "surrogateescape")
+            except UnicodeDecodeError as e:  # a UTF-16/32 file cut inside its last code unit
+                self.fail(ValueError(f"the file ends inside a character ({e.reason})"))
+                data = b""
         if self.lone_cr:
             data = data.replace(b"\r", b"\n")
         self.lines = self.lines or b"\n" in data
