@@ -84,12 +84,23 @@ def test_stage_chain_is_arrays_and_single_jobs_each_after_the_last(tmp_path):
         assert words[words.index(str(SBATCH)) + 1] == kind_stage.split()[1]
 
 
-def test_the_chain_runs_the_batch_script_from_any_submit_directory(tmp_path):
+@pytest.mark.parametrize("repo_dir", [None, "my repo"], ids=["this-repo", "path-with-space"])
+def test_the_chain_runs_the_batch_script_from_any_submit_directory(tmp_path, repo_dir):
     """The batch script ran `scripts/launch.sh` relative to the submit directory: every job of a
     chain submitted from outside the repository failed with exit 127 (and the chain was
-    cancelled). submit-stages.sh now passes the launcher's path (GUIDEALIGN_LAUNCH), and a batch
-    script that cannot find one says so. No SLURM needed: a stand-in `sbatch` runs the script
-    in the submit directory as SLURM would, with the launcher's --dry-run."""
+    cancelled). submit-stages.sh now passes the launcher's path (GUIDEALIGN_LAUNCH, shell-quoted:
+    a repository under a path with a space broke the first fix), and a batch script that cannot
+    find one says so. No SLURM needed: a stand-in `sbatch` runs the script in the submit
+    directory as SLURM would, with the launcher's --dry-run."""
+    chain = CHAIN
+    if repo_dir:  # the scripts in a copy of the repository's layout under a path with a space
+        root = tmp_path / repo_dir
+        (root / "examples" / "slurm").mkdir(parents=True)
+        (root / "scripts").mkdir()
+        for f in (CHAIN, SBATCH):
+            shutil.copy(f, root / "examples" / "slurm" / f.name)
+        (root / "scripts" / "launch.sh").symlink_to(REPO / "scripts" / "launch.sh")
+        chain = root / "examples" / "slurm" / CHAIN.name
     fake = tmp_path / "sbatch"
     fake.write_text("#!/bin/bash\n"
                     'while [[ $1 == --* ]]; do shift; done\n'  # sbatch's own options
@@ -102,7 +113,7 @@ def test_the_chain_runs_the_batch_script_from_any_submit_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GUIDEALIGN_LAUNCH", "GUIDEALIGN_REPO")}
     env.update(SUBMIT=str(fake), LOG=str(tmp_path / "log"), GUIDEALIGN_PYTHON=sys.executable,
                CUDA_VISIBLE_DEVICES="")
-    p = subprocess.run([str(CHAIN), "2", "-w", "runs/x"], cwd=away, env=env, capture_output=True,
+    p = subprocess.run([str(chain), "2", "-w", "runs/x"], cwd=away, env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     log = (tmp_path / "log").read_text()

@@ -20,7 +20,11 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 script=$here/guidealign.sbatch
 # SLURM runs a spooled copy of the batch script in the submit directory (relative -c/-w paths
 # resolve there): tell it where the launcher is, whatever directory this is called from
-export GUIDEALIGN_LAUNCH=${GUIDEALIGN_LAUNCH:-$(cd "$here/../.." && pwd)/scripts/launch.sh}
+# (shell-quoted: a repository path with spaces stays one word)
+if [[ -z ${GUIDEALIGN_LAUNCH:-} ]]; then
+  GUIDEALIGN_LAUNCH=$(printf '%q' "$(cd "$here/../.." && pwd)/scripts/launch.sh")
+  export GUIDEALIGN_LAUNCH
+fi
 submit=${SUBMIT:-sbatch}
 read -r -a extra <<< "${SBATCH_ARGS:-}"
 dep=()
