@@ -220,6 +220,10 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
             rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", INFO,
                             f"{tp}; no GPU visible here (the CPU engine ignores it): run nodes need "
                             f"{tp} GPU(s) per engine"))
+        elif tp > 1 and devices_per_process(gpus) == 1 and len(gpus) > 1:  # MIG devices
+            rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", FAIL,
+                            f"{tp} over MIG devices: a process can use one MIG device, so an engine "
+                            "on them needs tensor_parallel_size 1 (launch starts one per device)"))
         elif tp > len(gpus):
             rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", FAIL,
                             f"{tp} > {len(gpus)} visible GPU(s)"))
@@ -241,7 +245,7 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
     # SFT trains on the whole node (launch's GUIDEALIGN_NODE_GPUS), while a worker of `launch
     # run` sees only its engine's GPUs
     node = node_gpus()
-    sft_gpus = devices_per_process(node) if node else len(gpus)
+    sft_gpus = devices_per_process(node or gpus)  # MIG: one device a process
     try:
         world = resolve_num_processes(s, gpus=sft_gpus)
         accum = accumulation_steps(s, world)

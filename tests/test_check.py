@@ -168,3 +168,18 @@ def test_a_launch_worker_checks_sft_against_the_nodes_gpus_not_its_own(monkeypat
     assert "sharded over 8 GPUs" in rows["SFT"].detail
     cfg = load_config(PAPER, ["sft.global_batch_size=100"])  # 100 / (4 x 8) is no whole number
     assert {r.item: r for r in run_checks(cfg, gpus=["0"])}["global batch"].status == FAIL
+
+
+def test_tensor_parallel_over_mig_devices_fails(monkeypatch):
+    """Four MIG devices passed the paper's tensor_parallel_size 4 (counted as four GPUs), which
+    build_llm then refused on the node: a process can use one MIG device only."""
+    from guidealign.check import FAIL, OK, run_checks
+
+    migs = [f"MIG-{k}aaa0000-0000-0000-0000-00000000000{k}" for k in range(4)]
+    cfg = load_config(PAPER)
+    rows = {r.item: r for r in run_checks(cfg, gpus=migs)}
+    assert rows["guideline writer tensor_parallel_size"].status == FAIL
+    assert "MIG" in rows["guideline writer tensor_parallel_size"].detail
+    cfg.engine.tensor_parallel_size = 1
+    rows = {r.item: r for r in run_checks(cfg, gpus=migs)}
+    assert rows["guideline writer tensor_parallel_size"].status == OK

@@ -107,3 +107,34 @@ def test_unparsed_verdicts_are_left_out_of_the_total_by_default_as_in_the_paper(
     o = aggregate_pairwise(rows, unparsed=Config().eval.unparsed)["overall"]
     assert (o["win"], o["tie"], o["lose"], o["unparsed"]) == (1.0, 0.5, 0.5, 1.0)
     assert o["net_win_rate"] == pytest.approx((1.0 - 0.5) / 2.0)
+
+
+def test_the_harm_classifier_loads_after_the_responder_engine_is_stopped(monkeypatch):
+    """The classifier judge (a longformer on the GPU) loaded beside the responder engine, which
+    holds gpu_memory_utilization of the GPU: an out-of-memory on 40/48 GB GPUs. The responder
+    built for the evaluation is stopped first (the LLM judge rebuilds one if it needs it)."""
+    from guidealign.config import Config
+    from guidealign.eval import classifier, generate
+    from guidealign.eval.judging import judge_plans
+
+    closed = []
+    monkeypatch.setattr("guidealign.gen.engine.close_llm", lambda llm: closed.append(llm))
+    engines = generate.Engines(Config())
+    engines.llm, engines._built = "responder-engine", ["llm"]
+
+    class Classifier:  # records what was still running when it loaded
+        def __init__(self, ecfg):
+            self.engine_up = engines.llm is not None
+
+        def judge(self, chunk):
+            return {"verdict": ["harmless"] * len(chunk), "engine_up": [self.engine_up] * len(chunk)}
+
+    monkeypatch.setattr(classifier, "HarmClassifier", Classifier)
+    cfg = Config()
+    cfg.eval.harm_judge = "classifier"
+    bench = {"q0": {"prompt": "p0", "category": None}}
+    resp = {c: {"q0": _resp(True)} for c in ("guided", "unguided")}
+    plan = judge_plans(cfg, ["harmfulness"], bench, resp, engines)["harm"]
+    out = plan.judge(plan.chunks[0])
+    assert out["engine_up"] == [False, False] and closed == ["responder-engine"]
+    assert engines.llm is None and engines._built == []

@@ -161,10 +161,10 @@ def _fake_stage_machinery(monkeypatch, closed: list, built: list):
 def test_engine_built_by_a_stage_is_closed_after_it(monkeypatch, tmp_path):
     closed, built = [], []
     engine = _fake_stage_machinery(monkeypatch, closed, built)
-    cfg = SimpleNamespace(engine="respond-engine")
+    cfg = SimpleNamespace(engine=SimpleNamespace(model="respond-engine"))
     engine.run_engine_stage("respond", cfg, tmp_path / "a", tmp_path / "b", "fp",
                             lambda c, llm: (lambda rows: rows))
-    assert built == ["respond-engine"] and closed == ["engine1"]
+    assert built == [cfg.engine] and closed == ["engine1"]
     # an engine the caller passed in is the caller's to stop (detect -> guidelines share one)
     engine.run_engine_stage("detect", cfg, tmp_path / "a", tmp_path / "b", "fp",
                             lambda c, llm: (lambda rows: rows), llm="shared")
@@ -183,7 +183,7 @@ def test_engine_built_by_a_failing_stage_is_closed_too(monkeypatch, tmp_path):
 
     monkeypatch.setattr(shards, "map_shards", failing)
     with pytest.raises(RuntimeError, match="engine fault"):
-        engine.run_engine_stage("respond", SimpleNamespace(engine="e"), tmp_path / "a",
+        engine.run_engine_stage("respond", SimpleNamespace(engine=SimpleNamespace(model="e")), tmp_path / "a",
                                 tmp_path / "b", "fp", lambda c, llm: (lambda rows: rows))
     assert closed == ["engine1"]
 
@@ -204,3 +204,30 @@ def test_sft_waits_for_the_node_gpus_an_engine_still_holds():
     t = iter(range(0, 1000, 5))
     assert wait_gpus_free(["GPU-aaa", "1"], memory=lambda: mem, sleep=lambda s: None,
                           clock=lambda: float(next(t)), timeout_s=20) == ["GPU-aaa"]
+
+
+def test_cached_gpu_memory_is_released_before_an_engine_or_sft_starts(monkeypatch):
+    """retrieve's embedder (or eval's classifier) left torch's cached GPU memory in the process
+    that then started vLLM, which refuses to start when free memory is below
+    gpu_memory_utilization x total (found in review). release_cached_gpu_memory empties the
+    cache once CUDA is in use; build_llm calls it on GPUs (stand-in torch: no GPU here)."""
+    import sys
+    import types
+
+    from guidealign.core.gpu import release_cached_gpu_memory
+
+    emptied = []
+    cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,
+                                 empty_cache=lambda: emptied.append(1))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    release_cached_gpu_memory()
+    assert emptied == [1]
+    cuda.is_initialized = lambda: False  # CUDA never used in this process: nothing to release
+    release_cached_gpu_memory()
+    assert emptied == [1]
+    import inspect
+
+    from guidealign.gen import engine
+    from guidealign.sft import train
+    assert "release_cached_gpu_memory()" in inspect.getsource(engine.build_llm)
+    assert "release_cached_gpu_memory()" in inspect.getsource(train._wait_for_the_node_gpus)

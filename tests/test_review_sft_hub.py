@@ -343,3 +343,55 @@ def test_a_lora_merge_under_fsdp_or_deepspeed_is_refused_before_training(monkeyp
     with pytest.raises(ValueError, match="merge_lora with FSDP/DeepSpeed"):
         check_lora_merge(load_config(None, lora).sft)
     assert load_dtype("full", torch.bfloat16, {}) == torch.bfloat16
+
+
+def test_a_single_process_sft_trains_on_one_device_and_waits_long_at_barriers(workdir, monkeypatch):
+    """One SFT process seeing several GPUs (sft.num_processes: 1) failed before training: TRL's
+    SFTTrainer refuses the DataParallel that Trainer sets up there (found in review; the
+    retriever already kept to one device). The settled device count (_n_gpu, which transformers
+    sets from torch.cuda.device_count()) is now cut to one first; here a stand-in makes it 4, as
+    on a 4-GPU node. Also: the barrier timeout covers writing a 13B model (NCCL's default 30
+    minutes did not)."""
+    import transformers
+
+    from guidealign.sft.data import build_dataset
+    from guidealign.sft.train import build_trainer
+
+    real = transformers.TrainingArguments._setup_devices  # a cached_property: settled once
+
+    def four_gpus(self):
+        if "_four" not in self.__dict__:
+            self.__dict__["_four"] = real.__get__(self)
+            self._n_gpu = 4
+        return self.__dict__["_four"]
+
+    monkeypatch.setattr(transformers.TrainingArguments, "_setup_devices", property(four_gpus))
+    _write_stage(workdir / "respond", _rows("q", 4))
+    cfg = load_config(TINY, ["sft.max_steps=1", "sft.max_seq_length=64", "sft.num_threads=1"])
+    ds, _ = build_dataset(cfg.sft, workdir)
+    trainer, *_ = build_trainer(cfg, workdir, ds, world=1, progress=False)
+    assert trainer.args.n_gpu == 1
+    assert trainer.args.train_batch_size == cfg.sft.micro_batch_size
+    assert trainer.args.ddp_timeout >= 4 * 3600
+
+
+def test_a_model_saved_without_weights_is_not_committed(workdir, monkeypatch):
+    """Under FSDP with SHARDED_STATE_DICT (or DeepSpeed ZeRO-3 without gathered 16-bit weights)
+    Trainer.save_model writes no full weights: sft/model was committed with a tokenizer and a
+    card but nothing to load (found in review). A save without weight files now stops before
+    anything is committed; here a stand-in save writes only the config."""
+    from guidealign.sft import train
+
+    real = train.build_trainer
+
+    def build(*a, **k):
+        out = real(*a, **k)
+        out[0].save_model = lambda path: out[0].model.config.save_pretrained(path)
+        return out
+
+    monkeypatch.setattr(train, "build_trainer", build)
+    _write_stage(workdir / "respond", _rows("q", 4))
+    cfg = load_config(TINY, ["sft.max_steps=1", "sft.max_seq_length=64", "sft.num_threads=1"])
+    with pytest.raises(RuntimeError, match="saved no model weights"):
+        train.run_sft(cfg, workdir, progress=False)
+    assert not (workdir / "sft" / "_done.json").exists() and not (workdir / "sft" / "model").exists()

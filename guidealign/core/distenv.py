@@ -41,13 +41,13 @@ def single_process(reason: str = "") -> list[str]:
     return gone
 
 
-def one_device(training_args) -> int:
+def one_device(training_args, what: str = "retriever") -> int:
     """Train on one device: without a process group, transformers' Trainer wraps the model in
     DataParallel over every visible GPU (the real batch becomes batch x GPUs); keep it on the
     first. Returns the device count the Trainer will use (0 on the CPU)."""
     _ = training_args.device  # settles _n_gpu (transformers sets it while choosing the device)
     if getattr(training_args, "_n_gpu", 0) > 1:
-        log.info("retriever: training on %s only (%d GPUs visible)", training_args.device,
+        log.info("%s: training on %s only (%d GPUs visible)", what, training_args.device,
                  training_args._n_gpu)
         training_args._n_gpu = 1
     return int(getattr(training_args, "_n_gpu", 0))

@@ -179,3 +179,17 @@ def wait_gpus_free(gpus: list[str], *, max_used: float = 0.2, timeout_s: float =
         if not busy or clock() >= end:
             return busy
         sleep(poll_s)
+
+
+def release_cached_gpu_memory() -> None:
+    """Hand back what this process's torch keeps cached on its GPUs (an embedder's or a
+    classifier's batches, a closed engine's leftovers): vLLM refuses to start when the free
+    memory is below gpu_memory_utilization x total, and SFT waits for free GPUs. No-op
+    without CUDA (torch not even imported when this process never used it)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

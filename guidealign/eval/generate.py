@@ -9,7 +9,6 @@ and its chat template are the respond stage's, shared by both runs.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 from pathlib import Path
 
@@ -88,6 +87,13 @@ class Engines:
         self._built.remove(attr)
         _free()
 
+    def release_generator(self) -> None:
+        """Stop the responder engine if it was built here (before a GPU model of another kind,
+        the harm classifier, loads: the engine holds gpu_memory_utilization of the GPU); the
+        judge rebuilds it if it needs it."""
+        if "llm" in self._built:
+            self._close("llm")
+
     def close(self) -> None:
         """Stop the engines built here; engines handed in stay up."""
         for attr in list(self._built):
@@ -107,14 +113,9 @@ class LazyLLM:
 
 
 def _free():
-    gc.collect()
-    try:
-        import torch
+    from guidealign.core.gpu import release_cached_gpu_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
+    release_cached_gpu_memory()
 
 
 def eval_respond_cfg(cfg):

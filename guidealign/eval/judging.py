@@ -222,6 +222,8 @@ def judge_plans(cfg, judges: list[str], bench: dict, resp: dict, engines) -> dic
                 if "clf" not in holder:
                     from guidealign.eval.classifier import HarmClassifier
 
+                    if engines is not None:  # its GPU memory first: not beside a live engine
+                        engines.release_generator()
                     holder["clf"] = HarmClassifier(ecfg)
                 return holder["clf"].judge(chunk)
         else:

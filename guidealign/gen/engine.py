@@ -85,10 +85,14 @@ def build_llm(cfg: EngineConfig):
     from guidealign.core.models import resolve
 
     before = reaper.child_pids()
-    from guidealign.core.gpu import check_tensor_parallel, require_usable_gpus, visible_gpus
+    from guidealign.core.gpu import (check_tensor_parallel, release_cached_gpu_memory, require_usable_gpus,
+                                     visible_gpus)
 
     require_usable_gpus()  # GPUs visible but unusable by torch: stop, never fall back to the CPU
     if has_cuda():
+        # an earlier stage in this process (retrieve's embedder) may hold cached GPU memory
+        # that vLLM counts as taken: "free memory less than desired GPU memory utilization"
+        release_cached_gpu_memory()
         # before any engine process starts: with the "mp" backend set below, vLLM itself does
         # not compare tensor_parallel_size with the GPUs this process has (MIG: one per process)
         import torch

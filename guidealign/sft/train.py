@@ -235,10 +235,22 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         disable_tqdm=not progress,
         # On CPUs, transformers only sets up DDP (gloo) under torchrun/accelerate with use_cpu.
         use_cpu=not torch.cuda.is_available(),
+        # the other processes wait at a barrier while the first writes the model (tens of GB
+        # for a 13B full fine-tune, then checksummed) or a checkpoint: NCCL's default 30 min can
+        # end the job right after training
+        ddp_timeout=4 * 3600,
         **flags,
     )
     args.update(extra)
-    trainer = SFTTrainer(model=model, args=TRLConfig(**args), train_dataset=dataset,
+    targs = TRLConfig(**args)
+    if world == 1:
+        # one process (sft.num_processes 1) seeing several GPUs: TRL's SFTTrainer refuses the
+        # DataParallel that Trainer would use there ("SFTTrainer does not support
+        # nn.DataParallel"): train on the first GPU, as the accumulation was sized for
+        from guidealign.core.distenv import one_device
+
+        one_device(targs, "sft")
+    trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset,
                          processing_class=tok, peft_config=peft_config)
     if trainer.args.world_size != world:
         raise RuntimeError(f"{world} processes were launched but the trainer sees "
@@ -288,11 +300,14 @@ def _wait_for_the_node_gpus(world_size: int) -> None:
     free, so that it does not start beside an engine's gpu_memory_utilization."""
     import torch
 
+    from guidealign.core.gpu import release_cached_gpu_memory, wait_gpus_free
     from guidealign.core.gpu import visible_gpus as gpu_ids
-    from guidealign.core.gpu import wait_gpus_free
     from guidealign.sft import launcher
 
-    if world_size <= 1 or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    release_cached_gpu_memory()  # this process's own cache (retrieve's embedder) counts as used
+    if world_size <= 1:
         return
     gpus = launcher.node_gpus() or gpu_ids()
     busy = wait_gpus_free(gpus)
@@ -382,6 +397,10 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
     if is_main:
         from guidealign.hub.card import model_card
 
+        if not any(any(tmp.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin", "adapter_model.*")):
+            raise RuntimeError(f"sft: the trainer saved no model weights in {tmp} (FSDP's state_dict_type "
+                               "SHARDED_STATE_DICT, or DeepSpeed ZeRO-3 without 16-bit weights gathered?): "
+                               "nothing is committed; save full weights and rerun (from the last checkpoint, if any)")
         tok.save_pretrained(tmp)  # tokenizer + chat template
         gen_cfg = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
         if gen_cfg is not None and not (tmp / "generation_config.json").exists():
