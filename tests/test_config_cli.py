@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -86,3 +87,92 @@ def test_a_warmup_ratio_of_one_or_more_is_refused(key):
     for bad in ("1.0", "2", "-0.1"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [f"{key}={bad}"])
+
+
+# --- found in a review of the config layer (Stop 34) --------------------------------------------
+
+def _file(tmp_path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_a_section_with_every_key_commented_out_keeps_its_own_defaults(tmp_path):
+    """`respond:\\n  sampling:\\n    # temperature: 0.0` put the Sampling class's defaults (T=0.7,
+    400 tokens) over respond's own (greedy, 512): respond silently sampled."""
+    want = Config().respond.sampling
+    assert (want.temperature, want.max_tokens) == (0.0, 512)
+    cfg = load_config(_file(tmp_path, "respond:\n  sampling:\n    # temperature: 0.3\n"))
+    assert cfg.respond.sampling == want
+    assert load_config(None, ["respond.sampling=null"]).respond.sampling == want
+    assert load_config(None, ["eval.judge_sampling={}"]).eval.judge_sampling == Config().eval.judge_sampling
+
+
+def test_an_empty_free_form_mapping_clears_it(tmp_path):
+    """`--set respond.engine={}` (the docs: {} = answer with `engine`) left the recipe's responder,
+    and a trainer_args with every key commented out was refused as "expected a mapping"."""
+    paper = "configs/gpu-paper.yaml"
+    cfg = load_config(paper, ["respond.engine={}", "sft.trainer_args={}"])
+    assert cfg.respond.engine == {} and cfg.sft.trainer_args == {}
+    assert load_config(paper, ["respond.engine.max_model_len=2048"]).respond.engine["model"]  # merged
+    assert load_config(_file(tmp_path, "sft:\n  trainer_args:\n    # fsdp: full_shard\n")).sft.trainer_args == {}
+
+
+@pytest.mark.parametrize("override, says", [
+    ("library.shard_rows=0", "library.shard_rows: must be a count, >= 1, got 0"),
+    ("retrieve.keep=0", "retrieve.keep: must be a count"),
+    ("engine.tensor_parallel_size=0", "engine.tensor_parallel_size: must be a count"),
+    ("respond.engine.tensor_parallel_size=0", "respond.engine.tensor_parallel_size: must be a count"),
+    ("sft.micro_batch_size=0", "sft.micro_batch_size: must be a count"),
+    ("engine.gpu_memory_utilization=5", "engine.gpu_memory_utilization: must be in [0, 1]"),
+    ("engine.gpu_memory_utilization=0", "engine.gpu_memory_utilization: must be > 0"),
+    ("library.heldout_fraction=1.5", "library.heldout_fraction: must be in [0, 1)"),
+    ("executor.claim_ttl_s=-1", "executor.claim_ttl_s: must be > 0"),
+    ("detect.sampling.max_tokens=-5", "detect.sampling.max_tokens: must be a count"),
+    ("detect.sampling.temperature=-1", "detect.sampling.temperature: must be >= 0"),
+    ("library.use_gpu=banana", "library.use_gpu"),
+])
+def test_out_of_range_values_are_refused_when_the_config_loads(override, says):
+    """They loaded, passed `check` (some with a ZeroDivisionError traceback there) and were
+    refused hours later by the stage that reads them, or not at all (an empty library)."""
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config("configs/demo.yaml", [override])
+    r = CliRunner().invoke(cli, ["check", "-c", "configs/demo.yaml", "--set", override])
+    assert r.exit_code == 2 and says.split(":")[0] in r.output and "Traceback" not in r.output
+
+
+def test_the_shipped_recipes_are_in_range():
+    import glob
+
+    for path in glob.glob("configs/*.yaml"):
+        load_config(path)  # raises on a value out of range
+
+
+def test_yaml_keeps_number_like_text_and_refuses_a_key_given_twice(tmp_path):
+    """YAML 1.1 turned `revision: 0755` into "493", `name: 2024_05_01` into "20240501" and
+    `--set respond.engine.model=0123` into "83"; a key given twice kept the last silently."""
+    cfg = load_config(_file(tmp_path, "push:\n  revision: 0755\neval:\n  name: 2024_05_01\n"),
+                      ["sft.data=[2024_05, 010]", "respond.engine.model=0123"])
+    assert cfg.push.revision == "0755" and cfg.eval.name == "2024_05_01"
+    assert cfg.sft.data == ["2024_05", "010"] and cfg.respond.engine["model"] == "0123"
+    assert load_config(_file(tmp_path, "sft:\n  learning_rate: 1e-5\n")).sft.learning_rate == 1e-5
+    with pytest.raises(ConfigError, match="'engine' is given twice"):
+        load_config(_file(tmp_path, "engine: {dtype: float32}\nsft: {}\nengine: {seed: 3}\n"))
+
+
+def test_text_rules_of_engine_keys_hold_under_respond_engine_and_on_off_load_unquoted(tmp_path):
+    cfg = load_config(None, ["respond.engine.chat_template=no", "respond.engine.model=1.10"])
+    assert cfg.respond.engine == {"chat_template": "no", "model": "1.10"}
+    cfg = load_config(_file(tmp_path, "eval:\n  risk_identification: off\n"))
+    assert cfg.eval.risk_identification == "off"
+
+
+def test_unknown_keys_of_mixed_types_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(_file(tmp_path, "engine: {1: x, foo: y}\n"))
+
+
+def test_a_misspelt_stage_in_run_is_a_usage_error_before_the_preflight(tmp_path):
+    r = CliRunner().invoke(cli, ["run", "-w", str(tmp_path / "w"), "-c", "configs/demo.yaml",
+                                 "--stages", "bogus"])
+    assert r.exit_code == 2 and "unknown stage" in r.output and "guidealign check" not in r.output

@@ -89,11 +89,16 @@ def config_show(config_path, overrides):
 @stage_options
 def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
     """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set)."""
-    from guidealign.pipeline import run_pipeline
+    from guidealign.pipeline import choose, run_pipeline
     from guidealign.shards.ranks import batch_script_refusal
 
     if why := batch_script_refusal(rank is not None or world_size is not None):
         raise click.UsageError(why)  # rank 0 of n alone: 1/n of each map stage
+    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else None  # "a, b" too
+    try:
+        choose(cfg, names)  # a misspelt stage: a usage error before the preflight or any work
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     r, w = ranks(rank, world_size)
     if not no_check:
         from guidealign.cli.check import preflight
@@ -108,7 +113,6 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
 
     from guidealign.ingest.readers import IngestError
 
-    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else None  # "a, b" too
     try:
         run_pipeline(cfg, workdir, rank=r, world_size=w, stages=names, progress=not no_progress, echo=click.echo)
     # e.g. a stage whose input is not there yet; and the errors the stage commands also print

@@ -8,6 +8,7 @@ are the documented defaults: ``guidealign config show`` prints them all.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,6 +93,40 @@ class ConfigError(ValueError):
     pass
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML for configs: a key given twice in one mapping is an error (last-wins would drop the
+    first silently), and only plain decimal numbers are numbers: YAML 1.1 would read 0755 as 493,
+    2024_05_01 as 20240501 and 1:30 as 90, while leaving 1e-4 text. Those stay text here (a text
+    field keeps them as written; a number field refuses them)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"the key {key!r} is given twice in one mapping (line "
+                                  f"{key_node.start_mark.line + 1}): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """A config file's or an override's YAML (see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 _SCALARS = (bool, int, float, str)
 
 
@@ -112,6 +147,8 @@ def _coerce(tp, value, where: str):
     origin = typing.get_origin(tp)
     if origin is typing.Literal:  # a key with a fixed set of values: another is refused at load
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as true/false
         if not any(_is(value, type(a)) and value == a for a in allowed):
             raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
@@ -147,6 +184,8 @@ def _coerce(tp, value, where: str):
         (item,) = typing.get_args(tp) or (None,)
         return value if item is None else [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
+        if value is None:  # a mapping with every key commented out: empty
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, item = typing.get_args(tp) or (None, None)
@@ -173,24 +212,40 @@ def _build(cls, data: dict, where: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; "
+        raise ConfigError(f"unknown key(s) {sorted(unknown, key=str)} in {where or 'config'}; "
                           f"known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
-def merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict, schema=Config) -> dict:
+    """``over`` on ``base``, key by key into sections (``schema``: the dataclass they are). A
+    section given as null (every key commented out) or {} keeps its keys; a free-form mapping
+    (``respond.engine``, ``sft.trainer_args``) merges key by key too, but null or {} empties it."""
     out = dict(base)
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        section = dataclasses.is_dataclass(hints.get(k))
+        if isinstance(out.get(k), dict) and (v is None or v == {}):
+            out[k] = out[k] if section else {}
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v, hints.get(k))
+        else:
+            out[k] = v
     return out
+
+
+# Free-form mappings whose keys are another section's: ``respond.engine`` holds EngineConfig keys
+# (its overrides keep text as ``engine.*``'s do: ``respond.engine.chat_template=no``)
+_MAPPING_SCHEMAS = {("respond", "engine"): EngineConfig}
 
 
 def _leaf_type(schema, parts: list[str]):
     """The annotated type of the dotted key ``parts`` in dataclass ``schema``; None when the
     key is unknown or leads into a free-form mapping (its values stay YAML)."""
     tp = schema
-    for p in parts:
+    for i, p in enumerate(parts):
+        tp = _MAPPING_SCHEMAS.get(tuple(parts[:i]), tp) if schema is Config else tp
         if not dataclasses.is_dataclass(tp):
             return None
         hints = typing.get_type_hints(tp)
@@ -225,7 +280,7 @@ def _override_value(raw: str, tp, item: str):
             return None
         if text[:1] in ("'", '"'):
             try:
-                value = yaml.safe_load(text)
+                value = yaml_load(text)
             except yaml.YAMLError:
                 value = None
             if isinstance(value, str):
@@ -234,7 +289,7 @@ def _override_value(raw: str, tp, item: str):
     if raw == "":
         return ""
     try:
-        return yaml.safe_load(raw)
+        return yaml_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: the value is not valid YAML "
                           f"({str(e).splitlines()[0]}); quote it") from None
@@ -272,7 +327,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     data: dict = {}
     if path:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        data = yaml_load(text) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     data = merge(to_dict(Config()), data)
@@ -280,8 +335,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         data = merge(data, extra)
     data = merge(data, parse_overrides(overrides))
     cfg = _build(Config, data)
+    responder = None
     if cfg.respond.engine:  # the responder's engine keys: checked now, not when respond starts
-        _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine}, "respond.engine")
+        responder = _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine},
+                           "respond.engine")
+    from guidealign.config.bounds import out_of_bounds
+
+    bad = out_of_bounds(cfg, responder)
+    if bad:
+        raise ConfigError("; ".join(bad))
     check_guided_system(cfg.respond)
     for key, ratio in (("retriever.warmup_ratio", cfg.retriever.warmup_ratio),
                        ("sft.warmup_ratio", cfg.sft.warmup_ratio)):

@@ -53,7 +53,7 @@ class LibraryConfig:
     # Search the candidates on the GPUs (sharded): "auto" when a probe search on them matches
     # the CPU, else on the CPU with the reason logged; true: GPUs or an error; false: CPU
     # (retrieval/index.py). Ours: FAISS GPU wheels lack kernels for some GPUs.
-    use_gpu: bool | str = "auto"
+    use_gpu: bool | Literal["auto"] = "auto"
     # Share of prompts whose pairs go to the held-out split (chosen by a hash of the prompt id). Ours.
     heldout_fraction: float = 0.1
     # Rows per library shard. Ours.
@@ -118,7 +118,7 @@ class IndexConfig:
     # Search on the GPUs (sharded over all of them): "auto" when a probe search on them matches
     # the CPU, else on the CPU with the reason logged; true: GPUs or an error; false: CPU
     # ("auto": FAISS GPU wheels lack kernels for some GPUs, so a probe decides).
-    use_gpu: bool | str = "auto"
+    use_gpu: bool | Literal["auto"] = "auto"
     # Texts per encode batch. Ours.
     batch_size: int = 256
     # torch threads (0: leave torch's default). Ours.

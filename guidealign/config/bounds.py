@@ -1,0 +1,78 @@
+"""The range each numeric setting must lie in, checked when the config loads: a count of 0, a
+ratio of 1.5 or a negative timeout is refused with its key at once, instead of failing (or,
+worse, running on: an empty library from ``library.shard_rows=0``) hours into a run."""
+from __future__ import annotations
+
+import operator
+
+# Counts: at least 1 (None, where a key is optional, is not checked).
+COUNTS = (
+    "ingest.shard_rows", "ingest.max_chars", "ingest.block_bytes", "ingest.dedup_memory_mib",
+    "engine.max_model_len", "engine.tensor_parallel_size", "engine.max_num_seqs",
+    "engine.max_num_batched_tokens", "engine.block_size",
+    "detect.sampling.max_tokens", "guidelines.sampling.max_tokens", "augment.sampling.max_tokens",
+    "respond.sampling.max_tokens", "eval.judge_sampling.max_tokens",
+    "augment.target_per_type", "augment.examples_per_request", "augment.new_per_request",
+    "augment.requests_per_round",
+    "library.shard_rows", "library.batch_size", "library.neighbors", "library.ngram_dim",
+    "library.nprobe", "retriever.batch_size", "retriever.mini_batch_size", "retriever.epochs",
+    "retriever.max_seq_length", "retriever.encode_batch_size", "index.batch_size",
+    "index.nprobe", "retrieve.top_n", "retrieve.keep", "retrieve.batch_size",
+    "sft.global_batch_size", "sft.micro_batch_size", "sft.max_seq_length", "sft.lora_r",
+    "sft.logging_steps", "push.files_per_commit", "eval.shard_rows",
+    "eval.classifier_batch_size", "eval.classifier_max_length",
+)
+# Shares and ratios: (key, low, high, is high itself allowed).
+RANGES = (
+    ("engine.gpu_memory_utilization", 0, 1, True),  # 0 itself is refused below
+    ("library.fuzzy_threshold", 0, 1, True),
+    ("library.min_cosine", -1, 1, True),
+    ("library.heldout_fraction", 0, 1, False),
+    ("retrieve.dedup_ratio", 0, 1, True),
+    ("augment.rouge_threshold", 0, 1, True),
+    ("detect.score_threshold", 0, 1, True),
+    ("sft.lora_dropout", 0, 1, False),
+    *((f"{s}.top_p", 0, 1, True) for s in ("detect.sampling", "guidelines.sampling",
+                                           "augment.sampling", "respond.sampling",
+                                           "eval.judge_sampling")),
+)
+# Must be above 0.
+POSITIVE = ("engine.gpu_memory_utilization", "sft.learning_rate", "retriever.learning_rate",
+            "executor.claim_ttl_s", "detect.sampling.top_p", "guidelines.sampling.top_p",
+            "augment.sampling.top_p", "respond.sampling.top_p", "eval.judge_sampling.top_p")
+# Must not be below 0.
+NOT_NEGATIVE = ("detect.sampling.temperature", "guidelines.sampling.temperature",
+                "augment.sampling.temperature", "respond.sampling.temperature",
+                "eval.judge_sampling.temperature", "respond.min_user_tokens",
+                "executor.wait_timeout_s", "executor.stall_timeout_s", "executor.ray_workers",
+                "executor.ray_max_restarts", "push.max_retries")
+
+
+def _why(key: str, v) -> str | None:
+    if key in COUNTS and v < 1:
+        return "a count, >= 1"
+    for k, lo, hi, hi_ok in RANGES:
+        if k == key and not (lo <= v and (v <= hi if hi_ok else v < hi)):
+            return f"in [{lo}, {hi}{']' if hi_ok else ')'}"
+    if key in POSITIVE and v <= 0:
+        return "> 0"
+    if key in NOT_NEGATIVE and v < 0:
+        return ">= 0"
+    return None
+
+
+def out_of_bounds(cfg, respond_engine=None) -> list[str]:
+    """Why each setting of ``cfg`` outside its range is refused ("key: must be ..., got v");
+    ``respond_engine`` (the responder's EngineConfig) is checked as ``respond.engine.*``."""
+    keys = dict.fromkeys((*COUNTS, *(r[0] for r in RANGES), *POSITIVE, *NOT_NEGATIVE))
+    bad = []
+    for key in keys:
+        shown_values = [(key, operator.attrgetter(key)(cfg))]
+        if respond_engine is not None and key.startswith("engine."):
+            field = key[len("engine."):]
+            shown_values.append((f"respond.engine.{field}", getattr(respond_engine, field)))
+        for shown, v in shown_values:
+            why = None if v is None or isinstance(v, bool) else _why(key, v)
+            if why:
+                bad.append(f"{shown}: must be {why}, got {v!r}")
+    return bad
