@@ -303,10 +303,10 @@ def disk_row(cfg, workdir: str | None, sft: ModelInfo) -> Row:
 
 def other_rows(cfg) -> list[Row]:
     rows = []
-    if not cfg.inputs:
+    if not (cfg.inputs or cfg.ingest.inputs):
         rows.append(Row("inputs", "inputs", WARN, "none configured (give them to ingest)"))
-    for key in ("inputs", "inputs_sft"):
-        for pat in getattr(cfg, key):
+    for key, pats in (("inputs", cfg.inputs or cfg.ingest.inputs), ("inputs_sft", cfg.inputs_sft)):
+        for pat in pats:
             n = len(glob.glob(pat))
             rows.append(Row("inputs", f"{key}: {pat}", OK if n else WARN,
                             f"{n} file(s)" if n else "matches no file here"))

@@ -176,3 +176,15 @@ def test_a_misspelt_stage_in_run_is_a_usage_error_before_the_preflight(tmp_path)
     r = CliRunner().invoke(cli, ["run", "-w", str(tmp_path / "w"), "-c", "configs/demo.yaml",
                                  "--stages", "bogus"])
     assert r.exit_code == 2 and "unknown stage" in r.output and "guidealign check" not in r.output
+
+
+def test_inputs_given_twice_differently_are_refused_and_check_sees_ingest_inputs(tmp_path):
+    """With both `inputs` and `ingest.inputs` set, ingest read only `inputs` (the other silently
+    ignored), and `check` warned "none configured" for a config with only `ingest.inputs`."""
+    with pytest.raises(ConfigError, match="set one of them"):
+        load_config(None, ["inputs=[a.jsonl]", "ingest.inputs=[b.jsonl]"])
+    load_config(None, ["inputs=[a.jsonl]", "ingest.inputs=[a.jsonl]"])  # the same: fine
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hi"}\n')
+    r = CliRunner().invoke(cli, ["check", "--set", f"ingest.inputs=[{f}]"], env={"COLUMNS": "200"})
+    assert "none configured" not in r.output and "1 file(s)" in r.output, r.output

@@ -339,6 +339,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     if cfg.respond.engine:  # the responder's engine keys: checked now, not when respond starts
         responder = _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine},
                            "respond.engine")
+    if cfg.inputs and cfg.ingest.inputs and cfg.inputs != cfg.ingest.inputs:
+        raise ConfigError(f"inputs {cfg.inputs} and ingest.inputs {cfg.ingest.inputs} differ, and "
+                          "ingest would read only the first: set one of them")
     from guidealign.config.bounds import out_of_bounds
 
     bad = out_of_bounds(cfg, responder)
