@@ -188,3 +188,12 @@ def test_inputs_given_twice_differently_are_refused_and_check_sees_ingest_inputs
     f.write_text('{"prompt": "hi"}\n')
     r = CliRunner().invoke(cli, ["check", "--set", f"ingest.inputs=[{f}]"], env={"COLUMNS": "200"})
     assert "none configured" not in r.output and "1 file(s)" in r.output, r.output
+
+
+def test_null_for_a_text_key_that_cannot_be_unset_is_refused():
+    """`--set push.repo_id=null` set the repo id to the text "null" (a push would go there)."""
+    with pytest.raises(ConfigError, match="cannot be null"):
+        load_config(None, ["push.repo_id=null"])
+    assert load_config(None, ["push.repo_id=''"]).push.repo_id == ""
+    assert load_config(None, ["push.repo_id='null'"]).push.repo_id == "null"  # quoted: the word
+    assert load_config(None, ["engine.chat_template=null"]).engine.chat_template is None  # optional

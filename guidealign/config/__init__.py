@@ -276,8 +276,12 @@ def _override_value(raw: str, tp, item: str):
     is unquoted, and ``null`` in an optional text field is None."""
     text = raw.strip()
     if _wants_text(tp):
-        if text in _NULLS and tp is not str:
-            return None
+        if text in _NULLS:
+            if tp is not str:
+                return None
+            # a key that cannot be unset: `push.repo_id=null` was the repo "null"
+            raise ConfigError(f"override {item!r}: this key is text and cannot be null; give "
+                              "the text ('' for none), or quote it to mean the word")
         if text[:1] in ("'", '"'):
             try:
                 value = yaml_load(text)
