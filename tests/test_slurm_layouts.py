@@ -54,8 +54,11 @@ def test_one_job_of_two_tasks_runs_under_srun_and_ends_together(slurm, tmp_path,
                             "run", "-w", str(wd), "--stages", "ingest", "--no-progress",
                             "--set", f"inputs=[{src}]"], log)
     text = log.read_text()
-    # one launcher per task, node ranks 0 and 1 of 2 (SLURM_PROCID under srun)
-    assert "launch: run on node 0/2" in text and "launch: run on node 1/2" in text, text
+    # one launcher per task, node ranks 0 and 1 of 2 (SLURM_PROCID under srun); when rank 0
+    # fails, task 1 may be stopped before its launcher prints a line (a race, not a defect):
+    # srun's own record of stopping it then shows that it ran
+    assert "launch: run on node 0/2" in text, text
+    assert "launch: run on node 1/2" in text or not ok and "task 1: Terminated" in text, text
     if ok:
         assert (wd / "prompts" / "_stage.json").exists()
         assert not (wd / "_failed").exists() or not list((wd / "_failed").iterdir()), text
