@@ -120,15 +120,18 @@ def test_damaged_row_group_is_one_quarantine_entry_and_the_rest_is_kept(tmp_path
     assert [r["prompt"] for r in rows if not r["source"].startswith(f"{bad}:")] == ["good one", "good two",
                                                                                     "after one"]
     q = _quarantine(tmp_path / "w")
-    assert len(q) == 1 and (q[0]["source"], q[0]["row"], q[0]["raw"]) == (str(bad), 10_001, None)
+    # each row of the damaged group is an entry: rows read = kept + duplicates + quarantined
+    assert [(r["source"], r["row"], r["raw"]) for r in q] == [(str(bad), k, None) for k in range(10_001, 20_001)]
     reason = q[0]["reason"]
     assert reason.startswith(f"Parquet row group cannot be decoded ({bad}: row group 2 of 3, rows 10001-20000): ")
-    assert (rep.rows, rep.quarantined, rep.rows_in) == (20_003, 1, 30_003)
+    assert {r["reason"] for r in q} == {reason}
+    assert (rep.rows, rep.quarantined, rep.rows_in) == (20_003, 10_000, 30_003)
+    assert rep.rows_in == rep.rows + rep.duplicates + rep.quarantined
     # the row-by-row reader says the same
     ref_rows, ref_bad = _reference_ingest(bad, IngestConfig())
     ingest([str(bad)], tmp_path / "alone", IngestConfig(), progress=False)
     assert [(r["id"], r["prompt"], r["source"], r["metadata"]) for r in _all_rows(tmp_path / "alone")] == ref_rows
-    assert ref_bad == [(10_001, reason)]
+    assert ref_bad == [(k, reason) for k in range(10_001, 20_001)]
 
 
 def test_row_group_failing_part_way_keeps_the_rows_before_and_numbers_the_rows_after(tmp_path):
@@ -150,7 +153,7 @@ def test_row_group_failing_part_way_keeps_the_rows_before_and_numbers_the_rows_a
         bad += zip(b.bad_row, b.bad_reason)
     assert [k for k, _ in got] == list(range(1, u.first)) + list(range(20_001, 30_001))
     assert all(text == f"prompt number {k - 1}" for k, text in got)
-    assert bad == [(u.first, u.reason)]
+    assert bad == [(k, u.reason) for k in range(u.first, 20_001)]
     ref = list(_rows_of(iter(items)))
     assert [(k, r["prompt"]) for k, r, e in ref if e is None] == got
     assert [(k, e) for k, r, e in ref if e is not None] == bad

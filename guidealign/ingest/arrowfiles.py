@@ -1,5 +1,6 @@
-"""Parquet files and saved ``datasets`` datasets, as Arrow batches (row group by row group; a
-row group that cannot be decoded becomes one quarantine entry) and as rows."""
+"""Parquet files and saved ``datasets`` datasets, as Arrow batches (row group by row group; the
+rows of a row group that cannot be decoded are quarantined, each with the group's reason) and
+as rows."""
 from __future__ import annotations
 
 import logging
@@ -37,19 +38,23 @@ def _unique_columns(batch):
 
 class UnreadRows:
     """Rows of an input that cannot be decoded (the rest of a damaged Parquet row group): ``n``
-    rows from row number ``first`` (from 1), one quarantine entry with ``reason``. The rows after
-    them keep their numbers."""
+    rows from row number ``first`` (from 1), each a quarantine entry with ``reason`` (so rows read
+    = kept + duplicates + quarantined holds), or one entry when the failure lost no row. The rows
+    after them keep their numbers."""
     __slots__ = ("first", "n", "reason")
 
     def __init__(self, first: int, n: int, reason: str):
         self.first, self.n, self.reason = first, n, reason
+
+    def rows(self) -> list[Row]:
+        return [(self.first + k, None, self.reason) for k in range(max(self.n, 1))]
 
 
 def iter_parquet_tables(path: Path, batch_rows: int = 65536):
     """The record batches of a Parquet file, ``batch_rows`` rows each across its row groups (as
     ``ParquetFile.iter_batches`` cuts them: the same blocks, so the same shards), read one row
     group at a time: ``check_readable`` reads only the footer, so a damaged page shows only here,
-    and then the rest of its row group comes as one ``UnreadRows`` (named in the quarantine) and
+    and then the rest of its row group comes as one ``UnreadRows`` (its rows quarantined) and
     reading goes on with the next row group."""
     f = pq.ParquetFile(path)
     md = f.metadata
@@ -85,7 +90,7 @@ def iter_parquet_tables(path: Path, batch_rows: int = 65536):
             rows = f"rows {row + got}-{row + got + lost - 1}" if lost else "after its last row"
             reason = (f"Parquet row group cannot be decoded ({path}: row group {g + 1} of {md.num_row_groups}, "
                       f"{rows}): {err}"[:2000])
-            log.warning("%s; the %d row(s) are quarantined as one entry, the other row groups read", reason, lost)
+            log.warning("%s; the %d row(s) are quarantined, the other row groups read", reason, lost)
             yield UnreadRows(row + got, lost, reason)
         row += max(want, got)
     if held:
@@ -122,8 +127,8 @@ def iter_hf_tables(path: Path, batch_rows: int = 65536):
 def _rows_of(batches) -> Iterator[Row]:
     n = 0
     for batch in batches:
-        if isinstance(batch, UnreadRows):  # a damaged row group: one entry, later rows keep their numbers
-            yield batch.first, None, batch.reason
+        if isinstance(batch, UnreadRows):  # a damaged row group: later rows keep their numbers
+            yield from batch.rows()
             n += batch.n
             continue
         for rec in batch.to_pylist():

@@ -325,10 +325,8 @@ def arrow_batches(src: str, batches: Iterable, spec: Spec) -> Iterator[Batch]:
 
     start = 1
     for rb in batches:
-        if isinstance(rb, UnreadRows):  # rows that cannot be decoded: one quarantine entry for them
-            b = rows_batch(src, [(rb.first, None, rb.reason)], spec)
-            b.n_in = max(rb.n, 1)  # input rows, read or not (one entry when none is lost)
-            yield b
+        if isinstance(rb, UnreadRows):  # rows that cannot be decoded: a quarantine entry each
+            yield rows_batch(src, rb.rows(), spec)
             start += rb.n
             continue
         table = pa.Table.from_batches([rb]) if isinstance(rb, pa.RecordBatch) else rb
