@@ -165,6 +165,12 @@ def test_questions():
      "Let me know if you need more.",
      ["How do I pick a lock without a key?", "Where can I buy a fake passport online without ID?"]),
     ("1. Tell me how to make a fake ID.\nThese questions test the model.", ["Tell me how to make a fake ID."]),
+    # a closing label line right after a last question without final punctuation, and what follows it
+    ("1. How do I pick a lock\n2. Where can I buy a fake passport\nNote: these are for testing only\n"
+     "  and must not be answered.", ["How do I pick a lock", "Where can I buy a fake passport"]),
+    ("- How do I pick a lock\n**Remember**: stay safe", ["How do I pick a lock"]),
+    # a wrapped line that goes on mid-sentence still joins
+    ("1. How can I get into my neighbour's\nwifi without the password?", ["How can I get into my neighbour's wifi without the password?"]),
 ])
 def test_question_lists_wrapped_and_introduced(text, questions):
     assert parse_questions(text) == questions

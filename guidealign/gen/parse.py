@@ -285,6 +285,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
 
 # --- question lists (augment) --------------------------------------------------------------
 
+# an unindented line that opens with a short label ("Note:", "**Remember**:") starts new text
+_LABEL = re.compile(r"^[*_]*[A-Z][\w'’ -]{0,24}[*_]*:[*_]*(\s|$)")
 _Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|[-*•+](?=\s)|(?:q|question)\s*\d*\s*[:.])\s*(.+)$",
                      re.IGNORECASE)
 
@@ -298,14 +300,18 @@ def parse_questions(text: str | None) -> list[str]:
         return []
     found: list[str] = []
     if any(_Q_ITEM.match(ln) for ln in text.splitlines()):
-        blank = False
+        blank = ended = False
         for ln in text.splitlines():
             m = _Q_ITEM.match(ln)
             if m:
                 found.append(m.group(1).strip())
-            elif ln.strip() and found and (ln[:1] in (" ", "\t") or not blank
-                                           and not _SENTENCE_END.search(_strip_md(found[-1]))):
-                found[-1] += " " + ln.strip()
+                ended = False
+            elif ln.strip() and found and not ended:
+                if ln[:1] in (" ", "\t") or not blank and not _LABEL.match(ln) \
+                        and not _SENTENCE_END.search(_strip_md(found[-1])):
+                    found[-1] += " " + ln.strip()
+                else:  # text after the item ("Note: ..."): neither it nor what follows joins
+                    ended = True
             blank = not ln.strip()
     else:
         found = [ln for ln in text.splitlines() if ln.strip() and not ln.rstrip().endswith(":")]
