@@ -145,6 +145,9 @@ def run_on_ray(fn: Callable | str, cfg, workdir: str | Path, *, n_tasks: int,
                                             runtime_env={"env_vars": worker_env()})
     workdir = str(Path(workdir).absolute())
     cwd = os.getcwd()
+    from guidealign.shards.failure import clear_all_failed
+
+    clear_all_failed(workdir)  # this driver starts every rank: no marker is this run's yet
     log.info("ray: %d task(s) of %s with %s", n_tasks, _fn_name(fn), opts)
     refs = {remote.remote(fn, cfg, workdir, r, n_tasks, cwd, stage_kwargs): r for r in range(n_tasks)}
     results: dict[int, TaskResult] = {}

@@ -222,6 +222,9 @@ class WorkerPool:
 
         claims.Assignment(ex.assign, ex.claim_ttl_s)  # a bad value fails here, not on every worker
         workdir = str(Path(workdir).absolute())
+        from guidealign.shards.failure import clear_all_failed
+
+        clear_all_failed(workdir)  # this driver starts every rank: no marker is this run's yet
         refs = {a.run.remote(fn, workdir, k, self.n, stage_kwargs, engine, assign): k
                 for k, a in enumerate(self.actors)}
         results, errors = {}, {}

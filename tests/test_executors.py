@@ -197,6 +197,27 @@ def test_a_ray_workers_wait_ends_on_the_configured_stall_clock(ray_local, ingest
         run_stage(run_retrieve, cfg, ingested, n_workers=2, progress=False)
 
 
+@pytest.mark.timeout(900)
+def test_an_earlier_runs_failure_marker_under_the_same_run_id_does_not_stop_a_ray_run(ray_local, ingested,
+                                                                                    monkeypatch):
+    """A fixed GUIDEALIGN_RUN_ID (exported once in a shell) gave every rerun the id of the run
+    that failed: its leftover marker stopped the new Ray workers' waits with the old error (for
+    good when that rank is not in the new run: an earlier run on 4 workers, this one on 2; else
+    until the rank clears its own). The driver starts every rank, so it clears the markers
+    first; the wait here ends on its stall clock instead (no index: nothing ever comes)."""
+    from guidealign.retrieval.retrieve import run_retrieve
+    from guidealign.shards.failure import mark_failed
+
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "fixed-id")
+    mark_failed(ingested, 3, "an error of the earlier run", stage="retrieve", world_size=4)
+    cfg = ray_cfg(num_cpus=1)
+    cfg.executor.stall_timeout_s = 3
+    cfg.executor.ray_max_restarts = 0
+    with pytest.raises(ExecutorError) as e:
+        run_stage(run_retrieve, cfg, ingested, n_workers=2, progress=False)
+    assert "an error of the earlier run" not in str(e.value) and "Stalled" in str(e.value)
+
+
 def test_dead_worker_is_restarted_and_its_claimed_shard_taken_over(ray_local, ingested):
     wd = ingested
     n = N_PROMPTS // SHARD_ROWS

@@ -130,6 +130,16 @@ def clear_failed(workdir: str | Path, rank: int | None) -> None:
     failure_path(workdir, rank).unlink(missing_ok=True)
 
 
+def clear_all_failed(workdir: str | Path) -> None:
+    """Remove every rank's marker: for a driver that starts all the ranks of a stage itself (Ray),
+    before it starts them, so that an earlier run's failure under the same fixed run id
+    (``GUIDEALIGN_RUN_ID``) cannot stop this run's waiters before the failed rank clears it."""
+    d = Path(workdir) / FAILED_DIR
+    if d.is_dir():
+        for p in d.glob("*.json"):
+            p.unlink(missing_ok=True)
+
+
 def _counts(marker: dict, me: str | None, started: float, my_attempt: int = 0,
             my_job: str | None = None) -> bool:
     theirs = marker.get("run_id")
