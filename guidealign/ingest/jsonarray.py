@@ -27,7 +27,7 @@ from typing import Iterator
 
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
-from guidealign.ingest.jsonrows import json_object_line, parse_jsonl_line
+from guidealign.ingest.jsonrows import json_object_line, load_object, parse_jsonl_line
 from guidealign.ingest.keys import find_prompt_key, norm_key
 from guidealign.ingest.rows import Row
 
@@ -157,15 +157,8 @@ class _JsonItems:
             raw = text.encode("utf-8", "surrogateescape")
             reason = utf8_error_reason(n, raw, self.enc).replace(f"line {n}", f"array item {n}", 1)
             return n, {"_raw": raw.decode("utf-8", "replace")}, reason
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            return n, {"_raw": text}, f"array item {n} is not JSON: {e.msg} (line {e.lineno} column {e.colno} of the item)"
-        except RecursionError:
-            return n, {"_raw": text}, f"array item {n} is JSON nested too deeply to read"
-        if not isinstance(rec, dict):
-            return n, None, f"array item {n} is a JSON {type(rec).__name__}, not an object"
-        return n, rec, None
+        return (n,) + load_object(text, f"array item {n}", f"array item {n} is not JSON",
+                                  lambda e: f"line {e.lineno} column {e.colno} of the item")
 
     def _array(self) -> Iterator[Row]:
         """The items of the array whose '[' is at ``pos``; ``pos`` ends past its ']'."""
@@ -231,13 +224,9 @@ class _JsonItems:
     def _object_lines_follow(self, lines: int = 3) -> bool:
         """Whether one of the next ``lines`` lines that are not blank, from ``pos`` on, is one
         whole JSON object (not the pieces of pretty-printed values one after another)."""
-        at = scan = self.pos
+        at = self.pos
         while lines:
-            nl = self.buf.find("\n", scan)
-            if nl < 0:
-                scan = len(self.buf)
-                if self._more():
-                    continue
+            nl = self._line_end(at)
             line = self.buf[at:nl if nl >= 0 else len(self.buf)]
             if line.strip():
                 if json_object_line(line.encode("utf-8", "surrogateescape")):
@@ -245,20 +234,27 @@ class _JsonItems:
                 lines -= 1
             if nl < 0:
                 return False
-            at = scan = nl + 1
+            at = nl + 1
         return False
+
+    def _line_end(self, at: int) -> int:
+        """The next line end from ``at`` on, reading more of the file as needed; -1 at its end."""
+        while True:
+            nl = self.buf.find("\n", at)
+            if nl >= 0:
+                return nl
+            at = len(self.buf)
+            if not self._more():
+                return -1
 
     def _json_lines(self) -> Iterator[Row]:
         """The lines from the one at ``pos`` on, read as JSON Lines (row: the line number)."""
         self.pos = self.buf.rfind("\n", 0, self.pos) + 1
         lineno = self.buf.count("\n", 0, self.pos) + 1
-        rows, scan = self.n, self.pos
+        rows = self.n
         while True:
-            nl = self.buf.find("\n", scan)
+            nl = self._line_end(self.pos)
             if nl < 0:
-                scan = len(self.buf)
-                if self._more():
-                    continue
                 last, line, self.pos = True, self.buf[self.pos:], len(self.buf)
             else:
                 last, line, self.pos = False, self.buf[self.pos:nl], nl + 1
@@ -271,7 +267,6 @@ class _JsonItems:
             lineno += 1
             if self.pos > _JSON_CHUNK:
                 self.buf, self.pos = self.buf[self.pos:], 0
-            scan = self.pos
         if read_error(self.stream):
             yield 0, None, read_error(self.stream, rows)
 

@@ -54,16 +54,23 @@ def parse_jsonl_line(lineno: int, raw: bytes, last: bool, encoding: str = "utf-8
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return lineno, {"_raw": raw.decode("utf-8", "replace")}, utf8_error_reason(lineno, raw, encoding)
+    return (lineno,) + load_object(text, f"line {lineno}", "truncated last line" if last else f"line {lineno} is not JSON",
+                                   lambda e: f"column {e.colno}")
+
+
+def load_object(text: str, what: str, not_json: str, where) -> tuple[dict | None, str | None]:
+    """(record, None) for ``text`` that is one JSON object, else (what to show, reason): ``what``
+    names the text in a reason ("line 3"), ``not_json`` opens the reason for text that is not
+    JSON, ``where(error)`` says where it broke."""
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
-        why = "truncated last line" if last else f"line {lineno} is not JSON"
-        return lineno, {"_raw": text}, f"{why}: {e.msg} (column {e.colno})"
+        return {"_raw": text}, f"{not_json}: {e.msg} ({where(e)})"
     except RecursionError:
-        return lineno, {"_raw": text}, f"line {lineno} is JSON nested too deeply to read"
+        return {"_raw": text}, f"{what} is JSON nested too deeply to read"
     if not isinstance(rec, dict):
-        return lineno, None, f"line {lineno} is a JSON {type(rec).__name__}, not an object"
-    return lineno, rec, None
+        return None, f"{what} is a JSON {type(rec).__name__}, not an object"
+    return rec, None
 
 
 def iter_lines(stream) -> Iterator[tuple[bytes, bool]]:
