@@ -760,17 +760,24 @@ def test_csv_columnar_path_equals_row_by_row_reference(tmp_path, monkeypatch):
     assert used["columnar"] > 100 and used["rows"] > 10  # both paths were taken
 
 
+def _clean_and_as_the_row_reader_reads(files, workdir, **cfg):
+    """Ingest ``files`` (one) with ``IngestConfig(**cfg)``: nothing quarantined, and the rows
+    (id, prompt, source) the row-by-row reader gives; returns (rows, report)."""
+    got, q, rep = _ingested(files, workdir, **cfg)
+    ref_rows, ref_bad = _reference_ingest(files[0], IngestConfig(**cfg))
+    assert [(r["id"], r["prompt"], r["source"]) for r in got] == [r[:3] for r in ref_rows]
+    assert q == [] == ref_bad
+    return got, rep
+
+
 def test_csv_stray_quote_hands_the_rest_of_the_file_to_the_row_reader(tmp_path):
     f = tmp_path / "q.csv"
     rows = [f"prompt {i},t{i}\n" for i in range(200)]
     rows[50] = 'a 5" screen,x\n'                                  # a quote that opens nothing
     rows[120] = '"multi\nline ""quoted""",y\n'                     # then a quoted line end
     f.write_text("prompt,topic\n" + "".join(rows))
-    cfg = IngestConfig(block_bytes=256, shard_rows=64)
-    rows_got, q, rep = _ingested([f], tmp_path / "w", block_bytes=256, shard_rows=64)
-    ref_rows, ref_bad = _reference_ingest(f, cfg)
-    assert [(r["id"], r["prompt"], r["source"]) for r in rows_got] == [r[:3] for r in ref_rows]
-    assert q == [] == ref_bad and rep.rows == 200
+    rows_got, rep = _clean_and_as_the_row_reader_reads([f], tmp_path / "w", block_bytes=256, shard_rows=64)
+    assert rep.rows == 200
     assert rows_got[50]["prompt"] == 'a 5" screen' and rows_got[120]["prompt"] == 'multi\nline "quoted"'
     assert rows_got[120]["source"].endswith(":123")  # the row reader's line: where the record ends
 
@@ -788,11 +795,8 @@ def test_csv_stray_quote_does_not_hold_the_rest_of_the_file_in_memory(tmp_path, 
     rows = [f"prompt number {i},t{i}\n" for i in range(3000)]
     rows[50] = 'a 5" screen,x\n'
     f.write_text("prompt,topic\n" + "".join(rows))
-    cfg = IngestConfig(block_bytes=256, shard_rows=500)
-    got, q, rep = _ingested([f], tmp_path / "w", block_bytes=256, shard_rows=500)
-    ref_rows, ref_bad = _reference_ingest(f, cfg)
-    assert [(r["id"], r["prompt"], r["source"]) for r in got] == [r[:3] for r in ref_rows]
-    assert q == [] == ref_bad and rep.rows == 3000
+    got, rep = _clean_and_as_the_row_reader_reads([f], tmp_path / "w", block_bytes=256, shard_rows=500)
+    assert rep.rows == 3000
     assert f.stat().st_size > 50_000 and max(held) <= 2048 + 2 * 256
 
 
