@@ -10,7 +10,7 @@ each. It prints prompts/s and output tokens/s of both and their ratio (goal >= 0
 prefix-cache hit rate of the stage run, and (in a child process, a fresh engine with
 prefix caching off) the stage's throughput without caching.
 
-Structured outputs (``--structured``, on by default): on the same engine and prompts, the
+Structured outputs (on by default; ``--no-structured`` skips them): on the same engine and prompts, the
 detect stage and then the guidelines stage with ``structured`` off and on: prompts/s, the
 share of rows cut at max_tokens, and the parse rate (rows with a verdict / with 5-7 titled
 guidelines) over all rows and over the rows that finished. Both guidelines runs read the same

@@ -40,7 +40,8 @@ def stage_options(f):
     @click.option("--world-size", type=int, default=None, help="Number of workers (default: from env).")
     @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
     @click.option("--executor", type=click.Choice(get_args(ExecutorKind)), default=None,
-                  help="local: this rank's shards here; ray: one Ray task per shard (default: executor.kind).")
+                  help="local: this rank's shards here; ray: sharded stages on Ray worker actors (one engine each) "
+                       "taking shard after shard, other stages as one Ray task (default: executor.kind).")
     @functools.wraps(f)
     def wrapper(*args, config_path=None, overrides=(), executor=None, **kwargs):
         cfg = load_cli_config(config_path, overrides)

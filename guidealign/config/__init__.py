@@ -33,9 +33,10 @@ ShardAssign = Literal["static", "dynamic"]
 
 @dataclass
 class ExecutorConfig:
-    # local: run this rank's shards in-process. ray: one Ray task per shard.
+    # local: run this rank's shards in-process. ray: sharded stages on long-lived Ray worker actors
+    # (one engine each, taking shard after shard), other stages as one Ray task.
     kind: ExecutorKind = "local"
-    # Resources per Ray task, e.g. {"num_gpus": 1, "num_cpus": 4}.
+    # Resources per Ray worker (actor) or task, e.g. {"num_gpus": 1, "num_cpus": 4}.
     ray_resources: dict = field(default_factory=lambda: {"num_cpus": 1})
     # Per-stage Ray resources, e.g. {detect: {num_gpus: 4}, ingest: {num_cpus: 1}}; a stage
     # not named here uses ray_resources. Empty = every stage uses ray_resources.
