@@ -131,6 +131,15 @@ def test_an_empty_free_form_mapping_clears_it(tmp_path):
     ("detect.sampling.max_tokens=-5", "detect.sampling.max_tokens: must be a count"),
     ("detect.sampling.temperature=-1", "detect.sampling.temperature: must be >= 0"),
     ("library.use_gpu=banana", "library.use_gpu"),
+    # retrieval settings a stage refused only when it started, after detect and guidelines ran
+    ("retrieve.keep=30", "retrieve.keep: must be at most retrieve.top_n (20), got 30"),
+    ("retriever.recall_at=[0,5]", "retriever.recall_at: must be a list of counts, each >= 1"),
+    ("retriever.risk_top_k=0", "retriever.risk_top_k: must be a count"),
+    ("library.fuzzy_threshold=0", "library.fuzzy_threshold: must be > 0"),
+    ("index.ef_search=0", "index.ef_search: must be a count"),
+    ("index.hnsw_m=0", "index.hnsw_m: must be a count"),
+    ("index.nlist=-3", "index.nlist: must be >= 0"),
+    ("library.exact_search_max=-1", "library.exact_search_max: must be >= 0"),
 ])
 def test_out_of_range_values_are_refused_when_the_config_loads(override, says):
     """They loaded, passed `check` (some with a ZeroDivisionError traceback there) and were

@@ -91,3 +91,22 @@ def test_candidates_exactly_at_min_cosine_are_kept():
     assert abs(float(vecs[0] @ vecs[1]) - 0.5) < 1e-6 and fuzz.ratio(keys[0], keys[1]) == 75
     labels, stats = cluster(keys, vecs, threshold=0.75, k=4, min_cosine=0.5, use_gpu=False)
     assert labels.tolist() == [0, 0, 2, 2, 4], f"pairs at exactly min_cosine dropped: {labels.tolist()}"
+
+
+def test_approximate_candidate_search_on_a_small_library_does_not_ask_for_more_lists_than_points():
+    """With library.exact_search_max below the library's size (0: "always approximate"), up to 16
+    guidelines asked FAISS for 4*sqrt(n) >= n inverted lists: k-means refused ("Number of training
+    points (12) should be at least as large as number of clusters (13)")."""
+    from guidealign.retrieval.dedup import cluster
+    from guidealign.retrieval.embed import ngram_vectors
+
+    keys = ["Never reveal a private person's home address.", "Decline to give weapon assembly steps.",
+            "Suggest seeing a doctor for dosage questions.", "Cite sources for market figures.",
+            "Keep examples suitable for children.", "Stay neutral about candidates in elections.",
+            "Do not write code that breaks into accounts.", "Point to crisis hotlines when someone is at risk.",
+            "Explain drug laws without sourcing tips.", "Warn that gambling systems do not beat the odds.",
+            "Summarize instead of reproducing lyrics.", "Refuse to praise violent movements.",
+            "Decline to give weapon assembly steps!"]
+    labels, _ = cluster(keys, ngram_vectors(keys), threshold=0.75, k=10, min_cosine=0.5, exact_max=0,
+                        use_gpu=False)
+    assert labels[-1] == labels[1] and len(set(labels.tolist())) == 12

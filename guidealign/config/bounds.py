@@ -17,7 +17,7 @@ COUNTS = (
     "library.shard_rows", "library.batch_size", "library.neighbors", "library.ngram_dim",
     "library.nprobe", "retriever.batch_size", "retriever.mini_batch_size", "retriever.epochs",
     "retriever.max_seq_length", "retriever.encode_batch_size", "index.batch_size",
-    "index.nprobe", "retrieve.top_n", "retrieve.keep", "retrieve.batch_size",
+    "index.nprobe", "index.hnsw_m", "index.ef_search", "retriever.risk_top_k", "retrieve.top_n", "retrieve.keep", "retrieve.batch_size",
     "sft.global_batch_size", "sft.micro_batch_size", "sft.max_seq_length", "sft.lora_r",
     "sft.logging_steps", "push.files_per_commit", "eval.shard_rows",
     "eval.classifier_batch_size", "eval.classifier_max_length",
@@ -25,7 +25,7 @@ COUNTS = (
 # Shares and ratios: (key, low, high, is high itself allowed).
 RANGES = (
     ("engine.gpu_memory_utilization", 0, 1, True),  # 0 itself is refused below
-    ("library.fuzzy_threshold", 0, 1, True),
+    ("library.fuzzy_threshold", 0, 1, True),  # 0 itself is refused below
     ("library.min_cosine", -1, 1, True),
     ("library.heldout_fraction", 0, 1, False),
     ("retrieve.dedup_ratio", 0, 1, True),
@@ -37,7 +37,7 @@ RANGES = (
                                            "eval.judge_sampling")),
 )
 # Must be above 0.
-POSITIVE = ("engine.gpu_memory_utilization", "sft.learning_rate", "retriever.learning_rate",
+POSITIVE = ("engine.gpu_memory_utilization", "library.fuzzy_threshold", "sft.learning_rate", "retriever.learning_rate",
             "executor.claim_ttl_s", "detect.sampling.top_p", "guidelines.sampling.top_p",
             "augment.sampling.top_p", "respond.sampling.top_p", "eval.judge_sampling.top_p")
 # Must not be below 0.
@@ -45,7 +45,7 @@ NOT_NEGATIVE = ("detect.sampling.temperature", "guidelines.sampling.temperature"
                 "augment.sampling.temperature", "respond.sampling.temperature",
                 "eval.judge_sampling.temperature", "respond.min_user_tokens",
                 "executor.wait_timeout_s", "executor.stall_timeout_s", "executor.ray_workers",
-                "executor.ray_max_restarts", "push.max_retries")
+                "executor.ray_max_restarts", "push.max_retries", "index.nlist", "library.exact_search_max")
 
 
 def _why(key: str, v) -> str | None:
@@ -63,7 +63,8 @@ def _why(key: str, v) -> str | None:
 
 def out_of_bounds(cfg, respond_engine=None) -> list[str]:
     """Why each setting of ``cfg`` outside its range is refused ("key: must be ..., got v");
-    ``respond_engine`` (the responder's EngineConfig) is checked as ``respond.engine.*``."""
+    ``respond_engine`` (the responder's EngineConfig) is checked as ``respond.engine.*``; then
+    the few rules between keys or over a list's items."""
     keys = dict.fromkeys((*COUNTS, *(r[0] for r in RANGES), *POSITIVE, *NOT_NEGATIVE))
     bad = []
     for key in keys:
@@ -75,4 +76,8 @@ def out_of_bounds(cfg, respond_engine=None) -> list[str]:
             why = None if v is None or isinstance(v, bool) else _why(key, v)
             if why:
                 bad.append(f"{shown}: must be {why}, got {v!r}")
+    if cfg.retrieve.keep > cfg.retrieve.top_n:
+        bad.append(f"retrieve.keep: must be at most retrieve.top_n ({cfg.retrieve.top_n}), got {cfg.retrieve.keep}")
+    if not cfg.retriever.recall_at or any(not isinstance(k, int) or k < 1 for k in cfg.retriever.recall_at):
+        bad.append(f"retriever.recall_at: must be a list of counts, each >= 1, got {cfg.retriever.recall_at!r}")
     return bad

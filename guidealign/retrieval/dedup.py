@@ -53,7 +53,7 @@ def build_search_index(vecs: np.ndarray, *, exact_max: int, nprobe: int, seed: i
         index = faiss.IndexFlatIP(d)
         index.add(vecs)
         return index, "flat"
-    nlist = max(1, int(4 * math.sqrt(n)))
+    nlist = min(max(1, int(4 * math.sqrt(n))), max(1, n // 39))  # FAISS wants ~39 points a list
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
