@@ -321,3 +321,33 @@ def test_guidelines_that_share_only_a_title_are_not_dropped_as_near_duplicates(t
     run_retrieve(cfg, w, progress=False)
     got = _read_all(w / "retrieve").to_pylist()[0]
     assert len(got["guideline_ids"]) == 2, got
+
+
+def test_settings_the_chosen_index_kind_or_candidate_space_never_reads_change_no_fingerprint(tmp_path):
+    """With index.kind flat (the default), nprobe/nlist/hnsw_m/ef_search changed the index
+    fingerprint, so the library was embedded again and every retrieve shard redone for a no-op;
+    library.embed_model counted with n-gram candidates, ngram_dim with model candidates. Where
+    the mode reads them, they still count."""
+    from guidealign.retrieval.index import index_fingerprint
+    from guidealign.retrieval.library import library_fingerprint
+
+    def ifp(*o):
+        return index_fingerprint(load_config(overrides=list(o)), "v")
+
+    for o in ("index.nprobe=32", "index.nlist=100", "index.hnsw_m=16", "index.ef_search=64"):
+        assert ifp("index.kind=flat", o) == ifp("index.kind=flat"), o
+    for kind, o in (("ivf", "index.nprobe=32"), ("ivf", "index.nlist=100"), ("hnsw", "index.hnsw_m=16"),
+                    ("hnsw", "index.ef_search=64")):
+        assert ifp(f"index.kind={kind}", o) != ifp(f"index.kind={kind}"), (kind, o)
+    assert ifp("index.kind=ivf", "index.ef_search=64") == ifp("index.kind=ivf")
+    from guidealign.shards import write_manifest
+
+    write_manifest(tmp_path / "g", stage="guidelines", num_shards=0, fingerprint="f")
+
+    def lfp(*o):
+        return library_fingerprint(load_config(overrides=list(o)).library, tmp_path / "g")
+
+    assert lfp("library.candidates=ngram", "library.embed_model=other") == lfp("library.candidates=ngram")
+    assert lfp("library.candidates=model", "library.ngram_dim=128") == lfp("library.candidates=model")
+    assert lfp("library.candidates=model", "library.embed_model=other") != lfp("library.candidates=model")
+    assert lfp("library.candidates=ngram", "library.ngram_dim=128") != lfp("library.candidates=ngram")

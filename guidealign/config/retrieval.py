@@ -20,6 +20,11 @@ LIBRARY_PERFORMANCE = ("use_gpu", "batch_size", "threads")
 # mini-batch as its own forward pass, with its own dropout masks, so there it changes the model
 RETRIEVER_PERFORMANCE = ("threads", "mini_batch_size")
 INDEX_PERFORMANCE = ("use_gpu", "batch_size", "threads")
+# Settings the chosen kind (index.kind) or candidate space (library.candidates) never reads:
+# they count at their defaults too, so tuning an unused one rebuilds nothing.
+INDEX_UNREAD = {"flat": ("nlist", "nprobe", "hnsw_m", "ef_search"), "ivf": ("hnsw_m", "ef_search"),
+                "hnsw": ("nlist", "nprobe")}
+LIBRARY_UNREAD = {"ngram": ("embed_model",), "model": ("ngram_dim",)}
 
 
 @dataclass

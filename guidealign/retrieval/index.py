@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guidealign.config import wait_timeout
-from guidealign.config.retrieval import INDEX_PERFORMANCE
+from guidealign.config.retrieval import INDEX_PERFORMANCE, INDEX_UNREAD
 from guidealign.core.threads import set_threads
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.shards import fingerprint, write_json_atomic
@@ -214,8 +214,9 @@ def model_ref(cfg, library_version: str) -> str:
 def index_fingerprint(cfg, library_version: str) -> str:
     """The fingerprint of the index of that library version under ``cfg`` (rank 0 builds it,
     the other ranks accept only an index that carries it)."""
-    # the performance settings count at their defaults (INDEX_PERFORMANCE)
-    return fingerprint("index-v1", at_defaults(cfg.index, INDEX_PERFORMANCE), library_version,
+    # the performance settings, and those the kind never reads, count at their defaults
+    unread = INDEX_PERFORMANCE + INDEX_UNREAD.get(cfg.index.kind, ())
+    return fingerprint("index-v1", at_defaults(cfg.index, unread), library_version,
                        model_ref(cfg, library_version))
 
 

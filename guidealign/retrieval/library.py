@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from guidealign.core.threads import set_threads
 from guidealign.config import wait_timeout
-from guidealign.config.retrieval import LIBRARY_PERFORMANCE
+from guidealign.config.retrieval import LIBRARY_PERFORMANCE, LIBRARY_UNREAD
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.retrieval.embed import normalize_text
 from guidealign.shards import fingerprint, iter_batches, iter_tables, read_marker, wait_complete, write_manifest, write_shard
@@ -167,8 +167,9 @@ def library_fingerprint(lc, src: Path) -> str:
     # v2: a guideline's kind is voted by the prompt sets its guidelines were written with;
     # v3: guidelines and prompts numbered in sorted order (the IVF search and the pairs files
     # do not depend on the read order), the version covers the pairs files; the performance
-    # settings count at their defaults (LIBRARY_PERFORMANCE)
-    return fingerprint("library-v3", at_defaults(lc, LIBRARY_PERFORMANCE), _input_fp(src))
+    # settings, and those the candidate space never reads, count at their defaults
+    unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
+    return fingerprint("library-v3", at_defaults(lc, unread), _input_fp(src))
 
 
 def library_version(d: str | Path) -> str | None:
