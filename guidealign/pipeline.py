@@ -7,7 +7,9 @@ sft, push) build on rank 0 while the other ranks wait inside the same function f
 result. One vLLM engine serves the engine stages of a rank; it is freed before training.
 With ``executor.kind: ray`` (and one process) the same stages run on Ray: a ``map`` stage
 on worker actors that keep their engine from one stage to the next, the others as one
-task. A rerun after any crash continues where it stopped.
+task. A rerun after any crash keeps every committed shard and artifact and redoes the rest;
+an artifact killed while it was built (library, train-retriever, index) is built again from its
+start (SFT resumes from its last checkpoint).
 """
 from __future__ import annotations
 

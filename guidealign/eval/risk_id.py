@@ -5,7 +5,8 @@ The paper reports it on the 939 Do-Not-Answer prompts (every one of them risky):
 guideline among the top 3 for 94.7% of them. Here the retrieved guideline ids come from the
 guided run (``retrieve/`` of the eval, or the ``guideline_ids`` column of precomputed guided
 responses), best first after near-duplicates were dropped, and a guideline's kind from the
-library it was retrieved from (``safety`` when most prompts that produced it were risky).
+library it was retrieved from (``safety`` when at least half of the prompts it was written for
+were given safety guidelines: the library's vote by prompt set, see ``retrieval/library.py``).
 """
 from __future__ import annotations
 
