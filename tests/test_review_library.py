@@ -110,3 +110,15 @@ def test_approximate_candidate_search_on_a_small_library_does_not_ask_for_more_l
     labels, _ = cluster(keys, ngram_vectors(keys), threshold=0.75, k=10, min_cosine=0.5, exact_max=0,
                         use_gpu=False)
     assert labels[-1] == labels[1] and len(set(labels.tolist())) == 12
+
+
+def test_the_library_version_follows_its_rows_not_how_they_are_cut_into_files(tmp_path):
+    """The version (what the retriever and the index are tied to) hashed the shard files'
+    bytes: library.shard_rows alone gave a new version, so the retriever was trained again,
+    the library embedded again and every retrieve (and, with a retrained GPU model, respond)
+    shard redone for the same rows."""
+    rows = _near_duplicate_rows(60)
+    lib1, v1, _ = _library_of(tmp_path / "a", rows, [])
+    lib2, v2, _ = _library_of(tmp_path / "b", rows, ["library.shard_rows=7"])
+    assert lib1.equals(lib2) and len(list((tmp_path / "b" / "library").glob("shard-*.parquet"))) > 1
+    assert v1 == v2

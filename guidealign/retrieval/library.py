@@ -42,7 +42,6 @@ from guidealign.shards.artifact import build_dir, is_current, mark_done, read_do
 from guidealign.retrieval.embed import normalize_text
 from guidealign.shards import fingerprint, iter_batches, iter_tables, read_marker, wait_complete, write_manifest, write_shard
 from guidealign.shards.fingerprint import at_defaults
-from guidealign.shards.write import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +169,20 @@ def library_fingerprint(lc, src: Path) -> str:
     # settings, and those the candidate space never reads, count at their defaults
     unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
     return fingerprint("library-v3", at_defaults(lc, unread), _input_fp(src))
+
+
+def content_version(tables: list[pa.Table]) -> str:
+    """A hash of the tables' schemas and rows (each as one Arrow IPC stream of one chunk)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tables:
+        sink = pa.BufferOutputStream()
+        t = t.combine_chunks().replace_schema_metadata(None)
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        h.update(sink.getvalue())
+    return h.hexdigest()[:20]
 
 
 def library_version(d: str | Path) -> str | None:
@@ -375,17 +388,16 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     with build_dir(dst) as tmp:
         n_shards = max(1, -(-table.num_rows // max(lc.shard_rows, 1)))
         write_manifest(tmp, stage=STAGE, num_shards=n_shards, fingerprint=fp, input=str(src))
-        shas = []
         for i in range(n_shards):
-            part = table.slice(i * lc.shard_rows, lc.shard_rows)
-            shas.append(write_shard(tmp, i, part, fp).sha256)
+            write_shard(tmp, i, table.slice(i * lc.shard_rows, lc.shard_rows), fp)
         (tmp / "pairs").mkdir()
-        for split, data in pair_rows.items():
-            pq.write_table(pa.table(data, schema=PAIRS_SCHEMA), tmp / "pairs" / f"{split}.parquet")
-            shas.append(file_sha256(tmp / "pairs" / f"{split}.parquet"))
-        # the pairs too: the retriever is trained (and evaluated) on them, and it (and so the
-        # index) is current only for the version it was trained on
-        rep.version = fingerprint("library-version", shas)
+        pairs = {split: pa.table(data, schema=PAIRS_SCHEMA) for split, data in pair_rows.items()}
+        for split, t in pairs.items():
+            pq.write_table(t, tmp / "pairs" / f"{split}.parquet")
+        # the rows, not the files: how they are cut into shards (library.shard_rows) or what
+        # wrote them is not a new version; the pairs count too: the retriever is trained (and
+        # evaluated) on them, and it (and so the index) is current only for its version
+        rep.version = content_version([table, *pairs.values()])
         secs["write"] = time.perf_counter() - t0
         secs["total"] = time.perf_counter() - t_start
         rep.seconds = {k: round(v, 3) for k, v in secs.items()}
