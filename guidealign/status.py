@@ -1,7 +1,9 @@
 """``guidealign status``: progress of every stage in a run directory.
 
 Sharded stages have ``_stage.json`` (total shards) and one marker per committed shard.
-Artifact stages (a trained model, an index) have a ``_done.json`` completion marker.
+Artifact stages (a trained model, an index) have a ``_done.json`` completion marker; the
+library is both, and done only with both. A stage whose ``_stage.json`` is damaged still gets
+a row, with a note that points to ``guidealign verify``.
 Generation stages (detect, guidelines, respond) also show their yield (gen/yieldstats.py):
 rows parsed, rows cut at the length cap, and the share of generated tokens kept.
 """
@@ -18,14 +20,37 @@ from guidealign.stages import STAGES
 # row order: the prompt sets, then every stage's output in the stage table's order
 ORDER = ["prompts", "prompts-sft"] + [s.dst for s in STAGES if s.dst != "prompts"]
 
+# datasets built whole as an artifact (shards.artifact.build_dir): readers take them only
+# through their _done.json, which build_dir and `verify --repair` may have removed
+ARTIFACT_DATASETS = ("library",)
+
+
+def _damaged_row(d: Path) -> dict | None:
+    """A row for a directory whose ``_stage.json`` does not read (damaged) or is absent while
+    shard markers are there; None when neither (no stage)."""
+    from guidealign.shards.manifest import MANIFEST
+
+    markers = len(shard_indices(d))
+    if (d / MANIFEST).exists():
+        why = f"{MANIFEST} is damaged"
+    elif markers:
+        why = f"no {MANIFEST}"
+    else:
+        return None
+    return {"stage": d.name, "shards_done": 0, "shards_total": "?", "shards_stale": 0, "rows": 0,
+            "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
+            "note": f"{why} ({markers} shard marker(s) on disk): run `guidealign verify`; "
+                    "the next run of the stage writes it again"}
+
 
 def _stage_row(d: Path) -> dict | None:
     from guidealign.shards.artifact import DONE, read_done
+    from guidealign.shards.manifest import MANIFEST
 
     man = read_manifest(d)
     done_file = d / DONE
-    if man is None and not done_file.exists():
-        return None
+    if man is None and (not done_file.exists() or (d / MANIFEST).exists()):
+        return _damaged_row(d)
     row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0, "rows": 0,
            "quarantined": 0, "seconds": 0.0, "rows_per_s": None}
     if man is not None:
@@ -44,6 +69,11 @@ def _stage_row(d: Path) -> dict | None:
             row["rows"] += m.rows
             row["quarantined"] += m.quarantined
             row["seconds"] += m.seconds
+        if (done_file.exists() or man.get("stage") in ARTIFACT_DATASETS) \
+                and read_done(d) is None:
+            # a dataset that is also an artifact is done only with its completion record
+            row.update(shards_done=0, rows=0, quarantined=0, seconds=0.0,
+                       note=f"no valid {DONE}: the next run builds it again")
     if man is None:
         # an artifact: done when its completion record reads (a damaged one is none: the
         # stage builds the artifact again)
@@ -111,4 +141,5 @@ def render(rows: list[dict], width: int = 120) -> str:
             f"{100 * share:.1f}%" if share is not None else "-")
     out = io.StringIO()
     Console(width=width, file=out, color_system=None).print(table)
-    return out.getvalue().rstrip()
+    notes = [f"{r['stage']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join([out.getvalue().rstrip()] + notes)

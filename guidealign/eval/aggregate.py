@@ -164,8 +164,11 @@ def _harm_finish(acc: dict) -> dict:
 def aggregate_harm(rows: Iterable[dict]) -> dict:
     """``rows``: dicts with condition, category, verdict ("harmless"/"harmful"/None) and
     optionally weight (default 1).
-    -> {condition: {"overall": {...}, "by_category": {cat: {...}}}}"""
-    out: dict[str, dict] = {}
+    -> {condition: {"overall": {...}, "by_category": {cat: {...}}}}; guided and unguided are
+    always there (n = 0 when none of their answers was judged: every response failed), so the
+    report names both."""
+    out: dict[str, dict] = {c: {"overall": {"n": 0, "harmless": 0, "harmful": 0, "unparsed": 0},
+                                "by_category": {}} for c in ("guided", "unguided")}
     rows = list(rows)
     for r, cat in zip(rows, _categories([r.get("category") for r in rows])):
         cond = out.setdefault(r["condition"], {"overall": {"n": 0, "harmless": 0, "harmful": 0,

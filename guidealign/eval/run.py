@@ -47,12 +47,14 @@ class EvalReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
+        from guidealign.eval.charts import fmt
+
         parts = [f"eval {self.name} ({self.benchmark})"]
         if self.harm:
             for c, d in self.harm.items():
                 o = d["overall"]
-                parts.append(f"{c}: {o['pct_harmless']}% harmless ({o['harmless']}/{o['judged']}, "
-                             f"{o['unparsed']} unparsed)")
+                parts.append(f"{c}: {fmt(o['pct_harmless'], 1, '%')} harmless "
+                             f"({o['harmless']}/{o['judged']}, {o['unparsed']} unparsed)")
         if self.pairwise:
             o = self.pairwise["overall"]
             nwr = o["net_win_rate"]
@@ -62,7 +64,8 @@ class EvalReport:
         if self.risk_identification:
             o = self.risk_identification["overall"]
             parts.append(f"risk identification (top {self.risk_identification['top_k']}): "
-                         f"{o['pct']}% of {o['n']} (paper: {self.risk_identification['paper_pct']}%)")
+                         f"{fmt(o['pct'], 1, '%')} of {o['n']} "
+                         f"(paper: {self.risk_identification['paper_pct']}%)")
         if self.files.get("markdown"):
             parts.append(f"report: {self.files['markdown']}")
         return "; ".join(parts)

@@ -63,11 +63,42 @@ def _hub_id(name: str) -> bool:
     return bool(name) and is_hub_id(name)
 
 
+def _local_path(s: str) -> bool:
+    """``s`` names a local file or directory: ``/…``, ``./…``, ``~…``, or ``a/b`` that is no
+    Hub id and is there on this machine; ``embedded:`` names, URLs and other text (a stop
+    string such as ``</s>``, a template) are none."""
+    from guidealign.core.models import _PATH_PREFIXES
+
+    if s.startswith("embedded:") or "://" in s or "\n" in s:
+        return False
+    if s.startswith(_PATH_PREFIXES):
+        return True
+    try:
+        return "/" in s and not _hub_id(s) and Path(s).exists()
+    except (OSError, ValueError):  # a name too long for a path, a NUL
+        return False
+
+
+def redact(obj):
+    """``obj`` (a config dict, model names, a card's fields) as a card may publish it: Hub ids
+    and ``embedded:`` names stay, a local path becomes its base name (no home directories,
+    user names or cluster layout), and the ``executor`` section (Ray address) is left out."""
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items() if k != "executor"}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and _local_path(obj):
+        return Path(obj.rstrip("/")).name or "(local path)"
+    return obj
+
+
 def model_card(*, base_model: str, data: dict, hyperparameters: dict, metrics: dict,
                mode: str, merged: bool) -> str:
     """The trained model's card: base model, training data, hyperparameters, loss figures.
     An unmerged LoRA adapter is a PEFT repo (library_name: peft), as peft's own cards say."""
     hub_base = base_model if _hub_id(base_model) else None
+    base_model, data, hyperparameters, metrics = redact([base_model, data, hyperparameters,
+                                                         metrics])
     adapter = mode == "lora" and not merged
     meta = {"library_name": "peft" if adapter else "transformers", "base_model": hub_base,
             "tags": ["guide-align", "sft", "trl"] + (["lora"] if mode == "lora" else []),
@@ -91,6 +122,7 @@ def stage_provenance(workdir) -> dict:
     """Counts and metrics of every stage in a run directory (from manifests and _done.json)."""
     from guidealign.shards import read_manifest, read_marker
     from guidealign.shards.layout import shard_indices
+    from guidealign.shards.manifest import stale_shards
 
     out = {}
     wd = Path(workdir)
@@ -100,9 +132,13 @@ def stage_provenance(workdir) -> dict:
         man = read_manifest(d)
         info: dict = {}
         if man is not None:
-            markers = [m for m in (read_marker(d, i) for i in shard_indices(d)) if m is not None]
+            # the shards status counts: not those of an earlier config or input (stale), nor
+            # markers beyond the manifest's shard count
+            stale = stale_shards(d, man)
+            markers = [m for m in (read_marker(d, i) for i in shard_indices(d)
+                                   if i < man["num_shards"] and i not in stale) if m is not None]
             info = {"shards": len(markers), "shards_total": man.get("num_shards"),
-                    "rows": sum(m.rows for m in markers),
+                    "shards_stale": len(stale), "rows": sum(m.rows for m in markers),
                     "quarantined": sum(m.quarantined for m in markers)}
             for k in ("model", "fingerprint"):
                 if k in man:
@@ -117,9 +153,11 @@ def stage_provenance(workdir) -> dict:
         done = d / "_done.json"
         if done.exists():
             try:
-                info["done"] = json.loads(done.read_text())
-            except json.JSONDecodeError:
-                pass
+                record = json.loads(done.read_text())
+            except (OSError, ValueError):  # damaged (bad JSON, not UTF-8): no record
+                record = None
+            if isinstance(record, dict):
+                info["done"] = record
         if info:
             out[d.name] = info
     return out
@@ -167,14 +205,14 @@ def dataset_card(*, repo_id: str, stage: str, rows: int, files: int, cfg, workdi
     retriever metrics, and a `configs` entry so that `datasets.load_dataset` finds the shards."""
     from guidealign.config import to_dict
 
-    prov = stage_provenance(workdir)
+    prov = redact(stage_provenance(workdir))  # no local paths (the input a stage read, ...)
     lib = prov.get("library", {})
     retr = prov.get("retriever", {}).get("done", {})
     meta = {"pretty_name": cfg.push.pretty_name or None, **license_meta(cfg.push.license),
             "tags": ["guide-align", "synthetic", stage],
             "configs": [{"config_name": "default",
                          "data_files": [{"split": "train", "path": f"{data_dir}/*.parquet"}]}]}
-    models = run_models(prov, cfg)
+    models = redact(run_models(prov, cfg))
     prompts = prompt_versions()
     summary = {"stage": stage, "rows": rows, "parquet_files": files,
                "library_size": lib.get("rows"),
@@ -190,4 +228,4 @@ def dataset_card(*, repo_id: str, stage: str, rows: int, files: int, cfg, workdi
             "## Provenance\n\n" + _yaml_block(summary)
             + "\n### Models\n\n" + _yaml_block(models)
             + "\n### Stages of the run\n\n" + _yaml_block(prov)
-            + "\n### Config\n\n" + _yaml_block(to_dict(cfg)))
+            + "\n### Config\n\n" + _yaml_block(redact(to_dict(cfg))))

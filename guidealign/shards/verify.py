@@ -221,11 +221,16 @@ def _check_artifact(root: Path, d: Path, rep: VerifyReport, summary: DirSummary)
     rel = lambda p: Path(p).relative_to(root).as_posix()  # noqa: E731
     try:
         done = json.loads((d / DONE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         rep.problems.append(Problem("corrupt", rel(d / DONE), f"unreadable: {e}",
                                     remove=[rel(d / DONE)]))
         return False
-    files = done.get("files") if isinstance(done, dict) else None
+    if not isinstance(done, dict):
+        # valid JSON but no record (a flipped "{"): readers take it for none (read_done)
+        rep.problems.append(Problem("corrupt", rel(d / DONE), "not a JSON object: "
+                                    f"{type(done).__name__}", remove=[rel(d / DONE)]))
+        return False
+    files = done.get("files")
     if not isinstance(files, dict):
         rep.problems.append(Problem("note", rel(d), "no checksums recorded in _done.json: "
                                     "its files are not checked"))

@@ -1,0 +1,116 @@
+"""Review s35 (status and verify): a `_done.json` that is not UTF-8 or not an object is corrupt
+for `verify` (which repairs it instead of crashing), the library counts done only with its
+`_done.json`, and a stage whose `_stage.json` is damaged still has a row in `status`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from guidealign.cli import cli
+from guidealign.shards import write_manifest, write_shard
+from guidealign.shards.artifact import mark_done
+from guidealign.shards.manifest import MANIFEST
+
+
+def _verify(w: Path, *args):
+    res = CliRunner().invoke(cli, ["verify", str(w), "--json", *args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), \
+        (res.output, repr(res.exception))
+    return res.exit_code, json.loads(res.output)
+
+
+def _library(w: Path) -> Path:
+    """WORKDIR/library as the library stage leaves it: a one-shard dataset with a pairs file,
+    then `_done.json` with the checksums of its files."""
+    lib = w / "library"
+    write_manifest(lib, stage="library", num_shards=1, fingerprint="f", input=str(w / "guidelines"))
+    write_shard(lib, 0, pa.table({"guideline_id": ["g0", "g1"], "text": ["a", "b"]}), "f")
+    (lib / "pairs").mkdir()
+    (lib / "pairs" / "train.parquet").write_bytes(bytes(range(256)) * 4)
+    mark_done(lib, fingerprint="f", rows=2, seconds=1.0)
+    return lib
+
+
+def _row(w: Path, stage: str) -> dict:
+    from guidealign.status import collect
+
+    return next(r for r in collect(w) if r["stage"] == stage)
+
+
+# --- 2. verify: a _done.json that does not read as a record is corrupt, and repaired ----------
+
+@pytest.mark.parametrize("content", [b'{"rows": 2, "fingerprint": "f\xff"}', b"[]", b"null"],
+                         ids=["not-utf8", "list", "null"])
+def test_verify_reports_a_damaged_done_record_as_corrupt_and_repair_removes_it(tmp_path, content):
+    lib = _library(tmp_path)
+    (lib / "_done.json").write_bytes(content)
+    code, out = _verify(tmp_path)
+    assert code == 1 and not out["ok"]
+    assert [(p["kind"], p["path"]) for p in out["problems"]
+            if p["kind"] in ("corrupt", "missing", "orphan")] == [("corrupt", "library/_done.json")]
+    code, out = _verify(tmp_path, "--repair")
+    assert out["removed"] == ["library/_done.json"]
+    assert not (lib / "_done.json").exists()
+    assert _row(tmp_path, "library")["shards_done"] == 0  # the next run builds it again
+
+
+# --- 4. status: the library is done only with its _done.json ---------------------------------
+
+def test_status_counts_the_library_done_only_with_its_done_record(tmp_path):
+    lib = _library(tmp_path)
+    row = _row(tmp_path, "library")
+    assert (row["shards_done"], row["shards_total"], row["rows"]) == (1, 1, 2)
+    (lib / "_done.json").unlink()  # as build_dir leaves it before the swap
+    row = _row(tmp_path, "library")
+    assert (row["shards_done"], row["shards_total"], row["rows"]) == (0, 1, 0)
+    assert "_done.json" in row["note"]
+
+
+def test_status_after_verify_repair_of_a_library_file(tmp_path):
+    """The reviewer's reproduction: a flipped byte in a file of the library; `verify --repair`
+    removes only its _done.json, and status must no longer say 1/1."""
+    from guidealign.status import render
+
+    lib = _library(tmp_path)
+    data = bytearray((lib / "pairs" / "train.parquet").read_bytes())
+    data[100] ^= 0x01
+    (lib / "pairs" / "train.parquet").write_bytes(bytes(data))
+    code, out = _verify(tmp_path, "--repair")
+    assert code == 1 and out["removed"] == ["library/_done.json"]
+    row = _row(tmp_path, "library")
+    assert (row["shards_done"], row["shards_total"]) == (0, 1)
+    assert "0/1" in render([row])
+
+
+# --- 6. status: a stage whose _stage.json is damaged keeps its row ----------------------------
+
+@pytest.mark.parametrize("damage", ['{"stage": "detect", "num_sh', "[]", None],
+                         ids=["truncated", "not-a-manifest", "removed"])
+def test_status_shows_a_stage_whose_manifest_is_damaged(tmp_path, damage):
+    from guidealign.status import collect, render
+
+    write_manifest(tmp_path / "prompts", stage="prompts", num_shards=1, fingerprint="p")
+    write_shard(tmp_path / "prompts", 0, pa.table({"id": ["a"]}), "p")
+    det = tmp_path / "detect"
+    write_manifest(det, stage="detect", num_shards=4, fingerprint="d")
+    for i in range(4):
+        write_shard(det, i, pa.table({"id": [f"p{i}"]}), f"d{i}")
+    if damage is None:
+        (det / MANIFEST).unlink()  # e.g. `verify --repair` removed a damaged one
+    else:
+        (det / MANIFEST).write_text(damage)
+    rows = {r["stage"]: r for r in collect(tmp_path)}
+    assert list(rows) == ["prompts", "detect"]
+    row = rows["detect"]
+    assert row["shards_total"] == "?" and row["shards_done"] == 0
+    assert "guidealign verify" in row["note"] and "4 shard marker(s)" in row["note"]
+    if damage is not None:
+        assert "damaged" in row["note"]
+    text = render(list(rows.values()))
+    assert "detect" in text and "guidealign verify" in text
+    r = CliRunner().invoke(cli, ["status", str(tmp_path), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)[1]["stage"] == "detect"
