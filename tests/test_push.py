@@ -1,7 +1,7 @@
 """`guidealign push` against a local stand-in of the Hub (tests/hubserver.py, loopback only):
 the round trip through datasets.load_dataset, rate-limit retries (of the commit, by push; of a
 transient 502 on the preupload call and an LFS upload, by huggingface_hub's own http_backoff), the
-token never printed, a model push, and a push killed, or failed, between commits that resumes
+token never printed, a model push, and a push killed, or failed, before its commit that resumes
 without re-uploading what reached the Hub."""
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert TOKEN not in out  # never printed, even at -vv
         assert "retry" in out and "429" in out
         assert TOKEN in hub.state.seen_tokens  # ... but sent to the Hub
-        assert len(hub.requests("POST", r"/commit/")) == 2 + 2  # two 429s, then 2 commits
-        assert len(hub.commits("org/aligned")) == 1 + 2  # the repo's initial commit, then 2
+        assert len(hub.requests("POST", r"/commit/")) == 2 + 1  # two 429s, then the one commit
+        assert len(hub.commits("org/aligned")) == 1 + 1  # the repo's initial commit, then 1
         # a retried commit does not upload its LFS objects again
         assert len(hub.state.lfs_uploads) == 2
         files = hub.files("org/aligned")
@@ -113,7 +113,7 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert hub.state.repos[("dataset", "org/aligned")].private is True
         report = json.loads((workdir / "push" / "org__aligned.json").read_text())
         assert report["uploaded"] == 3 and report["retries"] >= 3 and TOKEN not in json.dumps(report)
-        assert report["commits"] == 2 and report["commit"] == hub.commits("org/aligned")[-1][0]
+        assert report["commits"] == 1 and report["commit"] == hub.commits("org/aligned")[-1][0]
 
         # Private: no token, no data.
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -256,7 +256,8 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
     assert len(shas) == 5
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
-        # Commits of 2 files; the 4th LFS upload (2nd file of the 2nd commit) never finishes.
+        # Uploads in batches of 2 files; the 4th LFS upload (2nd file of the 2nd batch) never
+        # finishes.
         hub.state.hang_after = 3
         proc = subprocess.Popen(push_cmd(workdir, "respond", "org/big", "--set",
                                          "push.files_per_commit=2"),
@@ -274,8 +275,8 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
         hub.state.release.set()
         first = list(hub.state.lfs_uploads)
         committed = {p for p, e in hub.files("org/big").items() if e.sha256}
-        assert committed == {"data/shard-00000.parquet", "data/shard-00001.parquet"}
-        # One file of the 2nd batch was uploaded (not committed) before the kill.
+        assert committed == set()  # the one commit comes after all the uploads
+        # Three objects were uploaded (none committed) before the kill.
         assert len(first) == 3
 
         p = run(push_cmd(workdir, "respond", "org/big", "--set", "push.files_per_commit=2"), env)
@@ -290,7 +291,7 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
             assert hub.content("org/big", f"data/shard-{i:05d}.parquet") == \
                 shard_path(workdir / "respond", i).read_bytes()
         report = json.loads((workdir / "push" / "org__big.json").read_text())
-        assert report["already_there"] == 2 and report["uploaded"] == 4  # 3 shards + card
+        assert report["already_there"] == 0 and report["uploaded"] == 6  # 5 shards + card
         # And the data are whole.
         t = pa.concat_tables(pq.read_table(shard_path(workdir / "respond", i)) for i in range(5))
         assert t.num_rows == 200
@@ -300,17 +301,16 @@ def test_failed_push_resumes_without_reuploading(tmp_path, workdir):
     make_run(workdir, shards=4, rows=20)
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
-        # The first commit goes through; every later one fails, also when retried.
-        hub.fail("POST", r"/commit/", 500, times=100, after=1)
+        # The (one) commit fails, also when retried.
+        hub.fail("POST", r"/commit/", 500, times=100)
         cmd = push_cmd(workdir, "respond", "org/cut", "--set", "push.files_per_commit=2",
                        "--set", "push.max_retries=1")
         p = run(cmd, env)
         assert p.returncode != 0
         assert "retry 1/1" in p.stdout + p.stderr
         commits = hub.commits("org/cut")
-        assert len(commits) == 1 + 1 and set(commits[-1][2]) == {
-            ".gitattributes", "data/shard-00000.parquet", "data/shard-00001.parquet"}
-        # The 2nd batch's objects reached the Hub once, though its commit was tried twice.
+        assert len(commits) == 1 and set(commits[-1][2]) == {".gitattributes"}
+        # The objects reached the Hub once, though the commit was tried twice.
         first = list(hub.state.lfs_uploads)
         assert len(first) == 4 and len(set(first)) == 4
 
@@ -319,9 +319,9 @@ def test_failed_push_resumes_without_reuploading(tmp_path, workdir):
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         assert hub.state.lfs_uploads == first  # nothing uploaded again
         report = json.loads((workdir / "push" / "org__cut.json").read_text())
-        assert report["already_there"] == 2 and report["uploaded"] == 3 and report["commits"] == 2
-        assert report["uploaded_paths"] == ["data/shard-00002.parquet", "data/shard-00003.parquet",
-                                            "README.md"]
+        assert report["already_there"] == 0 and report["uploaded"] == 5 and report["commits"] == 1
+        assert report["uploaded_paths"] == [f"data/shard-{i:05d}.parquet" for i in range(4)] + [
+            "README.md"]
         for i in range(4):
             assert hub.content("org/cut", f"data/shard-{i:05d}.parquet") == \
                 shard_path(workdir / "respond", i).read_bytes()

@@ -157,18 +157,26 @@ class _LostAnswerHub:
             raise _http_error(502)
         return SimpleNamespace(oid=f"c{self.commits}")
 
+    def repo_info(self, repo_id, repo_type=None, revision=None):
+        return SimpleNamespace(sha=f"c{self.commits}")
 
-def test_a_retried_delete_commit_that_had_landed_does_not_fail_the_push():
-    from guidealign.hub.push import PushReport, delete_stale, owned_by_push
+
+def test_a_retried_delete_commit_that_had_landed_does_not_fail_the_push(monkeypatch):
+    from guidealign.hub import push
+    from guidealign.hub.push import PushReport, commit_push, owned_by_push
     from guidealign.hub.targets import LocalFile
 
     hub = _LostAnswerHub({"README.md", "data/shard-00000.parquet", "data/shard-00001.parquet"})
     pcfg = load_config(None, ["push.backoff_s=0", "push.backoff_max_s=0"]).push
     report = PushReport(repo_id="org/ds", repo_type="dataset")
     keep = [LocalFile("data/shard-00000.parquet", Path("x"), 1), LocalFile("README.md", Path("y"), 1)]
-    delete_stale(hub, keep, report, pcfg, owned=owned_by_push("dataset", "data"), title="t")
+    # the files to push are on the Hub already: the commit only deletes
+    monkeypatch.setattr(push, "split_unchanged", lambda api, files, **kw: ([], list(files)))
+    commit_push(hub, keep, report, pcfg, owned=owned_by_push("dataset", "data"), title="t")
     assert hub.files == {"README.md", "data/shard-00000.parquet"}
     assert report.retries == 1
+    assert report.commits == hub.commits == 1 and report.commit == "c1"
+    assert report.deleted_paths == ["data/shard-00001.parquet"]
 
 
 # -- SFT precision: float32 master weights under bf16 compute ------------------------------------

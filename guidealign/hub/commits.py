@@ -1,21 +1,23 @@
-"""Resumable, batched commits on huggingface_hub's commit API.
+"""Resumable uploads and one atomic commit, on huggingface_hub's commit API.
 
 Which files the Hub already has: huggingface_hub's preupload call (``_fetch_upload_modes``)
 answers, per path, how the file is stored (regular or LFS) and the oid the Hub holds there;
 a file whose local oid (``CommitOperationAdd._local_oid``: the git blob id of a regular file,
 the sha256 of an LFS one) equals it has not changed. That is the test ``create_commit`` itself
-applies before committing; doing it once for the whole push up front leaves out what is there
-(a push with nothing new sends no commit at all) and cuts the rest into batches.
+applies before committing (``split_unchanged``).
 
-Each batch is one ``HfApi.create_commit``: it uploads the LFS objects the Hub lacks (the LFS
-batch call answers "already there" for the others, so objects uploaded by an interrupted push
-are not sent again), drops files that have not changed, and makes no commit when none is left.
+The LFS objects of the files to push go up first, in batches (``upload_lfs``:
+``HfApi.preupload_lfs_files``, which commits nothing): the LFS batch call answers "already
+there" for the objects the Hub holds, so a push interrupted while uploading resumes without
+sending them again. Then one ``create_commit`` adds every changed file and deletes every stale
+one (guidealign/hub/push.py): the revision goes from the previous push to this one in one step,
+never through a mix of both.
 
 Retries: huggingface_hub retries the requests it can safely repeat (preupload, LFS batch and
 uploads, listings) itself, with ``http_backoff``. It sends creating a repo and a commit once;
-``retry_step`` runs such a step again on the failures ``http_backoff`` retries. A batch is
-retried with new operations, so if a commit landed before its answer was lost, the retry finds
-its files unchanged and makes no second commit.
+``retry_step`` runs such a step (and an upload batch) again on the failures ``http_backoff``
+retries. The commit is retried with what is still to do worked out again, so if a commit landed
+before its answer was lost, the retry finds nothing left and makes no second commit.
 """
 from __future__ import annotations
 
@@ -143,27 +145,27 @@ def retry_step(fn, pcfg, what: str, on_retry=None):
             time.sleep(delay)
 
 
-# -- the batches ------------------------------------------------------------------------------
+# -- the uploads -------------------------------------------------------------------------------
 
-def commit_batch(api, batch: list[LocalFile], *, repo_id: str, repo_type: str, revision: str,
-                 message: str, pcfg, what: str, on_retry=None) -> tuple[list[LocalFile], object]:
-    """Commit ``batch`` with ``create_commit`` (retried as a whole, each attempt with new
-    operations); returns (the files the commit changed, its CommitInfo). No file changed: no
-    commit was made, and the CommitInfo is the head's."""
-    last: list = []
+def upload_lfs(api, files: list[LocalFile], *, repo_id: str, repo_type: str, revision: str, pcfg,
+               on_retry=None, progress: bool = False) -> None:
+    """Upload the LFS objects of ``files`` (regular files go inline in the commit) in batches of
+    push.files_per_commit, each retried as a whole; commits nothing. Objects the Hub already
+    holds are not sent again (the LFS batch call answers "already there")."""
+    todo = batches(files, pcfg.files_per_commit)
+    for k, batch in enumerate(todo, 1):
+        def attempt():
+            ops = [add_operation(f) for f in batch]
+            try:
+                api.preupload_lfs_files(repo_id, additions=ops, repo_type=repo_type,
+                                        revision=revision)
+            finally:
+                for f, op in zip(batch, ops):
+                    _remember_sha256(f, op)
 
-    def attempt():
-        ops = [add_operation(f) for f in batch]
-        last[:] = ops
-        try:
-            return api.create_commit(repo_id, operations=ops, commit_message=message,
-                                     repo_type=repo_type, revision=revision)
-        finally:
-            for f, op in zip(batch, ops):
-                _remember_sha256(f, op)
-
-    info = retry_step(attempt, pcfg, what, on_retry)
-    return [f for f, op in zip(batch, last) if not is_unchanged(op)], info
+        retry_step(attempt, pcfg, f"upload {k}/{len(todo)}", on_retry)
+        if progress:
+            log.info("uploaded batch %d/%d (%d file(s)) to %s", k, len(todo), len(batch), repo_id)
 
 
 def batches(files: list[LocalFile], size: int) -> list[list[LocalFile]]:

@@ -2,19 +2,21 @@
 
 The shards go up as they are (no reload into memory): `data/shard-NNNNN.parquet` plus a
 dataset card (README.md) with provenance whose `configs` entry lets
-`datasets.load_dataset(repo_id)` find them. A model dir goes up file by file, its card last.
+`datasets.load_dataset(repo_id)` find them. A model dir's files go up as they are, its card too.
 
-Resumable, on huggingface_hub's commit API (guidealign/hub/commits.py): the Hub's preupload
-answer leaves out the files it already has, the rest goes in commits of
-`push.files_per_commit` files by `create_commit`, which does not upload LFS objects the Hub
-already holds. A push stopped between commits therefore resumes where it stopped, and a push
-with nothing new makes no commit. Shards under the data folder that the Hub has and the stage
-no longer has (an earlier push of a larger stage) are deleted by one last commit, so
-`load_dataset` reads exactly the stage's rows; so are the model files (weights, adapter,
-tokenizer, configs: targets.is_model_file) of a model repo that the pushed model does not have,
-so a download does not mix two models. Other files (a user's) are kept. huggingface_hub
-retries its own requests (http_backoff); the steps it sends once (creating the repo, a commit)
-are retried here as a whole.
+Resumable and atomic, on huggingface_hub's commit API (guidealign/hub/commits.py): the Hub's
+preupload answer leaves out the files it already has; the LFS objects of the rest go up in
+batches of `push.files_per_commit` files (`preupload_lfs_files`, which skips the objects the Hub
+holds, so a push stopped while uploading resumes without sending them again). Then ONE commit
+adds every changed file, the card included, and deletes the stale ones: shards under the data
+folder that the Hub has and the stage no longer has (an earlier push of a larger stage), so
+`load_dataset` reads exactly the stage's rows, and the model files (weights, adapter, tokenizer,
+configs: targets.is_model_file) of a model repo that the pushed model does not have, so a
+download does not mix two models. Other files (a user's) are kept. A push that fails or stops
+before its commit leaves the revision as the previous push left it, never a mix of the two; a
+push with nothing new makes no commit. huggingface_hub retries its own requests (http_backoff);
+the steps it sends once (creating the repo, an upload batch, the commit) are retried here as a
+whole.
 
 The token comes from HF_TOKEN or the stored login (huggingface_hub resolves it); it is
 never printed or logged here.
@@ -27,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from guidealign.hub.commits import batches, commit_batch, retry_step, split_unchanged
+from guidealign.hub.commits import add_operation, retry_step, split_unchanged, upload_lfs
 from guidealign.hub.targets import (LocalFile, PushError, dataset_files, is_model_file, local_file,
                                     model_files, resolve_target)
 
@@ -43,10 +45,10 @@ class PushReport:
     repo_type: str
     url: str = ""
     files: int = 0
-    uploaded: int = 0        # files in the commits this push made
+    uploaded: int = 0        # files in the commit this push made
     already_there: int = 0   # files the Hub already had, unchanged
-    commits: int = 0
-    retries: int = 0         # steps run again (creating the repo, a commit)
+    commits: int = 0         # 1 when this push made its commit, else 0
+    retries: int = 0         # steps run again (creating the repo, an upload batch, the commit)
     bytes: int = 0           # size of the uploaded files
     seconds: float = 0.0
     commit: str = ""         # the head of the revision after the push
@@ -122,12 +124,12 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     report.url = str(retry_step(
         lambda: api.create_repo(repo_id, repo_type=repo_type, private=pcfg.private, exist_ok=True),
         pcfg, "create repo", report.count_retry))
-    new, there = split_unchanged(api, files, repo_id=repo_id, repo_type=repo_type,
-                                 revision=pcfg.revision)
-    report.already_there = len(there)
-    commit_all(api, new, report, pcfg, title=f"guide-align: push {src.name}", progress=progress)
-    delete_stale(api, files, report, pcfg, owned=owned_by_push(repo_type, data_dir, files),
-                 title=f"guide-align: push {src.name}")
+    new, _ = split_unchanged(api, files, repo_id=repo_id, repo_type=repo_type,
+                             revision=pcfg.revision)
+    upload_lfs(api, new, repo_id=repo_id, repo_type=repo_type, revision=pcfg.revision, pcfg=pcfg,
+               on_retry=report.count_retry, progress=progress)
+    commit_push(api, files, report, pcfg, owned=owned_by_push(repo_type, data_dir, files),
+                title=f"guide-align: push {src.name}")
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
     return report
@@ -155,27 +157,6 @@ def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str,
     return files + [local_file("README.md", path)]
 
 
-def commit_all(api, files: list[LocalFile], report: PushReport, pcfg, *, title: str,
-               progress: bool = True) -> None:
-    """``files`` in commits of push.files_per_commit, in order; counts them in ``report``."""
-    todo = batches(files, pcfg.files_per_commit)
-    for k, batch in enumerate(todo, 1):
-        msg = f"{title} ({k}/{len(todo)}, {len(batch)} file(s))"
-        changed, info = commit_batch(api, batch, repo_id=report.repo_id,
-                                     repo_type=report.repo_type, revision=pcfg.revision,
-                                     message=msg, pcfg=pcfg, what=f"commit {k}/{len(todo)}",
-                                     on_retry=report.count_retry)
-        report.commit = getattr(info, "oid", "") or report.commit
-        report.already_there += len(batch) - len(changed)
-        if changed:
-            report.commits += 1
-            report.uploaded += len(changed)
-            report.bytes += sum(f.size for f in changed)
-            report.uploaded_paths += [f.path_in_repo for f in changed]
-        if progress:
-            log.info("pushed commit %d/%d to %s", k, len(todo), report.repo_id)
-
-
 def owned_by_push(repo_type: str, data_dir: str, files: list[LocalFile] = ()):
     """The paths on the Hub a push of ``repo_type`` answers for: a dataset's files under
     ``data_dir/`` (its shards), a model's model files (``is_model_file``) at the top level or in
@@ -187,46 +168,42 @@ def owned_by_push(repo_type: str, data_dir: str, files: list[LocalFile] = ()):
     return lambda path: path.startswith(data_dir + "/")
 
 
-def delete_stale(api, files: list[LocalFile], report: PushReport, pcfg, *, owned, title: str) -> None:
-    """Delete, in one commit (retried), the files on the Hub that ``owned(path)`` claims for this
-    push and that it does not have: shards of an earlier push of a larger stage, which
-    ``load_dataset`` would read too; weights, an adapter or tokenizer files of an earlier model,
-    which a download would mix with this one's."""
+def commit_push(api, files: list[LocalFile], report: PushReport, pcfg, *, owned, title: str) -> None:
+    """One commit (retried) that adds the ``files`` the Hub does not hold as they are and deletes
+    the paths ``owned(path)`` claims for this push that ``files`` lacks: shards of an earlier push
+    of a larger stage, which ``load_dataset`` would read too; weights, an adapter or tokenizer
+    files of an earlier model, which a download would mix with this one's. Nothing to do: no
+    commit, and ``report.commit`` is the revision's head."""
     from huggingface_hub import CommitOperationDelete
 
     keep = {f.path_in_repo for f in files}
+    where = dict(repo_type=report.repo_type, revision=pcfg.revision)
+    sent: list = []  # (files added, paths deleted) by the last commit sent
 
-    def stale_now() -> list:
-        remote = retry_step(lambda: api.list_repo_files(report.repo_id, repo_type=report.repo_type,
-                                                         revision=pcfg.revision),
-                            pcfg, "list repo files", report.count_retry)
-        return sorted(p for p in remote if owned(p) and p not in keep)
-
-    stale = stale_now()
-    if not stale:
-        return
-    todo = [stale]
-
-    def delete():
-        # a retry lists the repo again: a commit that landed before its answer was lost left
-        # nothing to delete, and deleting a path that is not there is an error on the Hub
-        if todo[0] is None:
-            todo[0] = stale_now()
-        if not todo[0]:
+    def attempt():
+        # worked out again on each attempt: a commit that landed before its answer was lost
+        # leaves nothing to do, and deleting a path that is not there is an error on the Hub
+        add, _ = split_unchanged(api, files, repo_id=report.repo_id, **where)
+        gone = sorted(p for p in api.list_repo_files(report.repo_id, **where)
+                      if owned(p) and p not in keep)
+        if not add and not gone:
             return None
-        return api.create_commit(
-            report.repo_id, operations=[CommitOperationDelete(path_in_repo=p) for p in todo[0]],
-            commit_message=f"{title}: delete {len(todo[0])} stale file(s)",
-            repo_type=report.repo_type, revision=pcfg.revision)
+        sent[:] = [add, gone]
+        ops = [add_operation(f) for f in add] + [CommitOperationDelete(path_in_repo=p) for p in gone]
+        return api.create_commit(report.repo_id, operations=ops, commit_message=title, **where)
 
-    def on_retry():
-        report.count_retry()
-        todo[0] = None
-
-    info = retry_step(delete, pcfg, "delete stale files", on_retry)
-    report.commit = getattr(info, "oid", "") or report.commit
-    report.commits += 1
-    report.deleted_paths = stale
+    info = retry_step(attempt, pcfg, "commit", report.count_retry)
+    # info None after a commit was sent: it landed, its answer was lost, and the retry found
+    # nothing left to do; it is this push's commit all the same
+    if sent:
+        add, gone = sent
+        report.commits = 1
+        report.uploaded = len(add)
+        report.bytes = sum(f.size for f in add)
+        report.uploaded_paths = [f.path_in_repo for f in add]
+        report.deleted_paths = gone
+    report.already_there = len(files) - report.uploaded
+    report.commit = getattr(info, "oid", "") or api.repo_info(report.repo_id, **where).sha
 
 
 def write_report(wd: Path, report: PushReport, src: Path, pcfg, endpoint: str) -> Path:
