@@ -71,8 +71,10 @@ def test_respond_fingerprint_ignores_the_responder_engines_performance_knobs():
                  "respond.engine.tensor_parallel_size=2", "respond.engine.cpu_kvcache_gib=4"):
         assert respond_fingerprint(load_config(None, base + [knob]), True) == fp, knob
     # the same responder named in respond.engine or inherited from engine: the same answers
-    assert respond_fingerprint(load_config(None, ["respond.engine.model=/m/x"]), True) == \
-        respond_fingerprint(load_config(None, ["engine.model=/m/x", "respond.engine.model=/m/x"]), True)
+    # (a named template: /m/x holds no tokenizer whose own template the fingerprint could read)
+    tpl = "engine.chat_template=vicuna_v1.1"
+    assert respond_fingerprint(load_config(None, ["respond.engine.model=/m/x", tpl]), True) == \
+        respond_fingerprint(load_config(None, ["engine.model=/m/x", "respond.engine.model=/m/x", tpl]), True)
     for change in ("respond.engine.model=/m/other", "respond.engine.seed=3",
                    "respond.engine.max_model_len=1024", "respond.engine.chat_template=llama-2"):
         assert respond_fingerprint(load_config(None, base + [change]), True) != fp, change

@@ -26,7 +26,8 @@ class SFTConfig:
     # responses of `guidealign respond`.
     data: list[str] = field(default_factory=lambda: ["respond"])
     # Keep only responses with these finish reasons ("length" = truncated, "error" = failed);
-    # the others are dropped and counted in the report and the model card.
+    # the others are dropped and counted in the report and the model card. Answers to a prompt
+    # respond truncated (its note says so) are always dropped and counted (input_truncated).
     keep_finish_reasons: list[str] = field(default_factory=lambda: ["stop"])
     # Responses shorter than this many characters (after strip) count as empty and are dropped.
     min_response_chars: int = 1
@@ -63,8 +64,13 @@ class SFTConfig:
     global_batch_size: int = 1600
     # Examples per device per forward pass.
     micro_batch_size: int = 4
-    # Sequence length cap in tokens (prompt + response); longer examples are cut at the end.
+    # Sequence length cap in tokens (prompt + response, as the chat template renders them).
     max_seq_length: int = 2048
+    # Drop the examples longer than max_seq_length (counted as longer_than_max_seq_length in
+    # _done.json and the model card). false: train them cut at the end, so the answer loses its
+    # end-of-turn token and the model learns answers that do not stop (counted as
+    # cut_at_max_seq_length).
+    drop_overlong: bool = True
     # Training precision: "auto" (bf16 on GPUs that support it, else float32), "bf16", "fp16",
     # "float32". bf16/fp16 compute in half precision over float32 master weights (full
     # fine-tuning: 16 bytes a parameter with AdamW before activations, so a 13B model needs FSDP
@@ -117,12 +123,13 @@ class PushConfig:
     private: bool = True
     # Branch to push to (it must exist).
     revision: str = "main"
-    # Files per commit: each commit is a resume point. Files the Hub already has are left out
-    # before batching, so an interrupted push resumes at the first batch not committed (and
-    # does not upload again the LFS objects of that batch that reached the Hub).
+    # Files per upload batch (the name is historical: a push makes one commit). Files the Hub
+    # already has are left out; the LFS objects of the rest go up in batches of this many, each
+    # retried as a whole, and an interrupted push does not upload again the objects that reached
+    # the Hub. Then one commit adds them all and deletes stale shards (atomic: never a mix).
     files_per_commit: int = 20
     # huggingface_hub retries its own requests (preupload, LFS uploads, listings) with its
-    # http_backoff. The steps it sends once, creating the repo and a batch's commit, are run
+    # http_backoff. The steps it sends once, creating the repo, an upload batch and the commit, are run
     # again on the same failures (HTTP 408/429/5xx, dropped connections) up to max_retries
     # times, waiting backoff_s doubled per retry, at most backoff_max_s (Retry-After wins).
     max_retries: int = 8

@@ -6,12 +6,15 @@ finish_reason ("stop", "length", "error", "skipped"), parse_status, truncated (o
 cut at max_tokens), input_truncated, skip_reason, prompt_tokens, output_tokens, risk_score.
 
 ``detect.mode``: "rationale" (the paper; the model writes an analysis and a verdict) or
-"score" (one forward pass: the few-shot prompt with the answer begun by "Verdict:", the
-verdict read from P(Yes) vs P(No); ``risk_score`` is P(Yes) / (P(Yes) + P(No)), the
-rationale is empty, raw is the verdict line, parse_status "scored"). See gen/scoring.py.
+"score" (one forward pass: the few-shot prompt with the answer begun by "Verdict:", rendered
+as the start of an assistant turn's content, as the exemplars' answers are; the verdict read
+from P(Yes) vs P(No); ``risk_score`` is P(Yes) / (P(Yes) + P(No)), the rationale is empty,
+raw is the verdict line, parse_status "scored"). See gen/scoring.py.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -28,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # v2: verdict labels ("Verdict:") outrank words an analysis also uses ("answer: no"); bold verdicts
 VERSION = "detect-v2"
+# score mode: v2 renders "Verdict:" as the assistant content's start (v1 appended its ids to the
+# generation prompt: "ASSISTANT:Verdict:" where the exemplars have "ASSISTANT: Verdict")
+SCORE_PREFIX_VERSION = 2
 SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()),
     ("rationale", pa.string()), ("raw", pa.string()), ("finish_reason", pa.string()),
@@ -51,7 +57,8 @@ def _verdict(v, where: str) -> str:
 
 
 class DetectPrompts:
-    """The detector's prompts: system message, exemplars as user/assistant turns, input last."""
+    """The detector's prompts: system message, exemplars as user/assistant turns, input last;
+    in score mode, then an assistant turn begun by "Verdict:" (the next token is the verdict)."""
 
     def __init__(self, cfg, tok, max_model_len: int | None = None, align: int = 0):
         self.spec, self.spec_hash = load_prompt_file(cfg.detect.prompt_file, "detect.yaml",
@@ -65,6 +72,7 @@ class DetectPrompts:
         if "{input}" not in self.spec["user"]:
             raise TemplateError("detect prompt: the user template needs an {input} placeholder")
         self.max_tokens = cfg.detect.sampling.max_tokens
+        self.score = cfg.detect.mode == "score"
         self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong,
                                      align=align if cfg.detect.align_prefix else 0)
         self.n_exemplars = self.builder.fit_exemplars(
@@ -84,7 +92,26 @@ class DetectPrompts:
         t = clean_text(text)
         if t is None:
             return Built(None, 0, skip_reason="empty or non-string prompt")
-        return self.builder.build(self.messages(t), self.max_tokens)
+        if not self.score:
+            return self.builder.build(self.messages(t), self.max_tokens)
+        b = self.builder.build(self._scored(self.messages(t)), self.max_tokens)
+        if b.skipped or not self._close_len:
+            return b
+        n = len(b.token_ids) - self._close_len
+        return dataclasses.replace(b, token_ids=b.token_ids[:n], n_tokens=n)
+
+    @staticmethod
+    def _scored(msgs: list[Message]) -> list[Message]:
+        from guidealign.gen.scoring import VERDICT_PREFIX
+
+        return msgs + [Message("assistant", [VERDICT_PREFIX])]
+
+    @functools.cached_property
+    def _close_len(self) -> int:
+        """How many ids the template puts after the last assistant content ("</s>", "<|im_end|>\n"
+        ...): score mode renders "Verdict:" as that content, with the markup and separator the
+        exemplars' answers get ("ASSISTANT: Verdict:"), and drops this closing markup."""
+        return len(self.builder.pieces(self._scored(self.messages("")))[-1][1])
 
 
 def config_fingerprint(cfg, tok) -> str:
@@ -112,8 +139,11 @@ def config_fingerprint(cfg, tok) -> str:
     fields = at_defaults(d, unread + ("threshold_file",))
     if d.mode == "score":  # but it reads sampling.max_tokens: the room each prompt leaves, and
         fields["sampling"]["max_tokens"] = d.sampling.max_tokens  # so the exemplars that fit
+    extra = {"align": align}
+    if d.mode == "score":
+        extra["score_prefix"] = SCORE_PREFIX_VERSION
     return fingerprint(VERSION, output_fields(cfg.engine), fields, threshold, spec_hash, chat_template_hash(tok),
-                       {"align": align})
+                       extra)
 
 
 def _row_for(pid, prompt, built: Built, gen) -> dict:
@@ -165,7 +195,6 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     if d.mode == "score":
         threshold = scoring.load_threshold(d.score_threshold, d.threshold_file)
         yes, no = scoring.verdict_token_ids(tok)
-        verdict_prefix = scoring.prefix_ids(tok)
 
     def fn(table: pa.Table, index: int):
         ids = [str(x) for x in table.column("id").to_pylist()]
@@ -174,9 +203,8 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
         q0, h0 = prefix_cache_counters(llm)
         t0 = time.perf_counter()
         if d.mode == "score":
-            scored = scoring.score_prompts(
-                llm, [None if b.skipped else list(b.token_ids) + verdict_prefix for b in builts],
-                yes, no)
+            scored = scoring.score_prompts(llm, [None if b.skipped else b.token_ids for b in builts],
+                                           yes, no)
             dt = time.perf_counter() - t0
             check_not_all_failed("detect", [err for b, (_, err) in zip(builts, scored) if not b.skipped])
             rows = [_score_row(i, p, b, sc, threshold) for i, p, b, sc in zip(ids, texts, builts, scored)]

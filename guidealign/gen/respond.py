@@ -22,7 +22,9 @@ Bad input never kills a shard: every prompt is tokenized and length-checked firs
 an overlong one is truncated or skipped, per ``engine.overlong``. Truncation keeps the
 guidelines (an answer without them is not an aligned answer) and cuts the start of the user
 text (its question is usually last); lowest-ranked guidelines are dropped only when the rest
-of the chat would leave the user text fewer than ``respond.min_user_tokens`` tokens; skipped and empty prompts go to the
+of the chat would leave the user text fewer than ``respond.min_user_tokens`` tokens, and the
+top-ranked one always stays: a guided prompt that even with it alone leaves fewer is skipped
+("overlong: no room for any guideline"); skipped and empty prompts go to the
 shard's quarantine table with their reason; an engine error on one prompt gives that row
 finish_reason "error" with the message in ``note``.
 
@@ -42,6 +44,7 @@ import pyarrow as pa
 
 from guidealign.config import check_guided_system
 from guidealign.config.gen import DEFAULT_GUIDED_SYSTEM, RespondConfig  # noqa: F401
+from guidealign.gen.yieldstats import USER_TEXT_CUT
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ RESPOND_SCHEMA = pa.schema([
 ])
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
                                ("reason", pa.string())])
+# the quarantine reason of a guided prompt too long to answer even with only its top guideline
+NO_GUIDELINE_ROOM = "overlong: no room for any guideline"
 
 
 
@@ -158,10 +163,11 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
     notes = [why]
     user_ids = text_ids(tok, prompt)
     # The guidelines stay and the user text is cut (below); lowest-ranked guidelines go only
-    # while the rest of the chat leaves the user text fewer than min_user_tokens.
+    # while the rest of the chat leaves the user text fewer than min_user_tokens, and never the
+    # last one (an answer without guidelines is no guided answer).
     kept_ids, kept_texts = list(gids), list(gtexts)
     overhead = len(ids) - len(user_ids)
-    while kept_texts and budget - overhead < cfg.min_user_tokens:
+    while len(kept_texts) > 1 and budget - overhead < cfg.min_user_tokens:
         kept_ids.pop()
         kept_texts.pop()
         overhead = len(chat_ids(tok, build_messages(cfg, prompt, kept_texts))) - len(user_ids)
@@ -170,6 +176,8 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
     keep = budget - overhead
     if keep < cfg.min_user_tokens:
         notes.append(f"only {keep} tokens left for the user text (< min_user_tokens)")
+        if kept_texts:  # even the top-ranked guideline alone leaves too little
+            notes.insert(0, NO_GUIDELINE_ROOM)
         return Prepared(None, gids, gtexts, "; ".join(notes))
     # Keep the end of the user text (the question is usually last); re-check after decoding.
     for _ in range(8):
@@ -177,7 +185,7 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
         ids = chat_ids(tok, build_messages(cfg, text, kept_texts))
         if len(ids) <= budget:
             if text != prompt:
-                notes.append(f"user text truncated to its last {keep} of {len(user_ids)} tokens")
+                notes.append(f"{USER_TEXT_CUT} to its last {keep} of {len(user_ids)} tokens")
             return Prepared(ids, kept_ids, kept_texts, "; ".join(notes))
         keep -= len(ids) - budget
         if keep < cfg.min_user_tokens:
@@ -222,7 +230,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
         rows = table.to_pylist()
         out = {k: [] for k in RESPOND_SCHEMA.names}
         quarantine = {k: [] for k in QUARANTINE_SCHEMA.names}
-        stats = {"truncated": 0, "skipped": 0, "errors": 0, "length": 0,
+        stats = {"truncated": 0, "skipped": 0, "no_guideline_room": 0, "errors": 0, "length": 0,
                  "prompt_tokens": 0, "output_tokens": 0}
         todo: list[tuple[dict, Prepared]] = []
         for r in rows:
@@ -244,6 +252,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
                 quarantine["prompt"].append(prompt)
                 quarantine["reason"].append(p.note)
                 stats["skipped"] += 1
+                stats["no_guideline_room"] += p.note.startswith(NO_GUIDELINE_ROOM)
                 continue
             if p.note:
                 stats["truncated"] += 1
@@ -277,8 +286,9 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
         # yield (gen/yieldstats.py): usable = what this run's SFT keeps; the rows quarantined
         # before generation were read too
         keep, min_chars = tuple(cfg.sft.keep_finish_reasons), cfg.sft.min_response_chars
-        stats.update(counts([{"finish_reason": f, "output_tokens": n, "response": t} for f, n, t in
-                             zip(out["finish_reason"], out["output_tokens"], out["response"])],
+        stats.update(counts([{"finish_reason": f, "output_tokens": n, "response": t, "note": w}
+                             for f, n, t, w in zip(out["finish_reason"], out["output_tokens"],
+                                                   out["response"], out["note"])],
                             lambda r: respond_usable(r, keep, min_chars)))
         stats["yield_rows_in"] += stats["skipped"]
         return pa.Table.from_pydict(out, schema=RESPOND_SCHEMA), q, stats
@@ -286,15 +296,18 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     return fn
 
 
-def respond_fingerprint(cfg, guided: bool) -> str:
+def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
+    """``llm``: the responder's engine when one is given (its tokenizer is read, not loaded)."""
+    from guidealign.gen.build import chat_template_hash
+    from guidealign.gen.engine import load_tokenizer
+    from guidealign.gen.templates import template_hash
     from guidealign.shards import fingerprint
 
-    from guidealign.gen.templates import template_hash
-
     e = respond_engine(cfg)
-    extra = {}
-    if e.chat_template:
-        extra["chat_template"] = template_hash(e.chat_template)
+    # the template the responder renders with: the configured one, else the tokenizer's own
+    # (from the model dir's tokenizer files, no weights), so editing that one redoes shards too
+    extra = {"chat_template": template_hash(e.chat_template) if e.chat_template
+             else chat_template_hash(load_tokenizer(e, llm))}
     if cfg.respond.num_exemplars:
         extra["exemplars"] = load_exemplars(cfg.respond)[1]
     from guidealign.gen.build import TOKENIZATION
@@ -329,7 +342,7 @@ def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, g
     workdir = Path(workdir)
     if guided:
         check_guided_system(cfg.respond)  # before any engine starts
-    fp = respond_fingerprint(cfg, guided)
+    fp = respond_fingerprint(cfg, guided, llm)
     cfg = with_respond_engine(cfg)
     src = src or ("retrieve" if guided else prompt_set(cfg, cfg.respond.prompts))
     dst = dst or ("respond" if guided else "respond-baseline")

@@ -1,10 +1,12 @@
 """Engine helpers beyond plain generation: verdict scoring and structured outputs.
 
 Scoring (``detect.mode: score``): the detect prompt is the same few-shot conversation,
-with the assistant's turn begun by the verdict label ("Verdict:"), so the next token is
-the verdict. One forward pass with ``max_tokens=1`` returns the log-probabilities of the
-"Yes" and "No" tokens; ``risk_score = P(Yes) / (P(Yes) + P(No))``, and a prompt is risky
-when its score reaches a threshold calibrated on labelled prompts (bench/detect_modes.py).
+with the assistant's turn begun by the verdict label ("Verdict:", rendered by the chat
+template as assistant content, so it follows the same markup and separator as the exemplars'
+answers: "ASSISTANT: Verdict:", see gen/detect.py), so the next token is the verdict. One
+forward pass with ``max_tokens=1`` returns the log-probabilities of the "Yes" and "No" tokens;
+``risk_score = P(Yes) / (P(Yes) + P(No))``, and a prompt is risky when its score reaches a
+threshold calibrated on labelled prompts (bench/detect_modes.py).
 
 Structured outputs (``detect.structured``, ``guidelines.structured``): vLLM's
 ``StructuredOutputsParams`` with a regular expression of the format the exemplars show
@@ -41,10 +43,6 @@ def verdict_token_ids(tok) -> tuple[list[int], list[int]]:
     if not yes or not no:
         raise ValueError("detect.mode=score: this tokenizer has no single-token Yes/No")
     return yes, no
-
-
-def prefix_ids(tok, text: str = VERDICT_PREFIX) -> list[int]:
-    return tok.encode(text, add_special_tokens=False)
 
 
 def score_params(yes: list[int], no: list[int]):

@@ -51,21 +51,33 @@ def guidelines_usable(r: dict) -> bool:
     return bool(r.get("guidelines"))
 
 
+# how a respond row's note says its prompt was cut (gen/respond.py): the answer is to the
+# prompt's tail, so SFT drops it
+USER_TEXT_CUT = "user text truncated"
+
+
+def input_truncated(row: dict) -> bool:
+    """Whether respond answered only the tail of this row's prompt (its ``note`` says so)."""
+    note = row.get("note")
+    return isinstance(note, str) and USER_TEXT_CUT in note
+
+
 def respond_usable(r: dict, keep=RESPOND_KEEP, min_chars: int = 1) -> bool:
-    """Whether SFT keeps this answer (sft/data.py ``drop_reason``): a kept finish reason and
-    a string response of at least ``min_chars`` characters after strip
-    (``sft.keep_finish_reasons``, ``sft.min_response_chars``; 0 keeps empty answers too)."""
+    """Whether SFT keeps this answer (sft/data.py ``drop_reason``): a kept finish reason, a
+    string response of at least ``min_chars`` characters after strip
+    (``sft.keep_finish_reasons``, ``sft.min_response_chars``; 0 keeps empty answers too), and a
+    prompt respond did not cut (SFT's check of the length in its own tokens is not counted here)."""
     resp = r.get("response")
     return (r.get("finish_reason") in keep and isinstance(resp, str)
-            and len(resp.strip()) >= min_chars)
+            and len(resp.strip()) >= min_chars and not input_truncated(r))
 
 
 _USABLE = {"detect": detect_usable, "guidelines": guidelines_usable, "respond": respond_usable,
            "respond-baseline": respond_usable}
 _COLUMNS = {"detect": ["risky", "finish_reason", "output_tokens"],
             "guidelines": ["guidelines", "finish_reason", "output_tokens"],
-            "respond": ["response", "finish_reason", "output_tokens"],
-            "respond-baseline": ["response", "finish_reason", "output_tokens"]}
+            "respond": ["response", "finish_reason", "output_tokens", "note"],
+            "respond-baseline": ["response", "finish_reason", "output_tokens", "note"]}
 
 
 def has_counts(stats: dict | None) -> bool:

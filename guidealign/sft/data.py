@@ -4,20 +4,29 @@ Each example is the user prompt and the assistant response, *without* the guidel
 (the point of Guide-Align's SFT: the model learns to behave well unprompted). In TRL's
 conversational prompt/completion format, SFTTrainer computes the loss on the completion
 (the assistant turn) only, so no generation markers are needed in the chat template.
-Truncated (finish_reason "length"), failed and empty responses are dropped and counted.
+Truncated (finish_reason "length"), failed and empty responses are dropped and counted, and so
+are answers to a prompt respond truncated (the answer was written for the prompt's tail, SFT
+would pair it with the whole prompt) and, with ``sft.drop_overlong``, examples longer than
+``sft.max_seq_length`` (TRL keeps their start: the answer would lose its end-of-turn token).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from guidealign.gen.yieldstats import input_truncated
+
 COLUMNS = ["id", "prompt", "response", "finish_reason"]
+# read when the shard has it (respond always writes it): says whether respond truncated the prompt
+OPTIONAL_COLUMNS = ["note"]
 
 
 @dataclass
 class DataReport:
     rows: int = 0           # response rows read
     kept: int = 0           # training examples
+    # examples longer than max_seq_length kept (sft.drop_overlong false): TRL cuts their end
+    cut_at_max_seq_length: int = 0
     dropped: dict = field(default_factory=dict)  # reason -> count
     # dataset name (as configured in sft.data, never an absolute path of the run dir) ->
     # {"shards", "sha256": [...]}: what the fingerprint depends on, so a moved run dir is reused
@@ -25,7 +34,11 @@ class DataReport:
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return f"{self.rows} responses read, {self.kept} examples kept, dropped: {why}"
+        cut = f" ({self.cut_at_max_seq_length} cut at max_seq_length)" if self.cut_at_max_seq_length else ""
+        return f"{self.rows} responses read, {self.kept} examples kept{cut}, dropped: {why}"
+
+    def drop(self, why: str, n: int = 1) -> None:
+        self.dropped[why] = self.dropped.get(why, 0) + n
 
 
 def data_paths(cfg, workdir) -> list[Path]:
@@ -53,6 +66,8 @@ def drop_reason(cfg, row: dict) -> str | None:
         return "truncated" if fr == "length" else f"finish_reason_{fr}"
     if not isinstance(resp, str) or len(resp.strip()) < cfg.min_response_chars:
         return "empty_response"
+    if input_truncated(row):
+        return "input_truncated"
     return None
 
 
@@ -114,7 +129,9 @@ def iter_rows(path: Path, index: int, batch_size: int = 8192):
 
     pf = open_shard(path, index)
     try:
-        for batch in pf.iter_batches(batch_size=batch_size, columns=COLUMNS):
+        names = set(pf.schema_arrow.names)
+        columns = COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names]
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             yield from batch.to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{shard_path(path, index)} cannot be read "
@@ -142,10 +159,10 @@ def iter_examples(cfg, workdir, report: DataReport):
                 report.rows += 1
                 why = drop_reason(cfg, row)
                 if why:
-                    report.dropped[why] = report.dropped.get(why, 0) + 1
+                    report.drop(why)
                     continue
                 if cfg.max_examples and report.kept >= cfg.max_examples:
-                    report.dropped["over_max_examples"] = report.dropped.get("over_max_examples", 0) + 1
+                    report.drop("over_max_examples")
                     continue
                 report.kept += 1
                 yield to_example(cfg, row)
@@ -161,3 +178,34 @@ def build_dataset(cfg, workdir):
         raise ValueError(f"no training examples in {[str(p) for p in data_paths(cfg, workdir)]} "
                          f"({report.summary()})")
     return Dataset.from_list(rows), report
+
+
+def example_lengths(tok, dataset, batch_size: int = 1000) -> list[int]:
+    """Each example's training length in tokens, as TRL's SFTTrainer measures it before
+    truncating to max_length: the chat template applied to prompt + completion, tokenized."""
+    out = []
+    for i in range(0, len(dataset), batch_size):
+        part = dataset[i:i + batch_size]
+        convs = [p + c for p, c in zip(part["prompt"], part["completion"])]
+        ids = tok.apply_chat_template(convs, tokenize=True, return_dict=True)["input_ids"]
+        out += [len(x) for x in ids]
+    return out
+
+
+def fit_max_seq_length(cfg, dataset, tok, report: DataReport):
+    """The examples longer than ``cfg.max_seq_length`` are dropped (``cfg.drop_overlong``) or
+    counted in ``report.cut_at_max_seq_length`` (TRL trains their start, without the answer's
+    end-of-turn token); returns the dataset to train on."""
+    long = [i for i, n in enumerate(example_lengths(tok, dataset)) if n > cfg.max_seq_length]
+    if not long:
+        return dataset
+    if not cfg.drop_overlong:
+        report.cut_at_max_seq_length = len(long)
+        return dataset
+    report.drop("longer_than_max_seq_length", len(long))
+    report.kept -= len(long)
+    if not report.kept:
+        raise ValueError(f"no training example fits sft.max_seq_length ({cfg.max_seq_length} tokens): "
+                         f"{report.summary()}; raise it or set sft.drop_overlong: false")
+    skip = set(long)
+    return dataset.select([i for i in range(len(dataset)) if i not in skip])

@@ -60,13 +60,15 @@ def sft_fingerprint(cfg, report) -> str:
     # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already;
     # v4: full fine-tuning in bf16/fp16 keeps float32 master weights (load_dtype)
     # v5: LoRA trains the embedding (and untied head) rows of tokens the template added
-    return fingerprint("sft/v5", keys, report.sources, template_hash(cfg.sft.chat_template))
+    # v6: answers to truncated prompts and (sft.drop_overlong) overlong examples are dropped
+    return fingerprint("sft/v6", keys, report.sources, template_hash(cfg.sft.chat_template))
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
     hp = {k: getattr(scfg, k) for k in (
         "mode", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
-        "global_batch_size", "micro_batch_size", "max_seq_length", "seed", "chat_template")}
+        "global_batch_size", "micro_batch_size", "max_seq_length", "drop_overlong", "seed",
+        "chat_template")}
     hp.update(processes=world, gradient_accumulation_steps=accum, precision=precision)
     if scfg.mode == "lora":
         hp.update(lora_r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
@@ -356,15 +358,25 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         from guidealign.core.threads import set_threads
 
         set_threads(scfg.num_threads)
+    from guidealign.core.models import resolve
+    from guidealign.sft.data import fit_max_seq_length
+
+    dataset = fit_max_seq_length(scfg, dataset, prepare_tokenizer(scfg, resolve(scfg.base_model))[0],
+                                 data_rep)
     world = distributed_world_size()
     ckpt_dir = checkpoint_dir(workdir, fp)
     resume = resume_point(ckpt_dir, scfg, main=is_main_process())
     trainer, tok, accum, precision = build_trainer(cfg, workdir, dataset, world=world,
                                                    progress=progress, ckpt_dir=ckpt_dir)
-    n_train = len(trainer.train_dataset)
-    if n_train < data_rep.kept:  # TRL drops examples whose completion was cut off entirely
-        data_rep.dropped["no_response_tokens_within_max_seq_length"] = data_rep.kept - n_train
+    # TRL drops the examples whose completion max_seq_length cuts off entirely (some of those
+    # counted as cut above, with sft.drop_overlong false); packing cuts and drops nothing, and
+    # its train_dataset holds packed sequences, not examples
+    n_train = data_rep.kept if scfg.trainer_args.get("packing") else len(trainer.train_dataset)
+    if n_train < data_rep.kept:
+        gone = data_rep.kept - n_train
+        data_rep.drop("no_response_tokens_within_max_seq_length", gone)
         data_rep.kept = n_train
+        data_rep.cut_at_max_seq_length = max(0, data_rep.cut_at_max_seq_length - gone)
     if resume:
         log.info("resuming SFT from the last complete checkpoint: %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -393,7 +405,8 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
     done = {"fingerprint": fp, "rows": data_rep.kept, "seconds": round(seconds, 2),
             "base_model": scfg.base_model, "chat_template": scfg.chat_template or "base tokenizer's",
             "processes": world, "data": data_rep.sources, "read": data_rep.rows,
-            "dropped": data_rep.dropped, **metrics}
+            "dropped": data_rep.dropped, "cut_at_max_seq_length": data_rep.cut_at_max_seq_length,
+            **metrics}
     if is_main:
         from guidealign.hub.card import model_card
 
@@ -407,6 +420,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             gen_cfg.save_pretrained(tmp)
         data_info = {"datasets": list(data_rep.sources), "responses_read": data_rep.rows,
                      "examples": data_rep.kept, "dropped": data_rep.dropped,
+                     "cut_at_max_seq_length": data_rep.cut_at_max_seq_length,
                      "format": "prompt/completion conversations, no guidelines"}
         (tmp / "README.md").write_text(model_card(
             base_model=scfg.base_model, data=data_info,
