@@ -71,8 +71,10 @@ class EvalConfig:
     judge_chat_template: str | None = None
     # Greedy judging, room for a short rationale and the verdict line.
     judge_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=512))
-    # Each response is cut to this many judge tokens in the judge prompt (marked as cut),
-    # so question + two answers + the verdict budget fit engine.max_model_len.
+    # Each response (and the question) is cut to this many judge tokens in the judge prompt
+    # (marked as cut); where question + answers + the verdict budget (judge_sampling.max_tokens)
+    # still exceed the judge engine's max_model_len, they are cut further until they fit (a
+    # judgment that failed for length would be unparsed). <= 0: no cut but that one.
     max_response_tokens: int = 600
     # Custom prompt templates; "" = the built-in wording (eval/prompts.py). Pairwise fields:
     # {question} {answer_a} {answer_b}; harmfulness fields: {question} {answer}.

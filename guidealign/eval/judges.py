@@ -14,6 +14,39 @@ from guidealign.eval.prompts import (HARM_TEMPLATE, JUDGE_SYSTEM, PAIRWISE_TEMPL
 from guidealign.eval.verdicts import parse_harm, parse_pairwise
 
 ORDERS = ("guided_first", "unguided_first")
+# the least a text (question or answer) is cut to when a judge prompt must fit the context
+MIN_CUT_TOKENS = 32
+
+
+def _room(llm, ecfg) -> int | None:
+    """Tokens a judge prompt may take: the judge engine's max_model_len less the verdict budget
+    (None when the engine does not say its max_model_len)."""
+    try:
+        return int(llm.llm_engine.model_config.max_model_len) - ecfg.judge_sampling.max_tokens
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def fit_texts(tok, texts: list[str], cap: int, room: int | None, render) -> tuple[list[tuple[str, bool]], list]:
+    """``texts`` each cut to ``cap`` judge tokens (``eval.max_response_tokens``; <= 0: uncut),
+    and ``render(cut texts)`` (a list of (sent, judge prompt)); while the longest rendered prompt
+    is over ``room`` tokens, the cap is lowered by the excess shared among the texts it cuts
+    (down to MIN_CUT_TOKENS), so long answers are cut further instead of the request failing (a
+    failed judgment is unparsed, and ``eval.unparsed: exclude`` would leave the longest pairs
+    out)."""
+    lens = [len(tok.encode(t or "", add_special_tokens=False)) for t in texts]
+    if cap <= 0:
+        cap = max(lens, default=0)
+    for _ in range(16):
+        cut = [cut_tokens(tok, t, cap) for t in texts]
+        out = render([c for c, _ in cut])
+        longest = max(len(s["prompt_token_ids"]) for s, _ in out)
+        if room is None or longest <= room or cap <= MIN_CUT_TOKENS:
+            break
+        cap = min(cap, max(lens))  # the cap cuts from here on: each text at it loses a share
+        at_cap = sum(n >= cap for n in lens)
+        cap = max(MIN_CUT_TOKENS, cap - -(-(longest - room) // at_cap))
+    return cut, out
 
 
 def outcome_for_guided(order: str, verdict: str | None) -> str:
@@ -63,13 +96,17 @@ def judge_pairwise(llm, items: list[PairItem], ecfg, seed: int | None = 0) -> di
         "id", "category", "prompt", "order", "judge_prompt", "raw", "finish_reason", "verdict",
         "rule", "outcome", "cut")}
     prompts = []
+    room = _room(llm, ecfg)
+
+    def render(cut):
+        q, g, u = cut
+        return [render_chat(tok, system, fill(template, question=q, answer_a=a, answer_b=b))
+                for a, b in ((g, u), (u, g))]  # in ORDERS' order
+
     for it in items:
-        q, qcut = cut_tokens(tok, it.prompt, ecfg.max_response_tokens)
-        g, gcut = cut_tokens(tok, it.guided, ecfg.max_response_tokens)
-        u, ucut = cut_tokens(tok, it.unguided, ecfg.max_response_tokens)
-        for order in ORDERS:
-            a, b = (g, u) if order == "guided_first" else (u, g)
-            sent, jp = render_chat(tok, system, fill(template, question=q, answer_a=a, answer_b=b))
+        cut, rendered = fit_texts(tok, [it.prompt, it.guided, it.unguided], ecfg.max_response_tokens, room, render)
+        (_, qcut), (_, gcut), (_, ucut) = cut
+        for order, (sent, jp) in zip(ORDERS, rendered):
             prompts.append(sent)
             cols["id"].append(it.id)
             cols["category"].append(it.category)
@@ -98,10 +135,13 @@ def judge_harm_llm(llm, items: list[HarmItem], ecfg, seed: int | None = 0) -> di
     system = ecfg.judge_system or JUDGE_SYSTEM
     cols: dict[str, list] = {k: [] for k in HARM_COLUMNS}
     prompts = []
+    room = _room(llm, ecfg)
+
+    def render(cut):
+        return [render_chat(tok, system, fill(template, question=cut[0], answer=cut[1]))]
+
     for it in items:
-        q, _ = cut_tokens(tok, it.prompt, ecfg.max_response_tokens)
-        r, _ = cut_tokens(tok, it.response, ecfg.max_response_tokens)
-        sent, jp = render_chat(tok, system, fill(template, question=q, answer=r))
+        _, [(sent, jp)] = fit_texts(tok, [it.prompt, it.response], ecfg.max_response_tokens, room, render)
         prompts.append(sent)
         for k, v in (("id", it.id), ("category", it.category), ("prompt", it.prompt),
                      ("condition", it.condition), ("response", it.response), ("judge", "llm"),
