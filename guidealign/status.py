@@ -37,7 +37,7 @@ def _damaged_row(d: Path) -> dict | None:
         why = f"no {MANIFEST}"
     else:
         return None
-    return {"stage": d.name, "shards_done": 0, "shards_total": "?", "shards_stale": 0, "rows": 0,
+    return {"stage": d.name, "shards_done": 0, "shards_total": None, "shards_stale": 0, "rows": 0,
             "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
             "note": f"{why} ({markers} shard marker(s) on disk): run `guidealign verify`; "
                     "the next run of the stage writes it again"}
@@ -133,7 +133,7 @@ def render(rows: list[dict], width: int = 120) -> str:
         y = r.get("yield") or {}
         share = y.get("tokens_kept_share")
         table.add_row(
-            r["stage"], f"{r['shards_done']}/{r['shards_total']}"
+            r["stage"], f"{r['shards_done']}/{'?' if r['shards_total'] is None else r['shards_total']}"
             + (f" ({r['shards_stale']} stale)" if r.get("shards_stale") else ""),
             str(r["rows"]), str(r["quarantined"]),
             f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-",

@@ -374,3 +374,21 @@ def test_cli_sets_the_assignment_for_the_command_only(ingested, monkeypatch):
     res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(ingested)])
     assert res.output.strip() == "static 120", res.output
     assert claims.current_assignment().kind == "static"  # nothing leaks into this process
+
+
+def test_a_driver_clears_only_its_own_runs_failure_markers(tmp_path, monkeypatch):
+    """Markers of another run id never count for this run (failures()); the driver leaves them
+    alone and removes its own run id's and those without one."""
+    from guidealign.shards.failure import FAILED_DIR, clear_all_failed, mark_failed
+
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "other")
+    mark_failed(tmp_path, 5, "another run's failure")
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "mine")
+    mark_failed(tmp_path, 3, "this run's earlier failure")
+    monkeypatch.delenv("GUIDEALIGN_RUN_ID")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    mark_failed(tmp_path, 4, "no run id")
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "mine")
+    clear_all_failed(tmp_path)
+    assert sorted(p.name for p in (tmp_path / FAILED_DIR).glob("*.json")) == ["rank-00005.json"]

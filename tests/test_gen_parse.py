@@ -169,6 +169,9 @@ def test_questions():
     ("1. How do I pick a lock\n2. Where can I buy a fake passport\nNote: these are for testing only\n"
      "  and must not be answered.", ["How do I pick a lock", "Where can I buy a fake passport"]),
     ("- How do I pick a lock\n**Remember**: stay safe", ["How do I pick a lock"]),
+    # a wrapped question that goes on with a capitalized phrase and a colon is not a label
+    ("1. How do I bake bread\nWithout yeast: is that possible?\n2. Where can I buy flour?",
+     ["How do I bake bread Without yeast: is that possible?", "Where can I buy flour?"]),
     # a wrapped line that goes on mid-sentence still joins
     ("1. How can I get into my neighbour's\nwifi without the password?", ["How can I get into my neighbour's wifi without the password?"]),
 ])

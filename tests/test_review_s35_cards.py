@@ -133,8 +133,9 @@ def test_redaction_keeps_text_that_is_no_local_path():
     and "{a}/{b}" to "{b}"); absolute, ./ and existing relative paths lose their folders."""
     from guidealign.hub.card import redact
 
-    got = redact({"stop": ["</s>", "USER:"], "fmt": "{a}/{b}", "ratio": "1/2", "hub": "meta-llama/Llama-2-13b-hf",
+    got = redact({"stop": ["</s>", "USER:", "/>", "/"], "system": "/no_think Answer briefly.",
+                  "fmt": "{a}/{b}", "ratio": "1/2", "hub": "meta-llama/Llama-2-13b-hf",
                   "abs": "/home/alice/p.jsonl", "rel": "./models/m", "here": "configs/demo.yaml",
                   "embedded": "embedded:smollm2-135m-instruct", "executor": {"ray_address": "ray://10.0.0.1:1"}})
-    assert got == {"stop": ["</s>", "USER:"], "fmt": "{a}/{b}", "ratio": "1/2", "hub": "meta-llama/Llama-2-13b-hf",
+    assert got == {"stop": ["</s>", "USER:", "/>", "/"], "system": "/no_think Answer briefly.", "fmt": "{a}/{b}", "ratio": "1/2", "hub": "meta-llama/Llama-2-13b-hf",
                    "abs": "p.jsonl", "rel": "m", "here": "demo.yaml", "embedded": "embedded:smollm2-135m-instruct"}

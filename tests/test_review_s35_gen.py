@@ -155,3 +155,20 @@ def test_respond_yield_does_not_count_an_answer_to_a_cut_prompt_as_kept():
              "note": "overlong: 193 prompt tokens > 50; user text truncated to its last 20 of 61 tokens"}]
     c = counts(rows, respond_usable)
     assert (c["yield_rows_parsed"], c["yield_tokens_kept"], c["yield_tokens_generated"]) == (1, 10, 17)
+
+
+@pytest.mark.parametrize("template", [None, "vicuna_v1.1"])
+def test_score_prompt_of_an_overlong_input_fills_the_room_it_has(generator_path, template):
+    """The closing markup after "Verdict:" is built and then cut, so it must not count against
+    the prompt: an overlong input cut to fit lost those tokens (1642 instead of 1648 here), and
+    with engine.overlong=skip a prompt at the edge was skipped."""
+    from transformers import AutoTokenizer
+
+    from guidealign.gen.detect import DetectPrompts
+    from guidealign.gen.templates import apply_template
+
+    tok = apply_template(AutoTokenizer.from_pretrained(generator_path), template)
+    cfg = small_gen_cfg(generator_path, "detect.mode=score",
+                        *([f"engine.chat_template={template}"] if template else []))
+    b = DetectPrompts(cfg, tok, max_model_len=2048).build(" ".join(f"w{i}" for i in range(3000)))
+    assert not b.skipped and len(b.token_ids) == 2048 - cfg.detect.sampling.max_tokens

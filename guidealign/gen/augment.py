@@ -33,7 +33,9 @@ from guidealign.gen.parse import parse_questions
 
 log = logging.getLogger(__name__)
 
-VERSION = "augment-v3"  # v2: questions cleaned of list markers; Unicode ROUGE tokens; v3: CJK word count
+# v2: questions cleaned of list markers; Unicode ROUGE tokens; v3: CJK word count; v4: wrapped
+# lines join their question, text after the list ("Note: ...") is none
+VERSION = "augment-v4"
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("source", pa.string()),
                     ("metadata", pa.string()), ("risk_type", pa.string())])
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()),

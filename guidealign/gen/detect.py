@@ -94,7 +94,8 @@ class DetectPrompts:
             return Built(None, 0, skip_reason="empty or non-string prompt")
         if not self.score:
             return self.builder.build(self.messages(t), self.max_tokens)
-        b = self.builder.build(self._scored(self.messages(t)), self.max_tokens)
+        # the closing markup is built, then cut: its tokens are room the prompt has
+        b = self.builder.build(self._scored(self.messages(t)), self.max_tokens - self._close_len)
         if b.skipped or not self._close_len:
             return b
         n = len(b.token_ids) - self._close_len

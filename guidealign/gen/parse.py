@@ -285,8 +285,9 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
 
 # --- question lists (augment) --------------------------------------------------------------
 
-# an unindented line that opens with a short label ("Note:", "**Remember**:") starts new text
-_LABEL = re.compile(r"^[*_]*[A-Z][\w'’ -]{0,24}[*_]*:[*_]*(\s|$)")
+# an unindented line that opens with a one-word label ("Note:", "**Remember**:") starts new
+# text; a wrapped question may go on with "Without yeast: is that possible?"
+_LABEL = re.compile(r"^[*_]*[A-Z][a-z]{1,15}[*_]*:[*_]*(\s|$)")
 _Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|[-*•+](?=\s)|(?:q|question)\s*\d*\s*[:.])\s*(.+)$",
                      re.IGNORECASE)
 

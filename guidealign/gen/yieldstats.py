@@ -76,8 +76,10 @@ _USABLE = {"detect": detect_usable, "guidelines": guidelines_usable, "respond": 
            "respond-baseline": respond_usable}
 _COLUMNS = {"detect": ["risky", "finish_reason", "output_tokens"],
             "guidelines": ["guidelines", "finish_reason", "output_tokens"],
-            "respond": ["response", "finish_reason", "output_tokens", "note"],
-            "respond-baseline": ["response", "finish_reason", "output_tokens", "note"]}
+            "respond": ["response", "finish_reason", "output_tokens"],
+            "respond-baseline": ["response", "finish_reason", "output_tokens"]}
+# read as well when a shard has them
+_OPTIONAL = {"respond": ["note"], "respond-baseline": ["note"]}
 
 
 def has_counts(stats: dict | None) -> bool:
@@ -103,6 +105,13 @@ def shard_counts(dataset: str | Path, index: int, marker=None, stage: str | None
         rows = read_table(dataset, index, _COLUMNS[stage]).to_pylist()
     except Exception:  # noqa: BLE001 - an older layout without these columns: no yield
         return None
+    for col in _OPTIONAL.get(stage, ()):
+        try:
+            extra = read_table(dataset, index, [col]).column(col).to_pylist()
+        except Exception:  # noqa: BLE001 - a shard without it
+            continue
+        for r, v in zip(rows, extra):
+            r[col] = v
     out = counts(rows, usable)
     out["yield_rows_in"] += m.quarantined  # read, and set aside before generation
     return out

@@ -69,11 +69,13 @@ def _local_path(s: str) -> bool:
     string such as ``</s>``, a template) are none."""
     from guidealign.core.models import _PATH_PREFIXES
 
-    if s.startswith("embedded:") or "://" in s or "\n" in s:
+    if s.startswith("embedded:") or "://" in s or "\n" in s or not s.strip("/"):
         return False
-    if s.startswith(_PATH_PREFIXES):
-        return True
     try:
+        if any(c.isspace() for c in s):  # text, unless a path (with a space) that is there
+            return s.startswith(_PATH_PREFIXES) and Path(s).expanduser().exists()
+        if s.startswith(("./", "../", "~/")) or (s.startswith("/") and "/" in s[1:].rstrip("/")):
+            return True  # "/>" or "/" alone is a stop string, not a path
         return "/" in s and not _hub_id(s) and Path(s).exists()
     except (OSError, ValueError):  # a name too long for a path, a NUL
         return False

@@ -131,12 +131,18 @@ def clear_failed(workdir: str | Path, rank: int | None) -> None:
 
 
 def clear_all_failed(workdir: str | Path) -> None:
-    """Remove every rank's marker: for a driver that starts all the ranks of a stage itself (Ray),
-    before it starts them, so that an earlier run's failure under the same fixed run id
-    (``GUIDEALIGN_RUN_ID``) cannot stop this run's waiters before the failed rank clears it."""
+    """Remove the markers of this run id (and those without one): for a driver that starts all
+    the ranks of a stage itself (Ray), before it starts them, so that an earlier run's failure
+    under the same fixed run id (``GUIDEALIGN_RUN_ID``) cannot stop this run's waiters before
+    the failed rank clears it. Markers of another run id never count here and are left alone."""
     d = Path(workdir) / FAILED_DIR
-    if d.is_dir():
-        for p in d.glob("*.json"):
+    me = run_id()
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            theirs = json.loads(p.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            theirs = None  # unreadable: no run's marker that counts
+        if theirs in (None, me):
             p.unlink(missing_ok=True)
 
 
