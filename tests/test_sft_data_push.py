@@ -268,7 +268,7 @@ def test_sft_resumes_only_from_checkpoints_of_its_own_config(workdir, monkeypatc
 def test_the_loss_of_a_resumed_run_covers_the_whole_run():
     """A run resumed at its last checkpoint reported train_loss 0.0 (the trainer's
     training_loss averages only the steps of its own call) in _done.json and the model card."""
-    from guidealign.sft.train import whole_run_loss
+    from guidealign.sft.checkpoints import whole_run_loss
 
     history = [{"loss": 3.0, "step": 2}, {"loss": 1.0, "step": 3}, {"train_runtime": 1.0, "step": 3}]
     assert whole_run_loss(history) == pytest.approx((3.0 * 2 + 1.0) / 3)

@@ -200,9 +200,10 @@ class PromptBuilder:
         out.update(getattr(self.tok, "all_special_tokens", []) or [])
         return tuple(sorted(out, key=len, reverse=True))
 
-    def _markup(self, roles: tuple[str, ...]) -> list[str]:
+    def _markup(self, roles: tuple[str, ...], add_generation_prompt: bool = True) -> list[str]:
         """The template's markup around ``len(roles)`` contents (cached per role sequence)."""
-        hit = self._render_cache.get(roles)
+        key = (roles, add_generation_prompt)
+        hit = self._render_cache.get(key)
         if hit is not None:
             return hit
         msgs = [{"role": r, "content": _SENTINEL.format(i)} for i, r in enumerate(roles)]
@@ -211,7 +212,8 @@ class PromptBuilder:
         tpl = getattr(self.tok, "chat_template", None)
         kw = {"chat_template": tpl} if isinstance(tpl, str) and tpl else {}
         try:
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+            text = self.tok.apply_chat_template(msgs, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt, **kw)
         except Exception as e:  # noqa: BLE001
             raise TemplateError(f"the chat template cannot render roles {roles}: {e}") from e
         parts = _SENTINEL_RE.split(text)
@@ -221,13 +223,15 @@ class PromptBuilder:
             raise TemplateError("the chat template changes or reorders message contents "
                                 "(sentinels came back as %s); it is not supported" % idx)
         markup = parts[0::2]
-        self._render_cache[roles] = markup
+        self._render_cache[key] = markup
         return markup
 
-    def pieces(self, messages: list[Message]) -> list[tuple[str, object]]:
+    def pieces(self, messages: list[Message], *,
+               add_generation_prompt: bool = True) -> list[tuple[str, object]]:
         """(kind, value) pieces in order: ("ids", tuple) for fixed tokens, ("slot", (Slot,
-        continues)) for a slot, tokenized by ``_slot_ids``."""
-        markup = self._markup(tuple(m.role for m in messages))
+        continues)) for a slot, tokenized by ``_slot_ids``. ``add_generation_prompt`` False:
+        the conversation as it is, its last turn closed (SFT's prompt + answer), no new one opened."""
+        markup = self._markup(tuple(m.role for m in messages), add_generation_prompt)
         raw: list[list] = [[markup[0], True, None]]  # [text, is markup, the Slot or None]
         for m, after in zip(messages, markup[1:]):
             for seg in m.content:
@@ -274,8 +278,9 @@ class PromptBuilder:
             n += len(v) if kind == "ids" else len(self._slot_ids(v))
         return n
 
-    def build(self, messages: list[Message], max_tokens: int) -> Built:
-        pieces = self.pieces(messages)
+    def build(self, messages: list[Message], max_tokens: int, *,
+              add_generation_prompt: bool = True) -> Built:
+        pieces = self.pieces(messages, add_generation_prompt=add_generation_prompt)
         slot_ids = {i: self._slot_ids(v) for i, (k, v) in enumerate(pieces) if k == "slot"}
         total = sum(len(v) for k, v in pieces if k == "ids") + sum(len(x) for x in slot_ids.values())
         budget = self.max_model_len - max_tokens

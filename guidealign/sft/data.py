@@ -1,9 +1,17 @@
-"""The SFT training set: response shards -> prompt/completion conversations.
+"""The SFT training set: response shards -> prompt/completion conversations -> token ids.
 
 Each example is the user prompt and the assistant response, *without* the guidelines
-(the point of Guide-Align's SFT: the model learns to behave well unprompted). In TRL's
-conversational prompt/completion format, SFTTrainer computes the loss on the completion
-(the assistant turn) only, so no generation markers are needed in the chat template.
+(the point of Guide-Align's SFT: the model learns to behave well unprompted). The
+conversations are tokenized here (``tokenize_dataset``), by gen/build.py's PromptBuilder, the
+code respond and eval render prompts with: the template's markup with its control tokens, the
+contents as plain text, so ``<|im_end|>``, ``<|im_start|>system`` or ``</s>`` written in a prompt
+or an answer stay text, as vLLM was and will be fed them (they cannot forge a system turn or end
+the answer early). The prompt's ids are those respond gives the prompt (assistant turn opened);
+the completion is the rest of the rendered conversation: the answer and the template's
+end-of-turn markup. SFTTrainer takes these ``input_ids`` as they are, with a
+``completion_mask``, and computes the loss on the completion only (no generation markers are
+needed in the chat template); for text without control-token strings the ids are those TRL's own
+tokenization gave.
 Truncated (finish_reason "length"), failed and empty responses are dropped and counted, and so
 are answers to a prompt respond truncated (the answer was written for the prompt's tail, SFT
 would pair it with the whole prompt) and, with ``sft.drop_overlong``, examples longer than
@@ -11,10 +19,14 @@ would pair it with the whole prompt) and, with ``sft.drop_overlong``, examples l
 """
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from guidealign.gen.yieldstats import input_truncated
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "prompt", "response", "finish_reason"]
 # read when the shard has it (respond always writes it): says whether respond truncated the prompt
@@ -180,16 +192,89 @@ def build_dataset(cfg, workdir):
     return Dataset.from_list(rows), report
 
 
-def example_lengths(tok, dataset, batch_size: int = 1000) -> list[int]:
-    """Each example's training length in tokens, as TRL's SFTTrainer measures it before
-    truncating to max_length: the chat template applied to prompt + completion, tokenized."""
-    out = []
-    for i in range(0, len(dataset), batch_size):
-        part = dataset[i:i + batch_size]
-        convs = [p + c for p, c in zip(part["prompt"], part["completion"])]
-        ids = tok.apply_chat_template(convs, tokenize=True, return_dict=True)["input_ids"]
-        out += [len(x) for x in ids]
-    return out
+def prompt_builder(tok):
+    """gen/build.py's PromptBuilder on SFT's tokenizer (prepare_tokenizer set its chat
+    template), without a length limit: the rendering respond and eval feed vLLM."""
+    from guidealign.gen.build import PromptBuilder
+
+    return PromptBuilder(tok, max_model_len=sys.maxsize)
+
+
+def _messages(turns: list[dict]):
+    from guidealign.gen.build import Message
+
+    return [Message(m["role"], [m["content"]]) for m in turns]
+
+
+def tokenize_example(builder, example: dict) -> dict:
+    """``input_ids`` (the rendered prompt + completion conversation) and ``completion_mask``
+    (1 on the completion) of one prompt/completion example. The prompt part is the builder's ids
+    of the prompt with the assistant turn opened (what respond feeds vLLM); the completion is the
+    rest of the conversation rendered whole: the answer as plain text and the template's
+    end-of-turn markup (``<|im_end|>`` and a newline, `` </s>``...)."""
+    prompt = builder.build(_messages(example["prompt"]), 0).token_ids
+    full = builder.build(_messages(example["prompt"] + example["completion"]), 0,
+                         add_generation_prompt=False).token_ids
+    n = len(prompt)
+    if full[:n] != prompt:
+        # TRL's rule for a template that renders the prompt alone otherwise than followed by an
+        # answer, or tokens merging across the boundary: the completion starts where they differ
+        n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(n, len(full)))
+        _warn_once("prefix", "the chat template renders the prompt alone (assistant turn opened) "
+                   "otherwise than followed by the answer; the completion starts where they differ, "
+                   "so training sees a prompt that differs from the one vLLM is fed: %r",
+                   builder.tok.decode(prompt[n:]))
+    return {"input_ids": list(full), "completion_mask": [0] * n + [1] * (len(full) - n)}
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("sft: " + msg, *args)
+
+
+def _ends_with_control_token(tok, ids: list[int]) -> bool:
+    """Whether the last token of ``ids`` that is not whitespace (chatml's newline after
+    ``<|im_end|>``) is a control token (eos, the template's turn end)."""
+    specials = set(getattr(tok, "all_special_ids", []) or [])
+    specials.update(i for i, t in (getattr(tok, "added_tokens_decoder", {}) or {}).items()
+                    if getattr(t, "special", False))
+    for i in reversed(ids):
+        if i in specials:
+            return True
+        if tok.decode([i]).strip():
+            return False
+    return False
+
+
+def tokenize_dataset(tok, dataset):
+    """The prompt/completion dataset tokenized by ``tokenize_example`` (id, input_ids,
+    completion_mask): the pre-tokenized form SFTTrainer trains as it is. A dataset that already
+    has ``input_ids`` is returned unchanged."""
+    if "input_ids" in dataset.column_names:
+        return dataset
+    builder = prompt_builder(tok)
+    ids, masks = [], []
+    for ex in dataset.select_columns(["prompt", "completion"]):
+        out = tokenize_example(builder, ex)
+        ids.append(out["input_ids"])
+        masks.append(out["completion_mask"])
+        done = [t for t, m in zip(out["input_ids"], out["completion_mask"]) if m]
+        if not _ends_with_control_token(tok, done):
+            _warn_once("end", "the chat template ends an assistant turn with no control token "
+                       "(%r): the model does not learn to stop", tok.decode(done[-8:]))
+    rest = dataset.remove_columns([c for c in ("prompt", "completion") if c in dataset.column_names])
+    return rest.add_column("input_ids", ids).add_column("completion_mask", masks)
+
+
+def example_lengths(tok, dataset) -> list[int]:
+    """Each example's training length in tokens, as SFTTrainer sees it before truncating to
+    max_length: its ``input_ids`` (``tokenize_dataset``; a prompt/completion dataset is
+    tokenized for the count)."""
+    return [len(x) for x in tokenize_dataset(tok, dataset)["input_ids"]]
 
 
 def fit_max_seq_length(cfg, dataset, tok, report: DataReport):

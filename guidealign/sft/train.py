@@ -8,9 +8,11 @@ Gradient accumulation is derived so that the *global* batch stays `sft.global_ba
 
 The chat template (``sft.chat_template``, or the base tokenizer's own) is set on the
 tokenizer, missing special tokens are added (embeddings resized), a pad token is chosen, and
-the tokenizer is saved with the model, so vLLM answers in the trained format. Loss is on the
-assistant turn only (TRL prompt/completion conversations). Rank 0 writes the model into a
-temp dir, renames it to WORKDIR/sft/model, then writes WORKDIR/sft/_done.json last.
+the tokenizer is saved with the model, so vLLM answers in the trained format. The
+prompt/completion conversations are tokenized as respond and eval render prompts (sft/data.py
+``tokenize_dataset``: control-token strings in a prompt or an answer stay text) and handed to
+TRL tokenized; loss is on the assistant turn only (its ``completion_mask``). Rank 0 writes the
+model into a temp dir, renames it to WORKDIR/sft/model, then writes WORKDIR/sft/_done.json last.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import get_args
 
 from guidealign.config.sft import SFTMode
+from guidealign.sft.checkpoints import checkpoint_dir, is_main_process, resume_point, whole_run_loss
 from guidealign.sft.precision import check_lora_merge, load_dtype, precision_flags
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,9 @@ def sft_fingerprint(cfg, report) -> str:
     # v4: full fine-tuning in bf16/fp16 keeps float32 master weights (load_dtype)
     # v5: LoRA trains the embedding (and untied head) rows of tokens the template added
     # v6: answers to truncated prompts and (sft.drop_overlong) overlong examples are dropped
-    return fingerprint("sft/v6", keys, report.sources, template_hash(cfg.sft.chat_template))
+    # v7: examples are tokenized by gen/build.py's PromptBuilder, contents without parsing
+    #     control-token strings (they were real turn markup in TRL's tokenization)
+    return fingerprint("sft/v7", keys, report.sources, template_hash(cfg.sft.chat_template))
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
@@ -121,59 +126,6 @@ def lora_config(scfg, model, new_token_ids: list[int]):
         r=scfg.lora_r, lora_alpha=scfg.lora_alpha, lora_dropout=scfg.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         trainable_token_indices=tokens, task_type="CAUSAL_LM")
-
-
-def checkpoint_dir(workdir, fp: str) -> Path:
-    """WORKDIR/sft/checkpoints/<fingerprint>: the resume points of one config and data."""
-    return Path(workdir) / "sft" / "checkpoints" / fp
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the training job (before its process group exists: the launcher's RANK)."""
-    from guidealign.sft.launcher import under_launcher
-
-    return not under_launcher() or int(os.environ.get("RANK", "0") or 0) == 0
-
-
-# transformers' Trainer writes a checkpoint's trainer state last: a checkpoint without it was
-# cut off while being saved (Trainer.train cannot resume from it).
-TRAINER_STATE = "trainer_state.json"
-
-
-def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
-    """The newest complete checkpoint in ``ckpt_dir`` to resume from (sft.save_steps > 0),
-    else None; one cut off while being saved (no trainer state) is passed over. A run resumes
-    only from its own fingerprint's checkpoints: those of an earlier config or other data
-    (another folder under checkpoints/) are never resumed, and the main process deletes them."""
-    root = ckpt_dir.parent
-    if main and root.is_dir():
-        for old in root.iterdir():
-            if old.name != ckpt_dir.name:
-                log.info("sft: removing checkpoints of another config or data: %s", old)
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
-    if scfg.save_steps <= 0 or not ckpt_dir.is_dir():
-        return None
-    steps = {}
-    for d in ckpt_dir.glob("checkpoint-*"):
-        step = d.name.removeprefix("checkpoint-")
-        if step.isdigit() and d.is_dir() and (d / TRAINER_STATE).is_file():
-            steps[int(step)] = d
-    return str(steps[max(steps)]) if steps else None
-
-
-def whole_run_loss(log_history: list[dict]) -> float | None:
-    """The mean training loss over all logged steps, also those before a resume (the trainer's
-    ``training_loss`` covers only the steps of its own call): each logged loss is the mean of
-    the steps since the previous log, so it weighs by their number. None when none was logged."""
-    total, last = 0.0, 0
-    for h in log_history:
-        if "loss" in h and "step" in h and h["step"] > last:
-            total += h["loss"] * (h["step"] - last)
-            last = h["step"]
-    return total / last if last else None
 
 
 def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
@@ -252,6 +204,10 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         from guidealign.core.distenv import one_device
 
         one_device(targs, "sft")
+    from guidealign.sft.data import tokenize_dataset
+
+    # tokenized as respond/eval render prompts; TRL takes input_ids + completion_mask as they are
+    dataset = tokenize_dataset(tok, dataset)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset,
                          processing_class=tok, peft_config=peft_config)
     if trainer.args.world_size != world:
@@ -359,10 +315,10 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
 
         set_threads(scfg.num_threads)
     from guidealign.core.models import resolve
-    from guidealign.sft.data import fit_max_seq_length
+    from guidealign.sft.data import fit_max_seq_length, tokenize_dataset
 
-    dataset = fit_max_seq_length(scfg, dataset, prepare_tokenizer(scfg, resolve(scfg.base_model))[0],
-                                 data_rep)
+    tok = prepare_tokenizer(scfg, resolve(scfg.base_model))[0]
+    dataset = fit_max_seq_length(scfg, tokenize_dataset(tok, dataset), tok, data_rep)
     world = distributed_world_size()
     ckpt_dir = checkpoint_dir(workdir, fp)
     resume = resume_point(ckpt_dir, scfg, main=is_main_process())

@@ -1,0 +1,63 @@
+"""Where SFT resumes from: its checkpoints under WORKDIR/sft/checkpoints/<fingerprint>/, the
+newest complete one, and the loss over a run that was resumed."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(workdir, fp: str) -> Path:
+    """WORKDIR/sft/checkpoints/<fingerprint>: the resume points of one config and data."""
+    return Path(workdir) / "sft" / "checkpoints" / fp
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the training job (before its process group exists: the launcher's RANK)."""
+    from guidealign.sft.launcher import under_launcher
+
+    return not under_launcher() or int(os.environ.get("RANK", "0") or 0) == 0
+
+
+# transformers' Trainer writes a checkpoint's trainer state last: a checkpoint without it was
+# cut off while being saved (Trainer.train cannot resume from it).
+TRAINER_STATE = "trainer_state.json"
+
+
+def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
+    """The newest complete checkpoint in ``ckpt_dir`` to resume from (sft.save_steps > 0),
+    else None; one cut off while being saved (no trainer state) is passed over. A run resumes
+    only from its own fingerprint's checkpoints: those of an earlier config or other data
+    (another folder under checkpoints/) are never resumed, and the main process deletes them."""
+    root = ckpt_dir.parent
+    if main and root.is_dir():
+        for old in root.iterdir():
+            if old.name != ckpt_dir.name:
+                log.info("sft: removing checkpoints of another config or data: %s", old)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+    if scfg.save_steps <= 0 or not ckpt_dir.is_dir():
+        return None
+    steps = {}
+    for d in ckpt_dir.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and d.is_dir() and (d / TRAINER_STATE).is_file():
+            steps[int(step)] = d
+    return str(steps[max(steps)]) if steps else None
+
+
+def whole_run_loss(log_history: list[dict]) -> float | None:
+    """The mean training loss over all logged steps, also those before a resume (the trainer's
+    ``training_loss`` covers only the steps of its own call): each logged loss is the mean of
+    the steps since the previous log, so it weighs by their number. None when none was logged."""
+    total, last = 0.0, 0
+    for h in log_history:
+        if "loss" in h and "step" in h and h["step"] > last:
+            total += h["loss"] * (h["step"] - last)
+            last = h["step"]
+    return total / last if last else None
