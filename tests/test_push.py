@@ -1,8 +1,9 @@
 """`guidealign push` against a local stand-in of the Hub (tests/hubserver.py, loopback only):
-the round trip through datasets.load_dataset, rate-limit retries (of the commit, by push; of a
+the round trip through datasets.load_dataset, rate-limit retries (of a commit, by push; of a
 transient 502 on the preupload call and an LFS upload, by huggingface_hub's own http_backoff), the
-token never printed, a model push, and a push killed, or failed, before its commit that resumes
-without re-uploading what reached the Hub."""
+token never printed, a model push, and a push killed, or failed, before its last commit that
+resumes without re-uploading what reached the Hub. A dataset's shards go to
+data/<version>/ (tests/test_push_atomic.py: the commits and what readers see meanwhile)."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,25 @@ from guidealign.shards.layout import shard_path
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_TESTsecretTOKEN0123456789"
+
+
+def version_of(workdir: Path, stage: str = "respond") -> str:
+    """The version folder a push of the local stage writes its shards to: the first 12 hex
+    digits of the sha256 over the shards' sorted (file name, sha256) pairs."""
+    import hashlib
+
+    from guidealign.shards import read_manifest
+
+    d = workdir / stage
+    pairs = sorted([shard_path(d, i).name, read_marker(d, i).sha256]
+                   for i in range(int(read_manifest(d)["num_shards"])))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+
+
+def shard_paths(workdir: Path, shards: int, stage: str = "respond") -> list[str]:
+    """The paths on the Hub of the local stage's shards."""
+    v = version_of(workdir, stage)
+    return [f"data/{v}/shard-{i:05d}.parquet" for i in range(shards)]
 
 
 def make_rows(shard: int, n: int) -> list[dict]:
@@ -93,19 +113,22 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert TOKEN not in out  # never printed, even at -vv
         assert "retry" in out and "429" in out
         assert TOKEN in hub.state.seen_tokens  # ... but sent to the Hub
-        assert len(hub.requests("POST", r"/commit/")) == 2 + 1  # two 429s, then the one commit
-        assert len(hub.commits("org/aligned")) == 1 + 1  # the repo's initial commit, then 1
+        # two 429s, then the shards' commit (2 files), then the card's
+        assert len(hub.requests("POST", r"/commit/")) == 2 + 2
+        assert len(hub.commits("org/aligned")) == 1 + 2  # the repo's initial commit, then 2
         # a retried commit does not upload its LFS objects again
         assert len(hub.state.lfs_uploads) == 2
         files = hub.files("org/aligned")
-        assert set(files) == {".gitattributes", "README.md", "data/shard-00000.parquet",
-                              "data/shard-00001.parquet"}
+        paths = shard_paths(workdir, 2)
+        v = version_of(workdir)
+        assert len(v) == 12 and paths[0] == f"data/{v}/shard-00000.parquet"
+        assert set(files) == {".gitattributes", "README.md", *paths}
         for i in range(2):  # pushed as they are: byte-identical, stored as LFS
             local = shard_path(workdir / "respond", i)
-            assert hub.content("org/aligned", f"data/shard-{i:05d}.parquet") == local.read_bytes()
-            assert files[f"data/shard-{i:05d}.parquet"].sha256 == read_marker(workdir / "respond", i).sha256
+            assert hub.content("org/aligned", paths[i]) == local.read_bytes()
+            assert files[paths[i]].sha256 == read_marker(workdir / "respond", i).sha256
         card = hub.content("org/aligned", "README.md").decode()
-        assert "path: data/*.parquet" in card and "library_size: 3" in card
+        assert f"path: data/{v}/*.parquet" in card and "library_size: 3" in card
         assert "recall@6: 0.8125" in card and "prompt_version" in card
         assert "responder: org/responder-that-ran" in card  # the model the run recorded
         assert "detect.yaml" in card  # hashes of the generation prompts
@@ -113,7 +136,7 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert hub.state.repos[("dataset", "org/aligned")].private is True
         report = json.loads((workdir / "push" / "org__aligned.json").read_text())
         assert report["uploaded"] == 3 and report["retries"] >= 3 and TOKEN not in json.dumps(report)
-        assert report["commits"] == 1 and report["commit"] == hub.commits("org/aligned")[-1][0]
+        assert report["commits"] == 2 and report["commit"] == hub.commits("org/aligned")[-1][0]
 
         # Private: no token, no data.
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -155,12 +178,12 @@ def test_transient_errors_are_retried_by_huggingface_hub(tmp_path, workdir):
         assert sorted(puts) == [200, 200, 502]  # two shards, one of them sent twice
         report = json.loads((workdir / "push" / "org__flaky.json").read_text())
         assert report["retries"] == 0  # no step of ours had to be run again
-        assert report["uploaded"] == 3 and report["commits"] == 1
-        assert len(hub.commits("org/flaky")) == 1 + 1
-        for i in range(2):
-            assert hub.content("org/flaky", f"data/shard-{i:05d}.parquet") == \
-                shard_path(workdir / "respond", i).read_bytes()
-        assert "path: data/*.parquet" in hub.content("org/flaky", "README.md").decode()
+        assert report["uploaded"] == 3 and report["commits"] == 2  # the shards', the card's
+        assert len(hub.commits("org/flaky")) == 1 + 2
+        for i, path in enumerate(shard_paths(workdir, 2)):
+            assert hub.content("org/flaky", path) == shard_path(workdir / "respond", i).read_bytes()
+        assert f"path: data/{version_of(workdir)}/*.parquet" in \
+            hub.content("org/flaky", "README.md").decode()
 
 
 def test_push_needs_a_token_and_a_complete_stage(tmp_path, workdir):
@@ -175,21 +198,23 @@ def test_push_needs_a_token_and_a_complete_stage(tmp_path, workdir):
 
 
 def test_push_of_a_smaller_stage_deletes_the_stale_shards(tmp_path, workdir):
-    """A stage pushed with 3 shards, rebuilt with 2 and pushed again: the third shard is
-    deleted from the Hub (one commit), so the repo holds exactly the stage's rows."""
+    """A stage pushed with 3 shards, rebuilt with 2 and pushed again: the first version's
+    folder (its 3 shards) is deleted from the Hub, so the repo holds exactly the stage's rows."""
     import shutil
 
     make_run(workdir, shards=3)
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
         assert run(push_cmd(workdir, "respond", "org/s"), env).returncode == 0
+        old = shard_paths(workdir, 3)
         shutil.rmtree(workdir / "respond")
         make_run(workdir, shards=2)
         p = run(push_cmd(workdir, "respond", "org/s"), env)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert "1 stale file(s) deleted" in p.stdout + p.stderr
-        assert sorted(f for f in hub.files("org/s") if f.startswith("data/")) == [
-            "data/shard-00000.parquet", "data/shard-00001.parquet"]
+        assert "3 stale file(s) deleted" in p.stdout + p.stderr
+        assert sorted(f for f in hub.files("org/s") if f.startswith("data/")) == shard_paths(workdir, 2)
+        report = json.loads((workdir / "push" / "org__s.json").read_text())
+        assert report["deleted_paths"] == old
         n = len(hub.commits("org/s"))
         assert run(push_cmd(workdir, "respond", "org/s"), env).returncode == 0
         assert len(hub.commits("org/s")) == n  # nothing new, nothing stale: no commit
@@ -245,7 +270,7 @@ def test_push_model_public(tmp_path, workdir):
         p = run([sys.executable, "-c", script, str(workdir)], hub_env(hub, tmp_path))
         assert p.returncode == 0, p.stderr[-3000:]
         assert "REPORT push dataset org/run-ds: 2 file(s) pushed" in p.stdout
-        assert set(hub.files("org/run-ds")) == {".gitattributes", "README.md", "data/shard-00000.parquet"}
+        assert set(hub.files("org/run-ds")) == {".gitattributes", "README.md", *shard_paths(workdir, 1)}
         assert hub.state.repos[("dataset", "org/run-ds")].private is True  # push.private default
         assert len(hub.state.lfs_uploads) == n_puts + 1  # the shard only; the model was there
 
@@ -256,7 +281,7 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
     assert len(shas) == 5
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
-        # Uploads in batches of 2 files; the 4th LFS upload (2nd file of the 2nd batch) never
+        # Commits of 2 shards each; the 4th LFS upload (a file of the 2nd commit) never
         # finishes.
         hub.state.hang_after = 3
         proc = subprocess.Popen(push_cmd(workdir, "respond", "org/big", "--set",
@@ -274,10 +299,12 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
         hub.state.hang_after = None
         hub.state.release.set()
         first = list(hub.state.lfs_uploads)
-        committed = {p for p, e in hub.files("org/big").items() if e.sha256}
-        assert committed == set()  # the one commit comes after all the uploads
-        # Three objects were uploaded (none committed) before the kill.
+        files = hub.files("org/big")
+        committed = {p for p, e in files.items() if e.sha256}
+        # Three objects were uploaded before the kill, the first two committed (the first
+        # commit), under their version's folder; the card comes last, so no card yet.
         assert len(first) == 3
+        assert committed == set(shard_paths(workdir, 2)) and "README.md" not in files
 
         p = run(push_cmd(workdir, "respond", "org/big", "--set", "push.files_per_commit=2"), env)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
@@ -287,11 +314,11 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
         assert len(second) == 2
         files = hub.files("org/big")
         assert {e.sha256 for e in files.values() if e.sha256} == shas
-        for i in range(5):
-            assert hub.content("org/big", f"data/shard-{i:05d}.parquet") == \
-                shard_path(workdir / "respond", i).read_bytes()
+        for i, path in enumerate(shard_paths(workdir, 5)):
+            assert hub.content("org/big", path) == shard_path(workdir / "respond", i).read_bytes()
         report = json.loads((workdir / "push" / "org__big.json").read_text())
-        assert report["already_there"] == 0 and report["uploaded"] == 6  # 5 shards + card
+        # the first commit's 2 shards were there; 3 shards + the card in 2 + 1 commits
+        assert report["already_there"] == 2 and report["uploaded"] == 4 and report["commits"] == 3
         # And the data are whole.
         t = pa.concat_tables(pq.read_table(shard_path(workdir / "respond", i)) for i in range(5))
         assert t.num_rows == 200
@@ -301,7 +328,7 @@ def test_failed_push_resumes_without_reuploading(tmp_path, workdir):
     make_run(workdir, shards=4, rows=20)
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
-        # The (one) commit fails, also when retried.
+        # Every commit fails, also when retried: the first (2 shards) stops the push.
         hub.fail("POST", r"/commit/", 500, times=100)
         cmd = push_cmd(workdir, "respond", "org/cut", "--set", "push.files_per_commit=2",
                        "--set", "push.max_retries=1")
@@ -310,21 +337,20 @@ def test_failed_push_resumes_without_reuploading(tmp_path, workdir):
         assert "retry 1/1" in p.stdout + p.stderr
         commits = hub.commits("org/cut")
         assert len(commits) == 1 and set(commits[-1][2]) == {".gitattributes"}
-        # The objects reached the Hub once, though the commit was tried twice.
+        # The first commit's objects reached the Hub once, though the commit was tried twice.
         first = list(hub.state.lfs_uploads)
-        assert len(first) == 4 and len(set(first)) == 4
+        assert len(first) == 2 and len(set(first)) == 2
 
         hub.state.faults.clear()
         p = run(cmd, env)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-        assert hub.state.lfs_uploads == first  # nothing uploaded again
+        uploads = hub.state.lfs_uploads
+        assert uploads[:2] == first and len(uploads) == len(set(uploads)) == 4  # none again
         report = json.loads((workdir / "push" / "org__cut.json").read_text())
-        assert report["already_there"] == 0 and report["uploaded"] == 5 and report["commits"] == 1
-        assert report["uploaded_paths"] == [f"data/shard-{i:05d}.parquet" for i in range(4)] + [
-            "README.md"]
-        for i in range(4):
-            assert hub.content("org/cut", f"data/shard-{i:05d}.parquet") == \
-                shard_path(workdir / "respond", i).read_bytes()
+        assert report["already_there"] == 0 and report["uploaded"] == 5 and report["commits"] == 3
+        assert report["uploaded_paths"] == shard_paths(workdir, 4) + ["README.md"]
+        for i, path in enumerate(shard_paths(workdir, 4)):
+            assert hub.content("org/cut", path) == shard_path(workdir / "respond", i).read_bytes()
         assert "README.md" in hub.files("org/cut")
 
 

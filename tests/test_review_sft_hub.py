@@ -1,5 +1,5 @@
 """Review of sft/ and hub/: resuming after a crash while a checkpoint was being saved, two
-response datasets with the same directory name, and a retried delete commit."""
+response datasets with the same directory name, and a retried delete commit (a folder delete)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,7 +43,7 @@ def test_resume_skips_a_checkpoint_cut_off_while_being_saved(workdir):
     """A run killed while saving checkpoint-4 (weights written, no trainer_state.json yet,
     which transformers writes last): every rerun resumed from checkpoint-4 and crashed on the
     missing trainer state; it must resume from the last complete one, checkpoint-2."""
-    from guidealign.sft.train import checkpoint_dir, resume_point
+    from guidealign.sft.checkpoints import checkpoint_dir, resume_point
 
     scfg = load_config(TINY, ["sft.save_steps=2"]).sft
     ck = checkpoint_dir(workdir, "fp")
@@ -58,7 +58,7 @@ def test_resume_skips_a_checkpoint_cut_off_while_being_saved(workdir):
 
 def test_no_complete_checkpoint_starts_over(workdir):
     """Only a cut-off checkpoint: start from the base model (Trainer raised on it)."""
-    from guidealign.sft.train import checkpoint_dir, resume_point
+    from guidealign.sft.checkpoints import checkpoint_dir, resume_point
 
     scfg = load_config(TINY, ["sft.save_steps=2"]).sft
     ck = checkpoint_dir(workdir, "fp")
@@ -137,21 +137,27 @@ def _http_error(status: int):
 
 
 class _LostAnswerHub:
-    """Applies the first commit, then loses its answer (HTTP 502); deleting a path that is not
-    there is a 404, as on the Hub ("A file with this name doesn't exist")."""
+    """Applies the first commit, then loses its answer (HTTP 502); deleting a path (or folder)
+    that is not there is a 404, as on the Hub ("A file with this name doesn't exist")."""
 
     def __init__(self, files):
         self.files = set(files)
         self.commits = 0
+        self.sent = []
 
     def list_repo_files(self, repo_id, repo_type=None, revision=None):
         return sorted(self.files)
 
     def create_commit(self, repo_id, operations, commit_message, repo_type=None, revision=None):
-        gone = [op.path_in_repo for op in operations]
-        if any(p not in self.files for p in gone):
-            raise _http_error(404)
-        self.files -= set(gone)
+        self.sent.append([(op.path_in_repo, op.is_folder) for op in operations])
+        gone = set()
+        for op in operations:
+            hit = {p for p in self.files if p.startswith(op.path_in_repo)} if op.is_folder \
+                else {op.path_in_repo} & self.files
+            if not hit:
+                raise _http_error(404)
+            gone |= hit
+        self.files -= gone
         self.commits += 1
         if self.commits == 1:
             raise _http_error(502)
@@ -161,22 +167,46 @@ class _LostAnswerHub:
         return SimpleNamespace(sha=f"c{self.commits}")
 
 
-def test_a_retried_delete_commit_that_had_landed_does_not_fail_the_push(monkeypatch):
-    from guidealign.hub import push
-    from guidealign.hub.push import PushReport, commit_push, owned_by_push
+def test_a_retried_delete_commit_that_had_landed_does_not_fail_the_push():
+    """The last commit of a dataset push deletes an earlier version's folder (one folder
+    delete) and the flat shards of an older push; it lands, its answer is lost, and the retry
+    finds nothing left: no second commit, no 404, counted once, the head looked up."""
+    from guidealign.hub.commits import commit_step
+    from guidealign.hub.push import PushReport, StaleFiles, count_commit, owned_by_push
     from guidealign.hub.targets import LocalFile
 
-    hub = _LostAnswerHub({"README.md", "data/shard-00000.parquet", "data/shard-00001.parquet"})
+    old = ["data/aaaaaaaaaaaa/shard-00000.parquet", "data/aaaaaaaaaaaa/shard-00001.parquet"]
+    hub = _LostAnswerHub({"README.md", "notes/x.txt", "data/bbbbbbbbbbbb/shard-00000.parquet",
+                          "data/shard-00000.parquet", *old})
     pcfg = load_config(None, ["push.backoff_s=0", "push.backoff_max_s=0"]).push
     report = PushReport(repo_id="org/ds", repo_type="dataset")
-    keep = [LocalFile("data/shard-00000.parquet", Path("x"), 1), LocalFile("README.md", Path("y"), 1)]
+    keep = [LocalFile("data/bbbbbbbbbbbb/shard-00000.parquet", Path("x"), 1),
+            LocalFile("README.md", Path("y"), 1)]
     # the files to push are on the Hub already: the commit only deletes
-    monkeypatch.setattr(push, "split_unchanged", lambda api, files, **kw: ([], list(files)))
-    commit_push(hub, keep, report, pcfg, owned=owned_by_push("dataset", "data"), title="t")
-    assert hub.files == {"README.md", "data/shard-00000.parquet"}
+    stale = StaleFiles(hub, keep, owned_by_push("dataset", "data"), repo_id="org/ds",
+                       repo_type="dataset", revision="main")
+    info, sent = commit_step(hub, [], repo_id="org/ds", repo_type="dataset", revision="main",
+                             pcfg=pcfg, title="t", what="commit", stale=stale,
+                             on_retry=report.count_retry)
+    count_commit(report, sent, stale)
+    assert info is None and hub.sent == [[("data/aaaaaaaaaaaa/", True),
+                                          ("data/shard-00000.parquet", False)]]
+    assert hub.files == {"README.md", "notes/x.txt", "data/bbbbbbbbbbbb/shard-00000.parquet"}
     assert report.retries == 1
-    assert report.commits == hub.commits == 1 and report.commit == "c1"
-    assert report.deleted_paths == ["data/shard-00001.parquet"]
+    assert report.commits == hub.commits == 1
+    assert report.deleted_paths == old + ["data/shard-00000.parquet"]
+
+
+def test_stale_files_go_as_the_fewest_deletes():
+    from guidealign.hub.push import stale_targets
+
+    present = ["README.md", "data/v1/a.parquet", "data/v1/b.parquet", "data/v2/a.parquet",
+               "data/v2/sub/c.parquet", "data/flat.parquet", "m/adapter.bin", "m/config.json"]
+    gone = ["data/flat.parquet", "data/v2/a.parquet", "data/v2/sub/c.parquet", "m/adapter.bin"]
+    assert stale_targets(gone, present) == {
+        "data/flat.parquet": ["data/flat.parquet"],
+        "data/v2/": ["data/v2/a.parquet", "data/v2/sub/c.parquet"],
+        "m/adapter.bin": ["m/adapter.bin"]}
 
 
 # -- SFT precision: float32 master weights under bf16 compute ------------------------------------

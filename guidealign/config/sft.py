@@ -123,19 +123,23 @@ class PushConfig:
     private: bool = True
     # Branch to push to (it must exist).
     revision: str = "main"
-    # Files per upload batch (the name is historical: a push makes one commit). Files the Hub
-    # already has are left out; the LFS objects of the rest go up in batches of this many, each
-    # retried as a whole, and an interrupted push does not upload again the objects that reached
-    # the Hub. Then one commit adds them all and deletes stale shards (atomic: never a mix).
+    # Most files in one commit (the Hub recommends under 100). Files the Hub already has are
+    # left out. A dataset's shards go to data_dir/<version>/ (a hash of the shards) in commits of
+    # at most this many, each retried as a whole; a rerun finds the committed ones there and does
+    # not send them again. Then one small commit writes the card, which switches load_dataset to
+    # that folder, and deletes the other versions (readers see one whole version, never a mix).
+    # A model push uploads in batches of this many, then makes one commit.
     files_per_commit: int = 20
     # huggingface_hub retries its own requests (preupload, LFS uploads, listings) with its
-    # http_backoff. The steps it sends once, creating the repo, an upload batch and the commit, are run
-    # again on the same failures (HTTP 408/429/5xx, dropped connections) up to max_retries
-    # times, waiting backoff_s doubled per retry, at most backoff_max_s (Retry-After wins).
+    # http_backoff. The steps it sends once, creating the repo, an upload batch, a commit and the
+    # lookup of the head, are run again on the same failures (HTTP 408/429/5xx, dropped
+    # connections) up to max_retries times, waiting backoff_s doubled per retry, at most
+    # backoff_max_s (Retry-After wins).
     max_retries: int = 8
     backoff_s: float = 2.0
     backoff_max_s: float = 120.0
-    # Directory of the Parquet shards inside a dataset repo.
+    # Directory of the Parquet shards inside a dataset repo (each version in a folder of its own;
+    # a push deletes everything else under it).
     data_dir: str = "data"
     # Dataset card: a pretty name and license for the card's metadata ("" = left out).
     pretty_name: str = ""

@@ -1,23 +1,27 @@
-"""Resumable uploads and one atomic commit, on huggingface_hub's commit API.
+"""Resumable, bounded commits on huggingface_hub's commit API.
 
 Which files the Hub already has: huggingface_hub's preupload call (``_fetch_upload_modes``)
 answers, per path, how the file is stored (regular or LFS) and the oid the Hub holds there;
 a file whose local oid (``CommitOperationAdd._local_oid``: the git blob id of a regular file,
 the sha256 of an LFS one) equals it has not changed. That is the test ``create_commit`` itself
-applies before committing (``split_unchanged``).
+applies before committing (``prepare``, ``is_unchanged``).
 
-The LFS objects of the files to push go up first, in batches (``upload_lfs``:
-``HfApi.preupload_lfs_files``, which commits nothing): the LFS batch call answers "already
-there" for the objects the Hub holds, so a push interrupted while uploading resumes without
-sending them again. Then one ``create_commit`` adds every changed file and deletes every stale
-one (guidealign/hub/push.py): the revision goes from the previous push to this one in one step,
-never through a mix of both.
+The ``CommitOperationAdd`` objects ``prepare`` makes are the ones uploaded and committed
+(``commit_step``): ``preupload_lfs_files`` marks them uploaded, so ``create_commit`` neither
+hashes nor uploads them again (with Xet it would read and chunk every file a second time).
+``upload_lfs`` uploads the LFS objects of such operations in batches without committing (a
+model push, which makes one commit); the LFS batch call answers "already there" for the objects
+the Hub holds, so a push interrupted while uploading resumes without sending them again.
+guidealign/hub/push.py decides what goes in which commit: a dataset's shards in commits of at
+most push.files_per_commit files under a folder of their own version, then one small commit
+with the card and the deletes.
 
 Retries: huggingface_hub retries the requests it can safely repeat (preupload, LFS batch and
-uploads, listings) itself, with ``http_backoff``. It sends creating a repo and a commit once;
-``retry_step`` runs such a step (and an upload batch) again on the failures ``http_backoff``
-retries. The commit is retried with what is still to do worked out again, so if a commit landed
-before its answer was lost, the retry finds nothing left and makes no second commit.
+uploads, listings) itself, with ``http_backoff``. It sends creating a repo, a commit and a repo
+info lookup once; ``retry_step`` runs such a step (and an upload batch) again on the failures
+``http_backoff`` retries. A commit is retried with what is still to do worked out again (the
+oids the Hub holds fetched anew, the deletes listed anew), so if a commit landed before its
+answer was lost, the retry finds nothing left and makes no second commit.
 """
 from __future__ import annotations
 
@@ -54,24 +58,62 @@ def _remember_sha256(f: LocalFile, op) -> None:
         f.sha256 = info.sha256.hex()
 
 
-def split_unchanged(api, files: list[LocalFile], *, repo_id: str, repo_type: str,
-                    revision: str) -> tuple[list[LocalFile], list[LocalFile]]:
-    """(files to commit, files already on the Hub at ``revision``), from one preupload call per
-    256 files (huggingface_hub's ``_fetch_upload_modes``, retried by its ``http_backoff``)."""
+def _fetch_modes(api, ops: list, *, repo_id: str, repo_type: str, revision: str) -> None:
+    """Set, on each of ``ops``, the upload mode and the oid the Hub holds at its path (one
+    preupload call per 256 files, huggingface_hub's ``_fetch_upload_modes``, retried by its
+    ``http_backoff``)."""
     from huggingface_hub._commit_api import _fetch_upload_modes
     from huggingface_hub.utils import build_hf_headers
 
-    if not files:
-        return [], []
+    if ops:
+        _fetch_upload_modes(additions=ops, repo_type=repo_type, repo_id=repo_id,
+                            headers=build_hf_headers(token=api.token),
+                            revision=quote(revision, safe=""), endpoint=api.endpoint)
+
+
+def prepare(api, files: list[LocalFile], *, repo_id: str, repo_type: str, revision: str) -> list:
+    """A CommitOperationAdd per file of ``files``, in order, each knowing how the Hub stores its
+    path and the oid it holds there (``is_unchanged``). These are the operations to upload and
+    commit: a new one for the same file would be prepared (hashed, with Xet chunked) again."""
     ops = [add_operation(f) for f in files]
-    _fetch_upload_modes(additions=ops, repo_type=repo_type, repo_id=repo_id,
-                        headers=build_hf_headers(token=api.token),
-                        revision=quote(revision, safe=""), endpoint=api.endpoint)
-    new, there = [], []
+    _fetch_modes(api, ops, repo_id=repo_id, repo_type=repo_type, revision=revision)
     for f, op in zip(files, ops):
-        (there if is_unchanged(op) else new).append(f)
         _remember_sha256(f, op)
-    return new, there
+    return ops
+
+
+def commit_step(api, adds: list, *, repo_id: str, repo_type: str, revision: str, pcfg,
+                title: str, what: str, stale=None, on_retry=None):
+    """One commit, retried as a whole (``retry_step``): the prepared operations ``adds`` (see
+    ``prepare``) whose file the Hub does not hold, their LFS objects uploaded first, and the
+    deletes ``stale()`` returns (CommitOperationDelete list; called on each attempt). Each retry
+    fetches the Hub's oids again and calls ``stale()`` again, so a commit that landed before its
+    answer was lost leaves nothing to do (deleting a path that is not there is an error on the
+    Hub). Returns (commit info or None, the operations of the last commit sent, or None when
+    none was needed): a sent commit whose retry found nothing left is this push's all the same."""
+    where = dict(repo_id=repo_id, repo_type=repo_type, revision=revision)
+    sent: list = []
+    tries = [0]
+
+    def attempt():
+        if tries[0]:  # a retry: what the Hub holds now
+            _fetch_modes(api, adds, **where)
+        tries[0] += 1
+        todo = [op for op in adds if not is_unchanged(op)]
+        gone = list(stale()) if stale is not None else []
+        if not todo and not gone:
+            return None
+        # the same objects throughout: an uploaded one is marked so (``_is_uploaded``), and
+        # create_commit's own preupload skips it
+        if todo:
+            api.preupload_lfs_files(repo_id, additions=todo, repo_type=repo_type,
+                                    revision=revision, free_memory=False)
+        sent[:] = [todo + gone]
+        return api.create_commit(repo_id, operations=todo + gone, commit_message=title,
+                                 repo_type=repo_type, revision=revision)
+
+    info = retry_step(attempt, pcfg, what, on_retry)
+    return info, (sent[0] if sent else None)
 
 
 # -- retries of the steps huggingface_hub sends once --------------------------------------------
@@ -147,28 +189,22 @@ def retry_step(fn, pcfg, what: str, on_retry=None):
 
 # -- the uploads -------------------------------------------------------------------------------
 
-def upload_lfs(api, files: list[LocalFile], *, repo_id: str, repo_type: str, revision: str, pcfg,
+def upload_lfs(api, ops: list, *, repo_id: str, repo_type: str, revision: str, pcfg,
                on_retry=None, progress: bool = False) -> None:
-    """Upload the LFS objects of ``files`` (regular files go inline in the commit) in batches of
-    push.files_per_commit, each retried as a whole; commits nothing. Objects the Hub already
-    holds are not sent again (the LFS batch call answers "already there")."""
-    todo = batches(files, pcfg.files_per_commit)
+    """Upload the LFS objects of the prepared operations ``ops`` (regular files go inline in
+    the commit) in batches of push.files_per_commit, each retried as a whole; commits nothing.
+    Objects the Hub already holds are not sent again (the LFS batch call answers "already
+    there"); an uploaded operation is marked so and is not uploaded again by the commit."""
+    todo = batches([op for op in ops if not is_unchanged(op)], pcfg.files_per_commit)
     for k, batch in enumerate(todo, 1):
-        def attempt():
-            ops = [add_operation(f) for f in batch]
-            try:
-                api.preupload_lfs_files(repo_id, additions=ops, repo_type=repo_type,
-                                        revision=revision)
-            finally:
-                for f, op in zip(batch, ops):
-                    _remember_sha256(f, op)
-
-        retry_step(attempt, pcfg, f"upload {k}/{len(todo)}", on_retry)
+        retry_step(lambda b=batch: api.preupload_lfs_files(repo_id, additions=b, repo_type=repo_type,
+                                                           revision=revision, free_memory=False),
+                   pcfg, f"upload {k}/{len(todo)}", on_retry)
         if progress:
             log.info("uploaded batch %d/%d (%d file(s)) to %s", k, len(todo), len(batch), repo_id)
 
 
-def batches(files: list[LocalFile], size: int) -> list[list[LocalFile]]:
+def batches(files: list, size: int) -> list[list]:
     """``files`` in order, cut into lists of at most ``size`` (at least 1)."""
     n = max(1, int(size))
     return [files[i:i + n] for i in range(0, len(files), n)]

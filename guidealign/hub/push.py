@@ -1,22 +1,28 @@
 """`guidealign push`: a stage's Parquet shards, or the trained model, to the Hugging Face Hub.
 
-The shards go up as they are (no reload into memory): `data/shard-NNNNN.parquet` plus a
-dataset card (README.md) with provenance whose `configs` entry lets
-`datasets.load_dataset(repo_id)` find them. A model dir's files go up as they are, its card too.
+The shards go up as they are (no reload into memory) under a folder of their own version,
+`data/<version>/shard-NNNNN.parquet` (the version: a hash of the shards' names and checksums,
+targets.data_version), plus a dataset card (README.md) with provenance whose `configs` entry
+(`data_files: data/<version>/*.parquet`) lets `datasets.load_dataset(repo_id)` find them. A
+model dir's files go up as they are, its card too.
 
-Resumable and atomic, on huggingface_hub's commit API (guidealign/hub/commits.py): the Hub's
-preupload answer leaves out the files it already has; the LFS objects of the rest go up in
-batches of `push.files_per_commit` files (`preupload_lfs_files`, which skips the objects the Hub
-holds, so a push stopped while uploading resumes without sending them again). Then ONE commit
-adds every changed file, the card included, and deletes the stale ones: shards under the data
-folder that the Hub has and the stage no longer has (an earlier push of a larger stage), so
-`load_dataset` reads exactly the stage's rows, and the model files (weights, adapter, tokenizer,
-configs: targets.is_model_file) of a model repo that the pushed model does not have, so a
-download does not mix two models. Other files (a user's) are kept. A push that fails or stops
-before its commit leaves the revision as the previous push left it, never a mix of the two; a
-push with nothing new makes no commit. huggingface_hub retries its own requests (http_backoff);
-the steps it sends once (creating the repo, an upload batch, the commit) are retried here as a
-whole.
+Resumable, bounded and atomic for readers, on huggingface_hub's commit API
+(guidealign/hub/commits.py). The Hub's preupload answer leaves out the files it already has. A
+dataset's shards go up in commits of at most `push.files_per_commit` files each (the Hub
+recommends under 100 files per commit), each retried as a whole; a rerun of the same stage has
+the same version, so it skips the shards committed before and resumes. Only then ONE small
+commit writes the card, which switches `data_files` to the new version's folder, and deletes
+every other path under the data folder (earlier versions' folders, as folder deletes, and the
+flat `data/shard-*.parquet` of older pushes). Until that commit the card names the previous
+version's folder, whose shards are all still there: `load_dataset` reads one whole version,
+never a mix of two, whether a push stops between its commits or not. A model push uploads its
+LFS objects in batches of `push.files_per_commit` and makes ONE commit that adds every changed
+file and deletes the model files (weights, adapter, tokenizer, configs: targets.is_model_file)
+of a model repo that the pushed model does not have, so a download does not mix two models.
+Other files (a user's) are kept. The operations prepared for the upload are the ones
+committed (nothing hashed or uploaded twice); a push with nothing new makes no commit.
+huggingface_hub retries its own requests (http_backoff); the steps it sends once (creating the
+repo, an upload batch, a commit, the lookup of the head) are retried here as a whole.
 
 The token comes from HF_TOKEN or the stored login (huggingface_hub resolves it); it is
 never printed or logged here.
@@ -29,9 +35,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from guidealign.hub.commits import add_operation, retry_step, split_unchanged, upload_lfs
+from guidealign.hub.commits import batches, commit_step, is_unchanged, prepare, retry_step, upload_lfs
 from guidealign.hub.targets import (LocalFile, PushError, dataset_files, is_model_file, local_file,
-                                    model_files, resolve_target)
+                                    model_files, resolve_target, versioned)
 
 __all__ = ["PushError", "PushReport", "run_push", "push_one"]
 
@@ -45,15 +51,16 @@ class PushReport:
     repo_type: str
     url: str = ""
     files: int = 0
-    uploaded: int = 0        # files in the commit this push made
+    uploaded: int = 0        # files added by the commits this push made
     already_there: int = 0   # files the Hub already had, unchanged
-    commits: int = 0         # 1 when this push made its commit, else 0
-    retries: int = 0         # steps run again (creating the repo, an upload batch, the commit)
+    commits: int = 0         # commits this push made (a dataset: its shard commits + the last)
+    retries: int = 0         # steps run again (creating the repo, an upload batch, a commit, ...)
     bytes: int = 0           # size of the uploaded files
     seconds: float = 0.0
     commit: str = ""         # the head of the revision after the push
     uploaded_paths: list = field(default_factory=list)
-    deleted_paths: list = field(default_factory=list)  # stale shards / model files removed
+    deleted_paths: list = field(default_factory=list)  # files removed (older versions' shards,
+    #                                                     stale model files)
 
     def summary(self) -> str:
         """One line for the console."""
@@ -124,12 +131,27 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     report.url = str(retry_step(
         lambda: api.create_repo(repo_id, repo_type=repo_type, private=pcfg.private, exist_ok=True),
         pcfg, "create repo", report.count_retry))
-    new, _ = split_unchanged(api, files, repo_id=repo_id, repo_type=repo_type,
-                             revision=pcfg.revision)
-    upload_lfs(api, new, repo_id=repo_id, repo_type=repo_type, revision=pcfg.revision, pcfg=pcfg,
-               on_retry=report.count_retry, progress=progress)
-    commit_push(api, files, report, pcfg, owned=owned_by_push(repo_type, data_dir, files),
-                title=f"guide-align: push {src.name}")
+    where = dict(repo_id=repo_id, repo_type=repo_type, revision=pcfg.revision)
+    title = f"guide-align: push {src.name}"
+    # prepared once: these operations are uploaded and committed (nothing hashed twice)
+    ops = prepare(api, files, **where)
+    stale = StaleFiles(api, files, owned_by_push(repo_type, data_dir, files), **where)
+    if repo_type == "dataset":
+        shards = [op for op in ops if op.path_in_repo.startswith(data_dir + "/")]
+        commit_shards(api, shards, report, pcfg, title=title, progress=progress)
+        last = [op for op in ops if not op.path_in_repo.startswith(data_dir + "/")]  # the card
+    else:
+        upload_lfs(api, ops, **where, pcfg=pcfg, on_retry=report.count_retry, progress=progress)
+        last = ops
+    # the card (a dataset: it switches load_dataset to this version) and the deletes, in one commit
+    info, sent = commit_step(api, last, **where, pcfg=pcfg, title=title, what="commit",
+                             stale=stale, on_retry=report.count_retry)
+    count_commit(report, sent, stale)
+    report.already_there = len(files) - report.uploaded
+    # info None: no commit was needed, or the last one landed and its retry found nothing left
+    report.commit = getattr(info, "oid", "") or retry_step(
+        lambda: api.repo_info(repo_id, repo_type=repo_type, revision=pcfg.revision).sha,
+        pcfg, "head lookup", report.count_retry)
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
     return report
@@ -137,8 +159,9 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
 
 def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str,
                   data_dir: str) -> list[LocalFile]:
-    """The files of a push: a model dir's files, or a stage's shards (under ``data_dir``, no
-    slashes around it) and its dataset card (written to WORKDIR/push/README-<stage>.md)."""
+    """The files of a push: a model dir's files, or a stage's shards (under
+    ``data_dir/<version>/``, ``data_dir`` with no slashes around it) and its dataset card
+    (written to WORKDIR/push/README-<stage>.md), whose data_files name that folder."""
     from guidealign.hub.card import dataset_card
 
     if repo_type == "model":
@@ -147,10 +170,11 @@ def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str,
             log.warning("%s has no model card (README.md)", src)
         return files
     files, rows = dataset_files(src, data_dir)
+    files, version = versioned(files, data_dir)
     # the provenance of the run the data comes from: a stage pushed by its path may belong to
     # another run directory than WORKDIR
     card = dataset_card(repo_id=repo_id, stage=src.name, rows=rows, files=len(files), cfg=cfg,
-                        workdir=src.parent, data_dir=data_dir)
+                        workdir=src.parent, data_dir=f"{data_dir}/{version}")
     path = wd / "push" / f"README-{src.name}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(card)
@@ -168,42 +192,90 @@ def owned_by_push(repo_type: str, data_dir: str, files: list[LocalFile] = ()):
     return lambda path: path.startswith(data_dir + "/")
 
 
-def commit_push(api, files: list[LocalFile], report: PushReport, pcfg, *, owned, title: str) -> None:
-    """One commit (retried) that adds the ``files`` the Hub does not hold as they are and deletes
-    the paths ``owned(path)`` claims for this push that ``files`` lacks: shards of an earlier push
-    of a larger stage, which ``load_dataset`` would read too; weights, an adapter or tokenizer
-    files of an earlier model, which a download would mix with this one's. Nothing to do: no
-    commit, and ``report.commit`` is the revision's head."""
-    from huggingface_hub import CommitOperationDelete
+class StaleFiles:
+    """The deletes of a push's last commit, listed anew on each call (a retry after a commit
+    that landed finds nothing left): the paths ``owned(path)`` claims for the push that its
+    ``files`` lack. Those are the shards of other versions (``load_dataset`` reads only the
+    card's folder, but they would pile up) and the flat shards of older pushes; weights, an
+    adapter or tokenizer files of an earlier model, which a download would mix with this one's.
+    A folder that holds only such paths goes as one folder delete (an earlier version's folder),
+    to keep the commit small. ``removed`` maps each delete to the files it removes."""
 
-    keep = {f.path_in_repo for f in files}
-    where = dict(repo_type=report.repo_type, revision=pcfg.revision)
-    sent: list = []  # (files added, paths deleted) by the last commit sent
+    def __init__(self, api, files: list[LocalFile], owned, *, repo_id: str, repo_type: str,
+                 revision: str):
+        self.api, self.owned = api, owned
+        self.keep = {f.path_in_repo for f in files}
+        self.where = dict(repo_type=repo_type, revision=revision)
+        self.repo_id = repo_id
+        self.removed: dict[str, list[str]] = {}
 
-    def attempt():
-        # worked out again on each attempt: a commit that landed before its answer was lost
-        # leaves nothing to do, and deleting a path that is not there is an error on the Hub
-        add, _ = split_unchanged(api, files, repo_id=report.repo_id, **where)
-        gone = sorted(p for p in api.list_repo_files(report.repo_id, **where)
-                      if owned(p) and p not in keep)
-        if not add and not gone:
-            return None
-        sent[:] = [add, gone]
-        ops = [add_operation(f) for f in add] + [CommitOperationDelete(path_in_repo=p) for p in gone]
-        return api.create_commit(report.repo_id, operations=ops, commit_message=title, **where)
+    def __call__(self) -> list:
+        from huggingface_hub import CommitOperationDelete
 
-    info = retry_step(attempt, pcfg, "commit", report.count_retry)
-    # info None after a commit was sent: it landed, its answer was lost, and the retry found
-    # nothing left to do; it is this push's commit all the same
-    if sent:
-        add, gone = sent
-        report.commits = 1
-        report.uploaded = len(add)
-        report.bytes = sum(f.size for f in add)
-        report.uploaded_paths = [f.path_in_repo for f in add]
-        report.deleted_paths = gone
-    report.already_there = len(files) - report.uploaded
-    report.commit = getattr(info, "oid", "") or api.repo_info(report.repo_id, **where).sha
+        present = self.api.list_repo_files(self.repo_id, **self.where)
+        gone = sorted(p for p in present if self.owned(p) and p not in self.keep)
+        ops = []
+        for target, paths in stale_targets(gone, present).items():
+            self.removed[target] = paths
+            folder = target.endswith("/")
+            ops.append(CommitOperationDelete(path_in_repo=target, is_folder=folder))
+        return ops
+
+
+def stale_targets(gone: list[str], present: list[str]) -> dict[str, list[str]]:
+    """The paths ``gone`` (of the repo's ``present`` ones) as few deletes as can be: the
+    topmost folder (``"a/b/"``) that holds no path that stays, else the file itself; each with
+    the files it removes."""
+    stays = set(present) - set(gone)
+    held = {p.rsplit("/", k)[0] for p in stays for k in range(1, p.count("/") + 1)}
+    out: dict[str, list[str]] = {}
+    for p in gone:
+        parts = p.split("/")
+        target = p
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder not in held:
+                target = folder + "/"
+                break
+        out.setdefault(target, []).append(p)
+    return out
+
+
+def count_commit(report: PushReport, sent: list | None, stale: StaleFiles | None = None) -> None:
+    """Count in ``report`` the commit whose operations were ``sent`` (None: no commit was
+    needed). A commit sent, whose answer was lost and whose retry found nothing left, landed:
+    it counts once."""
+    from huggingface_hub import CommitOperationAdd
+
+    if not sent:
+        return
+    report.commits += 1
+    for op in sent:
+        if isinstance(op, CommitOperationAdd):
+            report.uploaded += 1
+            report.bytes += op.upload_info.size
+            report.uploaded_paths.append(op.path_in_repo)
+        else:
+            removed = stale.removed.get(op.path_in_repo) if stale is not None else None
+            report.deleted_paths += removed or [op.path_in_repo]
+
+
+def commit_shards(api, ops: list, report: PushReport, pcfg, *, title: str,
+                  progress: bool = True) -> None:
+    """A dataset's shards (prepared operations) that the Hub does not hold, in commits of at
+    most push.files_per_commit files, each uploaded and committed as one retried step (see
+    commits.commit_step); counted in ``report``. They land in their version's folder, which the
+    card does not name yet, so readers still see the previous version whole."""
+    todo = batches([op for op in ops if not is_unchanged(op)], pcfg.files_per_commit)
+    for k, batch in enumerate(todo, 1):
+        _, sent = commit_step(api, batch, repo_id=report.repo_id, repo_type=report.repo_type,
+                              revision=pcfg.revision, pcfg=pcfg,
+                              title=f"{title}: shards {k}/{len(todo)} ({len(batch)} file(s))",
+                              what=f"commit {k}/{len(todo)}", on_retry=report.count_retry)
+        count_commit(report, sent)
+        if progress:
+            log.info("pushed shard commit %d/%d (%d file(s)) to %s", k, len(todo), len(batch),
+                     report.repo_id)
 
 
 def write_report(wd: Path, report: PushReport, src: Path, pcfg, endpoint: str) -> Path:

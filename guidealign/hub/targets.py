@@ -1,12 +1,15 @@
 """What a push sends: the directory a name points at, and its files with their paths in the repo.
 
-A stage's shards go as `data/shard-NNNNN.parquet` with the sha256 their markers carry (so they
-are not hashed again); a model directory goes file by file (huggingface_hub hashes those).
+A stage's shards go as `data/<version>/shard-NNNNN.parquet` (``versioned``: the version is a
+hash of the shards' names and checksums, ``data_version``) with the sha256 their markers carry
+(so they are not hashed again); a model directory goes file by file (huggingface_hub hashes
+those).
 """
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -75,6 +78,28 @@ def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
     if missing:
         raise PushError(f"{d} is incomplete: shard {missing[0]} is not committed (finish the stage first)")
     return out, rows
+
+
+def data_version(files: list[LocalFile]) -> str:
+    """The version of a stage's shards: the first 12 hex digits of the sha256 over their sorted
+    (file name, sha256) pairs. The same shards always get the same version (a rerun of a push
+    finds its files where it left them), other shards another one."""
+    import hashlib
+
+    from guidealign.shards.write import file_sha256
+
+    for f in files:
+        if not f.sha256:  # a marker without a checksum: the content itself decides
+            f.sha256 = file_sha256(f.local)
+    pairs = sorted((f.path_in_repo.rsplit("/", 1)[-1], f.sha256) for f in files)
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+
+
+def versioned(files: list[LocalFile], data_dir: str) -> tuple[list[LocalFile], str]:
+    """``files`` (a stage's shards) moved to ``data_dir/<version>/`` and their version."""
+    version = data_version(files)
+    return [replace(f, path_in_repo=f"{data_dir}/{version}/{f.path_in_repo.rsplit('/', 1)[-1]}")
+            for f in files], version
 
 
 def model_files(d: Path) -> list[LocalFile]:
