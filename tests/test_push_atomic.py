@@ -320,3 +320,21 @@ def test_each_changed_file_is_prepared_for_upload_once(tmp_path, workdir):
         seen = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("SEEN ")][-1][5:])
         assert seen == {path: 1 for path in shard_paths(workdir, 3)}
         assert holds_stage(hub, workdir, 3)
+
+
+def test_a_folder_the_commit_adds_files_to_is_not_deleted_whole(tmp_path):
+    """The last commit's deletes counted only the files already on the Hub: a model subfolder
+    holding only an older model's files became one folder delete in the commit that adds the new
+    model's files there (the delete would remove them)."""
+    from types import SimpleNamespace
+
+    from guidealign.hub.push import StaleFiles, owned_by_push
+    from guidealign.hub.targets import LocalFile
+
+    f = tmp_path / "new.safetensors"
+    f.write_bytes(b"x")
+    files = [LocalFile("sub/new.safetensors", f, 1), LocalFile("README.md", f, 1)]
+    api = SimpleNamespace(list_repo_files=lambda *a, **k: ["sub/old.safetensors", "README.md"])
+    ops = StaleFiles(api, files, owned_by_push("model", "", files), repo_id="o/m", repo_type="model",
+                     revision="main")()
+    assert [(op.path_in_repo, op.is_folder) for op in ops] == [("sub/old.safetensors", False)]

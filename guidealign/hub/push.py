@@ -215,7 +215,8 @@ class StaleFiles:
         present = self.api.list_repo_files(self.repo_id, **self.where)
         gone = sorted(p for p in present if self.owned(p) and p not in self.keep)
         ops = []
-        for target, paths in stale_targets(gone, present).items():
+        # what this commit adds stays too: a folder that will hold one is not deleted whole
+        for target, paths in stale_targets(gone, list(present) + sorted(self.keep)).items():
             self.removed[target] = paths
             folder = target.endswith("/")
             ops.append(CommitOperationDelete(path_in_repo=target, is_folder=folder))
