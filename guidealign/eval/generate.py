@@ -107,8 +107,22 @@ class LazyLLM:
 
     def __init__(self, engines: Engines):
         self._engines = engines
+        self._tok = None
+
+    def get_tokenizer(self):
+        """The responder's tokenizer without starting its engine (stages fingerprint their
+        config with it before they know whether anything is left to do)."""
+        if self._engines.llm is not None:
+            return self._engines.llm.get_tokenizer()
+        if self._tok is None:
+            from guidealign.gen.engine import load_tokenizer
+
+            self._tok = load_tokenizer(responder_engine(self._engines.cfg))
+        return self._tok
 
     def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self._engines.generator(), name)
 
 
