@@ -128,7 +128,8 @@ def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> di
     import numpy as np
 
     from guidealign.config.retrieval import IndexConfig
-    from guidealign.retrieval.index import build_faiss, num_gpus, to_gpus
+    from guidealign.retrieval.faiss_gpu import num_gpus, to_gpus
+    from guidealign.retrieval.index import build_faiss
 
     rng = np.random.default_rng(0)
     lib = rng.standard_normal((n_lib, dim), dtype=np.float32)

@@ -3,8 +3,9 @@
 - a worker that inherited torchrun-style variables (LOCAL_RANK, RANK, WORLD_SIZE) trains the
   retriever as one process (real sentence-transformers training on the embedded MiniLM);
 - the FAISS GPU probe falls back to CPU FAISS with a reason (here: no GPU build, a cloner
-  that raises "no kernel image", one that returns wrong neighbours), and ``use_gpu: true``
-  refuses to fall back silently;
+  that raises "no kernel image", one that returns wrong neighbours, a probe child that
+  aborts, fails or hangs), and ``use_gpu: true`` refuses to fall back silently; a search past
+  FAISS GPU's k limit stays on the CPU;
 - GPUs visible but unusable by torch is a loud error;
 - ``models fetch`` lists a recipe's Hub models, skips local ones, and says clearly what is
   missing when the Hub is offline;
@@ -76,11 +77,11 @@ def _flat(n=64, d=16, seed=1):
 
 
 def test_faiss_probe_on_this_machine_falls_back_to_cpu_with_a_reason(monkeypatch, caplog):
-    import guidealign.retrieval.index as ri
+    import guidealign.retrieval.faiss_gpu as ri
 
     monkeypatch.setattr(ri, "_PROBE", None)
     index, x = _flat()
-    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.index"):
+    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.faiss_gpu"):
         assert ri.to_gpus(index, "flat", "auto") is index  # searched on the CPU
     res = ri.probe_gpus()
     assert not res.ok and "FAISS sees no GPU" in res.reason
@@ -95,7 +96,7 @@ def test_faiss_probe_on_this_machine_falls_back_to_cpu_with_a_reason(monkeypatch
 def test_faiss_probe_compares_gpu_answers_with_the_cpu(monkeypatch):
     import faiss
 
-    import guidealign.retrieval.index as ri
+    import guidealign.retrieval.faiss_gpu as ri
 
     def no_kernel(index, n):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
@@ -119,6 +120,64 @@ def test_faiss_probe_compares_gpu_answers_with_the_cpu(monkeypatch):
     assert ri.to_gpus(index, "flat", "auto", clone=lambda i, n: seen.append(n) or i) is index
     assert seen == [2]
     assert ri.to_gpus(index, "hnsw", "auto", clone=lambda i, n: pytest.fail("hnsw cloned")) is index
+
+
+def test_faiss_probe_runs_in_a_child_that_may_die(monkeypatch, caplog):
+    """FAISS reports a CUDA error (a "no kernel image") through an assertion that aborts the
+    process: the probe's search runs in a child, and a child that aborts, fails or hangs is a
+    failed probe, with this process alive to search on the CPU."""
+    import guidealign.retrieval.faiss_gpu as fg
+
+    died = fg.probe_in_child(2, argv=[sys.executable, "-c", (
+        "import os, sys; sys.stderr.write('Faiss assertion err__ == cudaSuccess failed: CUDA error "
+        "209 no kernel image is available\\n'); sys.stderr.flush(); os.abort()")])
+    assert not died.ok and died.gpus == 2
+    assert "was killed by SIGABRT" in died.reason and "no kernel image" in died.reason
+    failed = fg.probe_in_child(1, argv=[sys.executable, "-c", "raise SystemExit('CUDA driver too old')"])
+    assert not failed.ok and "exited with status 1: CUDA driver too old" in failed.reason
+    hung = fg.probe_in_child(1, argv=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=2)
+    assert not hung.ok and "did not finish within 2 s" in hung.reason
+    silent = fg.probe_in_child(1, argv=[sys.executable, "-c", "pass"])
+    assert not silent.ok and "gave no result" in silent.reason
+    passed = fg.probe_in_child(4, argv=[sys.executable, "-c", "import json; print('faiss says hi'); "
+                                        "print(json.dumps({'ok': True, 'gpus': 4, 'reason': 'matched'}))"])
+    assert passed == fg.GpuProbe(True, 4, "matched")
+
+    # the real child: on this faiss-cpu build FAISS "sees" a GPU but has no GPU cloner, so its
+    # test search fails inside the child, which reports it
+    monkeypatch.setattr(fg, "_PROBE", None)
+    monkeypatch.setattr(fg, "faiss_gpu_count", lambda: 1)
+    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.faiss_gpu"):
+        res = fg.probe_gpus()
+    assert not res.ok and res.gpus == 1
+    assert res.reason.startswith("a test search on 1 GPU(s) failed: AttributeError"), res.reason
+    assert "FAISS GPU probe: a test search on 1 GPU(s) failed" in caplog.text
+    index, _ = _flat()
+    assert fg.to_gpus(index, "flat", "auto", clone=lambda i, n: pytest.fail("cloned")) is index
+
+
+def test_faiss_stays_on_the_cpu_past_the_gpu_k_limit(monkeypatch, caplog):
+    """A GPU index refuses k (and an IVF nprobe) over 2048: such a search stays on the CPU."""
+    import faiss
+
+    import guidealign.retrieval.faiss_gpu as fg
+
+    monkeypatch.setattr(fg, "_PROBE", fg.GpuProbe(True, 2, "matched"))
+    index, x = _flat()
+    seen = []
+    clone = lambda i, n: seen.append(n) or i  # noqa: E731
+    assert fg.to_gpus(index, "flat", "auto", clone=clone, k=fg.GPU_MAX_K) is index and seen == [2]
+    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.faiss_gpu"):
+        assert fg.to_gpus(index, "flat", "auto", clone=clone, k=fg.GPU_MAX_K + 1) is index
+    assert seen == [2] and "k 2049 over the GPU index limit of 2048" in caplog.text
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], 4, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.nprobe = 3000
+    assert fg.to_gpus(ivf, "ivf", "auto", clone=clone, k=20) is ivf and seen == [2]
+    assert "nprobe 3000 over the GPU index limit" in caplog.text
+    ivf.nprobe = 16
+    fg.to_gpus(ivf, "ivf", "auto", clone=clone, k=20)
+    assert seen == [2, 2]
 
 
 def test_gpu_recipe_leaves_faiss_gpu_to_the_probe():

@@ -72,13 +72,13 @@ def candidate_pairs(vecs: np.ndarray, *, k: int, min_cosine: float, exact_max: i
     if n < 2 or k < 1:
         return np.empty((0, 2), dtype=np.int64), "none"
     index, kind = build_search_index(vecs, exact_max=exact_max, nprobe=nprobe)
+    kk = min(k + 1, n)
     if use_gpu:
-        from guidealign.retrieval.index import num_gpus, to_gpus
+        from guidealign.retrieval.faiss_gpu import num_gpus, to_gpus
 
-        gpu_index = to_gpus(index, "flat", use_gpu)  # the CPU index when the GPU probe failed
+        gpu_index = to_gpus(index, "flat", use_gpu, k=kk)  # the CPU index when the GPU probe failed
         if gpu_index is not index:
             index, kind = gpu_index, f"{kind},gpu{num_gpus(use_gpu)}"
-    kk = min(k + 1, n)
     parts = []
     for s in range(0, n, chunk):
         sims, nbrs = index.search(vecs[s:s + chunk], kk)

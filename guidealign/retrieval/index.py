@@ -6,16 +6,9 @@ indexes, the encoder, kind, dimension), then ``_done.json`` last.
 
 Versioning: :func:`load_index` refuses an index whose library version differs from the
 library's current one, since its row numbers would point at other guidelines.
-GPU FAISS only where it works: ``use_gpu`` is "auto" (the default), true or false. Before
-the first GPU search a process runs a probe (:func:`probe_gpus`): a small flat index is
-cloned onto every GPU, searched, and its answers compared with the same search on the CPU.
-FAISS GPU wheels carry kernels for some GPU generations only (``faiss-gpu-cu12``: sm_70 and
-sm_80, so "no kernel image" on an H100/H200), and can bring a CUDA runtime other than
-torch's. When the probe fails, "auto" searches on the CPU and logs why (a flat index over
-tens of thousands of guidelines is cheap there); true raises; false never tries. Flat and
-IVF indexes that pass are sharded over all GPUs for searching (retrieve, and the dedup
-candidate search); the index is always built and saved on the CPU so that its file loads
-anywhere. HNSW stays on the CPU (FAISS has no GPU HNSW).
+GPU FAISS only where it works (``index.use_gpu``, see :mod:`guidealign.retrieval.faiss_gpu`):
+the index is always built and saved on the CPU so that its file loads anywhere; flat and IVF
+indexes are sharded over the GPUs for searching when FAISS's probe passed.
 """
 from __future__ import annotations
 
@@ -33,6 +26,7 @@ import pyarrow.parquet as pq
 from guidealign.config import wait_timeout
 from guidealign.config.retrieval import INDEX_PERFORMANCE, INDEX_UNREAD
 from guidealign.core.threads import set_threads
+from guidealign.retrieval.faiss_gpu import num_gpus, to_gpus
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.shards import fingerprint, write_json_atomic
 from guidealign.shards.fingerprint import at_defaults
@@ -72,105 +66,6 @@ class IndexReport:
 
 def index_dir(workdir: str | Path) -> Path:
     return Path(workdir) / STAGE
-
-
-def faiss_gpu_count() -> int:
-    """GPUs FAISS itself sees (0 for faiss-cpu builds), untested."""
-    import faiss
-
-    try:
-        return int(faiss.get_num_gpus())
-    except AttributeError:  # faiss-cpu builds without the symbol
-        return 0
-
-
-def _clone_to_gpus(index, n: int):
-    import faiss
-
-    co = faiss.GpuMultipleClonerOptions()
-    co.shard = True
-    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
-
-
-@dataclass
-class GpuProbe:
-    ok: bool
-    gpus: int
-    reason: str
-
-
-_PROBE: GpuProbe | None = None
-
-
-def probe_gpus(clone=None, n: int | None = None) -> GpuProbe:
-    """Can FAISS search on this machine's GPUs? Clone a small flat index onto them, search,
-    and compare with the CPU's answer (same neighbours, scores within 1e-3).
-
-    ``clone(index, n) -> index`` and ``n`` replace the GPU cloner and count (tests); without
-    them the result is computed once per process.
-    """
-    global _PROBE
-    if clone is None and n is None and _PROBE is not None:
-        return _PROBE
-    import faiss
-
-    n = faiss_gpu_count() if n is None else n
-    if n == 0:
-        res = GpuProbe(False, 0, "FAISS sees no GPU (a faiss-cpu build, or no GPU visible)")
-    else:
-        rng = np.random.default_rng(0)
-        xb = rng.standard_normal((512, 32)).astype(np.float32)
-        xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-        xq = xb[:16] + 0.01 * rng.standard_normal((16, 32)).astype(np.float32)
-        cpu = faiss.IndexFlatIP(32)
-        cpu.add(xb)
-        want_d, want_i = cpu.search(xq, 5)
-        try:
-            got_d, got_i = (clone or _clone_to_gpus)(cpu, n).search(xq, 5)
-        except Exception as e:  # noqa: BLE001 - "no kernel image", CUDA runtime mismatch, OOM...
-            res = GpuProbe(False, n, f"a test search on {n} GPU(s) failed: {type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-        else:
-            if np.array_equal(got_i, want_i) and np.allclose(got_d, want_d, atol=1e-3):
-                res = GpuProbe(True, n, f"a test search on {n} GPU(s) matched the CPU")
-            else:
-                res = GpuProbe(False, n, f"a test search on {n} GPU(s) returned other neighbours "
-                               "than the same search on the CPU")
-    if clone is None:
-        _PROBE = res
-        log.log(logging.INFO if res.ok else logging.WARNING, "FAISS GPU probe: %s", res.reason)
-    return res
-
-
-def gpu_mode(use_gpu) -> str:
-    """``use_gpu`` (true, false, "auto") -> "require", "off" or "auto"."""
-    if use_gpu is True or str(use_gpu).lower() in ("true", "yes", "on", "require"):
-        return "require"
-    if use_gpu is False or use_gpu is None or str(use_gpu).lower() in ("false", "no", "off"):
-        return "off"
-    if str(use_gpu).lower() == "auto":
-        return "auto"
-    raise ValueError(f"use_gpu must be true, false or \"auto\", not {use_gpu!r}")
-
-
-def num_gpus(use_gpu="auto") -> int:
-    """GPUs FAISS searches on: those of a passed probe, else 0 (see :func:`gpu_mode`)."""
-    mode = gpu_mode(use_gpu)
-    if mode == "off":
-        return 0
-    res = probe_gpus()
-    if not res.ok and mode == "require":
-        raise RuntimeError(f"use_gpu is true but FAISS cannot search on the GPUs: {res.reason}. "
-                           "Set use_gpu: auto (CPU FAISS then) or install a FAISS build for this GPU")
-    return res.gpus if res.ok else 0
-
-
-def to_gpus(index, kind: str, use_gpu="auto", clone=None):
-    """Shard ``index`` over all GPUs (flat/IVF only) when the probe passed; else the index itself."""
-    n = num_gpus(use_gpu)
-    if n == 0 or kind == "hnsw":
-        return index
-    return (clone or _clone_to_gpus)(index, n)
 
 
 def build_faiss(vecs: np.ndarray, ic) -> tuple[object, str]:
@@ -354,8 +249,9 @@ def check_version(index_path: str | Path, library_path: str | Path) -> dict:
     return meta
 
 
-def load_index(index_path: str | Path, library_path: str | Path, *, use_gpu="auto") -> LoadedIndex:
-    """Load an index for searching; :class:`IndexVersionError` when it indexes another library."""
+def load_index(index_path: str | Path, library_path: str | Path, *, use_gpu="auto", k: int = 0) -> LoadedIndex:
+    """Load an index for searching (``k``: the most neighbours a search will ask for);
+    :class:`IndexVersionError` when it indexes another library."""
     import faiss
 
     index_path = Path(index_path)
@@ -368,7 +264,7 @@ def load_index(index_path: str | Path, library_path: str | Path, *, use_gpu="aut
         index.hnsw.efSearch = int(meta.get("ef_search", 128))
     if index.ntotal != rows.num_rows:
         raise IndexVersionError(f"{index_path}: index holds {index.ntotal} vectors for {rows.num_rows} rows")
-    index = to_gpus(index, meta["kind"], use_gpu)
+    index = to_gpus(index, meta["kind"], use_gpu, k=k)
     ids = rows.column("guideline_id").to_pylist()
     texts = rows.column("text").to_pylist()
     from guidealign.shards import iter_tables

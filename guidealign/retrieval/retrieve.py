@@ -96,7 +96,7 @@ def make_shard_fn(cfg, workdir: Path):
 
     rc = cfg.retrieve
     set_threads(rc.threads)
-    idx = load_index(index_dir(workdir), library_dir(workdir), use_gpu=cfg.index.use_gpu)
+    idx = load_index(index_dir(workdir), library_dir(workdir), use_gpu=cfg.index.use_gpu, k=rc.top_n)
     model = load_encoder(encoder_path(idx.meta, workdir))
 
     def fn(table: pa.Table, i: int):

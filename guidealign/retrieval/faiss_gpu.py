@@ -1,0 +1,175 @@
+"""Whether FAISS searches on this machine's GPUs, and sending an index there.
+
+GPU FAISS only where it works: ``use_gpu`` is "auto" (the default), true or false. Before
+the first GPU search a process runs a probe (:func:`probe_gpus`): a small flat index is
+cloned onto every GPU, searched, and its answers compared with the same search on the CPU.
+FAISS GPU wheels carry kernels for some GPU generations only (``faiss-gpu-cu12``: sm_70 and
+sm_80, so "no kernel image" on an H100/H200), and can bring a CUDA runtime other than
+torch's. FAISS reports such a CUDA error through an assertion that aborts the process
+(``CUDA_VERIFY`` -> ``FAISS_ASSERT``), which no ``except`` can catch, so the probe runs in a
+child process and a child that dies is a failed probe. When the probe fails, "auto" searches
+on the CPU and logs why (a flat index over tens of thousands of guidelines is cheap there);
+true raises; false never tries. Flat and IVF indexes that pass are sharded over all GPUs for
+searching (retrieve, and the dedup candidate search); HNSW stays on the CPU (FAISS has no GPU
+HNSW), and so does a search whose k, or an IVF index whose nprobe, is over FAISS GPU's
+k-selection limit (:data:`GPU_MAX_K`), which the GPU index would refuse.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# FAISS GPU's k-selection limit (getMaxKSelection() with CUDA >= 9): a GPU index refuses a
+# search for more neighbours, and an IVF index with a larger nprobe cannot be cloned
+GPU_MAX_K = 2048
+PROBE_TIMEOUT_S = 300.0  # CUDA contexts on every GPU and the first kernels: well under this
+
+
+def faiss_gpu_count() -> int:
+    """GPUs FAISS itself sees (0 for faiss-cpu builds), untested."""
+    import faiss
+
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # faiss-cpu builds without the symbol
+        return 0
+
+
+def _clone_to_gpus(index, n: int):
+    import faiss
+
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
+
+
+@dataclass
+class GpuProbe:
+    ok: bool
+    gpus: int
+    reason: str
+
+
+_PROBE: GpuProbe | None = None
+
+
+def probe_search(clone, n: int) -> GpuProbe:
+    """The probe's test search, in this process, with ``clone(index, n) -> index``."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((512, 32)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = xb[:16] + 0.01 * rng.standard_normal((16, 32)).astype(np.float32)
+    cpu = faiss.IndexFlatIP(32)
+    cpu.add(xb)
+    want_d, want_i = cpu.search(xq, 5)
+    try:
+        got_d, got_i = clone(cpu, n).search(xq, 5)
+    except Exception as e:  # noqa: BLE001 - a CUDA runtime mismatch, OOM, a faiss-cpu build...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return GpuProbe(False, n, f"a test search on {n} GPU(s) failed: {type(e).__name__}: {first}")
+    if np.array_equal(got_i, want_i) and np.allclose(got_d, want_d, atol=1e-3):
+        return GpuProbe(True, n, f"a test search on {n} GPU(s) matched the CPU")
+    return GpuProbe(False, n, f"a test search on {n} GPU(s) returned other neighbours than the "
+                    "same search on the CPU")
+
+
+def probe_child_main(n: int) -> None:
+    """The child process of :func:`probe_in_child`: the real cloner, the result as JSON."""
+    print(json.dumps(asdict(probe_search(_clone_to_gpus, n))), flush=True)
+
+
+def probe_in_child(n: int, argv: list[str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> GpuProbe:
+    """:func:`probe_search` on ``n`` GPUs in a child process (``argv`` replaces its command in
+    tests): a child that aborts, exits with an error or hangs is a failed probe."""
+    argv = argv or [sys.executable, "-c", "import sys; from guidealign.retrieval.faiss_gpu import "
+                    "probe_child_main; probe_child_main(int(sys.argv[1]))", str(n)]
+    what = f"the test search on {n} GPU(s)"
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return GpuProbe(False, n, f"{what} did not finish within {timeout:g} s")
+    last_err = next((ln.strip() for ln in reversed(p.stderr.splitlines()) if ln.strip()), "")
+    if p.returncode:
+        how = (f"was killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
+               and -p.returncode in signal.valid_signals() else f"exited with status {p.returncode}")
+        return GpuProbe(False, n, f"{what} {how}" + (f": {last_err}" if last_err else ""))
+    try:
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        return GpuProbe(bool(res["ok"]), int(res["gpus"]), str(res["reason"]))
+    except (IndexError, ValueError, KeyError, TypeError):
+        return GpuProbe(False, n, f"{what} gave no result: {p.stdout.strip()[-200:]!r}")
+
+
+def probe_gpus(clone=None, n: int | None = None) -> GpuProbe:
+    """Can FAISS search on this machine's GPUs? Clone a small flat index onto them, search,
+    and compare with the CPU's answer (same neighbours, scores within 1e-3), in a child
+    process (see the module doc).
+
+    ``clone(index, n) -> index`` and ``n`` replace the GPU cloner and count (tests; the search
+    then runs in this process); without them the result is computed once per process.
+    """
+    global _PROBE
+    if clone is None and n is None and _PROBE is not None:
+        return _PROBE
+    n = faiss_gpu_count() if n is None else n
+    if n == 0:
+        res = GpuProbe(False, 0, "FAISS sees no GPU (a faiss-cpu build, or no GPU visible)")
+    elif clone is not None:
+        res = probe_search(clone, n)
+    else:
+        res = probe_in_child(n)
+    if clone is None:
+        _PROBE = res
+        log.log(logging.INFO if res.ok else logging.WARNING, "FAISS GPU probe: %s", res.reason)
+    return res
+
+
+def gpu_mode(use_gpu) -> str:
+    """``use_gpu`` (true, false, "auto") -> "require", "off" or "auto"."""
+    if use_gpu is True or str(use_gpu).lower() in ("true", "yes", "on", "require"):
+        return "require"
+    if use_gpu is False or use_gpu is None or str(use_gpu).lower() in ("false", "no", "off"):
+        return "off"
+    if str(use_gpu).lower() == "auto":
+        return "auto"
+    raise ValueError(f"use_gpu must be true, false or \"auto\", not {use_gpu!r}")
+
+
+def num_gpus(use_gpu="auto") -> int:
+    """GPUs FAISS searches on: those of a passed probe, else 0 (see :func:`gpu_mode`)."""
+    mode = gpu_mode(use_gpu)
+    if mode == "off":
+        return 0
+    res = probe_gpus()
+    if not res.ok and mode == "require":
+        raise RuntimeError(f"use_gpu is true but FAISS cannot search on the GPUs: {res.reason}. "
+                           "Set use_gpu: auto (CPU FAISS then) or install a FAISS build for this GPU")
+    return res.gpus if res.ok else 0
+
+
+def to_gpus(index, kind: str, use_gpu="auto", clone=None, *, k: int = 0):
+    """Shard ``index`` over all GPUs (flat/IVF only) when the probe passed; else the index itself.
+    ``k``: the most neighbours a search will ask for. Over :data:`GPU_MAX_K` (or an IVF nprobe
+    over it) the index stays on the CPU, with a warning, where the GPU would refuse it."""
+    n = num_gpus(use_gpu)
+    if n == 0 or kind == "hnsw":
+        return index
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    over = [f"{name} {v}" for name, v in (("k", k), ("nprobe", ivf.nprobe if ivf is not None else 0))
+            if v > GPU_MAX_K]
+    if over:
+        log.warning("FAISS searches on the CPU: %s over the GPU index limit of %d", ", ".join(over), GPU_MAX_K)
+        return index
+    return (clone or _clone_to_gpus)(index, n)
