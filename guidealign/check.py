@@ -210,6 +210,7 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
              gpu_mem: int | None) -> list[Row]:
     from guidealign.core.gpu import devices_per_process
     from guidealign.sft.launcher import node_gpus, resolve_num_processes
+    from guidealign.sft.precision import sharded_training
     from guidealign.sft.train import accumulation_steps
 
     rows = []
@@ -232,6 +233,13 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
             rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", WARN if idle else OK,
                             f"{tp}: {len(gpus) // tp} engine(s) on {len(gpus)} GPU(s)"
                             + (f", {idle} idle" if idle else "")))
+        if info.heads and info.heads % tp:  # vLLM splits the heads evenly over the engine's GPUs
+            judge = role.name == "eval judge"  # `run` never starts it
+            rows.append(Row("GPUs", f"{role.name} attention heads", FAIL if gpus and not judge else WARN,
+                            f"{role.model} has {info.heads} attention heads, which "
+                            f"tensor_parallel_size {tp} does not divide: vLLM on GPUs refuses to start "
+                            + ("eval's judge engine (`guidealign run` does not use it)" if judge else
+                               "this engine" + ("" if gpus else " (the CPU engine here ignores it)"))))
         if info.params:
             nb = 4 if e.dtype == "float32" else 2
             need = info.params * nb / tp
@@ -268,8 +276,9 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
             world = 8  # sized for a typical 8-GPU node when no GPU is visible here
         full = s.mode == "full"
         per = sft.params * (16 if full else 2)
-        sharded = full and "full_shard" in str(s.trainer_args.get("fsdp", "")) \
-            or "deepspeed" in s.trainer_args
+        # FSDP in any spelling (fsdp: true, "full_shard", an fsdp_config, the accelerate config's
+        # variables), as sft/precision.py tells; LoRA counts only DeepSpeed, as before
+        sharded = sharded_training(s.trainer_args) if full else "deepspeed" in s.trainer_args
         need = per / (world if sharded else 1)
         what = ("bf16 weights + grads + fp32 Adam state, 16 B/param" if full
                 else "frozen bf16 weights, 2 B/param, + adapters")

@@ -35,6 +35,7 @@ class ModelInfo:
     params_source: str = ""
     template: bool | None = None  # the tokenizer ships a chat template (None: unknown)
     max_positions: int | None = None
+    heads: int | None = None      # attention heads (config.json), for tensor parallelism
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -113,6 +114,8 @@ def _describe_local(info: ModelInfo) -> ModelInfo:
         pass
     mp = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
     info.max_positions = int(mp) if mp else None
+    h = cfg.get("num_attention_heads") or (cfg.get("text_config") or {}).get("num_attention_heads")
+    info.heads = int(h) if isinstance(h, int) and h > 0 else None
     idx = d / "model.safetensors.index.json"
     if idx.is_file():
         try:

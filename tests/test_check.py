@@ -183,3 +183,41 @@ def test_tensor_parallel_over_mig_devices_fails(monkeypatch):
     cfg.engine.tensor_parallel_size = 1
     rows = {r.item: r for r in run_checks(cfg, gpus=migs)}
     assert rows["guideline writer tensor_parallel_size"].status == OK
+
+
+def test_attention_heads_tensor_parallel_cannot_divide_fail():
+    """vLLM splits an engine's attention heads evenly over its GPUs and refuses to start when
+    tensor_parallel_size does not divide them: the embedded model's 9 heads on 2 GPUs FAIL for
+    the generator where GPUs are visible (a WARN where none is: the CPU engine ignores
+    tensor_parallel_size, as the paper recipe's CPU twin runs it), and the paper recipe's
+    default eval judge (the same model with the responder's 4 GPUs) is a WARN, since `run`
+    never starts it."""
+    from guidealign.check import FAIL, WARN, run_checks
+
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["engine.tensor_parallel_size=2"])
+    r = {r.item: r for r in run_checks(cfg, gpus=["0", "1"])}["guideline writer attention heads"]
+    assert r.status == FAIL and "9 attention heads" in r.detail and "tensor_parallel_size 2" in r.detail
+    r = {r.item: r for r in run_checks(cfg, gpus=[])}["guideline writer attention heads"]
+    assert r.status == WARN and "the CPU engine here ignores it" in r.detail
+    rows = {r.item: r for r in run_checks(load_config(str(REPO / "configs" / "demo.yaml"),
+                                                      ["engine.tensor_parallel_size=3"]), gpus=[])}
+    assert "guideline writer attention heads" not in rows  # 9 = 3 x 3
+    rows = {r.item: r for r in run_checks(load_config(PAPER), gpus=[])}
+    assert rows["eval judge attention heads"].status == WARN
+    assert "`guidealign run` does not use it" in rows["eval judge attention heads"].detail
+
+
+def test_fsdp_true_counts_as_sharded(monkeypatch):
+    """transformers wants ``fsdp: true`` (its string form is deprecated): the preflight sized
+    the paper's full fine-tuning for one GPU with it (~194 GiB, FAIL) while SFT sharded it."""
+    from guidealign.check import run_checks
+    from guidealign.sft.launcher import NODE_GPUS_ENV
+
+    for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(NODE_GPUS_ENV, ",".join(map(str, range(8))))
+    cfg = load_config(PAPER, ['sft.trainer_args={"fsdp": true, "fsdp_config": {"version": 2}}'])
+    rows = {r.item: r for r in run_checks(cfg, gpus=["0"])}
+    assert "sharded over 8 GPUs" in rows["SFT"].detail, rows["SFT"]
+    cfg = load_config(PAPER, ["sft.trainer_args={}"])
+    assert "sharded" not in {r.item: r for r in run_checks(cfg, gpus=["0"])}["SFT"].detail
