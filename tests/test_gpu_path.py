@@ -128,11 +128,15 @@ def test_faiss_probe_runs_in_a_child_that_may_die(monkeypatch, caplog):
     failed probe, with this process alive to search on the CPU."""
     import guidealign.retrieval.faiss_gpu as fg
 
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")  # as `run.sh test` sets it: no stack dump as the reason
     died = fg.probe_in_child(2, argv=[sys.executable, "-c", (
         "import os, sys; sys.stderr.write('Faiss assertion err__ == cudaSuccess failed: CUDA error "
         "209 no kernel image is available\\n'); sys.stderr.flush(); os.abort()")])
     assert not died.ok and died.gpus == 2
     assert "was killed by SIGABRT" in died.reason and "no kernel image" in died.reason
+    dumped = fg.probe_in_child(2, argv=[sys.executable, "-X", "faulthandler", "-c", (
+        "import os, sys; sys.stderr.write('CUDA error 209 no kernel image\\n'); sys.stderr.flush(); os.abort()")])
+    assert dumped.reason.endswith("was killed by SIGABRT: CUDA error 209 no kernel image"), dumped.reason
     failed = fg.probe_in_child(1, argv=[sys.executable, "-c", "raise SystemExit('CUDA driver too old')"])
     assert not failed.ok and "exited with status 1: CUDA driver too old" in failed.reason
     hung = fg.probe_in_child(1, argv=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=2)

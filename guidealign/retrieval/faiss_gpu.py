@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -94,11 +95,15 @@ def probe_in_child(n: int, argv: list[str] | None = None, timeout: float = PROBE
     argv = argv or [sys.executable, "-c", "import sys; from guidealign.retrieval.faiss_gpu import "
                     "probe_child_main; probe_child_main(int(sys.argv[1]))", str(n)]
     what = f"the test search on {n} GPU(s)"
+    # no faulthandler dump of the child's Python stack after FAISS's own last words
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return GpuProbe(False, n, f"{what} did not finish within {timeout:g} s")
-    last_err = next((ln.strip() for ln in reversed(p.stderr.splitlines()) if ln.strip()), "")
+    lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+    dump = next((i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")), len(lines))
+    last_err = lines[dump - 1] if dump else (lines[-1] if lines else "")
     if p.returncode:
         how = (f"was killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
                and -p.returncode in signal.valid_signals() else f"exited with status {p.returncode}")
