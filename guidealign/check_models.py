@@ -102,6 +102,11 @@ def _hub_lookup(info: ModelInfo) -> None:
     info.notes.append(f"not in local cache; would download {gib(info.download_bytes)}")
 
 
+def _config_value(cfg: dict, key: str):
+    """``key`` of a config.json, or of its ``text_config`` (multimodal models keep it there)."""
+    return cfg.get(key) or (cfg.get("text_config") or {}).get(key)
+
+
 def _describe_local(info: ModelInfo) -> ModelInfo:
     from guidealign.gen.templates import local_template_state
 
@@ -112,9 +117,9 @@ def _describe_local(info: ModelInfo) -> ModelInfo:
         cfg = json.loads((d / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         pass
-    mp = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    mp = _config_value(cfg, "max_position_embeddings")
     info.max_positions = int(mp) if mp else None
-    h = cfg.get("num_attention_heads") or (cfg.get("text_config") or {}).get("num_attention_heads")
+    h = _config_value(cfg, "num_attention_heads")
     info.heads = int(h) if isinstance(h, int) and h > 0 else None
     idx = d / "model.safetensors.index.json"
     if idx.is_file():

@@ -103,7 +103,7 @@ def probe_in_child(n: int, argv: list[str] | None = None, timeout: float = PROBE
         return GpuProbe(False, n, f"{what} did not finish within {timeout:g} s")
     lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
     dump = next((i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")), len(lines))
-    last_err = lines[dump - 1] if dump else (lines[-1] if lines else "")
+    last_err = lines[dump - 1] if dump else ""  # (no dump: dump is len(lines))
     if p.returncode:
         how = (f"was killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
                and -p.returncode in signal.valid_signals() else f"exited with status {p.returncode}")
