@@ -184,6 +184,43 @@ def test_faiss_stays_on_the_cpu_past_the_gpu_k_limit(monkeypatch, caplog):
     assert seen == [2, 2]
 
 
+def test_search_gpus_counts_only_searches_the_gpu_index_takes(monkeypatch):
+    import guidealign.retrieval.faiss_gpu as fg
+
+    monkeypatch.setattr(fg, "_PROBE", fg.GpuProbe(True, 4, "matched"))
+    assert fg.search_gpus("flat", "auto", k=20) == 4
+    assert fg.search_gpus("ivf", "auto", k=20, nprobe=fg.GPU_MAX_K) == 4
+    assert fg.search_gpus("flat", "auto", k=fg.GPU_MAX_K + 1) == 0
+    assert fg.search_gpus("ivf", "auto", k=20, nprobe=fg.GPU_MAX_K + 1) == 0
+    assert fg.search_gpus("hnsw", "auto", k=20) == 0
+    assert fg.search_gpus("flat", False, k=20) == 0
+    monkeypatch.setattr(fg, "_PROBE", fg.GpuProbe(False, 4, "no kernel image"))
+    assert fg.search_gpus("flat", "auto", k=20) == 0
+
+
+@pytest.mark.slow
+def test_index_records_the_gpus_retrieve_will_search_on(monkeypatch, tmp_path):
+    """The index stage's recorded GPU count follows retrieve's top_n: over FAISS GPU's k limit
+    retrieve searches on the CPU, and the record says 0, not the probe's count."""
+    import guidealign.retrieval.faiss_gpu as fg
+    from guidealign.config import load_config
+    from guidealign.retrieval.index import run_index
+    from guidealign.retrieval.library import run_library
+    from synthetic import coded_guideline_rows, write_guideline_shards
+
+    monkeypatch.setattr(fg, "_PROBE", fg.GpuProbe(True, 2, "matched"))  # no clone: the index stage never searches
+    recorded = {}
+    for top_n in (20, fg.GPU_MAX_K + 1):
+        wd = tmp_path / f"run{top_n}"
+        write_guideline_shards(wd / "guidelines", coded_guideline_rows(4, 3, seed=2), shard_rows=8)
+        cfg = load_config(overrides=["library.threads=1", "index.threads=1", "library.use_gpu=false",
+                                     "index.model=embedded:all-minilm-l6-v2", f"retrieve.top_n={top_n}"])
+        run_library(cfg, wd, progress=False)
+        rep = run_index(cfg, wd, progress=False)
+        recorded[top_n] = (rep.gpus, json.loads((wd / "index" / "_done.json").read_text())["gpus"])
+    assert recorded == {20: (2, 2), fg.GPU_MAX_K + 1: (0, 0)}
+
+
 def test_gpu_recipe_leaves_faiss_gpu_to_the_probe():
     from guidealign.config import load_config
 

@@ -162,19 +162,29 @@ def num_gpus(use_gpu="auto") -> int:
     return res.gpus if res.ok else 0
 
 
-def to_gpus(index, kind: str, use_gpu="auto", clone=None, *, k: int = 0):
-    """Shard ``index`` over all GPUs (flat/IVF only) when the probe passed; else the index itself.
-    ``k``: the most neighbours a search will ask for. Over :data:`GPU_MAX_K` (or an IVF nprobe
-    over it) the index stays on the CPU, with a warning, where the GPU would refuse it."""
+def search_gpus(kind: str, use_gpu="auto", *, k: int = 0, nprobe: int = 0, warn: bool = True) -> int:
+    """GPUs a search of an index of ``kind`` runs on: those of a passed probe, else 0; also 0 for
+    HNSW, and where ``k`` (the most neighbours a search asks for) or an IVF ``nprobe`` is over
+    :data:`GPU_MAX_K`, which the GPU index would refuse (said in a warning unless ``warn`` is false)."""
     n = num_gpus(use_gpu)
     if n == 0 or kind == "hnsw":
+        return 0
+    over = [f"{name} {v}" for name, v in (("k", k), ("nprobe", nprobe)) if v > GPU_MAX_K]
+    if over:
+        if warn:
+            log.warning("FAISS searches on the CPU: %s over the GPU index limit of %d", ", ".join(over),
+                        GPU_MAX_K)
+        return 0
+    return n
+
+
+def to_gpus(index, kind: str, use_gpu="auto", clone=None, *, k: int = 0):
+    """Shard ``index`` over all GPUs (flat/IVF only) when :func:`search_gpus` says so; else the
+    index itself. ``k``: the most neighbours a search will ask for."""
+    if gpu_mode(use_gpu) == "off" or kind == "hnsw":
         return index
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)
-    over = [f"{name} {v}" for name, v in (("k", k), ("nprobe", ivf.nprobe if ivf is not None else 0))
-            if v > GPU_MAX_K]
-    if over:
-        log.warning("FAISS searches on the CPU: %s over the GPU index limit of %d", ", ".join(over), GPU_MAX_K)
-        return index
-    return (clone or _clone_to_gpus)(index, n)
+    n = search_gpus(kind, use_gpu, k=k, nprobe=ivf.nprobe if ivf is not None else 0)
+    return (clone or _clone_to_gpus)(index, n) if n else index

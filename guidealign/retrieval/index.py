@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from guidealign.config import wait_timeout
 from guidealign.config.retrieval import INDEX_PERFORMANCE, INDEX_UNREAD
 from guidealign.core.threads import set_threads
-from guidealign.retrieval.faiss_gpu import num_gpus, to_gpus
+from guidealign.retrieval.faiss_gpu import search_gpus, to_gpus
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.shards import fingerprint, write_json_atomic
 from guidealign.shards.fingerprint import at_defaults
@@ -190,7 +190,9 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     t1 = time.perf_counter()
     vecs = encode(model, docs, batch_size=ic.batch_size)
     t2 = time.perf_counter()
-    gpus = num_gpus(ic.use_gpu) if ic.kind != "hnsw" else 0  # what retrieve will search on
+    # what retrieve will search on (its top_n and this index's nprobe decide as well)
+    gpus = search_gpus(ic.kind, ic.use_gpu, k=cfg.retrieve.top_n, nprobe=ic.nprobe if ic.kind == "ivf" else 0,
+                       warn=False)
     index, name = build_faiss(vecs, ic)
     t3 = time.perf_counter()
     import faiss
