@@ -96,8 +96,10 @@ def rows_detect_modes(res, out):
         return [("detect score vs rationale mode", f"skipped: {res['skipped']}")]
     s, r = res["score"], res["rationale"]
     a = res.get("score_at_rationale_fpr", {})
+    flags = " ".join(f for f in res.get("cpu_flags", []) if f.startswith("amx")) or "no AMX"
     return [("detect score mode vs rationale mode, prompts/s on the same prompts (goal >= 10)",
-             f"{res['speedup']:.1f}x ({s['prompts_per_s']:.2f} vs {r['prompts_per_s']:.2f} prompts/s)"),
+             f"{res['speedup']:.1f}x ({s['prompts_per_s']:.2f} vs {r['prompts_per_s']:.2f} prompts/s; "
+             f"{res.get('dtype', '?')}, CPU {flags})"),
             (f"detect recall on risky / FPR on benign, {res['risky']}+{res['benign']} held-out prompts",
              f"score {s['recall']:.3f} / {s['fpr']:.3f} (threshold {res['threshold']:.3f}); "
              f"rationale {r['recall']:.3f} / {r['fpr']:.3f}; score at rationale's FPR: "

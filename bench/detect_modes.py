@@ -2,6 +2,7 @@
 
     python bench/detect_modes.py                       # 64 held-out prompts per class
     python bench/detect_modes.py --short               # 16 per class (./run.sh bench)
+    python bench/detect_modes.py --dtype float32       # the demo's dtype (bfloat16 by default)
     python bench/detect_modes.py --write-threshold configs/detect-threshold.json
     python bench/detect_modes.py --short --block-size 128   # vLLM's own CPU block size
     python bench/detect_modes.py --short --no-align         # shared prefix not padded to a block
@@ -88,6 +89,18 @@ def recall_at_fpr(scores_risky, scores_benign, fpr: float) -> tuple[float, float
     return best
 
 
+def cpu_matrix_flags() -> list[str]:
+    """The CPU's bf16 matrix/vector instructions (Linux): with AMX a prompt token (a GEMM over
+    many tokens) costs a fraction of what it does without, a decoded token much less so, so the
+    bf16 speedup between the modes depends on the CPU; printed with the figures."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in set(flags) if f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f"))
+
+
 def make_cfg(args, mode: str):
     from guidealign.config import load_config
 
@@ -138,7 +151,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default=None, help="base config (default: built-in defaults)")
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="both modes' dtype: bfloat16 (the GPU recipe's, and the engine's 'auto' for the "
+                         "embedded model) or float32 (the demo's: token for token with transformers)")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-exemplars", type=int, default=None)
@@ -208,7 +223,7 @@ def main() -> None:
     res = {
         "prompts": len(held), "risky": n_r, "benign": len(held) - n_r, "seed": args.seed,
         "threshold": threshold, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "cpu_flags": cpu_matrix_flags(),
         "score": {"seconds": s_sec, "prompts_per_s": len(held) / s_sec,
                   **rates(s_pred[:n_r], s_pred[n_r:]), **work(s_stats, len(held), s_sec)},
         "rationale": {"seconds": r_sec, "prompts_per_s": len(held) / r_sec,
@@ -224,7 +239,8 @@ def main() -> None:
 
     print(f"detect modes: {len(held)} held-out prompts ({n_r} Do-Not-Answer risky, {len(held) - n_r} "
           f"Vicuna/HHH benign), seed {args.seed}, dtype {args.dtype}; rationale T={args.temperature} "
-          f"max_tokens={args.max_tokens}; KV block {cache_block_size(llm) or '?'}")
+          f"max_tokens={args.max_tokens}; KV block {cache_block_size(llm) or '?'}; CPU "
+          f"{' '.join(res['cpu_flags']) or 'without AVX-512/AMX'}")
     print(f"  threshold (calibrated on {len(r_cal)}+{len(b_cal)} other prompts): {threshold:.4f}")
     for m in ("score", "rationale"):
         r = res[m]
