@@ -238,7 +238,8 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
             rows.append(Row("GPUs", f"{role.name} attention heads", FAIL if gpus and not judge else WARN,
                             f"{role.model} has {info.heads} attention heads, which "
                             f"tensor_parallel_size {tp} does not divide: vLLM on GPUs refuses to start "
-                            + ("eval's judge engine (`guidealign run` does not use it)" if judge else
+                            + ("eval's judge engine (`guidealign run` does not use it; give the judge its "
+                               "own with eval.judge_engine.tensor_parallel_size)" if judge else
                                "this engine" + ("" if gpus else " (the CPU engine here ignores it)"))))
         if info.params:
             nb = 4 if e.dtype == "float32" else 2

@@ -190,8 +190,8 @@ def test_attention_heads_tensor_parallel_cannot_divide_fail():
     tensor_parallel_size does not divide them: the embedded model's 9 heads on 2 GPUs FAIL for
     the generator where GPUs are visible (a WARN where none is: the CPU engine ignores
     tensor_parallel_size, as the paper recipe's CPU twin runs it), and the paper recipe's
-    default eval judge (the same model with the responder's 4 GPUs) is a WARN, since `run`
-    never starts it."""
+    default eval judge (the same model with the responder's 4 GPUs, without the recipe's
+    eval.judge_engine) is a WARN, since `run` never starts it."""
     from guidealign.check import FAIL, WARN, run_checks
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["engine.tensor_parallel_size=2"])
@@ -202,9 +202,14 @@ def test_attention_heads_tensor_parallel_cannot_divide_fail():
     rows = {r.item: r for r in run_checks(load_config(str(REPO / "configs" / "demo.yaml"),
                                                       ["engine.tensor_parallel_size=3"]), gpus=[])}
     assert "guideline writer attention heads" not in rows  # 9 = 3 x 3
-    rows = {r.item: r for r in run_checks(load_config(PAPER), gpus=[])}
+    rows = {r.item: r for r in run_checks(load_config(PAPER, ["eval.judge_engine={}"]), gpus=[])}
     assert rows["eval judge attention heads"].status == WARN
     assert "`guidealign run` does not use it" in rows["eval judge attention heads"].detail
+    assert "eval.judge_engine.tensor_parallel_size" in rows["eval judge attention heads"].detail
+    # the recipe gives its (embedded) judge an engine on one GPU: nothing to warn about
+    rows = {r.item: r for r in run_checks(load_config(PAPER), gpus=[])}
+    assert "eval judge attention heads" not in rows
+    assert rows["eval judge tensor_parallel_size"].detail.startswith("1;")
 
 
 def test_fsdp_true_counts_as_sharded(monkeypatch):

@@ -93,6 +93,32 @@ def test_judge_fingerprint_follows_the_judge_engines_settings():
                                                                          "engine.dtype=float32"]), kind)
 
 
+def test_judge_engine_keys_apply_to_the_judge_alone():
+    """eval.judge_engine: EngineConfig keys over the responder's, for the judge only; checked
+    when the config loads; a judge with settings of its own never reuses the responder's engine."""
+    from guidealign.config import ConfigError, load_config
+    from guidealign.eval.generate import judge_engine, judge_is_responder, responder_engine
+    from guidealign.eval.judging import judge_fp
+
+    base = load_config(None, ["engine.tensor_parallel_size=4"])
+    own = load_config(None, ["engine.tensor_parallel_size=4", "eval.judge_engine.tensor_parallel_size=1",
+                             "eval.judge_engine.max_model_len=4096"])
+    assert responder_engine(own) == responder_engine(base)
+    assert (judge_engine(base).tensor_parallel_size, judge_engine(own).tensor_parallel_size) == (4, 1)
+    assert judge_engine(own).max_model_len == 4096 and judge_engine(own).model == own.eval.judge_model
+    # the default judge is the responder's model: reused, unless the judge's settings differ
+    assert judge_is_responder(base) and not judge_is_responder(own)
+    same = load_config(None, ["engine.tensor_parallel_size=4", "eval.judge_engine.tensor_parallel_size=4"])
+    assert judge_is_responder(same)
+    assert judge_fp(own, "pairwise") != judge_fp(base, "pairwise")  # max_model_len: re-judged
+    with pytest.raises(ConfigError, match="eval.judge_engine.tensor_parallel_size: must be a count, >= 1, got 0"):
+        load_config(None, ["eval.judge_engine.tensor_parallel_size=0"])
+    with pytest.raises(ConfigError, match="eval.judge_engine.model: set eval.judge_model instead"):
+        load_config(None, ["eval.judge_engine.model=other"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['tensor_parallel'\] in eval.judge_engine"):
+        load_config(None, ["eval.judge_engine.tensor_parallel=2"])
+
+
 def test_a_good_answer_after_an_error_row_for_the_same_id_is_judged(tmp_path):
     from guidealign.config import Config
     from guidealign.eval.inputs import load_responses

@@ -238,7 +238,20 @@ def merge(base: dict, over: dict, schema=Config) -> dict:
 
 # Free-form mappings whose keys are another section's: ``respond.engine`` holds EngineConfig keys
 # (its overrides keep text as ``engine.*``'s do: ``respond.engine.chat_template=no``)
-_MAPPING_SCHEMAS = {("respond", "engine"): EngineConfig}
+_MAPPING_SCHEMAS = {("respond", "engine"): EngineConfig, ("eval", "judge_engine"): EngineConfig}
+
+
+def judge_engine_config(cfg, responder: EngineConfig) -> EngineConfig:
+    """The eval judge's EngineConfig: ``responder``'s settings with the judge model, the judge's
+    chat template (``eval.judge_chat_template``; None = the judge model's own, never the
+    responder's) and ``eval.judge_engine``'s keys over them."""
+    ec = cfg.eval
+    named = sorted(set(ec.judge_engine) & {"model", "chat_template"})
+    if named:
+        raise ConfigError(f"eval.judge_engine.{named[0]}: set eval.judge_{named[0]} instead")
+    return _build(EngineConfig, {**dataclasses.asdict(responder), "model": ec.judge_model,
+                                 "chat_template": ec.judge_chat_template, **ec.judge_engine},
+                  "eval.judge_engine")
 
 
 def _leaf_type(schema, parts: list[str]):
@@ -347,9 +360,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     if cfg.inputs and cfg.ingest.inputs and cfg.inputs != cfg.ingest.inputs:
         raise ConfigError(f"inputs {cfg.inputs} and ingest.inputs {cfg.ingest.inputs} differ, and "
                           "ingest would read only the first: set one of them")
+    judge = judge_engine_config(cfg, responder or cfg.engine) if cfg.eval.judge_engine else None
     from guidealign.config.bounds import out_of_bounds
 
-    bad = out_of_bounds(cfg, responder)
+    bad = out_of_bounds(cfg, responder, judge)
     if bad:
         raise ConfigError("; ".join(bad))
     check_guided_system(cfg.respond)

@@ -61,17 +61,20 @@ def _why(key: str, v) -> str | None:
     return None
 
 
-def out_of_bounds(cfg, respond_engine=None) -> list[str]:
+def out_of_bounds(cfg, respond_engine=None, judge_engine=None) -> list[str]:
     """Why each setting of ``cfg`` outside its range is refused ("key: must be ..., got v");
-    ``respond_engine`` (the responder's EngineConfig) is checked as ``respond.engine.*``; then
-    the few rules between keys or over a list's items."""
+    ``respond_engine`` (the responder's EngineConfig) is checked as ``respond.engine.*``, and
+    the keys ``eval.judge_engine`` sets, of ``judge_engine`` (the judge's), as
+    ``eval.judge_engine.*``; then the few rules between keys or over a list's items."""
     keys = dict.fromkeys((*COUNTS, *(r[0] for r in RANGES), *POSITIVE, *NOT_NEGATIVE))
     bad = []
     for key in keys:
         shown_values = [(key, operator.attrgetter(key)(cfg))]
-        if respond_engine is not None and key.startswith("engine."):
-            field = key[len("engine."):]
+        field = key[len("engine."):] if key.startswith("engine.") else None
+        if respond_engine is not None and field:
             shown_values.append((f"respond.engine.{field}", getattr(respond_engine, field)))
+        if judge_engine is not None and field in cfg.eval.judge_engine:
+            shown_values.append((f"eval.judge_engine.{field}", getattr(judge_engine, field)))
         for shown, v in shown_values:
             why = None if v is None or isinstance(v, bool) else _why(key, v)
             if why:

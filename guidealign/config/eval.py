@@ -63,14 +63,21 @@ class EvalConfig:
 
     # --- LLM judges (pairwise, and harmfulness when harm_judge = "llm") ---
     # Judge model: path, Hub id, or the embedded SmolLM2 (mechanics only; too weak to judge).
-    # When it equals engine.model the generator's engine is reused; else its own vLLM engine
-    # (engine.* settings, this model) is started after the responses are done.
+    # When it is the responder's model the responder's engine is reused; else its own vLLM
+    # engine (the responder's settings, this model, judge_engine's keys) is started after the
+    # responses are done.
     judge_model: str = "embedded:smollm2-135m-instruct"
     # The judge's chat template: a built-in name (gen/templates.py) or a Jinja file; None =
     # the judge model's own (engine.chat_template belongs to the responder, never the judge).
     judge_chat_template: str | None = None
     # Greedy judging, room for a short rationale and the verdict line.
     judge_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=512))
+    # The judge's engine: EngineConfig keys that replace the responder's for the judge (e.g.
+    # {tensor_parallel_size: 2} for a judge larger than the responder, or 1 for a small judge
+    # whose attention heads the responder's tensor_parallel_size does not divide); not model or
+    # chat_template (judge_model, judge_chat_template). {} = the responder's engine settings.
+    # A judge with such keys gets its own engine even when it is the responder's model.
+    judge_engine: dict = field(default_factory=dict)
     # Each response (and the question) is cut to this many judge tokens in the judge prompt
     # (marked as cut); where question + answers + the verdict budget (judge_sampling.max_tokens)
     # still exceed the judge engine's max_model_len, they are cut further until they fit (a

@@ -21,20 +21,24 @@ def responder_engine(cfg):
 
 
 def judge_engine(cfg):
-    """The judge's EngineConfig: the engine settings with the judge model and the judge's
-    chat template (``eval.judge_chat_template``; None = the judge model's own), never the
-    responder's template."""
-    return dataclasses.replace(responder_engine(cfg), model=cfg.eval.judge_model,
-                               chat_template=cfg.eval.judge_chat_template)
+    """The judge's EngineConfig: the responder's engine settings with the judge model, the
+    judge's chat template (``eval.judge_chat_template``; None = the judge model's own), never the
+    responder's, and ``eval.judge_engine``'s keys over them."""
+    from guidealign.config import judge_engine_config
+
+    return judge_engine_config(cfg, responder_engine(cfg))
 
 
 def judge_is_responder(cfg) -> bool:
-    """Whether the responder's engine judges too: the same model (after resolving names) and
-    no other chat template (``eval.judge_chat_template`` None or the responder's)."""
+    """Whether the responder's engine judges too: the same model (after resolving names), no
+    other chat template (``eval.judge_chat_template`` None or the responder's) and no engine
+    setting of its own (``eval.judge_engine``) that differs from the responder's."""
     from guidealign.core.models import resolve
 
     r, j = responder_engine(cfg), judge_engine(cfg)
     if j.chat_template not in (None, r.chat_template):
+        return False
+    if dataclasses.replace(j, model=r.model, chat_template=r.chat_template) != r:
         return False
     try:
         return resolve(j.model) == resolve(r.model)
