@@ -120,9 +120,12 @@ def rows_retrieval(res, out):
     if d:
         rows.append((f"library de-dup of {d['n']:,} guidelines", f"{d['seconds']:.1f} s, "
                      f"peak RSS {d['peak_rss_mib']:.0f} MiB"))
-    s = res.get("search")
-    if s:
-        rows.append(("FAISS search", json.dumps(s)[:120]))
+    for kind, r in (res.get("search") or {}).items():
+        if isinstance(r, dict) and "qps" in r:
+            rows.append((f"FAISS {kind} search, {r.get('queries', 0):,} queries",
+                         f"{r['qps']:,.0f} queries/s (built in {r.get('build_s', 0):.2f} s)"))
+        else:
+            rows.append((f"FAISS {kind} search", json.dumps(r)[:120]))
     return rows
 
 
