@@ -241,17 +241,26 @@ def merge(base: dict, over: dict, schema=Config) -> dict:
 _MAPPING_SCHEMAS = {("respond", "engine"): EngineConfig, ("eval", "judge_engine"): EngineConfig}
 
 
-def judge_engine_config(cfg, responder: EngineConfig) -> EngineConfig:
-    """The eval judge's EngineConfig: ``responder``'s settings with the judge model, the judge's
+def _engine_over(base: EngineConfig, over: dict, where: str) -> EngineConfig:
+    """``base`` with the EngineConfig keys of the mapping ``over`` (config key ``where``) over it."""
+    return _build(EngineConfig, {**dataclasses.asdict(base), **over}, where)
+
+
+def responder_engine_config(cfg) -> EngineConfig:
+    """The responder's EngineConfig: ``engine`` with ``respond.engine``'s keys over it."""
+    return _engine_over(cfg.engine, cfg.respond.engine, "respond.engine") if cfg.respond.engine else cfg.engine
+
+
+def judge_engine_config(cfg) -> EngineConfig:
+    """The eval judge's EngineConfig: the responder's settings with the judge model, the judge's
     chat template (``eval.judge_chat_template``; None = the judge model's own, never the
     responder's) and ``eval.judge_engine``'s keys over them."""
     ec = cfg.eval
     named = sorted(set(ec.judge_engine) & {"model", "chat_template"})
     if named:
         raise ConfigError(f"eval.judge_engine.{named[0]}: set eval.judge_{named[0]} instead")
-    return _build(EngineConfig, {**dataclasses.asdict(responder), "model": ec.judge_model,
-                                 "chat_template": ec.judge_chat_template, **ec.judge_engine},
-                  "eval.judge_engine")
+    return _engine_over(responder_engine_config(cfg), {"model": ec.judge_model,
+                        "chat_template": ec.judge_chat_template, **ec.judge_engine}, "eval.judge_engine")
 
 
 def _leaf_type(schema, parts: list[str]):
@@ -353,14 +362,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         data = merge(data, extra)
     data = merge(data, parse_overrides(overrides))
     cfg = _build(Config, data)
-    responder = None
-    if cfg.respond.engine:  # the responder's engine keys: checked now, not when respond starts
-        responder = _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine},
-                           "respond.engine")
+    # the responder's and the judge's engine keys: checked now, not when respond or eval starts
+    responder = responder_engine_config(cfg) if cfg.respond.engine else None
     if cfg.inputs and cfg.ingest.inputs and cfg.inputs != cfg.ingest.inputs:
         raise ConfigError(f"inputs {cfg.inputs} and ingest.inputs {cfg.ingest.inputs} differ, and "
                           "ingest would read only the first: set one of them")
-    judge = judge_engine_config(cfg, responder or cfg.engine) if cfg.eval.judge_engine else None
+    judge = judge_engine_config(cfg) if cfg.eval.judge_engine else None
     from guidealign.config.bounds import out_of_bounds
 
     bad = out_of_bounds(cfg, responder, judge)

@@ -26,7 +26,7 @@ def judge_engine(cfg):
     responder's, and ``eval.judge_engine``'s keys over them."""
     from guidealign.config import judge_engine_config
 
-    return judge_engine_config(cfg, responder_engine(cfg))
+    return judge_engine_config(cfg)
 
 
 def judge_is_responder(cfg) -> bool:

@@ -108,15 +108,9 @@ def build_messages(cfg: RespondConfig, prompt: str, guidelines: list[str]) -> li
 
 def respond_engine(cfg):
     """The responder's EngineConfig: ``engine`` with ``respond.engine``'s keys over it."""
-    import dataclasses
+    from guidealign.config import responder_engine_config
 
-    from guidealign.config import _build
-    from guidealign.gen.engine import EngineConfig
-
-    if not cfg.respond.engine:
-        return cfg.engine
-    return _build(EngineConfig, {**dataclasses.asdict(cfg.engine), **cfg.respond.engine},
-                  "respond.engine")
+    return responder_engine_config(cfg)
 
 
 def with_respond_engine(cfg):

@@ -181,8 +181,6 @@ def search_gpus(kind: str, use_gpu="auto", *, k: int = 0, nprobe: int = 0, warn:
 def to_gpus(index, kind: str, use_gpu="auto", clone=None, *, k: int = 0):
     """Shard ``index`` over all GPUs (flat/IVF only) when :func:`search_gpus` says so; else the
     index itself. ``k``: the most neighbours a search will ask for."""
-    if gpu_mode(use_gpu) == "off" or kind == "hnsw":
-        return index
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)
