@@ -1190,3 +1190,40 @@ def count_csv_paths(monkeypatch) -> dict:
 
     monkeypatch.setattr(csvcol, "_parse", counting)
     return used
+
+
+@pytest.mark.parametrize("pattern", ["none", "all", "one_gap", "rare_gaps", "every_other", "sliced_input"])
+def test_shard_rows_taken_as_slices_equal_a_take(pattern):
+    """A shard's kept rows of a block, taken as zero-copy slices of their runs (or by one take
+    where runs are short), are exactly ``take(at)``: the same values, in order, nulls included."""
+    import numpy as np
+
+    from guidealign.ingest.run import _rows_at
+
+    rng = random.Random(7)
+    values = [None if i % 97 == 5 else f"p{i}-" + "x" * rng.randrange(0, 40) for i in range(5000)]
+    arr = pa.array(values, pa.string())
+    if pattern == "sliced_input":  # a block column that is itself a slice (an offset into its buffers)
+        arr = arr.slice(123, 4000)
+    n = len(arr)
+    at = {"none": np.zeros(0, np.int64), "all": np.arange(n),
+          "one_gap": np.delete(np.arange(n), [n // 2]),
+          "rare_gaps": np.array(sorted(rng.sample(range(n), n - 40))),
+          "every_other": np.arange(0, n, 2), "sliced_input": np.delete(np.arange(n), [0, 7, 8, 3999])}[pattern]
+    at = np.asarray(at, dtype=np.int64)
+    got = _rows_at(arr, at)
+    assert got.type == pa.string()
+    assert got.to_pylist() == arr.take(pa.array(at, pa.int64())).to_pylist()
+    if pattern == "rare_gaps":  # the case it exists for: runs, no copy of the prompts
+        assert isinstance(got, pa.ChunkedArray) and got.num_chunks > 1
+
+
+def test_one_array_hands_back_a_single_chunk_without_copying_it():
+    from guidealign.ingest.arrays import one_array
+
+    a = pa.array(["a", "bb", None, "ccc"], pa.string())
+    one = one_array(pa.chunked_array([a]))
+    assert one.buffers()[2].address == a.buffers()[2].address  # no copy of the text
+    two = one_array(pa.chunked_array([a, a.slice(1, 2)]))
+    assert isinstance(two, pa.Array) and two.to_pylist() == ["a", "bb", None, "ccc", "bb", None]
+    assert one_array(pa.chunked_array([], pa.string())).to_pylist() == []

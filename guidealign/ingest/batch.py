@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guidealign.core.ids import normalize, prompt_hash
-from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, str_arrow
+from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, raw_repr, rows_to_write_by_row,
                                         too_deep, type_depth)
 from guidealign.ingest.keys import find_prompt_key, norm_key
@@ -42,8 +42,6 @@ from guidealign.ingest.keys import find_prompt_key, norm_key
 # leaves single spaces alone is ~8x faster than rewriting every space
 _WS = r"[\t\n\x0b\x0c\r\x1c-\x1f ]"
 ASCII_WS_RE2 = r"[\t\n\x0b\x0c\r\x1c-\x1f]" + _WS + "*| " + _WS + "+"
-# the two hex digits of each byte value, as one uint16 (memory order = text order)
-_HEX16 = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), dtype=np.uint16)
 
 
 @dataclass
@@ -207,7 +205,7 @@ def _llvm_kernel():
 def hex_ids(h: np.ndarray) -> pa.Array:
     """16-char hex of each hash's little-endian bytes (== ``prompt_hash(p).hex()``)."""
     n = len(h)
-    digits = _HEX16[np.ascontiguousarray(h, dtype="<u8").view(np.uint8)]
+    digits = np.ascontiguousarray(h, dtype="<u8").tobytes().hex().encode("ascii")  # 3x a lookup table
     offsets = pa.py_buffer(np.arange(0, 16 * n + 1, 16, dtype=np.int32))
     return pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(digits)])
 
@@ -224,7 +222,7 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     names = table.column_names
     key = find_prompt_key(names, spec.field, spec.aliases)
     same = [c for c in names if key is not None and norm_key(c) == norm_key(key)]
-    col = table.column(key).combine_chunks() if key is not None else None
+    col = one_array(table.column(key)) if key is not None else None
     if col is None or len(same) > 1 or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
             or any(type_depth(t) > MAX_DEPTH for t in table.schema.types):
         # (a column that may be nested deeper than rows are written: each row checked by the

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from guidealign.ingest.arrays import affix, bool_numpy, lit, str_arrow
+from guidealign.ingest.arrays import affix, bool_numpy, lit, one_array, str_arrow
 
 _JSON_ESCAPE_RE2 = r'[\x00-\x1f\\"]'
 
@@ -144,7 +144,7 @@ def rows_to_write_by_row(table: pa.Table, skip: str) -> np.ndarray:
             continue
         if not pa.types.is_floating(f.type):
             return np.ones(n, dtype=bool)
-        col = table.column(f.name).combine_chunks()
+        col = one_array(table.column(f.name))
         mask |= bool_numpy(pc.fill_null(pc.equal(col, pc.floor(col)), lit(False)))
     return mask
 
@@ -158,7 +158,7 @@ def metadata_column(table: pa.Table, skip: str) -> pa.Array:
     names = sorted(c for c in table.column_names if c != skip)
     if not names:
         return str_arrow(["{}"] * table.num_rows)
-    cols = [(json.dumps(name, ensure_ascii=False) + ": ", _json_values(table.column(name).combine_chunks()))
+    cols = [(json.dumps(name, ensure_ascii=False) + ": ", _json_values(one_array(table.column(name))))
             for name in names]
     if len(cols) == 1:
         key, vals = cols[0]

@@ -243,15 +243,28 @@ def _shard_table(parts: list[tuple]) -> pa.Table:
     line numbers); runs in the writer thread."""
     tables = []
     for src, prompt, meta, at, hashes, lineno in parts:
-        if at.size and at[-1] - at[0] == at.size - 1:  # consecutive rows: no copy
-            prompt, meta = prompt.slice(int(at[0]), at.size), meta.slice(int(at[0]), at.size)
-        else:
-            sel = int_arrow(at)
-            prompt, meta = prompt.take(sel), meta.take(sel)
+        prompt, meta = _rows_at(prompt, at), _rows_at(meta, at)
         source = affix(int_arrow(lineno).cast(pa.string()), f"{src}:")
         tables.append(pa.table({"id": hex_ids(hashes), "prompt": prompt, "source": source,
                                 "metadata": meta}, schema=PROMPT_SCHEMA))
     return pa.concat_tables(tables) if tables else PROMPT_SCHEMA.empty_table()
+
+
+def _rows_at(arr: pa.Array, at: np.ndarray) -> pa.Array | pa.ChunkedArray:
+    """``arr.take(at)`` for increasing ``at``; while the rows come in runs (a row dropped here and
+    there: duplicates, bad rows) as zero-copy slices of ``arr``, one chunk a run, since a take
+    copies every kept prompt once more before Parquet encodes it."""
+    if not at.size:
+        return arr.slice(0, 0)
+    breaks = np.flatnonzero(np.diff(at) != 1) + 1
+    if not breaks.size:
+        return arr.slice(int(at[0]), at.size)
+    if breaks.size > at.size // 64:  # short runs: one copy costs less than many chunks
+        return arr.take(int_arrow(at))
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [at.size]]))
+    return pa.chunked_array([arr.slice(int(a), int(n)) for a, n in zip(at[starts].tolist(), lengths.tolist())],
+                            type=arr.type)
 
 
 def _delimiter_ok(d) -> bool:
