@@ -108,6 +108,39 @@ def test_sentencepiece_style_tokenizer_gets_no_space_at_each_piece(template):
     assert got == want and n == len(want)
 
 
+@pytest.mark.parametrize("prepend", ["first", "always"])  # legacy: false / legacy: true
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "llama-2"])
+@pytest.mark.parametrize("system", [None, "Follow these guidelines."])
+def test_text_after_the_bos_starts_afresh_as_in_training(template, prepend, system):
+    """Vicuna v1.5 was trained (FastChat) and Llama-2 chat built (Meta) on BOS + the text
+    tokenized from its start; transformers 5 builds a Llama tokenizer with ``legacy: false`` as
+    ``Metaspace(prepend_scheme="first")``, which gives "<s>", "A" for "<s>A chat" at once. The
+    built ids are BOS + the rest tokenized from its start, with or without a system message
+    (before: the built-in system line lost its "▁", a system message kept it)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "<s>", "</s>", "▁", "\n"] + list(string.ascii_letters + string.digits + string.punctuation)
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    b = PromptBuilder(tok, 4096, chat_template=template)
+    msgs = ([Message("system", [system])] if system else []) + \
+        [Message("user", fill("Input: {input}", input=Slot("Tell me a joke")))]
+    chat = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": "Input: Tell me a joke"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<s>") and rendered.count("<s>") == 1
+    want = [tok.bos_token_id] + tok(rendered[len("<s>"):], add_special_tokens=False)["input_ids"]
+    got = b.build(msgs, 10).token_ids
+    assert got == want and b.count(msgs) == len(want)
+    assert tok.convert_ids_to_tokens(got[1]) == "▁"
+
+
 def test_fill_substitutes_only_our_placeholders():
     segs = fill("Review:\n\n{input}\nEnd", input=Slot("a {input} b"))
     assert segs[0] == "Review:\n\n" and segs[1].text == "a {input} b" and segs[2] == "\nEnd"

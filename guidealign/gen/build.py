@@ -16,7 +16,15 @@ The pieces are tokenized apart, yet give the ids of the whole rendered text toke
 once (what the model saw in training): whitespace ending a piece moves to the start of the
 next (a space belongs to the word after it, as "ĠHow" or "▁How"), and a piece that continues
 the text before it (no control token in between) is tokenized after a one-character anchor
-whose ids are then dropped, so no tokenizer adds its start-of-text space ("▁") to it. Our own
+whose ids are then dropped, so no tokenizer adds its start-of-text space ("▁") to it. One
+exception, where the model was trained otherwise: text right after a BOS token that the template
+writes (Vicuna v1.1's "<s>A chat ...", Llama-2's "<s>[INST]") is tokenized as the start of a text,
+as ``tokenizer(text)`` does when it adds the BOS itself (FastChat's training and serving, Meta's
+reference code). A Llama-style SentencePiece tokenizer with ``legacy: false`` (``Metaspace``
+with ``prepend_scheme="first"``) gives "<s>", "A" for the rendered text at once, but "<s>", "▁A"
+that way; a system message there is a content piece, which starts a run anyway, so prompts with
+and without one begin alike. BPE tokenizers (SmolLM2, Qwen, Llama 3) give the same ids either
+way. Our own
 templates put the input last in its message and have no closing delimiter, and ``{input}``
 is substituted once, in our wording only, so nothing in an input is ever substituted.
 
@@ -51,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # How pieces become ids; part of every generation stage's fingerprint (shards built the
 # earlier way are redone, not mixed with these)
-TOKENIZATION = "joint-v2"
+TOKENIZATION = "joint-v3"  # v3: text after a BOS starts afresh
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
@@ -169,6 +177,14 @@ class PromptBuilder:
         """Ids of ``text``; ``cont``: as it continues the text before it (see the module doc)."""
         if not text:
             return []
+        bos = self._bos
+        if markup and bos and bos in text and text != bos:
+            # the text after a BOS the template writes starts afresh (see the module doc)
+            head, *rest = text.split(bos)
+            ids = self._ids(head, True, cont)
+            for part in rest:
+                ids += self._fixed_ids(bos, True, False) + self._fixed_ids(part, True, False)
+            return ids
         kw = {} if markup else {"split_special_tokens": True}
         if cont:
             # an anchor of another kind than the text's first character, so the two do not merge
@@ -191,6 +207,12 @@ class PromptBuilder:
     def _slot_ids(self, slot: tuple) -> list[int]:
         text, cont = slot[0].text, slot[1]
         return self._ids(text, False, cont)
+
+    @functools.cached_property
+    def _bos(self) -> str | None:
+        """The tokenizer's BOS string when it is a control token (SentencePiece models: "<s>")."""
+        bos = getattr(self.tok, "bos_token", None)
+        return bos if isinstance(bos, str) and bos and bos in self._specials else None
 
     @functools.cached_property
     def _specials(self) -> tuple[str, ...]:
