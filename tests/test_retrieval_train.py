@@ -99,3 +99,82 @@ def test_changing_an_evaluation_setting_re_evaluates_without_retraining(workdir)
     assert (model_dir(workdir)).is_dir()
     # and the same settings once more: nothing to do at all
     assert run_train_retriever(cfg2, workdir, progress=False).metrics == again.metrics
+
+
+def _weights(model_dir) -> dict:
+    from safetensors.numpy import load_file
+
+    files = sorted(model_dir.rglob("*.safetensors"))
+    assert files, model_dir
+    return {f"{f.relative_to(model_dir)}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(tmp_path):
+    """SIGKILL right after the 2nd checkpoint (step 4 of 12), then a rerun: it goes on from that
+    checkpoint (not from step 0) and its model is the uninterrupted run's, weight for weight
+    (optimizer, scheduler, RNG states and the epoch's batch order restored)."""
+    import os
+    import subprocess
+    import sys
+
+    from guidealign.retrieval.train import KILL_AFTER_SAVES_ENV, checkpoint_dir, model_dir, retriever_fingerprint
+    from guidealign.shards.artifact import read_done
+
+    overrides = ["library.heldout_fraction=0.25", "retriever.epochs=2", "retriever.batch_size=8",
+                 "retriever.max_seq_length=32", "retriever.threads=1", "retriever.save_steps=2",
+                 "retriever.max_eval_queries=4"]
+    cfg = load_config(overrides=overrides)
+    rows = coded_guideline_rows(8, 6, seed=2)
+    runs = {}
+    for name in ("whole", "killed"):
+        wd = tmp_path / name
+        write_guideline_shards(wd / "guidelines", rows, shard_rows=64)
+        run_library(cfg, wd, progress=False)
+        runs[name] = wd
+
+    whole = run_train_retriever(cfg, runs["whole"], progress=False)
+    assert whole.resumed_from_step is None and whole.steps > 4
+
+    wd = runs["killed"]
+    code = ("import sys; from guidealign.config import load_config; "
+            "from guidealign.retrieval.train import run_train_retriever; "
+            "run_train_retriever(load_config(overrides=sys.argv[2:]), sys.argv[1], progress=False)")
+    p = subprocess.run([sys.executable, "-c", code, str(wd), *overrides], capture_output=True, text=True,
+                       env={**os.environ, KILL_AFTER_SAVES_ENV: "2"}, timeout=600)
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert read_done(wd / "retriever") is None  # not finished
+    from guidealign.retrieval.library import read_library
+
+    fp = retriever_fingerprint(cfg.retriever, read_library(wd)[1])
+    assert sorted(d.name for d in checkpoint_dir(wd, fp).glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    again = run_train_retriever(cfg, wd, progress=False)
+    assert again.resumed_from_step == 4 and again.steps == whole.steps
+    assert read_done(wd / "retriever")["resumed_from_step"] == 4
+    assert not checkpoint_dir(wd, fp).parent.exists()  # resume points gone once done
+    a, b = _weights(model_dir(runs["whole"])), _weights(model_dir(wd))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:5]
+    # and so are its held-out figures
+    assert again.metrics["fine-tuned"] == whole.metrics["fine-tuned"]
+
+
+def test_newest_checkpoint_passes_over_one_cut_off_while_being_saved(tmp_path):
+    """The Trainer writes a checkpoint's trainer state last, with a plain write: a folder whose
+    state is missing, cut off or of another step is not resumed from (SFT and the retriever)."""
+    from guidealign.core.checkpoints import newest_checkpoint
+
+    def ckpt(step, state):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+
+    assert newest_checkpoint(tmp_path / "none") is None
+    ckpt(2, json.dumps({"global_step": 2}))
+    ckpt(4, json.dumps({"global_step": 4}))
+    ckpt(6, '{"global_step": 6, "log_hi')   # killed while writing its state
+    ckpt(8, None)                           # killed before it
+    ckpt(10, json.dumps({"global_step": 3}))  # not this folder's state
+    (tmp_path / "checkpoint-x").mkdir()
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"

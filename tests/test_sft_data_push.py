@@ -245,7 +245,7 @@ def test_sft_resumes_only_from_checkpoints_of_its_own_config(workdir, monkeypatc
             def train(self, resume_from_checkpoint=None):
                 seen.append(resume_from_checkpoint)
                 (out / "checkpoint-5").mkdir(parents=True, exist_ok=True)  # saved, then the crash
-                (out / "checkpoint-5" / "trainer_state.json").write_text("{}")  # written last
+                (out / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')  # written last
                 raise Crash
 
         return Trainer(), None, 1, "float32"

@@ -45,7 +45,8 @@ NOT_NEGATIVE = ("detect.sampling.temperature", "guidelines.sampling.temperature"
                 "augment.sampling.temperature", "respond.sampling.temperature",
                 "eval.judge_sampling.temperature", "respond.min_user_tokens",
                 "executor.wait_timeout_s", "executor.stall_timeout_s", "executor.ray_workers",
-                "executor.ray_max_restarts", "push.max_retries", "index.nlist", "library.exact_search_max")
+                "executor.ray_max_restarts", "push.max_retries", "index.nlist", "library.exact_search_max",
+                "retriever.save_steps")
 
 
 def _why(key: str, v) -> str | None:

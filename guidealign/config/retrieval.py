@@ -19,6 +19,9 @@ LIBRARY_PERFORMANCE = ("use_gpu", "batch_size", "threads")
 # mini_batch_size only with loss="mnrl", which never reads it: the cached loss runs each
 # mini-batch as its own forward pass, with its own dropout masks, so there it changes the model
 RETRIEVER_PERFORMANCE = ("threads", "mini_batch_size")
+# Retriever settings that neither change the model nor existed when its fingerprint was last
+# versioned: left out of it (a run with them keeps the fingerprint it had).
+RETRIEVER_RESUME = ("save_steps",)
 INDEX_PERFORMANCE = ("use_gpu", "batch_size", "threads")
 # Settings the chosen kind (index.kind) or candidate space (library.candidates) never reads:
 # they count at their defaults too, so tuning an unused one rebuilds nothing.
@@ -102,6 +105,10 @@ class RetrieverConfig:
     encode_batch_size: int = 128
     # torch threads (0: leave torch's default). Ours.
     threads: int = 0
+    # Save a checkpoint (weights, optimizer, scheduler, RNG states) every this many steps, so a
+    # run killed midway resumes from the last one instead of its first step (0: never). The
+    # result is the same either way: the key is not in the retriever's fingerprint. Ours.
+    save_steps: int = 500
 
 
 @dataclass

@@ -5,6 +5,11 @@ with the no-duplicates batch sampler: a prompt has several positive guidelines a
 guideline serves many prompts, so without it a batch would hold a text twice and treat
 one copy as the other's negative.
 
+Training saves a checkpoint every ``retriever.save_steps`` steps under
+``WORKDIR/.retriever-checkpoints/<fingerprint>/``; a run killed midway resumes from the newest
+complete one (weights, optimizer, scheduler, RNG states and the epoch's batch order restored, so
+the model comes out as an uninterrupted run's), and the folder is removed once the retriever is done.
+
 Then the base encoder, the fine-tuned one and BM25 are evaluated on the held-out prompts
 (:mod:`retrieval.evaluate`). Output ``WORKDIR/retriever/``: ``model/``, ``metrics.json``,
 then ``_done.json`` last. The evaluation-only settings (``EVAL_KEYS``) are not part of the
@@ -22,7 +27,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from guidealign.config.retrieval import RETRIEVER_PERFORMANCE
+from guidealign.config.retrieval import RETRIEVER_PERFORMANCE, RETRIEVER_RESUME
+from guidealign.core.checkpoints import checkpoint_step
 from guidealign.core.threads import set_threads
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done
 from guidealign.shards import fingerprint, write_json_atomic
@@ -40,10 +46,12 @@ class RetrieverReport:
     table: str = ""
     seconds: float = 0.0
     skipped: bool = False
+    resumed_from_step: int | None = None  # the checkpoint a crashed run's training went on from
 
     def summary(self) -> str:
         head = "retriever: up to date" if self.skipped else \
-            f"retriever: trained on {self.train_pairs} pairs ({self.steps} steps, {self.seconds:.0f}s)"
+            f"retriever: trained on {self.train_pairs} pairs ({self.steps} steps, {self.seconds:.0f}s" + \
+            (f", resumed at step {self.resumed_from_step})" if self.resumed_from_step else ")")
         return head + ("\n" + self.table if self.table else "")
 
 
@@ -69,8 +77,37 @@ def retriever_fingerprint(rc, library_version: str) -> str:
     # (RETRIEVER_PERFORMANCE)
     perf = RETRIEVER_PERFORMANCE if rc.loss == "mnrl" else tuple(k for k in RETRIEVER_PERFORMANCE
                                                                   if k != "mini_batch_size")
-    train = {k: v for k, v in at_defaults(rc, perf).items() if k not in EVAL_KEYS}
+    train = {k: v for k, v in at_defaults(rc, perf).items() if k not in EVAL_KEYS + RETRIEVER_RESUME}
     return fingerprint("retriever-v4", train, library_version)
+
+
+# Test/chaos hook: the process SIGKILLs itself right after this many checkpoints are written.
+KILL_AFTER_SAVES_ENV = "GUIDEALIGN_RETRIEVER_KILL_AFTER_SAVES"
+
+
+def checkpoint_dir(workdir: str | Path, fp: str) -> Path:
+    """WORKDIR/.retriever-checkpoints/<fingerprint>: the resume points of one config and library
+    (beside the retriever, which is replaced whole when a build finishes)."""
+    return Path(workdir) / ".retriever-checkpoints" / fp
+
+
+def _resume_point(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint of this fingerprint; those of other fingerprints (another
+    config or library) are deleted, never resumed."""
+    import shutil
+
+    from guidealign.core.checkpoints import newest_checkpoint
+
+    root = ckpt_dir.parent
+    if root.is_dir():
+        for old in root.iterdir():
+            if old.name != ckpt_dir.name:
+                log.info("retriever: removing checkpoints of another config or library: %s", old)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+    return newest_checkpoint(ckpt_dir)
 
 
 def eval_fingerprint(rc) -> str:
@@ -207,7 +244,56 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
     return NoFalseNegativesBatchSampler
 
 
-def _train(model, train_ds, rc, out: Path, progress: bool, sampler) -> int:
+class _Sampler:
+    """The trainer's ``batch_sampler`` (a callable making the sampler), picklable: the Trainer
+    saves its arguments, this included, into every checkpoint (``training_args.bin``). Only a
+    placeholder is written there, not the sampler class (made inside a function) nor the pair
+    data it holds; resuming never reads that file (the run builds its sampler again)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __call__(self, *args, **kwargs):
+        return self.cls(*args, **kwargs)
+
+    def __reduce__(self):
+        return (_no_sampler, ())
+
+
+def _no_sampler():
+    return None
+
+
+def _checkpoint_callback():
+    """A trainer callback: no checkpoint after the last step (the Trainer saves one there with
+    ``save_strategy="steps"``, and it is deleted right after), and the test/chaos hook that SIGKILLs
+    this process once ``KILL_AFTER_SAVES_ENV`` checkpoints are written."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    kill_after = int(os.environ.get(KILL_AFTER_SAVES_ENV, "0") or 0)
+
+    class Checkpoints(TrainerCallback):
+        saves = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            self.saves += 1
+            if kill_after and self.saves >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return Checkpoints()
+
+
+def _train(model, train_ds, rc, out: Path, progress: bool, sampler, resume: Path | None = None) -> int:
+    """Train ``model`` in place; checkpoints every ``rc.save_steps`` steps go to ``out``, and
+    ``resume`` (a checkpoint there) picks training up where it was saved."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss)
@@ -229,8 +315,10 @@ def _train(model, train_ds, rc, out: Path, progress: bool, sampler) -> int:
         warmup_steps=rc.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
         seed=rc.seed,
         data_seed=rc.seed,
-        batch_sampler=sampler,
-        save_strategy="no",
+        batch_sampler=_Sampler(sampler),
+        save_strategy="steps" if rc.save_steps > 0 else "no",
+        save_steps=rc.save_steps if rc.save_steps > 0 else 500,
+        save_total_limit=2,  # the newest, and the one before while the newest is being written
         eval_strategy="no",
         logging_strategy="no",
         report_to="none",
@@ -238,8 +326,11 @@ def _train(model, train_ds, rc, out: Path, progress: bool, sampler) -> int:
         dataloader_num_workers=0,
     )
     one_device(args)  # no DataParallel over every visible GPU (guidealign/distenv.py)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss)
-    result = trainer.train()
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss,
+                                         callbacks=[_checkpoint_callback()])
+    if resume is not None:
+        log.info("retriever: resuming training from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     return int(result.global_step)
 
 
@@ -307,12 +398,12 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     model = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length)
     es = build_eval_set(library, heldout, rc.max_eval_queries)
     base = _evaluate(rc, es, base=model)  # before training changes the model
+    ckpt_dir = checkpoint_dir(workdir, fp)
+    resume = _resume_point(ckpt_dir)
+    resumed_at = checkpoint_step(resume) if resume is not None else None  # (rotated away later)
     with build_dir(dst) as tmp:
-        steps = _train(model, train_ds, rc, tmp / "checkpoints", progress, sampler)
+        steps = _train(model, train_ds, rc, ckpt_dir, progress, sampler, resume)
         model.save(str(tmp / "model"))
-        import shutil
-
-        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
         model.eval()
         results = {**base, **_evaluate(rc, es, tuned=model)}
         table = _table(results, rc)
@@ -323,9 +414,13 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         write_json_atomic(tmp / "metrics.json", json.dumps(metrics, indent=1))
     mark_done(dst, fingerprint=fp, rows=train.num_rows, seconds=seconds, metrics=results,
               train_pairs=train.num_rows, steps=steps, library_version=version, table=table,
-              eval_fingerprint=efp, base_model=rc.base_model)
+              eval_fingerprint=efp, base_model=rc.base_model,
+              resumed_from_step=resumed_at)
+    import shutil
+
+    shutil.rmtree(ckpt_dir.parent, ignore_errors=True)  # finished: resume points are not needed
     rep = RetrieverReport(train_pairs=train.num_rows, steps=steps, metrics=results, table=table,
-                          seconds=seconds)
+                          seconds=seconds, resumed_from_step=resumed_at)
     log.info(rep.summary())
     return rep
 

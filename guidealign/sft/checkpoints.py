@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from guidealign.core.checkpoints import newest_checkpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -22,14 +24,9 @@ def is_main_process() -> bool:
     return not under_launcher() or int(os.environ.get("RANK", "0") or 0) == 0
 
 
-# transformers' Trainer writes a checkpoint's trainer state last: a checkpoint without it was
-# cut off while being saved (Trainer.train cannot resume from it).
-TRAINER_STATE = "trainer_state.json"
-
-
 def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
     """The newest complete checkpoint in ``ckpt_dir`` to resume from (sft.save_steps > 0),
-    else None; one cut off while being saved (no trainer state) is passed over. A run resumes
+    else None; one cut off while being saved is passed over (``core.checkpoints``). A run resumes
     only from its own fingerprint's checkpoints: those of an earlier config or other data
     (another folder under checkpoints/) are never resumed, and the main process deletes them."""
     root = ckpt_dir.parent
@@ -41,14 +38,10 @@ def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     old.unlink(missing_ok=True)
-    if scfg.save_steps <= 0 or not ckpt_dir.is_dir():
+    if scfg.save_steps <= 0:
         return None
-    steps = {}
-    for d in ckpt_dir.glob("checkpoint-*"):
-        step = d.name.removeprefix("checkpoint-")
-        if step.isdigit() and d.is_dir() and (d / TRAINER_STATE).is_file():
-            steps[int(step)] = d
-    return str(steps[max(steps)]) if steps else None
+    newest = newest_checkpoint(ckpt_dir)
+    return str(newest) if newest is not None else None
 
 
 def whole_run_loss(log_history: list[dict]) -> float | None:
