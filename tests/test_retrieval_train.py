@@ -110,20 +110,23 @@ def _weights(model_dir) -> dict:
 
 
 def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(tmp_path):
-    """SIGKILL right after the 2nd checkpoint (step 4 of 12), then a rerun: it goes on from that
-    checkpoint (not from step 0) and its model is the uninterrupted run's, weight for weight
+    """SIGKILL right after the 2nd checkpoint (step 4 of 12, 6 an epoch), a rerun with another
+    save interval killed after its first checkpoint (step 7: in the 2nd epoch, at the new interval,
+    not the one in the resumed trainer state), then a rerun to the end: each goes on from the newest
+    checkpoint (not from step 0), and the model is the uninterrupted run's, weight for weight
     (optimizer, scheduler, RNG states and the epoch's batch order restored)."""
     import os
     import subprocess
     import sys
 
+    from guidealign.core.checkpoints import newest_checkpoint
+    from guidealign.retrieval.library import read_library
     from guidealign.retrieval.train import KILL_AFTER_SAVES_ENV, checkpoint_dir, model_dir, retriever_fingerprint
     from guidealign.shards.artifact import read_done
 
-    overrides = ["library.heldout_fraction=0.25", "retriever.epochs=2", "retriever.batch_size=8",
-                 "retriever.max_seq_length=32", "retriever.threads=1", "retriever.save_steps=2",
-                 "retriever.max_eval_queries=4"]
-    cfg = load_config(overrides=overrides)
+    base = ["library.heldout_fraction=0.25", "retriever.epochs=2", "retriever.batch_size=8",
+            "retriever.max_seq_length=32", "retriever.threads=1", "retriever.max_eval_queries=4"]
+    cfg = load_config(overrides=base + ["retriever.save_steps=2"])
     rows = coded_guideline_rows(8, 6, seed=2)
     runs = {}
     for name in ("whole", "killed"):
@@ -133,30 +136,41 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(t
         runs[name] = wd
 
     whole = run_train_retriever(cfg, runs["whole"], progress=False)
-    assert whole.resumed_from_step is None and whole.steps > 4
+    assert whole.resumed_from_step is None and whole.steps == 12
 
     wd = runs["killed"]
+    fp = retriever_fingerprint(cfg.retriever, read_library(wd)[1])
     code = ("import sys; from guidealign.config import load_config; "
             "from guidealign.retrieval.train import run_train_retriever; "
             "run_train_retriever(load_config(overrides=sys.argv[2:]), sys.argv[1], progress=False)")
-    p = subprocess.run([sys.executable, "-c", code, str(wd), *overrides], capture_output=True, text=True,
-                       env={**os.environ, KILL_AFTER_SAVES_ENV: "2"}, timeout=600)
-    assert p.returncode == -9, p.stderr[-3000:]
-    assert read_done(wd / "retriever") is None  # not finished
-    from guidealign.retrieval.library import read_library
 
-    fp = retriever_fingerprint(cfg.retriever, read_library(wd)[1])
+    def killed_run(save_steps: int, kill_after: int) -> None:
+        p = subprocess.run([sys.executable, "-c", code, str(wd), *base, f"retriever.save_steps={save_steps}"],
+                           capture_output=True, text=True, env={**os.environ, KILL_AFTER_SAVES_ENV: str(kill_after)},
+                           timeout=600)
+        assert p.returncode == -9, p.stderr[-3000:]
+        assert read_done(wd / "retriever") is None  # not finished
+
+    killed_run(2, 2)
     assert sorted(d.name for d in checkpoint_dir(wd, fp).glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    killed_run(7, 1)  # resumes at 4; the old interval (2) would save at 6, the new one at 7
+    assert newest_checkpoint(checkpoint_dir(wd, fp)).name == "checkpoint-7"
 
-    again = run_train_retriever(cfg, wd, progress=False)
-    assert again.resumed_from_step == 4 and again.steps == whole.steps
-    assert read_done(wd / "retriever")["resumed_from_step"] == 4
-    assert not checkpoint_dir(wd, fp).parent.exists()  # resume points gone once done
+    again = run_train_retriever(load_config(overrides=base + ["retriever.save_steps=7"]), wd, progress=False)
+    assert again.resumed_from_step == 7 and again.steps == whole.steps
+    assert read_done(wd / "retriever")["resumed_from_step"] == 7
+    assert not (wd / ".retriever-checkpoints").exists()  # resume points gone once done
     a, b = _weights(model_dir(runs["whole"])), _weights(model_dir(wd))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:5]
     # and so are its held-out figures
     assert again.metrics["fine-tuned"] == whole.metrics["fine-tuned"]
+
+    # checkpoints left behind (a run killed between finishing and removing them) go on the next
+    # run that finds the retriever current
+    stale = checkpoint_dir(wd, fp) / "checkpoint-3"
+    stale.mkdir(parents=True)
+    assert run_train_retriever(cfg, wd, progress=False).skipped and not (wd / ".retriever-checkpoints").exists()
 
 
 def test_newest_checkpoint_passes_over_one_cut_off_while_being_saved(tmp_path):

@@ -86,9 +86,20 @@ KILL_AFTER_SAVES_ENV = "GUIDEALIGN_RETRIEVER_KILL_AFTER_SAVES"
 
 
 def checkpoint_dir(workdir: str | Path, fp: str) -> Path:
-    """WORKDIR/.retriever-checkpoints/<fingerprint>: the resume points of one config and library
-    (beside the retriever, which is replaced whole when a build finishes)."""
-    return Path(workdir) / ".retriever-checkpoints" / fp
+    """WORKDIR/.retriever-checkpoints/<fingerprint>-<versions>: the resume points of one config and
+    library (beside the retriever, which is replaced whole when a build finishes), written by these
+    versions of torch, transformers and sentence-transformers: a checkpoint of others may not load
+    (its trainer state, optimizer or RNG files), so after an upgrade or a downgrade training starts over."""
+    from importlib.metadata import version
+
+    libs = fingerprint(*(version(d) for d in ("torch", "transformers", "sentence-transformers")))[:8]
+    return Path(workdir) / ".retriever-checkpoints" / f"{fp}-{libs}"
+
+
+def _remove_checkpoints(workdir: str | Path) -> None:
+    import shutil
+
+    shutil.rmtree(Path(workdir) / ".retriever-checkpoints", ignore_errors=True)
 
 
 def _resume_point(ckpt_dir: Path) -> Path | None:
@@ -259,14 +270,18 @@ class _Sampler:
     def __reduce__(self):
         return (_no_sampler, ())
 
+    def __repr__(self) -> str:  # sentence-transformers lists it in the model card
+        return self.cls.__name__
+
 
 def _no_sampler():
     return None
 
 
 def _checkpoint_callback():
-    """A trainer callback: no checkpoint after the last step (the Trainer saves one there with
-    ``save_strategy="steps"``, and it is deleted right after), and the test/chaos hook that SIGKILLs
+    """A trainer callback: the configured save interval also after a resume, no checkpoint after
+    the last step (the Trainer saves one there with ``save_strategy="steps"``, and it is deleted
+    right after), and the test/chaos hook that SIGKILLs
     this process once ``KILL_AFTER_SAVES_ENV`` checkpoints are written."""
     import os
     import signal
@@ -277,6 +292,11 @@ def _checkpoint_callback():
 
     class Checkpoints(TrainerCallback):
         saves = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # a resumed run has the checkpoint's trainer state, and with it the save interval of
+            # the run that wrote it: the configured one holds from here on
+            state.save_steps = args.save_steps
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
@@ -349,6 +369,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         return RetrieverReport(skipped=True)
     fp, efp = retriever_fingerprint(rc, version), eval_fingerprint(rc)
     if is_current(dst, fp):
+        _remove_checkpoints(workdir)  # left by a run killed after it finished, or by another config
         done = read_done(dst)
         if done.get("eval_fingerprint") != efp:  # evaluation settings changed: the model stands
             done = _reevaluate(rc, workdir, done, efp)
@@ -416,9 +437,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
               train_pairs=train.num_rows, steps=steps, library_version=version, table=table,
               eval_fingerprint=efp, base_model=rc.base_model,
               resumed_from_step=resumed_at)
-    import shutil
-
-    shutil.rmtree(ckpt_dir.parent, ignore_errors=True)  # finished: resume points are not needed
+    _remove_checkpoints(workdir)  # finished: resume points are not needed
     rep = RetrieverReport(train_pairs=train.num_rows, steps=steps, metrics=results, table=table,
                           seconds=seconds, resumed_from_step=resumed_at)
     log.info(rep.summary())
