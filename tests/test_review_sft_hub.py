@@ -50,7 +50,7 @@ def test_resume_skips_a_checkpoint_cut_off_while_being_saved(workdir):
     for step in (2, 4):
         (ck / f"checkpoint-{step}").mkdir(parents=True)
         (ck / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
-    (ck / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (ck / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     chosen = _what_the_trainer_resumes(ck, resume_point(ck, scfg, main=True))
     assert chosen is not None and Path(chosen).name == "checkpoint-2"
     assert (Path(chosen) / "trainer_state.json").is_file()
@@ -272,7 +272,7 @@ def test_a_kill_while_the_finished_model_is_checksummed_keeps_the_checkpoints(wo
             def train(self, resume_from_checkpoint=None):
                 resumed.append(resume_from_checkpoint)
                 (out / "checkpoint-1").mkdir(parents=True, exist_ok=True)
-                (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+                (out / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
                 return SimpleNamespace(training_loss=1.0)
 
             def is_world_process_zero(self):
