@@ -121,7 +121,8 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(t
 
     from guidealign.core.checkpoints import newest_checkpoint
     from guidealign.retrieval.library import read_library
-    from guidealign.retrieval.train import KILL_AFTER_SAVES_ENV, checkpoint_dir, model_dir, retriever_fingerprint
+    from guidealign.retrieval.checkpoints import KILL_AFTER_SAVES_ENV, checkpoint_dir
+    from guidealign.retrieval.train import model_dir, retriever_fingerprint
     from guidealign.shards.artifact import read_done
 
     base = ["library.heldout_fraction=0.25", "retriever.epochs=2", "retriever.batch_size=8",

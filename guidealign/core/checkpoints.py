@@ -9,7 +9,11 @@ trainer state is written, so a complete one is left whenever one was ever finish
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # transformers.trainer_callback's TRAINER_STATE_NAME, written last into each checkpoint
 TRAINER_STATE = "trainer_state.json"
@@ -33,3 +37,18 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
         return None
     steps = {s: d for d in Path(ckpt_dir).glob("checkpoint-*") if (s := checkpoint_step(d)) is not None}
     return steps[max(steps)] if steps else None
+
+
+def remove_other_runs(ckpt_dir: Path, what: str) -> None:
+    """Delete the folders beside ``ckpt_dir`` (the checkpoints of another config, data or library):
+    they are never resumed, and each holds weights plus optimizer state."""
+    root = Path(ckpt_dir).parent
+    if not root.is_dir():
+        return
+    for old in root.iterdir():
+        if old.name != Path(ckpt_dir).name:
+            log.info("%s: removing checkpoints of another config or data: %s", what, old)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ guideline serves many prompts, so without it a batch would hold a text twice and
 one copy as the other's negative.
 
 Training saves a checkpoint every ``retriever.save_steps`` steps under
-``WORKDIR/.retriever-checkpoints/<fingerprint>/``; a run killed midway resumes from the newest
+``WORKDIR/.retriever-checkpoints/<fingerprint>-<versions>/`` (``retrieval.checkpoints``); a run killed midway resumes from the newest
 complete one (weights, optimizer, scheduler, RNG states and the epoch's batch order restored, so
 the model comes out as an uninterrupted run's), and the folder is removed once the retriever is done.
 
@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 
 from guidealign.config.retrieval import RETRIEVER_PERFORMANCE, RETRIEVER_RESUME
 from guidealign.core.checkpoints import checkpoint_step
+from guidealign.retrieval.checkpoints import (PicklableSampler, checkpoint_callback, checkpoint_dir,
+                                              remove_checkpoints, resume_point)
 from guidealign.core.threads import set_threads
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done
 from guidealign.shards import fingerprint, write_json_atomic
@@ -80,45 +82,6 @@ def retriever_fingerprint(rc, library_version: str) -> str:
     train = {k: v for k, v in at_defaults(rc, perf).items() if k not in EVAL_KEYS + RETRIEVER_RESUME}
     return fingerprint("retriever-v4", train, library_version)
 
-
-# Test/chaos hook: the process SIGKILLs itself right after this many checkpoints are written.
-KILL_AFTER_SAVES_ENV = "GUIDEALIGN_RETRIEVER_KILL_AFTER_SAVES"
-
-
-def checkpoint_dir(workdir: str | Path, fp: str) -> Path:
-    """WORKDIR/.retriever-checkpoints/<fingerprint>-<versions>: the resume points of one config and
-    library (beside the retriever, which is replaced whole when a build finishes), written by these
-    versions of torch, transformers and sentence-transformers: a checkpoint of others may not load
-    (its trainer state, optimizer or RNG files), so after an upgrade or a downgrade training starts over."""
-    from importlib.metadata import version
-
-    libs = fingerprint(*(version(d) for d in ("torch", "transformers", "sentence-transformers")))[:8]
-    return Path(workdir) / ".retriever-checkpoints" / f"{fp}-{libs}"
-
-
-def _remove_checkpoints(workdir: str | Path) -> None:
-    import shutil
-
-    shutil.rmtree(Path(workdir) / ".retriever-checkpoints", ignore_errors=True)
-
-
-def _resume_point(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint of this fingerprint; those of other fingerprints (another
-    config or library) are deleted, never resumed."""
-    import shutil
-
-    from guidealign.core.checkpoints import newest_checkpoint
-
-    root = ckpt_dir.parent
-    if root.is_dir():
-        for old in root.iterdir():
-            if old.name != ckpt_dir.name:
-                log.info("retriever: removing checkpoints of another config or library: %s", old)
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
-    return newest_checkpoint(ckpt_dir)
 
 
 def eval_fingerprint(rc) -> str:
@@ -255,61 +218,6 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
     return NoFalseNegativesBatchSampler
 
 
-class _Sampler:
-    """The trainer's ``batch_sampler`` (a callable making the sampler), picklable: the Trainer
-    saves its arguments, this included, into every checkpoint (``training_args.bin``). Only a
-    placeholder is written there, not the sampler class (made inside a function) nor the pair
-    data it holds; resuming never reads that file (the run builds its sampler again)."""
-
-    def __init__(self, cls):
-        self.cls = cls
-
-    def __call__(self, *args, **kwargs):
-        return self.cls(*args, **kwargs)
-
-    def __reduce__(self):
-        return (_no_sampler, ())
-
-    def __repr__(self) -> str:  # sentence-transformers lists it in the model card
-        return self.cls.__name__
-
-
-def _no_sampler():
-    return None
-
-
-def _checkpoint_callback():
-    """A trainer callback: the configured save interval also after a resume, no checkpoint after
-    the last step (the Trainer saves one there with ``save_strategy="steps"``, and it is deleted
-    right after), and the test/chaos hook that SIGKILLs
-    this process once ``KILL_AFTER_SAVES_ENV`` checkpoints are written."""
-    import os
-    import signal
-
-    from transformers import TrainerCallback
-
-    kill_after = int(os.environ.get(KILL_AFTER_SAVES_ENV, "0") or 0)
-
-    class Checkpoints(TrainerCallback):
-        saves = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            # a resumed run has the checkpoint's trainer state, and with it the save interval of
-            # the run that wrote it: the configured one holds from here on
-            state.save_steps = args.save_steps
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_save = False
-            return control
-
-        def on_save(self, args, state, control, **kwargs):
-            self.saves += 1
-            if kill_after and self.saves >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return Checkpoints()
-
 
 def _train(model, train_ds, rc, out: Path, progress: bool, sampler, resume: Path | None = None) -> int:
     """Train ``model`` in place; checkpoints every ``rc.save_steps`` steps go to ``out``, and
@@ -335,7 +243,7 @@ def _train(model, train_ds, rc, out: Path, progress: bool, sampler, resume: Path
         warmup_steps=rc.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
         seed=rc.seed,
         data_seed=rc.seed,
-        batch_sampler=_Sampler(sampler),
+        batch_sampler=PicklableSampler(sampler),
         save_strategy="steps" if rc.save_steps > 0 else "no",
         save_steps=rc.save_steps if rc.save_steps > 0 else 500,
         save_total_limit=2,  # the newest, and the one before while the newest is being written
@@ -347,7 +255,7 @@ def _train(model, train_ds, rc, out: Path, progress: bool, sampler, resume: Path
     )
     one_device(args)  # no DataParallel over every visible GPU (guidealign/distenv.py)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss,
-                                         callbacks=[_checkpoint_callback()])
+                                         callbacks=[checkpoint_callback()])
     if resume is not None:
         log.info("retriever: resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -369,7 +277,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         return RetrieverReport(skipped=True)
     fp, efp = retriever_fingerprint(rc, version), eval_fingerprint(rc)
     if is_current(dst, fp):
-        _remove_checkpoints(workdir)  # left by a run killed after it finished, or by another config
+        remove_checkpoints(workdir)  # left by a run killed after it finished, or by another config
         done = read_done(dst)
         if done.get("eval_fingerprint") != efp:  # evaluation settings changed: the model stands
             done = _reevaluate(rc, workdir, done, efp)
@@ -420,7 +328,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     es = build_eval_set(library, heldout, rc.max_eval_queries)
     base = _evaluate(rc, es, base=model)  # before training changes the model
     ckpt_dir = checkpoint_dir(workdir, fp)
-    resume = _resume_point(ckpt_dir)
+    resume = resume_point(ckpt_dir)
     resumed_at = checkpoint_step(resume) if resume is not None else None  # (rotated away later)
     with build_dir(dst) as tmp:
         steps = _train(model, train_ds, rc, ckpt_dir, progress, sampler, resume)
@@ -437,7 +345,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
               train_pairs=train.num_rows, steps=steps, library_version=version, table=table,
               eval_fingerprint=efp, base_model=rc.base_model,
               resumed_from_step=resumed_at)
-    _remove_checkpoints(workdir)  # finished: resume points are not needed
+    remove_checkpoints(workdir)  # finished: resume points are not needed
     rep = RetrieverReport(train_pairs=train.num_rows, steps=steps, metrics=results, table=table,
                           seconds=seconds, resumed_from_step=resumed_at)
     log.info(rep.summary())

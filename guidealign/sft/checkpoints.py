@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
-from guidealign.core.checkpoints import newest_checkpoint
+from guidealign.core.checkpoints import newest_checkpoint, remove_other_runs
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +28,8 @@ def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
     else None; one cut off while being saved is passed over (``core.checkpoints``). A run resumes
     only from its own fingerprint's checkpoints: those of an earlier config or other data
     (another folder under checkpoints/) are never resumed, and the main process deletes them."""
-    root = ckpt_dir.parent
-    if main and root.is_dir():
-        for old in root.iterdir():
-            if old.name != ckpt_dir.name:
-                log.info("sft: removing checkpoints of another config or data: %s", old)
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
+    if main:
+        remove_other_runs(ckpt_dir, "sft")
     if scfg.save_steps <= 0:
         return None
     newest = newest_checkpoint(ckpt_dir)
