@@ -3,13 +3,10 @@ pieces that make them usable (a picklable batch sampler, the configured save int
 resume, no checkpoint after the last step, the test/chaos kill hook)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from guidealign.core.checkpoints import newest_checkpoint, remove_other_runs
 from guidealign.shards import fingerprint
-
-log = logging.getLogger(__name__)
 
 # Test/chaos hook: the process SIGKILLs itself right after this many checkpoints are written.
 KILL_AFTER_SAVES_ENV = "GUIDEALIGN_RETRIEVER_KILL_AFTER_SAVES"
@@ -65,8 +62,8 @@ def _no_sampler():
 def checkpoint_callback():
     """A trainer callback: the configured save interval also after a resume, no checkpoint after
     the last step (the Trainer saves one there with ``save_strategy="steps"``, and it is deleted
-    right after), and the test/chaos hook that SIGKILLs
-    this process once ``KILL_AFTER_SAVES_ENV`` checkpoints are written."""
+    right after), and the test/chaos hook that SIGKILLs this process once ``KILL_AFTER_SAVES_ENV``
+    checkpoints are written."""
     import os
     import signal
 

@@ -6,9 +6,10 @@ guideline serves many prompts, so without it a batch would hold a text twice and
 one copy as the other's negative.
 
 Training saves a checkpoint every ``retriever.save_steps`` steps under
-``WORKDIR/.retriever-checkpoints/<fingerprint>-<versions>/`` (``retrieval.checkpoints``); a run killed midway resumes from the newest
-complete one (weights, optimizer, scheduler, RNG states and the epoch's batch order restored, so
-the model comes out as an uninterrupted run's), and the folder is removed once the retriever is done.
+``WORKDIR/.retriever-checkpoints/<fingerprint>-<versions>/`` (``retrieval.checkpoints``); a run
+killed midway resumes from the newest complete one (weights, optimizer, scheduler, RNG states
+and the epoch's batch order restored, so the model comes out as an uninterrupted run's), and the
+folder is removed once the retriever is done.
 
 Then the base encoder, the fine-tuned one and BM25 are evaluated on the held-out prompts
 (:mod:`retrieval.evaluate`). Output ``WORKDIR/retriever/``: ``model/``, ``metrics.json``,
@@ -81,7 +82,6 @@ def retriever_fingerprint(rc, library_version: str) -> str:
                                                                   if k != "mini_batch_size")
     train = {k: v for k, v in at_defaults(rc, perf).items() if k not in EVAL_KEYS + RETRIEVER_RESUME}
     return fingerprint("retriever-v4", train, library_version)
-
 
 
 def eval_fingerprint(rc) -> str:
@@ -216,7 +216,6 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
             return keep
 
     return NoFalseNegativesBatchSampler
-
 
 
 def _train(model, train_ds, rc, out: Path, progress: bool, sampler, resume: Path | None = None) -> int:
