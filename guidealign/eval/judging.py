@@ -68,10 +68,12 @@ def judge_fp(cfg, kind: str) -> str:
         template_name = responder_engine(cfg).chat_template
     # v3: the vicuna_v1.1 template renders turns as FastChat does (no space after </s>); the
     # template by its text (a hash), so editing a template file re-judges (None: the model's own)
+    # TOKENIZATION: how PromptBuilder turns a judge prompt into ids (render_chat builds with it)
+    from guidealign.gen.build import TOKENIZATION
     from guidealign.gen.templates import template_hash
 
-    return fingerprint(f"eval-{kind}-llm-v3", e.judge_model, template_hash(template_name), e.judge_sampling,
-                       e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
+    return fingerprint(f"eval-{kind}-llm-v3", TOKENIZATION, e.judge_model, template_hash(template_name),
+                       e.judge_sampling, e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
                        je.seed, je.max_model_len, je.dtype)
 
 

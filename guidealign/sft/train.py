@@ -50,6 +50,7 @@ def sft_fingerprint(cfg, report) -> str:
     """Config (minus process-count and thread knobs) + input shard checksums by dataset name
     + the chat template's text: no absolute path, so a moved run directory redoes nothing."""
     from guidealign.config.sft import SFT_PERFORMANCE
+    from guidealign.gen.build import TOKENIZATION
     from guidealign.gen.templates import template_hash
     from guidealign.shards import fingerprint
     from guidealign.shards.fingerprint import at_defaults
@@ -66,7 +67,8 @@ def sft_fingerprint(cfg, report) -> str:
     # v6: answers to truncated prompts and (sft.drop_overlong) overlong examples are dropped
     # v7: examples are tokenized by gen/build.py's PromptBuilder, contents without parsing
     #     control-token strings (they were real turn markup in TRL's tokenization)
-    return fingerprint("sft/v7", keys, report.sources, template_hash(cfg.sft.chat_template))
+    # TOKENIZATION: how PromptBuilder turns an example into ids (a change there trains again)
+    return fingerprint("sft/v7", TOKENIZATION, keys, report.sources, template_hash(cfg.sft.chat_template))
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
