@@ -74,7 +74,15 @@ def judge_fp(cfg, kind: str) -> str:
 
     return fingerprint(f"eval-{kind}-llm-v3", TOKENIZATION, e.judge_model, template_hash(template_name),
                        e.judge_sampling, e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
-                       je.seed, je.max_model_len, je.dtype)
+                       judge_seed(cfg), je.max_model_len, je.dtype)
+
+
+def judge_seed(cfg) -> int:
+    """The seed an LLM judge samples with (each request's): its engine's (``eval.judge_engine``,
+    ``respond.engine`` and ``engine`` in that order), the one its fingerprint holds."""
+    from guidealign.eval.generate import judge_engine
+
+    return judge_engine(cfg).seed
 
 
 @dataclass
@@ -230,7 +238,7 @@ def judge_plans(cfg, judges: list[str], bench: dict, resp: dict, engines) -> dic
                 return holder["clf"].judge(chunk)
         else:
             def judge(chunk):
-                return judge_harm_llm(engines.judge(), chunk, ecfg, seed=cfg.engine.seed)
+                return judge_harm_llm(engines.judge(), chunk, ecfg, seed=judge_seed(cfg))
         plans["harm"] = make_plan("harm", items, HarmItem, lambda it: (it.id, it.condition),
                                   ecfg.shard_rows, judge_fp(cfg, "harm"), judge,
                                   slots=[(i, c) for i in bench for c in ("guided", "unguided")])
@@ -241,6 +249,6 @@ def judge_plans(cfg, judges: list[str], bench: dict, resp: dict, engines) -> dic
                  if usable(resp["guided"].get(i)) and usable(resp["unguided"].get(i))]
         plans["pairwise"] = make_plan(
             "pairwise", items, PairItem, lambda it: it.id, ecfg.shard_rows, judge_fp(cfg, "pairwise"),
-            lambda chunk: judge_pairwise(engines.judge(), chunk, ecfg, seed=cfg.engine.seed),
+            lambda chunk: judge_pairwise(engines.judge(), chunk, ecfg, seed=judge_seed(cfg)),
             slots=list(bench))
     return plans

@@ -184,7 +184,8 @@ def config_fingerprint(cfg, tok) -> str:
 
     load_risk_types(cfg)  # a bad file or an unknown type fails here
     _, h2 = load_prompt_file(cfg.augment.prompt_file, "augment.yaml", ("system", "user"))
-    a = dataclasses.replace(cfg.augment, types=[], risk_types_file=None)
+    # the prompt file counts by what it holds (h2), not where it is
+    a = dataclasses.replace(cfg.augment, types=[], risk_types_file=None, prompt_file=None)
     return fingerprint(VERSION, output_fields(cfg.engine), a, h2, chat_template_hash(tok))
 
 

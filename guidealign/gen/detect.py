@@ -137,7 +137,8 @@ def config_fingerprint(cfg, tok) -> str:
         unread = ("structured", "seed_per_prompt", "sampling")
     else:
         unread = ("score_threshold",) + (("seed_per_prompt",) if d.sampling.temperature == 0 else ())
-    fields = at_defaults(d, unread + ("threshold_file",))
+    # files count by what they hold (the threshold above, the prompt file's spec_hash), not where
+    fields = at_defaults(d, unread + ("threshold_file", "prompt_file"))
     if d.mode == "score":  # but it reads sampling.max_tokens: the room each prompt leaves, and
         fields["sampling"]["max_tokens"] = d.sampling.max_tokens  # so the exemplars that fit
     extra = {"align": align}

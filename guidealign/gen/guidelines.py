@@ -125,8 +125,10 @@ def config_fingerprint(cfg, tok) -> str:
     _, h2 = load_prompt_file(g.quality_prompt_file, "quality_guidelines.yaml", _QUALITY_KEYS)
     # the KV block the shared prefixes are padded to is part of every prompt
     align = prefix_align(cfg.engine) if g.align_prefix else 0
-    # greedy: seeds change nothing (counted at the default)
-    fields = at_defaults(g, ("seed_per_prompt",) if g.sampling.temperature == 0 else ())
+    # greedy: seeds change nothing (counted at the default); the prompt files count by what
+    # they hold (h1, h2), not where they are
+    fields = at_defaults(g, ("safety_prompt_file", "quality_prompt_file")
+                         + (("seed_per_prompt",) if g.sampling.temperature == 0 else ()))
     parts = [VERSION, output_fields(cfg.engine), fields, h1, h2, chat_template_hash(tok), {"align": align}]
     if g.structured:  # the grammar the outputs were constrained to (unstructured runs: unchanged)
         from guidealign.gen.scoring import guidelines_regex

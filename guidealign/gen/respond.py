@@ -310,7 +310,8 @@ def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
     # an answer (below), not by its memory, parallelism or batch knobs (respond.engine); the
     # baseline reads neither guided_system nor max_guidelines, the guided stage not the
     # baseline's prompt set.
-    r = dataclasses.replace(cfg.respond, engine={})
+    # (the exemplars file counts by what it holds, in ``extra``, and only when exemplars are shown)
+    r = dataclasses.replace(cfg.respond, engine={}, exemplars_file=None)
     r = dataclasses.replace(r, prompts="") if guided else \
         dataclasses.replace(r, guided_system=DEFAULT_GUIDED_SYSTEM, max_guidelines=0)
     r = dataclasses.asdict(r)

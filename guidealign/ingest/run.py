@@ -302,9 +302,20 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # same file is another run (its shards rewritten, not mixed with the earlier spelling's). A
     # path written as it resolves adds nothing: that run keeps the fingerprint it had.
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
-             + (() if str(p) == str(p.resolve()) else (str(p),)) for p in files]
+             + (() if str(p) == str(p.resolve()) else (str(p),)) + _inner_stats(p) for p in files]
     return fingerprint("ingest-v7", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
+
+
+def _inner_stats(p: Path) -> tuple:
+    """For a directory (a saved `datasets` dataset): each file under it, with its size and
+    mtime. ``save_to_disk`` over the same directory rewrites its files in place, which leaves
+    the directory's own mtime as it was; a file's stat says nothing more (no entry: its
+    fingerprint stays the one it had)."""
+    if not p.is_dir():
+        return ()
+    inner = sorted(q for q in p.rglob("*") if q.is_file())
+    return (tuple((q.relative_to(p).as_posix(), q.stat().st_size, q.stat().st_mtime_ns) for q in inner),)
 
 
 def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: Spec):

@@ -59,8 +59,13 @@ def sft_fingerprint(cfg, report) -> str:
     # changing one (gradient checkpointing or a smaller micro-batch after running out of
     # memory: the global batch stays, accumulation follows) keeps the checkpoints and a
     # finished model; runs with the defaults keep their fingerprint
+    # The data and the template count by what they hold (the shards' checksums in
+    # report.sources, the template's text), not by the paths written in sft.data or
+    # sft.chat_template: a run directory moved elsewhere keeps its model; the datasets' order
+    # (the examples' order) counts by their names in that order.
     keys = {k: v for k, v in at_defaults(cfg.sft, SFT_PERFORMANCE).items()
-            if k not in ("num_processes", "num_threads")}
+            if k not in ("num_processes", "num_threads", "data", "chat_template")}
+    keys["data_order"] = list(report.sources)
     # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already;
     # v4: full fine-tuning in bf16/fp16 keeps float32 master weights (load_dtype)
     # v5: LoRA trains the embedding (and untied head) rows of tokens the template added

@@ -1,0 +1,179 @@
+"""Fingerprints follow what a stage's output depends on: content, not paths.
+
+A review of every stage's fingerprint against the code that reads its inputs found: a saved
+`datasets` dataset rewritten in place was taken as already ingested (stale prompts); an LLM
+judge sampled with ``engine.seed`` while its fingerprint held the judge engine's seed; and
+prompt files, the responder's exemplars file and SFT's data and template were fingerprinted by
+the path as written as well as by what they hold, so the same files elsewhere (a run directory
+moved, a copied prompt file) redid the stage.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from guidealign.config import load_config
+
+
+# --- ingest: a saved dataset rewritten in place ---------------------------------------------
+
+def test_a_dataset_saved_again_in_place_is_ingested_again(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from guidealign.ingest.run import IngestConfig, ingest
+    from guidealign.shards import iter_tables
+
+    d, work = tmp_path / "hf", tmp_path / "w"
+    datasets.Dataset.from_dict({"prompt": ["alpha one", "beta two"]}).save_to_disk(str(d))
+    assert ingest([str(d)], work, IngestConfig(), progress=False).written == 1
+    assert ingest([str(d)], work, IngestConfig(), progress=False).written == 0  # nothing changed
+    st = d.stat()
+    datasets.Dataset.from_dict({"prompt": ["gamma three", "delta four"]}).save_to_disk(str(d))
+    # as save_to_disk does when it overwrites the same file names: the directory's own mtime
+    # stays (set back here, so the case holds whatever this datasets version does)
+    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rep = ingest([str(d)], work, IngestConfig(), progress=False)
+    assert (rep.written, rep.skipped) == (1, 0)
+    prompts = sorted(r["prompt"] for t in iter_tables(work / "prompts") for r in t.to_pylist())
+    assert prompts == ["delta four", "gamma three"]
+
+
+def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
+    """Only directories gained the stat of their files: a file's ingest is not redone after the
+    upgrade (its fingerprint is still the resolved path, size and mtime of v7)."""
+    from guidealign.ingest.run import IngestConfig, _fingerprint
+    from guidealign.shards import fingerprint
+
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"prompt": "x"}\n')
+    c, st = IngestConfig(), f.stat()
+    v7 = fingerprint("ingest-v7", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows,
+                     c.encoding, c.delimiter, [(str(f.resolve()), st.st_size, st.st_mtime_ns)])
+    assert _fingerprint([f.resolve()], c) == v7
+
+
+# --- the LLM judge's seed -------------------------------------------------------------------
+
+def _seeds_used(cfg, monkeypatch) -> dict:
+    """The seed each LLM judge of ``cfg``'s plans passes to the engine."""
+    import guidealign.eval.judges as judges
+    from guidealign.eval.judging import judge_plans
+
+    used = {}
+
+    def fake(kind):
+        def judge(llm, items, ecfg, seed=None):
+            used[kind] = seed
+            return {}
+        return judge
+
+    monkeypatch.setattr(judges, "judge_pairwise", fake("pairwise"))
+    monkeypatch.setattr(judges, "judge_harm_llm", fake("harm"))
+    bench = {"q1": {"category": "c", "prompt": "p"}}
+    answer = {"response": "a", "finish_reason": "stop"}
+    resp = {"guided": {"q1": answer}, "unguided": {"q1": answer}}
+    plans = judge_plans(cfg, ["harmfulness", "pairwise"], bench, resp, SimpleNamespace(judge=lambda: None))
+    for kind, p in plans.items():
+        p.judge(p.chunks[0])
+    return used
+
+
+def test_an_llm_judge_samples_with_the_seed_its_fingerprint_holds(monkeypatch):
+    from guidealign.eval.judging import judge_fp
+
+    sampled = ["eval.harm_judge=llm", "eval.judge_sampling.temperature=0.7"]
+    base = load_config(None, sampled)
+    own_seed = load_config(None, sampled + ["eval.judge_engine.seed=5"])
+    other_engine_seed = load_config(None, sampled + ["eval.judge_engine.seed=5", "engine.seed=9"])
+    assert _seeds_used(own_seed, monkeypatch) == {"harm": 5, "pairwise": 5}
+    assert _seeds_used(base, monkeypatch) == {"harm": base.engine.seed, "pairwise": base.engine.seed}
+    for kind in ("harm", "pairwise"):
+        assert judge_fp(own_seed, kind) != judge_fp(base, kind)
+        # engine.seed is not the judge's seed when eval.judge_engine sets one: same judgments
+        assert _seeds_used(other_engine_seed, monkeypatch) == _seeds_used(own_seed, monkeypatch)
+        assert judge_fp(other_engine_seed, kind) == judge_fp(own_seed, kind)
+
+
+# --- the same files somewhere else ----------------------------------------------------------
+
+def _copies(tmp_path, name: str, text: str):
+    a, b = tmp_path / "a" / name, tmp_path / "b" / name
+    for p in (a, b):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return a, b
+
+
+def _builtin(name: str) -> str:
+    from guidealign.gen.build import builtin_prompt_path
+
+    return builtin_prompt_path(name).read_text()
+
+
+def _tok():
+    return SimpleNamespace(chat_template="{{ messages[0]['content'] }}")
+
+
+@pytest.mark.parametrize("stage,key,builtin", [
+    ("detect", "detect.prompt_file", "detect.yaml"),
+    ("guidelines", "guidelines.safety_prompt_file", "safety_guidelines.yaml"),
+    ("guidelines", "guidelines.quality_prompt_file", "quality_guidelines.yaml"),
+    ("augment", "augment.prompt_file", "augment.yaml"),
+])
+def test_a_prompt_file_counts_by_what_it_holds_not_where_it_is(tmp_path, stage, key, builtin):
+    import importlib
+
+    fp = importlib.import_module(f"guidealign.gen.{stage}").config_fingerprint
+    a, b = _copies(tmp_path, builtin, _builtin(builtin))
+    at_a = fp(load_config(None, [f"{key}={a}"]), _tok())
+    assert fp(load_config(None, [f"{key}={b}"]), _tok()) == at_a
+    # the built-in file's very bytes: the same prompts as no file at all
+    assert fp(load_config(None, []), _tok()) == at_a
+    c = tmp_path / "c" / builtin
+    c.parent.mkdir()
+    c.write_text(_builtin(builtin) + "\n# edited\n")
+    assert fp(load_config(None, [f"{key}={c}"]), _tok()) != at_a
+
+
+def test_the_responders_exemplars_count_by_what_they_hold_not_where_they_are(tmp_path):
+    from guidealign.gen.respond import respond_fingerprint
+
+    ex = "- prompt: What is 2 + 2?\n  answer: Four.\n- prompt: Name a primary colour.\n  answer: Red.\n"
+    a, b = _copies(tmp_path, "ex.yaml", "exemplars:\n" + ex)
+    llm = SimpleNamespace(get_tokenizer=_tok)
+
+    def fp(path, n):
+        cfg = load_config(None, [f"respond.exemplars_file={path}", f"respond.num_exemplars={n}"])
+        return respond_fingerprint(cfg, True, llm)
+
+    assert fp(a, 2) == fp(b, 2)
+    assert fp(a, 0) == fp(b, 0) == respond_fingerprint(load_config(None, []), True, llm)  # not read
+    c = tmp_path / "c" / "ex.yaml"
+    c.parent.mkdir()
+    c.write_text("exemplars:\n" + ex.replace("Four", "Four, of course"))  # other content (files are read once a path)
+    assert fp(c, 2) != fp(a, 2)
+
+
+def test_the_sft_model_counts_its_data_and_template_by_content_not_path(tmp_path):
+    from guidealign.sft.train import sft_fingerprint
+
+    rep = SimpleNamespace(sources={"respond": {"shards": 1, "sha256": ["s1"]}})
+    ta, tb = _copies(tmp_path, "t.jinja", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    runs = []
+    for run, tpl in (("/runs/one", ta), ("/runs/two", tb)):
+        cfg = load_config(None, [f"sft.data=[{run}/respond]", f"sft.chat_template={tpl}"])
+        runs.append(sft_fingerprint(cfg, rep))
+    assert runs[0] == runs[1]
+    tc = tmp_path / "c.jinja"
+    tc.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    assert sft_fingerprint(load_config(None, [f"sft.data=[/runs/one/respond]", f"sft.chat_template={tc}"]),
+                           rep) != runs[0]
+    # the datasets' order is the examples' order: it counts
+    two = SimpleNamespace(sources={"a": {"shards": 1, "sha256": ["s1"]}, "b": {"shards": 1, "sha256": ["s2"]}})
+    swapped = SimpleNamespace(sources=dict(reversed(list(two.sources.items()))))
+    base = load_config(None, [])
+    assert sft_fingerprint(base, two) != sft_fingerprint(base, swapped)
+    # and so does what the shards hold
+    changed = SimpleNamespace(sources={"respond": {"shards": 1, "sha256": ["s9"]}})
+    assert sft_fingerprint(base, changed) != sft_fingerprint(base, rep)
