@@ -87,11 +87,10 @@ def test_an_llm_judge_samples_with_the_seed_its_fingerprint_holds(monkeypatch):
     own_seed = load_config(None, sampled + ["eval.judge_engine.seed=5"])
     other_engine_seed = load_config(None, sampled + ["eval.judge_engine.seed=5", "engine.seed=9"])
     assert _seeds_used(own_seed, monkeypatch) == {"harm": 5, "pairwise": 5}
-    assert _seeds_used(base, monkeypatch) == {"harm": base.engine.seed, "pairwise": base.engine.seed}
+    # engine.seed is not the judge's seed when eval.judge_engine sets one: same judgments
+    assert _seeds_used(other_engine_seed, monkeypatch) == {"harm": 5, "pairwise": 5}
     for kind in ("harm", "pairwise"):
         assert judge_fp(own_seed, kind) != judge_fp(base, kind)
-        # engine.seed is not the judge's seed when eval.judge_engine sets one: same judgments
-        assert _seeds_used(other_engine_seed, monkeypatch) == _seeds_used(own_seed, monkeypatch)
         assert judge_fp(other_engine_seed, kind) == judge_fp(own_seed, kind)
 
 
@@ -169,6 +168,13 @@ def test_the_sft_model_counts_its_data_and_template_by_content_not_path(tmp_path
     tc.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
     assert sft_fingerprint(load_config(None, [f"sft.data=[/runs/one/respond]", f"sft.chat_template={tc}"]),
                            rep) != runs[0]
+    # a built-in template's name adds its special tokens and eos, a file with its very text does not
+    from guidealign.gen.templates import builtin_path
+
+    copy = tmp_path / "chatml.jinja"
+    copy.write_text(builtin_path("chatml").read_text())
+    assert sft_fingerprint(load_config(None, ["sft.chat_template=chatml"]), rep) != \
+        sft_fingerprint(load_config(None, [f"sft.chat_template={copy}"]), rep)
     # the datasets' order is the examples' order: it counts
     two = SimpleNamespace(sources={"a": {"shards": 1, "sha256": ["s1"]}, "b": {"shards": 1, "sha256": ["s2"]}})
     swapped = SimpleNamespace(sources=dict(reversed(list(two.sources.items()))))
@@ -177,3 +183,22 @@ def test_the_sft_model_counts_its_data_and_template_by_content_not_path(tmp_path
     # and so does what the shards hold
     changed = SimpleNamespace(sources={"respond": {"shards": 1, "sha256": ["s9"]}})
     assert sft_fingerprint(base, changed) != sft_fingerprint(base, rep)
+
+
+def test_a_builtin_template_name_and_a_copy_of_its_text_generate_apart(tmp_path):
+    """The name "chatml" also makes generation stop at its turn end (use_template); a file
+    with the same text does not: the two cannot share shards (or judgments)."""
+    from guidealign.eval.judging import judge_fp
+    from guidealign.gen.detect import config_fingerprint
+    from guidealign.gen.respond import respond_fingerprint
+    from guidealign.gen.templates import builtin_path
+
+    copy = tmp_path / "chatml.jinja"
+    copy.write_text(builtin_path("chatml").read_text())
+    llm = SimpleNamespace(get_tokenizer=_tok)
+    name, text = load_config(None, ["engine.chat_template=chatml"]), load_config(None, [f"engine.chat_template={copy}"])
+    assert config_fingerprint(name, _tok()) != config_fingerprint(text, _tok())
+    assert respond_fingerprint(name, True, llm) != respond_fingerprint(text, True, llm)
+    jn = load_config(None, ["eval.harm_judge=llm", "eval.judge_chat_template=chatml"])
+    jt = load_config(None, ["eval.harm_judge=llm", f"eval.judge_chat_template={copy}"])
+    assert judge_fp(jn, "pairwise") != judge_fp(jt, "pairwise")

@@ -291,8 +291,19 @@ def _block_size(cfg: EngineConfig, cpu: bool) -> int | None:
 def output_fields(cfg: EngineConfig) -> dict:
     """The engine settings that change generated text (for stage fingerprints); pure
     performance knobs (parallelism, memory, batch size, caching, threads) are left out."""
-    return {"model": cfg.model, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
-            "seed": cfg.seed, "overlong": cfg.overlong}
+    out = {"model": cfg.model, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+           "seed": cfg.seed, "overlong": cfg.overlong}
+    return out | turn_end(cfg.chat_template)
+
+
+def turn_end(spec: str | None) -> dict:
+    """For fingerprints: where a built-in template named ``spec`` ends an assistant turn, when
+    generation stops there by that name (:func:`use_template`; a file with the same text does
+    not); {} otherwise, so every other fingerprint stays as it was."""
+    from guidealign.gen.templates import turn_end_token
+
+    end = turn_end_token(spec)
+    return {"turn_end": end} if end else {}
 
 
 def load_tokenizer(cfg: EngineConfig, llm=None):

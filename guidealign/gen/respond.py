@@ -293,7 +293,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
 def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
     """``llm``: the responder's engine when one is given (its tokenizer is read, not loaded)."""
     from guidealign.gen.build import chat_template_hash
-    from guidealign.gen.engine import load_tokenizer
+    from guidealign.gen.engine import load_tokenizer, turn_end
     from guidealign.gen.templates import template_hash
     from guidealign.shards import fingerprint
 
@@ -319,7 +319,7 @@ def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
         del r["seed_per_prompt"]               # keeps the fingerprint it had before the key)
     return fingerprint("respond/v1", TOKENIZATION, r, guided,
                        {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
-                        "overlong": e.overlong, "seed": e.seed, **extra})
+                        "overlong": e.overlong, "seed": e.seed, **turn_end(e.chat_template), **extra})
 
 
 def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, guided: bool = True,

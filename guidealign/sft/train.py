@@ -51,7 +51,7 @@ def sft_fingerprint(cfg, report) -> str:
     + the chat template's text: no absolute path, so a moved run directory redoes nothing."""
     from guidealign.config.sft import SFT_PERFORMANCE
     from guidealign.gen.build import TOKENIZATION
-    from guidealign.gen.templates import template_hash
+    from guidealign.gen.templates import BUILTIN, template_hash
     from guidealign.shards import fingerprint
     from guidealign.shards.fingerprint import at_defaults
 
@@ -66,6 +66,9 @@ def sft_fingerprint(cfg, report) -> str:
     keys = {k: v for k, v in at_defaults(cfg.sft, SFT_PERFORMANCE).items()
             if k not in ("num_processes", "num_threads", "data", "chat_template")}
     keys["data_order"] = list(report.sources)
+    # a built-in template by its name as well: the name alone adds its special tokens and eos
+    # (needed_tokens, turn_end_token), which a file with the same text does not
+    keys["chat_template"] = cfg.sft.chat_template if cfg.sft.chat_template in BUILTIN else None
     # v3: chatml SFT makes <|im_end|> the eos token also when the tokenizer had it already;
     # v4: full fine-tuning in bf16/fp16 keeps float32 master weights (load_dtype)
     # v5: LoRA trains the embedding (and untied head) rows of tokens the template added
