@@ -202,3 +202,47 @@ def test_a_builtin_template_name_and_a_copy_of_its_text_generate_apart(tmp_path)
     jn = load_config(None, ["eval.harm_judge=llm", "eval.judge_chat_template=chatml"])
     jt = load_config(None, ["eval.harm_judge=llm", f"eval.judge_chat_template={copy}"])
     assert judge_fp(jn, "pairwise") != judge_fp(jt, "pairwise")
+
+
+# --- the engine seed where nothing is sampled -----------------------------------------------
+
+def _stage_fps(overrides: list[str]) -> dict:
+    from guidealign.eval.judging import judge_fp
+    from guidealign.gen import detect, guidelines
+    from guidealign.gen.respond import respond_fingerprint
+
+    cfg = load_config(None, ["eval.harm_judge=llm"] + overrides)
+    return {"detect": detect.config_fingerprint(cfg, _tok()),
+            "guidelines": guidelines.config_fingerprint(cfg, _tok()),
+            "respond": respond_fingerprint(cfg, True, SimpleNamespace(get_tokenizer=_tok)),
+            "judge": judge_fp(cfg, "pairwise")}
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "score"])
+def test_the_engine_seed_counts_only_where_outputs_are_sampled(mode):
+    """At temperature 0 (and in detect's scoring pass) no seed changes an output: a changed
+    ``engine.seed`` redoes nothing there, and redoes every sampled stage."""
+    t = "0.7" if mode == "sampled" else "0"
+    keys = ["detect.sampling.temperature", "guidelines.sampling.temperature",
+            "respond.sampling.temperature", "eval.judge_sampling.temperature"]
+    base = [f"{k}={t}" for k in keys]
+    if mode == "score":  # its sampling settings are there, but the scoring pass samples nothing
+        base += ["detect.mode=score", "detect.score_threshold=0.5", "detect.sampling.temperature=0.7"]
+    at_default, other = _stage_fps(base), _stage_fps(base + ["engine.seed=7"])
+    if mode == "sampled":
+        assert all(at_default[s] != other[s] for s in at_default), (at_default, other)
+    elif mode == "greedy":
+        assert at_default == other
+    else:  # the scoring pass reads no seed; the other stages here are greedy
+        assert at_default == other
+
+
+def test_a_greedy_run_at_the_default_seed_keeps_its_fingerprint():
+    """The seed counts at its default where it is not read, so a greedy run with the default
+    seed is not redone after the upgrade: its engine fields are the ones every seed gave."""
+    from guidealign.config.engine import EngineConfig
+    from guidealign.gen.engine import output_fields
+
+    e = EngineConfig()
+    assert output_fields(e, sampled=False) == output_fields(e, sampled=True)
+    assert output_fields(e, sampled=True)["seed"] == e.seed

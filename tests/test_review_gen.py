@@ -75,9 +75,14 @@ def test_respond_fingerprint_ignores_the_responder_engines_performance_knobs():
     tpl = "engine.chat_template=vicuna_v1.1"
     assert respond_fingerprint(load_config(None, ["respond.engine.model=/m/x", tpl]), True) == \
         respond_fingerprint(load_config(None, ["engine.model=/m/x", "respond.engine.model=/m/x", tpl]), True)
-    for change in ("respond.engine.model=/m/other", "respond.engine.seed=3",
-                   "respond.engine.max_model_len=1024", "respond.engine.chat_template=llama-2"):
+    for change in ("respond.engine.model=/m/other", "respond.engine.max_model_len=1024",
+                   "respond.engine.chat_template=llama-2"):
         assert respond_fingerprint(load_config(None, base + [change]), True) != fp, change
+    # the responder's seed counts where it samples (the paper's respond is greedy: there it does not)
+    sampled = base + ["respond.sampling.temperature=0.7"]
+    assert respond_fingerprint(load_config(None, sampled + ["respond.engine.seed=3"]), True) != \
+        respond_fingerprint(load_config(None, sampled), True)
+    assert respond_fingerprint(load_config(None, base + ["respond.engine.seed=3"]), True) == fp
 
 
 def test_baseline_fingerprint_ignores_guided_only_settings():

@@ -70,12 +70,12 @@ def judge_fp(cfg, kind: str) -> str:
     # template by its text (a hash), so editing a template file re-judges (None: the model's own)
     # TOKENIZATION: how PromptBuilder turns a judge prompt into ids (render_chat builds with it)
     from guidealign.gen.build import TOKENIZATION
-    from guidealign.gen.engine import turn_end
+    from guidealign.gen.engine import counted_seed, turn_end
     from guidealign.gen.templates import template_hash
 
     return fingerprint(f"eval-{kind}-llm-v3", TOKENIZATION, e.judge_model, template_hash(template_name),
                        e.judge_sampling, e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
-                       judge_seed(cfg), je.max_model_len, je.dtype, turn_end(template_name))
+                       counted_seed(judge_seed(cfg), e.judge_sampling.temperature > 0), je.max_model_len, je.dtype, turn_end(template_name))
 
 
 def judge_seed(cfg) -> int:

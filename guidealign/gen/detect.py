@@ -144,8 +144,9 @@ def config_fingerprint(cfg, tok) -> str:
     extra = {"align": align}
     if d.mode == "score":
         extra["score_prefix"] = SCORE_PREFIX_VERSION
-    return fingerprint(VERSION, output_fields(cfg.engine), fields, threshold, spec_hash, chat_template_hash(tok),
-                       extra)
+    sampled = d.mode != "score" and d.sampling.temperature > 0  # else no seed changes an output
+    return fingerprint(VERSION, output_fields(cfg.engine, sampled), fields, threshold, spec_hash,
+                       chat_template_hash(tok), extra)
 
 
 def _row_for(pid, prompt, built: Built, gen) -> dict:

@@ -288,12 +288,20 @@ def _block_size(cfg: EngineConfig, cpu: bool) -> int | None:
     return cfg.block_size or (CPU_BLOCK_SIZE if cpu else None)
 
 
-def output_fields(cfg: EngineConfig) -> dict:
+def output_fields(cfg: EngineConfig, sampled: bool = True) -> dict:
     """The engine settings that change generated text (for stage fingerprints); pure
-    performance knobs (parallelism, memory, batch size, caching, threads) are left out."""
+    performance knobs (parallelism, memory, batch size, caching, threads) are left out, and
+    so is the seed where nothing is sampled (``sampled`` false, see :func:`counted_seed`)."""
     out = {"model": cfg.model, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
-           "seed": cfg.seed, "overlong": cfg.overlong}
+           "seed": counted_seed(cfg.seed, sampled), "overlong": cfg.overlong}
     return out | turn_end(cfg.chat_template)
+
+
+def counted_seed(seed: int, sampled: bool) -> int:
+    """A seed as a fingerprint counts it: itself when outputs are sampled; at temperature 0
+    (or a scoring pass) no seed changes an output, so it counts at ``engine.seed``'s default,
+    and a greedy run keeps the fingerprint it had when every seed counted (at the default)."""
+    return seed if sampled else EngineConfig.__dataclass_fields__["seed"].default
 
 
 def turn_end(spec: str | None) -> dict:

@@ -293,7 +293,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
 def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
     """``llm``: the responder's engine when one is given (its tokenizer is read, not loaded)."""
     from guidealign.gen.build import chat_template_hash
-    from guidealign.gen.engine import load_tokenizer, turn_end
+    from guidealign.gen.engine import load_tokenizer, output_fields
     from guidealign.gen.templates import template_hash
     from guidealign.shards import fingerprint
 
@@ -317,9 +317,9 @@ def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
     r = dataclasses.asdict(r)
     if cfg.respond.sampling.temperature == 0:  # greedy: seeds change nothing (and a greedy run
         del r["seed_per_prompt"]               # keeps the fingerprint it had before the key)
+    # the engine's model, dtype, context, overlong rule, seed (when sampling) and turn end
     return fingerprint("respond/v1", TOKENIZATION, r, guided,
-                       {"model": e.model, "dtype": e.dtype, "max_model_len": e.max_model_len,
-                        "overlong": e.overlong, "seed": e.seed, **turn_end(e.chat_template), **extra})
+                       output_fields(e, cfg.respond.sampling.temperature > 0) | extra)
 
 
 def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, guided: bool = True,
