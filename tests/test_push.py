@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ import pytest
 
 from guidealign.gen.respond import RESPOND_SCHEMA
 from hubserver import HubServer
-from guidealign.shards import read_marker, write_json_atomic, write_manifest, write_shard
+from guidealign.shards import read_marker, read_table, write_json_atomic, write_manifest, write_shard
 from guidealign.shards.layout import shard_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,6 +247,11 @@ def test_push_model_public(tmp_path, workdir):
     (m / "tokenizer.json").write_text("{}")
     (m / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Labrador\n")
     with HubServer(token=TOKEN) as hub:
+        # without sft/_done.json (SFT stopped while it replaced the model): not pushed
+        p = run(push_cmd(workdir, "model", "org/labrador", "--public"), hub_env(hub, tmp_path))
+        assert p.returncode != 0 and "not a finished model" in p.stderr, p.stderr[-3000:]
+        assert ("model", "org/labrador") not in hub.state.repos
+        (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))
         p = run(push_cmd(workdir, "model", "org/labrador", "--public"), hub_env(hub, tmp_path))
         assert p.returncode == 0, p.stderr[-3000:]
         repo = hub.state.repos[("model", "org/labrador")]
@@ -380,3 +386,37 @@ def test_push_cli_errors(workdir):
     if constants.HF_HUB_OFFLINE:  # the tests' own setting (conftest)
         r = CliRunner().invoke(cli, ["push", "respond", "org/x", "-w", str(workdir)])
         assert r.exit_code != 0 and "HF_HUB_OFFLINE" in r.output
+
+
+def test_rank_0_pushes_a_stage_only_once_the_other_ranks_committed_their_shards(tmp_path, workdir):
+    """Rank 0 reached push while rank 1 was still writing its respond shard: the push failed
+    ("not committed") and the run with it. Now it waits for the whole stage, as SFT does."""
+    make_run(workdir, shards=2)
+    shard1 = read_table(workdir / "respond", 1)
+    (workdir / "respond" / "shard-00001.done.json").unlink()  # rank 1 not done yet
+    script = textwrap.dedent("""
+        import sys, threading, time
+        import pyarrow as pa
+        from pathlib import Path
+        from guidealign.config import load_config
+        from guidealign.hub.push import run_push
+        from guidealign.shards import write_shard
+        w = Path(sys.argv[1])
+        table = pa.ipc.open_file(sys.argv[2]).read_all()
+        def rank_1():
+            time.sleep(1.0)
+            write_shard(w / "respond", 1, table, "fp")
+            print("RANK1 committed", flush=True)
+        threading.Thread(target=rank_1).start()
+        cfg = load_config(None, ["push.repo_id=org/ranks"])
+        print("REPORT", run_push(cfg, w, rank=0, world_size=2).summary(), flush=True)
+    """)
+    arrow = tmp_path / "shard1.arrow"
+    with pa.ipc.new_file(arrow, shard1.schema) as f:
+        f.write_table(shard1)
+    with HubServer(token=TOKEN) as hub:
+        p = run([sys.executable, "-c", script, str(workdir), str(arrow)], hub_env(hub, tmp_path))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.index("RANK1 committed") < p.stdout.index("REPORT")
+        assert "REPORT push dataset org/ranks: 3 file(s) pushed" in p.stdout  # 2 shards, the card
+        assert set(hub.files("org/ranks")) == {".gitattributes", "README.md", *shard_paths(workdir, 2)}

@@ -70,6 +70,7 @@ def test_model_push_deletes_the_model_files_of_an_earlier_push(tmp_path, workdir
     (m / "notes").mkdir()
     (m / "notes" / "eval.txt").write_text("a user's notes")
     (m / "README.md").write_text("# card 1\n")
+    (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))  # SFT finished
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
         p = push(workdir, "model", "org/lab", env)
@@ -127,6 +128,7 @@ def test_a_lora_adapter_dir_can_be_pushed_by_its_path(workdir):
     m = workdir / "sft" / "model"
     m.mkdir(parents=True)
     (m / "adapter_config.json").write_text("{}")
+    (workdir / "sft" / "_done.json").write_text("{}")  # SFT finished
     assert resolve_target(workdir, "model") == ("model", m)
     assert resolve_target(workdir, str(m)) == ("model", m)  # was: "neither a stage ... nor a model dir"
 

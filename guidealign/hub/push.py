@@ -84,6 +84,14 @@ def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1,
     pcfg = cfg.push
     if not pcfg.repo_id:
         raise PushError("no repo id: set push.repo_id (or give REPO_ID to `guidealign push`)")
+    if world_size > 1:
+        # a stage's shards come from every rank: the others may still be writing theirs
+        from guidealign.config import wait_timeout
+        from guidealign.shards import wait_complete
+
+        kind, d = resolve_target(workdir, pcfg.what)
+        if kind == "dataset":
+            wait_complete(d, timeout=wait_timeout(cfg, world_size), workdir=workdir)
     with hub_progress(progress):
         rep = push_one(cfg, workdir, pcfg.what, pcfg.repo_id, progress=progress)
         log.info(rep.summary())

@@ -38,9 +38,17 @@ def resolve_target(workdir, what: str) -> tuple[str, Path]:
 
     wd = Path(workdir)
     if what in ("sft", "model"):
+        from guidealign.shards.artifact import read_done
+
         d = wd / "sft" / "model"
         if not (d / "config.json").exists() and not (d / "adapter_config.json").exists():
             raise PushError(f"{d} holds no trained model: run `guidealign sft` first")
+        # SFT drops its _done.json before it replaces the model and writes it once the new one
+        # is whole: without it the folder may be half deleted (a push would then delete the
+        # Hub's weights as files gone here) or the checkpoint of a training still running
+        if read_done(d.parent) is None:
+            raise PushError(f"{d} is not a finished model ({d.parent / '_done.json'} is missing: "
+                            "SFT was stopped before it finished): run `guidealign sft` again first")
         return "model", d
     d = Path(what) if (os.sep in what or Path(what).is_absolute()) else wd / what
     if read_manifest(d) is not None:
@@ -56,7 +64,7 @@ def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
     another config or input. Each marker is read once, so the files and their checksums agree."""
     from guidealign.shards import read_manifest, read_marker
     from guidealign.shards.layout import shard_path
-    from guidealign.shards.manifest import expected_fingerprints
+    from guidealign.shards.manifest import shard_current
 
     man = read_manifest(d)
     out, rows, missing, stale = [], 0, [], []
@@ -66,8 +74,7 @@ def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
         if m is None or not p.exists() or p.stat().st_size != m.bytes:
             missing.append(i)
             continue
-        ok = expected_fingerprints(d, i, None, man)
-        if ok is not None and m.fingerprint not in ok:
+        if not shard_current(d, i, m, man):  # its config, input and input's inputs current
             stale.append(i)
             continue
         rows += m.rows

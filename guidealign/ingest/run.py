@@ -44,7 +44,8 @@ from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id ru
 from guidealign.ingest.keys import find_prompt_key
 from guidealign.ingest.arrowfiles import hf_splits, iter_parquet_tables
 from guidealign.ingest.readers import IngestError, check_readable, expand_inputs, read_rows
-from guidealign.shards import fingerprint, is_done, wait_complete, write_manifest
+from guidealign.shards import fingerprint, is_done, read_manifest, wait_complete, write_manifest
+from guidealign.shards.manifest import remove_manifest
 from guidealign.config.ingest import HashKernel, IngestConfig
 from guidealign.shards.write import retire_shards_from
 
@@ -372,6 +373,11 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     formats = [check_readable(p, cfg.encoding) for p in files]  # every file checked before any work
     _remove_orphan_temp_files(dst)  # ingest is one task: a .tmp here is from a killed run
     run_fp = _fingerprint(files, cfg)
+    if (read_manifest(dst) or {}).get("fingerprint") not in (None, run_fp):
+        # other inputs or settings than the last finished ingest here: its manifest goes before
+        # any shard is rewritten, so a run killed midway leaves none that calls the mix of its
+        # new shards and the old ones complete (readers find no manifest until this one ends)
+        remove_manifest(dst)
     rep = IngestReport(files=len(files), dataset=dataset)
     t0 = time.perf_counter()
     # the de-dup set's older hashes go to temp files beside the shards (gone with the process)

@@ -40,7 +40,8 @@ from guidealign.config import wait_timeout
 from guidealign.config.retrieval import LIBRARY_PERFORMANCE, LIBRARY_UNREAD
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.retrieval.embed import normalize_text
-from guidealign.shards import fingerprint, iter_batches, iter_tables, read_marker, wait_complete, write_manifest, write_shard
+from guidealign.shards import (fingerprint, iter_batches, iter_tables, read_manifest, read_marker, wait_complete,
+                               write_manifest, write_shard)
 from guidealign.shards.fingerprint import at_defaults
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,15 @@ def wait_library(cfg, workdir: str | Path, dst: str | Path, rank: int, world_siz
         return None
     lib = library_dir(workdir)
     wait_complete(lib, timeout=wait_timeout(cfg, world_size))
-    return wait_done(lib, timeout=wait_timeout(cfg, world_size))["version"]
+    done = wait_done(lib, timeout=wait_timeout(cfg, world_size))
+    # rank 0 builds the library itself, so one of another config or other guidelines will not
+    # change while it waits: say so now (the other ranks accept only what the current one gives;
+    # without the guidelines here, e.g. a library copied alone, it is taken as it is)
+    src = Path(workdir) / cfg.library.src
+    if read_manifest(src) is not None and done.get("fingerprint") != library_fingerprint(cfg.library, src):
+        raise RuntimeError(f"{lib} was built from other guidelines or with another library config than "
+                           f"this run's: run the library stage first (guidealign library)")
+    return done["version"]
 
 
 def guideline_id(key: str) -> str:
@@ -132,8 +141,6 @@ def is_heldout(prompt_id: str, fraction: float) -> bool:
 
 
 def _input_fp(src: Path) -> list[str]:
-    from guidealign.shards import read_manifest
-
     n = int(read_manifest(src)["num_shards"])
     out = []
     for i in range(n):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from guidealign.shards import write_json_atomic
 from guidealign.shards.artifact_files import file_checksums
-from guidealign.shards.write import torch_threads
+from guidealign.shards.write import fsync_dir, torch_threads
 
 DONE = "_done.json"
 
@@ -68,14 +68,18 @@ def build_dir(final: str | Path):
     try:
         yield tmp
         if final.exists():
-            # the old artifact is invalid from here on: drop its marker first, then the files
+            # the old artifact is invalid from here on: drop its marker first (durably: after a
+            # power loss the old folder must not come back with it), then the files
             (final / DONE).unlink(missing_ok=True)
+            fsync_dir(final)
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            fsync_dir(final.parent)  # the rename, durable before mark_done writes _done.json
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

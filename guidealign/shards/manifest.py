@@ -22,6 +22,18 @@ def write_manifest(dataset: str | Path, *, stage: str, num_shards: int, fingerpr
                       {"stage": stage, "num_shards": num_shards, "fingerprint": fingerprint, **extra})
 
 
+def remove_manifest(dataset: str | Path) -> None:
+    """Drop the manifest, durably: what a stage does before it rewrites shards that readers
+    cannot check against an input (ingest), so that a run killed midway leaves no manifest
+    calling a mix of old and new shards complete."""
+    from guidealign.shards.write import fsync_dir
+
+    p = Path(dataset) / MANIFEST
+    if p.exists():
+        p.unlink(missing_ok=True)
+        fsync_dir(p.parent)
+
+
 def read_manifest(dataset: str | Path) -> dict | None:
     """The stage's manifest; None when it is absent or not a manifest (damaged JSON, or JSON
     without a shard count: the stage writes it again, ``guidealign verify`` reports it)."""
@@ -74,15 +86,32 @@ def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None
     return ok
 
 
-def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | None) -> bool:
+def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | None,
+             inputs: dict | None = None, depth: int = 0, check_file: bool = True) -> bool:
     """Whether shard ``index``, committed by marker ``m``, is one readers may take: its
-    fingerprint current (with none to compare, as for ingest, augment and eval, taken as it is)
-    and its file intact (an export's shards are JSONL files, every other dataset's Parquet)."""
+    fingerprint current (with none to compare, as for ingest, augment and eval, taken as it is),
+    its file intact (an export's shards are JSONL files, every other dataset's Parquet) and,
+    when it was made from input shard ``index``, that input shard current too, up the chain.
+
+    The last matters with ranks: a shard matches the input shard it was made from until that
+    one is redone, so after a config change upstream, a rank that has not yet redone its
+    upstream shard leaves downstream ones that match the old input, and a rank waiting for the
+    downstream stage must not take them. ``inputs``: the input datasets' manifests read so far
+    (by path), so a whole stage is checked with one read of each."""
     from guidealign.shards.jsonl import jsonl_done
 
     ok = expected_fingerprints(dataset, index, config_fp, man)
     done = jsonl_done if man is not None and man.get("format") == "jsonl" else is_done
-    return (ok is None or m.fingerprint in ok) and done(dataset, index, m.fingerprint)
+    if not ((ok is None or m.fingerprint in ok) and (not check_file or done(dataset, index, m.fingerprint))):
+        return False
+    if ok is None or m.fingerprint == (config_fp or man.get("fingerprint")) or depth >= 32:
+        return True  # taken as it is, or written whole (not from input shard ``index``)
+    src = _input_dir(dataset, man)
+    inputs = {} if inputs is None else inputs
+    if str(src) not in inputs:
+        inputs[str(src)] = read_manifest(src)
+    m_in = read_marker(src, index)
+    return m_in is not None and _current(src, index, m_in, None, inputs[str(src)], inputs, depth + 1)
 
 
 def current_marker(dataset: str | Path, index: int, man: dict | None = None):
@@ -94,24 +123,31 @@ def current_marker(dataset: str | Path, index: int, man: dict | None = None):
     return m if m is not None and _current(dataset, index, m, None, man) else None
 
 
+def shard_current(dataset: str | Path, index: int, m, man: dict | None) -> bool:
+    """Whether shard ``index``, committed by marker ``m`` (read by the caller, who checked the
+    file against it), carries a current fingerprint, its input shards too (see :func:`_current`)."""
+    return _current(Path(dataset), index, m, None, man, check_file=False)
+
+
 def shard_states(dataset: str | Path, config_fp: str | None = None,
                  man: dict | None = None) -> tuple[list[int], list[int]] | None:
     """(missing, stale) shard indices; None when the stage has not been planned.
 
     Stale: committed with another fingerprint (an earlier config or other input), or with a
-    file whose size does not match its marker. Readers must not take such a shard.
+    file whose size does not match its marker, or made from an input shard that is itself
+    stale now (see :func:`_current`). Readers must not take such a shard.
     ``man``: the manifest, when the caller has read it (else it is read here).
     """
     dataset = Path(dataset)
     man = man if man is not None else read_manifest(dataset)
     if man is None:
         return None
-    missing, stale = [], []
+    missing, stale, inputs = [], [], {}
     for i in range(int(man["num_shards"])):
         m = read_marker(dataset, i)
         if m is None:
             missing.append(i)
-        elif not _current(dataset, i, m, config_fp, man):
+        elif not _current(dataset, i, m, config_fp, man, inputs):
             stale.append(i)
     return missing, stale
 
@@ -186,5 +222,5 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
             time.sleep(poll)
 
 
-__all__ = ["write_manifest", "read_manifest", "missing_shards", "is_complete", "wait_complete",
-           "shard_states", "stale_shards", "expected_fingerprints", "current_marker"]
+__all__ = ["write_manifest", "read_manifest", "remove_manifest", "missing_shards", "is_complete", "wait_complete",
+           "shard_states", "stale_shards", "expected_fingerprints", "current_marker", "shard_current"]

@@ -207,6 +207,6 @@ def _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, colu
             time.sleep(policy.poll)
     bar.close()
     report.mine = report.processed
-    claims.remove_claims_dir(dst)
+    claims.clear_claims(dst, policy.ttl_s)  # every shard is committed: dead workers' claims go
     log.info(report.summary())
     return report
