@@ -72,11 +72,18 @@ def check_engine_resources(stage: str, resources: dict, tensor_parallel_size: in
 
 
 def capacity(cluster: dict, opts: dict) -> int:
-    """How many workers with ``opts`` (ray.remote options) the cluster's resources hold."""
+    """How many workers with ``opts`` (ray.remote options) the resources ``cluster`` holds."""
     need = {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0),
             "memory": opts.get("memory", 0), **(opts.get("resources") or {})}
     fits = [math.floor(cluster.get(k, 0) / v + 1e-9) for k, v in need.items() if v]
     return min(fits) if fits else 1
+
+
+def node_capacity(nodes: list[dict], opts: dict) -> int:
+    """How many workers with ``opts`` the alive nodes of ``ray.nodes()`` hold, node by node: an
+    actor runs on one node, so the cluster's totals overcount (two nodes of 8 GPUs and 24 CPUs
+    hold two workers of 4 GPUs and 16 CPUs, not the three the totals give)."""
+    return sum(capacity(n.get("Resources") or {}, opts) for n in nodes if n.get("Alive"))
 
 
 class LazyEngine:
@@ -159,6 +166,10 @@ class StageWorker:
                           seconds=time.perf_counter() - t0, report=report,
                           builds=self.engine.builds, worker=self.worker)
 
+    def ready(self) -> bool:
+        """Answers once the actor runs (the pool drops actors Ray could not place)."""
+        return True
+
     def close(self) -> int:
         """Drop the engine (its processes exit); returns how many times it was built."""
         builds = self.engine.builds
@@ -192,11 +203,11 @@ class WorkerPool:
                                    self.ray.cluster_resources().get("GPU", 0))
         opts = ray_task_options(resources)
         opts.pop("max_retries")
-        n = n_workers or ex.ray_workers or capacity(self.ray.cluster_resources(), opts)
+        n = n_workers or ex.ray_workers or node_capacity(self.ray.nodes(), opts)
         if n < 1:
             raise ValueError(f"{stage}: the Ray cluster has no room for one worker with {opts} "
                              f"(cluster: {self.ray.cluster_resources()}); set executor.ray_workers "
-                             "to wait for an autoscaler")
+                             "and executor.ray_start_timeout_s to wait for an autoscaler")
         self.n = min(n, n_shards) if n_shards else n
         restarts = max(ex.ray_max_restarts, 0)
         self.options = dict(opts, max_restarts=restarts, max_task_retries=restarts,
@@ -205,7 +216,32 @@ class WorkerPool:
         cwd = os.getcwd()
         self.actors = [actor.options(name=None, **self.options).remote(cfg, cwd, k, stage)
                        for k in range(self.n)]
+        self._drop_unplaced(stage, float(ex.ray_start_timeout_s))
         log.info("%s: %d Ray worker(s) with %s", stage, self.n, self.options)
+
+    def _drop_unplaced(self, stage: str, timeout: float) -> None:
+        """Keep the actors that started within ``timeout`` seconds (0: wait for all). One that
+        Ray cannot place (the resources held by another job, or free in total but on no single
+        node) would never take its call: its static shards would never be done and the driver
+        would wait for it for ever. The stage runs with the others (ranks renumbered, so W is
+        the number that runs); none started is an error."""
+        refs = [a.ready.remote() for a in self.actors]
+        started, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout if timeout > 0 else None)
+        started = set(started)
+        keep = [a for a, r in zip(self.actors, refs) if r in started]
+        for a, r in zip(self.actors, refs):
+            if r not in started:
+                self.ray.kill(a, no_restart=True)
+        if not keep:
+            raise RuntimeError(f"{stage}: none of {len(refs)} Ray worker(s) with {self.options} started within "
+                               f"{timeout:g}s (executor.ray_start_timeout_s): the cluster has no free node "
+                               f"that fits one (cluster: {self.ray.cluster_resources()}, free: "
+                               f"{self.ray.available_resources()})")
+        if len(keep) < len(refs):
+            log.warning("%s: %d of %d Ray worker(s) could not be placed within %gs "
+                        "(executor.ray_start_timeout_s; resources busy, or no node fits one); "
+                        "running with %d", stage, len(refs) - len(keep), len(refs), timeout, len(keep))
+        self.actors, self.n = keep, len(keep)
 
     def run(self, fn, workdir: str | Path, *, stage: str | None = None, engine: bool | None = None,
             progress: bool = True, **stage_kwargs) -> list:
@@ -278,4 +314,4 @@ def describe(results: list) -> str:
 
 
 __all__ = ["WorkerPool", "StageWorker", "LazyEngine", "resources_for", "engine_config",
-           "check_engine_resources", "capacity", "describe"]
+           "check_engine_resources", "capacity", "node_capacity", "describe"]

@@ -256,6 +256,36 @@ def test_stage_resources_and_the_tensor_parallel_check():
     assert capacity({"CPU": 8}, {"num_gpus": 1}) == 0
 
 
+def test_ray_capacity_counts_what_fits_on_each_node_not_the_cluster_totals():
+    """An actor runs on one node: two 8-GPU nodes of 24 CPUs hold two workers of 4 GPUs and
+    16 CPUs (the totals, 16 GPUs and 48 CPUs, gave three: the third was never placed and the
+    driver waited for it for ever). Dead nodes hold none."""
+    from guidealign.ray_workers import capacity, node_capacity
+
+    opts = {"num_gpus": 4, "num_cpus": 16}
+    node = {"Alive": True, "Resources": {"CPU": 24.0, "GPU": 8.0, "memory": 1e12}}
+    assert capacity({"CPU": 48, "GPU": 16}, opts) == 3
+    assert node_capacity([node, dict(node)], opts) == 2
+    assert node_capacity([node, dict(node, Alive=False)], opts) == 1
+    assert node_capacity([dict(node, Resources={"CPU": 64.0, "GPU": 8.0})] * 2, opts) == 4
+
+
+def test_a_ray_worker_that_cannot_be_placed_is_dropped_and_the_stage_runs_without_it(ray_local, ingested):
+    """Three workers of 1 CPU asked for on a 2-CPU cluster: the third is never placed. With
+    static shards it would never take its call (its shards never done, the driver waiting for
+    ever); it is dropped after executor.ray_start_timeout_s and the two that started share
+    every shard (ranks 0 and 1 of 2)."""
+    wd = ingested
+    cfg = ray_cfg(num_cpus=1)
+    cfg.executor.ray_workers = 3
+    cfg.executor.ray_start_timeout_s = 5
+    results = run_stage(run_charcount, cfg, wd, progress=False)
+    n = N_PROMPTS // SHARD_ROWS
+    assert [r.rank for r in results] == [0, 1] and all(r.world_size == 2 for r in results)
+    assert sum(r.report.processed for r in results) == n
+    assert sorted(s for s, _, _ in journal(wd)) == list(range(n))
+
+
 def test_engine_stage_asking_too_few_gpus_fails_before_any_worker_starts(ray_local, ingested):
     from guidealign.ray_workers import WorkerPool
 
