@@ -75,7 +75,8 @@ def judge_fp(cfg, kind: str) -> str:
 
     return fingerprint(f"eval-{kind}-llm-v3", TOKENIZATION, e.judge_model, template_hash(template_name),
                        e.judge_sampling, e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
-                       counted_seed(judge_seed(cfg), e.judge_sampling.temperature > 0), je.max_model_len, je.dtype, turn_end(template_name))
+                       counted_seed(judge_seed(cfg), e.judge_sampling.temperature > 0), je.max_model_len,
+                       je.dtype, turn_end(template_name))
 
 
 def judge_seed(cfg) -> int:

@@ -272,10 +272,9 @@ def clear_claims(dst: str | Path, ttl_s: float) -> None:
     """Once every shard is committed: remove the claims no live worker heartbeats any more
     (older than ``ttl_s``: the claim of a worker killed between its commit and its release, a
     stealer's moved-aside file; nobody claims a committed shard again, so they stayed for good),
-    then ``DST/_claims`` when it is empty. A live claim stays: its owner releases it."""
-    now = time.time()
+    then ``DST/_claims`` when it is empty. A live claim stays: its owner releases it. Stale
+    as a stealer judges it (:func:`is_stale`: the file system's clock, a dead local pid)."""
     for p in (Path(dst) / CLAIMS_DIR).glob("shard-*.claim*"):
-        with contextlib.suppress(OSError):
-            if now - p.stat().st_mtime > ttl_s:
-                p.unlink()
+        if is_stale(p, ttl_s):
+            p.unlink(missing_ok=True)
     remove_claims_dir(dst)

@@ -61,6 +61,22 @@ def _input_dir(dataset: Path, man: dict) -> Path | None:
     return None
 
 
+def _made_from(dataset: Path, index: int, config_fp: str | None, man: dict | None):
+    """(config fingerprint, input dataset, marker of input shard ``index`` or None) that shard
+    ``index`` is checked against; None when unknowable (no manifest, config fingerprint or input)."""
+    if man is None:
+        return None
+    config_fp = config_fp or man.get("fingerprint")
+    src = _input_dir(dataset, man)
+    if not config_fp or src is None:
+        return None
+    return config_fp, src, read_marker(src, index)
+
+
+def _allowed(config_fp: str, m_in) -> set[str]:
+    return {config_fp} | ({make_fp(config_fp, m_in.sha256)} if m_in is not None else set())
+
+
 def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None = None,
                           man: dict | None = None) -> set[str] | None:
     """The fingerprints shard ``index`` may carry to be current; None when unknowable.
@@ -72,18 +88,8 @@ def expected_fingerprints(dataset: str | Path, index: int, config_fp: str | None
     recorded input (ingest, augment, eval) use other schemes and are taken as they are.
     """
     dataset = Path(dataset)
-    man = read_manifest(dataset) if man is None else man
-    if man is None:
-        return None
-    config_fp = config_fp or man.get("fingerprint")
-    src = _input_dir(dataset, man)
-    if not config_fp or src is None:
-        return None
-    ok = {config_fp}
-    m = read_marker(src, index)
-    if m is not None:
-        ok.add(make_fp(config_fp, m.sha256))
-    return ok
+    made = _made_from(dataset, index, config_fp, read_manifest(dataset) if man is None else man)
+    return None if made is None else _allowed(made[0], made[2])
 
 
 def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | None,
@@ -100,18 +106,19 @@ def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | No
     (by path), so a whole stage is checked with one read of each."""
     from guidealign.shards.jsonl import jsonl_done
 
-    ok = expected_fingerprints(dataset, index, config_fp, man)
-    done = jsonl_done if man is not None and man.get("format") == "jsonl" else is_done
-    if not ((ok is None or m.fingerprint in ok) and (not check_file or done(dataset, index, m.fingerprint))):
+    made = _made_from(dataset, index, config_fp, man)
+    if made is not None and m.fingerprint not in _allowed(made[0], made[2]):
         return False
-    if ok is None or m.fingerprint == (config_fp or man.get("fingerprint")) or depth >= 32:
+    done = jsonl_done if man is not None and man.get("format") == "jsonl" else is_done
+    if check_file and not done(dataset, index, m.fingerprint):
+        return False
+    if made is None or m.fingerprint == made[0] or depth >= 32:
         return True  # taken as it is, or written whole (not from input shard ``index``)
-    src = _input_dir(dataset, man)
+    _, src, m_in = made  # m_in is there: m's fingerprint was made from its checksum
     inputs = {} if inputs is None else inputs
     if str(src) not in inputs:
         inputs[str(src)] = read_manifest(src)
-    m_in = read_marker(src, index)
-    return m_in is not None and _current(src, index, m_in, None, inputs[str(src)], inputs, depth + 1)
+    return _current(src, index, m_in, None, inputs[str(src)], inputs, depth + 1)
 
 
 def current_marker(dataset: str | Path, index: int, man: dict | None = None):
@@ -222,5 +229,6 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
             time.sleep(poll)
 
 
-__all__ = ["write_manifest", "read_manifest", "remove_manifest", "missing_shards", "is_complete", "wait_complete",
-           "shard_states", "stale_shards", "expected_fingerprints", "current_marker", "shard_current"]
+__all__ = ["write_manifest", "read_manifest", "remove_manifest", "missing_shards", "is_complete",
+           "wait_complete", "shard_states", "stale_shards", "expected_fingerprints", "current_marker",
+           "shard_current"]
