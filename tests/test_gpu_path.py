@@ -147,17 +147,42 @@ def test_faiss_probe_runs_in_a_child_that_may_die(monkeypatch, caplog):
                                         "print(json.dumps({'ok': True, 'gpus': 4, 'reason': 'matched'}))"])
     assert passed == fg.GpuProbe(True, 4, "matched")
 
-    # the real child: on this faiss-cpu build FAISS "sees" a GPU but has no GPU cloner, so its
-    # test search fails inside the child, which reports it
+    # the real child, told of 1 GPU: this faiss-cpu build has no GPU cloner, so its test search
+    # fails inside the child, which reports it
     monkeypatch.setattr(fg, "_PROBE", None)
-    monkeypatch.setattr(fg, "faiss_gpu_count", lambda: 1)
     with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.faiss_gpu"):
-        res = fg.probe_gpus()
+        res = fg.probe_gpus(n=1)
     assert not res.ok and res.gpus == 1
     assert res.reason.startswith("a test search on 1 GPU(s) failed: AttributeError"), res.reason
     assert "FAISS GPU probe: a test search on 1 GPU(s) failed" in caplog.text
     index, _ = _flat()
     assert fg.to_gpus(index, "flat", "auto", clone=lambda i, n: pytest.fail("cloned")) is index
+
+
+def test_faiss_gpus_are_counted_in_the_probe_child_not_in_the_rank_process(monkeypatch, caplog):
+    """FAISS's GPU count is a CUDA call that aborts the process on a CUDA error, like the test
+    search: a build with GPU code counts in the child; one without starts no child at all."""
+    import guidealign.retrieval.faiss_gpu as fg
+
+    monkeypatch.setattr(fg, "faiss_gpu_count", lambda: pytest.fail("GPUs counted in the rank process"))
+    monkeypatch.setattr(fg, "_PROBE", None)
+    monkeypatch.setattr(fg, "has_gpu_code", lambda: True)  # as a faiss-gpu build
+    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.faiss_gpu"):
+        res = fg.probe_gpus()  # the real child counts: 0 with this faiss-cpu build
+    assert res == fg.GpuProbe(False, 0, fg.NO_GPU)
+    assert "FAISS GPU probe: FAISS sees no GPU" in caplog.text
+    aborted = fg.probe_in_child(argv=[sys.executable, "-c", (
+        "import os, sys; sys.stderr.write('Faiss assertion err__ == cudaSuccess failed: CUDA driver "
+        "version is insufficient\\n'); sys.stderr.flush(); os.abort()")])
+    assert not aborted.ok and aborted.gpus == 0
+    assert aborted.reason.startswith("the GPU count and test search was killed by SIGABRT: "), aborted.reason
+    assert aborted.reason.endswith("CUDA driver version is insufficient"), aborted.reason
+
+    monkeypatch.undo()  # the real has_gpu_code: this faiss-cpu build has no GPU code
+    monkeypatch.setattr(fg, "_PROBE", None)
+    monkeypatch.setattr(fg, "faiss_gpu_count", lambda: pytest.fail("GPUs counted in the rank process"))
+    monkeypatch.setattr(fg, "probe_in_child", lambda *a, **k: pytest.fail("a child started"))
+    assert fg.probe_gpus() == fg.GpuProbe(False, 0, fg.NO_GPU)
 
 
 def test_faiss_stays_on_the_cpu_past_the_gpu_k_limit(monkeypatch, caplog):

@@ -7,7 +7,9 @@ FAISS GPU wheels carry kernels for some GPU generations only (``faiss-gpu-cu12``
 sm_80, so "no kernel image" on an H100/H200), and can bring a CUDA runtime other than
 torch's. FAISS reports such a CUDA error through an assertion that aborts the process
 (``CUDA_VERIFY`` -> ``FAISS_ASSERT``), which no ``except`` can catch, so the probe runs in a
-child process and a child that dies is a failed probe. When the probe fails, "auto" searches
+child process and a child that dies is a failed probe. The GPU count is taken in that child
+too (FAISS's device count is a CUDA call that aborts the same way, e.g. on a driver older than
+its runtime): the process that runs the stages only asks whether its FAISS build has GPU code. When the probe fails, "auto" searches
 on the CPU and logs why (a flat index over tens of thousands of guidelines is cheap there);
 true raises; false never tries. Flat and IVF indexes that pass are sharded over all GPUs for
 searching (retrieve, and the dedup candidate search); HNSW stays on the CPU (FAISS has no GPU
@@ -34,8 +36,16 @@ GPU_MAX_K = 2048
 PROBE_TIMEOUT_S = 300.0  # CUDA contexts on every GPU and the first kernels: well under this
 
 
+def has_gpu_code() -> bool:
+    """Whether this FAISS build has GPU indexes at all (faiss-gpu); no CUDA call."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources")
+
+
 def faiss_gpu_count() -> int:
-    """GPUs FAISS itself sees (0 for faiss-cpu builds), untested."""
+    """GPUs FAISS itself sees (0 for faiss-cpu builds), untested: a CUDA call, made only in the
+    probe's child process."""
     import faiss
 
     try:
@@ -84,17 +94,27 @@ def probe_search(clone, n: int) -> GpuProbe:
                     "same search on the CPU")
 
 
-def probe_child_main(n: int) -> None:
-    """The child process of :func:`probe_in_child`: the real cloner, the result as JSON."""
-    print(json.dumps(asdict(probe_search(_clone_to_gpus, n))), flush=True)
+NO_GPU = "FAISS sees no GPU (a faiss-cpu build, or no GPU visible)"
 
 
-def probe_in_child(n: int, argv: list[str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> GpuProbe:
-    """:func:`probe_search` on ``n`` GPUs in a child process (``argv`` replaces its command in
-    tests): a child that aborts, exits with an error or hangs is a failed probe."""
+def probe_child_main(n: int | None) -> None:
+    """The child process of :func:`probe_in_child`: the GPUs counted (``n`` None), then the real
+    cloner; the result as JSON."""
+    n = faiss_gpu_count() if n is None else n
+    res = probe_search(_clone_to_gpus, n) if n else GpuProbe(False, 0, NO_GPU)
+    print(json.dumps(asdict(res)), flush=True)
+
+
+def probe_in_child(n: int | None = None, argv: list[str] | None = None,
+                   timeout: float = PROBE_TIMEOUT_S) -> GpuProbe:
+    """:func:`probe_search` on ``n`` GPUs (None: as many as FAISS counts there) in a child
+    process (``argv`` replaces its command in tests): a child that aborts, exits with an error
+    or hangs is a failed probe."""
     argv = argv or [sys.executable, "-c", "import sys; from guidealign.retrieval.faiss_gpu import "
-                    "probe_child_main; probe_child_main(int(sys.argv[1]))", str(n)]
-    what = f"the test search on {n} GPU(s)"
+                    "probe_child_main; probe_child_main(None if sys.argv[1] == 'all' else int(sys.argv[1]))",
+                    "all" if n is None else str(n)]
+    what = "the GPU count and test search" if n is None else f"the test search on {n} GPU(s)"
+    n = n or 0  # what a failed probe reports
     # no faulthandler dump of the child's Python stack after FAISS's own last words
     env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
     try:
@@ -121,16 +141,16 @@ def probe_gpus(clone=None, n: int | None = None) -> GpuProbe:
     process (see the module doc).
 
     ``clone(index, n) -> index`` and ``n`` replace the GPU cloner and count (tests; the search
-    then runs in this process); without them the result is computed once per process.
+    then runs in this process); without them the result is computed once per process, and a
+    FAISS build without GPU code starts no child.
     """
     global _PROBE
     if clone is None and n is None and _PROBE is not None:
         return _PROBE
-    n = faiss_gpu_count() if n is None else n
-    if n == 0:
-        res = GpuProbe(False, 0, "FAISS sees no GPU (a faiss-cpu build, or no GPU visible)")
-    elif clone is not None:
-        res = probe_search(clone, n)
+    if clone is not None:
+        res = probe_search(clone, n) if n else GpuProbe(False, 0, NO_GPU)
+    elif n == 0 or (n is None and not has_gpu_code()):
+        res = GpuProbe(False, 0, NO_GPU)
     else:
         res = probe_in_child(n)
     if clone is None:
