@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from guidealign.core.distenv import DIST_VARS as _LAUNCHER_VARS
@@ -29,6 +31,9 @@ NODE_GPUS_ENV = "GUIDEALIGN_NODE_GPUS"
 # come from `launch`/SLURM/MPI and mean something else (guidealign/distenv.py lists them).
 
 DIST_VARS = tuple(_LAUNCHER_VARS) + ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+# how long an interrupted run_sft waits for torchrun to stop its workers (torch's own wait for
+# them is 30 s) before it kills torchrun and every process under it
+TORCHRUN_GRACE_S = 60.0
 
 
 def under_launcher(env=None) -> bool:
@@ -128,7 +133,63 @@ def launch(cfg, workdir: Path, n: int, *, force: bool, progress: bool) -> None:
     cfg_path = out / "launch-config.yaml"
     cfg_path.write_text(dump_yaml(c))
     argv = torchrun_argv(n, cfg_path, Path(workdir), force=force, progress=progress)
-    rc = subprocess.run(argv, env=child_env(n, gpus)).returncode
+    rc = run_to_end(argv, child_env(n, gpus))
     if rc != 0:
         raise RuntimeError(f"SFT under torchrun ({n} processes) failed with status {rc}: "
                            f"{' '.join(argv)}")
+
+
+def run_to_end(argv: list[str], env: dict | None = None, grace: float = TORCHRUN_GRACE_S) -> int:
+    """Run ``argv`` (torchrun) and wait for it; its status.
+
+    torchrun starts each worker in a session of its own, so a signal to this process's group
+    (Ctrl-C in a terminal, ``launch`` stopping a rank) never reaches the workers, and torchrun
+    killed in the middle of stopping them leaves them training. So torchrun gets a session of
+    its own too and is signalled by this process only: when the wait is interrupted (Ctrl-C, an
+    exception) it gets one SIGTERM (it stops its workers, then exits) and ``grace`` seconds; then
+    it and every process under it are killed (at once on a second Ctrl-C). Should this process
+    die without that chance (SIGKILL), a watchdog kills them."""
+    import psutil
+
+    from guidealign.gen import reaper
+
+    p = subprocess.Popen(argv, env=env, start_new_session=True)
+    try:
+        watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
+    except psutil.Error:  # already gone
+        watchdog = None
+    try:
+        return p.wait()
+    except BaseException:
+        stop_tree(p, grace)
+        raise
+    finally:
+        reaper.release(watchdog)
+
+
+def stop_tree(p: subprocess.Popen, grace: float) -> None:
+    """SIGTERM ``p``, wait up to ``grace`` seconds (less on Ctrl-C), then kill it and what was
+    running under it when it was asked to stop."""
+    import psutil
+
+    try:
+        tree = psutil.Process(p.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    try:
+        while p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # asked again: no more waiting
+        pass
+    for q in [*tree]:
+        with contextlib.suppress(psutil.Error):
+            tree += q.children(recursive=True)  # started while torchrun was stopping
+    for q in tree:
+        with contextlib.suppress(psutil.Error):
+            q.kill()  # psutil checks the pid still names the process it found
+    if p.poll() is None:
+        p.kill()
+    p.wait()
