@@ -101,6 +101,43 @@ def test_changing_an_evaluation_setting_re_evaluates_without_retraining(workdir)
     assert run_train_retriever(cfg2, workdir, progress=False).metrics == again.metrics
 
 
+def test_a_re_evaluation_killed_midway_leaves_nothing_for_verify_and_runs_again(workdir, monkeypatch):
+    """The re-evaluation rewrites metrics.json, whose checksum _done.json lists: killed between
+    that and the new _done.json, the run must not hold a checksum that `verify` reports as
+    corrupt (its --repair would retrain), and the next run evaluates again."""
+    import guidealign.retrieval.train as rt
+    from guidealign.shards.artifact import read_done
+    from guidealign.shards.verify import verify_run
+
+    write_guideline_shards(workdir / "guidelines", coded_guideline_rows(8, 6, seed=2), shard_rows=64)
+    base = ["library.heldout_fraction=0.25", "retriever.epochs=1", "retriever.batch_size=16",
+            "retriever.max_seq_length=32", "retriever.threads=1"]
+    cfg = load_config(overrides=base)
+    run_library(cfg, workdir, progress=False)
+    run_train_retriever(cfg, workdir, progress=False)
+    first = read_done(rt.retriever_dir(workdir))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed before the new _done.json")
+
+    cfg2 = load_config(overrides=base + ["retriever.recall_at=[1,2]"])
+    monkeypatch.setattr(rt, "mark_done", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_retriever(cfg2, workdir, progress=False)
+    monkeypatch.undo()
+    metrics = json.loads((rt.retriever_dir(workdir) / "metrics.json").read_text())
+    assert "recall@2" in metrics["systems"]["fine-tuned"]  # rewritten before the kill
+    rep = verify_run(workdir)
+    assert not [p for p in rep.problems if p.kind in ("corrupt", "missing")], rep.problems
+    left = read_done(rt.retriever_dir(workdir))
+    assert left["fingerprint"] == first["fingerprint"] and left["eval_fingerprint"] == first["eval_fingerprint"]
+    again = run_train_retriever(cfg2, workdir, progress=False)
+    assert again.skipped and "recall@2" in again.metrics["fine-tuned"]
+    done = read_done(rt.retriever_dir(workdir))
+    assert done["eval_fingerprint"] != first["eval_fingerprint"] and "metrics.json" in done["files"]
+    assert not [p for p in verify_run(workdir).problems if p.kind in ("corrupt", "missing")]
+
+
 def _weights(model_dir) -> dict:
     from safetensors.numpy import load_file
 

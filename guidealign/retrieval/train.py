@@ -33,7 +33,7 @@ from guidealign.core.checkpoints import checkpoint_step
 from guidealign.retrieval.checkpoints import (PicklableSampler, checkpoint_callback, checkpoint_dir,
                                               remove_checkpoints, resume_point)
 from guidealign.core.threads import set_threads
-from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done
+from guidealign.shards.artifact import DONE, build_dir, is_current, mark_done, read_done
 from guidealign.shards import fingerprint, write_json_atomic
 from guidealign.shards.fingerprint import at_defaults
 
@@ -393,6 +393,11 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
     except (OSError, json.JSONDecodeError):
         metrics = {}
     metrics["systems"] = results
+    # _done.json lists metrics.json's checksum: unlisted first (the old evaluation fingerprint
+    # kept, so a rerun evaluates again), so that a kill before the new _done.json is written
+    # leaves no checksum that `verify` would report (and --repair retrain for)
+    unlisted = dict(done, files={k: v for k, v in (done.get("files") or {}).items() if k != "metrics.json"})
+    write_json_atomic(dst / DONE, unlisted)
     write_json_atomic(metrics_path, json.dumps(metrics, indent=1))
     extra = {k: v for k, v in done.items() if k not in ("fingerprint", "rows", "seconds", "created",
                                                        "threads", "files")}
