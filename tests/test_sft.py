@@ -277,3 +277,28 @@ def test_lora_merged_output_is_a_plain_model(workdir):
     assert not any("lora" in n for n, _ in m.named_parameters())
     assert done["steps"] == 2
     assert "LoRA, adapter merged" in (model / "README.md").read_text()
+
+
+def test_a_killed_saves_half_written_model_is_removed_before_training(workdir, monkeypatch):
+    """sft/.tmp-model left by a run killed while saving (a 13B model: ~26 GB) is removed when
+    the next training starts, not only once that training has finished and saves."""
+    import guidealign.sft.train as st
+
+    good, _ = respond_rows(4)
+    write_respond(workdir, [good])
+    stale = workdir / "sft" / ".tmp-model"
+    stale.mkdir(parents=True)
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1024)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def build_trainer(*a, **k):
+        seen.append(stale.exists())
+        raise Stop
+
+    monkeypatch.setattr(st, "build_trainer", build_trainer)
+    with pytest.raises(Stop):
+        st.run_sft(tiny_cfg("sft.max_steps=1"), workdir, progress=False)
+    assert seen == [False]

@@ -318,6 +318,8 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             if is_main_process():  # a run killed after its commit left its resume points
                 shutil.rmtree(checkpoint_dir(workdir, fp).parent, ignore_errors=True)
             return {**done, "skipped": True}
+    if is_main_process():  # a killed save's model (13B: ~26 GB) goes now, not after the training
+        shutil.rmtree(out_dir / ".tmp-model", ignore_errors=True)
     import torch
 
     if not torch.cuda.is_available():  # 0: torch's default, also after a stage that set another
