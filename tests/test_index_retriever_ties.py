@@ -64,6 +64,52 @@ def test_index_takes_only_the_current_retriever(lib_run, tmp_path):
         wait_current_index(stale, wd, timeout=0.3, poll=0.1)
 
 
+def test_a_retriever_retrained_under_its_fingerprint_gets_a_new_index(lib_run, tmp_path):
+    """The index was bound to the retriever's fingerprint only: a retriever trained again under
+    the same fingerprint (a repair; GPU training is not bit-reproducible) has other weights, and
+    the old index (library vectors of the old weights) stayed current, searched with the new
+    weights' query vectors. Now the index records the weights it was embedded by: rank 0
+    rebuilds it, the other ranks and retrieve refuse the old one."""
+    import json
+    import shutil
+
+    import torch
+
+    from guidealign.retrieval.embed import load_encoder
+    from guidealign.retrieval.index import IndexVersionError, load_index
+    from guidealign.retrieval.library import library_dir
+    from guidealign.retrieval.retrieve import encoder_path
+    from guidealign.shards.artifact import mark_done
+
+    wd = tmp_path / "run"
+    shutil.copytree(lib_run / "library", wd / "library")
+    shutil.copytree(lib_run / "guidelines", wd / "guidelines")
+    cfg = load_config(overrides=SETS)
+    version = json.loads((wd / "library" / "_done.json").read_text())["version"]
+    fp = retriever_fingerprint(cfg.retriever, version)
+    enc = load_encoder("embedded:all-minilm-l6-v2", device="cpu")
+    enc.save(str(retriever_dir(wd) / "model"))
+    mark_done(retriever_dir(wd), fingerprint=fp, rows=1, seconds=0)
+    first = run_index(cfg, wd, progress=False)
+    assert not first.skipped and run_index(cfg, wd, progress=False).skipped
+    old = load_index(index_dir(wd), library_dir(wd))
+    assert encoder_path(old.meta, wd) == str(retriever_dir(wd) / "model")
+
+    with torch.no_grad():  # "retrained": other weights, the same fingerprint
+        next(enc.parameters()).mul_(1.5)
+    shutil.rmtree(retriever_dir(wd) / "model")
+    enc.save(str(retriever_dir(wd) / "model"))
+    mark_done(retriever_dir(wd), fingerprint=fp, rows=1, seconds=0)
+    with pytest.raises(IndexVersionError, match="other weights of the retriever"):
+        encoder_path(old.meta, wd)
+    with pytest.raises(RuntimeError, match="another index config or encoder"):
+        wait_current_index(cfg, wd, timeout=0.3, poll=0.1)
+    again = run_index(cfg, wd, progress=False)
+    assert not again.skipped and again.rows == first.rows
+    assert wait_current_index(cfg, wd, timeout=0.3, poll=0.1)["library_version"] == version
+    assert encoder_path(load_index(index_dir(wd), library_dir(wd)).meta, wd) == str(retriever_dir(wd) / "model")
+
+
 @pytest.mark.parametrize("rows", [
     [("how do I sharpen a knife", "Refuse instructions for weapons.")],
     # two prompts, one guideline: every batch holds one pair (the no-duplicates sampler)

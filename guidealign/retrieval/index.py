@@ -137,6 +137,25 @@ def _encoder_ref(cfg, workdir: Path, library_version: str) -> tuple[str, str]:
     return resolve(cfg.index.model), ref
 
 
+def retriever_weights(cfg, workdir: Path) -> str | None:
+    """With ``index.model: retriever``, the digest of the run's retriever's weights as they are
+    now (``retrieval.train.weights_digest``), else None."""
+    if cfg.index.model != "retriever":
+        return None
+    from guidealign.retrieval.train import retriever_dir, weights_digest
+
+    return weights_digest(read_done(retriever_dir(workdir)))
+
+
+def same_weights(recorded: dict, weights: str | None) -> bool:
+    """Whether an index (its ``_done.json`` or meta) was embedded by the retriever weights
+    ``weights``: one retrained under the same fingerprint has others, and its query vectors
+    would be searched against the old weights' library vectors. An index or retriever that
+    predates the record is taken as it is."""
+    have = recorded.get("model_weights")
+    return have is None or weights is None or have == weights
+
+
 def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5.0) -> dict:
     """Wait for rank 0's index, accepted only when it was built from the library of the
     current guideline shards and library config, with the current index config and encoder
@@ -154,7 +173,8 @@ def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5
         """built from another library version than the current one, or with another index config or encoder"""
         lib = read_done(library_dir(workdir))
         return (bool(lib) and lib.get("fingerprint") == want and done.get("library_version") == lib.get("version")
-                and done.get("fingerprint") == index_fingerprint(cfg, lib["version"]))
+                and done.get("fingerprint") == index_fingerprint(cfg, lib["version"])
+                and same_weights(done, retriever_weights(cfg, workdir)))
 
     return wait_done(index_dir(workdir), timeout, poll, accept=current)
 
@@ -172,8 +192,9 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
         return IndexReport(skipped=True)
     version = wait_library(cfg, workdir, dst, rank, world_size)
     model_path, ref = _encoder_ref(cfg, workdir, version)
+    weights = retriever_weights(cfg, workdir)
     fp = index_fingerprint(cfg, version)
-    if is_current(dst, fp):
+    if is_current(dst, fp) and same_weights(read_done(dst), weights):
         done = read_done(dst)
         return IndexReport(rows=done["rows"], kind=done.get("kind", ""), dim=done.get("dim", 0),
                            library_version=version, skipped=True)
@@ -204,14 +225,14 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                                  "kind": library.column("kind")}), tmp / ROWS_FILE)
         # the encoder by reference, not by path (retrieval.retrieve.encoder_path finds it), so a
         # moved run directory holds the same index
-        meta = {"library_version": version, "model_ref": ref,
+        meta = {"library_version": version, "model_ref": ref, "model_weights": weights,
                 "kind": ic.kind, "name": name, "dim": int(vecs.shape[1]), "rows": len(docs),
                 "nprobe": ic.nprobe, "ef_search": ic.ef_search}
         write_json_atomic(tmp / META_FILE, json.dumps(meta, indent=1))
     secs = {"load": round(t1 - t0, 3), "embed": round(t2 - t1, 3), "build": round(t3 - t2, 3),
             "total": round(time.perf_counter() - t0, 3)}
     mark_done(dst, fingerprint=fp, rows=len(docs), seconds=secs["total"], library_version=version,
-              kind=name, dim=int(vecs.shape[1]), gpus=gpus, metrics=secs)
+              model_weights=weights, kind=name, dim=int(vecs.shape[1]), gpus=gpus, metrics=secs)
     rep = IndexReport(rows=len(docs), kind=name, dim=int(vecs.shape[1]), gpus=gpus,
                       library_version=version, seconds=secs)
     log.info(rep.summary())

@@ -82,6 +82,13 @@ def encoder_path(meta: dict, workdir: Path) -> str:
                 f"the index was embedded by the retriever {want}, but {retriever_dir(workdir)} holds "
                 f"{'the retriever ' + str(have) if have else 'no complete retriever'}: rebuild the index "
                 "(guidealign index) with the current retriever")
+        from guidealign.retrieval.index import same_weights
+        from guidealign.retrieval.train import weights_digest
+
+        if not same_weights(meta, weights_digest(done)):
+            raise IndexVersionError(
+                f"the index was embedded by other weights of the retriever {want} than "
+                f"{retriever_dir(workdir)} holds (retrained since): rebuild the index (guidealign index)")
         return str(model_dir(workdir))
     from guidealign.core.models import resolve
 

@@ -70,6 +70,19 @@ def model_dir(workdir: str | Path) -> Path:
 EVAL_KEYS = ("max_eval_queries", "recall_at", "risk_top_k", "encode_batch_size")
 
 
+def weights_digest(done: dict | None) -> str | None:
+    """A digest of a trained retriever's model files (their sha256s in its ``_done.json``): what
+    tells apart two trainings under one fingerprint (training is not bit-reproducible on a GPU;
+    a repair retrains). None for a ``_done.json`` without checksums."""
+    import hashlib
+
+    files = (done or {}).get("files") or {}
+    model = {k: v.get("sha256") for k, v in files.items() if k.startswith("model/") and isinstance(v, dict)}
+    if not model:
+        return None
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def retriever_fingerprint(rc, library_version: str) -> str:
     """The fingerprint of the retriever trained with ``rc`` on that library version (any rank
     computes it: the index stage accepts only the retriever of the current config and library).
