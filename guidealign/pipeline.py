@@ -81,10 +81,13 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
               progress: bool, echo) -> dict:
     from guidealign.executors import claims_assignment
 
+    from guidealign.stage_child import run_in_child
+
     timings: dict[str, float] = {}
     llm = None
     own = bool(cfg.respond.engine)  # the responder has an engine of its own (respond.engine)
     shared = [s for s in chosen if s.engine and not (own and s.name == "respond")]
+    child, exclusive = _gpu_placement(cfg, chosen)
     try:
         with claims_assignment(cfg):
             for i, stage in enumerate(chosen):
@@ -95,20 +98,53 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
 
                         llm = build_llm(cfg.engine)
                     kw["llm"] = llm
-                elif llm is not None and (stage.engine or not any(s in shared for s in chosen[i:])):
-                    # free the engine (its memory, its GPUs) for what comes next
+                elif llm is not None and engine_goes_before(stage, chosen[i:], shared, exclusive):
                     _stop_engine(llm, echo, f"before {stage.name}")
                     llm = None
                 echo(f"== {stage.name}")
                 t = time.perf_counter()
-                rep = stage.function()(cfg, workdir, rank=rank, world_size=world_size,
-                                       progress=progress, **kw)
+                if child and stage.cuda_here:
+                    rep = run_in_child(stage.fn, cfg, workdir, rank=rank, world_size=world_size,
+                                       progress=progress)
+                else:
+                    rep = stage.function()(cfg, workdir, rank=rank, world_size=world_size,
+                                           progress=progress, **kw)
                 timings[stage.name] = round(time.perf_counter() - t, 2)
                 _echo_reports(echo, [rep])
     finally:
         if llm is not None:
             _stop_engine(llm, echo, "at the end of the run")
     return timings
+
+
+def engine_goes_before(stage: Stage, rest: list[Stage], shared: list[Stage], exclusive: bool) -> bool:
+    """Whether the shared engine is stopped before ``stage`` (not one of ``shared``; ``rest``:
+    it and the stages after it), to free its memory and GPUs: for another engine, when no
+    stage left uses it, and, on GPUs that admit one process (``exclusive``), for an encoder
+    stage (it is started again for respond)."""
+    return stage.engine or not any(s in shared for s in rest) or (exclusive and stage.cuda_here)
+
+
+def _gpu_placement(cfg: Config, chosen: list[Stage]) -> tuple[bool, bool]:
+    """(call the ``cuda_here`` stages in child processes, the GPUs admit one process at a time)."""
+    from guidealign.core.gpu import exclusive_gpus, visible_gpus
+    from guidealign.stage_child import wanted
+
+    if not any(s.cuda_here for s in chosen):
+        return False, False
+    gpus: list[str] | None = None
+
+    def visible() -> list[str]:
+        nonlocal gpus
+        gpus = visible_gpus() if gpus is None else gpus
+        return gpus
+
+    child = wanted(cfg.executor.stage_process, visible)
+    exclusive = exclusive_gpus(visible()) if child and visible() else []
+    if exclusive:
+        log.warning("GPU(s) %s in EXCLUSIVE_PROCESS compute mode: the engine is stopped before the "
+                    "encoder stages and started again for respond", ",".join(exclusive))
+    return child, bool(exclusive)
 
 
 def _stop_engine(llm, echo, when: str) -> None:

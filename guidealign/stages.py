@@ -37,6 +37,9 @@ class Stage:
     # an artifact stage that still splits its own work across ranks (eval: its generation
     # and judging), so, like a map stage, it needs every rank to run
     split_inside: bool = False
+    # its function may run torch on a GPU in the calling process (an encoder): on a GPU node
+    # `run` calls it in a child process (executor.stage_process), see guidealign/stage_child.py
+    cuda_here: bool = False
 
     @property
     def splits_across_ranks(self) -> bool:
@@ -55,12 +58,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("guidelines", "guidealign.gen.guidelines:run_guidelines", "detect", "guidelines", "map", True, True,
           "guidelines"),
     Stage("library", "guidealign.retrieval.library:run_library", "guidelines", "library", "reduce", False, True,
-          "library"),
+          "library", cuda_here=True),
     Stage("train-retriever", "guidealign.retrieval.train:run_train_retriever", "library", "retriever",
-          "artifact", False, True, "retriever"),
-    Stage("index", "guidealign.retrieval.index:run_index", "library", "index", "artifact", False, True, "index"),
+          "artifact", False, True, "retriever", cuda_here=True),
+    Stage("index", "guidealign.retrieval.index:run_index", "library", "index", "artifact", False, True, "index",
+          cuda_here=True),
     Stage("retrieve", "guidealign.retrieval.retrieve:run_retrieve", "prompts", "retrieve", "map", False, True,
-          "retrieve"),
+          "retrieve", cuda_here=True),
     Stage("respond", "guidealign.gen.respond:run_respond", "retrieve", "respond", "map", True, True, "respond"),
     Stage("sft", "guidealign.sft.train:run_sft", "respond", "sft", "artifact", False, True, "sft"),
     Stage("push", "guidealign.hub.push:run_push", "respond", "push", "artifact", False, True, "push"),

@@ -29,6 +29,7 @@ from guidealign.config.sft import PushConfig, SFTConfig
 # tests/test_choice_lists.py checks that the two agree.
 ExecutorKind = Literal["local", "ray"]
 ShardAssign = Literal["static", "dynamic"]
+StageProcess = Literal["auto", "child", "inline"]
 
 
 @dataclass
@@ -69,6 +70,11 @@ class ExecutorConfig:
     # paper's recipe commits well within it, while a dead or never-started rank idles the
     # allocation for at most half an hour.
     stall_timeout_s: float = 1800.0
+    # Where `run` calls the stages that run torch on a GPU in their own process (library,
+    # train-retriever, index, retrieve): "auto" = a child process each where GPUs are visible, so
+    # the rank process never holds a CUDA context (GPUs in EXCLUSIVE_PROCESS mode admit one
+    # process; in the default mode the context costs vLLM and SFT ~0.5-1 GiB); "child"; "inline".
+    stage_process: StageProcess = "auto"
 
 
 @dataclass

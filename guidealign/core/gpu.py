@@ -133,6 +133,34 @@ def require_usable_gpus(env: dict | None = None, nvidia_smi: str | None = "nvidi
         "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU on purpose.")
 
 
+def parse_compute_modes(text: str) -> dict[str, str]:
+    """``nvidia-smi --query-gpu=index,uuid,compute_mode --format=csv,noheader`` -> {index or
+    uuid: mode} ("Default", "Exclusive_Process", "Prohibited"); lines that do not read are left out."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 3 and parts[0] and parts[2] and not parts[2].startswith("["):
+            out[parts[0]] = out[parts[1]] = parts[2]
+    return out
+
+
+def exclusive_gpus(gpus: list[str], nvidia_smi: str | None = "nvidia-smi", env: dict | None = None) -> list[str]:
+    """Which of ``gpus`` (CUDA_VISIBLE_DEVICES entries) are in EXCLUSIVE_PROCESS compute mode
+    (one process at a time may hold a context on them), as nvidia-smi reports; [] when it
+    cannot tell (no nvidia-smi, MIG devices it does not list)."""
+    env = os.environ if env is None else env
+    exe = shutil.which(nvidia_smi, path=env.get("PATH")) if nvidia_smi else None
+    if not exe or not gpus:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,uuid,compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    modes = parse_compute_modes(out.stdout) if out.returncode == 0 else {}
+    return [g for g in gpus if modes.get(g, "").lower() == "exclusive_process"]
+
+
 def parse_memory_query(text: str) -> dict[str, tuple[float, float]]:
     """``nvidia-smi --query-gpu=index,uuid,memory.used,memory.total --format=csv,noheader,nounits``
     -> {index or uuid: (MiB used, MiB total)}; lines that do not read (``[N/A]``) are left out."""

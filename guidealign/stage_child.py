@@ -1,0 +1,119 @@
+"""One stage called in a child process of its own, so that the rank process never holds a
+CUDA context.
+
+The encoder stages (library, train-retriever, index, retrieve: ``Stage.cuda_here``) run torch
+on the GPU in the process that calls them. In a rank process that context stays until the
+process ends: on GPUs in EXCLUSIVE_PROCESS compute mode (one process at a time) the next
+engine or torchrun then cannot start at all, and in the default mode it holds ~0.5-1 GiB
+of the GPU that vLLM sizes its cache from. ``run_in_child`` calls the stage function in a
+spawned process with the same arguments and hands back its report, or raises its error;
+the child's CUDA context goes when it exits. A child left behind by a SIGKILLed rank is
+killed by a watchdog (``gen.reaper``), like an engine's processes.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import traceback
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# how long an interrupted rank waits for the child to stop (it got the same Ctrl-C)
+STOP_GRACE_S = 30.0
+
+
+def wanted(mode: str, gpus_visible) -> bool:
+    """Whether ``run`` calls a ``cuda_here`` stage in a child process: ``executor.stage_process``
+    "child", or "auto" with GPUs visible (``gpus_visible()``, asked only then)."""
+    if mode == "child":
+        return True
+    if mode == "inline":
+        return False
+    if mode != "auto":
+        raise ValueError(f"executor.stage_process must be auto, child or inline, not {mode!r}")
+    return bool(gpus_visible())
+
+
+def run_in_child(fn: str, cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
+                 progress: bool = True):
+    """The stage function ``fn`` ("module:function", as in the stage table) called as
+    ``fn(cfg, workdir, rank=..., world_size=..., progress=...)`` in a spawned child process,
+    under this process's shard assignment (``executor.assign``): its report, or its exception
+    raised here (with the child's traceback as a note)."""
+    import psutil
+
+    from guidealign.gen import reaper
+    from guidealign.shards.claims import current_assignment
+
+    name = fn.rpartition(":")[2]
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    level = logging.getLogger().getEffectiveLevel()
+    p = ctx.Process(target=_child_main, name=f"stage-{name}",
+                    args=(fn, cfg, str(workdir), rank, world_size, progress, level, current_assignment(), send))
+    p.start()
+    send.close()  # the child holds the only writing end: a dead child reads as end of file
+    try:
+        watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
+    except psutil.Error:
+        watchdog = None
+    try:
+        try:
+            result = recv.recv()
+        except EOFError:
+            result = None
+        p.join()
+    except BaseException:
+        _stop(p)
+        raise
+    finally:
+        recv.close()
+        reaper.release(watchdog)
+    if result is None:
+        how = (f"was killed by signal {-p.exitcode}" if p.exitcode is not None and p.exitcode < 0
+               else f"exited with status {p.exitcode}")
+        raise RuntimeError(f"{name}: its child process {how} before it reported")
+    status, payload, tb = result
+    if status == "ok":
+        return payload
+    if isinstance(payload, BaseException):
+        payload.add_note(f"(raised in {name}'s child process, pid {p.pid}):\n{tb}")
+        raise payload
+    raise RuntimeError(f"{name} failed in its child process:\n{tb}")
+
+
+def _stop(p) -> None:
+    """After an interrupt: the child got the same Ctrl-C (one process group); give it
+    ``STOP_GRACE_S`` to end, then kill it."""
+    p.join(STOP_GRACE_S)
+    if p.is_alive():
+        p.kill()
+        p.join()
+
+
+def _child_main(fn, cfg, workdir, rank, world_size, progress, level, asg, conn) -> None:
+    import importlib
+
+    from guidealign.shards.claims import assignment
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        mod, _, attr = fn.partition(":")
+        with assignment(asg.kind, asg.ttl_s, asg.poll_s):
+            rep = getattr(importlib.import_module(mod), attr)(cfg, workdir, rank=rank, world_size=world_size,
+                                                              progress=progress)
+        result = ("ok", rep, "")
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the rank
+        result = ("error", e, traceback.format_exc())
+    try:
+        conn.send(result)
+    except Exception:  # noqa: BLE001 - an exception (or report) that does not pickle
+        conn.send(("error", None, result[2] or f"{fn}'s report could not be sent back"))
+    conn.close()
+    if result[0] != "ok":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # (no interpreter teardown waiting on a half-failed stage's threads)
