@@ -80,7 +80,6 @@ def _engine_needed(workdir: Path, stages: list[Stage]) -> bool:
 def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_size: int,
               progress: bool, echo) -> dict:
     from guidealign.executors import claims_assignment
-
     from guidealign.stage_child import run_in_child
 
     timings: dict[str, float] = {}

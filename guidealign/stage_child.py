@@ -7,11 +7,15 @@ process ends: on GPUs in EXCLUSIVE_PROCESS compute mode (one process at a time) 
 engine or torchrun then cannot start at all, and in the default mode it holds ~0.5-1 GiB
 of the GPU that vLLM sizes its cache from. ``run_in_child`` calls the stage function in a
 spawned process with the same arguments and hands back its report, or raises its error;
-the child's CUDA context goes when it exits. A child left behind by a SIGKILLed rank is
-killed by a watchdog (``gen.reaper``), like an engine's processes.
+the child's CUDA context goes when it exits. The child runs under the rank's shard assignment
+and fail-fast guard: it beats the rank's heartbeat file (the rank stops beating meanwhile, so
+that its "working" does not hide a stall), waits on the rank's stall clock, writes the rank's
+failure marker, and counts other ranks' markers from the rank's start. A child left behind by
+a SIGKILLed rank is killed by a watchdog (``gen.reaper``), like an engine's processes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -41,33 +45,40 @@ def run_in_child(fn: str, cfg, workdir: str | Path, *, rank: int = 0, world_size
                  progress: bool = True):
     """The stage function ``fn`` ("module:function", as in the stage table) called as
     ``fn(cfg, workdir, rank=..., world_size=..., progress=...)`` in a spawned child process,
-    under this process's shard assignment (``executor.assign``): its report, or its exception
-    raised here (with the child's traceback as a note)."""
+    under this process's shard assignment (``executor.assign``) and fail-fast guard (the child
+    beats this rank's heartbeat file, waits on its stall clock and writes its failure marker
+    while this process stops beating): its report, or its exception raised here (with the
+    child's traceback as a note)."""
     import psutil
 
     from guidealign.gen import reaper
     from guidealign.shards.claims import current_assignment
+    from guidealign.shards.failure import child_guard, handed_to_child
 
     name = fn.rpartition(":")[2]
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     level = logging.getLogger().getEffectiveLevel()
     p = ctx.Process(target=_child_main, name=f"stage-{name}",
-                    args=(fn, cfg, str(workdir), rank, world_size, progress, level, current_assignment(), send))
-    p.start()
-    send.close()  # the child holds the only writing end: a dead child reads as end of file
+                    args=(fn, cfg, str(workdir), rank, world_size, progress, level, current_assignment(),
+                          child_guard(), send))
+    watchdog = None
     try:
-        watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
-    except psutil.Error:
-        watchdog = None
-    try:
-        try:
-            result = recv.recv()
-        except EOFError:
-            result = None
-        p.join()
+        with handed_to_child():
+            p.start()
+            send.close()  # the child holds the only writing end: a dead child reads as end of file
+            with contextlib.suppress(psutil.Error):
+                watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
+            try:
+                result = recv.recv()
+            except EOFError:
+                result = None
+            except Exception as e:  # noqa: BLE001 - e.g. an exception that does not unpickle here
+                result = ("error", None, f"its result could not be read: {type(e).__name__}: {e}")
+            p.join()
     except BaseException:
-        _stop(p)
+        if p.pid is not None:
+            _stop(p)
         raise
     finally:
         recv.close()
@@ -82,7 +93,7 @@ def run_in_child(fn: str, cfg, workdir: str | Path, *, rank: int = 0, world_size
     if isinstance(payload, BaseException):
         payload.add_note(f"(raised in {name}'s child process, pid {p.pid}):\n{tb}")
         raise payload
-    raise RuntimeError(f"{name} failed in its child process:\n{tb}")
+    raise RuntimeError(f"{name} failed in its child process: {tb}")
 
 
 def _stop(p) -> None:
@@ -94,26 +105,34 @@ def _stop(p) -> None:
         p.join()
 
 
-def _child_main(fn, cfg, workdir, rank, world_size, progress, level, asg, conn) -> None:
+def _child_main(fn, cfg, workdir, rank, world_size, progress, level, asg, guarded, conn) -> None:
     import importlib
+    import pickle
 
     from guidealign.shards.claims import assignment
+    from guidealign.shards.failure import guard
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         mod, _, attr = fn.partition(":")
-        with assignment(asg.kind, asg.ttl_s, asg.poll_s):
+        with (guard(stage=attr, **guarded) if guarded else contextlib.nullcontext()), \
+                assignment(asg.kind, asg.ttl_s, asg.poll_s):
             rep = getattr(importlib.import_module(mod), attr)(cfg, workdir, rank=rank, world_size=world_size,
                                                               progress=progress)
         result = ("ok", rep, "")
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the rank
-        result = ("error", e, traceback.format_exc())
+        tb = traceback.format_exc()
+        try:  # sent as it is only when it comes back whole (an __init__ of its own may not)
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # noqa: BLE001
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        result = ("error", e, tb)
     try:
         conn.send(result)
-    except Exception:  # noqa: BLE001 - an exception (or report) that does not pickle
+    except Exception:  # noqa: BLE001 - a report that does not pickle
         conn.send(("error", None, result[2] or f"{fn}'s report could not be sent back"))
     conn.close()
-    if result[0] != "ok":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # (no interpreter teardown waiting on a half-failed stage's threads)
+    # no interpreter teardown: it would wait for any thread a stage left running
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if result[0] == "ok" else 1)

@@ -95,6 +95,10 @@ def test_a_retriever_retrained_under_its_fingerprint_gets_a_new_index(lib_run, t
     old = load_index(index_dir(wd), library_dir(wd))
     assert encoder_path(old.meta, wd) == str(retriever_dir(wd) / "model")
 
+    (retriever_dir(wd) / "_done.json").rename(tmp_path / "done")  # being trained again
+    with pytest.raises(RuntimeError, match="another index config or encoder"):
+        wait_current_index(cfg, wd, timeout=0.3, poll=0.1)
+    (tmp_path / "done").rename(retriever_dir(wd) / "_done.json")
     with torch.no_grad():  # "retrained": other weights, the same fingerprint
         next(enc.parameters()).mul_(1.5)
     shutil.rmtree(retriever_dir(wd) / "model")

@@ -71,6 +71,10 @@ def _start(tmp_path, mode: str, grace: float):
         assert rank.poll() is None and time.monotonic() < deadline, "the stand-in torchrun did not start"
         time.sleep(0.05)
     torchrun, worker = map(int, pids.read_text().split())
+    # and the rank has its watchdog (started right after torchrun): it is inside its wait
+    while len(psutil.Process(rank.pid).children()) < 2:
+        assert rank.poll() is None and time.monotonic() < deadline, "the rank's watchdog did not start"
+        time.sleep(0.05)
     return rank, torchrun, worker, sigs
 
 
@@ -85,10 +89,11 @@ def cleanup():
             pass
 
 
-def test_ctrl_c_stops_torchrun_once_and_its_workers_with_it(tmp_path, cleanup):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_torchrun_once_and_its_workers_with_it(tmp_path, cleanup, sig):
     rank, torchrun, worker, sigs = _start(tmp_path, "stop", grace=30)
     cleanup += [torchrun, worker]
-    os.killpg(rank.pid, signal.SIGINT)  # the terminal's Ctrl-C, or launch forwarding it
+    os.killpg(rank.pid, sig)  # the terminal's Ctrl-C, launch forwarding it or stopping the rank
     assert rank.wait(timeout=60) != 0
     assert _gone([torchrun, worker]), "torchrun's worker outlived the interrupted rank"
     # torchrun was asked once (a second signal would cut its own stopping of the workers short)

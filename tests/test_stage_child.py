@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,70 @@ def test_the_child_runs_under_the_ranks_shard_assignment(tmp_path):
                    "workdir": str(tmp_path)}
     assert got["pid"] != os.getpid()
     assert run_in_child("test_stage_child:report_where", load_config(), tmp_path)["assign"] == "static"
+
+
+def wait_for_nothing(cfg, workdir, *, rank=0, world_size=1, progress=True):
+    """A stage function that waits for a dataset no rank will ever write."""
+    from guidealign.shards import wait_complete
+
+    wait_complete(Path(workdir) / "never", timeout=120, poll=0.2)
+
+
+def check_failures(cfg, workdir, *, rank=0, world_size=1, progress=True):
+    from guidealign.shards.failure import raise_if_failed
+
+    raise_if_failed(workdir, "the test")
+    return "no failure seen"
+
+
+def test_a_wait_in_the_child_ends_on_the_ranks_stall_clock(tmp_path):
+    """The rank's heartbeats said "working" while its child waited, so no wait (the child's
+    or another rank's) ever saw a stall, and the child's clock was the 1800 s default instead
+    of executor.stall_timeout_s: a run whose other rank died hung. The child now beats for the
+    rank (waiting when it waits) under the rank's stall clock."""
+    from guidealign.shards.failure import Stalled, guard, heartbeats
+    from guidealign.stage_child import run_in_child
+
+    with guard(tmp_path, rank=0, world_size=2, stall_timeout_s=2.0):
+        with pytest.raises(Stalled, match="no progress on .*never for 2s"):
+            run_in_child("test_stage_child:wait_for_nothing", load_config(), tmp_path, world_size=2)
+        assert heartbeats(tmp_path)["rank-00000.json"]["pid"] == os.getpid()  # the rank beats again
+
+
+def test_the_child_sees_failure_markers_written_since_the_rank_started(tmp_path, monkeypatch):
+    """Without a run id a failure marker counts when written after "this process started": in
+    the child that was its own start, so another rank's failure from before it was missed."""
+    from guidealign.shards.failure import RankFailed, guard, mark_failed
+    from guidealign.stage_child import run_in_child
+
+    for k in ("GUIDEALIGN_RUN_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    with guard(tmp_path, rank=0, world_size=2):
+        assert run_in_child("test_stage_child:check_failures", load_config(), tmp_path) == "no failure seen"
+        mark_failed(tmp_path, 1, "CUDA out of memory", stage="guidelines", world_size=2)
+        # a process's start time reads ~1 s early (the kernel's boot time is in whole seconds):
+        # the child starts well after the marker, as a child of a long stage would
+        time.sleep(2.5)
+        with pytest.raises(RankFailed, match="rank 1 failed in guidelines"):
+            run_in_child("test_stage_child:check_failures", load_config(), tmp_path)
+
+
+class Odd(Exception):
+    """Pickles, but does not unpickle (its __init__ takes two arguments, its args hold one)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def raise_unpicklable(cfg, workdir, *, rank=0, world_size=1, progress=True):
+    raise Odd("this", "that")
+
+
+def test_an_error_that_does_not_cross_the_process_boundary_still_says_what_it_was(tmp_path):
+    from guidealign.stage_child import run_in_child
+
+    with pytest.raises(RuntimeError, match="Odd: this and that"):
+        run_in_child("test_stage_child:raise_unpicklable", load_config(), tmp_path)
 
 
 def test_stage_process_modes():

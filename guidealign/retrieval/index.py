@@ -139,19 +139,23 @@ def _encoder_ref(cfg, workdir: Path, library_version: str) -> tuple[str, str]:
 
 def retriever_weights(cfg, workdir: Path) -> str | None:
     """With ``index.model: retriever``, the digest of the run's retriever's weights as they are
-    now (``retrieval.train.weights_digest``), else None."""
+    now (``retrieval.train.weights_digest``; "" while no retriever is complete: being trained
+    again), else None."""
     if cfg.index.model != "retriever":
         return None
     from guidealign.retrieval.train import retriever_dir, weights_digest
 
-    return weights_digest(read_done(retriever_dir(workdir)))
+    done = read_done(retriever_dir(workdir))
+    return weights_digest(done) if done else ""
 
 
 def same_weights(recorded: dict, weights: str | None) -> bool:
     """Whether an index (its ``_done.json`` or meta) was embedded by the retriever weights
     ``weights``: one retrained under the same fingerprint has others, and its query vectors
     would be searched against the old weights' library vectors. An index or retriever that
-    predates the record is taken as it is."""
+    predates the record is taken as it is; none is while the retriever is incomplete."""
+    if weights == "":  # no complete retriever now: no index is known to match it
+        return False
     have = recorded.get("model_weights")
     return have is None or weights is None or have == weights
 

@@ -145,31 +145,48 @@ def run_to_end(argv: list[str], env: dict | None = None, grace: float = TORCHRUN
     torchrun starts each worker in a session of its own, so a signal to this process's group
     (Ctrl-C in a terminal, ``launch`` stopping a rank) never reaches the workers, and torchrun
     killed in the middle of stopping them leaves them training. So torchrun gets a session of
-    its own too and is signalled by this process only: when the wait is interrupted (Ctrl-C, an
-    exception) it gets one SIGTERM (it stops its workers, then exits) and ``grace`` seconds; then
-    it and every process under it are killed (at once on a second Ctrl-C). Should this process
-    die without that chance (SIGKILL), a watchdog kills them."""
+    its own too and is signalled by this process only: when the wait is interrupted (Ctrl-C,
+    SIGTERM, an exception) it gets one SIGTERM (it stops its workers, then exits) and ``grace``
+    seconds; then it and every process under it are killed (at once when asked again). Should
+    this process die without that chance (SIGKILL), a watchdog kills them."""
     import psutil
 
     from guidealign.gen import reaper
 
-    p = subprocess.Popen(argv, env=env, start_new_session=True)
+    p = watchdog = None
+    old = _sigterm_raises()
     try:
-        watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
-    except psutil.Error:  # already gone
-        watchdog = None
-    try:
+        p = subprocess.Popen(argv, env=env, start_new_session=True)
+        with contextlib.suppress(psutil.Error):  # (gone already: nothing to watch)
+            watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
         return p.wait()
     except BaseException:
-        stop_tree(p, grace)
+        if p is not None:
+            stop_tree(p, grace)
         raise
     finally:
         reaper.release(watchdog)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _sigterm_raises():
+    """SIGTERM raises SystemExit(143) in this (main) thread, so the wait's cleanup runs; the
+    handler it replaces, or None where signals cannot be handled (another thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, raise_exit)
 
 
 def stop_tree(p: subprocess.Popen, grace: float) -> None:
-    """SIGTERM ``p``, wait up to ``grace`` seconds (less on Ctrl-C), then kill it and what was
-    running under it when it was asked to stop."""
+    """SIGTERM ``p``, wait up to ``grace`` seconds (less when asked again), then kill it and what
+    was running under it when it was asked to stop."""
     import psutil
 
     try:
@@ -182,7 +199,7 @@ def stop_tree(p: subprocess.Popen, grace: float) -> None:
     try:
         while p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-    except KeyboardInterrupt:  # asked again: no more waiting
+    except (KeyboardInterrupt, SystemExit):  # asked again: no more waiting
         pass
     for q in [*tree]:
         with contextlib.suppress(psutil.Error):

@@ -167,7 +167,9 @@ def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[di
     d = Path(workdir) / FAILED_DIR
     if not d.is_dir():
         return []
-    me, started, mine, my_job = run_id(), _process_start(), attempt(), job()
+    ctx = _CTX
+    started = ctx.started if ctx is not None and ctx.started is not None else _process_start()
+    me, mine, my_job = run_id(), attempt(), job()
     out = []
     for p in sorted(d.glob("*.json")):
         try:
@@ -206,6 +208,11 @@ class _Context:
     stall_timeout_s: float
     state: str = "working"
     waiting_for: str = ""
+    # a child process running this rank's stage (guidealign/stage_child.py): the rank process's
+    # start (failure markers older than it are an earlier run's), and, in the rank process,
+    # whether the child beats for it
+    started: float | None = None
+    handed: bool = False
 
 
 _CTX: _Context | None = None
@@ -238,17 +245,19 @@ def heartbeats(workdir: str | Path) -> dict[str, dict]:
 
 @contextmanager
 def guard(workdir: str | Path | None, rank: int | None = None, world_size: int | None = None, *,
-          stage: str = "", stall_timeout_s: float | None = None, beat_s: float | None = None):
+          stage: str = "", stall_timeout_s: float | None = None, beat_s: float | None = None,
+          started: float | None = None):
     """Run a rank's stage under the fail-fast rules: clear this rank's old failure marker,
     send heartbeats, and write a failure marker when the body raises. Nested guards (the
-    ``run`` command around the pipeline) are pass-throughs."""
+    ``run`` command around the pipeline) are pass-throughs. ``started``: in a child process
+    that runs the rank's stage, the rank process's start (see :func:`child_guard`)."""
     global _CTX
     if workdir is None or _CTX is not None:
         yield
         return
     stall = float(stall_timeout_s) if stall_timeout_s and stall_timeout_s > 0 else DEFAULT_STALL_S
     beat = beat_s or max(1.0, min(30.0, stall / 10))
-    ctx = _Context(Path(workdir), rank, world_size, stage, stall)
+    ctx = _Context(Path(workdir), rank, world_size, stage, stall, started=started)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     clear_failed(ctx.workdir, rank)
     stop = threading.Event()
@@ -257,7 +266,8 @@ def guard(workdir: str | Path | None, rank: int | None = None, world_size: int |
         while not stop.wait(beat):
             try:
                 with _LOCK:
-                    _beat(ctx)
+                    if not ctx.handed:
+                        _beat(ctx)
             except OSError as e:  # a full or flaky disk must not kill the stage
                 log.debug("heartbeat: %s", e)
 
@@ -284,6 +294,40 @@ def guard(workdir: str | Path | None, rank: int | None = None, world_size: int |
                 _beat(ctx)
         except OSError:
             pass
+
+
+def child_guard() -> dict | None:
+    """``guard`` keywords for a child process that runs this rank's stage (same workdir, rank,
+    stall clock and heartbeat file; failure markers dated from this process's start), or None
+    outside a guard."""
+    ctx = _CTX
+    if ctx is None:
+        return None
+    return {"workdir": str(ctx.workdir), "rank": ctx.rank, "world_size": ctx.world_size,
+            "stall_timeout_s": ctx.stall_timeout_s,
+            "started": ctx.started if ctx.started is not None else _process_start()}
+
+
+@contextmanager
+def handed_to_child():
+    """While a child process runs this rank's stage under :func:`child_guard` (it beats the same
+    heartbeat file, "waiting" when it waits), this process does not beat: its "working" would
+    count as progress for every other rank's stall clock."""
+    ctx = _CTX
+    if ctx is None:
+        yield
+        return
+    with _LOCK:
+        ctx.handed = True
+    try:
+        yield
+    finally:
+        with _LOCK:
+            ctx.handed = False
+            try:
+                _beat(ctx)
+            except OSError:
+                pass
 
 
 def _is_failure(e: BaseException) -> bool:
