@@ -126,6 +126,12 @@ def assignment(v, request, monkeypatch):
     assert Assignment(kind=v).kind == v
 
 
+def stage_process(v, request, monkeypatch):
+    from guidealign.stage_child import wanted
+
+    wanted(v, lambda: [])
+
+
 def execute_kind(v, request, monkeypatch):
     import guidealign.shards
     from guidealign import executors
@@ -192,6 +198,7 @@ CHECKS = {
     "eval.risk_identification": [(eval_config("risk_identification"), Exception,
                                   "eval.risk_identification must be auto, on or off")],
     "executor.assign": [(assignment, ValueError, "executor.assign must be one of")],
+    "executor.stage_process": [(stage_process, ValueError, "executor.stage_process must be auto, child or inline")],
     "executor.kind": [(execute_kind, ValueError, "executor.kind must be one of"),
                       (check_row, ValueError, "is not local or ray"),
                       (cli_executor, Exception, "is not one of|not a valid|invalid choice")],

@@ -40,7 +40,10 @@ worker.wait()
 """
 
 RANK = r"""
-import sys
+import signal, sys
+# a rank in a terminal or under launch takes Ctrl-C; one started by a non-interactive shell's
+# `&` or by pytest-xdist's worker inherits SIGINT ignored (Python then never raises KeyboardInterrupt)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from guidealign.sft.launcher import run_to_end
 run_to_end([sys.executable, "-c", sys.argv[1], *sys.argv[2:5]], grace=float(sys.argv[5]))
 """
