@@ -172,25 +172,28 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
     procs = []
     logs = []
     started = time.time()  # the workers' markers are written on this node: one clock
-    for w in workers:
-        out = None
-        if log_dir:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            out = open(Path(log_dir) / f"rank{w.rank:05d}.log", "ab")
-            logs.append(out)
-        click.echo(f"launch: rank {w.rank}/{w.world_size} gpus "
-                   f"{','.join(w.gpus) or '-'}: {shlex.join(w.argv[2:])}", err=True)
-        procs.append(subprocess.Popen(w.argv, env=w.environ(), stdout=out, start_new_session=True,
-                                      stderr=subprocess.STDOUT if out else None))
 
     def forward(signum, _frame):
         for p in procs:
             if p.poll() is None:
                 _signal_group(p, signum)
 
+    # before the workers start: a process inherits an ignored SIGINT (launch started by a
+    # non-interactive shell's `&`), never a handler, so with launch's handler in place each
+    # worker takes the Ctrl-C launch forwards
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     failed: list[tuple[int, int]] = []
     try:
+        for w in workers:
+            out = None
+            if log_dir:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                out = open(Path(log_dir) / f"rank{w.rank:05d}.log", "ab")
+                logs.append(out)
+            click.echo(f"launch: rank {w.rank}/{w.world_size} gpus "
+                       f"{','.join(w.gpus) or '-'}: {shlex.join(w.argv[2:])}", err=True)
+            procs.append(subprocess.Popen(w.argv, env=w.environ(), stdout=out, start_new_session=True,
+                                          stderr=subprocess.STDOUT if out else None))
         while True:
             codes = [p.poll() for p in procs]
             for w, c in zip(workers, codes):

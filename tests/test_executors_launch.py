@@ -248,3 +248,47 @@ def test_a_dead_worker_replaces_its_rank_s_failure_marker_of_an_earlier_attempt(
     mark_failed(wd, 2, "ValueError: this attempt's own error")
     _record_failure(str(wd), w, 1, started)
     assert "this attempt's own error" in json.loads(failure_path(wd, 2).read_text())["error"]
+
+
+LAUNCHER = r"""
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a non-interactive shell's `launch ... &` starts it
+from guidealign.launch import Worker, run_workers
+w = Worker(rank=0, world_size=1, local_rank=0, gpus=[], argv=[sys.executable, "-c", sys.argv[1]])
+print("status", run_workers([w], grace=60), flush=True)
+"""
+
+WORKER = r"""
+import pathlib, sys, time
+pathlib.Path(sys.argv[1]).write_text("started")
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    pathlib.Path(sys.argv[1]).write_text("interrupted")
+    sys.exit(130)
+"""
+
+
+def test_a_ctrl_c_forwarded_by_launch_reaches_workers_even_when_launch_ignores_it(tmp_path):
+    """launch started with SIGINT ignored (a background job) started its workers before its own
+    handler was in place, so they inherited the ignored SIGINT and the Ctrl-C it forwards
+    (`kill -INT`) never stopped them."""
+    import signal
+    import subprocess
+    import time
+
+    flag = tmp_path / "worker"
+    worker = WORKER.replace("sys.argv[1]", repr(str(flag)))
+    p = subprocess.Popen([sys.executable, "-c", LAUNCHER, worker], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert flag.read_text() == "interrupted"
+    assert "status 130" in out
