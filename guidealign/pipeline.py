@@ -14,6 +14,7 @@ start (SFT resumes from its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -131,13 +132,7 @@ def _gpu_placement(cfg: Config, chosen: list[Stage]) -> tuple[bool, bool]:
 
     if not any(s.cuda_here for s in chosen):
         return False, False
-    gpus: list[str] | None = None
-
-    def visible() -> list[str]:
-        nonlocal gpus
-        gpus = visible_gpus() if gpus is None else gpus
-        return gpus
-
+    visible = functools.cache(visible_gpus)  # nvidia-smi asked at most once, and only if needed
     child = wanted(cfg.executor.stage_process, visible)
     exclusive = exclusive_gpus(visible()) if child and visible() else []
     if exclusive:

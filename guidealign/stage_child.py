@@ -49,8 +49,6 @@ def run_in_child(fn: str, cfg, workdir: str | Path, *, rank: int = 0, world_size
     beats this rank's heartbeat file, waits on its stall clock and writes its failure marker
     while this process stops beating): its report, or its exception raised here (with the
     child's traceback as a note)."""
-    import psutil
-
     from guidealign.gen import reaper
     from guidealign.shards.claims import current_assignment
     from guidealign.shards.failure import child_guard, handed_to_child
@@ -67,8 +65,7 @@ def run_in_child(fn: str, cfg, workdir: str | Path, *, rank: int = 0, world_size
         with handed_to_child():
             p.start()
             send.close()  # the child holds the only writing end: a dead child reads as end of file
-            with contextlib.suppress(psutil.Error):
-                watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
+            watchdog = reaper.guard_process(p.pid)
             try:
                 result = recv.recv()
             except EOFError:

@@ -75,6 +75,16 @@ def guard(procs: set[tuple[int, float]]) -> subprocess.Popen | None:
                             start_new_session=True)
 
 
+def guard_process(pid: int) -> subprocess.Popen | None:
+    """:func:`guard` for one process (and, when it fires, its children), or None when it is gone."""
+    import psutil
+
+    try:
+        return guard({(pid, psutil.Process(pid).create_time())})
+    except psutil.Error:
+        return None
+
+
 def release(watchdog: subprocess.Popen | None) -> None:
     """After a normal shutdown: close the pipe so the watchdog checks once and exits."""
     if watchdog is not None and watchdog.poll() is None:

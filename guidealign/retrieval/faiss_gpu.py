@@ -9,8 +9,8 @@ torch's. FAISS reports such a CUDA error through an assertion that aborts the pr
 (``CUDA_VERIFY`` -> ``FAISS_ASSERT``), which no ``except`` can catch, so the probe runs in a
 child process and a child that dies is a failed probe. The GPU count is taken in that child
 too (FAISS's device count is a CUDA call that aborts the same way, e.g. on a driver older than
-its runtime): the process that runs the stages only asks whether its FAISS build has GPU code. When the probe fails, "auto" searches
-on the CPU and logs why (a flat index over tens of thousands of guidelines is cheap there);
+its runtime): the process that runs the stages only asks whether its FAISS build has GPU code.
+When the probe fails, "auto" searches on the CPU and logs why (a flat index over tens of thousands of guidelines is cheap there);
 true raises; false never tries. Flat and IVF indexes that pass are sharded over all GPUs for
 searching (retrieve, and the dedup candidate search); HNSW stays on the CPU (FAISS has no GPU
 HNSW), and so does a search whose k, or an IVF index whose nprobe, is over FAISS GPU's

@@ -198,8 +198,8 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     model_path, ref = _encoder_ref(cfg, workdir, version)
     weights = retriever_weights(cfg, workdir)
     fp = index_fingerprint(cfg, version)
-    if is_current(dst, fp) and same_weights(read_done(dst), weights):
-        done = read_done(dst)
+    done = read_done(dst)
+    if is_current(dst, fp) and same_weights(done, weights):
         return IndexReport(rows=done["rows"], kind=done.get("kind", ""), dim=done.get("dim", 0),
                            library_version=version, skipped=True)
 

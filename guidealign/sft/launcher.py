@@ -149,16 +149,13 @@ def run_to_end(argv: list[str], env: dict | None = None, grace: float = TORCHRUN
     SIGTERM, an exception) it gets one SIGTERM (it stops its workers, then exits) and ``grace``
     seconds; then it and every process under it are killed (at once when asked again). Should
     this process die without that chance (SIGKILL), a watchdog kills them."""
-    import psutil
-
     from guidealign.gen import reaper
 
     p = watchdog = None
     old = _sigterm_raises()
     try:
         p = subprocess.Popen(argv, env=env, start_new_session=True)
-        with contextlib.suppress(psutil.Error):  # (gone already: nothing to watch)
-            watchdog = reaper.guard({(p.pid, psutil.Process(p.pid).create_time())})
+        watchdog = reaper.guard_process(p.pid)
         return p.wait()
     except BaseException:
         if p is not None:

@@ -106,6 +106,12 @@ def _process_start() -> float:
 _IMPORTED = time.time()
 
 
+def _rank_start(ctx) -> float:
+    """When the rank started: its process's start, or, in a child that runs its stage, the rank
+    process's (``_Context.started``)."""
+    return ctx.started if ctx is not None and ctx.started is not None else _process_start()
+
+
 def _name(rank) -> str:
     return f"rank-{int(rank):05d}.json" if rank is not None else f"pid-{os.getpid()}.json"
 
@@ -167,8 +173,7 @@ def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[di
     d = Path(workdir) / FAILED_DIR
     if not d.is_dir():
         return []
-    ctx = _CTX
-    started = ctx.started if ctx is not None and ctx.started is not None else _process_start()
+    started = _rank_start(_CTX)
     me, mine, my_job = run_id(), attempt(), job()
     out = []
     for p in sorted(d.glob("*.json")):
@@ -305,7 +310,7 @@ def child_guard() -> dict | None:
         return None
     return {"workdir": str(ctx.workdir), "rank": ctx.rank, "world_size": ctx.world_size,
             "stall_timeout_s": ctx.stall_timeout_s,
-            "started": ctx.started if ctx.started is not None else _process_start()}
+            "started": _rank_start(ctx)}
 
 
 @contextmanager
