@@ -277,3 +277,40 @@ def test_detect_prefix_is_cached_in_whole_blocks(llm, generator_path):
     assert shared % block == 0 and cached == shared
     shared0, cached0 = seen[0]
     assert shared0 % block and cached0 == shared0 - shared0 % block < shared0
+
+
+@pytest.mark.parametrize("stage", ["detect", "guidelines"])
+def test_an_engine_with_another_kv_block_than_the_fingerprint_names_is_refused(llm, generator_path, stage):
+    """The block detect/guidelines pad their shared prefix to is in their fingerprint
+    (``prefix_align``, from the config); an engine that caches in other blocks (vLLM or its
+    attention backend chose its own) would pad under a fingerprint that names another block, so
+    the stage stops and says which ``engine.block_size`` to set. With the matching setting, or
+    without padding, it starts."""
+    import importlib
+
+    from guidealign.gen.engine import cache_block_size, prefix_align
+
+    make_shard_fn = importlib.import_module(f"guidealign.gen.{stage}").make_shard_fn
+    block = cache_block_size(llm)
+    assert block > 1
+    other = cfg_for(generator_path, f"engine.block_size={2 * block}")
+    assert prefix_align(other.engine) == 2 * block
+    with pytest.raises(ValueError, match=f"set engine.block_size: {block}"):
+        make_shard_fn(other, llm)
+    make_shard_fn(cfg_for(generator_path, f"engine.block_size={block}"), llm)
+    make_shard_fn(cfg_for(generator_path, f"engine.block_size={2 * block}", f"{stage}.align_prefix=false"), llm)
+
+
+def test_the_gpu_kv_block_is_named_not_left_to_vllm(monkeypatch):
+    """On a GPU without ``engine.block_size`` the fingerprint names a block (vLLM's CUDA
+    default, asked for by name), never "unset": a later vLLM or another attention backend
+    cannot change the padding under the same fingerprint."""
+    from guidealign.config.engine import EngineConfig
+    from guidealign.gen import engine
+
+    monkeypatch.setattr(engine, "has_cuda", lambda: True)
+    assert engine.prefix_align(EngineConfig()) == engine.GPU_BLOCK_SIZE == 16
+    assert engine.prefix_align(EngineConfig(block_size=64)) == 64
+    assert engine.prefix_align(EngineConfig(enable_prefix_caching=False)) == 0
+    monkeypatch.setattr(engine, "has_cuda", lambda: False)
+    assert engine.prefix_align(EngineConfig()) == engine.CPU_BLOCK_SIZE

@@ -47,7 +47,9 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     # KV-cache block size in tokens; None = 32 on the CPU (the smallest vLLM's CPU attention
-    # takes; its own default is 128), vLLM's default on GPUs (16). Prefix caching reuses whole
+    # takes; its own default is 128), 16 on GPUs (vLLM's CUDA default, asked for by name: detect
+    # and guidelines pad their shared prefix to it, so it is part of their fingerprints; an
+    # engine that starts with another block stops them with the value to set). Prefix caching reuses whole
     # blocks only, so the part of a shared few-shot prefix past its last full block is computed
     # again for every prompt. On the CPU, detect's score mode ran ~3x faster with 32 than with
     # 128 (bench/detect_modes.py --short, with and without --block-size 128; README figures).

@@ -184,7 +184,7 @@ def _score_row(pid, prompt, built: Built, scored, threshold: float) -> dict:
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     """The per-shard function (shared by the stage and bench/gen.py)."""
     from guidealign.gen import scoring
-    from guidealign.gen.engine import (cache_block_size, check_not_all_failed, params_for,
+    from guidealign.gen.engine import (check_not_all_failed, params_for, prompt_align,
                                        prefix_cache_counters)
     from guidealign.gen.yieldstats import counts, detect_usable
 
@@ -193,7 +193,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
         raise ValueError(f"detect.mode must be one of {MODES}, not {d.mode!r}")
     tok = tok or llm.get_tokenizer()
     prompts = DetectPrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len),
-                            align=cache_block_size(llm))
+                            align=prompt_align(llm, cfg.engine) if d.align_prefix else 0)
     s = d.sampling
     if d.mode == "score":
         threshold = scoring.load_threshold(d.score_threshold, d.threshold_file)

@@ -76,6 +76,10 @@ def engine_isolation():
 
 # the smallest KV block vLLM's CPU attention accepts (its default, 128, wastes prefix-cache hits)
 CPU_BLOCK_SIZE = 32
+# vLLM's default on CUDA GPUs, asked for by name: the block a stage pads its shared prefix to is
+# part of every prompt and of the stage's fingerprint, so it must not be whatever a later vLLM
+# (or its attention backend) picks
+GPU_BLOCK_SIZE = 16
 
 
 def build_llm(cfg: EngineConfig):
@@ -116,9 +120,7 @@ def build_llm(cfg: EngineConfig):
             max_num_seqs=cfg.max_num_seqs,
             disable_log_stats=False,
         )
-        block = _block_size(cfg, cpu)
-        if block:
-            kwargs["block_size"] = block
+        kwargs["block_size"] = _block_size(cfg, cpu)
         if cfg.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if not cpu:
@@ -272,20 +274,38 @@ def cache_block_size(llm) -> int:
         return 0
 
 
-def prefix_align(cfg: EngineConfig):
+def prefix_align(cfg: EngineConfig) -> int:
     """What :func:`cache_block_size` of the engine :func:`build_llm` starts for ``cfg`` will be,
     for the fingerprints of stages that pad their shared prefix to it (``align_prefix``): the
-    padding is part of every prompt. 0 without prefix caching; None for vLLM's own default
-    block size (on GPUs, when ``block_size`` is not set)."""
+    padding is part of every prompt. 0 without prefix caching."""
     if not cfg.enable_prefix_caching:
         return 0
     return _block_size(cfg, cpu=not has_cuda())
 
 
-def _block_size(cfg: EngineConfig, cpu: bool) -> int | None:
-    """The KV block size build_llm asks vLLM for: the configured one, else ours on the CPU,
-    else (None) vLLM's own default."""
-    return cfg.block_size or (CPU_BLOCK_SIZE if cpu else None)
+def prompt_align(llm, cfg: EngineConfig) -> int:
+    """The block a stage pads its shared prefix to with ``llm`` (:func:`cache_block_size`), after
+    checking that it is the one its fingerprint names (:func:`prefix_align`): vLLM may start with
+    another block size than asked for (some attention backends force their own), and prompts
+    padded to it under the fingerprint of another would mix two paddings in one stage's shards.
+    An engine that does not say (a stand-in in tests) is taken at its word, 0 or not."""
+    actual = cache_block_size(llm)
+    try:
+        llm.llm_engine.vllm_config.cache_config
+    except AttributeError:
+        return actual
+    want = prefix_align(cfg)
+    if actual != want:
+        raise ValueError(f"the engine caches prefixes in blocks of {actual} tokens, not the {want} this "
+                         f"stage's fingerprint was made for (vLLM or its attention backend chose "
+                         f"another block size); set engine.block_size: {actual}")
+    return actual
+
+
+def _block_size(cfg: EngineConfig, cpu: bool) -> int:
+    """The KV block size build_llm asks vLLM for: the configured one, else ours (the CPU's
+    smallest, or vLLM's GPU default, named)."""
+    return cfg.block_size or (CPU_BLOCK_SIZE if cpu else GPU_BLOCK_SIZE)
 
 
 def output_fields(cfg: EngineConfig, sampled: bool = True) -> dict:

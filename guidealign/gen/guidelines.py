@@ -161,14 +161,14 @@ def kind_for(risky, unknown: str) -> str | None:
 
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     from guidealign.gen import scoring
-    from guidealign.gen.engine import (cache_block_size, check_not_all_failed, params_for,
+    from guidealign.gen.engine import (check_not_all_failed, params_for, prompt_align,
                                        prefix_cache_counters)
     from guidealign.gen.yieldstats import counts, guidelines_usable
 
+    g = cfg.guidelines
     tok = tok or llm.get_tokenizer()
     prompts = GuidelinePrompts(cfg, tok, max_model_len or engine_max_len(llm, cfg.engine.max_model_len),
-                               align=cache_block_size(llm))
-    g = cfg.guidelines
+                               align=prompt_align(llm, cfg.engine) if g.align_prefix else 0)
     kind_for(None, g.unknown_verdict)  # validate early
 
     def fn(table: pa.Table, index: int):
