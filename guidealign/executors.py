@@ -141,8 +141,14 @@ def run_on_ray(fn: Callable | str, cfg, workdir: str | Path, *, n_tasks: int,
     from guidealign.ray_workers import resources_for, worker_env
 
     opts = ray_task_options(resources_for(ex, stage or _stage_name(fn)), max_retries=max_retries)
-    remote = ray.remote(_task_body).options(name=f"guidealign-{_fn_name(fn)}", **opts,
-                                            runtime_env={"env_vars": worker_env()})
+    # max_calls=1: each task in a Ray worker process of its own that exits after it. Ray makes
+    # that the default only for a function declared with GPUs in ``ray.remote(...)`` itself, not
+    # for GPUs asked for in ``.options``: an idle worker that ran train-retriever or index kept its
+    # CUDA context and cached GPU memory for the rest of the run, where respond's engines count
+    # it as taken. (A task without GPUs on a GPU node sees them all: Ray leaves
+    # CUDA_VISIBLE_DEVICES unset, and the encoders take the first.)
+    remote = ray.remote(max_calls=1)(_task_body).options(name=f"guidealign-{_fn_name(fn)}", **opts,
+                                                         runtime_env={"env_vars": worker_env()})
     workdir = str(Path(workdir).absolute())
     cwd = os.getcwd()
     from guidealign.shards.failure import clear_all_failed

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -422,3 +424,33 @@ def test_a_driver_clears_only_its_own_runs_failure_markers(tmp_path, monkeypatch
     monkeypatch.setenv("GUIDEALIGN_RUN_ID", "mine")
     clear_all_failed(tmp_path)
     assert sorted(p.name for p in (tmp_path / FAILED_DIR).glob("*.json")) == ["rank-00005.json"]
+
+
+def test_each_ray_task_runs_in_a_worker_process_that_exits_after_it(ray_local, ingested):
+    """A stage task (train-retriever, index: encoders on a GPU) leaves no idle Ray worker behind
+    holding what it loaded (a CUDA context, cached GPU memory): Ray reuses a task's worker
+    process unless the function was declared with GPUs, and GPUs here come from the config
+    through ``.options``. Two tasks in a row run in two processes, and the first is gone."""
+    from guidealign.executors import run_on_ray
+
+    pids = []
+    for _ in range(2):
+        shutil.rmtree(ingested / "charcount", ignore_errors=True)
+        (res,) = run_on_ray(run_charcount, ray_cfg(num_cpus=1), ingested, n_tasks=1, progress=False)
+        pids.append(res.pid)
+    assert pids[0] != pids[1]
+    deadline = time.monotonic() + 30
+    while _alive(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pids[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
