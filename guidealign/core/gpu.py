@@ -133,6 +133,17 @@ def require_usable_gpus(env: dict | None = None, nvidia_smi: str | None = "nvidi
         "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU on purpose.")
 
 
+def torch_device() -> str:
+    """The device a model that picks its own goes on: "cuda" where torch can use a GPU, "cpu"
+    where none is visible; raises :class:`GpuUnusable` where GPUs are visible but torch cannot
+    use them (a CPU wheel, an old driver) instead of encoding or training on the CPU of a GPU node."""
+    if require_usable_gpus():
+        return "cuda"
+    import torch  # none listed (no nvidia-smi in the container): torch may still see one
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def parse_compute_modes(text: str) -> dict[str, str]:
     """``nvidia-smi --query-gpu=index,uuid,compute_mode --format=csv,noheader`` -> {index or
     uuid: mode} ("Default", "Exclusive_Process", "Prohibited"); lines that do not read are left out."""

@@ -11,7 +11,6 @@ class HarmClassifier:
     harmful (id2label names or class indices as strings); the rest mean harmless."""
 
     def __init__(self, ecfg):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from guidealign.core.models import resolve
@@ -22,7 +21,9 @@ class HarmClassifier:
         self.model = AutoModelForSequenceClassification.from_pretrained(path)
         dev = ecfg.classifier_device
         if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            from guidealign.core.gpu import torch_device
+
+            dev = torch_device()
         self.device = dev
         self.model.to(dev).eval()
         id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}

@@ -33,13 +33,14 @@ def doc_text(title: str | None, text: str | None) -> str:
 
 def load_encoder(name: str, *, max_seq_length: int | None = None, device: str | None = None):
     """A SentenceTransformer from a path, Hub id or embedded name (guidealign.models.resolve)."""
-    import torch
     from sentence_transformers import SentenceTransformer
 
     from guidealign.core.models import resolve
 
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from guidealign.core.gpu import torch_device
+
+        device = torch_device()
     model = SentenceTransformer(resolve(name), device=device)
     if max_seq_length:
         model.max_seq_length = max_seq_length
