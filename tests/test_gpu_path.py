@@ -276,6 +276,29 @@ def test_visible_but_unusable_gpus_fail_loudly(tmp_path):
     assert require_usable_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}, cuda_available=lambda: True) == 2
 
 
+
+def test_encoders_refuse_visible_gpus_that_torch_cannot_use(monkeypatch, embedder_path):
+    """The encoder stages (library, train-retriever, index, retrieve) and the eval classifier
+    pick their device themselves: with GPUs visible and a torch that cannot use them they stop
+    with the reason, as the engine does, instead of encoding and training on the CPU of a GPU
+    node (a stage that runs alone, or a run whose generation outputs are done, starts no engine
+    to stop it). No GPU visible: the CPU, as before."""
+    from guidealign.core.gpu import GpuUnusable, torch_device
+    from guidealign.retrieval.embed import load_encoder
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # this machine's torch has no CUDA
+    with pytest.raises(GpuUnusable, match=r"GPUs are visible \(0,1,2,3\)"):
+        load_encoder(embedder_path)
+    with pytest.raises(GpuUnusable):
+        torch_device()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert torch_device() == "cpu"
+    assert str(load_encoder(embedder_path).device) == "cpu"
+    # a device named by the caller is taken as it is
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert str(load_encoder(embedder_path, device="cpu").device) == "cpu"
+
+
 # --- models fetch: every Hub model of a recipe, once, into the shared cache ---------------
 
 def _fake_cached_repo(cache: Path, repo_id: str) -> Path:
@@ -367,3 +390,42 @@ def test_run_sh_launch_never_installs(tmp_path):
     p = run_sh("launch", "--dry-run", "index", "-w", "x",
                env={"GUIDEALIGN_VENV": str(tmp_path / "none")})
     assert p.returncode == 1 and "launch never installs" in p.stderr
+
+
+@pytest.mark.parametrize("stage", ["library", "index"])
+def test_faiss_gpu_probe_runs_before_the_encoder_takes_a_gpu(tmp_path, monkeypatch, stage):
+    """FAISS's GPU probe is a child process that clones onto every GPU. The index stage (and the
+    library with model candidates) probed after encoding, i.e. after torch in the stage's own
+    process held GPU 0: on EXCLUSIVE_PROCESS GPUs (one process each) the probe then failed,
+    recording no GPU search (``use_gpu: auto``) or failing the stage (``use_gpu: true``)."""
+    from guidealign.config import load_config
+    from guidealign.retrieval import embed, faiss_gpu
+    from guidealign.retrieval.faiss_gpu import GpuProbe
+    from guidealign.retrieval.index import run_index
+    from guidealign.retrieval.library import run_library
+    from synthetic import coded_guideline_rows, write_guideline_shards
+
+    sets = ["library.threads=1", "index.threads=1", "retriever.threads=1", "library.use_gpu=false",
+            "index.use_gpu=false"]
+    wd = tmp_path / "run"
+    write_guideline_shards(wd / "guidelines", coded_guideline_rows(4, 3, seed=2), shard_rows=8)
+    if stage == "index":
+        run_library(load_config(overrides=sets), wd, progress=False)
+    calls = []
+    monkeypatch.setattr(faiss_gpu, "_PROBE", None)
+    monkeypatch.setattr(faiss_gpu, "probe_gpus", lambda *a, **k: calls.append("probe") or GpuProbe(False, 0, "t"))
+    real = embed.load_encoder
+
+    def encoder(*a, **k):
+        calls.append("encoder")
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "load_encoder", encoder)
+    if stage == "library":
+        run_library(load_config(overrides=sets + ["library.candidates=model", "library.use_gpu=auto"]), wd,
+                    progress=False)
+    else:
+        run_index(load_config(overrides=sets + ["index.use_gpu=auto", "index.model=embedded:all-minilm-l6-v2"]),
+                  wd, progress=False)
+    assert "encoder" in calls and "probe" in calls
+    assert calls.index("probe") < calls.index("encoder")

@@ -211,13 +211,15 @@ def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                                 "see its report.json (every generated guideline was empty?)")
     docs = [doc_text(t, x) for t, x in zip(library.column("title").to_pylist(),
                                            library.column("text").to_pylist())]
+    # what retrieve will search on (its top_n and this index's nprobe decide as well); FAISS's
+    # GPU probe (a child process) runs before the encoder takes a GPU in this process: on
+    # EXCLUSIVE_PROCESS GPUs the probe would find them all taken after
+    gpus = search_gpus(ic.kind, ic.use_gpu, k=cfg.retrieve.top_n, nprobe=ic.nprobe if ic.kind == "ivf" else 0,
+                       warn=False)
     model = load_encoder(model_path)
     t1 = time.perf_counter()
     vecs = encode(model, docs, batch_size=ic.batch_size)
     t2 = time.perf_counter()
-    # what retrieve will search on (its top_n and this index's nprobe decide as well)
-    gpus = search_gpus(ic.kind, ic.use_gpu, k=cfg.retrieve.top_n, nprobe=ic.nprobe if ic.kind == "ivf" else 0,
-                       warn=False)
     index, name = build_faiss(vecs, ic)
     t3 = time.perf_counter()
     import faiss

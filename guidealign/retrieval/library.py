@@ -212,6 +212,12 @@ def _vectors(keys: list[str], lc, progress: bool) -> np.ndarray:
     if lc.candidates == "ngram":
         return ngram_vectors(keys, dim=lc.ngram_dim)
     if lc.candidates == "model":
+        from guidealign.retrieval.faiss_gpu import num_gpus
+
+        # FAISS's GPU probe (a child process, once per process; the clustering's FAISS asks
+        # later) before the encoder takes a GPU here: on EXCLUSIVE_PROCESS GPUs it would find
+        # them all taken after
+        num_gpus(lc.use_gpu)
         set_threads(lc.threads)
         model = load_encoder(lc.embed_model)
         return encode(model, keys, batch_size=lc.batch_size)
