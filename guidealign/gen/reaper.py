@@ -35,16 +35,25 @@ for p in procs:
 
 
 def child_pids() -> set[tuple[int, float]]:
-    """(pid, create time) of this process's children, recursively."""
+    """(pid, create time) of this process's children, recursively, but multiprocessing's
+    resource tracker: started with a first spawn (the engine's), it is this process's for as
+    long as it lives, and killing it with an engine's processes (the watchdog, on ``release``)
+    left the shared memory registered with it (vLLM's tensor-parallel broadcast buffers in
+    /dev/shm) to leak when a later engine was killed."""
     import psutil
 
     out = set()
     for p in psutil.Process().children(recursive=True):
         try:
-            out.add((p.pid, p.create_time()))
+            if not _is_resource_tracker(p):
+                out.add((p.pid, p.create_time()))
         except psutil.Error:
             pass
     return out
+
+
+def _is_resource_tracker(p) -> bool:
+    return any("resource_tracker" in a for a in p.cmdline())
 
 
 def wait_exit(procs: set[tuple[int, float]], timeout: float) -> int:
@@ -57,8 +66,7 @@ def wait_exit(procs: set[tuple[int, float]], timeout: float) -> int:
     for pid, created in procs:
         try:
             p = psutil.Process(pid)
-            if abs(p.create_time() - created) < 1e-3 and \
-                    not any("resource_tracker" in a for a in p.cmdline()):  # not a reused pid
+            if abs(p.create_time() - created) < 1e-3 and not _is_resource_tracker(p):  # not a reused pid
                 live.append(p)
         except psutil.Error:
             pass
