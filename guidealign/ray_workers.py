@@ -127,7 +127,10 @@ class LazyEngine:
         gc.collect()
 
     def __getattr__(self, name):  # everything else needs the real engine
-        if name.startswith("_"):
+        # private names are the wrapper's own, but where the engine's chat template ends an
+        # assistant turn (gen.engine.sampling_params stops there): refused, detect and
+        # guidelines on Ray generated past the turn end
+        if name.startswith("_") and name != "_guidealign_stop":
             raise AttributeError(name)
         return getattr(self.build(), name)
 

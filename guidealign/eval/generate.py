@@ -125,7 +125,7 @@ class LazyLLM:
         return self._tok
 
     def __getattr__(self, name):
-        if name.startswith("_"):
+        if name.startswith("_") and name != "_guidealign_stop":  # the engine's turn end (see ray_workers)
             raise AttributeError(name)
         return getattr(self._engines.generator(), name)
 
