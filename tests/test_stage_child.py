@@ -228,3 +228,45 @@ def test_the_shared_engine_goes_before_an_encoder_stage_only_on_exclusive_gpus()
         assert not engine_goes_before(chosen[i], chosen[i:], shared, exclusive=False)  # kept for respond
         assert engine_goes_before(chosen[i], chosen[i:], shared, exclusive=True)
     assert engine_goes_before(get("sft"), [get("sft")], shared, exclusive=False)  # none left uses it
+
+
+EVAL_RETRIEVE = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[3])
+    from pathlib import Path
+    from guidealign.config import load_config
+    from guidealign.eval.generate import run_retrieval
+    from guidealign.pipeline import run_pipeline
+    from synthetic import coded_guideline_rows, write_guideline_shards, write_prompt_shards
+
+    wd = Path(sys.argv[1])
+    cfg = load_config(overrides=json.loads(sys.argv[2]))
+    write_guideline_shards(wd / "guidelines", coded_guideline_rows(4, 3, seed=2), shard_rows=8)
+    run_pipeline(load_config(overrides=json.loads(sys.argv[2])[:-1] + ["executor.stage_process=child"]), wd,
+                 stages=["library", "train-retriever", "index"], progress=False, echo=lambda *a: None)
+    sub = wd / "eval" / "bench"
+    write_prompt_shards(sub / "prompts", [{"id": f"b{i}", "prompt": f"case question {i}"} for i in range(4)],
+                        shard_rows=2)
+    out = run_retrieval(cfg, wd, sub, 0, 1, progress=False)
+    print(json.dumps({"encoder_loaded_here": "sentence_transformers" in sys.modules, "out": str(out)}))
+""")
+
+
+def test_eval_retrieves_for_the_benchmark_in_a_child_process(tmp_path):
+    """eval's guided condition retrieves for the benchmark prompts before the responder's engine
+    starts; it called the retrieve stage in its own process, which then held the encoder's CUDA
+    context next to the engine (EXCLUSIVE_PROCESS GPUs: the engine's workers could not open
+    them). Under ``executor.stage_process`` it runs in a child, as ``run``'s encoder stages do."""
+    from guidealign.shards.manifest import is_complete
+
+    seen = {}
+    for mode in ("child", "inline"):
+        wd = tmp_path / mode
+        out = subprocess.run([sys.executable, "-c", EVAL_RETRIEVE, str(wd),
+                              json.dumps(SETS + [f"executor.stage_process={mode}"]), str(TESTS)],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert is_complete(Path(seen[mode]["out"]))
+    assert not seen["child"]["encoder_loaded_here"]
+    assert seen["inline"]["encoder_loaded_here"]  # what the first assertion tells apart

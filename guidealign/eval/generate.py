@@ -177,14 +177,30 @@ def _link_artifacts(src_workdir: Path, sub: Path) -> None:
         os.replace(tmp, d)
 
 
-def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int) -> Path:
-    """Retrieve guidelines for the benchmark prompts from the run's library and index."""
-    from guidealign.retrieval.retrieve import run_retrieve
+def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int, progress: bool = True) -> Path:
+    """Retrieve guidelines for the benchmark prompts from the run's library and index; where
+    GPUs are visible (``executor.stage_process``, as ``run`` does for its encoder stages) in a
+    child process, so that this process holds no CUDA context when the responder's engine
+    starts (on EXCLUSIVE_PROCESS GPUs its workers could not open the GPU otherwise)."""
+    from guidealign.core.gpu import visible_gpus
+    from guidealign.stage_child import run_in_child, wanted
 
     base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
     _link_artifacts(base, sub)
-    run_retrieve(cfg, sub, rank=rank, world_size=world_size, src="prompts", dst="retrieve")
+    if wanted(cfg.executor.stage_process, visible_gpus):
+        run_in_child(f"{__name__}:retrieve_benchmark", cfg, sub, rank=rank, world_size=world_size,
+                     progress=progress)
+    else:
+        retrieve_benchmark(cfg, sub, rank=rank, world_size=world_size, progress=progress)
     return sub / "retrieve"
+
+
+def retrieve_benchmark(cfg, sub, *, rank: int = 0, world_size: int = 1, progress: bool = True):
+    """The retrieve stage over the benchmark's prompts in the eval directory ``sub``."""
+    from guidealign.retrieval.retrieve import run_retrieve
+
+    return run_retrieve(cfg, sub, rank=rank, world_size=world_size, progress=progress, src="prompts",
+                        dst="retrieve")
 
 
 def run_responses(cfg, workdir: Path, sub: Path, guided: bool, engines: Engines, rank: int,
@@ -195,7 +211,7 @@ def run_responses(cfg, workdir: Path, sub: Path, guided: bool, engines: Engines,
     dst = "respond_guided" if guided else "respond_unguided"
     src = "prompts"
     if guided:
-        run_retrieval(cfg, workdir, sub, rank, world_size)
+        run_retrieval(cfg, workdir, sub, rank, world_size, progress)
         src = "retrieve"
     run_respond(eval_respond_cfg(cfg), sub, rank=rank, world_size=world_size, llm=LazyLLM(engines),
                 guided=guided, src=src, dst=dst, progress=progress)
