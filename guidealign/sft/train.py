@@ -138,6 +138,21 @@ def lora_config(scfg, model, new_token_ids: list[int]):
         trainable_token_indices=tokens, task_type="CAUSAL_LM")
 
 
+def _head_bias_for_fused_loss(model) -> None:
+    """TRL's fused LM head reads ``lm_head.weight`` and ``lm_head.bias``; peft's trainable-tokens
+    wrapper around an untied head (LoRA with tokens the chat template added: chatml on Llama-2)
+    passes on the weight, with the new rows, but not the bias, and the first step failed. A head
+    without a bias (Llama's) gets ``bias = None`` on the wrapper; one with a bias is left as is."""
+    head = model.get_output_embeddings()
+    base = getattr(head, "original_module", None) if head is not None else None
+    if base is None or "bias" in vars(head) or getattr(base, "bias", None) is not None:
+        return
+    try:
+        head.bias
+    except AttributeError:
+        head.bias = None
+
+
 def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
                   ckpt_dir: Path | None = None):
     """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision);
@@ -147,6 +162,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
+    from guidealign.core.gpu import torch_device
     from guidealign.core.models import resolve
 
     scfg = cfg.sft
@@ -197,8 +213,9 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=not progress,
-        # On CPUs, transformers only sets up DDP (gloo) under torchrun/accelerate with use_cpu.
-        use_cpu=not torch.cuda.is_available(),
+        # On CPUs, transformers only sets up DDP (gloo) under torchrun/accelerate with use_cpu;
+        # GPUs visible that torch cannot use stop here (GpuUnusable), not train on the CPU
+        use_cpu=torch_device() == "cpu",
         # the other processes wait at a barrier while the first writes the model (tens of GB
         # for a 13B full fine-tune, then checksummed) or a checkpoint: NCCL's default 30 min can
         # end the job right after training
@@ -220,6 +237,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     dataset = tokenize_dataset(tok, dataset)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset,
                          processing_class=tok, peft_config=peft_config)
+    _head_bias_for_fused_loss(trainer.model)
     if trainer.args.world_size != world:
         raise RuntimeError(f"{world} processes were launched but the trainer sees "
                            f"{trainer.args.world_size}: the distributed setup failed")
@@ -249,6 +267,9 @@ def run_sft(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool 
     done = _already_done(cfg, workdir, force)
     if done is not None:
         return done
+    from guidealign.core.gpu import require_usable_gpus
+
+    require_usable_gpus()  # before torchrun starts a training process per GPU torch cannot use
     _wait_for_the_node_gpus(world_size)
     n = launcher.resolve_num_processes(cfg.sft)
     if n == 1:
