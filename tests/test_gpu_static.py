@@ -99,7 +99,9 @@ def test_sft_counts_mig_node_gpus_as_one_training_process(monkeypatch):
 
     monkeypatch.setenv(launcher.NODE_GPUS_ENV, "MIG-a,MIG-b,MIG-c")
     assert launcher.visible_gpus() == 1
-    assert launcher.resolve_num_processes(SimpleNamespace(num_processes="auto")) == 1
+    from guidealign.config import load_config
+
+    assert launcher.resolve_num_processes(load_config(None).sft) == 1  # num_processes: auto
     monkeypatch.setenv(launcher.NODE_GPUS_ENV, "GPU-x,GPU-y")
     assert launcher.visible_gpus() == 2
 

@@ -133,10 +133,30 @@ def test_fingerprint_does_not_depend_on_the_run_dir(tmp_path):
     assert sft_fingerprint(tiny_cfg("sft.num_processes=2"), build_dataset(cfg.sft, a)[1]) == fa
 
 
+@pytest.mark.parametrize("recipe", ["sft-labrador-13b.yaml", "gpu-paper.yaml"])
+def test_auto_process_count_fits_the_global_batch_on_any_node(recipe):
+    """``num_processes: auto`` on a node whose GPU count the global batch does not split over
+    in whole micro-batches (1600 in 4s on 6 or 7 GPUs): as many processes as it does split
+    over, not one per GPU (every process then failed at the start in accumulation_steps)."""
+    from guidealign.config import load_config
+    from guidealign.sft.launcher import resolve_num_processes
+    from guidealign.sft.train import accumulation_steps
+
+    s = load_config(REPO / "configs" / recipe).sft
+    assert s.num_processes == "auto"
+    for gpus in range(1, 9):
+        n = resolve_num_processes(s, gpus=gpus)
+        assert 1 <= n <= gpus
+        accumulation_steps(s, n)  # raises where the batch does not split
+        assert all(s.global_batch_size % (s.micro_batch_size * k) for k in range(n + 1, gpus + 1))
+    assert resolve_num_processes(s, gpus=8) == 8 and resolve_num_processes(s, gpus=4) == 4
+
+
 def test_process_count(monkeypatch):
     from guidealign.sft.launcher import resolve_num_processes, under_launcher
 
     s = tiny_cfg().sft
+    s.global_batch_size = 8 * s.micro_batch_size  # splits over 8 processes
     assert resolve_num_processes(s, gpus=0) == 1 and resolve_num_processes(s, gpus=8) == 8
     s.num_processes = 2
     assert resolve_num_processes(s, gpus=0) == 2
@@ -302,3 +322,29 @@ def test_a_killed_saves_half_written_model_is_removed_before_training(workdir, m
     with pytest.raises(Stop):
         st.run_sft(tiny_cfg("sft.max_steps=1"), workdir, progress=False)
     assert seen == [False]
+
+
+def test_sft_refuses_visible_gpus_that_torch_cannot_use(workdir, monkeypatch):
+    """SFT with GPUs visible and a torch that cannot use them (a CPU wheel, an old driver):
+    it stops with the reason before any training process starts, instead of one CPU process
+    per GPU training a 13B model; a training process started under the launcher stops too.
+    (This machine's torch has no CUDA: CUDA_VISIBLE_DEVICES makes GPUs "visible".)"""
+    from datasets import Dataset
+
+    from guidealign.core.gpu import GpuUnusable
+    from guidealign.sft import launcher
+    from guidealign.sft.data import to_example
+    from guidealign.sft.train import build_trainer, run_sft
+
+    good, _ = respond_rows(2)
+    write_respond(workdir, [good])
+    cfg = tiny_cfg("sft.max_steps=1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    started = []
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: started.append(a))
+    with pytest.raises(GpuUnusable):
+        run_sft(cfg, workdir, progress=False)
+    assert not started and not (workdir / "sft" / "_done.json").exists()
+    rows = [to_example(cfg.sft, {"id": "x", "prompt": "Hi?", "response": "Hello."})] * 2
+    with pytest.raises(GpuUnusable):
+        build_trainer(cfg, workdir, Dataset.from_list(rows), world=1, progress=False, ckpt_dir=workdir / "ck")

@@ -94,7 +94,9 @@ class SFTConfig:
     # .jinja path. A base model without one (Llama-2-13b-hf) needs it; the paper's Labrador
     # answers in the Vicuna v1.1 format.
     chat_template: str | None = None
-    # Training processes: "auto" = one per visible GPU (1 on the CPU), or a number (on the CPU,
+    # Training processes: "auto" = one per visible GPU (1 on the CPU; on a node where
+    # global_batch_size does not split evenly over all of them in micro-batches, as many as it
+    # does: 5 of 6 or 7 GPUs for 1600 in 4s, with a warning), or a number (on the CPU,
     # N gloo processes). More than one: run_sft starts them with torchrun (one per GPU, with
     # trainer_args' FSDP settings) unless it already runs under torchrun/accelerate.
     num_processes: int | str = "auto"

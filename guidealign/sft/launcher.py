@@ -12,6 +12,7 @@ A single process trains in-process with the pipeline's distributed variables hid
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 from guidealign.core.distenv import DIST_VARS as _LAUNCHER_VARS
+
+log = logging.getLogger(__name__)
 
 # Set by run_sft for the processes it starts; torchrun passes it on.
 LAUNCHED_ENV = "GUIDEALIGN_SFT_LAUNCHED"
@@ -70,7 +73,8 @@ def visible_gpus() -> int:
 
 
 def resolve_num_processes(scfg, gpus: int | None = None) -> int:
-    """``sft.num_processes`` as a count: "auto" = the visible GPUs (1 without any)."""
+    """``sft.num_processes`` as a count: "auto" = the visible GPUs (1 without any), or as many
+    of them as the global batch splits evenly over (see :func:`_fitting`)."""
     gpus = visible_gpus() if gpus is None else gpus
     n = scfg.num_processes
     if isinstance(n, str):
@@ -80,11 +84,26 @@ def resolve_num_processes(scfg, gpus: int | None = None) -> int:
             except ValueError:
                 raise ValueError(f"sft.num_processes must be 'auto' or a number, not {n!r}") from None
         else:
-            return max(1, gpus)
+            return _fitting(scfg, max(1, gpus))
     if n < 1:
         raise ValueError(f"sft.num_processes must be >= 1, not {n}")
     if gpus and n > gpus:
         raise ValueError(f"sft.num_processes={n} but only {gpus} GPU(s) are visible")
+    return n
+
+
+def _fitting(scfg, gpus: int) -> int:
+    """The most processes, at most ``gpus``, that ``sft.global_batch_size`` splits over in whole
+    micro-batches (the accumulation steps must come out whole): 1600 on 4-example micro-batches
+    runs on 8 GPUs, and on 5 of a 6- or 7-GPU node (each process failed at the start before)."""
+    per_micro = scfg.global_batch_size // max(1, scfg.micro_batch_size)
+    if scfg.global_batch_size % max(1, scfg.micro_batch_size):
+        return gpus  # no count fits: accumulation_steps says why, with the numbers
+    n = next((k for k in range(gpus, 0, -1) if per_micro % k == 0), gpus)
+    if n < gpus:
+        log.warning("sft: %d of the %d GPUs train (sft.num_processes: auto): global_batch_size %d in "
+                    "micro-batches of %d splits evenly over %d processes, not over %d",
+                    n, gpus, scfg.global_batch_size, scfg.micro_batch_size, n, gpus)
     return n
 
 
