@@ -377,6 +377,10 @@ def test_a_lora_merge_under_fsdp_or_deepspeed_is_refused_before_training(monkeyp
                                         'sft.trainer_args={"fsdp": "full_shard"}']).sft)
     check_lora_merge(load_config(None, ['sft.trainer_args={"fsdp": "full_shard"}']).sft)  # full mode
     assert load_dtype("full", torch.bfloat16, {}) == torch.float32
+    # FSDP: accelerate makes every trainable weight float32 on each process before sharding,
+    # so a bf16 load only rounded the checkpoint first
+    assert load_dtype("full", torch.bfloat16, {"fsdp": "full_shard auto_wrap"}) == torch.float32
+    assert load_dtype("lora", torch.bfloat16, {"fsdp": "full_shard auto_wrap"}) == torch.bfloat16
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="merge_lora with FSDP/DeepSpeed"):
         check_lora_merge(load_config(None, lora).sft)

@@ -42,15 +42,23 @@ def load_dtype(mode: str, dtype, trainer_args: dict):
     Full fine-tuning keeps float32 master weights: the trainer's bf16/fp16 flags compute in half
     precision (autocast) while AdamW updates the float32 weights. Weights held in bf16 lose every
     update under about 1/256 of their size (most of them at SFT learning rates: 2e-5 moves a
-    weight of 0.02 by 1/1000), and fp16 weights make the gradient scaler fail. Under FSDP or
-    DeepSpeed (``trainer_args``) the model is loaded in half precision (each process holds a whole
-    copy until it is sharded) and they keep float32 copies of their shards themselves; LoRA trains
-    float32 adapters over a frozen base, which stays in half precision."""
+    weight of 0.02 by 1/1000), and fp16 weights make the gradient scaler fail. FSDP too: accelerate
+    turns every trainable weight of the whole model to float32 on each process before sharding
+    it (``fsdp2_prepare_model``), so a half-precision load saved no memory at the peak and only
+    rounded the checkpoint (Llama-2's fp16 weights) to bf16 before that. DeepSpeed
+    (``trainer_args`` or the accelerate config) casts the model to half precision itself and
+    keeps its float32 copies from there: loaded in half precision. LoRA trains float32 adapters
+    over a frozen base, which stays in half precision."""
     import torch
 
-    if mode == "lora" or sharded_training(trainer_args):
+    if mode == "lora" or _deepspeed(trainer_args):
         return dtype
     return torch.float32
+
+
+def _deepspeed(trainer_args: dict) -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes") or \
+        bool(trainer_args.get("deepspeed"))
 
 
 def sharded_training(trainer_args: dict) -> bool:
