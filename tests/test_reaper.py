@@ -51,3 +51,25 @@ def test_the_engine_watchdog_leaves_the_resource_tracker_alone(tmp_path):
     assert "tracker recorded: False" in out.stdout
     assert "stuck killed: True" in out.stdout
     assert "tracker alive: True" in out.stdout
+
+
+def test_a_start_deadline_kills_what_the_block_started_once_its_time_is_up():
+    """``start_deadline``: processes the block started (and their children) are killed once the
+    time is up, so a wait on them ends; before that, or without a limit, nothing is touched."""
+    import subprocess as sp
+
+    from guidealign.gen import reaper
+
+    before = reaper.child_pids()
+    with reaper.start_deadline(0.5, before) as expired:
+        p = sp.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        assert p.wait(timeout=60) != 0  # killed, not finished
+    assert expired()
+    with reaper.start_deadline(0, reaper.child_pids()) as expired:
+        q = sp.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        assert q.wait(timeout=60) == 0
+    assert not expired()
+    with reaper.start_deadline(60, reaper.child_pids()) as expired:
+        q = sp.Popen([sys.executable, "-c", "pass"])
+        assert q.wait(timeout=60) == 0
+    assert not expired()

@@ -64,3 +64,9 @@ class EngineConfig:
     # Chat template: None = the tokenizer's own; a built-in name ("vicuna_v1.1", "llama-2",
     # "chatml") or a .jinja path replaces it (needed for models that ship none; gen/templates.py).
     chat_template: str | None = None
+    # Seconds the engine may take to start (load the model, profile memory, capture graphs)
+    # before its processes are killed and the stage fails; 0 = no limit. vLLM itself waits
+    # for ever for an engine that neither starts nor dies (a tensor-parallel worker stuck in
+    # NCCL's setup), and the rank's heartbeat beats meanwhile, so executor.stall_timeout_s
+    # never ends it. A 13B model from a slow shared file system can take 10-20 minutes.
+    start_timeout_s: float = 3600

@@ -82,6 +82,16 @@ CPU_BLOCK_SIZE = 32
 GPU_BLOCK_SIZE = 16
 
 
+class EngineStartTimeout(RuntimeError):
+    """The engine did not start within ``engine.start_timeout_s``; its processes were killed."""
+
+
+def _start_timeout_message(cfg: EngineConfig) -> str:
+    return (f"the vLLM engine for {cfg.model} did not start within engine.start_timeout_s="
+            f"{cfg.start_timeout_s:g} s (a worker stuck in NCCL's setup, a model load that does not "
+            f"finish); its processes were killed. Raise engine.start_timeout_s for a slow file system.")
+
+
 def build_llm(cfg: EngineConfig):
     """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)
     with its engine core in a process of its own (see :func:`engine_isolation`)."""
@@ -131,7 +141,16 @@ def build_llm(cfg: EngineConfig):
                 # vLLM's Ray backend would try to reserve GPUs the task already holds
                 kwargs["distributed_executor_backend"] = "mp"
         log.info("starting vLLM: %s", kwargs)
-        llm = LLM(**kwargs)
+        with reaper.start_deadline(cfg.start_timeout_s, before) as expired:
+            try:
+                llm = LLM(**kwargs)
+            except BaseException as e:
+                if expired():
+                    raise EngineStartTimeout(_start_timeout_message(cfg)) from e
+                raise
+        if expired():  # time ran out before its processes started, or just as it came up
+            reaper.kill(reaper.child_pids() - before)
+            raise EngineStartTimeout(_start_timeout_message(cfg))
     # the engine's processes end with this one, even when it is SIGKILLed
     llm._guidealign_procs = reaper.child_pids() - before
     llm._guidealign_watchdog = reaper.guard(llm._guidealign_procs)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 
 _WATCHDOG = r"""
 import sys
@@ -98,3 +100,51 @@ def release(watchdog: subprocess.Popen | None) -> None:
     if watchdog is not None and watchdog.poll() is None:
         watchdog.stdin.close()
         watchdog.wait(timeout=30)
+
+
+@contextmanager
+def start_deadline(seconds: float, before: set[tuple[int, float]]):
+    """For a block that starts processes (an engine): once ``seconds`` (0: never) have passed,
+    kill the processes started since ``before`` (``child_pids()``), with their children, and
+    any it starts after, until the block ends, so that what waits on them fails instead of
+    waiting for ever. Yields ``expired()``: whether the time ran out."""
+    fired, done = threading.Event(), threading.Event()
+
+    def watch():
+        if done.wait(seconds):
+            return
+        fired.set()
+        while True:
+            kill(child_pids() - before)
+            if done.wait(0.5):
+                return
+
+    thread = None
+    if seconds and seconds > 0:
+        thread = threading.Thread(target=watch, name="engine-start-deadline", daemon=True)
+        thread.start()
+    try:
+        yield fired.is_set
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()
+
+
+def kill(procs: set[tuple[int, float]]) -> None:
+    """SIGKILL ``procs`` (pid, create time) and their children, now."""
+    import psutil
+
+    victims = []
+    for pid, created in procs:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 1e-3:
+                victims += [p] + p.children(recursive=True)
+        except psutil.Error:
+            pass
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
