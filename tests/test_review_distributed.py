@@ -117,3 +117,56 @@ def test_ranks_of_an_array_whose_tasks_run_several_srun_tasks():
     assert resolve_rank(env={**batch, "SLURM_ARRAY_TASK_ID": "1", "SLURM_PROCID": "0"}) == (1, 2)
     assert resolve_rank(env={**base, "SLURM_NTASKS": "1", "SLURM_ARRAY_TASK_ID": "1",
                              "SLURM_PROCID": "0"}) == (1, 2)
+
+
+def test_an_array_task_without_the_arrays_task_count_is_refused_not_taken_as_the_only_rank():
+    """SLURM_ARRAY_TASK_ID without SLURM_ARRAY_TASK_COUNT (a Slurm that does not set it): the
+    task pair after it (PROCID 0 of 1 tasks) made every array task rank 0 of 1, each doing
+    every shard. Refused unless the rank and world size are given (then they are used)."""
+    import pytest
+
+    from guidealign.shards import resolve_rank
+
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_COUNT is not"):
+        resolve_rank(env=env)
+    assert resolve_rank(3, 4, env=env) == (3, 4)
+    assert resolve_rank(env={**env, "RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)  # a launcher's come first
+
+
+def test_a_stale_nfs_handle_while_reading_a_record_is_read_again(tmp_path, monkeypatch):
+    """On NFS, a record another node replaced by a rename between this node's lookup and its
+    read fails with ESTALE; the waiting ranks poll manifests and completion records while the
+    owners rewrite them, and one such read raised out of the wait and ended the run. It is
+    read again; a missing file is still absent. A manifest rewritten with the same content is
+    left as it is (every rank writes its stage's manifest at the start)."""
+    import errno
+    import json
+    from pathlib import Path as P
+
+    from guidealign.shards import read_manifest, write_manifest
+    from guidealign.shards.artifact import read_done
+
+    d = tmp_path / "stage"
+    write_manifest(d, stage="s", num_shards=2, fingerprint="fp")
+    (d / "_done.json").write_text(json.dumps({"fingerprint": "x"}))
+    real = P.read_text
+    stale = {"n": 0}
+
+    def flaky(self, *a, **k):
+        if self.name in ("_stage.json", "_done.json") and stale["n"] < 2:
+            stale["n"] += 1
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(P, "read_text", flaky)
+    assert read_manifest(d)["num_shards"] == 2 and stale["n"] == 2
+    stale["n"] = 0
+    assert read_done(d) == {"fingerprint": "x"}
+    assert read_manifest(tmp_path / "none") is None
+    monkeypatch.setattr(P, "read_text", real)
+    before = (d / "_stage.json").stat().st_ino
+    write_manifest(d, stage="s", num_shards=2, fingerprint="fp")
+    assert (d / "_stage.json").stat().st_ino == before  # not replaced
+    write_manifest(d, stage="s", num_shards=3, fingerprint="fp")
+    assert read_manifest(d)["num_shards"] == 3

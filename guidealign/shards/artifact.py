@@ -13,6 +13,7 @@ from pathlib import Path
 
 from guidealign.shards import write_json_atomic
 from guidealign.shards.artifact_files import file_checksums
+from guidealign.shards.nfs import read_text
 from guidealign.shards.write import fsync_dir, torch_threads
 
 DONE = "_done.json"
@@ -21,7 +22,7 @@ DONE = "_done.json"
 def read_done(d: str | Path) -> dict | None:
     """The artifact's completion record; None when absent or not one (damaged: not an object)."""
     try:
-        done = json.loads((Path(d) / DONE).read_text())
+        done = json.loads(read_text(Path(d) / DONE))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return done if isinstance(done, dict) else None

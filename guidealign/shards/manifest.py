@@ -11,6 +11,7 @@ from pathlib import Path
 
 from guidealign.shards.fingerprint import fingerprint as make_fp
 from guidealign.shards.marker import is_done, read_marker
+from guidealign.shards.nfs import read_text
 from guidealign.shards.write import write_json_atomic
 
 MANIFEST = "_stage.json"
@@ -18,8 +19,10 @@ MANIFEST = "_stage.json"
 
 def write_manifest(dataset: str | Path, *, stage: str, num_shards: int, fingerprint: str,
                    **extra) -> None:
-    write_json_atomic(Path(dataset) / MANIFEST,
-                      {"stage": stage, "num_shards": num_shards, "fingerprint": fingerprint, **extra})
+    man = {"stage": stage, "num_shards": num_shards, "fingerprint": fingerprint, **extra}
+    if read_manifest(dataset) == json.loads(json.dumps(man)):
+        return  # every rank writes it at the stage's start; the others read it meanwhile
+    write_json_atomic(Path(dataset) / MANIFEST, man)
 
 
 def remove_manifest(dataset: str | Path) -> None:
@@ -38,7 +41,7 @@ def read_manifest(dataset: str | Path) -> dict | None:
     """The stage's manifest; None when it is absent or not a manifest (damaged JSON, or JSON
     without a shard count: the stage writes it again, ``guidealign verify`` reports it)."""
     try:
-        man = json.loads((Path(dataset) / MANIFEST).read_text())
+        man = json.loads(read_text(Path(dataset) / MANIFEST))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     n = man.get("num_shards") if isinstance(man, dict) else None

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from guidealign.shards.layout import marker_path, shard_path
+from guidealign.shards.nfs import read_text
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Marker:
 def read_marker(dataset: str | Path, index: int) -> Marker | None:
     p = marker_path(dataset, index)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(read_text(p))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):

@@ -27,6 +27,12 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
         given_world = world_size
         env_world = None
         for rk, wk in _ENV_PAIRS:
+            if rk == "SLURM_ARRAY_TASK_ID" and rk in env and wk not in env and not (
+                    rank is not None and world_size is not None):
+                # without the count, the SLURM task pair below said rank 0 of 1 in every array
+                # task: each did every shard
+                raise ValueError(f"SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not (a Slurm "
+                                 f"that does not set it): give {names[0]} and {names[1]}")
             if rk in env and wk in env:
                 r, w = int(env[rk]), int(env[wk])
                 if rk == "SLURM_ARRAY_TASK_ID":
