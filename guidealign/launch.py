@@ -271,6 +271,14 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     stage_args = list(stage_args)
     if gpus == "auto":
         gpu_list = detect_gpus()
+        if gpu_list and "SLURM_JOB_ID" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            # Slurm sets CUDA_VISIBLE_DEVICES for the GPUs it gives a job; without it, what
+            # nvidia-smi lists on a node without device isolation are other jobs' GPUs
+            raise click.UsageError(
+                f"this Slurm job ({os.environ['SLURM_JOB_ID']}) was given no GPUs (CUDA_VISIBLE_DEVICES is "
+                f"not set), yet nvidia-smi lists {len(gpu_list)} on the node: request them (--gres=gpu:N or "
+                "--gpus-per-node=N), or name the ones to use with --gpus or CUDA_VISIBLE_DEVICES "
+                "(--gpus none: CPU workers)")
     elif gpus == "none":
         gpu_list = []
     else:

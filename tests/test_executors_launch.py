@@ -292,3 +292,21 @@ def test_a_ctrl_c_forwarded_by_launch_reaches_workers_even_when_launch_ignores_i
             p.kill()
     assert flag.read_text() == "interrupted"
     assert "status 130" in out
+
+
+def test_a_slurm_job_given_no_gpus_does_not_take_the_nodes_gpus(tmp_path):
+    """Slurm sets CUDA_VISIBLE_DEVICES for the GPUs it allocates. A job given none, on a node
+    without device isolation, found every GPU of the node through nvidia-smi and planned
+    engines on them (other jobs' GPUs). It is refused with what to do; outside Slurm, or
+    with the GPUs named, nvidia-smi's list is used as before."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = -L ] || exit 9\n"
+                    + "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n" for i in range(8)))
+    fake.chmod(0o755)
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    p = launch("--dry-run", "detect", "-w", "r", env={"PATH": path, "SLURM_JOB_ID": "77"}, check=False)
+    assert p.returncode != 0 and "was given no GPUs" in p.stderr
+    assert len(plan_lines(launch("--dry-run", "detect", "-w", "r", env={"PATH": path}))) == 8
+    plan = plan_lines(launch("--dry-run", "detect", "-w", "r",
+                             env={"PATH": path, "SLURM_JOB_ID": "77", "CUDA_VISIBLE_DEVICES": "2,3"}))
+    assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["2", "3"]
