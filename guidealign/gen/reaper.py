@@ -14,26 +14,19 @@ import sys
 import threading
 from contextlib import contextmanager
 
-_WATCHDOG = r"""
-import sys
-import psutil
+# the watchdog's process: imports only this module (psutil and the standard library)
+_WATCHDOG = "import sys; from guidealign.gen.reaper import _watch; _watch(sys.argv[1:])"
 
-sys.stdin.buffer.read()  # returns at end of file: the owner closed the pipe or died
-procs = []
-for item in sys.argv[1:]:
-    pid, created = item.split(":")
-    try:
-        p = psutil.Process(int(pid))
-        if abs(p.create_time() - float(created)) < 1e-3:  # not a reused pid
-            procs += [p] + p.children(recursive=True)
-    except psutil.Error:
-        pass
-for p in procs:
-    try:
-        p.kill()
-    except psutil.Error:
-        pass
-"""
+
+def _watch(items: list[str]) -> None:
+    """The watchdog's body: block until the owner's pipe closes (the owner released it, or
+    died however it died), then kill the processes ``items`` ("pid:create time") name."""
+    sys.stdin.buffer.read()  # returns at end of file
+    procs = set()
+    for item in items:
+        pid, created = item.split(":")
+        procs.add((int(pid), float(created)))
+    kill(procs)
 
 
 def child_pids() -> set[tuple[int, float]]:
