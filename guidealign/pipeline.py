@@ -81,7 +81,7 @@ def _engine_needed(workdir: Path, stages: list[Stage]) -> bool:
 def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_size: int,
               progress: bool, echo) -> dict:
     from guidealign.executors import claims_assignment
-    from guidealign.stage_child import run_in_child
+    from guidealign.core.stage_child import run_in_child
 
     timings: dict[str, float] = {}
     llm = None
@@ -128,7 +128,7 @@ def engine_goes_before(stage: Stage, rest: list[Stage], shared: list[Stage], exc
 def _gpu_placement(cfg: Config, chosen: list[Stage]) -> tuple[bool, bool]:
     """(call the ``cuda_here`` stages in child processes, the GPUs admit one process at a time)."""
     from guidealign.core.gpu import exclusive_gpus, visible_gpus
-    from guidealign.stage_child import wanted
+    from guidealign.core.stage_child import wanted
 
     if not any(s.cuda_here for s in chosen):
         return False, False

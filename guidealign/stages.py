@@ -38,7 +38,7 @@ class Stage:
     # and judging), so, like a map stage, it needs every rank to run
     split_inside: bool = False
     # its function may run torch on a GPU in the calling process (an encoder): on a GPU node
-    # `run` calls it in a child process (executor.stage_process), see guidealign/stage_child.py
+    # `run` calls it in a child process (executor.stage_process), see guidealign/core/stage_child.py
     cuda_here: bool = False
 
     @property

@@ -127,7 +127,7 @@ def assignment(v, request, monkeypatch):
 
 
 def stage_process(v, request, monkeypatch):
-    from guidealign.stage_child import wanted
+    from guidealign.core.stage_child import wanted
 
     wanted(v, lambda: [])
 

@@ -1,4 +1,4 @@
-"""The engine watchdog (``gen.reaper``): what it records and kills."""
+"""The engine watchdog (``core.reaper``): what it records and kills."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +9,7 @@ SCRIPT = textwrap.dedent("""
     import multiprocessing as mp, time
     import psutil
     from multiprocessing import resource_tracker
-    from guidealign.gen import reaper
+    from guidealign.core import reaper
 
     def nap(s):
         time.sleep(s)
@@ -58,7 +58,7 @@ def test_a_start_deadline_kills_what_the_block_started_once_its_time_is_up():
     time is up, so a wait on them ends; before that, or without a limit, nothing is touched."""
     import subprocess as sp
 
-    from guidealign.gen import reaper
+    from guidealign.core import reaper
 
     before = reaper.child_pids()
     with reaper.start_deadline(0.5, before) as expired:

@@ -67,7 +67,7 @@ def test_encoder_stages_run_in_child_processes_and_the_rank_never_loads_the_enco
 
 def test_a_stage_that_fails_in_its_child_raises_its_own_error_here(tmp_path):
     from guidealign.retrieval.index import EmptyLibraryError
-    from guidealign.stage_child import run_in_child
+    from guidealign.core.stage_child import run_in_child
     from synthetic import write_guideline_shards
 
     wd = tmp_path / "run"
@@ -91,7 +91,7 @@ def test_the_child_runs_under_the_ranks_shard_assignment(tmp_path):
     """Map stages read the shard assignment (executor.assign) from a context the rank's run
     enters; a child process starts without it, so it is handed over."""
     from guidealign.shards.claims import assignment
-    from guidealign.stage_child import run_in_child
+    from guidealign.core.stage_child import run_in_child
 
     with assignment("dynamic", 45.0):
         got = run_in_child("test_stage_child:report_where", load_config(), tmp_path, rank=1, world_size=3)
@@ -121,7 +121,7 @@ def test_a_wait_in_the_child_ends_on_the_ranks_stall_clock(tmp_path):
     of executor.stall_timeout_s: a run whose other rank died hung. The child now beats for the
     rank (waiting when it waits) under the rank's stall clock."""
     from guidealign.shards.failure import Stalled, guard, heartbeats
-    from guidealign.stage_child import run_in_child
+    from guidealign.core.stage_child import run_in_child
 
     with guard(tmp_path, rank=0, world_size=2, stall_timeout_s=2.0):
         with pytest.raises(Stalled, match="no progress on .*never for 2s"):
@@ -133,7 +133,7 @@ def test_the_child_sees_failure_markers_written_since_the_rank_started(tmp_path,
     """Without a run id a failure marker counts when written after "this process started": in
     the child that was its own start, so another rank's failure from before it was missed."""
     from guidealign.shards.failure import RankFailed, guard, mark_failed
-    from guidealign.stage_child import run_in_child
+    from guidealign.core.stage_child import run_in_child
 
     for k in ("GUIDEALIGN_RUN_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(k, raising=False)
@@ -159,14 +159,14 @@ def raise_unpicklable(cfg, workdir, *, rank=0, world_size=1, progress=True):
 
 
 def test_an_error_that_does_not_cross_the_process_boundary_still_says_what_it_was(tmp_path):
-    from guidealign.stage_child import run_in_child
+    from guidealign.core.stage_child import run_in_child
 
     with pytest.raises(RuntimeError, match="Odd: this and that"):
         run_in_child("test_stage_child:raise_unpicklable", load_config(), tmp_path)
 
 
 def test_stage_process_modes():
-    from guidealign.stage_child import wanted
+    from guidealign.core.stage_child import wanted
 
     asked = []
     gpus = lambda: asked.append(1) or ["0"]  # noqa: E731

@@ -183,7 +183,7 @@ def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int, pro
     child process, so that this process holds no CUDA context when the responder's engine
     starts (on EXCLUSIVE_PROCESS GPUs its workers could not open the GPU otherwise)."""
     from guidealign.core.gpu import visible_gpus
-    from guidealign.stage_child import run_in_child, wanted
+    from guidealign.core.stage_child import run_in_child, wanted
 
     base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
     _link_artifacts(base, sub)

@@ -95,7 +95,7 @@ def _start_timeout_message(cfg: EngineConfig) -> str:
 def build_llm(cfg: EngineConfig):
     """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)
     with its engine core in a process of its own (see :func:`engine_isolation`)."""
-    from guidealign.gen import reaper
+    from guidealign.core import reaper
     from guidealign.core.models import resolve
 
     before = reaper.child_pids()
@@ -175,7 +175,7 @@ def close_llm(llm, timeout: float = 60.0) -> int:
     Dropping the last reference to the ``LLM`` is not enough: vLLM's client threads keep
     the engine and its processes alive until this process exits, so a stage after it (SFT,
     a judge on another model) would share the accelerator with an idle engine."""
-    from guidealign.gen import reaper
+    from guidealign.core import reaper
 
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):

@@ -168,7 +168,7 @@ def run_to_end(argv: list[str], env: dict | None = None, grace: float = TORCHRUN
     SIGTERM, an exception) it gets one SIGTERM (it stops its workers, then exits) and ``grace``
     seconds; then it and every process under it are killed (at once when asked again). Should
     this process die without that chance (SIGKILL), a watchdog kills them."""
-    from guidealign.gen import reaper
+    from guidealign.core import reaper
 
     p = watchdog = None
     old = _sigterm_raises()

@@ -213,7 +213,7 @@ class _Context:
     stall_timeout_s: float
     state: str = "working"
     waiting_for: str = ""
-    # a child process running this rank's stage (guidealign/stage_child.py): the rank process's
+    # a child process running this rank's stage (guidealign/core/stage_child.py): the rank process's
     # start (failure markers older than it are an earlier run's), and, in the rank process,
     # whether the child beats for it
     started: float | None = None

@@ -11,7 +11,7 @@ the child's CUDA context goes when it exits. The child runs under the rank's sha
 and fail-fast guard: it beats the rank's heartbeat file (the rank stops beating meanwhile, so
 that its "working" does not hide a stall), waits on the rank's stall clock, writes the rank's
 failure marker, and counts other ranks' markers from the rank's start. A child left behind by
-a SIGKILLed rank is killed by a watchdog (``gen.reaper``), like an engine's processes.
+a SIGKILLed rank is killed by a watchdog (``core.reaper``), like an engine's processes.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def run_in_child(fn: str, cfg, workdir: str | Path, *, rank: int = 0, world_size
     beats this rank's heartbeat file, waits on its stall clock and writes its failure marker
     while this process stops beating): its report, or its exception raised here (with the
     child's traceback as a note)."""
-    from guidealign.gen import reaper
+    from guidealign.core import reaper
     from guidealign.shards.claims import current_assignment
     from guidealign.shards.failure import child_guard, handed_to_child
 

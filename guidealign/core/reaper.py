@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 
 # the watchdog's process: imports only this module (psutil and the standard library)
-_WATCHDOG = "import sys; from guidealign.gen.reaper import _watch; _watch(sys.argv[1:])"
+_WATCHDOG = "import sys; from guidealign.core.reaper import _watch; _watch(sys.argv[1:])"
 
 
 def _watch(items: list[str]) -> None:
