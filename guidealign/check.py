@@ -258,9 +258,12 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
     try:
         world = resolve_num_processes(s, gpus=sft_gpus)
         accum = accumulation_steps(s, world)
-        rows.append(Row("SFT batch", "global batch", OK,
+        idle = str(s.num_processes).lower() == "auto" and 0 < world < sft_gpus
+        rows.append(Row("SFT batch", "global batch", WARN if idle else OK,
                         f"micro {s.micro_batch_size} x accumulation {accum} x {world} process(es) "
-                        f"= {s.global_batch_size}"))
+                        f"= {s.global_batch_size}"
+                        + (f"; {world} of the {sft_gpus} GPUs train: the batch does not split over "
+                           "all of them" if idle else "")))
         if not sft_gpus and str(s.num_processes).lower() == "auto":
             for n in (8, 4):
                 try:

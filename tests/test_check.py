@@ -159,14 +159,17 @@ def test_a_launch_worker_checks_sft_against_the_nodes_gpus_not_its_own(monkeypat
     the node's 8 (GUIDEALIGN_NODE_GPUS): the preflight sized the paper's SFT for 1 process
     (~194 GiB per GPU, FAIL: every worker refused to start) and passed a global batch that
     SFT then refused on 8 processes after all the generation had run."""
-    from guidealign.check import FAIL, run_checks
+    from guidealign.check import FAIL, WARN, run_checks
     from guidealign.sft.launcher import NODE_GPUS_ENV
 
     monkeypatch.setenv(NODE_GPUS_ENV, ",".join(map(str, range(8))))
     rows = {r.item: r for r in run_checks(load_config(PAPER), gpus=["0"])}
     assert "x 8 process(es) = 1600" in rows["global batch"].detail, rows["global batch"]
     assert "sharded over 8 GPUs" in rows["SFT"].detail
-    cfg = load_config(PAPER, ["sft.global_batch_size=100"])  # 100 / (4 x 8) is no whole number
+    # 100 / (4 x 8) is no whole number: num_processes auto trains on 5 of the 8 (100 = 4 x 5 x 5)
+    row = {r.item: r for r in run_checks(load_config(PAPER, ["sft.global_batch_size=100"]), gpus=["0"])}["global batch"]
+    assert row.status == WARN and "5 of the 8 GPUs train" in row.detail, row
+    cfg = load_config(PAPER, ["sft.global_batch_size=100", "sft.num_processes=8"])  # asked for 8: no whole number
     assert {r.item: r for r in run_checks(cfg, gpus=["0"])}["global batch"].status == FAIL
 
 
