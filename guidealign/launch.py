@@ -271,7 +271,8 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     stage_args = list(stage_args)
     if gpus == "auto":
         gpu_list = detect_gpus()
-        if gpu_list and "SLURM_JOB_ID" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        if gpu_list and "SLURM_JOB_ID" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ and not any(
+                os.environ.get(k) for k in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")):
             # Slurm sets CUDA_VISIBLE_DEVICES for the GPUs it gives a job; without it, what
             # nvidia-smi lists on a node without device isolation are other jobs' GPUs
             raise click.UsageError(

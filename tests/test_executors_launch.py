@@ -310,3 +310,7 @@ def test_a_slurm_job_given_no_gpus_does_not_take_the_nodes_gpus(tmp_path):
     plan = plan_lines(launch("--dry-run", "detect", "-w", "r",
                              env={"PATH": path, "SLURM_JOB_ID": "77", "CUDA_VISIBLE_DEVICES": "2,3"}))
     assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["2", "3"]
+    # a site that leaves CUDA_VISIBLE_DEVICES unset and isolates the job's GPUs (cgroups) says
+    # what it gave in SLURM_JOB_GPUS: nvidia-smi's list is the job's own
+    assert len(plan_lines(launch("--dry-run", "detect", "-w", "r",
+                                 env={"PATH": path, "SLURM_JOB_ID": "77", "SLURM_JOB_GPUS": "0,1,2,3,4,5,6,7"}))) == 8

@@ -29,3 +29,26 @@ def test_lazy_engines_pass_on_where_the_template_ends_a_turn():
     with pytest.raises(AttributeError):
         unbuilt._guidealign_procs
     assert not unbuilt.built
+
+
+def test_an_engine_that_turned_prefix_caching_off_is_refused_with_the_setting_that_works():
+    """vLLM turns prefix caching off by itself for some models and backends (MLA on the CPU,
+    non-causal layers): such an engine pads nothing, unlike what detect's and guidelines'
+    fingerprints (``prefix_align``) were made for. The stage says to set
+    ``engine.enable_prefix_caching: false`` (it said ``engine.block_size: 0``, which means the
+    default again and failed the same way); with that setting the stage starts, unpadded."""
+    import pytest
+
+    from guidealign.config.engine import EngineConfig
+    from guidealign.gen.engine import prompt_align
+
+    def engine(caching: bool, block: int = 32):
+        cache = SimpleNamespace(block_size=block, enable_prefix_caching=caching)
+        return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache)))
+
+    with pytest.raises(ValueError, match="set engine.enable_prefix_caching: false"):
+        prompt_align(engine(False), EngineConfig(block_size=32))
+    assert prompt_align(engine(False), EngineConfig(block_size=32, enable_prefix_caching=False)) == 0
+    with pytest.raises(ValueError, match="set engine.block_size: 64"):
+        prompt_align(engine(True, 64), EngineConfig(block_size=32))
+    assert prompt_align(engine(True, 32), EngineConfig(block_size=32)) == 32

@@ -381,6 +381,14 @@ def test_a_lora_merge_under_fsdp_or_deepspeed_is_refused_before_training(monkeyp
     # so a bf16 load only rounded the checkpoint first
     assert load_dtype("full", torch.bfloat16, {"fsdp": "full_shard auto_wrap"}) == torch.float32
     assert load_dtype("lora", torch.bfloat16, {"fsdp": "full_shard auto_wrap"}) == torch.bfloat16
+    # FSDP 1 shards first and makes float32 copies of the shards after: half precision, as before
+    assert load_dtype("full", torch.bfloat16, {"fsdp": "full_shard", "fsdp_config": {"version": 1}}) == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an accelerate config: FSDP 1 unless it says 2
+    assert load_dtype("full", torch.bfloat16, {}) == torch.bfloat16
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert load_dtype("full", torch.bfloat16, {}) == torch.float32
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.delenv("FSDP_VERSION")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="merge_lora with FSDP/DeepSpeed"):
         check_lora_merge(load_config(None, lora).sft)

@@ -150,6 +150,9 @@ def test_auto_process_count_fits_the_global_batch_on_any_node(recipe):
         accumulation_steps(s, n)  # raises where the batch does not split
         assert all(s.global_batch_size % (s.micro_batch_size * k) for k in range(n + 1, gpus + 1))
     assert resolve_num_processes(s, gpus=8) == 8 and resolve_num_processes(s, gpus=4) == 4
+    s.global_batch_size = 4 * 401  # 401 micro-batches split over no 2..8 processes: refused, not 1 of 8
+    with pytest.raises(ValueError, match="splits over no 2 to 8 processes"):
+        resolve_num_processes(s, gpus=8)
 
 
 def test_process_count(monkeypatch):

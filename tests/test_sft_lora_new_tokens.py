@@ -6,11 +6,12 @@ import pytest
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_lora_sft_trains_a_base_model_without_the_templates_tokens(tmp_path, tied):
-    """chatml on a Llama-2-like base (no <|im_start|>/<|im_end|>, no pad token, untied head as
-    Llama-2's): the new tokens' rows are trained through peft's trainable tokens, which wraps
-    the untied head; TRL's fused LM head reads ``lm_head.bias`` and the wrapper did not pass it
-    on, so the first step failed (AttributeError). Two real optimizer steps run, and the new
-    rows of the input embeddings and, untied, of the head change."""
+    """chatml on a Llama-2-like base (no <|im_start|>/<|im_end|>, no pad token; the head untied
+    as Llama-2's, or tied): the new tokens' rows are trained through peft's trainable tokens,
+    which wraps the head (its own adapter, or the tied one); TRL's fused LM head reads
+    ``lm_head.bias`` and the wrapper did not pass it on, so the first step failed
+    (AttributeError), tied or not. Two real optimizer steps run, and the new rows of the input
+    embeddings and, untied, of the head change."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

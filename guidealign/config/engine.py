@@ -49,7 +49,8 @@ class EngineConfig:
     # KV-cache block size in tokens; None = 32 on the CPU (the smallest vLLM's CPU attention
     # takes; its own default is 128), 16 on GPUs (vLLM's CUDA default, asked for by name: detect
     # and guidelines pad their shared prefix to it, so it is part of their fingerprints; an
-    # engine that starts with another block stops them with the value to set). Prefix caching reuses whole
+    # engine that starts with another block stops them with the value to set; MLA models such
+    # as DeepSeek's: set 64, which their fast attention backends need). Prefix caching reuses whole
     # blocks only, so the part of a shared few-shot prefix past its last full block is computed
     # again for every prompt. On the CPU, detect's score mode ran ~3x faster with 32 than with
     # 128 (bench/detect_modes.py --short, with and without --block-size 128; README figures).

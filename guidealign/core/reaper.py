@@ -13,9 +13,13 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
-# the watchdog's process: imports only this module (psutil and the standard library)
-_WATCHDOG = "import sys; from guidealign.core.reaper import _watch; _watch(sys.argv[1:])"
+# the watchdog's process: imports only this module (psutil and the standard library), found
+# where this process found it (whatever the watchdog's working directory and sys.path)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_WATCHDOG = (f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+             "from guidealign.core.reaper import _watch; _watch(sys.argv[1:])")
 
 
 def _watch(items: list[str]) -> None:

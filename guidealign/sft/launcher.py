@@ -100,6 +100,11 @@ def _fitting(scfg, gpus: int) -> int:
     if scfg.global_batch_size % max(1, scfg.micro_batch_size):
         return gpus  # no count fits: accumulation_steps says why, with the numbers
     n = next((k for k in range(gpus, 0, -1) if per_micro % k == 0), gpus)
+    if n == 1 < gpus:  # one process: no sharding, a 13B full fine-tune would run out of memory later
+        raise ValueError(f"sft.global_batch_size {scfg.global_batch_size} in micro-batches of "
+                         f"{scfg.micro_batch_size} splits over no 2 to {gpus} processes: choose a global "
+                         f"batch that does (a multiple of {scfg.micro_batch_size * gpus}) or set "
+                         "sft.num_processes")
     if n < gpus:
         log.warning("sft: %d of the %d GPUs train (sft.num_processes: auto): global_batch_size %d in "
                     "micro-batches of %d splits evenly over %d processes, not over %d",

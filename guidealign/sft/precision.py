@@ -42,18 +42,30 @@ def load_dtype(mode: str, dtype, trainer_args: dict):
     Full fine-tuning keeps float32 master weights: the trainer's bf16/fp16 flags compute in half
     precision (autocast) while AdamW updates the float32 weights. Weights held in bf16 lose every
     update under about 1/256 of their size (most of them at SFT learning rates: 2e-5 moves a
-    weight of 0.02 by 1/1000), and fp16 weights make the gradient scaler fail. FSDP too: accelerate
-    turns every trainable weight of the whole model to float32 on each process before sharding
-    it (``fsdp2_prepare_model``), so a half-precision load saved no memory at the peak and only
-    rounded the checkpoint (Llama-2's fp16 weights) to bf16 before that. DeepSpeed
-    (``trainer_args`` or the accelerate config) casts the model to half precision itself and
-    keeps its float32 copies from there: loaded in half precision. LoRA trains float32 adapters
-    over a frozen base, which stays in half precision."""
+    weight of 0.02 by 1/1000), and fp16 weights make the gradient scaler fail. FSDP 2
+    (transformers' default) too: accelerate turns every trainable weight of the whole model to
+    float32 on each process before sharding it (``fsdp2_prepare_model``), so a half-precision load
+    saved no memory at the peak and only rounded the checkpoint (Llama-2's fp16 weights) to bf16
+    before that. FSDP 1 shards first and makes float32 copies of the shards after, and DeepSpeed
+    casts the model to half precision itself and keeps float32 copies from there: both load in
+    half precision (each process holds a whole copy until it is sharded). LoRA trains float32
+    adapters over a frozen base, which stays in half precision."""
     import torch
 
-    if mode == "lora" or _deepspeed(trainer_args):
+    if mode == "lora" or _deepspeed(trainer_args) or _fsdp_version(trainer_args) == 1:
         return dtype
     return torch.float32
+
+
+def _fsdp_version(trainer_args: dict) -> int | None:
+    """1 or 2 under FSDP (sft.trainer_args' ``fsdp_config.version``, transformers' default 2;
+    an accelerate config's FSDP_VERSION, accelerate's default 1), else None."""
+    if trainer_args.get("fsdp") or trainer_args.get("fsdp_config"):
+        conf = trainer_args.get("fsdp_config") or {}
+        return int(conf.get("version", 2)) if isinstance(conf, dict) else 2
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        return int(os.environ.get("FSDP_VERSION", "1") or 1)
+    return None
 
 
 def _deepspeed(trainer_args: dict) -> bool:

@@ -20,7 +20,7 @@ MANIFEST = "_stage.json"
 def write_manifest(dataset: str | Path, *, stage: str, num_shards: int, fingerprint: str,
                    **extra) -> None:
     man = {"stage": stage, "num_shards": num_shards, "fingerprint": fingerprint, **extra}
-    if read_manifest(dataset) == json.loads(json.dumps(man)):
+    if read_manifest(dataset) == json.loads(json.dumps(man, default=str)):  # as write_json_atomic writes it
         return  # every rank writes it at the stage's start; the others read it meanwhile
     write_json_atomic(Path(dataset) / MANIFEST, man)
 
