@@ -255,16 +255,17 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
     # run` sees only its engine's GPUs
     node = node_gpus()
     sft_gpus = devices_per_process(node or gpus)  # MIG: one device a process
+    auto = str(s.num_processes).lower() == "auto"
     try:
         world = resolve_num_processes(s, gpus=sft_gpus)
         accum = accumulation_steps(s, world)
-        idle = str(s.num_processes).lower() == "auto" and 0 < world < sft_gpus
+        idle = auto and 0 < world < sft_gpus
         rows.append(Row("SFT batch", "global batch", WARN if idle else OK,
                         f"micro {s.micro_batch_size} x accumulation {accum} x {world} process(es) "
                         f"= {s.global_batch_size}"
                         + (f"; {world} of the {sft_gpus} GPUs train: the batch does not split over "
                            "all of them" if idle else "")))
-        if not sft_gpus and str(s.num_processes).lower() == "auto":
+        if not sft_gpus and auto:
             for n in (8, 4):
                 try:
                     a = accumulation_steps(s, n)
@@ -276,7 +277,7 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
         world = 1
         rows.append(Row("SFT batch", "global batch", FAIL, str(e)))
     if sft.params:
-        if not sft_gpus and str(s.num_processes).lower() == "auto":
+        if not sft_gpus and auto:
             world = 8  # sized for a typical 8-GPU node when no GPU is visible here
         full = s.mode == "full"
         per = sft.params * (16 if full else 2)

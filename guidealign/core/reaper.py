@@ -55,20 +55,27 @@ def _is_resource_tracker(p) -> bool:
     return any("resource_tracker" in a for a in p.cmdline())
 
 
-def wait_exit(procs: set[tuple[int, float]], timeout: float) -> int:
-    """Wait up to ``timeout`` seconds for ``procs`` (pid, create time) to exit; how many are
-    still alive then. multiprocessing's resource tracker (started with a first spawn, it stays
-    until this process exits) is not waited for."""
+def _alive(procs: set[tuple[int, float]]) -> list:
+    """The psutil processes of ``procs`` (pid, create time) still running: not a pid reused since."""
     import psutil
 
-    live = []
+    out = []
     for pid, created in procs:
         try:
             p = psutil.Process(pid)
-            if abs(p.create_time() - created) < 1e-3 and not _is_resource_tracker(p):  # not a reused pid
-                live.append(p)
+            if abs(p.create_time() - created) < 1e-3:
+                out.append(p)
         except psutil.Error:
             pass
+    return out
+
+
+def wait_exit(procs: set[tuple[int, float]], timeout: float) -> int:
+    """Wait up to ``timeout`` seconds for ``procs`` (pid, create time, from :func:`child_pids`)
+    to exit; how many are still alive then."""
+    import psutil
+
+    live = _alive(procs)
     return len(psutil.wait_procs(live, timeout=timeout)[1]) if live else 0
 
 
@@ -133,11 +140,9 @@ def kill(procs: set[tuple[int, float]]) -> None:
     import psutil
 
     victims = []
-    for pid, created in procs:
+    for p in _alive(procs):
         try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - created) < 1e-3:
-                victims += [p] + p.children(recursive=True)
+            victims += [p] + p.children(recursive=True)
         except psutil.Error:
             pass
     for p in victims:

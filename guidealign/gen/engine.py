@@ -314,11 +314,11 @@ def prompt_align(llm, cfg: EngineConfig) -> int:
     except AttributeError:
         return actual
     want = prefix_align(cfg)
-    if actual != want and not actual:
-        raise ValueError("the engine does not cache prefixes (vLLM turned prefix caching off for this "
-                         "model or attention backend), so nothing is padded to a KV block, unlike what "
-                         "this stage's fingerprint was made for; set engine.enable_prefix_caching: false")
     if actual != want:
+        if not actual:
+            raise ValueError("the engine does not cache prefixes (vLLM turned prefix caching off for this "
+                             "model or attention backend), so nothing is padded to a KV block, unlike what "
+                             "this stage's fingerprint was made for; set engine.enable_prefix_caching: false")
         raise ValueError(f"the engine caches prefixes in blocks of {actual} tokens, not the {want} this "
                          f"stage's fingerprint was made for (vLLM or its attention backend chose "
                          f"another block size); set engine.block_size: {actual}")

@@ -63,23 +63,25 @@ def _fsdp_version(trainer_args: dict) -> int | None:
     if trainer_args.get("fsdp") or trainer_args.get("fsdp_config"):
         conf = trainer_args.get("fsdp_config") or {}
         return int(conf.get("version", 2)) if isinstance(conf, dict) else 2
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+    if _env_on("ACCELERATE_USE_FSDP"):
         return int(os.environ.get("FSDP_VERSION", "1") or 1)
     return None
 
 
 def _deepspeed(trainer_args: dict) -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes") or \
-        bool(trainer_args.get("deepspeed"))
+    return _env_on("ACCELERATE_USE_DEEPSPEED") or bool(trainer_args.get("deepspeed"))
+
+
+def _env_on(name: str) -> bool:
+    """An accelerate config's switch, passed on by ``accelerate launch --config_file``."""
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def sharded_training(trainer_args: dict) -> bool:
     """FSDP or DeepSpeed: from sft.trainer_args, or from an accelerate config the launcher
     passed on (``accelerate launch --config_file``: it sets ACCELERATE_USE_FSDP/DEEPSPEED)."""
-    env = any(os.environ.get(k, "").lower() in ("1", "true", "yes")
-              for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-    return env or bool(trainer_args.get("fsdp") or trainer_args.get("fsdp_config")
-                       or trainer_args.get("deepspeed"))
+    return (_env_on("ACCELERATE_USE_FSDP") or _deepspeed(trainer_args)
+            or bool(trainer_args.get("fsdp") or trainer_args.get("fsdp_config")))
 
 
 def check_lora_merge(scfg) -> None:

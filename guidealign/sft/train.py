@@ -144,12 +144,8 @@ def _head_bias_for_fused_loss(model) -> None:
     passes on the weight, with the new rows, but not the bias, and the first step failed. A head
     without a bias (Llama's) gets ``bias = None`` on the wrapper; one with a bias is left as is."""
     head = model.get_output_embeddings()
-    base = getattr(head, "original_module", None) if head is not None else None
-    if base is None or "bias" in vars(head) or getattr(base, "bias", None) is not None:
-        return
-    try:
-        head.bias
-    except AttributeError:
+    base = getattr(head, "original_module", None)
+    if base is not None and getattr(base, "bias", None) is None and not hasattr(head, "bias"):
         head.bias = None
 
 
