@@ -44,25 +44,28 @@ class Role:
     template_key: str | None  # config key of its chat template; None: no chat (encoder, classifier)
     template: str | None = None
     engine: object = None     # its EngineConfig when it runs in vLLM
+    stages: tuple[str, ...] = ()  # the stages that load it (`run`'s preflight checks those it runs)
 
 
 def roles(cfg) -> list[Role]:
     from guidealign.gen.respond import respond_engine
 
-    out = [Role("guideline writer", cfg.engine.model, "engine.chat_template",
-                cfg.engine.chat_template, cfg.engine)]
-    if cfg.respond.engine:
+    own = bool(cfg.respond.engine)  # the responder has an engine of its own
+    out = [Role("guideline writer", cfg.engine.model, "engine.chat_template", cfg.engine.chat_template,
+                cfg.engine, ("detect", "guidelines", "augment") + (() if own else ("respond",)))]
+    if own:
         e = respond_engine(cfg)
-        out.append(Role("responder", e.model, "respond.engine.chat_template", e.chat_template, e))
-    out.append(Role("SFT base", cfg.sft.base_model, "sft.chat_template", cfg.sft.chat_template))
+        out.append(Role("responder", e.model, "respond.engine.chat_template", e.chat_template, e, ("respond",)))
+    out.append(Role("SFT base", cfg.sft.base_model, "sft.chat_template", cfg.sft.chat_template,
+                    stages=("sft",)))
     if "pairwise" in (cfg.eval.judges or ["pairwise"]) or cfg.eval.harm_judge == "llm":
         out.append(Role("eval judge", cfg.eval.judge_model, "eval.judge_chat_template",
-                        *_judge_template_and_engine(cfg)))
+                        *_judge_template_and_engine(cfg), ("eval",)))
     if cfg.eval.harm_judge == "classifier":
-        out.append(Role("eval classifier", cfg.eval.classifier_model, None))
-    out.append(Role("retriever base", cfg.retriever.base_model, None))
+        out.append(Role("eval classifier", cfg.eval.classifier_model, None, stages=("eval",)))
+    out.append(Role("retriever base", cfg.retriever.base_model, None, stages=("train-retriever",)))
     if cfg.library.candidates == "model":
-        out.append(Role("library candidates", cfg.library.embed_model, None))
+        out.append(Role("library candidates", cfg.library.embed_model, None, stages=("library",)))
     return out
 
 
@@ -206,8 +209,9 @@ def model_rows(cfg, role: Role, info: ModelInfo) -> list[Row]:
     return rows
 
 
-def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: list[str],
+def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo | None, gpus: list[str],
              gpu_mem: int | None) -> list[Row]:
+    """The engines' GPUs and memory; SFT's batch and memory unless ``sft`` is None (not run)."""
     from guidealign.core.gpu import devices_per_process
     from guidealign.sft.launcher import node_gpus, resolve_num_processes
     from guidealign.sft.precision import sharded_training
@@ -250,6 +254,8 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
                             f"weights ~{gib(need)} per GPU ({info.params / 1e9:.1f}B x {nb} B / tp {tp})"
                             + (f" of {gib(cap)} vLLM may use" if cap else "; the rest of "
                                f"gpu_memory_utilization {e.gpu_memory_utilization} is KV cache")))
+    if sft is None:
+        return rows
     s = cfg.sft
     # SFT trains on the whole node (launch's GUIDEALIGN_NODE_GPUS), while a worker of `launch
     # run` sees only its engine's GPUs
@@ -296,15 +302,16 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo, gpus: l
     return rows
 
 
-def disk_row(cfg, workdir: str | None, sft: ModelInfo) -> Row:
+def disk_row(cfg, workdir: str | None, sft: ModelInfo | None) -> Row:
     files = [f for pat in list(cfg.inputs) + list(cfg.inputs_sft) for f in glob.glob(pat)]
     inputs = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     # full fine-tuning keeps (and saves) float32 weights whatever the compute precision; a
     # merged LoRA model is saved in the base's half precision
     full = cfg.sft.mode == "full" or cfg.sft.precision == "float32"
-    model = (sft.params or 0) * (4 if full else 2)
+    params = (sft.params if sft else 0) or 0
+    model = params * (4 if full else 2)
     # one checkpoint is kept (weights + Adam state, ~16 B/param), two while the next is written
-    ckpt = (sft.params or 0) * 32 if cfg.sft.save_steps > 0 and cfg.sft.mode == "full" else 0
+    ckpt = params * 32 if cfg.sft.save_steps > 0 and cfg.sft.mode == "full" else 0
     need = inputs * 12 + model + ckpt + 2**28  # every stage keeps the prompts + guidelines/answers
     d = Path(workdir or ".").resolve()
     while not d.exists():
@@ -366,7 +373,10 @@ def other_rows(cfg) -> list[Row]:
     return rows
 
 
-def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None) -> list[Row]:
+def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None,
+               stages: list[str] | None = None) -> list[Row]:
+    """Every check, or with ``stages`` (`run --stages`'s) those of the models and jobs these
+    stages use: a run of the encoder stages and SFT does not need the engine's or eval's models."""
     from guidealign.core.gpu import visible_gpus as detect_gpus
 
     gpus = detect_gpus() if gpus is None else gpus
@@ -382,6 +392,8 @@ def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None) -
     infos: dict[str, ModelInfo] = {}
     engines, sft_info = [], None
     for role in roles(cfg):
+        if stages is not None and not set(role.stages) & set(stages):
+            continue
         info = infos.get(role.model) or locate(role.model)
         infos[role.model] = info
         rows += model_rows(cfg, role, info)

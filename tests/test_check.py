@@ -229,3 +229,31 @@ def test_fsdp_true_counts_as_sharded(monkeypatch):
     assert "sharded over 8 GPUs" in rows["SFT"].detail, rows["SFT"]
     cfg = load_config(PAPER, ["sft.trainer_args={}"])
     assert "sharded" not in {r.item: r for r in run_checks(cfg, gpus=["0"])}["SFT"].detail
+
+
+def test_run_checks_only_the_models_of_the_stages_it_runs(tmp_path):
+    """A GPU node given the encoder stages and SFT to run (the engine stages done elsewhere,
+    `run --stages library,...,sft`) has no copy of the engine's model, and `run` never runs
+    eval: its preflight failed on both models (seen on an H200 node without hub access) and
+    the run never started. `run` checks the models of the stages it runs; `check` still
+    checks every model."""
+    from guidealign.check import FAIL, run_checks
+
+    gone = str(tmp_path / "no-such-model")
+    cfg = load_config(None, [f"engine.model={gone}", f"eval.judge_model={gone}",
+                             "eval.harm_judge=classifier", f"eval.classifier_model={gone}"])
+    failed = lambda rows: {r.item.split(":")[0] for r in rows if r.status == FAIL}  # noqa: E731
+    every = failed(run_checks(cfg, gpus=[]))
+    assert {"guideline writer", "eval judge", "eval classifier"} <= every
+    downstream = ["library", "train-retriever", "index", "retrieve", "sft"]
+    assert failed(run_checks(cfg, gpus=[], stages=downstream)) == set()
+    assert failed(run_checks(cfg, gpus=[], stages=["respond"])) == {"guideline writer"}
+    # the CLI: `run --stages` passes its stages to the preflight (which then passes; the run
+    # stops at the missing guidelines instead)
+    r = CliRunner().invoke(cli, ["run", "--set", f"engine.model={gone}", "-w", str(tmp_path / "wd"),
+                                 "--stages", ",".join(downstream), "--no-progress"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and "preflight failed" not in r.output, r.output
+    r = CliRunner().invoke(cli, ["run", "--set", f"engine.model={gone}", "-w", str(tmp_path / "wd2"),
+                                 "--stages", "detect", "--no-progress"], env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and "preflight failed" in r.output

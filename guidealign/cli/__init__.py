@@ -96,14 +96,14 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
         raise click.UsageError(why)  # rank 0 of n alone: 1/n of each map stage
     names = [s.strip() for s in stages.split(",") if s.strip()] if stages else None  # "a, b" too
     try:
-        choose(cfg, names)  # a misspelt stage: a usage error before the preflight or any work
+        chosen = [s.name for s in choose(cfg, names)]  # a misspelt stage: a usage error before any work
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     r, w = ranks(rank, world_size)
     if not no_check:
         from guidealign.cli.check import preflight
 
-        if not preflight(cfg, workdir):
+        if not preflight(cfg, workdir, stages=chosen):
             why = "the preflight failed (see the table); fix it or pass --no-check"
             if w > 1:  # the other ranks stop at once instead of waiting for this one's shards
                 from guidealign.shards.failure import mark_failed

@@ -7,11 +7,12 @@ import sys
 import click
 
 
-def preflight(cfg, workdir, echo=click.echo) -> bool:
-    """Run the checks, print the table; True when nothing failed (``run`` calls this first)."""
+def preflight(cfg, workdir, echo=click.echo, stages: list[str] | None = None) -> bool:
+    """Run the checks (of ``stages`` only, when given), print the table; True when nothing
+    failed (``run`` calls this first, for the stages it runs)."""
     from guidealign.check import failures, render, run_checks
 
-    rows = run_checks(cfg, workdir)
+    rows = run_checks(cfg, workdir, stages=stages)
     echo(render(rows))
     bad = failures(rows)
     if bad:
