@@ -219,3 +219,44 @@ def test_a_later_epoch_with_a_longer_pass_folds_its_surplus_into_earlier_batches
             assert len(texts) == len(set(texts))
             assert not any(positives[j] in positives_of[anchors[i]] for i in b for j in b if i != j)
     assert longer  # the case this test is about happened
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_the_sampler_needs_no_private_method_of_sentence_transformers(monkeypatch, drop_last):
+    """sentence-transformers 6.0.1 (a GPU node's image) has no ``_iter_one_pass``, a private
+    method of its sampler that 6.3 added; our sampler called it and train-retriever failed at
+    its first check. Without it (removed here), the sampler still makes its batches, the same
+    as the greedy pass of 6.3 makes from the same shuffle."""
+    import random
+
+    import torch
+    from datasets import Dataset
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    from guidealign.retrieval.train import no_false_negatives_sampler
+
+    rng = random.Random(1)
+    anchors = [f"p{rng.randrange(60)}" for _ in range(300)]
+    positives = [f"g{rng.randrange(150)}" for _ in range(300)]
+    positives_of: dict[str, set[str]] = {}
+    for a, p in zip(anchors, positives):
+        positives_of.setdefault(a, set()).add(p)
+    ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    cls = no_false_negatives_sampler(positives_of)
+
+    def one_pass(name):
+        s = cls(ds, batch_size=8, drop_last=drop_last, seed=5)
+        s.generator = torch.Generator().manual_seed(5)
+        return [list(b) for b in getattr(s, name)(s._values(), s._overlap)]
+
+    stock = one_pass("_iter_one_pass") if hasattr(NoDuplicatesBatchSampler, "_iter_one_pass") else None
+    monkeypatch.delattr(NoDuplicatesBatchSampler, "_iter_one_pass", raising=False)
+    ours = one_pass("_one_pass")
+    if stock is not None:
+        assert ours == stock
+    batches = list(cls(ds, batch_size=8, drop_last=drop_last, seed=5))
+    assert batches and all(len(b) == 8 for b in batches[:-1])
+    if drop_last:
+        assert all(len(b) == 8 for b in batches)
+    else:
+        assert sorted(i for b in batches for i in b) == list(range(len(anchors)))

@@ -160,8 +160,32 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
                 if self.seed is not None:
                     self.generator.manual_seed(self.seed + epoch)
                 passes.clear()
-                passes[key] = [list(b) for b in self._iter_one_pass(self._values(), self._overlap)]
+                passes[key] = list(self._one_pass(self._values(), self._overlap))
             return passes[key]
+
+        def _one_pass(self, values, overlap):
+            """One shuffled pass, batch by batch: a batch takes, in shuffled order, every pair that
+            conflicts with none already in it, until it is full; the others wait, in their order,
+            for the next batch. (The greedy pass of sentence-transformers' own sampler, written
+            here: its method for it is private and absent before 6.3, where training failed.)"""
+            n = len(self.dataset)
+            dtype = torch.int32 if n < 2**31 else torch.int64  # the permutation its sampler draws
+            order = torch.randperm(n, generator=self.generator, dtype=dtype).tolist()
+            while order:
+                batch, taken, waiting = [], set(), []
+                for k, i in enumerate(order):
+                    v = values(i)
+                    if overlap(v, taken):
+                        waiting.append(i)
+                        continue
+                    batch.append(i)
+                    taken |= v
+                    if len(batch) == self.batch_size:
+                        waiting += order[k + 1:]
+                        break
+                order = waiting
+                if len(batch) == self.batch_size or not self.drop_last:
+                    yield batch
 
         def __len__(self) -> int:
             if "_len" not in self.__dict__:
