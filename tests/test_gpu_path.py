@@ -81,11 +81,14 @@ def test_faiss_probe_on_this_machine_falls_back_to_cpu_with_a_reason(monkeypatch
 
     monkeypatch.setattr(ri, "_PROBE", None)
     index, x = _flat()
-    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.faiss_gpu"):
+    with caplog.at_level(logging.INFO, logger="guidealign.retrieval.faiss_gpu"):
         assert ri.to_gpus(index, "flat", "auto") is index  # searched on the CPU
     res = ri.probe_gpus()
     assert not res.ok and "FAISS sees no GPU" in res.reason
-    assert "FAISS GPU probe: FAISS sees no GPU" in caplog.text
+    # faiss-cpu is the gpu extra's FAISS: said, but not as a warning on every GPU node's library
+    # and index (it was, on an H200 node); a faiss-gpu build that fails its probe still warns
+    said = [r for r in caplog.records if "FAISS GPU probe: FAISS sees no GPU" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
     assert ri.num_gpus("auto") == 0 and ri.num_gpus(False) == 0
     with pytest.raises(RuntimeError, match="use_gpu is true but FAISS cannot search on the GPUs"):
         ri.to_gpus(index, "flat", True)

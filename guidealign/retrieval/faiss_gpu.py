@@ -147,15 +147,17 @@ def probe_gpus(clone=None, n: int | None = None) -> GpuProbe:
     global _PROBE
     if clone is None and n is None and _PROBE is not None:
         return _PROBE
+    cpu_build = False
     if clone is not None:
         res = probe_search(clone, n) if n else GpuProbe(False, 0, NO_GPU)
     elif n == 0 or (n is None and not has_gpu_code()):
         res = GpuProbe(False, 0, NO_GPU)
+        cpu_build = n is None  # faiss-cpu, the gpu extra's own: searching on the CPU is the plan
     else:
         res = probe_in_child(n)
     if clone is None:
         _PROBE = res
-        log.log(logging.INFO if res.ok else logging.WARNING, "FAISS GPU probe: %s", res.reason)
+        log.log(logging.INFO if res.ok or cpu_build else logging.WARNING, "FAISS GPU probe: %s", res.reason)
     return res
 
 
