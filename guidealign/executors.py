@@ -255,6 +255,7 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
     """
     from guidealign.shards import claims, resolve_rank
     from guidealign.shards.failure import guard
+    from guidealign.sft.launcher import LAUNCHED_ENV
     from guidealign.shards.ranks import batch_script_refusal
     from guidealign.stages import get
 
@@ -266,6 +267,11 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
         raise ValueError(why)  # rank 0 of n alone would do 1/n of the work
     r, w = resolve_rank(rank, world_size)
     claims.Assignment(ex.assign, ex.claim_ttl_s)  # a bad value fails before any work
+    if os.environ.get(LAUNCHED_ENV) == "1":
+        # a training process of run_sft's torchrun: RANK is its place in the training job, not a
+        # pipeline rank; the pipeline rank that started torchrun holds the heartbeat and writes
+        # the failure marker (as rank K this one cleared and wrote pipeline rank K's)
+        return [stage.function()(cfg, workdir, rank=r, world_size=w, progress=progress, **options)]
     if ex.kind == "ray" and rank is None and w == 1:
         return _execute_on_ray(stage, cfg, workdir, progress, options)
     with guard(workdir, r, w, stage=name, stall_timeout_s=ex.stall_timeout_s), claims_assignment(cfg):

@@ -351,3 +351,29 @@ def test_sft_refuses_visible_gpus_that_torch_cannot_use(workdir, monkeypatch):
     rows = [to_example(cfg.sft, {"id": "x", "prompt": "Hi?", "response": "Hello."})] * 2
     with pytest.raises(GpuUnusable):
         build_trainer(cfg, workdir, Dataset.from_list(rows), world=1, progress=False, ckpt_dir=workdir / "ck")
+
+
+def test_a_training_process_of_run_sfts_torchrun_is_not_a_pipeline_rank(tmp_path, monkeypatch):
+    """run_sft's torchrun starts `guidealign sft` with the training job's RANK/WORLD_SIZE; the
+    stage command took them for pipeline ranks, so training process 1 cleared pipeline rank 1's
+    failure marker, beat in `_ranks/` as rank 1 (in `status`) and, when it failed, marked
+    pipeline rank 1 failed. The pipeline rank that started torchrun does all three."""
+    import guidealign.sft.train as train
+    from guidealign.config import load_config
+    from guidealign.executors import execute
+    from guidealign.sft.launcher import LAUNCHED_ENV
+
+    seen = {}
+
+    def training(cfg, workdir, *, rank, world_size, progress, **kw):
+        seen.update(rank=rank, world_size=world_size)
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(train, "run_sft", training)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", LAUNCHED_ENV: "1"}.items():
+        monkeypatch.setenv(k, v)
+    wd = tmp_path / "wd"
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        execute("sft", load_config(None), wd, progress=False)
+    assert seen == {"rank": 1, "world_size": 2}
+    assert not (wd / "_ranks").exists() and not (wd / "_failed").exists()
