@@ -64,6 +64,8 @@ def roles(cfg) -> list[Role]:
     if cfg.eval.harm_judge == "classifier":
         out.append(Role("eval classifier", cfg.eval.classifier_model, None, stages=("eval",)))
     out.append(Role("retriever base", cfg.retriever.base_model, None, stages=("train-retriever",)))
+    if cfg.index.model != "retriever":  # another encoder than the trained retriever
+        out.append(Role("index encoder", cfg.index.model, None, stages=("index", "retrieve")))
     if cfg.library.candidates == "model":
         out.append(Role("library candidates", cfg.library.embed_model, None, stages=("library",)))
     return out
@@ -322,7 +324,12 @@ def disk_row(cfg, workdir: str | None, sft: ModelInfo | None) -> Row:
     return Row("disk", "run directory", OK if need < free else FAIL, detail)
 
 
-def other_rows(cfg) -> list[Row]:
+def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
+    """Inputs, the Hub token and the executor; with ``stages``, the token only when push runs
+    and Ray's engine resources only for the engine stages among them."""
+    def runs(stage: str) -> bool:
+        return stages is None or stage in stages
+
     rows = []
     if not (cfg.inputs or cfg.ingest.inputs):
         rows.append(Row("inputs", "inputs", WARN, "none configured (give them to ingest)"))
@@ -331,7 +338,7 @@ def other_rows(cfg) -> list[Row]:
             n = len(glob.glob(pat))
             rows.append(Row("inputs", f"{key}: {pat}", OK if n else WARN,
                             f"{n} file(s)" if n else "matches no file here"))
-    if cfg.push.repo_id or cfg.push.model_repo_id:
+    if (cfg.push.repo_id or cfg.push.model_repo_id) and runs("push"):
         from huggingface_hub import get_token
 
         ok = bool(get_token())
@@ -348,7 +355,7 @@ def other_rows(cfg) -> list[Row]:
         from guidealign.ray_workers import engine_config, resources_for
         from guidealign.stages import STAGES
 
-        for stage in (s.name for s in STAGES if s.engine and s.in_run):
+        for stage in (s.name for s in STAGES if s.engine and s.in_run and runs(s.name)):
             # what a worker of the stage gets (its ray_resources_by_stage entry, else
             # ray_resources) against its engine (respond: the responder's), as ray_workers checks
             res = resources_for(ex, stage)
@@ -407,7 +414,7 @@ def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None,
             rows += length_rows(cfg, role, load_local_tokenizer(info), info)
     rows += gpu_rows(cfg, engines, sft_info, gpus, gpu_mem)
     rows.append(disk_row(cfg, workdir, sft_info))
-    rows += other_rows(cfg)
+    rows += other_rows(cfg, stages)
     return rows
 
 

@@ -16,6 +16,7 @@
 # importable (installed, or on PYTHONPATH).
 set -u
 MODELS=$(realpath "$1"); SRC=$(realpath "$2"); OUT=$(realpath -m "$3")
+cd "$(dirname "$0")/.."  # the repository root (configs/gpu-paper.yaml)
 PY=${PYTHON:-python3}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -99,8 +100,8 @@ gpu.require_usable_gpus()
 print("busy after 5 s wait:", gpu.wait_gpus_free(gpus, timeout_s=5) if gpus else None)
 texts = [f"How do I keep a sourdough starter alive, case {i}?" for i in range(64)]
 cpu = encode(load_encoder(f"{models}/encoder", device="cpu"), texts)
-gpu = encode(load_encoder(f"{models}/encoder", device=dev), texts)
-cos = (cpu * gpu).sum(1)
+on_dev = encode(load_encoder(f"{models}/encoder", device=dev), texts)
+cos = (cpu * on_dev).sum(1)
 print(f"encoder {dev} vs cpu: min cosine {cos.min():.6f}")
 assert cos.min() > 0.999, cos.min()
 trained = encode(load_encoder(f"{run}/retriever/model", device=dev), texts)

@@ -248,6 +248,17 @@ def test_run_checks_only_the_models_of_the_stages_it_runs(tmp_path):
     downstream = ["library", "train-retriever", "index", "retrieve", "sft"]
     assert failed(run_checks(cfg, gpus=[], stages=downstream)) == set()
     assert failed(run_checks(cfg, gpus=[], stages=["respond"])) == {"guideline writer"}
+    # another encoder than the trained retriever for index and retrieve: checked for those
+    cfg.index.model = gone
+    assert "index encoder" in failed(run_checks(cfg, gpus=[], stages=["retrieve"]))
+    assert "index encoder" not in failed(run_checks(cfg, gpus=[], stages=["sft"]))
+    # the Hub token only when push runs
+    cfg = load_config(None, ["push.repo_id=org/x"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", "")
+        if "push" in failed(run_checks(cfg, gpus=[])):  # (no stored Hub login on this machine)
+            assert "push" not in failed(run_checks(cfg, gpus=[], stages=downstream))
+            assert "push" in failed(run_checks(cfg, gpus=[], stages=downstream + ["push"]))
     # the CLI: `run --stages` passes its stages to the preflight (which then passes; the run
     # stops at the missing guidelines instead)
     r = CliRunner().invoke(cli, ["run", "--set", f"engine.model={gone}", "-w", str(tmp_path / "wd"),

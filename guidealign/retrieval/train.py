@@ -167,23 +167,32 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
             """One shuffled pass, batch by batch: a batch takes, in shuffled order, every pair that
             conflicts with none already in it, until it is full; the others wait, in their order,
             for the next batch. (The greedy pass of sentence-transformers' own sampler, written
-            here: its method for it is private and absent before 6.3, where training failed.)"""
+            here: its method for it is private and absent before 6.3, where training failed.)
+            The pairs still to place are a linked list over the shuffled order, so a batch costs
+            the pairs it looks at, not a copy of all the rest."""
             n = len(self.dataset)
             dtype = torch.int32 if n < 2**31 else torch.int64  # the permutation its sampler draws
             order = torch.randperm(n, generator=self.generator, dtype=dtype).tolist()
-            while order:
-                batch, taken, waiting = [], set(), []
-                for k, i in enumerate(order):
-                    v = values(i)
+            after = list(range(1, n + 1))  # after[k]: the next waiting position; n ends the list
+            head = 0
+            while head < n:
+                batch, taken = [], set()
+                prev, k = -1, head
+                while k < n:
+                    nxt = after[k]
+                    v = values(order[k])
                     if overlap(v, taken):
-                        waiting.append(i)
-                        continue
-                    batch.append(i)
-                    taken |= v
-                    if len(batch) == self.batch_size:
-                        waiting += order[k + 1:]
-                        break
-                order = waiting
+                        prev = k  # stays in the list, for a later batch
+                    else:
+                        batch.append(order[k])
+                        taken |= v
+                        if prev < 0:
+                            head = nxt
+                        else:
+                            after[prev] = nxt
+                        if len(batch) == self.batch_size:
+                            break
+                    k = nxt
                 if len(batch) == self.batch_size or not self.drop_last:
                     yield batch
 
