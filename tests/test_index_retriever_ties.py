@@ -148,7 +148,7 @@ def test_batches_hold_no_guideline_of_another_pairs_prompt():
     from datasets import Dataset
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
-    from guidealign.retrieval.train import no_false_negatives_sampler
+    from guidealign.retrieval.sampler import no_false_negatives_sampler
 
     rng = random.Random(0)
     guidelines = [f"guideline {k}" for k in range(40)]
@@ -177,7 +177,7 @@ def test_the_sampler_length_is_the_batches_an_epoch_yields_and_every_pair_is_in_
     ceil = 4 batches, but a prompt's 5 pairs need 5 batches)."""
     from datasets import Dataset
 
-    from guidealign.retrieval.train import no_false_negatives_sampler
+    from guidealign.retrieval.sampler import no_false_negatives_sampler
 
     positives_of = {f"prompt {i}": {f"g{i}-{k}" for k in range(5)} for i in range(6)}
     anchors = [a for a, gs in positives_of.items() for _ in sorted(gs)]
@@ -197,7 +197,7 @@ def test_the_sampler_length_is_the_batches_an_epoch_yields_and_every_pair_is_in_
 def test_a_later_epoch_with_a_longer_pass_folds_its_surplus_into_earlier_batches():
     from datasets import Dataset
 
-    from guidealign.retrieval.train import no_false_negatives_sampler
+    from guidealign.retrieval.sampler import no_false_negatives_sampler
 
     rng = __import__("random").Random(1)
     guidelines = [f"guideline {k}" for k in range(30)]
@@ -233,7 +233,7 @@ def test_the_sampler_needs_no_private_method_of_sentence_transformers(monkeypatc
     from datasets import Dataset
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
-    from guidealign.retrieval.train import no_false_negatives_sampler
+    from guidealign.retrieval.sampler import no_false_negatives_sampler
 
     rng = random.Random(1)
     anchors = [f"p{rng.randrange(60)}" for _ in range(300)]
