@@ -254,8 +254,8 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
     stages), any other stage as one Ray task.
     """
     from guidealign.shards import claims, resolve_rank
+    from guidealign.sft.launcher import started_by_run_sft
     from guidealign.shards.failure import guard
-    from guidealign.sft.launcher import LAUNCHED_ENV
     from guidealign.shards.ranks import batch_script_refusal
     from guidealign.stages import get
 
@@ -267,7 +267,7 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
         raise ValueError(why)  # rank 0 of n alone would do 1/n of the work
     r, w = resolve_rank(rank, world_size)
     claims.Assignment(ex.assign, ex.claim_ttl_s)  # a bad value fails before any work
-    if os.environ.get(LAUNCHED_ENV) == "1":
+    if started_by_run_sft():
         # a training process of run_sft's torchrun: RANK is its place in the training job, not a
         # pipeline rank; the pipeline rank that started torchrun holds the heartbeat and writes
         # the failure marker (as rank K this one cleared and wrote pipeline rank K's)

@@ -42,7 +42,12 @@ TORCHRUN_GRACE_S = 60.0
 def under_launcher(env=None) -> bool:
     """True in a process started by run_sft's torchrun, or by a user's torchrun/accelerate."""
     env = os.environ if env is None else env
-    return env.get(LAUNCHED_ENV) == "1" or "TORCHELASTIC_RUN_ID" in env
+    return started_by_run_sft(env) or "TORCHELASTIC_RUN_ID" in env
+
+
+def started_by_run_sft(env=None) -> bool:
+    """True in a training process of run_sft's own torchrun (not a user's launcher)."""
+    return (os.environ if env is None else env).get(LAUNCHED_ENV) == "1"
 
 
 def launcher_world_size(env=None) -> int:

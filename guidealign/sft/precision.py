@@ -80,8 +80,7 @@ def _env_on(name: str) -> bool:
 def sharded_training(trainer_args: dict) -> bool:
     """FSDP or DeepSpeed: from sft.trainer_args, or from an accelerate config the launcher
     passed on (``accelerate launch --config_file``: it sets ACCELERATE_USE_FSDP/DEEPSPEED)."""
-    return (_env_on("ACCELERATE_USE_FSDP") or _deepspeed(trainer_args)
-            or bool(trainer_args.get("fsdp") or trainer_args.get("fsdp_config")))
+    return _fsdp_version(trainer_args) is not None or _deepspeed(trainer_args)
 
 
 def check_lora_merge(scfg) -> None:
