@@ -46,7 +46,7 @@ NOT_NEGATIVE = ("detect.sampling.temperature", "guidelines.sampling.temperature"
                 "eval.judge_sampling.temperature", "respond.min_user_tokens",
                 "executor.wait_timeout_s", "executor.stall_timeout_s", "executor.ray_workers",
                 "executor.ray_max_restarts", "push.max_retries", "index.nlist", "library.exact_search_max",
-                "retriever.save_steps", "engine.start_timeout_s")
+                "retriever.save_steps", "engine.start_timeout_s", "engine.progress_timeout_s")
 
 
 def _why(key: str, v) -> str | None:

@@ -71,3 +71,9 @@ class EngineConfig:
     # NCCL's setup), and the rank's heartbeat beats meanwhile, so executor.stall_timeout_s
     # never ends it. A 13B model from a slow shared file system can take 10-20 minutes.
     start_timeout_s: float = 3600
+    # Seconds a generation call may go without any request finishing before the engine's
+    # processes are killed and the stage fails (its shard uncommitted: a rerun resumes it);
+    # 0 = no limit. vLLM waits for ever on an engine that stops mid-run (a tensor-parallel
+    # worker stuck in an NCCL collective), and the rank's heartbeat beats meanwhile. Raise it
+    # only if one batch's first request can take longer (very long outputs, a slow engine).
+    progress_timeout_s: float = 1800

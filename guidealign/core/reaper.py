@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,6 +130,42 @@ def start_deadline(seconds: float, before: set[tuple[int, float]]):
         thread.start()
     try:
         yield fired.is_set
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()
+
+
+@contextmanager
+def progress_deadline(seconds: float, procs: set[tuple[int, float]], on_expire=None):
+    """For a block that waits on ``procs`` (an engine's processes) to make progress: once
+    ``seconds`` (0: never) pass without a call of ``tick()``, kill ``procs`` with their
+    children, then call ``on_expire()`` (to wake the wait, where the processes' death alone
+    does not), so that the wait fails instead of hanging (a tensor-parallel worker stuck in an
+    NCCL collective mid-generation waits for ever, and the rank's heartbeat beats meanwhile).
+    Yields ``(tick, expired)``: ``tick()`` says progress was made, ``expired()`` whether the
+    time ran out (the processes are then killed)."""
+    last = [time.monotonic()]
+    fired, done = threading.Event(), threading.Event()
+
+    def tick() -> None:
+        last[0] = time.monotonic()
+
+    def watch():
+        while not done.wait(max(0.01, last[0] + seconds - time.monotonic())):
+            if time.monotonic() - last[0] >= seconds:
+                fired.set()
+                kill(procs)
+                if on_expire is not None:
+                    on_expire()
+                return
+
+    thread = None
+    if seconds and seconds > 0 and procs:
+        thread = threading.Thread(target=watch, name="engine-progress-deadline", daemon=True)
+        thread.start()
+    try:
+        yield tick, fired.is_set
     finally:
         done.set()
         if thread is not None:

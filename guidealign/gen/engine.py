@@ -9,7 +9,8 @@ nothing from it, and every later stage's thread setting holds. On a machine with
 it also sets the vLLM CPU settings (KV-cache size, thread binding of the engine process).
 
 ``generate`` hands a whole shard's prompts to vLLM at once (its scheduler does the
-batching) and never lets one bad prompt kill the batch.
+batching) and never lets one bad prompt kill the batch; an engine that stops finishing requests
+is killed after ``engine.progress_timeout_s`` (``deadline``).
 
 Scripts that build an engine need the ``if __name__ == "__main__":`` guard: the engine
 process is started with ``spawn``, which imports the main module again.
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from guidealign.config.engine import EngineConfig, Sampling  # noqa: F401 - used here
+from guidealign.gen.deadline import EngineStalled, watched_generate  # noqa: F401 - EngineStalled re-exported
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ def build_llm(cfg: EngineConfig):
     # the engine's processes end with this one, even when it is SIGKILLed
     llm._guidealign_procs = reaper.child_pids() - before
     llm._guidealign_watchdog = reaper.guard(llm._guidealign_procs)
+    llm._guidealign_progress_s = cfg.progress_timeout_s  # gen/deadline.py
     use_template(llm, cfg.chat_template, model=cfg.model)  # the configured one, or the model's own
     return llm
 
@@ -219,7 +222,7 @@ def _to_generation(out) -> Generation:
                       cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0))
 
 
-def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generation]:
+def generate(llm, prompts: list, params) -> list[Generation]:
     """Generate for all prompts in one call; if vLLM raises, split the batch in halves
     until the bad prompt(s) are isolated, which get finish_reason "error" and the message.
 
@@ -229,7 +232,7 @@ def generate(llm, prompts: list, params, use_tqdm: bool = False) -> list[Generat
     if isinstance(params, list) and len(params) != len(prompts):
         raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     try:
-        outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        outs = watched_generate(llm, prompts, params)
         return [_to_generation(o) for o in outs]
     except Exception as e:  # noqa: BLE001 - request errors are isolated per prompt
         if not is_request_error(e):

@@ -74,6 +74,7 @@ def score_from_logprobs(step: dict, yes: list[int], no: list[int]) -> float | No
 def score_prompts(llm, token_ids: list[list[int] | None], yes: list[int], no: list[int]):
     """[(score | None, error | None)] for each prompt (None ids: skipped, (None, None)).
     A prompt vLLM rejects gets its error; the others are scored in one call."""
+    from guidealign.gen.deadline import watched_generate
     from guidealign.gen.engine import is_request_error
 
     params = score_params(yes, no)
@@ -84,8 +85,7 @@ def score_prompts(llm, token_ids: list[list[int] | None], yes: list[int], no: li
         if not idx:
             return
         try:
-            res = llm.generate([{"prompt_token_ids": token_ids[i]} for i in idx], params,
-                               use_tqdm=False)
+            res = watched_generate(llm, [{"prompt_token_ids": token_ids[i]} for i in idx], params)
         except Exception as e:  # noqa: BLE001 - isolate the request that fails
             if not is_request_error(e):
                 raise
