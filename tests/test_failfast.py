@@ -22,7 +22,8 @@ import pyarrow as pa
 import pytest
 
 from guidealign.shards import map_shards, read_manifest, wait_complete
-from guidealign.shards.failure import RankFailed, Stalled, Watch, failures, mark_failed
+from guidealign.shards.failure import RankFailed, Stalled, failures, mark_failed
+from guidealign.shards.watch import Watch
 from guidealign.shards.manifest import is_complete, missing_shards
 from synthetic import write_prompt_shards
 

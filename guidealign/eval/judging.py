@@ -158,7 +158,7 @@ def write_plan(sub: Path, p: JudgePlan, rank: int, world_size: int) -> None:
 def wait_plan(sub: Path, p: JudgePlan, timeout: float, poll: float = 2.0) -> None:
     """Block until every plan shard holds the items of ``p`` (other ranks write theirs)."""
     from guidealign.shards import is_done
-    from guidealign.shards.failure import Watch, waiting
+    from guidealign.shards.watch import Watch, waiting
 
     d, fps = plan_dir(sub, p.kind), p.shard_fps
     deadline = time.monotonic() + timeout

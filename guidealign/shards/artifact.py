@@ -38,7 +38,7 @@ def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0, *, accept=No
     (``timeout=0``: check once). While it waits it stops when a rank of the run failed or
     nothing moved (shards/failure.py). ``accept``'s docstring says what a refused
     ``_done.json`` lacks, for the error message."""
-    from guidealign.shards.failure import Watch, waiting
+    from guidealign.shards.watch import Watch, waiting
 
     deadline = time.monotonic() + timeout
     watch = Watch(Path(d).parent, str(Path(d) / DONE))

@@ -8,6 +8,13 @@ Files in the run directory (WORKDIR):
 - ``_ranks/rank-00003.json``: a heartbeat, rewritten every few seconds while a rank runs a
   stage (:func:`guard`), saying whether it is ``working`` or ``waiting``.
 
+Two processes that run one rank (nodes that disagree on the number of workers: ``launch``
+works ranks out from each node's GPU count) would both write that rank's shards, and the ranks
+no node runs would stall every wait. Each beat first reads its heartbeat file back: another
+process's beat there since this one's last is a :class:`RankConflict`, recorded as this rank's
+failure and raised before the next shard (``raise_if_conflict``) and in every wait; a wait also
+raises it when a live heartbeat of the same stage says another world size.
+
 A wait ends on *stalled progress*, not on a long clock: when for ``stall_timeout_s`` no new
 shard was committed and no working rank's heartbeat moved, it raises :class:`Stalled`,
 naming what is missing (a dead rank that wrote no marker, e.g. killed by the OOM killer; a
@@ -43,6 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from guidealign.shards.claims import current_assignment
 from guidealign.shards.write import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,10 @@ class RankFailed(RuntimeError):
 
 class Stalled(RuntimeError):
     """Nothing moved for stall_timeout_s while this rank waited."""
+
+
+class RankConflict(RuntimeError):
+    """Another process runs this rank, or this stage with another world size."""
 
 
 def run_id(env: dict | None = None) -> str | None:
@@ -218,6 +230,8 @@ class _Context:
     # whether the child beats for it
     started: float | None = None
     handed: bool = False
+    written: tuple | None = None  # (host, pid) of this process's last beat, while nobody else beats
+    conflict: str | None = None
 
 
 _CTX: _Context | None = None
@@ -228,13 +242,58 @@ def stall_timeout() -> float:
     return _CTX.stall_timeout_s if _CTX else DEFAULT_STALL_S
 
 
+def context() -> _Context | None:
+    """This process's rank context inside :func:`guard` (None outside)."""
+    return _CTX
+
+
 def _beat(ctx: _Context) -> None:
     d = ctx.workdir / RANKS_DIR
     d.mkdir(parents=True, exist_ok=True)
+    me = (socket.gethostname(), os.getpid())
     write_json_atomic(d / _name(ctx.rank), {
         "rank": ctx.rank, "world_size": ctx.world_size, "stage": ctx.stage, "state": ctx.state,
-        "waiting_for": ctx.waiting_for, "host": socket.gethostname(), "pid": os.getpid(),
+        "waiting_for": ctx.waiting_for, "host": me[0], "pid": me[1],
         "run_id": run_id(), "time": time.time()})
+    ctx.written = me
+
+
+def _check_rank_file(ctx: _Context) -> None:
+    """Before a beat: another process of this run that beat this rank's file since this one's
+    last beat runs the same rank of the same stage (under the static assignment, where ranks
+    split the shards). Recorded in ``ctx.conflict`` and as this rank's failure (the
+    other ranks' waits stop on it); this process raises it before its next shard and in waits."""
+    if ctx.written is None or ctx.conflict is not None or ctx.rank is None:
+        return
+    if current_assignment().kind != "static":  # claims, not ranks, split the shards: no harm
+        return
+    try:
+        hb = json.loads((ctx.workdir / RANKS_DIR / _name(ctx.rank)).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(hb, dict):
+        return
+    other = (hb.get("host"), hb.get("pid"))
+    # another stage beating here is another command run beside this one in the same run
+    # directory (eval while SFT trains): it writes other datasets
+    if other == ctx.written or hb.get("run_id") != run_id() or hb.get("stage") != ctx.stage:
+        return
+    ctx.conflict = (f"rank {ctx.rank} is run by two processes: this one ({ctx.written[0]}, pid "
+                    f"{ctx.written[1]}, world size {ctx.world_size}) and {other[0]} (pid {other[1]}, "
+                    f"world size {hb.get('world_size')}, stage {hb.get('stage') or '?'}). " + CONFLICT_HINT)
+    mark_failed(ctx.workdir, ctx.rank, f"RankConflict: {ctx.conflict}", stage=ctx.stage,
+                world_size=ctx.world_size)
+
+
+CONFLICT_HINT = ("guidealign launch numbers a node's workers from its own GPU count: give every "
+                  "node the same GPUs (--gpus-per-node, not a --gpus total), and check each node's "
+                  "--node-rank/--nodes (SLURM_PROCID/SLURM_NTASKS, array task ids).")
+
+
+def raise_if_conflict() -> None:
+    """Raise the :class:`RankConflict` this process's heartbeat found, if any."""
+    if _CTX is not None and _CTX.conflict:
+        raise RankConflict(_CTX.conflict)
 
 
 def heartbeats(workdir: str | Path) -> dict[str, dict]:
@@ -272,6 +331,7 @@ def guard(workdir: str | Path | None, rank: int | None = None, world_size: int |
             try:
                 with _LOCK:
                     if not ctx.handed:
+                        _check_rank_file(ctx)
                         _beat(ctx)
             except OSError as e:  # a full or flaky disk must not kill the stage
                 log.debug("heartbeat: %s", e)
@@ -324,6 +384,7 @@ def handed_to_child():
         return
     with _LOCK:
         ctx.handed = True
+        ctx.written = None  # the child beats the file now: its pid there is no conflict
     try:
         yield
     finally:
@@ -342,60 +403,3 @@ def _is_failure(e: BaseException) -> bool:
     if type(e).__name__ == "Exit" and code == 0:
         return False
     return True
-
-
-@contextmanager
-def waiting(what: str):
-    """Mark this rank as waiting (its heartbeats then do not count as progress)."""
-    ctx = _CTX
-    if ctx is None:
-        yield
-        return
-    old = (ctx.state, ctx.waiting_for)
-    ctx.state, ctx.waiting_for = "waiting", what
-    try:
-        yield
-    finally:
-        ctx.state, ctx.waiting_for = old
-
-
-class Watch:
-    """One wait's fail-fast checks: call :meth:`check` once per poll with a progress count."""
-
-    def __init__(self, workdir: str | Path, what: str, stall_timeout_s: float | None = None):
-        self.workdir = Path(workdir)
-        self.what = what
-        self.stall = stall_timeout_s if stall_timeout_s and stall_timeout_s > 0 else stall_timeout()
-        self.last_move = time.monotonic()
-        self.progress = None
-        self.beats: dict[str, float] = {}
-
-    def _beats_moved(self) -> bool:
-        moved = False
-        dirs = {self.workdir} | ({_CTX.workdir} if _CTX is not None else set())
-        for name, hb in ((f"{d}/{n}", hb) for d in dirs for n, hb in heartbeats(d).items()):
-            t = float(hb.get("time", 0.0))
-            if hb.get("state") == "working" and name in self.beats and t != self.beats[name]:
-                moved = True
-            self.beats[name] = t
-        return moved
-
-    def check(self, progress, missing: str = "") -> None:
-        raise_if_failed(self.workdir, self.what)
-        if _CTX is not None and _CTX.workdir != self.workdir:  # e.g. a dataset under WORKDIR/eval/
-            raise_if_failed(_CTX.workdir, self.what)
-        moved = self._beats_moved()
-        if progress != self.progress:
-            self.progress, moved = progress, True
-        now = time.monotonic()
-        if moved:
-            self.last_move = now
-        elif now - self.last_move >= self.stall:
-            alive = [f"rank {hb.get('rank')} {hb.get('state')}"
-                     + (f" for {hb['waiting_for']}" if hb.get("waiting_for") else "")
-                     for hb in heartbeats(self.workdir).values() if hb.get("state") != "exited"]
-            raise Stalled(f"no progress on {self.what} for {self.stall:.0f}s (executor.stall_timeout_s)"
-                          + (f": {missing}" if missing else "")
-                          + f"; heartbeats: {', '.join(alive) or 'none'}. A rank died without a "
-                          "failure marker or never started (a pending SLURM array task?): rerun "
-                          "the missing ranks; committed shards are kept")

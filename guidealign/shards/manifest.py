@@ -208,7 +208,7 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
     seconds (default: executor.stall_timeout_s of the running stage); see shards.failure.
     ``timeout`` stays a hard cap (``float("inf")``: none).
     """
-    from guidealign.shards.failure import Watch, waiting
+    from guidealign.shards.watch import Watch, waiting
 
     dataset = Path(dataset)
     deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from guidealign.shards import claims
+from guidealign.shards.failure import raise_if_conflict
 from guidealign.shards.fingerprint import fingerprint as make_fp
 from guidealign.shards.manifest import read_manifest, write_manifest
 from guidealign.shards.marker import is_done, read_marker
@@ -129,6 +130,7 @@ def map_shards(
         if is_done(dst, i, fp):
             report.skipped += 1
             continue
+        raise_if_conflict()  # another process runs this rank: no shard is written twice
         if fn is None:
             fn = make_fn()
         _process(fn, src, dst, i, fp, columns, report)

@@ -1,0 +1,90 @@
+"""Waits under the fail-fast rules: a wait polls for failure markers and rank conflicts and
+ends on stalled progress (see ``failure``'s module doc)."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from guidealign.shards.claims import current_assignment
+from guidealign.shards.failure import (CONFLICT_HINT, RankConflict, Stalled, context, heartbeats,
+                                       raise_if_conflict, raise_if_failed, run_id, stall_timeout)
+
+
+@contextmanager
+def waiting(what: str):
+    """Mark this rank as waiting (its heartbeats then do not count as progress)."""
+    ctx = context()
+    if ctx is None:
+        yield
+        return
+    old = (ctx.state, ctx.waiting_for)
+    ctx.state, ctx.waiting_for = "waiting", what
+    try:
+        yield
+    finally:
+        ctx.state, ctx.waiting_for = old
+
+
+class Watch:
+    """One wait's fail-fast checks: call :meth:`check` once per poll with a progress count."""
+
+    def __init__(self, workdir: str | Path, what: str, stall_timeout_s: float | None = None):
+        self.workdir = Path(workdir)
+        self.what = what
+        self.stall = stall_timeout_s if stall_timeout_s and stall_timeout_s > 0 else stall_timeout()
+        self.last_move = time.monotonic()
+        self.progress = None
+        self.beats: dict[str, float] = {}
+
+    def _beats_moved(self) -> bool:
+        moved = False
+        ctx = context()
+        dirs = {self.workdir} | ({ctx.workdir} if ctx is not None else set())
+        for name, hb in ((f"{d}/{n}", hb) for d in dirs for n, hb in heartbeats(d).items()):
+            t = float(hb.get("time", 0.0))
+            alive = name in self.beats and t != self.beats[name]
+            if hb.get("state") == "working" and alive:
+                moved = True
+            if alive:
+                _check_world(hb)
+            self.beats[name] = t
+        return moved
+
+    def check(self, progress, missing: str = "") -> None:
+        raise_if_conflict()
+        raise_if_failed(self.workdir, self.what)
+        ctx = context()
+        if ctx is not None and ctx.workdir != self.workdir:  # e.g. a dataset under WORKDIR/eval/
+            raise_if_failed(ctx.workdir, self.what)
+        moved = self._beats_moved()
+        if progress != self.progress:
+            self.progress, moved = progress, True
+        now = time.monotonic()
+        if moved:
+            self.last_move = now
+        elif now - self.last_move >= self.stall:
+            alive = [f"rank {hb.get('rank')} {hb.get('state')}"
+                     + (f" for {hb['waiting_for']}" if hb.get("waiting_for") else "")
+                     for hb in heartbeats(self.workdir).values() if hb.get("state") != "exited"]
+            raise Stalled(f"no progress on {self.what} for {self.stall:.0f}s (executor.stall_timeout_s)"
+                          + (f": {missing}" if missing else "")
+                          + f"; heartbeats: {', '.join(alive) or 'none'}. A rank died without a "
+                          "failure marker or never started (a pending SLURM array task?): rerun "
+                          "the missing ranks; committed shards are kept")
+
+
+def _check_world(hb: dict) -> None:
+    """A live heartbeat (it moved during this wait) of this run and stage that says another
+    world size than this rank's: under the static assignment, the ranks do not split the
+    shards the same way."""
+    ctx = context()
+    if ctx is None or ctx.world_size is None or hb.get("world_size") in (None, ctx.world_size):
+        return
+    if current_assignment().kind != "static":  # claims, not ranks, split the shards: no harm
+        return
+    if hb.get("stage") != ctx.stage or hb.get("state") == "exited" or hb.get("run_id") != run_id():
+        return
+    raise RankConflict(f"rank {hb.get('rank')} of {ctx.stage} on {hb.get('host')} (pid {hb.get('pid')}) "
+                       f"runs with world size {hb.get('world_size')}, this rank ({ctx.rank}) with "
+                       f"{ctx.world_size}. " + CONFLICT_HINT)
