@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -137,9 +138,13 @@ def child_env(n: int, gpus: int) -> dict:
     return env
 
 
-def torchrun_argv(n: int, config_path: Path, workdir: Path, *, force: bool, progress: bool) -> list[str]:
+def torchrun_argv(n: int, config_path: Path, workdir: Path, *, force: bool, progress: bool,
+                  log_dir: Path | None = None) -> list[str]:
+    """torchrun of ``guidealign sft``; with ``log_dir``, each worker's output is also written
+    there (``--tee 3``: still shown here too, each line prefixed with its rank)."""
+    logs = ["--log-dir", str(log_dir), "--tee", "3"] if log_dir is not None else []
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc-per-node", str(n), "-m", "guidealign", "sft", "-w", str(workdir),
+            "--nproc-per-node", str(n), *logs, "-m", "guidealign", "sft", "-w", str(workdir),
             "-c", str(config_path)]
     if force:
         argv.append("--force")
@@ -161,11 +166,40 @@ def launch(cfg, workdir: Path, n: int, *, force: bool, progress: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "launch-config.yaml"
     cfg_path.write_text(dump_yaml(c))
-    argv = torchrun_argv(n, cfg_path, Path(workdir), force=force, progress=progress)
+    logs = out / TORCHRUN_LOGS
+    shutil.rmtree(logs, ignore_errors=True)  # the last launch's logs only
+    argv = torchrun_argv(n, cfg_path, Path(workdir), force=force, progress=progress, log_dir=logs)
     rc = run_to_end(argv, child_env(n, gpus))
     if rc != 0:
-        raise RuntimeError(f"SFT under torchrun ({n} processes) failed with status {rc}: "
-                           f"{' '.join(argv)}")
+        raise RuntimeError(f"SFT under torchrun ({n} processes) failed with status {rc}"
+                           f"{worker_error(logs)}\n(command: {' '.join(argv)}; each process's "
+                           f"output: {logs})")
+
+
+# under WORKDIR/sft/: each training process's stdout.log and stderr.log of the last launch
+TORCHRUN_LOGS = "_torchrun"
+
+
+def worker_error(log_dir: Path, lines: int = 25) -> str:
+    """The end of the stderr of the training process that failed first (the earliest written
+    log with a traceback; else any log at all), as ``": ...<lines>"``, or "" when there is no
+    log: torchrun's own status and summary do not carry a worker's error (that needs the
+    worker's ``@record``), so a failure marker would say only "status 1"."""
+    logs = [p for p in Path(log_dir).glob("*/attempt_*/*/stderr.log") if p.is_file()]
+    if not logs:
+        return ""
+
+    def text(p: Path) -> str:
+        try:
+            return p.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    failed = [p for p in logs if "Traceback (most recent call last)" in text(p)]
+    first = min(failed or logs, key=lambda p: p.stat().st_mtime)
+    tail = "\n".join(text(first).rstrip().splitlines()[-lines:])
+    rank = first.parent.name
+    return f"; training process {rank} ({first}) ended with:\n{tail}" if tail else ""
 
 
 def run_to_end(argv: list[str], env: dict | None = None, grace: float = TORCHRUN_GRACE_S) -> int:
