@@ -270,8 +270,15 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
     if started_by_run_sft():
         # a training process of run_sft's torchrun: RANK is its place in the training job, not a
         # pipeline rank; the pipeline rank that started torchrun holds the heartbeat and writes
-        # the failure marker (as rank K this one cleared and wrote pipeline rank K's)
-        return [stage.function()(cfg, workdir, rank=r, world_size=w, progress=progress, **options)]
+        # the failure marker (as rank K this one cleared and wrote pipeline rank K's), with this
+        # process's error from the error file torchrun gave it
+        from guidealign.sft.launcher import record_training_error
+
+        try:
+            return [stage.function()(cfg, workdir, rank=r, world_size=w, progress=progress, **options)]
+        except Exception as e:
+            record_training_error(e)
+            raise
     if ex.kind == "ray" and rank is None and w == 1:
         return _execute_on_ray(stage, cfg, workdir, progress, options)
     with guard(workdir, r, w, stage=name, stall_timeout_s=ex.stall_timeout_s), claims_assignment(cfg):

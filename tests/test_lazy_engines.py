@@ -52,3 +52,37 @@ def test_an_engine_that_turned_prefix_caching_off_is_refused_with_the_setting_th
     with pytest.raises(ValueError, match="set engine.block_size: 64"):
         prompt_align(engine(True, 64), EngineConfig(block_size=32))
     assert prompt_align(engine(True, 32), EngineConfig(block_size=32)) == 32
+
+
+def test_the_progress_deadline_reaches_the_engine_behind_a_lazy_wrapper():
+    """Ray's worker engine and eval's lazy responder keep their private names to themselves, so
+    the deadline (``engine.progress_timeout_s``, ``gen/deadline.py``) read 0 through them and
+    stages on Ray and eval's respond ran without it. It is read from the LLM whose ``generate``
+    the wrapper hands out: the call gets the progress bar that feeds the deadline."""
+    from guidealign.eval.generate import LazyLLM
+    from guidealign.gen.deadline import watched_generate
+    from guidealign.ray_workers import LazyEngine
+
+    class Engine:  # what build_llm returns, as far as the deadline reads it
+        _guidealign_progress_s = 600.0
+        _guidealign_procs = {(2 ** 22 + 7, 0.0)}  # no such process: nothing to kill
+
+        def __init__(self):
+            self.bars = []
+
+        def generate(self, prompts, params, use_tqdm=False):
+            self.bars.append(use_tqdm)
+            if callable(use_tqdm):
+                bar = use_tqdm(total=len(prompts))
+                bar.update(len(prompts))
+            return [f"out {p}" for p in prompts]
+
+    engine = Engine()
+    lazy = LazyEngine(None)
+    lazy._llm = engine  # built
+    responder = LazyLLM(SimpleNamespace(generator=lambda: engine))
+    for llm in (lazy, responder, engine):
+        assert watched_generate(llm, ["a", "b"], None) == ["out a", "out b"]
+    assert len(engine.bars) == 3 and all(callable(b) for b in engine.bars)
+    engine._guidealign_progress_s = 0  # off: the plain call
+    assert watched_generate(lazy, ["a"], None) == ["out a"] and engine.bars[-1] is False

@@ -86,12 +86,15 @@ def test_a_second_process_beating_the_same_rank_stops_it_before_its_next_shard(t
             Watch(wd, "detect shards").check(0)
 
 
-@pytest.mark.parametrize("case", ["child", "dynamic", "other stage"])
+@pytest.mark.parametrize("case", ["child", "dynamic", "other stage", "same host and world", "exited"])
 def test_no_conflict_for_this_ranks_own_child_another_stage_or_under_claims(tmp_path, case):
     """A child process running this rank's stage beats the same file (``handed_to_child``): no
     conflict. Under the dynamic assignment claims split the shards, so a rank run twice does no
-    harm, and another stage run beside this one in the same run directory (eval while SFT
-    trains) writes other datasets: no conflict either, however long the other beats beside it."""
+    harm; another stage run beside this one in the same run directory (eval while SFT trains)
+    writes other datasets; a command of the same stage and world size on this host is a user's
+    second command (two evals of other benchmarks), not launch's numbering; a process that is
+    leaving (its last beat says "exited") runs nothing more: no conflict, however long the
+    other beats beside it."""
     wd = tmp_path / "run"
     with guard(wd, 1, 4, stage="detect", beat_s=0.02):
         if case == "child":
@@ -101,14 +104,31 @@ def test_no_conflict_for_this_ranks_own_child_another_stage_or_under_claims(tmp_
                     time.sleep(0.01)
             _beats_of_mine(wd, 1, 20)
         else:
+            other = {"dynamic": {"world_size": 8}, "other stage": {"world_size": 8, "stage": "eval"},
+                     "same host and world": {"host": socket.gethostname()},
+                     "exited": {"world_size": 8, "state": "exited"}}[case]
             with claims.assignment("dynamic" if case == "dynamic" else "static"):
                 deadline = time.monotonic() + 2
                 while time.monotonic() < deadline:  # the other beats beside this rank's beats
-                    _foreign_beat(wd, 1, world_size=8, stage="detect" if case == "dynamic" else "eval")
+                    _foreign_beat(wd, 1, **other)
                     time.sleep(0.01)
                 _beats_of_mine(wd, 1, 5)
         Watch(wd, "detect shards").check(0)
     assert failures(wd) == []
+
+
+def test_a_conflict_found_during_the_last_shard_fails_the_rank_at_its_end(tmp_path):
+    """No shard or wait follows the shard in the works when the conflict is found: the rank
+    still ends failed (its marker says why), not with status 0."""
+    wd = tmp_path / "run"
+    with pytest.raises(RankConflict, match="world size 4\\) and other-node"):
+        with guard(wd, 1, 4, stage="detect", beat_s=0.02):
+            deadline = time.monotonic() + 120
+            while not failures(wd):
+                assert time.monotonic() < deadline, "the conflict was never found"
+                _foreign_beat(wd, 1, world_size=4)  # another node, same world size: a --node-rank mixup
+                time.sleep(0.01)
+    assert failures(wd)[0]["error"].startswith("RankConflict:")
 
 
 def test_a_wait_stops_on_a_live_rank_of_the_stage_with_another_world_size(tmp_path):

