@@ -93,13 +93,18 @@ def test_a_progress_deadline_kills_its_processes_and_wakes_the_waiter_when_nothi
 
     from guidealign.core import reaper
 
+    import psutil
+
+    def own(proc):  # this process only: the test process's other children (a session-wide
+        return {(proc.pid, psutil.Process(proc.pid).create_time())}  # engine) are not the block's
+
     p = sp.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    procs = reaper.child_pids()
+    procs = own(p)
     woken = []
     with reaper.progress_deadline(0.5, procs, lambda: woken.append(True)) as (tick, expired):
         assert p.wait(timeout=60) != 0  # killed, not finished
     assert expired() and woken == [True]
     q = sp.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
-    with reaper.progress_deadline(0, reaper.child_pids(), lambda: woken.append(True)) as (tick, expired):
+    with reaper.progress_deadline(0, own(q), lambda: woken.append(True)) as (tick, expired):
         assert q.wait(timeout=60) == 0
     assert not expired() and woken == [True]
