@@ -6,11 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
+from engine_scripts import PRINT_PROCESSES_LEFT
+
+SCRIPT = PRINT_PROCESSES_LEFT + textwrap.dedent("""
     import os, signal, time
 
     def main():
-        import psutil
         from guidealign.config import load_config
         from guidealign.config.engine import Sampling
         from guidealign.gen.engine import EngineStalled, build_llm, close_llm, generate, sampling_params
@@ -37,14 +38,7 @@ SCRIPT = textwrap.dedent("""
         except EngineStalled as e:
             print(f"stalled after {time.monotonic() - t:.0f} s:", e)
         close_llm(llm, timeout=30)
-        left = []
-        for c in psutil.Process().children(recursive=True):
-            try:
-                if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(c.cmdline()):
-                    left.append(c.pid)
-            except psutil.Error:
-                pass
-        print("engine processes left:", len(left))
+        print_processes_left()
 
     if __name__ == "__main__":
         main()

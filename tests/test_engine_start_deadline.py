@@ -5,11 +5,12 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
+from engine_scripts import PRINT_PROCESSES_LEFT
+
+SCRIPT = PRINT_PROCESSES_LEFT + textwrap.dedent("""
     import sys
 
     def main():
-        import psutil
         from guidealign.config import load_config
         from guidealign.gen.engine import EngineStartTimeout, build_llm, close_llm
 
@@ -20,14 +21,7 @@ SCRIPT = textwrap.dedent("""
             print("started")
         except EngineStartTimeout as e:
             print("timed out:", e)
-        left = []
-        for c in psutil.Process().children(recursive=True):
-            try:
-                if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(c.cmdline()):
-                    left.append(c.pid)
-            except psutil.Error:
-                pass
-        print("engine processes left:", len(left))
+        print_processes_left()
 
     if __name__ == "__main__":
         main()
