@@ -230,7 +230,7 @@ class _Context:
     # whether the child beats for it
     started: float | None = None
     handed: bool = False
-    written: tuple | None = None  # (host, pid) of this process's last beat, while nobody else beats
+    written: tuple | None = None  # (host, pid) of this process's last beat
     conflict: str | None = None
 
 
@@ -265,24 +265,16 @@ def _check_rank_file(ctx: _Context) -> None:
     other ranks' waits stop on it); this process raises it before its next shard and in waits."""
     if ctx.written is None or ctx.conflict is not None or ctx.rank is None:
         return
-    if current_assignment().kind != "static":  # claims, not ranks, split the shards: no harm
-        return
     try:
         hb = json.loads((ctx.workdir / RANKS_DIR / _name(ctx.rank)).read_text())
     except (OSError, ValueError):
         return
-    if not isinstance(hb, dict):
+    other = (hb.get("host"), hb.get("pid")) if isinstance(hb, dict) else None
+    if other is None or other == ctx.written or not splits_like_this_rank(hb, ctx):
         return
-    other = (hb.get("host"), hb.get("pid"))
-    if other == ctx.written or hb.get("run_id") != run_id() or hb.get("stage") != ctx.stage:
-        return
-    # Left alone: another stage (eval while SFT trains writes other datasets); a beat of a
-    # process that is leaving ("exited": a Ctrl-C'd run still closing its engine when the rerun
-    # starts); and a command of the same stage and world size on this host (two evals of other
-    # benchmarks, side by side). What launch's numbering clash gives is another node, or
+    # Left alone too: a command of the same stage and world size on this host (two evals of
+    # other benchmarks, side by side). What launch's numbering clash gives is another node, or
     # another world size.
-    if hb.get("state") == "exited":
-        return
     if other[0] == ctx.written[0] and hb.get("world_size") == ctx.world_size:
         return
     ctx.conflict = (f"rank {ctx.rank} is run by two processes: this one ({ctx.written[0]}, pid "
@@ -290,6 +282,15 @@ def _check_rank_file(ctx: _Context) -> None:
                     f"world size {hb.get('world_size')}, stage {hb.get('stage') or '?'}). " + CONFLICT_HINT)
     mark_failed(ctx.workdir, ctx.rank, f"RankConflict: {ctx.conflict}", stage=ctx.stage,
                 world_size=ctx.world_size)
+
+
+def splits_like_this_rank(hb: dict, ctx: _Context) -> bool:
+    """Whether heartbeat ``hb`` is of a process that splits shards by rank beside this one: the
+    same run and stage, not leaving ("exited": a Ctrl-C'd run still closing its engine when the
+    rerun starts), under the static assignment (with claims a rank run twice does no harm). Not
+    so: another stage (eval while SFT trains writes other datasets)."""
+    return (current_assignment().kind == "static" and hb.get("state") != "exited"
+            and hb.get("run_id") == run_id() and hb.get("stage") == ctx.stage)
 
 
 CONFLICT_HINT = ("guidealign launch numbers a node's workers from its own GPU count: give every "
@@ -393,7 +394,6 @@ def handed_to_child():
         return
     with _LOCK:
         ctx.handed = True
-        ctx.written = None  # the child beats the file now: its pid there is no conflict
     try:
         yield
     finally:

@@ -6,9 +6,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from guidealign.shards.claims import current_assignment
 from guidealign.shards.failure import (CONFLICT_HINT, RankConflict, Stalled, context, heartbeats,
-                                       raise_if_conflict, raise_if_failed, run_id, stall_timeout)
+                                       raise_if_conflict, raise_if_failed, splits_like_this_rank,
+                                       stall_timeout)
 
 
 @contextmanager
@@ -81,9 +81,7 @@ def _check_world(hb: dict) -> None:
     ctx = context()
     if ctx is None or ctx.world_size is None or hb.get("world_size") in (None, ctx.world_size):
         return
-    if current_assignment().kind != "static":  # claims, not ranks, split the shards: no harm
-        return
-    if hb.get("stage") != ctx.stage or hb.get("state") == "exited" or hb.get("run_id") != run_id():
+    if not splits_like_this_rank(hb, ctx):
         return
     raise RankConflict(f"rank {hb.get('rank')} of {ctx.stage} on {hb.get('host')} (pid {hb.get('pid')}) "
                        f"runs with world size {hb.get('world_size')}, this rank ({ctx.rank}) with "
