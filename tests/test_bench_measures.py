@@ -141,6 +141,17 @@ def test_all_chaos_row_counts_every_failing_kind():
     assert fig.endswith("2 stage(s) failing")
 
 
+
+def test_all_lists_a_benchmark_that_needs_finished_runs_with_the_reason_and_runs_nothing(monkeypatch, capsys):
+    al = _load("all")
+    ran = []
+    monkeypatch.setattr(al, "run_one", lambda *a, **k: ran.append(a) or (0, 0.0, "", {}, ""))
+    monkeypatch.setattr(al.sys, "argv", ["all.py", "--only", "finish_rate"])
+    al.main()
+    out = capsys.readouterr().out
+    assert not ran
+    assert "| finish_rate | not run here: it needs runs that got through retrieve" in out
+
 # --- bench/gen.py --------------------------------------------------------------------------
 
 def test_gen_structured_guidelines_runs_read_the_same_detect_output(tmp_path, monkeypatch):
