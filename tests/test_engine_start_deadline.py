@@ -1,9 +1,14 @@
-"""An engine that does not start in engine.start_timeout_s: its processes go, the stage fails."""
+"""An engine that does not start in engine.start_timeout_s: its processes go, the stage fails.
+And where an engine's IPC sockets go (a directory of the process, gone when it exits)."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 from engine_scripts import PRINT_PROCESSES_LEFT
 
@@ -13,33 +18,80 @@ SCRIPT = PRINT_PROCESSES_LEFT + textwrap.dedent("""
     def main():
         from guidealign.config import load_config
         from guidealign.gen.engine import EngineStartTimeout, build_llm, close_llm
+        from guidealign.gen.sockets import socket_dir
 
         cfg = load_config(None, ["engine.dtype=float32", "engine.max_model_len=512",
                                  "engine.start_timeout_s=" + sys.argv[1]]).engine
         try:
-            close_llm(build_llm(cfg))
+            llm = build_llm(cfg)
+            print("sockets while up:", len([p for p in socket_dir().iterdir() if p.is_socket()]))
+            close_llm(llm)
             print("started")
         except EngineStartTimeout as e:
             print("timed out:", e)
         print_processes_left()
+        print("socket dir:", socket_dir())
 
     if __name__ == "__main__":
         main()
 """)
 
 
-def test_an_engine_that_does_not_start_in_time_is_killed_and_the_stage_fails(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The script with a start limit of half a second, and with none: {limit: its output}."""
+    script = tmp_path_factory.mktemp("engine") / "start.py"
+    script.write_text(SCRIPT)
+    return {limit: subprocess.run([sys.executable, str(script), limit], capture_output=True, text=True,
+                                  timeout=600) for limit in ("0.5", "0")}
+
+
+def test_an_engine_that_does_not_start_in_time_is_killed_and_the_stage_fails(runs):
     """vLLM waits for ever for an engine that neither starts nor dies (a tensor-parallel worker
     stuck in NCCL's setup), while the rank's heartbeat keeps beating, so no stall clock ends
     it. With ``engine.start_timeout_s`` the engine's processes are killed once it is up, and
     ``build_llm`` raises :class:`EngineStartTimeout` naming the setting. Here the real engine
     gets half a second (it needs several: the deadline falls before its processes exist, and
     they are killed as they appear); with no limit it starts."""
-    script = tmp_path / "start.py"
-    script.write_text(SCRIPT)
     for limit, want in (("0.5", "timed out: the vLLM engine"), ("0", "started")):
-        out = subprocess.run([sys.executable, str(script), limit], capture_output=True, text=True, timeout=600)
+        out = runs[limit]
         assert out.returncode == 0, out.stderr[-3000:]
         assert want in out.stdout, out.stdout
         assert "engine.start_timeout_s" in out.stdout or want == "started"
         assert "engine processes left: 0" in out.stdout, out.stdout
+
+
+def test_an_engines_sockets_go_to_a_directory_of_its_process_removed_when_it_exits(runs):
+    """vLLM binds an engine's ZMQ sockets as files in the temp directory and leaves them there
+    (7 an engine, measured); ``build_llm`` has them made in ``sockets.socket_dir``, which goes
+    when the process exits, after a normal start and close as after a killed start."""
+    up = re.search(r"sockets while up: (\d+)", runs["0"].stdout)
+    assert up and int(up[1]) > 0, runs["0"].stdout  # vLLM used the directory
+    for limit, out in runs.items():
+        d = re.search(r"socket dir: (\S+)", out.stdout)
+        assert d, out.stdout + out.stderr[-2000:]
+        assert Path(d[1]).name.startswith("guidealign-vllm-")
+        assert not Path(d[1]).exists(), f"left behind after the run with limit {limit}"
+
+
+def test_the_socket_directories_of_ended_processes_on_this_host_are_removed(tmp_path, monkeypatch):
+    """A killed process cannot remove its directory: the next one that builds an engine does,
+    for processes of this host that no longer run, and never a running one's."""
+    from guidealign.gen import sockets
+
+    monkeypatch.setattr(sockets.tempfile, "gettempdir", lambda: str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = tmp_path / f"{sockets._name_prefix()}{ended.stdout.strip()}-abc"
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"{sockets._name_prefix()}{running.pid}-def"
+        other_host = tmp_path / f"{sockets.PREFIX}another-host-{ended.stdout.strip()}-ghi"
+        for d in (dead, live, other_host):
+            d.mkdir()
+            (d / "sock").write_text("")
+        assert sockets.remove_stale() == [dead]
+        assert not dead.exists() and live.exists() and other_host.exists()
+    finally:
+        running.kill()
+        running.wait()

@@ -57,12 +57,17 @@ def apply_cpu_env(cfg: EngineConfig) -> None:
 def engine_isolation():
     """Build an engine without letting it change this process: the engine core runs in its
     own (spawned) process, and on exit ``os.environ`` is put back exactly as it was and
-    ``torch.set_num_threads`` is the original function again."""
+    ``torch.set_num_threads`` is the original function again. The engine's IPC sockets go to
+    this process's ``sockets.socket_dir`` (vLLM leaves them behind in the temp directory)."""
     saved_env = dict(os.environ)
     # Own process for the engine core (the in-process engine patches the caller); spawn,
     # because a forked child inherits this process's OpenMP and CUDA state.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    if not os.environ.get("VLLM_RPC_BASE_PATH"):  # its sockets in a directory that goes with us
+        from guidealign.gen.sockets import socket_dir
+
+        os.environ["VLLM_RPC_BASE_PATH"] = str(socket_dir())
     try:
         yield
     finally:
