@@ -598,6 +598,35 @@ def test_ingest_into_another_dataset(tmp_path):
         ingest([str(f)], tmp_path / "w", dataset="../escape", progress=False)
 
 
+def test_the_ingest_command_without_files_ingests_both_prompt_sets_of_the_config(tmp_path):
+    """The stage command, as ``launch ingest`` and the SLURM stage script run it: with no files
+    it ingests the config's ``inputs`` into prompts and ``inputs_sft`` into prompts-sft (it
+    ingested the first set only, and ``--into prompts-sft`` put the library's prompts there)."""
+    lib, sft = tmp_path / "lib.jsonl", tmp_path / "sft.jsonl"
+    lib.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"}\n')
+    sft.write_text('{"prompt": "x"}\n{"prompt": "y"}\n')
+    two = tmp_path / "two.yaml"
+    two.write_text(f"inputs: [{lib}]\ninputs_sft: [{sft}]\n")
+    one = tmp_path / "one.yaml"
+    one.write_text(f"inputs: [{lib}]\n")
+
+    def cli(*args, rc=0):
+        p = _run_cli(["ingest", *args, "--no-progress"])
+        err = p.communicate()[1]
+        assert p.returncode == rc, err
+        return err
+
+    cli("-w", str(tmp_path / "w1"), "-c", str(two))
+    assert read_manifest(tmp_path / "w1" / "prompts")["rows"] == 3
+    assert read_manifest(tmp_path / "w1" / "prompts-sft")["rows"] == 2
+    cli("-w", str(tmp_path / "w2"), "-c", str(two), "--into", "prompts-sft")
+    assert [r["prompt"] for t in iter_tables(tmp_path / "w2" / "prompts-sft") for r in t.to_pylist()] == ["x", "y"]
+    assert not (tmp_path / "w2" / "prompts").exists()
+    err = cli("-w", str(tmp_path / "w3"), "-c", str(one), "--into", "prompts-sft", rc=1)
+    assert "no input files for dataset 'prompts-sft' (inputs_sft is not set" in err
+    assert not (tmp_path / "w3" / "prompts-sft").exists()
+
+
 def test_csv_quoted_newlines_and_ragged_rows(tmp_path):
     f = tmp_path / "r.csv"
     # a trailing delimiter (an empty extra field) is kept; a non-empty extra field is quarantined

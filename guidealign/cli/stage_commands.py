@@ -47,8 +47,9 @@ def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
 
 @click.command()
 @click.argument("inputs", nargs=-1)
-@click.option("--into", default="prompts", show_default=True,
-              help="Dataset under WORKDIR to write, e.g. prompts-sft for a second prompt set.")
+@click.option("--into", default=None,
+              help="Dataset under WORKDIR to write (default: prompts for the files given; with no files, "
+                   "the config's inputs -> prompts and inputs_sft -> prompts-sft), e.g. prompts-sft.")
 @click.option("--encoding", default=None,
               help="Text encoding of the inputs (default ingest.encoding: auto), e.g. cp1252, utf-16.")
 @stage_options

@@ -14,21 +14,36 @@ class IngestReports:
         return "\n".join(r.summary() for r in self.reports)
 
 
+def prompt_sets(cfg, inputs: list[str] | None = None, dataset: str | None = None) -> list[tuple[list, str]]:
+    """(files, dataset) to ingest. Files given: into ``dataset`` (default "prompts"). None
+    given: the config's sets, ``inputs`` -> prompts and ``inputs_sft`` (when set) ->
+    prompts-sft, or the one of them that ``dataset`` names; another dataset needs its files."""
+    from guidealign.ingest.readers import IngestError
+
+    if inputs:
+        return [(list(inputs), dataset or "prompts")]
+    sets = [(cfg.inputs or cfg.ingest.inputs, "prompts")]
+    if cfg.inputs_sft:
+        sets.append((cfg.inputs_sft, "prompts-sft"))
+    if dataset is None:
+        return sets
+    named = [s for s in sets if s[1] == dataset]
+    if not named:
+        what = "inputs_sft is not set in the config" if dataset == "prompts-sft" else "the config names none"
+        raise IngestError(f"no input files for dataset {dataset!r} ({what}): give them on the command "
+                          "line (the config's inputs go to prompts, inputs_sft to prompts-sft)")
+    return named
+
+
 def run_ingest(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, progress: bool = True,
                inputs: list[str] | None = None, dataset: str | None = None):
-    """Ingest on rank 0; the other ranks wait for the result.
-
-    Default: ``cfg.inputs`` -> WORKDIR/prompts, and ``cfg.inputs_sft`` (when set) ->
-    WORKDIR/prompts-sft. ``inputs``/``dataset`` ingest other files into one dataset."""
+    """Ingest on rank 0; the other ranks wait for the result. What goes where:
+    :func:`prompt_sets` (by default ``cfg.inputs`` -> WORKDIR/prompts and ``cfg.inputs_sft``,
+    when set, -> WORKDIR/prompts-sft)."""
     from guidealign.config import wait_timeout
     from guidealign.ingest.run import ingest, wait_ingested
 
-    if inputs is not None or dataset is not None:
-        sets = [(list(inputs) if inputs else (cfg.inputs or cfg.ingest.inputs), dataset or "prompts")]
-    else:
-        sets = [(cfg.inputs or cfg.ingest.inputs, "prompts")]
-        if cfg.inputs_sft:
-            sets.append((cfg.inputs_sft, "prompts-sft"))
+    sets = prompt_sets(cfg, inputs, dataset)
     if rank != 0:  # until rank 0's manifest for these very inputs and settings is there
         for files, name in sets:
             wait_ingested(Path(workdir) / name, files, cfg.ingest, wait_timeout(cfg, world_size))
