@@ -140,6 +140,21 @@ def test_an_empty_free_form_mapping_clears_it(tmp_path):
     ("index.hnsw_m=0", "index.hnsw_m: must be a count"),
     ("index.nlist=-3", "index.nlist: must be >= 0"),
     ("library.exact_search_max=-1", "library.exact_search_max: must be >= 0"),
+    # accepted before; sft.max_examples=-3 kept 0 examples, detect.max_exemplars=-1 ran zero-shot
+    ("sft.max_examples=-3", "sft.max_examples: must be >= 0"),
+    ("detect.max_exemplars=-1", "detect.max_exemplars: must be >= 0"),
+    ("respond.max_guidelines=-2", "respond.max_guidelines: must be >= 0"),
+    ("sft.epochs=0", "sft.epochs: must be > 0"),
+    ("sft.lora_alpha=0", "sft.lora_alpha: must be > 0"),
+    ("sft.weight_decay=-1", "sft.weight_decay: must be >= 0"),
+    ("augment.max_rounds=0", "augment.max_rounds: must be a count"),
+    ("engine.cpu_kvcache_gib=0", "engine.cpu_kvcache_gib: must be a count"),
+    ("push.backoff_s=-1", "push.backoff_s: must be >= 0"),
+    ("executor.ray_start_timeout_s=-1", "executor.ray_start_timeout_s: must be >= 0"),
+    ("sft.warmup_ratio=2", "sft.warmup_ratio: must be in [0, 1]"),
+    ("respond.sampling.repetition_penalty=0", "respond.sampling.repetition_penalty: must be > 0"),
+    ("respond.sampling.frequency_penalty=3", "respond.sampling.frequency_penalty: must be in [-2, 2]"),
+    ("sft.learning_rate=.nan", "sft.learning_rate: must be a number (not NaN)"),
 ])
 def test_out_of_range_values_are_refused_when_the_config_loads(override, says):
     """They loaded, passed `check` (some with a ZeroDivisionError traceback there) and were

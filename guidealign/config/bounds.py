@@ -3,6 +3,7 @@ ratio of 1.5 or a negative timeout is refused with its key at once, instead of f
 worse, running on: an empty library from ``library.shard_rows=0``) hours into a run."""
 from __future__ import annotations
 
+import math
 import operator
 
 # Counts: at least 1 (None, where a key is optional, is not checked).
@@ -21,6 +22,7 @@ COUNTS = (
     "sft.global_batch_size", "sft.micro_batch_size", "sft.max_seq_length", "sft.lora_r",
     "sft.logging_steps", "push.files_per_commit", "eval.shard_rows",
     "eval.classifier_batch_size", "eval.classifier_max_length",
+    "engine.cpu_kvcache_gib", "augment.max_rounds", "augment.max_chars", "eval.risk_top_k",
 )
 # Shares and ratios: (key, low, high, is high itself allowed).
 RANGES = (
@@ -32,6 +34,12 @@ RANGES = (
     ("augment.rouge_threshold", 0, 1, True),
     ("detect.score_threshold", 0, 1, True),
     ("sft.lora_dropout", 0, 1, False),
+    ("retriever.warmup_ratio", 0, 1, True),
+    ("sft.warmup_ratio", 0, 1, True),
+    # vLLM's own range; repetition penalties must be above 0 (below)
+    *((f"{s}.frequency_penalty", -2, 2, True) for s in ("detect.sampling", "guidelines.sampling",
+                                                      "augment.sampling", "respond.sampling",
+                                                      "eval.judge_sampling")),
     *((f"{s}.top_p", 0, 1, True) for s in ("detect.sampling", "guidelines.sampling",
                                            "augment.sampling", "respond.sampling",
                                            "eval.judge_sampling")),
@@ -39,17 +47,29 @@ RANGES = (
 # Must be above 0.
 POSITIVE = ("engine.gpu_memory_utilization", "library.fuzzy_threshold", "sft.learning_rate", "retriever.learning_rate",
             "executor.claim_ttl_s", "detect.sampling.top_p", "guidelines.sampling.top_p",
-            "augment.sampling.top_p", "respond.sampling.top_p", "eval.judge_sampling.top_p")
+            "augment.sampling.top_p", "respond.sampling.top_p", "eval.judge_sampling.top_p",
+            "sft.epochs", "sft.lora_alpha",
+            *(f"{s}.repetition_penalty" for s in ("detect.sampling", "guidelines.sampling", "augment.sampling",
+                                                  "respond.sampling", "eval.judge_sampling")))
 # Must not be below 0.
 NOT_NEGATIVE = ("detect.sampling.temperature", "guidelines.sampling.temperature",
                 "augment.sampling.temperature", "respond.sampling.temperature",
                 "eval.judge_sampling.temperature", "respond.min_user_tokens",
                 "executor.wait_timeout_s", "executor.stall_timeout_s", "executor.ray_workers",
                 "executor.ray_max_restarts", "push.max_retries", "index.nlist", "library.exact_search_max",
-                "retriever.save_steps", "engine.start_timeout_s", "engine.progress_timeout_s")
+                "retriever.save_steps", "engine.start_timeout_s", "engine.progress_timeout_s",
+                # 0 means "all", "none", "off" or "as many threads as cores" for these
+                "detect.max_exemplars", "guidelines.max_safety_exemplars", "guidelines.max_quality_exemplars",
+                "detect.reserve_input_tokens", "guidelines.reserve_input_tokens", "augment.min_words",
+                "respond.max_guidelines", "respond.num_exemplars", "retriever.max_eval_queries",
+                "sft.min_response_chars", "sft.max_examples", "sft.save_steps", "sft.weight_decay",
+                "library.threads", "retriever.threads", "index.threads", "retrieve.threads", "sft.num_threads",
+                "push.backoff_s", "push.backoff_max_s", "executor.ray_start_timeout_s")
 
 
 def _why(key: str, v) -> str | None:
+    if isinstance(v, float) and math.isnan(v):  # NaN passes every comparison test below
+        return "a number (not NaN)"
     if key in COUNTS and v < 1:
         return "a count, >= 1"
     for k, lo, hi, hi_ok in RANGES:
