@@ -202,6 +202,18 @@ def test_run_stages_list_may_have_spaces_after_commas(tmp_path, monkeypatch):
     assert seen["stages"] == ["detect", "guidelines"]
 
 
+
+@pytest.mark.parametrize("given", [",", "", " , "])
+def test_run_with_a_stages_list_that_names_no_stage_is_a_usage_error_not_every_stage(tmp_path, monkeypatch, given):
+    """`--stages "$STAGES"` with an empty variable ran the whole pipeline."""
+    import guidealign.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: ran.append(k))
+    r = CliRunner().invoke(cli, ["run", "-w", str(tmp_path), "--no-check", "--stages", given])
+    assert r.exit_code == 2 and "--stages names no stage" in r.output, r.output
+    assert not ran
+
 def test_config_refuses_a_guided_system_without_the_guidelines_placeholder():
     """Refused at load (so `guidealign run` fails before detect, not when respond starts)."""
     from guidealign.config import ConfigError

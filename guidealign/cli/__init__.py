@@ -94,7 +94,9 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
 
     if why := batch_script_refusal(rank is not None or world_size is not None):
         raise click.UsageError(why)  # rank 0 of n alone: 1/n of each map stage
-    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else None  # "a, b" too
+    names = [s.strip() for s in stages.split(",") if s.strip()] if stages is not None else None  # "a, b" too
+    if names == []:  # --stages "$EMPTY": not "every stage"
+        raise click.UsageError("--stages names no stage; leave it out to run every stage")
     try:
         chosen = [s.name for s in choose(cfg, names)]  # a misspelt stage: a usage error before any work
     except ValueError as e:
