@@ -184,6 +184,19 @@ def test_yaml_keeps_number_like_text_and_refuses_a_key_given_twice(tmp_path):
         load_config(_file(tmp_path, "engine: {dtype: float32}\nsft: {}\nengine: {seed: 3}\n"))
 
 
+
+def test_the_printed_config_loads_back_as_it_was_for_text_that_reads_as_a_number(tmp_path):
+    """`config show` wrote `pretty_name: 1e5` unquoted (text to YAML 1.1, a number to our
+    loader), so the effective config it printed did not load back."""
+    from guidealign.config import dump_yaml
+
+    cfg = load_config(None, ["push.pretty_name=1e5", "push.revision=9e12345", "eval.name=0755"])
+    again = load_config(_file(tmp_path, dump_yaml(cfg)))
+    assert (again.push.pretty_name, again.push.revision, again.eval.name) == ("1e5", "9e12345", "0755")
+    assert again == cfg
+    r = CliRunner().invoke(cli, ["config", "show", "--set", "index.use_gpu=Auto"])
+    assert r.exit_code != 0 and "expected bool or 'auto', got 'Auto'" in r.output
+
 def test_text_rules_of_engine_keys_hold_under_respond_engine_and_on_off_load_unquoted(tmp_path):
     cfg = load_config(None, ["respond.engine.chat_template=no", "respond.engine.model=1.10"])
     assert cfg.respond.engine == {"chat_template": "no", "model": "1.10"}

@@ -8,7 +8,6 @@ are the documented defaults: ``guidealign config show`` prints them all.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from guidealign.config.yamlio import ConfigError, Dumper, yaml_load  # noqa: F401 - ConfigError re-exported
 from guidealign.config.engine import EngineConfig
 from guidealign.config.eval import EvalConfig
 from guidealign.config.gen import AugmentConfig, DetectConfig, GuidelinesConfig, RespondConfig
@@ -101,44 +101,6 @@ class Config:
     inputs_sft: list[str] = field(default_factory=list)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML for configs: a key given twice in one mapping is an error (last-wins would drop the
-    first silently), and only plain decimal numbers are numbers: YAML 1.1 would read 0755 as 493,
-    2024_05_01 as 20240501 and 1:30 as 90, while leaving 1e-4 text. Those stay text here (a text
-    field keeps them as written; a number field refuses them)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"the key {key!r} is given twice in one mapping (line "
-                                  f"{key_node.start_mark.line + 1}): keep one")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
-                              list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
-               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def yaml_load(text: str):
-    """A config file's or an override's YAML (see ``_Loader``)."""
-    return yaml.load(text, Loader=_Loader)
-
-
 _SCALARS = (bool, int, float, str)
 
 
@@ -150,6 +112,8 @@ def _is(value, tp) -> bool:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:  # its values ("auto"), not "Literal"
+        return " or ".join(map(repr, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp)
 
 
@@ -416,7 +380,7 @@ def check_guided_system(rcfg) -> None:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False)
 
 
 def wait_timeout(cfg: Config, world_size: int) -> float:

@@ -1,0 +1,59 @@
+"""YAML for configs: how config files and overrides are read (``yaml_load``) and how an
+effective config is written back (``dump_yaml`` in the package uses ``Dumper``)."""
+from __future__ import annotations
+
+import re
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: bad YAML, an unknown key, a value of the wrong type or range."""
+
+
+class Loader(yaml.SafeLoader):
+    """YAML for configs: a key given twice in one mapping is an error (last-wins would drop the
+    first silently), and only plain decimal numbers are numbers: YAML 1.1 would read 0755 as 493,
+    2024_05_01 as 20240501 and 1:30 as 90, while leaving 1e-4 text. Those stay text here (a text
+    field keeps them as written; a number field refuses them)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"the key {key!r} is given twice in one mapping (line "
+                                  f"{key_node.start_mark.line + 1}): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                              list("-+0123456789"))
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+class Dumper(yaml.SafeDumper):
+    """Quotes every string that ``Loader`` or YAML 1.1 would read as something else (``1e5``
+    is a number to ``Loader``, text to YAML 1.1), so a dumped config loads back as it was."""
+
+
+Dumper.yaml_implicit_resolvers = {
+    ch: list(rs) + [r for r in Loader.yaml_implicit_resolvers.get(ch, []) if r not in rs]
+    for ch, rs in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+for _ch, _rs in Loader.yaml_implicit_resolvers.items():
+    Dumper.yaml_implicit_resolvers.setdefault(_ch, list(_rs))
+
+
+def yaml_load(text: str):
+    """A config file's or an override's YAML (see ``Loader``)."""
+    return yaml.load(text, Loader=Loader)
+
+
