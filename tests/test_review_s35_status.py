@@ -115,3 +115,17 @@ def test_status_shows_a_stage_whose_manifest_is_damaged(tmp_path, damage):
     assert "detect" in text and "guidealign verify" in text and "0/?" in text
     r = CliRunner().invoke(cli, ["status", str(tmp_path), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)[1]["stage"] == "detect"
+
+
+def test_verify_and_status_of_a_directory_with_no_run_say_so_instead_of_ok(tmp_path):
+    """`verify` of a mistyped directory printed "OK: 0 shard(s)" and exited 0, a clean check."""
+    (tmp_path / "notes").mkdir()
+    for args in ([], ["--json"]):
+        res = CliRunner().invoke(cli, ["verify", str(tmp_path), *args])
+        assert res.exit_code == 1 and "no dataset or artifact here; is it a run directory" in res.output
+    res = CliRunner().invoke(cli, ["status", str(tmp_path)])
+    assert res.exit_code == 0 and "no stage has written in" in res.output
+    w = tmp_path / "run"  # a run: verify and status as before
+    write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"]}), fingerprint="f")
+    assert CliRunner().invoke(cli, ["verify", str(w)]).exit_code == 0
+    assert "no stage has written" not in CliRunner().invoke(cli, ["status", str(w)]).output

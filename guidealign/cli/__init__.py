@@ -35,6 +35,8 @@ def status(workdir, as_json):
 
     rows = collect(workdir)
     click.echo(json.dumps(rows, indent=1) if as_json else render(rows))
+    if not rows and not as_json:  # a mistyped directory, or a run not started
+        click.echo(f"no stage has written in {workdir} (is it the -w/--workdir of the stages?)", err=True)
 
 
 @cli.command()

@@ -80,6 +80,9 @@ def verify(workdir, repair, as_json):
     from guidealign.shards.verify import repair as do_repair, verify_run
 
     rep = verify_run(workdir)
+    if not rep.dirs and not rep.problems:  # a mistyped directory must not pass as a clean check
+        raise click.ClickException(f"{workdir}: no dataset or artifact here; is it a run directory "
+                                   "(the -w/--workdir of the stages)?")
     removed = do_repair(rep) if repair and not rep.ok else []
     if as_json:
         out = rep.to_dict()
