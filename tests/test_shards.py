@@ -223,6 +223,49 @@ def test_verify_checks_an_exports_jsonl_shards(tmp_path):
     assert got == {("corrupt", "export/respond/shard-00001.jsonl"), ("orphan", "export/respond/shard-00007.jsonl")}
 
 
+def test_export_refuses_to_write_into_a_dataset_or_from_outside_the_run(tmp_path):
+    """`export prompts -o W/prompts` overwrote the dataset's _stage.json with an export's
+    (status then called its shards stale), and `export ../other/prompts` read another run."""
+    from guidealign.hub.export import run_export
+
+    _make_input(tmp_path / "prompts", 2)
+    _make_input(tmp_path / "respond", 2)
+    before = (tmp_path / "prompts" / "_stage.json").read_bytes()
+    for out in (tmp_path / "prompts", tmp_path / "respond"):
+        with pytest.raises(ValueError, match="holds the dataset of stage 'prompts'"):
+            run_export(None, tmp_path, dataset="prompts", out=out, progress=False)
+    assert (tmp_path / "prompts" / "_stage.json").read_bytes() == before
+    with pytest.raises(ValueError, match="name a dataset under the run directory"):
+        run_export(None, tmp_path / "prompts", dataset="../respond", progress=False)
+    for _ in range(2):  # its own folder, again and again
+        assert len(run_export(None, tmp_path, dataset="prompts", progress=False).mine) == 2
+
+
+def test_an_exports_input_is_its_own_runs_after_a_move_or_a_copy_and_from_any_cwd(tmp_path, monkeypatch):
+    """A stage records its input as given (a relative -w: relative to that cwd); status judged
+    export/prompts against itself from inside the run (0/2, stale) and a copied run's against
+    the original's input. The manifest also records the input relative to the dataset."""
+    import shutil
+
+    from guidealign.hub.export import run_export
+    from guidealign.status import collect
+
+    def done(w):
+        return next(r for r in collect(w) if r["stage"] == "export/prompts")["shards_done"]
+
+    monkeypatch.chdir(tmp_path)
+    _make_input(Path("w/prompts"), 2)
+    run_export(None, "w", dataset="prompts", progress=False)  # a relative -w
+    assert done("w") == 2
+    monkeypatch.chdir(tmp_path / "w")
+    assert done(".") == 2
+    monkeypatch.chdir(tmp_path)
+    shutil.move("w", "moved")
+    assert done("moved") == 2
+    shutil.copytree("moved", "copy")
+    write_shard(Path("copy/prompts"), 0, pa.table({"id": ["new"], "x": [9]}), "input")  # the copy's input changes
+    assert done("copy") == 1 and done("moved") == 2
+
 def test_jsonl_shard_write_clears_a_killed_writes_temp_and_syncs_the_directory(tmp_path, monkeypatch):
     """An export's JSONL shard is committed like a Parquet shard: the temp file a killed write
     left (any host's, any pid) is removed, the new temp name is one no other writer uses, and

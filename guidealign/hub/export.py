@@ -75,8 +75,14 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
     """Export this rank's shards of ``WORKDIR/<dataset>`` to ``out`` (default WORKDIR/export/<dataset>)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if Path(dataset).is_absolute() or ".." in Path(dataset).parts:
+        raise ValueError(f"dataset {dataset!r}: name a dataset under the run directory (e.g. respond)")
     src = Path(workdir) / dataset
     out = Path(out) if out is not None else Path(workdir) / "export" / dataset
+    held = (read_manifest(out) or {}).get("stage", "export")
+    if out.resolve() == src.resolve() or held != "export":  # its _stage.json would be overwritten
+        raise ValueError(f"--out {out} holds the dataset of stage {held!r}: export to a new folder "
+                         "or to an earlier export")
     man = read_manifest(src)
     if man is None:
         raise FileNotFoundError(f"{src} is not a sharded dataset (no _stage.json): "

@@ -6,6 +6,7 @@ Map stages write it before their first shard, so that every rank, and
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ MANIFEST = "_stage.json"
 
 def write_manifest(dataset: str | Path, *, stage: str, num_shards: int, fingerprint: str,
                    **extra) -> None:
+    if extra.get("input"):  # found again from the dataset after a move or copy of the run, from any cwd
+        extra = {**extra, "input_rel": os.path.relpath(extra["input"], dataset)}
     man = {"stage": stage, "num_shards": num_shards, "fingerprint": fingerprint, **extra}
     if read_manifest(dataset) == json.loads(json.dumps(man, default=str)):  # as write_json_atomic writes it
         return  # every rank writes it at the stage's start; the others read it meanwhile
@@ -49,18 +52,25 @@ def read_manifest(dataset: str | Path) -> dict | None:
 
 
 def _input_dir(dataset: Path, man: dict) -> Path | None:
-    """The input dataset a map stage read (its manifest's ``input``), found from any cwd."""
-    src = man.get("input")
+    """The input dataset a map stage read, found from any cwd: ``input_rel`` (the input's path
+    relative to the dataset), so a moved or copied run reads its own input; None (cannot tell)
+    when it is gone, so the shards are not all judged stale for a path that is gone."""
+    rel = man.get("input_rel")
+    if isinstance(rel, str) and rel:
+        p = Path(os.path.normpath(dataset / rel))
+        return p if p.exists() else None
+    src = man.get("input")  # a manifest from before input_rel: the path as the stage was given it
     if not src:
         return None
     p = Path(src)
     if p.exists():
         return p
-    # the run directory was moved (stages record absolute paths) or the path is relative to
-    # another cwd: the input beside the dataset; None (cannot tell) when there is none, so the
-    # shards are not all judged stale for a path that is gone
-    if (dataset.parent / p.name).exists():
-        return dataset.parent / p.name
+    # the run directory was moved, or the path is relative to another cwd: the input in the run
+    # directory (beside the dataset, or beside its folder: export/<name>), never the dataset itself
+    for base in (dataset.parent, dataset.parent.parent):
+        c = base / p.name
+        if c.exists() and c.resolve() != dataset.resolve():
+            return c
     return None
 
 
