@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guidealign.ingest.keys import unique_names
+from guidealign.ingest.metadata import py_records
 from guidealign.ingest.rows import Row
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,26 @@ def decode_bytes(rec: dict) -> dict:
     # binary columns: decode here so that invalid UTF-8 is caught by the row check
     return {k: (v.decode("utf-8", errors="surrogateescape") if isinstance(v, bytes) else v)
             for k, v in rec.items()}
+
+
+def text_as_binary(table: pa.Table) -> pa.Table:
+    """``table`` with each string column that holds invalid UTF-8 (Parquet and ``datasets``
+    readers do not check it) viewed as binary, whose values every path decodes as
+    ``decode_bytes`` does: a prompt with a bad byte is quarantined (its block is checked row by
+    row), a metadata value is written with the byte escaped. Nested columns need no view:
+    ``metadata.py_values`` reads their bad text the same way."""
+    cols = None
+    for i, c in enumerate(table.columns):
+        t = c.type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            continue
+        try:
+            c.validate(full=True)  # the UTF-8 check: one pass over the column's bytes
+        except pa.ArrowInvalid:
+            b = pa.large_binary() if pa.types.is_large_string(t) else pa.binary()
+            cols = cols or list(table.columns)
+            cols[i] = pa.chunked_array([ch.view(b) for ch in c.chunks], b)
+    return table if cols is None else pa.Table.from_arrays(cols, names=table.column_names)
 
 
 def _load_hf(path: Path):
@@ -131,7 +152,7 @@ def _rows_of(batches) -> Iterator[Row]:
             yield from batch.rows()
             n += batch.n
             continue
-        for rec in batch.to_pylist():
+        for rec in py_records(batch):
             n += 1
             yield n, decode_bytes(rec), None
 

@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 
 from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
-from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, raw_repr, rows_to_write_by_row,
-                                        too_deep, type_depth)
+from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
+                                        rows_to_write_by_row, too_deep, type_depth)
 from guidealign.ingest.keys import find_prompt_key, norm_key
 
 # a run of Python's \s restricted to ASCII, matched only where it is not already one space
@@ -86,8 +86,15 @@ def check_value(p, key, spec: Spec) -> str | None:
         return f"prompt is not a string ({type(p).__name__})"
     try:
         p.encode("utf-8")
-    except UnicodeEncodeError:
-        return "invalid UTF-8 in the prompt; re-save the file as UTF-8 or pass --encoding"
+    except UnicodeEncodeError as e:
+        # U+DC80-U+DCFF: a byte that was not UTF-8 (read with surrogateescape; a rare \udcXX
+        # escape reads the same); any other lone surrogate came from a \u escape in valid text
+        # (JSON's "\ud83d"), which no re-save fixes
+        c = ord(p[e.start])
+        if 0xDC80 <= c <= 0xDCFF:
+            return "invalid UTF-8 in the prompt; re-save the file as UTF-8 or pass --encoding"
+        return (f"unpaired surrogate escape in the prompt (\\u{c:04x} is half of a character, not one); "
+                "fix the escape or drop it")
     if not p.strip():
         return "empty prompt"
     if len(p) > spec.max_chars:
@@ -314,12 +321,12 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
 
 
 def _row_dict(table: pa.Table, i: int) -> dict:
-    return table.slice(i, 1).to_pylist()[0]
+    return py_records(table.slice(i, 1))[0]
 
 
 def arrow_batches(src: str, batches: Iterable, spec: Spec) -> Iterator[Batch]:
     """Parquet / `datasets` record batches -> Batches (row numbers from 1)."""
-    from guidealign.ingest.arrowfiles import UnreadRows, decode_bytes
+    from guidealign.ingest.arrowfiles import UnreadRows, decode_bytes, text_as_binary
 
     start = 1
     for rb in batches:
@@ -327,7 +334,7 @@ def arrow_batches(src: str, batches: Iterable, spec: Spec) -> Iterator[Batch]:
             yield rows_batch(src, rb.rows(), spec)
             start += rb.n
             continue
-        table = pa.Table.from_batches([rb]) if isinstance(rb, pa.RecordBatch) else rb
+        table = text_as_binary(pa.Table.from_batches([rb]) if isinstance(rb, pa.RecordBatch) else rb)
         n = table.num_rows
         linenos = np.arange(start, start + n, dtype=np.int64)
 

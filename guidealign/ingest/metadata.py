@@ -104,6 +104,47 @@ def raw_repr(rec) -> str | None:
     return s[:2000].encode("utf-8", "replace").decode("utf-8")
 
 
+def py_values(arr: pa.Array) -> list:
+    """``arr.to_pylist()``, where one value Python cannot hold does not stop the rest: text with
+    invalid UTF-8 (Parquet readers do not check it) decoded as binary is (``decode_bytes``: each
+    bad byte a lone surrogate, which ``dumps`` writes as a \\udcXX escape), and a value out of
+    Python's range (a date past year 9999, a huge duration) as the text ``<TYPE out of range:
+    VALUE>``, VALUE as Arrow stores it (``<timestamp[s] out of range: 1700000000000>``: seconds
+    since 1970). Values at any depth; the row reader reads them the same way."""
+    try:
+        return arr.to_pylist()
+    except (ValueError, OverflowError, pa.ArrowException):  # rare: value by value
+        return [_py(arr[i]) for i in range(len(arr))]
+
+
+def py_records(table) -> list[dict]:
+    """``table.to_pylist()`` (a Table or a RecordBatch), its values read as ``py_values`` does."""
+    try:
+        return table.to_pylist()
+    except (ValueError, OverflowError, pa.ArrowException):
+        cols = [py_values(one_array(c) if isinstance(c, pa.ChunkedArray) else c) for c in table.columns]
+        return [dict(zip(table.column_names, vals)) for vals in zip(*cols)]
+
+
+def _py(s: pa.Scalar):
+    try:
+        return s.as_py()
+    except (ValueError, OverflowError, pa.ArrowException):
+        pass
+    t = s.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return s.as_buffer().to_pybytes().decode("utf-8", errors="surrogateescape")
+    if pa.types.is_struct(t):
+        return {t.field(i).name: _py(s[i]) for i in range(t.num_fields)}
+    if pa.types.is_map(t):  # as as_py gives a map: a list of (key, value)
+        return [(_py(kv[0]), _py(kv[1])) for kv in s.values]
+    if isinstance(s, (pa.DictionaryScalar, pa.UnionScalar, pa.ExtensionScalar)):
+        return _py(s.value)
+    if isinstance(getattr(s, "values", None), pa.Array):  # a list of any kind
+        return [_py(v) for v in s.values]
+    return f"<{t} out of range: {getattr(s, 'value', '?')}>"
+
+
 def _json_values(arr: pa.Array) -> pa.Array:
     """Each value as ``dumps`` writes it (binary as the row reader decodes it); null stays null."""
     t = arr.type
@@ -116,7 +157,7 @@ def _json_values(arr: pa.Array) -> pa.Array:
         return pc.if_else(arr, lit("true"), lit("false"))
     elif pa.types.is_null(t):
         return pa.nulls(len(arr), pa.string())
-    vals = arr.to_pylist()
+    vals = py_values(arr)
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
         vals = [None if v is None else v.decode("utf-8", errors="surrogateescape") for v in vals]
     return str_arrow([None if v is None else dumps(v) for v in vals])
