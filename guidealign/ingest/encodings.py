@@ -14,8 +14,10 @@ stream of UTF-8 bytes with ``\\n`` line ends, whatever the file was saved as:
 - any other ``encoding`` is a Python codec name used for the whole file;
 - files whose lines end in a lone CR (old Mac/Excel exports) get ``\\n`` line ends.
 
-Bytes that do not decode stay in the stream as they were (lone-surrogate escapes re-encoded),
-so the row readers quarantine exactly those rows with a reason that says how to fix the file.
+Bytes that do not decode stay in the stream as bytes that are not UTF-8 (``_escape_bytes``), so
+the row readers quarantine exactly those rows with a reason that says how to fix the file; bytes
+that end inside a character (a UTF-8 file given ``--encoding utf-16``) are one reason for the
+file, which names the encoding (``EncodingMismatch``), not damage.
 """
 from __future__ import annotations
 
@@ -42,6 +44,25 @@ log = logging.getLogger(__name__)
 
 class EncodingError(Exception):
     """The file cannot be opened as text at all (bad codec name, missing decompressor)."""
+
+
+class EncodingMismatch(ValueError):
+    """The file's bytes end inside a character of the encoding it is read as: its bytes are fine,
+    the encoding is wrong (or the file is cut), so no re-download or re-compressing is suggested."""
+
+
+def _escape_bytes(e: UnicodeDecodeError):
+    # surrogateescape refuses ASCII bytes (UTF-16's bad code units hold some): the decoder stopped
+    # there and the rest of the file was lost. Here a byte that is not UTF-8's continuation byte
+    # (ASCII, a lead byte) becomes 0xFF, so that the escaped bytes never read as UTF-8 (a lead
+    # byte and what follows it did) and the row is quarantined. The file's end cut inside a
+    # character is raised, to be said once for the file.
+    if e.reason == "truncated data":
+        raise e
+    return "".join(chr(0xDC00 | (b if 0x80 <= b < 0xC0 else 0xFF)) for b in e.object[e.start:e.end]), e.end
+
+
+codecs.register_error("guidealign-escape", _escape_bytes)
 
 
 # what a decompressor raises on a truncated or damaged file (pyarrow's errors are ValueError/OSError)
@@ -235,9 +256,10 @@ def _utf16_fits(head: bytes, order: str, nl: bytes) -> bool:
 class _Transcoded(io.RawIOBase):
     """A binary stream of UTF-8 bytes decoded from ``raw`` with ``encoding``."""
 
-    def __init__(self, raw, encoding: str, skip: int, lone_cr: bool, head: bytes):
+    def __init__(self, raw, encoding: str, skip: int, lone_cr: bool, head: bytes, requested: str = "auto"):
         self.raw = raw
-        self.dec = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)("surrogateescape")
+        self.enc, self.requested = encoding, requested
+        self.dec = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)("guidealign-escape")
         self.pending = head[skip:]
         self.lone_cr = lone_cr
         self.buf = b""
@@ -259,14 +281,27 @@ class _Transcoded(io.RawIOBase):
         if self.dec is not None:
             try:
                 data = self.dec.decode(data, final).encode("utf-8", "surrogateescape")
-            except UnicodeDecodeError as e:  # a UTF-16/32 file cut inside its last code unit
-                self.fail(ValueError(f"the file ends inside a character ({e.reason})"))
+            except UnicodeDecodeError as e:  # the bytes end inside a UTF-16/32 code unit
+                if self.cause is None:  # a decompressor's error says the file is damaged: kept
+                    self.fail(self._mismatch(e.end - e.start))
                 data = b""
         if self.lone_cr:
             data = data.replace(b"\r", b"\n")
         self.lines = self.lines or b"\n" in data
         self.buf += data
         return not final
+
+    def _mismatch(self, left: int) -> EncodingMismatch:
+        """The reason for bytes that end inside a character: the encoding is the likely culprit
+        (a UTF-8 file given --encoding utf-16), not damage."""
+        cut = f"the file ends inside a character ({left} byte{'s' * (left > 1)} left over as {self.enc})"
+        if self.requested != "auto":
+            return EncodingMismatch(f"{cut}: it is not {self.enc} text, the encoding given (--encoding or "
+                                    f"ingest.encoding {self.requested}), so its rows do not read as such; drop "
+                                    "--encoding to have the encoding sniffed, or pass the one the file was saved in")
+        return EncodingMismatch(f"{cut}: read as {self.enc} (sniffed from its first bytes), it is not {self.enc} "
+                                "text or it is cut off; pass --encoding (ingest.encoding) with the encoding the "
+                                "file was saved in, or re-download it if it is cut off")
 
     def fail(self, e: Exception) -> None:
         """A truncated or damaged compressed file: what came before is kept, the rest reported."""
@@ -319,7 +354,7 @@ def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, st
         # sniffed head, so only a file that can seek)
         raw.seek(skip)
         return raw, enc
-    tr = _Transcoded(raw, enc, skip, lone_cr, head)
+    tr = _Transcoded(raw, enc, skip, lone_cr, head, encoding)
     if early is not None:
         tr.fail(early)
     stream = io.BufferedReader(tr, buffer_size=CHUNK)
@@ -338,7 +373,10 @@ def read_error(stream, rows: int | None = None) -> str | None:
 
 def damage_reason(e: Exception, kept: bool) -> str:
     """The quarantine reason for a compressed file that ends early with ``e``; ``kept``: rows
-    were read before it (never said when none were)."""
+    were read before it (never said when none were). Bytes that end inside a character are not
+    damage: their reason names the encoding."""
+    if isinstance(e, EncodingMismatch):
+        return str(e)
     if kept:
         return (f"the file is truncated or corrupt after the rows above ({type(e).__name__}: {e}); "
                 "they were kept; re-download or re-compress the file to get the rest")

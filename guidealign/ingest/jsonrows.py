@@ -1,8 +1,10 @@
-"""JSON Lines, row by row: telling JSON Lines saved as .json from JSON, one line as a row, a
-file's lines. The columnar JSONL path (``guidealign.ingest.jsonl``) falls back to these."""
+"""JSON Lines, row by row: telling JSON Lines saved as .json from JSON (and a JSON array saved
+as .jsonl from JSON Lines), one line as a row, a file's lines. The columnar JSONL path
+(``guidealign.ingest.jsonl``) falls back to these."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +34,84 @@ def is_json_lines(head: bytes) -> bool:
         lines.pop()  # maybe cut by the sniff
     whole = sum(1 for ln in lines if json_object_line(ln))
     return whole >= 2 and 2 * whole >= len(lines)
+
+
+def json_array_start(head: bytes, cut: bool) -> bool | None:
+    """For a .jsonl file starting with ``head`` (``cut``: the file goes on past it) whose first
+    byte that is not blank is "[": True when it is one JSON array (to be read as .json, each item
+    a record), False when it is JSON Lines after all, None when neither is safe to assume.
+
+    One JSON array: its first line is a whole array with nothing after it, or a piece of one
+    (``[``, ``[{"prompt": "a"},``) and ``head`` reads on as one array: whole items, each followed
+    by a comma or the closing "]" (blanks only after that), up to the end of the file or of
+    ``head`` (an item cut there included). JSON Lines (each line a row, an array line
+    quarantined): a whole first line with lines after it, or a broken one with most of the next
+    lines whole objects. Read as JSON Lines, an array spanning lines lost each item that is not
+    on one line, and the lines of its brackets were quarantined as "not JSON"."""
+    text = head.decode("utf-8", "surrogateescape").lstrip(" \t\r\n")
+    nl = text.find("\n")
+    try:
+        json.loads(text[:nl] if nl >= 0 else text)
+        return nl < 0 or not text[nl:].strip()
+    except (ValueError, RecursionError):
+        pass  # a piece of a value spanning lines, or a broken line
+    dec, pos = json.JSONDecoder(), _blank(text, 1)
+    while pos < len(text):
+        if text[pos] == "]":
+            if not text[pos + 1:].strip():
+                return True
+            break  # text after the array
+        try:
+            pos = _blank(text, dec.raw_decode(text, pos)[1])
+        except (ValueError, RecursionError) as e:
+            end = _value_end(text, pos)
+            if end is None:
+                return True  # cut inside the item (by the sniff, or the file is)
+            if not isinstance(e, RecursionError):
+                break  # a bad item
+            pos = _blank(text, end)  # too deep to read here, not bad: quarantined alone when read
+        if pos < len(text) and text[pos] not in ",]":
+            break
+        if pos < len(text) and text[pos] == ",":
+            pos = _blank(text, pos + 1)
+    else:
+        return True  # the sniff (or the file, cut) ends after an item
+    rest = [ln for ln in text[nl + 1:].split("\n") if ln.strip()] if nl >= 0 else []
+    if cut and rest:
+        rest.pop()  # maybe cut by the sniff
+    whole = sum(json_object_line(ln.encode("utf-8", "surrogateescape")) for ln in rest)
+    return False if whole and 2 * whole >= len(rest) else None
+
+
+_BLANK = re.compile(r"[ \t\r\n]*")
+_SYNTAX = re.compile(r'["\[\]{}]')
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_SCALAR_END = re.compile(r"[,\]\n]")
+
+
+def _blank(text: str, pos: int) -> int:
+    return _BLANK.match(text, pos).end()
+
+
+def _value_end(text: str, pos: int) -> int | None:
+    """Where the value at ``pos`` ends, by its brackets and strings (not parsed), None when
+    ``text`` ends first."""
+    if text[pos] not in "[{":
+        m = _SCALAR_END.search(text, pos)
+        return m.start() if m else None
+    depth, i = 0, pos
+    while (m := _SYNTAX.search(text, i)) is not None:
+        if m.group() == '"':
+            s = _STRING.match(text, m.start())
+            if s is None:
+                return None
+            i = s.end()
+            continue
+        depth += 1 if m.group() in "[{" else -1
+        i = m.end()
+        if depth == 0:
+            return i
+    return None
 
 
 def json_object_line(line: bytes) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +23,7 @@ from guidealign.ingest.arrowfiles import _load_hf, read_hf_dataset, read_parquet
 from guidealign.ingest.csvrows import read_csv
 from guidealign.ingest.encodings import EncodingError, inner_suffix, open_utf8
 from guidealign.ingest.jsonarray import read_json
-from guidealign.ingest.jsonrows import JSON_LINES_SNIFF, is_json_lines, read_jsonl
+from guidealign.ingest.jsonrows import JSON_LINES_SNIFF, is_json_lines, json_array_start, read_jsonl
 from guidealign.ingest.rows import IngestError, Row
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,19 @@ FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"
 
 
 def expand_inputs(inputs: list[str], dataset: Path | None = None) -> list[Path]:
-    """The files ``inputs`` name, each pattern's matches sorted. With ``dataset`` (the directory
-    an ingest writes, WORKDIR/<name>): a pattern skips, with a warning, what lies in a dataset of
-    the run directory (``dataset`` itself, or a directory under WORKDIR holding a manifest or
-    shard markers; e.g. ``**/*.parquet`` with ``-w .`` read the run's own shards back in on the
-    next run), and a file named inside ``dataset`` is an error."""
+    """The files ``inputs`` name, each pattern's matches sorted. An item that names an existing
+    path is that path, whatever its characters (``data[1].jsonl`` is a file name, not a pattern
+    matching ``data1.jsonl``); so is a pattern's leading directory part that exists as written
+    (``run[2]/*.jsonl``). With ``dataset`` (the directory an ingest writes, WORKDIR/<name>): a
+    pattern skips, with a warning, what lies in a dataset of the run directory (``dataset``
+    itself, or a directory under WORKDIR holding a manifest or shard markers; e.g.
+    ``**/*.parquet`` with ``-w .`` read the run's own shards back in on the next run), and a file
+    named inside ``dataset`` is an error."""
     inside = _in_run_datasets(Path(dataset)) if dataset is not None else None
     out: list[Path] = []
     for item in inputs:
-        if any(c in item for c in "*?["):
-            hits = sorted(glob.glob(item, recursive=True))
+        if _is_pattern(item) and not os.path.lexists(item):
+            hits = sorted(glob.glob(_literal_dirs(item), recursive=True))
             if not hits:
                 raise IngestError(f"{item}: the pattern matches no file")
             kept = [h for h in hits if inside is None or not inside(Path(h))]
@@ -55,12 +59,32 @@ def expand_inputs(inputs: list[str], dataset: Path | None = None) -> list[Path]:
                             len(hits) - len(kept), len(hits), where)
             out.extend(Path(h) for h in kept)
         else:
+            others = sorted(h for h in glob.glob(item, recursive=True) if os.path.normpath(h)
+                            != os.path.normpath(item)) if _is_pattern(item) else []
+            if others:  # the name was taken over the pattern: say what the pattern would have read
+                log.warning("%s: read as the file of that name, not as a pattern (which would match %s)",
+                            item, ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
             if inside is not None and inside(Path(item), only_dataset=True):
                 raise IngestError(f"{item}: inside {dataset}, the dataset this ingest writes (its "
                                   "output cannot be its input); copy it elsewhere or ingest into another "
                                   "run directory or dataset")
             out.append(Path(item))
     return out
+
+
+def _is_pattern(item: str) -> bool:
+    return any(c in item for c in "*?[")
+
+
+def _literal_dirs(pattern: str) -> str:
+    """``pattern`` with its longest leading directory part that exists as written escaped: that
+    directory is meant, not a pattern over its siblings."""
+    parts = pattern.split(os.sep)
+    for k in range(len(parts) - 1, 0, -1):
+        head = os.sep.join(parts[:k])
+        if head and _is_pattern(head) and os.path.isdir(head):
+            return glob.escape(head) + os.sep + os.sep.join(parts[k:])
+    return pattern
 
 
 def _in_run_datasets(dataset: Path):
@@ -119,11 +143,15 @@ def check_readable(path: Path, encoding: str = "auto") -> str:
         else:
             stream, _ = open_utf8(path, encoding)
             with stream:
-                head = stream.read(JSON_LINES_SNIFF if fmt == "json" else 1)
+                head = stream.read(JSON_LINES_SNIFF if fmt == "json" else 4096)
+                if fmt == "jsonl" and head.lstrip().startswith(b"["):
+                    head += stream.read(JSON_LINES_SNIFF + 1 - len(head))
             if fmt == "json" and is_json_lines(head):
                 log.warning("%s: one JSON object per line (JSON Lines, not one JSON value): read as "
                             ".jsonl", path)
                 fmt = "jsonl"
+            elif fmt == "jsonl" and head.lstrip().startswith(b"["):
+                fmt = _jsonl_or_array(path, head[:JSON_LINES_SNIFF], len(head) > JSON_LINES_SNIFF)
     except IngestError:
         raise
     except EncodingError as e:
@@ -131,6 +159,20 @@ def check_readable(path: Path, encoding: str = "auto") -> str:
     except Exception as e:  # noqa: BLE001 - any failure here makes the input unreadable
         raise IngestError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from e
     return fmt
+
+
+def _jsonl_or_array(path: Path, head: bytes, cut: bool) -> str:
+    """The format of a JSON Lines file that starts with "[": one JSON array saved as .jsonl is
+    read as .json (as JSON Lines, only its items on one line each came through)."""
+    kind = json_array_start(head, cut)
+    if kind:
+        log.warning("%s: one JSON array (not one JSON object per line): read as .json", path)
+        return "json"
+    if kind is None:
+        raise IngestError(f"{path}: starts with '[' but is neither one JSON array (its start does not "
+                          "read as one) nor JSON Lines (one JSON object per line); if it is a JSON array, "
+                          "rename it to .json (a bad item is then quarantined alone), else fix its first lines")
+    return "jsonl"
 
 
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv,
