@@ -64,6 +64,11 @@ def test_show_refuses_a_negative_count(tmp_path):
     ("apache-2.0", {"license": "apache-2.0"}),
     ("Proprietary (ACME)", {"license": "other", "license_name": "proprietary-acme"}),
     ("", {}),
+    # a lower-case word that is no Hub identifier was kept, and the Hub refused the card
+    ("proprietary", {"license": "other", "license_name": "proprietary"}),
+    ("custom", {"license": "other", "license_name": "custom"}),
+    ("llama-2", {"license": "llama2"}),
+    ("gpl-3", {"license": "gpl-3.0"}),
 ])
 def test_dataset_card_license_is_a_hub_identifier(tmp_path, value, meta):
     from guidealign.config import load_config
@@ -75,3 +80,33 @@ def test_dataset_card_license_is_a_hub_identifier(tmp_path, value, meta):
     front = yaml.safe_load(card.split("---\n")[1])
     assert {k: front[k] for k in ("license", "license_name") if k in front} == meta
     assert front["configs"][0]["data_files"][0]["path"] == "data/*.parquet"
+
+
+def test_a_push_with_a_bad_repo_id_or_an_unreachable_hub_is_a_one_line_error(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from guidealign.shards import write_manifest, write_shard
+
+    for i in range(2):
+        write_shard(tmp_path / "respond", i, pa.table({"id": [str(i)], "prompt": ["p"], "response": ["r"]}), "f")
+    write_manifest(tmp_path / "respond", stage="respond", num_shards=2, fingerprint="f")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the tests set it (conftest)
+    r = _invoke(["push", "respond", "bad repo id", "-w", str(tmp_path)])
+    _clean_error(r, 1)
+    assert "Repo id must use alphanumeric chars" in r.output
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    r = _invoke(["push", "respond", "org/x", "-w", str(tmp_path), "--set", "push.max_retries=0"])
+    _clean_error(r, 1)
+    assert "endpoint http://127.0.0.1:9" in r.output
+
+
+def test_a_dataset_and_a_model_pushed_to_one_repo_id_keep_a_report_each(tmp_path):
+    from guidealign.config import load_config
+    from guidealign.hub.push import PushReport, write_report
+
+    pcfg = load_config(None).push
+    paths = {write_report(tmp_path, PushReport(repo_id="org/labrador", repo_type=t), tmp_path, pcfg, "e")
+             for t in ("dataset", "model")}
+    assert sorted(p.name for p in paths) == ["dataset__org__labrador.json", "model__org__labrador.json"]
+    assert all(p.exists() for p in paths)

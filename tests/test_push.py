@@ -135,7 +135,7 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert "detect.yaml" in card  # hashes of the generation prompts
         assert "rows: 10" in card and "generator: embedded:smollm2-135m-instruct" in card
         assert hub.state.repos[("dataset", "org/aligned")].private is True
-        report = json.loads((workdir / "push" / "org__aligned.json").read_text())
+        report = json.loads((workdir / "push" / "dataset__org__aligned.json").read_text())
         assert report["uploaded"] == 3 and report["retries"] >= 3 and TOKEN not in json.dumps(report)
         assert report["commits"] == 2 and report["commit"] == hub.commits("org/aligned")[-1][0]
 
@@ -162,7 +162,7 @@ def test_push_round_trip_with_rate_limits(tmp_path, workdir):
         assert len(hub.state.repos[("dataset", "org/aligned")].commits) == n_commits
         assert len(hub.requests("POST", r"/commit/")) == n_posts  # not even tried
         assert "0 file(s) pushed in 0 commit(s), 3 already on the Hub" in p.stdout
-        report = json.loads((workdir / "push" / "org__aligned.json").read_text())
+        report = json.loads((workdir / "push" / "dataset__org__aligned.json").read_text())
         assert report["already_there"] == 3 and report["uploaded"] == 0
 
 
@@ -177,7 +177,7 @@ def test_transient_errors_are_retried_by_huggingface_hub(tmp_path, workdir):
         assert [s for _, _, s in hub.requests("POST", r"/preupload/")][:2] == [502, 200]
         puts = [s for _, _, s in hub.requests("PUT", r"/_lfs/")]
         assert sorted(puts) == [200, 200, 502]  # two shards, one of them sent twice
-        report = json.loads((workdir / "push" / "org__flaky.json").read_text())
+        report = json.loads((workdir / "push" / "dataset__org__flaky.json").read_text())
         assert report["retries"] == 0  # no step of ours had to be run again
         assert report["uploaded"] == 3 and report["commits"] == 2  # the shards', the card's
         assert len(hub.commits("org/flaky")) == 1 + 2
@@ -214,7 +214,7 @@ def test_push_of_a_smaller_stage_deletes_the_stale_shards(tmp_path, workdir):
         assert p.returncode == 0, p.stderr[-3000:]
         assert "3 stale file(s) deleted" in p.stdout + p.stderr
         assert sorted(f for f in hub.files("org/s") if f.startswith("data/")) == shard_paths(workdir, 2)
-        report = json.loads((workdir / "push" / "org__s.json").read_text())
+        report = json.loads((workdir / "push" / "dataset__org__s.json").read_text())
         assert report["deleted_paths"] == old
         n = len(hub.commits("org/s"))
         assert run(push_cmd(workdir, "respond", "org/s"), env).returncode == 0
@@ -322,7 +322,7 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
         assert {e.sha256 for e in files.values() if e.sha256} == shas
         for i, path in enumerate(shard_paths(workdir, 5)):
             assert hub.content("org/big", path) == shard_path(workdir / "respond", i).read_bytes()
-        report = json.loads((workdir / "push" / "org__big.json").read_text())
+        report = json.loads((workdir / "push" / "dataset__org__big.json").read_text())
         # the first commit's 2 shards were there; 3 shards + the card in 2 + 1 commits
         assert report["already_there"] == 2 and report["uploaded"] == 4 and report["commits"] == 3
         # And the data are whole.
@@ -352,7 +352,7 @@ def test_failed_push_resumes_without_reuploading(tmp_path, workdir):
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         uploads = hub.state.lfs_uploads
         assert uploads[:2] == first and len(uploads) == len(set(uploads)) == 4  # none again
-        report = json.loads((workdir / "push" / "org__cut.json").read_text())
+        report = json.loads((workdir / "push" / "dataset__org__cut.json").read_text())
         assert report["already_there"] == 0 and report["uploaded"] == 5 and report["commits"] == 3
         assert report["uploaded_paths"] == shard_paths(workdir, 4) + ["README.md"]
         for i, path in enumerate(shard_paths(workdir, 4)):

@@ -64,7 +64,7 @@ def loaded_rows(env) -> list:
 
 
 def report(workdir) -> dict:
-    return json.loads((workdir / "push" / f"{REPO_ID.replace('/', '__')}.json").read_text())
+    return json.loads((workdir / "push" / f"dataset__{REPO_ID.replace('/', '__')}.json").read_text())
 
 
 def added(before: dict, after: dict) -> list:

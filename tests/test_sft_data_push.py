@@ -85,7 +85,7 @@ def test_model_push_deletes_the_model_files_of_an_earlier_push(tmp_path, workdir
         assert "5 stale file(s) deleted" in p.stdout
         assert set(hub.files("org/lab", "model")) == {
             ".gitattributes", "README.md", "config.json", "model.safetensors", "notes/eval.txt"}
-        report = json.loads((workdir / "push" / "org__lab.json").read_text())
+        report = json.loads((workdir / "push" / "model__org__lab.json").read_text())
         assert report["deleted_paths"] == sorted([
             "adapter_config.json", "adapter_model.safetensors", "model-00001-of-00002.safetensors",
             "model-00002-of-00002.safetensors", "model.safetensors.index.json"])

@@ -27,20 +27,20 @@ ncsa unlicense zlib pddl lgpl-lr llama2 llama3 llama3.1 llama3.2 llama3.3 gemma 
 def license_meta(value: str) -> dict:
     """The card metadata for push.license. The Hub refuses a card (and with it the commit that
     carries it) whose `license` is not one of its identifiers: a known license however it is
-    written ("Apache 2.0", "MIT") becomes its identifier, a value already written as an
-    identifier (lower case, no spaces) is kept, anything else is `license: other` with the text
-    as `license_name` (a lower-case slug, as the Hub asks of it)."""
+    written ("Apache 2.0", "MIT", "llama-2", "gpl-3") becomes its identifier; anything else,
+    in any case ("proprietary", "custom"), is `license: other` with the text as `license_name`
+    (a lower-case slug, as the Hub asks of it)."""
     import re
 
     text = (value or "").strip()
     if not text:
         return {}
     ident = re.sub(r"[\s_]+", "-", text.lower())
-    for cand in (ident, ident.removesuffix("-license")):
+    base = ident.removesuffix("-license")
+    # "llama-2" is llama2, "gpl-3" and "cc-by-4" are gpl-3.0 and cc-by-4.0
+    for cand in (ident, base, re.sub(r"-(?=\d)", "", base), base + ".0"):
         if cand in HUB_LICENSES:
             return {"license": cand}
-    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text):
-        return {"license": text}
     slug = re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "custom"
     return {"license": "other", "license_name": slug}
 

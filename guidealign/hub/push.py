@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PushReport:
-    """What one push did; written to WORKDIR/push/<namespace>__<name>.json (no token in it)."""
+    """What one push did; written to WORKDIR/push/<dataset|model>__<namespace>__<name>.json (no token in it)."""
     repo_id: str
     repo_type: str
     url: str = ""
@@ -288,10 +288,11 @@ def commit_shards(api, ops: list, report: PushReport, pcfg, *, title: str,
 
 
 def write_report(wd: Path, report: PushReport, src: Path, pcfg, endpoint: str) -> Path:
-    """WORKDIR/push/<namespace>__<name>.json: the report, its source and settings (no token)."""
+    """WORKDIR/push/<dataset|model>__<namespace>__<name>.json: the report, its source and settings
+    (no token); the repo type in the name, as a dataset and a model may share an id."""
     from guidealign.shards import write_json_atomic
 
-    path = wd / "push" / f"{report.repo_id.replace('/', '__')}.json"
+    path = wd / "push" / f"{report.repo_type}__{report.repo_id.replace('/', '__')}.json"
     write_json_atomic(path, {**asdict(report), "source": str(src), "private": pcfg.private,
                              "revision": pcfg.revision, "endpoint": endpoint})
     return path
