@@ -161,8 +161,9 @@ def test_a_one_column_file_reads_a_line_as_one_prompt(tmp_path, monkeypatch, nam
                  'say "hi", then go\n"x", y\n')
     rows, bad = _every_way(f, tmp_path, monkeypatch)
     assert bad == []
+    # `"x", y` is not one quoted field: taken as written (it was `x, y`, the quotes dropped)
     assert rows == [("hello, world", 2, {}), ('quoted, with "quotes"\nand a line end', 4, {}), ("plain", 5, {}),
-                    ("a;b|c\td", 6, {}), ('say "hi", then go', 7, {}), ("x, y", 8, {})]
+                    ("a;b|c\td", 6, {}), ('say "hi", then go', 7, {}), ('"x", y', 8, {})]
 
 
 def test_a_one_column_file_goes_through_the_columnar_path(tmp_path, monkeypatch):

@@ -14,11 +14,14 @@ goes through ``pyarrow.csv`` only where both must read it the same way:
 A block that fails the second kind of check is read by the row reader alone (it starts and ends
 at record ends, so the row reader reads it as it would read it within the whole file); one that
 fails the quoting check makes the row reader take over for the rest of the file (past a quote
-the two do not agree on, record ends cannot be known without it). So quarantine reasons and line
-numbers are the row reader's. A header line that is not plain (quotes across lines, a lone CR,
-duplicate names, bytes that are not UTF-8) sends the whole file to the row reader. A file with
-a one-column header has no delimiter (``csvrows.ONE_COLUMN``): a line is one field, commas and
-all; ``pyarrow.csv`` is given a control byte the block does not hold as its delimiter.
+the two do not agree on, record ends cannot be known without it). A field with text after its
+closing quote (``"a"b``: pyarrow.csv and Python's csv would both drop the quotes) fails it, so
+the row reader quarantines that row (or, one column, takes the line as written) at any block
+size. So quarantine reasons and line numbers are the row reader's. A header line that is not
+plain (quotes across lines, a lone CR, duplicate names, bytes that are not UTF-8) sends the
+whole file to the row reader. A file with a one-column header has no delimiter
+(``csvrows.ONE_COLUMN``): a line is one field, commas and all; ``pyarrow.csv`` is given a
+control byte the block does not hold as its delimiter.
 """
 from __future__ import annotations
 

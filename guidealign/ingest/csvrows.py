@@ -2,7 +2,9 @@
 (``guidealign.ingest.csvcol``) matches and falls back to. Delimiters are sniffed, a header's
 spelling is free, a quote never closed is quarantined and the lines after it read again, a row
 with more fields than the header (not just trailing delimiters) is quarantined, and a one-column
-file is read a line a prompt."""
+file is read a line a prompt. A field that starts with a quote and has text after its closing
+quote (``"a"b``: Python's csv, non-strict, drops the quotes and joins the rest) is quarantined;
+in a one-column file such a line is the prompt as written, quotes and all."""
 from __future__ import annotations
 
 import csv
@@ -129,6 +131,15 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
         line = offset + reader.base + rdr.line_num
         if not row:
             continue
+        text = held[0] if len(held) == 1 else "".join(held)
+        after = _text_after_quote(text, delim) if '"' in text else None
+        if after is not None:
+            if delim == ONE_COLUMN and len(held) == 1:  # not one quoted field: the line as written
+                row = [_strip_eol(text)]
+            else:
+                yield line, {"_raw": _raw(_strip_eol(text))}, _after_quote_reason(
+                    text, after, held, names, delim, line - len(held) + 1)
+                continue
         rec = dict(zip(names, row))
         if len(row) > n:
             rec["_extra_fields"] = row[n:]
@@ -149,6 +160,59 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
                               f"fields (or quote fields that hold line breaks)")
             continue
         yield line, rec, None
+
+
+def _text_after_quote(text: str, delim: str) -> tuple[int, int] | None:
+    """(field index, closing quote's position) of the first field of the record ``text`` that
+    starts with a quote and has text after its closing quote (as Python's csv reads quotes, see
+    ``_open_quote_line``), else None."""
+    pos, end, i = 0, len(text), 0
+    while pos < end:  # at a field's start
+        if text[pos] == '"':
+            k = pos + 1
+            while True:
+                k = text.find('"', k)
+                if k < 0:  # never closed: a runaway quote, not this
+                    return None
+                if text.startswith('"', k + 1):
+                    k += 2
+                    continue
+                break
+            j = k + 1  # spaces before the delimiter are sloppy, not text: csv keeps them (`"hi" ,1`)
+            while j < end and text[j] in " \t" and text[j] != delim:
+                j += 1
+            if j < end and text[j] not in (delim, "\r", "\n"):
+                return i, k
+            pos = j
+        d = text.find(delim, pos)
+        if d < 0:
+            return None
+        pos, i = d + 1, i + 1
+    return None
+
+
+def _after_quote_reason(text: str, after: tuple[int, int], held: list[str], names: list[str], delim: str,
+                        first: int) -> str:
+    """Why the record ``text`` (lines ``held``, the first being line ``first``) is quarantined."""
+    i, k = after
+    q, pos = 0, k  # the line of the closing quote
+    while q < len(held) - 1 and pos >= len(held[q]):
+        pos, q = pos - len(held[q]), q + 1
+    if delim == ONE_COLUMN:  # a quoted prompt over lines: which lines were meant is unclear
+        return (f"text after the closing quote on line {first + q} of a prompt quoted from line {first} "
+                f"(quote the whole prompt and double the quotes inside it)")
+    name = repr(names[i]) if i < len(names) else f"{i + 1} (past the header)"
+    hint = ': "" for ", not \\"' if text[k - 1] == "\\" else ""  # \" is no escape in CSV
+    return (f"text after the closing quote on line {first + q} of field {name} (quote the whole field "
+            f"and double the quotes inside it{hint})")
+
+
+def _strip_eol(raw: str) -> str:
+    return raw[:-2] if raw.endswith("\r\n") else raw[:-1] if raw.endswith(("\n", "\r")) else raw
+
+
+def _raw(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # the delimiter of a one-column CSV: a character no text read here holds (bytes that are not
@@ -218,14 +282,13 @@ def _runaway_quote(reader: CsvReader, offset: int, err: csv.Error | None = None)
             return None
         at = 0  # cannot happen (csv ran out inside a quote): re-read all but the first line
     line = offset + start + at + 1
-    raw = "".join(held[:at + 1])
-    raw = raw[:-2] if raw.endswith("\r\n") else raw[:-1] if raw.endswith(("\n", "\r")) else raw
+    raw = _strip_eol("".join(held[:at + 1]))
     if err is None:
         why = "is never closed (it took in the rest of the file as one field"
     else:
         why = f"is not closed within {csv.field_size_limit():,} characters (the field size limit"
     reader.restart(held[at + 1:], start + at + 1)
-    return line, {"_raw": raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")}, (
+    return line, {"_raw": _raw(raw)}, (
         f"a quote opened on line {line} {why}; the lines after it are read again as rows): close "
         f"the quote, or double a quote inside a field (\"\")")
 
