@@ -172,3 +172,28 @@ def test_score_prompt_of_an_overlong_input_fills_the_room_it_has(generator_path,
                         *([f"engine.chat_template={template}"] if template else []))
     b = DetectPrompts(cfg, tok, max_model_len=2048).build(" ".join(f"w{i}" for i in range(3000)))
     assert not b.skipped and len(b.token_ids) == 2048 - cfg.detect.sampling.max_tokens
+
+
+def test_a_chat_template_that_refuses_a_system_turn_fails_respond_before_any_shard(generator_path, tok):
+    """Gemma's and some Mistral templates refuse a system turn, where the guidelines go: every
+    row was quarantined as its own fault ("prompt building failed") and the empty shards were
+    committed, so reruns kept them. Now the stage fails at once, naming the setting."""
+    import copy
+
+    from guidealign.gen.build import TemplateError
+    from guidealign.gen.respond import make_respond_fn
+
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                       "{{ raise_exception('System role not supported') }}{% endif %}"
+                       "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    cfg = small_gen_cfg(generator_path)
+    calls = []
+    with pytest.raises(TemplateError, match="System role not supported.*engine.chat_template"):
+        make_respond_fn(cfg, FakeLLM(t, lambda p: calls.append(p) or ("ok", "stop")), guided=True, model_name="m")
+    assert not calls
+    fn = make_respond_fn(cfg, FakeLLM(tok, lambda p: ("ok", "stop")), guided=True, model_name="m")  # the model's own
+    out, q, _ = fn(pa.table({"id": ["a"], "prompt": ["Hi"], "guideline_ids": [["g"]],
+                             "guideline_texts": [["Be kind: speak gently."]]}), 0)
+    assert out.column("id").to_pylist() == ["a"] and q is None

@@ -217,6 +217,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     if budget <= 0:
         raise ValueError(f"respond.sampling.max_tokens ({rcfg.sampling.max_tokens}) leaves no room "
                          f"for a prompt in the engine's max_model_len ({max_len})")
+    _probe_template(tok, rcfg, guided, budget, ecfg)
 
     def fn(table: pa.Table, index: int):
         from vllm.inputs import TokensPrompt
@@ -288,6 +289,21 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
         return pa.Table.from_pydict(out, schema=RESPOND_SCHEMA), q, stats
 
     return fn
+
+
+def _probe_template(tok, rcfg: RespondConfig, guided: bool, budget: int, ecfg) -> None:
+    """A chat template that cannot render this stage's chat at all (one that refuses a system
+    turn, as Gemma's and some Mistral templates do) is the config's fault: raise it before the
+    first shard, instead of quarantining every row as its own and committing empty shards."""
+    from guidealign.gen.build import TemplateError
+
+    try:
+        prepare_prompt(tok, rcfg, "Hello.", ["probe"] if guided else [], ["Be helpful."] if guided else [],
+                       budget, ecfg.overlong)
+    except Exception as e:  # noqa: BLE001 - whatever the template raises
+        raise TemplateError(f"respond: the chat template cannot render a respond prompt ({type(e).__name__}: "
+                            f"{e}); the guidelines go in a system turn: use a template that takes one "
+                            "(engine.chat_template, or respond.engine.chat_template for the responder)") from e
 
 
 def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
