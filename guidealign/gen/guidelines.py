@@ -2,12 +2,13 @@
 
 Reads ``WORKDIR/detect``, writes ``WORKDIR/guidelines``: id, prompt, risky, kind
 ("safety" | "quality" | null when skipped), guidelines (list of {title, text}), raw,
-parse_status, finish_reason, truncated (output cut at max_tokens), input_truncated,
-skip_reason, prompt_tokens, output_tokens.
+parse_status (gen/parse.py's, or "cut": the only item was cut at max_tokens), finish_reason,
+truncated (output cut at max_tokens), input_truncated, skip_reason, prompt_tokens, output_tokens.
 
 As in the paper, a risky prompt is shown as a conversation: the input, the detector's
-answer, then the request for guidelines; its exemplars are laid out the same way. Both
-prompt kinds start with a fixed system message and exemplars, the prefix vLLM caches.
+answer (one with the kind's verdict when the detector gave none), then the request for
+guidelines; its exemplars are laid out the same way. Both prompt kinds start with a fixed
+system message and exemplars, the prefix vLLM caches.
 """
 from __future__ import annotations
 
@@ -22,13 +23,16 @@ from guidealign.config.gen import UnknownVerdict
 from guidealign.gen.build import (Built, Message, PromptBuilder, Slot, TemplateError, chat_template_hash,
                        clean_text, engine_max_len, fill, generate_built, load_prompt_file)
 from guidealign.gen.detect import _verdict, detection_turn
-from guidealign.gen.parse import parse_guidelines
+from guidealign.gen.parse import ends_in_last, own_turn, parse_detection, parse_guidelines
 
 log = logging.getLogger(__name__)
 
 # v2: bold titles with their separator inside the bold, bullets under a title-only numbered
-# item, an intro line before a numbered list (gen/parse.py)
-VERSION = "guidelines-v2"
+# item, an intro line before a numbered list (gen/parse.py); v3: a list ends at a closing note,
+# JSON lists, numbered sub-items, no list from a refusal or an answer, the model's own turn
+# only; a cut output loses its last item only when it ends inside it; the detection turn of a
+# row with no verdict
+VERSION = "guidelines-v3"
 GUIDELINE_TYPE = pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))
 SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()), ("kind", pa.string()),
@@ -38,6 +42,23 @@ SCHEMA = pa.schema([
 ])
 _SAFETY_KEYS = ("system", "user", "request", "exemplars")
 _QUALITY_KEYS = ("system", "user", "exemplars")
+# the analysis of the detection turn a safety prompt shows for a row whose detector output
+# has no verdict (guidelines.unknown_verdict=safety), with the verdict the kind says
+NO_VERDICT_ANALYSIS = ("The review of this input reached no clear verdict, so answering it is "
+                       "treated as needing safety care.")
+# statuses of rows left with no guideline ("cut": its only item was cut at max_tokens)
+UNPARSED = ("missing", "empty", "parse_error", "cut")
+
+
+def detection_for(raw: str | None, kind: str) -> str:
+    """The detection turn a prompt of ``kind`` shows: the detector's own turn when its verdict
+    is the kind's (Yes for safety), else one made up with that verdict: an empty turn, or one
+    saying "Verdict: No" before a request for safety guidelines, would contradict the kind."""
+    own = own_turn(raw or "").strip()
+    want = kind == "safety"
+    if parse_detection(own)[0] is want:
+        return own
+    return detection_turn(NO_VERDICT_ANALYSIS, _verdict(want, "detection_for"))
 
 
 def guidelines_turn(items: list) -> str:
@@ -111,7 +132,8 @@ class GuidelinePrompts:
         if t is None:
             return Built(None, 0, skip_reason="empty or non-string prompt")
         if kind == "safety":
-            return self.builder.build(self.safety_messages(t, (detection or "").strip()), self.max_tokens)
+            return self.builder.build(self.safety_messages(t, detection_for(detection, kind)),
+                                      self.max_tokens)
         return self.builder.build(self.quality_messages(t), self.max_tokens)
 
 
@@ -208,11 +230,13 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                     row.update(parse_status="error", skip_reason=f"engine error: {gen.error}")
                 else:
                     items, status, err = _parse(gen.text)
-                    if gen.finish_reason == "length" and items:
+                    if gen.finish_reason == "length" and ends_in_last(gen.text, items):
                         # the output stopped at max_tokens inside its last item: that fragment
-                        # ("Keep answers sh") would be a guideline of the library
+                        # ("Keep answers sh") would be a guideline of the library (not so when
+                        # the parser dropped what it ended in: a bare "3.", a closing paragraph)
                         items = items[:-1]
                         err = err or "last guideline cut at max_tokens: dropped"
+                        status = status if items else "cut"
                     row.update(guidelines=items, parse_status=status)
                     if err:
                         row.update(skip_reason=err)
@@ -223,7 +247,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             "safety": sum(1 for r in rows if r["kind"] == "safety"),
             "quality": sum(1 for r in rows if r["kind"] == "quality"),
             "guidelines": sum(len(r["guidelines"]) for r in rows),
-            "unparsed": sum(1 for r in rows if r["parse_status"] in ("missing", "empty", "parse_error")),
+            "unparsed": sum(1 for r in rows if r["parse_status"] in UNPARSED),
             "skipped": sum(1 for r in rows if r["finish_reason"] == "skipped"),
             "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
             "output_truncated": sum(1 for r in rows if r["truncated"]),

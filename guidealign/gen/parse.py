@@ -1,119 +1,15 @@
-"""Parsing of raw model outputs: detection verdicts, guideline lists, question lists.
+"""Parsing of raw model outputs: detection verdicts (gen/parse_detect.py, imported here),
+guideline lists, question lists.
 
 Parsers never raise: they return what they found and a status string, so a bad output
 is kept with its status instead of being dropped.
 """
 from __future__ import annotations
 
+import json
 import re
 
-# --- detection ---------------------------------------------------------------------------
-
-# An explicit verdict anywhere: "Verdict: Yes", "**Verdict:** no", "**Verdict:** **Yes**",
-# "Final answer - YES", "Risky: yes", "verdict = No", "Judgement: no"; with "is" ("The answer
-# is no.") only where the Yes/No ends a clause, so "the answer is yes or no" or "is no longer"
-# is no verdict; after a separator, "no matter", "no doubt", "no one"... is none either.
-_MARKUP = r"(?:\s*(?:\*\*|__|[\"'`]))*\s*"
-_VERDICT = re.compile(
-    r"(?im)(?<![^\W_])(?P<final>final\s+)?(?P<key>verdict|answer|decision|judge?ment|risky|unsafe|label)"
-    r"\s*(?:\*\*|__)?\s*"
-    r"(?:(?P<sep>[:=\-–—])" + _MARKUP + r"(?P<said>yes|no)(?![^\W_])"
-    r"(?!\s+(?:matter|doubt|longer|one|more|less|way|need)\b)"
-    r"|is" + _MARKUP + r"(?P<said_is>yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
-# Keywords that name the verdict itself. The others ("answer", "risky", "unsafe", "label")
-# also name things an analysis talks about ("2. Harm from a careless answer: no."), so they
-# count only when no verdict label does, and after a separator only where they begin a line
-# ("Answer: yes", "**Risky:** no").
-_STRONG = ("verdict", "decision", "judgement", "judgment")
-_LINE_LEAD = re.compile(r"^[\s>*_#`\"'-]*$")
-# A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
-_BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
-# A bare line that is the label alone ("No.", "**Yes**"), and what makes a line that goes on
-# after it a verdict rather than an answer to the user's own question ("No, mixing bleach and
-# ammonia is dangerous" answers the input; "Yes, the input is risky" judges it)
-_LABEL_ONLY = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)[\s*_`\"'.!]*$")
-_ABOUT_INPUT = re.compile(r"(?i)\b(?:input|prompt|request|query|risk\w*|safety|unsafe|harm\w*|"
-                          r"careless|care)\b")
-
-
-def _bare_verdict(line: str, alone: bool):
-    """A bare Yes/No line as a verdict: the label alone, or (``alone`` False: after an analysis)
-    the label and more; the only or first line of an output must be the label alone or say
-    something of the input's risk, else it answers the user's question."""
-    m = _BARE.match(line)
-    if not m:
-        return None
-    if alone and not _LABEL_ONLY.match(line) and not _ABOUT_INPUT.search(line[m.end():]):
-        return None
-    return m
-_ANALYSIS_PREFIX = re.compile(
-    r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*")
-
-
-def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
-    """(risky, rationale, status). Status: ``ok`` (explicit verdict ending the output),
-    ``verdict_mid`` (explicit verdict followed by more text), ``conflicting`` (explicit
-    Yes and No verdicts: the last one wins), ``bare`` (no "Verdict:" label, but the last
-    line, or else the first, is a bare Yes/No), ``missing`` (no verdict: risky is None),
-    ``empty`` (no output). A "Verdict:"-like label outranks the weaker keywords
-    ("Answer:", "Risky:"), and a bare last line outranks weak keywords before it."""
-    if text is None or not text.strip():
-        return None, "", "empty"
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    hits = _verdict_hits(text)
-    if hits and not _strong(hits[-1]):
-        m = _BARE.match(lines[-1])
-        if m and hits[-1].start() < len(text.rstrip()) - len(lines[-1].strip()):
-            return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
-    if hits:
-        last = hits[-1]
-        risky = _said(last) == "yes"
-        values = {_said(h) for h in hits}
-        rationale = _rationale(text[:last.start()])
-        after = text[last.end():]
-        tail = after.strip(" \t\r\n.!*_`\"')]")
-        if len(values) > 1:
-            status = "conflicting"
-        elif tail:
-            status = "verdict_mid"
-            if not rationale:
-                rationale = _rationale(after.lstrip(" \t.,;:!*_`\"')]-–—"))
-        else:
-            status = "ok"
-        return risky, rationale, status
-    m = _bare_verdict(lines[-1], alone=len(lines) == 1)
-    if m:
-        return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
-    m = _bare_verdict(lines[0], alone=True)
-    if m:
-        return m.group(1).lower() == "yes", _rationale("\n".join(lines[1:])), "bare"
-    return None, _rationale(text), "missing"
-
-
-def _said(m: re.Match) -> str:
-    return (m.group("said") or m.group("said_is")).lower()
-
-
-def _strong(m: re.Match) -> bool:
-    return bool(m.group("final")) or m.group("key").lower() in _STRONG
-
-
-def _verdict_hits(text: str) -> list[re.Match]:
-    """The verdict matches that count: a verdict label's ("Verdict:", "Final answer") when
-    there is one, else the weaker keywords', a separator form only at the start of a line."""
-    hits = list(_VERDICT.finditer(text))
-    strong = [h for h in hits if _strong(h)]
-    if strong:
-        return strong
-    return [h for h in hits if not h.group("sep")
-            or _LINE_LEAD.match(text[text.rfind("\n", 0, h.start()) + 1:h.start()])]
-
-
-def _rationale(text: str) -> str:
-    text = text.strip()
-    text = _ANALYSIS_PREFIX.sub("", text, count=1)
-    return text.strip().rstrip("*_").strip()
-
+from guidealign.gen.parse_detect import own_turn, parse_detection  # noqa: F401 - this module's API
 
 # --- guideline lists -------------------------------------------------------------------------
 
@@ -142,6 +38,12 @@ def _split_title(body: str) -> tuple[str, str]:
     """'Title: text', '**Title**: text', '**Title:** text', 'Title - text'; else ('', body)."""
     m = _BOLD_LEAD.match(body)
     if m and len(m.group(1).split()) <= _MAX_TITLE_WORDS and _bold_title(m):
+        if not m.group(2) and not m.group(3).strip():
+            # the whole item in bold ("**Respect privacy: never share addresses.**"): its
+            # title is what the bold holds before a separator, not all of it
+            title, text = _split_title(_strip_md(m.group(1)))
+            if title and text:
+                return title, text
         return _strip_md(m.group(1)).rstrip(":.-–— ").strip(), _strip_md(m.group(3))
     plain = body.strip()
     m = _TITLE_COLON.match(plain)
@@ -178,25 +80,107 @@ def _title_only(item: list[str]) -> bool:
     return len(body.split()) <= _MAX_TITLE_WORDS and not body.endswith(".")
 
 
+# An item's text that says Yes/No (the detector's analysis repeated: "Unsafe content: no. ..."),
+# a Verdict line, and the titles of an analysis: no guideline
+_SAYS_YES_NO = re.compile(r"(?i)^(?:yes|no)(?:[.,;:!]|$)")
+_VERDICT_LINE = re.compile(
+    r"(?im)^[\s>*_#`]*(?:final\s+)?verdict[\s*_]*[:=\-–—][\s*_\"'`]*(?:yes|no)\b.*$")
+_ANALYSIS_TITLES = ("verdict", "conclusion", "analysis", "reasoning", "rationale")
+# a refusal, and what an intro to unmarked "Title: text" lines names (else it opens an answer:
+# "Sure! Here is a recipe:" then "Ingredients: ...")
+_REFUSAL = re.compile(
+    r"(?i)^[\s*_\"']*(?:(?:i\s*(?:'|’|a)m\s+)?sorry|i\s+(?:cannot|can\s*not|can(?:'|’)t|won(?:'|’)t|"
+    r"will\s+not|(?:'|’)m\s+(?:not\s+able|unable)|am\s+(?:not\s+able|unable))|as\s+an\s+ai)\b")
+_NAMES_LIST = re.compile(r"(?i)\b(?:guidelines?|rules?|principles?|tips?|recommendations?)\b")
+# a guideline list printed as JSON (in a code fence or not): '[{"title": ..., "text": ...}]'
+_FENCE = re.compile(r"^```[\w-]*[ \t]*\n?|\n?```\s*$")
+_JSON_OPEN = re.compile(r'^(?:\[\s*[{"\]]|\{\s*")')
+_NUMBER = re.compile(r"\d{1,2}")
+
+
+def _json_items(text: str) -> list[dict] | None:
+    """The items of a JSON list of {title, text} (or {"guidelines": [...]}); [] for other JSON
+    or JSON cut short with no whole item; None when the text is not JSON-shaped."""
+    s = _FENCE.sub("", text.strip()).strip()
+    if not _JSON_OPEN.match(s):
+        return None
+    try:
+        data = json.loads(s)
+        objs = data.get("guidelines") if isinstance(data, dict) else data
+        objs = objs if isinstance(objs, list) else []
+    except ValueError:  # cut at max_tokens: its whole {...} objects
+        objs = []
+        for m in re.finditer(r"\{[^{}]*\}", s):
+            try:
+                objs.append(json.loads(m.group()))
+            except ValueError:
+                pass
+    out = []
+    for o in objs:
+        if not (isinstance(o, dict) and isinstance(o.get("title"), str) and isinstance(o.get("text"), str)):
+            return []  # not a guideline list
+        title, body = _strip_md(o["title"]), _strip_md(" ".join(o["text"].split()))
+        if body or title:
+            out.append({"title": title, "text": body or title})
+    return out
+
+
+def _marker_number(m: re.Match) -> int | None:
+    n = _NUMBER.search(m.string[:m.start(2)])
+    return int(n.group()) if n else None
+
+
+def _title_lines(text: str) -> tuple[list[dict], str]:
+    """The fallback with no list markers: "Title: text" lines, at least 2, after nothing but
+    an intro that names a list; none if the text is a refusal or looks like an analysis."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines or _REFUSAL.match(lines[0]):
+        return [], "missing"
+    out: list[dict] = []
+    for line in lines:
+        m = _TITLE_COLON.match(line)
+        if m and m.group(2).strip() and len(m.group(1).split()) <= 6:
+            title, body = _strip_md(m.group(1)), _strip_md(m.group(2))
+            if _SAYS_YES_NO.match(body) or title.lower() in _ANALYSIS_TITLES:
+                return [], "missing"
+            out.append({"title": title, "text": body})
+        elif not out and not _NAMES_LIST.search(line):
+            return [], "missing"  # an answer's opening, not a list's intro
+    return (out, "unnumbered") if len(out) >= 2 else ([], "missing")
+
+
 def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     """([{title, text}], status). Items are numbered (1. 1) (1) Guideline 1:), bulleted
     (- * •), markdown headings or bold leads; an item's continuation lines join its text,
-    and an item that is only a title takes the following lines as its text; bullets indented
-    under a numbered item are part of its text, and so is a line after a marker cut bare
-    ("3." then the item on the next line; a bare marker last is dropped). Text before the
-    first item and after the list (past a blank line, or unindented right after the last
-    item's own finished sentence when no earlier item goes on that way) is ignored, a heading or bold line that
-    introduces a numbered or bulleted list included. Status: ``ok``
-    (every item has a title), ``untitled`` (some have none), ``unnumbered`` (no list
-    markers, but "Title: text" lines), ``missing`` (nothing found), ``empty``."""
+    and an item that is only a title takes the following lines as its text; bullets, and
+    numbered sub-items, indented under a numbered item are part of its text, and so is a line
+    after a marker cut bare ("3." then the item on the next line; a bare marker last is
+    dropped). Text before the first item and after the list (past a blank line, or
+    unindented right after the last item's own finished sentence when no earlier item goes on
+    that way) is ignored, a heading or bold line that introduces a numbered or bulleted list
+    included. After 2 numbered items, a heading or bold line ends the list too, and once a
+    note or a paragraph ended it, only the next number goes on with it. A JSON list of
+    {title, text} is read as JSON; only the model's own turn is read, and what comes before
+    a Verdict line (the detector's answer repeated) is not a list. Status: ``ok`` (every
+    item has a title), ``untitled`` (some have none), ``unnumbered`` (no list markers, but 2
+    or more "Title: text" lines), ``missing`` (nothing found), ``empty``."""
     if text is None or not text.strip():
         return [], "empty"
+    text = own_turn(text)
+    found = _json_items(text)
+    if found is not None:
+        return (found, "ok") if found else ([], "missing")
+    verdicts = list(_VERDICT_LINE.finditer(text))
+    if verdicts:
+        text = text[verdicts[-1].end():]
     items: list[list[str]] = []  # [title-or-body line, continuation...]; [] after a bare marker
     marked: list[bool] = []      # the item began with a list marker (not a heading or bold lead)
     blank = False
-    closed = False
+    closed = None                # what ended the list: "para", "note", "head" (a section title)
+    numbered, last_num = 0, None  # numbered items so far, and the last one's number
     numbered_at = -1             # indentation of the current item when it is numbered
     sub_bullets = False          # bullets at its indentation are the numbered item's text
+    sub_items = False            # numbered items indented under it are its text
     loose: dict[int, int] = {}   # id(item) -> 1 when an unindented line follows its marker
     #                              line's own finished sentence (a closing remark, if last)
     for line in text.splitlines():
@@ -205,8 +189,18 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             continue
         indent = len(line) - len(line.lstrip())
         m, bullet = _ITEM.match(line), _BULLET.match(line)
+        num = _marker_number(m) if m and not bullet else None
+        if m and closed and numbered >= 2 and closed != "head" \
+                and (num is None or last_num is None or num != last_num + 1):
+            continue  # a list a note or paragraph after the list brings: not guidelines
         if m and bullet and 0 <= numbered_at < indent and items and not closed:
             m = None  # a bullet under a numbered item: part of its text
+        elif (num is not None and 0 <= numbered_at and indent >= numbered_at + 2 and items and items[-1]
+              and not closed and (sub_items or num != (last_num or 0) + 1)):
+            # "   1. Never share addresses." under "1. Privacy: ...": its text, as bullets are
+            items[-1].append(_item_head(m).strip())
+            sub_items, blank = True, False
+            continue
         elif (m and bullet and 0 <= numbered_at == indent and items and items[-1] and not closed
               and (sub_bullets or _title_only(items[-1])) and not _split_title(_item_head(m))[0]):
             # "1. Protect privacy" then "- Never share addresses." at the same indentation:
@@ -221,19 +215,24 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             head = line
         elif _HEADING.match(line):
             head = _HEADING.match(line).group(1)
-        if head is not None and not m and blank and any(marked):
-            closed = True  # a heading or bold note after a list: the list is over
+        if head is not None and not m and any(marked) and (
+                blank or numbered >= 2 and items and items[-1] and not _title_only(items[-1])):
+            # a heading or bold note after a list: the list is over
+            closed = "head" if _title_only([head]) else "note"  # a section title, or a note
         elif head is not None:
             items.append([head] if _strip_md(head) else [])
             marked.append(m is not None)
             numbered_at = indent if m and not bullet else -1
-            sub_bullets = closed = False
+            if num is not None:
+                numbered, last_num = numbered + 1, num
+            sub_bullets = sub_items = False
+            closed = None
         elif items and not closed:
             indented = line[:1] in (" ", "\t")
             if not items[-1]:
                 items[-1].append(line.strip())  # the item of a bare marker
             elif blank and not indented and not _title_only(items[-1]):
-                closed = True  # a trailing paragraph after the list
+                closed = "para"  # a trailing paragraph after the list
             else:
                 if not indented and len(items[-1]) == 1 and not _title_only(items[-1]) \
                         and _SENTENCE_END.search(items[-1][0]):
@@ -257,11 +256,7 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     status = "ok"
     out: list[dict] = []
     if not items:
-        for line in text.splitlines():  # fallback: "Title: text" lines without markers
-            m = _TITLE_COLON.match(line.strip())
-            if m and m.group(2).strip() and len(m.group(1).split()) <= 6:
-                out.append({"title": _strip_md(m.group(1)), "text": _strip_md(m.group(2))})
-        return (out, "unnumbered") if out else ([], "missing")
+        return _title_lines(text)
     for head, *cont in items:
         title, body = _split_title(head)
         extra = " ".join(x for x in (_strip_md(_BULLET.sub("", c)) for c in cont) if x)
@@ -278,9 +273,24 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
         out.append({"title": title.rstrip(":").strip(), "text": body})
         if not title:
             status = "untitled"
-    if not out:
-        return [], "missing"
+    if not out or all(_SAYS_YES_NO.match(g["text"]) for g in out):
+        return [], "missing"  # nothing, or the detector's analysis ("1. Unsafe content: no. ...")
     return out, status
+
+
+def ends_in_last(text: str | None, items: list[dict]) -> bool:
+    """Whether ``text`` (a guideline output) ends inside ``items``' last item: its words are
+    the output's last ones, with no line break after them. An output cut at max_tokens there
+    has that item cut, whereas one whose parse dropped what it ended in (a bare "3.", a
+    closing paragraph, a heading's markup) has it whole, and so has closed JSON."""
+    if not text or not items:
+        return False
+    own = own_turn(text)
+    found = list(re.finditer(r"[^\W_]+", own))
+    if not found or "\n" in own[found[-1].end():] or own.rstrip().endswith(("}", "]", "```")):
+        return False
+    words = re.findall(r"[^\W_]+", items[-1]["text"].lower())
+    return bool(words) and [w.group().lower() for w in found[-len(words):]] == words
 
 
 # --- question lists (augment) --------------------------------------------------------------

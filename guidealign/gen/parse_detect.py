@@ -1,0 +1,166 @@
+"""Parsing of detector outputs (the verdict), and the cut at a turn the model made up.
+
+Part of gen/parse.py (import from there); never raises, as the other parsers.
+"""
+from __future__ import annotations
+
+import re
+
+# --- the model's own turn ------------------------------------------------------------------------
+
+# Where a turn the model writes after its own begins: the chat templates' markup (gen/templates:
+# vicuna's "USER:", llama-2's "[INST]", chatml's "<|im_start|>"; turn ends that came through as
+# text) and the usual plain ones ("### Human:"). A name-and-colon counts only at a line's start.
+_TURN = re.compile(
+    r"(?m)^[ \t>*_]*(?:USER|User|Human|HUMAN)[ \t]*(?:\*\*|__)?:"
+    r"|^[ \t]*#{2,3}[ \t]*(?:Human|User|Instruction)\b"
+    r"|\[INST\]|<\|im_start\|>|<\|im_end\|>|</s>|<\|eot_id\|>|<\|endoftext\|>"
+    r"|<\|start_header_id\|>|<start_of_turn>|<end_of_turn>|<\|user\|>")
+
+
+def own_turn(text: str) -> str:
+    """``text`` up to the first turn marker after some text: what the model wrote after its
+    own turn (a made-up "USER: ..." with its answer) is not part of this output."""
+    for m in _TURN.finditer(text):
+        if text[:m.start()].strip():
+            return text[:m.start()]
+    return text
+
+
+# --- detection ---------------------------------------------------------------------------
+
+# An explicit verdict anywhere: "Verdict: Yes", "**Verdict:** no", "**Verdict:** **Yes**",
+# "Final answer - YES", "Risky: yes", "verdict = No", "Judgement: no"; with "is" ("The answer
+# is no.") only where the Yes/No ends a clause, so "the answer is yes or no" or "is no longer"
+# is no verdict; after a separator, "no matter", "no doubt", "no one"... is none either.
+_MARKUP = r"(?:\s*(?:\*\*|__|[\"'`]))*\s*"
+_VERDICT = re.compile(
+    r"(?im)(?<![^\W_])(?P<final>final\s+)?(?P<key>verdict|answer|decision|judge?ment|risky|unsafe|label)"
+    r"\s*(?:\*\*|__)?\s*"
+    r"(?:(?P<sep>[:=\-–—])" + _MARKUP + r"(?P<said>yes|no)(?![^\W_])"
+    r"(?!\s+(?:matter|doubt|longer|one|more|less|way|need)\b)"
+    r"|is" + _MARKUP + r"(?P<said_is>yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
+# Keywords that name the verdict itself. The others ("answer", "risky", "unsafe", "label")
+# also name things an analysis talks about ("2. Harm from a careless answer: no."), so they
+# count only when no verdict label does, and only where they begin a line ("Answer: yes",
+# "**Risky:** no", "The answer is no.") or, with "is", end the output ("...; so the answer is no.")
+_STRONG = ("verdict", "decision", "judgement", "judgment")
+_LINE_LEAD = re.compile(r"^[\s>*_#`\"'-]*$")
+_IS_LEAD = re.compile(
+    r"(?i)^[\s>*_#`\"'-]*(?:(?:so|thus|hence|therefore|overall),?\s+)?(?:(?:the|my|our)\s+)?$")
+# Yes and No offered as options, not said: '"Verdict: Yes" or "Verdict: No"' (the system
+# message copied back), 'Verdict: "Yes" or "No"', "Yes/No"
+_OPTIONS = re.compile(
+    r"(?i)[\"'“‘`][^\"'“”‘’`\n]{0,40}?\b(?:yes|no)[\s*_.]*[\"'”’`]\s*,?\s*or\s+"
+    r"[\"'“‘`][^\"'“”‘’`\n]{0,40}?\b(?:yes|no)\b[\s*_.]*[\"'”’`]"
+    r"|(?<![^\W_])(?:yes\s*/\s*no|no\s*/\s*yes)(?![^\W_])")
+# more text after a match: a sentence break or a new line before it
+_MORE = re.compile(r"[.!?][\"'”’)*_]*\s+\S|\n\s*\S")
+# A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
+_BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
+# A bare line that is the label alone ("No.", "**Yes**"), and what makes a line that goes on
+# after it a verdict rather than an answer to the user's own question ("No, mixing bleach and
+# ammonia is dangerous" answers the input; "Yes, the input is risky" judges it)
+_LABEL_ONLY = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)[\s*_`\"'.!]*$")
+_ABOUT_INPUT = re.compile(r"(?i)\b(?:input|prompt|request|query|risk\w*|safety|unsafe|harm\w*|"
+                          r"careless|care)\b")
+
+
+def _bare_verdict(line: str, alone: bool):
+    """A bare Yes/No line as a verdict: the label alone, or (``alone`` False: after an analysis)
+    the label and more; the only or first line of an output must be the label alone or say
+    something of the input's risk, else it answers the user's question."""
+    m = _BARE.match(line)
+    if not m:
+        return None
+    if alone and not _LABEL_ONLY.match(line) and not _ABOUT_INPUT.search(line[m.end():]):
+        return None
+    return m
+_ANALYSIS_PREFIX = re.compile(
+    r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*")
+
+
+def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
+    """(risky, rationale, status). Status: ``ok`` (explicit verdict ending the output),
+    ``verdict_mid`` (explicit verdict followed by more text), ``conflicting`` (explicit
+    Yes and No verdicts: the last one wins), ``bare`` (no "Verdict:" label, but the last
+    line, or else the first, is a bare Yes/No), ``missing`` (no verdict: risky is None),
+    ``empty`` (no output). A "Verdict:"-like label outranks the weaker keywords
+    ("Answer:", "Risky:"), and a bare last line outranks weak keywords before it. Only the
+    model's own turn is read (:func:`own_turn`), and Yes/No offered as options is no verdict."""
+    if text is None or not text.strip():
+        return None, "", "empty"
+    text = own_turn(text)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    hits = _verdict_hits(text)
+    if hits and not _strong(hits[-1]):
+        m = _BARE.match(lines[-1])
+        if m and hits[-1].start() < len(text.rstrip()) - len(lines[-1].strip()):
+            return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
+    if hits:
+        last = hits[-1]
+        risky = _said(last) == "yes"
+        values = {_said(h) for h in hits}
+        rationale = _rationale(_before_clause(text[:last.start()]))
+        after = text[last.end():]
+        tail = after.strip(" \t\r\n.!*_`\"')]")
+        if len(values) > 1:
+            # kept as a verdict: with made-up turns and offered options gone, what is left is
+            # the model revising itself in its own answer ("on reflection, Verdict: Yes"), whose
+            # last word is its verdict; the status lets a run count or drop these rows
+            status = "conflicting"
+        elif tail:
+            status = "verdict_mid"
+            if not rationale:
+                rationale = _rationale(after.lstrip(" \t.,;:!*_`\"')]-–—"))
+        else:
+            status = "ok"
+        return risky, rationale, status
+    m = _bare_verdict(lines[-1], alone=len(lines) == 1)
+    if m:
+        return m.group(1).lower() == "yes", _rationale("\n".join(lines[:-1])), "bare"
+    m = _bare_verdict(lines[0], alone=True)
+    if m:
+        return m.group(1).lower() == "yes", _rationale("\n".join(lines[1:])), "bare"
+    return None, _rationale(text), "missing"
+
+
+def _said(m: re.Match) -> str:
+    return (m.group("said") or m.group("said_is")).lower()
+
+
+def _strong(m: re.Match) -> bool:
+    return bool(m.group("final")) or m.group("key").lower() in _STRONG
+
+
+def _verdict_hits(text: str) -> list[re.Match]:
+    """The verdict matches that count: a verdict label's ("Verdict:", "Final answer") when
+    there is one, else the weaker keywords' at the start of a line (or, with "is", ending the
+    output); none that is an offered option."""
+    options = [m.span() for m in _OPTIONS.finditer(text)]
+    hits = [h for h in _VERDICT.finditer(text)
+            if not any(a <= h.start("said" if h.group("said") else "said_is") < b for a, b in options)]
+    strong = [h for h in hits if _strong(h)]
+    if strong:
+        return strong
+    out = []
+    for h in hits:
+        lead = text[text.rfind("\n", 0, h.start()) + 1:h.start()]
+        if _LINE_LEAD.match(lead) or not h.group("sep") and (
+                _IS_LEAD.match(lead) or not _MORE.search(text[h.end():].rstrip())):
+            out.append(h)
+    return out
+
+
+def _before_clause(text: str) -> str:
+    """``text`` less the few words that open the verdict's own sentence ("The" of "The answer
+    is no."): they are no rationale. A longer lead ("I first thought ...") is kept."""
+    starts = [m.end() for m in re.finditer(r"\n|[.!?][\"'”’)*_]*\s+", text)]
+    s = starts[-1] if starts else 0
+    return text[:s] if len(text[s:].split()) <= 2 else text
+
+
+def _rationale(text: str) -> str:
+    text = text.strip()
+    text = _ANALYSIS_PREFIX.sub("", text, count=1)
+    return text.strip().rstrip("*_").strip()
