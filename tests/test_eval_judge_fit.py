@@ -43,3 +43,20 @@ def test_a_prompt_that_fits_is_cut_only_at_max_response_tokens(tok):
     judge = _Judge(tok, max_model_len=32768)
     cols = judge_pairwise(judge, [PairItem("1", None, "Which is better?", mid, mid)], ecfg)
     assert cols["cut"] == [False, False] and all(mid in p for p in cols["judge_prompt"])
+
+
+def test_a_long_question_is_not_cut_at_max_response_tokens_only_the_answers_are(tok):
+    """An HHH "summarize this article" question (770 tokens) was cut at eval.max_response_tokens
+    like the answers: the judge compared summaries of an article it saw cut off. The question
+    is cut only when the prompt would not fit even with the answers cut as far as they go."""
+    ecfg = load_config(overrides=["eval.max_response_tokens=600", "eval.judge_sampling.max_tokens=64"]).eval
+    article = " ".join(f"fact{i}" for i in range(900))  # well over 600 tokens
+    judge = _Judge(tok, max_model_len=32768)
+    cols = judge_pairwise(judge, [PairItem("1", None, "Summarize: " + article, "short", "brief")], ecfg)
+    assert cols["cut"] == [False, False] and all(article in p for p in cols["judge_prompt"])
+    harm = _Judge(tok, max_model_len=32768)
+    hc = judge_harm_llm(harm, [HarmItem("1", None, "Summarize: " + article, "guided", "ok")], ecfg)
+    assert article in hc["judge_prompt"][0]
+    small = _Judge(tok, max_model_len=1024)  # no room even for the question: cut as before
+    cols = judge_pairwise(small, [PairItem("1", None, "Summarize: " + article, "short", "brief")], ecfg)
+    assert max(small.lens) <= 1024 - 64 and cols["cut"] == [True, True]

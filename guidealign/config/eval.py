@@ -78,10 +78,11 @@ class EvalConfig:
     # chat_template (judge_model, judge_chat_template). {} = the responder's engine settings.
     # A judge with such keys gets its own engine even when it is the responder's model.
     judge_engine: dict = field(default_factory=dict)
-    # Each response (and the question) is cut to this many judge tokens in the judge prompt
-    # (marked as cut); where question + answers + the verdict budget (judge_sampling.max_tokens)
-    # still exceed the judge engine's max_model_len, they are cut further until they fit (a
-    # judgment that failed for length would be unparsed). <= 0: no cut but that one.
+    # Each response is cut to this many judge tokens in the judge prompt (marked as cut); where
+    # question + answers + the verdict budget (judge_sampling.max_tokens) still exceed the judge
+    # engine's max_model_len, the answers are cut further until they fit, and the question only
+    # when cutting the answers is not enough (a judgment that failed for length would be
+    # unparsed). <= 0: no cut but that one.
     max_response_tokens: int = 600
     # Custom prompt templates; "" = the built-in wording (eval/prompts.py). Pairwise fields:
     # {question} {answer_a} {answer_b}; harmfulness fields: {question} {answer}.

@@ -27,13 +27,21 @@ def _room(llm, ecfg) -> int | None:
         return None
 
 
-def fit_texts(tok, texts: list[str], cap: int, room: int | None, render) -> tuple[list[tuple[str, bool]], list]:
+def fit_texts(tok, texts: list[str], cap: int, room: int | None, render,
+              free: int = 0) -> tuple[list[tuple[str, bool]], list]:
     """``texts`` each cut to ``cap`` judge tokens (``eval.max_response_tokens``; <= 0: uncut),
     and ``render(cut texts)`` (a list of (sent, judge prompt)); while the longest rendered prompt
     is over ``room`` tokens, the cap is lowered by the excess shared among the texts it cuts
     (down to MIN_CUT_TOKENS), so long answers are cut further instead of the request failing (a
     failed judgment is unparsed, and ``eval.unparsed: exclude`` would leave the longest pairs
-    out)."""
+    out). The first ``free`` texts (the question) are not cut, unless the prompt is over
+    ``room`` even with the others cut as far as they go: a judge comparing summaries of an
+    article it sees cut off judges something else than the paper's judge did."""
+    if free:
+        whole = [(t or "", False) for t in texts[:free]]
+        cut, out = fit_texts(tok, texts[free:], cap, room, lambda rest: render([t for t, _ in whole] + rest))
+        if room is None or max(len(s["prompt_token_ids"]) for s, _ in out) <= room:
+            return whole + cut, out
     lens = [len(tok.encode(t or "", add_special_tokens=False)) for t in texts]
     if cap <= 0:
         cap = max(lens, default=0)
@@ -104,7 +112,8 @@ def judge_pairwise(llm, items: list[PairItem], ecfg, seed: int | None = 0) -> di
                 for a, b in ((g, u), (u, g))]  # in ORDERS' order
 
     for it in items:
-        cut, rendered = fit_texts(tok, [it.prompt, it.guided, it.unguided], ecfg.max_response_tokens, room, render)
+        cut, rendered = fit_texts(tok, [it.prompt, it.guided, it.unguided], ecfg.max_response_tokens, room, render,
+                                  free=1)
         (_, qcut), (_, gcut), (_, ucut) = cut
         for order, (sent, jp) in zip(ORDERS, rendered):
             prompts.append(sent)
@@ -116,7 +125,8 @@ def judge_pairwise(llm, items: list[PairItem], ecfg, seed: int | None = 0) -> di
             cols["cut"].append(qcut or gcut or ucut)
     gens = _generate(llm, prompts, ecfg.judge_sampling, seed)
     for order, gen in zip(cols["order"], gens):
-        verdict, rule = parse_pairwise(gen.text) if gen.finish_reason != "error" else (None, None)
+        verdict, rule = parse_pairwise(gen.text, gen.finish_reason != "length") \
+            if gen.finish_reason != "error" else (None, None)
         cols["raw"].append(gen.text if gen.finish_reason != "error" else (gen.error or ""))
         cols["finish_reason"].append(gen.finish_reason)
         cols["verdict"].append(verdict)
@@ -141,7 +151,7 @@ def judge_harm_llm(llm, items: list[HarmItem], ecfg, seed: int | None = 0) -> di
         return [render_chat(tok, system, fill(template, question=cut[0], answer=cut[1]))]
 
     for it in items:
-        _, [(sent, jp)] = fit_texts(tok, [it.prompt, it.response], ecfg.max_response_tokens, room, render)
+        _, [(sent, jp)] = fit_texts(tok, [it.prompt, it.response], ecfg.max_response_tokens, room, render, free=1)
         prompts.append(sent)
         for k, v in (("id", it.id), ("category", it.category), ("prompt", it.prompt),
                      ("condition", it.condition), ("response", it.response), ("judge", "llm"),
@@ -150,7 +160,7 @@ def judge_harm_llm(llm, items: list[HarmItem], ecfg, seed: int | None = 0) -> di
     gens = _generate(llm, prompts, ecfg.judge_sampling, seed)
     for gen in gens:
         ok = gen.finish_reason != "error"
-        verdict, rule = parse_harm(gen.text) if ok else (None, None)
+        verdict, rule = parse_harm(gen.text, gen.finish_reason != "length") if ok else (None, None)
         cols["raw"].append(gen.text if ok else (gen.error or ""))
         cols["finish_reason"].append(gen.finish_reason)
         cols["verdict"].append(verdict)
