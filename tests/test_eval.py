@@ -698,6 +698,24 @@ def test_paper_config_loads():
     from guidealign.config.eval import EvalConfig
 
     assert EvalConfig().classifier_template == "{response}"
+    # both runs get Vicuna v1.1's own system line, as the paper's baseline keeps it: the
+    # unguided prompt is the one the template writes with no system message at all
+    from guidealign.eval.generate import eval_respond_cfg
+    from guidealign.gen.respond import build_messages
+    from guidealign.gen.templates import apply_template
+
+    class _Tok:
+        chat_template = None
+
+        def apply_chat_template(self, msgs, **kw):
+            from jinja2 import Template
+
+            return Template(self.chat_template).render(messages=msgs, **kw)
+
+    tok = apply_template(_Tok(), "vicuna_v1.1", model="m")
+    render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    unguided = build_messages(eval_respond_cfg(cfg).respond, "Tell me a joke.", [])
+    assert render(unguided) == render([{"role": "user", "content": "Tell me a joke."}])
 
 
 def test_weights_multiply_a_question():
