@@ -69,7 +69,8 @@ def test_a_retriever_retrained_under_its_fingerprint_gets_a_new_index(lib_run, t
     the same fingerprint (a repair; GPU training is not bit-reproducible) has other weights, and
     the old index (library vectors of the old weights) stayed current, searched with the new
     weights' query vectors. Now the index records the weights it was embedded by: rank 0
-    rebuilds it, the other ranks and retrieve refuse the old one."""
+    rebuilds it, the other ranks and retrieve refuse the old one, and retrieve's shards of the
+    old weights are redone."""
     import json
     import shutil
 
@@ -92,6 +93,16 @@ def test_a_retriever_retrained_under_its_fingerprint_gets_a_new_index(lib_run, t
     mark_done(retriever_dir(wd), fingerprint=fp, rows=1, seconds=0)
     first = run_index(cfg, wd, progress=False)
     assert not first.skipped and run_index(cfg, wd, progress=False).skipped
+    import pyarrow as pa
+
+    from guidealign.retrieval.retrieve import run_retrieve
+    from guidealign.shards import write_manifest, write_shard
+
+    write_shard(wd / "prompts", 0, pa.table({"id": ["p1", "p2"], "prompt": ["how do I sharpen a knife",
+                                                                            "write me a poem"]}), "in")
+    write_manifest(wd / "prompts", stage="prompts", num_shards=1, fingerprint="in")
+    assert run_retrieve(cfg, wd, progress=False).processed == 1
+    assert run_retrieve(cfg, wd, progress=False).skipped == 1
     old = load_index(index_dir(wd), library_dir(wd))
     assert encoder_path(old.meta, wd) == str(retriever_dir(wd) / "model")
 
@@ -110,6 +121,8 @@ def test_a_retriever_retrained_under_its_fingerprint_gets_a_new_index(lib_run, t
         wait_current_index(cfg, wd, timeout=0.3, poll=0.1)
     again = run_index(cfg, wd, progress=False)
     assert not again.skipped and again.rows == first.rows
+    # retrieve's shards were of the old weights: redone (they were kept as current)
+    assert run_retrieve(cfg, wd, progress=False).processed == 1
     assert wait_current_index(cfg, wd, timeout=0.3, poll=0.1)["library_version"] == version
     assert encoder_path(load_index(index_dir(wd), library_dir(wd)).meta, wd) == str(retriever_dir(wd) / "model")
 

@@ -151,8 +151,11 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     wait_done(index_dir(workdir), timeout=wait_timeout(cfg, world_size))
     # a stale index fails here, before any shard, and changes the fingerprint of every shard
     meta = check_version(index_dir(workdir), library_dir(workdir))
-    # v3: near-duplicates compared by the library's comparison text, not the embedded "Title: text"
-    fp = fingerprint("retrieve-v3", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"])
+    # v3: near-duplicates compared by the library's comparison text, not the embedded "Title: text";
+    # the encoder's weights too: a retriever retrained under its fingerprint gets a new index
+    # and so new retrievals (the index's fingerprint names the retriever's config, not weights)
+    fp = fingerprint("retrieve-v3", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"],
+                     meta.get("model_weights"))
     src = src or prompt_set(cfg, rc.prompts)
     return map_shards("retrieve", workdir / src, workdir / dst, fp,
                       make_fn=lambda: make_shard_fn(cfg, workdir), rank=rank, world_size=world_size,
