@@ -273,3 +273,35 @@ def test_the_sampler_needs_no_private_method_of_sentence_transformers(monkeypatc
         assert all(len(b) == 8 for b in batches)
     else:
         assert sorted(i for b in batches for i in b) == list(range(len(anchors)))
+
+
+def test_every_epoch_yields_exactly_len_batches_also_when_its_pass_comes_out_shorter():
+    """The trainer resumes at global_step // len() epochs and global_step % len() batches: a
+    later epoch whose greedy pass came out shorter than epoch 0's (13 batches against 15) put a
+    resumed run at the wrong batch; it trained some twice and ended on another step."""
+    import random
+
+    from datasets import Dataset
+
+    from guidealign.retrieval.sampler import no_false_negatives_sampler
+
+    guidelines = [f"guideline {k}" for k in range(12)]
+    found = None
+    for case in range(40):
+        rng = random.Random(case)
+        positives_of = {f"prompt {i}": set(rng.sample(guidelines, 3)) for i in range(16)}
+        anchors = [a for a, gs in positives_of.items() for _ in sorted(gs)]
+        positives = [g for gs in positives_of.values() for g in sorted(gs)]
+        ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
+        sampler = no_false_negatives_sampler(positives_of)(ds, batch_size=8, drop_last=False, seed=1)
+        if any(len(sampler._pass(e)) < len(sampler) for e in range(1, 4)):
+            found = sampler, anchors, positives, positives_of
+            break
+    assert found, "no case with a shorter later pass"
+    sampler, anchors, positives, positives_of = found
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler), epoch
+        assert sorted(i for b in batches for i in b) == list(range(len(anchors)))
+        assert _false_negatives(batches, anchors, positives, positives_of) == 0

@@ -22,7 +22,8 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
     trained on). The length is that of epoch 0's pass; a later epoch whose pass comes out longer
     folds the pairs of its surplus batches into the first ``len()`` batches where they do not
     conflict (a batch may then hold a pair or two more; a pair that fits none, even after one
-    swap, sits that epoch out, logged). ``drop_last=True`` drops every incomplete batch of a pass
+    swap, sits that epoch out, logged); one whose pass comes out shorter has its largest batches
+    split until it yields ``len()`` (the trainer's resume position assumes it). ``drop_last=True`` drops every incomplete batch of a pass
     (not only the last one: a batch ends incomplete wherever the remaining pairs all conflict
     with it), folds only into batches with room (none: they are full) and is an error when no
     full batch can be made at all."""
@@ -118,7 +119,24 @@ def no_false_negatives_sampler(positives_of: dict[str, set[str]]):
             batches = self._pass(self.epoch)
             if len(batches) > n:
                 batches = self._fold(batches, n)
+            elif len(batches) < n:
+                batches = self._split(batches, n)
             yield from batches
+
+        @staticmethod
+        def _split(batches: list[list[int]], n: int) -> list[list[int]]:
+            """``n`` batches from a shorter pass: the largest split in two (halves of a batch
+            conflict no more than it did) until there are ``n``. The trainer counts epochs as
+            ``len()`` batches: an epoch of fewer put a resumed run's position at the wrong
+            batch (it trained some twice and ended on another step than the uninterrupted run)."""
+            out = [list(b) for b in batches]
+            while len(out) < n:
+                k = max(range(len(out)), key=lambda j: len(out[j]))
+                if len(out[k]) < 2:
+                    break  # cannot happen: epoch 0's pass had as many pairs in n batches
+                half = len(out[k]) // 2
+                out[k:k + 1] = [out[k][:half], out[k][half:]]
+            return out
 
         def _fold(self, batches: list[list[int]], n: int) -> list[list[int]]:
             """The first ``n`` batches with the pairs of the others folded into them: into a
