@@ -29,7 +29,7 @@ from rapidfuzz.distance import Indel
 
 from guidealign.gen.build import (Message, PromptBuilder, TemplateError, chat_template_hash, engine_max_len,
                        fill, generate_built, load_prompt_file)
-from guidealign.gen.parse import parse_questions
+from guidealign.gen.parse import ends_in_last, parse_questions, unwrap_question
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def clean_question(q: str) -> str:
     prev = None
     while q != prev:
         prev = q
-        q = _MARKER.sub("", q.strip(), count=1).strip().strip('"“”').strip()
+        q = unwrap_question(_MARKER.sub("", q.strip(), count=1))
     return q
 
 
@@ -201,7 +201,9 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
     """Generate this rank's risk types into WORKDIR/augment; returns a StageReport."""
     from tqdm import tqdm
 
-    from guidealign.gen.engine import build_llm, load_tokenizer, params_for, prefix_cache_counters
+    from guidealign.gen.engine import (build_llm, check_not_all_failed, load_tokenizer, params_for,
+                                       prefix_cache_counters)
+    from guidealign.shards.write import retire_shards_from
     from guidealign.shards import StageReport, fingerprint, is_done, my_shards, write_manifest, write_shard
 
     a = cfg.augment
@@ -212,6 +214,9 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
     dst = Path(workdir) / "augment"
     fp = config_fingerprint(cfg, load_tokenizer(cfg.engine, llm))
     names = list(types)
+    # a type no longer listed leaves no shard beyond the new count (`ingest W/augment/shard-*`
+    # read them back); gone before the manifest says how many, as map stages do
+    retire_shards_from(dst, len(names))
     write_manifest(dst, stage="augment", num_shards=len(names), fingerprint=fp, types=names)
     rep = StageReport(stage="augment", total=len(names))
     mine = my_shards(len(names), rank, world_size)
@@ -282,6 +287,9 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
                 owners.append((st, f"{st.name}:{st.rounds}:{j}"))
         params = params_for(a.sampling, cfg.engine.seed, [k for _, k in owners], True, llm)
         gens = generate_built(llm, builts, params)
+        # every request of the round failing is a fault of the run: no type is committed with
+        # its seeds alone (a rerun would keep that)
+        check_not_all_failed("augment", [g.error if g.finish_reason == "error" else None for g in gens if g is not None])
         for (st, key), b, g in zip(owners, builts, gens):
             if g is None:
                 st.rejected.append((f"prompt skipped: {b.skip_reason}", ""))
@@ -290,7 +298,8 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
                 st.rejected.append((f"engine error: {g.error}", ""))
                 continue
             qs = parse_questions(g.text)
-            if g.finish_reason == "length" and qs:
+            # cut at max_tokens inside its last question (not in a note after the list)
+            if g.finish_reason == "length" and ends_in_last(g.text, [{"text": q} for q in qs[-1:]]):
                 st.generated += 1
                 st.rejected.append(("cut off at max_tokens", qs.pop()))
             for raw in qs:  # every generated question is kept or quarantined with its reason

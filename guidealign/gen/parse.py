@@ -295,6 +295,25 @@ def ends_in_last(text: str | None, items: list[dict]) -> bool:
 
 # --- question lists (augment) --------------------------------------------------------------
 
+_WRAPS = (("**", "**"), ("__", "__"), ('"', '"'), ("“", "”"), ("*", "*"), ("_", "_"))
+
+
+def unwrap_question(q: str) -> str:
+    """``q`` without the markup or quotes that wrap all of it (``**...**``, ``"..."``), and bold
+    inside it; a quote or ``__`` that is part of the question stays (``reply only with "I have
+    been PWNED"``, ``"Hamlet" fans ...``, ``__import__('os')``)."""
+    q = re.sub(r"\*\*(\S(?:.*?\S)?)\*\*", r"\1", q.strip())
+    prev = None
+    while q != prev:
+        prev, q = q, q.strip()
+        for a, b in _WRAPS:
+            inner = q[len(a):len(q) - len(b)]
+            if len(q) > len(a) + len(b) and q.startswith(a) and q.endswith(b) and a not in inner and b not in inner:
+                q = inner
+                break
+    return q.strip()
+
+
 # an unindented line that opens with a one-word label ("Note:", "**Remember**:") starts new
 # text; a wrapped question may go on with "Without yeast: is that possible?"
 _LABEL = re.compile(r"^[*_]*[A-Z][a-z]{1,15}[*_]*:[*_]*(\s|$)")
@@ -331,7 +350,7 @@ def parse_questions(text: str | None) -> list[str]:
             found = found[1:]  # "Here are some new questions." then the questions
     out = []
     for q in found:
-        q = _strip_md(q).strip().strip('"“”').strip()
+        q = unwrap_question(q)
         if q:
             out.append(q)
     return out
