@@ -299,7 +299,7 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
                 continue
             qs = parse_questions(g.text)
             # cut at max_tokens inside its last question (not in a note after the list)
-            if g.finish_reason == "length" and ends_in_last(g.text, [{"text": q} for q in qs[-1:]]):
+            if g.finish_reason == "length" and ends_in_last(g.text, qs[-1] if qs else None):
                 st.generated += 1
                 st.rejected.append(("cut off at max_tokens", qs.pop()))
             for raw in qs:  # every generated question is kept or quarantined with its reason

@@ -23,7 +23,7 @@ from guidealign.config.gen import UnknownVerdict
 from guidealign.gen.build import (Built, Message, PromptBuilder, Slot, TemplateError, chat_template_hash,
                        clean_text, engine_max_len, fill, generate_built, load_prompt_file)
 from guidealign.gen.detect import _verdict, detection_turn
-from guidealign.gen.parse import ends_in_last, own_turn, parse_detection, parse_guidelines
+from guidealign.gen.parse import ends_in_last, own_turn, parse_guidelines
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,14 @@ NO_VERDICT_ANALYSIS = ("The review of this input reached no clear verdict, so an
 UNPARSED = ("missing", "empty", "parse_error", "cut")
 
 
-def detection_for(raw: str | None, kind: str) -> str:
-    """The detection turn a prompt of ``kind`` shows: the detector's own turn when its verdict
-    is the kind's (Yes for safety), else one made up with that verdict: an empty turn, or one
-    saying "Verdict: No" before a request for safety guidelines, would contradict the kind."""
-    own = own_turn(raw or "").strip()
-    want = kind == "safety"
-    if parse_detection(own)[0] is want:
-        return own
-    return detection_turn(NO_VERDICT_ANALYSIS, _verdict(want, "detection_for"))
+def detection_for(raw: str | None, risky: bool | None) -> str:
+    """The detection turn a safety prompt shows: the detector's own turn when it said Yes
+    (``risky`` is the verdict detect parsed from ``raw``), else, for a row with no verdict
+    (guidelines.unknown_verdict=safety), one made up saying Yes: an empty turn, or one saying
+    "Verdict: No", before a request for safety guidelines would contradict the kind."""
+    if risky:
+        return own_turn(raw or "").strip()
+    return detection_turn(NO_VERDICT_ANALYSIS, _verdict(True, "detection_for"))
 
 
 def guidelines_turn(items: list) -> str:
@@ -132,8 +131,7 @@ class GuidelinePrompts:
         if t is None:
             return Built(None, 0, skip_reason="empty or non-string prompt")
         if kind == "safety":
-            return self.builder.build(self.safety_messages(t, detection_for(detection, kind)),
-                                      self.max_tokens)
+            return self.builder.build(self.safety_messages(t, (detection or "").strip()), self.max_tokens)
         return self.builder.build(self.quality_messages(t), self.max_tokens)
 
 
@@ -206,7 +204,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                 builts.append(Built(None, 0, skip_reason="detection has no verdict "
                                                          "(guidelines.unknown_verdict=skip)"))
             else:
-                builts.append(prompts.build(t, k, raw))
+                builts.append(prompts.build(t, k, detection_for(raw, r) if k == "safety" else None))
         params = params_for(g.sampling, cfg.engine.seed, ids, g.seed_per_prompt, llm)
         if g.structured:
             params = scoring.with_structured(params, scoring.guidelines_regex())
@@ -230,7 +228,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                     row.update(parse_status="error", skip_reason=f"engine error: {gen.error}")
                 else:
                     items, status, err = _parse(gen.text)
-                    if gen.finish_reason == "length" and ends_in_last(gen.text, items):
+                    if gen.finish_reason == "length" and ends_in_last(gen.text, items[-1]["text"] if items else None):
                         # the output stopped at max_tokens inside its last item: that fragment
                         # ("Keep answers sh") would be a guideline of the library (not so when
                         # the parser dropped what it ended in: a bare "3.", a closing paragraph)

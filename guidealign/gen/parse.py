@@ -278,18 +278,19 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     return out, status
 
 
-def ends_in_last(text: str | None, items: list[dict]) -> bool:
-    """Whether ``text`` (a guideline output) ends inside ``items``' last item: its words are
-    the output's last ones, with no line break after them. An output cut at max_tokens there
-    has that item cut, whereas one whose parse dropped what it ended in (a bare "3.", a
-    closing paragraph, a heading's markup) has it whole, and so has closed JSON."""
-    if not text or not items:
+def ends_in_last(text: str | None, last: str | None) -> bool:
+    """Whether ``text`` (a list output: guidelines, questions) ends inside ``last``, the text
+    of its last parsed item: its words are the output's last ones, with no line break after
+    them. An output cut at max_tokens there has that item cut, whereas one whose parse dropped
+    what it ended in (a bare "3.", a closing paragraph, a heading's markup) has it whole, and
+    so has closed JSON."""
+    if not text or not last:
         return False
     own = own_turn(text)
     found = list(re.finditer(r"[^\W_]+", own))
     if not found or "\n" in own[found[-1].end():] or own.rstrip().endswith(("}", "]", "```")):
         return False
-    words = re.findall(r"[^\W_]+", items[-1]["text"].lower())
+    words = re.findall(r"[^\W_]+", last.lower())
     return bool(words) and [w.group().lower() for w in found[-len(words):]] == words
 
 

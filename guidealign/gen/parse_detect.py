@@ -76,6 +76,8 @@ def _bare_verdict(line: str, alone: bool):
     if alone and not _LABEL_ONLY.match(line) and not _ABOUT_INPUT.search(line[m.end():]):
         return None
     return m
+
+
 _ANALYSIS_PREFIX = re.compile(
     r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*")
 
