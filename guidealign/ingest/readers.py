@@ -143,14 +143,16 @@ def check_readable(path: Path, encoding: str = "auto") -> str:
         else:
             stream, _ = open_utf8(path, encoding)
             with stream:
-                head = stream.read(JSON_LINES_SNIFF if fmt == "json" else 4096)
-                if fmt == "jsonl" and head.lstrip().startswith(b"["):
+                # .json: is it JSON Lines? .jsonl: does it open with "[" (past any blanks)?
+                head = stream.read({"json": JSON_LINES_SNIFF, "jsonl": 4096}.get(fmt, 1))
+                array = fmt == "jsonl" and head.lstrip().startswith(b"[")
+                if array:
                     head += stream.read(JSON_LINES_SNIFF + 1 - len(head))
             if fmt == "json" and is_json_lines(head):
                 log.warning("%s: one JSON object per line (JSON Lines, not one JSON value): read as "
                             ".jsonl", path)
                 fmt = "jsonl"
-            elif fmt == "jsonl" and head.lstrip().startswith(b"["):
+            elif array:
                 fmt = _jsonl_or_array(path, head[:JSON_LINES_SNIFF], len(head) > JSON_LINES_SNIFF)
     except IngestError:
         raise
