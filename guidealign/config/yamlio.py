@@ -45,11 +45,11 @@ class Dumper(yaml.SafeDumper):
     is a number to ``Loader``, text to YAML 1.1), so a dumped config loads back as it was."""
 
 
-Dumper.yaml_implicit_resolvers = {
-    ch: list(rs) + [r for r in Loader.yaml_implicit_resolvers.get(ch, []) if r not in rs]
-    for ch, rs in yaml.SafeDumper.yaml_implicit_resolvers.items()}
-for _ch, _rs in Loader.yaml_implicit_resolvers.items():
-    Dumper.yaml_implicit_resolvers.setdefault(_ch, list(_rs))
+Dumper.yaml_implicit_resolvers = {}
+for _table in (yaml.SafeDumper.yaml_implicit_resolvers, Loader.yaml_implicit_resolvers):
+    for _ch, _rs in _table.items():
+        _have = Dumper.yaml_implicit_resolvers.setdefault(_ch, [])
+        _have += [r for r in _rs if r not in _have]
 
 
 def yaml_load(text: str):
