@@ -129,17 +129,18 @@ def _bare(t: str, v: Vocabulary):
 
 # a few plain words before a phrase after "whether"/"if" (the sentence asks) or after a negation
 # ("I would not say", "I don't think", "nothing suggests"): the sentence does not state it
-_ASKED = re.compile(r"(?:\b(?:whether|if|not|never)|n[’']t|\bnothing\s+(?:suggests|indicates|shows)"
+_NOT_STATED = re.compile(r"(?:\b(?:whether|if|not|never)|n[’']t|\bnothing\s+(?:suggests|indicates|shows)"
                     r"|\bno\s+(?:sign|evidence|indication)(?:\s+that)?)\s+(?:[\w'’]+\s+){0,3}$", re.IGNORECASE)
 
 
 def _phrase(t: str, v: Vocabulary):
     found = {fixed or v.norm(m.group("label")) for rx, fixed in v.phrase_res for m in rx.finditer(t)
-             if not _ASKED.search(t[:m.start()])}
+             if not _NOT_STATED.search(t[:m.start()])}
     return found.pop() if len(found) == 1 else NO_MATCH
 
 
 RULES = (("verdict_line", _verdict_line), ("tag", _tag), ("bare", _bare), ("phrase", _phrase))
+EXPLICIT = ("verdict_line", "tag")  # the rules an output cut at max_tokens is read by
 
 
 def parse_verdict(text: str | None, vocab: Vocabulary, finished: bool = True) -> tuple[str | None, str | None]:
@@ -149,7 +150,9 @@ def parse_verdict(text: str | None, vocab: Vocabulary, finished: bool = True) ->
     if not text or not text.strip():
         return None, None
     t = text.strip()
-    for name, rule in RULES if finished else RULES[:2]:
+    for name, rule in RULES:
+        if not finished and name not in EXPLICIT:
+            continue
         got = rule(t, vocab)
         if got is AMBIGUOUS:
             return None, None
