@@ -99,3 +99,26 @@ def test_paper_recipe_runs_on_cpu_standins(tmp_path, generator_path):
     assert res["rendered"].endswith("USER: How do I make a sourdough starter? ASSISTANT:")
     assert res["prompt_ids"] == trained_tok(res["rendered"], add_special_tokens=False)["input_ids"]
     assert res["text"].strip()
+
+
+def test_paper_recipe_answers_in_eval_papers_guided_prompt():
+    """The SFT data (respond under configs/gpu-paper.yaml) is answered in the very system
+    message eval-paper.yaml's guided run uses, and without guidelines in the same message as
+    its baseline: Vicuna's own line kept, the guidelines after it (as the authors' script),
+    not the default persona in its place."""
+    import dataclasses
+
+    from guidealign.config import load_config
+    from guidealign.eval.generate import eval_respond_cfg
+    from guidealign.gen.respond import build_messages
+
+    # (the example conversations aside: eval answers benchmarks without them)
+    recipe = dataclasses.replace(load_config(REPO / "configs" / "gpu-paper.yaml").respond, num_exemplars=0)
+    ev = dataclasses.replace(eval_respond_cfg(load_config(REPO / "configs" / "eval-paper.yaml")).respond,
+                             num_exemplars=0)
+    rules = ["Check the facts.", "Be brief."]
+    assert build_messages(recipe, "Q?", rules) == build_messages(ev, "Q?", rules)
+    assert build_messages(recipe, "Q?", []) == build_messages(ev, "Q?", [])
+    system = build_messages(recipe, "Q?", rules)[0]["content"]
+    assert system.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    assert "1. Check the facts.\n2. Be brief." in system

@@ -82,7 +82,8 @@ class GuidelinesConfig:
 
 @dataclass
 class AugmentConfig:
-    # Self-instruct sampling; our default (the paper gives none for this step).
+    # Self-instruct sampling; our default (the authors' augmentation script: temperature 1.0,
+    # up to 512 tokens, as configs/gpu-paper.yaml sets).
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
     # Risk types with descriptions and seed questions; None = gen/prompts/risk_types.yaml
     # (the paper's 8 unsafe scenarios and 6 instruction attacks, 3 seeds each, ours).
