@@ -158,6 +158,35 @@ def test_stall_clock_restarts_on_progress(tmp_path):
         w.check(1)
 
 
+def _beat_as(wd: Path, name: str, run: str | None, t: float, world_size: int = 2) -> None:
+    from guidealign.shards.failure import RANKS_DIR
+
+    (wd / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+    (wd / RANKS_DIR / name).write_text(json.dumps({
+        "rank": 0, "world_size": world_size, "stage": "eval", "state": "working", "waiting_for": None,
+        "host": "h", "pid": 1, "run_id": run, "time": t}))
+
+
+@pytest.mark.parametrize("theirs, stalls", [("GUIDEALIGN_RUN_ID=other", True), (None, True),
+                                            ("GUIDEALIGN_RUN_ID=mine", False)])
+def test_only_this_runs_heartbeats_count_as_progress(tmp_path, monkeypatch, theirs, stalls):
+    """A working heartbeat of another run (another run id, or none) in the same run directory
+    kept a wait from ever stalling while that process lived (an eval beside a run whose rank 0
+    died); a heartbeat of this run's other ranks still counts."""
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "mine")
+    w = Watch(tmp_path, "x", stall_timeout_s=0.3)
+    stalled = False
+    for k in range(8):
+        _beat_as(tmp_path, "rank-00000.json", theirs, 1000.0 + k)  # it moves at every poll
+        try:
+            w.check(0)
+        except Stalled:
+            stalled = True
+            break
+        time.sleep(0.1)
+    assert stalled == stalls
+
+
 # --- stale shards and the index ---------------------------------------------------------
 
 def _double(table: pa.Table, i: int) -> pa.Table:

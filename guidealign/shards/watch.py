@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from guidealign.shards.failure import (CONFLICT_HINT, RankConflict, Stalled, context, heartbeats,
-                                       raise_if_conflict, raise_if_failed, splits_like_this_rank,
-                                       stall_timeout)
+                                       raise_if_conflict, raise_if_failed, run_id,
+                                       splits_like_this_rank, stall_timeout)
 
 
 @contextmanager
@@ -44,7 +44,7 @@ class Watch:
         for name, hb in ((f"{d}/{n}", hb) for d in dirs for n, hb in heartbeats(d).items()):
             t = float(hb.get("time", 0.0))
             alive = name in self.beats and t != self.beats[name]
-            if hb.get("state") == "working" and alive:
+            if hb.get("state") == "working" and alive and _of_this_run(hb, ctx):
                 moved = True
             if alive:
                 _check_world(hb)
@@ -71,7 +71,19 @@ class Watch:
                           + (f": {missing}" if missing else "")
                           + f"; heartbeats: {', '.join(alive) or 'none'}. A rank died without a "
                           "failure marker or never started (a pending SLURM array task?): rerun "
-                          "the missing ranks; committed shards are kept")
+                          "the missing ranks (after `guidealign run`, every rank: this one stops "
+                          "here too); committed shards are kept")
+
+
+def _of_this_run(hb: dict, ctx) -> bool:
+    """Whether a heartbeat is another rank's (or a child's) of this run, so that its work is
+    progress this wait may count: the same run id (``launch``, a SLURM job), and, where neither
+    has one (ranks started by hand), the same world size. Another run's or command's heartbeat
+    in the same run directory (an eval, another job) is no progress of the ranks this waits for."""
+    if hb.get("run_id") != run_id():
+        return False
+    return (run_id() is not None or ctx is None or ctx.world_size is None
+            or hb.get("world_size") in (None, ctx.world_size))
 
 
 def _check_world(hb: dict) -> None:
