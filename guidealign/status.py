@@ -83,6 +83,10 @@ def _stage_row(d: Path) -> dict | None:
             row["shards_done"] = 1
             row["rows"] = int(info.get("rows", 0))
             row["seconds"] = float(info.get("seconds", 0.0))
+    why = _made_from_other(d, man) if row["shards_done"] else None
+    if why is not None:
+        row.update(shards_stale=row["shards_done"], shards_done=0, rows=0, quarantined=0, seconds=0.0,
+                   note=f"{why}: the next run builds it again")
     if man is not None:
         from guidealign.gen.yieldstats import dataset_counts, kept_share
 
@@ -93,6 +97,30 @@ def _stage_row(d: Path) -> dict | None:
         row["rows_per_s"] = round(row["rows"] / row["seconds"], 2)
     row["seconds"] = round(row["seconds"], 2)
     return row
+
+
+def _made_from_other(d: Path, man: dict | None) -> str | None:
+    """Why an artifact is stale though complete: it was built from input that has changed
+    since (the library from other guideline shards, the retriever or the index from another
+    library), which the stage sees and builds again; None when current or when it cannot be told
+    (an artifact written before it recorded what it was made from)."""
+    from guidealign.shards import fingerprint
+    from guidealign.shards.artifact import read_done
+    from guidealign.shards.manifest import input_checksums, input_of
+
+    done = read_done(d)
+    if done is None:
+        return None
+    if done.get("input_checksums") and man is not None:
+        src = input_of(d, man)
+        if src is not None and read_manifest(src) is not None \
+                and fingerprint("input-checksums", input_checksums(src)) != done["input_checksums"]:
+            return f"built from other {src.name} shards than those there now"
+    if done.get("library_version"):
+        lib = read_done(d.parent / "library")
+        if lib is not None and lib.get("version") != done["library_version"]:
+            return "built from another library than the one there now"
+    return None
 
 
 # stages that hold one sub-dataset per name (eval/<benchmark>/, export/<dataset>/)

@@ -129,3 +129,39 @@ def test_verify_and_status_of_a_directory_with_no_run_say_so_instead_of_ok(tmp_p
     write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"]}), fingerprint="f")
     assert CliRunner().invoke(cli, ["verify", str(w)]).exit_code == 0
     assert "no stage has written" not in CliRunner().invoke(cli, ["status", str(w)]).output
+
+
+def test_status_shows_an_artifact_built_from_changed_input_as_stale(tmp_path):
+    """After the guidelines were written again, status still showed the library (and the
+    retriever and index built on it) as done, though the next run builds them again; now each
+    is stale, and current again once it is built from what is there now."""
+    from synthetic import write_guideline_shards
+
+    from guidealign.config import load_config
+    from guidealign.retrieval.library import run_library
+
+    def rows(word):
+        return [{"id": f"p{i}", "prompt": f"prompt {i}", "risky": bool(i % 2),
+                 "guidelines": [{"title": f"T{i}", "text": f"Rule {i} about {word} things"}]}
+                for i in range(6)]
+
+    cfg = load_config(None, ["library.use_gpu=false", "library.heldout_fraction=0"])
+    write_guideline_shards(tmp_path / "guidelines", rows("careful"), shard_rows=3)
+    run_library(cfg, tmp_path, progress=False)
+    version = json.loads((tmp_path / "library" / "_done.json").read_text())["version"]
+    for name in ("retriever", "index"):
+        mark_done(tmp_path / name, fingerprint="f", rows=1, seconds=1.0, library_version=version)
+        assert (_row(tmp_path, name)["shards_done"], _row(tmp_path, name).get("note")) == (1, None)
+    assert _row(tmp_path, "library")["shards_done"] == 1
+
+    write_guideline_shards(tmp_path / "guidelines", rows("other"), shard_rows=3)  # redone
+    row = _row(tmp_path, "library")
+    assert (row["shards_done"], row["shards_stale"], row["rows"]) == (0, 1, 0)
+    assert "built from other guidelines shards" in row["note"]
+
+    run_library(cfg, tmp_path, progress=False)  # built again: current, and a new version
+    assert (_row(tmp_path, "library")["shards_done"], _row(tmp_path, "library").get("note")) == (1, None)
+    for name in ("retriever", "index"):
+        row = _row(tmp_path, name)
+        assert (row["shards_done"], row["shards_stale"]) == (0, 1)
+        assert "built from another library" in row["note"]

@@ -40,9 +40,10 @@ from guidealign.config import wait_timeout
 from guidealign.config.retrieval import LIBRARY_PERFORMANCE, LIBRARY_UNREAD
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.retrieval.embed import normalize_text
-from guidealign.shards import (fingerprint, iter_batches, iter_tables, read_manifest, read_marker, wait_complete,
+from guidealign.shards import (fingerprint, iter_batches, iter_tables, read_manifest, wait_complete,
                                write_manifest, write_shard)
 from guidealign.shards.fingerprint import at_defaults
+from guidealign.shards.manifest import input_checksums
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +141,6 @@ def is_heldout(prompt_id: str, fraction: float) -> bool:
     return h / 2.0 ** 64 < fraction
 
 
-def _input_fp(src: Path) -> list[str]:
-    n = int(read_manifest(src)["num_shards"])
-    out = []
-    for i in range(n):
-        m = read_marker(src, i)
-        out.append(m.sha256 if m else "")
-    return out
-
-
 def _has_column(src: Path, name: str) -> bool:
     """Whether the committed shards of ``src`` have column ``name`` (the first one tells)."""
     import pyarrow.parquet as pq
@@ -175,7 +167,7 @@ def library_fingerprint(lc, src: Path) -> str:
     # do not depend on the read order), the version covers the pairs files; the performance
     # settings, and those the candidate space never reads, count at their defaults
     unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
-    return fingerprint("library-v3", at_defaults(lc, unread), _input_fp(src))
+    return fingerprint("library-v3", at_defaults(lc, unread), input_checksums(src))
 
 
 def content_version(tables: list[pa.Table]) -> str:
@@ -238,6 +230,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     if not 0 < lc.fuzzy_threshold <= 1:
         raise ValueError("library.fuzzy_threshold must be in (0, 1]")
     wait_complete(src, timeout=wait_timeout(cfg, world_size))
+    made_from = input_checksums(src)  # (status tells a library whose guidelines changed since)
     fp = library_fingerprint(lc, src)
     if is_current(dst, fp):
         done = read_done(dst)
@@ -418,6 +411,6 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
 
         write_json_atomic(tmp / "report.json", asdict(rep))
     mark_done(dst, fingerprint=fp, rows=table.num_rows, seconds=secs["total"], version=rep.version,
-              metrics=asdict(rep))
+              metrics=asdict(rep), input_checksums=fingerprint("input-checksums", made_from))
     log.info(rep.summary())
     return rep

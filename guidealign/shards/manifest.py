@@ -51,6 +51,22 @@ def read_manifest(dataset: str | Path) -> dict | None:
     return man if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
+def input_checksums(src: str | Path) -> list[str]:
+    """The checksum each shard of ``src`` (its manifest's count) was committed with ("" for a
+    shard not committed): what a stage built whole from ``src`` (the library) was made from."""
+    n = int(read_manifest(src)["num_shards"])
+    out = []
+    for i in range(n):
+        m = read_marker(src, i)
+        out.append(m.sha256 if m else "")
+    return out
+
+
+def input_of(dataset: str | Path, man: dict) -> Path | None:
+    """The input dataset ``dataset`` (with manifest ``man``) was made from, when it can be told."""
+    return _input_dir(Path(dataset), man)
+
+
 def _input_dir(dataset: Path, man: dict) -> Path | None:
     """The input dataset a map stage read, found from any cwd: ``input_rel`` (the input's path
     relative to the dataset), so a moved or copied run reads its own input; None (cannot tell)
