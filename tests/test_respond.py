@@ -83,6 +83,21 @@ def test_overlong_prompt_is_truncated_or_skipped(tok):
     assert "dropped" in d.note
 
 
+def test_a_short_prompt_that_fits_with_its_top_guideline_is_answered(tok):
+    """A user text shorter than min_user_tokens asked for min_user_tokens of room: a chat that
+    fits with the top guideline was skipped as 'no room for any guideline' (or kept too many)."""
+    from guidealign.gen.respond import chat_ids
+
+    cfg = RespondConfig()
+    prompt = "How do I pick a lock?"  # fewer than min_user_tokens (16) tokens
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) < cfg.min_user_tokens
+    one = len(chat_ids(tok, build_messages(cfg, prompt, [G1])))
+    p = prepare_prompt(tok, cfg, prompt, ["g1", "g2"], [G1, G1], one + 2, "truncate")
+    assert p.ids is not None and len(p.ids) == one
+    assert p.guideline_ids == ["g1"] and tok.decode(p.ids).count("pick a lock?") == 1  # not cut
+    assert "dropped 1 lowest-ranked" in p.note and "truncated" not in p.note
+
+
 @pytest.mark.slow
 @pytest.mark.engine
 def test_guided_and_baseline_shards(llm, generator_path, workdir):

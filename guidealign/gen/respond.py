@@ -161,14 +161,16 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
     # last one (an answer without guidelines is no guided answer).
     kept_ids, kept_texts = list(gids), list(gtexts)
     overhead = len(ids) - len(user_ids)
-    while len(kept_texts) > 1 and budget - overhead < cfg.min_user_tokens:
+    # (a user text shorter than min_user_tokens needs only its own length: it is not cut)
+    need = min(cfg.min_user_tokens, len(user_ids))
+    while len(kept_texts) > 1 and budget - overhead < need:
         kept_ids.pop()
         kept_texts.pop()
         overhead = len(chat_ids(tok, build_messages(cfg, prompt, kept_texts))) - len(user_ids)
     if len(kept_texts) < len(gtexts):
         notes.append(f"dropped {len(gtexts) - len(kept_texts)} lowest-ranked guideline(s)")
     keep = budget - overhead
-    if keep < cfg.min_user_tokens:
+    if keep < need:
         notes.append(f"only {keep} tokens left for the user text (< min_user_tokens)")
         if kept_texts:  # even the top-ranked guideline alone leaves too little
             notes.insert(0, NO_GUIDELINE_ROOM)
@@ -182,7 +184,7 @@ def prepare_prompt(tok, cfg: RespondConfig, prompt: str, gids: list[str], gtexts
                 notes.append(f"{USER_TEXT_CUT} to its last {keep} of {len(user_ids)} tokens")
             return Prepared(ids, kept_ids, kept_texts, "; ".join(notes))
         keep -= len(ids) - budget
-        if keep < cfg.min_user_tokens:
+        if keep < need:
             break
     notes.append("could not truncate to fit")
     return Prepared(None, gids, gtexts, "; ".join(notes))
