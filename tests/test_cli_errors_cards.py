@@ -110,3 +110,21 @@ def test_a_dataset_and_a_model_pushed_to_one_repo_id_keep_a_report_each(tmp_path
              for t in ("dataset", "model")}
     assert sorted(p.name for p in paths) == ["dataset__org__labrador.json", "model__org__labrador.json"]
     assert all(p.exists() for p in paths)
+
+
+@pytest.mark.parametrize("model", ["{tmp}/no-such-model", "nobody-here/no-such-model-xyz"])
+@pytest.mark.parametrize("cmd", [["detect"], ["run", "--no-check", "--stages", "detect"]])
+def test_a_model_neither_local_nor_cached_is_a_one_line_error(tmp_path, monkeypatch, model, cmd):
+    """A missing model directory, or a Hub id not in the cache on an offline node (the paper's
+    models are Hub ids), printed a 40-120 line traceback instead of one line naming the model."""
+    from synthetic import write_prompt_shards
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    wd = tmp_path / "wd"
+    write_prompt_shards(wd / "prompts", [{"id": "a", "prompt": "Hello?"}])
+    model = model.format(tmp=tmp_path)
+    r = _invoke([*cmd, "-w", str(wd), "--no-progress", "--set", f"engine.model={model}"])
+    _clean_error(r, 1)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines[0].startswith("Error:") and model in lines[0], r.output
+    assert len(lines) <= 2

@@ -120,8 +120,9 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
     try:
         run_pipeline(cfg, workdir, rank=r, world_size=w, stages=names, progress=not no_progress, echo=click.echo)
     # e.g. a stage whose input is not there yet; and the errors the stage commands also print
-    # as one line (an input file ingest cannot read, sft with no response shards)
-    except (ValueError, RuntimeError, IngestError, FileNotFoundError) as e:
+    # as one line (an input file ingest cannot read, sft with no response shards, a model
+    # neither local nor in the Hub cache on an offline node)
+    except (ValueError, RuntimeError, IngestError, OSError) as e:
         log.debug("run failed", exc_info=True)
         from guidealign.cli.options import error_line
 

@@ -32,7 +32,9 @@ def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
                           progress=not no_progress, **options)
     except ExecutorError as e:
         raise click.ClickException(f"{name}: {e}") from e
-    except (ValueError, RuntimeError, *errors) as e:
+    except (ValueError, RuntimeError, OSError, *errors) as e:
+        # (OSError: a model that is neither a local directory nor in the Hub cache on an offline
+        # node, an unreadable file, a full disk: the message says which)
         log.debug("%s failed", name, exc_info=True)
         raise click.ClickException(error_line(e)) from e
     for rep in reports:

@@ -154,6 +154,8 @@ def build_llm(cfg: EngineConfig):
             except BaseException as e:
                 if expired():
                     raise EngineStartTimeout(_start_timeout_message(cfg)) from e
+                if isinstance(e, OSError):  # not local, not in the Hub cache (an offline node)
+                    raise OSError(f"model {cfg.model!r} cannot be loaded: {e}") from e
                 raise
         if expired():  # time ran out before its processes started, or just as it came up
             reaper.kill(reaper.child_pids() - before)
@@ -375,8 +377,11 @@ def load_tokenizer(cfg: EngineConfig, llm=None):
 
     from guidealign.gen.templates import apply_template
 
-    return apply_template(AutoTokenizer.from_pretrained(resolve(cfg.model)), cfg.chat_template,
-                          model=cfg.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(cfg.model))
+    except OSError as e:  # not a local directory, not in the Hub cache (an offline node)
+        raise OSError(f"model {cfg.model!r} cannot be loaded: {e}") from e
+    return apply_template(tok, cfg.chat_template, model=cfg.model)
 
 
 def chat_template_text(tok) -> str:
