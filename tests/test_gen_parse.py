@@ -264,6 +264,43 @@ def test_threshold_file(tmp_path):
         load_threshold(0.5, str(tmp_path / "missing.json"))
 
 
+def test_a_threshold_calibrated_for_another_model_or_dtype_is_named(tmp_path, caplog):
+    """A threshold file written for another model or dtype (bench/detect_modes.py calibrates
+    in bf16; the demo runs float32) was used without a word."""
+    import json
+    import logging
+
+    from guidealign.config.engine import EngineConfig
+    from guidealign.gen.scoring import load_threshold
+
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"threshold": 0.93, "model": "meta-llama/Llama-2-13b-hf", "dtype": "bfloat16"}))
+    with caplog.at_level(logging.WARNING, logger="guidealign.gen.scoring"):
+        assert load_threshold(0.5, str(f), EngineConfig(model="m", dtype="float32")) == 0.93
+    assert "model 'meta-llama/Llama-2-13b-hf'" in caplog.text and "dtype 'bfloat16'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="guidealign.gen.scoring"):
+        load_threshold(0.5, str(f), EngineConfig(model="meta-llama/Llama-2-13b-hf", dtype="bfloat16"))
+    assert caplog.text == ""
+
+
+def test_score_mode_refuses_a_tokenizer_without_one_token_yes_no_before_the_engine():
+    """detect.mode=score found a tokenizer with no single-token Yes/No only once the model was
+    loaded in the engine (minutes of GPU time on every rank); the fingerprint, taken from the
+    tokenizer before the engine starts, says so now."""
+    from guidealign.config import load_config
+    from guidealign.gen.detect import config_fingerprint
+
+    class PiecesOnly:  # every word is two tokens
+        chat_template = "{{ messages }}"
+
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2]
+
+    with pytest.raises(ValueError, match="no single-token Yes/No"):
+        config_fingerprint(load_config(None, ["detect.mode=score"]), PiecesOnly())
+
+
 # --- yield counts -----------------------------------------------------------------------------
 
 def test_yield_counts_rows_and_tokens():

@@ -127,9 +127,10 @@ def config_fingerprint(cfg, tok) -> str:
     # the threshold's value counts, not the path of the file that holds it
     threshold = None
     if d.mode == "score":
-        from guidealign.gen.scoring import load_threshold
+        from guidealign.gen.scoring import load_threshold, verdict_token_ids
 
-        threshold = load_threshold(d.score_threshold, d.threshold_file)
+        threshold = load_threshold(d.score_threshold, d.threshold_file, cfg.engine)
+        verdict_token_ids(tok)  # a tokenizer without one-token Yes/No: said before the engine starts
     # the KV block the shared prefix is padded to is part of every prompt
     align = prefix_align(cfg.engine) if d.align_prefix else 0
     # a key the mode does not read counts at its default: changing it redoes no shard, and a run

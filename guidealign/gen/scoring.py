@@ -105,18 +105,26 @@ def score_prompts(llm, token_ids: list[list[int] | None], yes: list[int], no: li
     return out
 
 
-def load_threshold(value: float, path: str | None) -> float:
+def load_threshold(value: float, path: str | None, engine=None) -> float:
     """The decision threshold: ``path`` (JSON with a "threshold" key, as written by
-    bench/detect_modes.py --write-threshold) when given, else ``value``."""
+    bench/detect_modes.py --write-threshold) when given, else ``value``. With ``engine`` (the
+    EngineConfig detect runs), a file calibrated with another model or dtype is named in a
+    warning: P(Yes) differs between them, and so does the threshold that separates the sets."""
     if not path:
         return float(value)
     p = Path(path)
     if not p.exists():
         raise ValueError(f"detect.threshold_file {path} does not exist; write it with "
                          "bench/detect_modes.py --write-threshold")
-    t = json.loads(p.read_text()).get("threshold")
+    data = json.loads(p.read_text())
+    t = data.get("threshold")
     if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
         raise ValueError(f"{path}: 'threshold' must be a number in [0, 1], not {t!r}")
+    other = [f"{k} {data[k]!r} (this run: {getattr(engine, k)!r})" for k in ("model", "dtype")
+             if engine is not None and data.get(k) not in (None, getattr(engine, k, None))]
+    if other:
+        log.warning("detect.threshold_file %s was calibrated with %s: calibrate it for this "
+                    "model and dtype (bench/detect_modes.py --write-threshold)", path, ", ".join(other))
     return float(t)
 
 
