@@ -111,7 +111,9 @@ def _builtin(name: str) -> str:
 
 
 def _tok():
-    return SimpleNamespace(chat_template="{{ messages[0]['content'] }}")
+    # (a word is one token: score mode checks the tokenizer has one-token Yes/No)
+    return SimpleNamespace(chat_template="{{ messages[0]['content'] }}",
+                           encode=lambda text, add_special_tokens=False: [sum(map(ord, text))])
 
 
 @pytest.mark.parametrize("stage,key,builtin", [

@@ -39,7 +39,10 @@ def test_turn_end_stop_only_where_the_turn_end_is_not_eos(generator_path, qwen_s
     qs = AutoTokenizer.from_pretrained(qwen_style)
     assert qs.eos_token == "<|endoftext|>"
     assert turn_end_stop(qs, "chatml") == ([qs.convert_tokens_to_ids("<|im_end|>")], [])
-    assert turn_end_stop(qs, None) == ([], [])  # the model's own template: its own eos
+    # the model's own template (ChatML here) ends turns with <|im_end|> too: it is found as
+    # the template renders, not by a template name (a Qwen2.5 base model's own template)
+    assert turn_end_stop(qs, None) == ([qs.convert_tokens_to_ids("<|im_end|>")], [])
+    assert turn_end_stop(own, None) == ([], [])  # its own template, eos <|im_end|>
     assert turn_end_stop(qs, "vicuna_v1.1") == ([], [])  # ends turns with eos
     bert = AutoTokenizer.from_pretrained(embedder_path)  # no <|im_end|> token: a stop string
     assert turn_end_stop(bert, "chatml") == ([], ["<|im_end|>"])
@@ -70,3 +73,29 @@ def test_a_chatml_engine_whose_eos_is_not_im_end_stops_at_the_turn_end(qwen_styl
         assert g.finish_reason == "stop" and g.output_tokens == cut + 1
     finally:
         close_llm(llm)
+
+
+def test_sft_on_a_base_whose_own_template_ends_turns_before_eos_saves_that_end_as_eos(qwen_style, tmp_path):
+    """SFT with sft.chat_template null on a base whose own template is ChatML but whose eos is
+    <|endoftext|> (Qwen2.5 base) trained answers to end with <|im_end|> and saved eos
+    <|endoftext|>: the model never stopped. Now the turn end is its eos, and the base's own
+    template counts in SFT's fingerprint (editing it trains again)."""
+    from guidealign.config import load_config
+    from guidealign.sft.train import _own_template, prepare_tokenizer
+
+    scfg = load_config(None, [f"sft.base_model={qwen_style}"]).sft
+    tok, added = prepare_tokenizer(scfg, str(qwen_style))
+    assert (tok.eos_token, added) == ("<|im_end|>", [])
+    before = _own_template(scfg)
+    assert before["turn_end"] == "<|im_end|>"
+    edited = tmp_path / "edited"
+    shutil.copytree(qwen_style, edited)
+    t = json.loads((edited / "tokenizer_config.json").read_text())
+    if "chat_template" in t:
+        t["chat_template"] = t["chat_template"].replace("<|im_start|>", "<|im_start|> ", 1)
+        (edited / "tokenizer_config.json").write_text(json.dumps(t))
+    else:
+        jinja = edited / "chat_template.jinja"
+        jinja.write_text(jinja.read_text().replace("<|im_start|>", "<|im_start|> ", 1))
+    after = _own_template(load_config(None, [f"sft.base_model={edited}"]).sft)
+    assert after["own_template"] != before["own_template"]

@@ -186,7 +186,7 @@ def config_fingerprint(cfg, tok) -> str:
     _, h2 = load_prompt_file(cfg.augment.prompt_file, "augment.yaml", ("system", "user"))
     # the prompt file counts by what it holds (h2), not where it is
     a = dataclasses.replace(cfg.augment, types=[], risk_types_file=None, prompt_file=None)
-    return fingerprint(VERSION, output_fields(cfg.engine), a, h2, chat_template_hash(tok))
+    return fingerprint(VERSION, output_fields(cfg.engine, tok=tok), a, h2, chat_template_hash(tok))
 
 
 def _row(q: str, name: str, info: dict, origin: str) -> dict:

@@ -148,7 +148,7 @@ def config_fingerprint(cfg, tok) -> str:
     if d.mode == "score":
         extra["score_prefix"] = SCORE_PREFIX_VERSION
     sampled = d.mode != "score" and d.sampling.temperature > 0  # else no seed changes an output
-    return fingerprint(VERSION, output_fields(cfg.engine, sampled), fields, threshold, spec_hash,
+    return fingerprint(VERSION, output_fields(cfg.engine, sampled, tok), fields, threshold, spec_hash,
                        chat_template_hash(tok), extra)
 
 

@@ -341,13 +341,14 @@ def _block_size(cfg: EngineConfig, cpu: bool) -> int:
     return cfg.block_size or (CPU_BLOCK_SIZE if cpu else GPU_BLOCK_SIZE)
 
 
-def output_fields(cfg: EngineConfig, sampled: bool = True) -> dict:
+def output_fields(cfg: EngineConfig, sampled: bool = True, tok=None) -> dict:
     """The engine settings that change generated text (for stage fingerprints); pure
     performance knobs (parallelism, memory, batch size, caching, threads) are left out, and
-    so is the seed where nothing is sampled (``sampled`` false, see :func:`counted_seed`)."""
+    so is the seed where nothing is sampled (``sampled`` false, see :func:`counted_seed`).
+    ``tok``: the engine's tokenizer, whose template's turn end counts when it is not eos."""
     out = {"model": cfg.model, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
            "seed": counted_seed(cfg.seed, sampled), "overlong": cfg.overlong}
-    return out | turn_end(cfg.chat_template)
+    return out | turn_end(cfg.chat_template, tok)
 
 
 def counted_seed(seed: int, sampled: bool) -> int:
@@ -357,13 +358,13 @@ def counted_seed(seed: int, sampled: bool) -> int:
     return seed if sampled else EngineConfig.__dataclass_fields__["seed"].default
 
 
-def turn_end(spec: str | None) -> dict:
-    """For fingerprints: where a built-in template named ``spec`` ends an assistant turn, when
-    generation stops there by that name (:func:`use_template`; a file with the same text does
-    not); {} otherwise, so every other fingerprint stays as it was."""
-    from guidealign.gen.templates import turn_end_token
+def turn_end(spec: str | None, tok=None) -> dict:
+    """For fingerprints: where an assistant turn ends when generation stops there and not at
+    eos (:func:`use_template`): a built-in template's by its name, another's as it renders on
+    ``tok`` (given); {} otherwise, so every other fingerprint stays as it was."""
+    from guidealign.gen.templates import BUILTIN, turn_end_for, turn_end_token
 
-    end = turn_end_token(spec)
+    end = turn_end_token(spec) if spec in BUILTIN or tok is None else turn_end_for(tok, spec)
     return {"turn_end": end} if end else {}
 
 

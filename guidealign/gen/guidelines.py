@@ -149,7 +149,7 @@ def config_fingerprint(cfg, tok) -> str:
     # they hold (h1, h2), not where they are
     fields = at_defaults(g, ("safety_prompt_file", "quality_prompt_file")
                          + (("seed_per_prompt",) if g.sampling.temperature == 0 else ()))
-    parts = [VERSION, output_fields(cfg.engine, g.sampling.temperature > 0), fields, h1, h2,
+    parts = [VERSION, output_fields(cfg.engine, g.sampling.temperature > 0, tok), fields, h1, h2,
              chat_template_hash(tok), {"align": align}]
     if g.structured:  # the grammar the outputs were constrained to (unstructured runs: unchanged)
         from guidealign.gen.scoring import guidelines_regex

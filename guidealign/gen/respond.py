@@ -312,14 +312,15 @@ def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
     """``llm``: the responder's engine when one is given (its tokenizer is read, not loaded)."""
     from guidealign.gen.build import chat_template_hash
     from guidealign.gen.engine import load_tokenizer, output_fields
-    from guidealign.gen.templates import template_hash
+    from guidealign.gen.templates import BUILTIN, template_hash
     from guidealign.shards import fingerprint
 
     e = respond_engine(cfg)
     # the template the responder renders with: the configured one, else the tokenizer's own
     # (from the model dir's tokenizer files, no weights), so editing that one redoes shards too
+    tok = load_tokenizer(e, llm) if not e.chat_template or e.chat_template not in BUILTIN else None
     extra = {"chat_template": template_hash(e.chat_template) if e.chat_template
-             else chat_template_hash(load_tokenizer(e, llm))}
+             else chat_template_hash(tok)}
     if cfg.respond.num_exemplars:
         extra["exemplars"] = load_exemplars(cfg.respond)[1]
     from guidealign.gen.build import TOKENIZATION
@@ -337,7 +338,7 @@ def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
         del r["seed_per_prompt"]               # keeps the fingerprint it had before the key)
     # the engine's model, dtype, context, overlong rule, seed (when sampling) and turn end
     return fingerprint("respond/v1", TOKENIZATION, r, guided,
-                       output_fields(e, cfg.respond.sampling.temperature > 0) | extra)
+                       output_fields(e, cfg.respond.sampling.temperature > 0, tok) | extra)
 
 
 def run_respond(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, guided: bool = True,

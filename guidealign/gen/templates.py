@@ -56,13 +56,49 @@ def turn_end_token(spec: str | None) -> str | None:
     return TURN_END.get(spec or "")
 
 
+_PROBE = "guidealign-turn-end-probe"
+
+
+def rendered_turn_end(tok) -> str | None:
+    """The special token ``tok``'s chat template writes right after an assistant answer, when
+    it is not the eos_token: a model's own template (or a .jinja file) in ChatML on a tokenizer
+    whose eos is ``<|endoftext|>``, as Qwen2.5's base models ship, or Gemma's
+    ``<end_of_turn>``. None when the turn ends with eos or plain text, or when the template
+    does not render a one-turn chat."""
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": _PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - whatever the template raises: nothing to learn from it
+        return None
+    k = text.rfind(_PROBE) if isinstance(text, str) else -1
+    if k < 0:
+        return None
+    rest = text[k + len(_PROBE):].lstrip(" ")
+    special = set(getattr(tok, "all_special_tokens", None) or [])
+    added = getattr(tok, "get_added_vocab", None)
+    special |= set(added()) if callable(added) else set()
+    for t in sorted((t for t in special if t), key=len, reverse=True):
+        if rest.startswith(t):
+            return None if t == getattr(tok, "eos_token", None) else t
+    return None
+
+
+def turn_end_for(tok, spec: str | None) -> str | None:
+    """The token that ends an assistant turn when it is not ``tok``'s eos_token: a built-in
+    template's by its name (:data:`TURN_END`), any other template's as it renders
+    (:func:`rendered_turn_end`, on ``tok`` with that template set)."""
+    if spec in BUILTIN:
+        return turn_end_token(spec)
+    return rendered_turn_end(tok)
+
+
 def turn_end_stop(tok, spec: str | None) -> tuple[list[int], list[str]]:
-    """(stop token ids, stop strings) that end generation at the end of an assistant turn of
-    a built-in template whose turn end is not ``tok``'s eos_token (chatml on a Qwen-style
+    """(stop token ids, stop strings) that end generation at the end of an assistant turn
+    whose end is not ``tok``'s eos_token (:func:`turn_end_for`: chatml on a Qwen-style
     tokenizer, whose eos is ``<|endoftext|>``): the engine stops at eos only, so the model
     would run on past its turn into made-up next turns until the length cap. A tokenizer
     without the token as one piece gets it as a stop string."""
-    end = turn_end_token(spec)
+    end = turn_end_for(tok, spec)
     if not end or end == getattr(tok, "eos_token", None):
         return [], []
     vocab = tok.get_vocab()

@@ -76,7 +76,26 @@ def sft_fingerprint(cfg, report) -> str:
     # v7: examples are tokenized by gen/build.py's PromptBuilder, contents without parsing
     #     control-token strings (they were real turn markup in TRL's tokenization)
     # TOKENIZATION: how PromptBuilder turns an example into ids (a change there trains again)
-    return fingerprint("sft/v7", TOKENIZATION, keys, report.sources, template_hash(cfg.sft.chat_template))
+    # the base model's own template (sft.chat_template null) counts by its text and turn end
+    # too, as a configured one does: editing it trains again (runs with a template configured
+    # keep their fingerprint)
+    own = [] if cfg.sft.chat_template else [_own_template(cfg.sft)]
+    return fingerprint("sft/v7", TOKENIZATION, keys, report.sources, template_hash(cfg.sft.chat_template),
+                       *own)
+
+
+def _own_template(scfg) -> dict:
+    """The base tokenizer's own chat template: its hash and where it ends a turn (no weights)."""
+    from transformers import AutoTokenizer
+
+    from guidealign.core.models import resolve
+    from guidealign.gen.build import chat_template_hash
+    from guidealign.gen.templates import has_template, rendered_turn_end
+
+    tok = AutoTokenizer.from_pretrained(resolve(scfg.base_model))
+    if not has_template(tok):  # training refuses it, naming sft.chat_template
+        return {"own_template": None}
+    return {"own_template": chat_template_hash(tok), "turn_end": rendered_turn_end(tok)}
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
@@ -96,7 +115,7 @@ def prepare_tokenizer(scfg, base_path: str):
     token; returns (tokenizer, tokens added)."""
     from transformers import AutoTokenizer
 
-    from guidealign.gen.templates import apply_template, needed_tokens, turn_end_token
+    from guidealign.gen.templates import apply_template, needed_tokens, turn_end_for
 
     tok = AutoTokenizer.from_pretrained(base_path)
     apply_template(tok, scfg.chat_template, model=scfg.base_model)
@@ -106,8 +125,9 @@ def prepare_tokenizer(scfg, base_path: str):
         tok.add_special_tokens({"additional_special_tokens": missing})
     # The template ends an assistant turn with this token (chatml: <|im_end|>), so the model
     # learns to emit it and generation must stop there, whether it was just added or the
-    # tokenizer already had it with another eos_token (Qwen-style: <|endoftext|>).
-    end = turn_end_token(scfg.chat_template)
+    # tokenizer already had it with another eos_token (Qwen-style: <|endoftext|>); a model's
+    # own template (or a .jinja file) as it renders: a Qwen2.5 base model's ChatML too.
+    end = turn_end_for(tok, scfg.chat_template)
     if end and tok.eos_token != end:
         tok.eos_token = end
     if not tok.model_max_length or tok.model_max_length > 1_000_000:
