@@ -113,7 +113,7 @@ class LazyEngine:
         if self._llm is not None:
             return self._llm.get_tokenizer()
         if self._tok is None:
-            from guidealign.gen.engine import load_tokenizer
+            from guidealign.gen.outputs import load_tokenizer
 
             self._tok = load_tokenizer(self._cfg)
         return self._tok

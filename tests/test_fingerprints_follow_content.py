@@ -243,7 +243,7 @@ def test_a_greedy_run_at_the_default_seed_keeps_its_fingerprint():
     """The seed counts at its default where it is not read, so a greedy run with the default
     seed is not redone after the upgrade: its engine fields are the ones every seed gave."""
     from guidealign.config.engine import EngineConfig
-    from guidealign.gen.engine import output_fields
+    from guidealign.gen.outputs import output_fields
 
     e = EngineConfig()
     assert output_fields(e, sampled=False) == output_fields(e, sampled=True)

@@ -81,12 +81,13 @@ def test_sft_on_a_base_whose_own_template_ends_turns_before_eos_saves_that_end_a
     <|endoftext|>: the model never stopped. Now the turn end is its eos, and the base's own
     template counts in SFT's fingerprint (editing it trains again)."""
     from guidealign.config import load_config
-    from guidealign.sft.train import _own_template, prepare_tokenizer
+    from guidealign.gen.outputs import own_template
+    from guidealign.sft.train import prepare_tokenizer
 
     scfg = load_config(None, [f"sft.base_model={qwen_style}"]).sft
     tok, added = prepare_tokenizer(scfg, str(qwen_style))
     assert (tok.eos_token, added) == ("<|im_end|>", [])
-    before = _own_template(scfg)
+    before = own_template(scfg.base_model)
     assert before["turn_end"] == "<|im_end|>"
     edited = tmp_path / "edited"
     shutil.copytree(qwen_style, edited)
@@ -97,5 +98,5 @@ def test_sft_on_a_base_whose_own_template_ends_turns_before_eos_saves_that_end_a
     else:
         jinja = edited / "chat_template.jinja"
         jinja.write_text(jinja.read_text().replace("<|im_start|>", "<|im_start|> ", 1))
-    after = _own_template(load_config(None, [f"sft.base_model={edited}"]).sft)
+    after = own_template(str(edited))
     assert after["own_template"] != before["own_template"]

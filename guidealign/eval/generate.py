@@ -119,7 +119,7 @@ class LazyLLM:
         if self._engines.llm is not None:
             return self._engines.llm.get_tokenizer()
         if self._tok is None:
-            from guidealign.gen.engine import load_tokenizer
+            from guidealign.gen.outputs import load_tokenizer
 
             self._tok = load_tokenizer(responder_engine(self._engines.cfg))
         return self._tok

@@ -70,7 +70,7 @@ def judge_fp(cfg, kind: str) -> str:
     # template by its text (a hash), so editing a template file re-judges (None: the model's own)
     # TOKENIZATION: how PromptBuilder turns a judge prompt into ids (render_chat builds with it)
     from guidealign.gen.build import TOKENIZATION
-    from guidealign.gen.engine import counted_seed, turn_end
+    from guidealign.gen.outputs import counted_seed, turn_end
     from guidealign.gen.templates import template_hash
 
     return fingerprint(f"eval-{kind}-llm-v3", TOKENIZATION, e.judge_model, template_hash(template_name),

@@ -179,7 +179,7 @@ def config_fingerprint(cfg, tok) -> str:
     selected (augment.types) and what the risk-type file says about the others are left out:
     shard i's own fingerprint adds its type's name and entry (run_augment), so adding a type
     or editing another one does not redo the types already done."""
-    from guidealign.gen.engine import output_fields
+    from guidealign.gen.outputs import output_fields
     from guidealign.shards import fingerprint
 
     load_risk_types(cfg)  # a bad file or an unknown type fails here
@@ -201,8 +201,8 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
     """Generate this rank's risk types into WORKDIR/augment; returns a StageReport."""
     from tqdm import tqdm
 
-    from guidealign.gen.engine import (build_llm, check_not_all_failed, load_tokenizer, params_for,
-                                       prefix_cache_counters)
+    from guidealign.gen.engine import build_llm, check_not_all_failed, params_for, prefix_cache_counters
+    from guidealign.gen.outputs import load_tokenizer
     from guidealign.shards.write import retire_shards_from
     from guidealign.shards import StageReport, fingerprint, is_done, my_shards, write_manifest, write_shard
 

@@ -389,6 +389,6 @@ def generate_built(llm, builts: list[Built], params) -> list:
 
 
 def chat_template_hash(tok) -> str:
-    from guidealign.gen.engine import chat_template_text
+    from guidealign.gen.outputs import chat_template_text
 
     return hashlib.sha256((TOKENIZATION + chat_template_text(tok)).encode()).hexdigest()[:16]

@@ -136,7 +136,8 @@ class GuidelinePrompts:
 
 
 def config_fingerprint(cfg, tok) -> str:
-    from guidealign.gen.engine import output_fields, prefix_align
+    from guidealign.gen.engine import prefix_align
+    from guidealign.gen.outputs import output_fields
     from guidealign.shards import fingerprint
     from guidealign.shards.fingerprint import at_defaults
 
@@ -262,7 +263,8 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
 def run_guidelines(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None,
                    progress: bool = True):
     """Run the guidelines stage over this rank's shards of WORKDIR/detect."""
-    from guidealign.gen.engine import load_tokenizer, run_engine_stage
+    from guidealign.gen.engine import run_engine_stage
+    from guidealign.gen.outputs import load_tokenizer
 
     return run_engine_stage(
         "guidelines", cfg, Path(workdir) / "detect", Path(workdir) / "guidelines",

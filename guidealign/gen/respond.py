@@ -311,7 +311,7 @@ def _probe_template(tok, rcfg: RespondConfig, guided: bool, budget: int, ecfg) -
 def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
     """``llm``: the responder's engine when one is given (its tokenizer is read, not loaded)."""
     from guidealign.gen.build import chat_template_hash
-    from guidealign.gen.engine import load_tokenizer, output_fields
+    from guidealign.gen.outputs import load_tokenizer, output_fields
     from guidealign.gen.templates import BUILTIN, template_hash
     from guidealign.shards import fingerprint
 

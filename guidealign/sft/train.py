@@ -51,6 +51,7 @@ def sft_fingerprint(cfg, report) -> str:
     + the chat template's text: no absolute path, so a moved run directory redoes nothing."""
     from guidealign.config.sft import SFT_PERFORMANCE
     from guidealign.gen.build import TOKENIZATION
+    from guidealign.gen.outputs import own_template
     from guidealign.gen.templates import BUILTIN, template_hash
     from guidealign.shards import fingerprint
     from guidealign.shards.fingerprint import at_defaults
@@ -79,23 +80,10 @@ def sft_fingerprint(cfg, report) -> str:
     # the base model's own template (sft.chat_template null) counts by its text and turn end
     # too, as a configured one does: editing it trains again (runs with a template configured
     # keep their fingerprint)
-    own = [] if cfg.sft.chat_template else [_own_template(cfg.sft)]
+    own = [] if cfg.sft.chat_template else [own_template(cfg.sft.base_model)]
     return fingerprint("sft/v7", TOKENIZATION, keys, report.sources, template_hash(cfg.sft.chat_template),
                        *own)
 
-
-def _own_template(scfg) -> dict:
-    """The base tokenizer's own chat template: its hash and where it ends a turn (no weights)."""
-    from transformers import AutoTokenizer
-
-    from guidealign.core.models import resolve
-    from guidealign.gen.build import chat_template_hash
-    from guidealign.gen.templates import has_template, rendered_turn_end
-
-    tok = AutoTokenizer.from_pretrained(resolve(scfg.base_model))
-    if not has_template(tok):  # training refuses it, naming sft.chat_template
-        return {"own_template": None}
-    return {"own_template": chat_template_hash(tok), "turn_end": rendered_turn_end(tok)}
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
