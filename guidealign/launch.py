@@ -268,6 +268,8 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     from guidealign.shards import resolve_rank
     from guidealign.shards.ranks import batch_script_refusal
 
+    if stage not in BY_NAME and stage != "run":  # each worker would fail on it, after the plan
+        raise click.UsageError(f"no stage {stage!r}: run, or one of {', '.join(BY_NAME)}")
     stage_args = list(stage_args)
     if gpus == "auto":
         gpu_list = detect_gpus()

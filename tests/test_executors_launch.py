@@ -80,6 +80,14 @@ def test_one_worker_per_gpu():
         assert w["argv"][1:6] == ["-m", "guidealign", "detect", "-w", "runs/x"]
 
 
+def test_an_unknown_stage_is_a_usage_error_before_any_plan():
+    """`launch --dry-run detekt` planned workers that would each fail on click's "No such
+    command"."""
+    p = launch("--dry-run", "detekt", "-w", "runs/x", env={"CUDA_VISIBLE_DEVICES": "0,1"}, check=False)
+    assert p.returncode == 2 and "no stage 'detekt'" in p.stderr and "detect" in p.stderr
+    assert not plan_lines(p)
+
+
 def test_tensor_parallel_from_config(tmp_path):
     cfg = tmp_path / "tp.yaml"
     cfg.write_text("engine:\n  tensor_parallel_size: 2\n")

@@ -126,10 +126,10 @@ def retrieve(workdir, cfg, rank, world_size, no_progress, src, dst):
 
 @click.command("respond")
 @click.option("--no-guidelines", is_flag=True,
-              help="Unguided baseline: answer WORKDIR/prompts without guidelines "
-                   "(into WORKDIR/respond-baseline).")
-@click.option("--src", default=None, help="Input dataset under WORKDIR (default: retrieve, or "
-                                          "prompts with --no-guidelines).")
+              help="Unguided baseline: answer the prompt set without guidelines (respond.prompts, "
+                   "else prompts-sft when inputs_sft is set, else prompts; into WORKDIR/respond-baseline).")
+@click.option("--src", default=None, help="Input dataset under WORKDIR (default: retrieve, or with "
+                                          "--no-guidelines the prompt set above).")
 @click.option("--dst", default=None, help="Output dataset under WORKDIR (default: respond, or "
                                           "respond-baseline with --no-guidelines).")
 @stage_options

@@ -347,3 +347,10 @@ def fetch_models(cfg, *, dry_run: bool = False, cache_dir: str | None = None, ec
             + "; ".join(missing) + ". Run `guidealign models fetch -c CONFIG` once where the Hub "
             "is reachable, with HF_HOME on the filesystem the workers share, then start the job.")
     return seen
+
+
+def not_loadable(model: str, e: OSError) -> OSError:
+    """The error for a model that cannot be loaded (not a local directory, not in the Hub
+    cache on a node without Hub access), naming it and the way to fetch it."""
+    return OSError(f"model {model!r} cannot be loaded: {e} (a Hub model: `guidealign models fetch -c "
+                   "CONFIG` once where the Hub is reachable; or give a local directory)")

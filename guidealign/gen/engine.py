@@ -103,7 +103,7 @@ def build_llm(cfg: EngineConfig):
     """Start vLLM's offline engine for ``cfg`` (the model name is resolved to a local path)
     with its engine core in a process of its own (see :func:`engine_isolation`)."""
     from guidealign.core import reaper
-    from guidealign.core.models import resolve
+    from guidealign.core.models import not_loadable, resolve
 
     before = reaper.child_pids()
     from guidealign.core.gpu import (check_tensor_parallel, release_cached_gpu_memory, require_usable_gpus,
@@ -155,7 +155,7 @@ def build_llm(cfg: EngineConfig):
                 if expired():
                     raise EngineStartTimeout(_start_timeout_message(cfg)) from e
                 if isinstance(e, OSError):  # not local, not in the Hub cache (an offline node)
-                    raise OSError(f"model {cfg.model!r} cannot be loaded: {e}") from e
+                    raise not_loadable(cfg.model, e) from e
                 raise
         if expired():  # time ran out before its processes started, or just as it came up
             reaper.kill(reaper.child_pids() - before)

@@ -39,14 +39,14 @@ def load_tokenizer(cfg: EngineConfig, llm=None):
         return llm.get_tokenizer()
     from transformers import AutoTokenizer
 
-    from guidealign.core.models import resolve
+    from guidealign.core.models import not_loadable, resolve
 
     from guidealign.gen.templates import apply_template
 
     try:
         tok = AutoTokenizer.from_pretrained(resolve(cfg.model))
     except OSError as e:  # not a local directory, not in the Hub cache (an offline node)
-        raise OSError(f"model {cfg.model!r} cannot be loaded: {e}") from e
+        raise not_loadable(cfg.model, e) from e
     return apply_template(tok, cfg.chat_template, model=cfg.model)
 
 

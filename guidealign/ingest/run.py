@@ -369,7 +369,8 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     # (a pattern skips the run directory's datasets: this one, written now, and the others)
     files = expand_inputs(list(inputs) or list(cfg.inputs), dst)
     if not files:
-        raise IngestError("no input given")
+        raise IngestError("no input given: name files (or globs, saved datasets), or set inputs / "
+                          "inputs_sft in the config")
     formats = [check_readable(p, cfg.encoding) for p in files]  # every file checked before any work
     _remove_orphan_temp_files(dst)  # ingest is one task: a .tmp here is from a killed run
     run_fp = _fingerprint(files, cfg)
