@@ -236,7 +236,13 @@ def test_two_gloo_processes_through_the_launcher(workdir, monkeypatch, bare_mode
     from guidealign.shards.verify import verify_run
 
     assert (workdir / "sft" / "_torchrun").is_dir()
-    assert not [f for f in json.loads((workdir / "sft" / "_done.json").read_text())["files"] if "_torchrun" in f]
+    files = json.loads((workdir / "sft" / "_done.json").read_text())["files"]
+    assert not [f for f in files if "_torchrun" in f]
+    assert verify_run(workdir).ok
+    # nor is the config the launch handed its processes, which the next launch writes again
+    # (verify called the finished model corrupt after a later launch with another config)
+    assert "launch-config.yaml" not in files
+    (workdir / "sft" / "launch-config.yaml").write_text("sft: {num_processes: 4}\n")
     assert verify_run(workdir).ok
 
 

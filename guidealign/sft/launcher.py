@@ -165,7 +165,7 @@ def launch(cfg, workdir: Path, n: int, *, force: bool, progress: bool) -> None:
     c.executor.kind = "local"  # the processes train; they are not Ray tasks
     out = Path(workdir) / "sft"
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "launch-config.yaml"
+    cfg_path = out / LAUNCH_CONFIG
     cfg_path.write_text(dump_yaml(c))
     logs = out / TORCHRUN_LOGS
     shutil.rmtree(logs, ignore_errors=True)  # the last launch's logs only
@@ -177,8 +177,10 @@ def launch(cfg, workdir: Path, n: int, *, force: bool, progress: bool) -> None:
 
 
 # under WORKDIR/sft/ (not part of the model's checksums): torchrun's log directory of the last
-# launch, with each failed training process's error file
+# launch, with each failed training process's error file, and the config the launch handed its
+# processes (the next launch writes it again)
 TORCHRUN_LOGS = "_torchrun"
+LAUNCH_CONFIG = "launch-config.yaml"
 
 
 def record_training_error(e: BaseException) -> None:

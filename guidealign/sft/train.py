@@ -427,12 +427,14 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
         from guidealign.shards.artifact_files import DONE, file_checksums
-        from guidealign.sft.launcher import TORCHRUN_LOGS
+        from guidealign.sft.launcher import LAUNCH_CONFIG, TORCHRUN_LOGS
 
         # checksummed (minutes for a 13B model) and committed before the resume points go: a run
         # killed in between resumes from its last checkpoint instead of training from the start
-        # (torchrun's log directory is not the model's: written, and replaced by the next launch)
-        done["files"] = file_checksums(out_dir, exclude=(DONE, ckpt_dir.parent.name, TORCHRUN_LOGS))
+        # (torchrun's log directory and the launch's config are not the model's: written, and
+        # replaced by the next launch)
+        done["files"] = file_checksums(out_dir, exclude=(DONE, ckpt_dir.parent.name, TORCHRUN_LOGS,
+                                                         LAUNCH_CONFIG))
         write_json_atomic(done_path, done)
         shutil.rmtree(ckpt_dir.parent, ignore_errors=True)  # finished: resume points are not needed
     trainer.accelerator.wait_for_everyone()
