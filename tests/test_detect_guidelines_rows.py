@@ -150,6 +150,25 @@ def test_guidelines_shard_whose_prompts_all_fail_raises(generator_path, tok):
         fn(table, 0)
 
 
+@pytest.mark.parametrize("stage, sets", [("detect", []), ("detect", ["detect.mode=score"]), ("guidelines", [])])
+def test_a_one_prompt_shard_whose_settings_fail_raises(generator_path, tok, stage, sets):
+    """A shard that sent one prompt (the last shard of a set, or all but one row skipped)
+    whose request failed was committed with that error as its row, even when every request
+    fails (a structured-outputs backend that does not work): a short probe with the same
+    settings now tells the run's fault from the prompt's."""
+    from importlib import import_module
+
+    from guidealign.gen.engine import AllPromptsFailed
+
+    fn = import_module(f"guidealign.gen.{stage}").make_shard_fn(small_gen_cfg(generator_path, *sets),
+                                                                 FakeLLM(tok, _boom))
+    one = {"id": ["a"], "prompt": ["How to poison a dog?"]}
+    if stage == "guidelines":
+        one.update(risky=[True], raw=["Verdict: Yes"])
+    with pytest.raises(AllPromptsFailed, match="the only prompt the shard sent failed"):
+        fn(pa.table(one), 0)
+
+
 def test_one_failing_prompt_is_still_isolated(generator_path, tok):
     """Only a shard where every prompt failed stops: one bad prompt is its row's error, the
     rows stay aligned with the input, and a one-prompt shard that fails is kept too."""

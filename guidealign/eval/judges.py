@@ -86,12 +86,14 @@ class HarmItem:
 
 
 def _generate(llm, prompts: list[dict], sampling, seed):
-    from guidealign.gen.engine import check_not_all_failed, generate, sampling_params
+    from guidealign.gen.engine import check_not_all_failed, generate, request_probe, sampling_params
 
-    gens = generate(llm, prompts, sampling_params(sampling, seed=seed, llm=llm))
+    params = sampling_params(sampling, seed=seed, llm=llm)
+    gens = generate(llm, prompts, params)
     # every judgment failing is the run's fault (the judge engine), not the answers': its shard
     # is not committed, as in the generation stages, so a rerun judges again
-    check_not_all_failed("judge", [g.error if g.finish_reason == "error" else None for g in gens])
+    check_not_all_failed("judge", [g.error if g.finish_reason == "error" else None for g in gens],
+                         request_probe(llm, params))
     return gens
 
 

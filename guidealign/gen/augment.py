@@ -201,7 +201,8 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
     """Generate this rank's risk types into WORKDIR/augment; returns a StageReport."""
     from tqdm import tqdm
 
-    from guidealign.gen.engine import build_llm, check_not_all_failed, params_for, prefix_cache_counters
+    from guidealign.gen.engine import (build_llm, check_not_all_failed, params_for, prefix_cache_counters,
+                                       request_probe)
     from guidealign.gen.outputs import load_tokenizer
     from guidealign.shards.write import retire_shards_from
     from guidealign.shards import StageReport, fingerprint, is_done, my_shards, write_manifest, write_shard
@@ -289,7 +290,8 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
         gens = generate_built(llm, builts, params)
         # every request of the round failing is a fault of the run: no type is committed with
         # its seeds alone (a rerun would keep that)
-        check_not_all_failed("augment", [g.error if g.finish_reason == "error" else None for g in gens if g is not None])
+        check_not_all_failed("augment", [g.error if g.finish_reason == "error" else None for g in gens if g is not None],
+                             request_probe(llm, params))
         for (st, key), b, g in zip(owners, builts, gens):
             if g is None:
                 st.rejected.append((f"prompt skipped: {b.skip_reason}", ""))

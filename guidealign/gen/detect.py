@@ -188,7 +188,7 @@ def _score_row(pid, prompt, built: Built, scored, threshold: float) -> dict:
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     """The per-shard function (shared by the stage and bench/gen.py)."""
     from guidealign.gen import scoring
-    from guidealign.gen.engine import (check_not_all_failed, params_for, prompt_align,
+    from guidealign.gen.engine import (check_not_all_failed, params_for, prompt_align, request_probe,
                                        prefix_cache_counters)
     from guidealign.gen.yieldstats import counts, detect_usable
 
@@ -213,7 +213,9 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             scored = scoring.score_prompts(llm, [None if b.skipped else b.token_ids for b in builts],
                                            yes, no)
             dt = time.perf_counter() - t0
-            check_not_all_failed("detect", [err for b, (_, err) in zip(builts, scored) if not b.skipped])
+            check_not_all_failed("detect", [err for b, (_, err) in zip(builts, scored) if not b.skipped],
+                                 lambda: scoring.score_prompts(llm, [tok.encode("Hello.", add_special_tokens=False)],
+                                                               yes, no)[0][1] is None)
             rows = [_score_row(i, p, b, sc, threshold) for i, p, b, sc in zip(ids, texts, builts, scored)]
         else:
             params = params_for(s, cfg.engine.seed, ids, d.seed_per_prompt, llm)
@@ -222,7 +224,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             gens = generate_built(llm, builts, params)
             dt = time.perf_counter() - t0
             check_not_all_failed("detect", [g.error if g.finish_reason == "error" else None
-                                            for g in gens if g is not None])
+                                            for g in gens if g is not None], request_probe(llm, params))
             rows = [_row_for(i, p, b, g) for i, p, b, g in zip(ids, texts, builts, gens)]
         q1, h1 = prefix_cache_counters(llm)
         if d.mode != "score":  # per request: right whatever other engines this process holds

@@ -257,15 +257,36 @@ class AllPromptsFailed(RuntimeError):
     a missing structured-outputs backend), not of the prompts, so the shard is not committed."""
 
 
-def check_not_all_failed(stage: str, errors: list) -> None:
-    """Raise :class:`AllPromptsFailed` when at least two prompts were sent and every one came
-    back with a request error (``errors``: one entry per prompt sent, None when it did not
-    fail). ``generate`` isolates one bad prompt so that it never kills its shard; when all of
-    them fail, committing the shard would record the fault as every prompt's result (detect:
-    no verdict, so guidelines treats them as unknown), and a rerun would keep that."""
-    if len(errors) >= 2 and all(e is not None for e in errors):
-        raise AllPromptsFailed(f"{stage}: all {len(errors)} prompts of the shard failed in vLLM "
-                               f"(first error: {errors[0]}); the shard is not committed")
+def check_not_all_failed(stage: str, errors: list, probe=None) -> None:
+    """Raise :class:`AllPromptsFailed` when every prompt sent came back with a request error
+    (``errors``: one entry per prompt sent, None when it did not fail): at least two, or the
+    only one when ``probe`` (:func:`request_probe`: does a short request with the same settings
+    fail too?) says the settings fail, not the prompt. ``generate`` isolates one bad prompt so
+    that it never kills its shard; when all of them fail, committing the shard would record the
+    fault as every prompt's result (detect: no verdict, so guidelines treats them as unknown),
+    and a rerun would keep that."""
+    if not errors or any(e is None for e in errors):
+        return
+    if len(errors) >= 2 or (probe is not None and not probe()):
+        what = (f"all {len(errors)} prompts of the shard failed in vLLM" if len(errors) > 1 else
+                "the only prompt the shard sent failed in vLLM, and so does a short request with the "
+                "same settings")
+        raise AllPromptsFailed(f"{stage}: {what} (first error: {errors[0]}); the shard is not committed")
+
+
+def request_probe(llm, params):
+    """For :func:`check_not_all_failed` on a shard that sent one prompt: whether a short
+    request with the same settings (``params``, the first of a list) goes through, so that its
+    failure was the prompt's (too long, say) and not the run's (a structured-outputs backend
+    that does not work, bad sampling settings)."""
+    def ok() -> bool:
+        p = params[0] if isinstance(params, list) else params
+        q = p.clone() if hasattr(p, "clone") else p
+        if getattr(q, "max_tokens", None):
+            q.max_tokens = min(q.max_tokens, 4)
+        ids = llm.get_tokenizer().encode("Hello.", add_special_tokens=False)
+        return generate(llm, [{"prompt_token_ids": ids}], q)[0].finish_reason != "error"
+    return ok
 
 
 def is_request_error(e: BaseException) -> bool:

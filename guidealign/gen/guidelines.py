@@ -182,7 +182,7 @@ def kind_for(risky, unknown: str) -> str | None:
 
 def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
     from guidealign.gen import scoring
-    from guidealign.gen.engine import (check_not_all_failed, params_for, prompt_align,
+    from guidealign.gen.engine import (check_not_all_failed, params_for, prompt_align, request_probe,
                                        prefix_cache_counters)
     from guidealign.gen.yieldstats import counts, guidelines_usable
 
@@ -214,7 +214,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
         gens = generate_built(llm, builts, params)
         dt = time.perf_counter() - t0
         check_not_all_failed("guidelines", [g.error if g.finish_reason == "error" else None
-                                            for g in gens if g is not None])
+                                            for g in gens if g is not None], request_probe(llm, params))
         q1, h1 = prefix_cache_counters(llm)
         rows = []
         for pid, text, r, k, b, gen in zip(ids, texts, riskys, kinds, builts, gens):

@@ -205,7 +205,7 @@ def row_guidelines(ids, texts, max_guidelines: int = 0) -> tuple[list[str], list
 def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
     """The per-shard function: (table, index) -> (respond table, quarantine, stats)."""
     from guidealign.gen.build import engine_max_len
-    from guidealign.gen.engine import check_not_all_failed, generate, params_for, use_template
+    from guidealign.gen.engine import check_not_all_failed, generate, params_for, request_probe, use_template
     from guidealign.gen.yieldstats import counts, respond_usable
 
     rcfg: RespondConfig = cfg.respond
@@ -259,7 +259,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
         params = params_for(rcfg.sampling, ecfg.seed, [r["id"] for r, _ in todo], rcfg.seed_per_prompt, llm)
         gens = generate(llm, [TokensPrompt(prompt_token_ids=p.ids) for _, p in todo], params)
         # every prompt failing is a fault of the run, not of the prompts: not committed
-        check_not_all_failed("respond", [g.error for g in gens])
+        check_not_all_failed("respond", [g.error for g in gens], request_probe(llm, params))
         for (r, p), g in zip(todo, gens):
             note = p.note
             if g.error:
