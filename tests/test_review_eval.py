@@ -149,3 +149,20 @@ def test_a_second_rank_waits_for_the_ingest_of_this_benchmark_file_not_an_earlie
     ingest_benchmark(cfg, sub, bench, rank=0, world_size=2, progress=False)
     ingest_benchmark(cfg, sub, bench, rank=1, world_size=2, progress=False)
     assert sorted(r["prompt"] for r in load_benchmark(sub, "category").values())[0].startswith("New")
+
+
+def test_eval_without_the_runs_retrieval_names_the_run_and_the_ways_out(tmp_path):
+    """With no index in the run, eval said `RUN/eval/<name>/index is not complete`: its own
+    link, which no stage builds. It now names the run's missing artifacts and what to do."""
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"prompt": "How do I bake bread?"}\n{"prompt": "Name a colour."}\n')
+    run = tmp_path / "run1"
+    run.mkdir()
+    r = CliRunner().invoke(cli, ["eval", str(bench), "-w", str(run), "--no-progress"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"{run}'s library, index, retriever" in r.output and "not built there" in r.output
+    assert "eval.retrieve_from" in r.output and "--guided-responses" in r.output

@@ -177,6 +177,21 @@ def _link_artifacts(src_workdir: Path, sub: Path) -> None:
         os.replace(tmp, d)
 
 
+def _missing_retrieval(base: Path, cfg) -> None:
+    """Name the run's retrieval artifacts the guided answers need when one is not built: the
+    error otherwise names eval's own link to it (WORKDIR/eval/<name>/index), which no stage builds."""
+    from guidealign.shards.artifact import read_done
+
+    need = ("library", "index") + (("retriever",) if cfg.index.model == "retriever" else ())
+    missing = [n for n in need if read_done(base / n) is None]
+    if missing:
+        raise RuntimeError(
+            f"the guided answers retrieve from {base}'s {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not built there: run the pipeline on {base} "
+            "first (guidealign run, or its library, train-retriever and index stages), set "
+            "eval.retrieve_from to a run that has them, or pass --guided-responses")
+
+
 def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int, progress: bool = True) -> Path:
     """Retrieve guidelines for the benchmark prompts from the run's library and index; where
     GPUs are visible (``executor.stage_process``, as ``run`` does for its encoder stages) in a
@@ -186,6 +201,7 @@ def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int, pro
     from guidealign.core.stage_child import run_in_child, wanted
 
     base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
+    _missing_retrieval(base, cfg)
     _link_artifacts(base, sub)
     if wanted(cfg.executor.stage_process, visible_gpus):
         run_in_child(f"{__name__}:retrieve_benchmark", cfg, sub, rank=rank, world_size=world_size,
