@@ -333,11 +333,15 @@ def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
     rows = []
     if not (cfg.inputs or cfg.ingest.inputs):
         rows.append(Row("inputs", "inputs", WARN, "none configured (give them to ingest)"))
+    # a pattern that matches nothing fails the run's preflight when it ingests (ingest would
+    # stop on it after the check); `guidealign check` alone only warns (e.g. on a login node)
+    missing = FAIL if stages is not None and "ingest" in stages else WARN
     for key, pats in (("inputs", cfg.inputs or cfg.ingest.inputs), ("inputs_sft", cfg.inputs_sft)):
         for pat in pats:
             n = len(glob.glob(pat))
-            rows.append(Row("inputs", f"{key}: {pat}", OK if n else WARN,
-                            f"{n} file(s)" if n else "matches no file here"))
+            where = "" if os.path.isabs(pat) else f" (relative paths are read from {os.getcwd()})"
+            rows.append(Row("inputs", f"{key}: {pat}", OK if n else missing,
+                            f"{n} file(s)" if n else "matches no file here" + where))
     if (cfg.push.repo_id or cfg.push.model_repo_id) and runs("push"):
         from huggingface_hub import get_token
 

@@ -268,3 +268,25 @@ def test_run_checks_only_the_models_of_the_stages_it_runs(tmp_path):
     r = CliRunner().invoke(cli, ["run", "--set", f"engine.model={gone}", "-w", str(tmp_path / "wd2"),
                                  "--stages", "detect", "--no-progress"], env={"COLUMNS": "200"})
     assert r.exit_code == 1 and "preflight failed" in r.output
+
+
+def test_inputs_that_match_no_file_fail_the_preflight_of_a_run_that_ingests(tmp_path, monkeypatch):
+    """`check` only warned about inputs matching no file, so `run` passed its preflight and
+    then failed in ingest with a failure marker (a config's relative inputs are read from the
+    current directory, not the config's). A run that ingests now fails its preflight, saying
+    where relative paths are read from; `check` alone and runs without ingest still warn."""
+    from guidealign.check import FAIL, WARN, other_rows
+    from guidealign.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["inputs=[data/samples/prompts.jsonl]"])
+
+    def row(stages):
+        return next(r for r in other_rows(cfg, stages) if r.item.startswith("inputs:"))
+
+    r = row(["ingest", "detect"])
+    assert r.status == FAIL and f"relative paths are read from {tmp_path}" in r.detail
+    assert row(None).status == WARN and row(["detect"]).status == WARN
+    (tmp_path / "data" / "samples").mkdir(parents=True)
+    (tmp_path / "data" / "samples" / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    assert row(["ingest"]).status != FAIL
