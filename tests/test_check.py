@@ -146,6 +146,7 @@ def test_a_rank_whose_preflight_fails_leaves_a_failure_marker_for_the_others(tmp
     assert r.exit_code == 1 and "preflight failed" in r.output
     marker = json.loads((wd / "_failed" / "rank-00001.json").read_text())
     assert marker["stage"] == "preflight" and marker["world_size"] == 2
+    assert "global_batch_size" in marker["error"]  # what failed, for the ranks it stops
     assert [m["rank"] for m in failures(wd)] == [1]  # what the other ranks' waits poll
     # one rank alone: nothing to tell
     r = CliRunner().invoke(cli, ["run", "-c", PAPER, "--set", "sft.global_batch_size=10", "-w",

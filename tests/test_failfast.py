@@ -61,9 +61,10 @@ def test_a_failing_rank_makes_the_waiting_ranks_exit_with_its_error(tmp_path):
     try:
         wait_until(lambda: all(heartbeat_state(wd, r) == "waiting" for r in (1, 2)),
                    "ranks 1 and 2 waiting for the prompts")
-        # rank 0's input does not exist: its ingest fails
+        # rank 0's input does not exist: its ingest fails (past the preflight, which would
+        # stop it before the stage, as it does without --no-check)
         lead = start("run", "-w", str(wd), "--rank", "0", "--world-size", "3", "--stages", "ingest",
-                     "--no-progress", "--set", f"inputs=[{tmp_path}/missing.jsonl]")
+                     "--no-progress", "--no-check", "--set", f"inputs=[{tmp_path}/missing.jsonl]")
         _, lead_err = lead.communicate(timeout=300)
         assert lead.returncode != 0 and "no such file or directory" in lead_err
         marker = json.loads((wd / "_failed" / "rank-00000.json").read_text())

@@ -107,8 +107,9 @@ def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
     if not no_check:
         from guidealign.cli.check import preflight
 
-        if not preflight(cfg, workdir, stages=chosen):
-            why = "the preflight failed (see the table); fix it or pass --no-check"
+        if (failed := preflight(cfg, workdir, stages=chosen)) is not None:
+            # (in the failure marker too: the other ranks stop with it)
+            why = f"the preflight failed ({failed}); fix it or pass --no-check"
             if w > 1:  # the other ranks stop at once instead of waiting for this one's shards
                 from guidealign.shards.failure import mark_failed
 

@@ -7,17 +7,19 @@ import sys
 import click
 
 
-def preflight(cfg, workdir, echo=click.echo, stages: list[str] | None = None) -> bool:
-    """Run the checks (of ``stages`` only, when given), print the table; True when nothing
-    failed (``run`` calls this first, for the stages it runs)."""
+def preflight(cfg, workdir, echo=click.echo, stages: list[str] | None = None) -> str | None:
+    """Run the checks (of ``stages`` only, when given), print the table; None when nothing
+    failed, else the failures in one line (``run`` calls this first, for the stages it runs)."""
     from guidealign.check import failures, render, run_checks
 
     rows = run_checks(cfg, workdir, stages=stages)
     echo(render(rows))
     bad = failures(rows)
-    if bad:
-        echo(f"check: {len(bad)} failure(s): " + "; ".join(f"{r.item}: {r.detail}" for r in bad))
-    return not bad
+    if not bad:
+        return None
+    summary = "; ".join(f"{r.item}: {r.detail}" for r in bad)
+    echo(f"check: {len(bad)} failure(s): {summary}")
+    return summary
 
 
 @click.command("check")
@@ -41,5 +43,5 @@ def check(config_path, overrides, workdir, as_json):
         click.echo(json.dumps([asdict(r) for r in rows], indent=1))
         ok = not failures(rows)
     else:
-        ok = preflight(cfg, workdir)
+        ok = preflight(cfg, workdir) is None
     sys.exit(0 if ok else 1)
