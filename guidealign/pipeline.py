@@ -72,19 +72,15 @@ def _echo_reports(echo, reports) -> None:
             echo(summary())
 
 
-def _engine_needed(workdir: Path, stages: list[Stage]) -> bool:
-    from guidealign.shards.manifest import is_complete
-
-    return any(s.engine and not is_complete(workdir / s.dst) for s in stages)
-
-
 def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_size: int,
               progress: bool, echo) -> dict:
     from guidealign.executors import claims_assignment
     from guidealign.core.stage_child import run_in_child
 
+    from guidealign.ray_workers import LazyEngine
+
     timings: dict[str, float] = {}
-    llm = None
+    llm = None  # the shared engine: built by the first of its stages with a shard to do, kept for the rest
     own = bool(cfg.respond.engine)  # the responder has an engine of its own (respond.engine)
     shared = [s for s in chosen if s.engine and not (own and s.name == "respond")]
     child, exclusive = _gpu_placement(cfg, chosen)
@@ -93,13 +89,15 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
             for i, stage in enumerate(chosen):
                 kw = {}
                 if stage in shared:
-                    if llm is None and _engine_needed(workdir, shared[shared.index(stage):]):
-                        from guidealign.gen.engine import build_llm
-
-                        llm = build_llm(cfg.engine)
+                    # (a stage with nothing to do reads its tokenizer only: no engine starts, and
+                    # the one a stage starts serves the next: detect redone after a change to its
+                    # settings and guidelines after it share one)
+                    if llm is None:
+                        llm = LazyEngine(cfg.engine)
                     kw["llm"] = llm
                 elif llm is not None and engine_goes_before(stage, chosen[i:], shared, exclusive):
-                    _stop_engine(llm, echo, f"before {stage.name}")
+                    if llm.built:
+                        _stop_engine(llm, echo, f"before {stage.name}")
                     llm = None
                 echo(f"== {stage.name}")
                 t = time.perf_counter()
@@ -112,7 +110,7 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
                 timings[stage.name] = round(time.perf_counter() - t, 2)
                 _echo_reports(echo, [rep])
     finally:
-        if llm is not None:
+        if llm is not None and llm.built:
             _stop_engine(llm, echo, "at the end of the run")
     return timings
 
@@ -142,10 +140,9 @@ def _gpu_placement(cfg: Config, chosen: list[Stage]) -> tuple[bool, bool]:
 
 
 def _stop_engine(llm, echo, when: str) -> None:
-    """Stop the engine's processes (dropping the ``LLM`` would leave them running) and say so."""
-    from guidealign.gen.engine import close_llm
-
-    left = close_llm(llm)
+    """Stop the (built) shared engine's processes (dropping the ``LLM`` would leave them running)
+    and say so."""
+    left = llm.close()
     echo(f"engine stopped {when}: " + (f"{left} of its processes still alive after 60 s, killed"
                                        if left else "its processes have exited"))
     gc.collect()

@@ -118,13 +118,17 @@ class LazyEngine:
             self._tok = load_tokenizer(self._cfg)
         return self._tok
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Stop the engine, if built; returns how many of its processes outlived the normal
+        shutdown (killed; see ``gen.engine.close_llm``)."""
+        left = 0
         if self._llm is not None:
             from guidealign.gen.engine import close_llm
 
-            close_llm(self._llm)  # dropping it would leave the engine's processes running
+            left = close_llm(self._llm)  # dropping it would leave the engine's processes running
         self._llm = None
         gc.collect()
+        return left
 
     def __getattr__(self, name):  # everything else needs the real engine
         # private names are the wrapper's own, but where the engine's chat template ends an

@@ -86,3 +86,41 @@ def test_the_progress_deadline_reaches_the_engine_behind_a_lazy_wrapper():
     assert len(engine.bars) == 3 and all(callable(b) for b in engine.bars)
     engine._guidealign_progress_s = 0  # off: the plain call
     assert watched_generate(lazy, ["a"], None) == ["out a"] and engine.bars[-1] is False
+
+
+def test_run_starts_one_shared_engine_when_detect_is_redone_after_a_settings_change(
+        generator_path, tok, tmp_path, monkeypatch):
+    """`run` decided from the manifests whether the shared engine was needed: after a change to
+    detect's settings its old manifest still read complete, so detect built (and stopped) an
+    engine of its own and guidelines, stale behind it, started the shared one again: two
+    engine starts (minutes each for a large model on every rank). The shared engine is now
+    built by the first stage with a shard to do and kept for the next; a rerun with nothing to
+    do starts none."""
+    from standins import FakeLLM, small_gen_cfg
+    from synthetic import write_prompt_shards
+
+    from guidealign.gen import engine
+    from guidealign.pipeline import run_pipeline
+
+    built, closed, verdict = [], [], ["No"]
+
+    def answer(prompt):  # (the same text for both stages: each reads what it needs)
+        return f"1. Be careful: Check the facts first.\nVerdict: {verdict[0]}", "stop"
+
+    monkeypatch.setattr(engine, "build_llm", lambda ecfg: built.append(ecfg) or FakeLLM(tok, answer))
+    monkeypatch.setattr(engine, "close_llm", lambda llm, timeout=60.0: closed.append(llm) or 0)
+    write_prompt_shards(tmp_path / "prompts", [{"id": f"p{i}", "prompt": f"Question {i}?"} for i in range(4)],
+                        shard_rows=2)
+
+    def run(*sets):
+        built.clear()
+        run_pipeline(small_gen_cfg(generator_path, "detect.sampling.temperature=0",
+                                   "guidelines.sampling.temperature=0", *sets),
+                     tmp_path, stages=["detect", "guidelines"], progress=False, echo=lambda *a: None)
+        return len(built)
+
+    assert run() == 1 and len(closed) == 1  # fresh: one engine for both stages, stopped at the end
+    assert run() == 0  # nothing to do: no engine
+    verdict[0] = "Yes"  # detect's new settings change its output, so guidelines are redone too
+    assert run("detect.sampling.max_tokens=300") == 1  # detect redone, guidelines behind it: one
+    assert len(closed) == 2
