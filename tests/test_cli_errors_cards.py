@@ -125,6 +125,6 @@ def test_a_model_neither_local_nor_cached_is_a_one_line_error(tmp_path, monkeypa
     model = model.format(tmp=tmp_path)
     r = _invoke([*cmd, "-w", str(wd), "--no-progress", "--set", f"engine.model={model}"])
     _clean_error(r, 1)
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert lines[0].startswith("Error:") and model in lines[0], r.output
-    assert len(lines) <= 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip() and not ln.startswith("== ")]
+    assert lines[0].startswith("Error:") and model in lines[0], r.output  # (run: "== detect" first)
+    assert len(lines) <= 2 and sum(ln.startswith("Error:") for ln in lines) == 1

@@ -352,5 +352,6 @@ def fetch_models(cfg, *, dry_run: bool = False, cache_dir: str | None = None, ec
 def not_loadable(model: str, e: OSError) -> OSError:
     """The error for a model that cannot be loaded (not a local directory, not in the Hub
     cache on a node without Hub access), naming it and the way to fetch it."""
-    return OSError(f"model {model!r} cannot be loaded: {e} (a Hub model: `guidealign models fetch -c "
-                   "CONFIG` once where the Hub is reachable; or give a local directory)")
+    why = str(e) if repr(model) in str(e) else f"model {model!r} cannot be loaded: {e}"
+    return OSError(f"{why} (a Hub model: `guidealign models fetch -c CONFIG` once where the Hub is "
+                   "reachable; or give a local directory)")
