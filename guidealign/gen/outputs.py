@@ -27,9 +27,9 @@ def turn_end(spec: str | None, tok=None) -> dict:
     """For fingerprints: where an assistant turn ends when generation stops there and not at
     eos (:func:`use_template`): a built-in template's by its name, another's as it renders on
     ``tok`` (given); {} otherwise, so every other fingerprint stays as it was."""
-    from guidealign.gen.templates import turn_end_for, turn_end_token
+    from guidealign.gen.templates import BUILTIN, turn_end_for, turn_end_token
 
-    end = turn_end_token(spec) if tok is None else turn_end_for(tok, spec)
+    end = turn_end_token(spec) if spec in BUILTIN or tok is None else turn_end_for(tok, spec)
     return {"turn_end": end} if end else {}
 
 
@@ -37,21 +37,17 @@ def load_tokenizer(cfg: EngineConfig, llm=None):
     """The engine's tokenizer (from ``llm`` when given, else loaded from the model dir)."""
     if llm is not None:
         return llm.get_tokenizer()
-    from guidealign.gen.templates import apply_template
-
-    return apply_template(_model_tokenizer(cfg.model), cfg.chat_template, model=cfg.model)
-
-
-def _model_tokenizer(model: str):
-    """``model``'s tokenizer as its files ship it (no weights loaded)."""
     from transformers import AutoTokenizer
 
     from guidealign.core.models import not_loadable, resolve
 
+    from guidealign.gen.templates import apply_template
+
     try:
-        return AutoTokenizer.from_pretrained(resolve(model))
+        tok = AutoTokenizer.from_pretrained(resolve(cfg.model))
     except OSError as e:  # not a local directory, not in the Hub cache (an offline node)
-        raise not_loadable(model, e) from e
+        raise not_loadable(cfg.model, e) from e
+    return apply_template(tok, cfg.chat_template, model=cfg.model)
 
 
 def chat_template_text(tok) -> str:
@@ -65,10 +61,13 @@ def chat_template_text(tok) -> str:
 def own_template(model: str) -> dict:
     """A model's own chat template, for a fingerprint: its hash and where it ends an assistant
     turn when that is not eos (the tokenizer files only, no weights)."""
+    from transformers import AutoTokenizer
+
+    from guidealign.core.models import resolve
     from guidealign.gen.build import chat_template_hash
     from guidealign.gen.templates import has_template, rendered_turn_end
 
-    tok = _model_tokenizer(model)
+    tok = AutoTokenizer.from_pretrained(resolve(model))
     if not has_template(tok):  # a stage refuses it, naming its chat_template key
         return {"own_template": None}
     return {"own_template": chat_template_hash(tok), "turn_end": rendered_turn_end(tok)}

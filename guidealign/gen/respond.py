@@ -318,7 +318,7 @@ def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
     e = respond_engine(cfg)
     # the template the responder renders with: the configured one, else the tokenizer's own
     # (from the model dir's tokenizer files, no weights), so editing that one redoes shards too
-    tok = load_tokenizer(e, llm) if e.chat_template not in BUILTIN else None  # (a built-in: by name)
+    tok = load_tokenizer(e, llm) if not e.chat_template or e.chat_template not in BUILTIN else None
     extra = {"chat_template": template_hash(e.chat_template) if e.chat_template
              else chat_template_hash(tok)}
     if cfg.respond.num_exemplars:

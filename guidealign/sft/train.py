@@ -85,6 +85,7 @@ def sft_fingerprint(cfg, report) -> str:
                        *own)
 
 
+
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
     hp = {k: getattr(scfg, k) for k in (
         "mode", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
