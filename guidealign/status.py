@@ -104,9 +104,8 @@ def _made_from_other(d: Path, man: dict | None) -> str | None:
     since (the library from other guideline shards, the retriever or the index from another
     library), which the stage sees and builds again; None when current or when it cannot be told
     (an artifact written before it recorded what it was made from)."""
-    from guidealign.shards import fingerprint
     from guidealign.shards.artifact import read_done
-    from guidealign.shards.manifest import input_checksums, input_of
+    from guidealign.shards.manifest import checksums_digest, input_checksums, input_of
 
     done = read_done(d)
     if done is None:
@@ -114,7 +113,7 @@ def _made_from_other(d: Path, man: dict | None) -> str | None:
     if done.get("input_checksums") and man is not None:
         src = input_of(d, man)
         if src is not None and read_manifest(src) is not None \
-                and fingerprint("input-checksums", input_checksums(src)) != done["input_checksums"]:
+                and checksums_digest(input_checksums(src)) != done["input_checksums"]:
             return f"built from other {src.name} shards than those there now"
     if done.get("library_version"):
         lib = read_done(d.parent / "library")

@@ -43,7 +43,7 @@ from guidealign.retrieval.embed import normalize_text
 from guidealign.shards import (fingerprint, iter_batches, iter_tables, read_manifest, wait_complete,
                                write_manifest, write_shard)
 from guidealign.shards.fingerprint import at_defaults
-from guidealign.shards.manifest import input_checksums
+from guidealign.shards.manifest import checksums_digest, input_checksums
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _kind(kind, risky) -> str | None:
     return None if risky is None else ("safety" if risky else "quality")
 
 
-def library_fingerprint(lc, src: Path) -> str:
+def library_fingerprint(lc, src: Path, checksums: list[str] | None = None) -> str:
     """The fingerprint of the library built from the guideline shards in ``src`` with ``lc``
     (other ranks compute it to accept only a library, and an index, built from them)."""
     # v2: a guideline's kind is voted by the prompt sets its guidelines were written with;
@@ -167,7 +167,8 @@ def library_fingerprint(lc, src: Path) -> str:
     # do not depend on the read order), the version covers the pairs files; the performance
     # settings, and those the candidate space never reads, count at their defaults
     unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
-    return fingerprint("library-v3", at_defaults(lc, unread), input_checksums(src))
+    return fingerprint("library-v3", at_defaults(lc, unread),
+                       input_checksums(src) if checksums is None else checksums)
 
 
 def content_version(tables: list[pa.Table]) -> str:
@@ -231,7 +232,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
         raise ValueError("library.fuzzy_threshold must be in (0, 1]")
     wait_complete(src, timeout=wait_timeout(cfg, world_size))
     made_from = input_checksums(src)  # (status tells a library whose guidelines changed since)
-    fp = library_fingerprint(lc, src)
+    fp = library_fingerprint(lc, src, made_from)
     if is_current(dst, fp):
         done = read_done(dst)
         rep = LibraryReport(**{k: v for k, v in done.get("metrics", {}).items()
@@ -411,6 +412,6 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
 
         write_json_atomic(tmp / "report.json", asdict(rep))
     mark_done(dst, fingerprint=fp, rows=table.num_rows, seconds=secs["total"], version=rep.version,
-              metrics=asdict(rep), input_checksums=fingerprint("input-checksums", made_from))
+              metrics=asdict(rep), input_checksums=checksums_digest(made_from))
     log.info(rep.summary())
     return rep

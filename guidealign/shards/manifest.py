@@ -62,6 +62,12 @@ def input_checksums(src: str | Path) -> list[str]:
     return out
 
 
+def checksums_digest(checksums: list[str]) -> str:
+    """What a ``_done.json`` records of the :func:`input_checksums` its artifact was built from
+    (``status`` compares it with the input's checksums now)."""
+    return make_fp("input-checksums", checksums)
+
+
 def input_of(dataset: str | Path, man: dict) -> Path | None:
     """The input dataset ``dataset`` (with manifest ``man``) was made from, when it can be told."""
     return _input_dir(Path(dataset), man)
