@@ -123,12 +123,32 @@ def test_verify_and_status_of_a_directory_with_no_run_say_so_instead_of_ok(tmp_p
     for args in ([], ["--json"]):
         res = CliRunner().invoke(cli, ["verify", str(tmp_path), *args])
         assert res.exit_code == 1 and "no dataset or artifact here; is it a run directory" in res.output
-    res = CliRunner().invoke(cli, ["status", str(tmp_path)])
-    assert res.exit_code == 0 and "no stage has written in" in res.output
+    for args in ([], ["--json"]):  # status exits 1 too: a script must not read it as a fine run
+        res = CliRunner().invoke(cli, ["status", str(tmp_path), *args])
+        assert res.exit_code == 1 and "no stage has written in" in res.output
     w = tmp_path / "run"  # a run: verify and status as before
     write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"]}), fingerprint="f")
     assert CliRunner().invoke(cli, ["verify", str(w)]).exit_code == 0
-    assert "no stage has written" not in CliRunner().invoke(cli, ["status", str(w)]).output
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert res.exit_code == 0 and "no stage has written" not in res.output and "prompts" in res.output
+
+
+def test_status_show_and_verify_take_the_run_directory_as_the_stages_do(tmp_path):
+    """The stages take the run directory as -w/--workdir; status, show and verify took it only as
+    an argument, so `guidealign status -w RUN` (as the stages are called) was a usage error."""
+    w = tmp_path / "run"
+    write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"]}), fingerprint="f")
+    for flag in ("-w", "--workdir"):
+        res = CliRunner().invoke(cli, ["status", flag, str(w)])
+        assert res.exit_code == 0 and "prompts" in res.output, res.output
+        assert CliRunner().invoke(cli, ["verify", flag, str(w)]).exit_code == 0
+        res = CliRunner().invoke(cli, ["show", flag, str(w), "--stage", "prompts"])
+        assert "No such option" not in res.output
+    assert CliRunner().invoke(cli, ["status", str(w), "-w", str(w)]).exit_code == 0  # the same, twice
+    res = CliRunner().invoke(cli, ["status", str(w), "-w", str(tmp_path)])
+    assert res.exit_code == 2 and "two run directories" in res.output
+    res = CliRunner().invoke(cli, ["status"])
+    assert res.exit_code == 2 and "give WORKDIR or -w/--workdir" in res.output
 
 
 def test_status_shows_an_artifact_built_from_changed_input_as_stale(tmp_path):

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from guidealign.cli.options import ranks, stage_options
+from guidealign.cli.options import ranks, run_directory, stage_options
 from guidealign.config import dump_yaml
 
 log = logging.getLogger("guidealign")
@@ -27,20 +27,24 @@ def cli(verbose):
 
 
 @cli.command()
-@click.argument("workdir", type=click.Path(exists=True, file_okay=False))
+@run_directory
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(workdir, as_json):
-    """Per stage: shards done/total, rows, quarantined rows, throughput."""
+    """Per stage: shards done/total, rows, quarantined rows, throughput.
+
+    Exits 1 when no stage has written in WORKDIR (a mistyped directory, a run not started)."""
     from guidealign.status import collect, render
 
     rows = collect(workdir)
-    click.echo(json.dumps(rows, indent=1) if as_json else render(rows))
-    if not rows and not as_json:  # a mistyped directory, or a run not started
+    if rows or as_json:
+        click.echo(json.dumps(rows, indent=1) if as_json else render(rows))
+    if not rows:  # a mistyped directory, or a run not started: not a run whose status is fine
         click.echo(f"no stage has written in {workdir} (is it the -w/--workdir of the stages?)", err=True)
+        raise SystemExit(1)
 
 
 @cli.command()
-@click.argument("workdir", type=click.Path(exists=True, file_okay=False))
+@run_directory
 @click.option("-n", "count", default=3, show_default=True, type=click.IntRange(min=0),
               help="How many examples.")
 @click.option("--shard", type=int, default=None, help="Which shard (default: the first committed).")

@@ -50,6 +50,24 @@ def stage_options(f):
     return wrapper
 
 
+def run_directory(f):
+    """A reading command's run directory: ``WORKDIR`` as its argument, or ``-w/--workdir`` as the
+    stage commands take it."""
+    path = click.Path(exists=True, file_okay=False)
+
+    @click.argument("workdir", required=False, type=path)
+    @click.option("--workdir", "-w", "workdir_option", type=path, default=None,
+                  help="The run directory (the stages' -w), as an option instead of WORKDIR.")
+    @functools.wraps(f)
+    def wrapper(*args, workdir=None, workdir_option=None, **kwargs):
+        if workdir and workdir_option and workdir != workdir_option:
+            raise click.UsageError(f"two run directories given: {workdir} and -w {workdir_option}")
+        if not (workdir or workdir_option):
+            raise click.UsageError("missing the run directory: give WORKDIR or -w/--workdir")
+        return f(*args, workdir=workdir or workdir_option, **kwargs)
+    return wrapper
+
+
 def ranks(rank, world_size):
     from guidealign.shards import resolve_rank
 

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from guidealign.cli.options import run_directory
+
 _STYLE = {"corrupt": "bold red", "missing": "bold red", "orphan": "yellow", "pending": "cyan",
           "note": "dim"}
 
@@ -63,7 +65,7 @@ def _render(rep) -> None:
 
 
 @click.command("verify")
-@click.argument("workdir", type=click.Path(exists=True, file_okay=False))
+@run_directory
 @click.option("--repair", is_flag=True,
               help="Remove the commit markers of corrupt/missing shards (and the _done.json of bad "
                    "artifacts) and delete orphan files, so rerunning the stages redoes exactly those. "
