@@ -123,7 +123,7 @@ def test_bad_rows_in_csv_parquet_and_json(tmp_path):
     rep = ingest([str(cs), str(pqf), str(js)], tmp_path / "w", progress=False)
     assert [r["prompt"] for r in _all_rows(tmp_path / "w")] == ["fine one ü", "fine two", "ok parquet", "ok json"]
     reasons = sorted(r["reason"].split(" (")[0] for r in read_quarantine(tmp_path / "w" / "prompts").to_pylist())
-    assert reasons == ["array item 3 is a JSON str, not an object", "empty prompt", "empty prompt",
+    assert reasons == ["array item 3 is a JSON string, not an object", "empty prompt", "empty prompt",
                        "line 4 is not valid UTF-8 at byte 4; re-save the file as UTF-8 or pass --encoding cp1252",
                        "null prompt", "prompt is not a string"]
     assert rep.quarantined == 6

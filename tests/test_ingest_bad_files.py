@@ -242,3 +242,56 @@ def test_an_input_inside_the_dataset_being_written_is_an_error(tmp_path):
     # another dataset's shards named as such are input like any file
     rep = ingest([str(shard)], w, IngestConfig(), progress=False, dataset="again")
     assert rep.rows == 1
+
+
+# --- JSON values that are not objects ------------------------------------------------------------
+
+def test_a_jsonl_block_starting_with_null_is_quarantined_not_a_crash(tmp_path):
+    """pyarrow 26's read_json dies with SIGSEGV on a block whose first value is `null`, so such a
+    line at the start of a file, or at a block's start anywhere, killed ingest and every rerun."""
+    src = tmp_path / "in.jsonl"
+    lines = ["null"] + [json.dumps({"prompt": f"p{i}"}) if i % 7 else "null" for i in range(1, 3000)]
+    src.write_text("\n".join(lines) + "\n")
+    nulls = lines.count("null")
+    # small blocks, so that many of them start at a `null` line
+    p = _run_cli(["ingest", str(src), "-w", str(tmp_path / "w"), "--set", "ingest.block_bytes=4096",
+                  "--no-progress"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    rows = _all_rows(tmp_path / "w")
+    assert sorted(r["prompt"] for r in rows) == sorted(f"p{i}" for i in range(1, 3000) if i % 7)
+    q = _quarantine(tmp_path / "w")
+    assert len(q) == nulls and {r["reason"].split(" is ", 1)[1] for r in q} == {"a JSON null, not an object"}
+    assert {r["raw"] for r in q} == {"null"}
+
+
+def test_json_lines_saved_as_json_whose_first_line_is_no_object_are_read_line_by_line(tmp_path):
+    """A .json file of JSON Lines whose first line is `null` or a comment was one quarantine row,
+    "not a JSON array or object": its records were never read."""
+    for first in ("null", "// exported 2024-01-01"):
+        src = tmp_path / "in.json"
+        src.write_text(first + '\n{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"}\n')
+        w = tmp_path / f"w{len(first)}"
+        ingest([str(src)], w, IngestConfig(), progress=False)
+        assert [r["prompt"] for r in _all_rows(w)] == ["a", "b", "c"]
+        q = _quarantine(w)
+        assert [(r["row"], r["raw"]) for r in q] == [(1, first)]
+    src = tmp_path / "array.json"  # an array spread over lines stays one JSON value
+    src.write_text('[\n{"prompt": "a"},\n{"prompt": "b"}\n]\n')
+    ingest([str(src)], tmp_path / "wa", IngestConfig(), progress=False)
+    assert [r["prompt"] for r in _all_rows(tmp_path / "wa")] == ["a", "b"] and not _quarantine(tmp_path / "wa")
+
+
+def test_a_quarantined_json_value_that_is_no_object_keeps_its_text(tmp_path):
+    """An array item or a line that is a string (a list of plain prompts) was quarantined with no
+    raw text: the prompt was nowhere in the output."""
+    (tmp_path / "a.json").write_text('["plain prompt one", {"prompt": "x"}, 7]')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "y"}\n"plain prompt two"\n[1, 2]\n')
+    w = tmp_path / "w"
+    ingest([str(tmp_path / "a.json"), str(tmp_path / "b.jsonl")], w, IngestConfig(), progress=False)
+    assert sorted(r["prompt"] for r in _all_rows(w)) == ["x", "y"]
+    got = {(r["reason"], r["raw"]) for r in _quarantine(w)}
+    assert got == {("array item 1 is a JSON string, not an object", '"plain prompt one"'),
+                   ("array item 3 is a JSON number, not an object", "7"),
+                   ("line 2 is a JSON string, not an object", '"plain prompt two"'),
+                   ("line 3 is a JSON array, not an object", "[1, 2]")}

@@ -110,7 +110,7 @@ def test_a_json_array_saved_as_jsonl_is_read_as_json_with_every_item(tmp_path, c
     g.write_text('["not", "a record"]\n{"prompt": "c"}\n{"prompt": "d"}\n')
     rows, q, _ = _ingested([g], tmp_path / "w2")
     assert [r["prompt"] for r in rows] == ["c", "d"]
-    assert [(r["row"], r["reason"]) for r in q] == [(1, "line 1 is a JSON list, not an object")]
+    assert [(r["row"], r["reason"]) for r in q] == [(1, "line 1 is a JSON array, not an object")]
 
 
 def test_a_jsonl_that_starts_as_an_array_but_does_not_read_as_one_fails_saying_rename_it(tmp_path):

@@ -77,7 +77,7 @@ def test_json_array_reads_big_ints_nan_and_a_bad_item_alone(tmp_path):
     assert rows[0][1] == {"prompt": "a", "n": 123456789012345678901234567890}
     assert rows[1][1]["prompt"] == "b" and rows[1][1]["y"] == float("inf")
     assert rows[2][2].startswith("array item 3 is not JSON") and rows[2][1] == {"_raw": '{"prompt": "c" "broken"}'}
-    assert rows[3][2] == "array item 4 is a JSON int, not an object"
+    assert rows[3][2] == "array item 4 is a JSON number, not an object"
     assert rows[4][1] == {"prompt": "d ] } [ {", "w": '"q"'}
 
     rep = ingest([str(f)], tmp_path / "w", IngestConfig(), progress=False)

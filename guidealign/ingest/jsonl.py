@@ -6,6 +6,7 @@ through the row-by-row reader, so its quarantine reasons are the reference ones.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import numpy as np
@@ -74,11 +75,16 @@ def _is_temporal(t: pa.DataType) -> bool:
     return False
 
 
+_FIRST_IS_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+
+
 def _parse_block(block: bytes, line0: int, final: bool):
     """The part of a block's work that runs beside the caller: None when it must go row by row,
     else (table, line numbers, all strings ASCII, no whitespace runs, line ends)."""
     if block.startswith(BOM):  # pyarrow.json skips a BOM at the start of what it parses; Python's
         return None            # json does not (a line of files concatenated): the row reader says so
+    if not _FIRST_IS_OBJECT.match(block):  # pyarrow 26's read_json dies (SIGSEGV) on a block whose
+        return None                        # first value is `null`; any other non-object fails anyway
     # every string is ASCII when the bytes are and no \\u escape can make a non-ASCII char
     has_escape = b"\\" in block
     all_ascii = block.isascii() and not (has_escape and b"\\u" in block)

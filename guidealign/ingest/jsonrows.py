@@ -16,14 +16,15 @@ JSON_LINES_SNIFF = 1 << 20
 
 
 def is_json_lines(head: bytes) -> bool:
-    """The file starting with ``head`` is JSON Lines: it starts with "{" and either its first line
-    is a whole JSON object and more text follows, or two or more of the lines in ``head`` are
-    whole JSON objects, at least half of them (a broken first line: the rest are records; a
-    pretty-printed JSON value has mostly lines that are pieces, '{', '"key": 1,', '],'). As one
-    JSON value it would be invalid (text after the value ends, or a value never closed); read as
-    one, only its first record came through (or none) and the rest was one quarantine row. A
-    first line longer than ``head`` is told from JSON by ``jsonarray`` (``_JsonItems._tail``)."""
-    if not head.lstrip().startswith(b"{"):
+    """The file starting with ``head`` is JSON Lines: it does not start with "[" (a JSON array)
+    and either its first line is a whole JSON object and more text follows, or two or more of the
+    lines in ``head`` are whole JSON objects, at least half of them (a first line that is broken,
+    ``null``, a comment: the rest are records; a pretty-printed JSON value has mostly lines that
+    are pieces, '{', '"key": 1,', '],'). As one JSON value it would be invalid (text after the
+    value ends, or a value never closed); read as one, only its first record came through (or
+    none) and the rest was one quarantine row. A first line longer than ``head`` is told from
+    JSON by ``jsonarray`` (``_JsonItems._tail``)."""
+    if head.lstrip().startswith(b"["):
         return False
     lines = [ln for ln in head.split(b"\n") if ln.strip()]
     if len(lines) < 2:
@@ -138,6 +139,10 @@ def parse_jsonl_line(lineno: int, raw: bytes, last: bool, encoding: str = "utf-8
                                    lambda e: f"column {e.colno}")
 
 
+_JSON_KIND = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
 def load_object(text: str, what: str, not_json: str, where) -> tuple[dict | None, str | None]:
     """(record, None) for ``text`` that is one JSON object, else (what to show, reason): ``what``
     names the text in a reason ("line 3"), ``not_json`` opens the reason for text that is not
@@ -148,8 +153,8 @@ def load_object(text: str, what: str, not_json: str, where) -> tuple[dict | None
         return {"_raw": text}, f"{not_json}: {e.msg} ({where(e)})"
     except RecursionError:
         return {"_raw": text}, f"{what} is JSON nested too deeply to read"
-    if not isinstance(rec, dict):
-        return None, f"{what} is a JSON {type(rec).__name__}, not an object"
+    if not isinstance(rec, dict):  # its text stays in the quarantine row ("raw"), as a broken line's
+        return {"_raw": text}, f"{what} is a JSON {_JSON_KIND.get(type(rec), 'value')}, not an object"
     return rec, None
 
 
