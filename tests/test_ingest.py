@@ -1084,6 +1084,11 @@ ROW_READER_CASES = {
     "deep metadata": ['{"prompt": "a", "m": ' + "[" * 990 + "]" * 990 + "}", '{"prompt": "b"}',
                       '{"prompt": "c", "m": ' + "[" * 1200 + "]" * 1200 + "}"],
     "unterminated string": ['{"prompt": "broken', '{"prompt": "b"}'],
+    "instruction with its input": [
+        '{"instruction": "Sum up.", "input": "Text one.", "output": "1"}',
+        '{"instruction": "Sum up.", "input": "Text  two.\\u00e9"}', '{"instruction": "Sum up.", "input": " \\n"}',
+        '{"instruction": "Sum up.", "input": 3}', '{"instruction": "Sum up.", "context": "ctx"}',
+        '{"instruction": null, "input": "orphan"}', '{"instruction": "Sum up.", "input": null, "context": "c2"}'],
 }
 
 

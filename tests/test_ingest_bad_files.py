@@ -179,8 +179,9 @@ def test_another_spelling_of_an_input_is_another_run(tmp_path, monkeypatch):
     rep = ingest(["in.jsonl"], "w", cfg, progress=False)
     assert (rep.written, rep.skipped) == (0, 3)
     st = os.stat(absolute)
-    old_rule = fingerprint("ingest-v7", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars, cfg.shard_rows,
-                           cfg.encoding, cfg.delimiter, [(absolute, st.st_size, st.st_mtime_ns)])
+    old_rule = fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars, cfg.shard_rows,
+                           cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs),
+                           [(absolute, st.st_size, st.st_mtime_ns)])
     assert _fingerprint([Path(absolute)], cfg) == old_rule
 
 

@@ -16,6 +16,11 @@ class IngestConfig:
     prompt_field: str = "prompt"
     # Other spellings tried, in order, when a row/file has no `prompt_field` (common exports).
     prompt_aliases: list[str] = field(default_factory=lambda: ["question", "instruction", "text"])
+    # When the prompt comes from an `instruction` field, the first of these fields present with
+    # text is joined to it after a blank line (Alpaca's `input`, Dolly's `context`: "Summarize
+    # this." alone is not the prompt, and rows sharing it were dropped as duplicates). The field
+    # stays in the row's metadata too. [] takes the instruction alone.
+    instruction_inputs: list[str] = field(default_factory=lambda: ["input", "context"])
     # Prompts longer than this many characters are quarantined.
     max_chars: int = 100_000
     # Rows per output shard: the unit of work, resume and rank split downstream. Measured on

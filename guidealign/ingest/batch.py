@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -35,7 +36,7 @@ from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
-from guidealign.ingest.keys import find_prompt_key, norm_key
+from guidealign.ingest.keys import find_input_keys, find_prompt_key, norm_key
 
 # a run of Python's \s restricted to ASCII, matched only where it is not already one space
 # (a run starting with another whitespace char, or a space followed by more): one RE2 pass that
@@ -73,6 +74,26 @@ class Spec:
     max_chars: int
     # how ASCII prompts are hashed: "hashlib" (a Python loop), or "llvm" (blake2_llvm)
     hash_kernel: str = "hashlib"
+    # fields whose text joins an ``instruction`` prompt (``ingest.instruction_inputs``)
+    inputs: tuple = ()
+
+
+# an input joins its instruction when it holds more than spaces, tabs and line ends (the same
+# test on both paths: Arrow's and Python's ideas of whitespace differ past ASCII)
+INPUT_TEXT_RE = r"[^ \t\r\n]"
+_INPUT_TEXT = re.compile(INPUT_TEXT_RE)
+INPUT_SEP = "\n\n"
+
+
+def with_input(p, values):
+    """The prompt of an instruction ``p`` whose record's input fields hold ``values`` (in the
+    order of ``ingest.instruction_inputs``): joined by a blank line with the first that holds
+    text (Alpaca's instruction + input), else ``p`` alone."""
+    if isinstance(p, str):
+        for v in values:
+            if isinstance(v, str) and _INPUT_TEXT.search(v):
+                return p + INPUT_SEP + v
+    return p
 
 
 # --- per-row checks (the reference semantics) --------------------------------------------------
@@ -112,10 +133,15 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
         key = None
         if err is None:
             ks = tuple(rec)
-            key = keys_cache.get(ks, 0)
+            key, ikeys = keys_cache.get(ks, (0, ()))
             if key == 0:
-                key = keys_cache[ks] = find_prompt_key(ks, spec.field, spec.aliases)
-            err = check_value(rec.get(key) if key is not None else None, key, spec)
+                key = find_prompt_key(ks, spec.field, spec.aliases)
+                ikeys = find_input_keys(ks, key, spec.inputs)
+                keys_cache[ks] = key, ikeys
+            p = rec.get(key) if key is not None else None
+            if ikeys:
+                p = with_input(p, [rec.get(k) for k in ikeys])
+            err = check_value(p, key, spec)
         if err is not None:
             b.reject(i, row_no, err, raw_repr(rec))
             continue
@@ -133,7 +159,6 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
             if meta is None:
                 b.reject(i, row_no, f"row {row_no} has a value nested too deeply to write as JSON", raw_repr(rec))
                 continue
-        p = rec[key]
         prompts.append(p)
         linenos.append(row_no)
         metas.append(meta)
@@ -241,6 +266,11 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     bad: dict[int, tuple[str, object]] = {}
     override: dict[int, tuple[str, str]] = {}  # fallback rows that are good: (prompt, metadata)
 
+    ikeys = find_input_keys(names, key, spec.inputs)
+    if ikeys:
+        col, joined = _join_input(col, [one_array(table.column(k)) for k in ikeys])
+        no_ws_runs = no_ws_runs and not joined  # the blank line between them is a whitespace run
+
     valid = col.is_valid()
     ascii_ = valid if all_ascii else pc.and_(valid, pc.fill_null(pc.string_is_ascii(col), lit(False)))
     ascii_np, valid_np = bool_numpy(ascii_), bool_numpy(valid)
@@ -279,11 +309,14 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         k = None
         if err is None:
             k = find_prompt_key(tuple(rec), spec.field, spec.aliases)
-            err = check_value(rec.get(k) if k is not None else None, k, spec)
+            p = rec.get(k) if k is not None else None
+            if ikeys := find_input_keys(tuple(rec), k, spec.inputs):
+                p = with_input(p, [rec.get(ik) for ik in ikeys])
+            err = check_value(p, k, spec)
         if err is None:
             good[i] = True
-            hashes[i] = int.from_bytes(prompt_hash(rec[k]), "little")
-            override[i] = (rec[k], meta_json(rec, k))
+            hashes[i] = int.from_bytes(prompt_hash(p), "little")
+            override[i] = (p, meta_json(rec, k))
         else:
             bad[i] = (err, rec)
 
@@ -318,6 +351,26 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         reason, rec = bad[i]
         b.reject(i, int(linenos[i]), reason, raw_repr(rec if rec is not None else fallback(i)[0]))
     return b
+
+
+def _join_input(col: pa.Array, inputs: list[pa.Array]) -> tuple[pa.Array, bool]:
+    """(the prompts with their inputs joined as :func:`with_input` joins them, whether any was):
+    each row takes the first input column that holds text in that row."""
+    big = pa.large_string()
+    out, joined, taken = col.cast(big), False, None
+    for inp in inputs:
+        if not (pa.types.is_string(inp.type) or pa.types.is_large_string(inp.type)):
+            continue  # no text in it (numbers, nulls): the row reader joins none either
+        has = pc.fill_null(pc.match_substring_regex(inp, INPUT_TEXT_RE), lit(False))
+        if taken is not None:
+            has = pc.and_(has, pc.invert(taken))
+        if not pc.any(has).as_py():
+            continue
+        both = pc.binary_join_element_wise(col.cast(big), inp.cast(big), pa.scalar(INPUT_SEP, big))
+        out = pc.if_else(has, both, out)
+        taken = has if taken is None else pc.or_(taken, has)
+        joined = True
+    return (out if joined else col), joined
 
 
 def _row_dict(table: pa.Table, i: int) -> dict:

@@ -21,6 +21,23 @@ def find_prompt_key(keys, field: str, aliases) -> str | None:
     return None
 
 
+# the prompt key whose record may carry its input in another field (Alpaca's "input", Dolly's
+# "context"): an instruction like "Summarize the text below." is only the whole prompt with it
+INSTRUCTION = "instruction"
+
+
+def find_input_keys(keys, prompt_key: str | None, inputs) -> tuple[str, ...]:
+    """The keys of the inputs an ``instruction`` prompt may be joined with, in the order of
+    ``inputs`` (any case/spacing); none when the prompt key is not ``instruction``."""
+    if prompt_key is None or norm_key(prompt_key) != INSTRUCTION or not inputs:
+        return ()
+    by_norm: dict[str, str] = {}
+    for k in keys:
+        if k != prompt_key:
+            by_norm.setdefault(norm_key(k), k)
+    return tuple(dict.fromkeys(by_norm[n] for n in map(norm_key, inputs) if n in by_norm))
+
+
 def unique_names(names: list[str]) -> list[str]:
     """Column names with each repeat renamed ``name.1``, ``name.2``, ... (as pandas reads
     them): a record is a dict, so a repeated name would keep only its last column's value. The

@@ -35,13 +35,14 @@ from tqdm import tqdm
 
 from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
 from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
-from guidealign.ingest.batch import Batch, Spec, arrow_batches, check_value, hex_ids, rows_batch
+from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, hex_ids, rows_batch,
+                                    with_input)
 from guidealign.ingest.commit import Pending, ShardWriter
 from guidealign.ingest.csvcol import csv_batches
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
-from guidealign.ingest.keys import find_prompt_key
+from guidealign.ingest.keys import find_input_keys, find_prompt_key
 from guidealign.ingest.arrowfiles import hf_splits, iter_parquet_tables
 from guidealign.ingest.readers import IngestError, check_readable, expand_inputs, read_rows
 from guidealign.shards import fingerprint, is_done, read_manifest, wait_complete, write_manifest
@@ -95,16 +96,20 @@ def _reason_kind(reason: str) -> str:
 def check_prompt(rec: dict, cfg: IngestConfig) -> str | None:
     """Why ``rec`` has no usable prompt, or None (the row-by-row reference check)."""
     key = find_prompt_key(tuple(rec), cfg.prompt_field, cfg.prompt_aliases)
-    return check_value(rec.get(key) if key is not None else None, key, _spec(cfg))
+    return check_value(prompt_of(rec, cfg), key, _spec(cfg))
 
 
 def prompt_of(rec: dict, cfg: IngestConfig) -> str | None:
+    """The prompt of a record as ingest takes it (an instruction with its input joined)."""
     key = find_prompt_key(tuple(rec), cfg.prompt_field, cfg.prompt_aliases)
-    return rec.get(key) if key is not None else None
+    p = rec.get(key) if key is not None else None
+    ikeys = find_input_keys(tuple(rec), key, cfg.instruction_inputs)
+    return with_input(p, [rec.get(k) for k in ikeys]) if ikeys else p
 
 
 def _spec(cfg: IngestConfig, hash_kernel: str = "hashlib") -> Spec:
-    return Spec(cfg.prompt_field, tuple(cfg.prompt_aliases), cfg.max_chars, hash_kernel)
+    return Spec(cfg.prompt_field, tuple(cfg.prompt_aliases), cfg.max_chars, hash_kernel,
+                tuple(cfg.instruction_inputs))
 
 
 # inputs smaller than this are hashed with hashlib under hash_kernel=auto: loading the
@@ -304,8 +309,10 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # path written as it resolves adds nothing: that run keeps the fingerprint it had.
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
              + (() if str(p) == str(p.resolve()) else (str(p),)) + _inner_stats(p) for p in files]
-    return fingerprint("ingest-v7", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
-                       cfg.shard_rows, cfg.encoding, cfg.delimiter, stats)
+    # v8: an instruction's input (ingest.instruction_inputs) is part of its prompt; shards
+    # without one come out the same, so only inputs with instruction + input change downstream
+    return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
+                       cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats)
 
 
 def _inner_stats(p: Path) -> tuple:
