@@ -23,6 +23,9 @@ ORDER = ["prompts", "prompts-sft"] + [s.dst for s in STAGES if s.dst != "prompts
 # datasets built whole as an artifact (shards.artifact.build_dir): readers take them only
 # through their _done.json, which build_dir and `verify --repair` may have removed
 ARTIFACT_DATASETS = ("library",)
+# artifacts built in place, complete only with their _done.json (index and retriever are
+# renamed into place before it is written; SFT trains in its folder)
+_BUILT_WHOLE = ("retriever", "index", "sft")
 
 
 def _damaged_row(d: Path) -> dict | None:
@@ -49,6 +52,11 @@ def _stage_row(d: Path) -> dict | None:
 
     man = read_manifest(d)
     done_file = d / DONE
+    if man is None and not done_file.exists() and d.name in _BUILT_WHOLE and any(d.iterdir()):
+        # being built, or its build was killed (or `verify --repair` took its record): not done
+        return {"stage": d.name, "shards_done": 0, "shards_total": 1, "shards_stale": 0, "rows": 0,
+                "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
+                "note": f"no {DONE}: being built, or its build stopped; the next run builds it"}
     if man is None and (not done_file.exists() or (d / MANIFEST).exists()):
         return _damaged_row(d)
     row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0, "rows": 0,
@@ -100,16 +108,28 @@ def _stage_row(d: Path) -> dict | None:
 
 
 def _made_from_other(d: Path, man: dict | None) -> str | None:
-    """Why an artifact is stale though complete: it was built from input that has changed
-    since (the library from other guideline shards, the retriever or the index from another
-    library), which the stage sees and builds again; None when current or when it cannot be told
-    (an artifact written before it recorded what it was made from)."""
+    """Why an artifact (or retrievals) is stale though complete: it was built from input that
+    has changed since (the library from other guideline shards, the retriever or the index from
+    another library, the index from other retriever weights, retrievals from another index),
+    which the stage sees and builds again; None when current or when it cannot be told (an
+    artifact written before it recorded what it was made from)."""
     from guidealign.shards.artifact import read_done
     from guidealign.shards.manifest import checksums_digest, input_checksums, input_of
 
+    if man is not None and man.get("index_fingerprint"):  # retrievals: of the index there now?
+        index = read_done(d.parent / "index")
+        if index is not None and (index.get("fingerprint"), index.get("model_weights")) \
+                != (man["index_fingerprint"], man.get("index_weights")):
+            return "retrieved from another index than the one there now"
     done = read_done(d)
     if done is None:
         return None
+    if done.get("model_weights") and (d.parent / "retriever").is_dir():  # an index: of these weights?
+        from guidealign.retrieval.train import weights_digest
+
+        now = weights_digest(read_done(d.parent / "retriever"))
+        if now is not None and now != done["model_weights"]:
+            return "embedded by other retriever weights than those there now"
     if done.get("input_checksums") and man is not None:
         src = input_of(d, man)
         if src is not None and read_manifest(src) is not None \

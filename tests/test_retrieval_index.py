@@ -351,3 +351,85 @@ def test_settings_the_chosen_index_kind_or_candidate_space_never_reads_change_no
     assert lfp("library.candidates=model", "library.ngram_dim=128") == lfp("library.candidates=model")
     assert lfp("library.candidates=model", "library.embed_model=other") != lfp("library.candidates=model")
     assert lfp("library.candidates=ngram", "library.ngram_dim=128") != lfp("library.candidates=ngram")
+
+
+@pytest.mark.parametrize("change", ["library config", "index config"])
+def test_retrieve_refuses_an_index_the_current_config_would_not_build(built, tmp_path, change):
+    """retrieve checked only the library's version: with another library or index config (which
+    the index stage rebuilds for) it retrieved from the old index and said nothing."""
+    w = _copy_run(built, tmp_path / "run")
+    extra = ["library.fuzzy_threshold=0.6"] if change == "library config" else ["index.kind=hnsw"]
+    cfg = load_config(overrides=OVERRIDES + extra)
+    with pytest.raises(IndexVersionError, match="guidealign index"):
+        run_retrieve(cfg, w, progress=False)
+    assert not (w / "retrieve").exists()
+    ok = load_config(overrides=OVERRIDES)  # the config it was built with: retrieves
+    assert run_retrieve(ok, w, progress=False).processed
+
+
+def test_retrieve_with_nothing_left_to_do_still_refuses_a_retriever_retrained_since(built, tmp_path):
+    """The retriever check ran only when a shard was (re)done: after a retraining, a rerun of
+    retrieve said "0 written, all done" with the old retrievals."""
+    from guidealign.retrieval.index import INDEX_FILE, META_FILE
+    from guidealign.shards.artifact import mark_done, read_done
+
+    w = _copy_run(built, tmp_path / "run")
+    cfg = load_config(overrides=OVERRIDES)
+    assert run_retrieve(cfg, w, progress=False).processed
+    meta = json.loads((w / "index" / META_FILE).read_text())
+    meta["model_ref"] = "retriever:trained-before"  # an index a run's retriever embedded
+    (w / "index" / META_FILE).write_text(json.dumps(meta))
+    mark_done(w / "retriever", fingerprint="trained-since", rows=1, seconds=0)
+    with pytest.raises(IndexVersionError, match="rebuild the index"):
+        run_retrieve(cfg, w, progress=False)
+    assert (w / "index" / INDEX_FILE).exists() and read_done(w / "index") is not None
+
+
+def test_status_shows_retrievals_of_a_rebuilt_index_and_an_index_of_retrained_weights_as_stale(built, tmp_path):
+    """status showed retrieve done after the index was rebuilt (the next retrieve redid every
+    shard), and the index done after the retriever was retrained (the next index rebuilt)."""
+    from guidealign.shards.artifact import mark_done, read_done
+    from guidealign.status import collect
+
+    w = _copy_run(built, tmp_path / "run")
+    run_retrieve(load_config(overrides=OVERRIDES), w, progress=False)
+    rows = {r["stage"]: r for r in collect(w)}
+    assert rows["retrieve"]["shards_done"] == 6 and not rows["retrieve"].get("note")
+    run_index(load_config(overrides=OVERRIDES + ["index.kind=hnsw"]), w, progress=False)
+    row = {r["stage"]: r for r in collect(w)}["retrieve"]
+    assert row["shards_done"] == 0 and row["shards_stale"] == 6
+    assert "another index" in row["note"]
+
+    # an index embedded by the run's retriever, which has been retrained since
+    (w / "retriever" / "model").mkdir(parents=True)
+    (w / "retriever" / "model" / "model.safetensors").write_bytes(b"weights after retraining")
+    mark_done(w / "retriever", fingerprint="r", rows=1, seconds=0)
+    done = read_done(w / "index")
+    done["model_weights"] = "digest-of-the-weights-before"
+    (w / "index" / "_done.json").write_text(json.dumps(done))
+    row = {r["stage"]: r for r in collect(w)}["index"]
+    assert row["shards_done"] == 0 and "other retriever weights" in row["note"]
+
+
+def test_select_drops_a_candidate_exactly_at_the_dedup_ratio():
+    """fuzz.ratio gives 19.999999999999996 for "axxxx" vs "ayyyy" (2 of 10 characters match: 0.2),
+    so at dedup_ratio 0.2 the pair was kept though the rule is ratio >= dedup_ratio."""
+    from rapidfuzz import fuzz
+
+    assert fuzz.ratio("axxxx", "ayyyy") < 20  # the float this guards against
+    kept = select([0, 1], [0.9, 0.8], ["axxxx", "ayyyy"], keep=6, dedup_ratio=0.2)
+    assert [c for c, _ in kept] == [0]
+    kept = select([0, 1], [0.9, 0.8], ["axxxx", "ayyyy"], keep=6, dedup_ratio=0.21)
+    assert [c for c, _ in kept] == [0, 1]
+
+
+def test_status_lists_an_index_without_its_completion_record_as_not_done(built, tmp_path):
+    """An index folder without _done.json (killed between its rename and the record, or after
+    `verify --repair`) had no status row at all."""
+    from guidealign.status import collect
+
+    w = _copy_run(built, tmp_path / "run")
+    assert {r["stage"]: r for r in collect(w)}["index"]["shards_done"] == 1
+    (w / "index" / "_done.json").unlink()
+    row = {r["stage"]: r for r in collect(w)}["index"]
+    assert (row["shards_done"], row["shards_total"]) == (0, 1) and "no _done.json" in row["note"]

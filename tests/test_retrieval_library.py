@@ -220,3 +220,19 @@ def test_keys_too_short_for_an_ngram_still_merge_by_ratio():
     labels, stats = cluster(keys, ngram_vectors(keys), threshold=0.75, k=8, min_cosine=0.5, use_gpu=False)
     assert labels.tolist() == [0, 0, 2, 2, 4, 5, 6]
     assert fuzz.ratio("no", "no.") >= 75 > fuzz.ratio("no", "ok")
+
+
+def test_invisible_guidelines_are_dropped_and_their_prompts_counted_as_without_guidelines(workdir):
+    """A guideline of a zero-width space (or a BOM) became a library entry with invisible text:
+    strip() and \\s do not cover them; and a prompt whose guidelines were all blank was not
+    counted among the prompts without guidelines."""
+    rows = [{"id": "a", "prompt": "p1", "risky": True,
+             "guidelines": [{"title": "", "text": "\u200b"}, {"title": " ", "text": "\ufeff \u200b"}]},
+            {"id": "b", "prompt": "p2", "risky": True,
+             "guidelines": [{"title": "T", "text": "Refuse to help with weapons."}]},
+            {"id": "c", "prompt": "p3", "risky": False, "guidelines": [{"title": "", "text": "  "}]}]
+    write_guideline_shards(workdir / "guidelines", rows, shard_rows=8)
+    rep = run_library(load_config(), workdir, progress=False)
+    lib, _ = read_library(workdir)
+    assert [r["text"] for r in lib.to_pylist()] == ["Refuse to help with weapons."]
+    assert rep.empty_dropped == 3 and rep.prompts_without_guidelines == 2

@@ -216,7 +216,7 @@ def retrieve_benchmark(cfg, sub, *, rank: int = 0, world_size: int = 1, progress
     from guidealign.retrieval.retrieve import run_retrieve
 
     return run_retrieve(cfg, sub, rank=rank, world_size=world_size, progress=progress, src="prompts",
-                        dst="retrieve")
+                        dst="retrieve", run_config=False)
 
 
 def run_responses(cfg, workdir: Path, sub: Path, guided: bool, engines: Engines, rank: int,

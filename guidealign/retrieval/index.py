@@ -174,7 +174,7 @@ def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5
     want = library_fingerprint(cfg.library, src)
 
     def current(done: dict) -> bool:
-        """built from another library version than the current one, or with another index config or encoder"""
+        """built from another library version than the current one (or from other guideline shards, or under another library config), or with another index config or encoder"""
         lib = read_done(library_dir(workdir))
         return (bool(lib) and lib.get("fingerprint") == want and done.get("library_version") == lib.get("version")
                 and done.get("fingerprint") == index_fingerprint(cfg, lib["version"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,6 +160,12 @@ def _kind(kind, risky) -> str | None:
     return None if risky is None else ("safety" if risky else "quality")
 
 
+def _visible(key: str) -> bool:
+    """Whether a guideline's comparison text shows anything: not only spaces, format and
+    control characters (a zero-width space, a BOM), which strip() and \\s leave."""
+    return any(unicodedata.category(c)[0] not in "ZC" for c in key)
+
+
 def library_fingerprint(lc, src: Path, checksums: list[str] | None = None) -> str:
     """The fingerprint of the library built from the guideline shards in ``src`` with ``lc``
     (other ranks compute it to accept only a library, and an index, built from them)."""
@@ -275,14 +282,16 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 prompt_risky[pid] = risky
                 prompt_kind[pid] = _kind(kind, risky)
                 prompt_ids.append(pid)
+            kept_one = False
             for g in gls:
                 g = g or {}
                 title = (g.get("title") or "").strip()
                 text = (g.get("text") or "").strip()
                 key = normalize_text(text or title)
-                if not key:
+                if not _visible(key):
                     rep.empty_dropped += 1
                     continue
+                kept_one = True
                 rep.exploded += 1
                 u = key_index.get(key)
                 if u is None:
@@ -292,6 +301,8 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 u_forms[u][(title, text or title)] += 1
                 occ_prompt.append(pno)
                 occ_unique.append(u)
+            if not kept_one:  # every guideline blank: as good as none
+                rep.prompts_without_guidelines += 1
     del key_index
     # guidelines numbered in comparison-form order and prompts in id order, not in the order
     # they were read: the approximate (IVF) candidate search trains on, and the pairs files

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from guidealign.core.threads import set_threads
 from guidealign.config import prompt_set, wait_timeout
-from guidealign.shards.artifact import wait_done
+from guidealign.shards.artifact import NotReady, wait_done
 from guidealign.shards import StageReport, fingerprint, map_shards
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
 
     from guidealign.retrieval.embed import normalize_text
 
-    cutoff = dedup_ratio * 100.0
+    # a tiny tolerance, as the library's (dedup.confirm_pairs): ratio >= dedup_ratio is inclusive,
+    # and fuzz.ratio's float says 19.999999999999996 for a ratio of exactly 0.2
+    cutoff = max(dedup_ratio * 100.0 - 1e-4, 0.0)
     kept: list[tuple[int, float]] = []
     kept_forms: list[str] = []
     for c, s in sorted(zip(cand, scores), key=lambda cs: (-cs[1], cs[0])):
@@ -137,9 +139,13 @@ def make_shard_fn(cfg, workdir: Path):
 
 
 def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, src: str | None = None,
-                 dst: str = "retrieve", progress: bool = True) -> StageReport:
-    """Retrieve for every prompt of ``src`` (default: ``prompt_set(cfg, retrieve.prompts)``)."""
-    from guidealign.retrieval.index import check_version, index_dir
+                 dst: str = "retrieve", progress: bool = True, run_config: bool = True) -> StageReport:
+    """Retrieve for every prompt of ``src`` (default: ``prompt_set(cfg, retrieve.prompts)``).
+
+    ``run_config``: ``cfg`` is the config of the run in ``workdir``, so the index must be the
+    one its library, index and retriever settings build (eval retrieves from links to a run's
+    artifacts under a config of its own, and passes False: only versions and weights count)."""
+    from guidealign.retrieval.index import IndexVersionError, check_version, index_dir, wait_current_index
     from guidealign.retrieval.library import library_dir
 
     rc = cfg.retrieve
@@ -149,14 +155,22 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
         raise ValueError(f"retrieve.dedup_ratio must be in [0, 1] (a fuzz.ratio / 100), not {rc.dedup_ratio}")
     workdir = Path(workdir)
     wait_done(index_dir(workdir), timeout=wait_timeout(cfg, world_size))
+    if run_config:  # an index of another library, index config or retriever: refused (one worker)
+        try:            # or waited for (several: rank 0 may be building the current one)
+            wait_current_index(cfg, workdir, wait_timeout(cfg, world_size))
+        except NotReady as e:
+            raise IndexVersionError(f"{e} (guidealign index builds it)") from e
     # a stale index fails here, before any shard, and changes the fingerprint of every shard
     meta = check_version(index_dir(workdir), library_dir(workdir))
+    encoder_path(meta, workdir)  # so does a retriever retrained since, also with nothing left to do
     # v3: near-duplicates compared by the library's comparison text, not the embedded "Title: text";
     # the encoder's weights too: a retriever retrained under its fingerprint gets a new index
     # and so new retrievals (the index's fingerprint names the retriever's config, not weights)
     fp = fingerprint("retrieve-v3", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"],
                      meta.get("model_weights"))
     src = src or prompt_set(cfg, rc.prompts)
+    # which index the shards come from (status tells retrievals of an index rebuilt since)
+    made_from = {"index_fingerprint": meta["fingerprint"], "index_weights": meta.get("model_weights")}
     return map_shards("retrieve", workdir / src, workdir / dst, fp,
                       make_fn=lambda: make_shard_fn(cfg, workdir), rank=rank, world_size=world_size,
-                      columns=["id", "prompt"], progress=progress)
+                      columns=["id", "prompt"], progress=progress, record=made_from)

@@ -33,6 +33,10 @@ def is_current(d: str | Path, fp: str) -> bool:
     return done is not None and done.get("fingerprint") == fp
 
 
+class NotReady(RuntimeError):
+    """An artifact that is not complete, or not the one wanted, when the wait for it ended."""
+
+
 def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0, *, accept=None) -> dict:
     """Block until the artifact at ``d`` is complete, and ``accept(done)`` (when given) holds
     (``timeout=0``: check once). While it waits it stops when a rank of the run failed or
@@ -49,7 +53,7 @@ def wait_done(d: str | Path, timeout: float = 0, poll: float = 5.0, *, accept=No
                 return done
             why = f"no {DONE}" if done is None else (accept.__doc__ or "not accepted").strip()
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"{d} is not complete ({why}): run the stage that builds it first")
+                raise NotReady(f"{d} is not complete ({why}): run the stage that builds it first")
             watch.check(None if done is None else done.get("fingerprint"), f"{d}: {why}")
             time.sleep(poll)
 
