@@ -18,6 +18,65 @@ def _transport_errors() -> tuple:
     return tuple(errors)
 
 
+def _hub_failure(e: BaseException) -> bool:
+    """A failure huggingface_hub wrapped in a RuntimeError ("Error while uploading '...' to the
+    Hub.", raised from the HTTP or connection error of an LFS upload): not a bug of ours."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from guidealign.hub.commits import _causes
+
+    wrapped = (HfHubHTTPError,) + _transport_errors()
+    return str(e).startswith("Error while uploading") or \
+        any(isinstance(c, wrapped) for c in _causes(e.__cause__))
+
+
+def _hint(e: BaseException, workdir) -> str:
+    """What to do about a failed push, by the HTTP status behind ``e``: a missing or refused
+    token; an upload the Hub refused (a shard whose bytes are no longer those its marker
+    checksummed: push sends the marker's sha256, and the Hub checks the bytes against it); an
+    endpoint that cannot be reached."""
+    from huggingface_hub import constants
+
+    from guidealign.hub.commits import _causes, _http_status
+
+    status, _ = _http_status(e)
+    if status == 401:
+        return "no valid token: set HF_TOKEN or run `hf auth login`"
+    if status == 403:
+        return ("the token may not write there: use a token with write access (HF_TOKEN or "
+                "`hf auth login`) or a namespace it may write to")
+    if status in (400, 422) and isinstance(e, RuntimeError):
+        return (f"a file may have changed since it was committed: check with `guidealign verify "
+                f"{workdir}` (--repair, then rerun the stage)")
+    if status is None and any(isinstance(c, _transport_errors()) for c in _causes(e)):
+        return f"endpoint {constants.ENDPOINT} not reached (HF_ENDPOINT sets another)"
+    return ""
+
+
+def _first_line(x) -> str:
+    """The first line of an error's (or a text's) message; its type's name when it has none."""
+    return (str(x).strip().splitlines() or [type(x).__name__])[0]
+
+
+def _one_line(e: BaseException, workdir) -> str:
+    """``e`` as one line for the console: its first line, the error behind it (huggingface_hub's
+    wrapper names neither the HTTP status nor the Hub's message), and a hint."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from guidealign.hub.commits import _causes, _http_status
+
+    text = _first_line(e).rstrip(".")  # "... to the Hub.": the status and hint follow
+    status, _ = _http_status(e)
+    if status is not None:
+        http = next(c for c in _causes(e) if isinstance(c, HfHubHTTPError) and c.response is not None)
+        said = (getattr(http, "server_message", None) or "").strip()
+        text += f" (HTTP {status}: {_first_line(said)})" if said else f" (HTTP {status})"
+    elif e.__cause__ is not None:
+        text += f" ({type(e.__cause__).__name__}: {_first_line(e.__cause__)})"
+    hint = _hint(e, workdir)
+    return f"{text}: {hint}" if hint else text
+
+
 @click.command("push")
 @click.argument("what")
 @click.argument("repo_id", required=False)
@@ -31,21 +90,33 @@ def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
 
     from huggingface_hub.errors import HfHubHTTPError
 
-    from guidealign.hub.push import PushError, run_push
+    from guidealign.hub.push import PushError, run_push, visibility
 
     r, w = ranks(rank, world_size)
     cfg.push = replace(cfg.push, what=what, repo_id=repo_id or cfg.push.repo_id, model_repo_id="",
                        private=cfg.push.private if private is None else private)
     try:
         rep = run_push(cfg, workdir, rank=r, world_size=w, progress=not no_progress)
-    except (PushError, HfHubHTTPError, ValueError) as e:  # ValueError: HFValidationError, a bad repo id
+    except PushError as e:
         raise click.ClickException(str(e)) from e
+    except (HfHubHTTPError, ValueError) as e:  # ValueError: HFValidationError, a bad repo id
+        hint = _hint(e, workdir)
+        raise click.ClickException(f"{e}\n{hint}" if hint else str(e)) from e
     except _transport_errors() as e:  # the endpoint cannot be reached (after the retries)
         from huggingface_hub import constants
 
         raise click.ClickException(f"{type(e).__name__}: {e} (endpoint {constants.ENDPOINT}; HF_ENDPOINT "
                                    "sets another)") from e
+    except RuntimeError as e:  # an upload huggingface_hub wrapped; any other is a bug: its traceback
+        if not _hub_failure(e):
+            raise
+        raise click.ClickException(_one_line(e, workdir)) from e
     if rep is None:
         click.echo(f"push runs on rank 0; rank {r} has nothing to do")
         return
+    if private is not None and rep.private is not None and rep.private != private:
+        # create_repo keeps an existing repo's visibility; it is not changed behind the user's back
+        click.echo(f"warning: {rep.repo_id} is {visibility(rep.private)}, not "
+                   f"{visibility(private)} as asked: --private/--public apply to a new repo only "
+                   "(change it in the repo's settings on the Hub)", err=True)
     click.echo(rep.summary())

@@ -81,14 +81,67 @@ def _local_path(s: str) -> bool:
         return False
 
 
+# Words of a key name (split at "_", "-", ".", spaces and camelCase) that make its value a
+# secret: a free-form mapping (sft.trainer_args) takes any key the library it feeds accepts,
+# e.g. hub_token, api_key, use_auth_token, password. "key" and "token" alone are no secret:
+# sort_key, pad_token and eos_token name tokenizer settings (``_secret_key``).
+SECRET_WORDS = frozenset("""
+secret secrets password passwd passphrase credential credentials apikey auth authorization
+cookie cookies bearer
+""".split())
+KEY_PREFIXES = frozenset("api access private secret ssh hf hub client openai".split())
+# words before a final "token" that make it a tokenizer or length setting, not a credential
+TOKEN_SETTINGS = frozenset("pad eos bos unk sep cls mask start end additional special max min "
+                           "num per".split())
+REDACTED = "(redacted)"
+
+
+def _key_words(name: str) -> list[str]:
+    """The lower-case words of a key name: ``hubToken`` and ``hub-token`` are hub, token."""
+    import re
+
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
+
+
+def _secret_key(name) -> bool:
+    """Whether a key's value may be a secret (a token, password, API key): by its name's words
+    (``SECRET_WORDS``); "key" after api/access/private/hub... (``api_key``, ``access_key``);
+    "token" as the last word (``token``, ``hub_token``) unless it names a tokenizer's special
+    token or a length (``pad_token``, ``max_token``; ``pad_token_id``, ``max_tokens`` are none)."""
+    if not isinstance(name, str):
+        return False
+    words = _key_words(name)
+    if not words:
+        return False
+    pairs = list(zip([""] + words, words))
+    if any(w in SECRET_WORDS or (w == "key" and before in KEY_PREFIXES) for before, w in pairs):
+        return True
+    before, last = pairs[-1]
+    return last == "token" and before not in TOKEN_SETTINGS
+
+
+def _secret_text(s: str) -> bool:
+    """A Hugging Face access token (``hf_`` and 30 or more letters and digits) as a value, e.g.
+    in a list of command-line arguments, whatever key holds it."""
+    import re
+
+    return re.fullmatch(r"hf_[A-Za-z0-9]{30,}", s.strip()) is not None
+
+
 def redact(obj):
     """``obj`` (a config dict, model names, a card's fields) as a card may publish it: Hub ids
     and ``embedded:`` names stay, a local path becomes its base name (no home directories,
-    user names or cluster layout), and the ``executor`` section (Ray address) is left out."""
+    user names or cluster layout), the ``executor`` section (Ray address) is left out, and the
+    value of a key that names a secret (``_secret_key``: hub_token, api_key, password, ...), at
+    any depth, and any text shaped like a Hub token become "(redacted)"."""
     if isinstance(obj, dict):
-        return {k: redact(v) for k, v in obj.items() if k != "executor"}
+        return {k: REDACTED if _secret_key(k) else redact(v) for k, v in obj.items()
+                if k != "executor"}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
+    if isinstance(obj, str) and _secret_text(obj):
+        return REDACTED
     if isinstance(obj, str) and _local_path(obj):
         return Path(obj.rstrip("/")).name or "(local path)"
     return obj

@@ -58,6 +58,8 @@ class PushReport:
     bytes: int = 0           # size of the uploaded files
     seconds: float = 0.0
     commit: str = ""         # the head of the revision after the push
+    private: bool | None = None  # the repo's visibility as the Hub reports it after the push
+    #                              (push.private applies to a new repo only)
     uploaded_paths: list = field(default_factory=list)
     deleted_paths: list = field(default_factory=list)  # files removed (older versions' shards,
     #                                                     stale model files)
@@ -136,9 +138,17 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     report = PushReport(repo_id=repo_id, repo_type=repo_type, files=len(files))
 
     api = HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub
-    report.url = str(retry_step(
+    created = retry_step(
         lambda: api.create_repo(repo_id, repo_type=repo_type, private=pcfg.private, exist_ok=True),
-        pcfg, "create repo", report.count_retry))
+        pcfg, "create repo", report.count_retry)
+    report.url = str(created)
+    # an id without a namespace ("mydata") is created under the token's user: every later call
+    # needs the full id the Hub answered with ("user/mydata"), and so do the card and the report
+    full_id = getattr(created, "repo_id", None) or repo_id
+    if full_id != repo_id:
+        repo_id = report.repo_id = full_id
+        files = files_to_push(cfg, wd, repo_type, src, repo_id, data_dir)
+    report.private = repo_visibility(api, report, pcfg)
     where = dict(repo_id=repo_id, repo_type=repo_type, revision=pcfg.revision)
     title = f"guide-align: push {src.name}"
     # prepared once: these operations are uploaded and committed (nothing hashed twice)
@@ -163,6 +173,24 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
     return report
+
+
+def repo_visibility(api, report: PushReport, pcfg) -> bool | None:
+    """Whether the repo is private, as the Hub says: create_repo leaves an existing repo's
+    visibility as it is, whatever push.private asks (logged when they differ; the visibility is
+    never changed here)."""
+    info = retry_step(lambda: api.repo_info(report.repo_id, repo_type=report.repo_type),
+                      pcfg, "visibility lookup", report.count_retry)
+    private = getattr(info, "private", None)
+    if private is not None and private != pcfg.private:
+        log.info("%s %s is %s; push.private (%s) applies to a new repo only: its visibility is left "
+                 "as it is", report.repo_type, report.repo_id, visibility(private), pcfg.private)
+    return private
+
+
+def visibility(private: bool | None) -> str:
+    """"private", "public", or "of unknown visibility" for a repo's ``private`` flag."""
+    return {True: "private", False: "public"}.get(private, "of unknown visibility")
 
 
 def files_to_push(cfg, wd: Path, repo_type: str, src: Path, repo_id: str,
@@ -293,6 +321,7 @@ def write_report(wd: Path, report: PushReport, src: Path, pcfg, endpoint: str) -
     from guidealign.shards import write_json_atomic
 
     path = wd / "push" / f"{report.repo_type}__{report.repo_id.replace('/', '__')}.json"
-    write_json_atomic(path, {**asdict(report), "source": str(src), "private": pcfg.private,
+    # "private" (the report's): the repo's real visibility, which may not be push.private
+    write_json_atomic(path, {**asdict(report), "source": str(src), "requested_private": pcfg.private,
                              "revision": pcfg.revision, "endpoint": endpoint})
     return path

@@ -38,24 +38,38 @@ def resolve_target(workdir, what: str) -> tuple[str, Path]:
 
     wd = Path(workdir)
     if what in ("sft", "model"):
-        from guidealign.shards.artifact import read_done
-
         d = wd / "sft" / "model"
         if not (d / "config.json").exists() and not (d / "adapter_config.json").exists():
             raise PushError(f"{d} holds no trained model: run `guidealign sft` first")
-        # SFT drops its _done.json before it replaces the model and writes it once the new one
-        # is whole: without it the folder may be half deleted (a push would then delete the
-        # Hub's weights as files gone here) or the checkpoint of a training still running
-        if read_done(d.parent) is None:
-            raise PushError(f"{d} is not a finished model ({d.parent / '_done.json'} is missing: "
-                            "SFT was stopped before it finished): run `guidealign sft` again first")
+        check_finished_model(d)
         return "model", d
     d = Path(what) if (os.sep in what or Path(what).is_absolute()) else wd / what
     if read_manifest(d) is not None:
         return "dataset", d
     if (d / "config.json").exists() or (d / "adapter_config.json").exists():
+        if is_sft_output(d):  # a run's model named by its path: as finished as `model` must be
+            check_finished_model(d)
         return "model", d
     raise PushError(f"{d} is neither a stage's shard directory (no _stage.json) nor a model dir")
+
+
+def is_sft_output(d: Path) -> bool:
+    """``d`` is (or links to) a run directory's SFT output, ``<run>/sft/model``."""
+    real = d.resolve()
+    return real.name == "model" and real.parent.name == "sft"
+
+
+def check_finished_model(d: Path) -> None:
+    """PushError unless the SFT output ``d`` (``<run>/sft/model``) is a finished model. SFT drops
+    its _done.json before it replaces the model and writes it once the new one is whole: without
+    it the folder may be half deleted (a push would then delete the Hub's weights as files gone
+    here) or the checkpoint of a training still running."""
+    from guidealign.shards.artifact import read_done
+
+    sft = d.resolve().parent
+    if read_done(sft) is None:
+        raise PushError(f"{d} is not a finished model ({sft / '_done.json'} is missing: "
+                        "SFT was stopped before it finished): run `guidealign sft` again first")
 
 
 def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:

@@ -131,8 +131,12 @@ def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSum
     m = read_marker(d, i)
     bad: list[tuple[str, str, str]] = []
     if m is None:
-        rep.problems.append(Problem("corrupt", rel(mpath), "marker is not valid JSON (torn write)",
-                                    remove=[rel(mpath)]))
+        # torn, or JSON without a field a marker needs (read_marker: absent either way): the
+        # shard it committed is then uncommitted, so it and its quarantine go with it (else
+        # they are orphans the next verify fails on)
+        rep.problems.append(Problem("corrupt", rel(mpath), "marker unreadable or incomplete "
+                                    "(a torn write, or a field missing or of the wrong type)",
+                                    remove=[rel(mpath), rel(spath), rel(qpath)]))
         return
     summary.shards_committed += 1
     if summary.shards_total is not None and i >= summary.shards_total:
