@@ -7,8 +7,12 @@ or one is configured; ``max_model_len`` fits the longest prompt the stages build
 the tokenizer when it is local, else about 4 characters a token) and the model's context;
 ``tensor_parallel_size`` fits the visible GPUs; SFT's batch arithmetic adds up; GPU memory per
 engine and for SFT (parameters x bytes, + gradients and Adam state for full fine-tuning);
-disk for the run directory; the Hub token when push is configured (never printed); executor
-settings. ``guidealign run`` runs it first (``--no-check`` skips it).
+disk for the run directory; the Hub token when push is configured (never printed), and a
+repo id when push runs; executor settings (Ray's resources are numbers); what SFT's trainer
+would refuse at its start (a LoRA merge under FSDP/DeepSpeed, the scheduler's name, the keys of
+``sft.trainer_args``). A check that raises (a prompt file that is not there, too many
+exemplars) is a FAIL row naming its key, never a traceback. ``guidealign run`` runs it first
+(``--no-check`` skips it).
 """
 from __future__ import annotations
 
@@ -45,6 +49,21 @@ class Role:
     template: str | None = None
     engine: object = None     # its EngineConfig when it runs in vLLM
     stages: tuple[str, ...] = ()  # the stages that load it (`run`'s preflight checks those it runs)
+
+
+def guarded(check: str, item: str, key: str, fn) -> list[Row]:
+    """``fn()``'s rows, or one FAIL row naming ``key`` when it raises: a prompt file that is not
+    there or a value a stage refuses is a row of the table (and `run`'s preflight failure), not
+    a traceback that hides the other rows."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - whatever the check raises, the stage would too
+        why = str(e)
+        if not key:
+            why = f"{type(e).__name__}: {why}"
+        elif not why.startswith(key):  # a message that names its key already stays as it is
+            why = f"{key}: {why}"
+        return [Row(check, item, FAIL, why)]
 
 
 def roles(cfg) -> list[Role]:
@@ -156,27 +175,47 @@ def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
 
     e = role.engine
     rows = context_rows(role, info)
+    dropped = "some exemplars will be dropped (a warning says so)"
+
+    def prompt_fit(stage, path, default, reserve, max_tokens):
+        w, f = _prompt_text(path, default)
+        return [_fit_row(stage, tok, w, f, reserve, max_tokens, e.max_model_len, dropped)]
+
     if role.name == "guideline writer":
-        w, f = _prompt_text(cfg.detect.prompt_file, "detect.yaml")
-        rows.append(_fit_row("detect", tok, w, f, cfg.detect.reserve_input_tokens,
-                             cfg.detect.sampling.max_tokens, e.max_model_len,
-                             "some exemplars will be dropped (a warning says so)"))
-        for kind, path, name in (("safety", cfg.guidelines.safety_prompt_file, "safety_guidelines.yaml"),
-                                 ("quality", cfg.guidelines.quality_prompt_file, "quality_guidelines.yaml")):
-            w, f = _prompt_text(path, name)
-            rows.append(_fit_row(f"guidelines ({kind})", tok, w, f, cfg.guidelines.reserve_input_tokens,
-                                 cfg.guidelines.sampling.max_tokens, e.max_model_len,
-                                 "some exemplars will be dropped (a warning says so)"))
+        d = cfg.detect
+        rows += guarded("prompt file", "detect", "detect.prompt_file", lambda: prompt_fit(
+            "detect", d.prompt_file, "detect.yaml", d.reserve_input_tokens, d.sampling.max_tokens))
+        g = cfg.guidelines
+        for kind, path, name in (("safety", g.safety_prompt_file, "safety_guidelines.yaml"),
+                                 ("quality", g.quality_prompt_file, "quality_guidelines.yaml")):
+            rows += guarded("prompt file", f"guidelines ({kind})", f"guidelines.{kind}_prompt_file",
+                            lambda path=path, name=name, kind=kind: prompt_fit(
+                                f"guidelines ({kind})", path, name, g.reserve_input_tokens,
+                                g.sampling.max_tokens))
     if role.name in ("responder",) or (role.name == "guideline writer" and not cfg.respond.engine):
         rc = cfg.respond
-        k = rc.max_guidelines or cfg.retrieve.keep
-        system = rc.guided_system.replace("{guidelines}", format_guidelines(["x" * 4 * GUIDELINE_TOKENS] * k))
-        exs = "\n".join(q + "\n" + a for q, a in load_exemplars(rc)[0])
-        rows.append(_fit_row("respond", tok, system + "\n" + exs, "", USER_TOKENS + 16,
-                             rc.sampling.max_tokens, e.max_model_len,
-                             "long prompts will be truncated (the start of the user text; guidelines only below respond.min_user_tokens)"))
+
+        def loads(rcfg) -> list[Row]:
+            load_exemplars(rcfg)
+            return []
+
+        # the file first (read and checked with no exemplar taken), then the count it must hold,
+        # so that the row names the key to fix
+        bad = guarded("prompt file", "respond", "respond.exemplars_file",
+                      lambda: loads(dataclasses.replace(rc, num_exemplars=0)))
+        bad = bad or guarded("prompt file", "respond", "respond.num_exemplars", lambda: loads(rc))
+        if bad:
+            rows += bad
+        else:
+            k = rc.max_guidelines or cfg.retrieve.keep
+            system = rc.guided_system.replace("{guidelines}", format_guidelines(["x" * 4 * GUIDELINE_TOKENS] * k))
+            exs = "\n".join(q + "\n" + a for q, a in load_exemplars(rc)[0])
+            rows.append(_fit_row("respond", tok, system + "\n" + exs, "", USER_TOKENS + 16,
+                                 rc.sampling.max_tokens, e.max_model_len,
+                                 "long prompts will be truncated (the start of the user text; guidelines only below respond.min_user_tokens)"))
     if role.name == "eval judge":
-        rows += _judge_prompt_rows(cfg, tok, e.max_model_len)
+        rows += guarded("prompt file", "eval judge", "eval.judge_system/pairwise_template/harm_template",
+                        lambda: _judge_prompt_rows(cfg, tok, e.max_model_len))
     return rows
 
 
@@ -248,7 +287,7 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo | None, 
                                "own with eval.judge_engine.tensor_parallel_size)" if judge else
                                "this engine" + ("" if gpus else " (the CPU engine here ignores it)"))))
         if info.params:
-            nb = 4 if e.dtype == "float32" else 2
+            nb = 4 if e.dtype in ("float32", "float") else 2
             need = info.params * nb / tp
             cap = gpu_mem * e.gpu_memory_utilization if gpu_mem else None
             st = INFO if cap is None else (OK if need < 0.9 * cap else FAIL)
@@ -304,6 +343,49 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo | None, 
     return rows
 
 
+def sft_rows(cfg) -> list[Row]:
+    """What SFT refuses only when it starts, after every earlier stage ran: a LoRA merge under
+    FSDP/DeepSpeed (sft/precision.py's own check), a scheduler transformers does not know, a
+    trainer_args key TRL's SFTConfig does not take (TRL raises a TypeError on it)."""
+    from guidealign.sft.precision import check_lora_merge
+
+    s = cfg.sft
+    rows = []
+    try:
+        check_lora_merge(s)
+    except ValueError as e:
+        rows.append(Row("SFT trainer", "sft.merge_lora", FAIL, str(e)))
+    try:  # transformers and TRL load torch (seconds): only when SFT is checked
+        from transformers.trainer_utils import SchedulerType
+    except ImportError:
+        rows.append(Row("SFT trainer", "sft.lr_scheduler", WARN,
+                        "transformers is not installed here: not checked"))
+    else:
+        names = [t.value for t in SchedulerType]
+        if s.lr_scheduler not in names:
+            rows.append(Row("SFT trainer", "sft.lr_scheduler", FAIL,
+                            f"{s.lr_scheduler!r} is not a transformers scheduler: {', '.join(names)}"))
+    try:
+        from trl import SFTConfig as TRLConfig
+    except ImportError:
+        rows.append(Row("SFT trainer", "sft.trainer_args", WARN,
+                        "TRL is not installed here: its keys are not checked"))
+    else:
+        import difflib
+
+        known = {f.name for f in dataclasses.fields(TRLConfig) if f.init}
+        for key in sorted(set(s.trainer_args) - known, key=str):
+            near = difflib.get_close_matches(str(key), known, n=1)
+            rows.append(Row("SFT trainer", f"sft.trainer_args.{key}", FAIL,
+                            "not a key of TRL's SFTConfig" + (f" (did you mean {near[0]}?)" if near else "")))
+    if not rows:
+        keys = sorted(s.trainer_args, key=str)
+        rows.append(Row("SFT trainer", "settings", OK,
+                        f"lr_scheduler {s.lr_scheduler}; "
+                        + (f"trainer_args keys {keys} are SFTConfig's" if keys else "no trainer_args")))
+    return rows
+
+
 def disk_row(cfg, workdir: str | None, sft: ModelInfo | None) -> Row:
     files = [f for pat in list(cfg.inputs) + list(cfg.inputs_sft) for f in glob.glob(pat)]
     inputs = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
@@ -342,6 +424,11 @@ def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
             where = "" if os.path.isabs(pat) else f" (relative paths are read from {os.getcwd()})"
             rows.append(Row("inputs", f"{key}: {pat}", OK if n else missing,
                             f"{n} file(s)" if n else "matches no file here" + where))
+    if stages is not None and "push" in stages and not cfg.push.repo_id:
+        # `run --stages push` runs it without a repo id, and it fails after every other stage
+        rows.append(Row("push", "push.repo_id", FAIL,
+                        "empty, yet push is among the stages run: set push.repo_id (the dataset "
+                        "repo; push.model_repo_id is pushed after it) or leave push out"))
     if (cfg.push.repo_id or cfg.push.model_repo_id) and runs("push"):
         from huggingface_hub import get_token
 
@@ -359,11 +446,14 @@ def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
         from guidealign.ray_workers import engine_config, resources_for
         from guidealign.stages import STAGES
 
+        rows += ray_resource_rows(ex)
         for stage in (s.name for s in STAGES if s.engine and s.in_run and runs(s.name)):
             # what a worker of the stage gets (its ray_resources_by_stage entry, else
             # ray_resources) against its engine (respond: the responder's), as ray_workers checks
             res = resources_for(ex, stage)
             gpus, tp = res.get("num_gpus", 0), engine_config(cfg, stage).tensor_parallel_size
+            if not _number(gpus):
+                continue  # a FAIL row of ray_resource_rows already
             if gpus and gpus < tp:
                 key = "ray_resources_by_stage" if stage in (ex.ray_resources_by_stage or {}) else "ray_resources"
                 rows.append(Row("executor", f"{key} ({stage})", FAIL,
@@ -381,6 +471,24 @@ def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
                     f"{ex.wait_timeout_s:g} s" + (" (0: no clock of its own; waits end on a failed rank or after "
                                                   f"stall_timeout_s {ex.stall_timeout_s:g} s without progress)"
                                                   if not ex.wait_timeout_s else "")))
+    return rows
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def ray_resource_rows(ex) -> list[Row]:
+    """Ray takes a number of CPUs, GPUs and bytes of memory: text ("4", quoted in YAML) is
+    refused only when a worker is placed, after the stages before it ran."""
+    rows = []
+    given = [("executor.ray_resources", ex.ray_resources)]
+    given += [(f"executor.ray_resources_by_stage.{st}", r) for st, r in ex.ray_resources_by_stage.items()]
+    for key, res in given:
+        for name in ("num_cpus", "num_gpus", "memory"):
+            v = (res or {}).get(name)
+            if v is not None and not _number(v):
+                rows.append(Row("executor", f"{key}.{name}", FAIL, f"{v!r} is not a number"))
     return rows
 
 
@@ -407,7 +515,7 @@ def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None,
             continue
         info = infos.get(role.model) or locate(role.model)
         infos[role.model] = info
-        rows += model_rows(cfg, role, info)
+        rows += guarded("model", f"{role.name}: {role.model}", "", lambda: model_rows(cfg, role, info))
         if role.name == "SFT base":
             sft_info = info
         if role.engine is not None:
@@ -415,10 +523,14 @@ def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None,
             if info.template is False and not role.template:
                 rows += context_rows(role, info)
                 continue  # cannot build prompts: already a FAIL
-            rows += length_rows(cfg, role, load_local_tokenizer(info), info)
-    rows += gpu_rows(cfg, engines, sft_info, gpus, gpu_mem)
-    rows.append(disk_row(cfg, workdir, sft_info))
-    rows += other_rows(cfg, stages)
+            rows += guarded("max_model_len", role.name, "",
+                            lambda: length_rows(cfg, role, load_local_tokenizer(info), info))
+    # each group of checks on its own: one that raises is its FAIL row, and the others still run
+    rows += guarded("GPUs", "engines and SFT", "", lambda: gpu_rows(cfg, engines, sft_info, gpus, gpu_mem))
+    if stages is None or "sft" in stages:
+        rows += guarded("SFT trainer", "sft", "", lambda: sft_rows(cfg))
+    rows += guarded("disk", "run directory", "", lambda: [disk_row(cfg, workdir, sft_info)])
+    rows += guarded("executor", "settings", "", lambda: other_rows(cfg, stages))
     return rows
 
 

@@ -1,7 +1,9 @@
 """``guidealign launch STAGE [ARGS...]`` (``./run.sh launch``): run a stage on this node's GPUs.
 
 It finds the GPUs this process may use (``CUDA_VISIBLE_DEVICES`` when set, else
-``nvidia-smi -L``) and starts, as ``engine.tensor_parallel_size`` in the config says:
+``nvidia-smi -L``) and starts, as the tensor_parallel_size of the stage's engines says
+(``engine.tensor_parallel_size``; respond: the responder's; ``--tp N`` sets it, and passes
+``--set ...tensor_parallel_size=N`` to the workers so that their engines match their GPUs):
 
 - tensor_parallel_size 1: one worker per GPU, worker j with ``CUDA_VISIBLE_DEVICES=<gpu j>``;
 - tensor_parallel_size k > 1: one tensor-parallel engine per group of k GPUs (one engine
@@ -17,9 +19,11 @@ from RANK/WORLD_SIZE, a SLURM array (SLURM_ARRAY_TASK_ID/COUNT) or SLURM tasks
 (SLURM_PROCID/NTASKS), exactly as ``shards.resolve_rank`` reads them; then
 ``R = node_rank * workers_per_node + j`` and ``W = nodes * workers_per_node``.
 
-Stages that are not split by shard (ingest, library, train-retriever, index, sft, push,
-eval) run as one process per node with the node's rank; train-retriever sees only the
-node's first GPU (the retriever trains on one device), the others all of them.
+Stages whose work rank 0 does alone (ingest, library, train-retriever, index, sft, push)
+run as one process per node with the node's rank; train-retriever sees only the node's
+first GPU (the retriever trains on one device), the others all of them. eval splits its
+generation and judging across ranks (the stage table's ``splits_across_ranks``): one worker
+per engine, as a map stage.
 
 ``launch`` never installs anything (``./run.sh setup`` does, once, before the job).
 ``--dry-run`` prints the worker commands instead of running them. When a worker fails,
@@ -70,31 +74,62 @@ class Worker:
 
 
 def _opt_values(args: list[str], *names: str) -> list[str]:
-    """Values of an option in a click-style argument list (``--x V`` and ``--x=V``)."""
+    """Values of an option in a click-style argument list: ``--x V``, ``--x=V``, and for a
+    short name ``-c V`` and ``-cV`` (click takes both: a worker would read a config that a
+    parse of ``-c V`` alone missed)."""
     vals = []
     for i, a in enumerate(args):
         for n in names:
+            short = len(n) == 2 and n[0] == "-" and n[1] != "-"
             if a == n and i + 1 < len(args):
                 vals.append(args[i + 1])
-            elif a.startswith(n + "="):
+            elif not short and a.startswith(n + "="):
                 vals.append(a[len(n) + 1:])
+            elif short and a.startswith(n) and len(a) > 2:
+                vals.append(a[2:])
     return vals
+
+
+def _stage_config(stage_args: list[str]):
+    """The config a worker will load (--config, --set)."""
+    from guidealign.config import load_config
+
+    paths = _opt_values(stage_args, "--config", "-c")
+    return load_config(paths[-1] if paths else None, _opt_values(stage_args, "--set"))
 
 
 def tensor_parallel_size(stage_args: list[str], stage: str = "") -> int:
     """The tensor_parallel_size of the engine(s) ``stage`` runs, from the config it will load
     (--config, --set): respond's own engine (``respond.engine`` over ``engine``) for respond,
-    the larger of the two for ``run`` (its workers run both), else ``engine``'s."""
-    from guidealign.config import load_config
+    the larger of the two for ``run`` (its workers run both), the larger of the responder's and
+    the judge's for eval, else ``engine``'s."""
     from guidealign.ray_workers import engine_config
 
-    paths = _opt_values(stage_args, "--config", "-c")
-    cfg = load_config(paths[-1] if paths else None, _opt_values(stage_args, "--set"))
+    cfg = _stage_config(stage_args)
     writer = int(cfg.engine.tensor_parallel_size)
     responder = int(engine_config(cfg, "respond").tensor_parallel_size)
     if stage == "respond":
         return responder
+    if stage == "eval":  # its workers answer with the responder's engine, then judge
+        from guidealign.config import judge_engine_config
+
+        return max(responder, int(judge_engine_config(cfg).tensor_parallel_size))
     return max(writer, responder) if stage == "run" else writer
+
+
+def tp_overrides(stage_args: list[str], stage: str, tp: int) -> list[str]:
+    """The ``--set`` that give the engines of ``stage``'s workers ``--tp``'s size: --tp groups the
+    GPUs, and an engine that kept the config's size would not fit its group (larger) or leave
+    GPUs idle (smaller). ``engine.tensor_parallel_size``, and the responder's own
+    (``respond.engine.tensor_parallel_size``) where the config sets it, for the stages that
+    start the responder (respond, run, eval); only those that differ from ``tp``."""
+    cfg = _stage_config(stage_args)
+    keys = {"engine.tensor_parallel_size": cfg.engine.tensor_parallel_size}
+    if stage in ("respond", "run", "eval") and "tensor_parallel_size" in cfg.respond.engine:
+        keys["respond.engine.tensor_parallel_size"] = cfg.respond.engine["tensor_parallel_size"]
+        if stage == "respond":  # the writer's engine does not run there
+            del keys["engine.tensor_parallel_size"]
+    return [a for k, v in keys.items() if v != tp for a in ("--set", f"{k}={tp}")]
 
 
 def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_rank: int,
@@ -107,8 +142,9 @@ def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_ra
                                "(or SLURM / RANK / WORLD_SIZE) for this node's place")
     if tp < 1:
         raise click.UsageError(f"engine.tensor_parallel_size must be >= 1, got {tp}")
-    if not gpus or (stage in BY_NAME and BY_NAME[stage].kind != "map"):
-        # one process: the CPU, or a stage that is not split by shard
+    if not gpus or (stage in BY_NAME and not BY_NAME[stage].splits_across_ranks):
+        # one process: the CPU, or a stage whose work rank 0 does alone (eval splits its own
+        # work across ranks: a worker per engine, as a map stage)
         groups = [gpus[:1] if stage in ONE_DEVICE_STAGES else gpus]
     else:
         if len(gpus) < tp:
@@ -245,12 +281,21 @@ def _record_failure(workdir: str, w: Worker, code: int, started: float = 0.0) ->
         click.echo(f"launch: could not write the failure marker: {e}", err=True)
 
 
+def _takes_engine(stage: str) -> bool:
+    """Whether ``stage``'s workers start a vLLM engine (run's and eval's do, through their stages)."""
+    return stage in ("run", "eval") or (stage in BY_NAME and BY_NAME[stage].engine)
+
+
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--dry-run", is_flag=True, help="Print the worker commands, run nothing.")
 @click.option("--gpus", default="auto", show_default=True,
               help="'auto' (CUDA_VISIBLE_DEVICES, else nvidia-smi -L), 'none', or ids like 0,1,2,3.")
 @click.option("--tp", type=int, default=None,
-              help="Tensor-parallel size (default: engine.tensor_parallel_size of the config).")
+              help="Tensor-parallel size: GPUs per worker, and each worker's engines get it too "
+                   "(--set engine.tensor_parallel_size=N, and respond.engine.tensor_parallel_size=N "
+                   "where the config sets it). Default: the config's engine.tensor_parallel_size; "
+                   "for respond the responder's (respond.engine over engine), for run the larger, "
+                   "for eval the larger of the responder's and the judge's.")
 @click.option("--node-rank", type=int, default=None, help="This node's rank (default: from env/SLURM).")
 @click.option("--nodes", type=int, default=None, help="Number of nodes (default: from env/SLURM).")
 @click.option("--log-dir", type=click.Path(file_okay=False), default=None,
@@ -293,13 +338,16 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
         node_rank, nodes = resolve_rank(node_rank, nodes, names=("--node-rank", "--nodes"))
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    if tp is None and gpu_list:
+    if (tp is None and gpu_list) or (tp is not None and tp >= 1 and _takes_engine(stage)):
         import yaml
 
         from guidealign.config import ConfigError, config_error
 
         try:
-            tp = tensor_parallel_size(stage_args, stage)
+            if tp is None:
+                tp = tensor_parallel_size(stage_args, stage)
+            else:  # appended last: it wins over the worker's own --set
+                stage_args += tp_overrides(stage_args, stage, tp)
         except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise click.UsageError(f"config: {config_error(e)}") from e
     tp = 1 if tp is None else tp

@@ -208,6 +208,8 @@ CHECKS = {
 # Literal keys whose stage-side check cannot be called cheaply, with the reason.
 NOT_CALLED = {
     "retriever.loss": "checked by branching inside training (needs an embedding model); no list of its own",
+    "engine.dtype": "vLLM checks it when the engine starts; tests/test_review_s46_config.py compares the "
+                    "Literal with vLLM's ModelDType",
 }
 
 

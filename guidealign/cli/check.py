@@ -25,7 +25,10 @@ def preflight(cfg, workdir, echo=click.echo, stages: list[str] | None = None) ->
 @click.command("check")
 @click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML config file (see configs/).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (repeatable). A mapping value replaces a free-form mapping "
+                   "(--set 'respond.engine={model: M}' drops the file's other respond.engine keys); "
+                   "KEY.sub=V sets one key in it; a section's keys merge.")
 @click.option("--workdir", "-w", default=None, type=click.Path(file_okay=False),
               help="Run directory (for the disk check; default: the current directory).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable rows.")

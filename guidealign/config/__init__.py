@@ -194,15 +194,28 @@ def _build(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
+class Whole(dict):
+    """A ``--set KEY={...}`` value for a free-form mapping (a dict-typed key): it replaces the
+    mapping, where ``--set KEY.sub=V`` merges into it (``merge`` tells them apart by this type)."""
+
+
+def _plain(v):
+    """``v`` with every ``Whole`` turned back into a dict (what the YAML dumper can write)."""
+    return {k: _plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
 def merge(base: dict, over: dict, schema=Config) -> dict:
     """``over`` on ``base``, key by key into sections (``schema``: the dataclass they are). A
     section given as null (every key commented out) or {} keeps its keys; a free-form mapping
-    (``respond.engine``, ``sft.trainer_args``) merges key by key too, but null or {} empties it."""
+    (``respond.engine``, ``sft.trainer_args``) merges key by key too, but null or {} empties it,
+    and a ``Whole`` (an override's mapping value) replaces it."""
     out = dict(base)
     hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
     for k, v in over.items():
         section = dataclasses.is_dataclass(hints.get(k))
-        if isinstance(out.get(k), dict) and (v is None or v == {}):
+        if isinstance(v, Whole):
+            out[k] = _plain(v)
+        elif isinstance(out.get(k), dict) and (v is None or v == {}):
             out[k] = out[k] if section else {}
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v, hints.get(k))
@@ -253,6 +266,18 @@ def _leaf_type(schema, parts: list[str]):
     return tp
 
 
+def _free_mapping(schema, parts: list[str]) -> bool:
+    """Whether the dotted key ``parts`` is a free-form mapping: a dict-typed field
+    (``respond.engine``, ``sft.trainer_args``, ``executor.ray_resources``) or a value of one whose
+    values are mappings (``executor.ray_resources_by_stage.detect``)."""
+    tp = _leaf_type(schema, parts)
+    if tp is None and len(parts) > 1:
+        parent = _leaf_type(schema, parts[:-1])
+        if typing.get_origin(parent) is dict:
+            tp = typing.get_args(parent)[1]
+    return tp is dict or typing.get_origin(tp) is dict
+
+
 def _wants_text(tp) -> bool:
     """A ``str`` or ``str | None`` field, or one of fixed text values (not a union with
     bool/int: there YAML decides)."""
@@ -299,7 +324,8 @@ def _override_value(raw: str, tp, item: str):
 
 def parse_overrides(items: typing.Iterable[str], schema=None) -> dict:
     """``["detect.sampling.temperature=0", "engine.model=/m"]`` -> nested dict (values parsed as
-    YAML, but a text field of ``schema`` (default: ``Config``) keeps the text as written)."""
+    YAML, but a text field of ``schema`` (default: ``Config``) keeps the text as written). A
+    mapping given to a free-form mapping key is a ``Whole``: it replaces that mapping."""
     schema = Config if schema is None else schema
     out: dict = {}
     for item in items:
@@ -315,7 +341,12 @@ def parse_overrides(items: typing.Iterable[str], schema=None) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} was set to a "
                                   "value by an earlier --set, it has no keys")
-        node[parts[-1]] = _override_value(raw, _leaf_type(schema, parts), item)
+        value = _override_value(raw, _leaf_type(schema, parts), item)
+        if isinstance(value, dict) and _free_mapping(schema, parts):
+            # `--set respond.engine={model: X}` is the whole mapping, not keys to lay over the
+            # file's: the file's chat_template and max_model_len must not stay
+            value = Whole(value)
+        node[parts[-1]] = value
     return out
 
 

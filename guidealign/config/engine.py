@@ -7,6 +7,9 @@ from typing import Literal
 # Keys with a fixed set of values: the stage code takes its allowed values from these
 # (typing.get_args), so the loader and the stage check one list.
 Overlong = Literal["truncate", "skip"]
+# vLLM's ModelDType (vllm/config/model.py): the engine refuses any other spelling ("bf16") only
+# when it starts, after the earlier stages ran; here the config refuses it when it loads.
+EngineDType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 
 @dataclass
@@ -28,8 +31,9 @@ class Sampling:
 class EngineConfig:
     # Local path, Hub id, or "embedded:smollm2-135m-instruct" (the default generator).
     model: str = "embedded:smollm2-135m-instruct"
-    # "auto" (the checkpoint's dtype; bf16 for the embedded model), "float32", "bfloat16", "float16".
-    dtype: str = "auto"
+    # "auto" (the checkpoint's dtype; bf16 for the embedded model), "float32", "bfloat16", "float16"
+    # ("float" and "half" are vLLM's other names for float32 and float16).
+    dtype: EngineDType = "auto"
     # Context length the engine reserves per sequence: prompt + template + output must fit.
     # 8192 = SmolLM2's context; the paper's full few-shot prompts (13 safety exemplars shown
     # as conversations) need ~4k tokens. Smaller values drop exemplars (with a warning).
