@@ -35,7 +35,8 @@ def stage_options(f):
     @click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False),
                   help="YAML config file (see configs/).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a config key, e.g. --set engine.dtype=float32 (repeatable).")
+                  help="Override a config key, e.g. --set engine.dtype=float32 (repeatable; a mapping "
+                       "value replaces a free-form mapping such as respond.engine, KEY.sub=V sets one key).")
     @click.option("--rank", type=int, default=None, help="This worker's rank (default: from env).")
     @click.option("--world-size", type=int, default=None, help="Number of workers (default: from env).")
     @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
