@@ -314,7 +314,9 @@ def test_configured_field_wins_over_aliases_and_missing_field_is_named(tmp_path)
     rows, q, _ = _ingested([f], tmp_path / "w")
     assert [r["prompt"] for r in rows] == ["the field"]
     assert json.loads(rows[0]["metadata"]) == {"text": "the alias"}
-    assert q[0]["row"] == 2 and q[0]["reason"] == "missing prompt field 'prompt'"
+    assert q[0]["row"] == 2 and q[0]["reason"] == (
+        "missing prompt field 'prompt' (tried 'prompt' or 'question' or 'instruction' or 'text'; the row "
+        "has body): --set ingest.prompt_field=NAME names the prompt's")
 
 
 def _write_compressed(path: Path, data: bytes) -> None:

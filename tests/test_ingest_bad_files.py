@@ -296,3 +296,23 @@ def test_a_quarantined_json_value_that_is_no_object_keeps_its_text(tmp_path):
                    ("array item 3 is a JSON number, not an object", "7"),
                    ("line 2 is a JSON string, not an object", '"plain prompt two"'),
                    ("line 3 is a JSON array, not an object", "[1, 2]")}
+
+
+def test_utf8_text_after_a_cp1252_start_is_named_not_garbled_in_silence(tmp_path, caplog):
+    """A file whose first 64 KiB are cp1252 (one byte not UTF-8) and whose later rows are UTF-8
+    came out with those rows garbled ('cafÃ© crÃ¨me'), no warning, nothing quarantined."""
+    src = tmp_path / "mixed.jsonl"
+    head = b'{"prompt": "r\xe9sum\xe9 tips"}\n' + b"".join(b'{"prompt": "row %d"}\n' % i for i in range(5000))
+    tail = '{"prompt": "café crème"}\n'.encode("utf-8")
+    src.write_bytes(head + tail)
+    with caplog.at_level(logging.WARNING):
+        ingest([str(src)], tmp_path / "w", IngestConfig(), progress=False)
+    said = [r.getMessage() for r in caplog.records if "read as cp1252" in r.getMessage()]
+    assert len(said) == 1 and str(src) in said[0] and f"from byte {len(head) + 15}" in said[0]
+    assert "--encoding utf-8" in said[0]
+    caplog.clear()
+    clean = tmp_path / "cp1252.jsonl"  # cp1252 all through: nothing to say
+    clean.write_bytes(head + '{"prompt": "café"}\n'.encode("cp1252"))
+    with caplog.at_level(logging.WARNING):
+        ingest([str(clean)], tmp_path / "w2", IngestConfig(), progress=False)
+    assert not [r for r in caplog.records if "read as cp1252" in r.getMessage()]

@@ -98,9 +98,10 @@ def with_input(p, values):
 
 # --- per-row checks (the reference semantics) --------------------------------------------------
 
-def check_value(p, key, spec: Spec) -> str | None:
+def check_value(p, key, spec: Spec, fields=()) -> str | None:
+    """Why ``p`` (the value of ``key`` in a row with keys ``fields``) is no prompt, or None."""
     if key is None:
-        return f"missing prompt field {spec.field!r}"
+        return missing_field(spec, fields)
     if p is None:
         return "null prompt"
     if not isinstance(p, str):
@@ -123,6 +124,16 @@ def check_value(p, key, spec: Spec) -> str | None:
     return None
 
 
+def missing_field(spec: Spec, fields) -> str:
+    """The reason for a row without the prompt field or any of its aliases (``fields``: its keys)."""
+    names = [str(k) for k in fields][:8]
+    more = ", ..." if len(fields) > 8 else ""
+    tried = " or ".join(repr(n) for n in (spec.field, *spec.aliases))
+    return (f"missing prompt field {spec.field!r} (tried {tried}; the row has "
+            f"{', '.join(names) + more if names else 'no fields'}): --set ingest.prompt_field=NAME "
+            "names the prompt's")
+
+
 def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], spec: Spec) -> Batch:
     """Row-by-row: each (row number, record, reader error) checked, normalized and hashed."""
     b = Batch(src)
@@ -141,7 +152,7 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
             p = rec.get(key) if key is not None else None
             if ikeys:
                 p = with_input(p, [rec.get(k) for k in ikeys])
-            err = check_value(p, key, spec)
+            err = check_value(p, key, spec, ks)
         if err is not None:
             b.reject(i, row_no, err, raw_repr(rec))
             continue
@@ -312,7 +323,7 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
             p = rec.get(k) if k is not None else None
             if ikeys := find_input_keys(tuple(rec), k, spec.inputs):
                 p = with_input(p, [rec.get(ik) for ik in ikeys])
-            err = check_value(p, k, spec)
+            err = check_value(p, k, spec, tuple(rec))
         if err is None:
             good[i] = True
             hashes[i] = int.from_bytes(prompt_hash(p), "little")

@@ -256,9 +256,14 @@ def _utf16_fits(head: bytes, order: str, nl: bytes) -> bool:
 class _Transcoded(io.RawIOBase):
     """A binary stream of UTF-8 bytes decoded from ``raw`` with ``encoding``."""
 
-    def __init__(self, raw, encoding: str, skip: int, lone_cr: bool, head: bytes, requested: str = "auto"):
+    def __init__(self, raw, encoding: str, skip: int, lone_cr: bool, head: bytes, requested: str = "auto",
+                 name: str = ""):
         self.raw = raw
-        self.enc, self.requested = encoding, requested
+        self.enc, self.requested, self.name = encoding, requested, name
+        # cp1252 is sniffed from the file's start (not UTF-8, no UTF-8 sequence there): UTF-8
+        # text further on would be read as cp1252 gibberish, so the first such bytes are named
+        self.watch_utf8 = encoding == "cp1252" and requested == "auto"
+        self.offset = skip  # bytes of the file handed to the decoder so far
         self.dec = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)("guidealign-escape")
         self.pending = head[skip:]
         self.lone_cr = lone_cr
@@ -278,6 +283,14 @@ class _Transcoded(io.RawIOBase):
             if err is not None:
                 self.fail(err)
         final = not data
+        if self.watch_utf8 and (m := _MULTIBYTE_UTF8.search(data)) is not None:
+            self.watch_utf8 = False
+            log.warning("%s: read as cp1252 (its first %d KiB are not UTF-8), but from byte %d it holds "
+                        "UTF-8 text, whose rows come out garbled (%r as %r): re-save the file in one "
+                        "encoding, or pass --encoding utf-8 (its cp1252 rows are then quarantined)",
+                        self.name or "input", SNIFF_BYTES >> 10, self.offset + m.start(), m.group(),
+                        m.group().decode("cp1252", "replace"))
+        self.offset += len(data)
         if self.dec is not None:
             try:
                 data = self.dec.decode(data, final).encode("utf-8", "surrogateescape")
@@ -354,7 +367,7 @@ def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, st
         # sniffed head, so only a file that can seek)
         raw.seek(skip)
         return raw, enc
-    tr = _Transcoded(raw, enc, skip, lone_cr, head, encoding)
+    tr = _Transcoded(raw, enc, skip, lone_cr, head, encoding, name=str(path))
     if early is not None:
         tr.fail(early)
     stream = io.BufferedReader(tr, buffer_size=CHUNK)

@@ -96,7 +96,7 @@ def _reason_kind(reason: str) -> str:
 def check_prompt(rec: dict, cfg: IngestConfig) -> str | None:
     """Why ``rec`` has no usable prompt, or None (the row-by-row reference check)."""
     key = find_prompt_key(tuple(rec), cfg.prompt_field, cfg.prompt_aliases)
-    return check_value(prompt_of(rec, cfg), key, _spec(cfg))
+    return check_value(prompt_of(rec, cfg), key, _spec(cfg), tuple(rec))
 
 
 def prompt_of(rec: dict, cfg: IngestConfig) -> str | None:
