@@ -142,6 +142,34 @@ def _made_from_other(d: Path, man: dict | None) -> str | None:
     return None
 
 
+def failed_ranks(workdir: str | Path) -> list[str]:
+    """One line per failure marker in ``workdir`` (a rank whose last run failed: its next run
+    clears it), oldest first: which rank, in which stage, where, and the error's last line."""
+    import json
+    import time
+
+    from guidealign.shards.failure import FAILED_DIR
+
+    d = Path(workdir) / FAILED_DIR
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(m, dict):
+            continue
+        who = f"rank {m['rank']}" if m.get("rank") is not None else f"process {m.get('pid')}"
+        if m.get("world_size"):
+            who += f" of {m['world_size']}"
+        lines = [ln for ln in str(m.get("error", "")).strip().splitlines() if ln.strip()]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(m.get("created", 0))))
+        out.append((float(m.get("created", 0)),
+                    f"{who} failed in {m.get('stage') or 'a stage'} on {m.get('host', '?')} at {when}: "
+                    f"{lines[-1] if lines else 'no error recorded'}"))
+    return [line for _, line in sorted(out)]
+
+
 # stages that hold one sub-dataset per name (eval/<benchmark>/, export/<dataset>/)
 _NESTED = ("eval", "export")
 

@@ -185,3 +185,21 @@ def test_status_shows_an_artifact_built_from_changed_input_as_stale(tmp_path):
         row = _row(tmp_path, name)
         assert (row["shards_done"], row["shards_stale"]) == (0, 1)
         assert "built from another library" in row["note"]
+
+
+def test_status_names_a_failed_rank_and_exits_1(tmp_path):
+    """A failed rank showed only as "2/3" shards, and status exited 0."""
+    from guidealign.shards.failure import clear_failed, mark_failed
+
+    w = tmp_path / "run"
+    write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"]}), fingerprint="f")
+    assert CliRunner().invoke(cli, ["status", str(w)]).exit_code == 0
+    mark_failed(w, 1, "Traceback ...\nValueError: the engine ran out of memory", stage="detect",
+                world_size=2)
+    for args in ([], ["--json"]):
+        res = CliRunner().invoke(cli, ["status", str(w), *args])
+        assert res.exit_code == 1
+        assert "FAILED: rank 1 of 2 failed in detect on" in res.output
+        assert "ValueError: the engine ran out of memory" in res.output
+    clear_failed(w, 1)  # the rank ran again
+    assert CliRunner().invoke(cli, ["status", str(w)]).exit_code == 0

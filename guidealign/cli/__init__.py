@@ -30,16 +30,24 @@ def cli(verbose):
 @run_directory
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(workdir, as_json):
-    """Per stage: shards done/total, rows, quarantined rows, throughput.
+    """Per stage: shards done/total, rows, quarantined rows, throughput; then the ranks whose
+    last run failed (their failure markers).
 
-    Exits 1 when no stage has written in WORKDIR (a mistyped directory, a run not started)."""
-    from guidealign.status import collect, render
+    Exits 1 when no stage has written in WORKDIR (a mistyped directory, a run not started) or
+    a rank's last run failed."""
+    from guidealign.status import collect, failed_ranks, render
 
     rows = collect(workdir)
     if rows or as_json:
         click.echo(json.dumps(rows, indent=1) if as_json else render(rows))
+    failed = failed_ranks(workdir)
+    for line in failed:
+        click.echo(f"FAILED: {line}", err=True)
+    if failed:
+        click.echo("(rerun the failed ranks, or the whole run: each stage skips what is done)", err=True)
     if not rows:  # a mistyped directory, or a run not started: not a run whose status is fine
         click.echo(f"no stage has written in {workdir} (is it the -w/--workdir of the stages?)", err=True)
+    if failed or not rows:
         raise SystemExit(1)
 
 
