@@ -281,6 +281,26 @@ def _record_failure(workdir: str, w: Worker, code: int, started: float = 0.0) ->
         click.echo(f"launch: could not write the failure marker: {e}", err=True)
 
 
+def _refuse_gpu_recipe_on_cpu(stage: str, stage_args: list[str]) -> None:
+    """A config whose engines are tensor-parallel is a GPU recipe: found no GPU (a job submitted
+    without them), launch would plan one CPU worker for it, whose 13B-70B engine then loads
+    for hours on the host or fails. ``--gpus none`` says a CPU run is meant."""
+    import yaml
+
+    from guidealign.config import ConfigError
+
+    try:
+        want = tensor_parallel_size(stage_args, stage)
+    except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError):
+        return  # the worker reports a config it cannot load
+    if want > 1:
+        raise click.UsageError(
+            f"the config's engine for {stage} is tensor-parallel over {want} GPUs, but no GPU is "
+            "visible here (CUDA_VISIBLE_DEVICES is not set and nvidia-smi lists none): submit the job "
+            "with GPUs (sbatch --gres=gpu:N or --gpus-per-node=N), or pass --gpus none to run CPU "
+            "workers anyway")
+
+
 def _takes_engine(stage: str) -> bool:
     """Whether ``stage``'s workers start a vLLM engine (run's and eval's do, through their stages)."""
     return stage in ("run", "eval") or (stage in BY_NAME and BY_NAME[stage].engine)
@@ -350,6 +370,8 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
                 stage_args += tp_overrides(stage_args, stage, tp)
         except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise click.UsageError(f"config: {config_error(e)}") from e
+    if gpus == "auto" and not gpu_list and _takes_engine(stage):
+        _refuse_gpu_recipe_on_cpu(stage, stage_args)
     tp = 1 if tp is None else tp
     workers = plan(stage, stage_args, gpus=gpu_list, tp=tp, node_rank=node_rank, nodes=nodes)
     click.echo(f"launch: {stage} on node {node_rank}/{nodes}: {len(gpu_list)} GPU(s), "

@@ -227,3 +227,26 @@ def test_push_among_the_stages_run_without_a_repo_id_fails_the_preflight(tmp_pat
                            env={"COLUMNS": "200"}, catch_exceptions=False)
     assert r.exit_code == 1 and "preflight failed" in r.output and "push.repo_id" in r.output, r.output
     assert not (wd / "push").exists()
+
+
+def test_launch_refuses_a_tensor_parallel_recipe_where_no_gpu_is_visible(tmp_path):
+    """A job submitted without GPUs planned one CPU worker for gpu-paper.yaml's tp-4 engines and
+    said "tensor_parallel_size 1"; `--gpus none` still runs CPU workers on purpose."""
+    import subprocess
+    import sys
+
+    from test_executors_launch import BASE_ENV, REPO
+
+    cfg = tmp_path / "tp.yaml"
+    cfg.write_text("engine:\n  tensor_parallel_size: 4\n")
+    env = {**BASE_ENV, "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}  # no GPU, no nvidia-smi
+
+    def launch(*args):
+        return subprocess.run([sys.executable, "-m", "guidealign.launch", "--dry-run", *args],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    p = launch("detect", "-w", "r", "-c", str(cfg))
+    assert p.returncode == 2 and "no GPU is visible" in p.stderr and "--gpus none" in p.stderr
+    assert launch("--gpus", "none", "detect", "-w", "r", "-c", str(cfg)).returncode == 0
+    assert launch("library", "-w", "r", "-c", str(cfg)).returncode == 0  # no engine: no GPU needed
+    assert launch("detect", "-w", "r").returncode == 0  # a tp-1 config runs on the CPU as before
