@@ -42,7 +42,12 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
         shown = ", ".join(map(str, done[:10])) + (" ..." if len(done) > 10 else "")
         raise RuntimeError(f"{w / stage}: shard {i} is not committed under the current config "
                            f"(committed: {shown})")
-    resp = read_table(w / stage, i).to_pylist()
+    table = read_table(w / stage, i)
+    if "response" not in table.schema.names:  # else every example said "response: (empty)"
+        raise RuntimeError(f"{w / stage} holds no responses (columns: {', '.join(table.schema.names)}): "
+                           f"show reads a response stage (respond, or an eval's); `guidealign export "
+                           f"{stage} -w {w}` writes this one as JSONL")
+    resp = table.to_pylist()
     det = _by_id(w / "detect", i, ["risky", "rationale", "parse_status", "finish_reason", "skip_reason"])
     out = []
     for r in resp[:n]:

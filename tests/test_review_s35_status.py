@@ -203,3 +203,29 @@ def test_status_names_a_failed_rank_and_exits_1(tmp_path):
         assert "ValueError: the engine ran out of memory" in res.output
     clear_failed(w, 1)  # the rank ran again
     assert CliRunner().invoke(cli, ["status", str(w)]).exit_code == 0
+
+
+def test_show_of_a_stage_without_responses_says_so(tmp_path):
+    """`show --stage guidelines` printed "retrieved guidelines: (none)" and "response: (empty)"
+    for every prompt, though the stage holds guidelines."""
+    w = tmp_path / "run"
+    write_shard(w / "guidelines", 0, pa.table({"id": ["a"], "prompt": ["p"], "guidelines": [["g"]]}),
+                fingerprint="f")
+    res = CliRunner().invoke(cli, ["show", str(w), "--stage", "guidelines"])
+    assert res.exit_code == 1 and "holds no responses" in res.output and "guidealign export guidelines" in res.output
+    assert "(empty)" not in res.output
+
+
+def test_export_columns_may_have_spaces_after_their_commas(tmp_path):
+    """`export --columns "id, prompt"` was refused: " prompt" is no column."""
+    import json as _json
+
+    w = tmp_path / "run"
+    write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"], "source": ["s"]}), fingerprint="f")
+    from guidealign.shards import write_manifest
+
+    write_manifest(w / "prompts", stage="ingest", num_shards=1, fingerprint="f", input="x")
+    res = CliRunner().invoke(cli, ["export", "prompts", "-w", str(w), "--columns", "id, prompt", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = [_json.loads(ln) for ln in (w / "export" / "prompts" / "shard-00000.jsonl").read_text().splitlines()]
+    assert rows == [{"id": "a", "prompt": "p"}]

@@ -189,7 +189,7 @@ def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progre
     reports = run_stage_command(
         "export", cfg, workdir, rank, world_size, no_progress, errors=(FileNotFoundError, ValueError),
         dataset=dataset, out=str(Path(out).absolute()) if out else None, fmt=fmt,
-        columns=[c for c in columns.split(",") if c] if columns else None)
+        columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
     pending = sum(len(getattr(r, "pending", []) or []) for r in reports)
     if pending:
         raise click.ClickException(f"{pending} input shard(s) not committed yet")
