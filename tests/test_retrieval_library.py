@@ -236,3 +236,23 @@ def test_invisible_guidelines_are_dropped_and_their_prompts_counted_as_without_g
     lib, _ = read_library(workdir)
     assert [r["text"] for r in lib.to_pylist()] == ["Refuse to help with weapons."]
     assert rep.empty_dropped == 3 and rep.prompts_without_guidelines == 2
+
+
+def test_rows_of_one_prompt_id_that_disagree_give_the_same_library_in_any_order(tmp_path):
+    """Two rows with one id, one safety and one quality: the first read won, so the library's
+    kinds and version depended on the rows' order."""
+    rows = [{"id": "dup", "prompt": "p", "risky": True, "kind": "safety",
+             "guidelines": [{"title": "A", "text": "Refuse to help with weapons."}]},
+            {"id": "dup", "prompt": "p", "risky": False, "kind": "quality",
+             "guidelines": [{"title": "B", "text": "Answer in plain words for beginners."}]},
+            {"id": "other", "prompt": "q", "risky": False, "kind": "quality",
+             "guidelines": [{"title": "C", "text": "Cite your sources when you give numbers."}]}]
+    got = []
+    for order in (rows, rows[::-1]):
+        w = tmp_path / f"w{len(got)}"
+        write_guideline_shards(w / "guidelines", order, shard_rows=8)
+        rep = run_library(load_config(), w, progress=False)
+        lib, _ = read_library(w)
+        got.append((rep.version, sorted((r["text"], r["kind"]) for r in lib.to_pylist())))
+    assert got[0] == got[1]
+    assert ("Answer in plain words for beginners.", "safety") in got[0][1]  # the id's rows: safety

@@ -160,6 +160,13 @@ def _kind(kind, risky) -> str | None:
     return None if risky is None else ("safety" if risky else "quality")
 
 
+def _rank(kind, risky, prompt) -> tuple:
+    """The order in which rows of one prompt id win: safety, quality, neither; a verdict of
+    risky, of not, none; then the text (any total order: it only has to be the same each run)."""
+    return ({"safety": 2, "quality": 1}.get(_kind(kind, risky) or "", 0),
+            {True: 2, False: 1}.get(risky, 0), prompt or "")
+
+
 def _visible(key: str) -> bool:
     """Whether a guideline's comparison text shows anything: not only spaces, format and
     control characters (a zero-width space, a BOM), which strip() and \\s leave."""
@@ -282,6 +289,11 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 prompt_risky[pid] = risky
                 prompt_kind[pid] = _kind(kind, risky)
                 prompt_ids.append(pid)
+            elif _rank(kind, risky, prompt) > _rank(prompt_kind[pid], prompt_risky[pid], prompt_text[pid]):
+                # rows of one id that disagree: the same one wins in any read order (safety
+                # over quality over none), so the library does not depend on the shards' order
+                prompt_text[pid], prompt_risky[pid] = prompt or "", risky
+                prompt_kind[pid] = _kind(kind, risky)
             kept_one = False
             for g in gls:
                 g = g or {}
