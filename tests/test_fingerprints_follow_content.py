@@ -40,17 +40,18 @@ def test_a_dataset_saved_again_in_place_is_ingested_again(tmp_path):
 
 
 def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
-    """Only directories gained the stat of their files: a file's ingest is not redone after the
-    upgrade (its fingerprint is still the resolved path, size and mtime of v7)."""
+    """Only directories gained the stat of their files: a file's fingerprint is still only its
+    resolved path, size and mtime (with the config; v8 added ingest.instruction_inputs)."""
     from guidealign.ingest.run import IngestConfig, _fingerprint
     from guidealign.shards import fingerprint
 
     f = tmp_path / "in.jsonl"
     f.write_text('{"prompt": "x"}\n')
     c, st = IngestConfig(), f.stat()
-    v7 = fingerprint("ingest-v7", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows,
-                     c.encoding, c.delimiter, [(str(f.resolve()), st.st_size, st.st_mtime_ns)])
-    assert _fingerprint([f.resolve()], c) == v7
+    v8 = fingerprint("ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows,
+                     c.encoding, c.delimiter, list(c.instruction_inputs),
+                     [(str(f.resolve()), st.st_size, st.st_mtime_ns)])
+    assert _fingerprint([f.resolve()], c) == v8
 
 
 # --- the LLM judge's seed -------------------------------------------------------------------
