@@ -331,7 +331,7 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     `guidealign launch detect -w runs/x -c configs/gpu-paper.yaml`.
     """
     from guidealign.shards import resolve_rank
-    from guidealign.shards.ranks import batch_script_refusal
+    from guidealign.shards.ranks import array_refusal, batch_script_refusal
 
     if stage not in BY_NAME and stage != "run":  # each worker would fail on it, after the plan
         raise click.UsageError(f"no stage {stage!r}: run, or one of {', '.join(BY_NAME)}")
@@ -353,6 +353,8 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
         gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
     if why := batch_script_refusal(node_rank is not None or nodes is not None, "the launcher",
                                    "--node-rank/--nodes"):
+        raise click.UsageError(why)
+    if stage == "run" and (why := array_refusal(node_rank is not None or nodes is not None, "launch run")):
         raise click.UsageError(why)
     try:
         node_rank, nodes = resolve_rank(node_rank, nodes, names=("--node-rank", "--nodes"))

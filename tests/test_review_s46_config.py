@@ -250,3 +250,33 @@ def test_launch_refuses_a_tensor_parallel_recipe_where_no_gpu_is_visible(tmp_pat
     assert launch("--gpus", "none", "detect", "-w", "r", "-c", str(cfg)).returncode == 0
     assert launch("library", "-w", "r", "-c", str(cfg)).returncode == 0  # no engine: no GPU needed
     assert launch("detect", "-w", "r").returncode == 0  # a tp-1 config runs on the CPU as before
+
+
+def test_run_as_the_tasks_of_a_slurm_array_is_refused(tmp_path, monkeypatch):
+    """README: never run `run` as an array (its tasks are not started together, and its ranks
+    wait for each other both ways); `run` and `launch run` took the array's ranks without a word."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from guidealign.cli import cli
+    from test_executors_launch import BASE_ENV, REPO
+
+    array = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "0"}
+    for k, v in array.items():
+        monkeypatch.setenv(k, v)
+    # (--stages nope: the old code, taking the array's rank, fails on it instead of waiting)
+    res = CliRunner().invoke(cli, ["run", "-w", str(tmp_path / "w"), "--no-check", "--stages", "nope"])
+    assert res.exit_code == 2 and "8-task job array" in res.output and "guidealign.sbatch" in res.output
+    p = subprocess.run([sys.executable, "-m", "guidealign.launch", "--dry-run", "--gpus", "none", "run",
+                        "-w", "r"], env={**BASE_ENV, **array}, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)  # (a dry run: the old code printed its plan)
+    assert p.returncode == 2 and "job array" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "guidealign.launch", "--dry-run", "--gpus", "none", "detect",
+                        "-w", "r"], env={**BASE_ENV, **array}, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr  # a map stage as an array: what arrays are for
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")  # an array of one task runs alone
+    assert "job array" not in CliRunner().invoke(cli, ["run", "-w", str(tmp_path / "w"), "--no-check",
+                                                       "--stages", "nope"]).output

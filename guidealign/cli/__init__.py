@@ -104,10 +104,11 @@ def config_show(config_path, overrides):
 def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
     """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set)."""
     from guidealign.pipeline import choose, run_pipeline
-    from guidealign.shards.ranks import batch_script_refusal
+    from guidealign.shards.ranks import array_refusal, batch_script_refusal
 
-    if why := batch_script_refusal(rank is not None or world_size is not None):
-        raise click.UsageError(why)  # rank 0 of n alone: 1/n of each map stage
+    explicit = rank is not None or world_size is not None
+    if why := batch_script_refusal(explicit) or array_refusal(explicit):
+        raise click.UsageError(why)  # rank 0 of n alone: 1/n of each map stage; an array: a stall
     names = [s.strip() for s in stages.split(",") if s.strip()] if stages is not None else None  # "a, b" too
     if names == []:  # --stages "$EMPTY": not "every stage"
         raise click.UsageError("--stages names no stage; leave it out to run every stage")

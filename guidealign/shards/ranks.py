@@ -82,6 +82,27 @@ def batch_script_refusal(explicit_ranks: bool, what: str = "the command",
             f"srun (`srun guidealign ...`, `srun ./run.sh launch ...`), submit a job array, or give {ranks}")
 
 
+def array_refusal(explicit_ranks: bool, what: str = "run", env: dict | None = None) -> str | None:
+    """Why the whole pipeline must not run as the tasks of a Slurm job array, or None: array
+    tasks are not gang-scheduled, and its ranks wait for each other both ways (rank 0 for the
+    others' shards, they for rank 0's library and index), so tasks the array holds back deadlock
+    the ones it started. ``explicit_ranks`` (--rank/--world-size given): the user's own layout."""
+    env = os.environ if env is None else env
+    if explicit_ranks or "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    try:
+        count = int(env.get("SLURM_ARRAY_TASK_COUNT") or 1)
+    except ValueError:
+        return None
+    if count <= 1:
+        return None
+    return (f"this is task {env['SLURM_ARRAY_TASK_ID']} of a {count}-task job array: array tasks are "
+            f"not started together, and {what}'s ranks wait for each other, so tasks the array holds "
+            "back stall the others; submit it as one job over N nodes (examples/slurm/guidealign.sbatch), "
+            "or stage by stage (examples/slurm/submit-stages.sh: map stages as arrays, the others as "
+            "single jobs)")
+
+
 def _array_step_tasks(env: dict, r: int, w: int) -> tuple[int, int]:
     """An array task that runs a step of several tasks (``sbatch --array=0-3 --ntasks=2`` +
     ``srun``): each is one rank, ``array rank * NTASKS + PROCID`` of ``COUNT * NTASKS``; the
