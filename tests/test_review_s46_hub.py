@@ -187,3 +187,34 @@ def test_repair_of_an_unreadable_marker_removes_its_shard_and_quarantine(tmp_pat
     code, out = verify()
     assert code == 0, out["problems"]  # shard 0 is pending: the stage's rerun redoes it
     assert [p["kind"] for p in out["problems"]] == ["pending"]
+
+
+# --- a card edited on the Hub -----------------------------------------------------------------
+
+def test_a_card_edited_on_the_hub_is_saved_before_a_push_replaces_it(tmp_path, workdir):
+    """Every push replaced the card (the data_files must name the new version's folder), so a
+    text added on the Hub was lost without a word, also by a push that changed nothing else."""
+    import sys
+
+    make_run(workdir, shards=2)
+    with HubServer(token=TOKEN) as hub:
+        env = hub_env(hub, tmp_path)
+        assert run(push_cmd(workdir, "respond", "org/c"), env).returncode == 0
+        ours = hub.content("org/c", "README.md")
+        edited = ours + b"\n## Notes from the maintainers\n\nUse the train split only.\n"
+        # the card edited on the Hub, by another process (this one's huggingface_hub is offline)
+        (tmp_path / "edited.md").write_bytes(edited)
+        upload = ("from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj="
+                  f"{str(tmp_path / 'edited.md')!r}, path_in_repo='README.md', repo_id='org/c', "
+                  "repo_type='dataset')")
+        assert run([sys.executable, "-c", upload], env).returncode == 0
+        p = run(push_cmd(workdir, "respond", "org/c"), env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "was edited on the Hub since the last push" in p.stderr
+        saved = list((workdir / "push").glob("README-respond.on-hub-*.md"))
+        assert len(saved) == 1 and saved[0].read_bytes() == edited
+        assert hub.content("org/c", "README.md") == ours  # the generated card again
+        # pushed again, with the generated card on the Hub: nothing to say, nothing saved
+        p = run(push_cmd(workdir, "respond", "org/c"), env)
+        assert p.returncode == 0 and "edited on the Hub" not in p.stderr
+        assert len(list((workdir / "push").glob("README-respond.on-hub-*.md"))) == 1

@@ -58,6 +58,8 @@ class PushReport:
     bytes: int = 0           # size of the uploaded files
     seconds: float = 0.0
     commit: str = ""         # the head of the revision after the push
+    card_blob: str = ""      # the git blob id of the dataset card pushed (tells a card edited on
+    #                          the Hub since from ours)
     private: bool | None = None  # the repo's visibility as the Hub reports it after the push
     #                              (push.private applies to a new repo only)
     uploaded_paths: list = field(default_factory=list)
@@ -161,6 +163,8 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     else:
         upload_lfs(api, ops, **where, pcfg=pcfg, on_retry=report.count_retry, progress=progress)
         last = ops
+    if repo_type == "dataset":
+        report.card_blob = save_card_edited_on_hub(api, wd, src, report, pcfg, where)
     # the card (a dataset: it switches load_dataset to this version) and the deletes, in one commit
     info, sent = commit_step(api, last, **where, pcfg=pcfg, title=title, what="commit",
                              stale=stale, on_retry=report.count_retry)
@@ -173,6 +177,47 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
     return report
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git (and the Hub) gives a file's content: sha1 of "blob <size>\\0" + the bytes."""
+    import hashlib
+
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def save_card_edited_on_hub(api, wd: Path, src: Path, report: PushReport, pcfg, where: dict) -> str:
+    """The blob id of the card this push writes. The card is generated (its data_files must name
+    this version's folder), so a card edited on the Hub since our last push (or one the repo had
+    before) is replaced: its text is first saved to WORKDIR/push/ and a warning names it."""
+    card = (wd / "push" / f"README-{src.name}.md").read_bytes()
+    ours = git_blob_id(card)
+    info = retry_step(lambda: list(api.get_paths_info(paths=["README.md"], **where)), pcfg,
+                      "card lookup", report.count_retry)
+    theirs = next((getattr(e, "blob_id", None) for e in info if getattr(e, "path", "") == "README.md"), None)
+    before = _last_pushed_card(wd, report)
+    if theirs is None or theirs in (ours, before):
+        return ours
+    path = retry_step(lambda: api.hf_hub_download(filename="README.md", local_dir=wd / "push" / ".hub-card",
+                                                  **where), pcfg, "card download", report.count_retry)
+    kept = wd / "push" / f"README-{src.name}.on-hub-{theirs[:8]}.md"
+    kept.write_bytes(Path(path).read_bytes())
+    log.warning("the card of %s %s %s: this push replaces it with the generated card (whose data_files "
+                "name the new version's folder); the card as it was is saved at %s",
+                report.repo_type, report.repo_id,
+                "was edited on the Hub since the last push" if before else "is not one this run pushed",
+                kept)
+    return ours
+
+
+def _last_pushed_card(wd: Path, report: PushReport) -> str | None:
+    """The blob id of the card this run directory last pushed to the repo (its push report)."""
+    import json
+
+    try:
+        return json.loads(report_path(wd, report).read_text()).get("card_blob") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def repo_visibility(api, report: PushReport, pcfg) -> bool | None:
@@ -315,12 +360,16 @@ def commit_shards(api, ops: list, report: PushReport, pcfg, *, title: str,
                      report.repo_id)
 
 
+def report_path(wd: Path, report: PushReport) -> Path:
+    return wd / "push" / f"{report.repo_type}__{report.repo_id.replace('/', '__')}.json"
+
+
 def write_report(wd: Path, report: PushReport, src: Path, pcfg, endpoint: str) -> Path:
     """WORKDIR/push/<dataset|model>__<namespace>__<name>.json: the report, its source and settings
     (no token); the repo type in the name, as a dataset and a model may share an id."""
     from guidealign.shards import write_json_atomic
 
-    path = wd / "push" / f"{report.repo_type}__{report.repo_id.replace('/', '__')}.json"
+    path = report_path(wd, report)
     # "private" (the report's): the repo's real visibility, which may not be push.private
     write_json_atomic(path, {**asdict(report), "source": str(src), "requested_private": pcfg.private,
                              "revision": pcfg.revision, "endpoint": endpoint})
