@@ -63,3 +63,44 @@ def test_an_input_joins_only_an_instruction_not_another_prompt_field(tmp_path):
     src.write_text('{"prompt": "Sum up.", "input": "x"}\n{"question": "Why?", "context": "y"}\n')
     rows, _, _ = _ingested([src], tmp_path / "w")
     assert [r["prompt"] for r in rows] == ["Sum up.", "Why?"]
+
+
+def _both_paths(tmp_path, table_or_lines, name):
+    """(rows, quarantine) of the columnar path and of the row-by-row reference."""
+    from test_ingest import _reference_ingest
+    from guidealign.ingest.run import IngestConfig
+
+    src = tmp_path / name
+    if isinstance(table_or_lines, pa.Table):
+        pq.write_table(table_or_lines, src)
+    else:
+        src.write_text("\n".join(table_or_lines) + "\n")
+    rows, q, _ = _ingested([src], tmp_path / f"w-{name}")
+    ref_rows, ref_bad = _reference_ingest(src, IngestConfig())
+    return ([(r["id"], r["prompt"]) for r in rows], [(r["row"], r["reason"]) for r in q],
+            [(i, p) for i, p, *_ in ref_rows], ref_bad)
+
+
+@pytest.mark.parametrize("kind", ["dictionary", "binary", "invalid utf-8"])
+def test_an_input_column_of_another_arrow_type_joins_as_the_row_reader_joins_it(tmp_path, kind):
+    """A dictionary (pandas categorical) or binary input column was left out by the columnar
+    path: rows sharing an instruction were dropped as duplicates again."""
+    inputs = [b"x", b"y", b"x"] if kind != "invalid utf-8" else [b"x", b"y\xff", b"z"]
+    arr = pa.array(inputs, pa.binary())
+    if kind == "dictionary":
+        arr = pa.array([v.decode() for v in inputs]).dictionary_encode()
+    table = pa.table({"instruction": ["Sum."] * 3, "input": arr})
+    got_rows, got_bad, ref_rows, ref_bad = _both_paths(tmp_path, table, f"{kind}.parquet")
+    assert got_rows == ref_rows and got_bad == ref_bad
+    assert len(got_rows) == (3 - len(ref_bad) if kind == "invalid utf-8" else 2)  # x twice: one
+    assert all(p.startswith("Sum.\n\n") for _, p in got_rows)
+
+
+def test_an_input_spelt_two_ways_and_an_empty_instruction_as_the_row_reader_reads_them(tmp_path):
+    lines = ['{"instruction": "S", "input": "a"}', '{"instruction": "S", "Input": "b"}',
+             '{"instruction": "S", "input": "  ", "Input": "d"}', '{"instruction": "", "input": "w"}',
+             '{"instruction": " ", "input": "w2"}']
+    got_rows, got_bad, ref_rows, ref_bad = _both_paths(tmp_path, lines, "spelt.jsonl")
+    assert got_rows == ref_rows and got_bad == ref_bad
+    assert [p for _, p in got_rows] == ["S\n\na", "S\n\nb", "S"]  # the row's own spelling
+    assert [reason for _, reason in got_bad] == ["empty prompt", "empty prompt"]  # not the input alone

@@ -88,8 +88,9 @@ INPUT_SEP = "\n\n"
 def with_input(p, values):
     """The prompt of an instruction ``p`` whose record's input fields hold ``values`` (in the
     order of ``ingest.instruction_inputs``): joined by a blank line with the first that holds
-    text (Alpaca's instruction + input), else ``p`` alone."""
-    if isinstance(p, str):
+    text (Alpaca's instruction + input), else ``p`` alone (so is an instruction without text:
+    an empty prompt, not its input alone)."""
+    if isinstance(p, str) and _INPUT_TEXT.search(p):
         for v in values:
             if isinstance(v, str) and _INPUT_TEXT.search(v):
                 return p + INPUT_SEP + v
@@ -278,8 +279,13 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     override: dict[int, tuple[str, str]] = {}  # fallback rows that are good: (prompt, metadata)
 
     ikeys = find_input_keys(names, key, spec.inputs)
+    inputs = [one_array(table.column(k)) for k in ikeys]
+    if ikeys and (any(_text_elsewhere(a.type) for a in inputs) or _spelt_twice(names, spec.inputs)):
+        # an input column of dictionary, binary or view type (a pandas categorical, bytes that
+        # are not all UTF-8), or one input name in two spellings: the row reader joins them
+        return rows_batch(src, ((int(linenos[i]),) + fallback(i) for i in range(n)), spec)
     if ikeys:
-        col, joined = _join_input(col, [one_array(table.column(k)) for k in ikeys])
+        col, joined = _join_input(col, inputs)
         no_ws_runs = no_ws_runs and not joined  # the blank line between them is a whitespace run
 
     valid = col.is_valid()
@@ -364,22 +370,41 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     return b
 
 
+def _text_elsewhere(t: pa.DataType) -> bool:
+    """A column type that is not string/large_string yet may hold text a row reader joins."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return False
+    textless = (pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating,
+                pa.types.is_decimal, pa.types.is_temporal, pa.types.is_list, pa.types.is_large_list,
+                pa.types.is_struct, pa.types.is_map)
+    return not any(f(t) for f in textless)
+
+
+def _spelt_twice(names: list[str], inputs) -> bool:
+    """Whether an input field's name comes in two spellings among the columns ("input" and
+    "Input": each row takes its own, one column per spelling)."""
+    wanted = {norm_key(i) for i in inputs}
+    seen = [norm_key(n) for n in names if norm_key(n) in wanted]
+    return len(seen) != len(set(seen))
+
+
 def _join_input(col: pa.Array, inputs: list[pa.Array]) -> tuple[pa.Array, bool]:
     """(the prompts with their inputs joined as :func:`with_input` joins them, whether any was):
-    each row takes the first input column that holds text in that row."""
+    each row whose instruction holds text takes the first input column that does in that row."""
     big = pa.large_string()
-    out, joined, taken = col.cast(big), False, None
+    out, joined = col.cast(big), False
+    # rows without text in their instruction keep it as it is (an empty prompt stays one)
+    taken = pc.invert(pc.fill_null(pc.match_substring_regex(col, INPUT_TEXT_RE), lit(False)))
     for inp in inputs:
         if not (pa.types.is_string(inp.type) or pa.types.is_large_string(inp.type)):
             continue  # no text in it (numbers, nulls): the row reader joins none either
-        has = pc.fill_null(pc.match_substring_regex(inp, INPUT_TEXT_RE), lit(False))
-        if taken is not None:
-            has = pc.and_(has, pc.invert(taken))
+        has = pc.and_(pc.fill_null(pc.match_substring_regex(inp, INPUT_TEXT_RE), lit(False)),
+                      pc.invert(taken))
         if not pc.any(has).as_py():
             continue
         both = pc.binary_join_element_wise(col.cast(big), inp.cast(big), pa.scalar(INPUT_SEP, big))
         out = pc.if_else(has, both, out)
-        taken = has if taken is None else pc.or_(taken, has)
+        taken = pc.or_(taken, has)
         joined = True
     return (out if joined else col), joined
 
