@@ -129,6 +129,8 @@ def tp_overrides(stage_args: list[str], stage: str, tp: int) -> list[str]:
         keys["respond.engine.tensor_parallel_size"] = cfg.respond.engine["tensor_parallel_size"]
         if stage == "respond":  # the writer's engine does not run there
             del keys["engine.tensor_parallel_size"]
+    if stage == "eval" and "tensor_parallel_size" in cfg.eval.judge_engine:  # the judge's own size
+        keys["eval.judge_engine.tensor_parallel_size"] = cfg.eval.judge_engine["tensor_parallel_size"]
     return [a for k, v in keys.items() if v != tp for a in ("--set", f"{k}={tp}")]
 
 
@@ -296,7 +298,7 @@ def _refuse_gpu_recipe_on_cpu(stage: str, stage_args: list[str]) -> None:
     if want > 1:
         raise click.UsageError(
             f"the config's engine for {stage} is tensor-parallel over {want} GPUs, but no GPU is "
-            "visible here (CUDA_VISIBLE_DEVICES is not set and nvidia-smi lists none): submit the job "
+            "visible here (CUDA_VISIBLE_DEVICES names none, or is not set and nvidia-smi lists none): submit the job "
             "with GPUs (sbatch --gres=gpu:N or --gpus-per-node=N), or pass --gpus none to run CPU "
             "workers anyway")
 
@@ -313,8 +315,8 @@ def _takes_engine(stage: str) -> bool:
 @click.option("--tp", type=int, default=None,
               help="Tensor-parallel size: GPUs per worker, and each worker's engines get it too "
                    "(--set engine.tensor_parallel_size=N, and respond.engine.tensor_parallel_size=N "
-                   "where the config sets it). Default: the config's engine.tensor_parallel_size; "
-                   "for respond the responder's (respond.engine over engine), for run the larger, "
+                   "and eval.judge_engine.tensor_parallel_size=N where the config sets them). "
+                   "Default: the config's engine.tensor_parallel_size; for respond the responder's (respond.engine over engine), for run the larger, "
                    "for eval the larger of the responder's and the judge's.")
 @click.option("--node-rank", type=int, default=None, help="This node's rank (default: from env/SLURM).")
 @click.option("--nodes", type=int, default=None, help="Number of nodes (default: from env/SLURM).")

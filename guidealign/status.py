@@ -142,9 +142,11 @@ def _made_from_other(d: Path, man: dict | None) -> str | None:
     return None
 
 
-def failed_ranks(workdir: str | Path) -> list[str]:
+def failed_ranks(workdir: str | Path, rows: list[dict] | None = None) -> list[str]:
     """One line per failure marker in ``workdir`` (a rank whose last run failed: its next run
-    clears it), oldest first: which rank, in which stage, where, and the error's last line."""
+    clears it), oldest first: which rank, in which stage, where, and the error's last line. A
+    marker whose stage is complete now (in ``rows``, ``collect``'s), with a commit after it, is
+    left out: a later run of another layout (fewer ranks) finished the stage without that rank."""
     import json
     import time
 
@@ -157,7 +159,7 @@ def failed_ranks(workdir: str | Path) -> list[str]:
             m = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(m, dict):
+        if not isinstance(m, dict) or _finished_since(Path(workdir), m, rows or []):
             continue
         who = f"rank {m['rank']}" if m.get("rank") is not None else f"process {m.get('pid')}"
         if m.get("world_size"):
@@ -168,6 +170,19 @@ def failed_ranks(workdir: str | Path) -> list[str]:
                     f"{who} failed in {m.get('stage') or 'a stage'} on {m.get('host', '?')} at {when}: "
                     f"{lines[-1] if lines else 'no error recorded'}"))
     return [line for _, line in sorted(out)]
+
+
+def _finished_since(workdir: Path, marker: dict, rows: list[dict]) -> bool:
+    """Whether the stage a failure marker names is complete now, with a commit newer than it."""
+    from guidealign.stages import BY_NAME
+
+    stage = BY_NAME.get(str(marker.get("stage")))
+    row = next((r for r in rows if stage is not None and r["stage"] == stage.dst), None)
+    if row is None or not row["shards_total"] or row["shards_done"] != row["shards_total"]:
+        return False
+    records = list((workdir / stage.dst).glob("*done.json"))
+    newest = max((q.stat().st_mtime for q in records), default=0.0)
+    return newest > float(marker.get("created", 0.0))
 
 
 # stages that hold one sub-dataset per name (eval/<benchmark>/, export/<dataset>/)

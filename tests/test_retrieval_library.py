@@ -256,3 +256,15 @@ def test_rows_of_one_prompt_id_that_disagree_give_the_same_library_in_any_order(
         got.append((rep.version, sorted((r["text"], r["kind"]) for r in lib.to_pylist())))
     assert got[0] == got[1]
     assert ("Answer in plain words for beginners.", "safety") in got[0][1]  # the id's rows: safety
+
+
+def test_a_guideline_of_invisible_text_keeps_its_title(workdir):
+    """A text of only a zero-width space was dropped with its guideline; an empty text gives the
+    title its place, and so does an invisible one now."""
+    rows = [{"id": "a", "prompt": "p1", "risky": True,
+             "guidelines": [{"title": "Avoid weapons help", "text": "\u200b"}]}]
+    write_guideline_shards(workdir / "guidelines", rows, shard_rows=8)
+    rep = run_library(load_config(), workdir, progress=False)
+    lib, _ = read_library(workdir)
+    assert [r["title"] for r in lib.to_pylist()] == ["Avoid weapons help"]
+    assert rep.prompts_without_guidelines == 0

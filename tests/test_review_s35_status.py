@@ -229,3 +229,28 @@ def test_export_columns_may_have_spaces_after_their_commas(tmp_path):
     assert res.exit_code == 0, res.output
     rows = [_json.loads(ln) for ln in (w / "export" / "prompts" / "shard-00000.jsonl").read_text().splitlines()]
     assert rows == [{"id": "a", "prompt": "p"}]
+
+
+def test_a_failure_marker_of_a_stage_finished_since_is_not_reported(tmp_path):
+    """A rank left out of a later run's layout (fewer ranks) never clears its marker: status
+    kept reporting it, and exiting 1, after that run finished the stage."""
+    import os
+    import time
+
+    from guidealign.shards.failure import mark_failed
+    from guidealign.shards import write_manifest
+
+    w = tmp_path / "run"
+    marker = mark_failed(w, 1, "ValueError: out of memory", stage="ingest", world_size=2)
+    old = time.time() - 60
+    os.utime(marker, (old, old))
+    data = __import__("json").loads(marker.read_text())
+    data["created"] = old
+    marker.write_text(__import__("json").dumps(data))
+    write_manifest(w / "prompts", stage="ingest", num_shards=1, fingerprint="f", input="x")
+    write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"]}), fingerprint="f")
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert res.exit_code == 0 and "FAILED" not in res.output
+    (w / "prompts" / "shard-00000.done.json").unlink()  # not complete: the failure still counts
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert res.exit_code == 1 and "FAILED: rank 1 of 2 failed in ingest" in res.output

@@ -89,7 +89,8 @@ def test_a_mapping_override_replaces_a_free_form_mapping():
     assert cfg.respond.engine == {"model": "Qwen/Qwen2.5-7B-Instruct"}
     assert cfg.sft.trainer_args == {"deepspeed": "ds.json"}  # the file's FSDP keys are gone
     assert cfg.executor.ray_resources == {"num_gpus": 2}
-    assert cfg.executor.ray_resources_by_stage == {"detect": {"num_gpus": 8}}
+    by_stage = cfg.executor.ray_resources_by_stage  # detect's entry replaced, the file's others kept
+    assert by_stage["detect"] == {"num_gpus": 8} and by_stage["sft"] == {"num_gpus": 8, "num_cpus": 64}
     assert yaml_load(dump_yaml(cfg))["respond"]["engine"] == {"model": "Qwen/Qwen2.5-7B-Instruct"}
     # one key of a mapping still merges into it; a later key lands in the replaced mapping
     cfg = load_config(PAPER, ["respond.engine.model=X"])
@@ -280,3 +281,22 @@ def test_run_as_the_tasks_of_a_slurm_array_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")  # an array of one task runs alone
     assert "job array" not in CliRunner().invoke(cli, ["run", "-w", str(tmp_path / "w"), "--no-check",
                                                        "--stages", "nope"]).output
+
+
+def test_launch_tp_resizes_the_eval_judges_engine_too(tmp_path):
+    from guidealign.launch import tp_overrides
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("eval:\n  judge_engine: {tensor_parallel_size: 4}\n")
+    got = tp_overrides(["-c", str(cfg)], "eval", 2)
+    assert "eval.judge_engine.tensor_parallel_size=2" in got and "engine.tensor_parallel_size=2" in got
+    assert "eval.judge_engine.tensor_parallel_size=2" not in tp_overrides(["-c", str(cfg)], "detect", 2)
+
+
+def test_an_array_task_given_rank_and_world_size_by_the_environment_is_not_refused():
+    """RANK/WORLD_SIZE win over the array's numbering (resolve_rank): the layout is the user's."""
+    from guidealign.shards.ranks import array_refusal
+
+    array = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert array_refusal(False, env=array) is not None
+    assert array_refusal(False, env={**array, "RANK": "0", "WORLD_SIZE": "1"}) is None

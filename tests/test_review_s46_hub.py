@@ -218,3 +218,11 @@ def test_a_card_edited_on_the_hub_is_saved_before_a_push_replaces_it(tmp_path, w
         p = run(push_cmd(workdir, "respond", "org/c"), env)
         assert p.returncode == 0 and "edited on the Hub" not in p.stderr
         assert len(list((workdir / "push").glob("README-respond.on-hub-*.md"))) == 1
+
+
+def test_a_hub_token_inside_a_longer_value_is_redacted():
+    from guidealign.hub.card import redact
+
+    tok = "hf_" + "Z9y8" * 9
+    got = redact([f"--hub_token={tok}", f"Bearer {tok}", f"https://u:{tok}@hf.co/x", "hf_short"])
+    assert got == ["--hub_token=(redacted)", "Bearer (redacted)", "https://u:(redacted)@hf.co/x", "hf_short"]

@@ -40,7 +40,7 @@ def status(workdir, as_json):
     rows = collect(workdir)
     if rows or as_json:
         click.echo(json.dumps(rows, indent=1) if as_json else render(rows))
-    failed = failed_ranks(workdir)
+    failed = failed_ranks(workdir, rows)
     for line in failed:
         click.echo(f"FAILED: {line}", err=True)
     if failed:

@@ -121,12 +121,15 @@ def _secret_key(name) -> bool:
     return last == "token" and before not in TOKEN_SETTINGS
 
 
+_HUB_TOKEN = r"hf_[A-Za-z0-9]{30,}"
+
+
 def _secret_text(s: str) -> bool:
-    """A Hugging Face access token (``hf_`` and 30 or more letters and digits) as a value, e.g.
-    in a list of command-line arguments, whatever key holds it."""
+    """A Hugging Face access token (``hf_`` and 30 or more letters and digits) in a value, alone
+    or inside it (``--hub_token=hf_...``, ``Bearer hf_...``, a URL), whatever key holds it."""
     import re
 
-    return re.fullmatch(r"hf_[A-Za-z0-9]{30,}", s.strip()) is not None
+    return re.search(_HUB_TOKEN, s) is not None
 
 
 def redact(obj):
@@ -141,7 +144,9 @@ def redact(obj):
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     if isinstance(obj, str) and _secret_text(obj):
-        return REDACTED
+        import re
+
+        return re.sub(_HUB_TOKEN, REDACTED, obj)
     if isinstance(obj, str) and _local_path(obj):
         return Path(obj.rstrip("/")).name or "(local path)"
     return obj

@@ -299,6 +299,8 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 g = g or {}
                 title = (g.get("title") or "").strip()
                 text = (g.get("text") or "").strip()
+                if not _visible(text):  # a zero-width space: as empty (the title stands in)
+                    text = ""
                 key = normalize_text(text or title)
                 if not _visible(key):
                     rep.empty_dropped += 1

@@ -159,7 +159,11 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
         try:            # or waited for (several: rank 0 may be building the current one)
             wait_current_index(cfg, workdir, wait_timeout(cfg, world_size))
         except NotReady as e:
-            raise IndexVersionError(f"{e} (guidealign index builds it)") from e
+            raise IndexVersionError(
+                f"{index_dir(workdir)} was built from another library (or the library from other "
+                "guideline shards or under another library config), under another index config or by "
+                "another encoder than this config's: run `guidealign index` (it builds the current "
+                "one), then retrieve") from e
     # a stale index fails here, before any shard, and changes the fingerprint of every shard
     meta = check_version(index_dir(workdir), library_dir(workdir))
     encoder_path(meta, workdir)  # so does a retriever retrained since, also with nothing left to do

@@ -88,8 +88,8 @@ def array_refusal(explicit_ranks: bool, what: str = "run", env: dict | None = No
     others' shards, they for rank 0's library and index), so tasks the array holds back deadlock
     the ones it started. ``explicit_ranks`` (--rank/--world-size given): the user's own layout."""
     env = os.environ if env is None else env
-    if explicit_ranks or "SLURM_ARRAY_TASK_ID" not in env:
-        return None
+    if explicit_ranks or "SLURM_ARRAY_TASK_ID" not in env or ("RANK" in env and "WORLD_SIZE" in env):
+        return None  # (RANK/WORLD_SIZE win over the array's numbering: resolve_rank)
     try:
         count = int(env.get("SLURM_ARRAY_TASK_COUNT") or 1)
     except ValueError:
