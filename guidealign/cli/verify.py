@@ -67,8 +67,8 @@ def _render(rep) -> None:
 @click.command("verify")
 @run_directory
 @click.option("--repair", is_flag=True,
-              help="Remove the commit markers of corrupt/missing shards (and the _done.json of bad "
-                   "artifacts) and delete orphan files, so rerunning the stages redoes exactly those. "
+              help="Remove the commit markers of corrupt/missing shards with their shard and quarantine "
+                   "files (and the _done.json of bad artifacts) and delete orphan files, so rerunning the stages redoes exactly those. "
                    "Only while no stage writes in WORKDIR: a live writer's temp files on another host, "
                    "and build folders (.index.tmp-*, sft/.tmp-model), count as orphans.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
