@@ -97,6 +97,19 @@ def with_input(p, values):
     return p
 
 
+def prompt_keys(keys, spec: Spec) -> tuple[str | None, tuple[str, ...]]:
+    """(the key of a record's prompt, the keys of the inputs it is joined with) for a record
+    with ``keys``."""
+    key = find_prompt_key(keys, spec.field, spec.aliases)
+    return key, find_input_keys(keys, key, spec.inputs)
+
+
+def prompt_value(rec: dict, key: str | None, ikeys: tuple[str, ...]):
+    """The prompt of ``rec`` under its :func:`prompt_keys`: the instruction with its input joined."""
+    p = rec.get(key) if key is not None else None
+    return with_input(p, [rec.get(k) for k in ikeys]) if ikeys else p
+
+
 # --- per-row checks (the reference semantics) --------------------------------------------------
 
 def check_value(p, key, spec: Spec, fields=()) -> str | None:
@@ -145,14 +158,11 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
         key = None
         if err is None:
             ks = tuple(rec)
-            key, ikeys = keys_cache.get(ks, (0, ()))
-            if key == 0:
-                key = find_prompt_key(ks, spec.field, spec.aliases)
-                ikeys = find_input_keys(ks, key, spec.inputs)
-                keys_cache[ks] = key, ikeys
-            p = rec.get(key) if key is not None else None
-            if ikeys:
-                p = with_input(p, [rec.get(k) for k in ikeys])
+            keys = keys_cache.get(ks)
+            if keys is None:
+                keys = keys_cache[ks] = prompt_keys(ks, spec)
+            key = keys[0]
+            p = prompt_value(rec, *keys)
             err = check_value(p, key, spec, ks)
         if err is not None:
             b.reject(i, row_no, err, raw_repr(rec))
@@ -264,7 +274,7 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     value comes back as the row reader read it, and row by row otherwise."""
     n = table.num_rows
     names = table.column_names
-    key = find_prompt_key(names, spec.field, spec.aliases)
+    key, ikeys = prompt_keys(names, spec)
     same = [c for c in names if key is not None and norm_key(c) == norm_key(key)]
     col = one_array(table.column(key)) if key is not None else None
     if col is None or len(same) > 1 or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
@@ -278,7 +288,6 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     bad: dict[int, tuple[str, object]] = {}
     override: dict[int, tuple[str, str]] = {}  # fallback rows that are good: (prompt, metadata)
 
-    ikeys = find_input_keys(names, key, spec.inputs)
     inputs = [one_array(table.column(k)) for k in ikeys]
     if ikeys and (any(_text_elsewhere(a.type) for a in inputs) or _spelt_twice(names, spec.inputs)):
         # an input column of dictionary, binary or view type (a pandas categorical, bytes that
@@ -325,10 +334,8 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         rec, err = fallback(i)
         k = None
         if err is None:
-            k = find_prompt_key(tuple(rec), spec.field, spec.aliases)
-            p = rec.get(k) if k is not None else None
-            if ikeys := find_input_keys(tuple(rec), k, spec.inputs):
-                p = with_input(p, [rec.get(ik) for ik in ikeys])
+            k, iks = prompt_keys(tuple(rec), spec)
+            p = prompt_value(rec, k, iks)
             err = check_value(p, k, spec, tuple(rec))
         if err is None:
             good[i] = True

@@ -35,14 +35,13 @@ from tqdm import tqdm
 
 from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
 from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
-from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, hex_ids, rows_batch,
-                                    with_input)
+from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, hex_ids, prompt_keys,
+                                    prompt_value, rows_batch)
 from guidealign.ingest.commit import Pending, ShardWriter
 from guidealign.ingest.csvcol import csv_batches
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
-from guidealign.ingest.keys import find_input_keys, find_prompt_key
 from guidealign.ingest.arrowfiles import hf_splits, iter_parquet_tables
 from guidealign.ingest.readers import IngestError, check_readable, expand_inputs, read_rows
 from guidealign.shards import fingerprint, is_done, read_manifest, wait_complete, write_manifest
@@ -95,16 +94,14 @@ def _reason_kind(reason: str) -> str:
 
 def check_prompt(rec: dict, cfg: IngestConfig) -> str | None:
     """Why ``rec`` has no usable prompt, or None (the row-by-row reference check)."""
-    key = find_prompt_key(tuple(rec), cfg.prompt_field, cfg.prompt_aliases)
-    return check_value(prompt_of(rec, cfg), key, _spec(cfg), tuple(rec))
+    spec = _spec(cfg)
+    key, ikeys = prompt_keys(tuple(rec), spec)
+    return check_value(prompt_value(rec, key, ikeys), key, spec, tuple(rec))
 
 
 def prompt_of(rec: dict, cfg: IngestConfig) -> str | None:
     """The prompt of a record as ingest takes it (an instruction with its input joined)."""
-    key = find_prompt_key(tuple(rec), cfg.prompt_field, cfg.prompt_aliases)
-    p = rec.get(key) if key is not None else None
-    ikeys = find_input_keys(tuple(rec), key, cfg.instruction_inputs)
-    return with_input(p, [rec.get(k) for k in ikeys]) if ikeys else p
+    return prompt_value(rec, *prompt_keys(tuple(rec), _spec(cfg)))
 
 
 def _spec(cfg: IngestConfig, hash_kernel: str = "hashlib") -> Spec:
