@@ -147,19 +147,13 @@ def failed_ranks(workdir: str | Path, rows: list[dict] | None = None) -> list[st
     clears it), oldest first: which rank, in which stage, where, and the error's last line. A
     marker whose stage is complete now (in ``rows``, ``collect``'s), with a commit after it, is
     left out: a later run of another layout (fewer ranks) finished the stage without that rank."""
-    import json
     import time
 
-    from guidealign.shards.failure import FAILED_DIR
+    from guidealign.shards.failure import read_markers
 
-    d = Path(workdir) / FAILED_DIR
     out = []
-    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
-        try:
-            m = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(m, dict) or _finished_since(Path(workdir), m, rows or []):
+    for m in read_markers(workdir):
+        if _finished_since(Path(workdir), m, rows or []):
             continue
         who = f"rank {m['rank']}" if m.get("rank") is not None else f"process {m.get('pid')}"
         if m.get("world_size"):

@@ -180,26 +180,30 @@ def _counts(marker: dict, me: str | None, started: float, my_attempt: int = 0,
     return after_start
 
 
+def read_markers(workdir: str | Path) -> list[dict]:
+    """Every readable failure marker in ``workdir``, of any run, in file-name order (one being
+    written or removed meanwhile is skipped)."""
+    d = Path(workdir) / FAILED_DIR
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict):
+            out.append(m)
+    return out
+
+
 def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[dict]:
     """Failure markers of the current run in ``workdir`` (see the module doc)."""
-    d = Path(workdir) / FAILED_DIR
-    if not d.is_dir():
+    markers = read_markers(workdir)
+    if not markers:
         return []
     started = _rank_start(_CTX)
     me, mine, my_job = run_id(), attempt(), job()
-    out = []
-    for p in sorted(d.glob("*.json")):
-        try:
-            m = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(m, dict):
-            continue
-        if exclude_rank is not None and m.get("rank") == exclude_rank:
-            continue
-        if _counts(m, me, started, mine, my_job):
-            out.append(m)
-    return out
+    return [m for m in markers if (exclude_rank is None or m.get("rank") != exclude_rank)
+            and _counts(m, me, started, mine, my_job)]
 
 
 def raise_if_failed(workdir: str | Path, waiting_for: str = "") -> None:
