@@ -35,7 +35,7 @@ SHORT = {
     "gen": {"args": ["--short"], "json": True},
     "detect_modes": {"args": ["--short"], "json": True},
     "retrieval": {"args": ["--guidelines", "100000", "--embed-texts", "500", "--repeats", "1",
-                           "--queries", "20000", "--kinds", "flat"], "json": True},
+                           "--queries", "20000", "--kinds", "flat", "--merge-texts", "5000"], "json": True},
     "chaos": {"args": ["--kills", "2", "--prompts", "8", "--shard-rows", "2"], "json": True},
     "detect_quality": {"args": ["--limit", "24", "--max-tokens", "160"], "json": True},
 }
@@ -123,6 +123,13 @@ def rows_retrieval(res, out):
     if d:
         rows.append((f"library de-dup of {d['n']:,} guidelines", f"{d['seconds']:.1f} s, "
                      f"peak RSS {d['peak_rss_mib']:.0f} MiB"))
+    m = res.get("merge") or {}
+    for kind in ("words", "typos"):
+        if kind in m:
+            r = m[kind]
+            rows.append((f"library merge vs fuzz.ratio over every pair, {m['n']:,} rewrites ({kind}): "
+                         "library size ours / exhaustive (1.0: no merge missed)",
+                         f"{r['size_ratio']:.3f} ({r['library_ours']:,} vs {r['library_exhaustive']:,})"))
     for kind, r in (res.get("search") or {}).items():
         if isinstance(r, dict) and "qps" in r:
             rows.append((f"FAISS {kind} search, {r.get('queries', 0):,} queries",

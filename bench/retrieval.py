@@ -7,10 +7,17 @@
            vs a raw SentenceTransformer.encode on the same texts; the ratio (goal >= 0.9).
 3. search: FAISS search QPS over a library of L random unit vectors (default 50,000, dim 384)
            for Q query vectors (default 1,000,000), top 20; flat, and optionally ivf/hnsw.
+4. merge:  the library's near-duplicate merge (candidate search + fuzz.ratio + components, the
+           config's `library` settings) against exhaustive comparison of every pair with
+           fuzz.ratio, on M distinct rewrites (default 10,000) of M/25 guideline sentences
+           (the paper's 767k -> 33k is ~23 a group), with word-level edits and with typos
+           spread over every word: library size ours / exhaustive (1.0: every merge found;
+           the search can only miss merges, never add one), and the time of each.
 
     .venv/bin/python bench/retrieval.py                       # everything, default sizes
     .venv/bin/python bench/retrieval.py --only dedup --guidelines 200000
     .venv/bin/python bench/retrieval.py --only search --queries 100000 --kinds flat,hnsw
+    .venv/bin/python bench/retrieval.py --only merge --merge-texts 5000 --set library.neighbors=10
 """
 from __future__ import annotations
 
@@ -91,6 +98,46 @@ def bench_dedup(n: int, n_base: int, per_prompt: int, threshold: float, override
             "after_exact": rep["after_exact"], "after_near": rep["after_near"], "split_families": split}
 
 
+def bench_merge(n: int, kinds: list[str], threshold: float, overrides=()) -> dict:
+    import numpy as np
+
+    from guidealign.config import load_config
+    from guidealign.retrieval.dedup import cluster, components, exhaustive_pairs
+    from guidealign.retrieval.library import library_vectors
+    from synthetic import rewrite_families
+
+    lc = load_config(overrides=[f"library.fuzzy_threshold={threshold}", *overrides]).library
+    out = {"n": n, "neighbors": lc.neighbors, "min_cosine": lc.min_cosine,
+           "candidates": lc.candidates}
+    print(f"[merge] {n:,} distinct texts around {max(1, n // 25):,} sentences; library.candidates="
+          f"{lc.candidates}, neighbors={lc.neighbors}, min_cosine={lc.min_cosine}, threshold={threshold}")
+    for kind in kinds:
+        texts = rewrite_families(n, max(1, n // 25), seed=0, kind=kind)
+        t0 = time.perf_counter()
+        vecs = library_vectors(texts, lc)
+        labels, st = cluster(texts, vecs, threshold=threshold, k=lc.neighbors, min_cosine=lc.min_cosine,
+                             exact_max=lc.exact_search_max, nprobe=lc.nprobe, use_gpu=lc.use_gpu)
+        ours_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ex = exhaustive_pairs(texts, threshold)
+        ex_labels, ex_pairs = components(n, ex), len(ex)
+        ex_s = time.perf_counter() - t0
+        ours = int(np.count_nonzero(labels == np.arange(n)))
+        exact = int(np.count_nonzero(ex_labels == np.arange(n)))
+        # ours can only split an exhaustive cluster: each of its merges is a confirmed pair
+        mixed = len({(a, b) for a, b in zip(labels.tolist(), ex_labels.tolist())}) - ours
+        r = {"library_ours": ours, "library_exhaustive": exact, "size_ratio": ours / exact,
+             "merges_found": (n - ours) / max(1, n - exact), "pairs_confirmed": st.confirmed_pairs,
+             "pairs_exhaustive": ex_pairs, "seconds_ours": ours_s, "seconds_exhaustive": ex_s,
+             "clusters_mixed": mixed}
+        out[kind] = r
+        print(f"  {kind}: library {ours:,} vs exhaustive {exact:,} (ours / exhaustive "
+              f"{r['size_ratio']:.3f}; merges found {r['merges_found']:.2%}); pairs confirmed "
+              f"{st.confirmed_pairs:,} of {ex_pairs:,}; {ours_s:.1f} s vs {ex_s:.1f} s exhaustive"
+              + (f"; {mixed} clusters mix two exhaustive ones (a bug)" if mixed else ""))
+    return out
+
+
 def bench_embed(n: int, batch_size: int, repeats: int) -> dict:
     import guidealign.shards as shards
     from guidealign.retrieval.embed import encode, load_encoder
@@ -161,7 +208,7 @@ def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> di
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["dedup", "embed", "search"], action="append")
+    ap.add_argument("--only", choices=["dedup", "embed", "search", "merge"], action="append")
     ap.add_argument("--guidelines", type=int, default=1_000_000, help="dedup: guidelines in all")
     ap.add_argument("--distinct", type=int, default=0, help="dedup: distinct ones (0: 3.3%% of them)")
     ap.add_argument("--per-prompt", type=int, default=5, help="dedup: guidelines per prompt")
@@ -175,6 +222,9 @@ def main():
     ap.add_argument("--queries", type=int, default=1_000_000, help="search: query vectors")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--kinds", default="flat", help="search: comma-separated index kinds")
+    ap.add_argument("--merge-texts", type=int, default=10_000,
+                    help="merge: distinct texts (exhaustive comparison is quadratic: 10,000 ~ 20 s here)")
+    ap.add_argument("--merge-kinds", default="words,typos", help="merge: edit kinds (words, typos)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--dedup-child", help=argparse.SUPPRESS)
@@ -186,7 +236,7 @@ def main():
         import torch
 
         torch.set_num_threads(a.threads)
-    parts = a.only or ["dedup", "embed", "search"]
+    parts = a.only or ["dedup", "embed", "search", "merge"]
     res = {}
     if "dedup" in parts:
         res["dedup"] = bench_dedup(a.guidelines, a.distinct or max(1, round(a.guidelines * 0.033)),
@@ -195,6 +245,8 @@ def main():
         res["embed"] = bench_embed(a.embed_texts, a.embed_batch, a.repeats)
     if "search" in parts:
         res["search"] = bench_search(a.library, a.queries, a.dim, 20, a.kinds.split(","))
+    if "merge" in parts:
+        res["merge"] = bench_merge(a.merge_texts, a.merge_kinds.split(","), a.threshold, a.overrides)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 

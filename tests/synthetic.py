@@ -115,6 +115,50 @@ def synthetic_library(n: int, n_base: int, *, seed: int = 0, exact_share: float 
     return texts, origin
 
 
+def _typo(word: str, rng: random.Random) -> str:
+    if len(word) < 2:
+        return word
+    i = rng.randrange(len(word))
+    return word[:i] + rng.choice("abcdefghiklmnoprstuy") + word[i + 1:]
+
+
+def rewrite(text: str, rng: random.Random, edits: int, kind: str = "words") -> str:
+    """A heavier rewrite than :func:`near_duplicate`, for measuring the near-duplicate merge
+    against exhaustive comparison. ``"words"``: ``edits`` word-level changes (a word replaced by
+    another, dropped, added, two neighbours swapped, a typo); ``"typos"``: one changed letter
+    in about ``edits`` of every 16 words, spread over the whole text (what stripped accents or
+    a careless copy do, and what hurts a character n-gram search most)."""
+    words = text.split()
+    if kind == "typos":
+        return " ".join(_typo(w, rng) if rng.random() < edits / 16 else w for w in words)
+    for _ in range(edits):
+        op, i = rng.random(), rng.randrange(len(words))
+        if op < 0.3:
+            words[i] = rng.choice(_VOCAB)
+        elif op < 0.45 and len(words) > 4:
+            del words[i]
+        elif op < 0.6:
+            words.insert(i, rng.choice(_VOCAB))
+        elif op < 0.75 and i + 1 < len(words):
+            words[i], words[i + 1] = words[i + 1], words[i]
+        else:
+            words[i] = _typo(words[i], rng)
+    return " ".join(words)
+
+
+def rewrite_families(n: int, n_base: int, *, seed: int = 0, kind: str = "words",
+                     max_edits: int = 15) -> list[str]:
+    """``n`` distinct texts: rewrites of ``n_base`` guideline sentences, each with 1 to
+    ``max_edits`` edits (see :func:`rewrite`), so pairs spread across the 0.75 ratio line and a
+    family is held together by chains of close members, as a large guideline set is."""
+    rng = random.Random(seed)
+    bases = [base_guideline(rng)[1].lower() for _ in range(n_base)]
+    out: set[str] = set()
+    while len(out) < n:
+        out.add(rewrite(rng.choice(bases), rng, rng.randint(1, max_edits), kind))
+    return sorted(out)
+
+
 def write_guideline_shards(dst: str | Path, rows: list[dict], shard_rows: int = 100) -> None:
     """Rows: {id, prompt, risky, guidelines: [{title, text}]} -> committed shards + manifest."""
     dst = Path(dst)

@@ -208,3 +208,29 @@ def test_chaos_counts_a_failing_rerun_of_the_finished_stage(tmp_path, monkeypatc
     res = ch.chaos_stage(ch.BY_NAME["ingest"], tmp_path / "ref", tmp_path, 1.0,
                          SimpleNamespace(kills=0), rng=None)
     assert res.bad and any("rerun" in n for n in res.notes)
+
+
+# --- bench/retrieval.py --only merge -------------------------------------------------------
+
+def test_merge_bench_compares_with_every_pair_and_all_reads_its_rows(tmp_path):
+    """The merge bench runs the library's settings and the exhaustive reference on the same
+    texts; a looser search (3 neighbours, min_cosine 0.9) must show as missed merges."""
+    al = _load("all")
+    figs = {}
+    for name, sets in (("default", []), ("loose", ["--set", "library.neighbors=3", "--set", "library.min_cosine=0.9"])):
+        out = tmp_path / f"{name}.json"
+        subprocess.run([sys.executable, str(REPO / "bench" / "retrieval.py"), "--only", "merge",
+                        "--merge-texts", "400", "--json", str(out), *sets], check=True, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+        figs[name] = json.loads(out.read_text())["merge"]
+    for name, m in figs.items():
+        for kind in ("words", "typos"):
+            r = m[kind]
+            assert r["clusters_mixed"] == 0 and r["library_ours"] >= r["library_exhaustive"]
+            assert r["size_ratio"] == r["library_ours"] / r["library_exhaustive"]
+    assert figs["default"]["typos"]["size_ratio"] == 1.0
+    assert figs["loose"]["typos"]["size_ratio"] > 1.0
+    rows = dict(al.rows_retrieval({"merge": figs["loose"]}, ""))
+    typos = [v for k, v in rows.items() if "(typos)" in k]
+    assert typos == [f"{figs['loose']['typos']['size_ratio']:.3f} ({figs['loose']['typos']['library_ours']:,} "
+                     f"vs {figs['loose']['typos']['library_exhaustive']:,})"]

@@ -167,7 +167,7 @@ def library_candidates(v, request, monkeypatch):
     monkeypatch.setattr(library, "set_threads", lambda n: None)
     monkeypatch.setattr(embed, "load_encoder", stop)  # "model": no encoder is loaded
     try:
-        library._vectors(["a prompt"], LibraryConfig(candidates=v), progress=False)
+        library.library_vectors(["a prompt"], LibraryConfig(candidates=v))
     except Stop:
         pass
 

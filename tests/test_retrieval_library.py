@@ -11,10 +11,10 @@ import pytest
 from rapidfuzz import fuzz
 
 from guidealign.config import load_config
-from guidealign.retrieval.dedup import cluster
+from guidealign.retrieval.dedup import cluster, components, exhaustive_pairs
 from guidealign.retrieval.embed import ngram_vectors, normalize_text
-from guidealign.retrieval.library import read_library, run_library
-from synthetic import synthetic_library, write_guideline_shards
+from guidealign.retrieval.library import library_vectors, read_library, run_library
+from synthetic import rewrite_families, synthetic_library, write_guideline_shards
 
 
 PLANTED = [
@@ -95,6 +95,49 @@ def _rows():
     rows.append({"id": "e000", "prompt": "no guidelines", "risky": False, "guidelines": []})
     random.Random(0).shuffle(rows)
     return rows
+
+
+@pytest.mark.parametrize("kind", ["words", "typos"])
+def test_default_merge_finds_every_merge_that_comparing_all_pairs_finds(kind):
+    """Families of 25 rewrites with 1-15 edits each (word changes, or typos spread over every
+    word): with the default library settings the candidate search + fuzz.ratio gives the same
+    groups as fuzz.ratio over every pair. (neighbors 10 / min_cosine 0.5 left one text apart
+    in each kind.)"""
+    lc = load_config().library
+    texts = rewrite_families(1000, 40, seed=0, kind=kind)
+    labels, _ = cluster(texts, library_vectors(texts, lc), threshold=lc.fuzzy_threshold,
+                        k=lc.neighbors, min_cosine=lc.min_cosine, exact_max=lc.exact_search_max,
+                        nprobe=lc.nprobe, use_gpu=False)
+    reference = components(len(texts), exhaustive_pairs(texts, lc.fuzzy_threshold))
+    assert len(np.unique(reference)) < len(texts) // 2  # the families do merge
+    assert labels.tolist() == reference.tolist()
+
+
+VIETNAMESE = [
+    "Không cung cấp hướng dẫn chế tạo vũ khí hoặc chất nổ cho bất kỳ ai.",
+    "Hãy khuyên người dùng tìm đến bác sĩ khi có câu hỏi về liều lượng thuốc.",
+    "Tôn trọng quyền riêng tư và không tiết lộ dữ liệu cá nhân của người khác.",
+    "Giữ giọng điệu trung lập khi thảo luận về bầu cử và các ứng cử viên chính trị.",
+    "Trả lời ngắn gọn, dùng ngôn ngữ đơn giản cho người mới bắt đầu học.",
+]
+
+
+def test_guidelines_written_once_with_and_once_without_accents_merge_as_their_ratio_says():
+    """Stripped accents keep fuzz.ratio at 0.75-0.79 for four of these sentences (0.746 for the
+    last) while breaking most of their 3-grams (cosine 0.25-0.47 before the candidate vectors
+    folded accents): the default search now finds the four, and the fifth stays apart."""
+    import unicodedata
+
+    def strip(t):
+        t = "".join(c for c in unicodedata.normalize("NFD", t) if not unicodedata.combining(c))
+        return t.replace("đ", "d").replace("Đ", "D")
+
+    lc = load_config().library
+    texts = [normalize_text(t) for s in VIETNAMESE for t in (s, strip(s))]
+    labels, _ = cluster(texts, library_vectors(texts, lc), threshold=lc.fuzzy_threshold,
+                        k=lc.neighbors, min_cosine=lc.min_cosine, use_gpu=False)
+    assert labels.tolist() == components(len(texts), exhaustive_pairs(texts, lc.fuzzy_threshold)).tolist()
+    assert labels.tolist() == [0, 0, 2, 2, 4, 4, 6, 6, 8, 9]
 
 
 def test_guideline_kind_is_the_prompt_set_it_was_written_with(workdir):

@@ -44,15 +44,18 @@ class LibraryConfig:
     ngram_dim: int = 256
     # Sentence-transformers model for candidates="model": path, Hub id or the embedded MiniLM.
     embed_model: str = "embedded:all-minilm-l6-v2"
-    # Nearest neighbours fetched per guideline as merge candidates. Ours: near-duplicate groups are
-    # mostly small; a larger group is still joined by chains of matched pairs (connected components).
-    neighbors: int = 10
+    # Nearest neighbours fetched per guideline as merge candidates; a group larger than this is
+    # still joined by chains of matched pairs (connected components). Ours: against fuzz.ratio
+    # over every pair (`python bench/retrieval.py --only merge`, groups of ~25 rewrites, as the
+    # paper's 767k -> 33k), 10 missed 0.5% of the merges of word-level rewrites, 30 none.
+    neighbors: int = 30
     # Candidates whose cosine similarity is below this are not sent to rapidfuzz. Ours, a loose
-    # pre-filter: sentence-length pairs at ratio >= 0.75 sat at cosine 0.55-0.78 and above; very
-    # short texts can fall below it (hashed 3-grams of "no lies" and "no ties", ratio 0.86,
-    # share too few n-grams), so for them the merge is best-effort (texts too short for one
-    # n-gram are compared with every short text).
-    min_cosine: float = 0.5
+    # pre-filter: typos spread over every word (or stripped accents) keep fuzz.ratio >= 0.75 but
+    # break most 3-grams (cosine 0.34-0.5); 0.5 missed 1.5% of such merges in that bench, 0.4
+    # none. Very short texts can still fall below it (hashed 3-grams of "no lies" and "no ties",
+    # ratio 0.86, share too few n-grams), so for them the merge is best-effort (texts too short
+    # for one n-gram are compared with every short text).
+    min_cosine: float = 0.4
     # Up to this many unique guidelines the candidate search is exact (flat, quadratic); above it,
     # IVF with 4*sqrt(n) lists. Ours: flat over 40k vectors already takes ~10 s on 2 cores.
     exact_search_max: int = 20_000

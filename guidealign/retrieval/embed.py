@@ -21,6 +21,24 @@ def normalize_text(s: str) -> str:
     return normalize(s).casefold()
 
 
+# letters with a stroke or other mark that Unicode does not decompose, as their plain letter
+_UNMARKED = str.maketrans({"đ": "d", "ł": "l", "ø": "o", "ħ": "h", "ŧ": "t", "ı": "i"})
+
+
+def fold_marks(s: str) -> str:
+    """``s`` without accents and other combining marks ("không" -> "khong"; Hangul and other
+    text without such marks is unchanged). Only for the library's n-gram candidate search:
+    text with its accents stripped in places keeps a high ``fuzz.ratio`` with the original but
+    shares few 3-grams with it (cosine 0.25-0.47 for Vietnamese sentences); the merge itself
+    compares the unfolded text."""
+    if s.isascii():
+        return s
+    import unicodedata
+
+    d = unicodedata.normalize("NFKD", s)
+    return unicodedata.normalize("NFC", "".join(c for c in d if not unicodedata.combining(c))).translate(_UNMARKED)
+
+
 def doc_text(title: str | None, text: str | None) -> str:
     """What the retriever embeds for a guideline: its title and text (once, when a guideline
     written as a title alone has that title as its text in the library)."""

@@ -179,9 +179,10 @@ def library_fingerprint(lc, src: Path, checksums: list[str] | None = None) -> st
     # v2: a guideline's kind is voted by the prompt sets its guidelines were written with;
     # v3: guidelines and prompts numbered in sorted order (the IVF search and the pairs files
     # do not depend on the read order), the version covers the pairs files; the performance
-    # settings, and those the candidate space never reads, count at their defaults
+    # settings, and those the candidate space never reads, count at their defaults; v4: the
+    # n-gram candidate vectors are made from the text with its accents folded (fold_marks)
     unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
-    return fingerprint("library-v3", at_defaults(lc, unread),
+    return fingerprint("library-v4", at_defaults(lc, unread),
                        input_checksums(src) if checksums is None else checksums)
 
 
@@ -213,11 +214,13 @@ def read_library(workdir: str | Path, columns: list[str] | None = None) -> tuple
     return table, done["version"]
 
 
-def _vectors(keys: list[str], lc, progress: bool) -> np.ndarray:
-    from guidealign.retrieval.embed import encode, load_encoder, ngram_vectors
+def library_vectors(keys: list[str], lc) -> np.ndarray:
+    """The candidate-search vectors of ``keys`` for the library config ``lc`` (hashed n-grams
+    or sentence embeddings, by ``lc.candidates``)."""
+    from guidealign.retrieval.embed import encode, fold_marks, load_encoder, ngram_vectors
 
-    if lc.candidates == "ngram":
-        return ngram_vectors(keys, dim=lc.ngram_dim)
+    if lc.candidates == "ngram":  # accents folded: see fold_marks
+        return ngram_vectors([fold_marks(k) for k in keys], dim=lc.ngram_dim)
     if lc.candidates == "model":
         from guidealign.retrieval.faiss_gpu import num_gpus
 
@@ -233,7 +236,7 @@ def _vectors(keys: list[str], lc, progress: bool) -> np.ndarray:
 
 def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 progress: bool = True) -> LibraryReport:
-    from guidealign.retrieval.dedup import cluster
+    from guidealign.retrieval.dedup import cluster, sorted_unique
 
     lc = cfg.library
     workdir = Path(workdir)
@@ -341,7 +344,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
 
     # 3. near duplicates ------------------------------------------------------------------
     t0 = time.perf_counter()
-    vecs = _vectors(u_keys, lc, progress) if u_keys else np.zeros((0, 1), np.float32)
+    vecs = library_vectors(u_keys, lc) if u_keys else np.zeros((0, 1), np.float32)
     secs["vectors"] = time.perf_counter() - t0
     labels, dstats = cluster(u_keys, vecs, threshold=lc.fuzzy_threshold, k=lc.neighbors,
                              min_cosine=lc.min_cosine, exact_max=lc.exact_search_max,
@@ -375,7 +378,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     occ_cluster = u_cluster[occ_unique_a] if n_u else occ_unique_a
     members = np.bincount(occ_cluster, minlength=len(canon))
     # (cluster, prompt) pairs, unique, grouped by cluster
-    cp = np.unique(occ_cluster * max(len(prompt_ids), 1) + occ_prompt_a) if len(occ_cluster) else occ_cluster
+    cp = sorted_unique(occ_cluster * max(len(prompt_ids), 1) + occ_prompt_a)
     cp_cluster = cp // max(len(prompt_ids), 1)
     cp_prompt = cp % max(len(prompt_ids), 1)
     bounds = np.searchsorted(cp_cluster, np.arange(len(canon) + 1))
