@@ -122,6 +122,20 @@ def test_failure_markers_of_an_earlier_run_are_ignored(tmp_path, monkeypatch):
         Watch(wd, "x").check(0)
 
 
+def test_an_unreadable_failure_marker_is_skipped_by_the_ranks_and_by_status(tmp_path, monkeypatch):
+    """A marker being written, or damaged (bytes that are not UTF-8, JSON that is not an
+    object), is passed over; a readable one beside it still stops the ranks."""
+    from guidealign.status import failed_ranks
+
+    wd = tmp_path / "run"
+    monkeypatch.delenv("GUIDEALIGN_RUN_ID", raising=False)
+    mark_failed(wd, 4, "boom now")
+    (wd / "_failed" / "rank-00000.json").write_bytes(b"\xff\xfe{not json")
+    (wd / "_failed" / "rank-00001.json").write_text("[1, 2]")
+    assert [m["rank"] for m in failures(wd)] == [4]
+    assert [ln.split(" failed")[0] for ln in failed_ranks(wd)] == ["rank 4"]
+
+
 def test_a_requeued_slurm_job_is_not_stopped_by_its_earlier_attempt(tmp_path, monkeypatch):
     """``scontrol requeue`` keeps SLURM_JOB_ID: a marker of attempt 0 written before this rank
     started must not stop attempt 1; one written after it started (a rank that was requeued on
