@@ -369,6 +369,18 @@ def _check_png(path: Path):
         im.verify()
 
 
+def test_net_win_chart_labels_a_group_without_parsed_verdicts_n_a():
+    """A group whose verdicts all failed to parse (unparsed: exclude) has no net win rate: the
+    Markdown says n/a and so does its bar, which stays empty instead of reading "+0.0"."""
+    from guidealign.eval.charts import net_bars
+
+    pw = aggregate_pairwise(_pair_rows([("a", "helpful", "unparsed", "unparsed"),
+                                        ("b", "honest", "win", "win")]), unparsed="exclude")
+    data = [pw["by_category"]["helpful"], pw["by_category"]["honest"]]
+    assert data[0]["net_win_rate"] is None
+    assert net_bars(data) == ([0.0, 100.0], ["n/a", "+100.0"])
+
+
 def test_report_files_and_charts(tmp_path):
     from guidealign.eval.report import write_report
 

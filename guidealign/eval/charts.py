@@ -94,6 +94,13 @@ def _wrap(s: str, width: int = 18) -> str:
     return "\n".join(lines[:4])
 
 
+def net_bars(data: list[dict]) -> tuple[list[float], list[str]]:
+    """Bar heights (%) and labels of net win rates: a group with no parsed verdict (rate None)
+    gets an empty bar labelled "n/a", not "+0.0", which would read as wins and losses even."""
+    nets = [100 * d["net_win_rate"] if d["net_win_rate"] is not None else 0.0 for d in data]
+    return nets, [f"{v:+.1f}" if d["net_win_rate"] is not None else "n/a" for v, d in zip(nets, data)]
+
+
 def pairwise_chart(pw: dict, path: Path, labels: tuple[str, str], title: str,
                    paper: bool) -> Path:
     import matplotlib
@@ -107,11 +114,11 @@ def pairwise_chart(pw: dict, path: Path, labels: tuple[str, str], title: str,
     ncols = 3 if paper else 2
     fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 5))
     ax, axs = axes[0], axes[1]
-    nets = [100 * d["net_win_rate"] if d["net_win_rate"] is not None else 0 for d in data]
+    nets, texts = net_bars(data)
     x = np.arange(len(groups))
     bars = ax.bar(x, nets, 0.6, color=["#2a9d8f" if v >= 0 else "#e76f51" for v in nets])
-    for b, v, d in zip(bars, nets, data):
-        ax.annotate(f"{v:+.1f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+    for b, v, t in zip(bars, nets, texts):
+        ax.annotate(t, (b.get_x() + b.get_width() / 2, v), ha="center",
                     va="bottom" if v >= 0 else "top", fontsize=8)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, [_wrap(g, 12) for g in groups], fontsize=8)
