@@ -31,6 +31,17 @@ def test_unknown_key_and_bad_type_are_errors(tmp_path):
         load_config(None, ["ingest.shard_rows=lots"])
 
 
+@pytest.mark.parametrize("key", ["max_length", "truncation_mode", "per_device_train_batch_size",
+                                 "gradient_accumulation_steps", "completion_only_loss", "output_dir"])
+def test_trainer_args_may_not_change_what_sft_sets_itself(key):
+    """TRL's max_length in trainer_args cut examples SFT had counted as fitting (its
+    drop_overlong measured against sft.max_seq_length), a batch key made another global batch:
+    such keys are refused when the config loads, naming the setting to use; others still pass."""
+    with pytest.raises(ConfigError, match=rf"sft\.trainer_args\.{key}: set by SFT"):
+        load_config(None, [f"sft.trainer_args={{{key}: 1, deepspeed: ds.json}}"])
+    assert load_config(None, ["sft.trainer_args={deepspeed: ds.json}"]).sft.trainer_args == {"deepspeed": "ds.json"}
+
+
 def test_shipped_configs_load():
     from pathlib import Path
 

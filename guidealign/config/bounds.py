@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import operator
 
+from guidealign.config.sft import owned_trainer_args
+
 # Counts: at least 1 (None, where a key is optional, is not checked).
 COUNTS = (
     "ingest.shard_rows", "ingest.max_chars", "ingest.block_bytes", "ingest.dedup_memory_mib",
@@ -102,6 +104,7 @@ def out_of_bounds(cfg, respond_engine=None, judge_engine=None) -> list[str]:
                 bad.append(f"{shown}: must be {why}, got {v!r}")
     if cfg.retrieve.keep > cfg.retrieve.top_n:
         bad.append(f"retrieve.keep: must be at most retrieve.top_n ({cfg.retrieve.top_n}), got {cfg.retrieve.keep}")
+    bad += owned_trainer_args(cfg.sft.trainer_args)
     if not cfg.retriever.recall_at or any(not isinstance(k, int) or k < 1 for k in cfg.retriever.recall_at):
         bad.append(f"retriever.recall_at: must be a list of counts, each >= 1, got {cfg.retriever.recall_at!r}")
     return bad

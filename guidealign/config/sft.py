@@ -101,8 +101,31 @@ class SFTConfig:
     # trainer_args' FSDP settings) unless it already runs under torchrun/accelerate.
     num_processes: int | str = "auto"
     # Extra keyword arguments for TRL's SFTConfig (e.g. {"deepspeed": "ds.json",
-    # "fsdp": "full_shard"}); they win over the keys above.
+    # "fsdp": "full_shard"}); they win over the keys above, except the ones in
+    # TRAINER_ARGS_OWNED (below), which are refused: SFT's data and batch bookkeeping rest on them.
     trainer_args: dict = field(default_factory=dict)
+
+
+# SFTConfig keys that SFT sets from its own settings and that trainer_args may not change: with
+# them TRL would cut examples SFT counted as fitting (max_length, truncation_mode), train on the
+# prompt too, make another global batch, or write checkpoints where no rerun resumes. Key -> what
+# to set instead.
+TRAINER_ARGS_OWNED = {
+    "max_length": "sft.max_seq_length (overlong examples are dropped or counted before TRL sees them: sft.drop_overlong)",
+    "truncation_mode": "sft.max_seq_length and sft.drop_overlong",
+    "completion_only_loss": "nothing: the loss is on the assistant turn only (the README's method section)",
+    "per_device_train_batch_size": "sft.micro_batch_size",
+    "gradient_accumulation_steps": "sft.global_batch_size (the accumulation follows from it, the micro-batch and the process count)",
+    "output_dir": "nothing: checkpoints go to WORKDIR/sft/checkpoints, where a rerun resumes",
+    "bf16": "sft.precision",
+    "fp16": "sft.precision",
+}
+
+
+def owned_trainer_args(trainer_args: dict) -> list[str]:
+    """Why each key of ``trainer_args`` that SFT owns is refused."""
+    return [f"sft.trainer_args.{k}: set by SFT, not here; use {TRAINER_ARGS_OWNED[k]}"
+            for k in trainer_args if k in TRAINER_ARGS_OWNED]
 
 
 # The formats `guidealign export --format` writes (export reads its settings from this section).
