@@ -196,7 +196,7 @@ def length_rows(cfg, role: Role, tok, info: ModelInfo) -> list[Row]:
         if bad:
             rows += bad
         else:
-            k = rc.max_guidelines or cfg.retrieve.keep
+            k = min(rc.max_guidelines or cfg.retrieve.keep, cfg.retrieve.keep)  # a row holds at most keep
             system = rc.guided_system.replace("{guidelines}", format_guidelines(["x" * 4 * GUIDELINE_TOKENS] * k))
             exs = "\n".join(q + "\n" + a for q, a in load_exemplars(rc)[0])
             rows.append(_fit_row("respond", tok, system + "\n" + exs, "", USER_TOKENS + 16,

@@ -90,6 +90,36 @@ def test_examples_longer_than_max_seq_length_are_dropped_or_counted_as_cut(tmp_p
     assert example_lengths(tok, ds)[1] > 256
 
 
+def test_max_examples_is_taken_after_the_overlong_examples_are_dropped(tmp_path):
+    """sft.max_examples capped the examples as they were read, before the length filter: two
+    overlong examples first left 0 of 2 (an error saying none fits) though three fit."""
+    from datasets import Dataset
+
+    from guidealign.sft.data import DataReport, fit_max_seq_length, to_example
+
+    cfg = load_config(TINY, ["sft.max_examples=2"])
+    rows = [_row(0, LONG), _row(1, LONG), _row(2), _row(3), _row(4)]
+    ds = Dataset.from_list([to_example(cfg.sft, r) for r in rows])
+    tok = _tokenizer(cfg)
+    rep = DataReport(rows=5, kept=5)
+    kept = fit_max_seq_length(cfg.sft, ds, tok, rep)
+    assert [e["id"] for e in kept] == ["r2", "r3"] and rep.kept == 2
+    assert rep.dropped == {"longer_than_max_seq_length": 2, "over_max_examples": 1}
+    cfg.sft.drop_overlong = False  # the cap keeps the first two; both are counted as cut
+    rep = DataReport(rows=5, kept=5)
+    assert [e["id"] for e in fit_max_seq_length(cfg.sft, ds, tok, rep)] == ["r0", "r1"]
+    assert rep.dropped == {"over_max_examples": 3} and rep.cut_at_max_seq_length == 2
+
+
+def test_a_short_answer_is_not_called_empty(workdir):
+    from guidealign.sft.data import build_dataset
+
+    _write_respond(workdir, [_row(0), _row(1, "Too short."), _row(2, "   ")])
+    ds, rep = build_dataset(load_config(TINY, ["sft.min_response_chars=12"]).sft, workdir)
+    assert rep.dropped == {"shorter_than_min_response_chars": 1, "empty_response": 1}
+    assert [e["id"] for e in ds] == ["r0"]
+
+
 @pytest.mark.slow
 def test_packing_keeps_the_example_count_and_done_counts_overlong_and_truncated_inputs(workdir,
                                                                                       generator_path):

@@ -77,7 +77,7 @@ def drop_reason(cfg, row: dict) -> str | None:
     if fr not in cfg.keep_finish_reasons:
         return "truncated" if fr == "length" else f"finish_reason_{fr}"
     if not isinstance(resp, str) or len(resp.strip()) < cfg.min_response_chars:
-        return "empty_response"
+        return "shorter_than_min_response_chars" if isinstance(resp, str) and resp.strip() else "empty_response"
     if input_truncated(row):
         return "input_truncated"
     return None
@@ -173,10 +173,7 @@ def iter_examples(cfg, workdir, report: DataReport):
                 if why:
                     report.drop(why)
                     continue
-                if cfg.max_examples and report.kept >= cfg.max_examples:
-                    report.drop("over_max_examples")
-                    continue
-                report.kept += 1
+                report.kept += 1  # sft.max_examples applies after the length filter
                 yield to_example(cfg, row)
 
 
@@ -280,17 +277,25 @@ def example_lengths(tok, dataset) -> list[int]:
 def fit_max_seq_length(cfg, dataset, tok, report: DataReport):
     """The examples longer than ``cfg.max_seq_length`` are dropped (``cfg.drop_overlong``) or
     counted in ``report.cut_at_max_seq_length`` (TRL trains their start, without the answer's
-    end-of-turn token); returns the dataset to train on."""
+    end-of-turn token); then the first ``cfg.max_examples`` of the rest are kept (0: all), so
+    overlong examples early in the shards do not take the places of later ones that fit.
+    Returns the dataset to train on."""
     long = [i for i, n in enumerate(example_lengths(tok, dataset)) if n > cfg.max_seq_length]
-    if not long:
-        return dataset
-    if not cfg.drop_overlong:
+    long_set = set(long)
+    keep = list(range(len(dataset)))
+    if long and not cfg.drop_overlong:
         report.cut_at_max_seq_length = len(long)
-        return dataset
-    report.drop("longer_than_max_seq_length", len(long))
-    report.kept -= len(long)
-    if not report.kept:
-        raise ValueError(f"no training example fits sft.max_seq_length ({cfg.max_seq_length} tokens): "
-                         f"{report.summary()}; raise it or set sft.drop_overlong: false")
-    skip = set(long)
-    return dataset.select([i for i in range(len(dataset)) if i not in skip])
+    elif long:
+        report.drop("longer_than_max_seq_length", len(long))
+        report.kept -= len(long)
+        if not report.kept:
+            raise ValueError(f"no training example fits sft.max_seq_length ({cfg.max_seq_length} tokens): "
+                             f"{report.summary()}; raise it or set sft.drop_overlong: false")
+        keep = [i for i in keep if i not in long_set]
+    if cfg.max_examples and len(keep) > cfg.max_examples:
+        report.drop("over_max_examples", len(keep) - cfg.max_examples)
+        report.kept = cfg.max_examples
+        if not cfg.drop_overlong:
+            report.cut_at_max_seq_length = sum(i in long_set for i in keep[:cfg.max_examples])
+        keep = keep[:cfg.max_examples]
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)

@@ -67,6 +67,8 @@ def sft_fingerprint(cfg, report) -> str:
     keys = {k: v for k, v in at_defaults(cfg.sft, SFT_PERFORMANCE).items()
             if k not in ("num_processes", "num_threads", "data", "chat_template")}
     keys["data_order"] = list(report.sources)
+    if cfg.sft.max_examples:  # since Stop 47 the cap is taken after the length filter (runs
+        keys["max_examples_after"] = "length filter"  # without a cap keep their fingerprint)
     # a built-in template by its name as well: the name alone adds its special tokens and eos
     # (needed_tokens, turn_end_token), which a file with the same text does not
     keys["chat_template"] = cfg.sft.chat_template if cfg.sft.chat_template in BUILTIN else None
