@@ -617,6 +617,27 @@ def test_stage_with_a_fair_judge_across_two_ranks_and_resume(tmp_path, smol_tok)
     assert j2.prompts == [] and rep2.pairwise == rep.pairwise
 
 
+def test_a_parser_fix_counts_in_the_report_of_judgments_already_made(tmp_path, smol_tok, monkeypatch):
+    """Verdicts were parsed once, when judged, and stored: a later parser fix (an echoed
+    'Verdict: A if Assistant A is better' read as A) never reached an existing run's report
+    short of judging everything again. The report now parses the stored raw outputs again."""
+    import guidealign.eval.judges as judges
+    from guidealign.eval.run import run_eval
+
+    echo = lambda p: "Verdict: A if Assistant A is better, Verdict: B if Assistant B is better"  # noqa: E731
+    bench = _write_bench(tmp_path / "hhh.jsonl", ROWS)
+    cfg = _scripted_cfg(tmp_path, judges=["pairwise"])
+    with monkeypatch.context() as m:  # an older parser that took the first label it saw
+        m.setattr(judges, "parse_pairwise", lambda text, finished=True: ("A", "verdict_line"))
+        first = run_eval(cfg, tmp_path / "wd", benchmark_file=bench, judge_llm=ScriptedJudge(smol_tok, echo),
+                         progress=False)
+    assert first.pairwise["overall"]["unparsed"] == 0
+    again = ScriptedJudge(smol_tok, echo)
+    rep = run_eval(cfg, tmp_path / "wd", benchmark_file=bench, judge_llm=again, progress=False)
+    assert again.prompts == []  # nothing judged again
+    assert rep.pairwise["overall"]["unparsed"] == len(ROWS)
+
+
 def test_a_judge_whose_every_request_fails_commits_nothing_and_a_rerun_judges_again(tmp_path, smol_tok):
     """A judge engine that failed every request still committed its shard: every judgment
     "error"/unparsed, and a rerun (after the engine was fixed) kept them, since the judge's

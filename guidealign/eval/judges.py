@@ -137,6 +137,22 @@ def judge_pairwise(llm, items: list[PairItem], ecfg, seed: int | None = 0) -> di
     return cols
 
 
+def current_verdicts(rows: list[dict], kind: str) -> list[dict]:
+    """Judgment rows (``kind`` "harm" or "pairwise") with their verdict, rule and, pairwise,
+    outcome parsed again from the stored raw output by this version's parser, so a parser fix
+    counts in the report of judgments already made, without judging again. The classifier's
+    rows (a score, no text) are kept as they are."""
+    parse = parse_pairwise if kind == "pairwise" else parse_harm
+    for r in rows:
+        if kind == "harm" and r.get("judge") != "llm":
+            continue
+        fr = r.get("finish_reason")
+        r["verdict"], r["rule"] = parse(r.get("raw"), fr != "length") if fr != "error" else (None, None)
+        if kind == "pairwise":
+            r["outcome"] = outcome_for_guided(r["order"], r["verdict"])
+    return rows
+
+
 HARM_COLUMNS = ("id", "category", "prompt", "condition", "response", "judge", "judge_prompt", "raw",
                 "finish_reason", "verdict", "rule", "score")
 

@@ -13,7 +13,10 @@ judge's (:func:`judge_fp`) plus the checksum of its plan shard, and a plan shard
 only when its items change: shards are cut along the benchmark's questions (not along the
 items judged), so a rerun redoes nothing, a changed, newly failed or newly usable response
 redoes the shards that hold its question, a changed judge config redoes that judge, and an
-aggregation option redoes none.
+aggregation option (``eval.combine``, ``eval.unparsed``, ``eval.count_duplicates``) redoes none.
+The items hold each question's category, so a change of ``eval.category_field`` (which
+column that is) judges again: a known cost, kept so that judgments made so far stay valid.
+Verdicts are parsed again from the stored outputs for every report (``current_verdicts``).
 
 Each rank writes the plan shards that static assignment gives it (i % W == rank). Under
 dynamic assignment every rank waits for the whole plan before it claims shards; the reader

@@ -148,18 +148,20 @@ def _results(rep: EvalReport, cfg, st: Settings, workdir: Path, sub: Path, bench
     """The report's numbers: % harmless, the pairwise outcome, risk identification."""
     from guidealign.eval.aggregate import aggregate_harm, aggregate_pairwise, with_weights
     from guidealign.eval.inputs import row_weights
+    from guidealign.eval.judges import current_verdicts
     from guidealign.eval.judging import read_judgments
     from guidealign.eval.risk_id import run_risk_identification
 
     ecfg = cfg.eval
     weights = row_weights(bench_path, cfg.ingest) if ecfg.count_duplicates else {}
+
+    def judged(kind):  # verdicts by this version's parser (judgments made before it included)
+        return with_weights(current_verdicts(read_judgments(sub, plans[kind], cfg, world_size), kind), weights)
+
     if "harm" in plans:
-        rep.harm = aggregate_harm(with_weights(read_judgments(sub, plans["harm"], cfg, world_size),
-                                               weights))
+        rep.harm = aggregate_harm(judged("harm"))
     if "pairwise" in plans:
-        rep.pairwise = aggregate_pairwise(
-            with_weights(read_judgments(sub, plans["pairwise"], cfg, world_size), weights),
-            rule=ecfg.combine, unparsed=ecfg.unparsed)
+        rep.pairwise = aggregate_pairwise(judged("pairwise"), rule=ecfg.combine, unparsed=ecfg.unparsed)
     rep.risk_identification = run_risk_identification(cfg, st.benchmark, workdir, sub, dirs["guided"],
                                                       bench, weights)
 
