@@ -67,6 +67,30 @@ def test_respond_shard_quarantines_and_counts_rows_with_no_room_for_a_guideline(
     assert stats["skipped"] == 1 and stats["no_guideline_room"] == 1
 
 
+def test_a_guided_row_without_any_guideline_is_noted_and_counted(generator_path, tok, caplog):
+    """A guided row whose guidelines were all blank (or none retrieved) was answered without
+    guidelines and written like any guided answer, with nothing noted or counted."""
+    from guidealign.gen.respond import NO_GUIDELINES, make_respond_fn
+
+    cfg = small_gen_cfg(generator_path, "engine.max_model_len=400", "respond.sampling.max_tokens=100")
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()),
+                        ("guideline_ids", pa.list_(pa.string())),
+                        ("guideline_texts", pa.list_(pa.string()))])
+    rows = [{"id": "blank", "prompt": "Hello?", "guideline_ids": ["g1"], "guideline_texts": ["  "]},
+            {"id": "none", "prompt": "Hi?", "guideline_ids": [], "guideline_texts": []},
+            {"id": "ok", "prompt": "How do I pick a lock?", "guideline_ids": ["g2"], "guideline_texts": [HARM]}]
+    fn = make_respond_fn(cfg, FakeLLM(tok, lambda text: ("Fine.", "stop")), guided=True, model_name="m")
+    out, q, stats = fn(pa.Table.from_pylist(rows, schema=schema), 0)
+    assert q is None and out.column("id").to_pylist() == ["blank", "none", "ok"]
+    assert out.column("note").to_pylist() == [NO_GUIDELINES, NO_GUIDELINES, ""]
+    assert stats["no_guidelines"] == 2
+    assert "2 guided prompt(s) had no guideline" in caplog.text
+    # the baseline (unguided) stage answers without guidelines by design: nothing noted
+    fn = make_respond_fn(cfg, FakeLLM(tok, lambda text: ("Fine.", "stop")), guided=False, model_name="m")
+    out, _, stats = fn(pa.Table.from_pylist(rows, schema=schema), 0)
+    assert out.column("note").to_pylist() == ["", "", ""] and stats["no_guidelines"] == 0
+
+
 # --- (7) score mode: "Verdict:" continues the prompt as the exemplars' answers do ----------------
 
 class ScoringLLM(FakeLLM):

@@ -58,6 +58,8 @@ QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
                                ("reason", pa.string())])
 # the quarantine reason of a guided prompt too long to answer even with only its top guideline
 NO_GUIDELINE_ROOM = "overlong: no room for any guideline"
+# the note of a guided row answered without guidelines (retrieve found none, or all were blank)
+NO_GUIDELINES = "no guideline: answered without guidelines"
 
 
 
@@ -228,7 +230,7 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
         out = {k: [] for k in RESPOND_SCHEMA.names}
         quarantine = {k: [] for k in QUARANTINE_SCHEMA.names}
         stats = {"truncated": 0, "skipped": 0, "no_guideline_room": 0, "errors": 0, "length": 0,
-                 "prompt_tokens": 0, "output_tokens": 0}
+                 "prompt_tokens": 0, "output_tokens": 0, "no_guidelines": 0}
         todo: list[tuple[dict, Prepared]] = []
         for r in rows:
             pid, prompt = r.get("id"), r.get("prompt")
@@ -253,6 +255,9 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
                 continue
             if p.note:
                 stats["truncated"] += 1
+            if guided and not p.guideline_texts:
+                p = dataclasses.replace(p, note=f"{p.note}; {NO_GUIDELINES}" if p.note else NO_GUIDELINES)
+                stats["no_guidelines"] += 1
             todo.append((r, p))
         # sampled: one seed per prompt (on GPUs; greedy needs none, and vLLM on the CPU crashes
         # on seeded requests whose prefill is chunked: there the engine's seed is shared)
@@ -288,6 +293,10 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
                                                    out["response"], out["note"])],
                             lambda r: respond_usable(r, keep, min_chars)))
         stats["yield_rows_in"] += stats["skipped"]
+        if stats["no_guidelines"]:
+            log.warning("respond shard %d: %d guided prompt(s) had no guideline (none retrieved, or all "
+                        "blank) and were answered without, noted %r", index, stats["no_guidelines"],
+                        NO_GUIDELINES)
         return pa.Table.from_pydict(out, schema=RESPOND_SCHEMA), q, stats
 
     return fn
