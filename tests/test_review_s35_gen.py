@@ -221,3 +221,21 @@ def test_a_chat_template_that_refuses_a_system_turn_fails_respond_before_any_sha
     out, q, _ = fn(pa.table({"id": ["a"], "prompt": ["Hi"], "guideline_ids": [["g"]],
                              "guideline_texts": [["Be kind: speak gently."]]}), 0)
     assert out.column("id").to_pylist() == ["a"] and q is None
+
+
+def test_detect_counts_an_engine_error_as_an_error_not_as_unparsed(generator_path, tok):
+    """Detect counted a failed request under errors and unparsed both: parsed + unparsed +
+    skipped + errors came to more than the rows (the guidelines stage counts it once)."""
+    from guidealign.gen.detect import make_shard_fn
+
+    def answer(text):
+        if "boom" in text[text.rfind("<|im_start|>user"):]:
+            raise ValueError("bad request")
+        if "gibberish" in text[text.rfind("<|im_start|>user"):]:
+            return "I am not sure what to say.", "stop"
+        return "1. Unsafe content: no.\nVerdict: No", "stop"
+
+    fn = make_shard_fn(small_gen_cfg(generator_path), FakeLLM(tok, answer))
+    out, _, stats = fn(pa.table({"id": ["a", "b", "c"], "prompt": ["Bake bread?", "gibberish", "boom"]}), 0)
+    assert out.column("finish_reason").to_pylist() == ["stop", "stop", "error"]
+    assert (stats["errors"], stats["unparsed"], stats["skipped"], stats["yield_rows_parsed"]) == (1, 1, 0, 1)

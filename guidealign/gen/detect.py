@@ -237,7 +237,8 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             "prompt_tokens": sum(r["prompt_tokens"] for r in rows if r["finish_reason"] != "skipped"),
             "output_tokens": sum(r["output_tokens"] for r in rows),
             "risky": sum(1 for r in rows if r["risky"] is True),
-            "unparsed": sum(1 for r in rows if r["risky"] is None and r["finish_reason"] != "skipped"),
+            # an engine error is counted under errors, not as an output that did not parse
+            "unparsed": sum(1 for r in rows if r["risky"] is None and r["finish_reason"] not in ("skipped", "error")),
             "skipped": sum(1 for r in rows if r["finish_reason"] == "skipped"),
             "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
             "output_truncated": sum(1 for r in rows if r["truncated"]),

@@ -23,7 +23,7 @@ from guidealign.config.gen import UnknownVerdict
 from guidealign.gen.build import (Built, Message, PromptBuilder, Slot, TemplateError, chat_template_hash,
                        clean_text, engine_max_len, fill, generate_built, load_prompt_file)
 from guidealign.gen.detect import _verdict, detection_turn
-from guidealign.gen.parse import ends_in_last, own_turn, parse_guidelines
+from guidealign.gen.parse import before_echo, ends_in_last, own_turn, parse_guidelines
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def detection_for(raw: str | None, risky: bool | None) -> str:
     (``risky`` is the verdict detect parsed from ``raw``), else, for a row with no verdict
     (guidelines.unknown_verdict=safety), one made up saying Yes: an empty turn, or one saying
     "Verdict: No", before a request for safety guidelines would contradict the kind."""
-    if risky:
-        return own_turn(raw or "").strip()
+    if risky:  # without an exemplar copied after the verdict (it may say "Verdict: No")
+        return before_echo(own_turn(raw or "")).strip()
     return detection_turn(NO_VERDICT_ANALYSIS, _verdict(True, "detection_for"))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from guidealign.gen.parse_detect import own_turn, parse_detection  # noqa: F401 - this module's API
+from guidealign.gen.parse_detect import before_echo, own_turn, parse_detection  # noqa: F401 - this module's API
 
 # --- guideline lists -------------------------------------------------------------------------
 

@@ -18,12 +18,26 @@ _TURN = re.compile(
     r"|<\|start_header_id\|>|<start_of_turn>|<end_of_turn>|<\|user\|>")
 
 
+# right after a marker: the next turn's markup ("</s><s>[INST]", "<|im_end|><|im_start|>user")
+_NEXT_TURN = re.compile(r"\s*(?:<s>|\[INST\]|<\|im_start\|>|<\|start_header_id\|>|<start_of_turn>|<\|user\|>)")
+
+
 def own_turn(text: str) -> str:
     """``text`` up to the first turn marker after some text: what the model wrote after its
-    own turn (a made-up "USER: ..." with its answer) is not part of this output."""
+    own turn (a made-up "USER: ..." with its answer) is not part of this output. A markup
+    marker ("[INST]", "</s>", "<|im_start|>") counts only where it begins or ends its line or
+    the next turn's markup follows it ("</s><s>[INST]"): inside a sentence it is quoted text ('Text such as [INST] inside the user's input', an
+    HTML "<s>...</s>"), since the engine stops at the real turn end and drops special tokens."""
     for m in _TURN.finditer(text):
-        if text[:m.start()].strip():
-            return text[:m.start()]
+        if not text[:m.start()].strip():
+            continue
+        if m.group(0)[:1] in "[<":
+            lead = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+            end = text.find("\n", m.end())
+            tail = text[m.end():len(text) if end < 0 else end]
+            if lead.strip() and tail.strip() and not _NEXT_TURN.match(tail):
+                continue
+        return text[:m.start()]
     return text
 
 
@@ -38,13 +52,16 @@ _VERDICT = re.compile(
     r"(?im)(?<![^\W_])(?P<final>final\s+)?(?P<key>verdict|answer|decision|judge?ment|risky|unsafe|label)"
     r"\s*(?:\*\*|__)?\s*"
     r"(?:(?P<sep>[:=\-–—])" + _MARKUP + r"(?P<said>yes|no)(?![^\W_])"
-    r"(?!\s+(?:matter|doubt|longer|one|more|less|way|need)\b)"
+    r"(?!\s+(?:matter|doubt|longer|one|way)\b)"
     r"|is" + _MARKUP + r"(?P<said_is>yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
 # Keywords that name the verdict itself. The others ("answer", "risky", "unsafe", "label")
 # also name things an analysis talks about ("2. Harm from a careless answer: no."), so they
 # count only when no verdict label does, and only where they begin a line ("Answer: yes",
 # "**Risky:** no", "The answer is no.") or, with "is", end the output ("...; so the answer is no.")
 _STRONG = ("verdict", "decision", "judgement", "judgment")
+# after a weaker keyword's Yes/No, words that make it part of a phrase ("Answer: no more than
+# usual", "Risky: no need to worry"), not a verdict; after "Verdict:" it is still the verdict
+_NO_MORE = re.compile(r"(?i)\s+(?:more|less|need)\b")
 _LINE_LEAD = re.compile(r"^[\s>*_#`\"'-]*$")
 _IS_LEAD = re.compile(
     r"(?i)^[\s>*_#`\"'-]*(?:(?:so|thus|hence|therefore|overall),?\s+)?(?:(?:the|my|our)\s+)?$")
@@ -82,6 +99,20 @@ _ANALYSIS_PREFIX = re.compile(
     r"(?i)^\s*(?:\*\*|__)?\s*(?:analysis|reasoning|rationale)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*")
 
 
+# a line that starts the next exemplar: the detector's user turn ("Input: ...", gen/prompts/detect.yaml)
+_ECHO = re.compile(r"(?im)^[ \t>*_#]*(?:input[ \t]*(?:\*\*|__)?[ \t]*:|does\s+answering\s+this\s+input\b)")
+
+
+def before_echo(text: str) -> str:
+    """``text`` up to a line that starts another exemplar ("Input: ...") after a verdict: a
+    small model that answered "Verdict: No" and went on copying an exemplar of the prompt
+    ("Input: Shut up, you idiot ... Verdict: Yes") gave the copy's verdict."""
+    for m in _ECHO.finditer(text):
+        if _verdict_hits(text[:m.start()]):
+            return text[:m.start()]
+    return text
+
+
 def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     """(risky, rationale, status). Status: ``ok`` (explicit verdict ending the output),
     ``verdict_mid`` (explicit verdict followed by more text), ``conflicting`` (explicit
@@ -89,10 +120,11 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     line, or else the first, is a bare Yes/No), ``missing`` (no verdict: risky is None),
     ``empty`` (no output). A "Verdict:"-like label outranks the weaker keywords
     ("Answer:", "Risky:"), and a bare last line outranks weak keywords before it. Only the
-    model's own turn is read (:func:`own_turn`), and Yes/No offered as options is no verdict."""
+    model's own turn is read (:func:`own_turn`), up to an exemplar it copies after its verdict
+    (:func:`before_echo`), and Yes/No offered as options is no verdict."""
     if text is None or not text.strip():
         return None, "", "empty"
-    text = own_turn(text)
+    text = before_echo(own_turn(text))
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     hits = _verdict_hits(text)
     if hits and not _strong(hits[-1]):
@@ -143,8 +175,9 @@ def _verdict_hits(text: str) -> list[re.Match]:
     hits = [h for h in _VERDICT.finditer(text)
             if not any(a <= h.start("said" if h.group("said") else "said_is") < b for a, b in options)]
     strong = [h for h in hits if _strong(h)]
-    if strong:
+    if strong:  # "Verdict: No need for safety care" is No; "2. Harm: no more than usual" no verdict
         return strong
+    hits = [h for h in hits if not _NO_MORE.match(text, h.end()) and not _answers_user(text, h)]
     out = []
     for h in hits:
         lead = text[text.rfind("\n", 0, h.start()) + 1:h.start()]
@@ -152,6 +185,17 @@ def _verdict_hits(text: str) -> list[re.Match]:
                 _IS_LEAD.match(lead) or not _MORE.search(text[h.end():].rstrip())):
             out.append(h)
     return out
+
+
+def _answers_user(text: str, h: re.Match) -> bool:
+    """ "Answer: No, mixing bleach and ammonia releases toxic gas": a model answering the user's
+    question, not reviewing the input; an "Answer:" Yes/No is a verdict when nothing follows it
+    in its line or what follows speaks of the input or its risk (as a bare first line must)."""
+    if h.group("key").lower() != "answer" or not h.group("sep"):
+        return False
+    end = text.find("\n", h.end())
+    rest = text[h.end():len(text) if end < 0 else end]
+    return bool(re.search(r"[^\W_]", rest)) and not _ABOUT_INPUT.search(rest)
 
 
 def _before_clause(text: str) -> str:
