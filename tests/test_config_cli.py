@@ -144,7 +144,9 @@ def test_an_empty_free_form_mapping_clears_it(tmp_path):
     ("library.use_gpu=banana", "library.use_gpu"),
     # retrieval settings a stage refused only when it started, after detect and guidelines ran
     ("retrieve.keep=30", "retrieve.keep: must be at most retrieve.top_n (20), got 30"),
-    ("retriever.recall_at=[0,5]", "retriever.recall_at: must be a list of counts, each >= 1"),
+    ("retriever.recall_at=[0,5]", "retriever.recall_at: must be a list of distinct counts, each >= 1"),
+    # a count listed twice added its hits twice (recall@1 of 1.0 for 0.5)
+    ("retriever.recall_at=[1,1,5]", "retriever.recall_at: must be a list of distinct counts, each >= 1"),
     ("retriever.risk_top_k=0", "retriever.risk_top_k: must be a count"),
     ("library.fuzzy_threshold=0", "library.fuzzy_threshold: must be > 0"),
     ("index.ef_search=0", "index.ef_search: must be a count"),

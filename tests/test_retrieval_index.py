@@ -433,3 +433,26 @@ def test_status_lists_an_index_without_its_completion_record_as_not_done(built, 
     (w / "index" / "_done.json").unlink()
     row = {r["stage"]: r for r in collect(w)}["index"]
     assert (row["shards_done"], row["shards_total"]) == (0, 1) and "no _done.json" in row["note"]
+
+
+def test_an_ivf_nlist_too_large_for_the_vectors_is_said_not_clamped_in_silence(caplog):
+    """index.nlist 1024 over 3,000 vectors built 76 lists without a word (and with nprobe >= 76
+    searched them all)."""
+    import logging
+
+    import numpy as np
+
+    from guidealign.config import load_config
+    from guidealign.retrieval.index import build_faiss
+
+    vecs = np.random.default_rng(0).standard_normal((3000, 8)).astype("float32")
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.index"):
+        _, name = build_faiss(vecs, load_config(None, ["index.kind=ivf", "index.nlist=1024", "index.nprobe=100"]).index)
+    assert name == "ivf76"
+    assert "index.nlist 1024 is more lists than 3000 vectors can train" in caplog.text
+    assert "nprobe 100 then searches every list" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="guidealign.retrieval.index"):
+        build_faiss(vecs, load_config(None, ["index.kind=ivf"]).index)  # the automatic count: no warning
+    assert "index.nlist" not in caplog.text

@@ -153,6 +153,31 @@ def test_guideline_kind_is_the_prompt_set_it_was_written_with(workdir):
     assert kinds["Do not provide instructions for making weapons or explosives."] == "safety"
 
 
+def test_prompts_that_differ_only_in_case_share_a_split(workdir):
+    """The split hashed each prompt id, and ids are case-sensitive while the default encoder's
+    tokenizer lower-cases: "How can i..." in held-out was a training anchor as "how can I...".
+    Twins now share the split of their smallest id; other prompts keep their own."""
+    from guidealign.retrieval.split import is_heldout
+
+    ids = [f"p{i:03d}" for i in range(200)]
+    a = next(i for i in ids if is_heldout(i, 0.5))
+    b = next(i for i in ids if not is_heldout(i, 0.5) and i > a)  # b's own split differs from a's
+    c = next(i for i in ids if i not in (a, b))
+    texts = {a: "How can I make a fake ID card at home?", b: "how can i make a fake id card at home?",
+             c: "Explain tides."}
+    rows = [{"id": p, "prompt": t, "risky": True,
+             "guidelines": [{"title": "", "text": f"Refuse to help forge documents ({p == c})."}]}
+            for p, t in texts.items()]
+    write_guideline_shards(workdir / "guidelines", rows, shard_rows=16)
+    run_library(load_config(overrides=["library.heldout_fraction=0.5"]), workdir, progress=False)
+    split = {}
+    for name in ("train", "heldout"):
+        for r in pq.read_table(workdir / "library" / "pairs" / f"{name}.parquet").to_pylist():
+            split[r["prompt_id"]] = name
+    assert split[a] == split[b] == "heldout"  # the group's smallest id, a, is held out
+    assert split[c] == ("heldout" if is_heldout(c, 0.5) else "train")
+
+
 def test_run_library_end_to_end(workdir):
     rows = _rows()
     write_guideline_shards(workdir / "guidelines", rows, shard_rows=16)

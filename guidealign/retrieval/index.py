@@ -77,7 +77,13 @@ def build_faiss(vecs: np.ndarray, ic) -> tuple[object, str]:
         index, name = faiss.IndexFlatIP(d), "flat"
     elif ic.kind == "ivf":
         nlist = ic.nlist or max(1, int(4 * math.sqrt(max(n, 1))))
-        nlist = min(nlist, max(1, n // 39))  # FAISS wants ~39 training points per list
+        if nlist > max(1, n // 39):  # FAISS wants ~39 training points per list
+            if ic.nlist:
+                log.warning("index.nlist %d is more lists than %d vectors can train (~39 each): "
+                            "building %d lists (the index name records it)%s", ic.nlist, n,
+                            max(1, n // 39), "; index.nprobe %d then searches every list" % ic.nprobe
+                            if ic.nprobe >= max(1, n // 39) else "")
+            nlist = max(1, n // 39)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = 1234
         index.nprobe = ic.nprobe

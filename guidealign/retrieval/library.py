@@ -41,6 +41,7 @@ from guidealign.config import wait_timeout
 from guidealign.config.retrieval import LIBRARY_PERFORMANCE, LIBRARY_UNREAD
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.retrieval.embed import normalize_text
+from guidealign.retrieval.split import heldout_flags
 from guidealign.shards import (fingerprint, iter_batches, iter_tables, read_manifest, wait_complete,
                                write_manifest, write_shard)
 from guidealign.shards.fingerprint import at_defaults
@@ -137,11 +138,6 @@ def guideline_id(key: str) -> str:
     return "g" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
-def is_heldout(prompt_id: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(prompt_id.encode(), digest_size=8).digest(), "big")
-    return h / 2.0 ** 64 < fraction
-
-
 def _has_column(src: Path, name: str) -> bool:
     """Whether the committed shards of ``src`` have column ``name`` (the first one tells)."""
     import pyarrow.parquet as pq
@@ -180,7 +176,8 @@ def library_fingerprint(lc, src: Path, checksums: list[str] | None = None) -> st
     # v3: guidelines and prompts numbered in sorted order (the IVF search and the pairs files
     # do not depend on the read order), the version covers the pairs files; the performance
     # settings, and those the candidate space never reads, count at their defaults; v4: the
-    # n-gram candidate vectors are made from the text with its accents folded (fold_marks)
+    # n-gram candidate vectors are made from the text with its accents folded (fold_marks), and
+    # prompts that differ only in case share a split (heldout_flags)
     unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
     return fingerprint("library-v4", at_defaults(lc, unread),
                        input_checksums(src) if checksums is None else checksums)
@@ -403,7 +400,7 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     t0 = time.perf_counter()
     pair_rows = {"train": {k: [] for k in PAIRS_SCHEMA.names},
                  "heldout": {k: [] for k in PAIRS_SCHEMA.names}}
-    held = [is_heldout(p, lc.heldout_fraction) for p in prompt_ids]
+    held = heldout_flags(prompt_ids, [prompt_text[p] for p in prompt_ids], lc.heldout_fraction)
     for c in range(len(canon)):
         for p in cp_prompt[bounds[c]:bounds[c + 1]].tolist():
             d = pair_rows["heldout" if held[p] else "train"]
