@@ -105,6 +105,9 @@ def out_of_bounds(cfg, respond_engine=None, judge_engine=None) -> list[str]:
     if cfg.retrieve.keep > cfg.retrieve.top_n:
         bad.append(f"retrieve.keep: must be at most retrieve.top_n ({cfg.retrieve.top_n}), got {cfg.retrieve.keep}")
     bad += owned_trainer_args(cfg.sft.trainer_args)
+    cap = cfg.retriever.max_prompts_per_guideline
+    if cap != "auto" and (not isinstance(cap, int) or cap < 0):
+        bad.append(f"retriever.max_prompts_per_guideline: must be >= 0 or auto, got {cap!r}")
     ks = cfg.retriever.recall_at
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) < len(ks):
         # (a count listed twice added its hits twice: recall@1 of 1.0 for 0.5)

@@ -96,6 +96,14 @@ class RetrieverConfig:
     max_seq_length: int = 128
     # Seed for shuffling and initialisation. Ours.
     seed: int = 0
+    # At most this many training prompts per guideline (0: all; "auto": an epoch's number of
+    # full batches, ceil(pairs / batch_size), at least 16), chosen by a seeded hash of (prompt,
+    # guideline).
+    # Ours: two pairs of one guideline never share a batch (the other would be a false in-batch
+    # negative), so a guideline serving thousands of prompts (a generic one, merged from many
+    # near-duplicates) made an epoch of thousands of batches, most of one pair (no negative,
+    # no loss, yet an optimizer step); configs/gpu-paper.yaml sets "auto".
+    max_prompts_per_guideline: int | Literal["auto"] = 0
     # The next four only shape the held-out evaluation: changing one re-evaluates the trained
     # retriever without retraining it (the index and retrieved shards stay current).
     # Evaluate on at most this many held-out prompts (0: all). Ours: BM25 is slow on big corpora.

@@ -20,6 +20,7 @@ on it stay current.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -75,8 +76,6 @@ def weights_digest(done: dict | None) -> str | None:
     """A digest of a trained retriever's model files (their sha256s in its ``_done.json``): what
     tells apart two trainings under one fingerprint (training is not bit-reproducible on a GPU;
     a repair retrains). None for a ``_done.json`` without checksums."""
-    import hashlib
-
     files = (done or {}).get("files") or {}
     model = {k: v.get("sha256") for k, v in files.items() if k.startswith("model/") and isinstance(v, dict)}
     if not model:
@@ -95,7 +94,35 @@ def retriever_fingerprint(rc, library_version: str) -> str:
     perf = RETRIEVER_PERFORMANCE if rc.loss == "mnrl" else tuple(k for k in RETRIEVER_PERFORMANCE
                                                                   if k != "mini_batch_size")
     train = {k: v for k, v in at_defaults(rc, perf).items() if k not in EVAL_KEYS + RETRIEVER_RESUME}
+    if not train.get("max_prompts_per_guideline"):  # 0, no cap: the fingerprint from before the key
+        train.pop("max_prompts_per_guideline", None)
     return fingerprint("retriever-v4", train, library_version)
+
+
+AUTO_CAP_MIN = 16
+
+
+def capped_pairs(prompt_ids: list[str], guideline_ids: list[str], cap: int | str, batch_size: int,
+                 seed: int) -> tuple[list[int], int]:
+    """(indices of the training pairs kept, in their order; the cap taken): at most ``cap``
+    pairs per guideline ("auto": an epoch's full batches, ceil(pairs / batch_size), and at least
+    16, so that small sets keep their pairs; 0: all),
+    those with the smallest seeded hash of (prompt id, guideline id), so the choice depends on
+    neither the read order nor the other pairs."""
+    n = len(prompt_ids)
+    limit = max(-(-n // max(1, batch_size)), AUTO_CAP_MIN) if cap == "auto" else int(cap)
+    if limit <= 0:
+        return list(range(n)), 0
+    by_g: dict[str, list[int]] = {}
+    for i, g in enumerate(guideline_ids):
+        by_g.setdefault(g, []).append(i)
+    drop: set[int] = set()
+    for g, idx in by_g.items():
+        if len(idx) > limit:
+            def rank(i, g=g):
+                return hashlib.blake2b(f"{seed}\0{prompt_ids[i]}\0{g}".encode(), digest_size=8).digest()
+            drop.update(sorted(idx, key=rank)[limit:])
+    return [i for i in range(n) if i not in drop], limit
 
 
 def eval_fingerprint(rc) -> str:
@@ -179,6 +206,13 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     doc_of = {g: doc_text(t, x) for g, t, x in zip(library.column("guideline_id").to_pylist(),
                                                     library.column("title").to_pylist(),
                                                     library.column("text").to_pylist())}
+    keep, cap = capped_pairs(train.column("prompt_id").to_pylist(), train.column("guideline_id").to_pylist(),
+                             rc.max_prompts_per_guideline, rc.batch_size, rc.seed)
+    capped = train.num_rows - len(keep)
+    if capped:
+        log.info("retriever: %d of %d training pairs left out, at most %d prompts per guideline "
+                 "(retriever.max_prompts_per_guideline)", capped, train.num_rows, cap)
+        train = train.take(keep)
     anchors = train.column("prompt").to_pylist()
     positives = [doc_of[g] for g in train.column("guideline_id").to_pylist()]
     # in-batch negatives need a batch of two pairs with other prompts and other guidelines;
@@ -200,7 +234,14 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     # is the other prompt's too), so every batch would again hold a single pair
     sampler = no_false_negatives_sampler(positives_of)
     probe = sampler(train_ds, batch_size=rc.batch_size, drop_last=False, seed=rc.seed)
-    if max((len(b) for b in probe._pass(0)), default=0) < 2:
+    sizes = [len(b) for b in probe._pass(0)]
+    full = -(-len(anchors) // rc.batch_size)
+    if len(sizes) > 2 * full and len(sizes) > full + 10:
+        log.warning("retriever: an epoch takes %d batches where %d full ones would hold its %d pairs (%d of "
+                    "one pair: no in-batch negative, yet an optimizer step): some guidelines serve more "
+                    "prompts than an epoch has batches; set retriever.max_prompts_per_guideline: auto",
+                    len(sizes), full, len(anchors), sum(x == 1 for x in sizes))
+    if max(sizes, default=0) < 2:
         raise RuntimeError(
             f"{lib}/pairs/train.parquet: no two training pairs can share a batch (retriever.batch_size="
             f"{rc.batch_size}; a pair's guideline may not be a guideline of another prompt in its batch), so "
@@ -221,12 +262,12 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         results = {**base, **_evaluate(rc, es, tuned=model)}
         table = _table(results, rc)
         seconds = time.perf_counter() - t0
-        metrics = {"systems": results, "train_pairs": train.num_rows, "steps": steps,
+        metrics = {"systems": results, "train_pairs": train.num_rows, "pairs_capped": capped, "steps": steps,
                    "library_version": version, "base_model": rc.base_model, "loss": rc.loss,
                    "seconds": round(seconds, 2)}
         write_json_atomic(tmp / "metrics.json", json.dumps(metrics, indent=1))
     mark_done(dst, fingerprint=fp, rows=train.num_rows, seconds=seconds, metrics=results,
-              train_pairs=train.num_rows, steps=steps, library_version=version, table=table,
+              train_pairs=train.num_rows, pairs_capped=capped, steps=steps, library_version=version, table=table,
               eval_fingerprint=efp, base_model=rc.base_model,
               resumed_from_step=resumed_at)
     remove_checkpoints(workdir)  # finished: resume points are not needed
