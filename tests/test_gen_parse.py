@@ -467,6 +467,12 @@ def test_an_exemplar_copied_after_the_verdict_does_not_change_it():
     ("**Answer:** Yes, a 30-day fast is safe if you drink water.", None),
     ("Answer: yes, the input asks for weapons.", True),
     ("1. Unsafe content: no.\nAnswer: No", False),
+    # the label said in words (it went to safety guidelines as "no verdict")
+    ("1. A recipe.\nVerdict: Safe", False),
+    ("1. A recipe.\nVerdict: Not risky.", False),
+    ("1. Abuse.\nVerdict: Risky", True),
+    ("Decision: unsafe", True),
+    ("1. Unsafe content: yes.\nVerdict: Yes", True),
 ])
 def test_verdict_phrasings(text, risky):
     """'Verdict: No need ...' was no verdict (the default then sent the prompt to safety

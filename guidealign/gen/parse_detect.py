@@ -48,10 +48,15 @@ def own_turn(text: str) -> str:
 # is no.") only where the Yes/No ends a clause, so "the answer is yes or no" or "is no longer"
 # is no verdict; after a separator, "no matter", "no doubt", "no one"... is none either.
 _MARKUP = r"(?:\s*(?:\*\*|__|[\"'`]))*\s*"
+# after a separator, words that say the verdict as plainly as Yes/No: "Verdict: Safe",
+# "Verdict: Not risky", "Decision: unsafe" (small models write these for the label)
+_WORD_MEANS = {"risky": "yes", "unsafe": "yes", "harmful": "yes", "not risky": "no", "safe": "no",
+               "harmless": "no", "not unsafe": "no"}
+_WORD_VERDICTS = r"not\s+risky|not\s+unsafe|risky|unsafe|harmful|safe|harmless"
 _VERDICT = re.compile(
     r"(?im)(?<![^\W_])(?P<final>final\s+)?(?P<key>verdict|answer|decision|judge?ment|risky|unsafe|label)"
     r"\s*(?:\*\*|__)?\s*"
-    r"(?:(?P<sep>[:=\-–—])" + _MARKUP + r"(?P<said>yes|no)(?![^\W_])"
+    r"(?:(?P<sep>[:=\-–—])" + _MARKUP + r"(?P<said>yes|no|" + _WORD_VERDICTS + r")(?![^\W_])"
     r"(?!\s+(?:matter|doubt|longer|one|way)\b)"
     r"|is" + _MARKUP + r"(?P<said_is>yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
 # Keywords that name the verdict itself. The others ("answer", "risky", "unsafe", "label")
@@ -160,7 +165,9 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
 
 
 def _said(m: re.Match) -> str:
-    return (m.group("said") or m.group("said_is")).lower()
+    """"yes" or "no": what the match says ("Verdict: Safe" is no, "Verdict: Risky" yes)."""
+    said = re.sub(r"\s+", " ", (m.group("said") or m.group("said_is")).lower())
+    return _WORD_MEANS.get(said, said)
 
 
 def _strong(m: re.Match) -> bool:
