@@ -478,3 +478,14 @@ def test_verdict_phrasings(text, risky):
     """'Verdict: No need ...' was no verdict (the default then sent the prompt to safety
     guidelines); 'Answer: No, <an answer to the user>' was one."""
     assert parse_detection(text)[0] is risky
+
+
+def test_a_json_guideline_list_after_an_intro_line_is_read():
+    """'Here are the guidelines:' then a fenced JSON list was no list at all (missing)."""
+    text = ('Here are the guidelines:\n```json\n[{"title": "Be kind", "text": "Answer politely."}, '
+            '{"title": "Be brief", "text": "Keep it short."}]\n```')
+    assert parse_guidelines(text) == ([{"title": "Be kind", "text": "Answer politely."},
+                                       {"title": "Be brief", "text": "Keep it short."}], "ok")
+    # a fenced block of something else is not taken for the list
+    items, _ = parse_guidelines("Intro:\n```python\nprint(1)\n```\n1. Be kind: Answer politely.")
+    assert items == [{"title": "Be kind", "text": "Answer politely."}]

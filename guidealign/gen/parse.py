@@ -95,6 +95,7 @@ _NAMES_LIST = re.compile(r"(?i)\b(?:guidelines?|rules?|principles?|tips?|recomme
 # a guideline list printed as JSON (in a code fence or not): '[{"title": ..., "text": ...}]'
 _FENCE = re.compile(r"^```[\w-]*[ \t]*\n?|\n?```\s*$")
 _JSON_OPEN = re.compile(r'^(?:\[\s*[{"\]]|\{\s*")')
+_FENCED_JSON = re.compile(r"(?s)^[ \t]*```(?:json)?[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", re.MULTILINE)
 _NUMBER = re.compile(r"\d{1,2}")
 
 
@@ -103,7 +104,11 @@ def _json_items(text: str) -> list[dict] | None:
     or JSON cut short with no whole item; None when the text is not JSON-shaped."""
     s = _FENCE.sub("", text.strip()).strip()
     if not _JSON_OPEN.match(s):
-        return None
+        # "Here are the guidelines:" then a fenced JSON block: the block
+        m = _FENCED_JSON.search(text)
+        if not m or not _JSON_OPEN.match(m.group(1).strip()):
+            return None
+        s = m.group(1).strip()
     try:
         data = json.loads(s)
         objs = data.get("guidelines") if isinstance(data, dict) else data
