@@ -230,3 +230,45 @@ def test_dynamic_and_static_write_the_same_shards(tmp_path):
         assert read_marker(tmp_path / "static", i).sha256 == read_marker(tmp_path / "dynamic", i).sha256
     with pytest.raises(ValueError, match="executor.assign"):
         claims.Assignment("round-robin")
+
+
+def test_a_steal_leaves_a_claim_whose_owner_beat_since_it_was_judged_in_place(tmp_path, monkeypatch):
+    """The stealer moved the claim aside before finding it had changed, then put it back: in
+    between, the live owner's held() failed and a third worker claimed the shard."""
+    import os
+
+    from guidealign.shards import claims
+
+    a = claims.try_claim(tmp_path, 0, 60)
+    p = claims.claim_path(tmp_path, 0)
+    st, seen = os.stat(p), claims._read(p)
+    time.sleep(0.01)
+    os.utime(p)  # the owner's heartbeat, after the stealer's stat
+    seen_by_owner = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        seen_by_owner.append(a.held())
+    monkeypatch.setattr(claims.os, "rename", rename)
+    assert claims._steal(p, st, seen, claims.owner_record()) is False
+    assert seen_by_owner == [] and a.held()  # never moved, never missing
+    assert claims.try_claim(tmp_path, 0, 60) is None  # still held
+
+
+def test_a_steal_whose_moved_claim_was_cleared_meanwhile_loses_quietly(tmp_path, monkeypatch):
+    """A worker that saw every shard committed cleared the stealer's moved-aside file between
+    its rename and its stat: the stealer crashed with FileNotFoundError (a rank failure)."""
+    from guidealign.shards import claims
+
+    c = claims.try_claim(tmp_path, 0, 0.3)
+    c._stop.set()
+    c._thread.join()  # its heartbeat stalled
+    time.sleep(0.5)  # older than the TTL
+    real_rename = claims.os.rename
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        claims.clear_claims(tmp_path, 0.3)
+    monkeypatch.setattr(claims.os, "rename", rename)
+    assert claims.try_claim(tmp_path, 0, 0.3) is None

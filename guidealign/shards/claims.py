@@ -228,10 +228,19 @@ def _steal(path: Path, st: os.stat_result, seen: dict | None, record: dict) -> b
     claim afresh."""
     aside = path.with_name(f"{path.name}.stale-{record['nonce']}")
     try:
+        # the owner may have beaten since it was judged: then leave it in place (moved aside
+        # and put back, it was missing meanwhile: its owner's held() failed, a third worker
+        # could claim the shard); this leaves microseconds, not the time since the judgement
+        now = os.stat(path)
+        if (now.st_ino, now.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
+            return False
         os.rename(path, aside)
     except FileNotFoundError:
         return False  # another stealer moved it, or its owner released it
-    moved = os.stat(aside)
+    try:
+        moved = os.stat(aside)
+    except FileNotFoundError:
+        return False  # removed by clear_claims (every shard committed meanwhile): lost the race
     if (moved.st_ino, moved.st_mtime_ns, _read(aside)) != (st.st_ino, st.st_mtime_ns, seen):
         # not the file we judged stale (it was replaced meanwhile): put it back if free
         try:
