@@ -219,7 +219,8 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
     # before the workers start: a process inherits an ignored SIGINT (launch started by a
     # non-interactive shell's `&`), never a handler, so with launch's handler in place each
     # worker takes the Ctrl-C launch forwards
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too: the terminal or ssh session of an interactive launch closing
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     failed: list[tuple[int, int]] = []
     try:
         for w in workers:
@@ -231,7 +232,8 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
             click.echo(f"launch: rank {w.rank}/{w.world_size} gpus "
                        f"{','.join(w.gpus) or '-'}: {shlex.join(w.argv[2:])}", err=True)
             procs.append(subprocess.Popen(w.argv, env=w.environ(), stdout=out, start_new_session=True,
-                                          stderr=subprocess.STDOUT if out else None))
+                                          stderr=subprocess.STDOUT if out else None,
+                                          preexec_fn=_die_with_parent))
         while True:
             codes = [p.poll() for p in procs]
             for w, c in zip(workers, codes):
@@ -303,6 +305,19 @@ def _refuse_gpu_recipe_on_cpu(stage: str, stage_args: list[str]) -> None:
             "workers anyway")
 
 
+def _die_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM when launch dies. Each worker has a session of its
+    own (launch signals its whole group), so a launch killed without running its handler
+    (SIGKILL: the OOM killer, Slurm's KillWait) left every worker and its engine running,
+    unwatched, on the GPUs. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _takes_engine(stage: str) -> bool:
     """Whether ``stage``'s workers start a vLLM engine (run's and eval's do, through their stages)."""
     return stage in ("run", "eval") or (stage in BY_NAME and BY_NAME[stage].engine)
@@ -362,6 +377,8 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
         node_rank, nodes = resolve_rank(node_rank, nodes, names=("--node-rank", "--nodes"))
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    if tp is None and not _takes_engine(stage):
+        tp = 1  # retrieve, export, ...: no engine, so one worker per GPU (not the engine's groups)
     if (tp is None and gpu_list) or (tp is not None and tp >= 1 and _takes_engine(stage)):
         import yaml
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from guidealign.ingest.run import IngestConfig, ingest
 from guidealign.core.gpu import visible_gpus as detect_gpus
@@ -322,3 +323,64 @@ def test_a_slurm_job_given_no_gpus_does_not_take_the_nodes_gpus(tmp_path):
     # what it gave in SLURM_JOB_GPUS: nvidia-smi's list is the job's own
     assert len(plan_lines(launch("--dry-run", "detect", "-w", "r",
                                  env={"PATH": path, "SLURM_JOB_ID": "77", "SLURM_JOB_GPUS": "0,1,2,3,4,5,6,7"}))) == 8
+
+
+PID_WORKER = r"""
+import os, pathlib, sys, time
+pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGHUP"])
+def test_workers_stop_when_launch_dies_without_running_its_handler(tmp_path, sig):
+    """Each worker has a session of its own, so a launch killed outright (the OOM killer,
+    Slurm's KillWait) or hung up (its terminal closed) left its workers running, unwatched,
+    with their engines on the GPUs."""
+    import signal
+    import subprocess
+    import time
+
+    flag = tmp_path / "worker"
+    worker = PID_WORKER.replace("sys.argv[1]", repr(str(flag)))
+    p = subprocess.Popen([sys.executable, "-c", LAUNCHER, worker], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists() or not flag.read_text():
+            assert p.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        pid = int(flag.read_text())
+        p.send_signal(getattr(signal, sig))
+        p.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if flag.exists() and flag.read_text() and _alive(int(flag.read_text())):
+            os.kill(int(flag.read_text()), signal.SIGKILL)
+
+
+def test_a_stage_without_an_engine_gets_one_worker_per_gpu_under_a_tensor_parallel_config(tmp_path):
+    """retrieve and export start no engine, yet were grouped by engine.tensor_parallel_size:
+    2 workers of 4 GPUs on 8 (6 GPUs idle)."""
+    cfg = tmp_path / "tp.yaml"
+    cfg.write_text("engine:\n  tensor_parallel_size: 4\n")
+    for stage in ("retrieve", "export"):
+        plan = plan_lines(launch("--dry-run", stage, "-w", "r", "-c", str(cfg),
+                                 env={"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}))
+        assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == [str(g) for g in range(8)], stage
+    plan = plan_lines(launch("--dry-run", "respond", "-w", "r", "-c", str(cfg),
+                             env={"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}))
+    assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0,1,2,3", "4,5,6,7"]
