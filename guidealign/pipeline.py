@@ -191,6 +191,11 @@ def _run_on_ray(cfg: Config, workdir: Path, chosen: list[Stage], progress: bool,
                                      init_kwargs=init_kwargs, stage=stage.name)
             timings[stage.name] = round(time.perf_counter() - t0, 2)
             _echo_reports(echo, [r.report for r in results])
+    except BaseException:  # Ctrl-C, a failed stage: the workers end now, not after their stage
+        if pool is not None:
+            pool.close(interrupted=True)
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.close()

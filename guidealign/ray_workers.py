@@ -30,15 +30,20 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 # The driver's settings that decide where models come from and which run this is: a worker of
 # a running cluster has the environment of its raylet (`ray start` on that node), not the driver's
+# (the Hub token too: push and gated models such as Llama-2 run on workers), and the NCCL and
+# vLLM settings a tensor-parallel engine on that cluster needs (NCCL_SOCKET_IFNAME, ...)
 FORWARDED_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                 "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "GUIDEALIGN_HOME", "GUIDEALIGN_RUN_ID")
+                 "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                 "HF_TOKEN_PATH", "GUIDEALIGN_HOME", "GUIDEALIGN_RUN_ID")
+FORWARDED_PREFIXES = ("NCCL_", "VLLM_")
 
 
 def worker_env(env: dict | None = None) -> dict:
     """The environment variables set on every Ray worker: WORKER_ENV and the driver's
-    FORWARDED_ENV (those set)."""
+    FORWARDED_ENV and FORWARDED_PREFIXES (those set; WORKER_ENV wins)."""
     env = os.environ if env is None else env
-    return {**{k: env[k] for k in FORWARDED_ENV if k in env}, **WORKER_ENV}
+    fwd = {k: v for k, v in env.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIXES)}
+    return {**fwd, **WORKER_ENV}
 
 
 def resources_for(ex, stage: str) -> dict:
@@ -293,20 +298,29 @@ class WorkerPool:
                 f"redoes only the missing ones. First error (worker {first}): {errors[first]}")
         return [results[k] for k in range(self.n)]
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
+        """Close every worker's engine (all asked at once, 120 s for them all), then end the
+        actors. ``interrupted`` (an exception, Ctrl-C, is on its way out): end them at once; an
+        actor still running its stage would take its close call only after it (each close
+        waited 120 s in turn, while the engines went on generating)."""
+        if not interrupted and self.actors:
+            refs = [a.close.remote() for a in self.actors]
+            try:
+                self.ray.wait(refs, num_returns=len(refs), timeout=120)
+            except Exception as e:  # noqa: BLE001 - a dead actor has nothing to close
+                log.debug("closing Ray workers: %s", e)
         for a in self.actors:
             try:
-                self.ray.get(a.close.remote(), timeout=120)
-            except Exception as e:  # noqa: BLE001 - a dead actor has nothing to close
-                log.debug("closing a Ray worker: %s", e)
-            self.ray.kill(a, no_restart=True)
+                self.ray.kill(a, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - already gone
+                log.debug("ending a Ray worker: %s", e)
         self.actors = []
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(interrupted=exc_type is not None)
 
 
 def describe(results: list) -> str:

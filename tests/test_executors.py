@@ -454,3 +454,47 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_ray_workers_get_the_hub_token_and_the_nccl_and_vllm_settings():
+    """A worker of a running cluster has its raylet's environment: push and gated models failed
+    there without HF_TOKEN, a tensor-parallel engine without NCCL_SOCKET_IFNAME."""
+    from guidealign.ray_workers import WORKER_ENV, worker_env
+
+    env = {"HF_TOKEN": "hf_x", "NCCL_SOCKET_IFNAME": "ib0", "VLLM_ATTENTION_BACKEND": "FLASHINFER",
+           "HF_HOME": "/shared/hf", "VLLM_WORKER_MULTIPROC_METHOD": "fork", "HOME": "/root", "PATH": "/bin"}
+    assert worker_env(env) == {"HF_TOKEN": "hf_x", "NCCL_SOCKET_IFNAME": "ib0",
+                               "VLLM_ATTENTION_BACKEND": "FLASHINFER", "HF_HOME": "/shared/hf", **WORKER_ENV}
+
+
+class _FakeRay:
+    def __init__(self):
+        self.calls = []
+
+    def wait(self, refs, num_returns, timeout):
+        self.calls.append(("wait", len(refs), timeout))
+        return refs, []
+
+    def kill(self, actor, no_restart):
+        self.calls.append(("kill", actor.name))
+
+
+class _FakeActor:
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+        self.close = type("M", (), {"remote": lambda _self: self.calls.append(("close", name)) or name})()
+
+
+def test_a_ray_pool_ends_its_workers_at_once_when_interrupted():
+    """After Ctrl-C each actor still ran its stage, and its close call, queued behind it,
+    waited 120 s per worker in turn (32 minutes for 16) while the engines went on."""
+    from guidealign.ray_workers import WorkerPool
+
+    for interrupted, want in ((True, [("kill", "a"), ("kill", "b")]),
+                              (False, [("close", "a"), ("close", "b"), ("wait", 2, 120),
+                                       ("kill", "a"), ("kill", "b")])):
+        pool = object.__new__(WorkerPool)
+        pool.ray = _FakeRay()
+        pool.actors = [_FakeActor(n, pool.ray.calls) for n in ("a", "b")]
+        pool.close(interrupted=interrupted)
+        assert pool.ray.calls == want and pool.actors == []
