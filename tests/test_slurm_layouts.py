@@ -88,6 +88,17 @@ def test_stage_chain_is_arrays_and_single_jobs_each_after_the_last(tmp_path):
         assert words[words.index(str(SBATCH)) + 1] == kind_stage.split()[1]
 
 
+def test_the_chain_pushes_after_sft_when_asked(tmp_path):
+    """The chain stopped after sft, and nothing said a push set in the config never ran."""
+    p = subprocess.run([str(CHAIN), "2", "-c", "configs/gpu-paper.yaml", "-w", "/shared/x",
+                        "--set", "push.repo_id=me/data"],
+                       env=dict(os.environ, SUBMIT="echo", PUSH="1"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    jobs = [line.split(": ", 1) for line in p.stderr.splitlines() if ": " in line]
+    assert [j[0] for j in jobs][-2:] == ["reduce sft", "reduce push"]
+    assert "--dependency=afterok:JOB9" in jobs[-1][1].split()
+
+
 @pytest.mark.parametrize("repo_dir", [None, "my repo"], ids=["this-repo", "path-with-space"])
 def test_the_chain_runs_the_batch_script_from_any_submit_directory(tmp_path, repo_dir):
     """The batch script ran `scripts/launch.sh` relative to the submit directory: every job of a

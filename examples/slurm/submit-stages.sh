@@ -9,6 +9,8 @@
 #
 # Extra sbatch options go in SBATCH_ARGS (e.g. "--gpus-per-node=8 --partition=gpu").
 # SUBMIT=echo prints the sbatch commands instead of submitting them.
+# PUSH=1 chains `push` after sft (the config or --set needs push.repo_id; `run` pushes by itself
+# when it is set, this chain only when asked).
 # Before: GUIDEALIGN_EXTRA=gpu ./run.sh setup; ./run.sh gx models fetch -c CONFIG.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
@@ -53,3 +55,6 @@ step reduce index "$@"
 step map retrieve "$@"
 step map respond "$@"
 step reduce sft "$@"
+if [[ ${PUSH:-0} == 1 ]]; then
+  step reduce push "$@"
+fi
