@@ -1014,3 +1014,24 @@ def test_eval_layering_and_module_size():
             for n in names:
                 if n == "guidealign" or n.startswith("guidealign."):
                     assert n.split(".")[1:2] and n.split(".")[1] in allowed, (path.name, n)
+
+
+def test_a_question_repeated_under_two_categories_is_warned_about(tmp_path, caplog):
+    """Every copy of a repeated question counts under the kept row's category, so the
+    per-category table stops matching the file: that was silent."""
+    import logging
+
+    from guidealign.config import Config
+    from guidealign.eval.inputs import row_weights
+
+    bench = _write_bench(tmp_path / "b.jsonl", [{"prompt": "Shared question?", "subset": "harmless"},
+                                                {"prompt": "Shared question?", "subset": "honest"},
+                                                {"prompt": "Other question?", "subset": "honest"}])
+    with caplog.at_level(logging.WARNING, logger="guidealign.eval.inputs"):
+        w = row_weights(bench, Config().ingest, "subset")
+    assert sorted(w.values()) == [1, 2]
+    assert "1 question(s)" in caplog.text and "more than one subset" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="guidealign.eval.inputs"):
+        row_weights(_write_bench(tmp_path / "c.jsonl", [{"prompt": "Q?", "subset": "a"}] * 2), Config().ingest, "subset")
+    assert "more than one" not in caplog.text

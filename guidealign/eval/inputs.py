@@ -52,18 +52,31 @@ def load_benchmark(sub: Path, category_field: str) -> dict[str, dict]:
     return out
 
 
-def row_weights(bench_path, icfg) -> dict[str, int]:
-    """How many rows of the benchmark file share each prompt id (ingest keeps one of them)."""
+def row_weights(bench_path, icfg, category_field: str = "") -> dict[str, int]:
+    """How many rows of the benchmark file share each prompt id (ingest keeps one of them).
+    A question repeated under several categories (``category_field``) counts, every copy,
+    under the category of the row ingest kept: said in a warning."""
+    import logging
     from collections import Counter
 
     from guidealign.ingest.run import check_prompt, prompt_hash, prompt_of
     from guidealign.ingest.readers import check_readable, expand_inputs, read_rows
 
     counts: Counter = Counter()
+    cats: dict[str, set] = {}
     for path in expand_inputs([str(bench_path)]):
         for _, rec, err in read_rows(path, check_readable(path, icfg.encoding), icfg):
             if err is None and check_prompt(rec, icfg) is None:
-                counts[prompt_hash(prompt_of(rec, icfg)).hex()] += 1
+                pid = prompt_hash(prompt_of(rec, icfg)).hex()
+                counts[pid] += 1
+                if category_field and isinstance(rec, dict):
+                    cats.setdefault(pid, set()).add(str(rec.get(category_field)))
+    mixed = sum(len(c) > 1 for c in cats.values())
+    if mixed:
+        logging.getLogger(__name__).warning(
+            "eval: %d question(s) of %s appear under more than one %s; each counts, with all its "
+            "copies, under the %s of the row kept (the report's per-%s rows do not match the file's)",
+            mixed, bench_path, category_field, category_field, category_field)
     return dict(counts)
 
 

@@ -153,7 +153,7 @@ def _results(rep: EvalReport, cfg, st: Settings, workdir: Path, sub: Path, bench
     from guidealign.eval.risk_id import run_risk_identification
 
     ecfg = cfg.eval
-    weights = row_weights(bench_path, cfg.ingest) if ecfg.count_duplicates else {}
+    weights = row_weights(bench_path, cfg.ingest, st.category_field) if ecfg.count_duplicates else {}
 
     def judged(kind):  # verdicts by this version's parser (judgments made before it included)
         return with_weights(current_verdicts(read_judgments(sub, plans[kind], cfg, world_size), kind), weights)
