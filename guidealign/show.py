@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from guidealign.shards import committed, read_table
+from guidealign.shards import committed, read_marker, read_table
 
 
 def _current(dataset: Path) -> list[int]:
@@ -37,7 +37,13 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
     done = _current(w / stage)
     if not done:
         raise RuntimeError(f"{w / stage} has no committed shard of its current config yet")
-    i = done[0] if shard is None else shard
+    if shard is None:  # the first that holds rows: a shard of 0 rows printed an empty line
+        i = next((k for k in done if getattr(read_marker(w / stage, k), "rows", 0)), None)
+        if i is None:
+            raise RuntimeError(f"{w / stage}: its {len(done)} committed shard(s) hold no rows "
+                               "(see its quarantine, `guidealign status`)")
+    else:
+        i = shard
     if i not in done:
         shown = ", ".join(map(str, done[:10])) + (" ..." if len(done) > 10 else "")
         raise RuntimeError(f"{w / stage}: shard {i} is not committed under the current config "

@@ -221,6 +221,32 @@ def test_push_of_a_smaller_stage_deletes_the_stale_shards(tmp_path, workdir):
         assert len(hub.commits("org/s")) == n  # nothing new, nothing stale: no commit
 
 
+def test_a_shard_of_no_rows_is_left_out_and_a_stage_of_no_rows_is_refused(tmp_path, workdir):
+    """A 0-row shard (a block whose every row went to quarantine) made the pushed repo fail in
+    load_dataset ("BatchSize must be greater than 0"); a stage of no rows was pushed as an
+    empty version whose last commit deleted the Hub's data."""
+    import shutil
+
+    make_run(workdir, shards=2, rows=3)
+    empty = pa.Table.from_pylist([], schema=RESPOND_SCHEMA)
+    write_shard(workdir / "respond", 0, empty, "fp")
+    with HubServer(token=TOKEN) as hub:
+        env = hub_env(hub, tmp_path)
+        p = run(push_cmd(workdir, "respond", "org/e"), env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        data = sorted(f for f in hub.files("org/e") if f.startswith("data/"))
+        assert [f.rsplit("/", 1)[1] for f in data] == ["shard-00001.parquet"]
+        p = run([sys.executable, "-c", LOAD, "org/e"], env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert [r["id"] for r in json.loads(p.stdout.split("ROWS ", 1)[1])] == ["s1-0", "s1-1", "s1-2"]
+        shutil.rmtree(workdir / "respond")
+        write_manifest(workdir / "respond", stage="respond", num_shards=1, fingerprint="fp")
+        write_shard(workdir / "respond", 0, empty, "fp")
+        p = run(push_cmd(workdir, "respond", "org/e"), env)
+        assert p.returncode != 0 and "holds no rows" in p.stdout + p.stderr
+        assert sorted(f for f in hub.files("org/e") if f.startswith("data/")) == data  # kept
+
+
 def test_push_refuses_shards_committed_under_another_config(tmp_path, workdir):
     """Every shard has a marker, but one was committed with another fingerprint (a config
     changed and only some ranks reran): the stage is not finished, and nothing is pushed."""

@@ -168,6 +168,23 @@ def test_show_skips_a_shard_committed_under_an_earlier_config(tmp_path):
         examples(tmp_path, shard=0)
 
 
+def test_show_reads_the_first_shard_that_holds_rows(tmp_path):
+    """With no --shard, show read the first committed shard; one of 0 rows (its block all
+    quarantined) printed an empty line and exit 0, though later shards held responses."""
+    from guidealign.shards import write_manifest, write_shard
+    from guidealign.show import examples
+
+    dst = tmp_path / "respond"
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("response", pa.string())])
+    write_manifest(dst, stage="respond", num_shards=2, fingerprint="f")
+    write_shard(dst, 0, schema.empty_table(), "f0")
+    write_shard(dst, 1, pa.table({"id": ["p1"], "prompt": ["q1"], "response": ["an answer"]}, schema=schema), "f1")
+    assert [r["response"] for r in examples(tmp_path, n=5)] == ["an answer"]
+    write_shard(dst, 1, schema.empty_table(), "f1")
+    with pytest.raises(RuntimeError, match="hold no rows"):
+        examples(tmp_path)
+
+
 # --- launch: a config that is not YAML is a usage error, as in every other command --------------
 
 def test_launch_with_a_config_that_is_not_yaml_is_a_usage_error(tmp_path):

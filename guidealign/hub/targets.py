@@ -73,9 +73,12 @@ def check_finished_model(d: Path) -> None:
 
 
 def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
-    """The committed shards of a complete stage (with the sha256 of their markers) and the
-    number of rows they hold; PushError when a shard is not committed, or was committed under
-    another config or input. Each marker is read once, so the files and their checksums agree."""
+    """The committed shards of a complete stage that hold rows (with the sha256 of their
+    markers) and the number of rows they hold; PushError when a shard is not committed, or was
+    committed under another config or input, or when no shard holds a row. A shard of 0 rows
+    (a block whose every row went to quarantine) is left out: `datasets` fails on the whole repo
+    with one in it ("BatchSize must be greater than 0"). Each marker is read once, so the files
+    and their checksums agree."""
     from guidealign.shards import read_manifest, read_marker
     from guidealign.shards.layout import shard_path
     from guidealign.shards.manifest import shard_current
@@ -92,12 +95,15 @@ def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
             stale.append(i)
             continue
         rows += m.rows
-        out.append(local_file(f"{data_dir}/{p.name}", p, sha256=m.sha256))
+        if m.rows:
+            out.append(local_file(f"{data_dir}/{p.name}", p, sha256=m.sha256))
     if stale:
         raise PushError(f"{d} is incomplete: shard(s) {stale[:5]} were committed under another config "
                         "or input (finish the stage first)")
     if missing:
         raise PushError(f"{d} is incomplete: shard {missing[0]} is not committed (finish the stage first)")
+    if not rows:  # the push's last commit would point the card at nothing and delete the Hub's data
+        raise PushError(f"{d} holds no rows ({int(man['num_shards'])} shard(s)): nothing to push")
     return out, rows
 
 
