@@ -32,7 +32,8 @@ def test_unknown_key_and_bad_type_are_errors(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["max_length", "truncation_mode", "per_device_train_batch_size",
-                                 "gradient_accumulation_steps", "completion_only_loss", "output_dir"])
+                                 "gradient_accumulation_steps", "completion_only_loss", "output_dir",
+                                 "auto_find_batch_size"])
 def test_trainer_args_may_not_change_what_sft_sets_itself(key):
     """TRL's max_length in trainer_args cut examples SFT had counted as fitting (its
     drop_overlong measured against sft.max_seq_length), a batch key made another global batch:

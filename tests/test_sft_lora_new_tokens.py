@@ -43,3 +43,36 @@ def test_lora_sft_trains_a_base_model_without_the_templates_tokens(tmp_path, tie
     after = dict(trainer.model.named_parameters())
     for n, before in deltas.items():
         assert not torch.equal(after[n].detach(), before), f"{n} was not trained"
+
+
+def test_the_rows_of_added_tokens_come_from_sft_seed_not_the_process_state(tmp_path):
+    """resize_token_embeddings drew the new tokens' rows from torch's global random state
+    before anything seeded it: two runs of one config and seed started from different rows
+    (and trained different models) when something else in the process had drawn numbers."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from guidealign.config import load_config
+    from guidealign.sft.data import to_example
+    from guidealign.sft.train import build_trainer
+    from test_templates_check import tiny_tokenizer
+
+    d = tiny_tokenizer(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(d)
+    cfg = load_config(None, [f"sft.base_model={d}", "sft.chat_template=chatml", "sft.num_processes=1",
+                             "sft.precision=float32", "sft.max_steps=1", "sft.global_batch_size=1",
+                             "sft.micro_batch_size=1", "sft.save_steps=0", "sft.max_seq_length=128"])
+    ds = Dataset.from_list([to_example(cfg.sft, {"id": "x", "prompt": "Hi?", "response": "Hello."})])
+    rows = []
+    for state in (1, 2):
+        torch.manual_seed(state)  # whatever the process did before SFT
+        trainer, tok2, _, _ = build_trainer(cfg, tmp_path / f"run{state}", ds, world=1, progress=False,
+                                            ckpt_dir=tmp_path / f"ckpt{state}")
+        assert len(tok2) > len(tok)  # the template's tokens were added
+        rows.append(trainer.model.get_input_embeddings().weight[len(tok):].detach().clone())
+    assert torch.equal(rows[0], rows[1])

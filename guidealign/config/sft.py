@@ -117,6 +117,8 @@ TRAINER_ARGS_OWNED = {
     "per_device_train_batch_size": "sft.micro_batch_size",
     "gradient_accumulation_steps": "sft.global_batch_size (the accumulation follows from it, the micro-batch and the process count)",
     "output_dir": "nothing: checkpoints go to WORKDIR/sft/checkpoints, where a rerun resumes",
+    "auto_find_batch_size": "sft.micro_batch_size (it shrank the micro-batch after an out-of-memory "
+                            "error and kept the accumulation: another global batch, in silence)",
     "bf16": "sft.precision",
     "fp16": "sft.precision",
 }

@@ -164,7 +164,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision);
     its checkpoints go to ``ckpt_dir`` (default WORKDIR/sft/checkpoints)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
@@ -187,7 +187,11 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         extra.pop("fsdp_config", None)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load_dtype(scfg.mode, dtype, extra))
     if added:
+        set_seed(scfg.seed)  # the new rows come from torch's global random state, not sft.seed
         model.resize_token_embeddings(len(tok))
+        if scfg.mode == "lora" and not scfg.merge_lora:
+            log.warning("sft: an unmerged LoRA adapter holds the rows of the tokens the template added "
+                        "(%s) as deltas vLLM's LoRA may not load: set sft.merge_lora: true", ", ".join(added))
     if tok.eos_token_id is not None:
         model.config.eos_token_id = tok.eos_token_id
         if getattr(model, "generation_config", None) is not None:
