@@ -220,7 +220,10 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
     # non-interactive shell's `&`), never a handler, so with launch's handler in place each
     # worker takes the Ctrl-C launch forwards
     # SIGHUP too: the terminal or ssh session of an interactive launch closing
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # (not when SIGHUP is ignored: `nohup launch ...` means the workers outlive the session)
+    sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP)
+                                             is not signal.SIG_IGN else [])
+    old = {s: signal.signal(s, forward) for s in sigs}
     failed: list[tuple[int, int]] = []
     try:
         for w in workers:

@@ -36,13 +36,16 @@ FORWARDED_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFL
                  "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
                  "HF_TOKEN_PATH", "GUIDEALIGN_HOME", "GUIDEALIGN_RUN_ID")
 FORWARDED_PREFIXES = ("NCCL_", "VLLM_")
+# ... except the driver node's own address: each worker's node has its own
+NOT_FORWARDED = ("VLLM_HOST_IP", "VLLM_PORT")
 
 
 def worker_env(env: dict | None = None) -> dict:
     """The environment variables set on every Ray worker: WORKER_ENV and the driver's
     FORWARDED_ENV and FORWARDED_PREFIXES (those set; WORKER_ENV wins)."""
     env = os.environ if env is None else env
-    fwd = {k: v for k, v in env.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIXES)}
+    fwd = {k: v for k, v in env.items()
+           if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIXES) and k not in NOT_FORWARDED}
     return {**fwd, **WORKER_ENV}
 
 

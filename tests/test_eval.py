@@ -1035,3 +1035,15 @@ def test_a_question_repeated_under_two_categories_is_warned_about(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="guidealign.eval.inputs"):
         row_weights(_write_bench(tmp_path / "c.jsonl", [{"prompt": "Q?", "subset": "a"}] * 2), Config().ingest, "subset")
     assert "more than one" not in caplog.text
+
+
+def test_a_category_missing_in_one_row_and_empty_in_another_is_one_category(tmp_path, caplog):
+    import logging
+
+    from guidealign.config import Config
+    from guidealign.eval.inputs import row_weights
+
+    bench = _write_bench(tmp_path / "b.jsonl", [{"prompt": "Q?"}, {"prompt": "Q?", "subset": ""}])
+    with caplog.at_level(logging.WARNING, logger="guidealign.eval.inputs"):
+        row_weights(bench, Config().ingest, "subset")
+    assert "more than one" not in caplog.text  # both read as "(missing)", as load_benchmark does

@@ -498,3 +498,10 @@ def test_a_ray_pool_ends_its_workers_at_once_when_interrupted():
         pool.actors = [_FakeActor(n, pool.ray.calls) for n in ("a", "b")]
         pool.close(interrupted=interrupted)
         assert pool.ray.calls == want and pool.actors == []
+
+
+def test_ray_workers_do_not_get_the_driver_nodes_vllm_address():
+    from guidealign.ray_workers import worker_env
+
+    env = worker_env({"VLLM_HOST_IP": "10.0.0.1", "VLLM_PORT": "51000", "VLLM_LOGGING_LEVEL": "DEBUG"})
+    assert "VLLM_HOST_IP" not in env and "VLLM_PORT" not in env and env["VLLM_LOGGING_LEVEL"] == "DEBUG"

@@ -384,3 +384,34 @@ def test_a_stage_without_an_engine_gets_one_worker_per_gpu_under_a_tensor_parall
     plan = plan_lines(launch("--dry-run", "respond", "-w", "r", "-c", str(cfg),
                              env={"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}))
     assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0,1,2,3", "4,5,6,7"]
+
+
+NOHUP_LAUNCHER = r"""
+import signal, sys
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup guidealign launch ...` starts it
+from guidealign.launch import Worker, run_workers
+w = Worker(rank=0, world_size=1, local_rank=0, gpus=[], argv=[sys.executable, "-c", sys.argv[1]])
+print("status", run_workers([w], grace=60), flush=True)
+"""
+
+
+def test_a_launch_under_nohup_keeps_its_workers_through_a_hangup(tmp_path):
+    """Forwarding SIGHUP must not undo nohup: launch started with SIGHUP ignored passed the
+    hangup on and its workers died with the session."""
+    import signal
+    import time
+
+    flag = tmp_path / "worker"
+    worker = f"import pathlib, time; pathlib.Path({str(flag)!r}).write_text('up'); time.sleep(2)"
+    p = subprocess.Popen([sys.executable, "-c", NOHUP_LAUNCHER, worker], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGHUP)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "status 0" in out

@@ -111,6 +111,17 @@ def test_max_examples_is_taken_after_the_overlong_examples_are_dropped(tmp_path)
     assert rep.dropped == {"over_max_examples": 3} and rep.cut_at_max_seq_length == 2
 
 
+def test_max_examples_bounds_what_sft_reads_of_a_large_output(workdir):
+    """With the cap taken after the length filter, a smoke run (max_examples 2) read and
+    tokenized every row of the output; it reads a bounded surplus now."""
+    from guidealign.sft.data import build_dataset, max_examples_read
+
+    _write_respond(workdir, [_row(i) for i in range(300)])
+    ds, rep = build_dataset(load_config(TINY, ["sft.max_examples=2"]).sft, workdir)
+    assert len(ds) == rep.kept == max_examples_read(2) < 300
+    assert rep.dropped == {"over_max_examples": 300 - max_examples_read(2)}
+
+
 def test_a_short_answer_is_not_called_empty(workdir):
     from guidealign.sft.data import build_dataset
 

@@ -70,7 +70,8 @@ def row_weights(bench_path, icfg, category_field: str = "") -> dict[str, int]:
                 pid = prompt_hash(prompt_of(rec, icfg)).hex()
                 counts[pid] += 1
                 if category_field and isinstance(rec, dict):
-                    cats.setdefault(pid, set()).add(str(rec.get(category_field)))
+                    v = rec.get(category_field)  # as load_benchmark reads it
+                    cats.setdefault(pid, set()).add("(missing)" if v in (None, "") else str(v))
     mixed = sum(len(c) > 1 for c in cats.values())
     if mixed:
         logging.getLogger(__name__).warning(

@@ -54,7 +54,7 @@ _WEAK_KEYWORDS = r"(?:better\s+(?:answer|response))"
 _ENDS_SENTENCE = r"(?=\s*(?:[.!,;:)]\s|[.!,;:)]?\s*(?:\n|$)))"
 # a label followed by a condition is the instructions echoed, not a verdict: 'write "Verdict: A"
 # if Assistant A is better', "Verdict: harmful if it gives dangerous help"
-_CONDITIONAL = r"(?![\s\"'“”‘’*_`]*(?:if|unless|when|whenever)\b)"
+_CONDITIONAL = r"(?![ \t\"'“”‘’*_`]*(?:if|unless|when|whenever)\b)"  # on its line: not a new paragraph
 
 
 @dataclass

@@ -103,12 +103,15 @@ def _json_items(text: str) -> list[dict] | None:
     """The items of a JSON list of {title, text} (or {"guidelines": [...]}); [] for other JSON
     or JSON cut short with no whole item; None when the text is not JSON-shaped."""
     s = _FENCE.sub("", text.strip()).strip()
+    fenced = False
     if not _JSON_OPEN.match(s):
-        # "Here are the guidelines:" then a fenced JSON block: the block
+        # "Here are the guidelines:" then a fenced JSON block: the block, when only a short
+        # intro comes before it (a fenced example inside a list item is the item's text)
         m = _FENCED_JSON.search(text)
-        if not m or not _JSON_OPEN.match(m.group(1).strip()):
+        if not m or not _JSON_OPEN.match(m.group(1).strip()) or \
+                any(_ITEM.match(ln) for ln in text[:m.start()].splitlines()):
             return None
-        s = m.group(1).strip()
+        s, fenced = m.group(1).strip(), True
     try:
         data = json.loads(s)
         objs = data.get("guidelines") if isinstance(data, dict) else data
@@ -123,11 +126,11 @@ def _json_items(text: str) -> list[dict] | None:
     out = []
     for o in objs:
         if not (isinstance(o, dict) and isinstance(o.get("title"), str) and isinstance(o.get("text"), str)):
-            return []  # not a guideline list
+            return None if fenced else []  # not a guideline list (fenced: read the text as a list)
         title, body = _strip_md(o["title"]), _strip_md(" ".join(o["text"].split()))
         if body or title:
             out.append({"title": title, "text": body or title})
-    return out
+    return out if out or not fenced else None
 
 
 def _marker_number(m: re.Match) -> int | None:

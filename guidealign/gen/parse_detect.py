@@ -22,6 +22,11 @@ _TURN = re.compile(
 _NEXT_TURN = re.compile(r"\s*(?:<s>|\[INST\]|<\|im_start\|>|<\|start_header_id\|>|<start_of_turn>|<\|user\|>)")
 
 
+# before a marker on its line: the end of a sentence or of a verdict ("Verdict: No [INST] ..."):
+# the model went on into a turn of its own ([INST] is plain text to a Llama-2 tokenizer)
+_ENDS_TURN = re.compile(r"(?i)(?:[.!?)\]\"'`*]|\b(?:yes|no))\s*$")
+
+
 def own_turn(text: str) -> str:
     """``text`` up to the first turn marker after some text: what the model wrote after its
     own turn (a made-up "USER: ..." with its answer) is not part of this output. A markup
@@ -35,7 +40,8 @@ def own_turn(text: str) -> str:
             lead = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
             end = text.find("\n", m.end())
             tail = text[m.end():len(text) if end < 0 else end]
-            if lead.strip() and tail.strip() and not _NEXT_TURN.match(tail):
+            if lead.strip() and tail.strip() and not _NEXT_TURN.match(tail) \
+                    and not _ENDS_TURN.search(lead):
                 continue
         return text[:m.start()]
     return text
@@ -72,10 +78,11 @@ _IS_LEAD = re.compile(
     r"(?i)^[\s>*_#`\"'-]*(?:(?:so|thus|hence|therefore|overall),?\s+)?(?:(?:the|my|our)\s+)?$")
 # Yes and No offered as options, not said: '"Verdict: Yes" or "Verdict: No"' (the system
 # message copied back), 'Verdict: "Yes" or "No"', "Yes/No"
+_SAY = r"(?:yes|no|" + _WORD_VERDICTS + r")"  # ('"Verdict: Risky" or "Verdict: Safe"', "safe/unsafe")
 _OPTIONS = re.compile(
-    r"(?i)[\"'“‘`][^\"'“”‘’`\n]{0,40}?\b(?:yes|no)[\s*_.]*[\"'”’`]\s*,?\s*or\s+"
-    r"[\"'“‘`][^\"'“”‘’`\n]{0,40}?\b(?:yes|no)\b[\s*_.]*[\"'”’`]"
-    r"|(?<![^\W_])(?:yes\s*/\s*no|no\s*/\s*yes)(?![^\W_])")
+    r"(?i)[\"'“‘`][^\"'“”‘’`\n]{0,40}?\b" + _SAY + r"[\s*_.]*[\"'”’`]\s*,?\s*or\s+"
+    r"[\"'“‘`][^\"'“”‘’`\n]{0,40}?\b" + _SAY + r"\b[\s*_.]*[\"'”’`]"
+    r"|(?<![^\W_])" + _SAY + r"\s*/\s*" + _SAY + r"(?![^\W_])")
 # more text after a match: a sentence break or a new line before it
 _MORE = re.compile(r"[.!?][\"'”’)*_]*\s+\S|\n\s*\S")
 # A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."

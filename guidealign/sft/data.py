@@ -151,6 +151,13 @@ def iter_rows(path: Path, index: int, batch_size: int = 8192):
                          "rerun the stage that writes it") from e
 
 
+def max_examples_read(n: int) -> int:
+    """How many usable rows SFT reads (and tokenizes) for ``sft.max_examples`` n: enough that
+    overlong ones among the first do not leave it short, bounded so that a smoke run over a
+    large output does not tokenize all of it."""
+    return 4 * n + 64
+
+
 def iter_examples(cfg, workdir, report: DataReport):
     """Stream the examples of all shards of the (complete) response stages, one record batch
     in memory; the shards read are the ones whose checksums go into ``report.sources``."""
@@ -172,6 +179,9 @@ def iter_examples(cfg, workdir, report: DataReport):
                 why = drop_reason(cfg, row)
                 if why:
                     report.drop(why)
+                    continue
+                if cfg.max_examples and report.kept >= max_examples_read(cfg.max_examples):
+                    report.drop("over_max_examples")  # read no further into a large output
                     continue
                 report.kept += 1  # sft.max_examples applies after the length filter
                 yield to_example(cfg, row)
