@@ -352,7 +352,10 @@ def test_workers_stop_when_launch_dies_without_running_its_handler(tmp_path, sig
 
     flag = tmp_path / "worker"
     worker = PID_WORKER.replace("sys.argv[1]", repr(str(flag)))
-    p = subprocess.Popen([sys.executable, "-c", LAUNCHER, worker], stdout=subprocess.PIPE, text=True)
+    # SIGHUP at its default, as in a terminal's session: how the test suite was started (nohup
+    # ignores it, and a launch started so keeps ignoring it) is no concern of this test
+    launcher = "import signal\nsignal.signal(signal.SIGHUP, signal.SIG_DFL)\n" + LAUNCHER
+    p = subprocess.Popen([sys.executable, "-c", launcher, worker], stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not flag.exists() or not flag.read_text():
