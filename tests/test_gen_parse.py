@@ -509,3 +509,27 @@ def test_a_fenced_block_inside_a_list_item_leaves_the_list_to_the_list_parser():
 ])
 def test_offered_word_verdicts_and_a_turn_made_up_on_the_verdicts_line(text, risky):
     assert parse_detection(text)[0] is risky
+
+
+@pytest.mark.parametrize("text", [
+    "## Privacy\n- Never share a person's address.\n## Honesty\n- Say so when you are unsure.",
+    "## Privacy\n- Never share a person's address.\n\n## Honesty\n- Say so when you are unsure.",
+    "Here they are:\n\n**Privacy**\n- Never share a person's address.\n**Honesty**\n- Say so when you are unsure.",
+    "### Privacy\n1. Never share a person's address.\n### Honesty\n2. Say so when you are unsure.",
+])
+def test_a_section_heading_over_one_untitled_item_is_its_title(text):
+    """Markdown section headings over a bullet each were dropped: the items came out untitled."""
+    assert parse_guidelines(text) == ([{"title": "Privacy", "text": "Never share a person's address."},
+                                       {"title": "Honesty", "text": "Say so when you are unsure."}], "ok")
+
+
+def test_a_heading_over_the_whole_list_or_over_several_items_titles_none():
+    """One heading that introduces the list, or a category over several items, is no item's title;
+    an item's own title is kept under any heading."""
+    one = "## Safety rules\n- Never share a person's address.\n- Say so when you are unsure."
+    assert [g["title"] for g in parse_guidelines(one)[0]] == ["", ""]
+    one_plain = "## Safety\n- Never share a person's address.\n- Say so when you are unsure."
+    assert [g["title"] for g in parse_guidelines(one_plain)[0]] == ["", ""]
+    mixed = ("## Safety\n- Never share a person's address.\n- Do not guess identities.\n"
+             "## Quality\n- Clarity: Write short sentences.\n## Tone\n- Stay polite with everyone.")
+    assert [g["title"] for g in parse_guidelines(mixed)[0]] == ["", "", "Clarity", "Tone"]

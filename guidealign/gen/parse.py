@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 from guidealign.gen.parse_detect import before_echo, own_turn, parse_detection  # noqa: F401 - this module's API
 
@@ -138,6 +139,15 @@ def _marker_number(m: re.Match) -> int | None:
     return int(n.group()) if n else None
 
 
+def _section_title(head: str) -> str | None:
+    """A heading or bold line that can title the list items under it ("## Privacy"), or None:
+    it has text of its own, names the list itself ("## Guidelines") or is not a title."""
+    title = _strip_md(head).rstrip(":").strip()
+    if not title or not _title_only([head]) or _NAMES_LIST.search(title) or all(_split_title(head)):
+        return None
+    return title
+
+
 def _title_lines(text: str) -> tuple[list[dict], str]:
     """The fallback with no list markers: "Title: text" lines, at least 2, after nothing but
     an intro that names a list; none if the text is a refusal or looks like an analysis."""
@@ -166,7 +176,9 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     dropped). Text before the first item and after the list (past a blank line, or
     unindented right after the last item's own finished sentence when no earlier item goes on
     that way) is ignored, a heading or bold line that introduces a numbered or bulleted list
-    included. After 2 numbered items, a heading or bold line ends the list too, and once a
+    included; a title-only heading or bold line over exactly one untitled item is its title
+    ("## Privacy" then "- Never share ..."), when the list has two or more such sections.
+    After 2 numbered items, a heading or bold line ends the list too, and once a
     note or a paragraph ended it, only the next number goes on with it. A JSON list of
     {title, text} is read as JSON; only the model's own turn is read, and what comes before
     a Verdict line (the detector's answer repeated) is not a list. Status: ``ok`` (every
@@ -191,6 +203,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     sub_items = False            # numbered items indented under it are its text
     loose: dict[int, int] = {}   # id(item) -> 1 when an unindented line follows its marker
     #                              line's own finished sentence (a closing remark, if last)
+    section = None               # (serial, title) of the last title-only heading or bold line
+    sections: dict[int, tuple] = {}  # id(list item) -> the section heading it sits under
     for line in text.splitlines():
         if not line.strip():
             blank = True
@@ -223,6 +237,9 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             head = line
         elif _HEADING.match(line):
             head = _HEADING.match(line).group(1)
+        if head is not None and not m:
+            title = _section_title(head)
+            section = (len(items), title) if title else None
         if head is not None and not m and any(marked) and (
                 blank or numbered >= 2 and items and items[-1] and not _title_only(items[-1])):
             # a heading or bold note after a list: the list is over
@@ -230,6 +247,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
         elif head is not None:
             items.append([head] if _strip_md(head) else [])
             marked.append(m is not None)
+            if m is not None and section:
+                sections[id(items[-1])] = section
             numbered_at = indent if m and not bullet else -1
             if num is not None:
                 numbered, last_num = numbered + 1, num
@@ -265,7 +284,11 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     out: list[dict] = []
     if not items:
         return _title_lines(text)
-    for head, *cont in items:
+    under = Counter(sections.get(id(it)) for it in items)
+    if len(set(under) - {None}) < 2:
+        under = Counter()  # one heading over the whole list introduces it; it names no item
+    for it in items:
+        head, *cont = it
         title, body = _split_title(head)
         extra = " ".join(x for x in (_strip_md(_BULLET.sub("", c)) for c in cont) if x)
         if not title and not body:
@@ -276,6 +299,10 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
             body = (body + " " + extra).strip() if extra else body
         if not title and not body:
             continue
+        sec = sections.get(id(it))
+        if not title and sec and under[sec] == 1:
+            title = sec[1]  # "## Privacy" over one "- Never share ...": its title (over several
+            #                 items the heading is a category, not a guideline's title)
         if not body:  # a title with no text: keep it as the text too
             body = title
         out.append({"title": title.rstrip(":").strip(), "text": body})
