@@ -303,7 +303,7 @@ def test_tuning_performance_settings_rebuilds_nothing_downstream(built, tmp_path
         != retriever_fingerprint(load_config().retriever, lv)
 
 
-def test_guidelines_that_share_only_a_title_are_not_dropped_as_near_duplicates(tmp_path):
+def test_guidelines_that_share_only_a_title_are_dropped_as_near_duplicates_only_by_the_titled_test(tmp_path):
     """retrieve compared the embedded "Title: text" of its candidates, while the library merges
     by text: two guidelines the library kept apart (texts unlike) were dropped as near-duplicates
     when they shared a title, since the title's characters counted as overlap."""
@@ -321,6 +321,12 @@ def test_guidelines_that_share_only_a_title_are_not_dropped_as_near_duplicates(t
     run_retrieve(cfg, w, progress=False)
     got = _read_all(w / "retrieve").to_pylist()[0]
     assert len(got["guideline_ids"]) == 2, got
+    # retrieve.dedup_with_titles compares "Title: text", as the authors' script: the shared title
+    # makes them near-duplicates (ratio >= 0.5), and the shards are redone under a new fingerprint
+    titled = load_config(overrides=OVERRIDES + ["retrieve.dedup_ratio=0.5", "retrieve.dedup_with_titles=true"])
+    run_retrieve(titled, w, progress=False)
+    got = _read_all(w / "retrieve").to_pylist()[0]
+    assert len(got["guideline_ids"]) == 1, got
 
 
 def test_settings_the_chosen_index_kind_or_candidate_space_never_reads_change_no_fingerprint(tmp_path):

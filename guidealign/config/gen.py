@@ -58,10 +58,10 @@ class GuidelinesConfig:
     # Paper: temperature 0.7, up to 400 new tokens.
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
     # Safety-guideline prompt for risky inputs; None = gen/prompts/safety_guidelines.yaml
-    # (13 exemplars shown as detection conversations, as in the paper).
+    # (13 exemplars shown as detection conversations; the authors' file has 12).
     safety_prompt_file: str | None = None
     # Quality-guideline prompt for the other inputs; None = gen/prompts/quality_guidelines.yaml
-    # (7 exemplars, as in the paper).
+    # (7 exemplars, as in the authors' file).
     quality_prompt_file: str | None = None
     # At most this many exemplars per prompt kind (None = all that fit, see reserve_input_tokens).
     max_safety_exemplars: int | None = None

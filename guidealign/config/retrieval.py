@@ -154,6 +154,10 @@ class RetrieveConfig:
     top_n: int = 20
     keep: int = 6
     dedup_ratio: float = 0.5
+    # What the near-duplicate test compares: false = each guideline's text as the library compared
+    # it when merging (ours: two guidelines the library kept apart are not dropped for sharing a
+    # title); true = "Title: text", as embedded, which is what the authors' script compares.
+    dedup_with_titles: bool = False
     # Prompt set to retrieve for (a dataset under WORKDIR); "" = "prompts-sft" when the config
     # has inputs_sft (the paper: responses for a separate fine-tuning set), else "prompts".
     prompts: str = ""

@@ -34,9 +34,11 @@ def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
     """Walk candidates best first; skip one whose ratio to a kept one is >= dedup_ratio.
 
     ``texts``: what the library compared for each row when it merged its near-duplicates (its
-    text, else its title; ``LoadedIndex.keys``), in the library's comparison form
-    (``embed.normalize_text``: NFKC, whitespace collapsed, case-folded): "AVOID harm." and
-    "avoid harm" are one guideline to both, and two guidelines that share only a title are two.
+    text, else its title; ``LoadedIndex.keys``), or with ``retrieve.dedup_with_titles`` the
+    embedded "Title: text" (``LoadedIndex.texts``, as the authors' script compares), each in the
+    library's comparison form (``embed.normalize_text``: NFKC, whitespace collapsed,
+    case-folded): "AVOID harm." and "avoid harm" are one guideline to both, and, by the
+    library's text, two guidelines that share only a title are two.
 
     Best first by score, ties by index row (lower first, as the evaluation ranks): FAISS lists
     tied rows in an order of its own (its CPU search: higher row first, while it keeps the lower
@@ -107,6 +109,7 @@ def make_shard_fn(cfg, workdir: Path):
     set_threads(rc.threads)
     idx = load_index(index_dir(workdir), library_dir(workdir), use_gpu=cfg.index.use_gpu, k=rc.top_n)
     model = load_encoder(encoder_path(idx.meta, workdir))
+    compared = idx.texts if rc.dedup_with_titles else idx.keys  # "Title: text", or the library's
 
     def fn(table: pa.Table, i: int):
         ids = table.column("id").to_pylist()
@@ -119,7 +122,7 @@ def make_shard_fn(cfg, workdir: Path):
             q = encode(model, [prompts[j] for j in good], batch_size=rc.batch_size)
             sims, nbrs = idx.search(q, rc.top_n)
             for row, j in enumerate(good):
-                kept = select(nbrs[row].tolist(), sims[row].tolist(), idx.keys, keep=rc.keep,
+                kept = select(nbrs[row].tolist(), sims[row].tolist(), compared, keep=rc.keep,
                               dedup_ratio=rc.dedup_ratio)
                 out["id"].append(ids[j])
                 out["prompt"].append(prompts[j])
@@ -170,8 +173,9 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     # v3: near-duplicates compared by the library's comparison text, not the embedded "Title: text";
     # the encoder's weights too: a retriever retrained under its fingerprint gets a new index
     # and so new retrievals (the index's fingerprint names the retriever's config, not weights)
+    titles = ["dedup_with_titles"] if rc.dedup_with_titles else []  # the default keeps v3's prints
     fp = fingerprint("retrieve-v3", rc.top_n, rc.keep, rc.dedup_ratio, meta["fingerprint"],
-                     meta.get("model_weights"))
+                     meta.get("model_weights"), *titles)
     src = src or prompt_set(cfg, rc.prompts)
     # which index the shards come from (status tells retrievals of an index rebuilt since)
     made_from = {"index_fingerprint": meta["fingerprint"], "index_weights": meta.get("model_weights")}
