@@ -165,7 +165,7 @@ def test_an_empty_free_form_mapping_clears_it(tmp_path):
     ("engine.cpu_kvcache_gib=0", "engine.cpu_kvcache_gib: must be a count"),
     ("push.backoff_s=-1", "push.backoff_s: must be >= 0"),
     ("executor.ray_start_timeout_s=-1", "executor.ray_start_timeout_s: must be >= 0"),
-    ("sft.warmup_ratio=2", "sft.warmup_ratio: must be in [0, 1]"),
+    ("sft.warmup_ratio=2", "sft.warmup_ratio: must be in [0, 1)"),
     ("respond.sampling.repetition_penalty=0", "respond.sampling.repetition_penalty: must be > 0"),
     ("respond.sampling.frequency_penalty=3", "respond.sampling.frequency_penalty: must be in [-2, 2]"),
     ("sft.learning_rate=.nan", "sft.learning_rate: must be a number (not NaN)"),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from guidealign.config.yamlio import ConfigError, Dumper, yaml_load  # noqa: F401 - ConfigError re-exported
+from guidealign.config.yamlio import (FLOAT_TEXT, INT_TEXT, ConfigError, Dumper,  # noqa: F401 - ConfigError re-exported
+                                      yaml_load)
 from guidealign.config.engine import EngineConfig
 from guidealign.config.eval import EvalConfig
 from guidealign.config.gen import AugmentConfig, DetectConfig, GuidelinesConfig, RespondConfig
@@ -168,11 +169,9 @@ def _coerce(tp, value, where: str):
         return value if item is None else {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and _is(value, int):
         return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-4" as a string
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float and isinstance(value, str) and (INT_TEXT.match(value.strip())
+                                                  or FLOAT_TEXT.match(value.strip())):
+        return float(value)  # a number quoted ("1e-4"); not "0755", "1_0" or "inf" (refused below)
     if tp is int and _is(value, float) and value.is_integer():
         return int(value)
     if tp is str and _is(value, int):
@@ -313,7 +312,7 @@ def _override_value(raw: str, tp, item: str):
             if isinstance(value, str):
                 return value
         return text
-    if raw == "":
+    if text == "":  # "--set KEY=" or "--set KEY= ": no value (refused by a non-text key)
         return ""
     try:
         return yaml_load(raw)
@@ -360,7 +359,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     data: dict = {}
     if path:
         text = Path(path).read_text()
-        data = yaml_load(text) or {}
+        try:
+            data = yaml_load(text) or {}
+        except ConfigError as e:  # a key given twice: say in which file (syntax errors name it too)
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     data = merge(to_dict(Config()), data)
@@ -380,11 +382,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     if bad:
         raise ConfigError("; ".join(bad))
     check_guided_system(cfg.respond)
-    for key, ratio in (("retriever.warmup_ratio", cfg.retriever.warmup_ratio),
-                       ("sft.warmup_ratio", cfg.sft.warmup_ratio)):
-        # passed as transformers' warmup_steps, which reads a value >= 1 as a number of steps
-        if not 0 <= ratio < 1:
-            raise ConfigError(f"{key}: a share of the training steps, 0 <= ratio < 1; got {ratio!r}")
     return cfg
 
 

@@ -8,6 +8,8 @@ import operator
 
 from guidealign.config.sft import owned_trainer_args
 
+# What a generated row's finish_reason can say (vLLM's stop/length/abort, ours error/skipped)
+FINISH_REASONS = ("stop", "length", "abort", "error", "skipped")
 # Counts: at least 1 (None, where a key is optional, is not checked).
 COUNTS = (
     "ingest.shard_rows", "ingest.max_chars", "ingest.block_bytes", "ingest.dedup_memory_mib",
@@ -22,7 +24,7 @@ COUNTS = (
     "retriever.max_seq_length", "retriever.encode_batch_size", "index.batch_size",
     "index.nprobe", "index.hnsw_m", "index.ef_search", "retriever.risk_top_k", "retrieve.top_n", "retrieve.keep", "retrieve.batch_size",
     "sft.global_batch_size", "sft.micro_batch_size", "sft.max_seq_length", "sft.lora_r",
-    "sft.logging_steps", "push.files_per_commit", "eval.shard_rows",
+    "sft.logging_steps", "push.files_per_commit", "sft.num_processes", "eval.shard_rows",
     "eval.classifier_batch_size", "eval.classifier_max_length",
     "engine.cpu_kvcache_gib", "augment.max_rounds", "augment.max_chars", "eval.risk_top_k",
 )
@@ -36,8 +38,9 @@ RANGES = (
     ("augment.rouge_threshold", 0, 1, True),
     ("detect.score_threshold", 0, 1, True),
     ("sft.lora_dropout", 0, 1, False),
-    ("retriever.warmup_ratio", 0, 1, True),
-    ("sft.warmup_ratio", 0, 1, True),
+    # passed as transformers' warmup_steps, which reads a value >= 1 as a number of steps
+    ("retriever.warmup_ratio", 0, 1, False),
+    ("sft.warmup_ratio", 0, 1, False),
     # vLLM's own range; repetition penalties must be above 0 (below)
     *((f"{s}.frequency_penalty", -2, 2, True) for s in ("detect.sampling", "guidelines.sampling",
                                                       "augment.sampling", "respond.sampling",
@@ -72,6 +75,10 @@ NOT_NEGATIVE = ("detect.sampling.temperature", "guidelines.sampling.temperature"
 def _why(key: str, v) -> str | None:
     if isinstance(v, float) and math.isnan(v):  # NaN passes every comparison test below
         return "a number (not NaN)"
+    if isinstance(v, float) and math.isinf(v) and not key.endswith("_s"):  # seconds: inf = no limit
+        return "a finite number"
+    if key == "sft.num_processes":
+        return None if v == "auto" or (isinstance(v, int) and v >= 1) else ">= 1 or auto"
     if key in COUNTS and v < 1:
         return "a count, >= 1"
     for k, lo, hi, hi_ok in RANGES:
@@ -108,6 +115,9 @@ def out_of_bounds(cfg, respond_engine=None, judge_engine=None) -> list[str]:
     cap = cfg.retriever.max_prompts_per_guideline
     if cap != "auto" and (not isinstance(cap, int) or cap < 0):
         bad.append(f"retriever.max_prompts_per_guideline: must be >= 0 or auto, got {cap!r}")
+    odd = [r for r in cfg.sft.keep_finish_reasons if r not in FINISH_REASONS]
+    if odd:  # a misspelt reason ("lenght") would drop every answer it meant to keep
+        bad.append(f"sft.keep_finish_reasons: each must be one of {list(FINISH_REASONS)}, got {odd!r}")
     ks = cfg.retriever.recall_at
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) < len(ks):
         # (a count listed twice added its hits twice: recall@1 of 1.0 for 0.5)

@@ -15,6 +15,8 @@ SFTMode = Literal["full", "lora"]
 # sft keys that change speed, memory or logging only (the global batch is fixed, accumulation
 # follows the micro-batch): they count at their defaults in the SFT fingerprint
 SFT_PERFORMANCE = ("micro_batch_size", "gradient_checkpointing", "logging_steps", "save_steps")
+# sft keys that only LoRA reads (mode "lora"): in a full fine-tune they count at their defaults
+SFT_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
 SFTPrecision = Literal["auto", "bf16", "fp16", "float32"]
 
 

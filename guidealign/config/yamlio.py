@@ -20,7 +20,14 @@ class Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor": YAML's merge key, which SafeLoader flattens below
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise ConfigError(f"a key must be text, not a {type(key).__name__} (line "
+                                  f"{key_node.start_mark.line + 1})") from None
             if key in seen:
                 raise ConfigError(f"the key {key!r} is given twice in one mapping (line "
                                   f"{key_node.start_mark.line + 1}): keep one")
@@ -31,13 +38,11 @@ class Loader(yaml.SafeLoader):
 Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
-                              list("-+0123456789"))
-Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
-               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
+INT_TEXT = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$")
+FLOAT_TEXT = re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+Loader.add_implicit_resolver("tag:yaml.org,2002:int", INT_TEXT, list("-+0123456789"))
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_TEXT, list("-+0123456789."))
 
 
 class Dumper(yaml.SafeDumper):

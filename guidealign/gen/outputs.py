@@ -6,12 +6,16 @@ from __future__ import annotations
 from guidealign.config.engine import EngineConfig
 
 
+_DTYPE_NAMES = {"float": "float32", "half": "float16"}
+
+
 def output_fields(cfg: EngineConfig, sampled: bool = True, tok=None) -> dict:
     """The engine settings that change generated text (for stage fingerprints); pure
     performance knobs (parallelism, memory, batch size, caching, threads) are left out, and
     so is the seed where nothing is sampled (``sampled`` false, see :func:`counted_seed`).
     ``tok``: the engine's tokenizer, whose template's turn end counts when it is not eos."""
-    out = {"model": cfg.model, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+    dtype = _DTYPE_NAMES.get(cfg.dtype, cfg.dtype)  # vLLM's other names: one dtype, one print
+    out = {"model": cfg.model, "dtype": dtype, "max_model_len": cfg.max_model_len,
            "seed": counted_seed(cfg.seed, sampled), "overlong": cfg.overlong}
     return out | turn_end(cfg.chat_template, tok)
 

@@ -49,7 +49,7 @@ def accumulation_steps(scfg, world: int) -> int:
 def sft_fingerprint(cfg, report) -> str:
     """Config (minus process-count and thread knobs) + input shard checksums by dataset name
     + the chat template's text: no absolute path, so a moved run directory redoes nothing."""
-    from guidealign.config.sft import SFT_PERFORMANCE
+    from guidealign.config.sft import SFT_LORA_KEYS, SFT_PERFORMANCE
     from guidealign.gen.build import TOKENIZATION
     from guidealign.gen.outputs import own_template
     from guidealign.gen.templates import BUILTIN, template_hash
@@ -64,7 +64,9 @@ def sft_fingerprint(cfg, report) -> str:
     # report.sources, the template's text), not by the paths written in sft.data or
     # sft.chat_template: a run directory moved elsewhere keeps its model; the datasets' order
     # (the examples' order) counts by their names in that order.
-    keys = {k: v for k, v in at_defaults(cfg.sft, SFT_PERFORMANCE).items()
+    # full fine-tuning reads no LoRA key: editing one (the recipe lists them) keeps the model
+    unread = SFT_LORA_KEYS if cfg.sft.mode == "full" else ()
+    keys = {k: v for k, v in at_defaults(cfg.sft, SFT_PERFORMANCE + unread).items()
             if k not in ("num_processes", "num_threads", "data", "chat_template")}
     keys["data_order"] = list(report.sources)
     if cfg.sft.max_examples:  # since Stop 47 the cap is taken after the length filter (runs
