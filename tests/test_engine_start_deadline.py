@@ -3,8 +3,10 @@ And where an engine's IPC sockets go (a directory of the process, gone when it e
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def test_an_engines_sockets_go_to_a_directory_of_its_process_removed_when_it_exi
     for limit, out in runs.items():
         d = re.search(r"socket dir: (\S+)", out.stdout)
         assert d, out.stdout + out.stderr[-2000:]
-        assert Path(d[1]).name.startswith("guidealign-vllm-")
+        assert Path(d[1]).name.startswith("gav-")
         assert not Path(d[1]).exists(), f"left behind after the run with limit {limit}"
 
 
@@ -95,3 +97,45 @@ def test_the_socket_directories_of_ended_processes_on_this_host_are_removed(tmp_
     finally:
         running.kill()
         running.wait()
+
+
+@pytest.mark.parametrize("tmp_len", [41, 90])
+def test_an_engines_socket_paths_fit_zmq_with_a_long_host_name_and_temp_dir(tmp_path, monkeypatch, tmp_len):
+    """vLLM binds "<VLLM_RPC_BASE_PATH>/<uuid4>", at most 107 bytes: the directory held the host
+    name (EC2's ip-10-0-123-45.us-west-2.compute.internal), and no engine started there."""
+    import uuid
+
+    import zmq
+
+    from guidealign.gen import sockets
+
+    monkeypatch.setattr(sockets, "_host", lambda: "ip-10-0-123-45.us-west-2.compute.internal")
+    top = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))  # pytest's tmp_path alone is longer
+    long_tmp = top / ("x" * (tmp_len - len(str(top)) - 1))
+    long_tmp.mkdir()
+    assert len(str(long_tmp)) == tmp_len
+    monkeypatch.setattr(sockets.tempfile, "gettempdir", lambda: str(long_tmp))
+    monkeypatch.setattr(sockets, "_DIR", {})
+    d = sockets.socket_dir()
+    try:
+        assert d is not None and d.parent == (long_tmp if tmp_len <= 42 else Path("/tmp"))
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        try:
+            sock.bind(f"ipc://{d}/{uuid.uuid4()}")  # raised ZMQError: path longer than 107
+        finally:
+            sock.close(linger=0)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_socket_directories_named_as_before_are_removed_when_their_process_ended(tmp_path, monkeypatch):
+    from guidealign.gen import sockets
+
+    monkeypatch.setattr(sockets.tempfile, "gettempdir", lambda: str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    old = tmp_path / f"{sockets._old_name_prefix()}{ended.stdout.strip()}-abc"
+    old.mkdir()
+    assert sockets.remove_stale() == [old]

@@ -67,7 +67,12 @@ def engine_isolation():
     if not os.environ.get("VLLM_RPC_BASE_PATH"):  # its sockets in a directory that goes with us
         from guidealign.gen.sockets import socket_dir
 
-        os.environ["VLLM_RPC_BASE_PATH"] = str(socket_dir())
+        d = socket_dir()
+        if d is not None:
+            os.environ["VLLM_RPC_BASE_PATH"] = str(d)
+        else:
+            log.warning("no temp directory short enough for vLLM's socket paths (107 bytes): "
+                        "its sockets go to its default place, where they stay after the engine")
     try:
         yield
     finally:

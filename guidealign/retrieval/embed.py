@@ -49,8 +49,12 @@ def doc_text(title: str | None, text: str | None) -> str:
     return title or text
 
 
-def load_encoder(name: str, *, max_seq_length: int | None = None, device: str | None = None):
-    """A SentenceTransformer from a path, Hub id or embedded name (guidealign.models.resolve)."""
+def load_encoder(name: str, *, max_seq_length: int | None = None, device: str | None = None,
+                 float32: bool = False):
+    """A SentenceTransformer from a path, Hub id or embedded name (guidealign.models.resolve).
+    ``float32``: its weights in float32 whatever dtype they are stored in (for training:
+    transformers loads a model in its stored dtype, and AdamW steps of ~2e-5 on bfloat16
+    weights round away, so a bf16-stored encoder trained in place learned almost nothing)."""
     from sentence_transformers import SentenceTransformer
 
     from guidealign.core.models import resolve
@@ -59,7 +63,12 @@ def load_encoder(name: str, *, max_seq_length: int | None = None, device: str | 
         from guidealign.core.gpu import torch_device
 
         device = torch_device()
-    model = SentenceTransformer(resolve(name), device=device)
+    kwargs = {}
+    if float32:
+        import torch
+
+        kwargs["model_kwargs"] = {"dtype": torch.float32}
+    model = SentenceTransformer(resolve(name), device=device, **kwargs)
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model

@@ -249,7 +249,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
             "learns nothing")
     del probe
 
-    model = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length)
+    model = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length, float32=True)
     es = build_eval_set(library, heldout, rc.max_eval_queries)
     base = _evaluate(rc, es, base=model)  # before training changes the model
     ckpt_dir = checkpoint_dir(workdir, fp)
