@@ -4,7 +4,6 @@ start, disk for the run directory, the inputs, push (a repo id, the Hub token) a
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import os
 import shutil
@@ -70,8 +69,20 @@ def sft_rows(cfg) -> list[Row]:
     return rows
 
 
+def _input_files(pattern: str) -> tuple[list[Path], str]:
+    """(the files ingest reads for an input, why none): ingest's own expansion (``**``
+    patterns, a name like ``data[1].jsonl`` that exists as written)."""
+    from guidealign.ingest.readers import IngestError, expand_inputs
+
+    try:
+        files = [f for f in expand_inputs([pattern]) if f.exists()]  # a plain name is taken as given
+    except IngestError as e:
+        return [], str(e).removeprefix(f"{pattern}: ")
+    return files, "" if files else "matches no file here"
+
+
 def disk_row(cfg, workdir: str | None, sft: ModelInfo | None) -> Row:
-    files = [f for pat in list(cfg.inputs) + list(cfg.inputs_sft) for f in glob.glob(pat)]
+    files = [f for pat in list(cfg.inputs) + list(cfg.inputs_sft) for f in _input_files(pat)[0]]
     inputs = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     # full fine-tuning keeps (and saves) float32 weights whatever the compute precision; a
     # merged LoRA model is saved in the base's half precision
@@ -104,10 +115,10 @@ def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
     missing = FAIL if stages is not None and "ingest" in stages else WARN
     for key, pats in (("inputs", cfg.inputs or cfg.ingest.inputs), ("inputs_sft", cfg.inputs_sft)):
         for pat in pats:
-            n = len(glob.glob(pat))
+            files, why = _input_files(pat)
             where = "" if os.path.isabs(pat) else f" (relative paths are read from {os.getcwd()})"
-            rows.append(Row("inputs", f"{key}: {pat}", OK if n else missing,
-                            f"{n} file(s)" if n else "matches no file here" + where))
+            rows.append(Row("inputs", f"{key}: {pat}", OK if files else missing,
+                            f"{len(files)} file(s)" if files else why + where))
     if stages is not None and "push" in stages and not cfg.push.repo_id:
         # `run --stages push` runs it without a repo id, and it fails after every other stage
         rows.append(Row("push", "push.repo_id", FAIL,

@@ -291,3 +291,47 @@ def test_inputs_that_match_no_file_fail_the_preflight_of_a_run_that_ingests(tmp_
     (tmp_path / "data" / "samples").mkdir(parents=True)
     (tmp_path / "data" / "samples" / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
     assert row(["ingest"]).status != FAIL
+
+
+def test_inputs_the_preflight_counts_as_ingest_reads_them(tmp_path, monkeypatch):
+    """The preflight globbed without ``**`` and took ``data[1].jsonl`` as a pattern: both fail
+    `run` ("matches no file here") though ingest reads them (a ``**`` pattern, a file whose
+    name holds brackets)."""
+    from guidealign.check import FAIL, OK, other_rows
+    from guidealign.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "in" / "a" / "b" / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "in" / "data[1].jsonl").write_text('{"prompt": "yo"}\n')
+    for pat, n in (("in/**/*.jsonl", 2), ("in/data[1].jsonl", 1)):
+        cfg = load_config(None, [f"inputs=['{pat}']"])
+        r = next(r for r in other_rows(cfg, ["ingest"]) if r.item.startswith("inputs:"))
+        assert (r.status, r.detail) == (OK, f"{n} file(s)"), (pat, r)
+    missing = load_config(None, ["inputs=[in/none.jsonl]"])
+    r = next(r for r in other_rows(missing, ["ingest"]) if r.item.startswith("inputs:"))
+    assert r.status == FAIL and "matches no file" in r.detail
+
+
+@pytest.mark.parametrize("edit,context", [
+    ({"max_position_embeddings": 2048, "rope_scaling": {"type": "linear", "factor": 4.0}}, 8192),
+    ({"max_position_embeddings": None}, 2048),  # left to LlamaConfig's default, as vLLM reads it
+    ({"max_position_embeddings": 8192,
+      "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}}, 8192),
+    ({"max_position_embeddings": 4096, "n_positions": 1024}, 1024),  # the smallest length key
+])
+def test_the_models_context_is_derived_as_vllm_derives_it(tmp_path, edit, context):
+    """check read max_position_embeddings alone: a linear RoPE factor (vicuna-13b-v1.5-16k:
+    4096 x 4) was a false FAIL that stopped `run`, and a config without the key passed any
+    max_model_len, which vLLM then refused."""
+    import json
+
+    from guidealign.check_models import model_context
+    from guidealign.core.models import resolve
+
+    raw = json.loads((Path(resolve("embedded:smollm2-135m-instruct")) / "config.json").read_text())
+    raw.update({k: v for k, v in edit.items() if v is not None})
+    for k in [k for k, v in edit.items() if v is None]:
+        raw.pop(k)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert model_context(tmp_path, raw) == context

@@ -173,3 +173,30 @@ def test_repair_of_artifact_removes_its_done(run_dir):
     code, out = _verify(run_dir, "--repair")
     assert code == 1 and out["removed"] == ["index/_done.json"]
     assert not (run_dir / "index" / "_done.json").exists()
+
+
+def test_a_shard_and_marker_copied_over_another_shard_are_found_and_not_taken_as_done(run_dir):
+    """The marker names its own index, and nothing compared it with the file name: shard 1's
+    file and marker copied over shard 2's passed verify, status and the stages (its rows read twice)."""
+    from guidealign.shards import is_done
+
+    src = run_dir / "prompts"
+    fp = read_marker(src, 2).fingerprint
+    for path in (shard_path, marker_path):
+        shutil.copyfile(path(src, 1), path(src, 2))
+    assert read_marker(src, 2) is None and not is_done(src, 2, fp)
+    code, out = _verify(run_dir)
+    assert code == 1 and ("corrupt", "prompts/shard-00002.done.json") in _failing(out)
+    assert any("marker of shard 1" in p["detail"] for p in out["problems"]), out["problems"]
+
+
+def test_a_dataset_of_shard_files_alone_has_its_quarantine_checked_once(run_dir):
+    """Without a manifest or markers (a first write killed before its markers), the dataset's
+    quarantine folder was checked again as a dataset of its own, with nonsense repair paths."""
+    up = run_dir / "upper"
+    for p in list(up.glob("*.done.json")) + [up / "_stage.json", up / "_manifest.json"]:
+        p.unlink(missing_ok=True)
+    code, out = _verify(run_dir)
+    assert code == 1
+    assert not any(d["path"].startswith("upper/quarantine") for d in out["dirs"]), out["dirs"]
+    assert not any("quarantine/quarantine" in r for p in out["problems"] for r in p.get("remove", []))

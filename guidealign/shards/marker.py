@@ -43,6 +43,8 @@ def read_marker(dataset: str | Path, index: int) -> Marker | None:
     # so does one that parses but lacks a field or holds a wrong type (a flipped bit)
     if any(not isinstance(known.get(k), t) or isinstance(known.get(k), bool) for k, t in _REQUIRED.items()):
         return None
+    if known["index"] != index:  # another shard's marker, copied or moved over this one's
+        return None
     return Marker(**known)
 
 

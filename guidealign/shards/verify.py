@@ -125,6 +125,15 @@ def _shard_file(d: Path, i: int) -> Path:
     return j if not p.exists() and j.exists() else p
 
 
+def _marker_index(path: Path) -> int | None:
+    """The shard index a marker file names, or None when it cannot be read."""
+    try:
+        n = json.loads(path.read_text()).get("index")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSummary) -> None:
     rel = lambda p: Path(p).relative_to(root).as_posix()  # noqa: E731
     mpath, spath, qpath = marker_path(d, i), _shard_file(d, i), quarantine_path(d, i)
@@ -134,9 +143,11 @@ def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSum
         # torn, or JSON without a field a marker needs (read_marker: absent either way): the
         # shard it committed is then uncommitted, so it and its quarantine go with it (else
         # they are orphans the next verify fails on)
-        rep.problems.append(Problem("corrupt", rel(mpath), "marker unreadable or incomplete "
-                                    "(a torn write, or a field missing or of the wrong type)",
-                                    remove=[rel(mpath), rel(spath), rel(qpath)]))
+        other = _marker_index(mpath)
+        why = (f"the marker of shard {other}, not of {i} (copied or moved over it, with its file: its "
+               "rows would be read twice)" if other is not None and other != i else
+               "marker unreadable or incomplete (a torn write, or a field missing or of the wrong type)")
+        rep.problems.append(Problem("corrupt", rel(mpath), why, remove=[rel(mpath), rel(spath), rel(qpath)]))
         return
     summary.shards_committed += 1
     if summary.shards_total is not None and i >= summary.shards_total:
@@ -248,7 +259,10 @@ def _check_artifact(root: Path, d: Path, rep: VerifyReport, summary: DirSummary)
 
 
 def _holds_dataset(d: Path) -> bool:
-    return (d / MANIFEST).exists() or any(_MARKER_RE.match(p.name) for p in d.iterdir())
+    """A manifest, a marker or a shard file (a first write killed before its marker left only
+    files: its quarantine folder is still that dataset's, not a dataset of its own)."""
+    return (d / MANIFEST).exists() or any(_MARKER_RE.match(p.name) or _SHARD_RE.match(p.name)
+                                          or _JSONL_RE.match(p.name) for p in d.iterdir())
 
 
 def verify_run(workdir: str | Path) -> VerifyReport:
