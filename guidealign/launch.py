@@ -122,16 +122,21 @@ def tp_overrides(stage_args: list[str], stage: str, tp: int) -> list[str]:
     GPUs, and an engine that kept the config's size would not fit its group (larger) or leave
     GPUs idle (smaller). ``engine.tensor_parallel_size``, and the responder's own
     (``respond.engine.tensor_parallel_size``) where the config sets it, for the stages that
-    start the responder (respond, run, eval); only those that differ from ``tp``."""
+    start the responder (respond, run, eval); only those that differ from ``tp``; a size the
+    config gives the judge (``eval.judge_engine``) only where it is larger than ``tp``."""
     cfg = _stage_config(stage_args)
     keys = {"engine.tensor_parallel_size": cfg.engine.tensor_parallel_size}
     if stage in ("respond", "run", "eval") and "tensor_parallel_size" in cfg.respond.engine:
         keys["respond.engine.tensor_parallel_size"] = cfg.respond.engine["tensor_parallel_size"]
         if stage == "respond":  # the writer's engine does not run there
             del keys["engine.tensor_parallel_size"]
-    if stage == "eval" and "tensor_parallel_size" in cfg.eval.judge_engine:  # the judge's own size
-        keys["eval.judge_engine.tensor_parallel_size"] = cfg.eval.judge_engine["tensor_parallel_size"]
-    return [a for k, v in keys.items() if v != tp for a in ("--set", f"{k}={tp}")]
+    out = [a for k, v in keys.items() if v != tp for a in ("--set", f"{k}={tp}")]
+    judge = cfg.eval.judge_engine.get("tensor_parallel_size")
+    if stage == "eval" and judge is not None and int(judge) > tp:
+        # the judge's own size, set on purpose (a small judge's heads may not split over the
+        # group: the embedded one has 9), is only lowered to fit the group, never raised
+        out += ["--set", f"eval.judge_engine.tensor_parallel_size={tp}"]
+    return out
 
 
 def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_rank: int,
@@ -225,6 +230,14 @@ def run_workers(workers: list[Worker], log_dir: str | None = None, *, workdir: s
                                              is not signal.SIG_IGN else [])
     old = {s: signal.signal(s, forward) for s in sigs}
     failed: list[tuple[int, int]] = []
+    if workdir:
+        # the failure markers of the ranks about to start are an earlier attempt's: under a fixed
+        # GUIDEALIGN_RUN_ID (no SLURM job to tell attempts apart) they count as this run's, and
+        # a rank that reached its first wait before the failed rank cleared its own was stopped
+        from guidealign.shards.failure import clear_failed
+
+        for w in workers:
+            clear_failed(workdir, w.rank)
     try:
         for w in workers:
             out = None

@@ -55,10 +55,15 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
                            f"{stage} -w {w}` writes this one as JSONL")
     resp = table.to_pylist()
     det = _by_id(w / "detect", i, ["risky", "rationale", "parse_status", "finish_reason", "skip_reason"])
+    # the prompts that detect's shard i, committed under an earlier config, holds (not current)
+    stale = set()
+    if (w / "detect").is_dir() and i in committed(w / "detect") and i not in _current(w / "detect"):
+        stale = set(read_table(w / "detect", i).column("id").to_pylist())
     out = []
     for r in resp[:n]:
         d = det.get(r.get("id"))
         out.append({"id": r.get("id"), "prompt": r.get("prompt"), "detected": d is not None,
+                    "detect_stale": d is None and r.get("id") in stale,
                     "risky": (d or {}).get("risky"), "rationale": (d or {}).get("rationale"),
                     # why a detect row has no verdict: skipped, an engine error, or unparsed
                     "detect_status": (d or {}).get("parse_status"),
@@ -93,6 +98,8 @@ def render(rows: list[dict], width: int = 100, max_chars: int = 600) -> str:
     for r in rows:
         if r.get("detected", True):
             det = _verdict_line(r, clip)
+        elif r.get("detect_stale"):
+            det = "- detect: its shard is from an earlier config (stale): rerun detect"
         else:  # responses for another prompt set than detect's (inputs_sft), or detect not run
             det = "- detect: not run on this prompt (detect/ does not hold it)"
         lines = [f"### {r.get('prompt')}", det,

@@ -167,10 +167,21 @@ def failed_ranks(workdir: str | Path, rows: list[dict] | None = None) -> list[st
 
 
 def _finished_since(workdir: Path, marker: dict, rows: list[dict]) -> bool:
-    """Whether the stage a failure marker names is complete now, with a commit newer than it."""
+    """Whether the stage a failure marker names is complete now, with a commit newer than it; for
+    a marker of a whole run ("run", or its preflight), whether a run finished after it (rank 0
+    writes run.json when its run succeeds: a rerun in another layout leaves the failed layout's
+    ranks' markers behind)."""
     from guidealign.stages import BY_NAME
 
-    stage = BY_NAME.get(str(marker.get("stage")))
+    name = str(marker.get("stage"))
+    if name in ("run", "preflight"):
+        try:
+            return (workdir / "run.json").stat().st_mtime > float(marker.get("created", 0.0))
+        except OSError:
+            return False
+    if name not in BY_NAME and name.startswith("run_"):  # a stage run in a child process
+        name = name.removeprefix("run_").removesuffix("_stage").replace("_", "-")
+    stage = BY_NAME.get(name)
     row = next((r for r in rows if stage is not None and r["stage"] == stage.dst), None)
     if row is None or not row["shards_total"] or row["shards_done"] != row["shards_total"]:
         return False

@@ -259,6 +259,30 @@ def test_a_dead_worker_replaces_its_rank_s_failure_marker_of_an_earlier_attempt(
     assert "this attempt's own error" in json.loads(failure_path(wd, 2).read_text())["error"]
 
 
+def test_an_earlier_attempts_marker_under_a_fixed_run_id_does_not_stop_a_new_launch(tmp_path, monkeypatch):
+    """With GUIDEALIGN_RUN_ID fixed and no SLURM job, a marker of an earlier attempt counts as
+    this run's: a rank that reached its first wait before the failed rank's guard cleared it
+    stopped, and so did every rank after it. launch clears the markers of the ranks it starts."""
+    from guidealign.launch import Worker, run_workers
+    from guidealign.shards.failure import mark_failed
+
+    wd = tmp_path / "run"
+    monkeypatch.setenv("GUIDEALIGN_RUN_ID", "exp1")
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    old = mark_failed(wd, 1, "CUDA out of memory (yesterday)", stage="run", world_size=2)
+    data = json.loads(old.read_text())
+    data["created"] -= 86400
+    old.write_text(json.dumps(data))
+    waits = [sys.executable, "-c", "from guidealign.shards.failure import raise_if_failed; "
+             f"raise_if_failed({str(wd)!r}, 'prompts')"]
+    late = [sys.executable, "-c", "import time; time.sleep(3)"]  # the failed rank, not yet at its guard
+    workers = [Worker(rank=0, world_size=2, local_rank=0, gpus=[], argv=waits),
+               Worker(rank=1, world_size=2, local_rank=1, gpus=[], argv=late)]
+    assert run_workers(workers, workdir=str(wd), grace=5) == 0
+    assert not (wd / "_failed" / "rank-00001.json").exists()
+
+
 LAUNCHER = r"""
 import signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a non-interactive shell's `launch ... &` starts it

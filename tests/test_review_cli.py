@@ -185,6 +185,26 @@ def test_show_reads_the_first_shard_that_holds_rows(tmp_path):
         examples(tmp_path)
 
 
+def test_show_says_a_detect_shard_is_stale_rather_than_that_detect_never_ran(tmp_path):
+    """detect rerun under a new config on some ranks only: show said "detect: not run on this
+    prompt (detect/ does not hold it)" though detect/ holds it, under the earlier config."""
+    from guidealign.shards import write_manifest, write_shard
+    from guidealign.shards.stage import shard_fingerprint
+    from guidealign.show import examples, render
+
+    src, det, dst = tmp_path / "prompts", tmp_path / "detect", tmp_path / "respond"
+    write_manifest(src, stage="ingest", num_shards=1, fingerprint="p")
+    write_shard(src, 0, pa.table({"id": ["p0"], "prompt": ["q0"]}), "p0")
+    write_manifest(det, stage="detect", num_shards=1, fingerprint="NEW", input=str(src))
+    write_shard(det, 0, pa.table({"id": ["p0"], "prompt": ["q0"], "risky": [True], "rationale": ["r"]}),
+                shard_fingerprint("OLD", src, 0))
+    write_manifest(dst, stage="respond", num_shards=1, fingerprint="f")
+    write_shard(dst, 0, pa.table({"id": ["p0", "p9"], "prompt": ["q0", "q9"], "response": ["a", "b"]}), "f0")
+    text = render(examples(tmp_path, n=2))
+    first, second = text.split("\n\n### ")
+    assert "earlier config (stale)" in first and "not run on this prompt" in second, text
+
+
 # --- launch: a config that is not YAML is a usage error, as in every other command --------------
 
 def test_launch_with_a_config_that_is_not_yaml_is_a_usage_error(tmp_path):

@@ -254,3 +254,29 @@ def test_a_failure_marker_of_a_stage_finished_since_is_not_reported(tmp_path):
     (w / "prompts" / "shard-00000.done.json").unlink()  # not complete: the failure still counts
     res = CliRunner().invoke(cli, ["status", str(w)])
     assert res.exit_code == 1 and "FAILED: rank 1 of 2 failed in ingest" in res.output
+
+
+def test_a_failure_marker_of_a_whole_run_or_a_child_stage_finished_since_is_not_reported(tmp_path):
+    """Markers of `run` (rank 7 of 8 out of memory, the rerun on 4 ranks finished) and of a stage
+    run in a child process ("run_ingest") were reported FAILED, exit 1, for ever."""
+    import json
+    import time
+
+    from guidealign.shards import write_manifest
+    from guidealign.shards.failure import mark_failed
+
+    w = tmp_path / "run"
+    old = time.time() - 60
+    for rank, stage in ((7, "run"), (6, "run_ingest")):
+        marker = mark_failed(w, rank, "CUDA out of memory", stage=stage, world_size=8)
+        data = json.loads(marker.read_text())
+        data["created"] = old
+        marker.write_text(json.dumps(data))
+    write_manifest(w / "prompts", stage="ingest", num_shards=1, fingerprint="f", input="x")
+    write_shard(w / "prompts", 0, pa.table({"id": ["a"], "prompt": ["p"]}), fingerprint="f")
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert res.exit_code == 1 and "rank 7 of 8 failed in run" in res.output  # no run finished yet
+    assert "rank 6 of 8" not in res.output  # its stage (ingest) is complete since
+    (w / "run.json").write_text(json.dumps({"stages": ["ingest"], "rank": 0, "world_size": 4}))
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert res.exit_code == 0 and "FAILED" not in res.output, res.output

@@ -300,3 +300,15 @@ def test_an_array_task_given_rank_and_world_size_by_the_environment_is_not_refus
     array = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert array_refusal(False, env=array) is not None
     assert array_refusal(False, env={**array, "RANK": "0", "WORLD_SIZE": "1"}) is None
+
+
+def test_launch_tp_never_raises_a_judge_size_the_config_set(tmp_path):
+    """gpu-paper.yaml keeps the judge at 1 GPU on purpose (the embedded judge's 9 heads do not
+    split over 4): `launch --tp 4 eval` set it to 4, and eval failed at the judge after
+    answering every benchmark prompt."""
+    from guidealign.launch import tp_overrides
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("engine: {tensor_parallel_size: 4}\neval:\n  judge_engine: {tensor_parallel_size: 1}\n")
+    assert not any("judge_engine" in a for a in tp_overrides(["-c", str(cfg)], "eval", 4))
+    assert not any("judge_engine" in a for a in tp_overrides(["-c", str(cfg)], "eval", 2))
