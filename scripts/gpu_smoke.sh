@@ -13,9 +13,15 @@
 # RUN: a finished run's directory with prompts/, guidelines/ and respond/ (e.g. the demo's,
 # through respond); it is copied, not changed. OUT gets one log per step and summary.txt
 # (one line a step: rc and seconds). PYTHON (default python3) runs guidealign, which must be
-# importable (installed, or on PYTHONPATH).
+# importable (installed, or on PYTHONPATH). Exits 1 when a step failed (check-paper excepted:
+# the paper's models are not on a smoke node), 2 on bad arguments.
 set -u
+if [ $# -ne 3 ] || [ ! -d "$1" ] || [ ! -d "$2" ]; then
+  echo "usage: $0 MODELS RUN OUT (MODELS and RUN: existing directories)" >&2
+  exit 2
+fi
 MODELS=$(realpath "$1"); SRC=$(realpath "$2"); OUT=$(realpath -m "$3")
+FAILED=()
 cd "$(dirname "$0")/.."  # the repository root (configs/gpu-paper.yaml)
 PY=${PYTHON:-python3}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
@@ -32,10 +38,11 @@ step() {  # step NAME CMD...: its output to OUT/NAME.log, its rc and time to sum
   rc=$?
   grep -q Traceback "$OUT/$name.log" && rc="$rc traceback"
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+  [ "$rc" = 0 ] || [ "$name" = check-paper ] || FAILED+=("$name")
   tail -n 15 "$OUT/$name.log"
 }
 
-step env bash -c "nvidia-smi; $PY - <<'EOF'
+step env bash -c "set -e; nvidia-smi; $PY - <<'EOF'
 import importlib, sys
 print(sys.version)
 for m in ('torch', 'transformers', 'sentence_transformers', 'trl', 'datasets', 'peft', 'accelerate',
@@ -55,7 +62,7 @@ for d in prompts detect guidelines respond; do
   [ -d "$SRC/$d" ] && cp -r "$SRC/$d" "$W/"
 done
 cat > "$OUT/smoke.yaml" <<EOF
-# written by scripts/gpu_smoke.sh; the engine and judge models are named for `check` only
+# written by scripts/gpu_smoke.sh; the engine and judge models are named for guidealign check only
 engine: {model: $MODELS/llm-chat, max_model_len: 4096}
 eval: {judge_model: $MODELS/llm-chat}
 library: {candidates: model, embed_model: $MODELS/encoder, heldout_fraction: 0.25}
@@ -134,3 +141,7 @@ print("checks ok")
 EOF
 rm -rf "$(dirname "$W")"
 echo "== summary"; cat "$OUT/summary.txt"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "failed: ${FAILED[*]}" >&2
+  exit 1
+fi

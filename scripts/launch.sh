@@ -5,10 +5,12 @@
 # and `scripts/launch.sh --help`. Example: scripts/launch.sh --dry-run detect -w runs/x
 #
 # Environment: GUIDEALIGN_PYTHON (the interpreter; default GUIDEALIGN_VENV/bin/python,
-# GUIDEALIGN_VENV defaulting to .venv in the repository).
+# GUIDEALIGN_VENV defaulting to .venv; a relative one is in the repository, as for run.sh).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${GUIDEALIGN_PYTHON:-${GUIDEALIGN_VENV:-$root/.venv}/bin/python}
+venv=${GUIDEALIGN_VENV:-$root/.venv}
+case "$venv" in /*) ;; *) venv=$root/$venv ;; esac  # relative: in the repository, as run.sh reads it
+py=${GUIDEALIGN_PYTHON:-$venv/bin/python}
 if [[ ! -x $py ]]; then
   echo "launch: no Python environment at $py: run ./run.sh setup first, once, before the job" \
        "(GUIDEALIGN_EXTRA=gpu on GPU nodes); launch never installs" >&2

@@ -3,8 +3,10 @@ MIG devices, tensor-parallel size, bf16 support) and the engine's lifetime, with
 queries, vLLM and the shard machinery replaced by stand-ins. No engine starts, nothing trains."""
 from __future__ import annotations
 
+import os
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -233,3 +235,23 @@ def test_cached_gpu_memory_is_released_before_an_engine_or_sft_starts(monkeypatc
     from guidealign.sft import train
     assert "release_cached_gpu_memory()" in inspect.getsource(engine.build_llm)
     assert "release_cached_gpu_memory()" in inspect.getsource(train._wait_for_the_node_gpus)
+
+
+def test_the_gpu_smoke_script_fails_when_its_steps_fail_and_on_bad_arguments(tmp_path):
+    """It exited 0 whatever failed (its last command was `cat summary.txt`), took a missing
+    MODELS path as empty, and ran `check` from an unquoted heredoc: the evidence of a 15-minute
+    GPU loan read as a success."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.sh"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "r").mkdir()
+    bad = subprocess.run(["bash", str(script), str(tmp_path / "none"), str(tmp_path / "r"), str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    env = {**os.environ, "PYTHON": "false", "STEP_TIMEOUT": "20", "PATH": os.environ["PATH"]}
+    p = subprocess.run(["bash", str(script), str(tmp_path / "m"), str(tmp_path / "r"), str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "failed:" in p.stderr and "check-paper" not in p.stderr.split("failed:")[1]
+    assert "command not found" not in (p.stdout + p.stderr).replace("nvidia-smi: command not found", "")
