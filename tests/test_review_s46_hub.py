@@ -220,6 +220,39 @@ def test_a_card_edited_on_the_hub_is_saved_before_a_push_replaces_it(tmp_path, w
         assert len(list((workdir / "push").glob("README-respond.on-hub-*.md"))) == 1
 
 
+def test_a_model_card_edited_on_the_hub_is_kept_until_the_model_changes(tmp_path, workdir):
+    """Only dataset pushes looked at the Hub's card: a model card edited on the Hub (usage notes)
+    was replaced by every later push of the unchanged model, without a warning or a copy."""
+    import os
+    import sys
+
+    m = workdir / "sft" / "model"
+    m.mkdir(parents=True)
+    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (m / "model.safetensors").write_bytes(os.urandom(1000))
+    (m / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Labrador\n")
+    (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))
+    with HubServer(token=TOKEN) as hub:
+        env = hub_env(hub, tmp_path)
+        assert run(push_cmd(workdir, "model", "org/lab"), env).returncode == 0
+        edited = (m / "README.md").read_bytes() + b"\n## Usage (hand-written)\n"
+        (tmp_path / "edited.md").write_bytes(edited)
+        upload = ("from huggingface_hub import HfApi; HfApi().upload_file(path_or_fileobj="
+                  f"{str(tmp_path / 'edited.md')!r}, path_in_repo='README.md', repo_id='org/lab')")
+        assert run([sys.executable, "-c", upload], env).returncode == 0
+        for _ in range(2):  # the unchanged model pushed again, twice: the edit stays
+            p = run(push_cmd(workdir, "model", "org/lab"), env)
+            assert p.returncode == 0, p.stderr[-3000:]
+            assert hub.content("org/lab", "README.md", "model") == edited
+        # a retrained model's new card replaces it, the edited one saved first
+        (m / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Labrador v2\n")
+        p = run(push_cmd(workdir, "model", "org/lab"), env)
+        assert p.returncode == 0 and "was edited on the Hub since the last push" in p.stderr
+        assert hub.content("org/lab", "README.md", "model") == (m / "README.md").read_bytes()
+        saved = list((workdir / "push").glob("README-model.on-hub-*.md"))
+        assert len(saved) == 1 and saved[0].read_bytes() == edited
+
+
 def test_a_hub_token_inside_a_longer_value_is_redacted():
     from guidealign.hub.card import redact
 
