@@ -35,7 +35,8 @@ SHORT = {
     "gen": {"args": ["--short"], "json": True},
     "detect_modes": {"args": ["--short"], "json": True},
     "retrieval": {"args": ["--guidelines", "100000", "--embed-texts", "500", "--repeats", "1",
-                           "--queries", "20000", "--kinds", "flat", "--merge-texts", "5000"], "json": True},
+                           "--queries", "20000", "--kinds", "flat", "--merge-texts", "5000",
+                           "--bm25-queries", "200"], "json": True},
     "chaos": {"args": ["--kills", "2", "--prompts", "8", "--shard-rows", "2"], "json": True},
     "detect_quality": {"args": ["--limit", "24", "--max-tokens", "160"], "json": True},
 }
@@ -130,6 +131,11 @@ def rows_retrieval(res, out):
             rows.append((f"library merge vs fuzz.ratio over every pair, {m['n']:,} rewrites ({kind}): "
                          "library size ours / exhaustive (1.0: no merge missed)",
                          f"{r['size_ratio']:.3f} ({r['library_ours']:,} vs {r['library_exhaustive']:,})"))
+    b = res.get("bm25")
+    if b:
+        rows.append((f"retriever evaluation's BM25 vs rank_bm25, {b['queries']:,} queries over "
+                     f"{b['library']:,} guidelines (same scores: max diff {b['max_abs_diff']:.0e})",
+                     f"{b['ratio']:.0f}x ({b['ours_qps']:,.0f} vs {b['rank_bm25_qps']:,.1f} queries/s)"))
     for kind, r in (res.get("search") or {}).items():
         if isinstance(r, dict) and "qps" in r:
             rows.append((f"FAISS {kind} search, {r.get('queries', 0):,} queries",

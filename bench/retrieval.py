@@ -13,11 +13,17 @@
            (the paper's 767k -> 33k is ~23 a group), with word-level edits and with typos
            spread over every word: library size ours / exhaustive (1.0: every merge found;
            the search can only miss merges, never add one), and the time of each.
+5. bm25:   the retriever evaluation's BM25 baseline (one sparse product per batch of queries)
+           against rank_bm25's BM25Okapi (a Python loop over every document for each query
+           token) on Q queries (default 500) over a library of L synthetic guidelines (default
+           33,000, the paper's size): queries/s of each, the ratio, and the largest difference
+           of their scores.
 
     .venv/bin/python bench/retrieval.py                       # everything, default sizes
     .venv/bin/python bench/retrieval.py --only dedup --guidelines 200000
     .venv/bin/python bench/retrieval.py --only search --queries 100000 --kinds flat,hnsw
     .venv/bin/python bench/retrieval.py --only merge --merge-texts 5000 --set library.neighbors=10
+    .venv/bin/python bench/retrieval.py --only bm25 --bm25-queries 200
 """
 from __future__ import annotations
 
@@ -171,6 +177,34 @@ def bench_embed(n: int, batch_size: int, repeats: int) -> dict:
     return {"n": n, "raw_tps": raw_tps, "ours_tps": ours_tps, "ratio": ratio}
 
 
+def bench_bm25(n_lib: int, n_q: int) -> dict:
+    import numpy as np
+    from rank_bm25 import BM25Okapi
+
+    from guidealign.retrieval.evaluate import bm25_scorer, tokenize
+    from synthetic import synthetic_library
+
+    docs, _ = synthetic_library(n_lib, max(1, n_lib // 3), seed=2)
+    queries, _ = synthetic_library(n_q, max(1, n_q // 2), seed=3)
+    t0 = time.perf_counter()
+    ours = bm25_scorer(docs)
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = np.concatenate([ours(queries[i:i + 256]) for i in range(0, n_q, 256)])
+    ours_s = time.perf_counter() - t0
+    ref = BM25Okapi([tokenize(d) or [""] for d in docs])
+    t0 = time.perf_counter()
+    want = np.stack([ref.get_scores(tokenize(q)) for q in queries])
+    ref_s = time.perf_counter() - t0
+    diff = float(np.abs(got - want).max())
+    r = {"library": n_lib, "queries": n_q, "ours_qps": n_q / ours_s, "rank_bm25_qps": n_q / ref_s,
+         "ratio": ref_s / ours_s, "build_s": built, "max_abs_diff": diff}
+    print(f"[bm25] {n_q:,} queries over {n_lib:,} guidelines: ours {r['ours_qps']:,.0f} queries/s "
+          f"(built in {built:.2f} s), rank_bm25 {r['rank_bm25_qps']:,.1f} queries/s: {r['ratio']:.0f}x; "
+          f"largest score difference {diff:.1e}")
+    return r
+
+
 def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> dict:
     import numpy as np
 
@@ -208,7 +242,7 @@ def bench_search(n_lib: int, n_q: int, dim: int, k: int, kinds: list[str]) -> di
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["dedup", "embed", "search", "merge"], action="append")
+    ap.add_argument("--only", choices=["dedup", "embed", "search", "merge", "bm25"], action="append")
     ap.add_argument("--guidelines", type=int, default=1_000_000, help="dedup: guidelines in all")
     ap.add_argument("--distinct", type=int, default=0, help="dedup: distinct ones (0: 3.3%% of them)")
     ap.add_argument("--per-prompt", type=int, default=5, help="dedup: guidelines per prompt")
@@ -225,6 +259,8 @@ def main():
     ap.add_argument("--merge-texts", type=int, default=10_000,
                     help="merge: distinct texts (exhaustive comparison is quadratic: 10,000 ~ 20 s here)")
     ap.add_argument("--merge-kinds", default="words,typos", help="merge: edit kinds (words, typos)")
+    ap.add_argument("--bm25-library", type=int, default=33_000, help="bm25: library guidelines")
+    ap.add_argument("--bm25-queries", type=int, default=500, help="bm25: queries")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--dedup-child", help=argparse.SUPPRESS)
@@ -236,7 +272,7 @@ def main():
         import torch
 
         torch.set_num_threads(a.threads)
-    parts = a.only or ["dedup", "embed", "search", "merge"]
+    parts = a.only or ["dedup", "embed", "search", "merge", "bm25"]
     res = {}
     if "dedup" in parts:
         res["dedup"] = bench_dedup(a.guidelines, a.distinct or max(1, round(a.guidelines * 0.033)),
@@ -247,6 +283,8 @@ def main():
         res["search"] = bench_search(a.library, a.queries, a.dim, 20, a.kinds.split(","))
     if "merge" in parts:
         res["merge"] = bench_merge(a.merge_texts, a.merge_kinds.split(","), a.threshold, a.overrides)
+    if "bm25" in parts:
+        res["bm25"] = bench_bm25(a.bm25_library, a.bm25_queries)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 

@@ -51,6 +51,27 @@ def test_bm25_query_sharing_no_word_is_not_ranked_first():
     assert m["mrr"] == pytest.approx(1 / 5, abs=1e-4)  # before: 1.0
 
 
+def test_bm25_scores_are_rank_bm25s_okapi_scores():
+    """The sparse BM25 replaced rank_bm25's per-document Python loop (~0.09 s a query over 33k
+    guidelines): the same scores, negative-idf floor, repeated and unknown query words, empty
+    guidelines and queries included."""
+    import random
+
+    rank_bm25 = pytest.importorskip("rank_bm25")
+    from guidealign.retrieval.evaluate import tokenize
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(200)] + ["the", "a", "of"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 20))) for _ in range(400)]
+    docs += ["", "the the the of", "THE a, a."]
+    queries = [" ".join(rng.choice(words + ["unseen"]) for _ in range(rng.randint(0, 10))) for _ in range(80)]
+    queries += ["", "the the a", "unseen"]
+    ref = rank_bm25.BM25Okapi([tokenize(d) or [""] for d in docs])
+    want = np.stack([ref.get_scores(tokenize(q)) for q in queries])
+    got = bm25_scorer(docs)(queries)
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_ties_at_the_kth_place_are_broken_by_row_number():
     # scores 0/1/2 over 2552 rows: argpartition picked arbitrary tied rows for the k-th place
     s = np.random.default_rng(0).integers(0, 3, size=2552).astype(float)
