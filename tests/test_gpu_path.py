@@ -432,3 +432,39 @@ def test_faiss_gpu_probe_runs_before_the_encoder_takes_a_gpu(tmp_path, monkeypat
                   wd, progress=False)
     assert "encoder" in calls and "probe" in calls
     assert calls.index("probe") < calls.index("encoder")
+
+
+def test_models_fetch_leaves_out_pytorch_weights_where_safetensors_are_there(tmp_path):
+    """Repos such as Llama-2-13b-hf ship the weights twice (.safetensors and .bin): fetch took
+    both, 26 GB for nothing; a repo with .bin weights only (vicuna-13b-v1.5) still gets them, and
+    an offline node accepts either snapshot as cached."""
+    from hubserver import HubServer
+    from test_push import TOKEN, hub_env
+
+    with HubServer(token=TOKEN) as hub:
+        env = hub_env(hub, tmp_path)
+        env.pop("HF_HUB_CACHE", None)
+        for repo, files in (("org/both", ("model.safetensors", "pytorch_model.bin")),
+                            ("org/binonly", ("pytorch_model.bin",))):
+            src = tmp_path / repo.replace("/", "_")
+            src.mkdir()
+            (src / "config.json").write_text("{}")
+            for f in files:
+                (src / f).write_bytes(b"w" * 2000)
+            up = ("from huggingface_hub import HfApi; a = HfApi(); "
+                  f"a.create_repo({repo!r}, exist_ok=True); a.upload_folder(folder_path={str(src)!r}, repo_id={repo!r})")
+            assert subprocess.run([sys.executable, "-c", up], env=env, capture_output=True,
+                                  text=True, timeout=300).returncode == 0
+        cfg = tmp_path / "recipe.yaml"
+        cfg.write_text("engine: {model: org/both}\nsft: {base_model: org/binonly}\n")
+        p = subprocess.run([sys.executable, "-m", "guidealign", "models", "fetch", "-c", str(cfg)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    hub_dir = Path(env["HF_HOME"]) / "hub"
+    both = {f.name for f in hub_dir.glob("models--org--both/snapshots/*/*")} - {".gitattributes"}
+    only = {f.name for f in hub_dir.glob("models--org--binonly/snapshots/*/*")} - {".gitattributes"}
+    assert both == {"config.json", "model.safetensors"} and only == {"config.json", "pytorch_model.bin"}
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "guidealign", "models", "fetch", "-c", str(cfg)],
+                       cwd=REPO, env=offline, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.count(": cached at ") == 2, p.stdout + p.stderr[-2000:]

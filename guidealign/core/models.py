@@ -250,6 +250,19 @@ def is_hub_id(name: str) -> bool:
 # checkpoints, GGUF, ONNX, TF/Flax) would double the download for nothing.
 _IGNORE = ["*.pth", "original/*", "*.gguf", "onnx/*", "*.onnx", "openvino/*", "*.msgpack", "*.h5",
            "*.ot", "*.tflite", "coreml/*"]
+# PyTorch pickles, left out where the repo has safetensors weights at its root, which vLLM and
+# transformers load first (Llama-2-13b-hf ships both: 26 GB more for nothing); a repo with .bin
+# weights only (vicuna-13b-v1.5) gets them
+_BIN = ["*.bin", "*.bin.index.json"]
+
+
+def _has_root_safetensors(files) -> bool:
+    return any("/" not in str(f) and str(f).endswith(".safetensors") for f in files)
+
+
+def ignore_patterns(files) -> list[str]:
+    """What a download of a repo holding ``files`` (paths in the repo) leaves out."""
+    return _IGNORE + (_BIN if _has_root_safetensors(files) else [])
 
 
 class FetchError(RuntimeError):
@@ -296,11 +309,16 @@ def cached_snapshot(repo_id: str, cache_dir: str | None = None) -> str | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        return snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
-                                 ignore_patterns=_IGNORE)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        return None
+    # complete without the .bin weights, where its safetensors are there; else complete whole
+    for ignore in (_IGNORE + _BIN, _IGNORE):
+        try:
+            path = snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
+                                     ignore_patterns=ignore)
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+            continue
+        if ignore is _IGNORE or _has_root_safetensors(p.name for p in Path(path).iterdir()):
+            return path
+    return None
 
 
 def fetch_models(cfg, *, dry_run: bool = False, cache_dir: str | None = None, echo=print) -> dict:
@@ -334,10 +352,11 @@ def fetch_models(cfg, *, dry_run: bool = False, cache_dir: str | None = None, ec
                 seen[name] = "NOT CACHED"
                 missing.append(f"{key}={name}")
             else:
-                from huggingface_hub import snapshot_download
+                from huggingface_hub import HfApi, snapshot_download
 
                 echo(f"{key}: downloading {name} ...")
-                seen[name] = f"downloaded to {snapshot_download(name, cache_dir=cache_dir, ignore_patterns=_IGNORE)}"
+                ignore = ignore_patterns(HfApi().list_repo_files(name))
+                seen[name] = f"downloaded to {snapshot_download(name, cache_dir=cache_dir, ignore_patterns=ignore)}"
         echo(f"{key}: {name}: {seen[name]}")
     if missing:
         offline = hub_offline()
