@@ -3,7 +3,7 @@
 #
 #   ./run.sh              same as ./run.sh demo
 #   ./run.sh demo         set up (first time), then run the whole pipeline on the embedded
-#                         default models and the sample prompts in data/samples/ (CPU, ~15 min)
+#                         default models and the sample prompts in data/samples/ (CPU, ~6-10 min)
 #   ./run.sh test         set up (first time), then run the test suite (what CI runs)
 #   ./run.sh setup        only create .venv, install, and prepare the embedded models
 #   ./run.sh launch ...   on a GPU node / under SLURM: start one worker per GPU or one

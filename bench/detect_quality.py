@@ -2,7 +2,7 @@
 
     python bench/detect_quality.py                                 # the built-in detect.yaml
     python bench/detect_quality.py --limit 120                     # a fixed, seeded sample
-    git show HEAD:gen/prompts/detect.yaml > /tmp/detect-old.yaml
+    git show HEAD:guidealign/gen/prompts/detect.yaml > /tmp/detect-old.yaml
     python bench/detect_quality.py --prompt-file /tmp/detect-old.yaml --prompt-file builtin --limit 120
 
 Every prompt of Do-Not-Answer (939, all of them should be flagged) and of Vicuna-Bench (80,
@@ -96,7 +96,7 @@ def summarize(dna: list[dict], vic: list[dict]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt-file", action="append", default=[],
-                    help='detect prompt YAML; repeat to compare; "builtin" = gen/prompts/detect.yaml '
+                    help='detect prompt YAML; repeat to compare; "builtin" = guidealign/gen/prompts/detect.yaml '
                          "(the default)")
     ap.add_argument("--limit", type=int, default=0,
                     help="sample this many prompts of each benchmark (seeded; 0 = all)")
