@@ -52,6 +52,13 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
                      c.encoding, c.delimiter, list(c.instruction_inputs),
                      [(str(f.resolve()), st.st_size, st.st_mtime_ns)])
     assert _fingerprint([f.resolve()], c) == v8
+    # a JSON (array/object) file is read by Stop 48's rules (records after leading nulls): once more
+    j = tmp_path / "in.json"
+    j.write_text('[{"prompt": "x"}]')
+    st = j.stat()
+    assert _fingerprint([j.resolve()], c) != fingerprint(
+        "ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows, c.encoding,
+        c.delimiter, list(c.instruction_inputs), [(str(j.resolve()), st.st_size, st.st_mtime_ns)])
 
 
 # --- the LLM judge's seed -------------------------------------------------------------------

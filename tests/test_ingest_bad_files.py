@@ -229,6 +229,27 @@ def test_a_pattern_over_the_run_directory_skips_its_datasets(tmp_path, monkeypat
     assert run_fingerprint(["**/*.parquet"], cfg, "prompts") == read_manifest("prompts")["fingerprint"]
 
 
+def test_a_pattern_over_the_run_directory_skips_its_artifacts_and_records(tmp_path, monkeypatch):
+    """Only manifests and shard markers marked the run's output: the index's rows.parquet (an
+    artifact, `_done.json`; guideline texts under `text`, a prompt alias) was read back in as
+    prompts by ``ingest '**/*.parquet' -w .``, and ``'**/*.json'`` took run.json and push reports."""
+    monkeypatch.chdir(tmp_path)
+    Path("data").mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), "data/x.parquet")
+    Path("data/y.json").write_text(json.dumps([{"prompt": "c"}]))
+    Path("index").mkdir()
+    Path("index/_done.json").write_text("{}")
+    pq.write_table(pa.table({"guideline_id": ["g"], "text": ["Refuse weapons help."]}), "index/rows.parquet")
+    Path("run.json").write_text(json.dumps({"stages": ["ingest"]}))
+    Path("push").mkdir()
+    Path("push/respond.json").write_text(json.dumps({"prompt": "not a prompt"}))
+    Path("_failed").mkdir()
+    Path("_failed/rank-00000.json").write_text(json.dumps({"text": "an error"}))
+    rep = ingest(["**/*.parquet", "**/*.json"], ".", IngestConfig(), progress=False)
+    assert sorted(r["prompt"] for r in _all_rows(".")) == ["a", "b", "c"]
+    assert (rep.files, rep.quarantined) == (2, 0)
+
+
 def test_an_input_inside_the_dataset_being_written_is_an_error(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "q"}) + "\n")

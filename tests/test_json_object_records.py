@@ -96,3 +96,23 @@ def test_ingest_and_eval_row_counts_read_a_json_object_with_the_configured_promp
     rep, prompts, quarantined = _ingest(tmp_path, json.dumps({"turns": TURNS, "query": "q?"}), cfg)
     assert (prompts, quarantined, rep.rows_in) == (["q?"], [], 1)
     assert list(row_weights(tmp_path / "in.json", cfg).values()) == [1]
+
+
+def test_records_after_leading_nulls_in_an_array_of_a_container_are_read(tmp_path):
+    """{"data": [null, {...}, ...]}: the array was taken for one of no records (its first item is
+    no object), so the whole file became one record "missing prompt field", held in memory."""
+    records = [{"prompt": f"p{k}"} for k in range(50)]
+    rep, prompts, quarantined = _ingest(tmp_path, json.dumps({"data": [None, None] + records}))
+    assert sorted(prompts) == sorted(r["prompt"] for r in records) and rep.rows_in == 52
+    assert quarantined == ["array item 1 is a JSON null, not an object",
+                           "array item 2 is a JSON null, not an object"]
+    # an array of nulls only, and a record's own arrays of nulls or numbers, are still no records
+    rep, prompts, quarantined = _ingest(tmp_path, json.dumps({"prompt": "x", "tags": [None], "emb": [0.5]}))
+    assert (prompts, quarantined, rep.rows_in) == (["x"], [], 1)
+
+
+def test_an_object_of_arrays_of_records_beside_the_records_is_said_not_dropped(tmp_path):
+    """{"data": [...], "more": {"inner": [...]}}: "more"'s records were skipped without a word."""
+    text = json.dumps({"data": [{"prompt": "a"}], "more": {"inner": [{"prompt": "b"}]}, "info": {"v": 1}})
+    rep, prompts, quarantined = _ingest(tmp_path, text)
+    assert prompts == ["a"] and len(quarantined) == 1 and 'key "more"' in quarantined[0], quarantined

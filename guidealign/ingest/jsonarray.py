@@ -35,6 +35,7 @@ from guidealign.ingest.rows import Row
 _DEFAULTS = IngestConfig()
 # characters past the '[' of an object's first array of objects read ahead to find its prompt field
 LOOKAHEAD = 16 << 20
+_HOLDS_RECORDS = re.compile(r"\[\s*\{")  # an array of objects somewhere in a value
 
 
 def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_field) -> Iterator[Row]:
@@ -289,7 +290,7 @@ class _JsonItems:
     def _object(self) -> Iterator[Row]:
         self.keep = start = self.pos  # the whole object is one record if it holds no array of records
         self.pos += 1
-        found, record, notes = False, False, []
+        found, record, notes, nested = False, False, [], []
         kinds: dict[str, bool] = {}  # the keys read so far: whether the value is an array
         keys, empty_only = 0, True  # every value so far is an empty array: no sign of a record
         c = self._next()
@@ -311,10 +312,7 @@ class _JsonItems:
             c = self._next()
             kinds[_key_name(key)] = c == "["
             if c == "[" and not record:
-                bracket = self.pos
-                self.pos += 1
-                first = self._next()
-                self.pos = bracket
+                first = self._first_item()
                 if first == "{" and not found and self._one_record(kinds):
                     record, c = True, None  # its arrays are fields of it: values, passed over below
                 elif first == "{":  # an array of objects: records
@@ -334,6 +332,8 @@ class _JsonItems:
                 if end is None:
                     yield from self._broken("cut off")
                     return
+                if c == "{" and not record and _HOLDS_RECORDS.search(self.buf, self.pos, end):
+                    nested.append(key)  # {"splits": {"train": [{...}]}}: said, if not one record
                 self.pos = end
                 c = self.buf[end]
             if c == ",":
@@ -353,7 +353,33 @@ class _JsonItems:
             for key in notes:
                 yield 0, None, (f"the value of key {key} is an array that does not hold objects: not "
                                 "read (records are JSON objects)")
+            for key in nested:
+                yield 0, None, (f"the value of key {key} is an object holding arrays of records: not "
+                                "read (records are read from arrays at the top or one level down; "
+                                "give that array as a file of its own)")
         yield from self._tail(record=one)  # kept whole from the file's start: nothing dropped
+
+    def _first_item(self) -> str | None:
+        """The first character of the first item that is not ``null`` of the array whose '[' is at
+        ``pos`` ("n" when it holds nulls only; None at the end of the file): leading nulls are
+        placeholders (scraped dumps), and the array still holds records. ``pos`` stays."""
+        at, nulls = self.pos, 0
+        try:
+            self.pos += 1
+            while True:
+                c = self._next()
+                while c == "n" and len(self.buf) < self.pos + 4 and self._more():
+                    pass
+                if c != "n" or not self.buf.startswith("null", self.pos):
+                    return "n" if nulls and c == "]" else c
+                nulls += 1
+                self.pos += 4
+                c = self._next()
+                if c != ",":
+                    return "n"  # nulls only, or not JSON: an array of no records
+                self.pos += 1
+        finally:
+            self.pos = at
 
     def _one_record(self, kinds: dict[str, bool]) -> bool:
         """At the first array of objects (at ``pos``) of the object being read, with ``kinds`` its

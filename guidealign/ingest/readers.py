@@ -87,9 +87,16 @@ def _literal_dirs(pattern: str) -> str:
     return pattern
 
 
+# what a run writes beside its datasets, directly under WORKDIR: its record, push reports, the
+# ranks' markers and heartbeats (_failed/, _ranks/, ...) and artifacts being built (.index.tmp-*)
+_RUN_FILES = ("run.json", "push")
+
+
 def _in_run_datasets(dataset: Path):
-    """A test: does a path lie in ``dataset`` or (not only_dataset) in another dataset directory
-    of its run directory (under WORKDIR, a directory holding a manifest or shard markers)?"""
+    """A test: does a path lie in ``dataset`` or (not only_dataset) in another output of its run
+    directory (under WORKDIR, a directory holding a manifest, shard markers or an artifact's
+    ``_done.json`` (the index's rows.parquet holds guideline texts under ``text``, a prompt
+    alias), or one of the run's own files: run.json, push/, _failed/, ...)?"""
     from guidealign.shards.manifest import MANIFEST
 
     ds = dataset.resolve()
@@ -98,7 +105,8 @@ def _in_run_datasets(dataset: Path):
 
     def is_dataset(d: Path) -> bool:
         if d not in seen:
-            seen[d] = (d / MANIFEST).is_file() or next(d.glob("shard-*.done.json"), None) is not None
+            seen[d] = ((d / MANIFEST).is_file() or (d / "_done.json").is_file()
+                       or next(d.glob("shard-*.done.json"), None) is not None)
         return seen[d]
 
     def inside(p: Path, only_dataset: bool = False) -> bool:
@@ -107,6 +115,9 @@ def _in_run_datasets(dataset: Path):
             return True
         if only_dataset or workdir not in r.parents:
             return False
+        top = r.relative_to(workdir).parts[0]
+        if top in _RUN_FILES or top.startswith(("_", ".")):
+            return True
         d = r if r.is_dir() else r.parent
         while d != workdir:
             if is_dataset(d):

@@ -34,7 +34,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
-from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
+from guidealign.ingest.encodings import EncodingError, inner_suffix, open_utf8, read_error
 from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, hex_ids, prompt_keys,
                                     prompt_value, rows_batch)
 from guidealign.ingest.commit import Pending, ShardWriter
@@ -308,8 +308,13 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
              + (() if str(p) == str(p.resolve()) else (str(p),)) + _inner_stats(p) for p in files]
     # v8: an instruction's input (ingest.instruction_inputs) is part of its prompt; shards
     # without one come out the same, so only inputs with instruction + input change downstream
+    # JSON (not JSON Lines) files since Stop 48: records after leading nulls in an array ({"data":
+    # [null, {...}, ...]}) are read, and an object holding arrays of records is said; runs
+    # without a .json input keep their fingerprint
+    json_v2 = ["json-array-v2"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
-                       cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats)
+                       cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
+                       *json_v2)
 
 
 def _inner_stats(p: Path) -> tuple:
