@@ -315,6 +315,15 @@ def test_detect_fingerprint_ignores_the_keys_its_mode_does_not_read(generator_pa
     assert fp("detect.mode=score", "detect.sampling.temperature=0", "detect.structured=true",
               "detect.seed_per_prompt=false") == score
     assert fp("detect.mode=score", "detect.score_threshold=0.3") != score
+    # a threshold file replaces score_threshold: its value counts, the unread key does not
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"threshold": 0.42}, f)
+    with_file = fp("detect.mode=score", f"detect.threshold_file={f.name}")
+    assert with_file != score
+    assert fp("detect.mode=score", f"detect.threshold_file={f.name}", "detect.score_threshold=0.9") == with_file
     # score mode reads max_tokens: the room a prompt leaves (exemplars that fit, where an input is cut)
     assert fp("detect.mode=score", "detect.sampling.max_tokens=9") != score
     # greedy: per-prompt seeds change nothing; sampled, they count
@@ -390,3 +399,32 @@ def test_safety_prompt_cuts_the_detection_turn_before_the_input(generator_path, 
         text = tok.decode(b.token_ids)
         assert "Verdict: Yes" in text and "FINAL" in text  # each slot keeps its end
         assert ("word0 " in text) is not input_cut
+
+
+@pytest.mark.parametrize("header", ["chatml", "llama3"])
+def test_a_cut_slot_keeps_the_separator_after_the_role_header(generator_path, tok, header, tmp_path):
+    """pieces() moves the whitespace after a role header into the slot that opens the message;
+    a cut from the slot's start removed it first ("<|im_start|>user" then the text at once;
+    Llama 3's "\n\n" after its header), a format the model never saw."""
+    from transformers import AutoTokenizer
+
+    from guidealign.gen.detect import DetectPrompts
+
+    spec = yaml.safe_load(builtin_prompt_path("detect.yaml").read_text())
+    spec["user"] = "{input}"  # the input opens the user message
+    f = tmp_path / "detect.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    tok = AutoTokenizer.from_pretrained(generator_path)
+    sep, head = "\n", "<|im_start|>user"
+    if header == "llama3":  # a header ending in "\n\n", as Llama 3's
+        tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>\n\n{{ m['content'] }}"
+                             "<|endoftext|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant"
+                             "<|im_end|>\n\n{% endif %}")
+        sep, head = "\n\n", "<|im_start|>user<|im_end|>"
+    cfg = make_cfg(generator_path, "detect.max_exemplars=0", "detect.sampling.max_tokens=100",
+                   "detect.align_prefix=false", f"detect.prompt_file={f}")
+    p = DetectPrompts(cfg, tok, max_model_len=700)
+    b = p.build("START " + "word " * 600 + "the END?")
+    assert b.truncated
+    text = tok.decode(b.token_ids)
+    assert head + sep + " word" in text and "the END?" in text and "START" not in text, text[-400:]

@@ -239,3 +239,19 @@ def test_detect_counts_an_engine_error_as_an_error_not_as_unparsed(generator_pat
     out, _, stats = fn(pa.table({"id": ["a", "b", "c"], "prompt": ["Bake bread?", "gibberish", "boom"]}), 0)
     assert out.column("finish_reason").to_pylist() == ["stop", "stop", "error"]
     assert (stats["errors"], stats["unparsed"], stats["skipped"], stats["yield_rows_parsed"]) == (1, 1, 0, 1)
+
+
+def test_example_conversations_that_leave_no_room_fail_respond_before_any_shard(generator_path, tok):
+    """The fixed part of respond's prompt (system message and 2 example conversations, ~515
+    tokens) over max_model_len - max_tokens: every row was quarantined as "no room for any
+    guideline" and empty shards were committed."""
+    from guidealign.gen.build import TemplateError
+    from guidealign.gen.respond import make_respond_fn
+
+    cfg = small_gen_cfg(generator_path, "engine.max_model_len=1024", "respond.sampling.max_tokens=512",
+                        "respond.num_exemplars=2")
+    with pytest.raises(TemplateError, match="num_exemplars=2"):
+        make_respond_fn(cfg, FakeLLM(tok, lambda p: ("ok", "stop")), guided=True, model_name="m")
+    ok = small_gen_cfg(generator_path, "engine.max_model_len=2048", "respond.sampling.max_tokens=512",
+                       "respond.num_exemplars=2")
+    make_respond_fn(ok, FakeLLM(tok, lambda p: ("ok", "stop")), guided=True, model_name="m")

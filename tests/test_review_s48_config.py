@@ -30,7 +30,8 @@ def test_a_list_as_a_key_and_a_key_given_twice_are_config_errors_naming_the_file
 
 @pytest.mark.parametrize("override", ["sft.learning_rate=0755", "sft.learning_rate=1_0",
                                       "sft.learning_rate=inf", "sft.epochs=.inf",
-                                      "sft.warmup_ratio=1", "detect.max_exemplars= "])
+                                      "sft.warmup_ratio=1", "detect.max_exemplars= ",
+                                      "augment.rouge_threshold=1"])  # 1 kept exact duplicates: two rows of one id
 def test_numbers_the_loader_does_not_read_as_numbers_are_refused(override):
     """float() took '0755' as 755.0, '1_0' as 10.0 and 'inf' as infinity; an infinite epoch
     count passed; warmup 1 was called in range; a blank value meant "all exemplars"."""

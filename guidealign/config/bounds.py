@@ -35,7 +35,7 @@ RANGES = (
     ("library.min_cosine", -1, 1, True),
     ("library.heldout_fraction", 0, 1, False),
     ("retrieve.dedup_ratio", 0, 1, True),
-    ("augment.rouge_threshold", 0, 1, True),
+    ("augment.rouge_threshold", 0, 1, False),  # 1 keeps exact duplicates (ROUGE-L 1)
     ("detect.score_threshold", 0, 1, True),
     ("sft.lora_dropout", 0, 1, False),
     # passed as transformers' warmup_steps, which reads a value >= 1 as a number of steps

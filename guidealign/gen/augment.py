@@ -201,15 +201,15 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
     """Generate this rank's risk types into WORKDIR/augment; returns a StageReport."""
     from tqdm import tqdm
 
-    from guidealign.gen.engine import (build_llm, check_not_all_failed, params_for, prefix_cache_counters,
-                                       request_probe)
+    from guidealign.gen.engine import (AllPromptsFailed, build_llm, check_not_all_failed, params_for,
+                                       prefix_cache_counters, request_probe)
     from guidealign.gen.outputs import load_tokenizer
     from guidealign.shards.write import retire_shards_from
     from guidealign.shards import StageReport, fingerprint, is_done, my_shards, write_manifest, write_shard
 
     a = cfg.augment
-    if not 0 <= a.rouge_threshold <= 1:
-        raise ValueError("augment.rouge_threshold must be in [0, 1]")
+    if not 0 <= a.rouge_threshold < 1:  # 1 would keep exact duplicates (ROUGE-L 1): two rows of one id
+        raise ValueError("augment.rouge_threshold must be in [0, 1)")
     types, _ = load_risk_types(cfg)
     spec, _ = load_prompt_file(a.prompt_file, "augment.yaml", ("system", "user"))
     dst = Path(workdir) / "augment"
@@ -286,6 +286,13 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
                                              examples=examples, n=str(a.new_per_request)))]
                 builts.append(builder.build(msgs, a.sampling.max_tokens))
                 owners.append((st, f"{st.name}:{st.rounds}:{j}"))
+        if builts and all(b.skipped for b in builts):
+            # augment's prompts hold no user text: none fitting is the config's fault (max_tokens,
+            # max_model_len, examples_per_request), and each type would be committed with its
+            # seeds alone after max_rounds
+            raise AllPromptsFailed(f"augment: no request of the round fits ({builts[0].skip_reason}); "
+                                   "lower augment.sampling.max_tokens or augment.examples_per_request, or "
+                                   "raise engine.max_model_len; nothing is committed")
         params = params_for(a.sampling, cfg.engine.seed, [k for _, k in owners], True, llm)
         gens = generate_built(llm, builts, params)
         # every request of the round failing is a fault of the run: no type is committed with

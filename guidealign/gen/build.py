@@ -320,9 +320,13 @@ class PromptBuilder:
                     break
                 if not pieces[i][1][0].truncatable:
                     continue
-                cut = min(excess, max(0, len(ids) - self.min_keep_tokens))
+                # a slot opening its message holds the whitespace the template puts after the
+                # role header (pieces() moved it in: "\n" after ChatML's "<|im_start|>user", "\n\n"
+                # after Llama 3's header): its leading whitespace-only tokens stay
+                lead = self._leading_space(ids)
+                cut = min(excess, max(0, len(ids) - lead - self.min_keep_tokens))
                 if cut > 0:
-                    slot_ids[i] = ids[cut:]  # keep the end
+                    slot_ids[i] = ids[:lead] + ids[lead + cut:]  # keep the end
                     excess -= cut
                     truncated = True
                     notes.append(f"slot cut from {len(ids)} to {len(ids) - cut} tokens")
@@ -333,6 +337,13 @@ class PromptBuilder:
         for i, (k, v) in enumerate(pieces):
             ids.extend(v if k == "ids" else slot_ids[i])
         return Built(ids, len(ids), truncated=truncated, notes=notes)
+
+    def _leading_space(self, ids: list[int]) -> int:
+        """How many of ``ids``' first tokens decode to whitespace only."""
+        n = 0
+        while n < len(ids) and n < 8 and not self.tok.decode(ids[n:n + 1]).strip():
+            n += 1
+        return n
 
     def fit_exemplars(self, make_messages, n_available: int, max_tokens: int, reserve: int,
                       limit: int | None, what: str) -> int:

@@ -138,7 +138,8 @@ def config_fingerprint(cfg, tok) -> str:
     # with the defaults keeps the fingerprint it had when every key counted (greedy: seeds
     # change nothing)
     if d.mode == "score":
-        unread = ("structured", "seed_per_prompt", "sampling")
+        # a threshold file replaces score_threshold (its value counts, above)
+        unread = ("structured", "seed_per_prompt", "sampling") + (("score_threshold",) if d.threshold_file else ())
     else:
         unread = ("score_threshold",) + (("seed_per_prompt",) if d.sampling.temperature == 0 else ())
     # files count by what they hold (the threshold above, the prompt file's spec_hash), not where

@@ -304,17 +304,23 @@ def make_respond_fn(cfg, llm, *, guided: bool, model_name: str):
 
 def _probe_template(tok, rcfg: RespondConfig, guided: bool, budget: int, ecfg) -> None:
     """A chat template that cannot render this stage's chat at all (one that refuses a system
-    turn, as Gemma's and some Mistral templates do) is the config's fault: raise it before the
-    first shard, instead of quarantining every row as its own and committing empty shards."""
+    turn, as Gemma's and some Mistral templates do), or a fixed part (system message, example
+    conversations) that leaves a short prompt no room, is the config's fault: raise it before
+    the first shard, instead of quarantining every row as its own and committing empty shards."""
     from guidealign.gen.build import TemplateError
 
     try:
-        prepare_prompt(tok, rcfg, "Hello.", ["probe"] if guided else [], ["Be helpful."] if guided else [],
-                       budget, ecfg.overlong)
+        p = prepare_prompt(tok, rcfg, "Hello.", ["probe"] if guided else [], ["Be helpful."] if guided else [],
+                           budget, ecfg.overlong)
     except Exception as e:  # noqa: BLE001 - whatever the template raises
         raise TemplateError(f"respond: the chat template cannot render a respond prompt ({type(e).__name__}: "
                             f"{e}); the guidelines go in a system turn: use a template that takes one "
                             "(engine.chat_template, or respond.engine.chat_template for the responder)") from e
+    if p.ids is None:  # the fixed part (system message, exemplars) leaves no room: every row would go
+        raise TemplateError(f"respond: even a one-word prompt{' with one short guideline' if guided else ''} "
+                            f"does not fit ({p.note}): the system message and respond.num_exemplars="
+                            f"{rcfg.num_exemplars} example conversations leave too little of max_model_len - "
+                            f"respond.sampling.max_tokens ({budget} tokens); lower them, or raise max_model_len")
 
 
 def respond_fingerprint(cfg, guided: bool, llm=None) -> str:
