@@ -370,7 +370,7 @@ def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None,
     if stages is None or "sft" in stages:
         rows += guarded("SFT trainer", "sft", "", lambda: sft_rows(cfg))
     rows += guarded("disk", "run directory", "", lambda: [disk_row(cfg, workdir, sft_info)])
-    rows += guarded("settings", "inputs, push and executor", "", lambda: other_rows(cfg, stages))
+    rows += guarded("settings", "inputs, push and executor", "", lambda: other_rows(cfg, stages, workdir))
     return rows
 
 

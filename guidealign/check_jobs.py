@@ -69,13 +69,14 @@ def sft_rows(cfg) -> list[Row]:
     return rows
 
 
-def _input_files(pattern: str) -> tuple[list[Path], str]:
+def _input_files(pattern: str, dataset: Path | None = None) -> tuple[list[Path], str]:
     """(the files ingest reads for an input, why none): ingest's own expansion (``**``
-    patterns, a name like ``data[1].jsonl`` that exists as written)."""
+    patterns, a name like ``data[1].jsonl`` that exists as written; with ``dataset``, the
+    dataset it writes under WORKDIR, less what lies in the run's own output)."""
     from guidealign.ingest.readers import IngestError, expand_inputs
 
     try:
-        files = [f for f in expand_inputs([pattern]) if f.exists()]  # a plain name is taken as given
+        files = [f for f in expand_inputs([pattern], dataset) if f.exists()]  # a plain name is taken as given
     except IngestError as e:
         return [], str(e).removeprefix(f"{pattern}: ")
     return files, "" if files else "matches no file here"
@@ -101,9 +102,10 @@ def disk_row(cfg, workdir: str | None, sft: ModelInfo | None) -> Row:
     return Row("disk", "run directory", OK if need < free else FAIL, detail)
 
 
-def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
+def other_rows(cfg, stages: list[str] | None = None, workdir: str | None = None) -> list[Row]:
     """Inputs, the Hub token and the executor; with ``stages``, the token only when push runs
-    and Ray's engine resources only for the engine stages among them."""
+    and Ray's engine resources only for the engine stages among them; with ``workdir``, inputs
+    are counted as ingest counts them there (the run's own output left out)."""
     def runs(stage: str) -> bool:
         return stages is None or stage in stages
 
@@ -114,8 +116,9 @@ def other_rows(cfg, stages: list[str] | None = None) -> list[Row]:
     # stop on it after the check); `guidealign check` alone only warns (e.g. on a login node)
     missing = FAIL if stages is not None and "ingest" in stages else WARN
     for key, pats in (("inputs", cfg.inputs or cfg.ingest.inputs), ("inputs_sft", cfg.inputs_sft)):
+        dataset = Path(workdir) / ("prompts" if key == "inputs" else "prompts-sft") if workdir else None
         for pat in pats:
-            files, why = _input_files(pat)
+            files, why = _input_files(pat, dataset)
             where = "" if os.path.isabs(pat) else f" (relative paths are read from {os.getcwd()})"
             rows.append(Row("inputs", f"{key}: {pat}", OK if files else missing,
                             f"{len(files)} file(s)" if files else why + where))

@@ -532,4 +532,11 @@ def test_a_heading_over_the_whole_list_or_over_several_items_titles_none():
     assert [g["title"] for g in parse_guidelines(one_plain)[0]] == ["", ""]
     mixed = ("## Safety\n- Never share a person's address.\n- Do not guess identities.\n"
              "## Quality\n- Clarity: Write short sentences.\n## Tone\n- Stay polite with everyone.")
-    assert [g["title"] for g in parse_guidelines(mixed)[0]] == ["", "", "Clarity", "Tone"]
+    # sections of several items are categories: no section titles its item, so a list is titled
+    # one way ("## Tone" alone would title its one item, "## Safety" not its two)
+    assert [g["title"] for g in parse_guidelines(mixed)[0]] == ["", "", "Clarity", ""]
+    # headings that give the list's structure name no rule
+    for text in ("**Do:**\n- Cite sources.\n**Don't:**\n- Guess facts.",
+                 "## 1\n- Cite sources.\n## 2\n- Never guess facts.",
+                 "**Example:**\n- Show a worked sum.\n**Why:**\n- It teaches the method."):
+        assert [g["title"] for g in parse_guidelines(text)[0]] == ["", ""], text

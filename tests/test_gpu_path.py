@@ -444,10 +444,11 @@ def test_models_fetch_leaves_out_pytorch_weights_where_safetensors_are_there(tmp
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
         env.pop("HF_HUB_CACHE", None)
-        for repo, files in (("org/both", ("model.safetensors", "pytorch_model.bin")),
+        # a sentence-transformers module keeps its own weights in a subfolder, .bin only: kept
+        for repo, files in (("org/both", ("model.safetensors", "pytorch_model.bin", "2_Dense/pytorch_model.bin")),
                             ("org/binonly", ("pytorch_model.bin",))):
             src = tmp_path / repo.replace("/", "_")
-            src.mkdir()
+            (src / "2_Dense").mkdir(parents=True)
             (src / "config.json").write_text("{}")
             for f in files:
                 (src / f).write_bytes(b"w" * 2000)
@@ -461,9 +462,12 @@ def test_models_fetch_leaves_out_pytorch_weights_where_safetensors_are_there(tmp
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
     hub_dir = Path(env["HF_HOME"]) / "hub"
-    both = {f.name for f in hub_dir.glob("models--org--both/snapshots/*/*")} - {".gitattributes"}
-    only = {f.name for f in hub_dir.glob("models--org--binonly/snapshots/*/*")} - {".gitattributes"}
-    assert both == {"config.json", "model.safetensors"} and only == {"config.json", "pytorch_model.bin"}
+    def names(repo):
+        snap = next(hub_dir.glob(f"models--org--{repo}/snapshots/*"))
+        return {p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()} - {".gitattributes"}
+
+    assert names("both") == {"config.json", "model.safetensors", "2_Dense/pytorch_model.bin"}
+    assert names("binonly") == {"config.json", "pytorch_model.bin"}
     offline = {**env, "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "guidealign", "models", "fetch", "-c", str(cfg)],
                        cwd=REPO, env=offline, capture_output=True, text=True, timeout=300)

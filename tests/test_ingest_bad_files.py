@@ -20,7 +20,7 @@ from guidealign.ingest.batch import Spec, arrow_batches, rows_batch
 from guidealign.ingest.arrowfiles import _rows_of, iter_parquet_tables
 from guidealign.ingest.readers import IngestError
 from guidealign.ingest.run import KILL_AFTER_ENV, IngestConfig, _fingerprint, ingest, run_fingerprint
-from guidealign.shards import fingerprint, read_manifest, read_quarantine
+from guidealign.shards import fingerprint, iter_tables, read_manifest, read_quarantine
 
 SPEC = Spec("prompt", (), 100_000, "hashlib")
 
@@ -248,6 +248,13 @@ def test_a_pattern_over_the_run_directory_skips_its_artifacts_and_records(tmp_pa
     rep = ingest(["**/*.parquet", "**/*.json"], ".", IngestConfig(), progress=False)
     assert sorted(r["prompt"] for r in _all_rows(".")) == ["a", "b", "c"]
     assert (rep.files, rep.quarantined) == (2, 0)
+    # a user's own folders whose names start with _ or . are input, not the run's output
+    for d in ("_data", ".hidden"):
+        Path(d).mkdir()
+        Path(d, "z.jsonl").write_text(json.dumps({"prompt": f"from {d}"}) + "\n")
+    rep = ingest(["_data/*.jsonl", ".hidden/*.jsonl"], ".", IngestConfig(), progress=False, dataset="own")
+    assert sorted(r["prompt"] for t in iter_tables(Path("own")) for r in t.to_pylist()) == \
+        ["from .hidden", "from _data"]
 
 
 def test_an_input_inside_the_dataset_being_written_is_an_error(tmp_path):

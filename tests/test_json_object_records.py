@@ -113,6 +113,8 @@ def test_records_after_leading_nulls_in_an_array_of_a_container_are_read(tmp_pat
 
 def test_an_object_of_arrays_of_records_beside_the_records_is_said_not_dropped(tmp_path):
     """{"data": [...], "more": {"inner": [...]}}: "more"'s records were skipped without a word."""
-    text = json.dumps({"data": [{"prompt": "a"}], "more": {"inner": [{"prompt": "b"}]}, "info": {"v": 1}})
+    text = json.dumps({"data": [{"prompt": "a"}], "more": {"inner": [{"prompt": "b"}]}, "info": {"v": 1},
+                       # a schema that names the field in an array of objects holds no records
+                       "features": {"columns": [{"name": "prompt", "dtype": "string"}]}})
     rep, prompts, quarantined = _ingest(tmp_path, text)
     assert prompts == ["a"] and len(quarantined) == 1 and 'key "more"' in quarantined[0], quarantined

@@ -40,9 +40,11 @@ def test_numbers_the_loader_does_not_read_as_numbers_are_refused(override):
 
 
 @pytest.mark.parametrize("override", ["sft.learning_rate='1e-4'", "sft.learning_rate=2e-5",
-                                      "executor.stall_timeout_s=.inf", "sft.warmup_ratio=0.99"])
+                                      "executor.stall_timeout_s=.inf", "engine.start_timeout_s='.inf'",
+                                      "sft.warmup_ratio=0.99", "sft.num_processes=AUTO",
+                                      "sft.num_processes='4'"])
 def test_numbers_as_written_still_load(override):
-    load_config(None, [override])
+    load_config(None, [override])  # a quoted '.inf' was a ValueError traceback; AUTO and '4' the launcher takes
 
 
 def test_finish_reasons_and_process_counts_are_checked_at_load():

@@ -171,13 +171,16 @@ def _coerce(tp, value, where: str):
         return float(value)
     if tp is float and isinstance(value, str) and (INT_TEXT.match(value.strip())
                                                   or FLOAT_TEXT.match(value.strip())):
-        return float(value)  # a number quoted ("1e-4"); not "0755", "1_0" or "inf" (refused below)
+        # a number quoted ("1e-4", ".inf"); not "0755", "1_0" or "inf" (refused below)
+        return float(value.strip().lower().replace(".inf", "inf").replace(".nan", "nan"))
     if tp is int and _is(value, float) and value.is_integer():
         return int(value)
     if tp is str and _is(value, int):
         return str(value)
     if tp in _SCALARS and not _is(value, tp):
         hint = " (quote it to mean the text)" if tp is str else ""
+        if tp is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "infinity"):
+            hint = " (YAML writes infinity .inf)"
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}{hint}")
     return value
 

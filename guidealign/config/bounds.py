@@ -77,8 +77,11 @@ def _why(key: str, v) -> str | None:
         return "a number (not NaN)"
     if isinstance(v, float) and math.isinf(v) and not key.endswith("_s"):  # seconds: inf = no limit
         return "a finite number"
-    if key == "sft.num_processes":
-        return None if v == "auto" or (isinstance(v, int) and v >= 1) else ">= 1 or auto"
+    if key == "sft.num_processes":  # as the launcher reads it: "auto" in any case, or a count
+        text = v.strip().lower() if isinstance(v, str) else v
+        ok = text == "auto" or (isinstance(text, int) and text >= 1) or (isinstance(text, str) and text.isdigit()
+                                                                         and int(text) >= 1)
+        return None if ok else ">= 1 or auto"
     if key in COUNTS and v < 1:
         return "a count, >= 1"
     for k, lo, hi, hi_ok in RANGES:

@@ -250,14 +250,19 @@ def is_hub_id(name: str) -> bool:
 # checkpoints, GGUF, ONNX, TF/Flax) would double the download for nothing.
 _IGNORE = ["*.pth", "original/*", "*.gguf", "onnx/*", "*.onnx", "openvino/*", "*.msgpack", "*.h5",
            "*.ot", "*.tflite", "coreml/*"]
-# PyTorch pickles, left out where the repo has safetensors weights at its root, which vLLM and
-# transformers load first (Llama-2-13b-hf ships both: 26 GB more for nothing); a repo with .bin
-# weights only (vicuna-13b-v1.5) gets them
-_BIN = ["*.bin", "*.bin.index.json"]
+# PyTorch pickles of the model's weights at the repo's root, left out where the repo has
+# safetensors weights there, which vLLM and transformers load first (Llama-2-13b-hf ships both:
+# 26 GB more for nothing); a repo with .bin weights only (vicuna-13b-v1.5) gets them. The
+# patterns match root names only (a pattern's * matches "/" too: "*.bin" took a
+# sentence-transformers module's own 2_Dense/pytorch_model.bin as well)
+_BIN = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 
 
 def _has_root_safetensors(files) -> bool:
-    return any("/" not in str(f) and str(f).endswith(".safetensors") for f in files)
+    """HF-format safetensors weights at the root (not Mistral's consolidated.safetensors, which
+    stands beside HF weights that may be .bin only)."""
+    return any("/" not in str(f) and str(f).endswith(".safetensors") and not str(f).startswith("consolidated")
+               for f in files)
 
 
 def ignore_patterns(files) -> list[str]:

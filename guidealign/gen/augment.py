@@ -286,10 +286,11 @@ def run_augment(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, p
                                              examples=examples, n=str(a.new_per_request)))]
                 builts.append(builder.build(msgs, a.sampling.max_tokens))
                 owners.append((st, f"{st.name}:{st.rounds}:{j}"))
-        if builts and all(b.skipped for b in builts):
-            # augment's prompts hold no user text: none fitting is the config's fault (max_tokens,
-            # max_model_len, examples_per_request), and each type would be committed with its
-            # seeds alone after max_rounds
+        if builts and all(b.skipped for b in builts) and all(st.rounds == 0 for st, _ in owners):
+            # a first round's prompts hold only seeds: none fitting is the config's fault
+            # (max_tokens, max_model_len, examples_per_request), and each type would be committed
+            # with its seeds alone after max_rounds (later rounds show generated questions, up
+            # to augment.max_chars each: those that do not fit are skipped, as before)
             raise AllPromptsFailed(f"augment: no request of the round fits ({builts[0].skip_reason}); "
                                    "lower augment.sampling.max_tokens or augment.examples_per_request, or "
                                    "raise engine.max_model_len; nothing is committed")

@@ -139,12 +139,18 @@ def _marker_number(m: re.Match) -> int | None:
     return int(n.group()) if n else None
 
 
+_NOT_SECTIONS = {"do", "don't", "dont", "do not", "avoid", "example", "examples", "why", "note", "notes",
+                 "important", "tip", "tips", "summary", "conclusion", "warning", "caution", "reason"}
+
+
 def _section_title(head: str) -> str | None:
     """A heading or bold line that can title the list items under it ("## Privacy"), or None:
     it has text of its own, names the list itself ("## Guidelines") or is not a title."""
     title = _strip_md(head).rstrip(":").strip()
     if not title or not _title_only([head]) or _NAMES_LIST.search(title) or all(_split_title(head)):
         return None
+    if not any(c.isalpha() for c in title) or title.lower().rstrip(".!") in _NOT_SECTIONS:
+        return None  # "## 1", "**Do:**", "**Example:**": the list's structure, not a rule's name
     return title
 
 
@@ -177,7 +183,8 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     unindented right after the last item's own finished sentence when no earlier item goes on
     that way) is ignored, a heading or bold line that introduces a numbered or bulleted list
     included; a title-only heading or bold line over exactly one untitled item is its title
-    ("## Privacy" then "- Never share ..."), when the list has two or more such sections.
+    ("## Privacy" then "- Never share ..."), when the list has two or more sections and each
+    holds one item (not "## 1", "**Do:**", "**Example:**").
     After 2 numbered items, a heading or bold line ends the list too, and once a
     note or a paragraph ended it, only the next number goes on with it. A JSON list of
     {title, text} is read as JSON; only the model's own turn is read, and what comes before
@@ -285,8 +292,10 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     if not items:
         return _title_lines(text)
     under = Counter(sections.get(id(it)) for it in items)
-    if len(set(under) - {None}) < 2:
-        under = Counter()  # one heading over the whole list introduces it; it names no item
+    if len(set(under) - {None}) < 2 or any(n != 1 for sec, n in under.items() if sec is not None):
+        # one heading over the whole list introduces it, and headings over several items each
+        # are categories: none names an item (all or none, so one list is titled one way)
+        under = Counter()
     for it in items:
         head, *cont = it
         title, body = _split_title(head)

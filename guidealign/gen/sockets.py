@@ -28,14 +28,8 @@ _SOCKET_NAME = 37
 _RANDOM, _PID = 8, 7
 
 
-def _max_path() -> int:
-    """The longest IPC path ZMQ binds (sizeof(sockaddr_un.sun_path) - 1: 107 on Linux)."""
-    try:
-        import zmq
-
-        return int(getattr(zmq, "IPC_PATH_MAX_LEN", 107) or 107)
-    except ImportError:
-        return 107
+# the longest IPC path ZMQ binds: sizeof(sockaddr_un.sun_path) - 1 on Linux (zmq.IPC_PATH_MAX_LEN)
+_MAX_PATH = 107
 
 
 def _host() -> str:
@@ -56,7 +50,7 @@ def _old_name_prefix() -> str:
 def socket_base() -> Path | None:
     """The first of the temp directory, /tmp and /dev/shm where this process's socket directory
     leaves room for vLLM's socket names (a job's TMPDIR can be long), or None."""
-    room = _max_path() - _SOCKET_NAME - len(_name_prefix()) - _PID - 1 - _RANDOM - 1
+    room = _MAX_PATH - _SOCKET_NAME - len(_name_prefix()) - _PID - 1 - _RANDOM - 1
     for base in (tempfile.gettempdir(), "/tmp", "/dev/shm"):
         if len(base) <= room and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
             return Path(base)

@@ -68,6 +68,8 @@ class _JsonItems:
     def __init__(self, stream, enc: str, field: str = _DEFAULTS.prompt_field):
         self.stream, self.enc = stream, enc
         self.field = field
+        # the prompt field as a key somewhere in a value: its records, not a schema naming it
+        self._field_key = re.compile(r'"\s*' + re.escape(field.strip()) + r'\s*"\s*:', re.IGNORECASE)
         self.dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         self.buf, self.pos, self.keep, self.eof = "", 0, None, False
         self.dirty = False  # the buffer holds bytes that are not UTF-8
@@ -332,7 +334,8 @@ class _JsonItems:
                 if end is None:
                     yield from self._broken("cut off")
                     return
-                if c == "{" and not record and _HOLDS_RECORDS.search(self.buf, self.pos, end):
+                if (c == "{" and not record and _HOLDS_RECORDS.search(self.buf, self.pos, end)
+                        and self._field_key.search(self.buf, self.pos, end)):
                     nested.append(key)  # {"splits": {"train": [{...}]}}: said, if not one record
                 self.pos = end
                 c = self.buf[end]

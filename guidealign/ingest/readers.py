@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -88,15 +89,18 @@ def _literal_dirs(pattern: str) -> str:
 
 
 # what a run writes beside its datasets, directly under WORKDIR: its record, push reports, the
-# ranks' markers and heartbeats (_failed/, _ranks/, ...) and artifacts being built (.index.tmp-*)
-_RUN_FILES = ("run.json", "push")
+# ranks' failure markers and heartbeats; and artifacts being built or replaced (.index.tmp-*,
+# .library.old-*)
+_RUN_FILES = ("run.json", "push", "_failed", "_ranks")
+_RUN_HIDDEN = re.compile(r"^\.[\w-]+\.(?:tmp|old)-")
 
 
 def _in_run_datasets(dataset: Path):
     """A test: does a path lie in ``dataset`` or (not only_dataset) in another output of its run
     directory (under WORKDIR, a directory holding a manifest, shard markers or an artifact's
     ``_done.json`` (the index's rows.parquet holds guideline texts under ``text``, a prompt
-    alias), or one of the run's own files: run.json, push/, _failed/, ...)?"""
+    alias), or one of the run's own files: run.json, push/, _failed/, _ranks/, an artifact
+    being built)?"""
     from guidealign.shards.manifest import MANIFEST
 
     ds = dataset.resolve()
@@ -116,7 +120,7 @@ def _in_run_datasets(dataset: Path):
         if only_dataset or workdir not in r.parents:
             return False
         top = r.relative_to(workdir).parts[0]
-        if top in _RUN_FILES or top.startswith(("_", ".")):
+        if top in _RUN_FILES or _RUN_HIDDEN.match(top):
             return True
         d = r if r.is_dir() else r.parent
         while d != workdir:
