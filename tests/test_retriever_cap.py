@@ -60,6 +60,9 @@ def test_auto_cap_turns_an_epoch_of_one_pair_batches_into_real_batches():
         s = no_false_negatives_sampler(pos)(Dataset.from_dict({"anchor": a, "positive": p}),
                                             batch_size=64, drop_last=False, seed=0)
         sizes[cap] = np.array([len(b) for b in s._pass(0)])
+        # the README's figures (`pytest -s tests/test_retriever_cap.py -k one_pair_batches`)
+        print(f"cap {cap}: {len(keep) / len(pids):.2f} of the pairs kept, {len(sizes[cap])} batches, "
+              f"median {np.median(sizes[cap]):g} pairs, {(sizes[cap] == 1).mean():.2f} of one pair")
     assert np.median(sizes[0]) <= 2 and (sizes[0] == 1).mean() > 0.3  # the problem, measured
     assert np.median(sizes["auto"]) >= 8 and (sizes["auto"] == 1).mean() < 0.05
     assert len(sizes["auto"]) < len(sizes[0]) / 3
