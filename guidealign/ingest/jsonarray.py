@@ -28,7 +28,8 @@ from typing import Iterator
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
 from guidealign.ingest.jsonrows import json_object_line, load_object, parse_jsonl_line
-from guidealign.ingest.keys import find_prompt_key, norm_key
+from guidealign.ingest.jsonpeek import JSON_DECODER, JSON_NON_WS, first_item, key_name, keys_after
+from guidealign.ingest.keys import find_prompt_key
 from guidealign.ingest.rows import Row
 
 
@@ -52,11 +53,9 @@ def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_
         yield from _JsonItems(stream, enc, field).rows()
 
 
-_JSON_NON_WS = re.compile(r"[^ \t\r\n]")
 _JSON_SYNTAX = re.compile(r'["\[\]{},]')
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_CHUNK = 1 << 22
-_JSON_DECODER = json.JSONDecoder()
 
 
 class _JsonItems:
@@ -97,7 +96,7 @@ class _JsonItems:
     def _next(self) -> int | None:
         """The next byte that is not whitespace (``pos`` moved to it), None at the end of the file."""
         while True:
-            m = _JSON_NON_WS.search(self.buf, self.pos)
+            m = JSON_NON_WS.search(self.buf, self.pos)
             if m:
                 self.pos = m.start()
                 return self.buf[self.pos]
@@ -200,10 +199,10 @@ class _JsonItems:
         if self.buf[self.pos] != "{" or self.dirty:
             return None
         try:
-            rec, end = _JSON_DECODER.raw_decode(self.buf, self.pos)
+            rec, end = JSON_DECODER.raw_decode(self.buf, self.pos)
         except (json.JSONDecodeError, RecursionError):
             return None
-        m = _JSON_NON_WS.search(self.buf, end)
+        m = JSON_NON_WS.search(self.buf, end)
         if m is None or m.group() not in ",]":  # the buffer ends here, or the item is bad
             return None
         self.n += 1
@@ -312,9 +311,9 @@ class _JsonItems:
                 return
             self.pos += 1
             c = self._next()
-            kinds[_key_name(key)] = c == "["
+            kinds[key_name(key)] = c == "["
             if c == "[" and not record:
-                first = self._first_item()
+                first = first_item(self)
                 if first == "{" and not found and self._one_record(kinds):
                     record, c = True, None  # its arrays are fields of it: values, passed over below
                 elif first == "{":  # an array of objects: records
@@ -362,99 +361,17 @@ class _JsonItems:
                                 "give that array as a file of its own)")
         yield from self._tail(record=one)  # kept whole from the file's start: nothing dropped
 
-    def _first_item(self) -> str | None:
-        """The first character of the first item that is not ``null`` of the array whose '[' is at
-        ``pos`` ("n" when it holds nulls only; None at the end of the file): leading nulls are
-        placeholders (scraped dumps), and the array still holds records. ``pos`` stays."""
-        at, nulls = self.pos, 0
-        try:
-            self.pos += 1
-            while True:
-                c = self._next()
-                while c == "n" and len(self.buf) < self.pos + 4 and self._more():
-                    pass
-                if c != "n" or not self.buf.startswith("null", self.pos):
-                    return "n" if nulls and c == "]" else c
-                nulls += 1
-                self.pos += 4
-                c = self._next()
-                if c != ",":
-                    return "n"  # nulls only, or not JSON: an array of no records
-                self.pos += 1
-        finally:
-            self.pos = at
-
     def _one_record(self, kinds: dict[str, bool]) -> bool:
         """At the first array of objects (at ``pos``) of the object being read, with ``kinds`` its
         keys so far: whether the object is one record, its prompt field holding no array."""
         key = find_prompt_key(kinds, self.field, ())
         if key is None:  # it may come later
-            rest = self._keys_after(self.pos + LOOKAHEAD)
+            rest = keys_after(self, self.pos + LOOKAHEAD)
             if rest is None:
                 return False
             kinds = {**kinds, **rest}
             key = find_prompt_key(kinds, self.field, ())
         return key is not None and not kinds[key]
-
-    def _keys_after(self, stop: int) -> dict[str, bool] | None:
-        """The keys after the value at ``pos`` up to the prompt field or the object's end (key:
-        whether its value is an array), values passed over unparsed but for arrays' items; None
-        when the object is not read through by position ``stop``, or is not valid JSON. ``pos`` is
-        left where it was."""
-        at, kinds = self.pos, {}
-        try:
-            while True:
-                if self.buf[self.pos] == "[":
-                    if not self._pass_array(stop):
-                        return None
-                    c = self._next()
-                else:
-                    end = self._value_end(",}", stop)
-                    if end is None:
-                        return None
-                    self.pos, c = end, self.buf[end]
-                if c != ",":
-                    return kinds if c == "}" else None
-                self.pos += 1
-                if self._next() != '"' or (end := self._string_end(self.pos)) is None:
-                    return None
-                key = _key_name(self.buf[self.pos:end])
-                self.pos = end
-                if self._next() != ":":
-                    return None
-                self.pos += 1
-                c = self._next()
-                if c is None:
-                    return None
-                kinds[key] = c == "["
-                if norm_key(key) == norm_key(self.field):
-                    return kinds
-        finally:
-            self.pos = at
-
-    def _pass_array(self, stop: int) -> bool:
-        """Move ``pos`` past the array at ``pos``, its items each read by ``raw_decode`` (ten times
-        as fast as scanning brackets); False when one does not read by position ``stop``."""
-        self.pos += 1
-        if self._next() == "]":
-            self.pos += 1
-            return True
-        while self.pos <= stop:
-            try:
-                _, end = _JSON_DECODER.raw_decode(self.buf, self.pos)
-                m = _JSON_NON_WS.search(self.buf, end)
-            except (json.JSONDecodeError, RecursionError):
-                m = None
-            if m is None:  # cut by the end of the buffer (or bad: then read on to ``stop``)
-                if len(self.buf) > stop or not self._more():
-                    return False
-                continue
-            self.pos = m.end()
-            if m.group() == "]":
-                return True
-            if m.group() != "," or self._next() is None:
-                return False
-        return False
 
     def _broken(self, what: str) -> Iterator[Row]:
         self.keep = None
@@ -465,10 +382,3 @@ class _JsonItems:
             yield self.n + 1, None, (f"the JSON object is not valid JSON ({what}) after item {self.n}: "
                                      f"{self.buf[self.pos:self.pos + 40]!r}; the rest of the file was not read")
 
-
-def _key_name(token: str) -> str:
-    """The key that the JSON string ``token`` (quotes and all) reads as."""
-    try:
-        return json.loads(token)
-    except ValueError:
-        return token[1:-1]

@@ -1,0 +1,105 @@
+"""Reading ahead in a JSON file being streamed (``jsonarray._JsonItems``, passed as ``r``: its
+text buffer ``buf``, position ``pos`` and its ``_next``/``_more``/``_value_end``/``_string_end``),
+without moving: what an array starts with, which keys an object holds further on."""
+from __future__ import annotations
+
+import json
+import re
+
+from guidealign.ingest.keys import norm_key
+
+JSON_NON_WS = re.compile(r"[^ \t\r\n]")
+JSON_DECODER = json.JSONDecoder()
+
+
+def first_item(r) -> str | None:
+    """The first character of the first item that is not ``null`` of the array whose '[' is at
+    ``pos`` ("n" when it holds nulls only; None at the end of the file): leading nulls are
+    placeholders (scraped dumps), and the array still holds records. ``pos`` stays."""
+    at, nulls = r.pos, 0
+    try:
+        r.pos += 1
+        while True:
+            c = r._next()
+            while c == "n" and len(r.buf) < r.pos + 4 and r._more():
+                pass
+            if c != "n" or not r.buf.startswith("null", r.pos):
+                return "n" if nulls and c == "]" else c
+            nulls += 1
+            r.pos += 4
+            c = r._next()
+            if c != ",":
+                return "n"  # nulls only, or not JSON: an array of no records
+            r.pos += 1
+    finally:
+        r.pos = at
+
+
+def keys_after(r, stop: int) -> dict[str, bool] | None:
+    """The keys after the value at ``pos`` up to the prompt field or the object's end (key:
+    whether its value is an array), values passed over unparsed but for arrays' items; None
+    when the object is not read through by position ``stop``, or is not valid JSON. ``pos`` is
+    left where it was."""
+    at, kinds = r.pos, {}
+    try:
+        while True:
+            if r.buf[r.pos] == "[":
+                if not pass_array(r, stop):
+                    return None
+                c = r._next()
+            else:
+                end = r._value_end(",}", stop)
+                if end is None:
+                    return None
+                r.pos, c = end, r.buf[end]
+            if c != ",":
+                return kinds if c == "}" else None
+            r.pos += 1
+            if r._next() != '"' or (end := r._string_end(r.pos)) is None:
+                return None
+            key = key_name(r.buf[r.pos:end])
+            r.pos = end
+            if r._next() != ":":
+                return None
+            r.pos += 1
+            c = r._next()
+            if c is None:
+                return None
+            kinds[key] = c == "["
+            if norm_key(key) == norm_key(r.field):
+                return kinds
+    finally:
+        r.pos = at
+
+
+def pass_array(r, stop: int) -> bool:
+    """Move ``pos`` past the array at ``pos``, its items each read by ``raw_decode`` (ten times
+    as fast as scanning brackets); False when one does not read by position ``stop``."""
+    r.pos += 1
+    if r._next() == "]":
+        r.pos += 1
+        return True
+    while r.pos <= stop:
+        try:
+            _, end = JSON_DECODER.raw_decode(r.buf, r.pos)
+            m = JSON_NON_WS.search(r.buf, end)
+        except (json.JSONDecodeError, RecursionError):
+            m = None
+        if m is None:  # cut by the end of the buffer (or bad: then read on to ``stop``)
+            if len(r.buf) > stop or not r._more():
+                return False
+            continue
+        r.pos = m.end()
+        if m.group() == "]":
+            return True
+        if m.group() != "," or r._next() is None:
+            return False
+    return False
+
+
+def key_name(token: str) -> str:
+    """The key that the JSON string ``token`` (quotes and all) reads as."""
+    try:
+        return json.loads(token)
+    except ValueError:
+        return token[1:-1]
