@@ -21,14 +21,18 @@ def _current(dataset: Path) -> list[int]:
     return [i for i in committed(dataset) if i not in stale]
 
 
-def _by_id(dataset: Path, index: int, columns: list[str]) -> dict:
-    if index not in _current(dataset):
-        return {}
+def _detect_rows(dataset: Path, index: int, columns: list[str]) -> tuple[dict, set]:
+    """(detect's rows of shard ``index`` by id, when current; the ids it holds when it was
+    committed under an earlier config, stale)."""
+    if index not in committed(dataset):
+        return {}, set()
     t = read_table(dataset, index)
     if "id" not in t.schema.names:
-        return {}
+        return {}, set()
+    if index not in _current(dataset):
+        return {}, set(t.column("id").to_pylist())
     cols = [c for c in columns if c in t.schema.names]
-    return {r["id"]: r for r in t.select(["id", *cols]).to_pylist()}
+    return {r["id"]: r for r in t.select(["id", *cols]).to_pylist()}, set()
 
 
 def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
@@ -54,11 +58,8 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
                            f"show reads a response stage (respond, or an eval's); `guidealign export "
                            f"{stage} -w {w}` writes this one as JSONL")
     resp = table.to_pylist()
-    det = _by_id(w / "detect", i, ["risky", "rationale", "parse_status", "finish_reason", "skip_reason"])
-    # the prompts that detect's shard i, committed under an earlier config, holds (not current)
-    stale = set()
-    if (w / "detect").is_dir() and i in committed(w / "detect") and i not in _current(w / "detect"):
-        stale = set(read_table(w / "detect", i).column("id").to_pylist())
+    det, stale = _detect_rows(w / "detect", i, ["risky", "rationale", "parse_status", "finish_reason",
+                                                "skip_reason"])
     out = []
     for r in resp[:n]:
         d = det.get(r.get("id"))

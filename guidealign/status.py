@@ -171,6 +171,7 @@ def _finished_since(workdir: Path, marker: dict, rows: list[dict]) -> bool:
     a marker of a whole run ("run", or its preflight), whether a run finished after it (rank 0
     writes run.json when its run succeeds: a rerun in another layout leaves the failed layout's
     ranks' markers behind)."""
+    from guidealign.executors import _stage_name
     from guidealign.stages import BY_NAME
 
     name = str(marker.get("stage"))
@@ -179,9 +180,7 @@ def _finished_since(workdir: Path, marker: dict, rows: list[dict]) -> bool:
             return (workdir / "run.json").stat().st_mtime > float(marker.get("created", 0.0))
         except OSError:
             return False
-    if name not in BY_NAME and name.startswith("run_"):  # a stage run in a child process
-        name = name.removeprefix("run_").removesuffix("_stage").replace("_", "-")
-    stage = BY_NAME.get(name)
+    stage = BY_NAME.get(_stage_name(name))  # a stage run in a child process is "run_ingest"
     row = next((r for r in rows if stage is not None and r["stage"] == stage.dst), None)
     if row is None or not row["shards_total"] or row["shards_done"] != row["shards_total"]:
         return False

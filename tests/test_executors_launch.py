@@ -302,27 +302,34 @@ except KeyboardInterrupt:
 """
 
 
-def test_a_ctrl_c_forwarded_by_launch_reaches_workers_even_when_launch_ignores_it(tmp_path):
-    """launch started with SIGINT ignored (a background job) started its workers before its own
-    handler was in place, so they inherited the ignored SIGINT and the Ctrl-C it forwards
-    (`kill -INT`) never stopped them."""
-    import signal
+def _signal_once_started(launcher: str, worker: str, flag, sig) -> str:
+    """Run ``launcher`` (a script of one run_workers call) with ``worker``'s code, send it ``sig``
+    once the worker wrote ``flag``; the launcher's output."""
     import subprocess
     import time
 
-    flag = tmp_path / "worker"
-    worker = WORKER.replace("sys.argv[1]", repr(str(flag)))
-    p = subprocess.Popen([sys.executable, "-c", LAUNCHER, worker], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", launcher, worker], stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not flag.exists():
             assert p.poll() is None and time.monotonic() < deadline, "the worker did not start"
             time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, _ = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
+    return out
+
+
+def test_a_ctrl_c_forwarded_by_launch_reaches_workers_even_when_launch_ignores_it(tmp_path):
+    """launch started with SIGINT ignored (a background job) started its workers before its own
+    handler was in place, so they inherited the ignored SIGINT and the Ctrl-C it forwards
+    (`kill -INT`) never stopped them."""
+    import signal
+
+    flag = tmp_path / "worker"
+    out = _signal_once_started(LAUNCHER, WORKER.replace("sys.argv[1]", repr(str(flag))), flag, signal.SIGINT)
     assert flag.read_text() == "interrupted"
     assert "status 130" in out
 
@@ -426,19 +433,8 @@ def test_a_launch_under_nohup_keeps_its_workers_through_a_hangup(tmp_path):
     """Forwarding SIGHUP must not undo nohup: launch started with SIGHUP ignored passed the
     hangup on and its workers died with the session."""
     import signal
-    import time
 
     flag = tmp_path / "worker"
     worker = f"import pathlib, time; pathlib.Path({str(flag)!r}).write_text('up'); time.sleep(2)"
-    p = subprocess.Popen([sys.executable, "-c", NOHUP_LAUNCHER, worker], stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not flag.exists():
-            assert p.poll() is None and time.monotonic() < deadline, "the worker did not start"
-            time.sleep(0.05)
-        p.send_signal(signal.SIGHUP)
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    out = _signal_once_started(NOHUP_LAUNCHER, worker, flag, signal.SIGHUP)
     assert "status 0" in out

@@ -171,8 +171,9 @@ def _coerce(tp, value, where: str):
         return float(value)
     if tp is float and isinstance(value, str) and (INT_TEXT.match(value.strip())
                                                   or FLOAT_TEXT.match(value.strip())):
-        # a number quoted ("1e-4", ".inf"); not "0755", "1_0" or "inf" (refused below)
-        return float(value.strip().lower().replace(".inf", "inf").replace(".nan", "nan"))
+        # a number quoted ("1e-4", ".inf"), read as the loader reads it unquoted; not "0755",
+        # "1_0" or "inf" (refused below)
+        return float(yaml_load(value.strip()))
     if tp is int and _is(value, float) and value.is_integer():
         return int(value)
     if tp is str and _is(value, int):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import operator
 
-from guidealign.config.sft import owned_trainer_args
+from guidealign.config.sft import owned_trainer_args, process_count
 
 # What a generated row's finish_reason can say (vLLM's stop/length/abort, ours error/skipped)
 FINISH_REASONS = ("stop", "length", "abort", "error", "skipped")
@@ -78,10 +78,11 @@ def _why(key: str, v) -> str | None:
     if isinstance(v, float) and math.isinf(v) and not key.endswith("_s"):  # seconds: inf = no limit
         return "a finite number"
     if key == "sft.num_processes":  # as the launcher reads it: "auto" in any case, or a count
-        text = v.strip().lower() if isinstance(v, str) else v
-        ok = text == "auto" or (isinstance(text, int) and text >= 1) or (isinstance(text, str) and text.isdigit()
-                                                                         and int(text) >= 1)
-        return None if ok else ">= 1 or auto"
+        try:
+            n = process_count(v)
+        except ValueError:
+            n = 0
+        return None if n is None or n >= 1 else ">= 1 or auto"
     if key in COUNTS and v < 1:
         return "a count, >= 1"
     for k, lo, hi, hi_ok in RANGES:

@@ -17,6 +17,17 @@ SFTMode = Literal["full", "lora"]
 SFT_PERFORMANCE = ("micro_batch_size", "gradient_checkpointing", "logging_steps", "save_steps")
 # sft keys that only LoRA reads (mode "lora"): in a full fine-tune they count at their defaults
 SFT_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
+def process_count(value) -> int | None:
+    """``sft.num_processes`` as the launcher and the config check read it: None for "auto" (any
+    case, spaces around), else the count it writes (an int, or digits); ValueError otherwise."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text == "auto":
+        return None
+    if isinstance(text, bool) or not (isinstance(text, int) or (isinstance(text, str) and text.isdigit())):
+        raise ValueError(f"sft.num_processes must be 'auto' or a number, not {value!r}")
+    return int(text)
+
+
 SFTPrecision = Literal["auto", "bf16", "fp16", "float32"]
 
 

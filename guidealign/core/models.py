@@ -314,16 +314,18 @@ def cached_snapshot(repo_id: str, cache_dir: str | None = None) -> str | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    # complete without the .bin weights, where its safetensors are there; else complete whole
-    for ignore in (_IGNORE + _BIN, _IGNORE):
+    def complete(ignore: list[str]) -> str | None:
         try:
-            path = snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
+            return snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
                                      ignore_patterns=ignore)
         except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-            continue
-        if ignore is _IGNORE or _has_root_safetensors(p.name for p in Path(path).iterdir()):
-            return path
-    return None
+            return None
+
+    # complete without the .bin weights, where its safetensors are there; else complete whole
+    path = complete(_IGNORE + _BIN)
+    if path and _has_root_safetensors(p.name for p in Path(path).iterdir()):
+        return path
+    return complete(_IGNORE)
 
 
 def fetch_models(cfg, *, dry_run: bool = False, cache_dir: str | None = None, echo=print) -> dict:

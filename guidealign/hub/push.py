@@ -165,13 +165,11 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
         upload_lfs(api, ops, **where, pcfg=pcfg, on_retry=report.count_retry, progress=progress)
         last = ops
     if repo_type == "dataset":
-        report.card_blob = save_card_edited_on_hub(api, wd, wd / "push" / f"README-{src.name}.md",
-                                                   report, pcfg, where)
+        report.card_blob = save_card_edited_on_hub(api, wd, src, report, pcfg, where)
     elif (src / "README.md").is_file():
         # a model's card changes only with the model: an edit made on the Hub since our last
         # push is kept while the card we would push is the one we pushed then
-        report.card_blob = save_card_edited_on_hub(api, wd, src / "README.md", report, pcfg, where,
-                                                   keep_edit=True)
+        report.card_blob = save_card_edited_on_hub(api, wd, src, report, pcfg, where, model=True)
         if report.card_kept:
             last = [op for op in last if op.path_in_repo != "README.md"]
     # the card (a dataset: it switches load_dataset to this version) and the deletes, in one commit
@@ -195,34 +193,35 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def save_card_edited_on_hub(api, wd: Path, card_path: Path, report: PushReport, pcfg, where: dict,
-                            keep_edit: bool = False) -> str:
-    """The blob id of the card this push would write (``card_path``). A dataset card is
-    generated (its data_files must name this version's folder), so a card edited on the Hub
-    since our last push (or one the repo had before) is replaced: its text is first saved to
-    WORKDIR/push/ and a warning names it. ``keep_edit`` (a model's card): a card edited on the
-    Hub since our last push is kept (``report.card_kept``) while ours is the one pushed then."""
-    ours = git_blob_id(card_path.read_bytes())
+def save_card_edited_on_hub(api, wd: Path, src: Path, report: PushReport, pcfg, where: dict,
+                            model: bool = False) -> str:
+    """The blob id of the card this push would write: a dataset's, generated into
+    WORKDIR/push/README-<stage>.md (its data_files must name this version's folder), so a card
+    edited on the Hub since our last push (or one the repo had before) is replaced: its text is
+    first saved to WORKDIR/push/ and a warning names it. A model's (``model``: its README.md):
+    a card edited on the Hub since our last push is kept (``report.card_kept``) while ours is
+    the one pushed then."""
+    card = src / "README.md" if model else wd / "push" / f"README-{src.name}.md"
+    ours = git_blob_id(card.read_bytes())
     info = retry_step(lambda: list(api.get_paths_info(paths=["README.md"], **where)), pcfg,
                       "card lookup", report.count_retry)
     theirs = next((getattr(e, "blob_id", None) for e in info if getattr(e, "path", "") == "README.md"), None)
     before = _last_pushed_card(wd, report)
     if theirs is None or theirs in (ours, before):
         return ours
-    if keep_edit and ours == before:
+    if model and ours == before:
         report.card_kept = True
         log.info("the card of %s %s was edited on the Hub since the last push and the model's own card "
                  "has not changed: the Hub's is kept", report.repo_type, report.repo_id)
         return ours
     path = retry_step(lambda: api.hf_hub_download(filename="README.md", local_dir=wd / "push" / ".hub-card",
                                                   **where), pcfg, "card download", report.count_retry)
-    name = card_path.parent.name if card_path.name == "README.md" else card_path.stem.removeprefix("README-")
-    kept = wd / "push" / f"README-{name}.on-hub-{theirs[:8]}.md"
+    kept = wd / "push" / f"README-{src.name}.on-hub-{theirs[:8]}.md"
     kept.write_bytes(Path(path).read_bytes())
     log.warning("the card of %s %s %s: this push replaces it with the %s card; the card as it was is "
                 "saved at %s", report.repo_type, report.repo_id,
                 "was edited on the Hub since the last push" if before else "is not one this run pushed",
-                "model's" if keep_edit else "generated (whose data_files name the new version's folder)",
+                "model's" if model else "generated (whose data_files name the new version's folder)",
                 kept)
     return ours
 

@@ -74,38 +74,41 @@ def bm25_scorer(docs: list[str], k1: float = 1.5, b: float = 0.75, epsilon: floa
     from scipy import sparse
 
     vocab: dict[str, int] = {}
-    rows, cols, tfs, lens = [], [], [], []
-    for r, d in enumerate(docs):
-        toks = tokenize(d) or [""]  # an empty guideline is one empty token, as rank_bm25 takes it
-        lens.append(len(toks))
-        for t, n in Counter(toks).items():
-            rows.append(r)
-            cols.append(vocab.setdefault(t, len(vocab)))
-            tfs.append(n)
+    # an empty guideline is one empty token, as rank_bm25 takes it
+    doc_tokens = [tokenize(d) or [""] for d in docs]
+    rows, cols, tf = _term_counts(doc_tokens, vocab, grow=True)
     n_docs = len(docs)
-    tf = np.asarray(tfs, dtype=np.float64)
-    col = np.asarray(cols, dtype=np.int64)
-    df = np.bincount(col, minlength=len(vocab)).astype(np.float64)
+    df = np.bincount(cols, minlength=len(vocab)).astype(np.float64)
     idf = np.log(n_docs - df + 0.5) - np.log(df + 0.5)
     if len(idf):
         idf[idf < 0] = epsilon * idf.mean()
-    dl = np.asarray(lens, dtype=np.float64)
+    dl = np.asarray([len(t) for t in doc_tokens], dtype=np.float64)
     norm = k1 * (1 - b + b * dl / (dl.sum() / max(n_docs, 1)))
-    w = idf[col] * tf * (k1 + 1) / (tf + norm[np.asarray(rows, dtype=np.int64)])
+    w = idf[cols] * tf * (k1 + 1) / (tf + norm[rows])
     weights = sparse.csr_matrix((w, (cols, rows)), shape=(len(vocab), n_docs))  # term x document
 
     def score(queries: list[str]) -> np.ndarray:
-        q_rows, q_cols, q_counts = [], [], []
-        for r, q in enumerate(queries):
-            for t, n in Counter(tokenize(q)).items():
-                if t in vocab:
-                    q_rows.append(r)
-                    q_cols.append(vocab[t])
-                    q_counts.append(n)
-        counts = sparse.csr_matrix((np.asarray(q_counts, dtype=np.float64), (q_rows, q_cols)),
-                                   shape=(len(queries), len(vocab)))
+        q_rows, q_cols, q_counts = _term_counts([tokenize(q) for q in queries], vocab, grow=False)
+        counts = sparse.csr_matrix((q_counts, (q_rows, q_cols)), shape=(len(queries), len(vocab)))
         return np.asarray((counts @ weights).todense(), dtype=np.float64)
     return score
+
+
+def _term_counts(token_lists: list[list[str]], vocab: dict[str, int], grow: bool):
+    """(row, term column, count) of each distinct term of each token list, as arrays; terms
+    not in ``vocab`` are added (``grow``) or left out."""
+    rows, cols, counts = [], [], []
+    for r, toks in enumerate(token_lists):
+        for t, n in Counter(toks).items():
+            if grow:
+                vocab.setdefault(t, len(vocab))
+            elif t not in vocab:
+                continue
+            rows.append(r)
+            cols.append(vocab[t])
+            counts.append(n)
+    return (np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64),
+            np.asarray(counts, dtype=np.float64))
 
 
 def top_rows(row: np.ndarray, k: int) -> np.ndarray:

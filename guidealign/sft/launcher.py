@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from guidealign.config.sft import process_count
 from guidealign.core.distenv import DIST_VARS as _LAUNCHER_VARS
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,9 @@ def resolve_num_processes(scfg, gpus: int | None = None) -> int:
     """``sft.num_processes`` as a count: "auto" = the visible GPUs (1 without any), or as many
     of them as the global batch splits evenly over (see :func:`_fitting`)."""
     gpus = visible_gpus() if gpus is None else gpus
-    n = scfg.num_processes
-    if isinstance(n, str):
-        if n.strip().lower() != "auto":
-            try:
-                n = int(n)
-            except ValueError:
-                raise ValueError(f"sft.num_processes must be 'auto' or a number, not {n!r}") from None
-        else:
-            return _fitting(scfg, max(1, gpus))
+    n = process_count(scfg.num_processes)
+    if n is None:  # auto
+        return _fitting(scfg, max(1, gpus))
     if n < 1:
         raise ValueError(f"sft.num_processes must be >= 1, not {n}")
     if gpus and n > gpus:
