@@ -182,12 +182,19 @@ def index_kind(v, request, monkeypatch):
     build_faiss(np.eye(8, 16, dtype="float32"), IndexConfig(kind=v))
 
 
+def shard_cut(v, request, monkeypatch):
+    from guidealign.ingest.cuts import shard_cuts
+
+    shard_cuts(10, v)
+
+
 # key -> its stage-side checks: (checker, what the check raises for another value)
 CHECKS = {
     "detect.mode": [(detect_mode, ValueError, "detect.mode must be one of")],
     "guidelines.unknown_verdict": [(unknown_verdict, ValueError, "unknown_verdict must be safety, quality or skip")],
     "engine.overlong": [(overlong, ValueError, "engine.overlong must be 'truncate' or 'skip'")],
     "ingest.hash_kernel": [(hash_kernel, Exception, "ingest.hash_kernel must be auto, llvm or hashlib")],
+    "ingest.shard_cut": [(shard_cut, ValueError, "ingest.shard_cut must be position or content")],
     "sft.mode": [(sft_mode, ValueError, "sft.mode must be 'full' or 'lora'")],
     "sft.precision": [(sft_precision, ValueError, "sft.precision must be auto, bf16, fp16 or float32")],
     "eval.harm_judge": [(eval_config("harm_judge"), Exception, "unknown eval.harm_judge")],

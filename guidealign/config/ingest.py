@@ -7,6 +7,7 @@ from typing import Literal
 # Keys with a fixed set of values: the stage code takes its allowed values from these
 # (typing.get_args), so the loader and the stage check one list.
 HashKernel = Literal["auto", "llvm", "hashlib"]
+ShardCut = Literal["position", "content"]
 
 
 @dataclass
@@ -28,6 +29,15 @@ class IngestConfig:
     # (per-shard cost: one Parquet file, a marker, their fsyncs), while downstream stages want
     # enough shards to spread over ranks and small enough ones to resume, so 10k stays.
     shard_rows: int = 10_000
+    # Where one shard ends and the next begins. "position": every `shard_rows` kept rows.
+    # "content": after a kept row whose prompt hash hits a fixed pattern (at least half of
+    # `shard_rows` in, at most 4x; `shard_rows` on average), so a row kept or dropped anew
+    # (a quarantined line fixed in place, a prompt edited into a duplicate) changes only its own
+    # shard (rarely its neighbour too) and the later shards come out byte for byte the same:
+    # the generation stages keep their work on them. Worth it for large inputs that may be fixed
+    # and ingested again (the GPU recipes set it); a row inserted or deleted still renumbers
+    # the later lines in `source`, which changes those shards either way.
+    shard_cut: ShardCut = "position"
     # Text encoding of the inputs: "auto" = BOM / UTF-16 / UTF-8, or cp1252 for a file whose
     # start is not UTF-8 and has no multi-byte UTF-8 at all; else any Python codec name.
     encoding: str = "auto"

@@ -39,6 +39,7 @@ from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, he
                                     prompt_value, rows_batch)
 from guidealign.ingest.commit import Pending, ShardWriter
 from guidealign.ingest.csvcol import csv_batches
+from guidealign.ingest.cuts import cut_ends, shard_cuts
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
@@ -46,7 +47,7 @@ from guidealign.ingest.arrowfiles import hf_splits, iter_parquet_tables
 from guidealign.ingest.readers import IngestError, check_readable, expand_inputs, read_rows
 from guidealign.shards import fingerprint, is_done, read_manifest, wait_complete, write_manifest
 from guidealign.shards.manifest import remove_manifest
-from guidealign.config.ingest import HashKernel, IngestConfig
+from guidealign.config.ingest import HashKernel, IngestConfig, ShardCut
 from guidealign.shards.write import retire_shards_from
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class _Shards:
 
     def __init__(self, dst: Path, run_fp: str, cfg: IngestConfig, rep: IngestReport):
         self.dst, self.run_fp, self.size, self.rep = dst, run_fp, cfg.shard_rows, rep
-        self.kept = 0              # rows kept so far (all shards)
+        self.cuts = shard_cuts(cfg.shard_rows, cfg.shard_cut)
         self.parts: list[tuple] = []
         self.n_rows = 0
         self.bad: list[pa.Table] = []
@@ -168,38 +169,38 @@ class _Shards:
             for r in b.bad_reason:
                 k = _reason_kind(r)
                 rep.reasons[k] = rep.reasons.get(k, 0) + 1
-        # the shard a dropped row belongs to: the one being filled when it was read
-        dup_shard = (self.kept + np.searchsorted(kept_pos, dup_pos)) // self.size
+        at = b.at if all_new else b.at[new]
+        hashes = b.hashes if all_new else b.hashes[new]
+        lineno = b.lineno if all_new else b.lineno[new]
+        # the kept rows after which a shard ends; a dropped row belongs to the shard being
+        # filled when it was read (after an end: the next one)
+        ends = cut_ends(self.cuts, hashes, self.n_rows)
+        first = rep.shards
+        dup_shard = first + np.searchsorted(ends, np.searchsorted(kept_pos, dup_pos))
         bad_tab = bad_shard = None
         if b.bad_pos:
             bad_pos = np.asarray(b.bad_pos, dtype=np.int64)
-            bad_shard = (self.kept + np.searchsorted(kept_pos, bad_pos)) // self.size
+            bad_shard = first + np.searchsorted(ends, np.searchsorted(kept_pos, bad_pos))
             bad_tab = pa.table({"source": str_arrow([b.src] * len(bad_pos)),
                                 "row": int_arrow(b.bad_row),
                                 "reason": str_arrow(b.bad_reason),
                                 "raw": str_arrow(b.bad_raw)}, schema=QUARANTINE_SCHEMA)
-        at = b.at if all_new else b.at[new]
-        hashes = b.hashes if all_new else b.hashes[new]
-        lineno = b.lineno if all_new else b.lineno[new]
         start = 0
-        while True:
-            cur = self.kept // self.size
+        for j, stop in enumerate([*(ends + 1).tolist(), kept_pos.size]):
+            cur = first + j
             if dup_shard.size:
                 self.dups += int(np.count_nonzero(dup_shard == cur))
             if bad_shard is not None:
                 m = bad_shard == cur
                 if m.any():
                     self.bad.append(bad_tab.filter(bool_arrow(m)))
-            take = min(self.size - self.n_rows, kept_pos.size - start)
-            if take > 0:
-                sl = slice(start, start + take)
+            if stop > start:
+                sl = slice(start, stop)
                 self.parts.append((b.src, b.prompt, b.metadata, at[sl], hashes[sl], lineno[sl]))
-                self.n_rows += take
-                self.kept += take
-                start += take
-            if self.n_rows < self.size:
-                break
-            self.flush()  # full: the rows read after it (kept or not) belong to the next shard
+                self.n_rows += stop - start
+                start = stop
+            if j < ends.size:
+                self.flush()  # ended: the rows read after it (kept or not) belong to the next shard
 
     def flush(self) -> None:
         rep = self.rep
@@ -312,9 +313,11 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # [null, {...}, ...]}) are read, and an object holding arrays of records is said; runs
     # without a .json input keep their fingerprint
     json_v2 = ["json-array-v2"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
+    # ingest.shard_cut=content (Stop 49) cuts other shards; position keeps the fingerprint it had
+    cut = ["shard-cut-content-v1"] if cfg.shard_cut == "content" else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
-                       *json_v2)
+                       *json_v2, *cut)
 
 
 def _inner_stats(p: Path) -> tuple:
@@ -368,6 +371,8 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
         raise ValueError("ingest.shard_rows must be >= 1")
     if not isinstance(cfg.dedup_memory_mib, int) or cfg.dedup_memory_mib < 1:
         raise ValueError(f"ingest.dedup_memory_mib must be a whole number of MiB >= 1, got {cfg.dedup_memory_mib!r}")
+    if cfg.shard_cut not in get_args(ShardCut):
+        raise IngestError(f"ingest.shard_cut must be position or content, got {cfg.shard_cut!r}")
     if not _delimiter_ok(cfg.delimiter):
         raise IngestError(f"ingest.delimiter must be auto, tab (or \\t) or one character other than a quote "
                           f"or a line break, not {cfg.delimiter!r}")
