@@ -639,7 +639,7 @@ def test_csv_quoted_newlines_and_ragged_rows(tmp_path):
     assert q == []
     assert [r["prompt"] for r in rows] == ["first line\r\nsecond line", 'say "hi"', "last"]
     assert json.loads(rows[1]["metadata"]) == {"Note": "b", "_extra_fields": [""]}
-    assert [r["source"].rsplit(":", 1)[1] for r in rows] == ["3", "4", "5"]
+    assert [r["source"].rsplit(":", 1)[1] for r in rows] == ["2", "4", "5"]  # a record's first line
 
 
 @pytest.mark.parametrize("name", ["cut.jsonl.gz", "cut.csv.gz", "cut.json.xz", "cut.jsonl.bz2"])
@@ -811,7 +811,7 @@ def test_csv_stray_quote_hands_the_rest_of_the_file_to_the_row_reader(tmp_path):
     rows_got, rep = _clean_and_as_the_row_reader_reads([f], tmp_path / "w", block_bytes=256, shard_rows=64)
     assert rep.rows == 200
     assert rows_got[50]["prompt"] == 'a 5" screen' and rows_got[120]["prompt"] == 'multi\nline "quoted"'
-    assert rows_got[120]["source"].endswith(":123")  # the row reader's line: where the record ends
+    assert rows_got[120]["source"].endswith(":122")  # the line the record starts on (both readers)
 
 
 def test_csv_stray_quote_does_not_hold_the_rest_of_the_file_in_memory(tmp_path, monkeypatch):

@@ -162,7 +162,7 @@ def test_a_one_column_file_reads_a_line_as_one_prompt(tmp_path, monkeypatch, nam
     rows, bad = _every_way(f, tmp_path, monkeypatch)
     assert bad == []
     # `"x", y` is not one quoted field: taken as written (it was `x, y`, the quotes dropped)
-    assert rows == [("hello, world", 2, {}), ('quoted, with "quotes"\nand a line end', 4, {}), ("plain", 5, {}),
+    assert rows == [("hello, world", 2, {}), ('quoted, with "quotes"\nand a line end', 3, {}), ("plain", 5, {}),
                     ("a;b|c\td", 6, {}), ('say "hi", then go', 7, {}), ('"x", y', 8, {})]
 
 
@@ -180,7 +180,7 @@ def test_a_one_column_file_goes_through_the_columnar_path(tmp_path, monkeypatch)
     rows, bad = _out(f, tmp_path / "w", block_bytes=300)
     assert bad == [] and len(rows) == 400 and used["columnar"] > 10 and used["rows"] == 0
     assert rows[1] == ("prompt 1, with a comma; and more", 4, {})
-    assert rows[0] == ('prompt 0, "quoted"\nover two lines', 3, {})
+    assert rows[0] == ('prompt 0, "quoted"\nover two lines', 2, {})
 
 
 # --- fewer fields than the header ------------------------------------------------------------------

@@ -64,8 +64,8 @@ def test_a_one_column_prompt_quoted_over_lines_keeps_working_and_text_after_it_i
     quarantined, not joined (it was `a\\nb c`); the lines after it are read."""
     f = _write(tmp_path, "lines.csv", 'prompt\n"two\nlines, ""quoted"""\n"a\nb" c\nafter\n')
     rows, bad = _every_way(f, tmp_path, monkeypatch)
-    assert rows == [('two\nlines, "quoted"', 3, {}), ("after", 6, {})]
-    assert bad == [(5, "text after the closing quote on line 5 of a prompt quoted from line 4 (quote the "
+    assert rows == [('two\nlines, "quoted"', 2, {}), ("after", 6, {})]
+    assert bad == [(4, "text after the closing quote on line 5 of a prompt quoted from line 4 (quote the "
                        "whole prompt and double the quotes inside it)", '"a\nb" c')]
 
 
@@ -85,12 +85,12 @@ def test_a_field_with_text_after_its_closing_quote_is_quarantined(tmp_path, monk
                'prompt,n\n"abc"def,2\n"He said \\"hi\\" to me",1\nok,3\n"a, ""b""",4\nx,"5"y\n'
                '"two\nlines" z,6\n"fine\nover lines",7\nlast,8\n')
     rows, bad = _every_way(f, tmp_path, monkeypatch)
-    assert rows == [("ok", 4, {"n": "3"}), ('a, "b"', 5, {"n": "4"}), ("fine\nover lines", 10, {"n": "7"}),
+    assert rows == [("ok", 4, {"n": "3"}), ('a, "b"', 5, {"n": "4"}), ("fine\nover lines", 9, {"n": "7"}),
                     ("last", 11, {"n": "8"})]
     assert bad == [(2, _reason(2, "prompt"), '"abc"def,2'),
                    (3, _reason(3, "prompt", ': "" for ", not \\"'), '"He said \\"hi\\" to me",1'),
                    (6, _reason(6, "n"), 'x,"5"y'),
-                   (8, _reason(8, "prompt"), '"two\nlines" z,6')]
+                   (7, _reason(8, "prompt"), '"two\nlines" z,6')]  # lines 7-8: row 7, quote on 8
 
 
 def test_a_tsv_field_with_text_after_its_closing_quote_is_quarantined(tmp_path, monkeypatch):

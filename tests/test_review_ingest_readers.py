@@ -109,7 +109,7 @@ def test_csv_long_quoted_field_does_not_corrupt_the_rows_after_it(tmp_path, bloc
     assert q == []
     assert [r["prompt"] for r in rows] == want
     assert json.loads(rows[1]["metadata"]) == {"context": long}
-    assert [int(r["source"].rsplit(":", 1)[1]) for r in rows] == [2, 2003, 2004, 2005, 2006, 2007, 2008]
+    assert [int(r["source"].rsplit(":", 1)[1]) for r in rows] == [2, 3, 2004, 2005, 2006, 2007, 2008]
 
 
 # --- metadata JSON: the same text on the columnar and the row path ---------------------------------

@@ -255,7 +255,7 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
         except UnicodeDecodeError:
             return None
     # the records: line ends outside quotes, less the blank lines (both parsers skip those);
-    # each one's line number is the row reader's: the line that holds the record's end
+    # each one's line number is the row reader's: the line the record starts on
     arr = np.frombuffer(block, np.uint8)
     sc = info.scan
     tail = bool(len(block)) and block[-1] != NL  # a last line without a line end (end of file)
@@ -264,8 +264,8 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     else:
         if info.nl is None:
             info.nl = info.term = np.flatnonzero(arr == NL)
-        _, ends = _records(arr, info.term)
-        linenos = (np.searchsorted(info.nl, ends) + 1 + offset).astype(np.int64)
+        starts, _ = _records(arr, info.term)
+        linenos = (np.searchsorted(info.nl, starts) + 1 + offset).astype(np.int64)
     col_names = [f"c{i}" for i in range(len(names))]
     sep = delim
     if delim == ONE_COLUMN:  # no delimiter: pyarrow.csv gets a control byte the block does not hold

@@ -128,7 +128,8 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
             rdr = reader.rdr
             yield lost
             continue
-        line = offset + reader.base + rdr.line_num
+        # the line the record starts on (a quoted field may hold line ends)
+        line = offset + reader.base + rdr.line_num - max(len(held), 1) + 1
         if not row:
             continue
         text = held[0] if len(held) == 1 else "".join(held)
@@ -138,7 +139,7 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
                 row = [_strip_eol(text)]
             else:
                 yield line, {"_raw": _raw(_strip_eol(text))}, _after_quote_reason(
-                    text, after, held, names, delim, line - len(held) + 1)
+                    text, after, held, names, delim, line)
                 continue
         rec = dict(zip(names, row))
         if len(row) > n:
