@@ -157,10 +157,16 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     if not 0 <= rc.dedup_ratio <= 1:
         raise ValueError(f"retrieve.dedup_ratio must be in [0, 1] (a fuzz.ratio / 100), not {rc.dedup_ratio}")
     workdir = Path(workdir)
-    wait_done(index_dir(workdir), timeout=wait_timeout(cfg, world_size))
-    if run_config:  # an index of another library, index config or retriever: refused (one worker)
-        try:            # or waited for (several: rank 0 may be building the current one)
-            wait_current_index(cfg, workdir, wait_timeout(cfg, world_size))
+    # No rank of this command builds the index: in `run` the index stage comes first (its other
+    # ranks wait there for rank 0's), and alone (`launch retrieve`, a SLURM array, a Ray pool)
+    # nothing builds it, so several workers waited out the stall clock (30 min) for nothing and
+    # then blamed a dead rank. A missing or stale index fails at once (after
+    # executor.wait_timeout_s when set), as for one worker.
+    timeout = wait_timeout(cfg, 1)
+    wait_done(index_dir(workdir), timeout=timeout)
+    if run_config:  # an index of another library, index config or retriever: refused
+        try:
+            wait_current_index(cfg, workdir, timeout)
         except NotReady as e:
             raise IndexVersionError(
                 f"{index_dir(workdir)} was built from another library (or the library from other "
