@@ -75,3 +75,41 @@ def test_no_cap_keeps_the_retriever_fingerprint_of_before_the_key():
     assert retriever_fingerprint(rc, "v1") == "4c87bec785d47d6d0754"
     assert retriever_fingerprint(load_config(None, ["retriever.max_prompts_per_guideline=auto"]).retriever,
                                  "v1") != "4c87bec785d47d6d0754"
+
+
+def test_a_capped_pair_s_guideline_is_no_in_batch_negative_of_its_prompt():
+    """The cap leaves out pairs of the most popular guidelines; their prompts still have those
+    guidelines, so no batch may hold another pair whose positive is one of them (a skewed set:
+    64% of the kept pairs had such a false negative when only the kept pairs were counted)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from guidealign.retrieval.sampler import no_false_negatives_sampler
+    from guidealign.retrieval.train import training_pairs
+
+    pids, gids = _skewed_pairs(600, 150)
+    train = pa.table({"prompt_id": pids, "prompt": [f"prompt {p}" for p in pids], "guideline_id": gids})
+    doc_of = {g: f"guideline text {g}" for g in set(gids)}
+    rc = load_config(None, ["retriever.max_prompts_per_guideline=auto", "retriever.batch_size=32"]).retriever
+    anchors, positives, positives_of = training_pairs(train, doc_of, rc)
+    assert len(anchors) < len(pids)  # the cap left pairs out
+    own = {}
+    for p, g in zip(pids, gids):
+        own.setdefault(f"prompt {p}", set()).add(doc_of[g])
+    assert positives_of == own
+    ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    sampler = no_false_negatives_sampler(positives_of)(ds, batch_size=32, drop_last=False, seed=rc.seed)
+    false, pairs = 0, 0
+    for batch in sampler:
+        for i in batch:
+            pairs += 1
+            false += bool(own[anchors[i]] & {positives[j] for j in batch if j != i})
+    assert pairs == len(anchors) and false == 0
+
+
+def test_a_cap_changes_the_fingerprint_no_cap_keeps_it():
+    cfg = load_config(None, [])
+    base = retriever_fingerprint(cfg.retriever, "v1")
+    assert base == retriever_fingerprint(load_config(None, ["retriever.max_prompts_per_guideline=0"]).retriever, "v1")
+    capped = retriever_fingerprint(load_config(None, ["retriever.max_prompts_per_guideline=auto"]).retriever, "v1")
+    assert capped != base

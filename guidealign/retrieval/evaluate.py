@@ -28,11 +28,15 @@ class EvalSet:
     doc_ids: list[str]            # library guideline ids, row order
     docs: list[str]               # library texts to embed (title: text)
     safety: np.ndarray            # bool per library row: kind == "safety"
+    twins_left_out: int = 0       # held-out prompts left out: a training prompt's twin
 
 
-def build_eval_set(library, heldout, max_queries: int = 0) -> EvalSet:
-    """``library``: table with guideline_id, title, text, kind; ``heldout``: pairs table."""
+def build_eval_set(library, heldout, max_queries: int = 0, train=None) -> EvalSet:
+    """``library``: table with guideline_id, title, text, kind; ``heldout``: pairs table;
+    ``train``: the training pairs, whose prompts' twins (``split.twin_key``: the same words)
+    are left out of the queries."""
     from guidealign.retrieval.embed import doc_text
+    from guidealign.retrieval.split import trained_twins
 
     ids = library.column("guideline_id").to_pylist()
     row_of = {g: i for i, g in enumerate(ids)}
@@ -46,10 +50,16 @@ def build_eval_set(library, heldout, max_queries: int = 0) -> EvalSet:
         if gid in row_of:
             q[2].add(row_of[gid])
     keys = sorted(k for k, v in by_prompt.items() if v[2])
+    twins = 0
+    if train is not None and keys:
+        twin = trained_twins([by_prompt[k][0] for k in keys], train.column("prompt").to_pylist())
+        twins = sum(twin)
+        keys = [k for k, t in zip(keys, twin) if not t]
     if max_queries and len(keys) > max_queries:
         keys = keys[:max_queries]  # prompt ids are hashes: a deterministic, unbiased subset
     return EvalSet(queries=[by_prompt[k][0] for k in keys], risky=[by_prompt[k][1] for k in keys],
-                   relevant=[by_prompt[k][2] for k in keys], doc_ids=ids, docs=docs, safety=safety)
+                   relevant=[by_prompt[k][2] for k in keys], doc_ids=ids, docs=docs, safety=safety,
+                   twins_left_out=twins)
 
 
 ScoreFn = Callable[[list[str]], np.ndarray]  # queries -> (len(queries), n_docs) scores

@@ -3,8 +3,11 @@ is evaluated on and never trained on."""
 from __future__ import annotations
 
 import hashlib
+import re
 
 from guidealign.retrieval.embed import normalize_text
+
+_WORD = re.compile(r"\w+")
 
 
 def is_heldout(prompt_id: str, fraction: float) -> bool:
@@ -24,3 +27,18 @@ def heldout_flags(prompt_ids: list[str], texts: list[str], fraction: float) -> l
         if k not in group or pid < group[k]:
             group[k] = pid
     return [is_heldout(group[k], fraction) for k in keys]
+
+
+def twin_key(text: str) -> str:
+    """A prompt's words alone (``normalize_text``, then punctuation and symbols left out):
+    "Explain how to pick a lock." and "explain how to pick a lock?" share it."""
+    return " ".join(_WORD.findall(normalize_text(text or "")))
+
+
+def trained_twins(heldout_texts: list[str], train_texts: list[str]) -> list[bool]:
+    """Which held-out prompts have a twin among the training prompts by :func:`twin_key` (a
+    red-team set holds many such variants, and the split hashes ids, so a variant that differs
+    in punctuation alone can land in the other split: as a held-out query it would be a
+    training anchor, and the held-out figures would flatter the retriever)."""
+    trained = {twin_key(t) for t in train_texts}
+    return [twin_key(t) in trained for t in heldout_texts]

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guidealign.config.retrieval import RETRIEVER_PERFORMANCE, RETRIEVER_RESUME
@@ -96,10 +97,30 @@ def retriever_fingerprint(rc, library_version: str) -> str:
     train = {k: v for k, v in at_defaults(rc, perf).items() if k not in EVAL_KEYS + RETRIEVER_RESUME}
     if not train.get("max_prompts_per_guideline"):  # 0, no cap: the fingerprint from before the key
         train.pop("max_prompts_per_guideline", None)
-    return fingerprint("retriever-v4", train, library_version)
+        return fingerprint("retriever-v4", train, library_version)
+    # v5, with a cap only: a prompt's guidelines whose pairs the cap left out are no in-batch
+    # negatives of it either (before, 64% of the capped pairs of a skewed set had one)
+    return fingerprint("retriever-v5", train, library_version)
 
 
 AUTO_CAP_MIN = 16
+
+
+def training_pairs(train: pa.Table, doc_of: dict, rc) -> tuple[list[str], list[str], dict[str, set[str]]]:
+    """(anchors, positives, every guideline text of each anchor) of the training pairs
+    (``prompt``, ``prompt_id``, ``guideline_id`` columns), capped per guideline
+    (``retriever.max_prompts_per_guideline``). The third counts the capped pairs too: a
+    prompt's guideline whose pair the cap left out must not be an in-batch negative of it."""
+    prompts, gids = train.column("prompt").to_pylist(), train.column("guideline_id").to_pylist()
+    positives_of: dict[str, set[str]] = {}
+    for a, g in zip(prompts, gids):
+        positives_of.setdefault(a, set()).add(doc_of[g])
+    keep, cap = capped_pairs(train.column("prompt_id").to_pylist(), gids, rc.max_prompts_per_guideline,
+                             rc.batch_size, rc.seed)
+    if len(keep) < len(prompts):
+        log.info("retriever: %d of %d training pairs left out, at most %d prompts per guideline "
+                 "(retriever.max_prompts_per_guideline)", len(prompts) - len(keep), len(prompts), cap)
+    return [prompts[i] for i in keep], [doc_of[gids[i]] for i in keep], positives_of
 
 
 def capped_pairs(prompt_ids: list[str], guideline_ids: list[str], cap: int | str, batch_size: int,
@@ -127,7 +148,9 @@ def capped_pairs(prompt_ids: list[str], guideline_ids: list[str], cap: int | str
 
 def eval_fingerprint(rc) -> str:
     """The fingerprint of the evaluation settings the metrics were computed with."""
-    return fingerprint("retriever-eval-v1", {k: getattr(rc, k) for k in EVAL_KEYS})
+    # v2: held-out prompts with a training twin (the same words) left out: a retriever trained
+    # before is evaluated again, not retrained
+    return fingerprint("retriever-eval-v2", {k: getattr(rc, k) for k in EVAL_KEYS})
 
 
 def _train(model, train_ds, rc, out: Path, progress: bool, sampler, resume: Path | None = None) -> int:
@@ -206,29 +229,19 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     doc_of = {g: doc_text(t, x) for g, t, x in zip(library.column("guideline_id").to_pylist(),
                                                     library.column("title").to_pylist(),
                                                     library.column("text").to_pylist())}
-    keep, cap = capped_pairs(train.column("prompt_id").to_pylist(), train.column("guideline_id").to_pylist(),
-                             rc.max_prompts_per_guideline, rc.batch_size, rc.seed)
-    capped = train.num_rows - len(keep)
-    if capped:
-        log.info("retriever: %d of %d training pairs left out, at most %d prompts per guideline "
-                 "(retriever.max_prompts_per_guideline)", capped, train.num_rows, cap)
-        train = train.take(keep)
-    anchors = train.column("prompt").to_pylist()
-    positives = [doc_of[g] for g in train.column("guideline_id").to_pylist()]
+    anchors, positives, positives_of = training_pairs(train, doc_of, rc)
+    capped, n_pairs = train.num_rows - len(anchors), len(anchors)
     # in-batch negatives need a batch of two pairs with other prompts and other guidelines;
     # without one, every batch holds a single pair, the loss is 0 at every step and the
     # "fine-tuned" encoder would be the base one, saved and evaluated as if trained
     if len(set(anchors)) < 2 or len(set(positives)) < 2:
         raise RuntimeError(
-            f"{lib}/pairs/train.parquet holds {train.num_rows} pair(s) with {len(set(anchors))} distinct "
+            f"{lib}/pairs/train.parquet holds {n_pairs} pair(s) with {len(set(anchors))} distinct "
             f"prompt(s) and {len(set(positives))} distinct guideline(s): in-batch-negative training "
             "(MultipleNegativesRankingLoss) needs at least 2 of each, or it learns nothing")
     from datasets import Dataset
 
     train_ds = Dataset.from_dict({"anchor": anchors, "positive": positives})
-    positives_of: dict[str, set[str]] = {}
-    for a, p in zip(anchors, positives):
-        positives_of.setdefault(a, set()).add(p)
     # the same check for the batches themselves: two prompts that share all their guidelines
     # pass the one above, yet no two of their pairs may share a batch (each pair's guideline
     # is the other prompt's too), so every batch would again hold a single pair
@@ -250,7 +263,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     del probe
 
     model = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length, float32=True)
-    es = build_eval_set(library, heldout, rc.max_eval_queries)
+    es = build_eval_set(library, heldout, rc.max_eval_queries, train)
     base = _evaluate(rc, es, base=model)  # before training changes the model
     ckpt_dir = checkpoint_dir(workdir, fp)
     resume = resume_point(ckpt_dir)
@@ -262,16 +275,17 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
         results = {**base, **_evaluate(rc, es, tuned=model)}
         table = _table(results, rc)
         seconds = time.perf_counter() - t0
-        metrics = {"systems": results, "train_pairs": train.num_rows, "pairs_capped": capped, "steps": steps,
+        metrics = {"systems": results, "train_pairs": n_pairs, "pairs_capped": capped, "steps": steps,
+                   "heldout_twins_left_out": es.twins_left_out,
                    "library_version": version, "base_model": rc.base_model, "loss": rc.loss,
                    "seconds": round(seconds, 2)}
         write_json_atomic(tmp / "metrics.json", json.dumps(metrics, indent=1))
-    mark_done(dst, fingerprint=fp, rows=train.num_rows, seconds=seconds, metrics=results,
-              train_pairs=train.num_rows, pairs_capped=capped, steps=steps, library_version=version, table=table,
-              eval_fingerprint=efp, base_model=rc.base_model,
+    mark_done(dst, fingerprint=fp, rows=n_pairs, seconds=seconds, metrics=results,
+              train_pairs=n_pairs, pairs_capped=capped, steps=steps, library_version=version, table=table,
+              eval_fingerprint=efp, base_model=rc.base_model, heldout_twins_left_out=es.twins_left_out,
               resumed_from_step=resumed_at)
     remove_checkpoints(workdir)  # finished: resume points are not needed
-    rep = RetrieverReport(train_pairs=train.num_rows, steps=steps, metrics=results, table=table,
+    rep = RetrieverReport(train_pairs=n_pairs, steps=steps, metrics=results, table=table,
                           seconds=seconds, resumed_from_step=resumed_at)
     log.info(rep.summary())
     return rep
@@ -308,9 +322,10 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
     set_threads(rc.threads)
     library, _ = read_library(workdir)
     heldout = pq.read_table(library_dir(workdir) / "pairs" / "heldout.parquet")
-    base = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length)
+    train = pq.read_table(library_dir(workdir) / "pairs" / "train.parquet", columns=["prompt"])
+    base = load_encoder(rc.base_model, max_seq_length=rc.max_seq_length, float32=True)  # as first evaluated
     tuned = load_encoder(str(model_dir(workdir)), max_seq_length=rc.max_seq_length)
-    es = build_eval_set(library, heldout, rc.max_eval_queries)
+    es = build_eval_set(library, heldout, rc.max_eval_queries, train)
     results = {**_evaluate(rc, es, base=base), **_evaluate(rc, es, tuned=tuned)}
     dst = retriever_dir(workdir)
     metrics_path = dst / "metrics.json"
@@ -318,7 +333,7 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
         metrics = json.loads(metrics_path.read_text())
     except (OSError, json.JSONDecodeError):
         metrics = {}
-    metrics["systems"] = results
+    metrics["systems"], metrics["heldout_twins_left_out"] = results, es.twins_left_out
     # _done.json lists metrics.json's checksum: unlisted first (the old evaluation fingerprint
     # kept, so a rerun evaluates again), so that a kill before the new _done.json is written
     # leaves no checksum that `verify` would report (and --repair retrain for)
@@ -327,7 +342,8 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
     write_json_atomic(metrics_path, json.dumps(metrics, indent=1))
     extra = {k: v for k, v in done.items() if k not in ("fingerprint", "rows", "seconds", "created",
                                                        "threads", "files")}
-    extra.update(metrics=results, table=_table(results, rc), eval_fingerprint=efp)
+    extra.update(metrics=results, table=_table(results, rc), eval_fingerprint=efp,
+                 heldout_twins_left_out=es.twins_left_out)
     log.info("retriever: re-evaluated with the new evaluation settings in %.0fs (not retrained)",
              time.perf_counter() - t0)
     return mark_done(dst, fingerprint=done["fingerprint"], rows=done.get("rows", 0),
