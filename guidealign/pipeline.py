@@ -76,6 +76,7 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
               progress: bool, echo) -> dict:
     from guidealign.executors import claims_assignment
     from guidealign.core.stage_child import run_in_child
+    from guidealign.shards.failure import set_step
 
     from guidealign.ray_workers import LazyEngine
 
@@ -100,6 +101,7 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
                         _stop_engine(llm, echo, f"before {stage.name}")
                     llm = None
                 echo(f"== {stage.name}")
+                set_step(stage.name)  # a failure marker names the stage, not only "run"
                 t = time.perf_counter()
                 if child and stage.cuda_here:
                     rep = run_in_child(stage.fn, cfg, workdir, rank=rank, world_size=world_size,

@@ -160,8 +160,11 @@ def failed_ranks(workdir: str | Path, rows: list[dict] | None = None) -> list[st
             who += f" of {m['world_size']}"
         lines = [ln for ln in str(m.get("error", "")).strip().splitlines() if ln.strip()]
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(m.get("created", 0))))
+        where = m.get("stage") or "a stage"
+        if m.get("step"):  # a whole run, in this stage
+            where += f" (in {m['step']})"
         out.append((float(m.get("created", 0)),
-                    f"{who} failed in {m.get('stage') or 'a stage'} on {m.get('host', '?')} at {when}: "
+                    f"{who} failed in {where} on {m.get('host', '?')} at {when}: "
                     f"{lines[-1] if lines else 'no error recorded'}"))
     return [line for _, line in sorted(out)]
 

@@ -188,15 +188,16 @@ def test_failed_worker_is_reported_and_a_rerun_redoes_only_missing_shards(ray_lo
 
 @pytest.mark.timeout(900)  # the old code waited 1800 s: fail instead of hanging the suite
 def test_a_ray_workers_wait_ends_on_the_configured_stall_clock(ray_local, ingested):
-    """Ray workers ran their stage outside the fail-fast guard: `retrieve` on a run with no
-    index waited on the built-in 30-minute stall clock whatever executor.stall_timeout_s said."""
-    from guidealign.retrieval.retrieve import run_retrieve
+    """Ray workers ran their stage outside the fail-fast guard: `index` on a run with no
+    library (rank 0 waits for the library, rank 1 for rank 0's index) waited on the built-in
+    30-minute stall clock whatever executor.stall_timeout_s said."""
+    from guidealign.retrieval.index import run_index
 
     cfg = ray_cfg(num_cpus=1)
     cfg.executor.stall_timeout_s = 3
     cfg.executor.ray_max_restarts = 0
     with pytest.raises(ExecutorError, match=r"Stalled: no progress on .* for 3s \(executor.stall_timeout_s\)"):
-        run_stage(run_retrieve, cfg, ingested, n_workers=2, progress=False)
+        run_stage(run_index, cfg, ingested, n_workers=2, progress=False)
 
 
 @pytest.mark.timeout(900)
@@ -206,17 +207,17 @@ def test_an_earlier_runs_failure_marker_under_the_same_run_id_does_not_stop_a_ra
     that failed: its leftover marker stopped the new Ray workers' waits with the old error (for
     good when that rank is not in the new run: an earlier run on 4 workers, this one on 2; else
     until the rank clears its own). The driver starts every rank, so it clears the markers
-    first; the wait here ends on its stall clock instead (no index: nothing ever comes)."""
-    from guidealign.retrieval.retrieve import run_retrieve
+    first; the wait here ends on its stall clock instead (no library: nothing ever comes)."""
+    from guidealign.retrieval.index import run_index
     from guidealign.shards.failure import mark_failed
 
     monkeypatch.setenv("GUIDEALIGN_RUN_ID", "fixed-id")
-    mark_failed(ingested, 3, "an error of the earlier run", stage="retrieve", world_size=4)
+    mark_failed(ingested, 3, "an error of the earlier run", stage="index", world_size=4)
     cfg = ray_cfg(num_cpus=1)
     cfg.executor.stall_timeout_s = 3
     cfg.executor.ray_max_restarts = 0
     with pytest.raises(ExecutorError) as e:
-        run_stage(run_retrieve, cfg, ingested, n_workers=2, progress=False)
+        run_stage(run_index, cfg, ingested, n_workers=2, progress=False)
     assert "an error of the earlier run" not in str(e.value) and "Stalled" in str(e.value)
 
 

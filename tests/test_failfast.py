@@ -69,10 +69,11 @@ def test_a_failing_rank_makes_the_waiting_ranks_exit_with_its_error(tmp_path):
         assert lead.returncode != 0 and "no such file or directory" in lead_err
         marker = json.loads((wd / "_failed" / "rank-00000.json").read_text())
         assert marker["rank"] == 0 and "missing.jsonl" in marker["error"]
+        assert (marker["stage"], marker["step"]) == ("run", "ingest")  # the stage the run was in
         for p in waiters:
             _, err = p.communicate(timeout=120)  # hang guard: the wait polls every 5 s
             assert p.returncode != 0
-            assert "RankFailed: rank 0 failed in run" in err and "missing.jsonl" in err
+            assert "RankFailed: rank 0 failed in run (in ingest)" in err and "missing.jsonl" in err
     finally:
         for p in waiters:
             if p.poll() is None:

@@ -280,3 +280,17 @@ def test_a_failure_marker_of_a_whole_run_or_a_child_stage_finished_since_is_not_
     (w / "run.json").write_text(json.dumps({"stages": ["ingest"], "rank": 0, "world_size": 4}))
     res = CliRunner().invoke(cli, ["status", str(w)])
     assert res.exit_code == 0 and "FAILED" not in res.output, res.output
+
+
+def test_status_names_the_stage_a_failed_run_was_in(tmp_path):
+    """A `run` rank's failure marker names the stage it failed in, beside "run" (in a SLURM
+    array every failed rank said only "failed in run")."""
+    from guidealign.shards.failure import guard, set_step
+
+    w = tmp_path / "run"
+    with pytest.raises(ValueError):
+        with guard(w, 3, 8, stage="run"):
+            set_step("detect")
+            raise ValueError("CUDA out of memory")
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert res.exit_code == 1 and "rank 3 of 8 failed in run (in detect)" in res.output, res.output

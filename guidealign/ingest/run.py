@@ -414,6 +414,11 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
         out.close()
         seen.close()
         bar.close()
+    if rep.rows == 0:  # the stages after it refuse an empty set before they start an engine
+        log.warning("ingest kept no prompt: %d row(s) read, %d quarantined (%s; each row's reason in %s), "
+                    "%d duplicate(s)", rep.rows_in, rep.quarantined,
+                    ", ".join(f"{k}: {v}" for k, v in sorted(rep.reasons.items())) or "none",
+                    dst / "quarantine", rep.duplicates)
     retire_shards_from(dst, rep.shards)  # what a previous run with more input left
     rep.seconds = time.perf_counter() - t0
     write_manifest(dst, stage=dataset, num_shards=rep.shards, fingerprint=run_fp,

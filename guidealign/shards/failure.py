@@ -133,11 +133,12 @@ def failure_path(workdir: str | Path, rank: int | None) -> Path:
 
 
 def mark_failed(workdir: str | Path, rank: int | None, error: str, *, stage: str = "",
-                world_size: int | None = None, pid: int | None = None) -> Path:
-    """Record that ``rank`` failed (atomic; overwrites an older marker of the same rank)."""
+                world_size: int | None = None, pid: int | None = None, step: str = "") -> Path:
+    """Record that ``rank`` failed (atomic; overwrites an older marker of the same rank).
+    ``step``: the stage a whole ``run`` was in (``stage`` is then "run")."""
     p = failure_path(workdir, rank)
     p.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(p, {"rank": rank, "world_size": world_size, "stage": stage,
+    write_json_atomic(p, {"rank": rank, "world_size": world_size, "stage": stage, "step": step,
                           "error": error[-4000:], "host": socket.gethostname(),
                           "pid": pid or os.getpid(), "run_id": run_id(), "attempt": attempt(),
                           "job": job(), "created": time.time()})
@@ -213,7 +214,8 @@ def raise_if_failed(workdir: str | Path, waiting_for: str = "") -> None:
     if found:
         m = found[0]
         more = f" (and {len(found) - 1} more rank(s))" if len(found) > 1 else ""
-        raise RankFailed(f"rank {m.get('rank')} failed in {m.get('stage') or 'its stage'} on "
+        step = f" (in {m['step']})" if m.get("step") else ""
+        raise RankFailed(f"rank {m.get('rank')} failed in {m.get('stage') or 'its stage'}{step} on "
                          f"{m.get('host')} (pid {m.get('pid')}){more}: {m.get('error', '').strip()}"
                          + (f"; stopped waiting for {waiting_for}" if waiting_for else ""))
 
@@ -235,6 +237,7 @@ class _Context:
     started: float | None = None
     handed: bool = False
     written: tuple | None = None  # (host, pid) of this process's last beat
+    step: str = ""  # the stage a whole `run` is in (set_step), named in its failure marker
     conflict: str | None = None
 
 
@@ -244,6 +247,13 @@ _LOCK = threading.Lock()
 
 def stall_timeout() -> float:
     return _CTX.stall_timeout_s if _CTX else DEFAULT_STALL_S
+
+
+def set_step(name: str) -> None:
+    """Say which stage this rank's ``run`` is in now: a failure marker names it beside "run"
+    (heartbeats keep the guard's stage: two processes of one rank are told apart by it)."""
+    if _CTX is not None:
+        _CTX.step = name
 
 
 def context() -> _Context | None:
@@ -360,7 +370,8 @@ def guard(workdir: str | Path | None, rank: int | None = None, world_size: int |
         if _is_failure(e):
             err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
             try:
-                mark_failed(ctx.workdir, rank, err, stage=stage, world_size=world_size)
+                mark_failed(ctx.workdir, rank, err, stage=stage, world_size=world_size,
+                            step=ctx.step if ctx.step != stage else "")
             except OSError as oe:
                 log.warning("could not write the failure marker: %s", oe)
         raise

@@ -77,6 +77,20 @@ def shard_fingerprint(config_fp: str, src: str | Path, index: int) -> str:
     return make_fp(config_fp, m.sha256)
 
 
+def _refuse_empty(stage: str, src: str | Path, n: int) -> None:
+    """A stage with an expensive function (an engine) refuses an input that holds no row at all:
+    it would start the engine (minutes of a GPU node for a large model) to write empty shards,
+    and the stages after it fail on nothing anyway. A shard not committed yet decides nothing
+    (the fingerprint check says so, with its own message)."""
+    markers = [read_marker(src, i) for i in range(n)]
+    if all(m is not None and m.rows == 0 for m in markers):
+        quarantined = sum(m.quarantined for m in markers)
+        raise RuntimeError(
+            f"{stage}: its input {src} holds no rows ({n} empty shard(s)"
+            + (f", {quarantined} row(s) quarantined: each one's reason in {Path(src) / 'quarantine'}" if quarantined else "")
+            + "): nothing to generate; fix the input (or the stage before it) and run again")
+
+
 def map_shards(
     stage: str,
     src: str | Path,
@@ -109,6 +123,8 @@ def map_shards(
             or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     n = input_num_shards(src)
+    if make_fn is not None:
+        _refuse_empty(stage, src, n)
     # an earlier run over a larger input left shards n and up; readers take every shard. They
     # go before the manifest says n: a crash between the two must leave a dataset that is
     # incomplete under its old manifest, never one complete under the new with extras beside.
