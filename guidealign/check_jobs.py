@@ -122,7 +122,7 @@ def other_rows(cfg, stages: list[str] | None = None, workdir: str | None = None)
             where = "" if os.path.isabs(pat) else f" (relative paths are read from {os.getcwd()})"
             rows.append(Row("inputs", f"{key}: {pat}", OK if files else missing,
                             f"{len(files)} file(s)" if files else why + where))
-    if stages is not None and "push" in stages and not cfg.push.repo_id:
+    if stages is not None and "push" in stages and not cfg.push.repo_id and not cfg.push.model_repo_id:
         # `run --stages push` runs it without a repo id, and it fails after every other stage
         rows.append(Row("push", "push.repo_id", FAIL,
                         "empty, yet push is among the stages run: set push.repo_id (the dataset "

@@ -35,6 +35,23 @@ def _detect_rows(dataset: Path, index: int, columns: list[str]) -> tuple[dict, s
     return {r["id"]: r for r in t.select(["id", *cols]).to_pylist()}, set()
 
 
+def _damaged(dataset: Path, index: int) -> str | None:
+    """What is wrong with committed shard ``index``'s file, when its size is not the one its
+    marker records (cut short, or grown); None when it matches or is not committed."""
+    from guidealign.shards.layout import shard_path
+
+    marker = read_marker(dataset, index)
+    if marker is None:
+        return None
+    try:
+        size = shard_path(dataset, index).stat().st_size
+    except FileNotFoundError:
+        return "is committed but its file is missing"
+    if size != marker.bytes:
+        return f"is committed but its file has {size} bytes, not the {marker.bytes} its marker records (cut short?)"
+    return None
+
+
 def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
              stage: str = "respond") -> list[dict]:
     w = Path(workdir)
@@ -49,6 +66,9 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
     else:
         i = shard
     if i not in done:
+        if (why := _damaged(w / stage, i)):
+            raise RuntimeError(f"{w / stage}: shard {i} {why}; run `guidealign verify {w} --repair`, "
+                               "then rerun the stage to write it again")
         shown = ", ".join(map(str, done[:10])) + (" ..." if len(done) > 10 else "")
         raise RuntimeError(f"{w / stage}: shard {i} is not committed under the current config "
                            f"(committed: {shown})")

@@ -86,5 +86,7 @@ def get(name: str) -> Stage:
 
 
 def run_stages(cfg) -> list[Stage]:
-    """`guidealign run`'s stages in order (push only when push.repo_id is set)."""
-    return [s for s in STAGES if s.in_run and (s.name != "push" or cfg.push.repo_id)]
+    """`guidealign run`'s stages in order (push only when push.repo_id or push.model_repo_id is
+    set: the model repo alone pushes the model alone)."""
+    return [s for s in STAGES if s.in_run
+            and (s.name != "push" or cfg.push.repo_id or cfg.push.model_repo_id)]

@@ -307,6 +307,26 @@ def test_push_model_public(tmp_path, workdir):
         assert len(hub.state.lfs_uploads) == n_puts + 1  # the shard only; the model was there
 
 
+def test_push_model_repo_id_alone_pushes_the_model_alone(tmp_path, workdir):
+    """`run` with push.model_repo_id and no push.repo_id skipped push without a word."""
+    m = workdir / "sft" / "model"
+    m.mkdir(parents=True)
+    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (m / "model.safetensors").write_bytes(os.urandom(1000))
+    (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))
+    make_run(workdir, shards=1)
+    script = ("import sys; from guidealign.config import load_config; "
+              "from guidealign.hub.push import run_push; "
+              "cfg = load_config(None, ['push.model_repo_id=org/labrador-only']); "
+              "print('REPORT', run_push(cfg, sys.argv[1]).summary())")
+    with HubServer(token=TOKEN) as hub:
+        p = run([sys.executable, "-c", script, str(workdir)], hub_env(hub, tmp_path))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "REPORT push model org/labrador-only" in p.stdout, p.stdout
+        assert "model.safetensors" in hub.files("org/labrador-only", "model")
+        assert not [r for r in hub.state.repos if r[0] == "dataset"]  # no dataset pushed
+
+
 def test_interrupted_push_resumes_without_reuploading(tmp_path, workdir):
     make_run(workdir, shards=5, rows=40)
     shas = {read_marker(workdir / "respond", i).sha256 for i in range(5)}

@@ -59,12 +59,22 @@ def status(workdir, as_json):
 @click.option("--stage", default="respond", show_default=True, help="Response stage to read.")
 def show(workdir, count, shard, stage):
     """Print examples: prompt -> risk verdict -> retrieved guidelines -> response."""
+    import pyarrow as pa
+
     from guidealign.show import examples, render
 
     try:
         click.echo(render(examples(workdir, count, shard, stage)))
     except RuntimeError as e:
         raise click.ClickException(str(e)) from e
+    except (OSError, pa.ArrowException) as e:  # a shard file cut short, damaged or unreadable
+        log.debug("show failed", exc_info=True)
+        what = f"shard {shard}" if shard is not None else "a shard"
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise click.ClickException(
+            f"cannot read {what} of {stage} (or detect) in {workdir}, damaged or cut short? "
+            f"({type(e).__name__}: {first}); run `guidealign verify {workdir} --repair`, then "
+            "rerun the stage it names to write the shard again") from e
 
 
 @cli.group()
@@ -102,7 +112,8 @@ def config_show(config_path, overrides):
 @click.option("--no-check", is_flag=True, help="Skip the preflight (`guidealign check`) run first.")
 @stage_options
 def run(workdir, cfg, rank, world_size, no_progress, stages, no_check):
-    """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set)."""
+    """Run the whole pipeline: ingest ... respond, sft (and push when push.repo_id is set, then
+    the model too when push.model_repo_id is set; the model alone with push.model_repo_id alone)."""
     from guidealign.pipeline import choose, run_pipeline
     from guidealign.shards.ranks import array_refusal, batch_script_refusal
 

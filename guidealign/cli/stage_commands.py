@@ -64,8 +64,54 @@ def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
 
     if encoding:
         cfg.ingest.encoding = encoding
+    if into is not None and (why := _not_an_ingest_dataset(workdir, into)):
+        raise click.UsageError(why)
     run_stage_command("ingest", cfg, workdir, rank, world_size, no_progress,
                       errors=(IngestError, ValueError), inputs=list(inputs) or None, dataset=into)
+
+
+# the columns of a dataset ingest writes (a prompt set)
+_PROMPT_COLUMNS = {"id", "prompt", "source", "metadata"}
+
+
+def _not_an_ingest_dataset(workdir, into: str) -> str | None:
+    """Why ``--into`` must not name WORKDIR/<into>, or None: it holds another stage's output
+    (respond, detect, an export, a model or index), which the ingest would replace. An
+    earlier ingest's dataset (its manifest lists the input files; or, when an ingest was cut
+    short before its manifest, shards of prompt columns only) may be ingested into again."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from guidealign.ingest.readers import _RUN_FILES
+    from guidealign.shards import read_manifest
+
+    d = Path(workdir) / into
+    if into in (".", "..") or "/" in into or os.sep in into or not d.is_dir():
+        return None  # a new dataset; ingest refuses a name that is not one folder name
+    where = f"--into {into}: {d}"
+    hint = "ingest into a new dataset name (or the run's prompts / prompts-sft)"
+    if (d / "_done.json").exists():
+        return f"{where} holds a stage's model, index or report (its _done.json), not prompts: {hint}"
+    if into in _RUN_FILES:
+        return f"{where} holds the run's own records (push reports, failure markers), not prompts: {hint}"
+    man = read_manifest(d)
+    if man is not None:
+        if "files" in man:  # what ingest writes: the input files it read
+            return None
+        return (f"{where} holds the dataset of stage {man.get('stage', '?')!r}, which this ingest "
+                f"would overwrite: {hint}")
+    for shard in sorted(d.glob("shard-*.parquet")):
+        try:
+            names = set(pq.read_schema(shard).names)
+        except Exception:  # noqa: BLE001 - damaged: the ingest rewrites it
+            continue
+        if not names <= _PROMPT_COLUMNS:
+            extra = ", ".join(sorted(names - _PROMPT_COLUMNS))
+            return (f"{where} holds shards of another stage than ingest (columns {extra}), which this "
+                    f"ingest would overwrite: {hint}")
+        break
+    return None
 
 
 def _template_errors() -> tuple:

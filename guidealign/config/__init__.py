@@ -349,8 +349,22 @@ def parse_overrides(items: typing.Iterable[str], schema=None) -> dict:
             # `--set respond.engine={model: X}` is the whole mapping, not keys to lay over the
             # file's: the file's chat_template and max_model_len must not stay
             value = Whole(value)
-        node[parts[-1]] = value
+        node[parts[-1]] = _over_earlier(node.get(parts[-1]), value)
     return out
+
+
+def _over_earlier(earlier, value):
+    """``value`` (an override) over what earlier overrides set at its key: a mapping merges into
+    an earlier mapping key by key, recursively (``--set engine.model=M --set 'engine={dtype:
+    float32}'`` keeps the model), the later value winning each key it names; anything else
+    replaces. The result is a ``Whole`` when either is one; an empty ``Whole`` ({} or null given
+    to a free-form mapping) still empties it."""
+    if not (isinstance(earlier, dict) and isinstance(value, dict)) or (isinstance(value, Whole) and not value):
+        return value
+    out = dict(earlier)
+    for k, v in value.items():
+        out[k] = _over_earlier(earlier.get(k), v)
+    return Whole(out) if isinstance(earlier, Whole) or isinstance(value, Whole) else out
 
 
 def to_dict(cfg) -> dict:

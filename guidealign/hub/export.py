@@ -69,6 +69,22 @@ def _check_columns(src: Path, n: int, columns: list[str]) -> None:
             return
 
 
+def _holds_a_run(out: Path, workdir: Path) -> str | None:
+    """Why ``out`` is a run directory, or None: it is ``workdir``, or a folder that holds a run
+    (its record run.json, or a stage's dataset or artifact directly under it)."""
+    if not out.is_dir():
+        return None
+    if out.resolve() == workdir.resolve():
+        return "is the run directory"
+    if (out / "run.json").is_file():
+        return "is a run directory (it holds run.json)"
+    for d in sorted(p for p in out.iterdir() if p.is_dir()):
+        # (earlier exports beside each other, WORKDIR/export/*, are no run)
+        if (d / "_done.json").is_file() or (read_manifest(d) or {}).get("stage", "export") != "export":
+            return f"holds the datasets of a run ({d.name}/)"
+    return None
+
+
 def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str | Path | None = None,
                columns: list[str] | None = None, fmt: str = "jsonl", rank: int = 0,
                world_size: int = 1, progress: bool = True) -> ExportReport:
@@ -79,6 +95,10 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
         raise ValueError(f"dataset {dataset!r}: name a dataset under the run directory (e.g. respond)")
     src = Path(workdir) / dataset
     out = Path(out) if out is not None else Path(workdir) / "export" / dataset
+    if why := _holds_a_run(out, Path(workdir)):
+        raise ValueError(f"--out {out} {why}: the export would write its shards and _stage.json "
+                         f"among the run's stage folders; export to a folder of its own (default: "
+                         f"{Path(workdir) / 'export' / dataset})")
     held = (read_manifest(out) or {}).get("stage", "export")
     if out.resolve() == src.resolve() or held != "export":  # its _stage.json would be overwritten
         raise ValueError(f"--out {out} holds the dataset of stage {held!r}: export to a new folder "

@@ -82,11 +82,17 @@ class PushReport:
 def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1,
              progress: bool = True) -> PushReport | None:
     """Push ``push.what`` (a stage under WORKDIR, "model", or a path) to ``push.repo_id``; then,
-    when it was a dataset and ``push.model_repo_id`` is set, the trained model there. Returns
-    the first push's report (rank 0; other ranks do nothing and get None)."""
+    when it was a dataset and ``push.model_repo_id`` is set, the trained model there (with
+    ``push.model_repo_id`` alone: the model only). Returns the first push's report (rank 0;
+    other ranks do nothing and get None)."""
     if rank != 0:
         return None
     pcfg = cfg.push
+    if not pcfg.repo_id and pcfg.model_repo_id:
+        with hub_progress(progress):
+            rep = push_one(cfg, workdir, "model", pcfg.model_repo_id, progress=progress)
+        log.info(rep.summary())
+        return rep
     if not pcfg.repo_id:
         raise PushError("no repo id: set push.repo_id (or give REPO_ID to `guidealign push`)")
     if world_size > 1:
