@@ -10,9 +10,9 @@ engine and for SFT (parameters x bytes, + gradients and Adam state for full fine
 disk for the run directory; the Hub token when push is configured (never printed), and a
 repo id when push runs; executor settings (Ray's resources are numbers); what SFT's trainer
 would refuse at its start (a LoRA merge under FSDP/DeepSpeed, the scheduler's name, the keys of
-``sft.trainer_args``). A check that raises (a prompt file that is not there, too many
-exemplars) is a FAIL row naming its key, never a traceback. ``guidealign run`` runs it first
-(``--no-check`` skips it).
+``sft.trainer_args``); the eval section as eval checks it (its preset, judges, templates). A
+check that raises (a prompt file that is not there, too many exemplars) is a FAIL row naming
+its key, never a traceback. ``guidealign run`` runs it first (``--no-check`` skips it).
 """
 from __future__ import annotations
 
@@ -371,7 +371,29 @@ def run_checks(cfg, workdir: str | None = None, gpus: list[str] | None = None,
         rows += guarded("SFT trainer", "sft", "", lambda: sft_rows(cfg))
     rows += guarded("disk", "run directory", "", lambda: [disk_row(cfg, workdir, sft_info)])
     rows += guarded("settings", "inputs, push and executor", "", lambda: other_rows(cfg, stages, workdir))
+    if stages is None or "eval" in stages:
+        rows += guarded("settings", "eval", "", lambda: eval_rows(cfg))
     return rows
+
+
+def eval_rows(cfg) -> list[Row]:
+    """The eval section as `guidealign eval` checks it before any work (eval.settings): the
+    benchmark preset, the judges, the aggregation keys, the templates. No benchmark file is
+    known here: ``eval.benchmark: auto`` is resolved per file when eval runs."""
+    from guidealign.eval.settings import EvalError, check_config, resolve_settings
+
+    ec, bad, st = cfg.eval, [], None
+    # each on its own, so that one row names every bad key (the judges also under a bad preset)
+    for fn in (lambda: check_config(ec), lambda: resolve_settings(ec, "benchmark.jsonl"),
+               lambda: resolve_settings(dataclasses.replace(ec, benchmark="auto"), "benchmark.jsonl")):
+        try:
+            st = fn() or st
+        except EvalError as e:
+            bad += [] if str(e) in bad else [str(e)]
+    if bad:
+        return [Row("settings", "eval", FAIL, "; ".join(bad))]
+    return [Row("settings", "eval", OK, f"benchmark {ec.benchmark}, judges "
+                + (", ".join(st.judges) if ec.judges or ec.benchmark != "auto" else "by the benchmark's preset"))]
 
 
 def render(rows: list[Row]) -> str:

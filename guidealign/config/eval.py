@@ -68,7 +68,9 @@ class EvalConfig:
     # responses are done.
     judge_model: str = "embedded:smollm2-135m-instruct"
     # The judge's chat template: a built-in name (gen/templates.py) or a Jinja file; None =
-    # the judge model's own (engine.chat_template belongs to the responder, never the judge).
+    # the judge model's own (engine.chat_template belongs to the responder, never the judge):
+    # its text counts in the judge's fingerprint, and a model with none is refused before
+    # anything is answered.
     judge_chat_template: str | None = None
     # Greedy judging, room for a short rationale and the verdict line.
     judge_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=512))
@@ -119,9 +121,11 @@ class EvalConfig:
     # script counts them nowhere: net win rate = (win - lose) / (win + tie + lose)) or "tie"
     # (kept in the total, pulling the rate towards 0). Either way they are counted and shown.
     unparsed: UnparsedPolicy = "exclude"
-    # Ingest merges repeated prompts (Do-Not-Answer and HHH each repeat one question). True:
-    # a prompt that appears k times in the file counts k times, so totals match the benchmark's
-    # row counts (939, 103) as the paper counts them; False: each distinct prompt counts once.
+    # Ingest merges repeated prompts (Do-Not-Answer and HHH each repeat one question: 938 and
+    # 102 distinct). True: a prompt that appears k times in the file counts k times, so totals
+    # match the files' row counts (939, 103); False: each distinct prompt counts once. For
+    # HHH the paper does not say what it counted (these questions, or the 221 answer pairs of
+    # its authors' retrieval inputs: eval/README.md).
     count_duplicates: bool = True
     # Items per judgment shard (the unit of resume; a pairwise item is judged in both orders).
     shard_rows: int = 256

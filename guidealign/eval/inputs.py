@@ -82,10 +82,11 @@ def row_weights(bench_path, icfg, category_field: str = "") -> dict[str, int]:
 
 
 def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: int) -> tuple[dict, dict]:
-    """Responses of one system, keyed by benchmark id. Rows are matched by id, else by the
-    hash of their prompt (ingest's id rule), so responses produced elsewhere line up.
+    """Responses of one system, keyed by benchmark id. A row is matched by its id (ingest's
+    prompt-hash id), else by the hash of its prompt (ingest's id rule), else by its id as the
+    benchmark file's own ``id`` (Do-Not-Answer's 1..939, HHH's ``harmless-0``; compared as
+    text), so responses produced elsewhere line up, also with a prompt reformatted there.
     Returns (id -> {response, finish_reason, model}, coverage counts)."""
-    from guidealign.core.ids import prompt_hash
     from guidealign.shards import committed, iter_tables, read_manifest, wait_complete
 
     path = Path(path)
@@ -98,6 +99,7 @@ def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: in
             raise EvalError(f"response directory {path}: {e}") from e
     if not committed(path):
         raise EvalError(f"{path} holds no committed response shards")
+    match = matcher(bench)
     out: dict[str, dict] = {}
     cov = {"rows": 0, "unmatched": 0, "duplicates": 0, "errors": 0, "empty": 0}
     for t in iter_tables(path):
@@ -109,10 +111,8 @@ def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: in
                 if c in ("id", "prompt", "response", "finish_reason", "model")}
         for i in range(t.num_rows):
             cov["rows"] += 1
-            rid, prompt = cols["id"][i], cols["prompt"][i]
-            if rid not in bench and prompt is not None:
-                rid = prompt_hash(prompt).hex()
-            if rid not in bench:
+            rid = match(cols["id"][i], cols["prompt"][i])
+            if rid is None:
                 cov["unmatched"] += 1
                 continue
             row = {"response": cols["response"][i],
@@ -133,6 +133,28 @@ def load_responses(path: str | Path, bench: dict[str, dict], cfg, world_size: in
     cov["matched"] = len(out)
     cov["missing"] = len(bench) - len(out)
     return out, cov
+
+
+def matcher(bench: dict[str, dict]):
+    """(row id, prompt) -> the benchmark question's key, or None: the row's id when it is one
+    (ingest's prompt-hash id), else the hash of its prompt (ingest's id rule), else its id as
+    the benchmark file's own ``id`` (compared as text; an id that two kept questions share
+    matches neither)."""
+    from guidealign.core.ids import prompt_hash
+
+    own: dict[str, str | None] = {}
+    for k, b in bench.items():
+        if b.get("bench_id") is not None:
+            bid = str(b["bench_id"])
+            own[bid] = None if bid in own else k
+
+    def match(rid, prompt) -> str | None:
+        if isinstance(rid, str) and rid in bench:
+            return rid
+        if prompt is not None and (h := prompt_hash(prompt).hex()) in bench:
+            return h
+        return own.get(str(rid)) if rid is not None else None
+    return match
 
 
 def usable(r: dict | None) -> bool:

@@ -60,26 +60,60 @@ def judge_fp(cfg, kind: str) -> str:
     # the wording actually sent (a change of the built-in wording re-judges too)
     template = (e.pairwise_template or PAIRWISE_TEMPLATE) if kind == "pairwise" \
         else (e.harm_template or HARM_TEMPLATE)
-    from guidealign.eval.generate import judge_engine, judge_is_responder, responder_engine
+    from guidealign.eval.generate import judge_engine
 
     # the settings of the engine that judges (respond.engine's keys over engine's)
     je = judge_engine(cfg)
-    # the chat template the judge renders with: a judge that reuses the responder's engine
-    # (same model, no template of its own configured) renders with the responder's template
-    template_name = e.judge_chat_template
-    if template_name is None and responder_engine(cfg).chat_template and judge_is_responder(cfg):
-        template_name = responder_engine(cfg).chat_template
+    template_name, model = judge_template(cfg)
     # v3: the vicuna_v1.1 template renders turns as FastChat does (no space after </s>); the
-    # template by its text (a hash), so editing a template file re-judges (None: the model's own)
+    # template by its text (a hash), so editing a template file re-judges; with none
+    # configured, the judge model's own template by its text too (and where it ends a turn)
     # TOKENIZATION: how PromptBuilder turns a judge prompt into ids (render_chat builds with it)
     from guidealign.gen.build import TOKENIZATION
     from guidealign.gen.outputs import counted_seed, turn_end
     from guidealign.gen.templates import template_hash
 
+    own = [] if template_name else [model_template(model)]
     return fingerprint(f"eval-{kind}-llm-v3", TOKENIZATION, e.judge_model, template_hash(template_name),
                        e.judge_sampling, e.max_response_tokens, template, e.judge_system or JUDGE_SYSTEM,
                        counted_seed(judge_seed(cfg), e.judge_sampling.temperature > 0), je.max_model_len,
-                       je.dtype, turn_end(template_name))
+                       je.dtype, turn_end(template_name), *own)
+
+
+def judge_template(cfg) -> tuple[str | None, str]:
+    """(the chat template the LLM judge renders with, the model it judges with): a judge that
+    reuses the responder's engine (same model, no template of its own configured) renders with
+    the responder's template; None = the model's own (from its tokenizer files)."""
+    from guidealign.eval.generate import judge_is_responder, responder_engine
+
+    e, r = cfg.eval, responder_engine(cfg)
+    if judge_is_responder(cfg):
+        return e.judge_chat_template or r.chat_template or None, r.model
+    return e.judge_chat_template or None, e.judge_model
+
+
+_OWN_TEMPLATES: dict = {}
+
+
+def model_template(model: str) -> dict:
+    """``gen.outputs.own_template`` of ``model`` (its own chat template's hash, where it ends a
+    turn; ``own_template`` None: it has none), read from its tokenizer files (no weights) and
+    kept while those files are unchanged; ``{"own_template": "unreadable"}`` when they cannot
+    be read here (building its engine would say why)."""
+    from guidealign.core.models import resolve
+    from guidealign.gen.outputs import own_template
+
+    try:
+        path = resolve(model)
+        d = Path(path)
+        key = (path, tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in d.iterdir()
+                                  if f.is_file() and f.suffix in (".json", ".jinja", ".model", ".txt"))
+                           ) if d.is_dir() else None)
+        if key not in _OWN_TEMPLATES:
+            _OWN_TEMPLATES[key] = own_template(model)
+    except (OSError, ValueError):  # not local, not in the Hub cache
+        return {"own_template": "unreadable"}
+    return _OWN_TEMPLATES[key]
 
 
 def judge_seed(cfg) -> int:
@@ -257,3 +291,19 @@ def judge_plans(cfg, judges: list[str], bench: dict, resp: dict, engines) -> dic
             lambda chunk: judge_pairwise(engines.judge(), chunk, ecfg, seed=judge_seed(cfg)),
             slots=list(bench))
     return plans
+
+
+def check_judge_template(cfg) -> None:
+    """Raise EvalError when the LLM judge cannot render a prompt: a configured template that
+    does not read, or none configured and its model has none of its own. Read from the
+    template and the model's tokenizer files only, before any answer or weight is loaded."""
+    from guidealign.gen.templates import BUILTIN, ChatTemplateError, template_hash
+
+    spec, model = judge_template(cfg)
+    try:
+        template_hash(spec)
+    except ChatTemplateError as e:
+        raise EvalError(f"eval.judge_chat_template: {e}") from e
+    if spec is None and model_template(model).get("own_template") is None:
+        raise EvalError(f"the eval judge {model} has no chat template of its own: set "
+                        f"eval.judge_chat_template (a built-in: {', '.join(BUILTIN)}, or a .jinja file)")

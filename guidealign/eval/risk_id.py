@@ -30,14 +30,15 @@ def library_kinds(library_workdir: Path) -> dict[str, str] | None:
 
 def retrieved_ids(path: Path, bench: dict[str, dict]) -> dict[str, list[str]] | None:
     """Benchmark id -> retrieved guideline ids (best first), read from shards that have a
-    ``guideline_ids`` column; rows are matched by id, else by prompt (ingest's id rule).
-    None when there is no such column."""
-    from guidealign.core.ids import prompt_hash
+    ``guideline_ids`` column; rows are matched as responses are (``inputs.matcher``: by id,
+    else by prompt, else by the benchmark's own id). None when there is no such column."""
+    from guidealign.eval.inputs import matcher
     from guidealign.shards import committed, iter_tables
 
     if not Path(path).is_dir() or not committed(path):
         return None
     out: dict[str, list[str]] = {}
+    match = matcher(bench)
     seen_column = False
     for t in iter_tables(path):
         if "guideline_ids" not in t.column_names:
@@ -45,9 +46,8 @@ def retrieved_ids(path: Path, bench: dict[str, dict]) -> dict[str, list[str]] | 
         seen_column = True
         for rid, prompt, gids in zip(t.column("id").to_pylist(), t.column("prompt").to_pylist(),
                                      t.column("guideline_ids").to_pylist()):
-            if rid not in bench and prompt is not None:
-                rid = prompt_hash(prompt).hex()
-            if rid in bench and rid not in out:
+            rid = match(rid, prompt)
+            if rid is not None and rid not in out:
                 out[rid] = [str(g) for g in gids or []]
     return out if seen_column else None
 

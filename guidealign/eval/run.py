@@ -90,6 +90,7 @@ def run_eval(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, pr
     check_config(ecfg)
     st = resolve_settings(ecfg, benchmark_file)
     workdir = Path(workdir)
+    _check_judge(cfg, st, llm, judge_llm)
     sub = workdir / "eval" / st.name
     sub.mkdir(parents=True, exist_ok=True)
     engines = Engines(cfg, llm=llm, judge_llm=judge_llm)
@@ -100,14 +101,29 @@ def run_eval(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1, pr
         engines.close()
 
 
+def _check_judge(cfg, st: Settings, llm, judge_llm) -> None:
+    """An LLM judge without a chat template fails here, not after the responses are made and
+    its weights loaded; an engine handed in (``judge_llm``, or ``llm`` when the judge reuses the
+    responder's) brings its own tokenizer and is not checked."""
+    from guidealign.eval.generate import judge_is_responder
+    from guidealign.eval.judging import check_judge_template
+
+    uses_llm = "pairwise" in st.judges or ("harmfulness" in st.judges and cfg.eval.harm_judge == "llm")
+    if uses_llm and judge_llm is None and not (llm is not None and judge_is_responder(cfg)):
+        check_judge_template(cfg)
+
+
 def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchmark_file, rank: int,
               world_size: int, progress: bool, t0: float) -> EvalReport | None:
     from guidealign.eval.generate import run_responses
-    from guidealign.eval.inputs import ingest_benchmark, load_benchmark, load_responses
+    from guidealign.eval.inputs import ingest_benchmark, load_benchmark, load_responses, usable
     from guidealign.eval.judging import judge_plans, judge_stage
 
     ingested = ingest_benchmark(cfg, sub, benchmark_file, rank, world_size, progress)
     bench = load_benchmark(sub, st.category_field)
+    if not bench:
+        raise EvalError(f"benchmark {benchmark_file} holds no question (the file is empty, or ingest "
+                        f"quarantined every row: see {sub / 'prompts'})")
 
     dirs = {}
     for cond, pre in (("guided", ecfg.guided_responses), ("unguided", ecfg.unguided_responses)):
@@ -117,8 +133,16 @@ def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchm
     for cond, d in dirs.items():
         resp[cond], coverage[cond] = load_responses(d, bench, cfg, world_size)
         coverage[cond]["dir"] = str(d)
+        _check_matched(cond, d, coverage[cond], bench)
 
     plans = judge_plans(cfg, st.judges, bench, resp, engines)
+    if not any(it for p in plans.values() for c in p.chunks for it in c):
+        raise EvalError(
+            f"nothing to judge: of {len(bench)} benchmark question(s), "
+            + ", ".join(f"{c} has {sum(usable(r) for r in resp[c].values())} usable response(s)"
+                        for c in resp)
+            + " (a judgment needs a response that did not fail; see the response directories "
+            + ", ".join(str(d) for d in dirs.values()) + ")")
     for p in plans.values():
         judge_stage(sub, p, cfg, rank, world_size, progress)
     if "pairwise" in plans:
@@ -139,8 +163,19 @@ def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchm
                              pairwise=rep.pairwise, benchmark=st.benchmark,
                              risk_id=rep.risk_identification)
     rep.seconds = time.perf_counter() - t0
-    _mark_done(rep, cfg, st, sub, len(bench))
+    _mark_done(rep, cfg, st, sub, len(bench), plans)
     return rep
+
+
+def _check_matched(cond: str, d: Path, cov: dict, bench: dict) -> None:
+    """A response set none of whose rows is a benchmark question is an error, not a report
+    of nothing."""
+    if cov["matched"]:
+        return
+    raise EvalError(
+        f"{cond} responses ({d}): none of their {cov['rows']} row(s) matches one of the "
+        f"{len(bench)} benchmark question(s) by id (the benchmark's own, or ingest's prompt "
+        "hash) or by prompt text: are they answers to this benchmark?")
 
 
 def _results(rep: EvalReport, cfg, st: Settings, workdir: Path, sub: Path, bench_path, plans: dict,
@@ -166,10 +201,9 @@ def _results(rep: EvalReport, cfg, st: Settings, workdir: Path, sub: Path, bench
                                                       bench, weights)
 
 
-def _mark_done(rep: EvalReport, cfg, st: Settings, sub: Path, rows: int) -> None:
+def _mark_done(rep: EvalReport, cfg, st: Settings, sub: Path, rows: int, plans: dict) -> None:
     """``_done.json``, written last: what the report was made with, its headline numbers and
     the checksums of its files (checked by ``guidealign verify``)."""
-    from guidealign.eval.judging import judge_fp
     from guidealign.shards import fingerprint, write_json_atomic
     from guidealign.shards.artifact_files import file_checksums
     from guidealign.shards.write import torch_threads
@@ -184,7 +218,9 @@ def _mark_done(rep: EvalReport, cfg, st: Settings, sub: Path, rows: int) -> None
         metrics["risk_identification_pct"] = rep.risk_identification["overall"]["pct"]
     files = {f"report/{k}": v for k, v in file_checksums(sub / "report").items()}
     write_json_atomic(sub / "_done.json", {
-        "fingerprint": fingerprint(judge_fp(cfg, "harm"), judge_fp(cfg, "pairwise"), st.judges,
+        # the judges that ran (their plans' fingerprints); one not run is None
+        "fingerprint": fingerprint(*(plans[k].config_fp if k in plans else None
+                                     for k in ("harm", "pairwise")), st.judges,
                                    ecfg.combine, ecfg.unparsed),
         "rows": rows, "seconds": round(rep.seconds, 3), "created": time.time(),
         "threads": torch_threads(), **metrics, "report": rep.files, "files": files})

@@ -12,7 +12,9 @@ gives one answer:
    by another (``Verdict: A, B or tie``, ``A, B``, ``harmless/harmful``; pairwise also ``A and
    B``, ``A = B``) lists the options and is no verdict (``Verdict: B, A is weaker`` is B), nor
    is a label followed by a worse-than (``Verdict: A is worse than B``, ``Verdict: A's answer
-   is weaker``, ``A isn't better``, ``A is outperformed by B``, ``A loses to B``), nor a label
+   is weaker``, ``A isn't better``, ``A is outperformed by B``, ``A loses to B``, ``A < B``), nor
+   one its own clause finds wanting (``Verdict: A fails to answer``, ``A provides less detail,
+   so B``; not after a reason: ``Verdict: A because B lacks detail`` is A), nor a label
    followed by a condition (``Verdict: A if Assistant A is better``: the instructions echoed,
    often at the start of an output cut at its length), while ``Verdict: A and
    B are equally good`` is a tie;
@@ -183,6 +185,13 @@ _LABEL_A = r"(?-i:A|a(?!\s+(?!(?:is|was)\b)[a-z]))"
 _BOTH_EQUAL = (r"(?:assistant\s+)?a\s+and\s+(?:assistant\s+)?b\s+(?:are|were)\s+"
                r"(?:(?:about|roughly|essentially)\s+)?(?:equally\s+\w+|equal|tied)")
 
+# up to three words of the label's own clause: none a reason or contrast, nor the other label
+_CLAUSE_WORDS = (r"(?:(?!(?:because|since|as|while|whereas|but|though|although|unlike|so|and|or|than"
+                 r"|if|compared)\b)(?!(?-i:A|B)\b)\w[\w'’-]*\s+){0,3}?")
+# what, said of a label, makes it the worse answer
+_SHORTCOMING = (r"(?:fail(?:s|ed)?|lack(?:s|ed|ing)?|less|worse|weaker|inferior|poorer|falls?\s+short"
+                r"|miss(?:es|ed)|does\s+not|doesn['’]t|did\s+not|didn['’]t|cannot|can['’]t)\b")
+
 # "A is better at formatting", "I prefer A for brevity": praise of one aspect, not the verdict
 _NOT_AN_ASPECT = r"(?!\s+(?:at|in|for|on|when|with|regarding|about)\b)"
 
@@ -201,7 +210,11 @@ PAIRWISE = Vocabulary(
     not_after=r"(?:'s\s+(?:answer|response)\s+)?(?:(?:is|was)\s+(?:\w+\s+)?(?:worse|inferior|weaker|less)\b"
               r"|(?:is|was)(?:\s+not|n['’]t)\s+(?:the\s+)?(?:better|as\s+good|superior|preferable)"
               r"|(?:is|was)\s+no\s+(?:better|superior)\b"
-              r"|(?:is|was)\s+(?:\w+\s+)?(?:outperformed|beaten|bested|surpassed)\s+by\b|(?:loses|lost)\b)",
+              r"|(?:is|was)\s+(?:\w+\s+)?(?:outperformed|beaten|bested|surpassed)\s+by\b|(?:loses|lost)\b"
+              # "A < B"; a shortcoming of the label in its own clause ("A fails to answer",
+              # "A provides less detail, so B"), not after a reason or the other label
+              # ("A because B lacks detail", "A, B is less clear")
+              r"|<|≤|(?:'s\s+)?" + _CLAUSE_WORDS + _SHORTCOMING + ")",
     phrases=(
         # a sentence that starts with the label: "B is better because ..."
         (r"(?:^|[.!?]\s+|\n)(?P<label>(?-i:A|B))\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|"
