@@ -135,6 +135,12 @@ def _made_from_other(d: Path, man: dict | None) -> str | None:
         if src is not None and read_manifest(src) is not None \
                 and checksums_digest(input_checksums(src)) != done["input_checksums"]:
             return f"built from other {src.name} shards than those there now"
+    if isinstance(done.get("data"), dict) and done["data"]:  # a model: of these responses?
+        from guidealign.hub.targets import changed_training_data
+
+        changed = changed_training_data(done["data"], d.parent)
+        if changed:
+            return f"trained on other {', '.join(Path(c).name for c in changed)} shards than those there now"
     if done.get("library_version"):
         lib = read_done(d.parent / "library")
         if lib is not None and lib.get("version") != done["library_version"]:

@@ -294,3 +294,22 @@ def test_status_names_the_stage_a_failed_run_was_in(tmp_path):
             raise ValueError("CUDA out of memory")
     res = CliRunner().invoke(cli, ["status", str(w)])
     assert res.exit_code == 1 and "rank 3 of 8 failed in run (in detect)" in res.output, res.output
+
+
+def test_status_says_a_model_trained_on_responses_changed_since_is_stale(tmp_path):
+    """sft has no manifest, so its recorded training data (the respond shards' checksums in
+    _done.json) went unchecked: status showed the model done after respond was redone."""
+    from guidealign.shards.marker import read_marker
+
+    w = tmp_path / "run"
+    write_manifest(w / "respond", stage="respond", num_shards=2, fingerprint="f", input="x")
+    for i in range(2):
+        write_shard(w / "respond", i, pa.table({"id": [f"a{i}"], "response": ["r"]}), fingerprint="f")
+    data = {"respond": {"shards": 2, "sha256": [read_marker(w / "respond", i).sha256 for i in range(2)]}}
+    (w / "sft" / "model").mkdir(parents=True)
+    mark_done(w / "sft", fingerprint="sft-fp", rows=2, seconds=1.0, data=data)
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert res.exit_code == 0 and "trained on other" not in res.output, res.output
+    write_shard(w / "respond", 1, pa.table({"id": ["a1"], "response": ["another answer"]}), fingerprint="f")
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert "trained on other respond shards than those there now" in res.output, res.output

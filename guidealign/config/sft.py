@@ -15,6 +15,31 @@ SFTMode = Literal["full", "lora"]
 # sft keys that change speed, memory or logging only (the global batch is fixed, accumulation
 # follows the micro-batch): they count at their defaults in the SFT fingerprint
 SFT_PERFORMANCE = ("micro_batch_size", "gradient_checkpointing", "logging_steps", "save_steps")
+# sft.trainer_args keys (TRL/transformers SFTConfig) that change speed, memory, logging or where
+# things are reported, not the weights: the SFT fingerprint leaves them out, so changing one
+# (wandb logging, more dataloader workers, a longer timeout, FSDP activation checkpointing after
+# running out of memory) keeps the checkpoints and a finished model. "fsdp_config.<key>" is a key
+# of the fsdp_config dict (also spelled with transformers' "fsdp_" prefix). What decides the
+# checkpoints (save_strategy, save_steps, save_total_limit, save_only_model, fsdp_config's
+# state_dict_type) and all else counts.
+TRAINER_ARGS_PERFORMANCE = (
+    "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm",
+    "logging_dir", "logging_strategy", "logging_steps", "logging_first_step",
+    "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+    "include_num_input_tokens_seen", "include_tokens_per_second", "skip_memory_metrics",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "dataset_num_proc",
+    "ddp_timeout", "ddp_backend", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
+    "ddp_broadcast_buffers",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+    "hub_always_push", "hub_revision",
+    "save_safetensors", "save_on_each_node",
+    "gradient_checkpointing_kwargs", "torch_empty_cache_steps", "activation_offloading",
+    "fsdp_config.activation_checkpointing", "fsdp_config.cpu_ram_efficient_loading",
+    "fsdp_config.cpu_offload", "fsdp_config.offload_params", "fsdp_config.limit_all_gathers",
+    "fsdp_config.forward_prefetch", "fsdp_config.backward_prefetch",
+    "fsdp_config.sync_module_states", "fsdp_config.reshard_after_forward",
+)
 # sft keys that only LoRA reads (mode "lora"): in a full fine-tune they count at their defaults
 SFT_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
 def process_count(value) -> int | None:
@@ -87,7 +112,11 @@ class SFTConfig:
     # Training precision: "auto" (bf16 on GPUs that support it, else float32), "bf16", "fp16",
     # "float32". bf16/fp16 compute in half precision over float32 master weights (full
     # fine-tuning: 16 bytes a parameter with AdamW before activations, so a 13B model needs FSDP
-    # over several GPUs; FSDP/DeepSpeed and LoRA load the base in half precision).
+    # over several GPUs). The base model is loaded in float32 for a full fine-tune on one
+    # process and under FSDP 2 (transformers' default: accelerate makes the weights float32
+    # before sharding anyway), in half precision under FSDP 1, DeepSpeed and LoRA (a frozen base).
+    # The saved model (a full fine-tune, a merged LoRA) holds its weights in this half precision
+    # (config.json's dtype says so), a float32 training's in float32 (sft/precision.py).
     precision: SFTPrecision = "auto"
     # Trade compute for memory on large models.
     gradient_checkpointing: bool = False

@@ -8,9 +8,12 @@ those).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class PushError(RuntimeError):
@@ -60,16 +63,48 @@ def is_sft_output(d: Path) -> bool:
 
 
 def check_finished_model(d: Path) -> None:
-    """PushError unless the SFT output ``d`` (``<run>/sft/model``) is a finished model. SFT drops
-    its _done.json before it replaces the model and writes it once the new one is whole: without
-    it the folder may be half deleted (a push would then delete the Hub's weights as files gone
-    here) or the checkpoint of a training still running."""
+    """PushError unless the SFT output ``d`` (``<run>/sft/model``) is a finished model trained
+    on the response shards there are now. SFT drops its _done.json before it replaces the model
+    and writes it once the new one is whole: without it the folder may be half deleted (a push
+    would then delete the Hub's weights as files gone here) or the checkpoint of a training
+    still running. Its ``data`` records the checksums of the shards it trained on
+    (``changed_training_data``)."""
     from guidealign.shards.artifact import read_done
 
     sft = d.resolve().parent
-    if read_done(sft) is None:
+    done = read_done(sft)
+    if done is None:
         raise PushError(f"{d} is not a finished model ({sft / '_done.json'} is missing: "
                         "SFT was stopped before it finished): run `guidealign sft` again first")
+    changed = changed_training_data(done.get("data") or {}, sft.parent)
+    if changed:
+        raise PushError(f"{d} was trained on responses that have changed since: the shards of "
+                        f"{', '.join(changed)} differ from those {sft / '_done.json'} records. Train "
+                        "the model again on them with `guidealign sft`, then push")
+
+
+def changed_training_data(data: dict, workdir: Path) -> list[str]:
+    """The datasets of SFT's _done.json ``data`` (name -> {"shards", "sha256": the shard markers'
+    checksums in shard order}, as sft/data.py's ``iter_examples`` records them) whose shards are
+    not those now: another number of shards, or a marker (missing, or with another checksum).
+    A name is the dataset's path relative to the run directory, or its absolute path; one
+    outside the run directory recorded by its folder name alone, or a dataset deleted since, is
+    not checked (logged)."""
+    from guidealign.shards import read_manifest, read_marker
+
+    changed = []
+    for name, rec in data.items():
+        p = Path(name.split("#", 1)[0])  # "#2": the same path listed twice
+        path = p if p.is_absolute() else Path(workdir) / p
+        man = read_manifest(path)
+        if man is None:
+            log.warning("push: %s (a dataset the model was trained on) is not there: not checked", path)
+            continue
+        n = int(man["num_shards"])
+        now = [getattr(read_marker(path, i), "sha256", None) for i in range(n)]
+        if n != rec.get("shards") or now != list(rec.get("sha256") or []):
+            changed.append(str(path))
+    return changed
 
 
 def dataset_files(d: Path, data_dir: str) -> tuple[list[LocalFile], int]:
@@ -129,13 +164,20 @@ def versioned(files: list[LocalFile], data_dir: str) -> tuple[list[LocalFile], s
             for f in files], version
 
 
+# The file transformers' Trainer.save_model writes the pickled training arguments to (its
+# TRAINING_ARGS_NAME): every trainer argument, a hub_token among them, and the machine's paths.
+# SFT deletes it from the model it saves; a push leaves it out of a model saved with it.
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
 def model_files(d: Path) -> list[LocalFile]:
-    """Every file of a model directory except hidden ones, the card (README.md) last, so that a
-    repo with a card is a complete one."""
+    """Every file of a model directory except hidden ones and the trainer's pickled arguments
+    (TRAINING_ARGS_NAME, in any folder), the card (README.md) last, so that a repo with a card is
+    a complete one."""
     out = []
     for p in sorted(d.rglob("*")):
         rel = p.relative_to(d).as_posix()
-        if p.is_file() and not rel.startswith(".") and "/." not in rel:
+        if p.is_file() and not rel.startswith(".") and "/." not in rel and p.name != TRAINING_ARGS_NAME:
             out.append(local_file(rel, p))
     out.sort(key=lambda f: f.path_in_repo == "README.md")
     return out

@@ -39,10 +39,31 @@ def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
 def whole_run_loss(log_history: list[dict]) -> float | None:
     """The mean training loss over all logged steps, also those before a resume (the trainer's
     ``training_loss`` covers only the steps of its own call): each logged loss is the mean of
-    the steps since the previous log, so it weighs by their number. None when none was logged."""
+    the steps since the previous log, so it weighs by their number. Every step is logged when
+    the trainer has ``loss_log_callback``'s (a log at each checkpoint and at the last step), so
+    this is the loss an uninterrupted run reports. None when none was logged."""
     total, last = 0.0, 0
     for h in log_history:
         if "loss" in h and "step" in h and h["step"] > last:
             total += h["loss"] * (h["step"] - last)
             last = h["step"]
     return total / last if last else None
+
+
+def loss_log_callback():
+    """A transformers TrainerCallback that also logs the loss at each checkpoint and at the last
+    step, not only every logging_steps: the logs then cover every step, the ones before a
+    checkpoint (kept in its trainer state) and those after the last multiple of logging_steps, so
+    a resumed run's ``whole_run_loss`` equals the uninterrupted run's train_loss. (The trainer's
+    ``training_loss`` of a resumed call is divided by the steps of the call in transformers 5.19,
+    by all steps in 5.17: it is not read.)"""
+    from transformers import TrainerCallback
+
+    class LogAtCheckpointsAndEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # after DefaultFlowCallback, which decided should_save; the same on every process
+            if args.logging_strategy != "no" and (control.should_save or state.global_step >= state.max_steps):
+                control.should_log = True
+            return control
+
+    return LogAtCheckpointsAndEnd()

@@ -2,7 +2,9 @@
 is loaded in, whether FSDP or DeepSpeed shard it, and what cannot run sharded."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import get_args
 
 from guidealign.config.sft import SFTPrecision
@@ -92,3 +94,70 @@ def check_lora_merge(scfg) -> None:
         raise ValueError("sft.merge_lora with FSDP/DeepSpeed (sft.trainer_args or the accelerate "
                          "config) is not supported: set sft.merge_lora: false (the adapter is saved; "
                          "merge it afterwards on one process) or train without sharding")
+
+
+def keep_float32_names(model, precision: str) -> tuple[str, ...]:
+    """The module names whose weights stay float32 in a half-precision checkpoint of ``model``,
+    as transformers keeps them when it loads one: ``_keep_in_fp32_modules_strict`` in bf16 and
+    fp16, ``_keep_in_fp32_modules`` in fp16 only (none for Llama)."""
+    names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if precision == "fp16":
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return tuple(sorted(names))
+
+
+def save_in_training_precision(model_dir: Path, precision: str, keep_float32: tuple[str, ...] = ()) -> bool:
+    """Rewrite the float32 weights of a saved model (``*.safetensors`` in ``model_dir``) in the
+    half precision it was trained in (``precision`` bf16 or fp16; float32 stays as it is) and
+    set config.json's dtype to match; True when something was rewritten.
+
+    A full fine-tune keeps float32 master weights (``load_dtype``), so the trainer saves float32
+    weights, twice the size of the half-precision model they compute as (Labrador-13B: 52 GB,
+    not 26). This works on the files, after the trainer saved them, so one process's model and an
+    FSDP state dict gathered onto the first process come out the same; weights saved in half
+    precision already (DeepSpeed's 16-bit gather, a merged LoRA) are left as they are. One file's
+    weights are held in memory at a time, in half precision (save_pretrained's files are up to
+    50 GB: 25 GB for a 13B model's first). Tensors of other dtypes (integer buffers, float64) and
+    those of ``keep_float32`` modules stay as they are."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None or not (model_dir / "config.json").exists():
+        return False  # float32 training, or a PEFT adapter (its float32 weights are its own)
+    keep = [re.compile(rf"(^|\.){re.escape(m)}($|\.)") for m in keep_float32]
+    changed, sizes = False, {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out, cast = {}, False
+        with safe_open(str(f), framework="pt") as r:
+            meta = r.metadata()
+            for name in r.keys():
+                t = r.get_tensor(name)
+                if t.dtype == torch.float32 and not any(k.search(name) for k in keep):
+                    t, cast = t.to(dtype), True
+                out[name] = t
+        sizes[f.name] = sum(t.numel() * t.element_size() for t in out.values())
+        if cast:
+            part = f.with_name(f.name + ".part")
+            save_file(out, str(part), metadata=meta)
+            os.replace(part, f)
+            changed = True
+        del out
+    if not changed:
+        return False
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():  # its total_size is the weights' bytes
+        doc = json.loads(index.read_text())
+        doc.setdefault("metadata", {})["total_size"] = sum(sizes.values())
+        index.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    conf_path = model_dir / "config.json"
+    conf = json.loads(conf_path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    conf["dtype"] = name  # transformers 5's key; older ones read torch_dtype
+    if "torch_dtype" in conf:
+        conf["torch_dtype"] = name
+    conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    return True

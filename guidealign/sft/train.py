@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import get_args
 
 from guidealign.config.sft import SFTMode
-from guidealign.sft.checkpoints import checkpoint_dir, is_main_process, resume_point, whole_run_loss
-from guidealign.sft.precision import check_lora_merge, load_dtype, precision_flags
+from guidealign.sft.checkpoints import (checkpoint_dir, is_main_process, loss_log_callback, resume_point,
+                                        whole_run_loss)
+from guidealign.sft.precision import (check_lora_merge, keep_float32_names, load_dtype, precision_flags,
+                                      save_in_training_precision)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ def sft_fingerprint(cfg, report) -> str:
     unread = SFT_LORA_KEYS if cfg.sft.mode == "full" else ()
     keys = {k: v for k, v in at_defaults(cfg.sft, SFT_PERFORMANCE + unread).items()
             if k not in ("num_processes", "num_threads", "data", "chat_template")}
+    # trainer_args count without their speed, memory and reporting keys (wandb, dataloader
+    # workers, FSDP activation checkpointing...), as the sft keys above
+    keys["trainer_args"] = trainer_args_for_fingerprint(cfg.sft.trainer_args)
     keys["data_order"] = list(report.sources)
     if cfg.sft.max_examples:  # since Stop 47 the cap is taken after the length filter (runs
         keys["max_examples_after"] = "length filter"  # without a cap keep their fingerprint)
@@ -88,6 +93,35 @@ def sft_fingerprint(cfg, report) -> str:
     return fingerprint("sft/v7", TOKENIZATION, keys, report.sources, template_hash(cfg.sft.chat_template),
                        *own)
 
+
+
+# `fsdp: true` (transformers' spelling since its string form was deprecated) counts as the
+# string it replaced in the recipes, "full_shard auto_wrap": transformers 5.17-5.19 read both as
+# FSDP 2 with full sharding and its transformer-layer wrap, and a run started with the string
+# keeps its checkpoints and model after the recipe's switch
+FSDP_TRUE_AS = "full_shard auto_wrap"
+
+
+def trainer_args_for_fingerprint(trainer_args: dict) -> dict:
+    """``sft.trainer_args`` as the SFT fingerprint counts them: without the keys that cannot
+    change the weights (config.sft.TRAINER_ARGS_PERFORMANCE, fsdp_config's among them; an
+    fsdp_config left empty by that goes too), and ``fsdp: true`` as FSDP_TRUE_AS. Trainer args
+    with none of these keep the fingerprint they had."""
+    from guidealign.config.sft import TRAINER_ARGS_PERFORMANCE
+
+    top = {k for k in TRAINER_ARGS_PERFORMANCE if "." not in k}
+    nested = {k.split(".", 1)[1] for k in TRAINER_ARGS_PERFORMANCE if k.startswith("fsdp_config.")}
+    out = {k: v for k, v in trainer_args.items() if k not in top}
+    conf = out.get("fsdp_config")
+    if isinstance(conf, dict):
+        kept = {k: v for k, v in conf.items() if k.removeprefix("fsdp_") not in nested}
+        if kept or not conf:
+            out["fsdp_config"] = kept
+        else:
+            del out["fsdp_config"]
+    if out.get("fsdp") is True:
+        out["fsdp"] = FSDP_TRUE_AS
+    return out
 
 
 def hyperparameters(scfg, world: int, accum: int, precision: str) -> dict:
@@ -250,6 +284,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset,
                          processing_class=tok, peft_config=peft_config)
     _head_bias_for_fused_loss(trainer.model)
+    trainer.add_callback(loss_log_callback())  # the logs cover every step: a resumed run's loss
     if trainer.args.world_size != world:
         raise RuntimeError(f"{world} processes were launched but the trainer sees "
                            f"{trainer.args.world_size}: the distributed setup failed")
@@ -415,6 +450,15 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             raise RuntimeError(f"sft: the trainer saved no model weights in {tmp} (FSDP's state_dict_type "
                                "SHARDED_STATE_DICT, or DeepSpeed ZeRO-3 without 16-bit weights gathered?): "
                                "nothing is committed; save full weights and rerun (from the last checkpoint, if any)")
+        # Trainer.save_model pickles the whole training arguments beside the weights: the
+        # trainer_args (a hub_token among them) and this machine's paths; no model needs them,
+        # and a push would upload them
+        from guidealign.hub.targets import TRAINING_ARGS_NAME
+
+        (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        if scfg.mode == "full" or merged:  # float32 master weights, saved in the training precision
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            save_in_training_precision(tmp, precision, keep_float32_names(unwrapped, precision))
         tok.save_pretrained(tmp)  # tokenizer + chat template
         gen_cfg = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
         if gen_cfg is not None and not (tmp / "generation_config.json").exists():
