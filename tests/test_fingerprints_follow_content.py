@@ -59,6 +59,13 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
     assert _fingerprint([j.resolve()], c) != fingerprint(
         "ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows, c.encoding,
         c.delimiter, list(c.instruction_inputs), [(str(j.resolve()), st.st_size, st.st_mtime_ns)])
+    # so is a CSV file (Stop 49: a record over several lines is numbered by its first line)
+    v = tmp_path / "in.csv"
+    v.write_text('prompt\n"x"\n')
+    st = v.stat()
+    assert _fingerprint([v.resolve()], c) != fingerprint(
+        "ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows, c.encoding,
+        c.delimiter, list(c.instruction_inputs), [(str(v.resolve()), st.st_size, st.st_mtime_ns)])
 
 
 # --- the LLM judge's seed -------------------------------------------------------------------

@@ -313,11 +313,14 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # [null, {...}, ...]}) are read, and an object holding arrays of records is said; runs
     # without a .json input keep their fingerprint
     json_v2 = ["json-array-v2"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
+    # CSV (Stop 49): a record over several lines is numbered by its first line in `source`, not
+    # its last; where no record spans lines, the shards come out the same (nothing downstream redone)
+    csv_v2 = ["csv-first-line"] if any(p.is_file() and inner_suffix(p) in (".csv", ".tsv") for p in files) else []
     # ingest.shard_cut=content (Stop 49) cuts other shards; position keeps the fingerprint it had
     cut = ["shard-cut-content-v1"] if cfg.shard_cut == "content" else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
-                       *json_v2, *cut)
+                       *json_v2, *csv_v2, *cut)
 
 
 def _inner_stats(p: Path) -> tuple:
