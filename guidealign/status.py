@@ -135,10 +135,10 @@ def _made_from_other(d: Path, man: dict | None) -> str | None:
         if src is not None and read_manifest(src) is not None \
                 and checksums_digest(input_checksums(src)) != done["input_checksums"]:
             return f"built from other {src.name} shards than those there now"
-    if isinstance(done.get("data"), dict) and done["data"]:  # a model: of these responses?
+    if done.get("data_paths"):  # a model: of these responses?
         from guidealign.hub.targets import changed_training_data
 
-        changed = changed_training_data(done["data"], d.parent)
+        changed = changed_training_data(done.get("data"), d.parent, done["data_paths"])
         if changed:
             return f"trained on other {', '.join(Path(c).name for c in changed)} shards than those there now"
     if done.get("library_version"):

@@ -307,7 +307,7 @@ def test_status_says_a_model_trained_on_responses_changed_since_is_stale(tmp_pat
         write_shard(w / "respond", i, pa.table({"id": [f"a{i}"], "response": ["r"]}), fingerprint="f")
     data = {"respond": {"shards": 2, "sha256": [read_marker(w / "respond", i).sha256 for i in range(2)]}}
     (w / "sft" / "model").mkdir(parents=True)
-    mark_done(w / "sft", fingerprint="sft-fp", rows=2, seconds=1.0, data=data)
+    mark_done(w / "sft", fingerprint="sft-fp", rows=2, seconds=1.0, data=data, data_paths={"respond": "respond"})
     res = CliRunner().invoke(cli, ["status", str(w)])
     assert res.exit_code == 0 and "trained on other" not in res.output, res.output
     write_shard(w / "respond", 1, pa.table({"id": ["a1"], "response": ["another answer"]}), fingerprint="f")

@@ -102,6 +102,12 @@ def test_a_free_mapping_override_merges_with_earlier_overrides_and_stays_whole()
     assert isinstance(got["respond"]["engine"], Whole)
     assert got["respond"]["engine"] == {"dtype": "float32", "model": "/m"}
     assert parse_overrides(["respond.engine.dtype=float32", "respond.engine={}"])["respond"]["engine"] == {}
+    # a whole mapping after another whole one replaces it, as written (a wrapper's default
+    # `--set 'respond.engine={...}'` and the user's own after it: the user's, alone)
+    got = parse_overrides(["respond.engine={model: /m/llama, chat_template: llama-2}", "respond.engine={model: /m/qwen}"])
+    assert got["respond"]["engine"] == {"model": "/m/qwen"}
+    got = parse_overrides(["sft.trainer_args={fsdp: full_shard}", "sft.trainer_args={deepspeed: ds.json}"])
+    assert got["sft"]["trainer_args"] == {"deepspeed": "ds.json"}
 
 
 # --- 4. export into the run directory ----------------------------------------------------------

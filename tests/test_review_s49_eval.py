@@ -279,6 +279,17 @@ def test_nothing_to_judge_is_an_error(tmp_path):
     ("Final verdict: [[A]] - less verbose", "A"),
     ("Verdict: A > B", "A"),
     ("Verdict: A is better than B", "A"),
+    # the reason on the next line is not the label's own clause; a negation before a
+    # shortcoming is praise; "<" only as a comparison with the other label
+    ("Verdict: A\nThe other response fails to address the question.", "A"),
+    ("Verdict: A\nThe second one does not answer at all.", "A"),
+    ("Verdict: A never fails to answer", "A"),
+    ("Verdict: A hallucinates less", "A"),
+    ("Verdict: A hallucinates less than B", "A"),
+    ("Verdict: A cannot be beaten", "A"),
+    ("Verdict: A</s>", "A"),
+    ("Verdict: A<br>B is vague.", "A"),
+    ("Verdict: A ≤ B", None),
 ])
 def test_a_verdict_line_that_finds_its_label_wanting_is_not_that_label(text, want):
     from guidealign.eval.verdicts import parse_pairwise

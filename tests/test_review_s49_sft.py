@@ -281,7 +281,8 @@ def _finished_model(workdir) -> Path:
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"w")
-    write_json_atomic(workdir / "sft" / "_done.json", {"fingerprint": "x", "data": rep.sources})
+    write_json_atomic(workdir / "sft" / "_done.json", {"fingerprint": "x", "data": rep.sources,
+                                                       "data_paths": rep.paths})
     return model
 
 
@@ -309,3 +310,29 @@ def test_a_model_whose_responses_lost_a_shard_is_not_pushed(workdir):
     write_manifest(d, stage="respond", num_shards=2, fingerprint="test")  # a rerun with more shards
     with pytest.raises(PushError, match="respond"):
         resolve_target(workdir, "model")
+
+
+def test_a_model_trained_on_another_runs_responses_is_pushed(tmp_path):
+    """sft.data naming a dataset outside the run directory is recorded by its folder name
+    ("respond"): the check compared it with this run's own respond/ and refused the push for
+    good (retraining skipped: the data had not changed)."""
+    from guidealign.hub.targets import resolve_target
+    from guidealign.shards import write_json_atomic
+    from guidealign.sft.data import build_dataset
+
+    other, here = tmp_path / "other", tmp_path / "here"
+    _write_respond(other, 3)
+    _write_respond(here, 2, response="This run's own answers, not trained on.")
+    cfg = load_config(TINY, [f"sft.data=[{other / 'respond'}]"])
+    _, rep = build_dataset(cfg.sft, here)
+    assert list(rep.sources) == ["respond"] and rep.paths == {"respond": str((other / "respond").resolve())}
+    model = here / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"w")
+    write_json_atomic(here / "sft" / "_done.json", {"fingerprint": "x", "data": rep.sources,
+                                                     "data_paths": rep.paths})
+    assert resolve_target(here, "model") == ("model", model)
+    # a model recorded before data_paths existed: not checked (its names do not say where)
+    write_json_atomic(here / "sft" / "_done.json", {"fingerprint": "x", "data": rep.sources})
+    assert resolve_target(here, "model") == ("model", model)

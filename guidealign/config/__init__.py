@@ -358,8 +358,10 @@ def _over_earlier(earlier, value):
     an earlier mapping key by key, recursively (``--set engine.model=M --set 'engine={dtype:
     float32}'`` keeps the model), the later value winning each key it names; anything else
     replaces. The result is a ``Whole`` when either is one; an empty ``Whole`` ({} or null given
-    to a free-form mapping) still empties it."""
-    if not (isinstance(earlier, dict) and isinstance(value, dict)) or (isinstance(value, Whole) and not value):
+    to a free-form mapping) still empties it, and a whole free-form mapping given after another
+    replaces it (``--set 'respond.engine={...}'`` twice: the last one, as written)."""
+    if not (isinstance(earlier, dict) and isinstance(value, dict)) or (isinstance(value, Whole) and not value) \
+            or (isinstance(earlier, Whole) and isinstance(value, Whole)):
         return value
     out = dict(earlier)
     for k, v in value.items():

@@ -75,6 +75,9 @@ class Vocabulary:
     list_words: str = r"/|\bor\b"
     # what, after a label on a verdict line, says it is not the verdict ("A is worse than B")
     not_after: str = r"$^"
+    # the same, on the label's own line only ("Verdict: A fails to answer"; not "Verdict: A" with
+    # a reason on the next line that says what the other answer fails at)
+    not_after_on_line: str = r"$^"
     # compiled from the above
     line: re.Pattern = field(init=False)
     weak_line: re.Pattern = field(init=False)
@@ -91,7 +94,7 @@ class Vocabulary:
                       r"(?!\s*,\s*" + label + r"\s*(?:,|" + self.list_words + r"|[.!?)\]*]|\n|$))")
         labelled = (_MD + _OPEN + r"\s*" + self.line_subject + r"(?P<label>" + self.line_labels
                     + r")\s*" + _CLOSE + r"(?![\w])" + not_a_list + r"(?!\s*(?:" + self.not_after + r"))"
-                    + _CONDITIONAL)
+                    + r"(?![ \t]*(?:" + self.not_after_on_line + r"))" + _CONDITIONAL)
         self.line = re.compile(r"\b" + _KEYWORDS + r"\s*(?:is|:)?" + labelled, flags)
         self.weak_line = re.compile(r"\b" + _WEAK_KEYWORDS + r"\s*(?:is|:)?" + labelled
                                     + _ENDS_SENTENCE, flags)
@@ -185,12 +188,14 @@ _LABEL_A = r"(?-i:A|a(?!\s+(?!(?:is|was)\b)[a-z]))"
 _BOTH_EQUAL = (r"(?:assistant\s+)?a\s+and\s+(?:assistant\s+)?b\s+(?:are|were)\s+"
                r"(?:(?:about|roughly|essentially)\s+)?(?:equally\s+\w+|equal|tied)")
 
-# up to three words of the label's own clause: none a reason or contrast, nor the other label
+# up to three words of the label's own clause, on its line: none a reason or contrast, a
+# negation ("A never fails"), nor the other label
 _CLAUSE_WORDS = (r"(?:(?!(?:because|since|as|while|whereas|but|though|although|unlike|so|and|or|than"
-                 r"|if|compared)\b)(?!(?-i:A|B)\b)\w[\w'’-]*\s+){0,3}?")
-# what, said of a label, makes it the worse answer
-_SHORTCOMING = (r"(?:fail(?:s|ed)?|lack(?:s|ed|ing)?|less|worse|weaker|inferior|poorer|falls?\s+short"
-                r"|miss(?:es|ed)|does\s+not|doesn['’]t|did\s+not|didn['’]t|cannot|can['’]t)\b")
+                 r"|if|compared|never|not|no|always|rarely|seldom)\b)(?!(?-i:A|B)\b)\w[\w'’-]*[ \t]+){0,3}?")
+# what, said of a label, makes it the worse answer ("less" only before what it lacks: "A
+# provides less detail", not "A hallucinates less" nor "less than")
+_SHORTCOMING = (r"(?:fail(?:s|ed)?|lack(?:s|ed|ing)?|less[ \t]+(?!than\b)\w+|worse|weaker|inferior|poorer"
+                r"|falls?[ \t]+short|miss(?:es|ed)|does[ \t]+not|doesn['’]t|did[ \t]+not|didn['’]t)\b")
 
 # "A is better at formatting", "I prefer A for brevity": praise of one aspect, not the verdict
 _NOT_AN_ASPECT = r"(?!\s+(?:at|in|for|on|when|with|regarding|about)\b)"
@@ -210,11 +215,12 @@ PAIRWISE = Vocabulary(
     not_after=r"(?:'s\s+(?:answer|response)\s+)?(?:(?:is|was)\s+(?:\w+\s+)?(?:worse|inferior|weaker|less)\b"
               r"|(?:is|was)(?:\s+not|n['’]t)\s+(?:the\s+)?(?:better|as\s+good|superior|preferable)"
               r"|(?:is|was)\s+no\s+(?:better|superior)\b"
-              r"|(?:is|was)\s+(?:\w+\s+)?(?:outperformed|beaten|bested|surpassed)\s+by\b|(?:loses|lost)\b"
-              # "A < B"; a shortcoming of the label in its own clause ("A fails to answer",
-              # "A provides less detail, so B"), not after a reason or the other label
-              # ("A because B lacks detail", "A, B is less clear")
-              r"|<|≤|(?:'s\s+)?" + _CLAUSE_WORDS + _SHORTCOMING + ")",
+              r"|(?:is|was)\s+(?:\w+\s+)?(?:outperformed|beaten|bested|surpassed)\s+by\b|(?:loses|lost)\b)",
+    # "A < B"; a shortcoming of the label in its own clause ("A fails to answer", "A provides
+    # less detail, so B"), not after a reason or the other label ("A because B lacks detail",
+    # "A, B is less clear"), nor on the next line
+    not_after_on_line=(r"<[ \t]*=?[ \t]*(?:assistant[ \t]+)?(?-i:A|B)\b|≤|(?:'s[ \t]+)?"
+                       + _CLAUSE_WORDS + _SHORTCOMING),
     phrases=(
         # a sentence that starts with the label: "B is better because ..."
         (r"(?:^|[.!?]\s+|\n)(?P<label>(?-i:A|B))\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|"

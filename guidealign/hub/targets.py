@@ -76,29 +76,34 @@ def check_finished_model(d: Path) -> None:
     if done is None:
         raise PushError(f"{d} is not a finished model ({sft / '_done.json'} is missing: "
                         "SFT was stopped before it finished): run `guidealign sft` again first")
-    changed = changed_training_data(done.get("data") or {}, sft.parent)
+    changed = changed_training_data(done.get("data"), sft.parent, done.get("data_paths"))
     if changed:
         raise PushError(f"{d} was trained on responses that have changed since: the shards of "
                         f"{', '.join(changed)} differ from those {sft / '_done.json'} records. Train "
                         "the model again on them with `guidealign sft`, then push")
 
 
-def changed_training_data(data: dict, workdir: Path) -> list[str]:
+def changed_training_data(data, workdir: Path, paths=None) -> list[str]:
     """The datasets of SFT's _done.json ``data`` (name -> {"shards", "sha256": the shard markers'
     checksums in shard order}, as sft/data.py's ``iter_examples`` records them) whose shards are
     not those now: another number of shards, or a marker (missing, or with another checksum).
-    A name is the dataset's path relative to the run directory, or its absolute path; one
-    outside the run directory recorded by its folder name alone, or a dataset deleted since, is
-    not checked (logged)."""
+    ``paths`` (its ``data_paths``): where each was read, relative to the run directory or
+    absolute. A model trained before SFT recorded them (its names alone do not say where a
+    dataset outside the run directory was: "respond" may be another run's) and a dataset deleted
+    since are not checked."""
     from guidealign.shards import read_manifest, read_marker
 
+    if not isinstance(data, dict) or not isinstance(paths, dict):
+        return []
     changed = []
     for name, rec in data.items():
-        p = Path(name.split("#", 1)[0])  # "#2": the same path listed twice
-        path = p if p.is_absolute() else Path(workdir) / p
+        where = paths.get(name)
+        if not isinstance(rec, dict) or not isinstance(where, str):
+            continue
+        path = Path(where) if Path(where).is_absolute() else Path(workdir) / where
         man = read_manifest(path)
         if man is None:
-            log.warning("push: %s (a dataset the model was trained on) is not there: not checked", path)
+            log.debug("%s (a dataset the model was trained on) is not there: not checked", path)
             continue
         n = int(man["num_shards"])
         now = [getattr(read_marker(path, i), "sha256", None) for i in range(n)]

@@ -282,14 +282,14 @@ def _runaway_quote(reader: CsvReader, offset: int, err: csv.Error | None = None)
         if err is not None:
             return None
         at = 0  # cannot happen (csv ran out inside a quote): re-read all but the first line
-    line = offset + start + at + 1
+    line = offset + start + at + 1  # the quote's line; the row is numbered by the record's first
     raw = _strip_eol("".join(held[:at + 1]))
     if err is None:
         why = "is never closed (it took in the rest of the file as one field"
     else:
         why = f"is not closed within {csv.field_size_limit():,} characters (the field size limit"
     reader.restart(held[at + 1:], start + at + 1)
-    return line, {"_raw": _raw(raw)}, (
+    return offset + start + 1, {"_raw": _raw(raw)}, (
         f"a quote opened on line {line} {why}; the lines after it are read again as rows): close "
         f"the quote, or double a quote inside a field (\"\")")
 

@@ -43,6 +43,9 @@ class DataReport:
     # dataset name (as configured in sft.data, never an absolute path of the run dir) ->
     # {"shards", "sha256": [...]}: what the fingerprint depends on, so a moved run dir is reused
     sources: dict = field(default_factory=dict)
+    # the same names -> where each was read (relative to the run dir when inside it, else its
+    # absolute path): not in the fingerprint; `push model` and `status` check those shards
+    paths: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
@@ -173,6 +176,10 @@ def iter_examples(cfg, workdir, report: DataReport):
                 name, k = f"{path.as_posix()}#{k}", k + 1
         report.sources[name] = {"shards": len(idx),
                                 "sha256": [read_marker(path, i).sha256 for i in idx]}
+        try:
+            report.paths[name] = path.resolve().relative_to(Path(workdir).resolve()).as_posix()
+        except ValueError:
+            report.paths[name] = str(path.resolve())
         for i in idx:
             for row in iter_rows(path, i):
                 report.rows += 1

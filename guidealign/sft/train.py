@@ -440,7 +440,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
     seconds = time.perf_counter() - t0
     done = {"fingerprint": fp, "rows": data_rep.kept, "seconds": round(seconds, 2),
             "base_model": scfg.base_model, "chat_template": scfg.chat_template or "base tokenizer's",
-            "processes": world, "data": data_rep.sources, "read": data_rep.rows,
+            "processes": world, "data": data_rep.sources, "data_paths": data_rep.paths, "read": data_rep.rows,
             "dropped": data_rep.dropped, "cut_at_max_seq_length": data_rep.cut_at_max_seq_length,
             **metrics}
     if is_main:
