@@ -172,7 +172,7 @@ def test_the_responders_exemplars_count_by_what_they_hold_not_where_they_are(tmp
 
 
 def test_the_sft_model_counts_its_data_and_template_by_content_not_path(tmp_path):
-    from guidealign.sft.train import sft_fingerprint
+    from guidealign.sft.fingerprint import sft_fingerprint
 
     rep = SimpleNamespace(sources={"respond": {"shards": 1, "sha256": ["s1"]}})
     ta, tb = _copies(tmp_path, "t.jinja", "{% for m in messages %}{{ m['content'] }}{% endfor %}")

@@ -71,7 +71,7 @@ def test_a_dtype_and_its_other_name_generate_under_one_fingerprint():
 def test_lora_keys_do_not_retrain_a_full_fine_tune_but_do_retrain_a_lora_one():
     """A new fingerprint trains again and removes the old run's checkpoints: editing a LoRA key
     the recipe lists as unused in full mode threw away a 13B run."""
-    from guidealign.sft.train import sft_fingerprint
+    from guidealign.sft.fingerprint import sft_fingerprint
 
     rep = SimpleNamespace(sources={"respond": {"shards": 1, "sha256": ["s1"]}})
     for mode, same in (("full", True), ("lora", False)):

@@ -86,7 +86,7 @@ def test_a_model_saved_with_its_training_arguments_is_pushed_without_them(tmp_pa
 # -- 2: trainer args that cannot change the weights ----------------------------------------------
 
 def _fp(trainer_args: dict, seen: list | None = None, cfg_file=TINY) -> str:
-    from guidealign.sft.train import sft_fingerprint
+    from guidealign.sft.fingerprint import sft_fingerprint
 
     cfg = load_config(cfg_file, ["sft.chat_template=vicuna_v1.1"])
     cfg.sft.trainer_args = trainer_args
@@ -119,7 +119,7 @@ def test_trainer_args_without_such_keys_keep_the_fingerprint_they_had(monkeypatc
     the configured ones when none of them is left out, and the recipe's `fsdp: true` counts as
     the string it replaced."""
     import guidealign.shards as shards
-    from guidealign.sft.train import trainer_args_for_fingerprint
+    from guidealign.sft.fingerprint import trainer_args_for_fingerprint
 
     counted = []
     real = shards.fingerprint

@@ -113,7 +113,7 @@ def test_two_datasets_with_one_directory_name_both_count(tmp_path, workdir):
     responses left the fingerprint as it was (a stale model reused), and the card listed one
     dataset."""
     from guidealign.sft.data import build_dataset
-    from guidealign.sft.train import sft_fingerprint
+    from guidealign.sft.fingerprint import sft_fingerprint
 
     a = _write_stage(tmp_path / "a" / "respond", _rows("a"))
     b = _write_stage(tmp_path / "b" / "respond", _rows("b"))
@@ -346,7 +346,7 @@ def test_sft_fingerprint_ignores_speed_memory_and_logging_settings():
     from types import SimpleNamespace
 
     from guidealign.config import load_config
-    from guidealign.sft.train import sft_fingerprint
+    from guidealign.sft.fingerprint import sft_fingerprint
 
     rep = SimpleNamespace(sources={"respond": ["sha"]})
     base = sft_fingerprint(load_config(None), rep)
