@@ -18,9 +18,11 @@ prefix cache is reset and the few-shot prefix put back in it by one untimed warm
 prompt). It prints prompts/s of both and their ratio (the goal: >= 10), and recall on
 risky and false-positive rate on benign for each (a rationale without a verdict counts as
 risky, as guidelines.unknown_verdict does by default), plus the score mode's recall at the
-rationale mode's false-positive rate. Last, each mode's work per prompt: prompt tokens
-computed (those not found in the prefix cache; the few-shot prefix is) and output tokens
-decoded, with the time per computed token: on a machine where a decoded token costs about
+rationale mode's false-positive rate (its threshold taken from the calibration split: the one
+whose FPR there is at most the rationale mode's held-out FPR; the in-sample figure, with the
+threshold chosen on the held-out scores, is printed beside it as such). Last, each mode's
+work per prompt: prompt tokens computed (those not found in the prefix cache; the few-shot
+prefix is) and output tokens decoded, with the time per computed token: on a machine where a decoded token costs about
 what a prompt token does (a CPU), the speedup is about (prompt + decoded) / prompt tokens.
 """
 from __future__ import annotations
@@ -89,6 +91,31 @@ def recall_at_fpr(scores_risky, scores_benign, fpr: float) -> tuple[float, float
     return best
 
 
+def threshold_at_fpr(scores_risky, scores_benign, fpr: float) -> float:
+    """The threshold with the best recall on these (calibration) scores whose false-positive
+    rate is at most ``fpr``: the lowest score that keeps the FPR within it (above every score
+    when none does)."""
+    import math
+
+    everything = sorted(set(scores_risky) | set(scores_benign))
+    n = max(len(scores_benign), 1)
+    for t in everything:
+        if sum(s >= t for s in scores_benign) / n <= fpr + 1e-12:
+            return t
+    return math.nextafter(everything[-1], math.inf) if everything else 0.5
+
+
+def threshold_record(threshold: float, cfg, llm, fingerprint: dict, seed: int, n_cal: tuple[int, int]) -> dict:
+    """What --write-threshold writes: the threshold, the prompt it was calibrated on (detect's
+    score_fingerprint: detect refuses the file for another prompt) and the model and dtype the
+    engine ran (as it resolved "auto"; detect warns for others)."""
+    from guidealign.gen.scoring import dtype_name, engine_dtype
+
+    return {"threshold": threshold, "seed": seed, "calibration_prompts": {"risky": n_cal[0], "benign": n_cal[1]},
+            "model": cfg.engine.model, "dtype": engine_dtype(llm) or dtype_name(cfg.engine.dtype),
+            "prompt": fingerprint, "rule": "maximizes recall - false-positive rate on the calibration split"}
+
+
 def cpu_matrix_flags() -> list[str]:
     """The CPU's bf16 matrix/vector instructions (Linux): with AMX a prompt token (a GEMM over
     many tokens) costs a fraction of what it does without, a decoded token much less so, so the
@@ -102,9 +129,12 @@ def cpu_matrix_flags() -> list[str]:
 
 
 def make_cfg(args, mode: str):
+    """The config both modes run: --config with the bench's settings and --set over it. The
+    threshold is the bench's own (calibrated here): a threshold_file the config names (maybe the
+    one --write-threshold is about to write) is not read."""
     from guidealign.config import load_config
 
-    return load_config(args.config, [
+    cfg = load_config(args.config, [
         f"engine.model={args.model}", f"engine.dtype={args.dtype}",
         f"engine.max_model_len={args.max_model_len}", f"engine.max_num_seqs={args.max_num_seqs}",
         f"engine.cpu_kvcache_gib={args.kv_gib}",
@@ -113,14 +143,20 @@ def make_cfg(args, mode: str):
     ] + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else [])
       + ([f"engine.block_size={args.block_size}"] if args.block_size else [])
       + (["detect.align_prefix=false"] if args.no_align else []) + list(args.set))
+    cfg.detect.threshold_file = None
+    return cfg
 
 
-def run_mode(cfg, llm, prompts: list[str]) -> tuple[list[dict], float]:
+def run_mode(cfg, llm, prompts: list[str], keep: dict | None = None) -> tuple[list[dict], float, dict]:
+    """Rows, seconds and stats of one mode over ``prompts`` (``keep``: gets the shard function
+    under "fn")."""
     import pyarrow as pa
 
     from guidealign.gen.detect import make_shard_fn
 
     fn = make_shard_fn(cfg, llm)
+    if keep is not None:
+        keep["fn"] = fn
     table = pa.table({"id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts})
     # the few-shot prefix is computed once per engine in a run: put it in the cache first
     # (one untimed pass on another prompt), so both modes are timed on the per-prompt work
@@ -168,7 +204,8 @@ def main() -> None:
                     help="a config override for both modes, e.g. engine.max_num_batched_tokens=1024 (repeatable)")
     ap.add_argument("--score-only", type=int, default=0, metavar="N",
                     help="time score mode alone, N passes over the held-out prompts (no calibration, no rationale mode)")
-    ap.add_argument("--write-threshold", help="write the calibrated threshold here (detect.threshold_file)")
+    ap.add_argument("--write-threshold", help="write the calibrated threshold here (detect.threshold_file), with "
+                    "the model, dtype and score prompt it was calibrated on (detect refuses it for another prompt)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.short:
@@ -195,22 +232,26 @@ def main() -> None:
             _, sec, stats = run_mode(score_cfg, llm, held)
             rates_.append(len(held) / sec)
         w = work(stats, len(held), sec)
-        print(f"detect score mode alone: {len(held)} held-out prompts, dtype {args.dtype}, "
+        from guidealign.gen.scoring import dtype_name, engine_dtype
+
+        dtype = engine_dtype(llm) or dtype_name(score_cfg.engine.dtype)
+        print(f"detect score mode alone: {len(held)} held-out prompts, dtype {dtype}, "
               f"overrides {args.set or 'none'}: " + " ".join(f"{r:.2f}" for r in rates_) +
               f" prompts/s in {args.score_only} passes; {w['prompt_tokens_computed']:.0f} prompt tokens "
               f"computed a prompt, {w['ms_per_token']:.1f} ms each (last pass)")
         return
 
     # 1. calibrate the threshold on the calibration split (score mode)
-    cal_rows, _, _ = run_mode(score_cfg, llm, r_cal + b_cal)
+    kept: dict = {}
+    cal_rows, _, _ = run_mode(score_cfg, llm, r_cal + b_cal, keep=kept)
     cal_scores = [r["risk_score"] for r in cal_rows]
-    threshold = calibrate([s for s in cal_scores[:len(r_cal)] if s is not None],
-                          [s for s in cal_scores[len(r_cal):] if s is not None])
+    cal_r = [s for s in cal_scores[:len(r_cal)] if s is not None]
+    cal_b = [s for s in cal_scores[len(r_cal):] if s is not None]
+    threshold = calibrate(cal_r, cal_b)
+    record = threshold_record(threshold, score_cfg, llm, kept["fn"].score_fingerprint, args.seed,
+                              (len(r_cal), len(b_cal)))
     if args.write_threshold:
-        Path(args.write_threshold).write_text(json.dumps({
-            "threshold": threshold, "seed": args.seed, "calibration_prompts":
-            {"risky": len(r_cal), "benign": len(b_cal)}, "model": args.model, "dtype": args.dtype,
-            "rule": "maximizes recall - false-positive rate on the calibration split"}, indent=1) + "\n")
+        Path(args.write_threshold).write_text(json.dumps(record, indent=1) + "\n")
 
     # 2. both modes on the held-out prompts
     held = r_held + b_held
@@ -223,7 +264,7 @@ def main() -> None:
     res = {
         "prompts": len(held), "risky": n_r, "benign": len(held) - n_r, "seed": args.seed,
         "threshold": threshold, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "dtype": args.dtype, "cpu_flags": cpu_matrix_flags(),
+        "model": record["model"], "dtype": record["dtype"], "cpu_flags": cpu_matrix_flags(),
         "score": {"seconds": s_sec, "prompts_per_s": len(held) / s_sec,
                   **rates(s_pred[:n_r], s_pred[n_r:]), **work(s_stats, len(held), s_sec)},
         "rationale": {"seconds": r_sec, "prompts_per_s": len(held) / r_sec,
@@ -234,11 +275,21 @@ def main() -> None:
     res["speedup"] = res["score"]["prompts_per_s"] / res["rationale"]["prompts_per_s"]
     sr = [s for s in scores[:n_r] if s is not None]
     sb = [s for s in scores[n_r:] if s is not None]
-    rec, fpr = recall_at_fpr(sr, sb, res["rationale"]["fpr"])
-    res["score_at_rationale_fpr"] = {"recall": rec, "fpr": fpr}
+    # score mode at the rationale mode's FPR, held out as the other figures: the threshold comes
+    # from the calibration split (the one whose calibration FPR is at most the rationale mode's
+    # held-out FPR), then recall and FPR are measured on the held-out prompts
+    t_fpr = threshold_at_fpr(cal_r, cal_b, res["rationale"]["fpr"])
+    at = rates([s >= t_fpr for s in sr], [s >= t_fpr for s in sb])
+    rec, fpr = at["recall"], at["fpr"]
+    res["score_at_rationale_fpr"] = {"recall": rec, "fpr": fpr, "threshold": t_fpr,
+                                     "threshold_from": "calibration split"}
+    # the same, with the threshold chosen on the held-out scores themselves (in-sample: an
+    # upper bound, not a held-out figure)
+    rec_in, fpr_in = recall_at_fpr(sr, sb, res["rationale"]["fpr"])
+    res["score_at_rationale_fpr_in_sample"] = {"recall": rec_in, "fpr": fpr_in}
 
     print(f"detect modes: {len(held)} held-out prompts ({n_r} Do-Not-Answer risky, {len(held) - n_r} "
-          f"Vicuna/HHH benign), seed {args.seed}, dtype {args.dtype}; rationale T={args.temperature} "
+          f"Vicuna/HHH benign), seed {args.seed}, model {res['model']}, dtype {res['dtype']}; rationale T={args.temperature} "
           f"max_tokens={args.max_tokens}; KV block {cache_block_size(llm) or '?'}; CPU "
           f"{' '.join(res['cpu_flags']) or 'without AVX-512/AMX'}")
     print(f"  threshold (calibrated on {len(r_cal)}+{len(b_cal)} other prompts): {threshold:.4f}")
@@ -253,8 +304,9 @@ def main() -> None:
         ms = f"{r['ms_per_token']:.1f}" if r["ms_per_token"] is not None else "?"
         print(f"  {m:<9} work per prompt: {r['prompt_tokens_computed']:.0f} prompt tokens computed, "
               f"{r['tokens_decoded']:.0f} decoded; {ms} ms per computed token")
-    print(f"  score mode at the rationale mode's FPR ({res['rationale']['fpr']:.3f}): recall {rec:.3f} "
-          f"(FPR {fpr:.3f})")
+    print(f"  score mode at the rationale mode's FPR ({res['rationale']['fpr']:.3f}), threshold "
+          f"{t_fpr:.4f} from the calibration split: held-out recall {rec:.3f} (FPR {fpr:.3f}); "
+          f"in-sample (threshold chosen on these held-out scores): recall {rec_in:.3f} (FPR {fpr_in:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

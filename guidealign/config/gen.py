@@ -41,7 +41,9 @@ class DetectConfig:
     # score mode: risky when risk_score >= this (0.5 = the likelier verdict wins).
     score_threshold: float = 0.5
     # score mode: JSON file with a calibrated {"threshold": ...} that replaces score_threshold
-    # (bench/detect_modes.py --write-threshold writes it); None = use score_threshold.
+    # (bench/detect_modes.py --write-threshold writes it, with the score prompt it was calibrated
+    # on: a run whose prompt differs (prompt file, exemplars that fit, chat template, padding,
+    # Yes/No tokens) is refused; another model or dtype is warned about); None = use score_threshold.
     threshold_file: str | None = None
     # rationale mode: constrain the output with vLLM structured outputs to
     # "<analysis>\nVerdict: Yes|No", so every finished output parses (off = the paper's free text).
@@ -102,7 +104,8 @@ class AugmentConfig:
     requests_per_round: int = 4
     # Give up on a type after this many rounds (its shard is written with what was kept).
     max_rounds: int = 30
-    # Paper's rule: drop a new question whose ROUGE-L F against any kept question exceeds this.
+    # Paper's rule: drop a new question whose ROUGE-L F against any kept question exceeds this
+    # (compared exactly: a score equal to the threshold is kept; tokens NFKC-normalized as ids are).
     rouge_threshold: float = 0.7
     # Keep the seed questions in the output (they count toward target_per_type).
     include_seeds: bool = True

@@ -11,7 +11,9 @@ soon as it reaches ``target_per_type`` (or after ``max_rounds``).
 
 Output rows have the prompt schema (id, prompt, source, metadata) plus risk_type, so
 ``guidealign ingest 'WORKDIR/augment/shard-*.parquet'`` ingests them and
-``--set detect.input=augment`` runs detect on them directly.
+``--set detect.input=augment`` runs detect on them directly. Types run apart (on several
+ranks), so two types can keep one question (one id in two shards); detect over augment labels
+it once, in the first type's shard, and quarantines the later copies (gen/detect.py).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,11 +50,16 @@ _CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900
 
 
 def rouge_tokens(text: str) -> list[str]:
-    """Lower-cased alphanumeric tokens. For ASCII text exactly what rouge_score's default
-    tokenizer keeps ([a-z0-9]+); letters and digits of other scripts are kept too (rouge_score
-    drops them, so a Cyrillic or Chinese question had no tokens, scored 0.0 against everything
-    and was kept even as an exact duplicate), and each CJK character is one token."""
-    return _WORD.findall(_CJK.sub(r" \1 ", text.lower()))
+    """Lower-cased alphanumeric tokens of the text as the prompt id rule normalizes it (NFKC:
+    a full-width or ligature copy of a question has its tokens, not none, and so its ROUGE-L
+    of 1.0 against it; it would have been kept under the same id). For ASCII text exactly
+    what rouge_score's default tokenizer keeps ([a-z0-9]+); letters and digits of other
+    scripts are kept too (rouge_score drops them, so a Cyrillic or Chinese question had no
+    tokens, scored 0.0 against everything and was kept even as an exact duplicate), and each
+    CJK character is one token."""
+    from guidealign.core.ids import normalize
+
+    return _WORD.findall(_CJK.sub(r" \1 ", normalize(text).lower()))
 
 
 # A list marker or label left in front of a parsed question ("**1.** ..." parses to "1. ...",
@@ -99,19 +107,35 @@ def rouge_l(a: list, b: list) -> float:
     return Indel.normalized_similarity(a, b)
 
 
+def rouge_l_exact(a: list, b: list) -> Fraction:
+    """ROUGE-L F1 as an exact fraction, 2*LCS / (len(a) + len(b)) (0 when either is empty)."""
+    if not a or not b:
+        return Fraction(0)
+    n = len(a) + len(b)
+    return Fraction(n - Indel.distance(a, b), n)
+
+
 class Pool:
-    """Questions kept for one risk type, with the ROUGE-L duplicate filter."""
+    """Questions kept for one risk type, with the ROUGE-L duplicate filter. A question is kept
+    when its ROUGE-L is at most the threshold, compared exactly: the score as a fraction, the
+    threshold as the decimal it is written as (0.3 is 3/10), so F = 6/20 passes 0.3, where the
+    floats (0.30000000000000004 > 0.3) rejected it."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
+        self.limit = Fraction(repr(float(threshold)))
         self.questions: list[str] = []
         self.origins: list[str] = []
         self._toks: list[list] = []
 
     def closest(self, toks: list) -> tuple[float, int]:
-        best, at = 0.0, -1
+        best, at = self._closest(toks)
+        return float(best), at
+
+    def _closest(self, toks: list) -> tuple[Fraction, int]:
+        best, at = Fraction(0), -1
         for k, t in enumerate(self._toks):
-            s = rouge_l(toks, t)
+            s = rouge_l_exact(toks, t)
             if s > best:
                 best, at = s, k
         return best, at
@@ -119,9 +143,9 @@ class Pool:
     def offer(self, q: str, origin: str) -> str | None:
         """Keep ``q`` (None) or return why not."""
         toks = rouge_tokens(q)
-        score, at = self.closest(toks)
-        if score > self.threshold:
-            return f"rouge-l {score:.2f} > {self.threshold} against: {self.questions[at][:200]}"
+        score, at = self._closest(toks)
+        if score > self.limit:
+            return f"rouge-l {float(score):.4g} > {self.threshold} against: {self.questions[at][:200]}"
         self.questions.append(q)
         self.origins.append(origin)
         self._toks.append(toks)

@@ -117,6 +117,18 @@ class DetectPrompts:
         return len(self.builder.pieces(self._scored(self.messages("")))[-1][1])
 
 
+def score_fingerprint(prompts: DetectPrompts, tok) -> dict:
+    """What shapes the prompt score mode reads P(Yes) from, for threshold files
+    (bench/detect_modes.py --write-threshold records it, gen/scoring.load_threshold compares
+    it): a threshold calibrated on one prompt does not separate another's scores."""
+    from guidealign.gen.scoring import verdict_token_ids
+
+    yes, no = verdict_token_ids(tok)
+    return {"spec": prompts.spec_hash, "exemplars": prompts.n_exemplars,
+            "chat_template": chat_template_hash(tok), "score_prefix": SCORE_PREFIX_VERSION,
+            "align": prompts.builder.align, "yes_ids": list(yes), "no_ids": list(no)}
+
+
 def config_fingerprint(cfg, tok) -> str:
     from guidealign.gen.engine import prefix_align
     from guidealign.gen.outputs import output_fields
@@ -127,13 +139,14 @@ def config_fingerprint(cfg, tok) -> str:
     d = cfg.detect
     # the threshold's value counts, not the path of the file that holds it
     threshold = None
+    # the KV block the shared prefix is padded to is part of every prompt
+    align = prefix_align(cfg.engine) if d.align_prefix else 0
     if d.mode == "score":
         from guidealign.gen.scoring import load_threshold, verdict_token_ids
 
-        threshold = load_threshold(d.score_threshold, d.threshold_file, cfg.engine)
+        threshold = load_threshold(d.score_threshold, d.threshold_file)
         verdict_token_ids(tok)  # a tokenizer without one-token Yes/No: said before the engine starts
-    # the KV block the shared prefix is padded to is part of every prompt
-    align = prefix_align(cfg.engine) if d.align_prefix else 0
+        _check_threshold_early(cfg, tok, align)
     # a key the mode does not read counts at its default: changing it redoes no shard, and a run
     # with the defaults keeps the fingerprint it had when every key counted (greedy: seeds
     # change nothing)
@@ -152,6 +165,22 @@ def config_fingerprint(cfg, tok) -> str:
     sampled = d.mode != "score" and d.sampling.temperature > 0  # else no seed changes an output
     return fingerprint(VERSION, output_fields(cfg.engine, sampled, tok), fields, threshold, spec_hash,
                        chat_template_hash(tok), extra)
+
+
+def _check_threshold_early(cfg, tok, align: int) -> None:
+    """A threshold file calibrated on another prompt, refused before the engine starts (with
+    the configured max_model_len; make_shard_fn checks again with the engine's own). Model and
+    dtype warnings come from make_shard_fn, where the engine says which dtype "auto" is."""
+    import json
+
+    from guidealign.gen.scoring import check_threshold_prompt
+
+    path = cfg.detect.threshold_file
+    if not path:
+        return
+    data = json.loads(Path(path).read_text())
+    if isinstance(data.get("prompt"), dict):  # the warning for a file without one: make_shard_fn
+        check_threshold_prompt(path, data, score_fingerprint(DetectPrompts(cfg, tok, align=align), tok))
 
 
 def _row_for(pid, prompt, built: Built, gen) -> dict:
@@ -201,8 +230,12 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                             align=prompt_align(llm, cfg.engine) if d.align_prefix else 0)
     s = d.sampling
     if d.mode == "score":
-        threshold = scoring.load_threshold(d.score_threshold, d.threshold_file)
         yes, no = scoring.verdict_token_ids(tok)
+        # a threshold file calibrated on another prompt is refused; another model or dtype
+        # (as the engine resolved "auto") is named in a warning
+        fn_fingerprint = score_fingerprint(prompts, tok)
+        threshold = scoring.load_threshold(d.score_threshold, d.threshold_file, cfg.engine,
+                                           prompt=fn_fingerprint, dtype=scoring.engine_dtype(llm))
 
     def fn(table: pa.Table, index: int):
         ids = [str(x) for x in table.column("id").to_pylist()]
@@ -250,17 +283,78 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
         return out, None, stats
 
     fn.prompts = prompts
+    if d.mode == "score":  # what a threshold file calibrated with this function records
+        fn.score_fingerprint = fn_fingerprint
     return fn
 
 
+DUPLICATE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("reason", pa.string())])
+
+
+def earlier_duplicates(src) -> dict[int, dict[str, int]]:
+    """{shard: {id: the earlier shard that holds it}} over a dataset's committed shards: the
+    ids a shard repeats from a shard before it. The augment dataset can hold one question
+    twice: each risk type keeps its own questions (the types run in parallel, on several
+    ranks), so two types can keep the same one, under the same id."""
+    from guidealign.shards import committed, read_table
+
+    first: dict[str, int] = {}
+    out: dict[int, dict[str, int]] = {}
+    for i in committed(src):
+        for x in read_table(src, i, ["id"]).column("id").to_pylist():
+            k = first.setdefault(str(x), i)
+            if k != i:
+                out.setdefault(i, {})[str(x)] = k
+    return out
+
+
+def _without_duplicates(fn, dups: dict[int, dict[str, int]]):
+    """``fn`` on each shard less the ids an earlier shard holds (:func:`earlier_duplicates`);
+    those rows go to the shard's quarantine with the shard that has them."""
+    def g(table: pa.Table, index: int):
+        drop = dups.get(index) or {}
+        ids = [str(x) for x in table.column("id").to_pylist()]
+        keep = [k for k, x in enumerate(ids) if x not in drop]
+        if len(keep) == len(ids):
+            return fn(table, index)
+        gone = [k for k, x in enumerate(ids) if x in drop]
+        texts = table.column("prompt").to_pylist()
+        quarantine = pa.Table.from_pylist(
+            [dict(id=ids[k], prompt=texts[k],
+                  reason=f"duplicate id: input shard {drop[ids[k]]} holds the same question (labelled there)")
+             for k in gone], schema=DUPLICATE_SCHEMA)
+        out, _, stats = fn(table.take(keep), index)
+        return out, quarantine, {**stats, "duplicates_dropped": len(gone)}
+
+    for k, v in vars(fn).items():  # fn.prompts, fn.score_fingerprint
+        setattr(g, k, v)
+    return g
+
+
 def run_detect(cfg, workdir, *, rank: int = 0, world_size: int = 1, llm=None, progress: bool = True):
-    """Run detect over this rank's shards of WORKDIR/<detect.input>; returns a StageReport."""
+    """Run detect over this rank's shards of WORKDIR/<detect.input>; returns a StageReport.
+
+    Over the augment dataset (one shard per risk type), a question two risk types kept is
+    labelled once: in the first shard that holds it; the later shards' copies go to their
+    detect shard's quarantine ("duplicate id"). That needs every augment shard, so detect waits
+    for the other ranks' (as a reduce stage does), and the ids dropped count in the fingerprint."""
+    from guidealign.config import wait_timeout
     from guidealign.gen.engine import run_engine_stage
     from guidealign.gen.outputs import load_tokenizer
+    from guidealign.shards import fingerprint, read_manifest, wait_complete
 
     src = Path(workdir) / cfg.detect.input
+    fp = config_fingerprint(cfg, load_tokenizer(cfg.engine, llm))
+    make = make_shard_fn
+    if (read_manifest(src) or {}).get("stage") == "augment":
+        wait_complete(src, timeout=wait_timeout(cfg, world_size), workdir=workdir)
+        dups = earlier_duplicates(src)
+        if dups:  # none: the fingerprint is the one it was before duplicates were dropped
+            fp = fingerprint(fp, {"duplicates_dropped": {str(i): sorted(d) for i, d in sorted(dups.items())}})
+
+            def make(c, engine):
+                return _without_duplicates(make_shard_fn(c, engine), dups)
     return run_engine_stage(
-        "detect", cfg, src, Path(workdir) / "detect",
-        config_fingerprint(cfg, load_tokenizer(cfg.engine, llm)), make_shard_fn, llm=llm,
+        "detect", cfg, src, Path(workdir) / "detect", fp, make, llm=llm,
         columns=["id", "prompt"], rank=rank, world_size=world_size, progress=progress,
         missing_hint="run ingest (or augment) on this workdir first")

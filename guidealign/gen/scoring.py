@@ -105,11 +105,46 @@ def score_prompts(llm, token_ids: list[list[int] | None], yes: list[int], no: li
     return out
 
 
-def load_threshold(value: float, path: str | None, engine=None) -> float:
+# dtype names as vLLM accepts them -> one name each (and torch's "torch.bfloat16" -> "bfloat16")
+_DTYPE_NAMES = {"float": "float32", "half": "float16"}
+# what each entry of a threshold file's "prompt" fingerprint is, for messages (gen/detect.py
+# score_fingerprint writes them)
+PROMPT_FIELDS = {"spec": "detect prompt file hash", "exemplars": "exemplars in the prompt",
+                 "chat_template": "chat template hash", "score_prefix": "score prefix version",
+                 "align": "shared prefix padded to a KV block of", "yes_ids": "Yes token ids",
+                 "no_ids": "No token ids"}
+
+
+def dtype_name(dtype) -> str | None:
+    """One name per dtype ("half" and torch.float16 -> "float16"); None for None."""
+    if dtype is None:
+        return None
+    s = str(dtype).removeprefix("torch.")
+    return _DTYPE_NAMES.get(s, s)
+
+
+def engine_dtype(llm) -> str | None:
+    """The dtype the engine runs in, as vLLM resolved it ("auto" -> the checkpoint's dtype, or
+    bfloat16 for a float32 checkpoint); None for an engine that does not say (a stand-in)."""
+    try:
+        return dtype_name(llm.llm_engine.model_config.dtype)
+    except AttributeError:
+        return None
+
+
+def load_threshold(value: float, path: str | None, engine=None, *, prompt: dict | None = None,
+                   dtype: str | None = None) -> float:
     """The decision threshold: ``path`` (JSON with a "threshold" key, as written by
-    bench/detect_modes.py --write-threshold) when given, else ``value``. With ``engine`` (the
-    EngineConfig detect runs), a file calibrated with another model or dtype is named in a
-    warning: P(Yes) differs between them, and so does the threshold that separates the sets."""
+    bench/detect_modes.py --write-threshold) when given, else ``value``.
+
+    A threshold separates the scores of the prompt it was calibrated on only: with ``prompt``
+    (this run's :func:`guidealign.gen.detect.score_fingerprint`), a file whose recorded
+    "prompt" differs (another prompt file, number of exemplars, chat template, ...) is refused
+    with a ValueError, and a file without one (written before files recorded it) is used
+    with a warning that it cannot be checked. With ``engine`` (the EngineConfig detect runs),
+    a file calibrated with another model or dtype is named in a warning: P(Yes) differs
+    between them. ``dtype``: the dtype the engine reports (:func:`engine_dtype`), else
+    engine.dtype counts, and "auto" (not known before the engine starts) is not compared."""
     if not path:
         return float(value)
     p = Path(path)
@@ -120,12 +155,40 @@ def load_threshold(value: float, path: str | None, engine=None) -> float:
     t = data.get("threshold")
     if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
         raise ValueError(f"{path}: 'threshold' must be a number in [0, 1], not {t!r}")
-    other = [f"{k} {data[k]!r} (this run: {getattr(engine, k)!r})" for k in ("model", "dtype")
-             if engine is not None and data.get(k) not in (None, getattr(engine, k, None))]
+    if prompt is not None:
+        check_threshold_prompt(path, data, prompt)
+    other = []
+    if engine is not None and data.get("model") not in (None, engine.model):
+        other.append(f"model {data['model']!r} (this run: {engine.model!r})")
+    ours = dtype_name(dtype) or dtype_name(getattr(engine, "dtype", None))
+    theirs = dtype_name(data.get("dtype"))
+    if engine is not None and None not in (ours, theirs) and "auto" not in (ours, theirs) and ours != theirs:
+        other.append(f"dtype {data['dtype']!r} (this run: {ours!r})")
     if other:
         log.warning("detect.threshold_file %s was calibrated with %s: calibrate it for this "
                     "model and dtype (bench/detect_modes.py --write-threshold)", path, ", ".join(other))
     return float(t)
+
+
+def check_threshold_prompt(path: str, data: dict, prompt: dict) -> None:
+    """Refuse a threshold file calibrated on another score prompt than ``prompt``; warn when
+    the file records none (then nothing can be checked)."""
+    recorded = data.get("prompt")
+    if not isinstance(recorded, dict):
+        log.warning("detect.threshold_file %s does not record the prompt it was calibrated on "
+                    "(written by an older bench/detect_modes.py), so whether its threshold fits this "
+                    "run's prompt (prompt file, exemplars, chat template) cannot be checked; rewrite "
+                    "it with bench/detect_modes.py --write-threshold", path)
+        return
+    diff = [f"{PROMPT_FIELDS.get(k, k)} {recorded[k]!r} (this run: {prompt[k]!r})"
+            for k in prompt if k in recorded and recorded[k] != prompt[k]]
+    if diff:
+        raise ValueError(
+            f"detect.threshold_file {path} was calibrated on another score-mode prompt: "
+            f"{'; '.join(diff)}. A threshold fits only the prompt it was calibrated on; calibrate "
+            f"one for this run's settings with python bench/detect_modes.py --write-threshold {path} "
+            "(the same --config, engine and detect settings), or delete the file's \"prompt\" entry "
+            "to use it anyway, unchecked")
 
 
 # --- structured outputs --------------------------------------------------------------------
