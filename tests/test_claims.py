@@ -272,3 +272,41 @@ def test_a_steal_whose_moved_claim_was_cleared_meanwhile_loses_quietly(tmp_path,
         claims.clear_claims(tmp_path, 0.3)
     monkeypatch.setattr(claims.os, "rename", rename)
     assert claims.try_claim(tmp_path, 0, 0.3) is None
+
+
+def test_a_worker_killed_while_claiming_leaves_no_empty_claim(tmp_path, monkeypatch):
+    """A kill between the claim's O_EXCL create and its write left an empty claim that named
+    no owner: even on its own host the shard waited out the TTL. The record is written first
+    and linked into place, so a claim is either whole or absent."""
+    dst = tmp_path / "out"
+
+    class Killed(BaseException):
+        pass
+
+    def die(*a, **k):  # the process dies right before the claim appears
+        raise Killed
+
+    monkeypatch.setattr(claims.os, "link", die)
+    with pytest.raises(Killed):
+        claims.try_claim(dst, 0, ttl_s=3600)
+    monkeypatch.undo()
+    assert not claims.claim_path(dst, 0).exists()
+    got = claims.try_claim(dst, 0, ttl_s=3600)  # at once, TTL or not
+    assert got is not None and json.loads(claims.claim_path(dst, 0).read_text())["pid"] == os.getpid()
+    assert [p.name for p in claims.claim_path(dst, 0).parent.iterdir()] == ["shard-00000.claim"]
+    assert claims.try_claim(dst, 0, ttl_s=3600) is None  # held: a second claim fails
+    got.release()
+
+
+def test_a_file_system_without_hard_links_still_claims_once(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(claims.os, "link", no_links)
+    dst = tmp_path / "out"
+    first = claims.try_claim(dst, 0, ttl_s=3600)
+    assert first is not None and claims.try_claim(dst, 0, ttl_s=3600) is None
+    assert [p.name for p in claims.claim_path(dst, 0).parent.iterdir()] == ["shard-00000.claim"]
+    first.release()

@@ -99,6 +99,16 @@ def test_changing_an_evaluation_setting_re_evaluates_without_retraining(workdir)
     assert (model_dir(workdir)).is_dir()
     # and the same settings once more: nothing to do at all
     assert run_train_retriever(cfg2, workdir, progress=False).metrics == again.metrics
+    # a model file damaged since training is not evaluated, nor its damage recorded as the
+    # artifact's checksum (verify passed it from then on)
+    weights = next(p for p in model_dir(workdir).rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    cfg3 = load_config(overrides=base + ["retriever.recall_at=[1,3]"])
+    with pytest.raises(RuntimeError, match="verify .* --repair"):
+        run_train_retriever(cfg3, workdir, progress=False)
+    assert read_done(retriever_dir(workdir))["files"] == done2["files"]
 
 
 def test_a_re_evaluation_killed_midway_leaves_nothing_for_verify_and_runs_again(workdir, monkeypatch):

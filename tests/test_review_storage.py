@@ -140,6 +140,35 @@ def test_rewriting_a_shard_syncs_the_old_markers_removal_before_writing_files(tm
     assert ("sync", tmp_path) in events[:first_write], events
 
 
+def test_rewriting_a_jsonl_shard_syncs_the_old_markers_removal_before_writing_it(tmp_path, monkeypatch):
+    """write_jsonl_shard unlinked the old marker without syncing the directory before the new
+    file was renamed in (write_shard syncs there): after a power loss the old marker could
+    stand beside the new file."""
+    from guidealign.shards import jsonl
+
+    jsonl.write_jsonl_shard(tmp_path, 0, [{"a": 1}], "fp-old")
+    events = []
+    real_sync, real_replace = jsonl.fsync_dir, jsonl.replace_from_temp
+    monkeypatch.setattr(jsonl, "fsync_dir", lambda d: (events.append(("sync", Path(d))), real_sync(d))[1])
+    monkeypatch.setattr(jsonl, "replace_from_temp",
+                        lambda p, w: (events.append(("write", Path(p).name)), real_replace(p, w))[1])
+    jsonl.write_jsonl_shard(tmp_path, 0, [{"a": 2}], "fp-new")
+    first_write = next(i for i, e in enumerate(events) if e[0] == "write")
+    assert ("sync", tmp_path) in events[:first_write], events
+
+
+def test_verify_names_the_jsonl_file_of_a_missing_export_shard(tmp_path):
+    from guidealign.shards import jsonl, write_manifest
+    from guidealign.shards.verify import verify_run
+
+    out = tmp_path / "run" / "export" / "respond"
+    write_manifest(out, stage="export", num_shards=1, fingerprint="f", input="x", format="jsonl")
+    jsonl.write_jsonl_shard(out, 0, [{"a": 1}], "f")
+    jsonl.jsonl_path(out, 0).unlink()
+    problems = [p for p in verify_run(tmp_path / "run").failing if p.kind == "missing"]
+    assert [p.path for p in problems] == ["export/respond/shard-00000.jsonl"], problems
+
+
 def test_export_takes_only_current_intact_input_shards(tmp_path):
     """export checked only that an input marker existed: a shard committed under an earlier
     config was written out (and, its export fingerprint built from that marker, counted as

@@ -200,3 +200,28 @@ def test_a_dataset_of_shard_files_alone_has_its_quarantine_checked_once(run_dir)
     assert code == 1
     assert not any(d["path"].startswith("upper/quarantine") for d in out["dirs"]), out["dirs"]
     assert not any("quarantine/quarantine" in r for p in out["problems"] for r in p.get("remove", []))
+
+
+def test_a_dead_writers_temp_of_a_json_record_is_a_note_not_a_failure(tmp_path):
+    """A kill while a manifest (or any JSON record) was written left `._stage.json.*.PID.tmp`,
+    which nothing removes (a manifest may have writers on other hosts at once): after a clean
+    rerun `verify` failed the run until --repair. It is a note now, and --repair removes it."""
+    import subprocess
+    import sys
+
+    from guidealign.shards.verify import repair, verify_run
+
+    d = tmp_path / "run" / "data"
+    write_manifest(d, stage="data", num_shards=1, fingerprint="f", input="x")
+    write_shard(d, 0, pa.table({"id": ["a"]}), fingerprint="f")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    leftover = d / f"._stage.json.0123456789ab.{dead}.tmp"
+    leftover.write_text("{")
+    shard_temp = d / f".shard-00000.parquet.0123456789ab.{dead}.tmp"
+    rep = verify_run(tmp_path / "run")
+    assert rep.ok and [p.kind for p in rep.problems if p.path.endswith(leftover.name)] == ["note"]
+    assert repair(rep) == [f"data/{leftover.name}"] and not leftover.exists()
+    # a shard's temp stays a failing orphan (its next write removes it; verify names it)
+    shard_temp.write_bytes(b"PAR1")
+    assert [p.kind for p in verify_run(tmp_path / "run").failing] == ["orphan"]

@@ -318,7 +318,18 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
     from guidealign.retrieval.evaluate import build_eval_set
     from guidealign.retrieval.library import library_dir, read_library
 
+    from guidealign.shards.artifact_files import check_files, file_checksums
+
     t0 = time.perf_counter()
+    dst = retriever_dir(workdir)
+    # the model's files as training left them: a file damaged since is not evaluated, nor its
+    # damage recorded as the artifact's checksum (verify would pass it from then on)
+    kept = {k: v for k, v in (done.get("files") or {}).items() if k != "metrics.json"}
+    damaged = check_files(dst, kept)
+    if damaged:
+        raise RuntimeError(
+            f"{dst}: {', '.join(f'{rel} {kind}' for kind, rel, _ in damaged)} since the retriever was trained: "
+            f"run `guidealign verify {workdir} --repair` (the next run trains it again)")
     set_threads(rc.threads)
     library, _ = read_library(workdir)
     heldout = pq.read_table(library_dir(workdir) / "pairs" / "heldout.parquet")
@@ -327,7 +338,6 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
     tuned = load_encoder(str(model_dir(workdir)), max_seq_length=rc.max_seq_length)
     es = build_eval_set(library, heldout, rc.max_eval_queries, train)
     results = {**_evaluate(rc, es, base=base), **_evaluate(rc, es, tuned=tuned)}
-    dst = retriever_dir(workdir)
     metrics_path = dst / "metrics.json"
     try:
         metrics = json.loads(metrics_path.read_text())
@@ -337,13 +347,14 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
     # _done.json lists metrics.json's checksum: unlisted first (the old evaluation fingerprint
     # kept, so a rerun evaluates again), so that a kill before the new _done.json is written
     # leaves no checksum that `verify` would report (and --repair retrain for)
-    unlisted = dict(done, files={k: v for k, v in (done.get("files") or {}).items() if k != "metrics.json"})
-    write_json_atomic(dst / DONE, unlisted)
+    write_json_atomic(dst / DONE, dict(done, files=kept))
     write_json_atomic(metrics_path, json.dumps(metrics, indent=1))
     extra = {k: v for k, v in done.items() if k not in ("fingerprint", "rows", "seconds", "created",
                                                        "threads", "files")}
+    # the other files' checksums as training recorded them; metrics.json's taken now
     extra.update(metrics=results, table=_table(results, rc), eval_fingerprint=efp,
-                 heldout_twins_left_out=es.twins_left_out)
+                 heldout_twins_left_out=es.twins_left_out,
+                 files={**kept, **file_checksums(dst, exclude=(DONE, *{k.split("/")[0] for k in kept}))})
     log.info("retriever: re-evaluated with the new evaluation settings in %.0fs (not retrained)",
              time.perf_counter() - t0)
     return mark_done(dst, fingerprint=done["fingerprint"], rows=done.get("rows", 0),

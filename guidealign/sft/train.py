@@ -26,6 +26,7 @@ from typing import get_args
 
 from guidealign.config.sft import SFTMode
 from guidealign.sft.fingerprint import sft_fingerprint
+from guidealign.shards.write import torch_threads
 from guidealign.sft.checkpoints import (checkpoint_dir, is_main_process, loss_log_callback, resume_point,
                                         whole_run_loss)
 from guidealign.sft.precision import (check_lora_merge, keep_float32_names, load_dtype, precision_flags,
@@ -367,7 +368,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             "base_model": scfg.base_model, "chat_template": scfg.chat_template or "base tokenizer's",
             "processes": world, "data": data_rep.sources, "data_paths": data_rep.paths, "read": data_rep.rows,
             "dropped": data_rep.dropped, "cut_at_max_seq_length": data_rep.cut_at_max_seq_length,
-            **metrics}
+            "threads": torch_threads(), **metrics}
     if is_main:
         from guidealign.hub.card import model_card
 

@@ -1,7 +1,8 @@
 """Dynamic shard assignment: workers claim the next free shard instead of owning ``i mod W``.
 
-A claim is the file ``DST/_claims/shard-NNNNN.claim``, created with ``O_CREAT|O_EXCL`` (so
-exactly one worker creates it) and holding its owner's id, host, pid and pid namespace. Its
+A claim is the file ``DST/_claims/shard-NNNNN.claim``, created by hard-linking a temp file
+that already holds its record (so exactly one worker creates it, and no claim is ever seen
+empty; ``O_CREAT|O_EXCL`` where the file system has no hard links) and holding its owner's id, host, pid and pid namespace. Its
 mtime is the owner's heartbeat: a thread touches it every ``ttl/4`` seconds while the shard
 is processed. A claim is stale when its heartbeat is older than ``ttl`` seconds (by the file
 system's clock, which stamps it, never by this machine's: nodes' clocks differ), or when its
@@ -11,7 +12,7 @@ and that pid no longer exists. A worker steals a
 stale claim by renaming it to a name of its own (``os.rename`` moves a given file once, so of
 two stealers only one gets it), checking that the file it moved is the stale one it looked at
 (same inode and mtime; otherwise it puts the file back), and then claiming the shard afresh
-with ``O_EXCL``. A claim is removed after its shard is committed, or when processing raised.
+the same way. A claim is removed after its shard is committed, or when processing raised.
 
 Claiming decides who works on a shard; the commit marker still decides what is done: a worker
 re-checks the shard's fingerprint after claiming it, so a shard committed meanwhile is never
@@ -25,6 +26,7 @@ the enclosing ``with assignment(...)`` block (executors and CLI commands open on
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -174,6 +176,30 @@ class Claim:
 
 
 def _create(path: Path, record: dict) -> bool:
+    """Create the claim ``path`` holding ``record``, unless it exists. The record is written
+    to a temp file first and hard-linked into place (a create that fails when the name exists,
+    on NFS too): a worker killed between an ``O_EXCL`` create and its write left an empty claim
+    that named no owner, so even on its own host it counted as stale only after the TTL. A temp
+    file a kill leaves is cleared with the claims (``shard-*.claim*``)."""
+    tmp = path.with_name(f"{path.name}.tmp-{record.get('nonce', os.getpid())}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:  # a file system without hard links: create, then write
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        return _create_then_write(path, record)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_then_write(path: Path, record: dict) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:

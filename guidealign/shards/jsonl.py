@@ -18,7 +18,7 @@ from pathlib import Path
 
 from guidealign.shards.layout import marker_path, shard_path
 from guidealign.shards.marker import Marker, intact, read_marker
-from guidealign.shards.write import remove_temps, replace_from_temp, write_json_atomic
+from guidealign.shards.write import fsync_dir, remove_temps, replace_from_temp, write_json_atomic
 
 
 def jsonl_path(out: str | Path, index: int) -> Path:
@@ -37,7 +37,11 @@ def write_jsonl_shard(out: str | Path, index: int, rows: list[dict], fingerprint
     Parquet shard is written: a temp name no other writer uses, fsync, rename, the directory
     synced, then the marker."""
     path, mpath = jsonl_path(out, index), marker_path(out, index)
-    mpath.unlink(missing_ok=True)
+    try:
+        mpath.unlink()
+        fsync_dir(Path(out))  # the old marker durably gone before the new file lands (write_shard's order)
+    except FileNotFoundError:
+        pass
     for p in (mpath, path):  # what a killed earlier write of this shard left
         remove_temps(p)
     h = hashlib.sha256()

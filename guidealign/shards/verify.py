@@ -36,6 +36,10 @@ _MARKER_RE = re.compile(r"^shard-(\d{5,})\.done\.json$")
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 _JSONL_RE = re.compile(r"^shard-(\d{5,})\.jsonl$")  # an export's shards (shards.jsonl)
 _PID_TMP_RE = re.compile(r"\.(\d+)\.tmp$|\.old-(\d+)$")
+# a temp file of a JSON record (a manifest, a marker, _done.json, a heartbeat): never read, and
+# nothing cleans it but --repair (a shard's temps go with its next write; a manifest may have
+# writers on other hosts at once, so no writer removes another's)
+_RECORD_TMP_RE = re.compile(r"^\..+\.json\.[0-9a-f]{12}\.\d+\.tmp$")
 
 
 @dataclass
@@ -122,7 +126,10 @@ def _shard_file(d: Path, i: int) -> Path:
     """The file shard ``i``'s marker commits: its Parquet file, or the JSONL one of an export."""
     p = shard_path(d, i)
     j = jsonl_path(d, i)
-    return j if not p.exists() and j.exists() else p
+    if p.exists() or j.exists():
+        return p if p.exists() else j
+    # neither there: the one its dataset is written as (an export's manifest says "jsonl")
+    return j if (read_manifest(d) or {}).get("format") == "jsonl" else p
 
 
 def _marker_index(path: Path) -> int | None:
@@ -277,6 +284,11 @@ def verify_run(workdir: str | Path) -> VerifyReport:
                 if _pid_alive(name):
                     rep.problems.append(Problem("note", p.relative_to(root).as_posix(),
                                                 "temp file of a running process: left alone"))
+                elif _RECORD_TMP_RE.match(name):  # a kill while a record was written: harmless
+                    rep.problems.append(Problem("note", p.relative_to(root).as_posix(),
+                                                "temp file of an interrupted write of a JSON record (never "
+                                                "read; --repair removes it)",
+                                                remove=[p.relative_to(root).as_posix()]))
                 else:
                     rep.problems.append(Problem("orphan", p.relative_to(root).as_posix(),
                                                 "temp file left by an interrupted write",
@@ -311,10 +323,11 @@ def verify_run(workdir: str | Path) -> VerifyReport:
 
 def repair(report: VerifyReport) -> list[str]:
     """Delete what each failing problem names in ``remove`` (markers first, so a crash in the
-    middle of a repair still leaves nothing committed that is bad). Returns the removed paths."""
+    middle of a repair still leaves nothing committed that is bad), and what a note names (a
+    dead writer's temp file of a JSON record). Returns the removed paths."""
     root = Path(report.workdir)
     paths: list[str] = []
-    for p in report.failing:
+    for p in report.failing + [q for q in report.problems if q.kind == "note" and q.remove]:
         for r in p.remove:
             if r not in paths:
                 paths.append(r)
