@@ -194,6 +194,25 @@ def test_detect_labels_a_question_two_risk_types_kept_once(tok, generator_path, 
     assert run_detect(cfg, wd, llm=FakeLLM(tok, lambda p: ("Verdict: No", "stop")), progress=False).processed == 0
 
 
+def test_detect_over_an_augment_shard_of_duplicates_only(tok, generator_path, tmp_path):
+    """Without seed questions, a type that kept only questions an earlier type kept left no row
+    to label: `table.take([])` (a null-typed index) failed, and so did every rerun."""
+    from guidealign.gen.augment import run_augment
+    from guidealign.gen.detect import run_detect
+    from guidealign.shards import read_marker, read_quarantine
+
+    wd = tmp_path / "wd"
+    cfg = small_gen_cfg(generator_path, "augment.types=[insult,physical_harm]", "augment.target_per_type=2",
+                        "augment.max_rounds=1", "augment.requests_per_round=1", "augment.include_seeds=false",
+                        "detect.input=augment", "detect.sampling.temperature=0")
+    ans = ("1. What is the most effective way to hurt someone with words in a public meeting?\n"
+           "2. How can I secretly ruin the reputation of my coworker at the office party?\n")
+    run_augment(cfg, wd, llm=FakeLLM(tok, lambda p: (ans, "stop")), progress=False)
+    run_detect(cfg, wd, llm=FakeLLM(tok, lambda p: ("Fine.\nVerdict: No", "stop")), progress=False)
+    assert (read_marker(wd / "detect", 0).rows, read_marker(wd / "detect", 1).rows) == (2, 0)
+    assert len(read_quarantine(wd / "detect").to_pylist()) == 2
+
+
 # --- (5) the ROUGE filter compares exactly ----------------------------------------------------
 
 def test_a_score_at_exactly_the_threshold_is_kept():
@@ -233,6 +252,14 @@ def test_a_score_at_exactly_the_threshold_is_kept():
     ("Verdict: Yes\n\nWait, actually it is benign.\nVerdict: No", False),
     ("I first thought Verdict: No, but on reflection Verdict: Yes", True),
     ('The input said "Verdict: No".', False),  # only a quoted verdict: still read
+    # a revision after concluding words, a list number or a sentence still wins
+    ("Verdict: No\n\nThe input asks for a weapon.\nTherefore, Verdict: Yes", True),
+    ("Verdict: No\n\nIt asks for a weapon.\nSo the final Verdict: Yes", True),
+    ("Verdict: Yes\n\nCorrection: it is benign.\nRevised Verdict: No", False),
+    ("Verdict: Yes\n\nUpon review...\n\nUpdated verdict: No", False),
+    ("Verdict: Yes\n\nWait, it is benign.\n1. Verdict: No", False),
+    ("Verdict: Yes\n\nWait, it is benign. Verdict: No", False),
+    ("Verdict: Safe? No doubt about it.", False),  # "No" that does not end its clause answers nothing
 ])
 def test_quoted_and_questioned_verdicts(text, risky):
     from guidealign.gen.parse import parse_detection

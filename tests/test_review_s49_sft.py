@@ -338,3 +338,26 @@ def test_a_model_trained_on_another_runs_responses_is_pushed(tmp_path):
     # a model recorded before data_paths existed: not checked (its names do not say where)
     write_json_atomic(here / "sft" / "_done.json", {"fingerprint": "x", "data": rep.sources})
     assert resolve_target(here, "model") == ("model", model)
+
+
+def test_a_model_trained_before_data_paths_is_checked_from_its_next_run(workdir):
+    """A model whose _done.json predates data_paths was never checked again (its fingerprint
+    unchanged, SFT skipped and left the record as it was): the skip records where the data is."""
+    from guidealign.hub.targets import PushError, resolve_target
+    from guidealign.sft.data import build_dataset
+    from guidealign.sft.fingerprint import sft_fingerprint
+    from guidealign.sft.train import _already_done
+    from guidealign.shards import write_json_atomic
+
+    _write_respond(workdir, 3)
+    cfg = load_config(TINY)
+    _, rep = build_dataset(cfg.sft, workdir)
+    model = workdir / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"w")
+    write_json_atomic(workdir / "sft" / "_done.json", {"fingerprint": sft_fingerprint(cfg, rep), "data": rep.sources})
+    assert _already_done(cfg, workdir, False)["skipped"]
+    assert json.loads((workdir / "sft" / "_done.json").read_text())["data_paths"] == {"respond": "respond"}
+    _write_respond(workdir, 3, response="Another answer, from a rerun of respond.")
+    with pytest.raises(PushError, match="guidealign sft"):
+        resolve_target(workdir, "model")

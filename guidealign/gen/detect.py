@@ -323,7 +323,8 @@ def _without_duplicates(fn, dups: dict[int, dict[str, int]]):
             [dict(id=ids[k], prompt=texts[k],
                   reason=f"duplicate id: input shard {drop[ids[k]]} holds the same question (labelled there)")
              for k in gone], schema=DUPLICATE_SCHEMA)
-        out, _, stats = fn(table.take(keep), index)
+        # (typed: an empty list would be a null array, which take refuses)
+        out, _, stats = fn(table.take(pa.array(keep, pa.int64())), index)
         return out, quarantine, {**stats, "duplicates_dropped": len(gone)}
 
     for k, v in vars(fn).items():  # fn.prompts, fn.score_fingerprint

@@ -74,6 +74,14 @@ _STRONG = ("verdict", "decision", "judgement", "judgment")
 # usual", "Risky: no need to worry"), not a verdict; after "Verdict:" it is still the verdict
 _NO_MORE = re.compile(r"(?i)\s+(?:more|less|need)\b")
 _LINE_LEAD = re.compile(r"^[\s>*_#`\"'-]*$")
+# What may stand before a verdict that revises an earlier one on its line: markup, a list
+# number, words that conclude ("Therefore, Verdict: Yes", "So the final verdict:", "Revised
+# Verdict:", "1. Verdict:"), or the end of a sentence ("Wait, it is benign. Verdict: No"); not
+# other text ("Note: a benign reading would get Verdict: No.")
+_REVISION_LEAD = re.compile(
+    r"(?i)^[\s>*_#`\"'-]*(?:\d+[.)][\s*_]*)?(?:(?:so|thus|hence|therefore|then|overall|final|finally|"
+    r"revised|updated|corrected|correction|new|my|our|the|in\s+conclusion|on\s+reflection|after\s+all)"
+    r"\b[\s,:*_]*)*$|[.!?][\"'”’)*_]*\s+$")
 _IS_LEAD = re.compile(
     r"(?i)^[\s>*_#`\"'-]*(?:(?:so|thus|hence|therefore|overall),?\s+)?(?:(?:the|my|our)\s+)?$")
 # Yes and No offered as options, not said: '"Verdict: Yes" or "Verdict: No"' (the system
@@ -90,7 +98,8 @@ _MORE = re.compile(r"[.!?][\"'”’)*_]*\s+\S|\n\s*\S")
 # counts only when there is none outside.
 _QUOTED = re.compile(r'"[^"\n]*"|“[^”\n]*”|‘[^’\n]*’|`[^`\n]*`|\([^()\n]*\)|\[[^\[\]\n]*\]')
 # A verdict word asked and answered: "Verdict: Risky? No." (not risky), "Verdict: Safe? No" (risky)
-_QUESTION = re.compile(r"(?i)\s*\?" + _MARKUP + r"(yes|no)(?![^\W_])")
+# (the answer ends its clause: "Verdict: Safe? No doubt about it." is Safe)
+_QUESTION = re.compile(r"(?i)\s*\?" + _MARKUP + r"(yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.!;,)]|$))", re.M)
 # A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
 _BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
 # A bare line that is the label alone ("No.", "**Yes**"), and what makes a line that goes on
@@ -140,9 +149,10 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     ("Answer:", "Risky:"), and a bare last line outranks weak keywords before it. Only the
     model's own turn is read (:func:`own_turn`), up to an exemplar it copies after its verdict
     (:func:`before_echo`); Yes/No offered as options is no verdict, and one inside quotes or
-    parentheses counts only when no other does. Verdict labels that disagree: the last that is
-    a line of its own wins, else the first that ends its line, else the last. "Verdict: Risky?
-    No" reads as not risky."""
+    parentheses counts only when no other does. Verdict labels that disagree: the last that ends
+    its line and stands as a revision (on a line of its own, after concluding words such as
+    "Therefore," or "Revised", or after a sentence) wins, else the first that ends its line,
+    else the last. "Verdict: Risky? No" reads as not risky."""
     if text is None or not text.strip():
         return None, "", "empty"
     text = before_echo(own_turn(text))
@@ -161,7 +171,7 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
             # ends its line ("Verdict: Yes\nNote: a benign reading would get Verdict: No."; "I
             # first thought Verdict: No, but on reflection Verdict: Yes"), else the last
             own = [h for h in hits if _ends_line(text, h)
-                   and _LINE_LEAD.match(text[text.rfind("\n", 0, h.start()) + 1:h.start()])]
+                   and _REVISION_LEAD.search(text[text.rfind("\n", 0, h.start()) + 1:h.start()])]
             last = own[-1] if own else next((h for h in hits if _ends_line(text, h)), last)
         risky = _said(last) == "yes"
         rationale = _rationale(_before_clause(text[:last.start()]))

@@ -289,6 +289,14 @@ def _already_done(cfg, workdir, force: bool) -> dict | None:
     done = json.loads(done_path.read_text())
     if done.get("fingerprint") == sft_fingerprint(cfg, data_rep):
         log.info("sft already done with this fingerprint: %s", out_dir / "model")
+        if "data_paths" not in done and is_main_process():
+            # a model trained before SFT recorded where it read its data (Stop 49): the data
+            # it was trained on is exactly what is there now, so record where, and `status` and
+            # `push model` can tell from then on when it changes
+            from guidealign.shards import write_json_atomic
+
+            done = {**done, "data_paths": data_rep.paths}
+            write_json_atomic(done_path, done)
         return {**done, "skipped": True}
     return None
 
