@@ -274,28 +274,25 @@ def test_a_steal_whose_moved_claim_was_cleared_meanwhile_loses_quietly(tmp_path,
     assert claims.try_claim(tmp_path, 0, 0.3) is None
 
 
-def test_a_worker_killed_while_claiming_leaves_no_empty_claim(tmp_path, monkeypatch):
+def test_a_worker_killed_while_claiming_leaves_no_empty_claim(tmp_path):
     """A kill between the claim's O_EXCL create and its write left an empty claim that named
     no owner: even on its own host the shard waited out the TTL. The record is written first
-    and linked into place, so a claim is either whole or absent."""
+    and linked into place, so a claim is whole or absent; the temp file a kill leaves names its
+    dead owner, and clear_claims removes it."""
     dst = tmp_path / "out"
-
-    class Killed(BaseException):
-        pass
-
-    def die(*a, **k):  # the process dies right before the claim appears
-        raise Killed
-
-    monkeypatch.setattr(claims.os, "link", die)
-    with pytest.raises(Killed):
-        claims.try_claim(dst, 0, ttl_s=3600)
-    monkeypatch.undo()
-    assert not claims.claim_path(dst, 0).exists()
+    script = ("import os, signal, sys; from guidealign.shards import claims; "
+              "os.link = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+              "claims.try_claim(sys.argv[1], 0, ttl_s=3600)")
+    p = subprocess.run([sys.executable, "-c", script, str(dst)], capture_output=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    left = [q.name for q in claims.claim_path(dst, 0).parent.iterdir()]
+    assert "shard-00000.claim" not in left and len(left) == 1 and left[0].startswith("shard-00000.claim.tmp-")
     got = claims.try_claim(dst, 0, ttl_s=3600)  # at once, TTL or not
     assert got is not None and json.loads(claims.claim_path(dst, 0).read_text())["pid"] == os.getpid()
-    assert [p.name for p in claims.claim_path(dst, 0).parent.iterdir()] == ["shard-00000.claim"]
     assert claims.try_claim(dst, 0, ttl_s=3600) is None  # held: a second claim fails
     got.release()
+    claims.clear_claims(dst, ttl_s=3600)  # the dead claimer's temp file goes with the claims
+    assert not (dst / claims.CLAIMS_DIR).exists()
 
 
 def test_a_file_system_without_hard_links_still_claims_once(tmp_path, monkeypatch):
