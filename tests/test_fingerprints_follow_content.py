@@ -47,25 +47,23 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
 
     f = tmp_path / "in.jsonl"
     f.write_text('{"prompt": "x"}\n')
-    c, st = IngestConfig(), f.stat()
-    v8 = fingerprint("ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows,
-                     c.encoding, c.delimiter, list(c.instruction_inputs),
-                     [(str(f.resolve()), st.st_size, st.st_mtime_ns)])
-    assert _fingerprint([f.resolve()], c) == v8
+    c = IngestConfig()
+
+    def v8(p):  # the rule of a plain file: its stat, with the config
+        st = p.stat()
+        return fingerprint("ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows,
+                           c.encoding, c.delimiter, list(c.instruction_inputs),
+                           [(str(p.resolve()), st.st_size, st.st_mtime_ns)])
+
+    assert _fingerprint([f.resolve()], c) == v8(f)
     # a JSON (array/object) file is read by Stop 48's rules (records after leading nulls): once more
     j = tmp_path / "in.json"
     j.write_text('[{"prompt": "x"}]')
-    st = j.stat()
-    assert _fingerprint([j.resolve()], c) != fingerprint(
-        "ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows, c.encoding,
-        c.delimiter, list(c.instruction_inputs), [(str(j.resolve()), st.st_size, st.st_mtime_ns)])
+    assert _fingerprint([j.resolve()], c) != v8(j)
     # so is a CSV file (Stop 49: a record over several lines is numbered by its first line)
     v = tmp_path / "in.csv"
     v.write_text('prompt\n"x"\n')
-    st = v.stat()
-    assert _fingerprint([v.resolve()], c) != fingerprint(
-        "ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows, c.encoding,
-        c.delimiter, list(c.instruction_inputs), [(str(v.resolve()), st.st_size, st.st_mtime_ns)])
+    assert _fingerprint([v.resolve()], c) != v8(v)
 
 
 # --- the LLM judge's seed -------------------------------------------------------------------

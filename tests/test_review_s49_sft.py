@@ -273,12 +273,12 @@ def test_the_recipes_fsdp_settings_load_without_the_deprecation_and_as_before(tm
 
 # -- 6: push of a model trained on responses that changed since -----------------------------------
 
-def _finished_model(workdir) -> Path:
+def _finished_model(workdir, cfg=None) -> Path:
     """A finished SFT output whose _done.json records the data as SFT does (build_dataset)."""
     from guidealign.shards import write_json_atomic
     from guidealign.sft.data import build_dataset
 
-    _, rep = build_dataset(load_config(TINY).sft, workdir)
+    _, rep = build_dataset((cfg or load_config(TINY)).sft, workdir)
     model = workdir / "sft" / "model"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
@@ -320,23 +320,16 @@ def test_a_model_trained_on_another_runs_responses_is_pushed(tmp_path):
     good (retraining skipped: the data had not changed)."""
     from guidealign.hub.targets import resolve_target
     from guidealign.shards import write_json_atomic
-    from guidealign.sft.data import build_dataset
 
     other, here = tmp_path / "other", tmp_path / "here"
     _write_respond(other, 3)
     _write_respond(here, 2, response="This run's own answers, not trained on.")
-    cfg = load_config(TINY, [f"sft.data=[{other / 'respond'}]"])
-    _, rep = build_dataset(cfg.sft, here)
-    assert list(rep.sources) == ["respond"] and rep.paths == {"respond": str((other / "respond").resolve())}
-    model = here / "sft" / "model"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"w")
-    write_json_atomic(here / "sft" / "_done.json", {"fingerprint": "x", "data": rep.sources,
-                                                     "data_paths": rep.paths})
+    model = _finished_model(here, load_config(TINY, [f"sft.data=[{other / 'respond'}]"]))
+    done = json.loads((here / "sft" / "_done.json").read_text())
+    assert list(done["data"]) == ["respond"] and done["data_paths"] == {"respond": str((other / "respond").resolve())}
     assert resolve_target(here, "model") == ("model", model)
     # a model recorded before data_paths existed: not checked (its names do not say where)
-    write_json_atomic(here / "sft" / "_done.json", {"fingerprint": "x", "data": rep.sources})
+    write_json_atomic(here / "sft" / "_done.json", {"fingerprint": "x", "data": done["data"]})
     assert resolve_target(here, "model") == ("model", model)
 
 
