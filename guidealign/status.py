@@ -218,7 +218,32 @@ def collect(workdir: str | Path) -> list[dict]:
                 if r is not None:
                     r["stage"] = f"{d.name}/{sub.name}"
                     out.append(r)
+    _note_incomplete_inputs(out)
     return out
+
+
+def _note_incomplete_inputs(rows: list[dict]) -> None:
+    """A stage shown done whose input (the stage table's ``src``) has shards stale or missing
+    now, or is itself made from such input, gets a note: it is current only for the input it
+    was made from, and the next run redoes what changes (after detect is redone, guidelines
+    show stale shards while the library, retriever and index after them still showed done)."""
+    by_dst = {r["stage"]: r for r in rows}
+    waiting: dict[str, str] = {}  # dst -> the first stage up the chain that is not complete
+    for st in STAGES:
+        row, up = by_dst.get(st.dst), by_dst.get(st.src)
+        if row is None or up is None:
+            continue
+        if up["shards_stale"] or up["shards_done"] < up["shards_total"]:
+            first = st.src
+        else:
+            first = waiting.get(st.src)
+        if first is None:
+            continue
+        waiting[st.dst] = first
+        if not row.get("note") and row["shards_total"] and row["shards_done"] == row["shards_total"]:
+            row["note"] = (f"made from {st.src}" + (f", itself made from {first}," if first != st.src else "")
+                           + f" which has stale or missing shards now: current for the input it was made "
+                           f"from; the next run redoes it where that input changes")
 
 
 def render(rows: list[dict], width: int = 120) -> str:

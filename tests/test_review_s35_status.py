@@ -313,3 +313,23 @@ def test_status_says_a_model_trained_on_responses_changed_since_is_stale(tmp_pat
     write_shard(w / "respond", 1, pa.table({"id": ["a1"], "response": ["another answer"]}), fingerprint="f")
     res = CliRunner().invoke(cli, ["status", str(w)])
     assert "trained on other respond shards than those there now" in res.output, res.output
+
+
+def test_status_notes_a_done_stage_whose_input_has_stale_or_missing_shards(tmp_path):
+    """After detect was redone, guidelines showed stale shards while the library and the
+    artifacts after it still showed done, with nothing said: a note names the input now."""
+    w = tmp_path / "run"
+    write_manifest(w / "guidelines", stage="guidelines", num_shards=2, fingerprint="f", input="x")
+    write_shard(w / "guidelines", 0, pa.table({"id": ["a"]}), fingerprint="f")
+    write_shard(w / "guidelines", 1, pa.table({"id": ["b"]}), fingerprint="f")
+    write_manifest(w / "library", stage="library", num_shards=1, fingerprint="lib", input="x")
+    write_shard(w / "library", 0, pa.table({"guideline_id": ["g"]}), fingerprint="lib")
+    mark_done(w / "library", fingerprint="lib", rows=1, seconds=1.0)
+    (w / "retriever").mkdir()
+    mark_done(w / "retriever", fingerprint="r", rows=1, seconds=1.0)
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert "which has stale or missing shards" not in res.output, res.output
+    (w / "guidelines" / "shard-00001.done.json").unlink()  # a shard missing again (being redone)
+    res = CliRunner().invoke(cli, ["status", str(w)])
+    assert "library: made from guidelines which has stale or missing shards now" in res.output, res.output
+    assert "retriever: made from library, itself made from guidelines, which has stale" in res.output
