@@ -109,7 +109,8 @@ def threshold_record(threshold: float, cfg, llm, fingerprint: dict, seed: int, n
     """What --write-threshold writes: the threshold, the prompt it was calibrated on (detect's
     score_fingerprint: detect refuses the file for another prompt) and the model and dtype the
     engine ran (as it resolved "auto"; detect warns for others)."""
-    from guidealign.gen.scoring import dtype_name, engine_dtype
+    from guidealign.gen.outputs import dtype_name
+    from guidealign.gen.scoring import engine_dtype
 
     return {"threshold": threshold, "seed": seed, "calibration_prompts": {"risky": n_cal[0], "benign": n_cal[1]},
             "model": cfg.engine.model, "dtype": engine_dtype(llm) or dtype_name(cfg.engine.dtype),
@@ -232,7 +233,8 @@ def main() -> None:
             _, sec, stats = run_mode(score_cfg, llm, held)
             rates_.append(len(held) / sec)
         w = work(stats, len(held), sec)
-        from guidealign.gen.scoring import dtype_name, engine_dtype
+        from guidealign.gen.outputs import dtype_name
+        from guidealign.gen.scoring import engine_dtype
 
         dtype = engine_dtype(llm) or dtype_name(score_cfg.engine.dtype)
         print(f"detect score mode alone: {len(held)} held-out prompts, dtype {dtype}, "

@@ -70,10 +70,6 @@ def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
                       errors=(IngestError, ValueError), inputs=list(inputs) or None, dataset=into)
 
 
-# the columns of a dataset ingest writes (a prompt set)
-_PROMPT_COLUMNS = {"id", "prompt", "source", "metadata"}
-
-
 def _not_an_ingest_dataset(workdir, into: str) -> str | None:
     """Why ``--into`` must not name WORKDIR/<into>, or None: it holds another stage's output
     (respond, detect, an export, a model or index), which the ingest would replace. An
@@ -84,6 +80,7 @@ def _not_an_ingest_dataset(workdir, into: str) -> str | None:
     import pyarrow.parquet as pq
 
     from guidealign.ingest.readers import _RUN_FILES
+    from guidealign.ingest.run import PROMPT_SCHEMA
     from guidealign.shards import read_manifest
 
     d = Path(workdir) / into
@@ -106,8 +103,8 @@ def _not_an_ingest_dataset(workdir, into: str) -> str | None:
             names = set(pq.read_schema(shard).names)
         except Exception:  # noqa: BLE001 - damaged: the ingest rewrites it
             continue
-        if not names <= _PROMPT_COLUMNS:
-            extra = ", ".join(sorted(names - _PROMPT_COLUMNS))
+        if not names <= set(PROMPT_SCHEMA.names):  # the columns of a prompt set
+            extra = ", ".join(sorted(names - set(PROMPT_SCHEMA.names)))
             return (f"{where} holds shards of another stage than ingest (columns {extra}), which this "
                     f"ingest would overwrite: {hint}")
         break

@@ -6,7 +6,16 @@ from __future__ import annotations
 from guidealign.config.engine import EngineConfig
 
 
+# vLLM's other names for a dtype -> one name each
 _DTYPE_NAMES = {"float": "float32", "half": "float16"}
+
+
+def dtype_name(dtype) -> str | None:
+    """One name per dtype ("half", "float16" and torch.float16 -> "float16"); None for None."""
+    if dtype is None:
+        return None
+    s = str(dtype).removeprefix("torch.")
+    return _DTYPE_NAMES.get(s, s)
 
 
 def output_fields(cfg: EngineConfig, sampled: bool = True, tok=None) -> dict:
@@ -14,8 +23,7 @@ def output_fields(cfg: EngineConfig, sampled: bool = True, tok=None) -> dict:
     performance knobs (parallelism, memory, batch size, caching, threads) are left out, and
     so is the seed where nothing is sampled (``sampled`` false, see :func:`counted_seed`).
     ``tok``: the engine's tokenizer, whose template's turn end counts when it is not eos."""
-    dtype = _DTYPE_NAMES.get(cfg.dtype, cfg.dtype)  # vLLM's other names: one dtype, one print
-    out = {"model": cfg.model, "dtype": dtype, "max_model_len": cfg.max_model_len,
+    out = {"model": cfg.model, "dtype": dtype_name(cfg.dtype),  # vLLM's other names: one print "max_model_len": cfg.max_model_len,
            "seed": counted_seed(cfg.seed, sampled), "overlong": cfg.overlong}
     return out | turn_end(cfg.chat_template, tok)
 

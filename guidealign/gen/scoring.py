@@ -21,6 +21,8 @@ import logging
 import math
 from pathlib import Path
 
+from guidealign.gen.outputs import dtype_name
+
 log = logging.getLogger(__name__)
 
 VERDICT_PREFIX = "Verdict:"
@@ -105,22 +107,12 @@ def score_prompts(llm, token_ids: list[list[int] | None], yes: list[int], no: li
     return out
 
 
-# dtype names as vLLM accepts them -> one name each (and torch's "torch.bfloat16" -> "bfloat16")
-_DTYPE_NAMES = {"float": "float32", "half": "float16"}
 # what each entry of a threshold file's "prompt" fingerprint is, for messages (gen/detect.py
 # score_fingerprint writes them)
 PROMPT_FIELDS = {"spec": "detect prompt file hash", "exemplars": "exemplars in the prompt",
                  "chat_template": "chat template hash", "score_prefix": "score prefix version",
                  "align": "shared prefix padded to a KV block of", "yes_ids": "Yes token ids",
                  "no_ids": "No token ids"}
-
-
-def dtype_name(dtype) -> str | None:
-    """One name per dtype ("half" and torch.float16 -> "float16"); None for None."""
-    if dtype is None:
-        return None
-    s = str(dtype).removeprefix("torch.")
-    return _DTYPE_NAMES.get(s, s)
 
 
 def engine_dtype(llm) -> str | None:

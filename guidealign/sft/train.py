@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import get_args
 
 from guidealign.config.sft import SFTMode
-from guidealign.sft.fingerprint import sft_fingerprint
-from guidealign.shards.write import torch_threads
 from guidealign.sft.checkpoints import (checkpoint_dir, is_main_process, loss_log_callback, resume_point,
                                         whole_run_loss)
+from guidealign.sft.fingerprint import sft_fingerprint
 from guidealign.sft.precision import (check_lora_merge, keep_float32_names, load_dtype, precision_flags,
                                       save_in_training_precision)
+from guidealign.shards.write import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -390,11 +390,11 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         from guidealign.hub.targets import TRAINING_ARGS_NAME
 
         (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         if scfg.mode == "full" or merged:  # float32 master weights, saved in the training precision
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
             save_in_training_precision(tmp, precision, keep_float32_names(unwrapped, precision))
         tok.save_pretrained(tmp)  # tokenizer + chat template
-        gen_cfg = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
+        gen_cfg = getattr(unwrapped, "generation_config", None)
         if gen_cfg is not None and not (tmp / "generation_config.json").exists():
             gen_cfg.save_pretrained(tmp)
         data_info = {"datasets": list(data_rep.sources), "responses_read": data_rep.rows,
