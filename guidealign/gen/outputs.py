@@ -23,7 +23,8 @@ def output_fields(cfg: EngineConfig, sampled: bool = True, tok=None) -> dict:
     performance knobs (parallelism, memory, batch size, caching, threads) are left out, and
     so is the seed where nothing is sampled (``sampled`` false, see :func:`counted_seed`).
     ``tok``: the engine's tokenizer, whose template's turn end counts when it is not eos."""
-    out = {"model": cfg.model, "dtype": dtype_name(cfg.dtype),  # vLLM's other names: one print "max_model_len": cfg.max_model_len,
+    # (dtype: vLLM's other names for one dtype count as one)
+    out = {"model": cfg.model, "dtype": dtype_name(cfg.dtype), "max_model_len": cfg.max_model_len,
            "seed": counted_seed(cfg.seed, sampled), "overlong": cfg.overlong}
     return out | turn_end(cfg.chat_template, tok)
 
