@@ -41,7 +41,8 @@ def test_a_dataset_saved_again_in_place_is_ingested_again(tmp_path):
 
 def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
     """Only directories gained the stat of their files: a file's fingerprint is still only its
-    resolved path, size and mtime (with the config; v8 added ingest.instruction_inputs)."""
+    resolved path, size and mtime (with the config; v8 added ingest.instruction_inputs; Stop 50
+    added strict-JSON metadata for every input but CSV/TSV, whose values are text)."""
     from guidealign.ingest.run import IngestConfig, _fingerprint
     from guidealign.shards import fingerprint
 
@@ -49,13 +50,13 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
     f.write_text('{"prompt": "x"}\n')
     c = IngestConfig()
 
-    def v8(p):  # the rule of a plain file: its stat, with the config
+    def v8(p, *more):  # the rule of a plain file: its stat, with the config
         st = p.stat()
         return fingerprint("ingest-v8", c.prompt_field, list(c.prompt_aliases), c.max_chars, c.shard_rows,
                            c.encoding, c.delimiter, list(c.instruction_inputs),
-                           [(str(p.resolve()), st.st_size, st.st_mtime_ns)])
+                           [(str(p.resolve()), st.st_size, st.st_mtime_ns)], *more)
 
-    assert _fingerprint([f.resolve()], c) == v8(f)
+    assert _fingerprint([f.resolve()], c) == v8(f, "metadata-strict-json-v1")
     # a JSON (array/object) file is read by Stop 48's rules (records after leading nulls): once more
     j = tmp_path / "in.json"
     j.write_text('[{"prompt": "x"}]')
@@ -63,7 +64,7 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
     # so is a CSV file (Stop 49: a record over several lines is numbered by its first line)
     v = tmp_path / "in.csv"
     v.write_text('prompt\n"x"\n')
-    assert _fingerprint([v.resolve()], c) != v8(v)
+    assert _fingerprint([v.resolve()], c) == v8(v, "csv-first-line")  # and no strict-JSON term
 
 
 # --- the LLM judge's seed -------------------------------------------------------------------

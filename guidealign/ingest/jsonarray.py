@@ -20,7 +20,6 @@ array of objects comes before the prompt field, what follows is read ahead to fi
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -200,7 +199,7 @@ class _JsonItems:
             return None
         try:
             rec, end = JSON_DECODER.raw_decode(self.buf, self.pos)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: also an integer of too many digits
             return None
         m = JSON_NON_WS.search(self.buf, end)
         if m is None or m.group() not in ",]":  # the buffer ends here, or the item is bad

@@ -85,6 +85,9 @@ def pass_array(r, stop: int) -> bool:
             m = JSON_NON_WS.search(r.buf, end)
         except (json.JSONDecodeError, RecursionError):
             m = None
+        except ValueError:  # an integer of more digits than Python reads: JSON, passed by its brackets
+            end = r._value_end(",]", stop)
+            m = None if end is None else JSON_NON_WS.search(r.buf, end)
         if m is None:  # cut by the end of the buffer (or bad: then read on to ``stop``)
             if len(r.buf) > stop or not r._more():
                 return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -68,9 +69,11 @@ def json_array_start(head: bytes, cut: bool) -> bool | None:
             end = _value_end(text, pos)
             if end is None:
                 return True  # cut inside the item (by the sniff, or the file is)
-            if not isinstance(e, RecursionError):
+            if isinstance(e, json.JSONDecodeError):
                 break  # a bad item
-            pos = _blank(text, end)  # too deep to read here, not bad: quarantined alone when read
+            # too deep to read here, or an integer of too many digits: JSON all the same, the item
+            # is quarantined alone when read
+            pos = _blank(text, end)
         if pos < len(text) and text[pos] not in ",]":
             break
         if pos < len(text) and text[pos] == ",":
@@ -153,9 +156,21 @@ def load_object(text: str, what: str, not_json: str, where) -> tuple[dict | None
         return {"_raw": text}, f"{not_json}: {e.msg} ({where(e)})"
     except RecursionError:
         return {"_raw": text}, f"{what} is JSON nested too deeply to read"
+    except ValueError as e:  # Python's limit on an integer's digits (sys.get_int_max_str_digits)
+        return {"_raw": text}, number_error(what, e)
     if not isinstance(rec, dict):  # its text stays in the quarantine row ("raw"), as a broken line's
         return {"_raw": text}, f"{what} is a JSON {_JSON_KIND.get(type(rec), 'value')}, not an object"
     return rec, None
+
+
+def number_error(what: str, e: ValueError) -> str:
+    """The reason for text that is JSON but holds a number Python will not read: an integer with
+    more digits than ``sys.get_int_max_str_digits()`` (4300 by default) makes ``json.loads`` raise
+    a plain ValueError."""
+    if "digits" in str(e):
+        return (f"{what} holds a number with more than {sys.get_int_max_str_digits()} digits (Python's "
+                "limit for an integer); write it as a string, in quotes, to keep it")
+    return f"{what} could not be read as JSON: {e}"
 
 
 def iter_lines(stream) -> Iterator[tuple[bytes, bool]]:

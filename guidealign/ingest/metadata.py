@@ -9,6 +9,7 @@ other rows (``rows_to_write_by_row``) the caller writes metadata from the row re
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -69,8 +70,17 @@ def dumps(v) -> str:
     is; \\u escapes only where UTF-8 cannot hold a character (a lone surrogate, e.g. from a
     \\ud800 escape or an undecodable byte in a binary column). Only those characters are escaped
     (not the rest of the row's text), so a row's JSON is its values' JSON joined, whether
-    written whole (``meta_json``) or value by value (``metadata_column``)."""
-    s = json.dumps(v, ensure_ascii=False, default=str, sort_keys=True)
+    written whole (``meta_json``) or value by value (``metadata_column``).
+
+    Strict JSON: a float that is not finite (NaN, a Parquet inf, JSONL ``NaN``/``Infinity`` or
+    ``1e99999``) is written as ``null``, as exported JSONL writes it (``shards.jsonl``; JSON has
+    no such number, and the bare ``NaN``/``Infinity`` Python's json would write are refused by
+    jq, JavaScript and most other readers). The key stays: ``{"score": null}`` for a NaN score,
+    where a missing or null value leaves the key out (``meta_json``, ``metadata_column``)."""
+    try:
+        s = json.dumps(v, ensure_ascii=False, default=str, sort_keys=True, allow_nan=False)
+    except ValueError:  # a NaN or an infinity somewhere (rare)
+        s = json.dumps(_finite(v), ensure_ascii=False, default=str, sort_keys=True, allow_nan=False)
     if not s.isascii():
         try:
             s.encode("utf-8")
@@ -79,6 +89,24 @@ def dumps(v) -> str:
             # exactly as ensure_ascii writes it
             s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s
+
+
+def _finite(v):
+    """``v`` with each float that is not finite as None; such a key as the text ``json`` writes
+    for it ("NaN", "Infinity", "-Infinity": a key is a JSON string, valid as it was)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {_key(k): _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _key(k):
+    if isinstance(k, float) and not math.isfinite(k):
+        return "NaN" if k != k else "Infinity" if k > 0 else "-Infinity"
+    return k
 
 
 def meta_json(rec: dict, key) -> str:
@@ -91,7 +119,7 @@ def raw_repr(rec) -> str | None:
     if rec is None:
         return None
     if isinstance(rec, dict) and set(rec) == {"_raw"}:
-        return rec["_raw"][:2000]
+        return _visible(rec["_raw"][:2000])
     if too_deep(rec, MAX_DEPTH + 1):  # the record is one level: its values as deep as they may be
         return f"<a {type(rec).__name__} nested too deeply to show (deeper than {MAX_DEPTH} levels)>"
     try:
@@ -101,7 +129,13 @@ def raw_repr(rec) -> str | None:
             s = repr(rec)
         except RecursionError:
             s = f"<a {type(rec).__name__} nested too deeply to show>"
-    return s[:2000].encode("utf-8", "replace").decode("utf-8")
+    return _visible(s[:2000])
+
+
+def _visible(s: str) -> str:
+    """``s`` with each lone surrogate (an undecodable byte, kept) written as its escape,
+    ``\\udcff``, as ``dumps`` writes it in metadata: the bytes stay visible."""
+    return s if s.isascii() else s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def py_values(arr: pa.Array) -> list:

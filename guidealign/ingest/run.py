@@ -318,9 +318,16 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     csv_v2 = ["csv-first-line"] if any(p.is_file() and inner_suffix(p) in (".csv", ".tsv") for p in files) else []
     # ingest.shard_cut=content (Stop 49) cuts other shards; position keeps the fingerprint it had
     cut = ["shard-cut-content-v1"] if cfg.shard_cut == "content" else []
+    # Stop 50: metadata is strict JSON (a NaN or infinite float written as null, not as a bare
+    # NaN/Infinity), and a quarantined row's undecodable bytes show as \udcXX escapes.
+    # Any input but CSV (whose values are text) may hold such values: ingest runs once more, and
+    # only shards that hold them come out different (only those are redone downstream); CSV-only
+    # runs keep their fingerprint
+    strict = ["metadata-strict-json-v1"] if any(not (p.is_file() and inner_suffix(p) in (".csv", ".tsv"))
+                                                for p in files) else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
-                       *json_v2, *csv_v2, *cut)
+                       *json_v2, *csv_v2, *cut, *strict)
 
 
 def _inner_stats(p: Path) -> tuple:
