@@ -233,6 +233,17 @@ def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progre
         "export", cfg, workdir, rank, world_size, no_progress, errors=(FileNotFoundError, ValueError),
         dataset=dataset, out=str(Path(out).absolute()) if out else None, fmt=fmt,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
-    pending = sum(len(getattr(r, "pending", []) or []) for r in reports)
+    # pending: every input shard left for later; stale ones among them are committed
+    stale = sum(len(getattr(r, "stale", []) or []) for r in reports)
+    pending = sum(len(getattr(r, "pending", []) or []) for r in reports) - stale
+    why = []
+    if stale:  # committed, but under an earlier config or from input that has changed since
+        why.append(f"{stale} input shard(s) of {dataset} are stale (committed under another config "
+                   "or input): rerun the stage that writes it, then export again")
     if pending:
-        raise click.ClickException(f"{pending} input shard(s) not committed yet")
+        why.append(f"{pending} input shard(s) of {dataset} are not committed yet: finish the stage, "
+                   "then export again")
+    if why:
+        retired = sum(len(getattr(r, "retired", []) or []) for r in reports)
+        raise click.ClickException("; ".join(why) + (f" ({retired} earlier export shard(s) made "
+                                                     "from them were removed)" if retired else ""))

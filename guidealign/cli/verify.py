@@ -13,9 +13,9 @@ _STYLE = {"corrupt": "bold red", "missing": "bold red", "orphan": "yellow", "pen
 
 def _cells(d) -> tuple[str, str]:
     total = d.shards_total if d.shards_total is not None else d.shards_committed
-    shards = f"{d.shards_ok}/{total}" if d.kind != "artifact" else "-"
+    shards = f"{d.shards_ok}/{total}" if d.kind not in ("artifact", "folder") else "-"
     files = f"{d.files_ok}/{d.files_listed}" if d.files_listed is not None else \
-        ("-" if d.kind == "dataset" else "unchecked")
+        ("-" if d.kind in ("dataset", "folder") else "unchecked")
     return shards, files
 
 
@@ -68,7 +68,8 @@ def _render(rep) -> None:
 @run_directory
 @click.option("--repair", is_flag=True,
               help="Remove the commit markers of corrupt/missing shards with their shard and quarantine "
-                   "files (and the _done.json of bad artifacts) and delete orphan files, so rerunning the stages redoes exactly those. "
+                   "files (and the _done.json of bad artifacts) and delete orphan files, so rerunning the stages redoes exactly those; "
+                   "also the temp files a killed write of a JSON record left (notes), on a passing check too. "
                    "Only while no stage writes in WORKDIR: a live writer's temp files on another host, "
                    "and build folders (.index.tmp-*, sft/.tmp-model), count as orphans.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -85,7 +86,9 @@ def verify(workdir, repair, as_json):
     if not rep.dirs and not rep.problems:  # a mistyped directory must not pass as a clean check
         raise click.ClickException(f"{workdir}: no dataset or artifact here; is it a run directory "
                                    "(the -w/--workdir of the stages)?")
-    removed = do_repair(rep) if repair and not rep.ok else []
+    # (also on a passing check: a dead writer's temp file of a JSON record is a note that
+    # --repair removes; a live writer's temp files are notes it leaves alone)
+    removed = do_repair(rep) if repair else []
     if as_json:
         out = rep.to_dict()
         if repair:
@@ -98,6 +101,8 @@ def verify(workdir, repair, as_json):
             click.echo(f"OK: {sum(d.shards_ok for d in rep.dirs)} shard(s) and "
                        f"{sum(d.files_ok for d in rep.dirs)} artifact file(s) match their records"
                        + (f"; {pending} dataset(s) not complete yet" if pending else ""))
+            for r in removed:  # notes only (temp files of interrupted record writes)
+                click.echo(f"  removed {r}")
         elif repair:
             click.echo(f"repaired: removed {len(removed)} path(s); rerun the affected stages "
                        f"to redo exactly those shards/artifacts")

@@ -132,23 +132,50 @@ def _secret_text(s: str) -> bool:
     return re.search(_HUB_TOKEN, s) is not None
 
 
+def _redact_text(s: str) -> str:
+    """A string as a card may show it: Hub tokens in it redacted, a local path by its base name."""
+    import re
+
+    if _secret_text(s):
+        return re.sub(_HUB_TOKEN, REDACTED, s)
+    if _local_path(s):
+        return Path(s.rstrip("/")).name or "(local path)"
+    return s
+
+
+def _redact_keys(keys: list) -> list:
+    """A mapping's keys as a card may show them (``_redact_text``: SFT keys the datasets it read
+    outside the run by their path), still unique: a key that names the same as another gets
+    ``#2``, ``#3``... (``respond``, ``respond#2``). Keys left as they are keep their names."""
+    new = [_redact_text(k) if isinstance(k, str) else k for k in keys]
+    taken = {k for k, n in zip(keys, new) if k == n}
+    out = []
+    for k, n in zip(keys, new):
+        if k != n:
+            base, i = n, 2
+            while n in taken:
+                n, i = f"{base}#{i}", i + 1
+            taken.add(n)
+        out.append(n)
+    return out
+
+
 def redact(obj):
     """``obj`` (a config dict, model names, a card's fields) as a card may publish it: Hub ids
     and ``embedded:`` names stay, a local path becomes its base name (no home directories,
     user names or cluster layout), the ``executor`` section (Ray address) is left out, and the
     value of a key that names a secret (``_secret_key``: hub_token, api_key, password, ...), at
-    any depth, and any text shaped like a Hub token become "(redacted)"."""
+    any depth, and any text shaped like a Hub token become "(redacted)". Keys follow the same
+    rules as values (``_redact_keys``), so a dataset SFT read outside the run, which its
+    ``_done.json`` keys by its path, is named by its base name."""
     if isinstance(obj, dict):
-        return {k: REDACTED if _secret_key(k) else redact(v) for k, v in obj.items()
-                if k != "executor"}
+        items = [(k, REDACTED if _secret_key(k) else redact(v)) for k, v in obj.items()
+                 if k != "executor"]
+        return dict(zip(_redact_keys([k for k, _ in items]), (v for _, v in items)))
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
-    if isinstance(obj, str) and _secret_text(obj):
-        import re
-
-        return re.sub(_HUB_TOKEN, REDACTED, obj)
-    if isinstance(obj, str) and _local_path(obj):
-        return Path(obj.rstrip("/")).name or "(local path)"
+    if isinstance(obj, str):
+        return _redact_text(obj)
     return obj
 
 

@@ -9,7 +9,10 @@ a large run spreads over a SLURM array or Ray tasks like any map stage, and a re
 writes shards that are missing or whose input changed. ``cat OUT/shard-*.jsonl`` gives
 one file in shard order.
 
-An input shard that is not committed yet is left for a later run and reported.
+An input shard that is not committed yet, or that is stale (committed under another config
+or input, so readers may not take it), is left for a later run and reported; the export
+shard made from it earlier is retired (marker first, then file), so ``cat`` never joins rows
+of older data to the current ones.
 """
 from __future__ import annotations
 
@@ -24,10 +27,11 @@ import pyarrow.parquet as pq
 
 from guidealign.config.sft import ExportFormat
 from guidealign.shards import fingerprint, read_manifest, read_marker, read_table, write_manifest
-from guidealign.shards.layout import shard_path
+from guidealign.shards.layout import marker_path, shard_path
 from guidealign.shards.manifest import current_marker
 from guidealign.shards.jsonl import jsonl_done, jsonl_path, write_jsonl_shard
-from guidealign.shards.write import retire_shards_from
+from guidealign.shards.marker import intact
+from guidealign.shards.write import fsync_dir, remove_temps, retire_shards_from
 from guidealign.shards.ranks import my_shards
 
 log = logging.getLogger(__name__)
@@ -45,16 +49,28 @@ class ExportReport:
     mine: list[int] = field(default_factory=list)
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)   # input shards left for a later run: all below
+    stale: list[int] = field(default_factory=list)     # of those, committed under another config/input
+    retired: list[int] = field(default_factory=list)   # export shards removed: their input is not current
     rows: int = 0
     seconds: float = 0.0
+
+    @property
+    def uncommitted(self) -> list[int]:
+        """The pending input shards that are not committed (or whose file is gone or cut short)."""
+        return [i for i in self.pending if i not in self.stale]
 
     def summary(self) -> str:
         s = (f"export {self.dataset}: rank {self.rank}/{self.world_size}: shards {self.mine} of "
              f"{self.total}; wrote {self.written} ({self.rows} rows), {len(self.skipped)} already "
              f"done -> {self.out}")
-        if self.pending:
-            s += f"; input shards {self.pending} are not committed yet (rerun export later)"
+        if self.uncommitted:
+            s += f"; input shards {self.uncommitted} are not committed yet (rerun export later)"
+        if self.stale:
+            s += (f"; input shards {self.stale} are stale, committed under another config or input "
+                  f"(rerun the {self.dataset} stage, then export again)")
+        if self.retired:
+            s += f"; removed the earlier export of shards {self.retired} (their input is not current)"
         return s
 
 
@@ -83,6 +99,27 @@ def _holds_a_run(out: Path, workdir: Path) -> str | None:
         if (d / "_done.json").is_file() or (read_manifest(d) or {}).get("stage", "export") != "export":
             return f"holds the datasets of a run ({d.name}/)"
     return None
+
+
+def _committed(src: Path, i: int, man: dict | None) -> bool:
+    """Shard ``i`` of ``src`` has a marker and a file of the size it records."""
+    path = jsonl_path(src, i) if (man or {}).get("format") == "jsonl" else shard_path(src, i)
+    return intact(read_marker(src, i), path)
+
+
+def _retire(out: Path, i: int) -> bool:
+    """Remove export shard ``i`` (its marker first, then its file): its input shard is not one
+    readers may take, so its rows are not the dataset's now. Whether there was one."""
+    mpath, path = marker_path(out, i), jsonl_path(out, i)
+    for p in (mpath, path):  # what a killed write of this shard left
+        remove_temps(p)
+    if not (mpath.exists() or path.exists()):
+        return False
+    if mpath.exists():
+        mpath.unlink()
+        fsync_dir(out)  # the marker durably gone before its file: never a marker without its file
+    path.unlink(missing_ok=True)
+    return True
 
 
 def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str | Path | None = None,
@@ -127,6 +164,10 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
         src_marker = current_marker(src, i, src_man)
         if src_marker is None:
             rep.pending.append(i)
+            if _committed(src, i, src_man):  # whole, but under another config or input
+                rep.stale.append(i)
+            if _retire(out, i):
+                rep.retired.append(i)
             continue
         fp = fingerprint(cfg_fp, src_marker.sha256)
         if jsonl_done(out, i, fp):

@@ -36,7 +36,8 @@ def local_file(path_in_repo: str, local: Path, sha256: str | None = None) -> Loc
 
 
 def resolve_target(workdir, what: str) -> tuple[str, Path]:
-    """("dataset" | "model", directory) for a stage name under WORKDIR, "model"/"sft", or a path."""
+    """("dataset" | "model", directory) for a stage name under WORKDIR, "model"/"sft", or a path
+    (``target_dir``: a relative one is looked up under WORKDIR first)."""
     from guidealign.shards import read_manifest
 
     wd = Path(workdir)
@@ -46,14 +47,37 @@ def resolve_target(workdir, what: str) -> tuple[str, Path]:
             raise PushError(f"{d} holds no trained model: run `guidealign sft` first")
         check_finished_model(d)
         return "model", d
-    d = Path(what) if (os.sep in what or Path(what).is_absolute()) else wd / what
-    if read_manifest(d) is not None:
+    d = target_dir(wd, what)
+    man = read_manifest(d)
+    if man is not None and man.get("format") == "jsonl":
+        # a push sends Parquet shards (the card's data_files name them): not an export's JSONL
+        src = Path(str(man.get("input") or "")).name or "the stage it was made from"
+        raise PushError(f"{d} is a JSONL export, and a push sends a stage's Parquet shards: push "
+                        f"the dataset it was exported from instead (`guidealign push {src}`)")
+    if man is not None:
         return "dataset", d
     if (d / "config.json").exists() or (d / "adapter_config.json").exists():
         if is_sft_output(d):  # a run's model named by its path: as finished as `model` must be
             check_finished_model(d)
         return "model", d
-    raise PushError(f"{d} is neither a stage's shard directory (no _stage.json) nor a model dir")
+    where = "" if d.exists() else (
+        ": it does not exist (WHAT names a stage under WORKDIR such as respond, `model`, a path under "
+        "WORKDIR such as sft/model, or a path of your own: absolute, or starting with ./ or ../)")
+    raise PushError(f"{d} is neither a stage's shard directory (no _stage.json) nor a model dir{where}")
+
+
+def target_dir(wd: Path, what: str) -> Path:
+    """The directory WHAT names: an absolute path (or one starting with ``./``, ``../``, ``~``)
+    as it is; any other name under WORKDIR (``respond``, ``sft/model``, ``export/respond``),
+    as every command's DATASET is, also when the command runs elsewhere; a path with a folder in
+    it that is not under WORKDIR but here (the current directory) as a path of one's own."""
+    p = Path(what).expanduser()
+    if p.is_absolute() or what.startswith(("./", "../", "~")):
+        return p
+    under = wd / what
+    if os.sep not in what or under.exists() or not p.exists():
+        return under
+    return p
 
 
 def is_sft_output(d: Path) -> bool:

@@ -53,7 +53,7 @@ class Problem:
 @dataclass
 class DirSummary:
     path: str
-    kind: str                 # dataset | artifact | dataset+artifact
+    kind: str                 # dataset | artifact | dataset+artifact | folder (temp files only)
     shards_ok: int = 0
     shards_committed: int = 0
     shards_total: int | None = None
@@ -276,8 +276,10 @@ def verify_run(workdir: str | Path) -> VerifyReport:
     """Check every dataset and artifact under ``workdir`` (see the module doc)."""
     root = Path(workdir).resolve()
     rep = VerifyReport(workdir=str(root))
+    temps: dict[str, int] = {}  # failing temp files by the directory they lie in (relative)
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
+        here = d.relative_to(root).as_posix() or "."
         for name in sorted(dirnames + filenames):
             if is_temp_name(name):
                 p = d / name
@@ -293,6 +295,7 @@ def verify_run(workdir: str | Path) -> VerifyReport:
                     rep.problems.append(Problem("orphan", p.relative_to(root).as_posix(),
                                                 "temp file left by an interrupted write",
                                                 remove=[p.relative_to(root).as_posix()]))
+                    temps[here] = temps.get(here, 0) + 1
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
         names = set(filenames)
         is_dataset = MANIFEST in names or any(_MARKER_RE.match(n) or _SHARD_RE.match(n)
@@ -304,8 +307,8 @@ def verify_run(workdir: str | Path) -> VerifyReport:
             continue
         kind = "dataset+artifact" if is_dataset and is_artifact else \
             ("dataset" if is_dataset else "artifact")
-        summary = DirSummary(path=d.relative_to(root).as_posix() or ".", kind=kind)
-        before = len(rep.failing)
+        summary = DirSummary(path=here, kind=kind)
+        before = len(rep.failing)  # (this directory's temp files are not the artifact's parts)
         if is_dataset:
             _check_dataset(root, d, rep, summary)
         if is_artifact:
@@ -318,7 +321,24 @@ def verify_run(workdir: str | Path) -> VerifyReport:
                 if done_rel not in p.remove:
                     p.remove.append(done_rel)
         rep.dirs.append(summary)
+    _count_temps(rep, temps)
     return rep
+
+
+def _count_temps(rep: VerifyReport, temps: dict[str, int]) -> None:
+    """Count each directory's failing temp files in the problems of the checked directory that
+    holds it (itself, or the nearest one above: a dataset's quarantine/, an artifact's model
+    folder); one outside every checked directory (the run directory's own, _ranks/) gets a row
+    of its own, kind "folder", so that no failing check shows 0 problems in every row."""
+    rows = {s.path: s for s in rep.dirs}
+    for where, n in temps.items():
+        parts = [] if where == "." else where.split("/")
+        above = ["/".join(parts[:k]) or "." for k in range(len(parts), -1, -1)]
+        owner = next((rows[a] for a in above if a in rows), None)
+        if owner is None:
+            owner = rows[where] = DirSummary(path=where, kind="folder")
+            rep.dirs.append(owner)
+        owner.problems += n
 
 
 def repair(report: VerifyReport) -> list[str]:
