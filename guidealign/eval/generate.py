@@ -192,23 +192,159 @@ def _missing_retrieval(base: Path, cfg) -> None:
             "eval.retrieve_from to a run that has them, or pass --guided-responses")
 
 
+def retrieval_base(cfg, workdir: Path) -> Path:
+    """The run whose library, index and retriever the guided answers retrieve from."""
+    return Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else Path(workdir)
+
+
+def run_retrieve_settings(base: Path) -> dict | None:
+    """The retrieve settings (``retrieve.RESULT_SETTINGS``) that the run in ``base`` recorded in
+    its own retrieve stage's manifest, the one whose guidelines its responses were made with;
+    None when it recorded none (retrieved before they were recorded, or never) or a damaged one."""
+    from guidealign.config.retrieval import RetrieveConfig
+    from guidealign.retrieval.retrieve import RESULT_SETTINGS
+    from guidealign.shards.manifest import read_manifest
+
+    rs = (read_manifest(Path(base) / "retrieve") or {}).get("retrieve_settings")
+    if not isinstance(rs, dict):
+        return None
+    defaults, out = RetrieveConfig(), {}
+    for k in RESULT_SETTINGS:
+        v, d = rs.get(k), getattr(defaults, k)
+        if isinstance(d, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(d, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok:
+            return None
+        out[k] = type(d)(v)
+    return out
+
+
+def benchmark_retrieve_settings(cfg, base: Path) -> tuple[object, dict]:
+    """``cfg`` with the retrieve settings the benchmark's retrieval uses, and what decided them.
+
+    Each of ``retrieve.RESULT_SETTINGS`` is the run's recorded value (what its retrieve stage
+    used for the responses it was tuned on), unless the eval config sets another value than the
+    default (a key at its default counts as not set): then the eval's, reported as a
+    difference. A run that recorded none: the eval config's, reported as unchecked.
+    Returns (cfg, {"settings": used, "run": the run's or None, "from_run": keys taken from the
+    run, "overridden": {key: {"run": ..., "eval": ...}}, "notes": warnings for the report})."""
+    from guidealign.config.retrieval import RetrieveConfig
+    from guidealign.retrieval.retrieve import RESULT_SETTINGS
+
+    rc, defaults = cfg.retrieve, RetrieveConfig()
+    own = {k: getattr(rc, k) for k in RESULT_SETTINGS}
+    run = run_retrieve_settings(base)
+    info = {"settings": dict(own), "run": run, "from_run": [], "overridden": {}, "notes": []}
+    if run is None:
+        info["notes"].append(
+            f"The run in {base} recorded no retrieve settings (its retrieve stage ran before they were "
+            "recorded, or did not run): the benchmark's guidelines were retrieved with this eval "
+            "config's (" + _fmt_settings(own) + "), which could not be checked against those the run's "
+            "responses were made with. Run `guidealign retrieve` on the run with its own config "
+            "(it redoes nothing and records them), then eval again.")
+        return cfg, info
+    used = {}
+    for k in RESULT_SETTINGS:
+        mine, theirs = own[k], run[k]
+        if mine == theirs:
+            used[k] = mine
+        elif mine == getattr(defaults, k):  # not set in the eval config: the run's
+            used[k] = theirs
+            info["from_run"].append(k)
+        else:
+            used[k] = mine
+            info["overridden"][k] = {"run": theirs, "eval": mine}
+    if info["overridden"]:
+        info["notes"].append(
+            "The eval config sets " + ", ".join(f"retrieve.{k} = {v['eval']!r} (the run's: {v['run']!r})"
+                                                for k, v in info["overridden"].items())
+            + f": the benchmark's guidelines were retrieved with other settings than the run in {base} "
+            "retrieved with for its responses, so the guided answers and the risk identification rate "
+            "do not show the guidelines the run would give. Remove those keys from the eval config to "
+            "use the run's.")
+    info["settings"] = used
+    return dataclasses.replace(cfg, retrieve=dataclasses.replace(rc, **used)), info
+
+
+def _fmt_settings(d: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in d.items())
+
+
+def log_retrieve_settings(info: dict, base: Path) -> None:
+    """Say which retrieve settings the benchmark's retrieval uses: warnings for the unchecked
+    and the overridden ones."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    if info["from_run"]:
+        log.info("eval: retrieve settings of the run in %s: %s", base,
+                 _fmt_settings({k: info["settings"][k] for k in info["from_run"]}))
+    for note in info["notes"]:
+        log.warning("eval: %s", note)
+
+
 def run_retrieval(cfg, workdir: Path, sub: Path, rank: int, world_size: int, progress: bool = True) -> Path:
-    """Retrieve guidelines for the benchmark prompts from the run's library and index; where
+    """Retrieve guidelines for the benchmark prompts from the run's library and index, with the
+    run's recorded retrieve settings (:func:`benchmark_retrieve_settings`); where
     GPUs are visible (``executor.stage_process``, as ``run`` does for its encoder stages) in a
     child process, so that this process holds no CUDA context when the responder's engine
     starts (on EXCLUSIVE_PROCESS GPUs its workers could not open the GPU otherwise)."""
     from guidealign.core.gpu import visible_gpus
     from guidealign.core.stage_child import run_in_child, wanted
 
-    base = Path(cfg.eval.retrieve_from) if cfg.eval.retrieve_from else workdir
+    base = retrieval_base(cfg, workdir)
     _missing_retrieval(base, cfg)
     _link_artifacts(base, sub)
+    cfg, info = benchmark_retrieve_settings(cfg, base)
+    log_retrieve_settings(info, base)
     if wanted(cfg.executor.stage_process, visible_gpus):
         run_in_child(f"{__name__}:retrieve_benchmark", cfg, sub, rank=rank, world_size=world_size,
                      progress=progress)
     else:
         retrieve_benchmark(cfg, sub, rank=rank, world_size=world_size, progress=progress)
     return sub / "retrieve"
+
+
+def library_overlap(sub: Path, base: Path, bench_ids) -> dict | None:
+    """How many of the benchmark's prompts (``bench_ids``: ingest's ids, content hashes) are
+    prompts of the library the guided answers retrieve from (guidelines were written for them,
+    its ``prompt_ids``), and how many of those trained the retriever (``pairs/train.parquet``):
+    such a prompt retrieves guidelines written for itself, which flatters the guided results.
+    The library is the eval's own (a directory, not a link), else ``base``'s; None when it is
+    not complete there."""
+    import pyarrow.parquet as pq
+
+    from guidealign.retrieval.library import library_dir, read_library
+    from guidealign.shards.artifact import read_done
+
+    own = library_dir(sub)
+    lib_wd = sub if own.is_dir() and not own.is_symlink() else base
+    if read_done(library_dir(lib_wd)) is None:
+        return None
+    bench = set(bench_ids)
+    table, _ = read_library(lib_wd, columns=["prompt_ids"])
+    library = {p for ps in table.column("prompt_ids").to_pylist() for p in ps or []}
+    in_library = bench & library
+    train = library_dir(lib_wd) / "pairs" / "train.parquet"
+    trained = set(pq.read_table(train, columns=["prompt_id"]).column("prompt_id").to_pylist()) \
+        if train.exists() else set()
+    return {"library": str(library_dir(lib_wd).resolve()), "benchmark_prompts": len(bench),
+            "in_library": len(in_library), "in_retriever_training": len(in_library & trained)}
+
+
+def overlap_note(ov: dict) -> str | None:
+    """The report's warning for benchmark prompts the library was built from; None for none."""
+    if not ov or not ov["in_library"]:
+        return None
+    return (f"{ov['in_library']} of the {ov['benchmark_prompts']} benchmark prompts are prompts of the "
+            f"library retrieved from ({ov['library']}): guidelines were written for them "
+            f"({ov['in_retriever_training']} of them also trained the retriever), so they retrieve "
+            "guidelines written for themselves, which flatters the guided results and the risk "
+            "identification rate. Evaluate on prompts the library was not built from, or discount them.")
 
 
 def retrieve_benchmark(cfg, sub, *, rank: int = 0, world_size: int = 1, progress: bool = True):

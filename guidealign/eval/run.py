@@ -156,6 +156,15 @@ def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchm
 
     models = {c: sorted({r["model"] for r in resp[c].values() if r.get("model")}) for c in resp}
     meta = run_meta(cfg, st, benchmark_file, ingested, coverage, models)
+    retrieval = _retrieval_record(cfg, workdir, sub, dirs, bench, rep)
+    if "settings" in retrieval:
+        meta["retrieve settings"] = {**retrieval["settings"], "source": retrieval["source"]}
+    if "library_overlap" in retrieval:
+        ov = retrieval["library_overlap"]
+        meta["benchmark prompts in the library"] = (
+            f"{ov['in_library']} of {ov['benchmark_prompts']} "
+            f"({ov['in_retriever_training']} in the retriever's training pairs)")
+    meta["notes"] = meta.get("notes", []) + retrieval["notes"]
     # the old report's _done.json goes first: a rerun killed while writing the report never
     # leaves it vouching for a mix of old and new files
     (sub / "_done.json").unlink(missing_ok=True)
@@ -163,8 +172,44 @@ def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchm
                              pairwise=rep.pairwise, benchmark=st.benchmark,
                              risk_id=rep.risk_identification)
     rep.seconds = time.perf_counter() - t0
-    _mark_done(rep, cfg, st, sub, len(bench), plans)
+    _mark_done(rep, cfg, st, sub, len(bench), plans, retrieval)
     return rep
+
+
+def _retrieval_record(cfg, workdir: Path, sub: Path, dirs: dict, bench: dict, rep: EvalReport) -> dict:
+    """What the report says of the benchmark's retrieval: the retrieve settings used and how
+    they compare with the run's (when this eval retrieved: guided answers made here, or risk
+    identification of precomputed answers without their guideline ids), and how many benchmark
+    prompts the library was built from (whenever retrieved guidelines count); ``notes`` holds
+    the warnings, also logged."""
+    import logging
+
+    from guidealign.eval.generate import (benchmark_retrieve_settings, library_overlap, overlap_note,
+                                          retrieval_base)
+    from guidealign.eval.risk_id import retrieved_ids
+
+    base = retrieval_base(cfg, workdir)
+    retrieved_here = not cfg.eval.guided_responses or (
+        rep.risk_identification is not None and retrieved_ids(dirs["guided"], bench) is None)
+    out: dict = {"notes": []}
+    if retrieved_here:
+        _, info = benchmark_retrieve_settings(cfg, base)  # as run_retrieval chose (and logged) them
+        out.update(settings=info["settings"], run_settings=info["run"], from_run=info["from_run"],
+                   overridden=info["overridden"])
+        out["source"] = ("this eval config's (the run recorded none)" if info["run"] is None else
+                         f"the run's ({base / 'retrieve'})" + (
+                             ", except " + ", ".join(info["overridden"]) + " from this eval config"
+                             if info["overridden"] else ""))
+        out["notes"] += info["notes"]
+    if retrieved_here or rep.risk_identification is not None:
+        ov = library_overlap(sub, base, bench)
+        if ov is not None:
+            out["library_overlap"] = ov
+            note = overlap_note(ov)
+            if note:
+                logging.getLogger(__name__).warning("eval: %s", note)
+                out["notes"].append(note)
+    return out
 
 
 def _check_matched(cond: str, d: Path, cov: dict, bench: dict) -> None:
@@ -201,9 +246,11 @@ def _results(rep: EvalReport, cfg, st: Settings, workdir: Path, sub: Path, bench
                                                       bench, weights)
 
 
-def _mark_done(rep: EvalReport, cfg, st: Settings, sub: Path, rows: int, plans: dict) -> None:
-    """``_done.json``, written last: what the report was made with, its headline numbers and
-    the checksums of its files (checked by ``guidealign verify``)."""
+def _mark_done(rep: EvalReport, cfg, st: Settings, sub: Path, rows: int, plans: dict,
+               retrieval: dict | None = None) -> None:
+    """``_done.json``, written last: what the report was made with, its headline numbers, the
+    benchmark's retrieval (settings, differences from the run's, prompts the library was built
+    from: ``_retrieval_record``) and the checksums of its files (checked by ``guidealign verify``)."""
     from guidealign.shards import fingerprint, write_json_atomic
     from guidealign.shards.artifact_files import file_checksums
     from guidealign.shards.write import torch_threads
@@ -223,4 +270,5 @@ def _mark_done(rep: EvalReport, cfg, st: Settings, sub: Path, rows: int, plans: 
                                      for k in ("harm", "pairwise")), st.judges,
                                    ecfg.combine, ecfg.unparsed),
         "rows": rows, "seconds": round(rep.seconds, 3), "created": time.time(),
-        "threads": torch_threads(), **metrics, "report": rep.files, "files": files})
+        "threads": torch_threads(), **metrics, "report": rep.files, "files": files,
+        **({"retrieval": retrieval} if retrieval else {})})

@@ -28,6 +28,11 @@ RETRIEVE_SCHEMA = pa.schema([
 ])
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("reason", pa.string())])
 
+# The retrieve keys that decide which guidelines a prompt gets (the others, batch_size and
+# threads, change no result): recorded in the manifest as ``retrieve_settings``, so that eval
+# retrieves for its benchmark as the run retrieved for the responses it was tuned on.
+RESULT_SETTINGS = ("top_n", "keep", "dedup_ratio", "dedup_with_titles")
+
 
 def select(cand: list[int], scores: list[float], texts: list[str], *, keep: int,
            dedup_ratio: float) -> list[tuple[int, float]]:
@@ -184,7 +189,10 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
                      meta.get("model_weights"), *titles)
     src = src or prompt_set(cfg, rc.prompts)
     # which index the shards come from (status tells retrievals of an index rebuilt since)
-    made_from = {"index_fingerprint": meta["fingerprint"], "index_weights": meta.get("model_weights")}
+    made_from = {"index_fingerprint": meta["fingerprint"], "index_weights": meta.get("model_weights"),
+                 # and under which settings (for eval, which reads the run's; provenance only:
+                 # the fingerprint above already counts them)
+                 "retrieve_settings": {k: getattr(rc, k) for k in RESULT_SETTINGS}}
     return map_shards("retrieve", workdir / src, workdir / dst, fp,
                       make_fn=lambda: make_shard_fn(cfg, workdir), rank=rank, world_size=world_size,
                       columns=["id", "prompt"], progress=progress, record=made_from)
