@@ -121,6 +121,48 @@ def _head_bias_for_fused_loss(model) -> None:
         head.bias = None
 
 
+def load_on_first_process_only(targs) -> bool:
+    """Under FSDP with ``fsdp_config.cpu_ram_efficient_loading`` (the GPU recipes set it): have
+    ``from_pretrained`` read the base model's weights on each node's first training process only;
+    the others hold placeholders until accelerate shards the model and sends them the first
+    process's weights. Without it every process holds the whole model on the host before
+    sharding (8 x 52 GB for the 13B recipe's float32 copy). transformers does this only when the
+    process group is up and ACCELERATE_USE_FSDP is set (``accelerate launch`` sets it; torchrun,
+    which run_sft uses, does not): both are done here. True when it applies."""
+    plugin = getattr(targs, "fsdp_plugin_args", None) or {}
+    if not plugin.get("cpu_ram_efficient_loading"):
+        return False
+    _ = targs.device  # sets up the process group (transformers checks it is initialized)
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+    from transformers.integrations import is_fsdp_enabled  # what from_pretrained asks
+
+    if not is_fsdp_enabled():
+        log.warning("sft: fsdp_config.cpu_ram_efficient_loading is set but transformers will load "
+                    "the whole base model in every training process")
+        return False
+    log.info("sft: FSDP cpu_ram_efficient_loading: the base model's weights are read by each "
+             "node's first training process only (local rank %s %s)", os.environ.get("LOCAL_RANK", "0"),
+             "reads them" if os.environ.get("LOCAL_RANK", "0") == "0" else "waits for them")
+    return True
+
+
+def training_layout(trainer, world: int) -> dict:
+    """How the training processes split the model, for _done.json: ``sharding`` (fsdp1, fsdp2,
+    deepspeed, ddp or none) and who read the base model's weights from disk (``base_weights_read_by``)."""
+    from transformers.integrations import is_fsdp_enabled
+
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = trainer.accelerator.state.fsdp_plugin
+        sharding = f"fsdp{getattr(plugin, 'fsdp_version', 1)}"
+    elif getattr(trainer, "is_deepspeed_enabled", False):
+        sharding = "deepspeed"
+    else:
+        sharding = "ddp" if world > 1 else "none"
+    return {"sharding": sharding, "base_weights_read_by":
+            "the first process of each node" if is_fsdp_enabled() else "every process"}
+
+
 def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
                   ckpt_dir: Path | None = None):
     """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision);
@@ -147,21 +189,6 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
                     "not used (FSDP shards over several processes)")
         extra.pop("fsdp", None)
         extra.pop("fsdp_config", None)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load_dtype(scfg.mode, dtype, extra))
-    if added:
-        set_seed(scfg.seed)  # the new rows come from torch's global random state, not sft.seed
-        model.resize_token_embeddings(len(tok))
-        if scfg.mode == "lora" and not scfg.merge_lora:
-            log.warning("sft: an unmerged LoRA adapter holds the rows of the tokens the template added "
-                        "(%s) as deltas vLLM's LoRA may not load: set sft.merge_lora: true", ", ".join(added))
-    if tok.eos_token_id is not None:
-        model.config.eos_token_id = tok.eos_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.eos_token_id = tok.eos_token_id
-            model.generation_config.pad_token_id = tok.pad_token_id
-    peft_config = None
-    if scfg.mode == "lora":
-        peft_config = lora_config(scfg, model, tok.convert_tokens_to_ids(added) if added else [])
     ckpt_dir = Path(workdir) / "sft" / "checkpoints" if ckpt_dir is None else Path(ckpt_dir)
     args = dict(
         output_dir=str(ckpt_dir),
@@ -196,6 +223,25 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     )
     args.update(extra)
     targs = TRLConfig(**args)
+    # the training arguments come first: they start the process group and, under FSDP with
+    # fsdp_config.cpu_ram_efficient_loading, let the model load its weights on each node's
+    # first process only
+    load_on_first_process_only(targs)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load_dtype(scfg.mode, dtype, extra))
+    if added:
+        set_seed(scfg.seed)  # the new rows come from torch's global random state, not sft.seed
+        model.resize_token_embeddings(len(tok))
+        if scfg.mode == "lora" and not scfg.merge_lora:
+            log.warning("sft: an unmerged LoRA adapter holds the rows of the tokens the template added "
+                        "(%s) as deltas vLLM's LoRA may not load: set sft.merge_lora: true", ", ".join(added))
+    if tok.eos_token_id is not None:
+        model.config.eos_token_id = tok.eos_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = tok.eos_token_id
+            model.generation_config.pad_token_id = tok.pad_token_id
+    peft_config = None
+    if scfg.mode == "lora":
+        peft_config = lora_config(scfg, model, tok.convert_tokens_to_ids(added) if added else [])
     if world == 1:
         # one process (sft.num_processes 1) seeing several GPUs: TRL's SFTTrainer refuses the
         # DataParallel that Trainer would use there ("SFTTrainer does not support
@@ -374,7 +420,8 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
     seconds = time.perf_counter() - t0
     done = {"fingerprint": fp, "rows": data_rep.kept, "seconds": round(seconds, 2),
             "base_model": scfg.base_model, "chat_template": scfg.chat_template or "base tokenizer's",
-            "processes": world, "data": data_rep.sources, "data_paths": data_rep.paths, "read": data_rep.rows,
+            "processes": world, **training_layout(trainer, world), "data": data_rep.sources,
+            "data_paths": data_rep.paths, "read": data_rep.rows,
             "dropped": data_rep.dropped, "cut_at_max_seq_length": data_rep.cut_at_max_seq_length,
             "threads": torch_threads(), **metrics}
     if is_main:
