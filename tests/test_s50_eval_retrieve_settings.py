@@ -224,3 +224,21 @@ def test_the_report_records_the_settings_and_benchmark_prompts_of_the_library(bu
     assert "benchmark prompts in the library: 1 of 2" in md
     res = json.loads((Path(rep.dir) / "report" / "results.json").read_text())
     assert res["meta"]["retrieve settings"]["dedup_with_titles"] is True
+
+
+def test_top_n_and_keep_come_as_a_pair_when_mixing_would_keep_more_than_retrieved(tmp_path):
+    """The run retrieved top_n 5 and kept 3; the eval config sets keep 8 only (valid beside its
+    default top_n 20): taken key by key, top_n 5 from the run and keep 8 from the eval made a
+    config run_retrieve refuses (keep > top_n). The pair comes from the eval config."""
+    from guidealign.eval.generate import benchmark_retrieve_settings
+    from guidealign.shards import write_manifest
+
+    write_manifest(tmp_path / "retrieve", stage="retrieve", num_shards=1, fingerprint="x",
+                   retrieve_settings={"top_n": 5, "keep": 3, "dedup_ratio": 0.5, "dedup_with_titles": True})
+    eff, info = benchmark_retrieve_settings(_eval_cfg("retrieve.keep=8"), tmp_path)
+    assert (eff.retrieve.top_n, eff.retrieve.keep) == (20, 8)
+    assert info["overridden"] == {"top_n": {"run": 5, "eval": 20}, "keep": {"run": 3, "eval": 8}}
+    assert eff.retrieve.dedup_with_titles is True and "top_n" not in info["from_run"]
+    # with a keep that fits the run's top_n, each key is still taken on its own
+    eff, info = benchmark_retrieve_settings(_eval_cfg("retrieve.keep=4"), tmp_path)
+    assert (eff.retrieve.top_n, eff.retrieve.keep) == (5, 4) and "top_n" in info["from_run"]

@@ -64,6 +64,39 @@ def test_a_row_nested_20000_deep_is_quarantined_and_the_rest_kept(tmp_path, bloc
     assert [(row, "nested too deeply" in why) for row, why in out["q"]] == [(2, True)]
 
 
+@pytest.mark.parametrize("shape", ["one_per_line", "unclosed_then_closed", "objects_per_line"])
+def test_nesting_that_goes_on_across_short_lines_is_quarantined_not_a_crash(tmp_path, shape):
+    # pyarrow.json reads a line end inside a value as blank space: 20,000 levels opened over
+    # short lines killed ingest (SIGSEGV) though no line was long enough to be looked at
+    n = 20000
+    deep = {"one_per_line": b'{"prompt":"deep","n":\n' + b"[\n" * n + b"]\n" * n + b"}\n",
+            "unclosed_then_closed": b'{"prompt":"deep","n":' + b"[" * n + b"\n" + b"]" * n + b"}\n",
+            "objects_per_line": b'{"prompt":"deep","n":[' + b'{"a":[' * 400 + b"\n"
+            + (b'{"a":[' * 400 + b"\n") * (n // 400) + b"]}" * (400 * (n // 400 + 1)) + b"]}\n"}[shape]
+    f = tmp_path / "deep.jsonl"
+    f.write_bytes(b'{"prompt":"ok1"}\n' + deep + b'{"prompt":"ok2"}\n')
+    p = subprocess.run([sys.executable, "-c", _DEEP_SCRIPT, str(f), str(tmp_path / "w"), str(1 << 20)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["rows"][0] == "ok1" and out["rows"][-1] == "ok2" and "deep" not in out["rows"]
+    assert out["q"]  # the deep value's lines, each with its reason
+
+
+def test_lines_are_objects():
+    import numpy as np
+
+    from guidealign.ingest.jsonl import lines_are_objects
+
+    def ok(b):
+        return lines_are_objects(np.frombuffer(b, np.uint8))
+
+    assert ok(b'{"a":1}\n{"b":[1]}\n') and ok(b'{"a":1}\r\n{"b":2}\r\n') and ok(b'{"a":1}') and ok(b"")
+    for bad in (b'{"a":1}\n[\n]\n', b'{"a":[\n1]}\n', b'{"a":1}\n\n{"b":2}\n', b'{"a":1}\r\n{"b":[1]\r\n',
+                b'{"a":1} \n', b' {"a":1}\n', b'{"a":[{"b":1}\n,{"c":2}]}\n'):
+        assert not ok(bad), bad
+
+
 def test_the_screen_finds_deep_lines_and_passes_ordinary_ones():
     from guidealign.ingest.jsonl import LONG_LINE, has_deep_line
 

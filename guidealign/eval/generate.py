@@ -258,6 +258,15 @@ def benchmark_retrieve_settings(cfg, base: Path) -> tuple[object, dict]:
         else:
             used[k] = mine
             info["overridden"][k] = {"run": theirs, "eval": mine}
+    if used["keep"] > used["top_n"]:
+        # one of the pair from the run and the other from the eval config would keep more than
+        # it retrieves (run_retrieve refuses that): the pair comes from the eval config
+        for k in ("top_n", "keep"):
+            used[k] = own[k]
+            if own[k] != run[k]:
+                info["overridden"][k] = {"run": run[k], "eval": own[k]}
+            if k in info["from_run"]:
+                info["from_run"].remove(k)
     if info["overridden"]:
         info["notes"].append(
             "The eval config sets " + ", ".join(f"retrieve.{k} = {v['eval']!r} (the run's: {v['run']!r})"

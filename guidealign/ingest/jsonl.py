@@ -97,6 +97,10 @@ def _parse_block(block: bytes, line0: int, final: bool):
             return None
     if has_deep_line(block):  # pyarrow.json would crawl through it, or die (SIGSEGV) past ~10k levels
         return None
+    # pyarrow.json reads a line end inside a value as blank space: short lines that do not close
+    # their values nest on from line to line (a pretty-printed document named .jsonl)
+    if not lines_are_objects(np.frombuffer(block, np.uint8)) and line_depth(block) > MAX_DEPTH:
+        return None
     try:
         table = _read_json_block(block)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, RecursionError):  # the last: a deep value
@@ -155,6 +159,35 @@ def has_deep_line(block: bytes, limit: int = MAX_DEPTH, long_line: int = LONG_LI
             return True
         p = end + 1
     return False
+
+
+def lines_are_objects(arr: np.ndarray, step: int = 1 << 16) -> bool:
+    """Whether every line of the block starts with "{" and ends with "}" (before a CR), with no
+    blank space around: then no value goes on from one line into the next (after a closing "}"
+    JSON allows only "," "]" "}" or the end, and the next line starts with "{"), so nesting
+    starts again at each line and ``has_deep_line``'s per-line count is all there is to check.
+    Otherwise (blank lines, indented or pretty-printed JSON) ``line_depth`` counts across lines."""
+    n = arr.size
+    if n == 0:
+        return True
+    if arr[0] != 0x7B:
+        return False
+    last = n - 1 if arr[-1] == 10 else n  # a block ends at a line end, or at the file's end
+    if last < 1 or arr[last - 1] != 0x7D and not (arr[last - 1] == 13 and last >= 2 and arr[last - 2] == 0x7D):
+        return False
+    for i in range(0, last, step):  # in cache-sized steps, as ``blocks.scan``
+        pos = np.flatnonzero(arr[i:min(i + step, last)] == 10)
+        if not pos.size:
+            continue
+        g = pos + i  # 1 <= g < last - 1: arr[0] is "{" and the block's last line end is left out
+        if not (arr[g + 1] == 0x7B).all():
+            return False
+        before = arr[g - 1]
+        if not (before == 0x7D).all():
+            cr = np.flatnonzero(before != 0x7D)
+            if not ((before[cr] == 13).all() and (g[cr] >= 2).all() and (arr[g[cr] - 2] == 0x7D).all()):
+                return False
+    return True
 
 
 def _count(arr: np.ndarray, start: int, end: int, which: int, step: int = 1 << 24) -> int:
