@@ -242,6 +242,19 @@ def run_stage(fn: Callable | str, cfg, workdir: str | Path, *, rank: int | None 
 
 # --- one stage by name: what every stage command calls --------------------------------------
 
+def record_config(cfg, workdir, stage: str) -> None:
+    """WORKDIR/_configs/<stage>.json: the config ``stage`` ran with, secrets out, which its
+    dataset cards show (``shards.config_record``); a failure to write it is only logged."""
+    from guidealign.config import to_dict
+    from guidealign.hub.card import without_secrets
+    from guidealign.shards.config_record import write_stage_config
+
+    try:
+        write_stage_config(workdir, stage, without_secrets(to_dict(cfg)))
+    except OSError as e:
+        log.warning("%s: could not record its config in %s: %s", stage, workdir, e)
+
+
 def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
             world_size: int | None = None, progress: bool = True, **options) -> list:
     """Run the stage ``name`` of the stage table with ``options`` (the command's own options,
@@ -280,9 +293,13 @@ def execute(name: str, cfg, workdir: str | Path, *, rank: int | None = None,
             record_training_error(e)
             raise
     if ex.kind == "ray" and rank is None and w == 1:
-        return _execute_on_ray(stage, cfg, workdir, progress, options)
-    with guard(workdir, r, w, stage=name, stall_timeout_s=ex.stall_timeout_s), claims_assignment(cfg):
-        return [stage.function()(cfg, workdir, rank=r, world_size=w, progress=progress, **options)]
+        reports = _execute_on_ray(stage, cfg, workdir, progress, options)
+    else:
+        with guard(workdir, r, w, stage=name, stall_timeout_s=ex.stall_timeout_s), claims_assignment(cfg):
+            reports = [stage.function()(cfg, workdir, rank=r, world_size=w, progress=progress, **options)]
+    if r == 0:
+        record_config(cfg, workdir, name)
+    return reports
 
 
 def _execute_on_ray(stage, cfg, workdir, progress: bool, options: dict) -> list:

@@ -74,7 +74,7 @@ def _echo_reports(echo, reports) -> None:
 
 def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_size: int,
               progress: bool, echo) -> dict:
-    from guidealign.executors import claims_assignment
+    from guidealign.executors import claims_assignment, record_config
     from guidealign.core.stage_child import run_in_child
     from guidealign.shards.failure import set_step
 
@@ -110,6 +110,8 @@ def _run_here(cfg: Config, workdir: Path, chosen: list[Stage], rank: int, world_
                     rep = stage.function()(cfg, workdir, rank=rank, world_size=world_size,
                                            progress=progress, **kw)
                 timings[stage.name] = round(time.perf_counter() - t, 2)
+                if rank == 0:
+                    record_config(cfg, workdir, stage.name)
                 _echo_reports(echo, [rep])
     finally:
         if llm is not None and llm.built:
@@ -166,7 +168,7 @@ def _run_on_ray(cfg: Config, workdir: Path, chosen: list[Stage], progress: bool,
     next while the stages' resources are the same: detect -> guidelines), the others as one
     task. Every worker skips committed shards, so a rerun after a crash (of a worker or of
     this driver) continues."""
-    from guidealign.executors import _input_shards, run_on_ray
+    from guidealign.executors import _input_shards, record_config, run_on_ray
     from guidealign.ray_workers import WorkerPool
 
     timings: dict[str, float] = {}
@@ -192,6 +194,7 @@ def _run_on_ray(cfg: Config, workdir: Path, chosen: list[Stage], progress: bool,
                 results = run_on_ray(stage.fn, cfg, workdir, n_tasks=1, progress=progress,
                                      init_kwargs=init_kwargs, stage=stage.name)
             timings[stage.name] = round(time.perf_counter() - t0, 2)
+            record_config(cfg, workdir, stage.name)
             _echo_reports(echo, [r.report for r in results])
     except BaseException:  # Ctrl-C, a failed stage: the workers end now, not after their stage
         if pool is not None:

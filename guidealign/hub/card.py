@@ -160,6 +160,21 @@ def _redact_keys(keys: list) -> list:
     return out
 
 
+def without_secrets(obj):
+    """``obj`` (a config as a dict) with only its secrets out: the value of a key that names one
+    (``_secret_key``) and text shaped like a Hub token become "(redacted)"; paths stay (the run's
+    own record of its config, ``shards.config_record``; ``redact`` shortens them for a card)."""
+    if isinstance(obj, dict):
+        return {k: REDACTED if _secret_key(k) else without_secrets(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [without_secrets(v) for v in obj]
+    if isinstance(obj, str) and _secret_text(obj):
+        import re
+
+        return re.sub(_HUB_TOKEN, REDACTED, obj)
+    return obj
+
+
 def redact(obj):
     """``obj`` (a config dict, model names, a card's fields) as a card may publish it: Hub ids
     and ``embedded:`` names stay, a local path becomes its base name (no home directories,
@@ -315,4 +330,23 @@ def dataset_card(*, repo_id: str, stage: str, rows: int, files: int, cfg, workdi
             "## Provenance\n\n" + _yaml_block(summary)
             + "\n### Models\n\n" + _yaml_block(models)
             + "\n### Stages of the run\n\n" + _yaml_block(prov)
-            + "\n### Config\n\n" + _yaml_block(redact(to_dict(cfg))))
+            + "\n### Config\n\n" + _config_section(stage, cfg, workdir))
+
+
+def _config_section(stage: str, cfg, workdir) -> str:
+    """The config the published stage last ran with (``shards.config_record``), else the one
+    given to push, said so: it may not be the run's (the defaults, without the run's ``-c``)."""
+    from guidealign.config import to_dict
+    from guidealign.shards import read_manifest
+    from guidealign.shards.config_record import read_stage_config
+
+    # the stage that wrote the dataset: its manifest's stage; ingest names the dataset there
+    # (prompts, prompts-sft, --into), and its manifest lists the input files and their encodings
+    man = read_manifest(Path(workdir) / stage) or {}
+    made_by = "ingest" if {"files", "encodings"} <= set(man) else man.get("stage") or stage
+    recorded = read_stage_config(workdir, made_by)
+    if recorded is not None:
+        return _yaml_block(redact(recorded)) + f"\nThe config the `{made_by}` stage last ran with.\n"
+    return (_yaml_block(redact(to_dict(cfg))) + f"\nThe run recorded no config for `{made_by}` (it "
+            "ran before such records were kept): this is the config given to `push`, which may "
+            "differ from the run's.\n")

@@ -91,7 +91,7 @@ def _literal_dirs(pattern: str) -> str:
 # what a run writes beside its datasets, directly under WORKDIR: its record, push reports, the
 # ranks' failure markers and heartbeats; and artifacts being built or replaced (.index.tmp-*,
 # .library.old-*)
-_RUN_FILES = ("run.json", "push", "_failed", "_ranks")
+_RUN_FILES = ("run.json", "push", "_failed", "_ranks", "_configs")
 _RUN_HIDDEN = re.compile(r"^\.[\w-]+\.(?:tmp|old)-")
 
 

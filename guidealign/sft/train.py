@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import get_args
 
 from guidealign.config.sft import SFTMode
+from guidealign.sft.layout import load_on_first_process_only, training_layout
 from guidealign.sft.checkpoints import (checkpoint_dir, is_main_process, loss_log_callback, resume_point,
                                         whole_run_loss)
 from guidealign.sft.fingerprint import sft_fingerprint
@@ -119,48 +120,6 @@ def _head_bias_for_fused_loss(model) -> None:
     base = getattr(head, "original_module", None)
     if base is not None and getattr(base, "bias", None) is None and not hasattr(head, "bias"):
         head.bias = None
-
-
-def load_on_first_process_only(targs) -> bool:
-    """Under FSDP with ``fsdp_config.cpu_ram_efficient_loading`` (the GPU recipes set it): have
-    ``from_pretrained`` read the base model's weights on each node's first training process only;
-    the others hold placeholders until accelerate shards the model and sends them the first
-    process's weights. Without it every process holds the whole model on the host before
-    sharding (8 x 52 GB for the 13B recipe's float32 copy). transformers does this only when the
-    process group is up and ACCELERATE_USE_FSDP is set (``accelerate launch`` sets it; torchrun,
-    which run_sft uses, does not): both are done here. True when it applies."""
-    plugin = getattr(targs, "fsdp_plugin_args", None) or {}
-    if not plugin.get("cpu_ram_efficient_loading"):
-        return False
-    _ = targs.device  # sets up the process group (transformers checks it is initialized)
-    os.environ["ACCELERATE_USE_FSDP"] = "true"
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
-    from transformers.integrations import is_fsdp_enabled  # what from_pretrained asks
-
-    if not is_fsdp_enabled():
-        log.warning("sft: fsdp_config.cpu_ram_efficient_loading is set but transformers will load "
-                    "the whole base model in every training process")
-        return False
-    log.info("sft: FSDP cpu_ram_efficient_loading: the base model's weights are read by each "
-             "node's first training process only (local rank %s %s)", os.environ.get("LOCAL_RANK", "0"),
-             "reads them" if os.environ.get("LOCAL_RANK", "0") == "0" else "waits for them")
-    return True
-
-
-def training_layout(trainer, world: int) -> dict:
-    """How the training processes split the model, for _done.json: ``sharding`` (fsdp1, fsdp2,
-    deepspeed, ddp or none) and who read the base model's weights from disk (``base_weights_read_by``)."""
-    from transformers.integrations import is_fsdp_enabled
-
-    if getattr(trainer, "is_fsdp_enabled", False):
-        plugin = trainer.accelerator.state.fsdp_plugin
-        sharding = f"fsdp{getattr(plugin, 'fsdp_version', 1)}"
-    elif getattr(trainer, "is_deepspeed_enabled", False):
-        sharding = "deepspeed"
-    else:
-        sharding = "ddp" if world > 1 else "none"
-    return {"sharding": sharding, "base_weights_read_by":
-            "the first process of each node" if is_fsdp_enabled() else "every process"}
 
 
 def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
