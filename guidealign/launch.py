@@ -162,6 +162,13 @@ def plan(stage: str, stage_args: list[str], *, gpus: list[str], tp: int, node_ra
             click.echo(f"launch: {len(gpus) % tp} GPU(s) left idle: {len(gpus)} is not a multiple "
                        f"of tensor_parallel_size={tp}", err=True)
         groups = [gpus[j * tp:(j + 1) * tp] for j in range(n)]
+        from guidealign.core.gpu import check_tensor_parallel
+
+        try:  # MIG devices: one per process, so no tensor-parallel group (refused before any work)
+            for g in groups:
+                check_tensor_parallel(tp, g)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from e
     per_node = len(groups)
     world = nodes * per_node
     workers = []
@@ -384,6 +391,14 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
         gpu_list = []
     else:
         gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
+        inherited = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        if inherited and (outside := [g for g in gpu_list if g not in inherited]):
+            # a worker's CUDA_VISIBLE_DEVICES replaces the job's: ids outside it are GPUs this job
+            # was not given (another job's, on a node without device isolation)
+            raise click.UsageError(
+                f"--gpus {gpus} names GPU(s) {','.join(outside)} that this job may not use: "
+                f"CUDA_VISIBLE_DEVICES is {os.environ['CUDA_VISIBLE_DEVICES']}; name ids from it, "
+                "or leave --gpus out to use all of them")
     if why := batch_script_refusal(node_rank is not None or nodes is not None, "the launcher",
                                    "--node-rank/--nodes"):
         raise click.UsageError(why)
