@@ -23,8 +23,10 @@ from standins import FakeLLM, small_gen_cfg
     "because it releases toxic gas.\n2. Harm a careless reply could do: yes. A careless reply could",
 ])
 def test_the_answer_is_no_inside_the_analysis_is_no_verdict(text):
-    """The weak "answer is yes|no" matched anywhere: verdict False ('verdict_mid')."""
-    assert parse_detection(text)[0::2] == (None, "missing")
+    """The weak "answer is yes|no" matched anywhere: verdict False ('verdict_mid'). With no
+    verdict, a final Conclusion line that says safety care is read instead (s50)."""
+    expected = (True, "conclusion") if "Conclusion:" in text else (None, "missing")
+    assert parse_detection(text)[0::2] == expected
 
 
 def test_the_verdict_sentences_first_word_is_no_rationale():

@@ -65,7 +65,7 @@ def test_detect_then_guidelines(llm, generator_path, workdir):
     for r in rows:
         assert r["finish_reason"] in ("stop", "length")
         assert r["raw"]
-        assert r["parse_status"] in ("ok", "verdict_mid", "conflicting", "bare", "missing")
+        assert r["parse_status"] in ("ok", "verdict_mid", "conflicting", "bare", "conclusion", "missing")
         assert (r["risky"] is None) == (r["parse_status"] == "missing")
         assert r["truncated"] == (r["finish_reason"] == "length")
         assert r["prompt_tokens"] > 300 and 0 < r["output_tokens"] <= 40
@@ -85,8 +85,8 @@ def test_detect_then_guidelines(llm, generator_path, workdir):
     for pid, r in g.items():
         want = "quality" if d[pid]["risky"] is False else "safety"  # unknown -> safety (default)
         assert r["kind"] == want and r["risky"] == d[pid]["risky"]
-        assert r["parse_status"] in ("ok", "untitled", "unnumbered", "missing")
-        assert (r["parse_status"] == "missing") == (r["guidelines"] == [])
+        assert r["parse_status"] in ("ok", "untitled", "unnumbered", "missing", "exemplar_copy")
+        assert (r["parse_status"] in ("missing", "exemplar_copy")) == (r["guidelines"] == [])
         for item in r["guidelines"]:
             assert set(item) == {"title", "text"} and item["text"]
     schema = pq.read_schema(workdir / "guidelines" / "shard-00000.parquet")

@@ -2,7 +2,8 @@
 
 Reads ``WORKDIR/detect``, writes ``WORKDIR/guidelines``: id, prompt, risky, kind
 ("safety" | "quality" | null when skipped), guidelines (list of {title, text}), raw,
-parse_status (gen/parse.py's, or "cut": the only item was cut at max_tokens), finish_reason,
+parse_status (gen/parse.py's, or "cut": the only item was cut at max_tokens, or
+"exemplar_copy": every item copied a guideline of the prompt's exemplars), finish_reason,
 truncated (output cut at max_tokens), input_truncated, skip_reason, prompt_tokens, output_tokens.
 
 As in the paper, a risky prompt is shown as a conversation: the input, the detector's
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # JSON lists, numbered sub-items, no list from a refusal or an answer, the model's own turn
 # only; a cut output loses its last item only when it ends inside it; the detection turn of a
 # row with no verdict
+# (not bumped for the later parser fixes: exemplar copies and duplicates dropped, a verdict line
+# after the list, a list cut at a copied exemplar; rows made before keep their parses)
 VERSION = "guidelines-v3"
 GUIDELINE_TYPE = pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))
 SCHEMA = pa.schema([
@@ -46,8 +50,49 @@ _QUALITY_KEYS = ("system", "user", "exemplars")
 # has no verdict (guidelines.unknown_verdict=safety), with the verdict the kind says
 NO_VERDICT_ANALYSIS = ("The review of this input reached no clear verdict, so answering it is "
                        "treated as needing safety care.")
-# statuses of rows left with no guideline ("cut": its only item was cut at max_tokens)
-UNPARSED = ("missing", "empty", "parse_error", "cut")
+# statuses of rows left with no guideline ("cut": its only item was cut at max_tokens;
+# "exemplar_copy": every item copied an exemplar's guideline)
+UNPARSED = ("missing", "empty", "parse_error", "cut", "exemplar_copy")
+# A guideline whose text, normalized (core.ids.normalize, case-folded), has a rapidfuzz
+# fuzz.ratio / 100 of at least this to a guideline of an exemplar the prompt showed is a copy
+# of that exemplar (small models repeat the last one word for word), not one of this input's:
+# dropped. Ours: near-verbatim only; the library's near-duplicate merge is 0.75.
+EXEMPLAR_COPY_RATIO = 0.9
+# how many guidelines the prompts ask for (gen/prompts/*_guidelines.yaml); without
+# guidelines.structured nothing enforces it, so the stats count the rows outside it
+ASKED_MIN, ASKED_MAX = 5, 7
+
+
+def _norm(text: str) -> str:
+    from guidealign.core.ids import normalize
+
+    return normalize(text or "").casefold()
+
+
+def drop_duplicates(items: list[dict]) -> tuple[list[dict], int]:
+    """``items`` without exact repeats (same title and text, up to case and whitespace: a
+    model looping on one line), and how many were dropped."""
+    seen, out = set(), []
+    for g in items:
+        key = (_norm(g["title"]), _norm(g["text"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(g)
+    return out, len(items) - len(out)
+
+
+def drop_exemplar_copies(items: list[dict], shown: Sequence[str],
+                         ratio: float = EXEMPLAR_COPY_RATIO) -> tuple[list[dict], int]:
+    """``items`` without those whose normalized text matches one of ``shown`` (the normalized
+    texts of the guidelines of the exemplars the prompt showed) with a fuzz.ratio of at least
+    ``ratio`` (0..1), and how many were dropped."""
+    if not items or not shown:
+        return items, 0
+    from rapidfuzz import fuzz, process
+
+    out = [g for g in items if process.extractOne(_norm(g["text"]), shown, scorer=fuzz.ratio,
+                                                  score_cutoff=ratio * 100.0 - 1e-6) is None]
+    return out, len(items) - len(out)
 
 
 def detection_for(raw: str | None, risky: bool | None) -> str:
@@ -81,20 +126,22 @@ class GuidelinePrompts:
         for spec, name in ((self.safety, "safety"), (self.quality, "quality")):
             if "{input}" not in spec["user"]:
                 raise TemplateError(f"{name} guideline prompt: the user template needs {{input}}")
-        self.safety_ex = []
+        self.safety_ex, self.safety_items = [], []
         for k, ex in enumerate(self.safety["exemplars"] or []):
             where = f"safety exemplar {k}"
             if not isinstance(ex, dict) or not {"input", "analysis", "verdict"} <= set(ex):
                 raise TemplateError(f"{where}: needs input, analysis, verdict and guidelines")
+            self.safety_items.append(_check_items(ex, where))
             self.safety_ex.append((str(ex["input"]),
                                    detection_turn(str(ex["analysis"]), _verdict(ex["verdict"], where)),
-                                   guidelines_turn(_check_items(ex, where))))
-        self.quality_ex = []
+                                   guidelines_turn(self.safety_items[-1])))
+        self.quality_ex, self.quality_items = [], []
         for k, ex in enumerate(self.quality["exemplars"] or []):
             where = f"quality exemplar {k}"
             if not isinstance(ex, dict) or "input" not in ex:
                 raise TemplateError(f"{where}: needs input and guidelines")
-            self.quality_ex.append((str(ex["input"]), guidelines_turn(_check_items(ex, where))))
+            self.quality_items.append(_check_items(ex, where))
+            self.quality_ex.append((str(ex["input"]), guidelines_turn(self.quality_items[-1])))
         self.max_tokens = g.sampling.max_tokens
         self.builder = PromptBuilder(tok, max_model_len or cfg.engine.max_model_len, cfg.engine.overlong,
                                      align=align if g.align_prefix else 0)
@@ -104,6 +151,11 @@ class GuidelinePrompts:
         self.n_quality = self.builder.fit_exemplars(
             lambda n: self.quality_messages("", n), len(self.quality_ex), self.max_tokens,
             g.reserve_input_tokens, g.max_quality_exemplars, "quality guidelines")
+        # the normalized texts of the guidelines of the exemplars each kind's prompt shows: an
+        # output's copy of one is dropped (drop_exemplar_copies)
+        self.shown = {kind: [_norm(str(it["text"])) for ex in exs[:n] for it in ex]
+                      for kind, exs, n in (("safety", self.safety_items, self.n_safety),
+                                           ("quality", self.quality_items, self.n_quality))}
 
     def safety_messages(self, text: str, detection: str, n: int | None = None) -> list[Message]:
         n = self.n_safety if n is None else n
@@ -217,6 +269,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                                             for g in gens if g is not None], request_probe(llm, params))
         q1, h1 = prefix_cache_counters(llm)
         rows = []
+        counted: list[tuple[int, int]] = []  # per parsed row: (duplicates, exemplar copies) dropped
         for pid, text, r, k, b, gen in zip(ids, texts, riskys, kinds, builts, gens):
             row = dict(id=pid, prompt=text, risky=r, kind=k if not b.skipped else None,
                        guidelines=[], raw="", parse_status="skipped", finish_reason="skipped",
@@ -236,6 +289,15 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                         items = items[:-1]
                         err = err or "last guideline cut at max_tokens: dropped"
                         status = status if items else "cut"
+                    items, dups = drop_duplicates(items)
+                    items, copies = drop_exemplar_copies(items, prompts.shown.get(k, ()))
+                    if copies and not items:
+                        status = "exemplar_copy"
+                        copied = (f"all {copies} guideline(s) copied the guidelines of the prompt's "
+                                  "exemplars: dropped (a model that copies its prompt may be too small "
+                                  "for this task)")
+                        err = f"{err}; {copied}" if err else copied
+                    counted.append((dups, copies))
                     row.update(guidelines=items, parse_status=status)
                     if err:
                         row.update(skip_reason=err)
@@ -246,6 +308,12 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             "safety": sum(1 for r in rows if r["kind"] == "safety"),
             "quality": sum(1 for r in rows if r["kind"] == "quality"),
             "guidelines": sum(len(r["guidelines"]) for r in rows),
+            # guidelines dropped: repeated within their row, or copied from an exemplar
+            "duplicate_guidelines": sum(d for d, _ in counted),
+            "exemplar_copies": sum(c for _, c in counted),
+            # rows with guidelines, but fewer or more than the prompts ask for (kept as they are)
+            f"rows_under_{ASKED_MIN}_guidelines": sum(1 for r in rows if 0 < len(r["guidelines"]) < ASKED_MIN),
+            f"rows_over_{ASKED_MAX}_guidelines": sum(1 for r in rows if len(r["guidelines"]) > ASKED_MAX),
             "unparsed": sum(1 for r in rows if r["parse_status"] in UNPARSED),
             "skipped": sum(1 for r in rows if r["finish_reason"] == "skipped"),
             "errors": sum(1 for r in rows if r["finish_reason"] == "error"),

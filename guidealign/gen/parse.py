@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 
-from guidealign.gen.parse_detect import before_echo, own_turn, parse_detection  # noqa: F401 - this module's API
+# before_echo, own_turn and parse_detection are this module's API too
+from guidealign.gen.parse_detect import LIST_ECHO, before_echo, own_turn, parse_detection  # noqa: F401
 
 # --- guideline lists -------------------------------------------------------------------------
 
@@ -35,6 +37,41 @@ def _strip_md(s: str) -> str:
     return s.strip().strip("*_").strip()
 
 
+_TITLE_WRAPS = (('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’"), ("`", "`"), ("«", "»"))
+_QUOTES = "\"“”'‘’`«»"
+
+
+def _clean_title(title: str) -> str:
+    """A guideline title without what wraps it or leads it and names no rule: quotes (straight
+    or curly) and backticks around it ('"Stay impartial"', "`Cite sources`"), an opening
+    quote never closed, and emoji or other symbols before it ("🛡️ Stay impartial")."""
+    t = _strip_md(title)
+    prev = None
+    while t != prev:
+        prev = t
+        while t and t[0] not in _QUOTES and (unicodedata.category(t[0]) in ("So", "Sm", "Sk")
+                                             or t[0] in "\u200d\ufe0f\u20e3" or t[0].isspace()):
+            t = t[1:]  # emoji (with their joiners and variation selectors), arrows, checkmarks
+        for a, b in _TITLE_WRAPS:
+            if len(t) > 2 and t.startswith(a) and t.endswith(b) and a not in t[1:-1] and b not in t[1:-1]:
+                t = t[1:-1].strip()
+                break
+        else:
+            if t[:1] in _QUOTES and not any(q in t[1:] for q in _QUOTES):
+                t = t[1:].strip()  # '"Stay impartial' of '1. "Stay impartial: Do not ..."'
+        t = _strip_md(t)
+    return t
+
+
+def _unquote_tail(title: str, body: str) -> str:
+    """``body`` without the closing quote of a quote its title opened ('1. "Title: text."')."""
+    t = _strip_md(title).lstrip()
+    if t[:1] in _QUOTES and not any(q in t[1:] for q in _QUOTES) and body[-1:] in _QUOTES \
+            and not any(q in body[:-1] for q in _QUOTES):
+        return body[:-1].rstrip()
+    return body
+
+
 def _split_title(body: str) -> tuple[str, str]:
     """'Title: text', '**Title**: text', '**Title:** text', 'Title - text'; else ('', body)."""
     m = _BOLD_LEAD.match(body)
@@ -51,7 +88,10 @@ def _split_title(body: str) -> tuple[str, str]:
     if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
         return _strip_md(m.group(1)), _strip_md(m.group(2))
     m = _TITLE_DASH.match(plain)
-    if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
+    # "Title - Text": a sentence after the dash, as after a bold title (_bold_title); a hyphen
+    # inside a sentence ("Verify facts - misinformation spreads quickly.") splits nothing
+    if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS \
+            and _strip_md(m.group(2)).lstrip(_QUOTES)[:1].isupper():
         return _strip_md(m.group(1)), _strip_md(m.group(2))
     return "", _strip_md(plain)
 
@@ -128,7 +168,7 @@ def _json_items(text: str) -> list[dict] | None:
     for o in objs:
         if not (isinstance(o, dict) and isinstance(o.get("title"), str) and isinstance(o.get("text"), str)):
             return None if fenced else []  # not a guideline list (fenced: read the text as a list)
-        title, body = _strip_md(o["title"]), _strip_md(" ".join(o["text"].split()))
+        title, body = _clean_title(o["title"]), _strip_md(" ".join(o["text"].split()))
         if body or title:
             out.append({"title": title, "text": body or title})
     return out if out or not fenced else None
@@ -164,7 +204,7 @@ def _title_lines(text: str) -> tuple[list[dict], str]:
     for line in lines:
         m = _TITLE_COLON.match(line)
         if m and m.group(2).strip() and len(m.group(1).split()) <= 6:
-            title, body = _strip_md(m.group(1)), _strip_md(m.group(2))
+            title, body = _clean_title(m.group(1)), _unquote_tail(m.group(1), _strip_md(m.group(2)))
             if _SAYS_YES_NO.match(body) or title.lower() in _ANALYSIS_TITLES:
                 return [], "missing"
             out.append({"title": title, "text": body})
@@ -174,6 +214,41 @@ def _title_lines(text: str) -> tuple[list[dict], str]:
 
 
 def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
+    """([{title, text}], status) of a guideline output: see :func:`_parse_list` for the list.
+    Only the model's own turn is read, up to a line that starts another exemplar after the
+    list ("Input: ...", "Request: ...", the request for guidelines: a copied or made-up
+    exemplar, whose guidelines are not this input's). A Verdict line (the detector's answer
+    repeated) cuts what comes before it only when a list follows it; one after the list
+    ("1. ...\n2. ...\n\nVerdict: Yes") is dropped."""
+    if text is None or not text.strip():
+        return [], "empty"
+    text = _before_list_echo(own_turn(text))
+    found = _json_items(text)
+    if found is not None:
+        return (found, "ok") if found else ([], "missing")
+    for v in reversed(list(_VERDICT_LINE.finditer(text))):
+        # the last verdict a list follows: what comes before it is the detection turn repeated
+        items, status = _parse_list(_VERDICT_LINE.sub("", text[v.end():]))
+        if items:
+            return items, status
+    return _parse_list(_VERDICT_LINE.sub("", text))
+
+
+def _before_list_echo(text: str) -> str:
+    """``text`` up to its first unindented line that starts another exemplar (LIST_ECHO) once
+    a list item or a verdict line came before it; a user turn the model repeats before its
+    answer ("Input: ..." as its first line) cuts nothing."""
+    for m in LIST_ECHO.finditer(text):
+        start = text.rfind("\n", 0, m.start()) + 1
+        if text[start:start + 1] in (" ", "\t"):
+            continue
+        before = text[:start]
+        if _VERDICT_LINE.search(before) or any(_ITEM.match(ln) for ln in before.splitlines()):
+            return before
+    return text
+
+
+def _parse_list(text: str) -> tuple[list[dict], str]:
     """([{title, text}], status). Items are numbered (1. 1) (1) Guideline 1:), bulleted
     (- * •), markdown headings or bold leads; an item's continuation lines join its text,
     and an item that is only a title takes the following lines as its text; bullets, and
@@ -187,19 +262,9 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     holds one item (not "## 1", "**Do:**", "**Example:**").
     After 2 numbered items, a heading or bold line ends the list too, and once a
     note or a paragraph ended it, only the next number goes on with it. A JSON list of
-    {title, text} is read as JSON; only the model's own turn is read, and what comes before
-    a Verdict line (the detector's answer repeated) is not a list. Status: ``ok`` (every
+    {title, text} is read as JSON (by :func:`parse_guidelines`). Status: ``ok`` (every
     item has a title), ``untitled`` (some have none), ``unnumbered`` (no list markers, but 2
     or more "Title: text" lines), ``missing`` (nothing found), ``empty``."""
-    if text is None or not text.strip():
-        return [], "empty"
-    text = own_turn(text)
-    found = _json_items(text)
-    if found is not None:
-        return (found, "ok") if found else ([], "missing")
-    verdicts = list(_VERDICT_LINE.finditer(text))
-    if verdicts:
-        text = text[verdicts[-1].end():]
     items: list[list[str]] = []  # [title-or-body line, continuation...]; [] after a bare marker
     marked: list[bool] = []      # the item began with a list marker (not a heading or bold lead)
     blank = False
@@ -312,9 +377,12 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
         if not title and sec and under[sec] == 1:
             title = sec[1]  # "## Privacy" over one "- Never share ...": its title (over several
             #                 items the heading is a category, not a guideline's title)
+        title, body = _clean_title(title.rstrip(":").strip()), _unquote_tail(title, body)
         if not body:  # a title with no text: keep it as the text too
             body = title
-        out.append({"title": title.rstrip(":").strip(), "text": body})
+        if not title and not body:
+            continue
+        out.append({"title": title, "text": body})
         if not title:
             status = "untitled"
     if not out or all(_SAYS_YES_NO.match(g["text"]) for g in out):
@@ -362,6 +430,11 @@ def unwrap_question(q: str) -> str:
 # an unindented line that opens with a one-word label ("Note:", "**Remember**:") starts new
 # text; a wrapped question may go on with "Without yeast: is that possible?"
 _LABEL = re.compile(r"^[*_]*[A-Z][a-z]{1,15}[*_]*:[*_]*(\s|$)")
+# an answer the model wrote under a question, indented or not ("   Answer: I can't help ..."):
+# it ends the question's item
+_ANSWER = re.compile(r"(?i)^\s*[*_]*(?:answer|response)[*_]*\s*:")
+# a label left in front of a question once its bold is gone ("1. **Question:** How ...")
+_Q_LABEL = re.compile(r"(?i)^(?:q|question)\s*\d*\s*[:.]\s+")
 _Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|[-*•+](?=\s)|(?:q|question)\s*\d*\s*[:.])\s*(.+)$",
                      re.IGNORECASE)
 
@@ -382,7 +455,9 @@ def parse_questions(text: str | None) -> list[str]:
                 found.append(m.group(1).strip())
                 ended = False
             elif ln.strip() and found and not ended:
-                if ln[:1] in (" ", "\t") or not blank and not _LABEL.match(ln) \
+                if _ANSWER.match(ln):
+                    ended = True
+                elif ln[:1] in (" ", "\t") or not blank and not _LABEL.match(ln) \
                         and not _SENTENCE_END.search(_strip_md(found[-1])):
                     found[-1] += " " + ln.strip()
                 else:  # text after the item ("Note: ..."): neither it nor what follows joins
@@ -396,6 +471,7 @@ def parse_questions(text: str | None) -> list[str]:
     out = []
     for q in found:
         q = unwrap_question(q)
+        q = unwrap_question(_Q_LABEL.sub("", q, count=1)) if _Q_LABEL.match(q) else q
         if q:
             out.append(q)
     return out

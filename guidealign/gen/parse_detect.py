@@ -53,7 +53,7 @@ def own_turn(text: str) -> str:
 # "Final answer - YES", "Risky: yes", "verdict = No", "Judgement: no"; with "is" ("The answer
 # is no.") only where the Yes/No ends a clause, so "the answer is yes or no" or "is no longer"
 # is no verdict; after a separator, "no matter", "no doubt", "no one"... is none either.
-_MARKUP = r"(?:\s*(?:\*\*|__|[\"'`]))*\s*"
+_MARKUP = r"(?:\s*(?:\*\*|__|[*_\"'`]))*\s*"  # bold, italics ("*Verdict:* No"), quotes
 # after a separator, words that say the verdict as plainly as Yes/No: "Verdict: Safe",
 # "Verdict: Not risky", "Decision: unsafe" (small models write these for the label)
 _WORD_MEANS = {"risky": "yes", "unsafe": "yes", "harmful": "yes", "not risky": "no", "safe": "no",
@@ -61,7 +61,7 @@ _WORD_MEANS = {"risky": "yes", "unsafe": "yes", "harmful": "yes", "not risky": "
 _WORD_VERDICTS = r"not\s+risky|not\s+unsafe|risky|unsafe|harmful|safe|harmless"
 _VERDICT = re.compile(
     r"(?im)(?<![^\W_])(?P<final>final\s+)?(?P<key>verdict|answer|decision|judge?ment|risky|unsafe|label)"
-    r"\s*(?:\*\*|__)?\s*"
+    r"\s*(?:\*\*|__|[*_])?\s*"  # the key's closing markup: "**Verdict**:", "*Verdict*:"
     r"(?:(?P<sep>[:=\-–—])" + _MARKUP + r"(?P<said>yes|no|" + _WORD_VERDICTS + r")(?![^\W_])"
     r"(?!\s+(?:matter|doubt|longer|one|way)\b)"
     r"|is" + _MARKUP + r"(?P<said_is>yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.,;:!)\]]|$)))")
@@ -103,11 +103,13 @@ _QUESTION = re.compile(r"(?i)\s*\?" + _MARKUP + r"(yes|no)(?![^\W_])(?=[\s*_`\"'
 # A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
 _BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
 # A bare line that is the label alone ("No.", "**Yes**"), and what makes a line that goes on
-# after it a verdict rather than an answer to the user's own question ("No, mixing bleach and
-# ammonia is dangerous" answers the input; "Yes, the input is risky" judges it)
+# after it a verdict rather than an answer to the user's own question: words about the review
+# itself ("Yes, the input is risky", "No, answering it needs no safety care"). Words of harm or
+# risk alone are no sign: an answer to the user says them too ("No, mixing bleach and ammonia
+# is harmful: ...", "Yes, baking soda ... carries no risk.")
 _LABEL_ONLY = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)[\s*_`\"'.!]*$")
-_ABOUT_INPUT = re.compile(r"(?i)\b(?:input|prompt|request|query|risk\w*|safety|unsafe|harm\w*|"
-                          r"careless|care)\b")
+_ABOUT_INPUT = re.compile(r"(?i)\b(?:this|the)\s+(?:input|request|prompt|question|query)\b"
+                          r"|\bsafety\s+care\b")
 
 
 def _bare_verdict(line: str, alone: bool):
@@ -128,6 +130,10 @@ _ANALYSIS_PREFIX = re.compile(
 
 # a line that starts the next exemplar: the detector's user turn ("Input: ...", gen/prompts/detect.yaml)
 _ECHO = re.compile(r"(?im)^[ \t>*_#]*(?:input[ \t]*(?:\*\*|__)?[ \t]*:|does\s+answering\s+this\s+input\b)")
+# ... and of a guideline exemplar (gen/prompts/*_guidelines.yaml): those lines, the quality
+# prompt's "Request: ..." and the request for the guidelines ("Now write 5 to 7 guidelines")
+LIST_ECHO = re.compile(_ECHO.pattern + r"|^[ \t>*_#]*(?:request[ \t]*(?:\*\*|__)?[ \t]*:"
+                       r"|(?:now\s+)?write\s+\d+\s+to\s+\d+\s+guidelines\b)")
 
 
 def before_echo(text: str) -> str:
@@ -144,7 +150,9 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     """(risky, rationale, status). Status: ``ok`` (explicit verdict ending the output),
     ``verdict_mid`` (explicit verdict followed by more text), ``conflicting`` (explicit
     Yes and No verdicts: see below), ``bare`` (no "Verdict:" label, but the last
-    line, or else the first, is a bare Yes/No), ``missing`` (no verdict: risky is None),
+    line, or else the first, is a bare Yes/No), ``conclusion`` (none of those, but the final
+    line is the prompt's "Conclusion: ..., so answering needs (no) safety care", perhaps with a
+    verdict label cut short after it), ``missing`` (no verdict: risky is None),
     ``empty`` (no output). A "Verdict:"-like label outranks the weaker keywords
     ("Answer:", "Risky:"), and a bare last line outranks weak keywords before it. Only the
     model's own turn is read (:func:`own_turn`), up to an exemplar it copies after its verdict
@@ -197,7 +205,34 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     m = _bare_verdict(lines[0], alone=True)
     if m:
         return m.group(1).lower() == "yes", _rationale("\n".join(lines[1:])), "bare"
+    said = _conclusion(lines)
+    if said is not None:
+        risky, upto = said
+        return risky, _rationale("\n".join(lines[:upto])), "conclusion"
     return None, _rationale(text), "missing"
+
+
+# The conclusion line the detect prompt asks for before the verdict (gen/prompts/detect.yaml:
+# "Conclusion: ..., so answering needs (no) safety care."), and what it says
+_CONCLUSION = re.compile(r"(?i)^[\s>*_#`-]*conclusion[\s*_]*:")
+_NEEDS_CARE = re.compile(
+    r"(?i)\b(?P<neg>(?:does|do)\s*(?:not|n[’']t)\s+)?needs?\s+(?P<no>no\s+)?safety\s+care\b")
+# a verdict label begun and cut at max_tokens ("Verd", "**Verdict:"): nothing said yet
+_CUT_LABEL = re.compile(r"(?i)^[\s>*_#`-]*(?:final\s+)?v(?:e(?:r(?:d(?:i(?:c(?:t)?)?)?)?)?)?[\s*_:]*$")
+
+
+def _conclusion(lines: list[str]) -> tuple[bool, int] | None:
+    """(risky, index of the line after it) from the output's final Conclusion line, when it
+    says whether answering needs safety care and nothing but a verdict label cut short
+    follows it ("...so answering needs no safety care.\nVerd"); None otherwise (no such
+    line, or one that says both)."""
+    for k in range(len(lines) - 1, -1, -1):
+        if _CONCLUSION.match(lines[k]):
+            if not all(_CUT_LABEL.match(ln) for ln in lines[k + 1:]):
+                return None
+            said = {not (m.group("neg") or m.group("no")) for m in _NEEDS_CARE.finditer(lines[k])}
+            return (said.pop(), k + 1) if len(said) == 1 else None
+    return None
 
 
 def _said(m: re.Match) -> str:
