@@ -392,7 +392,9 @@ def launch(dry_run, gpus, tp, node_rank, nodes, log_dir, grace, stage, stage_arg
     else:
         gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
         inherited = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-        if inherited and (outside := [g for g in gpu_list if g not in inherited]):
+        uuid = ("GPU-", "MIG-")  # ids compared only in one form: an index is not its UUID's text
+        same_form = len({g.startswith(uuid) for g in inherited + gpu_list}) == 1
+        if inherited and same_form and (outside := [g for g in gpu_list if g not in inherited]):
             # a worker's CUDA_VISIBLE_DEVICES replaces the job's: ids outside it are GPUs this job
             # was not given (another job's, on a node without device isolation)
             raise click.UsageError(

@@ -85,8 +85,8 @@ def test_detect_then_guidelines(llm, generator_path, workdir):
     for pid, r in g.items():
         want = "quality" if d[pid]["risky"] is False else "safety"  # unknown -> safety (default)
         assert r["kind"] == want and r["risky"] == d[pid]["risky"]
-        assert r["parse_status"] in ("ok", "untitled", "unnumbered", "missing", "exemplar_copy")
-        assert (r["parse_status"] in ("missing", "exemplar_copy")) == (r["guidelines"] == [])
+        assert r["parse_status"] in ("ok", "untitled", "unnumbered", "missing")
+        assert (r["parse_status"] == "missing") == (r["guidelines"] == [])
         for item in r["guidelines"]:
             assert set(item) == {"title", "text"} and item["text"]
     schema = pq.read_schema(workdir / "guidelines" / "shard-00000.parquet")

@@ -64,7 +64,7 @@ def test_the_card_shows_the_config_the_stage_ran_with_not_pushs(tmp_path):
     # a run that recorded none: push's config, said so
     config_record_path(w, "respond").unlink()
     card = dataset_card(repo_id="org/x", stage="respond", rows=1, files=1, cfg=given, workdir=w)
-    assert "recorded no config for `respond`" in card.split("### Config", 1)[1]
+    assert "No record of the config `respond` ran with" in card.split("### Config", 1)[1]
 
 
 def test_the_card_of_prompts_shows_ingests_config(tmp_path):

@@ -28,6 +28,10 @@ def test_gpus_outside_the_jobs_visible_devices_are_refused():
     assert p.returncode == 2 and "0,1" in p.stderr and "CUDA_VISIBLE_DEVICES is 4,5" in p.stderr, p.stderr
     plan = plan_lines(launch("--dry-run", "--gpus", "5", "retrieve", "-w", "r", env={"CUDA_VISIBLE_DEVICES": "4,5"}))
     assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["5"]
+    # ids in another form than the inherited ones (UUIDs vs indices) are not compared
+    plan = plan_lines(launch("--dry-run", "--gpus", "GPU-aaaa", "retrieve", "-w", "r",
+                             env={"CUDA_VISIBLE_DEVICES": "0,1"}))
+    assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["GPU-aaaa"]
     # without an inherited CUDA_VISIBLE_DEVICES, --gpus names the node's GPUs as before
     plan = plan_lines(launch("--dry-run", "--gpus", "0,1", "retrieve", "-w", "r"))
     assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0", "1"]

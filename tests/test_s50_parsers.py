@@ -85,16 +85,17 @@ def _lines(items) -> str:
     return "\n".join(f"{n}. {g['title']}: {g['text']}" for n, g in enumerate(items, 1))
 
 
-def test_guidelines_stage_drops_exemplar_copies_and_duplicates(generator_path, tok):
+def test_guidelines_stage_counts_exemplar_copies_and_drops_repeats(generator_path, tok):
     """A small model copies the exemplar the prompt showed word for word (23% of the 135M
-    model's guidelines): those reached the library as this input's; a looping model's repeated
-    items too. Copies of an exemplar the prompt did not show are the model's own."""
+    model's guidelines): they are counted (kept: a guideline adapted from an exemplar for a like
+    input scores as high, and the library merges true copies); a looping model's repeated items
+    are dropped. Copies of an exemplar the prompt did not show are not counted."""
     from guidealign.gen.guidelines import make_shard_fn
 
     shown, unshown = _exemplar_items(0), _exemplar_items(2)  # small_gen_cfg shows one exemplar
     near = dict(shown[1], text=shown[1]["text"].upper().replace(",", "") + "  ")  # case, spacing
     outputs = {
-        "copy": _lines(shown),                                   # all copied: no guideline left
+        "copy": _lines(shown),                                   # all copied
         "mixed": _lines(OWN_ITEMS[:2] + [near, OWN_ITEMS[0], shown[3]]),  # 2 own, a repeat, 2 copies
         "other": _lines(unshown + OWN_ITEMS[:3]),                # 8 guidelines, none shown
     }
@@ -109,13 +110,12 @@ def test_guidelines_stage_drops_exemplar_copies_and_duplicates(generator_path, t
                       "risky": [True] * 3, "raw": ["Crime.\nVerdict: Yes"] * 3})
     out, _, stats = fn(table, 0)
     rows = {r["id"]: r for r in out.to_pylist()}
-    assert rows["copy"]["guidelines"] == [] and rows["copy"]["parse_status"] == "exemplar_copy"
-    assert "exemplar" in rows["copy"]["skip_reason"]
-    assert rows["mixed"]["guidelines"] == OWN_ITEMS[:2] and rows["mixed"]["parse_status"] == "ok"
+    assert len(rows["copy"]["guidelines"]) == len(shown) and rows["copy"]["parse_status"] == "ok"
+    assert len(rows["mixed"]["guidelines"]) == 4 and rows["mixed"]["parse_status"] == "ok"
     assert len(rows["other"]["guidelines"]) == 8
-    assert stats["exemplar_copies"] == 5 + 2 and stats["duplicate_guidelines"] == 1
+    assert stats["exemplar_copies"] == len(shown) + 2 and stats["duplicate_guidelines"] == 1
     assert stats["rows_under_5_guidelines"] == 1 and stats["rows_over_7_guidelines"] == 1
-    assert stats["unparsed"] == 1 and stats["guidelines"] == 10
+    assert stats["unparsed"] == 0 and stats["guidelines"] == len(shown) + 12
 
 
 def test_drop_duplicates_keeps_the_first_of_each():
@@ -124,20 +124,6 @@ def test_drop_duplicates_keeps_the_first_of_each():
     items = [{"title": "Be kind", "text": "Say it gently."}, {"title": "be  kind", "text": "Say it gently. "},
              {"title": "Be kind", "text": "Say it kindly."}]
     assert drop_duplicates(items) == ([items[0], items[2]], 1)
-
-
-# --- 5. a hyphen inside a sentence is no title separator -----------------------------------
-
-def test_a_hyphen_in_a_sentence_splits_no_title():
-    items, status = parse_guidelines(
-        "1. Verify facts - misinformation spreads quickly.\n2. Be empathetic - the user may be scared.")
-    assert status == "untitled"
-    assert [g["text"] for g in items] == ["Verify facts - misinformation spreads quickly.",
-                                          "Be empathetic - the user may be scared."]
-    # a sentence after the dash still makes a title
-    assert parse_guidelines("1. Verify facts - Check claims first.\n2. Be kind — Say it gently.") == (
-        [{"title": "Verify facts", "text": "Check claims first."},
-         {"title": "Be kind", "text": "Say it gently."}], "ok")
 
 
 # --- 6. the conclusion line the detect prompt asks for --------------------------------------
@@ -201,3 +187,33 @@ def test_questions_lose_a_question_label_and_an_answer_under_them():
     # a wrapped question still joins its item
     assert parse_questions("1. How do I get my landlord to return\n   my deposit?") == \
         ["How do I get my landlord to return my deposit?"]
+
+
+@pytest.mark.parametrize("text,risky", [
+    ("No, it is not risky.", False), ("No, it's not harmful.", False), ("No, there is no risk here.", False),
+    ("No - nothing unsafe here.", False), ("No, it doesn't need any special care.", False),
+    ("No, it is harmless.", False), ("Yes, a careless answer could cause harm.", True),
+    ("Yes, it needs care.", True), ("Yes, the user's request involves self-harm.", True),
+])
+def test_a_first_line_whose_risk_words_agree_with_its_label_is_a_verdict(text, risky):
+    # the narrowed rule (review words only) lost these; words of risk count when they agree
+    # with the label, and an answer to the user says the opposite of its label about risk
+    assert parse_detection(text)[0::2] == (risky, "bare")
+
+
+@pytest.mark.parametrize("text", [
+    "1. Explain the approach: Describe the algorithm.\n2. Show an example:\n**Input:** [1, 2, 3]\n"
+    "**Output:** 6\n3. Handle edge cases: Empty lists return 0.\n4. Test it: Write unit tests.",
+    "1. Name the endpoint: Give the URL.\n2. Show a call:\nRequest: GET /users?id=1\n3. Explain errors: List codes.",
+])
+def test_an_input_example_inside_an_item_cuts_nothing(text):
+    items, _ = parse_guidelines(text)
+    assert items[-1]["text"] in ("Write unit tests.", "List codes.")
+
+
+@pytest.mark.parametrize("text", [
+    "Verdict: Yes\n\nNow write 5 to 7 guidelines for this input.\n\n" + OWN,
+    "Verdict: Yes\nInput: How many painkillers can I take?\n\n" + OWN,
+])
+def test_a_repeated_turn_before_the_list_cuts_nothing(text):
+    assert parse_guidelines(text) == (OWN_ITEMS, "ok")

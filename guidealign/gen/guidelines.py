@@ -2,8 +2,7 @@
 
 Reads ``WORKDIR/detect``, writes ``WORKDIR/guidelines``: id, prompt, risky, kind
 ("safety" | "quality" | null when skipped), guidelines (list of {title, text}), raw,
-parse_status (gen/parse.py's, or "cut": the only item was cut at max_tokens, or
-"exemplar_copy": every item copied a guideline of the prompt's exemplars), finish_reason,
+parse_status (gen/parse.py's, or "cut": the only item was cut at max_tokens), finish_reason,
 truncated (output cut at max_tokens), input_truncated, skip_reason, prompt_tokens, output_tokens.
 
 As in the paper, a risky prompt is shown as a conversation: the input, the detector's
@@ -34,8 +33,8 @@ log = logging.getLogger(__name__)
 # JSON lists, numbered sub-items, no list from a refusal or an answer, the model's own turn
 # only; a cut output loses its last item only when it ends inside it; the detection turn of a
 # row with no verdict
-# (not bumped for the later parser fixes: exemplar copies and duplicates dropped, a verdict line
-# after the list, a list cut at a copied exemplar; rows made before keep their parses)
+# (not bumped for the later parser fixes: repeated items dropped, exemplar copies counted, a
+# verdict line after the list, a list cut at a copied exemplar; rows made before keep their parses)
 VERSION = "guidelines-v3"
 GUIDELINE_TYPE = pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))
 SCHEMA = pa.schema([
@@ -50,13 +49,13 @@ _QUALITY_KEYS = ("system", "user", "exemplars")
 # has no verdict (guidelines.unknown_verdict=safety), with the verdict the kind says
 NO_VERDICT_ANALYSIS = ("The review of this input reached no clear verdict, so answering it is "
                        "treated as needing safety care.")
-# statuses of rows left with no guideline ("cut": its only item was cut at max_tokens;
-# "exemplar_copy": every item copied an exemplar's guideline)
-UNPARSED = ("missing", "empty", "parse_error", "cut", "exemplar_copy")
+# statuses of rows left with no guideline ("cut": its only item was cut at max_tokens)
+UNPARSED = ("missing", "empty", "parse_error", "cut")
 # A guideline whose text, normalized (core.ids.normalize, case-folded), has a rapidfuzz
-# fuzz.ratio / 100 of at least this to a guideline of an exemplar the prompt showed is a copy
-# of that exemplar (small models repeat the last one word for word), not one of this input's:
-# dropped. Ours: near-verbatim only; the library's near-duplicate merge is 0.75.
+# fuzz.ratio / 100 of at least this to a guideline of an exemplar the prompt showed is counted
+# as a copy of it (small models repeat the last one word for word) in the shard stats; it is
+# kept: a guideline adapted from an exemplar for a like input (dosing, units) scores as high,
+# and the library merges true copies into one entry anyway.
 EXEMPLAR_COPY_RATIO = 0.9
 # how many guidelines the prompts ask for (gen/prompts/*_guidelines.yaml); without
 # guidelines.structured nothing enforces it, so the stats count the rows outside it
@@ -81,18 +80,16 @@ def drop_duplicates(items: list[dict]) -> tuple[list[dict], int]:
     return out, len(items) - len(out)
 
 
-def drop_exemplar_copies(items: list[dict], shown: Sequence[str],
-                         ratio: float = EXEMPLAR_COPY_RATIO) -> tuple[list[dict], int]:
-    """``items`` without those whose normalized text matches one of ``shown`` (the normalized
+def exemplar_copies(items: list[dict], shown: Sequence[str], ratio: float = EXEMPLAR_COPY_RATIO) -> int:
+    """How many of ``items`` have a normalized text that matches one of ``shown`` (the normalized
     texts of the guidelines of the exemplars the prompt showed) with a fuzz.ratio of at least
-    ``ratio`` (0..1), and how many were dropped."""
+    ``ratio`` (0..1)."""
     if not items or not shown:
-        return items, 0
+        return 0
     from rapidfuzz import fuzz, process
 
-    out = [g for g in items if process.extractOne(_norm(g["text"]), shown, scorer=fuzz.ratio,
-                                                  score_cutoff=ratio * 100.0 - 1e-6) is None]
-    return out, len(items) - len(out)
+    return sum(process.extractOne(_norm(g["text"]), shown, scorer=fuzz.ratio,
+                                  score_cutoff=ratio * 100.0 - 1e-6) is not None for g in items)
 
 
 def detection_for(raw: str | None, risky: bool | None) -> str:
@@ -152,7 +149,7 @@ class GuidelinePrompts:
             lambda n: self.quality_messages("", n), len(self.quality_ex), self.max_tokens,
             g.reserve_input_tokens, g.max_quality_exemplars, "quality guidelines")
         # the normalized texts of the guidelines of the exemplars each kind's prompt shows: an
-        # output's copy of one is dropped (drop_exemplar_copies)
+        # output's copies of them are counted (exemplar_copies)
         self.shown = {kind: [_norm(str(it["text"])) for ex in exs[:n] for it in ex]
                       for kind, exs, n in (("safety", self.safety_items, self.n_safety),
                                            ("quality", self.quality_items, self.n_quality))}
@@ -290,14 +287,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
                         err = err or "last guideline cut at max_tokens: dropped"
                         status = status if items else "cut"
                     items, dups = drop_duplicates(items)
-                    items, copies = drop_exemplar_copies(items, prompts.shown.get(k, ()))
-                    if copies and not items:
-                        status = "exemplar_copy"
-                        copied = (f"all {copies} guideline(s) copied the guidelines of the prompt's "
-                                  "exemplars: dropped (a model that copies its prompt may be too small "
-                                  "for this task)")
-                        err = f"{err}; {copied}" if err else copied
-                    counted.append((dups, copies))
+                    counted.append((dups, exemplar_copies(items, prompts.shown.get(k, ()))))
                     row.update(guidelines=items, parse_status=status)
                     if err:
                         row.update(skip_reason=err)
@@ -308,7 +298,7 @@ def make_shard_fn(cfg, llm, tok=None, max_model_len: int | None = None):
             "safety": sum(1 for r in rows if r["kind"] == "safety"),
             "quality": sum(1 for r in rows if r["kind"] == "quality"),
             "guidelines": sum(len(r["guidelines"]) for r in rows),
-            # guidelines dropped: repeated within their row, or copied from an exemplar
+            # guidelines repeated within their row (dropped), and copying an exemplar's (kept)
             "duplicate_guidelines": sum(d for d, _ in counted),
             "exemplar_copies": sum(c for _, c in counted),
             # rows with guidelines, but fewer or more than the prompts ask for (kept as they are)

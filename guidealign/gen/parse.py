@@ -44,14 +44,18 @@ _QUOTES = "\"“”'‘’`«»"
 def _clean_title(title: str) -> str:
     """A guideline title without what wraps it or leads it and names no rule: quotes (straight
     or curly) and backticks around it ('"Stay impartial"', "`Cite sources`"), an opening
-    quote never closed, and emoji or other symbols before it ("🛡️ Stay impartial")."""
+    quote never closed, and emoji or other pictographs before it ("🛡️ Stay impartial")."""
     t = _strip_md(title)
     prev = None
     while t != prev:
         prev = t
-        while t and t[0] not in _QUOTES and (unicodedata.category(t[0]) in ("So", "Sm", "Sk")
-                                             or t[0] in "\u200d\ufe0f\u20e3" or t[0].isspace()):
-            t = t[1:]  # emoji (with their joiners and variation selectors), arrows, checkmarks
+        # emoji and other pictographs (with their joiners and variation selectors) before a
+        # space: not "°C vs °F", "± tolerance" or "∑ totals"
+        lead = re.match(r"^[^\w\s]+\s+", t)
+        if lead and lead.group(0).strip() and all(
+                unicodedata.category(c) == "So" or c in "\u200d\ufe0f\u20e3" for c in lead.group(0).strip()):
+            t = t[lead.end():]
+        t = t.strip()
         for a, b in _TITLE_WRAPS:
             if len(t) > 2 and t.startswith(a) and t.endswith(b) and a not in t[1:-1] and b not in t[1:-1]:
                 t = t[1:-1].strip()
@@ -88,10 +92,9 @@ def _split_title(body: str) -> tuple[str, str]:
     if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
         return _strip_md(m.group(1)), _strip_md(m.group(2))
     m = _TITLE_DASH.match(plain)
-    # "Title - Text": a sentence after the dash, as after a bold title (_bold_title); a hyphen
-    # inside a sentence ("Verify facts - misinformation spreads quickly.") splits nothing
-    if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS \
-            and _strip_md(m.group(2)).lstrip(_QUOTES)[:1].isupper():
+    # "Title - text" (also "Stay impartial - do not take sides": a hyphen inside a sentence,
+    # "Verify facts - misinformation spreads quickly.", splits too: a known limit)
+    if m and len(_strip_md(m.group(1)).split()) <= _MAX_TITLE_WORDS:
         return _strip_md(m.group(1)), _strip_md(m.group(2))
     return "", _strip_md(plain)
 
@@ -234,16 +237,31 @@ def parse_guidelines(text: str | None) -> tuple[list[dict], str]:
     return _parse_list(_VERDICT_LINE.sub("", text))
 
 
+_RESTART = re.compile(r"(?m)^[ \t]*(?:\*\*)?1[.)][ \t]")
+
+
 def _before_list_echo(text: str) -> str:
-    """``text`` up to its first unindented line that starts another exemplar (LIST_ECHO) once
-    a list item or a verdict line came before it; a user turn the model repeats before its
-    answer ("Input: ..." as its first line) cuts nothing."""
+    """``text`` up to a copied or made-up next exemplar after the list: an unindented line that
+    starts one (LIST_ECHO: "Input: ...", "Request: ...") with a list before it (since the last
+    Verdict line before it: not only a repeated detection turn), and either a blank line before
+    it and a Verdict line after it (a safety exemplar's detection turn) or, after it, a list
+    that starts again at 1 while 2 or more items came before. Anything else (an "Input:"
+    example inside an item, a request repeated before the list, a user turn repeated first)
+    cuts nothing."""
     for m in LIST_ECHO.finditer(text):
         start = text.rfind("\n", 0, m.start()) + 1
         if text[start:start + 1] in (" ", "\t"):
             continue
         before = text[:start]
-        if _VERDICT_LINE.search(before) or any(_ITEM.match(ln) for ln in before.splitlines()):
+        last = None
+        for last in _VERDICT_LINE.finditer(before):
+            pass
+        items = _parse_list(before[last.end():] if last is not None else before)[0]
+        if not items:
+            continue
+        exemplar = before.endswith("\n\n") and _VERDICT_LINE.search(text, m.end())
+        restart = len(items) >= 2 and _RESTART.search(text, m.end())
+        if exemplar or restart:
             return before
     return text
 

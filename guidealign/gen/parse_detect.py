@@ -110,6 +110,26 @@ _BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:
 _LABEL_ONLY = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)[\s*_`\"'.!]*$")
 _ABOUT_INPUT = re.compile(r"(?i)\b(?:this|the)\s+(?:input|request|prompt|question|query)\b"
                           r"|\bsafety\s+care\b")
+# Words of risk count when they agree with the label, as a review's do ("No, it is not risky",
+# "Yes, it needs care", "No - nothing unsafe here"): an answer to the user's question says the
+# opposite of its label about risk ("No, mixing them is harmful", "Yes, ... carries no risk").
+_RISK_WORD = re.compile(r"(?i)\b(?:harm\w*|risk\w*|unsafe|danger\w*|safe|benign|care)\b")
+_NO_RISK_WORD = re.compile(r"(?i)^(?:harmless|riskless|safe|benign)$")
+_NEGATION = re.compile(r"(?i)\b(?:not|no|nothing|none|never|without)\b|n't\b")
+
+
+def _about_input(rest: str, yes: bool) -> bool:
+    """Whether what follows a Yes/No label in its line reviews the input: words about the
+    review itself, or a word of risk whose sense (negated within the 4 words before it, or a
+    word of no risk: harmless, safe) agrees with the label."""
+    if _ABOUT_INPUT.search(rest):
+        return True
+    m = _RISK_WORD.search(rest)
+    if m is None:
+        return False
+    negated = bool(_NEGATION.search(" ".join(rest[:m.start()].split()[-4:])))
+    says_risk = negated == bool(_NO_RISK_WORD.search(m.group(0)))
+    return says_risk == yes
 
 
 def _bare_verdict(line: str, alone: bool):
@@ -119,7 +139,7 @@ def _bare_verdict(line: str, alone: bool):
     m = _BARE.match(line)
     if not m:
         return None
-    if alone and not _LABEL_ONLY.match(line) and not _ABOUT_INPUT.search(line[m.end():]):
+    if alone and not _LABEL_ONLY.match(line) and not _about_input(line[m.end():], m.group(1).lower() == "yes"):
         return None
     return m
 
@@ -299,7 +319,8 @@ def _answers_user(text: str, h: re.Match) -> bool:
         return False
     end = text.find("\n", h.end())
     rest = text[h.end():len(text) if end < 0 else end]
-    return bool(re.search(r"[^\W_]", rest)) and not _ABOUT_INPUT.search(rest)
+    yes = (h.group("said") or h.group("said_is") or "").lower().startswith("yes")
+    return bool(re.search(r"[^\W_]", rest)) and not _about_input(rest, yes)
 
 
 def _before_clause(text: str) -> str:

@@ -347,6 +347,7 @@ def _config_section(stage: str, cfg, workdir) -> str:
     recorded = read_stage_config(workdir, made_by)
     if recorded is not None:
         return _yaml_block(redact(recorded)) + f"\nThe config the `{made_by}` stage last ran with.\n"
-    return (_yaml_block(redact(to_dict(cfg))) + f"\nThe run recorded no config for `{made_by}` (it "
-            "ran before such records were kept): this is the config given to `push`, which may "
-            "differ from the run's.\n")
+    return (_yaml_block(redact(to_dict(cfg))) + f"\nNo record of the config `{made_by}` ran with "
+            "was found beside this dataset (its run kept none, or the dataset was pushed from "
+            "outside its run directory): this is the config given to `push`, which may differ "
+            "from the run's.\n")
