@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from guidealign.gen.parse import parse_detection, parse_guidelines, parse_questions
+from guidealign.gen.parse import parse_detection, parse_guidelines
+from guidealign.gen.questions import parse_questions
 
 
 @pytest.mark.parametrize("text,risky,status", [

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from guidealign.gen.parse import parse_detection, parse_guidelines, parse_questions
+from guidealign.gen.parse import parse_detection, parse_guidelines
+from guidealign.gen.questions import parse_questions
 from standins import FakeLLM, small_gen_cfg
 
 OWN = "1. Stay impartial: Do not take sides.\n2. Ground claims: Cite evidence.\n" \

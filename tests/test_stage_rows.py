@@ -41,7 +41,7 @@ def test_check_question_strips_leftover_numbering(raw, want):
 
 def test_check_question_rejects_numbering_alone():
     from guidealign.gen.augment import check_question
-    from guidealign.gen.parse import parse_questions
+    from guidealign.gen.questions import parse_questions
 
     for text in ["1. 2. 3. 4. 5.", "1) 2) 3) 4) 5) 6)", "- 1. 2. 3. 4."]:
         for raw in parse_questions(text):

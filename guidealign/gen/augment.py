@@ -32,7 +32,8 @@ from rapidfuzz.distance import Indel
 
 from guidealign.gen.build import (Message, PromptBuilder, TemplateError, chat_template_hash, engine_max_len,
                        fill, generate_built, load_prompt_file)
-from guidealign.gen.parse import ends_in_last, parse_questions, unwrap_question
+from guidealign.gen.parse import ends_in_last
+from guidealign.gen.questions import parse_questions, unwrap_question
 
 log = logging.getLogger(__name__)
 
