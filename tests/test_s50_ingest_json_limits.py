@@ -86,10 +86,12 @@ def test_nesting_that_goes_on_across_short_lines_is_quarantined_not_a_crash(tmp_
 def test_lines_are_objects():
     import numpy as np
 
-    from guidealign.ingest.jsonl import lines_are_objects
+    from guidealign.ingest.jsonl import scan_lines
 
     def ok(b):
-        return lines_are_objects(np.frombuffer(b, np.uint8))
+        got = {scan_lines(np.frombuffer(b, np.uint8), step).objects for step in (1, 2, 3, 5, 1 << 16)}
+        assert len(got) == 1, b  # the same in any step size
+        return got.pop()
 
     assert ok(b'{"a":1}\n{"b":[1]}\n') and ok(b'{"a":1}\r\n{"b":2}\r\n') and ok(b'{"a":1}') and ok(b"")
     for bad in (b'{"a":1}\n[\n]\n', b'{"a":[\n1]}\n', b'{"a":1}\n\n{"b":2}\n', b'{"a":1}\r\n{"b":[1]\r\n',

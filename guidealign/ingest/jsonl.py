@@ -8,14 +8,15 @@ reader, so its quarantine reasons are the reference ones.
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
-from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch, scan
+from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch
 from guidealign.ingest.jsonrows import parse_jsonl_line
 from guidealign.ingest.metadata import MAX_DEPTH
 
@@ -30,7 +31,7 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
         for block, final, _ in cut_blocks(stream, block_bytes):
             p = _parse_block(block, line0, final)
             yield block, line0, final, p
-            line0 += p[4] if p is not None else block.count(b"\n")
+            line0 += p.n_nl if p is not None else block.count(b"\n")
 
     for block, line0, final, p in prefetch(parsed()):
         yield _finish_block(block, line0, final, p, src, spec, encoding)
@@ -80,9 +81,18 @@ def _is_temporal(t: pa.DataType) -> bool:
 _FIRST_IS_OBJECT = re.compile(rb"[ \t\r\n]*\{")
 
 
-def _parse_block(block: bytes, line0: int, final: bool):
-    """The part of a block's work that runs beside the caller: None when it must go row by row,
-    else (table, line numbers, all strings ASCII, no whitespace runs, line ends)."""
+class _Parsed(NamedTuple):
+    """What a block's parse (beside the caller) hands on."""
+    table: pa.Table
+    linenos: np.ndarray   # the line number of each row
+    all_ascii: bool       # every string is ASCII
+    no_ws_runs: bool      # no whitespace but single spaces inside a string
+    n_nl: int             # line ends in the block
+    ends: np.ndarray      # their positions
+
+
+def _parse_block(block: bytes, line0: int, final: bool) -> _Parsed | None:
+    """The part of a block's work that runs beside the caller: None when it must go row by row."""
     if block.startswith(BOM):  # pyarrow.json skips a BOM at the start of what it parses; Python's
         return None            # json does not (a line of files concatenated): the row reader says so
     if not _FIRST_IS_OBJECT.match(block):  # pyarrow 26's read_json dies (SIGSEGV) on a block whose
@@ -97,9 +107,11 @@ def _parse_block(block: bytes, line0: int, final: bool):
             return None
     if has_deep_line(block):  # pyarrow.json would crawl through it, or die (SIGSEGV) past ~10k levels
         return None
+    arr = np.frombuffer(block, np.uint8)
+    lines = scan_lines(arr)
     # pyarrow.json reads a line end inside a value as blank space: short lines that do not close
     # their values nest on from line to line (a pretty-printed document named .jsonl)
-    if not lines_are_objects(np.frombuffer(block, np.uint8)) and line_depth(block) > MAX_DEPTH:
+    if not lines.objects and line_depth(block) > MAX_DEPTH:
         return None
     try:
         table = _read_json_block(block)
@@ -107,10 +119,7 @@ def _parse_block(block: bytes, line0: int, final: bool):
         return None
     if table is None:
         return None
-    arr = np.frombuffer(block, np.uint8)
-    sc = scan(arr)
-    n_nl, double_space = sc.n_nl, sc.double_space
-    linenos = _nonblank_linenos(block, arr, n_nl, sc.maybe_blank, line0)
+    linenos = _nonblank_linenos(block, lines, line0)
     if table.num_rows != len(linenos):  # e.g. two objects on one line: let the row reader say so
         return None
     # A raw control byte inside a JSON string is an error for pyarrow.json (as for Python's
@@ -118,8 +127,67 @@ def _parse_block(block: bytes, line0: int, final: bool):
     # hold is spaces, and only two in a row (looked for anywhere: a safe superset) need the
     # collapsing pass. One chunk per column (the caller's checks need whole columns): the block
     # is parsed as one (``_read_json_block``), so ``combine_chunks`` copies nothing.
-    return (table.combine_chunks(), linenos, all_ascii, all_ascii and not has_escape and not double_space,
-            n_nl)
+    return _Parsed(table.combine_chunks(), linenos, all_ascii,
+                   all_ascii and not has_escape and not lines.double_space, lines.ends.size, lines.ends)
+
+
+@dataclass
+class BlockLines:
+    """What one pass over a JSONL block tells (``scan_lines``)."""
+    ends: np.ndarray    # positions of its line ends
+    double_space: bool  # two spaces in a row somewhere
+    maybe_blank: bool   # some line starts with a byte <= 32 (so may be blank)
+    objects: bool       # every line is "{...}" with nothing around it (a CR before its end allowed)
+
+
+def scan_lines(arr: np.ndarray, step: int = 1 << 16) -> BlockLines:
+    """One pass over a block's bytes in cache-sized steps (temporaries of the whole block cost
+    more in page faults than the work): the line ends and two spaces in a row; the rest from
+    the bytes at the line ends (one gather each).
+
+    ``objects``: when every line starts with "{" and ends with "}", no value goes on from one
+    line into the next (after a closing "}" JSON allows only "," "]" "}" or the end, and the
+    next line starts with "{"), so nesting starts again at each line and ``has_deep_line``'s
+    per-line count is all there is to check. Otherwise (blank lines, indented or pretty-printed
+    JSON) ``line_depth`` counts across lines."""
+    n = arr.size
+    parts, double = [], False
+    for i in range(0, n, step):
+        a = arr[i:i + step + 1]  # one byte of overlap for the pairs
+        pos = np.flatnonzero(a[:step] == 10)
+        if pos.size:
+            parts.append(pos + i if i else pos)
+        if not double:
+            sp = a == 32
+            double = bool(np.logical_and(sp[1:], sp[:-1]).any())
+    ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    # the line ends a line follows (not the block's last byte: the block ends at a line end or at
+    # the file's end)
+    inner = ends[:-1] if ends.size and ends[-1] == n - 1 else ends
+    after = arr[inner + 1]
+    maybe_blank = bool(n) and bool(arr[0] <= 32) or bool((after <= 32).any())
+    return BlockLines(ends, double, maybe_blank, _lines_are_objects(arr, inner, after))
+
+
+def _lines_are_objects(arr: np.ndarray, inner: np.ndarray, after: np.ndarray) -> bool:
+    n = arr.size
+    if n == 0:
+        return True
+    if arr[0] != 0x7B:
+        return False
+    last = n - 1 if arr[-1] == 10 else n
+    if last < 1 or arr[last - 1] != 0x7D and not (arr[last - 1] == 13 and last >= 2 and arr[last - 2] == 0x7D):
+        return False
+    if not inner.size:
+        return True
+    if not (after == 0x7B).all():
+        return False
+    before = arr[inner - 1]  # inner >= 1: arr[0] is "{"
+    if (before == 0x7D).all():
+        return True
+    cr = np.flatnonzero(before != 0x7D)
+    g = inner[cr]
+    return bool((before[cr] == 13).all() and (g >= 2).all() and (arr[g - 2] == 0x7D).all())
 
 
 # a line shorter than this is not looked at by ``has_deep_line``: it holds at most LONG_LINE / 2
@@ -161,35 +229,6 @@ def has_deep_line(block: bytes, limit: int = MAX_DEPTH, long_line: int = LONG_LI
     return False
 
 
-def lines_are_objects(arr: np.ndarray, step: int = 1 << 16) -> bool:
-    """Whether every line of the block starts with "{" and ends with "}" (before a CR), with no
-    blank space around: then no value goes on from one line into the next (after a closing "}"
-    JSON allows only "," "]" "}" or the end, and the next line starts with "{"), so nesting
-    starts again at each line and ``has_deep_line``'s per-line count is all there is to check.
-    Otherwise (blank lines, indented or pretty-printed JSON) ``line_depth`` counts across lines."""
-    n = arr.size
-    if n == 0:
-        return True
-    if arr[0] != 0x7B:
-        return False
-    last = n - 1 if arr[-1] == 10 else n  # a block ends at a line end, or at the file's end
-    if last < 1 or arr[last - 1] != 0x7D and not (arr[last - 1] == 13 and last >= 2 and arr[last - 2] == 0x7D):
-        return False
-    for i in range(0, last, step):  # in cache-sized steps, as ``blocks.scan``
-        pos = np.flatnonzero(arr[i:min(i + step, last)] == 10)
-        if not pos.size:
-            continue
-        g = pos + i  # 1 <= g < last - 1: arr[0] is "{" and the block's last line end is left out
-        if not (arr[g + 1] == 0x7B).all():
-            return False
-        before = arr[g - 1]
-        if not (before == 0x7D).all():
-            cr = np.flatnonzero(before != 0x7D)
-            if not ((before[cr] == 13).all() and (g[cr] >= 2).all() and (arr[g[cr] - 2] == 0x7D).all()):
-                return False
-    return True
-
-
 def _count(arr: np.ndarray, start: int, end: int, which: int, step: int = 1 << 24) -> int:
     """Opening (``which`` 0x7B) or closing (0x7D) brackets in ``arr[start:end]``: with the 0x20
     bit set "[" reads as "{" and "]" as "}" (numpy: ~6x as fast as two ``bytes.count``)."""
@@ -227,13 +266,13 @@ class _RowReaderRejects(Exception):
 def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
     if parsed is None:
         return rows_batch(src, _rows_of_lines(block, line0, final, encoding), spec)
-    table, linenos, all_ascii, no_ws_runs, _ = parsed
+    table, linenos, all_ascii, no_ws_runs, _, ends = parsed
     nl = None
 
     def fallback(i: int):
         nonlocal nl
-        if nl is None:
-            nl = np.concatenate([[-1], np.flatnonzero(np.frombuffer(block, np.uint8) == 10), [len(block)]])
+        if nl is None:  # line k runs from nl[k] + 1 to nl[k + 1]
+            nl = np.concatenate([[-1], ends, [len(block)]])
         k = int(linenos[i] - line0)
         raw = block[nl[k] + 1:nl[k + 1]]
         row = parse_jsonl_line(int(linenos[i]), raw, False, encoding)
@@ -247,17 +286,18 @@ def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
         return rows_batch(src, _rows_of_lines(block, line0, final, encoding), spec)
 
 
-def _nonblank_linenos(block: bytes, arr: np.ndarray, n_nl: int, maybe_blank: bool, line0: int) -> np.ndarray:
+def _nonblank_linenos(block: bytes, lines: BlockLines, line0: int) -> np.ndarray:
     """Line numbers of the lines of ``block`` that are not blank (pyarrow.json skips those)."""
-    n_lines = n_nl + (1 if len(block) and block[-1:] != b"\n" else 0)
-    lines = np.arange(line0, line0 + n_lines, dtype=np.int64)
-    if not maybe_blank:  # no line starts with a byte <= 32: none is blank
-        return lines
-    nl = np.flatnonzero(arr == 10)
-    starts = np.concatenate([[0], nl + 1])
+    ends = lines.ends
+    n_lines = ends.size + (1 if len(block) and block[-1:] != b"\n" else 0)
+    numbers = np.arange(line0, line0 + n_lines, dtype=np.int64)
+    if not lines.maybe_blank:  # no line starts with a byte <= 32: none is blank
+        return numbers
+    starts = np.concatenate([[0], ends + 1])
     if starts[-1] >= len(block):
         starts = starts[:-1]
+    arr = np.frombuffer(block, np.uint8)
     maybe = np.flatnonzero(arr[starts] <= 32)
-    ends = np.concatenate([nl, [len(block)]])
-    blank = [k for k in maybe.tolist() if not block[starts[k]:ends[k]].strip()]
-    return np.delete(lines, blank)
+    stops = np.concatenate([ends, [len(block)]])
+    blank = [k for k in maybe.tolist() if not block[starts[k]:stops[k]].strip()]
+    return np.delete(numbers, blank)

@@ -31,7 +31,6 @@ from typing import get_args
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
 from guidealign.ingest.encodings import EncodingError, inner_suffix, open_utf8, read_error
@@ -409,13 +408,18 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     seen = HashSet(memory_hashes=hashes_in_mib(cfg.dedup_memory_mib), spill_dir=Path(workdir))
     out = _Shards(dst, run_fp, cfg, rep)
     spec = _spec(cfg, _hash_kernel(cfg, files))
-    bar = tqdm(unit="rows", desc="ingest", disable=not progress, mininterval=1.0)
+    bar = None
+    if progress:  # (tqdm: ~15 ms of import, which a run without a bar skips)
+        from tqdm import tqdm
+
+        bar = tqdm(unit="rows", desc="ingest", mininterval=1.0)
     try:
         for path, fmt in zip(files, formats):
             try:
                 for b in _batches(path, fmt, cfg, rep, spec):
                     out.add(b, seen)
-                    bar.update(b.n_in)
+                    if bar is not None:
+                        bar.update(b.n_in)
             except EncodingError as e:
                 raise IngestError(f"{path}: {e}") from e
         out.finish()
@@ -423,7 +427,8 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
         rep.dedup_memory_mib, rep.dedup_disk_mib = seen.memory_bytes() / 2**20, seen.disk_bytes() / 2**20
         out.close()
         seen.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
     if rep.rows == 0:  # the stages after it refuse an empty set before they start an engine
         log.warning("ingest kept no prompt: %d row(s) read, %d quarantined (%s; each row's reason in %s), "
                     "%d duplicate(s)", rep.rows_in, rep.quarantined,

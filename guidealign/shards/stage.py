@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from guidealign.shards import claims
 from guidealign.shards.failure import raise_if_conflict
@@ -140,6 +139,8 @@ def map_shards(
                             progress, policy, report)
     todo = my_shards(n, rank, world_size)
     report.mine = len(todo)
+    from tqdm import tqdm  # here, not at the top: ~15 ms of import that ingest (no stage loop) skips
+
     bar = tqdm(todo, desc=stage, unit="shard", disable=not progress)
     for i in bar:
         fp = shard_fingerprint(config_fp, src, i)
@@ -194,6 +195,8 @@ def _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, colu
     order = [(start + k) % n for k in range(n)]
     fps = {}
     first_pass = True
+    from tqdm import tqdm
+
     bar = tqdm(total=n, desc=f"{stage} (dynamic)", unit="shard", disable=not progress)
     pending = list(order)
     while pending:
