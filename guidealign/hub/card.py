@@ -132,12 +132,17 @@ def _secret_text(s: str) -> bool:
     return re.search(_HUB_TOKEN, s) is not None
 
 
-def _redact_text(s: str) -> str:
-    """A string as a card may show it: Hub tokens in it redacted, a local path by its base name."""
+def _without_token(s: str) -> str:
+    """A string with any Hub token in it redacted."""
     import re
 
+    return re.sub(_HUB_TOKEN, REDACTED, s) if _secret_text(s) else s
+
+
+def _redact_text(s: str) -> str:
+    """A string as a card may show it: Hub tokens in it redacted, a local path by its base name."""
     if _secret_text(s):
-        return re.sub(_HUB_TOKEN, REDACTED, s)
+        return _without_token(s)
     if _local_path(s):
         return Path(s.rstrip("/")).name or "(local path)"
     return s
@@ -164,33 +169,32 @@ def without_secrets(obj):
     """``obj`` (a config as a dict) with only its secrets out: the value of a key that names one
     (``_secret_key``) and text shaped like a Hub token become "(redacted)"; paths stay (the run's
     own record of its config, ``shards.config_record``; ``redact`` shortens them for a card)."""
-    if isinstance(obj, dict):
-        return {k: REDACTED if _secret_key(k) else without_secrets(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [without_secrets(v) for v in obj]
-    if isinstance(obj, str) and _secret_text(obj):
-        import re
-
-        return re.sub(_HUB_TOKEN, REDACTED, obj)
-    return obj
+    return _scrub(obj, for_card=False)
 
 
 def redact(obj):
-    """``obj`` (a config dict, model names, a card's fields) as a card may publish it: Hub ids
-    and ``embedded:`` names stay, a local path becomes its base name (no home directories,
-    user names or cluster layout), the ``executor`` section (Ray address) is left out, and the
-    value of a key that names a secret (``_secret_key``: hub_token, api_key, password, ...), at
-    any depth, and any text shaped like a Hub token become "(redacted)". Keys follow the same
-    rules as values (``_redact_keys``), so a dataset SFT read outside the run, which its
-    ``_done.json`` keys by its path, is named by its base name."""
+    """``obj`` (a config dict, model names, a card's fields) as a card may publish it: secrets out
+    as ``without_secrets`` takes them out; besides, Hub ids and ``embedded:`` names stay, a local
+    path becomes its base name (no home directories, user names or cluster layout) and the
+    ``executor`` section (Ray address) is left out. Keys follow the same rules as values
+    (``_redact_keys``), so a dataset SFT read outside the run, which its ``_done.json`` keys by
+    its path, is named by its base name."""
+    return _scrub(obj, for_card=True)
+
+
+def _scrub(obj, for_card: bool):
+    """The one walk of ``without_secrets`` and ``redact``: at any depth, the value of a key that
+    names a secret becomes "(redacted)", and so does text shaped like a Hub token; ``for_card``
+    adds what a published card leaves out (``redact``)."""
     if isinstance(obj, dict):
-        items = [(k, REDACTED if _secret_key(k) else redact(v)) for k, v in obj.items()
-                 if k != "executor"]
-        return dict(zip(_redact_keys([k for k, _ in items]), (v for _, v in items)))
+        items = [(k, REDACTED if _secret_key(k) else _scrub(v, for_card)) for k, v in obj.items()
+                 if not (for_card and k == "executor")]
+        keys = [k for k, _ in items]
+        return dict(zip(_redact_keys(keys) if for_card else keys, (v for _, v in items)))
     if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
+        return [_scrub(v, for_card) for v in obj]
     if isinstance(obj, str):
-        return _redact_text(obj)
+        return _redact_text(obj) if for_card else _without_token(obj)
     return obj
 
 
