@@ -184,8 +184,9 @@ def redact(obj):
 
 def _scrub(obj, for_card: bool):
     """The one walk of ``without_secrets`` and ``redact``: at any depth, the value of a key that
-    names a secret becomes "(redacted)", and so does text shaped like a Hub token; ``for_card``
-    adds what a published card leaves out (``redact``)."""
+    names a secret becomes "(redacted)", and so does a Hub token in any string value; ``for_card``
+    adds what a published card leaves out (``redact``; it rewrites keys too, a token in one
+    included)."""
     if isinstance(obj, dict):
         items = [(k, REDACTED if _secret_key(k) else _scrub(v, for_card)) for k, v in obj.items()
                  if not (for_card and k == "executor")]
