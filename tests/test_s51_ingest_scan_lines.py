@@ -55,3 +55,24 @@ def test_scan_lines_objects_examples():
     for bad in (b'{"a":[\n1]}\n', b'{"a":1}\n\n{"b":2}\n', b'{"a":1}\n {"b":2}\n', b'{"a":1}\r\r\n{"b":2}\n',
                 b'{"a":1}\n{"b":[{"c":1}\n]}\n', b"{\n}\n", b"}\n{"):
         assert not objects(bad), bad
+
+
+def test_block_scan_positions_are_the_line_ends():
+    """``blocks.scan(positions=True)`` (CSV's scan: the line ends for the records' line numbers
+    and the row reader's fallback) gives every line end's position, in any step size, and the
+    same counts as without positions."""
+    from guidealign.ingest.blocks import scan
+
+    rng = random.Random(1)
+    for _ in range(500):
+        b = bytes(rng.choice(b'ab \r\n\t"') for _ in range(rng.randint(0, 200)))
+        arr = np.frombuffer(b, np.uint8)
+        for step in (1, 2, 3, 7, 64, 1 << 16):
+            with_pos = scan(arr, step, count_ctrl=True, count_cr=True, positions=True)
+            plain = scan(arr, step, count_ctrl=True, count_cr=True)
+            assert with_pos.nl.tolist() == [i for i, c in enumerate(b) if c == 10], (b, step)
+            assert plain.nl is None
+            assert [getattr(with_pos, k) for k in ("n_nl", "maybe_blank", "double_space", "n_ctrl", "n_cr",
+                                                   "n_crlf", "long_line")] == \
+                [getattr(plain, k) for k in ("n_nl", "maybe_blank", "double_space", "n_ctrl", "n_cr",
+                                             "n_crlf", "long_line")], (b, step)

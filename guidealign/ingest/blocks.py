@@ -91,21 +91,29 @@ def prefetch(items: Iterator, depth: int = 2, name: str = "ingest-parse") -> Ite
 class Scan:
     """What one pass over a block's bytes tells: line ends, whether some line may be blank (one
     starts with a byte <= 32), two spaces in a row somewhere, control bytes, CRs and CRLFs, and
-    whether some ``step`` bytes in a row hold no line end (a line may be longer than ``step``)."""
-    __slots__ = ("n_nl", "maybe_blank", "double_space", "n_ctrl", "n_cr", "n_crlf", "long_line")
+    whether some ``step`` bytes in a row hold no line end (a line may be longer than ``step``),
+    and (``positions``) where the line ends are."""
+    __slots__ = ("n_nl", "maybe_blank", "double_space", "n_ctrl", "n_cr", "n_crlf", "long_line", "nl")
 
 
-def scan(arr: np.ndarray, step: int = 1 << 16, count_ctrl: bool = False, count_cr: bool = False) -> Scan:
+def scan(arr: np.ndarray, step: int = 1 << 16, count_ctrl: bool = False, count_cr: bool = False,
+         positions: bool = False) -> Scan:
     """One pass in cache-sized steps (temporaries of the whole block cost more in page faults
     than the work); ``n_ctrl`` is counted only with ``count_ctrl``, ``n_cr`` and ``n_crlf``
-    only with ``count_cr``."""
+    only with ``count_cr``, the line ends' positions (``nl``) found only with ``positions``."""
     out = Scan()
     n_nl = n_ctrl = n_cr = n_crlf = 0
     blank, double, long_line = bool(arr.size) and bool(arr[0] <= 32), False, False
+    parts = []
     for i in range(0, arr.size, step):
         a = arr[i:i + step + 1]  # one byte of overlap for the pairs
         nl = a == 10
-        k = int(np.count_nonzero(nl[:step]))
+        if positions:
+            pos = np.flatnonzero(nl[:step])
+            parts.append(pos + i if i else pos)
+            k = pos.size
+        else:
+            k = int(np.count_nonzero(nl[:step]))
         n_nl += k
         long_line |= k == 0 and a.size > step
         low = a <= 32
@@ -122,4 +130,5 @@ def scan(arr: np.ndarray, step: int = 1 << 16, count_ctrl: bool = False, count_c
             double = bool(np.logical_and(sp[1:], sp[:-1]).any())
     out.n_nl, out.maybe_blank, out.double_space, out.long_line = n_nl, blank, double, long_line
     out.n_ctrl, out.n_cr, out.n_crlf = n_ctrl, n_cr, n_crlf
+    out.nl = (np.concatenate(parts) if parts else np.zeros(0, np.int64)) if positions else None
     return out

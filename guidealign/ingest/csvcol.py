@@ -191,19 +191,19 @@ class _Info:
 
 
 def _structure(block: bytes, delim: str) -> _Info | None:
-    """Line and record ends of a block; None when its quotes are not the plain kind. Line-end
-    positions are found only when needed (quotes, maybe blank or very long lines)."""
+    """Line and record ends of a block; None when its quotes are not the plain kind. The line
+    ends' positions come with the scan (the records' line numbers need them when a line may be
+    blank, the row reader's fallback for a bad row whenever there is one)."""
     arr = np.frombuffer(block, np.uint8)
     info = _Info()
-    info.scan = sc = scan(arr, SCAN_STEP, count_ctrl=True, count_cr=b"\r" in block)
+    info.scan = sc = scan(arr, SCAN_STEP, count_ctrl=True, count_cr=b"\r" in block, positions=True)
     info.crlf = sc.n_crlf
     info.lone_cr = sc.n_cr - sc.n_crlf
     info.lines = sc.n_nl + info.lone_cr
-    info.nl = info.term = None
+    info.nl, info.term = sc.nl, None
     info.quoted_nl = False
     limit = csv.field_size_limit()
     if b'"' in block:
-        info.nl = np.flatnonzero(arr == NL)
         q = np.flatnonzero(arr == QUOTE)
         if q.size % 2 or not _quotes_ok(arr, q, ord(delim)):
             return None
@@ -211,7 +211,7 @@ def _structure(block: bytes, delim: str) -> _Info | None:
         info.term = info.nl[even]
         info.quoted_nl = not even.all()
     elif len(block) > limit and (sc.long_line or 2 * SCAN_STEP > limit):
-        info.nl = info.term = np.flatnonzero(arr == NL)
+        info.term = info.nl
     # a field over Python's csv limit is an error that drops the rest of its line, so after one
     # in a quoted multi-line field the row reader would find other record ends: rows from here
     # (every SCAN_STEP bytes holding a line end, no line is longer than 2 * SCAN_STEP)
@@ -244,8 +244,8 @@ def _quotes_ok(arr: np.ndarray, q: np.ndarray, delim: int) -> bool:
 
 
 def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int):
-    """(table, line numbers, all ASCII, no whitespace runs) of the block through pyarrow.csv,
-    or None when the row reader must read it."""
+    """(table, line numbers, all ASCII, no whitespace runs, record ends) of the block through
+    pyarrow.csv, or None when the row reader must read it."""
     if info.lone_cr or b"\0" in block or block.startswith(BOM):
         return None  # BOM: pyarrow.csv drops one at the start of what it parses, Python's csv keeps it
     all_ascii = block.isascii()
@@ -262,8 +262,8 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     if info.term is None and not sc.maybe_blank:  # every line is one record
         linenos = np.arange(offset + 1, offset + 1 + sc.n_nl + tail, dtype=np.int64)
     else:
-        if info.nl is None:
-            info.nl = info.term = np.flatnonzero(arr == NL)
+        if info.term is None:
+            info.term = info.nl
         starts, _ = _records(arr, info.term)
         linenos = (np.searchsorted(info.nl, starts) + 1 + offset).astype(np.int64)
     col_names = [f"c{i}" for i in range(len(names))]
@@ -291,16 +291,17 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     no_ws_runs = (all_ascii and not info.quoted_nl and sc.n_ctrl == sc.n_nl + info.crlf
                   and not sc.double_space)
     # one chunk per column: the block is parsed as one piece in this thread (see jsonl._read_json_block)
-    return table.rename_columns(names).combine_chunks(), linenos, all_ascii, no_ws_runs
+    term = info.nl if info.term is None else info.term  # the record ends: line ends outside quotes
+    return table.rename_columns(names).combine_chunks(), linenos, all_ascii, no_ws_runs, term
 
 
 def _table_batch(block, offset, parsed, names, delim, enc, src, spec) -> Batch:
-    table, linenos, all_ascii, no_ws_runs = parsed
+    table, linenos, all_ascii, no_ws_runs, term = parsed
     spans: list = []
 
     def fallback(i: int):  # the row reader's reading of record i (its bytes alone)
-        if not spans:
-            spans.append(_record_spans(block))
+        if not spans:  # the record's bytes alone go to the row reader (the whole block: 3x slower at 0.5% bad rows)
+            spans.append(_records(np.frombuffer(block, np.uint8), term))
         starts, ends = spans[0]
         rec = block[starts[i]:ends[i] + 1]  # with its line end
         (_, row, err), = _csv_rows(_reader(io.BytesIO(rec), delim), names, delim, enc, 0,
@@ -308,18 +309,6 @@ def _table_batch(block, offset, parsed, names, delim, enc, src, spec) -> Batch:
         return row, err
 
     return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs)
-
-
-def _record_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) offsets of the block's non-blank records, as pyarrow.csv reads them (a
-    parsed block: its quotes are plain, no lone CR): a record ends at a line end outside quotes.
-    One row of a block read this way, not the whole block, when a row needs the row reader
-    (0.5% of rows bad made CSV ingest 3x slower)."""
-    arr = np.frombuffer(block, np.uint8)
-    term = np.flatnonzero(arr == NL)
-    if b'"' in block:
-        term = term[np.searchsorted(np.flatnonzero(arr == QUOTE), term) % 2 == 0]
-    return _records(arr, term)
 
 
 def _records(arr: np.ndarray, term: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
