@@ -37,6 +37,7 @@ from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
 from guidealign.ingest.keys import find_input_keys, find_prompt_key, norm_key
+from guidealign.ingest.visible import NO_TEXT, ascii_spans_without_text, has_text
 
 # a run of Python's \s restricted to ASCII, matched only where it is not already one space
 # (a run starting with another whitespace char, or a space followed by more): one RE2 pass that
@@ -133,6 +134,8 @@ def check_value(p, key, spec: Spec, fields=()) -> str | None:
                 "fix the escape or drop it")
     if not p.strip():
         return "empty prompt"
+    if not has_text(p):  # zero-width spaces, control characters: nothing to read either
+        return NO_TEXT
     if len(p) > spec.max_chars:
         return f"prompt too long ({len(p)} > {spec.max_chars} chars)"
     return None
@@ -308,10 +311,11 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         starts, ends, data = trimmed_spans(a if no_ws_runs else pc.replace_substring_regex(a, ASCII_WS_RE2, " "))
         nlen = ends - starts
         alen = np.diff(string_buffers(a)[0])
-        ok = (nlen > 0) & (alen <= spec.max_chars)
+        blank = ascii_spans_without_text(starts, ends, data, controls=not no_ws_runs)
+        ok = (nlen > 0) & ~blank & (alen <= spec.max_chars)
         if not ok.all():
             for j in np.flatnonzero(~ok):
-                bad[int(idx[j])] = ("empty prompt" if nlen[j] == 0 else
+                bad[int(idx[j])] = ("empty prompt" if nlen[j] == 0 else NO_TEXT if blank[j] else
                                     f"prompt too long ({int(alen[j])} > {spec.max_chars} chars)", None)
         good[idx[ok]] = True
         if not ok.all():

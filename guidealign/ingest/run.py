@@ -324,9 +324,12 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # runs keep their fingerprint
     strict = ["metadata-strict-json-v1"] if any(not (p.is_file() and inner_suffix(p) in (".csv", ".tsv"))
                                                 for p in files) else []
+    # Stop 51: a prompt of blank space, control and format characters only (zero-width spaces)
+    # is quarantined as empty (``visible``); ingest runs once more, and only shards that held
+    # such a prompt come out different
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
-                       *json_v2, *csv_v2, *cut, *strict)
+                       *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1")
 
 
 def _inner_stats(p: Path) -> tuple:
