@@ -103,3 +103,32 @@ def test_csv_json_array_and_parquet_prompts_without_text(tmp_path):
         kept, reasons = _ingest([f], tmp_path / f"w-{f.suffix[1:]}")
         _check(kept, reasons, f.name, first)
         assert len(kept) == len(KEPT), (f, kept)
+
+
+def test_the_re2_pattern_is_the_python_one():
+    """Arrow's compute functions (the columnar instruction + input join) take ``TEXT_RE2``: it
+    says "text" of every code point exactly where ``has_text`` does."""
+    import pyarrow.compute as pc
+
+    from guidealign.ingest.visible import TEXT_RE2
+
+    points = [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]  # UTF-8 has no surrogates
+    got = pc.match_substring_regex(pa.array([chr(c) for c in points]), TEXT_RE2).to_pylist()
+    wrong = [hex(c) for c, g in zip(points, got) if g != has_text(chr(c))]
+    assert not wrong, wrong[:20]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_an_instruction_or_input_without_text_joins_nothing(tmp_path, fmt):
+    """An instruction of zero-width spaces is no text: not its input alone (kept before as
+    "\\u200b\\n\\ntext"), but an empty prompt; an input of such characters is not joined. The same
+    on the columnar (JSONL) and the row-by-row (JSON array) path."""
+    recs = [{"instruction": "\u200b", "input": "Translate to French: cat"},
+            {"instruction": "\x0b", "input": "Translate to French: dog"},  # a vertical tab: blank space
+            {"instruction": "Say hi", "input": "\u200b\u2060"},
+            {"instruction": "Say bye", "input": "in French"}]
+    f = tmp_path / f"ii.{fmt}"
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n" if fmt == "jsonl" else json.dumps(recs))
+    kept, reasons = _ingest([f], tmp_path / "w")
+    assert sorted(kept) == ["Say bye\n\nin French", "Say hi"]
+    assert reasons == {(f.name, 1): NO_TEXT, (f.name, 2): "empty prompt"}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -37,7 +36,7 @@ from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
 from guidealign.ingest.keys import find_input_keys, find_prompt_key, norm_key
-from guidealign.ingest.visible import NO_TEXT, ascii_spans_without_text, has_text
+from guidealign.ingest.visible import NO_TEXT, TEXT_RE2, ascii_spans_without_text, has_text
 
 # a run of Python's \s restricted to ASCII, matched only where it is not already one space
 # (a run starting with another whitespace char, or a space followed by more): one RE2 pass that
@@ -79,10 +78,10 @@ class Spec:
     inputs: tuple = ()
 
 
-# an input joins its instruction when it holds more than spaces, tabs and line ends (the same
-# test on both paths: Arrow's and Python's ideas of whitespace differ past ASCII)
-INPUT_TEXT_RE = r"[^ \t\r\n]"
-_INPUT_TEXT = re.compile(INPUT_TEXT_RE)
+# an input joins its instruction when both hold text (``visible``: more than blank space, control
+# and format characters; one table of code points for Python's regex and Arrow's RE2, as their
+# ideas of whitespace differ past ASCII)
+INPUT_TEXT_RE = TEXT_RE2
 INPUT_SEP = "\n\n"
 
 
@@ -91,9 +90,9 @@ def with_input(p, values):
     order of ``ingest.instruction_inputs``): joined by a blank line with the first that holds
     text (Alpaca's instruction + input), else ``p`` alone (so is an instruction without text:
     an empty prompt, not its input alone)."""
-    if isinstance(p, str) and _INPUT_TEXT.search(p):
+    if isinstance(p, str) and has_text(p):
         for v in values:
-            if isinstance(v, str) and _INPUT_TEXT.search(v):
+            if isinstance(v, str) and has_text(v):
                 return p + INPUT_SEP + v
     return p
 

@@ -325,8 +325,10 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     strict = ["metadata-strict-json-v1"] if any(not (p.is_file() and inner_suffix(p) in (".csv", ".tsv"))
                                                 for p in files) else []
     # Stop 51: a prompt of blank space, control and format characters only (zero-width spaces)
-    # is quarantined as empty (``visible``); ingest runs once more, and only shards that held
-    # such a prompt come out different
+    # is quarantined as empty, and an instruction or input of such characters holds no text to
+    # join (``visible``): ingest runs once more; inputs without such prompts come out the same,
+    # with them the shards from the first such row on change (``shard_cut: position``; under
+    # ``content`` only the shards around it)
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
                        *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1")
