@@ -31,7 +31,7 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
         for block, final, _ in cut_blocks(stream, block_bytes):
             p = _parse_block(block, line0, final)
             yield block, line0, final, p
-            line0 += p.n_nl if p is not None else block.count(b"\n")
+            line0 += p.ends.size if p is not None else block.count(b"\n")
 
     for block, line0, final, p in prefetch(parsed()):
         yield _finish_block(block, line0, final, p, src, spec, encoding)
@@ -87,8 +87,7 @@ class _Parsed(NamedTuple):
     linenos: np.ndarray   # the line number of each row
     all_ascii: bool       # every string is ASCII
     no_ws_runs: bool      # no whitespace but single spaces inside a string
-    n_nl: int             # line ends in the block
-    ends: np.ndarray      # their positions
+    ends: np.ndarray      # the positions of the block's line ends
 
 
 def _parse_block(block: bytes, line0: int, final: bool) -> _Parsed | None:
@@ -128,7 +127,7 @@ def _parse_block(block: bytes, line0: int, final: bool) -> _Parsed | None:
     # collapsing pass. One chunk per column (the caller's checks need whole columns): the block
     # is parsed as one (``_read_json_block``), so ``combine_chunks`` copies nothing.
     return _Parsed(table.combine_chunks(), linenos, all_ascii,
-                   all_ascii and not has_escape and not lines.double_space, lines.ends.size, lines.ends)
+                   all_ascii and not has_escape and not lines.double_space, lines.ends)
 
 
 @dataclass
@@ -266,7 +265,7 @@ class _RowReaderRejects(Exception):
 def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
     if parsed is None:
         return rows_batch(src, _rows_of_lines(block, line0, final, encoding), spec)
-    table, linenos, all_ascii, no_ws_runs, _, ends = parsed
+    table, linenos, all_ascii, no_ws_runs, ends = parsed
     nl = None
 
     def fallback(i: int):
