@@ -9,13 +9,13 @@ other rows (``rows_to_write_by_row``) the caller writes metadata from the row re
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from guidealign.ingest.arrays import affix, bool_numpy, lit, one_array, str_arrow
+from guidealign.shards.jsonl import finite
 
 _JSON_ESCAPE_RE2 = r'[\x00-\x1f\\"]'
 
@@ -80,7 +80,7 @@ def dumps(v) -> str:
     try:
         s = json.dumps(v, ensure_ascii=False, default=str, sort_keys=True, allow_nan=False)
     except ValueError:  # a NaN or an infinity somewhere (rare)
-        s = json.dumps(_finite(v), ensure_ascii=False, default=str, sort_keys=True, allow_nan=False)
+        s = json.dumps(finite(v), ensure_ascii=False, default=str, sort_keys=True, allow_nan=False)
     if not s.isascii():
         try:
             s.encode("utf-8")
@@ -89,24 +89,6 @@ def dumps(v) -> str:
             # exactly as ensure_ascii writes it
             s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s
-
-
-def _finite(v):
-    """``v`` with each float that is not finite as None; such a key as the text ``json`` writes
-    for it ("NaN", "Infinity", "-Infinity": a key is a JSON string, valid as it was)."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {_key(k): _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
-
-
-def _key(k):
-    if isinstance(k, float) and not math.isfinite(k):
-        return "NaN" if k != k else "Infinity" if k > 0 else "-Infinity"
-    return k
 
 
 def meta_json(rec: dict, key) -> str:

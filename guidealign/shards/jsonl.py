@@ -72,15 +72,24 @@ def json_line(row: dict) -> str:
     try:
         text = json.dumps(row, ensure_ascii=False, default=str, allow_nan=False)
     except ValueError:  # a NaN or infinite float somewhere in the row
-        text = json.dumps(_finite(row), ensure_ascii=False, default=str, allow_nan=False)
+        text = json.dumps(finite(row), ensure_ascii=False, default=str, allow_nan=False)
     return text if text.isascii() else text.translate(_LINE_BREAKS)
 
 
-def _finite(v):
+def finite(v):
+    """``v`` with each float that is not finite (NaN, an infinity) as None, for strict JSON; a
+    dict key that is one as the text ``json`` writes for it ("NaN", "Infinity", "-Infinity": a
+    key is a JSON string, valid as it was)."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {_finite_key(k): finite(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
+        return [finite(x) for x in v]
     return v
+
+
+def _finite_key(k):
+    if isinstance(k, float) and not math.isfinite(k):
+        return "NaN" if k != k else "Infinity" if k > 0 else "-Infinity"
+    return k
