@@ -41,6 +41,16 @@ _TITLE_WRAPS = (('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’"), ("`", "`
 _QUOTES = "\"“”'‘’`«»"
 
 
+def unwrap_once(s: str, wraps) -> str:
+    """``s`` without the first pair of ``wraps`` (opening, closing) that encloses all of it and
+    occurs nowhere inside it ('"Stay impartial"', '**Why?**'); else ``s`` as it is."""
+    for a, b in wraps:
+        inner = s[len(a):len(s) - len(b)]
+        if len(s) > len(a) + len(b) and s.startswith(a) and s.endswith(b) and a not in inner and b not in inner:
+            return inner
+    return s
+
+
 def _clean_title(title: str) -> str:
     """A guideline title without what wraps it or leads it and names no rule: quotes (straight
     or curly) and backticks around it ('"Stay impartial"', "`Cite sources`"), an opening
@@ -56,13 +66,11 @@ def _clean_title(title: str) -> str:
                 unicodedata.category(c) == "So" or c in "\u200d\ufe0f\u20e3" for c in lead.group(0).strip()):
             t = t[lead.end():]
         t = t.strip()
-        for a, b in _TITLE_WRAPS:
-            if len(t) > 2 and t.startswith(a) and t.endswith(b) and a not in t[1:-1] and b not in t[1:-1]:
-                t = t[1:-1].strip()
-                break
-        else:
-            if t[:1] in _QUOTES and not any(q in t[1:] for q in _QUOTES):
-                t = t[1:].strip()  # '"Stay impartial' of '1. "Stay impartial: Do not ..."'
+        inner = unwrap_once(t, _TITLE_WRAPS)
+        if inner != t:
+            t = inner.strip()
+        elif t[:1] in _QUOTES and not any(q in t[1:] for q in _QUOTES):
+            t = t[1:].strip()  # '"Stay impartial' of '1. "Stay impartial: Do not ..."'
         t = _strip_md(t)
     return t
 

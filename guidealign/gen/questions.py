@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from guidealign.gen.parse import _SENTENCE_END, _strip_md
+from guidealign.gen.parse import _SENTENCE_END, _strip_md, unwrap_once
 
 _WRAPS = (("**", "**"), ("__", "__"), ('"', '"'), ("“", "”"), ("*", "*"), ("_", "_"))
 
@@ -16,12 +16,7 @@ def unwrap_question(q: str) -> str:
     q = re.sub(r"\*\*(\S(?:.*?\S)?)\*\*", r"\1", q.strip())
     prev = None
     while q != prev:
-        prev, q = q, q.strip()
-        for a, b in _WRAPS:
-            inner = q[len(a):len(q) - len(b)]
-            if len(q) > len(a) + len(b) and q.startswith(a) and q.endswith(b) and a not in inner and b not in inner:
-                q = inner
-                break
+        prev, q = q, unwrap_once(q.strip(), _WRAPS)
     return q.strip()
 
 
