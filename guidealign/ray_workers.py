@@ -235,14 +235,23 @@ class WorkerPool:
         log.info("%s: %d Ray worker(s) with %s", stage, self.n, self.options)
 
     def _drop_unplaced(self, stage: str, timeout: float) -> None:
-        """Keep the actors that started within ``timeout`` seconds (0: wait for all). One that
-        Ray cannot place (the resources held by another job, or free in total but on no single
-        node) would never take its call: its static shards would never be done and the driver
-        would wait for it for ever. The stage runs with the others (ranks renumbered, so W is
-        the number that runs); none started is an error."""
+        """Keep the actors that started, waiting while they keep starting: an actor still not
+        started ``timeout`` seconds after the pool's start or after the last actor that started
+        is dropped (0: wait for all). One that Ray cannot place (the resources held by another
+        job, or free in total but on no single node) would never take its call: its static
+        shards would never be done and the driver would wait for it for ever. Timing from the
+        last start keeps actors that are placed but slow to start (busy cores, workers brought
+        up one by one): one clock from the pool's start dropped placeable workers on two busy
+        cores. The stage runs with the others (ranks renumbered, so W is the number that
+        runs); none started is an error."""
         refs = [a.ready.remote() for a in self.actors]
-        started, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout if timeout > 0 else None)
-        started = set(started)
+        started: set = set()
+        pending = list(refs)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1, timeout=timeout if timeout > 0 else None)
+            if not done:  # none started for ``timeout`` seconds
+                break
+            started.update(done)
         keep = [a for a, r in zip(self.actors, refs) if r in started]
         for a, r in zip(self.actors, refs):
             if r not in started:
@@ -253,7 +262,7 @@ class WorkerPool:
                                f"that fits one (cluster: {self.ray.cluster_resources()}, free: "
                                f"{self.ray.available_resources()})")
         if len(keep) < len(refs):
-            log.warning("%s: %d of %d Ray worker(s) could not be placed within %gs "
+            log.warning("%s: %d of %d Ray worker(s) not started %gs after the last one that did "
                         "(executor.ray_start_timeout_s; resources busy, or no node fits one); "
                         "running with %d", stage, len(refs) - len(keep), len(refs), timeout, len(keep))
         self.actors, self.n = keep, len(keep)

@@ -277,12 +277,14 @@ def test_a_ray_worker_that_cannot_be_placed_is_dropped_and_the_stage_runs_withou
     """Three workers of 1 CPU asked for on a 2-CPU cluster: the third is never placed. With
     static shards it would never take its call (its shards never done, the driver waiting for
     ever); it is dropped after executor.ray_start_timeout_s and the two that started share
-    every shard (ranks 0 and 1 of 2)."""
+    every shard (ranks 0 and 1 of 2). The timeout runs from the pool's start and again from
+    each worker that starts, so the second placeable worker is not held to the first's clock."""
     wd = ingested
     cfg = ray_cfg(num_cpus=1)
     cfg.executor.ray_workers = 3
-    # the two that fit must start within it: 5 s was too little on two busy cores (a Ray worker
-    # process starts and imports the package), and none had started (a flaky failure)
+    # the first of the two that fit must start within it, the second within it after the first:
+    # 5 s was too little on two busy cores (a Ray worker process starts and imports the package),
+    # and none had started (a flaky failure)
     cfg.executor.ray_start_timeout_s = 45
     results = run_stage(run_charcount, cfg, wd, progress=False)
     n = N_PROMPTS // SHARD_ROWS

@@ -48,10 +48,10 @@ class ExecutorConfig:
     ray_workers: int = 0
     # How often Ray restarts a worker (actor) that died, retrying its call (2 = Ray's usual).
     ray_max_restarts: int = 2
-    # Ray workers not started within this many seconds (no node with room for one: resources
-    # held by another job, or a pending autoscaler) are dropped, and the stage runs with the
-    # ones that started (an error when none did). Raise it to wait for an autoscaler; 0 = wait
-    # without limit.
+    # Ray workers still not started this many seconds after the pool's start or after the last
+    # worker that started (no node with room for one: resources held by another job, or a
+    # pending autoscaler) are dropped, and the stage runs with the ones that started (an error
+    # when none did). Raise it to wait for an autoscaler; 0 = wait without limit.
     ray_start_timeout_s: float = 600.0
     # Which worker takes which shard: "static" (shard i -> rank i mod W: reproducible
     # placement) or "dynamic" (workers claim free shards until none remain, and take over
