@@ -21,6 +21,25 @@ from cores import pin_xdist_worker  # noqa: E402
 
 pin_xdist_worker()
 
+# torch loaded once here, after the pin, so its thread count now is its default for this worker
+# (what `_torch_threads_kept` puts back after each test)
+import torch  # noqa: E402
+
+TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """A test that set torch's thread count (``torch.set_num_threads(1)``, a stage's ``threads``)
+    left it to every later test of its worker, and to ``core.threads``' record of torch's
+    default: ``threads: 0`` then meant that count. Both are put back after each test."""
+    from guidealign.core import threads
+
+    default = threads._default
+    yield
+    torch.set_num_threads(TORCH_THREADS)
+    threads._default = default
+
 
 def engine_config(**over):
     from guidealign.gen.engine import EngineConfig

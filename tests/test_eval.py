@@ -492,8 +492,9 @@ def test_cli_registered_and_config_keys():
 
 
 def test_shared_benchmarks_have_the_expected_fields():
-    if not (BENCH / "hhh.jsonl").exists():
-        pytest.skip("../shared/benchmarks not present")
+    names = ("do_not_answer.jsonl", "hhh.jsonl", "vicuna.jsonl")
+    if not all((BENCH / name).exists() for name in names):
+        pytest.skip("../shared/benchmarks (do_not_answer, hhh, vicuna) not present")
     from guidealign.config.eval import EvalConfig
     from guidealign.eval.settings import resolve_settings
 

@@ -293,8 +293,8 @@ print("status", run_workers([w], grace=60), flush=True)
 
 WORKER = r"""
 import pathlib, sys, time
-pathlib.Path(sys.argv[1]).write_text("started")
-try:
+try:  # the flag written inside the try: a Ctrl-C right after it is still the worker's to take
+    pathlib.Path(sys.argv[1]).write_text("started")
     time.sleep(120)
 except KeyboardInterrupt:
     pathlib.Path(sys.argv[1]).write_text("interrupted")
@@ -302,19 +302,22 @@ except KeyboardInterrupt:
 """
 
 
-def _signal_once_started(launcher: str, worker: str, flag, sig) -> str:
+def _signal_once_started(launcher: str, worker: str, flag, sig, after=None) -> str:
     """Run ``launcher`` (a script of one run_workers call) with ``worker``'s code, send it ``sig``
-    once the worker wrote ``flag``; the launcher's output."""
+    once the worker wrote ``flag`` (its whole text: a file just created is still empty), then
+    call ``after()`` if given; the launcher's output."""
     import subprocess
     import time
 
     p = subprocess.Popen([sys.executable, "-c", launcher, worker], stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not flag.exists():
+        while not flag.exists() or not flag.read_text():
             assert p.poll() is None and time.monotonic() < deadline, "the worker did not start"
             time.sleep(0.05)
         p.send_signal(sig)
+        if after is not None:
+            after()
         out, _ = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
@@ -434,7 +437,13 @@ def test_a_launch_under_nohup_keeps_its_workers_through_a_hangup(tmp_path):
     hangup on and its workers died with the session."""
     import signal
 
-    flag = tmp_path / "worker"
-    worker = f"import pathlib, time; pathlib.Path({str(flag)!r}).write_text('up'); time.sleep(2)"
-    out = _signal_once_started(NOHUP_LAUNCHER, worker, flag, signal.SIGHUP)
+    flag, go = tmp_path / "worker", tmp_path / "go"
+    # the worker lives until the hangup was sent (``go``), so a hangup passed on reaches it
+    # (and kills it: status 129) whenever it lands
+    worker = (f"import pathlib, sys, time; pathlib.Path({str(flag)!r}).write_text('up')\n"
+              f"t = time.monotonic()\n"
+              f"while not pathlib.Path({str(go)!r}).exists():\n"
+              f"    if time.monotonic() - t > 50: sys.exit(3)\n"
+              f"    time.sleep(0.05)\n")
+    out = _signal_once_started(NOHUP_LAUNCHER, worker, flag, signal.SIGHUP, after=go.touch)
     assert "status 0" in out

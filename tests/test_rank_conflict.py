@@ -102,6 +102,9 @@ def test_no_conflict_for_this_ranks_own_child_another_stage_or_under_claims(tmp_
                 for _ in range(20):
                     _foreign_beat(wd, 1, pid=os.getpid() + 1, host=socket.gethostname())
                     time.sleep(0.01)
+                    # while its child runs, this process neither beats nor checks: the file
+                    # holds the child's beat only (each beat of this process's would replace it)
+                    assert json.loads(_beat_file(wd, 1).read_text())["pid"] == os.getpid() + 1
             _beats_of_mine(wd, 1, 20)
         else:
             other = {"dynamic": {"world_size": 8}, "other stage": {"world_size": 8, "stage": "eval"},

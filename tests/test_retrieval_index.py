@@ -152,7 +152,7 @@ _KILL_SCRIPT = textwrap.dedent("""
         fn = orig(cfg, workdir)
         def slow(table, i):
             if i > 0:
-                time.sleep(30)  # shard 0 commits at once; we get killed while shard 1 is in flight
+                time.sleep(3600)  # shard 0 commits at once; we get killed while shard 1 is in flight
             return fn(table, i)
         return slow
 
