@@ -242,7 +242,7 @@ def model_rows(cfg, role: Role, info: ModelInfo) -> list[Row]:
 def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo | None, gpus: list[str],
              gpu_mem: int | None) -> list[Row]:
     """The engines' GPUs and memory; SFT's batch and memory unless ``sft`` is None (not run)."""
-    from guidealign.core.gpu import devices_per_process
+    from guidealign.core.gpu import devices_per_process, is_mig
     from guidealign.sft.launcher import node_gpus, resolve_num_processes
     from guidealign.sft.precision import sharded_training
     from guidealign.sft.train import accumulation_steps
@@ -267,6 +267,12 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo | None, 
             rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", WARN if idle else OK,
                             f"{tp}: {len(gpus) // tp} engine(s) on {len(gpus)} GPU(s)"
                             + (f", {idle} idle" if idle else "")))
+        if gpus and any(is_mig(g) for g in gpus):
+            rows.append(Row("GPUs", f"{role.name} on MIG devices", WARN,
+                            "vLLM 0.32 turns a MIG device's UUID into an NVML index and reads it as a "
+                            "whole GPU's (platforms/cuda.py); engines on MIG devices are reported to "
+                            "fail at start upstream (vllm-project/vllm issues 41848, 6551). Start one "
+                            "engine on a MIG device by hand before a long run, or use whole GPUs"))
         if info.heads and info.heads % tp:  # vLLM splits the heads evenly over the engine's GPUs
             judge = role.name == "eval judge"  # `run` never starts it
             rows.append(Row("GPUs", f"{role.name} attention heads", FAIL if gpus and not judge else WARN,

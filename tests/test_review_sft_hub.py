@@ -426,8 +426,8 @@ def test_a_single_process_sft_trains_on_one_device_and_waits_long_at_barriers(wo
 
 
 def test_a_model_saved_without_weights_is_not_committed(workdir, monkeypatch):
-    """Under FSDP with SHARDED_STATE_DICT (or DeepSpeed ZeRO-3 without gathered 16-bit weights)
-    Trainer.save_model writes no full weights: sft/model was committed with a tokenizer and a
+    """Under DeepSpeed ZeRO-3 without gathered 16-bit weights (and, before the final save switched
+    FSDP to the full type, under FSDP's SHARDED_STATE_DICT) Trainer.save_model writes no full weights: sft/model was committed with a tokenizer and a
     card but nothing to load (found in review). A save without weight files now stops before
     anything is committed; here a stand-in save writes only the config."""
     from guidealign.sft import train

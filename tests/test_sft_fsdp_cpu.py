@@ -67,6 +67,8 @@ def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_resumes(tmp_path, m
     _write_respond(sharded)
     monkeypatch.setenv("PYTHONPATH", str(SHIM))
     monkeypatch.setenv("GUIDEALIGN_TEST_CPU_FSDP", "1")
+    reads = tmp_path / "weight-reads"
+    monkeypatch.setenv("GUIDEALIGN_TEST_WEIGHT_READS", str(reads))
     cfg = load_config(TINY, [*SAME, "sft.num_processes=2", "sft.save_steps=1", FSDP])
     # the job is lost right after its step-1 checkpoint: the rerun resumes from it
     monkeypatch.setenv("GUIDEALIGN_TEST_EXIT_AFTER_SAVE", "1")
@@ -79,6 +81,9 @@ def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_resumes(tmp_path, m
 
     assert done["processes"] == 2 and done["sharding"] == "fsdp2"
     assert done["base_weights_read_by"] == "the first process of each node"
+    # and so it was: the checkpoint was read by local rank 0 only, once a run (transformers 5
+    # read it in the second process too, and overwrote that copy with zeros)
+    assert reads.read_text().split() == ["0", "0"]
     assert done["steps"] == 2
     # resumed at step 1: the second step's loss and the whole run's are the one process's
     assert done["losses"] == pytest.approx(ref["losses"], rel=1e-4)
@@ -94,3 +99,24 @@ def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_resumes(tmp_path, m
     recorded = json.loads((sharded / "sft" / "_done.json").read_text())
     assert recorded["sharding"] == "fsdp2"
     assert not (sharded / "sft" / "checkpoints").exists()  # finished: resume points removed
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_of_the_sharded_type_still_save_a_whole_model(tmp_path, monkeypatch):
+    """``fsdp_config.state_dict_type: SHARDED_STATE_DICT`` (faster checkpoints) made the final
+    save_model write no weights: the run failed after training, and a rerun could not help (the
+    type is in the fingerprint). The final save now gathers the whole model whatever the type."""
+    import torch
+
+    from guidealign.sft.train import run_sft
+
+    _write_respond(tmp_path, 4)
+    monkeypatch.setenv("PYTHONPATH", str(SHIM))
+    monkeypatch.setenv("GUIDEALIGN_TEST_CPU_FSDP", "1")
+    sharded = FSDP.replace("cpu_ram_efficient_loading: true", "state_dict_type: SHARDED_STATE_DICT")
+    cfg = load_config(TINY, ["sft.max_steps=1", "sft.global_batch_size=2", "sft.micro_batch_size=1",
+                             "sft.max_seq_length=128", "sft.num_threads=1", "sft.num_processes=2", sharded])
+    done = run_sft(cfg, tmp_path, progress=False)
+    assert done["processes"] == 2 and done["sharding"] == "fsdp2" and done["steps"] == 1
+    w = _weights(tmp_path)
+    assert "model.embed_tokens.weight" in w and all(torch.isfinite(t.float()).all() for t in w.values())

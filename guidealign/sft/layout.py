@@ -1,6 +1,6 @@
 """How SFT's training processes share the model: under FSDP, which process reads the base
-model's weights (``load_on_first_process_only``), and what _done.json records of the layout
-(``training_layout``)."""
+model's weights (``load_on_first_process_only``, ``load_base_model``), and what _done.json
+records of the layout (``training_layout``)."""
 from __future__ import annotations
 
 import logging
@@ -33,6 +33,42 @@ def load_on_first_process_only(targs) -> bool:
              "node's first training process only (local rank %s %s)", os.environ.get("LOCAL_RANK", "0"),
              "reads them" if os.environ.get("LOCAL_RANK", "0") == "0" else "waits for them")
     return True
+
+
+def load_base_model(base_path, dtype, first_process_only: bool):
+    """The base model to train. With ``first_process_only`` (:func:`load_on_first_process_only`)
+    a node's other training processes build it without reading the checkpoint: its parameters
+    are uninitialized host memory (pages never written cost no RAM) that FSDP fills with the
+    first process's weights when it shards the model (FSDP 2 broadcasts them, FSDP 1 syncs the
+    module states); buffers computed at construction (rotary frequencies) are real.
+    transformers 5 itself reads the whole checkpoint in every process under
+    ``cpu_ram_efficient_loading`` and then overwrites the other processes' copies with zeros,
+    so each held a whole float32 model on the host anyway (8 x 52 GB for the 13B recipe)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not first_process_only or _local_rank() == 0:
+        return AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    config = AutoConfig.from_pretrained(base_path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, param in list(model.named_parameters()):
+        if param.device.type == "meta":
+            set_module_tensor_to_device(model, name, "cpu", value=torch.empty(param.shape, dtype=param.dtype))
+    model.tie_weights()  # a tied head shares the embedding's new tensor again
+    log.info("sft: local rank %s built the base model without reading its weights (FSDP sends "
+             "the first process's)", _local_rank())
+    return model
+
+
+def _local_rank() -> int:
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def training_layout(trainer, world: int) -> dict:

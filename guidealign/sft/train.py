@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import get_args
 
 from guidealign.config.sft import SFTMode
-from guidealign.sft.layout import load_on_first_process_only, training_layout
+from guidealign.sft.layout import load_base_model, load_on_first_process_only, training_layout
 from guidealign.sft.checkpoints import (checkpoint_dir, is_main_process, loss_log_callback, resume_point,
                                         whole_run_loss)
 from guidealign.sft.fingerprint import sft_fingerprint
@@ -127,7 +127,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     """The TRL trainer run_sft trains with: (trainer, tokenizer, accumulation, precision);
     its checkpoints go to ``ckpt_dir`` (default WORKDIR/sft/checkpoints)."""
     import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
@@ -185,8 +185,8 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
     # the training arguments come first: they start the process group and, under FSDP with
     # fsdp_config.cpu_ram_efficient_loading, let the model load its weights on each node's
     # first process only
-    load_on_first_process_only(targs)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=load_dtype(scfg.mode, dtype, extra))
+    first_only = load_on_first_process_only(targs)
+    model = load_base_model(base_path, load_dtype(scfg.mode, dtype, extra), first_only)
     if added:
         set_seed(scfg.seed)  # the new rows come from torch's global random state, not sft.seed
         model.resize_token_embeddings(len(tok))
@@ -375,6 +375,14 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             m = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             m.save_pretrained(tmp, safe_serialization=True)
     else:
+        if trainer.is_fsdp_enabled:
+            # the model is saved whole whatever the checkpoints were (fsdp_config.state_dict_type
+            # SHARDED_STATE_DICT, faster to save): under a sharded type save_model wrote no
+            # weights, after the whole run (accelerate's "train sharded, save full")
+            plugin = trainer.accelerator.state.fsdp_plugin
+            if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+                plugin.state_dict_config = plugin.optim_state_dict_config = None
+                plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(tmp))  # all ranks: gathers sharded weights under FSDP/DeepSpeed
     seconds = time.perf_counter() - t0
     done = {"fingerprint": fp, "rows": data_rep.kept, "seconds": round(seconds, 2),
@@ -387,8 +395,8 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         from guidealign.hub.card import model_card
 
         if not any(any(tmp.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin", "adapter_model.*")):
-            raise RuntimeError(f"sft: the trainer saved no model weights in {tmp} (FSDP's state_dict_type "
-                               "SHARDED_STATE_DICT, or DeepSpeed ZeRO-3 without 16-bit weights gathered?): "
+            raise RuntimeError(f"sft: the trainer saved no model weights in {tmp} (DeepSpeed ZeRO-3 "
+                               "without 16-bit weights gathered?): "
                                "nothing is committed; save full weights and rerun (from the last checkpoint, if any)")
         # Trainer.save_model pickles the whole training arguments beside the weights: the
         # trainer_args (a hub_token among them) and this machine's paths; no model needs them,

@@ -10,6 +10,9 @@ save, checkpoints) is the real code.
 
 GUIDEALIGN_TEST_EXIT_AFTER_SAVE=N: the first training process exits (status 3) right after it
 saved the checkpoint of step N (torchrun then stops the others), as a job lost mid-run.
+
+GUIDEALIGN_TEST_WEIGHT_READS=FILE: each process that loads a checkpoint's weights
+(transformers' ``_load_pretrained_model``) appends its LOCAL_RANK to FILE, a line each time.
 """
 import os
 
@@ -51,3 +54,15 @@ if os.environ.get("GUIDEALIGN_TEST_EXIT_AFTER_SAVE"):
         self.add_callback(_ExitAfterSave())
 
     _trainer.Trainer.__init__ = _init_with_exit
+
+if os.environ.get("GUIDEALIGN_TEST_WEIGHT_READS"):
+    import transformers.modeling_utils as _mu
+
+    _load = _mu.PreTrainedModel._load_pretrained_model
+
+    def _load_noting_the_reader(*args, **kwargs):
+        with open(os.environ["GUIDEALIGN_TEST_WEIGHT_READS"], "a") as f:
+            f.write(os.environ.get("LOCAL_RANK", "-") + "\n")
+        return _load(*args, **kwargs)
+
+    _mu.PreTrainedModel._load_pretrained_model = staticmethod(_load_noting_the_reader)
