@@ -120,3 +120,60 @@ def test_fsdp_checkpoints_of_the_sharded_type_still_save_a_whole_model(tmp_path,
     assert done["processes"] == 2 and done["sharding"] == "fsdp2" and done["steps"] == 1
     w = _weights(tmp_path)
     assert "model.embed_tokens.weight" in w and all(torch.isfinite(t.float()).all() for t in w.values())
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_one_process_is_passed_over_when_the_rerun_shards_with_fsdp(tmp_path, monkeypatch, capfd):
+    """The process count is not in SFT's fingerprint and one process drops FSDP: a job lost on a
+    node of one GPU left a checkpoint that the rerun on two (FSDP) found and could not load
+    (transformers looks for FSDP's files), so the rerun failed, and every rerun after it. The
+    checkpoint is passed over with a warning and the run trains from the start."""
+    import subprocess
+    import sys
+
+    from guidealign.sft.train import run_sft
+
+    _write_respond(tmp_path, 4)
+    over = ["sft.max_steps=2", "sft.global_batch_size=2", "sft.micro_batch_size=1", "sft.max_seq_length=128",
+            "sft.num_threads=1", "sft.save_steps=1", FSDP]
+    # one process, lost right after its step-1 checkpoint (tests/fsdp_cpu: the process exits, status 3)
+    script = ("import sys; from guidealign.config import load_config; from guidealign.sft.train import run_sft; "
+              "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], progress=False)")
+    env = {**__import__("os").environ, "PYTHONPATH": str(SHIM), "GUIDEALIGN_TEST_EXIT_AFTER_SAVE": "1"}
+    p = subprocess.run([sys.executable, "-c", script, str(TINY), str(tmp_path), *over, "sft.num_processes=1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 3, p.stderr[-3000:]
+    (ckpt,) = (tmp_path / "sft" / "checkpoints").glob("*/checkpoint-1")
+    assert not list(ckpt.glob("pytorch_model_fsdp*"))  # one process: no FSDP files
+
+    monkeypatch.setenv("PYTHONPATH", str(SHIM))
+    monkeypatch.setenv("GUIDEALIGN_TEST_CPU_FSDP", "1")
+    done = run_sft(load_config(TINY, [*over, "sft.num_processes=2"]), tmp_path, progress=False)
+    assert done["processes"] == 2 and done["sharding"] == "fsdp2" and done["steps"] == 2
+    assert len(done["losses"]) == 2  # trained from the start: both steps are this run's
+    assert "cannot resume across that change" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("saved_fsdp", [True, False])
+def test_resume_point_passes_over_a_checkpoint_of_the_other_layout(tmp_path, saved_fsdp):
+    """Both ways: an FSDP checkpoint (``pytorch_model_fsdp.bin``, or the folder
+    ``pytorch_model_fsdp_0`` of a sharded one) is resumed only by an FSDP run, any other only
+    without FSDP; the main process removes one it passes over."""
+    from types import SimpleNamespace
+
+    from guidealign.sft.checkpoints import resume_point
+
+    for main in (False, True):
+        ckpt_dir = tmp_path / f"fp-{main}"
+        ck = ckpt_dir / "checkpoint-3"
+        ck.mkdir(parents=True)
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+        (ck / "model.safetensors").write_bytes(b"")
+        if saved_fsdp and main:
+            (ck / "pytorch_model_fsdp_0").mkdir()  # a sharded checkpoint's folder
+        elif saved_fsdp:
+            (ck / "pytorch_model_fsdp.bin").write_bytes(b"")  # a full one's file
+        scfg = SimpleNamespace(save_steps=1)
+        assert resume_point(ckpt_dir, scfg, main=main, fsdp=saved_fsdp) == str(ck)
+        assert resume_point(ckpt_dir, scfg, main=main, fsdp=not saved_fsdp) is None
+        assert ck.exists() != main  # the main process removed it

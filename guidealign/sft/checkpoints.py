@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from guidealign.core.checkpoints import newest_checkpoint, remove_other_runs
 
 log = logging.getLogger(__name__)
+
+# what the trainer names an FSDP checkpoint's model files (pytorch_model_fsdp.bin, or the folder
+# pytorch_model_fsdp_0 of a sharded one): transformers' and accelerate's FSDP_MODEL_NAME
+FSDP_MODEL_PREFIX = "pytorch_model_fsdp"
 
 
 def checkpoint_dir(workdir, fp: str) -> Path:
@@ -23,17 +28,35 @@ def is_main_process() -> bool:
     return not under_launcher() or int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def resume_point(ckpt_dir: Path, scfg, *, main: bool) -> str | None:
+def resume_point(ckpt_dir: Path, scfg, *, main: bool, fsdp: bool = False) -> str | None:
     """The newest complete checkpoint in ``ckpt_dir`` to resume from (sft.save_steps > 0),
     else None; one cut off while being saved is passed over (``core.checkpoints``). A run resumes
     only from its own fingerprint's checkpoints: those of an earlier config or other data
-    (another folder under checkpoints/) are never resumed, and the main process deletes them."""
+    (another folder under checkpoints/) are never resumed, and the main process deletes them.
+
+    ``fsdp``: this run trains under FSDP. The process count is not in the fingerprint, and FSDP
+    is dropped with one process, so a job lost on a node of one GPU and run again on eight (or
+    the other way) found a checkpoint of the other layout, which transformers cannot load
+    either way (an FSDP checkpoint without FSDP raises; without FSDP's files the load fails):
+    such a checkpoint is passed over with a warning, and the main process deletes it (the
+    trainer's rotation would otherwise delete the new checkpoints, of lower steps, first)."""
     if main:
         remove_other_runs(ckpt_dir, "sft")
     if scfg.save_steps <= 0:
         return None
     newest = newest_checkpoint(ckpt_dir)
-    return str(newest) if newest is not None else None
+    if newest is None:
+        return None
+    saved_fsdp = any(newest.glob(f"{FSDP_MODEL_PREFIX}*"))
+    if saved_fsdp != fsdp:
+        log.warning("sft: %s was saved %s FSDP and this run trains %s it: transformers cannot resume "
+                    "across that change (the number of training processes changed), so training starts "
+                    "from the beginning", newest, "under" if saved_fsdp else "without",
+                    "under" if fsdp else "without")
+        if main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return None
+    return str(newest)
 
 
 def whole_run_loss(log_history: list[dict]) -> float | None:

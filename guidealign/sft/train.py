@@ -340,9 +340,10 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
     dataset = fit_max_seq_length(scfg, tokenize_dataset(tok, dataset), tok, data_rep)
     world = distributed_world_size()
     ckpt_dir = checkpoint_dir(workdir, fp)
-    resume = resume_point(ckpt_dir, scfg, main=is_main_process())
     trainer, tok, accum, precision = build_trainer(cfg, workdir, dataset, world=world,
                                                    progress=progress, ckpt_dir=ckpt_dir)
+    resume = resume_point(ckpt_dir, scfg, main=is_main_process(),
+                          fsdp=bool(getattr(trainer, "is_fsdp_enabled", False)))
     # TRL drops the examples whose completion max_seq_length cuts off entirely (some of those
     # counted as cut above, with sft.drop_overlong false); packing cuts and drops nothing, and
     # its train_dataset holds packed sequences, not examples
