@@ -165,7 +165,9 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         logging_steps=scfg.logging_steps,
         save_strategy="steps" if scfg.save_steps > 0 else "no",
         save_steps=scfg.save_steps if scfg.save_steps > 0 else 500,
-        save_total_limit=1,  # the last resume point is all a rerun needs (each is ~12 B/param)
+        # the last resume point is all a rerun needs (each ~12 B/param: float32 weights and Adam's
+        # two moments; ~16 under FSDP, which writes its own copy of the weights beside them)
+        save_total_limit=1,
         seed=scfg.seed,
         data_seed=scfg.seed,
         report_to="none",
