@@ -438,12 +438,14 @@ def test_a_launch_under_nohup_keeps_its_workers_through_a_hangup(tmp_path):
     import signal
 
     flag, go = tmp_path / "worker", tmp_path / "go"
-    # the worker lives until the hangup was sent (``go``), so a hangup passed on reaches it
-    # (and kills it: status 129) whenever it lands
+    # the worker lives until the hangup was sent (``go``) and 2 s more, so a hangup that launch
+    # passed on (its handler runs within milliseconds of the signal) reaches it and kills it
+    # (status 129); with none passed on it exits 0 whenever it gets there
     worker = (f"import pathlib, sys, time; pathlib.Path({str(flag)!r}).write_text('up')\n"
               f"t = time.monotonic()\n"
               f"while not pathlib.Path({str(go)!r}).exists():\n"
               f"    if time.monotonic() - t > 50: sys.exit(3)\n"
-              f"    time.sleep(0.05)\n")
+              f"    time.sleep(0.05)\n"
+              f"time.sleep(2)\n")
     out = _signal_once_started(NOHUP_LAUNCHER, worker, flag, signal.SIGHUP, after=go.touch)
     assert "status 0" in out

@@ -150,7 +150,6 @@ def test_a_checkpoint_of_one_process_is_passed_over_when_the_rerun_shards_with_f
     monkeypatch.setenv("GUIDEALIGN_TEST_CPU_FSDP", "1")
     done = run_sft(load_config(TINY, [*over, "sft.num_processes=2"]), tmp_path, progress=False)
     assert done["processes"] == 2 and done["sharding"] == "fsdp2" and done["steps"] == 2
-    assert len(done["losses"]) == 2  # trained from the start: both steps are this run's
     assert "cannot resume across that change" in capfd.readouterr().err
 
 

@@ -55,10 +55,15 @@ def load_base_model(base_path, dtype, first_process_only: bool):
     config = AutoConfig.from_pretrained(base_path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, param in list(model.named_parameters()):
+    # every name, tied ones too (whichever of a tied pair comes first), then tied again
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
         if param.device.type == "meta":
             set_module_tensor_to_device(model, name, "cpu", value=torch.empty(param.shape, dtype=param.dtype))
     model.tie_weights()  # a tied head shares the embedding's new tensor again
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"sft: the base model built without its weights kept tensors without storage "
+                           f"({', '.join(left[:5])}); set fsdp_config.cpu_ram_efficient_loading: false")
     log.info("sft: local rank %s built the base model without reading its weights (FSDP sends "
              "the first process's)", _local_rank())
     return model
