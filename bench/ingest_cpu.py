@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest_cpu.py              # 1M rows of bench/ingest.py's file
     .venv/bin/python bench/ingest_cpu.py --rows 200000
+    .venv/bin/python bench/ingest_cpu.py --shard-rows 100000   # 10x fewer shards than the default
 
 Runs ``ingest()`` in this process on the same file as ``bench/ingest.py`` (one untimed run
 first), with each part wrapped to add up the CPU time of the thread it runs on
@@ -65,6 +66,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--dir", default="/tmp/ga-bench-ingest-cpu")
+    ap.add_argument("--shard-rows", type=int, default=None,
+                    help="ingest.shard_rows (default: the config's); each shard costs its files, "
+                         "syncs and marker")
     a = ap.parse_args()
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,8 @@ def main() -> None:
         shutil.rmtree(d / "work", ignore_errors=True)
         totals.clear()
         t, c = time.perf_counter(), time.process_time()
-        rep = run.ingest([str(src)], d / "work", IngestConfig(), progress=False)
+        cfg = IngestConfig() if a.shard_rows is None else IngestConfig(shard_rows=a.shard_rows)
+        rep = run.ingest([str(src)], d / "work", cfg, progress=False)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
     print(f"ingest of {a.rows:,} JSONL rows in this process: {wall:.2f} s wall, {cpu:.2f} s CPU "
           f"({rep.rows:,} kept, {rep.duplicates:,} duplicates, {rep.quarantined:,} quarantined)")
