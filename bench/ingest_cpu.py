@@ -11,6 +11,7 @@ the timed run. Three threads share the work (see ``guidealign/ingest/run.py``): 
 thread (read, the block scan, pyarrow.json), the caller's (checks, hashes, de-duplication), the
 writer (shard tables, Parquet encoding, files). The parts nest (indented under their caller);
 what is not listed (thread switches, the sync thread, markers) is the rest of the process's CPU.
+Then each whole thread's CPU seconds (the caller's, and each thread ingest started, by name).
 Wrapping costs a few microseconds a call (a few hundred calls in all).
 """
 from __future__ import annotations
@@ -78,18 +79,43 @@ def main() -> None:
     totals: collections.Counter = collections.Counter()
     for owner, name, label, _ in PARTS:
         _wrap(owner, name, label, totals)
+    by_thread = _time_threads()
     for timed in (False, True):
         shutil.rmtree(d / "work", ignore_errors=True)
         totals.clear()
-        t, c = time.perf_counter(), time.process_time()
+        by_thread.clear()
+        t, c, main_t = time.perf_counter(), time.process_time(), time.thread_time()
         cfg = IngestConfig() if a.shard_rows is None else IngestConfig(shard_rows=a.shard_rows)
         rep = run.ingest([str(src)], d / "work", cfg, progress=False)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
+        by_thread["caller (this thread)"] = time.thread_time() - main_t
     print(f"ingest of {a.rows:,} JSONL rows in this process: {wall:.2f} s wall, {cpu:.2f} s CPU "
           f"({rep.rows:,} kept, {rep.duplicates:,} duplicates, {rep.quarantined:,} quarantined)")
     print(f"{'part':40s} {'thread':>7s} {'CPU s':>7s} {'share':>6s}")
     for _, _, label, thread in PARTS:
         print(f"{label:40s} {thread:>7s} {totals[label]:7.3f} {totals[label] / cpu:6.1%}")
+    print(f"{'whole thread':48s} {'CPU s':>7s} {'share':>6s}")
+    for name, sec in sorted(by_thread.items(), key=lambda kv: -kv[1]):
+        print(f"{name:48s} {sec:7.3f} {sec / cpu:6.1%}")
+
+
+def _time_threads() -> collections.Counter:
+    """CPU seconds of each thread started from now on, by name (the shard writer's, the sync
+    thread's, the parse thread's...), added up when each thread ends."""
+    import threading
+
+    out: collections.Counter = collections.Counter()
+    run_thread = threading.Thread.run
+
+    def timed_run(self):
+        t = time.thread_time()
+        try:
+            run_thread(self)
+        finally:
+            out[self.name] += time.thread_time() - t
+
+    threading.Thread.run = timed_run
+    return out
 
 
 if __name__ == "__main__":
