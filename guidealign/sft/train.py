@@ -378,7 +378,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             m = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             m.save_pretrained(tmp, safe_serialization=True)
     else:
-        if trainer.is_fsdp_enabled:
+        if getattr(trainer, "is_fsdp_enabled", False):
             # the model is saved whole whatever the checkpoints were (fsdp_config.state_dict_type
             # SHARDED_STATE_DICT, faster to save): under a sharded type save_model wrote no
             # weights, after the whole run (accelerate's "train sharded, save full")
