@@ -11,6 +11,7 @@ reach the other, and a job lost right after a checkpoint resumes from it and end
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -139,7 +140,7 @@ def test_a_checkpoint_of_one_process_is_passed_over_when_the_rerun_shards_with_f
     # one process, lost right after its step-1 checkpoint (tests/fsdp_cpu: the process exits, status 3)
     script = ("import sys; from guidealign.config import load_config; from guidealign.sft.train import run_sft; "
               "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], progress=False)")
-    env = {**__import__("os").environ, "PYTHONPATH": str(SHIM), "GUIDEALIGN_TEST_EXIT_AFTER_SAVE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SHIM), "GUIDEALIGN_TEST_EXIT_AFTER_SAVE": "1"}
     p = subprocess.run([sys.executable, "-c", script, str(TINY), str(tmp_path), *over, "sft.num_processes=1"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 3, p.stderr[-3000:]
