@@ -248,6 +248,7 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo | None, 
     from guidealign.sft.train import accumulation_steps
 
     rows = []
+    on_mig = any(is_mig(g) for g in gpus)
     for role, info in engines:
         e = role.engine
         tp = e.tensor_parallel_size
@@ -267,7 +268,7 @@ def gpu_rows(cfg, engines: list[tuple[Role, ModelInfo]], sft: ModelInfo | None, 
             rows.append(Row("GPUs", f"{role.name} tensor_parallel_size", WARN if idle else OK,
                             f"{tp}: {len(gpus) // tp} engine(s) on {len(gpus)} GPU(s)"
                             + (f", {idle} idle" if idle else "")))
-        if gpus and any(is_mig(g) for g in gpus):
+        if on_mig:
             rows.append(Row("GPUs", f"{role.name} on MIG devices", WARN,
                             "vLLM 0.32 turns a MIG device's UUID into an NVML index and reads it as a "
                             "whole GPU's (platforms/cuda.py); engines on MIG devices are reported to "

@@ -30,8 +30,8 @@ def load_on_first_process_only(targs) -> bool:
                     "the whole base model in every training process")
         return False
     log.info("sft: FSDP cpu_ram_efficient_loading: the base model's weights are read by each "
-             "node's first training process only (local rank %s %s)", os.environ.get("LOCAL_RANK", "0"),
-             "reads them" if os.environ.get("LOCAL_RANK", "0") == "0" else "waits for them")
+             "node's first training process only (local rank %s %s)", _local_rank(),
+             "reads them" if _local_rank() == 0 else "waits for them")
     return True
 
 

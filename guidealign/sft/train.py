@@ -344,8 +344,8 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
     ckpt_dir = checkpoint_dir(workdir, fp)
     trainer, tok, accum, precision = build_trainer(cfg, workdir, dataset, world=world,
                                                    progress=progress, ckpt_dir=ckpt_dir)
-    resume = resume_point(ckpt_dir, scfg, main=is_main_process(),
-                          fsdp=bool(getattr(trainer, "is_fsdp_enabled", False)))
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+    resume = resume_point(ckpt_dir, scfg, main=is_main_process(), fsdp=fsdp)
     # TRL drops the examples whose completion max_seq_length cuts off entirely (some of those
     # counted as cut above, with sft.drop_overlong false); packing cuts and drops nothing, and
     # its train_dataset holds packed sequences, not examples
@@ -378,7 +378,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             m = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             m.save_pretrained(tmp, safe_serialization=True)
     else:
-        if getattr(trainer, "is_fsdp_enabled", False):
+        if fsdp:
             # the model is saved whole whatever the checkpoints were (fsdp_config.state_dict_type
             # SHARDED_STATE_DICT, faster to save): under a sharded type save_model wrote no
             # weights, after the whole run (accelerate's "train sharded, save full")
