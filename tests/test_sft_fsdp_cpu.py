@@ -103,40 +103,29 @@ def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_resumes(tmp_path, m
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoints_of_the_sharded_type_still_save_a_whole_model(tmp_path, monkeypatch):
-    """``fsdp_config.state_dict_type: SHARDED_STATE_DICT`` (faster checkpoints) made the final
-    save_model write no weights: the run failed after training, and a rerun could not help (the
-    type is in the fingerprint). The final save now gathers the whole model whatever the type."""
+def test_a_one_process_checkpoint_is_passed_over_by_fsdp_and_sharded_checkpoints_still_save_a_model(
+        tmp_path, monkeypatch, capfd):
+    """Two fixes, one run (each FSDP start costs a minute here):
+
+    - The process count is not in SFT's fingerprint and one process drops FSDP: a job lost on a
+      node of one GPU left a checkpoint that the rerun on two (FSDP) found and could not load
+      (transformers looks for FSDP's files), so the rerun failed, and every rerun after it. The
+      checkpoint is passed over with a warning and the run trains from the start.
+    - ``fsdp_config.state_dict_type: SHARDED_STATE_DICT`` (faster checkpoints) made the final
+      save_model write no weights: the run failed after training, and a rerun could not help (the
+      type is in the fingerprint). The final save now gathers the whole model whatever the type."""
+    import subprocess
+    import sys
+
     import torch
 
     from guidealign.sft.train import run_sft
 
     _write_respond(tmp_path, 4)
-    monkeypatch.setenv("PYTHONPATH", str(SHIM))
-    monkeypatch.setenv("GUIDEALIGN_TEST_CPU_FSDP", "1")
-    sharded = FSDP.replace("cpu_ram_efficient_loading: true", "state_dict_type: SHARDED_STATE_DICT")
-    cfg = load_config(TINY, ["sft.max_steps=1", "sft.global_batch_size=2", "sft.micro_batch_size=1",
-                             "sft.max_seq_length=128", "sft.num_threads=1", "sft.num_processes=2", sharded])
-    done = run_sft(cfg, tmp_path, progress=False)
-    assert done["processes"] == 2 and done["sharding"] == "fsdp2" and done["steps"] == 1
-    w = _weights(tmp_path)
-    assert "model.embed_tokens.weight" in w and all(torch.isfinite(t.float()).all() for t in w.values())
-
-
-@pytest.mark.slow
-def test_a_checkpoint_of_one_process_is_passed_over_when_the_rerun_shards_with_fsdp(tmp_path, monkeypatch, capfd):
-    """The process count is not in SFT's fingerprint and one process drops FSDP: a job lost on a
-    node of one GPU left a checkpoint that the rerun on two (FSDP) found and could not load
-    (transformers looks for FSDP's files), so the rerun failed, and every rerun after it. The
-    checkpoint is passed over with a warning and the run trains from the start."""
-    import subprocess
-    import sys
-
-    from guidealign.sft.train import run_sft
-
-    _write_respond(tmp_path, 4)
+    fsdp = FSDP.replace("cpu_ram_efficient_loading: true",
+                        "cpu_ram_efficient_loading: true, state_dict_type: SHARDED_STATE_DICT")
     over = ["sft.max_steps=2", "sft.global_batch_size=2", "sft.micro_batch_size=1", "sft.max_seq_length=128",
-            "sft.num_threads=1", "sft.save_steps=1", FSDP]
+            "sft.num_threads=1", "sft.save_steps=1", fsdp]
     # one process, lost right after its step-1 checkpoint (tests/fsdp_cpu: the process exits, status 3)
     script = ("import sys; from guidealign.config import load_config; from guidealign.sft.train import run_sft; "
               "run_sft(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], progress=False)")
@@ -152,6 +141,9 @@ def test_a_checkpoint_of_one_process_is_passed_over_when_the_rerun_shards_with_f
     done = run_sft(load_config(TINY, [*over, "sft.num_processes=2"]), tmp_path, progress=False)
     assert done["processes"] == 2 and done["sharding"] == "fsdp2" and done["steps"] == 2
     assert "cannot resume across that change" in capfd.readouterr().err
+    # its checkpoints were of the sharded type, its final model is whole
+    w = _weights(tmp_path)
+    assert "model.embed_tokens.weight" in w and all(torch.isfinite(t.float()).all() for t in w.values())
 
 
 @pytest.mark.parametrize("saved_fsdp", [True, False])
