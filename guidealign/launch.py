@@ -353,7 +353,8 @@ def _takes_engine(stage: str) -> bool:
 @click.option("--tp", type=int, default=None,
               help="Tensor-parallel size: GPUs per worker, and each worker's engines get it too "
                    "(--set engine.tensor_parallel_size=N, and respond.engine.tensor_parallel_size=N "
-                   "and eval.judge_engine.tensor_parallel_size=N where the config sets them). "
+                   "where the config sets it; a judge's own size, eval.judge_engine.tensor_parallel_size, "
+                   "is only lowered to N, never raised). "
                    "Default: the config's engine.tensor_parallel_size; for respond the responder's (respond.engine over engine), for run the larger, "
                    "for eval the larger of the responder's and the judge's.")
 @click.option("--node-rank", type=int, default=None, help="This node's rank (default: from env/SLURM).")
