@@ -1092,6 +1092,21 @@ ROW_READER_CASES = {
         '{"instruction": "Sum up.", "input": "Text  two.\\u00e9"}', '{"instruction": "Sum up.", "input": " \\n"}',
         '{"instruction": "Sum up.", "input": 3}', '{"instruction": "Sum up.", "context": "ctx"}',
         '{"instruction": null, "input": "orphan"}', '{"instruction": "Sum up.", "input": null, "context": "c2"}'],
+    # pyarrow.json reads two objects on one line as two rows and one object over two lines as one:
+    # the counts matched and every row after them took the next line's number and metadata
+    "two objects on a line, one over two lines": [
+        '{"prompt": "a", "s": 1.5} {"prompt": "b", "s": 1.5}', '{"prompt": "c", "s": 3.0}',
+        '{"prompt": null, "s": 4.5}', '{"prompt": "d", "s": 5.5}', '{"prompt": "e",', ' "s": 6.5}'],
+    "the same among blank lines and indentation": [
+        '{"prompt": "a", "n": 1} {"prompt": "b", "n": 2}', '', '  {"prompt": "c", "n": 3}  ',
+        '{"prompt": "d", "n": 4}', '{"prompt": "e",', '"n": 5}', '\t{"prompt": "f", "n": 6}'],
+    "blank lines and indentation alone": ['', '  {"prompt": "a", "n": 1}', '', '\t{"prompt": "b", "n": 2}\r',
+                                          '{"prompt": "c", "n": {"x": 3}}  '],
+    # numbers pyarrow.json reads and Python's json does not
+    "numbers only pyarrow reads": [
+        '{"prompt": "a", "n": -NaN}', '{"prompt": "b", "n": 1.5}', '{"prompt": "c", "n": Inf}',
+        '{"prompt": "d", "m": {"x": -Inf}}', '{"prompt": "e", "n": Infinity, "l": [NaN, -Infinity]}',
+        '{"prompt": "f: Inf, -NaN]", "n": 2.5}'],
 }
 
 

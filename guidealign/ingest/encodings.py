@@ -267,6 +267,7 @@ class _Transcoded(io.RawIOBase):
         self.dec = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)("guidealign-escape")
         self.pending = head[skip:]
         self.lone_cr = lone_cr
+        self.cr_held = b""  # a CR at the end of a piece, held until the next shows whether an LF follows
         self.buf = b""
         self.eof = False
         self.cause: Exception | None = None  # what stopped the reading early, if anything did
@@ -298,8 +299,11 @@ class _Transcoded(io.RawIOBase):
                 if self.cause is None:  # a decompressor's error says the file is damaged: kept
                     self.fail(self._mismatch(e.end - e.start))
                 data = b""
-        if self.lone_cr:
-            data = data.replace(b"\r", b"\n")
+        if self.lone_cr:  # a CR LF further on (the file changes its line ends) is one line end too
+            data, self.cr_held = self.cr_held + data, b""
+            if data.endswith(b"\r") and not final:  # its LF may start the next piece
+                data, self.cr_held = data[:-1], b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         self.lines = self.lines or b"\n" in data
         self.buf += data
         return not final

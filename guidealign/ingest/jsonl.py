@@ -69,13 +69,26 @@ def _read_json_block(block: bytes) -> pa.Table | None:
 
 
 def _is_temporal(t: pa.DataType) -> bool:
-    if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_time(t):
+    return _any_type(t, lambda u: pa.types.is_timestamp(u) or pa.types.is_date(u) or pa.types.is_time(u))
+
+
+def _any_type(t: pa.DataType | pa.Schema, pred) -> bool:
+    """Whether ``t`` (a schema: any of its fields) or a type nested in it satisfies ``pred``."""
+    if isinstance(t, pa.Schema):
+        return any(_any_type(f.type, pred) for f in t)
+    if pred(t):
         return True
     if pa.types.is_struct(t):
-        return any(_is_temporal(t.field(i).type) for i in range(t.num_fields))
+        return any(_any_type(t.field(i).type, pred) for i in range(t.num_fields))
     if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return _is_temporal(t.value_type)
+        return _any_type(t.value_type, pred)
     return False
+
+
+# pyarrow.json also reads -NaN, Inf and -Inf as numbers, which Python's json refuses (it takes NaN,
+# Infinity and -Infinity only): looked for as a value (after ":", "[" or ","; in a string such text
+# only sends its block to the row reader)
+_NOT_PYTHON_NUMBER = re.compile(rb"[:\[,][ \t\r\n]*(?:-NaN|-?Inf)(?=[ \t\r\n,\]}])")
 
 
 _FIRST_IS_OBJECT = re.compile(rb"[ \t\r\n]*\{")
@@ -112,12 +125,18 @@ def _parse_block(block: bytes, line0: int, final: bool) -> _Parsed | None:
     # their values nest on from line to line (a pretty-printed document named .jsonl)
     if not lines.objects and line_depth(block) > MAX_DEPTH:
         return None
+    # and it reads two objects on one line as two rows: with a value going on into the next line
+    # elsewhere, the row count still matches the lines and rows would pair with other lines' numbers
+    if not lines.objects and not lines_hold_whole_objects(arr, lines.ends):
+        return None
     try:
         table = _read_json_block(block)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, RecursionError):  # the last: a deep value
         return None
     if table is None:
         return None
+    if _any_type(table.schema, pa.types.is_floating) and _NOT_PYTHON_NUMBER.search(block):
+        return None  # a number only pyarrow.json reads (-NaN, Inf): the row reader says it is not JSON
     linenos = _nonblank_linenos(block, lines, line0)
     if table.num_rows != len(linenos):  # e.g. two objects on one line: let the row reader say so
         return None
@@ -187,6 +206,50 @@ def _lines_are_objects(arr: np.ndarray, inner: np.ndarray, after: np.ndarray) ->
     cr = np.flatnonzero(before != 0x7D)
     g = inner[cr]
     return bool((before[cr] == 13).all() and (g >= 2).all() and (arr[g - 2] == 0x7D).all())
+
+
+# JSON's blank space
+_JSON_WS = np.zeros(256, bool)
+_JSON_WS[[9, 10, 13, 32]] = True
+
+
+def lines_hold_whole_objects(arr: np.ndarray, ends: np.ndarray) -> bool:
+    """Whether every line of a block that is not blank starts with "{" and ends with "}" once
+    JSON's blank space around it is left out (``BlockLines.objects`` without blank lines and
+    indentation). As there, no value then goes on from one line into the next (a line ending at
+    depth > 0 is followed by a "{", which JSON does not allow), so each line holds whole objects,
+    at least one: as many rows as non-blank lines means one object a line, each row its own line's."""
+    n = arr.size
+    starts = np.concatenate([[0], ends + 1])
+    stops = np.concatenate([ends, [n]])
+    if starts[-1] >= n:  # the block ends at a line end: no line after it
+        starts, stops = starts[:-1], stops[:-1]
+    first = _past_blank(arr, starts, stops, 1)
+    last = _past_blank(arr, stops - 1, starts - 1, -1)
+    if first is None or last is None:  # long runs of blank space: one exact pass over the block
+        nz = np.flatnonzero(~_JSON_WS[arr])
+        if not nz.size:
+            return True
+        first_i, last_i = np.searchsorted(nz, starts), np.searchsorted(nz, stops) - 1
+        full = first_i <= last_i
+        first, last = nz[np.minimum(first_i, nz.size - 1)], nz[np.maximum(last_i, 0)]
+    else:
+        full = first != stops
+    return bool((arr[first[full]] == 0x7B).all() and (arr[last[full]] == 0x7D).all())
+
+
+def _past_blank(arr: np.ndarray, pos: np.ndarray, limit: np.ndarray, step: int, rounds: int = 16):
+    """Each position moved ``step`` at a time past JSON's blank space, up to its ``limit`` (where a
+    blank line's ends): a few gathers for indentation and a CR; None past ``rounds`` steps."""
+    pos = pos.copy()
+    todo = np.flatnonzero(pos != limit)
+    for _ in range(rounds):
+        todo = todo[_JSON_WS[arr[pos[todo]]]]
+        if not todo.size:
+            return pos
+        pos[todo] += step
+        todo = todo[pos[todo] != limit[todo]]
+    return None
 
 
 # a line shorter than this is not looked at by ``has_deep_line``: it holds at most LONG_LINE / 2
