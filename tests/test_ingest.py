@@ -1107,6 +1107,7 @@ ROW_READER_CASES = {
         '{"prompt": "a", "n": -NaN}', '{"prompt": "b", "n": 1.5}', '{"prompt": "c", "n": Inf}',
         '{"prompt": "d", "m": {"x": -Inf}}', '{"prompt": "e", "n": Infinity, "l": [NaN, -Infinity]}',
         '{"prompt": "f: Inf, -NaN]", "n": 2.5}'],
+    "the same nested only": ['{"prompt": "d", "m": {"x": -Inf}}', '{"prompt": "e", "l": [Inf]}', '{"prompt": "g"}'],
 }
 
 

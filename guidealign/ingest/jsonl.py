@@ -135,7 +135,8 @@ def _parse_block(block: bytes, line0: int, final: bool) -> _Parsed | None:
         return None
     if table is None:
         return None
-    if _any_type(table.schema, pa.types.is_floating) and _NOT_PYTHON_NUMBER.search(block):
+    if (_any_type(table.schema, pa.types.is_floating) and (b"Inf" in block or b"-NaN" in block)
+            and _NOT_PYTHON_NUMBER.search(block)):
         return None  # a number only pyarrow.json reads (-NaN, Inf): the row reader says it is not JSON
     linenos = _nonblank_linenos(block, lines, line0)
     if table.num_rows != len(linenos):  # e.g. two objects on one line: let the row reader say so
