@@ -329,11 +329,7 @@ def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # join (``visible``): ingest runs once more; inputs without such prompts come out the same,
     # with them the shards from the first such row on change (``shard_cut: position``; under
     # ``content`` only the shards around it)
-    # Stop 53: a JSONL block whose lines pyarrow.json pairs with rows only by count (two objects on
-    # one line, a value over two lines) and numbers only pyarrow reads (-NaN, Inf) go row by row,
-    # and a CR LF in a file sniffed as lone-CR is one line end: text inputs are ingested once more;
-    # well-formed ones come out the same (nothing downstream redone), Parquet and datasets keep
-    # their fingerprint
+    # Stop 53 (line pairing, -NaN/Inf, CR LF after lone CR; README): text inputs once more, same if well-formed
     lines = ["line-pairing-v1"] if any(p.is_file() and inner_suffix(p) != ".parquet" for p in files) else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
