@@ -89,7 +89,7 @@ def workdir(tmp_path) -> Path:
     return d
 
 
-# The longest modules (each several minutes here: whole pipeline runs, engines, clusters),
+# The longest modules (half a minute to several minutes each here: pipeline runs, engines, clusters),
 # longest first. They are started first, so that on two pytest-xdist workers (CI: ``-n 2
 # --dist loadfile --no-loadscope-reorder``) the short ones fill in around them instead of a
 # long one starting last. Only the order changes: no test depends on it. The list follows each
