@@ -89,15 +89,12 @@ def workdir(tmp_path) -> Path:
     return d
 
 
-# The longest modules (half a minute to several minutes each here: pipeline runs, engines, clusters),
+# The longest modules (each several minutes here: whole pipeline runs, engines, clusters),
 # longest first. They are started first, so that on two pytest-xdist workers (CI: ``-n 2
 # --dist loadfile --no-loadscope-reorder``) the short ones fill in around them instead of a
-# long one starting last. Only the order changes: no test depends on it. The list follows each
-# module's test time in a fresh-clone run with --junitxml (Stop 53: every module over 30 s).
-LONGEST_FIRST = ("test_chaos", "test_e2e", "test_paper_twin", "test_sft_fsdp_cpu", "test_gen_stages",
-                 "test_sft", "test_slurm", "test_executors", "test_stage_child", "test_retrieval_train",
-                 "test_ray_engine", "test_engine_progress_deadline", "test_review_sft_hub",
-                 "test_engine_start_deadline", "test_failfast", "test_turn_end_stop")
+# long one starting last. Only the order changes: no test depends on it.
+LONGEST_FIRST = ("test_chaos", "test_e2e", "test_paper_twin", "test_slurm", "test_sft",
+                 "test_gen_stages", "test_ray_engine")
 
 
 def pytest_collection_modifyitems(config, items):
