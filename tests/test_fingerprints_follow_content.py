@@ -44,7 +44,8 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
     resolved path, size and mtime (with the config; v8 added ingest.instruction_inputs; Stop 50
     added strict-JSON metadata for every input but CSV/TSV, whose values are text; Stop 51 the
     quarantine of prompts without text, for every input)."""
-    from guidealign.ingest.run import IngestConfig, _fingerprint
+    from guidealign.ingest.run import IngestConfig
+    from guidealign.ingest.fingerprint import files_fingerprint as _fingerprint
     from guidealign.shards import fingerprint
 
     f = tmp_path / "in.jsonl"
@@ -62,6 +63,9 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
     j = tmp_path / "in.json"
     j.write_text('[{"prompt": "x"}]')
     assert _fingerprint([j.resolve()], c) != v8(j)
+    # and by Stop 54's (a bad item ends at the next item that reads, ...): once more again
+    assert _fingerprint([j.resolve()], c) == v8(j, "json-array-v2", "metadata-strict-json-v1", "prompt-has-text-v1",
+                                                "line-pairing-v1", "json-array-v3")
     # so is a CSV file (Stop 49: a record over several lines is numbered by its first line)
     v = tmp_path / "in.csv"
     v.write_text('prompt\n"x"\n')

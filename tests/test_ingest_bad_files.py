@@ -19,7 +19,8 @@ from test_ingest import _all_rows, _big_input, _reference_ingest, _run_cli
 from guidealign.ingest.batch import Spec, arrow_batches, rows_batch
 from guidealign.ingest.arrowfiles import _rows_of, iter_parquet_tables
 from guidealign.ingest.readers import IngestError
-from guidealign.ingest.run import KILL_AFTER_ENV, IngestConfig, _fingerprint, ingest, run_fingerprint
+from guidealign.ingest.fingerprint import files_fingerprint as _fingerprint
+from guidealign.ingest.run import KILL_AFTER_ENV, IngestConfig, ingest, run_fingerprint
 from guidealign.shards import fingerprint, iter_tables, read_manifest, read_quarantine
 
 SPEC = Spec("prompt", (), 100_000, "hashlib")

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from guidealign.ingest.metadata import MAX_DEPTH, dumps
-from guidealign.ingest.run import IngestConfig, _fingerprint, ingest
+from guidealign.ingest.fingerprint import files_fingerprint as _fingerprint
+from guidealign.ingest.run import IngestConfig, ingest
 from guidealign.shards import fingerprint, iter_tables, read_quarantine
 
 BIG = "9" * 5000  # past Python's 4300-digit limit for int("...")

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import SNIFF_BYTES
 from guidealign.ingest.jsonl import lines_hold_whole_objects, scan_lines
-from guidealign.ingest.run import _fingerprint, ingest
+from guidealign.ingest.fingerprint import files_fingerprint as _fingerprint
+from guidealign.ingest.run import ingest
 from guidealign.shards.fingerprint import fingerprint
 
 
@@ -61,9 +62,8 @@ def test_a_crlf_line_end_after_a_lone_cr_start_is_one_line_end(tmp_path, monkeyp
     assert _sources(tmp_path / "w2") == [str(i) for i in range(1, 3_000)]
 
 
-def test_text_inputs_are_ingested_once_more_parquet_keeps_its_fingerprint(tmp_path):
+def test_text_inputs_carry_the_line_pairing_term_parquet_does_not(tmp_path):
     import pyarrow as pa
-
 
     c = IngestConfig()
 
@@ -75,7 +75,8 @@ def test_text_inputs_are_ingested_once_more_parquet_keeps_its_fingerprint(tmp_pa
 
     pf = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["x"]}), pf)
-    assert _fingerprint([pf.resolve()], c) == rule(pf, "metadata-strict-json-v1", "prompt-has-text-v1")
+    assert _fingerprint([pf.resolve()], c) == rule(pf, "metadata-strict-json-v1", "prompt-has-text-v1",
+                                                   "nested-binary-text-v1")  # Stop 54: Parquet and datasets
     jl = tmp_path / "in.jsonl"
     jl.write_text('{"prompt": "x"}\n')
     assert _fingerprint([jl.resolve()], c) == rule(jl, "metadata-strict-json-v1", "prompt-has-text-v1",

@@ -20,6 +20,7 @@ array of objects comes before the prompt field, what follows is read ahead to fi
 from __future__ import annotations
 
 import codecs
+import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -35,10 +36,13 @@ from guidealign.ingest.rows import Row
 _DEFAULTS = IngestConfig()
 # characters past the '[' of an object's first array of objects read ahead to find its prompt field
 LOOKAHEAD = 16 << 20
+# characters past an item that does not close where the next item is looked for (``_resync``)
+RESYNC = 1 << 20
 _HOLDS_RECORDS = re.compile(r"\[\s*\{")  # an array of objects somewhere in a value
 
 
-def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_field) -> Iterator[Row]:
+def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_field,
+              aliases: tuple[str, ...] = tuple(_DEFAULTS.prompt_aliases)) -> Iterator[Row]:
     """A JSON array of objects, streamed item by item; or a JSON object: one record when its
     prompt field ``field`` is there and holds no array, else its
     arrays of objects (``{"data": [...]}``, ``{"train": [...], "test": [...]}``) item by item,
@@ -49,12 +53,13 @@ def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_
     the items after it are read."""
     stream, enc = open_utf8(path, encoding)
     with stream:
-        yield from _JsonItems(stream, enc, field).rows()
+        yield from _JsonItems(stream, enc, field, aliases).rows()
 
 
 _JSON_SYNTAX = re.compile(r'["\[\]{},]')
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_CHUNK = 1 << 22
+_NEXT_OBJECT = re.compile(r",[ \t\r\n]*\{")
 
 
 class _JsonItems:
@@ -63,9 +68,10 @@ class _JsonItems:
     does not read (a bad item, or one the buffer cuts) is cut out by scanning its brackets.
     Bytes that are not UTF-8 are kept as lone surrogates, so that only their item is quarantined."""
 
-    def __init__(self, stream, enc: str, field: str = _DEFAULTS.prompt_field):
+    def __init__(self, stream, enc: str, field: str = _DEFAULTS.prompt_field,
+                 aliases: tuple[str, ...] = tuple(_DEFAULTS.prompt_aliases)):
         self.stream, self.enc = stream, enc
-        self.field = field
+        self.field, self.aliases = field, aliases
         # the prompt field as a key somewhere in a value: its records, not a schema naming it
         self._field_key = re.compile(r'"\s*' + re.escape(field.strip()) + r'\s*"\s*:', re.IGNORECASE)
         self.dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
@@ -112,10 +118,11 @@ class _JsonItems:
             if not self._more():
                 return None
 
-    def _value_end(self, closers: str, stop: float = float("inf")) -> int | None:
+    def _value_end(self, closers: str, stop: float = float("inf"), strict: bool = False) -> int | None:
         """End of the value at ``pos``: the first byte of ``closers`` outside strings and brackets
-        (its position), None when the file ends first (or the value runs past position ``stop``)."""
-        depth, i = 0, self.pos
+        (its position), None when the file ends first (or the value runs past position ``stop``,
+        or, ``strict``, a bracket closes one of the other kind: a '}' or ']' left out)."""
+        depth, i, opened = 0, self.pos, []
         while True:
             m = _JSON_SYNTAX.search(self.buf, i)
             if m is None:
@@ -136,9 +143,19 @@ class _JsonItems:
                 return j
             if c in "[{":
                 depth += 1
+                if strict:
+                    opened.append(c)
             elif c != "," and depth:  # ] or }
                 depth -= 1
+                if strict and opened.pop() != ("[" if c == "]" else "{"):
+                    return None
             i = j + 1
+
+    def _excerpt(self, n: int) -> str:
+        """The ``n`` characters from ``pos`` on (for a reason: the same however the reads cut them)."""
+        while len(self.buf) < self.pos + n and self._more():
+            pass
+        return self.buf[self.pos:self.pos + n]
 
     def _truncated(self, row: int, what: str) -> tuple[int, str]:
         """(row, reason) for the file ending inside the JSON: a damaged compressed file's error
@@ -176,7 +193,7 @@ class _JsonItems:
             if row is not None:
                 end, row = row
             else:
-                end = self._value_end(",]")
+                end = self._item_end()
                 if end is None:
                     raw = self.buf[self.pos:].encode("utf-8", "surrogateescape")
                     self.n += 1
@@ -191,6 +208,51 @@ class _JsonItems:
             yield row
             if closer == "]":
                 return
+
+    def _item_end(self) -> int | None:
+        """The ',' or ']' after the item at ``pos`` (None when the file ends first). An item whose
+        brackets do not close (a '}' or a quote left out) would take in every item after it, to
+        the file's end or to a bracket of the other kind: when it does not close within
+        ``LOOKAHEAD`` characters, a bracket closes one of the other kind, or the file ends first,
+        it ends where the next item that reads begins (``_resync``)."""
+        end = self._value_end(",]", self.pos + LOOKAHEAD, strict=True)
+        if end is None:
+            end = self._resync()
+        return self._value_end(",]") if end is None else end
+
+    def _resync(self) -> int | None:
+        """For an item at ``pos`` that is not JSON: the ',' before the first object, starting
+        after the point where JSON finds the item wrong and within ``RESYNC`` characters of its
+        start, that reads whole within ``2 * RESYNC`` and is followed by ',' or ']' (the next
+        item; with a quote left out, the text after that point may pair quotes wrongly, so an
+        item after it may be taken into the bad item's text). None when the item reads, or no
+        such object follows. Only that window of the file decides it, however the reads cut it."""
+        while len(self.buf) < self.pos + 2 * RESYNC and self._more():
+            pass
+        text = self.buf[self.pos:self.pos + 2 * RESYNC]
+        try:
+            _, err = JSON_DECODER.raw_decode(text)
+            m = JSON_NON_WS.search(text, err)
+            if m is None or m.group() in ",]":
+                return None
+            err = m.start()
+        except json.JSONDecodeError as e:
+            if e.msg.startswith("Unterminated string"):  # no end seen: a long string, or truncated
+                return None
+            err = e.pos
+        except (ValueError, RecursionError):
+            return None
+        for m in _NEXT_OBJECT.finditer(text, 1, RESYNC):
+            if m.end() <= err:
+                continue
+            try:
+                _, end = JSON_DECODER.raw_decode(text, m.end() - 1)
+            except (ValueError, RecursionError):
+                continue
+            after = JSON_NON_WS.search(text, end)
+            if after is not None and after.group() in ",]":
+                return self.pos + m.start()
+        return None
 
     def _fast_item(self) -> tuple[int, Row] | None:
         """(position of the ',' or ']' after it, row) for an object item that reads in place, else
@@ -209,15 +271,16 @@ class _JsonItems:
 
     def _tail(self, record: bool = False) -> Iterator[Row]:
         """After the top-level value: whitespace only, else say that the rest was not read. When
-        the value was one record ending its line and a next line is another whole object, the
-        file is JSON Lines (``jsonrows.is_json_lines`` could not tell): read the rest as such."""
+        the value was one record ending its line and one of the next lines is another whole
+        object, the file is JSON Lines (``jsonrows.is_json_lines`` could not tell: a first line
+        longer than what it reads): read the rest as such, a line of ``null`` or a comment too."""
         end = self.pos
         c = self._next()
-        if c == "{" and record and "\n" in self.buf[end:self.pos] and self._object_lines_follow():
+        if c is not None and record and "\n" in self.buf[end:self.pos] and self._object_lines_follow():
             yield from self._json_lines()
         elif c is not None:
             yield 0, None, (f"more text after the JSON value ends (after item {self.n}), not read: "
-                            f"{self.buf[self.pos:self.pos + 40]!r}; a file of one record per line "
+                            f"{self._excerpt(40)!r}; a file of one record per line "
                             "is JSON Lines (.jsonl)")
         elif read_error(self.stream) and not self.reported:
             yield 0, None, read_error(self.stream, self.n)
@@ -238,14 +301,15 @@ class _JsonItems:
             at = nl + 1
         return False
 
-    def _line_end(self, at: int) -> int:
-        """The next line end from ``at`` on, reading more of the file as needed; -1 at its end."""
+    def _line_end(self, at: int, stop: float = float("inf")) -> int:
+        """The next line end from ``at`` on, reading more of the file as needed; -1 at its end (or
+        past position ``stop``)."""
         while True:
             nl = self.buf.find("\n", at)
             if nl >= 0:
                 return nl
             at = len(self.buf)
-            if not self._more():
+            if at > stop or not self._more():
                 return -1
 
     def _json_lines(self) -> Iterator[Row]:
@@ -283,7 +347,7 @@ class _JsonItems:
             return
         if c != "{":
             yield 0, None, (f"file is not a JSON array or object (it starts with "
-                            f"{self.buf[self.pos:self.pos + 20]!r}); check it is JSON, or JSON Lines (.jsonl)")
+                            f"{self._excerpt(20)!r}); check it is JSON, or JSON Lines (.jsonl)")
             return
         yield from self._object()
 
@@ -312,7 +376,7 @@ class _JsonItems:
             c = self._next()
             kinds[key_name(key)] = c == "["
             if c == "[" and not record:
-                first = first_item(self)
+                first = first_item(self, self.pos + LOOKAHEAD)
                 if first == "{" and not found and self._one_record(kinds):
                     record, c = True, None  # its arrays are fields of it: values, passed over below
                 elif first == "{":  # an array of objects: records
@@ -349,16 +413,23 @@ class _JsonItems:
             # one record: the object itself (an empty array beside other values is a field of
             # it, {"prompt": ..., "tags": []}; only {"train": [], ...} holds no record)
             self.keep = None
-            yield self._item(self.buf[start:self.pos])
+            row = self._item(self.buf[start:self.pos])
+            if nested and row[2] is None and find_prompt_key(row[1], self.field, self.aliases) is None:
+                row = row[0], row[1], self._nested_note(nested, "; the object itself has no prompt field")
+            yield row
         else:
             for key in notes:
                 yield 0, None, (f"the value of key {key} is an array that does not hold objects: not "
                                 "read (records are JSON objects)")
             for key in nested:
-                yield 0, None, (f"the value of key {key} is an object holding arrays of records: not "
-                                "read (records are read from arrays at the top or one level down; "
-                                "give that array as a file of its own)")
+                yield 0, None, self._nested_note([key])
         yield from self._tail(record=one)  # kept whole from the file's start: nothing dropped
+
+    @staticmethod
+    def _nested_note(keys: list[str], more: str = "") -> str:
+        return (f"the value of key {', '.join(keys)} is an object holding arrays of records: not read "
+                f"(records are read from arrays at the top or one level down; give that array as a "
+                f"file of its own){more}")
 
     def _one_record(self, kinds: dict[str, bool]) -> bool:
         """At the first array of objects (at ``pos``) of the object being read, with ``kinds`` its
@@ -373,11 +444,20 @@ class _JsonItems:
         return key is not None and not kinds[key]
 
     def _broken(self, what: str) -> Iterator[Row]:
-        self.keep = None
+        start, self.keep = self.keep, None
+        if start is not None and "\n" not in self.buf[start:self.pos]:
+            # the first line, a record that does not read: JSON Lines when a next line is one
+            nl, at = self._line_end(self.pos, self.pos + LOOKAHEAD), self.pos
+            self.pos = nl + 1
+            if nl >= 0 and self._object_lines_follow():
+                self.pos = start
+                yield from self._json_lines()
+                return
+            self.pos = at
         if self.eof or read_error(self.stream):
             row, why = self._truncated(self.n + 1, f"the JSON object is {what} after item {self.n}")
             yield row, None, why
         else:
             yield self.n + 1, None, (f"the JSON object is not valid JSON ({what}) after item {self.n}: "
-                                     f"{self.buf[self.pos:self.pos + 40]!r}; the rest of the file was not read")
+                                     f"{self._excerpt(40)!r}; the rest of the file was not read")
 

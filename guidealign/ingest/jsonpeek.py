@@ -12,25 +12,28 @@ JSON_NON_WS = re.compile(r"[^ \t\r\n]")
 JSON_DECODER = json.JSONDecoder()
 
 
-def first_item(r) -> str | None:
-    """The first character of the first item that is not ``null`` of the array whose '[' is at
-    ``pos`` ("n" when it holds nulls only; None at the end of the file): leading nulls are
-    placeholders (scraped dumps), and the array still holds records. ``pos`` stays."""
-    at, nulls = r.pos, 0
+def first_item(r, stop: float = float("inf")) -> str | None:
+    """What the array whose '[' is at ``pos`` holds: the first character of its first item that is
+    an object or an array, scalar items before it passed over (``null`` placeholders in scraped
+    dumps, a header string: the array still holds records); when it holds none (or its scalars
+    run on past position ``stop``, or one does not read), its first item's first character ("n"
+    for a leading ``null``); "]" when it is empty; None at the end of the file. ``pos`` stays."""
+    at, first = r.pos, None
     try:
         r.pos += 1
         while True:
             c = r._next()
-            while c == "n" and len(r.buf) < r.pos + 4 and r._more():
-                pass
-            if c != "n" or not r.buf.startswith("null", r.pos):
-                return "n" if nulls and c == "]" else c
-            nulls += 1
-            r.pos += 4
-            c = r._next()
-            if c != ",":
-                return "n"  # nulls only, or not JSON: an array of no records
-            r.pos += 1
+            if c is None or c in "{[":
+                return c
+            if c == "]":
+                return first or c
+            if r.pos > stop:
+                return first
+            first = first or c
+            m = value_end(r, stop)  # the scalar item, read (raw_decode)
+            if m is None or m.group() != ",":
+                return first
+            r.pos = m.end()
     finally:
         r.pos = at
 
@@ -80,18 +83,9 @@ def pass_array(r, stop: int) -> bool:
         r.pos += 1
         return True
     while r.pos <= stop:
-        try:
-            _, end = JSON_DECODER.raw_decode(r.buf, r.pos)
-            m = JSON_NON_WS.search(r.buf, end)
-        except (json.JSONDecodeError, RecursionError):
-            m = None
-        except ValueError:  # an integer of more digits than Python reads: JSON, passed by its brackets
-            end = r._value_end(",]", stop)
-            m = None if end is None else JSON_NON_WS.search(r.buf, end)
-        if m is None:  # cut by the end of the buffer (or bad: then read on to ``stop``)
-            if len(r.buf) > stop or not r._more():
-                return False
-            continue
+        m = value_end(r, stop)
+        if m is None:
+            return False
         r.pos = m.end()
         if m.group() == "]":
             return True
@@ -100,6 +94,24 @@ def pass_array(r, stop: int) -> bool:
     return False
 
 
+def value_end(r, stop: float) -> re.Match | None:
+    """The first character that is not blank space after the value at ``pos`` (read by
+    ``raw_decode``), more of the file read where the buffer may cut the value (a number's "1." of
+    "1.5" reads as 1, the "." after it looking like an error); None when the value does not read by
+    position ``stop`` (a bad one reads on to there) or the file ends first. ``pos`` stays."""
+    while True:
+        try:
+            _, end = JSON_DECODER.raw_decode(r.buf, r.pos)
+            m = JSON_NON_WS.search(r.buf, end)
+        except (json.JSONDecodeError, RecursionError):
+            m = None
+        except ValueError:  # an integer of more digits than Python reads: JSON, passed by its brackets
+            end = r._value_end(",]", stop)
+            m = None if end is None else JSON_NON_WS.search(r.buf, end)
+        if m is not None and (m.group() in ",]" or m.end() < len(r.buf)):
+            return m
+        if len(r.buf) > stop or not r._more():  # cut by the end of the buffer, or bad
+            return m
 def key_name(token: str) -> str:
     """The key that the JSON string ``token`` (quotes and all) reads as."""
     try:

@@ -78,9 +78,9 @@ def dumps(v) -> str:
     jq, JavaScript and most other readers). The key stays: ``{"score": null}`` for a NaN score,
     where a missing or null value leaves the key out (``meta_json``, ``metadata_column``)."""
     try:
-        s = json.dumps(v, ensure_ascii=False, default=str, sort_keys=True, allow_nan=False)
+        s = json.dumps(v, ensure_ascii=False, default=_as_text, sort_keys=True, allow_nan=False)
     except ValueError:  # a NaN or an infinity somewhere (rare)
-        s = json.dumps(finite(v), ensure_ascii=False, default=str, sort_keys=True, allow_nan=False)
+        s = json.dumps(finite(v), ensure_ascii=False, default=_as_text, sort_keys=True, allow_nan=False)
     if not s.isascii():
         try:
             s.encode("utf-8")
@@ -89,6 +89,15 @@ def dumps(v) -> str:
             # exactly as ensure_ascii writes it
             s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s
+
+
+def _as_text(v) -> str:
+    """A value JSON has no type for: bytes (a binary value inside a list or struct) as a binary
+    column's are (its text; a byte that is not UTF-8 as a lone surrogate, escaped by ``dumps``),
+    anything else (a date, a decimal) as ``str`` writes it."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", errors="surrogateescape")
+    return str(v)
 
 
 def meta_json(rec: dict, key) -> str:
@@ -105,7 +114,7 @@ def raw_repr(rec) -> str | None:
     if too_deep(rec, MAX_DEPTH + 1):  # the record is one level: its values as deep as they may be
         return f"<a {type(rec).__name__} nested too deeply to show (deeper than {MAX_DEPTH} levels)>"
     try:
-        s = json.dumps(rec, ensure_ascii=False, default=str)
+        s = json.dumps(rec, ensure_ascii=False, default=_as_text)
     except Exception:  # noqa: BLE001 - e.g. nested past the recursion limit
         try:
             s = repr(rec)

@@ -201,7 +201,7 @@ def read_rows(path: Path, fmt: str, cfg) -> Iterator[Row]:
     IngestConfig) reads them: its encoding and CSV delimiter, and, for a JSON object, its prompt
     field (which decides whether the object is one record or holds records)."""
     if fmt == "json":
-        return read_json(path, cfg.encoding, cfg.prompt_field)
+        return read_json(path, cfg.encoding, cfg.prompt_field, tuple(cfg.prompt_aliases))
     if fmt == "csv":
         return read_csv(path, cfg.encoding, cfg.delimiter, (cfg.prompt_field, tuple(cfg.prompt_aliases)))
     return READERS[fmt](path, cfg.encoding)

@@ -33,13 +33,14 @@ import numpy as np
 import pyarrow as pa
 
 from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
-from guidealign.ingest.encodings import EncodingError, inner_suffix, open_utf8, read_error
+from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
 from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, hex_ids, prompt_keys,
                                     prompt_value, rows_batch)
 from guidealign.ingest.commit import Pending, ShardWriter
 from guidealign.ingest.csvcol import csv_batches
 from guidealign.ingest.cuts import cut_ends, shard_cuts
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
+from guidealign.ingest.fingerprint import files_fingerprint
 from guidealign.ingest.jsonl import jsonl_blocks
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
 from guidealign.ingest.arrowfiles import hf_splits, iter_parquet_tables
@@ -282,7 +283,7 @@ def run_fingerprint(inputs: list[str], cfg: IngestConfig, dataset: str | Path | 
     """What an ingest of ``inputs`` with ``cfg`` (into ``dataset``, WORKDIR/<name>: the files its
     patterns match there are skipped, as ``ingest`` skips them) writes in its manifest: the other
     ranks wait for it (an earlier run's complete prompts, over other files, are not this run's)."""
-    return _fingerprint(expand_inputs(list(inputs) or list(cfg.inputs), dataset), cfg)
+    return files_fingerprint(expand_inputs(list(inputs) or list(cfg.inputs), dataset), cfg)
 
 
 def wait_ingested(dataset: str | Path, inputs: list[str], cfg: IngestConfig, timeout: float) -> dict:
@@ -294,57 +295,6 @@ def wait_ingested(dataset: str | Path, inputs: list[str], cfg: IngestConfig, tim
     except (IngestError, OSError):  # rank 0 reports the unreadable input and fails: the wait
         want = "unreadable inputs"  # ends on its failure, not on this rank's own
     return wait_complete(dataset, timeout=timeout, manifest_fp=want)
-
-
-def _fingerprint(files: list[Path], cfg: IngestConfig) -> str:
-    # v7: mtime in nanoseconds (a file rewritten with the same size within the same second was
-    # taken as already ingested); the shards of the same input come out byte for byte the same,
-    # so after the upgrade ingest runs once more and no later stage redoes a shard
-    # The resolved path says which file it is (the same relative path from another directory is
-    # another file); the path as written is what ``source`` says, so another spelling of the
-    # same file is another run (its shards rewritten, not mixed with the earlier spelling's). A
-    # path written as it resolves adds nothing: that run keeps the fingerprint it had.
-    stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
-             + (() if str(p) == str(p.resolve()) else (str(p),)) + _inner_stats(p) for p in files]
-    # v8: an instruction's input (ingest.instruction_inputs) is part of its prompt; shards
-    # without one come out the same, so only inputs with instruction + input change downstream
-    # JSON (not JSON Lines) files since Stop 48: records after leading nulls in an array ({"data":
-    # [null, {...}, ...]}) are read, and an object holding arrays of records is said; runs
-    # without a .json input keep their fingerprint
-    json_v2 = ["json-array-v2"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
-    # CSV (Stop 49): a record over several lines is numbered by its first line in `source`, not
-    # its last; where no record spans lines, the shards come out the same (nothing downstream redone)
-    csv_v2 = ["csv-first-line"] if any(p.is_file() and inner_suffix(p) in (".csv", ".tsv") for p in files) else []
-    # ingest.shard_cut=content (Stop 49) cuts other shards; position keeps the fingerprint it had
-    cut = ["shard-cut-content-v1"] if cfg.shard_cut == "content" else []
-    # Stop 50: metadata is strict JSON (a NaN or infinite float written as null, not as a bare
-    # NaN/Infinity), and a quarantined row's undecodable bytes show as \udcXX escapes.
-    # Any input but CSV (whose values are text) may hold such values: ingest runs once more, and
-    # only shards that hold them come out different (only those are redone downstream); CSV-only
-    # runs keep their fingerprint
-    strict = ["metadata-strict-json-v1"] if any(not (p.is_file() and inner_suffix(p) in (".csv", ".tsv"))
-                                                for p in files) else []
-    # Stop 51: a prompt of blank space, control and format characters only (zero-width spaces)
-    # is quarantined as empty, and an instruction or input of such characters holds no text to
-    # join (``visible``): ingest runs once more; inputs without such prompts come out the same,
-    # with them the shards from the first such row on change (``shard_cut: position``; under
-    # ``content`` only the shards around it)
-    # Stop 53 (line pairing, -NaN/Inf, CR LF after lone CR; README): text inputs once more, same if well-formed
-    lines = ["line-pairing-v1"] if any(p.is_file() and inner_suffix(p) != ".parquet" for p in files) else []
-    return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
-                       cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
-                       *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1", *lines)
-
-
-def _inner_stats(p: Path) -> tuple:
-    """For a directory (a saved `datasets` dataset): each file under it, with its size and
-    mtime. ``save_to_disk`` over the same directory rewrites its files in place, which leaves
-    the directory's own mtime as it was; a file's stat says nothing more (no entry: its
-    fingerprint stays the one it had)."""
-    if not p.is_dir():
-        return ()
-    inner = sorted(q for q in p.rglob("*") if q.is_file())
-    return (tuple((q.relative_to(p).as_posix(), q.stat().st_size, q.stat().st_mtime_ns) for q in inner),)
 
 
 def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: Spec):
@@ -403,7 +353,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
                           "inputs_sft in the config")
     formats = [check_readable(p, cfg.encoding) for p in files]  # every file checked before any work
     _remove_orphan_temp_files(dst)  # ingest is one task: a .tmp here is from a killed run
-    run_fp = _fingerprint(files, cfg)
+    run_fp = files_fingerprint(files, cfg)
     if (read_manifest(dst) or {}).get("fingerprint") not in (None, run_fp):
         # other inputs or settings than the last finished ingest here: its manifest goes before
         # any shard is rewritten, so a run killed midway leaves none that calls the mix of its

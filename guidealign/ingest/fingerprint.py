@@ -1,0 +1,76 @@
+"""The ingest run's fingerprint (``files_fingerprint``): which files, at which size and time, read
+with which settings and by which version of the readers. Kept in the dataset's manifest: a run
+with the same fingerprint finds the dataset done, another one writes it again."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from guidealign.config.ingest import IngestConfig
+from guidealign.ingest.encodings import inner_suffix
+from guidealign.shards import fingerprint
+
+
+def files_fingerprint(files: list[Path], cfg: IngestConfig) -> str:
+    """What an ingest of ``files`` with ``cfg`` writes in its manifest: a later run with the same
+    fingerprint finds the dataset done. Each term below names a change of the rows some inputs
+    give, and only inputs of the kinds it changes carry it, so runs over other inputs keep
+    their fingerprint (and no later stage redoes a shard)."""
+    # v7: mtime in nanoseconds (a file rewritten with the same size within the same second was
+    # taken as already ingested); the shards of the same input come out byte for byte the same,
+    # so after the upgrade ingest runs once more and no later stage redoes a shard
+    # The resolved path says which file it is (the same relative path from another directory is
+    # another file); the path as written is what ``source`` says, so another spelling of the
+    # same file is another run (its shards rewritten, not mixed with the earlier spelling's). A
+    # path written as it resolves adds nothing: that run keeps the fingerprint it had.
+    stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+             + (() if str(p) == str(p.resolve()) else (str(p),)) + _inner_stats(p) for p in files]
+    # v8: an instruction's input (ingest.instruction_inputs) is part of its prompt; shards
+    # without one come out the same, so only inputs with instruction + input change downstream
+    # JSON (not JSON Lines) files since Stop 48: records after leading nulls in an array ({"data":
+    # [null, {...}, ...]}) are read, and an object holding arrays of records is said; runs
+    # without a .json input keep their fingerprint
+    json_v2 = ["json-array-v2"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
+    # CSV (Stop 49): a record over several lines is numbered by its first line in `source`, not
+    # its last; where no record spans lines, the shards come out the same (nothing downstream redone)
+    csv_v2 = ["csv-first-line"] if any(p.is_file() and inner_suffix(p) in (".csv", ".tsv") for p in files) else []
+    # ingest.shard_cut=content (Stop 49) cuts other shards; position keeps the fingerprint it had
+    cut = ["shard-cut-content-v1"] if cfg.shard_cut == "content" else []
+    # Stop 50: metadata is strict JSON (a NaN or infinite float written as null, not as a bare
+    # NaN/Infinity), and a quarantined row's undecodable bytes show as \udcXX escapes.
+    # Any input but CSV (whose values are text) may hold such values: ingest runs once more, and
+    # only shards that hold them come out different (only those are redone downstream); CSV-only
+    # runs keep their fingerprint
+    strict = ["metadata-strict-json-v1"] if any(not (p.is_file() and inner_suffix(p) in (".csv", ".tsv"))
+                                                for p in files) else []
+    # Stop 51: a prompt of blank space, control and format characters only (zero-width spaces)
+    # is quarantined as empty, and an instruction or input of such characters holds no text to
+    # join (``visible``): ingest runs once more; inputs without such prompts come out the same,
+    # with them the shards from the first such row on change (``shard_cut: position``; under
+    # ``content`` only the shards around it)
+    # Stop 53 (line pairing, -NaN/Inf, CR LF after lone CR; README): text inputs once more, same if well-formed
+    lines = ["line-pairing-v1"] if any(p.is_file() and inner_suffix(p) != ".parquet" for p in files) else []
+    # Stop 54 (JSON files, README): an item whose brackets do not close ends at the next item that
+    # reads (the items after it were lost), scalars before an array's first object are passed
+    # over (the array was taken for a field), JSON Lines saved as .json whose first line is long
+    # is read as such when that line is broken or the next is not an object, a one-record object
+    # without a prompt but with records nested deeper says so
+    json_v3 = ["json-array-v3"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
+    # Stop 54 (Parquet, saved datasets): a binary value inside a list or struct is written in
+    # metadata as its text, as a binary column's is (it was Python's b'...' repr)
+    nested_bytes = ["nested-binary-text-v1"] if any(not p.is_file() or inner_suffix(p) == ".parquet"
+                                                    for p in files) else []
+    return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
+                       cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
+                       *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1", *lines, *json_v3,
+                       *nested_bytes)
+
+
+def _inner_stats(p: Path) -> tuple:
+    """For a directory (a saved `datasets` dataset): each file under it, with its size and
+    mtime. ``save_to_disk`` over the same directory rewrites its files in place, which leaves
+    the directory's own mtime as it was; a file's stat says nothing more (no entry: its
+    fingerprint stays the one it had)."""
+    if not p.is_dir():
+        return ()
+    inner = sorted(q for q in p.rglob("*") if q.is_file())
+    return (tuple((q.relative_to(p).as_posix(), q.stat().st_size, q.stat().st_mtime_ns) for q in inner),)
