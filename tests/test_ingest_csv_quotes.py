@@ -60,13 +60,15 @@ def test_a_one_column_line_with_text_after_a_closing_quote_is_taken_as_written(t
 
 def test_a_one_column_prompt_quoted_over_lines_keeps_working_and_text_after_it_is_quarantined(tmp_path,
                                                                                                monkeypatch):
-    """Which lines were meant is unclear (one prompt over lines, or a line each), so it is
-    quarantined, not joined (it was `a\\nb c`); the lines after it are read."""
+    """Which lines were meant is unclear (one prompt over lines, or a line each): not joined (it
+    was `a\\nb c`). A line a prompt (Stop 54): the quote's line is quarantined, and the lines after
+    it are read, each as written."""
     f = _write(tmp_path, "lines.csv", 'prompt\n"two\nlines, ""quoted"""\n"a\nb" c\nafter\n')
     rows, bad = _every_way(f, tmp_path, monkeypatch)
-    assert rows == [('two\nlines, "quoted"', 2, {}), ("after", 6, {})]
-    assert bad == [(4, "text after the closing quote on line 5 of a prompt quoted from line 4 (quote the "
-                       "whole prompt and double the quotes inside it)", '"a\nb" c')]
+    assert rows == [('two\nlines, "quoted"', 2, {}), ('b" c', 5, {}), ("after", 6, {})]
+    assert bad == [(4, "a quote opened on line 4 closes on line 5 with text after it (taken as a quote left "
+                       "open; the lines after line 4 are read again as rows): close the quote, or double a "
+                       'quote inside a field ("")', '"a')]
 
 
 def test_a_large_one_column_file_of_quotations_reads_the_same_at_every_block_size(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def test_text_inputs_carry_the_line_pairing_term_parquet_does_not(tmp_path):
     jl = tmp_path / "in.jsonl"
     jl.write_text('{"prompt": "x"}\n')
     assert _fingerprint([jl.resolve()], c) == rule(jl, "metadata-strict-json-v1", "prompt-has-text-v1",
-                                                   "line-pairing-v1")
+                                                   "line-pairing-v1", "sniff-whole-file-v1")
 
 
 def test_the_line_screen_agrees_with_stripping_each_line():

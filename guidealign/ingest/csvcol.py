@@ -37,8 +37,8 @@ import pyarrow.csv as pacsv
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
 from guidealign.ingest.blocks import BOM, RecordTooLong, cut_blocks, one_piece, prefetch, scan
-from guidealign.ingest.csvrows import (CSV_FIELD_LIMIT, ONE_COLUMN, CsvReader, _csv_rows, csv_body, csv_names,
-                                      read_csv, sniff_delimiter)
+from guidealign.ingest.csvrows import (_EXCEL_SEP, CSV_FIELD_LIMIT, ONE_COLUMN, CsvReader, _csv_rows, csv_body,
+                                      csv_names, read_csv, sniff_delimiter)
 
 QUOTE, NL, CR = 34, 10, 13
 SCAN_STEP = 1 << 16
@@ -154,8 +154,8 @@ def _header(head: bytes, path: Path, delimiter: str):
         first = head.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if not first.strip():  # a blank line (spaces too): the row reader skips it, the header is after
-        return None
+    if not first.strip() or _EXCEL_SEP.fullmatch(first.rstrip("\r\n")):
+        return None  # a blank line (spaces too) or Excel's "sep=;": the row reader skips it
     delim = sniff_delimiter(first.splitlines()[0] if first else "", path, delimiter)
     if len(delim) != 1 or delim in '"\r\n':
         return None

@@ -1,14 +1,17 @@
 """CSV/TSV, row by row (Python's ``csv``): the reference the columnar CSV path
 (``guidealign.ingest.csvcol``) matches and falls back to. Delimiters are sniffed, a header's
-spelling is free, a quote never closed is quarantined and the lines after it read again, a row
-with more fields than the header (not just trailing delimiters) is quarantined, and a one-column
-file is read a line a prompt. A field that starts with a quote and has text after its closing
+spelling is free, a quote never closed (or closing lines later with text after it: see
+``_stray_quote``) is quarantined and the lines after it read again, Excel's ``sep=;`` line names
+the delimiter, a row with more fields than the header (not just trailing delimiters) is
+quarantined, and a one-column file is read a line a prompt. A field that starts with a quote and has text after its closing
 quote (``"a"b``: Python's csv, non-strict, drops the quotes and joins the rest) is quarantined;
 in a one-column file such a line is the prompt as written, quotes and all."""
 from __future__ import annotations
 
+import collections
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +20,7 @@ from guidealign.ingest.keys import unique_names
 from guidealign.ingest.rows import Row
 
 DELIMITERS = ",;\t|"
+_EXCEL_SEP = re.compile(r"sep=([^\"\r\n])", re.IGNORECASE)  # a first line Excel writes and reads
 # Python's csv module refuses a field over 131072 chars by default and then goes on mid-field, so
 # the rest of a long (quoted, multi-line) document column and the rows after it came out as
 # made-up records. A field this long is data (pandas has no limit); past it, a runaway quote.
@@ -55,8 +59,15 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto",
         first, skipped = f.readline(), 0
         while first and not first.strip():  # blank lines before the header: the header is next
             first, skipped = f.readline(), skipped + 1
+        sep = _EXCEL_SEP.fullmatch(first.rstrip("\r\n"))
+        if sep:  # Excel's "sep=;" line: the delimiter, not a header (unless one is configured)
+            first, skipped = f.readline(), skipped + 1
+            while first and not first.strip():
+                first, skipped = f.readline(), skipped + 1
+            if delimiter == "auto":
+                delimiter = sep.group(1)
         delim = sniff_delimiter(first.splitlines()[0] if first else "", path, delimiter)
-        reader = CsvReader(_chain([first], f), delim)
+        reader = CsvReader(f, delim, first=[first])
         try:
             header = next(reader)
         except StopIteration:
@@ -137,6 +148,10 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
         if after is not None:
             if delim == ONE_COLUMN and len(held) == 1:  # not one quoted field: the line as written
                 row = [_strip_eol(text)]
+            elif (stray := _stray_quote(reader, offset, after, n)) is not None:
+                rdr = reader.rdr
+                yield stray
+                continue
             else:
                 yield line, {"_raw": _raw(_strip_eol(text))}, _after_quote_reason(
                     text, after, held, names, delim, line)
@@ -146,16 +161,16 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
             rec["_extra_fields"] = row[n:]
         bad = [k for k, v in rec.items() if isinstance(v, str) and has_surrogates(v)]
         if bad:
-            raw = delim.join(row).encode("utf-8", "surrogateescape")
+            raw = _strip_eol(text).encode("utf-8", "surrogateescape")  # the line(s) as written
             reason = utf8_error_reason(line, raw, enc)
             yield line, {"_raw": raw.decode("utf-8", "replace")}, f"{reason} (column {bad[0]!r})"
             continue
         if len(row) > n and any(x.strip() for x in row[n:]):
-            yield line, {"_raw": delim.join(row)}, (
+            yield line, {"_raw": _raw(_strip_eol(text))}, (
                 f"line {line} has {len(row)} fields, the header {n}: quote the fields that contain "
                 f"the delimiter {delim!r}")
             continue
-        if len(row) <= pat < n and find_prompt_key(names[:len(row)], field, aliases) is None:
+        if len(row) <= pat < n:  # the file's prompt column (not another alias the row reaches)
             yield line, rec, (f"missing prompt field {pkey!r}: line {line} has {_fields(len(row))}, the "
                               f"header {n}, and the prompt column is past the row's end; add the missing "
                               f"fields (or quote fields that hold line breaks)")
@@ -163,8 +178,8 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
         yield line, rec, None
 
 
-def _text_after_quote(text: str, delim: str) -> tuple[int, int] | None:
-    """(field index, closing quote's position) of the first field of the record ``text`` that
+def _text_after_quote(text: str, delim: str) -> tuple[int, int, int] | None:
+    """(field index, opening and closing quotes' positions) of the first field of the record ``text`` that
     starts with a quote and has text after its closing quote (as Python's csv reads quotes, see
     ``_open_quote_line``), else None."""
     pos, end, i = 0, len(text), 0
@@ -183,7 +198,7 @@ def _text_after_quote(text: str, delim: str) -> tuple[int, int] | None:
             while j < end and text[j] in " \t" and text[j] != delim:
                 j += 1
             if j < end and text[j] not in (delim, "\r", "\n"):
-                return i, k
+                return i, pos, k
             pos = j
         d = text.find(delim, pos)
         if d < 0:
@@ -192,20 +207,51 @@ def _text_after_quote(text: str, delim: str) -> tuple[int, int] | None:
     return None
 
 
-def _after_quote_reason(text: str, after: tuple[int, int], held: list[str], names: list[str], delim: str,
+def _after_quote_reason(text: str, after: tuple[int, int, int], held: list[str], names: list[str], delim: str,
                         first: int) -> str:
     """Why the record ``text`` (lines ``held``, the first being line ``first``) is quarantined."""
-    i, k = after
-    q, pos = 0, k  # the line of the closing quote
-    while q < len(held) - 1 and pos >= len(held[q]):
-        pos, q = pos - len(held[q]), q + 1
-    if delim == ONE_COLUMN:  # a quoted prompt over lines: which lines were meant is unclear
-        return (f"text after the closing quote on line {first + q} of a prompt quoted from line {first} "
-                f"(quote the whole prompt and double the quotes inside it)")
+    i, _, k = after
+    q = _line_of(held, k)  # the line of the closing quote
     name = repr(names[i]) if i < len(names) else f"{i + 1} (past the header)"
     hint = ': "" for ", not \\"' if text[k - 1] == "\\" else ""  # \" is no escape in CSV
     return (f"text after the closing quote on line {first + q} of field {name} (quote the whole field "
             f"and double the quotes inside it{hint})")
+
+
+def _line_of(lines: list[str], pos: int) -> int:
+    """Index of the line of ``lines`` that holds position ``pos`` of their text joined."""
+    q = 0
+    while q < len(lines) - 1 and pos >= len(lines[q]):
+        pos, q = pos - len(lines[q]), q + 1
+    return q
+
+
+def _stray_quote(reader: CsvReader, offset: int, after: tuple[int, int, int], n: int) -> Row | None:
+    """The record just read (``reader.held``) has a field whose opening quote closes on a later
+    line with text after it (``"Why ...`` on one line, ``What does "carpe diem" mean?`` lines
+    later): as a quote never closed, a quote left open that took in the lines between. The lines
+    up to the quote's as a quarantine row, and ``reader`` restarted on the lines after it. None
+    (the record quarantined as it stands) when the field closes on the line it opens on
+    (``"a"b``), or, with ``n`` > 1 columns, when the quote's line without that quote does not
+    hold ``n`` fields (``"two`` then ``lines" z,6``: a field over lines, text after its end).
+    In a one-column file every line is a prompt, so the lines after the quote's are read."""
+    held = reader.held
+    o, q = _line_of(held, after[1]), _line_of(held, after[2])
+    if q == o:
+        return None
+    if reader.delim != ONE_COLUMN:
+        at = after[1] - sum(len(x) for x in held[:o])
+        alone = _strip_eol(held[o][:at] + held[o][at + 1:])
+        if _count_outside_quotes(alone, reader.delim) + 1 != n:
+            return None
+    start = reader.line_num - len(held)  # lines before the record
+    line = offset + start + o + 1  # the quote's line; the row is numbered by the record's first
+    raw = _strip_eol("".join(held[:o + 1]))
+    reader.restart(held[o + 1:], start + o + 1)
+    return offset + start + 1, {"_raw": _raw(raw)}, (
+        f"a quote opened on line {line} closes on line {offset + start + q + 1} with text after it "
+        f"(taken as a quote left open; the lines after line {line} are read again as rows): close "
+        f"the quote, or double a quote inside a field (\"\")")
 
 
 def _strip_eol(raw: str) -> str:
@@ -228,25 +274,35 @@ class CsvReader:
     inside it: Python's csv (non-strict) hands out a quoted field still open at the end of the
     input as a field, so a quote never closed took in the rest of the file as one field."""
 
-    def __init__(self, lines, delim: str, base: int = 0):
+    def __init__(self, lines, delim: str, base: int = 0, first: list[str] | None = None):
         self.delim = delim
         self.held: list[str] = []
-        self._start(iter(lines), base)
+        self.src = iter(lines)
+        self.pending = collections.deque(first or ())  # lines to read before ``src``'s next
+        self._start(base)
 
-    def _start(self, src, base: int) -> None:
-        self.src, self.base, self.ran_out = src, base, False
-        self.rdr = csv.reader(self._feed(src), delimiter=self.delim)
+    def _start(self, base: int) -> None:
+        self.base, self.ran_out = base, False
+        self.rdr = csv.reader(self._feed(), delimiter=self.delim)
 
-    def _feed(self, src):
-        held = self.held
-        for line in src:
+    def _feed(self):
+        # the input is not closed when this generator is (a reader replaced, then collected)
+        held, pending, src = self.held, self.pending, self.src
+        while True:
+            if pending:
+                line = pending.popleft()
+            else:
+                line = next(src, None)
+                if line is None:
+                    break
             held.append(line)
             yield line
         self.ran_out = True
 
     def restart(self, lines: list[str], base: int) -> None:
         """Read ``lines`` (held ones) again, then what the input has left, with a new reader."""
-        self._start(iter(lines) if self.ran_out else _chain(lines, self.src), base)
+        self.pending.extendleft(reversed(lines))
+        self._start(base)
 
     @property
     def line_num(self) -> int:
@@ -322,7 +378,3 @@ def _open_quote_line(lines: list[str], delim: str) -> int | None:
         pos = d + 1
     return None
 
-
-def _chain(first, rest):
-    yield from first
-    yield from rest

@@ -147,8 +147,8 @@ def open_raw(path: Path):
     return open(path, "rb")
 
 
-def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
-    """(codec, BOM length) for a file that starts with ``head``."""
+def sniff_encoding(head: bytes, requested: str = "auto", whole: bool = False) -> tuple[str, int]:
+    """(codec, BOM length) for a file that starts with ``head`` (``whole``: that is all of it)."""
     req = None
     if requested != "auto":
         try:
@@ -177,8 +177,8 @@ def sniff_encoding(head: bytes, requested: str = "auto") -> tuple[str, int]:
         head.decode("utf-8")
         return "utf-8", 0
     except UnicodeDecodeError as e:
-        if e.start >= len(head) - 3 and e.reason == "unexpected end of data":
-            return "utf-8", 0  # the sample cut a character in two
+        if e.start >= len(head) - 3 and e.reason == "unexpected end of data" and not whole:
+            return "utf-8", 0  # the sample cut a character in two (the file's own end is no cut)
     if _MULTIBYTE_UTF8.search(head):
         return "utf-8", 0  # UTF-8 text with some bad rows: those rows are quarantined
     if head.count(0) >= max(4, len(head) // 200):
@@ -354,7 +354,7 @@ def open_utf8(path: Path, encoding: str = "auto") -> tuple[io.BufferedReader, st
             raise EncodingError(f"cannot be decompressed from its first byte ({type(early).__name__}: "
                                 f"{early}): it is damaged or not {compression_of(path)} data; re-download "
                                 "or re-compress the file")
-        enc, skip = sniff_encoding(head, encoding)
+        enc, skip = sniff_encoding(head, encoding, whole=early is None and len(head) < SNIFF_BYTES)
     except Exception:
         raw.close()
         raise

@@ -59,10 +59,17 @@ def files_fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # metadata as its text, as a binary column's is (it was Python's b'...' repr)
     nested_bytes = ["nested-binary-text-v1"] if any(not p.is_file() or inner_suffix(p) == ".parquet"
                                                     for p in files) else []
+    # Stop 54 (CSV, README): a quote left open that closes lines later quarantines its line only,
+    # a short row is quarantined though it reaches another prompt alias, Excel's "sep=;" line
+    # names the delimiter, a quarantined row's raw text is the line as written
+    csv_v3 = ["csv-v3"] if any(p.is_file() and inner_suffix(p) in (".csv", ".tsv") for p in files) else []
+    # Stop 54 (every text input): a file under the 64 KiB sniff that ends inside a UTF-8
+    # character is not taken for UTF-8 cut by the sample (cp1252 with its last byte non-ASCII)
+    whole = ["sniff-whole-file-v1"] if any(p.is_file() and inner_suffix(p) != ".parquet" for p in files) else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
                        *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1", *lines, *json_v3,
-                       *nested_bytes)
+                       *nested_bytes, *csv_v3, *whole)
 
 
 def _inner_stats(p: Path) -> tuple:

@@ -20,7 +20,6 @@ array of objects comes before the prompt field, what follows is read ahead to fi
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +27,7 @@ from typing import Iterator
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
 from guidealign.ingest.jsonrows import json_object_line, load_object, parse_jsonl_line
-from guidealign.ingest.jsonpeek import JSON_DECODER, JSON_NON_WS, first_item, key_name, keys_after
+from guidealign.ingest.jsonpeek import JSON_DECODER, JSON_NON_WS, first_item, key_name, keys_after, next_item_start
 from guidealign.ingest.keys import find_prompt_key
 from guidealign.ingest.rows import Row
 
@@ -36,7 +35,7 @@ from guidealign.ingest.rows import Row
 _DEFAULTS = IngestConfig()
 # characters past the '[' of an object's first array of objects read ahead to find its prompt field
 LOOKAHEAD = 16 << 20
-# characters past an item that does not close where the next item is looked for (``_resync``)
+# characters past an item that does not close where the next item is looked for (``next_item_start``)
 RESYNC = 1 << 20
 _HOLDS_RECORDS = re.compile(r"\[\s*\{")  # an array of objects somewhere in a value
 
@@ -59,7 +58,6 @@ def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_
 _JSON_SYNTAX = re.compile(r'["\[\]{},]')
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_CHUNK = 1 << 22
-_NEXT_OBJECT = re.compile(r",[ \t\r\n]*\{")
 
 
 class _JsonItems:
@@ -214,45 +212,11 @@ class _JsonItems:
         brackets do not close (a '}' or a quote left out) would take in every item after it, to
         the file's end or to a bracket of the other kind: when it does not close within
         ``LOOKAHEAD`` characters, a bracket closes one of the other kind, or the file ends first,
-        it ends where the next item that reads begins (``_resync``)."""
+        it ends where the next item that reads begins (``jsonpeek.next_item_start``)."""
         end = self._value_end(",]", self.pos + LOOKAHEAD, strict=True)
         if end is None:
-            end = self._resync()
+            end = next_item_start(self, RESYNC)
         return self._value_end(",]") if end is None else end
-
-    def _resync(self) -> int | None:
-        """For an item at ``pos`` that is not JSON: the ',' before the first object, starting
-        after the point where JSON finds the item wrong and within ``RESYNC`` characters of its
-        start, that reads whole within ``2 * RESYNC`` and is followed by ',' or ']' (the next
-        item; with a quote left out, the text after that point may pair quotes wrongly, so an
-        item after it may be taken into the bad item's text). None when the item reads, or no
-        such object follows. Only that window of the file decides it, however the reads cut it."""
-        while len(self.buf) < self.pos + 2 * RESYNC and self._more():
-            pass
-        text = self.buf[self.pos:self.pos + 2 * RESYNC]
-        try:
-            _, err = JSON_DECODER.raw_decode(text)
-            m = JSON_NON_WS.search(text, err)
-            if m is None or m.group() in ",]":
-                return None
-            err = m.start()
-        except json.JSONDecodeError as e:
-            if e.msg.startswith("Unterminated string"):  # no end seen: a long string, or truncated
-                return None
-            err = e.pos
-        except (ValueError, RecursionError):
-            return None
-        for m in _NEXT_OBJECT.finditer(text, 1, RESYNC):
-            if m.end() <= err:
-                continue
-            try:
-                _, end = JSON_DECODER.raw_decode(text, m.end() - 1)
-            except (ValueError, RecursionError):
-                continue
-            after = JSON_NON_WS.search(text, end)
-            if after is not None and after.group() in ",]":
-                return self.pos + m.start()
-        return None
 
     def _fast_item(self) -> tuple[int, Row] | None:
         """(position of the ',' or ']' after it, row) for an object item that reads in place, else

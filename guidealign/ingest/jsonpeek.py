@@ -1,6 +1,7 @@
 """Reading ahead in a JSON file being streamed (``jsonarray._JsonItems``, passed as ``r``: its
 text buffer ``buf``, position ``pos`` and its ``_next``/``_more``/``_value_end``/``_string_end``),
-without moving: what an array starts with, which keys an object holds further on."""
+without moving: what an array holds, which keys an object holds further on, where the item after
+a broken one starts."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from guidealign.ingest.keys import norm_key
 
 JSON_NON_WS = re.compile(r"[^ \t\r\n]")
 JSON_DECODER = json.JSONDecoder()
+_NEXT_OBJECT = re.compile(r",[ \t\r\n]*\{")
 
 
 def first_item(r, stop: float = float("inf")) -> str | None:
@@ -112,6 +114,42 @@ def value_end(r, stop: float) -> re.Match | None:
             return m
         if len(r.buf) > stop or not r._more():  # cut by the end of the buffer, or bad
             return m
+def next_item_start(r, window: int) -> int | None:
+    """For an array item at ``pos`` that is not JSON and does not close (``_item_end``): the ','
+    before the first object that starts after the point where JSON finds the item wrong, within
+    ``window`` characters of its start, reads whole within ``2 * window`` and is followed by ','
+    or ']' (the next item; with a quote left out, the text after that point may pair quotes
+    wrongly, so an item after it may be taken into the bad item's text). None when the item
+    reads, or no such object follows. Only that window of the file decides it, however the
+    reads cut it. ``pos`` stays."""
+    while len(r.buf) < r.pos + 2 * window and r._more():
+        pass
+    text = r.buf[r.pos:r.pos + 2 * window]
+    try:
+        _, err = JSON_DECODER.raw_decode(text)
+        m = JSON_NON_WS.search(text, err)
+        if m is None or m.group() in ",]":
+            return None
+        err = m.start()
+    except json.JSONDecodeError as e:
+        if e.msg.startswith("Unterminated string"):  # no end seen: a long string, or truncated
+            return None
+        err = e.pos
+    except (ValueError, RecursionError):
+        return None
+    for m in _NEXT_OBJECT.finditer(text, 1, window):
+        if m.end() <= err:
+            continue
+        try:
+            _, end = JSON_DECODER.raw_decode(text, m.end() - 1)
+        except (ValueError, RecursionError):
+            continue
+        after = JSON_NON_WS.search(text, end)
+        if after is not None and after.group() in ",]":
+            return r.pos + m.start()
+    return None
+
+
 def key_name(token: str) -> str:
     """The key that the JSON string ``token`` (quotes and all) reads as."""
     try:
