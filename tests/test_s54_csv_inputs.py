@@ -52,6 +52,17 @@ def test_the_same_with_columns(tmp_path, monkeypatch):
     assert [(line, raw) for line, _, raw in bad] == [(2, '"Why is the sky blue?,1')]
 
 
+def test_a_field_over_lines_with_text_after_its_quote_is_not_split_into_rows(tmp_path, monkeypatch):
+    """The closing quote's line holds one quote: the end of a field over lines (text after it,
+    malformed), not a row of its own; the record is quarantined whole, as before the stray-quote rule."""
+    f = _write(tmp_path, "in.csv", 'prompt,source\n"Summarize this, briefly:\nThe quick brown fox" (excerpt),wiki\n'
+                                   'next one,web\n')
+    rows, bad = _every_way(f, tmp_path, monkeypatch)
+    assert [(p, line) for p, line, _ in rows] == [("next one", 4)]
+    assert [(line, why.startswith("text after the closing quote on line 3"), raw) for line, why, raw in bad] \
+        == [(2, True, '"Summarize this, briefly:\nThe quick brown fox" (excerpt),wiki')]
+
+
 def test_a_quoted_field_over_lines_that_closes_cleanly_is_still_one_prompt(tmp_path, monkeypatch):
     f = _write(tmp_path, "in.csv", 'prompt,x\n"line one\nline two",1\n"a ""quoted"" word\nhere",2\nplain,3\n')
     rows, bad = _every_way(f, tmp_path, monkeypatch)

@@ -100,6 +100,9 @@ DOCS = [
     '{"data": [1.25, {"prompt": "a"}, {"prompt": "b", "score": 0.5}]}',
     '[{"prompt": "a", "x": [1.5, 2.75e-3]}, 3.5, {"prompt": "b"}]',
     '{"prompt": "one", "vals": [10.5, 20.25, 30], "nested": {"v": [1.5]}}',
+    # a signed exponent: a read cut after "e+" or "e-" left a number that reads without it
+    '{"turns": [{"text": "hi"}, "pad", 1.5, 2.5e-3, 7E+2, 12345], "prompt": "What is 2+2?"}',
+    '{"data": [1.5e+7, -3.25E-2, {"prompt": "a"}]}',
 ]
 
 
@@ -119,6 +122,55 @@ def test_a_number_cut_at_the_four_mib_read_keeps_the_record(tmp_path):
     pad = "x" * (jsonarray._JSON_CHUNK - len(head) - len(cut))  # "1." ends the first read
     _, kept, quarantined = _ingest(tmp_path, "in.json", head + pad + cut + '5], "prompt": "What is 2+2?"}')
     assert ([p for p, _, _ in kept], quarantined) == (["What is 2+2?"], [])
+
+
+def test_a_signed_exponent_cut_at_the_four_mib_read_keeps_the_records(tmp_path):
+    head = '{"data": ["'
+    cut = '", 1.5e+'
+    pad = "x" * (jsonarray._JSON_CHUNK - len(head) - len(cut))  # "1.5e+" ends the first read
+    _, kept, quarantined = _ingest(tmp_path, "in.json", head + pad + cut + '7, {"prompt": "a"}]}')
+    assert [p for p, _, _ in kept] == ["a"]
+    assert [(r, why) for r, why, _ in quarantined] == [(1, "array item 1 is a JSON string, not an object"),
+                                                       (2, "array item 2 is a JSON number, not an object")]
+
+
+# --- a bad item whose own records look like items ------------------------------------------------
+
+@pytest.mark.parametrize("wrap", ["top", "inside"])
+def test_objects_nested_in_a_bad_item_are_never_rows(tmp_path, wrap):
+    """A quote left out in an item holding a list of objects: the objects of that list read and are
+    followed by ',' or ']', as the next item is; they stay in the bad item, and every item after
+    it is read."""
+    bad = '{"prompt": "a, "turns": [{"text": "t1"}, {"text": "t2"}, {"text": "t3"}], "n": 1}'
+    items = "[" + ",\n ".join([bad] + [json.dumps({"prompt": f"q{i}"}) for i in range(50)]) + "]"
+    text = items if wrap == "top" else '{"data": ' + items + ', "note": "x"}'
+    rep, kept, quarantined = _ingest(tmp_path, "in.json", text)
+    assert [(p, row) for p, row, _ in kept] == [(f"q{i}", str(i + 2)) for i in range(50)]
+    assert [(r, raw) for r, _, raw in quarantined] == [(1, bad)]
+    assert rep.rows_in == 51
+
+
+def test_many_items_left_open_take_time_in_proportion_to_the_file(tmp_path, monkeypatch):
+    """Each item left without its '}' was scanned bracket by bracket to the array's end (or 16 Mi
+    characters): time grew with bad items x file size (here ~6,000 steps a bad item). The scan
+    now stops ``SETTLE`` characters after the text cannot be JSON (a ',' in an object followed
+    by '{')."""
+    steps = []
+
+    class Counting:
+        def search(self, text, pos=0):
+            steps.append(pos)
+            return real.search(text, pos)
+
+    real = jsonarray._JSON_SYNTAX
+    monkeypatch.setattr(jsonarray, "_JSON_SYNTAX", Counting())
+    items = ['{"prompt": "bad %d", "k": 1' % i if i % 10 == 0 else json.dumps({"prompt": f"good {i}"})
+             for i in range(2000)]
+    f = tmp_path / "in.json"
+    f.write_text("[" + ",\n".join(items) + "]")
+    rows = list(read_json(f))
+    assert len(rows) == 2000 and sum(why is not None for _, _, why in rows) == 200
+    assert 200 <= len(steps) < 200 * 1000
 
 
 # --- JSON Lines saved as .json, its first line longer than the sniff ------------------------------
@@ -141,6 +193,36 @@ def test_a_long_first_line_then_null_reads_every_line(tmp_path):
     rep, kept, quarantined = _ingest(tmp_path, "in.json", _lines(first, "null"))
     assert [(p, row) for p, row, _ in kept] == [("long one", "1")] + [(f"question {i}", str(i + 1)) for i in range(2, 6)]
     assert [(r, why) for r, why, _ in quarantined] == [(2, "line 2 is a JSON null, not an object")]
+
+
+def test_a_broken_one_line_object_is_not_said_to_be_truncated(tmp_path):
+    for text in ('{"meta" 1, "prompt": "x"}\n', '{"meta" 1, "prompt": "x"}\nnot json\n'):
+        f = tmp_path / "in.json"
+        f.write_text(text)
+        [(row, rec, why)] = list(read_json(f))
+        assert why.startswith("the JSON object is not valid JSON (expected ':' after the key \"meta\")"), why
+        assert "truncated" not in why
+
+
+def test_the_line_after_a_broken_first_line_is_read_only_so_far(tmp_path, monkeypatch):
+    """Whether JSON Lines follow a broken first line is told from a bounded stretch of the next
+    line: a second line of the whole file's size was read whole into memory."""
+    monkeypatch.setattr(jsonarray, "LOOKAHEAD", 1000)
+    monkeypatch.setattr(jsonarray, "_JSON_CHUNK", 100)
+    held = []
+    real = jsonarray._JsonItems._more
+
+    def more(self):
+        held.append(len(self.buf))
+        return real(self)
+
+    monkeypatch.setattr(jsonarray._JsonItems, "_more", more)
+    f = tmp_path / "in.json"
+    f.write_text('{"meta": oops}\n' + json.dumps({"prompt": "x" * 100_000}) + "\n")
+    rows = list(read_json(f))
+    assert [(row, why.split(":")[0]) for row, _, why in rows] == [
+        (1, "array item 1 is not JSON"), (0, "more text after the JSON value ends (after item 1), not read")]
+    assert max(held) < 1000 + 3 * 100
 
 
 def test_a_broken_pretty_printed_object_is_not_read_as_lines(tmp_path):

@@ -27,7 +27,8 @@ from typing import Iterator
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
 from guidealign.ingest.jsonrows import json_object_line, load_object, parse_jsonl_line
-from guidealign.ingest.jsonpeek import JSON_DECODER, JSON_NON_WS, first_item, key_name, keys_after, next_item_start
+from guidealign.ingest.jsonpeek import (JSON_DECODER, JSON_NON_WS, first_item, key_name, keys_after, next_item_start,
+                                        peek)
 from guidealign.ingest.keys import find_prompt_key
 from guidealign.ingest.rows import Row
 
@@ -37,6 +38,8 @@ _DEFAULTS = IngestConfig()
 LOOKAHEAD = 16 << 20
 # characters past an item that does not close where the next item is looked for (``next_item_start``)
 RESYNC = 1 << 20
+# characters a bad item may go on for past the first text that cannot be JSON (``_value_end``)
+SETTLE = 1 << 11
 _HOLDS_RECORDS = re.compile(r"\[\s*\{")  # an array of objects somewhere in a value
 
 
@@ -58,6 +61,7 @@ def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_
 _JSON_SYNTAX = re.compile(r'["\[\]{},]')
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_CHUNK = 1 << 22
+_AFTER_STRING = (":", ",", "]", "}")
 
 
 class _JsonItems:
@@ -77,6 +81,8 @@ class _JsonItems:
         self.dirty = False  # the buffer holds bytes that are not UTF-8
         self.reported = False  # a damaged compressed file's error is said
         self.n = 0  # items read
+        self.inside = False  # the arrays read are values of a top-level object
+        self.suspect = False  # the last strict _value_end saw text that cannot be JSON
 
     def _more(self) -> bool:
         """Append the next chunk of the file (positions into the buffer stay valid)."""
@@ -107,20 +113,27 @@ class _JsonItems:
             if not self._more():
                 return None
 
-    def _string_end(self, at: int) -> int | None:
-        """End of the JSON string that starts at ``at``, None when the file ends inside it."""
+    def _string_end(self, at: int, stop: float = float("inf")) -> int | None:
+        """End of the JSON string that starts at ``at``, None when the file ends inside it (or it
+        runs on past position ``stop``: a quote left out pairs the quotes after it wrongly)."""
         while True:
             m = _JSON_STRING.match(self.buf, at)
             if m:
                 return m.end()
-            if not self._more():
+            if len(self.buf) > stop or not self._more():
                 return None
 
     def _value_end(self, closers: str, stop: float = float("inf"), strict: bool = False) -> int | None:
         """End of the value at ``pos``: the first byte of ``closers`` outside strings and brackets
         (its position), None when the file ends first (or the value runs past position ``stop``,
-        or, ``strict``, a bracket closes one of the other kind: a '}' or ']' left out)."""
-        depth, i, opened = 0, self.pos, []
+        or, ``strict``, a bracket closes one of the other kind: a '}' or ']' left out). ``strict``
+        also watches for text that cannot be JSON (a string followed by other than ':' ',' ']' '}',
+        a ',' in an object followed by other than a key): past the first, the value must end
+        within ``SETTLE`` characters (a bracket or quote left out takes in the items after it; a
+        word or ':' left out does not), so that a bad item is not scanned to the array's end;
+        ``suspect`` says whether it was seen."""
+        depth, i, opened, watch = 0, self.pos, [], strict
+        self.suspect = False
         while True:
             m = _JSON_SYNTAX.search(self.buf, i)
             if m is None:
@@ -133,9 +146,11 @@ class _JsonItems:
                 return None
             c = self.buf[j]
             if c == '"':  # a string: jump over it
-                i = self._string_end(j)
+                i = self._string_end(j, stop)
                 if i is None:
                     return None
+                if watch and peek(self, i, stop) not in _AFTER_STRING:
+                    watch, stop, self.suspect = False, min(stop, i + SETTLE), True
                 continue
             if depth == 0 and c in closers:
                 return j
@@ -147,6 +162,8 @@ class _JsonItems:
                 depth -= 1
                 if strict and opened.pop() != ("[" if c == "]" else "{"):
                     return None
+            elif watch and c == "," and opened and opened[-1] == "{" and peek(self, j + 1, stop) != '"':
+                watch, stop, self.suspect = False, min(stop, j + SETTLE), True
             i = j + 1
 
     def _excerpt(self, n: int) -> str:
@@ -210,12 +227,14 @@ class _JsonItems:
     def _item_end(self) -> int | None:
         """The ',' or ']' after the item at ``pos`` (None when the file ends first). An item whose
         brackets do not close (a '}' or a quote left out) would take in every item after it, to
-        the file's end or to a bracket of the other kind: when it does not close within
-        ``LOOKAHEAD`` characters, a bracket closes one of the other kind, or the file ends first,
-        it ends where the next item that reads begins (``jsonpeek.next_item_start``)."""
-        end = self._value_end(",]", self.pos + LOOKAHEAD, strict=True)
-        if end is None:
-            end = next_item_start(self, RESYNC)
+        the file's end or to a bracket of the other kind: when its text cannot be JSON
+        (``_value_end``, strict) it ends where its brackets close or where the next item that
+        reads begins (``jsonpeek.next_item_start``), whichever comes first."""
+        end = self._value_end(",]", self.pos + RESYNC, strict=True)
+        if end is None or self.suspect:
+            after = next_item_start(self, RESYNC, self.inside)
+            if after is not None and (end is None or after < end):
+                end = after
         return self._value_end(",]") if end is None else end
 
     def _fast_item(self) -> tuple[int, Row] | None:
@@ -254,7 +273,7 @@ class _JsonItems:
         whole JSON object (not the pieces of pretty-printed values one after another)."""
         at = self.pos
         while lines:
-            nl = self._line_end(at)
+            nl = self._line_end(at, at + LOOKAHEAD)
             line = self.buf[at:nl if nl >= 0 else len(self.buf)]
             if line.strip():
                 if json_object_line(line.encode("utf-8", "surrogateescape")):
@@ -316,6 +335,7 @@ class _JsonItems:
         yield from self._object()
 
     def _object(self) -> Iterator[Row]:
+        self.inside = True
         self.keep = start = self.pos  # the whole object is one record if it holds no array of records
         self.pos += 1
         found, record, notes, nested = False, False, [], []
@@ -408,7 +428,7 @@ class _JsonItems:
         return key is not None and not kinds[key]
 
     def _broken(self, what: str) -> Iterator[Row]:
-        start, self.keep = self.keep, None
+        start, self.keep, eof = self.keep, None, self.eof  # (the check below may read on to the end)
         if start is not None and "\n" not in self.buf[start:self.pos]:
             # the first line, a record that does not read: JSON Lines when a next line is one
             nl, at = self._line_end(self.pos, self.pos + LOOKAHEAD), self.pos
@@ -418,7 +438,7 @@ class _JsonItems:
                 yield from self._json_lines()
                 return
             self.pos = at
-        if self.eof or read_error(self.stream):
+        if eof or read_error(self.stream):
             row, why = self._truncated(self.n + 1, f"the JSON object is {what} after item {self.n}")
             yield row, None, why
         else:

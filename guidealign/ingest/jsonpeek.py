@@ -12,6 +12,8 @@ from guidealign.ingest.keys import norm_key
 JSON_NON_WS = re.compile(r"[^ \t\r\n]")
 JSON_DECODER = json.JSONDecoder()
 _NEXT_OBJECT = re.compile(r",[ \t\r\n]*\{")
+_NUMBER_TAIL = 8  # characters a read may cut off the end of a number that reads without them
+CHAIN = 1 << 16  # characters of items after a candidate next item read to check it (next_item_start)
 
 
 def first_item(r, stop: float = float("inf")) -> str | None:
@@ -110,21 +112,24 @@ def value_end(r, stop: float) -> re.Match | None:
         except ValueError:  # an integer of more digits than Python reads: JSON, passed by its brackets
             end = r._value_end(",]", stop)
             m = None if end is None else JSON_NON_WS.search(r.buf, end)
-        if m is not None and (m.group() in ",]" or m.end() < len(r.buf)):
+        # (a number cut after "1.5e+" reads as 1.5: the decisive character must not end the buffer)
+        if m is not None and (m.group() in ",]" or m.end() + _NUMBER_TAIL < len(r.buf)):
             return m
         if len(r.buf) > stop or not r._more():  # cut by the end of the buffer, or bad
             return m
-def next_item_start(r, window: int) -> int | None:
+def next_item_start(r, window: int, inside: bool = False) -> int | None:
     """For an array item at ``pos`` that is not JSON and does not close (``_item_end``): the ','
     before the first object that starts after the point where JSON finds the item wrong, within
-    ``window`` characters of its start, reads whole within ``2 * window`` and is followed by ','
-    or ']' (the next item; with a quote left out, the text after that point may pair quotes
-    wrongly, so an item after it may be taken into the bad item's text). None when the item
-    reads, or no such object follows. Only that window of the file decides it, however the
-    reads cut it. ``pos`` stays."""
+    ``window`` characters of its start, reads whole within ``2 * window`` and is followed by the
+    rest of the array (``_rest_of_array``: not an object nested in the bad item). With a quote
+    left out, the text after that point may pair quotes wrongly, so an item after it may be taken
+    into the bad item's text. ``inside``: the array is a value of a top-level object (else the
+    top-level value). None when the item reads, or no such object follows. Only that window of
+    the file decides it, however the reads cut it. ``pos`` stays."""
     while len(r.buf) < r.pos + 2 * window and r._more():
         pass
     text = r.buf[r.pos:r.pos + 2 * window]
+    eof = r.eof and len(r.buf) <= r.pos + 2 * window
     try:
         _, err = JSON_DECODER.raw_decode(text)
         m = JSON_NON_WS.search(text, err)
@@ -140,14 +145,62 @@ def next_item_start(r, window: int) -> int | None:
     for m in _NEXT_OBJECT.finditer(text, 1, window):
         if m.end() <= err:
             continue
-        try:
-            _, end = JSON_DECODER.raw_decode(text, m.end() - 1)
-        except (ValueError, RecursionError):
-            continue
-        after = JSON_NON_WS.search(text, end)
-        if after is not None and after.group() in ",]":
+        if _rest_of_array(text, m.end() - 1, eof, inside):
             return r.pos + m.start()
     return None
+
+
+def _rest_of_array(text: str, at: int, eof: bool, inside: bool) -> bool:
+    """Whether the object at ``at`` of ``text`` reads, and the items after it read as the rest of
+    the array: up to its ']' and, after that, what may follow it (nothing at the top level; more
+    keys and the object's '}', ``inside`` one), or on for ``CHAIN`` characters, or up to an item
+    that does not read either (another bad one: it cannot tell). Objects nested in the bad item
+    (``{"prompt": "a, "turns": [{...}, {...}]}``) fail it: their list's ']' is followed by the
+    bad item's '}' and the next item. ``eof``: ``text`` runs to the end of the file."""
+    try:
+        _, end = JSON_DECODER.raw_decode(text, at)
+    except (ValueError, RecursionError):
+        return False
+    first = True
+    while True:
+        m = JSON_NON_WS.search(text, end)
+        if m is None or m.group() not in ",]":  # the window ends, or (after the first) another bad item
+            return not first or m is None and not eof
+        first = False
+        if m.group() == "]":
+            return _closes_the_array(text, m.end(), eof, inside)
+        n = JSON_NON_WS.search(text, m.end())
+        if n is None or n.start() - at > CHAIN:
+            return True
+        try:
+            _, end = JSON_DECODER.raw_decode(text, n.start())
+        except (ValueError, RecursionError):
+            return True
+
+
+def _closes_the_array(text: str, at: int, eof: bool, inside: bool) -> bool:
+    """Whether ``text`` from ``at`` (after an array's ']') is what may follow the records array."""
+    if not inside:
+        return JSON_NON_WS.search(text, at) is None
+    rest = '{"":0' + text[at:]  # the rest of the top-level object: more keys, then its '}'
+    try:
+        _, end = JSON_DECODER.raw_decode(rest)
+    except json.JSONDecodeError as e:  # cut by the window: it cannot tell
+        return not eof and (e.msg.startswith("Unterminated") or e.pos >= len(rest.rstrip()) - 1)
+    except (ValueError, RecursionError):
+        return True
+    return JSON_NON_WS.search(rest, end) is None
+
+
+def peek(r, at: int, stop: float) -> str | None:
+    """The first character from position ``at`` on that is not blank space (None: the file ends
+    first, or it is past ``stop``)."""
+    while True:
+        m = JSON_NON_WS.search(r.buf, at)
+        if m:
+            return m.group() if m.start() <= stop else None
+        if len(r.buf) > stop or not r._more():
+            return None
 
 
 def key_name(token: str) -> str:
