@@ -26,9 +26,9 @@ from typing import Iterator
 
 from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
-from guidealign.ingest.jsonrows import json_object_line, load_object, parse_jsonl_line
-from guidealign.ingest.jsonpeek import (JSON_DECODER, JSON_NON_WS, first_item, key_name, keys_after, next_item_start,
-                                        peek)
+from guidealign.ingest.jsonrows import load_object, parse_jsonl_line
+from guidealign.ingest.jsonpeek import (JSON_DECODER, JSON_NON_WS, first_item, items_follow, key_name, keys_after,
+                                        next_item_start, object_lines_follow, peek)
 from guidealign.ingest.keys import find_prompt_key
 from guidealign.ingest.rows import Row
 
@@ -40,6 +40,8 @@ LOOKAHEAD = 16 << 20
 RESYNC = 1 << 20
 # characters a bad item may go on for past the first text that cannot be JSON (``_value_end``)
 SETTLE = 1 << 11
+# characters after such an item's end read to check that the array's items follow (``items_follow``)
+CHECK = 1 << 16
 _HOLDS_RECORDS = re.compile(r"\[\s*\{")  # an array of objects somewhere in a value
 
 
@@ -61,6 +63,8 @@ def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_
 _JSON_SYNTAX = re.compile(r'["\[\]{},]')
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_CHUNK = 1 << 22
+# consumed characters dropped from the buffer past this many (a JSON error counts the lines before it)
+_COMPACT = 1 << 18
 _AFTER_STRING = (":", ",", "]", "}")
 
 
@@ -99,7 +103,7 @@ class _JsonItems:
 
     def _compact(self) -> None:
         """Drop what is done with (between items, outside a record kept whole)."""
-        if self.keep is None and self.pos > _JSON_CHUNK:
+        if self.keep is None and self.pos > _COMPACT:
             self.buf, self.pos = self.buf[self.pos:], 0
 
     def _next(self) -> int | None:
@@ -128,12 +132,10 @@ class _JsonItems:
         (its position), None when the file ends first (or the value runs past position ``stop``,
         or, ``strict``, a bracket closes one of the other kind: a '}' or ']' left out). ``strict``
         also watches for text that cannot be JSON (a string followed by other than ':' ',' ']' '}',
-        a ',' in an object followed by other than a key): past the first, the value must end
-        within ``SETTLE`` characters (a bracket or quote left out takes in the items after it; a
-        word or ':' left out does not), so that a bad item is not scanned to the array's end;
-        ``suspect`` says whether it was seen."""
+        a ',' in an object followed by other than a key): past the first, the value must end within
+        ``SETTLE`` characters (a bracket or quote left out takes in the items after it)."""
         depth, i, opened, watch = 0, self.pos, [], strict
-        self.suspect = False
+        self.suspect = False  # (text that cannot be JSON seen)
         while True:
             m = _JSON_SYNTAX.search(self.buf, i)
             if m is None:
@@ -227,14 +229,14 @@ class _JsonItems:
     def _item_end(self) -> int | None:
         """The ',' or ']' after the item at ``pos`` (None when the file ends first). An item whose
         brackets do not close (a '}' or a quote left out) would take in every item after it, to
-        the file's end or to a bracket of the other kind: when its text cannot be JSON
-        (``_value_end``, strict) it ends where its brackets close or where the next item that
-        reads begins (``jsonpeek.next_item_start``), whichever comes first."""
+        the file's end or to a bracket of the other kind: when they do not close within
+        ``RESYNC`` characters, close one of the other kind, or do not close within ``SETTLE`` of
+        text that cannot be JSON (``_value_end``, strict), it ends where the next item that reads
+        begins (``jsonpeek.next_item_start``); so does one whose brackets close after such text
+        where what follows does not read as the array's next items (``jsonpeek.items_follow``)."""
         end = self._value_end(",]", self.pos + RESYNC, strict=True)
-        if end is None or self.suspect:
-            after = next_item_start(self, RESYNC, self.inside)
-            if after is not None and (end is None or after < end):
-                end = after
+        if end is None or self.suspect and not items_follow(self, end, CHECK, self.inside):
+            end = next_item_start(self, RESYNC, self.inside)
         return self._value_end(",]") if end is None else end
 
     def _fast_item(self) -> tuple[int, Row] | None:
@@ -259,7 +261,7 @@ class _JsonItems:
         longer than what it reads): read the rest as such, a line of ``null`` or a comment too."""
         end = self.pos
         c = self._next()
-        if c is not None and record and "\n" in self.buf[end:self.pos] and self._object_lines_follow():
+        if c is not None and record and "\n" in self.buf[end:self.pos] and object_lines_follow(self, LOOKAHEAD):
             yield from self._json_lines()
         elif c is not None:
             yield 0, None, (f"more text after the JSON value ends (after item {self.n}), not read: "
@@ -268,29 +270,13 @@ class _JsonItems:
         elif read_error(self.stream) and not self.reported:
             yield 0, None, read_error(self.stream, self.n)
 
-    def _object_lines_follow(self, lines: int = 3) -> bool:
-        """Whether one of the next ``lines`` lines that are not blank, from ``pos`` on, is one
-        whole JSON object (not the pieces of pretty-printed values one after another)."""
-        at = self.pos
-        while lines:
-            nl = self._line_end(at, at + LOOKAHEAD)
-            line = self.buf[at:nl if nl >= 0 else len(self.buf)]
-            if line.strip():
-                if json_object_line(line.encode("utf-8", "surrogateescape")):
-                    return True
-                lines -= 1
-            if nl < 0:
-                return False
-            at = nl + 1
-        return False
-
     def _line_end(self, at: int, stop: float = float("inf")) -> int:
         """The next line end from ``at`` on, reading more of the file as needed; -1 at its end (or
-        past position ``stop``)."""
+        past position ``stop``, however much the reads brought in)."""
         while True:
             nl = self.buf.find("\n", at)
             if nl >= 0:
-                return nl
+                return nl if nl <= stop else -1
             at = len(self.buf)
             if at > stop or not self._more():
                 return -1
@@ -428,17 +414,20 @@ class _JsonItems:
         return key is not None and not kinds[key]
 
     def _broken(self, what: str) -> Iterator[Row]:
-        start, self.keep, eof = self.keep, None, self.eof  # (the check below may read on to the end)
+        start, self.keep = self.keep, None
         if start is not None and "\n" not in self.buf[start:self.pos]:
             # the first line, a record that does not read: JSON Lines when a next line is one
             nl, at = self._line_end(self.pos, self.pos + LOOKAHEAD), self.pos
             self.pos = nl + 1
-            if nl >= 0 and self._object_lines_follow():
+            if nl >= 0 and object_lines_follow(self, LOOKAHEAD):
                 self.pos = start
                 yield from self._json_lines()
                 return
             self.pos = at
-        if eof or read_error(self.stream):
+        at = self.pos  # cut off: the file ends there (reading ahead may have reached its end elsewhere)
+        cut = what.startswith("cut off") or self._next() is None
+        self.pos = at
+        if cut or read_error(self.stream):
             row, why = self._truncated(self.n + 1, f"the JSON object is {what} after item {self.n}")
             yield row, None, why
         else:

@@ -1,19 +1,19 @@
 """Reading ahead in a JSON file being streamed (``jsonarray._JsonItems``, passed as ``r``: its
-text buffer ``buf``, position ``pos`` and its ``_next``/``_more``/``_value_end``/``_string_end``),
-without moving: what an array holds, which keys an object holds further on, where the item after
-a broken one starts."""
+text buffer ``buf``, position ``pos`` and its ``_next``/``_more``/``_value_end``/``_string_end``/
+``_line_end``), without moving: what an array holds, which keys an object holds further on,
+where the item after a broken one starts, whether JSON Lines follow."""
 from __future__ import annotations
 
 import json
 import re
 
+from guidealign.ingest.jsonrows import json_object_line
 from guidealign.ingest.keys import norm_key
 
 JSON_NON_WS = re.compile(r"[^ \t\r\n]")
 JSON_DECODER = json.JSONDecoder()
 _NEXT_OBJECT = re.compile(r",[ \t\r\n]*\{")
 _NUMBER_TAIL = 8  # characters a read may cut off the end of a number that reads without them
-CHAIN = 1 << 16  # characters of items after a candidate next item read to check it (next_item_start)
 
 
 def first_item(r, stop: float = float("inf")) -> str | None:
@@ -118,18 +118,17 @@ def value_end(r, stop: float) -> re.Match | None:
         if len(r.buf) > stop or not r._more():  # cut by the end of the buffer, or bad
             return m
 def next_item_start(r, window: int, inside: bool = False) -> int | None:
-    """For an array item at ``pos`` that is not JSON and does not close (``_item_end``): the ','
-    before the first object that starts after the point where JSON finds the item wrong, within
-    ``window`` characters of its start, reads whole within ``2 * window`` and is followed by the
-    rest of the array (``_rest_of_array``: not an object nested in the bad item). With a quote
-    left out, the text after that point may pair quotes wrongly, so an item after it may be taken
-    into the bad item's text. ``inside``: the array is a value of a top-level object (else the
-    top-level value). None when the item reads, or no such object follows. Only that window of
-    the file decides it, however the reads cut it. ``pos`` stays."""
+    """For an array item at ``pos`` whose brackets do not close (``_item_end``): the ',' before the
+    first object that starts after the point where JSON finds the item wrong, within ``window``
+    characters of its start, and reads as the next item (``_rest_of_array``: not an object nested
+    in the bad item). With a quote left out, the text after that point may pair quotes wrongly,
+    so an item after it may be taken into the bad item's text. ``inside``: the array is a value of
+    a top-level object (else the top-level value). None when the item reads, or no such object
+    follows. Only ``2 * window`` characters of the file decide it, however the reads cut them.
+    ``pos`` stays."""
     while len(r.buf) < r.pos + 2 * window and r._more():
         pass
     text = r.buf[r.pos:r.pos + 2 * window]
-    eof = r.eof and len(r.buf) <= r.pos + 2 * window
     try:
         _, err = JSON_DECODER.raw_decode(text)
         m = JSON_NON_WS.search(text, err)
@@ -143,53 +142,109 @@ def next_item_start(r, window: int, inside: bool = False) -> int | None:
     except (ValueError, RecursionError):
         return None
     for m in _NEXT_OBJECT.finditer(text, 1, window):
-        if m.end() <= err:
-            continue
-        if _rest_of_array(text, m.end() - 1, eof, inside):
+        if m.end() > err and _rest_of_array(text, m.end() - 1, inside):
             return r.pos + m.start()
     return None
 
 
-def _rest_of_array(text: str, at: int, eof: bool, inside: bool) -> bool:
-    """Whether the object at ``at`` of ``text`` reads, and the items after it read as the rest of
-    the array: up to its ']' and, after that, what may follow it (nothing at the top level; more
-    keys and the object's '}', ``inside`` one), or on for ``CHAIN`` characters, or up to an item
-    that does not read either (another bad one: it cannot tell). Objects nested in the bad item
-    (``{"prompt": "a, "turns": [{...}, {...}]}``) fail it: their list's ']' is followed by the
-    bad item's '}' and the next item. ``eof``: ``text`` runs to the end of the file."""
+def items_follow(r, at: int, window: int, inside: bool = False) -> bool:
+    """Whether what follows the ',' or ']' at position ``at`` reads as the rest of the records
+    array (``_rest_of_array``), judged on ``window`` characters: the end found for an item that
+    holds text that cannot be JSON, where two quotes left out may have paired wrongly and closed
+    its brackets early (the rest of its list of objects then follows, as items)."""
+    while len(r.buf) < at + window and r._more():
+        pass
+    text = r.buf[at:at + window]
+    if text.startswith("]"):
+        return _after_the_array(text, 1, inside)
+    n = JSON_NON_WS.search(text, 1)
+    return n is None or _rest_of_array(text, n.start(), inside)
+
+
+def _rest_of_array(text: str, at: int, inside: bool) -> bool:
+    """Whether the object at ``at`` of ``text`` reads as an item of the records array: it reads
+    and is followed by ',' or ']', and the items after it read up to a ']' that is not followed
+    as a list nested in an item is (``_after_the_array``). An item that does not read on the way
+    (another bad one) is passed over to the next object; a second one, or the end of ``text``,
+    leaves it undecided: taken as an item. Objects nested
+    in the bad item (``{"prompt": "a, "turns": [{...}, {...}]}``) fail it: their list's ']' is
+    followed by the bad item's '}' and then ',' or ']'."""
     try:
         _, end = JSON_DECODER.raw_decode(text, at)
     except (ValueError, RecursionError):
         return False
-    first = True
-    while True:
-        m = JSON_NON_WS.search(text, end)
-        if m is None or m.group() not in ",]":  # the window ends, or (after the first) another bad item
-            return not first or m is None and not eof
-        first = False
-        if m.group() == "]":
-            return _closes_the_array(text, m.end(), eof, inside)
+    m = JSON_NON_WS.search(text, end)
+    if m is not None and m.group() not in ",]":
+        return False
+    skips = 1  # another bad item on the way: passed over to the next object, once
+    while m is not None and m.group() == ",":
         n = JSON_NON_WS.search(text, m.end())
-        if n is None or n.start() - at > CHAIN:
+        while n is not None:
+            try:
+                _, end = JSON_DECODER.raw_decode(text, n.start())
+                m = JSON_NON_WS.search(text, end)
+                if m is None or m.group() in ",]":
+                    break
+            except (ValueError, RecursionError):
+                pass
+            nxt = _NEXT_OBJECT.search(text, n.start())
+            if not skips or nxt is None:
+                return True
+            skips, n = skips - 1, JSON_NON_WS.search(text, nxt.end() - 1)
+        if n is None:
             return True
+    return m is None or _after_the_array(text, m.end(), inside)
+
+
+def _after_the_array(text: str, at: int, inside: bool) -> bool:
+    """Whether the text after an array's ']' (at ``at``) may follow the records array: not a ','
+    or ']' (at the top level: the array is no value of an object or array), and, ``inside`` (the
+    array a value of the top-level object), its other keys, then a '}' not followed by ',' or ']'
+    (an item of an array closes there). A value that does not read (a big or bad array of
+    records of another split) leaves it undecided: taken as the records array."""
+    m = JSON_NON_WS.search(text, at)
+    while inside and m is not None and m.group() == ",":  # , "key": value
+        k = JSON_NON_WS.search(text, m.end())
+        if k is None or k.group() != '"':
+            return k is None
         try:
-            _, end = JSON_DECODER.raw_decode(text, n.start())
+            _, end = JSON_DECODER.raw_decode(text, k.start())
+            c = JSON_NON_WS.search(text, end)
+            if c is None or c.group() != ":":
+                return c is None
+            v = JSON_NON_WS.search(text, c.end())
+            if v is None:
+                return True
+            _, end = JSON_DECODER.raw_decode(text, v.start())
         except (ValueError, RecursionError):
             return True
-
-
-def _closes_the_array(text: str, at: int, eof: bool, inside: bool) -> bool:
-    """Whether ``text`` from ``at`` (after an array's ']') is what may follow the records array."""
-    if not inside:
-        return JSON_NON_WS.search(text, at) is None
-    rest = '{"":0' + text[at:]  # the rest of the top-level object: more keys, then its '}'
-    try:
-        _, end = JSON_DECODER.raw_decode(rest)
-    except json.JSONDecodeError as e:  # cut by the window: it cannot tell
-        return not eof and (e.msg.startswith("Unterminated") or e.pos >= len(rest.rstrip()) - 1)
-    except (ValueError, RecursionError):
+        m = JSON_NON_WS.search(text, end)
+    if m is None:
         return True
-    return JSON_NON_WS.search(rest, end) is None
+    if m.group() == "}":
+        n = JSON_NON_WS.search(text, m.end())
+        return n is None or n.group() not in ",]"
+    return m.group() not in ",]"
+
+
+def object_lines_follow(r, lookahead: int, lines: int = 3) -> bool:
+    """Whether one of the next ``lines`` lines that are not blank, from ``pos`` on, is one whole
+    JSON object (not the pieces of pretty-printed values one after another); a line longer than
+    ``lookahead``, not read whole, counts as one when it starts as one does. ``pos`` stays."""
+    at = r.pos
+    while lines:
+        nl = r._line_end(at, at + lookahead)
+        if nl < 0 and not (r.eof and len(r.buf) - at <= lookahead):  # a line longer than that
+            return r.buf[at:at + 64].lstrip(" \t\r").startswith('{"')
+        line = r.buf[at:nl if nl >= 0 else len(r.buf)]
+        if line.strip():
+            if json_object_line(line.encode("utf-8", "surrogateescape")):
+                return True
+            lines -= 1
+        if nl < 0:
+            return False
+        at = nl + 1
+    return False
 
 
 def peek(r, at: int, stop: float) -> str | None:
