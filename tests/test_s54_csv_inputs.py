@@ -63,14 +63,15 @@ def test_a_field_over_lines_with_text_after_its_quote_is_not_split_into_rows(tmp
         == [(2, True, '"Summarize this, briefly:\nThe quick brown fox" (excerpt),wiki')]
 
 
-def test_an_inch_mark_on_the_closing_line_does_not_take_in_the_rows_between(tmp_path, monkeypatch):
-    """With lines between, the quote's line alone is quarantined, whatever the closing line holds."""
-    f = _write(tmp_path, "in.csv", 'prompt,source\n"Why is the sky blue?,web\nWhat is 2+2?,web\n'
-                                   'Name three rivers.,web\nIs a 6" sub enough for two?,web\nnext one,web\n')
+def test_a_field_over_three_lines_with_text_after_its_quote_is_not_split_into_rows(tmp_path, monkeypatch):
+    """Lines between the quotes are taken for rows only when the closing line could be a row of
+    its own (an even number of quotes); an inch mark there (``a 6" sub``) takes the rows between
+    into the quarantined record (a known limit: no reader can tell it from this)."""
+    f = _write(tmp_path, "in.csv", 'prompt,source\n"Summarize this, briefly:\nThe quick fox, the lazy dog\n'
+                                   'The end" (excerpt),wiki\nnext one,web\n')
     rows, bad = _every_way(f, tmp_path, monkeypatch)
-    assert [(p, line) for p, line, _ in rows] == [("What is 2+2?", 3), ("Name three rivers.", 4),
-                                                  ('Is a 6" sub enough for two?', 5), ("next one", 6)]
-    assert [(line, raw) for line, _, raw in bad] == [(2, '"Why is the sky blue?,web')]
+    assert [(p, line) for p, line, _ in rows] == [("next one", 5)]
+    assert [(line, why.startswith("text after the closing quote on line 4")) for line, why, _ in bad] == [(2, True)]
 
 
 def test_a_quoted_field_over_lines_that_closes_cleanly_is_still_one_prompt(tmp_path, monkeypatch):

@@ -4,7 +4,11 @@ rows); the next item after one that does not close must be followed by the rest 
 however long the bad item's own list of objects (past 64 KiB its objects were rows), and text
 after the array, or a bad item in another split, does not make every item after the bad one
 part of it; whether JSON Lines follow a first line does not depend on the read size; a file is
-said truncated only when it ends there; many bad items cost time in proportion to the file."""
+said truncated only when it ends there; many bad items cost time in proportion to the file.
+And, as a third review found of the second round: an item whose brackets close is never
+re-cut by the next-item search (bad items one after another were merged, a good item over the
+search's window was made rows of), the items after a bad one are never swallowed, and bad items
+one after another are each tried against a bounded number of next objects."""
 from __future__ import annotations
 
 import json
@@ -109,3 +113,62 @@ def test_bad_items_far_into_a_buffer_do_not_each_count_its_lines(tmp_path, monke
     kept, quarantined = _read(tmp_path, _array(*items))
     assert len(kept) == 2000 and len(quarantined) == 2000
     assert max(counted) < 2 * jsonarray._COMPACT
+
+
+def test_bad_items_one_after_another_are_each_quarantined_alone(tmp_path):
+    text = _array(QS[0], '{"prompt": "bad1",}', '{"prompt": "bad2",}', QS[3])
+    kept, quarantined = _read(tmp_path, text)
+    assert kept == [(1, "q0"), (4, "q3")]
+    assert [(row, raw) for row, raw, _ in quarantined] == [(2, '{"prompt": "bad1",}'), (3, '{"prompt": "bad2",}')]
+
+
+def test_the_items_between_two_bad_ones_are_read(tmp_path):
+    bad2 = '{"prompt": "He said "hi" to me"}'
+    bad4 = '{"prompt": "x", "turns": [{"t": 1}, {"t": 2}],}'
+    good = [json.dumps({"prompt": f"g{i}"}) for i in range(200)]
+    kept, quarantined = _read(tmp_path, _array(QS[0], bad2, *good, bad4, QS[4]))
+    assert kept == [(1, "q0")] + [(i + 3, f"g{i}") for i in range(200)] + [(204, "q4")]
+    assert [(row, raw) for row, raw, _ in quarantined] == [(2, bad2), (203, bad4)]
+
+
+def test_a_good_item_longer_than_the_search_window_after_a_bad_one_is_one_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(jsonarray, "RESYNC", 1 << 12)  # the 1 MiB window, made small
+    bad = '{"prompt": "He said "hi" to me"}'
+    big = json.dumps({"prompt": "big", "turns": [{"text": f"turn {i}"} for i in range(6000)]})  # ~110 KB
+    kept, quarantined = _read(tmp_path, _array(QS[0], bad, big, QS[3]))
+    assert kept == [(1, "q0"), (3, "big"), (4, "q3")]
+    assert [(row, raw) for row, raw, _ in quarantined] == [(2, bad)]
+
+
+@pytest.mark.parametrize("bad", ['{"prompt": "bad %d", "k": 1', '{"prompt": "bad %d, "k": 1}'])
+def test_bad_items_one_after_another_try_a_bounded_number_of_next_objects(tmp_path, monkeypatch, bad):
+    """Each item left open tried every object after it in the window as the next item (all of
+    them bad: quadratic); now at most ``CANDIDATES`` a bad item, and the good item at the end is
+    read."""
+    from guidealign.ingest import jsonpeek
+    tried = []
+    real = jsonpeek._rest_of_array
+
+    def counting(text, at, inside):
+        tried.append(at)
+        return real(text, at, inside)
+
+    monkeypatch.setattr(jsonpeek, "_rest_of_array", counting)
+    n = 400
+    kept, quarantined = _read(tmp_path, _array(*[bad % i for i in range(n)], QS[0]))
+    assert kept[-1:] == [(len(kept) + len(quarantined), "q0")] and len(kept) == 1
+    assert len(tried) <= n * jsonpeek.CANDIDATES
+
+
+def test_quotes_left_out_in_two_items_do_not_make_rows_of_a_list_between(tmp_path):
+    """A quote left out in item 3 and another in item 6 pair up: item 3's brackets then close in
+    the middle of item 6's list of turns, and the turns after that point came out as rows. Where
+    a nested list's end follows such an end, the next item that reads decides where item 3 ends."""
+    items = [json.dumps({"prompt": "R0", "turns": [{"t": "n0_0"}]}), json.dumps({"prompt": "R1"}),
+             '{"prompt: "R2"}', json.dumps({"prompt": "R3", "turns": [{"t": "n3_0"}, {"t": "n3_1"}]}),
+             json.dumps({"prompt": "R4"}),
+             '{"prompt": "R5", "turns": [{"t": "n5_0"}, {"t": n5_1"}, {"t": "n5_2"}, {"t": "n5_3"}]}',
+             json.dumps({"prompt": "R6"})]
+    kept, quarantined = _read(tmp_path, '{"data": ' + _array(*items) + ', "note": "x"}')
+    assert kept == [(1, "R0"), (2, "R1"), (4, "R3"), (5, "R4"), (7, "R6")]
+    assert [row for row, _, _ in quarantined] == [3, 6]

@@ -233,10 +233,10 @@ def _stray_quote(reader: CsvReader, offset: int, after: tuple[int, int, int], n:
     up to the quote's as a quarantine row, and ``reader`` restarted on the lines after it. None
     (the record quarantined as it stands) when the field closes on the line it opens on
     (``"a"b``), or, with ``n`` > 1 columns, when the quote's line without that quote does not
-    hold ``n`` fields, or the closing quote's line is the next one and holds an odd number of quotes
-    (``"two`` then ``lines" z,6``, ``"Summarize this, briefly:`` then ``The fox" (excerpt),wiki``:
-    a field over two lines with text after its end, not a row of its own; with lines between,
-    they are taken for rows, ``a 6" sub`` on the last one an inch mark). In a one-column file every line is a
+    hold ``n`` fields, or the closing quote's line holds an odd number of quotes (``"two`` then
+    ``lines" z,6``, ``"Summarize this, briefly:`` then ``The fox" (excerpt),wiki``: a field over
+    lines with text after its end, its pieces no rows; an inch mark, ``a 6" sub``, on that line
+    takes the lines between into the quarantined record too). In a one-column file every line is a
     prompt, so the lines after the quote's are read."""
     held = reader.held
     o, q = _line_of(held, after[1]), _line_of(held, after[2])
@@ -245,7 +245,7 @@ def _stray_quote(reader: CsvReader, offset: int, after: tuple[int, int, int], n:
     if reader.delim != ONE_COLUMN:
         at = after[1] - sum(len(x) for x in held[:o])
         alone = _strip_eol(held[o][:at] + held[o][at + 1:])
-        if _count_outside_quotes(alone, reader.delim) + 1 != n or q == o + 1 and held[q].count('"') % 2:
+        if _count_outside_quotes(alone, reader.delim) + 1 != n or held[q].count('"') % 2:
             return None
     start = reader.line_num - len(held)  # lines before the record
     line = offset + start + o + 1  # the quote's line; the row is numbered by the record's first

@@ -39,8 +39,8 @@ LOOKAHEAD = 16 << 20
 # characters past an item that does not close where the next item is looked for (``next_item_start``)
 RESYNC = 1 << 20
 # characters a bad item may go on for past the first text that cannot be JSON (``_value_end``)
-SETTLE = 1 << 11
-# characters after such an item's end read to check that the array's items follow (``items_follow``)
+SETTLE = 1 << 10
+# characters after such an item's end read to check that no nested list's end follows (``items_follow``)
 CHECK = 1 << 16
 _HOLDS_RECORDS = re.compile(r"\[\s*\{")  # an array of objects somewhere in a value
 
@@ -232,11 +232,14 @@ class _JsonItems:
         the file's end or to a bracket of the other kind: when they do not close within
         ``RESYNC`` characters, close one of the other kind, or do not close within ``SETTLE`` of
         text that cannot be JSON (``_value_end``, strict), it ends where the next item that reads
-        begins (``jsonpeek.next_item_start``); so does one whose brackets close after such text
-        where what follows does not read as the array's next items (``jsonpeek.items_follow``)."""
+        begins (``jsonpeek.next_item_start``). One whose brackets close is cut there, unescaped
+        quotes inside or not, unless they close after such text and a nested list's end follows
+        (``jsonpeek.items_follow``: two quotes left out paired up): then the next item decides."""
         end = self._value_end(",]", self.pos + RESYNC, strict=True)
-        if end is None or self.suspect and not items_follow(self, end, CHECK, self.inside):
+        if end is None:
             end = next_item_start(self, RESYNC, self.inside)
+        elif self.suspect and not items_follow(self, end, CHECK, self.inside):
+            end = next_item_start(self, RESYNC, self.inside) or end
         return self._value_end(",]") if end is None else end
 
     def _fast_item(self) -> tuple[int, Row] | None:

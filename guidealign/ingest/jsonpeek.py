@@ -14,6 +14,7 @@ JSON_NON_WS = re.compile(r"[^ \t\r\n]")
 JSON_DECODER = json.JSONDecoder()
 _NEXT_OBJECT = re.compile(r",[ \t\r\n]*\{")
 _NUMBER_TAIL = 8  # characters a read may cut off the end of a number that reads without them
+CANDIDATES = 16  # objects after a bad item tried as the next one (bad items one after another: not each)
 
 
 def first_item(r, stop: float = float("inf")) -> str | None:
@@ -123,8 +124,9 @@ def next_item_start(r, window: int, inside: bool = False) -> int | None:
     characters of its start, and reads as the next item (``_rest_of_array``: not an object nested
     in the bad item). With a quote left out, the text after that point may pair quotes wrongly,
     so an item after it may be taken into the bad item's text. ``inside``: the array is a value of
-    a top-level object (else the top-level value). None when the item reads, or no such object
-    follows. Only ``2 * window`` characters of the file decide it, however the reads cut them.
+    a top-level object (else the top-level value). When none of the first ``CANDIDATES`` objects
+    does and the first of them does not read either (bad items one after another), that one's
+    ','. None when the item reads, or no object follows. Only ``2 * window`` characters of the file decide it, however the reads cut them.
     ``pos`` stays."""
     while len(r.buf) < r.pos + 2 * window and r._more():
         pass
@@ -141,59 +143,76 @@ def next_item_start(r, window: int, inside: bool = False) -> int | None:
         err = e.pos
     except (ValueError, RecursionError):
         return None
+    tries, first, past = CANDIDATES, None, 0
     for m in _NEXT_OBJECT.finditer(text, 1, window):
-        if m.end() > err and _rest_of_array(text, m.end() - 1, inside):
-            return r.pos + m.start()
-    return None
+        if m.end() > err and m.start() >= past:
+            ok, past = _rest_of_array(text, m.end() - 1, inside)
+            if ok:
+                return r.pos + m.start()
+            if first is None:  # the first object after the error: a bad item too, or nested
+                first = -1 if _reads(text, m.end() - 1) else m.start()
+            tries -= 1
+            if not tries:
+                break
+    return r.pos + first if first is not None and first >= 0 else None
+
+
+def _reads(text: str, at: int) -> bool:
+    try:
+        JSON_DECODER.raw_decode(text, at)
+        return True
+    except (ValueError, RecursionError):
+        return False
 
 
 def items_follow(r, at: int, window: int, inside: bool = False) -> bool:
-    """Whether what follows the ',' or ']' at position ``at`` reads as the rest of the records
-    array (``_rest_of_array``), judged on ``window`` characters: the end found for an item that
-    holds text that cannot be JSON, where two quotes left out may have paired wrongly and closed
-    its brackets early (the rest of its list of objects then follows, as items)."""
+    """Whether what follows the ',' or ']' at position ``at`` may be the rest of the records
+    array, judged on ``window`` characters: False only where it reads as the end of a list nested
+    in an item (``_rest_of_array``'s ']' test): the end found for an item that holds text that
+    cannot be JSON, where two quotes left out (in it and in a later item) paired up and closed its
+    brackets in the middle of another item's list of objects."""
     while len(r.buf) < at + window and r._more():
         pass
     text = r.buf[at:at + window]
     if text.startswith("]"):
         return _after_the_array(text, 1, inside)
     n = JSON_NON_WS.search(text, 1)
-    return n is None or _rest_of_array(text, n.start(), inside)
+    if n is None:
+        return True
+    ok, past = _rest_of_array(text, n.start(), inside)
+    return ok or not past  # (an item that does not read, or is longer than the window: it cannot tell)
 
 
-def _rest_of_array(text: str, at: int, inside: bool) -> bool:
+def _rest_of_array(text: str, at: int, inside: bool) -> tuple[bool, int]:
     """Whether the object at ``at`` of ``text`` reads as an item of the records array: it reads
     and is followed by ',' or ']', and the items after it read up to a ']' that is not followed
     as a list nested in an item is (``_after_the_array``). An item that does not read on the way
-    (another bad one) is passed over to the next object; a second one, or the end of ``text``,
-    leaves it undecided: taken as an item. Objects nested
-    in the bad item (``{"prompt": "a, "turns": [{...}, {...}]}``) fail it: their list's ']' is
-    followed by the bad item's '}' and then ',' or ']'."""
+    (another bad one) or the end of ``text`` leaves it undecided: taken as an item (a list of
+    objects in the bad item longer than ``text`` is taken for items). Objects nested in the bad
+    item (``{"prompt": "a, "turns": [{...}, {...}]}``) fail it: their list's ']' is followed by
+    the bad item's '}' and then ',' or ']'. Also where that ']' is (the objects before it fail
+    alike: not tried again), else 0."""
     try:
         _, end = JSON_DECODER.raw_decode(text, at)
     except (ValueError, RecursionError):
-        return False
+        return False, 0
     m = JSON_NON_WS.search(text, end)
     if m is not None and m.group() not in ",]":
-        return False
-    skips = 1  # another bad item on the way: passed over to the next object, once
+        return False, 0
     while m is not None and m.group() == ",":
         n = JSON_NON_WS.search(text, m.end())
-        while n is not None:
-            try:
-                _, end = JSON_DECODER.raw_decode(text, n.start())
-                m = JSON_NON_WS.search(text, end)
-                if m is None or m.group() in ",]":
-                    break
-            except (ValueError, RecursionError):
-                pass
-            nxt = _NEXT_OBJECT.search(text, n.start())
-            if not skips or nxt is None:
-                return True
-            skips, n = skips - 1, JSON_NON_WS.search(text, nxt.end() - 1)
         if n is None:
-            return True
-    return m is None or _after_the_array(text, m.end(), inside)
+            return True, 0
+        try:
+            _, end = JSON_DECODER.raw_decode(text, n.start())
+        except (ValueError, RecursionError):
+            return True, 0
+        m = JSON_NON_WS.search(text, end)
+        if m is not None and m.group() not in ",]":
+            return True, 0
+    if m is None or _after_the_array(text, m.end(), inside):
+        return True, 0
+    return False, m.end()
 
 
 def _after_the_array(text: str, at: int, inside: bool) -> bool:
