@@ -56,14 +56,10 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto",
     stream, enc = open_utf8(path, encoding)
     with stream:
         f = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
-        first, skipped = f.readline(), 0
-        while first and not first.strip():  # blank lines before the header: the header is next
-            first, skipped = f.readline(), skipped + 1
+        first, skipped = _first_text_line(f, 0)  # blank lines before the header: the header is next
         sep = _EXCEL_SEP.fullmatch(first.rstrip("\r\n"))
         if sep:  # Excel's "sep=;" line: the delimiter, not a header (unless one is configured)
-            first, skipped = f.readline(), skipped + 1
-            while first and not first.strip():
-                first, skipped = f.readline(), skipped + 1
+            first, skipped = _first_text_line(f, skipped + 1)
             if delimiter == "auto":
                 delimiter = sep.group(1)
         delim = sniff_delimiter(first.splitlines()[0] if first else "", path, delimiter)
@@ -85,6 +81,15 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto",
             delim = ONE_COLUMN
             reader = CsvReader(f, delim, reader.line_num)
         yield from csv_body(reader, names, delim, enc, stream, offset=skipped, prompt=prompt)
+
+
+def _first_text_line(f, skipped: int) -> tuple[str, int]:
+    """The next line of ``f`` that is not blank ("" at the end), and ``skipped`` plus the blank
+    lines passed over."""
+    line = f.readline()
+    while line and not line.strip():
+        line, skipped = f.readline(), skipped + 1
+    return line, skipped
 
 
 def csv_names(header: list[str]) -> list[str]:

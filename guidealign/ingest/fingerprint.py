@@ -24,15 +24,20 @@ def files_fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # path written as it resolves adds nothing: that run keeps the fingerprint it had.
     stats = [(str(p.resolve()), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
              + (() if str(p) == str(p.resolve()) else (str(p),)) + _inner_stats(p) for p in files]
+    # the kinds of input the terms below are for (None: a saved dataset, a directory)
+    kinds = {inner_suffix(p) if p.is_file() else None for p in files}
+    json_in, csv_in = ".json" in kinds, bool(kinds & {".csv", ".tsv"})
+    text_in = bool(kinds - {None, ".parquet"})  # every file input but Parquet
+    arrow_in = bool(kinds & {None, ".parquet"})  # Parquet files and saved datasets
     # v8: an instruction's input (ingest.instruction_inputs) is part of its prompt; shards
     # without one come out the same, so only inputs with instruction + input change downstream
     # JSON (not JSON Lines) files since Stop 48: records after leading nulls in an array ({"data":
     # [null, {...}, ...]}) are read, and an object holding arrays of records is said; runs
     # without a .json input keep their fingerprint
-    json_v2 = ["json-array-v2"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
+    json_v2 = ["json-array-v2"] if json_in else []
     # CSV (Stop 49): a record over several lines is numbered by its first line in `source`, not
     # its last; where no record spans lines, the shards come out the same (nothing downstream redone)
-    csv_v2 = ["csv-first-line"] if any(p.is_file() and inner_suffix(p) in (".csv", ".tsv") for p in files) else []
+    csv_v2 = ["csv-first-line"] if csv_in else []
     # ingest.shard_cut=content (Stop 49) cuts other shards; position keeps the fingerprint it had
     cut = ["shard-cut-content-v1"] if cfg.shard_cut == "content" else []
     # Stop 50: metadata is strict JSON (a NaN or infinite float written as null, not as a bare
@@ -40,32 +45,30 @@ def files_fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # Any input but CSV (whose values are text) may hold such values: ingest runs once more, and
     # only shards that hold them come out different (only those are redone downstream); CSV-only
     # runs keep their fingerprint
-    strict = ["metadata-strict-json-v1"] if any(not (p.is_file() and inner_suffix(p) in (".csv", ".tsv"))
-                                                for p in files) else []
+    strict = ["metadata-strict-json-v1"] if kinds - {".csv", ".tsv"} else []
     # Stop 51: a prompt of blank space, control and format characters only (zero-width spaces)
     # is quarantined as empty, and an instruction or input of such characters holds no text to
     # join (``visible``): ingest runs once more; inputs without such prompts come out the same,
     # with them the shards from the first such row on change (``shard_cut: position``; under
     # ``content`` only the shards around it)
     # Stop 53 (line pairing, -NaN/Inf, CR LF after lone CR; README): text inputs once more, same if well-formed
-    lines = ["line-pairing-v1"] if any(p.is_file() and inner_suffix(p) != ".parquet" for p in files) else []
+    lines = ["line-pairing-v1"] if text_in else []
     # Stop 54 (JSON files, README): an item whose brackets do not close ends at the next item that
     # reads (the items after it were lost), scalars before an array's first object are passed
     # over (the array was taken for a field), JSON Lines saved as .json whose first line is long
     # is read as such when that line is broken or the next is not an object, a one-record object
     # without a prompt but with records nested deeper says so
-    json_v3 = ["json-array-v3"] if any(p.is_file() and inner_suffix(p) == ".json" for p in files) else []
+    json_v3 = ["json-array-v3"] if json_in else []
     # Stop 54 (Parquet, saved datasets): a binary value inside a list or struct is written in
     # metadata as its text, as a binary column's is (it was Python's b'...' repr)
-    nested_bytes = ["nested-binary-text-v1"] if any(not p.is_file() or inner_suffix(p) == ".parquet"
-                                                    for p in files) else []
+    nested_bytes = ["nested-binary-text-v1"] if arrow_in else []
     # Stop 54 (CSV, README): a quote left open that closes lines later quarantines its line only,
     # a short row is quarantined though it reaches another prompt alias, Excel's "sep=;" line
     # names the delimiter, a quarantined row's raw text is the line as written
-    csv_v3 = ["csv-v3"] if any(p.is_file() and inner_suffix(p) in (".csv", ".tsv") for p in files) else []
+    csv_v3 = ["csv-v3"] if csv_in else []
     # Stop 54 (every text input): a file under the 64 KiB sniff that ends inside a UTF-8
     # character is not taken for UTF-8 cut by the sample (cp1252 with its last byte non-ASCII)
-    whole = ["sniff-whole-file-v1"] if any(p.is_file() and inner_suffix(p) != ".parquet" for p in files) else []
+    whole = ["sniff-whole-file-v1"] if text_in else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
                        *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1", *lines, *json_v3,

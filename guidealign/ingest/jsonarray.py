@@ -28,7 +28,7 @@ from guidealign.config.ingest import IngestConfig
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
 from guidealign.ingest.jsonrows import load_object, parse_jsonl_line
 from guidealign.ingest.jsonpeek import (JSON_DECODER, JSON_NON_WS, first_item, items_follow, key_name, keys_after,
-                                        next_item_start, object_lines_follow, peek)
+                                        next_item_start, object_lines_follow, peek, text_ahead)
 from guidealign.ingest.keys import find_prompt_key
 from guidealign.ingest.rows import Row
 
@@ -169,10 +169,8 @@ class _JsonItems:
             i = j + 1
 
     def _excerpt(self, n: int) -> str:
-        """The ``n`` characters from ``pos`` on (for a reason: the same however the reads cut them)."""
-        while len(self.buf) < self.pos + n and self._more():
-            pass
-        return self.buf[self.pos:self.pos + n]
+        """The ``n`` characters from ``pos`` on, for a reason (``text_ahead``)."""
+        return text_ahead(self, self.pos, n)
 
     def _truncated(self, row: int, what: str) -> tuple[int, str]:
         """(row, reason) for the file ending inside the JSON: a damaged compressed file's error
@@ -427,10 +425,8 @@ class _JsonItems:
                 yield from self._json_lines()
                 return
             self.pos = at
-        at = self.pos  # cut off: the file ends there (reading ahead may have reached its end elsewhere)
-        cut = what.startswith("cut off") or self._next() is None
-        self.pos = at
-        if cut or read_error(self.stream):
+        # cut off: the file ends there (reading ahead may have reached its end elsewhere)
+        if what.startswith("cut off") or peek(self, self.pos, float("inf")) is None or read_error(self.stream):
             row, why = self._truncated(self.n + 1, f"the JSON object is {what} after item {self.n}")
             yield row, None, why
         else:

@@ -118,6 +118,16 @@ def value_end(r, stop: float) -> re.Match | None:
             return m
         if len(r.buf) > stop or not r._more():  # cut by the end of the buffer, or bad
             return m
+
+
+def text_ahead(r, at: int, n: int) -> str:
+    """The ``n`` characters from position ``at`` on (fewer at the file's end), read as needed: the
+    same however the reads cut the file."""
+    while len(r.buf) < at + n and r._more():
+        pass
+    return r.buf[at:at + n]
+
+
 def next_item_start(r, window: int, inside: bool = False) -> int | None:
     """For an array item at ``pos`` whose brackets do not close (``_item_end``): the ',' before the
     first object that starts after the point where JSON finds the item wrong, within ``window``
@@ -126,11 +136,9 @@ def next_item_start(r, window: int, inside: bool = False) -> int | None:
     so an item after it may be taken into the bad item's text. ``inside``: the array is a value of
     a top-level object (else the top-level value). When none of the first ``CANDIDATES`` objects
     does and the first of them does not read either (bad items one after another), that one's
-    ','. None when the item reads, or no object follows. Only ``2 * window`` characters of the file decide it, however the reads cut them.
-    ``pos`` stays."""
-    while len(r.buf) < r.pos + 2 * window and r._more():
-        pass
-    text = r.buf[r.pos:r.pos + 2 * window]
+    ','. None when the item reads, or no object follows. Only ``2 * window`` characters of the
+    file decide it (``text_ahead``). ``pos`` stays."""
+    text = text_ahead(r, r.pos, 2 * window)
     try:
         _, err = JSON_DECODER.raw_decode(text)
         m = JSON_NON_WS.search(text, err)
@@ -171,9 +179,7 @@ def items_follow(r, at: int, window: int, inside: bool = False) -> bool:
     in an item (``_rest_of_array``'s ']' test): the end found for an item that holds text that
     cannot be JSON, where two quotes left out (in it and in a later item) paired up and closed its
     brackets in the middle of another item's list of objects."""
-    while len(r.buf) < at + window and r._more():
-        pass
-    text = r.buf[at:at + window]
+    text = text_ahead(r, at, window)
     if text.startswith("]"):
         return _after_the_array(text, 1, inside)
     n = JSON_NON_WS.search(text, 1)
