@@ -129,19 +129,35 @@ def cpu_matrix_flags() -> list[str]:
     return sorted(f for f in set(flags) if f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f"))
 
 
+# (config key, flag) of the engine and sampling flags: each overrides --config only when given;
+# without --config, the bench's own defaults (BENCH_DEFAULTS) stand in for the flags not given
+ENGINE_FLAGS = [("engine.model", "model"), ("engine.dtype", "dtype"), ("engine.max_model_len", "max_model_len"),
+                ("engine.max_num_seqs", "max_num_seqs"), ("engine.cpu_kvcache_gib", "kv_gib"),
+                ("detect.sampling.temperature", "temperature"), ("detect.sampling.max_tokens", "max_tokens")]
+BENCH_DEFAULTS = {"model": "embedded:smollm2-135m-instruct", "dtype": "bfloat16", "max_model_len": 8192,
+                  "max_num_seqs": 128, "kv_gib": 2, "temperature": 0.0, "max_tokens": 160}
+
+
+def with_bench_defaults(args):
+    """``args`` with the bench's defaults for the engine and sampling flags not given, when no
+    --config is (with one, the config's own values stand)."""
+    if args.config is None:
+        for attr, value in BENCH_DEFAULTS.items():
+            if getattr(args, attr) is None:
+                setattr(args, attr, value)
+    return args
+
+
 def make_cfg(args, mode: str):
-    """The config both modes run: --config with the bench's settings and --set over it. The
+    """The config both modes run: --config (its engine and detect settings: a threshold written
+    with --write-threshold is calibrated on them), the flags given and --set over it. The
     threshold is the bench's own (calibrated here): a threshold_file the config names (maybe the
     one --write-threshold is about to write) is not read."""
     from guidealign.config import load_config
 
-    cfg = load_config(args.config, [
-        f"engine.model={args.model}", f"engine.dtype={args.dtype}",
-        f"engine.max_model_len={args.max_model_len}", f"engine.max_num_seqs={args.max_num_seqs}",
-        f"engine.cpu_kvcache_gib={args.kv_gib}",
-        f"detect.mode={mode}", f"detect.sampling.temperature={args.temperature}",
-        f"detect.sampling.max_tokens={args.max_tokens}",
-    ] + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else [])
+    given = [(key, getattr(args, attr)) for key, attr in ENGINE_FLAGS]
+    cfg = load_config(args.config, [f"detect.mode={mode}"] + [f"{k}={v}" for k, v in given if v is not None]
+                      + ([f"detect.max_exemplars={args.max_exemplars}"] if args.max_exemplars is not None else [])
       + ([f"engine.block_size={args.block_size}"] if args.block_size else [])
       + (["detect.align_prefix=false"] if args.no_align else []) + list(args.set))
     cfg.detect.threshold_file = None
@@ -187,20 +203,21 @@ def main() -> None:
     ap.add_argument("--short", action="store_true", help="16 held-out and 32 calibration prompts per class")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default=None, help="base config (default: built-in defaults)")
-    ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="bfloat16",
+    flag = "; with --config: the config's unless given"
+    ap.add_argument("--model", default=None, help=f"engine.model (default: {BENCH_DEFAULTS['model']}{flag})")
+    ap.add_argument("--dtype", default=None,
                     help="both modes' dtype: bfloat16 (the GPU recipe's, and the engine's 'auto' for the "
-                         "embedded model) or float32 (the demo's: token for token with transformers)")
-    ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--max-num-seqs", type=int, default=128)
+                         f"embedded model) or float32 (the demo's: token for token with transformers){flag}")
+    ap.add_argument("--max-model-len", type=int, default=None, help=f"default: 8192{flag}")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help=f"default: 128{flag}")
     ap.add_argument("--max-exemplars", type=int, default=None)
-    ap.add_argument("--kv-gib", type=int, default=2)
+    ap.add_argument("--kv-gib", type=int, default=None, help=f"engine.cpu_kvcache_gib (default: 2{flag})")
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV block size (engine.block_size; default: the engine's, 32 on the CPU)")
     ap.add_argument("--no-align", action="store_true",
                     help="detect.align_prefix=false: the shared prefix not padded to the KV block")
-    ap.add_argument("--temperature", type=float, default=0.0, help="rationale mode (0: greedy)")
-    ap.add_argument("--max-tokens", type=int, default=160, help="rationale mode (demo recipe: 160)")
+    ap.add_argument("--temperature", type=float, default=None, help=f"rationale mode (default: 0, greedy{flag})")
+    ap.add_argument("--max-tokens", type=int, default=None, help=f"rationale mode (default: 160, the demo recipe's{flag})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for both modes, e.g. engine.max_num_batched_tokens=1024 (repeatable)")
     ap.add_argument("--score-only", type=int, default=0, metavar="N",
@@ -211,6 +228,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.short:
         args.per_class, args.calib = 16, 32
+    with_bench_defaults(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (args.benchmarks / "do_not_answer.jsonl").exists():
         print(f"detect modes: SKIPPED ({args.benchmarks} has no benchmark prompts)")
@@ -265,7 +283,8 @@ def main() -> None:
     r_pred = [r["risky"] is not False for r in r_rows]  # no verdict -> safety (the default)
     res = {
         "prompts": len(held), "risky": n_r, "benign": len(held) - n_r, "seed": args.seed,
-        "threshold": threshold, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "threshold": threshold, "max_tokens": rat_cfg.detect.sampling.max_tokens,
+        "temperature": rat_cfg.detect.sampling.temperature,
         "model": record["model"], "dtype": record["dtype"], "cpu_flags": cpu_matrix_flags(),
         "score": {"seconds": s_sec, "prompts_per_s": len(held) / s_sec,
                   **rates(s_pred[:n_r], s_pred[n_r:]), **work(s_stats, len(held), s_sec)},
@@ -291,8 +310,8 @@ def main() -> None:
     res["score_at_rationale_fpr_in_sample"] = {"recall": rec_in, "fpr": fpr_in}
 
     print(f"detect modes: {len(held)} held-out prompts ({n_r} Do-Not-Answer risky, {len(held) - n_r} "
-          f"Vicuna/HHH benign), seed {args.seed}, model {res['model']}, dtype {res['dtype']}; rationale T={args.temperature} "
-          f"max_tokens={args.max_tokens}; KV block {cache_block_size(llm) or '?'}; CPU "
+          f"Vicuna/HHH benign), seed {args.seed}, model {res['model']}, dtype {res['dtype']}; rationale T={rat_cfg.detect.sampling.temperature} "
+          f"max_tokens={rat_cfg.detect.sampling.max_tokens}; KV block {cache_block_size(llm) or '?'}; CPU "
           f"{' '.join(res['cpu_flags']) or 'without AVX-512/AMX'}")
     print(f"  threshold (calibrated on {len(r_cal)}+{len(b_cal)} other prompts): {threshold:.4f}")
     for m in ("score", "rationale"):

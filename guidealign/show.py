@@ -52,17 +52,36 @@ def _damaged(dataset: Path, index: int) -> str | None:
     return None
 
 
+def _damage_note(w: Path, stage: str) -> str | None:
+    """One line naming the shards of ``stage`` whose file does not match its marker (which
+    show skips, as readers do) and pointing to ``verify --repair``; None when there are none."""
+    from guidealign.shards.manifest import damaged_shards
+
+    bad = sorted(damaged_shards(w / stage))
+    if not bad:
+        return None
+    names = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+    why = _damaged(w / stage, bad[0])
+    detail = "" if why is None else f" (it {why})" if len(bad) == 1 else f" (shard {bad[0]} {why})"
+    return (f"shard{'s' if len(bad) > 1 else ''} {names} of {w / stage} "
+            f"{'are' if len(bad) > 1 else 'is'} damaged{detail}; run `guidealign verify {w} --repair`, "
+            f"then rerun the stage to write {'them' if len(bad) > 1 else 'it'} again")
+
+
 def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
              stage: str = "respond") -> list[dict]:
     w = Path(workdir)
     done = _current(w / stage)
+    damage = _damage_note(w, stage)
     if not done:
+        if damage:
+            raise RuntimeError(f"nothing to show: {damage}")
         raise RuntimeError(f"{w / stage} has no committed shard of its current config yet")
     if shard is None:  # the first that holds rows: a shard of 0 rows printed an empty line
         i = next((k for k in done if getattr(read_marker(w / stage, k), "rows", 0)), None)
         if i is None:
             raise RuntimeError(f"{w / stage}: its {len(done)} committed shard(s) hold no rows "
-                               "(see its quarantine, `guidealign status`)")
+                               "(see its quarantine, `guidealign status`)" + (f"; {damage}" if damage else ""))
     else:
         i = shard
     if i not in done:
@@ -92,7 +111,7 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
                     "detect_reason": (d or {}).get("skip_reason"),
                     "guidelines": [g for g in (r.get("guideline_texts") or []) if g is not None],
                     "response": r.get("response"), "finish_reason": r.get("finish_reason"),
-                    "note": r.get("note")})
+                    "note": r.get("note"), "skipped": damage and f"skipped: {damage}"})
     return out
 
 
@@ -115,7 +134,8 @@ def render(rows: list[dict], width: int = 100, max_chars: int = 600) -> str:
         s = (s or "").strip().replace("\n", " ")
         return s if len(s) <= limit else s[:limit] + " [...]"
 
-    parts = []
+    # the damaged shards show skipped (every row names them): one line, before the examples
+    parts = list(dict.fromkeys(r["skipped"] for r in rows if r.get("skipped")))
     for r in rows:
         if r.get("detected", True):
             det = _verdict_line(r, clip)

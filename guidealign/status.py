@@ -40,8 +40,8 @@ def _damaged_row(d: Path) -> dict | None:
         why = f"no {MANIFEST}"
     else:
         return None
-    return {"stage": d.name, "shards_done": 0, "shards_total": None, "shards_stale": 0, "rows": 0,
-            "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
+    return {"stage": d.name, "shards_done": 0, "shards_total": None, "shards_stale": 0,
+            "shards_damaged": 0, "rows": 0, "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
             "note": f"{why} ({markers} shard marker(s) on disk): run `guidealign verify`; "
                     "the next run of the stage writes it again"}
 
@@ -54,21 +54,23 @@ def _stage_row(d: Path) -> dict | None:
     done_file = d / DONE
     if man is None and not done_file.exists() and d.name in _BUILT_WHOLE and any(d.iterdir()):
         # being built, or its build was killed (or `verify --repair` took its record): not done
-        return {"stage": d.name, "shards_done": 0, "shards_total": 1, "shards_stale": 0, "rows": 0,
-                "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
+        return {"stage": d.name, "shards_done": 0, "shards_total": 1, "shards_stale": 0,
+                "shards_damaged": 0, "rows": 0, "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
                 "note": f"no {DONE}: being built, or its build stopped; the next run builds it"}
     if man is None and (not done_file.exists() or (d / MANIFEST).exists()):
         return _damaged_row(d)
-    row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0, "rows": 0,
-           "quarantined": 0, "seconds": 0.0, "rows_per_s": None}
+    row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0,
+           "shards_damaged": 0, "rows": 0, "quarantined": 0, "seconds": 0.0, "rows_per_s": None}
     if man is not None:
-        from guidealign.shards.manifest import stale_shards
+        from guidealign.shards.manifest import damaged_shards, stale_shards
 
         row["shards_total"] = int(man.get("num_shards", 0))
-        # a shard committed under an earlier config or input (or torn) is not done: the next
-        # run redoes it and readers skip it, so its rows are not counted either
+        # a shard committed under an earlier config or input (stale), or whose file does not
+        # match its marker (damaged: cut short, missing), is not done: the next run redoes it
+        # and readers skip it, so its rows are not counted either
         stale = stale_shards(d, man)
-        row["shards_stale"] = len(stale)
+        damaged = damaged_shards(d, man)
+        row["shards_stale"], row["shards_damaged"] = len(stale - damaged), len(damaged)
         for i in shard_indices(d):
             m = read_marker(d, i)
             if m is None or i >= row["shards_total"] or i in stale:
@@ -91,10 +93,12 @@ def _stage_row(d: Path) -> dict | None:
             row["shards_done"] = 1
             row["rows"] = int(info.get("rows", 0))
             row["seconds"] = float(info.get("seconds", 0.0))
-    why = _made_from_other(d, man) if row["shards_done"] else None
+    # (retrievals of another index are stale shard by shard already: named here too)
+    why = _made_from_other(d, man) \
+        if row["shards_done"] or row["shards_stale"] or row["shards_damaged"] else None
     if why is not None:
-        row.update(shards_stale=row["shards_done"], shards_done=0, rows=0, quarantined=0, seconds=0.0,
-                   note=f"{why}: the next run builds it again")
+        row.update(shards_stale=row["shards_done"] + row["shards_stale"], shards_done=0, rows=0,
+                   quarantined=0, seconds=0.0, note=f"{why}: the next run builds it again")
     if man is not None:
         from guidealign.gen.yieldstats import dataset_counts, kept_share
 
@@ -114,13 +118,10 @@ def _made_from_other(d: Path, man: dict | None) -> str | None:
     which the stage sees and builds again; None when current or when it cannot be told (an
     artifact written before it recorded what it was made from)."""
     from guidealign.shards.artifact import read_done
-    from guidealign.shards.manifest import checksums_digest, input_checksums, input_of
+    from guidealign.shards.manifest import checksums_digest, input_checksums, input_of, searched_another_index
 
-    if man is not None and man.get("index_fingerprint"):  # retrievals: of the index there now?
-        index = read_done(d.parent / "index")
-        if index is not None and (index.get("fingerprint"), index.get("model_weights")) \
-                != (man["index_fingerprint"], man.get("index_weights")):
-            return "retrieved from another index than the one there now"
+    if searched_another_index(d, man):  # retrievals: of the index there now?
+        return "retrieved from another index than the one there now"
     done = read_done(d)
     if done is None:
         return None
@@ -218,6 +219,13 @@ def collect(workdir: str | Path) -> list[dict]:
                 if r is not None:
                     r["stage"] = f"{d.name}/{sub.name}"
                     out.append(r)
+    for row in out:
+        if row.get("shards_damaged"):  # not stale: the disk, or a copy, damaged them
+            n = row["shards_damaged"]
+            damage = (f"{n} damaged shard{'s' if n > 1 else ''} (the file cut short, grown or missing, "
+                      f"against its marker): run `guidealign verify {workdir} --repair`, then rerun the "
+                      f"stage to write {'them' if n > 1 else 'it'} again")
+            row["note"] = f"{row['note']}; {damage}" if row.get("note") else damage
     _note_incomplete_inputs(out)
     return out
 
@@ -246,9 +254,18 @@ def _note_incomplete_inputs(rows: list[dict]) -> None:
                            f"from; the next run redoes it where that input changes")
 
 
+def _not_done(r: dict) -> str:
+    """What follows a row's done/total: " (1 stale, 1 damaged)", or "" when neither."""
+    parts = [f"{r[k]} {word}" for k, word in (("shards_stale", "stale"), ("shards_damaged", "damaged"))
+             if r.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def render(rows: list[dict], width: int = 120) -> str:
     """The table (rich); "stale": shards committed under an earlier config or input, which
-    the next run redoes (not counted as done, nor their rows); generation stages add parsed (rows with a usable output), cut (rows
+    the next run redoes (not counted as done, nor their rows); "damaged": shards whose file
+    does not match its marker (cut short, missing: its note points to `guidealign verify
+    --repair`), not counted either; generation stages add parsed (rows with a usable output), cut (rows
     that stopped at the length cap) and kept (share of generated tokens in usable rows)."""
     from rich.console import Console
     from rich.table import Table
@@ -262,7 +279,7 @@ def render(rows: list[dict], width: int = 120) -> str:
         share = y.get("tokens_kept_share")
         table.add_row(
             r["stage"], f"{r['shards_done']}/{'?' if r['shards_total'] is None else r['shards_total']}"
-            + (f" ({r['shards_stale']} stale)" if r.get("shards_stale") else ""),
+            + _not_done(r),
             str(r["rows"]), str(r["quarantined"]),
             f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-",
             str(y.get("yield_rows_parsed", "-")), str(y.get("yield_rows_cut", "-")),

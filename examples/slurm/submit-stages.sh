@@ -9,8 +9,9 @@
 #
 # Extra sbatch options go in SBATCH_ARGS (e.g. "--gpus-per-node=8 --partition=gpu").
 # SUBMIT=echo prints the sbatch commands instead of submitting them.
-# PUSH=1 chains `push` after sft (the config or --set needs push.repo_id; `run` pushes by itself
-# when it is set, this chain only when asked).
+# PUSH=1 chains `push` after sft, which pushes what `run` pushes at its end (the config or --set
+# needs push.repo_id and/or push.model_repo_id; `run` pushes by itself when set, this chain only
+# when asked).
 # Before: GUIDEALIGN_EXTRA=gpu ./run.sh setup; ./run.sh gx models fetch -c CONFIG.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
@@ -56,5 +57,7 @@ step map retrieve "$@"
 step map respond "$@"
 step reduce sft "$@"
 if [[ ${PUSH:-0} == 1 ]]; then
-  step reduce push "$@"
+  # `push` with no WHAT: what `run` pushes (push.what, the model too with push.model_repo_id);
+  # online (the batch script sets HF_HUB_OFFLINE=1 otherwise; sbatch exports this environment)
+  GUIDEALIGN_ALLOW_DOWNLOAD=1 step reduce push "$@"
 fi

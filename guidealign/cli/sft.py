@@ -78,14 +78,17 @@ def _one_line(e: BaseException, workdir) -> str:
 
 
 @click.command("push")
-@click.argument("what")
+@click.argument("what", required=False)
 @click.argument("repo_id", required=False)
 @click.option("--private/--public", "private", default=None,
               help="Visibility of a new repo (default: push.private).")
 @stage_options
 def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
     """Push WHAT (a stage under WORKDIR, e.g. respond, or `model` for the SFT output) to the Hub
-    repo REPO_ID (default: push.repo_id). Token: HF_TOKEN or `hf auth login`."""
+    repo REPO_ID (default: push.repo_id); WHAT only. Without WHAT, push what `guidealign run`
+    pushes at its end: push.what (default respond) to push.repo_id, then the model to
+    push.model_repo_id when set (with push.model_repo_id alone: the model alone), as the SLURM
+    chain's last job does (PUSH=1). Token: HF_TOKEN or `hf auth login`."""
     from dataclasses import replace
 
     from huggingface_hub.errors import HfHubHTTPError
@@ -93,8 +96,16 @@ def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
     from guidealign.hub.push import PushError, run_push, visibility
 
     r, w = ranks(rank, world_size)
-    cfg.push = replace(cfg.push, what=what, repo_id=repo_id or cfg.push.repo_id, model_repo_id="",
-                       private=cfg.push.private if private is None else private)
+    visible = cfg.push.private if private is None else private
+    if what is None:  # `run`'s push (run_push on the config as it is)
+        if not (cfg.push.repo_id or cfg.push.model_repo_id):
+            raise click.UsageError("nothing to push: give WHAT (and REPO_ID), or set push.repo_id "
+                                   "(push.what: the stage it pushes) and/or push.model_repo_id "
+                                   "(the model), as `guidealign run` pushes them")
+        cfg.push = replace(cfg.push, private=visible)
+    else:
+        cfg.push = replace(cfg.push, what=what, repo_id=repo_id or cfg.push.repo_id, model_repo_id="",
+                           private=visible)
     try:
         rep = run_push(cfg, workdir, rank=r, world_size=w, progress=not no_progress)
     except PushError as e:

@@ -185,8 +185,8 @@ class PushConfig:
     # under WORKDIR (its Parquet shards), "model" for the SFT output, or a path.
     what: str = "respond"
     # Hub repo id for the trained model; when set, `guidealign run` also pushes WORKDIR/sft/model
-    # there after the dataset. Empty: the model is not pushed by `run` (nor by `push`, which
-    # pushes WHAT only).
+    # there after the dataset (so does `push` with no WHAT). Empty: the model is not pushed by
+    # `run` (nor by `push WHAT`, which pushes WHAT only).
     model_repo_id: str = ""
     # Create the repo private (True) or public; an existing repo keeps its visibility.
     private: bool = True

@@ -325,7 +325,10 @@ def _without_duplicates(fn, dups: dict[int, dict[str, int]]):
              for k in gone], schema=DUPLICATE_SCHEMA)
         # (typed: an empty list would be a null array, which take refuses)
         out, _, stats = fn(table.take(pa.array(keep, pa.int64())), index)
-        return out, quarantine, {**stats, "duplicates_dropped": len(gone)}
+        stats = {**stats, "duplicates_dropped": len(gone)}
+        if "yield_rows_in" in stats:  # read too, and set aside before generation (as respond counts)
+            stats["yield_rows_in"] += len(gone)
+        return out, quarantine, stats
 
     for k, v in vars(fn).items():  # fn.prompts, fn.score_fingerprint
         setattr(g, k, v)

@@ -150,27 +150,34 @@ def kept_share(c: dict) -> float | None:
     return round(c.get("yield_tokens_kept", 0) / g, 4) if g else None
 
 
-def describe(c: dict | None) -> str:
+def describe(c: dict | None, scope: str = "") -> str:
     if not c:
-        return "yield: -"
+        return f"yield{scope}: -"
     share = kept_share(c)
     tok = (f"{100 * share:.1f}% of {c['yield_tokens_generated']} generated tokens kept"
            if share is not None else "no tokens generated")
-    return (f"yield: {c['yield_rows_in']} rows in, {c['yield_rows_parsed']} parsed, "
+    return (f"yield{scope}: {c['yield_rows_in']} rows in, {c['yield_rows_parsed']} parsed, "
             f"{c['yield_rows_cut']} cut at the length cap; {tok}")
 
 
 def with_yield(rep, dataset: str | Path):
     """The stage report with the dataset's yield (all committed shards) added to its stats
     and its summary (``rep`` is a shards.StageReport; its class is left as it is)."""
-    c = dataset_counts(dataset, rep.stage)
+    from guidealign.shards.manifest import shard_states
+
+    states = shard_states(dataset)
+    c = dataset_counts(dataset, rep.stage, stale=set(states[1]) if states else None)
     if c is None:
         return rep
     rep.stats["yield"] = dict(c, tokens_kept_share=kept_share(c))
+    # the whole dataset's, not this rank's: while other ranks have shards to commit, it says so
+    n = rep.total
+    scope = "" if not states or not (states[0] or states[1]) else \
+        f" of the dataset so far ({n - len(states[0]) - len(states[1])} of {n} shards committed)"
     base = rep.summary
 
     def summary() -> str:
-        return f"{base()}\n  {describe(c)}"
+        return f"{base()}\n  {describe(c, scope)}"
 
     rep.summary = summary
     return rep

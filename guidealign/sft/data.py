@@ -39,6 +39,10 @@ class DataReport:
     kept: int = 0           # training examples
     # examples longer than max_seq_length kept (sft.drop_overlong false): TRL cuts their end
     cut_at_max_seq_length: int = 0
+    # examples kept whose answer stopped at respond's max_tokens (sft.keep_finish_reasons holds
+    # "length"): trained as if whole, so the model learns to stop mid-sentence
+    kept_cut_at_max_tokens: int = 0
+    cut_examples: list = field(default_factory=list, repr=False)  # their places among the examples
     dropped: dict = field(default_factory=dict)  # reason -> count
     # dataset name (as configured in sft.data, never an absolute path of the run dir) ->
     # {"shards", "sha256": [...]}: what the fingerprint depends on, so a moved run dir is reused
@@ -49,8 +53,11 @@ class DataReport:
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        cut = f" ({self.cut_at_max_seq_length} cut at max_seq_length)" if self.cut_at_max_seq_length else ""
-        return f"{self.rows} responses read, {self.kept} examples kept{cut}, dropped: {why}"
+        cut = [f"{self.cut_at_max_seq_length} cut at max_seq_length"] if self.cut_at_max_seq_length else []
+        if self.kept_cut_at_max_tokens:
+            cut.append(f"{self.kept_cut_at_max_tokens} whose answer was cut at respond's max_tokens")
+        cut_s = f" ({'; '.join(cut)})" if cut else ""
+        return f"{self.rows} responses read, {self.kept} examples kept{cut_s}, dropped: {why}"
 
     def drop(self, why: str, n: int = 1) -> None:
         self.dropped[why] = self.dropped.get(why, 0) + n
@@ -191,6 +198,9 @@ def iter_examples(cfg, workdir, report: DataReport):
                     report.drop("over_max_examples")  # read no further into a large output
                     continue
                 report.kept += 1  # sft.max_examples applies after the length filter
+                if row.get("finish_reason") == "length":  # kept by sft.keep_finish_reasons
+                    report.cut_examples.append(report.kept - 1)
+                    report.kept_cut_at_max_tokens += 1
                 yield to_example(cfg, row)
 
 
@@ -315,4 +325,10 @@ def fit_max_seq_length(cfg, dataset, tok, report: DataReport):
         if not cfg.drop_overlong:
             report.cut_at_max_seq_length = sum(i in long_set for i in keep[:cfg.max_examples])
         keep = keep[:cfg.max_examples]
+    if report.cut_examples:
+        cut = set(report.cut_examples)
+        report.kept_cut_at_max_tokens = sum(i in cut for i in keep)
+        log.warning("sft: %d training example(s) end where respond's max_tokens cut their answer "
+                    "(sft.keep_finish_reasons holds \"length\"): the model learns to stop there",
+                    report.kept_cut_at_max_tokens)
     return dataset if len(keep) == len(dataset) else dataset.select(keep)

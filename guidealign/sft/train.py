@@ -393,6 +393,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
             "processes": world, **training_layout(trainer, world), "data": data_rep.sources,
             "data_paths": data_rep.paths, "read": data_rep.rows,
             "dropped": data_rep.dropped, "cut_at_max_seq_length": data_rep.cut_at_max_seq_length,
+            "kept_cut_at_max_tokens": data_rep.kept_cut_at_max_tokens,
             "threads": torch_threads(), **metrics}
     if is_main:
         from guidealign.hub.card import model_card
@@ -417,6 +418,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
         data_info = {"datasets": list(data_rep.sources), "responses_read": data_rep.rows,
                      "examples": data_rep.kept, "dropped": data_rep.dropped,
                      "cut_at_max_seq_length": data_rep.cut_at_max_seq_length,
+                     "kept_cut_at_max_tokens": data_rep.kept_cut_at_max_tokens,
                      "format": "prompt/completion conversations, no guidelines"}
         (tmp / "README.md").write_text(model_card(
             base_model=scfg.base_model, data=data_info,

@@ -141,6 +141,9 @@ def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | No
     (by path), so a whole stage is checked with one read of each."""
     from guidealign.shards.jsonl import jsonl_done
 
+    inputs = {} if inputs is None else inputs
+    if searched_another_index(dataset, man, inputs):
+        return False
     made = _made_from(dataset, index, config_fp, man)
     if made is not None and m.fingerprint not in _allowed(made[0], made[2]):
         return False
@@ -150,10 +153,29 @@ def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | No
     if made is None or m.fingerprint == made[0] or depth >= 32:
         return True  # taken as it is, or written whole (not from input shard ``index``)
     _, src, m_in = made  # m_in is there: m's fingerprint was made from its checksum
-    inputs = {} if inputs is None else inputs
     if str(src) not in inputs:
         inputs[str(src)] = read_manifest(src)
     return _current(src, index, m_in, None, inputs[str(src)], inputs, depth + 1)
+
+
+def searched_another_index(dataset: Path, man: dict | None, cache: dict | None = None) -> bool:
+    """Whether ``dataset`` holds retrievals (its manifest records the index they searched) and
+    the index beside it is another one now: rebuilt since from other guidelines, another
+    library or index config, or other retriever weights. Its shards are then stale, and so is
+    every shard made from them (respond's), though their markers still match. ``cache``: the
+    index's record, kept there for the other shards of a stage."""
+    if not man or not man.get("index_fingerprint"):
+        return False
+    from guidealign.shards.artifact import read_done
+
+    where = Path(dataset).parent / "index"
+    cache = {} if cache is None else cache
+    key = f"index record: {where}"
+    if key not in cache:
+        cache[key] = read_done(where)
+    index = cache[key]
+    return index is not None and (index.get("fingerprint"), index.get("model_weights")) \
+        != (man["index_fingerprint"], man.get("index_weights"))
 
 
 def current_marker(dataset: str | Path, index: int, man: dict | None = None):
@@ -165,10 +187,11 @@ def current_marker(dataset: str | Path, index: int, man: dict | None = None):
     return m if m is not None and _current(dataset, index, m, None, man) else None
 
 
-def shard_current(dataset: str | Path, index: int, m, man: dict | None) -> bool:
+def shard_current(dataset: str | Path, index: int, m, man: dict | None, inputs: dict | None = None) -> bool:
     """Whether shard ``index``, committed by marker ``m`` (read by the caller, who checked the
-    file against it), carries a current fingerprint, its input shards too (see :func:`_current`)."""
-    return _current(Path(dataset), index, m, None, man, check_file=False)
+    file against it), carries a current fingerprint, its input shards too (see :func:`_current`).
+    ``inputs``: a dict kept by the caller across the shards of one dataset (manifests read)."""
+    return _current(Path(dataset), index, m, None, man, inputs, check_file=False)
 
 
 def shard_states(dataset: str | Path, config_fp: str | None = None,
@@ -199,6 +222,28 @@ def stale_shards(dataset: str | Path, man: dict | None = None) -> set[int]:
     ``man``: the manifest, when the caller has read it."""
     st = shard_states(dataset, man=man)
     return set(st[1]) if st is not None else set()
+
+
+def damaged_shards(dataset: str | Path, man: dict | None = None) -> set[int]:
+    """Committed shards whose file does not match its marker in size (cut short, grown, or
+    missing): damaged, which ``guidealign verify --repair`` removes, not committed under another
+    config or input. :func:`shard_states` counts them with the stale (readers take neither);
+    this tells them apart for ``status`` and ``show``. None when unplanned."""
+    from guidealign.shards.jsonl import jsonl_path
+    from guidealign.shards.layout import shard_path
+    from guidealign.shards.marker import intact
+
+    dataset = Path(dataset)
+    man = man if man is not None else read_manifest(dataset)
+    if man is None:
+        return set()
+    path = jsonl_path if man.get("format") == "jsonl" else shard_path
+    out = set()
+    for i in range(int(man["num_shards"])):
+        m = read_marker(dataset, i)
+        if m is not None and not intact(m, path(dataset, i)):
+            out.add(i)
+    return out
 
 
 def missing_shards(dataset: str | Path, config_fp: str | None = None) -> list[int] | None:
@@ -265,5 +310,5 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
 
 
 __all__ = ["write_manifest", "read_manifest", "remove_manifest", "missing_shards", "is_complete",
-           "wait_complete", "shard_states", "stale_shards", "expected_fingerprints", "current_marker",
-           "shard_current"]
+           "wait_complete", "shard_states", "stale_shards", "damaged_shards", "expected_fingerprints",
+           "current_marker", "shard_current"]

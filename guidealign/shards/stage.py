@@ -21,7 +21,7 @@ import pyarrow as pa
 from guidealign.shards import claims
 from guidealign.shards.failure import raise_if_conflict
 from guidealign.shards.fingerprint import fingerprint as make_fp
-from guidealign.shards.manifest import read_manifest, write_manifest
+from guidealign.shards.manifest import read_manifest, shard_current, write_manifest
 from guidealign.shards.marker import is_done, read_marker
 from guidealign.shards.ranks import my_shards
 from guidealign.shards.read import read_table
@@ -67,12 +67,26 @@ def input_num_shards(src: str | Path) -> int:
     return int(man["num_shards"])
 
 
-def shard_fingerprint(config_fp: str, src: str | Path, index: int) -> str:
-    """A shard's fingerprint: the stage config plus the checksum of the input shard it read."""
+def shard_fingerprint(config_fp: str, src: str | Path, index: int, inputs: dict | None = None) -> str:
+    """A shard's fingerprint: the stage config plus the checksum of the input shard it read.
+
+    An input shard that readers must not take (committed under another config, made from input
+    that changed since, retrievals of an index rebuilt since: ``shard_states``'s stale ones) is
+    refused: a stage run alone after a change upstream would otherwise spend its work (an engine's)
+    on it, or keep its output made from it as done. ``inputs``: a dict the caller keeps across
+    the shards of one stage (the manifests read)."""
     m = read_marker(src, index)
     if m is None:
         raise RuntimeError(f"input shard {index} of {src} is not committed; run that stage first "
                            "(with the same rank and world size)")
+    inputs = {} if inputs is None else inputs
+    if str(src) not in inputs:  # the key ``manifest._current`` keeps input manifests under
+        inputs[str(src)] = read_manifest(src)
+    if not shard_current(src, index, m, inputs[str(src)], inputs):
+        raise RuntimeError(f"input shard {index} of {src} is stale: it was made under another config, "
+                           "from input that has changed since, or (retrievals) from another index than "
+                           f"the one there now (`guidealign status` says which); run the stage that "
+                           f"writes {Path(src).name} again first")
     return make_fp(config_fp, m.sha256)
 
 
@@ -142,8 +156,10 @@ def map_shards(
     from tqdm import tqdm  # here, not at the top: ~15 ms of import that ingest (no stage loop) skips
 
     bar = tqdm(todo, desc=stage, unit="shard", disable=not progress)
+    inputs: dict = {}  # every input shard checked before any work (an engine's start)
+    fps = {i: shard_fingerprint(config_fp, src, i, inputs) for i in todo}
     for i in bar:
-        fp = shard_fingerprint(config_fp, src, i)
+        fp = fps[i]
         if is_done(dst, i, fp):
             report.skipped += 1
             continue
@@ -193,7 +209,8 @@ def _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, colu
     owner = claims.owner_record()["owner"]
     start = (rank * n) // max(world_size, 1)  # workers start at different places
     order = [(start + k) % n for k in range(n)]
-    fps = {}
+    inputs: dict = {}  # every input shard checked before any work (an engine's start)
+    fps = {i: shard_fingerprint(config_fp, src, i, inputs) for i in order}
     first_pass = True
     from tqdm import tqdm
 
@@ -202,8 +219,6 @@ def _map_dynamic(stage, src, dst, config_fp, fn, make_fn, rank, world_size, colu
     while pending:
         left = []
         for i in pending:
-            if i not in fps:
-                fps[i] = shard_fingerprint(config_fp, src, i)
             if is_done(dst, i, fps[i]):
                 report.skipped += first_pass
                 bar.update(1)
