@@ -82,6 +82,7 @@ def _not_an_ingest_dataset(workdir, into: str) -> str | None:
     from guidealign.ingest.readers import _RUN_FILES
     from guidealign.ingest.run import PROMPT_SCHEMA
     from guidealign.shards import read_manifest
+    from guidealign.shards.manifest import MANIFEST
 
     d = Path(workdir) / into
     if into in (".", "..") or "/" in into or os.sep in into or not d.is_dir():
@@ -92,6 +93,10 @@ def _not_an_ingest_dataset(workdir, into: str) -> str | None:
         return f"{where} holds a stage's model, index or report (its _done.json), not prompts: {hint}"
     if into in _RUN_FILES:
         return f"{where} holds the run's own records (push reports, failure markers), not prompts: {hint}"
+    nested = [c.name for c in sorted(d.iterdir()) if (c / MANIFEST).is_file()]
+    if nested:  # a folder of datasets (export/ holds export/<dataset>): ingest would mix into it
+        return (f"{where} holds other datasets ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}), "
+                f"not prompts: {hint}")
     man = read_manifest(d)
     if man is not None:
         if "files" in man:  # what ingest writes: the input files it read
