@@ -67,12 +67,43 @@ class Watch:
             alive = [f"rank {hb.get('rank')} {hb.get('state')}"
                      + (f" for {hb['waiting_for']}" if hb.get("waiting_for") else "")
                      for hb in heartbeats(self.workdir).values() if hb.get("state") != "exited"]
+            older = _markers_from_before(self.workdir)
             raise Stalled(f"no progress on {self.what} for {self.stall:.0f}s (executor.stall_timeout_s)"
                           + (f": {missing}" if missing else "")
-                          + f"; heartbeats: {', '.join(alive) or 'none'}. A rank died without a "
-                          "failure marker or never started (a pending SLURM array task?): rerun "
-                          "the missing ranks (after `guidealign run`, every rank: this one stops "
-                          "here too); committed shards are kept")
+                          + f"; heartbeats: {', '.join(alive) or 'none'}. "
+                          + (older or "A rank died without a failure marker or never started (a pending "
+                                      "SLURM array task?)")
+                          + ": rerun the missing ranks (after `guidealign run`, every rank: this one "
+                          "stops here too); committed shards are kept")
+
+
+def _markers_from_before(workdir: Path) -> str:
+    """The failure markers in ``workdir`` that the fail-fast rule passed over, said for a wait
+    that stalled: without a run id a marker counts only when written after this rank started,
+    so a rank that failed before this one's process started (ranks started by hand, nodes that
+    start minutes apart) looks like one that died without a marker. Empty when there are none."""
+    from datetime import datetime, timezone
+
+    from guidealign.shards.failure import failures, read_markers
+
+    counted = {(m.get("rank"), m.get("pid"), m.get("created")) for m in failures(workdir)}
+    ctx = context()
+    mine = ctx.rank if ctx is not None and Path(ctx.workdir) == Path(workdir) else None
+    older = [m for m in read_markers(workdir) if m.get("rank") != mine
+             and (m.get("rank"), m.get("pid"), m.get("created")) not in counted]
+    if not older:
+        return ""
+    said = []
+    for m in older[:3]:
+        when = datetime.fromtimestamp(float(m.get("created", 0.0)), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        error = (m.get("error") or "").strip().splitlines()
+        said.append(f"rank {m.get('rank')} on {m.get('host')} (pid {m.get('pid')}) at {when}: "
+                    f"{error[-1] if error else '?'}")
+    more = f" (and {len(older) - 3} more)" if len(older) > 3 else ""
+    return ("Failure markers written before this rank started were passed over as an earlier run's: "
+            + "; ".join(said) + more + ". If that rank failed in this run, that is why (set the same "
+            "GUIDEALIGN_RUN_ID on every rank, and a rank's failure stops the others at once); "
+            "else a rank died without a failure marker or never started")
 
 
 def _of_this_run(hb: dict, ctx) -> bool:
