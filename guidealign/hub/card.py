@@ -229,7 +229,7 @@ def stage_provenance(workdir) -> dict:
     """Counts and metrics of every stage in a run directory (from manifests and _done.json)."""
     from guidealign.shards import read_manifest, read_marker
     from guidealign.shards.layout import shard_indices
-    from guidealign.shards.manifest import stale_shards
+    from guidealign.shards.manifest import damaged_shards, stale_shards
 
     out = {}
     wd = Path(workdir)
@@ -242,10 +242,12 @@ def stage_provenance(workdir) -> dict:
             # the shards status counts: not those of an earlier config or input (stale), nor
             # markers beyond the manifest's shard count
             stale = stale_shards(d, man)
+            damaged = damaged_shards(d, man) & stale  # as status says: a file cut short, not stale
             markers = [m for m in (read_marker(d, i) for i in shard_indices(d)
                                    if i < man["num_shards"] and i not in stale) if m is not None]
             info = {"shards": len(markers), "shards_total": man.get("num_shards"),
-                    "shards_stale": len(stale), "rows": sum(m.rows for m in markers),
+                    "shards_stale": len(stale - damaged), "shards_damaged": len(damaged),
+                    "rows": sum(m.rows for m in markers),
                     "quarantined": sum(m.quarantined for m in markers)}
             for k in ("model", "fingerprint"):
                 if k in man:
