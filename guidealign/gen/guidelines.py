@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # only; a cut output loses its last item only when it ends inside it; the detection turn of a
 # row with no verdict
 # (not bumped for the later parser fixes: repeated items dropped, exemplar copies counted, a
-# verdict line after the list, a list cut at a copied exemplar; rows made before keep their parses)
+# verdict line after the list, a list cut at a copied exemplar, a cut output's last item dropped
+# also where a line break follows it without a sentence's end; rows made before keep their parses)
 VERSION = "guidelines-v3"
 GUIDELINE_TYPE = pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))
 SCHEMA = pa.schema([

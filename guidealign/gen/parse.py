@@ -418,15 +418,20 @@ def _parse_list(text: str) -> tuple[list[dict], str]:
 
 def ends_in_last(text: str | None, last: str | None) -> bool:
     """Whether ``text`` (a list output: guidelines, questions) ends inside ``last``, the text
-    of its last parsed item: its words are the output's last ones, with no line break after
-    them. An output cut at max_tokens there has that item cut, whereas one whose parse dropped
-    what it ended in (a bare "3.", a closing paragraph, a heading's markup) has it whole, and
-    so has closed JSON."""
+    of its last parsed item: its words are the output's last ones, and, where a line break
+    follows them, their line does not end a sentence. An output cut at max_tokens there has that
+    item cut: a line break alone does not end one (a title on a line of its own, then the cut
+    before its text; text that wraps onto the next line). One whose parse dropped what it ended
+    in (a bare "3.", a closing paragraph, a heading's markup) has it whole, and so has closed
+    JSON."""
     if not text or not last:
         return False
     own = own_turn(text)
     found = list(re.finditer(r"[^\W_]+", own))
-    if not found or "\n" in own[found[-1].end():] or own.rstrip().endswith(("}", "]", "```")):
+    if not found or own.rstrip().endswith(("}", "]", "```")):
         return False
+    tail = own[found[-1].start():]  # the last word and what follows it
+    if "\n" in tail and _SENTENCE_END.search(tail.split("\n", 1)[0].rstrip()):
+        return False  # its line ends a sentence; what follows (markup, blank lines) holds no words
     words = re.findall(r"[^\W_]+", last.lower())
     return bool(words) and [w.group().lower() for w in found[-len(words):]] == words
