@@ -69,7 +69,7 @@ def _stage_row(d: Path) -> dict | None:
         # match its marker (damaged: cut short, missing), is not done: the next run redoes it
         # and readers skip it, so its rows are not counted either
         stale = stale_shards(d, man)
-        damaged = damaged_shards(d, man)
+        damaged = damaged_shards(d, man, among=stale)
         row["shards_stale"], row["shards_damaged"] = len(stale - damaged), len(damaged)
         for i in shard_indices(d):
             m = read_marker(d, i)

@@ -242,7 +242,7 @@ def stage_provenance(workdir) -> dict:
             # the shards status counts: not those of an earlier config or input (stale), nor
             # markers beyond the manifest's shard count
             stale = stale_shards(d, man)
-            damaged = damaged_shards(d, man) & stale  # as status says: a file cut short, not stale
+            damaged = damaged_shards(d, man, among=stale)  # as status says: a file cut short, not stale
             markers = [m for m in (read_marker(d, i) for i in shard_indices(d)
                                    if i < man["num_shards"] and i not in stale) if m is not None]
             info = {"shards": len(markers), "shards_total": man.get("num_shards"),

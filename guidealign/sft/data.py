@@ -39,10 +39,10 @@ class DataReport:
     kept: int = 0           # training examples
     # examples longer than max_seq_length kept (sft.drop_overlong false): TRL cuts their end
     cut_at_max_seq_length: int = 0
-    # examples kept whose answer stopped at respond's max_tokens (sft.keep_finish_reasons holds
-    # "length"): trained as if whole, so the model learns to stop mid-sentence
-    kept_cut_at_max_tokens: int = 0
-    cut_examples: list = field(default_factory=list, repr=False)  # their places among the examples
+    # the places among the examples of those whose answer stopped at respond's max_tokens
+    # (sft.keep_finish_reasons holds "length"): trained as if whole, so the model learns to stop
+    # mid-sentence
+    cut_examples: list = field(default_factory=list, repr=False)
     dropped: dict = field(default_factory=dict)  # reason -> count
     # dataset name (as configured in sft.data, never an absolute path of the run dir) ->
     # {"shards", "sha256": [...]}: what the fingerprint depends on, so a moved run dir is reused
@@ -50,6 +50,10 @@ class DataReport:
     # the same names -> where each was read (relative to the run dir when inside it, else its
     # absolute path): not in the fingerprint; `push model` and `status` check those shards
     paths: dict = field(default_factory=dict)
+
+    @property
+    def kept_cut_at_max_tokens(self) -> int:
+        return len(self.cut_examples)
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
@@ -200,7 +204,6 @@ def iter_examples(cfg, workdir, report: DataReport):
                 report.kept += 1  # sft.max_examples applies after the length filter
                 if row.get("finish_reason") == "length":  # kept by sft.keep_finish_reasons
                     report.cut_examples.append(report.kept - 1)
-                    report.kept_cut_at_max_tokens += 1
                 yield to_example(cfg, row)
 
 
@@ -327,7 +330,8 @@ def fit_max_seq_length(cfg, dataset, tok, report: DataReport):
         keep = keep[:cfg.max_examples]
     if report.cut_examples:
         cut = set(report.cut_examples)
-        report.kept_cut_at_max_tokens = sum(i in cut for i in keep)
+        report.cut_examples = [j for j, i in enumerate(keep) if i in cut]  # places among those kept
+    if report.cut_examples:
         log.warning("sft: %d training example(s) end where respond's max_tokens cut their answer "
                     "(sft.keep_finish_reasons holds \"length\"): the model learns to stop there",
                     report.kept_cut_at_max_tokens)

@@ -153,9 +153,15 @@ def _current(dataset: Path, index: int, m, config_fp: str | None, man: dict | No
     if made is None or m.fingerprint == made[0] or depth >= 32:
         return True  # taken as it is, or written whole (not from input shard ``index``)
     _, src, m_in = made  # m_in is there: m's fingerprint was made from its checksum
-    if str(src) not in inputs:
-        inputs[str(src)] = read_manifest(src)
-    return _current(src, index, m_in, None, inputs[str(src)], inputs, depth + 1)
+    return _current(src, index, m_in, None, cached_manifest(src, inputs), inputs, depth + 1)
+
+
+def cached_manifest(dataset: str | Path, cache: dict) -> dict | None:
+    """``dataset``'s manifest, read once per ``cache`` (a dict kept across the shards of one
+    stage: see :func:`_current`)."""
+    if str(dataset) not in cache:
+        cache[str(dataset)] = read_manifest(dataset)
+    return cache[str(dataset)]
 
 
 def searched_another_index(dataset: Path, man: dict | None, cache: dict | None = None) -> bool:
@@ -224,11 +230,13 @@ def stale_shards(dataset: str | Path, man: dict | None = None) -> set[int]:
     return set(st[1]) if st is not None else set()
 
 
-def damaged_shards(dataset: str | Path, man: dict | None = None) -> set[int]:
+def damaged_shards(dataset: str | Path, man: dict | None = None, among=None) -> set[int]:
     """Committed shards whose file does not match its marker in size (cut short, grown, or
     missing): damaged, which ``guidealign verify --repair`` removes, not committed under another
     config or input. :func:`shard_states` counts them with the stale (readers take neither);
-    this tells them apart for ``status`` and ``show``. None when unplanned."""
+    this tells them apart for ``status``, ``show`` and the dataset card. None when unplanned.
+    ``among``: the shards to look at (the stale ones, when the caller has them: every damaged
+    shard is one), else all of the manifest's."""
     from guidealign.shards.jsonl import jsonl_path
     from guidealign.shards.layout import shard_path
     from guidealign.shards.marker import intact
@@ -239,7 +247,7 @@ def damaged_shards(dataset: str | Path, man: dict | None = None) -> set[int]:
         return set()
     path = jsonl_path if man.get("format") == "jsonl" else shard_path
     out = set()
-    for i in range(int(man["num_shards"])):
+    for i in range(int(man["num_shards"])) if among is None else sorted(among):
         m = read_marker(dataset, i)
         if m is not None and not intact(m, path(dataset, i)):
             out.add(i)
@@ -311,4 +319,4 @@ def wait_complete(dataset: str | Path, timeout: float = 0, poll: float = 5.0, *,
 
 __all__ = ["write_manifest", "read_manifest", "remove_manifest", "missing_shards", "is_complete",
            "wait_complete", "shard_states", "stale_shards", "damaged_shards", "expected_fingerprints",
-           "current_marker", "shard_current"]
+           "current_marker", "shard_current", "cached_manifest"]

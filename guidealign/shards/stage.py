@@ -21,7 +21,7 @@ import pyarrow as pa
 from guidealign.shards import claims
 from guidealign.shards.failure import raise_if_conflict
 from guidealign.shards.fingerprint import fingerprint as make_fp
-from guidealign.shards.manifest import read_manifest, shard_current, write_manifest
+from guidealign.shards.manifest import cached_manifest, read_manifest, shard_current, write_manifest
 from guidealign.shards.marker import is_done, read_marker
 from guidealign.shards.ranks import my_shards
 from guidealign.shards.read import read_table
@@ -80,9 +80,7 @@ def shard_fingerprint(config_fp: str, src: str | Path, index: int, inputs: dict 
         raise RuntimeError(f"input shard {index} of {src} is not committed; run that stage first "
                            "(with the same rank and world size)")
     inputs = {} if inputs is None else inputs
-    if str(src) not in inputs:  # the key ``manifest._current`` keeps input manifests under
-        inputs[str(src)] = read_manifest(src)
-    if not shard_current(src, index, m, inputs[str(src)], inputs):
+    if not shard_current(src, index, m, cached_manifest(src, inputs), inputs):
         raise RuntimeError(f"input shard {index} of {src} is stale: it was made under another config, "
                            "from input that has changed since, or (retrievals) from another index than "
                            f"the one there now (`guidealign status` says which); run the stage that "

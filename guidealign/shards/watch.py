@@ -86,11 +86,13 @@ def _markers_from_before(workdir: Path) -> str:
 
     from guidealign.shards.failure import failures, read_markers
 
-    counted = {(m.get("rank"), m.get("pid"), m.get("created")) for m in failures(workdir)}
+    def key(m):
+        return m.get("rank"), m.get("pid"), m.get("created")
+
+    counted = {key(m) for m in failures(workdir)}
     ctx = context()
     mine = ctx.rank if ctx is not None and Path(ctx.workdir) == Path(workdir) else None
-    older = [m for m in read_markers(workdir) if m.get("rank") != mine
-             and (m.get("rank"), m.get("pid"), m.get("created")) not in counted]
+    older = [m for m in read_markers(workdir) if m.get("rank") != mine and key(m) not in counted]
     if not older:
         return ""
     said = []
