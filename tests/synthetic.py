@@ -194,6 +194,18 @@ def write_prompt_shards(dst: str | Path, rows: list[dict], shard_rows: int = 100
         write_shard(dst, i, table, fingerprint(fp, i))
 
 
+def write_respond_shards(run: str | Path, shards: int = 1, rows: int = 4) -> Path:
+    """A committed respond dataset (what `run` leaves; no input recorded) of ``shards`` shards
+    of ``rows`` (id, prompt, response) rows under ``run``; returns its directory."""
+    dst = Path(run) / "respond"
+    write_manifest(dst, stage="respond", num_shards=shards, fingerprint="f")
+    for i in range(shards):
+        write_shard(dst, i, pa.table({"id": [f"p{i}-{k}" for k in range(rows)],
+                                      "prompt": [f"question {i}-{k}" for k in range(rows)],
+                                      "response": [f"answer {i}-{k}" for k in range(rows)]}), f"f{i}")
+    return dst
+
+
 _FILLERS = [
     "I have a question and would like a clear answer.", "Could you help me out with this today?",
     "Please reply as soon as you can, thanks.", "My friend told me to ask you about it.",

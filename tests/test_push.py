@@ -56,6 +56,23 @@ def make_rows(shard: int, n: int) -> list[dict]:
             for i in range(n)]
 
 
+def make_model(workdir: Path, *, size: int = 2000, tokenizer: bool = True, card: str | None = None,
+               done: bool = True) -> Path:
+    """An SFT model under WORKDIR/sft/model (``size`` random weight bytes, a tokenizer file, a
+    card), finished (sft/_done.json) unless ``done`` is False."""
+    m = workdir / "sft" / "model"
+    m.mkdir(parents=True)
+    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (m / "model.safetensors").write_bytes(os.urandom(size))
+    if tokenizer:
+        (m / "tokenizer.json").write_text("{}")
+    if card is not None:
+        (m / "README.md").write_text(card)
+    if done:
+        (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))
+    return m
+
+
 def make_run(workdir: Path, shards: int, rows: int = 5) -> list[dict]:
     d = workdir / "respond"
     write_manifest(d, stage="respond", num_shards=shards, fingerprint="fp", model="org/responder-that-ran")
@@ -266,12 +283,7 @@ def test_push_refuses_shards_committed_under_another_config(tmp_path, workdir):
 
 
 def test_push_model_public(tmp_path, workdir):
-    m = workdir / "sft" / "model"
-    m.mkdir(parents=True)
-    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (m / "model.safetensors").write_bytes(os.urandom(300_000))
-    (m / "tokenizer.json").write_text("{}")
-    (m / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Labrador\n")
+    m = make_model(workdir, size=300_000, card="---\nlibrary_name: transformers\n---\n# Labrador\n", done=False)
     with HubServer(token=TOKEN) as hub:
         # without sft/_done.json (SFT stopped while it replaced the model): not pushed
         p = run(push_cmd(workdir, "model", "org/labrador", "--public"), hub_env(hub, tmp_path))
@@ -309,11 +321,7 @@ def test_push_model_public(tmp_path, workdir):
 
 def test_push_model_repo_id_alone_pushes_the_model_alone(tmp_path, workdir):
     """`run` with push.model_repo_id and no push.repo_id skipped push without a word."""
-    m = workdir / "sft" / "model"
-    m.mkdir(parents=True)
-    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (m / "model.safetensors").write_bytes(os.urandom(1000))
-    (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))
+    m = make_model(workdir, size=1000, tokenizer=False)
     make_run(workdir, shards=1)
     script = ("import sys; from guidealign.config import load_config; "
               "from guidealign.hub.push import run_push; "

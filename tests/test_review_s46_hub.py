@@ -18,7 +18,7 @@ from guidealign.cli import cli
 from guidealign.shards import write_manifest, write_shard
 from guidealign.shards.layout import marker_path, quarantine_path, shard_path
 from hubserver import HubServer
-from test_push import TOKEN, hub_env, make_run, push_cmd, run, shard_paths
+from test_push import TOKEN, hub_env, make_model, make_run, push_cmd, run, shard_paths
 
 SECRET = "hf_MYSECRETxyz"
 
@@ -223,15 +223,9 @@ def test_a_card_edited_on_the_hub_is_saved_before_a_push_replaces_it(tmp_path, w
 def test_a_model_card_edited_on_the_hub_is_kept_until_the_model_changes(tmp_path, workdir):
     """Only dataset pushes looked at the Hub's card: a model card edited on the Hub (usage notes)
     was replaced by every later push of the unchanged model, without a warning or a copy."""
-    import os
     import sys
 
-    m = workdir / "sft" / "model"
-    m.mkdir(parents=True)
-    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (m / "model.safetensors").write_bytes(os.urandom(1000))
-    (m / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Labrador\n")
-    (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))
+    m = make_model(workdir, size=1000, tokenizer=False, card="---\nlibrary_name: transformers\n---\n# Labrador\n")
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
         assert run(push_cmd(workdir, "model", "org/lab"), env).returncode == 0

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
 from guidealign.cli import cli
 from guidealign.config import Whole, load_config, parse_overrides
-from guidealign.shards import committed, read_manifest, write_manifest, write_shard
-
-
-def _respond(run, rows: int = 4, shards: int = 1):
-    """A committed respond dataset (what `run` leaves) under ``run``."""
-    dst = run / "respond"
-    write_manifest(dst, stage="respond", num_shards=shards, fingerprint="f")
-    for i in range(shards):
-        write_shard(dst, i, pa.table({"id": [f"p{i}-{k}" for k in range(rows)],
-                                      "prompt": [f"question {k}" for k in range(rows)],
-                                      "response": [f"answer {k}" for k in range(rows)]}), f"f{i}")
-    return dst
+from guidealign.shards import committed, read_manifest
+from synthetic import write_respond_shards
 
 
 def _prompts_file(tmp_path):
@@ -34,7 +23,7 @@ def _prompts_file(tmp_path):
 
 def test_ingest_into_a_respond_dataset_is_refused_and_leaves_it(tmp_path):
     run = tmp_path / "run"
-    dst = _respond(run)
+    dst = write_respond_shards(run)
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
     r = CliRunner().invoke(cli, ["ingest", str(_prompts_file(tmp_path)), "-w", str(run),
                                  "--into", "respond", "--no-progress"])
@@ -47,7 +36,7 @@ def test_ingest_into_an_artifact_or_a_shards_only_dataset_of_another_stage_is_re
     run = tmp_path / "run"
     (run / "retriever").mkdir(parents=True)
     (run / "retriever" / "_done.json").write_text("{}")
-    dst = _respond(run)
+    dst = write_respond_shards(run)
     (dst / "_stage.json").unlink()  # a respond killed before its manifest: shards only
     for into in ("retriever", "respond"):
         r = CliRunner().invoke(cli, ["ingest", str(_prompts_file(tmp_path)), "-w", str(run),
@@ -72,7 +61,7 @@ def test_ingest_again_into_an_ingested_dataset_still_works(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "scramble"])
 def test_show_on_a_damaged_shard_is_one_line_pointing_at_verify(tmp_path, damage):
-    dst = _respond(tmp_path, rows=200, shards=2)
+    dst = write_respond_shards(tmp_path, rows=200, shards=2)
     f = dst / "shard-00001.parquet"
     b = f.read_bytes()
     if damage == "truncate":
@@ -114,8 +103,8 @@ def test_a_free_mapping_override_merges_with_earlier_overrides_and_stays_whole()
 
 def test_export_into_the_run_directory_or_another_run_is_refused(tmp_path):
     run, other = tmp_path / "run", tmp_path / "other"
-    _respond(run)
-    _respond(other)
+    write_respond_shards(run)
+    write_respond_shards(other)
     before = sorted(p.name for p in run.iterdir())
     for out in (run, other):
         r = CliRunner().invoke(cli, ["export", "respond", "-w", str(run), "-o", str(out), "--no-progress"])

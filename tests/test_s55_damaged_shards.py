@@ -11,17 +11,7 @@ from click.testing import CliRunner
 
 from guidealign.cli import cli
 from guidealign.shards import write_manifest, write_shard
-
-
-def _respond(run, shards: int, rows: int = 50):
-    """A committed respond dataset of ``shards`` shards under ``run`` (no input recorded)."""
-    dst = run / "respond"
-    write_manifest(dst, stage="respond", num_shards=shards, fingerprint="f")
-    for i in range(shards):
-        write_shard(dst, i, pa.table({"id": [f"p{i}-{k}" for k in range(rows)],
-                                      "prompt": [f"question {i}-{k}" for k in range(rows)],
-                                      "response": [f"answer {i}-{k}" for k in range(rows)]}), f"f{i}")
-    return dst
+from synthetic import write_respond_shards
 
 
 def _cut(dst, i: int) -> None:
@@ -38,7 +28,7 @@ def _status(run) -> dict:
 
 
 def test_show_names_a_damaged_shard_it_skipped_among_good_ones(tmp_path):
-    _cut(_respond(tmp_path, shards=2), 0)
+    _cut(write_respond_shards(tmp_path, shards=2, rows=50), 0)
     r = CliRunner().invoke(cli, ["show", str(tmp_path), "-n", "1"])
     assert r.exit_code == 0, r.output
     assert "answer 1-0" in r.output, r.output  # the good shard is shown
@@ -48,7 +38,7 @@ def test_show_names_a_damaged_shard_it_skipped_among_good_ones(tmp_path):
 
 
 def test_show_with_only_a_damaged_shard_says_so_and_points_to_verify(tmp_path):
-    _cut(_respond(tmp_path, shards=1), 0)
+    _cut(write_respond_shards(tmp_path, shards=1, rows=50), 0)
     r = CliRunner().invoke(cli, ["show", str(tmp_path), "-n", "1"])
     assert r.exit_code == 1, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
@@ -58,7 +48,7 @@ def test_show_with_only_a_damaged_shard_says_so_and_points_to_verify(tmp_path):
 
 
 def test_status_counts_cut_and_missing_shard_files_as_damaged_not_stale(tmp_path):
-    dst = _respond(tmp_path, shards=3)
+    dst = write_respond_shards(tmp_path, shards=3, rows=50)
     _cut(dst, 0)
     (dst / "shard-00002.parquet").unlink()  # its marker still there
     row = _status(tmp_path)

@@ -16,24 +16,13 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from hubserver import HubServer
-from test_push import TOKEN, hub_env, make_run, run, shard_paths
+from test_push import TOKEN, hub_env, make_model, make_run, run, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "examples" / "slurm" / "guidealign.sbatch"
 CHAIN = REPO / "examples" / "slurm" / "submit-stages.sh"
 PUSH_SETS = ["--set", "push.repo_id=org/chain-ds", "--set", "push.model_repo_id=org/chain-model",
              "--set", "push.backoff_s=0.05"]
-
-
-def make_model(workdir: Path) -> Path:
-    """A finished SFT model (sft/_done.json) under WORKDIR/sft/model."""
-    m = workdir / "sft" / "model"
-    m.mkdir(parents=True)
-    (m / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (m / "model.safetensors").write_bytes(os.urandom(2000))
-    (m / "tokenizer.json").write_text("{}")
-    (workdir / "sft" / "_done.json").write_text(json.dumps({"fingerprint": "f"}))
-    return m
 
 
 def assert_run_push(hub: HubServer, workdir: Path, m: Path) -> None:
