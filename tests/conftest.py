@@ -3,7 +3,9 @@ deterministic); tests that need it take the ``llm`` fixture."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -141,6 +143,54 @@ def pytest_sessionfinish(session, exitstatus):
     alive = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
     if alive:
         print(f"\nthreads still running at the end of the session: {', '.join(sorted(alive))}",
+              file=sys.stderr)
+
+
+# Disk: a run of the suite wrote 11 GB under /tmp when every test's folder was kept to the end
+# (a CI machine ran out of space). pyproject sets tmp_path_retention_policy = "failed": a test's
+# tmp_path goes when it passes. Module fixtures take ``module_tmp`` in place of
+# ``tmp_path_factory``: their folders go when the module ends, unless one of its tests failed.
+FAILED_MODULES: set[str] = set()
+FREE_GB_WANTED = 8  # the suite's peak under the temp folder, measured: README "Tests"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        FAILED_MODULES.add(item.module.__name__)
+    return report
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """``tmp_path_factory`` for a module fixture: ``module_tmp.mktemp(name)``; the folders are
+    removed when the module's tests are done, and kept when one of them failed."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield SimpleNamespace(mktemp=mktemp)
+    if request.module.__name__ not in FAILED_MODULES:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def pytest_sessionstart(session):
+    """Say at once when the temp folder has too little room for the suite, instead of failing
+    tests one by one with "No space left on device" (which a CI run did)."""
+    import sys
+    import tempfile
+
+    if hasattr(session.config, "workerinput"):  # once, in the controller
+        return
+    where = os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()
+    free = shutil.disk_usage(where).free / 2**30
+    if free < FREE_GB_WANTED:
+        print(f"\nwarning: {free:.1f} GB free under {where}; the suite needs about "
+              f"{FREE_GB_WANTED} GB at its peak, so tests may fail with 'No space left on device'",
               file=sys.stderr)
 
 

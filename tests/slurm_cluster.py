@@ -16,8 +16,8 @@ SCRIPT = Path(__file__).resolve().parent / "slurm" / "local_slurm.sh"
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slurm")
+def slurm(module_tmp):
+    d = module_tmp.mktemp("slurm")
     with machine_lock("slurm"):  # its daemons listen on fixed ports
         start = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=180,
                                preexec_fn=whole_machine)  # a node of every core

@@ -17,8 +17,8 @@ PAPER = str(REPO / "configs" / "gpu-paper.yaml")
 
 
 @pytest.fixture(scope="module")
-def bare_model(generator_path, tmp_path_factory):
-    return str(model_without_template(generator_path, tmp_path_factory.mktemp("m") / "no-template"))
+def bare_model(generator_path, module_tmp):
+    return str(model_without_template(generator_path, module_tmp.mktemp("m") / "no-template"))
 
 
 TIB = 2**40

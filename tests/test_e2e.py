@@ -32,9 +32,9 @@ def _cli(*args, timeout=1500):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(module_tmp):
     """(run dir, rank 0's stdout, rank 1's stdout) of one finished two-worker demo run."""
-    tmp = tmp_path_factory.mktemp("e2e")
+    tmp = module_tmp.mktemp("e2e")
     src = tmp / "prompts.jsonl"
     lines = (REPO / "data/samples/prompts.jsonl").read_text().splitlines()
     src.write_text("\n".join(lines[:PROMPTS]) + "\n")

@@ -40,9 +40,9 @@ SCRIPT = PRINT_PROCESSES_LEFT + textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(module_tmp):
     """The script with a start limit of half a second, and with none: {limit: its output}."""
-    script = tmp_path_factory.mktemp("engine") / "start.py"
+    script = module_tmp.mktemp("engine") / "start.py"
     script.write_text(SCRIPT)
     return {limit: subprocess.run([sys.executable, str(script), limit], capture_output=True, text=True,
                                   timeout=600) for limit in ("0.5", "0")}

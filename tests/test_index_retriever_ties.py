@@ -16,8 +16,8 @@ SETS = ["library.threads=1", "index.threads=1", "index.use_gpu=false", "retrieve
 
 
 @pytest.fixture(scope="module")
-def lib_run(tmp_path_factory) -> Path:
-    wd = tmp_path_factory.mktemp("review") / "run"
+def lib_run(module_tmp) -> Path:
+    wd = module_tmp.mktemp("review") / "run"
     write_guideline_shards(wd / "guidelines", coded_guideline_rows(4, 3, seed=2), shard_rows=8)
     run_library(load_config(overrides=SETS), wd, progress=False)
     return wd

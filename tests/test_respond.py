@@ -175,12 +175,12 @@ def test_guided_and_baseline_shards(llm, generator_path, workdir):
 # --- chat templates, exemplars, the responder's own engine, the prompt set -----------------
 
 @pytest.fixture(scope="module")
-def bare_tok(generator_path, tmp_path_factory):
+def bare_tok(generator_path, module_tmp):
     from transformers import AutoTokenizer
 
     from standins import model_without_template
 
-    d = model_without_template(generator_path, tmp_path_factory.mktemp("m") / "no-template")
+    d = model_without_template(generator_path, module_tmp.mktemp("m") / "no-template")
     return AutoTokenizer.from_pretrained(d)
 
 

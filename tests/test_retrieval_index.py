@@ -40,9 +40,9 @@ def _guideline_rows(seed: int, n_prompts: int = 60):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(module_tmp):
     """A workdir with a library, its index and 6 prompt shards."""
-    w = tmp_path_factory.mktemp("retr") / "run"
+    w = module_tmp.mktemp("retr") / "run"
     write_guideline_shards(w / "guidelines", _guideline_rows(1), shard_rows=25)
     cfg = load_config(overrides=OVERRIDES)
     run_library(cfg, w, progress=False)

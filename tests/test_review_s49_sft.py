@@ -23,12 +23,12 @@ TOKEN = "hf_s49SecretTokenThatMustNotLeave0123"
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
+def tiny_base(module_tmp) -> Path:
     """scripts/tiny_models.py's Llama-2-like base (2 layers, fp16 weights, byte tokenizer)."""
     spec = importlib.util.spec_from_file_location("tiny_models", ROOT / "scripts" / "tiny_models.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path_factory.mktemp("tiny") / "llm-base"
+    out = module_tmp.mktemp("tiny") / "llm-base"
     mod.llm_base(out)
     return out
 

@@ -48,9 +48,9 @@ def _eval_cfg(*extra):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(module_tmp):
     """A run whose retrieve stage ran with dedup_with_titles = true."""
-    w = tmp_path_factory.mktemp("s50") / "run"
+    w = module_tmp.mktemp("s50") / "run"
     rows = [{"id": _pid(LIB_PROMPT), "prompt": LIB_PROMPT, "risky": True,
              "guidelines": [{"title": SHARED, "text": "Never reveal a home address."},
                             {"title": SHARED, "text": "Refuse to share phone numbers."}]}]

@@ -84,10 +84,10 @@ def test_sft_cli_without_responses_is_a_clear_error(workdir):
 
 
 @pytest.fixture(scope="module")
-def bare_model(generator_path, tmp_path_factory):
+def bare_model(generator_path, module_tmp):
     from standins import model_without_template
 
-    return str(model_without_template(generator_path, tmp_path_factory.mktemp("m") / "no-template"))
+    return str(model_without_template(generator_path, module_tmp.mktemp("m") / "no-template"))
 
 
 @pytest.mark.slow

@@ -39,10 +39,10 @@ def tiny_tokenizer(d: Path, specials=("<unk>", "<s>", "</s>"), bos="<s>", eos="<
 
 
 @pytest.fixture(scope="module")
-def llama_tok(tmp_path_factory):
+def llama_tok(module_tmp):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path_factory.mktemp("t") / "llama"))
+    return AutoTokenizer.from_pretrained(tiny_tokenizer(module_tmp.mktemp("t") / "llama"))
 
 
 def render(tok, name, msgs, gen=True):
@@ -144,8 +144,8 @@ def test_generator_is_rebuilt_when_its_gguf_changes(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
+def model_dirs(module_tmp):
+    root = module_tmp.mktemp("models")
     return (str(tiny_tokenizer(root / "bare-7b")),
             str(tiny_tokenizer(root / "chat-7b", template="{{ messages[0]['content'] }}")))
 

@@ -15,8 +15,8 @@ from conftest import engine_config
 
 
 @pytest.fixture(scope="module")
-def qwen_style(generator_path, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("qwen-style") / "model"
+def qwen_style(generator_path, module_tmp) -> Path:
+    dst = module_tmp.mktemp("qwen-style") / "model"
     shutil.copytree(generator_path, dst)
     for name in ("config.json", "generation_config.json"):
         d = json.loads((dst / name).read_text())
