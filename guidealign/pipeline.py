@@ -14,6 +14,7 @@ start (SFT resumes from its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import gc
 import json
@@ -35,7 +36,9 @@ def choose(cfg: Config, names: list[str] | None) -> list[Stage]:
     known = [s.name for s in STAGES if s.in_run]
     unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages: {known}")
+        near = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1)]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise ValueError(f"unknown stage(s) {unknown}{hint}; stages: {known}")
     return [s for s in STAGES if s.name in names]
 
 

@@ -35,6 +35,35 @@ def _detect_rows(dataset: Path, index: int, columns: list[str]) -> tuple[dict, s
     return {r["id"]: r for r in t.select(["id", *cols]).to_pylist()}, set()
 
 
+def _prompt_set(dataset: Path) -> Path | None:
+    """The prompt set ``dataset``'s rows come from: the inputs its manifests record, followed
+    up the chain (respond <- retrieve <- prompts-sft); None when a manifest records none."""
+    from guidealign.shards.manifest import input_of, read_manifest
+
+    d = dataset
+    for _ in range(16):
+        man = read_manifest(d)
+        src = None if man is None else input_of(d, man)
+        if src is None:
+            return None if d == dataset else d.resolve()
+        d = src
+    return None
+
+
+def _detect_damage(w: Path, stage: str, index: int) -> str | None:
+    """Why detect's verdicts for shard ``index`` of ``stage`` cannot be read: detect's shard
+    ``index`` is damaged (its rows unreadable, so "not run" would be wrong); None when it is
+    not, or when ``stage`` answers another prompt set than detect's (inputs_sft, an eval's)."""
+    why = _damaged(w / "detect", index)
+    if why is None:
+        return None
+    mine, detects = _prompt_set(w / stage), _prompt_set(w / "detect")
+    if mine is not None and detects is not None and mine != detects:
+        return None
+    return (f"its shard is damaged, its verdicts unreadable (shard {index} of {w / 'detect'} {why}): "
+            f"run `guidealign verify {w} --repair`, then rerun detect")
+
+
 def _damaged(dataset: Path, index: int) -> str | None:
     """What is wrong with committed shard ``index``'s file, when its size is not the one its
     marker records (cut short, or grown); None when it matches or is not committed."""
@@ -68,6 +97,31 @@ def _damage_note(w: Path, stage: str) -> str | None:
             f"then rerun the stage to write {'them' if len(bad) > 1 else 'it'} again")
 
 
+def not_a_dataset(w: Path, stage: str, arg: str = "--stage") -> str | None:
+    """Why ``stage`` (the command's ``arg``) names no dataset of ``w`` (not there: a typo, or a
+    stage not run yet; a folder of datasets such as eval/), with the datasets there; None when
+    it may be one."""
+    from guidealign.shards.layout import shard_indices
+    from guidealign.shards.manifest import MANIFEST
+
+    d = w / stage
+    if not w.is_dir() or (d / MANIFEST).is_file() or shard_indices(d):
+        return None  # a dataset (its manifest maybe damaged: the usual message fits)
+    # (not the hidden folders: an artifact being built, shards.artifact.build_dir)
+    folders = [p for p in sorted(w.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    have = [p for p in folders if (p / MANIFEST).is_file()]
+    have += [q for p in folders for q in sorted(p.iterdir())
+             if q.is_dir() and not q.name.startswith(".") and (q / MANIFEST).is_file()]
+    inside = [q for q in have if q.parent == d]
+    names = ", ".join(str(q.relative_to(w)) for q in (inside or have))
+    if inside:
+        return f"{d} holds datasets, not one: give {arg} one of them ({names})"
+    if d.is_dir():
+        return None
+    return (f"{d} does not exist: {stage} has not run in {w} yet, or is misspelt"
+            + (f" (the datasets there: {names})" if names else ""))
+
+
 def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
              stage: str = "respond") -> list[dict]:
     w = Path(workdir)
@@ -76,7 +130,8 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
     if not done:
         if damage:
             raise RuntimeError(f"nothing to show: {damage}")
-        raise RuntimeError(f"{w / stage} has no committed shard of its current config yet")
+        raise RuntimeError(not_a_dataset(w, stage) or f"{w / stage} has no committed shard of its "
+                           "current config yet")
     if shard is None:  # the first that holds rows: a shard of 0 rows printed an empty line
         i = next((k for k in done if getattr(read_marker(w / stage, k), "rows", 0)), None)
         if i is None:
@@ -99,11 +154,13 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
     resp = table.to_pylist()
     det, stale = _detect_rows(w / "detect", i, ["risky", "rationale", "parse_status", "finish_reason",
                                                 "skip_reason"])
+    det_damage = _detect_damage(w, stage, i)
     out = []
     for r in resp[:n]:
         d = det.get(r.get("id"))
         out.append({"id": r.get("id"), "prompt": r.get("prompt"), "detected": d is not None,
                     "detect_stale": d is None and r.get("id") in stale,
+                    "detect_damaged": det_damage if d is None else None,
                     "risky": (d or {}).get("risky"), "rationale": (d or {}).get("rationale"),
                     # why a detect row has no verdict: skipped, an engine error, or unparsed
                     "detect_status": (d or {}).get("parse_status"),
@@ -139,6 +196,8 @@ def render(rows: list[dict], width: int = 100, max_chars: int = 600) -> str:
     for r in rows:
         if r.get("detected", True):
             det = _verdict_line(r, clip)
+        elif r.get("detect_damaged"):  # not "not run": detect's shard is there, unreadable
+            det = f"- detect: {r['detect_damaged']}"
         elif r.get("detect_stale"):
             det = "- detect: its shard is from an earlier config (stale): rerun detect"
         else:  # responses for another prompt set than detect's (inputs_sft), or detect not run

@@ -227,6 +227,9 @@ def collect(workdir: str | Path) -> list[dict]:
                       f"stage to write {'them' if n > 1 else 'it'} again")
             row["note"] = f"{row['note']}; {damage}" if row.get("note") else damage
     _note_incomplete_inputs(out)
+    for row in out:  # the same keys in every row (`status --json`): null where there is none
+        row.setdefault("note", None)
+        row.setdefault("yield", None)
     return out
 
 

@@ -59,14 +59,15 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
                            [(str(p.resolve()), st.st_size, st.st_mtime_ns)], *more)
 
     assert _fingerprint([f.resolve()], c) == v8(f, "metadata-strict-json-v1", "prompt-has-text-v1", "line-pairing-v1",
-                                           "sniff-whole-file-v1")
+                                           "sniff-whole-file-v1", "chat-turns-v1")
     # a JSON (array/object) file is read by Stop 48's rules (records after leading nulls): once more
     j = tmp_path / "in.json"
     j.write_text('[{"prompt": "x"}]')
     assert _fingerprint([j.resolve()], c) != v8(j)
     # and by Stop 54's (a bad item ends at the next item that reads, ...): once more again
     assert _fingerprint([j.resolve()], c) == v8(j, "json-array-v2", "metadata-strict-json-v1", "prompt-has-text-v1",
-                                                "line-pairing-v1", "json-array-v3", "sniff-whole-file-v1")
+                                                "line-pairing-v1", "json-array-v3", "sniff-whole-file-v1",
+                                                "chat-turns-v1")
     # so is a CSV file (Stop 49: a record over several lines is numbered by its first line)
     v = tmp_path / "in.csv"
     v.write_text('prompt\n"x"\n')

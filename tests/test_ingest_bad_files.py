@@ -186,7 +186,8 @@ def test_another_spelling_of_an_input_is_another_run(tmp_path, monkeypatch):
                            "metadata-strict-json-v1",  # Stop 50: every input but CSV, once
                            "prompt-has-text-v1",  # Stop 51: every input, once
                            "line-pairing-v1",  # Stop 53: text inputs, once
-                           "sniff-whole-file-v1")  # Stop 54: text inputs, once
+                           "sniff-whole-file-v1",  # Stop 54: text inputs, once
+                           "chat-turns-v1")  # Stop 56: every input but CSV, once
     assert _fingerprint([Path(absolute)], cfg) == old_rule
 
 

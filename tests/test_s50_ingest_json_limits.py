@@ -241,7 +241,7 @@ def test_runs_with_input_other_than_csv_are_ingested_once_more(tmp_path):
     jl.write_text('{"prompt": "x"}\n')
     assert _fingerprint([jl.resolve()], c) != before(jl)
     assert _fingerprint([jl.resolve()], c) == before(jl, "metadata-strict-json-v1", "prompt-has-text-v1", "line-pairing-v1",
-                                               "sniff-whole-file-v1")
+                                               "sniff-whole-file-v1", "chat-turns-v1")
     cs = tmp_path / "in.csv"
     cs.write_text("prompt\nx\n")
     assert _fingerprint([cs.resolve()], c) == before(cs, "csv-first-line", "prompt-has-text-v1", "line-pairing-v1", "csv-v3",

@@ -76,11 +76,12 @@ def test_text_inputs_carry_the_line_pairing_term_parquet_does_not(tmp_path):
     pf = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["x"]}), pf)
     assert _fingerprint([pf.resolve()], c) == rule(pf, "metadata-strict-json-v1", "prompt-has-text-v1",
-                                                   "nested-binary-text-v1")  # Stop 54: Parquet and datasets
+                                                   "nested-binary-text-v1",  # Stop 54: Parquet and datasets
+                                                   "chat-turns-v1")
     jl = tmp_path / "in.jsonl"
     jl.write_text('{"prompt": "x"}\n')
     assert _fingerprint([jl.resolve()], c) == rule(jl, "metadata-strict-json-v1", "prompt-has-text-v1",
-                                                   "line-pairing-v1", "sniff-whole-file-v1")
+                                                   "line-pairing-v1", "sniff-whole-file-v1", "chat-turns-v1")
 
 
 def test_the_line_screen_agrees_with_stripping_each_line():

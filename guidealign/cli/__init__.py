@@ -56,7 +56,8 @@ def status(workdir, as_json):
 @click.option("-n", "count", default=3, show_default=True, type=click.IntRange(min=0),
               help="How many examples.")
 @click.option("--shard", type=int, default=None, help="Which shard (default: the first committed).")
-@click.option("--stage", default="respond", show_default=True, help="Response stage to read.")
+@click.option("--stage", default="respond", show_default=True,
+              help="Response dataset under WORKDIR to read: respond, respond-baseline, eval/<benchmark>.")
 def show(workdir, count, shard, stage):
     """Print examples: prompt -> risk verdict -> retrieved guidelines -> response."""
     import pyarrow as pa
@@ -98,8 +99,10 @@ def config_group():
 
 
 @config_group.command("show")
-@click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--config", "-c", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML config file (see configs/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set engine.dtype=float32 (repeatable).")
 def config_show(config_path, overrides):
     """Print the effective config (defaults, file, overrides) as YAML."""
     from guidealign.cli.options import load_cli_config

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import get_args
 
 import click
@@ -61,7 +62,8 @@ def run_directory(f):
                   help="The run directory (the stages' -w), as an option instead of WORKDIR.")
     @functools.wraps(f)
     def wrapper(*args, workdir=None, workdir_option=None, **kwargs):
-        if workdir and workdir_option and workdir != workdir_option:
+        # (the same folder spelt two ways, "w/" and "./w", is one run directory)
+        if workdir and workdir_option and Path(workdir).resolve() != Path(workdir_option).resolve():
             raise click.UsageError(f"two run directories given: {workdir} and -w {workdir_option}")
         if not (workdir or workdir_option):
             raise click.UsageError("missing the run directory: give WORKDIR or -w/--workdir")

@@ -104,7 +104,10 @@ def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
                                    "(the model), as `guidealign run` pushes them")
         cfg.push = replace(cfg.push, private=visible)
     else:
-        cfg.push = replace(cfg.push, what=what, repo_id=repo_id or cfg.push.repo_id, model_repo_id="",
+        # a model goes to push.model_repo_id when that is set (it went to push.repo_id, the
+        # dataset's repo name, as a new model repo)
+        default = (cfg.push.model_repo_id if what in ("model", "sft") else "") or cfg.push.repo_id
+        cfg.push = replace(cfg.push, what=what, repo_id=repo_id or default, model_repo_id="",
                            private=visible)
     try:
         rep = run_push(cfg, workdir, rank=r, world_size=w, progress=not no_progress)

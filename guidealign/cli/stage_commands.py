@@ -223,7 +223,8 @@ def augment(workdir, cfg, rank, world_size, no_progress):
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: WORKDIR/export/DATASET).")
 @click.option("--columns", default=None, help="Comma-separated columns to keep (default: all).")
-@click.option("--format", "fmt", type=click.Choice(get_args(ExportFormat)), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(get_args(ExportFormat)), default="jsonl", show_default=True,
+              help="File format of the exported shards.")
 @stage_options
 def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progress):
     """Write the shards of WORKDIR/DATASET (default: respond) as JSONL, one file per shard.
@@ -234,14 +235,28 @@ def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progre
     """
     from pathlib import Path
 
+    from guidealign.show import not_a_dataset
+
+    if why := not_a_dataset(Path(workdir), dataset, "DATASET"):
+        raise click.ClickException(why)  # a misspelt name: the datasets there, not "run the stage first"
     reports = run_stage_command(
         "export", cfg, workdir, rank, world_size, no_progress, errors=(FileNotFoundError, ValueError),
         dataset=dataset, out=str(Path(out).absolute()) if out else None, fmt=fmt,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
-    # pending: every input shard left for later; stale ones among them are committed
+    # pending: every input shard left for later; stale ones among them are committed, damaged
+    # ones have a marker but a file cut short or gone (no later export takes them: verify does)
+    from guidealign.shards.manifest import damaged_shards
+
+    left = {i for r in reports for i in (getattr(r, "pending", []) or [])}
+    damaged = damaged_shards(Path(workdir) / dataset, among=left) if left else set()
     stale = sum(len(getattr(r, "stale", []) or []) for r in reports)
-    pending = sum(len(getattr(r, "pending", []) or []) for r in reports) - stale
+    pending = len(left) - stale - len(damaged)
     why = []
+    if damaged:
+        shown = ", ".join(map(str, sorted(damaged)[:10])) + (" ..." if len(damaged) > 10 else "")
+        why.append(f"input shard(s) {shown} of {dataset} are damaged (the file cut short or missing, "
+                   f"against its marker): run `guidealign verify {workdir} --repair`, rerun the stage "
+                   "that writes it, then export again")
     if stale:  # committed, but under an earlier config or from input that has changed since
         why.append(f"{stale} input shard(s) of {dataset} are stale (committed under another config "
                    "or input): rerun the stage that writes it, then export again")

@@ -186,13 +186,30 @@ def _coerce(tp, value, where: str):
     return value
 
 
+def _did_you_mean(cls, unknown: set, names: set, where: str) -> str:
+    """" (did you mean detect.sampling.temperature?)" for the known keys closest to the unknown
+    ones (a typo), or, at the top level, the sections that have such a key (``model:`` written
+    outside ``engine:``); "" when none is close."""
+    import difflib
+
+    hints = []
+    for key in sorted((k for k in unknown if isinstance(k, str)), key=str):
+        near = difflib.get_close_matches(key, sorted(names), n=2)
+        if near:
+            hints += [f"{where}.{n}" if where else n for n in near]
+        elif cls is Config:  # a section's key at the top level
+            hints += [f"{name}.{key}" for name, tp in typing.get_type_hints(Config).items()
+                      if dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp)}]
+    return f" (did you mean {' or '.join(dict.fromkeys(hints))}?)" if hints else ""
+
+
 def _build(cls, data: dict, where: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown, key=str)} in {where or 'config'}; "
-                          f"known: {sorted(names)}")
+        raise ConfigError(f"unknown key(s) {sorted(unknown, key=str)} in {where or 'config'}"
+                          f"{_did_you_mean(cls, unknown, names, where)}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -323,6 +340,8 @@ def _override_value(raw: str, tp, item: str):
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: the value is not valid YAML "
                           f"({str(e).splitlines()[0]}); quote it") from None
+    except ConfigError as e:  # a key given twice, or one that is not text: say in which --set
+        raise ConfigError(f"override {item!r}: {e}") from None
 
 
 def parse_overrides(items: typing.Iterable[str], schema=None) -> dict:

@@ -72,7 +72,8 @@ class EvalConfig:
     # its text counts in the judge's fingerprint, and a model with none is refused before
     # anything is answered.
     judge_chat_template: str | None = None
-    # Greedy judging, room for a short rationale and the verdict line.
+    # Greedy judging, room for a short rationale and the verdict line (a reasoning judge needs
+    # room for its <think> block too: one cut before it ends gives no verdict).
     judge_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=512))
     # The judge's engine: EngineConfig keys that replace the responder's for the judge (e.g.
     # {tensor_parallel_size: 2} for a judge larger than the responder, or 1 for a small judge

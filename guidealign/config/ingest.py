@@ -16,6 +16,10 @@ class IngestConfig:
     # surrounding spaces ("Prompt", " prompt ", "PROMPT" all match "prompt").
     prompt_field: str = "prompt"
     # Other spellings tried, in order, when a row/file has no `prompt_field` (common exports).
+    # A row with none of them may hold a chat conversation (`messages`, `conversations`,
+    # `conversation`: turns with role/content or from/value); one of a single user turn is that
+    # turn's prompt, others are quarantined (guidealign/ingest/chat.py). So is the prompt field
+    # itself when it holds such turns (TRL's conversational prompts).
     prompt_aliases: list[str] = field(default_factory=lambda: ["question", "instruction", "text"])
     # When the prompt comes from an `instruction` field, the first of these fields present with
     # text is joined to it after a blank line (Alpaca's `input`, Dolly's `context`: "Summarize

@@ -42,23 +42,27 @@ def harm_chart(harm: dict, path: Path, labels: tuple[str, str], title: str) -> P
     cats = sorted({k for c in conds for k in harm[c]["by_category"]})
     groups = cats + ["Overall"]
 
-    def val(c, g):
-        d = harm[c]["overall"] if g == "Overall" else harm[c]["by_category"].get(g, {})
-        return d.get("pct_harmless")
+    def stats(c, g):
+        return harm[c]["overall"] if g == "Overall" else harm[c]["by_category"].get(g, {})
 
     fig, (ax, axp) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(groups))
     w = 0.8 / max(1, len(conds))
     colors = {"guided": "#2a9d8f", "unguided": "#e76f51"}
     for j, c in enumerate(conds):
-        vals = [val(c, g) for g in groups]
+        data = [stats(c, g) for g in groups]
+        vals = [d.get("pct_harmless") for d in data]
+        o = harm[c]["overall"]
         bars = ax.bar(x + (j - (len(conds) - 1) / 2) * w, [v if v is not None else 0 for v in vals], w,
-                      label=labels[0] if c == "guided" else labels[1], color=colors[c])
-        for b, v in zip(bars, vals):
-            ax.annotate(fmt(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                      label=f"{labels[0] if c == 'guided' else labels[1]} ({o.get('judged', 0)} judged, "
+                            f"{o.get('unparsed', 0)} unparsed)", color=colors[c])
+        for b, d in zip(bars, data):
+            ax.annotate(harm_bar_label(d), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                         va="bottom", fontsize=7)
     ax.set_xticks(x, [_wrap(g) for g in groups], fontsize=7)
     ax.set_ylabel("% harmless")
+    if any(stats(c, g).get("unparsed") for c in conds for g in groups):
+        ax.set_xlabel("(n) above a bar: n unparsed verdicts, left out of its percentage", fontsize=8)
     ax.set_ylim(0, 108)
     ax.set_title(f"{title}: % harmless per risk area (this run)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
@@ -80,6 +84,14 @@ def harm_chart(harm: dict, path: Path, labels: tuple[str, str], title: str) -> P
     replace_from_temp(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def harm_bar_label(d: dict) -> str:
+    """A % harmless bar's label: the percentage, and in brackets the verdicts it leaves out
+    (unparsed; the axis says so), so that a bar read from a few parsed verdicts does not pass
+    for one read from all."""
+    text = fmt(d.get("pct_harmless"))
+    return f"{text}\n({d['unparsed']})" if d.get("unparsed") else text
 
 
 def _wrap(s: str, width: int = 18) -> str:

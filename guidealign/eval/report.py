@@ -45,7 +45,7 @@ def _harm_md(harm: dict, labels) -> list[str]:
     return out + [""]
 
 
-def _pairwise_md(pw: dict, labels, paper: bool) -> list[str]:
+def _pairwise_md(pw: dict, labels, benchmark: str) -> list[str]:
     out = [f"## Pairwise: {labels[0]} vs {labels[1]}", "",
            f"Each question judged in both answer orders; orders combined with the "
            f"`{pw['rule']}` rule; unparsed verdicts: `{pw['unparsed_policy']}` "
@@ -68,13 +68,13 @@ def _pairwise_md(pw: dict, labels, paper: bool) -> list[str]:
     ag = pw["order_agreement"]
     out += ["", f"The two orders agreed (from the {labels[0]} side) on {ag['agree']} of "
             f"{ag['both_parsed']} questions where both were parsed ({fmt(ag['pct'], 1, '%')}).", ""]
-    if paper:
+    if benchmark == "hhh":
         out += ["The paper's figures (HHH, overall net win rate):", "", "| comparison | net win rate |",
                 "|---|---|"]
         out += [f"| {n} | {v:+.1f}% |" for n, v in PAPER_HHH_NET]
-    else:
-        out += ["The paper's Vicuna-Bench figures are not among those listed in "
-                "shared/benchmarks/README.md, so none are shown here."]
+    elif benchmark == "vicuna":  # (other benchmarks: the paper has no figure to compare with)
+        out += ["The paper's Vicuna-Bench figures are not among those listed with this harness (its HHH "
+                "and Do-Not-Answer figures only), so none are shown here."]
     return out + [""]
 
 
@@ -110,7 +110,7 @@ def write_report(out_dir: str | Path, *, title: str, meta: dict, harm: dict | No
         paper = benchmark == "hhh"
         files["pairwise_chart"] = str(pairwise_chart(pairwise, out / CHARTS["pairwise_chart"], labels, title,
                                                      paper))
-        lines += _pairwise_md(pairwise, labels, paper) + ["![net win rate per subset](net_win_rate.png)", ""]
+        lines += _pairwise_md(pairwise, labels, benchmark) + ["![net win rate per subset](net_win_rate.png)", ""]
     for chart in (CHARTS.keys() - files.keys()):  # a chart of an earlier run's judges: not this report's
         (out / CHARTS[chart]).unlink(missing_ok=True)
     if risk_id:
@@ -148,6 +148,11 @@ def run_meta(cfg, st, bench_path, ingested: dict, coverage: dict, models: dict) 
                          f"benchmark prompt; these are not judged.")
         if cv["empty"]:
             notes.append(f"{c} responses: {cv['empty']} empty response(s), judged as they are.")
+        if cv.get("duplicates"):
+            # a directory joining several runs or models: say what was left out
+            notes.append(f"{c} responses: {cv['duplicates']} more row(s) for a question already "
+                         f"answered in {cv['dir']}; one answer per question is judged (the first that "
+                         f"did not fail), these rows are not.")
     if ingested.get("duplicates") or ingested.get("quarantined"):
         dup = (f"{ingested.get('duplicates')} repeated prompt(s) answered and judged once"
                + (", counted once per benchmark row (eval.count_duplicates)" if ecfg.count_duplicates

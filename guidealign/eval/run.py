@@ -119,6 +119,11 @@ def _run_eval(cfg, workdir: Path, sub: Path, st: Settings, ecfg, engines, benchm
     from guidealign.eval.inputs import ingest_benchmark, load_benchmark, load_responses, usable
     from guidealign.eval.judging import judge_plans, judge_stage
 
+    if rank == 0:
+        # the earlier run's _done.json goes before any work: a rerun (another config, another
+        # benchmark file) killed while answering or judging left it describing the old report
+        # while the judgment folders were half new; rank 0 writes it again at the end
+        (sub / "_done.json").unlink(missing_ok=True)
     ingested = ingest_benchmark(cfg, sub, benchmark_file, rank, world_size, progress)
     bench = load_benchmark(sub, st.category_field)
     if not bench:

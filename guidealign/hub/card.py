@@ -139,12 +139,25 @@ def _without_token(s: str) -> str:
     return re.sub(_HUB_TOKEN, REDACTED, s) if _secret_text(s) else s
 
 
+def _cache_repo_id(s: str) -> str | None:
+    """The Hub model id a snapshot folder of the Hugging Face cache is (``huggingface-cli
+    download`` prints such a path): ``.../models--org--name/snapshots/<revision>`` is
+    ``org/name`` (a repo id has no ``--``, so the folder name splits at each); None for any
+    other text, a file inside a snapshot too."""
+    import re
+
+    m = re.search(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$", s)
+    repo_id = m.group(1).replace("--", "/") if m else None
+    return repo_id if repo_id and _hub_id(repo_id) else None
+
+
 def _redact_text(s: str) -> str:
-    """A string as a card may show it: Hub tokens in it redacted, a local path by its base name."""
+    """A string as a card may show it: Hub tokens in it redacted, a local path by its base name
+    (a snapshot of the Hugging Face cache by its model's Hub id: its base name is a commit hash)."""
     if _secret_text(s):
         return _without_token(s)
     if _local_path(s):
-        return Path(s.rstrip("/")).name or "(local path)"
+        return _cache_repo_id(s) or Path(s.rstrip("/")).name or "(local path)"
     return s
 
 
@@ -203,7 +216,8 @@ def model_card(*, base_model: str, data: dict, hyperparameters: dict, metrics: d
                mode: str, merged: bool) -> str:
     """The trained model's card: base model, training data, hyperparameters, loss figures.
     An unmerged LoRA adapter is a PEFT repo (library_name: peft), as peft's own cards say."""
-    hub_base = base_model if _hub_id(base_model) else None
+    # a base model given as a snapshot folder of the Hub cache is that Hub model
+    hub_base = base_model if _hub_id(base_model) else _cache_repo_id(base_model)
     base_model, data, hyperparameters, metrics = redact([base_model, data, hyperparameters,
                                                          metrics])
     adapter = mode == "lora" and not merged

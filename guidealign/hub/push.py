@@ -22,7 +22,9 @@ of a model repo that the pushed model does not have, so a download does not mix 
 Other files (a user's) are kept. The operations prepared for the upload are the ones
 committed (nothing hashed or uploaded twice); a push with nothing new makes no commit.
 huggingface_hub retries its own requests (http_backoff); the steps it sends once (creating the
-repo, an upload batch, a commit, the lookup of the head) are retried here as a whole.
+repo, an upload batch, a commit, the lookup of the head) are retried here as a whole. Every
+request is bounded in time (``hub_timeouts``: huggingface_hub's own client waits without end).
+The repo ids, and the model that follows a dataset, are checked before anything is sent.
 
 The token comes from HF_TOKEN or the stored login (huggingface_hub resolves it); it is
 never printed or logged here.
@@ -39,7 +41,7 @@ from guidealign.hub.commits import batches, commit_step, is_unchanged, prepare, 
 from guidealign.hub.targets import (LocalFile, PushError, dataset_files, is_model_file, local_file,
                                     model_files, resolve_target, versioned)
 
-__all__ = ["PushError", "PushReport", "run_push", "push_one"]
+__all__ = ["PushError", "PushReport", "run_push", "push_one", "config_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +85,15 @@ def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1,
              progress: bool = True) -> PushReport | None:
     """Push ``push.what`` (a stage under WORKDIR, "model", or a path) to ``push.repo_id``; then,
     when it was a dataset and ``push.model_repo_id`` is set, the trained model there (with
-    ``push.model_repo_id`` alone: the model only). Returns the first push's report (rank 0;
-    other ranks do nothing and get None)."""
+    ``push.model_repo_id`` alone: the model only). Both repo ids, and the model, are checked
+    before the first push sends anything. Returns the first push's report (rank 0; other ranks
+    do nothing and get None)."""
     if rank != 0:
         return None
     pcfg = cfg.push
+    problems = repo_id_problems(pcfg)
+    if problems:  # before anything is sent: a bad model_repo_id was found after the dataset went up
+        raise PushError("; ".join(problems))
     if not pcfg.repo_id and pcfg.model_repo_id:
         with hub_progress(progress):
             rep = push_one(cfg, workdir, "model", pcfg.model_repo_id, progress=progress)
@@ -95,14 +101,21 @@ def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1,
         return rep
     if not pcfg.repo_id:
         raise PushError("no repo id: set push.repo_id (or give REPO_ID to `guidealign push`)")
-    if world_size > 1:
+    kind, d = resolve_target(workdir, pcfg.what)
+    if world_size > 1 and kind == "dataset":
         # a stage's shards come from every rank: the others may still be writing theirs
         from guidealign.config import wait_timeout
         from guidealign.shards import wait_complete
 
-        kind, d = resolve_target(workdir, pcfg.what)
-        if kind == "dataset":
-            wait_complete(d, timeout=wait_timeout(cfg, world_size), workdir=workdir)
+        wait_complete(d, timeout=wait_timeout(cfg, world_size), workdir=workdir)
+    if pcfg.model_repo_id and kind == "dataset":
+        # the model that follows the dataset is finished (and trained on these responses), or
+        # nothing goes up: not the dataset alone, then an error
+        try:
+            resolve_target(workdir, "model")
+        except PushError as e:
+            raise PushError(f"{e} (push.model_repo_id is set; nothing was pushed: `guidealign push "
+                            f"{pcfg.what} {pcfg.repo_id}` pushes the dataset alone)") from e
     with hub_progress(progress):
         rep = push_one(cfg, workdir, pcfg.what, pcfg.repo_id, progress=progress)
         log.info(rep.summary())
@@ -127,9 +140,83 @@ def hub_progress(enabled: bool):
             enable_progress_bars()
 
 
+def repo_id_problems(pcfg) -> list[str]:
+    """What is wrong with push.repo_id and push.model_repo_id (each one set): not a Hub repo id
+    (``name`` or ``namespace/name``, as huggingface_hub's ``validate_repo_id`` checks it; the
+    Hub would refuse it only once the data pushed before it were sent). Empty: nothing."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    out = []
+    for key in ("repo_id", "model_repo_id"):
+        value = getattr(pcfg, key)
+        if not value:
+            continue
+        try:
+            validate_repo_id(value)
+        except HFValidationError as e:
+            out.append(f"push.{key} {value!r} is not a Hub repo id: {e}")
+    return out
+
+
+def config_problems(pcfg) -> list[str]:
+    """Why the push settings ``pcfg`` cannot push, found without the network (empty: none):
+    HF_HUB_OFFLINE set, and ``repo_id_problems``; for a check before a run that ends with a
+    push (`guidealign run` ran every stage, then failed at its push)."""
+    from huggingface_hub import constants
+
+    offline = ["HF_HUB_OFFLINE is set: unset it to push"] if constants.HF_HUB_OFFLINE else []
+    return offline + repo_id_problems(pcfg)
+
+
+# huggingface_hub's HTTP client waits for an answer without end (its timeout is None): an
+# endpoint, proxy or mirror that takes the connection and never answers hung a push for good.
+# A push gives each request these limits in seconds (``hub_timeouts``; a download keeps its
+# own; repo_info, which asks for "no limit" itself, is given HUB_READ_TIMEOUT_S here). One
+# that runs out is a dropped connection to huggingface_hub and to retry_step: retried
+# (push.max_retries), then the push fails naming the endpoint. Generous: a commit of many
+# files is answered within a minute or two; an upload's body goes in chunks, each under the
+# write limit.
+HUB_CONNECT_TIMEOUT_S = 60.0
+HUB_READ_TIMEOUT_S = 300.0
+
+
+@contextmanager
+def hub_timeouts():
+    """huggingface_hub's requests bounded in time for the block (HUB_CONNECT_TIMEOUT_S,
+    HUB_READ_TIMEOUT_S: the parts of the client's timeout that are unset), through its client
+    factory, which is put back after."""
+    from huggingface_hub.utils import _http, set_client_factory
+
+    before = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+    if before is None:  # another huggingface_hub: its own client, as it is
+        yield
+        return
+
+    def bounded():
+        client = before()
+        t = client.timeout
+        client.timeout = type(t)(connect=t.connect or HUB_CONNECT_TIMEOUT_S,
+                                 read=t.read or HUB_READ_TIMEOUT_S,
+                                 write=t.write or HUB_READ_TIMEOUT_S,
+                                 pool=t.pool or HUB_READ_TIMEOUT_S)
+        return client
+
+    set_client_factory(bounded)
+    try:
+        yield
+    finally:
+        set_client_factory(before)
+
+
 def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) -> PushReport:
     """Push WORKDIR/<what> (a stage's shards, or a model dir) to ``repo_id``, creating the repo
-    when missing (visibility: push.private); returns the report, also written to WORKDIR/push/."""
+    when missing (visibility: push.private); returns the report, also written to WORKDIR/push/.
+    Every request to the Hub is bounded in time (``hub_timeouts``)."""
+    with hub_timeouts():
+        return _push_one(cfg, workdir, what, repo_id, progress=progress)
+
+
+def _push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool) -> PushReport:
     from huggingface_hub import HfApi, constants
 
     pcfg = cfg.push
@@ -185,7 +272,8 @@ def push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool = True) ->
     report.already_there = len(files) - report.uploaded
     # info None: no commit was needed, or the last one landed and its retry found nothing left
     report.commit = getattr(info, "oid", "") or retry_step(
-        lambda: api.repo_info(repo_id, repo_type=repo_type, revision=pcfg.revision).sha,
+        lambda: api.repo_info(repo_id, repo_type=repo_type, revision=pcfg.revision,
+                              timeout=HUB_READ_TIMEOUT_S).sha,
         pcfg, "head lookup", report.count_retry)
     report.seconds = round(time.perf_counter() - t0, 3)
     write_report(wd, report, src, pcfg, constants.ENDPOINT)
@@ -246,7 +334,8 @@ def repo_visibility(api, report: PushReport, pcfg) -> bool | None:
     """Whether the repo is private, as the Hub says: create_repo leaves an existing repo's
     visibility as it is, whatever push.private asks (logged when they differ; the visibility is
     never changed here)."""
-    info = retry_step(lambda: api.repo_info(report.repo_id, repo_type=report.repo_type),
+    info = retry_step(lambda: api.repo_info(report.repo_id, repo_type=report.repo_type,
+                                            timeout=HUB_READ_TIMEOUT_S),
                       pcfg, "visibility lookup", report.count_retry)
     private = getattr(info, "private", None)
     if private is not None and private != pcfg.private:

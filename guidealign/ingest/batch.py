@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guidealign.core.ids import normalize, prompt_hash
+from guidealign.ingest.chat import NO_CHAT, ChatKey, chat_key, chat_prompt, chat_reason, chat_turns
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
@@ -99,25 +100,42 @@ def with_input(p, values):
 
 def prompt_keys(keys, spec: Spec) -> tuple[str | None, tuple[str, ...]]:
     """(the key of a record's prompt, the keys of the inputs it is joined with) for a record
-    with ``keys``."""
+    with ``keys``. A record with neither the prompt field nor an alias may hold its prompt as a
+    chat conversation (``chat``: ``messages``, ``conversations``; a ``ChatKey``)."""
     key = find_prompt_key(keys, spec.field, spec.aliases)
+    if key is None:
+        key = chat_key(keys)
     return key, find_input_keys(keys, key, spec.inputs)
 
 
 def prompt_value(rec: dict, key: str | None, ikeys: tuple[str, ...]):
-    """The prompt of ``rec`` under its :func:`prompt_keys`: the instruction with its input joined."""
+    """The prompt of ``rec`` under its :func:`prompt_keys`: the instruction with its input joined,
+    the user turn of a conversation of one (``chat.chat_prompt``); ``chat.NO_CHAT`` when the
+    key is a chat field whose value is no conversation."""
     p = rec.get(key) if key is not None else None
+    if isinstance(key, ChatKey) and chat_turns(p) is None:
+        return NO_CHAT
+    if isinstance(p, list):
+        return chat_prompt(p)
     return with_input(p, [rec.get(k) for k in ikeys]) if ikeys else p
+
+
+def meta_key(rec: dict, key):
+    """The field left out of a kept row's metadata: its prompt's, but for a conversation (a list
+    there), kept whole: its other turns are in no other column."""
+    return None if isinstance(rec.get(key), list) else key
 
 
 # --- per-row checks (the reference semantics) --------------------------------------------------
 
 def check_value(p, key, spec: Spec, fields=()) -> str | None:
     """Why ``p`` (the value of ``key`` in a row with keys ``fields``) is no prompt, or None."""
-    if key is None:
+    if key is None or p is NO_CHAT:
         return missing_field(spec, fields)
     if p is None:
         return "null prompt"
+    if isinstance(p, list) and (turns := chat_turns(p)) is not None:
+        return chat_reason(turns)
     if not isinstance(p, str):
         return f"prompt is not a string ({type(p).__name__})"
     try:
@@ -169,6 +187,7 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
         if err is not None:
             b.reject(i, row_no, err, raw_repr(rec))
             continue
+        key = meta_key(rec, key)
         try:
             meta = meta_json(rec, key)
         except RecursionError:  # json.loads read it with the stack to spare, dumps needs more
@@ -279,7 +298,9 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
     key, ikeys = prompt_keys(names, spec)
     same = [c for c in names if key is not None and norm_key(c) == norm_key(key)]
     col = one_array(table.column(key)) if key is not None else None
-    if col is None or len(same) > 1 or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
+    # (a chat field: each row's value decides whether it is a conversation, and which turn)
+    if col is None or isinstance(key, ChatKey) or len(same) > 1 \
+            or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
             or any(type_depth(t) > MAX_DEPTH for t in table.schema.types):
         # (a column that may be nested deeper than rows are written: each row checked by the
         # row reader's rules, without recursing over the type or the values on this stack)
@@ -343,7 +364,7 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         if err is None:
             good[i] = True
             hashes[i] = int.from_bytes(prompt_hash(p), "little")
-            override[i] = (p, meta_json(rec, k))
+            override[i] = (p, meta_json(rec, meta_key(rec, k)))
         else:
             bad[i] = (err, rec)
 

@@ -69,10 +69,14 @@ def files_fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # Stop 54 (every text input): a file under the 64 KiB sniff that ends inside a UTF-8
     # character is not taken for UTF-8 cut by the sample (cp1252 with its last byte non-ASCII)
     whole = ["sniff-whole-file-v1"] if text_in else []
+    # Stop 56 (``chat``): a conversation of one user turn (``messages``, ``conversations``, or a
+    # prompt field holding turns) is that turn's prompt (it was quarantined); inputs that may hold
+    # lists (all but CSV) run once more, shards without conversations come out the same
+    chat = ["chat-turns-v1"] if kinds - {".csv", ".tsv"} else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
                        *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1", *lines, *json_v3,
-                       *nested_bytes, *csv_v3, *whole)
+                       *nested_bytes, *csv_v3, *whole, *chat)
 
 
 def _inner_stats(p: Path) -> tuple:

@@ -42,6 +42,7 @@ from guidealign.ingest.cuts import cut_ends, shard_cuts
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.fingerprint import files_fingerprint
 from guidealign.ingest.jsonl import jsonl_blocks
+from guidealign.ingest.keys import norm_key
 from guidealign.core.ids import normalize, prompt_hash  # noqa: F401 - the id rule, re-exported
 from guidealign.ingest.arrowfiles import hf_splits, iter_parquet_tables
 from guidealign.ingest.readers import IngestError, check_readable, expand_inputs, read_rows
@@ -279,6 +280,18 @@ def _delimiter_ok(d) -> bool:
     return isinstance(d, str) and len(d) == 1 and d not in '"\r\n\0'
 
 
+def _check_field_names(cfg: IngestConfig) -> None:
+    """Each field name the prompt is looked up by must be text with a character in it: a blank
+    ``prompt_field`` (``--set ingest.prompt_field=$UNSET_VAR``) matched no column, so every
+    row without an alias was quarantined as having no prompt field."""
+    names = [("ingest.prompt_field", cfg.prompt_field)]
+    for key in ("prompt_aliases", "instruction_inputs"):
+        names += [(f"ingest.{key}", v) for v in getattr(cfg, key)]
+    for key, v in names:
+        if not isinstance(v, str) or not norm_key(v):
+            raise IngestError(f"{key}: a field name must be text that is not blank, got {v!r}")
+
+
 def run_fingerprint(inputs: list[str], cfg: IngestConfig, dataset: str | Path | None = None) -> str:
     """What an ingest of ``inputs`` with ``cfg`` (into ``dataset``, WORKDIR/<name>: the files its
     patterns match there are skipped, as ``ingest`` skips them) writes in its manifest: the other
@@ -337,6 +350,13 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
         raise ValueError("ingest.shard_rows must be >= 1")
     if not isinstance(cfg.dedup_memory_mib, int) or cfg.dedup_memory_mib < 1:
         raise ValueError(f"ingest.dedup_memory_mib must be a whole number of MiB >= 1, got {cfg.dedup_memory_mib!r}")
+    # (the config loader checks these too; a caller of this function may pass any IngestConfig,
+    # and block_bytes=0 read no row of any file, saying only "0 rows read")
+    for name in ("block_bytes", "max_chars"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise IngestError(f"ingest.{name} must be a whole number >= 1, got {v!r}")
+    _check_field_names(cfg)
     if cfg.shard_cut not in get_args(ShardCut):
         raise IngestError(f"ingest.shard_cut must be position or content, got {cfg.shard_cut!r}")
     if not _delimiter_ok(cfg.delimiter):

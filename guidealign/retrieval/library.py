@@ -4,7 +4,8 @@ Steps (each one's size goes to the report):
 1. explode the guideline lists into single guidelines (empty ones are counted, not kept);
 2. drop exact duplicates (comparison form: NFKC, case-folded, whitespace collapsed);
 3. merge near-duplicates (``fuzz.ratio >= fuzzy_threshold``; see :mod:`retrieval.dedup`);
-4. write training pairs (prompt_id, guideline_id), with a held-out split by prompt.
+4. write training pairs (prompt_id, guideline_id), with a held-out split by prompt (none
+   for a prompt without text, null or blank: counted, its guidelines kept).
 
 Each cluster keeps one canonical guideline: its most frequent member (ties: the shorter,
 then the lexicographically first comparison form). Its kind is "safety" when at least half
@@ -76,6 +77,9 @@ class LibraryReport:
     pairs_train: int = 0
     pairs_heldout: int = 0
     prompts_heldout: int = 0
+    # prompts with guidelines but no text (null or blank): in the library, not in the pairs
+    prompts_without_text: int = 0
+    pairs_without_prompt: int = 0
     search: str = ""
     seconds: dict = field(default_factory=dict)
     version: str = ""
@@ -90,6 +94,8 @@ class LibraryReport:
                 f"candidate pairs, {self.confirmed_pairs} confirmed, search {self.search}); "
                 f"{self.safety} safety / {self.quality} quality; pairs {self.pairs_train} train / "
                 f"{self.pairs_heldout} held-out ({self.prompts_heldout} held-out prompts)"
+                + (f"; {self.pairs_without_prompt} pairs of {self.prompts_without_text} prompts without "
+                   "text left out" if self.pairs_without_prompt else "")
                 + (" [up to date]" if self.skipped else ""))
 
 
@@ -177,9 +183,10 @@ def library_fingerprint(lc, src: Path, checksums: list[str] | None = None) -> st
     # do not depend on the read order), the version covers the pairs files; the performance
     # settings, and those the candidate space never reads, count at their defaults; v4: the
     # n-gram candidate vectors are made from the text with its accents folded (fold_marks), and
-    # prompts that differ only in case share a split (heldout_flags)
+    # prompts that differ only in case share a split (heldout_flags); v5: no pairs for prompts
+    # without text (they were pairs with an empty prompt), invisible titles as empty ones
     unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
-    return fingerprint("library-v4", at_defaults(lc, unread),
+    return fingerprint("library-v5", at_defaults(lc, unread),
                        input_checksums(src) if checksums is None else checksums)
 
 
@@ -301,6 +308,8 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
                 text = (g.get("text") or "").strip()
                 if not _visible(text):  # a zero-width space: as empty (the title stands in)
                     text = ""
+                if not _visible(title):  # as empty too: no "\u200b: text" embedded and shown
+                    title = ""
                 key = normalize_text(text or title)
                 if not _visible(key):
                     rep.empty_dropped += 1
@@ -401,8 +410,18 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     pair_rows = {"train": {k: [] for k in PAIRS_SCHEMA.names},
                  "heldout": {k: [] for k in PAIRS_SCHEMA.names}}
     held = heldout_flags(prompt_ids, [prompt_text[p] for p in prompt_ids], lc.heldout_fraction)
+    # a prompt without text (null or blank; guideline shards from elsewhere: the guidelines
+    # stage quarantines such prompts) keeps its guidelines in the library but gets no pair: an
+    # empty anchor teaches the retriever nothing, and all of them would be one anchor text to
+    # the sampler and one twin group to the split (retrieve quarantines such prompts too)
+    has_text = [_visible(prompt_text[p]) for p in prompt_ids]
+    textless: set[int] = set()
     for c in range(len(canon)):
         for p in cp_prompt[bounds[c]:bounds[c + 1]].tolist():
+            if not has_text[p]:
+                textless.add(p)
+                rep.pairs_without_prompt += 1
+                continue
             d = pair_rows["heldout" if held[p] else "train"]
             d["prompt_id"].append(prompt_ids[p])
             d["prompt"].append(prompt_text[prompt_ids[p]])
@@ -411,6 +430,11 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     rep.pairs_train = len(pair_rows["train"]["prompt_id"])
     rep.pairs_heldout = len(pair_rows["heldout"]["prompt_id"])
     rep.prompts_heldout = len(set(pair_rows["heldout"]["prompt_id"]))
+    rep.prompts_without_text = len(textless)
+    if textless:
+        log.warning("library: %d prompt(s) with guidelines have no text (null or blank): their %d "
+                    "pair(s) are left out of the retriever's training and held-out pairs (their "
+                    "guidelines stay in the library)", len(textless), rep.pairs_without_prompt)
     secs["pairs"] = time.perf_counter() - t0
 
     # write: temp dir, rename, _done.json last ----------------------------------------------

@@ -110,11 +110,19 @@ def training_pairs(train: pa.Table, doc_of: dict, rc) -> tuple[list[str], list[s
     """(anchors, positives, every guideline text of each anchor) of the training pairs
     (``prompt``, ``prompt_id``, ``guideline_id`` columns), capped per guideline
     (``retriever.max_prompts_per_guideline``). The third counts the capped pairs too: a
-    prompt's guideline whose pair the cap left out must not be an in-batch negative of it."""
+    prompt's guideline whose pair the cap left out must not be an in-batch negative of it; and
+    it counts those of the prompt's twins (texts that differ only in case, width or spacing:
+    ``normalize_text``, as the split groups them): the encoder's tokenizer may lower-case, so
+    "How do I..." and "how do i..." are one query to it, and a guideline of one is no negative
+    of the other (for prompts without twins the sets, and so the batches, are as before)."""
+    from guidealign.retrieval.embed import normalize_text
+
     prompts, gids = train.column("prompt").to_pylist(), train.column("guideline_id").to_pylist()
-    positives_of: dict[str, set[str]] = {}
+    twin_of = {a: normalize_text(a) for a in set(prompts)}  # (once per prompt, not per pair)
+    of_twins: dict[str, set[str]] = {}
     for a, g in zip(prompts, gids):
-        positives_of.setdefault(a, set()).add(doc_of[g])
+        of_twins.setdefault(twin_of[a], set()).add(doc_of[g])
+    positives_of = {a: of_twins[k] for a, k in twin_of.items()}
     keep, cap = capped_pairs(train.column("prompt_id").to_pylist(), gids, rc.max_prompts_per_guideline,
                              rc.batch_size, rc.seed)
     if len(keep) < len(prompts):
@@ -225,7 +233,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     train = pq.read_table(lib / "pairs" / "train.parquet")
     heldout = pq.read_table(lib / "pairs" / "heldout.parquet")
     if train.num_rows == 0:
-        raise RuntimeError(f"{lib}/pairs/train.parquet holds no pairs: nothing to train on")
+        raise RuntimeError(f"{lib}/pairs/train.parquet holds no pairs: nothing to train on ({_no_pairs_why(lib)})")
     doc_of = {g: doc_text(t, x) for g, t, x in zip(library.column("guideline_id").to_pylist(),
                                                     library.column("title").to_pylist(),
                                                     library.column("text").to_pylist())}
@@ -289,6 +297,14 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
                           seconds=seconds, resumed_from_step=resumed_at)
     log.info(rep.summary())
     return rep
+
+
+def _no_pairs_why(lib: Path) -> str:
+    """Where the library's prompts went, from its report: held out, without text, without guidelines."""
+    m = (read_done(lib) or {}).get("metrics", {})
+    return (f"of its {m.get('prompts', '?')} prompts, {m.get('prompts_heldout', '?')} are held out "
+            f"(library.heldout_fraction), {m.get('prompts_without_text', '?')} have no text (null or blank) "
+            f"and {m.get('prompts_without_guidelines', '?')} no guideline: see {lib}/report.json")
 
 
 def _evaluate(rc, es, *, base=None, tuned=None) -> dict[str, dict]:
