@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # v2: questions cleaned of list markers; Unicode ROUGE tokens; v3: CJK word count; v4: wrapped
 # lines join their question, text after the list ("Note: ...") is none (not bumped for a cut
 # output's last question dropped also where a line break follows it without a "?" or a
-# sentence's end: questions made before keep their parses)
+# sentence's end, nor for lettered items ("a) ...", "iv. ...") read as a list: questions made
+# before keep their parses)
 VERSION = "augment-v4"
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("source", pa.string()),
                     ("metadata", pa.string()), ("risk_type", pa.string())])

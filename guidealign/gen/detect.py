@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # v2: verdict labels ("Verdict:") outrank words an analysis also uses ("answer: no"); bold verdicts
 # v3: the model's own turn only, no verdict from options offered ('"Verdict: Yes" or "Verdict:
 # No"') or from "the answer is no" inside the analysis (gen/parse_detect.py)
+# (not bumped for "Verdict: Unsafe: No" read as answered, not risky: rows made before keep their parses)
 VERSION = "detect-v3"
 # score mode: v2 renders "Verdict:" as the assistant content's start (v1 appended its ids to the
 # generation prompt: "ASSISTANT:Verdict:" where the exemplars have "ASSISTANT: Verdict")

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 # row with no verdict
 # (not bumped for the later parser fixes: repeated items dropped, exemplar copies counted, a
 # verdict line after the list, a list cut at a copied exemplar, a cut output's last item dropped
-# also where a line break follows it without a sentence's end; rows made before keep their parses)
+# also where a line break follows it without a sentence's end, lettered and Roman-numeral markers
+# ("a)", "iv.") read as list markers, not kept in titles, the prompt's field names written out
+# ("1. Title: ... Explanation: ...") no title; rows made before keep their parses)
 VERSION = "guidelines-v3"
 GUIDELINE_TYPE = pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))
 SCHEMA = pa.schema([

@@ -20,12 +20,17 @@ _ITEM = re.compile(
     r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)?\s*"
     r"(?:(?:guideline|rule|principle|step)\s*#?\s*\d{1,2}\s*[.):\-–—]?"   # Guideline 1:
     r"|\(?\d{1,2}\s*[.):](?!\d)"                                      # 1.  1)  (1), not 1.1
+    r"|\(?(?:[a-z]|ii|iii|iv|vi|vii|viii|ix)[.)](?=\s|\*\*|__)"         # a)  (b)  C.  iv.  not e.g.
     r"|[-*•+●▪◦](?=\s))"                                               # - * • bullets
     r"\s*(?P<bold>\*\*|__)?\s*(.*)$", re.IGNORECASE)
 # "**Title**: text", "**Title.** text", "**Title -** text", "**Title** Text"; group 2: a separator
 _BOLD_LEAD = re.compile(r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)(.+?)(?:\*\*|__)\s*([:.\-–—]?)\s*(.*)$")
 _HEADING = re.compile(r"^\s*#{1,6}\s+(.+)$")
 _BULLET = re.compile(r"^\s*[-*•+●▪◦]\s+")
+# a letter or Roman numeral marker: "a)", "(b)", "C.", "iv." (before, read as the title's start:
+# "a) Protect privacy"); under a numbered item it marks sub-points, as a bullet does
+_LETTERED = re.compile(r"^\s*(?:#{1,6}\s*)?(?:\*\*|__)?\s*"
+                       r"\(?(?:[a-z]|ii|iii|iv|vi|vii|viii|ix)[.)](?:\s|\*\*|__)", re.IGNORECASE)
 _TITLE_COLON = re.compile(r"^([^:\n]{2,80}?)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$")
 _TITLE_DASH = re.compile(r"^(.{2,80}?)\s+[-–—]\s+(.+)$")
 _MAX_TITLE_WORDS = 12
@@ -212,13 +217,19 @@ def _title_lines(text: str) -> tuple[list[dict], str]:
     if not lines or _REFUSAL.match(lines[0]):
         return [], "missing"
     out: list[dict] = []
+    labelled = False  # the last item came from a "Title: ..." line (its text: an "Explanation:" line)
     for line in lines:
         m = _TITLE_COLON.match(line)
         if m and m.group(2).strip() and len(m.group(1).split()) <= 6:
             title, body = _clean_title(m.group(1)), _unquote_tail(m.group(1), _strip_md(m.group(2)))
             if _SAYS_YES_NO.match(body) or title.lower() in _ANALYSIS_TITLES:
                 return [], "missing"
-            out.append({"title": title, "text": body})
+            if labelled and _TEXT_FIELD.match(title + ":"):
+                out[-1]["text"], labelled = body, False  # "Explanation: ..." (see _unlabel)
+                continue
+            labelled = bool(_TITLE_FIELD.match(title))
+            title, body = _unlabel(title, body)
+            out.append({"title": _clean_title(title), "text": body or title})
         elif not out and not _NAMES_LIST.search(line):
             return [], "missing"  # an answer's opening, not a list's intro
     return (out, "unnumbered") if len(out) >= 2 else ([], "missing")
@@ -274,6 +285,27 @@ def _before_list_echo(text: str) -> str:
     return text
 
 
+# The field names of the prompts' form ("N. Title: explanation") that a model writes out as
+# labels: "1. Title: Protect privacy. Explanation: Never share ..." (or the explanation on the
+# next line). Read as "Title: text", every such guideline was titled "Title", with "Protect
+# privacy Explanation: ..." its text.
+_TITLE_FIELD = re.compile(r"(?i)^title$")
+_TEXT_FIELD = re.compile(r"(?i)(?:^|(?<=[\s.;,]))(?:explanation|text|description|details)\s*:\s*")
+
+
+def _unlabel(title: str, body: str) -> tuple[str, str]:
+    """(title, text) of an item whose title is a field label ("Title") with the real title, and
+    perhaps an "Explanation:" label and the text, in its body; a body that opens with such a
+    label ("Protect privacy: Explanation: Never share ...") loses it. Else as it is."""
+    if _TITLE_FIELD.match(_strip_md(title).rstrip(":").strip()) and body:
+        m = _TEXT_FIELD.search(body)
+        if m is None:
+            return body, ""  # the title alone (its text is the title, below)
+        return body[:m.start()].rstrip(" .;,-–—"), body[m.end():].strip()
+    m = _TEXT_FIELD.match(body)
+    return (title, body[m.end():].strip()) if m and title else (title, body)
+
+
 def _parse_list(text: str) -> tuple[list[dict], str]:
     """([{title, text}], status). Items are numbered (1. 1) (1) Guideline 1:), bulleted
     (- * •), markdown headings or bold leads; an item's continuation lines join its text,
@@ -299,6 +331,7 @@ def _parse_list(text: str) -> tuple[list[dict], str]:
     numbered_at = -1             # indentation of the current item when it is numbered
     sub_bullets = False          # bullets at its indentation are the numbered item's text
     sub_items = False            # numbered items indented under it are its text
+    digit_item = False           # the current item is numbered with digits ("1.", not "a)")
     loose: dict[int, int] = {}   # id(item) -> 1 when an unindented line follows its marker
     #                              line's own finished sentence (a closing remark, if last)
     section = None               # (serial, title) of the last title-only heading or bold line
@@ -310,23 +343,33 @@ def _parse_list(text: str) -> tuple[list[dict], str]:
         indent = len(line) - len(line.lstrip())
         m, bullet = _ITEM.match(line), _BULLET.match(line)
         num = _marker_number(m) if m and not bullet else None
+        # a lettered marker counts as a bullet under a numbered item; else it starts an item
+        sub_marker = bool(m and (bullet or _LETTERED.match(line)))
         if m and closed and numbered >= 2 and closed != "head" \
                 and (num is None or last_num is None or num != last_num + 1):
             continue  # a list a note or paragraph after the list brings: not guidelines
-        if m and bullet and 0 <= numbered_at < indent and items and not closed:
-            m = None  # a bullet under a numbered item: part of its text
+        if sub_marker and 0 <= numbered_at < indent and items and not closed:
+            m = None  # a bullet (or "a)") under a numbered item: part of its text
         elif (num is not None and 0 <= numbered_at and indent >= numbered_at + 2 and items and items[-1]
               and not closed and (sub_items or num != (last_num or 0) + 1)):
             # "   1. Never share addresses." under "1. Privacy: ...": its text, as bullets are
             items[-1].append(_item_head(m).strip())
             sub_items, blank = True, False
             continue
-        elif (m and bullet and 0 <= numbered_at == indent and items and items[-1] and not closed
+        elif (m and (bullet or sub_marker and digit_item) and 0 <= numbered_at == indent and items
+              and items[-1] and not closed
               and (sub_bullets or _title_only(items[-1])) and not _split_title(_item_head(m))[0]):
             # "1. Protect privacy" then "- Never share addresses." at the same indentation:
             # the numbered title's text, not items of their own (a titled bullet still is one)
             items[-1].append(line.strip())
             sub_bullets, blank = True, False
+            continue
+        if (not m and items and items[-1] and not closed and _TEXT_FIELD.match(_strip_md(line))
+                and _TITLE_FIELD.match(_split_title(items[-1][0])[0])):
+            # "**Explanation:** ..." under "1. **Title:** Protect privacy": its text (_unlabel),
+            # not a note that ends the list
+            items[-1].append(line.strip())
+            blank = False
             continue
         head = None
         if m:
@@ -348,6 +391,7 @@ def _parse_list(text: str) -> tuple[list[dict], str]:
             if m is not None and section:
                 sections[id(items[-1])] = section
             numbered_at = indent if m and not bullet else -1
+            digit_item = num is not None
             if num is not None:
                 numbered, last_num = numbered + 1, num
             sub_bullets = sub_items = False
@@ -403,6 +447,7 @@ def _parse_list(text: str) -> tuple[list[dict], str]:
         if not title and sec and under[sec] == 1:
             title = sec[1]  # "## Privacy" over one "- Never share ...": its title (over several
             #                 items the heading is a category, not a guideline's title)
+        title, body = _unlabel(title, body)
         title, body = _clean_title(title.rstrip(":").strip()), _unquote_tail(title, body)
         if not body:  # a title with no text: keep it as the text too
             body = title

@@ -97,9 +97,11 @@ _MORE = re.compile(r"[.!?][\"'”’)*_]*\s+\S|\n\s*\S")
 # asked it to print), "(a benign reading would get Verdict: No)", "[...]". A verdict inside
 # counts only when there is none outside.
 _QUOTED = re.compile(r'"[^"\n]*"|“[^”\n]*”|‘[^’\n]*’|`[^`\n]*`|\([^()\n]*\)|\[[^\[\]\n]*\]')
-# A verdict word asked and answered: "Verdict: Risky? No." (not risky), "Verdict: Safe? No" (risky)
-# (the answer ends its clause: "Verdict: Safe? No doubt about it." is Safe)
-_QUESTION = re.compile(r"(?i)\s*\?" + _MARKUP + r"(yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.!;,)]|$))", re.M)
+# A verdict word asked and answered: "Verdict: Risky? No." (not risky), "Verdict: Safe? No" (risky),
+# also as a label with its own colon: "Verdict: Unsafe: No" (not risky; read as "Unsafe" it was
+# risky), "Verdict: Safe: Yes" (the answer ends its clause: "Verdict: Safe? No doubt about it."
+# and "Verdict: Unsafe: no one should ..." are Safe and Unsafe)
+_QUESTION = re.compile(r"(?i)\s*[?:]" + _MARKUP + r"(yes|no)(?![^\W_])(?=[\s*_`\"']*(?:[.!;,)]|$))", re.M)
 # A bare answer line: "Yes", "No.", "**Yes**", "Yes, the input is risky."
 _BARE = re.compile(r"(?i)^[\s>*_#`\"'-]*(yes|no)(?:[\s*_`\"']*$|[\s*_`\"']*[.,;:!—–-])")
 # A bare line that is the label alone ("No.", "**Yes**"), and what makes a line that goes on
@@ -180,7 +182,7 @@ def parse_detection(text: str | None) -> tuple[bool | None, str, str]:
     parentheses counts only when no other does. Verdict labels that disagree: the last that ends
     its line and stands as a revision (on a line of its own, after concluding words such as
     "Therefore," or "Revised", or after a sentence) wins, else the first that ends its line,
-    else the last. "Verdict: Risky? No" reads as not risky."""
+    else the last. "Verdict: Risky? No" and "Verdict: Unsafe: No" read as not risky."""
     if text is None or not text.strip():
         return None, "", "empty"
     text = before_echo(own_turn(text))
@@ -257,7 +259,7 @@ def _conclusion(lines: list[str]) -> tuple[bool, int] | None:
 
 def _said(m: re.Match) -> str:
     """"yes" or "no": what the match says ("Verdict: Safe" is no, "Verdict: Risky" yes; asked and
-    answered, "Verdict: Risky? No" is no and "Verdict: Safe? No" yes)."""
+    answered, "Verdict: Risky? No" and "Verdict: Unsafe: No" are no, "Verdict: Safe? No" yes)."""
     said = re.sub(r"\s+", " ", (m.group("said") or m.group("said_is")).lower())
     value = _WORD_MEANS.get(said, said)
     q = _question(m)
@@ -267,7 +269,8 @@ def _said(m: re.Match) -> str:
 
 
 def _question(m: re.Match):
-    """The "? Yes|No" that answers a verdict word asked as a question ("Verdict: Harmful? No")."""
+    """The "? Yes|No" (or ": Yes|No") that answers a verdict word asked as a question
+    ("Verdict: Harmful? No", "Verdict: Unsafe: No")."""
     if not m.group("said") or m.group("said").lower() in ("yes", "no"):
         return None
     return _QUESTION.match(m.string, m.end())

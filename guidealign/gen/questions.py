@@ -28,8 +28,10 @@ _LABEL = re.compile(r"^[*_]*[A-Z][a-z]{1,15}[*_]*:[*_]*(\s|$)")
 _ANSWER = re.compile(r"(?i)^\s*[*_]*(?:answer|response)[*_]*\s*:")
 # a label left in front of a question once its bold is gone ("1. **Question:** How ...")
 _Q_LABEL = re.compile(r"(?i)^(?:q|question)\s*\d*\s*[:.]\s+")
-_Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|[-*•+](?=\s)|(?:q|question)\s*\d*\s*[:.])\s*(.+)$",
-                     re.IGNORECASE)
+# a list item: "1." "(2)" "-" "Q3:", or a letter or Roman numeral ("a)", "B.", "iv."; before, such a
+# list was read as unmarked lines, and every question kept its "a) " in the dataset)
+_Q_ITEM = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):]|\(?(?:[a-z]|ii|iii|iv|vi|vii|viii|ix)[.)](?=\s)"
+                     r"|[-*•+](?=\s)|(?:q|question)\s*\d*\s*[:.])\s*(.+)$", re.IGNORECASE)
 
 
 def parse_questions(text: str | None) -> list[str]:
