@@ -13,6 +13,9 @@ stale claim by renaming it to a name of its own (``os.rename`` moves a given fil
 two stealers only one gets it), checking that the file it moved is the stale one it looked at
 (same inode and mtime; otherwise it puts the file back), and then claiming the shard afresh
 the same way. A claim is removed after its shard is committed, or when processing raised.
+Static ranks claim their shards too (``map_shards``): a second process writing the same
+dataset (two runs started at once on one run directory) waits for a shard instead of
+writing it again.
 
 Claiming decides who works on a shard; the commit marker still decides what is done: a worker
 re-checks the shard's fingerprint after claiming it, so a shard committed meanwhile is never
@@ -297,6 +300,11 @@ def try_claim(dst: str | Path, index: int, ttl_s: float, owner: str | None = Non
     return None
 
 
+def holder(dst: str | Path, index: int) -> dict:
+    """The record of whoever holds shard ``index``'s claim now ({} when none, or unreadable)."""
+    return _read(claim_path(dst, index)) or {}
+
+
 def remove_claims_dir(dst: str | Path) -> None:
     """Remove ``DST/_claims`` once no claim is left in it."""
     with contextlib.suppress(OSError):
@@ -304,11 +312,13 @@ def remove_claims_dir(dst: str | Path) -> None:
 
 
 def clear_claims(dst: str | Path, ttl_s: float) -> None:
-    """Once every shard is committed: remove the claims no live worker heartbeats any more
-    (older than ``ttl_s``: the claim of a worker killed between its commit and its release, a
-    stealer's moved-aside file; nobody claims a committed shard again, so they stayed for good),
-    then ``DST/_claims`` when it is empty. A live claim stays: its owner releases it. Stale
-    as a stealer judges it (:func:`is_stale`: the file system's clock, a dead local pid)."""
+    """Once every shard is committed (dynamic), or this rank's are (static): remove the claims
+    no live worker heartbeats any more (older than ``ttl_s``: the claim of a worker killed
+    between its commit and its release, a stealer's moved-aside file; nobody claims a committed
+    shard again, so they stayed for good), then ``DST/_claims`` when it is empty. A live claim
+    stays: its owner releases it. Stale as a stealer judges it (:func:`is_stale`: the file
+    system's clock, a dead local pid), so removing one is what a stealer does, less the new
+    claim: a shard still to do is claimed afresh by whoever comes to it."""
     for p in (Path(dst) / CLAIMS_DIR).glob("shard-*.claim*"):
         if is_stale(p, ttl_s):
             p.unlink(missing_ok=True)

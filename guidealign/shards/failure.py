@@ -196,15 +196,28 @@ def read_markers(workdir: str | Path) -> list[dict]:
     return out
 
 
+def in_this_world(marker: dict, ctx=None) -> bool:
+    """Whether ``marker``'s rank can be a rank of this process's world: a rank at or above
+    this rank's world size is of an earlier run with more ranks (resumed with fewer GPUs or
+    nodes under the same ``GUIDEALIGN_RUN_ID``), whose marker nobody of this run clears: it
+    stopped every wait of the resumed run at once, naming a rank that does not exist."""
+    ctx = _CTX if ctx is None else ctx
+    rank, world = marker.get("rank"), ctx.world_size if ctx is not None else None
+    if not isinstance(rank, int) or isinstance(rank, bool) or not isinstance(world, int):
+        return True
+    return rank < world
+
+
 def failures(workdir: str | Path, *, exclude_rank: int | None = None) -> list[dict]:
-    """Failure markers of the current run in ``workdir`` (see the module doc)."""
+    """Failure markers of the current run in ``workdir`` (see the module doc); a rank outside
+    this rank's world is none of this run's (:func:`in_this_world`)."""
     markers = read_markers(workdir)
     if not markers:
         return []
     started = _rank_start(_CTX)
     me, mine, my_job = run_id(), attempt(), job()
     return [m for m in markers if (exclude_rank is None or m.get("rank") != exclude_rank)
-            and _counts(m, me, started, mine, my_job)]
+            and in_this_world(m) and _counts(m, me, started, mine, my_job)]
 
 
 def raise_if_failed(workdir: str | Path, waiting_for: str = "") -> None:

@@ -27,6 +27,13 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
         given_world = world_size
         env_world = None
         for rk, wk in _ENV_PAIRS:
+            if rk == "RANK" and (rk in env) != (wk in env) and not (
+                    rank is not None and world_size is not None):
+                # one of the pair alone was taken for no launcher at all: every process (RANK=0,
+                # 1, 2, ... without WORLD_SIZE) ran as rank 0 of 1 and did every shard
+                have, lack = (rk, wk) if rk in env else (wk, rk)
+                raise ValueError(f"{have} is set but {lack} is not: set both (a launcher's pair), "
+                                 f"or give {names[0]} and {names[1]}")
             if rk == "SLURM_ARRAY_TASK_ID" and rk in env and wk not in env and not (
                     rank is not None and world_size is not None):
                 # without the count, the SLURM task pair below said rank 0 of 1 in every array
@@ -34,7 +41,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
                 raise ValueError(f"SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not (a Slurm "
                                  f"that does not set it): give {names[0]} and {names[1]}")
             if rk in env and wk in env:
-                r, w = int(env[rk]), int(env[wk])
+                r, w = _env_int(env, rk), _env_int(env, wk)
                 if rk == "SLURM_ARRAY_TASK_ID":
                     r = slurm_array_rank(env)
                     r, w = _array_step_tasks(env, r, w)
@@ -54,6 +61,15 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None,
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     return rank, world_size
+
+
+def _env_int(env, name: str) -> int:
+    """The whole number in environment variable ``name``, or an error that names it (a bare
+    "invalid literal for int()" left the user guessing which variable)."""
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not a whole number") from None
 
 
 def batch_script_tasks(env: dict | None = None) -> int:

@@ -2,7 +2,8 @@
 
 It is what every per-prompt stage (detect, guidelines, retrieve, respond) runs:
 with static assignment (the default) the worker of rank r handles the shards i with
-i % W == r; with dynamic assignment (``shards.claims``) every worker claims the next
+i % W == r (each under a claim, ``shards.claims``, so that a second process writing the same
+dataset, two runs started at once, waits for it instead of writing it again); with dynamic assignment (``shards.claims``) every worker claims the next
 shard nobody holds, until all are committed, and takes over the shards of workers whose
 heartbeat stopped. Either way it skips the shards whose commit marker already carries
 the current fingerprint and commits each new one atomically. A crash therefore loses at
@@ -156,17 +157,65 @@ def map_shards(
     bar = tqdm(todo, desc=stage, unit="shard", disable=not progress)
     inputs: dict = {}  # every input shard checked before any work (an engine's start)
     fps = {i: shard_fingerprint(config_fp, src, i, inputs) for i in todo}
-    for i in bar:
-        fp = fps[i]
-        if is_done(dst, i, fp):
-            report.skipped += 1
-            continue
-        raise_if_conflict()  # another process runs this rank: no shard is written twice
-        if fn is None:
-            fn = make_fn()
-        _process(fn, src, dst, i, fp, columns, report)
+    owner, told = claims.owner_record()["owner"], set()
+    try:
+        for i in bar:
+            fp = fps[i]
+            if is_done(dst, i, fp):
+                report.skipped += 1
+                continue
+            raise_if_conflict()  # another process runs this rank: no shard is written twice
+            fn = _static_shard(stage, fn, make_fn, src, dst, i, fp, columns, report, policy, owner, told)
+    finally:  # killed ranks' claims of shards committed since; the folder when empty
+        claims.clear_claims(dst, policy.ttl_s)
     log.info(report.summary())
     return report
+
+
+def _static_shard(stage, fn, make_fn, src, dst, i: int, fp: str, columns, report: StageReport,
+                  policy: claims.Assignment, owner: str, told: set):
+    """Do shard ``i`` of this (static) rank under its claim; returns ``fn`` (built on the first
+    shard that needs it)."""
+    while True:
+        claim = _claim_static(stage, dst, i, fp, policy, owner, told)
+        if claim is None:  # committed meanwhile by the other process that held it
+            report.skipped += 1
+            return fn
+        with claim:
+            if is_done(dst, i, fp):
+                report.skipped += 1
+                return fn
+            if fn is None:
+                fn = make_fn()
+            if _process(fn, src, dst, i, fp, columns, report, claim):
+                return fn
+        # taken over while this rank computed it (its heartbeat stalled past the TTL): wait for
+        # the taker's commit, or claim it again when the taker is gone too
+
+
+def _claim_static(stage: str, dst, i: int, fp: str, policy: claims.Assignment, owner: str,
+                  told: set):
+    """Shard ``i``'s claim for this rank's write of it, waiting while another live process
+    holds it; None once that one committed it. Two commands of one stage started on one run
+    directory at once (the same rank and world size on one host, which no rank conflict tells
+    from two evals side by side) each wrote every shard, the engine's work done twice and each
+    write clearing the other's temp file. A claim a killed rank left is taken over as under
+    the dynamic assignment: at once on its own host, after ``executor.claim_ttl_s`` elsewhere."""
+    while True:
+        claim = claims.try_claim(dst, i, policy.ttl_s, owner)
+        if claim is not None:
+            return claim
+        if is_done(dst, i, fp):
+            return None
+        raise_if_conflict()
+        held = claims.holder(dst, i)
+        who = (held.get("host", "?"), held.get("pid", "?"))
+        if who not in told:  # once per other process, not once per shard
+            told.add(who)
+            log.warning("%s: shard %d of %s is claimed by another process (%s, pid %s): waiting "
+                        "for it (two runs on one run directory? a rank killed on that host: its "
+                        "claim is taken over after executor.claim_ttl_s)", stage, i, dst, *who)
+        time.sleep(policy.poll)
 
 
 def _process(fn, src, dst, i: int, fp: str, columns, report: StageReport, claim=None) -> bool:

@@ -84,7 +84,7 @@ def _markers_from_before(workdir: Path) -> str:
     start minutes apart) looks like one that died without a marker. Empty when there are none."""
     from datetime import datetime, timezone
 
-    from guidealign.shards.failure import failures, read_markers
+    from guidealign.shards.failure import failures, in_this_world, read_markers
 
     def key(m):
         return m.get("rank"), m.get("pid"), m.get("created")
@@ -92,7 +92,8 @@ def _markers_from_before(workdir: Path) -> str:
     counted = {key(m) for m in failures(workdir)}
     ctx = context()
     mine = ctx.rank if ctx is not None and Path(ctx.workdir) == Path(workdir) else None
-    older = [m for m in read_markers(workdir) if m.get("rank") != mine and key(m) not in counted]
+    older = [m for m in read_markers(workdir) if m.get("rank") != mine and key(m) not in counted
+             and in_this_world(m)]
     if not older:
         return ""
     said = []
