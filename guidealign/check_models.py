@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from guidealign.core.models import model_context
+
 # Hub ids whose tokenizer is known to ship no chat template (checked when not downloaded yet).
 KNOWN_WITHOUT_TEMPLATE = (
     re.compile(r"^meta-llama/Llama-2-\d+b-hf$", re.I),
@@ -105,44 +107,6 @@ def _hub_lookup(info: ModelInfo) -> None:
 def _config_value(cfg: dict, key: str):
     """``key`` of a config.json, or of its ``text_config`` (multimodal models keep it there)."""
     return cfg.get(key) or (cfg.get("text_config") or {}).get(key)
-
-
-# The keys vLLM derives a model's context from (the smallest present; model_max_length, where
-# set, instead), and the RoPE types whose factor it does not apply (their context is scaled already)
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
-_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
-
-
-def model_context(d: Path, raw: dict) -> int | None:
-    """The longest max_model_len vLLM accepts for the model in ``d`` (its config.json ``raw``),
-    derived as vLLM derives it: the smallest of its length keys (``model_max_length`` where set),
-    times the RoPE scaling factor (linear, dynamic: vicuna-13b-v1.5-16k's 4096 x 4); the config
-    is read with transformers where it can be, so a key left to the class default counts.
-    None when no key is found (vLLM then takes max_model_len as given)."""
-    text, model_type = dict(raw.get("text_config") or raw), raw.get("model_type", "")
-    try:
-        from transformers import AutoConfig
-
-        hf = AutoConfig.from_pretrained(str(d))
-        tc = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-        text = {k: getattr(tc, k, None) for k in (*_CONTEXT_KEYS, "rope_parameters", "rope_scaling")}
-        model_type = getattr(hf, "model_type", model_type) or ""
-    except Exception:  # an architecture this transformers does not know: the file as written
-        pass
-    lens = [v for k in _CONTEXT_KEYS if isinstance(v := text.get(k), (int, float)) and v > 0]
-    if not lens:
-        return None
-    n = text.get("model_max_length") or min(lens)
-    rope = text.get("rope_parameters") or text.get("rope_scaling")
-    layers = [p for p in rope.values() if isinstance(p, dict)] if isinstance(rope, dict) and \
-        all(isinstance(p, dict) for p in rope.values()) else [rope] if isinstance(rope, dict) else []
-    factor = 1.0
-    if "gemma3" not in model_type:
-        for p in layers:
-            if (p.get("rope_type") or p.get("type")) not in _PRESCALED_ROPE:
-                factor = p.get("factor", factor) or 1.0
-    return int(n * factor)
 
 
 def _describe_local(info: ModelInfo) -> ModelInfo:

@@ -331,7 +331,7 @@ def test_the_models_context_is_derived_as_vllm_derives_it(tmp_path, edit, contex
     max_model_len, which vLLM then refused."""
     import json
 
-    from guidealign.check_models import model_context
+    from guidealign.core.models import model_context
     from guidealign.core.models import resolve
 
     raw = json.loads((Path(resolve("embedded:smollm2-135m-instruct")) / "config.json").read_text())

@@ -80,7 +80,10 @@ def test_resolve_of_a_missing_local_path_says_so(name, tmp_path, monkeypatch):
     ("./models/llama", None),
     ("../models/llama", None),
     ("/data/models/llama", None),
-    ("embedded:smollm2-135m-instruct", None),
+    # (Stop 56) the embedded generator is named by the Hub model its GGUF was made from, as
+    # an adapter trained on it names its base (core.models.hub_ref)
+    ("embedded:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("/data/hf/models--meta-llama--Llama-2-13b-hf/snapshots/" + "a" * 40, "meta-llama/Llama-2-13b-hf"),
 ])
 def test_model_card_base_model_is_a_hub_id_or_absent(base, want, tmp_path, monkeypatch):
     """A base model given as a local path that does not exist where the card is written (a "~"

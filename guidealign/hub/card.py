@@ -140,15 +140,10 @@ def _without_token(s: str) -> str:
 
 
 def _cache_repo_id(s: str) -> str | None:
-    """The Hub model id a snapshot folder of the Hugging Face cache is (``huggingface-cli
-    download`` prints such a path): ``.../models--org--name/snapshots/<revision>`` is
-    ``org/name`` (a repo id has no ``--``, so the folder name splits at each); None for any
-    other text, a file inside a snapshot too."""
-    import re
+    """The Hub model id of a snapshot folder of the Hugging Face cache (``core.models``), or None."""
+    from guidealign.core.models import cache_snapshot_ref
 
-    m = re.search(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$", s)
-    repo_id = m.group(1).replace("--", "/") if m else None
-    return repo_id if repo_id and _hub_id(repo_id) else None
+    return cache_snapshot_ref(s)[0]
 
 
 def _redact_text(s: str) -> str:
@@ -216,8 +211,10 @@ def model_card(*, base_model: str, data: dict, hyperparameters: dict, metrics: d
                mode: str, merged: bool) -> str:
     """The trained model's card: base model, training data, hyperparameters, loss figures.
     An unmerged LoRA adapter is a PEFT repo (library_name: peft), as peft's own cards say."""
-    # a base model given as a snapshot folder of the Hub cache is that Hub model
-    hub_base = base_model if _hub_id(base_model) else _cache_repo_id(base_model)
+    # a base model given as a snapshot folder of the Hub cache, or an embedded one, is that Hub model
+    from guidealign.core.models import hub_ref
+
+    hub_base = hub_ref(base_model)[0]
     base_model, data, hyperparameters, metrics = redact([base_model, data, hyperparameters,
                                                          metrics])
     adapter = mode == "lora" and not merged

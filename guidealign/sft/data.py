@@ -172,12 +172,27 @@ def max_examples_read(n: int) -> int:
     return 4 * n + 64
 
 
+def check_listed_once(paths: list[Path], names: list[str]) -> None:
+    """Refuse a response dataset that ``sft.data`` lists twice (``respond`` and the same folder
+    by its absolute path): each of its examples was trained twice, with no word (the report
+    showed two datasets). Two folders of one name (/a/respond, /b/respond) are two datasets."""
+    seen: dict[Path, str] = {}
+    for path, name in zip(paths, names):
+        where = path.resolve()
+        if where in seen:
+            raise ValueError(f"sft.data lists the dataset {where} twice ({seen[where]!r} and {name!r}): "
+                             "each of its examples would be trained twice; list it once")
+        seen[where] = name
+
+
 def iter_examples(cfg, workdir, report: DataReport):
     """Stream the examples of all shards of the (complete) response stages, one record batch
     in memory; the shards read are the ones whose checksums go into ``report.sources``."""
     from guidealign.shards import read_marker
 
-    for path in data_paths(cfg, workdir):
+    paths = data_paths(cfg, workdir)
+    check_listed_once(paths, cfg.data)
+    for path in paths:
         idx = complete_shards(path)
         name = source_name(path, workdir)
         if name in report.sources:  # another dataset of this directory name (/a/respond, /b/respond)
@@ -304,6 +319,20 @@ def example_lengths(tok, dataset) -> list[int]:
     return [len(x) for x in tokenize_dataset(tok, dataset)["input_ids"]]
 
 
+def _check_some_answer_fits(cfg, tokenized, keep: list[int], long_set: set, report: DataReport) -> None:
+    """With ``sft.drop_overlong`` false, TRL cuts an overlong example at max_seq_length and drops
+    it when no answer token is left (its prompt alone fills the length): when that is every
+    example kept, training failed only after the model was loaded, with torch's "num_samples
+    should be a positive integer value, but got num_samples=0". A clear error here instead."""
+    n = cfg.max_seq_length
+    masks = tokenized.select([i for i in keep if i in long_set])["completion_mask"]
+    answerless = sum(1 not in m[:n] for m in masks)
+    if keep and answerless == len(keep):
+        raise ValueError(f"no training example has an answer token within sft.max_seq_length ({n} tokens): "
+                         f"the prompt alone fills it in all {len(keep)} example(s) kept ({report.summary()}); "
+                         "raise sft.max_seq_length")
+
+
 def fit_max_seq_length(cfg, dataset, tok, report: DataReport):
     """The examples longer than ``cfg.max_seq_length`` are dropped (``cfg.drop_overlong``) or
     counted in ``report.cut_at_max_seq_length`` (TRL trains their start, without the answer's
@@ -328,6 +357,8 @@ def fit_max_seq_length(cfg, dataset, tok, report: DataReport):
         if not cfg.drop_overlong:
             report.cut_at_max_seq_length = sum(i in long_set for i in keep[:cfg.max_examples])
         keep = keep[:cfg.max_examples]
+    if long and not cfg.drop_overlong and not cfg.trainer_args.get("packing"):
+        _check_some_answer_fits(cfg, tokenize_dataset(tok, dataset), keep, long_set, report)
     if report.cut_examples:
         cut = set(report.cut_examples)
         report.cut_examples = [j for j, i in enumerate(keep) if i in cut]  # places among those kept

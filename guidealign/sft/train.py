@@ -26,6 +26,7 @@ from typing import get_args
 
 from guidealign.config.sft import SFTMode
 from guidealign.sft.layout import load_base_model, load_on_first_process_only, training_layout
+from guidealign.sft.base_model import check_within_context, name_adapter_base
 from guidealign.sft.checkpoints import (checkpoint_dir, is_main_process, loss_log_callback, resume_point,
                                         whole_run_loss)
 from guidealign.sft.fingerprint import sft_fingerprint
@@ -340,6 +341,7 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
 
     tok = prepare_tokenizer(scfg, resolve(scfg.base_model))[0]
     dataset = fit_max_seq_length(scfg, tokenize_dataset(tok, dataset), tok, data_rep)
+    check_within_context(scfg, dataset, resolve(scfg.base_model))
     world = distributed_world_size()
     ckpt_dir = checkpoint_dir(workdir, fp)
     trainer, tok, accum, precision = build_trainer(cfg, workdir, dataset, world=world,
@@ -409,6 +411,8 @@ def _train(cfg, workdir, *, progress: bool, force: bool) -> dict:
 
         (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if scfg.mode == "lora" and not merged:
+            name_adapter_base(tmp, scfg.base_model, resolve(scfg.base_model))
         if scfg.mode == "full" or merged:  # float32 master weights, saved in the training precision
             save_in_training_precision(tmp, precision, keep_float32_names(unwrapped, precision))
         tok.save_pretrained(tmp)  # tokenizer + chat template
