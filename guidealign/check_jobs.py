@@ -134,12 +134,12 @@ def other_rows(cfg, stages: list[str] | None = None, workdir: str | None = None)
         rows.append(Row("Hub token", "push", OK if ok else FAIL,
                         "present" if ok else "none: set HF_TOKEN or run `hf auth login`"))
         # a bad repo id, or HF_HUB_OFFLINE, failed the push only after every other stage had run
-        from guidealign.hub.push import config_problems
+        from guidealign.hub.push import OFFLINE, config_problems
 
         for problem in config_problems(cfg.push):
-            offline = problem.startswith("HF_HUB_OFFLINE")
             # `check` alone may run where the job does not (a login node's environment): a warning
-            rows.append(Row("push", "settings", WARN if offline and stages is None else FAIL, problem))
+            warn = problem == OFFLINE and stages is None
+            rows.append(Row("push", "settings", WARN if warn else FAIL, problem))
     ex = cfg.executor
     if ex.kind not in get_args(ExecutorKind):
         rows.append(Row("executor", "kind", FAIL, f"{ex.kind!r} is not local or ray"))

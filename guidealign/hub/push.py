@@ -158,13 +158,16 @@ def repo_id_problems(pcfg) -> list[str]:
     return out
 
 
+OFFLINE = "HF_HUB_OFFLINE is set: unset it to push"  # what push_one refuses, and check says
+
+
 def config_problems(pcfg) -> list[str]:
     """Why the push settings ``pcfg`` cannot push, found without the network (empty: none):
     HF_HUB_OFFLINE set, and ``repo_id_problems``; for a check before a run that ends with a
     push (`guidealign run` ran every stage, then failed at its push)."""
     from huggingface_hub import constants
 
-    offline = ["HF_HUB_OFFLINE is set: unset it to push"] if constants.HF_HUB_OFFLINE else []
+    offline = [OFFLINE] if constants.HF_HUB_OFFLINE else []
     return offline + repo_id_problems(pcfg)
 
 
@@ -224,7 +227,7 @@ def _push_one(cfg, workdir, what: str, repo_id: str, *, progress: bool) -> PushR
     wd = Path(workdir)
     repo_type, src = resolve_target(wd, what)
     if constants.HF_HUB_OFFLINE:
-        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
+        raise PushError(OFFLINE)
     data_dir = pcfg.data_dir.strip("/")
     if repo_type == "dataset" and not data_dir:
         # the shards need a folder of their own: stale ones are found (and deleted) there, and
