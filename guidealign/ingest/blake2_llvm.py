@@ -10,21 +10,20 @@ little-endian uint64, i.e. ``int.from_bytes(hashlib.blake2b(b, digest_size=8).di
 "little")``; the tests check it against hashlib on every length around the block edges.
 
 Why not numba: loading numba and its cached machine code costs ~1 s of CPU at every start and
-~130 MiB of memory; llvmlite alone (numba's code generator, installed with it) costs ~0.1 s. The object code is cached in ``__pycache__``
-beside this file (keyed by this file, LLVM's version and the CPU), so only the first run on a
-machine compiles (~0.2 s); without a writable cache it compiles every run.
+~130 MiB of memory; llvmlite alone (numba's code generator, installed with it) costs ~0.1 s. The
+object code is cached (``llvm_build``), so only the first run on a machine compiles (~0.2 s).
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
+
+from guidealign.ingest.llvm_build import build
 
 IV = [0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1D36F1,
       0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179]
@@ -177,51 +176,9 @@ _CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
                           ctypes.c_void_p)
 
 
-def _cache_file(llvm, cpu: str, features: str) -> Path:
-    key = hashlib.sha256(b"\0".join([Path(__file__).read_bytes(), repr(llvm.llvm_version_info).encode(),
-                                     llvm.get_process_triple().encode(), cpu.encode(), features.encode()]))
-    return Path(__file__).parent / "__pycache__" / f"blake2b64-{key.hexdigest()[:20]}.o"
-
-
 def _build():
-    import llvmlite.binding as llvm
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            llvm.initialize()  # llvmlite < 0.45 needs it; later ones initialize themselves (and raise)
-        except RuntimeError:
-            pass
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
-    tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
-        cpu=cpu, features=features, opt=2)
-    cache = _cache_file(llvm, cpu, features)
-    ee = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
-    try:
-        obj = cache.read_bytes()
-    except OSError:
-        obj = None
-    if obj is None:
-        mod = llvm.parse_assembly(str(_module()))
-        mod.verify()
-        # no IR pass pipeline (its API differs between llvmlite versions): the IR is straight-line
-        # code already, and the code generator's own optimization (opt=2) makes it as fast
-        obj = tm.emit_object(mod)
-        try:
-            cache.parent.mkdir(exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(obj)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only install: compile every run
-    ee.add_object_file(llvm.ObjectFileRef.from_data(obj))
-    ee.finalize_object()
-    addr = ee.get_function_address(FUNC)
-    if not addr:
-        raise RuntimeError(f"{FUNC} not found in the compiled object")
-    fn = _CFUNC(addr)
+    ee, addrs = build(_module, Path(__file__), [FUNC])
+    fn = _CFUNC(addrs[FUNC])
     _self_test(fn)
     return ee, fn
 

@@ -135,8 +135,13 @@ def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
     # not a daemon: a process that ends before its first hash (an input that fails early) waits
     # for it instead of tearing LLVM down under a thread that is still inside it
     from guidealign.ingest.batch import _llvm_kernel
+    from guidealign.ingest.scan_llvm import kernel as scan_kernel
 
-    threading.Thread(target=_llvm_kernel, name="ingest-kernel").start()
+    def load():  # the JSONL line scan's kernel too (``jsonl.scan_lines``)
+        _llvm_kernel()
+        scan_kernel()
+
+    threading.Thread(target=load, name="ingest-kernel").start()
     return "llvm"
 
 
