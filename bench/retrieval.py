@@ -109,7 +109,7 @@ def bench_merge(n: int, kinds: list[str], threshold: float, overrides=()) -> dic
 
     from guidealign.config import load_config
     from guidealign.retrieval.dedup import cluster, components, exhaustive_pairs
-    from guidealign.retrieval.library import library_vectors
+    from guidealign.retrieval.library import candidate_vectors
     from synthetic import rewrite_families
 
     lc = load_config(overrides=[f"library.fuzzy_threshold={threshold}", *overrides]).library
@@ -120,7 +120,8 @@ def bench_merge(n: int, kinds: list[str], threshold: float, overrides=()) -> dic
     for kind in kinds:
         texts = rewrite_families(n, max(1, n // 25), seed=0, kind=kind)
         t0 = time.perf_counter()
-        vecs = library_vectors(texts, lc)
+        # every space the library searches (with model candidates, the n-grams too)
+        vecs = candidate_vectors(texts, lc)
         labels, st = cluster(texts, vecs, threshold=threshold, k=lc.neighbors, min_cosine=lc.min_cosine,
                              exact_max=lc.exact_search_max, nprobe=lc.nprobe, use_gpu=lc.use_gpu)
         ours_s = time.perf_counter() - t0

@@ -97,29 +97,46 @@ def _damage_note(w: Path, stage: str) -> str | None:
             f"then rerun the stage to write {'them' if len(bad) > 1 else 'it'} again")
 
 
+def _datasets_in(d: Path, depth: int = 2) -> list[Path]:
+    """The datasets (folders with a ``_stage.json``) under ``d``, at most ``depth`` levels down:
+    eval/ holds a folder per benchmark, and each its own datasets (eval/hhh/respond_guided); not
+    the hidden folders (an artifact being built, shards.artifact.build_dir)."""
+    from guidealign.shards.manifest import MANIFEST
+
+    out: list[Path] = []
+    if depth <= 0 or not d.is_dir():
+        return out
+    for p in sorted(d.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            out += [p] if (p / MANIFEST).is_file() else []
+            out += _datasets_in(p, depth - 1)
+    return out
+
+
 def not_a_dataset(w: Path, stage: str, arg: str = "--stage") -> str | None:
     """Why ``stage`` (the command's ``arg``) names no dataset of ``w`` (not there: a typo, or a
-    stage not run yet; a folder of datasets such as eval/), with the datasets there; None when
-    it may be one."""
+    stage not run yet; a folder of datasets such as eval/ or eval/<benchmark>/), with the
+    datasets there; None when it may be one."""
     from guidealign.shards.layout import shard_indices
     from guidealign.shards.manifest import MANIFEST
 
     d = w / stage
     if not w.is_dir() or (d / MANIFEST).is_file() or shard_indices(d):
         return None  # a dataset (its manifest maybe damaged: the usual message fits)
-    # (not the hidden folders: an artifact being built, shards.artifact.build_dir)
-    folders = [p for p in sorted(w.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    have = [p for p in folders if (p / MANIFEST).is_file()]
-    have += [q for p in folders for q in sorted(p.iterdir())
-             if q.is_dir() and not q.name.startswith(".") and (q / MANIFEST).is_file()]
-    inside = [q for q in have if q.parent == d]
-    names = ", ".join(str(q.relative_to(w)) for q in (inside or have))
-    if inside:
-        return f"{d} holds datasets, not one: give {arg} one of them ({names})"
+
+    def names(found: list[Path]) -> str:
+        shown = [str(q.relative_to(w)) for q in found]
+        return ", ".join(shown[:12]) + (" ..." if len(shown) > 12 else "")
+
+    if inside := _datasets_in(d):
+        return f"{d} holds datasets, not one: give {arg} one of them ({names(inside)})"
     if d.is_dir():
         return None
+    # the datasets beside the one meant: in the nearest folder there (eval/hhh for eval/hhh/x)
+    near = next((p for p in d.parents if p.is_dir()), w)
+    have = _datasets_in(near if w in near.parents else w)
     return (f"{d} does not exist: {stage} has not run in {w} yet, or is misspelt"
-            + (f" (the datasets there: {names})" if names else ""))
+            + (f" (the datasets there: {names(have)})" if have else ""))
 
 
 def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
@@ -146,6 +163,14 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
         shown = ", ".join(map(str, done[:10])) + (" ..." if len(done) > 10 else "")
         raise RuntimeError(f"{w / stage}: shard {i} is not committed under the current config "
                            f"(committed: {shown})")
+    if shard is not None and not getattr(read_marker(w / stage, i), "rows", 1):
+        # (else an empty line and exit 0, as if the shard asked for had been shown)
+        q = getattr(read_marker(w / stage, i), "quarantined", 0)
+        full = [k for k in done if getattr(read_marker(w / stage, k), "rows", 0)]
+        shown = ", ".join(map(str, full[:10])) + (" ..." if len(full) > 10 else "")
+        raise RuntimeError(f"{w / stage}: shard {i} holds no rows"
+                           + (f" (its {q} row(s) were set aside: {w / stage / 'quarantine'})" if q else "")
+                           + (f"; shards with rows: {shown}" if full else ""))
     table = read_table(w / stage, i)
     if "response" not in table.schema.names:  # else every example said "response: (empty)"
         raise RuntimeError(f"{w / stage} holds no responses (columns: {', '.join(table.schema.names)}): "

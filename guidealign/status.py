@@ -46,17 +46,22 @@ def _damaged_row(d: Path) -> dict | None:
                     "the next run of the stage writes it again"}
 
 
-def _stage_row(d: Path) -> dict | None:
+def _stage_row(d: Path, built_whole: bool = False) -> dict | None:
+    """``built_whole``: ``d`` is complete only with its ``_done.json`` (an eval's benchmark
+    folder, eval/<benchmark>, written last when it is judged and reported), as _BUILT_WHOLE are."""
     from guidealign.shards.artifact import DONE, read_done
     from guidealign.shards.manifest import MANIFEST
 
     man = read_manifest(d)
     done_file = d / DONE
-    if man is None and not done_file.exists() and d.name in _BUILT_WHOLE and any(d.iterdir()):
+    if man is None and not done_file.exists() and (built_whole or d.name in _BUILT_WHOLE) \
+            and any(d.iterdir()):
         # being built, or its build was killed (or `verify --repair` took its record): not done
         return {"stage": d.name, "shards_done": 0, "shards_total": 1, "shards_stale": 0,
                 "shards_damaged": 0, "rows": 0, "quarantined": 0, "seconds": 0.0, "rows_per_s": None,
-                "note": f"no {DONE}: being built, or its build stopped; the next run builds it"}
+                "note": f"no {DONE}: being built, or its build stopped; the next run builds it"
+                if not built_whole else f"no {DONE}: being answered or judged, or its run stopped; "
+                "the next eval of the benchmark finishes it"}
     if man is None and (not done_file.exists() or (d / MANIFEST).exists()):
         return _damaged_row(d)
     row = {"stage": d.name, "shards_done": 0, "shards_total": 0, "shards_stale": 0,
@@ -191,10 +196,22 @@ def _finished_since(workdir: Path, marker: dict, rows: list[dict]) -> bool:
         except OSError:
             return False
     stage = BY_NAME.get(_stage_name(name))  # a stage run in a child process is "run_ingest"
-    row = next((r for r in rows if stage is not None and r["stage"] == stage.dst), None)
-    if row is None or not row["shards_total"] or row["shards_done"] != row["shards_total"]:
+    if stage is None:
         return False
-    records = list((workdir / stage.dst).glob("*done.json"))
+    # eval and export write one folder per benchmark or exported dataset (eval/hhh, ...), and
+    # their markers do not say which: the stage is complete when every one of them is (one
+    # without a row, an eval still answering, is not)
+    names = [stage.dst]
+    if stage.dst in _NESTED:
+        top = workdir / stage.dst
+        names = [f"{stage.dst}/{p.name}" for p in sorted(top.iterdir()) if p.is_dir()
+                 and not p.name.startswith(".")] if top.is_dir() else []
+    by_stage = {r["stage"]: r for r in rows}
+    mine = [by_stage.get(n) for n in names]
+    if not mine or any(r is None or not r["shards_total"] or r["shards_done"] != r["shards_total"]
+                       for r in mine):
+        return False
+    records = [q for n in names for q in (workdir / n).glob("*done.json")]
     newest = max((q.stat().st_mtime for q in records), default=0.0)
     return newest > float(marker.get("created", 0.0))
 
@@ -215,7 +232,7 @@ def collect(workdir: str | Path) -> list[dict]:
             out.append(row)
         if d.name in _NESTED:
             for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                r = _stage_row(sub)
+                r = _stage_row(sub, built_whole=d.name == "eval")
                 if r is not None:
                     r["stage"] = f"{d.name}/{sub.name}"
                     out.append(r)
@@ -244,7 +261,7 @@ def _note_incomplete_inputs(rows: list[dict]) -> None:
         row, up = by_dst.get(st.dst), by_dst.get(st.src)
         if row is None or up is None:
             continue
-        if up["shards_stale"] or up["shards_done"] < up["shards_total"]:
+        if _incomplete(up):
             first = st.src
         else:
             first = waiting.get(st.src)
@@ -255,6 +272,12 @@ def _note_incomplete_inputs(rows: list[dict]) -> None:
             row["note"] = (f"made from {st.src}" + (f", itself made from {first}," if first != st.src else "")
                            + f" which has stale or missing shards now: current for the input it was made "
                            f"from; the next run redoes it where that input changes")
+
+
+def _incomplete(r: dict) -> bool:
+    """Whether a row has shards stale or missing; so has one without a shard total (its
+    ``_stage.json`` damaged, or dropped by ingest while it writes the prompts again)."""
+    return r["shards_total"] is None or bool(r["shards_stale"]) or r["shards_done"] < r["shards_total"]
 
 
 def _not_done(r: dict) -> str:

@@ -67,12 +67,12 @@ def test_a_plain_input_file_keeps_the_fingerprint_it_had(tmp_path):
     # and by Stop 54's (a bad item ends at the next item that reads, ...): once more again
     assert _fingerprint([j.resolve()], c) == v8(j, "json-array-v2", "metadata-strict-json-v1", "prompt-has-text-v1",
                                                 "line-pairing-v1", "json-array-v3", "sniff-whole-file-v1",
-                                                "chat-turns-v1")
+                                                "chat-turns-v1", "json-chat-object-v1")
     # so is a CSV file (Stop 49: a record over several lines is numbered by its first line)
     v = tmp_path / "in.csv"
     v.write_text('prompt\n"x"\n')
     assert _fingerprint([v.resolve()], c) == v8(v, "csv-first-line", "prompt-has-text-v1", "line-pairing-v1", "csv-v3",
-                                           "sniff-whole-file-v1")  # no strict-JSON term
+                                           "sniff-whole-file-v1", "csv-header-v1")  # no strict-JSON term
 
 
 # --- the LLM judge's seed -------------------------------------------------------------------

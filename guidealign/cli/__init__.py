@@ -57,7 +57,8 @@ def status(workdir, as_json):
               help="How many examples.")
 @click.option("--shard", type=int, default=None, help="Which shard (default: the first committed).")
 @click.option("--stage", default="respond", show_default=True,
-              help="Response dataset under WORKDIR to read: respond, respond-baseline, eval/<benchmark>.")
+              help="Response dataset under WORKDIR to read: respond, respond-baseline, "
+                   "eval/<benchmark>/respond_guided (or respond_unguided).")
 def show(workdir, count, shard, stage):
     """Print examples: prompt -> risk verdict -> retrieved guidelines -> response."""
     import pyarrow as pa

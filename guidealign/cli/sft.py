@@ -1,6 +1,8 @@
 """The `push` command."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from guidealign.cli.options import ranks, stage_options
@@ -77,23 +79,35 @@ def _one_line(e: BaseException, workdir) -> str:
     return f"{text}: {hint}" if hint else text
 
 
+def _default_repo(cfg, workdir, what: str) -> str:
+    """The repo WHAT goes to without REPO_ID: the trained model (`model`, `sft`, or its folder by
+    its path, e.g. sft/model) to push.model_repo_id when that is set (it went to push.repo_id,
+    the dataset's repo name, as a new model repo); anything else to push.repo_id."""
+    from guidealign.hub.targets import is_sft_output, target_dir
+
+    model = what in ("model", "sft")
+    if not model:
+        try:
+            model = is_sft_output(target_dir(Path(workdir), what))
+        except (OSError, ValueError):  # run_push says what is wrong with WHAT
+            pass
+    return (cfg.push.model_repo_id if model else "") or cfg.push.repo_id
+
+
 @click.command("push")
 @click.argument("what", required=False)
 @click.argument("repo_id", required=False)
 @click.option("--private/--public", "private", default=None,
-              help="Visibility of a new repo (default: push.private).")
+              help="Visibility of a new repo (default: push.private); an existing repo keeps "
+                   "its own, with a warning when it is not the one asked for.")
 @stage_options
 def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
     """Push WHAT (a stage under WORKDIR, e.g. respond, or `model` for the SFT output) to the Hub
-    repo REPO_ID (default: push.repo_id); WHAT only. Without WHAT, push what `guidealign run`
+    repo REPO_ID (default: push.repo_id; for the model, push.model_repo_id when set); WHAT only. Without WHAT, push what `guidealign run`
     pushes at its end: push.what (default respond) to push.repo_id, then the model to
     push.model_repo_id when set (with push.model_repo_id alone: the model alone), as the SLURM
     chain's last job does (PUSH=1). Token: HF_TOKEN or `hf auth login`."""
     from dataclasses import replace
-
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from guidealign.hub.push import PushError, run_push, visibility
 
     r, w = ranks(rank, world_size)
     visible = cfg.push.private if private is None else private
@@ -104,13 +118,26 @@ def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
                                    "(the model), as `guidealign run` pushes them")
         cfg.push = replace(cfg.push, private=visible)
     else:
-        # a model goes to push.model_repo_id when that is set (it went to push.repo_id, the
-        # dataset's repo name, as a new model repo)
-        default = (cfg.push.model_repo_id if what in ("model", "sft") else "") or cfg.push.repo_id
+        default = _default_repo(cfg, workdir, what)
         cfg.push = replace(cfg.push, what=what, repo_id=repo_id or default, model_repo_id="",
                            private=visible)
+    reports: list = []  # each push's: without WHAT, the dataset's and then the model's
     try:
-        rep = run_push(cfg, workdir, rank=r, world_size=w, progress=not no_progress)
+        rep = _run_push(cfg, workdir, r, w, not no_progress, reports)
+    finally:  # a push that finished before the next one failed is on the Hub: said so too
+        _show(reports, private)
+    if rep is None:
+        click.echo(f"push runs on rank 0; rank {r} has nothing to do")
+
+
+def _run_push(cfg, workdir, r: int, w: int, progress: bool, reports: list):
+    """run_push, its failures as one-line errors (with a hint) for the console."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from guidealign.hub.push import PushError, run_push
+
+    try:
+        return run_push(cfg, workdir, rank=r, world_size=w, progress=progress, reports=reports)
     except PushError as e:
         raise click.ClickException(str(e)) from e
     except (HfHubHTTPError, ValueError) as e:  # ValueError: HFValidationError, a bad repo id
@@ -125,12 +152,17 @@ def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
         if not _hub_failure(e):
             raise
         raise click.ClickException(_one_line(e, workdir)) from e
-    if rep is None:
-        click.echo(f"push runs on rank 0; rank {r} has nothing to do")
-        return
-    if private is not None and rep.private is not None and rep.private != private:
-        # create_repo keeps an existing repo's visibility; it is not changed behind the user's back
-        click.echo(f"warning: {rep.repo_id} is {visibility(rep.private)}, not "
-                   f"{visibility(private)} as asked: --private/--public apply to a new repo only "
-                   "(change it in the repo's settings on the Hub)", err=True)
-    click.echo(rep.summary())
+
+
+def _show(reports: list, private: bool | None) -> None:
+    """Each push's summary; a warning for a repo whose visibility is not the one --private or
+    --public asked for (create_repo keeps an existing repo's visibility: it is not changed
+    behind the user's back)."""
+    from guidealign.hub.push import visibility
+
+    for one in reports:
+        if private is not None and one.private is not None and one.private != private:
+            click.echo(f"warning: {one.repo_type} {one.repo_id} is {visibility(one.private)}, not "
+                       f"{visibility(private)} as asked: --private/--public apply to a new repo "
+                       "only (change it in the repo's settings on the Hub)", err=True)
+        click.echo(one.summary())

@@ -78,7 +78,9 @@ def verify(workdir, repair, as_json):
 
     Lists corrupt, missing and orphaned files (temp files, shard files without a marker,
     markers without a shard); exits 1 when there is any. Shards not committed yet are listed
-    as pending and do not fail the check. Run it while no stage writes to WORKDIR.
+    as pending and do not fail the check, as are shards committed under an earlier config or
+    input (stale: `guidealign status` does not count them done). Run it while no stage writes
+    to WORKDIR.
     """
     from guidealign.shards.verify import repair as do_repair, verify_run
 
@@ -97,7 +99,7 @@ def verify(workdir, repair, as_json):
     else:
         _render(rep)
         if rep.ok:
-            pending = sum(p.kind == "pending" for p in rep.problems)
+            pending = len({p.path for p in rep.problems if p.kind == "pending"})  # datasets
             click.echo(f"OK: {sum(d.shards_ok for d in rep.dirs)} shard(s) and "
                        f"{sum(d.files_ok for d in rep.dirs)} artifact file(s) match their records"
                        + (f"; {pending} dataset(s) not complete yet" if pending else ""))

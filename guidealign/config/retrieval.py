@@ -38,7 +38,9 @@ class LibraryConfig:
     fuzzy_threshold: float = 0.75
     # Candidate space for near-duplicate search. "ngram": hashed character 3-gram vectors (cheap,
     # and fuzz.ratio is itself a character-level measure, so it finds the pairs that ratio confirms);
-    # "model": sentence embeddings from `embed_model` (semantic neighbours; slower on CPU). Ours.
+    # "model": sentence embeddings from `embed_model` (semantic neighbours; slower on CPU), and
+    # the n-gram neighbours too, as fuzz.ratio is character-level (typos in every word put a pair
+    # far apart in embedding space while its ratio says merge; Stop 57). Ours.
     candidates: Literal["ngram", "model"] = "ngram"
     # Dimension of the hashed n-gram vectors (candidates="ngram"). Ours: 256 keeps 1M vectors at 1 GiB.
     ngram_dim: int = 256

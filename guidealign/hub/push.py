@@ -81,13 +81,15 @@ class PushReport:
         self.retries += 1
 
 
-def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1,
-             progress: bool = True) -> PushReport | None:
+def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1, progress: bool = True,
+             reports: list | None = None) -> PushReport | None:
     """Push ``push.what`` (a stage under WORKDIR, "model", or a path) to ``push.repo_id``; then,
     when it was a dataset and ``push.model_repo_id`` is set, the trained model there (with
     ``push.model_repo_id`` alone: the model only). Both repo ids, and the model, are checked
     before the first push sends anything. Returns the first push's report (rank 0; other ranks
-    do nothing and get None)."""
+    do nothing and get None); ``reports``, when given, gets every push's report in order (the
+    model's too: the `push` command shows each and checks each repo's visibility)."""
+    out = reports if reports is not None else []
     if rank != 0:
         return None
     pcfg = cfg.push
@@ -97,6 +99,7 @@ def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1,
     if not pcfg.repo_id and pcfg.model_repo_id:
         with hub_progress(progress):
             rep = push_one(cfg, workdir, "model", pcfg.model_repo_id, progress=progress)
+        out.append(rep)
         log.info(rep.summary())
         return rep
     if not pcfg.repo_id:
@@ -118,9 +121,11 @@ def run_push(cfg, workdir, *, rank: int = 0, world_size: int = 1,
                             f"{pcfg.what} {pcfg.repo_id}` pushes the dataset alone)") from e
     with hub_progress(progress):
         rep = push_one(cfg, workdir, pcfg.what, pcfg.repo_id, progress=progress)
+        out.append(rep)
         log.info(rep.summary())
         if pcfg.model_repo_id and rep.repo_type == "dataset":
-            log.info(push_one(cfg, workdir, "model", pcfg.model_repo_id, progress=progress).summary())
+            out.append(push_one(cfg, workdir, "model", pcfg.model_repo_id, progress=progress))
+            log.info(out[-1].summary())
     return rep
 
 

@@ -32,13 +32,16 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from guidealign.ingest.arrays import int_arrow, lit
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
 from guidealign.ingest.blocks import BOM, RecordTooLong, cut_blocks, one_piece, prefetch, scan
-from guidealign.ingest.csvrows import (_EXCEL_SEP, CSV_FIELD_LIMIT, ONE_COLUMN, CsvReader, _csv_rows, csv_body,
-                                      csv_names, read_csv, sniff_delimiter)
+from guidealign.ingest.csvrows import (_EXCEL_SEP, CSV_FIELD_LIMIT, HEADER_PAD, ONE_COLUMN, CsvReader, _csv_rows,
+                                      csv_body, csv_names, no_prompt_column, read_csv, repeats_header,
+                                      sniff_delimiter)
 
 QUOTE, NL, CR = 34, 10, 13
 SCAN_STEP = 1 << 16
@@ -58,12 +61,16 @@ def csv_batches(path: Path, src: str, spec: Spec, encoding: str = "auto", delimi
     if encodings is not None:
         encodings[src] = enc
     with stream:
-        setup = _header(stream.readline(), path, delimiter)
+        head = stream.readline()
+        setup = _header(head, path, delimiter)
         if setup is None:  # not a plain header: the row reader reads the whole file
             stream.close()
             yield from _row_batches(src, read_csv(path, encoding, delimiter, prompt), spec, rows_per_batch)
             return
         names, delim = setup
+        note = no_prompt_column(names, 1, head.decode("utf-8"), prompt)  # (as the row reader says it)
+        if note is not None:
+            yield rows_batch(src, [note], spec)
         for item in prefetch(_parsed(stream, names, delim, block_bytes)):
             kind = item[0]
             if kind == "table":
@@ -284,7 +291,7 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
                                                  null_values=[], check_utf8=True))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None  # a row with another number of fields, ...: the row reader says which
-    if table.num_rows != linenos.size:
+    if table.num_rows != linenos.size or _holds_header(table, names):
         return None
     # whitespace runs need the collapsing pass unless the block is ASCII with no control byte
     # but the record ends (CRLF included) and no two spaces in a row
@@ -293,6 +300,34 @@ def _parse(block: bytes, info: _Info, names: list[str], delim: str, offset: int)
     # one chunk per column: the block is parsed as one piece in this thread (see jsonl._read_json_block)
     term = info.nl if info.term is None else info.term  # the record ends: line ends outside quotes
     return table.rename_columns(names).combine_chunks(), linenos, all_ascii, no_ws_runs, term
+
+
+def _holds_header(table: pa.Table, names: list[str]) -> bool:
+    """Whether a record of the block may repeat the header line (``csvrows.repeats_header``: the
+    row reader quarantines it). In the column of fewest bytes (an id's, say), the values short
+    enough (its name and ``HEADER_PAD`` characters of 3 bytes at most: offsets alone) that hold
+    the name are kept where they are that name as ``csv_names`` reads one (byte-order marks
+    dropped, then the characters ``str.strip`` drops), and only those records are checked in
+    full."""
+    k = min(range(len(names)), key=lambda i: table.column(i).nbytes)
+    name = names[k]
+    # (scalars made from buffers: a bare Python value goes through the pandas shim, ``arrays.lit``)
+    most = int_arrow([len(name.encode()) + 3 * HEADER_PAD])[0]
+    short = pc.less_equal(pc.binary_length(table.column(k)), most)
+    found = table.filter(short)
+    if found.num_rows:
+        found = found.filter(pc.match_substring(found.column(k), name))
+    if not found.num_rows:
+        return False
+    value = pc.utf8_trim(pc.replace_substring(found.column(k), "\ufeff", ""), _SPACES)
+    same = pc.equal(value, lit(name))
+    if not pc.any(same).as_py():
+        return False
+    return any(repeats_header(list(r.values()), names) for r in found.filter(same).to_pylist())
+
+
+# the characters ``str.strip()`` drops
+_SPACES = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
 
 
 def _table_batch(block, offset, parsed, names, delim, enc, src, spec) -> Batch:

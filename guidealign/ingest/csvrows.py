@@ -77,6 +77,9 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto",
                                       f"header); close the quote or double it (\"\")")
             return
         names = csv_names(header)
+        note = no_prompt_column(names, skipped + 1, "".join(reader.held), prompt)
+        if note is not None:
+            yield note
         if len(names) == 1:  # one column: a line is one field, delimiters and all
             delim = ONE_COLUMN
             reader = CsvReader(f, delim, reader.line_num)
@@ -94,6 +97,26 @@ def _first_text_line(f, skipped: int) -> tuple[str, int]:
 
 def csv_names(header: list[str]) -> list[str]:
     return unique_names([h.replace("\ufeff", "").strip() for h in header])
+
+
+def no_prompt_column(names: list[str], line: int, text: str, prompt: tuple | None = None) -> Row | None:
+    """A quarantine row for the header line ``text`` (line ``line``, columns ``names``) when no
+    column is the prompt field or an alias, else None. Every row of such a file is quarantined
+    as missing its prompt; most often the file has no header line, and its first row was taken
+    for one: said here, and the line kept (it is no header a row can be checked against)."""
+    from guidealign.ingest.keys import find_prompt_key
+
+    field, aliases = prompt if prompt is not None else _default_prompt()
+    if not names or find_prompt_key(names, field, aliases) is not None:  # (no names: an empty file)
+        return None
+    tried = " or ".join(repr(n) for n in (field, *aliases))
+    raw = _raw(_strip_eol(text))
+    columns = _fields(len(names)).replace("field", "column")
+    return line, {"_raw": raw}, (
+        f"no prompt column in the header: line {line} ({raw[:80]!r}) was read as the header line, and "
+        f"none of its {columns} is named {tried}; if the file has no header line, this line is its "
+        f"first row: add a header line (its prompt column named {field!r}); else --set "
+        "ingest.prompt_field=NAME names the prompt column")
 
 
 def csv_body(reader, names, delim, enc, stream, offset: int = 0, prompt: tuple | None = None) -> Iterator[Row]:
@@ -161,6 +184,11 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
                 yield line, {"_raw": _raw(_strip_eol(text))}, _after_quote_reason(
                     text, after, held, names, delim, line)
                 continue
+        if repeats_header(row, names):
+            yield line, {"_raw": _raw(_strip_eol(text))}, (
+                f"line {line} repeats the header line (files joined with their header lines?): not a "
+                "row; drop the repeated header lines")
+            continue
         rec = dict(zip(names, row))
         if len(row) > n:
             rec["_extra_fields"] = row[n:]
@@ -181,6 +209,21 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
                               f"fields (or quote fields that hold line breaks)")
             continue
         yield line, rec, None
+
+
+# characters (spaces, byte-order marks) a field that repeats its column's name may have beside it
+HEADER_PAD = 16
+
+
+def repeats_header(row: list[str], names: list[str]) -> bool:
+    """Whether the record ``row`` repeats the header ``names`` (as ``csv_names`` reads a header:
+    byte-order marks and spaces aside, up to ``HEADER_PAD`` characters of them a field), as CSV
+    files joined with ``cat`` give: read as a row, its prompt would be the prompt column's name
+    ("prompt") and its metadata the other names."""
+    if len(row) != len(names) or len(row[0]) > len(names[0]) + HEADER_PAD:  # (most rows: one test)
+        return False
+    return (row[0].replace("\ufeff", "").strip() == names[0]
+            and all(len(v) <= len(k) + HEADER_PAD for v, k in zip(row, names)) and csv_names(row) == names)
 
 
 def _text_after_quote(text: str, delim: str) -> tuple[int, int, int] | None:

@@ -73,10 +73,18 @@ def files_fingerprint(files: list[Path], cfg: IngestConfig) -> str:
     # prompt field holding turns) is that turn's prompt (it was quarantined); inputs that may hold
     # lists (all but CSV) run once more, shards without conversations come out the same
     chat = ["chat-turns-v1"] if kinds - {".csv", ".tsv"} else []
+    # Stop 57 (JSON files): an object that is one conversation (``{"messages": [...]}``) is one
+    # record (its turns were read as records, each quarantined), also on JSON Lines of
+    # conversations saved as .json whose first line is long
+    json_chat = ["json-chat-object-v1"] if json_in else []
+    # Stop 57 (CSV): a header line that names no prompt column is a quarantine row of its own (a
+    # file without a header lost its first line without a word), and a record that repeats the
+    # header line (files joined with their headers) is quarantined, not taken for a prompt
+    csv_header = ["csv-header-v1"] if csv_in else []
     return fingerprint("ingest-v8", cfg.prompt_field, list(cfg.prompt_aliases), cfg.max_chars,
                        cfg.shard_rows, cfg.encoding, cfg.delimiter, list(cfg.instruction_inputs), stats,
                        *json_v2, *csv_v2, *cut, *strict, "prompt-has-text-v1", *lines, *json_v3,
-                       *nested_bytes, *csv_v3, *whole, *chat)
+                       *nested_bytes, *csv_v3, *whole, *chat, *json_chat, *csv_header)
 
 
 def _inner_stats(p: Path) -> tuple:

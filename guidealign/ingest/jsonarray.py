@@ -9,10 +9,12 @@ its text, while the items after it are still read.
 A top-level object is one record when it has the prompt field (``read_json``'s ``field``: the
 caller's ``ingest.prompt_field``, "prompt" by default, in any case and spacing, as ingest finds it
 in a row) at its top level holding something other than an array: then its arrays of objects
-(``{"prompt": ..., "turns": [{...}]}``) are fields of it, whatever the key order. Otherwise its
-arrays of objects are records, streamed item by item. The prompt aliases do not decide it: a
-container may well describe itself under "text" or "question" beside its records. When an
-array of objects comes before the prompt field, what follows is read ahead to find the field
+(``{"prompt": ..., "turns": [{...}]}``) are fields of it, whatever the key order. So is an
+object whose first array of objects is a chat conversation under a chat field or the prompt
+field (``{"messages": [{"role": "user", "content": ...}]}``: its first item a turn; ``chat``):
+one conversation saved as .json. Otherwise its arrays of objects are records, streamed item by
+item. The prompt aliases do not decide it: a container may well describe itself under "text" or
+"question" beside its records. When an array of objects comes before the prompt field, what follows is read ahead to find the field
 (items decoded and dropped, other values passed over by their brackets), up to ``LOOKAHEAD``
 (16 Mi characters, held meanwhile): an object that goes on past that (a multi-GiB
 ``{"data": [...]}``) is read as a container. JSON Lines saved as .json is read line by line.
@@ -25,11 +27,12 @@ from pathlib import Path
 from typing import Iterator
 
 from guidealign.config.ingest import IngestConfig
+from guidealign.ingest.chat import CHAT_FIELDS, chat_turns
 from guidealign.ingest.encodings import has_surrogates, open_utf8, read_error, utf8_error_reason
 from guidealign.ingest.jsonrows import load_object, parse_jsonl_line
-from guidealign.ingest.jsonpeek import (JSON_DECODER, JSON_NON_WS, first_item, items_follow, key_name, keys_after,
-                                        next_item_start, object_lines_follow, peek, text_ahead)
-from guidealign.ingest.keys import find_prompt_key
+from guidealign.ingest.jsonpeek import (JSON_DECODER, JSON_NON_WS, first_item, first_object, items_follow, key_name,
+                                        keys_after, next_item_start, object_lines_follow, peek, text_ahead)
+from guidealign.ingest.keys import find_prompt_key, norm_key
 from guidealign.ingest.rows import Row
 
 
@@ -48,7 +51,7 @@ _HOLDS_RECORDS = re.compile(r"\[\s*\{")  # an array of objects somewhere in a va
 def read_json(path: Path, encoding: str = "auto", field: str = _DEFAULTS.prompt_field,
               aliases: tuple[str, ...] = tuple(_DEFAULTS.prompt_aliases)) -> Iterator[Row]:
     """A JSON array of objects, streamed item by item; or a JSON object: one record when its
-    prompt field ``field`` is there and holds no array, else its
+    prompt field ``field`` is there and holds no array, or it is one chat conversation, else its
     arrays of objects (``{"data": [...]}``, ``{"train": [...], "test": [...]}``) item by item,
     or, holding none, the object itself as one record.
 
@@ -348,7 +351,8 @@ class _JsonItems:
             kinds[key_name(key)] = c == "["
             if c == "[" and not record:
                 first = first_item(self, self.pos + LOOKAHEAD)
-                if first == "{" and not found and self._one_record(kinds):
+                if first == "{" and not found and (self._one_record(kinds)
+                                                    or self._conversation(key_name(key))):
                     record, c = True, None  # its arrays are fields of it: values, passed over below
                 elif first == "{":  # an array of objects: records
                     if not found:
@@ -413,6 +417,17 @@ class _JsonItems:
             kinds = {**kinds, **rest}
             key = find_prompt_key(kinds, self.field, ())
         return key is not None and not kinds[key]
+
+    def _conversation(self, key: str) -> bool:
+        """At the first array of objects (at ``pos``) of the object being read, under ``key``:
+        whether it is the object's chat conversation (``{"messages": [{"role": "user", ...}]}``,
+        one conversation saved as .json), so the object is one record: ``key`` is a chat field
+        or the prompt field, and the array's first item is a turn (a role and its text). A
+        container's records under such a key (``{"conversations": [{"id": 1, "messages":
+        [...]}]}``) are no turns: they are read as records."""
+        if norm_key(key) not in (*CHAT_FIELDS, norm_key(self.field)):
+            return False
+        return chat_turns([first_object(self, self.pos + LOOKAHEAD)]) is not None
 
     def _broken(self, what: str) -> Iterator[Row]:
         start, self.keep = self.keep, None

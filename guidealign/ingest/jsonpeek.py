@@ -43,6 +43,26 @@ def first_item(r, stop: float = float("inf")) -> str | None:
         r.pos = at
 
 
+def first_object(r, stop: float) -> object | None:
+    """The first item of the array whose '[' is at ``pos``, decoded, when it is an object that
+    reads by position ``stop`` (more of the file read as needed); else None. ``pos`` stays."""
+    at = r.pos
+    try:
+        r.pos += 1
+        if r._next() != "{":
+            return None
+        while True:
+            try:
+                return JSON_DECODER.raw_decode(r.buf, r.pos)[0]
+            except RecursionError:
+                return None
+            except ValueError:  # cut by the end of the buffer, or bad
+                if len(r.buf) > stop or not r._more():
+                    return None
+    finally:
+        r.pos = at
+
+
 def keys_after(r, stop: int) -> dict[str, bool] | None:
     """The keys after the value at ``pos`` up to the prompt field or the object's end (key:
     whether its value is an array), values passed over unparsed but for arrays' items; None

@@ -5,7 +5,8 @@ Comparing every pair is quadratic; instead each (already exactly de-duplicated) 
 asks a FAISS index for its ``k`` nearest neighbours, candidates below a loose cosine floor
 are dropped, the rest are confirmed with ``fuzz.ratio >= threshold``, and the clusters are
 the connected components of the graph of confirmed pairs (what a union-find over the pairs
-gives). Above ``exact_search_max`` vectors the search is IVF (approximate).
+gives). Above ``exact_search_max`` vectors the search is IVF (approximate). Several candidate
+spaces (the library's model candidates come with n-gram ones) give the union of their pairs.
 """
 from __future__ import annotations
 
@@ -150,17 +151,30 @@ def short_pairs(texts: list[str], vecs: np.ndarray, threshold: float) -> np.ndar
     return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
 
 
-def cluster(texts: list[str], vecs: np.ndarray, *, threshold: float, k: int, min_cosine: float,
+def cluster(texts: list[str], vecs, *, threshold: float, k: int, min_cosine: float,
             exact_max: int = 50_000, nprobe: int = 8, use_gpu: bool | str = "auto") -> tuple[np.ndarray, DedupStats]:
     """Cluster labels for near-duplicate ``texts`` with vectors ``vecs``: per text, the smallest
-    index of its cluster (see :func:`components`)."""
+    index of its cluster (see :func:`components`).
+
+    ``vecs``: one array, or several candidate spaces (an iterable of arrays, one row per text,
+    each searched in turn and then let go): the candidates are the union of theirs."""
     import time
 
     stats = DedupStats(items=len(texts))
     t0 = time.perf_counter()
-    pairs, stats.search = candidate_pairs(vecs, k=k, min_cosine=min_cosine, exact_max=exact_max,
-                                          nprobe=nprobe, use_gpu=use_gpu)
-    pairs = np.concatenate([pairs.reshape(-1, 2), short_pairs(texts, vecs, threshold)]).astype(np.int64)
+    parts, kinds = [np.empty((0, 2), dtype=np.int64)], []
+    for v in ([vecs] if isinstance(vecs, np.ndarray) else vecs):
+        p, kind = candidate_pairs(v, k=k, min_cosine=min_cosine, exact_max=exact_max,
+                                  nprobe=nprobe, use_gpu=use_gpu)
+        parts += [p.reshape(-1, 2), short_pairs(texts, v, threshold)]
+        kinds.append(kind)
+        del v
+    stats.search = "+".join(kinds) or "none"
+    pairs = np.concatenate(parts).astype(np.int64)
+    if len(kinds) > 1 and len(pairs):  # a pair found in two spaces is confirmed once
+        n = max(len(texts), 1)
+        code = sorted_unique(pairs[:, 0] * n + pairs[:, 1])
+        pairs = np.stack([code // n, code % n], axis=1)
     stats.candidate_pairs = len(pairs)
     t1 = time.perf_counter()
     ok = confirm_pairs(texts, pairs, threshold)

@@ -3,7 +3,8 @@
 Steps (each one's size goes to the report):
 1. explode the guideline lists into single guidelines (empty ones are counted, not kept);
 2. drop exact duplicates (comparison form: NFKC, case-folded, whitespace collapsed);
-3. merge near-duplicates (``fuzz.ratio >= fuzzy_threshold``; see :mod:`retrieval.dedup`);
+3. merge near-duplicates (``fuzz.ratio >= fuzzy_threshold``; candidates from hashed character
+   n-grams, with ``candidates=model`` from sentence embeddings as well; see :mod:`retrieval.dedup`);
 4. write training pairs (prompt_id, guideline_id), with a held-out split by prompt (none
    for a prompt without text, null or blank: counted, its guidelines kept).
 
@@ -185,9 +186,12 @@ def library_fingerprint(lc, src: Path, checksums: list[str] | None = None) -> st
     # n-gram candidate vectors are made from the text with its accents folded (fold_marks), and
     # prompts that differ only in case share a split (heldout_flags); v5: no pairs for prompts
     # without text (they were pairs with an empty prompt), invisible titles as empty ones
+    # model candidates: the n-gram ones too (candidate_spaces), so the libraries they built
+    # before are rebuilt; the n-gram libraries keep their prints
     unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
+    also = ["with-ngram-candidates"] if lc.candidates == "model" else []
     return fingerprint("library-v5", at_defaults(lc, unread),
-                       input_checksums(src) if checksums is None else checksums)
+                       input_checksums(src) if checksums is None else checksums, *also)
 
 
 def content_version(tables: list[pa.Table]) -> str:
@@ -218,14 +222,18 @@ def read_library(workdir: str | Path, columns: list[str] | None = None) -> tuple
     return table, done["version"]
 
 
-def library_vectors(keys: list[str], lc) -> np.ndarray:
-    """The candidate-search vectors of ``keys`` for the library config ``lc`` (hashed n-grams
-    or sentence embeddings, by ``lc.candidates``)."""
+def library_vectors(keys: list[str], lc, space: str | None = None) -> np.ndarray:
+    """The candidate-search vectors of ``keys`` in ``space`` ("ngram": hashed n-grams, "model":
+    sentence embeddings; default ``lc.candidates``)."""
     from guidealign.retrieval.embed import encode, fold_marks, load_encoder, ngram_vectors
 
-    if lc.candidates == "ngram":  # accents folded: see fold_marks
-        return ngram_vectors([fold_marks(k) for k in keys], dim=lc.ngram_dim)
-    if lc.candidates == "model":
+    space = space or lc.candidates
+    if space == "ngram":  # accents folded: see fold_marks
+        # beside model candidates at the default dimension: ngram_dim is for candidates=ngram
+        # (a model library's fingerprint does not count it)
+        dim = lc.ngram_dim if lc.candidates == "ngram" else type(lc)().ngram_dim
+        return ngram_vectors([fold_marks(k) for k in keys], dim=dim)
+    if space == "model":
         from guidealign.retrieval.faiss_gpu import num_gpus
 
         # FAISS's GPU probe (a child process, once per process; the clustering's FAISS asks
@@ -235,7 +243,30 @@ def library_vectors(keys: list[str], lc) -> np.ndarray:
         set_threads(lc.threads)
         model = load_encoder(lc.embed_model)
         return encode(model, keys, batch_size=lc.batch_size)
-    raise ValueError(f"library.candidates must be 'ngram' or 'model', not {lc.candidates!r}")
+    raise ValueError(f"library.candidates must be 'ngram' or 'model', not {space!r}")
+
+
+def candidate_spaces(lc) -> tuple[str, ...]:
+    """The spaces searched for near-duplicate candidates. With model candidates the n-grams too:
+    the merge test, fuzz.ratio, is character-level, and the embedding puts text with typos in
+    every word (ratio 0.90) at cosine 0.18 to its original, below min_cosine, so model
+    neighbours alone kept such pairs apart. The n-gram search costs little beside the
+    embedding (3,000 guidelines on 2 CPU cores: 0.3 s more search, 60 s or more of embedding)."""
+    if lc.candidates not in ("ngram", "model"):
+        raise ValueError(f"library.candidates must be 'ngram' or 'model', not {lc.candidates!r}")
+    return ("model", "ngram") if lc.candidates == "model" else ("ngram",)
+
+
+def candidate_vectors(keys: list[str], lc, secs: dict | None = None):
+    """The vectors of ``keys`` in each of ``candidate_spaces(lc)`` in turn, for ``dedup.cluster``
+    (only one space held at a time); the time spent making them is added to ``secs["vectors"]``."""
+    for space in candidate_spaces(lc):
+        t0 = time.perf_counter()
+        vecs = library_vectors(keys, lc, space)
+        if secs is not None:
+            secs["vectors"] = secs.get("vectors", 0.0) + time.perf_counter() - t0
+        yield vecs
+        del vecs
 
 
 def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
@@ -247,7 +278,16 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     src = workdir / lc.src
     dst = library_dir(workdir)
     if rank != 0:  # a reduce stage: rank 0 builds, the others wait for it
-        wait_done(dst, timeout=wait_timeout(cfg, world_size))
+        # for the library of these guidelines and this config, not any complete one: in a rerun
+        # rank 0 is about to rebuild the previous run's (as the index's other ranks wait)
+        wait_complete(src, timeout=wait_timeout(cfg, world_size))
+        want = library_fingerprint(lc, src)
+
+        def current(done: dict) -> bool:
+            """built from other guidelines or with another library config than this run's"""
+            return done.get("fingerprint") == want
+
+        wait_done(dst, timeout=wait_timeout(cfg, world_size), accept=current)
         return LibraryReport(skipped=True)
     if not 0 < lc.fuzzy_threshold <= 1:
         raise ValueError("library.fuzzy_threshold must be in (0, 1]")
@@ -349,15 +389,16 @@ def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
     u_count = np.bincount(occ_unique_a, minlength=len(u_keys))
 
     # 3. near duplicates ------------------------------------------------------------------
-    t0 = time.perf_counter()
-    vecs = library_vectors(u_keys, lc) if u_keys else np.zeros((0, 1), np.float32)
-    secs["vectors"] = time.perf_counter() - t0
+    secs["vectors"] = 0.0
+    vecs = candidate_vectors(u_keys, lc, secs) if u_keys else [np.zeros((0, 1), np.float32)]
     labels, dstats = cluster(u_keys, vecs, threshold=lc.fuzzy_threshold, k=lc.neighbors,
                              min_cosine=lc.min_cosine, exact_max=lc.exact_search_max,
                              nprobe=lc.nprobe, use_gpu=lc.use_gpu)
     del vecs
     for k, v in dstats.seconds.items():
         secs[k] = v
+    # the search consumed the vectors as it went: its time without theirs
+    secs["search"] = max(secs.get("search", 0.0) - secs["vectors"], 0.0)
     rep.candidate_pairs, rep.confirmed_pairs, rep.search = (
         dstats.candidate_pairs, dstats.confirmed_pairs, dstats.search)
 

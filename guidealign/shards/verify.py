@@ -8,7 +8,8 @@ listed: temp files left by a crash, shard files without a marker, markers withou
 
 Problem kinds: ``corrupt`` and ``missing`` (committed data that is not what its record says),
 ``orphan`` (files no commit record owns). ``pending`` (shards a manifest names that are not
-committed yet) and ``note`` are informational and never fail a check.
+committed yet, or are committed under an earlier config or input: stale, which readers skip)
+and ``note`` are informational and never fail a check.
 
 :func:`repair` removes the commit records of bad shards and artifacts (and the orphans), so
 that rerunning the stage redoes exactly those.
@@ -141,7 +142,8 @@ def _marker_index(path: Path) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSummary) -> None:
+def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSummary) -> bool:
+    """Check committed shard ``i`` of ``d``; True when it matches its marker."""
     rel = lambda p: Path(p).relative_to(root).as_posix()  # noqa: E731
     mpath, spath, qpath = marker_path(d, i), _shard_file(d, i), quarantine_path(d, i)
     m = read_marker(d, i)
@@ -155,7 +157,7 @@ def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSum
                "rows would be read twice)" if other is not None and other != i else
                "marker unreadable or incomplete (a torn write, or a field missing or of the wrong type)")
         rep.problems.append(Problem("corrupt", rel(mpath), why, remove=[rel(mpath), rel(spath), rel(qpath)]))
-        return
+        return False
     summary.shards_committed += 1
     if summary.shards_total is not None and i >= summary.shards_total:
         bad.append(("orphan", rel(mpath),
@@ -195,10 +197,11 @@ def _check_shard(root: Path, d: Path, i: int, rep: VerifyReport, summary: DirSum
         bad.append(("orphan", rel(qpath), "quarantine file of a shard whose marker records none"))
     if not bad:
         summary.shards_ok += 1
-        return
+        return True
     remove = [rel(mpath), rel(spath), rel(qpath)]
     for kind, path, detail in bad:
         rep.problems.append(Problem(kind, path, detail, remove=remove))
+    return False
 
 
 def _check_dataset(root: Path, d: Path, rep: VerifyReport, summary: DirSummary) -> None:
@@ -216,8 +219,7 @@ def _check_dataset(root: Path, d: Path, rep: VerifyReport, summary: DirSummary) 
             markers.add(int(m.group(1)))
         elif (m := _SHARD_RE.match(p.name) or _JSONL_RE.match(p.name)):
             shards[p] = int(m.group(1))
-    for i in sorted(markers):
-        _check_shard(root, d, i, rep, summary)
+    ok = [i for i in sorted(markers) if _check_shard(root, d, i, rep, summary)]
     for p, i in sorted(shards.items()):
         if i not in markers:
             rep.problems.append(Problem("orphan", rel(p),
@@ -236,6 +238,17 @@ def _check_dataset(root: Path, d: Path, rep: VerifyReport, summary: DirSummary) 
             rep.problems.append(Problem(
                 "pending", rel(d), f"{len(pending)} of {summary.shards_total} shard(s) not "
                 f"committed yet, e.g. {pending[:5]}: rerun the stage"))
+        # intact, but committed under an earlier config or from input that has changed since:
+        # readers skip them and `status` counts them stale, so the dataset is not complete
+        # either (a check that said only "OK" read as a finished run)
+        from guidealign.shards.manifest import stale_shards
+
+        stale = sorted(set(ok) & stale_shards(d, man))
+        if stale:
+            rep.problems.append(Problem(
+                "pending", rel(d), f"{len(stale)} of {summary.shards_total} shard(s) committed under an "
+                f"earlier config or input (stale, as `guidealign status` counts them), e.g. {stale[:5]}: "
+                "rerun the stage to redo them"))
 
 
 def _check_artifact(root: Path, d: Path, rep: VerifyReport, summary: DirSummary) -> bool:
