@@ -20,12 +20,15 @@ from guidealign.ingest.llvm_build import build
 
 FUNC = "guidealign_line_ends"
 WIDTH = 64  # bytes compared at once (one AVX-512 vector, two AVX2 ones)
+LINE_GUESS = 48  # bytes a line, at least, on average, for the room first given to the line ends
 
 
 def _module():
-    """LLVM IR of ``i64 FUNC(i8* data, i64 n, i64* ends, i64* double)``: writes the position of
-    every ``\\n`` of ``data[:n]`` to ``ends`` (room for ``n`` needed), sets ``*double`` to 1 when
-    two spaces follow each other somewhere (else 0), and returns how many line ends it wrote."""
+    """LLVM IR of ``i64 FUNC(i8* data, i64 n, i64* ends, i64 cap, i64* double)``: writes the
+    positions of the first ``cap`` ``\\n`` of ``data[:n]`` to ``ends`` (room for ``cap + 1``: the
+    others all go to ``ends[cap]``), sets ``*double`` to 1 when two spaces follow each other
+    somewhere (else 0), and returns how many line ends there are (more than ``cap``: call again
+    with room for them)."""
     from llvmlite import ir
 
     i1, i8, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(64)
@@ -36,9 +39,12 @@ def _module():
         return ir.Constant(i64, x)
 
     mod = ir.Module(name="guidealign_line_ends")
-    fn = ir.Function(mod, ir.FunctionType(i64, [i8.as_pointer(), i64, i64.as_pointer(), i64.as_pointer()]),
+    fn = ir.Function(mod, ir.FunctionType(i64, [i8.as_pointer(), i64, i64.as_pointer(), i64, i64.as_pointer()]),
                      name=FUNC)
-    data, n, ends, double = fn.args
+    data, n, ends, cap, double = fn.args
+
+    def slot(k):  # where line end k goes: its own place, or the spare one past cap
+        return b.gep(ends, [b.select(b.icmp_signed("<", k, cap), k, cap)])
     # (llvmlite's declare_intrinsic leaves out cttz's second argument)
     cttz = ir.Function(mod, ir.FunctionType(mask_t, [mask_t, i1]), name=f"llvm.cttz.i{WIDTH}")
     blocks = [fn.append_basic_block(x) for x in
@@ -74,7 +80,7 @@ def _module():
     m.add_incoming(newline, vbody)
     kk.add_incoming(k, vbody)
     tz = b.zext(b.call(cttz, [m, ir.Constant(i1, 0)]), i64)
-    b.store(b.add(i, tz), b.gep(ends, [kk]))
+    b.store(b.add(i, tz), slot(kk))
     kk2 = b.add(kk, c64(1))
     m2 = b.and_(m, b.sub(m, ir.Constant(mask_t, 1)))
     m.add_incoming(m2, bits)
@@ -102,7 +108,7 @@ def _module():
 
     b.position_at_end(tbody)
     c = b.load(b.gep(data, [j]))
-    b.store(j, b.gep(ends, [kt]))  # kept only when it is a line end (room: n entries)
+    b.store(j, slot(kt))  # kept only when it is a line end (the next one overwrites it)
     kt2 = b.add(kt, b.zext(b.icmp_unsigned("==", c, ir.Constant(i8, 10)), i64))
     nxt = b.add(j, c64(1))
     has_next = b.icmp_signed("<", nxt, n)
@@ -123,7 +129,8 @@ def _module():
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
-_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
+_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                          ctypes.c_void_p)
 
 
 def kernel():
@@ -152,10 +159,14 @@ def line_ends(arr: np.ndarray, fn=None) -> tuple[np.ndarray, bool]:
     follow each other somewhere) with the compiled kernel ``fn`` (default: ``kernel()``)."""
     fn = fn or kernel()
     n = arr.size
-    out = np.empty(n + 1, dtype=np.int64)  # pages past the ones written are never touched
+    cap = n // LINE_GUESS + 16  # room for lines of LINE_GUESS bytes on average; else a second pass
     flag = np.zeros(1, dtype=np.int64)
-    k = fn(arr.ctypes.data if n else out.ctypes.data, n, out.ctypes.data, flag.ctypes.data)
-    return out[:k].copy(), bool(flag[0])
+    while True:
+        out = np.empty(cap + 1, dtype=np.int64)
+        k = fn(arr.ctypes.data if n else out.ctypes.data, n, out.ctypes.data, cap, flag.ctypes.data)
+        if k <= cap:
+            return out[:k], bool(flag[0])
+        cap = k
 
 
 def _self_test(fn) -> None:
