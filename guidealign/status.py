@@ -76,6 +76,9 @@ def _stage_row(d: Path, built_whole: bool = False) -> dict | None:
         stale = stale_shards(d, man)
         damaged = damaged_shards(d, man, among=stale)
         row["shards_stale"], row["shards_damaged"] = len(stale - damaged), len(damaged)
+        # ingest's prompts: the duplicates it dropped, so rows + quarantined + duplicates add up
+        # to the rows read (each shard's marker records those dropped while it was filled)
+        dups = 0 if "duplicates" in man else None
         for i in shard_indices(d):
             m = read_marker(d, i)
             if m is None or i >= row["shards_total"] or i in stale:
@@ -84,9 +87,11 @@ def _stage_row(d: Path, built_whole: bool = False) -> dict | None:
             row["rows"] += m.rows
             row["quarantined"] += m.quarantined
             row["seconds"] += m.seconds
-        if (done_file.exists() or man.get("stage") in ARTIFACT_DATASETS) \
-                and read_done(d) is None:
-            # a dataset that is also an artifact is done only with its completion record
+            if dups is not None:
+                dups += _int(m.stats.get("duplicates"))
+        if dups is not None:
+            row["duplicates"] = dups
+        if _lacks_done(d, man):
             row.update(shards_done=0, rows=0, quarantined=0, seconds=0.0,
                        note=f"no valid {DONE}: the next run builds it again")
     if man is None:
@@ -114,6 +119,34 @@ def _stage_row(d: Path, built_whole: bool = False) -> dict | None:
         row["rows_per_s"] = round(row["rows"] / row["seconds"], 2)
     row["seconds"] = round(row["seconds"], 2)
     return row
+
+
+def _int(v) -> int:
+    """A count from a marker's free-form stats (0 when absent or not a count)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _lacks_done(d: Path, man: dict) -> bool:
+    """A dataset that is also an artifact (the library) is done only with its completion record:
+    without a valid one it is being built, its build stopped, or `verify --repair` took it."""
+    from guidealign.shards.artifact import DONE, read_done
+
+    return ((d / DONE).exists() or man.get("stage") in ARTIFACT_DATASETS) and read_done(d) is None
+
+
+def not_ready(d: str | Path) -> str | None:
+    """Why a sharded dataset that is also an artifact (the library) is not one readers may take
+    whole, as `status` says it (no valid _done.json, or built from input that has changed since);
+    None when it is, or when ``d`` is no such dataset (its shards are checked one by one)."""
+    from guidealign.shards.artifact import DONE
+
+    d = Path(d)
+    man = read_manifest(d)
+    if man is None or not ((d / DONE).exists() or man.get("stage") in ARTIFACT_DATASETS):
+        return None
+    if _lacks_done(d, man):
+        return f"no valid {DONE} (being built, or its build stopped)"
+    return _made_from_other(d, man)
 
 
 def _made_from_other(d: Path, man: dict | None) -> str | None:
@@ -247,6 +280,7 @@ def collect(workdir: str | Path) -> list[dict]:
     for row in out:  # the same keys in every row (`status --json`): null where there is none
         row.setdefault("note", None)
         row.setdefault("yield", None)
+        row.setdefault("duplicates", None)
     return out
 
 
@@ -291,14 +325,19 @@ def render(rows: list[dict], width: int = 120) -> str:
     """The table (rich); "stale": shards committed under an earlier config or input, which
     the next run redoes (not counted as done, nor their rows); "damaged": shards whose file
     does not match its marker (cut short, missing: its note points to `guidealign verify
-    --repair`), not counted either; generation stages add parsed (rows with a usable output), cut (rows
-    that stopped at the length cap) and kept (share of generated tokens in usable rows)."""
+    --repair`), not counted either; ingest's prompts add duplicates (rows dropped as exact
+    duplicates: rows + quarantined + duplicates are the rows read); generation stages add parsed
+    (rows with a usable output), cut (rows that stopped at the length cap) and kept (share of
+    generated tokens in usable rows)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
     table.add_column("stage")
-    for name in ("shards", "rows", "quarantined", "rows/s", "parsed", "cut", "kept"):
+    # ingest's dropped duplicates, beside its rows and quarantined (together: the rows read)
+    dups = any(r.get("duplicates") is not None for r in rows)
+    for name in ("shards", "rows", "quarantined") + (("duplicates",) if dups else ()) \
+            + ("rows/s", "parsed", "cut", "kept"):
         table.add_column(name, justify="right")
     for r in rows:
         y = r.get("yield") or {}
@@ -307,6 +346,7 @@ def render(rows: list[dict], width: int = 120) -> str:
             r["stage"], f"{r['shards_done']}/{'?' if r['shards_total'] is None else r['shards_total']}"
             + _not_done(r),
             str(r["rows"]), str(r["quarantined"]),
+            *([str(r["duplicates"]) if r.get("duplicates") is not None else "-"] if dups else []),
             f"{r['rows_per_s']:.1f}" if r["rows_per_s"] is not None else "-",
             str(y.get("yield_rows_parsed", "-")), str(y.get("yield_rows_cut", "-")),
             f"{100 * share:.1f}%" if share is not None else "-")

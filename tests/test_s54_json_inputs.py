@@ -130,7 +130,8 @@ def test_a_signed_exponent_cut_at_the_four_mib_read_keeps_the_records(tmp_path):
     pad = "x" * (jsonarray._JSON_CHUNK - len(head) - len(cut))  # "1.5e+" ends the first read
     _, kept, quarantined = _ingest(tmp_path, "in.json", head + pad + cut + '7, {"prompt": "a"}]}')
     assert [p for p, _, _ in kept] == ["a"]
-    assert [(r, why) for r, why, _ in quarantined] == [(1, "array item 1 is a JSON string, not an object"),
+    # (the reasons without the hint on how to write a record, Stop 57)
+    assert [(r, why.split(" (")[0]) for r, why, _ in quarantined] == [(1, "array item 1 is a JSON string, not an object"),
                                                        (2, "array item 2 is a JSON number, not an object")]
 
 

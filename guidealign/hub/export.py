@@ -9,10 +9,12 @@ a large run spreads over a SLURM array or Ray tasks like any map stage, and a re
 writes shards that are missing or whose input changed. ``cat OUT/shard-*.jsonl`` gives
 one file in shard order.
 
-An input shard that is not committed yet, or that is stale (committed under another config
-or input, so readers may not take it), is left for a later run and reported; the export
-shard made from it earlier is retired (marker first, then file), so ``cat`` never joins rows
-of older data to the current ones.
+An input shard that is not committed yet, that is stale (committed under another config
+or input, so readers may not take it) or damaged (its file cut short, missing, or not the
+bytes its marker's sha256 commits), is left for a later run and reported; the export shard
+made from it earlier is retired (marker first, then file), so ``cat`` never joins rows of
+older data to the current ones. A dataset that is also an artifact (the library) is exported
+only when ``guidealign status`` counts it done: with its ``_done.json``, and current.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from guidealign.shards.layout import marker_path, shard_path
 from guidealign.shards.manifest import current_marker
 from guidealign.shards.jsonl import jsonl_done, jsonl_path, write_jsonl_shard
 from guidealign.shards.marker import intact
-from guidealign.shards.write import fsync_dir, remove_temps, retire_shards_from
+from guidealign.shards.write import file_sha256, fsync_dir, remove_temps, retire_shards_from
 from guidealign.shards.ranks import my_shards
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,16 @@ class ExportReport:
     skipped: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)   # input shards left for a later run: all below
     stale: list[int] = field(default_factory=list)     # of those, committed under another config/input
+    damaged: list[int] = field(default_factory=list)   # of those, whose file does not match its marker
     retired: list[int] = field(default_factory=list)   # export shards removed: their input is not current
     rows: int = 0
     seconds: float = 0.0
+    workdir: str = ""
 
     @property
     def uncommitted(self) -> list[int]:
-        """The pending input shards that are not committed (or whose file is gone or cut short)."""
-        return [i for i in self.pending if i not in self.stale]
+        """The pending input shards that are not committed."""
+        return [i for i in self.pending if i not in self.stale and i not in self.damaged]
 
     def summary(self) -> str:
         s = (f"export {self.dataset}: rank {self.rank}/{self.world_size}: shards {self.mine} of "
@@ -66,6 +70,10 @@ class ExportReport:
              f"done -> {self.out}")
         if self.uncommitted:
             s += f"; input shards {self.uncommitted} are not committed yet (rerun export later)"
+        if self.damaged:
+            s += (f"; input shards {self.damaged} are damaged (the file cut short, missing or not the "
+                  f"one its marker commits): run `guidealign verify {self.workdir} --repair`, rerun the "
+                  f"{self.dataset} stage, then export again")
         if self.stale:
             s += (f"; input shards {self.stale} are stale, committed under another config or input "
                   f"(rerun the {self.dataset} stage, then export again)")
@@ -101,10 +109,13 @@ def _holds_a_run(out: Path, workdir: Path) -> str | None:
     return None
 
 
+def _src_path(src: Path, i: int, man: dict | None) -> Path:
+    return jsonl_path(src, i) if (man or {}).get("format") == "jsonl" else shard_path(src, i)
+
+
 def _committed(src: Path, i: int, man: dict | None) -> bool:
     """Shard ``i`` of ``src`` has a marker and a file of the size it records."""
-    path = jsonl_path(src, i) if (man or {}).get("format") == "jsonl" else shard_path(src, i)
-    return intact(read_marker(src, i), path)
+    return intact(read_marker(src, i), _src_path(src, i, man))
 
 
 def _retire(out: Path, i: int) -> bool:
@@ -144,6 +155,11 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
     if man is None:
         raise FileNotFoundError(f"{src} is not a sharded dataset (no _stage.json): "
                                 f"run the stage that writes it first")
+    from guidealign.status import not_ready
+
+    if why := not_ready(src):  # its shards are current one by one, but not the whole artifact
+        raise ValueError(f"{src} is not done: {why}; `guidealign status {workdir}` shows it: run "
+                         f"its stage to build it, then export again")
     n = int(man["num_shards"])
     cfg_fp = fingerprint("export-v2", fmt, list(columns or []))
     if columns:
@@ -154,7 +170,7 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
     retire_shards_from(out, n, ".jsonl")
     write_manifest(out, stage="export", num_shards=n, fingerprint=cfg_fp, input=str(src), format=fmt)
     rep = ExportReport(dataset=dataset, out=str(out), rank=rank, world_size=world_size, total=n,
-                       mine=my_shards(n, rank, world_size))
+                       mine=my_shards(n, rank, world_size), workdir=str(workdir))
     from tqdm import tqdm
 
     src_man = read_manifest(src)
@@ -166,6 +182,8 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
             rep.pending.append(i)
             if _committed(src, i, src_man):  # whole, but under another config or input
                 rep.stale.append(i)
+            elif read_marker(src, i) is not None:  # committed, but its file cut short or gone
+                rep.damaged.append(i)
             if _retire(out, i):
                 rep.retired.append(i)
             continue
@@ -174,6 +192,14 @@ def run_export(cfg, workdir: str | Path, *, dataset: str = "respond", out: str |
             rep.skipped.append(i)
             continue
         t0 = time.perf_counter()
+        # the bytes its marker commits, or the export would hand on rows a flipped bit changed (or
+        # die on a file that no longer parses): the file is read whole below anyway
+        if file_sha256(_src_path(src, i, src_man)) != src_marker.sha256:
+            rep.pending.append(i)
+            rep.damaged.append(i)
+            if _retire(out, i):
+                rep.retired.append(i)
+            continue
         table = read_table(src, i, columns)
         write_jsonl_shard(out, i, table.to_pylist(), fp, seconds=time.perf_counter() - t0,
                           stats={"rank": rank, "world_size": world_size, "pid": os.getpid(),

@@ -83,7 +83,7 @@ def read_csv(path: Path, encoding: str = "auto", delimiter: str = "auto",
         if len(names) == 1:  # one column: a line is one field, delimiters and all
             delim = ONE_COLUMN
             reader = CsvReader(f, delim, reader.line_num)
-        yield from csv_body(reader, names, delim, enc, stream, offset=skipped, prompt=prompt)
+        yield from csv_body(reader, names, delim, enc, stream, offset=skipped, prompt=prompt, header=skipped + 1)
 
 
 def _first_text_line(f, skipped: int) -> tuple[str, int]:
@@ -97,6 +97,9 @@ def _first_text_line(f, skipped: int) -> tuple[str, int]:
 
 def csv_names(header: list[str]) -> list[str]:
     return unique_names([h.replace("\ufeff", "").strip() for h in header])
+
+
+NO_PROMPT_COLUMN = "no prompt column in the header"
 
 
 def no_prompt_column(names: list[str], line: int, text: str, prompt: tuple | None = None) -> Row | None:
@@ -113,18 +116,19 @@ def no_prompt_column(names: list[str], line: int, text: str, prompt: tuple | Non
     raw = _raw(_strip_eol(text))
     columns = _fields(len(names)).replace("field", "column")
     return line, {"_raw": raw}, (
-        f"no prompt column in the header: line {line} ({raw[:80]!r}) was read as the header line, and "
+        f"{NO_PROMPT_COLUMN}: line {line} ({raw[:80]!r}) was read as the header line, and "
         f"none of its {columns} is named {tried}; if the file has no header line, this line is its "
         f"first row: add a header line (its prompt column named {field!r}); else --set "
         "ingest.prompt_field=NAME names the prompt column")
 
 
-def csv_body(reader, names, delim, enc, stream, offset: int = 0, prompt: tuple | None = None) -> Iterator[Row]:
+def csv_body(reader, names, delim, enc, stream, offset: int = 0, prompt: tuple | None = None,
+             header: int = 1) -> Iterator[Row]:
     """The rows of ``reader`` (a ``CsvReader``) up to the end of ``stream`` (``offset``: lines
-    before the reader's first line). The last row of a file cut off (``read_error``) is suspect,
-    so it is held back and quarantined with the reason."""
+    before the reader's first line; ``header``: the header's line). The last row of a file cut
+    off (``read_error``) is suspect, so it is held back and quarantined with the reason."""
     held = None  # each row waits for the next one: the last row of a cut-off file is suspect
-    for row in _csv_rows(reader, names, delim, enc, offset, prompt):
+    for row in _csv_rows(reader, names, delim, enc, offset, prompt, header):
         if held is not None:
             yield held
         held = row
@@ -137,16 +141,22 @@ def csv_body(reader, names, delim, enc, stream, offset: int = 0, prompt: tuple |
         yield 0, None, err
 
 
-def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None = None) -> Iterator[Row]:
+def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None = None,
+              header: int = 1) -> Iterator[Row]:
     """The rows of ``reader`` (a ``CsvReader``): a record with more fields than the header
     (but for empty ones: trailing delimiters) is quarantined, not cut at a delimiter; a quote
-    never closed is quarantined with the lines up to it, and the lines after it read again."""
+    never closed is quarantined with the lines up to it, and the lines after it read again.
+    Under a header (line ``header``) that names no prompt column, a row that is read says so:
+    its keys are that line's values (most often a first row taken for the header), no field
+    names to list as the row's."""
     from guidealign.ingest.keys import find_prompt_key
 
     field, aliases = prompt if prompt is not None else _default_prompt()
     n = len(names)
     pkey = find_prompt_key(names, field, aliases)
     pat = names.index(pkey) if pkey is not None else n  # the prompt column
+    # (the header line's own quarantine row, ``no_prompt_column``, says what it was read as)
+    headless = _header_names_no_prompt(field, header) if pkey is None else None
     held, rdr = reader.held, reader.rdr
     while True:
         held.clear()
@@ -208,7 +218,15 @@ def _csv_rows(reader, names, delim, enc, offset: int = 0, prompt: tuple | None =
                               f"header {n}, and the prompt column is past the row's end; add the missing "
                               f"fields (or quote fields that hold line breaks)")
             continue
-        yield line, rec, None
+        yield line, rec, headless
+
+
+def _header_names_no_prompt(field: str, header: int) -> str:
+    """The reason for each row under a header (line ``header``) that names no prompt column: it
+    points at the header line's quarantine row, not at the row's keys (that line's values)."""
+    return (f"missing prompt field {field!r}: the header line (line {header}) names no prompt column "
+            f"(see that line's quarantine row, {NO_PROMPT_COLUMN!r}); if the file has no header line, "
+            f"add one naming the prompt column {field!r}, else --set ingest.prompt_field=NAME names it")
 
 
 # characters (spaces, byte-order marks) a field that repeats its column's name may have beside it

@@ -159,8 +159,14 @@ def load_object(text: str, what: str, not_json: str, where) -> tuple[dict | None
     except ValueError as e:  # Python's limit on an integer's digits (sys.get_int_max_str_digits)
         return {"_raw": text}, number_error(what, e)
     if not isinstance(rec, dict):  # its text stays in the quarantine row ("raw"), as a broken line's
-        return {"_raw": text}, f"{what} is a JSON {_JSON_KIND.get(type(rec), 'value')}, not an object"
+        why = f"{what} is a JSON {_JSON_KIND.get(type(rec), 'value')}, not an object"
+        return {"_raw": text}, why + (_AS_OBJECT if isinstance(rec, str) else "")
     return rec, None
+
+
+# a string where a record belongs is most often a prompt (a list of plain prompts): how to hand it in
+_AS_OBJECT = (' (a record is an object holding its prompt in a field: write each prompt as {"prompt": "..."}, '
+              "in a JSON array or one object a line as .jsonl)")
 
 
 def number_error(what: str, e: ValueError) -> str:

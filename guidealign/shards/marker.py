@@ -43,12 +43,18 @@ def read_marker(dataset: str | Path, index: int) -> Marker | None:
     # so does one that parses but lacks a field or holds a wrong type (a flipped bit)
     if any(not isinstance(known.get(k), t) or isinstance(known.get(k), bool) for k, t in _REQUIRED.items()):
         return None
+    # and one whose optional field holds a wrong type: `status` sums seconds and quarantined
+    if any(k in known and (not isinstance(known[k], t) or isinstance(known[k], bool))
+           for k, t in _OPTIONAL.items()):
+        return None
     if known["index"] != index:  # another shard's marker, copied or moved over this one's
         return None
     return Marker(**known)
 
 
 _REQUIRED = {"index": int, "rows": int, "bytes": int, "sha256": str, "fingerprint": str}  # no default
+_OPTIONAL = {"seconds": (int, float), "quarantined": int, "created": (int, float), "stats": dict,
+             "quarantine_sha256": str, "threads": int}  # (JSON writes a whole float as an int)
 
 
 def intact(m: Marker | None, path: str | Path) -> bool:
