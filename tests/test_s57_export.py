@@ -105,6 +105,18 @@ def test_export_does_not_hand_on_an_input_shard_whose_bytes_differ_from_its_mark
     assert f"guidealign verify {tmp_path} --repair" in rep.summary()
 
 
+def test_the_export_command_calls_a_shard_with_changed_bytes_damaged_not_uncommitted(tmp_path):
+    """The command's own error (after the report line) found damage by file size only."""
+    _prompts(tmp_path, tmp_path)
+    p = shard_path(tmp_path / "prompts", 2)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    p.write_bytes(bytes(data))
+    code, out = _invoke("export", "prompts", "-w", tmp_path, "--no-progress")
+    assert code != 0 and "are damaged" in out and "verify" in out, out
+    assert "not committed yet" not in out, out
+
+
 # --- 3. status did not show ingest's dropped duplicates ----------------------------------------
 
 def test_status_shows_ingest_duplicates_so_rows_quarantined_and_duplicates_add_up(tmp_path):

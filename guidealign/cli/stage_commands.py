@@ -248,7 +248,9 @@ def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progre
     from guidealign.shards.manifest import damaged_shards
 
     left = {i for r in reports for i in (getattr(r, "pending", []) or [])}
-    damaged = damaged_shards(Path(workdir) / dataset, among=left) if left else set()
+    # (export's own check also reads each file's checksum: bytes changed at the same size)
+    damaged = {i for r in reports for i in (getattr(r, "damaged", []) or []) if i in left}
+    damaged |= damaged_shards(Path(workdir) / dataset, among=left) if left else set()
     stale = sum(len(getattr(r, "stale", []) or []) for r in reports)
     pending = len(left) - stale - len(damaged)
     why = []
