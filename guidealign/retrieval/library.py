@@ -121,24 +121,52 @@ def library_dir(workdir: str | Path) -> Path:
     return Path(workdir) / STAGE
 
 
-def wait_library(cfg, workdir: str | Path, dst: str | Path, rank: int, world_size: int) -> str | None:
+def wait_library(cfg, workdir: str | Path, dst: str | Path, rank: int, world_size: int,
+                 stale=None) -> str | None:
     """For the stages built on the library (train-retriever, index): rank 0 waits for the
     complete library and gets its version; the other ranks wait for ``dst``, which rank 0
-    writes, and get None."""
-    if rank != 0:
-        wait_done(dst, timeout=wait_timeout(cfg, world_size))
-        return None
+    writes, and get None. They take ``dst`` only once the library is the one of this run's
+    guideline shards and library config, and ``stale(dst's _done.json, that library's
+    version)`` says nothing against it (it returns what makes ``dst`` another run's, or None):
+    in a rerun rank 0 is about to rebuild the previous run's ``dst``, which is complete."""
+    timeout = wait_timeout(cfg, world_size)
     lib = library_dir(workdir)
-    wait_complete(lib, timeout=wait_timeout(cfg, world_size))
-    done = wait_done(lib, timeout=wait_timeout(cfg, world_size))
+    src = Path(workdir) / cfg.library.src
+    if rank != 0:
+        want = None  # (without the guidelines here, e.g. a library copied alone: as rank 0 takes it)
+        if read_manifest(src) is not None:
+            wait_complete(src, timeout=timeout)
+            want = library_fingerprint(cfg.library, src)
+
+        def why(done: dict) -> str | None:
+            have = read_done(lib)
+            if have is None:
+                return f"{lib} is not complete"
+            if want is not None and have.get("fingerprint") != want:
+                return (f"{lib} was built from other guidelines or with another library config than "
+                        "this run's: the library stage rebuilds it first")
+            return stale(done, have["version"]) if stale is not None else None
+
+        wait_done(dst, timeout=timeout, accept=_accepting(why))
+        return None
+    wait_complete(lib, timeout=timeout)
+    done = wait_done(lib, timeout=timeout)
     # rank 0 builds the library itself, so one of another config or other guidelines will not
     # change while it waits: say so now (the other ranks accept only what the current one gives;
     # without the guidelines here, e.g. a library copied alone, it is taken as it is)
-    src = Path(workdir) / cfg.library.src
     if read_manifest(src) is not None and done.get("fingerprint") != library_fingerprint(cfg.library, src):
         raise RuntimeError(f"{lib} was built from other guidelines or with another library config than "
                            f"this run's: run the library stage first (guidealign library)")
     return done["version"]
+
+
+def _accepting(why):
+    """``wait_done``'s ``accept`` from ``why(done)``, what a ``_done.json`` lacks (None: nothing).
+    wait_done says a refused one's reason from accept's docstring: it is set to the last one."""
+    def accept(done: dict) -> bool:
+        accept.__doc__ = why(done)
+        return accept.__doc__ is None
+    return accept
 
 
 def guideline_id(key: str) -> str:

@@ -161,6 +161,19 @@ def eval_fingerprint(rc) -> str:
     return fingerprint("retriever-eval-v2", {k: getattr(rc, k) for k in EVAL_KEYS})
 
 
+def stale_reason(rc, done: dict, library_version: str) -> str | None:
+    """What makes the retriever of ``done`` (its ``_done.json``) another than the one rank 0
+    leaves with ``rc`` on that library version, or None when it is that one."""
+    if done.get("fingerprint") != retriever_fingerprint(rc, library_version):
+        if done.get("library_version") != library_version:
+            return (f"trained on another library than this run's: version {done.get('library_version')}, "
+                    f"this run's is {library_version}; rank 0 trains it again")
+        return "trained with another retriever config than this run's: rank 0 trains it again"
+    if done.get("eval_fingerprint") != eval_fingerprint(rc):
+        return "evaluated with other evaluation settings than this run's: rank 0 evaluates it again"
+    return None
+
+
 def _train(model, train_ds, rc, out: Path, progress: bool, sampler, resume: Path | None = None) -> int:
     """Train ``model`` in place; checkpoints every ``rc.save_steps`` steps go to ``out``, and
     ``resume`` (a checkpoint there) picks training up where it was saved."""
@@ -214,7 +227,10 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
     workdir = Path(workdir)
     dst = retriever_dir(workdir)
     lib = library_dir(workdir)
-    version = wait_library(cfg, workdir, dst, rank, world_size)
+    # the other ranks wait for the retriever that rank 0 trains (or re-evaluates) now, not any
+    # complete one: in a rerun on a new library or config rank 0 is retraining the previous one
+    version = wait_library(cfg, workdir, dst, rank, world_size,
+                           stale=lambda done, v: stale_reason(rc, done, v))
     if version is None:
         return RetrieverReport(skipped=True)
     fp, efp = retriever_fingerprint(rc, version), eval_fingerprint(rc)
