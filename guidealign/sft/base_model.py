@@ -1,5 +1,6 @@
 """What SFT checks and records about its base model: that the examples fit its context
-(before the model loads), and the Hub id an unmerged LoRA adapter names as its base."""
+(before the model loads), the eos ids the fine-tuned model stops at, and the Hub id an
+unmerged LoRA adapter names as its base."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,32 @@ def name_adapter_base(model_dir: Path, base_model: str, base_path: str) -> None:
     if revision and not conf.get("revision"):
         conf["revision"] = revision
     path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+
+
+def _id_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def keep_eos_ids(model, tok) -> None:
+    """Make the model stop where its answers are trained to end (``tok``'s eos: the chat
+    template's turn end, prepare_tokenizer) and wherever the base model stopped: the eos ids
+    its config and generation config list (Llama 3: <|end_of_text|> and <|eot_id|>; Qwen2.5:
+    <|im_end|> and <|endoftext|>) stay, after the turn end. Only the turn end was kept, so
+    vLLM and transformers, which stop at every id generation_config.json lists, ran on past
+    the others. A one-id config.json stays one id (some architectures' configs take no list);
+    a base with one eos, the turn end, keeps it as the one id it was."""
+    if tok.eos_token_id is None:
+        return
+    gen = getattr(model, "generation_config", None)
+    conf_ids = _id_list(model.config.eos_token_id)
+    ids = list(dict.fromkeys([tok.eos_token_id, *conf_ids, *_id_list(getattr(gen, "eos_token_id", None))]))
+    eos = ids[0] if len(ids) == 1 else ids
+    model.config.eos_token_id = eos if isinstance(model.config.eos_token_id, list) else tok.eos_token_id
+    if gen is not None:
+        gen.eos_token_id = eos
+        gen.pad_token_id = tok.pad_token_id
 
 
 def base_context(base_path: str) -> int | None:

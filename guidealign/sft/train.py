@@ -26,7 +26,7 @@ from typing import get_args
 
 from guidealign.config.sft import SFTMode
 from guidealign.sft.layout import load_base_model, load_on_first_process_only, training_layout
-from guidealign.sft.base_model import check_within_context, name_adapter_base
+from guidealign.sft.base_model import check_within_context, keep_eos_ids, name_adapter_base
 from guidealign.sft.checkpoints import (checkpoint_dir, is_main_process, loss_log_callback, resume_point,
                                         whole_run_loss)
 from guidealign.sft.fingerprint import sft_fingerprint
@@ -196,11 +196,7 @@ def build_trainer(cfg, workdir, dataset, *, world: int, progress: bool = True,
         if scfg.mode == "lora" and not scfg.merge_lora:
             log.warning("sft: an unmerged LoRA adapter holds the rows of the tokens the template added "
                         "(%s) as deltas vLLM's LoRA may not load: set sft.merge_lora: true", ", ".join(added))
-    if tok.eos_token_id is not None:
-        model.config.eos_token_id = tok.eos_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.eos_token_id = tok.eos_token_id
-            model.generation_config.pad_token_id = tok.pad_token_id
+    keep_eos_ids(model, tok)  # the turn end first, and every eos id the base stopped at
     peft_config = None
     if scfg.mode == "lora":
         peft_config = lora_config(scfg, model, tok.convert_tokens_to_ids(added) if added else [])
