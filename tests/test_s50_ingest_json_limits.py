@@ -245,4 +245,4 @@ def test_runs_with_input_other_than_csv_are_ingested_once_more(tmp_path):
     cs = tmp_path / "in.csv"
     cs.write_text("prompt\nx\n")
     assert _fingerprint([cs.resolve()], c) == before(cs, "csv-first-line", "prompt-has-text-v1", "line-pairing-v1", "csv-v3",
-                                               "sniff-whole-file-v1")  # values: text
+                                               "sniff-whole-file-v1", "csv-header-v1")  # values: text

@@ -239,6 +239,12 @@ def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progre
 
     if why := not_a_dataset(Path(workdir), dataset, "DATASET"):
         raise click.ClickException(why)  # a misspelt name: the datasets there, not "run the stage first"
+    from guidealign.status import not_ready
+
+    src = Path(workdir) / dataset
+    if why := not_ready(src):  # its shards are current one by one, but not the whole artifact (the library)
+        raise click.ClickException(f"{src} is not done: {why}; `guidealign status {workdir}` shows it: "
+                                   "run its stage to build it, then export again")
     reports = run_stage_command(
         "export", cfg, workdir, rank, world_size, no_progress, errors=(FileNotFoundError, ValueError),
         dataset=dataset, out=str(Path(out).absolute()) if out else None, fmt=fmt,
