@@ -183,3 +183,11 @@ def test_these_inputs_import_no_pandas(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "PANDAS False" in out.stdout, out.stdout[-500:]
+
+
+def test_no_code_point_past_the_ideographic_space_is_whitespace():
+    """``core.ids.WHITESPACE`` (what the CSV header check strips, what guideline titles may not
+    hold) looks only up to U+3000."""
+    from guidealign.core.ids import WHITESPACE
+
+    assert WHITESPACE == "".join(c for c in map(chr, range(0x110000)) if c.isspace())

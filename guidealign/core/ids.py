@@ -11,6 +11,10 @@ import unicodedata
 
 _WS = re.compile(r"\s+")
 
+# The characters str.isspace() (and so str.strip() and re's \s) takes: none past U+3000, the
+# ideographic space (tests/test_s57_ingest_inputs.py checks every code point), so the loop stops there
+WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+
 
 def normalize(prompt: str) -> str:
     """NFKC, whitespace runs -> one space, stripped: the text a prompt id hashes. Case is kept

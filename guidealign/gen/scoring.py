@@ -21,6 +21,7 @@ import logging
 import math
 from pathlib import Path
 
+from guidealign.core.ids import WHITESPACE
 from guidealign.gen.outputs import dtype_name
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,6 @@ def detect_regex(max_lines: int = 8) -> str:
 # What the guideline parser (gen/parse.py) reads as a title: at most 80 characters before the
 # colon and at most 12 whitespace-separated words; lines are what str.splitlines() splits on.
 _TITLE_CHARS = 80
-_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
@@ -212,7 +212,7 @@ def guidelines_regex(min_items: int = 5, max_items: int = 7, max_title_words: in
     untitled), and no item holds a character that splits lines. The length bound is written
     per word count (n words of at most (80 - n + 1) // n characters each), as short counted
     repetitions: a long one such as ``{0,400}`` makes xgrammar's regex compiler time out."""
-    word = "[^:%s]" % _class_chars(_SPACE)
+    word = "[^:%s]" % _class_chars(WHITESPACE)
     shapes = []
     for n in range(1, max_title_words + 1):
         most = (_TITLE_CHARS - (n - 1)) // n

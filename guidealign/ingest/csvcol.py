@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from guidealign.core.ids import WHITESPACE
 from guidealign.ingest.arrays import int_arrow, lit
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.encodings import open_utf8, read_error
@@ -319,15 +320,11 @@ def _holds_header(table: pa.Table, names: list[str]) -> bool:
         found = found.filter(pc.match_substring(found.column(k), name))
     if not found.num_rows:
         return False
-    value = pc.utf8_trim(pc.replace_substring(found.column(k), "\ufeff", ""), _SPACES)
+    value = pc.utf8_trim(pc.replace_substring(found.column(k), "\ufeff", ""), WHITESPACE)
     same = pc.equal(value, lit(name))
     if not pc.any(same).as_py():
         return False
     return any(repeats_header(list(r.values()), names) for r in found.filter(same).to_pylist())
-
-
-# the characters ``str.strip()`` drops
-_SPACES = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
 
 
 def _table_batch(block, offset, parsed, names, delim, enc, src, spec) -> Batch:
