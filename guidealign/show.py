@@ -163,9 +163,10 @@ def examples(workdir: str | Path, n: int = 3, shard: int | None = None,
         shown = ", ".join(map(str, done[:10])) + (" ..." if len(done) > 10 else "")
         raise RuntimeError(f"{w / stage}: shard {i} is not committed under the current config "
                            f"(committed: {shown})")
-    if shard is not None and not getattr(read_marker(w / stage, i), "rows", 1):
+    marker = read_marker(w / stage, i) if shard is not None else None
+    if shard is not None and not getattr(marker, "rows", 1):
         # (else an empty line and exit 0, as if the shard asked for had been shown)
-        q = getattr(read_marker(w / stage, i), "quarantined", 0)
+        q = getattr(marker, "quarantined", 0)
         full = [k for k in done if getattr(read_marker(w / stage, k), "rows", 0)]
         shown = ", ".join(map(str, full[:10])) + (" ..." if len(full) > 10 else "")
         raise RuntimeError(f"{w / stage}: shard {i} holds no rows"

@@ -250,13 +250,10 @@ def export(dataset, out, columns, fmt, workdir, cfg, rank, world_size, no_progre
         dataset=dataset, out=str(Path(out).absolute()) if out else None, fmt=fmt,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
     # pending: every input shard left for later; stale ones among them are committed, damaged
-    # ones have a marker but a file cut short or gone (no later export takes them: verify does)
-    from guidealign.shards.manifest import damaged_shards
-
+    # ones have a marker but a file cut short, gone or not the bytes it commits (no later export
+    # takes them: verify does); each report says which
     left = {i for r in reports for i in (getattr(r, "pending", []) or [])}
-    # (export's own check also reads each file's checksum: bytes changed at the same size)
-    damaged = {i for r in reports for i in (getattr(r, "damaged", []) or []) if i in left}
-    damaged |= damaged_shards(Path(workdir) / dataset, among=left) if left else set()
+    damaged = {i for r in reports for i in (getattr(r, "damaged", []) or [])}
     stale = sum(len(getattr(r, "stale", []) or []) for r in reports)
     pending = len(left) - stale - len(damaged)
     why = []
