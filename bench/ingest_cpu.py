@@ -7,10 +7,11 @@
 Runs ``ingest()`` in this process on the same file as ``bench/ingest.py`` (one untimed run
 first), with each part wrapped to add up the CPU time of the thread it runs on
 (``time.thread_time``), and prints each part's seconds and its share of the process's CPU for
-the timed run. Three threads share the work (see ``guidealign/ingest/run.py``): the parse
-thread (read, the block scan, pyarrow.json), the caller's (checks, hashes, de-duplication), the
-writer (shard tables, Parquet encoding, files). The parts nest (indented under their caller);
-what is not listed (thread switches, the sync thread, markers) is the rest of the process's CPU.
+the timed run. Threads share the work (see ``guidealign/ingest/run.py``): the parse thread
+(read, the block scan, the compiled flat-JSON reader or pyarrow.json), the caller's (checks,
+hashes, de-duplication), the encoder threads (shard tables, Parquet encoding), the writer
+(files) and the sync thread (fsyncs, markers). The parts nest (indented under their caller);
+what is not listed (thread switches, fsyncs, markers) is the rest of the process's CPU.
 Then each whole thread's CPU seconds (the caller's, and each thread ingest started, by name).
 Wrapping costs a few microseconds a call (a few hundred calls in all).
 """
@@ -38,15 +39,17 @@ from guidealign.config.ingest import IngestConfig  # noqa: E402
 PARTS = [
     (jsonl, "_parse_block", "parse a block (beside the caller)", "parse"),
     (jsonl, "scan_lines", "  block scan: line ends and screens", "parse"),
+    (jsonl, "flat_table", "  compiled flat-JSON reader", "parse"),
     (jsonl, "_read_json_block", "  pyarrow.json", "parse"),
     (jsonl, "_finish_block", "check, normalize, hash a block", "caller"),
     (batch, "hash_spans", "  hash (blake2b)", "caller"),
     (batch, "metadata_column", "  metadata JSON", "caller"),
     (run._Shards, "add", "de-duplicate and cut shards", "caller"),
     (dedup.HashSet, "add_new", "  de-duplication set", "caller"),
-    (commit.ShardWriter, "_write_group", "write shards (writer thread)", "writer"),
-    (run, "_shard_table", "  build shard tables", "writer"),
-    (commit, "parquet_bytes", "  Parquet encoding", "writer"),
+    (commit, "_encode", "build and encode shards", "encode"),
+    (run, "_shard_table", "  build shard tables", "encode"),
+    (commit, "parquet_bytes", "  Parquet encoding", "encode"),
+    (commit.ShardWriter, "_write_group", "write shard files (writer thread)", "writer"),
 ]
 
 

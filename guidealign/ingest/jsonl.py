@@ -1,6 +1,8 @@
-"""JSONL in columnar blocks: cut at line ends, parsed by ``pyarrow.json`` in a background thread.
+"""JSONL in columnar blocks: cut at line ends, parsed in a background thread.
 
-A block whose bytes are not all UTF-8, that ``pyarrow.json`` rejects (a bad line, a column whose
+A block whose lines are all flat objects (string and integer values) is read by compiled code
+(``flatjson_llvm``, when the compiled kernels are on) into the table ``pyarrow.json`` would give;
+any other block by ``pyarrow.json``. A block whose bytes are not all UTF-8, that ``pyarrow.json`` rejects (a bad line, a column whose
 type changes, a duplicate key), whose row count does not match its non-blank lines or that has a
 line nested deeper than ``metadata.MAX_DEPTH`` (``has_deep_line``) goes through the row-by-row
 reader, so its quarantine reasons are the reference ones.
@@ -17,6 +19,7 @@ import pyarrow.json as pajson
 
 from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch
+from guidealign.ingest.flatjson_llvm import flat_table
 from guidealign.ingest.jsonrows import parse_jsonl_line
 from guidealign.ingest.metadata import MAX_DEPTH
 from guidealign.ingest.scan_llvm import kernel as scan_kernel, line_ends
@@ -126,6 +129,27 @@ def _parse_block(block: bytes, line0: int, final: bool, compiled: bool = False) 
         return None
     arr = np.frombuffer(block, np.uint8)
     lines = scan_lines(arr, compiled=compiled)
+    # every line a flat object of strings and integers: the compiled reader (``flatjson_llvm``)
+    # gives the table pyarrow.json would, in a quarter of its time; any other block goes on
+    table = flat_table(arr, lines.ends) if compiled else None
+    if table is None:
+        table = _pyarrow_block(block, arr, lines)
+        if table is None:
+            return None
+    linenos = _nonblank_linenos(block, lines, line0)
+    if table.num_rows != len(linenos):  # e.g. two objects on one line: let the row reader say so
+        return None
+    # A raw control byte inside a JSON string is an error for pyarrow.json (as for Python's
+    # json; the tests pin it), so in a block without escapes the only whitespace a string can
+    # hold is spaces, and only two in a row (looked for anywhere: a safe superset) need the
+    # collapsing pass. One chunk per column (the caller's checks need whole columns): the block
+    # is parsed as one (``_read_json_block``), so ``combine_chunks`` copies nothing.
+    return _Parsed(table.combine_chunks(), linenos, all_ascii,
+                   all_ascii and not has_escape and not lines.double_space, lines.ends)
+
+
+def _pyarrow_block(block: bytes, arr: np.ndarray, lines: "BlockLines") -> pa.Table | None:
+    """The block's table from pyarrow.json, or None where the row reader must read it."""
     # pyarrow.json reads a line end inside a value as blank space: short lines that do not close
     # their values nest on from line to line (a pretty-printed document named .jsonl)
     if not lines.objects and line_depth(block) > MAX_DEPTH:
@@ -143,16 +167,7 @@ def _parse_block(block: bytes, line0: int, final: bool, compiled: bool = False) 
     if (_any_type(table.schema, pa.types.is_floating) and (b"Inf" in block or b"-NaN" in block)
             and _NOT_PYTHON_NUMBER.search(block)):
         return None  # a number only pyarrow.json reads (-NaN, Inf): the row reader says it is not JSON
-    linenos = _nonblank_linenos(block, lines, line0)
-    if table.num_rows != len(linenos):  # e.g. two objects on one line: let the row reader say so
-        return None
-    # A raw control byte inside a JSON string is an error for pyarrow.json (as for Python's
-    # json; the tests pin it), so in a block without escapes the only whitespace a string can
-    # hold is spaces, and only two in a row (looked for anywhere: a safe superset) need the
-    # collapsing pass. One chunk per column (the caller's checks need whole columns): the block
-    # is parsed as one (``_read_json_block``), so ``combine_chunks`` copies nothing.
-    return _Parsed(table.combine_chunks(), linenos, all_ascii,
-                   all_ascii and not has_escape and not lines.double_space, lines.ends)
+    return table
 
 
 @dataclass

@@ -22,9 +22,11 @@ def cache_file(llvm, source: Path, cpu: str, features: str) -> Path:
     return source.parent / "__pycache__" / f"{source.stem}-{key.hexdigest()[:20]}.o"
 
 
-def build(ir_module: Callable, source: Path, names: list[str]):
+def build(ir_module: Callable, source: Path, names: list[str], optimize: bool = False):
     """(engine, {name: address}) for the functions ``names`` of ``ir_module()`` (called only when
-    the cache has no object for it)."""
+    the cache has no object for it). ``optimize``: run LLVM's O2 pass pipeline on the IR first
+    (for kernels written with stack variables, which it puts in registers), where llvmlite has
+    the pass builder (0.44 on); else the code generator's own optimization only."""
     import llvmlite.binding as llvm
 
     with warnings.catch_warnings():
@@ -47,8 +49,11 @@ def build(ir_module: Callable, source: Path, names: list[str]):
     if obj is None:
         mod = llvm.parse_assembly(str(ir_module()))
         mod.verify()
-        # no IR pass pipeline (its API differs between llvmlite versions): the kernels are written
-        # as the loops they should be, and the code generator's own optimization (opt=2) suffices
+        if optimize and hasattr(llvm, "create_pass_builder"):
+            pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=2, size_level=0))
+            pb.getModulePassManager().run(mod, pb)
+        # without ``optimize`` no IR pass pipeline: those kernels are written as the loops they
+        # should be, and the code generator's own optimization (opt=2) suffices
         obj = tm.emit_object(mod)
         try:
             cache.parent.mkdir(exist_ok=True)

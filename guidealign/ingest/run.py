@@ -7,10 +7,11 @@ quarantine table beside the shard they would have landed in, with file, row and 
 
 Rows are read, checked, normalized and hashed in columnar blocks (``batch``: JSONL via
 ``jsonl``, CSV via ``csvcol``, Parquet and `datasets` as they come); a block that does not parse
-as a whole goes row by row (``readers``), so quarantine reasons stay exact. Three threads share
-the work, each mostly in code that releases the GIL: one reads and parses the next blocks
-(pyarrow), the caller's checks, hashes (``blake2_llvm``) and de-duplicates this one, one builds
-and commits the finished shards (``commit``: Parquet, checksums, fsyncs, markers).
+as a whole goes row by row (``readers``), so quarantine reasons stay exact. Threads share the
+work, each mostly in code that releases the GIL: one reads and parses the next blocks
+(``flatjson_llvm`` or pyarrow), the caller's checks, hashes (``blake2_llvm``) and de-duplicates
+this one, and the writer's (``commit``) build and encode the finished shards (two or more at
+once) and commit them in order (Parquet, checksums, fsyncs, markers).
 
 Ingest is deterministic: the same inputs and config give the same shards (whatever the block
 size, thread timing or hash kernel), so after a crash it streams the inputs again and only
@@ -36,8 +37,7 @@ from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
 from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
 from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, hex_ids, prompt_keys,
                                     prompt_value, rows_batch)
-from guidealign.ingest.commit import Pending, ShardWriter
-from guidealign.ingest.csvcol import csv_batches
+from guidealign.ingest.commit import Pending, ShardWriter, default_encoders
 from guidealign.ingest.cuts import cut_ends, shard_cuts
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.fingerprint import files_fingerprint
@@ -135,11 +135,13 @@ def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
     # not a daemon: a process that ends before its first hash (an input that fails early) waits
     # for it instead of tearing LLVM down under a thread that is still inside it
     from guidealign.ingest.batch import _llvm_kernel
+    from guidealign.ingest.flatjson_llvm import kernels as json_kernels
     from guidealign.ingest.scan_llvm import kernel as scan_kernel
 
-    def load():  # the JSONL line scan's kernel too (``jsonl.scan_lines``)
+    def load():  # the JSONL line scan's and reader's kernels too (``jsonl._parse_block``)
         _llvm_kernel()
         scan_kernel()
+        json_kernels()
 
     threading.Thread(target=load, name="ingest-kernel").start()
     return "llvm"
@@ -221,7 +223,7 @@ class _Shards:
                 # behind, e.g. on a file system with slow fsyncs; at most ~100k rows wait
                 pending = max(2, min(8, 100_000 // self.size))
                 self.writer = ShardWriter(self.dst, max_pending=pending, max_group=pending + 1,
-                                          kill_after=self.kill_after)
+                                          kill_after=self.kill_after, encoders=default_encoders())
             parts, bad = self.parts, self.bad
             self.writer.submit(Pending(i, fp, lambda: (_shard_table(parts), _concat(bad)),
                                        time.perf_counter() - self.t0, {"duplicates": self.dups}))
@@ -330,6 +332,8 @@ def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: S
         for split, batches in hf_splits(path):
             yield from arrow_batches(f"{src}/{split}" if split else src, batches, spec)
     elif fmt == "csv":
+        from guidealign.ingest.csvcol import csv_batches  # (loaded for the first CSV file)
+
         yield from csv_batches(path, src, spec, cfg.encoding, cfg.delimiter, cfg.block_bytes, encodings=rep.encodings)
     else:
         rows = read_rows(path, fmt, cfg)
