@@ -21,9 +21,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from guidealign.ingest.arrowfiles import _load_hf, read_hf_dataset, read_parquet
-from guidealign.ingest.csvrows import read_csv
 from guidealign.ingest.encodings import EncodingError, inner_suffix, open_utf8
-from guidealign.ingest.jsonarray import read_json
 from guidealign.ingest.jsonrows import JSON_LINES_SNIFF, is_json_lines, json_array_start, read_jsonl
 from guidealign.ingest.rows import IngestError, Row
 
@@ -190,6 +188,20 @@ def _jsonl_or_array(path: Path, head: bytes, cut: bool) -> str:
                           "read as one) nor JSON Lines (one JSON object per line); if it is a JSON array, "
                           "rename it to .json (a bad item is then quarantined alone), else fix its first lines")
     return "jsonl"
+
+
+# (the CSV and JSON-document readers load with the first file that needs them: ~10 ms of imports
+# that an ingest of JSONL or Parquet files does not pay at its start)
+def read_json(path: Path, *args) -> Iterator[Row]:
+    from guidealign.ingest.jsonarray import read_json as read
+
+    return read(path, *args)
+
+
+def read_csv(path: Path, *args) -> Iterator[Row]:
+    from guidealign.ingest.csvrows import read_csv as read
+
+    return read(path, *args)
 
 
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv,
