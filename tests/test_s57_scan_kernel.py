@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("llvmlite")
 
-from guidealign.ingest import scan_llvm  # noqa: E402
+from guidealign.ingest import llvm_build, scan_llvm  # noqa: E402
 from guidealign.ingest.jsonl import scan_lines  # noqa: E402
 from guidealign.ingest.run import IngestConfig, ingest  # noqa: E402
 from guidealign.shards import iter_tables, read_quarantine  # noqa: E402
@@ -100,7 +100,7 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_numpy(monkeypatch, caplog):
         raise RuntimeError("no code generator here")
 
     monkeypatch.setattr(scan_llvm, "build", broken)
-    monkeypatch.setattr(scan_llvm, "_STATE", {})
+    monkeypatch.setattr(llvm_build, "_LOADED", {})
     b = b'{"a": 1}\n\n{"b":  2}\n'
     with caplog.at_level(logging.WARNING, logger=scan_llvm.__name__):
         got = scan_lines(np.frombuffer(b, np.uint8), compiled=True)

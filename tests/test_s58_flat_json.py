@@ -5,6 +5,7 @@ with its date inference undone) reads; the blocks it must refuse give None; and 
 with the compiled kernels writes the same shards as one without them."""
 from __future__ import annotations
 
+import ctypes
 import json
 import random
 
@@ -15,7 +16,7 @@ import pytest
 pytest.importorskip("llvmlite")
 
 from guidealign.config.ingest import IngestConfig  # noqa: E402
-from guidealign.ingest import flatjson_llvm, jsonl  # noqa: E402
+from guidealign.ingest import flatjson_llvm, jsonl, llvm_build  # noqa: E402
 from guidealign.ingest.jsonl import _read_json_block  # noqa: E402
 from guidealign.ingest.run import ingest  # noqa: E402
 
@@ -149,16 +150,21 @@ def test_ingest_with_and_without_the_compiled_reader_writes_the_same_shards(tmp_
 def test_a_kernel_that_fails_its_self_test_is_not_used_and_pyarrow_json_reads(tmp_path, monkeypatch, caplog):
     """A build whose code reads differently from pyarrow.json (here: one that reads every block
     as empty) is refused by the self-test with a warning, and ingest reads with pyarrow.json."""
-    monkeypatch.setattr(flatjson_llvm, "_STATE", {})
+    monkeypatch.setattr(llvm_build, "_LOADED", {})
     real = flatjson_llvm._build
+
+    def empty_strings(data, vstart, vval, esc, nlines, kmax, col, out, offsets):
+        ctypes.memset(offsets, 0, 4 * (nlines + 1))  # every string read as empty
+        return 0
 
     def wrong_build():
         engine, (parse, gather) = real()
-        return engine, (parse, lambda *a: 0)  # every string read as empty
+        return engine, (parse, empty_strings)
     monkeypatch.setattr(flatjson_llvm, "_build", wrong_build)
     with caplog.at_level("WARNING"):
         assert flatjson_llvm.kernels() is None
-    assert "compiled JSON kernel is not available" in caplog.text
+    assert "compiled flat JSON kernel is not available" in caplog.text
+    assert "does not read what pyarrow.json reads" in caplog.text
     src = tmp_path / "in.jsonl"
     src.write_text("".join(f'{{"prompt": "question {i}", "n": {i}}}\n' for i in range(50)))
     rep = ingest([str(src)], tmp_path / "w", IngestConfig(hash_kernel="llvm"), progress=False)

@@ -23,7 +23,6 @@ either way).
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -34,6 +33,7 @@ import pyarrow.compute as pc
 from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.chat import NO_CHAT, ChatKey, chat_key, chat_prompt, chat_reason, chat_turns
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
+from guidealign.ingest.blake2_llvm import kernel as blake2_kernel
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
 from guidealign.ingest.keys import find_input_keys, find_prompt_key, norm_key
@@ -230,7 +230,7 @@ def string_buffers(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
 def hash_spans(starts: np.ndarray, ends: np.ndarray, data: pa.Buffer | None, kernel: str = "hashlib") -> np.ndarray:
     """blake2b-64 of each byte span ``data[starts[i]:ends[i]]``: hashlib in a loop (no str
     objects), or a compiled kernel (``llvm``: blake2_llvm; the same digests, without the GIL)."""
-    if kernel == "llvm" and _llvm_kernel() is not None:
+    if kernel == "llvm" and blake2_kernel() is not None:
         from guidealign.ingest.blake2_llvm import blake2b64_spans
 
         keep = data if data is not None and data.size else _EMPTY  # alive during the call
@@ -260,21 +260,6 @@ def trimmed_spans(a: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Buffer | None
 
 
 _EMPTY = pa.py_buffer(b"\0")
-_LLVM: list = []
-
-
-def _llvm_kernel():
-    if not _LLVM:
-        try:
-            from guidealign.ingest.blake2_llvm import kernel
-
-            fn = kernel()
-        except Exception as e:  # noqa: BLE001 - no code generation here: hashlib (the same ids)
-            logging.getLogger(__name__).warning("ingest: the compiled blake2b kernel is not available "
-                                                "(%s: %s); hashing with hashlib", type(e).__name__, e)
-            fn = None
-        _LLVM.append(fn)
-    return _LLVM[0]
 
 
 def hex_ids(h: np.ndarray) -> pa.Array:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from guidealign.ingest.llvm_build import build
+from guidealign.ingest.llvm_build import build, load
 
 IV = [0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1D36F1,
       0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179]
@@ -170,17 +169,13 @@ def _module():
     return mod
 
 
-_LOCK = threading.Lock()
-_STATE: dict = {}
 _CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                           ctypes.c_void_p)
 
 
-def _build():
+def _make():
     ee, addrs = build(_module, Path(__file__), [FUNC])
-    fn = _CFUNC(addrs[FUNC])
-    _self_test(fn)
-    return ee, fn
+    return ee, _CFUNC(addrs[FUNC])
 
 
 def _self_test(fn) -> None:
@@ -198,18 +193,12 @@ def _self_test(fn) -> None:
 
 
 def kernel():
-    """The compiled function (built on first use; thread-safe), or None when llvmlite is missing
-    or this is a big-endian machine."""
-    with _LOCK:
-        if "fn" not in _STATE:
-            fn = None
-            if sys.byteorder == "little":
-                try:
-                    _STATE["ee"], fn = _build()  # the engine owns the code: keep it alive
-                except ImportError:
-                    fn = None
-            _STATE["fn"] = fn
-        return _STATE["fn"]
+    """The compiled function (built on first use), or None when it cannot be had (no llvmlite,
+    a big-endian machine; a build or self-test that failed, said once as a warning): hashlib
+    hashes then, with the same ids."""
+    if sys.byteorder != "little":
+        return None
+    return load("blake2b", _make, _self_test, "hashing with hashlib")
 
 
 def available() -> bool:

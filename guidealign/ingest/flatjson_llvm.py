@@ -23,19 +23,15 @@ runs a self-test against ``pyarrow.json`` before it is used.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from guidealign.ingest.flatjson_ir import GATHER, PARSE, TOO_MANY_KEYS
-from guidealign.ingest.llvm_build import build
+from guidealign.ingest.llvm_build import build, load
 
 MAX_KEYS = (8, 64)  # room for keys a block: first try, then once more with more room
-_LOCK = threading.Lock()
-_STATE: dict = {}
 _P = ctypes.c_void_p
 _PARSE_T = ctypes.CFUNCTYPE(ctypes.c_int64, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P)
 _GATHER_T = ctypes.CFUNCTYPE(ctypes.c_int64, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _P)
@@ -51,22 +47,9 @@ def _build():
 
 
 def kernels():
-    """(parse, gather), built on first use (thread-safe), or None when they cannot be had (no
-    llvmlite; a build or self-test that failed, said once as a warning): pyarrow.json reads."""
-    with _LOCK:
-        if "fns" not in _STATE:
-            fns = None
-            try:
-                _STATE["ee"], fns = _build()
-                _self_test(fns)
-            except ImportError:
-                fns = None
-            except Exception as e:  # noqa: BLE001 - no code generation here: pyarrow.json reads
-                logging.getLogger(__name__).warning("ingest: the compiled JSON kernel is not available "
-                                                    "(%s: %s); parsing with pyarrow.json", type(e).__name__, e)
-                fns = None
-            _STATE["fns"] = fns
-        return _STATE["fns"]
+    """(parse, gather), built on first use, or None when they cannot be had (no llvmlite; a
+    build or self-test that failed, said once as a warning): pyarrow.json reads then."""
+    return load("flat JSON", lambda: _build(), _self_test, "parsing with pyarrow.json")
 
 
 def line_spans(n: int, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

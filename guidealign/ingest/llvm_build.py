@@ -1,6 +1,8 @@
-"""Machine code for ingest's kernels (``blake2_llvm``, ``scan_llvm``), built with llvmlite.
+"""Machine code for ingest's kernels (``blake2_llvm``, ``scan_llvm``, ``flatjson_llvm``), built with llvmlite.
 
-``build(ir_module, source, names)`` compiles an ``llvmlite.ir`` module for this machine's CPU and
+``load(what, make, check, instead)`` gives a kernel once per process (thread-safe), or None
+where it cannot be had: no llvmlite, or a build or self-test that failed (said once, as a
+warning naming what runs instead). ``build(ir_module, source, names)`` compiles an ``llvmlite.ir`` module for this machine's CPU and
 returns the engine (it owns the code: keep it alive) and each named function's address. The
 object code is cached in ``__pycache__`` beside ``source`` (keyed by that file's bytes, LLVM's
 version, the target and the CPU), so only the first run on a machine compiles; without a
@@ -9,11 +11,38 @@ writable cache it compiles every run.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import warnings
 from pathlib import Path
 from typing import Callable
+
+_LOCK = threading.Lock()
+_LOADED: dict = {}   # what -> the kernel's function(s), or None
+_ENGINES: list = []  # the engines that own the code of every kernel handed out (kept for good)
+
+
+def load(what: str, make: Callable, check: Callable, instead: str):
+    """The kernel ``what`` ("blake2b", "line-end"...): ``make()`` gives (engine, functions) and
+    ``check(functions)`` raises unless they compute what the Python code does. Built on first
+    use, thread-safe; None when llvmlite is missing, or when the build or the check fails (a
+    warning says so once, and that ``instead`` runs: e.g. "hashing with hashlib")."""
+    with _LOCK:
+        if what not in _LOADED:
+            fns = None
+            try:
+                engine, fns = make()
+                _ENGINES.append(engine)
+                check(fns)
+            except ImportError:
+                fns = None
+            except Exception as e:  # noqa: BLE001 - no code generation here: the Python code runs
+                logging.getLogger(__name__).warning("ingest: the compiled %s kernel is not available (%s: %s); %s",
+                                                    what, type(e).__name__, e, instead)
+                fns = None
+            _LOADED[what] = fns
+        return _LOADED[what]
 
 
 def cache_file(llvm, source: Path, cpu: str, features: str) -> Path:

@@ -134,14 +134,14 @@ def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
     # load (or the first time on this machine, compile) the kernel while the first block is read;
     # not a daemon: a process that ends before its first hash (an input that fails early) waits
     # for it instead of tearing LLVM down under a thread that is still inside it
-    from guidealign.ingest.batch import _llvm_kernel
+    from guidealign.ingest.blake2_llvm import kernel as blake2_kernel
     from guidealign.ingest.flatjson_llvm import kernels as json_kernels
     from guidealign.ingest.scan_llvm import kernel as scan_kernel
 
-    def load():  # the JSONL line scan's and reader's kernels too (``jsonl._parse_block``)
-        _llvm_kernel()
+    def load():  # the JSONL line scan's and reader's kernels first: the first block needs them
         scan_kernel()
         json_kernels()
+        blake2_kernel()
 
     threading.Thread(target=load, name="ingest-kernel").start()
     return "llvm"

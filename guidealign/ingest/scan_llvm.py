@@ -10,13 +10,11 @@ vector edge.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from guidealign.ingest.llvm_build import build
+from guidealign.ingest.llvm_build import build, load
 
 FUNC = "guidealign_line_ends"
 WIDTH = 64  # bytes compared at once (one AVX-512 vector, two AVX2 ones)
@@ -127,31 +125,19 @@ def _module():
     return mod
 
 
-_LOCK = threading.Lock()
-_STATE: dict = {}
 _CFUNC = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                           ctypes.c_void_p)
 
 
+def _make():
+    ee, addrs = build(_module, Path(__file__), [FUNC])
+    return ee, _CFUNC(addrs[FUNC])
+
+
 def kernel():
-    """The compiled function (built on first use; thread-safe), or None when it cannot be had
-    (no llvmlite; a build or self-test that failed, said once as a warning): numpy scans then."""
-    with _LOCK:
-        if "fn" not in _STATE:
-            fn = None
-            try:
-                _STATE["ee"], addrs = build(_module, Path(__file__), [FUNC])
-                fn = _CFUNC(addrs[FUNC])
-                _self_test(fn)
-            except ImportError:
-                fn = None
-            except Exception as e:  # noqa: BLE001 - no code generation here: numpy finds the same
-                logging.getLogger(__name__).warning("ingest: the compiled line-end kernel is not "
-                                                    "available (%s: %s); scanning with numpy",
-                                                    type(e).__name__, e)
-                fn = None
-            _STATE["fn"] = fn
-        return _STATE["fn"]
+    """The compiled function (built on first use), or None when it cannot be had (no llvmlite;
+    a build or self-test that failed, said once as a warning): numpy scans then."""
+    return load("line-end", _make, _self_test, "scanning with numpy")
 
 
 def line_ends(arr: np.ndarray, fn=None) -> tuple[np.ndarray, bool]:
