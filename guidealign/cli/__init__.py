@@ -5,6 +5,7 @@ overrides, and ``--rank/--world-size`` (else taken from RANK/WORLD_SIZE or SLURM
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -179,7 +180,13 @@ models.add_command(_fetch)
 
 
 def main():
-    cli(prog_name="guidealign")
+    try:
+        cli(prog_name="guidealign")
+    finally:
+        if _sc.QUICK_EXIT:
+            # the objects left are moved out of the collector's reach: the collections of
+            # interpreter shutdown skip them (~30 ms of a 1M-row ingest's ~1.3 s)
+            gc.freeze()
 
 
 if __name__ == "__main__":

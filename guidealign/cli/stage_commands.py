@@ -16,6 +16,9 @@ from guidealign.cli.options import error_line, ranks, stage_options
 from guidealign.config.sft import ExportFormat
 
 log = logging.getLogger("guidealign")
+# commands after which the process may skip the collector's work at shutdown (``cli.main``):
+# ingest closes what it opened itself and needs no finalizer run by the collector
+QUICK_EXIT: list = []
 
 
 def run_stage_command(name: str, cfg, workdir, rank, world_size, no_progress, *,
@@ -68,6 +71,7 @@ def ingest(inputs, workdir, cfg, rank, world_size, no_progress, into, encoding):
         raise click.UsageError(why)
     run_stage_command("ingest", cfg, workdir, rank, world_size, no_progress,
                       errors=(IngestError, ValueError), inputs=list(inputs) or None, dataset=into)
+    QUICK_EXIT.append("ingest")
 
 
 def _not_an_ingest_dataset(workdir, into: str) -> str | None:
