@@ -170,3 +170,14 @@ def test_a_kernel_that_fails_its_self_test_is_not_used_and_pyarrow_json_reads(tm
     rep = ingest([str(src)], tmp_path / "w", IngestConfig(hash_kernel="llvm"), progress=False)
     assert rep.rows == 50
     assert sorted(r["prompt"] for r in _shards(tmp_path / "w")[0]) == sorted(f"question {i}" for i in range(50))
+
+
+def test_tiny_lines_with_many_keys_go_to_pyarrow_json_rather_than_take_memory(fns):
+    """The parse's slots (a line times the keys) take at most 8 times the block: 100,000 lines
+    of 8 bytes have room for 3 keys; with 4 the block goes to pyarrow.json (None here), with 3
+    it is read."""
+    four = "".join(f'{{"{k}":1}}\n' for k in "abcd" * 25_000)
+    three = "".join(f'{{"{k}":1}}\n' for k in "abc" * 33_334)
+    assert _flat(fns, four) is None
+    got = _flat(fns, three)
+    assert got is not None and got.column_names == ["a", "b", "c"] and got.num_rows == 100_002

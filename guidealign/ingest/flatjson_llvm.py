@@ -32,6 +32,7 @@ from guidealign.ingest.flatjson_ir import GATHER, PARSE, TOO_MANY_KEYS
 from guidealign.ingest.llvm_build import build, load
 
 MAX_KEYS = (8, 64)  # room for keys a block: first try, then once more with more room
+SLOT_BYTES = 17     # the parse's memory a key slot a line (where it starts, ends, an escape flag)
 _P = ctypes.c_void_p
 _PARSE_T = ctypes.CFUNCTYPE(ctypes.c_int64, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P)
 _GATHER_T = ctypes.CFUNCTYPE(ctypes.c_int64, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _P)
@@ -72,7 +73,10 @@ def flat_table(arr: np.ndarray, ends: np.ndarray, fns=None) -> pa.Table | None:
     parse, gather = fns
     starts, stops = line_spans(n, ends)
     nlines = starts.size
-    for kmax in MAX_KEYS:
+    # the slots take at most 8 times the block's size, or 1 MiB (a 4 MiB block of 8-byte lines
+    # has room for 3 keys, not 64: ~35 MiB, not ~550; a block with more keys goes to pyarrow.json)
+    room = max(1, 8 * n // (SLOT_BYTES * nlines), (1 << 20) // (SLOT_BYTES * nlines))
+    for kmax in sorted({min(k, room) for k in MAX_KEYS}):
         keys = np.zeros(2 * kmax, np.int64)
         kinds = np.zeros(kmax, np.uint8)
         vstart = np.empty(nlines * kmax, np.int64)

@@ -72,7 +72,10 @@ def _read_json_block(block: bytes) -> pa.Table | None:
         return None  # a date inside a nested value: the row reader keeps it as written
     popts = pajson.ParseOptions(explicit_schema=pa.schema([(f.name, pa.string()) for f in dated]),
                                 unexpected_field_behavior="infer")
-    return pajson.read_json(pa.BufferReader(block), read_options=ropts, parse_options=popts)
+    # (the columns given in the schema come first in the table read with it: back in the order
+    # of the first read, the order of the keys' first appearance, as ``flatjson_llvm`` gives it)
+    return pajson.read_json(pa.BufferReader(block), read_options=ropts,
+                            parse_options=popts).select(table.column_names)
 
 
 def _is_temporal(t: pa.DataType) -> bool:
