@@ -74,7 +74,8 @@ def flat_table(arr: np.ndarray, ends: np.ndarray, fns=None) -> pa.Table | None:
     starts, stops = line_spans(n, ends)
     nlines = starts.size
     # the slots take at most 8 times the block's size, or 1 MiB (a 4 MiB block of 8-byte lines
-    # has room for 3 keys, not 64: ~35 MiB, not ~550; a block with more keys goes to pyarrow.json)
+    # has room for 3 keys, ~27 MiB of slots, not 64, ~570 MiB; a block with more keys goes to
+    # pyarrow.json)
     room = max(1, 8 * n // (SLOT_BYTES * nlines), (1 << 20) // (SLOT_BYTES * nlines))
     for kmax in sorted({min(k, room) for k in MAX_KEYS}):
         keys = np.zeros(2 * kmax, np.int64)
@@ -101,8 +102,8 @@ def flat_table(arr: np.ndarray, ends: np.ndarray, fns=None) -> pa.Table | None:
             columns.append(pa.Array.from_buffers(pa.int64(), nlines, [validity, pa.py_buffer(np.ascontiguousarray(vals))],
                                                  null_count=n_null))
             continue
-        room = int((vval[present, c] - vstart[present, c]).sum())
-        out = np.empty(max(room, 1), np.uint8)
+        raw_bytes = int((vval[present, c] - vstart[present, c]).sum())  # decoded: as many or fewer
+        out = np.empty(max(raw_bytes, 1), np.uint8)
         offsets = np.empty(nlines + 1, np.int32)
         size = gather(arr.ctypes.data, vstart.ctypes.data, vval.ctypes.data, esc.ctypes.data, nlines, kmax, c,
                       out.ctypes.data, offsets.ctypes.data)
