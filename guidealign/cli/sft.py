@@ -125,7 +125,10 @@ def push(what, repo_id, private, workdir, cfg, rank, world_size, no_progress):
     try:
         rep = _run_push(cfg, workdir, r, w, not no_progress, reports)
     finally:  # a push that finished before the next one failed is on the Hub: said so too
-        _show(reports, private)
+        # (push.private set in the config asks for a private repo as --private does: an existing
+        # public one is pushed to as it is, and said so; a config at its default, public, asks
+        # nothing: a private repo is not warned about)
+        _show(reports, private if private is not None else (True if cfg.push.private else None))
     if rep is None:
         click.echo(f"push runs on rank 0; rank {r} has nothing to do")
 
@@ -155,14 +158,14 @@ def _run_push(cfg, workdir, r: int, w: int, progress: bool, reports: list):
 
 
 def _show(reports: list, private: bool | None) -> None:
-    """Each push's summary; a warning for a repo whose visibility is not the one --private or
-    --public asked for (create_repo keeps an existing repo's visibility: it is not changed
-    behind the user's back)."""
+    """Each push's summary; a warning for a repo whose visibility is not the one --private,
+    --public or push.private asked for (create_repo keeps an existing repo's visibility: it is
+    not changed behind the user's back)."""
     from guidealign.hub.push import visibility
 
     for one in reports:
         if private is not None and one.private is not None and one.private != private:
             click.echo(f"warning: {one.repo_type} {one.repo_id} is {visibility(one.private)}, not "
-                       f"{visibility(private)} as asked: --private/--public apply to a new repo "
-                       "only (change it in the repo's settings on the Hub)", err=True)
+                       f"{visibility(private)} as asked: push.private and --private/--public apply "
+                       "to a new repo only (change it in the repo's settings on the Hub)", err=True)
         click.echo(one.summary())
