@@ -109,7 +109,7 @@ def bench_merge(n: int, kinds: list[str], threshold: float, overrides=()) -> dic
 
     from guidealign.config import load_config
     from guidealign.retrieval.dedup import cluster, components, exhaustive_pairs
-    from guidealign.retrieval.library import candidate_vectors
+    from guidealign.retrieval.library_candidates import candidate_vectors
     from synthetic import rewrite_families
 
     lc = load_config(overrides=[f"library.fuzzy_threshold={threshold}", *overrides]).library

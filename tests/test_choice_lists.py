@@ -160,14 +160,14 @@ def cli_executor(v, request, monkeypatch):
 
 def library_candidates(v, request, monkeypatch):
     from guidealign.config.retrieval import LibraryConfig
-    from guidealign.retrieval import embed, library
+    from guidealign.retrieval import embed, library_candidates as candidates
 
     def stop(*a, **k):
         raise Stop
-    monkeypatch.setattr(library, "set_threads", lambda n: None)
+    monkeypatch.setattr(candidates, "set_threads", lambda n: None)
     monkeypatch.setattr(embed, "load_encoder", stop)  # "model": no encoder is loaded
     try:
-        library.library_vectors(["a prompt"], LibraryConfig(candidates=v))
+        candidates.library_vectors(["a prompt"], LibraryConfig(candidates=v))
     except Stop:
         pass
 

@@ -366,7 +366,7 @@ def test_risk_identification_on_do_not_answer_prompts(embedder_path, tmp_path):
     from click.testing import CliRunner
 
     from guidealign.cli import cli
-    from guidealign.retrieval.library import read_library
+    from guidealign.retrieval.library_store import read_library
 
     overrides = ["index.model=embedded:all-minilm-l6-v2", "index.threads=1", "retrieve.threads=1",
                  "retrieve.keep=3", "retrieve.top_n=4"]

@@ -78,7 +78,7 @@ def test_a_retriever_retrained_under_its_fingerprint_gets_a_new_index(lib_run, t
 
     from guidealign.retrieval.embed import load_encoder
     from guidealign.retrieval.index import IndexVersionError, load_index
-    from guidealign.retrieval.library import library_dir
+    from guidealign.retrieval.library_store import library_dir
     from guidealign.retrieval.retrieve import encoder_path
     from guidealign.shards.artifact import mark_done
 

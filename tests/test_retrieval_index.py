@@ -268,7 +268,7 @@ def test_tuning_performance_settings_rebuilds_nothing_downstream(built, tmp_path
     and with it respond). A setting that changes the output (index.kind) still changes the
     fingerprint."""
     from guidealign.retrieval.index import index_fingerprint
-    from guidealign.retrieval.library import library_fingerprint
+    from guidealign.retrieval.library_store import library_fingerprint
     from guidealign.retrieval.train import retriever_fingerprint
 
     w = _copy_run(built, tmp_path / "w")
@@ -335,7 +335,7 @@ def test_settings_the_chosen_index_kind_or_candidate_space_never_reads_change_no
     library.embed_model counted with n-gram candidates, ngram_dim with model candidates. Where
     the mode reads them, they still count."""
     from guidealign.retrieval.index import index_fingerprint
-    from guidealign.retrieval.library import library_fingerprint
+    from guidealign.retrieval.library_store import library_fingerprint
 
     def ifp(*o):
         return index_fingerprint(load_config(overrides=list(o)), "v")

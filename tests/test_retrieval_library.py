@@ -13,7 +13,9 @@ from rapidfuzz import fuzz
 from guidealign.config import load_config
 from guidealign.retrieval.dedup import cluster, components, exhaustive_pairs
 from guidealign.retrieval.embed import ngram_vectors, normalize_text
-from guidealign.retrieval.library import library_vectors, read_library, run_library
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.library_candidates import library_vectors
+from guidealign.retrieval.library_store import read_library
 from synthetic import rewrite_families, synthetic_library, write_guideline_shards
 
 

@@ -167,7 +167,7 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_model(t
     import sys
 
     from guidealign.core.checkpoints import newest_checkpoint
-    from guidealign.retrieval.library import read_library
+    from guidealign.retrieval.library_store import read_library
     from guidealign.retrieval.checkpoints import KILL_AFTER_SAVES_ENV, checkpoint_dir
     from guidealign.retrieval.train import model_dir, retriever_fingerprint
     from guidealign.shards.artifact import read_done

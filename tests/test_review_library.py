@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 
 from guidealign.config import load_config
 from guidealign.retrieval.embed import normalize_text
-from guidealign.retrieval.library import read_library, run_library
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.library_store import read_library
 from synthetic import base_guideline, near_duplicate, write_guideline_shards
 
 SETS = ["library.threads=1", "library.use_gpu=false"]

@@ -86,7 +86,7 @@ def _forget_settings(w: Path) -> None:
 
 def test_the_runs_retrieve_records_its_settings_without_a_new_fingerprint(built):
     from guidealign.retrieval.index import check_version, index_dir
-    from guidealign.retrieval.library import library_dir
+    from guidealign.retrieval.library_store import library_dir
     from guidealign.shards import fingerprint
     from guidealign.shards.manifest import read_manifest
 

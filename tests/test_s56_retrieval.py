@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 from guidealign.config import load_config
-from guidealign.retrieval.library import read_library, run_library
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.library_store import read_library
 from synthetic import write_guideline_shards
 
 

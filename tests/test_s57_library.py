@@ -6,7 +6,8 @@ from rapidfuzz import fuzz
 
 from guidealign.config import load_config
 from guidealign.retrieval.embed import normalize_text
-from guidealign.retrieval.library import read_library, run_library
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.library_store import read_library
 from synthetic import write_guideline_shards
 
 # near-duplicates by fuzz.ratio (typos in every word) whose sentence embeddings are far apart

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from guidealign.config import load_config
-from guidealign.retrieval.library import library_version, library_dir, run_library
+from guidealign.retrieval.library import run_library
+from guidealign.retrieval.library_store import library_version, library_dir
 from guidealign.retrieval.train import (eval_fingerprint, retriever_dir, retriever_fingerprint,
                                         run_train_retriever)
 from guidealign.shards.artifact import NotReady, mark_done
@@ -24,10 +25,10 @@ def quick_polls(monkeypatch):
     """The rank's wait polls every 10 ms, not 5 s: a refusal ends at wait_timeout_s (0.3 s)."""
     import functools
 
-    import guidealign.retrieval.library as library
+    import guidealign.retrieval.library_store as library_store
     from guidealign.shards.artifact import wait_done
 
-    monkeypatch.setattr(library, "wait_done", functools.partial(wait_done, poll=0.01))
+    monkeypatch.setattr(library_store, "wait_done", functools.partial(wait_done, poll=0.01))
 
 
 def _finished(workdir, cfg, version: str) -> None:

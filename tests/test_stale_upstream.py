@@ -109,7 +109,8 @@ def test_rank_0_does_not_train_or_index_a_library_of_another_config(tmp_path):
     """``--stages train-retriever,index`` after a library config change: rank 0 took whatever
     library was there (the other ranks then waited for an index they would never accept)."""
     from guidealign.config import load_config
-    from guidealign.retrieval.library import run_library, wait_library
+    from guidealign.retrieval.library import run_library
+    from guidealign.retrieval.library_store import wait_library
     from synthetic import coded_guideline_rows, write_guideline_shards
 
     wd = tmp_path / "run"

@@ -327,7 +327,7 @@ def library_overlap(sub: Path, base: Path, bench_ids) -> dict | None:
     not complete there."""
     import pyarrow.parquet as pq
 
-    from guidealign.retrieval.library import library_dir, read_library
+    from guidealign.retrieval.library_store import library_dir, read_library
     from guidealign.shards.artifact import read_done
 
     own = library_dir(sub)

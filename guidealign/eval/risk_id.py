@@ -20,7 +20,7 @@ PAPER_RISK_ID = 94.7  # % of the 939 Do-Not-Answer prompts, top 3 (arXiv 2403.11
 def library_kinds(library_workdir: Path) -> dict[str, str] | None:
     """guideline_id -> kind, or None when the library is not complete there."""
     from guidealign.shards.artifact import read_done
-    from guidealign.retrieval.library import library_dir, read_library
+    from guidealign.retrieval.library_store import library_dir, read_library
 
     if not read_done(library_dir(library_workdir)):
         return None

@@ -171,7 +171,7 @@ def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5
     current guideline shards and library config, with the current index config and encoder
     (its fingerprint: a rerun with a changed config never retrieves from the previous run's
     index). Returns the index's ``_done.json``."""
-    from guidealign.retrieval.library import library_dir, library_fingerprint
+    from guidealign.retrieval.library_store import library_dir, library_fingerprint
     from guidealign.shards import wait_complete
 
     workdir = Path(workdir)
@@ -192,7 +192,7 @@ def wait_current_index(cfg, workdir: str | Path, timeout: float, poll: float = 5
 def run_index(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,
               progress: bool = True) -> IndexReport:
     from guidealign.retrieval.embed import doc_text, encode, load_encoder
-    from guidealign.retrieval.library import library_dir, read_library, wait_library
+    from guidealign.retrieval.library_store import library_dir, read_library, wait_library
 
     ic = cfg.index
     workdir = Path(workdir)

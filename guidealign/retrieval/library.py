@@ -38,28 +38,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from guidealign.core.threads import set_threads
 from guidealign.config import wait_timeout
-from guidealign.config.retrieval import LIBRARY_PERFORMANCE, LIBRARY_UNREAD
 from guidealign.shards.artifact import build_dir, is_current, mark_done, read_done, wait_done
 from guidealign.retrieval.embed import normalize_text
+from guidealign.retrieval.library_candidates import candidate_vectors
+from guidealign.retrieval.library_store import (LIBRARY_SCHEMA, PAIRS_SCHEMA, STAGE, content_version,
+                                                library_dir, library_fingerprint)
 from guidealign.retrieval.split import heldout_flags
-from guidealign.shards import (fingerprint, iter_batches, iter_tables, read_manifest, wait_complete,
-                               write_manifest, write_shard)
-from guidealign.shards.fingerprint import at_defaults
+from guidealign.shards import iter_batches, wait_complete, write_manifest, write_shard
 from guidealign.shards.manifest import checksums_digest, input_checksums
 
 log = logging.getLogger(__name__)
-
-LIBRARY_SCHEMA = pa.schema([
-    ("guideline_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
-    ("kind", pa.string()), ("members", pa.int64()), ("prompt_ids", pa.list_(pa.string())),
-])
-PAIRS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("risky", pa.bool_()),
-    ("guideline_id", pa.string()),
-])
-STAGE = "library"
 
 
 @dataclass
@@ -117,58 +106,6 @@ def _written_forms(forms: Counter) -> tuple[str, str]:
     return most(titles), most(texts)
 
 
-def library_dir(workdir: str | Path) -> Path:
-    return Path(workdir) / STAGE
-
-
-def wait_library(cfg, workdir: str | Path, dst: str | Path, rank: int, world_size: int,
-                 stale=None) -> str | None:
-    """For the stages built on the library (train-retriever, index): rank 0 waits for the
-    complete library and gets its version; the other ranks wait for ``dst``, which rank 0
-    writes, and get None. They take ``dst`` only once the library is the one of this run's
-    guideline shards and library config, and ``stale(dst's _done.json, that library's
-    version)`` says nothing against it (it returns what makes ``dst`` another run's, or None):
-    in a rerun rank 0 is about to rebuild the previous run's ``dst``, which is complete."""
-    timeout = wait_timeout(cfg, world_size)
-    lib = library_dir(workdir)
-    src = Path(workdir) / cfg.library.src
-    if rank != 0:
-        want = None  # (without the guidelines here, e.g. a library copied alone: as rank 0 takes it)
-        if read_manifest(src) is not None:
-            wait_complete(src, timeout=timeout)
-            want = library_fingerprint(cfg.library, src)
-
-        def why(done: dict) -> str | None:
-            have = read_done(lib)
-            if have is None:
-                return f"{lib} is not complete"
-            if want is not None and have.get("fingerprint") != want:
-                return (f"{lib} was built from other guidelines or with another library config than "
-                        "this run's: the library stage rebuilds it first")
-            return stale(done, have["version"]) if stale is not None else None
-
-        wait_done(dst, timeout=timeout, accept=_accepting(why))
-        return None
-    wait_complete(lib, timeout=timeout)
-    done = wait_done(lib, timeout=timeout)
-    # rank 0 builds the library itself, so one of another config or other guidelines will not
-    # change while it waits: say so now (the other ranks accept only what the current one gives;
-    # without the guidelines here, e.g. a library copied alone, it is taken as it is)
-    if read_manifest(src) is not None and done.get("fingerprint") != library_fingerprint(cfg.library, src):
-        raise RuntimeError(f"{lib} was built from other guidelines or with another library config than "
-                           f"this run's: run the library stage first (guidealign library)")
-    return done["version"]
-
-
-def _accepting(why):
-    """``wait_done``'s ``accept`` from ``why(done)``, what a ``_done.json`` lacks (None: nothing).
-    wait_done says a refused one's reason from accept's docstring: it is set to the last one."""
-    def accept(done: dict) -> bool:
-        accept.__doc__ = why(done)
-        return accept.__doc__ is None
-    return accept
-
-
 def guideline_id(key: str) -> str:
     return "g" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
@@ -202,99 +139,6 @@ def _visible(key: str) -> bool:
     """Whether a guideline's comparison text shows anything: not only spaces, format and
     control characters (a zero-width space, a BOM), which strip() and \\s leave."""
     return any(unicodedata.category(c)[0] not in "ZC" for c in key)
-
-
-def library_fingerprint(lc, src: Path, checksums: list[str] | None = None) -> str:
-    """The fingerprint of the library built from the guideline shards in ``src`` with ``lc``
-    (other ranks compute it to accept only a library, and an index, built from them)."""
-    # v2: a guideline's kind is voted by the prompt sets its guidelines were written with;
-    # v3: guidelines and prompts numbered in sorted order (the IVF search and the pairs files
-    # do not depend on the read order), the version covers the pairs files; the performance
-    # settings, and those the candidate space never reads, count at their defaults; v4: the
-    # n-gram candidate vectors are made from the text with its accents folded (fold_marks), and
-    # prompts that differ only in case share a split (heldout_flags); v5: no pairs for prompts
-    # without text (they were pairs with an empty prompt), invisible titles as empty ones
-    # model candidates: the n-gram ones too (candidate_spaces), so the libraries they built
-    # before are rebuilt; the n-gram libraries keep their prints
-    unread = LIBRARY_PERFORMANCE + LIBRARY_UNREAD.get(lc.candidates, ())
-    also = ["with-ngram-candidates"] if lc.candidates == "model" else []
-    return fingerprint("library-v5", at_defaults(lc, unread),
-                       input_checksums(src) if checksums is None else checksums, *also)
-
-
-def content_version(tables: list[pa.Table]) -> str:
-    """A hash of the tables' schemas and rows (each as one Arrow IPC stream of one chunk)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tables:
-        sink = pa.BufferOutputStream()
-        t = t.combine_chunks().replace_schema_metadata(None)
-        with pa.ipc.new_stream(sink, t.schema) as w:
-            w.write_table(t)
-        h.update(sink.getvalue())
-    return h.hexdigest()[:20]
-
-
-def library_version(d: str | Path) -> str | None:
-    done = read_done(d)
-    return done.get("version") if done else None
-
-
-def read_library(workdir: str | Path, columns: list[str] | None = None) -> tuple[pa.Table, str]:
-    """The whole library table (in guideline_id order) and its version; raises when absent."""
-    d = library_dir(workdir)
-    done = wait_done(d)
-    tables = list(iter_tables(d, columns))
-    table = pa.concat_tables(tables) if tables else LIBRARY_SCHEMA.empty_table()
-    return table, done["version"]
-
-
-def library_vectors(keys: list[str], lc, space: str | None = None) -> np.ndarray:
-    """The candidate-search vectors of ``keys`` in ``space`` ("ngram": hashed n-grams, "model":
-    sentence embeddings; default ``lc.candidates``)."""
-    from guidealign.retrieval.embed import encode, fold_marks, load_encoder, ngram_vectors
-
-    space = space or lc.candidates
-    if space == "ngram":  # accents folded: see fold_marks
-        # beside model candidates at the default dimension: ngram_dim is for candidates=ngram
-        # (a model library's fingerprint does not count it)
-        dim = lc.ngram_dim if lc.candidates == "ngram" else type(lc)().ngram_dim
-        return ngram_vectors([fold_marks(k) for k in keys], dim=dim)
-    if space == "model":
-        from guidealign.retrieval.faiss_gpu import num_gpus
-
-        # FAISS's GPU probe (a child process, once per process; the clustering's FAISS asks
-        # later) before the encoder takes a GPU here: on EXCLUSIVE_PROCESS GPUs it would find
-        # them all taken after
-        num_gpus(lc.use_gpu)
-        set_threads(lc.threads)
-        model = load_encoder(lc.embed_model)
-        return encode(model, keys, batch_size=lc.batch_size)
-    raise ValueError(f"library.candidates must be 'ngram' or 'model', not {space!r}")
-
-
-def candidate_spaces(lc) -> tuple[str, ...]:
-    """The spaces searched for near-duplicate candidates. With model candidates the n-grams too:
-    the merge test, fuzz.ratio, is character-level, and the embedding puts text with typos in
-    every word (ratio 0.90) at cosine 0.18 to its original, below min_cosine, so model
-    neighbours alone kept such pairs apart. The n-gram search costs little beside the
-    embedding (3,000 guidelines on 2 CPU cores: 0.3 s more search, 60 s or more of embedding)."""
-    if lc.candidates not in ("ngram", "model"):
-        raise ValueError(f"library.candidates must be 'ngram' or 'model', not {lc.candidates!r}")
-    return ("model", "ngram") if lc.candidates == "model" else ("ngram",)
-
-
-def candidate_vectors(keys: list[str], lc, secs: dict | None = None):
-    """The vectors of ``keys`` in each of ``candidate_spaces(lc)`` in turn, for ``dedup.cluster``
-    (only one space held at a time); the time spent making them is added to ``secs["vectors"]``."""
-    for space in candidate_spaces(lc):
-        t0 = time.perf_counter()
-        vecs = library_vectors(keys, lc, space)
-        if secs is not None:
-            secs["vectors"] = secs.get("vectors", 0.0) + time.perf_counter() - t0
-        yield vecs
-        del vecs
 
 
 def run_library(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1,

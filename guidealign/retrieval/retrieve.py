@@ -108,7 +108,7 @@ def make_shard_fn(cfg, workdir: Path):
     """Load the encoder and index once; return the per-shard function."""
     from guidealign.retrieval.embed import encode, load_encoder
     from guidealign.retrieval.index import index_dir, load_index
-    from guidealign.retrieval.library import library_dir
+    from guidealign.retrieval.library_store import library_dir
 
     rc = cfg.retrieve
     set_threads(rc.threads)
@@ -154,7 +154,7 @@ def run_retrieve(cfg, workdir: str | Path, *, rank: int = 0, world_size: int = 1
     one its library, index and retriever settings build (eval retrieves from links to a run's
     artifacts under a config of its own, and passes False: only versions and weights count)."""
     from guidealign.retrieval.index import IndexVersionError, check_version, index_dir, wait_current_index
-    from guidealign.retrieval.library import library_dir
+    from guidealign.retrieval.library_store import library_dir
 
     rc = cfg.retrieve
     if not 1 <= rc.keep <= rc.top_n:

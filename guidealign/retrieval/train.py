@@ -221,7 +221,7 @@ def run_train_retriever(cfg, workdir: str | Path, *, rank: int = 0, world_size: 
                         progress: bool = True) -> RetrieverReport:
     from guidealign.retrieval.embed import doc_text, load_encoder
     from guidealign.retrieval.evaluate import build_eval_set
-    from guidealign.retrieval.library import library_dir, read_library, wait_library
+    from guidealign.retrieval.library_store import library_dir, read_library, wait_library
 
     rc = cfg.retriever
     workdir = Path(workdir)
@@ -348,7 +348,7 @@ def _reevaluate(rc, workdir: Path, done: dict, efp: str) -> dict:
     stay as they are, ``metrics.json`` and ``_done.json`` (same fingerprint) get the new figures."""
     from guidealign.retrieval.embed import load_encoder
     from guidealign.retrieval.evaluate import build_eval_set
-    from guidealign.retrieval.library import library_dir, read_library
+    from guidealign.retrieval.library_store import library_dir, read_library
 
     from guidealign.shards.artifact_files import check_files, file_checksums
 
