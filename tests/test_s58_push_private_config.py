@@ -6,8 +6,11 @@ from hubserver import HubServer
 from test_push import TOKEN, hub_env, make_model, make_run, push_cmd, run
 
 
-def _warnings(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.startswith("warning:")]
+def _push_model(workdir, env, repo: str, *args) -> list[str]:
+    """Push the trained model to ``repo``; its warnings (stderr lines starting "warning:")."""
+    p = run(push_cmd(workdir, "model", repo, *args), env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return [ln for ln in p.stderr.splitlines() if ln.startswith("warning:")]
 
 
 def test_private_in_the_config_warns_of_an_existing_public_repo(tmp_path, workdir):
@@ -15,15 +18,10 @@ def test_private_in_the_config_warns_of_an_existing_public_repo(tmp_path, workdi
     make_model(workdir, card="# m\n")
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
-        p = run(push_cmd(workdir, "model", "org/s58-model", "--public"), env)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-        assert not _warnings(p.stderr)
-
-        p = run(push_cmd(workdir, "model", "org/s58-model", "--set", "push.private=true"), env)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        assert not _push_model(workdir, env, "org/s58-model", "--public")
+        warning = _push_model(workdir, env, "org/s58-model", "--set", "push.private=true")
         assert hub.state.repos[("model", "org/s58-model")].private is False  # not changed
-        warning = _warnings(p.stderr)
-        assert len(warning) == 1, p.stderr[-3000:]
+        assert len(warning) == 1
         assert "org/s58-model is public, not private as asked" in warning[0] and "push.private" in warning[0]
 
 
@@ -33,9 +31,6 @@ def test_the_default_config_does_not_warn_of_a_private_repo(tmp_path, workdir):
     make_model(workdir, card="# m\n")
     with HubServer(token=TOKEN) as hub:
         env = hub_env(hub, tmp_path)
-        p = run(push_cmd(workdir, "model", "org/s58-private", "--private"), env)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-        p = run(push_cmd(workdir, "model", "org/s58-private"), env)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        _push_model(workdir, env, "org/s58-private", "--private")
+        assert not _push_model(workdir, env, "org/s58-private")
         assert hub.state.repos[("model", "org/s58-private")].private is True
-        assert not _warnings(p.stderr), p.stderr[-3000:]
