@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.chat import NO_CHAT, ChatKey, chat_key, chat_prompt, chat_reason, chat_turns
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
-from guidealign.ingest.blake2_llvm import kernel as blake2_kernel
+from guidealign.ingest.blake2_llvm import blake2b64_spans, kernel as blake2_kernel
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
 from guidealign.ingest.keys import find_input_keys, find_prompt_key, norm_key
@@ -231,8 +231,6 @@ def hash_spans(starts: np.ndarray, ends: np.ndarray, data: pa.Buffer | None, ker
     """blake2b-64 of each byte span ``data[starts[i]:ends[i]]``: hashlib in a loop (no str
     objects), or a compiled kernel (``llvm``: blake2_llvm; the same digests, without the GIL)."""
     if kernel == "llvm" and blake2_kernel() is not None:
-        from guidealign.ingest.blake2_llvm import blake2b64_spans
-
         keep = data if data is not None and data.size else _EMPTY  # alive during the call
         return blake2b64_spans(starts, ends, keep.address)
     mv = memoryview(data) if data is not None else memoryview(b"")

@@ -102,7 +102,7 @@ class Pending:
     build: Callable[[], tuple[pa.Table, pa.Table | None]]
     seconds: float
     stats: dict
-    encoded: Future | None = field(default=None, repr=False)  # of ``_Encoded``, once submitted
+    encoded: Future | None = field(default=None, repr=False)  # of ``_Encoded``: set by ``submit``
 
 
 @dataclass
@@ -169,8 +169,7 @@ class ShardWriter:
     # --- caller's side ---------------------------------------------------------------------
     def submit(self, item: Pending) -> None:
         self._raise()
-        if item.encoded is None:
-            item.encoded = self.pool.submit(_encode, item)
+        item.encoded = self.pool.submit(_encode, item)
         while True:
             try:
                 self.q.put(item, timeout=0.5)
@@ -248,7 +247,7 @@ class ShardWriter:
         dst.mkdir(parents=True, exist_ok=True)
         markers, renames, touched_q = [], [], False
         for p in group:
-            enc = p.encoded.result() if p.encoded is not None else _encode(p)
+            enc = p.encoded.result()
             p.encoded = None  # (its bytes go with this loop, not with the queue's references)
             q_sha = ""
             qpath = quarantine_path(dst, p.index)
