@@ -7,7 +7,7 @@ from typing import get_args
 
 import click
 
-from guidealign.config import ConfigError, ExecutorKind, config_error, load_config
+from guidealign.config import ConfigError, ExecutorKind, config_error, load_config, yaml_errors
 
 
 def error_line(e: Exception) -> str:
@@ -20,11 +20,9 @@ def error_line(e: Exception) -> str:
 def load_cli_config(config_path, overrides):
     """``load_config`` for a command: a bad file or --set is a usage error (one line, exit 2),
     never a traceback."""
-    import yaml
-
     try:
         return load_config(config_path, overrides)
-    except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+    except (ConfigError, OSError, UnicodeDecodeError, *yaml_errors()) as e:
         where = f"{config_path}: " if config_path and not isinstance(e, ConfigError) else ""
         raise click.UsageError(f"config: {where}{config_error(e)}") from e
 

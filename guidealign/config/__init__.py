@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
-import yaml
-
-from guidealign.config.yamlio import (FLOAT_TEXT, INT_TEXT, ConfigError, Dumper,  # noqa: F401 - ConfigError re-exported
-                                      yaml_load)
+from guidealign.config.yamlio import (FLOAT_TEXT, INT_TEXT, ConfigError, dumper,  # noqa: F401 - ConfigError re-exported
+                                      yaml_errors, yaml_load)
 from guidealign.config.engine import EngineConfig
 from guidealign.config.eval import EvalConfig
 from guidealign.config.gen import AugmentConfig, DetectConfig, GuidelinesConfig, RespondConfig
@@ -328,7 +326,7 @@ def _override_value(raw: str, tp, item: str):
         if text[:1] in ("'", '"'):
             try:
                 value = yaml_load(text)
-            except yaml.YAMLError:
+            except yaml_errors():
                 value = None
             if isinstance(value, str):
                 return value
@@ -337,7 +335,7 @@ def _override_value(raw: str, tp, item: str):
         return ""
     try:
         return yaml_load(raw)
-    except yaml.YAMLError as e:
+    except yaml_errors() as e:
         raise ConfigError(f"override {item!r}: the value is not valid YAML "
                           f"({str(e).splitlines()[0]}); quote it") from None
     except ConfigError as e:  # a key given twice, or one that is not text: say in which --set
@@ -447,7 +445,9 @@ def check_guided_system(rcfg) -> None:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False)
+    import yaml
+
+    return yaml.dump(to_dict(cfg), Dumper=dumper(), sort_keys=False)
 
 
 def wait_timeout(cfg: Config, world_size: int) -> float:

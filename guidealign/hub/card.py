@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 PAPER = "https://arxiv.org/abs/2403.11838"
 
 
@@ -46,11 +44,15 @@ def license_meta(value: str) -> dict:
 
 
 def _front(meta: dict) -> str:
+    import yaml  # (here, not at the top: every stage records its config with ``without_secrets``)
+
     meta = {k: v for k, v in meta.items() if v not in (None, "", [], {})}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
 def _yaml_block(obj) -> str:
+    import yaml
+
     return "```yaml\n" + yaml.safe_dump(obj, sort_keys=False) + "```\n"
 
 

@@ -6,9 +6,12 @@ needs no pandas. These build the arrays from their buffers instead; the values a
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 
 def one_array(col: pa.ChunkedArray) -> pa.Array:
     """The column as one array: its only chunk as is (``ChunkedArray.combine_chunks`` copies even
@@ -58,9 +61,11 @@ def str_arrow(values: list) -> pa.Array:
                                                   pa.py_buffer(b"".join(enc))])
 
 
+@functools.lru_cache(maxsize=256, typed=True)
 def lit(value: str | bool) -> pa.Scalar:
     """A string or boolean scalar for a compute call (a bare Python value there goes through
-    ``pa.scalar``, which asks the pandas shim too)."""
+    ``pa.scalar``, which asks the pandas shim too). Kept once made: a block asks for the same
+    few each time, and each took ~20 us of the GIL (scalars are immutable)."""
     if isinstance(value, bool):
         return bool_arrow(np.array([value]))[0]
     return str_arrow([value])[0]

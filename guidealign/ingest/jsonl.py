@@ -128,10 +128,12 @@ def _parse_block(block: bytes, line0: int, final: bool, compiled: bool = False) 
             block.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    if has_deep_line(block):  # pyarrow.json would crawl through it, or die (SIGSEGV) past ~10k levels
-        return None
     arr = np.frombuffer(block, np.uint8)
     lines = scan_lines(arr, compiled=compiled)
+    # (after the scan: its line ends show the long lines, where probing for them took ~1 ms a
+    # block with the GIL held)
+    if has_deep_line(block, ends=lines.ends):  # pyarrow.json would crawl through it, or die
+        return None                            # (SIGSEGV) past ~10k levels
     # every line a flat object of strings and integers: the compiled reader (``flatjson_llvm``)
     # gives the table pyarrow.json would, in a quarter of its time; any other block goes on
     table = flat_table(arr, lines.ends) if compiled else None
@@ -290,7 +292,8 @@ _BRACKET_STEP = bytes(1 if c in b"[{" else 255 if c in b"]}" else 0 for c in ran
 _NOT_BRACKET_OR_QUOTE = bytes(c for c in range(256) if c not in b'[]{}"')
 
 
-def has_deep_line(block: bytes, limit: int = MAX_DEPTH, long_line: int = LONG_LINE) -> bool:
+def has_deep_line(block: bytes, limit: int = MAX_DEPTH, long_line: int = LONG_LINE,
+                  ends: np.ndarray | None = None) -> bool:
     """Whether some line of ``block`` may hold brackets nested more than ``limit`` deep (counted
     from the line's start), so that it must go to the row reader, which quarantines such a row.
 
@@ -301,8 +304,20 @@ def has_deep_line(block: bytes, limit: int = MAX_DEPTH, long_line: int = LONG_LI
     ones in its second half (a value open in the first half was opened there; one open in the
     second half is closed there, or the line is not JSON and pyarrow.json stops at it); then the
     exact count (``line_depth``). Brackets inside strings can only make it say yes where the row
-    reader then finds nothing wrong."""
-    n, p, arr = len(block), 0, None
+    reader then finds nothing wrong.
+
+    ``ends``: the positions of every line end in ``block`` (``scan_lines``), where known: the long
+    lines are then read from them instead of probed for (the same lines, the same answer)."""
+    n, arr = len(block), None
+    if ends is not None:
+        starts = np.concatenate(([0], ends + 1))
+        stops = np.concatenate((ends, [n]))
+        for p, end in zip(*(x[stops - starts >= long_line].tolist() for x in (starts, stops))):
+            arr = np.frombuffer(block, np.uint8) if arr is None else arr
+            if _deep_line_at(block, arr, p, end, limit):
+                return True
+        return False
+    p = 0
     while p + long_line <= n:
         q = block.rfind(b"\n", p, p + long_line)
         if q >= 0:
@@ -310,14 +325,19 @@ def has_deep_line(block: bytes, limit: int = MAX_DEPTH, long_line: int = LONG_LI
             continue
         end = block.find(b"\n", p + long_line)
         end = n if end < 0 else end
-        mid = (p + end) // 2
         arr = np.frombuffer(block, np.uint8) if arr is None else arr
-        if (_count(arr, p, end, 0x7B) > limit
-                and (_count(arr, p, mid, 0x7B) > limit or _count(arr, mid, end, 0x7D) > limit)
-                and line_depth(block[p:end]) > limit):
+        if _deep_line_at(block, arr, p, end, limit):
             return True
         p = end + 1
     return False
+
+
+def _deep_line_at(block: bytes, arr: np.ndarray, p: int, end: int, limit: int) -> bool:
+    """Whether the line ``block[p:end]`` nests more than ``limit`` deep (``has_deep_line``)."""
+    mid = (p + end) // 2
+    return (_count(arr, p, end, 0x7B) > limit
+            and (_count(arr, p, mid, 0x7B) > limit or _count(arr, mid, end, 0x7D) > limit)
+            and line_depth(block[p:end]) > limit)
 
 
 def _count(arr: np.ndarray, start: int, end: int, which: int, step: int = 1 << 24) -> int:

@@ -1,0 +1,168 @@
+"""Stop 59: less work around ingest's kernels, with the same output.
+
+- the deep-line check reads the long lines from the line scan's ends instead of probing for them;
+- shard ids are stored with their lengths apart (Parquet DELTA_LENGTH_BYTE_ARRAY);
+- a shard's rows are copied once where a block left many runs of them (not sliced);
+- the sync thread makes the groups written meanwhile durable together;
+- a command given no config file or override never loads PyYAML.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from guidealign.config.ingest import IngestConfig
+from guidealign.ingest import commit, run
+from guidealign.ingest.commit import Pending, ShardWriter
+from guidealign.ingest.jsonl import has_deep_line, scan_lines
+from guidealign.shards.marker import read_marker
+
+
+def _piece(rng: random.Random) -> bytes:
+    r = rng.random()
+    if r < 0.3:
+        return b"[" * rng.randrange(0, 1200) + b"]" * rng.randrange(0, 1200)
+    if r < 0.5:
+        return b"{" + b'"a":{' * rng.randrange(0, 700) + b"}" * rng.randrange(0, 700)
+    if r < 0.7:
+        return b"x" * rng.randrange(0, 5000)
+    if r < 0.8:
+        return b"\n" * rng.randrange(1, 3)
+    return b'{"prompt":"' + b"w " * rng.randrange(0, 3000) + b'"}'
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_deep_line_check_from_line_ends_answers_as_the_probe(compiled):
+    """Blocks of long and short lines, brackets nested past and below the limit, a last line
+    with and without its line end: the check given the scan's line ends says what probing says."""
+    rng = random.Random(59)
+    said = {True: 0, False: 0}
+    for _ in range(400):
+        block = b"".join(_piece(rng) + (b"\n" if rng.random() < 0.6 else b"") for _ in range(rng.randrange(1, 12)))
+        ends = scan_lines(np.frombuffer(block, np.uint8), compiled=compiled).ends
+        for limit, long_line in ((500, 4096), (100, 300), (1000, 2000)):
+            probe = has_deep_line(block, limit, long_line)
+            assert has_deep_line(block, limit, long_line, ends=ends) == probe, (block[:80], limit, long_line)
+            said[probe] += 1
+    assert said[True] > 100 and said[False] > 100  # both answers were tested
+    # at the boundary: a deep line of exactly ``long_line`` bytes is looked at, one byte less is not
+    for size, deep in ((299, False), (300, True), (301, True)):
+        line = b"[" * (size // 2) + b"]" * (size - size // 2)
+        for block in (b"x\n" + line + b"\n", b"x\n" + line, line + b"\n" + b"y" * 400):
+            ends = scan_lines(np.frombuffer(block, np.uint8), compiled=compiled).ends
+            assert has_deep_line(block, 100, 300) is deep
+            assert has_deep_line(block, 100, 300, ends=ends) is deep
+
+
+def _ingest(tmp_path, rows, **cfg):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = run.ingest([str(src)], tmp_path / "w", IngestConfig(**cfg), progress=False)
+    return rep, tmp_path / "w" / "prompts"
+
+
+def test_shard_ids_are_stored_with_their_lengths_apart_and_read_back_unchanged(tmp_path):
+    rows = [{"prompt": f"question {i} about {i % 7}", "n": i} for i in range(500)]
+    rep, dst = _ingest(tmp_path, rows, shard_rows=200)
+    assert rep.shards == 3
+    for i in range(rep.shards):
+        path = dst / f"shard-{i:05d}.parquet"
+        col = {c.path_in_schema: c for c in (pq.ParquetFile(path).metadata.row_group(0).column(k) for k in range(4))}
+        assert "DELTA_LENGTH_BYTE_ARRAY" in col["id"].encodings
+        assert all("DELTA_LENGTH_BYTE_ARRAY" not in col[c].encodings for c in ("prompt", "source", "metadata"))
+        assert col["id"].compression == "ZSTD"
+    table = ds.dataset(sorted(map(str, dst.glob("shard-*.parquet"))), format="parquet").to_table()
+    assert sorted(table.column("prompt").to_pylist()) == sorted(r["prompt"] for r in rows)
+    assert all(len(x) == 16 and int(x, 16) >= 0 for x in table.column("id").to_pylist())
+    from guidealign.core.ids import prompt_hash
+
+    by_prompt = dict(zip(table.column("prompt").to_pylist(), table.column("id").to_pylist()))
+    assert all(by_prompt[r["prompt"]] == prompt_hash(r["prompt"]).hex() for r in rows)
+
+
+def test_shard_rows_from_many_runs_are_copied_once_and_from_few_runs_sliced(tmp_path, monkeypatch):
+    """Many dropped rows in a shard (many runs of kept ones): the shard's prompt column is one
+    array when encoded; a shard with one dropped row keeps the zero-copy slices. Same rows either way."""
+    seen = []
+    encode = commit.parquet_bytes
+
+    def spy(table, **options):
+        if "id" in table.column_names:
+            seen.append(table.column("prompt").num_chunks)
+        return encode(table, **options)
+
+    monkeypatch.setattr(commit, "parquet_bytes", spy)
+    rows = [{"prompt": "" if i % 100 == 3 else f"question {i}"} for i in range(2000)]  # 21 runs
+    rep, dst = _ingest(tmp_path, rows, shard_rows=5000)
+    assert rep.shards == 1 and rep.quarantined == 20 and seen == [1]
+    seen.clear()
+    rows = [{"prompt": "" if i == 700 else f"question {i}"} for i in range(2000)]  # 2 runs
+    rep, dst = _ingest(tmp_path / "b", rows, shard_rows=5000)
+    assert rep.shards == 1 and seen == [2]
+    got = pq.read_table(dst / "shard-00000.parquet").column("prompt").to_pylist()
+    assert got == [r["prompt"] for r in rows if r["prompt"]]
+
+
+def _table(i):
+    return pa.table({"id": [f"{i:016x}"], "prompt": [f"p{i}"], "source": ["s"], "metadata": ["{}"]})
+
+
+def test_groups_written_while_the_sync_thread_works_are_made_durable_together(tmp_path, monkeypatch):
+    """The first group's sync is held until the writer has written several more: those are then
+    made durable in one pass, and every shard still gets its file and its marker, in order."""
+    release = threading.Event()
+    passes = []
+    durable = ShardWriter._make_durable
+
+    def held(self, w):
+        if not passes:
+            assert release.wait(20)
+        passes.append([m.index for m in w.markers])
+        return durable(self, w)
+
+    monkeypatch.setattr(ShardWriter, "_make_durable", held)
+    dst = tmp_path / "d"
+    writer = ShardWriter(dst, max_pending=1, max_group=1, encoders=1)
+    for i in range(6):
+        writer.submit(Pending(i, f"fp{i}", lambda i=i: (_table(i), None), 0.0, {}))
+        if i == 4:
+            release.set()
+    writer.close()
+    assert [i for p in passes for i in p] == list(range(6))  # each once, in order
+    assert len(passes) < 6 and max(len(p) for p in passes) > 1
+    for i in range(6):
+        assert read_marker(dst, i).fingerprint == f"fp{i}"
+        assert pq.read_table(dst / f"shard-{i:05d}.parquet").column("prompt").to_pylist() == [f"p{i}"]
+    assert not [p for p in os.listdir(dst) if p.endswith(".tmp")]
+
+
+def _cli(tmp_path, *args) -> dict:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a question"}\n{"prompt": "another one"}\n')
+    code = ("import json, sys\n"
+            "from guidealign.cli import main\n"
+            f"sys.argv = ['guidealign', 'ingest', {str(src)!r}, '-w', {str(tmp_path / 'w')!r}, '--no-progress', *{list(args)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+            "print(json.dumps({'rc': code, 'yaml': 'yaml' in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ingest_without_a_config_file_or_override_never_loads_yaml(tmp_path):
+    assert _cli(tmp_path) == {"rc": 0, "yaml": False}
+
+
+def test_an_override_still_reads_as_yaml_and_a_bad_one_is_still_a_usage_error(tmp_path):
+    assert _cli(tmp_path, "--set", "ingest.shard_rows=5") == {"rc": 0, "yaml": True}
+    assert _cli(tmp_path, "--set", "ingest.shard_rows=[") == {"rc": 2, "yaml": True}
