@@ -136,6 +136,7 @@ def test_ingest_with_and_without_the_compiled_reader_writes_the_same_shards(tmp_
     read = []
     real = jsonl.flat_table
     monkeypatch.setattr(jsonl, "flat_table", lambda *a: read.append(real(*a)) or read[-1])
+    assert jsonl.scan_kernel() and flatjson_llvm.kernels()  # loaded: no block goes around them
     out = {}
     for kernel in ("llvm", "hashlib"):
         cfg = IngestConfig(block_bytes=2048, shard_rows=97, hash_kernel=kernel, prompt_field="prompt")

@@ -200,6 +200,7 @@ def test_ingest_with_and_without_the_kernel_on_edge_values(tmp_path, monkeypatch
     read = []
     real = jsonl.flat_table
     monkeypatch.setattr(jsonl, "flat_table", lambda *a: read.append(real(*a)) or read[-1])
+    assert jsonl.scan_kernel() and flatjson_llvm.kernels()  # loaded: no block goes around them
     rng = random.Random(11)
     vals = ['"hello"', '"a\\u00e9b"', '"  two  spaces"', '"x\\ty"', '"2024-01-02"', '"\\ud83d\\ude00"', '"caf\u00e9"',
             '""', '"   "', '"\\u0000"', '"\\u3000x"', '"\u00a0"', '"a\\\\"', '"\\n"', '"\uff21"', '"\\u2028"', '"x"']

@@ -166,3 +166,62 @@ def test_ingest_without_a_config_file_or_override_never_loads_yaml(tmp_path):
 def test_an_override_still_reads_as_yaml_and_a_bad_one_is_still_a_usage_error(tmp_path):
     assert _cli(tmp_path, "--set", "ingest.shard_rows=5") == {"rc": 0, "yaml": True}
     assert _cli(tmp_path, "--set", "ingest.shard_rows=[") == {"rc": 2, "yaml": True}
+
+
+def test_blocks_read_before_the_kernels_are_loaded_give_the_same_shards(tmp_path, monkeypatch):
+    """The parse thread does not wait for the line scan's and reader's kernels: a block read
+    while they load goes the numpy and pyarrow.json way. Here the first 5 blocks find them "not
+    loaded" (as while the kernel thread works): the shards and quarantine are those of a run that
+    had them from the start, and of a run without them."""
+    pytest.importorskip("llvmlite")
+    from guidealign.ingest import jsonl, llvm_build
+
+    assert jsonl.scan_kernel() is not None
+    rows = [{"prompt": "" if i % 37 == 1 else f"question {i % 900} of {i % 11}", "n": i} for i in range(4000)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = []
+    real = jsonl.flat_table
+    monkeypatch.setattr(jsonl, "flat_table", lambda *a: read.append(real(*a)) or read[-1])
+
+    def run_with(name, kernel, late_blocks):
+        asked = []
+        really = llvm_build.loaded
+        monkeypatch.setattr(jsonl, "loaded", lambda *w: asked.append(w) is None and len(asked) > late_blocks and really(*w))
+        read.clear()
+        cfg = IngestConfig(block_bytes=4096, shard_rows=300, hash_kernel=kernel)
+        rep = run.ingest([str(src)], tmp_path / name, cfg, progress=False)
+        dst = tmp_path / name / "prompts"
+        shards = [pq.read_table(p).to_pylist() for p in sorted(dst.glob("shard-*.parquet"))]
+        quarantine = [pq.read_table(p).to_pylist() for p in sorted(dst.rglob("quarantine/*.parquet"))]
+        return (shards, quarantine, rep.rows, rep.duplicates, rep.quarantined), len(read), len(asked)
+
+    late, late_read, blocks = run_with("late", "llvm", 5)
+    ready, ready_read, _ = run_with("ready", "llvm", 0)
+    assert blocks > 20 and late_read == blocks - 5 and ready_read == blocks
+    without, without_read, _ = run_with("without", "hashlib", 0)
+    assert without_read == 0
+    assert late == ready == without and late[0]
+
+
+def test_a_dedup_set_sized_for_its_hashes_answers_alike_without_rebuilding_its_filter(tmp_path):
+    from guidealign.ingest.dedup import EXPECTED_MAX, HashSet
+
+    rng = np.random.default_rng(59)
+    blocks = [rng.integers(0, 2**63, 5000, dtype=np.int64).astype(np.uint64) for _ in range(60)]
+    for b in blocks[1:]:
+        b[:50] = blocks[0][:50]  # repeats across blocks
+        b[50:60] = b[60:70]      # and within one
+    answers, filters = {}, {}
+    for expected in (0, 300_000):
+        with HashSet(memory_hashes=1 << 16, spill_dir=tmp_path, expected=expected) as s:
+            first = s.filter
+            answers[expected] = [s.add_new(b).tolist() for b in blocks]
+            filters[expected] = (s.filter is first, len(s))
+    assert answers[0] == answers[300_000]
+    assert filters[300_000] == (True, filters[0][1]) and filters[0][0] is False  # rebuilt only without
+    seen, want = set(), []
+    for b in blocks:
+        want.append([not (x in seen or seen.add(x)) for x in b.tolist()])
+    assert answers[0] == want
+    assert HashSet(expected=10 * EXPECTED_MAX).filter.words.nbytes == HashSet(expected=EXPECTED_MAX).filter.words.nbytes

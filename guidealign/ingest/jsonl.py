@@ -21,6 +21,7 @@ from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
 from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch
 from guidealign.ingest.flatjson_llvm import flat_table
 from guidealign.ingest.jsonrows import parse_jsonl_line
+from guidealign.ingest.llvm_build import loaded
 from guidealign.ingest.metadata import MAX_DEPTH
 from guidealign.ingest.scan_llvm import kernel as scan_kernel, line_ends
 
@@ -29,14 +30,17 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
     """Batches of a JSONL byte stream (UTF-8, \\n line ends), ``block_bytes`` at a time.
 
     One background thread reads and parses the next block (pyarrow releases the GIL) while
-    the caller's thread checks, normalizes and hashes this one. The compiled kernels that hash
-    (``spec.hash_kernel`` "llvm") scan the lines too."""
+    the caller's thread checks, normalizes and hashes this one. With the compiled kernels
+    (``spec.hash_kernel`` "llvm") the lines are scanned and read by them too, once they are
+    loaded: a block read before then (the first, while ingest's kernel thread loads them; more
+    the first time on a machine, while it compiles them) goes the numpy and pyarrow.json way
+    instead of waiting, with the same result."""
     compiled = spec.hash_kernel == "llvm"
 
     def parsed():
         line0 = 1
         for block, final, _ in cut_blocks(stream, block_bytes):
-            p = _parse_block(block, line0, final, compiled)
+            p = _parse_block(block, line0, final, compiled and loaded("line-end", "flat JSON"))
             yield block, line0, final, p
             line0 += p.ends.size if p is not None else block.count(b"\n")
 

@@ -139,10 +139,10 @@ def _hash_kernel(cfg: IngestConfig, files: list[Path]) -> str:
     from guidealign.ingest.flatjson_llvm import kernels as json_kernels
     from guidealign.ingest.scan_llvm import kernel as scan_kernel
 
-    def load():  # the JSONL line scan's and reader's kernels first: the first block needs them
+    def load():  # the hash's first: the JSONL parse does not wait for its two (``jsonl_blocks``)
+        blake2_kernel()
         scan_kernel()
         json_kernels()
-        blake2_kernel()
 
     threading.Thread(target=load, name="ingest-kernel").start()
     return "llvm"
@@ -351,6 +351,16 @@ def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: S
             yield rows_batch(src, chunk, spec)
 
 
+# input bytes a row, to size the de-dup filter up front: prompts with their JSON run ~100-300
+# bytes; fewer rows than guessed cost filter memory, more cost its rebuilds, as without a guess
+BYTES_A_ROW = 256
+
+
+def _expected_rows(files: list[Path]) -> int:
+    """About how many rows ``files`` hold (for the de-dup filter's size; 0 where unknown)."""
+    return sum(p.stat().st_size for p in files if p.is_file()) // BYTES_A_ROW
+
+
 def _remove_orphan_temp_files(dst: Path) -> None:
     for d in (dst, dst / "quarantine"):
         if d.is_dir():
@@ -398,7 +408,8 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
     rep = IngestReport(files=len(files), dataset=dataset)
     t0 = time.perf_counter()
     # the de-dup set's older hashes go to temp files beside the shards (gone with the process)
-    seen = HashSet(memory_hashes=hashes_in_mib(cfg.dedup_memory_mib), spill_dir=Path(workdir))
+    seen = HashSet(memory_hashes=hashes_in_mib(cfg.dedup_memory_mib), spill_dir=Path(workdir),
+                   expected=_expected_rows(files))
     out = _Shards(dst, run_fp, cfg, rep)
     spec = _spec(cfg, _hash_kernel(cfg, files))
     bar = None
