@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -225,3 +227,93 @@ def test_a_dedup_set_sized_for_its_hashes_answers_alike_without_rebuilding_its_f
         want.append([not (x in seen or seen.add(x)) for x in b.tolist()])
     assert answers[0] == want
     assert HashSet(expected=10 * EXPECTED_MAX).filter.words.nbytes == HashSet(expected=EXPECTED_MAX).filter.words.nbytes
+
+
+# --- kernels as shared libraries -----------------------------------------------------------------
+
+def _scan_build(monkeypatch, so_path):
+    pytest.importorskip("llvmlite")
+    from guidealign.ingest import llvm_build, scan_llvm
+
+    monkeypatch.setattr(llvm_build, "shared_library_file", lambda source: so_path)
+    owner, addrs = llvm_build.build(scan_llvm._module, Path(scan_llvm.__file__), [scan_llvm.FUNC])
+    fn = scan_llvm._CFUNC(addrs[scan_llvm.FUNC])
+    scan_llvm._self_test(fn)  # raises unless it finds what numpy finds
+    return owner, fn
+
+
+@pytest.mark.skipif(shutil.which("ld") is None, reason="no linker on PATH")
+def test_a_kernel_is_linked_once_and_then_loaded_as_a_library(tmp_path, monkeypatch):
+    import ctypes
+
+    so = tmp_path / "scan.so"
+    owner, _ = _scan_build(monkeypatch, so)
+    assert so.is_file() and not isinstance(owner, ctypes.CDLL)  # built with the JIT, then linked
+    owner, _ = _scan_build(monkeypatch, so)
+    assert isinstance(owner, ctypes.CDLL)  # the next load: the library, no JIT
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_without_a_linker_a_kernel_loads_with_the_jit_and_no_library_is_made(tmp_path, monkeypatch):
+    import ctypes
+
+    from guidealign.ingest import llvm_build
+
+    monkeypatch.setattr(llvm_build.shutil, "which", lambda name: None)
+    so = tmp_path / "scan.so"
+    owner, _ = _scan_build(monkeypatch, so)
+    assert not so.exists() and not isinstance(owner, ctypes.CDLL)
+
+
+@pytest.mark.skipif(shutil.which("ld") is None, reason="no linker on PATH")
+def test_a_damaged_library_is_replaced_not_trusted(tmp_path, monkeypatch, caplog):
+    import ctypes
+
+    so = tmp_path / "scan.so"
+    so.write_bytes(b"\x7fELF not really a library")
+    with caplog.at_level("WARNING"):
+        owner, _ = _scan_build(monkeypatch, so)
+    assert "does not load" in caplog.text and not isinstance(owner, ctypes.CDLL)
+    assert isinstance(_scan_build(monkeypatch, so)[0], ctypes.CDLL)  # linked again, and loads
+
+
+def test_the_library_key_follows_the_source_and_the_cpu(tmp_path, monkeypatch):
+    pytest.importorskip("llvmlite")
+    from guidealign.ingest import llvm_build
+
+    if llvm_build._cpu_id() is None:
+        pytest.skip("no /proc/cpuinfo here: no shared libraries")
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("x = 2\n")
+    first = llvm_build.shared_library_file(a)
+    assert first == llvm_build.shared_library_file(a) and first != llvm_build.shared_library_file(b)
+    assert first.parent == tmp_path / "__pycache__" and first.suffix == ".so"
+    monkeypatch.setattr(llvm_build, "_cpu_id", lambda: "model name: another CPU\nflags: sse2")
+    assert llvm_build.shared_library_file(a) != first
+
+
+def test_a_fresh_process_loads_the_cached_kernels_without_llvmlites_binding():
+    pytest.importorskip("llvmlite")
+    if shutil.which("ld") is None:
+        pytest.skip("no linker on PATH")
+    code = ("import sys\n"
+            "from guidealign.ingest.blake2_llvm import kernel as b\n"
+            "from guidealign.ingest.scan_llvm import kernel as s\n"
+            "from guidealign.ingest.flatjson_llvm import kernels as j\n"
+            "ok = all(f() is not None for f in (b, s, j))\n"
+            "print(ok, 'llvmlite.binding' in sys.modules)\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]  # the first may build and link them (a fresh clone); the second loads
+    assert runs[1].stdout.split() == ["True", "False"], runs[1].stderr
+
+
+def test_dedup_helpers_give_what_numpy_unique_gives():
+    from guidealign.ingest.dedup import _distinct_sorted, _first_of_each
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 10, 1000):
+        for hi in (1, 3, 50, 2**60):
+            v = rng.integers(0, hi, n).astype(np.uint64)
+            assert np.array_equal(_distinct_sorted(np.sort(v)), np.unique(v))
+            assert np.array_equal(_first_of_each(v), np.unique(v, return_index=True)[1])

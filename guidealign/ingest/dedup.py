@@ -101,8 +101,8 @@ class HashSet:
         seen = self._contains(run)
         new = ~_isin_sorted(h, run[seen])
         if repeats:  # repeats within h: the first occurrence is new, the others are not
-            cand = np.flatnonzero(_isin_sorted(h, np.unique(s[1:][rep])) & new)
-            first = np.unique(h[cand], return_index=True)[1]
+            cand = np.flatnonzero(_isin_sorted(h, _distinct_sorted(s[1:][rep])) & new)
+            first = _first_of_each(h[cand])
             later = np.ones(cand.size, dtype=bool)
             later[first] = False
             new[cand[later]] = False
@@ -323,6 +323,19 @@ class _RunWriter:
         self.file.flush()  # lookups read the file itself, not Python's buffer
         fences = np.concatenate(self.fences) if self.fences else np.zeros(0, dtype=_U64)
         return _DiskRun(self.file, self.n, fences)
+
+
+def _distinct_sorted(x: np.ndarray) -> np.ndarray:
+    """The distinct values of the sorted ``x`` (``np.unique``, which also imports numpy.ma:
+    ~3 ms of the first block's time)."""
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if x.size else x
+
+
+def _first_of_each(v: np.ndarray) -> np.ndarray:
+    """Index of the first occurrence of each distinct value of ``v``, in the values' order
+    (``np.unique(v, return_index=True)[1]``)."""
+    order = np.argsort(v, kind="stable")  # equal values keep their order: the first comes first
+    return order[np.concatenate([[True], v[order][1:] != v[order][:-1]])] if v.size else order
 
 
 def _isin_sorted(h: np.ndarray, values: np.ndarray) -> np.ndarray:
