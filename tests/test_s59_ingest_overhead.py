@@ -317,3 +317,48 @@ def test_dedup_helpers_give_what_numpy_unique_gives():
             v = rng.integers(0, hi, n).astype(np.uint64)
             assert np.array_equal(_distinct_sorted(np.sort(v)), np.unique(v))
             assert np.array_equal(_first_of_each(v), np.unique(v, return_index=True)[1])
+
+
+def test_a_later_column_is_made_once_whichever_threads_ask():
+    from guidealign.ingest.batch import Later, column
+
+    made, gate = [], threading.Event()
+
+    def make():
+        gate.wait(5)
+        made.append(1)
+        return pa.array(["{}"] * 3)
+
+    later = Later(make)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(column(later))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert made == [1] and len(got) == 4 and all(g is got[0] for g in got)
+    plain = pa.array(["{}"])
+    assert column(plain) is plain
+
+
+def test_ingest_shortens_the_switch_interval_while_it_runs_and_gives_it_back(tmp_path, monkeypatch):
+    seen = []
+    add = run._Shards.add
+    monkeypatch.setattr(run._Shards, "add", lambda self, b, s: seen.append(sys.getswitchinterval()) or add(self, b, s))
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        _ingest(tmp_path, [{"prompt": f"q{i}"} for i in range(50)])
+        assert seen and all(v == pytest.approx(run.SWITCH_INTERVAL) for v in seen)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        with pytest.raises(run.IngestError):  # given back after a failed run too
+            run.ingest([str(tmp_path / "in.jsonl")], tmp_path / "w2", IngestConfig(shard_cut="nowhere"), progress=False)
+        seen.clear()
+        (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a"}\n' * 10)
+        monkeypatch.setattr(run._Shards, "add", lambda self, b, s: (_ for _ in ()).throw(OSError("disk gone")))
+        with pytest.raises(OSError):
+            run.ingest([str(tmp_path / "bad.jsonl")], tmp_path / "w3", IngestConfig(), progress=False)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)
