@@ -362,3 +362,29 @@ def test_ingest_shortens_the_switch_interval_while_it_runs_and_gives_it_back(tmp
         assert sys.getswitchinterval() == pytest.approx(0.004)
     finally:
         sys.setswitchinterval(before)
+
+
+@pytest.mark.skipif(shutil.which("ld") is None, reason="no linker on PATH")
+def test_a_library_that_cannot_be_loaded_here_is_not_kept_nor_linked_again(tmp_path, monkeypatch):
+    """As on a file system mounted noexec: the library links but does not load. It is not kept,
+    a note says so, and the next runs neither link it again nor warn: the JIT loads the kernel."""
+    import ctypes
+
+    from guidealign.ingest import llvm_build
+
+    real_cdll, links = ctypes.CDLL, []
+
+    def noexec(path, *a, **k):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(f"{path}: failed to map segment from shared object")
+        return real_cdll(path, *a, **k)
+
+    real_run = llvm_build.subprocess.run
+    monkeypatch.setattr(llvm_build.ctypes, "CDLL", noexec)
+    monkeypatch.setattr(llvm_build.subprocess, "run", lambda *a, **k: links.append(a) or real_run(*a, **k))
+    so = tmp_path / "scan.so"
+    for _ in range(3):
+        owner, _ = _scan_build(monkeypatch, so)
+        assert not isinstance(owner, real_cdll)
+    assert not so.exists() and so.with_suffix(".nolib").is_file() and len(links) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -98,7 +98,7 @@ def _load_shared(path: Path | None, names: list[str]):
     """(library, {name: address}) from a cached shared library, or None (none cached, or one
     that does not load: removed, so that it is linked again)."""
     if path is None or not path.is_file():
-        return None
+        return None  # (also where libraries cannot be loaded here: ``_link_shared`` left a note)
     try:
         lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
         return lib, {n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names}
@@ -111,9 +111,11 @@ def _load_shared(path: Path | None, names: list[str]):
 
 def _link_shared(obj: bytes, path: Path | None) -> None:
     """Link the (position-independent) object code into the shared library at ``path``, where
-    a linker is on PATH; nothing otherwise (later runs then load the object with the JIT)."""
+    a linker is on PATH; nothing otherwise (later runs then load the object with the JIT). A
+    library that links but does not load here (a file system mounted noexec) is not kept: a
+    note (``.nolib``) beside it stops later runs from linking it again."""
     ld = shutil.which("ld")
-    if path is None or ld is None:
+    if path is None or ld is None or path.with_suffix(".nolib").exists():
         return
     tag = f"{os.getpid()}.{threading.get_ident()}"
     o, tmp = path.with_name(f".{path.stem}.{tag}.o"), path.with_name(f".{path.name}.{tag}.tmp")
@@ -122,6 +124,11 @@ def _link_shared(obj: bytes, path: Path | None) -> None:
         o.write_bytes(obj)
         subprocess.run([ld, "-shared", "-z", "noexecstack", "-o", str(tmp), str(o)], check=True,
                        capture_output=True, timeout=60)
+        try:
+            ctypes.CDLL(str(tmp), mode=os.RTLD_LOCAL)  # (loaded once more later: dlopen counts)
+        except OSError as e:
+            path.with_suffix(".nolib").write_text(f"{e}\n")
+            raise
         os.replace(tmp, path)
     except (OSError, subprocess.SubprocessError) as e:
         logging.getLogger(__name__).info("ingest: no shared library of %s (%s): its kernel loads with the JIT",
