@@ -47,7 +47,7 @@ PARTS = [
     (run._Shards, "add", "de-duplicate and cut shards", "caller"),
     (dedup.HashSet, "add_new", "  de-duplication set", "caller"),
     (commit, "_encode", "build and encode shards", "encode"),
-    (run, "_shard_table", "  build shard tables", "encode"),
+    (run, "shard_table", "  build shard tables", "encode"),
     (commit, "parquet_bytes", "  Parquet encoding", "encode"),
     (commit.ShardWriter, "_write_group", "write shard files (writer thread)", "writer"),
 ]

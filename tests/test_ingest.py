@@ -1251,7 +1251,7 @@ def test_shard_rows_taken_as_slices_equal_a_take(pattern):
     where there are many runs), are exactly ``take(at)``: the same values, in order, nulls included."""
     import numpy as np
 
-    from guidealign.ingest.run import _rows_at
+    from guidealign.ingest.shard_table import rows_at as _rows_at
 
     rng = random.Random(7)
     values = [None if i % 97 == 5 else f"p{i}-" + "x" * rng.randrange(0, 40) for i in range(5000)]

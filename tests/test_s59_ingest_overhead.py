@@ -2,7 +2,8 @@
 
 - the deep-line check reads the long lines from the line scan's ends instead of probing for them;
 - shard ids are stored with their lengths apart (Parquet DELTA_LENGTH_BYTE_ARRAY);
-- a shard's rows are copied once where a block left many runs of them (not sliced);
+- a shard's rows are copied once where a block left many runs of them (not sliced), and a
+  block's metadata JSON is built by the shard encoders (``shard_table.Later``);
 - the sync thread makes the groups written meanwhile durable together;
 - a command given no config file or override never loads PyYAML.
 """
@@ -320,7 +321,7 @@ def test_dedup_helpers_give_what_numpy_unique_gives():
 
 
 def test_a_later_column_is_made_once_whichever_threads_ask():
-    from guidealign.ingest.batch import Later, column
+    from guidealign.ingest.shard_table import Later, column
 
     made, gate = [], threading.Event()
 

@@ -23,7 +23,6 @@ either way).
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -35,6 +34,7 @@ from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.chat import NO_CHAT, ChatKey, chat_key, chat_prompt, chat_reason, chat_turns
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
 from guidealign.ingest.blake2_llvm import blake2b64_spans, kernel as blake2_kernel
+from guidealign.ingest.shard_table import Later
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
 from guidealign.ingest.keys import find_input_keys, find_prompt_key, norm_key
@@ -68,25 +68,6 @@ class Batch:
         self.bad_row.append(row)
         self.bad_reason.append(reason)
         self.bad_raw.append(raw)
-
-
-class Later:
-    """A column made on first use, once, by whichever thread asks first (``get()``): a block's
-    metadata JSON is built by the encoder of its first shard, not by the caller's thread, which
-    is the pipeline's bottleneck (1M rows: ~40 ms of its time)."""
-
-    def __init__(self, make: Callable[[], pa.Array]):
-        self._make, self._value, self._lock = make, None, threading.Lock()
-
-    def get(self) -> pa.Array:
-        with self._lock:
-            if self._make is not None:
-                self._value, self._make = self._make(), None
-            return self._value
-
-
-def column(c: "pa.Array | Later") -> pa.Array:
-    return c.get() if isinstance(c, Later) else c
 
 
 @dataclass
@@ -281,14 +262,6 @@ def trimmed_spans(a: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Buffer | None
 _EMPTY = pa.py_buffer(b"\0")
 
 
-def hex_ids(h: np.ndarray) -> pa.Array:
-    """16-char hex of each hash's little-endian bytes (== ``prompt_hash(p).hex()``)."""
-    n = len(h)
-    digits = np.ascontiguousarray(h, dtype="<u8").tobytes().hex().encode("ascii")  # 3x a lookup table
-    offsets = pa.py_buffer(np.arange(0, 16 * n + 1, 16, dtype=np.int32))
-    return pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(digits)])
-
-
 def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
                 fallback: Callable[[int], tuple[dict | None, str | None]], all_ascii: bool = False,
                 no_ws_runs: bool = False, inferred_types: bool = False) -> Batch:
@@ -471,5 +444,5 @@ def arrow_batches(src: str, batches: Iterable, spec: Spec) -> Iterator[Batch]:
         start += n
 
 
-__all__ = ["Batch", "Spec", "rows_batch", "table_batch", "arrow_batches", "hex_ids", "hash_spans",
+__all__ = ["Batch", "Spec", "rows_batch", "table_batch", "arrow_batches", "hash_spans",
            "normalize"]

@@ -35,11 +35,12 @@ from typing import get_args
 import numpy as np
 import pyarrow as pa
 
-from guidealign.ingest.arrays import affix, bool_arrow, int_arrow, str_arrow
+from guidealign.ingest.arrays import bool_arrow, int_arrow, str_arrow
 from guidealign.ingest.encodings import EncodingError, open_utf8, read_error
-from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, column, hex_ids, prompt_keys,
+from guidealign.ingest.batch import (Batch, Spec, arrow_batches, check_value, prompt_keys,
                                     prompt_value, rows_batch)
 from guidealign.ingest.commit import Pending, ShardWriter, default_encoders
+from guidealign.ingest.shard_table import PROMPT_SCHEMA, shard_table  # noqa: F401 - PROMPT_SCHEMA re-exported
 from guidealign.ingest.cuts import cut_ends, shard_cuts
 from guidealign.ingest.dedup import HashSet, hashes_in_mib
 from guidealign.ingest.fingerprint import files_fingerprint
@@ -55,8 +56,6 @@ from guidealign.shards.write import retire_shards_from
 
 log = logging.getLogger(__name__)
 
-PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
-                           ("source", pa.string()), ("metadata", pa.string())])
 QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()),
                                ("reason", pa.string()), ("raw", pa.string())])
 # Test/chaos hook: the process SIGKILLs itself right after committing this many shards.
@@ -227,7 +226,7 @@ class _Shards:
                 self.writer = ShardWriter(self.dst, max_pending=pending, max_group=pending + 1,
                                           kill_after=self.kill_after, encoders=default_encoders())
             parts, bad = self.parts, self.bad
-            self.writer.submit(Pending(i, fp, lambda: (_shard_table(parts), _concat(bad)),
+            self.writer.submit(Pending(i, fp, lambda: (shard_table(parts), _concat(bad)),
                                        time.perf_counter() - self.t0, {"duplicates": self.dups}))
         rep.rows += self.n_rows
         rep.shards += 1
@@ -250,41 +249,6 @@ class _Shards:
 
 def _concat(tables: list[pa.Table]) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
-
-
-def _shard_table(parts: list[tuple]) -> pa.Table:
-    """The shard's rows from its parts (src, block prompts, block metadata, rows kept, hashes,
-    line numbers); runs in the writer thread."""
-    tables = []
-    for src, prompt, meta, at, hashes, lineno in parts:
-        prompt, meta = _rows_at(prompt, at), _rows_at(column(meta), at)
-        source = affix(int_arrow(lineno).cast(pa.string()), f"{src}:")
-        tables.append(pa.table({"id": hex_ids(hashes), "prompt": prompt, "source": source,
-                                "metadata": meta}, schema=PROMPT_SCHEMA))
-    return pa.concat_tables(tables) if tables else PROMPT_SCHEMA.empty_table()
-
-
-# more runs than this and a shard's rows are copied (one take) rather than sliced: Parquet
-# encodes a column of many chunks slower than the copy costs (1M rows with 1.5% dropped,
-# ~150 runs a shard: the take and the encoding 0.23 CPU-s, slices 0.25)
-_MAX_RUNS = 8
-
-
-def _rows_at(arr: pa.Array, at: np.ndarray) -> pa.Array | pa.ChunkedArray:
-    """``arr.take(at)`` for increasing ``at``; while the rows come in runs (a row dropped here and
-    there: duplicates, bad rows) as zero-copy slices of ``arr``, one chunk a run, since a take
-    copies every kept prompt once more before Parquet encodes it."""
-    if not at.size:
-        return arr.slice(0, 0)
-    breaks = np.flatnonzero(np.diff(at) != 1) + 1
-    if not breaks.size:
-        return arr.slice(int(at[0]), at.size)
-    if breaks.size > _MAX_RUNS:  # many runs: one copy costs less than encoding many chunks
-        return arr.take(int_arrow(at))
-    starts = np.concatenate([[0], breaks])
-    lengths = np.diff(np.concatenate([starts, [at.size]]))
-    return pa.chunked_array([arr.slice(int(a), int(n)) for a, n in zip(at[starts].tolist(), lengths.tolist())],
-                            type=arr.type)
 
 
 def _delimiter_ok(d) -> bool:
