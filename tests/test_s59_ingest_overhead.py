@@ -389,3 +389,18 @@ def test_a_library_that_cannot_be_loaded_here_is_not_kept_nor_linked_again(tmp_p
         assert not isinstance(owner, real_cdll)
     assert not so.exists() and so.with_suffix(".nolib").is_file() and len(links) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_ingests_running_at_once_give_the_switch_interval_back_when_the_last_ends():
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        first = run._shorter_switches()
+        second = run._shorter_switches()
+        assert sys.getswitchinterval() == pytest.approx(run.SWITCH_INTERVAL)
+        first()  # the first to start ends first: the second still runs
+        assert sys.getswitchinterval() == pytest.approx(run.SWITCH_INTERVAL)
+        second()
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import Callable, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -321,6 +321,24 @@ def _batches(path: Path, fmt: str, cfg: IngestConfig, rep: IngestReport, spec: S
 # every numpy or Arrow call; a background thread that takes it then (for its own few lines of
 # Python) is made to hand it back sooner: 1M rows, 2-3% less time
 SWITCH_INTERVAL = 0.001
+_SWITCHES = {"lock": threading.Lock(), "runs": 0, "before": 0.005}
+
+
+def _shorter_switches() -> Callable[[], None]:
+    """Set ``SWITCH_INTERVAL`` (where it is shorter) for as long as an ingest runs in this
+    process; the function returned gives the interval back when the last one running ends."""
+    with _SWITCHES["lock"]:
+        if not _SWITCHES["runs"]:
+            _SWITCHES["before"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_SWITCHES["before"], SWITCH_INTERVAL))
+        _SWITCHES["runs"] += 1
+
+    def restore() -> None:
+        with _SWITCHES["lock"]:
+            _SWITCHES["runs"] -= 1
+            if not _SWITCHES["runs"]:
+                sys.setswitchinterval(_SWITCHES["before"])
+    return restore
 
 # input bytes a row, to size the de-dup filter up front: prompts with their JSON run ~100-300
 # bytes; fewer rows than guessed cost filter memory, more cost its rebuilds, as without a guess
@@ -388,8 +406,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
         from tqdm import tqdm
 
         bar = tqdm(unit="rows", desc="ingest", mininterval=1.0)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
+    restore_switches = _shorter_switches()
     try:
         for path, fmt in zip(files, formats):
             try:
@@ -401,7 +418,7 @@ def ingest(inputs: list[str], workdir: str | Path, cfg: IngestConfig | None = No
                 raise IngestError(f"{path}: {e}") from e
         out.finish()
     finally:
-        sys.setswitchinterval(switch)
+        restore_switches()
         rep.dedup_memory_mib, rep.dedup_disk_mib = seen.memory_bytes() / 2**20, seen.disk_bytes() / 2**20
         out.close()
         seen.close()
