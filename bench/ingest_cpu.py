@@ -9,8 +9,9 @@ first), with each part wrapped to add up the CPU time of the thread it runs on
 (``time.thread_time``), and prints each part's seconds and its share of the process's CPU for
 the timed run. Threads share the work (see ``guidealign/ingest/run.py``): the parse thread
 (read, the block scan, the compiled flat-JSON reader or pyarrow.json), the caller's (checks,
-hashes, de-duplication), the encoder threads (shard tables, Parquet encoding), the writer
-(files) and the sync thread (fsyncs, markers). The parts nest (indented under their caller);
+hashes, de-duplication), the encoder threads (shard tables, each block's metadata JSON made by
+the encoder of its first shard, Parquet encoding), the writer (files) and the sync thread
+(fsyncs, markers). The parts nest (indented under their caller);
 what is not listed (thread switches, fsyncs, markers) is the rest of the process's CPU.
 Then each whole thread's CPU seconds (the caller's, and each thread ingest started, by name).
 Wrapping costs a few microseconds a call (a few hundred calls in all).
@@ -43,11 +44,11 @@ PARTS = [
     (jsonl, "_read_json_block", "  pyarrow.json", "parse"),
     (jsonl, "_finish_block", "check, normalize, hash a block", "caller"),
     (batch, "hash_spans", "  hash (blake2b)", "caller"),
-    (batch, "metadata_column", "  metadata JSON", "caller"),
     (run._Shards, "add", "de-duplicate and cut shards", "caller"),
     (dedup.HashSet, "add_new", "  de-duplication set", "caller"),
     (commit, "_encode", "build and encode shards", "encode"),
     (run, "shard_table", "  build shard tables", "encode"),
+    (batch, "metadata_column", "    metadata JSON (a block's)", "encode"),
     (commit, "parquet_bytes", "  Parquet encoding", "encode"),
     (commit.ShardWriter, "_write_group", "write shard files (writer thread)", "writer"),
 ]

@@ -190,7 +190,13 @@ def test_blocks_read_before_the_kernels_are_loaded_give_the_same_shards(tmp_path
     def run_with(name, kernel, late_blocks):
         asked = []
         really = llvm_build.loaded
-        monkeypatch.setattr(jsonl, "loaded", lambda *w: asked.append(w) is None and len(asked) > late_blocks and really(*w))
+        def late(*what):
+            if what != ("line-end", "flat JSON"):  # (the hash kernel, asked for too)
+                return really(*what)
+            asked.append(what)
+            return len(asked) > late_blocks and really(*what)
+
+        monkeypatch.setattr(jsonl, "loaded", late)
         read.clear()
         cfg = IngestConfig(block_bytes=4096, shard_rows=300, hash_kernel=kernel)
         rep = run.ingest([str(src)], tmp_path / name, cfg, progress=False)
@@ -404,3 +410,47 @@ def test_ingests_running_at_once_give_the_switch_interval_back_when_the_last_end
         assert sys.getswitchinterval() == pytest.approx(0.004)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_prompts_hashed_ahead_by_the_parse_thread_give_the_batch_the_caller_makes(monkeypatch):
+    """Blocks of ASCII strings with single spaces: empty, blank and too-long prompts, rows
+    without the prompt key, a renamed prompt key (an alias), repeats. table_batch given the spans
+    and hashes made ahead gives the batch it makes itself, with the kernel and with hashlib."""
+    pytest.importorskip("llvmlite")
+    from guidealign.ingest import batch
+    from guidealign.ingest.batch import Spec, hashes_ahead, table_batch
+
+    hashed = []
+    real_hash = batch.hash_spans
+    monkeypatch.setattr(batch, "hash_spans", lambda *a: hashed.append(1) or real_hash(*a))
+    taken = 0
+    rng = random.Random(3)
+    spec = Spec("prompt", ("question",), 60, "llvm")
+    made = 0
+    for t in range(60):
+        key = "question" if t % 5 == 0 else "prompt"
+        rows = []
+        for i in range(rng.randrange(1, 80)):
+            r = rng.random()
+            p = ("" if r < 0.1 else " " if r < 0.15 else " a b " if r < 0.2 else "x " * 40 if r < 0.25
+                 else f"question {rng.randrange(30)} about {'y ' * rng.randrange(5)}".strip())
+            rows.append({"n": i} if r > 0.985 else {key: p, "n": i})
+        table = pa.Table.from_pylist(rows)
+        ahead = hashes_ahead(table, spec)
+        assert ahead is not None and ahead.key == key
+        made += 1
+        linenos = np.arange(1, table.num_rows + 1)
+        fallback = lambda i, rows=rows: (rows[i], None)  # noqa: E731
+        for kernel in ("llvm", "hashlib"):
+            s = Spec("prompt", ("question",), 60, kernel)
+            want = table_batch("f", table, linenos, s, fallback, True, True)
+            hashed.clear()
+            got = table_batch("f", table, linenos, s, fallback, True, True, ahead=ahead)
+            taken += not hashed  # the caller hashed nothing: it took what was made ahead
+            for field in ("pos", "at", "hashes", "lineno"):
+                assert np.array_equal(getattr(got, field), getattr(want, field)), (t, field)
+            assert (got.bad_pos, got.bad_reason) == (want.bad_pos, want.bad_reason)
+    assert made == 60 and taken > 30  # (a block with a row lacking the prompt goes the usual way)
+    # no plain prompt column: nothing made ahead
+    assert hashes_ahead(pa.table({"messages": [[{"role": "user", "content": "hi"}]]}), spec) is None
+    assert hashes_ahead(pa.table({"n": [1, 2]}), spec) is None

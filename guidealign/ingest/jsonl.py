@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
-from guidealign.ingest.batch import Batch, Spec, rows_batch, table_batch
+from guidealign.ingest.batch import Ahead, Batch, Spec, hashes_ahead, rows_batch, table_batch
 from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch
 from guidealign.ingest.flatjson_llvm import flat_table
 from guidealign.ingest.jsonrows import parse_jsonl_line
@@ -30,7 +30,9 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
     """Batches of a JSONL byte stream (UTF-8, \\n line ends), ``block_bytes`` at a time.
 
     One background thread reads and parses the next block (pyarrow releases the GIL) while
-    the caller's thread checks, normalizes and hashes this one. With the compiled kernels
+    the caller's thread checks, normalizes and hashes this one (a block of ASCII strings with
+    single spaces only has its prompts normalized and hashed by the parse thread too:
+    ``batch.hashes_ahead``). With the compiled kernels
     (``spec.hash_kernel`` "llvm") the lines are scanned and read by them too, once they are
     loaded: a block read before then (the first, while ingest's kernel thread loads them; more
     the first time on a machine, while it compiles them) goes the numpy and pyarrow.json way
@@ -41,6 +43,8 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
         line0 = 1
         for block, final, _ in cut_blocks(stream, block_bytes):
             p = _parse_block(block, line0, final, compiled and loaded("line-end", "flat JSON"))
+            if p is not None and p.no_ws_runs and compiled and loaded("blake2b"):
+                p = p._replace(ahead=hashes_ahead(p.table, spec))
             yield block, line0, final, p
             line0 += p.ends.size if p is not None else block.count(b"\n")
 
@@ -115,6 +119,7 @@ class _Parsed(NamedTuple):
     all_ascii: bool       # every string is ASCII
     no_ws_runs: bool      # no whitespace but single spaces inside a string
     ends: np.ndarray      # the positions of the block's line ends
+    ahead: Ahead | None = None  # the prompt column's spans and hashes, where made beside the caller
 
 
 def _parse_block(block: bytes, line0: int, final: bool, compiled: bool = False) -> _Parsed | None:
@@ -382,7 +387,7 @@ class _RowReaderRejects(Exception):
 def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
     if parsed is None:
         return rows_batch(src, _rows_of_lines(block, line0, final, encoding), spec)
-    table, linenos, all_ascii, no_ws_runs, ends = parsed
+    table, linenos, all_ascii, no_ws_runs, ends, ahead = parsed
     nl = None
 
     def fallback(i: int):
@@ -397,7 +402,8 @@ def _finish_block(block, line0, final, parsed, src, spec, encoding) -> Batch:
         return row[1], row[2]
 
     try:
-        return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs, inferred_types=True)
+        return table_batch(src, table, linenos, spec, fallback, all_ascii, no_ws_runs, inferred_types=True,
+                           ahead=ahead)
     except _RowReaderRejects:  # rare: the row reader quarantines the line, with its reason
         return rows_batch(src, _rows_of_lines(block, line0, final, encoding), spec)
 
