@@ -42,6 +42,7 @@ PARTS = [
     (jsonl, "scan_lines", "  block scan: line ends and screens", "parse"),
     (jsonl, "flat_table", "  compiled flat-JSON reader", "parse"),
     (jsonl, "_read_json_block", "  pyarrow.json", "parse"),
+    (jsonl, "hashes_ahead", "  prompts normalized, hashed ahead", "parse"),
     (jsonl, "_finish_block", "check, normalize, hash a block", "caller"),
     (batch, "hash_spans", "  hash (blake2b)", "caller"),
     (run._Shards, "add", "de-duplicate and cut shards", "caller"),

@@ -418,7 +418,8 @@ def test_prompts_hashed_ahead_by_the_parse_thread_give_the_batch_the_caller_make
     and hashes made ahead gives the batch it makes itself, with the kernel and with hashlib."""
     pytest.importorskip("llvmlite")
     from guidealign.ingest import batch
-    from guidealign.ingest.batch import Spec, hashes_ahead, table_batch
+    from guidealign.ingest.batch import Spec, table_batch
+    from guidealign.ingest.jsonl import hashes_ahead
 
     hashed = []
     real_hash = batch.hash_spans

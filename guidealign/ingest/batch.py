@@ -22,9 +22,8 @@ either way).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 from guidealign.core.ids import normalize, prompt_hash
 from guidealign.ingest.chat import NO_CHAT, ChatKey, chat_key, chat_prompt, chat_reason, chat_turns
 from guidealign.ingest.arrays import bool_numpy, int_arrow, lit, one_array, str_arrow
-from guidealign.ingest.blake2_llvm import blake2b64_spans, kernel as blake2_kernel
+from guidealign.ingest.spans import Ahead, hash_spans, string_buffers, trimmed_spans  # noqa: F401 - re-exported
 from guidealign.ingest.shard_table import Later
 from guidealign.ingest.metadata import (MAX_DEPTH, meta_json, metadata_column, py_records, raw_repr,
                                         rows_to_write_by_row, too_deep, type_depth)
@@ -220,74 +219,6 @@ def rows_batch(src: str, rows: Iterable[tuple[int, dict | None, str | None]], sp
 
 
 # --- columnar ----------------------------------------------------------------------------------
-
-def string_buffers(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
-    """(offsets as int64 numpy, data buffer) of a string/large_string array."""
-    _, offs, data = arr.buffers()
-    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    o = np.frombuffer(offs, dtype=width)[arr.offset:arr.offset + len(arr) + 1] if len(arr) else np.zeros(1, width)
-    return o.astype(np.int64), data
-
-
-def hash_spans(starts: np.ndarray, ends: np.ndarray, data: pa.Buffer | None, kernel: str = "hashlib") -> np.ndarray:
-    """blake2b-64 of each byte span ``data[starts[i]:ends[i]]``: hashlib in a loop (no str
-    objects), or a compiled kernel (``llvm``: blake2_llvm; the same digests, without the GIL)."""
-    if kernel == "llvm" and blake2_kernel() is not None:
-        keep = data if data is not None and data.size else _EMPTY  # alive during the call
-        return blake2b64_spans(starts, ends, keep.address)
-    mv = memoryview(data) if data is not None else memoryview(b"")
-    b2 = hashlib.blake2b
-    out = b"".join([b2(mv[i:j], digest_size=8).digest() for i, j in zip(starts.tolist(), ends.tolist())])
-    return np.frombuffer(out, dtype="<u8").astype(np.uint64)
-
-
-class Ahead(NamedTuple):
-    """A block's prompt column normalized and hashed beside the caller (``hashes_ahead``)."""
-    key: str
-    starts: np.ndarray
-    ends: np.ndarray
-    data: pa.Buffer | None
-    hashes: np.ndarray
-
-
-def hashes_ahead(table: pa.Table, spec: Spec) -> Ahead | None:
-    """For a block whose strings are all ASCII, with no whitespace but single spaces: its
-    prompt column's normalized spans (``trimmed_spans``) and their hashes by the compiled kernel,
-    every row's, made by the parse thread so that the caller's thread (the pipeline's
-    bottleneck) takes them as they are (``table_batch(ahead=...)``; 1M rows: ~0.1 s of its time).
-    None where ``table_batch`` does not take the plain column path. Rows it then rejects (empty,
-    no text, too long) were hashed for nothing."""
-    names = table.column_names
-    key, ikeys = prompt_keys(names, spec)
-    if key is None or ikeys or isinstance(key, ChatKey) or sum(norm_key(c) == norm_key(key) for c in names) > 1:
-        return None
-    col = one_array(table.column(key))
-    if not pa.types.is_string(col.type):
-        return None
-    starts, ends, data = trimmed_spans(col)
-    return Ahead(key, starts, ends, data, hash_spans(starts, ends, data, "llvm"))
-
-
-def trimmed_spans(a: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Buffer | None]:
-    """(starts, ends, data) of the strings of ``a`` without a leading and a trailing space, for
-    strings whose only whitespace is single spaces (after the collapsing pass, or where the
-    block has no other): the normalized prompt's bytes, without copying any."""
-    o, data = string_buffers(a)
-    starts, ends = o[:-1].copy(), o[1:].copy()
-    if data is None or not len(a):
-        return starts, ends, data
-    buf = np.frombuffer(data, dtype=np.uint8)
-    nz = np.flatnonzero(ends > starts)
-    lead = nz[buf[starts[nz]] == 32]
-    starts[lead] += 1
-    nz = np.flatnonzero(ends > starts)
-    trail = nz[buf[ends[nz] - 1] == 32]
-    ends[trail] -= 1
-    return starts, ends, data
-
-
-_EMPTY = pa.py_buffer(b"\0")
-
 
 def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
                 fallback: Callable[[int], tuple[dict | None, str | None]], all_ascii: bool = False,

@@ -17,13 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
-from guidealign.ingest.batch import Ahead, Batch, Spec, hashes_ahead, rows_batch, table_batch
+from guidealign.ingest.arrays import one_array
+from guidealign.ingest.batch import Batch, Spec, prompt_keys, rows_batch, table_batch
+from guidealign.ingest.chat import ChatKey
 from guidealign.ingest.blocks import BOM, cut_blocks, one_piece, prefetch
 from guidealign.ingest.flatjson_llvm import flat_table
 from guidealign.ingest.jsonrows import parse_jsonl_line
+from guidealign.ingest.keys import norm_key
 from guidealign.ingest.llvm_build import loaded
 from guidealign.ingest.metadata import MAX_DEPTH
 from guidealign.ingest.scan_llvm import kernel as scan_kernel, line_ends
+from guidealign.ingest.spans import Ahead, hash_spans, trimmed_spans
 
 
 def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int = 4 << 20) -> Iterator[Batch]:
@@ -32,7 +36,7 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
     One background thread reads and parses the next block (pyarrow releases the GIL) while
     the caller's thread checks, normalizes and hashes this one (a block of ASCII strings with
     single spaces only has its prompts normalized and hashed by the parse thread too:
-    ``batch.hashes_ahead``). With the compiled kernels
+    ``hashes_ahead``). With the compiled kernels
     (``spec.hash_kernel`` "llvm") the lines are scanned and read by them too, once they are
     loaded: a block read before then (the first, while ingest's kernel thread loads them; more
     the first time on a machine, while it compiles them) goes the numpy and pyarrow.json way
@@ -50,6 +54,24 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
 
     for block, line0, final, p in prefetch(parsed()):
         yield _finish_block(block, line0, final, p, src, spec, encoding)
+
+
+def hashes_ahead(table: pa.Table, spec: Spec) -> Ahead | None:
+    """For a block whose strings are all ASCII, with no whitespace but single spaces: its
+    prompt column's normalized spans (``trimmed_spans``) and their hashes by the compiled kernel,
+    every row's, made by the parse thread so that the caller's thread (the pipeline's
+    bottleneck) takes them as they are (``table_batch(ahead=...)``; 1M rows: ~0.1 s of its time).
+    None where ``table_batch`` does not take the plain column path. Rows it then rejects (empty,
+    no text, too long) were hashed for nothing."""
+    names = table.column_names
+    key, ikeys = prompt_keys(names, spec)
+    if key is None or ikeys or isinstance(key, ChatKey) or sum(norm_key(c) == norm_key(key) for c in names) > 1:
+        return None
+    col = one_array(table.column(key))
+    if not pa.types.is_string(col.type):
+        return None
+    starts, ends, data = trimmed_spans(col)
+    return Ahead(key, starts, ends, data, hash_spans(starts, ends, data, "llvm"))
 
 
 def _rows_of_lines(block: bytes, line0: int, final: bool, encoding: str):
