@@ -127,6 +127,21 @@ def _encode(p: Pending) -> _Encoded:
                     quarantine.num_rows if q is not None else 0, q)
 
 
+def _with_waiting(q: queue.Queue, first, most: int) -> tuple[list, bool]:
+    """``first`` and the items waiting in ``q`` behind it, ``most`` in all at most, and whether
+    the end (None) came among them."""
+    items = [first]
+    while len(items) < most:
+        try:
+            nxt = q.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            return items, True
+        items.append(nxt)
+    return items, False
+
+
 def default_encoders() -> int:
     """Threads that encode shards at once: one a core, 2 to 4."""
     return max(2, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2))
@@ -216,16 +231,7 @@ class ShardWriter:
                 item = self.q.get()
                 if item is None:
                     return
-                group = [item]
-                while len(group) < self.max_group:
-                    try:
-                        nxt = self.q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    group.append(nxt)
+                group, stop = _with_waiting(self.q, item, self.max_group)
                 # after an error, later items are taken and dropped, so a caller blocked in
                 # submit() wakes up and sees the error
                 if not self.failed:
@@ -286,16 +292,10 @@ class ShardWriter:
             w = self.synced.get()
             if w is None:
                 return
-            end = False
-            while not end:  # the groups written meanwhile are made durable with it, as one
-                try:
-                    nxt = self.synced.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    end = True
-                else:
-                    w = w.joined(nxt)
+            # the groups written meanwhile are made durable with it, as one
+            later, end = _with_waiting(self.synced, w, self.synced.maxsize + 1)
+            for nxt in later[1:]:
+                w = w.joined(nxt)
             try:
                 if not self.failed:
                     self._make_durable(w)
