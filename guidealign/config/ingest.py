@@ -52,8 +52,8 @@ class IngestConfig:
     block_bytes: int = 4 << 20
     # Prompt hashing (every kernel gives the same ids): "hashlib" (a Python loop, ~1 us a prompt,
     # holding the GIL), "llvm" (blake2b compiled with llvmlite: ~0.3 us a prompt, beside the
-    # other threads; ~0.1 s to load, the first run on a machine compiles it in ~0.2 s and
-    # caches it; JSONL blocks are then scanned for line ends by compiled code too, ~15x numpy's
+    # other threads; the first run on a machine compiles it in ~0.3 s and caches it, as a shared
+    # library where `ld` is on PATH: ~3 ms to load then, ~35 ms through llvmlite's JIT; JSONL blocks are then scanned for line ends by compiled code too, ~15x numpy's
     # speed, and a block of flat objects (string and integer values) is read by compiled code,
     # ~3.5x pyarrow.json's speed; the same results either way), or
     # "auto" = llvm when llvmlite is installed and the inputs total >= 16 MiB, else hashlib.
