@@ -455,3 +455,42 @@ def test_prompts_hashed_ahead_by_the_parse_thread_give_the_batch_the_caller_make
     # no plain prompt column: nothing made ahead
     assert hashes_ahead(pa.table({"messages": [[{"role": "user", "content": "hi"}]]}), spec) is None
     assert hashes_ahead(pa.table({"n": [1, 2]}), spec) is None
+
+
+def test_on_a_read_only_install_the_kernels_still_load_with_the_jit(tmp_path, monkeypatch):
+    """A package on a read-only mount (a container image): writing the object or the library
+    fails with EROFS, and so does removing a file that is not there. The kernel still loads
+    (with the JIT, compiled this run), and a library that does not load is left in place."""
+    import errno
+
+    real_unlink, real_write = Path.unlink, Path.write_bytes
+
+    def read_only(fn):
+        def refuse(self, *a, **k):
+            if str(self).startswith(str(tmp_path)):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return fn(self, *a, **k)
+        return refuse
+
+    monkeypatch.setattr(Path, "unlink", read_only(real_unlink))
+    monkeypatch.setattr(Path, "write_bytes", read_only(real_write))
+    so = tmp_path / "scan.so"
+    owner, _ = _scan_build(monkeypatch, so)
+    assert owner is not None and not so.exists()
+    (tmp_path / "bad.so").write_text("not a library")  # (write_text is not refused here)
+    owner, _ = _scan_build(monkeypatch, tmp_path / "bad.so")
+    assert owner is not None and (tmp_path / "bad.so").exists()
+
+
+def test_a_loaded_kernel_is_handed_out_while_another_one_builds():
+    """``load`` of a kernel already loaded does not wait for the lock a build holds."""
+    pytest.importorskip("llvmlite")
+    from guidealign.ingest import llvm_build, scan_llvm
+
+    assert scan_llvm.kernel() is not None
+    got = []
+    with llvm_build._LOCK:  # as while the kernel thread builds another kernel
+        t = threading.Thread(target=lambda: got.append(scan_llvm.kernel()))
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and got and got[0] is not None

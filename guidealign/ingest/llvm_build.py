@@ -39,6 +39,8 @@ def load(what: str, make: Callable, check: Callable, instead: str):
     ``check(functions)`` raises unless they compute what the Python code does. Built on first
     use, thread-safe; None when llvmlite is missing, or when the build or the check fails (a
     warning says so once, and that ``instead`` runs: e.g. "hashing with hashlib")."""
+    if what in _LOADED:  # loaded: no wait for the lock, which a build of another kernel holds
+        return _LOADED[what]
     with _LOCK:
         if what not in _LOADED:
             fns = None
@@ -105,7 +107,7 @@ def _load_shared(path: Path | None, names: list[str]):
     except (OSError, AttributeError) as e:
         logging.getLogger(__name__).warning("ingest: the cached kernel library %s does not load (%s); "
                                             "building it again", path, e)
-        path.unlink(missing_ok=True)
+        _remove(path)
         return None
 
 
@@ -134,8 +136,17 @@ def _link_shared(obj: bytes, path: Path | None) -> None:
         logging.getLogger(__name__).info("ingest: no shared library of %s (%s): its kernel loads with the JIT",
                                          path.name, e)
     finally:
-        o.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+        _remove(o)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path`` where it is there and can be: on a read-only mount even a file that is
+    not there gives an error (EROFS, not ENOENT), which must not cost the kernel."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def build(ir_module: Callable, source: Path, names: list[str], optimize: bool = False):
