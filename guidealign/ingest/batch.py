@@ -330,13 +330,11 @@ def table_batch(src: str, table: pa.Table, linenos: np.ndarray, spec: Spec,
         b.metadata = str_arrow([meta.get(i) for i in range(n)])
     elif not meta:
         b.metadata = Later(lambda: metadata_column(table, key))
-    else:
-        b.metadata = metadata_column(table, key)
-        if meta:
-            ml = b.metadata.to_pylist()
-            for i, m in meta.items():
-                ml[i] = m
-            b.metadata = str_arrow(ml)
+    else:  # some rows written by the row reader, the rest from the columns
+        ml = metadata_column(table, key).to_pylist()
+        for i, m in meta.items():
+            ml[i] = m
+        b.metadata = str_arrow(ml)
     if override:  # rare: rows whose prompt came from the row reader
         pl = b.prompt.to_pylist()
         for i, (p, _) in override.items():

@@ -36,11 +36,10 @@ def jsonl_blocks(stream, src: str, spec: Spec, encoding: str, block_bytes: int =
     One background thread reads and parses the next block (pyarrow releases the GIL) while
     the caller's thread checks, normalizes and hashes this one (a block of ASCII strings with
     single spaces only has its prompts normalized and hashed by the parse thread too:
-    ``hashes_ahead``). With the compiled kernels
-    (``spec.hash_kernel`` "llvm") the lines are scanned and read by them too, once they are
-    loaded: a block read before then (the first, while ingest's kernel thread loads them; more
-    the first time on a machine, while it compiles them) goes the numpy and pyarrow.json way
-    instead of waiting, with the same result."""
+    ``hashes_ahead``). With the compiled kernels (``spec.hash_kernel`` "llvm") the lines are
+    scanned and read by them too, once they are loaded: a block read before then (the first,
+    while ingest's kernel thread loads them; more the first time on a machine, while it
+    compiles them) goes the numpy and pyarrow.json way instead of waiting, with the same result."""
     compiled = spec.hash_kernel == "llvm"
 
     def parsed():

@@ -341,6 +341,7 @@ def _shorter_switches() -> Callable[[], None]:
                 sys.setswitchinterval(_SWITCHES["before"])
     return restore
 
+
 # input bytes a row, to size the de-dup filter up front: prompts with their JSON run ~100-300
 # bytes; fewer rows than guessed cost filter memory, more cost its rebuilds, as without a guess
 BYTES_A_ROW = 256

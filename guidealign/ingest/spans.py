@@ -12,6 +12,7 @@ from guidealign.ingest.blake2_llvm import blake2b64_spans, kernel as blake2_kern
 
 _EMPTY = pa.py_buffer(b"\0")
 
+
 def string_buffers(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
     """(offsets as int64 numpy, data buffer) of a string/large_string array."""
     _, offs, data = arr.buffers()
